@@ -1,0 +1,629 @@
+//! The control plane: endpoints and addresses, over the datapath and host traits.
+//!
+//! Every change is persisted before it is answered, and every answer says what went
+//! wrong in words an operator can act on.
+
+use std::time::Instant;
+
+use hypha_api::{
+    AllocateRequest, Allocation, CreateEndpointRequest, DatapathStatus, DeleteResponse,
+    DirectionCounters, DropCount, Endpoint, EndpointCounters, IpamStatus, NodeStatus, PacketCount,
+    Status,
+};
+use hypha_common::{DIR_EGRESS, DropReason, EndpointStats};
+
+use crate::config::AgentConfig;
+use crate::datapath::{Adoption, Datapath};
+use crate::host::{HostNetwork, NodeNetwork};
+use crate::ipam::{Ipam, IpamError, Owner};
+use crate::state::{EndpointRecord, PersistedState, StateError, StateStore};
+
+/// Why a request failed; `status` maps each to an HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("host network: {0}")]
+    Host(#[from] crate::host::HostError),
+    #[error("datapath: {0}")]
+    Datapath(String),
+}
+
+impl ControlError {
+    pub fn http_status(&self) -> u16 {
+        match self {
+            ControlError::BadRequest(_) => 400,
+            ControlError::Conflict(_) => 409,
+            ControlError::Ipam(IpamError::Exhausted { .. }) => 507,
+            _ => 500,
+        }
+    }
+}
+
+/// Where persistence goes; a trait object so tests can run without a state directory.
+pub trait Persist: Send {
+    fn save(&self, state: &PersistedState) -> Result<(), StateError>;
+}
+
+impl Persist for StateStore {
+    fn save(&self, state: &PersistedState) -> Result<(), StateError> {
+        StateStore::save(self, state)
+    }
+}
+
+pub struct Agent<D: Datapath, H: HostNetwork> {
+    config: AgentConfig,
+    datapath: D,
+    host: H,
+    store: Box<dyn Persist>,
+    ipam: Ipam,
+    endpoints: Vec<EndpointRecord>,
+    next_endpoint_id: u32,
+    adopted: usize,
+    started: Instant,
+}
+
+/// What start-up found and did, for the log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct StartReport {
+    pub adopted: Vec<String>,
+    pub reattached: Vec<String>,
+    /// Endpoints whose host veth was gone: removed and their addresses released.
+    pub removed: Vec<String>,
+    /// Problems met while cleaning up; the agent starts anyway.
+    pub warnings: Vec<String>,
+}
+
+impl<D: Datapath, H: HostNetwork> Agent<D, H> {
+    /// Restores the saved state, sets up the node and re-adopts the endpoints that still
+    /// exist; removes those whose veth is gone and everything in the maps nobody owns.
+    pub fn start(
+        config: AgentConfig,
+        datapath: D,
+        mut host: H,
+        store: Box<dyn Persist>,
+        saved: PersistedState,
+    ) -> Result<(Self, StartReport), ControlError> {
+        let gateway = config.gateway();
+        host.setup_node(&NodeNetwork {
+            pod_cidr: config.pod_cidr,
+            gateway,
+            host_device: config.host_device.clone(),
+            masquerade: config.masquerade,
+        })?;
+        let ipam = Ipam::restore(config.pod_cidr, gateway, saved.ipam)?;
+        let mut agent = Agent {
+            config,
+            datapath,
+            host,
+            store,
+            ipam,
+            endpoints: Vec::new(),
+            next_endpoint_id: saved.next_endpoint_id.max(1),
+            adopted: 0,
+            started: Instant::now(),
+        };
+        let mut report = StartReport::default();
+        for ep in saved.endpoints {
+            let name = format!("{} ({})", ep.host_ifname, ep.address);
+            let alive = agent
+                .host
+                .link(&ep.host_ifname)?
+                .is_some_and(|l| l.index == ep.host_ifindex);
+            if !alive {
+                for e in agent.datapath.detach(&ep) {
+                    report.warnings.push(format!("{name}: {e}"));
+                }
+                agent.ipam.release(&ep.owner());
+                report.removed.push(name);
+                continue;
+            }
+            if let Err(e) = agent.host.route_pod(ep.host_ifindex, ep.address, gateway) {
+                report
+                    .warnings
+                    .push(format!("{name}: cannot restore its route: {e}"));
+            }
+            match agent.datapath.adopt(&ep) {
+                Ok(Adoption::Adopted) => report.adopted.push(name),
+                Ok(Adoption::Reattached) => report.reattached.push(name),
+                Err(e) => {
+                    report
+                        .warnings
+                        .push(format!("{name}: cannot re-adopt: {e}"));
+                }
+            }
+            agent.endpoints.push(ep);
+        }
+        agent.adopted = report.adopted.len();
+        for e in agent.datapath.sweep(&agent.endpoints) {
+            report
+                .warnings
+                .push(format!("sweeping stale datapath entries: {e}"));
+        }
+        agent.persist()?;
+        Ok((agent, report))
+    }
+
+    fn persist(&self) -> Result<(), StateError> {
+        self.store.save(&PersistedState {
+            next_endpoint_id: self.next_endpoint_id,
+            ipam: self.ipam.state().clone(),
+            endpoints: self.endpoints.clone(),
+            ..PersistedState::default()
+        })
+    }
+
+    fn find(&self, container_id: &str, ifname: &str) -> Option<usize> {
+        self.endpoints
+            .iter()
+            .position(|e| e.container_id == container_id && e.ifname == ifname)
+    }
+
+    pub fn allocate(&mut self, req: &AllocateRequest) -> Result<Allocation, ControlError> {
+        validate_owner(&req.container_id, &req.ifname)?;
+        if let Some(i) = self.find(&req.container_id, &req.ifname) {
+            let ep = &self.endpoints[i];
+            return Err(ControlError::Conflict(format!(
+                "container {} already has interface {} attached as endpoint {} ({}); delete it first",
+                ep.container_id, ep.ifname, ep.id, ep.address
+            )));
+        }
+        let owner = Owner {
+            container_id: req.container_id.clone(),
+            ifname: req.ifname.clone(),
+        };
+        let before = self.ipam.owner_address(&owner);
+        let address = self.ipam.allocate(&owner)?;
+        if before.is_none() {
+            if let Err(e) = self.persist() {
+                self.ipam.release(&owner);
+                return Err(e.into());
+            }
+        }
+        Ok(Allocation {
+            address,
+            gateway: self.config.gateway(),
+            pod_cidr: self.config.pod_cidr,
+        })
+    }
+
+    pub fn create_endpoint(
+        &mut self,
+        req: &CreateEndpointRequest,
+    ) -> Result<Endpoint, ControlError> {
+        validate_owner(&req.container_id, &req.ifname)?;
+        if let Some(i) = self.find(&req.container_id, &req.ifname) {
+            return Err(ControlError::Conflict(format!(
+                "container {} interface {} is already endpoint {}",
+                req.container_id, req.ifname, self.endpoints[i].id
+            )));
+        }
+        let owner = Owner {
+            container_id: req.container_id.clone(),
+            ifname: req.ifname.clone(),
+        };
+        match self.ipam.owner_address(&owner) {
+            Some(a) if a == req.address => {}
+            Some(a) => {
+                return Err(ControlError::BadRequest(format!(
+                    "{owner} was allocated {a}, not {}",
+                    req.address
+                )));
+            }
+            None => {
+                return Err(ControlError::BadRequest(format!(
+                    "no address is allocated to {owner}; call /v1/ipam/allocate first"
+                )));
+            }
+        }
+        let link = self.host.link(&req.host_ifname)?.ok_or_else(|| {
+            ControlError::BadRequest(format!(
+                "host interface {} does not exist in the agent's network namespace",
+                req.host_ifname
+            ))
+        })?;
+        let record = EndpointRecord {
+            id: self.next_endpoint_id,
+            container_id: req.container_id.clone(),
+            ifname: req.ifname.clone(),
+            netns: req.netns.clone(),
+            host_ifname: req.host_ifname.clone(),
+            host_ifindex: link.index,
+            address: req.address,
+            pod_mac: req.pod_mac,
+            host_mac: link.mac,
+            labels: req.labels.clone(),
+        };
+        self.host
+            .route_pod(link.index, req.address, self.config.gateway())?;
+        self.datapath
+            .attach(&record)
+            .map_err(|e| ControlError::Datapath(e.to_string()))?;
+        self.next_endpoint_id += 1;
+        self.endpoints.push(record.clone());
+        if let Err(e) = self.persist() {
+            self.endpoints.pop();
+            let _ = self.datapath.detach(&record);
+            return Err(e.into());
+        }
+        Ok(self.describe(&record, &[]))
+    }
+
+    /// Removes the endpoint and releases its address; both may already be gone.
+    pub fn delete_endpoint(
+        &mut self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<DeleteResponse, ControlError> {
+        let owner = Owner {
+            container_id: container_id.to_owned(),
+            ifname: ifname.to_owned(),
+        };
+        let mut errors = Vec::new();
+        let removed = self
+            .find(container_id, ifname)
+            .map(|i| self.endpoints.remove(i));
+        if let Some(ep) = &removed {
+            errors.extend(self.datapath.detach(ep).into_iter().map(|e| e.to_string()));
+        }
+        let released = self.ipam.release(&owner);
+        if removed.is_some() || released.is_some() {
+            self.persist()?;
+        }
+        if !errors.is_empty() {
+            return Err(ControlError::Datapath(format!(
+                "endpoint of {owner} removed, but cleaning the datapath failed: {}",
+                errors.join("; ")
+            )));
+        }
+        Ok(DeleteResponse {
+            endpoint_removed: removed.is_some(),
+            address_released: released,
+        })
+    }
+
+    pub fn list(&self) -> Vec<Endpoint> {
+        let drops = self.datapath.drops().unwrap_or_else(|e| {
+            tracing::warn!("cannot read drop counters: {e}");
+            Vec::new()
+        });
+        self.endpoints
+            .iter()
+            .map(|e| self.describe(e, &drops))
+            .collect()
+    }
+
+    fn describe(
+        &self,
+        ep: &EndpointRecord,
+        drops: &[(hypha_common::DropKey, hypha_common::Counter)],
+    ) -> Endpoint {
+        let stats = self.datapath.stats(ep.host_ifindex).unwrap_or_else(|e| {
+            tracing::warn!(endpoint = ep.id, "cannot read counters: {e}");
+            EndpointStats::default()
+        });
+        Endpoint {
+            id: ep.id,
+            container_id: ep.container_id.clone(),
+            ifname: ep.ifname.clone(),
+            netns: ep.netns.clone(),
+            host_ifname: ep.host_ifname.clone(),
+            host_ifindex: ep.host_ifindex,
+            address: ep.address,
+            pod_mac: ep.pod_mac,
+            host_mac: ep.host_mac,
+            labels: ep.labels.clone(),
+            counters: counters(&stats),
+            drops: drops
+                .iter()
+                .filter(|(k, _)| k.ifindex == ep.host_ifindex)
+                .map(|(k, c)| DropCount {
+                    reason: DropReason::from_u16(k.reason)
+                        .map(|r| r.name().to_owned())
+                        .unwrap_or_else(|| format!("unknown-{}", k.reason)),
+                    direction: if k.direction == DIR_EGRESS {
+                        "egress"
+                    } else {
+                        "ingress"
+                    }
+                    .into(),
+                    packets: c.packets,
+                    bytes: c.bytes,
+                })
+                .collect(),
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let capacity = self.ipam.capacity();
+        let allocated = self.ipam.allocated();
+        Status {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_seconds: self.started.elapsed().as_secs(),
+            node: NodeStatus {
+                pod_cidr: self.config.pod_cidr,
+                gateway: self.config.gateway(),
+                host_device: self.config.host_device.clone(),
+                masquerade: self.config.masquerade,
+                socket: self.config.socket.display().to_string(),
+                state_dir: self.config.state_dir.display().to_string(),
+            },
+            ipam: IpamStatus {
+                capacity,
+                allocated,
+                available: capacity.saturating_sub(allocated),
+            },
+            datapath: DatapathStatus {
+                pin_dir: self.config.pin_dir.display().to_string(),
+                adopted_endpoints: self.adopted,
+                programs: self.datapath.programs(),
+            },
+            endpoints: self.endpoints.len(),
+        }
+    }
+}
+
+fn counters(s: &EndpointStats) -> EndpointCounters {
+    let dir = |d: &hypha_common::DirectionStats| DirectionCounters {
+        passed: count(&d.passed),
+        redirected: count(&d.redirected),
+        dropped: count(&d.dropped),
+    };
+    EndpointCounters {
+        egress: dir(&s.egress),
+        ingress: dir(&s.ingress),
+    }
+}
+
+fn count(c: &hypha_common::Counter) -> PacketCount {
+    PacketCount {
+        packets: c.packets,
+        bytes: c.bytes,
+    }
+}
+
+fn validate_owner(container_id: &str, ifname: &str) -> Result<(), ControlError> {
+    if container_id.is_empty() {
+        return Err(ControlError::BadRequest("container_id is empty".into()));
+    }
+    if ifname.is_empty() || ifname.len() > 15 {
+        return Err(ControlError::BadRequest(format!(
+            "ifname {ifname:?} is not a valid interface name (1 to 15 bytes)"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::sync::{Arc, Mutex};
+
+    use hypha_api::MacAddr;
+
+    use super::*;
+    use crate::datapath::fake::FakeDatapath;
+    use crate::host::HostLink;
+    use crate::host::fake::FakeHost;
+
+    #[derive(Clone, Default)]
+    struct MemStore(Arc<Mutex<Vec<PersistedState>>>);
+
+    impl Persist for MemStore {
+        fn save(&self, state: &PersistedState) -> Result<(), StateError> {
+            self.0.lock().unwrap().push(state.clone());
+            Ok(())
+        }
+    }
+
+    impl MemStore {
+        fn last(&self) -> PersistedState {
+            self.0.lock().unwrap().last().cloned().unwrap()
+        }
+    }
+
+    fn config() -> AgentConfig {
+        AgentConfig {
+            pod_cidr: "10.7.0.0/29".parse().unwrap(),
+            ..AgentConfig::default()
+        }
+    }
+
+    fn host_with(names: &[(&str, u32)]) -> FakeHost {
+        let mut h = FakeHost::default();
+        for (n, i) in names {
+            h.links.insert(
+                (*n).into(),
+                HostLink {
+                    index: *i,
+                    mac: MacAddr([2, 0, 0, 0, 0, *i as u8]),
+                },
+            );
+        }
+        h
+    }
+
+    fn start(
+        host: FakeHost,
+        saved: PersistedState,
+        dp: FakeDatapath,
+    ) -> (Agent<FakeDatapath, FakeHost>, StartReport, MemStore) {
+        let store = MemStore::default();
+        let (a, r) = Agent::start(config(), dp, host, Box::new(store.clone()), saved).unwrap();
+        (a, r, store)
+    }
+
+    fn add(
+        agent: &mut Agent<FakeDatapath, FakeHost>,
+        cid: &str,
+        host: &str,
+    ) -> Result<Endpoint, ControlError> {
+        let alloc = agent.allocate(&AllocateRequest {
+            container_id: cid.into(),
+            ifname: "eth0".into(),
+        })?;
+        agent.create_endpoint(&CreateEndpointRequest {
+            container_id: cid.into(),
+            ifname: "eth0".into(),
+            netns: "/run/netns/x".into(),
+            host_ifname: host.into(),
+            address: alloc.address,
+            pod_mac: MacAddr([2, 1, 1, 1, 1, 1]),
+            labels: Default::default(),
+        })
+    }
+
+    #[test]
+    fn add_list_delete_round_trip_persists_every_step() {
+        let (mut agent, _, store) = start(
+            host_with(&[("hypa", 10)]),
+            PersistedState::default(),
+            FakeDatapath::default(),
+        );
+        let ep = add(&mut agent, "a", "hypa").unwrap();
+        assert_eq!(ep.address, Ipv4Addr::new(10, 7, 0, 2));
+        assert_eq!(ep.host_ifindex, 10);
+        assert_eq!(agent.host.routes, vec![(10, ep.address)]);
+        assert!(agent.datapath.attached.contains_key(&10));
+        assert_eq!(store.last().endpoints.len(), 1);
+        let listed = agent.list();
+        assert_eq!(listed[0].counters.egress.redirected.packets, 1);
+
+        let del = agent.delete_endpoint("a", "eth0").unwrap();
+        assert!(del.endpoint_removed);
+        assert_eq!(del.address_released, Some(ep.address));
+        assert!(agent.datapath.attached.is_empty());
+        assert!(store.last().endpoints.is_empty());
+        assert!(store.last().ipam.allocations.is_empty());
+        // Idempotent.
+        let again = agent.delete_endpoint("a", "eth0").unwrap();
+        assert!(!again.endpoint_removed && again.address_released.is_none());
+    }
+
+    #[test]
+    fn second_add_for_the_same_attachment_conflicts_and_keeps_the_first() {
+        let (mut agent, _, _) = start(
+            host_with(&[("hypa", 10)]),
+            PersistedState::default(),
+            FakeDatapath::default(),
+        );
+        let ep = add(&mut agent, "a", "hypa").unwrap();
+        let err = add(&mut agent, "a", "hypa").unwrap_err();
+        assert_eq!(err.http_status(), 409, "{err}");
+        assert_eq!(agent.list().len(), 1);
+        assert_eq!(
+            agent.ipam.owner_address(&Owner {
+                container_id: "a".into(),
+                ifname: "eth0".into()
+            }),
+            Some(ep.address)
+        );
+    }
+
+    #[test]
+    fn create_needs_the_allocated_address_and_an_existing_veth() {
+        let (mut agent, _, _) = start(
+            host_with(&[]),
+            PersistedState::default(),
+            FakeDatapath::default(),
+        );
+        let err = add(&mut agent, "a", "missing0").unwrap_err();
+        assert_eq!(err.http_status(), 400);
+        assert!(
+            err.to_string()
+                .contains("host interface missing0 does not exist"),
+            "{err}"
+        );
+        let err = agent
+            .create_endpoint(&CreateEndpointRequest {
+                container_id: "b".into(),
+                ifname: "eth0".into(),
+                netns: "/x".into(),
+                host_ifname: "x".into(),
+                address: Ipv4Addr::new(10, 7, 0, 5),
+                pod_mac: MacAddr::default(),
+                labels: Default::default(),
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("no address is allocated"), "{err}");
+    }
+
+    #[test]
+    fn failed_attach_leaves_no_endpoint_and_delete_releases_the_address() {
+        let dp = FakeDatapath {
+            fail_attach: true,
+            ..Default::default()
+        };
+        let (mut agent, _, store) =
+            start(host_with(&[("hypa", 10)]), PersistedState::default(), dp);
+        let err = add(&mut agent, "a", "hypa").unwrap_err();
+        assert!(err.to_string().contains("cannot attach to hypa"), "{err}");
+        assert!(agent.list().is_empty());
+        // The plugin cleans up after a failed ADD:
+        let del = agent.delete_endpoint("a", "eth0").unwrap();
+        assert!(del.address_released.is_some());
+        assert!(store.last().ipam.allocations.is_empty());
+    }
+
+    #[test]
+    fn exhausted_pool_is_a_clear_error() {
+        let names: Vec<(String, u32)> = (0..6).map(|i| (format!("h{i}"), 10 + i)).collect();
+        let refs: Vec<(&str, u32)> = names.iter().map(|(n, i)| (n.as_str(), *i)).collect();
+        let (mut agent, _, _) = start(
+            host_with(&refs),
+            PersistedState::default(),
+            FakeDatapath::default(),
+        );
+        for i in 0..5 {
+            add(&mut agent, &format!("c{i}"), &format!("h{i}")).unwrap();
+        }
+        let err = add(&mut agent, "c5", "h5").unwrap_err();
+        assert_eq!(err.http_status(), 507);
+        assert!(
+            err.to_string()
+                .contains("no address left in pod CIDR 10.7.0.0/29"),
+            "{err}"
+        );
+        assert_eq!(agent.status().ipam.available, 0);
+    }
+
+    #[test]
+    fn restart_adopts_live_endpoints_and_cleans_dead_ones() {
+        let (mut agent, _, store) = start(
+            host_with(&[("hypa", 10), ("hypb", 11)]),
+            PersistedState::default(),
+            FakeDatapath::default(),
+        );
+        let a = add(&mut agent, "a", "hypa").unwrap();
+        let b = add(&mut agent, "b", "hypb").unwrap();
+        let saved = store.last();
+        drop(agent);
+
+        // hypb vanished while the agent was down (its pod was deleted).
+        let dp = FakeDatapath {
+            pinned: vec![10, 11],
+            ..Default::default()
+        };
+        let (mut agent, report, store) = start(host_with(&[("hypa", 10)]), saved, dp);
+        assert_eq!(report.adopted, vec![format!("hypa ({})", a.address)]);
+        assert_eq!(report.removed, vec![format!("hypb ({})", b.address)]);
+        assert_eq!(agent.status().datapath.adopted_endpoints, 1);
+        assert_eq!(agent.list().len(), 1);
+        assert_eq!(
+            agent.datapath.pinned,
+            vec![10],
+            "sweep drops what nobody owns"
+        );
+        assert_eq!(store.last().ipam.allocations.len(), 1);
+        // Endpoint ids keep counting up across restarts.
+        let c = add(&mut agent, "c", "hypa2").err();
+        assert!(c.is_some(), "hypa2 does not exist");
+        assert!(store.last().next_endpoint_id > b.id);
+    }
+}

@@ -1,0 +1,565 @@
+//! The eBPF datapath: loads Hypha's programs, pins its maps and links under the pin
+//! directory, and attaches the programs to each endpoint's host veth with TCX.
+//!
+//! Links are pinned so that the programs stay attached while the agent is down: a
+//! SIGKILLed agent leaves the datapath forwarding, and the next agent process swaps its
+//! own programs into the same links (`bpf_link_update`) without a moment of detachment.
+
+use std::collections::HashSet;
+use std::io;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues};
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+use hypha_common::{
+    Counter, DropKey, EndpointInfo, EndpointKey4, EndpointStats, NodeConfig, maps, programs,
+};
+
+use super::{Adoption, Datapath};
+use crate::state::EndpointRecord;
+
+/// The object `cargo xtask build-ebpf` builds; `build.rs` puts it in OUT_DIR.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/hypha-ebpf.o"));
+
+/// `statfs` magic of the bpf filesystem.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Where bpffs is mounted when nothing is.
+const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+/// The programs and where each is attached.
+const ATTACHMENTS: [(&str, TcAttachType, &str); 2] = [
+    (programs::FROM_POD, TcAttachType::Ingress, "ingress"),
+    (programs::TO_POD, TcAttachType::Egress, "egress"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum EbpfError {
+    #[error(
+        "pin directory {path} is not on a bpf filesystem; mount one there (mount -t bpf bpf {path}) or choose a directory under {BPFFS_MOUNT}"
+    )]
+    NotBpffs { path: PathBuf },
+    #[error("cannot {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot load the eBPF object with maps pinned under {pin_dir}: {source}")]
+    Load {
+        pin_dir: PathBuf,
+        #[source]
+        source: Box<aya::EbpfError>,
+    },
+    #[error("eBPF object has no {kind} named {name}")]
+    Missing {
+        kind: &'static str,
+        name: &'static str,
+    },
+    #[error("cannot {op} program {program} on {ifname}: {source}")]
+    Program {
+        op: &'static str,
+        program: &'static str,
+        ifname: String,
+        #[source]
+        source: Box<ProgramError>,
+    },
+    #[error("cannot {op} pinned link {path}: {source}")]
+    Link {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot {op} map {map}: {source}")]
+    Map {
+        op: &'static str,
+        map: &'static str,
+        #[source]
+        source: Box<MapError>,
+    },
+}
+
+fn map_err(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> EbpfError {
+    move |source| EbpfError::Map {
+        op,
+        map,
+        source: Box::new(source),
+    }
+}
+
+/// Whether a map error means "no such key".
+fn is_not_found(e: &MapError) -> bool {
+    match e {
+        MapError::KeyNotFound | MapError::ElementNotFound => true,
+        MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
+}
+
+pub struct EbpfDatapath {
+    ebpf: Ebpf,
+    links_dir: PathBuf,
+}
+
+impl EbpfDatapath {
+    /// Loads the programs, re-using maps already pinned under `pin_dir` (an earlier agent's),
+    /// and writes the node configuration.
+    pub fn load(pin_dir: &Path, gateway: Ipv4Addr) -> Result<Self, EbpfError> {
+        ensure_bpffs(pin_dir)?;
+        let links_dir = pin_dir.join("links");
+        std::fs::create_dir_all(&links_dir).map_err(|source| EbpfError::Io {
+            op: "create",
+            path: links_dir.clone(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(OBJECT)
+            .map_err(|source| EbpfError::Load {
+                pin_dir: pin_dir.to_owned(),
+                source: Box::new(source),
+            })?;
+        for (name, _, _) in ATTACHMENTS {
+            let prog = classifier(&mut ebpf, name)?;
+            prog.load().map_err(|source| EbpfError::Program {
+                op: "load",
+                program: name,
+                ifname: "-".into(),
+                source: Box::new(source),
+            })?;
+        }
+        let mut config: Array<&mut MapData, NodeConfig> =
+            Array::try_from(ebpf.map_mut(maps::CONFIG).ok_or(EbpfError::Missing {
+                kind: "map",
+                name: maps::CONFIG,
+            })?)
+            .map_err(map_err("open", maps::CONFIG))?;
+        let node = NodeConfig {
+            gateway: u32::from_ne_bytes(gateway.octets()),
+            flags: 0,
+        };
+        config
+            .set(0, node, 0)
+            .map_err(map_err("write", maps::CONFIG))?;
+        Ok(Self { ebpf, links_dir })
+    }
+
+    fn link_pin(&self, ifindex: u32, hook: &str) -> PathBuf {
+        self.links_dir.join(format!("tcx-{ifindex}-{hook}"))
+    }
+
+    fn endpoints(
+        &mut self,
+    ) -> Result<HashMap<&mut MapData, EndpointKey4, EndpointInfo>, EbpfError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::ENDPOINTS4)
+            .ok_or(EbpfError::Missing {
+                kind: "map",
+                name: maps::ENDPOINTS4,
+            })?;
+        HashMap::try_from(map).map_err(map_err("open", maps::ENDPOINTS4))
+    }
+
+    fn ep_stats_mut(
+        &mut self,
+    ) -> Result<PerCpuHashMap<&mut MapData, u32, EndpointStats>, EbpfError> {
+        let map = self
+            .ebpf
+            .map_mut(maps::EP_STATS)
+            .ok_or(EbpfError::Missing {
+                kind: "map",
+                name: maps::EP_STATS,
+            })?;
+        PerCpuHashMap::try_from(map).map_err(map_err("open", maps::EP_STATS))
+    }
+
+    fn drops_mut(&mut self) -> Result<PerCpuHashMap<&mut MapData, DropKey, Counter>, EbpfError> {
+        let map = self.ebpf.map_mut(maps::DROPS).ok_or(EbpfError::Missing {
+            kind: "map",
+            name: maps::DROPS,
+        })?;
+        PerCpuHashMap::try_from(map).map_err(map_err("open", maps::DROPS))
+    }
+
+    /// Writes the endpoint's map entries; the stats entry is created only when missing,
+    /// so that adopting an endpoint keeps its counters.
+    fn fill_maps(&mut self, ep: &EndpointRecord) -> Result<(), EbpfError> {
+        let key = EndpointKey4::from_octets(ep.address.octets());
+        let info = EndpointInfo {
+            ifindex: ep.host_ifindex,
+            endpoint_id: ep.id,
+            pod_mac: ep.pod_mac.0,
+            host_mac: ep.host_mac.0,
+            flags: 0,
+        };
+        let mut stats = self.ep_stats_mut()?;
+        match stats.get(&ep.host_ifindex, 0) {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) => {
+                let nr_cpus = aya::util::nr_cpus().map_err(|(path, source)| EbpfError::Io {
+                    op: "read",
+                    path: path.into(),
+                    source,
+                })?;
+                let zero = PerCpuValues::try_from(vec![EndpointStats::default(); nr_cpus])
+                    .map_err(|source| EbpfError::Io {
+                        op: "size per-CPU values for",
+                        path: maps::EP_STATS.into(),
+                        source,
+                    })?;
+                stats
+                    .insert(ep.host_ifindex, zero, 0)
+                    .map_err(map_err("insert into", maps::EP_STATS))?;
+            }
+            Err(e) => return Err(map_err("read", maps::EP_STATS)(e)),
+        }
+        self.endpoints()?
+            .insert(key, info, 0)
+            .map_err(map_err("insert into", maps::ENDPOINTS4))
+    }
+
+    /// Attaches `name` to the endpoint's veth, replacing the program in a pinned link when
+    /// one is there. Returns whether an existing link was re-used.
+    fn attach_program(
+        &mut self,
+        ep: &EndpointRecord,
+        name: &'static str,
+        hook: TcAttachType,
+        pin: &Path,
+    ) -> Result<bool, EbpfError> {
+        let prog_err = |op| {
+            let ifname = ep.host_ifname.clone();
+            move |source| EbpfError::Program {
+                op,
+                program: name,
+                ifname,
+                source: Box::new(source),
+            }
+        };
+        let link_err = |op: &'static str| {
+            move |source: LinkError| EbpfError::Link {
+                op,
+                path: pin.to_owned(),
+                source: Box::new(source),
+            }
+        };
+        let prog = classifier(&mut self.ebpf, name)?;
+        match PinnedLink::from_pin(pin) {
+            Ok(old) => {
+                let link =
+                    SchedClassifierLink::try_from(FdLink::from(old)).map_err(link_err("open"))?;
+                let id = prog
+                    .attach_to_link(link)
+                    .map_err(prog_err("swap into the link of"))?;
+                // The pin keeps the link (now running this program) alive; our fd can go.
+                drop(prog.take_link(id).map_err(prog_err("take the link of"))?);
+                Ok(true)
+            }
+            Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
+                let id = prog
+                    .attach_with_options(
+                        &ep.host_ifname,
+                        hook,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .map_err(prog_err("attach"))?;
+                let link = prog.take_link(id).map_err(prog_err("take the link of"))?;
+                let fd = FdLink::try_from(link).map_err(link_err("convert"))?;
+                fd.pin(pin).map_err(|source| EbpfError::Link {
+                    op: "pin",
+                    path: pin.to_owned(),
+                    source: Box::new(source),
+                })?;
+                Ok(false)
+            }
+            Err(e) => Err(link_err("open")(e)),
+        }
+    }
+
+    fn attach_all(&mut self, ep: &EndpointRecord) -> Result<Adoption, EbpfError> {
+        self.fill_maps(ep)?;
+        let mut reused = true;
+        for (name, hook, suffix) in ATTACHMENTS {
+            let pin = self.link_pin(ep.host_ifindex, suffix);
+            reused &= self.attach_program(ep, name, hook, &pin)?;
+        }
+        Ok(if reused {
+            Adoption::Adopted
+        } else {
+            Adoption::Reattached
+        })
+    }
+}
+
+impl Datapath for EbpfDatapath {
+    type Error = EbpfError;
+
+    fn attach(&mut self, ep: &EndpointRecord) -> Result<(), EbpfError> {
+        // A fresh endpoint must not inherit links of an earlier veth with the same ifindex.
+        for (_, _, suffix) in ATTACHMENTS {
+            remove_pin(&self.link_pin(ep.host_ifindex, suffix))?;
+        }
+        match self.attach_all(ep) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                // Leave nothing half attached; the first error is the one to report.
+                let _cleanup = self.detach(ep);
+                Err(e)
+            }
+        }
+    }
+
+    fn adopt(&mut self, ep: &EndpointRecord) -> Result<Adoption, EbpfError> {
+        self.attach_all(ep)
+    }
+
+    fn detach(&mut self, ep: &EndpointRecord) -> Vec<EbpfError> {
+        let mut errors = Vec::new();
+        for (_, _, suffix) in ATTACHMENTS {
+            if let Err(e) = remove_pin(&self.link_pin(ep.host_ifindex, suffix)) {
+                errors.push(e);
+            }
+        }
+        let key = EndpointKey4::from_octets(ep.address.octets());
+        match self.endpoints() {
+            Ok(mut m) => match m.get(&key, 0) {
+                Ok(info) if info.ifindex == ep.host_ifindex => {
+                    if let Err(e) = m.remove(&key) {
+                        if !is_not_found(&e) {
+                            errors.push(map_err("delete from", maps::ENDPOINTS4)(e));
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => errors.push(map_err("read", maps::ENDPOINTS4)(e)),
+            },
+            Err(e) => errors.push(e),
+        }
+        match self.ep_stats_mut() {
+            Ok(mut m) => {
+                if let Err(e) = m.remove(&ep.host_ifindex) {
+                    if !is_not_found(&e) {
+                        errors.push(map_err("delete from", maps::EP_STATS)(e));
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+        errors.extend(self.remove_drops(|k| k.ifindex == ep.host_ifindex));
+        errors
+    }
+
+    fn sweep(&mut self, keep: &[EndpointRecord]) -> Vec<EbpfError> {
+        let mut errors = Vec::new();
+        let addrs: HashSet<EndpointKey4> = keep
+            .iter()
+            .map(|e| EndpointKey4::from_octets(e.address.octets()))
+            .collect();
+        let ifindexes: HashSet<u32> = keep.iter().map(|e| e.host_ifindex).collect();
+        match self.endpoints() {
+            Ok(mut m) => {
+                let stale: Vec<_> = m
+                    .keys()
+                    .filter_map(Result::ok)
+                    .filter(|k| !addrs.contains(k))
+                    .collect();
+                for k in stale {
+                    if let Err(e) = m.remove(&k) {
+                        errors.push(map_err("delete from", maps::ENDPOINTS4)(e));
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+        match self.ep_stats_mut() {
+            Ok(mut m) => {
+                let stale: Vec<_> = m
+                    .keys()
+                    .filter_map(Result::ok)
+                    .filter(|k| !ifindexes.contains(k))
+                    .collect();
+                for k in stale {
+                    if let Err(e) = m.remove(&k) {
+                        errors.push(map_err("delete from", maps::EP_STATS)(e));
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+        errors.extend(self.remove_drops(|k| !ifindexes.contains(&k.ifindex)));
+        match std::fs::read_dir(&self.links_dir) {
+            Ok(entries) => {
+                for entry in entries.flatten() {
+                    let name = entry.file_name();
+                    let ifindex = name
+                        .to_str()
+                        .and_then(|n| n.strip_prefix("tcx-"))
+                        .and_then(|n| n.split('-').next())
+                        .and_then(|n| n.parse::<u32>().ok());
+                    if ifindex.is_none_or(|i| !ifindexes.contains(&i)) {
+                        if let Err(e) = remove_pin(&entry.path()) {
+                            errors.push(e);
+                        }
+                    }
+                }
+            }
+            Err(source) => errors.push(EbpfError::Io {
+                op: "list",
+                path: self.links_dir.clone(),
+                source,
+            }),
+        }
+        errors
+    }
+
+    fn stats(&self, ifindex: u32) -> Result<EndpointStats, EbpfError> {
+        let map = self.ebpf.map(maps::EP_STATS).ok_or(EbpfError::Missing {
+            kind: "map",
+            name: maps::EP_STATS,
+        })?;
+        let stats: PerCpuHashMap<&MapData, u32, EndpointStats> =
+            PerCpuHashMap::try_from(map).map_err(map_err("open", maps::EP_STATS))?;
+        let per_cpu = match stats.get(&ifindex, 0) {
+            Ok(v) => v,
+            Err(e) if is_not_found(&e) => return Ok(EndpointStats::default()),
+            Err(e) => return Err(map_err("read", maps::EP_STATS)(e)),
+        };
+        let mut sum = EndpointStats::default();
+        for cpu in per_cpu.iter() {
+            for (total, part) in [
+                (&mut sum.egress, &cpu.egress),
+                (&mut sum.ingress, &cpu.ingress),
+            ] {
+                total.passed.add(&part.passed);
+                total.redirected.add(&part.redirected);
+                total.dropped.add(&part.dropped);
+            }
+        }
+        Ok(sum)
+    }
+
+    fn drops(&self) -> Result<Vec<(DropKey, Counter)>, EbpfError> {
+        let map = self.ebpf.map(maps::DROPS).ok_or(EbpfError::Missing {
+            kind: "map",
+            name: maps::DROPS,
+        })?;
+        let drops: PerCpuHashMap<&MapData, DropKey, Counter> =
+            PerCpuHashMap::try_from(map).map_err(map_err("open", maps::DROPS))?;
+        let mut out = Vec::new();
+        for item in drops.iter() {
+            let (key, per_cpu) = item.map_err(map_err("read", maps::DROPS))?;
+            let mut sum = Counter::default();
+            per_cpu.iter().for_each(|c| sum.add(c));
+            out.push((key, sum));
+        }
+        Ok(out)
+    }
+
+    fn programs(&self) -> Vec<String> {
+        self.ebpf.programs().map(|(n, _)| n.to_owned()).collect()
+    }
+}
+
+impl EbpfDatapath {
+    fn remove_drops(&mut self, stale: impl Fn(&DropKey) -> bool) -> Vec<EbpfError> {
+        let mut errors = Vec::new();
+        match self.drops_mut() {
+            Ok(mut m) => {
+                let keys: Vec<_> = m
+                    .keys()
+                    .filter_map(Result::ok)
+                    .filter(|k| stale(k))
+                    .collect();
+                for k in keys {
+                    if let Err(e) = m.remove(&k) {
+                        if !is_not_found(&e) {
+                            errors.push(map_err("delete from", maps::DROPS)(e));
+                        }
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+        errors
+    }
+}
+
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, EbpfError> {
+    let prog = ebpf.program_mut(name).ok_or(EbpfError::Missing {
+        kind: "program",
+        name,
+    })?;
+    prog.try_into().map_err(|source| EbpfError::Program {
+        op: "open",
+        program: name,
+        ifname: "-".into(),
+        source: Box::new(source),
+    })
+}
+
+/// Removing a link's pin detaches it (nothing else holds it); absent is fine.
+fn remove_pin(path: &Path) -> Result<(), EbpfError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(EbpfError::Io {
+            op: "remove",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn is_bpffs(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// Makes sure `pin_dir` exists on a bpf filesystem, mounting bpffs at /sys/fs/bpf when the
+/// pin directory is below it and nothing is mounted there.
+fn ensure_bpffs(pin_dir: &Path) -> Result<(), EbpfError> {
+    let existing = pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if !is_bpffs(existing) {
+        let mount_point = Path::new(BPFFS_MOUNT);
+        if !pin_dir.starts_with(mount_point) || is_bpffs(mount_point) {
+            return Err(EbpfError::NotBpffs {
+                path: pin_dir.to_owned(),
+            });
+        }
+        std::fs::create_dir_all(mount_point).map_err(|source| EbpfError::Io {
+            op: "create",
+            path: mount_point.to_owned(),
+            source,
+        })?;
+        nix::mount::mount(
+            Some("bpf"),
+            mount_point,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|errno| EbpfError::Io {
+            op: "mount bpffs on",
+            path: mount_point.to_owned(),
+            source: errno.into(),
+        })?;
+        tracing::info!(path = BPFFS_MOUNT, "mounted the bpf filesystem");
+    }
+    std::fs::create_dir_all(pin_dir).map_err(|source| EbpfError::Io {
+        op: "create",
+        path: pin_dir.to_owned(),
+        source,
+    })
+}

@@ -1,0 +1,49 @@
+//! The datapath as the control plane sees it: a small trait with an eBPF implementation
+//! (`ebpf.rs`, needs root) and a recording fake (`fake.rs`), so that the control plane is
+//! unit-tested without privileges.
+
+mod ebpf;
+#[cfg(test)]
+pub mod fake;
+
+use hypha_common::{DropKey, EndpointStats};
+
+pub use ebpf::{EbpfDatapath, EbpfError};
+
+use crate::state::EndpointRecord;
+
+/// What became of an endpoint found at start-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Adoption {
+    /// Its programs were still attached; they now run this agent's programs, in place,
+    /// without a moment of detachment.
+    Adopted,
+    /// Its attachments were gone and have been made anew.
+    Reattached,
+}
+
+/// The datapath operations the control plane needs.
+pub trait Datapath: Send {
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Attaches the programs to the endpoint's host veth and fills its map entries.
+    fn attach(&mut self, ep: &EndpointRecord) -> Result<(), Self::Error>;
+
+    /// Takes over an endpoint that was attached by an earlier agent process.
+    fn adopt(&mut self, ep: &EndpointRecord) -> Result<Adoption, Self::Error>;
+
+    /// Removes everything `attach` made; keeps going past errors and returns them all.
+    fn detach(&mut self, ep: &EndpointRecord) -> Vec<Self::Error>;
+
+    /// Removes map entries and pinned links that belong to none of `keep`.
+    fn sweep(&mut self, keep: &[EndpointRecord]) -> Vec<Self::Error>;
+
+    /// Counters of the endpoint on host ifindex `ifindex`, summed over CPUs.
+    fn stats(&self, ifindex: u32) -> Result<EndpointStats, Self::Error>;
+
+    /// All drop counters, summed over CPUs.
+    fn drops(&self) -> Result<Vec<(DropKey, hypha_common::Counter)>, Self::Error>;
+
+    /// Names of the loaded programs.
+    fn programs(&self) -> Vec<String>;
+}

@@ -1,0 +1,224 @@
+//! The agent's side of the host network: the gateway device, forwarding, masquerading
+//! and the per-pod host routes. Behind a trait so the control plane is testable without
+//! root; the Linux implementation uses the project's netlink layer (`hypha-netlink`).
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use hypha_api::MacAddr;
+use hypha_netlink::{Netlink, Route};
+use ipnet::Ipv4Net;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Netlink(#[from] hypha_netlink::Error),
+    #[error("cannot {op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up masquerading with nft (is the nftables package installed?): {0}")]
+    Nft(String),
+}
+
+/// A host-side interface as the agent needs it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostLink {
+    pub index: u32,
+    pub mac: MacAddr,
+}
+
+/// The host network operations of the control plane.
+pub trait HostNetwork: Send {
+    /// Makes the node ready for pods: gateway device and address, forwarding, masquerade.
+    fn setup_node(&mut self, node: &NodeNetwork) -> Result<(), HostError>;
+    /// The interface named `name` in the agent's network namespace, if it exists.
+    fn link(&mut self, name: &str) -> Result<Option<HostLink>, HostError>;
+    /// Routes `address` to the pod behind host interface `ifindex`.
+    fn route_pod(
+        &mut self,
+        ifindex: u32,
+        address: Ipv4Addr,
+        gateway: Ipv4Addr,
+    ) -> Result<(), HostError>;
+}
+
+/// What the node's network looks like.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeNetwork {
+    pub pod_cidr: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub host_device: String,
+    pub masquerade: bool,
+}
+
+/// The real thing, in the agent's own network namespace.
+pub struct LinuxHost {
+    nl: Netlink,
+}
+
+impl LinuxHost {
+    pub fn new() -> Result<Self, HostError> {
+        Ok(Self {
+            nl: Netlink::new()?,
+        })
+    }
+}
+
+impl HostNetwork for LinuxHost {
+    fn setup_node(&mut self, node: &NodeNetwork) -> Result<(), HostError> {
+        // The gateway address sits on an existing device (loopback by default: every
+        // kernel has it, unlike `dummy`); any other named device is created as a dummy.
+        let dev = match self.nl.link_by_name(&node.host_device)? {
+            Some(l) => l,
+            None => {
+                self.nl.create_dummy(&node.host_device)?;
+                self.nl.link_by_name(&node.host_device)?.ok_or_else(|| {
+                    hypha_netlink::Error::LinkNotFound {
+                        link: node.host_device.clone(),
+                        netns: "the agent's network namespace".into(),
+                    }
+                })?
+            }
+        };
+        self.nl.add_address(dev.index, node.gateway, 32)?;
+        self.nl.set_up(dev.index)?;
+        write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+        if node.masquerade {
+            masquerade(&nft_table(node.pod_cidr), node.pod_cidr)?;
+        }
+        Ok(())
+    }
+
+    fn link(&mut self, name: &str) -> Result<Option<HostLink>, HostError> {
+        Ok(self.nl.link_by_name(name)?.map(|l| HostLink {
+            index: l.index,
+            mac: MacAddr(l.mac),
+        }))
+    }
+
+    fn route_pod(
+        &mut self,
+        ifindex: u32,
+        address: Ipv4Addr,
+        gateway: Ipv4Addr,
+    ) -> Result<(), HostError> {
+        self.nl.add_route(&Route {
+            dst: Ipv4Net::new(address, 32).expect("/32 is a valid prefix"),
+            gateway: None,
+            oif: ifindex,
+            scope_link: true,
+            src: Some(gateway),
+        })?;
+        Ok(())
+    }
+}
+
+fn write_sysctl(path: &str, value: &str) -> Result<(), HostError> {
+    std::fs::write(path, value).map_err(|source| HostError::Io {
+        op: "write",
+        path: path.into(),
+        source,
+    })
+}
+
+/// The nftables table of the agent serving `pod_cidr`: one per agent, so that agents with
+/// different pod CIDRs in one network namespace do not touch each other's rules.
+pub fn nft_table(pod_cidr: Ipv4Net) -> String {
+    let [a, b, c, d] = pod_cidr.network().octets();
+    format!("hypha_{a}_{b}_{c}_{d}_{}", pod_cidr.prefix_len())
+}
+
+/// The nftables ruleset that masquerades pod traffic leaving the pod CIDR, replaced whole
+/// so that re-running is idempotent.
+pub fn masquerade_ruleset(table: &str, pod_cidr: Ipv4Net) -> String {
+    format!(
+        "table ip {table} {{}}\n\
+         delete table ip {table}\n\
+         table ip {table} {{\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+         \t\tip saddr {pod_cidr} ip daddr != {pod_cidr} masquerade\n\
+         \t}}\n\
+         }}\n"
+    )
+}
+
+fn masquerade(table: &str, pod_cidr: Ipv4Net) -> Result<(), HostError> {
+    use std::io::Write as _;
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| HostError::Nft(format!("cannot run nft: {e}")))?;
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(masquerade_ruleset(table, pod_cidr).as_bytes())
+        .map_err(|e| HostError::Nft(e.to_string()))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| HostError::Nft(e.to_string()))?;
+    if !out.status.success() {
+        return Err(HostError::Nft(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub mod fake {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    /// Host interfaces by name; routes recorded.
+    #[derive(Default)]
+    pub struct FakeHost {
+        pub links: BTreeMap<String, HostLink>,
+        pub routes: Vec<(u32, Ipv4Addr)>,
+        pub node: Option<NodeNetwork>,
+    }
+
+    impl HostNetwork for FakeHost {
+        fn setup_node(&mut self, node: &NodeNetwork) -> Result<(), HostError> {
+            self.node = Some(node.clone());
+            Ok(())
+        }
+        fn link(&mut self, name: &str) -> Result<Option<HostLink>, HostError> {
+            Ok(self.links.get(name).copied())
+        }
+        fn route_pod(
+            &mut self,
+            ifindex: u32,
+            address: Ipv4Addr,
+            _: Ipv4Addr,
+        ) -> Result<(), HostError> {
+            self.routes.push((ifindex, address));
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ruleset_masquerades_only_traffic_leaving_the_pod_cidr() {
+        let cidr = "10.244.0.0/24".parse().unwrap();
+        assert_eq!(nft_table(cidr), "hypha_10_244_0_0_24");
+        let rules = masquerade_ruleset(&nft_table(cidr), cidr);
+        assert!(rules.contains("delete table ip hypha_10_244_0_0_24"));
+        assert!(rules.contains("ip saddr 10.244.0.0/24 ip daddr != 10.244.0.0/24 masquerade"));
+        assert!(rules.contains("type nat hook postrouting priority srcnat"));
+    }
+}

@@ -1,0 +1,13 @@
+//! Hypha's per-host agent: IPAM, endpoints, the eBPF datapath and the API socket; plus the
+//! operator's commands that talk to it. The binary `hypha` (src/main.rs) is a thin shell
+//! over this library.
+
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod datapath;
+pub mod host;
+pub mod ipam;
+pub mod server;
+pub mod state;

@@ -1,0 +1,241 @@
+//! A blocking client for the agent's unix socket, for the CLI and the CNI plugin.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::UnixStream;
+
+use crate::{
+    AllocateRequest, Allocation, ApiError, CreateEndpointRequest, DeleteResponse, Endpoint, Status,
+};
+
+/// Why a call to the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing listens on the socket (the agent is not running) or it cannot be opened.
+    #[error("cannot reach the hypha agent at {path}: {source} (is `hypha agent` running?)")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The agent did not answer in time.
+    #[error("the hypha agent at {path} did not answer {method} {uri} within {timeout:?}")]
+    Timeout {
+        path: PathBuf,
+        method: Method,
+        uri: String,
+        timeout: Duration,
+    },
+    /// The HTTP exchange failed part way.
+    #[error("{method} {uri} to the hypha agent at {path} failed: {source}")]
+    Http {
+        path: PathBuf,
+        method: Method,
+        uri: String,
+        #[source]
+        source: hyper::Error,
+    },
+    /// The agent answered with an error.
+    #[error("the hypha agent refused {method} {uri}: {message} (HTTP {status})")]
+    Api {
+        method: Method,
+        uri: String,
+        status: StatusCode,
+        message: String,
+    },
+    /// The answer was not the JSON expected.
+    #[error("cannot decode the hypha agent's answer to {method} {uri}: {source}")]
+    Decode {
+        method: Method,
+        uri: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The local async runtime could not be built.
+    #[error("cannot start the client's runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+impl ClientError {
+    /// Whether the agent could not be reached at all (as opposed to answering with an error).
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Connect { .. } | ClientError::Timeout { .. }
+        )
+    }
+}
+
+/// A blocking client: each call opens a connection, sends one request and reads the answer.
+pub struct Client {
+    path: PathBuf,
+    timeout: Duration,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Client {
+    /// A client for the agent listening on `path`, with a 30 s timeout per call.
+    pub fn new(path: impl AsRef<Path>) -> Result<Self, ClientError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ClientError::Runtime)?;
+        Ok(Self {
+            path: path.as_ref().to_path_buf(),
+            timeout: Duration::from_secs(30),
+            runtime,
+        })
+    }
+
+    /// Changes the per-call timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn status(&self) -> Result<Status, ClientError> {
+        self.call(Method::GET, "/v1/status", None::<&()>)
+    }
+
+    pub fn endpoints(&self) -> Result<Vec<Endpoint>, ClientError> {
+        self.call(Method::GET, "/v1/endpoints", None::<&()>)
+    }
+
+    pub fn allocate(&self, req: &AllocateRequest) -> Result<Allocation, ClientError> {
+        self.call(Method::POST, "/v1/ipam/allocate", Some(req))
+    }
+
+    pub fn create_endpoint(&self, req: &CreateEndpointRequest) -> Result<Endpoint, ClientError> {
+        self.call(Method::POST, "/v1/endpoints", Some(req))
+    }
+
+    pub fn delete_endpoint(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<DeleteResponse, ClientError> {
+        let uri = format!(
+            "/v1/endpoints/{}/{}",
+            percent_encode(container_id),
+            percent_encode(ifname)
+        );
+        self.call(Method::DELETE, &uri, None::<&()>)
+    }
+
+    fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let body = match body {
+            // Serializing our own request types cannot fail: they are plain data.
+            Some(b) => serde_json::to_vec(b).expect("API request types serialize"),
+            None => Vec::new(),
+        };
+        let fut = self.exchange(method.clone(), uri, body);
+        let (status, bytes) = self
+            .runtime
+            .block_on(async { tokio::time::timeout(self.timeout, fut).await })
+            .map_err(|_| ClientError::Timeout {
+                path: self.path.clone(),
+                method: method.clone(),
+                uri: uri.to_owned(),
+                timeout: self.timeout,
+            })??;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ApiError>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            return Err(ClientError::Api {
+                method,
+                uri: uri.to_owned(),
+                status,
+                message,
+            });
+        }
+        serde_json::from_slice(&bytes).map_err(|source| ClientError::Decode {
+            method,
+            uri: uri.to_owned(),
+            source,
+        })
+    }
+
+    async fn exchange(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let http_err = |source| ClientError::Http {
+            path: self.path.clone(),
+            method: method.clone(),
+            uri: uri.to_owned(),
+            source,
+        };
+        let stream =
+            UnixStream::connect(&self.path)
+                .await
+                .map_err(|source| ClientError::Connect {
+                    path: self.path.clone(),
+                    source,
+                })?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(http_err)?;
+        let conn = tokio::spawn(conn);
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(uri)
+            .header(hyper::header::HOST, "hypha")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .expect("request parts are valid");
+        let resp = sender.send_request(req).await.map_err(http_err)?;
+        let status = resp.status();
+        let bytes = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(http_err)?
+            .to_bytes();
+        drop(sender);
+        conn.abort();
+        Ok((status, bytes))
+    }
+}
+
+/// Escapes a path segment: container ids are usually hex, but runtimes may send anything.
+fn percent_encode(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_segments_are_escaped() {
+        assert_eq!(percent_encode("abc-123_x.y"), "abc-123_x.y");
+        assert_eq!(percent_encode("a/b c"), "a%2Fb%20c");
+    }
+}

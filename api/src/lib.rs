@@ -1,0 +1,223 @@
+//! The agent's API: HTTP/1.1 with JSON bodies over a unix socket.
+//!
+//! | method and path                               | body                      | answer              |
+//! |-----------------------------------------------|---------------------------|---------------------|
+//! | `GET /v1/status`                              |                           | [`Status`]          |
+//! | `GET /v1/endpoints`                           |                           | `Vec<`[`Endpoint`]`>` |
+//! | `POST /v1/ipam/allocate`                      | [`AllocateRequest`]       | [`Allocation`]      |
+//! | `POST /v1/endpoints`                          | [`CreateEndpointRequest`] | [`Endpoint`]        |
+//! | `DELETE /v1/endpoints/{container_id}/{ifname}`|                           | [`DeleteResponse`]  |
+//!
+//! Errors come back with a 4xx/5xx status and an [`ApiError`] body. Because it is plain
+//! HTTP, `curl --unix-socket /run/hypha/agent.sock http://hypha/v1/status` works too.
+
+mod client;
+mod mac;
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+pub use client::{Client, ClientError};
+pub use mac::{MacAddr, ParseMacError};
+
+/// Default path of the agent's API socket.
+pub const DEFAULT_SOCKET: &str = "/run/hypha/agent.sock";
+
+/// `GET /v1/status`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    /// Version of the agent binary.
+    pub version: String,
+    /// Seconds since this agent process started.
+    pub uptime_seconds: u64,
+    pub node: NodeStatus,
+    pub ipam: IpamStatus,
+    pub datapath: DatapathStatus,
+    /// Number of endpoints the agent manages.
+    pub endpoints: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct NodeStatus {
+    pub pod_cidr: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    /// Host device that carries the gateway address.
+    pub host_device: String,
+    pub masquerade: bool,
+    pub socket: String,
+    pub state_dir: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct IpamStatus {
+    /// Addresses pods can get in the pod CIDR.
+    pub capacity: u32,
+    pub allocated: u32,
+    pub available: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DatapathStatus {
+    pub pin_dir: String,
+    /// Endpoints found at start-up with their programs still attached and kept as they were.
+    pub adopted_endpoints: usize,
+    /// Names of the loaded eBPF programs.
+    pub programs: Vec<String>,
+}
+
+/// `POST /v1/ipam/allocate`: reserve an address for one interface of one container.
+/// Asking again for the same container and interface returns the same address.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct AllocateRequest {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Allocation {
+    /// The pod's address; it is configured as a /32 on the pod's interface.
+    pub address: Ipv4Addr,
+    /// The gateway the pod routes everything through; the host side answers for it.
+    pub gateway: Ipv4Addr,
+    pub pod_cidr: Ipv4Net,
+}
+
+/// `POST /v1/endpoints`: the veth exists and the pod is addressed; attach the datapath.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CreateEndpointRequest {
+    pub container_id: String,
+    pub ifname: String,
+    /// Path of the container's network namespace, as the runtime gave it.
+    pub netns: String,
+    /// Name of the host-side veth (in the agent's network namespace).
+    pub host_ifname: String,
+    /// Address previously allocated for this container and interface.
+    pub address: Ipv4Addr,
+    /// MAC of the container-side interface.
+    pub pod_mac: MacAddr,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One endpoint, as `GET /v1/endpoints` lists it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Endpoint {
+    pub id: u32,
+    pub container_id: String,
+    pub ifname: String,
+    pub netns: String,
+    pub host_ifname: String,
+    pub host_ifindex: u32,
+    pub address: Ipv4Addr,
+    pub pod_mac: MacAddr,
+    pub host_mac: MacAddr,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Counters read from the datapath; zero when it could not be read.
+    #[serde(default)]
+    pub counters: EndpointCounters,
+    /// Drops by reason.
+    #[serde(default)]
+    pub drops: Vec<DropCount>,
+}
+
+/// Per-endpoint counters, in the pod's directions.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndpointCounters {
+    /// What the pod sent.
+    pub egress: DirectionCounters,
+    /// What the pod received.
+    pub ingress: DirectionCounters,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DirectionCounters {
+    /// To or from the host's stack (pod ↔ host, pod ↔ world).
+    pub passed: PacketCount,
+    /// Straight between two pods by the eBPF datapath.
+    pub redirected: PacketCount,
+    pub dropped: PacketCount,
+}
+
+impl DirectionCounters {
+    /// Packets and bytes forwarded either way (passed plus redirected).
+    pub fn forwarded(&self) -> PacketCount {
+        PacketCount {
+            packets: self.passed.packets + self.redirected.packets,
+            bytes: self.passed.bytes + self.redirected.bytes,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PacketCount {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DropCount {
+    /// Stable name of the drop reason, such as `invalid-ipv4-header`.
+    pub reason: String,
+    /// `egress` or `ingress`, in the pod's terms.
+    pub direction: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// `DELETE /v1/endpoints/{container_id}/{ifname}`. Deleting what is not there succeeds.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct DeleteResponse {
+    /// Whether an endpoint existed and was removed.
+    pub endpoint_removed: bool,
+    /// The address given back to the pool, if one was held.
+    pub address_released: Option<Ipv4Addr>,
+}
+
+/// The body of every error answer.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ApiError {
+    pub error: String,
+}
+
+/// An error and its causes on one line, `outer: inner: innermost`, leaving out a cause
+/// whose text the message before it already contains (many errors here quote their cause).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cause = err.source();
+    while let Some(e) = cause {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer ({0})")]
+    struct Outer(#[source] Inner);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("inner")]
+    struct Inner;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("quiet")]
+    struct Quiet(#[source] Inner);
+
+    #[test]
+    fn chain_skips_quoted_causes() {
+        assert_eq!(error_chain(&Outer(Inner)), "outer (inner)");
+        assert_eq!(error_chain(&Quiet(Inner)), "quiet: inner");
+    }
+}

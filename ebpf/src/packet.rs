@@ -1,0 +1,116 @@
+//! Frame layouts and bounds-checked access to the packet.
+//!
+//! Every header is a `#[repr(C)]` struct of bytes (alignment 1, no padding), so a field
+//! read is a plain byte load whatever the packet's alignment, and multi-byte fields
+//! stay in network byte order until someone explicitly converts them.
+
+use core::mem::size_of;
+
+use aya_ebpf::programs::TcContext;
+
+/// Length of an Ethernet header without VLAN tags.
+pub const ETH_HLEN: usize = size_of::<EthHdr>();
+/// Length of an IPv4 header without options.
+pub const IPV4_MIN_HLEN: usize = size_of::<Ipv4Hdr>();
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_ARP: u16 = 0x0806;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+
+/// ARP `htype` of Ethernet.
+pub const ARPHRD_ETHER: u16 = 1;
+pub const ARPOP_REQUEST: u16 = 1;
+pub const ARPOP_REPLY: u16 = 2;
+
+/// Offset of the IPv4 header checksum from the start of the frame.
+pub const IPV4_CSUM_OFF: usize = ETH_HLEN + 10;
+
+#[repr(C)]
+pub struct EthHdr {
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    pub ether_type: [u8; 2],
+}
+
+/// An ARP packet for Ethernet hardware and IPv4 protocol addresses (RFC 826), the only
+/// kind the datapath answers.
+#[repr(C)]
+pub struct ArpEthIpv4 {
+    pub htype: [u8; 2],
+    pub ptype: [u8; 2],
+    pub hlen: u8,
+    pub plen: u8,
+    pub oper: [u8; 2],
+    /// Sender hardware address.
+    pub sha: [u8; 6],
+    /// Sender protocol address.
+    pub spa: [u8; 4],
+    /// Target hardware address.
+    pub tha: [u8; 6],
+    /// Target protocol address.
+    pub tpa: [u8; 4],
+}
+
+/// The fixed 20 bytes of an IPv4 header; options, if any, follow.
+#[repr(C)]
+pub struct Ipv4Hdr {
+    pub version_ihl: u8,
+    pub tos: u8,
+    pub tot_len: [u8; 2],
+    pub id: [u8; 2],
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub protocol: u8,
+    pub check: [u8; 2],
+    pub saddr: [u8; 4],
+    pub daddr: [u8; 4],
+}
+
+/// Why the first bytes of a packet could not be made directly accessible.
+pub enum PullError {
+    /// The packet is shorter than asked for.
+    Short,
+    /// The packet is long enough but `bpf_skb_pull_data` failed.
+    Helper,
+}
+
+/// Makes the first `len` bytes of the packet directly accessible through
+/// `ctx.data()..ctx.data_end()`.
+///
+/// Headers are almost always in the linear part already; when they are not (a frame
+/// built from fragments), `bpf_skb_pull_data` moves them there. Telling the two
+/// failures apart matters: a short packet is malformed, a failed pull is our problem.
+///
+/// The pull invalidates every packet pointer taken before it, so call this before
+/// taking any with [`header`].
+#[inline(always)]
+pub fn pull(ctx: &TcContext, len: usize) -> Result<(), PullError> {
+    if ctx.data() + len <= ctx.data_end() {
+        return Ok(());
+    }
+    if (ctx.len() as usize) < len {
+        return Err(PullError::Short);
+    }
+    ctx.pull_data(len as u32).map_err(|_| PullError::Helper)?;
+    if ctx.data() + len <= ctx.data_end() {
+        Ok(())
+    } else {
+        Err(PullError::Helper)
+    }
+}
+
+/// A pointer to a `T` at `offset` from the start of the frame, if the whole `T` lies
+/// within the packet's linear data.
+///
+/// The comparison against `data_end` is what lets the verifier accept the accesses
+/// through the returned pointer, so it is done here, right where the pointer is made,
+/// with constants the verifier can track.
+#[inline(always)]
+pub fn header<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}

@@ -1,0 +1,526 @@
+//! Hypha's one netlink layer: a synchronous rtnetlink socket with typed methods, used by
+//! the CNI plugin, the agent and the launcher.
+//!
+//! A [`Netlink`] is bound to one network namespace for its whole life: [`Netlink::new`]
+//! to the caller's, [`Netlink::in_netns`] to another one, entered only for the time it
+//! takes to create the socket. Every request asks for an acknowledgement, checks the
+//! sequence number of what comes back and turns the kernel's errno into an [`Error`]
+//! naming the operation, the interface and the namespace.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), hypha_netlink::Error> {
+//! let mut nl = hypha_netlink::Netlink::new()?;
+//! if let Some(lo) = nl.link_by_name("lo")? {
+//!     println!("lo is #{} with mtu {}", lo.index, lo.mtu);
+//! }
+//! # Ok(()) }
+//! ```
+
+mod error;
+mod messages;
+mod netns;
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
+
+use ipnet::Ipv4Net;
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL,
+    NLM_F_REPLACE, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+pub use error::Error;
+use error::RequestError;
+
+/// Result of the netlink layer.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Size of the receive buffer. The kernel sizes dump datagrams after the largest buffer
+/// it has seen a reader use, capped at 32 KiB, so this is always large enough.
+const RECV_BUFFER: usize = 64 * 1024;
+
+/// How many times a dump interrupted by a concurrent change (`NLM_F_DUMP_INTR`) is redone.
+const DUMP_ATTEMPTS: usize = 3;
+
+/// A network interface, as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    /// Hardware address; all zeroes for interfaces without one (such as `lo`).
+    pub mac: [u8; 6],
+    pub mtu: u32,
+    /// Whether the interface is administratively up (`IFF_UP`).
+    pub up: bool,
+    /// `IFLA_INFO_KIND`: `veth`, `dummy`, ... `None` for physical devices and `lo`.
+    pub kind: Option<String>,
+}
+
+/// A veth pair to create with [`Netlink::create_veth`].
+#[derive(Clone, Copy, Debug)]
+pub struct VethSpec<'a> {
+    /// Name of the end created in the socket's network namespace.
+    pub host_name: &'a str,
+    /// Name of the end created directly in `peer_netns`.
+    pub peer_name: &'a str,
+    /// The peer's network namespace (an open `/proc/<pid>/ns/net` or `/run/netns/<name>`).
+    pub peer_netns: BorrowedFd<'a>,
+    /// MTU of both ends; the kernel's default (1500) when `None`.
+    pub mtu: Option<u32>,
+    /// MAC of the peer; random when `None`.
+    pub peer_mac: Option<[u8; 6]>,
+}
+
+/// An IPv4 route of the main table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    pub dst: Ipv4Net,
+    pub gateway: Option<Ipv4Addr>,
+    /// Index of the outgoing interface.
+    pub oif: u32,
+    /// `scope link` (directly reachable) rather than `scope global`.
+    pub scope_link: bool,
+    /// Preferred source address.
+    pub src: Option<Ipv4Addr>,
+}
+
+/// A synchronous rtnetlink socket bound to one network namespace.
+///
+/// Requests are sent one at a time and their answers read to the end before the next
+/// one; the handle is `Send` but not meant to be shared.
+pub struct Netlink {
+    socket: Socket,
+    seq: u32,
+    buf: Vec<u8>,
+    /// Where the socket lives, for error messages.
+    netns: String,
+}
+
+impl Netlink {
+    /// A socket in the calling thread's network namespace.
+    pub fn new() -> Result<Self> {
+        let netns = "the current network namespace".to_owned();
+        let socket = open_socket().map_err(|source| Error::Socket {
+            netns: netns.clone(),
+            source,
+        })?;
+        Ok(Self::with_socket(socket, netns))
+    }
+
+    /// A socket inside the network namespace at `path` (`/run/netns/<name>`,
+    /// `/proc/<pid>/ns/net`, ...).
+    ///
+    /// The calling thread enters the namespace with `setns(CLONE_NEWNET)`, creates the
+    /// socket and goes back to its original namespace before returning (a guard restores
+    /// it even on error or unwinding); the socket stays bound to the target namespace.
+    /// `setns` only moves the calling thread, so another thread of the process that opens
+    /// sockets meanwhile is unaffected, but anything this thread does during the call
+    /// happens inside the namespace: callers should be single-threaded or accept that.
+    pub fn in_netns(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|source| Error::OpenNetns {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::in_netns_fd(file.as_fd(), path)
+    }
+
+    /// Like [`Netlink::in_netns`] with the namespace already open (for instance to also
+    /// pass it as a [`VethSpec::peer_netns`]); `path` is only used in messages.
+    pub fn in_netns_fd(netns: BorrowedFd<'_>, path: &Path) -> Result<Self> {
+        let guard = netns::Guard::enter(netns, path)?;
+        let socket = open_socket();
+        guard.restore()?;
+        let label = format!("network namespace {}", path.display());
+        let socket = socket.map_err(|source| Error::Socket {
+            netns: label.clone(),
+            source,
+        })?;
+        Ok(Self::with_socket(socket, label))
+    }
+
+    fn with_socket(socket: Socket, netns: String) -> Self {
+        Self {
+            socket,
+            seq: 0,
+            buf: Vec::with_capacity(RECV_BUFFER),
+            netns,
+        }
+    }
+
+    /// The interface named `name`, or `None` if there is none.
+    pub fn link_by_name(&mut self, name: &str) -> Result<Option<Link>> {
+        let msg = RouteNetlinkMessage::GetLink(messages::link_name_message(name));
+        self.get_link(msg, || format!("get interface {name}"))
+    }
+
+    /// The interface with index `index`, or `None` if there is none.
+    pub fn link_by_index(&mut self, index: u32) -> Result<Option<Link>> {
+        let msg = RouteNetlinkMessage::GetLink(messages::link_index_message(index));
+        self.get_link(msg, || format!("get interface #{index}"))
+    }
+
+    fn get_link(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        op: impl FnOnce() -> String,
+    ) -> Result<Option<Link>> {
+        match self.request(msg, 0) {
+            Ok(answers) => Ok(answers.iter().find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(link) => Some(messages::parse_link(link)),
+                _ => None,
+            })),
+            Err(e) if matches!(e.errno(), Some(libc::ENODEV | libc::ENOENT)) => Ok(None),
+            Err(e) => Err(e.into_error(op(), &self.netns, None)),
+        }
+    }
+
+    /// Creates a veth pair in one `RTM_NEWLINK` (`NLM_F_CREATE|NLM_F_EXCL`): the host end in
+    /// this socket's namespace and the peer directly in `spec.peer_netns`. Both ends are
+    /// left down.
+    ///
+    /// Fails with [`Error::LinkExists`] if the host name is taken here and with
+    /// [`Error::PeerExists`] if the peer name is taken in the peer's namespace.
+    pub fn create_veth(&mut self, spec: &VethSpec<'_>) -> Result<()> {
+        let msg = RouteNetlinkMessage::NewLink(messages::veth_message(spec));
+        match self.request(msg, NLM_F_CREATE | NLM_F_EXCL) {
+            Ok(_) => Ok(()),
+            Err(e) if e.errno() == Some(libc::EEXIST) => {
+                // The kernel says EEXIST for either name; the host one is checked first
+                // (before anything is created), so if it is free the peer's was taken.
+                if self.link_by_name(spec.host_name)?.is_some() {
+                    Err(Error::LinkExists {
+                        name: spec.host_name.to_owned(),
+                        netns: self.netns.clone(),
+                    })
+                } else {
+                    Err(Error::PeerExists {
+                        name: spec.peer_name.to_owned(),
+                    })
+                }
+            }
+            Err(e) => Err(e.into_error(
+                format!("create veth {} (peer {})", spec.host_name, spec.peer_name),
+                &self.netns,
+                None,
+            )),
+        }
+    }
+
+    /// Creates a dummy interface named `name` (left down).
+    pub fn create_dummy(&mut self, name: &str) -> Result<()> {
+        let msg = RouteNetlinkMessage::NewLink(messages::dummy_message(name));
+        match self.request(msg, NLM_F_CREATE | NLM_F_EXCL) {
+            Ok(_) => Ok(()),
+            Err(e) if e.errno() == Some(libc::EEXIST) => Err(Error::LinkExists {
+                name: name.to_owned(),
+                netns: self.netns.clone(),
+            }),
+            Err(e) => Err(e.into_error(format!("create dummy {name}"), &self.netns, None)),
+        }
+    }
+
+    /// Sets interface `index` administratively up.
+    pub fn set_up(&mut self, index: u32) -> Result<()> {
+        let msg = RouteNetlinkMessage::NewLink(messages::set_up_message(index));
+        self.request(msg, 0).map(drop).map_err(|e| {
+            e.into_error(
+                format!("set interface #{index} up"),
+                &self.netns,
+                Some(&format!("#{index}")),
+            )
+        })
+    }
+
+    /// Deletes interface `index` (for a veth, both ends).
+    pub fn delete_link(&mut self, index: u32) -> Result<()> {
+        let msg = RouteNetlinkMessage::DelLink(messages::link_index_message(index));
+        self.request(msg, 0).map(drop).map_err(|e| {
+            e.into_error(
+                format!("delete interface #{index}"),
+                &self.netns,
+                Some(&format!("#{index}")),
+            )
+        })
+    }
+
+    /// Deletes the interface named `name` (for a veth, both ends). Returns `false` if there
+    /// was none, so that teardown can be repeated.
+    pub fn delete_link_by_name(&mut self, name: &str) -> Result<bool> {
+        let msg = RouteNetlinkMessage::DelLink(messages::link_name_message(name));
+        match self.request(msg, 0) {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.errno(), Some(libc::ENODEV | libc::ENOENT)) => Ok(false),
+            Err(e) => Err(e.into_error(format!("delete interface {name}"), &self.netns, None)),
+        }
+    }
+
+    /// Adds `address/prefix_len` to interface `index`. Adding an address the interface
+    /// already has with the same prefix length succeeds.
+    pub fn add_address(&mut self, index: u32, address: Ipv4Addr, prefix_len: u8) -> Result<()> {
+        let msg =
+            RouteNetlinkMessage::NewAddress(messages::address_message(index, address, prefix_len));
+        match self.request(msg, NLM_F_CREATE | NLM_F_EXCL) {
+            Ok(_) => Ok(()),
+            // IPv4 answers EEXIST only for the same local address with the same mask.
+            Err(e) if e.errno() == Some(libc::EEXIST) => Ok(()),
+            Err(e) => Err(e.into_error(
+                format!("add address {address}/{prefix_len} to interface #{index}"),
+                &self.netns,
+                Some(&format!("#{index}")),
+            )),
+        }
+    }
+
+    /// The IPv4 addresses of interface `index`, with their prefix lengths.
+    pub fn addresses(&mut self, index: u32) -> Result<Vec<(Ipv4Addr, u8)>> {
+        let msg = RouteNetlinkMessage::GetAddress(messages::address_dump_message());
+        let answers = self.dump(msg).map_err(|e| {
+            e.into_error(
+                format!("list addresses of interface #{index}"),
+                &self.netns,
+                None,
+            )
+        })?;
+        Ok(answers
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) => messages::parse_address(a, index),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Adds `route` to the main table, replacing a route to the same destination
+    /// (`NLM_F_CREATE|NLM_F_REPLACE`), so that it can be repeated.
+    pub fn add_route(&mut self, route: &Route) -> Result<()> {
+        let msg = RouteNetlinkMessage::NewRoute(messages::route_message(route, false));
+        self.request(msg, NLM_F_CREATE | NLM_F_REPLACE)
+            .map(drop)
+            .map_err(|e| e.into_error(format!("add route {}", describe(route)), &self.netns, None))
+    }
+
+    /// The IPv4 unicast routes of the main table that leave through interface `oif`.
+    pub fn routes(&mut self, oif: u32) -> Result<Vec<Route>> {
+        let msg = RouteNetlinkMessage::GetRoute(messages::route_dump_message());
+        let answers = self.dump(msg).map_err(|e| {
+            e.into_error(
+                format!("list routes via interface #{oif}"),
+                &self.netns,
+                None,
+            )
+        })?;
+        Ok(answers
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => messages::parse_route(r, oif),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Deletes `route` from the main table. Returns `false` if there was no such route.
+    pub fn delete_route(&mut self, route: &Route) -> Result<bool> {
+        let msg = RouteNetlinkMessage::DelRoute(messages::route_message(route, true));
+        match self.request(msg, 0) {
+            Ok(_) => Ok(true),
+            Err(e) if e.errno() == Some(libc::ESRCH) => Ok(false),
+            Err(e) => Err(e.into_error(
+                format!("delete route {}", describe(route)),
+                &self.netns,
+                None,
+            )),
+        }
+    }
+
+    /// Sends a dump request and returns every answer, redoing it if a concurrent change
+    /// interrupted it.
+    fn dump(&mut self, msg: RouteNetlinkMessage) -> Result<Vec<RouteNetlinkMessage>, RequestError> {
+        for _ in 0..DUMP_ATTEMPTS {
+            match self.exchange(msg.clone(), NLM_F_DUMP)? {
+                Exchange::Complete(answers) => return Ok(answers),
+                Exchange::Interrupted => continue,
+            }
+        }
+        Err(RequestError::Protocol(format!(
+            "the dump was interrupted by concurrent changes {DUMP_ATTEMPTS} times"
+        )))
+    }
+
+    /// Sends a request that is not a dump and returns its answers (often none).
+    fn request(
+        &mut self,
+        msg: RouteNetlinkMessage,
+        flags: u16,
+    ) -> Result<Vec<RouteNetlinkMessage>, RequestError> {
+        match self.exchange(msg, flags)? {
+            Exchange::Complete(answers) => Ok(answers),
+            Exchange::Interrupted => Err(RequestError::Protocol("interrupted answer".into())),
+        }
+    }
+
+    /// Sends `msg` with `NLM_F_REQUEST|NLM_F_ACK|flags` and a new sequence number, then
+    /// reads until the ACK, the error or (for dumps) `NLMSG_DONE` of that sequence number.
+    /// Messages with another sequence number are answers to earlier requests that were
+    /// abandoned, and are skipped.
+    fn exchange(&mut self, msg: RouteNetlinkMessage, flags: u16) -> Result<Exchange, RequestError> {
+        self.seq = self.seq.wrapping_add(1);
+        let seq = self.seq;
+        let is_dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
+        header.sequence_number = seq;
+        let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(msg));
+        packet.finalize();
+        let mut out = vec![0; packet.buffer_len()];
+        packet.serialize(&mut out);
+        self.socket.send(&out, 0).map_err(RequestError::Io)?;
+
+        let mut answers = Vec::new();
+        let mut interrupted = false;
+        loop {
+            self.buf.clear();
+            let len = self
+                .socket
+                .recv(&mut self.buf, libc::MSG_TRUNC)
+                .map_err(RequestError::Io)?;
+            if len > self.buf.len() {
+                return Err(RequestError::Protocol(format!(
+                    "a {len}-byte datagram did not fit the {RECV_BUFFER}-byte buffer"
+                )));
+            }
+            let mut offset = 0;
+            while offset < len {
+                let bytes = &self.buf[offset..len];
+                let frame = NetlinkBuffer::new_checked(bytes)
+                    .map_err(|e| RequestError::Protocol(e.to_string()))?;
+                let frame_len = frame.length() as usize;
+                let frame_seq = frame.sequence_number();
+                offset += frame_len.next_multiple_of(4);
+                if frame_seq != seq {
+                    continue;
+                }
+                if frame.flags() & NLM_F_DUMP_INTR != 0 {
+                    interrupted = true;
+                }
+                let parsed =
+                    NetlinkMessage::<RouteNetlinkMessage>::deserialize(&bytes[..frame_len]);
+                let parsed = match parsed {
+                    Ok(p) => p,
+                    // An entry of a dump the library cannot decode (an attribute layout it
+                    // does not know) is one we do not ask about: skip it.
+                    Err(_)
+                        if is_dump && frame.message_type() > netlink_packet_core::NLMSG_OVERRUN =>
+                    {
+                        continue;
+                    }
+                    Err(e) => return Err(RequestError::Protocol(e.to_string())),
+                };
+                match parsed.payload {
+                    NetlinkPayload::InnerMessage(m) => answers.push(m),
+                    NetlinkPayload::Error(err) => match err.code {
+                        None if is_dump => {}
+                        None => return Ok(Exchange::Complete(answers)),
+                        Some(code) => {
+                            let ext_ack = if parsed.header.flags & NLM_F_ACK_TLVS != 0 {
+                                messages::ext_ack_message(
+                                    &err.header,
+                                    parsed.header.flags & NLM_F_CAPPED != 0,
+                                )
+                            } else {
+                                None
+                            };
+                            return Err(RequestError::Errno {
+                                errno: -code.get(),
+                                ext_ack,
+                            });
+                        }
+                    },
+                    NetlinkPayload::Done(done) => {
+                        if done.code < 0 {
+                            return Err(RequestError::Errno {
+                                errno: -done.code,
+                                ext_ack: None,
+                            });
+                        }
+                        return Ok(if interrupted {
+                            Exchange::Interrupted
+                        } else {
+                            Exchange::Complete(answers)
+                        });
+                    }
+                    NetlinkPayload::Noop => {}
+                    NetlinkPayload::Overrun(_) => {
+                        return Err(RequestError::Protocol("overrun".into()));
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+enum Exchange {
+    Complete(Vec<RouteNetlinkMessage>),
+    Interrupted,
+}
+
+/// Creates a route socket connected to the kernel, asking for capped acks with the
+/// kernel's extended error messages.
+fn open_socket() -> std::io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    // Both are optional refinements (shorter acks, readable errors); old kernels lack them.
+    let _ = socket.set_cap_ack(true);
+    let _ = socket.set_ext_ack(true);
+    socket.connect(&SocketAddr::new(0, 0))?;
+    Ok(socket)
+}
+
+/// `ip route`-like text of a route, for messages.
+fn describe(route: &Route) -> String {
+    let mut s = route.dst.to_string();
+    if let Some(gw) = route.gateway {
+        s.push_str(&format!(" via {gw}"));
+    }
+    s.push_str(&format!(" dev #{}", route.oif));
+    if route.scope_link {
+        s.push_str(" scope link");
+    }
+    if let Some(src) = route.src {
+        s.push_str(&format!(" src {src}"));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_are_described_like_ip_route() {
+        let route = Route {
+            dst: "0.0.0.0/0".parse().unwrap(),
+            gateway: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            oif: 3,
+            scope_link: false,
+            src: None,
+        };
+        assert_eq!(describe(&route), "0.0.0.0/0 via 10.0.0.1 dev #3");
+        let route = Route {
+            dst: "10.0.0.1/32".parse().unwrap(),
+            gateway: None,
+            oif: 3,
+            scope_link: true,
+            src: Some(Ipv4Addr::new(10, 0, 0, 7)),
+        };
+        assert_eq!(
+            describe(&route),
+            "10.0.0.1/32 dev #3 scope link src 10.0.0.7"
+        );
+    }
+}

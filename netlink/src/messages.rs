@@ -1,0 +1,469 @@
+//! Pure conversions between Hypha's option structs and rtnetlink messages, so that what
+//! is sent to the kernel can be unit-tested without privileges.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+
+use ipnet::Ipv4Net;
+use netlink_packet_route::AddressFamily;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
+
+use crate::{Link, Route, VethSpec};
+
+/// `RTM_NEWLINK` body creating a veth pair: the host end named `host_name` in the socket's
+/// namespace and, in its `IFLA_INFO_DATA`/`VETH_INFO_PEER`, the peer named `peer_name`
+/// placed directly in `peer_netns` through `IFLA_NET_NS_FD`.
+pub(crate) fn veth_message(spec: &VethSpec<'_>) -> LinkMessage {
+    let mut peer = LinkMessage::default();
+    peer.attributes
+        .push(LinkAttribute::IfName(spec.peer_name.to_owned()));
+    peer.attributes
+        .push(LinkAttribute::NetNsFd(spec.peer_netns.as_raw_fd()));
+    if let Some(mtu) = spec.mtu {
+        peer.attributes.push(LinkAttribute::Mtu(mtu));
+    }
+    if let Some(mac) = spec.peer_mac {
+        peer.attributes.push(LinkAttribute::Address(mac.to_vec()));
+    }
+
+    let mut msg = LinkMessage::default();
+    msg.attributes
+        .push(LinkAttribute::IfName(spec.host_name.to_owned()));
+    if let Some(mtu) = spec.mtu {
+        msg.attributes.push(LinkAttribute::Mtu(mtu));
+    }
+    msg.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Veth),
+        LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
+    ]));
+    msg
+}
+
+/// `RTM_NEWLINK` body creating a dummy interface.
+pub(crate) fn dummy_message(name: &str) -> LinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.attributes.push(LinkAttribute::IfName(name.to_owned()));
+    msg.attributes
+        .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
+            InfoKind::Dummy,
+        )]));
+    msg
+}
+
+/// `RTM_NEWLINK` body setting interface `index` up.
+pub(crate) fn set_up_message(index: u32) -> LinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.header.index = index;
+    msg.header.flags = LinkFlags::Up;
+    msg.header.change_mask = LinkFlags::Up;
+    msg
+}
+
+/// `RTM_GETLINK`/`RTM_DELLINK` body selecting an interface by index.
+pub(crate) fn link_index_message(index: u32) -> LinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.header.index = index;
+    msg
+}
+
+/// `RTM_GETLINK`/`RTM_DELLINK` body selecting an interface by name.
+pub(crate) fn link_name_message(name: &str) -> LinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.attributes.push(LinkAttribute::IfName(name.to_owned()));
+    msg
+}
+
+/// Reads a [`Link`] out of an `RTM_NEWLINK` answer.
+pub(crate) fn parse_link(msg: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: msg.header.index,
+        name: String::new(),
+        mac: [0; 6],
+        mtu: 0,
+        up: msg.header.flags.contains(LinkFlags::Up),
+        kind: None,
+    };
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::IfName(name) => link.name.clone_from(name),
+            LinkAttribute::Address(mac) if mac.len() == 6 => link.mac.copy_from_slice(mac),
+            LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
+            LinkAttribute::LinkInfo(infos) => {
+                for info in infos {
+                    if let LinkInfo::Kind(kind) = info {
+                        link.kind = Some(kind.to_string());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    link
+}
+
+/// `RTM_NEWADDR` body putting `address/prefix_len` on interface `index`.
+pub(crate) fn address_message(index: u32, address: Ipv4Addr, prefix_len: u8) -> AddressMessage {
+    let mut msg = AddressMessage::default();
+    msg.header.family = AddressFamily::Inet;
+    msg.header.prefix_len = prefix_len;
+    msg.header.index = index;
+    msg.attributes
+        .push(AddressAttribute::Local(IpAddr::V4(address)));
+    msg.attributes
+        .push(AddressAttribute::Address(IpAddr::V4(address)));
+    msg
+}
+
+/// `RTM_GETADDR` dump body for IPv4 addresses.
+pub(crate) fn address_dump_message() -> AddressMessage {
+    let mut msg = AddressMessage::default();
+    msg.header.family = AddressFamily::Inet;
+    msg
+}
+
+/// The IPv4 address of an `RTM_NEWADDR` answer on interface `index`, if it is one.
+pub(crate) fn parse_address(msg: &AddressMessage, index: u32) -> Option<(Ipv4Addr, u8)> {
+    if msg.header.family != AddressFamily::Inet || msg.header.index != index {
+        return None;
+    }
+    let mut local = None;
+    let mut address = None;
+    for attr in &msg.attributes {
+        match attr {
+            AddressAttribute::Local(IpAddr::V4(a)) => local = Some(*a),
+            AddressAttribute::Address(IpAddr::V4(a)) => address = Some(*a),
+            _ => {}
+        }
+    }
+    // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer's on
+    // point-to-point links and equal to it otherwise.
+    local.or(address).map(|a| (a, msg.header.prefix_len))
+}
+
+/// `RTM_NEWROUTE`/`RTM_DELROUTE` body for `route` in the main table.
+///
+/// `for_delete` leaves protocol and scope as wildcards, as `ip route del` does.
+pub(crate) fn route_message(route: &Route, for_delete: bool) -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = AddressFamily::Inet;
+    msg.header.destination_prefix_length = route.dst.prefix_len();
+    msg.header.table = RouteHeader::RT_TABLE_MAIN;
+    msg.header.kind = RouteType::Unicast;
+    if for_delete {
+        msg.header.protocol = RouteProtocol::Unspec;
+        msg.header.scope = RouteScope::NoWhere;
+    } else {
+        msg.header.protocol = RouteProtocol::Boot;
+        msg.header.scope = if route.scope_link {
+            RouteScope::Link
+        } else {
+            RouteScope::Universe
+        };
+    }
+    if route.dst.prefix_len() > 0 {
+        msg.attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet(
+                route.dst.network(),
+            )));
+    }
+    if let Some(gw) = route.gateway {
+        msg.attributes
+            .push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
+    }
+    if let Some(src) = route.src {
+        msg.attributes
+            .push(RouteAttribute::PrefSource(RouteAddress::Inet(src)));
+    }
+    msg.attributes.push(RouteAttribute::Oif(route.oif));
+    msg
+}
+
+/// `RTM_GETROUTE` dump body for IPv4 routes.
+pub(crate) fn route_dump_message() -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = AddressFamily::Inet;
+    msg
+}
+
+/// The [`Route`] of an `RTM_NEWROUTE` answer if it is an IPv4 unicast route of the main
+/// table leaving through `oif`.
+pub(crate) fn parse_route(msg: &RouteMessage, oif: u32) -> Option<Route> {
+    let h = &msg.header;
+    if h.address_family != AddressFamily::Inet || h.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut table = u32::from(h.table);
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut route = Route {
+        dst: Ipv4Net::default(),
+        gateway: None,
+        oif: 0,
+        scope_link: h.scope == RouteScope::Link,
+        src: None,
+    };
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
+            RouteAttribute::Gateway(RouteAddress::Inet(a)) => route.gateway = Some(*a),
+            RouteAttribute::PrefSource(RouteAddress::Inet(a)) => route.src = Some(*a),
+            RouteAttribute::Oif(o) => route.oif = *o,
+            _ => {}
+        }
+    }
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || route.oif != oif {
+        return None;
+    }
+    route.dst = Ipv4Net::new(dst, h.destination_prefix_length).ok()?;
+    Some(route)
+}
+
+/// The kernel's extended-ack text (`NLMSGERR_ATTR_MSG`) in the payload of an
+/// `NLMSG_ERROR`, after the request's header, when the socket asked for capped acks.
+pub(crate) fn ext_ack_message(error_payload: &[u8], capped: bool) -> Option<String> {
+    const NLMSGERR_ATTR_MSG: u16 = 1;
+    const NLMSG_HDRLEN: usize = 16;
+    // With NETLINK_CAP_ACK only the request's header is echoed; otherwise the whole
+    // request, whose length is in its header.
+    let echoed = if capped {
+        NLMSG_HDRLEN
+    } else {
+        let len = error_payload.get(..4)?;
+        u32::from_ne_bytes(len.try_into().ok()?) as usize
+    };
+    let tlvs = error_payload.get(echoed.next_multiple_of(4)..)?;
+    for nla in netlink_packet_core::NlasIterator::new(tlvs) {
+        let nla = nla.ok()?;
+        if nla.kind() == NLMSGERR_ATTR_MSG {
+            let text = nla.value();
+            let text = text.split(|b| *b == 0).next().unwrap_or_default();
+            return Some(String::from_utf8_lossy(text).into_owned());
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsFd, BorrowedFd};
+
+    use netlink_packet_core::{Emitable, Parseable};
+    use netlink_packet_route::link::LinkMessageBuffer;
+
+    use super::*;
+
+    fn peer_of(msg: &LinkMessage) -> &LinkMessage {
+        for attr in &msg.attributes {
+            if let LinkAttribute::LinkInfo(infos) = attr {
+                for info in infos {
+                    if let LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))) = info {
+                        return peer;
+                    }
+                }
+            }
+        }
+        panic!("no veth peer in {msg:?}");
+    }
+
+    fn spec(fd: BorrowedFd<'_>) -> VethSpec<'_> {
+        VethSpec {
+            host_name: "hyp0123456789ab",
+            peer_name: "eth0",
+            peer_netns: fd,
+            mtu: Some(1400),
+            peer_mac: Some([2, 0, 0, 0, 0, 1]),
+        }
+    }
+
+    #[test]
+    fn veth_puts_the_peer_in_its_netns_in_one_message() {
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let fd = file.as_fd();
+        let msg = veth_message(&spec(fd));
+
+        assert!(
+            msg.attributes
+                .contains(&LinkAttribute::IfName("hyp0123456789ab".into()))
+        );
+        assert!(msg.attributes.contains(&LinkAttribute::Mtu(1400)));
+        // The host end stays where the socket is.
+        assert!(
+            !msg.attributes
+                .iter()
+                .any(|a| matches!(a, LinkAttribute::NetNsFd(_)))
+        );
+        let kind = msg.attributes.iter().any(|a| {
+            matches!(a, LinkAttribute::LinkInfo(i) if i.contains(&LinkInfo::Kind(InfoKind::Veth)))
+        });
+        assert!(kind, "{msg:?}");
+
+        let peer = peer_of(&msg);
+        assert!(
+            peer.attributes
+                .contains(&LinkAttribute::IfName("eth0".into()))
+        );
+        assert!(
+            peer.attributes
+                .contains(&LinkAttribute::NetNsFd(fd.as_raw_fd()))
+        );
+        assert!(peer.attributes.contains(&LinkAttribute::Mtu(1400)));
+        assert!(
+            peer.attributes
+                .contains(&LinkAttribute::Address(vec![2, 0, 0, 0, 0, 1]))
+        );
+    }
+
+    #[test]
+    fn veth_message_survives_the_wire() {
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let msg = veth_message(&spec(file.as_fd()));
+        let mut buf = vec![0; msg.buffer_len()];
+        msg.emit(&mut buf);
+        let parsed = LinkMessage::parse(&LinkMessageBuffer::new(&buf)).unwrap();
+        assert_eq!(parsed, msg);
+    }
+
+    #[test]
+    fn veth_without_options_has_no_mtu_or_mac() {
+        let file = std::fs::File::open("/dev/null").unwrap();
+        let mut s = spec(file.as_fd());
+        s.mtu = None;
+        s.peer_mac = None;
+        let msg = veth_message(&s);
+        let peer = peer_of(&msg);
+        for attrs in [&msg.attributes, &peer.attributes] {
+            assert!(
+                !attrs
+                    .iter()
+                    .any(|a| matches!(a, LinkAttribute::Mtu(_) | LinkAttribute::Address(_)))
+            );
+        }
+    }
+
+    #[test]
+    fn set_up_changes_only_the_up_flag() {
+        let msg = set_up_message(7);
+        assert_eq!(msg.header.index, 7);
+        assert_eq!(msg.header.flags, LinkFlags::Up);
+        assert_eq!(msg.header.change_mask, LinkFlags::Up);
+        assert!(msg.attributes.is_empty());
+    }
+
+    #[test]
+    fn links_are_read_from_answers() {
+        let mut msg = LinkMessage::default();
+        msg.header.index = 4;
+        msg.header.flags = LinkFlags::Up | LinkFlags::Broadcast;
+        msg.attributes = vec![
+            LinkAttribute::IfName("eth0".into()),
+            LinkAttribute::Address(vec![2, 1, 2, 3, 4, 5]),
+            LinkAttribute::Mtu(1500),
+            LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Veth)]),
+        ];
+        assert_eq!(
+            parse_link(&msg),
+            Link {
+                index: 4,
+                name: "eth0".into(),
+                mac: [2, 1, 2, 3, 4, 5],
+                mtu: 1500,
+                up: true,
+                kind: Some("veth".into()),
+            }
+        );
+    }
+
+    #[test]
+    fn addresses_are_built_and_read() {
+        let a = Ipv4Addr::new(10, 1, 0, 5);
+        let msg = address_message(3, a, 32);
+        assert_eq!(msg.header.index, 3);
+        assert_eq!(msg.header.prefix_len, 32);
+        assert!(
+            msg.attributes
+                .contains(&AddressAttribute::Local(IpAddr::V4(a)))
+        );
+        assert_eq!(parse_address(&msg, 3), Some((a, 32)));
+        assert_eq!(parse_address(&msg, 4), None);
+    }
+
+    #[test]
+    fn routes_round_trip() {
+        let route = Route {
+            dst: "0.0.0.0/0".parse().unwrap(),
+            gateway: Some(Ipv4Addr::new(10, 1, 0, 1)),
+            oif: 9,
+            scope_link: false,
+            src: Some(Ipv4Addr::new(10, 1, 0, 5)),
+        };
+        let msg = route_message(&route, false);
+        assert_eq!(msg.header.table, RouteHeader::RT_TABLE_MAIN);
+        assert_eq!(msg.header.scope, RouteScope::Universe);
+        // The default route has no RTA_DST.
+        assert!(
+            !msg.attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Destination(_)))
+        );
+        assert_eq!(parse_route(&msg, 9), Some(route.clone()));
+        assert_eq!(parse_route(&msg, 8), None);
+
+        let link = Route {
+            dst: "10.1.0.1/32".parse().unwrap(),
+            gateway: None,
+            oif: 9,
+            scope_link: true,
+            src: None,
+        };
+        let msg = route_message(&link, false);
+        assert_eq!(msg.header.scope, RouteScope::Link);
+        assert_eq!(msg.header.destination_prefix_length, 32);
+        assert_eq!(parse_route(&msg, 9), Some(link.clone()));
+
+        let del = route_message(&link, true);
+        assert_eq!(del.header.scope, RouteScope::NoWhere);
+        assert_eq!(del.header.protocol, RouteProtocol::Unspec);
+    }
+
+    #[test]
+    fn other_tables_are_ignored() {
+        let route = Route {
+            dst: "10.0.0.0/8".parse().unwrap(),
+            gateway: None,
+            oif: 2,
+            scope_link: true,
+            src: None,
+        };
+        let mut msg = route_message(&route, false);
+        msg.header.table = 255;
+        assert_eq!(parse_route(&msg, 2), None);
+    }
+
+    #[test]
+    fn ext_ack_text_is_found_after_the_echoed_header() {
+        let mut payload = vec![0u8; 16];
+        payload[..4].copy_from_slice(&16u32.to_ne_bytes());
+        let text = b"Invalid prefix\0";
+        let nla_len = 4 + text.len();
+        payload.extend_from_slice(&(nla_len as u16).to_ne_bytes());
+        payload.extend_from_slice(&1u16.to_ne_bytes());
+        payload.extend_from_slice(text);
+        payload.resize(payload.len().next_multiple_of(4), 0);
+        assert_eq!(
+            ext_ack_message(&payload, true).as_deref(),
+            Some("Invalid prefix")
+        );
+        assert_eq!(
+            ext_ack_message(&payload, false).as_deref(),
+            Some("Invalid prefix")
+        );
+        assert_eq!(ext_ack_message(&payload[..16], true), None);
+        assert_eq!(ext_ack_message(&[], true), None);
+    }
+}

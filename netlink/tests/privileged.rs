@@ -1,0 +1,287 @@
+//! Privileged tests: they run as root against the real kernel, each in its own network
+//! namespace (`hypnl-<pid>-<n>`) removed by a guard even when the test fails.
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use hypha_netlink::{Error, Netlink, Route, VethSpec};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A named network namespace, deleted on drop.
+struct TestNetns {
+    name: String,
+}
+
+impl TestNetns {
+    fn new() -> Self {
+        let name = format!(
+            "hypnl-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        ip(&["netns", "add", &name]);
+        Self { name }
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// Host-side interface names used by a test, deleted on drop.
+struct HostLinks(Vec<String>);
+
+impl Drop for HostLinks {
+    fn drop(&mut self) {
+        for name in &self.0 {
+            let _ = Command::new("ip").args(["link", "del", name]).output();
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A host interface name unique to this process and test.
+fn host_name(tag: &str) -> String {
+    format!(
+        "hnl{tag}{}x{}",
+        std::process::id() % 100_000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+#[test]
+fn veth_into_netns_with_addresses_and_routes() {
+    let ns = TestNetns::new();
+    let host = host_name("v");
+    let _cleanup = HostLinks(vec![host.clone()]);
+    let ns_file = File::open(ns.path()).unwrap();
+
+    let mut host_nl = Netlink::new().unwrap();
+    let mut pod_nl = Netlink::in_netns_fd(ns_file.as_fd(), &ns.path()).unwrap();
+
+    host_nl
+        .create_veth(&VethSpec {
+            host_name: &host,
+            peer_name: "eth0",
+            peer_netns: ns_file.as_fd(),
+            mtu: Some(1400),
+            peer_mac: Some([0x02, 0xaa, 0, 0, 0, 0x01]),
+        })
+        .unwrap();
+
+    // Both ends exist where they belong, and only there.
+    let h = host_nl.link_by_name(&host).unwrap().expect("host end");
+    assert_eq!(h.kind.as_deref(), Some("veth"));
+    assert_eq!(h.mtu, 1400);
+    assert!(!h.up);
+    assert_eq!(host_nl.link_by_index(h.index).unwrap().unwrap().name, host);
+    let p = pod_nl
+        .link_by_name("eth0")
+        .unwrap()
+        .expect("peer in the netns");
+    assert_eq!(p.mac, [0x02, 0xaa, 0, 0, 0, 0x01]);
+    assert_eq!(p.mtu, 1400);
+    assert_eq!(p.kind.as_deref(), Some("veth"));
+    // The current namespace is still the host's.
+    assert_eq!(
+        Netlink::new()
+            .unwrap()
+            .link_by_name(&host)
+            .unwrap()
+            .map(|l| l.index),
+        Some(h.index)
+    );
+
+    // Creating it again names the interface that is taken.
+    let again = host_nl.create_veth(&VethSpec {
+        host_name: &host,
+        peer_name: "eth1",
+        peer_netns: ns_file.as_fd(),
+        mtu: None,
+        peer_mac: None,
+    });
+    assert!(
+        matches!(&again, Err(Error::LinkExists { name, .. }) if *name == host),
+        "{again:?}"
+    );
+    let other = host_name("w");
+    let _cleanup2 = HostLinks(vec![other.clone()]);
+    let peer_taken = host_nl.create_veth(&VethSpec {
+        host_name: &other,
+        peer_name: "eth0",
+        peer_netns: ns_file.as_fd(),
+        mtu: None,
+        peer_mac: None,
+    });
+    assert!(
+        matches!(&peer_taken, Err(Error::PeerExists { name }) if name == "eth0"),
+        "{peer_taken:?}"
+    );
+    assert!(
+        host_nl.link_by_name(&other).unwrap().is_none(),
+        "nothing left after a failed create"
+    );
+
+    // Address, up, routes inside the namespace.
+    let addr = Ipv4Addr::new(10, 99, 0, 5);
+    let gw = Ipv4Addr::new(10, 99, 0, 1);
+    pod_nl.add_address(p.index, addr, 32).unwrap();
+    pod_nl.add_address(p.index, addr, 32).unwrap(); // idempotent
+    assert_eq!(pod_nl.addresses(p.index).unwrap(), vec![(addr, 32)]);
+    pod_nl.set_up(p.index).unwrap();
+    host_nl.set_up(h.index).unwrap();
+    assert!(pod_nl.link_by_index(p.index).unwrap().unwrap().up);
+    assert!(host_nl.link_by_index(h.index).unwrap().unwrap().up);
+
+    let link_route = Route {
+        dst: format!("{gw}/32").parse().unwrap(),
+        gateway: None,
+        oif: p.index,
+        scope_link: true,
+        src: None,
+    };
+    let default = Route {
+        dst: "0.0.0.0/0".parse().unwrap(),
+        gateway: Some(gw),
+        oif: p.index,
+        scope_link: false,
+        src: None,
+    };
+    pod_nl.add_route(&link_route).unwrap();
+    pod_nl.add_route(&default).unwrap();
+    pod_nl.add_route(&default).unwrap(); // replace: idempotent
+    let routes = pod_nl.routes(p.index).unwrap();
+    assert!(routes.contains(&link_route), "{routes:?}");
+    assert!(routes.contains(&default), "{routes:?}");
+    assert_eq!(routes.len(), 2, "{routes:?}");
+
+    assert!(pod_nl.delete_route(&default).unwrap());
+    assert!(!pod_nl.delete_route(&default).unwrap());
+    assert!(!pod_nl.routes(p.index).unwrap().contains(&default));
+
+    // Deleting the host end removes the pair; deleting again reports absence.
+    assert!(host_nl.delete_link_by_name(&host).unwrap());
+    assert!(!host_nl.delete_link_by_name(&host).unwrap());
+    assert!(host_nl.link_by_name(&host).unwrap().is_none());
+    assert!(pod_nl.link_by_name("eth0").unwrap().is_none());
+}
+
+#[test]
+fn dummy_links() {
+    let ns = TestNetns::new();
+    let mut nl = Netlink::in_netns(&ns.path()).unwrap();
+
+    match nl.create_dummy("dummy0") {
+        Ok(()) => {}
+        Err(e) if e.errno() == Some(libc::EOPNOTSUPP) => {
+            eprintln!("skipped: this kernel has no dummy interfaces ({e})");
+            return;
+        }
+        Err(e) => panic!("create dummy0: {e}"),
+    }
+    let d = nl.link_by_name("dummy0").unwrap().unwrap();
+    assert_eq!(d.kind.as_deref(), Some("dummy"));
+    let err = nl.create_dummy("dummy0").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "interface dummy0 already exists in network namespace {}",
+            ns.path().display()
+        )
+    );
+    nl.delete_link(d.index).unwrap();
+    assert!(nl.link_by_index(d.index).unwrap().is_none());
+}
+
+#[test]
+fn errors_name_the_operation_and_interface() {
+    let ns = TestNetns::new();
+    let mut nl = Netlink::in_netns(&ns.path()).unwrap();
+
+    assert!(nl.link_by_name("nope0").unwrap().is_none());
+    assert!(nl.link_by_index(999_999).unwrap().is_none());
+    assert!(!nl.delete_link_by_name("nope0").unwrap());
+    let err = nl.set_up(999_999).unwrap_err();
+    assert!(matches!(err, Error::LinkNotFound { .. }), "{err:?}");
+    let err = nl.delete_link(999_999).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "interface #999999 not found in network namespace {}",
+            ns.path().display()
+        )
+    );
+
+    // lo exists in every namespace and has no kind.
+    let lo = nl.link_by_name("lo").unwrap().unwrap();
+    assert_eq!(lo.kind, None);
+
+    // A bad request comes back as a kernel error naming the operation.
+    let err = nl
+        .add_address(lo.index, Ipv4Addr::new(10, 0, 0, 1), 40)
+        .unwrap_err();
+    assert!(matches!(err, Error::Kernel { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .starts_with("add address 10.0.0.1/40 to interface #1 in network namespace"),
+        "{err}"
+    );
+    let err = nl
+        .add_route(&Route {
+            dst: "0.0.0.0/0".parse().unwrap(),
+            gateway: Some(Ipv4Addr::new(192, 0, 2, 1)),
+            oif: lo.index,
+            scope_link: false,
+            src: None,
+        })
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("add route 0.0.0.0/0 via 192.0.2.1 dev #1 in network namespace"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_netns_is_reported_with_its_path() {
+    let path = PathBuf::from(format!("/run/netns/hypnl-{}-absent", std::process::id()));
+    let err = Netlink::in_netns(&path).err().expect("no such netns");
+    assert!(matches!(err, Error::OpenNetns { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
+
+    // A file that is not a network namespace cannot be entered, and the thread stays home.
+    let before = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+    let err = Netlink::in_netns(std::path::Path::new("/dev/null"))
+        .err()
+        .expect("not a netns");
+    assert!(matches!(err, Error::EnterNetns { .. }), "{err:?}");
+    assert_eq!(
+        std::fs::read_link("/proc/thread-self/ns/net").unwrap(),
+        before
+    );
+}

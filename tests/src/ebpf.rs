@@ -1,0 +1,431 @@
+//! Loading the eBPF object and running its programs on crafted frames with
+//! `BPF_PROG_TEST_RUN` ("packets before namespaces").
+//!
+//! Privileged: loading needs CAP_BPF and CAP_SYS_ADMIN (for a private bpffs), the
+//! test-run devices need CAP_NET_ADMIN. Helpers panic with context instead of
+//! returning errors: they only ever run inside tests.
+
+use std::{
+    fs::File,
+    marker::PhantomData,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use aya::{
+    Ebpf, EbpfLoader, TestRun as _, TestRunOptions,
+    maps::{Array, HashMap, MapData, PerCpuHashMap, PerCpuValues},
+    programs::{SchedClassifier, TcAttachType},
+    util::nr_cpus,
+};
+use hypha_common::{
+    Counter, DropKey, EndpointInfo, EndpointKey4, EndpointStats, NodeConfig, maps, programs,
+};
+use nix::{
+    mount::{MntFlags, MsFlags, mount, umount2},
+    net::if_::if_nametoindex,
+    sched::{CloneFlags, setns, unshare},
+};
+
+/// `TC_ACT_OK`: hand the packet on (to the host stack, at ingress).
+pub const TC_ACT_OK: u32 = 0;
+/// `TC_ACT_SHOT`: drop the packet.
+pub const TC_ACT_SHOT: u32 = 2;
+/// `TC_ACT_REDIRECT`: what `bpf_redirect` and `bpf_redirect_peer` return on success.
+pub const TC_ACT_REDIRECT: u32 = 7;
+
+/// Environment variable that overrides where the eBPF object is read from.
+pub const OBJ_ENV: &str = "HYPHA_EBPF_OBJ";
+
+/// Makes names unique within this process; the pid makes them unique across processes.
+static NEXT_ID: AtomicU32 = AtomicU32::new(0);
+
+fn unique_name(prefix: &str) -> String {
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}-{}-{id}", std::process::id())
+}
+
+/// The eBPF object: `$HYPHA_EBPF_OBJ`, or where `cargo xtask build-ebpf` puts it.
+pub fn object_path() -> PathBuf {
+    if let Some(path) = std::env::var_os(OBJ_ENV) {
+        return PathBuf::from(path);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives inside the workspace")
+        .join("target/bpfel-unknown-none/release/hypha-ebpf")
+}
+
+/// The datapath object, loaded and verified, with maps private to this instance.
+///
+/// The object declares its maps pinned by name, and aya pins such maps whenever it
+/// loads them (under `/sys/fs/bpf` unless told otherwise). So that tests neither touch
+/// nor re-use a real agent's maps, the pins go to a private bpffs mounted for this
+/// instance and unmounted when it is dropped.
+pub struct Datapath {
+    // Dropped before `_bpffs`, so the maps are closed before their pins go.
+    ebpf: Ebpf,
+    _bpffs: PrivateBpffs,
+}
+
+impl Datapath {
+    /// Loads the object and both programs; loading runs the verifier, so a program
+    /// the kernel rejects fails here with the verifier's log.
+    pub fn load() -> Self {
+        let path = object_path();
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+            panic!(
+                "cannot read the eBPF object {}: {e}; run `cargo xtask build-ebpf` \
+                 (or set {OBJ_ENV})",
+                path.display()
+            )
+        });
+        let bpffs = PrivateBpffs::mount();
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&bpffs.path)
+            .load(&bytes)
+            .unwrap_or_else(|e| panic!("load {}: {}", path.display(), chain(&e)));
+        for name in [programs::FROM_POD, programs::TO_POD] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("program {name} missing from {}", path.display()))
+                .try_into()
+                .unwrap_or_else(|e| panic!("program {name} is not a TC classifier: {e}"));
+            program
+                .load()
+                .unwrap_or_else(|e| panic!("load program {name} (verifier): {}", chain(&e)));
+        }
+        Self {
+            ebpf,
+            _bpffs: bpffs,
+        }
+    }
+
+    /// Attaches the program `name` to `interface` (in the calling thread's network
+    /// namespace) with TCX, as the agent does, until the datapath is dropped.
+    pub fn attach(&mut self, name: &str, interface: &str, attach_type: TcAttachType) {
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .unwrap_or_else(|| panic!("program {name} missing"))
+            .try_into()
+            .unwrap_or_else(|e| panic!("program {name} is not a TC classifier: {e}"));
+        program
+            .attach(interface, attach_type)
+            .unwrap_or_else(|e| panic!("attach {name} to {interface}: {}", chain(&e)));
+    }
+
+    /// Writes index 0 of `hypha_config`.
+    pub fn set_config(&mut self, config: NodeConfig) {
+        let mut map: Array<&mut MapData, NodeConfig> = self.map_mut(maps::CONFIG);
+        map.set(0, config, 0).expect("write hypha_config[0]");
+    }
+
+    /// Adds an endpoint as the agent does: its `hypha_endpoints4` entry and its zeroed
+    /// `hypha_ep_stats` entry.
+    pub fn add_endpoint(&mut self, addr: [u8; 4], info: EndpointInfo) {
+        let mut endpoints: HashMap<&mut MapData, EndpointKey4, EndpointInfo> =
+            self.map_mut(maps::ENDPOINTS4);
+        endpoints
+            .insert(EndpointKey4::from_octets(addr), info, 0)
+            .expect("insert into hypha_endpoints4");
+        self.add_stats(info.ifindex);
+    }
+
+    /// Creates a zeroed `hypha_ep_stats` entry for `ifindex`.
+    pub fn add_stats(&mut self, ifindex: u32) {
+        let cpus = nr_cpus().expect("number of possible CPUs");
+        let zeroed =
+            PerCpuValues::try_from(vec![EndpointStats::default(); cpus]).expect("per-CPU values");
+        let mut stats: PerCpuHashMap<&mut MapData, u32, EndpointStats> =
+            self.map_mut(maps::EP_STATS);
+        stats
+            .insert(ifindex, zeroed, 0)
+            .expect("insert into hypha_ep_stats");
+    }
+
+    /// The counters of the endpoint `ifindex`, summed over CPUs.
+    pub fn stats(&self, ifindex: u32) -> EndpointStats {
+        let stats: PerCpuHashMap<&MapData, u32, EndpointStats> = self.map(maps::EP_STATS);
+        let per_cpu = stats
+            .get(&ifindex, 0)
+            .unwrap_or_else(|e| panic!("hypha_ep_stats[{ifindex}]: {e}"));
+        let mut sum = EndpointStats::default();
+        for cpu in per_cpu.iter() {
+            sum.egress.passed.add(&cpu.egress.passed);
+            sum.egress.redirected.add(&cpu.egress.redirected);
+            sum.egress.dropped.add(&cpu.egress.dropped);
+            sum.ingress.passed.add(&cpu.ingress.passed);
+            sum.ingress.redirected.add(&cpu.ingress.redirected);
+            sum.ingress.dropped.add(&cpu.ingress.dropped);
+        }
+        sum
+    }
+
+    /// Every `hypha_drops` entry, its counter summed over CPUs.
+    pub fn drops(&self) -> Vec<(DropKey, Counter)> {
+        let drops: PerCpuHashMap<&MapData, DropKey, Counter> = self.map(maps::DROPS);
+        drops
+            .iter()
+            .map(|entry| {
+                let (key, per_cpu) = entry.expect("iterate hypha_drops");
+                let mut sum = Counter::default();
+                per_cpu.iter().for_each(|c| sum.add(c));
+                (key, sum)
+            })
+            .collect()
+    }
+
+    /// Runs the program `name` once on `frame`, as if it arrived on `ifindex` (which
+    /// must be a device in the calling thread's network namespace, see [`TestNetns`]).
+    pub fn run(&self, name: &str, frame: &[u8], ifindex: u32) -> Run {
+        let program: &SchedClassifier = self
+            .ebpf
+            .program(name)
+            .unwrap_or_else(|| panic!("program {name} missing"))
+            .try_into()
+            .unwrap_or_else(|e| panic!("program {name} is not a TC classifier: {e}"));
+        let ctx = SkBuffCtx {
+            ingress_ifindex: ifindex,
+            ifindex,
+            ..SkBuffCtx::default()
+        };
+        // Room for the frame to grow, though no program here grows it.
+        let mut out = vec![0u8; frame.len() + 256];
+        let result = program
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(ctx.as_bytes()),
+                ..TestRunOptions::default()
+            })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name}: {}", chain(&e)));
+        out.truncate(result.data_size_out as usize);
+        Run {
+            verdict: result.return_value,
+            frame: out,
+        }
+    }
+
+    fn map<'a, T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>>(
+        &'a self,
+        name: &str,
+    ) -> T {
+        let map = self
+            .ebpf
+            .map(name)
+            .unwrap_or_else(|| panic!("map {name} missing"));
+        T::try_from(map).unwrap_or_else(|e| panic!("map {name}: {e}"))
+    }
+
+    fn map_mut<'a, T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>>(
+        &'a mut self,
+        name: &str,
+    ) -> T {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .unwrap_or_else(|| panic!("map {name} missing"));
+        T::try_from(map).unwrap_or_else(|e| panic!("map {name}: {e}"))
+    }
+}
+
+/// An error with its sources: aya's messages name the call, the source the errno.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        message.push_str(&format!(": {e}"));
+        source = e.source();
+    }
+    message
+}
+
+/// What a program did with a frame.
+#[derive(Debug)]
+pub struct Run {
+    /// The program's return value (`TC_ACT_*`).
+    pub verdict: u32,
+    /// The frame after the program ran, from the Ethernet header on.
+    pub frame: Vec<u8>,
+}
+
+/// The leading fields of the kernel's `struct __sk_buff`, up to `ifindex`, passed as
+/// `ctx_in`; the kernel treats the rest as zero.
+///
+/// For TC programs the kernel accepts only a few non-zero fields here. `ifindex` names
+/// the device the test skb is on (looked up in the caller's network namespace; values
+/// of 0 and 1 mean loopback), which programs read as `skb->ifindex`;
+/// `ingress_ifindex` becomes `skb->skb_iif`.
+#[repr(C)]
+#[derive(Default)]
+struct SkBuffCtx {
+    len: u32,
+    pkt_type: u32,
+    mark: u32,
+    queue_mapping: u32,
+    protocol: u32,
+    vlan_present: u32,
+    vlan_tci: u32,
+    vlan_proto: u32,
+    priority: u32,
+    ingress_ifindex: u32,
+    ifindex: u32,
+}
+
+impl SkBuffCtx {
+    fn as_bytes(&self) -> &[u8] {
+        // SAFETY: `SkBuffCtx` is `repr(C)` and made of `u32`s only, so it has no
+        // padding and every byte is initialized.
+        unsafe {
+            std::slice::from_raw_parts(std::ptr::from_ref(self).cast::<u8>(), size_of::<Self>())
+        }
+    }
+}
+
+/// A bpffs instance of our own, mounted on a fresh directory under the temp dir;
+/// unmounted and removed on drop.
+struct PrivateBpffs {
+    path: PathBuf,
+}
+
+impl PrivateBpffs {
+    fn mount() -> Self {
+        let path = std::env::temp_dir().join(unique_name("hypha-test-bpffs"));
+        std::fs::create_dir(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        // Own the directory before mounting, so a failed mount still removes it.
+        let fs = Self { path };
+        mount(
+            Some("bpf"),
+            &fs.path,
+            Some("bpf"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            None::<&str>,
+        )
+        .unwrap_or_else(|e| panic!("mount bpffs on {}: {e}", fs.path.display()));
+        fs
+    }
+}
+
+impl Drop for PrivateBpffs {
+    fn drop(&mut self) {
+        // Best effort, and both steps always run: a leftover is reported, not fatal.
+        if let Err(e) = umount2(&self.path, MntFlags::MNT_DETACH) {
+            eprintln!("unmount {}: {e}", self.path.display());
+        }
+        if let Err(e) = std::fs::remove_dir(&self.path) {
+            eprintln!("remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// Moves the calling thread into a new, anonymous network namespace and back on drop.
+///
+/// `BPF_PROG_TEST_RUN` looks the context's `ifindex` up in the caller's network
+/// namespace, so tests create their devices here. The namespace has no name and no
+/// pin: it, and every device in it, disappears when the guard restores the thread's
+/// original namespace, even if the test panicked. Devices need no unique names, as
+/// nothing else can see them.
+///
+/// `!Send`: the namespace belongs to the thread that entered it.
+pub struct TestNetns {
+    original: File,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl TestNetns {
+    pub fn enter() -> Self {
+        let original =
+            File::open("/proc/thread-self/ns/net").expect("open /proc/thread-self/ns/net");
+        unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        Self {
+            original,
+            _not_send: PhantomData,
+        }
+    }
+
+    /// Creates a veth pair `host` / `peer` (like a pod's) and returns `host`'s ifindex.
+    pub fn add_veth(&self, host: &str, peer: &str) -> u32 {
+        // A child process starts in its parent thread's namespaces, so `ip` runs here.
+        let status = Command::new("ip")
+            .args(["link", "add", host, "type", "veth", "peer", "name", peer])
+            .status()
+            .expect("run `ip link add`");
+        assert!(
+            status.success(),
+            "ip link add {host} type veth peer name {peer}: {status}"
+        );
+        if_nametoindex(host).unwrap_or_else(|e| panic!("ifindex of {host}: {e}"))
+    }
+
+    /// Brings `interface` up, with IPv6 off first so that the kernel sends nothing of its
+    /// own on it (DAD, router solicitations) that a datapath would see and count.
+    pub fn set_up(&self, interface: &str) {
+        let disable_ipv6 = format!("/proc/sys/net/ipv6/conf/{interface}/disable_ipv6");
+        // Resolved in the calling thread's namespace, where the device is; absent only
+        // when the kernel has no IPv6.
+        if Path::new("/proc/sys/net/ipv6").exists() {
+            std::fs::write(&disable_ipv6, "1")
+                .unwrap_or_else(|e| panic!("write {disable_ipv6}: {e}"));
+        }
+        let status = Command::new("ip")
+            .args(["link", "set", "dev", interface, "up"])
+            .status()
+            .expect("run `ip link set up`");
+        assert!(status.success(), "ip link set dev {interface} up: {status}");
+    }
+
+    /// Sends `frame`, Ethernet header included, out of `interface` through an
+    /// `AF_PACKET` socket; on a veth it arrives at the peer's ingress.
+    pub fn send_frame(&self, interface: &str, frame: &[u8]) {
+        let ifindex =
+            if_nametoindex(interface).unwrap_or_else(|e| panic!("ifindex of {interface}: {e}"));
+        // Protocol 0: the socket only sends, it receives nothing.
+        // SAFETY: a plain syscall; the result is checked before use.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        assert!(
+            fd >= 0,
+            "socket(AF_PACKET): {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `fd` was just created and nothing else owns it.
+        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: `sockaddr_ll` is plain data, valid when zeroed.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_ifindex = ifindex as i32;
+        // SAFETY: `frame` and `addr` are valid for the lengths passed.
+        let sent = unsafe {
+            libc::sendto(
+                socket.as_raw_fd(),
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                std::ptr::from_ref(&addr).cast(),
+                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(
+            sent,
+            frame.len() as isize,
+            "send {} bytes on {interface}: {}",
+            frame.len(),
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        if let Err(e) = setns(&self.original, CloneFlags::CLONE_NEWNET) {
+            // The thread is stuck in the test namespace; carrying on would run later
+            // code in the wrong place.
+            if !std::thread::panicking() {
+                panic!("restore the thread's network namespace: {e}");
+            }
+            eprintln!("restore the thread's network namespace: {e}");
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! End-to-end tests of the same-node datapath (privileged: run as root, here and in CI).
+//!
+//! Each test starts its own agent in its own network namespace (see `hypha_tests::node`)
+//! and makes pods through the real `hypha-cni`, as a runtime would.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use hypha_tests::node::{Netns, Node, Pod, ip, unique};
+
+/// Receives everything one client sends on `port` and returns the byte count.
+fn sink(pod: &Pod, port: u16) -> std::thread::JoinHandle<u64> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let h = pod.netns.spawn(move || {
+        let l = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+        ready_tx.send(()).unwrap();
+        let (mut s, _) = l.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut buf = vec![0u8; 65536];
+        let mut total = 0u64;
+        loop {
+            match s.read(&mut buf).expect("read") {
+                0 => return total,
+                n => total += n as u64,
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("listener ready");
+    h
+}
+
+/// Sends `bytes` from `pod` to `to:port`.
+fn send(pod: &Pod, to: Ipv4Addr, port: u16, bytes: usize) {
+    pod.netns
+        .spawn(move || {
+            let mut s =
+                TcpStream::connect_timeout(&SocketAddr::from((to, port)), Duration::from_secs(5))
+                    .expect("connect");
+            let chunk = vec![7u8; 65536];
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(chunk.len());
+                s.write_all(&chunk[..n]).expect("write");
+                left -= n;
+            }
+        })
+        .join()
+        .expect("sender");
+}
+
+fn ping(ns: &Netns, to: &str) {
+    ns.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", to]);
+}
+
+#[test]
+fn pods_talk_through_the_ebpf_redirect() {
+    let node = Node::start();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+
+    // The CNI result names both ends of the veth and the pod's address and route.
+    let ifaces = a.result["interfaces"].as_array().expect("interfaces");
+    assert_eq!(ifaces.len(), 2, "{}", a.result);
+    assert_eq!(ifaces[1]["name"], "eth0");
+    assert_eq!(ifaces[1]["sandbox"], a.netns.path().display().to_string());
+    assert!(node.netns.has_link(ifaces[0]["name"].as_str().unwrap()));
+    assert_eq!(a.result["routes"][0]["dst"], "0.0.0.0/0");
+
+    ping(&a.netns, &b.address.to_string());
+    let rx = sink(&b, 5001);
+    send(&a, b.address, 5001, 16 << 20);
+    assert_eq!(rx.join().unwrap(), 16 << 20, "every byte arrives");
+
+    let ea = node.endpoint(&a.container_id);
+    let eb = node.endpoint(&b.container_id);
+    // 16 MiB in segments of at most 64 KiB (GSO) is at least 256 packets each way
+    // counted on a's egress and b's ingress by the redirect path.
+    assert!(
+        ea.counters.egress.redirected.packets >= 256
+            && ea.counters.egress.redirected.bytes >= 16 << 20,
+        "a's egress was not carried by bpf_redirect_peer: {:?}",
+        ea.counters
+    );
+    assert!(
+        eb.counters.ingress.redirected.bytes >= 16 << 20,
+        "{:?}",
+        eb.counters
+    );
+    // The replies (ACKs) went the other way, also redirected.
+    assert!(
+        eb.counters.egress.redirected.packets > 0,
+        "{:?}",
+        eb.counters
+    );
+    assert_eq!(ea.counters.egress.dropped.packets, 0, "{:?}", ea.drops);
+}
+
+#[test]
+fn pods_reach_the_host_and_the_host_reaches_pods() {
+    let node = Node::start();
+    let a = node.add_pod("a");
+    let gateway = node.status().node.gateway.to_string();
+    ping(&a.netns, &gateway);
+    node.netns.exec(&[
+        "ping",
+        "-c",
+        "2",
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        &a.address.to_string(),
+    ]);
+    let ep = node.endpoint(&a.container_id);
+    assert!(
+        ep.counters.egress.passed.packets >= 2,
+        "pod → host goes to the stack: {:?}",
+        ep.counters
+    );
+    assert!(
+        ep.counters.ingress.passed.packets >= 2,
+        "host → pod counted by hypha_to_pod: {:?}",
+        ep.counters
+    );
+}
+
+#[test]
+fn pods_reach_the_world_masqueraded() {
+    let node = Node::start();
+    let a = node.add_pod("a");
+    // A "world" host joined to the node by a veth: the node routes and masquerades.
+    let world = Netns::new(format!("hyp-{}-w", node.tag));
+    let tag = unique();
+    let (nv, wv) = (format!("hw{tag}n"), format!("hw{tag}w"));
+    ip(&[
+        "link",
+        "add",
+        &nv,
+        "netns",
+        &node.netns.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &wv,
+        "netns",
+        &world.name,
+    ]);
+    node.netns
+        .exec(&["ip", "addr", "add", "198.18.0.1/30", "dev", &nv]);
+    node.netns.exec(&["ip", "link", "set", &nv, "up"]);
+    world.exec(&["ip", "addr", "add", "198.18.0.2/30", "dev", &wv]);
+    world.exec(&["ip", "link", "set", &wv, "up"]);
+
+    let (tx, rx) = mpsc::channel();
+    let server = world.spawn(move || {
+        let l = TcpListener::bind("198.18.0.2:5002").expect("bind");
+        tx.send(()).unwrap();
+        let (_, peer) = l.accept().expect("accept");
+        peer
+    });
+    rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    a.netns
+        .spawn(|| {
+            TcpStream::connect_timeout(&"198.18.0.2:5002".parse().unwrap(), Duration::from_secs(5))
+                .expect("connect")
+        })
+        .join()
+        .unwrap();
+    let peer = server.join().unwrap();
+    assert_eq!(
+        peer.ip().to_string(),
+        "198.18.0.1",
+        "the world sees the node's address, not the pod's {}",
+        a.address
+    );
+}
+
+/// Round trips over one long-lived connection, driven from the test thread.
+struct Conversation {
+    ask: mpsc::Sender<usize>,
+    answer: mpsc::Receiver<Result<(), String>>,
+}
+
+impl Conversation {
+    fn open(from: &Pod, to: &Pod, port: u16) -> Self {
+        let (ready_tx, ready_rx) = mpsc::channel();
+        to.netns.spawn(move || {
+            let l = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+            ready_tx.send(()).unwrap();
+            let (mut s, _) = l.accept().expect("accept");
+            let mut buf = [0u8; 1024];
+            while let Ok(n) = s.read(&mut buf) {
+                if n == 0 || s.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        let (ask, ask_rx) = mpsc::channel::<usize>();
+        let (answer_tx, answer) = mpsc::channel();
+        let to_addr = to.address;
+        from.netns.spawn(move || {
+            let mut s = TcpStream::connect((to_addr, port)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            for rounds in ask_rx {
+                let r = (0..rounds).try_for_each(|i| {
+                    let msg = [i as u8; 1024];
+                    s.write_all(&msg).map_err(|e| e.to_string())?;
+                    let mut back = [0u8; 1024];
+                    s.read_exact(&mut back).map_err(|e| e.to_string())?;
+                    if back != msg {
+                        return Err("echo differs".to_string());
+                    }
+                    Ok(())
+                });
+                answer_tx.send(r).unwrap();
+            }
+        });
+        Conversation { ask, answer }
+    }
+
+    fn talk(&self, rounds: usize) {
+        self.ask.send(rounds).unwrap();
+        self.answer
+            .recv_timeout(Duration::from_secs(20))
+            .expect("conversation answers")
+            .expect("round trips succeed");
+    }
+}
+
+#[test]
+fn connections_survive_an_agent_sigkill_and_the_agent_readopts() {
+    let mut node = Node::start();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    let before: Vec<_> = node
+        .endpoints()
+        .into_iter()
+        .map(|e| (e.id, e.host_ifindex, e.address))
+        .collect();
+    let conv = Conversation::open(&a, &b, 5003);
+    conv.talk(50);
+
+    node.kill_agent();
+    conv.talk(200); // the datapath works while the agent is down
+    ping(&a.netns, &b.address.to_string());
+
+    node.start_agent();
+    let status = node.status();
+    assert_eq!(status.endpoints, 2);
+    assert_eq!(
+        status.datapath.adopted_endpoints, 2,
+        "both endpoints re-adopted, not recreated"
+    );
+    let after: Vec<_> = node
+        .endpoints()
+        .into_iter()
+        .map(|e| (e.id, e.host_ifindex, e.address))
+        .collect();
+    assert_eq!(before, after, "same endpoints, ids, veths and addresses");
+    conv.talk(200); // and keeps working after the restart
+    let ea = node.endpoint(&a.container_id);
+    assert!(
+        ea.counters.egress.redirected.packets >= 450,
+        "counters survive the restart: {:?}",
+        ea.counters
+    );
+
+    // The new agent serves new pods that reach the old ones, and never reuses their addresses.
+    let c = node.add_pod("c");
+    assert!(c.address != a.address && c.address != b.address);
+    ping(&c.netns, &a.address.to_string());
+}
+
+#[test]
+fn del_is_idempotent_and_leaves_nothing() {
+    let node = Node::start();
+    let a = node.add_pod("a");
+    let host_if = a.result["interfaces"][0]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(node.del_pod(&a).success);
+    assert!(!node.netns.has_link(&host_if), "host veth removed");
+    assert!(!a.netns.has_link("eth0"), "pod interface removed");
+    assert!(node.endpoints().is_empty());
+    assert_eq!(node.status().ipam.allocated, 0);
+    let again = node.del_pod(&a);
+    assert!(again.success, "repeated DEL succeeds: {}", again.stdout);
+
+    // DEL after the netns is gone (the runtime tore the sandbox down first).
+    let b = node.add_pod("b");
+    let path = b.netns.path().display().to_string();
+    let container_id = b.container_id.clone();
+    drop(b);
+    let out = node.cni(
+        &Node::cni_env("DEL", &container_id, &path),
+        &node.conf("1.1.0"),
+    );
+    assert!(
+        out.success,
+        "DEL with the netns gone succeeds: {}",
+        out.stdout
+    );
+    assert!(node.endpoints().is_empty());
+    assert_eq!(node.status().ipam.allocated, 0);
+    let pins = std::fs::read_dir(node.pin_dir.join("links"))
+        .unwrap()
+        .count();
+    assert_eq!(pins, 0, "no pinned link left behind");
+}
+
+#[test]
+fn interface_name_taken_in_the_pod_fails_cleanly() {
+    let node = Node::start();
+    let pod = Netns::new(format!("hyp-{}-t", node.tag));
+    // Something already called eth0 in the pod.
+    pod.exec(&[
+        "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
+    ]);
+    let id = format!("ctr{}taken", node.tag);
+    let path = pod.path().display().to_string();
+    let out = node.cni(&Node::cni_env("ADD", &id, &path), &node.conf("1.1.0"));
+    assert!(!out.success, "{}", out.stdout);
+    let msg = out.json["msg"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("eth0") && msg.contains("already exists"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.json["code"].as_u64().is_some(), "{}", out.stdout);
+    // Nothing left behind: no host veth, no address held, no endpoint.
+    let links = node.netns.exec(&["ip", "-o", "link", "show"]);
+    assert!(!links.contains("hyp"), "no host veth left: {links}");
+    assert_eq!(node.status().ipam.allocated, 0);
+    assert!(node.endpoints().is_empty());
+}
+
+#[test]
+fn add_with_the_agent_down_fails_cleanly() {
+    let mut node = Node::start();
+    node.stop_agent();
+    let pod = Netns::new(format!("hyp-{}-d", node.tag));
+    let id = format!("ctr{}down", node.tag);
+    let path = pod.path().display().to_string();
+    let out = node.cni(&Node::cni_env("ADD", &id, &path), &node.conf("1.1.0"));
+    assert!(!out.success);
+    assert_eq!(out.json["code"], 11, "try again later: {}", out.stdout);
+    assert!(
+        out.json["msg"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("agent.sock"),
+        "{}",
+        out.stdout
+    );
+    assert!(!pod.has_link("eth0"));
+    let links = node.netns.exec(&["ip", "-o", "link", "show"]);
+    assert!(!links.contains("hyp"), "no host veth left: {links}");
+}

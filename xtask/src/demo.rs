@@ -1,0 +1,266 @@
+//! `cargo xtask demo`: the main job, end to end, on this machine.
+//!
+//! Starts an agent with its own socket, state and pin directories, makes two pods
+//! (network namespaces) through `hypha-cni` exactly as a runtime would, shows them
+//! talking through the eBPF datapath, prints the endpoint list with its counters, and
+//! removes everything it made, also when interrupted with Ctrl-C.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::util::{self, output, workspace_root};
+
+const POD_CIDR: &str = "10.199.0.0/24";
+const GATEWAY: &str = "10.199.0.1/32";
+
+/// Everything the demo made, so that one function can take it all down.
+#[derive(Default)]
+struct Made {
+    agent: Option<Child>,
+    pods: Vec<(String, String)>, // (netns name, container id)
+    tmp: Option<PathBuf>,
+    pin_dir: Option<PathBuf>,
+    ip_forward_before: Option<String>,
+    cleaned: bool,
+}
+
+struct Demo {
+    bin: PathBuf,
+    socket: PathBuf,
+    made: Arc<Mutex<Made>>,
+}
+
+pub fn run() -> Result<()> {
+    let pid = std::process::id();
+    let tmp = std::env::temp_dir().join(format!("hypha-demo-{pid}"));
+    std::fs::create_dir_all(&tmp)?;
+    let demo = Demo {
+        bin: workspace_root().join("target/debug"),
+        socket: tmp.join("agent.sock"),
+        made: Arc::new(Mutex::new(Made {
+            tmp: Some(tmp.clone()),
+            pin_dir: Some(PathBuf::from(format!("/sys/fs/bpf/hypha-demo-{pid}"))),
+            ip_forward_before: std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").ok(),
+            ..Made::default()
+        })),
+    };
+    let made = demo.made.clone();
+    let bin = demo.bin.clone();
+    let socket = demo.socket.clone();
+    ctrlc::set_handler(move || {
+        eprintln!("\ninterrupted: cleaning up");
+        cleanup(&made, &bin, &socket);
+        std::process::exit(130);
+    })
+    .context("installing the Ctrl-C handler")?;
+    let result = demo.steps(pid, &tmp);
+    cleanup(&demo.made, &demo.bin, &demo.socket);
+    result
+}
+
+impl Demo {
+    fn hypha(&self, args: &[&str]) -> Result<String> {
+        output(
+            Command::new(self.bin.join("hypha"))
+                .args(args)
+                .arg("--socket")
+                .arg(&self.socket),
+        )
+    }
+
+    fn steps(&self, pid: u32, tmp: &Path) -> Result<()> {
+        let pin_dir = self.made.lock().unwrap().pin_dir.clone().expect("set");
+        step("Starting the agent");
+        let log = std::fs::File::create(tmp.join("agent.log"))?;
+        let agent = Command::new(self.bin.join("hypha"))
+            .arg("agent")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(tmp.join("state"))
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .args(["--pod-cidr", POD_CIDR])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting hypha agent")?;
+        self.made.lock().unwrap().agent = Some(agent);
+        wait_for(|| self.hypha(&["status"]).is_ok(), Duration::from_secs(15)).with_context(
+            || {
+                format!(
+                    "the agent did not come up; see {}",
+                    tmp.join("agent.log").display()
+                )
+            },
+        )?;
+        print!("{}", self.hypha(&["status"])?);
+
+        let mut addrs = Vec::new();
+        for name in ["a", "b"] {
+            let netns = format!("hypha-demo-{pid}-{name}");
+            let container_id = format!("demo{pid}{name}");
+            step(&format!(
+                "Pod {name}: netns {netns}, CNI ADD through hypha-cni"
+            ));
+            util::run(Command::new("ip").args(["netns", "add", &netns]))?;
+            self.made
+                .lock()
+                .unwrap()
+                .pods
+                .push((netns.clone(), container_id.clone()));
+            util::run(
+                Command::new("ip").args(["netns", "exec", &netns, "ip", "link", "set", "lo", "up"]),
+            )?;
+            let result = cni(&self.bin, "ADD", &container_id, &netns, &self.socket)?;
+            println!("{result}");
+            let json: serde_json::Value = serde_json::from_str(&result)?;
+            let addr = json["ips"][0]["address"]
+                .as_str()
+                .and_then(|a| a.split('/').next())
+                .context("CNI result without ips[0].address")?
+                .to_owned();
+            addrs.push((netns, addr));
+        }
+        let (a_ns, a_ip) = &addrs[0];
+        let (b_ns, b_ip) = &addrs[1];
+
+        step(&format!("Pod a ({a_ip}) pings pod b ({b_ip})"));
+        util::run(
+            Command::new("ip").args(["netns", "exec", a_ns, "ping", "-c", "3", "-i", "0.2", b_ip]),
+        )?;
+
+        step("A 3-second TCP transfer from pod a to pod b (iperf3)");
+        let mut server = Command::new("ip")
+            .args(["netns", "exec", b_ns, "iperf3", "-s", "-1"])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting iperf3 in pod b")?;
+        std::thread::sleep(Duration::from_millis(300));
+        let client = util::run(Command::new("ip").args([
+            "netns", "exec", a_ns, "iperf3", "-c", b_ip, "-t", "3", "-f", "g",
+        ]));
+        let _ = server.kill();
+        let _ = server.wait();
+        client?;
+
+        step("Endpoints and their counters (TX-REDIR: carried pod-to-pod by bpf_redirect_peer)");
+        print!("{}", self.hypha(&["endpoint", "list"])?);
+        let eps: serde_json::Value =
+            serde_json::from_str(&self.hypha(&["endpoint", "list", "-o", "json"])?)?;
+        let redirected: u64 = eps
+            .as_array()
+            .map(|v| {
+                v.iter()
+                    .filter_map(|e| e["counters"]["egress"]["redirected"]["packets"].as_u64())
+                    .sum()
+            })
+            .unwrap_or(0);
+        if redirected == 0 {
+            bail!("the eBPF datapath redirected no packets: traffic did not take the eBPF path");
+        }
+        step(&format!(
+            "The eBPF datapath carried {redirected} packets between the pods; cleaning up"
+        ));
+        Ok(())
+    }
+}
+
+fn step(s: &str) {
+    println!("\n==> {s}");
+    let _ = std::io::stdout().flush();
+}
+
+fn cni(
+    bin: &Path,
+    command: &str,
+    container_id: &str,
+    netns: &str,
+    socket: &Path,
+) -> Result<String> {
+    let conf = serde_json::json!({
+        "cniVersion": "1.1.0",
+        "name": "hypha-demo",
+        "type": "hypha-cni",
+        "agentSocket": socket,
+    });
+    let mut child = Command::new(bin.join("hypha-cni"))
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", container_id)
+        .env("CNI_NETNS", format!("/run/netns/{netns}"))
+        .env("CNI_IFNAME", "eth0")
+        .env("CNI_PATH", "/opt/cni/bin:/usr/lib/cni")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running hypha-cni")?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(conf.to_string().as_bytes())?;
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "hypha-cni {command} failed: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(stdout)
+}
+
+fn wait_for(mut ready: impl FnMut() -> bool, limit: Duration) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if ready() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("not ready after {limit:?}")
+}
+
+/// Takes down everything the demo made; safe to call twice and from the Ctrl-C handler.
+fn cleanup(made: &Mutex<Made>, bin: &Path, socket: &Path) {
+    let mut m = match made.lock() {
+        Ok(m) => m,
+        Err(p) => p.into_inner(),
+    };
+    if m.cleaned {
+        return;
+    }
+    m.cleaned = true;
+    for (netns, container_id) in m.pods.iter().rev() {
+        if let Err(e) = cni(bin, "DEL", container_id, netns, socket) {
+            eprintln!("cleanup: {e:#}");
+        }
+        let _ = Command::new("ip").args(["netns", "del", netns]).status();
+    }
+    if let Some(mut agent) = m.agent.take() {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
+        unsafe { libc::kill(agent.id() as i32, libc::SIGTERM) };
+        let _ = agent.wait();
+    }
+    // What the agent leaves in place on purpose (so pods survive its restarts) goes too.
+    let _ = Command::new("ip")
+        .args(["addr", "del", GATEWAY, "dev", "lo"])
+        .stderr(Stdio::null())
+        .status();
+    let _ = Command::new("nft")
+        .args(["delete", "table", "ip", "hypha_10_199_0_0_24"])
+        .stderr(Stdio::null())
+        .status();
+    if let Some(before) = &m.ip_forward_before {
+        let _ = std::fs::write("/proc/sys/net/ipv4/ip_forward", before);
+    }
+    for dir in [m.pin_dir.take(), m.tmp.take()].into_iter().flatten() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
