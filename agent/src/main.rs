@@ -116,7 +116,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tracing_subscriber::fmt()
                 .with_env_filter(
                     tracing_subscriber::EnvFilter::try_from_default_env()
-                        .unwrap_or_else(|_| "info".into()),
+                        // netlink-packet-route warns about every attribute newer than itself.
+                        .unwrap_or_else(|_| "info,netlink_packet_route=error".into()),
                 )
                 .with_writer(std::io::stderr)
                 .init();

@@ -155,9 +155,10 @@ fn route_from_pod(ctx: &TcContext, ifindex: u32) -> Result<Forward, DropReason> 
 /// Answers an ARP request for the gateway from a known endpoint on its own veth;
 /// every other ARP frame goes to the host stack.
 ///
-/// The pod's default route points at the gateway address, which no interface holds;
-/// answering here with the host-side veth's MAC makes the pod send everything to the
-/// host veth, where this program sees it.
+/// The pod's default route points at the gateway address, which the host holds on its
+/// gateway device (loopback by default), not on the veth; answering here with the
+/// host-side veth's MAC makes the pod send everything to the host veth, where this
+/// program sees it, without waiting for the host stack's ARP.
 fn answer_arp(ctx: &TcContext, ifindex: u32) -> Result<Forward, DropReason> {
     const ARP_FRAME_LEN: usize = ETH_HLEN + size_of::<ArpEthIpv4>();
     pull_or(ctx, ARP_FRAME_LEN, DropReason::InvalidArp)?;

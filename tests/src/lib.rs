@@ -3,5 +3,7 @@
 //! Every test here is privileged: it needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF)
 //! and runs for real, here and in CI.
 
+pub mod cni;
 pub mod ebpf;
+pub mod netns;
 pub mod node;

@@ -363,3 +363,110 @@ fn add_with_the_agent_down_fails_cleanly() {
     let links = node.netns.exec(&["ip", "-o", "link", "show"]);
     assert!(!links.contains("hyp"), "no host veth left: {links}");
 }
+
+#[test]
+fn the_api_is_plain_http_on_a_private_socket() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let node = Node::start();
+    let mode = std::fs::metadata(node.socket())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode");
+    let out = std::process::Command::new("curl")
+        .args(["-sf", "--unix-socket"])
+        .arg(node.socket())
+        .arg("http://hypha/v1/status")
+        .output()
+        .expect("run curl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["node"]["pod_cidr"], node.pod_cidr);
+    // The CLI speaks the same API, in text and JSON.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(hypha_tests::node::bin_dir().join("hypha"))
+            .args(args)
+            .arg("--socket")
+            .arg(node.socket())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "hypha {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let _pod = node.add_pod("a");
+    assert!(cli(&["status"]).contains(&format!("Pod CIDR:   {}", node.pod_cidr)));
+    let list: serde_json::Value =
+        serde_json::from_str(&cli(&["endpoint", "list", "-o", "json"])).unwrap();
+    assert_eq!(list.as_array().map(Vec::len), Some(1));
+    assert!(
+        cli(&["endpoint", "list"])
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.contains("eth0"))
+    );
+}
+
+#[test]
+fn a_second_agent_on_the_same_socket_or_state_is_refused() {
+    let node = Node::start();
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net={}", node.netns.path().display()))
+        .arg(hypha_tests::node::bin_dir().join("hypha"))
+        .arg("agent")
+        .arg("--socket")
+        .arg(node.socket())
+        .arg("--state-dir")
+        .arg(node.dir.join("state"))
+        .arg("--pin-dir")
+        .arg(&node.pin_dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("another hypha agent already uses the state directory"),
+        "{err}"
+    );
+    assert!(
+        node.client().status().is_ok(),
+        "the first agent is unharmed"
+    );
+}
+
+#[test]
+fn a_node_takes_everything_down_with_it() {
+    let node = Node::start();
+    let pod = node.add_pod("a");
+    let tag = node.tag.clone();
+    let pin_dir = node.pin_dir.clone();
+    let dir = node.dir.clone();
+    drop(pod);
+    drop(node);
+    let namespaces = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert!(!namespaces.contains(&tag), "namespaces left: {namespaces}");
+    assert!(!pin_dir.exists() && !dir.exists());
+    let procs = std::process::Command::new("pgrep")
+        .args(["-f", &tag])
+        .output()
+        .unwrap();
+    assert!(
+        procs.stdout.is_empty(),
+        "processes left: {}",
+        String::from_utf8_lossy(&procs.stdout)
+    );
+}

@@ -13,7 +13,7 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests, the demo and the benchmarks use:
 /// iproute2 (`ip netns`), nftables (the agent's masquerade rules), iperf3 (throughput),
 /// containernetworking-plugins (the reference `bridge`/`host-local` baseline), procps,
-/// iputils-ping (the tests' and the demo's pings).
+/// iputils-ping (the tests' and the demo's pings), curl (the API is plain HTTP on a socket).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
@@ -21,6 +21,7 @@ const PACKAGES: &[&str] = &[
     "containernetworking-plugins",
     "procps",
     "iputils-ping",
+    "curl",
 ];
 
 pub fn setup() -> Result<()> {

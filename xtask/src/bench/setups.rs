@@ -1,0 +1,441 @@
+//! The three ways of joining two pods that the datapath bench compares, made with unique
+//! names and recorded in the [`Teardown`] before they are made.
+//!
+//! - `veth`: the two namespaces joined by one veth pair, nothing else: the physical limit.
+//! - `bridge`: the reference `bridge` + `host-local` CNI plugins, as a runtime calls them.
+//! - `hypha`: a Hypha agent in a "node" namespace of its own, pods made by `hypha-cni`.
+
+use std::io::Write as _;
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+
+use super::teardown::{Teardown, Undo};
+use crate::util::{describe, output};
+
+const CNI_PATH: &str = "/usr/lib/cni";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Veth,
+    Bridge,
+    Hypha,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Veth => "veth",
+            Kind::Bridge => "bridge",
+            Kind::Hypha => "hypha",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Kind::Veth => "two namespaces joined by one veth pair (the physical limit)",
+            Kind::Bridge => "reference CNI plugins: bridge + host-local",
+            Kind::Hypha => "Hypha agent + hypha-cni, eBPF datapath (bpf_redirect_peer)",
+        }
+    }
+}
+
+/// Names, subnets and paths of one bench run; every name carries the pid.
+pub struct Plan {
+    pub uniq: u32,
+    /// Holds the agent's socket and state, host-local's data dir.
+    pub tmp: PathBuf,
+    /// `target/release`, where `hypha` and `hypha-cni` are.
+    pub bin: PathBuf,
+    /// Where the agent's log goes (kept after the run).
+    pub agent_log: PathBuf,
+    /// Second octet and three third octets: `10.A.B.0/24` for veth, bridge, hypha.
+    octets: (u8, [u8; 3]),
+}
+
+impl Plan {
+    pub fn new(bin: PathBuf, agent_log: PathBuf) -> Result<Self> {
+        let uniq = std::process::id();
+        let taken = host_prefixes()?;
+        // 10.200.0.0 to 10.240.255.0, starting from a pid-derived place, skipping any
+        // /24 the host already routes (another bench's bridge, a real network).
+        let third = ((uniq / 41) % 84 * 3) as u8;
+        let octets = (0..41)
+            .map(|k| ((200 + (uniq + k) % 41) as u8, [third, third + 1, third + 2]))
+            .find(|(a, bs)| {
+                bs.iter().all(|b| {
+                    let net = u32::from(Ipv4Addr::new(10, *a, *b, 0));
+                    !taken.iter().any(|t| overlaps((net, 24), *t))
+                })
+            })
+            .context("every candidate subnet in 10.200-10.240 overlaps a host route")?;
+        Ok(Self {
+            uniq,
+            tmp: std::env::temp_dir().join(format!("hypb-{uniq}")),
+            bin,
+            agent_log,
+            octets,
+        })
+    }
+
+    fn subnet(&self, kind: Kind) -> (u8, u8) {
+        let i = match kind {
+            Kind::Veth => 0,
+            Kind::Bridge => 1,
+            Kind::Hypha => 2,
+        };
+        (self.octets.0, self.octets.1[i])
+    }
+
+    fn netns(&self, what: &str) -> String {
+        format!("hypb-{}-{what}", self.uniq)
+    }
+}
+
+/// Two pods ready for traffic from `client` to `server`.
+pub struct Pods {
+    pub kind: Kind,
+    pub client_ns: String,
+    pub server_ns: String,
+    pub client_ip: Ipv4Addr,
+    pub server_ip: Ipv4Addr,
+    /// The agent's socket (hypha only), for its counters.
+    pub agent_socket: Option<PathBuf>,
+}
+
+pub fn create(kind: Kind, plan: &Plan, td: &Teardown) -> Result<Pods> {
+    match kind {
+        Kind::Veth => veth(plan, td),
+        Kind::Bridge => bridge(plan, td),
+        Kind::Hypha => hypha(plan, td),
+    }
+    .with_context(|| format!("setting up {}", kind.name()))
+}
+
+fn veth(plan: &Plan, td: &Teardown) -> Result<Pods> {
+    let (a, b) = plan.subnet(Kind::Veth);
+    let (client_ns, server_ns) = (plan.netns("veth-a"), plan.netns("veth-b"));
+    add_netns(td, &client_ns)?;
+    add_netns(td, &server_ns)?;
+    // Both ends are made inside the pods (none ever in the host's namespace) and go with
+    // them.
+    ip(&["-n", &client_ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &server_ns])?;
+    let client_ip = Ipv4Addr::new(10, a, b, 1);
+    let server_ip = Ipv4Addr::new(10, a, b, 2);
+    for (ns, addr) in [(&client_ns, client_ip), (&server_ns, server_ip)] {
+        ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+    }
+    Ok(Pods {
+        kind: Kind::Veth,
+        client_ns,
+        server_ns,
+        client_ip,
+        server_ip,
+        agent_socket: None,
+    })
+}
+
+fn bridge(plan: &Plan, td: &Teardown) -> Result<Pods> {
+    let (a, b) = plan.subnet(Kind::Bridge);
+    let bridge = format!("hybr{}", plan.uniq);
+    let data_dir = plan.tmp.join("host-local");
+    let config = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": format!("benchbr-{}", plan.uniq),
+        "type": "bridge",
+        "bridge": bridge,
+        "isGateway": true,
+        "ipMasq": false,
+        "ipam": {
+            "type": "host-local",
+            "ranges": [[{ "subnet": format!("10.{a}.{b}.0/24") }]],
+            "dataDir": data_dir,
+        },
+    })
+    .to_string();
+    // The plugin makes the bridge on the first ADD; DEL leaves it. Recorded first, so
+    // undone last, after both DELs.
+    td.make(Undo::Link(bridge.clone()), || Ok(()))?;
+    td.make(Undo::Dir(data_dir), || Ok(()))?;
+    // isGateway turns on the host's IPv4 forwarding; it is put back as it was.
+    let forward = PathBuf::from("/proc/sys/net/ipv4/ip_forward");
+    let before = std::fs::read_to_string(&forward).context("reading ip_forward")?;
+    let mut ips = Vec::new();
+    for pod in ["br-a", "br-b"] {
+        let netns = plan.netns(pod);
+        add_netns(td, &netns)?;
+        let call = CniCall {
+            program: vec![PathBuf::from(CNI_PATH).join("bridge").into()],
+            container_id: format!("hypb-{}-{pod}", plan.uniq),
+            netns,
+            config: config.clone(),
+        };
+        let result = td.make(Undo::Cni(call.clone()), || call.invoke("ADD"))?;
+        ips.push(first_address(&result)?);
+    }
+    let after = std::fs::read_to_string(&forward).unwrap_or_default();
+    if after != before {
+        td.make(
+            Undo::Sysctl {
+                path: forward,
+                value: before,
+            },
+            || Ok(()),
+        )?;
+    }
+    Ok(Pods {
+        kind: Kind::Bridge,
+        client_ns: plan.netns("br-a"),
+        server_ns: plan.netns("br-b"),
+        client_ip: ips[0],
+        server_ip: ips[1],
+        agent_socket: None,
+    })
+}
+
+fn hypha(plan: &Plan, td: &Teardown) -> Result<Pods> {
+    let (a, b) = plan.subnet(Kind::Hypha);
+    let hypha = plan.bin.join("hypha");
+    let hypha_cni = plan.bin.join("hypha-cni");
+    for bin in [&hypha, &hypha_cni] {
+        if !bin.exists() {
+            bail!("{} is missing (the release build should have made it)", bin.display());
+        }
+    }
+    let node = plan.netns("node");
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/hypb-{}", plan.uniq));
+    let socket = plan.tmp.join("agent.sock");
+    td.make(Undo::Dir(pin_dir.clone()), || Ok(()))?;
+    add_netns(td, &node)?;
+
+    // nsenter, not `ip netns exec`: the latter remounts /sys in a new mount namespace,
+    // which would hide the bpffs (and the pins) under /sys/fs/bpf.
+    let log = std::fs::File::create(&plan.agent_log)
+        .with_context(|| format!("creating {}", plan.agent_log.display()))?;
+    let agent = td.spawn(
+        "hypha agent",
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{node}"))
+            .arg(&hypha)
+            .arg("agent")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(plan.tmp.join("state"))
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .args(["--pod-cidr", &format!("10.{a}.{b}.0/24"), "--no-masquerade"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its own process group: Ctrl-C must not stop it before the pods' DELs.
+            .process_group(0),
+    )?;
+    let start = Instant::now();
+    loop {
+        let status = Command::new(&hypha)
+            .args(["status", "--socket"])
+            .arg(&socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if status.is_ok_and(|s| s.success()) {
+            break;
+        }
+        if let Some(exit) = agent.lock().unwrap_or_else(|p| p.into_inner()).try_wait()? {
+            bail!("the agent exited with {exit}:\n{}", tail(&plan.agent_log, 15));
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("the agent did not answer within 10 s:\n{}", tail(&plan.agent_log, 15));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let config = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "hypha",
+        "type": "hypha-cni",
+        "agentSocket": socket,
+    })
+    .to_string();
+    let mut ips = Vec::new();
+    for pod in ["hy-a", "hy-b"] {
+        let netns = plan.netns(pod);
+        add_netns(td, &netns)?;
+        let call = CniCall {
+            program: vec![
+                "nsenter".into(),
+                format!("--net=/run/netns/{node}").into(),
+                hypha_cni.clone().into(),
+            ],
+            container_id: format!("hypb-{}-{pod}", plan.uniq),
+            netns,
+            config: config.clone(),
+        };
+        let result = td.make(Undo::Cni(call.clone()), || call.invoke("ADD"))?;
+        ips.push(first_address(&result)?);
+    }
+    Ok(Pods {
+        kind: Kind::Hypha,
+        client_ns: plan.netns("hy-a"),
+        server_ns: plan.netns("hy-b"),
+        client_ip: ips[0],
+        server_ip: ips[1],
+        agent_socket: Some(socket),
+    })
+}
+
+/// Packets the eBPF datapath redirected, summed over the agent's endpoints (pod egress).
+pub fn hypha_redirected(bin: &Path, socket: &Path) -> Result<u64> {
+    let text = output(
+        Command::new(bin.join("hypha"))
+            .args(["endpoint", "list", "-o", "json", "--socket"])
+            .arg(socket),
+    )?;
+    let eps: serde_json::Value = serde_json::from_str(&text).context("parsing `hypha endpoint list -o json`")?;
+    let eps = eps.as_array().context("`hypha endpoint list -o json` is not a list")?;
+    Ok(eps
+        .iter()
+        .filter_map(|e| e["counters"]["egress"]["redirected"]["packets"].as_u64())
+        .sum())
+}
+
+/// A CNI plugin invocation, as a runtime makes it.
+#[derive(Clone)]
+pub struct CniCall {
+    /// The plugin, possibly behind a wrapper (`nsenter --net=... plugin`).
+    pub program: Vec<std::ffi::OsString>,
+    pub container_id: String,
+    /// Name under /run/netns.
+    pub netns: String,
+    /// The network configuration, given on stdin.
+    pub config: String,
+}
+
+impl CniCall {
+    /// Runs the plugin with `CNI_COMMAND=command`; returns its standard output.
+    pub fn invoke(&self, command: &str) -> Result<String> {
+        let mut cmd = Command::new(&self.program[0]);
+        cmd.args(&self.program[1..])
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", &self.container_id)
+            .env("CNI_NETNS", format!("/run/netns/{}", self.netns))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", CNI_PATH)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot run {}", describe(&cmd)))?;
+        // A plugin that exits without reading stdin makes this fail; its status says more.
+        let _ = child
+            .stdin
+            .take()
+            .expect("stdin is piped")
+            .write_all(self.config.as_bytes());
+        let out = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "CNI {command} of {} by {} failed with {}: {} {}",
+                self.container_id,
+                describe(&cmd),
+                out.status,
+                stdout.trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(stdout)
+    }
+}
+
+/// `ips[0].address` of a CNI result, without its prefix length.
+fn first_address(result: &str) -> Result<Ipv4Addr> {
+    let json: serde_json::Value =
+        serde_json::from_str(result).with_context(|| format!("the CNI result is not JSON: {result}"))?;
+    let addr = json["ips"][0]["address"]
+        .as_str()
+        .with_context(|| format!("CNI result without ips[0].address: {result}"))?;
+    let ip = addr.split('/').next().unwrap_or(addr);
+    ip.parse()
+        .with_context(|| format!("ips[0].address {addr:?} is not an IPv4 address"))
+}
+
+fn add_netns(td: &Teardown, name: &str) -> Result<()> {
+    td.make(Undo::Netns(name.to_owned()), || {
+        if Path::new("/run/netns").join(name).exists() {
+            bail!("network namespace {name} already exists (left by a run killed with SIGKILL?); remove it with `ip netns del {name}`");
+        }
+        ip(&["netns", "add", name])?;
+        ip(&["-n", name, "link", "set", "lo", "up"])
+    })
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    output(Command::new("ip").args(args)).map(drop)
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    let shown = all[all.len().saturating_sub(lines)..].join("\n");
+    format!("{shown}\n(full log: {})", path.display())
+}
+
+/// Every IPv4 prefix the host routes (all tables), but the default route.
+fn host_prefixes() -> Result<Vec<(u32, u8)>> {
+    let text = output(Command::new("ip").args(["-4", "-j", "route", "show", "table", "all"]))?;
+    let routes: Vec<serde_json::Value> = serde_json::from_str(&text).context("parsing `ip -j route`")?;
+    Ok(routes
+        .iter()
+        .filter_map(|r| r["dst"].as_str())
+        .filter_map(parse_prefix)
+        .collect())
+}
+
+fn parse_prefix(s: &str) -> Option<(u32, u8)> {
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, l.parse().ok()?),
+        None => (s, 32),
+    };
+    let addr: Ipv4Addr = addr.parse().ok()?;
+    (len <= 32).then_some((u32::from(addr), len))
+}
+
+fn overlaps(a: (u32, u8), b: (u32, u8)) -> bool {
+    let len = a.1.min(b.1);
+    if len == 0 {
+        return true;
+    }
+    (a.0 ^ b.0) >> (32 - u32::from(len)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_overlap_when_one_contains_the_other() {
+        let p = |s| parse_prefix(s).expect("a prefix");
+        assert!(overlaps(p("10.200.3.0/24"), p("10.200.0.0/16")));
+        assert!(overlaps(p("10.200.3.7"), p("10.200.3.0/24")));
+        assert!(!overlaps(p("10.200.3.0/24"), p("10.200.4.0/24")));
+        assert!(!overlaps(p("10.201.0.0/24"), p("10.200.0.0/16")));
+        assert_eq!(parse_prefix("default"), None);
+    }
+
+    #[test]
+    fn first_address_drops_the_prefix_length() {
+        let r = r#"{"cniVersion":"1.0.0","ips":[{"address":"10.200.5.7/32"}]}"#;
+        assert_eq!(first_address(r).expect("parses"), Ipv4Addr::new(10, 200, 5, 7));
+        assert!(first_address(r#"{"code":11,"msg":"no"}"#).is_err());
+    }
+}
