@@ -69,22 +69,22 @@ fn execute(
     stdin: &io::Result<Vec<u8>>,
 ) -> Result<Option<Value>, Error> {
     let op = env::parse(get_env)?;
-    if op == Operation::Version {
-        let stdin = stdin.as_deref().unwrap_or_default();
-        return Ok(Some(commands::version::run(stdin)));
-    }
-    let stdin = match stdin {
-        Ok(bytes) => bytes,
-        Err(e) => return Err(Error::Stdin(io::Error::new(e.kind(), e.to_string()))),
+    let conf = || -> Result<config::NetConf, Error> {
+        match stdin {
+            Ok(bytes) => Ok(config::parse(bytes)?),
+            Err(e) => Err(Error::Stdin(io::Error::new(e.kind(), e.to_string()))),
+        }
     };
-    let conf = config::parse(stdin)?;
     match op {
-        Operation::Add(a) => commands::add::run(&a, &conf).map(Some),
-        Operation::Del(d) => commands::del::run(&d, &conf).map(|()| None),
-        Operation::Check(a) => commands::check::run(&a, &conf).map(|()| None),
-        Operation::Status => commands::status::run(&conf).map(|()| None),
+        Operation::Version => {
+            let stdin = stdin.as_deref().unwrap_or_default();
+            Ok(Some(commands::version::run(stdin)))
+        }
         Operation::Gc => Err(Error::Unsupported("GC is not supported yet")),
-        Operation::Version => Ok(Some(commands::version::run(stdin))),
+        Operation::Add(a) => commands::add::run(&a, &conf()?).map(Some),
+        Operation::Del(d) => commands::del::run(&d, &conf()?).map(|()| None),
+        Operation::Check(a) => commands::check::run(&a, &conf()?).map(|()| None),
+        Operation::Status => commands::status::run(&conf()?).map(|()| None),
     }
 }
 

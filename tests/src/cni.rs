@@ -9,21 +9,9 @@ use serde_json::Value;
 
 pub use hypha_cni::naming::host_ifname;
 
-/// `target/<profile>/hypha-cni`, next to the `deps/` directory of the test executable.
-/// Cargo does not build other packages' binaries for a test, hence the panic.
+/// The `hypha-cni` binary of this build.
 pub fn binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test executable is in target/<profile>/deps/")
-        .join("hypha-cni");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p hypha-cni` first",
-        bin.display()
-    );
-    bin
+    crate::binary("hypha-cni")
 }
 
 /// A minimal network configuration, as a conflist entry `{"type": "hypha-cni"}` becomes
@@ -72,8 +60,15 @@ impl CniRun {
 
 /// Runs `hypha-cni` with exactly `env` (nothing inherited) and `stdin`.
 pub fn run(env: &[(&str, &str)], stdin: &str) -> CniRun {
-    let mut child = Command::new(binary())
+    run_command(Command::new(binary()), env, stdin)
+}
+
+/// Runs `cmd` (`hypha-cni`, possibly behind `nsenter`) as a runtime runs a plugin.
+pub fn run_command(mut cmd: Command, env: &[(&str, &str)], stdin: &str) -> CniRun {
+    let mut child = cmd
         .env_clear()
+        // Only for `nsenter` to be found; the plugin itself reads nothing from PATH.
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
         .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

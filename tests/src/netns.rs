@@ -1,10 +1,13 @@
-//! Named network namespaces for tests, and looking for interfaces in them.
+//! Named network namespaces for tests: made with `ip netns add`, deleted with everything
+//! in them on drop, also when the test panics.
 
+use std::fs::File;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use hypha_netlink::Netlink;
+use nix::sched::CloneFlags;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -17,8 +20,18 @@ pub fn unique_name(prefix: &str) -> String {
     )
 }
 
-/// A network namespace made with `ip netns add`, deleted (with everything in it) on drop,
-/// also when the test panics.
+/// Runs `ip ARGS`, panicking with its error output on failure.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A network namespace at `/run/netns/<name>` with its loopback up.
 pub struct NamedNetns {
     name: String,
 }
@@ -26,17 +39,15 @@ pub struct NamedNetns {
 impl NamedNetns {
     /// A new namespace named [`unique_name`]`(prefix)`.
     pub fn new(prefix: &str) -> Self {
-        let name = unique_name(prefix);
-        let out = Command::new("ip")
-            .args(["netns", "add", &name])
-            .output()
-            .expect("run `ip netns add`");
-        assert!(
-            out.status.success(),
-            "ip netns add {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self { name }
+        Self::named(unique_name(prefix))
+    }
+
+    /// A new namespace with exactly this (already unique) name.
+    pub fn named(name: String) -> Self {
+        ip(&["netns", "add", &name]);
+        let ns = Self { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
     }
 
     pub fn name(&self) -> &str {
@@ -46,6 +57,40 @@ impl NamedNetns {
     /// `/run/netns/<name>`, what a runtime passes as `CNI_NETNS`.
     pub fn path(&self) -> PathBuf {
         PathBuf::from("/run/netns").join(&self.name)
+    }
+
+    /// Runs a command inside, panicking on failure; returns its standard output.
+    pub fn exec(&self, cmd: &[&str]) -> String {
+        let out = self.try_exec(cmd);
+        assert!(
+            out.status.success(),
+            "in {}: {} failed: {}{}",
+            self.name,
+            cmd.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn try_exec(&self, cmd: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(cmd)
+            .output()
+            .expect("run ip netns exec")
+    }
+
+    /// Runs `f` on a new thread that has entered this namespace; sockets it opens live here.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let file = File::open(self.path()).expect("open netns");
+        std::thread::spawn(move || {
+            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
+            f()
+        })
     }
 
     /// Whether an interface named `ifname` exists in this namespace.

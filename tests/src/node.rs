@@ -6,135 +6,19 @@
 //! cannot collide, and everything is taken down in `Drop`, also when a test panics.
 
 use std::fs::File;
-use std::io::Write as _;
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hypha_api::{Client, Endpoint, Status};
-use nix::sched::CloneFlags;
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// A short unique tag: `<pid>x<n>`, short enough for interface and namespace names.
-pub fn unique() -> String {
-    format!(
-        "{}x{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-/// Where cargo put the workspace's binaries (next to the test executable's `deps/`).
-pub fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>")
-        .to_path_buf();
-    for bin in ["hypha", "hypha-cni"] {
-        assert!(
-            dir.join(bin).exists(),
-            "{} is missing: build the binaries first (`cargo xtask build`)",
-            dir.join(bin).display()
-        );
-    }
-    dir
-}
-
-/// Runs `ip ARGS`, panicking with its error output on failure.
-pub fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A named network namespace (`/run/netns/NAME`), deleted on drop.
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn new(name: String) -> Self {
-        ip(&["netns", "add", &name]);
-        let ns = Netns { name };
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        ns
-    }
-
-    pub fn path(&self) -> PathBuf {
-        PathBuf::from("/run/netns").join(&self.name)
-    }
-
-    /// Runs a command inside, panicking on failure.
-    pub fn exec(&self, cmd: &[&str]) -> String {
-        let out = self.try_exec(cmd);
-        assert!(
-            out.status.success(),
-            "in {}: {} failed: {}{}",
-            self.name,
-            cmd.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    pub fn try_exec(&self, cmd: &[&str]) -> Output {
-        Command::new("ip")
-            .args(["netns", "exec", &self.name])
-            .args(cmd)
-            .output()
-            .expect("run ip netns exec")
-    }
-
-    /// Runs `f` on a new thread that has entered this namespace; sockets it opens live here.
-    pub fn spawn<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let file = File::open(self.path()).expect("open netns");
-        std::thread::spawn(move || {
-            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).expect("setns");
-            f()
-        })
-    }
-
-    /// Whether an interface with this name exists inside.
-    pub fn has_link(&self, name: &str) -> bool {
-        self.try_exec(&["ip", "link", "show", "dev", name])
-            .status
-            .success()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-/// What `hypha-cni` said.
-#[derive(Debug)]
-pub struct CniOutput {
-    pub success: bool,
-    pub stdout: String,
-    pub json: serde_json::Value,
-}
+use crate::cni::{self, CniRun};
+use crate::netns::{NamedNetns, unique_name};
 
 /// A pod made by `Node::add_pod`.
 pub struct Pod {
-    pub netns: Netns,
+    pub netns: NamedNetns,
     pub container_id: String,
     pub address: Ipv4Addr,
     pub result: serde_json::Value,
@@ -142,30 +26,33 @@ pub struct Pod {
 
 /// An agent in its own network namespace (the "host" of the pods).
 pub struct Node {
-    pub netns: Netns,
+    pub netns: NamedNetns,
     pub tag: String,
     pub dir: PathBuf,
     pub pin_dir: PathBuf,
     pub pod_cidr: String,
-    bins: PathBuf,
     agent: Option<Child>,
 }
 
 impl Node {
-    /// Starts an agent with pod CIDR `10.<a>.<b>.0/24` chosen from the unique tag.
+    /// Starts an agent with a pod CIDR `10.<a>.<b>.0/24` of its own (from the unique tag),
+    /// in a namespace `hyp-<pid>-<n>-node`.
     pub fn start() -> Self {
-        let tag = unique();
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tag = unique_name("hyp");
+        let n: u32 = tag
+            .rsplit('-')
+            .next()
+            .and_then(|n| n.parse().ok())
+            .expect("numbered tag");
         let pod_cidr = format!("10.{}.{}.0/24", 160 + (std::process::id() % 40), n % 250);
         let dir = std::env::temp_dir().join(format!("hypha-test-{tag}"));
         std::fs::create_dir_all(&dir).expect("create test dir");
         let mut node = Node {
-            netns: Netns::new(format!("hyp-{tag}-node")),
-            pin_dir: PathBuf::from(format!("/sys/fs/bpf/hyp-test-{tag}")),
+            netns: NamedNetns::named(format!("{tag}-node")),
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/hypha-test-{tag}")),
             tag,
             dir,
             pod_cidr,
-            bins: bin_dir(),
             agent: None,
         };
         node.start_agent();
@@ -193,7 +80,7 @@ impl Node {
             .expect("agent log");
         let child = Command::new("nsenter")
             .arg(format!("--net={}", self.netns.path().display()))
-            .arg(self.bins.join("hypha"))
+            .arg(crate::binary("hypha"))
             .arg("agent")
             .arg("--socket")
             .arg(self.socket())
@@ -267,41 +154,15 @@ impl Node {
 
     /// The network configuration a runtime would pass for this node.
     pub fn conf(&self, version: &str) -> String {
-        serde_json::json!({
-            "cniVersion": version,
-            "name": "hypha-test",
-            "type": "hypha-cni",
-            "agentSocket": self.socket(),
-        })
-        .to_string()
+        cni::conf(version, &self.socket())
     }
 
     /// Runs `hypha-cni` inside the node's namespace, as a runtime on this node would.
-    pub fn cni(&self, env: &[(&str, &str)], stdin: &str) -> CniOutput {
+    pub fn cni(&self, env: &[(&str, &str)], stdin: &str) -> CniRun {
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net={}", self.netns.path().display()))
-            .arg(self.bins.join("hypha-cni"))
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .envs(env.iter().copied())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn hypha-cni");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(stdin.as_bytes())
-            .expect("write stdin");
-        let out = child.wait_with_output().expect("hypha-cni output");
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let json = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
-        CniOutput {
-            success: out.status.success(),
-            stdout,
-            json,
-        }
+            .arg(cni::binary());
+        cni::run_command(cmd, env, stdin)
     }
 
     /// Standard CNI environment for one container.
@@ -321,7 +182,7 @@ impl Node {
 
     /// Makes a pod through `hypha-cni ADD`, panicking with the CNI error on failure.
     pub fn add_pod(&self, name: &str) -> Pod {
-        let netns = Netns::new(format!("hyp-{}-{name}", self.tag));
+        let netns = NamedNetns::named(format!("{}-{name}", self.tag));
         let container_id = format!("ctr{}{name}", self.tag);
         let path = netns.path().display().to_string();
         let out = self.cni(
@@ -329,12 +190,13 @@ impl Node {
             &self.conf("1.1.0"),
         );
         assert!(
-            out.success,
+            out.status.success(),
             "CNI ADD of {name} failed: {}\nagent log:\n{}",
             out.stdout,
             self.log()
         );
-        let address = out.json["ips"][0]["address"]
+        let result = out.reply();
+        let address = result["ips"][0]["address"]
             .as_str()
             .and_then(|a| a.split('/').next())
             .and_then(|a| a.parse().ok())
@@ -343,12 +205,12 @@ impl Node {
             netns,
             container_id,
             address,
-            result: out.json,
+            result,
         }
     }
 
     /// Runs `hypha-cni DEL` for a pod.
-    pub fn del_pod(&self, pod: &Pod) -> CniOutput {
+    pub fn del_pod(&self, pod: &Pod) -> CniRun {
         let path = pod.netns.path().display().to_string();
         self.cni(
             &Self::cni_env("DEL", &pod.container_id, &path),

@@ -8,7 +8,8 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use hypha_tests::node::{Netns, Node, Pod, ip, unique};
+use hypha_tests::netns::{NamedNetns, ip, unique_name};
+use hypha_tests::node::{Node, Pod};
 
 /// Receives everything one client sends on `port` and returns the byte count.
 fn sink(pod: &Pod, port: u16) -> std::thread::JoinHandle<u64> {
@@ -52,7 +53,7 @@ fn send(pod: &Pod, to: Ipv4Addr, port: u16, bytes: usize) {
         .expect("sender");
 }
 
-fn ping(ns: &Netns, to: &str) {
+fn ping(ns: &NamedNetns, to: &str) {
     ns.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", to]);
 }
 
@@ -133,22 +134,22 @@ fn pods_reach_the_world_masqueraded() {
     let node = Node::start();
     let a = node.add_pod("a");
     // A "world" host joined to the node by a veth: the node routes and masquerades.
-    let world = Netns::new(format!("hyp-{}-w", node.tag));
-    let tag = unique();
-    let (nv, wv) = (format!("hw{tag}n"), format!("hw{tag}w"));
+    let world = NamedNetns::named(format!("{}-w", node.tag));
+    let tag = unique_name("hw").replace('-', "");
+    let (nv, wv) = (format!("{tag}n"), format!("{tag}w"));
     ip(&[
         "link",
         "add",
         &nv,
         "netns",
-        &node.netns.name,
+        node.netns.name(),
         "type",
         "veth",
         "peer",
         "name",
         &wv,
         "netns",
-        &world.name,
+        world.name(),
     ]);
     node.netns
         .exec(&["ip", "addr", "add", "198.18.0.1/30", "dev", &nv]);
@@ -285,13 +286,17 @@ fn del_is_idempotent_and_leaves_nothing() {
         .as_str()
         .unwrap()
         .to_owned();
-    assert!(node.del_pod(&a).success);
+    assert!(node.del_pod(&a).status.success());
     assert!(!node.netns.has_link(&host_if), "host veth removed");
     assert!(!a.netns.has_link("eth0"), "pod interface removed");
     assert!(node.endpoints().is_empty());
     assert_eq!(node.status().ipam.allocated, 0);
     let again = node.del_pod(&a);
-    assert!(again.success, "repeated DEL succeeds: {}", again.stdout);
+    assert!(
+        again.status.success(),
+        "repeated DEL succeeds: {}",
+        again.stdout
+    );
 
     // DEL after the netns is gone (the runtime tore the sandbox down first).
     let b = node.add_pod("b");
@@ -303,7 +308,7 @@ fn del_is_idempotent_and_leaves_nothing() {
         &node.conf("1.1.0"),
     );
     assert!(
-        out.success,
+        out.status.success(),
         "DEL with the netns gone succeeds: {}",
         out.stdout
     );
@@ -318,7 +323,7 @@ fn del_is_idempotent_and_leaves_nothing() {
 #[test]
 fn interface_name_taken_in_the_pod_fails_cleanly() {
     let node = Node::start();
-    let pod = Netns::new(format!("hyp-{}-t", node.tag));
+    let pod = NamedNetns::named(format!("{}-t", node.tag));
     // Something already called eth0 in the pod.
     pod.exec(&[
         "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0p",
@@ -326,14 +331,12 @@ fn interface_name_taken_in_the_pod_fails_cleanly() {
     let id = format!("ctr{}taken", node.tag);
     let path = pod.path().display().to_string();
     let out = node.cni(&Node::cni_env("ADD", &id, &path), &node.conf("1.1.0"));
-    assert!(!out.success, "{}", out.stdout);
-    let msg = out.json["msg"].as_str().unwrap_or_default();
+    let (code, msg) = out.error();
     assert!(
         msg.contains("eth0") && msg.contains("already exists"),
-        "{}",
-        out.stdout
+        "{msg}"
     );
-    assert!(out.json["code"].as_u64().is_some(), "{}", out.stdout);
+    assert_eq!(code, 4, "{msg}");
     // Nothing left behind: no host veth, no address held, no endpoint.
     let links = node.netns.exec(&["ip", "-o", "link", "show"]);
     assert!(!links.contains("hyp"), "no host veth left: {links}");
@@ -345,20 +348,13 @@ fn interface_name_taken_in_the_pod_fails_cleanly() {
 fn add_with_the_agent_down_fails_cleanly() {
     let mut node = Node::start();
     node.stop_agent();
-    let pod = Netns::new(format!("hyp-{}-d", node.tag));
+    let pod = NamedNetns::named(format!("{}-d", node.tag));
     let id = format!("ctr{}down", node.tag);
     let path = pod.path().display().to_string();
     let out = node.cni(&Node::cni_env("ADD", &id, &path), &node.conf("1.1.0"));
-    assert!(!out.success);
-    assert_eq!(out.json["code"], 11, "try again later: {}", out.stdout);
-    assert!(
-        out.json["msg"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("agent.sock"),
-        "{}",
-        out.stdout
-    );
+    let (code, msg) = out.error();
+    assert_eq!(code, 11, "try again later: {msg}");
+    assert!(msg.contains("agent.sock"), "{msg}");
     assert!(!pod.has_link("eth0"));
     let links = node.netns.exec(&["ip", "-o", "link", "show"]);
     assert!(!links.contains("hyp"), "no host veth left: {links}");
@@ -388,7 +384,7 @@ fn the_api_is_plain_http_on_a_private_socket() {
     assert_eq!(status["node"]["pod_cidr"], node.pod_cidr);
     // The CLI speaks the same API, in text and JSON.
     let cli = |args: &[&str]| {
-        let out = std::process::Command::new(hypha_tests::node::bin_dir().join("hypha"))
+        let out = std::process::Command::new(hypha_tests::binary("hypha"))
             .args(args)
             .arg("--socket")
             .arg(node.socket())
@@ -419,7 +415,7 @@ fn a_second_agent_on_the_same_socket_or_state_is_refused() {
     let node = Node::start();
     let out = std::process::Command::new("nsenter")
         .arg(format!("--net={}", node.netns.path().display()))
-        .arg(hypha_tests::node::bin_dir().join("hypha"))
+        .arg(hypha_tests::binary("hypha"))
         .arg("agent")
         .arg("--socket")
         .arg(node.socket())

@@ -1,10 +1,55 @@
+//! `cargo xtask bench`: measurements side by side with their baselines, in one run on
+//! this machine, written under `target/bench/`.
+//!
+//! - `datapath`: pod-to-pod throughput and latency: veth pair, bridge plugin, Hypha.
+//!
+//! [`svg`] draws bar charts any bench can use; [`teardown`] undoes what a bench made,
+//! also on error and Ctrl-C.
+
+mod datapath;
+mod measure;
+mod setups;
+mod svg;
+mod teardown;
+
 use anyhow::Result;
 
 #[derive(clap::Subcommand)]
 pub enum Bench {
-    Datapath,
+    /// Pod-to-pod TCP throughput and 1-byte request/response latency: a bare veth pair
+    /// (the physical limit), the reference bridge CNI plugin, and Hypha.
+    Datapath(datapath::Options),
 }
 
-pub fn run(_b: Bench) -> Result<()> {
-    anyhow::bail!("being written")
+pub fn run(b: Bench) -> Result<()> {
+    match b {
+        Bench::Datapath(o) => datapath::run(&o),
+    }
+}
+
+/// The median of some values (the mean of the middle two for an even count).
+fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let mut v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let mid = v.len() / 2;
+    Some(if v.len() % 2 == 1 {
+        v[mid]
+    } else {
+        (v[mid - 1] + v[mid]) / 2.0
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn medians() {
+        assert_eq!(median([3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median([4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median([]), None);
+    }
 }

@@ -100,7 +100,6 @@ impl Plan {
 
 /// Two pods ready for traffic from `client` to `server`.
 pub struct Pods {
-    pub kind: Kind,
     pub client_ns: String,
     pub server_ns: String,
     pub client_ip: Ipv4Addr,
@@ -125,15 +124,25 @@ fn veth(plan: &Plan, td: &Teardown) -> Result<Pods> {
     add_netns(td, &server_ns)?;
     // Both ends are made inside the pods (none ever in the host's namespace) and go with
     // them.
-    ip(&["-n", &client_ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns", &server_ns])?;
+    ip(&[
+        "-n", &client_ns, "link", "add", "eth0", "type", "veth", "peer", "name", "eth0", "netns",
+        &server_ns,
+    ])?;
     let client_ip = Ipv4Addr::new(10, a, b, 1);
     let server_ip = Ipv4Addr::new(10, a, b, 2);
     for (ns, addr) in [(&client_ns, client_ip), (&server_ns, server_ip)] {
-        ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", ns, "link", "set", "eth0", "up"])?;
     }
     Ok(Pods {
-        kind: Kind::Veth,
         client_ns,
         server_ns,
         client_ip,
@@ -191,7 +200,6 @@ fn bridge(plan: &Plan, td: &Teardown) -> Result<Pods> {
         )?;
     }
     Ok(Pods {
-        kind: Kind::Bridge,
         client_ns: plan.netns("br-a"),
         server_ns: plan.netns("br-b"),
         client_ip: ips[0],
@@ -206,7 +214,10 @@ fn hypha(plan: &Plan, td: &Teardown) -> Result<Pods> {
     let hypha_cni = plan.bin.join("hypha-cni");
     for bin in [&hypha, &hypha_cni] {
         if !bin.exists() {
-            bail!("{} is missing (the release build should have made it)", bin.display());
+            bail!(
+                "{} is missing (the release build should have made it)",
+                bin.display()
+            );
         }
     }
     let node = plan.netns("node");
@@ -250,10 +261,16 @@ fn hypha(plan: &Plan, td: &Teardown) -> Result<Pods> {
             break;
         }
         if let Some(exit) = agent.lock().unwrap_or_else(|p| p.into_inner()).try_wait()? {
-            bail!("the agent exited with {exit}:\n{}", tail(&plan.agent_log, 15));
+            bail!(
+                "the agent exited with {exit}:\n{}",
+                tail(&plan.agent_log, 15)
+            );
         }
         if start.elapsed() > Duration::from_secs(10) {
-            bail!("the agent did not answer within 10 s:\n{}", tail(&plan.agent_log, 15));
+            bail!(
+                "the agent did not answer within 10 s:\n{}",
+                tail(&plan.agent_log, 15)
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -283,7 +300,6 @@ fn hypha(plan: &Plan, td: &Teardown) -> Result<Pods> {
         ips.push(first_address(&result)?);
     }
     Ok(Pods {
-        kind: Kind::Hypha,
         client_ns: plan.netns("hy-a"),
         server_ns: plan.netns("hy-b"),
         client_ip: ips[0],
@@ -299,8 +315,11 @@ pub fn hypha_redirected(bin: &Path, socket: &Path) -> Result<u64> {
             .args(["endpoint", "list", "-o", "json", "--socket"])
             .arg(socket),
     )?;
-    let eps: serde_json::Value = serde_json::from_str(&text).context("parsing `hypha endpoint list -o json`")?;
-    let eps = eps.as_array().context("`hypha endpoint list -o json` is not a list")?;
+    let eps: serde_json::Value =
+        serde_json::from_str(&text).context("parsing `hypha endpoint list -o json`")?;
+    let eps = eps
+        .as_array()
+        .context("`hypha endpoint list -o json` is not a list")?;
     Ok(eps
         .iter()
         .filter_map(|e| e["counters"]["egress"]["redirected"]["packets"].as_u64())
@@ -359,8 +378,8 @@ impl CniCall {
 
 /// `ips[0].address` of a CNI result, without its prefix length.
 fn first_address(result: &str) -> Result<Ipv4Addr> {
-    let json: serde_json::Value =
-        serde_json::from_str(result).with_context(|| format!("the CNI result is not JSON: {result}"))?;
+    let json: serde_json::Value = serde_json::from_str(result)
+        .with_context(|| format!("the CNI result is not JSON: {result}"))?;
     let addr = json["ips"][0]["address"]
         .as_str()
         .with_context(|| format!("CNI result without ips[0].address: {result}"))?;
@@ -393,7 +412,8 @@ fn tail(path: &Path, lines: usize) -> String {
 /// Every IPv4 prefix the host routes (all tables), but the default route.
 fn host_prefixes() -> Result<Vec<(u32, u8)>> {
     let text = output(Command::new("ip").args(["-4", "-j", "route", "show", "table", "all"]))?;
-    let routes: Vec<serde_json::Value> = serde_json::from_str(&text).context("parsing `ip -j route`")?;
+    let routes: Vec<serde_json::Value> =
+        serde_json::from_str(&text).context("parsing `ip -j route`")?;
     Ok(routes
         .iter()
         .filter_map(|r| r["dst"].as_str())
@@ -435,7 +455,10 @@ mod tests {
     #[test]
     fn first_address_drops_the_prefix_length() {
         let r = r#"{"cniVersion":"1.0.0","ips":[{"address":"10.200.5.7/32"}]}"#;
-        assert_eq!(first_address(r).expect("parses"), Ipv4Addr::new(10, 200, 5, 7));
+        assert_eq!(
+            first_address(r).expect("parses"),
+            Ipv4Addr::new(10, 200, 5, 7)
+        );
         assert!(first_address(r#"{"code":11,"msg":"no"}"#).is_err());
     }
 }

@@ -28,7 +28,10 @@ pub enum Undo {
     /// `CNI_COMMAND=DEL` for a pod that was (or may have been) added.
     Cni(CniCall),
     /// SIGTERM, up to 10 s to exit, then SIGKILL.
-    Process { name: String, child: Arc<Mutex<Child>> },
+    Process {
+        name: String,
+        child: Arc<Mutex<Child>>,
+    },
     /// Writes back a sysctl's value.
     Sysctl { path: PathBuf, value: String },
 }
@@ -134,15 +137,19 @@ impl Undo {
             }
             Undo::Dir(dir) => {
                 if dir.exists() {
-                    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+                    std::fs::remove_dir_all(&dir)
+                        .with_context(|| format!("removing {}", dir.display()))?;
                 }
             }
             Undo::Cni(call) => {
                 call.invoke("DEL")?;
             }
-            Undo::Process { name, child } => stop(&name, &mut child.lock().unwrap_or_else(|p| p.into_inner()))?,
+            Undo::Process { name, child } => {
+                stop(&name, &mut child.lock().unwrap_or_else(|p| p.into_inner()))?
+            }
             Undo::Sysctl { path, value } => {
-                std::fs::write(&path, &value).with_context(|| format!("restoring {}", path.display()))?;
+                std::fs::write(&path, &value)
+                    .with_context(|| format!("restoring {}", path.display()))?;
             }
         }
         Ok(())

@@ -1,0 +1,455 @@
+//! Privileged: the real binary against a fake agent (a few lines of HTTP/1.1 on a unix
+//! socket), so that ADD, CHECK, DEL and ADD's rollback run against the real kernel
+//! without the real agent or eBPF. Each test has its own namespace, socket and container.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use hypha_api::{
+    Allocation, CreateEndpointRequest, DeleteResponse, Endpoint, EndpointCounters, MacAddr,
+};
+use hypha_cni::naming::host_ifname;
+use hypha_netlink::Netlink;
+use serde_json::{Value, json};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+struct TestNetns(String);
+
+impl TestNetns {
+    fn new() -> Self {
+        let name = unique("hypcnit");
+        assert!(
+            Command::new("ip")
+                .args(["netns", "add", &name])
+                .status()
+                .unwrap()
+                .success()
+        );
+        Self(name)
+    }
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.0)
+    }
+    fn netlink(&self) -> Netlink {
+        Netlink::in_netns(&self.path()).unwrap()
+    }
+}
+
+impl Drop for TestNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// Deletes a host interface on drop, in case a test fails half way.
+struct HostLink(String);
+
+impl Drop for HostLink {
+    fn drop(&mut self) {
+        let _ = Netlink::new().and_then(|mut nl| nl.delete_link_by_name(&self.0));
+    }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Ok,
+    /// `POST /v1/endpoints` answers 500.
+    EndpointFails,
+    /// `POST /v1/ipam/allocate` answers 409.
+    Conflict,
+}
+
+#[derive(Default)]
+struct Seen {
+    calls: Vec<String>,
+    endpoints: Vec<Endpoint>,
+}
+
+struct FakeAgent {
+    socket: PathBuf,
+    seen: Arc<Mutex<Seen>>,
+    _dir: PathBuf,
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
+
+const ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 5);
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+
+impl FakeAgent {
+    fn start(mode: Mode) -> Self {
+        let dir = std::env::temp_dir().join(unique("hypcni-agent"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("agent.sock");
+        let listener = UnixListener::bind(&socket).unwrap();
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let state = seen.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { return };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                reader.read_line(&mut request_line).unwrap();
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if line == "\r\n" || line.is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = line.split_once(':')
+                        && k.eq_ignore_ascii_case("content-length")
+                    {
+                        len = v.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; len];
+                reader.read_exact(&mut body).unwrap();
+                let mut parts = request_line.split_whitespace();
+                let call = format!("{} {}", parts.next().unwrap(), parts.next().unwrap());
+                let (status, answer) = answer(mode, &call, &body, &mut state.lock().unwrap());
+                state.lock().unwrap().calls.push(call);
+                let answer = answer.to_string();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+            }
+        });
+        Self {
+            socket,
+            seen,
+            _dir: dir,
+        }
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.seen.lock().unwrap().calls.clone()
+    }
+}
+
+fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str, Value) {
+    match call {
+        "POST /v1/ipam/allocate" if mode == Mode::Conflict => {
+            ("409 Conflict", json!({"error": "endpoint exists"}))
+        }
+        "POST /v1/ipam/allocate" => (
+            "200 OK",
+            serde_json::to_value(Allocation {
+                address: ADDRESS,
+                gateway: GATEWAY,
+                pod_cidr: "10.77.0.0/24".parse().unwrap(),
+            })
+            .unwrap(),
+        ),
+        "POST /v1/endpoints" if mode == Mode::EndpointFails => (
+            "500 Internal Server Error",
+            json!({"error": "attach failed"}),
+        ),
+        "POST /v1/endpoints" => {
+            let req: CreateEndpointRequest = serde_json::from_slice(body).unwrap();
+            let ep = Endpoint {
+                id: 1,
+                container_id: req.container_id,
+                ifname: req.ifname,
+                netns: req.netns,
+                host_ifname: req.host_ifname,
+                host_ifindex: 0,
+                address: req.address,
+                pod_mac: req.pod_mac,
+                host_mac: MacAddr::default(),
+                labels: req.labels,
+                counters: EndpointCounters::default(),
+                drops: Vec::new(),
+            };
+            seen.endpoints.push(ep.clone());
+            ("200 OK", serde_json::to_value(ep).unwrap())
+        }
+        "GET /v1/endpoints" => ("200 OK", serde_json::to_value(&seen.endpoints).unwrap()),
+        c if c.starts_with("DELETE /v1/endpoints/") => {
+            let removed = !seen.endpoints.is_empty();
+            seen.endpoints.clear();
+            let resp = DeleteResponse {
+                endpoint_removed: removed,
+                address_released: removed.then_some(ADDRESS),
+            };
+            ("200 OK", serde_json::to_value(resp).unwrap())
+        }
+        _ => ("404 Not Found", json!({"error": "no such route"})),
+    }
+}
+
+fn cni(command: &str, cid: &str, netns: &Path, ifname: &str, conf: &Value) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hypha-cni"))
+        .env_clear()
+        .env("CNI_COMMAND", command)
+        .env("CNI_CONTAINERID", cid)
+        .env("CNI_NETNS", netns)
+        .env("CNI_IFNAME", ifname)
+        .env("CNI_PATH", "/opt/cni/bin")
+        .env(
+            "CNI_ARGS",
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0",
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(conf.to_string().as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn conf(version: &str, agent: &FakeAgent) -> Value {
+    json!({"cniVersion": version, "name": "hypha", "type": "hypha-cni", "agentSocket": agent.socket, "mtu": 1400})
+}
+
+fn reply(out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {out:?}"))
+}
+
+#[test]
+fn add_check_del() {
+    let agent = FakeAgent::start(Mode::Ok);
+    let ns = TestNetns::new();
+    let cid = unique("ctr");
+    let host = host_ifname(&cid, "eth0");
+    let _guard = HostLink(host.clone());
+
+    let out = cni("ADD", &cid, &ns.path(), "eth0", &conf("1.1.0", &agent));
+    assert!(out.status.success(), "{out:?}");
+    let result = reply(&out);
+
+    // The container side.
+    let mut pod_nl = ns.netlink();
+    let pod = pod_nl
+        .link_by_name("eth0")
+        .unwrap()
+        .expect("eth0 in the pod");
+    assert!(pod.up);
+    assert_eq!(pod.mtu, 1400);
+    assert_eq!(pod_nl.addresses(pod.index).unwrap(), vec![(ADDRESS, 32)]);
+    let routes = pod_nl.routes(pod.index).unwrap();
+    assert!(
+        routes
+            .iter()
+            .any(|r| r.dst.prefix_len() == 0 && r.gateway == Some(GATEWAY)),
+        "{routes:?}"
+    );
+    assert!(
+        routes
+            .iter()
+            .any(|r| r.dst == "10.77.0.1/32".parse().unwrap() && r.scope_link),
+        "{routes:?}"
+    );
+    // The host side.
+    let h = Netlink::new()
+        .unwrap()
+        .link_by_name(&host)
+        .unwrap()
+        .expect("host veth");
+    assert!(h.up);
+
+    assert_eq!(
+        result,
+        json!({
+            "cniVersion": "1.1.0",
+            "interfaces": [
+                {"name": host, "mac": MacAddr(h.mac).to_string()},
+                {"name": "eth0", "mac": MacAddr(pod.mac).to_string(), "sandbox": ns.path()},
+            ],
+            "ips": [{"address": "10.77.0.5/32", "gateway": "10.77.0.1", "interface": 1}],
+            "routes": [{"dst": "0.0.0.0/0", "gw": "10.77.0.1"}],
+            "dns": {},
+        })
+    );
+    {
+        let seen = agent.seen.lock().unwrap();
+        let ep = &seen.endpoints[0];
+        assert_eq!(ep.host_ifname, host);
+        assert_eq!(ep.pod_mac, MacAddr(pod.mac));
+        assert_eq!(ep.netns, ns.path().display().to_string());
+        assert_eq!(ep.labels.get("k8s:pod").map(String::as_str), Some("web-0"));
+    }
+
+    // CHECK against the result.
+    let mut check_conf = conf("1.1.0", &agent);
+    check_conf["prevResult"] = result.clone();
+    let out = cni("CHECK", &cid, &ns.path(), "eth0", &check_conf);
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.is_empty());
+
+    // CHECK reports what differs.
+    pod_nl
+        .delete_route(&hypha_netlink::Route {
+            dst: "0.0.0.0/0".parse().unwrap(),
+            gateway: Some(GATEWAY),
+            oif: pod.index,
+            scope_link: false,
+            src: None,
+        })
+        .unwrap();
+    let out = cni("CHECK", &cid, &ns.path(), "eth0", &check_conf);
+    assert!(!out.status.success());
+    let err = reply(&out);
+    assert_eq!(err["code"], 100);
+    assert!(
+        err["msg"]
+            .as_str()
+            .unwrap()
+            .contains("no default route via 10.77.0.1"),
+        "{err}"
+    );
+
+    // DEL removes both ends and the endpoint, and can be repeated.
+    let out = cni("DEL", &cid, &ns.path(), "eth0", &conf("1.1.0", &agent));
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        Netlink::new()
+            .unwrap()
+            .link_by_name(&host)
+            .unwrap()
+            .is_none()
+    );
+    assert!(pod_nl.link_by_name("eth0").unwrap().is_none());
+    let out = cni("DEL", &cid, &ns.path(), "eth0", &conf("1.1.0", &agent));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        agent
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("DELETE"))
+            .count(),
+        2
+    );
+}
+
+#[test]
+fn add_result_in_old_versions() {
+    let agent = FakeAgent::start(Mode::Ok);
+    let ns = TestNetns::new();
+    let cid = unique("ctr");
+    let _guard = HostLink(host_ifname(&cid, "net1"));
+    let out = cni("ADD", &cid, &ns.path(), "net1", &conf("0.3.1", &agent));
+    assert!(out.status.success(), "{out:?}");
+    let r = reply(&out);
+    assert_eq!(r["cniVersion"], "0.3.1");
+    assert_eq!(r["ips"][0]["version"], "4");
+    assert_eq!(r["interfaces"][1]["name"], "net1");
+}
+
+#[test]
+fn failed_endpoint_rolls_everything_back() {
+    let agent = FakeAgent::start(Mode::EndpointFails);
+    let ns = TestNetns::new();
+    let cid = unique("ctr");
+    let host = host_ifname(&cid, "eth0");
+    let _guard = HostLink(host.clone());
+
+    let out = cni("ADD", &cid, &ns.path(), "eth0", &conf("1.0.0", &agent));
+    assert!(!out.status.success());
+    let err = reply(&out);
+    assert_eq!(err["code"], 5, "{err}");
+    assert!(
+        err["msg"].as_str().unwrap().contains("attach failed"),
+        "{err}"
+    );
+    assert!(
+        Netlink::new()
+            .unwrap()
+            .link_by_name(&host)
+            .unwrap()
+            .is_none()
+    );
+    assert!(ns.netlink().link_by_name("eth0").unwrap().is_none());
+    assert_eq!(
+        agent.calls(),
+        vec![
+            "POST /v1/ipam/allocate".to_owned(),
+            "POST /v1/endpoints".to_owned(),
+            format!("DELETE /v1/endpoints/{cid}/eth0"),
+        ]
+    );
+}
+
+#[test]
+fn ifname_taken_in_the_container() {
+    let agent = FakeAgent::start(Mode::Ok);
+    let ns = TestNetns::new();
+    let cid = unique("ctr");
+    let host = host_ifname(&cid, "eth0");
+    let _guard = HostLink(host.clone());
+    let netns = ns.0.clone();
+    assert!(
+        Command::new("ip")
+            .args([
+                "-n", &netns, "link", "add", "eth0", "type", "veth", "peer", "name", "other0"
+            ])
+            .status()
+            .unwrap()
+            .success()
+    );
+
+    let out = cni("ADD", &cid, &ns.path(), "eth0", &conf("1.1.0", &agent));
+    let err = reply(&out);
+    assert_eq!(err["code"], 4, "{err}");
+    assert_eq!(
+        err["msg"],
+        format!(
+            "interface eth0 already exists in the container's network namespace {}",
+            ns.path().display()
+        )
+    );
+    assert!(
+        Netlink::new()
+            .unwrap()
+            .link_by_name(&host)
+            .unwrap()
+            .is_none()
+    );
+    // The address was given back.
+    assert_eq!(
+        agent.calls().last().unwrap(),
+        &format!("DELETE /v1/endpoints/{cid}/eth0")
+    );
+}
+
+#[test]
+fn add_twice_leaves_the_first_alone() {
+    let agent = FakeAgent::start(Mode::Conflict);
+    let ns = TestNetns::new();
+    let cid = unique("ctr");
+    let out = cni("ADD", &cid, &ns.path(), "eth0", &conf("1.1.0", &agent));
+    let err = reply(&out);
+    assert_eq!(err["code"], 4, "{err}");
+    assert!(
+        err["msg"].as_str().unwrap().contains("already attached"),
+        "{err}"
+    );
+    assert_eq!(agent.calls(), vec!["POST /v1/ipam/allocate".to_owned()]);
+}

@@ -1,0 +1,276 @@
+//! The two measurements between a pair of pods: TCP throughput (iperf3) and 1-byte TCP
+//! request/response latency (threads of this process, each inside one pod's namespace).
+
+use std::fs::File;
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd as _;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use serde::Serialize;
+
+use super::setups::Pods;
+
+/// Round trips timed in one latency run, at most (8 bytes each).
+const MAX_SAMPLES: usize = 2_000_000;
+
+/// Bits per second received by the server, over `seconds` of one TCP stream from the
+/// client pod to the server pod.
+pub fn throughput(pods: &Pods, seconds: u32) -> Result<f64> {
+    let server = Killed(
+        Command::new("ip")
+            .args(["netns", "exec", &pods.server_ns, "iperf3", "-s", "-1", "-B"])
+            .arg(pods.server_ip.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting the iperf3 server")?,
+    );
+    let limit = Duration::from_secs(u64::from(seconds) + 30);
+    // The server needs a moment to listen; a refused connection does not use up its
+    // single (-1) test, so the client just tries again.
+    let start = Instant::now();
+    let json = loop {
+        let out = with_deadline(
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &pods.client_ns,
+                    "iperf3",
+                    "-J",
+                    "--connect-timeout",
+                    "3000",
+                    "-c",
+                ])
+                .arg(pods.server_ip.to_string())
+                .args(["-t", &seconds.to_string()]),
+            limit,
+        )?;
+        let json: serde_json::Value = serde_json::from_str(&out)
+            .with_context(|| format!("iperf3 -J printed no JSON: {out}"))?;
+        match json["error"].as_str() {
+            None => break json,
+            Some(e)
+                if e.contains("unable to connect") && start.elapsed() < Duration::from_secs(5) =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Some(e) => bail!("iperf3: {e}"),
+        }
+    };
+    drop(server);
+    json["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3's JSON has no end.sum_received.bits_per_second")
+}
+
+/// One latency run's summary (nanoseconds).
+#[derive(Clone, Debug, Serialize)]
+pub struct Latency {
+    pub round_trips: usize,
+    pub min_ns: u32,
+    pub mean_ns: f64,
+    pub p50_ns: u32,
+    pub p90_ns: u32,
+    pub p99_ns: u32,
+    pub p999_ns: u32,
+    pub max_ns: u32,
+}
+
+impl Latency {
+    /// From samples sorted ascending (at least one).
+    pub fn from_sorted(s: &[u32]) -> Self {
+        Self {
+            round_trips: s.len(),
+            min_ns: s[0],
+            mean_ns: s.iter().map(|&x| f64::from(x)).sum::<f64>() / s.len() as f64,
+            p50_ns: percentile(s, 50.0),
+            p90_ns: percentile(s, 90.0),
+            p99_ns: percentile(s, 99.0),
+            p999_ns: percentile(s, 99.9),
+            max_ns: s[s.len() - 1],
+        }
+    }
+}
+
+/// Nearest-rank percentile of samples sorted ascending.
+pub fn percentile(sorted: &[u32], p: f64) -> u32 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// 1-byte request/response over one TCP connection (TCP_NODELAY both ways), client pod
+/// to server pod: a short warm-up, then round trips for `seconds`, each timed.
+pub fn latency(pods: &Pods, seconds: u32) -> Result<Latency> {
+    let (server_ns, ip) = (pods.server_ns.clone(), pods.server_ip);
+    let (port_tx, port_rx) = mpsc::channel();
+    let server = std::thread::spawn(move || rr_server(&server_ns, ip, &port_tx));
+    let port = match port_rx.recv_timeout(Duration::from_secs(10)) {
+        Ok(port) => port,
+        Err(_) => {
+            let why = match server.join() {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => anyhow!("it stopped"),
+                Err(_) => anyhow!("it panicked"),
+            };
+            return Err(why.context("the latency server did not start"));
+        }
+    };
+    let client_ns = pods.client_ns.clone();
+    let addr = SocketAddr::from((ip, port));
+    let duration = Duration::from_secs(u64::from(seconds));
+    let client = std::thread::spawn(move || rr_client(&client_ns, addr, duration));
+    let samples = client
+        .join()
+        .map_err(|_| anyhow!("the latency client panicked"))?;
+    let served = server
+        .join()
+        .map_err(|_| anyhow!("the latency server panicked"))?;
+    let mut samples = samples.context("latency client")?;
+    served.context("latency server")?;
+    if samples.is_empty() {
+        bail!("no round trips completed");
+    }
+    samples.sort_unstable();
+    Ok(Latency::from_sorted(&samples))
+}
+
+/// Moves the calling thread (only) into a named network namespace.
+fn enter_netns(name: &str) -> Result<()> {
+    let path = Path::new("/run/netns").join(name);
+    let ns = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    // SAFETY: setns reads a valid, open descriptor; joining a network namespace changes
+    // only this thread's namespace, and this thread is ours alone.
+    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| format!("setns into {name}"));
+    }
+    Ok(())
+}
+
+fn rr_server(netns: &str, ip: Ipv4Addr, port: &mpsc::Sender<u16>) -> Result<()> {
+    enter_netns(netns)?;
+    let listener =
+        TcpListener::bind((ip, 0)).with_context(|| format!("binding {ip}:0 in {netns}"))?;
+    let _ = port.send(listener.local_addr()?.port());
+    // Bounded: a client that never comes does not leave this thread behind for good.
+    listener.set_nonblocking(true)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut conn = loop {
+        match listener.accept() {
+            Ok((conn, _)) => break conn,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e).context("accepting the latency client"),
+        }
+    };
+    conn.set_nonblocking(false)?;
+    conn.set_nodelay(true)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut byte = [0u8; 1];
+    loop {
+        match conn.read(&mut byte)? {
+            0 => return Ok(()),
+            _ => conn.write_all(&byte)?,
+        }
+    }
+}
+
+fn rr_client(netns: &str, addr: SocketAddr, duration: Duration) -> Result<Vec<u32>> {
+    enter_netns(netns)?;
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
+        .with_context(|| format!("connecting to {addr} from {netns}"))?;
+    conn.set_nodelay(true)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut byte = [b'x'];
+    let mut round_trip = |conn: &mut TcpStream| -> Result<()> {
+        conn.write_all(&byte)?;
+        conn.read_exact(&mut byte)?;
+        Ok(())
+    };
+    let warm_up = Instant::now();
+    for _ in 0..10_000 {
+        if warm_up.elapsed() > duration / 10 {
+            break;
+        }
+        round_trip(&mut conn)?;
+    }
+    let mut samples = Vec::with_capacity(1 << 16);
+    let start = Instant::now();
+    while start.elapsed() < duration && samples.len() < MAX_SAMPLES {
+        let t = Instant::now();
+        round_trip(&mut conn)?;
+        samples.push(t.elapsed().as_nanos().min(u128::from(u32::MAX)) as u32);
+    }
+    Ok(samples)
+}
+
+/// Runs a command with a time limit; its standard output, whatever its exit status
+/// (iperf3 -J reports its errors in the JSON).
+fn with_deadline(cmd: &mut Command, limit: Duration) -> Result<String> {
+    let what = crate::util::describe(cmd);
+    let mut child = Killed(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot run {what}"))?,
+    );
+    let mut stdout = child.0.stdout.take().expect("stdout is piped");
+    // Read while waiting: a long run's JSON can fill the pipe.
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        stdout.read_to_string(&mut s).map(|_| s)
+    });
+    let deadline = Instant::now() + limit;
+    while child.0.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            bail!("{what} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    reader
+        .join()
+        .map_err(|_| anyhow!("reading {what}: the reader panicked"))?
+        .with_context(|| format!("reading the output of {what}"))
+}
+
+/// A child process killed and reaped when dropped (if still running).
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let s: Vec<u32> = (1..=100).collect();
+        assert_eq!(percentile(&s, 50.0), 50);
+        assert_eq!(percentile(&s, 99.0), 99);
+        assert_eq!(percentile(&s, 100.0), 100);
+        assert_eq!(percentile(&s, 0.0), 1);
+        assert_eq!(percentile(&[7], 99.9), 7);
+        let l = Latency::from_sorted(&s);
+        assert_eq!(
+            (l.min_ns, l.p90_ns, l.max_ns, l.round_trips),
+            (1, 90, 100, 100)
+        );
+        assert!((l.mean_ns - 50.5).abs() < 1e-9);
+    }
+}
