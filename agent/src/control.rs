@@ -180,11 +180,11 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         };
         let before = self.ipam.owner_address(&owner);
         let address = self.ipam.allocate(&owner)?;
-        if before.is_none() {
-            if let Err(e) = self.persist() {
-                self.ipam.release(&owner);
-                return Err(e.into());
-            }
+        if before.is_none()
+            && let Err(e) = self.persist()
+        {
+            self.ipam.release(&owner);
+            return Err(e.into());
         }
         Ok(Allocation {
             address,

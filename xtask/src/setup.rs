@@ -56,10 +56,10 @@ fn cargo_home() -> PathBuf {
 
 fn bpf_linker() -> Result<()> {
     let bin = cargo_home().join("bin/bpf-linker");
-    if let Ok(v) = output(Command::new(&bin).arg("--version")) {
-        if v.contains(BPF_LINKER_VERSION) {
-            return Ok(());
-        }
+    if let Ok(v) = output(Command::new(&bin).arg("--version"))
+        && v.contains(BPF_LINKER_VERSION)
+    {
+        return Ok(());
     }
     // bpf-linker must use exactly rustc's LLVM: point LLVM_PREFIX at a folder whose lib/
     // links to the nightly toolchain's own libLLVM, under both names the build looks for.

@@ -330,10 +330,10 @@ impl Datapath for EbpfDatapath {
         match self.endpoints() {
             Ok(mut m) => match m.get(&key, 0) {
                 Ok(info) if info.ifindex == ep.host_ifindex => {
-                    if let Err(e) = m.remove(&key) {
-                        if !is_not_found(&e) {
-                            errors.push(map_err("delete from", maps::ENDPOINTS4)(e));
-                        }
+                    if let Err(e) = m.remove(&key)
+                        && !is_not_found(&e)
+                    {
+                        errors.push(map_err("delete from", maps::ENDPOINTS4)(e));
                     }
                 }
                 Ok(_) => {}
@@ -344,10 +344,10 @@ impl Datapath for EbpfDatapath {
         }
         match self.ep_stats_mut() {
             Ok(mut m) => {
-                if let Err(e) = m.remove(&ep.host_ifindex) {
-                    if !is_not_found(&e) {
-                        errors.push(map_err("delete from", maps::EP_STATS)(e));
-                    }
+                if let Err(e) = m.remove(&ep.host_ifindex)
+                    && !is_not_found(&e)
+                {
+                    errors.push(map_err("delete from", maps::EP_STATS)(e));
                 }
             }
             Err(e) => errors.push(e),
@@ -403,10 +403,10 @@ impl Datapath for EbpfDatapath {
                         .and_then(|n| n.strip_prefix("tcx-"))
                         .and_then(|n| n.split('-').next())
                         .and_then(|n| n.parse::<u32>().ok());
-                    if ifindex.is_none_or(|i| !ifindexes.contains(&i)) {
-                        if let Err(e) = remove_pin(&entry.path()) {
-                            errors.push(e);
-                        }
+                    if ifindex.is_none_or(|i| !ifindexes.contains(&i))
+                        && let Err(e) = remove_pin(&entry.path())
+                    {
+                        errors.push(e);
                     }
                 }
             }
@@ -478,10 +478,10 @@ impl EbpfDatapath {
                     .filter(|k| stale(k))
                     .collect();
                 for k in keys {
-                    if let Err(e) = m.remove(&k) {
-                        if !is_not_found(&e) {
-                            errors.push(map_err("delete from", maps::DROPS)(e));
-                        }
+                    if let Err(e) = m.remove(&k)
+                        && !is_not_found(&e)
+                    {
+                        errors.push(map_err("delete from", maps::DROPS)(e));
                     }
                 }
             }
@@ -521,7 +521,7 @@ fn remove_pin(path: &Path) -> Result<(), EbpfError> {
 }
 
 fn is_bpffs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
 }
 
 /// Makes sure `pin_dir` exists on a bpf filesystem, mounting bpffs at /sys/fs/bpf when the
