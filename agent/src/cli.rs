@@ -145,6 +145,8 @@ mod tests {
             pod_mac: MacAddr([2, 0, 0, 0, 0, 1]),
             host_mac: MacAddr([2, 0, 0, 0, 0, 2]),
             labels: Default::default(),
+            external_ipam: false,
+            bandwidth: None,
             counters: EndpointCounters {
                 egress: DirectionCounters {
                     passed: PacketCount {

@@ -3,12 +3,14 @@
 //! Every change is persisted before it is answered, and every answer says what went
 //! wrong in words an operator can act on.
 
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use hypha_api::{
-    AllocateRequest, Allocation, CreateEndpointRequest, DatapathStatus, DeleteResponse,
-    DirectionCounters, DropCount, Endpoint, EndpointCounters, IpamStatus, NodeStatus, PacketCount,
-    Status,
+    AllocateRequest, Allocation, Attachment, CreateEndpointRequest, DatapathStatus, DeleteResponse,
+    DirectionCounters, DropCount, Endpoint, EndpointCheck, EndpointCounters, GcRequest, GcResponse,
+    IpamStatus, NodeStatus, PacketCount, Status,
 };
 use hypha_common::{DIR_EGRESS, DropReason, EndpointStats};
 
@@ -25,6 +27,8 @@ pub enum ControlError {
     BadRequest(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
     #[error(transparent)]
     Ipam(#[from] IpamError),
     #[error(transparent)]
@@ -40,6 +44,7 @@ impl ControlError {
         match self {
             ControlError::BadRequest(_) => 400,
             ControlError::Conflict(_) => 409,
+            ControlError::NotFound(_) => 404,
             ControlError::Ipam(IpamError::Exhausted { .. }) => 507,
             _ => 500,
         }
@@ -179,7 +184,10 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             ifname: req.ifname.clone(),
         };
         let before = self.ipam.owner_address(&owner);
-        let address = self.ipam.allocate(&owner)?;
+        let address = match req.address {
+            Some(wanted) => self.ipam.allocate_specific(&owner, wanted)?,
+            None => self.ipam.allocate(&owner)?,
+        };
         if before.is_none()
             && let Err(e) = self.persist()
         {
@@ -208,7 +216,21 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             container_id: req.container_id.clone(),
             ifname: req.ifname.clone(),
         };
+        if let Some(other) = self.endpoints.iter().find(|e| e.address == req.address) {
+            return Err(ControlError::Conflict(format!(
+                "address {} is already used by endpoint {} (container {} interface {})",
+                req.address, other.id, other.container_id, other.ifname
+            )));
+        }
         match self.ipam.owner_address(&owner) {
+            _ if req.external_ipam => {
+                if let Some(holder) = self.ipam.holder(req.address) {
+                    return Err(ControlError::Conflict(format!(
+                        "address {} from the delegated IPAM plugin is reserved for {holder} by the agent's own allocator",
+                        req.address
+                    )));
+                }
+            }
             Some(a) if a == req.address => {}
             Some(a) => {
                 return Err(ControlError::BadRequest(format!(
@@ -239,6 +261,8 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             pod_mac: req.pod_mac,
             host_mac: link.mac,
             labels: req.labels.clone(),
+            external_ipam: req.external_ipam,
+            bandwidth: req.bandwidth,
         };
         self.host
             .route_pod(link.index, req.address, self.config.gateway())?;
@@ -265,15 +289,8 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             container_id: container_id.to_owned(),
             ifname: ifname.to_owned(),
         };
-        let mut errors = Vec::new();
-        let removed = self
-            .find(container_id, ifname)
-            .map(|i| self.endpoints.remove(i));
-        if let Some(ep) = &removed {
-            errors.extend(self.datapath.detach(ep).into_iter().map(|e| e.to_string()));
-        }
-        let released = self.ipam.release(&owner);
-        if removed.is_some() || released.is_some() {
+        let (removed, released, errors) = self.remove(&owner, false);
+        if removed || released.is_some() {
             self.persist()?;
         }
         if !errors.is_empty() {
@@ -283,9 +300,134 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             )));
         }
         Ok(DeleteResponse {
-            endpoint_removed: removed.is_some(),
+            endpoint_removed: removed,
             address_released: released,
         })
+    }
+
+    /// The endpoint of one attachment and what of it is missing, for CNI CHECK.
+    pub fn check_endpoint(
+        &mut self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<EndpointCheck, ControlError> {
+        let i = self.find(container_id, ifname).ok_or_else(|| {
+            ControlError::NotFound(format!(
+                "no endpoint for container {container_id} interface {ifname}"
+            ))
+        })?;
+        let ep = self.endpoints[i].clone();
+        let mut problems = Vec::new();
+        match self.host.link(&ep.host_ifname)? {
+            Some(l) if l.index == ep.host_ifindex => {}
+            Some(l) => problems.push(format!(
+                "host interface {} was replaced: ifindex {} instead of {}",
+                ep.host_ifname, l.index, ep.host_ifindex
+            )),
+            None => problems.push(format!("host interface {} is gone", ep.host_ifname)),
+        }
+        problems.extend(self.datapath.check(&ep));
+        Ok(EndpointCheck {
+            endpoint: self.describe(&ep, &[]),
+            problems,
+        })
+    }
+
+    /// Removes every endpoint and reservation that belongs to no valid attachment, with
+    /// its host veth, map entries and links; keeps going past errors and reports them.
+    pub fn gc(&mut self, req: &GcRequest) -> Result<GcResponse, ControlError> {
+        let valid: BTreeSet<(&str, &str)> = req
+            .valid_attachments
+            .iter()
+            .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
+            .collect();
+        let mut stale: BTreeSet<Owner> = self
+            .endpoints
+            .iter()
+            .map(EndpointRecord::owner)
+            .chain(self.ipam.owners().cloned())
+            .collect();
+        stale.retain(|o| !valid.contains(&(o.container_id.as_str(), o.ifname.as_str())));
+        let mut resp = GcResponse::default();
+        for owner in stale {
+            let (removed, released, errors) = self.remove(&owner, true);
+            resp.errors.extend(errors);
+            resp.released.extend(released);
+            if removed || released.is_some() {
+                resp.removed.push(Attachment {
+                    container_id: owner.container_id,
+                    ifname: owner.ifname,
+                });
+            }
+        }
+        self.persist()?;
+        Ok(resp)
+    }
+
+    /// Finishes the deletes `hypha-cni` could not hand over while the agent was down, and
+    /// removes endpoints whose host veth vanished (their pod is gone). Returns what it did.
+    pub fn reconcile(&mut self, deferred: &[Attachment]) -> Vec<String> {
+        let mut done = Vec::new();
+        let mut owners: Vec<Owner> = deferred
+            .iter()
+            .map(|a| Owner {
+                container_id: a.container_id.clone(),
+                ifname: a.ifname.clone(),
+            })
+            .collect();
+        let vanished: Vec<Owner> = self
+            .endpoints
+            .iter()
+            .filter(|e| {
+                !matches!(self.host.link(&e.host_ifname), Ok(Some(l)) if l.index == e.host_ifindex)
+                    && !matches!(self.host.link(&e.host_ifname), Err(_))
+            })
+            .map(EndpointRecord::owner)
+            .collect();
+        owners.extend(vanished);
+        owners.sort();
+        owners.dedup();
+        for owner in owners {
+            let (removed, released, errors) = self.remove(&owner, false);
+            if removed || released.is_some() {
+                done.push(format!("removed {owner} (address {released:?})"));
+            }
+            done.extend(errors);
+        }
+        if !done.is_empty() {
+            if let Err(e) = self.persist() {
+                done.push(format!("cannot save the state: {e}"));
+            }
+        }
+        done
+    }
+
+    /// Takes one attachment down: endpoint, datapath, optionally its host veth, address.
+    /// Does not persist.
+    fn remove(
+        &mut self,
+        owner: &Owner,
+        delete_veth: bool,
+    ) -> (bool, Option<Ipv4Addr>, Vec<String>) {
+        let mut errors = Vec::new();
+        let removed = self
+            .find(&owner.container_id, &owner.ifname)
+            .map(|i| self.endpoints.remove(i));
+        if let Some(ep) = &removed {
+            if delete_veth {
+                if let Err(e) = self.host.delete_link(&ep.host_ifname) {
+                    errors.push(format!("{owner}: cannot delete {}: {e}", ep.host_ifname));
+                }
+            }
+            errors.extend(
+                self.datapath
+                    .detach(ep)
+                    .into_iter()
+                    .map(|e| format!("{owner}: {e}")),
+            );
+        }
+        let released = self.ipam.release(owner);
+        (removed.is_some(), released, errors)
     }
 
     pub fn list(&self) -> Vec<Endpoint> {
@@ -319,6 +461,8 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             pod_mac: ep.pod_mac,
             host_mac: ep.host_mac,
             labels: ep.labels.clone(),
+            external_ipam: ep.external_ipam,
+            bandwidth: ep.bandwidth,
             counters: counters(&stats),
             drops: drops
                 .iter()
@@ -467,6 +611,7 @@ mod tests {
         let alloc = agent.allocate(&AllocateRequest {
             container_id: cid.into(),
             ifname: "eth0".into(),
+            address: None,
         })?;
         agent.create_endpoint(&CreateEndpointRequest {
             container_id: cid.into(),
@@ -476,6 +621,8 @@ mod tests {
             address: alloc.address,
             pod_mac: MacAddr([2, 1, 1, 1, 1, 1]),
             labels: Default::default(),
+            external_ipam: false,
+            bandwidth: None,
         })
     }
 
@@ -549,6 +696,8 @@ mod tests {
                 address: Ipv4Addr::new(10, 7, 0, 5),
                 pod_mac: MacAddr::default(),
                 labels: Default::default(),
+                external_ipam: false,
+                bandwidth: None,
             })
             .unwrap_err();
         assert!(err.to_string().contains("no address is allocated"), "{err}");
@@ -625,5 +774,145 @@ mod tests {
         let c = add(&mut agent, "c", "hypa2").err();
         assert!(c.is_some(), "hypa2 does not exist");
         assert!(store.last().next_endpoint_id > b.id);
+    }
+
+    #[test]
+    fn gc_removes_what_no_valid_attachment_owns() {
+        let (mut agent, _, store) = start(
+            host_with(&[("hypa", 10), ("hypb", 11)]),
+            PersistedState::default(),
+            FakeDatapath::default(),
+        );
+        add(&mut agent, "a", "hypa").unwrap();
+        let b = add(&mut agent, "b", "hypb").unwrap();
+        // An ADD that died after allocating: a reservation without endpoint.
+        agent
+            .allocate(&AllocateRequest {
+                container_id: "c".into(),
+                ifname: "eth0".into(),
+                address: None,
+            })
+            .unwrap();
+        let resp = agent
+            .gc(&GcRequest {
+                valid_attachments: vec![Attachment {
+                    container_id: "b".into(),
+                    ifname: "eth0".into(),
+                }],
+            })
+            .unwrap();
+        let removed: Vec<&str> = resp
+            .removed
+            .iter()
+            .map(|a| a.container_id.as_str())
+            .collect();
+        assert_eq!(removed, vec!["a", "c"]);
+        assert_eq!(resp.released.len(), 2);
+        assert!(resp.errors.is_empty());
+        assert!(!agent.host.links.contains_key("hypa"), "a's veth deleted");
+        assert!(agent.host.links.contains_key("hypb"));
+        assert_eq!(agent.list().len(), 1);
+        assert_eq!(store.last().ipam.allocations.len(), 1);
+        assert_eq!(
+            store.last().ipam.allocations.keys().next(),
+            Some(&b.address)
+        );
+    }
+
+    #[test]
+    fn reconcile_finishes_deferred_deletes_and_reaps_vanished_veths() {
+        let (mut agent, _, store) = start(
+            host_with(&[("hypa", 10), ("hypb", 11), ("hypc", 12)]),
+            PersistedState::default(),
+            FakeDatapath::default(),
+        );
+        for (c, h) in [("a", "hypa"), ("b", "hypb"), ("c", "hypc")] {
+            add(&mut agent, c, h).unwrap();
+        }
+        assert!(agent.reconcile(&[]).is_empty(), "nothing to do");
+        agent.host.links.remove("hypb"); // pod b deleted behind our back
+        let done = agent.reconcile(&[Attachment {
+            container_id: "a".into(),
+            ifname: "eth0".into(),
+        }]);
+        assert_eq!(done.len(), 2, "{done:?}");
+        let left: Vec<String> = agent.list().into_iter().map(|e| e.container_id).collect();
+        assert_eq!(left, vec!["c"]);
+        assert_eq!(store.last().ipam.allocations.len(), 1);
+    }
+
+    #[test]
+    fn specific_and_external_addresses() {
+        let (mut agent, _, _) = start(
+            host_with(&[("hypa", 10), ("hypb", 11), ("hypc", 12)]),
+            PersistedState::default(),
+            FakeDatapath::default(),
+        );
+        let want = Ipv4Addr::new(10, 7, 0, 5);
+        let alloc = agent
+            .allocate(&AllocateRequest {
+                container_id: "a".into(),
+                ifname: "eth0".into(),
+                address: Some(want),
+            })
+            .unwrap();
+        assert_eq!(alloc.address, want);
+        let err = agent
+            .allocate(&AllocateRequest {
+                container_id: "b".into(),
+                ifname: "eth0".into(),
+                address: Some(want),
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("already in use"), "{err}");
+
+        let external =
+            |agent: &mut Agent<FakeDatapath, FakeHost>, cid: &str, host: &str, address| {
+                agent.create_endpoint(&CreateEndpointRequest {
+                    container_id: cid.into(),
+                    ifname: "eth0".into(),
+                    netns: "/x".into(),
+                    host_ifname: host.into(),
+                    address,
+                    pod_mac: MacAddr::default(),
+                    labels: Default::default(),
+                    external_ipam: true,
+                    bandwidth: None,
+                })
+            };
+        // An address from a delegated plugin needs no allocation, and releases none.
+        let ep = external(&mut agent, "b", "hypb", Ipv4Addr::new(192, 0, 2, 10)).unwrap();
+        assert!(ep.external_ipam);
+        // It may not take an address the agent reserved for someone else.
+        let err = external(&mut agent, "c", "hypc", want).unwrap_err();
+        assert_eq!(err.http_status(), 409, "{err}");
+        let del = agent.delete_endpoint("b", "eth0").unwrap();
+        assert!(del.endpoint_removed && del.address_released.is_none());
+    }
+
+    #[test]
+    fn check_reports_what_is_missing() {
+        let (mut agent, _, _) = start(
+            host_with(&[("hypa", 10)]),
+            PersistedState::default(),
+            FakeDatapath::default(),
+        );
+        add(&mut agent, "a", "hypa").unwrap();
+        assert!(
+            agent
+                .check_endpoint("a", "eth0")
+                .unwrap()
+                .problems
+                .is_empty()
+        );
+        agent.datapath.attached.clear();
+        agent.host.links.remove("hypa");
+        let problems = agent.check_endpoint("a", "eth0").unwrap().problems;
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].contains("host interface hypa is gone"));
+        assert_eq!(
+            agent.check_endpoint("x", "eth0").unwrap_err().http_status(),
+            404
+        );
     }
 }

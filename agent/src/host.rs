@@ -38,6 +38,9 @@ pub trait HostNetwork: Send {
     fn setup_node(&mut self, node: &NodeNetwork) -> Result<(), HostError>;
     /// The interface named `name` in the agent's network namespace, if it exists.
     fn link(&mut self, name: &str) -> Result<Option<HostLink>, HostError>;
+    /// Deletes a host interface (a pod's host veth, which takes its peer along); whether
+    /// it existed.
+    fn delete_link(&mut self, name: &str) -> Result<bool, HostError>;
     /// Routes `address` to the pod behind host interface `ifindex`.
     fn route_pod(
         &mut self,
@@ -99,6 +102,10 @@ impl HostNetwork for LinuxHost {
             index: l.index,
             mac: MacAddr(l.mac),
         }))
+    }
+
+    fn delete_link(&mut self, name: &str) -> Result<bool, HostError> {
+        Ok(self.nl.delete_link_by_name(name)?)
     }
 
     fn route_pod(
@@ -195,6 +202,9 @@ pub mod fake {
         }
         fn link(&mut self, name: &str) -> Result<Option<HostLink>, HostError> {
             Ok(self.links.get(name).copied())
+        }
+        fn delete_link(&mut self, name: &str) -> Result<bool, HostError> {
+            Ok(self.links.remove(name).is_some())
         }
         fn route_pod(
             &mut self,

@@ -40,6 +40,21 @@ pub enum IpamError {
         owner: Owner,
         cidr: Ipv4Net,
     },
+    /// A requested address is held by someone else.
+    #[error("address {address} is already in use by {owner}")]
+    InUse { address: Ipv4Addr, owner: Owner },
+    /// A requested address cannot be handed out.
+    #[error(
+        "address {address} cannot be requested: it is not a pod address of pod CIDR {cidr} (the network, broadcast and gateway addresses are reserved)"
+    )]
+    NotAllocatable { address: Ipv4Addr, cidr: Ipv4Net },
+    /// The owner already holds another address.
+    #[error("{owner} already holds {held}, not {requested}")]
+    OwnerHoldsOther {
+        owner: Owner,
+        held: Ipv4Addr,
+        requested: Ipv4Addr,
+    },
     /// One owner holds two addresses in persisted state.
     #[error("{owner} holds both {first} and {second}")]
     DuplicateOwner {
@@ -144,6 +159,49 @@ impl Ipam {
             cidr: self.cidr,
             capacity: self.capacity(),
         })
+    }
+
+    /// Gives `owner` exactly `address` (the CNI `ips` capability); asking twice is fine.
+    pub fn allocate_specific(
+        &mut self,
+        owner: &Owner,
+        address: Ipv4Addr,
+    ) -> Result<Ipv4Addr, IpamError> {
+        if let Some(held) = self.owner_address(owner) {
+            return if held == address {
+                Ok(held)
+            } else {
+                Err(IpamError::OwnerHoldsOther {
+                    owner: owner.clone(),
+                    held,
+                    requested: address,
+                })
+            };
+        }
+        if !self.usable(address) {
+            return Err(IpamError::NotAllocatable {
+                address,
+                cidr: self.cidr,
+            });
+        }
+        if let Some(other) = self.state.allocations.get(&address) {
+            return Err(IpamError::InUse {
+                address,
+                owner: other.clone(),
+            });
+        }
+        self.state.allocations.insert(address, owner.clone());
+        Ok(address)
+    }
+
+    /// Who holds `address`, if anyone.
+    pub fn holder(&self, address: Ipv4Addr) -> Option<&Owner> {
+        self.state.allocations.get(&address)
+    }
+
+    /// Every reservation.
+    pub fn owners(&self) -> impl Iterator<Item = &Owner> {
+        self.state.allocations.values()
     }
 
     /// Gives back what `owner` holds; releasing nothing is not an error.
@@ -258,6 +316,32 @@ mod tests {
             Ipam::restore(cidr, Ipv4Addr::new(10, 1, 0, 1), state),
             Err(IpamError::DuplicateOwner { .. })
         ));
+    }
+
+    #[test]
+    fn specific_addresses() {
+        let mut ipam = ipam("10.1.0.0/24");
+        let want = Ipv4Addr::new(10, 1, 0, 77);
+        assert_eq!(ipam.allocate_specific(&owner(1), want), Ok(want));
+        assert_eq!(ipam.allocate_specific(&owner(1), want), Ok(want));
+        assert!(matches!(
+            ipam.allocate_specific(&owner(2), want),
+            Err(IpamError::InUse { .. })
+        ));
+        assert!(matches!(
+            ipam.allocate_specific(&owner(1), Ipv4Addr::new(10, 1, 0, 78)),
+            Err(IpamError::OwnerHoldsOther { .. })
+        ));
+        for reserved in [[10, 1, 0, 0], [10, 1, 0, 1], [10, 1, 0, 255], [10, 2, 0, 5]] {
+            let err = ipam
+                .allocate_specific(&owner(3), Ipv4Addr::from(reserved))
+                .unwrap_err();
+            assert!(matches!(err, IpamError::NotAllocatable { .. }), "{err}");
+        }
+        // The walk skips it.
+        for i in 10..20 {
+            assert_ne!(ipam.allocate(&owner(i)).unwrap(), want);
+        }
     }
 
     #[test]

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{get, post};
 use axum::{Json, Router};
-use hypha_api::{AllocateRequest, ApiError, CreateEndpointRequest};
+use hypha_api::{AllocateRequest, ApiError, CreateEndpointRequest, GcRequest};
 use tokio::net::UnixListener;
 use tokio::sync::Mutex;
 
@@ -59,8 +59,9 @@ where
         .route("/v1/endpoints", get(list::<D, H>).post(create::<D, H>))
         .route(
             "/v1/endpoints/{container_id}/{ifname}",
-            delete(remove::<D, H>),
+            get(check::<D, H>).delete(remove::<D, H>),
         )
+        .route("/v1/gc", post(gc::<D, H>))
         .route("/v1/ipam/allocate", post(allocate::<D, H>))
         .with_state(agent)
 }
@@ -89,6 +90,23 @@ async fn create<D: Datapath, H: HostNetwork>(
     let ep = a.lock().await.create_endpoint(&req)?;
     tracing::info!(id = ep.id, container = %ep.container_id, host_if = %ep.host_ifname, address = %ep.address, "endpoint created");
     Ok((StatusCode::CREATED, Json(ep)).into_response())
+}
+
+async fn check<D: Datapath, H: HostNetwork>(
+    State(a): State<Shared<D, H>>,
+    UrlPath((container_id, ifname)): UrlPath<(String, String)>,
+) -> Result<Response, ControlError> {
+    let check = a.lock().await.check_endpoint(&container_id, &ifname)?;
+    Ok(Json(check).into_response())
+}
+
+async fn gc<D: Datapath, H: HostNetwork>(
+    State(a): State<Shared<D, H>>,
+    Json(req): Json<GcRequest>,
+) -> Result<Response, ControlError> {
+    let resp = a.lock().await.gc(&req)?;
+    tracing::info!(removed = resp.removed.len(), released = ?resp.released, errors = ?resp.errors, "garbage collected");
+    Ok(Json(resp).into_response())
 }
 
 async fn remove<D: Datapath, H: HostNetwork>(

@@ -9,7 +9,7 @@ use std::net::Ipv4Addr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use hypha_api::MacAddr;
+use hypha_api::{Bandwidth, MacAddr};
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +55,11 @@ pub struct EndpointRecord {
     pub host_mac: MacAddr,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The address came from a delegated IPAM plugin; the agent holds no reservation.
+    #[serde(default)]
+    pub external_ipam: bool,
+    #[serde(default)]
+    pub bandwidth: Option<Bandwidth>,
 }
 
 impl EndpointRecord {
@@ -206,6 +211,8 @@ mod tests {
             pod_mac: MacAddr([2, 0, 0, 0, 0, 1]),
             host_mac: MacAddr([2, 0, 0, 0, 0, 2]),
             labels: BTreeMap::from([("app".into(), "web".into())]),
+            external_ipam: false,
+            bandwidth: None,
         });
         store.save(&state).unwrap();
         assert_eq!(store.load().unwrap(), state);

@@ -12,7 +12,8 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
 use crate::{
-    AllocateRequest, Allocation, ApiError, CreateEndpointRequest, DeleteResponse, Endpoint, Status,
+    AllocateRequest, Allocation, ApiError, CreateEndpointRequest, DeleteResponse, Endpoint,
+    EndpointCheck, GcRequest, GcResponse, Status,
 };
 
 /// Why a call to the agent failed.
@@ -120,16 +121,27 @@ impl Client {
         self.call(Method::POST, "/v1/endpoints", Some(req))
     }
 
+    /// The endpoint of one attachment with the datapath's health (`404` when unknown).
+    pub fn check_endpoint(
+        &self,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<EndpointCheck, ClientError> {
+        let uri = endpoint_uri(container_id, ifname);
+        self.call(Method::GET, &uri, None::<&()>)
+    }
+
+    /// Removes everything that belongs to no valid attachment.
+    pub fn gc(&self, req: &GcRequest) -> Result<GcResponse, ClientError> {
+        self.call(Method::POST, "/v1/gc", Some(req))
+    }
+
     pub fn delete_endpoint(
         &self,
         container_id: &str,
         ifname: &str,
     ) -> Result<DeleteResponse, ClientError> {
-        let uri = format!(
-            "/v1/endpoints/{}/{}",
-            percent_encode(container_id),
-            percent_encode(ifname)
-        );
+        let uri = endpoint_uri(container_id, ifname);
         self.call(Method::DELETE, &uri, None::<&()>)
     }
 
@@ -214,6 +226,14 @@ impl Client {
         conn.abort();
         Ok((status, bytes))
     }
+}
+
+fn endpoint_uri(container_id: &str, ifname: &str) -> String {
+    format!(
+        "/v1/endpoints/{}/{}",
+        percent_encode(container_id),
+        percent_encode(ifname)
+    )
 }
 
 /// Escapes a path segment: container ids are usually hex, but runtimes may send anything.

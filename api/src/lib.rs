@@ -6,7 +6,9 @@
 //! | `GET /v1/endpoints`                           |                           | `Vec<`[`Endpoint`]`>` |
 //! | `POST /v1/ipam/allocate`                      | [`AllocateRequest`]       | [`Allocation`]      |
 //! | `POST /v1/endpoints`                          | [`CreateEndpointRequest`] | [`Endpoint`]        |
+//! | `GET /v1/endpoints/{container_id}/{ifname}`   |                           | [`EndpointCheck`]   |
 //! | `DELETE /v1/endpoints/{container_id}/{ifname}`|                           | [`DeleteResponse`]  |
+//! | `POST /v1/gc`                                 | [`GcRequest`]             | [`GcResponse`]      |
 //!
 //! Errors come back with a 4xx/5xx status and an [`ApiError`] body. Because it is plain
 //! HTTP, `curl --unix-socket /run/hypha/agent.sock http://hypha/v1/status` works too.
@@ -74,6 +76,9 @@ pub struct DatapathStatus {
 pub struct AllocateRequest {
     pub container_id: String,
     pub ifname: String,
+    /// A specific address (the CNI `ips` capability); it must be free and in the pod CIDR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Ipv4Addr>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -100,6 +105,28 @@ pub struct CreateEndpointRequest {
     pub pod_mac: MacAddr,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The address came from a delegated IPAM plugin, not from the agent's allocator: the
+    /// agent records it without an allocation (and releases nothing on delete).
+    #[serde(default)]
+    pub external_ipam: bool,
+    /// Rate limits from the CNI `bandwidth` capability, stored for the datapath to enforce.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<Bandwidth>,
+}
+
+/// Rate limits as the CNI `bandwidth` capability gives them: rates in bits per second,
+/// bursts in bits. Absent fields mean no limit in that direction.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Bandwidth {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_rate: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_burst: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_rate: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_burst: Option<u64>,
 }
 
 /// One endpoint, as `GET /v1/endpoints` lists it.
@@ -116,6 +143,11 @@ pub struct Endpoint {
     pub host_mac: MacAddr,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Whether the address came from a delegated IPAM plugin.
+    #[serde(default)]
+    pub external_ipam: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<Bandwidth>,
     /// Counters read from the datapath; zero when it could not be read.
     #[serde(default)]
     pub counters: EndpointCounters,
@@ -175,6 +207,48 @@ pub struct DeleteResponse {
     pub endpoint_removed: bool,
     /// The address given back to the pool, if one was held.
     pub address_released: Option<Ipv4Addr>,
+}
+
+/// `GET /v1/endpoints/{container_id}/{ifname}`: the endpoint and whether the datapath
+/// still holds everything it should, for CNI CHECK.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EndpointCheck {
+    pub endpoint: Endpoint,
+    /// Problems found: the host veth gone or replaced, a program detached, a map entry
+    /// missing or different. Empty when all is well.
+    pub problems: Vec<String>,
+}
+
+/// One attachment a runtime still considers valid (CNI GC's `cni.dev/valid-attachments`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Attachment {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// `POST /v1/gc`: remove every endpoint and address reservation not listed.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct GcRequest {
+    pub valid_attachments: Vec<Attachment>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct GcResponse {
+    /// Attachments whose endpoint, veth, map entries and address were removed.
+    pub removed: Vec<Attachment>,
+    /// Addresses given back to the pool.
+    pub released: Vec<Ipv4Addr>,
+    /// What could not be cleaned; the rest was cleaned anyway.
+    pub errors: Vec<String>,
+}
+
+/// Where `hypha-cni` leaves a DEL it could not hand to the agent (the agent was down):
+/// one [`Attachment`] as JSON per file, in a directory beside the agent's socket. The
+/// agent finishes those deletes when it is back, at start and then periodically.
+pub fn deferred_deletes_dir(socket: &std::path::Path) -> std::path::PathBuf {
+    let mut name = socket.file_name().unwrap_or_default().to_os_string();
+    name.push(".deferred");
+    socket.with_file_name(name)
 }
 
 /// The body of every error answer.

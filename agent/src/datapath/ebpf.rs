@@ -356,6 +356,67 @@ impl Datapath for EbpfDatapath {
         errors
     }
 
+    fn check(&self, ep: &EndpointRecord) -> Vec<String> {
+        let mut problems = Vec::new();
+        let key = EndpointKey4::from_octets(ep.address.octets());
+        match self
+            .ebpf
+            .map(maps::ENDPOINTS4)
+            .map(HashMap::<&MapData, EndpointKey4, EndpointInfo>::try_from)
+        {
+            Some(Ok(m)) => match m.get(&key, 0) {
+                Ok(info)
+                    if info.ifindex == ep.host_ifindex
+                        && info.endpoint_id == ep.id
+                        && info.pod_mac == ep.pod_mac.0
+                        && info.host_mac == ep.host_mac.0 => {}
+                Ok(info) => problems.push(format!(
+                    "{} entry for {} differs: ifindex {} (want {}), endpoint {} (want {})",
+                    maps::ENDPOINTS4,
+                    ep.address,
+                    info.ifindex,
+                    ep.host_ifindex,
+                    info.endpoint_id,
+                    ep.id
+                )),
+                Err(e) if is_not_found(&e) => problems.push(format!(
+                    "{} has no entry for {}",
+                    maps::ENDPOINTS4,
+                    ep.address
+                )),
+                Err(e) => problems.push(format!("cannot read {}: {e}", maps::ENDPOINTS4)),
+            },
+            _ => problems.push(format!("map {} is not loaded", maps::ENDPOINTS4)),
+        }
+        match self
+            .ebpf
+            .map(maps::EP_STATS)
+            .map(PerCpuHashMap::<&MapData, u32, EndpointStats>::try_from)
+        {
+            Some(Ok(m)) => {
+                if m.get(&ep.host_ifindex, 0).is_err() {
+                    problems.push(format!(
+                        "{} has no counters for ifindex {}",
+                        maps::EP_STATS,
+                        ep.host_ifindex
+                    ));
+                }
+            }
+            _ => problems.push(format!("map {} is not loaded", maps::EP_STATS)),
+        }
+        for (name, _, suffix) in ATTACHMENTS {
+            let pin = self.link_pin(ep.host_ifindex, suffix);
+            if PinnedLink::from_pin(&pin).is_err() {
+                problems.push(format!(
+                    "program {name} is not attached to {} ({} is missing)",
+                    ep.host_ifname,
+                    pin.display()
+                ));
+            }
+        }
+        problems
+    }
+
     fn sweep(&mut self, keep: &[EndpointRecord]) -> Vec<EbpfError> {
         let mut errors = Vec::new();
         let addrs: HashSet<EndpointKey4> = keep

@@ -50,6 +50,14 @@ impl Datapath for FakeDatapath {
         Vec::new()
     }
 
+    fn check(&self, ep: &EndpointRecord) -> Vec<String> {
+        if self.attached.get(&ep.host_ifindex) == Some(ep) {
+            Vec::new()
+        } else {
+            vec![format!("{} is not attached", ep.host_ifname)]
+        }
+    }
+
     fn sweep(&mut self, keep: &[EndpointRecord]) -> Vec<FakeError> {
         self.pinned
             .retain(|i| keep.iter().any(|k| k.host_ifindex == *i));

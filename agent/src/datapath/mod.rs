@@ -35,6 +35,9 @@ pub trait Datapath: Send {
     /// Removes everything `attach` made; keeps going past errors and returns them all.
     fn detach(&mut self, ep: &EndpointRecord) -> Vec<Self::Error>;
 
+    /// What of `ep` is missing or different in the datapath (empty when all is in place).
+    fn check(&self, ep: &EndpointRecord) -> Vec<String>;
+
     /// Removes map entries and pinned links that belong to none of `keep`.
     fn sweep(&mut self, keep: &[EndpointRecord]) -> Vec<Self::Error>;
 

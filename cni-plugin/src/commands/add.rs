@@ -35,6 +35,7 @@ pub fn run(a: &Attachment, conf: &NetConf) -> Result<Value, Error> {
         .allocate(&AllocateRequest {
             container_id: a.container_id.clone(),
             ifname: a.ifname.clone(),
+            address: None,
         })
         .map_err(|e| {
             if error::is_conflict(&e) {
@@ -150,6 +151,8 @@ impl Plumbing<'_> {
                 address: alloc.address,
                 pod_mac: MacAddr(pod.mac),
                 labels: labels(a),
+                external_ipam: false,
+                bandwidth: None,
             })
             .map_err(error::agent)?;
 
