@@ -9,7 +9,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
-use super::measure::{self, Latency};
+use super::measure::{self, Latency, Pin};
 use super::median;
 use super::setups::{self, Kind, Plan, Pods};
 use super::svg::{self, BarChart, Series};
@@ -31,6 +31,9 @@ pub struct Options {
     /// Setups to compare, comma-separated (veth is the reference for the ratios).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Kind::Veth, Kind::Bridge, Kind::Hypha])]
     setups: Vec<Kind>,
+    /// CPUs of the latency client and server threads.
+    #[arg(long, value_enum, default_value_t = Pin::Same)]
+    latency_pin: Pin,
 }
 
 /// One setup's pods (if it could be made) and its results.
@@ -55,6 +58,7 @@ struct Report {
     machine: Machine,
     runs: u32,
     seconds: u32,
+    latency_pin: Pin,
     setups: Vec<SetupReport>,
     hypha_vs_bridge: Option<HyphaVsBridge>,
     targets: Vec<Target>,
@@ -174,7 +178,7 @@ pub fn run(o: &Options) -> Result<()> {
         for k in 0..n {
             let setup = &mut setups[(round + k) % n];
             let Some(pods) = &setup.pods else { continue };
-            let run = measure_once(pods, round as u32 + 1, o.seconds);
+            let run = measure_once(pods, round as u32 + 1, o);
             println!(
                 "    round {}/{} {:<7} {}",
                 round + 1,
@@ -221,13 +225,13 @@ pub fn run(o: &Options) -> Result<()> {
     Ok(())
 }
 
-fn measure_once(pods: &Pods, run: u32, seconds: u32) -> Run {
+fn measure_once(pods: &Pods, run: u32, o: &Options) -> Run {
     let mut errors = Vec::new();
-    let throughput_gbps = measure::throughput(pods, seconds)
+    let throughput_gbps = measure::throughput(pods, o.seconds)
         .map(|bps| bps / 1e9)
         .map_err(|e| errors.push(format!("throughput: {e:#}")))
         .ok();
-    let latency = measure::latency(pods, seconds)
+    let latency = measure::latency(pods, o.seconds, o.latency_pin)
         .map_err(|e| errors.push(format!("latency: {e:#}")))
         .ok();
     Run {
@@ -369,6 +373,7 @@ fn report(
         machine,
         runs: o.runs,
         seconds: o.seconds,
+        latency_pin: o.latency_pin,
         setups: reports,
         hypha_vs_bridge,
         targets,
@@ -384,8 +389,12 @@ fn print_table(r: &Report) {
     let pct = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.1}%"));
     println!();
     println!(
-        "Datapath bench: median of {} rounds, {} s each; kernel {}, {} CPUs",
-        r.runs, r.seconds, r.machine.kernel, r.machine.nproc
+        "Datapath bench: median of {} rounds, {} s each; kernel {}, {} CPUs; latency threads: {}",
+        r.runs,
+        r.seconds,
+        r.machine.kernel,
+        r.machine.nproc,
+        r.latency_pin.describe()
     );
     println!(
         "{:<8} {:>14} {:>9} {:>9} {:>15} {:>12} {:>12}",
@@ -463,8 +472,13 @@ fn chart(r: &Report) -> String {
         h,
         "Hypha datapath bench: pod to pod",
         &format!(
-            "{} rounds x {} s, setups interleaved; kernel {}, {} CPUs; {}",
-            r.runs, r.seconds, r.machine.kernel, r.machine.nproc, r.machine.timestamp_utc
+            "{} rounds x {} s, setups interleaved; latency threads: {}; kernel {}, {} CPUs; {}",
+            r.runs,
+            r.seconds,
+            r.latency_pin.describe(),
+            r.machine.kernel,
+            r.machine.nproc,
+            r.machine.timestamp_utc
         ),
         &[
             svg::bars(&throughput, 10.0, 60.0, w / 2.0 - 20.0, h - 70.0),

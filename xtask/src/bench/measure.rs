@@ -105,12 +105,46 @@ pub fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// Where the latency client and server threads run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pin {
+    /// Both on the last CPU: each round trip is the datapath's own cost, without waking
+    /// another (possibly idle, on a VM slow to wake) CPU.
+    Same,
+    /// Client on the first CPU, server on the last: adds a cross-CPU wake-up each way.
+    Split,
+    /// Wherever the scheduler puts them (bimodal on small VMs).
+    None,
+}
+
+impl Pin {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Pin::Same => "both on one CPU",
+            Pin::Split => "on two CPUs",
+            Pin::None => "unpinned",
+        }
+    }
+
+    /// (client CPU, server CPU).
+    fn cpus(self) -> (Option<usize>, Option<usize>) {
+        let last = std::thread::available_parallelism().map_or(1, |n| n.get()) - 1;
+        match self {
+            Pin::Same => (Some(last), Some(last)),
+            Pin::Split => (Some(0), Some(last)),
+            Pin::None => (None, None),
+        }
+    }
+}
+
 /// 1-byte request/response over one TCP connection (TCP_NODELAY both ways), client pod
 /// to server pod: a short warm-up, then round trips for `seconds`, each timed.
-pub fn latency(pods: &Pods, seconds: u32) -> Result<Latency> {
+pub fn latency(pods: &Pods, seconds: u32, pin: Pin) -> Result<Latency> {
     let (server_ns, ip) = (pods.server_ns.clone(), pods.server_ip);
+    let (client_cpu, server_cpu) = pin.cpus();
     let (port_tx, port_rx) = mpsc::channel();
-    let server = std::thread::spawn(move || rr_server(&server_ns, ip, &port_tx));
+    let server = std::thread::spawn(move || rr_server(&server_ns, server_cpu, ip, &port_tx));
     let port = match port_rx.recv_timeout(Duration::from_secs(10)) {
         Ok(port) => port,
         Err(_) => {
@@ -125,7 +159,7 @@ pub fn latency(pods: &Pods, seconds: u32) -> Result<Latency> {
     let client_ns = pods.client_ns.clone();
     let addr = SocketAddr::from((ip, port));
     let duration = Duration::from_secs(u64::from(seconds));
-    let client = std::thread::spawn(move || rr_client(&client_ns, addr, duration));
+    let client = std::thread::spawn(move || rr_client(&client_ns, client_cpu, addr, duration));
     let samples = client
         .join()
         .map_err(|_| anyhow!("the latency client panicked"))?;
@@ -154,8 +188,31 @@ fn enter_netns(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn rr_server(netns: &str, ip: Ipv4Addr, port: &mpsc::Sender<u16>) -> Result<()> {
+/// Keeps the calling thread (only) on one CPU.
+fn pin_to(cpu: Option<usize>) -> Result<()> {
+    let Some(cpu) = cpu else { return Ok(()) };
+    // SAFETY: cpu_set_t is plain bits, valid zeroed; CPU_SET stays within it for any cpu
+    // below CPU_SETSIZE (available_parallelism is far below); pid 0 is this thread.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("pinning to CPU {cpu}"));
+    }
+    Ok(())
+}
+
+fn rr_server(
+    netns: &str,
+    cpu: Option<usize>,
+    ip: Ipv4Addr,
+    port: &mpsc::Sender<u16>,
+) -> Result<()> {
     enter_netns(netns)?;
+    pin_to(cpu)?;
     let listener =
         TcpListener::bind((ip, 0)).with_context(|| format!("binding {ip}:0 in {netns}"))?;
     let _ = port.send(listener.local_addr()?.port());
@@ -183,8 +240,14 @@ fn rr_server(netns: &str, ip: Ipv4Addr, port: &mpsc::Sender<u16>) -> Result<()> 
     }
 }
 
-fn rr_client(netns: &str, addr: SocketAddr, duration: Duration) -> Result<Vec<u32>> {
+fn rr_client(
+    netns: &str,
+    cpu: Option<usize>,
+    addr: SocketAddr,
+    duration: Duration,
+) -> Result<Vec<u32>> {
     enter_netns(netns)?;
+    pin_to(cpu)?;
     let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(3))
         .with_context(|| format!("connecting to {addr} from {netns}"))?;
     conn.set_nodelay(true)?;

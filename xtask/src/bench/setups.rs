@@ -243,6 +243,7 @@ fn hypha(plan: &Plan, td: &Teardown) -> Result<Pods> {
             .arg("--pin-dir")
             .arg(&pin_dir)
             .args(["--pod-cidr", &format!("10.{a}.{b}.0/24"), "--no-masquerade"])
+            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
