@@ -76,7 +76,7 @@ pub enum EnvError {
 }
 
 /// Reads the operation from the variables `get` returns (`std::env::var_os` in the binary).
-pub fn parse(get: impl Fn(&str) -> Option<OsString>) -> Result<Operation, EnvError> {
+pub fn parse(get: &impl Fn(&str) -> Option<OsString>) -> Result<Operation, EnvError> {
     let var = |name: &'static str| -> Result<Option<String>, EnvError> {
         match get(name) {
             None => Ok(None),
@@ -221,7 +221,7 @@ mod tests {
             .iter()
             .map(|(k, v)| ((*k).to_owned(), OsString::from(v)))
             .collect();
-        parse(|k| map.get(k).cloned())
+        parse(&|k| map.get(k).cloned())
     }
 
     const ADD: &[(&str, &str)] = &[
@@ -405,7 +405,7 @@ mod tests {
     #[test]
     fn non_utf8_is_reported() {
         use std::os::unix::ffi::OsStringExt;
-        let e = parse(|k| match k {
+        let e = parse(&|k| match k {
             "CNI_COMMAND" => Some(OsString::from("ADD")),
             "CNI_CONTAINERID" => Some(OsString::from_vec(vec![0xff])),
             _ => None,

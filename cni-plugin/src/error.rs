@@ -35,6 +35,10 @@ impl CniError {
         Self::new(1, msg, "")
     }
     /// 2: unsupported field in the network configuration (or operation).
+    #[expect(
+        dead_code,
+        reason = "every spec code has its constructor; no failure needs this one yet"
+    )]
     pub fn unsupported_field(msg: impl Into<String>) -> Self {
         Self::new(2, msg, "")
     }
@@ -71,10 +75,6 @@ impl CniError {
         Self::new(50, msg, "")
     }
     /// 51: the plugin is not available, existing containers may have limited connectivity.
-    #[expect(
-        dead_code,
-        reason = "every spec code has its constructor; no failure needs this one yet"
-    )]
     pub fn plugin_not_available_limited(msg: impl Into<String>) -> Self {
         Self::new(51, msg, "")
     }
@@ -119,9 +119,9 @@ pub enum Error {
         version: CniVersion,
         min: CniVersion,
     },
-    /// An operation this plugin does not implement.
-    #[error("{0}")]
-    Unsupported(&'static str),
+    /// GC: the agent could not clean something (it cleaned the rest).
+    #[error("agent GC: {0}")]
+    GcAgent(String),
     /// `CNI_NETNS` names nothing.
     #[error("CNI_NETNS={} does not exist", .path.display())]
     NetnsMissing { path: PathBuf },
@@ -143,13 +143,12 @@ pub enum Error {
     AgentUnreachable(#[source] Box<ClientError>),
     /// The agent already has this (container, interface): ADD was called twice.
     #[error(
-        "CNI_CONTAINERID={container_id} CNI_IFNAME={ifname} is already attached (ADD called again without DEL): {source}"
+        "CNI_CONTAINERID={container_id} CNI_IFNAME={ifname} is already attached (ADD called again without DEL): {detail}"
     )]
     AlreadyAttached {
         container_id: String,
         ifname: String,
-        #[source]
-        source: Box<ClientError>,
+        detail: String,
     },
     /// Any other failure of a call to the agent.
     #[error("{0}")]
@@ -157,6 +156,68 @@ pub enum Error {
     /// STATUS: the agent cannot serve ADD.
     #[error("the hypha agent is not available: {0}")]
     AgentNotAvailable(#[source] Box<ClientError>),
+    /// STATUS: the agent answers but cannot serve ADD (no address left, ...).
+    #[error("the hypha agent cannot serve ADD: {0}")]
+    NotReady(String),
+    /// STATUS: the agent's datapath is broken; existing pods may have lost connectivity.
+    #[error(
+        "the hypha agent is not available and existing pods may have limited connectivity: {0}"
+    )]
+    Degraded(String),
+    /// A requested address (`runtimeConfig.ips`) cannot be had.
+    #[error("runtimeConfig.ips: address {address} cannot be given to this pod: {source}")]
+    RequestedAddress {
+        address: std::net::Ipv4Addr,
+        #[source]
+        source: Box<ClientError>,
+    },
+    /// The agent's allocator has no address left.
+    #[error("{0}")]
+    Exhausted(#[source] Box<ClientError>),
+    /// DEL could not reach the agent and could not leave the delete for it either.
+    #[error("cannot leave the delete for the hypha agent in {}: {source}", .path.display())]
+    DeferredDelete {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// `ipam.type` is set but `CNI_PATH` is not.
+    #[error("CNI_PATH is not set (required to run the IPAM plugin {plugin:?} named in ipam.type)")]
+    NoCniPath { plugin: String },
+    /// The IPAM plugin is in no directory of `CNI_PATH`.
+    #[error(
+        "invalid network configuration: ipam.type={plugin:?}: no such plugin in CNI_PATH={cni_path}"
+    )]
+    DelegateNotFound { plugin: String, cni_path: String },
+    /// The IPAM plugin could not be run.
+    #[error("cannot run the IPAM plugin {}: {source}", .plugin.display())]
+    DelegateExec {
+        plugin: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The IPAM plugin answered with a CNI error; its code is kept.
+    #[error("IPAM plugin {plugin} ({command}): {msg}")]
+    Delegated {
+        plugin: String,
+        command: &'static str,
+        code: u32,
+        msg: String,
+    },
+    /// The IPAM plugin failed without a CNI error.
+    #[error("IPAM plugin {plugin} ({command}) failed: {problem}")]
+    DelegateFailed {
+        plugin: String,
+        command: &'static str,
+        problem: String,
+    },
+    /// The IPAM plugin's answer cannot be used.
+    #[error("IPAM plugin {plugin} ({command}): {problem}")]
+    DelegateBadResult {
+        plugin: String,
+        command: &'static str,
+        problem: String,
+    },
     /// CHECK without a previous result.
     #[error("invalid network configuration: prevResult is required for CHECK")]
     MissingPrevResult,
@@ -194,7 +255,7 @@ impl From<Error> for CniError {
             },
             Error::Stdin(_) => CniError::io_failure(msg),
             Error::VersionTooOld { .. } => CniError::incompatible_version(msg),
-            Error::Unsupported(_) => CniError::unsupported_field(msg),
+            Error::GcAgent(_) => CniError::io_failure(msg),
             // Not a network namespace (EINVAL from setns) is the variable's fault.
             Error::Netns { source, .. } => match source {
                 hypha_netlink::Error::EnterNetns { .. } => CniError::invalid_env(msg),
@@ -211,7 +272,17 @@ impl From<Error> for CniError {
                 }
                 _ => CniError::io_failure(msg),
             },
-            Error::AgentNotAvailable(_) => CniError::plugin_not_available(msg),
+            // Addresses come back as pods go: the runtime's retry can succeed.
+            Error::Exhausted(_) => CniError::try_again_later(msg),
+            Error::RequestedAddress { .. } => CniError::invalid_config(msg),
+            Error::AgentNotAvailable(_) | Error::NotReady(_) => CniError::plugin_not_available(msg),
+            Error::Degraded(_) => CniError::plugin_not_available_limited(msg),
+            Error::DeferredDelete { .. } | Error::DelegateExec { .. } => CniError::io_failure(msg),
+            Error::NoCniPath { .. } => CniError::invalid_env(msg),
+            Error::DelegateNotFound { .. } => CniError::invalid_config(msg),
+            Error::Delegated { code, .. } => CniError::new(code, msg, ""),
+            Error::DelegateFailed { .. } => CniError::io_failure(msg),
+            Error::DelegateBadResult { .. } => CniError::decode_failure(msg),
             Error::MissingPrevResult | Error::InvalidPrevResult(_) => CniError::invalid_config(msg),
             Error::CheckFailed(_) => CniError::plugin(CHECK_FAILED, msg),
             Error::WithCleanup { error, cleanup } => {
@@ -241,6 +312,8 @@ impl From<Error> for CniError {
 mod hyper_status {
     pub const SERVICE_UNAVAILABLE: u16 = 503;
     pub const CONFLICT: u16 = 409;
+    pub const NOT_FOUND: u16 = 404;
+    pub const INSUFFICIENT_STORAGE: u16 = 507;
 }
 
 /// Whether the agent answered 409 Conflict.
@@ -248,10 +321,22 @@ pub fn is_conflict(e: &ClientError) -> bool {
     matches!(e, ClientError::Api { status, .. } if status.as_u16() == hyper_status::CONFLICT)
 }
 
+/// Whether the agent answered 507 Insufficient Storage: no address left.
+pub fn is_exhausted(e: &ClientError) -> bool {
+    matches!(e, ClientError::Api { status, .. } if status.as_u16() == hyper_status::INSUFFICIENT_STORAGE)
+}
+
+/// Whether the agent answered 404 Not Found.
+pub fn is_not_found(e: &ClientError) -> bool {
+    matches!(e, ClientError::Api { status, .. } if status.as_u16() == hyper_status::NOT_FOUND)
+}
+
 /// Classifies a failed call to the agent: unreachable (try again later) or not.
 pub fn agent(e: ClientError) -> Error {
     if e.is_unreachable() {
         Error::AgentUnreachable(Box::new(e))
+    } else if is_exhausted(&e) {
+        Error::Exhausted(Box::new(e))
     } else {
         Error::Agent(Box::new(e))
     }
@@ -278,7 +363,31 @@ mod tests {
             (ConfigError::Missing("name").into(), 7),
             (ConfigError::NotAnObject("a number").into(), 6),
             (Error::NetnsMissing { path: "/x".into() }, 4),
-            (Error::Unsupported("GC is not supported yet"), 2),
+            (Error::GcAgent("cannot delete hyp0".into()), 5),
+            (Error::Degraded("no programs".into()), 51),
+            (Error::NotReady("no address left".into()), 50),
+            (
+                Error::NoCniPath {
+                    plugin: "host-local".into(),
+                },
+                4,
+            ),
+            (
+                Error::DelegateNotFound {
+                    plugin: "x".into(),
+                    cni_path: "/opt/cni/bin".into(),
+                },
+                7,
+            ),
+            (
+                Error::Delegated {
+                    plugin: "host-local".into(),
+                    command: "ADD",
+                    code: 999,
+                    msg: "no IP addresses available".into(),
+                },
+                999,
+            ),
             (agent(unreachable()), 11),
             (Error::AgentNotAvailable(Box::new(unreachable())), 50),
             (Error::MissingPrevResult, 7),

@@ -10,9 +10,12 @@
 
 mod commands;
 mod config;
+mod delegate;
 mod env;
 mod error;
 pub mod naming;
+#[cfg(test)]
+mod properties;
 mod result;
 
 use std::io::{self, IsTerminal, Read, Write};
@@ -68,7 +71,9 @@ fn execute(
     get_env: impl Fn(&str) -> Option<std::ffi::OsString>,
     stdin: &io::Result<Vec<u8>>,
 ) -> Result<Option<Value>, Error> {
-    let op = env::parse(get_env)?;
+    let op = env::parse(&get_env)?;
+    let cni_path = get_env("CNI_PATH");
+    let cni_path = cni_path.as_ref();
     let conf = || -> Result<config::NetConf, Error> {
         match stdin {
             Ok(bytes) => Ok(config::parse(bytes)?),
@@ -80,11 +85,11 @@ fn execute(
             let stdin = stdin.as_deref().unwrap_or_default();
             Ok(Some(commands::version::run(stdin)))
         }
-        Operation::Gc => Err(Error::Unsupported("GC is not supported yet")),
-        Operation::Add(a) => commands::add::run(&a, &conf()?).map(Some),
-        Operation::Del(d) => commands::del::run(&d, &conf()?).map(|()| None),
-        Operation::Check(a) => commands::check::run(&a, &conf()?).map(|()| None),
-        Operation::Status => commands::status::run(&conf()?).map(|()| None),
+        Operation::Gc => commands::gc::run(&conf()?, cni_path).map(|()| None),
+        Operation::Add(a) => commands::add::run(&a, &conf()?, cni_path).map(Some),
+        Operation::Del(d) => commands::del::run(&d, &conf()?, cni_path).map(|()| None),
+        Operation::Check(a) => commands::check::run(&a, &conf()?, cni_path).map(|()| None),
+        Operation::Status => commands::status::run(&conf()?, cni_path).map(|()| None),
     }
 }
 
@@ -115,14 +120,35 @@ mod tests {
     }
 
     #[test]
-    fn gc_is_not_supported_yet() {
+    fn gc_needs_1_1_and_its_attachments() {
+        let e = exec(
+            &[("CNI_COMMAND", "GC")],
+            r#"{"cniVersion": "1.0.0", "name": "n"}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, 1);
         let e = exec(
             &[("CNI_COMMAND", "GC")],
             r#"{"cniVersion": "1.1.0", "name": "n"}"#,
         )
         .unwrap_err();
-        assert_eq!(e.code, 2);
-        assert_eq!(e.msg, "GC is not supported yet");
+        assert_eq!(e.code, 7);
+        assert!(e.msg.contains("cni.dev/valid-attachments"), "{}", e.msg);
+        let e = exec(
+            &[("CNI_COMMAND", "GC")],
+            r#"{"cniVersion": "1.1.0", "name": "n", "cni.dev/valid-attachments": [{"containerID": 1}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(e.code, 7);
+        assert!(e.msg.contains("cni.dev/valid-attachments"), "{}", e.msg);
+        // disableGC: nothing to do, nothing to reach.
+        assert_eq!(
+            exec(
+                &[("CNI_COMMAND", "GC")],
+                r#"{"cniVersion": "1.1.0", "name": "n", "disableGC": true, "agentSocket": "/nonexistent"}"#,
+            ),
+            Ok(None)
+        );
     }
 
     #[test]

@@ -29,6 +29,16 @@ pub fn host_ifname(container_id: &str, ifname: &str) -> String {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+/// Whether `name` has the shape of [`host_ifname`]'s names: `hyp` and 12 lowercase hex
+/// digits. GC deletes stray veths of that shape, and only those.
+pub fn is_host_ifname(name: &str) -> bool {
+    name.len() == 15
+        && name.starts_with(HOST_IFNAME_PREFIX)
+        && name[HOST_IFNAME_PREFIX.len()..]
+            .bytes()
+            .all(|b| HEX.contains(&b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,5 +60,20 @@ mod tests {
         // The separator keeps ("a/b", "c") and ("a", "b/c") apart in principle; ifnames
         // cannot contain '/', so ids and names never collide this way.
         assert_eq!(host_ifname("", "").len(), 15);
+    }
+
+    #[test]
+    fn host_ifnames_are_recognised() {
+        assert!(is_host_ifname(&host_ifname("c1", "eth0")));
+        for other in [
+            "hyp",
+            "hyp538f587a236",
+            "hyp538f587a2365x",
+            "hypG38f587a2365",
+            "eth0",
+            "hybr12345678901",
+        ] {
+            assert!(!is_host_ifname(other), "{other}");
+        }
     }
 }

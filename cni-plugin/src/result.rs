@@ -19,6 +19,8 @@ pub struct Attached<'a> {
     pub netns: &'a Path,
     pub address: Ipv4Addr,
     pub gateway: Ipv4Addr,
+    /// DNS settings from a delegated IPAM plugin's result.
+    pub dns: Option<Value>,
 }
 
 /// ADD's success result.
@@ -47,7 +49,7 @@ pub fn add_result(version: CniVersion, a: &Attached<'_>) -> Value {
         ],
         "ips": [ip],
         "routes": [{ "dst": "0.0.0.0/0", "gw": a.gateway.to_string() }],
-        "dns": {},
+        "dns": a.dns.clone().unwrap_or_else(|| json!({})),
     })
 }
 
@@ -65,6 +67,10 @@ pub struct Expected {
     pub address: Ipv4Net,
     /// Gateway of the default route, if the result has one.
     pub default_gateway: Option<Ipv4Addr>,
+    /// Every IPv4 route of the result: destination and gateway.
+    pub routes: Vec<(Ipv4Net, Option<Ipv4Addr>)>,
+    /// MAC of the interface, if the result gives it.
+    pub mac: Option<MacAddr>,
 }
 
 /// Reads [`Expected`] for interface `ifname` out of a `prevResult` (any supported
@@ -101,16 +107,35 @@ pub fn expected_from_prev_result(prev: &Value, ifname: &str) -> Result<Expected,
         .find_map(parse)
         .or_else(|| ips.iter().find_map(parse))
         .ok_or_else(|| format!("prevResult has no IPv4 address for interface {ifname}"))?;
-    let route_gateway = prev
+    let routes: Vec<(Ipv4Net, Option<Ipv4Addr>)> = prev
         .get("routes")
         .and_then(Value::as_array)
         .into_iter()
         .flatten()
-        .filter(|r| r.get("dst").and_then(Value::as_str) == Some("0.0.0.0/0"))
-        .find_map(|r| r.get("gw").and_then(Value::as_str)?.parse().ok());
+        .filter_map(|r| {
+            let dst = r.get("dst")?.as_str()?.parse::<Ipv4Net>().ok()?;
+            let gw = r
+                .get("gw")
+                .and_then(Value::as_str)
+                .and_then(|g| g.parse().ok());
+            Some((dst.trunc(), gw))
+        })
+        .collect();
+    let route_gateway = routes
+        .iter()
+        .find(|(dst, _)| dst.prefix_len() == 0)
+        .and_then(|(_, gw)| *gw);
+    let mac = interfaces
+        .iter()
+        .find(|i| {
+            i.get("name").and_then(Value::as_str) == Some(ifname) && i.get("sandbox").is_some()
+        })
+        .and_then(|i| i.get("mac")?.as_str()?.parse().ok());
     Ok(Expected {
         address,
         default_gateway: route_gateway.or(ip_gateway),
+        routes,
+        mac,
     })
 }
 
@@ -127,6 +152,7 @@ mod tests {
             netns: Path::new("/run/netns/p"),
             address: Ipv4Addr::new(10, 244, 0, 5),
             gateway: Ipv4Addr::new(10, 244, 0, 1),
+            dns: None,
         }
     }
 
@@ -184,6 +210,11 @@ mod tests {
                 Ok(Expected {
                     address: "10.244.0.5/32".parse().unwrap(),
                     default_gateway: Some(Ipv4Addr::new(10, 244, 0, 1)),
+                    routes: vec![(
+                        "0.0.0.0/0".parse().unwrap(),
+                        Some(Ipv4Addr::new(10, 244, 0, 1))
+                    )],
+                    mac: Some(MacAddr([0x02, 0, 0, 0, 0, 0x02])),
                 }),
                 "{v}"
             );
@@ -205,6 +236,8 @@ mod tests {
             Ok(Expected {
                 address: "10.0.0.7/32".parse().unwrap(),
                 default_gateway: Some(Ipv4Addr::new(10, 0, 0, 1)),
+                routes: Vec::new(),
+                mac: None,
             })
         );
         assert!(

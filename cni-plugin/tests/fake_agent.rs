@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hypha_api::{
-    Allocation, CreateEndpointRequest, DeleteResponse, Endpoint, EndpointCounters, MacAddr,
+    Allocation, CreateEndpointRequest, DeleteResponse, Endpoint, EndpointCheck, EndpointCounters,
+    MacAddr,
 };
 use hypha_cni::naming::host_ifname;
 use hypha_netlink::Netlink;
@@ -167,6 +168,12 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
         ),
         "POST /v1/endpoints" => {
             let req: CreateEndpointRequest = serde_json::from_slice(body).unwrap();
+            // As the agent does, the host end's MAC is read from the kernel.
+            let host = Netlink::new()
+                .unwrap()
+                .link_by_name(&req.host_ifname)
+                .unwrap()
+                .expect("the host veth exists when the endpoint is created");
             let ep = Endpoint {
                 id: 1,
                 container_id: req.container_id,
@@ -176,8 +183,10 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
                 host_ifindex: 0,
                 address: req.address,
                 pod_mac: req.pod_mac,
-                host_mac: MacAddr::default(),
+                host_mac: MacAddr(host.mac),
                 labels: req.labels,
+                external_ipam: req.external_ipam,
+                bandwidth: req.bandwidth,
                 counters: EndpointCounters::default(),
                 drops: Vec::new(),
             };
@@ -185,6 +194,38 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
             ("200 OK", serde_json::to_value(ep).unwrap())
         }
         "GET /v1/endpoints" => ("200 OK", serde_json::to_value(&seen.endpoints).unwrap()),
+        c if c.starts_with("GET /v1/endpoints/") => {
+            let endpoint = seen.endpoints.first().cloned().or_else(|| {
+                // Conflict: an endpoint from an earlier ADD.
+                (mode == Mode::Conflict).then(|| Endpoint {
+                    id: 7,
+                    container_id: "earlier".into(),
+                    ifname: "eth0".into(),
+                    netns: String::new(),
+                    host_ifname: String::new(),
+                    host_ifindex: 0,
+                    address: ADDRESS,
+                    pod_mac: MacAddr::default(),
+                    host_mac: MacAddr::default(),
+                    labels: Default::default(),
+                    external_ipam: false,
+                    bandwidth: None,
+                    counters: EndpointCounters::default(),
+                    drops: Vec::new(),
+                })
+            });
+            match endpoint {
+                Some(endpoint) => (
+                    "200 OK",
+                    serde_json::to_value(EndpointCheck {
+                        endpoint,
+                        problems: Vec::new(),
+                    })
+                    .unwrap(),
+                ),
+                None => ("404 Not Found", json!({"error": "no endpoint"})),
+            }
+        }
         c if c.starts_with("DELETE /v1/endpoints/") => {
             let removed = !seen.endpoints.is_empty();
             seen.endpoints.clear();
@@ -321,7 +362,7 @@ fn add_check_del() {
         err["msg"]
             .as_str()
             .unwrap()
-            .contains("no default route via 10.77.0.1"),
+            .contains("no route to 0.0.0.0/0 via 10.77.0.1 on interface eth0"),
         "{err}"
     );
 
@@ -451,5 +492,11 @@ fn add_twice_leaves_the_first_alone() {
         err["msg"].as_str().unwrap().contains("already attached"),
         "{err}"
     );
-    assert_eq!(agent.calls(), vec!["POST /v1/ipam/allocate".to_owned()]);
+    assert_eq!(
+        agent.calls(),
+        vec![
+            "POST /v1/ipam/allocate".to_owned(),
+            format!("GET /v1/endpoints/{cid}/eth0")
+        ]
+    );
 }

@@ -163,6 +163,21 @@ impl Netlink {
         self.get_link(msg, || format!("get interface #{index}"))
     }
 
+    /// Every interface of the socket's namespace.
+    pub fn links(&mut self) -> Result<Vec<Link>> {
+        let msg = RouteNetlinkMessage::GetLink(messages::link_dump_message());
+        let answers = self
+            .dump(msg)
+            .map_err(|e| e.into_error("list interfaces".to_owned(), &self.netns, None))?;
+        Ok(answers
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewLink(link) => Some(messages::parse_link(link)),
+                _ => None,
+            })
+            .collect())
+    }
+
     fn get_link(
         &mut self,
         msg: RouteNetlinkMessage,
@@ -179,8 +194,9 @@ impl Netlink {
     }
 
     /// Creates a veth pair in one `RTM_NEWLINK` (`NLM_F_CREATE|NLM_F_EXCL`): the host end in
-    /// this socket's namespace and the peer directly in `spec.peer_netns`. Both ends are
-    /// left down.
+    /// this socket's namespace and the peer directly in `spec.peer_netns`. The host end is
+    /// created up; the peer is left down (the kernel cannot open it before the pair is
+    /// linked), for the caller to address and set up.
     ///
     /// Fails with [`Error::LinkExists`] if the host name is taken here and with
     /// [`Error::PeerExists`] if the peer name is taken in the peer's namespace.

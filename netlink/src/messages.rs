@@ -19,6 +19,11 @@ use crate::{Link, Route, VethSpec};
 /// `RTM_NEWLINK` body creating a veth pair: the host end named `host_name` in the socket's
 /// namespace and, in its `IFLA_INFO_DATA`/`VETH_INFO_PEER`, the peer named `peer_name`
 /// placed directly in `peer_netns` through `IFLA_NET_NS_FD`.
+///
+/// The host end's ifinfomsg carries `IFF_UP` (in flags and change mask): the kernel
+/// brings it up once the pair exists, saving the `RTM_NEWLINK` that would do it later.
+/// The peer's cannot: the kernel configures the peer before the two ends are linked,
+/// when opening a veth fails with `ENOTCONN`.
 pub(crate) fn veth_message(spec: &VethSpec<'_>) -> LinkMessage {
     let mut peer = LinkMessage::default();
     peer.attributes
@@ -33,6 +38,8 @@ pub(crate) fn veth_message(spec: &VethSpec<'_>) -> LinkMessage {
     }
 
     let mut msg = LinkMessage::default();
+    msg.header.flags = LinkFlags::Up;
+    msg.header.change_mask = LinkFlags::Up;
     msg.attributes
         .push(LinkAttribute::IfName(spec.host_name.to_owned()));
     if let Some(mtu) = spec.mtu {
@@ -54,6 +61,11 @@ pub(crate) fn dummy_message(name: &str) -> LinkMessage {
             InfoKind::Dummy,
         )]));
     msg
+}
+
+/// `RTM_GETLINK` dump body: every interface of the namespace.
+pub(crate) fn link_dump_message() -> LinkMessage {
+    LinkMessage::default()
 }
 
 /// `RTM_NEWLINK` body setting interface `index` up.
@@ -303,7 +315,11 @@ mod tests {
         });
         assert!(kind, "{msg:?}");
 
+        // The host end is created up, the peer down (see `veth_message`).
+        assert_eq!(msg.header.flags, LinkFlags::Up);
+        assert_eq!(msg.header.change_mask, LinkFlags::Up);
         let peer = peer_of(&msg);
+        assert!(peer.header.change_mask.is_empty());
         assert!(
             peer.attributes
                 .contains(&LinkAttribute::IfName("eth0".into()))

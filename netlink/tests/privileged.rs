@@ -95,7 +95,7 @@ fn veth_into_netns_with_addresses_and_routes() {
     let h = host_nl.link_by_name(&host).unwrap().expect("host end");
     assert_eq!(h.kind.as_deref(), Some("veth"));
     assert_eq!(h.mtu, 1400);
-    assert!(!h.up);
+    assert!(h.up, "the host end is created up");
     assert_eq!(host_nl.link_by_index(h.index).unwrap().unwrap().name, host);
     let p = pod_nl
         .link_by_name("eth0")
@@ -104,6 +104,7 @@ fn veth_into_netns_with_addresses_and_routes() {
     assert_eq!(p.mac, [0x02, 0xaa, 0, 0, 0, 0x01]);
     assert_eq!(p.mtu, 1400);
     assert_eq!(p.kind.as_deref(), Some("veth"));
+    assert!(!p.up, "the peer is left down");
     // The current namespace is still the host's.
     assert_eq!(
         Netlink::new()

@@ -88,3 +88,138 @@ pub fn run_command(mut cmd: Command, env: &[(&str, &str)], stdin: &str) -> CniRu
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// Where Debian's `containernetworking-plugins` installs the reference plugins.
+pub const REFERENCE_PLUGINS: &str = "/usr/lib/cni";
+
+/// A command running `program` inside the network namespace at `netns` (changing only
+/// the network namespace, as a runtime on that node would run it).
+pub fn in_netns(netns: &Path, program: &Path) -> Command {
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", netns.display())).arg(program);
+    cmd
+}
+
+/// A network configuration list driven as libcni drives one: ADD through each plugin in
+/// order, each given the previous one's result as `prevResult`; CHECK in order and DEL in
+/// reverse order, each given the list's final result. Every plugin gets the list's
+/// `name` and `cniVersion`, and `runtimeConfig` with the capabilities it declares.
+/// Plugins run inside `node` (the namespace of the host ends).
+pub struct Chain {
+    pub node: PathBuf,
+    pub list: Value,
+    /// Capability name → value (`portMappings`, `bandwidth`, `ips`, `mac`, ...).
+    pub runtime_config: Value,
+    /// The final ADD result, cached as libcni caches it for CHECK and DEL.
+    pub result: Option<Value>,
+}
+
+/// A failed step of a chain: which plugin, and what it did.
+#[derive(Debug)]
+pub struct ChainError {
+    pub plugin: String,
+    pub run: CniRun,
+}
+
+impl Chain {
+    pub fn new(node: &Path, list: Value, runtime_config: Value) -> Self {
+        Self {
+            node: node.to_owned(),
+            list,
+            runtime_config,
+            result: None,
+        }
+    }
+
+    fn plugins(&self) -> Vec<Value> {
+        self.list["plugins"]
+            .as_array()
+            .cloned()
+            .expect("the list has plugins")
+    }
+
+    /// The configuration plugin `conf` receives.
+    fn plugin_conf(&self, conf: &Value, prev_result: Option<&Value>) -> Value {
+        let mut c = conf.clone();
+        c["name"] = self.list["name"].clone();
+        c["cniVersion"] = self.list["cniVersion"].clone();
+        let mut rc = serde_json::Map::new();
+        if let Some(caps) = conf["capabilities"].as_object() {
+            for (cap, on) in caps {
+                if on.as_bool() == Some(true)
+                    && let Some(v) = self.runtime_config.get(cap)
+                {
+                    rc.insert(cap.clone(), v.clone());
+                }
+            }
+        }
+        if !rc.is_empty() {
+            c["runtimeConfig"] = Value::Object(rc);
+        }
+        if let Some(prev) = prev_result {
+            c["prevResult"] = prev.clone();
+        }
+        c
+    }
+
+    fn program(&self, conf: &Value) -> PathBuf {
+        match conf["type"].as_str().expect("every plugin has a type") {
+            "hypha-cni" => binary(),
+            other => Path::new(REFERENCE_PLUGINS).join(other),
+        }
+    }
+
+    /// `env` is the runtime's variables but `CNI_COMMAND`.
+    fn call(
+        &self,
+        command: &str,
+        conf: &Value,
+        prev: Option<&Value>,
+        env: &[(&str, &str)],
+    ) -> Result<CniRun, ChainError> {
+        let mut env: Vec<(&str, &str)> = env.to_vec();
+        env.retain(|(k, _)| *k != "CNI_COMMAND");
+        env.push(("CNI_COMMAND", command));
+        let stdin = self.plugin_conf(conf, prev).to_string();
+        let run = run_command(in_netns(&self.node, &self.program(conf)), &env, &stdin);
+        if run.status.success() {
+            Ok(run)
+        } else {
+            Err(ChainError {
+                plugin: conf["type"].as_str().unwrap_or_default().to_owned(),
+                run,
+            })
+        }
+    }
+
+    /// ADD through every plugin; the final result is kept for CHECK and DEL.
+    pub fn add(&mut self, env: &[(&str, &str)]) -> Result<Value, ChainError> {
+        let mut prev: Option<Value> = None;
+        for conf in self.plugins() {
+            let run = self.call("ADD", &conf, prev.as_ref(), env)?;
+            prev = Some(run.reply());
+        }
+        self.result = prev.clone();
+        Ok(prev.unwrap_or(Value::Null))
+    }
+
+    /// CHECK through every plugin, with the cached result.
+    pub fn check(&self, env: &[(&str, &str)]) -> Result<(), ChainError> {
+        for conf in self.plugins() {
+            self.call("CHECK", &conf, self.result.as_ref(), env)?;
+        }
+        Ok(())
+    }
+
+    /// DEL through every plugin in reverse order, with the cached result; every plugin is
+    /// called even when one fails, and the first failure is returned.
+    pub fn del(&self, env: &[(&str, &str)]) -> Result<(), ChainError> {
+        let mut first = None;
+        for conf in self.plugins().iter().rev() {
+            if let Err(e) = self.call("DEL", conf, self.result.as_ref(), env) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}

@@ -1,22 +1,26 @@
-//! ADD: an address from the agent, a veth with its peer created in the container, the
-//! container side addressed and routed, then the endpoint handed to the agent.
+//! ADD: an address (from the agent, or from the delegated IPAM plugin), a veth with its
+//! peer created up in the container, the container side addressed and routed, then the
+//! endpoint handed to the agent.
 //!
-//! Everything local is checked before the agent is asked for an address. Once it has
-//! given one, any failure deletes the veth this invocation created and asks the agent to
-//! forget the endpoint (which releases the address), then reports the original error.
+//! Everything local is checked before an address is asked for. Once one is held, any
+//! failure deletes the veth this invocation created, asks the agent to forget the
+//! endpoint (which releases an address it allocated) and runs the delegated plugin's DEL,
+//! then reports the original error.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 
-use hypha_api::{AllocateRequest, Allocation, Client, CreateEndpointRequest, MacAddr};
+use hypha_api::{AllocateRequest, Client, CreateEndpointRequest, MacAddr};
 use hypha_netlink::{Netlink, Route, VethSpec};
 use ipnet::Ipv4Net;
 use serde_json::Value;
 
 use crate::commands::open_netns;
-use crate::config::NetConf;
+use crate::config::{ConfigError, NetConf};
+use crate::delegate::{self, Ipam};
 use crate::env::Attachment;
 use crate::error::{self, Error};
 use crate::naming;
@@ -25,30 +29,36 @@ use crate::result::{self, Attached};
 /// `0.0.0.0/0`.
 pub(crate) const DEFAULT_ROUTE: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::UNSPECIFIED, 0);
 
-pub fn run(a: &Attachment, conf: &NetConf) -> Result<Value, Error> {
+/// The pod's address and where it routes, whoever gave them.
+struct Addressing {
+    address: Ipv4Addr,
+    gateway: Ipv4Addr,
+    dns: Option<Value>,
+}
+
+pub fn run(a: &Attachment, conf: &NetConf, cni_path: Option<&OsString>) -> Result<Value, Error> {
     let host_ifname = naming::host_ifname(&a.container_id, &a.ifname);
+    let ipam = Ipam::of(conf, cni_path)?;
+    let requested = match (&ipam, conf.runtime.requested_ipv4()) {
+        // The delegated plugin reads runtimeConfig.ips itself.
+        (Some(_), _) => None,
+        (None, None) if !conf.runtime.ips.is_empty() => {
+            return Err(Error::Config(ConfigError::Invalid {
+                key: "runtimeConfig.ips",
+                problem: "has no IPv4 address (this plugin gives pods IPv4 only)",
+                found: format!("{:?}", conf.runtime.ips),
+            }));
+        }
+        (None, requested) => requested,
+    };
     let (netns_file, mut pod_nl) = open_netns(&a.netns)?;
     let mut host_nl = Netlink::new()?;
     let client = Client::new(&conf.agent_socket).map_err(error::agent)?;
 
-    let allocation = client
-        .allocate(&AllocateRequest {
-            container_id: a.container_id.clone(),
-            ifname: a.ifname.clone(),
-            address: None,
-        })
-        .map_err(|e| {
-            if error::is_conflict(&e) {
-                // The attachment belongs to an earlier ADD: leave all of it alone.
-                Error::AlreadyAttached {
-                    container_id: a.container_id.clone(),
-                    ifname: a.ifname.clone(),
-                    source: Box::new(e),
-                }
-            } else {
-                error::agent(e)
-            }
-        })?;
+    let addressing = match &ipam {
+        Some(ipam) => delegated_address(a, &client, ipam)?,
+        None => agent_address(a, &client, requested)?,
+    };
 
     let mut plumbing = Plumbing {
         a,
@@ -59,7 +69,7 @@ pub fn run(a: &Attachment, conf: &NetConf) -> Result<Value, Error> {
         host_nl: &mut host_nl,
         veth_created: false,
     };
-    match plumbing.attach(&client, &allocation) {
+    match plumbing.attach(&client, &addressing, ipam.is_some()) {
         Ok(result) => Ok(result),
         Err(error) => {
             let created = plumbing.veth_created;
@@ -70,12 +80,104 @@ pub fn run(a: &Attachment, conf: &NetConf) -> Result<Value, Error> {
                 &mut host_nl,
                 &client,
                 a,
+                ipam.as_ref(),
             ))
         }
     }
 }
 
-/// The steps after the allocation, with what is needed to undo them.
+/// An address from the agent's allocator (`requested` for the `ips` capability).
+fn agent_address(
+    a: &Attachment,
+    client: &Client,
+    requested: Option<Ipv4Addr>,
+) -> Result<Addressing, Error> {
+    let allocation = client
+        .allocate(&AllocateRequest {
+            container_id: a.container_id.clone(),
+            ifname: a.ifname.clone(),
+            address: requested,
+        })
+        .map_err(|e| {
+            if error::is_conflict(&e) && attached(client, a) {
+                // The attachment belongs to an earlier ADD: leave all of it alone.
+                already_attached(a, e)
+            } else if let Some(address) = requested.filter(|_| !e.is_unreachable()) {
+                Error::RequestedAddress {
+                    address,
+                    source: Box::new(e),
+                }
+            } else {
+                error::agent(e)
+            }
+        })?;
+    Ok(Addressing {
+        address: allocation.address,
+        gateway: allocation.gateway,
+        dns: None,
+    })
+}
+
+/// An address from the delegated IPAM plugin; the gateway is still the agent's, since
+/// the datapath answers for that one only.
+fn delegated_address(
+    a: &Attachment,
+    client: &Client,
+    ipam: &Ipam<'_>,
+) -> Result<Addressing, Error> {
+    match client.check_endpoint(&a.container_id, &a.ifname) {
+        Ok(check) => {
+            return Err(Error::AlreadyAttached {
+                container_id: a.container_id.clone(),
+                ifname: a.ifname.clone(),
+                detail: format!(
+                    "the agent has it as endpoint {} ({}); delete it first",
+                    check.endpoint.id, check.endpoint.address
+                ),
+            });
+        }
+        Err(e) if error::is_not_found(&e) => {}
+        Err(e) => return Err(error::agent(e)),
+    }
+    let gateway = client.status().map_err(error::agent)?.node.gateway;
+    let result = ipam.add()?;
+    match delegate::ipam_result(&result) {
+        Ok(r) => Ok(Addressing {
+            address: r.address,
+            gateway,
+            dns: r.dns,
+        }),
+        Err(problem) => {
+            let error = Error::DelegateBadResult {
+                plugin: ipam.plugin.to_owned(),
+                command: "ADD",
+                problem,
+            };
+            Err(match ipam.del() {
+                Ok(()) => error,
+                Err(e) => Error::WithCleanup {
+                    error: Box::new(error),
+                    cleanup: vec![e],
+                },
+            })
+        }
+    }
+}
+
+/// Whether the agent has an endpoint for this attachment.
+fn attached(client: &Client, a: &Attachment) -> bool {
+    client.check_endpoint(&a.container_id, &a.ifname).is_ok()
+}
+
+fn already_attached(a: &Attachment, e: hypha_api::ClientError) -> Error {
+    Error::AlreadyAttached {
+        container_id: a.container_id.clone(),
+        ifname: a.ifname.clone(),
+        detail: e.to_string(),
+    }
+}
+
+/// The steps after the address, with what is needed to undo them.
 struct Plumbing<'a> {
     a: &'a Attachment,
     conf: &'a NetConf,
@@ -87,23 +189,39 @@ struct Plumbing<'a> {
 }
 
 impl Plumbing<'_> {
-    fn attach(&mut self, client: &Client, alloc: &Allocation) -> Result<Value, Error> {
+    fn create_veth(&mut self) -> Result<(), hypha_netlink::Error> {
+        self.host_nl.create_veth(&VethSpec {
+            host_name: self.host_ifname,
+            peer_name: &self.a.ifname,
+            peer_netns: self.netns_file.as_fd(),
+            mtu: self.conf.mtu,
+            peer_mac: self.conf.runtime.mac.map(|m| m.0),
+        })
+    }
+
+    fn attach(
+        &mut self,
+        client: &Client,
+        addr: &Addressing,
+        external_ipam: bool,
+    ) -> Result<Value, Error> {
         let a = self.a;
-        self.host_nl
-            .create_veth(&VethSpec {
-                host_name: self.host_ifname,
-                peer_name: &a.ifname,
-                peer_netns: self.netns_file.as_fd(),
-                mtu: self.conf.mtu,
-                peer_mac: None,
-            })
-            .map_err(|e| match e {
-                hypha_netlink::Error::PeerExists { name } => Error::IfnameTaken {
-                    ifname: name,
-                    netns: a.netns.clone(),
-                },
-                e => Error::Netlink(e),
-            })?;
+        let created = match self.create_veth() {
+            // The name is this attachment's and the agent has no endpoint for it: the
+            // leftover of an ADD that was killed midway. It goes, and the pair is made anew.
+            Err(hypha_netlink::Error::LinkExists { .. }) => {
+                self.host_nl.delete_link_by_name(self.host_ifname)?;
+                self.create_veth()
+            }
+            r => r,
+        };
+        created.map_err(|e| match e {
+            hypha_netlink::Error::PeerExists { name } => Error::IfnameTaken {
+                ifname: name,
+                netns: a.netns.clone(),
+            },
+            e => Error::Netlink(e),
+        })?;
         self.veth_created = true;
 
         // The container side: address/32, up, the gateway on-link, the default route via it.
@@ -113,10 +231,10 @@ impl Plumbing<'_> {
                 netns: format!("network namespace {}", a.netns.display()),
             })
         })?;
-        self.pod_nl.add_address(pod.index, alloc.address, 32)?;
+        self.pod_nl.add_address(pod.index, addr.address, 32)?;
         self.pod_nl.set_up(pod.index)?;
         self.pod_nl.add_route(&Route {
-            dst: Ipv4Net::from(alloc.gateway),
+            dst: Ipv4Net::from(addr.gateway),
             gateway: None,
             oif: pod.index,
             scope_link: true,
@@ -124,35 +242,25 @@ impl Plumbing<'_> {
         })?;
         self.pod_nl.add_route(&Route {
             dst: DEFAULT_ROUTE,
-            gateway: Some(alloc.gateway),
+            gateway: Some(addr.gateway),
             oif: pod.index,
             scope_link: false,
             src: None,
         })?;
 
-        // The host side: up; the agent adds the route to the pod and attaches the datapath.
-        let host = self
-            .host_nl
-            .link_by_name(self.host_ifname)?
-            .ok_or_else(|| {
-                Error::Netlink(hypha_netlink::Error::LinkNotFound {
-                    link: self.host_ifname.to_owned(),
-                    netns: "the current network namespace".to_owned(),
-                })
-            })?;
-        self.host_nl.set_up(host.index)?;
-
-        client
+        // The host side was created up; the agent adds the route to the pod and attaches the
+        // datapath, and tells the host end's MAC.
+        let endpoint = client
             .create_endpoint(&CreateEndpointRequest {
                 container_id: a.container_id.clone(),
                 ifname: a.ifname.clone(),
                 netns: a.netns.to_string_lossy().into_owned(),
                 host_ifname: self.host_ifname.to_owned(),
-                address: alloc.address,
+                address: addr.address,
                 pod_mac: MacAddr(pod.mac),
-                labels: labels(a),
-                external_ipam: false,
-                bandwidth: None,
+                labels: labels(a, self.conf),
+                external_ipam,
+                bandwidth: self.conf.runtime.bandwidth,
             })
             .map_err(error::agent)?;
 
@@ -160,19 +268,20 @@ impl Plumbing<'_> {
             self.conf.cni_version,
             &Attached {
                 host_ifname: self.host_ifname,
-                host_mac: MacAddr(host.mac),
+                host_mac: endpoint.host_mac,
                 ifname: &a.ifname,
                 pod_mac: MacAddr(pod.mac),
                 netns: &a.netns,
-                address: alloc.address,
-                gateway: alloc.gateway,
+                address: addr.address,
+                gateway: addr.gateway,
+                dns: addr.dns.clone(),
             },
         ))
     }
 }
 
-/// Undoes a failed ADD after the allocation and returns the original error, with any
-/// failure of the cleanup attached. Every step is tried.
+/// Undoes a failed ADD after the address was had and returns the original error, with
+/// any failure of the cleanup attached. Every step is tried.
 fn roll_back(
     error: Error,
     veth_created: bool,
@@ -180,6 +289,7 @@ fn roll_back(
     host_nl: &mut Netlink,
     client: &Client,
     a: &Attachment,
+    ipam: Option<&Ipam<'_>>,
 ) -> Error {
     let mut cleanup = Vec::new();
     if veth_created {
@@ -191,6 +301,11 @@ fn roll_back(
     if let Err(e) = client.delete_endpoint(&a.container_id, &a.ifname) {
         cleanup.push(error::agent(e));
     }
+    if let Some(ipam) = ipam
+        && let Err(e) = ipam.del()
+    {
+        cleanup.push(e);
+    }
     if cleanup.is_empty() {
         error
     } else {
@@ -201,9 +316,10 @@ fn roll_back(
     }
 }
 
-/// The endpoint's labels: the pod's namespace and name when the runtime passed them.
-fn labels(a: &Attachment) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::new();
+/// The endpoint's labels: `args.cni.labels`, then the pod's namespace and name when the
+/// runtime passed them in `CNI_ARGS` (those win over a label of the same key).
+fn labels(a: &Attachment, conf: &NetConf) -> BTreeMap<String, String> {
+    let mut labels: BTreeMap<String, String> = conf.labels.iter().cloned().collect();
     if let Some(ns) = &a.args.pod_namespace {
         labels.insert("k8s:namespace".to_owned(), ns.clone());
     }
@@ -219,19 +335,28 @@ mod tests {
     use crate::env::CniArgs;
 
     #[test]
-    fn labels_come_from_the_k8s_args() {
+    fn labels_come_from_args_and_the_k8s_args() {
         let mut a = Attachment {
             container_id: "c".into(),
             netns: "/x".into(),
             ifname: "eth0".into(),
             args: CniArgs::default(),
         };
-        assert!(labels(&a).is_empty());
+        let mut conf = crate::config::parse(br#"{"cniVersion": "1.0.0", "name": "n"}"#).unwrap();
+        assert!(labels(&a, &conf).is_empty());
         a.args.pod_namespace = Some("default".into());
         a.args.pod_name = Some("web-0".into());
-        let l = labels(&a);
+        let l = labels(&a, &conf);
         assert_eq!(l.get("k8s:namespace").map(String::as_str), Some("default"));
         assert_eq!(l.get("k8s:pod").map(String::as_str), Some("web-0"));
         assert_eq!(l.len(), 2);
+        conf.labels = vec![
+            ("app".into(), "web".into()),
+            ("k8s:pod".into(), "spoofed".into()),
+        ];
+        let l = labels(&a, &conf);
+        assert_eq!(l.get("app").map(String::as_str), Some("web"));
+        assert_eq!(l.get("k8s:pod").map(String::as_str), Some("web-0"));
+        assert_eq!(l.len(), 3);
     }
 }

@@ -1,16 +1,22 @@
-//! CHECK: whether what ADD set up is still there, reporting every difference found.
+//! CHECK: whether what ADD set up still matches `prevResult`, reporting every difference
+//! found: the container's interface (present, up, its MAC), its addresses and routes, the
+//! host end, and the agent's endpoint with the datapath's own findings (programs
+//! attached, map entries). A delegated IPAM plugin is asked to CHECK too.
+
+use std::ffi::OsString;
 
 use hypha_api::Client;
+use hypha_netlink::Netlink;
 
-use crate::commands::add::DEFAULT_ROUTE;
 use crate::commands::open_netns;
 use crate::config::{CniVersion, NetConf};
+use crate::delegate::Ipam;
 use crate::env::Attachment;
 use crate::error::{self, Error};
 use crate::naming;
-use crate::result;
+use crate::result::{self, Expected};
 
-pub fn run(a: &Attachment, conf: &NetConf) -> Result<(), Error> {
+pub fn run(a: &Attachment, conf: &NetConf, cni_path: Option<&OsString>) -> Result<(), Error> {
     if conf.cni_version < CniVersion::V0_4_0 {
         return Err(Error::VersionTooOld {
             command: "CHECK",
@@ -18,70 +24,34 @@ pub fn run(a: &Attachment, conf: &NetConf) -> Result<(), Error> {
             min: CniVersion::V0_4_0,
         });
     }
+    // The conflist asks for no CHECK: a runtime following the spec does not even call it.
+    if conf.disable_check {
+        return Ok(());
+    }
     let prev = conf.prev_result.as_ref().ok_or(Error::MissingPrevResult)?;
     let expected =
         result::expected_from_prev_result(prev, &a.ifname).map_err(Error::InvalidPrevResult)?;
+    let ipam = Ipam::of(conf, cni_path)?;
     let (_netns_file, mut pod_nl) = open_netns(&a.netns)?;
-    let netns = a.netns.display();
     let mut problems = Vec::new();
 
-    // The container's interface, its address and its default route.
-    match pod_nl.link_by_name(&a.ifname)? {
-        None => problems.push(format!("interface {} is missing from {netns}", a.ifname)),
-        Some(link) => {
-            if !link.up {
-                problems.push(format!("interface {} in {netns} is down", a.ifname));
-            }
-            let addresses = pod_nl.addresses(link.index)?;
-            let want = (expected.address.addr(), expected.address.prefix_len());
-            if !addresses.contains(&want) {
-                let have: Vec<String> = addresses.iter().map(|(a, p)| format!("{a}/{p}")).collect();
-                problems.push(format!(
-                    "interface {} in {netns} has addresses [{}], expected {}",
-                    a.ifname,
-                    have.join(", "),
-                    expected.address
-                ));
-            }
-            if let Some(gw) = expected.default_gateway {
-                let routes = pod_nl.routes(link.index)?;
-                let found = routes
-                    .iter()
-                    .any(|r| r.dst == DEFAULT_ROUTE && r.gateway == Some(gw));
-                if !found {
-                    problems.push(format!(
-                        "no default route via {gw} on interface {} in {netns}",
-                        a.ifname
-                    ));
-                }
-            }
-        }
-    }
+    check_container(a, &expected, &mut pod_nl, &mut problems)?;
 
-    // The host end.
     let host_ifname = naming::host_ifname(&a.container_id, &a.ifname);
-    let mut host_nl = hypha_netlink::Netlink::new()?;
-    match host_nl.link_by_name(&host_ifname)? {
+    match Netlink::new()?.link_by_name(&host_ifname)? {
         None => problems.push(format!("host interface {host_ifname} is missing")),
         Some(link) if !link.up => problems.push(format!("host interface {host_ifname} is down")),
         Some(_) => {}
     }
 
-    // The agent's endpoint.
+    // The agent's endpoint and what the agent finds wrong with its datapath.
     let client = Client::new(&conf.agent_socket).map_err(error::agent)?;
-    let endpoints = client.endpoints().map_err(error::agent)?;
-    match endpoints
-        .iter()
-        .find(|e| e.container_id == a.container_id && e.ifname == a.ifname)
-    {
-        None => problems.push(format!(
-            "the agent has no endpoint for container {} interface {}",
-            a.container_id, a.ifname
-        )),
-        Some(ep) => {
+    match client.check_endpoint(&a.container_id, &a.ifname) {
+        Ok(check) => {
+            let ep = &check.endpoint;
             if ep.address != expected.address.addr() {
                 problems.push(format!(
-                    "the agent's endpoint has address {}, expected {}",
+                    "the agent's endpoint has address {}, prevResult says {}",
                     ep.address,
                     expected.address.addr()
                 ));
@@ -92,7 +62,19 @@ pub fn run(a: &Attachment, conf: &NetConf) -> Result<(), Error> {
                     ep.host_ifname
                 ));
             }
+            problems.extend(check.problems.into_iter().map(|p| format!("agent: {p}")));
         }
+        Err(e) if error::is_not_found(&e) => problems.push(format!(
+            "the agent has no endpoint for container {} interface {}",
+            a.container_id, a.ifname
+        )),
+        Err(e) => return Err(error::agent(e)),
+    }
+
+    if let Some(ipam) = ipam
+        && let Err(e) = ipam.check()
+    {
+        problems.push(e.to_string());
     }
 
     if problems.is_empty() {
@@ -100,4 +82,55 @@ pub fn run(a: &Attachment, conf: &NetConf) -> Result<(), Error> {
     } else {
         Err(Error::CheckFailed(problems))
     }
+}
+
+/// The container's interface against `prevResult`.
+fn check_container(
+    a: &Attachment,
+    expected: &Expected,
+    pod_nl: &mut Netlink,
+    problems: &mut Vec<String>,
+) -> Result<(), Error> {
+    let netns = a.netns.display();
+    let Some(link) = pod_nl.link_by_name(&a.ifname)? else {
+        problems.push(format!("interface {} is missing from {netns}", a.ifname));
+        return Ok(());
+    };
+    if !link.up {
+        problems.push(format!("interface {} in {netns} is down", a.ifname));
+    }
+    if let Some(mac) = expected.mac
+        && mac.0 != link.mac
+    {
+        problems.push(format!(
+            "interface {} in {netns} has MAC {}, prevResult says {mac}",
+            a.ifname,
+            hypha_api::MacAddr(link.mac)
+        ));
+    }
+    let addresses = pod_nl.addresses(link.index)?;
+    let want = (expected.address.addr(), expected.address.prefix_len());
+    if !addresses.contains(&want) {
+        let have: Vec<String> = addresses.iter().map(|(a, p)| format!("{a}/{p}")).collect();
+        problems.push(format!(
+            "interface {} in {netns} has addresses [{}], prevResult says {}",
+            a.ifname,
+            have.join(", "),
+            expected.address
+        ));
+    }
+    let routes = pod_nl.routes(link.index)?;
+    for (dst, gw) in &expected.routes {
+        let found = routes
+            .iter()
+            .any(|r| r.dst == *dst && (gw.is_none() || r.gateway == *gw));
+        if !found {
+            let via = gw.map(|g| format!(" via {g}")).unwrap_or_default();
+            problems.push(format!(
+                "no route to {dst}{via} on interface {} in {netns}",
+                a.ifname
+            ));
+        }
+    }
+    Ok(())
 }

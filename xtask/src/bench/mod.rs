@@ -1,12 +1,15 @@
 //! `cargo xtask bench`: measurements side by side with their baselines, in one run on
 //! this machine, written under `target/bench/`.
 //!
+//! - `cni`: CNI ADD/DEL latency, sequential and in concurrent bursts: hypha-cni, bridge.
 //! - `datapath`: pod-to-pod throughput and latency: veth pair, bridge plugin, Hypha.
 //!
 //! [`svg`] draws bar charts any bench can use; [`teardown`] undoes what a bench made,
 //! also on error and Ctrl-C.
 
+mod cni;
 mod datapath;
+mod launcher;
 mod measure;
 mod setups;
 mod svg;
@@ -16,14 +19,22 @@ use anyhow::Result;
 
 #[derive(clap::Subcommand)]
 pub enum Bench {
+    /// CNI ADD and DEL latency, sequential and in bursts of 10 and 30 concurrent ADDs:
+    /// hypha-cni against the reference bridge + host-local plugins.
+    Cni(cni::Options),
     /// Pod-to-pod TCP throughput and 1-byte request/response latency: a bare veth pair
     /// (the physical limit), the reference bridge CNI plugin, and Hypha.
     Datapath(datapath::Options),
+    /// Container start to exit of `/bin/true`: `hypha run` with and without networking,
+    /// crun, runc, and `unshare` as the floor.
+    Launcher(launcher::Options),
 }
 
 pub fn run(b: Bench) -> Result<()> {
     match b {
+        Bench::Cni(o) => cni::run(&o),
         Bench::Datapath(o) => datapath::run(&o),
+        Bench::Launcher(o) => launcher::run(&o),
     }
 }
 

@@ -1,0 +1,563 @@
+//! `cargo xtask bench cni`: how long CNI ADD and DEL take, Hypha (`hypha-cni` + agent)
+//! side by side with the reference `bridge` + `host-local` plugins, in one run:
+//!
+//! - sequential: ADD then DEL of one pod, `--adds` times per setup, the setups taking
+//!   turns pod by pod (noise hits both alike); p50 and p99 of each;
+//! - bursts: 10 and 30 ADDs started together from as many threads (each pod its own
+//!   namespace), `--rounds` times; the wall time until the last one answered, and the
+//!   DELs of the burst likewise.
+//!
+//! Both setups come from [`setups`] (the datapath bench's), so the agent, the bridge and
+//! their teardown are the same. Each plugin is run as a runtime runs it, as a new
+//! process; `hypha-cni` runs through `nsenter --net=<node>` (the agent lives in a node
+//! namespace of its own), which its figures include.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Barrier;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+
+use super::median;
+use super::setups::{self, CniCall, Kind, Plan};
+use super::svg::{self, BarChart, Series};
+use super::teardown::{Teardown, Undo};
+use crate::util::workspace_root;
+
+/// Hypha's targets.
+const TARGET_BURST_30_MS: f64 = 1000.0;
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Sequential ADD+DEL pairs per setup (at least 100, for a meaningful p99).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u32).range(100..=10_000))]
+    adds: u32,
+    /// Rounds of each burst size per setup.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
+}
+
+/// Burst sizes.
+const BURSTS: [usize; 2] = [10, 30];
+
+/// One setup: how to call its plugin.
+struct Target {
+    kind: Kind,
+    /// The plugin (behind `nsenter` for Hypha).
+    program: Vec<std::ffi::OsString>,
+    config: String,
+    /// Namespaces for the pods, one per pod of the largest burst.
+    netns: Vec<String>,
+    seq_add_ms: Vec<f64>,
+    seq_del_ms: Vec<f64>,
+    bursts: Vec<Burst>,
+    errors: Vec<String>,
+}
+
+#[derive(Clone, Serialize)]
+struct Burst {
+    size: usize,
+    round: u32,
+    /// From the start of the burst to the last ADD's answer.
+    add_wall_ms: f64,
+    /// Each ADD's own time.
+    add_p50_ms: Option<f64>,
+    add_max_ms: Option<f64>,
+    del_wall_ms: f64,
+    failures: usize,
+}
+
+#[derive(Serialize)]
+struct Report {
+    bench: &'static str,
+    machine: Machine,
+    adds: u32,
+    rounds: u32,
+    setups: Vec<SetupReport>,
+    targets: Vec<TargetReport>,
+    errors: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Machine {
+    kernel: String,
+    nproc: usize,
+    timestamp_unix: u64,
+}
+
+#[derive(Serialize)]
+struct SetupReport {
+    name: &'static str,
+    description: &'static str,
+    sequential: Sequential,
+    /// Median over the rounds, per burst size.
+    burst_medians: Vec<BurstMedian>,
+    bursts: Vec<Burst>,
+}
+
+#[derive(Clone, Copy, Serialize)]
+struct Sequential {
+    count: usize,
+    add_p50_ms: Option<f64>,
+    add_p99_ms: Option<f64>,
+    del_p50_ms: Option<f64>,
+    del_p99_ms: Option<f64>,
+}
+
+#[derive(Clone, Copy, Serialize)]
+struct BurstMedian {
+    size: usize,
+    add_wall_ms: Option<f64>,
+    del_wall_ms: Option<f64>,
+}
+
+#[derive(Serialize)]
+struct TargetReport {
+    goal: String,
+    measured: Option<String>,
+    pass: Option<bool>,
+}
+
+pub fn run(o: &Options) -> Result<()> {
+    let root = workspace_root();
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let td = Teardown::install()?;
+    let plan = Plan::new(
+        root.join("target/release"),
+        out_dir.join("cni-hypha-agent.log"),
+    )?;
+    td.make(Undo::Dir(plan.tmp.clone()), || {
+        std::fs::create_dir_all(&plan.tmp)
+            .with_context(|| format!("creating {}", plan.tmp.display()))
+    })?;
+
+    let mut targets = Vec::new();
+    for kind in [Kind::Bridge, Kind::Hypha] {
+        println!("==> setting up {}: {}", kind.name(), kind.describe());
+        targets
+            .push(target(kind, &plan, &td).with_context(|| format!("setting up {}", kind.name()))?);
+    }
+
+    println!("==> {} sequential ADD+DEL per setup, taking turns", o.adds);
+    for i in 0..o.adds {
+        for t in &mut targets {
+            let id = format!("hypb-{}-seq-{}-{i}", plan.uniq, t.kind.name());
+            let call = t.call(&id, 0);
+            match time(|| call.invoke("ADD")) {
+                Ok(ms) => t.seq_add_ms.push(ms),
+                Err(e) => t.errors.push(format!("sequential ADD {i}: {e:#}")),
+            }
+            match time(|| call.invoke("DEL")) {
+                Ok(ms) => t.seq_del_ms.push(ms),
+                Err(e) => t.errors.push(format!("sequential DEL {i}: {e:#}")),
+            }
+        }
+    }
+
+    for size in BURSTS {
+        println!("==> bursts of {size} concurrent ADDs, {} rounds", o.rounds);
+        for round in 1..=o.rounds {
+            for t in &mut targets {
+                let b = burst(t, &plan, size, round);
+                println!(
+                    "    {:<7} round {round}: ADD wall {:7.1} ms (each p50 {:6.1}, max {:6.1}), DEL wall {:7.1} ms{}",
+                    t.kind.name(),
+                    b.add_wall_ms,
+                    b.add_p50_ms.unwrap_or(f64::NAN),
+                    b.add_max_ms.unwrap_or(f64::NAN),
+                    b.del_wall_ms,
+                    if b.failures > 0 {
+                        format!(", {} FAILED", b.failures)
+                    } else {
+                        String::new()
+                    }
+                );
+                t.bursts.push(b);
+            }
+        }
+    }
+
+    println!("==> cleaning up");
+    let mut errors = Vec::new();
+    if let Err(e) = td.finish() {
+        errors.push(format!("{e:#}"));
+    }
+    let report = report(o, targets, errors);
+    print_table(&report);
+    let json_path = out_dir.join("cni.json");
+    let svg_path = out_dir.join("cni.svg");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    std::fs::write(&svg_path, chart(&report))
+        .with_context(|| format!("writing {}", svg_path.display()))?;
+    println!("wrote {} and {}", json_path.display(), svg_path.display());
+    if !report.errors.is_empty() {
+        bail!("the bench met errors:\n  {}", report.errors.join("\n  "));
+    }
+    Ok(())
+}
+
+/// Sets up `kind` with the datapath bench's setup (which also makes two pods), and
+/// namespaces for the bench's pods.
+fn target(kind: Kind, plan: &Plan, td: &Teardown) -> Result<Target> {
+    let pods = setups::create(kind, plan, td)?;
+    let (program, config) = match kind {
+        Kind::Hypha => {
+            let socket = pods
+                .agent_socket
+                .context("the Hypha setup has no agent socket")?;
+            let program = vec![
+                "nsenter".into(),
+                format!("--net=/run/netns/hypb-{}-node", plan.uniq).into(),
+                plan.bin.join("hypha-cni").into(),
+            ];
+            let config = serde_json::json!({
+                "cniVersion": "1.0.0", "name": "hypha", "type": "hypha-cni", "agentSocket": socket,
+            });
+            (program, config)
+        }
+        Kind::Bridge => {
+            // The same network as the setup's two pods (bridge, subnet and host-local
+            // store), so that host-local hands out addresses from one pool.
+            let [a, b, c, _] = pods.client_ip.octets();
+            let program = vec![PathBuf::from("/usr/lib/cni/bridge").into()];
+            let config = serde_json::json!({
+                "cniVersion": "1.0.0",
+                "name": format!("benchbr-{}", plan.uniq),
+                "type": "bridge",
+                "bridge": format!("hybr{}", plan.uniq),
+                "isGateway": true,
+                "ipMasq": false,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{ "subnet": format!("{a}.{b}.{c}.0/24") }]],
+                    "dataDir": plan.tmp.join("host-local"),
+                },
+            });
+            (program, config)
+        }
+        Kind::Veth => bail!("veth is no CNI setup"),
+    };
+    let mut netns = Vec::new();
+    for i in 0..BURSTS[BURSTS.len() - 1] {
+        let name = format!("hypb-{}-cni-{}-{i}", plan.uniq, kind.name());
+        td.make(Undo::Netns(name.clone()), || {
+            let out = Command::new("ip").args(["netns", "add", &name]).output()?;
+            if !out.status.success() {
+                bail!(
+                    "ip netns add {name}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            Ok(())
+        })?;
+        netns.push(name);
+    }
+    Ok(Target {
+        kind,
+        program,
+        config: config.to_string(),
+        netns,
+        seq_add_ms: Vec::new(),
+        seq_del_ms: Vec::new(),
+        bursts: Vec::new(),
+        errors: Vec::new(),
+    })
+}
+
+impl Target {
+    fn call(&self, container_id: &str, slot: usize) -> CniCall {
+        CniCall {
+            program: self.program.clone(),
+            container_id: container_id.to_owned(),
+            netns: self.netns[slot].clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// Milliseconds `f` took, if it succeeded.
+fn time<T>(f: impl FnOnce() -> Result<T>) -> Result<f64> {
+    let start = Instant::now();
+    f()?;
+    Ok(start.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// `size` ADDs from as many threads released together, then their DELs likewise.
+fn burst(t: &mut Target, plan: &Plan, size: usize, round: u32) -> Burst {
+    let calls: Vec<CniCall> = (0..size)
+        .map(|i| {
+            let id = format!("hypb-{}-b{size}r{round}-{}-{i}", plan.uniq, t.kind.name());
+            t.call(&id, i)
+        })
+        .collect();
+    let run_all = |command: &'static str| -> (f64, Vec<Result<f64>>) {
+        let barrier = Barrier::new(size + 1);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = calls
+                .iter()
+                .map(|call| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        barrier.wait();
+                        time(|| call.invoke(command))
+                    })
+                })
+                .collect();
+            barrier.wait();
+            let start = Instant::now();
+            let results: Vec<Result<f64>> = handles
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| bail!("the {command} thread panicked"))
+                })
+                .collect();
+            (start.elapsed().as_secs_f64() * 1000.0, results)
+        })
+    };
+    let (add_wall_ms, adds) = run_all("ADD");
+    let (del_wall_ms, dels) = run_all("DEL");
+    let mut each: Vec<f64> = Vec::new();
+    let mut failures = 0;
+    for (what, results) in [("ADD", adds), ("DEL", dels)] {
+        for r in results {
+            match r {
+                Ok(ms) if what == "ADD" => each.push(ms),
+                Ok(_) => {}
+                Err(e) => {
+                    failures += 1;
+                    t.errors
+                        .push(format!("burst of {size}, round {round}, {what}: {e:#}"));
+                }
+            }
+        }
+    }
+    each.sort_by(f64::total_cmp);
+    Burst {
+        size,
+        round,
+        add_wall_ms,
+        add_p50_ms: median(each.iter().copied()),
+        add_max_ms: each.last().copied(),
+        del_wall_ms,
+        failures,
+    }
+}
+
+/// The `p`-th percentile (0 to 100) of `values`, nearest rank.
+fn percentile(values: &[f64], p: f64) -> Option<f64> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    Some(v[rank.clamp(1, v.len()) - 1])
+}
+
+fn report(o: &Options, targets: Vec<Target>, mut errors: Vec<String>) -> Report {
+    let mut setups = Vec::new();
+    for t in targets {
+        errors.extend(t.errors.iter().map(|e| format!("{}: {e}", t.kind.name())));
+        let burst_medians = BURSTS
+            .iter()
+            .map(|&size| {
+                let of_size = || t.bursts.iter().filter(move |b| b.size == size);
+                BurstMedian {
+                    size,
+                    add_wall_ms: median(of_size().map(|b| b.add_wall_ms)),
+                    del_wall_ms: median(of_size().map(|b| b.del_wall_ms)),
+                }
+            })
+            .collect();
+        setups.push(SetupReport {
+            name: t.kind.name(),
+            description: t.kind.describe(),
+            sequential: Sequential {
+                count: t.seq_add_ms.len(),
+                add_p50_ms: percentile(&t.seq_add_ms, 50.0),
+                add_p99_ms: percentile(&t.seq_add_ms, 99.0),
+                del_p50_ms: percentile(&t.seq_del_ms, 50.0),
+                del_p99_ms: percentile(&t.seq_del_ms, 99.0),
+            },
+            burst_medians,
+            bursts: t.bursts,
+        });
+    }
+    let find = |name: &str| setups.iter().find(|s| s.name == name);
+    let hypha = find("hypha");
+    let bridge = find("bridge");
+    let hypha_p50 = hypha.and_then(|s| s.sequential.add_p50_ms);
+    let bridge_p50 = bridge.and_then(|s| s.sequential.add_p50_ms);
+    let hypha_30 = hypha
+        .and_then(|s| s.burst_medians.iter().find(|b| b.size == 30))
+        .and_then(|b| b.add_wall_ms);
+    let targets = vec![
+        TargetReport {
+            goal: "Hypha's sequential ADD p50 no slower than the bridge plugin's".into(),
+            measured: hypha_p50
+                .zip(bridge_p50)
+                .map(|(h, b)| format!("{h:.1} ms vs {b:.1} ms")),
+            pass: hypha_p50.zip(bridge_p50).map(|(h, b)| h <= b),
+        },
+        TargetReport {
+            goal: format!(
+                "a 30-pod burst of Hypha ADDs within {TARGET_BURST_30_MS:.0} ms (median of the rounds)"
+            ),
+            measured: hypha_30.map(|ms| format!("{ms:.0} ms")),
+            pass: hypha_30.map(|ms| ms <= TARGET_BURST_30_MS),
+        },
+    ];
+    Report {
+        bench: "cni",
+        machine: Machine {
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned()),
+            nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            timestamp_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        },
+        adds: o.adds,
+        rounds: o.rounds,
+        setups,
+        targets,
+        errors,
+    }
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.1}"))
+}
+
+fn print_table(r: &Report) {
+    println!();
+    println!(
+        "| setup | ADD p50 ms | ADD p99 ms | DEL p50 ms | DEL p99 ms | burst 10 ADD wall ms | burst 30 ADD wall ms | burst 30 DEL wall ms |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for s in &r.setups {
+        let b = |size: usize| s.burst_medians.iter().find(|b| b.size == size).copied();
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            s.name,
+            ms(s.sequential.add_p50_ms),
+            ms(s.sequential.add_p99_ms),
+            ms(s.sequential.del_p50_ms),
+            ms(s.sequential.del_p99_ms),
+            ms(b(10).and_then(|b| b.add_wall_ms)),
+            ms(b(30).and_then(|b| b.add_wall_ms)),
+            ms(b(30).and_then(|b| b.del_wall_ms)),
+        );
+    }
+    println!();
+    for t in &r.targets {
+        let verdict = match t.pass {
+            Some(true) => "PASS",
+            Some(false) => "MISS",
+            None => "n/a",
+        };
+        println!(
+            "{verdict:4}  {}: {}",
+            t.goal,
+            t.measured.as_deref().unwrap_or("not measured")
+        );
+    }
+}
+
+fn chart(r: &Report) -> String {
+    let series: Vec<Series> = r
+        .setups
+        .iter()
+        .map(|s| match s.name {
+            "hypha" => Series::new("hypha", "#2a9d8f"),
+            name => Series::new(name, "#8d99ae"),
+        })
+        .collect();
+    let sequential = BarChart {
+        title: format!("Sequential, {} pods each (ms, lower is better)", r.adds),
+        unit: "ms".into(),
+        categories: vec![
+            "ADD p50".into(),
+            "ADD p99".into(),
+            "DEL p50".into(),
+            "DEL p99".into(),
+        ],
+        series: series
+            .iter()
+            .map(|s| Series::new(&s.name, &s.color))
+            .collect(),
+        values: vec![
+            r.setups.iter().map(|s| s.sequential.add_p50_ms).collect(),
+            r.setups.iter().map(|s| s.sequential.add_p99_ms).collect(),
+            r.setups.iter().map(|s| s.sequential.del_p50_ms).collect(),
+            r.setups.iter().map(|s| s.sequential.del_p99_ms).collect(),
+        ],
+        decimals: 1,
+    };
+    let burst_value = |size: usize, add: bool| -> Vec<Option<f64>> {
+        r.setups
+            .iter()
+            .map(|s| {
+                s.burst_medians
+                    .iter()
+                    .find(|b| b.size == size)
+                    .and_then(|b| if add { b.add_wall_ms } else { b.del_wall_ms })
+            })
+            .collect()
+    };
+    let bursts = BarChart {
+        title: format!(
+            "Concurrent bursts, median of {} rounds (ms until the last answer)",
+            r.rounds
+        ),
+        unit: "ms".into(),
+        categories: vec![
+            "10 ADDs".into(),
+            "30 ADDs".into(),
+            "10 DELs".into(),
+            "30 DELs".into(),
+        ],
+        series,
+        values: vec![
+            burst_value(10, true),
+            burst_value(30, true),
+            burst_value(10, false),
+            burst_value(30, false),
+        ],
+        decimals: 0,
+    };
+    let (w, h) = (1000.0, 420.0);
+    svg::document(
+        w,
+        h + 60.0,
+        "CNI ADD and DEL latency: hypha-cni vs bridge + host-local",
+        &format!(
+            "kernel {}, {} CPUs; each call a new plugin process as a runtime makes it",
+            r.machine.kernel, r.machine.nproc
+        ),
+        &[
+            svg::bars(&sequential, 0.0, 60.0, w / 2.0, h),
+            svg::bars(&bursts, w / 2.0, 60.0, w / 2.0, h),
+        ],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 50.0), Some(50.0));
+        assert_eq!(percentile(&v, 99.0), Some(99.0));
+        assert_eq!(percentile(&v, 100.0), Some(100.0));
+        assert_eq!(percentile(&[3.0], 99.0), Some(3.0));
+        assert_eq!(percentile(&[], 50.0), None);
+    }
+}
