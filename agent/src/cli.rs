@@ -1,8 +1,221 @@
-//! The operator's commands that talk to a running agent: `hypha status`, `hypha endpoint list`.
+//! The operator's commands that talk to a running agent: `hypha status`, `hypha endpoint
+//! list`, `hypha policy ...`, `hypha namespace label`.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
 
-use hypha_api::{Endpoint, PacketCount, Status};
+use hypha_api::{
+    ApplyPoliciesResponse, DirectionPolicy, Endpoint, EndpointPolicy, NamespaceLabelsRequest,
+    PacketCount, PolicySource, PolicySummary, Status,
+};
+
+/// Whether a directory entry is a policy file: `*.yaml`, `*.yml` or `*.json`.
+pub fn is_policy_file(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+}
+
+/// Why policy files cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read {path}: {source}")]
+pub struct ReadPoliciesError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// The files `hypha policy apply -f` sends: a file as it is, a directory's `*.yaml`,
+/// `*.yml` and `*.json` files in name order.
+pub fn read_policy_files(paths: &[PathBuf]) -> Result<Vec<PolicySource>, ReadPoliciesError> {
+    let err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ReadPoliciesError { path, source }
+    };
+    let mut out = Vec::new();
+    for path in paths {
+        let files = if path.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(err(path))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| is_policy_file(p) && p.is_file())
+                .collect();
+            files.sort();
+            files
+        } else {
+            vec![path.clone()]
+        };
+        for f in files {
+            let content = std::fs::read_to_string(&f).map_err(err(&f))?;
+            out.push(PolicySource {
+                source: f.display().to_string(),
+                content,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// `k=v` sets, `k-` removes (as `kubectl label`).
+pub fn parse_label_args(args: &[String]) -> Result<NamespaceLabelsRequest, String> {
+    let mut req = NamespaceLabelsRequest::default();
+    for a in args {
+        if let Some((k, v)) = a.split_once('=') {
+            if k.is_empty() {
+                return Err(format!("{a:?}: the label key is empty"));
+            }
+            req.set.insert(k.to_owned(), v.to_owned());
+        } else if let Some(k) = a.strip_suffix('-')
+            && !k.is_empty()
+        {
+            req.remove.push(k.to_owned());
+        } else {
+            return Err(format!(
+                "{a:?} is neither KEY=VALUE (to set a label) nor KEY- (to remove one)"
+            ));
+        }
+    }
+    Ok(req)
+}
+
+/// Renders `hypha policy apply`'s answer.
+pub fn format_applied(r: &ApplyPoliciesResponse) -> String {
+    let mut out = String::new();
+    for name in &r.applied {
+        let _ = writeln!(out, "policy {name} applied");
+    }
+    let _ = writeln!(
+        out,
+        "{} policy entries written, {} removed",
+        r.entries_set, r.entries_removed
+    );
+    out
+}
+
+/// Renders `hypha policy list` as a table.
+pub fn format_policies(ps: &[PolicySummary]) -> String {
+    let header = [
+        "NAMESPACE",
+        "NAME",
+        "KIND",
+        "ID",
+        "DIRECTIONS",
+        "AUDIT",
+        "RULES",
+        "ENDPOINTS",
+        "SOURCE",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    for p in ps {
+        let dirs: Vec<&str> = [(p.ingress, "ingress"), (p.egress, "egress")]
+            .into_iter()
+            .filter_map(|(on, n)| on.then_some(n))
+            .collect();
+        rows.push(vec![
+            p.namespace.clone(),
+            p.name.clone(),
+            p.kind.clone(),
+            p.id.to_string(),
+            if dirs.is_empty() {
+                "-".into()
+            } else {
+                dirs.join(",")
+            },
+            if p.audit { "yes" } else { "no" }.into(),
+            format!("{} allow, {} deny", p.allow_rules, p.deny_rules),
+            if p.selected_endpoints.is_empty() {
+                "-".into()
+            } else {
+                p.selected_endpoints
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            },
+            p.source.clone(),
+        ]);
+    }
+    table(&rows)
+}
+
+/// Renders `hypha policy get ENDPOINT`.
+pub fn format_endpoint_policy(p: &EndpointPolicy) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Endpoint {} (container {}), namespace {}, identity {} ({})",
+        p.endpoint_id,
+        p.container_id.chars().take(12).collect::<String>(),
+        p.namespace,
+        p.identity,
+        p.identity_labels
+    );
+    for (name, d) in [("Ingress", &p.ingress), ("Egress", &p.egress)] {
+        let _ = writeln!(out, "{name}: {}", direction_state(d));
+        if d.entries.is_empty() {
+            continue;
+        }
+        let mut rows = vec![
+            ["ACTION", "PEER", "IDENTITY", "PROTO", "PORT", "POLICY"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>(),
+        ];
+        for e in &d.entries {
+            rows.push(vec![
+                format!("{}{}", e.action, if e.audit { " (audit)" } else { "" }),
+                e.peer.clone(),
+                e.identity.to_string(),
+                e.protocol.clone(),
+                if e.port == 0 {
+                    "any".into()
+                } else {
+                    e.port.to_string()
+                },
+                e.policy.clone(),
+            ]);
+        }
+        for line in table(&rows).lines() {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
+    out
+}
+
+fn direction_state(d: &DirectionPolicy) -> String {
+    if !d.enforced {
+        return "not enforced: no policy selects it, everything passes".into();
+    }
+    let mode = if d.audit {
+        "audit (what no entry allows is reported and passed)"
+    } else {
+        "enforced (only what an entry allows passes)"
+    };
+    format!("{mode}; policies: {}", d.policies.join(", "))
+}
+
+fn table(rows: &[Vec<String>]) -> String {
+    let cols = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..cols)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    out
+}
+
+/// Renders a namespace's labels, `k=v` per line.
+pub fn format_labels(labels: &BTreeMap<String, String>) -> String {
+    labels.iter().map(|(k, v)| format!("{k}={v}\n")).collect()
+}
 
 /// Renders `hypha status` as text.
 pub fn format_status(s: &Status) -> String {
@@ -40,6 +253,14 @@ pub fn format_status(s: &Status) -> String {
         s.datapath.programs.join(", "),
         s.datapath.pin_dir
     );
+    let _ = writeln!(
+        out,
+        "Policy:     {} policies, {} entries, {} ipcache prefixes; watching {}",
+        s.policy.policies, s.policy.entries, s.policy.ipcache, s.policy.policy_dir
+    );
+    for e in &s.policy.errors {
+        let _ = writeln!(out, "  error: {e}");
+    }
     out
 }
 
@@ -126,11 +347,56 @@ pub fn format_endpoints(eps: &[Endpoint]) -> String {
     out
 }
 
+/// Renders one `hypha monitor` line (JSON from the agent) as text; anything that is not
+/// an event (a note of lost events) is shown as it came.
+pub fn format_event(line: &str) -> String {
+    let Ok(e) = serde_json::from_str::<hypha_api::MonitorEvent>(line) else {
+        return line.to_owned();
+    };
+    let what = match (&e.reason, e.kind.as_str()) {
+        (Some(reason), _) => format!("DROP ({reason})"),
+        (None, "policy-allow") => "ALLOW".to_owned(),
+        (None, "policy-audit") => "AUDIT (would drop)".to_owned(),
+        (None, other) => other.to_uppercase(),
+    };
+    let ports = |addr: std::net::Ipv4Addr, port: u16| {
+        if port == 0 {
+            addr.to_string()
+        } else {
+            format!("{addr}:{port}")
+        }
+    };
+    let mut text = format!(
+        "{what} endpoint {} {}: {} -> {} {} {}B identity {}",
+        e.endpoint_id,
+        e.direction,
+        ports(e.source, e.source_port),
+        ports(e.destination, e.destination_port),
+        e.protocol,
+        e.bytes,
+        e.remote_identity
+    );
+    if let Some(policy) = &e.policy {
+        text.push_str(&format!(" policy: {policy}"));
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use hypha_api::{DirectionCounters, DropCount, EndpointCounters, MacAddr};
 
     use super::*;
+
+    #[test]
+    fn monitor_lines_read_as_sentences() {
+        let line = r#"{"kind":"drop","direction":"ingress","endpoint_id":2,"ifindex":7,"reason":"policy-denied","policy":"no policy allows this","remote_identity":300,"protocol":"tcp","source":"10.0.0.1","source_port":40000,"destination":"10.0.0.2","destination_port":80,"bytes":60}"#;
+        assert_eq!(
+            format_event(line),
+            "DROP (policy-denied) endpoint 2 ingress: 10.0.0.1:40000 -> 10.0.0.2:80 tcp 60B identity 300 policy: no policy allows this"
+        );
+        assert_eq!(format_event("{\"lost\":3}"), "{\"lost\":3}");
+    }
 
     #[test]
     fn endpoint_table_shows_counters_and_drops() {

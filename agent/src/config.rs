@@ -48,6 +48,9 @@ pub struct AgentConfig {
     pub host_device: String,
     /// Masquerade traffic from pods to destinations outside the pod CIDR.
     pub masquerade: bool,
+    /// Directory of policy files the agent applies and watches (`*.yaml`, `*.yml`,
+    /// `*.json`); a directory that does not exist holds no policies.
+    pub policy_dir: PathBuf,
 }
 
 impl Default for AgentConfig {
@@ -60,6 +63,7 @@ impl Default for AgentConfig {
             gateway: None,
             host_device: "lo".to_owned(),
             masquerade: true,
+            policy_dir: PathBuf::from("/etc/hypha/policies"),
         }
     }
 }
@@ -75,6 +79,7 @@ pub struct ConfigFile {
     pub gateway: Option<Ipv4Addr>,
     pub host_device: Option<String>,
     pub masquerade: Option<bool>,
+    pub policy_dir: Option<PathBuf>,
 }
 
 impl ConfigFile {
@@ -108,6 +113,7 @@ impl ConfigFile {
             gateway: over.gateway.or(self.gateway),
             host_device: over.host_device.or(self.host_device),
             masquerade: over.masquerade.or(self.masquerade),
+            policy_dir: over.policy_dir.or(self.policy_dir),
         }
     }
 
@@ -122,6 +128,7 @@ impl ConfigFile {
             gateway: self.gateway,
             host_device: self.host_device.unwrap_or(d.host_device),
             masquerade: self.masquerade.unwrap_or(d.masquerade),
+            policy_dir: self.policy_dir.unwrap_or(d.policy_dir),
         };
         config.validate()?;
         Ok(config)
@@ -169,6 +176,7 @@ impl AgentConfig {
             ("socket", &self.socket),
             ("state-dir", &self.state_dir),
             ("pin-dir", &self.pin_dir),
+            ("policy-dir", &self.policy_dir),
         ] {
             if !path.is_absolute() {
                 return Err(ConfigError::Invalid(format!(

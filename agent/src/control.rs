@@ -20,6 +20,10 @@ use crate::host::{HostNetwork, NodeNetwork};
 use crate::ipam::{Ipam, IpamError, Owner};
 use crate::state::{EndpointRecord, PersistedState, StateError, StateStore};
 
+mod policy;
+
+use policy::PolicyState;
+
 /// Why a request failed; `status` maps each to an HTTP status.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -37,6 +41,8 @@ pub enum ControlError {
     Host(#[from] crate::host::HostError),
     #[error("datapath: {0}")]
     Datapath(String),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
 }
 
 impl ControlError {
@@ -45,6 +51,7 @@ impl ControlError {
             ControlError::BadRequest(_) => 400,
             ControlError::Conflict(_) => 409,
             ControlError::NotFound(_) => 404,
+            ControlError::Policy(_) => 400,
             ControlError::Ipam(IpamError::Exhausted { .. }) => 507,
             _ => 500,
         }
@@ -72,6 +79,7 @@ pub struct Agent<D: Datapath, H: HostNetwork> {
     next_endpoint_id: u32,
     adopted: usize,
     started: Instant,
+    policy: PolicyState,
 }
 
 /// What start-up found and did, for the log.
@@ -113,6 +121,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             next_endpoint_id: saved.next_endpoint_id.max(1),
             adopted: 0,
             started: Instant::now(),
+            policy: PolicyState::restore(saved.policies, saved.namespace_labels, saved.identities),
         };
         let mut report = StartReport::default();
         for ep in saved.endpoints {
@@ -129,12 +138,24 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 report.removed.push(name);
                 continue;
             }
+            agent.endpoints.push(ep);
+        }
+        // Policy entries and identities first, then the endpoints with their flags, then
+        // the removal of what no policy wants any more.
+        let (additions, removals) = agent.policy_start(&mut report.warnings);
+        if let Err(e) = agent.datapath.apply_policy(&additions) {
+            report
+                .warnings
+                .push(format!("cannot write the policy maps: {e}"));
+        }
+        for ep in agent.endpoints.clone() {
+            let name = format!("{} ({})", ep.host_ifname, ep.address);
             if let Err(e) = agent.host.route_pod(ep.host_ifindex, ep.address, gateway) {
                 report
                     .warnings
                     .push(format!("{name}: cannot restore its route: {e}"));
             }
-            match agent.datapath.adopt(&ep) {
+            match agent.datapath.adopt(&ep, agent.policy_flags(ep.id)) {
                 Ok(Adoption::Adopted) => report.adopted.push(name),
                 Ok(Adoption::Reattached) => report.reattached.push(name),
                 Err(e) => {
@@ -143,7 +164,11 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                         .push(format!("{name}: cannot re-adopt: {e}"));
                 }
             }
-            agent.endpoints.push(ep);
+        }
+        if let Err(e) = agent.datapath.apply_policy(&removals) {
+            report
+                .warnings
+                .push(format!("cannot remove stale policy entries: {e}"));
         }
         agent.adopted = report.adopted.len();
         for e in agent.datapath.sweep(&agent.endpoints) {
@@ -160,6 +185,9 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             next_endpoint_id: self.next_endpoint_id,
             ipam: self.ipam.state().clone(),
             endpoints: self.endpoints.clone(),
+            policies: self.policy.stored(),
+            namespace_labels: self.policy.namespaces.clone(),
+            identities: self.policy.installed.identities.clone(),
             ..PersistedState::default()
         })
     }
@@ -266,14 +294,15 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         };
         self.host
             .route_pod(link.index, req.address, self.config.gateway())?;
-        self.datapath
-            .attach(&record)
-            .map_err(|e| ControlError::Datapath(e.to_string()))?;
+        // Compiled with the new endpoint before it is attached, so that it starts with
+        // its flags, entries and ipcache in place.
+        self.attach_with_policy(&record)?;
         self.next_endpoint_id += 1;
         self.endpoints.push(record.clone());
         if let Err(e) = self.persist() {
             self.endpoints.pop();
             let _ = self.datapath.detach(&record);
+            let _ = self.policy_refresh();
             return Err(e.into());
         }
         Ok(self.describe(&record, &[]))
@@ -289,7 +318,10 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             container_id: container_id.to_owned(),
             ifname: ifname.to_owned(),
         };
-        let (removed, released, errors) = self.remove(&owner, false);
+        let (removed, released, mut errors) = self.remove(&owner, false);
+        if removed {
+            errors.extend(self.policy_refresh());
+        }
         if removed || released.is_some() {
             self.persist()?;
         }
@@ -360,6 +392,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 });
             }
         }
+        resp.errors.extend(self.policy_refresh());
         self.persist()?;
         Ok(resp)
     }
@@ -375,16 +408,13 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 ifname: a.ifname.clone(),
             })
             .collect();
-        let vanished: Vec<Owner> = self
-            .endpoints
-            .iter()
-            .filter(|e| {
-                !matches!(self.host.link(&e.host_ifname), Ok(Some(l)) if l.index == e.host_ifindex)
-                    && !matches!(self.host.link(&e.host_ifname), Err(_))
-            })
-            .map(EndpointRecord::owner)
-            .collect();
-        owners.extend(vanished);
+        for e in &self.endpoints {
+            match self.host.link(&e.host_ifname) {
+                Ok(Some(l)) if l.index == e.host_ifindex => {}
+                Ok(_) => owners.push(e.owner()),
+                Err(err) => done.push(format!("cannot look up {}: {err}", e.host_ifname)),
+            }
+        }
         owners.sort();
         owners.dedup();
         for owner in owners {
@@ -395,9 +425,12 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             done.extend(errors);
         }
         if !done.is_empty() {
-            if let Err(e) = self.persist() {
-                done.push(format!("cannot save the state: {e}"));
-            }
+            done.extend(self.policy_refresh());
+        }
+        if !done.is_empty()
+            && let Err(e) = self.persist()
+        {
+            done.push(format!("cannot save the state: {e}"));
         }
         done
     }
@@ -414,10 +447,8 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             .find(&owner.container_id, &owner.ifname)
             .map(|i| self.endpoints.remove(i));
         if let Some(ep) = &removed {
-            if delete_veth {
-                if let Err(e) = self.host.delete_link(&ep.host_ifname) {
-                    errors.push(format!("{owner}: cannot delete {}: {e}", ep.host_ifname));
-                }
+            if delete_veth && let Err(e) = self.host.delete_link(&ep.host_ifname) {
+                errors.push(format!("{owner}: cannot delete {}: {e}", ep.host_ifname));
             }
             errors.extend(
                 self.datapath
@@ -509,6 +540,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 programs: self.datapath.programs(),
             },
             endpoints: self.endpoints.len(),
+            policy: self.policy_status(),
         }
     }
 }
@@ -557,7 +589,7 @@ mod tests {
     use crate::host::fake::FakeHost;
 
     #[derive(Clone, Default)]
-    struct MemStore(Arc<Mutex<Vec<PersistedState>>>);
+    pub(super) struct MemStore(pub(super) Arc<Mutex<Vec<PersistedState>>>);
 
     impl Persist for MemStore {
         fn save(&self, state: &PersistedState) -> Result<(), StateError> {
@@ -567,7 +599,7 @@ mod tests {
     }
 
     impl MemStore {
-        fn last(&self) -> PersistedState {
+        pub(super) fn last(&self) -> PersistedState {
             self.0.lock().unwrap().last().cloned().unwrap()
         }
     }
@@ -579,7 +611,7 @@ mod tests {
         }
     }
 
-    fn host_with(names: &[(&str, u32)]) -> FakeHost {
+    pub(super) fn host_with(names: &[(&str, u32)]) -> FakeHost {
         let mut h = FakeHost::default();
         for (n, i) in names {
             h.links.insert(
@@ -593,7 +625,7 @@ mod tests {
         h
     }
 
-    fn start(
+    pub(super) fn start(
         host: FakeHost,
         saved: PersistedState,
         dp: FakeDatapath,

@@ -21,10 +21,20 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let store = StateStore::open(&config.state_dir)?;
     let saved = store.load()?;
     let listener = server::bind(&config.socket).await?;
-    let datapath = EbpfDatapath::load(&config.pin_dir, config.gateway())
+    let mut datapath = EbpfDatapath::load(&config.pin_dir, config.gateway())
         .context("loading the eBPF datapath")?;
+    let (events, _) = tokio::sync::broadcast::channel(crate::monitor::BACKLOG);
+    match datapath.take_events() {
+        Some(ring) => {
+            tokio::spawn(crate::monitor::pump(ring, events.clone()));
+        }
+        None => tracing::warn!(
+            "the eBPF object has no events ring buffer; hypha monitor will be silent"
+        ),
+    }
     let host = LinuxHost::new().context("opening the host's netlink socket")?;
     let socket = config.socket.clone();
+    let policy_dir = config.policy_dir.clone();
     let (agent, report) = Agent::start(config, datapath, host, Box::new(store), saved)
         .context("starting the agent")?;
     for w in &report.warnings {
@@ -49,7 +59,8 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         agent.clone(),
         hypha_api::deferred_deletes_dir(&socket),
     ));
-    let app = server::router(agent);
+    tokio::spawn(policy_dir_loop(agent.clone(), policy_dir));
+    let app = server::router(agent).layer(axum::extract::Extension(events));
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown())
         .await;
@@ -84,6 +95,93 @@ async fn reconcile_loop<D: Datapath, H: HostNetwork>(
             }
         }
     }
+}
+
+/// How often the agent looks at the policy directory's files.
+const POLICY_DIR_EVERY: Duration = Duration::from_secs(1);
+
+/// Applies the policy directory's files at start and whenever one of them changes
+/// (appears, goes, or gets another modification time or size), checked every
+/// [`POLICY_DIR_EVERY`].
+async fn policy_dir_loop<D: Datapath, H: HostNetwork>(
+    agent: Arc<Mutex<Agent<D, H>>>,
+    dir: PathBuf,
+) {
+    let mut tick = tokio::time::interval(POLICY_DIR_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<PolicyDirSnapshot> = None;
+    let mut last_error: Option<String> = None;
+    loop {
+        tick.tick().await;
+        let snapshot = match scan_policy_dir(&dir) {
+            Ok(s) => s,
+            Err(e) => {
+                if last_error.as_ref() != Some(&e) {
+                    tracing::warn!("{e}; its policies stay as they were");
+                    last_error = Some(e);
+                }
+                continue;
+            }
+        };
+        last_error = None;
+        if last.as_ref() == Some(&snapshot) {
+            continue;
+        }
+        let files = snapshot
+            .keys()
+            .map(|p| {
+                let content = std::fs::read_to_string(p)
+                    .map_err(|e| format!("cannot read {}: {e}", p.display()));
+                (p.clone(), content)
+            })
+            .collect();
+        let log = agent.lock().await.sync_policy_dir(files);
+        for line in log {
+            if line.starts_with("policy directory applied") {
+                tracing::info!("{line}");
+            } else {
+                tracing::warn!("{line}");
+            }
+        }
+        last = Some(snapshot);
+    }
+}
+
+/// The policy files of a directory (`*.yaml`, `*.yml`, `*.json`, in name order) with
+/// their modification times and sizes.
+type PolicyDirSnapshot = std::collections::BTreeMap<PathBuf, (std::time::SystemTime, u64)>;
+
+fn scan_policy_dir(dir: &Path) -> Result<PolicyDirSnapshot, String> {
+    let mut out = PolicyDirSnapshot::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        // No directory: no policies from it.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => {
+            return Err(format!(
+                "cannot read the policy directory {}: {e}",
+                dir.display()
+            ));
+        }
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !crate::cli::is_policy_file(&path) {
+            continue;
+        }
+        // Follows symlinks, as with files mounted from a ConfigMap.
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => {
+                out.insert(
+                    path,
+                    (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()),
+                );
+            }
+            Ok(_) => {}
+            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
+        }
+    }
+    Ok(out)
 }
 
 /// The deferred deletes waiting in `dir`; unreadable files are reported and left alone.

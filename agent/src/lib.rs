@@ -9,5 +9,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod host;
 pub mod ipam;
+pub mod monitor;
+pub mod policy;
 pub mod server;
 pub mod state;

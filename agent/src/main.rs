@@ -5,9 +5,13 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use hypha_agent::cli::{format_endpoints, format_status};
+use hypha_agent::cli::{
+    format_applied, format_endpoint_policy, format_endpoints, format_labels, format_policies,
+    format_status, parse_label_args, read_policy_files,
+};
 use hypha_agent::config::{ConfigError, ConfigFile};
 use hypha_api::Client;
+use hypha_launcher::cli as launcher;
 use ipnet::Ipv4Net;
 
 #[derive(Parser)]
@@ -26,6 +30,38 @@ enum Command {
     /// Endpoints (pods) the agent manages.
     #[command(subcommand, alias = "endpoints")]
     Endpoint(EndpointCommand),
+    /// Network policies: apply, delete, list, and what an endpoint enforces.
+    #[command(subcommand, alias = "policies")]
+    Policy(PolicyCommand),
+    /// Stream drop and policy-verdict events from the datapath as they happen.
+    Monitor(MonitorArgs),
+    /// Namespaces' labels, for policies' namespaceSelector.
+    #[command(subcommand, alias = "ns")]
+    Namespace(NamespaceCommand),
+    /// Run a command in a new container (namespaces, CNI network, cgroup limits).
+    Run(Box<launcher::RunArgs>),
+    /// List containers.
+    Ps(launcher::PsArgs),
+    /// Run a command inside a running container.
+    Exec(launcher::ExecArgs),
+    /// Stop containers: SIGTERM, then SIGKILL after a timeout.
+    Stop(launcher::StopArgs),
+    /// Remove stopped containers (`-f`: running ones too).
+    Rm(launcher::RmArgs),
+    /// Print the output of a detached container.
+    Logs(launcher::LogsArgs),
+}
+
+#[derive(Args)]
+struct MonitorArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// Only events of this endpoint (its id, as `hypha endpoint list` shows).
+    #[arg(long)]
+    endpoint: Option<u32>,
+    /// Only `drop` events or only `policy` verdicts.
+    #[arg(long = "type", value_parser = ["drop", "policy", "all"])]
+    kind: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -33,6 +69,50 @@ enum EndpointCommand {
     /// List endpoints with their counters.
     #[command(alias = "ls")]
     List(ClientArgs),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Apply policy files (NetworkPolicy, HyphaNetworkPolicy; YAML or JSON), all or none.
+    Apply {
+        /// A file, or a directory (its *.yaml, *.yml and *.json files, in name order).
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a policy applied with `hypha policy apply`.
+    #[command(alias = "rm")]
+    Delete {
+        name: String,
+        /// The policy's namespace.
+        #[arg(short = 'n', long, default_value = "default")]
+        namespace: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List the policies in force.
+    #[command(alias = "ls")]
+    List(ClientArgs),
+    /// Show what an endpoint enforces: its identity, flags and policy entries.
+    Get {
+        /// Endpoint id, container id, or a unique prefix of a container id.
+        endpoint: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum NamespaceCommand {
+    /// Set (KEY=VALUE) and remove (KEY-) labels of a namespace.
+    Label {
+        namespace: String,
+        #[arg(required = true)]
+        labels: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -77,6 +157,9 @@ struct AgentArgs {
     /// Do not masquerade pod traffic that leaves the pod CIDR.
     #[arg(long)]
     no_masquerade: bool,
+    /// Directory of policy files to apply and watch [default: /etc/hypha/policies]
+    #[arg(long)]
+    policy_dir: Option<PathBuf>,
 }
 
 impl AgentArgs {
@@ -93,6 +176,7 @@ impl AgentArgs {
             gateway: self.gateway,
             host_device: self.host_device,
             masquerade: self.no_masquerade.then_some(false),
+            policy_dir: self.policy_dir,
         };
         file.merge(flags).resolve()
     }
@@ -125,6 +209,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(hypha_agent::daemon::run(config))
         }
+        Command::Monitor(args) => {
+            let client = Client::new(&args.client.socket)?;
+            let json = matches!(args.client.output, Output::Json);
+            client.monitor(args.endpoint, args.kind.as_deref(), |line| {
+                let shown = if json {
+                    line.to_owned()
+                } else {
+                    hypha_agent::cli::format_event(line)
+                };
+                use std::io::Write as _;
+                let mut out = std::io::stdout().lock();
+                // Stop when whoever reads us goes away (a closed pipe).
+                writeln!(out, "{shown}").and_then(|()| out.flush()).is_ok()
+            })?;
+            Ok(())
+        }
         Command::Status(args) => {
             let status = Client::new(&args.socket)?.status()?;
             print(args.output, &status, format_status)
@@ -133,7 +233,55 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let eps = Client::new(&args.socket)?.endpoints()?;
             print(args.output, &eps, |e| format_endpoints(e))
         }
+        Command::Policy(PolicyCommand::Apply { files, client }) => {
+            let sources = read_policy_files(&files)?;
+            if sources.is_empty() {
+                anyhow::bail!("no policy files (*.yaml, *.yml, *.json) in {files:?}");
+            }
+            let resp = Client::new(&client.socket)?.apply_policies(&sources)?;
+            print(client.output, &resp, format_applied)
+        }
+        Command::Policy(PolicyCommand::Delete {
+            name,
+            namespace,
+            client,
+        }) => {
+            let resp = Client::new(&client.socket)?.delete_policy(&namespace, &name)?;
+            print(client.output, &resp, |p| {
+                format!("policy {}/{} deleted\n", p.namespace, p.name)
+            })
+        }
+        Command::Policy(PolicyCommand::List(args)) => {
+            let ps = Client::new(&args.socket)?.policies()?;
+            print(args.output, &ps, |p| format_policies(p))
+        }
+        Command::Policy(PolicyCommand::Get { endpoint, client }) => {
+            let p = Client::new(&client.socket)?.endpoint_policy(&endpoint)?;
+            print(client.output, &p, format_endpoint_policy)
+        }
+        Command::Namespace(NamespaceCommand::Label {
+            namespace,
+            labels,
+            client,
+        }) => {
+            let req = parse_label_args(&labels).map_err(anyhow::Error::msg)?;
+            let resp = Client::new(&client.socket)?.set_namespace_labels(&namespace, &req)?;
+            print(client.output, &resp, |n| format_labels(&n.labels))
+        }
+        // The container verbs exit with their own code (`run`: the container's).
+        Command::Run(args) => exit(launcher::run(*args)?),
+        Command::Ps(args) => exit(launcher::ps(args)?),
+        Command::Exec(args) => exit(launcher::exec(args)?),
+        Command::Stop(args) => exit(launcher::stop(args)?),
+        Command::Rm(args) => exit(launcher::rm(args)?),
+        Command::Logs(args) => exit(launcher::logs(args)?),
     }
+}
+
+fn exit(code: i32) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let _ = std::io::stdout().flush();
+    std::process::exit(code)
 }
 
 fn print<T: serde::Serialize + ?Sized>(

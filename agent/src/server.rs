@@ -7,9 +7,12 @@ use std::sync::Arc;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use hypha_api::{AllocateRequest, ApiError, CreateEndpointRequest, GcRequest};
+use hypha_api::{
+    AllocateRequest, ApiError, CreateEndpointRequest, GcRequest, NamespaceLabelsRequest,
+    PolicySource,
+};
 use tokio::net::UnixListener;
 use tokio::sync::Mutex;
 
@@ -61,7 +64,26 @@ where
             "/v1/endpoints/{container_id}/{ifname}",
             get(check::<D, H>).delete(remove::<D, H>),
         )
+        // An interface named `policy` cannot be checked through the route above; the
+        // router prefers the static segment.
+        .route(
+            "/v1/endpoints/{container_id}/policy",
+            get(endpoint_policy::<D, H>),
+        )
+        .route(
+            "/v1/policies",
+            get(list_policies::<D, H>).post(apply_policies::<D, H>),
+        )
+        .route(
+            "/v1/policies/{namespace}/{name}",
+            axum::routing::delete(delete_policy::<D, H>),
+        )
+        .route(
+            "/v1/namespaces/{namespace}/labels",
+            put(namespace_labels::<D, H>),
+        )
         .route("/v1/gc", post(gc::<D, H>))
+        .route("/v1/monitor", get(monitor::<D, H>))
         .route("/v1/ipam/allocate", post(allocate::<D, H>))
         .with_state(agent)
 }
@@ -92,6 +114,59 @@ async fn create<D: Datapath, H: HostNetwork>(
     Ok((StatusCode::CREATED, Json(ep)).into_response())
 }
 
+#[derive(serde::Deserialize)]
+struct MonitorQuery {
+    endpoint: Option<u32>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+}
+
+/// Streams events as newline-delimited JSON until the client goes away.
+async fn monitor<D: Datapath + 'static, H: HostNetwork + 'static>(
+    State(a): State<Shared<D, H>>,
+    axum::extract::Extension(events): axum::extract::Extension<
+        tokio::sync::broadcast::Sender<hypha_common::Event>,
+    >,
+    axum::extract::Query(q): axum::extract::Query<MonitorQuery>,
+) -> Result<Response, ControlError> {
+    if let Some(kind) = q.kind.as_deref()
+        && !matches!(kind, "drop" | "policy" | "all")
+    {
+        return Err(ControlError::BadRequest(format!(
+            "unknown event type {kind:?}: expected drop, policy or all"
+        )));
+    }
+    let filter = crate::monitor::Filter {
+        endpoint: q.endpoint,
+        kind: q.kind,
+    };
+    let rx = events.subscribe();
+    let stream = futures_util::stream::unfold((rx, a, filter), |(mut rx, a, filter)| async move {
+        loop {
+            let line = match rx.recv().await {
+                Ok(e) if filter.matches(&e) => {
+                    let agent = a.lock().await;
+                    let event = crate::monitor::render(&e, |id| agent.policy_name(id));
+                    drop(agent);
+                    serde_json::to_string(&event).expect("events serialize")
+                }
+                Ok(_) => continue,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    format!("{{\"lost\":{n}}}")
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            };
+            let bytes = axum::body::Bytes::from(line + "\n");
+            return Some((Ok::<_, std::convert::Infallible>(bytes), (rx, a, filter)));
+        }
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}
+
 async fn check<D: Datapath, H: HostNetwork>(
     State(a): State<Shared<D, H>>,
     UrlPath((container_id, ifname)): UrlPath<(String, String)>,
@@ -120,6 +195,53 @@ async fn remove<D: Datapath, H: HostNetwork>(
     Ok(Json(resp).into_response())
 }
 
+async fn apply_policies<D: Datapath, H: HostNetwork>(
+    State(a): State<Shared<D, H>>,
+    Json(files): Json<Vec<PolicySource>>,
+) -> Result<Response, ControlError> {
+    let sources: Vec<&str> = files.iter().map(|f| f.source.as_str()).collect();
+    match a.lock().await.apply_policies(&files) {
+        Ok(resp) => {
+            tracing::info!(files = ?sources, applied = ?resp.applied, entries_set = resp.entries_set, entries_removed = resp.entries_removed, "policies applied");
+            Ok(Json(resp).into_response())
+        }
+        Err(e) => {
+            tracing::warn!(files = ?sources, "policies refused: {e}");
+            Err(e)
+        }
+    }
+}
+
+async fn list_policies<D: Datapath, H: HostNetwork>(State(a): State<Shared<D, H>>) -> Response {
+    Json(a.lock().await.list_policies()).into_response()
+}
+
+async fn delete_policy<D: Datapath, H: HostNetwork>(
+    State(a): State<Shared<D, H>>,
+    UrlPath((namespace, name)): UrlPath<(String, String)>,
+) -> Result<Response, ControlError> {
+    let resp = a.lock().await.delete_policy(&namespace, &name)?;
+    tracing::info!(%namespace, %name, "policy deleted");
+    Ok(Json(resp).into_response())
+}
+
+async fn endpoint_policy<D: Datapath, H: HostNetwork>(
+    State(a): State<Shared<D, H>>,
+    UrlPath(endpoint): UrlPath<String>,
+) -> Result<Response, ControlError> {
+    Ok(Json(a.lock().await.endpoint_policy(&endpoint)?).into_response())
+}
+
+async fn namespace_labels<D: Datapath, H: HostNetwork>(
+    State(a): State<Shared<D, H>>,
+    UrlPath(namespace): UrlPath<String>,
+    Json(req): Json<NamespaceLabelsRequest>,
+) -> Result<Response, ControlError> {
+    let resp = a.lock().await.set_namespace_labels(&namespace, &req)?;
+    tracing::info!(%namespace, labels = ?resp.labels, "namespace labels set");
+    Ok(Json(resp).into_response())
+}
+
 /// Binds the socket with mode 0600, replacing a stale socket file but never a live agent's.
 pub async fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     let io = |op, source| ServerError::Io {
@@ -144,4 +266,83 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| io("set the mode of", e))?;
     Ok(listener)
+}
+
+#[cfg(test)]
+mod tests {
+    use hypha_api::{Client, NamespaceLabelsRequest, PolicySource};
+
+    use super::*;
+    use crate::config::AgentConfig;
+    use crate::control::Persist;
+    use crate::datapath::fake::FakeDatapath;
+    use crate::host::fake::FakeHost;
+    use crate::state::{PersistedState, StateError};
+
+    struct NoStore;
+
+    impl Persist for NoStore {
+        fn save(&self, _: &PersistedState) -> Result<(), StateError> {
+            Ok(())
+        }
+    }
+
+    /// The policy routes, through the real client over a unix socket.
+    #[test]
+    fn policy_routes_answer_through_the_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let (agent, _) = Agent::start(
+            AgentConfig::default(),
+            FakeDatapath::default(),
+            FakeHost::default(),
+            Box::new(NoStore),
+            PersistedState::default(),
+        )
+        .unwrap();
+        let app = router(Arc::new(Mutex::new(agent)));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let listener = rt.block_on(bind(&socket)).unwrap();
+        rt.spawn(async move { axum::serve(listener, app).await });
+
+        let client = Client::new(&socket).unwrap();
+        let applied = client
+            .apply_policies(&[PolicySource {
+                source: "p.yaml".into(),
+                content: "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: shop}\nspec: {podSelector: {}}\n".into(),
+            }])
+            .unwrap();
+        assert_eq!(applied.applied, vec!["shop/p"]);
+        let list = client.policies().unwrap();
+        assert_eq!(
+            (list[0].namespace.as_str(), list[0].name.as_str()),
+            ("shop", "p")
+        );
+        let err = client
+            .apply_policies(&[PolicySource {
+                source: "bad.yaml".into(),
+                content: "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: q}\nspec: {podSelectr: {}}\n".into(),
+            }])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bad.yaml") && err.contains("podSelectr") && err.contains("HTTP 400"),
+            "{err}"
+        );
+        let ns = client
+            .set_namespace_labels(
+                "shop",
+                &NamespaceLabelsRequest {
+                    set: [("team".to_owned(), "a".to_owned())].into(),
+                    remove: vec![],
+                },
+            )
+            .unwrap();
+        assert_eq!(ns.labels.len(), 2);
+        let err = client.endpoint_policy("42").unwrap_err().to_string();
+        assert!(err.contains("HTTP 404"), "{err}");
+        client.delete_policy("shop", "p").unwrap();
+        assert!(client.policies().unwrap().is_empty());
+        assert_eq!(client.status().unwrap().policy.policies, 0);
+    }
 }

@@ -14,6 +14,7 @@ use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
 use crate::ipam::{IpamState, Owner};
+use crate::policy::{IdentityAllocator, Policy};
 
 /// Format version of `state.json`; bump on an incompatible change.
 const STATE_VERSION: u32 = 1;
@@ -77,6 +78,41 @@ pub struct PersistedState {
     pub next_endpoint_id: u32,
     pub ipam: IpamState,
     pub endpoints: Vec<EndpointRecord>,
+    /// Policies in force, with where each came from (those of the watched directory
+    /// too, so that a restart enforces them before the directory is read again).
+    #[serde(default)]
+    pub policies: Vec<StoredPolicy>,
+    /// Labels operators gave namespaces (`hypha namespace label`).
+    #[serde(default)]
+    pub namespace_labels: BTreeMap<String, BTreeMap<String, String>>,
+    /// Security identities and policy ids, so that they survive restarts.
+    #[serde(default)]
+    pub identities: IdentityAllocator,
+}
+
+/// A policy in force and where it came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPolicy {
+    pub policy: Policy,
+    pub origin: PolicyOrigin,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyOrigin {
+    /// `POST /v1/policies` (`hypha policy apply`), from the named file.
+    Api(String),
+    /// A file of the watched policy directory.
+    Dir(PathBuf),
+}
+
+impl std::fmt::Display for PolicyOrigin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicyOrigin::Api(s) => write!(f, "api: {s}"),
+            PolicyOrigin::Dir(p) => write!(f, "dir: {}", p.display()),
+        }
+    }
 }
 
 impl Default for PersistedState {
@@ -86,6 +122,9 @@ impl Default for PersistedState {
             next_endpoint_id: 1,
             ipam: IpamState::default(),
             endpoints: Vec::new(),
+            policies: Vec::new(),
+            namespace_labels: BTreeMap::new(),
+            identities: IdentityAllocator::default(),
         }
     }
 }

@@ -12,8 +12,9 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
 use crate::{
-    AllocateRequest, Allocation, ApiError, CreateEndpointRequest, DeleteResponse, Endpoint,
-    EndpointCheck, GcRequest, GcResponse, Status,
+    AllocateRequest, Allocation, ApiError, ApplyPoliciesResponse, CreateEndpointRequest,
+    DeleteResponse, Endpoint, EndpointCheck, EndpointPolicy, GcRequest, GcResponse,
+    NamespaceLabels, NamespaceLabelsRequest, PolicySource, PolicySummary, Status,
 };
 
 /// Why a call to the agent failed.
@@ -143,6 +144,118 @@ impl Client {
     ) -> Result<DeleteResponse, ClientError> {
         let uri = endpoint_uri(container_id, ifname);
         self.call(Method::DELETE, &uri, None::<&()>)
+    }
+
+    /// Applies policy files, all or nothing: the agent parses them and refuses them all
+    /// if any is invalid.
+    pub fn apply_policies(
+        &self,
+        files: &[PolicySource],
+    ) -> Result<ApplyPoliciesResponse, ClientError> {
+        self.call(Method::POST, "/v1/policies", Some(&files))
+    }
+
+    pub fn policies(&self) -> Result<Vec<PolicySummary>, ClientError> {
+        self.call(Method::GET, "/v1/policies", None::<&()>)
+    }
+
+    /// Deletes policy `namespace/name` (`404` when there is none).
+    pub fn delete_policy(&self, namespace: &str, name: &str) -> Result<PolicySummary, ClientError> {
+        let uri = format!(
+            "/v1/policies/{}/{}",
+            percent_encode(namespace),
+            percent_encode(name)
+        );
+        self.call(Method::DELETE, &uri, None::<&()>)
+    }
+
+    /// What an endpoint (by id, container id or a unique prefix of one) enforces.
+    pub fn endpoint_policy(&self, endpoint: &str) -> Result<EndpointPolicy, ClientError> {
+        let uri = format!("/v1/endpoints/{}/policy", percent_encode(endpoint));
+        self.call(Method::GET, &uri, None::<&()>)
+    }
+
+    pub fn set_namespace_labels(
+        &self,
+        namespace: &str,
+        req: &NamespaceLabelsRequest,
+    ) -> Result<NamespaceLabels, ClientError> {
+        let uri = format!("/v1/namespaces/{}/labels", percent_encode(namespace));
+        self.call(Method::PUT, &uri, Some(req))
+    }
+
+    /// Streams `GET /v1/monitor` (events as they happen), calling `on_event` for each
+    /// until it returns `false` or the agent closes the stream. No timeout applies.
+    pub fn monitor(
+        &self,
+        endpoint: Option<u32>,
+        kind: Option<&str>,
+        mut on_event: impl FnMut(&str) -> bool,
+    ) -> Result<(), ClientError> {
+        let mut uri = String::from("/v1/monitor?");
+        if let Some(id) = endpoint {
+            uri.push_str(&format!("endpoint={id}&"));
+        }
+        if let Some(kind) = kind {
+            uri.push_str(&format!("type={}", percent_encode(kind)));
+        }
+        let method = Method::GET;
+        self.runtime.block_on(async {
+            let http_err = |source| ClientError::Http {
+                path: self.path.clone(),
+                method: method.clone(),
+                uri: uri.clone(),
+                source,
+            };
+            let stream =
+                UnixStream::connect(&self.path)
+                    .await
+                    .map_err(|source| ClientError::Connect {
+                        path: self.path.clone(),
+                        source,
+                    })?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(http_err)?;
+            let conn = tokio::spawn(conn);
+            let req = Request::builder()
+                .method(method.clone())
+                .uri(&uri)
+                .header(hyper::header::HOST, "hypha")
+                .body(Full::new(Bytes::new()))
+                .expect("request parts are valid");
+            let resp = sender.send_request(req).await.map_err(http_err)?;
+            let status = resp.status();
+            let mut body = resp.into_body();
+            if !status.is_success() {
+                let bytes = body.collect().await.map_err(http_err)?.to_bytes();
+                let message = serde_json::from_slice::<ApiError>(&bytes)
+                    .map(|e| e.error)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+                return Err(ClientError::Api {
+                    method: method.clone(),
+                    uri: uri.clone(),
+                    status,
+                    message,
+                });
+            }
+            let mut pending = Vec::new();
+            'frames: while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(http_err)?;
+                let Some(data) = frame.data_ref() else {
+                    continue;
+                };
+                pending.extend_from_slice(data);
+                while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = pending.drain(..=end).collect();
+                    if !on_event(String::from_utf8_lossy(&line[..end]).trim()) {
+                        break 'frames;
+                    }
+                }
+            }
+            conn.abort();
+            Ok(())
+        })
     }
 
     fn call<B: Serialize, T: DeserializeOwned>(

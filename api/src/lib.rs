@@ -9,6 +9,11 @@
 //! | `GET /v1/endpoints/{container_id}/{ifname}`   |                           | [`EndpointCheck`]   |
 //! | `DELETE /v1/endpoints/{container_id}/{ifname}`|                           | [`DeleteResponse`]  |
 //! | `POST /v1/gc`                                 | [`GcRequest`]             | [`GcResponse`]      |
+//! | `POST /v1/policies`                           | `Vec<`[`PolicySource`]`>` | [`ApplyPoliciesResponse`] |
+//! | `GET /v1/policies`                            |                           | `Vec<`[`PolicySummary`]`>` |
+//! | `DELETE /v1/policies/{namespace}/{name}`      |                           | [`PolicySummary`]   |
+//! | `GET /v1/endpoints/{id or container}/policy`  |                           | [`EndpointPolicy`]  |
+//! | `PUT /v1/namespaces/{namespace}/labels`       | [`NamespaceLabelsRequest`]| [`NamespaceLabels`] |
 //!
 //! Errors come back with a 4xx/5xx status and an [`ApiError`] body. Because it is plain
 //! HTTP, `curl --unix-socket /run/hypha/agent.sock http://hypha/v1/status` works too.
@@ -40,6 +45,8 @@ pub struct Status {
     pub datapath: DatapathStatus,
     /// Number of endpoints the agent manages.
     pub endpoints: usize,
+    #[serde(default)]
+    pub policy: PolicyStatus,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -249,6 +256,144 @@ pub fn deferred_deletes_dir(socket: &std::path::Path) -> std::path::PathBuf {
     let mut name = socket.file_name().unwrap_or_default().to_os_string();
     name.push(".deferred");
     socket.with_file_name(name)
+}
+
+/// One line of `GET /v1/monitor` (newline-delimited JSON, streamed as events happen).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MonitorEvent {
+    /// `drop`, `policy-allow` or `policy-audit`.
+    pub kind: String,
+    /// `ingress` or `egress`, of the endpoint `endpoint_id`.
+    pub direction: String,
+    pub endpoint_id: u32,
+    pub ifindex: u32,
+    /// Why it was dropped (drops only), such as `policy-denied`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The deciding policy, or "no policy allows this".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    pub remote_identity: u32,
+    pub protocol: String,
+    pub source: Ipv4Addr,
+    pub source_port: u16,
+    pub destination: Ipv4Addr,
+    pub destination_port: u16,
+    pub bytes: u32,
+}
+
+/// One policy file as `POST /v1/policies` takes it: the agent parses it (the same way
+/// it parses the files of its watched directory).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PolicySource {
+    /// The file's name, for messages.
+    pub source: String,
+    /// Its text: YAML (several documents allowed) or JSON.
+    pub content: String,
+}
+
+/// Answer to `POST /v1/policies`: the files were valid and are all in force.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApplyPoliciesResponse {
+    /// `namespace/name` of every policy applied (new or replaced).
+    pub applied: Vec<String>,
+    /// Policy map entries written and removed by the change.
+    pub entries_set: usize,
+    pub entries_removed: usize,
+}
+
+/// One policy, as `GET /v1/policies` lists it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PolicySummary {
+    pub namespace: String,
+    pub name: String,
+    /// `NetworkPolicy` or `HyphaNetworkPolicy`.
+    pub kind: String,
+    /// The policy id the datapath reports it by (monitor, counters).
+    pub id: u32,
+    pub audit: bool,
+    /// Where it came from: `api: <file>` or `dir: <path>`.
+    pub source: String,
+    /// Endpoints it applies to (ids).
+    pub selected_endpoints: Vec<u32>,
+    /// Whether it isolates its endpoints for ingress / egress.
+    pub ingress: bool,
+    pub egress: bool,
+    pub allow_rules: usize,
+    pub deny_rules: usize,
+}
+
+/// `GET /v1/endpoints/{id or container id}/policy`: what an endpoint enforces.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EndpointPolicy {
+    pub endpoint_id: u32,
+    pub container_id: String,
+    pub namespace: String,
+    /// Its security identity and what it stands for.
+    pub identity: u32,
+    pub identity_labels: String,
+    pub ingress: DirectionPolicy,
+    pub egress: DirectionPolicy,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct DirectionPolicy {
+    /// Some policy selects the endpoint for this direction: only what an entry allows
+    /// passes. When false, everything passes.
+    pub enforced: bool,
+    /// Every selecting policy is in audit mode: what would be dropped is reported and
+    /// passed.
+    pub audit: bool,
+    /// Policies selecting it for this direction (`namespace/name`).
+    pub policies: Vec<String>,
+    pub entries: Vec<PolicyEntryView>,
+}
+
+/// One entry of the policy map, readable.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PolicyEntryView {
+    /// `allow` or `deny`.
+    pub action: String,
+    pub audit: bool,
+    pub identity: u32,
+    /// What the identity stands for: labels, a CIDR, `host`, `world`, `any`.
+    pub peer: String,
+    /// `TCP`, `UDP`, `SCTP`, `ICMP` or `any`.
+    pub protocol: String,
+    /// 0: any port.
+    pub port: u16,
+    /// `namespace/name`, or `(implicit)` for the agent's own entries.
+    pub policy: String,
+}
+
+/// `PUT /v1/namespaces/{namespace}/labels`: sets and removes a namespace's labels.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NamespaceLabelsRequest {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// A namespace's labels after a change (including `kubernetes.io/metadata.name`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NamespaceLabels {
+    pub namespace: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Policy part of [`Status`].
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PolicyStatus {
+    pub policies: usize,
+    /// Entries in the policy map and prefixes in the ipcache.
+    pub entries: usize,
+    pub ipcache: usize,
+    /// Directory the agent watches for policy files.
+    pub policy_dir: String,
+    /// Problems with policy files or the last recompilation, such as an invalid file in
+    /// the watched directory (its policies stay as they were).
+    pub errors: Vec<String>,
 }
 
 /// The body of every error answer.

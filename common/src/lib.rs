@@ -25,7 +25,29 @@ pub mod maps {
     pub const DROPS: &str = "hypha_drops";
     /// Index 0 → [`crate::NodeConfig`].
     pub const CONFIG: &str = "hypha_config";
+    /// LPM trie [`crate::IpcacheKey4`] → [`crate::IpcacheValue`]: the identity of every address.
+    pub const IPCACHE4: &str = "hypha_ipcache4";
+    /// [`crate::PolicyKey`] → [`crate::PolicyEntry`]: every endpoint's compiled policy.
+    pub const POLICY: &str = "hypha_policy";
+    /// LRU [`crate::CtKey4`] → [`crate::CtEntry`]: connection tracking.
+    pub const CT4: &str = "hypha_ct4";
+    /// Ring buffer of [`crate::Event`]s for `hypha monitor`.
+    pub const EVENTS: &str = "hypha_events";
+    /// Policy id (`u32`) → per-CPU [`crate::PolicyStats`].
+    pub const POLICY_STATS: &str = "hypha_policy_stats";
 }
+
+/// Capacity of `hypha_ipcache4`.
+pub const MAX_IPCACHE: u32 = 65_536;
+/// Capacity of `hypha_policy`, across all endpoints. The agent refuses a policy set whose
+/// compiled entries would not fit.
+pub const MAX_POLICY_ENTRIES: u32 = 262_144;
+/// Capacity of `hypha_ct4`; least recently used connections are evicted first.
+pub const MAX_CT_ENTRIES: u32 = 262_144;
+/// Capacity of `hypha_policy_stats`.
+pub const MAX_POLICIES: u32 = 16_384;
+/// Size of the `hypha_events` ring buffer in bytes (a power of two, a multiple of the page).
+pub const EVENTS_BYTES: u32 = 1 << 20;
 
 /// Names of the eBPF programs in the object. Readers: `ebpf/src/main.rs`, `agent/src/datapath`.
 pub mod programs {
@@ -138,6 +160,17 @@ pub struct DropKey {
     pub _pad: u8,
 }
 
+/// `EndpointInfo::flags`: the endpoint is selected by some policy for ingress, so only
+/// what a policy allows reaches it.
+pub const ENDPOINT_F_INGRESS_POLICY: u32 = 1 << 0;
+/// `EndpointInfo::flags`: as above, for what the endpoint sends.
+pub const ENDPOINT_F_EGRESS_POLICY: u32 = 1 << 1;
+/// `EndpointInfo::flags`: every policy selecting it for ingress is in audit mode: what
+/// would be dropped is reported and passed.
+pub const ENDPOINT_F_INGRESS_AUDIT: u32 = 1 << 2;
+/// `EndpointInfo::flags`: as above, for egress.
+pub const ENDPOINT_F_EGRESS_AUDIT: u32 = 1 << 3;
+
 /// `DropKey::direction` of what the pod sends.
 pub const DIR_EGRESS: u8 = 0;
 /// `DropKey::direction` of what the pod receives.
@@ -153,6 +186,169 @@ pub struct NodeConfig {
     pub gateway: u32,
     /// `NODE_F_*` bits.
     pub flags: u32,
+}
+
+/// Well-known security identities. Label identities start at [`IDENTITY_FIRST_LABELS`],
+/// CIDR identities at [`IDENTITY_FIRST_CIDR`]. Readers: `ebpf`, `agent` (policy).
+pub const IDENTITY_ANY: u32 = 0;
+/// The node itself (its addresses, the gateway).
+pub const IDENTITY_HOST: u32 = 1;
+/// Anything not otherwise known.
+pub const IDENTITY_WORLD: u32 = 2;
+pub const IDENTITY_FIRST_LABELS: u32 = 256;
+pub const IDENTITY_FIRST_CIDR: u32 = 1 << 24;
+
+/// Key of `hypha_ipcache4`, an LPM trie: the longest prefix holding an address gives its
+/// identity. Readers: `ebpf` (both programs, for the remote identity of a new flow),
+/// `agent` (writes endpoints' /32s, the host's addresses, policy CIDRs, and 0.0.0.0/0 →
+/// world).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IpcacheKey4 {
+    /// Prefix length in bits, as the kernel's LPM trie wants it first.
+    pub prefix_len: u32,
+    /// IPv4 address, network byte order.
+    pub addr: u32,
+}
+
+/// Value of `hypha_ipcache4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    pub flags: u32,
+}
+
+/// Key of `hypha_policy`: may `endpoint_id` exchange `proto` traffic on `dport` with
+/// `identity` in `direction`? Zero in `identity`, `dport` or `proto` is a wildcard; the
+/// datapath looks up the exact key and the wildcard forms, and an explicit deny found in
+/// any of them wins.
+/// Readers: `ebpf` (policy check of new flows), `agent` (the compiler's output, applied
+/// as a diff).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    /// The endpoint whose policy this is.
+    pub endpoint_id: u32,
+    /// The remote identity (source for ingress, destination for egress).
+    pub identity: u32,
+    /// Destination port, host byte order; 0 = any port.
+    pub dport: u16,
+    /// IP protocol (6 TCP, 17 UDP, 132 SCTP, 1 ICMP); 0 = any.
+    pub proto: u8,
+    /// [`DIR_EGRESS`] or [`DIR_INGRESS`].
+    pub direction: u8,
+}
+
+/// `PolicyEntry::action`: let the flow pass.
+pub const POLICY_ALLOW: u8 = 1;
+/// `PolicyEntry::action`: an explicit deny, which wins over every allow.
+pub const POLICY_DENY: u8 = 2;
+/// `PolicyEntry::flags`: the deciding policy is in audit mode: report, do not drop.
+pub const POLICY_F_AUDIT: u8 = 1;
+
+/// Value of `hypha_policy`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicyEntry {
+    /// The policy that put this entry here (reported by the monitor and metrics).
+    pub policy_id: u32,
+    /// [`POLICY_ALLOW`] or [`POLICY_DENY`].
+    pub action: u8,
+    /// `POLICY_F_*` bits.
+    pub flags: u8,
+    pub _pad: u16,
+}
+
+/// Per-CPU value of `hypha_policy_stats`, by policy id. Readers: `ebpf` (counts the flows
+/// each policy decided), `agent` (metrics, `hypha policy list`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyStats {
+    pub allowed: u64,
+    pub denied: u64,
+    /// Flows an audit-mode policy would have denied.
+    pub audited: u64,
+}
+
+/// Key of `hypha_ct4`: a flow as seen from its sender. A reply matches the key with the
+/// addresses and ports swapped. Readers: `ebpf`; `agent` (flushes an endpoint's flows when
+/// it goes, reports the table's size).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey4 {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// Ports in network byte order as in the packet; 0 for protocols without ports.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `hypha_ct4`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    /// `bpf_ktime_get_ns` after which the entry is stale.
+    pub expires_ns: u64,
+    /// The policy that allowed the flow (0: no policy applied).
+    pub policy_id: u32,
+    /// `CT_*` TCP state bits seen so far.
+    pub tcp_flags: u8,
+    pub _pad: [u8; 3],
+}
+
+/// `CtEntry::tcp_flags`: a SYN was seen.
+pub const CT_SYN: u8 = 1 << 0;
+/// `CtEntry::tcp_flags`: the reply direction has been seen (the flow is established).
+pub const CT_REPLIED: u8 = 1 << 1;
+/// `CtEntry::tcp_flags`: a FIN or RST was seen: the flow is closing.
+pub const CT_CLOSING: u8 = 1 << 2;
+
+/// Timeouts of connection tracking, in seconds: a TCP flow being opened, an established
+/// TCP flow, a closing TCP flow, and anything else (UDP, ICMP, SCTP).
+pub const CT_TIMEOUT_SYN_S: u64 = 60;
+pub const CT_TIMEOUT_TCP_S: u64 = 6 * 3600;
+pub const CT_TIMEOUT_CLOSE_S: u64 = 10;
+pub const CT_TIMEOUT_OTHER_S: u64 = 60;
+
+/// `Event::kind`: a packet was dropped (`reason` says why).
+pub const EVENT_DROP: u8 = 1;
+/// `Event::kind`: a new flow was allowed by policy.
+pub const EVENT_POLICY_ALLOW: u8 = 2;
+/// `Event::kind`: an audit-mode policy would have dropped this new flow.
+pub const EVENT_POLICY_AUDIT: u8 = 3;
+
+/// One record of the `hypha_events` ring buffer. Readers: `ebpf` (writes), `agent`
+/// (`hypha monitor` streams them).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// `EVENT_*`.
+    pub kind: u8,
+    /// [`DIR_EGRESS`] or [`DIR_INGRESS`], of the endpoint `endpoint_id`.
+    pub direction: u8,
+    pub proto: u8,
+    pub _pad: u8,
+    /// A [`DropReason`] for drops; 0 otherwise.
+    pub reason: u16,
+    pub dport: u16,
+    pub sport: u16,
+    pub _pad2: u16,
+    /// Host-side ifindex of the endpoint concerned.
+    pub ifindex: u32,
+    /// The endpoint whose policy decided (0 when none did).
+    pub endpoint_id: u32,
+    /// The deciding policy (0: none, e.g. "no policy allows this").
+    pub policy_id: u32,
+    /// Identity of the other side.
+    pub remote_identity: u32,
+    /// Addresses, network byte order.
+    pub saddr: u32,
+    pub daddr: u32,
+    /// Length of the packet.
+    pub len: u32,
 }
 
 /// Why the datapath dropped a packet.
@@ -175,16 +371,25 @@ pub enum DropReason {
     /// A helper call failed (a redirect or checksum rewrite), so the packet could not be
     /// forwarded.
     HelperFailed = 5,
+    /// The endpoint is selected by policy in this direction and no policy allows the flow.
+    PolicyDenied = 6,
+    /// An explicit deny rule matched the flow.
+    PolicyDenyRule = 7,
+    /// The pod sent with an address or MAC that is not its own.
+    SpoofedSource = 8,
 }
 
 impl DropReason {
     /// Every reason, in numbering order.
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::InvalidIpv4Header,
         DropReason::MalformedIpv4,
         DropReason::UnknownL3,
         DropReason::InvalidArp,
         DropReason::HelperFailed,
+        DropReason::PolicyDenied,
+        DropReason::PolicyDenyRule,
+        DropReason::SpoofedSource,
     ];
 
     /// The reason for a stored code, if the code is known.
@@ -200,6 +405,9 @@ impl DropReason {
             DropReason::UnknownL3 => "unknown-l3-protocol",
             DropReason::InvalidArp => "invalid-arp",
             DropReason::HelperFailed => "helper-failed",
+            DropReason::PolicyDenied => "policy-denied",
+            DropReason::PolicyDenyRule => "policy-deny-rule",
+            DropReason::SpoofedSource => "spoofed-source",
         }
     }
 }
@@ -215,6 +423,14 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::DropKey {}
     unsafe impl aya::Pod for super::NodeConfig {}
+    unsafe impl aya::Pod for super::IpcacheKey4 {}
+    unsafe impl aya::Pod for super::IpcacheValue {}
+    unsafe impl aya::Pod for super::PolicyKey {}
+    unsafe impl aya::Pod for super::PolicyEntry {}
+    unsafe impl aya::Pod for super::PolicyStats {}
+    unsafe impl aya::Pod for super::CtKey4 {}
+    unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::Event {}
 }
 
 #[cfg(test)]
@@ -234,6 +450,14 @@ mod tests {
         assert_eq!(size_of::<DropKey>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<NodeConfig>(), 8);
         assert_eq!(align_of::<EndpointInfo>(), 4);
+        assert_eq!(size_of::<IpcacheKey4>(), 8);
+        assert_eq!(size_of::<IpcacheValue>(), 8);
+        assert_eq!(size_of::<PolicyKey>(), 4 + 4 + 2 + 1 + 1);
+        assert_eq!(size_of::<PolicyEntry>(), 4 + 1 + 1 + 2);
+        assert_eq!(size_of::<PolicyStats>(), 24);
+        assert_eq!(size_of::<CtKey4>(), 4 + 4 + 2 + 2 + 1 + 3);
+        assert_eq!(size_of::<CtEntry>(), 8 + 4 + 1 + 3);
+        assert_eq!(size_of::<Event>(), 4 + 2 + 2 + 2 + 2 + 4 * 7);
     }
 
     #[test]

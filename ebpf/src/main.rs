@@ -12,18 +12,21 @@
 #![no_main]
 
 mod packet;
+mod policy;
 mod stats;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT},
     helpers::generated::{bpf_redirect, bpf_redirect_peer},
     macros::{classifier, map},
-    maps::{Array, HashMap, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf},
     programs::TcContext,
 };
 use hypha_common::{
-    Counter, DIR_EGRESS, DropKey, DropReason, EndpointInfo, EndpointKey4, EndpointStats,
-    MAX_DROP_COUNTERS, MAX_ENDPOINTS, NodeConfig, maps, programs,
+    Counter, CtEntry, CtKey4, DIR_EGRESS, DropKey, DropReason, EVENTS_BYTES, EndpointInfo,
+    EndpointKey4, EndpointStats, IpcacheValue, MAX_CT_ENTRIES, MAX_DROP_COUNTERS, MAX_ENDPOINTS,
+    MAX_IPCACHE, MAX_POLICIES, MAX_POLICY_ENTRIES, NodeConfig, PolicyEntry, PolicyKey, PolicyStats,
+    maps, programs,
 };
 
 use crate::{
@@ -31,7 +34,8 @@ use crate::{
         ARPHRD_ETHER, ARPOP_REPLY, ARPOP_REQUEST, ArpEthIpv4, ETH_HLEN, ETH_P_ARP, ETH_P_IP,
         ETH_P_IPV6, EthHdr, IPV4_CSUM_OFF, IPV4_MIN_HLEN, Ipv4Hdr, PullError,
     },
-    stats::{count, count_drop},
+    policy::{Flow, Party},
+    stats::{count, count_denied, count_drop},
 };
 
 // The maps are pinned by name (`PinningType::ByName`): the agent loads the object with
@@ -55,12 +59,37 @@ static DROPS: PerCpuHashMap<DropKey, Counter> = PerCpuHashMap::pinned(MAX_DROP_C
 #[map(name = "hypha_config")]
 static CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
 
+/// Address (longest prefix) → security identity. Written by the agent.
+#[map(name = "hypha_ipcache4")]
+static IPCACHE4: LpmTrie<u32, IpcacheValue> = LpmTrie::pinned(MAX_IPCACHE, 0);
+
+/// Every endpoint's compiled policy. Written by the agent.
+#[map(name = "hypha_policy")]
+static POLICY: HashMap<PolicyKey, PolicyEntry> = HashMap::pinned(MAX_POLICY_ENTRIES, 0);
+
+/// Connection tracking of the flows of endpoints that enforce a policy.
+#[map(name = "hypha_ct4")]
+static CT4: LruHashMap<CtKey4, CtEntry> = LruHashMap::pinned(MAX_CT_ENTRIES, 0);
+
+/// Drop and policy-verdict events for `hypha monitor`.
+#[map(name = "hypha_events")]
+static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
+
+/// Flows decided per policy, per CPU.
+#[map(name = "hypha_policy_stats")]
+static POLICY_STATS: PerCpuHashMap<u32, PolicyStats> = PerCpuHashMap::pinned(MAX_POLICIES, 0);
+
 // The attribute macros take literals, so tie them to the shared names at compile time.
 const _: () = {
     assert!(str_eq(maps::ENDPOINTS4, "hypha_endpoints4"));
     assert!(str_eq(maps::EP_STATS, "hypha_ep_stats"));
     assert!(str_eq(maps::DROPS, "hypha_drops"));
     assert!(str_eq(maps::CONFIG, "hypha_config"));
+    assert!(str_eq(maps::IPCACHE4, "hypha_ipcache4"));
+    assert!(str_eq(maps::POLICY, "hypha_policy"));
+    assert!(str_eq(maps::CT4, "hypha_ct4"));
+    assert!(str_eq(maps::EVENTS, "hypha_events"));
+    assert!(str_eq(maps::POLICY_STATS, "hypha_policy_stats"));
     assert!(str_eq(programs::FROM_POD, "hypha_from_pod"));
     assert!(str_eq(programs::TO_POD, "hypha_to_pod"));
 };
@@ -95,9 +124,94 @@ pub fn hypha_from_pod(ctx: TcContext) -> i32 {
 /// redirected to this device's egress.
 #[classifier]
 pub fn hypha_to_pod(ctx: TcContext) -> i32 {
-    // Policy will come here; for now everything the host delivers is accepted.
-    count(skb_ifindex(&ctx), ctx.len(), |s| &mut s.ingress.passed);
-    TC_ACT_OK
+    match try_to_pod(&ctx) {
+        Ok(action) | Err(action) => action,
+    }
+}
+
+fn try_to_pod(ctx: &TcContext) -> Result<i32, i32> {
+    let ifindex = skb_ifindex(ctx);
+    if let Some((flow, receiver)) = to_pod_flow(ctx, ifindex)
+        && policy::enforces(&receiver)
+        && let Err(denied) = policy::check(&flow, None, Some(receiver))
+    {
+        return Err(count_denied(ctx, &flow, &denied));
+    }
+    count(ifindex, ctx.len(), |s| &mut s.ingress.passed);
+    Ok(TC_ACT_OK)
+}
+
+/// The IPv4 flow of a packet the host delivers to the endpoint on `ifindex`, with that
+/// endpoint; `None` for anything else (ARP, IPv6, a frame the stack built for another
+/// address), which passes as before.
+#[inline(always)]
+fn to_pod_flow(ctx: &TcContext, ifindex: u32) -> Option<(Flow, Party)> {
+    let eth: *mut EthHdr = packet::header(ctx, 0)?;
+    // SAFETY: `header` checked the Ethernet header lies within the packet.
+    if u16::from_be_bytes(unsafe { (*eth).ether_type }) != ETH_P_IP {
+        return None;
+    }
+    let ip: *mut Ipv4Hdr = packet::header(ctx, ETH_HLEN)?;
+    // SAFETY: as above, for the IPv4 header.
+    let (version_ihl, frag_off, proto, saddr, daddr) = unsafe {
+        (
+            (*ip).version_ihl,
+            (*ip).frag_off,
+            (*ip).protocol,
+            u32::from_ne_bytes((*ip).saddr),
+            u32::from_ne_bytes((*ip).daddr),
+        )
+    };
+    let info = endpoint(daddr)?;
+    if info.ifindex != ifindex {
+        return None;
+    }
+    let flow = l4_flow(ctx, version_ihl, frag_off, proto, saddr, daddr);
+    Some((
+        flow,
+        Party {
+            endpoint_id: info.endpoint_id,
+            ifindex,
+            flags: info.flags,
+        },
+    ))
+}
+
+/// Completes a flow with its ports and TCP flags, read with `bpf_skb_load_bytes` (which
+/// needs no linear data and keeps packet pointers valid). Fragments other than the first
+/// carry no L4 header: their flow has no ports, so only port-less rules match them.
+#[inline(always)]
+fn l4_flow(
+    ctx: &TcContext,
+    version_ihl: u8,
+    frag_off: [u8; 2],
+    proto: u8,
+    saddr: u32,
+    daddr: u32,
+) -> Flow {
+    let mut flow = Flow {
+        saddr,
+        daddr,
+        sport: 0,
+        dport: 0,
+        proto,
+        tcp_flags: 0,
+        len: ctx.len(),
+    };
+    let first_fragment = u16::from_be_bytes(frag_off) & 0x1fff == 0;
+    if first_fragment && policy::has_ports(proto) {
+        let l4 = ETH_HLEN + usize::from(version_ihl & 0x0f) * 4;
+        if let Ok(ports) = ctx.load::<[u8; 4]>(l4) {
+            flow.sport = u16::from_ne_bytes([ports[0], ports[1]]);
+            flow.dport = u16::from_ne_bytes([ports[2], ports[3]]);
+        }
+        if proto == policy::IPPROTO_TCP
+            && let Ok(flags) = ctx.load::<u8>(l4 + 13)
+        {
+            flow.tcp_flags = flags;
+        }
+    }
+    flow
 }
 
 /// What to do with a frame the pod sent.
@@ -131,24 +245,39 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i32> {
             count(dst, bytes, |s| &mut s.ingress.redirected);
             Ok(TC_ACT_REDIRECT)
         }
-        Err(reason) => Err(count_drop(ctx, ifindex, DIR_EGRESS, reason, |s| {
+        Err(Refusal::Malformed(reason)) => Err(count_drop(ctx, ifindex, DIR_EGRESS, reason, |s| {
             &mut s.egress.dropped
         })),
+        Err(Refusal::Policy(flow, denied)) => Err(count_denied(ctx, &flow, &denied)),
     }
 }
 
-fn route_from_pod(ctx: &TcContext, ifindex: u32) -> Result<Forward, DropReason> {
+/// Why a frame the pod sent goes no further.
+enum Refusal {
+    /// Malformed, spoofed or not forwardable: counted against the sender.
+    Malformed(DropReason),
+    /// A policy refused the flow: counted against the endpoint whose policy decided.
+    Policy(Flow, policy::Denied),
+}
+
+impl From<DropReason> for Refusal {
+    fn from(reason: DropReason) -> Self {
+        Refusal::Malformed(reason)
+    }
+}
+
+fn route_from_pod(ctx: &TcContext, ifindex: u32) -> Result<Forward, Refusal> {
     // A frame without a whole Ethernet header has no EtherType to carry.
     pull_or(ctx, ETH_HLEN, DropReason::UnknownL3)?;
     let eth: *mut EthHdr = packet::header(ctx, 0).ok_or(DropReason::UnknownL3)?;
     // SAFETY: `header` checked that the Ethernet header lies within the packet.
     let ether_type = u16::from_be_bytes(unsafe { (*eth).ether_type });
     match ether_type {
-        ETH_P_IP => route_ipv4(ctx),
-        ETH_P_ARP => answer_arp(ctx, ifindex),
+        ETH_P_IP => route_ipv4(ctx, ifindex),
+        ETH_P_ARP => Ok(answer_arp(ctx, ifindex)?),
         // Not routed by the datapath yet: the host stack carries it.
         ETH_P_IPV6 => Ok(Forward::Host),
-        _ => Err(DropReason::UnknownL3),
+        _ => Err(DropReason::UnknownL3.into()),
     }
 }
 
@@ -218,45 +347,80 @@ fn answer_arp(ctx: &TcContext, ifindex: u32) -> Result<Forward, DropReason> {
 
 /// Redirects IPv4 to a pod on this node; everything else goes to the host stack.
 ///
+/// The sender must use its own address and MAC (anti-spoofing). When the sender or the
+/// receiving pod enforces a policy, the flow is checked and tracked (see `policy`).
 /// Routing is on the destination address alone, so IP options and fragments travel
 /// like any other packet.
-fn route_ipv4(ctx: &TcContext) -> Result<Forward, DropReason> {
+fn route_ipv4(ctx: &TcContext, ifindex: u32) -> Result<Forward, Refusal> {
     pull_or(ctx, ETH_HLEN + IPV4_MIN_HLEN, DropReason::InvalidIpv4Header)?;
     let eth: *mut EthHdr = packet::header(ctx, 0).ok_or(DropReason::InvalidIpv4Header)?;
     let ip: *mut Ipv4Hdr = packet::header(ctx, ETH_HLEN).ok_or(DropReason::InvalidIpv4Header)?;
 
-    // SAFETY: `header` checked that both headers lie within the packet; the only helper
-    // that moves packet data (`l3_csum_replace`) is called after the last access.
-    let (dst, old_word, new_word) = unsafe {
-        let version = (*ip).version_ihl >> 4;
-        let ihl = usize::from((*ip).version_ihl & 0x0f);
-        if version != 4 || ihl < 5 {
-            return Err(DropReason::MalformedIpv4);
-        }
-        // The options need not be in the linear data (nothing reads them), only in the
-        // frame.
-        if (ctx.len() as usize) < ETH_HLEN + ihl * 4 {
-            return Err(DropReason::InvalidIpv4Header);
-        }
+    // SAFETY: `header` checked that both headers lie within the packet. Nothing below
+    // moves packet data before these reads.
+    let (version_ihl, frag_off, proto, ttl, saddr, daddr, src_mac) = unsafe {
+        (
+            (*ip).version_ihl,
+            (*ip).frag_off,
+            (*ip).protocol,
+            (*ip).ttl,
+            u32::from_ne_bytes((*ip).saddr),
+            u32::from_ne_bytes((*ip).daddr),
+            (*eth).src,
+        )
+    };
+    let version = version_ihl >> 4;
+    let ihl = usize::from(version_ihl & 0x0f);
+    if version != 4 || ihl < 5 {
+        return Err(DropReason::MalformedIpv4.into());
+    }
+    // The options need not be in the linear data (nothing reads them), only in the frame.
+    if (ctx.len() as usize) < ETH_HLEN + ihl * 4 {
+        return Err(DropReason::InvalidIpv4Header.into());
+    }
 
-        let Some(dst) = ENDPOINTS4.get(EndpointKey4::from_octets((*ip).daddr)) else {
-            return Ok(Forward::Host);
-        };
-        // The kernel sends the ICMP time exceeded.
-        let ttl = (*ip).ttl;
-        if ttl <= 1 {
-            return Ok(Forward::Host);
+    // A pod sends only as itself: its address, from its own veth, with its own MAC.
+    let sender = match endpoint(saddr) {
+        Some(src) if src.ifindex == ifindex && src.pod_mac == src_mac => Party {
+            endpoint_id: src.endpoint_id,
+            ifindex,
+            flags: src.flags,
+        },
+        _ => return Err(DropReason::SpoofedSource.into()),
+    };
+    let dst = endpoint(daddr);
+    let receiver = dst.map(|d| Party {
+        endpoint_id: d.endpoint_id,
+        ifindex: d.ifindex,
+        flags: d.flags,
+    });
+    if policy::enforces(&sender) || receiver.as_ref().is_some_and(policy::enforces) {
+        let flow = l4_flow(ctx, version_ihl, frag_off, proto, saddr, daddr);
+        if let Err(denied) = policy::check(&flow, Some(sender), receiver) {
+            return Err(Refusal::Policy(flow, denied));
         }
+    }
 
+    let Some(dst) = dst else {
+        return Ok(Forward::Host);
+    };
+    // The kernel sends the ICMP time exceeded.
+    if ttl <= 1 {
+        return Ok(Forward::Host);
+    }
+    let eth: *mut EthHdr = packet::header(ctx, 0).ok_or(DropReason::InvalidIpv4Header)?;
+    let ip: *mut Ipv4Hdr = packet::header(ctx, ETH_HLEN).ok_or(DropReason::InvalidIpv4Header)?;
+    // SAFETY: `header` checked again that both headers lie within the packet; the only
+    // helper that moves packet data (`l3_csum_replace`) is called after the last access.
+    let (old_word, new_word) = unsafe {
         // TTL shares a 16-bit word of the header with the protocol; the checksum is
         // updated for that word, as it sits in the packet.
-        let protocol = (*ip).protocol;
-        let old_word = u16::from_ne_bytes([ttl, protocol]);
-        let new_word = u16::from_ne_bytes([ttl - 1, protocol]);
+        let old_word = u16::from_ne_bytes([ttl, proto]);
+        let new_word = u16::from_ne_bytes([ttl - 1, proto]);
         (*ip).ttl = ttl - 1;
         (*eth).dst = dst.pod_mac;
         (*eth).src = dst.host_mac;
-        (*dst, old_word, new_word)
+        (old_word, new_word)
     };
 
     ctx.l3_csum_replace(
@@ -265,14 +429,14 @@ fn route_ipv4(ctx: &TcContext) -> Result<Forward, DropReason> {
         u64::from(new_word),
         size_of::<u16>() as u64,
     )
-    .map_err(|_| DropReason::HelperFailed)?;
+    .map_err(|_| Refusal::Malformed(DropReason::HelperFailed))?;
 
     // Straight into the destination pod's namespace, skipping the host stack and the
     // host-side veth's egress.
     // SAFETY: a plain helper call with scalar arguments.
     let ret = unsafe { bpf_redirect_peer(dst.ifindex, 0) };
     if ret != i64::from(TC_ACT_REDIRECT) {
-        return Err(DropReason::HelperFailed);
+        return Err(DropReason::HelperFailed.into());
     }
     Ok(Forward::Pod {
         ifindex: dst.ifindex,
@@ -287,6 +451,14 @@ fn pull_or(ctx: &TcContext, len: usize, short: DropReason) -> Result<(), DropRea
         PullError::Short => short,
         PullError::Helper => DropReason::HelperFailed,
     })
+}
+
+/// The endpoint that has IPv4 address `addr` (network byte order), copied out of the map.
+#[inline(always)]
+fn endpoint(addr: u32) -> Option<EndpointInfo> {
+    // SAFETY: the value is copied before any other map operation; the agent replaces
+    // entries whole, so a copy is never torn in a way that matters to a single packet.
+    unsafe { ENDPOINTS4.get(EndpointKey4 { addr }).copied() }
 }
 
 /// The ifindex of the device the skb is on: at both hooks, the host-side veth.

@@ -4,8 +4,9 @@ use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_SHOT},
     programs::TcContext,
 };
-use hypha_common::{Counter, DropKey, DropReason, EndpointStats};
+use hypha_common::{Counter, DIR_INGRESS, DropKey, DropReason, EVENT_DROP, EndpointStats, Event};
 
+use crate::policy::{self, Denied, Flow};
 use crate::{DROPS, EP_STATS};
 
 /// Adds one packet of `bytes` to the counter `select` picks in the stats of the endpoint
@@ -66,6 +67,38 @@ pub fn count_drop(
     // SAFETY: per-CPU value from a successful lookup, as in `count`.
     add(unsafe { &mut *counter }, bytes);
     TC_ACT_SHOT
+}
+
+/// Counts a flow a policy refused against the endpoint whose policy decided, in the
+/// direction it decided for, and reports it to the monitor with the deciding policy.
+#[inline(always)]
+pub fn count_denied(ctx: &TcContext, flow: &Flow, denied: &Denied) -> i32 {
+    policy::emit_event(&Event {
+        kind: EVENT_DROP,
+        direction: denied.direction,
+        proto: flow.proto,
+        _pad: 0,
+        reason: denied.reason as u16,
+        dport: u16::from_be(flow.dport),
+        sport: u16::from_be(flow.sport),
+        _pad2: 0,
+        ifindex: denied.ifindex,
+        endpoint_id: denied.endpoint_id,
+        policy_id: denied.policy_id,
+        remote_identity: denied.remote_identity,
+        saddr: flow.saddr,
+        daddr: flow.daddr,
+        len: flow.len,
+    });
+    if denied.direction == DIR_INGRESS {
+        count_drop(ctx, denied.ifindex, denied.direction, denied.reason, |s| {
+            &mut s.ingress.dropped
+        })
+    } else {
+        count_drop(ctx, denied.ifindex, denied.direction, denied.reason, |s| {
+            &mut s.egress.dropped
+        })
+    }
 }
 
 #[inline(always)]

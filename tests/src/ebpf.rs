@@ -16,12 +16,13 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader, TestRun as _, TestRunOptions,
-    maps::{Array, HashMap, MapData, PerCpuHashMap, PerCpuValues},
+    maps::{Array, HashMap, LpmTrie, MapData, PerCpuHashMap, PerCpuValues, RingBuf, lpm_trie::Key},
     programs::{SchedClassifier, TcAttachType},
     util::nr_cpus,
 };
 use hypha_common::{
-    Counter, DropKey, EndpointInfo, EndpointKey4, EndpointStats, NodeConfig, maps, programs,
+    Counter, CtEntry, CtKey4, DropKey, EndpointInfo, EndpointKey4, EndpointStats, Event,
+    IpcacheValue, NodeConfig, PolicyEntry, PolicyKey, maps, programs,
 };
 use nix::{
     mount::{MntFlags, MsFlags, mount, umount2},
@@ -144,6 +145,51 @@ impl Datapath {
         stats
             .insert(ifindex, zeroed, 0)
             .expect("insert into hypha_ep_stats");
+    }
+
+    /// Gives `addr/prefix_len` the security `identity` in `hypha_ipcache4`.
+    pub fn set_identity(&mut self, addr: [u8; 4], prefix_len: u32, identity: u32) {
+        let mut ipcache: LpmTrie<&mut MapData, u32, IpcacheValue> = self.map_mut(maps::IPCACHE4);
+        ipcache
+            .insert(
+                &Key::new(prefix_len, u32::from_ne_bytes(addr)),
+                IpcacheValue { identity, flags: 0 },
+                0,
+            )
+            .expect("insert into hypha_ipcache4");
+    }
+
+    /// Writes one `hypha_policy` entry.
+    pub fn set_policy(&mut self, key: PolicyKey, entry: PolicyEntry) {
+        let mut policy: HashMap<&mut MapData, PolicyKey, PolicyEntry> = self.map_mut(maps::POLICY);
+        policy
+            .insert(key, entry, 0)
+            .expect("insert into hypha_policy");
+    }
+
+    /// Removes one `hypha_policy` entry.
+    pub fn remove_policy(&mut self, key: PolicyKey) {
+        let mut policy: HashMap<&mut MapData, PolicyKey, PolicyEntry> = self.map_mut(maps::POLICY);
+        policy.remove(&key).expect("remove from hypha_policy");
+    }
+
+    /// Every tracked connection.
+    pub fn connections(&self) -> Vec<(CtKey4, CtEntry)> {
+        let ct: HashMap<&MapData, CtKey4, CtEntry> = self.map(maps::CT4);
+        ct.iter().map(|e| e.expect("iterate hypha_ct4")).collect()
+    }
+
+    /// The monitor events written since the last call.
+    pub fn events(&mut self) -> Vec<Event> {
+        let mut ring: RingBuf<&mut MapData> = self.map_mut(maps::EVENTS);
+        let mut events = Vec::new();
+        while let Some(item) = ring.next() {
+            assert_eq!(item.len(), size_of::<Event>(), "event size");
+            // SAFETY: the ring buffer holds `Event`s written by the datapath; the length
+            // was checked, and `read_unaligned` copes with any alignment.
+            events.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
+        }
+        events
     }
 
     /// The counters of the endpoint `ifindex`, summed over CPUs.

@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 
 pub mod cni;
 pub mod ebpf;
+pub mod launcher;
 pub mod netns;
 pub mod node;
+pub mod traffic;
 
 /// A binary of this build (`hypha`, `hypha-cni`): `target/<profile>/NAME`, next to the
 /// `deps/` directory of the test executable. Cargo does not build other packages'

@@ -59,6 +59,26 @@ impl Node {
         node
     }
 
+    /// The directory this node's agent watches for policy files.
+    pub fn policy_dir(&self) -> PathBuf {
+        self.dir.join("policies")
+    }
+
+    /// Runs `hypha ARGS --socket <this node's>`; returns (success, stdout, stderr).
+    pub fn hypha(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(crate::binary("hypha"))
+            .args(args)
+            .arg("--socket")
+            .arg(self.socket())
+            .output()
+            .expect("run hypha");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.dir.join("agent.sock")
     }
@@ -90,6 +110,8 @@ impl Node {
             .arg(&self.pin_dir)
             .arg("--pod-cidr")
             .arg(&self.pod_cidr)
+            .arg("--policy-dir")
+            .arg(self.policy_dir())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -182,13 +204,29 @@ impl Node {
 
     /// Makes a pod through `hypha-cni ADD`, panicking with the CNI error on failure.
     pub fn add_pod(&self, name: &str) -> Pod {
+        self.add_labelled_pod(name, "default", &[])
+    }
+
+    /// Makes a pod in Kubernetes namespace `namespace` with `labels`, passed as a runtime
+    /// passes them: `K8S_POD_NAMESPACE`/`K8S_POD_NAME` in `CNI_ARGS` and the labels in
+    /// `args.cni.labels`.
+    pub fn add_labelled_pod(&self, name: &str, namespace: &str, labels: &[(&str, &str)]) -> Pod {
         let netns = NamedNetns::named(format!("{}-{name}", self.tag));
         let container_id = format!("ctr{}{name}", self.tag);
         let path = netns.path().display().to_string();
-        let out = self.cni(
-            &Self::cni_env("ADD", &container_id, &path),
-            &self.conf("1.1.0"),
-        );
+        let mut conf: serde_json::Value = serde_json::from_str(&self.conf("1.1.0")).expect("conf");
+        conf["args"] = serde_json::json!({
+            "cni": {
+                "labels": labels
+                    .iter()
+                    .map(|(k, v)| serde_json::json!({"key": k, "value": v}))
+                    .collect::<Vec<_>>()
+            }
+        });
+        let cni_args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}");
+        let mut env = Self::cni_env("ADD", &container_id, &path);
+        env.push(("CNI_ARGS", &cni_args));
+        let out = self.cni(&env, &conf.to_string());
         assert!(
             out.status.success(),
             "CNI ADD of {name} failed: {}\nagent log:\n{}",

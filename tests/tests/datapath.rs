@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use hypha_tests::netns::{NamedNetns, ip, unique_name};
 use hypha_tests::node::{Node, Pod};
+use hypha_tests::traffic::{Conversation, TcpEcho};
 
 /// Receives everything one client sends on `port` and returns the byte count.
 fn sink(pod: &Pod, port: u16) -> std::thread::JoinHandle<u64> {
@@ -181,59 +182,6 @@ fn pods_reach_the_world_masqueraded() {
     );
 }
 
-/// Round trips over one long-lived connection, driven from the test thread.
-struct Conversation {
-    ask: mpsc::Sender<usize>,
-    answer: mpsc::Receiver<Result<(), String>>,
-}
-
-impl Conversation {
-    fn open(from: &Pod, to: &Pod, port: u16) -> Self {
-        let (ready_tx, ready_rx) = mpsc::channel();
-        to.netns.spawn(move || {
-            let l = TcpListener::bind(("0.0.0.0", port)).expect("bind");
-            ready_tx.send(()).unwrap();
-            let (mut s, _) = l.accept().expect("accept");
-            let mut buf = [0u8; 1024];
-            while let Ok(n) = s.read(&mut buf) {
-                if n == 0 || s.write_all(&buf[..n]).is_err() {
-                    break;
-                }
-            }
-        });
-        ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-        let (ask, ask_rx) = mpsc::channel::<usize>();
-        let (answer_tx, answer) = mpsc::channel();
-        let to_addr = to.address;
-        from.netns.spawn(move || {
-            let mut s = TcpStream::connect((to_addr, port)).expect("connect");
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            for rounds in ask_rx {
-                let r = (0..rounds).try_for_each(|i| {
-                    let msg = [i as u8; 1024];
-                    s.write_all(&msg).map_err(|e| e.to_string())?;
-                    let mut back = [0u8; 1024];
-                    s.read_exact(&mut back).map_err(|e| e.to_string())?;
-                    if back != msg {
-                        return Err("echo differs".to_string());
-                    }
-                    Ok(())
-                });
-                answer_tx.send(r).unwrap();
-            }
-        });
-        Conversation { ask, answer }
-    }
-
-    fn talk(&self, rounds: usize) {
-        self.ask.send(rounds).unwrap();
-        self.answer
-            .recv_timeout(Duration::from_secs(20))
-            .expect("conversation answers")
-            .expect("round trips succeed");
-    }
-}
-
 #[test]
 fn connections_survive_an_agent_sigkill_and_the_agent_readopts() {
     let mut node = Node::start();
@@ -244,7 +192,8 @@ fn connections_survive_an_agent_sigkill_and_the_agent_readopts() {
         .into_iter()
         .map(|e| (e.id, e.host_ifindex, e.address))
         .collect();
-    let conv = Conversation::open(&a, &b, 5003);
+    let _echo = TcpEcho::start(&b.netns, 5003);
+    let conv = Conversation::open(&a.netns, b.address, 5003);
     conv.talk(50);
 
     node.kill_agent();

@@ -566,3 +566,291 @@ fn to_pod_passes_and_counts_ingress() {
     assert_eq!(node.stats_b(), EndpointStats::default(), "B's counters");
     assert_eq!(node.dp.drops(), vec![], "hypha_drops");
 }
+
+// ---- anti-spoofing, policy and connection tracking ----
+
+mod policy {
+    use hypha_common::{
+        CT_SYN, DIR_EGRESS, DIR_INGRESS, DropKey, DropReason, ENDPOINT_F_INGRESS_AUDIT,
+        ENDPOINT_F_INGRESS_POLICY, EVENT_DROP, EVENT_POLICY_ALLOW, EVENT_POLICY_AUDIT,
+        IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, POLICY_ALLOW, POLICY_DENY, POLICY_F_AUDIT,
+        PolicyEntry, PolicyKey,
+        programs::{FROM_POD, TO_POD},
+    };
+    use hypha_tests::ebpf::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+
+    use super::*;
+
+    const ID_A: u32 = 300;
+    const ID_B: u32 = 301;
+    const DNS: u16 = 53;
+
+    /// A UDP datagram `src` → `dst` sent by the pod `(src_mac, host_mac)`.
+    fn udp(
+        src: [u8; 4],
+        src_mac: [u8; 6],
+        host_mac: [u8; 6],
+        dst: [u8; 4],
+        sport: u16,
+        dport: u16,
+    ) -> Vec<u8> {
+        let mut ip = vec![0x45, 0, 0, 32, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0];
+        ip.extend_from_slice(&src);
+        ip.extend_from_slice(&dst);
+        let csum = ipv4_checksum(&ip);
+        ip[10..12].copy_from_slice(&csum.to_be_bytes());
+        ip.extend_from_slice(&sport.to_be_bytes());
+        ip.extend_from_slice(&dport.to_be_bytes());
+        ip.extend_from_slice(&[0, 12, 0, 0, b'h', b'y', b'p', b'h']);
+        eth(host_mac, src_mac, ETH_P_IP, &ip)
+    }
+
+    fn a_to_b(dport: u16) -> Vec<u8> {
+        udp(POD_A_IP, POD_A_MAC, HOST_A_MAC, POD_B_IP, 40000, dport)
+    }
+
+    fn b_to_a(sport: u16, dport: u16) -> Vec<u8> {
+        udp(POD_B_IP, POD_B_MAC, HOST_B_MAC, POD_A_IP, sport, dport)
+    }
+
+    /// Pods A and B with identities, B's ingress enforced by policy (`b_flags`).
+    fn node(a_flags: u32, b_flags: u32) -> Node {
+        let mut node = Node::new();
+        let mut a = endpoint(node.a, 1, POD_A_MAC, HOST_A_MAC);
+        a.flags = a_flags;
+        let mut b = endpoint(node.b, 2, POD_B_MAC, HOST_B_MAC);
+        b.flags = b_flags;
+        node.dp.add_endpoint(POD_A_IP, a);
+        node.dp.add_endpoint(POD_B_IP, b);
+        node.dp.set_identity(POD_A_IP, 32, ID_A);
+        node.dp.set_identity(POD_B_IP, 32, ID_B);
+        node.dp.set_identity([0, 0, 0, 0], 0, IDENTITY_WORLD);
+        node
+    }
+
+    fn b_ingress(identity: u32, proto: u8, dport: u16) -> PolicyKey {
+        PolicyKey {
+            endpoint_id: 2,
+            identity,
+            dport,
+            proto,
+            direction: DIR_INGRESS,
+        }
+    }
+
+    fn rule(policy_id: u32, action: u8, flags: u8) -> PolicyEntry {
+        PolicyEntry {
+            policy_id,
+            action,
+            flags,
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn a_spoofed_source_address_or_mac_is_dropped() {
+        let node = Node::new();
+        let spoofed_ip = udp([10, 244, 0, 99], POD_A_MAC, HOST_A_MAC, POD_B_IP, 1, DNS);
+        assert_eq!(node.send_from_a(&spoofed_ip).verdict, TC_ACT_SHOT);
+        // B's address, from A's veth.
+        let b_ip_on_a = udp(POD_B_IP, POD_A_MAC, HOST_A_MAC, POD_B_IP, 1, DNS);
+        assert_eq!(node.send_from_a(&b_ip_on_a).verdict, TC_ACT_SHOT);
+        let spoofed_mac = udp(
+            POD_A_IP,
+            [0x02, 0xee, 0, 0, 0, 1],
+            HOST_A_MAC,
+            POD_B_IP,
+            1,
+            DNS,
+        );
+        assert_eq!(node.send_from_a(&spoofed_mac).verdict, TC_ACT_SHOT);
+        let key = DropKey {
+            ifindex: node.a,
+            reason: DropReason::SpoofedSource as u16,
+            direction: DIR_EGRESS,
+            _pad: 0,
+        };
+        assert_eq!(
+            node.dp.drops(),
+            vec![(key, counter(3, 3 * spoofed_ip.len()))]
+        );
+        // A's own address still passes.
+        assert_eq!(node.send_from_a(&a_to_b(DNS)).verdict, TC_ACT_REDIRECT);
+    }
+
+    #[test]
+    fn endpoints_without_policy_are_not_tracked() {
+        let node = node(0, 0);
+        assert_eq!(node.send_from_a(&a_to_b(DNS)).verdict, TC_ACT_REDIRECT);
+        assert!(
+            node.dp.connections().is_empty(),
+            "the fast path tracks nothing"
+        );
+    }
+
+    #[test]
+    fn ingress_policy_drops_what_nothing_allows_and_reports_it() {
+        let mut node = node(0, ENDPOINT_F_INGRESS_POLICY);
+        let frame = a_to_b(DNS);
+        assert_eq!(node.send_from_a(&frame).verdict, TC_ACT_SHOT);
+        // Counted against B, whose policy decided, in B's ingress.
+        let key = DropKey {
+            ifindex: node.b,
+            reason: DropReason::PolicyDenied as u16,
+            direction: DIR_INGRESS,
+            _pad: 0,
+        };
+        assert_eq!(node.dp.drops(), vec![(key, counter(1, frame.len()))]);
+        assert_eq!(node.stats_b().ingress.dropped, counter(1, frame.len()));
+        let events = node.dp.events();
+        assert_eq!(events.len(), 1, "{events:?}");
+        let e = events[0];
+        assert_eq!(
+            (e.kind, e.reason, e.endpoint_id, e.policy_id),
+            (EVENT_DROP, DropReason::PolicyDenied as u16, 2, 0)
+        );
+        assert_eq!(
+            (e.remote_identity, e.dport, e.proto, e.direction),
+            (ID_A, DNS, 17, DIR_INGRESS)
+        );
+        assert_eq!(e.saddr.to_ne_bytes(), POD_A_IP);
+    }
+
+    #[test]
+    fn an_allowed_flow_is_tracked_and_survives_the_rule_going() {
+        let mut node = node(0, ENDPOINT_F_INGRESS_POLICY);
+        let allow = b_ingress(ID_A, 17, DNS);
+        node.dp.set_policy(allow, rule(7, POLICY_ALLOW, 0));
+        assert_eq!(node.send_from_a(&a_to_b(DNS)).verdict, TC_ACT_REDIRECT);
+        let ct = node.dp.connections();
+        assert_eq!(ct.len(), 1);
+        assert_eq!(ct[0].1.policy_id, 7);
+        let events = node.dp.events();
+        assert_eq!(events.len(), 1);
+        assert_eq!(
+            (events[0].kind, events[0].policy_id),
+            (EVENT_POLICY_ALLOW, 7)
+        );
+        // Another port is not allowed.
+        assert_eq!(node.send_from_a(&a_to_b(80)).verdict, TC_ACT_SHOT);
+        // The established flow keeps going after its rule is removed.
+        node.dp.remove_policy(allow);
+        assert_eq!(node.send_from_a(&a_to_b(DNS)).verdict, TC_ACT_REDIRECT);
+        assert_eq!(
+            node.send_from_a(&a_to_b(5353)).verdict,
+            TC_ACT_SHOT,
+            "but no new flow"
+        );
+    }
+
+    #[test]
+    fn replies_to_an_endpoints_own_connections_pass_its_ingress_policy() {
+        // A accepts nothing unsolicited; B enforces nothing.
+        let node = node(ENDPOINT_F_INGRESS_POLICY, 0);
+        assert_eq!(node.send_from_a(&a_to_b(DNS)).verdict, TC_ACT_REDIRECT);
+        assert_eq!(node.dp.connections().len(), 1, "A's flows are tracked");
+        let reply = b_to_a(DNS, 40000);
+        assert_eq!(
+            node.dp.run(FROM_POD, &reply, node.b).verdict,
+            TC_ACT_REDIRECT,
+            "the reply"
+        );
+        let unsolicited = b_to_a(DNS, 40001);
+        assert_eq!(
+            node.dp.run(FROM_POD, &unsolicited, node.b).verdict,
+            TC_ACT_SHOT
+        );
+    }
+
+    #[test]
+    fn wildcards_match_and_an_explicit_deny_wins() {
+        let mut node = node(0, ENDPOINT_F_INGRESS_POLICY);
+        node.dp
+            .set_policy(b_ingress(IDENTITY_ANY, 0, 0), rule(1, POLICY_ALLOW, 0));
+        assert_eq!(
+            node.send_from_a(&a_to_b(80)).verdict,
+            TC_ACT_REDIRECT,
+            "allow all"
+        );
+        node.dp
+            .set_policy(b_ingress(ID_A, 17, DNS), rule(9, POLICY_DENY, 0));
+        let frame = a_to_b(DNS);
+        assert_eq!(
+            node.send_from_a(&frame).verdict,
+            TC_ACT_SHOT,
+            "deny beats allow-all"
+        );
+        let key = DropKey {
+            ifindex: node.b,
+            reason: DropReason::PolicyDenyRule as u16,
+            direction: DIR_INGRESS,
+            _pad: 0,
+        };
+        assert_eq!(node.dp.drops(), vec![(key, counter(1, frame.len()))]);
+        let events = node.dp.events();
+        let drop = events
+            .iter()
+            .find(|e| e.kind == EVENT_DROP)
+            .expect("a drop event");
+        assert_eq!(drop.policy_id, 9, "the drop names the deny policy");
+    }
+
+    #[test]
+    fn audit_mode_reports_instead_of_dropping() {
+        let mut node = node(0, ENDPOINT_F_INGRESS_POLICY | ENDPOINT_F_INGRESS_AUDIT);
+        assert_eq!(node.send_from_a(&a_to_b(DNS)).verdict, TC_ACT_REDIRECT);
+        node.dp.set_policy(
+            b_ingress(ID_A, 17, 80),
+            rule(4, POLICY_DENY, POLICY_F_AUDIT),
+        );
+        assert_eq!(node.send_from_a(&a_to_b(80)).verdict, TC_ACT_REDIRECT);
+        let kinds: Vec<(u8, u32)> = node
+            .dp
+            .events()
+            .iter()
+            .map(|e| (e.kind, e.policy_id))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![(EVENT_POLICY_AUDIT, 0), (EVENT_POLICY_AUDIT, 4)]
+        );
+        assert!(node.dp.drops().is_empty());
+    }
+
+    #[test]
+    fn ingress_policy_applies_to_what_the_host_delivers() {
+        let mut node = node(0, ENDPOINT_F_INGRESS_POLICY);
+        let from_world = udp(
+            OUTSIDE_IP,
+            [2, 0, 0, 0, 0, 9],
+            POD_B_MAC,
+            POD_B_IP,
+            1234,
+            DNS,
+        );
+        assert_eq!(
+            node.dp.run(TO_POD, &from_world, node.b).verdict,
+            TC_ACT_SHOT
+        );
+        node.dp
+            .set_policy(b_ingress(IDENTITY_WORLD, 17, DNS), rule(5, POLICY_ALLOW, 0));
+        assert_eq!(node.dp.run(TO_POD, &from_world, node.b).verdict, TC_ACT_OK);
+        // The node itself may always reach its pods.
+        node.dp.set_identity(GATEWAY_IP, 32, IDENTITY_HOST);
+        let from_host = udp(
+            GATEWAY_IP,
+            [2, 0, 0, 0, 0, 9],
+            POD_B_MAC,
+            POD_B_IP,
+            1234,
+            80,
+        );
+        assert_eq!(node.dp.run(TO_POD, &from_host, node.b).verdict, TC_ACT_OK);
+        let tracked = node.dp.connections();
+        assert_eq!(tracked.len(), 2);
+        assert!(
+            tracked.iter().all(|(_, e)| e.tcp_flags & CT_SYN == 0),
+            "UDP has no TCP state"
+        );
+    }
+}

@@ -13,7 +13,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the tests, the demo and the benchmarks use:
 /// iproute2 (`ip netns`), nftables (the agent's masquerade rules), iperf3 (throughput),
 /// containernetworking-plugins (the reference `bridge`/`host-local` baseline), procps,
-/// iputils-ping (the tests' and the demo's pings), curl (the API is plain HTTP on a socket).
+/// iputils-ping (the tests' and the demo's pings), curl (the API is plain HTTP on a socket),
+/// crun and runc (the OCI runtimes `hypha run` is compared with in `bench launcher`).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
@@ -22,6 +23,8 @@ const PACKAGES: &[&str] = &[
     "procps",
     "iputils-ping",
     "curl",
+    "crun",
+    "runc",
 ];
 
 pub fn setup() -> Result<()> {

@@ -20,6 +20,7 @@ use hypha_common::{
 };
 
 use super::{Adoption, Datapath};
+use crate::policy::PolicyDiff;
 use crate::state::EndpointRecord;
 
 /// The object `cargo xtask build-ebpf` builds; `build.rs` puts it in OUT_DIR.
@@ -84,7 +85,7 @@ pub enum EbpfError {
     },
 }
 
-fn map_err(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> EbpfError {
+pub(super) fn map_err(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> EbpfError {
     move |source| EbpfError::Map {
         op,
         map,
@@ -93,7 +94,7 @@ fn map_err(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> Ebpf
 }
 
 /// Whether a map error means "no such key".
-fn is_not_found(e: &MapError) -> bool {
+pub(super) fn is_not_found(e: &MapError) -> bool {
     match e {
         MapError::KeyNotFound | MapError::ElementNotFound => true,
         MapError::SyscallError(s) => s.io_error.raw_os_error() == Some(libc::ENOENT),
@@ -149,6 +150,12 @@ impl EbpfDatapath {
         Ok(Self { ebpf, links_dir })
     }
 
+    /// Takes the events ring buffer out, for the monitor to drain on its own task.
+    pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
+        let map = self.ebpf.take_map(maps::EVENTS)?;
+        aya::maps::RingBuf::try_from(map).ok()
+    }
+
     fn link_pin(&self, ifindex: u32, hook: &str) -> PathBuf {
         self.links_dir.join(format!("tcx-{ifindex}-{hook}"))
     }
@@ -189,14 +196,14 @@ impl EbpfDatapath {
 
     /// Writes the endpoint's map entries; the stats entry is created only when missing,
     /// so that adopting an endpoint keeps its counters.
-    fn fill_maps(&mut self, ep: &EndpointRecord) -> Result<(), EbpfError> {
+    fn fill_maps(&mut self, ep: &EndpointRecord, policy_flags: u32) -> Result<(), EbpfError> {
         let key = EndpointKey4::from_octets(ep.address.octets());
         let info = EndpointInfo {
             ifindex: ep.host_ifindex,
             endpoint_id: ep.id,
             pod_mac: ep.pod_mac.0,
             host_mac: ep.host_mac.0,
-            flags: 0,
+            flags: policy_flags,
         };
         let mut stats = self.ep_stats_mut()?;
         match stats.get(&ep.host_ifindex, 0) {
@@ -282,8 +289,12 @@ impl EbpfDatapath {
         }
     }
 
-    fn attach_all(&mut self, ep: &EndpointRecord) -> Result<Adoption, EbpfError> {
-        self.fill_maps(ep)?;
+    fn attach_all(
+        &mut self,
+        ep: &EndpointRecord,
+        policy_flags: u32,
+    ) -> Result<Adoption, EbpfError> {
+        self.fill_maps(ep, policy_flags)?;
         let mut reused = true;
         for (name, hook, suffix) in ATTACHMENTS {
             let pin = self.link_pin(ep.host_ifindex, suffix);
@@ -300,12 +311,12 @@ impl EbpfDatapath {
 impl Datapath for EbpfDatapath {
     type Error = EbpfError;
 
-    fn attach(&mut self, ep: &EndpointRecord) -> Result<(), EbpfError> {
+    fn attach(&mut self, ep: &EndpointRecord, policy_flags: u32) -> Result<(), EbpfError> {
         // A fresh endpoint must not inherit links of an earlier veth with the same ifindex.
         for (_, _, suffix) in ATTACHMENTS {
             remove_pin(&self.link_pin(ep.host_ifindex, suffix))?;
         }
-        match self.attach_all(ep) {
+        match self.attach_all(ep, policy_flags) {
             Ok(_) => Ok(()),
             Err(e) => {
                 // Leave nothing half attached; the first error is the one to report.
@@ -315,8 +326,16 @@ impl Datapath for EbpfDatapath {
         }
     }
 
-    fn adopt(&mut self, ep: &EndpointRecord) -> Result<Adoption, EbpfError> {
-        self.attach_all(ep)
+    fn adopt(&mut self, ep: &EndpointRecord, policy_flags: u32) -> Result<Adoption, EbpfError> {
+        self.attach_all(ep, policy_flags)
+    }
+
+    fn apply_policy(&mut self, diff: &PolicyDiff) -> Result<(), EbpfError> {
+        super::policy_maps::apply(&mut self.ebpf, diff)
+    }
+
+    fn installed_policy(&self) -> Result<super::InstalledPolicy, EbpfError> {
+        super::policy_maps::installed(&self.ebpf)
     }
 
     fn detach(&mut self, ep: &EndpointRecord) -> Vec<EbpfError> {

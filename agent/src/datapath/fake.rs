@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 
 use hypha_common::{Counter, DropKey, EndpointStats};
 
-use super::{Adoption, Datapath};
+use super::{Adoption, Datapath, InstalledPolicy};
+use crate::policy::PolicyDiff;
 use crate::state::EndpointRecord;
 
 #[derive(Debug, thiserror::Error)]
@@ -19,24 +20,33 @@ pub struct FakeDatapath {
     pub pinned: Vec<u32>,
     pub fail_attach: bool,
     pub log: Vec<String>,
+    /// Policy flags of attached endpoints, by endpoint id.
+    pub flags: BTreeMap<u32, u32>,
+    /// The policy maps as the diffs left them.
+    pub policy: InstalledPolicy,
+    /// Every diff applied, in order.
+    pub diffs: Vec<PolicyDiff>,
+    pub fail_apply: bool,
 }
 
 impl Datapath for FakeDatapath {
     type Error = FakeError;
 
-    fn attach(&mut self, ep: &EndpointRecord) -> Result<(), FakeError> {
+    fn attach(&mut self, ep: &EndpointRecord, policy_flags: u32) -> Result<(), FakeError> {
         self.log.push(format!("attach {}", ep.host_ifname));
         if self.fail_attach {
             return Err(FakeError(format!("cannot attach to {}", ep.host_ifname)));
         }
         self.attached.insert(ep.host_ifindex, ep.clone());
+        self.flags.insert(ep.id, policy_flags);
         Ok(())
     }
 
-    fn adopt(&mut self, ep: &EndpointRecord) -> Result<Adoption, FakeError> {
+    fn adopt(&mut self, ep: &EndpointRecord, policy_flags: u32) -> Result<Adoption, FakeError> {
         self.log.push(format!("adopt {}", ep.host_ifname));
         let was_pinned = self.pinned.contains(&ep.host_ifindex);
         self.attached.insert(ep.host_ifindex, ep.clone());
+        self.flags.insert(ep.id, policy_flags);
         Ok(if was_pinned {
             Adoption::Adopted
         } else {
@@ -47,7 +57,36 @@ impl Datapath for FakeDatapath {
     fn detach(&mut self, ep: &EndpointRecord) -> Vec<FakeError> {
         self.log.push(format!("detach {}", ep.host_ifname));
         self.attached.remove(&ep.host_ifindex);
+        self.flags.remove(&ep.id);
         Vec::new()
+    }
+
+    fn apply_policy(&mut self, diff: &PolicyDiff) -> Result<(), FakeError> {
+        if self.fail_apply {
+            return Err(FakeError("cannot write the policy maps".into()));
+        }
+        self.log.push("apply_policy".into());
+        // The documented order.
+        self.policy.ipcache.extend(diff.ipcache_set.iter().copied());
+        self.policy.entries.extend(diff.entries_set.iter().copied());
+        for (id, flags) in &diff.flags_set {
+            // Like the real maps: only attached endpoints have flags to change.
+            if let Some(f) = self.flags.get_mut(id) {
+                *f = *flags;
+            }
+        }
+        for k in &diff.entries_del {
+            self.policy.entries.remove(k);
+        }
+        for n in &diff.ipcache_del {
+            self.policy.ipcache.remove(n);
+        }
+        self.diffs.push(diff.clone());
+        Ok(())
+    }
+
+    fn installed_policy(&self) -> Result<InstalledPolicy, FakeError> {
+        Ok(self.policy.clone())
     }
 
     fn check(&self, ep: &EndpointRecord) -> Vec<String> {

@@ -5,12 +5,21 @@
 mod ebpf;
 #[cfg(test)]
 pub mod fake;
+pub mod policy_maps;
 
 use hypha_common::{DropKey, EndpointStats};
 
 pub use ebpf::{EbpfDatapath, EbpfError};
 
+use crate::policy::PolicyDiff;
 use crate::state::EndpointRecord;
+
+/// The policy contents of the datapath's maps, as read back.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InstalledPolicy {
+    pub ipcache: std::collections::BTreeMap<ipnet::Ipv4Net, u32>,
+    pub entries: std::collections::BTreeMap<hypha_common::PolicyKey, hypha_common::PolicyEntry>,
+}
 
 /// What became of an endpoint found at start-up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,11 +35,25 @@ pub enum Adoption {
 pub trait Datapath: Send {
     type Error: std::error::Error + Send + Sync + 'static;
 
-    /// Attaches the programs to the endpoint's host veth and fills its map entries.
-    fn attach(&mut self, ep: &EndpointRecord) -> Result<(), Self::Error>;
+    /// Attaches the programs to the endpoint's host veth and fills its map entries;
+    /// `policy_flags` (`ENDPOINT_F_*`) go into its `EndpointInfo::flags`. The endpoint's
+    /// policy entries and ipcache entries are already in place (see [`PolicyDiff`]).
+    fn attach(&mut self, ep: &EndpointRecord, policy_flags: u32) -> Result<(), Self::Error>;
 
-    /// Takes over an endpoint that was attached by an earlier agent process.
-    fn adopt(&mut self, ep: &EndpointRecord) -> Result<Adoption, Self::Error>;
+    /// Takes over an endpoint that was attached by an earlier agent process, with its
+    /// current policy flags.
+    fn adopt(&mut self, ep: &EndpointRecord, policy_flags: u32) -> Result<Adoption, Self::Error>;
+
+    /// Applies a policy diff to the ipcache, the policy map and the attached endpoints'
+    /// flags, in the order [`PolicyDiff`] documents.
+    fn apply_policy(&mut self, diff: &PolicyDiff) -> Result<(), Self::Error>;
+
+    /// What the ipcache and the policy map hold now (an earlier agent's work, at start),
+    /// so that the first diff also removes what no policy wants any more. The default
+    /// says "nothing", which only leaves stale entries behind.
+    fn installed_policy(&self) -> Result<InstalledPolicy, Self::Error> {
+        Ok(InstalledPolicy::default())
+    }
 
     /// Removes everything `attach` made; keeps going past errors and returns them all.
     fn detach(&mut self, ep: &EndpointRecord) -> Vec<Self::Error>;

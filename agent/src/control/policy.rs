@@ -1,0 +1,928 @@
+//! The control plane's policy half: the policy set, namespace labels and identities the
+//! agent holds; recompiling and applying a diff whenever one of them or the endpoints
+//! change.
+//!
+//! Every change is validated and compiled before anything is touched: an invalid file, a
+//! policy set that does not fit the maps, or a name already owned elsewhere leaves
+//! everything as it was. What is installed (`PolicyState::installed`) is exactly what
+//! the datapath was told, so each change writes only the difference.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use hypha_api::{
+    ApplyPoliciesResponse, DirectionPolicy, EndpointPolicy, NamespaceLabels,
+    NamespaceLabelsRequest, PolicyEntryView, PolicySource, PolicyStatus, PolicySummary,
+};
+use hypha_common::{
+    DIR_EGRESS, DIR_INGRESS, ENDPOINT_F_EGRESS_AUDIT, ENDPOINT_F_EGRESS_POLICY,
+    ENDPOINT_F_INGRESS_AUDIT, ENDPOINT_F_INGRESS_POLICY, IDENTITY_ANY, IDENTITY_HOST,
+    IDENTITY_WORLD, POLICY_DENY, POLICY_F_AUDIT, PolicyKey,
+};
+
+use super::{Agent, ControlError};
+use crate::datapath::Datapath;
+use crate::host::HostNetwork;
+use crate::policy::{
+    Compiled, IdentityAllocator, IdentitySource, Labels, NAMESPACE_NAME_LABEL, Policy, PolicyDiff,
+    PolicyEndpoint, PolicyError, compile, diff, namespace_labels, parse_file, proto_name,
+};
+use crate::state::{EndpointRecord, PolicyOrigin, StoredPolicy};
+
+/// Policies by (namespace, name).
+type PolicySet = BTreeMap<(String, String), StoredPolicy>;
+
+/// What the agent holds about policy.
+#[derive(Default)]
+pub(super) struct PolicyState {
+    pub(super) policies: PolicySet,
+    /// Labels operators set on namespaces.
+    pub(super) namespaces: BTreeMap<String, Labels>,
+    /// What the datapath holds; its allocator is the one to persist.
+    pub(super) installed: Compiled,
+    /// Problems of the watched directory's files, by file.
+    pub(super) dir_errors: BTreeMap<PathBuf, String>,
+    /// Problems at start (policies that could not be compiled).
+    pub(super) start_errors: Vec<String>,
+}
+
+impl PolicyState {
+    /// From the saved state; `installed` is filled in at start.
+    pub(super) fn restore(
+        policies: Vec<StoredPolicy>,
+        namespaces: BTreeMap<String, Labels>,
+        identities: IdentityAllocator,
+    ) -> Self {
+        Self {
+            policies: policies
+                .into_iter()
+                .map(|p| ((p.policy.namespace.clone(), p.policy.name.clone()), p))
+                .collect(),
+            namespaces,
+            installed: Compiled {
+                identities,
+                ..Compiled::default()
+            },
+            ..Self::default()
+        }
+    }
+
+    pub(super) fn stored(&self) -> Vec<StoredPolicy> {
+        self.policies.values().cloned().collect()
+    }
+}
+
+fn key(p: &Policy) -> (String, String) {
+    (p.namespace.clone(), p.name.clone())
+}
+
+impl<D: Datapath, H: HostNetwork> Agent<D, H> {
+    fn policy_endpoints(&self, extra: Option<&EndpointRecord>) -> Vec<PolicyEndpoint> {
+        self.endpoints
+            .iter()
+            .chain(extra)
+            .map(|e| PolicyEndpoint::new(e.id, e.address, &e.labels))
+            .collect()
+    }
+
+    fn compile_with(
+        &self,
+        policies: &PolicySet,
+        namespaces: &BTreeMap<String, Labels>,
+        extra: Option<&EndpointRecord>,
+    ) -> Result<Compiled, PolicyError> {
+        let list: Vec<Policy> = policies.values().map(|s| s.policy.clone()).collect();
+        compile(
+            &list,
+            &self.policy_endpoints(extra),
+            namespaces,
+            &self.policy.installed.identities,
+            &[self.config.gateway()],
+        )
+    }
+
+    /// Writes the difference to `new` into the datapath and makes it the installed
+    /// state. If the datapath fails part way, tries to put back what was there.
+    fn install(&mut self, new: Compiled) -> Result<PolicyDiff, ControlError> {
+        let d = diff(&self.policy.installed, &new);
+        if !d.is_empty()
+            && let Err(e) = self.datapath.apply_policy(&d)
+        {
+            let back = diff(&new, &self.policy.installed);
+            if let Err(e2) = self.datapath.apply_policy(&back) {
+                tracing::error!("cannot restore the policy maps after a failed update: {e2}");
+            }
+            return Err(ControlError::Datapath(format!(
+                "cannot write the policy maps: {e}"
+            )));
+        }
+        self.policy.installed = new;
+        Ok(d)
+    }
+
+    /// Compiles the policies for the endpoints found at start, compares with what the
+    /// maps hold (an earlier agent's work), and returns the additions (to apply before
+    /// the endpoints are adopted with their flags) and the removals (after).
+    pub(super) fn policy_start(&mut self, warnings: &mut Vec<String>) -> (PolicyDiff, PolicyDiff) {
+        let installed = self.datapath.installed_policy().unwrap_or_else(|e| {
+            warnings.push(format!("cannot read the policy maps: {e}"));
+            Default::default()
+        });
+        let old = Compiled {
+            ipcache: installed.ipcache,
+            entries: installed.entries,
+            identities: self.policy.installed.identities.clone(),
+            ..Compiled::default()
+        };
+        let new = match self.compile_with(&self.policy.policies, &self.policy.namespaces, None) {
+            Ok(c) => c,
+            Err(e) => {
+                let msg = format!(
+                    "the saved policies cannot be compiled ({e}); starting without policies"
+                );
+                warnings.push(msg.clone());
+                self.policy.start_errors.push(msg);
+                self.policy.policies.clear();
+                self.compile_with(&BTreeMap::new(), &self.policy.namespaces, None)
+                    .unwrap_or_default()
+            }
+        };
+        let d = diff(&old, &new);
+        self.policy.installed = new;
+        d.split()
+    }
+
+    /// The flags an endpoint gets when it is attached or adopted.
+    pub(super) fn policy_flags(&self, endpoint_id: u32) -> u32 {
+        self.policy
+            .installed
+            .endpoint_flags
+            .get(&endpoint_id)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Attaches a new endpoint with its policy: ipcache and entries first, then the
+    /// endpoint with its flags, then what the new compilation no longer needs.
+    pub(super) fn attach_with_policy(
+        &mut self,
+        record: &EndpointRecord,
+    ) -> Result<(), ControlError> {
+        let new =
+            self.compile_with(&self.policy.policies, &self.policy.namespaces, Some(record))?;
+        let flags = new.endpoint_flags.get(&record.id).copied().unwrap_or(0);
+        let (mut adds, dels) = diff(&self.policy.installed, &new).split();
+        adds.flags_set.retain(|(id, _)| *id != record.id);
+        let undo = |agent: &mut Self| {
+            let mut back = diff(&new, &agent.policy.installed);
+            back.flags_set.retain(|(id, _)| *id != record.id);
+            if let Err(e) = agent.datapath.apply_policy(&back) {
+                tracing::error!("cannot restore the policy maps: {e}");
+            }
+        };
+        if !adds.is_empty()
+            && let Err(e) = self.datapath.apply_policy(&adds)
+        {
+            undo(self);
+            return Err(ControlError::Datapath(format!(
+                "cannot write the policy maps: {e}"
+            )));
+        }
+        if let Err(e) = self.datapath.attach(record, flags) {
+            undo(self);
+            return Err(ControlError::Datapath(e.to_string()));
+        }
+        if !dels.is_empty()
+            && let Err(e) = self.datapath.apply_policy(&dels)
+        {
+            tracing::warn!("cannot remove stale policy entries: {e}");
+        }
+        self.policy.installed = new;
+        Ok(())
+    }
+
+    /// Recompiles after endpoints went away; returns what went wrong.
+    pub(super) fn policy_refresh(&mut self) -> Vec<String> {
+        match self.compile_with(&self.policy.policies, &self.policy.namespaces, None) {
+            Ok(new) => match self.install(new) {
+                Ok(_) => Vec::new(),
+                Err(e) => vec![e.to_string()],
+            },
+            Err(e) => vec![format!("cannot recompile the policies: {e}")],
+        }
+    }
+
+    /// Commits a new policy set and namespace labels: compile, write the difference,
+    /// persist; on any failure nothing changes.
+    fn commit(
+        &mut self,
+        policies: PolicySet,
+        namespaces: BTreeMap<String, Labels>,
+    ) -> Result<PolicyDiff, ControlError> {
+        let new = self.compile_with(&policies, &namespaces, None)?;
+        let old = self.policy.installed.clone();
+        let d = self.install(new)?;
+        let old_policies = std::mem::replace(&mut self.policy.policies, policies);
+        let old_namespaces = std::mem::replace(&mut self.policy.namespaces, namespaces);
+        if let Err(e) = self.persist() {
+            self.policy.policies = old_policies;
+            self.policy.namespaces = old_namespaces;
+            if let Err(e2) = self.install(old) {
+                tracing::error!("cannot restore the policy maps: {e2}");
+            }
+            return Err(e.into());
+        }
+        Ok(d)
+    }
+
+    /// `POST /v1/policies`: applies every policy of every file, or none.
+    pub fn apply_policies(
+        &mut self,
+        files: &[PolicySource],
+    ) -> Result<ApplyPoliciesResponse, ControlError> {
+        let mut candidate = self.policy.policies.clone();
+        let mut applied = Vec::new();
+        let mut seen: BTreeMap<(String, String), &str> = BTreeMap::new();
+        for f in files {
+            for p in parse_file(&f.source, &f.content)? {
+                let k = key(&p);
+                if let Some(first) = seen.insert(k.clone(), &f.source) {
+                    return Err(PolicyError::Duplicate {
+                        namespace: k.0,
+                        name: k.1,
+                        first: first.to_owned(),
+                        second: f.source.clone(),
+                    }
+                    .into());
+                }
+                if let Some(StoredPolicy {
+                    origin: origin @ PolicyOrigin::Dir(_),
+                    ..
+                }) = candidate.get(&k)
+                {
+                    return Err(ControlError::Conflict(format!(
+                        "policy {} comes from the watched directory ({origin}); change that file instead",
+                        p.full_name()
+                    )));
+                }
+                applied.push(p.full_name());
+                candidate.insert(
+                    k,
+                    StoredPolicy {
+                        policy: p,
+                        origin: PolicyOrigin::Api(f.source.clone()),
+                    },
+                );
+            }
+        }
+        let namespaces = self.policy.namespaces.clone();
+        let d = self.commit(candidate, namespaces)?;
+        Ok(ApplyPoliciesResponse {
+            applied,
+            entries_set: d.entries_set.len(),
+            entries_removed: d.entries_del.len(),
+        })
+    }
+
+    /// `DELETE /v1/policies/{namespace}/{name}`.
+    pub fn delete_policy(
+        &mut self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<PolicySummary, ControlError> {
+        let k = (namespace.to_owned(), name.to_owned());
+        let stored = self
+            .policy
+            .policies
+            .get(&k)
+            .cloned()
+            .ok_or_else(|| ControlError::NotFound(format!("no policy {namespace}/{name}")))?;
+        if let PolicyOrigin::Dir(path) = &stored.origin {
+            return Err(ControlError::Conflict(format!(
+                "policy {namespace}/{name} comes from {} in the watched directory; remove it there",
+                path.display()
+            )));
+        }
+        let summary = self.summarize(&stored);
+        let mut candidate = self.policy.policies.clone();
+        candidate.remove(&k);
+        let namespaces = self.policy.namespaces.clone();
+        self.commit(candidate, namespaces)?;
+        Ok(summary)
+    }
+
+    /// `GET /v1/policies`.
+    /// The name (`namespace/name`) of the installed policy with this id.
+    pub fn policy_name(&self, id: u32) -> Option<String> {
+        self.policy.installed.policies.get(&id).cloned()
+    }
+
+    pub fn list_policies(&self) -> Vec<PolicySummary> {
+        self.policy
+            .policies
+            .values()
+            .map(|s| self.summarize(s))
+            .collect()
+    }
+
+    fn summarize(&self, s: &StoredPolicy) -> PolicySummary {
+        let p = &s.policy;
+        let (allow_rules, deny_rules) = p.rule_counts();
+        PolicySummary {
+            namespace: p.namespace.clone(),
+            name: p.name.clone(),
+            kind: p.kind.name().to_owned(),
+            id: self
+                .policy
+                .installed
+                .identities
+                .policy_id(&p.full_name())
+                .unwrap_or(0),
+            audit: p.audit,
+            source: s.origin.to_string(),
+            selected_endpoints: self
+                .policy_endpoints(None)
+                .iter()
+                .filter(|e| e.namespace == p.namespace && p.subject.matches(&e.labels))
+                .map(|e| e.id)
+                .collect(),
+            ingress: p.ingress.isolate,
+            egress: p.egress.isolate,
+            allow_rules,
+            deny_rules,
+        }
+    }
+
+    /// `PUT /v1/namespaces/{namespace}/labels`.
+    pub fn set_namespace_labels(
+        &mut self,
+        namespace: &str,
+        req: &NamespaceLabelsRequest,
+    ) -> Result<NamespaceLabels, ControlError> {
+        let bad = |m: String| Err(ControlError::BadRequest(m));
+        if namespace.is_empty()
+            || namespace.len() > 63
+            || !namespace
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return bad(format!("{namespace:?} is not a valid namespace name"));
+        }
+        for k in req.set.keys().chain(&req.remove) {
+            if k == NAMESPACE_NAME_LABEL {
+                return bad(format!(
+                    "{NAMESPACE_NAME_LABEL} is the namespace's name; it cannot be changed"
+                ));
+            }
+            if k.is_empty() || k.contains(|c: char| c.is_whitespace() || c == '=' || c == ',') {
+                return bad(format!("{k:?} is not a valid label key"));
+            }
+        }
+        for (k, v) in &req.set {
+            if v.len() > 63 || v.contains(|c: char| c.is_whitespace() || c == ',') {
+                return bad(format!("{v:?} is not a valid value for label {k}"));
+            }
+        }
+        let mut namespaces = self.policy.namespaces.clone();
+        let labels = namespaces.entry(namespace.to_owned()).or_default();
+        for k in &req.remove {
+            labels.remove(k);
+        }
+        labels.extend(req.set.clone());
+        if labels.is_empty() {
+            namespaces.remove(namespace);
+        }
+        let policies = self.policy.policies.clone();
+        self.commit(policies, namespaces)?;
+        Ok(NamespaceLabels {
+            namespace: namespace.to_owned(),
+            labels: namespace_labels(namespace, &self.policy.namespaces),
+        })
+    }
+
+    /// Brings the watched directory's policies in line with its files: each valid file's
+    /// policies replace the ones it had; an invalid (or unreadable) file keeps the ones
+    /// it had and is reported; a file gone takes its policies along. Returns lines for the
+    /// log.
+    pub fn sync_policy_dir(
+        &mut self,
+        files: Vec<(PathBuf, Result<String, String>)>,
+    ) -> Vec<String> {
+        let mut log = Vec::new();
+        let mut errors = BTreeMap::new();
+        let present: BTreeSet<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
+        let mut valid: Vec<(PathBuf, Vec<Policy>)> = Vec::new();
+        for (path, content) in files {
+            let parsed = content.and_then(|c| {
+                parse_file(&path.display().to_string(), &c).map_err(|e| e.to_string())
+            });
+            match parsed {
+                Ok(p) => valid.push((path, p)),
+                Err(e) => {
+                    errors.insert(path, e);
+                }
+            }
+        }
+        let mut candidate = self.policy.policies.clone();
+        // Files gone, and valid files (whose policies are replaced), lose their policies.
+        let replaced: BTreeSet<&PathBuf> = valid.iter().map(|(p, _)| p).collect();
+        candidate.retain(|_, s| match &s.origin {
+            PolicyOrigin::Dir(p) => present.contains(p) && !replaced.contains(p),
+            PolicyOrigin::Api(_) => true,
+        });
+        for (path, policies) in valid {
+            if let Some(taken) = policies
+                .iter()
+                .find_map(|p| candidate.get(&key(p)).map(|s| (p.full_name(), &s.origin)))
+            {
+                errors.insert(
+                    path.clone(),
+                    format!(
+                        "{}: policy {} is already defined ({}); the file is ignored",
+                        path.display(),
+                        taken.0,
+                        taken.1
+                    ),
+                );
+                // Keep what this file had.
+                for (k, s) in &self.policy.policies {
+                    if s.origin == PolicyOrigin::Dir(path.clone()) {
+                        candidate.insert(k.clone(), s.clone());
+                    }
+                }
+                continue;
+            }
+            for p in policies {
+                candidate.insert(
+                    key(&p),
+                    StoredPolicy {
+                        policy: p,
+                        origin: PolicyOrigin::Dir(path.clone()),
+                    },
+                );
+            }
+        }
+        for (path, e) in &errors {
+            if self.policy.dir_errors.get(path) != Some(e) {
+                log.push(format!(
+                    "policy file rejected, its policies stay as they were: {e}"
+                ));
+            }
+        }
+        self.policy.dir_errors = errors;
+        if candidate == self.policy.policies {
+            return log;
+        }
+        let before: BTreeSet<String> = self
+            .policy
+            .policies
+            .values()
+            .map(|s| s.policy.full_name())
+            .collect();
+        let changed: Vec<String> = candidate
+            .iter()
+            .filter(|(k, s)| self.policy.policies.get(*k) != Some(*s))
+            .map(|(_, s)| s.policy.full_name())
+            .collect();
+        let removed: Vec<String> = before
+            .iter()
+            .filter(|n| !candidate.values().any(|s| s.policy.full_name() == **n))
+            .cloned()
+            .collect();
+        let namespaces = self.policy.namespaces.clone();
+        match self.commit(candidate, namespaces) {
+            Ok(d) => log.push(format!(
+                "policy directory applied: changed {changed:?}, removed {removed:?} ({} entries written, {} removed)",
+                d.entries_set.len(),
+                d.entries_del.len()
+            )),
+            Err(e) => {
+                let msg = format!("the policy directory's policies were not applied: {e}");
+                self.policy
+                    .dir_errors
+                    .insert(PathBuf::from("(all files)"), msg.clone());
+                log.push(msg);
+            }
+        }
+        log
+    }
+
+    pub(super) fn policy_status(&self) -> PolicyStatus {
+        PolicyStatus {
+            policies: self.policy.policies.len(),
+            entries: self.policy.installed.entries.len(),
+            ipcache: self.policy.installed.ipcache.len(),
+            policy_dir: self.config.policy_dir.display().to_string(),
+            errors: self
+                .policy
+                .start_errors
+                .iter()
+                .cloned()
+                .chain(self.policy.dir_errors.values().cloned())
+                .collect(),
+        }
+    }
+
+    /// `GET /v1/endpoints/{endpoint}/policy`: by endpoint id, container id, or a unique
+    /// prefix of a container id.
+    pub fn endpoint_policy(&self, which: &str) -> Result<EndpointPolicy, ControlError> {
+        let ep = self.find_endpoint(which)?;
+        let view = PolicyEndpoint::new(ep.id, ep.address, &ep.labels);
+        let installed = &self.policy.installed;
+        let flags = self.policy_flags(ep.id);
+        let identity = installed
+            .ipcache
+            .get(&ipnet::Ipv4Net::from(ep.address))
+            .copied()
+            .unwrap_or(0);
+        let direction = |dir: u8| {
+            let (enforce_flag, audit_flag) = if dir == DIR_INGRESS {
+                (ENDPOINT_F_INGRESS_POLICY, ENDPOINT_F_INGRESS_AUDIT)
+            } else {
+                (ENDPOINT_F_EGRESS_POLICY, ENDPOINT_F_EGRESS_AUDIT)
+            };
+            let policies = self
+                .policy
+                .policies
+                .values()
+                .map(|s| &s.policy)
+                .filter(|p| p.namespace == view.namespace && p.subject.matches(&view.labels))
+                .filter(|p| {
+                    let r = if dir == DIR_INGRESS {
+                        &p.ingress
+                    } else {
+                        &p.egress
+                    };
+                    r.isolate || !r.deny.is_empty()
+                })
+                .map(Policy::full_name)
+                .collect();
+            let from = PolicyKey {
+                endpoint_id: ep.id,
+                identity: 0,
+                dport: 0,
+                proto: 0,
+                direction: 0,
+            };
+            let entries = installed
+                .entries
+                .range(from..)
+                .take_while(|(k, _)| k.endpoint_id == ep.id)
+                .filter(|(k, _)| k.direction == dir)
+                .map(|(k, e)| PolicyEntryView {
+                    action: if e.action == POLICY_DENY {
+                        "deny"
+                    } else {
+                        "allow"
+                    }
+                    .into(),
+                    audit: e.flags & POLICY_F_AUDIT != 0,
+                    identity: k.identity,
+                    peer: self.describe_identity(k.identity),
+                    protocol: proto_name(k.proto),
+                    port: k.dport,
+                    policy: installed
+                        .policies
+                        .get(&e.policy_id)
+                        .cloned()
+                        .unwrap_or_else(|| "(implicit)".into()),
+                })
+                .collect();
+            DirectionPolicy {
+                enforced: flags & enforce_flag != 0,
+                audit: flags & audit_flag != 0,
+                policies,
+                entries,
+            }
+        };
+        Ok(EndpointPolicy {
+            endpoint_id: ep.id,
+            container_id: ep.container_id.clone(),
+            namespace: view.namespace.clone(),
+            identity,
+            identity_labels: self.describe_identity(identity),
+            ingress: direction(DIR_INGRESS),
+            egress: direction(DIR_EGRESS),
+        })
+    }
+
+    fn find_endpoint(&self, which: &str) -> Result<&EndpointRecord, ControlError> {
+        if let Ok(id) = which.parse::<u32>()
+            && let Some(e) = self.endpoints.iter().find(|e| e.id == id)
+        {
+            return Ok(e);
+        }
+        if let Some(e) = self.endpoints.iter().find(|e| e.container_id == which) {
+            return Ok(e);
+        }
+        let matches: Vec<&EndpointRecord> = self
+            .endpoints
+            .iter()
+            .filter(|e| !which.is_empty() && e.container_id.starts_with(which))
+            .collect();
+        match matches.as_slice() {
+            [e] => Ok(e),
+            [] => Err(ControlError::NotFound(format!(
+                "no endpoint with id or container id {which}"
+            ))),
+            _ => Err(ControlError::BadRequest(format!(
+                "{which} is the prefix of {} containers' ids; give more of it",
+                matches.len()
+            ))),
+        }
+    }
+
+    fn describe_identity(&self, id: u32) -> String {
+        match id {
+            IDENTITY_ANY => "any".into(),
+            IDENTITY_HOST => "host".into(),
+            IDENTITY_WORLD => "world".into(),
+            _ => match self.policy.installed.identities.source(id) {
+                Some(IdentitySource::Labels { namespace, labels }) => {
+                    let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    if l.is_empty() {
+                        format!("namespace {namespace}, no labels")
+                    } else {
+                        format!("namespace {namespace}: {}", l.join(","))
+                    }
+                }
+                Some(IdentitySource::Cidr(net)) => format!("cidr {net}"),
+                None => format!("unknown identity {id}"),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use hypha_api::{AllocateRequest, CreateEndpointRequest, MacAddr};
+    use hypha_common::{DIR_INGRESS, ENDPOINT_F_INGRESS_POLICY, IDENTITY_ANY};
+
+    use super::*;
+    use crate::control::tests::{MemStore, host_with, start};
+    use crate::datapath::fake::FakeDatapath;
+    use crate::host::fake::FakeHost;
+    use crate::state::PersistedState;
+
+    type TestAgent = Agent<FakeDatapath, FakeHost>;
+
+    fn add(agent: &mut TestAgent, cid: &str, host: &str, labels: &[(&str, &str)]) -> u32 {
+        let alloc = agent
+            .allocate(&AllocateRequest {
+                container_id: cid.into(),
+                ifname: "eth0".into(),
+                address: None,
+            })
+            .unwrap();
+        agent
+            .create_endpoint(&CreateEndpointRequest {
+                container_id: cid.into(),
+                ifname: "eth0".into(),
+                netns: "/x".into(),
+                host_ifname: host.into(),
+                address: alloc.address,
+                pod_mac: MacAddr::default(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| ((*k).into(), (*v).into()))
+                    .collect::<BTreeMap<_, _>>(),
+                external_ipam: false,
+                bandwidth: None,
+            })
+            .unwrap()
+            .id
+    }
+
+    fn file(name: &str, content: &str) -> PolicySource {
+        PolicySource {
+            source: name.into(),
+            content: content.into(),
+        }
+    }
+
+    const DB_ONLY_FROM_WEB: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: db}\nspec:\n  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: 5432}]}]\n";
+
+    fn agent() -> (TestAgent, MemStore) {
+        let (a, _, store) = start(
+            host_with(&[("hypa", 10), ("hypb", 11), ("hypc", 12)]),
+            PersistedState::default(),
+            FakeDatapath::default(),
+        );
+        (a, store)
+    }
+
+    #[test]
+    fn apply_then_create_attaches_with_flags_and_entries_in_place() {
+        let (mut a, store) = agent();
+        a.apply_policies(&[file("db.yaml", DB_ONLY_FROM_WEB)])
+            .unwrap();
+        let web = add(&mut a, "w", "hypa", &[("app", "web")]);
+        let db = add(&mut a, "d", "hypb", &[("app", "db")]);
+        assert_eq!(a.datapath.flags[&web], 0);
+        assert_eq!(a.datapath.flags[&db], ENDPOINT_F_INGRESS_POLICY);
+        // The fake's maps are exactly what the agent believes is installed.
+        assert_eq!(a.datapath.policy.entries, a.policy.installed.entries);
+        assert_eq!(a.datapath.policy.ipcache, a.policy.installed.ipcache);
+        // db's entries were written before db was attached.
+        let log = &a.datapath.log;
+        let attach_db = log.iter().position(|l| l == "attach hypb").unwrap();
+        assert_eq!(log[attach_db - 1], "apply_policy", "{log:?}");
+        let view = a.endpoint_policy(&db.to_string()).unwrap();
+        assert!(view.ingress.enforced && !view.egress.enforced);
+        assert_eq!(view.ingress.policies, vec!["default/db"]);
+        let e = view
+            .ingress
+            .entries
+            .iter()
+            .find(|e| e.policy == "default/db")
+            .unwrap();
+        assert_eq!((e.protocol.as_str(), e.port), ("TCP", 5432));
+        assert_eq!(e.peer, "namespace default: app=web");
+        // By container id too.
+        assert_eq!(a.endpoint_policy("d").unwrap().endpoint_id, db);
+        // Persisted: policies, identities.
+        let saved = store.last();
+        assert_eq!(saved.policies.len(), 1);
+        assert_eq!(saved.identities, a.policy.installed.identities);
+        let list = a.list_policies();
+        assert_eq!(list[0].selected_endpoints, vec![db]);
+        assert_eq!(list[0].source, "api: db.yaml");
+    }
+
+    #[test]
+    fn an_invalid_file_changes_nothing() {
+        let (mut a, store) = agent();
+        add(&mut a, "d", "hypb", &[("app", "db")]);
+        let saves = store.0.lock().unwrap().len();
+        let diffs = a.datapath.diffs.len();
+        let err = a
+            .apply_policies(&[
+                file("good.yaml", DB_ONLY_FROM_WEB),
+                file(
+                    "bad.yaml",
+                    "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x}\nspec:\n  podSelector: {}\n  ingress: [{ports: [{port: 99999}]}]\n",
+                ),
+            ])
+            .unwrap_err();
+        assert_eq!(err.http_status(), 400);
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("bad.yaml: ") && msg.contains("line 6"),
+            "{msg}"
+        );
+        assert!(a.list_policies().is_empty());
+        assert_eq!(a.datapath.diffs.len(), diffs);
+        assert_eq!(store.0.lock().unwrap().len(), saves);
+        // A failing datapath leaves the policy set as it was too.
+        a.datapath.fail_apply = true;
+        let err = a
+            .apply_policies(&[file("good.yaml", DB_ONLY_FROM_WEB)])
+            .unwrap_err();
+        assert!(err.to_string().contains("policy maps"), "{err}");
+        assert!(a.list_policies().is_empty());
+    }
+
+    #[test]
+    fn delete_policy_and_endpoint_remove_their_entries() {
+        let (mut a, _) = agent();
+        a.apply_policies(&[file("db.yaml", DB_ONLY_FROM_WEB)])
+            .unwrap();
+        add(&mut a, "w", "hypa", &[("app", "web")]);
+        let db = add(&mut a, "d", "hypb", &[("app", "db")]);
+        let n = a.datapath.policy.entries.len();
+        assert!(n > 0);
+        // web goes: db's entry for web's identity goes with it.
+        a.delete_endpoint("w", "eth0").unwrap();
+        assert!(a.datapath.policy.entries.len() < n);
+        assert_eq!(a.datapath.policy.entries, a.policy.installed.entries);
+        a.delete_policy("default", "db").unwrap();
+        assert!(a.datapath.policy.entries.is_empty());
+        assert_eq!(a.datapath.flags[&db], 0);
+        assert_eq!(
+            a.delete_policy("default", "db").unwrap_err().http_status(),
+            404
+        );
+    }
+
+    #[test]
+    fn namespace_labels_feed_namespace_selectors() {
+        let (mut a, _) = agent();
+        let db = add(&mut a, "d", "hypb", &[("app", "db")]);
+        let mon = add(
+            &mut a,
+            "m",
+            "hypa",
+            &[("app", "prom"), ("k8s:namespace", "monitoring")],
+        );
+        a.apply_policies(&[file(
+            "p.yaml",
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p}\nspec:\n  podSelector: {}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {team: obs}}}]}]\n",
+        )])
+        .unwrap();
+        let peers = |a: &TestAgent| -> Vec<u32> {
+            a.policy
+                .installed
+                .entries
+                .keys()
+                .filter(|k| k.endpoint_id == db && k.direction == DIR_INGRESS)
+                .map(|k| k.identity)
+                .filter(|i| *i != IDENTITY_HOST)
+                .collect()
+        };
+        assert!(peers(&a).is_empty());
+        let labels = a
+            .set_namespace_labels(
+                "monitoring",
+                &NamespaceLabelsRequest {
+                    set: [("team".to_owned(), "obs".to_owned())].into(),
+                    remove: vec![],
+                },
+            )
+            .unwrap();
+        assert_eq!(labels.labels[NAMESPACE_NAME_LABEL], "monitoring");
+        let mon_identity = a.endpoint_policy(&mon.to_string()).unwrap().identity;
+        assert_eq!(peers(&a), vec![mon_identity]);
+        let err = a
+            .set_namespace_labels(
+                "monitoring",
+                &NamespaceLabelsRequest {
+                    set: [(NAMESPACE_NAME_LABEL.to_owned(), "x".to_owned())].into(),
+                    remove: vec![],
+                },
+            )
+            .unwrap_err();
+        assert_eq!(err.http_status(), 400);
+    }
+
+    #[test]
+    fn restart_keeps_identities_and_removes_what_was_left_behind() {
+        let (mut a, store) = agent();
+        a.apply_policies(&[file("db.yaml", DB_ONLY_FROM_WEB)])
+            .unwrap();
+        add(&mut a, "w", "hypa", &[("app", "web")]);
+        let db = add(&mut a, "d", "hypb", &[("app", "db")]);
+        let installed = a.policy.installed.clone();
+        let mut saved = store.last();
+        // While the agent is down, the policy is gone from the state (as if deleted),
+        // but the maps still hold its entries.
+        saved.policies.clear();
+        let dp = FakeDatapath {
+            pinned: vec![10, 11],
+            policy: a.datapath.policy.clone(),
+            ..Default::default()
+        };
+        drop(a);
+        let (a, _, _) = start(host_with(&[("hypa", 10), ("hypb", 11)]), saved, dp);
+        assert!(
+            a.datapath.policy.entries.is_empty(),
+            "stale entries removed"
+        );
+        assert_eq!(a.datapath.flags[&db], 0);
+        assert_eq!(
+            a.datapath.policy.ipcache, installed.ipcache,
+            "same identities"
+        );
+    }
+
+    #[test]
+    fn watched_directory_files_replace_their_policies_and_invalid_ones_keep_theirs() {
+        let (mut a, _) = agent();
+        add(&mut a, "d", "hypb", &[("app", "db")]);
+        let f1 = PathBuf::from("/p/10-db.yaml");
+        let log = a.sync_policy_dir(vec![(f1.clone(), Ok(DB_ONLY_FROM_WEB.into()))]);
+        assert!(log[0].starts_with("policy directory applied"), "{log:?}");
+        assert_eq!(a.list_policies()[0].source, "dir: /p/10-db.yaml");
+        // The API may not replace or delete it.
+        assert_eq!(
+            a.apply_policies(&[file("x.yaml", DB_ONLY_FROM_WEB)])
+                .unwrap_err()
+                .http_status(),
+            409
+        );
+        assert_eq!(
+            a.delete_policy("default", "db").unwrap_err().http_status(),
+            409
+        );
+        // The file turns invalid: its policy stays, the error shows in the status.
+        let log = a.sync_policy_dir(vec![(f1.clone(), Ok("spec: [".into()))]);
+        assert!(log[0].contains("/p/10-db.yaml"), "{log:?}");
+        assert_eq!(a.list_policies().len(), 1);
+        assert_eq!(a.status().policy.errors.len(), 1);
+        // Fixed to allow everything, then removed.
+        let open = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: db}\nspec:\n  podSelector: {}\n  ingress: [{}]\n";
+        a.sync_policy_dir(vec![(f1, Ok(open.into()))]);
+        assert!(a.status().policy.errors.is_empty());
+        assert!(
+            a.policy
+                .installed
+                .entries
+                .keys()
+                .any(|k| k.identity == IDENTITY_ANY)
+        );
+        a.sync_policy_dir(vec![]);
+        assert!(a.list_policies().is_empty());
+        assert!(a.datapath.policy.entries.is_empty());
+    }
+}

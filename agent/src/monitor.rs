@@ -1,0 +1,195 @@
+//! `hypha monitor`: drop and policy-verdict events from the datapath's ring buffer
+//! (`hypha_events`), fanned out to every client that watches.
+//!
+//! One task drains the ring buffer as the kernel signals it (epoll on the map's fd) and
+//! broadcasts each event; a slow client loses events (it is told how many) rather than
+//! slowing the datapath or the other clients.
+
+use std::net::Ipv4Addr;
+
+use aya::maps::{MapData, RingBuf};
+use hypha_api::MonitorEvent;
+use hypha_common::{
+    DIR_EGRESS, DropReason, EVENT_DROP, EVENT_POLICY_ALLOW, EVENT_POLICY_AUDIT, Event,
+};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::broadcast;
+
+/// Events a client may lag behind before it starts losing them.
+pub const BACKLOG: usize = 4096;
+
+/// Turns a raw event into what clients see; `policy_name` resolves policy ids.
+pub fn render(e: &Event, policy_name: impl Fn(u32) -> Option<String>) -> MonitorEvent {
+    let kind = match e.kind {
+        EVENT_DROP => "drop",
+        EVENT_POLICY_ALLOW => "policy-allow",
+        EVENT_POLICY_AUDIT => "policy-audit",
+        _ => "unknown",
+    };
+    let reason = (e.kind == EVENT_DROP).then(|| {
+        DropReason::from_u16(e.reason)
+            .map(|r| r.name().to_owned())
+            .unwrap_or_else(|| format!("unknown-{}", e.reason))
+    });
+    let policy = if e.policy_id == 0 {
+        match e.kind {
+            EVENT_DROP if e.reason == DropReason::PolicyDenied as u16 => {
+                Some("no policy allows this".to_owned())
+            }
+            EVENT_POLICY_AUDIT => Some("no policy allows this (audit)".to_owned()),
+            _ => None,
+        }
+    } else {
+        Some(policy_name(e.policy_id).unwrap_or_else(|| format!("policy #{}", e.policy_id)))
+    };
+    MonitorEvent {
+        kind: kind.to_owned(),
+        direction: if e.direction == DIR_EGRESS {
+            "egress"
+        } else {
+            "ingress"
+        }
+        .to_owned(),
+        endpoint_id: e.endpoint_id,
+        ifindex: e.ifindex,
+        reason,
+        policy,
+        remote_identity: e.remote_identity,
+        protocol: protocol_name(e.proto),
+        source: Ipv4Addr::from(e.saddr.to_ne_bytes()),
+        source_port: e.sport,
+        destination: Ipv4Addr::from(e.daddr.to_ne_bytes()),
+        destination_port: e.dport,
+        bytes: e.len,
+    }
+}
+
+fn protocol_name(proto: u8) -> String {
+    match proto {
+        1 => "icmp".into(),
+        6 => "tcp".into(),
+        17 => "udp".into(),
+        132 => "sctp".into(),
+        0 => "-".into(),
+        p => format!("proto-{p}"),
+    }
+}
+
+/// Drains the ring buffer into `tx` until the process ends.
+pub async fn pump(ring: RingBuf<MapData>, tx: broadcast::Sender<Event>) {
+    // SAFETY: the ring buffer owns its map fd for as long as it lives, and it lives inside
+    // the `AsyncFd` until the end of this function; `as_raw_fd` always returns that fd.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!(
+                "cannot watch the events ring buffer: {e}; hypha monitor will be silent"
+            );
+            return;
+        }
+    };
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::error!("events ring buffer: {e}");
+                return;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            if item.len() != size_of::<Event>() {
+                continue;
+            }
+            // SAFETY: the datapath writes whole `Event`s (length checked above);
+            // `read_unaligned` copes with the ring's 8-byte alignment.
+            let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) };
+            // No receivers is fine: nobody is watching.
+            let _ = tx.send(event);
+        }
+        guard.clear_ready();
+    }
+}
+
+/// What a client asked to see.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub endpoint: Option<u32>,
+    /// `drop`, `policy` (allow and audit verdicts) or everything.
+    pub kind: Option<String>,
+}
+
+impl Filter {
+    pub fn matches(&self, e: &Event) -> bool {
+        if self.endpoint.is_some_and(|id| id != e.endpoint_id) {
+            return false;
+        }
+        match self.kind.as_deref() {
+            Some("drop") => e.kind == EVENT_DROP,
+            Some("policy") => e.kind == EVENT_POLICY_ALLOW || e.kind == EVENT_POLICY_AUDIT,
+            _ => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(kind: u8, reason: u16, policy_id: u32) -> Event {
+        Event {
+            kind,
+            direction: hypha_common::DIR_INGRESS,
+            proto: 6,
+            reason,
+            dport: 8080,
+            sport: 40000,
+            endpoint_id: 3,
+            policy_id,
+            remote_identity: 300,
+            saddr: u32::from_ne_bytes([10, 0, 0, 1]),
+            daddr: u32::from_ne_bytes([10, 0, 0, 2]),
+            len: 60,
+            ..Event::default()
+        }
+    }
+
+    #[test]
+    fn drops_name_their_reason_and_policy() {
+        let names = |id| (id == 9).then(|| "prod/deny-web".to_owned());
+        let e = render(
+            &event(EVENT_DROP, DropReason::PolicyDenyRule as u16, 9),
+            names,
+        );
+        assert_eq!(e.kind, "drop");
+        assert_eq!(e.reason.as_deref(), Some("policy-deny-rule"));
+        assert_eq!(e.policy.as_deref(), Some("prod/deny-web"));
+        assert_eq!((e.protocol.as_str(), e.destination_port), ("tcp", 8080));
+        assert_eq!(e.source, Ipv4Addr::new(10, 0, 0, 1));
+        let e = render(
+            &event(EVENT_DROP, DropReason::PolicyDenied as u16, 0),
+            names,
+        );
+        assert_eq!(e.policy.as_deref(), Some("no policy allows this"));
+        let e = render(&event(EVENT_POLICY_ALLOW, 0, 4), names);
+        assert_eq!((e.kind.as_str(), e.reason), ("policy-allow", None));
+        assert_eq!(e.policy.as_deref(), Some("policy #4"));
+    }
+
+    #[test]
+    fn filters_by_endpoint_and_kind() {
+        let drop = event(EVENT_DROP, 6, 0);
+        let allow = event(EVENT_POLICY_ALLOW, 0, 1);
+        let f = |endpoint, kind: Option<&str>| Filter {
+            endpoint,
+            kind: kind.map(str::to_owned),
+        };
+        assert!(f(None, None).matches(&drop) && f(None, None).matches(&allow));
+        assert!(f(Some(3), Some("drop")).matches(&drop));
+        assert!(!f(Some(3), Some("drop")).matches(&allow));
+        assert!(f(None, Some("policy")).matches(&allow));
+        assert!(!f(Some(4), None).matches(&drop));
+    }
+}

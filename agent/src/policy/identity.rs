@@ -1,0 +1,239 @@
+//! Security identities and policy ids: numbers the datapath keys its maps by, allocated
+//! by the agent and persisted with its state, so that they stay the same across
+//! recompilations and agent restarts.
+//!
+//! - A label identity stands for one (namespace, labels) set: every endpoint with the
+//!   same labels in the same namespace shares it. From [`IDENTITY_FIRST_LABELS`].
+//! - A CIDR identity stands for one prefix a policy names. From [`IDENTITY_FIRST_CIDR`].
+//! - A policy id stands for one policy (`namespace/name`), from 1; it indexes
+//!   `hypha_policy_stats`.
+//!
+//! Numbers nobody uses any more are released; a released number is handed out again only
+//! after the counter has gone round its whole range, so a number seldom changes meaning
+//! while a counter or a monitor event still shows it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use hypha_common::{IDENTITY_FIRST_CIDR, IDENTITY_FIRST_LABELS, MAX_POLICIES};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use super::{Labels, PolicyError};
+
+/// What an identity stands for.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentitySource {
+    Labels { namespace: String, labels: Labels },
+    Cidr(Ipv4Net),
+}
+
+/// The persisted allocator.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityAllocator {
+    #[serde(default)]
+    identities: BTreeMap<u32, IdentitySource>,
+    #[serde(default)]
+    policies: BTreeMap<u32, String>,
+    /// Where the next searches start (0: at the start of the range).
+    #[serde(default)]
+    next_labels: u32,
+    #[serde(default)]
+    next_cidr: u32,
+    #[serde(default)]
+    next_policy: u32,
+}
+
+impl IdentityAllocator {
+    /// Keeps (or allocates) a number for everything wanted and releases the rest.
+    pub fn sync(
+        &mut self,
+        labels: &BTreeSet<(String, Labels)>,
+        cidrs: &BTreeSet<Ipv4Net>,
+        policies: &BTreeSet<String>,
+    ) -> Result<(), PolicyError> {
+        self.identities.retain(|_, s| match s {
+            IdentitySource::Labels {
+                namespace,
+                labels: l,
+            } => labels.contains(&(namespace.clone(), l.clone())),
+            IdentitySource::Cidr(c) => cidrs.contains(c),
+        });
+        self.policies.retain(|_, name| policies.contains(name));
+        let have: BTreeSet<IdentitySource> = self.identities.values().cloned().collect();
+        for (namespace, l) in labels {
+            let src = IdentitySource::Labels {
+                namespace: namespace.clone(),
+                labels: l.clone(),
+            };
+            if !have.contains(&src) {
+                let id = next_free(
+                    &self.identities,
+                    &mut self.next_labels,
+                    IDENTITY_FIRST_LABELS,
+                    IDENTITY_FIRST_CIDR,
+                )
+                .ok_or(PolicyError::Exhausted {
+                    what: "label identities",
+                    count: self.identities.len(),
+                })?;
+                self.identities.insert(id, src);
+            }
+        }
+        for c in cidrs {
+            let src = IdentitySource::Cidr(*c);
+            if !have.contains(&src) {
+                let id = next_free(
+                    &self.identities,
+                    &mut self.next_cidr,
+                    IDENTITY_FIRST_CIDR,
+                    u32::MAX,
+                )
+                .ok_or(PolicyError::Exhausted {
+                    what: "CIDR identities",
+                    count: self.identities.len(),
+                })?;
+                self.identities.insert(id, src);
+            }
+        }
+        let named: BTreeSet<&String> = self.policies.values().collect();
+        let missing: Vec<String> = policies
+            .iter()
+            .filter(|p| !named.contains(p))
+            .cloned()
+            .collect();
+        for p in missing {
+            let id = next_free(&self.policies, &mut self.next_policy, 1, MAX_POLICIES).ok_or(
+                PolicyError::Exhausted {
+                    what: "policy ids",
+                    count: self.policies.len(),
+                },
+            )?;
+            self.policies.insert(id, p);
+        }
+        Ok(())
+    }
+
+    /// The identity of endpoints with `labels` in `namespace`, once synced.
+    pub fn labels_identity(&self, namespace: &str, labels: &Labels) -> Option<u32> {
+        self.identities.iter().find_map(|(id, s)| match s {
+            IdentitySource::Labels {
+                namespace: n,
+                labels: l,
+            } if n == namespace && l == labels => Some(*id),
+            _ => None,
+        })
+    }
+
+    /// The identities by what they stand for (for lookups in bulk).
+    pub fn by_source(&self) -> BTreeMap<&IdentitySource, u32> {
+        self.identities.iter().map(|(id, s)| (s, *id)).collect()
+    }
+
+    /// The id of policy `namespace/name`, once synced.
+    pub fn policy_id(&self, full_name: &str) -> Option<u32> {
+        self.policies
+            .iter()
+            .find_map(|(id, n)| (n == full_name).then_some(*id))
+    }
+
+    pub fn policies(&self) -> &BTreeMap<u32, String> {
+        &self.policies
+    }
+
+    /// What identity `id` stands for, if it is allocated here.
+    pub fn source(&self, id: u32) -> Option<&IdentitySource> {
+        self.identities.get(&id)
+    }
+}
+
+/// The first number in `[first, end)` not in `used`, searching from `*next` and wrapping
+/// once; advances `*next` past it.
+fn next_free<V>(used: &BTreeMap<u32, V>, next: &mut u32, first: u32, end: u32) -> Option<u32> {
+    let start = if (first..end).contains(next) {
+        *next
+    } else {
+        first
+    };
+    let found = (start..end)
+        .chain(first..start)
+        .find(|n| !used.contains_key(n))?;
+    *next = if found + 1 >= end { first } else { found + 1 };
+    Some(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(items: &[(&str, &[(&str, &str)])]) -> BTreeSet<(String, Labels)> {
+        items
+            .iter()
+            .map(|(ns, l)| {
+                (
+                    (*ns).to_owned(),
+                    l.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn identities_are_stable_and_released_numbers_are_not_reused_at_once() {
+        let mut a = IdentityAllocator::default();
+        let web = set(&[("default", &[("app", "web")])]);
+        let both = set(&[
+            ("default", &[("app", "web")]),
+            ("default", &[("app", "db")]),
+        ]);
+        a.sync(&both, &BTreeSet::new(), &BTreeSet::new()).unwrap();
+        let web_id = a
+            .labels_identity("default", &web.first().unwrap().1)
+            .unwrap();
+        assert!(web_id >= IDENTITY_FIRST_LABELS);
+        let db_labels: Labels = [("app".to_owned(), "db".to_owned())].into();
+        let db_id = a.labels_identity("default", &db_labels).unwrap();
+        assert_ne!(web_id, db_id);
+        // Same set again: same numbers. Round trip through JSON (the state file).
+        let mut a: IdentityAllocator =
+            serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
+        a.sync(&both, &BTreeSet::new(), &BTreeSet::new()).unwrap();
+        assert_eq!(a.labels_identity("default", &db_labels), Some(db_id));
+        // db goes, then a new set comes: it does not get db's number.
+        a.sync(&web, &BTreeSet::new(), &BTreeSet::new()).unwrap();
+        assert_eq!(a.labels_identity("default", &db_labels), None);
+        let other = set(&[("default", &[("app", "web")]), ("other", &[("app", "db")])]);
+        a.sync(&other, &BTreeSet::new(), &BTreeSet::new()).unwrap();
+        let moved = a.labels_identity("other", &db_labels).unwrap();
+        assert_ne!(moved, db_id);
+        assert_eq!(
+            a.labels_identity("default", &web.first().unwrap().1),
+            Some(web_id)
+        );
+    }
+
+    #[test]
+    fn cidrs_and_policies_have_their_own_ranges() {
+        let mut a = IdentityAllocator::default();
+        let net: Ipv4Net = "10.0.0.0/8".parse().unwrap();
+        a.sync(
+            &BTreeSet::new(),
+            &BTreeSet::from([net]),
+            &BTreeSet::from(["default/p".to_owned()]),
+        )
+        .unwrap();
+        let id = a.by_source()[&IdentitySource::Cidr(net)];
+        assert!(id >= IDENTITY_FIRST_CIDR);
+        assert_eq!(a.policy_id("default/p"), Some(1));
+    }
+
+    #[test]
+    fn next_free_wraps() {
+        let used: BTreeMap<u32, ()> = [(1, ()), (3, ())].into();
+        let mut next = 3;
+        assert_eq!(next_free(&used, &mut next, 1, 4), Some(2));
+        assert_eq!(next, 3);
+        let full: BTreeMap<u32, ()> = [(1, ()), (2, ()), (3, ())].into();
+        assert_eq!(next_free(&full, &mut next, 1, 4), None);
+    }
+}

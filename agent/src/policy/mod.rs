@@ -1,0 +1,242 @@
+//! Network policy, the control-plane half: parsing the operators' files, label
+//! selectors, security identities, and the compiler from policies to the datapath's map
+//! entries (`hypha_ipcache4`, `hypha_policy`, `EndpointInfo::flags`), with the minimal
+//! diff between two compilations. Pure: no I/O, unit-tested against Kubernetes'
+//! semantics.
+//!
+//! Both policy kinds (Kubernetes `NetworkPolicy` and Hypha's `HyphaNetworkPolicy`, in the
+//! shape of CiliumNetworkPolicy) are parsed into one form, [`Policy`], which is what the
+//! compiler reads and what the agent persists.
+
+mod compile;
+mod identity;
+mod parse;
+mod selector;
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+pub use compile::{Compiled, PolicyDiff, compile, diff};
+pub use identity::{IdentityAllocator, IdentitySource};
+pub use parse::{PolicyFile, parse_file};
+pub use selector::{LabelSelector, Labels, Operator, Requirement};
+
+/// Label of every namespace: its name (as Kubernetes sets it since 1.21).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+/// Endpoint label holding the endpoint's namespace (set by `hypha-cni` from
+/// `K8S_POD_NAMESPACE`, and by the launcher).
+pub const NAMESPACE_LABEL: &str = "k8s:namespace";
+/// Prefix of the endpoint labels that are bookkeeping (namespace, pod name), not labels
+/// selectors see.
+pub const BOOKKEEPING_PREFIX: &str = "k8s:";
+/// The namespace of an endpoint, or of a policy, that names none.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// Why a policy file or a policy set is refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PolicyError {
+    /// A file is not valid: names the file, the document, and the line or the field.
+    #[error("{source_name}: {message}")]
+    Invalid {
+        source_name: String,
+        message: String,
+    },
+    /// Two policies with the same namespace and name.
+    #[error("policy {namespace}/{name} is defined twice: in {first} and in {second}")]
+    Duplicate {
+        namespace: String,
+        name: String,
+        first: String,
+        second: String,
+    },
+    /// The compiled policies do not fit a map.
+    #[error(
+        "the policies need more than {capacity} entries in {map} (the map's capacity); \
+         nothing was changed: use fewer or broader rules (port ranges covering all ports, \
+         wider CIDRs, fewer selected endpoints)"
+    )]
+    Capacity { map: &'static str, capacity: u32 },
+    /// Identity or policy numbers ran out.
+    #[error("no {what} left: {count} are in use")]
+    Exhausted { what: &'static str, count: usize },
+}
+
+/// Which kind of file a policy came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PolicyKind {
+    /// `networking.k8s.io/v1` `NetworkPolicy`.
+    NetworkPolicy,
+    /// `hypha.dev/v1` `HyphaNetworkPolicy`.
+    HyphaNetworkPolicy,
+}
+
+impl PolicyKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            PolicyKind::NetworkPolicy => "NetworkPolicy",
+            PolicyKind::HyphaNetworkPolicy => "HyphaNetworkPolicy",
+        }
+    }
+}
+
+/// One policy, in the form the compiler reads, whatever kind it was written as.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub kind: PolicyKind,
+    pub namespace: String,
+    pub name: String,
+    /// Audit mode: what the policy would drop is reported and passed.
+    pub audit: bool,
+    /// Selects the endpoints this policy applies to, among those of `namespace`.
+    pub subject: LabelSelector,
+    pub ingress: DirectionRules,
+    pub egress: DirectionRules,
+}
+
+impl Policy {
+    /// `namespace/name`.
+    pub fn full_name(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Number of allow and deny rules, both directions.
+    pub fn rule_counts(&self) -> (usize, usize) {
+        (
+            self.ingress.allow.len() + self.egress.allow.len(),
+            self.ingress.deny.len() + self.egress.deny.len(),
+        )
+    }
+}
+
+/// What a policy says about one direction of its endpoints.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectionRules {
+    /// The policy isolates its endpoints in this direction: only what some policy allows
+    /// passes (Kubernetes `policyTypes`; for Hypha's kind, the presence of `ingress` or
+    /// `egress` rules).
+    pub isolate: bool,
+    /// What passes.
+    pub allow: Vec<Rule>,
+    /// What never passes, whatever any policy allows.
+    pub deny: Vec<Rule>,
+}
+
+/// A rule: traffic with any of `peers` on any of `ports`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    /// `None`: any peer, anywhere.
+    pub peers: Option<Vec<Peer>>,
+    /// `None`: all traffic (every protocol, every port).
+    pub ports: Option<Vec<PortRange>>,
+}
+
+/// The other side of a flow.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Peer {
+    /// Endpoints matching `pods` in the namespaces of `namespaces`.
+    Endpoints {
+        namespaces: NamespaceScope,
+        pods: LabelSelector,
+    },
+    /// Addresses in `net` but in none of `except`.
+    Cidr { net: Ipv4Net, except: Vec<Ipv4Net> },
+    /// A well-known group of identities.
+    Entity(Entity),
+}
+
+/// Where an endpoint peer's namespace may be.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NamespaceScope {
+    /// Exactly this namespace.
+    Named(String),
+    /// Namespaces whose labels match.
+    Selected(LabelSelector),
+}
+
+/// CiliumNetworkPolicy's entities.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Entity {
+    /// The node: its addresses and the gateway.
+    Host,
+    /// Everything outside the node's endpoints and the host: every CIDR and the world.
+    World,
+    /// The node's endpoints and the host.
+    Cluster,
+    /// Everything.
+    All,
+}
+
+/// A protocol and a port range. `first == 0` means every port of the protocol; ICMP has
+/// no ports and is always `first == last == 0`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortRange {
+    pub proto: u8,
+    pub first: u16,
+    pub last: u16,
+}
+
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
+
+/// The name of an IP protocol as policies write it.
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        0 => "any".into(),
+        PROTO_ICMP => "ICMP".into(),
+        PROTO_TCP => "TCP".into(),
+        PROTO_UDP => "UDP".into(),
+        PROTO_SCTP => "SCTP".into(),
+        p => format!("proto-{p}"),
+    }
+}
+
+/// An endpoint as the policy compiler sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyEndpoint {
+    pub id: u32,
+    pub address: Ipv4Addr,
+    pub namespace: String,
+    /// The labels selectors see: the endpoint's labels without the bookkeeping ones.
+    pub labels: Labels,
+}
+
+impl PolicyEndpoint {
+    /// From the labels the endpoint was created with: the namespace comes from
+    /// [`NAMESPACE_LABEL`] (default [`DEFAULT_NAMESPACE`]), and the labels starting with
+    /// [`BOOKKEEPING_PREFIX`] are left out.
+    pub fn new(id: u32, address: Ipv4Addr, labels: &Labels) -> Self {
+        let namespace = labels
+            .get(NAMESPACE_LABEL)
+            .filter(|n| !n.is_empty())
+            .cloned()
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+        let labels = labels
+            .iter()
+            .filter(|(k, _)| !k.starts_with(BOOKKEEPING_PREFIX))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Self {
+            id,
+            address,
+            namespace,
+            labels,
+        }
+    }
+}
+
+/// The labels of namespace `ns`: what the operator set plus [`NAMESPACE_NAME_LABEL`].
+pub fn namespace_labels(
+    ns: &str,
+    operator_set: &std::collections::BTreeMap<String, Labels>,
+) -> Labels {
+    let mut labels = operator_set.get(ns).cloned().unwrap_or_default();
+    labels.insert(NAMESPACE_NAME_LABEL.to_owned(), ns.to_owned());
+    labels
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,772 @@
+//! The parser and the compiler against Kubernetes' (and Cilium's) semantics.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use hypha_common::{
+    DIR_EGRESS, DIR_INGRESS, ENDPOINT_F_EGRESS_POLICY, ENDPOINT_F_INGRESS_AUDIT,
+    ENDPOINT_F_INGRESS_POLICY, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, POLICY_ALLOW,
+    POLICY_DENY, POLICY_F_AUDIT, PolicyKey,
+};
+
+use super::*;
+
+const HOST: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+
+fn parse(yaml: &str) -> Vec<Policy> {
+    parse_file("test.yaml", yaml).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn parse_err(yaml: &str) -> String {
+    parse_file("test.yaml", yaml).unwrap_err().to_string()
+}
+
+/// An endpoint `id` at 10.244.0.<id> in `ns` with `labels`.
+fn ep(id: u32, ns: &str, labels: &[(&str, &str)]) -> PolicyEndpoint {
+    let mut l: Labels = labels
+        .iter()
+        .map(|(k, v)| ((*k).into(), (*v).into()))
+        .collect();
+    l.insert(NAMESPACE_LABEL.into(), ns.into());
+    l.insert("k8s:pod".into(), format!("pod-{id}"));
+    PolicyEndpoint::new(id, Ipv4Addr::new(10, 244, 0, id as u8), &l)
+}
+
+struct World {
+    endpoints: Vec<PolicyEndpoint>,
+    namespaces: BTreeMap<String, Labels>,
+}
+
+impl World {
+    fn new(endpoints: Vec<PolicyEndpoint>) -> Self {
+        Self {
+            endpoints,
+            namespaces: BTreeMap::new(),
+        }
+    }
+
+    fn compile(&self, policies: &[Policy]) -> Compiled {
+        compile(
+            policies,
+            &self.endpoints,
+            &self.namespaces,
+            &IdentityAllocator::default(),
+            &[HOST],
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+fn identity_of(c: &Compiled, ep: &PolicyEndpoint) -> u32 {
+    c.ipcache[&Ipv4Net::from(ep.address)]
+}
+
+/// The (identity, proto, port) an endpoint allows in a direction, without the implicit
+/// host entry.
+fn allowed(c: &Compiled, ep: u32, dir: u8) -> BTreeSet<(u32, u8, u16)> {
+    c.entries
+        .iter()
+        .filter(|(k, e)| {
+            k.endpoint_id == ep
+                && k.direction == dir
+                && e.action == POLICY_ALLOW
+                && !(k.identity == IDENTITY_HOST && e.policy_id == 0)
+        })
+        .map(|(k, _)| (k.identity, k.proto, k.dport))
+        .collect()
+}
+
+fn denied(c: &Compiled, ep: u32, dir: u8) -> BTreeSet<(u32, u8, u16)> {
+    c.entries
+        .iter()
+        .filter(|(k, e)| k.endpoint_id == ep && k.direction == dir && e.action == POLICY_DENY)
+        .map(|(k, _)| (k.identity, k.proto, k.dport))
+        .collect()
+}
+
+fn tcp(id: u32, port: u16) -> (u32, u8, u16) {
+    (id, PROTO_TCP, port)
+}
+
+// ------------------------------------------------------------------ parsing
+
+#[test]
+fn kubernetes_policy_parses_with_defaults() {
+    let p = parse(
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: web
+  namespace: shop
+  labels: {team: a}
+  resourceVersion: "12"
+spec:
+  podSelector:
+    matchLabels: {app: web}
+  ingress:
+    - from:
+        - podSelector: {matchLabels: {app: lb}}
+      ports:
+        - port: 80
+        - protocol: UDP
+          port: 53
+          endPort: 54
+"#,
+    );
+    assert_eq!(p.len(), 1);
+    let p = &p[0];
+    assert_eq!(p.full_name(), "shop/web");
+    assert!(p.ingress.isolate, "Ingress is always a default policy type");
+    assert!(
+        !p.egress.isolate,
+        "no egress rules: Egress is not defaulted"
+    );
+    let rule = &p.ingress.allow[0];
+    assert_eq!(
+        rule.ports.as_deref().unwrap(),
+        &[
+            PortRange {
+                proto: PROTO_TCP,
+                first: 80,
+                last: 80
+            },
+            PortRange {
+                proto: PROTO_UDP,
+                first: 53,
+                last: 54
+            }
+        ]
+    );
+    assert_eq!(
+        rule.peers.as_deref().unwrap(),
+        &[Peer::Endpoints {
+            namespaces: NamespaceScope::Named("shop".into()),
+            pods: LabelSelector {
+                match_labels: [("app".into(), "lb".into())].into(),
+                match_expressions: vec![],
+            }
+        }]
+    );
+}
+
+#[test]
+fn several_documents_and_json() {
+    let p = parse(
+        "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a}\nspec: {podSelector: {}}\n---\n# a comment\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b}\nspec:\n  podSelector: {}\n  egress: [{}]\n---\n",
+    );
+    assert_eq!(p.len(), 2);
+    assert_eq!(p[0].namespace, "default");
+    assert!(p[1].egress.isolate && p[1].ingress.isolate);
+    let json = r#"{
+	"apiVersion": "hypha.dev/v1",
+	"kind": "HyphaNetworkPolicy",
+	"metadata": {"name": "j", "namespace": "x"},
+	"spec": {"endpointSelector": {}, "auditMode": true,
+	         "egress": [{"toCIDR": ["192.0.2.0/24"], "toPorts": [{"ports": [{"port": "443", "protocol": "TCP"}]}]}]}
+}"#;
+    let p = parse_file("j.json", json).unwrap();
+    assert!(p[0].audit && p[0].egress.isolate && !p[0].ingress.isolate);
+}
+
+#[test]
+fn errors_name_the_file_the_document_the_line_and_the_field() {
+    let e = parse_err(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a}\nspec: {podSelector: {}}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: b}\nspec:\n  podSelector: {}\n  ingress:\n    - fromm: []\n",
+    );
+    assert!(e.starts_with("test.yaml: document 2: "), "{e}");
+    assert!(e.contains("unknown field `fromm`"), "{e}");
+    assert!(e.contains("line 12"), "{e}");
+    assert!(e.contains("spec.ingress[0]"), "{e}");
+
+    let k8s = |rule: &str| {
+        parse_err(&format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: a}}\nspec:\n  podSelector: {{}}\n  ingress:\n    - {rule}\n"
+        ))
+    };
+    let e = k8s("ports: [{port: http}]");
+    assert!(
+        e.contains("named port \"http\" is not supported") && e.contains("line 7"),
+        "{e}"
+    );
+    let e = k8s("ports: [{port: 0}]");
+    assert!(e.contains("port 0 is out of range"), "{e}");
+    let e = k8s("ports: [{port: 70000}]");
+    assert!(e.contains("port 70000 is out of range"), "{e}");
+    let e = k8s("ports: [{port: 80, endPort: 79}]");
+    assert!(
+        e.contains("spec.ingress[0].ports[0]: endPort 79 is below port 80"),
+        "{e}"
+    );
+    let e = k8s("ports: [{endPort: 79}]");
+    assert!(e.contains("endPort needs port"), "{e}");
+    let e = k8s("ports: [{port: 80, protocol: ICMP}]");
+    assert!(e.contains("ICMP"), "{e}");
+    let e = k8s("from: [{ipBlock: {cidr: 10.0.0.1/8}}]");
+    assert!(e.contains("host bits set; did you mean 10.0.0.0/8"), "{e}");
+    let e = k8s("from: [{ipBlock: {cidr: 10.0.0.0/33}}]");
+    assert!(e.contains("not a valid CIDR"), "{e}");
+    let e = k8s("from: [{ipBlock: {cidr: '::/0'}}]");
+    assert!(e.contains("IPv6 is not supported"), "{e}");
+    let e = k8s("from: [{ipBlock: {cidr: 10.0.0.0/8, except: [192.168.0.0/16]}}]");
+    assert!(
+        e.contains("spec.ingress[0].from[0]: except 192.168.0.0/16 is not a strict subset"),
+        "{e}"
+    );
+    let e = k8s("from: [{}]");
+    assert!(e.contains("a peer needs podSelector"), "{e}");
+    let e = k8s("from: [{podSelector: {}, ipBlock: {cidr: 10.0.0.0/8}}]");
+    assert!(e.contains("cannot be combined"), "{e}");
+    let e = k8s("from: [{podSelector: {matchExpressions: [{key: a, operator: In}]}}]");
+    assert!(
+        e.contains("spec.ingress[0].from[0].podSelector.matchExpressions[0]"),
+        "{e}"
+    );
+
+    let e = parse_err("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n");
+    assert!(e.contains("kind ConfigMap (v1) is not a policy"), "{e}");
+    let e = parse_err(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: Bad_Name}\nspec: {}\n",
+    );
+    assert!(e.contains("metadata.name \"Bad_Name\""), "{e}");
+    let e = parse_err(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a}\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: a}\n",
+    );
+    assert!(e.contains("default/a is defined twice"), "{e}");
+    let e = parse_err("key: [unclosed\n");
+    assert!(e.starts_with("test.yaml: "), "{e}");
+}
+
+#[test]
+fn hypha_policy_parses_in_ciliums_shape() {
+    let p = parse(
+        r#"
+apiVersion: hypha.dev/v1
+kind: HyphaNetworkPolicy
+metadata: {name: api, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: api}}
+  ingress:
+    - fromEndpoints:
+        - matchLabels: {k8s:app: web}
+        - matchLabels: {k8s:io.kubernetes.pod.namespace: monitoring}
+      toPorts:
+        - ports: [{port: "8080", protocol: TCP}, {port: "9000", endPort: 9001}]
+    - fromCIDRSet: [{cidr: 10.0.0.0/8, except: [10.1.0.0/16]}]
+      icmps: [{fields: [{type: 8, family: IPv4}]}]
+  egressDeny:
+    - toCIDR: [192.0.2.7]
+"#,
+    );
+    let p = &p[0];
+    assert!(
+        p.ingress.isolate && !p.egress.isolate,
+        "deny alone does not isolate"
+    );
+    let r = &p.ingress.allow[0];
+    let peers = r.peers.as_deref().unwrap();
+    assert_eq!(
+        peers[1],
+        Peer::Endpoints {
+            namespaces: NamespaceScope::Selected(LabelSelector {
+                match_labels: [(NAMESPACE_NAME_LABEL.into(), "monitoring".into())].into(),
+                match_expressions: vec![]
+            }),
+            pods: LabelSelector::default(),
+        }
+    );
+    // ANY without a protocol: TCP, UDP and SCTP.
+    assert_eq!(r.ports.as_ref().unwrap().len(), 1 + 3);
+    assert_eq!(
+        p.egress.deny[0].peers.as_deref().unwrap(),
+        &[Peer::Cidr {
+            net: "192.0.2.7/32".parse().unwrap(),
+            except: vec![]
+        }]
+    );
+
+    let hy = |spec: &str| {
+        parse_err(&format!(
+            "apiVersion: hypha.dev/v1\nkind: HyphaNetworkPolicy\nmetadata: {{name: a}}\nspec:\n  endpointSelector: {{}}\n{spec}"
+        ))
+    };
+    let e = hy("  ingress: [{toPorts: [{ports: [{port: \"http\"}]}]}]\n");
+    assert!(e.contains("named port \"http\""), "{e}");
+    let e = hy("  ingress: [{toPorts: [{ports: [{port: \"80\"}], rules: {http: []}}]}]\n");
+    assert!(e.contains("unknown field `rules`"), "{e}");
+    let e = hy("  ingress: [{icmps: [{fields: [{type: 128, family: IPv6}]}]}]\n");
+    assert!(e.contains("IPv6 is not supported"), "{e}");
+    let e = hy("  auditMode: yes please\n");
+    assert!(e.contains("auditMode"), "{e}");
+}
+
+// ------------------------------------------------------------------ compiling
+
+fn k8s(name: &str, ns: &str, spec: &str) -> Policy {
+    let yaml = format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}"
+    );
+    parse(&yaml).remove(0)
+}
+
+fn hypha(name: &str, ns: &str, spec: &str) -> Policy {
+    let yaml = format!(
+        "apiVersion: hypha.dev/v1\nkind: HyphaNetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}"
+    );
+    parse(&yaml).remove(0)
+}
+
+#[test]
+fn unselected_endpoints_enforce_nothing() {
+    let w = World::new(vec![ep(2, "default", &[("app", "web")])]);
+    let c = w.compile(&[]);
+    assert_eq!(c.endpoint_flags[&2], 0);
+    assert!(c.entries.is_empty());
+    // The ipcache still knows the world, the host and the endpoint.
+    assert_eq!(c.ipcache[&Ipv4Net::default()], IDENTITY_WORLD);
+    assert_eq!(c.ipcache[&Ipv4Net::from(HOST)], IDENTITY_HOST);
+    assert!(identity_of(&c, &w.endpoints[0]) >= hypha_common::IDENTITY_FIRST_LABELS);
+}
+
+#[test]
+fn empty_pod_selector_isolates_every_pod_of_its_namespace_only() {
+    let w = World::new(vec![
+        ep(2, "default", &[("app", "web")]),
+        ep(3, "default", &[("app", "db")]),
+        ep(4, "other", &[("app", "web")]),
+    ]);
+    let deny_all = k8s("deny", "default", "  podSelector: {}\n");
+    let c = w.compile(&[deny_all]);
+    assert_eq!(c.endpoint_flags[&2], ENDPOINT_F_INGRESS_POLICY);
+    assert_eq!(c.endpoint_flags[&3], ENDPOINT_F_INGRESS_POLICY);
+    assert_eq!(
+        c.endpoint_flags[&4], 0,
+        "a policy reaches its own namespace only"
+    );
+    assert!(allowed(&c, 2, DIR_INGRESS).is_empty());
+    // The host may always reach its pods.
+    assert!(c.entries.contains_key(&PolicyKey {
+        endpoint_id: 2,
+        identity: IDENTITY_HOST,
+        dport: 0,
+        proto: 0,
+        direction: DIR_INGRESS
+    }));
+
+    let allow_all = k8s("all", "default", "  podSelector: {}\n  ingress: [{}]\n");
+    let c = w.compile(&[allow_all]);
+    assert_eq!(
+        allowed(&c, 2, DIR_INGRESS),
+        BTreeSet::from([(IDENTITY_ANY, 0, 0)])
+    );
+}
+
+#[test]
+fn pod_selector_peers_stay_in_the_policys_namespace() {
+    let w = World::new(vec![
+        ep(2, "a", &[("app", "db")]),
+        ep(3, "a", &[("app", "web")]),
+        ep(4, "b", &[("app", "web")]),
+    ]);
+    let p = k8s(
+        "db",
+        "a",
+        "  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: 5432}]}]\n",
+    );
+    let c = w.compile(&[p]);
+    let web_a = identity_of(&c, &w.endpoints[1]);
+    let web_b = identity_of(&c, &w.endpoints[2]);
+    assert_ne!(
+        web_a, web_b,
+        "same labels, other namespace: another identity"
+    );
+    assert_eq!(
+        allowed(&c, 2, DIR_INGRESS),
+        BTreeSet::from([tcp(web_a, 5432)])
+    );
+    assert_eq!(c.endpoint_flags[&3], 0);
+}
+
+#[test]
+fn namespace_and_pod_selector_in_one_peer_and_in_two() {
+    let mut w = World::new(vec![
+        ep(2, "a", &[("app", "db")]),
+        ep(3, "a", &[("app", "web")]),
+        ep(4, "b", &[("app", "web")]),
+        ep(5, "b", &[("app", "batch")]),
+        ep(6, "c", &[("app", "web")]),
+    ]);
+    w.namespaces
+        .insert("b".into(), [("team".to_owned(), "shop".to_owned())].into());
+    let one = k8s(
+        "one",
+        "a",
+        "  podSelector: {matchLabels: {app: db}}\n  ingress:\n    - from:\n        - namespaceSelector: {matchLabels: {team: shop}}\n          podSelector: {matchLabels: {app: web}}\n",
+    );
+    let c = w.compile(&[one]);
+    let id = |i: usize, c: &Compiled| identity_of(c, &w.endpoints[i]);
+    assert_eq!(
+        allowed(&c, 2, DIR_INGRESS),
+        BTreeSet::from([(id(2, &c), 0, 0)]),
+        "AND: web pods in team=shop namespaces"
+    );
+    let two = k8s(
+        "two",
+        "a",
+        "  podSelector: {matchLabels: {app: db}}\n  ingress:\n    - from:\n        - namespaceSelector: {matchLabels: {team: shop}}\n        - podSelector: {matchLabels: {app: web}}\n",
+    );
+    let c = w.compile(&[two]);
+    assert_eq!(
+        allowed(&c, 2, DIR_INGRESS),
+        BTreeSet::from([(id(1, &c), 0, 0), (id(2, &c), 0, 0), (id(3, &c), 0, 0)]),
+        "OR: everything in b, and web pods of a"
+    );
+    // Namespaces carry their name as a label.
+    let by_name = k8s(
+        "byname",
+        "a",
+        "  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: c}}}]}]\n",
+    );
+    let c = w.compile(&[by_name]);
+    assert_eq!(
+        allowed(&c, 2, DIR_INGRESS),
+        BTreeSet::from([(id(4, &c), 0, 0)])
+    );
+    // An empty namespaceSelector: every pod of every namespace (not the world).
+    let all_ns = k8s(
+        "allns",
+        "a",
+        "  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{namespaceSelector: {}}]}]\n",
+    );
+    let c = w.compile(&[all_ns]);
+    assert_eq!(allowed(&c, 2, DIR_INGRESS).len(), 5);
+    assert!(!allowed(&c, 2, DIR_INGRESS).contains(&(IDENTITY_WORLD, 0, 0)));
+}
+
+#[test]
+fn ip_block_covers_nested_prefixes_and_carves_out_excepts() {
+    let w = World::new(vec![
+        ep(2, "default", &[("app", "db")]),
+        ep(3, "default", &[("app", "web")]),
+    ]);
+    let p = k8s(
+        "cidr",
+        "default",
+        "  podSelector: {matchLabels: {app: db}}\n  ingress:\n    - from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.244.0.3/32, 10.9.0.0/16]}}]\n    - from: [{ipBlock: {cidr: 10.9.1.0/24}}]\n      ports: [{port: 22}]\n",
+    );
+    let c = w.compile(&[p]);
+    let c8 = c.ipcache[&"10.0.0.0/8".parse::<Ipv4Net>().unwrap()];
+    let c16 = c.ipcache[&"10.9.0.0/16".parse::<Ipv4Net>().unwrap()];
+    let c24 = c.ipcache[&"10.9.1.0/24".parse::<Ipv4Net>().unwrap()];
+    assert!(c8 >= hypha_common::IDENTITY_FIRST_CIDR);
+    let db = identity_of(&c, &w.endpoints[0]);
+    let web = identity_of(&c, &w.endpoints[1]);
+    let got = allowed(&c, 2, DIR_INGRESS);
+    // 10/8 itself, the host and db's /32 inside it; not web (excepted), not 10.9/16 or
+    // 10.9.1/24 (inside the excepted 10.9/16).
+    assert!(got.contains(&(c8, 0, 0)));
+    assert!(
+        got.contains(&(IDENTITY_HOST, 0, 0))
+            || c.entries.keys().any(|k| k.identity == IDENTITY_HOST)
+    );
+    assert!(got.contains(&(db, 0, 0)));
+    assert!(!got.contains(&(web, 0, 0)));
+    assert!(!got.contains(&(c16, 0, 0)));
+    assert!(!got.contains(&(c24, 0, 0)));
+    assert!(got.contains(&tcp(c24, 22)), "the second rule");
+    // 0.0.0.0/0 without except covers every identity: the wildcard.
+    let any = k8s(
+        "any",
+        "default",
+        "  podSelector: {}\n  egress: [{to: [{ipBlock: {cidr: 0.0.0.0/0}}]}]\n  policyTypes: [Egress]\n",
+    );
+    let c = w.compile(&[any]);
+    assert_eq!(
+        allowed(&c, 2, DIR_EGRESS),
+        BTreeSet::from([(IDENTITY_ANY, 0, 0)])
+    );
+    assert_eq!(
+        c.endpoint_flags[&2], ENDPOINT_F_EGRESS_POLICY,
+        "Egress only"
+    );
+}
+
+#[test]
+fn ports_ranges_and_protocols() {
+    let w = World::new(vec![ep(2, "default", &[])]);
+    let p = k8s(
+        "ports",
+        "default",
+        "  podSelector: {}\n  ingress:\n    - ports:\n        - {port: 8000, endPort: 8003}\n        - {protocol: UDP}\n        - {protocol: UDP, port: 53}\n        - {protocol: SCTP, port: 1, endPort: 65535}\n",
+    );
+    let c = w.compile(&[p]);
+    let got = allowed(&c, 2, DIR_INGRESS);
+    let want: BTreeSet<_> = (8000..=8003)
+        .map(|p| tcp(IDENTITY_ANY, p))
+        .chain([(IDENTITY_ANY, PROTO_UDP, 0), (IDENTITY_ANY, PROTO_SCTP, 0)])
+        .collect();
+    assert_eq!(
+        got, want,
+        "UDP/53 folds into UDP/any; 1-65535 is the port wildcard"
+    );
+}
+
+#[test]
+fn egress_policy_types_defaulting() {
+    let w = World::new(vec![
+        ep(2, "default", &[("app", "a")]),
+        ep(3, "default", &[("app", "b")]),
+    ]);
+    // egress rules without policyTypes: Ingress and Egress.
+    let p = k8s(
+        "e",
+        "default",
+        "  podSelector: {matchLabels: {app: a}}\n  egress: [{to: [{podSelector: {matchLabels: {app: b}}}], ports: [{port: 80}]}]\n",
+    );
+    let c = w.compile(&[p]);
+    let b = identity_of(&c, &w.endpoints[1]);
+    assert_eq!(
+        c.endpoint_flags[&2],
+        ENDPOINT_F_INGRESS_POLICY | ENDPOINT_F_EGRESS_POLICY
+    );
+    assert_eq!(allowed(&c, 2, DIR_EGRESS), BTreeSet::from([tcp(b, 80)]));
+    assert!(allowed(&c, 2, DIR_INGRESS).is_empty());
+    // Replies to b need nothing here: b's side is unrestricted, and the datapath's
+    // connection tracking passes replies of allowed flows.
+    assert_eq!(c.endpoint_flags[&3], 0);
+    // Explicit policyTypes: [Egress] leaves ingress open.
+    let p = k8s(
+        "e",
+        "default",
+        "  podSelector: {matchLabels: {app: a}}\n  policyTypes: [Egress]\n  egress: []\n",
+    );
+    let c = w.compile(&[p]);
+    assert_eq!(c.endpoint_flags[&2], ENDPOINT_F_EGRESS_POLICY);
+    assert!(
+        allowed(&c, 2, DIR_EGRESS).is_empty(),
+        "egress: [] allows nothing"
+    );
+}
+
+#[test]
+fn policies_in_two_namespaces_add_up_per_endpoint() {
+    let w = World::new(vec![
+        ep(2, "a", &[("app", "x")]),
+        ep(3, "b", &[("app", "x")]),
+    ]);
+    let pa = k8s(
+        "p",
+        "a",
+        "  podSelector: {}\n  ingress: [{ports: [{port: 1}]}]\n",
+    );
+    let pb = k8s(
+        "p",
+        "b",
+        "  podSelector: {}\n  ingress: [{ports: [{port: 2}]}]\n",
+    );
+    let pa2 = k8s(
+        "q",
+        "a",
+        "  podSelector: {}\n  ingress: [{ports: [{port: 3}]}]\n",
+    );
+    let c = w.compile(&[pa, pb, pa2]);
+    assert_eq!(
+        allowed(&c, 2, DIR_INGRESS),
+        BTreeSet::from([tcp(IDENTITY_ANY, 1), tcp(IDENTITY_ANY, 3)])
+    );
+    assert_eq!(
+        allowed(&c, 3, DIR_INGRESS),
+        BTreeSet::from([tcp(IDENTITY_ANY, 2)])
+    );
+    assert_eq!(c.policies.len(), 3);
+    let names: BTreeSet<&str> = c.policies.values().map(String::as_str).collect();
+    assert_eq!(names, BTreeSet::from(["a/p", "a/q", "b/p"]));
+}
+
+#[test]
+fn deny_wins_over_allow_and_alone_does_not_isolate() {
+    let w = World::new(vec![
+        ep(2, "default", &[("app", "db")]),
+        ep(3, "default", &[("app", "web")]),
+    ]);
+    let allow = hypha(
+        "allow",
+        "default",
+        "  endpointSelector: {matchLabels: {app: db}}\n  ingress: [{fromEndpoints: [{}]}]\n",
+    );
+    let deny = hypha(
+        "deny",
+        "default",
+        "  endpointSelector: {matchLabels: {app: db}}\n  ingressDeny: [{fromEndpoints: [{matchLabels: {app: web}}], toPorts: [{ports: [{port: \"5432\", protocol: TCP}]}]}]\n",
+    );
+    let c = w.compile(&[allow.clone(), deny.clone()]);
+    let web = identity_of(&c, &w.endpoints[1]);
+    assert_eq!(denied(&c, 2, DIR_INGRESS), BTreeSet::from([tcp(web, 5432)]));
+    assert!(allowed(&c, 2, DIR_INGRESS).contains(&(web, 0, 0)));
+    let deny_id = c.identities.policy_id("default/deny").unwrap();
+    let e = c
+        .entries
+        .iter()
+        .find(|(_, e)| e.action == POLICY_DENY)
+        .unwrap()
+        .1;
+    assert_eq!(e.policy_id, deny_id);
+    // The same key from an allow and a deny: the deny.
+    let allow_exact = hypha(
+        "exact",
+        "default",
+        "  endpointSelector: {matchLabels: {app: db}}\n  ingress: [{fromEndpoints: [{matchLabels: {app: web}}], toPorts: [{ports: [{port: \"5432\", protocol: TCP}]}]}]\n",
+    );
+    let c = w.compile(&[allow_exact, deny.clone()]);
+    let key = PolicyKey {
+        endpoint_id: 2,
+        identity: web,
+        dport: 5432,
+        proto: PROTO_TCP,
+        direction: DIR_INGRESS,
+    };
+    assert_eq!(c.entries[&key].action, POLICY_DENY);
+    // Deny alone: the endpoint checks policy, and everything else passes.
+    let c = w.compile(&[deny]);
+    assert_eq!(c.endpoint_flags[&2], ENDPOINT_F_INGRESS_POLICY);
+    assert!(allowed(&c, 2, DIR_INGRESS).contains(&(IDENTITY_ANY, 0, 0)));
+}
+
+#[test]
+fn audit_mode_flags_entries_and_endpoints() {
+    let w = World::new(vec![ep(2, "default", &[("app", "db")])]);
+    let audit = hypha(
+        "audit",
+        "default",
+        "  endpointSelector: {}\n  auditMode: true\n  ingress: [{toPorts: [{ports: [{port: \"80\", protocol: TCP}]}]}]\n",
+    );
+    let c = w.compile(std::slice::from_ref(&audit));
+    assert_eq!(
+        c.endpoint_flags[&2],
+        ENDPOINT_F_INGRESS_POLICY | ENDPOINT_F_INGRESS_AUDIT
+    );
+    let e = c.entries.values().find(|e| e.policy_id != 0).unwrap();
+    assert_eq!(e.flags, POLICY_F_AUDIT);
+    // With an enforcing policy beside it, the endpoint enforces, and the audit policy's
+    // allows do not let through what the enforcing one drops.
+    let enforce = k8s(
+        "enforce",
+        "default",
+        "  podSelector: {}\n  ingress: [{ports: [{port: 443}]}]\n",
+    );
+    let c = w.compile(&[audit, enforce]);
+    assert_eq!(c.endpoint_flags[&2], ENDPOINT_F_INGRESS_POLICY);
+    assert_eq!(
+        allowed(&c, 2, DIR_INGRESS),
+        BTreeSet::from([tcp(IDENTITY_ANY, 443)])
+    );
+}
+
+#[test]
+fn entities_and_cilium_namespace_keys() {
+    let mut w = World::new(vec![
+        ep(2, "a", &[("app", "x")]),
+        ep(3, "b", &[("app", "y")]),
+    ]);
+    w.namespaces
+        .insert("b".into(), [("env".to_owned(), "prod".to_owned())].into());
+    let p = hypha(
+        "p",
+        "a",
+        "  endpointSelector: {}\n  egress:\n    - toEntities: [host]\n    - toEndpoints: [{matchLabels: {k8s:io.cilium.k8s.namespace.labels.env: prod}}]\n    - toEntities: [world]\n      toPorts: [{ports: [{port: \"443\", protocol: TCP}]}]\n",
+    );
+    let c = w.compile(&[p]);
+    let y = identity_of(&c, &w.endpoints[1]);
+    assert_eq!(
+        allowed(&c, 2, DIR_EGRESS),
+        BTreeSet::from([(IDENTITY_HOST, 0, 0), (y, 0, 0), tcp(IDENTITY_WORLD, 443)])
+    );
+}
+
+#[test]
+fn identities_are_shared_and_stable_across_recompiles() {
+    let w = World::new(vec![
+        ep(2, "default", &[("app", "web")]),
+        ep(3, "default", &[("app", "web")]),
+    ]);
+    let c = w.compile(&[]);
+    assert_eq!(
+        identity_of(&c, &w.endpoints[0]),
+        identity_of(&c, &w.endpoints[1])
+    );
+    let again = compile(&[], &w.endpoints, &w.namespaces, &c.identities, &[HOST]).unwrap();
+    assert_eq!(again, c);
+}
+
+#[test]
+fn capacity_is_refused_with_a_clear_error() {
+    let eps: Vec<PolicyEndpoint> = (2..12).map(|i| ep(i, "default", &[])).collect();
+    let p = k8s(
+        "big",
+        "default",
+        "  podSelector: {}\n  ingress: [{ports: [{port: 1, endPort: 40000}]}]\n",
+    );
+    let err = compile(
+        &[p],
+        &eps,
+        &BTreeMap::new(),
+        &IdentityAllocator::default(),
+        &[HOST],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PolicyError::Capacity {
+                map: "hypha_policy",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("262144"), "{err}");
+}
+
+#[test]
+fn diff_is_minimal_and_round_trips() {
+    let w = World::new(vec![
+        ep(2, "default", &[("app", "db")]),
+        ep(3, "default", &[("app", "web")]),
+    ]);
+    let p1 = k8s(
+        "p",
+        "default",
+        "  podSelector: {matchLabels: {app: db}}\n  ingress: [{ports: [{port: 80}, {port: 81}]}]\n",
+    );
+    let p2 = k8s(
+        "p",
+        "default",
+        "  podSelector: {matchLabels: {app: db}}\n  ingress: [{ports: [{port: 81}, {port: 82}]}]\n",
+    );
+    let empty = w.compile(&[]);
+    let c1 = w.compile(&[p1]);
+    let c2 = w.compile(&[p2]);
+    let d = diff(&c1, &c2);
+    assert_eq!(d.entries_set.len(), 1, "{d:?}");
+    assert_eq!(d.entries_set[0].0.dport, 82);
+    assert_eq!(d.entries_del.len(), 1);
+    assert_eq!(d.entries_del[0].dport, 80);
+    assert!(d.flags_set.is_empty() && d.ipcache_set.is_empty() && d.ipcache_del.is_empty());
+    assert!(diff(&c2, &c2).is_empty());
+    let d = diff(&empty, &c1);
+    assert_eq!(d.flags_set, vec![(2, ENDPOINT_F_INGRESS_POLICY)]);
+    let d = diff(&c1, &empty);
+    assert_eq!(d.flags_set, vec![(2, 0)]);
+    assert_eq!(d.entries_del.len(), c1.entries.len());
+    // Applying a diff to the old maps gives the new ones.
+    let mut maps = c1.entries.clone();
+    let d = diff(&c1, &c2);
+    let (adds, dels) = d.clone().split();
+    assert_eq!(adds.entries_set, d.entries_set);
+    assert_eq!(dels.entries_del, d.entries_del);
+    maps.extend(d.entries_set.iter().copied());
+    for k in &d.entries_del {
+        maps.remove(k);
+    }
+    assert_eq!(maps, c2.entries);
+}

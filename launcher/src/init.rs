@@ -1,0 +1,127 @@
+//! The container's PID 1: runs in the new namespaces right after `clone`, waits for the
+//! launcher's go-ahead (cgroup, user mapping and network are ready by then), finishes the
+//! container (hostname, loopback, filesystem, security), starts the command as its child,
+//! then forwards signals to it and reaps every orphan until the command exits.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::Read as _;
+
+use nix::unistd::{ForkResult, Pid};
+use seccompiler::BpfProgram;
+
+use crate::rootfs::{self, Plan};
+use crate::security::Security;
+use crate::sys;
+
+/// What the init needs, prepared by the launcher before `clone`.
+pub struct InitConfig {
+    pub hostname: String,
+    pub rootfs: Plan,
+    pub security: Security,
+    pub filters: Vec<BpfProgram>,
+    pub userns: bool,
+    pub command: Vec<CString>,
+    pub env: Vec<CString>,
+}
+
+/// The report the init sends when the command has started.
+pub const STARTED: &str = "started";
+
+/// Runs the init; never returns. `go` is the read end of the launcher's go-ahead pipe,
+/// `report` the write end the init reports [`STARTED`] or an error on.
+pub fn main(cfg: &InitConfig, go: File, report: File) -> ! {
+    // SAFETY: prctl with integer arguments. The launcher holds the container: if it dies,
+    // so does the container, and `hypha rm` cleans what is left.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    if !sys::wait_go(go) {
+        sys::exit_now(1);
+    }
+    match prepare(cfg) {
+        Ok(pid) => {
+            sys::send(report, STARTED);
+            sys::exit_now(sys::forward_until_exit(pid, true))
+        }
+        Err(msg) => {
+            sys::send(report, &msg);
+            sys::exit_now(1)
+        }
+    }
+}
+
+fn prepare(cfg: &InitConfig) -> Result<Pid, String> {
+    if cfg.userns {
+        // Root of the new user namespace (mapped by the launcher before the go-ahead).
+        nix::unistd::setresgid(0.into(), 0.into(), 0.into())
+            .map_err(|e| format!("becoming root in the user namespace: {e}"))?;
+        nix::unistd::setresuid(0.into(), 0.into(), 0.into())
+            .map_err(|e| format!("becoming root in the user namespace: {e}"))?;
+    }
+    nix::unistd::sethostname(&cfg.hostname).map_err(|e| format!("setting the hostname: {e}"))?;
+    loopback_up().map_err(|e| format!("bringing up lo: {e}"))?;
+    rootfs::setup(&cfg.rootfs).map_err(|e| e.to_string())?;
+    // SAFETY: prctl with a valid NUL-terminated name.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"hypha-init".as_ptr(), 0, 0, 0) };
+    cfg.security
+        .apply(&cfg.filters)
+        .map_err(|e| e.to_string())?;
+    spawn(cfg)
+}
+
+/// Forks the command; reports an `execve` failure (errno through a close-on-exec pipe).
+fn spawn(cfg: &InitConfig) -> Result<Pid, String> {
+    let (mut r, w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
+    // SAFETY: this process is single-threaded; the child only execs or exits.
+    match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
+        ForkResult::Child => {
+            drop(r);
+            sys::reset_signals();
+            let e = nix::unistd::execvpe(&cfg.command[0], &cfg.command, &cfg.env)
+                .expect_err("execvpe returns only on error");
+            sys::send(w, &(e as i32).to_string());
+            sys::exit_now(127)
+        }
+        ForkResult::Parent { child } => {
+            drop(w);
+            let mut errno = String::new();
+            let _ = r.read_to_string(&mut errno);
+            if let Ok(n) = errno.parse::<i32>() {
+                let _ = nix::sys::wait::waitpid(child, None);
+                return Err(format!(
+                    "starting {}: {}",
+                    cfg.command[0].to_string_lossy(),
+                    nix::errno::Errno::from_raw(n).desc()
+                ));
+            }
+            Ok(child)
+        }
+    }
+}
+
+/// `ip link set lo up` through the interface ioctls.
+fn loopback_up() -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd was just opened and is ours.
+    let sock = unsafe { sys::owned(fd) };
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in b"lo".iter().enumerate() {
+        req.ifr_name[i] = *b as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS with a valid ifreq on an open socket.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,370 @@
+//! End-to-end tests of network policy (privileged: run as root, here and in CI): real pods
+//! made through `hypha-cni`, policies applied with `hypha policy apply` or dropped into the
+//! agent's watched directory, traffic that passes or not, and `hypha monitor`.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use hypha_tests::node::{Node, Pod};
+use hypha_tests::traffic::{Conversation, TcpEcho, UdpEcho, tcp_ok, udp_ok};
+
+/// A server, a client and an outsider, labelled `app=server|client|other` in `default`.
+struct Cluster {
+    node: Node,
+    server: Pod,
+    client: Pod,
+    other: Pod,
+}
+
+fn cluster() -> Cluster {
+    let node = Node::start();
+    let server = node.add_labelled_pod("srv", "default", &[("app", "server")]);
+    let client = node.add_labelled_pod("cli", "default", &[("app", "client")]);
+    let other = node.add_labelled_pod("oth", "default", &[("app", "other")]);
+    Cluster {
+        node,
+        server,
+        client,
+        other,
+    }
+}
+
+/// Applies `yaml` with `hypha policy apply -f`, panicking with the CLI's error.
+fn apply(node: &Node, name: &str, yaml: &str) {
+    let file = node.dir.join(format!("{name}.yaml"));
+    std::fs::write(&file, yaml).unwrap();
+    let (ok, out, err) = node.hypha(&["policy", "apply", "-f", file.to_str().unwrap()]);
+    assert!(ok, "policy apply {name}: {out}{err}");
+}
+
+/// Polls `cond` for up to `limit`; the datapath applies policy synchronously with the API,
+/// but the watched directory is polled.
+fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+const ALLOW_CLIENT_8080: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: server-from-client
+  namespace: default
+spec:
+  podSelector:
+    matchLabels:
+      app: server
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - podSelector:
+        matchLabels:
+          app: client
+    ports:
+    - protocol: TCP
+      port: 8080
+"#;
+
+#[test]
+fn a_network_policy_allows_exactly_what_it_says() {
+    let c = cluster();
+    let _web = TcpEcho::start(&c.server.netns, 8080);
+    let _admin = TcpEcho::start(&c.server.netns, 9090);
+    let _dns = UdpEcho::start(&c.server.netns, 5353);
+    let _back = TcpEcho::start(&c.client.netns, 7000);
+    let s = c.server.address;
+    // No policy selects the server: everything passes.
+    assert!(tcp_ok(&c.other.netns, s, 8080) && udp_ok(&c.other.netns, s, 5353));
+
+    apply(&c.node, "allow", ALLOW_CLIENT_8080);
+    assert!(
+        tcp_ok(&c.client.netns, s, 8080),
+        "client → server:8080 is allowed"
+    );
+    assert!(!tcp_ok(&c.client.netns, s, 9090), "another port is not");
+    assert!(!tcp_ok(&c.other.netns, s, 8080), "another pod is not");
+    assert!(!udp_ok(&c.client.netns, s, 5353), "nor UDP");
+    assert!(
+        tcp_ok(&c.server.netns, c.client.address, 7000),
+        "the server's egress is not selected, so it is not restricted"
+    );
+    let ep = c.node.endpoint(&c.server.container_id);
+    assert!(
+        ep.drops
+            .iter()
+            .any(|d| d.reason == "policy-denied" && d.direction == "ingress"),
+        "{:?}",
+        ep.drops
+    );
+
+    let (ok, out, err) = c.node.hypha(&["policy", "delete", "server-from-client"]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        tcp_ok(&c.other.netns, s, 8080),
+        "deleting the policy opens the server again"
+    );
+}
+
+#[test]
+fn an_egress_policy_restricts_what_a_pod_sends() {
+    let c = cluster();
+    let _dns = UdpEcho::start(&c.server.netns, 5353);
+    let _dns_other = UdpEcho::start(&c.other.netns, 5353);
+    let _web = TcpEcho::start(&c.other.netns, 80);
+    apply(
+        &c.node,
+        "egress",
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: client-dns-only, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Egress]
+  egress:
+  - to:
+    - podSelector: {matchLabels: {app: server}}
+    ports:
+    - {protocol: UDP, port: 5353}
+"#,
+    );
+    assert!(
+        udp_ok(&c.client.netns, c.server.address, 5353),
+        "allowed UDP, and its reply"
+    );
+    assert!(
+        !udp_ok(&c.client.netns, c.other.address, 5353),
+        "UDP elsewhere is not"
+    );
+    assert!(!tcp_ok(&c.client.netns, c.other.address, 80), "nor TCP");
+    assert!(
+        tcp_ok(&c.server.netns, c.other.address, 80),
+        "pods the policy does not select are unaffected"
+    );
+}
+
+/// `hypha monitor -o json` as a child; its lines arrive on a channel.
+struct Monitor {
+    child: Child,
+    lines: mpsc::Receiver<serde_json::Value>,
+}
+
+impl Monitor {
+    fn start(node: &Node, args: &[&str]) -> Self {
+        let mut child = Command::new(hypha_tests::binary("hypha"))
+            .arg("monitor")
+            .args(args)
+            .args(["-o", "json", "--socket"])
+            .arg(node.socket())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start hypha monitor");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&line)
+                    && tx.send(v).is_err()
+                {
+                    break;
+                }
+            }
+        });
+        // Let it subscribe before traffic starts.
+        std::thread::sleep(Duration::from_millis(300));
+        Monitor { child, lines }
+    }
+
+    /// The first event matching `pred` within `limit`.
+    fn find(
+        &self,
+        limit: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> Option<serde_json::Value> {
+        let deadline = Instant::now() + limit;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(v) if pred(&v) => return Some(v),
+                Ok(_) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn an_explicit_deny_wins_and_the_monitor_names_it() {
+    let c = cluster();
+    let _web = TcpEcho::start(&c.server.netns, 8080);
+    let _admin = TcpEcho::start(&c.server.netns, 9090);
+    apply(
+        &c.node,
+        "policies",
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: server-open, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  ingress:
+  - {}
+---
+apiVersion: hypha.dev/v1
+kind: HyphaNetworkPolicy
+metadata: {name: no-admin-for-client, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingressDeny:
+  - fromEndpoints:
+    - matchLabels: {app: client}
+    toPorts:
+    - ports:
+      - {port: "9090", protocol: TCP}
+"#,
+    );
+    let monitor = Monitor::start(&c.node, &["--type", "drop"]);
+    let s = c.server.address;
+    assert!(
+        tcp_ok(&c.client.netns, s, 8080),
+        "the allow-all lets 8080 through"
+    );
+    assert!(
+        tcp_ok(&c.other.netns, s, 9090),
+        "the deny is only for the client"
+    );
+    assert!(
+        !tcp_ok(&c.client.netns, s, 9090),
+        "the deny wins over the allow-all"
+    );
+    let drop = monitor
+        .find(Duration::from_secs(5), |e| e["destination_port"] == 9090)
+        .expect("the monitor reports the drop");
+    assert_eq!(drop["kind"], "drop");
+    assert_eq!(drop["reason"], "policy-deny-rule");
+    assert_eq!(drop["policy"], "default/no-admin-for-client");
+    assert_eq!(drop["source"], c.client.address.to_string());
+    assert_eq!(drop["direction"], "ingress");
+}
+
+#[test]
+fn a_policy_change_applies_to_new_connections_while_an_allowed_one_keeps_flowing() {
+    let c = cluster();
+    let _web = TcpEcho::start(&c.server.netns, 8080);
+    apply(&c.node, "allow", ALLOW_CLIENT_8080);
+    let conversation = Conversation::open(&c.client.netns, c.server.address, 8080);
+    conversation.talk(20);
+    // Now only app=nobody may reach the server.
+    apply(
+        &c.node,
+        "allow",
+        &ALLOW_CLIENT_8080.replace("app: client", "app: nobody"),
+    );
+    assert!(
+        !tcp_ok(&c.client.netns, c.server.address, 8080),
+        "new connections are refused"
+    );
+    conversation.talk(200);
+}
+
+#[test]
+fn audit_mode_reports_what_it_would_drop_and_drops_nothing() {
+    let c = cluster();
+    let _web = TcpEcho::start(&c.server.netns, 8080);
+    apply(
+        &c.node,
+        "audit",
+        r#"
+apiVersion: hypha.dev/v1
+kind: HyphaNetworkPolicy
+metadata: {name: server-audit, namespace: default}
+spec:
+  auditMode: true
+  endpointSelector: {matchLabels: {app: server}}
+  ingress:
+  - fromEndpoints:
+    - matchLabels: {app: client}
+"#,
+    );
+    let monitor = Monitor::start(&c.node, &["--type", "policy"]);
+    assert!(
+        tcp_ok(&c.other.netns, c.server.address, 8080),
+        "audit mode drops nothing"
+    );
+    let audit = monitor
+        .find(Duration::from_secs(5), |e| e["kind"] == "policy-audit")
+        .expect("the would-be drop is reported");
+    assert_eq!(audit["source"], c.other.address.to_string());
+    let ep = c.node.endpoint(&c.server.container_id);
+    assert!(ep.drops.is_empty(), "{:?}", ep.drops);
+}
+
+#[test]
+fn the_watched_directory_applies_and_removes_policies() {
+    let c = cluster();
+    let _web = TcpEcho::start(&c.server.netns, 8080);
+    let dir = c.node.policy_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("server.yaml");
+    std::fs::write(&file, ALLOW_CLIENT_8080).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || !tcp_ok(
+            &c.other.netns,
+            c.server.address,
+            8080
+        )),
+        "a file landing in the directory is enforced"
+    );
+    assert!(tcp_ok(&c.client.netns, c.server.address, 8080));
+    std::fs::remove_file(&file).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || tcp_ok(
+            &c.other.netns,
+            c.server.address,
+            8080
+        )),
+        "removing the file removes its policy"
+    );
+}
+
+#[test]
+fn an_invalid_file_is_rejected_whole_and_nothing_changes() {
+    let c = cluster();
+    let _web = TcpEcho::start(&c.server.netns, 8080);
+    let file = c.node.dir.join("bad.yaml");
+    let bad = format!(
+        "{ALLOW_CLIENT_8080}---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: broken, namespace: default}}\nspec:\n  podSelector: {{}}\n  ingress:\n  - ports:\n    - {{protocol: TCP, port: 70000}}\n"
+    );
+    std::fs::write(&file, bad).unwrap();
+    let (ok, out, err) = c
+        .node
+        .hypha(&["policy", "apply", "-f", file.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("bad.yaml") && err.contains("70000"),
+        "names the file and value: {err}"
+    );
+    let (_, list, _) = c.node.hypha(&["policy", "list", "-o", "json"]);
+    assert_eq!(
+        list.trim(),
+        "[]",
+        "nothing was applied, not even the valid first document"
+    );
+    assert!(tcp_ok(&c.other.netns, c.server.address, 8080));
+}

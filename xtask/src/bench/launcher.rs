@@ -1,0 +1,665 @@
+//! `cargo xtask bench launcher`: wall time from starting a container running `/bin/true`
+//! to its exit, for `hypha run` without and with networking, side by side with `crun`
+//! and `runc` running the same command on the same host root, and `unshare` (namespaces
+//! only, no runtime) as the floor. The setups take turns run by run, so noise on this
+//! small shared machine hits them alike; medians and p99 are reported.
+//!
+//! The whole bench runs in a private mount namespace where `/sys/fs/cgroup/unified` is
+//! unmounted: crun 1.8 refuses the cgroup v1 "hybrid" layout of this machine otherwise
+//! ("cgroups in hybrid mode not supported"). Every runtime sees the same v1 controllers.
+//! runc refuses `/` as a root filesystem: the OCI bundle's rootfs, shared by crun and
+//! runc, is an overlay over `/` (it vanishes with the mount namespace).
+//!
+//! Hypha with networking runs against an agent in a node network namespace of its own;
+//! the launcher is started inside it with `setns` between fork and exec, so no `nsenter`
+//! is timed.
+
+use std::fs::File;
+use std::os::fd::AsRawFd as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+
+use super::median;
+use super::svg::{self, BarChart, Series};
+use super::teardown::{Teardown, Undo};
+use crate::util::{output, workspace_root};
+
+/// Hypha's targets: without networking at most crun's time; with networking at most
+/// 20 ms above it.
+const TARGET_NET_ABOVE_CRUN_MS: f64 = 20.0;
+
+#[derive(clap::Args)]
+pub struct Options {
+    /// Container starts per setup; the setups take turns.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    runs: u32,
+    /// Setups to compare, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Kind::ALL)]
+    setups: Vec<Kind>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    Unshare,
+    Crun,
+    Runc,
+    Hypha,
+    HyphaNet,
+}
+
+impl Kind {
+    const ALL: [Kind; 5] = [
+        Kind::Unshare,
+        Kind::Crun,
+        Kind::Runc,
+        Kind::Hypha,
+        Kind::HyphaNet,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Unshare => "unshare",
+            Kind::Crun => "crun",
+            Kind::Runc => "runc",
+            Kind::Hypha => "hypha",
+            Kind::HyphaNet => "hypha+net",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Kind::Unshare => {
+                "unshare --pid --fork --mount --uts --ipc --net --mount-proc (the floor)"
+            }
+            Kind::Crun => "crun run, OCI bundle: overlay over /, default runc spec",
+            Kind::Runc => "runc run, the same bundle",
+            Kind::Hypha => "hypha run --network none (host root read-only, cgroup, seccomp)",
+            Kind::HyphaNet => "hypha run with a hypha-cni network (CNI ADD and DEL)",
+        }
+    }
+}
+
+/// How one setup starts its container.
+struct Setup {
+    kind: Kind,
+    /// The program and arguments; `{}` in an argument becomes a unique container id.
+    argv: Vec<String>,
+    /// A network namespace to start the command in (hypha+net: the node's).
+    netns: Option<File>,
+    error: Option<String>,
+    times_ms: Vec<f64>,
+    failures: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    bench: &'static str,
+    runs: u32,
+    kernel: String,
+    nproc: usize,
+    timestamp_unix: u64,
+    versions: Vec<(String, Option<String>)>,
+    setups: Vec<SetupReport>,
+    targets: Vec<Target>,
+    errors: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct SetupReport {
+    name: &'static str,
+    description: &'static str,
+    command: String,
+    error: Option<String>,
+    failures: Vec<String>,
+    p50_ms: Option<f64>,
+    p99_ms: Option<f64>,
+    min_ms: Option<f64>,
+    times_ms: Vec<f64>,
+}
+
+#[derive(Serialize)]
+struct Target {
+    goal: String,
+    measured: Option<String>,
+    pass: Option<bool>,
+}
+
+fn check(ret: libc::c_int, what: &str) -> Result<()> {
+    if ret != 0 {
+        bail!("{what}: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Moves this (still single-threaded) process into a private mount namespace without
+/// the empty cgroup2 mount of the hybrid layout.
+fn private_mount_namespace() -> Result<()> {
+    // SAFETY: plain system calls with valid C strings; unshare(CLONE_NEWNS) needs a
+    // single-threaded caller, which this is before the teardown's Ctrl-C thread starts.
+    unsafe {
+        check(libc::unshare(libc::CLONE_NEWNS), "unshare(CLONE_NEWNS)")?;
+        check(
+            libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ),
+            "making / private",
+        )?;
+        if Path::new("/sys/fs/cgroup/unified/cgroup.controllers").exists() {
+            check(
+                libc::umount2(c"/sys/fs/cgroup/unified".as_ptr(), libc::MNT_DETACH),
+                "unmounting /sys/fs/cgroup/unified",
+            )?;
+        }
+    }
+    Ok(())
+}
+
+pub fn run(o: &Options) -> Result<()> {
+    let root = workspace_root();
+    let out_dir = root.join("target/bench");
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let bin = root.join("target/release");
+    private_mount_namespace()?;
+    let td = Teardown::install()?;
+    let uniq = std::process::id();
+    let tmp = std::env::temp_dir().join(format!("hypl-{uniq}"));
+    td.make(Undo::Dir(tmp.clone()), || {
+        std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))
+    })?;
+
+    let mut kinds: Vec<Kind> = Vec::new();
+    for k in &o.setups {
+        if !kinds.contains(k) {
+            kinds.push(*k);
+        }
+    }
+    let mut setups: Vec<Setup> = kinds
+        .iter()
+        .map(|&kind| {
+            println!("==> setting up {}: {}", kind.name(), kind.describe());
+            let made = match kind {
+                Kind::Unshare => Ok((
+                    [
+                        "unshare",
+                        "--pid",
+                        "--fork",
+                        "--mount",
+                        "--uts",
+                        "--ipc",
+                        "--net",
+                        "--mount-proc",
+                        "/bin/true",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
+                    None,
+                )),
+                Kind::Crun | Kind::Runc => oci_bundle(&tmp).map(|bundle| {
+                    let rt = kind.name().to_owned();
+                    let argv = vec![
+                        rt,
+                        "run".into(),
+                        "--bundle".into(),
+                        bundle.display().to_string(),
+                        format!("hypl-{uniq}-{{}}"),
+                    ];
+                    (argv, None)
+                }),
+                Kind::Hypha => Ok((hypha_argv(&bin, &tmp, &["--network", "none"]), None)),
+                Kind::HyphaNet => node(&bin, &tmp, &td, uniq).map(|(conf_dir, netns)| {
+                    let conf = conf_dir.display().to_string();
+                    let cni_path = bin.display().to_string();
+                    let argv = hypha_argv(
+                        &bin,
+                        &tmp,
+                        &[
+                            "--network",
+                            "bench",
+                            "--cni-conf-dir",
+                            &conf,
+                            "--cni-path",
+                            &cni_path,
+                        ],
+                    );
+                    (argv, Some(netns))
+                }),
+            };
+            let (argv, netns, error) = match made {
+                Ok((argv, netns)) => (argv, netns, None),
+                Err(e) => {
+                    eprintln!("    FAILED: {e:#}");
+                    (vec![], None, Some(format!("{e:#}")))
+                }
+            };
+            Setup {
+                kind,
+                argv,
+                netns,
+                error,
+                times_ms: vec![],
+                failures: vec![],
+            }
+        })
+        .collect();
+
+    println!(
+        "==> {} runs of /bin/true per setup, setups taking turns",
+        o.runs
+    );
+    // One warm-up run each (page cache, first cgroup creation), not counted.
+    for i in 0..=o.runs {
+        let n = setups.len();
+        for k in 0..n {
+            let s = &mut setups[(i as usize + k) % n];
+            if s.error.is_some() {
+                continue;
+            }
+            match time_once(s, i) {
+                Ok(ms) if i > 0 => s.times_ms.push(ms),
+                Ok(_) => {}
+                Err(e) => {
+                    if s.failures.len() < 5 {
+                        eprintln!("    {}: {e:#}", s.kind.name());
+                    }
+                    s.failures.push(format!("{e:#}"));
+                    if s.failures.len() >= 5 && s.times_ms.is_empty() {
+                        s.error = Some(format!("failed 5 times: {e:#}"));
+                    }
+                }
+            }
+        }
+        if i > 0 && i % 10 == 0 {
+            println!("    {i}/{}", o.runs);
+        }
+    }
+    drop(
+        setups
+            .iter_mut()
+            .map(|s| s.netns.take())
+            .collect::<Vec<_>>(),
+    );
+
+    let mut errors = vec![];
+    println!("==> cleaning up");
+    // Mounts under the bench's directory (the bundle's overlay, anything a runtime left)
+    // must go before the directory: deepest first.
+    errors.extend(unmount_under(&tmp));
+    if let Err(e) = td.finish() {
+        errors.push(format!("{e:#}"));
+    }
+    let report = report(o, setups, errors);
+    print_table(&report);
+    let json_path = out_dir.join("launcher.json");
+    let svg_path = out_dir.join("launcher.svg");
+    std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    std::fs::write(&svg_path, chart(&report))
+        .with_context(|| format!("writing {}", svg_path.display()))?;
+    println!("wrote {} and {}", json_path.display(), svg_path.display());
+    if !report.errors.is_empty() {
+        bail!("the bench met errors:\n  {}", report.errors.join("\n  "));
+    }
+    Ok(())
+}
+
+/// Unmounts every mount of this mount namespace under `dir`, deepest first.
+fn unmount_under(dir: &Path) -> Vec<String> {
+    let mut points: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|m| Path::new(m).starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    points.dedup();
+    let mut errors = vec![];
+    for p in points {
+        let Ok(c) = std::ffi::CString::new(p.clone()) else {
+            continue;
+        };
+        // SAFETY: a valid C string; unmounting what this bench (or a runtime it ran) made.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } != 0 {
+            let e = std::io::Error::last_os_error();
+            if !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) {
+                errors.push(format!("unmounting {p}: {e}"));
+            }
+        }
+    }
+    errors
+}
+
+/// `hypha run --rm` of `/bin/true` with its state in the bench's directory.
+fn hypha_argv(bin: &Path, tmp: &Path, extra: &[&str]) -> Vec<String> {
+    let mut argv = vec![
+        bin.join("hypha").display().to_string(),
+        "run".into(),
+        "--rm".into(),
+        "--run-dir".into(),
+        tmp.join("run").display().to_string(),
+    ];
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    argv.extend(["--".into(), "/bin/true".into()]);
+    argv
+}
+
+/// Starts one container and waits for its exit; the wall time in milliseconds.
+fn time_once(s: &Setup, i: u32) -> Result<f64> {
+    let argv: Vec<String> = s
+        .argv
+        .iter()
+        .map(|a| a.replace("{}", &i.to_string()))
+        .collect();
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    if let Some(ns) = &s.netns {
+        let fd = ns.as_raw_fd();
+        // SAFETY: setns is async-signal-safe; `fd` stays open for the whole bench.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    let start = Instant::now();
+    let out = cmd
+        .output()
+        .with_context(|| format!("starting {}", argv[0]))?;
+    let ms = start.elapsed().as_secs_f64() * 1e3;
+    if !out.status.success() {
+        bail!(
+            "{} exited with {}: {}",
+            argv.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(ms)
+}
+
+/// An OCI bundle for crun and runc: `runc spec`'s default configuration running
+/// `/bin/true` without a terminal, on a read-only overlay over `/`.
+fn oci_bundle(tmp: &Path) -> Result<PathBuf> {
+    let bundle = tmp.join("bundle");
+    let rootfs = bundle.join("rootfs");
+    if rootfs.join("bin").exists() {
+        return Ok(bundle);
+    }
+    for d in [&rootfs, &tmp.join("upper"), &tmp.join("work")] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    output(Command::new("runc").args(["spec", "--bundle"]).arg(&bundle))
+        .context("runc spec (is runc installed? `cargo xtask setup` installs it)")?;
+    let path = bundle.join("config.json");
+    let mut spec: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .context("parsing runc's spec")?;
+    spec["process"]["args"] = serde_json::json!(["/bin/true"]);
+    spec["process"]["terminal"] = serde_json::json!(false);
+    spec["root"]["readonly"] = serde_json::json!(true);
+    std::fs::write(&path, spec.to_string())
+        .with_context(|| format!("writing {}", path.display()))?;
+    let data = format!(
+        "lowerdir=/,upperdir={},workdir={}",
+        tmp.join("upper").display(),
+        tmp.join("work").display()
+    );
+    let c = |p: &Path| std::ffi::CString::new(p.display().to_string()).expect("no NUL");
+    let (target, data) = (c(&rootfs), std::ffi::CString::new(data).expect("no NUL"));
+    // SAFETY: valid C strings; the overlay lives in the bench's private mount namespace.
+    check(
+        unsafe {
+            libc::mount(
+                c"overlay".as_ptr(),
+                target.as_ptr(),
+                c"overlay".as_ptr(),
+                0,
+                data.as_ptr().cast(),
+            )
+        },
+        "mounting an overlay over / for the OCI bundle",
+    )?;
+    Ok(bundle)
+}
+
+/// An agent in a node network namespace of its own, and a CNI configuration directory
+/// with one network `bench` of `hypha-cni`; returns the directory and the namespace.
+fn node(bin: &Path, tmp: &Path, td: &Teardown, uniq: u32) -> Result<(PathBuf, File)> {
+    let hypha = bin.join("hypha");
+    for b in [&hypha, &bin.join("hypha-cni")] {
+        if !b.exists() {
+            bail!(
+                "{} is missing (the release build should have made it)",
+                b.display()
+            );
+        }
+    }
+    let netns = format!("hypl-{uniq}-node");
+    let pin_dir = PathBuf::from(format!("/sys/fs/bpf/hypl-{uniq}"));
+    let socket = tmp.join("agent.sock");
+    let log_path = tmp.join("agent.log");
+    td.make(Undo::Dir(pin_dir.clone()), || Ok(()))?;
+    td.make(Undo::Netns(netns.clone()), || {
+        output(Command::new("ip").args(["netns", "add", &netns]))?;
+        output(Command::new("ip").args(["-n", &netns, "link", "set", "lo", "up"]))
+    })?;
+    let log =
+        File::create(&log_path).with_context(|| format!("creating {}", log_path.display()))?;
+    let agent = td.spawn(
+        "hypha agent",
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{netns}"))
+            .arg(&hypha)
+            .arg("agent")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(tmp.join("state"))
+            .arg("--pin-dir")
+            .arg(&pin_dir)
+            .args([
+                "--pod-cidr",
+                &format!("10.250.{}.0/24", uniq % 250),
+                "--no-masquerade",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0),
+    )?;
+    let start = Instant::now();
+    while !Command::new(&hypha)
+        .args(["status", "--socket"])
+        .arg(&socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        if let Some(exit) = agent.lock().unwrap_or_else(|p| p.into_inner()).try_wait()? {
+            bail!(
+                "the agent exited with {exit}: {}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            bail!("the agent did not answer within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let conf_dir = tmp.join("net.d");
+    std::fs::create_dir_all(&conf_dir)?;
+    std::fs::write(
+        conf_dir.join("10-bench.conflist"),
+        serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "bench",
+            "plugins": [{"type": "hypha-cni", "agentSocket": socket}],
+        })
+        .to_string(),
+    )?;
+    let ns = File::open(format!("/run/netns/{netns}")).context("opening the node netns")?;
+    Ok((conf_dir, ns))
+}
+
+/// The value at percentile `p` (nearest rank) of `values`.
+fn percentile(values: &[f64], p: f64) -> Option<f64> {
+    let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let rank = ((p / 100.0) * v.len() as f64).ceil().max(1.0) as usize;
+    Some(v[rank.min(v.len()) - 1])
+}
+
+fn report(o: &Options, setups: Vec<Setup>, mut errors: Vec<String>) -> Report {
+    let reports: Vec<SetupReport> = setups
+        .into_iter()
+        .map(|s| {
+            if let Some(e) = &s.error {
+                errors.push(format!("{}: {e}", s.kind.name()));
+            }
+            SetupReport {
+                name: s.kind.name(),
+                description: s.kind.describe(),
+                command: s.argv.join(" "),
+                error: s.error,
+                p50_ms: median(s.times_ms.iter().copied()),
+                p99_ms: percentile(&s.times_ms, 99.0),
+                min_ms: s.times_ms.iter().copied().reduce(f64::min),
+                failures: s.failures,
+                times_ms: s.times_ms,
+            }
+        })
+        .collect();
+    let p50 = |name: &str| {
+        reports
+            .iter()
+            .find(|r| r.name == name)
+            .and_then(|r| r.p50_ms)
+    };
+    let mut targets = vec![];
+    let (crun, hypha, net) = (p50("crun"), p50("hypha"), p50("hypha+net"));
+    targets.push(Target {
+        goal: "hypha (no network) p50 <= crun p50".into(),
+        measured: hypha
+            .zip(crun)
+            .map(|(h, c)| format!("{h:.1} ms vs {c:.1} ms")),
+        pass: hypha.zip(crun).map(|(h, c)| h <= c),
+    });
+    targets.push(Target {
+        goal: format!("hypha+net p50 <= crun p50 + {TARGET_NET_ABOVE_CRUN_MS} ms"),
+        measured: net
+            .zip(crun)
+            .map(|(h, c)| format!("{h:.1} ms vs {c:.1} ms")),
+        pass: net
+            .zip(crun)
+            .map(|(h, c)| h <= c + TARGET_NET_ABOVE_CRUN_MS),
+    });
+    let version = |cmd: &str| {
+        output(Command::new(cmd).arg("--version"))
+            .ok()
+            .and_then(|s| s.lines().next().map(str::to_owned))
+    };
+    Report {
+        bench: "launcher",
+        runs: o.runs,
+        kernel: output(Command::new("uname").arg("-r"))
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default(),
+        nproc: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        timestamp_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        versions: ["crun", "runc", "unshare"]
+            .into_iter()
+            .map(|c| (c.to_owned(), version(c)))
+            .collect(),
+        setups: reports,
+        targets,
+        errors,
+    }
+}
+
+fn print_table(r: &Report) {
+    let f = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2}"));
+    println!(
+        "\n{:<10} {:>9} {:>9} {:>9}  failures",
+        "setup", "p50 ms", "p99 ms", "min ms"
+    );
+    for s in &r.setups {
+        println!(
+            "{:<10} {:>9} {:>9} {:>9}  {}",
+            s.name,
+            f(s.p50_ms),
+            f(s.p99_ms),
+            f(s.min_ms),
+            s.failures.len()
+        );
+    }
+    for t in &r.targets {
+        let verdict = match t.pass {
+            Some(true) => "PASS",
+            Some(false) => "MISS",
+            None => "n/a",
+        };
+        println!(
+            "target: {} — {} ({verdict})",
+            t.goal,
+            t.measured.as_deref().unwrap_or("not measured")
+        );
+    }
+}
+
+fn chart(r: &Report) -> String {
+    let chart = BarChart {
+        title: "Start to exit of a container running /bin/true".to_owned(),
+        unit: "ms".to_owned(),
+        categories: r.setups.iter().map(|s| s.name.to_owned()).collect(),
+        series: vec![Series::new("p50", "#457b9d"), Series::new("p99", "#e76f51")],
+        values: r.setups.iter().map(|s| vec![s.p50_ms, s.p99_ms]).collect(),
+        decimals: 1,
+    };
+    let (w, h) = (900.0, 440.0);
+    svg::document(
+        w,
+        h,
+        "Hypha launcher bench: container start to exit",
+        &format!(
+            "{} runs per setup, interleaved; private mount ns without the cgroup2 mount; kernel {}, {} CPUs",
+            r.runs, r.kernel, r.nproc
+        ),
+        &[svg::bars(&chart, 10.0, 60.0, w - 20.0, h - 70.0)],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percentile;
+
+    #[test]
+    fn percentiles() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 99.0), Some(99.0));
+        assert_eq!(percentile(&v, 50.0), Some(50.0));
+        assert_eq!(percentile(&[3.0], 99.0), Some(3.0));
+        assert_eq!(percentile(&[], 99.0), None);
+    }
+}
