@@ -51,6 +51,8 @@ pub struct AgentConfig {
     /// Directory of policy files the agent applies and watches (`*.yaml`, `*.yml`,
     /// `*.json`); a directory that does not exist holds no policies.
     pub policy_dir: PathBuf,
+    /// Where to serve Prometheus metrics (`GET /metrics`); off when unset.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl Default for AgentConfig {
@@ -64,6 +66,7 @@ impl Default for AgentConfig {
             host_device: "lo".to_owned(),
             masquerade: true,
             policy_dir: PathBuf::from("/etc/hypha/policies"),
+            metrics_addr: None,
         }
     }
 }
@@ -80,6 +83,7 @@ pub struct ConfigFile {
     pub host_device: Option<String>,
     pub masquerade: Option<bool>,
     pub policy_dir: Option<PathBuf>,
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl ConfigFile {
@@ -114,6 +118,7 @@ impl ConfigFile {
             host_device: over.host_device.or(self.host_device),
             masquerade: over.masquerade.or(self.masquerade),
             policy_dir: over.policy_dir.or(self.policy_dir),
+            metrics_addr: over.metrics_addr.or(self.metrics_addr),
         }
     }
 
@@ -129,6 +134,7 @@ impl ConfigFile {
             host_device: self.host_device.unwrap_or(d.host_device),
             masquerade: self.masquerade.unwrap_or(d.masquerade),
             policy_dir: self.policy_dir.unwrap_or(d.policy_dir),
+            metrics_addr: self.metrics_addr,
         };
         config.validate()?;
         Ok(config)

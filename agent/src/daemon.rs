@@ -35,6 +35,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let host = LinuxHost::new().context("opening the host's netlink socket")?;
     let socket = config.socket.clone();
     let policy_dir = config.policy_dir.clone();
+    let metrics_addr = config.metrics_addr;
     let (agent, report) = Agent::start(config, datapath, host, Box::new(store), saved)
         .context("starting the agent")?;
     for w in &report.warnings {
@@ -60,6 +61,34 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         hypha_api::deferred_deletes_dir(&socket),
     ));
     tokio::spawn(policy_dir_loop(agent.clone(), policy_dir));
+    if let Some(addr) = metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening for metrics on {addr}"))?;
+        let agent = agent.clone();
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let agent = agent.clone();
+                async move {
+                    let text = agent.lock().await.metrics();
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        text,
+                    )
+                }
+            }),
+        );
+        tracing::info!(%addr, "serving metrics on /metrics");
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!("metrics server: {e}");
+            }
+        });
+    }
     let app = server::router(agent).layer(axum::extract::Extension(events));
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown())

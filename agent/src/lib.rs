@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod datapath;
 pub mod host;
 pub mod ipam;
+pub mod metrics;
 pub mod monitor;
 pub mod policy;
 pub mod server;

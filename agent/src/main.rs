@@ -160,6 +160,9 @@ struct AgentArgs {
     /// Directory of policy files to apply and watch [default: /etc/hypha/policies]
     #[arg(long)]
     policy_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address, e.g. 127.0.0.1:9962 [default: off]
+    #[arg(long)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl AgentArgs {
@@ -177,6 +180,7 @@ impl AgentArgs {
             host_device: self.host_device,
             masquerade: self.no_masquerade.then_some(false),
             policy_dir: self.policy_dir,
+            metrics_addr: self.metrics_addr,
         };
         file.merge(flags).resolve()
     }

@@ -31,6 +31,7 @@ pub struct Node {
     pub dir: PathBuf,
     pub pin_dir: PathBuf,
     pub pod_cidr: String,
+    extra_args: Vec<String>,
     agent: Option<Child>,
 }
 
@@ -38,6 +39,11 @@ impl Node {
     /// Starts an agent with a pod CIDR `10.<a>.<b>.0/24` of its own (from the unique tag),
     /// in a namespace `hyp-<pid>-<n>-node`.
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// As [`Node::start`], with extra `hypha agent` arguments.
+    pub fn start_with(extra_args: &[&str]) -> Self {
         let tag = unique_name("hyp");
         let n: u32 = tag
             .rsplit('-')
@@ -53,6 +59,7 @@ impl Node {
             tag,
             dir,
             pod_cidr,
+            extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             agent: None,
         };
         node.start_agent();
@@ -112,6 +119,7 @@ impl Node {
             .arg(&self.pod_cidr)
             .arg("--policy-dir")
             .arg(self.policy_dir())
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

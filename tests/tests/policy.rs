@@ -368,3 +368,40 @@ fn an_invalid_file_is_rejected_whole_and_nothing_changes() {
     );
     assert!(tcp_ok(&c.other.netns, c.server.address, 8080));
 }
+
+#[test]
+fn metrics_show_forwarded_dropped_and_policy_counts() {
+    let node = Node::start_with(&["--metrics-addr", "127.0.0.1:9962"]);
+    let server = node.add_labelled_pod("srv", "default", &[("app", "server")]);
+    let client = node.add_labelled_pod("cli", "default", &[("app", "client")]);
+    let other = node.add_labelled_pod("oth", "default", &[("app", "other")]);
+    let _web = TcpEcho::start(&server.netns, 8080);
+    apply(&node, "allow", ALLOW_CLIENT_8080);
+    assert!(tcp_ok(&client.netns, server.address, 8080));
+    assert!(!tcp_ok(&other.netns, server.address, 8080));
+    let scrape = node
+        .netns
+        .exec(&["curl", "-sf", "http://127.0.0.1:9962/metrics"]);
+    let value = |prefix: &str| -> u64 {
+        scrape
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    assert!(
+        value(r#"hypha_drops_total{reason="policy-denied",direction="ingress"}"#) >= 1,
+        "{scrape}"
+    );
+    assert!(
+        value(r#"hypha_policy_flows_total{policy="default/server-from-client",verdict="allowed"}"#)
+            >= 1,
+        "{scrape}"
+    );
+    assert!(value("hypha_packets_total{") > 0, "{scrape}");
+    assert!(
+        value(r#"hypha_map_entries{map="hypha_policy"}"#) > 0,
+        "{scrape}"
+    );
+    assert_eq!(value("hypha_endpoints "), 3, "{scrape}");
+}

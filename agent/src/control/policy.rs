@@ -312,6 +312,29 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     }
 
     /// `GET /v1/policies`.
+    /// What a metrics scrape shows, read now.
+    pub fn metrics(&self) -> String {
+        let status = self.status();
+        let endpoints = self.list();
+        let mut policy_flows = BTreeMap::new();
+        match self.datapath.policy_stats() {
+            Ok(stats) => {
+                for (id, st) in stats {
+                    // Counters of an id no installed policy has are a removed policy's.
+                    if let Some(name) = self.policy_name(id) {
+                        policy_flows.insert(name, st);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("cannot read policy counters: {e}"),
+        }
+        crate::metrics::render(&crate::metrics::Snapshot {
+            status: &status,
+            endpoints: &endpoints,
+            policy_flows,
+        })
+    }
+
     /// The name (`namespace/name`) of the installed policy with this id.
     pub fn policy_name(&self, id: u32) -> Option<String> {
         self.policy.installed.policies.get(&id).cloned()

@@ -334,6 +334,30 @@ impl Datapath for EbpfDatapath {
         super::policy_maps::apply(&mut self.ebpf, diff)
     }
 
+    fn policy_stats(&self) -> Result<Vec<(u32, hypha_common::PolicyStats)>, EbpfError> {
+        let map = self
+            .ebpf
+            .map(maps::POLICY_STATS)
+            .ok_or(EbpfError::Missing {
+                kind: "map",
+                name: maps::POLICY_STATS,
+            })?;
+        let stats: PerCpuHashMap<&MapData, u32, hypha_common::PolicyStats> =
+            PerCpuHashMap::try_from(map).map_err(map_err("open", maps::POLICY_STATS))?;
+        let mut out = Vec::new();
+        for item in stats.iter() {
+            let (id, per_cpu) = item.map_err(map_err("read", maps::POLICY_STATS))?;
+            let mut sum = hypha_common::PolicyStats::default();
+            for c in per_cpu.iter() {
+                sum.allowed += c.allowed;
+                sum.denied += c.denied;
+                sum.audited += c.audited;
+            }
+            out.push((id, sum));
+        }
+        Ok(out)
+    }
+
     fn installed_policy(&self) -> Result<super::InstalledPolicy, EbpfError> {
         super::policy_maps::installed(&self.ebpf)
     }

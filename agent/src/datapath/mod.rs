@@ -55,6 +55,11 @@ pub trait Datapath: Send {
         Ok(InstalledPolicy::default())
     }
 
+    /// Flows decided per policy id, summed over CPUs.
+    fn policy_stats(&self) -> Result<Vec<(u32, hypha_common::PolicyStats)>, Self::Error> {
+        Ok(Vec::new())
+    }
+
     /// Removes everything `attach` made; keeps going past errors and returns them all.
     fn detach(&mut self, ep: &EndpointRecord) -> Vec<Self::Error>;
 

@@ -1,0 +1,270 @@
+//! Prometheus text exposition of the agent's counters (`--metrics-addr`, off by default).
+//!
+//! Rendering is a pure function of what the agent reports, so it is unit-tested; the
+//! daemon serves it on `GET /metrics`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use hypha_api::{Endpoint, Status};
+use hypha_common::PolicyStats;
+
+/// Everything one scrape shows.
+pub struct Snapshot<'a> {
+    pub status: &'a Status,
+    pub endpoints: &'a [Endpoint],
+    /// Flows decided, by policy name.
+    pub policy_flows: BTreeMap<String, PolicyStats>,
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// The Prometheus text format (version 0.0.4) of a snapshot.
+pub fn render(s: &Snapshot<'_>) -> String {
+    let mut out = String::new();
+    family(
+        &mut out,
+        "hypha_endpoints",
+        "gauge",
+        "Endpoints the agent manages.",
+    );
+    let _ = writeln!(out, "hypha_endpoints {}", s.status.endpoints);
+    family(
+        &mut out,
+        "hypha_ipam_addresses",
+        "gauge",
+        "Pod CIDR addresses by state.",
+    );
+    let _ = writeln!(
+        out,
+        "hypha_ipam_addresses{{state=\"allocated\"}} {}",
+        s.status.ipam.allocated
+    );
+    let _ = writeln!(
+        out,
+        "hypha_ipam_addresses{{state=\"available\"}} {}",
+        s.status.ipam.available
+    );
+
+    family(
+        &mut out,
+        "hypha_packets_total",
+        "counter",
+        "Packets by endpoint, direction (the pod's) and path: passed (host stack), redirected (pod to pod), dropped.",
+    );
+    let mut bytes = String::new();
+    family(
+        &mut bytes,
+        "hypha_bytes_total",
+        "counter",
+        "Bytes, labelled as hypha_packets_total.",
+    );
+    for e in s.endpoints {
+        for (direction, d) in [
+            ("egress", &e.counters.egress),
+            ("ingress", &e.counters.ingress),
+        ] {
+            for (path, c) in [
+                ("passed", d.passed),
+                ("redirected", d.redirected),
+                ("dropped", d.dropped),
+            ] {
+                let labels = format!(
+                    "endpoint=\"{}\",container=\"{}\",direction=\"{direction}\",path=\"{path}\"",
+                    e.id,
+                    escape(&e.container_id)
+                );
+                let _ = writeln!(out, "hypha_packets_total{{{labels}}} {}", c.packets);
+                let _ = writeln!(bytes, "hypha_bytes_total{{{labels}}} {}", c.bytes);
+            }
+        }
+    }
+    out.push_str(&bytes);
+
+    family(
+        &mut out,
+        "hypha_drops_total",
+        "counter",
+        "Dropped packets by reason and direction, over all endpoints.",
+    );
+    let mut drops: BTreeMap<(String, String), u64> = BTreeMap::new();
+    for d in s.endpoints.iter().flat_map(|e| &e.drops) {
+        *drops
+            .entry((d.reason.clone(), d.direction.clone()))
+            .or_default() += d.packets;
+    }
+    for ((reason, direction), packets) in drops {
+        let _ = writeln!(
+            out,
+            "hypha_drops_total{{reason=\"{}\",direction=\"{}\"}} {packets}",
+            escape(&reason),
+            escape(&direction)
+        );
+    }
+
+    family(
+        &mut out,
+        "hypha_policy_flows_total",
+        "counter",
+        "New flows each policy decided, by verdict.",
+    );
+    for (name, st) in &s.policy_flows {
+        for (verdict, n) in [
+            ("allowed", st.allowed),
+            ("denied", st.denied),
+            ("audited", st.audited),
+        ] {
+            let _ = writeln!(
+                out,
+                "hypha_policy_flows_total{{policy=\"{}\",verdict=\"{verdict}\"}} {n}",
+                escape(name)
+            );
+        }
+    }
+    let p = &s.status.policy;
+    family(&mut out, "hypha_policies", "gauge", "Policies in force.");
+    let _ = writeln!(out, "hypha_policies {}", p.policies);
+    family(
+        &mut out,
+        "hypha_map_entries",
+        "gauge",
+        "Entries in the policy maps.",
+    );
+    let _ = writeln!(
+        out,
+        "hypha_map_entries{{map=\"{}\"}} {}",
+        hypha_common::maps::POLICY,
+        p.entries
+    );
+    let _ = writeln!(
+        out,
+        "hypha_map_entries{{map=\"{}\"}} {}",
+        hypha_common::maps::IPCACHE4,
+        p.ipcache
+    );
+    family(
+        &mut out,
+        "hypha_map_capacity",
+        "gauge",
+        "Capacity of the policy maps; the agent refuses policy that would not fit.",
+    );
+    let _ = writeln!(
+        out,
+        "hypha_map_capacity{{map=\"{}\"}} {}",
+        hypha_common::maps::POLICY,
+        hypha_common::MAX_POLICY_ENTRIES
+    );
+    let _ = writeln!(
+        out,
+        "hypha_map_capacity{{map=\"{}\"}} {}",
+        hypha_common::maps::IPCACHE4,
+        hypha_common::MAX_IPCACHE
+    );
+    family(
+        &mut out,
+        "hypha_policy_errors",
+        "gauge",
+        "Policy problems reported in hypha status (invalid files, failed recompilations).",
+    );
+    let _ = writeln!(out, "hypha_policy_errors {}", p.errors.len());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use hypha_api::{DatapathStatus, DropCount, IpamStatus, NodeStatus, PolicyStatus};
+
+    use super::*;
+
+    #[test]
+    fn exposition_has_families_labels_and_values() {
+        let status = Status {
+            version: "0".into(),
+            uptime_seconds: 1,
+            node: NodeStatus {
+                pod_cidr: "10.0.0.0/24".parse().unwrap(),
+                gateway: "10.0.0.1".parse().unwrap(),
+                host_device: "lo".into(),
+                masquerade: true,
+                socket: "/s".into(),
+                state_dir: "/d".into(),
+            },
+            ipam: IpamStatus {
+                capacity: 253,
+                allocated: 1,
+                available: 252,
+            },
+            datapath: DatapathStatus {
+                pin_dir: "/p".into(),
+                adopted_endpoints: 0,
+                programs: vec![],
+            },
+            endpoints: 1,
+            policy: PolicyStatus {
+                policies: 2,
+                entries: 40,
+                ipcache: 5,
+                policy_dir: "/etc".into(),
+                errors: vec![],
+            },
+        };
+        let mut ep: Endpoint = serde_json::from_value(serde_json::json!({
+            "id": 7, "container_id": "c\"1", "ifname": "eth0", "netns": "/n", "host_ifname": "h",
+            "host_ifindex": 3, "address": "10.0.0.2", "pod_mac": "02:00:00:00:00:01",
+            "host_mac": "02:00:00:00:00:02"
+        }))
+        .unwrap();
+        ep.counters.egress.redirected.packets = 9;
+        ep.drops.push(DropCount {
+            reason: "policy-denied".into(),
+            direction: "ingress".into(),
+            packets: 4,
+            bytes: 240,
+        });
+        let flows = BTreeMap::from([(
+            "default/web".to_owned(),
+            PolicyStats {
+                allowed: 3,
+                denied: 1,
+                audited: 0,
+            },
+        )]);
+        let text = render(&Snapshot {
+            status: &status,
+            endpoints: &[ep],
+            policy_flows: flows,
+        });
+        for line in [
+            "# TYPE hypha_packets_total counter",
+            r#"hypha_packets_total{endpoint="7",container="c\"1",direction="egress",path="redirected"} 9"#,
+            r#"hypha_drops_total{reason="policy-denied",direction="ingress"} 4"#,
+            r#"hypha_policy_flows_total{policy="default/web",verdict="allowed"} 3"#,
+            r#"hypha_map_entries{map="hypha_policy"} 40"#,
+            r#"hypha_ipam_addresses{state="available"} 252"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        // Every sample line belongs to a declared family.
+        let families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| l.split(' ').next().unwrap())
+            .collect();
+        for sample in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = sample.split(['{', ' ']).next().unwrap();
+            assert!(families.contains(&name), "{name} has no TYPE line");
+        }
+    }
+}
