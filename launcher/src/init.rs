@@ -59,7 +59,7 @@ fn prepare(cfg: &InitConfig) -> Result<Pid, String> {
     }
     nix::unistd::sethostname(&cfg.hostname).map_err(|e| format!("setting the hostname: {e}"))?;
     loopback_up().map_err(|e| format!("bringing up lo: {e}"))?;
-    rootfs::setup(&cfg.rootfs).map_err(|e| e.to_string())?;
+    rootfs::setup(&rootfs::Linux, &cfg.rootfs).map_err(|e| e.to_string())?;
     // SAFETY: prctl with a valid NUL-terminated name.
     unsafe { libc::prctl(libc::PR_SET_NAME, c"hypha-init".as_ptr(), 0, 0, 0) };
     cfg.security

@@ -44,81 +44,139 @@ pub struct Overlay {
 /// Devices bound from the host into the container's `/dev`.
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
 
-/// `mount_setattr(2)` (no wrapper in nix or glibc 2.36).
-fn set_readonly_recursive(path: &Path) -> Result<(), RootfsError> {
-    #[repr(C)]
-    struct MountAttr {
-        attr_set: u64,
-        attr_clr: u64,
-        propagation: u64,
-        userns_fd: u64,
-    }
-    const MOUNT_ATTR_RDONLY: u64 = 0x1;
-    let attr = MountAttr {
-        attr_set: MOUNT_ATTR_RDONLY,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: 0,
-    };
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL in path");
-    // SAFETY: valid C string and a correctly sized, initialised mount_attr.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            libc::AT_RECURSIVE as libc::c_uint,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if r != 0 {
-        return Err(RootfsError {
-            op: "making read-only",
-            path: path.to_owned(),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
+/// The system calls the filesystem setup makes, so that its sequence is unit-tested with
+/// [`Recorder`] without root or a mount namespace (youki's `Syscall`).
+pub trait Syscall {
+    fn mount(
+        &self,
+        source: Option<&Path>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> Result<(), nix::Error>;
+    /// `mount_setattr(path, AT_RECURSIVE, MOUNT_ATTR_RDONLY)`.
+    fn set_readonly_recursive(&self, path: &Path) -> std::io::Result<()>;
+    fn create_file(&self, path: &Path) -> std::io::Result<()>;
+    /// Best effort: a directory that cannot be made shows up as the mount that fails.
+    fn mkdir_all(&self, path: &Path);
+    fn symlink(&self, target: &str, link: &Path);
+    /// chdir into `root`, `pivot_root(".", ".")`, detach the old root, chdir to `/`.
+    fn pivot_root(&self, root: &Path) -> Result<(), nix::Error>;
 }
 
-fn mkdir(p: &Path) {
-    let _ = std::fs::create_dir_all(p);
+/// The real system calls.
+pub struct Linux;
+
+impl Syscall for Linux {
+    fn mount(
+        &self,
+        source: Option<&Path>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> Result<(), nix::Error> {
+        mount(source, target, fstype, flags, data)
+    }
+
+    fn set_readonly_recursive(&self, path: &Path) -> std::io::Result<()> {
+        #[repr(C)]
+        struct MountAttr {
+            attr_set: u64,
+            attr_clr: u64,
+            propagation: u64,
+            userns_fd: u64,
+        }
+        const MOUNT_ATTR_RDONLY: u64 = 0x1;
+        let attr = MountAttr {
+            attr_set: MOUNT_ATTR_RDONLY,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(std::io::Error::other)?;
+        // SAFETY: a valid C string and a correctly sized, initialised mount_attr (no
+        // wrapper in nix or glibc 2.36).
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                libc::AT_RECURSIVE as libc::c_uint,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn create_file(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::File::create(path).map(drop)
+    }
+
+    fn mkdir_all(&self, path: &Path) {
+        let _ = std::fs::create_dir_all(path);
+    }
+
+    fn symlink(&self, target: &str, link: &Path) {
+        let _ = std::os::unix::fs::symlink(target, link);
+    }
+
+    fn pivot_root(&self, root: &Path) -> Result<(), nix::Error> {
+        // pivot_root(".", ".") stacks the old root under the new one, and detaching it
+        // works on a read-only root, where no directory for the old root can be made.
+        nix::unistd::chdir(root)?;
+        nix::unistd::pivot_root(".", ".")?;
+        umount2(".", MntFlags::MNT_DETACH)?;
+        nix::unistd::chdir("/")
+    }
 }
 
 fn mount_fs(
+    sys: &dyn Syscall,
     fstype: &'static str,
     target: &Path,
     flags: MsFlags,
     data: Option<&str>,
 ) -> Result<(), RootfsError> {
-    mount(Some(fstype), target, Some(fstype), flags, data).map_err(err("mounting", target))
+    sys.mount(Some(Path::new(fstype)), target, Some(fstype), flags, data)
+        .map_err(err("mounting", target))
 }
 
 /// Builds the root and pivots into it. Runs in the container's init, in its own mount
 /// namespace, before the security settings (which refuse `mount`).
-pub fn setup(plan: &Plan) -> Result<(), RootfsError> {
+pub fn setup(sys: &dyn Syscall, plan: &Plan) -> Result<(), RootfsError> {
     let root = &plan.root;
     // Nothing mounted from here on propagates back to the host, nor the other way.
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
+    sys.mount(
+        None,
+        Path::new("/"),
+        None,
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
+        None,
     )
     .map_err(err("making private", Path::new("/")))?;
     match &plan.overlay {
         None => {
-            mount(
-                Some("/"),
+            sys.mount(
+                Some(Path::new("/")),
                 root,
-                None::<&str>,
+                None,
                 MsFlags::MS_BIND | MsFlags::MS_REC,
-                None::<&str>,
+                None,
             )
             .map_err(err("binding / on", root))?;
-            set_readonly_recursive(root)?;
+            sys.set_readonly_recursive(root)
+                .map_err(|source| RootfsError {
+                    op: "making read-only",
+                    path: root.clone(),
+                    source,
+                })?;
         }
         Some(o) => {
             // In a user namespace overlayfs may not use trusted.* xattrs: user.* then.
@@ -129,44 +187,40 @@ pub fn setup(plan: &Plan) -> Result<(), RootfsError> {
                 o.work.display(),
                 if o.userxattr { ",userxattr" } else { "" }
             );
-            mount(
-                Some("overlay"),
-                root,
-                Some("overlay"),
-                MsFlags::empty(),
-                Some(data.as_str()),
-            )
-            .map_err(err("mounting an overlay on", root))?;
+            mount_fs(sys, "overlay", root, MsFlags::empty(), Some(&data))?;
             for d in ["proc", "sys", "dev", "tmp", "run", "var/tmp"] {
-                mkdir(&root.join(d));
+                sys.mkdir_all(&root.join(d));
             }
         }
     }
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    mount_fs("proc", &root.join("proc"), nosuid, None)?;
+    mount_fs(sys, "proc", &root.join("proc"), nosuid, None)?;
     mount_fs(
+        sys,
         "sysfs",
         &root.join("sys"),
         nosuid | MsFlags::MS_RDONLY,
         None,
     )?;
-    dev(&root.join("dev"))?;
+    dev(sys, &root.join("dev"))?;
     for (d, mode) in [("tmp", "1777"), ("run", "755"), ("var/tmp", "1777")] {
         let data = format!("mode={mode}");
         mount_fs(
+            sys,
             "tmpfs",
             &root.join(d),
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
             Some(&data),
         )?;
     }
-    pivot(root)
+    sys.pivot_root(root).map_err(err("pivot_root into", root))
 }
 
 /// A tmpfs `/dev` with the usual device nodes bound from the host, its own `devpts`, a
 /// `/dev/shm` and the standard symlinks.
-fn dev(dev: &Path) -> Result<(), RootfsError> {
+fn dev(sys: &dyn Syscall, dev: &Path) -> Result<(), RootfsError> {
     mount_fs(
+        sys,
         "tmpfs",
         dev,
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
@@ -174,30 +228,26 @@ fn dev(dev: &Path) -> Result<(), RootfsError> {
     )?;
     for d in DEVICES {
         let target = dev.join(d);
-        std::fs::File::create(&target).map_err(|source| RootfsError {
+        sys.create_file(&target).map_err(|source| RootfsError {
             op: "creating",
             path: target.clone(),
             source,
         })?;
         let source = Path::new("/dev").join(d);
-        mount(
-            Some(&source),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(err("binding a device on", &target))?;
+        sys.mount(Some(&source), &target, None, MsFlags::MS_BIND, None)
+            .map_err(err("binding a device on", &target))?;
     }
-    mkdir(&dev.join("pts"));
+    sys.mkdir_all(&dev.join("pts"));
     mount_fs(
+        sys,
         "devpts",
         &dev.join("pts"),
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("newinstance,ptmxmode=0666,mode=0620"),
     )?;
-    mkdir(&dev.join("shm"));
+    sys.mkdir_all(&dev.join("shm"));
     mount_fs(
+        sys,
         "tmpfs",
         &dev.join("shm"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
@@ -210,18 +260,79 @@ fn dev(dev: &Path) -> Result<(), RootfsError> {
         ("stdout", "/proc/self/fd/1"),
         ("stderr", "/proc/self/fd/2"),
     ] {
-        let _ = std::os::unix::fs::symlink(target, dev.join(link));
+        sys.symlink(target, &dev.join(link));
     }
     Ok(())
 }
 
-/// `pivot_root(".", ".")` then detaching the old root stacked under the new one: works on
-/// a read-only root, where no directory for the old root can be made.
-fn pivot(root: &Path) -> Result<(), RootfsError> {
-    nix::unistd::chdir(root).map_err(err("entering", root))?;
-    nix::unistd::pivot_root(".", ".").map_err(err("pivot_root into", root))?;
-    umount2(".", MntFlags::MNT_DETACH).map_err(err("detaching the old root under", root))?;
-    nix::unistd::chdir("/").map_err(err("entering", Path::new("/")))
+/// Records every call as a line of text, failing the mount whose target ends like
+/// `fail_mount`.
+#[cfg(test)]
+#[derive(Default)]
+pub struct Recorder {
+    pub calls: std::cell::RefCell<Vec<String>>,
+    pub fail_mount: Option<&'static str>,
+}
+
+#[cfg(test)]
+impl Syscall for Recorder {
+    fn mount(
+        &self,
+        source: Option<&Path>,
+        target: &Path,
+        fstype: Option<&str>,
+        flags: MsFlags,
+        data: Option<&str>,
+    ) -> Result<(), nix::Error> {
+        self.calls.borrow_mut().push(format!(
+            "mount {} {} {} {} {}",
+            source.map_or("-".into(), |s| s.display().to_string()),
+            target.display(),
+            fstype.unwrap_or("-"),
+            if flags.is_empty() {
+                "0".to_owned()
+            } else {
+                flags
+                    .iter_names()
+                    .map(|(n, _)| n)
+                    .collect::<Vec<_>>()
+                    .join("|")
+            },
+            data.unwrap_or("-")
+        ));
+        if self.fail_mount.is_some_and(|f| target.ends_with(f)) {
+            return Err(nix::Error::EPERM);
+        }
+        Ok(())
+    }
+    fn set_readonly_recursive(&self, path: &Path) -> std::io::Result<()> {
+        self.calls
+            .borrow_mut()
+            .push(format!("readonly {}", path.display()));
+        Ok(())
+    }
+    fn create_file(&self, path: &Path) -> std::io::Result<()> {
+        self.calls
+            .borrow_mut()
+            .push(format!("file {}", path.display()));
+        Ok(())
+    }
+    fn mkdir_all(&self, path: &Path) {
+        self.calls
+            .borrow_mut()
+            .push(format!("mkdir {}", path.display()));
+    }
+    fn symlink(&self, target: &str, link: &Path) {
+        self.calls
+            .borrow_mut()
+            .push(format!("symlink {} -> {target}", link.display()));
+    }
+    fn pivot_root(&self, root: &Path) -> Result<(), nix::Error> {
+        self.calls
+            .borrow_mut()
+            .push(format!("pivot {}", root.display()));
+        Ok(())
+    }
 }
 
 /// Finds `cmd` as the container will: a path with a `/` as it is, a bare name on the
@@ -253,6 +364,78 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn plan(overlay: Option<Overlay>) -> Plan {
+        Plan {
+            root: "/r".into(),
+            overlay,
+        }
+    }
+
+    #[test]
+    fn host_root_read_only_sequence() {
+        let rec = Recorder::default();
+        setup(&rec, &plan(None)).unwrap();
+        let calls = rec.calls.borrow();
+        // Private first, then the read-only host root, the fresh filesystems, the pivot.
+        assert!(calls[0] == "mount - / - MS_REC|MS_PRIVATE -", "{calls:?}");
+        assert!(calls[1] == "mount / /r - MS_BIND|MS_REC -", "{calls:?}");
+        assert_eq!(calls[2], "readonly /r");
+        assert!(calls[3].starts_with("mount proc /r/proc proc"), "{calls:?}");
+        assert!(calls[4].contains("/r/sys sysfs") && calls[4].contains("MS_RDONLY"));
+        assert!(
+            calls[5].starts_with("mount tmpfs /r/dev tmpfs"),
+            "{calls:?}"
+        );
+        for d in DEVICES {
+            let bind = format!("mount /dev/{d} /r/dev/{d} - MS_BIND -");
+            assert!(calls.contains(&bind), "{bind} in {calls:?}");
+        }
+        let pos = |prefix: &str| calls.iter().position(|c| c.starts_with(prefix)).unwrap();
+        assert!(pos("mount devpts /r/dev/pts") > pos("mkdir /r/dev/pts"));
+        for (d, mode) in [("tmp", "1777"), ("run", "755"), ("var/tmp", "1777")] {
+            let c = &calls[pos(&format!("mount tmpfs /r/{d} "))];
+            assert!(c.ends_with(&format!("mode={mode}")), "{c}");
+        }
+        assert!(calls.contains(&"symlink /r/dev/fd -> /proc/self/fd".to_owned()));
+        assert_eq!(calls.last().unwrap(), "pivot /r");
+    }
+
+    #[test]
+    fn overlay_sequence() {
+        let rec = Recorder::default();
+        let o = Overlay {
+            lower: "/img".into(),
+            upper: "/s/upper".into(),
+            work: "/s/work".into(),
+            userxattr: true,
+        };
+        setup(&rec, &plan(Some(o))).unwrap();
+        let calls = rec.calls.borrow();
+        assert_eq!(
+            calls[1],
+            "mount overlay /r overlay 0 lowerdir=/img,upperdir=/s/upper,workdir=/s/work,userxattr"
+        );
+        assert!(
+            !calls.iter().any(|c| c.starts_with("readonly")),
+            "the overlay stays writable"
+        );
+        assert!(calls.contains(&"mkdir /r/var/tmp".to_owned()));
+    }
+
+    #[test]
+    fn a_failed_mount_is_named_and_stops_before_the_pivot() {
+        let rec = Recorder {
+            fail_mount: Some("sys"),
+            ..Recorder::default()
+        };
+        let e = setup(&rec, &plan(None)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "mounting /r/sys: Operation not permitted (os error 1)"
+        );
+        assert!(!rec.calls.borrow().iter().any(|c| c.starts_with("pivot")));
+    }
 
     #[test]
     fn resolves_commands_under_the_root() {

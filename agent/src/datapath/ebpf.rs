@@ -231,74 +231,60 @@ impl EbpfDatapath {
             .map_err(map_err("insert into", maps::ENDPOINTS4))
     }
 
-    /// Attaches `name` to the endpoint's veth, replacing the program in a pinned link when
-    /// one is there. Returns whether an existing link was re-used.
-    fn attach_program(
-        &mut self,
-        ep: &EndpointRecord,
-        name: &'static str,
-        hook: TcAttachType,
-        pin: &Path,
-    ) -> Result<bool, EbpfError> {
-        let prog_err = |op| {
-            let ifname = ep.host_ifname.clone();
-            move |source| EbpfError::Program {
-                op,
-                program: name,
-                ifname,
-                source: Box::new(source),
-            }
-        };
-        let link_err = |op: &'static str| {
-            move |source: LinkError| EbpfError::Link {
-                op,
-                path: pin.to_owned(),
-                source: Box::new(source),
-            }
-        };
-        let prog = classifier(&mut self.ebpf, name)?;
-        match PinnedLink::from_pin(pin) {
-            Ok(old) => {
-                let link =
-                    SchedClassifierLink::try_from(FdLink::from(old)).map_err(link_err("open"))?;
-                let id = prog
-                    .attach_to_link(link)
-                    .map_err(prog_err("swap into the link of"))?;
-                // The pin keeps the link (now running this program) alive; our fd can go.
-                drop(prog.take_link(id).map_err(prog_err("take the link of"))?);
-                Ok(true)
-            }
-            Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
-                let id = prog
-                    .attach_with_options(
-                        &ep.host_ifname,
-                        hook,
-                        TcAttachOptions::TcxOrder(LinkOrder::default()),
-                    )
-                    .map_err(prog_err("attach"))?;
-                let link = prog.take_link(id).map_err(prog_err("take the link of"))?;
-                let fd = FdLink::try_from(link).map_err(link_err("convert"))?;
-                fd.pin(pin).map_err(|source| EbpfError::Link {
-                    op: "pin",
-                    path: pin.to_owned(),
-                    source: Box::new(source),
-                })?;
-                Ok(false)
-            }
-            Err(e) => Err(link_err("open")(e)),
-        }
-    }
-
     fn attach_all(
         &mut self,
         ep: &EndpointRecord,
         policy_flags: u32,
     ) -> Result<Adoption, EbpfError> {
         self.fill_maps(ep, policy_flags)?;
+        // Each TCX attach waits for an RCU grace period in the kernel (~15 ms here); the
+        // two hooks are attached concurrently so an endpoint pays for one, not two.
+        let pins: Vec<PathBuf> = ATTACHMENTS
+            .iter()
+            .map(|(_, _, suffix)| self.link_pin(ep.host_ifindex, suffix))
+            .collect();
+        let mut progs: Vec<(&'static str, &mut SchedClassifier)> = Vec::new();
+        for (name, program) in self.ebpf.programs_mut() {
+            let Some((known, _, _)) = ATTACHMENTS.iter().find(|(n, _, _)| *n == name) else {
+                continue;
+            };
+            let prog: &mut SchedClassifier =
+                program.try_into().map_err(|source| EbpfError::Program {
+                    op: "open",
+                    program: known,
+                    ifname: ep.host_ifname.clone(),
+                    source: Box::new(source),
+                })?;
+            progs.push((known, prog));
+        }
+        let results: Vec<Result<bool, EbpfError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = progs
+                .into_iter()
+                .map(|(name, prog)| {
+                    let (i, (_, hook, _)) = ATTACHMENTS
+                        .iter()
+                        .enumerate()
+                        .find(|(_, (n, _, _))| *n == name)
+                        .expect("found above");
+                    let pin = &pins[i];
+                    let hook = *hook;
+                    scope.spawn(move || attach_program(prog, ep, name, hook, pin))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("attach thread does not panic"))
+                .collect()
+        });
+        if results.len() != ATTACHMENTS.len() {
+            return Err(EbpfError::Missing {
+                kind: "program",
+                name: programs::FROM_POD,
+            });
+        }
         let mut reused = true;
-        for (name, hook, suffix) in ATTACHMENTS {
-            let pin = self.link_pin(ep.host_ifindex, suffix);
-            reused &= self.attach_program(ep, name, hook, &pin)?;
+        for r in results {
+            reused &= r?;
         }
         Ok(if reused {
             Adoption::Adopted
@@ -666,4 +652,61 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), EbpfError> {
         path: pin_dir.to_owned(),
         source,
     })
+}
+
+/// Attaches `name` to the endpoint's veth, replacing the program in a pinned link when
+/// one is there. Returns whether an existing link was re-used.
+fn attach_program(
+    prog: &mut SchedClassifier,
+    ep: &EndpointRecord,
+    name: &'static str,
+    hook: TcAttachType,
+    pin: &Path,
+) -> Result<bool, EbpfError> {
+    let prog_err = |op| {
+        let ifname = ep.host_ifname.clone();
+        move |source| EbpfError::Program {
+            op,
+            program: name,
+            ifname,
+            source: Box::new(source),
+        }
+    };
+    let link_err = |op: &'static str| {
+        move |source: LinkError| EbpfError::Link {
+            op,
+            path: pin.to_owned(),
+            source: Box::new(source),
+        }
+    };
+    match PinnedLink::from_pin(pin) {
+        Ok(old) => {
+            let link =
+                SchedClassifierLink::try_from(FdLink::from(old)).map_err(link_err("open"))?;
+            let id = prog
+                .attach_to_link(link)
+                .map_err(prog_err("swap into the link of"))?;
+            // The pin keeps the link (now running this program) alive; our fd can go.
+            drop(prog.take_link(id).map_err(prog_err("take the link of"))?);
+            Ok(true)
+        }
+        Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
+            let id = prog
+                .attach_with_options(
+                    &ep.host_ifname,
+                    hook,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(prog_err("attach"))?;
+            let link = prog.take_link(id).map_err(prog_err("take the link of"))?;
+            let fd = FdLink::try_from(link).map_err(link_err("convert"))?;
+            fd.pin(pin).map_err(|source| EbpfError::Link {
+                op: "pin",
+                path: pin.to_owned(),
+                source: Box::new(source),
+            })?;
+            Ok(false)
+        }
+        Err(e) => Err(link_err("open")(e)),
+    }
 }
