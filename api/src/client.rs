@@ -201,43 +201,19 @@ impl Client {
         }
         let method = Method::GET;
         self.runtime.block_on(async {
+            let (resp, conn) = self.send(method.clone(), &uri, Vec::new()).await?;
+            let status = resp.status();
+            let mut body = resp.into_body();
             let http_err = |source| ClientError::Http {
                 path: self.path.clone(),
                 method: method.clone(),
                 uri: uri.clone(),
                 source,
             };
-            let stream =
-                UnixStream::connect(&self.path)
-                    .await
-                    .map_err(|source| ClientError::Connect {
-                        path: self.path.clone(),
-                        source,
-                    })?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(http_err)?;
-            let conn = tokio::spawn(conn);
-            let req = Request::builder()
-                .method(method.clone())
-                .uri(&uri)
-                .header(hyper::header::HOST, "hypha")
-                .body(Full::new(Bytes::new()))
-                .expect("request parts are valid");
-            let resp = sender.send_request(req).await.map_err(http_err)?;
-            let status = resp.status();
-            let mut body = resp.into_body();
             if !status.is_success() {
                 let bytes = body.collect().await.map_err(http_err)?.to_bytes();
-                let message = serde_json::from_slice::<ApiError>(&bytes)
-                    .map(|e| e.error)
-                    .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-                return Err(ClientError::Api {
-                    method: method.clone(),
-                    uri: uri.clone(),
-                    status,
-                    message,
-                });
+                conn.abort();
+                return Err(api_error(method.clone(), &uri, status, &bytes));
             }
             let mut pending = Vec::new();
             'frames: while let Some(frame) = body.frame().await {
@@ -280,15 +256,7 @@ impl Client {
                 timeout: self.timeout,
             })??;
         if !status.is_success() {
-            let message = serde_json::from_slice::<ApiError>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(ClientError::Api {
-                method,
-                uri: uri.to_owned(),
-                status,
-                message,
-            });
+            return Err(api_error(method, uri, status, &bytes));
         }
         serde_json::from_slice(&bytes).map_err(|source| ClientError::Decode {
             method,
@@ -297,12 +265,20 @@ impl Client {
         })
     }
 
-    async fn exchange(
+    /// Connects, sends one request and returns the answer's head with the connection task,
+    /// which the caller aborts once it has read what it wants.
+    async fn send(
         &self,
         method: Method,
         uri: &str,
         body: Vec<u8>,
-    ) -> Result<(StatusCode, Bytes), ClientError> {
+    ) -> Result<
+        (
+            hyper::Response<hyper::body::Incoming>,
+            tokio::task::JoinHandle<()>,
+        ),
+        ClientError,
+    > {
         let http_err = |source| ClientError::Http {
             path: self.path.clone(),
             method: method.clone(),
@@ -319,7 +295,9 @@ impl Client {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(http_err)?;
-        let conn = tokio::spawn(conn);
+        let conn = tokio::spawn(async move {
+            let _ = conn.await;
+        });
         let req = Request::builder()
             .method(method.clone())
             .uri(uri)
@@ -328,16 +306,44 @@ impl Client {
             .body(Full::new(Bytes::from(body)))
             .expect("request parts are valid");
         let resp = sender.send_request(req).await.map_err(http_err)?;
+        Ok((resp, conn))
+    }
+
+    async fn exchange(
+        &self,
+        method: Method,
+        uri: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
+        let (resp, conn) = self.send(method.clone(), uri, body).await?;
         let status = resp.status();
         let bytes = resp
             .into_body()
             .collect()
             .await
-            .map_err(http_err)?
+            .map_err(|source| ClientError::Http {
+                path: self.path.clone(),
+                method,
+                uri: uri.to_owned(),
+                source,
+            })?
             .to_bytes();
-        drop(sender);
         conn.abort();
         Ok((status, bytes))
+    }
+}
+
+/// The error of an answer with a failure status: the agent's `ApiError` message, or the
+/// body as text when it is not one.
+fn api_error(method: Method, uri: &str, status: StatusCode, bytes: &[u8]) -> ClientError {
+    let message = serde_json::from_slice::<ApiError>(bytes)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(bytes).into_owned());
+    ClientError::Api {
+        method,
+        uri: uri.to_owned(),
+        status,
+        message,
     }
 }
 
