@@ -283,9 +283,14 @@ fn human_bytes(b: u64) -> String {
     }
 }
 
+/// A rate limit as `10M` (bits per second), or `-` for none.
+fn limit(rate: Option<u64>) -> String {
+    rate.map_or_else(|| "-".to_owned(), crate::bandwidth::human)
+}
+
 /// Renders `hypha endpoint list` as a table. Counters are packets/bytes in the pod's
 /// directions: TX is what the pod sent, RX what it received; REDIR is the part moved
-/// pod-to-pod by the eBPF datapath.
+/// pod-to-pod by the eBPF datapath; LIMIT is the rate limit in bits per second.
 pub fn format_endpoints(eps: &[Endpoint]) -> String {
     let header = [
         "ID",
@@ -297,6 +302,8 @@ pub fn format_endpoints(eps: &[Endpoint]) -> String {
         "TX-REDIR",
         "RX",
         "RX-REDIR",
+        "TX-LIMIT",
+        "RX-LIMIT",
         "DROPPED",
     ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
@@ -316,6 +323,8 @@ pub fn format_endpoints(eps: &[Endpoint]) -> String {
             pkts(c.egress.redirected),
             pkts(c.ingress.forwarded()),
             pkts(c.ingress.redirected),
+            limit(e.bandwidth.and_then(|b| b.egress_rate)),
+            limit(e.bandwidth.and_then(|b| b.ingress_rate)),
             pkts(dropped),
         ]);
     }
@@ -412,7 +421,10 @@ mod tests {
             host_mac: MacAddr([2, 0, 0, 0, 0, 2]),
             labels: Default::default(),
             external_ipam: false,
-            bandwidth: None,
+            bandwidth: Some(hypha_api::Bandwidth {
+                egress_rate: Some(10_000_000),
+                ..hypha_api::Bandwidth::default()
+            }),
             counters: EndpointCounters {
                 egress: DirectionCounters {
                     passed: PacketCount {
@@ -449,7 +461,7 @@ mod tests {
             "forwarded = passed + redirected: {text}"
         );
         assert!(lines[1].contains("9/2.0KiB"), "{text}");
-        assert!(lines[1].ends_with("2/60B"), "{text}");
+        assert!(lines[1].ends_with("10M       -         2/60B"), "{text}");
         assert!(
             lines[2].contains("dropped 2 egress packets (60B): unknown-l3-protocol"),
             "{text}"

@@ -14,9 +14,10 @@ use hypha_api::{
 };
 use hypha_common::{DIR_EGRESS, DropReason, EndpointStats};
 
+use crate::bandwidth::{self, Limit};
 use crate::config::AgentConfig;
 use crate::datapath::{Adoption, Datapath};
-use crate::host::{HostNetwork, NodeNetwork};
+use crate::host::{HostNetwork, LimitSide, NodeNetwork};
 use crate::ipam::{Ipam, IpamError, Owner};
 use crate::state::{EndpointRecord, PersistedState, StateError, StateStore};
 
@@ -155,7 +156,18 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                     .warnings
                     .push(format!("{name}: cannot restore its route: {e}"));
             }
-            match agent.datapath.adopt(&ep, agent.policy_flags(ep.id)) {
+            // Rate limiters first (their qdiscs), so that the ingress flag never points
+            // same-node traffic at a qdisc that is not there.
+            if ep.bandwidth.is_some()
+                && let Err(e) = agent.apply_limits(&ep, None, false)
+            {
+                report
+                    .warnings
+                    .push(format!("{name}: cannot restore its bandwidth limits: {e}"));
+            }
+            let flags =
+                agent.policy_flags(ep.id) | bandwidth::endpoint_flags(ep.bandwidth.as_ref());
+            match agent.datapath.adopt(&ep, flags) {
                 Ok(Adoption::Adopted) => report.adopted.push(name),
                 Ok(Adoption::Reattached) => report.reattached.push(name),
                 Err(e) => {
@@ -234,6 +246,10 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         req: &CreateEndpointRequest,
     ) -> Result<Endpoint, ControlError> {
         validate_owner(&req.container_id, &req.ifname)?;
+        if let Some(bw) = &req.bandwidth {
+            bandwidth::validate(bw)
+                .map_err(|e| ControlError::BadRequest(format!("invalid bandwidth: {e}")))?;
+        }
         if let Some(i) = self.find(&req.container_id, &req.ifname) {
             return Err(ControlError::Conflict(format!(
                 "container {} interface {} is already endpoint {}",
@@ -294,6 +310,11 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         };
         self.host
             .route_pod(link.index, req.address, self.config.gateway())?;
+        // The limiters before the programs: the ingress flag set by `attach` must find its
+        // qdisc in place. If a later step fails, they go with the veth hypha-cni deletes.
+        if record.bandwidth.is_some() {
+            self.apply_limits(&record, None, false)?;
+        }
         // Compiled with the new endpoint before it is attached, so that it starts with
         // its flags, entries and ipcache in place.
         self.attach_with_policy(&record)?;
@@ -461,11 +482,152 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         (removed.is_some(), released, errors)
     }
 
-    pub fn list(&self) -> Vec<Endpoint> {
-        let drops = self.datapath.drops().unwrap_or_else(|e| {
+    /// Sets (replaces) the bandwidth limits of the endpoint `which` (its id, container
+    /// id or a unique prefix of one); an empty [`Bandwidth`] removes them. Validated
+    /// first: a bad field changes nothing. If the kernel refuses, the old limits are put
+    /// back.
+    pub fn set_bandwidth(
+        &mut self,
+        which: &str,
+        bw: &hypha_api::Bandwidth,
+    ) -> Result<Endpoint, ControlError> {
+        bandwidth::validate(bw)
+            .map_err(|e| ControlError::BadRequest(format!("invalid bandwidth: {e}")))?;
+        let id = self.find_endpoint(which)?.id;
+        let i = self
+            .endpoints
+            .iter()
+            .position(|e| e.id == id)
+            .expect("found above");
+        let old = self.endpoints[i].bandwidth;
+        let mut record = self.endpoints[i].clone();
+        record.bandwidth = (*bw != hypha_api::Bandwidth::default()).then_some(*bw);
+        if let Err(e) = self.apply_limits(&record, old.as_ref(), true) {
+            let new = record.bandwidth;
+            record.bandwidth = old;
+            if let Err(undo) = self.apply_limits(&record, new.as_ref(), true) {
+                tracing::error!(
+                    endpoint = id,
+                    "cannot restore the old bandwidth limits: {undo}"
+                );
+            }
+            return Err(e);
+        }
+        self.endpoints[i] = record.clone();
+        if let Err(e) = self.persist() {
+            // The limits are in force but not saved: say so, and keep the record in line
+            // with the kernel.
+            return Err(e.into());
+        }
+        tracing::info!(endpoint = id, bandwidth = ?record.bandwidth, "bandwidth set");
+        Ok(self.describe(&record, &self.all_drops()))
+    }
+
+    /// Installs, changes or removes the endpoint's rate limiters so that they match
+    /// `ep.bandwidth`, given the `old` limits (`None` when nothing is installed, which
+    /// also installs what is unchanged). With `attached`, also sets or clears the
+    /// ingress flag in the datapath: when adding, after the qdisc is in place; when
+    /// removing, before the qdisc goes.
+    fn apply_limits(
+        &mut self,
+        ep: &EndpointRecord,
+        old: Option<&hypha_api::Bandwidth>,
+        attached: bool,
+    ) -> Result<(), ControlError> {
+        let new = ep.bandwidth.as_ref();
+        let netns = std::path::Path::new(&ep.netns);
+        let pod = LimitSide::Pod {
+            netns,
+            ifname: &ep.ifname,
+        };
+        let host = LimitSide::HostVeth {
+            ifindex: ep.host_ifindex,
+        };
+        let fresh = old.is_none();
+        let (eg_new, eg_old) = (Limit::egress(new), Limit::egress(old));
+        if eg_new != eg_old || (fresh && eg_new.is_some()) {
+            self.host.set_rate_limit(pod, eg_new)?;
+        }
+        let (in_new, in_old) = (Limit::ingress(new), Limit::ingress(old));
+        let flag = hypha_common::ENDPOINT_F_INGRESS_LIMIT;
+        let set_flag = |agent: &mut Self, on: bool| {
+            if !attached {
+                return Ok(());
+            }
+            agent
+                .datapath
+                .set_flags(ep, flag, if on { flag } else { 0 })
+                .map_err(|e| ControlError::Datapath(e.to_string()))
+        };
+        match (in_new, in_old) {
+            (Some(l), _) => {
+                if in_new != in_old || fresh {
+                    self.host.set_rate_limit(host, Some(l))?;
+                }
+                set_flag(self, true)?;
+            }
+            (None, Some(_)) => {
+                set_flag(self, false)?;
+                self.host.set_rate_limit(host, None)?;
+            }
+            (None, None) => {}
+        }
+        Ok(())
+    }
+
+    /// The datapath's drop counters, with the rate limiters' drops (counted by the
+    /// kernel's qdiscs, not by the eBPF programs) as `DropReason::BandwidthLimit`
+    /// (packets only: a qdisc does not count dropped bytes).
+    fn all_drops(&self) -> Vec<(hypha_common::DropKey, hypha_common::Counter)> {
+        let mut drops = self.datapath.drops().unwrap_or_else(|e| {
             tracing::warn!("cannot read drop counters: {e}");
             Vec::new()
         });
+        for ep in self.endpoints.iter().filter(|e| e.bandwidth.is_some()) {
+            let bw = ep.bandwidth.as_ref();
+            let sides = [
+                (
+                    Limit::egress(bw).is_some(),
+                    LimitSide::Pod {
+                        netns: std::path::Path::new(&ep.netns),
+                        ifname: &ep.ifname,
+                    },
+                    DIR_EGRESS,
+                ),
+                (
+                    Limit::ingress(bw).is_some(),
+                    LimitSide::HostVeth {
+                        ifindex: ep.host_ifindex,
+                    },
+                    hypha_common::DIR_INGRESS,
+                ),
+            ];
+            for (limited, side, direction) in sides {
+                if !limited {
+                    continue;
+                }
+                match self.host.rate_limit_drops(side) {
+                    Ok(Some(packets)) if packets > 0 => drops.push((
+                        hypha_common::DropKey {
+                            ifindex: ep.host_ifindex,
+                            reason: DropReason::BandwidthLimit as u16,
+                            direction,
+                            _pad: 0,
+                        },
+                        hypha_common::Counter { packets, bytes: 0 },
+                    )),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(endpoint = ep.id, "cannot read rate limiter drops: {e}")
+                    }
+                }
+            }
+        }
+        drops
+    }
+
+    pub fn list(&self) -> Vec<Endpoint> {
+        let drops = self.all_drops();
         self.endpoints
             .iter()
             .map(|e| self.describe(e, &drops))
@@ -703,6 +865,133 @@ mod tests {
             }),
             Some(ep.address)
         );
+    }
+
+    #[test]
+    fn bandwidth_installs_limiters_sets_the_ingress_flag_and_survives_policy_diffs() {
+        use hypha_api::Bandwidth;
+        use hypha_common::{ENDPOINT_F_INGRESS_LIMIT, ENDPOINT_F_INGRESS_POLICY};
+        let (mut agent, _, store) = start(
+            host_with(&[("veth0", 5)]),
+            PersistedState::default(),
+            FakeDatapath::default(),
+        );
+        let ep = add(&mut agent, "a", "veth0").unwrap();
+        assert_eq!(agent.datapath.flags[&ep.id], 0);
+        assert!(agent.host.limits.is_empty());
+
+        let bw = Bandwidth {
+            egress_rate: Some(10_000_000),
+            ingress_rate: Some(20_000_000),
+            ..Bandwidth::default()
+        };
+        let shown = agent.set_bandwidth("a", &bw).unwrap();
+        assert_eq!(shown.bandwidth, Some(bw));
+        assert_eq!(agent.host.limits["host veth #5"].rate_bits, 20_000_000);
+        assert_eq!(
+            agent.host.limits["eth0 in /run/netns/x"].rate_bits,
+            10_000_000
+        );
+        assert_eq!(agent.datapath.flags[&ep.id], ENDPOINT_F_INGRESS_LIMIT);
+        assert_eq!(store.last().endpoints[0].bandwidth, Some(bw));
+        // The limiters' drops show under their own reason.
+        let listed = agent.list();
+        assert!(
+            listed[0]
+                .drops
+                .iter()
+                .any(|d| d.reason == "bandwidth-limit" && d.direction == "ingress"),
+            "{:?}",
+            listed[0].drops
+        );
+
+        // A policy diff writes the policy bits and keeps the bandwidth bit.
+        let diff = crate::policy::PolicyDiff {
+            flags_set: vec![(ep.id, ENDPOINT_F_INGRESS_POLICY)],
+            ..Default::default()
+        };
+        agent.datapath.apply_policy(&diff).unwrap();
+        assert_eq!(
+            agent.datapath.flags[&ep.id],
+            ENDPOINT_F_INGRESS_POLICY | ENDPOINT_F_INGRESS_LIMIT
+        );
+
+        // Bad input: named, nothing changes.
+        let bad = Bandwidth {
+            egress_rate: Some(0),
+            ..Bandwidth::default()
+        };
+        let err = agent.set_bandwidth(&ep.id.to_string(), &bad).unwrap_err();
+        assert_eq!(err.http_status(), 400);
+        assert!(err.to_string().contains("egressRate"), "{err}");
+        assert_eq!(agent.endpoints[0].bandwidth, Some(bw));
+
+        // A kernel refusal leaves the old limits in the record.
+        agent.host.fail_limits = true;
+        let other = Bandwidth {
+            egress_rate: Some(1_000_000),
+            ..Bandwidth::default()
+        };
+        assert!(agent.set_bandwidth("a", &other).is_err());
+        assert_eq!(agent.endpoints[0].bandwidth, Some(bw));
+        agent.host.fail_limits = false;
+
+        // Removing clears the flag, keeps the policy bit, and removes both qdiscs.
+        agent.set_bandwidth("a", &Bandwidth::default()).unwrap();
+        assert!(agent.host.limits.is_empty());
+        assert_eq!(agent.datapath.flags[&ep.id], ENDPOINT_F_INGRESS_POLICY);
+        assert_eq!(agent.endpoints[0].bandwidth, None);
+    }
+
+    #[test]
+    fn bandwidth_of_a_new_endpoint_is_validated_and_applied_before_attach() {
+        let (mut agent, _, _) = start(
+            host_with(&[("veth0", 5), ("veth1", 6)]),
+            PersistedState::default(),
+            FakeDatapath::default(),
+        );
+        let mut req = |cid: &str, host: &str, bw: hypha_api::Bandwidth| {
+            let alloc = agent.allocate(&AllocateRequest {
+                container_id: cid.into(),
+                ifname: "eth0".into(),
+                address: None,
+            })?;
+            agent.create_endpoint(&CreateEndpointRequest {
+                container_id: cid.into(),
+                ifname: "eth0".into(),
+                netns: "/run/netns/x".into(),
+                host_ifname: host.into(),
+                address: alloc.address,
+                pod_mac: MacAddr([2, 1, 1, 1, 1, 1]),
+                labels: Default::default(),
+                external_ipam: false,
+                bandwidth: Some(bw),
+            })
+        };
+        let err = req(
+            "a",
+            "veth0",
+            hypha_api::Bandwidth {
+                ingress_burst: Some(100),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("ingressBurst"), "{err}");
+        let ep = req(
+            "b",
+            "veth1",
+            hypha_api::Bandwidth {
+                ingress_rate: Some(1_000_000),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            agent.datapath.flags[&ep.id],
+            hypha_common::ENDPOINT_F_INGRESS_LIMIT
+        );
+        assert!(agent.host.limits.contains_key("host veth #6"));
     }
 
     #[test]

@@ -3,11 +3,13 @@
 //! root; the Linux implementation uses the project's netlink layer (`hypha-netlink`).
 
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use hypha_api::MacAddr;
 use hypha_netlink::{Netlink, Route};
+
+use crate::bandwidth::Limit;
 use ipnet::Ipv4Net;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +50,25 @@ pub trait HostNetwork: Send {
         address: Ipv4Addr,
         gateway: Ipv4Addr,
     ) -> Result<(), HostError>;
+    /// Installs or changes (`Some`) or removes (`None`) the rate limiter on `side`. Removal
+    /// of a limiter that is not there, or on an interface that is gone, succeeds.
+    fn set_rate_limit(
+        &mut self,
+        side: LimitSide<'_>,
+        limit: Option<Limit>,
+    ) -> Result<(), HostError>;
+    /// Packets the rate limiter on `side` dropped since it was installed (`None` when
+    /// there is none).
+    fn rate_limit_drops(&self, side: LimitSide<'_>) -> Result<Option<u64>, HostError>;
+}
+
+/// Where an endpoint's rate limiter sits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitSide<'a> {
+    /// The root qdisc of the host veth (the pod's ingress).
+    HostVeth { ifindex: u32 },
+    /// The root qdisc of the pod's interface, inside its network namespace (its egress).
+    Pod { netns: &'a Path, ifname: &'a str },
 }
 
 /// What the node's network looks like.
@@ -123,6 +144,79 @@ impl HostNetwork for LinuxHost {
         })?;
         Ok(())
     }
+
+    fn set_rate_limit(
+        &mut self,
+        side: LimitSide<'_>,
+        limit: Option<Limit>,
+    ) -> Result<(), HostError> {
+        let (mut pod_nl, index) = Self::limiter_socket(side)?;
+        let nl = match pod_nl.as_mut() {
+            Some(n) => n,
+            None => &mut self.nl,
+        };
+        let Some(index) = index else {
+            return match limit {
+                None => Ok(()),
+                Some(_) => Err(HostError::Netlink(hypha_netlink::Error::LinkNotFound {
+                    link: describe_side(side),
+                    netns: "its network namespace".into(),
+                })),
+            };
+        };
+        match limit {
+            Some(l) => {
+                let mtu = nl.link_by_index(index)?.map(|l| l.mtu).unwrap_or(1500);
+                nl.replace_tbf(index, &l.tbf(mtu))?;
+            }
+            None => {
+                nl.delete_hypha_root_qdisc(index)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn rate_limit_drops(&self, side: LimitSide<'_>) -> Result<Option<u64>, HostError> {
+        let (pod_nl, index) = Self::limiter_socket(side)?;
+        let Some(index) = index else {
+            return Ok(None);
+        };
+        let mut nl = match pod_nl {
+            Some(n) => n,
+            None => Netlink::new()?,
+        };
+        Ok(nl
+            .root_qdisc(index)?
+            .filter(|q| q.is_hypha_tbf())
+            .map(|q| q.drops))
+    }
+}
+
+/// How a limiter's interface is named in messages.
+fn describe_side(side: LimitSide<'_>) -> String {
+    match side {
+        LimitSide::HostVeth { ifindex } => format!("host veth #{ifindex}"),
+        LimitSide::Pod { netns, ifname } => format!("{ifname} in {}", netns.display()),
+    }
+}
+
+impl LinuxHost {
+    /// A socket where `side` lives and the interface index there (`None` if it is gone):
+    /// for the pod's side, a socket opened in its namespace (entered once, for the time
+    /// it takes to open it); for the host veth, `None`: the agent's own socket serves.
+    fn limiter_socket(side: LimitSide<'_>) -> Result<(Option<Netlink>, Option<u32>), HostError> {
+        match side {
+            LimitSide::HostVeth { ifindex } => Ok((None, Some(ifindex))),
+            LimitSide::Pod { netns, ifname } => {
+                if !netns.exists() {
+                    return Ok((None, None));
+                }
+                let mut nl = Netlink::in_netns(netns)?;
+                let index = nl.link_by_name(ifname)?.map(|l| l.index);
+                Ok((Some(nl), index))
+            }
+        }
+    }
 }
 
 fn write_sysctl(path: &str, value: &str) -> Result<(), HostError> {
@@ -193,6 +287,9 @@ pub mod fake {
         pub links: BTreeMap<String, HostLink>,
         pub routes: Vec<(u32, Ipv4Addr)>,
         pub node: Option<NodeNetwork>,
+        /// Installed rate limiters, by `describe_side`.
+        pub limits: BTreeMap<String, Limit>,
+        pub fail_limits: bool,
     }
 
     impl HostNetwork for FakeHost {
@@ -214,6 +311,23 @@ pub mod fake {
         ) -> Result<(), HostError> {
             self.routes.push((ifindex, address));
             Ok(())
+        }
+        fn set_rate_limit(
+            &mut self,
+            side: LimitSide<'_>,
+            limit: Option<Limit>,
+        ) -> Result<(), HostError> {
+            if self.fail_limits {
+                return Err(HostError::Nft("fake: cannot install a qdisc".into()));
+            }
+            match limit {
+                Some(l) => self.limits.insert(describe_side(side), l),
+                None => self.limits.remove(&describe_side(side)),
+            };
+            Ok(())
+        }
+        fn rate_limit_drops(&self, side: LimitSide<'_>) -> Result<Option<u64>, HostError> {
+            Ok(self.limits.get(&describe_side(side)).map(|_| 7))
         }
     }
 }

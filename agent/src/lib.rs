@@ -2,6 +2,7 @@
 //! operator's commands that talk to it. The binary `hypha` (src/main.rs) is a thin shell
 //! over this library.
 
+pub mod bandwidth;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -69,6 +69,22 @@ enum EndpointCommand {
     /// List endpoints with their counters.
     #[command(alias = "ls")]
     List(ClientArgs),
+    /// Change an endpoint's bandwidth limits at run time:
+    /// `hypha endpoint config 7 egress-rate=10M ingress-rate=1.5G`.
+    ///
+    /// Rates are bits per second and bursts bits, with SI units (k, M, G, T: powers of
+    /// 1000). `egress-rate=none` removes the egress limit (and its burst). Settings not
+    /// given are kept.
+    Config {
+        /// Endpoint id, container id, or a unique prefix of a container id.
+        endpoint: String,
+        /// egress-rate=RATE, ingress-rate=RATE, egress-burst=BITS, ingress-burst=BITS
+        /// (each may be `none`).
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Subcommand)]
@@ -236,6 +252,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Endpoint(EndpointCommand::List(args)) => {
             let eps = Client::new(&args.socket)?.endpoints()?;
             print(args.output, &eps, |e| format_endpoints(e))
+        }
+        Command::Endpoint(EndpointCommand::Config {
+            endpoint,
+            settings,
+            client,
+        }) => {
+            let api = Client::new(&client.socket)?;
+            // The agent resolves `endpoint` the same way; read its current limits first,
+            // so that settings not given are kept.
+            let eps = api.endpoints()?;
+            let current = eps
+                .iter()
+                .find(|e| e.id.to_string() == endpoint || e.container_id == endpoint)
+                .or_else(|| {
+                    let mut m = eps
+                        .iter()
+                        .filter(|e| e.container_id.starts_with(endpoint.as_str()));
+                    match (m.next(), m.next()) {
+                        (Some(e), None) => Some(e),
+                        _ => None,
+                    }
+                })
+                .ok_or_else(|| anyhow::anyhow!("no endpoint with id or container id {endpoint}"))?;
+            let bw = hypha_agent::bandwidth::apply_settings(current.bandwidth, &settings)?
+                .unwrap_or_default();
+            let ep = api.set_bandwidth(&current.id.to_string(), &bw)?;
+            print(client.output, &ep, |e| {
+                format_endpoints(std::slice::from_ref(e))
+            })
         }
         Command::Policy(PolicyCommand::Apply { files, client }) => {
             let sources = read_policy_files(&files)?;

@@ -70,6 +70,11 @@ where
             "/v1/endpoints/{container_id}/policy",
             get(endpoint_policy::<D, H>),
         )
+        // Likewise an interface named `bandwidth`.
+        .route(
+            "/v1/endpoints/{endpoint}/bandwidth",
+            put(set_bandwidth::<D, H>),
+        )
         .route(
             "/v1/policies",
             get(list_policies::<D, H>).post(apply_policies::<D, H>),
@@ -230,6 +235,14 @@ async fn endpoint_policy<D: Datapath, H: HostNetwork>(
     UrlPath(endpoint): UrlPath<String>,
 ) -> Result<Response, ControlError> {
     Ok(Json(a.lock().await.endpoint_policy(&endpoint)?).into_response())
+}
+
+async fn set_bandwidth<D: Datapath, H: HostNetwork>(
+    State(a): State<Shared<D, H>>,
+    UrlPath(endpoint): UrlPath<String>,
+    Json(bw): Json<hypha_api::Bandwidth>,
+) -> Result<Response, ControlError> {
+    Ok(Json(a.lock().await.set_bandwidth(&endpoint, &bw)?).into_response())
 }
 
 async fn namespace_labels<D: Datapath, H: HostNetwork>(

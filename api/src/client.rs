@@ -12,7 +12,7 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
 use crate::{
-    AllocateRequest, Allocation, ApiError, ApplyPoliciesResponse, CreateEndpointRequest,
+    AllocateRequest, Allocation, ApiError, ApplyPoliciesResponse, Bandwidth, CreateEndpointRequest,
     DeleteResponse, Endpoint, EndpointCheck, EndpointPolicy, GcRequest, GcResponse,
     NamespaceLabels, NamespaceLabelsRequest, PolicySource, PolicySummary, Status,
 };
@@ -173,6 +173,13 @@ impl Client {
     pub fn endpoint_policy(&self, endpoint: &str) -> Result<EndpointPolicy, ClientError> {
         let uri = format!("/v1/endpoints/{}/policy", percent_encode(endpoint));
         self.call(Method::GET, &uri, None::<&()>)
+    }
+
+    /// Sets (replaces) the bandwidth limits of an endpoint (by id, container id or a
+    /// unique prefix of one); an empty [`Bandwidth`] removes them.
+    pub fn set_bandwidth(&self, endpoint: &str, bw: &Bandwidth) -> Result<Endpoint, ClientError> {
+        let uri = format!("/v1/endpoints/{}/bandwidth", percent_encode(endpoint));
+        self.call(Method::PUT, &uri, Some(bw))
     }
 
     pub fn set_namespace_labels(

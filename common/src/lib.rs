@@ -170,6 +170,25 @@ pub const ENDPOINT_F_EGRESS_POLICY: u32 = 1 << 1;
 pub const ENDPOINT_F_INGRESS_AUDIT: u32 = 1 << 2;
 /// `EndpointInfo::flags`: as above, for egress.
 pub const ENDPOINT_F_EGRESS_AUDIT: u32 = 1 << 3;
+/// The `ENDPOINT_F_*` bits the policy compiler owns; the agent writes them from a policy
+/// diff and leaves every other bit as it is.
+pub const ENDPOINT_F_POLICY_MASK: u32 = ENDPOINT_F_INGRESS_POLICY
+    | ENDPOINT_F_EGRESS_POLICY
+    | ENDPOINT_F_INGRESS_AUDIT
+    | ENDPOINT_F_EGRESS_AUDIT;
+/// `EndpointInfo::flags`: what the endpoint receives is rate limited by a qdisc on the
+/// egress of its host veth. `hypha_from_pod` then delivers same-node traffic to it with
+/// `bpf_redirect` (the host veth's egress, through the qdisc) instead of
+/// `bpf_redirect_peer` (which would skip the qdisc). Set by the agent from the endpoint's
+/// bandwidth, never by the policy compiler.
+pub const ENDPOINT_F_INGRESS_LIMIT: u32 = 1 << 4;
+
+/// `skb->mark` of a frame `hypha_from_pod` redirected to a rate-limited endpoint's host
+/// veth egress: `hypha_to_pod` sees it there, and must neither count it again nor check
+/// its policy again (both were done at the sender's veth); it clears the mark. The value
+/// is arbitrary but unlikely to collide with marks the host stack uses ("HYP" + 0x01).
+/// Readers: `ebpf` (both programs).
+pub const MARK_REDIRECTED: u32 = 0x4859_5001;
 
 /// `DropKey::direction` of what the pod sends.
 pub const DIR_EGRESS: u8 = 0;
@@ -377,11 +396,17 @@ pub enum DropReason {
     PolicyDenyRule = 7,
     /// The pod sent with an address or MAC that is not its own.
     SpoofedSource = 8,
+    /// The endpoint's rate limiter (a `tbf` qdisc, egress on the pod's interface, ingress
+    /// on its host veth) dropped the packet because its queue was full. Counted by the
+    /// kernel, not by the eBPF programs: the agent reads the qdisc's drop counter, so
+    /// this reason shows in `hypha endpoint list` but never in `hypha_drops` nor in
+    /// `hypha monitor`.
+    BandwidthLimit = 9,
 }
 
 impl DropReason {
     /// Every reason, in numbering order.
-    pub const ALL: [DropReason; 8] = [
+    pub const ALL: [DropReason; 9] = [
         DropReason::InvalidIpv4Header,
         DropReason::MalformedIpv4,
         DropReason::UnknownL3,
@@ -390,6 +415,7 @@ impl DropReason {
         DropReason::PolicyDenied,
         DropReason::PolicyDenyRule,
         DropReason::SpoofedSource,
+        DropReason::BandwidthLimit,
     ];
 
     /// The reason for a stored code, if the code is known.
@@ -408,6 +434,7 @@ impl DropReason {
             DropReason::PolicyDenied => "policy-denied",
             DropReason::PolicyDenyRule => "policy-deny-rule",
             DropReason::SpoofedSource => "spoofed-source",
+            DropReason::BandwidthLimit => "bandwidth-limit",
         }
     }
 }
@@ -476,6 +503,9 @@ mod tests {
             }
         }
         assert_eq!(DropReason::from_u16(0), None);
+        assert_eq!(DropReason::BandwidthLimit.name(), "bandwidth-limit");
+        assert_eq!(DropReason::BandwidthLimit as u16, 9);
+        assert_eq!(ENDPOINT_F_POLICY_MASK & ENDPOINT_F_INGRESS_LIMIT, 0);
         assert_eq!(DropReason::from_u16(u16::MAX), None);
     }
 }

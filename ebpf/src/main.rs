@@ -23,10 +23,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use hypha_common::{
-    Counter, CtEntry, CtKey4, DIR_EGRESS, DropKey, DropReason, EVENTS_BYTES, EndpointInfo,
-    EndpointKey4, EndpointStats, IpcacheValue, MAX_CT_ENTRIES, MAX_DROP_COUNTERS, MAX_ENDPOINTS,
-    MAX_IPCACHE, MAX_POLICIES, MAX_POLICY_ENTRIES, NodeConfig, PolicyEntry, PolicyKey, PolicyStats,
-    maps, programs,
+    Counter, CtEntry, CtKey4, DIR_EGRESS, DropKey, DropReason, ENDPOINT_F_INGRESS_LIMIT,
+    EVENTS_BYTES, EndpointInfo, EndpointKey4, EndpointStats, IpcacheValue, MARK_REDIRECTED,
+    MAX_CT_ENTRIES, MAX_DROP_COUNTERS, MAX_ENDPOINTS, MAX_IPCACHE, MAX_POLICIES,
+    MAX_POLICY_ENTRIES, NodeConfig, PolicyEntry, PolicyKey, PolicyStats, maps, programs,
 };
 
 use crate::{
@@ -121,7 +121,9 @@ pub fn hypha_from_pod(ctx: TcContext) -> i32 {
 ///
 /// Frames another pod sends are not seen here: `bpf_redirect_peer` hands them to the
 /// pod's interface directly. ARP replies made by [`hypha_from_pod`] are, since they are
-/// redirected to this device's egress.
+/// redirected to this device's egress, and so are frames from another pod to a pod with
+/// an ingress rate limit (redirected to this egress to pass its qdisc): those carry
+/// [`MARK_REDIRECTED`] and were counted and policy-checked at the sender's veth.
 #[classifier]
 pub fn hypha_to_pod(ctx: TcContext) -> i32 {
     match try_to_pod(&ctx) {
@@ -130,6 +132,13 @@ pub fn hypha_to_pod(ctx: TcContext) -> i32 {
 }
 
 fn try_to_pod(ctx: &TcContext) -> Result<i32, i32> {
+    // SAFETY: `ctx.skb.skb` is the context pointer the kernel passed in; `mark` is a
+    // readable field of `__sk_buff`.
+    if unsafe { (*ctx.skb.skb).mark } == MARK_REDIRECTED {
+        // The mark is ours alone: clear it before the frame enters the pod.
+        ctx.set_mark(0);
+        return Ok(TC_ACT_OK);
+    }
     let ifindex = skb_ifindex(ctx);
     if let Some((flow, receiver)) = to_pod_flow(ctx, ifindex)
         && policy::enforces(&receiver)
@@ -432,9 +441,17 @@ fn route_ipv4(ctx: &TcContext, ifindex: u32) -> Result<Forward, Refusal> {
     .map_err(|_| Refusal::Malformed(DropReason::HelperFailed))?;
 
     // Straight into the destination pod's namespace, skipping the host stack and the
-    // host-side veth's egress.
-    // SAFETY: a plain helper call with scalar arguments.
-    let ret = unsafe { bpf_redirect_peer(dst.ifindex, 0) };
+    // host-side veth's egress; unless the destination's ingress is rate limited: its
+    // limiter is a qdisc on that egress, so the frame goes there (`bpf_redirect` to the
+    // device's egress), marked so that `hypha_to_pod` lets it through untouched.
+    let ret = if dst.flags & ENDPOINT_F_INGRESS_LIMIT != 0 {
+        ctx.set_mark(MARK_REDIRECTED);
+        // SAFETY: a plain helper call with scalar arguments.
+        unsafe { bpf_redirect(dst.ifindex, 0) }
+    } else {
+        // SAFETY: a plain helper call with scalar arguments.
+        unsafe { bpf_redirect_peer(dst.ifindex, 0) }
+    };
     if ret != i64::from(TC_ACT_REDIRECT) {
         return Err(DropReason::HelperFailed.into());
     }

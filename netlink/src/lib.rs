@@ -19,6 +19,7 @@
 mod error;
 mod messages;
 mod netns;
+mod qdisc;
 
 use std::fs::File;
 use std::net::Ipv4Addr;
@@ -27,14 +28,16 @@ use std::path::Path;
 
 use ipnet::Ipv4Net;
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_EXCL,
-    NLM_F_REPLACE, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_ECHO,
+    NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
 };
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 pub use error::Error;
 use error::RequestError;
+pub use qdisc::{HYPHA_QDISC_MAJOR, Qdisc, TbfSpec};
 
 /// Result of the netlink layer.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -348,6 +351,66 @@ impl Netlink {
                 format!("delete route {}", describe(route)),
                 &self.netns,
                 None,
+            )),
+        }
+    }
+
+    /// Installs `spec` as the root qdisc of interface `index` (`NLM_F_CREATE|NLM_F_REPLACE`):
+    /// a Hypha `tbf` already there is changed in place, without dropping its queue; any
+    /// other root qdisc is replaced.
+    pub fn replace_tbf(&mut self, index: u32, spec: &TbfSpec) -> Result<()> {
+        let msg = RouteNetlinkMessage::NewQueueDiscipline(qdisc::tbf_message(index, spec));
+        self.request(msg, NLM_F_CREATE | NLM_F_REPLACE)
+            .map(drop)
+            .map_err(|e| {
+                e.into_error(
+                    format!(
+                        "install a tbf qdisc ({} B/s, burst {} B, limit {} B) on interface #{index}",
+                        spec.rate_bytes_per_sec, spec.burst_bytes, spec.limit_bytes
+                    ),
+                    &self.netns,
+                    Some(&format!("#{index}")),
+                )
+            })
+    }
+
+    /// The root qdisc of interface `index` with its statistics; `None` if the interface is
+    /// gone.
+    pub fn root_qdisc(&mut self, index: u32) -> Result<Option<Qdisc>> {
+        let msg = RouteNetlinkMessage::GetQueueDiscipline(qdisc::root_qdisc_message(index, 0));
+        // The kernel answers a qdisc GET only to its multicast group unless asked to echo.
+        match self.request(msg, NLM_F_ECHO) {
+            Ok(answers) => Ok(answers.iter().find_map(|m| match m {
+                RouteNetlinkMessage::NewQueueDiscipline(q) => qdisc::parse_root_qdisc(q, index),
+                _ => None,
+            })),
+            Err(e) if matches!(e.errno(), Some(libc::ENODEV | libc::ENOENT)) => Ok(None),
+            Err(e) => Err(e.into_error(
+                format!("get the root qdisc of interface #{index}"),
+                &self.netns,
+                None,
+            )),
+        }
+    }
+
+    /// Deletes the root qdisc of interface `index` if it is Hypha's (see
+    /// [`Qdisc::is_hypha_tbf`]), which gives the interface back its default qdisc.
+    /// Returns whether there was one to delete; someone else's root qdisc is left alone.
+    pub fn delete_hypha_root_qdisc(&mut self, index: u32) -> Result<bool> {
+        if !self.root_qdisc(index)?.is_some_and(|q| q.is_hypha_tbf()) {
+            return Ok(false);
+        }
+        let msg = RouteNetlinkMessage::DelQueueDiscipline(qdisc::root_qdisc_message(
+            index,
+            HYPHA_QDISC_MAJOR,
+        ));
+        match self.request(msg, 0) {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.errno(), Some(libc::ENODEV | libc::ENOENT)) => Ok(false),
+            Err(e) => Err(e.into_error(
+                format!("delete the root qdisc of interface #{index}"),
+                &self.netns,
+                Some(&format!("#{index}")),
             )),
         }
     }

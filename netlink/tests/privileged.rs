@@ -286,3 +286,65 @@ fn missing_netns_is_reported_with_its_path() {
         before
     );
 }
+
+/// A `tbf` root qdisc is installed without a rate table, reads back with the rate, bucket
+/// and limit asked for, is changed in place, and only Hypha's is deleted.
+#[test]
+fn tbf_root_qdisc_is_installed_read_changed_and_deleted() {
+    use hypha_netlink::TbfSpec;
+    let ns = TestNetns::new();
+    let mut nl = Netlink::in_netns(&ns.path()).expect("socket in netns");
+    // This kernel has no dummy driver: a veth pair inside the namespace.
+    ip(&[
+        "-n", &ns.name, "link", "add", "shaped0", "type", "veth", "peer", "name", "shaped1",
+    ]);
+    let link = nl.link_by_name("shaped0").unwrap().expect("veth exists");
+    nl.set_up(link.index).unwrap();
+    let spec = TbfSpec {
+        rate_bytes_per_sec: 1_250_000,
+        burst_bytes: 6_250,
+        limit_bytes: 12_500,
+    };
+    nl.replace_tbf(link.index, &spec).expect("install tbf");
+    let q = nl.root_qdisc(link.index).unwrap().expect("root qdisc");
+    assert!(q.is_hypha_tbf(), "{q:?}");
+    let got = q.tbf.expect("tbf options");
+    assert_eq!(got.rate_bytes_per_sec, spec.rate_bytes_per_sec);
+    assert_eq!(got.limit_bytes, spec.limit_bytes);
+    assert!(got.burst_bytes.abs_diff(spec.burst_bytes) <= 2, "{got:?}");
+
+    // 1 Tbit/s needs the 64-bit rate.
+    let fast = TbfSpec {
+        rate_bytes_per_sec: 125_000_000_000,
+        burst_bytes: 1 << 20,
+        limit_bytes: 1 << 22,
+    };
+    nl.replace_tbf(link.index, &fast)
+        .expect("change tbf in place");
+    let got = nl.root_qdisc(link.index).unwrap().unwrap().tbf.unwrap();
+    assert_eq!(got.rate_bytes_per_sec, fast.rate_bytes_per_sec);
+
+    assert!(nl.delete_hypha_root_qdisc(link.index).unwrap());
+    let q = nl.root_qdisc(link.index).unwrap().expect("default qdisc");
+    assert!(!q.is_hypha_tbf(), "{q:?}");
+    assert!(
+        !nl.delete_hypha_root_qdisc(link.index).unwrap(),
+        "nothing of ours left"
+    );
+
+    // Someone else's root qdisc is left alone.
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", &ns.name, "tc", "qdisc", "add", "dev", "shaped0",
+        ])
+        .args([
+            "root", "handle", "1:", "tbf", "rate", "1mbit", "burst", "10k",
+        ])
+        .args(["latency", "10ms"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!nl.delete_hypha_root_qdisc(link.index).unwrap());
+    assert_eq!(nl.root_qdisc(link.index).unwrap().unwrap().kind, "tbf");
+    assert_eq!(nl.root_qdisc(9999).unwrap(), None, "no such interface");
+}

@@ -219,6 +219,22 @@ impl Node {
     /// passes them: `K8S_POD_NAMESPACE`/`K8S_POD_NAME` in `CNI_ARGS` and the labels in
     /// `args.cni.labels`.
     pub fn add_labelled_pod(&self, name: &str, namespace: &str, labels: &[(&str, &str)]) -> Pod {
+        self.add_pod_with(name, namespace, labels, None)
+    }
+
+    /// Makes a pod with rate limits, passed as a runtime passes the CNI `bandwidth`
+    /// capability: `runtimeConfig.bandwidth` (`ingressRate`, `egressBurst`, ... in bits).
+    pub fn add_pod_with_bandwidth(&self, name: &str, bandwidth: serde_json::Value) -> Pod {
+        self.add_pod_with(name, "default", &[], Some(bandwidth))
+    }
+
+    fn add_pod_with(
+        &self,
+        name: &str,
+        namespace: &str,
+        labels: &[(&str, &str)],
+        bandwidth: Option<serde_json::Value>,
+    ) -> Pod {
         let netns = NamedNetns::named(format!("{}-{name}", self.tag));
         let container_id = format!("ctr{}{name}", self.tag);
         let path = netns.path().display().to_string();
@@ -231,6 +247,9 @@ impl Node {
                     .collect::<Vec<_>>()
             }
         });
+        if let Some(bw) = bandwidth {
+            conf["runtimeConfig"] = serde_json::json!({ "bandwidth": bw });
+        }
         let cni_args = format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}");
         let mut env = Self::cni_env("ADD", &container_id, &path);
         env.push(("CNI_ARGS", &cni_args));

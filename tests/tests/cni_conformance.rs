@@ -111,8 +111,10 @@ fn version_probe_with_placeholders() {
     }
 }
 
-/// hypha-cni first, then portmap, tuning, bandwidth and firewall, at 1.0.0 (what
-/// Debian's plugins speak): ADD, CHECK and DEL as libcni runs them.
+/// hypha-cni first, then portmap, tuning and firewall, at 1.0.0 (what Debian's plugins
+/// speak): ADD, CHECK and DEL as libcni runs them. The reference `bandwidth` plugin is not
+/// chained: hypha-cni takes the `bandwidth` capability and the agent enforces it (a root
+/// `tbf` of its own on the host veth, which the reference plugin's would collide with).
 #[test]
 fn chain_with_the_reference_plugins() {
     let node = Node::start();
@@ -127,7 +129,6 @@ fn chain_with_the_reference_plugins() {
              "capabilities": {"bandwidth": true, "mac": true}},
             {"type": "tuning", "sysctl": {"net.ipv4.conf.eth0.arp_notify": "1"}},
             {"type": "portmap", "capabilities": {"portMappings": true}},
-            {"type": "bandwidth", "capabilities": {"bandwidth": true}},
             {"type": "firewall", "backend": "iptables"},
         ],
     });
@@ -172,12 +173,17 @@ fn chain_with_the_reference_plugins() {
     assert!(link.contains("02:68:79:70:68:61"), "{link}");
     let sysctl = pod.exec(&["cat", "/proc/sys/net/ipv4/conf/eth0/arp_notify"]);
     assert_eq!(sysctl.trim(), "1");
-    // bandwidth: stored on the endpoint by hypha-cni, and shaped by the bandwidth plugin
-    // with a tbf qdisc on the host veth.
+    // bandwidth: stored on the endpoint by hypha-cni, and shaped by the agent with a tbf
+    // qdisc on the host veth (ingress) and on the pod's eth0 (egress).
     let ep = node.endpoint(&id);
     assert_eq!(ep.bandwidth.and_then(|b| b.ingress_rate), Some(8_000_000));
     let qdisc = node.netns.exec(&["tc", "qdisc", "show", "dev", &host_if]);
     assert!(qdisc.contains("tbf"), "no tbf qdisc on {host_if}: {qdisc}");
+    let qdisc = pod.exec(&["tc", "qdisc", "show", "dev", "eth0"]);
+    assert!(
+        qdisc.contains("tbf"),
+        "no tbf qdisc on the pod's eth0: {qdisc}"
+    );
     // portmap's DNAT rule, firewall's forward rules for the pod.
     let nat = node.netns.exec(&["iptables-save", "-t", "nat"]);
     assert!(
@@ -190,7 +196,7 @@ fn chain_with_the_reference_plugins() {
         "{filter}"
     );
 
-    // CHECK through the chain, with the final result (which lists bandwidth's ifb too).
+    // CHECK through the chain, with the final result.
     // Debian's portmap 1.1.1 always checks for IPv6 rules, even for an IPv4-only pod, and
     // fails (containernetworking/plugins#819, fixed after 1.1.1): it is left out here.
     let mut check_chain = Chain::new(

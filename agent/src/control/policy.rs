@@ -188,6 +188,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 "cannot write the policy maps: {e}"
             )));
         }
+        let flags = flags | crate::bandwidth::endpoint_flags(record.bandwidth.as_ref());
         if let Err(e) = self.datapath.attach(record, flags) {
             undo(self);
             return Err(ControlError::Datapath(e.to_string()));
@@ -629,7 +630,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         })
     }
 
-    fn find_endpoint(&self, which: &str) -> Result<&EndpointRecord, ControlError> {
+    pub(super) fn find_endpoint(&self, which: &str) -> Result<&EndpointRecord, ControlError> {
         if let Ok(id) = which.parse::<u32>()
             && let Some(e) = self.endpoints.iter().find(|e| e.id == id)
         {

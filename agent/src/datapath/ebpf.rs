@@ -316,6 +316,18 @@ impl Datapath for EbpfDatapath {
         self.attach_all(ep, policy_flags)
     }
 
+    fn set_flags(&mut self, ep: &EndpointRecord, mask: u32, flags: u32) -> Result<(), EbpfError> {
+        let key = EndpointKey4::from_octets(ep.address.octets());
+        let mut endpoints = self.endpoints()?;
+        let mut info = endpoints
+            .get(&key, 0)
+            .map_err(map_err("read", maps::ENDPOINTS4))?;
+        info.flags = (info.flags & !mask) | (flags & mask);
+        endpoints
+            .insert(key, info, 0)
+            .map_err(map_err("update", maps::ENDPOINTS4))
+    }
+
     fn apply_policy(&mut self, diff: &PolicyDiff) -> Result<(), EbpfError> {
         super::policy_maps::apply(&mut self.ebpf, diff)
     }

@@ -61,6 +61,17 @@ impl Datapath for FakeDatapath {
         Vec::new()
     }
 
+    fn set_flags(&mut self, ep: &EndpointRecord, mask: u32, flags: u32) -> Result<(), FakeError> {
+        self.log
+            .push(format!("set_flags {} {mask:#x} {flags:#x}", ep.host_ifname));
+        let f = self
+            .flags
+            .get_mut(&ep.id)
+            .ok_or_else(|| FakeError(format!("{} is not attached", ep.host_ifname)))?;
+        *f = (*f & !mask) | (flags & mask);
+        Ok(())
+    }
+
     fn apply_policy(&mut self, diff: &PolicyDiff) -> Result<(), FakeError> {
         if self.fail_apply {
             return Err(FakeError("cannot write the policy maps".into()));
@@ -72,7 +83,8 @@ impl Datapath for FakeDatapath {
         for (id, flags) in &diff.flags_set {
             // Like the real maps: only attached endpoints have flags to change.
             if let Some(f) = self.flags.get_mut(id) {
-                *f = *flags;
+                let mask = hypha_common::ENDPOINT_F_POLICY_MASK;
+                *f = (*f & !mask) | (*flags & mask);
             }
         }
         for k in &diff.entries_del {

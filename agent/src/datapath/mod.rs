@@ -36,16 +36,23 @@ pub trait Datapath: Send {
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// Attaches the programs to the endpoint's host veth and fills its map entries;
-    /// `policy_flags` (`ENDPOINT_F_*`) go into its `EndpointInfo::flags`. The endpoint's
-    /// policy entries and ipcache entries are already in place (see [`PolicyDiff`]).
-    fn attach(&mut self, ep: &EndpointRecord, policy_flags: u32) -> Result<(), Self::Error>;
+    /// `flags` (`ENDPOINT_F_*`: its policy's and its bandwidth's, OR-ed by the control
+    /// plane) go into its `EndpointInfo::flags`. The endpoint's policy entries and ipcache
+    /// entries are already in place (see [`PolicyDiff`]).
+    fn attach(&mut self, ep: &EndpointRecord, flags: u32) -> Result<(), Self::Error>;
 
     /// Takes over an endpoint that was attached by an earlier agent process, with its
-    /// current policy flags.
-    fn adopt(&mut self, ep: &EndpointRecord, policy_flags: u32) -> Result<Adoption, Self::Error>;
+    /// current flags (as for `attach`).
+    fn adopt(&mut self, ep: &EndpointRecord, flags: u32) -> Result<Adoption, Self::Error>;
+
+    /// Sets the bits of `mask` in the endpoint's `EndpointInfo::flags` to those of
+    /// `flags`, leaving the other bits as they are (the bandwidth code changes
+    /// `ENDPOINT_F_INGRESS_LIMIT` this way without touching the policy bits).
+    fn set_flags(&mut self, ep: &EndpointRecord, mask: u32, flags: u32) -> Result<(), Self::Error>;
 
     /// Applies a policy diff to the ipcache, the policy map and the attached endpoints'
-    /// flags, in the order [`PolicyDiff`] documents.
+    /// flags, in the order [`PolicyDiff`] documents. Only the policy bits
+    /// (`ENDPOINT_F_POLICY_MASK`) of the flags are written; the others are kept.
     fn apply_policy(&mut self, diff: &PolicyDiff) -> Result<(), Self::Error>;
 
     /// What the ipcache and the policy map hold now (an earlier agent's work, at start),

@@ -8,7 +8,9 @@ use std::net::Ipv4Addr;
 use aya::Ebpf;
 use aya::maps::lpm_trie::Key;
 use aya::maps::{HashMap, LpmTrie, MapData};
-use hypha_common::{EndpointInfo, EndpointKey4, IpcacheValue, PolicyEntry, PolicyKey, maps};
+use hypha_common::{
+    ENDPOINT_F_POLICY_MASK, EndpointInfo, EndpointKey4, IpcacheValue, PolicyEntry, PolicyKey, maps,
+};
 use ipnet::Ipv4Net;
 
 use super::InstalledPolicy;
@@ -74,7 +76,9 @@ pub fn apply(ebpf: &mut Ebpf, diff: &PolicyDiff) -> Result<(), EbpfError> {
                 .copied()
                 .filter(|(_, i)| i.endpoint_id == *id)
             {
-                info.flags = *flags;
+                // The policy's bits only: the bandwidth bit is the agent's, set apart.
+                info.flags =
+                    (info.flags & !ENDPOINT_F_POLICY_MASK) | (*flags & ENDPOINT_F_POLICY_MASK);
                 endpoints
                     .insert(key, info, 0)
                     .map_err(map_err("update", maps::ENDPOINTS4))?;

@@ -1,0 +1,231 @@
+//! Privileged tests of per-endpoint bandwidth limits with real pods and TCP: each limit
+//! holds within ±10% over a 5-second iperf3 transfer, an unlimited pod is not slowed,
+//! limits change and go at run time, and bad input is refused by field name.
+//!
+//! Rates are measured as the receiver counts them (iperf3's server-side bytes).
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use hypha_tests::netns::NamedNetns;
+use hypha_tests::node::{Node, Pod};
+use serde_json::json;
+
+/// Transfer length, seconds.
+const SECONDS: u32 = 5;
+
+/// An `iperf3 -s` in a namespace, killed on drop.
+struct Server(Child);
+
+impl Server {
+    fn start(ns: &NamedNetns, port: u16) -> Self {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns.name(), "iperf3", "-s", "-1", "-p"])
+            .arg(port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start iperf3 -s");
+        std::thread::sleep(Duration::from_millis(300));
+        Server(child)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Bits per second received by `to` from a TCP flow `from` → `to` over `SECONDS`.
+fn tcp_rate(from: &Pod, to: &Pod, port: u16) -> f64 {
+    let _server = Server::start(&to.netns, port);
+    let out = from.netns.exec(&[
+        "iperf3",
+        "-c",
+        &to.address.to_string(),
+        "-p",
+        &port.to_string(),
+        "-t",
+        &SECONDS.to_string(),
+        "-J",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
+    eprintln!(
+        "{} -> {}: {:.2} Mbit/s received, {} retransmits",
+        from.container_id,
+        to.address,
+        v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0)
+            / 1e6,
+        v["end"]["sum_sent"]["retransmits"]
+    );
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no sum_received in {out}"))
+}
+
+fn assert_within(rate: f64, limit: f64, what: &str) {
+    let ratio = rate / limit;
+    assert!(
+        (0.9..=1.1).contains(&ratio),
+        "{what}: {:.2} Mbit/s against a limit of {:.2} Mbit/s ({:.1}%)",
+        rate / 1e6,
+        limit / 1e6,
+        ratio * 100.0
+    );
+}
+
+#[test]
+fn egress_limits_of_10_and_100_mbit_hold_and_others_are_not_slowed() {
+    let node = Node::start();
+    let slow = node.add_pod_with_bandwidth(
+        "bw-e10",
+        json!({"egressRate": 10_000_000, "egressBurst": i32::MAX}),
+    );
+    let mid = node.add_pod_with_bandwidth("bw-e100", json!({"egressRate": 100_000_000}));
+    let free = node.add_pod("bw-free");
+    let sink = node.add_pod("bw-sink");
+
+    assert_within(tcp_rate(&slow, &sink, 15201), 10e6, "10 Mbit/s egress");
+    assert_within(tcp_rate(&mid, &sink, 15202), 100e6, "100 Mbit/s egress");
+    let unlimited = tcp_rate(&free, &sink, 15203);
+    assert!(
+        unlimited > 1e9,
+        "an unlimited pod gets {:.0} Mbit/s",
+        unlimited / 1e6
+    );
+
+    // The limit shows in the endpoint list, text and JSON.
+    let (ok, text, err) = node.hypha(&["endpoint", "list"]);
+    assert!(ok, "{err}");
+    assert!(text.contains("TX-LIMIT") && text.contains("10M"), "{text}");
+    let ep = node.endpoint(&slow.container_id);
+    assert_eq!(ep.bandwidth.and_then(|b| b.egress_rate), Some(10_000_000));
+}
+
+#[test]
+fn ingress_limit_holds_for_same_node_traffic() {
+    let node = Node::start();
+    let limited = node.add_pod_with_bandwidth("bw-i20", json!({"ingressRate": 20_000_000}));
+    let sender = node.add_pod("bw-isend");
+    assert_within(
+        tcp_rate(&sender, &limited, 15211),
+        20e6,
+        "20 Mbit/s ingress",
+    );
+    // The frames went through the qdisc, yet each was counted once, as redirected.
+    let ep = node.endpoint(&limited.container_id);
+    assert!(ep.counters.ingress.redirected.packets > 1000, "{ep:?}");
+    assert!(
+        ep.counters.ingress.passed.packets < 100,
+        "redirected frames counted again at the qdisc's hook: {ep:?}"
+    );
+}
+
+#[test]
+fn limits_change_and_go_at_run_time_and_bad_input_is_refused() {
+    let node = Node::start();
+    let pod = node.add_pod("bw-rt");
+    let sink = node.add_pod("bw-rtsink");
+    let id = node.endpoint(&pod.container_id).id.to_string();
+
+    let (ok, _, err) = node.hypha(&["endpoint", "config", &id, "egress-rate=20M"]);
+    assert!(ok, "{err}");
+    assert_within(
+        tcp_rate(&pod, &sink, 15221),
+        20e6,
+        "20 Mbit/s set at run time",
+    );
+
+    let (ok, _, err) = node.hypha(&["endpoint", "config", &pod.container_id, "egress-rate=50M"]);
+    assert!(ok, "{err}");
+    assert_within(tcp_rate(&pod, &sink, 15222), 50e6, "changed to 50 Mbit/s");
+
+    // An ingress limit at run time, then both removed.
+    let (ok, _, err) = node.hypha(&[
+        "endpoint",
+        "config",
+        &id,
+        "ingress-rate=30M",
+        "egress-rate=none",
+    ]);
+    assert!(ok, "{err}");
+    assert_within(
+        tcp_rate(&sink, &pod, 15223),
+        30e6,
+        "30 Mbit/s ingress set at run time",
+    );
+    let (ok, _, err) = node.hypha(&["endpoint", "config", &id, "ingress-rate=none"]);
+    assert!(ok, "{err}");
+    assert_eq!(node.endpoint(&pod.container_id).bandwidth, None);
+    let full = tcp_rate(&pod, &sink, 15224);
+    assert!(
+        full > 1e9,
+        "removing the limit restores full speed: {:.0} Mbit/s",
+        full / 1e6
+    );
+    let full = tcp_rate(&sink, &pod, 15225);
+    assert!(full > 1e9, "and on ingress: {:.0} Mbit/s", full / 1e6);
+    let qdisc = pod.netns.exec(&["tc", "qdisc", "show", "dev", "eth0"]);
+    assert!(!qdisc.contains("tbf"), "{qdisc}");
+
+    // Bad input names the field and changes nothing.
+    let (ok, _, err) = node.hypha(&["endpoint", "config", &id, "egress-rate=10M"]);
+    assert!(ok, "{err}");
+    for (arg, field) in [
+        ("egress-rate=0", "egress-rate"),
+        ("egress-rate=-5M", "egress-rate"),
+        ("ingress-rate=2T", "ingress-rate"),
+        ("ingress-rate=fast", "ingress-rate"),
+        ("egress-burst=1.5", "egress-burst"),
+        ("ingress-burst=1M", "ingress-burst"),
+    ] {
+        let (ok, _, err) = node.hypha(&["endpoint", "config", &id, arg]);
+        assert!(!ok, "{arg} was accepted");
+        assert!(err.contains(field), "{arg}: {err}");
+    }
+    // Through the API too, as JSON field names.
+    let bad = hypha_api::Bandwidth {
+        ingress_rate: Some(2_000_000_000_000),
+        ..hypha_api::Bandwidth::default()
+    };
+    let err = node
+        .client()
+        .set_bandwidth(&id, &bad)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("ingressRate"), "{err}");
+    let ep = node.endpoint(&pod.container_id);
+    assert_eq!(ep.bandwidth.and_then(|b| b.egress_rate), Some(10_000_000));
+    assert_eq!(ep.bandwidth.and_then(|b| b.ingress_rate), None);
+
+    // A bad rate at CNI ADD: the pod is refused with the field named.
+    let out = {
+        let ns = NamedNetns::named(format!("{}-bw-bad", node.tag));
+        let path = ns.path().display().to_string();
+        let mut conf: serde_json::Value = serde_json::from_str(&node.conf("1.1.0")).unwrap();
+        conf["runtimeConfig"] = json!({"bandwidth": {"egressRate": 0}});
+        let cid = format!("ctr{}bwbad", node.tag);
+        node.cni(&Node::cni_env("ADD", &cid, &path), &conf.to_string())
+    };
+    assert!(!out.status.success());
+    assert!(out.stdout.contains("egressRate"), "{}", out.stdout);
+}
+
+#[test]
+fn limits_survive_an_agent_restart() {
+    let mut node = Node::start();
+    let pod = node.add_pod_with_bandwidth(
+        "bw-rs",
+        json!({"egressRate": 10_000_000, "ingressRate": 20_000_000}),
+    );
+    let sink = node.add_pod("bw-rssink");
+    node.kill_agent();
+    node.start_agent();
+    let ep = node.endpoint(&pod.container_id);
+    assert_eq!(ep.bandwidth.and_then(|b| b.ingress_rate), Some(20_000_000));
+    assert_within(tcp_rate(&sink, &pod, 15231), 20e6, "ingress after restart");
+}
