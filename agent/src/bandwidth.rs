@@ -13,8 +13,11 @@
 //! - **Egress** (what the pod sends): a `tbf` root qdisc on the pod's own interface,
 //!   inside its network namespace (a pod without `CAP_NET_ADMIN` cannot remove it). A full
 //!   queue there refuses the packet to the sending socket (`NET_XMIT_DROP`): TCP keeps it
-//!   and sends it later, so it costs no retransmission, and TCP small queues keep the
-//!   queue short.
+//!   and sends it later, and TCP small queues keep the queue short. That only holds for
+//!   packets that fit the queue whole: `tbf` cuts a GSO packet larger than its bucket into
+//!   frames and drops those that do not fit, which TCP sees as losses (thousands of
+//!   retransmissions at 10 Mbit/s with 64 KB packets). So the pod's interface also gets a
+//!   GSO size of a quarter of the queue ([`gso_size`]).
 //! - **Ingress** (what the pod receives): a `tbf` root qdisc on the host veth, whose egress
 //!   is the pod's ingress. Same-node traffic from another pod would skip it
 //!   (`bpf_redirect_peer` goes straight into the pod), so the endpoint gets
@@ -242,6 +245,16 @@ impl Limit {
             limit_bytes: u32::try_from(limit).unwrap_or(u32::MAX),
         }
     }
+}
+
+/// The kernel's default (and largest, without BIG TCP) GSO packet.
+pub const GSO_MAX: u32 = 65_536;
+
+/// The GSO packet size for a pod whose egress `tbf` is `tbf`: a quarter of the queue, so
+/// several packets fit whole, between two frames and the kernel's default.
+pub fn gso_size(tbf: &TbfSpec, mtu: u32) -> u32 {
+    let frame = mtu.max(68) + ETH_HLEN;
+    (tbf.limit_bytes / 4).clamp(2 * frame, GSO_MAX)
 }
 
 /// `10M`-style text of bits (per second).

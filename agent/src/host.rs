@@ -164,13 +164,24 @@ impl HostNetwork for LinuxHost {
                 })),
             };
         };
+        let egress = matches!(side, LimitSide::Pod { .. });
         match limit {
             Some(l) => {
                 let mtu = nl.link_by_index(index)?.map(|l| l.mtu).unwrap_or(1500);
-                nl.replace_tbf(index, &l.tbf(mtu))?;
+                let tbf = l.tbf(mtu);
+                nl.replace_tbf(index, &tbf)?;
+                if egress {
+                    // The pod's own stack builds its GSO packets: small enough to fit the
+                    // queue whole, a full queue refuses them to the socket instead of `tbf`
+                    // cutting a 64 KB packet up and dropping the pieces it cannot hold.
+                    nl.set_gso_max_size(index, crate::bandwidth::gso_size(&tbf, mtu))?;
+                }
             }
             None => {
                 nl.delete_hypha_root_qdisc(index)?;
+                if egress {
+                    nl.set_gso_max_size(index, crate::bandwidth::GSO_MAX)?;
+                }
             }
         }
         Ok(())

@@ -254,6 +254,18 @@ impl Netlink {
         })
     }
 
+    /// Sets the largest GSO packet the stack builds for interface `index` (bytes).
+    pub fn set_gso_max_size(&mut self, index: u32, size: u32) -> Result<()> {
+        let msg = RouteNetlinkMessage::NewLink(messages::gso_max_size_message(index, size));
+        self.request(msg, 0).map(drop).map_err(|e| {
+            e.into_error(
+                format!("set the GSO size of interface #{index} to {size}"),
+                &self.netns,
+                Some(&format!("#{index}")),
+            )
+        })
+    }
+
     /// Deletes interface `index` (for a veth, both ends).
     pub fn delete_link(&mut self, index: u32) -> Result<()> {
         let msg = RouteNetlinkMessage::DelLink(messages::link_index_message(index));

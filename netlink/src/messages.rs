@@ -77,6 +77,14 @@ pub(crate) fn set_up_message(index: u32) -> LinkMessage {
     msg
 }
 
+/// `RTM_NEWLINK` body changing the largest GSO packet the stack builds for `index`.
+pub(crate) fn gso_max_size_message(index: u32, size: u32) -> LinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.header.index = index;
+    msg.attributes.push(LinkAttribute::GsoMaxSize(size));
+    msg
+}
+
 /// `RTM_GETLINK`/`RTM_DELLINK` body selecting an interface by index.
 pub(crate) fn link_index_message(index: u32) -> LinkMessage {
     let mut msg = LinkMessage::default();
@@ -481,5 +489,12 @@ mod tests {
         );
         assert_eq!(ext_ack_message(&payload[..16], true), None);
         assert_eq!(ext_ack_message(&[], true), None);
+    }
+
+    #[test]
+    fn gso_message_names_the_interface_and_size() {
+        let msg = gso_max_size_message(7, 16_384);
+        assert_eq!(msg.header.index, 7);
+        assert_eq!(msg.attributes, vec![LinkAttribute::GsoMaxSize(16_384)]);
     }
 }
