@@ -120,6 +120,14 @@ pub fn check(flow: &Flow, sender: Option<Party>, receiver: Option<Party>) -> Res
 /// A known flow (either way) gets its timeout and TCP state refreshed.
 #[inline(always)]
 fn ct_refresh(flow: &Flow, now: u64) -> bool {
+    // A connection opening (SYN without ACK) is always a new flow: a client reusing the
+    // address and port pair of an earlier connection must meet today's policy, not ride
+    // the old connection's entry (ports come round again after a few thousand
+    // connections, and a closing entry lingers). Its entry is replaced if it passes.
+    let opening = flow.proto == IPPROTO_TCP && flow.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if opening {
+        return false;
+    }
     if let Some(entry) = CT4.get_ptr_mut(flow.key()) {
         // SAFETY: a pointer from a successful lookup; concurrent updates of the same
         // entry from two CPUs only race on timestamps and flag bits, which is harmless.

@@ -743,6 +743,45 @@ mod policy {
         );
     }
 
+    /// A TCP segment `src` → `dst` with `flags`, sent by the pod `(src_mac, host_mac)`.
+    fn tcp(
+        src: [u8; 4],
+        src_mac: [u8; 6],
+        host_mac: [u8; 6],
+        dst: [u8; 4],
+        sport: u16,
+        dport: u16,
+        flags: u8,
+    ) -> Vec<u8> {
+        let mut ip = vec![0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, 64, 6, 0, 0];
+        ip.extend_from_slice(&src);
+        ip.extend_from_slice(&dst);
+        let csum = ipv4_checksum(&ip);
+        ip[10..12].copy_from_slice(&csum.to_be_bytes());
+        ip.extend_from_slice(&sport.to_be_bytes());
+        ip.extend_from_slice(&dport.to_be_bytes());
+        ip.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+        eth(host_mac, src_mac, ETH_P_IP, &ip)
+    }
+
+    #[test]
+    fn a_new_connection_reusing_a_tracked_port_pair_meets_the_current_policy() {
+        const SYN: u8 = 0x02;
+        const ACK: u8 = 0x10;
+        let mut node = node(0, ENDPOINT_F_INGRESS_POLICY);
+        let allow = b_ingress(ID_A, 6, 8080);
+        node.dp.set_policy(allow, rule(3, POLICY_ALLOW, 0));
+        let syn = tcp(POD_A_IP, POD_A_MAC, HOST_A_MAC, POD_B_IP, 40000, 8080, SYN);
+        let ack = tcp(POD_A_IP, POD_A_MAC, HOST_A_MAC, POD_B_IP, 40000, 8080, ACK);
+        assert_eq!(node.send_from_a(&syn).verdict, TC_ACT_REDIRECT);
+        assert_eq!(node.send_from_a(&ack).verdict, TC_ACT_REDIRECT);
+        node.dp.remove_policy(allow);
+        // The established connection goes on...
+        assert_eq!(node.send_from_a(&ack).verdict, TC_ACT_REDIRECT);
+        // ...but a new one from the same port is a new flow, and nothing allows it now.
+        assert_eq!(node.send_from_a(&syn).verdict, TC_ACT_SHOT);
+    }
+
     #[test]
     fn replies_to_an_endpoints_own_connections_pass_its_ingress_policy() {
         // A accepts nothing unsolicited; B enforces nothing.
