@@ -68,13 +68,13 @@ struct Report {
 }
 
 #[derive(Serialize)]
-struct Machine {
-    kernel: String,
-    nproc: usize,
+pub(super) struct Machine {
+    pub(super) kernel: String,
+    pub(super) nproc: usize,
     cpu: Option<String>,
     iperf3: Option<String>,
     timestamp_unix: u64,
-    timestamp_utc: String,
+    pub(super) timestamp_utc: String,
 }
 
 #[derive(Serialize)]
@@ -487,7 +487,7 @@ fn chart(r: &Report) -> String {
     )
 }
 
-fn machine() -> Machine {
+pub(super) fn machine() -> Machine {
     let first_line = |cmd: &mut Command| {
         crate::util::output(cmd)
             .ok()

@@ -141,10 +141,16 @@ impl Pin {
 /// 1-byte request/response over one TCP connection (TCP_NODELAY both ways), client pod
 /// to server pod: a short warm-up, then round trips for `seconds`, each timed.
 pub fn latency(pods: &Pods, seconds: u32, pin: Pin) -> Result<Latency> {
+    latency_on(pods, 0, seconds, pin)
+}
+
+/// [`latency`] with the server on `port` (0: any free port), for a firewall or policy
+/// that must allow it.
+pub fn latency_on(pods: &Pods, port: u16, seconds: u32, pin: Pin) -> Result<Latency> {
     let (server_ns, ip) = (pods.server_ns.clone(), pods.server_ip);
     let (client_cpu, server_cpu) = pin.cpus();
     let (port_tx, port_rx) = mpsc::channel();
-    let server = std::thread::spawn(move || rr_server(&server_ns, server_cpu, ip, &port_tx));
+    let server = std::thread::spawn(move || rr_server(&server_ns, server_cpu, ip, port, &port_tx));
     let port = match port_rx.recv_timeout(Duration::from_secs(10)) {
         Ok(port) => port,
         Err(_) => {
@@ -176,7 +182,7 @@ pub fn latency(pods: &Pods, seconds: u32, pin: Pin) -> Result<Latency> {
 }
 
 /// Moves the calling thread (only) into a named network namespace.
-fn enter_netns(name: &str) -> Result<()> {
+pub fn enter_netns(name: &str) -> Result<()> {
     let path = Path::new("/run/netns").join(name);
     let ns = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
     // SAFETY: setns reads a valid, open descriptor; joining a network namespace changes
@@ -209,13 +215,14 @@ fn rr_server(
     netns: &str,
     cpu: Option<usize>,
     ip: Ipv4Addr,
-    port: &mpsc::Sender<u16>,
+    port: u16,
+    bound: &mpsc::Sender<u16>,
 ) -> Result<()> {
     enter_netns(netns)?;
     pin_to(cpu)?;
     let listener =
-        TcpListener::bind((ip, 0)).with_context(|| format!("binding {ip}:0 in {netns}"))?;
-    let _ = port.send(listener.local_addr()?.port());
+        TcpListener::bind((ip, port)).with_context(|| format!("binding {ip}:{port} in {netns}"))?;
+    let _ = bound.send(listener.local_addr()?.port());
     // Bounded: a client that never comes does not leave this thread behind for good.
     listener.set_nonblocking(true)?;
     let deadline = Instant::now() + Duration::from_secs(10);

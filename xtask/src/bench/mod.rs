@@ -3,14 +3,18 @@
 //!
 //! - `cni`: CNI ADD/DEL latency, sequential and in concurrent bursts: hypha-cni, bridge.
 //! - `datapath`: pod-to-pod throughput and latency: veth pair, bridge plugin, Hypha.
+//! - `policy`: throughput and latency under 0 to 10,000 rules, Hypha and iptables, and
+//!   the time until a policy change is enforced.
 //!
 //! [`svg`] draws bar charts any bench can use; [`teardown`] undoes what a bench made,
 //! also on error and Ctrl-C.
 
+mod bandwidth;
 mod cni;
 mod datapath;
 mod launcher;
 mod measure;
+mod policy;
 mod setups;
 mod svg;
 mod teardown;
@@ -19,6 +23,10 @@ use anyhow::Result;
 
 #[derive(clap::Subcommand)]
 pub enum Bench {
+    /// Per-pod egress rate limits at 10, 100 and 1000 Mbit/s: Hypha against the reference
+    /// bandwidth plugin chained after bridge; rate, first second, retransmits, latency
+    /// under load.
+    Bandwidth(bandwidth::Options),
     /// CNI ADD and DEL latency, sequential and in bursts of 10 and 30 concurrent ADDs:
     /// hypha-cni against the reference bridge + host-local plugins.
     Cni(cni::Options),
@@ -28,13 +36,19 @@ pub enum Bench {
     /// Container start to exit of `/bin/true`: `hypha run` with and without networking,
     /// crun, runc, and `unshare` as the floor.
     Launcher(launcher::Options),
+    /// Pod-to-pod throughput and latency with 0 to 10,000 rules selecting the server:
+    /// Hypha's policy map against iptables rules in the pod; and the time from `hypha
+    /// policy apply` (or a file in the watched directory) until the verdict is enforced.
+    Policy(policy::Options),
 }
 
 pub fn run(b: Bench) -> Result<()> {
     match b {
+        Bench::Bandwidth(o) => bandwidth::run(&o),
         Bench::Cni(o) => cni::run(&o),
         Bench::Datapath(o) => datapath::run(&o),
         Bench::Launcher(o) => launcher::run(&o),
+        Bench::Policy(o) => policy::run(&o),
     }
 }
 

@@ -61,20 +61,37 @@ pub struct Plan {
 
 impl Plan {
     pub fn new(bin: PathBuf, agent_log: PathBuf) -> Result<Self> {
+        Self::in_range(bin, agent_log, 200, 41)
+    }
+
+    /// Like [`Plan::new`], with the subnets in `10.first.0.0` to `10.(first+count-1).255.0`
+    /// instead, for a bench that may run beside those using [`Plan::new`].
+    pub fn in_range(bin: PathBuf, agent_log: PathBuf, first: u8, count: u8) -> Result<Self> {
         let uniq = std::process::id();
         let taken = host_prefixes()?;
-        // 10.200.0.0 to 10.240.255.0, starting from a pid-derived place, skipping any
-        // /24 the host already routes (another bench's bridge, a real network).
-        let third = ((uniq / 41) % 84 * 3) as u8;
-        let octets = (0..41)
-            .map(|k| ((200 + (uniq + k) % 41) as u8, [third, third + 1, third + 2]))
+        let (first, count) = (u32::from(first), u32::from(count.max(1)));
+        // Starting from a pid-derived place, skipping any /24 the host already routes
+        // (another bench's bridge, a real network).
+        let third = ((uniq / count) % 84 * 3) as u8;
+        let octets = (0..count)
+            .map(|k| {
+                (
+                    (first + (uniq + k) % count) as u8,
+                    [third, third + 1, third + 2],
+                )
+            })
             .find(|(a, bs)| {
                 bs.iter().all(|b| {
                     let net = u32::from(Ipv4Addr::new(10, *a, *b, 0));
                     !taken.iter().any(|t| overlaps((net, 24), *t))
                 })
             })
-            .context("every candidate subnet in 10.200-10.240 overlaps a host route")?;
+            .with_context(|| {
+                format!(
+                    "every candidate subnet in 10.{first}-10.{} overlaps a host route",
+                    first + count - 1
+                )
+            })?;
         Ok(Self {
             uniq,
             tmp: std::env::temp_dir().join(format!("hypb-{uniq}")),
@@ -112,9 +129,25 @@ pub fn create(kind: Kind, plan: &Plan, td: &Teardown) -> Result<Pods> {
     match kind {
         Kind::Veth => veth(plan, td),
         Kind::Bridge => bridge(plan, td),
-        Kind::Hypha => hypha(plan, td),
+        Kind::Hypha => hypha(plan, td, &HyphaOptions::default()),
     }
     .with_context(|| format!("setting up {}", kind.name()))
+}
+
+/// What a bench may add to the Hypha setup; the default is [`create`]'s.
+#[derive(Default)]
+pub struct HyphaOptions {
+    /// The agent's watched policy directory (`--policy-dir`); the agent's default
+    /// when `None`.
+    pub policy_dir: Option<PathBuf>,
+    /// `app` labels of the client and the server pod, given to hypha-cni as
+    /// `args.cni.labels`, with Kubernetes' `CNI_ARGS` (namespace `default`, pod name).
+    pub app_labels: Option<(String, String)>,
+}
+
+/// The Hypha setup with `options`.
+pub fn create_hypha(plan: &Plan, td: &Teardown, options: &HyphaOptions) -> Result<Pods> {
+    hypha(plan, td, options).context("setting up hypha")
 }
 
 fn veth(plan: &Plan, td: &Teardown) -> Result<Pods> {
@@ -208,7 +241,7 @@ fn bridge(plan: &Plan, td: &Teardown) -> Result<Pods> {
     })
 }
 
-fn hypha(plan: &Plan, td: &Teardown) -> Result<Pods> {
+fn hypha(plan: &Plan, td: &Teardown, options: &HyphaOptions) -> Result<Pods> {
     let (a, b) = plan.subnet(Kind::Hypha);
     let hypha = plan.bin.join("hypha");
     let hypha_cni = plan.bin.join("hypha-cni");
@@ -230,6 +263,11 @@ fn hypha(plan: &Plan, td: &Teardown) -> Result<Pods> {
     // which would hide the bpffs (and the pins) under /sys/fs/bpf.
     let log = std::fs::File::create(&plan.agent_log)
         .with_context(|| format!("creating {}", plan.agent_log.display()))?;
+    let mut policy_dir = Vec::new();
+    if let Some(dir) = &options.policy_dir {
+        policy_dir.push("--policy-dir".into());
+        policy_dir.push(dir.clone().into_os_string());
+    }
     let agent = td.spawn(
         "hypha agent",
         Command::new("nsenter")
@@ -243,6 +281,7 @@ fn hypha(plan: &Plan, td: &Teardown) -> Result<Pods> {
             .arg("--pin-dir")
             .arg(&pin_dir)
             .args(["--pod-cidr", &format!("10.{a}.{b}.0/24"), "--no-masquerade"])
+            .args(&policy_dir)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -281,21 +320,37 @@ fn hypha(plan: &Plan, td: &Teardown) -> Result<Pods> {
         "name": "hypha",
         "type": "hypha-cni",
         "agentSocket": socket,
-    })
-    .to_string();
+    });
+    let labels = options
+        .app_labels
+        .as_ref()
+        .map(|(client, server)| [client.as_str(), server.as_str()]);
     let mut ips = Vec::new();
-    for pod in ["hy-a", "hy-b"] {
+    for (i, pod) in ["hy-a", "hy-b"].into_iter().enumerate() {
         let netns = plan.netns(pod);
         add_netns(td, &netns)?;
+        let mut config = config.clone();
+        // CniCall sets no CNI_ARGS of its own; `env` sets it for the plugin.
+        let mut program: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(labels) = labels {
+            config["args"] =
+                serde_json::json!({"cni": {"labels": [{"key": "app", "value": labels[i]}]}});
+            program.push("env".into());
+            program.push(
+                format!("CNI_ARGS=IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}")
+                    .into(),
+            );
+        }
+        program.extend([
+            "nsenter".into(),
+            format!("--net=/run/netns/{node}").into(),
+            hypha_cni.clone().into(),
+        ]);
         let call = CniCall {
-            program: vec![
-                "nsenter".into(),
-                format!("--net=/run/netns/{node}").into(),
-                hypha_cni.clone().into(),
-            ],
+            program,
             container_id: format!("hypb-{}-{pod}", plan.uniq),
             netns,
-            config: config.clone(),
+            config: config.to_string(),
         };
         let result = td.make(Undo::Cni(call.clone()), || call.invoke("ADD"))?;
         ips.push(first_address(&result)?);
@@ -437,6 +492,14 @@ fn overlaps(a: (u32, u8), b: (u32, u8)) -> bool {
         return true;
     }
     (a.0 ^ b.0) >> (32 - u32::from(len)) == 0
+}
+
+impl Plan {
+    /// The `/24` (`10.A.B.0`) the plan keeps for `kind`, for a bench that makes that
+    /// setup its own way (the bandwidth bench's bridge + bandwidth chain).
+    pub fn subnet_of(&self, kind: Kind) -> (u8, u8) {
+        self.subnet(kind)
+    }
 }
 
 #[cfg(test)]
