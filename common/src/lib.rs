@@ -25,7 +25,9 @@ pub mod maps {
     pub const DROPS: &str = "hypha_drops";
     /// Index 0 → [`crate::NodeConfig`].
     pub const CONFIG: &str = "hypha_config";
-    /// LPM trie [`crate::IpcacheKey4`] → [`crate::IpcacheValue`]: the identity of every address.
+    /// LPM trie (prefix length as `u32`, then the IPv4 address in network byte order: aya's
+    /// `lpm_trie::Key<u32>` on both sides) → [`crate::IpcacheValue`]: the identity of every
+    /// address.
     pub const IPCACHE4: &str = "hypha_ipcache4";
     /// [`crate::PolicyKey`] → [`crate::PolicyEntry`]: every endpoint's compiled policy.
     pub const POLICY: &str = "hypha_policy";
@@ -217,20 +219,9 @@ pub const IDENTITY_WORLD: u32 = 2;
 pub const IDENTITY_FIRST_LABELS: u32 = 256;
 pub const IDENTITY_FIRST_CIDR: u32 = 1 << 24;
 
-/// Key of `hypha_ipcache4`, an LPM trie: the longest prefix holding an address gives its
-/// identity. Readers: `ebpf` (both programs, for the remote identity of a new flow),
-/// `agent` (writes endpoints' /32s, the host's addresses, policy CIDRs, and 0.0.0.0/0 →
-/// world).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct IpcacheKey4 {
-    /// Prefix length in bits, as the kernel's LPM trie wants it first.
-    pub prefix_len: u32,
-    /// IPv4 address, network byte order.
-    pub addr: u32,
-}
-
-/// Value of `hypha_ipcache4`.
+/// Value of `hypha_ipcache4`; the longest prefix holding an address gives its identity.
+/// Readers: `ebpf` (both programs, for the remote identity of a new flow), `agent` (writes
+/// endpoints' /32s, the host's addresses, policy CIDRs, and 0.0.0.0/0 → world).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IpcacheValue {
@@ -450,7 +441,6 @@ mod pod {
     unsafe impl aya::Pod for super::Counter {}
     unsafe impl aya::Pod for super::DropKey {}
     unsafe impl aya::Pod for super::NodeConfig {}
-    unsafe impl aya::Pod for super::IpcacheKey4 {}
     unsafe impl aya::Pod for super::IpcacheValue {}
     unsafe impl aya::Pod for super::PolicyKey {}
     unsafe impl aya::Pod for super::PolicyEntry {}
@@ -477,7 +467,6 @@ mod tests {
         assert_eq!(size_of::<DropKey>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<NodeConfig>(), 8);
         assert_eq!(align_of::<EndpointInfo>(), 4);
-        assert_eq!(size_of::<IpcacheKey4>(), 8);
         assert_eq!(size_of::<IpcacheValue>(), 8);
         assert_eq!(size_of::<PolicyKey>(), 4 + 4 + 2 + 1 + 1);
         assert_eq!(size_of::<PolicyEntry>(), 4 + 1 + 1 + 2);
