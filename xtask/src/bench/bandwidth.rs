@@ -21,6 +21,7 @@
 //! client of [`measure::latency_on`]) from the same limited pod to the same server pod
 //! while a second iperf3 flow saturates the limit.
 
+use super::Target;
 use std::io::Read as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -199,13 +200,6 @@ struct RateSetup {
     shaping: Option<String>,
     runs: Vec<Run>,
     median: Medians,
-}
-
-#[derive(Serialize)]
-struct Target {
-    goal: String,
-    measured: Option<String>,
-    pass: Option<bool>,
 }
 
 pub fn run(o: &Options) -> Result<()> {
@@ -928,19 +922,7 @@ fn print_table(r: &Report) {
             );
         }
     }
-    println!("Targets (Hypha):");
-    for t in &r.targets {
-        let verdict = match t.pass {
-            Some(true) => "PASS",
-            Some(false) => "SHORT",
-            None => "n/a",
-        };
-        println!(
-            "  {:<40} {:<40} {verdict}",
-            t.goal,
-            t.measured.as_deref().unwrap_or("not measured")
-        );
-    }
+    super::print_targets("Targets (Hypha):", &r.targets);
 }
 
 fn chart(r: &Report) -> String {

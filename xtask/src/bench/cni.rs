@@ -76,7 +76,7 @@ struct Report {
     adds: u32,
     rounds: u32,
     setups: Vec<SetupReport>,
-    targets: Vec<TargetReport>,
+    targets: Vec<super::Target>,
     errors: Vec<String>,
 }
 
@@ -111,13 +111,6 @@ struct BurstMedian {
     size: usize,
     add_wall_ms: Option<f64>,
     del_wall_ms: Option<f64>,
-}
-
-#[derive(Serialize)]
-struct TargetReport {
-    goal: String,
-    measured: Option<String>,
-    pass: Option<bool>,
 }
 
 pub fn run(o: &Options) -> Result<()> {
@@ -397,14 +390,14 @@ fn report(o: &Options, targets: Vec<Target>, mut errors: Vec<String>) -> Report 
         .and_then(|s| s.burst_medians.iter().find(|b| b.size == 30))
         .and_then(|b| b.add_wall_ms);
     let targets = vec![
-        TargetReport {
+        super::Target {
             goal: "Hypha's sequential ADD p50 no slower than the bridge plugin's".into(),
             measured: hypha_p50
                 .zip(bridge_p50)
                 .map(|(h, b)| format!("{h:.1} ms vs {b:.1} ms")),
             pass: hypha_p50.zip(bridge_p50).map(|(h, b)| h <= b),
         },
-        TargetReport {
+        super::Target {
             goal: format!(
                 "a 30-pod burst of Hypha ADDs within {TARGET_BURST_30_MS:.0} ms (median of the rounds)"
             ),
@@ -455,18 +448,7 @@ fn print_table(r: &Report) {
         );
     }
     println!();
-    for t in &r.targets {
-        let verdict = match t.pass {
-            Some(true) => "PASS",
-            Some(false) => "MISS",
-            None => "n/a",
-        };
-        println!(
-            "{verdict:4}  {}: {}",
-            t.goal,
-            t.measured.as_deref().unwrap_or("not measured")
-        );
-    }
+    super::print_targets("Targets:", &r.targets);
 }
 
 fn chart(r: &Report) -> String {

@@ -3,6 +3,7 @@
 //! Hypha, measured in one run with the setups taking turns (this machine is small and
 //! shared: noise hits all three alike), reported as medians and ratios.
 
+use super::Target;
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -111,14 +112,6 @@ struct HyphaVsBridge {
     /// Hypha's p50 / the bridge's (below 1 is better).
     p50_ratio: Option<f64>,
     p99_ratio: Option<f64>,
-}
-
-#[derive(Serialize)]
-struct Target {
-    goal: String,
-    measured: Option<String>,
-    /// `None` when it could not be measured.
-    pass: Option<bool>,
 }
 
 pub fn run(o: &Options) -> Result<()> {
@@ -425,19 +418,7 @@ fn print_table(r: &Report) {
     if let Some(n) = r.hypha_redirected_packets {
         println!("Hypha's eBPF datapath redirected {n} packets (pod egress, all endpoints)");
     }
-    println!("Targets:");
-    for t in &r.targets {
-        let verdict = match t.pass {
-            Some(true) => "PASS",
-            Some(false) => "SHORT",
-            None => "n/a",
-        };
-        println!(
-            "  {:<36} {:<24} {verdict}",
-            t.goal,
-            t.measured.as_deref().unwrap_or("not measured")
-        );
-    }
+    super::print_targets("Targets:", &r.targets);
 }
 
 fn chart(r: &Report) -> String {

@@ -14,6 +14,7 @@
 //! the launcher is started inside it with `setns` between fork and exec, so no `nsenter`
 //! is timed.
 
+use super::Target;
 use std::fs::File;
 use std::os::fd::AsRawFd as _;
 use std::os::unix::process::CommandExt as _;
@@ -121,13 +122,6 @@ struct SetupReport {
     p99_ms: Option<f64>,
     min_ms: Option<f64>,
     times_ms: Vec<f64>,
-}
-
-#[derive(Serialize)]
-struct Target {
-    goal: String,
-    measured: Option<String>,
-    pass: Option<bool>,
 }
 
 fn check(ret: libc::c_int, what: &str) -> Result<()> {
@@ -614,18 +608,7 @@ fn print_table(r: &Report) {
             s.failures.len()
         );
     }
-    for t in &r.targets {
-        let verdict = match t.pass {
-            Some(true) => "PASS",
-            Some(false) => "MISS",
-            None => "n/a",
-        };
-        println!(
-            "target: {} — {} ({verdict})",
-            t.goal,
-            t.measured.as_deref().unwrap_or("not measured")
-        );
-    }
+    super::print_targets("Targets:", &r.targets);
 }
 
 fn chart(r: &Report) -> String {

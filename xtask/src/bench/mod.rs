@@ -53,6 +53,45 @@ pub fn run(b: Bench) -> Result<()> {
 }
 
 /// The median of some values (the mean of the middle two for an even count).
+/// One of an issue's benchmark targets, as measured: printed after the table and written
+/// to the JSON.
+#[derive(serde::Serialize)]
+struct Target {
+    goal: String,
+    /// What was measured, in words; `None` when it could not be.
+    measured: Option<String>,
+    /// `None` when it could not be measured.
+    pass: Option<bool>,
+}
+
+/// Prints the targets as aligned `goal  measured  PASS|SHORT` lines under `title`.
+fn print_targets(title: &str, targets: &[Target]) {
+    let measured = |t: &Target| t.measured.clone().unwrap_or_else(|| "not measured".into());
+    let goal_width = targets
+        .iter()
+        .map(|t| t.goal.chars().count())
+        .max()
+        .unwrap_or(0);
+    let measured_width = targets
+        .iter()
+        .map(|t| measured(t).chars().count())
+        .max()
+        .unwrap_or(0);
+    println!("{title}");
+    for t in targets {
+        let verdict = match t.pass {
+            Some(true) => "PASS",
+            Some(false) => "SHORT",
+            None => "n/a",
+        };
+        println!(
+            "  {:<goal_width$}  {:<measured_width$}  {verdict}",
+            t.goal,
+            measured(t)
+        );
+    }
+}
+
 fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
     let mut v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
     if v.is_empty() {

@@ -23,6 +23,7 @@
 //! each new connection walks all N rules once; `last` puts it after the N rules, so every
 //! packet of established traffic walks them too.
 
+use super::Target;
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -247,13 +248,6 @@ struct Enforcement {
     /// `(verdict after the change, ms until enforced)`; `None` when it never flipped.
     samples: Vec<(&'static str, Option<f64>)>,
     errors: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct Target {
-    goal: String,
-    measured: Option<String>,
-    pass: Option<bool>,
 }
 
 pub fn run(o: &Options) -> Result<()> {
@@ -1345,19 +1339,7 @@ fn print_table(r: &Report) {
             );
         }
     }
-    println!("Targets:");
-    for t in &r.targets {
-        let verdict = match t.pass {
-            Some(true) => "PASS",
-            Some(false) => "SHORT",
-            None => "n/a",
-        };
-        println!(
-            "  {:<52} {:<30} {verdict}",
-            t.goal,
-            t.measured.as_deref().unwrap_or("not measured")
-        );
-    }
+    super::print_targets("Targets:", &r.targets);
 }
 
 fn chart(r: &Report) -> String {
