@@ -802,6 +802,16 @@ mod tests {
         cid: &str,
         host: &str,
     ) -> Result<Endpoint, ControlError> {
+        add_with_bandwidth(agent, cid, host, None)
+    }
+
+    /// As the plugin does: allocate, then create the endpoint.
+    fn add_with_bandwidth(
+        agent: &mut Agent<FakeDatapath, FakeHost>,
+        cid: &str,
+        host: &str,
+        bandwidth: Option<hypha_api::Bandwidth>,
+    ) -> Result<Endpoint, ControlError> {
         let alloc = agent.allocate(&AllocateRequest {
             container_id: cid.into(),
             ifname: "eth0".into(),
@@ -816,7 +826,7 @@ mod tests {
             pod_mac: MacAddr([2, 1, 1, 1, 1, 1]),
             labels: Default::default(),
             external_ipam: false,
-            bandwidth: None,
+            bandwidth,
         })
     }
 
@@ -951,22 +961,7 @@ mod tests {
             FakeDatapath::default(),
         );
         let mut req = |cid: &str, host: &str, bw: hypha_api::Bandwidth| {
-            let alloc = agent.allocate(&AllocateRequest {
-                container_id: cid.into(),
-                ifname: "eth0".into(),
-                address: None,
-            })?;
-            agent.create_endpoint(&CreateEndpointRequest {
-                container_id: cid.into(),
-                ifname: "eth0".into(),
-                netns: "/run/netns/x".into(),
-                host_ifname: host.into(),
-                address: alloc.address,
-                pod_mac: MacAddr([2, 1, 1, 1, 1, 1]),
-                labels: Default::default(),
-                external_ipam: false,
-                bandwidth: Some(bw),
-            })
+            add_with_bandwidth(&mut agent, cid, host, Some(bw))
         };
         let err = req(
             "a",
