@@ -128,8 +128,10 @@ async fn reconcile_loop<D: Datapath, H: HostNetwork>(
 
 /// How often the agent looks at the policy directory's files.
 /// Scanning is a readdir and a stat per file without the agent's lock, so a short period
-/// costs little and keeps a file's enforcement well under 100 ms after it lands.
-const POLICY_DIR_EVERY: Duration = Duration::from_millis(50);
+/// costs little; with the compile time of a large policy set (~60 ms for 10,000 rules) it
+/// keeps a file's enforcement under 100 ms after it lands. (inotify would remove the
+/// polling; the `notify` crate is the candidate.)
+const POLICY_DIR_EVERY: Duration = Duration::from_millis(25);
 
 /// Applies the policy directory's files at start and whenever one of them changes
 /// (appears, goes, or gets another modification time or size), checked every
