@@ -226,6 +226,68 @@ fn chain_with_the_reference_plugins() {
         .unwrap_or_else(|e| panic!("repeated chained DEL failed at {}: {:?}", e.plugin, e.run));
 }
 
+/// The reference `bandwidth` plugin chained after hypha-cni, for operators who shape with
+/// it: hypha-cni's entry does not declare the `bandwidth` capability, so the runtime gives
+/// it only to the reference plugin, and the two never both claim the host veth's root
+/// qdisc.
+#[test]
+fn chain_with_the_reference_bandwidth_plugin() {
+    let node = Node::start();
+    let pod = pod_netns(&node, "rbw");
+    let id = cid(&node, "rbw");
+    let path = path_of(&pod);
+    let list = json!({
+        "cniVersion": "1.0.0",
+        "name": "hypha-chain-bw",
+        "plugins": [
+            {"type": "hypha-cni", "agentSocket": node.socket()},
+            {"type": "bandwidth", "capabilities": {"bandwidth": true}},
+        ],
+    });
+    let runtime_config = json!({
+        "bandwidth": {"ingressRate": 8_000_000, "ingressBurst": 800_000,
+                      "egressRate": 8_000_000, "egressBurst": 800_000},
+    });
+    let mut chain = Chain::new(&node.netns.path(), list, runtime_config);
+    chain
+        .add(&Node::cni_env("ADD", &id, &path))
+        .unwrap_or_else(|e| {
+            panic!(
+                "chained ADD failed at {}: {:?}\n{}",
+                e.plugin,
+                e.run,
+                node.log()
+            )
+        });
+    let host_if = cni::host_ifname(&id, "eth0");
+    let qdisc = node.netns.exec(&["tc", "qdisc", "show", "dev", &host_if]);
+    assert!(
+        qdisc.contains("tbf"),
+        "the reference plugin's tbf on {host_if}: {qdisc}"
+    );
+    assert_eq!(
+        node.endpoint(&id).bandwidth,
+        None,
+        "hypha-cni was not given the capability"
+    );
+    let links = node.netns.exec(&["ip", "-o", "link", "show"]);
+    assert!(
+        links.contains("bwp"),
+        "the reference plugin's ifb for egress: {links}"
+    );
+    let del = Node::cni_env("DEL", &id, &path);
+    chain
+        .del(&del)
+        .unwrap_or_else(|e| panic!("chained DEL failed at {}: {:?}", e.plugin, e.run));
+    assert!(host_veths(&node).is_empty(), "{:?}", host_veths(&node));
+    assert_eq!(node.status().ipam.allocated, 0);
+    let links = node.netns.exec(&["ip", "-o", "link", "show"]);
+    assert!(
+        !links.contains("bwp"),
+        "the reference plugin's ifb is gone: {links}"
+    );
+}
+
 #[test]
 fn check_reports_precisely_what_differs() {
     let node = Node::start();
