@@ -585,6 +585,35 @@ mod policy {
     const ID_B: u32 = 301;
     const DNS: u16 = 53;
 
+    /// An IPv4 packet `src` → `dst` of protocol `proto` whose L4 header starts with the
+    /// ports and goes on with `rest`, sent by the pod `(src_mac, host_mac)`.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "a frame is described field by field"
+    )]
+    fn ipv4_l4(
+        src: [u8; 4],
+        src_mac: [u8; 6],
+        host_mac: [u8; 6],
+        dst: [u8; 4],
+        proto: u8,
+        sport: u16,
+        dport: u16,
+        rest: &[u8],
+    ) -> Vec<u8> {
+        let total = (20 + 4 + rest.len()) as u16;
+        let [hi, lo] = total.to_be_bytes();
+        let mut ip = vec![0x45, 0, hi, lo, 0x12, 0x34, 0x40, 0, 64, proto, 0, 0];
+        ip.extend_from_slice(&src);
+        ip.extend_from_slice(&dst);
+        let csum = ipv4_checksum(&ip);
+        ip[10..12].copy_from_slice(&csum.to_be_bytes());
+        ip.extend_from_slice(&sport.to_be_bytes());
+        ip.extend_from_slice(&dport.to_be_bytes());
+        ip.extend_from_slice(rest);
+        eth(host_mac, src_mac, ETH_P_IP, &ip)
+    }
+
     /// A UDP datagram `src` → `dst` sent by the pod `(src_mac, host_mac)`.
     fn udp(
         src: [u8; 4],
@@ -594,15 +623,8 @@ mod policy {
         sport: u16,
         dport: u16,
     ) -> Vec<u8> {
-        let mut ip = vec![0x45, 0, 0, 32, 0x12, 0x34, 0x40, 0, 64, 17, 0, 0];
-        ip.extend_from_slice(&src);
-        ip.extend_from_slice(&dst);
-        let csum = ipv4_checksum(&ip);
-        ip[10..12].copy_from_slice(&csum.to_be_bytes());
-        ip.extend_from_slice(&sport.to_be_bytes());
-        ip.extend_from_slice(&dport.to_be_bytes());
-        ip.extend_from_slice(&[0, 12, 0, 0, b'h', b'y', b'p', b'h']);
-        eth(host_mac, src_mac, ETH_P_IP, &ip)
+        let rest = [0, 12, 0, 0, b'h', b'y', b'p', b'h'];
+        ipv4_l4(src, src_mac, host_mac, dst, 17, sport, dport, &rest)
     }
 
     fn a_to_b(dport: u16) -> Vec<u8> {
@@ -753,15 +775,8 @@ mod policy {
         dport: u16,
         flags: u8,
     ) -> Vec<u8> {
-        let mut ip = vec![0x45, 0, 0, 40, 0x12, 0x34, 0x40, 0, 64, 6, 0, 0];
-        ip.extend_from_slice(&src);
-        ip.extend_from_slice(&dst);
-        let csum = ipv4_checksum(&ip);
-        ip[10..12].copy_from_slice(&csum.to_be_bytes());
-        ip.extend_from_slice(&sport.to_be_bytes());
-        ip.extend_from_slice(&dport.to_be_bytes());
-        ip.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
-        eth(host_mac, src_mac, ETH_P_IP, &ip)
+        let rest = [0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0];
+        ipv4_l4(src, src_mac, host_mac, dst, 6, sport, dport, &rest)
     }
 
     #[test]

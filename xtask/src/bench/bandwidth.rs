@@ -329,17 +329,13 @@ pub fn run(o: &Options) -> Result<()> {
 
     let report = report(o, machine, &setups, &rates_bps, &burst, results, errors);
     print_table(&report);
-    let json_path = out_dir.join("bandwidth.json");
-    let svg_path = out_dir.join("bandwidth.svg");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("writing {}", json_path.display()))?;
-    std::fs::write(&svg_path, chart(&report))
-        .with_context(|| format!("writing {}", svg_path.display()))?;
-    println!("wrote {} and {}", json_path.display(), svg_path.display());
-    if !report.errors.is_empty() {
-        bail!("the bench met errors:\n  {}", report.errors.join("\n  "));
-    }
-    Ok(())
+    super::write_outputs(
+        &out_dir,
+        "bandwidth",
+        &report,
+        chart(&report),
+        &report.errors,
+    )
 }
 
 /// The reference setup: one bridge, a server pod (bridge only), and per rate a client pod

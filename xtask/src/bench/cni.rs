@@ -180,17 +180,7 @@ pub fn run(o: &Options) -> Result<()> {
     }
     let report = report(o, targets, errors);
     print_table(&report);
-    let json_path = out_dir.join("cni.json");
-    let svg_path = out_dir.join("cni.svg");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("writing {}", json_path.display()))?;
-    std::fs::write(&svg_path, chart(&report))
-        .with_context(|| format!("writing {}", svg_path.display()))?;
-    println!("wrote {} and {}", json_path.display(), svg_path.display());
-    if !report.errors.is_empty() {
-        bail!("the bench met errors:\n  {}", report.errors.join("\n  "));
-    }
-    Ok(())
+    super::write_outputs(&out_dir, "cni", &report, chart(&report), &report.errors)
 }
 
 /// Sets up `kind` with the datapath bench's setup (which also makes two pods), and

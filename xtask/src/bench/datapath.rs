@@ -7,7 +7,7 @@ use super::Target;
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use serde::Serialize;
 
 use super::measure::{self, Latency, Pin};
@@ -205,17 +205,13 @@ pub fn run(o: &Options) -> Result<()> {
 
     let report = report(o, machine, setups, redirected, errors);
     print_table(&report);
-    let json_path = out_dir.join("datapath.json");
-    let svg_path = out_dir.join("datapath.svg");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("writing {}", json_path.display()))?;
-    std::fs::write(&svg_path, chart(&report))
-        .with_context(|| format!("writing {}", svg_path.display()))?;
-    println!("wrote {} and {}", json_path.display(), svg_path.display());
-    if !report.errors.is_empty() {
-        bail!("the bench met errors:\n  {}", report.errors.join("\n  "));
-    }
-    Ok(())
+    super::write_outputs(
+        &out_dir,
+        "datapath",
+        &report,
+        chart(&report),
+        &report.errors,
+    )
 }
 
 fn measure_once(pods: &Pods, run: u32, o: &Options) -> Run {

@@ -293,17 +293,13 @@ pub fn run(o: &Options) -> Result<()> {
     }
     let report = report(o, setups, errors);
     print_table(&report);
-    let json_path = out_dir.join("launcher.json");
-    let svg_path = out_dir.join("launcher.svg");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("writing {}", json_path.display()))?;
-    std::fs::write(&svg_path, chart(&report))
-        .with_context(|| format!("writing {}", svg_path.display()))?;
-    println!("wrote {} and {}", json_path.display(), svg_path.display());
-    if !report.errors.is_empty() {
-        bail!("the bench met errors:\n  {}", report.errors.join("\n  "));
-    }
-    Ok(())
+    super::write_outputs(
+        &out_dir,
+        "launcher",
+        &report,
+        chart(&report),
+        &report.errors,
+    )
 }
 
 /// Unmounts every mount of this mount namespace under `dir`, deepest first.

@@ -92,6 +92,28 @@ fn print_targets(title: &str, targets: &[Target]) {
     }
 }
 
+/// Writes a bench's report as `target/bench/NAME.json` and its chart as `NAME.svg`, then
+/// fails if the run met errors (after writing, so a partial run still leaves its data).
+fn write_outputs(
+    out_dir: &std::path::Path,
+    name: &str,
+    report: &impl serde::Serialize,
+    svg: String,
+    errors: &[String],
+) -> Result<()> {
+    use anyhow::Context as _;
+    let json_path = out_dir.join(format!("{name}.json"));
+    let svg_path = out_dir.join(format!("{name}.svg"));
+    std::fs::write(&json_path, serde_json::to_string_pretty(report)? + "\n")
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    std::fs::write(&svg_path, svg).with_context(|| format!("writing {}", svg_path.display()))?;
+    println!("wrote {} and {}", json_path.display(), svg_path.display());
+    if !errors.is_empty() {
+        anyhow::bail!("the bench met errors:\n  {}", errors.join("\n  "));
+    }
+    Ok(())
+}
+
 fn median(values: impl IntoIterator<Item = f64>) -> Option<f64> {
     let mut v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
     if v.is_empty() {

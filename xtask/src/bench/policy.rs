@@ -396,17 +396,7 @@ pub fn run(o: &Options) -> Result<()> {
 
     let report = report(o, machine, &levels, setups, enforcement, errors);
     print_table(&report);
-    let json_path = out_dir.join("policy.json");
-    let svg_path = out_dir.join("policy.svg");
-    std::fs::write(&json_path, serde_json::to_string_pretty(&report)? + "\n")
-        .with_context(|| format!("writing {}", json_path.display()))?;
-    std::fs::write(&svg_path, chart(&report))
-        .with_context(|| format!("writing {}", svg_path.display()))?;
-    println!("wrote {} and {}", json_path.display(), svg_path.display());
-    if !report.errors.is_empty() {
-        bail!("the bench met errors:\n  {}", report.errors.join("\n  "));
-    }
-    Ok(())
+    super::write_outputs(&out_dir, "policy", &report, chart(&report), &report.errors)
 }
 
 impl Run {
