@@ -38,8 +38,16 @@ impl Drop for Server {
     }
 }
 
+/// One transfer at a time across this file's tests: on a 2-CPU machine an unlimited flow
+/// beside a shaped one starves it of CPU, and the shaped one would measure the CPU, not
+/// the limiter.
+static TRANSFER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Bits per second received by `to` from a TCP flow `from` → `to` over `SECONDS`.
 fn tcp_rate(from: &Pod, to: &Pod, port: u16) -> f64 {
+    let _one_at_a_time = TRANSFER
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let _server = Server::start(&to.netns, port);
     let out = from.netns.exec(&[
         "iperf3",
