@@ -375,9 +375,14 @@ pub fn format_event(line: &str) -> String {
             format!("{addr}:{port}")
         }
     };
+    // Drops that are not policy verdicts name the endpoint by its host veth's ifindex.
+    let endpoint = if e.endpoint_id == 0 {
+        format!("ifindex {}", e.ifindex)
+    } else {
+        format!("endpoint {}", e.endpoint_id)
+    };
     let mut text = format!(
-        "{what} endpoint {} {}: {} -> {} {} {}B identity {}",
-        e.endpoint_id,
+        "{what} {endpoint} {}: {} -> {} {} {}B identity {}",
         e.direction,
         ports(e.source, e.source_port),
         ports(e.destination, e.destination_port),
@@ -405,6 +410,11 @@ mod tests {
             "DROP (policy-denied) endpoint 2 ingress: 10.0.0.1:40000 -> 10.0.0.2:80 tcp 60B identity 300 policy: no policy allows this"
         );
         assert_eq!(format_event("{\"lost\":3}"), "{\"lost\":3}");
+        let ipv6 = r#"{"kind":"drop","direction":"egress","endpoint_id":0,"ifindex":7,"reason":"unsupported-family","policy":null,"remote_identity":0,"protocol":"-","source":"0.0.0.0","source_port":0,"destination":"0.0.0.0","destination_port":0,"bytes":70}"#;
+        assert_eq!(
+            format_event(ipv6),
+            "DROP (unsupported-family) ifindex 7 egress: 0.0.0.0 -> 0.0.0.0 - 70B identity 0"
+        );
     }
 
     #[test]

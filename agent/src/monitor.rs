@@ -179,6 +179,30 @@ mod tests {
     }
 
     #[test]
+    fn drops_that_are_not_policy_verdicts_name_their_reason_and_no_policy() {
+        let spoofed = Event {
+            endpoint_id: 0,
+            remote_identity: 0,
+            ifindex: 12,
+            ..event(EVENT_DROP, DropReason::SpoofedSource as u16, 0)
+        };
+        let e = render(&spoofed, |_| None);
+        assert_eq!(
+            (e.kind.as_str(), e.reason.as_deref(), e.policy, e.ifindex),
+            ("drop", Some("spoofed-source"), None, 12)
+        );
+        let ipv6 = Event {
+            kind: EVENT_DROP,
+            reason: DropReason::UnsupportedFamily as u16,
+            ifindex: 12,
+            ..Event::default()
+        };
+        let e = render(&ipv6, |_| None);
+        assert_eq!(e.reason.as_deref(), Some("unsupported-family"));
+        assert_eq!(e.protocol, "-");
+    }
+
+    #[test]
     fn filters_by_endpoint_and_kind() {
         let drop = event(EVENT_DROP, 6, 0);
         let allow = event(EVENT_POLICY_ALLOW, 0, 1);

@@ -37,6 +37,12 @@ pub mod maps {
     pub const EVENTS: &str = "hypha_events";
     /// Policy id (`u32`) → per-CPU [`crate::PolicyStats`].
     pub const POLICY_STATS: &str = "hypha_policy_stats";
+    /// Per-CPU array, index 0 → [`crate::RedirectSlot`]: the frame being redirected to a
+    /// rate-limited endpoint's host veth egress on this CPU.
+    pub const REDIRECT: &str = "hypha_redirect";
+    /// LRU [`crate::DropKey`] → [`crate::EventBudget`]: what is left of each
+    /// (endpoint, reason, direction)'s budget of drop events.
+    pub const DROP_EVENTS: &str = "hypha_drop_events";
 }
 
 /// Capacity of `hypha_ipcache4`.
@@ -50,6 +56,14 @@ pub const MAX_CT_ENTRIES: u32 = 262_144;
 pub const MAX_POLICIES: u32 = 16_384;
 /// Size of the `hypha_events` ring buffer in bytes (a power of two, a multiple of the page).
 pub const EVENTS_BYTES: u32 = 1 << 20;
+/// Capacity of `hypha_drop_events`; the least recently used budgets are evicted first
+/// (an evicted budget starts again full).
+pub const MAX_DROP_EVENT_BUDGETS: u32 = 16_384;
+/// Drop events per second each (endpoint, reason, direction) may send to `hypha monitor`
+/// once its burst is spent. Counters count every drop; only events are limited.
+pub const DROP_EVENTS_PER_S: u64 = 20;
+/// Drop events each (endpoint, reason, direction) may send at once.
+pub const DROP_EVENTS_BURST: u32 = 50;
 
 /// Names of the eBPF programs in the object. Readers: `ebpf/src/main.rs`, `agent/src/datapath`.
 pub mod programs {
@@ -162,6 +176,25 @@ pub struct DropKey {
     pub _pad: u8,
 }
 
+/// Value of `hypha_drop_events`: a token bucket of drop events for one [`DropKey`].
+///
+/// A drop sends an event to `hypha monitor` only when its key has a token left; tokens
+/// come back at [`DROP_EVENTS_PER_S`] up to [`DROP_EVENTS_BURST`]. So a flood of drops of
+/// one kind costs at most that many events per second, and cannot fill the ring buffer
+/// for the other endpoints and reasons. The map is shared by all CPUs and updated without
+/// atomics: concurrent drops of one key on several CPUs may let a few more events through.
+///
+/// Readers: `ebpf` (`count_drop`). Not read by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventBudget {
+    /// `bpf_ktime_get_ns` up to which tokens have been added.
+    pub refilled_ns: u64,
+    /// Events that may still be sent.
+    pub tokens: u32,
+    pub _pad: u32,
+}
+
 /// `EndpointInfo::flags`: the endpoint is selected by some policy for ingress, so only
 /// what a policy allows reaches it.
 pub const ENDPOINT_F_INGRESS_POLICY: u32 = 1 << 0;
@@ -185,12 +218,30 @@ pub const ENDPOINT_F_POLICY_MASK: u32 = ENDPOINT_F_INGRESS_POLICY
 /// bandwidth, never by the policy compiler.
 pub const ENDPOINT_F_INGRESS_LIMIT: u32 = 1 << 4;
 
-/// `skb->mark` of a frame `hypha_from_pod` redirected to a rate-limited endpoint's host
-/// veth egress: `hypha_to_pod` sees it there, and must neither count it again nor check
-/// its policy again (both were done at the sender's veth); it clears the mark. The value
-/// is arbitrary but unlikely to collide with marks the host stack uses ("HYP" + 0x01).
-/// Readers: `ebpf` (both programs).
-pub const MARK_REDIRECTED: u32 = 0x4859_5001;
+/// Value of the per-CPU `hypha_redirect` slot: the frame `hypha_from_pod` is handing, on
+/// this CPU, to the egress of a rate-limited endpoint's host veth (`bpf_redirect` to
+/// `ifindex`).
+///
+/// The redirect runs the destination's TCX egress (`hypha_to_pod`) synchronously, on the
+/// same CPU, with bottom halves off (`skb_do_redirect` → `dev_queue_xmit` → TCX egress,
+/// before the qdisc): no other frame passes through `hypha_to_pod` on that CPU in
+/// between. `hypha_to_pod` consumes the slot on every run (reads it and clears it) and
+/// treats the frame as already handled (counted and policy-checked at the sender's veth)
+/// only when it matches `ifindex` and `len`. Only the eBPF programs write the slot, so
+/// no mark, nftables rule or socket option can make a frame skip the receiver's policy
+/// (the `skb->mark` of a frame is not used for this at all). A slot left by a redirect
+/// that failed before reaching the egress is consumed by the next `hypha_to_pod` run on
+/// that CPU; when it does not match, that frame is simply checked like any other.
+///
+/// Readers: `ebpf` (both programs). Not read by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedirectSlot {
+    /// Host-side ifindex of the destination endpoint; 0: the slot is empty.
+    pub ifindex: u32,
+    /// `skb->len` of the redirected frame.
+    pub len: u32,
+}
 
 /// `DropKey::direction` of what the pod sends.
 pub const DIR_EGRESS: u8 = 0;
@@ -332,6 +383,12 @@ pub const EVENT_POLICY_AUDIT: u8 = 3;
 
 /// One record of the `hypha_events` ring buffer. Readers: `ebpf` (writes), `agent`
 /// (`hypha monitor` streams them).
+///
+/// Drop events are rate limited per (endpoint, reason, direction): at most
+/// [`DROP_EVENTS_BURST`] at once and [`DROP_EVENTS_PER_S`] per second after that (see
+/// [`EventBudget`]); the counters count every drop. A drop that is not a policy verdict
+/// has `policy_id` and `remote_identity` 0 and, when its frame is not IPv4 (or too short
+/// to be read), addresses, ports and protocol 0 as well.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Event {
@@ -348,7 +405,8 @@ pub struct Event {
     pub _pad2: u16,
     /// Host-side ifindex of the endpoint concerned.
     pub ifindex: u32,
-    /// The endpoint whose policy decided (0 when none did).
+    /// The endpoint whose policy decided (0 when none did, as for drops that are not
+    /// policy verdicts: `ifindex` names the endpoint then).
     pub endpoint_id: u32,
     /// The deciding policy (0: none, e.g. "no policy allows this").
     pub policy_id: u32,
@@ -363,9 +421,16 @@ pub struct Event {
 
 /// Why the datapath dropped a packet.
 ///
-/// The numbering is an interface: it is stored in `hypha_drops` and printed by the
-/// agent, the CLI and (later) the monitor. Never renumber; add at the end.
-/// Readers: `ebpf` (every drop), `agent` (`DropReason::name` in reports).
+/// The numbering is an interface: it is stored in `hypha_drops`, sent in drop
+/// [`Event`]s and printed by the agent, the CLI, the metrics and `hypha monitor`. Never
+/// renumber; add at the end.
+///
+/// Every drop the eBPF programs make is counted (`hypha_ep_stats`, `hypha_drops`) and
+/// reported to `hypha monitor` as an [`EVENT_DROP`] event, policy drops and all others
+/// alike; events (not counts) are rate limited per (endpoint, reason, direction) by
+/// `hypha_drop_events` (see [`EventBudget`]).
+/// Readers: `ebpf` (every drop), `agent` (`DropReason::name` in reports, the monitor and
+/// metrics).
 #[repr(u16)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DropReason {
@@ -374,7 +439,8 @@ pub enum DropReason {
     InvalidIpv4Header = 1,
     /// The IPv4 header is malformed: version not 4 or IHL below 5.
     MalformedIpv4 = 2,
-    /// An EtherType the datapath does not carry (neither IPv4, IPv6 nor ARP).
+    /// An EtherType the datapath does not carry (neither IPv4, IPv6 nor ARP), in either
+    /// direction.
     UnknownL3 = 3,
     /// An ARP frame shorter than an Ethernet/IPv4 ARP packet.
     InvalidArp = 4,
@@ -393,11 +459,15 @@ pub enum DropReason {
     /// this reason shows in `hypha endpoint list` but never in `hypha_drops` nor in
     /// `hypha monitor`.
     BandwidthLimit = 9,
+    /// A frame of an L3 family Hypha does not manage for the endpoint, in either
+    /// direction: today IPv6, neighbour discovery included. The neighbour discovery of a
+    /// managed family (ARP, for IPv4) passes.
+    UnsupportedFamily = 10,
 }
 
 impl DropReason {
     /// Every reason, in numbering order.
-    pub const ALL: [DropReason; 9] = [
+    pub const ALL: [DropReason; 10] = [
         DropReason::InvalidIpv4Header,
         DropReason::MalformedIpv4,
         DropReason::UnknownL3,
@@ -407,6 +477,7 @@ impl DropReason {
         DropReason::PolicyDenyRule,
         DropReason::SpoofedSource,
         DropReason::BandwidthLimit,
+        DropReason::UnsupportedFamily,
     ];
 
     /// The reason for a stored code, if the code is known.
@@ -426,6 +497,7 @@ impl DropReason {
             DropReason::PolicyDenyRule => "policy-deny-rule",
             DropReason::SpoofedSource => "spoofed-source",
             DropReason::BandwidthLimit => "bandwidth-limit",
+            DropReason::UnsupportedFamily => "unsupported-family",
         }
     }
 }
@@ -448,6 +520,8 @@ mod pod {
     unsafe impl aya::Pod for super::CtKey4 {}
     unsafe impl aya::Pod for super::CtEntry {}
     unsafe impl aya::Pod for super::Event {}
+    unsafe impl aya::Pod for super::RedirectSlot {}
+    unsafe impl aya::Pod for super::EventBudget {}
 }
 
 #[cfg(test)]
@@ -474,6 +548,8 @@ mod tests {
         assert_eq!(size_of::<CtKey4>(), 4 + 4 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<CtEntry>(), 8 + 4 + 1 + 3);
         assert_eq!(size_of::<Event>(), 4 + 2 + 2 + 2 + 2 + 4 * 7);
+        assert_eq!(size_of::<RedirectSlot>(), 4 + 4);
+        assert_eq!(size_of::<EventBudget>(), 8 + 4 + 4);
     }
 
     #[test]
@@ -494,6 +570,8 @@ mod tests {
         assert_eq!(DropReason::from_u16(0), None);
         assert_eq!(DropReason::BandwidthLimit.name(), "bandwidth-limit");
         assert_eq!(DropReason::BandwidthLimit as u16, 9);
+        assert_eq!(DropReason::UnsupportedFamily as u16, 10);
+        assert_eq!(DropReason::UnsupportedFamily.name(), "unsupported-family");
         assert_eq!(ENDPOINT_F_POLICY_MASK & ENDPOINT_F_INGRESS_LIMIT, 0);
         assert_eq!(DropReason::from_u16(u16::MAX), None);
     }

@@ -3,14 +3,17 @@
 //!
 //! - [`hypha_from_pod`] (TCX ingress: what the pod sends) answers the pod's ARP requests
 //!   for its gateway, redirects IPv4 to pods on this node straight into their network
-//!   namespace with `bpf_redirect_peer`, and hands everything else to the host stack.
-//! - [`hypha_to_pod`] (TCX egress: what the host stack delivers to the pod) counts.
+//!   namespace with `bpf_redirect_peer`, hands the rest of IPv4 and ARP to the host stack,
+//!   and drops every family Hypha does not manage for the pod (see `family`).
+//! - [`hypha_to_pod`] (TCX egress: what the host stack delivers to the pod) checks the
+//!   family and the pod's ingress policy, and counts.
 //!
 //! The maps are declared here with the names in [`hypha_common::maps`]; their layouts
 //! live in `hypha-common`, which also names every other reader.
 #![no_std]
 #![no_main]
 
+mod family;
 mod packet;
 mod policy;
 mod stats;
@@ -19,20 +22,21 @@ use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT},
     helpers::generated::{bpf_redirect, bpf_redirect_peer},
     macros::{classifier, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::TcContext,
 };
 use hypha_common::{
-    Counter, CtEntry, CtKey4, DIR_EGRESS, DropKey, DropReason, ENDPOINT_F_INGRESS_LIMIT,
-    EVENTS_BYTES, EndpointInfo, EndpointKey4, EndpointStats, IpcacheValue, MARK_REDIRECTED,
-    MAX_CT_ENTRIES, MAX_DROP_COUNTERS, MAX_ENDPOINTS, MAX_IPCACHE, MAX_POLICIES,
-    MAX_POLICY_ENTRIES, NodeConfig, PolicyEntry, PolicyKey, PolicyStats, maps, programs,
+    Counter, CtEntry, CtKey4, DIR_EGRESS, DIR_INGRESS, DropKey, DropReason,
+    ENDPOINT_F_INGRESS_LIMIT, EVENTS_BYTES, EndpointInfo, EndpointKey4, EndpointStats, EventBudget,
+    IpcacheValue, MAX_CT_ENTRIES, MAX_DROP_COUNTERS, MAX_DROP_EVENT_BUDGETS, MAX_ENDPOINTS,
+    MAX_IPCACHE, MAX_POLICIES, MAX_POLICY_ENTRIES, NodeConfig, PolicyEntry, PolicyKey, PolicyStats,
+    RedirectSlot, maps, programs,
 };
 
 use crate::{
     packet::{
         ARPHRD_ETHER, ARPOP_REPLY, ARPOP_REQUEST, ArpEthIpv4, ETH_HLEN, ETH_P_ARP, ETH_P_IP,
-        ETH_P_IPV6, EthHdr, IPV4_CSUM_OFF, IPV4_MIN_HLEN, Ipv4Hdr, PullError,
+        EthHdr, IPV4_CSUM_OFF, IPV4_MIN_HLEN, Ipv4Hdr, PullError,
     },
     policy::{Flow, Party},
     stats::{count, count_denied, count_drop},
@@ -79,6 +83,17 @@ static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 #[map(name = "hypha_policy_stats")]
 static POLICY_STATS: PerCpuHashMap<u32, PolicyStats> = PerCpuHashMap::pinned(MAX_POLICIES, 0);
 
+/// Index 0: the frame `hypha_from_pod` is redirecting, on this CPU, to a rate-limited
+/// endpoint's host veth egress, for `hypha_to_pod` there to recognise (see
+/// [`RedirectSlot`]).
+#[map(name = "hypha_redirect")]
+static REDIRECT: PerCpuArray<RedirectSlot> = PerCpuArray::pinned(1, 0);
+
+/// What is left of each (endpoint, reason, direction)'s budget of drop events.
+#[map(name = "hypha_drop_events")]
+static DROP_EVENTS: LruHashMap<DropKey, EventBudget> =
+    LruHashMap::pinned(MAX_DROP_EVENT_BUDGETS, 0);
+
 // The attribute macros take literals, so tie them to the shared names at compile time.
 const _: () = {
     assert!(str_eq(maps::ENDPOINTS4, "hypha_endpoints4"));
@@ -90,6 +105,8 @@ const _: () = {
     assert!(str_eq(maps::CT4, "hypha_ct4"));
     assert!(str_eq(maps::EVENTS, "hypha_events"));
     assert!(str_eq(maps::POLICY_STATS, "hypha_policy_stats"));
+    assert!(str_eq(maps::REDIRECT, "hypha_redirect"));
+    assert!(str_eq(maps::DROP_EVENTS, "hypha_drop_events"));
     assert!(str_eq(programs::FROM_POD, "hypha_from_pod"));
     assert!(str_eq(programs::TO_POD, "hypha_to_pod"));
 };
@@ -122,8 +139,9 @@ pub fn hypha_from_pod(ctx: TcContext) -> i32 {
 /// Frames another pod sends are not seen here: `bpf_redirect_peer` hands them to the
 /// pod's interface directly. ARP replies made by [`hypha_from_pod`] are, since they are
 /// redirected to this device's egress, and so are frames from another pod to a pod with
-/// an ingress rate limit (redirected to this egress to pass its qdisc): those carry
-/// [`MARK_REDIRECTED`] and were counted and policy-checked at the sender's veth.
+/// an ingress rate limit (redirected to this egress to pass its qdisc): those were
+/// counted and policy-checked at the sender's veth, and are recognised by the
+/// `hypha_redirect` slot, which only the eBPF programs write (never by a mark).
 #[classifier]
 pub fn hypha_to_pod(ctx: TcContext) -> i32 {
     match try_to_pod(&ctx) {
@@ -132,26 +150,66 @@ pub fn hypha_to_pod(ctx: TcContext) -> i32 {
 }
 
 fn try_to_pod(ctx: &TcContext) -> Result<i32, i32> {
-    // SAFETY: `ctx.skb.skb` is the context pointer the kernel passed in; `mark` is a
-    // readable field of `__sk_buff`.
-    if unsafe { (*ctx.skb.skb).mark } == MARK_REDIRECTED {
-        // The mark is ours alone: clear it before the frame enters the pod.
-        ctx.set_mark(0);
+    let ifindex = skb_ifindex(ctx);
+    if take_redirected(ifindex, ctx.len()) {
         return Ok(TC_ACT_OK);
     }
-    let ifindex = skb_ifindex(ctx);
-    if let Some((flow, receiver)) = to_pod_flow(ctx, ifindex)
-        && policy::enforces(&receiver)
-        && let Err(denied) = policy::check(&flow, None, Some(receiver))
-    {
-        return Err(count_denied(ctx, &flow, &denied));
+    let refuse = |reason| {
+        count_drop(ctx, ifindex, DIR_INGRESS, reason, |s| {
+            &mut s.ingress.dropped
+        })
+    };
+    // The host stack always builds a whole Ethernet header; anything shorter is not a
+    // frame this pod can take.
+    let ether_type = ctx
+        .load::<[u8; 2]>(12)
+        .map_err(|_| refuse(DropReason::UnknownL3))?;
+    family::admit(ifindex, u16::from_be_bytes(ether_type)).map_err(refuse)?;
+    if u16::from_be_bytes(ether_type) == ETH_P_IP {
+        pull_or(ctx, ETH_HLEN + IPV4_MIN_HLEN, DropReason::InvalidIpv4Header).map_err(refuse)?;
+        if let Some((flow, receiver)) = to_pod_flow(ctx, ifindex)
+            && policy::enforces(&receiver)
+            && let Err(denied) = policy::check(&flow, None, Some(receiver))
+        {
+            return Err(count_denied(ctx, &flow, &denied));
+        }
     }
     count(ifindex, ctx.len(), |s| &mut s.ingress.passed);
     Ok(TC_ACT_OK)
 }
 
+/// Whether the frame of `len` bytes on the egress of `ifindex` is the one
+/// `hypha_from_pod` just redirected there on this CPU. Consumes the slot either way, so
+/// it serves at most one frame.
+#[inline(always)]
+fn take_redirected(ifindex: u32, len: u32) -> bool {
+    let Some(slot) = REDIRECT.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a per-CPU array slot from a successful lookup; a program runs to completion
+    // on one CPU, so nobody else touches this CPU's copy meanwhile.
+    let slot = unsafe { &mut *slot };
+    if slot.ifindex == 0 {
+        return false;
+    }
+    let ours = slot.ifindex == ifindex && slot.len == len;
+    slot.ifindex = 0;
+    slot.len = 0;
+    ours
+}
+
+/// Records in this CPU's `hypha_redirect` slot that the frame of `len` bytes is being
+/// redirected to the egress of `ifindex`.
+#[inline(always)]
+fn mark_redirected(ifindex: u32, len: u32) {
+    if let Some(slot) = REDIRECT.get_ptr_mut(0) {
+        // SAFETY: as in `take_redirected`.
+        unsafe { *slot = RedirectSlot { ifindex, len } };
+    }
+}
+
 /// The IPv4 flow of a packet the host delivers to the endpoint on `ifindex`, with that
-/// endpoint; `None` for anything else (ARP, IPv6, a frame the stack built for another
+/// endpoint; `None` for anything else (ARP, a frame the stack built for another
 /// address), which passes as before.
 #[inline(always)]
 fn to_pod_flow(ctx: &TcContext, ifindex: u32) -> Option<(Flow, Party)> {
@@ -281,12 +339,12 @@ fn route_from_pod(ctx: &TcContext, ifindex: u32) -> Result<Forward, Refusal> {
     let eth: *mut EthHdr = packet::header(ctx, 0).ok_or(DropReason::UnknownL3)?;
     // SAFETY: `header` checked that the Ethernet header lies within the packet.
     let ether_type = u16::from_be_bytes(unsafe { (*eth).ether_type });
+    family::admit(ifindex, ether_type)?;
     match ether_type {
         ETH_P_IP => route_ipv4(ctx, ifindex),
         ETH_P_ARP => Ok(answer_arp(ctx, ifindex)?),
-        // Not routed by the datapath yet: the host stack carries it.
-        ETH_P_IPV6 => Ok(Forward::Host),
-        _ => Err(DropReason::UnknownL3.into()),
+        // A managed family the datapath has no routing for.
+        _ => Err(DropReason::UnsupportedFamily.into()),
     }
 }
 
@@ -443,9 +501,10 @@ fn route_ipv4(ctx: &TcContext, ifindex: u32) -> Result<Forward, Refusal> {
     // Straight into the destination pod's namespace, skipping the host stack and the
     // host-side veth's egress; unless the destination's ingress is rate limited: its
     // limiter is a qdisc on that egress, so the frame goes there (`bpf_redirect` to the
-    // device's egress), marked so that `hypha_to_pod` lets it through untouched.
+    // device's egress), recorded in this CPU's `hypha_redirect` slot so that
+    // `hypha_to_pod`, which the redirect runs next on this CPU, lets it through untouched.
     let ret = if dst.flags & ENDPOINT_F_INGRESS_LIMIT != 0 {
-        ctx.set_mark(MARK_REDIRECTED);
+        mark_redirected(dst.ifindex, ctx.len());
         // SAFETY: a plain helper call with scalar arguments.
         unsafe { bpf_redirect(dst.ifindex, 0) }
     } else {

@@ -1,13 +1,22 @@
-//! Per-endpoint counters (`hypha_ep_stats`) and drop counters (`hypha_drops`).
+//! Per-endpoint counters (`hypha_ep_stats`), drop counters (`hypha_drops`) and drop
+//! events for `hypha monitor`, rate limited by `hypha_drop_events`.
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
     programs::TcContext,
 };
-use hypha_common::{Counter, DIR_INGRESS, DropKey, DropReason, EVENT_DROP, EndpointStats, Event};
+use hypha_common::{
+    Counter, DIR_INGRESS, DROP_EVENTS_BURST, DROP_EVENTS_PER_S, DropKey, DropReason, EVENT_DROP,
+    EndpointStats, Event, EventBudget,
+};
 
+use crate::packet::{ETH_HLEN, ETH_P_IP};
 use crate::policy::{self, Denied, Flow};
-use crate::{DROPS, EP_STATS};
+use crate::{DROP_EVENTS, DROPS, EP_STATS};
+
+/// Nanoseconds it takes a drop-event budget to earn one event back.
+const NS_PER_EVENT: u64 = 1_000_000_000 / DROP_EVENTS_PER_S;
 
 /// Adds one packet of `bytes` to the counter `select` picks in the stats of the endpoint
 /// whose host-side veth is `ifindex`.
@@ -27,8 +36,12 @@ pub fn count(ifindex: u32, bytes: u32, select: impl FnOnce(&mut EndpointStats) -
 }
 
 /// Counts a drop of `reason` for the endpoint `ifindex` in `direction`, both in its
-/// `dropped` counter (via `select`) and in `hypha_drops`, and returns the verdict
-/// `TC_ACT_SHOT` for the caller to return.
+/// `dropped` counter (via `select`) and in `hypha_drops`, reports it to the monitor
+/// (within the key's event budget), and returns the verdict `TC_ACT_SHOT` for the caller
+/// to return.
+///
+/// This is the one place every drop that is not a policy verdict goes through
+/// ([`count_denied`] reports those with the deciding policy).
 #[inline(always)]
 pub fn count_drop(
     ctx: &TcContext,
@@ -37,6 +50,22 @@ pub fn count_drop(
     reason: DropReason,
     select: impl FnOnce(&mut EndpointStats) -> &mut Counter,
 ) -> i32 {
+    let key = record_drop(ctx, ifindex, direction, reason, select);
+    if may_report(&key) {
+        policy::emit_event(&drop_event(ctx, ifindex, direction, reason));
+    }
+    TC_ACT_SHOT
+}
+
+/// Counts a drop in the endpoint's counters and `hypha_drops`; returns its key.
+#[inline(always)]
+fn record_drop(
+    ctx: &TcContext,
+    ifindex: u32,
+    direction: u8,
+    reason: DropReason,
+    select: impl FnOnce(&mut EndpointStats) -> &mut Counter,
+) -> DropKey {
     let bytes = ctx.len();
     count(ifindex, bytes, select);
 
@@ -60,45 +89,123 @@ pub fn count_drop(
             match DROPS.get_ptr_mut(key) {
                 Some(counter) => counter,
                 // The map is full: the endpoint's `dropped` counter still saw it.
-                None => return TC_ACT_SHOT,
+                None => return key,
             }
         }
     };
     // SAFETY: per-CPU value from a successful lookup, as in `count`.
     add(unsafe { &mut *counter }, bytes);
-    TC_ACT_SHOT
+    key
+}
+
+/// Takes one event from the budget of `key` (a token bucket in `hypha_drop_events`, see
+/// `EventBudget`); `false` when it is spent.
+#[inline(always)]
+fn may_report(key: &DropKey) -> bool {
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(budget) = DROP_EVENTS.get_ptr_mut(key) else {
+        // First drop of this kind (or its budget was evicted): a full budget, less this
+        // event. LRU: a full map evicts the least recently used budget.
+        let budget = EventBudget {
+            refilled_ns: now,
+            tokens: DROP_EVENTS_BURST - 1,
+            _pad: 0,
+        };
+        let _ = DROP_EVENTS.insert(key, &budget, 0);
+        return true;
+    };
+    // SAFETY: a pointer from a successful lookup. Two CPUs updating one budget at once
+    // may both spend the same token: a few more events, never fewer counts.
+    let budget = unsafe { &mut *budget };
+    let elapsed = now.saturating_sub(budget.refilled_ns);
+    let earned = elapsed / NS_PER_EVENT;
+    if earned > 0 {
+        let tokens = u64::from(budget.tokens) + earned;
+        if tokens >= u64::from(DROP_EVENTS_BURST) {
+            budget.tokens = DROP_EVENTS_BURST;
+            budget.refilled_ns = now;
+        } else {
+            budget.tokens = tokens as u32;
+            // Keep the fraction of a token earned so far.
+            budget.refilled_ns += earned * NS_PER_EVENT;
+        }
+    }
+    if budget.tokens == 0 {
+        return false;
+    }
+    budget.tokens -= 1;
+    true
+}
+
+/// A drop event for a frame dropped before (or without) a policy verdict: what can be
+/// read of its IPv4 header with `bpf_skb_load_bytes`, zeros for other frames.
+#[inline(always)]
+fn drop_event(ctx: &TcContext, ifindex: u32, direction: u8, reason: DropReason) -> Event {
+    let mut event = Event {
+        kind: EVENT_DROP,
+        direction,
+        reason: reason as u16,
+        ifindex,
+        len: ctx.len(),
+        ..Event::default()
+    };
+    let is_ipv4 = matches!(ctx.load::<[u8; 2]>(12), Ok(t) if u16::from_be_bytes(t) == ETH_P_IP);
+    if !is_ipv4 {
+        return event;
+    }
+    // version/IHL .. destination address: the fixed 20 bytes.
+    let Ok(ip) = ctx.load::<[u8; 20]>(ETH_HLEN) else {
+        return event;
+    };
+    event.proto = ip[9];
+    event.saddr = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
+    event.daddr = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
+    let first_fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff == 0;
+    if first_fragment && policy::has_ports(event.proto) {
+        let l4 = ETH_HLEN + usize::from(ip[0] & 0x0f) * 4;
+        if let Ok(ports) = ctx.load::<[u8; 4]>(l4) {
+            event.sport = u16::from_be_bytes([ports[0], ports[1]]);
+            event.dport = u16::from_be_bytes([ports[2], ports[3]]);
+        }
+    }
+    event
 }
 
 /// Counts a flow a policy refused against the endpoint whose policy decided, in the
-/// direction it decided for, and reports it to the monitor with the deciding policy.
+/// direction it decided for, and reports it to the monitor with the deciding policy
+/// (within the same event budget as every other drop).
 #[inline(always)]
 pub fn count_denied(ctx: &TcContext, flow: &Flow, denied: &Denied) -> i32 {
-    policy::emit_event(&Event {
-        kind: EVENT_DROP,
-        direction: denied.direction,
-        proto: flow.proto,
-        _pad: 0,
-        reason: denied.reason as u16,
-        dport: u16::from_be(flow.dport),
-        sport: u16::from_be(flow.sport),
-        _pad2: 0,
-        ifindex: denied.ifindex,
-        endpoint_id: denied.endpoint_id,
-        policy_id: denied.policy_id,
-        remote_identity: denied.remote_identity,
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        len: flow.len,
-    });
-    if denied.direction == DIR_INGRESS {
-        count_drop(ctx, denied.ifindex, denied.direction, denied.reason, |s| {
+    let key = if denied.direction == DIR_INGRESS {
+        record_drop(ctx, denied.ifindex, denied.direction, denied.reason, |s| {
             &mut s.ingress.dropped
         })
     } else {
-        count_drop(ctx, denied.ifindex, denied.direction, denied.reason, |s| {
+        record_drop(ctx, denied.ifindex, denied.direction, denied.reason, |s| {
             &mut s.egress.dropped
         })
+    };
+    if may_report(&key) {
+        policy::emit_event(&Event {
+            kind: EVENT_DROP,
+            direction: denied.direction,
+            proto: flow.proto,
+            _pad: 0,
+            reason: denied.reason as u16,
+            dport: u16::from_be(flow.dport),
+            sport: u16::from_be(flow.sport),
+            _pad2: 0,
+            ifindex: denied.ifindex,
+            endpoint_id: denied.endpoint_id,
+            policy_id: denied.policy_id,
+            remote_identity: denied.remote_identity,
+            saddr: flow.saddr,
+            daddr: flow.daddr,
+            len: flow.len,
+        });
     }
+    TC_ACT_SHOT
 }
 
 #[inline(always)]

@@ -227,6 +227,24 @@ impl Datapath {
     /// Runs the program `name` once on `frame`, as if it arrived on `ifindex` (which
     /// must be a device in the calling thread's network namespace, see [`TestNetns`]).
     pub fn run(&self, name: &str, frame: &[u8], ifindex: u32) -> Run {
+        self.run_with(name, frame, ifindex, RunOptions::default())
+    }
+
+    /// As [`Datapath::run`], with the skb's mark and a repeat count from `options`.
+    pub fn run_with(&self, name: &str, frame: &[u8], ifindex: u32, options: RunOptions) -> Run {
+        self.try_run_with(name, frame, ifindex, options)
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name}: {e}"))
+    }
+
+    /// As [`Datapath::run_with`], with the kernel's refusal to run (such as `EINVAL` for a
+    /// frame too short for its EtherType) returned instead of panicking.
+    pub fn try_run_with(
+        &self,
+        name: &str,
+        frame: &[u8],
+        ifindex: u32,
+        options: RunOptions,
+    ) -> Result<Run, String> {
         let program: &SchedClassifier = self
             .ebpf
             .program(name)
@@ -236,6 +254,7 @@ impl Datapath {
         let ctx = SkBuffCtx {
             ingress_ifindex: ifindex,
             ifindex,
+            mark: options.mark,
             ..SkBuffCtx::default()
         };
         // Room for the frame to grow, though no program here grows it.
@@ -245,14 +264,24 @@ impl Datapath {
                 data_in: Some(frame),
                 data_out: Some(&mut out),
                 ctx_in: Some(ctx.as_bytes()),
+                repeat: options.repeat.max(1),
                 ..TestRunOptions::default()
             })
-            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name}: {}", chain(&e)));
+            .map_err(|e| chain(&e))?;
         out.truncate(result.data_size_out as usize);
-        Run {
+        Ok(Run {
             verdict: result.return_value,
             frame: out,
-        }
+        })
+    }
+
+    /// Every `hypha_ep_stats` entry's ifindex.
+    pub fn stats_keys(&self) -> Vec<u32> {
+        let stats: PerCpuHashMap<&MapData, u32, EndpointStats> = self.map(maps::EP_STATS);
+        stats
+            .keys()
+            .map(|k| k.expect("iterate hypha_ep_stats"))
+            .collect()
     }
 
     fn map<'a, T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>>(
@@ -287,6 +316,33 @@ fn chain(error: &dyn std::error::Error) -> String {
         source = e.source();
     }
     message
+}
+
+/// How [`Datapath::run_with`] runs a program.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RunOptions {
+    /// `skb->mark` as the program sees it.
+    pub mark: u32,
+    /// How many times the kernel runs the program on the frame (0 counts as 1); the
+    /// verdict and frame are the last run's.
+    pub repeat: u32,
+}
+
+/// Pins the calling thread to the CPU it is on, so that consecutive test runs share the
+/// per-CPU state they would share inside one kernel call chain. Returns that CPU.
+pub fn pin_to_current_cpu() -> usize {
+    // SAFETY: a plain libc call without arguments.
+    let cpu = unsafe { libc::sched_getcpu() };
+    assert!(
+        cpu >= 0,
+        "sched_getcpu: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu as usize).expect("CPU in the set");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .unwrap_or_else(|e| panic!("pin the test thread to CPU {cpu}: {e}"));
+    cpu as usize
 }
 
 /// What a program did with a frame.

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use aya::programs::TcAttachType;
 use hypha_common::{
-    Counter, DIR_EGRESS, DropKey, DropReason, EndpointInfo, EndpointStats, NodeConfig,
+    Counter, DIR_EGRESS, DIR_INGRESS, DropKey, DropReason, EVENT_DROP, EndpointInfo, EndpointStats,
+    NodeConfig,
     programs::{FROM_POD, TO_POD},
 };
 use hypha_tests::ebpf::{Datapath, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestNetns};
@@ -78,19 +79,26 @@ impl Node {
 
     /// Asserts that the only drop counted is one of `frame_len` bytes from A for `reason`.
     fn assert_single_drop(&self, reason: DropReason, frame_len: usize) {
+        self.assert_single_drop_n(reason, 1, frame_len);
+    }
+
+    /// Asserts that the only drops counted are `n` frames of `frame_len` bytes from A,
+    /// all for `reason`.
+    fn assert_single_drop_n(&self, reason: DropReason, n: u32, frame_len: usize) {
         let key = DropKey {
             ifindex: self.a,
             reason: reason as u16,
             direction: DIR_EGRESS,
             _pad: 0,
         };
+        let n = u64::from(n);
         assert_eq!(
             self.dp.drops(),
-            vec![(key, counter(1, frame_len))],
+            vec![(key, counter(n, n as usize * frame_len))],
             "hypha_drops"
         );
         let mut expected = EndpointStats::default();
-        expected.egress.dropped = counter(1, frame_len);
+        expected.egress.dropped = counter(n, n as usize * frame_len);
         assert_eq!(self.stats_a(), expected, "A's counters");
     }
 }
@@ -466,16 +474,137 @@ fn ipv4_ihl_beyond_the_frame_is_dropped() {
 
 // ---- other EtherTypes ----
 
-#[test]
-fn ipv6_goes_to_the_host() {
-    let node = Node::new();
-    // fd00::7 → fd00::8, UDP with an empty payload. (The kernel's test run refuses an
-    // IPv6 frame shorter than the 40-byte header.)
+/// An IPv6/UDP packet fd00::7 → fd00::8 with an empty payload. (The kernel's test run
+/// refuses an IPv6 frame shorter than the 40-byte header.)
+fn ipv6_udp() -> Vec<u8> {
     let mut packet = vec![0x60, 0, 0, 0, 0, 8, 17, 64];
     packet.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]);
     packet.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 8]);
     packet.extend_from_slice(&[0x30, 0x39, 0x00, 0x35, 0x00, 0x08, 0x00, 0x00]);
-    assert_passed_to_host(&node, &eth(HOST_A_MAC, POD_A_MAC, ETH_P_IPV6, &packet));
+    packet
+}
+
+/// An ICMPv6 neighbour solicitation from fe80::7 for fe80::1 (to its solicited-node
+/// multicast address), as a pod sends to find its gateway over IPv6.
+fn ipv6_neighbour_solicitation() -> Vec<u8> {
+    let mut packet = vec![0x60, 0, 0, 0, 0, 24, 58, 255];
+    packet.extend_from_slice(&[0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7]);
+    packet.extend_from_slice(&[0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, 0, 0, 1]);
+    // Type 135, code 0, checksum (not checked by the datapath), reserved, target.
+    packet.extend_from_slice(&[135, 0, 0, 0, 0, 0, 0, 0]);
+    packet.extend_from_slice(&[0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    eth([0x33, 0x33, 0xff, 0, 0, 1], POD_A_MAC, ETH_P_IPV6, &packet)
+}
+
+#[test]
+fn ipv6_from_a_pod_is_dropped_as_an_unsupported_family_and_reported() {
+    // Hypha manages only IPv4 for its endpoints: IPv6 must not reach the host stack,
+    // where no anti-spoofing or policy applies to it.
+    let mut node = Node::new();
+    let frame = eth(HOST_A_MAC, POD_A_MAC, ETH_P_IPV6, &ipv6_udp());
+
+    let run = node.send_from_a(&frame);
+
+    assert_eq!(run.verdict, TC_ACT_SHOT, "verdict");
+    node.assert_single_drop(DropReason::UnsupportedFamily, frame.len());
+    let events = node.dp.events();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = events[0];
+    assert_eq!(
+        (e.kind, e.reason, e.ifindex, e.direction, e.len),
+        (
+            EVENT_DROP,
+            DropReason::UnsupportedFamily as u16,
+            node.a,
+            DIR_EGRESS,
+            frame.len() as u32
+        )
+    );
+}
+
+#[test]
+fn ipv6_neighbour_discovery_from_a_pod_is_dropped_too() {
+    // Neighbour discovery passes only for a managed family; IPv6 is not one.
+    let node = Node::new();
+    let frame = ipv6_neighbour_solicitation();
+
+    let run = node.send_from_a(&frame);
+
+    assert_eq!(run.verdict, TC_ACT_SHOT, "verdict");
+    node.assert_single_drop(DropReason::UnsupportedFamily, frame.len());
+}
+
+/// Asserts that `frame`, run through `hypha_to_pod` on A's veth, is dropped for `reason`
+/// and counted in A's ingress.
+fn assert_dropped_towards_a(node: &Node, frame: &[u8], reason: DropReason) {
+    let run = node.dp.run(TO_POD, frame, node.a);
+    assert_eq!(run.verdict, TC_ACT_SHOT, "verdict");
+    let key = DropKey {
+        ifindex: node.a,
+        reason: reason as u16,
+        direction: DIR_INGRESS,
+        _pad: 0,
+    };
+    assert_eq!(
+        node.dp.drops(),
+        vec![(key, counter(1, frame.len()))],
+        "hypha_drops"
+    );
+    assert_eq!(
+        node.stats_a(),
+        stats_with(|s| &mut s.ingress.dropped, counter(1, frame.len())),
+        "A's counters"
+    );
+}
+
+#[test]
+fn ipv6_to_a_pod_is_dropped_as_an_unsupported_family() {
+    let node = Node::new();
+    let frame = eth(POD_A_MAC, HOST_A_MAC, ETH_P_IPV6, &ipv6_udp());
+    assert_dropped_towards_a(&node, &frame, DropReason::UnsupportedFamily);
+}
+
+#[test]
+fn ipv6_neighbour_discovery_to_a_pod_is_dropped() {
+    let node = Node::new();
+    let mut frame = ipv6_neighbour_solicitation();
+    frame[6..12].copy_from_slice(&HOST_A_MAC);
+    assert_dropped_towards_a(&node, &frame, DropReason::UnsupportedFamily);
+}
+
+#[test]
+fn an_unknown_ethertype_to_a_pod_is_dropped() {
+    let node = Node::new();
+    let lldp = eth(
+        [0x01, 0x80, 0xc2, 0, 0, 0x0e],
+        HOST_A_MAC,
+        ETH_P_LLDP,
+        &[0; 32],
+    );
+    assert_dropped_towards_a(&node, &lldp, DropReason::UnknownL3);
+}
+
+#[test]
+fn arp_to_a_pod_still_passes() {
+    // The host must still be able to ARP for the pod: IPv4's neighbour discovery.
+    let node = Node::new();
+    let request = eth(
+        BROADCAST,
+        HOST_A_MAC,
+        ETH_P_ARP,
+        &arp(1, HOST_A_MAC, GATEWAY_IP, [0; 6], POD_A_IP),
+    );
+
+    let run = node.dp.run(TO_POD, &request, node.a);
+
+    assert_eq!(run.verdict, TC_ACT_OK, "verdict");
+    assert_eq!(run.frame, request, "frame must be untouched");
+    assert_eq!(
+        node.stats_a(),
+        stats_with(|s| &mut s.ingress.passed, counter(1, request.len())),
+        "A's counters"
+    );
+    assert_eq!(node.dp.drops(), vec![], "hypha_drops");
 }
 
 #[test]
@@ -577,7 +706,10 @@ mod policy {
         PolicyEntry, PolicyKey,
         programs::{FROM_POD, TO_POD},
     };
-    use hypha_tests::ebpf::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT};
+    use hypha_common::{DROP_EVENTS_BURST, DROP_EVENTS_PER_S, ENDPOINT_F_INGRESS_LIMIT};
+    use hypha_tests::ebpf::{
+        RunOptions, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, pin_to_current_cpu,
+    };
 
     use super::*;
 
@@ -906,5 +1038,146 @@ mod policy {
             tracked.iter().all(|(_, e)| e.tcp_flags & CT_SYN == 0),
             "UDP has no TCP state"
         );
+    }
+
+    /// The value `hypha_to_pod` once trusted in `skb->mark` as "already handled" ("HYP"
+    /// + 0x01): anyone on the host can set it (nftables `meta mark set`, SO_MARK).
+    const OLD_MARK_REDIRECTED: u32 = 0x4859_5001;
+
+    #[test]
+    fn a_forged_mark_does_not_skip_the_receivers_ingress_policy() {
+        let node = node(0, ENDPOINT_F_INGRESS_POLICY);
+        let from_world = udp(
+            OUTSIDE_IP,
+            [2, 0, 0, 0, 0, 9],
+            POD_B_MAC,
+            POD_B_IP,
+            1234,
+            DNS,
+        );
+        let options = RunOptions {
+            mark: OLD_MARK_REDIRECTED,
+            ..RunOptions::default()
+        };
+
+        let run = node.dp.run_with(TO_POD, &from_world, node.b, options);
+
+        assert_eq!(run.verdict, TC_ACT_SHOT, "verdict");
+        let key = DropKey {
+            ifindex: node.b,
+            reason: DropReason::PolicyDenied as u16,
+            direction: DIR_INGRESS,
+            _pad: 0,
+        };
+        assert_eq!(node.dp.drops(), vec![(key, counter(1, from_world.len()))]);
+    }
+
+    #[test]
+    fn a_frame_redirected_to_a_rate_limited_pod_is_handled_once_and_only_it() {
+        // `bpf_redirect` to B's host veth egress runs `hypha_to_pod` there next, on the
+        // same CPU; the test runs the two programs one after the other on one CPU.
+        pin_to_current_cpu();
+        let node = node(0, ENDPOINT_F_INGRESS_LIMIT);
+        let frame = a_to_b(DNS);
+
+        let sent = node.send_from_a(&frame);
+        assert_eq!(sent.verdict, TC_ACT_REDIRECT, "verdict at A");
+        let delivered = node.dp.run(TO_POD, &sent.frame, node.b);
+
+        assert_eq!(delivered.verdict, TC_ACT_OK, "verdict at B");
+        assert_eq!(
+            node.stats_b(),
+            stats_with(|s| &mut s.ingress.redirected, counter(1, frame.len())),
+            "B's counters: counted once, as redirected"
+        );
+        // The slot served that frame only: the same frame again is a frame the host
+        // delivers, counted (and, were B enforcing a policy, checked) as such.
+        assert_eq!(node.dp.run(TO_POD, &sent.frame, node.b).verdict, TC_ACT_OK);
+        assert_eq!(node.stats_b().ingress.passed, counter(1, frame.len()));
+        // And a frame of another length on B right after a redirect is not taken for it.
+        assert_eq!(node.send_from_a(&frame).verdict, TC_ACT_REDIRECT);
+        let other = udp(OUTSIDE_IP, [2, 0, 0, 0, 0, 9], POD_B_MAC, POD_B_IP, 1, 2);
+        let longer = [other.as_slice(), &[0; 10]].concat();
+        assert_eq!(node.dp.run(TO_POD, &longer, node.b).verdict, TC_ACT_OK);
+        assert_eq!(
+            node.stats_b().ingress.passed,
+            counter(2, frame.len() + longer.len())
+        );
+    }
+
+    #[test]
+    fn a_spoofed_source_yields_a_drop_event_naming_the_reason() {
+        let mut node = Node::new();
+        let spoofed = udp([10, 244, 0, 99], POD_A_MAC, HOST_A_MAC, POD_B_IP, 4321, DNS);
+
+        assert_eq!(node.send_from_a(&spoofed).verdict, TC_ACT_SHOT);
+
+        let events = node.dp.events();
+        assert_eq!(events.len(), 1, "{events:?}");
+        let e = events[0];
+        assert_eq!(
+            (e.kind, e.reason, e.direction, e.ifindex),
+            (
+                EVENT_DROP,
+                DropReason::SpoofedSource as u16,
+                DIR_EGRESS,
+                node.a
+            )
+        );
+        assert_eq!(
+            (e.saddr.to_ne_bytes(), e.daddr.to_ne_bytes()),
+            ([10, 244, 0, 99], POD_B_IP)
+        );
+        assert_eq!((e.proto, e.sport, e.dport), (17, 4321, DNS));
+        assert_eq!((e.policy_id, e.endpoint_id), (0, 0), "no policy decided");
+    }
+
+    #[test]
+    fn a_flood_of_drops_is_counted_whole_and_reported_within_the_budget() {
+        const FLOOD: u32 = 5_000;
+        let mut node = Node::new();
+        let spoofed = udp([10, 244, 0, 99], POD_A_MAC, HOST_A_MAC, POD_B_IP, 1, DNS);
+        let options = RunOptions {
+            repeat: FLOOD,
+            ..RunOptions::default()
+        };
+
+        let start = Instant::now();
+        let run = node.dp.run_with(FROM_POD, &spoofed, node.a, options);
+        let elapsed = start.elapsed();
+
+        assert_eq!(run.verdict, TC_ACT_SHOT);
+        node.assert_single_drop_n(DropReason::SpoofedSource, FLOOD, spoofed.len());
+        let events = node.dp.events();
+        let budget = u64::from(DROP_EVENTS_BURST)
+            + (elapsed.as_nanos() as u64 * DROP_EVENTS_PER_S).div_ceil(1_000_000_000);
+        assert!(
+            events.len() as u64 <= budget,
+            "{} events for {FLOOD} drops in {elapsed:?}: the budget is {budget}",
+            events.len()
+        );
+        assert!(
+            events.len() >= DROP_EVENTS_BURST as usize,
+            "the burst is reported: {} events",
+            events.len()
+        );
+        assert!(
+            events
+                .iter()
+                .all(|e| e.reason == DropReason::SpoofedSource as u16),
+            "{events:?}"
+        );
+
+        // Another reason of the same endpoint has a budget of its own.
+        let lldp = eth(
+            [0x01, 0x80, 0xc2, 0, 0, 0x0e],
+            POD_A_MAC,
+            ETH_P_LLDP,
+            &[0; 32],
+        );
+        assert_eq!(node.send_from_a(&lldp).verdict, TC_ACT_SHOT);
+        let events = node.dp.events();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].reason, DropReason::UnknownL3 as u16);
     }
 }
