@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 pub mod cni;
 pub mod ebpf;
 pub mod launcher;
+pub mod monitor;
 pub mod netns;
 pub mod node;
 pub mod traffic;
