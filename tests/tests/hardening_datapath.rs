@@ -226,3 +226,44 @@ fn a_mark_set_on_the_host_does_not_let_the_world_past_a_pods_ingress_policy() {
     assert_eq!(event["reason"], "policy-denied");
     assert_eq!(event["direction"], "ingress");
 }
+
+#[test]
+fn a_spoofed_source_reaches_the_monitor_as_a_drop_naming_its_reason() {
+    let node = Node::start();
+    let pod = node.add_pod("spoof");
+    let ep = node.endpoint(&pod.container_id);
+    // An address of the pod CIDR that is not the pod's: the pod (root inside) adds it and
+    // sends from it.
+    let prefix = node
+        .pod_cidr
+        .rsplit_once('.')
+        .map(|(p, _)| p.to_owned())
+        .expect("an IPv4 pod CIDR");
+    let forged = format!("{prefix}.250");
+    pod.netns
+        .exec(&["ip", "addr", "add", &format!("{forged}/32"), "dev", "eth0"]);
+    let gateway = pod.result["ips"][0]["gateway"]
+        .as_str()
+        .expect("ips[0].gateway")
+        .to_owned();
+    let monitor = Monitor::start(&node, &["--type", "drop"]);
+
+    let out = pod.netns.try_exec(&[
+        "ping", "-c", "2", "-i", "0.3", "-W", "1", "-I", &forged, &gateway,
+    ]);
+
+    assert!(
+        !out.status.success(),
+        "a spoofed source got through: {}",
+        output_text(&out)
+    );
+    let event = monitor
+        .find(Duration::from_secs(5), |e| e["source"] == forged.as_str())
+        .expect("the monitor reports the spoofed packets");
+    assert_eq!(event["reason"], "spoofed-source");
+    assert_eq!(event["direction"], "egress");
+    assert_eq!(event["ifindex"], ep.host_ifindex);
+    assert_eq!(event["destination"], gateway.as_str());
+    assert_eq!(event["protocol"], "icmp");
+    assert!(drops(&node, &pod, "spoofed-source", "egress") > 0);
+}
