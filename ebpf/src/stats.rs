@@ -106,13 +106,14 @@ fn may_report(key: &DropKey) -> bool {
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(budget) = DROP_EVENTS.get_ptr_mut(key) else {
         // First drop of this kind (or its budget was evicted): a full budget, less this
-        // event. LRU: a full map evicts the least recently used budget.
+        // event. LRU: a full map evicts the least recently used budget, so the insert
+        // fails only when the kernel cannot allocate; the next drop then tries again.
         let budget = EventBudget {
             refilled_ns: now,
             tokens: DROP_EVENTS_BURST - 1,
             _pad: 0,
         };
-        let _ = DROP_EVENTS.insert(key, &budget, 0);
+        let _ = DROP_EVENTS.insert(key, budget, 0);
         return true;
     };
     // SAFETY: a pointer from a successful lookup. Two CPUs updating one budget at once
