@@ -75,8 +75,9 @@ pub mod programs {
 
 /// Key of `hypha_endpoints4`: a pod's IPv4 address.
 ///
-/// Readers: `ebpf` (`hypha_from_pod` looks up the destination to redirect, and the
-/// ARP sender to answer; `hypha_to_pod` nothing), `agent` (writes on endpoint create,
+/// Readers: `ebpf` (`hypha_from_pod` looks up the sender to check its source, the
+/// destination to redirect, and the ARP sender to answer; `hypha_to_pod` the
+/// destination, for its ingress policy), `agent` (writes on endpoint create,
 /// deletes on endpoint delete, reads on restart to re-adopt).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -161,11 +161,12 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, i32> {
     };
     // The host stack always builds a whole Ethernet header; anything shorter is not a
     // frame this pod can take.
-    let ether_type = ctx
-        .load::<[u8; 2]>(12)
-        .map_err(|_| refuse(DropReason::UnknownL3))?;
-    family::admit(ifindex, u16::from_be_bytes(ether_type)).map_err(refuse)?;
-    if u16::from_be_bytes(ether_type) == ETH_P_IP {
+    pull_or(ctx, ETH_HLEN, DropReason::UnknownL3).map_err(refuse)?;
+    let eth: *mut EthHdr = packet::header(ctx, 0).ok_or_else(|| refuse(DropReason::UnknownL3))?;
+    // SAFETY: `header` checked that the Ethernet header lies within the packet.
+    let ether_type = u16::from_be_bytes(unsafe { (*eth).ether_type });
+    family::admit(ifindex, ether_type).map_err(refuse)?;
+    if ether_type == ETH_P_IP {
         pull_or(ctx, ETH_HLEN + IPV4_MIN_HLEN, DropReason::InvalidIpv4Header).map_err(refuse)?;
         if let Some((flow, receiver)) = to_pod_flow(ctx, ifindex)
             && policy::enforces(&receiver)

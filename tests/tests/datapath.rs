@@ -98,7 +98,13 @@ fn pods_talk_through_the_ebpf_redirect() {
         "{:?}",
         eb.counters
     );
-    assert_eq!(ea.counters.egress.dropped.packets, 0, "{:?}", ea.drops);
+    // Nothing of the transfer was dropped. (The pods' own IPv6 chatter, router
+    // solicitations and DAD, is: Hypha does not manage IPv6 for them.)
+    assert!(
+        ea.drops.iter().all(|d| d.reason == "unsupported-family"),
+        "{:?}",
+        ea.drops
+    );
 }
 
 #[test]
