@@ -117,14 +117,20 @@ pub async fn pump(ring: RingBuf<MapData>, tx: broadcast::Sender<Event>) {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Filter {
     pub endpoint: Option<u32>,
+    /// The host ifindex of `endpoint`, for the drops that name their endpoint by it
+    /// alone (those that are not policy verdicts carry endpoint id 0).
+    pub ifindex: Option<u32>,
     /// `drop`, `policy` (allow and audit verdicts) or everything.
     pub kind: Option<String>,
 }
 
 impl Filter {
     pub fn matches(&self, e: &Event) -> bool {
-        if self.endpoint.is_some_and(|id| id != e.endpoint_id) {
-            return false;
+        if let Some(id) = self.endpoint {
+            let by_ifindex = e.endpoint_id == 0 && self.ifindex == Some(e.ifindex);
+            if id != e.endpoint_id && !by_ifindex {
+                return false;
+            }
         }
         match self.kind.as_deref() {
             Some("drop") => e.kind == EVENT_DROP,
@@ -208,6 +214,7 @@ mod tests {
         let allow = event(EVENT_POLICY_ALLOW, 0, 1);
         let f = |endpoint, kind: Option<&str>| Filter {
             endpoint,
+            ifindex: None,
             kind: kind.map(str::to_owned),
         };
         assert!(f(None, None).matches(&drop) && f(None, None).matches(&allow));
@@ -215,5 +222,24 @@ mod tests {
         assert!(!f(Some(3), Some("drop")).matches(&allow));
         assert!(f(None, Some("policy")).matches(&allow));
         assert!(!f(Some(4), None).matches(&drop));
+
+        // A drop that is not a policy verdict names its endpoint by ifindex.
+        let spoofed = Event {
+            endpoint_id: 0,
+            ifindex: 12,
+            ..event(EVENT_DROP, DropReason::SpoofedSource as u16, 0)
+        };
+        let of = |ifindex| Filter {
+            endpoint: Some(4),
+            ifindex,
+            kind: Some("drop".to_owned()),
+        };
+        assert!(of(Some(12)).matches(&spoofed));
+        assert!(!of(Some(13)).matches(&spoofed));
+        assert!(!of(None).matches(&spoofed));
+        assert!(
+            !of(Some(12)).matches(&drop),
+            "another endpoint's policy drop"
+        );
     }
 }

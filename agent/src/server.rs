@@ -141,8 +141,20 @@ async fn monitor<D: Datapath + 'static, H: HostNetwork + 'static>(
             "unknown event type {kind:?}: expected drop, policy or all"
         )));
     }
+    // Drops that are not policy verdicts name their endpoint by its host ifindex only.
+    let ifindex = match q.endpoint {
+        Some(id) => a
+            .lock()
+            .await
+            .list()
+            .into_iter()
+            .find(|e| e.id == id)
+            .map(|e| e.host_ifindex),
+        None => None,
+    };
     let filter = crate::monitor::Filter {
         endpoint: q.endpoint,
+        ifindex,
         kind: q.kind,
     };
     let rx = events.subscribe();

@@ -246,7 +246,9 @@ fn a_spoofed_source_reaches_the_monitor_as_a_drop_naming_its_reason() {
         .as_str()
         .expect("ips[0].gateway")
         .to_owned();
-    let monitor = Monitor::start(&node, &["--type", "drop"]);
+    // Only this endpoint's drops: the filter must select drops that carry no endpoint id.
+    let id = ep.id.to_string();
+    let monitor = Monitor::start(&node, &["--type", "drop", "--endpoint", &id]);
 
     let out = pod.netns.try_exec(&[
         "ping", "-c", "2", "-i", "0.3", "-W", "1", "-I", &forged, &gateway,
