@@ -13,6 +13,7 @@ mod config;
 mod delegate;
 mod env;
 mod error;
+mod json;
 pub mod naming;
 #[cfg(test)]
 mod properties;

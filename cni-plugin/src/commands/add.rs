@@ -53,7 +53,7 @@ pub fn run(a: &Attachment, conf: &NetConf, cni_path: Option<&OsString>) -> Resul
     };
     let (netns_file, mut pod_nl) = open_netns(&a.netns)?;
     let mut host_nl = Netlink::new()?;
-    let client = Client::new(&conf.agent_socket).map_err(error::agent)?;
+    let client = conf.client().map_err(error::agent)?;
 
     let addressing = match &ipam {
         Some(ipam) => delegated_address(a, &client, ipam)?,

@@ -11,7 +11,6 @@ use std::ffi::OsString;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use hypha_api::Client;
 use hypha_netlink::Netlink;
 use sha2::{Digest, Sha256};
 
@@ -41,7 +40,8 @@ pub fn run(d: &Detachment, conf: &NetConf, cni_path: Option<&OsString>) -> Resul
     }
 
     // The endpoint, its datapath state and its address; absent is success.
-    let released = Client::new(&conf.agent_socket)
+    let released = conf
+        .client()
         .and_then(|client| client.delete_endpoint(&d.container_id, &d.ifname));
     match released {
         Ok(_) => {}
