@@ -72,6 +72,10 @@ enum Mode {
     EndpointFails,
     /// `POST /v1/ipam/allocate` answers 409.
     Conflict,
+    /// `POST /v1/ipam/allocate` is read and never answered.
+    HangAllocate,
+    /// `POST /v1/endpoints` is read and never answered.
+    HangEndpoint,
 }
 
 #[derive(Default)]
@@ -104,6 +108,7 @@ impl FakeAgent {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let state = seen.clone();
         std::thread::spawn(move || {
+            let mut held = Vec::new();
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { return };
                 let mut reader = BufReader::new(stream.try_clone().unwrap());
@@ -126,6 +131,17 @@ impl FakeAgent {
                 reader.read_exact(&mut body).unwrap();
                 let mut parts = request_line.split_whitespace();
                 let call = format!("{} {}", parts.next().unwrap(), parts.next().unwrap());
+                let hang = match mode {
+                    Mode::HangAllocate => call == "POST /v1/ipam/allocate",
+                    Mode::HangEndpoint => call == "POST /v1/endpoints",
+                    _ => false,
+                };
+                if hang {
+                    // Kept open, never answered, until the test ends.
+                    state.lock().unwrap().calls.push(call);
+                    held.push(stream);
+                    continue;
+                }
                 let (status, answer) = answer(mode, &call, &body, &mut state.lock().unwrap());
                 state.lock().unwrap().calls.push(call);
                 let answer = answer.to_string();
@@ -498,5 +514,94 @@ fn add_twice_leaves_the_first_alone() {
             "POST /v1/ipam/allocate".to_owned(),
             format!("GET /v1/endpoints/{cid}/eth0")
         ]
+    );
+}
+
+/// An agent that reads the allocation request and never answers: ADD fails within
+/// `agentTimeout` with "try again later", naming the socket and the call, and leaves
+/// nothing behind.
+#[test]
+fn add_is_bounded_when_the_agent_never_answers() {
+    let agent = FakeAgent::start(Mode::HangAllocate);
+    let ns = TestNetns::new();
+    let cid = unique("ctr");
+    let host = host_ifname(&cid, "eth0");
+    let _guard = HostLink(host.clone());
+    let mut c = conf("1.1.0", &agent);
+    c["agentTimeout"] = json!(1);
+    let start = std::time::Instant::now();
+    let out = cni("ADD", &cid, &ns.path(), "eth0", &c);
+    let took = start.elapsed();
+    let err = reply(&out);
+    assert_eq!(err["code"], 11, "{err}");
+    let msg = err["msg"].as_str().unwrap();
+    assert!(
+        msg.contains(&agent.socket.display().to_string())
+            && msg.contains("POST /v1/ipam/allocate")
+            && msg.contains("within 1s"),
+        "{msg}"
+    );
+    assert!(took < std::time::Duration::from_secs(4), "{took:?}");
+    assert!(
+        Netlink::new()
+            .unwrap()
+            .link_by_name(&host)
+            .unwrap()
+            .is_none()
+    );
+    assert!(ns.netlink().link_by_name("eth0").unwrap().is_none());
+}
+
+/// An agent that never answers the endpoint's creation: ADD rolls the veth back and, the
+/// agent not answering, leaves the endpoint's delete for it instead of waiting a second
+/// time; within one timeout.
+#[test]
+fn add_rolls_back_and_defers_when_the_endpoint_call_hangs() {
+    let agent = FakeAgent::start(Mode::HangEndpoint);
+    let ns = TestNetns::new();
+    let cid = unique("ctr");
+    let host = host_ifname(&cid, "eth0");
+    let _guard = HostLink(host.clone());
+    let mut c = conf("1.1.0", &agent);
+    c["agentTimeout"] = json!(1.5);
+    let start = std::time::Instant::now();
+    let out = cni("ADD", &cid, &ns.path(), "eth0", &c);
+    let took = start.elapsed();
+    let err = reply(&out);
+    assert_eq!(err["code"], 11, "{err}");
+    assert!(
+        err["msg"].as_str().unwrap().contains("POST /v1/endpoints"),
+        "{err}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "one timeout, not two: {took:?}"
+    );
+    assert!(
+        Netlink::new()
+            .unwrap()
+            .link_by_name(&host)
+            .unwrap()
+            .is_none()
+    );
+    assert!(ns.netlink().link_by_name("eth0").unwrap().is_none());
+    assert_eq!(
+        agent.calls(),
+        vec![
+            "POST /v1/ipam/allocate".to_owned(),
+            "POST /v1/endpoints".to_owned()
+        ]
+    );
+    let deferred = hypha_api::deferred_deletes_dir(&agent.socket);
+    let records: Vec<hypha_api::Attachment> = std::fs::read_dir(&deferred)
+        .unwrap_or_else(|e| panic!("{}: {e}", deferred.display()))
+        .map(|e| serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap())
+        .collect();
+    assert_eq!(
+        records,
+        vec![hypha_api::Attachment {
+            container_id: cid.clone(),
+            ifname: "eth0".into()
+        }]
     );
 }

@@ -18,7 +18,7 @@ use hypha_netlink::{Netlink, Route, VethSpec};
 use ipnet::Ipv4Net;
 use serde_json::Value;
 
-use crate::commands::open_netns;
+use crate::commands::{del, open_netns};
 use crate::config::{ConfigError, NetConf};
 use crate::delegate::{self, Ipam};
 use crate::env::Attachment;
@@ -102,7 +102,7 @@ fn agent_address(
             if error::is_conflict(&e) && attached(client, a) {
                 // The attachment belongs to an earlier ADD: leave all of it alone.
                 already_attached(a, e)
-            } else if let Some(address) = requested.filter(|_| !e.is_unreachable()) {
+            } else if let Some(address) = requested.filter(|_| error::is_refusal(&e)) {
                 Error::RequestedAddress {
                     address,
                     source: Box::new(e),
@@ -298,8 +298,25 @@ fn roll_back(
             cleanup.push(Error::Netlink(e));
         }
     }
-    if let Err(e) = client.delete_endpoint(&a.container_id, &a.ifname) {
-        cleanup.push(error::agent(e));
+    // The agent forgets the endpoint and its address. When it did not complete the failed
+    // call, or does not complete this one, the delete is left for it (asking again would
+    // only double the wait).
+    let previous = match &error {
+        Error::AgentUnreachable(e) => Some(e.as_ref()),
+        _ => None,
+    };
+    let mut unanswered = None;
+    if previous.is_none() {
+        match client.delete_endpoint(&a.container_id, &a.ifname) {
+            Ok(_) => {}
+            Err(e) if error::is_refusal(&e) => cleanup.push(error::agent(e)),
+            Err(e) => unanswered = Some(e),
+        }
+    }
+    if let Some(why) = previous.or(unanswered.as_ref())
+        && let Err(e) = del::defer_after(why, client.socket(), &a.container_id, &a.ifname)
+    {
+        cleanup.push(e);
     }
     if let Some(ipam) = ipam
         && let Err(e) = ipam.del()
