@@ -1,7 +1,7 @@
 //! The network configuration the runtime writes on stdin (pure).
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -99,16 +99,6 @@ pub struct RuntimeConfig {
     pub mac: Option<MacAddr>,
     /// `bandwidth`: rate limits, stored on the endpoint.
     pub bandwidth: Option<Bandwidth>,
-}
-
-impl RuntimeConfig {
-    /// The first IPv4 address of `ips`.
-    pub fn requested_ipv4(&self) -> Option<Ipv4Addr> {
-        self.ips.iter().find_map(|ip| match ip {
-            IpAddr::V4(a) => Some(*a),
-            IpAddr::V6(_) => None,
-        })
-    }
 }
 
 /// Why the configuration cannot be used.
@@ -321,15 +311,18 @@ pub fn parse_ip(s: &str) -> Option<IpAddr> {
 
 /// A MAC the kernel accepts on an Ethernet device: unicast (the multicast bit clear), not
 /// all zeroes.
-pub fn parse_mac(m: &str, key: &'static str) -> Result<MacAddr, ConfigError> {
-    match m.parse::<MacAddr>() {
-        Ok(mac) if mac.0[0] & 1 == 0 && mac.0 != [0; 6] => Ok(mac),
-        _ => Err(ConfigError::Invalid {
-            key,
-            problem: "must be a unicast MAC address such as 02:42:ac:11:00:02",
-            found: format!("{m:?}"),
-        }),
-    }
+pub fn unicast_mac(m: &str) -> Option<MacAddr> {
+    m.parse::<MacAddr>()
+        .ok()
+        .filter(|mac| mac.0[0] & 1 == 0 && mac.0 != [0; 6])
+}
+
+fn parse_mac(m: &str, key: &'static str) -> Result<MacAddr, ConfigError> {
+    unicast_mac(m).ok_or_else(|| ConfigError::Invalid {
+        key,
+        problem: "must be a unicast MAC address such as 02:42:ac:11:00:02",
+        found: format!("{m:?}"),
+    })
 }
 
 /// `runtimeConfig.bandwidth`, as the CNI conventions name its keys or as Go runtimes write
@@ -641,10 +634,9 @@ mod tests {
         .unwrap();
         assert_eq!(conf.ipam_type.as_deref(), Some("host-local"));
         assert_eq!(
-            conf.runtime.requested_ipv4(),
-            Some(Ipv4Addr::new(10, 1, 0, 5))
+            conf.runtime.ips,
+            ["fd00::5", "10.1.0.5", "10.1.0.6"].map(|a| a.parse::<IpAddr>().unwrap())
         );
-        assert_eq!(conf.runtime.ips.len(), 3);
         assert_eq!(
             conf.runtime.mac,
             Some(MacAddr([0x02, 0x42, 0xac, 0x11, 0, 2]))
@@ -780,10 +772,7 @@ mod tests {
         assert_eq!(conf.mtu, Some(1400));
         assert_eq!(conf.prev_result, Some(serde_json::json!({"ips": []})));
         assert_eq!(conf.ipam_type.as_deref(), Some("host-local"));
-        assert_eq!(
-            conf.runtime.requested_ipv4(),
-            Some(Ipv4Addr::new(10, 1, 0, 5))
-        );
+        assert_eq!(conf.runtime.ips, vec![IpAddr::from([10, 1, 0, 5])]);
         assert_eq!(
             conf.runtime.mac,
             Some(MacAddr([0x02, 0x42, 0xac, 0x11, 0, 2]))

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hypha_api::{
-    Allocation, CreateEndpointRequest, DeleteResponse, Endpoint, EndpointCheck, EndpointCounters,
-    MacAddr,
+    AllocateRequest, Allocation, CreateEndpointRequest, DeleteResponse, Endpoint, EndpointCheck,
+    EndpointCounters, MacAddr,
 };
 use hypha_cni::naming::host_ifname;
 use hypha_netlink::Netlink;
@@ -82,6 +82,7 @@ enum Mode {
 struct Seen {
     calls: Vec<String>,
     endpoints: Vec<Endpoint>,
+    allocations: Vec<AllocateRequest>,
 }
 
 struct FakeAgent {
@@ -169,15 +170,19 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
         "POST /v1/ipam/allocate" if mode == Mode::Conflict => {
             ("409 Conflict", json!({"error": "endpoint exists"}))
         }
-        "POST /v1/ipam/allocate" => (
-            "200 OK",
-            serde_json::to_value(Allocation {
-                address: ADDRESS,
-                gateway: GATEWAY,
-                pod_cidr: "10.77.0.0/24".parse().unwrap(),
-            })
-            .unwrap(),
-        ),
+        "POST /v1/ipam/allocate" => {
+            seen.allocations
+                .push(serde_json::from_slice(body).expect("an AllocateRequest"));
+            (
+                "200 OK",
+                serde_json::to_value(Allocation {
+                    address: ADDRESS,
+                    gateway: GATEWAY,
+                    pod_cidr: "10.77.0.0/24".parse().unwrap(),
+                })
+                .unwrap(),
+            )
+        }
         "POST /v1/endpoints" if mode == Mode::EndpointFails => (
             "500 Internal Server Error",
             json!({"error": "attach failed"}),
@@ -256,6 +261,24 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
 }
 
 fn cni(command: &str, cid: &str, netns: &Path, ifname: &str, conf: &Value) -> Output {
+    cni_with_args(
+        command,
+        cid,
+        netns,
+        ifname,
+        conf,
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0",
+    )
+}
+
+fn cni_with_args(
+    command: &str,
+    cid: &str,
+    netns: &Path,
+    ifname: &str,
+    conf: &Value,
+    args: &str,
+) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hypha-cni"))
         .env_clear()
         .env("CNI_COMMAND", command)
@@ -263,10 +286,7 @@ fn cni(command: &str, cid: &str, netns: &Path, ifname: &str, conf: &Value) -> Ou
         .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", ifname)
         .env("CNI_PATH", "/opt/cni/bin")
-        .env(
-            "CNI_ARGS",
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0",
-        )
+        .env("CNI_ARGS", args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -603,5 +623,38 @@ fn add_rolls_back_and_defers_when_the_endpoint_call_hangs() {
             container_id: cid.clone(),
             ifname: "eth0".into()
         }]
+    );
+}
+
+/// CRI-O (cri-o/ocicni pkg/ocicni/ocicni.go, `buildCNIRuntimeConf`) and podman 4 with one
+/// static address (containers/common libnetwork/cni/run.go, `getRuntimeConfig`) ask for
+/// the address and MAC in CNI_ARGS (`IP=`, `MAC=`), after `IgnoreUnknown=1`: the agent is
+/// asked for that address and the pod's interface gets that MAC.
+#[test]
+fn ip_and_mac_from_cni_args_are_applied() {
+    let agent = FakeAgent::start(Mode::Ok);
+    let ns = TestNetns::new();
+    let cid = unique("ctr");
+    let _guard = HostLink(host_ifname(&cid, "eth0"));
+    let args = format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1;K8S_POD_INFRA_CONTAINER_ID={cid};IP={ADDRESS};MAC=02:00:00:c0:ff:ee"
+    );
+    let out = cni_with_args(
+        "ADD",
+        &cid,
+        &ns.path(),
+        "eth0",
+        &conf("1.0.0", &agent),
+        &args,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let seen = agent.seen.lock().unwrap();
+    assert_eq!(seen.allocations.len(), 1);
+    assert_eq!(seen.allocations[0].address, Some(ADDRESS));
+    let pod = ns.netlink().link_by_name("eth0").unwrap().expect("eth0");
+    assert_eq!(MacAddr(pod.mac).to_string(), "02:00:00:c0:ff:ee");
+    assert_eq!(
+        seen.endpoints[0].labels.get("k8s:pod").map(String::as_str),
+        Some("web-1")
     );
 }
