@@ -658,3 +658,67 @@ fn ip_and_mac_from_cni_args_are_applied() {
         Some("web-1")
     );
 }
+
+/// The runtimes' invocations of `tests/fixtures/` (containerd's go-cni, CRI-O's ocicni,
+/// podman 4's libnetwork/cni; see its README), placeholders replaced.
+fn runtime_fixtures(socket: &Path, cid: &str) -> Vec<(String, Value)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "{files:?}");
+    files
+        .into_iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(&p)
+                .unwrap()
+                .replace("@SOCKET@", &socket.display().to_string())
+                .replace("@CID@", cid)
+                .replace("@IP@", &ADDRESS.to_string());
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, serde_json::from_str(&text).unwrap())
+        })
+        .collect()
+}
+
+/// Each runtime's exact stdin and CNI_ARGS: the address, MAC, limits and labels it asks
+/// for reach the agent (and the MAC the pod's interface).
+#[test]
+fn runtime_fixtures_reach_the_agent() {
+    let probe = FakeAgent::start(Mode::Ok);
+    for (name, _) in runtime_fixtures(&probe.socket, "x") {
+        let agent = FakeAgent::start(Mode::Ok);
+        let ns = TestNetns::new();
+        let cid = unique("ctr");
+        let _guard = HostLink(host_ifname(&cid, "eth0"));
+        let fixture = runtime_fixtures(&agent.socket, &cid)
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .unwrap()
+            .1;
+        let args = fixture["cniArgs"].as_str().unwrap();
+        let out = cni_with_args("ADD", &cid, &ns.path(), "eth0", &fixture["stdin"], args);
+        assert!(out.status.success(), "{name}: {out:?}");
+        let expect = &fixture["expect"];
+        let seen = agent.seen.lock().unwrap();
+        assert_eq!(
+            seen.allocations[0].address.map(|a| a.to_string()),
+            expect["address"].as_str().map(str::to_owned),
+            "{name}"
+        );
+        let ep = &seen.endpoints[0];
+        let bw = ep.bandwidth.unwrap_or_default();
+        assert_eq!(bw.egress_rate, expect["egressRate"].as_u64(), "{name}");
+        assert_eq!(bw.ingress_rate, expect["ingressRate"].as_u64(), "{name}");
+        let labels: Value = serde_json::to_value(&ep.labels).unwrap();
+        assert_eq!(labels, expect["labels"], "{name}");
+        if let Some(mac) = expect["mac"].as_str() {
+            let pod = ns.netlink().link_by_name("eth0").unwrap().expect("eth0");
+            assert_eq!(MacAddr(pod.mac).to_string(), mac, "{name}");
+            assert_eq!(ep.pod_mac.to_string(), mac, "{name}");
+        }
+    }
+}
