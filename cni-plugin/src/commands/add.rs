@@ -86,7 +86,7 @@ pub fn run(a: &Attachment, conf: &NetConf, cni_path: Option<&OsString>) -> Resul
 /// with one). A pod gets one IPv4 address: two different ones, or requested addresses
 /// without any IPv4 one, are refused rather than one of them dropped. IPv6 addresses
 /// beside an IPv4 one are left aside (this plugin gives pods IPv4 only).
-fn requested_ipv4(a: &Attachment, conf: &NetConf) -> Result<Option<Ipv4Addr>, Error> {
+pub(crate) fn requested_ipv4(a: &Attachment, conf: &NetConf) -> Result<Option<Ipv4Addr>, Error> {
     let all: Vec<IpAddr> = conf
         .runtime
         .ips
@@ -127,7 +127,7 @@ fn requested_ipv4(a: &Attachment, conf: &NetConf) -> Result<Option<Ipv4Addr>, Er
 
 /// The MAC the runtime asks for: the `mac` capability or `MAC` in CNI_ARGS (CRI-O,
 /// podman); two different ones are refused.
-fn requested_mac(a: &Attachment, conf: &NetConf) -> Result<Option<MacAddr>, Error> {
+pub(crate) fn requested_mac(a: &Attachment, conf: &NetConf) -> Result<Option<MacAddr>, Error> {
     match (conf.runtime.mac, a.args.mac) {
         (Some(cap), Some(arg)) if cap != arg => Err(Error::Config(ConfigError::Invalid {
             key: "runtimeConfig.mac",
