@@ -154,7 +154,7 @@ fn agent_address(
             if error::is_conflict(&e) && attached(client, a) {
                 // The attachment belongs to an earlier ADD: leave all of it alone.
                 already_attached(a, e)
-            } else if let Some(address) = requested.filter(|_| error::is_refusal(&e)) {
+            } else if let Some(address) = requested.filter(|_| !error::is_incomplete(&e)) {
                 Error::RequestedAddress {
                     address,
                     source: Box::new(e),
