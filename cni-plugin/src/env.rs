@@ -124,7 +124,11 @@ pub fn parse(get: &impl Fn(&str) -> Option<OsString>) -> Result<Operation, EnvEr
     validate_container_id(&container_id)?;
     let ifname = required("CNI_IFNAME")?;
     validate_ifname(&ifname)?;
-    let args = parse_args(var("CNI_ARGS")?.as_deref().unwrap_or(""))?;
+    let raw_args = var("CNI_ARGS")?;
+    let raw_args = raw_args.as_deref().unwrap_or("");
+    // DEL uses neither IP nor MAC: a value it could not use must not keep it from
+    // succeeding.
+    let args = parse_args_with(raw_args, command != "DEL")?;
 
     if command == "DEL" {
         return Ok(Operation::Del(Detachment {
@@ -187,6 +191,12 @@ pub fn validate_ifname(name: &str) -> Result<(), EnvError> {
 /// `CNI_ARGS`: `KEY=VALUE` pairs separated by `;`. Keys other than the ones this plugin
 /// knows are an error unless `IgnoreUnknown` is true, as libcni's `LoadArgs` does.
 pub fn parse_args(args: &str) -> Result<CniArgs, EnvError> {
+    parse_args_with(args, true)
+}
+
+/// [`parse_args`]; with `addressing` false, `IP` and `MAC` are accepted as known keys
+/// but not read.
+fn parse_args_with(args: &str, addressing: bool) -> Result<CniArgs, EnvError> {
     let mut pairs = Vec::new();
     for pair in args.split(';').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
@@ -214,6 +224,7 @@ pub fn parse_args(args: &str) -> Result<CniArgs, EnvError> {
         match k {
             "K8S_POD_NAMESPACE" => out.pod_namespace = Some(v.to_owned()),
             "K8S_POD_NAME" => out.pod_name = Some(v.to_owned()),
+            "IP" | "MAC" if !addressing => {}
             "IP" => {
                 out.ips = v
                     .split(',')
@@ -460,6 +471,18 @@ mod tests {
         // host-local and static take several, comma-separated, with or without a length.
         let args = parse_args("IP=10.1.0.5/24,fd00::5").unwrap();
         assert_eq!(args.ips.len(), 2);
+    }
+
+    #[test]
+    fn del_does_not_read_ip_or_mac() {
+        let del = with(&with(ADD, "CNI_COMMAND", "DEL"), "CNI_ARGS", "IP=x;MAC=y");
+        assert!(
+            matches!(parse_vars(&del), Ok(Operation::Del(Detachment { ref args, .. })) if args.ips.is_empty() && args.mac.is_none()),
+            "{:?}",
+            parse_vars(&del)
+        );
+        let add = with(ADD, "CNI_ARGS", "IP=x");
+        assert!(parse_vars(&add).is_err());
     }
 
     #[test]
