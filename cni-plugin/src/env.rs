@@ -190,13 +190,8 @@ pub fn validate_ifname(name: &str) -> Result<(), EnvError> {
 
 /// `CNI_ARGS`: `KEY=VALUE` pairs separated by `;`. Keys other than the ones this plugin
 /// knows are an error unless `IgnoreUnknown` is true, as libcni's `LoadArgs` does.
-pub fn parse_args(args: &str) -> Result<CniArgs, EnvError> {
-    parse_args_with(args, true)
-}
-
-/// [`parse_args`]; with `addressing` false, `IP` and `MAC` are accepted as known keys
-/// but not read.
-fn parse_args_with(args: &str, addressing: bool) -> Result<CniArgs, EnvError> {
+/// With `addressing` false (DEL), `IP` and `MAC` are accepted as known keys but not read.
+pub fn parse_args_with(args: &str, addressing: bool) -> Result<CniArgs, EnvError> {
     let mut pairs = Vec::new();
     for pair in args.split(';').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
@@ -256,6 +251,12 @@ fn parse_args_with(args: &str, addressing: bool) -> Result<CniArgs, EnvError> {
     } else {
         Err(EnvError::UnknownArgs(unknown))
     }
+}
+
+/// `CNI_ARGS` as ADD reads them (the tests' shorthand).
+#[cfg(test)]
+pub fn parse_args(args: &str) -> Result<CniArgs, EnvError> {
+    parse_args_with(args, true)
 }
 
 #[cfg(test)]
