@@ -379,6 +379,75 @@ fn percent_encode(segment: &str) -> String {
 mod tests {
     use super::*;
 
+    /// A server on a fresh socket that, for every connection, reads the request and then
+    /// does `then` with the stream (kept alive by the thread until the test ends).
+    fn fake_server(
+        name: &str,
+        then: fn(&mut std::os::unix::net::UnixStream),
+    ) -> (PathBuf, std::thread::JoinHandle<()>) {
+        use std::io::Read;
+        let dir = std::env::temp_dir().join(format!("hypha-client-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("agent.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let handle = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let n = stream.read(&mut buf).unwrap();
+            assert!(n > 0);
+            then(&mut stream);
+            std::thread::sleep(Duration::from_secs(3));
+        });
+        (socket, handle)
+    }
+
+    /// Every part of a call is under the one timeout: here the head of the answer comes
+    /// and its body stalls.
+    #[test]
+    fn a_stalled_body_times_out_naming_the_socket_and_the_call() {
+        use std::io::Write;
+        let (socket, _server) = fake_server("stall", |s| {
+            s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"a\"")
+                .unwrap();
+        });
+        let client = Client::new(&socket)
+            .unwrap()
+            .with_timeout(Duration::from_millis(500));
+        let start = std::time::Instant::now();
+        let e = client.status().unwrap_err();
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(matches!(e, ClientError::Timeout { .. }), "{e:?}");
+        assert!(e.is_unreachable());
+        let msg = e.to_string();
+        assert!(
+            msg.contains(&socket.display().to_string()) && msg.contains("GET /v1/status"),
+            "{msg}"
+        );
+        let _ = std::fs::remove_dir_all(socket.parent().unwrap());
+    }
+
+    /// A server that goes away after reading the request: an HTTP error naming the call,
+    /// not a timeout (callers tell the two apart).
+    #[test]
+    fn a_connection_closed_mid_call_is_an_http_error() {
+        let (socket, server) = fake_server("close", |s| {
+            s.shutdown(std::net::Shutdown::Both).unwrap();
+        });
+        let client = Client::new(&socket)
+            .unwrap()
+            .with_timeout(Duration::from_secs(2));
+        let e = client.delete_endpoint("c", "eth0").unwrap_err();
+        assert!(matches!(e, ClientError::Http { .. }), "{e:?}");
+        assert!(e.to_string().contains("DELETE /v1/endpoints/c/eth0"), "{e}");
+        drop(server);
+        let _ = std::fs::remove_dir_all(socket.parent().unwrap());
+    }
+
     #[test]
     fn path_segments_are_escaped() {
         assert_eq!(percent_encode("abc-123_x.y"), "abc-123_x.y");

@@ -1,11 +1,14 @@
 //! The network configuration the runtime writes on stdin (pure).
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use hypha_api::{Attachment, Bandwidth, MacAddr};
 use serde_json::{Map, Value};
+
+use crate::json;
 
 /// The CNI versions this plugin speaks, oldest first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -55,6 +58,9 @@ pub struct NetConf {
     pub name: String,
     /// The agent's API socket (`agentSocket`).
     pub agent_socket: PathBuf,
+    /// How long each call to the agent may take, connecting included (`agentTimeout`,
+    /// seconds).
+    pub agent_timeout: Duration,
     /// MTU of both ends of the veth; the kernel's default when `None`.
     pub mtu: Option<u32>,
     /// The previous plugin's result (a chained ADD) or this plugin's (CHECK, DEL).
@@ -76,6 +82,14 @@ pub struct NetConf {
     pub raw: Map<String, Value>,
 }
 
+impl NetConf {
+    /// A client for the agent at `agentSocket` whose every call (connecting, sending,
+    /// reading the whole answer) ends within `agentTimeout`.
+    pub fn client(&self) -> Result<hypha_api::Client, hypha_api::ClientError> {
+        Ok(hypha_api::Client::new(&self.agent_socket)?.with_timeout(self.agent_timeout))
+    }
+}
+
 /// `runtimeConfig`: the capabilities this plugin honours.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RuntimeConfig {
@@ -85,16 +99,6 @@ pub struct RuntimeConfig {
     pub mac: Option<MacAddr>,
     /// `bandwidth`: rate limits, stored on the endpoint.
     pub bandwidth: Option<Bandwidth>,
-}
-
-impl RuntimeConfig {
-    /// The first IPv4 address of `ips`.
-    pub fn requested_ipv4(&self) -> Option<Ipv4Addr> {
-        self.ips.iter().find_map(|ip| match ip {
-            IpAddr::V4(a) => Some(*a),
-            IpAddr::V6(_) => None,
-        })
-    }
 }
 
 /// Why the configuration cannot be used.
@@ -123,19 +127,28 @@ pub enum ConfigError {
     },
 }
 
+/// The agent timeout when `agentTimeout` is not set: every call to the agent answers
+/// within it or fails with "try again later" (DEL leaves the delete for the agent).
+pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The largest `agentTimeout`: a runtime's own deadline for a plugin is about 4 minutes.
+const MAX_AGENT_TIMEOUT_SECS: f64 = 240.0;
+
 /// Parses the network configuration on stdin. Unknown keys are ignored; `type` is not
-/// checked, since the runtime chose this binary by it.
+/// checked, since the runtime chose this binary by it. Every key is matched as Go's
+/// `encoding/json` matches it ([`crate::json`]).
 pub fn parse(stdin: &[u8]) -> Result<NetConf, ConfigError> {
     let value: Value = serde_json::from_slice(stdin).map_err(ConfigError::Decode)?;
     let Value::Object(obj) = value else {
         return Err(ConfigError::NotAnObject(json_kind(&value)));
     };
-    let version = string(&obj, "cniVersion")?.ok_or(ConfigError::Missing("cniVersion"))?;
+    let version =
+        string(&obj, "cniVersion", "cniVersion")?.ok_or(ConfigError::Missing("cniVersion"))?;
     let cni_version = CniVersion::parse(version)
         .ok_or_else(|| ConfigError::UnsupportedVersion(version.to_owned()))?;
-    let name = string(&obj, "name")?.ok_or(ConfigError::Missing("name"))?;
-    string(&obj, "type")?;
-    let agent_socket = match string(&obj, "agentSocket")? {
+    let name = string(&obj, "name", "name")?.ok_or(ConfigError::Missing("name"))?;
+    string(&obj, "type", "type")?;
+    let agent_socket = match string(&obj, "agentSocket", "agentSocket")? {
         Some("") => {
             return Err(ConfigError::Invalid {
                 key: "agentSocket",
@@ -146,8 +159,23 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf, ConfigError> {
         Some(path) => PathBuf::from(path),
         None => PathBuf::from(hypha_api::DEFAULT_SOCKET),
     };
-    let mtu = match obj.get("mtu") {
-        None | Some(Value::Null) => None,
+    let agent_timeout = match field(&obj, "agentTimeout", "agentTimeout")? {
+        None => DEFAULT_AGENT_TIMEOUT,
+        Some(v) => match v.as_f64() {
+            Some(secs) if secs > 0.0 && secs <= MAX_AGENT_TIMEOUT_SECS => {
+                Duration::from_secs_f64(secs)
+            }
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "agentTimeout",
+                    problem: "must be a number of seconds above 0 and at most 240",
+                    found: v.to_string(),
+                });
+            }
+        },
+    };
+    let mtu = match field(&obj, "mtu", "mtu")? {
+        None => None,
         Some(v) => match v.as_u64() {
             Some(m) if (68..=65535).contains(&m) => Some(m as u32),
             _ => {
@@ -159,8 +187,8 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf, ConfigError> {
             }
         },
     };
-    let prev_result = match obj.get("prevResult") {
-        None | Some(Value::Null) => None,
+    let prev_result = match field(&obj, "prevResult", "prevResult")? {
+        None => None,
         Some(v @ Value::Object(_)) => Some(v.clone()),
         Some(v) => {
             return Err(ConfigError::Invalid {
@@ -170,21 +198,19 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf, ConfigError> {
             });
         }
     };
-    let ipam_type = match obj.get("ipam") {
-        None | Some(Value::Null) => None,
-        Some(Value::Object(ipam)) => {
-            match string(ipam, "type").map_err(|e| e.under("ipam.type"))? {
-                None | Some("") => None,
-                Some(t) if t.contains('/') || t == "." || t == ".." => {
-                    return Err(ConfigError::Invalid {
-                        key: "ipam.type",
-                        problem: "must be the name of a plugin in CNI_PATH",
-                        found: format!("{t:?}"),
-                    });
-                }
-                Some(t) => Some(t.to_owned()),
+    let ipam_type = match field(&obj, "ipam", "ipam")? {
+        None => None,
+        Some(Value::Object(ipam)) => match string(ipam, "type", "ipam.type")? {
+            None | Some("") => None,
+            Some(t) if t.contains('/') || t == "." || t == ".." => {
+                return Err(ConfigError::Invalid {
+                    key: "ipam.type",
+                    problem: "must be the name of a plugin in CNI_PATH",
+                    found: format!("{t:?}"),
+                });
             }
-        }
+            Some(t) => Some(t.to_owned()),
+        },
         Some(v) => {
             return Err(ConfigError::Invalid {
                 key: "ipam",
@@ -193,8 +219,8 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf, ConfigError> {
             });
         }
     };
-    let runtime = match obj.get("runtimeConfig") {
-        None | Some(Value::Null) => RuntimeConfig::default(),
+    let runtime = match field(&obj, "runtimeConfig", "runtimeConfig")? {
+        None => RuntimeConfig::default(),
         Some(Value::Object(rc)) => runtime_config(rc)?,
         Some(v) => {
             return Err(ConfigError::Invalid {
@@ -204,17 +230,22 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf, ConfigError> {
             });
         }
     };
-    let valid_attachments = match obj.get("cni.dev/valid-attachments") {
-        Some(v) if !v.is_null() => Some(attachments(v, "cni.dev/valid-attachments")?),
-        _ => match obj.get("cni.dev/attachments") {
-            Some(v) if !v.is_null() => Some(attachments(v, "cni.dev/attachments")?),
-            _ => None,
+    let valid_attachments = match field(
+        &obj,
+        "cni.dev/valid-attachments",
+        "cni.dev/valid-attachments",
+    )? {
+        Some(v) => Some(attachments(v, "cni.dev/valid-attachments")?),
+        None => match field(&obj, "cni.dev/attachments", "cni.dev/attachments")? {
+            Some(v) => Some(attachments(v, "cni.dev/attachments")?),
+            None => None,
         },
     };
     Ok(NetConf {
         cni_version,
         name: name.to_owned(),
         agent_socket,
+        agent_timeout,
         mtu,
         prev_result,
         ipam_type,
@@ -230,18 +261,11 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf, ConfigError> {
 /// `runtimeConfig.ips`, `.mac` and `.bandwidth`; other capabilities are for other plugins.
 fn runtime_config(rc: &Map<String, Value>) -> Result<RuntimeConfig, ConfigError> {
     let mut out = RuntimeConfig::default();
-    match rc.get("ips") {
-        None | Some(Value::Null) => {}
+    match field(rc, "ips", "runtimeConfig.ips")? {
+        None => {}
         Some(Value::Array(ips)) => {
             for ip in ips {
-                let parsed = ip.as_str().and_then(|s| {
-                    let addr = s.split_once('/').map_or(s, |(a, len)| {
-                        // A prefix length, if given, must be one.
-                        if len.parse::<u8>().is_ok() { a } else { "" }
-                    });
-                    addr.parse::<IpAddr>().ok()
-                });
-                match parsed {
+                match ip.as_str().and_then(parse_ip) {
                     Some(a) => out.ips.push(a),
                     None => {
                         return Err(ConfigError::Invalid {
@@ -261,39 +285,107 @@ fn runtime_config(rc: &Map<String, Value>) -> Result<RuntimeConfig, ConfigError>
             });
         }
     }
-    match string(rc, "mac").map_err(|e| e.under("runtimeConfig.mac"))? {
+    match string(rc, "mac", "runtimeConfig.mac")? {
         None | Some("") => {}
-        Some(m) => match m.parse::<MacAddr>() {
-            // The multicast bit: the kernel refuses such an address on an Ethernet device.
-            Ok(mac) if mac.0[0] & 1 == 0 && mac.0 != [0; 6] => out.mac = Some(mac),
-            _ => {
-                return Err(ConfigError::Invalid {
-                    key: "runtimeConfig.mac",
-                    problem: "must be a unicast MAC address such as 02:42:ac:11:00:02",
-                    found: format!("{m:?}"),
-                });
-            }
-        },
+        Some(m) => out.mac = Some(parse_mac(m, "runtimeConfig.mac")?),
     }
-    match rc.get("bandwidth") {
-        None | Some(Value::Null) => {}
-        Some(v) => {
-            let bw = serde_json::from_value::<Bandwidth>(v.clone())
-                .ok()
-                .filter(|_| v.is_object());
-            match bw {
-                Some(bw) => out.bandwidth = Some(bw),
-                None => {
-                    return Err(ConfigError::Invalid {
-                        key: "runtimeConfig.bandwidth",
-                        problem: "must be an object with non-negative integers ingressRate, ingressBurst, egressRate and egressBurst",
-                        found: v.to_string(),
-                    });
-                }
-            }
-        }
+    if let Some(v) = field(rc, "bandwidth", "runtimeConfig.bandwidth")? {
+        out.bandwidth = bandwidth(v)?;
     }
     Ok(out)
+}
+
+/// An address with or without a prefix length (`10.1.0.5`, `10.1.0.5/24`, `fd00::5/64`).
+pub fn parse_ip(s: &str) -> Option<IpAddr> {
+    let (addr, len) = match s.split_once('/') {
+        Some((a, len)) => (a, Some(len)),
+        None => (s, None),
+    };
+    let addr: IpAddr = addr.parse().ok()?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    match len {
+        Some(len) if !len.parse::<u8>().is_ok_and(|l| l <= max) => None,
+        _ => Some(addr),
+    }
+}
+
+/// A MAC the kernel accepts on an Ethernet device: unicast (the multicast bit clear), not
+/// all zeroes.
+pub fn unicast_mac(m: &str) -> Option<MacAddr> {
+    m.parse::<MacAddr>()
+        .ok()
+        .filter(|mac| mac.0[0] & 1 == 0 && mac.0 != [0; 6])
+}
+
+fn parse_mac(m: &str, key: &'static str) -> Result<MacAddr, ConfigError> {
+    unicast_mac(m).ok_or_else(|| ConfigError::Invalid {
+        key,
+        problem: "must be a unicast MAC address such as 02:42:ac:11:00:02",
+        found: format!("{m:?}"),
+    })
+}
+
+/// `runtimeConfig.bandwidth`, as the CNI conventions name its keys or as Go runtimes write
+/// them (go-cni's untagged `BandWidth`: `IngressRate`, ...). Rates in bits per second,
+/// bursts in bits, non-negative integers. A rate of 0 is no limit in that direction, as in
+/// the reference `bandwidth` plugin (containerd sends 0 for the direction without an
+/// annotation); a burst without a rate is refused, as there. Keys other than the four are
+/// refused by name: a misspelt limit is never dropped silently. `None` when no direction
+/// is limited.
+fn bandwidth(v: &Value) -> Result<Option<Bandwidth>, ConfigError> {
+    let Value::Object(bw) = v else {
+        return Err(ConfigError::Invalid {
+            key: "runtimeConfig.bandwidth",
+            problem: "must be an object with non-negative integers ingressRate, ingressBurst, egressRate and egressBurst",
+            found: v.to_string(),
+        });
+    };
+    const KEYS: [(&str, &str); 4] = [
+        ("ingressRate", "runtimeConfig.bandwidth.ingressRate"),
+        ("ingressBurst", "runtimeConfig.bandwidth.ingressBurst"),
+        ("egressRate", "runtimeConfig.bandwidth.egressRate"),
+        ("egressBurst", "runtimeConfig.bandwidth.egressBurst"),
+    ];
+    if let Some(unknown) = bw
+        .keys()
+        .find(|k| !KEYS.iter().any(|(name, _)| json::fold_eq(k, name)))
+    {
+        return Err(ConfigError::Invalid {
+            key: "runtimeConfig.bandwidth",
+            problem: "has a key that is none of ingressRate, ingressBurst, egressRate and egressBurst",
+            found: format!("{unknown:?}"),
+        });
+    }
+    let mut values = [0u64; 4];
+    for (slot, (name, key)) in values.iter_mut().zip(KEYS) {
+        if let Some(v) = field(bw, name, key)? {
+            *slot = v.as_u64().ok_or_else(|| ConfigError::Invalid {
+                key,
+                problem: "must be a non-negative integer (bits per second for a rate, bits for a burst)",
+                found: v.to_string(),
+            })?;
+        }
+    }
+    let [ingress_rate, ingress_burst, egress_rate, egress_burst] = values;
+    let direction = |rate: u64, burst: u64, burst_key: &'static str| match (rate, burst) {
+        (0, 0) => Ok((None, None)),
+        (0, _) => Err(ConfigError::Invalid {
+            key: burst_key,
+            problem: "is set but the rate of that direction is 0 (no limit)",
+            found: burst.to_string(),
+        }),
+        (rate, 0) => Ok((Some(rate), None)),
+        (rate, burst) => Ok((Some(rate), Some(burst))),
+    };
+    let (ingress_rate, ingress_burst) = direction(ingress_rate, ingress_burst, KEYS[1].1)?;
+    let (egress_rate, egress_burst) = direction(egress_rate, egress_burst, KEYS[3].1)?;
+    let out = Bandwidth {
+        ingress_rate,
+        ingress_burst,
+        egress_rate,
+        egress_burst,
+    };
+    Ok((out != Bandwidth::default()).then_some(out))
 }
 
 /// `args.cni.labels`: `[{"key": "app", "value": "web"}, ...]` (CONVENTIONS.md).
@@ -303,35 +395,27 @@ fn labels(obj: &Map<String, Value>) -> Result<Vec<(String, String)>, ConfigError
         problem,
         found: found.to_string(),
     };
-    let Some(args) = obj.get("args").filter(|v| !v.is_null()) else {
+    let Some(args) = field(obj, "args", "args")? else {
         return Ok(Vec::new());
     };
-    let Some(cni) = args
-        .as_object()
-        .and_then(|a| a.get("cni"))
-        .filter(|v| !v.is_null())
-    else {
-        if !args.is_object() {
-            return Err(ConfigError::Invalid {
-                key: "args",
-                problem: "must be an object",
-                found: json_kind(args).into(),
-            });
-        }
+    let Value::Object(args) = args else {
+        return Err(ConfigError::Invalid {
+            key: "args",
+            problem: "must be an object",
+            found: json_kind(args).into(),
+        });
+    };
+    let Some(cni) = field(args, "cni", "args.cni")? else {
         return Ok(Vec::new());
     };
-    let Some(labels) = cni
-        .as_object()
-        .and_then(|c| c.get("labels"))
-        .filter(|v| !v.is_null())
-    else {
-        if !cni.is_object() {
-            return Err(ConfigError::Invalid {
-                key: "args.cni",
-                problem: "must be an object",
-                found: json_kind(cni).into(),
-            });
-        }
+    let Value::Object(cni) = cni else {
+        return Err(ConfigError::Invalid {
+            key: "args.cni",
+            problem: "must be an object",
+            found: json_kind(cni).into(),
+        });
+    };
+    let Some(labels) = field(cni, "labels", "args.cni.labels")? else {
         return Ok(Vec::new());
     };
     let list = labels
@@ -339,8 +423,15 @@ fn labels(obj: &Map<String, Value>) -> Result<Vec<(String, String)>, ConfigError
         .ok_or_else(|| invalid("must be a list of {\"key\", \"value\"} objects", labels))?;
     list.iter()
         .map(|l| {
-            let key = l.get("key").and_then(Value::as_str);
-            let value = l.get("value").and_then(Value::as_str);
+            let entry = l.as_object();
+            let key = entry
+                .map(|e| string(e, "key", "args.cni.labels"))
+                .transpose()?
+                .flatten();
+            let value = entry
+                .map(|e| string(e, "value", "args.cni.labels"))
+                .transpose()?
+                .flatten();
             match (key, value) {
                 (Some(k), Some(v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
                 _ => Err(invalid(
@@ -363,8 +454,11 @@ fn attachments(v: &Value, key: &'static str) -> Result<Vec<Attachment>, ConfigEr
         .ok_or_else(|| invalid(v))?
         .iter()
         .map(|a| {
-            let id = a.get("containerID").and_then(Value::as_str);
-            let ifname = a.get("ifname").and_then(Value::as_str);
+            let Value::Object(entry) = a else {
+                return Err(invalid(a));
+            };
+            let id = string(entry, "containerID", key).map_err(|_| invalid(a))?;
+            let ifname = string(entry, "ifname", key).map_err(|_| invalid(a))?;
             match (id, ifname) {
                 (Some(id), Some(ifname)) => Ok(Attachment {
                     container_id: id.to_owned(),
@@ -377,8 +471,8 @@ fn attachments(v: &Value, key: &'static str) -> Result<Vec<Attachment>, ConfigEr
 }
 
 fn boolean(obj: &Map<String, Value>, key: &'static str) -> Result<bool, ConfigError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(false),
+    match field(obj, key, key)? {
+        None => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
         Some(v) => Err(ConfigError::Invalid {
             key,
@@ -388,39 +482,38 @@ fn boolean(obj: &Map<String, Value>, key: &'static str) -> Result<bool, ConfigEr
     }
 }
 
-impl ConfigError {
-    /// The same error about a nested key (`ipam.type` rather than `type`).
-    fn under(self, key: &'static str) -> Self {
-        match self {
-            ConfigError::Invalid { problem, found, .. } => ConfigError::Invalid {
-                key,
-                problem,
-                found,
-            },
-            ConfigError::Missing(_) => ConfigError::Missing(key),
-            e => e,
-        }
-    }
-}
-
 /// The configuration's `cniVersion` if it is one this plugin speaks; for replies that
 /// must be written whatever went wrong (errors, VERSION).
 pub fn version_hint(stdin: &[u8]) -> Option<CniVersion> {
-    #[derive(serde::Deserialize)]
-    struct Version {
-        #[serde(rename = "cniVersion")]
-        cni_version: Option<String>,
+    let v: Value = serde_json::from_slice(stdin).ok()?;
+    CniVersion::parse(json::get(&v, "cniVersion").ok()??.as_str()?)
+}
+
+/// The value of `name` in `obj` as Go would find it (null is absent); `key` is the name
+/// errors give it (`ipam.type` for `type` under `ipam`).
+fn field<'a>(
+    obj: &'a Map<String, Value>,
+    name: &str,
+    key: &'static str,
+) -> Result<Option<&'a Value>, ConfigError> {
+    match json::lookup(obj, name) {
+        Ok(Some(Value::Null) | None) => Ok(None),
+        Ok(Some(v)) => Ok(Some(v)),
+        Err(e) => Err(ConfigError::Invalid {
+            key,
+            problem: "is given more than once with different letter case",
+            found: e.keys.join(", "),
+        }),
     }
-    let v: Version = serde_json::from_slice(stdin).ok()?;
-    CniVersion::parse(&v.cni_version?)
 }
 
 fn string<'a>(
     obj: &'a Map<String, Value>,
+    name: &str,
     key: &'static str,
 ) -> Result<Option<&'a str>, ConfigError> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
+    match field(obj, name, key)? {
+        None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
         Some(v) => Err(ConfigError::Invalid {
             key,
@@ -533,7 +626,7 @@ mod tests {
         let conf = parse(
             br#"{"cniVersion": "1.1.0", "name": "n", "ipam": {"type": "host-local", "subnet": "10.1.0.0/24"},
                  "runtimeConfig": {"ips": ["fd00::5/64", "10.1.0.5/24", "10.1.0.6"], "mac": "02:42:ac:11:00:02",
-                                   "bandwidth": {"ingressRate": 1000, "egressBurst": 50}, "portMappings": []},
+                                   "bandwidth": {"ingressRate": 1000, "ingressBurst": 50}, "portMappings": []},
                  "args": {"cni": {"labels": [{"key": "app", "value": "web"}]}},
                  "disableCheck": true, "disableGC": false,
                  "cni.dev/valid-attachments": [{"containerID": "c1", "ifname": "eth0"}]}"#,
@@ -541,10 +634,9 @@ mod tests {
         .unwrap();
         assert_eq!(conf.ipam_type.as_deref(), Some("host-local"));
         assert_eq!(
-            conf.runtime.requested_ipv4(),
-            Some(Ipv4Addr::new(10, 1, 0, 5))
+            conf.runtime.ips,
+            ["fd00::5", "10.1.0.5", "10.1.0.6"].map(|a| a.parse::<IpAddr>().unwrap())
         );
-        assert_eq!(conf.runtime.ips.len(), 3);
         assert_eq!(
             conf.runtime.mac,
             Some(MacAddr([0x02, 0x42, 0xac, 0x11, 0, 2]))
@@ -553,7 +645,7 @@ mod tests {
             conf.runtime.bandwidth,
             Some(Bandwidth {
                 ingress_rate: Some(1000),
-                egress_burst: Some(50),
+                ingress_burst: Some(50),
                 ..Bandwidth::default()
             })
         );
@@ -611,6 +703,136 @@ mod tests {
             ),
         ] {
             let json = format!(r#"{{"cniVersion": "1.1.0", "name": "n", {extra}}}"#);
+            let e = parse(json.as_bytes()).unwrap_err();
+            assert!(matches!(e, ConfigError::Invalid { .. }), "{json}: {e:?}");
+            assert!(e.to_string().contains(key), "{json}: {e}");
+        }
+    }
+
+    /// containerd's CRI fills go-cni's untagged `BandWidth` struct (containerd/go-cni
+    /// types.go, `type BandWidth struct { IngressRate, IngressBurst, EgressRate,
+    /// EgressBurst uint64 }`) in `toCNIBandWidth` (containerd, internal/cri/server/
+    /// sandbox_run.go): the annotated direction gets its rate and a burst of
+    /// `math.MaxUint32`, the other stays 0; `encoding/json` writes the Go field names.
+    #[test]
+    fn go_cni_bandwidth_with_only_an_egress_limit() {
+        let conf = parse(
+            br#"{"cniVersion": "1.0.0", "name": "n", "runtimeConfig": {"bandwidth":
+                 {"EgressBurst": 4294967295, "EgressRate": 1000000, "IngressBurst": 0, "IngressRate": 0}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            conf.runtime.bandwidth,
+            Some(Bandwidth {
+                egress_rate: Some(1_000_000),
+                egress_burst: Some(4_294_967_295),
+                ..Bandwidth::default()
+            })
+        );
+    }
+
+    #[test]
+    fn a_zero_rate_is_no_limit_in_that_direction() {
+        let conf = parse(
+            br#"{"cniVersion": "1.0.0", "name": "n", "runtimeConfig": {"bandwidth":
+                 {"ingressRate": 0, "ingressBurst": 0, "egressRate": 5000000}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            conf.runtime.bandwidth,
+            Some(Bandwidth {
+                egress_rate: Some(5_000_000),
+                ..Bandwidth::default()
+            })
+        );
+        // Nothing limited at all: no limit to store.
+        let conf = parse(
+            br#"{"cniVersion": "1.0.0", "name": "n", "runtimeConfig": {"bandwidth":
+                 {"ingressRate": 0, "egressRate": 0}}}"#,
+        )
+        .unwrap();
+        assert_eq!(conf.runtime.bandwidth, None);
+    }
+
+    #[test]
+    fn every_key_is_matched_whatever_its_case() {
+        let conf = parse(
+            br#"{"CNIVersion": "1.1.0", "Name": "n", "TYPE": "hypha-cni", "AgentSocket": "/tmp/a.sock",
+                 "MTU": 1400, "PrevResult": {"ips": []}, "IPAM": {"Type": "host-local"},
+                 "RuntimeConfig": {"IPs": ["10.1.0.5/24"], "Mac": "02:42:ac:11:00:02",
+                                   "Bandwidth": {"ingressrate": 1000, "INGRESSBURST": 50}},
+                 "Args": {"CNI": {"Labels": [{"Key": "app", "VALUE": "web"}]}},
+                 "DisableCheck": true, "disablegc": true,
+                 "CNI.DEV/VALID-ATTACHMENTS": [{"ContainerID": "c1", "IfName": "eth0"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(conf.cni_version, CniVersion::V1_1_0);
+        assert_eq!(conf.name, "n");
+        assert_eq!(conf.agent_socket, PathBuf::from("/tmp/a.sock"));
+        assert_eq!(conf.mtu, Some(1400));
+        assert_eq!(conf.prev_result, Some(serde_json::json!({"ips": []})));
+        assert_eq!(conf.ipam_type.as_deref(), Some("host-local"));
+        assert_eq!(conf.runtime.ips, vec![IpAddr::from([10, 1, 0, 5])]);
+        assert_eq!(
+            conf.runtime.mac,
+            Some(MacAddr([0x02, 0x42, 0xac, 0x11, 0, 2]))
+        );
+        assert_eq!(
+            conf.runtime.bandwidth,
+            Some(Bandwidth {
+                ingress_rate: Some(1000),
+                ingress_burst: Some(50),
+                ..Bandwidth::default()
+            })
+        );
+        assert_eq!(conf.labels, vec![("app".to_owned(), "web".to_owned())]);
+        assert!(conf.disable_check && conf.disable_gc);
+        assert_eq!(
+            conf.valid_attachments,
+            Some(vec![Attachment {
+                container_id: "c1".into(),
+                ifname: "eth0".into()
+            }])
+        );
+        assert_eq!(
+            version_hint(br#"{"CniVersion": "0.4.0"}"#),
+            Some(CniVersion::V0_4_0)
+        );
+    }
+
+    #[test]
+    fn a_bandwidth_that_cannot_be_read_is_refused_by_key() {
+        for (bw, key) in [
+            (
+                r#"{"egressRate": "10M"}"#,
+                "runtimeConfig.bandwidth.egressRate",
+            ),
+            (
+                r#"{"EgressRate": 1.5}"#,
+                "runtimeConfig.bandwidth.egressRate",
+            ),
+            (
+                r#"{"ingressRate": -1}"#,
+                "runtimeConfig.bandwidth.ingressRate",
+            ),
+            (
+                r#"{"ingressRate": 18446744073709551616}"#,
+                "runtimeConfig.bandwidth.ingressRate",
+            ),
+            (r#"{"egressLimit": 1000}"#, "egressLimit"),
+            (
+                r#"{"ingressRate": 0, "ingressBurst": 100}"#,
+                "runtimeConfig.bandwidth.ingressBurst",
+            ),
+            (
+                r#"{"EgressRate": 1, "egressrate": 2}"#,
+                "runtimeConfig.bandwidth.egressRate",
+            ),
+            (r#"[1000]"#, "runtimeConfig.bandwidth"),
+        ] {
+            let json = format!(
+                r#"{{"cniVersion": "1.1.0", "name": "n", "runtimeConfig": {{"bandwidth": {bw}}}}}"#
+            );
             let e = parse(json.as_bytes()).unwrap_err();
             assert!(matches!(e, ConfigError::Invalid { .. }), "{json}: {e:?}");
             assert!(e.to_string().contains(key), "{json}: {e}");

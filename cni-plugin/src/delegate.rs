@@ -18,6 +18,7 @@ use serde_json::{Map, Value};
 
 use crate::config::{CniVersion, NetConf};
 use crate::error::Error;
+use crate::json;
 
 /// Spec code 1: incompatible CNI version.
 const INCOMPATIBLE_VERSION: u64 = 1;
@@ -119,9 +120,10 @@ impl<'a> Ipam<'a> {
     /// The configuration for the plugin, in `version`.
     fn stdin(&self, version: CniVersion, no_prev_result: bool) -> Vec<u8> {
         let mut conf: Map<String, Value> = self.conf.raw.clone();
+        json::remove_all(&mut conf, "cniVersion");
         conf.insert("cniVersion".into(), Value::from(version.as_str()));
         if no_prev_result {
-            conf.remove("prevResult");
+            json::remove_all(&mut conf, "prevResult");
         }
         serde_json::to_vec(&conf).expect("a map of JSON values serializes")
     }
@@ -246,26 +248,34 @@ pub struct IpamResult {
     pub dns: Option<Value>,
 }
 
-/// Reads an IPAM plugin's ADD result.
+/// Reads an IPAM plugin's ADD result, its keys matched as Go matches them.
 pub fn ipam_result(v: &Value) -> Result<IpamResult, String> {
-    let ips = v
-        .get("ips")
-        .and_then(Value::as_array)
-        .ok_or("its result has no \"ips\" list")?;
-    let address = ips
-        .iter()
-        .filter_map(|ip| ip.get("address")?.as_str())
-        .find_map(|a| a.split('/').next()?.parse().ok())
-        .ok_or_else(|| {
-            format!(
-                "its result has no IPv4 address: {}",
-                Value::from(ips.clone())
-            )
-        })?;
-    let dns = v
-        .get("dns")
-        .filter(|d| d.as_object().is_some_and(|o| !o.is_empty()))
-        .cloned();
+    let get = |v: &Value, key: &str| -> Result<Option<Value>, String> {
+        json::get(v, key)
+            .map(|found| found.cloned())
+            .map_err(|e| format!("its result's {key} {e}"))
+    };
+    let Some(Value::Array(ips)) = get(v, "ips")? else {
+        return Err("its result has no \"ips\" list".into());
+    };
+    let mut address = None;
+    for ip in &ips {
+        let parsed = get(ip, "address")?
+            .as_ref()
+            .and_then(Value::as_str)
+            .and_then(|a| a.split('/').next()?.parse().ok());
+        if parsed.is_some() {
+            address = parsed;
+            break;
+        }
+    }
+    let address = address.ok_or_else(|| {
+        format!(
+            "its result has no IPv4 address: {}",
+            Value::from(ips.clone())
+        )
+    })?;
+    let dns = get(v, "dns")?.filter(|d| d.as_object().is_some_and(|o| !o.is_empty()));
     Ok(IpamResult { address, dns })
 }
 

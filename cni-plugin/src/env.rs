@@ -1,7 +1,10 @@
 //! The `CNI_*` environment variables, parsed into an [`Operation`] (pure).
 
 use std::ffi::OsString;
+use std::net::IpAddr;
 use std::path::PathBuf;
+
+use hypha_api::MacAddr;
 
 /// What the runtime asked for, with the variables that operation needs, validated.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +40,12 @@ pub struct Detachment {
 pub struct CniArgs {
     pub pod_namespace: Option<String>,
     pub pod_name: Option<String>,
+    /// `IP`: requested addresses, comma-separated, with or without a prefix length (as
+    /// host-local and static read it; CRI-O and podman pass a static address so).
+    pub ips: Vec<IpAddr>,
+    /// `MAC`: the container interface's MAC (as tuning reads it; CRI-O and podman pass a
+    /// static MAC so).
+    pub mac: Option<MacAddr>,
 }
 
 /// Why the environment is not a valid CNI invocation. All of them are CNI error 4.
@@ -70,6 +79,13 @@ pub enum EnvError {
     /// `IgnoreUnknown` has a value that is not a boolean.
     #[error("CNI_ARGS: IgnoreUnknown={0:?} is not a boolean (expected 1, 0, true or false)")]
     InvalidIgnoreUnknown(String),
+    /// A key this plugin reads has a value it cannot use.
+    #[error("CNI_ARGS: {key}={value:?} is invalid: {problem}")]
+    InvalidArg {
+        key: &'static str,
+        value: String,
+        problem: &'static str,
+    },
     /// Keys this plugin does not know, without `IgnoreUnknown=1`.
     #[error("CNI_ARGS: unknown keys {0:?} (pass IgnoreUnknown=1 to ignore them)")]
     UnknownArgs(Vec<String>),
@@ -108,7 +124,11 @@ pub fn parse(get: &impl Fn(&str) -> Option<OsString>) -> Result<Operation, EnvEr
     validate_container_id(&container_id)?;
     let ifname = required("CNI_IFNAME")?;
     validate_ifname(&ifname)?;
-    let args = parse_args(var("CNI_ARGS")?.as_deref().unwrap_or(""))?;
+    let raw_args = var("CNI_ARGS")?;
+    let raw_args = raw_args.as_deref().unwrap_or("");
+    // DEL uses neither IP nor MAC: a value it could not use must not keep it from
+    // succeeding.
+    let args = parse_args_with(raw_args, command != "DEL")?;
 
     if command == "DEL" {
         return Ok(Operation::Del(Detachment {
@@ -170,7 +190,8 @@ pub fn validate_ifname(name: &str) -> Result<(), EnvError> {
 
 /// `CNI_ARGS`: `KEY=VALUE` pairs separated by `;`. Keys other than the ones this plugin
 /// knows are an error unless `IgnoreUnknown` is true, as libcni's `LoadArgs` does.
-pub fn parse_args(args: &str) -> Result<CniArgs, EnvError> {
+/// With `addressing` false (DEL), `IP` and `MAC` are accepted as known keys but not read.
+pub fn parse_args_with(args: &str, addressing: bool) -> Result<CniArgs, EnvError> {
     let mut pairs = Vec::new();
     for pair in args.split(';').filter(|p| !p.is_empty()) {
         match pair.split_once('=') {
@@ -198,6 +219,28 @@ pub fn parse_args(args: &str) -> Result<CniArgs, EnvError> {
         match k {
             "K8S_POD_NAMESPACE" => out.pod_namespace = Some(v.to_owned()),
             "K8S_POD_NAME" => out.pod_name = Some(v.to_owned()),
+            "IP" | "MAC" if !addressing => {}
+            "IP" => {
+                out.ips = v
+                    .split(',')
+                    .map(|ip| crate::config::parse_ip(ip.trim()))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| EnvError::InvalidArg {
+                        key: "IP",
+                        value: v.to_owned(),
+                        problem: "expected IP addresses, with or without a prefix length, separated by commas",
+                    })?;
+            }
+            "MAC" => {
+                out.mac =
+                    Some(
+                        crate::config::unicast_mac(v).ok_or_else(|| EnvError::InvalidArg {
+                            key: "MAC",
+                            value: v.to_owned(),
+                            problem: "expected a unicast MAC address such as 02:42:ac:11:00:02",
+                        })?,
+                    );
+            }
             "IgnoreUnknown" | "K8S_POD_INFRA_CONTAINER_ID" | "K8S_POD_UID" => {}
             _ if ignore_unknown => {}
             _ => unknown.push(k.to_owned()),
@@ -208,6 +251,12 @@ pub fn parse_args(args: &str) -> Result<CniArgs, EnvError> {
     } else {
         Err(EnvError::UnknownArgs(unknown))
     }
+}
+
+/// `CNI_ARGS` as ADD reads them (the tests' shorthand).
+#[cfg(test)]
+pub fn parse_args(args: &str) -> Result<CniArgs, EnvError> {
+    parse_args_with(args, true)
 }
 
 #[cfg(test)]
@@ -265,6 +314,7 @@ mod tests {
                 args: CniArgs {
                     pod_namespace: Some("ns".into()),
                     pod_name: Some("p".into()),
+                    ..CniArgs::default()
                 },
             }))
         );
@@ -376,8 +426,8 @@ mod tests {
         assert_eq!(
             parse_args("K8S_POD_NAME=p;K8S_POD_UID=u;"),
             Ok(CniArgs {
-                pod_namespace: None,
                 pod_name: Some("p".into()),
+                ..CniArgs::default()
             })
         );
         // Unknown keys are an error unless IgnoreUnknown is true, wherever it is.
@@ -400,6 +450,57 @@ mod tests {
         }
         let e = parse_args("K8S_POD_NAME=p;oops").unwrap_err();
         assert_eq!(e.to_string(), "CNI_ARGS: \"oops\" is not a KEY=VALUE pair");
+    }
+
+    /// CRI-O (cri-o/ocicni pkg/ocicni/ocicni.go, `buildCNIRuntimeConf`) and podman 4
+    /// (containers/common libnetwork/cni/run.go, `getRuntimeConfig`) pass a static address
+    /// and MAC as `IP` and `MAC` in CNI_ARGS, with IgnoreUnknown=1: neither is dropped.
+    #[test]
+    fn ip_and_mac_args_are_read() {
+        let args = parse_args(
+            "IgnoreUnknown=1;K8S_POD_NAMESPACE=ns;K8S_POD_NAME=p;K8S_POD_INFRA_CONTAINER_ID=abc;IP=10.1.0.5;MAC=02:42:ac:11:00:02",
+        )
+        .unwrap();
+        assert_eq!(
+            args.ips,
+            vec!["10.1.0.5".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            args.mac,
+            Some(hypha_api::MacAddr([0x02, 0x42, 0xac, 0x11, 0, 2]))
+        );
+        // host-local and static take several, comma-separated, with or without a length.
+        let args = parse_args("IP=10.1.0.5/24,fd00::5").unwrap();
+        assert_eq!(args.ips.len(), 2);
+    }
+
+    #[test]
+    fn del_does_not_read_ip_or_mac() {
+        let del = with(&with(ADD, "CNI_COMMAND", "DEL"), "CNI_ARGS", "IP=x;MAC=y");
+        assert!(
+            matches!(parse_vars(&del), Ok(Operation::Del(Detachment { ref args, .. })) if args.ips.is_empty() && args.mac.is_none()),
+            "{:?}",
+            parse_vars(&del)
+        );
+        let add = with(ADD, "CNI_ARGS", "IP=x");
+        assert!(parse_vars(&add).is_err());
+    }
+
+    #[test]
+    fn bad_ip_and_mac_args_are_refused_by_key() {
+        for (args, key) in [
+            ("IgnoreUnknown=1;IP=10.1.0.300", "IP"),
+            ("IP=", "IP"),
+            ("IP=10.1.0.5,", "IP"),
+            ("IgnoreUnknown=1;MAC=zz", "MAC"),
+            ("MAC=01:00:5e:00:00:01", "MAC"),
+        ] {
+            let e = parse_args(args).unwrap_err();
+            assert!(
+                e.to_string().starts_with(&format!("CNI_ARGS: {key}=")),
+                "{args}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -331,9 +331,23 @@ pub fn is_not_found(e: &ClientError) -> bool {
     matches!(e, ClientError::Api { status, .. } if status.as_u16() == hyper_status::NOT_FOUND)
 }
 
-/// Classifies a failed call to the agent: unreachable (try again later) or not.
+/// Whether the agent answered the whole request with a refusal of the request itself
+/// (4xx): the one failure of a call that neither a retry nor leaving the call for the
+/// agent would change.
+pub fn is_refusal(e: &ClientError) -> bool {
+    matches!(e, ClientError::Api { status, .. } if status.is_client_error())
+}
+
+/// Whether the call never got a complete answer: nothing listening, no answer within the
+/// timeout, or the connection closed before the answer was whole (the agent died or was
+/// restarted while answering). A retry once the agent is back can succeed.
+pub fn is_incomplete(e: &ClientError) -> bool {
+    e.is_unreachable() || matches!(e, ClientError::Http { .. })
+}
+
+/// Classifies a failed call to the agent: unreachable or cut off (try again later) or not.
 pub fn agent(e: ClientError) -> Error {
-    if e.is_unreachable() {
+    if is_incomplete(&e) {
         Error::AgentUnreachable(Box::new(e))
     } else if is_exhausted(&e) {
         Error::Exhausted(Box::new(e))

@@ -13,6 +13,9 @@ mod config;
 mod delegate;
 mod env;
 mod error;
+#[cfg(test)]
+mod fuzz;
+mod json;
 pub mod naming;
 #[cfg(test)]
 mod properties;

@@ -8,6 +8,7 @@ use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 
 use crate::config::CniVersion;
+use crate::json;
 
 /// What ADD set up, to be reported.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,63 +75,71 @@ pub struct Expected {
 }
 
 /// Reads [`Expected`] for interface `ifname` out of a `prevResult` (any supported
-/// version). The error says what is missing or malformed.
+/// version), its keys matched as Go matches them ([`crate::json`]). The error says what is
+/// missing or malformed.
 pub fn expected_from_prev_result(prev: &Value, ifname: &str) -> Result<Expected, String> {
-    let ips = prev
-        .get("ips")
-        .and_then(Value::as_array)
-        .ok_or("prevResult has no \"ips\" list")?;
-    let interfaces = prev
-        .get("interfaces")
-        .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or_default();
-    let on_ifname = |ip: &&Value| {
-        ip.get("interface")
-            .and_then(Value::as_u64)
-            .and_then(|i| interfaces.get(usize::try_from(i).ok()?))
-            .and_then(|iface| iface.get("name"))
-            .and_then(Value::as_str)
-            == Some(ifname)
+    // A key given twice in different cases cannot be read as Go would: say which.
+    let get = |v: &'_ Value, key: &str| -> Result<Option<Value>, String> {
+        json::get(v, key)
+            .map(|found| found.filter(|f| !f.is_null()).cloned())
+            .map_err(|e| format!("prevResult: {key} {e}"))
     };
-    let parse = |ip: &Value| -> Option<(Ipv4Net, Option<Ipv4Addr>)> {
-        let address = ip.get("address")?.as_str()?.parse::<Ipv4Net>().ok()?;
-        let gateway = ip
-            .get("gateway")
-            .and_then(Value::as_str)
-            .and_then(|g| g.parse().ok());
-        Some((address, gateway))
+    let str_of = |v: &Value, key: &str| -> Result<Option<String>, String> {
+        Ok(get(v, key)?.and_then(|s| s.as_str().map(str::to_owned)))
     };
-    let (address, ip_gateway) = ips
-        .iter()
-        .filter(on_ifname)
-        .find_map(parse)
-        .or_else(|| ips.iter().find_map(parse))
+    let ips = match get(prev, "ips")? {
+        Some(Value::Array(ips)) => ips,
+        _ => return Err("prevResult has no \"ips\" list".into()),
+    };
+    let interfaces = match get(prev, "interfaces")? {
+        Some(Value::Array(i)) => i,
+        _ => Vec::new(),
+    };
+    let mut on_ifname = Vec::new();
+    let mut any = Vec::new();
+    for ip in &ips {
+        let Some(address) = str_of(ip, "address")?.and_then(|a| a.parse::<Ipv4Net>().ok()) else {
+            continue;
+        };
+        let gateway = str_of(ip, "gateway")?.and_then(|g| g.parse::<Ipv4Addr>().ok());
+        let index = get(ip, "interface")?
+            .and_then(|i| i.as_u64())
+            .and_then(|i| usize::try_from(i).ok());
+        let name = match index.and_then(|i| interfaces.get(i)) {
+            Some(iface) => str_of(iface, "name")?,
+            None => None,
+        };
+        if name.as_deref() == Some(ifname) {
+            on_ifname.push((address, gateway));
+        }
+        any.push((address, gateway));
+    }
+    let (address, ip_gateway) = on_ifname
+        .first()
+        .or_else(|| any.first())
+        .copied()
         .ok_or_else(|| format!("prevResult has no IPv4 address for interface {ifname}"))?;
-    let routes: Vec<(Ipv4Net, Option<Ipv4Addr>)> = prev
-        .get("routes")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(|r| {
-            let dst = r.get("dst")?.as_str()?.parse::<Ipv4Net>().ok()?;
-            let gw = r
-                .get("gw")
-                .and_then(Value::as_str)
-                .and_then(|g| g.parse().ok());
-            Some((dst.trunc(), gw))
-        })
-        .collect();
+    let mut routes: Vec<(Ipv4Net, Option<Ipv4Addr>)> = Vec::new();
+    if let Some(Value::Array(list)) = get(prev, "routes")? {
+        for r in &list {
+            let Some(dst) = str_of(r, "dst")?.and_then(|d| d.parse::<Ipv4Net>().ok()) else {
+                continue;
+            };
+            let gw = str_of(r, "gw")?.and_then(|g| g.parse().ok());
+            routes.push((dst.trunc(), gw));
+        }
+    }
     let route_gateway = routes
         .iter()
         .find(|(dst, _)| dst.prefix_len() == 0)
         .and_then(|(_, gw)| *gw);
-    let mac = interfaces
-        .iter()
-        .find(|i| {
-            i.get("name").and_then(Value::as_str) == Some(ifname) && i.get("sandbox").is_some()
-        })
-        .and_then(|i| i.get("mac")?.as_str()?.parse().ok());
+    let mut mac = None;
+    for iface in &interfaces {
+        if str_of(iface, "name")?.as_deref() == Some(ifname) && get(iface, "sandbox")?.is_some() {
+            mac = str_of(iface, "mac")?.and_then(|m| m.parse().ok());
+            break;
+        }
+    }
     Ok(Expected {
         address,
         default_gateway: route_gateway.or(ip_gateway),
@@ -219,6 +228,30 @@ mod tests {
                 "{v}"
             );
         }
+    }
+
+    /// A Go runtime or plugin may write a result with Go's field names; Go's readers
+    /// match them whatever their case, and so does CHECK.
+    #[test]
+    fn prev_results_are_read_whatever_the_case_of_their_keys() {
+        let prev = json!({
+            "CNIVersion": "1.0.0",
+            "Interfaces": [{"Name": "net1", "Sandbox": "/x"}, {"NAME": "eth0", "SandBox": "/x", "Mac": "02:00:00:00:00:02"}],
+            "IPs": [{"Address": "10.0.0.7/32", "Gateway": "10.0.0.1", "Interface": 1}],
+            "Routes": [{"Dst": "0.0.0.0/0", "GW": "10.0.0.1"}],
+        });
+        assert_eq!(
+            expected_from_prev_result(&prev, "eth0"),
+            Ok(Expected {
+                address: "10.0.0.7/32".parse().unwrap(),
+                default_gateway: Some(Ipv4Addr::new(10, 0, 0, 1)),
+                routes: vec![(
+                    "0.0.0.0/0".parse().unwrap(),
+                    Some(Ipv4Addr::new(10, 0, 0, 1))
+                )],
+                mac: Some(MacAddr([0x02, 0, 0, 0, 0, 0x02])),
+            })
+        );
     }
 
     #[test]

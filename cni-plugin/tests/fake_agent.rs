@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use hypha_api::{
-    Allocation, CreateEndpointRequest, DeleteResponse, Endpoint, EndpointCheck, EndpointCounters,
-    MacAddr,
+    AllocateRequest, Allocation, CreateEndpointRequest, DeleteResponse, Endpoint, EndpointCheck,
+    EndpointCounters, MacAddr,
 };
 use hypha_cni::naming::host_ifname;
 use hypha_netlink::Netlink;
@@ -72,12 +72,17 @@ enum Mode {
     EndpointFails,
     /// `POST /v1/ipam/allocate` answers 409.
     Conflict,
+    /// `POST /v1/ipam/allocate` is read and never answered.
+    HangAllocate,
+    /// `POST /v1/endpoints` is read and never answered.
+    HangEndpoint,
 }
 
 #[derive(Default)]
 struct Seen {
     calls: Vec<String>,
     endpoints: Vec<Endpoint>,
+    allocations: Vec<AllocateRequest>,
 }
 
 struct FakeAgent {
@@ -104,6 +109,7 @@ impl FakeAgent {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let state = seen.clone();
         std::thread::spawn(move || {
+            let mut held = Vec::new();
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { return };
                 let mut reader = BufReader::new(stream.try_clone().unwrap());
@@ -126,6 +132,17 @@ impl FakeAgent {
                 reader.read_exact(&mut body).unwrap();
                 let mut parts = request_line.split_whitespace();
                 let call = format!("{} {}", parts.next().unwrap(), parts.next().unwrap());
+                let hang = match mode {
+                    Mode::HangAllocate => call == "POST /v1/ipam/allocate",
+                    Mode::HangEndpoint => call == "POST /v1/endpoints",
+                    _ => false,
+                };
+                if hang {
+                    // Kept open, never answered, until the test ends.
+                    state.lock().unwrap().calls.push(call);
+                    held.push(stream);
+                    continue;
+                }
                 let (status, answer) = answer(mode, &call, &body, &mut state.lock().unwrap());
                 state.lock().unwrap().calls.push(call);
                 let answer = answer.to_string();
@@ -153,15 +170,19 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
         "POST /v1/ipam/allocate" if mode == Mode::Conflict => {
             ("409 Conflict", json!({"error": "endpoint exists"}))
         }
-        "POST /v1/ipam/allocate" => (
-            "200 OK",
-            serde_json::to_value(Allocation {
-                address: ADDRESS,
-                gateway: GATEWAY,
-                pod_cidr: "10.77.0.0/24".parse().unwrap(),
-            })
-            .unwrap(),
-        ),
+        "POST /v1/ipam/allocate" => {
+            seen.allocations
+                .push(serde_json::from_slice(body).expect("an AllocateRequest"));
+            (
+                "200 OK",
+                serde_json::to_value(Allocation {
+                    address: ADDRESS,
+                    gateway: GATEWAY,
+                    pod_cidr: "10.77.0.0/24".parse().unwrap(),
+                })
+                .unwrap(),
+            )
+        }
         "POST /v1/endpoints" if mode == Mode::EndpointFails => (
             "500 Internal Server Error",
             json!({"error": "attach failed"}),
@@ -240,6 +261,24 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
 }
 
 fn cni(command: &str, cid: &str, netns: &Path, ifname: &str, conf: &Value) -> Output {
+    cni_with_args(
+        command,
+        cid,
+        netns,
+        ifname,
+        conf,
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0",
+    )
+}
+
+fn cni_with_args(
+    command: &str,
+    cid: &str,
+    netns: &Path,
+    ifname: &str,
+    conf: &Value,
+    args: &str,
+) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hypha-cni"))
         .env_clear()
         .env("CNI_COMMAND", command)
@@ -247,10 +286,7 @@ fn cni(command: &str, cid: &str, netns: &Path, ifname: &str, conf: &Value) -> Ou
         .env("CNI_NETNS", netns)
         .env("CNI_IFNAME", ifname)
         .env("CNI_PATH", "/opt/cni/bin")
-        .env(
-            "CNI_ARGS",
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0",
-        )
+        .env("CNI_ARGS", args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -499,4 +535,190 @@ fn add_twice_leaves_the_first_alone() {
             format!("GET /v1/endpoints/{cid}/eth0")
         ]
     );
+}
+
+/// An agent that reads the allocation request and never answers: ADD fails within
+/// `agentTimeout` with "try again later", naming the socket and the call, and leaves
+/// nothing behind.
+#[test]
+fn add_is_bounded_when_the_agent_never_answers() {
+    let agent = FakeAgent::start(Mode::HangAllocate);
+    let ns = TestNetns::new();
+    let cid = unique("ctr");
+    let host = host_ifname(&cid, "eth0");
+    let _guard = HostLink(host.clone());
+    let mut c = conf("1.1.0", &agent);
+    c["agentTimeout"] = json!(1);
+    let start = std::time::Instant::now();
+    let out = cni("ADD", &cid, &ns.path(), "eth0", &c);
+    let took = start.elapsed();
+    let err = reply(&out);
+    assert_eq!(err["code"], 11, "{err}");
+    let msg = err["msg"].as_str().unwrap();
+    assert!(
+        msg.contains(&agent.socket.display().to_string())
+            && msg.contains("POST /v1/ipam/allocate")
+            && msg.contains("within 1s"),
+        "{msg}"
+    );
+    assert!(took < std::time::Duration::from_secs(4), "{took:?}");
+    assert!(
+        Netlink::new()
+            .unwrap()
+            .link_by_name(&host)
+            .unwrap()
+            .is_none()
+    );
+    assert!(ns.netlink().link_by_name("eth0").unwrap().is_none());
+}
+
+/// An agent that never answers the endpoint's creation: ADD rolls the veth back and, the
+/// agent not answering, leaves the endpoint's delete for it instead of waiting a second
+/// time; within one timeout.
+#[test]
+fn add_rolls_back_and_defers_when_the_endpoint_call_hangs() {
+    let agent = FakeAgent::start(Mode::HangEndpoint);
+    let ns = TestNetns::new();
+    let cid = unique("ctr");
+    let host = host_ifname(&cid, "eth0");
+    let _guard = HostLink(host.clone());
+    let mut c = conf("1.1.0", &agent);
+    c["agentTimeout"] = json!(1.5);
+    let start = std::time::Instant::now();
+    let out = cni("ADD", &cid, &ns.path(), "eth0", &c);
+    let took = start.elapsed();
+    let err = reply(&out);
+    assert_eq!(err["code"], 11, "{err}");
+    assert!(
+        err["msg"].as_str().unwrap().contains("POST /v1/endpoints"),
+        "{err}"
+    );
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "one timeout, not two: {took:?}"
+    );
+    assert!(
+        Netlink::new()
+            .unwrap()
+            .link_by_name(&host)
+            .unwrap()
+            .is_none()
+    );
+    assert!(ns.netlink().link_by_name("eth0").unwrap().is_none());
+    assert_eq!(
+        agent.calls(),
+        vec![
+            "POST /v1/ipam/allocate".to_owned(),
+            "POST /v1/endpoints".to_owned()
+        ]
+    );
+    let deferred = hypha_api::deferred_deletes_dir(&agent.socket);
+    let records: Vec<hypha_api::Attachment> = std::fs::read_dir(&deferred)
+        .unwrap_or_else(|e| panic!("{}: {e}", deferred.display()))
+        .map(|e| serde_json::from_slice(&std::fs::read(e.unwrap().path()).unwrap()).unwrap())
+        .collect();
+    assert_eq!(
+        records,
+        vec![hypha_api::Attachment {
+            container_id: cid.clone(),
+            ifname: "eth0".into()
+        }]
+    );
+}
+
+/// CRI-O (cri-o/ocicni pkg/ocicni/ocicni.go, `buildCNIRuntimeConf`) and podman 4 with one
+/// static address (containers/common libnetwork/cni/run.go, `getRuntimeConfig`) ask for
+/// the address and MAC in CNI_ARGS (`IP=`, `MAC=`), after `IgnoreUnknown=1`: the agent is
+/// asked for that address and the pod's interface gets that MAC.
+#[test]
+fn ip_and_mac_from_cni_args_are_applied() {
+    let agent = FakeAgent::start(Mode::Ok);
+    let ns = TestNetns::new();
+    let cid = unique("ctr");
+    let _guard = HostLink(host_ifname(&cid, "eth0"));
+    let args = format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1;K8S_POD_INFRA_CONTAINER_ID={cid};IP={ADDRESS};MAC=02:00:00:c0:ff:ee"
+    );
+    let out = cni_with_args(
+        "ADD",
+        &cid,
+        &ns.path(),
+        "eth0",
+        &conf("1.0.0", &agent),
+        &args,
+    );
+    assert!(out.status.success(), "{out:?}");
+    let seen = agent.seen.lock().unwrap();
+    assert_eq!(seen.allocations.len(), 1);
+    assert_eq!(seen.allocations[0].address, Some(ADDRESS));
+    let pod = ns.netlink().link_by_name("eth0").unwrap().expect("eth0");
+    assert_eq!(MacAddr(pod.mac).to_string(), "02:00:00:c0:ff:ee");
+    assert_eq!(
+        seen.endpoints[0].labels.get("k8s:pod").map(String::as_str),
+        Some("web-1")
+    );
+}
+
+/// The runtimes' invocations of `tests/fixtures/` (containerd's go-cni, CRI-O's ocicni,
+/// podman 4's libnetwork/cni; see its README), placeholders replaced.
+fn runtime_fixtures(socket: &Path, cid: &str) -> Vec<(String, Value)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "{files:?}");
+    files
+        .into_iter()
+        .map(|p| {
+            let text = std::fs::read_to_string(&p)
+                .unwrap()
+                .replace("@SOCKET@", &socket.display().to_string())
+                .replace("@CID@", cid)
+                .replace("@IP@", &ADDRESS.to_string());
+            let name = p.file_name().unwrap().to_string_lossy().into_owned();
+            (name, serde_json::from_str(&text).unwrap())
+        })
+        .collect()
+}
+
+/// Each runtime's exact stdin and CNI_ARGS: the address, MAC, limits and labels it asks
+/// for reach the agent (and the MAC the pod's interface).
+#[test]
+fn runtime_fixtures_reach_the_agent() {
+    let probe = FakeAgent::start(Mode::Ok);
+    for (name, _) in runtime_fixtures(&probe.socket, "x") {
+        let agent = FakeAgent::start(Mode::Ok);
+        let ns = TestNetns::new();
+        let cid = unique("ctr");
+        let _guard = HostLink(host_ifname(&cid, "eth0"));
+        let fixture = runtime_fixtures(&agent.socket, &cid)
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .unwrap()
+            .1;
+        let args = fixture["cniArgs"].as_str().unwrap();
+        let out = cni_with_args("ADD", &cid, &ns.path(), "eth0", &fixture["stdin"], args);
+        assert!(out.status.success(), "{name}: {out:?}");
+        let expect = &fixture["expect"];
+        let seen = agent.seen.lock().unwrap();
+        assert_eq!(
+            seen.allocations[0].address.map(|a| a.to_string()),
+            expect["address"].as_str().map(str::to_owned),
+            "{name}"
+        );
+        let ep = &seen.endpoints[0];
+        let bw = ep.bandwidth.unwrap_or_default();
+        assert_eq!(bw.egress_rate, expect["egressRate"].as_u64(), "{name}");
+        assert_eq!(bw.ingress_rate, expect["ingressRate"].as_u64(), "{name}");
+        let labels: Value = serde_json::to_value(&ep.labels).unwrap();
+        assert_eq!(labels, expect["labels"], "{name}");
+        if let Some(mac) = expect["mac"].as_str() {
+            let pod = ns.netlink().link_by_name("eth0").unwrap().expect("eth0");
+            assert_eq!(MacAddr(pod.mac).to_string(), mac, "{name}");
+            assert_eq!(ep.pod_mac.to_string(), mac, "{name}");
+        }
+    }
 }

@@ -223,3 +223,30 @@ impl Chain {
         first.map_or(Ok(()), Err)
     }
 }
+
+/// The runtimes' invocations in `cni-plugin/tests/fixtures/` (see its README), each with
+/// its placeholders replaced: `@SOCKET@` by `socket`, `@CID@` by `container_id`, `@IP@` by
+/// `ip`. Returns (file name, fixture).
+pub fn runtime_fixtures(socket: &Path, container_id: &str, ip: &str) -> Vec<(String, Value)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cni-plugin/tests/fixtures");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("a directory entry").path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+                .replace("@SOCKET@", &socket.display().to_string())
+                .replace("@CID@", container_id)
+                .replace("@IP@", ip);
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            let fixture =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            (name.into_owned(), fixture)
+        })
+        .collect()
+}

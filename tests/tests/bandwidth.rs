@@ -210,12 +210,13 @@ fn limits_change_and_go_at_run_time_and_bad_input_is_refused() {
     assert_eq!(ep.bandwidth.and_then(|b| b.egress_rate), Some(10_000_000));
     assert_eq!(ep.bandwidth.and_then(|b| b.ingress_rate), None);
 
-    // A bad rate at CNI ADD: the pod is refused with the field named.
+    // A bad rate at CNI ADD: the pod is refused with the field named. (0 is not bad
+    // there: it is no limit in that direction, as in the reference plugin.)
     let out = {
         let ns = NamedNetns::named(format!("{}-bw-bad", node.tag));
         let path = ns.path().display().to_string();
         let mut conf: serde_json::Value = serde_json::from_str(&node.conf("1.1.0")).unwrap();
-        conf["runtimeConfig"] = json!({"bandwidth": {"egressRate": 0}});
+        conf["runtimeConfig"] = json!({"bandwidth": {"egressRate": -1}});
         let cid = format!("ctr{}bwbad", node.tag);
         node.cni(&Node::cni_env("ADD", &cid, &path), &conf.to_string())
     };

@@ -240,3 +240,80 @@ fn version_needs_nothing_else() {
         serde_json::json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
     );
 }
+
+/// A limit, an address or a MAC that cannot be read is refused by its key before
+/// anything is made: never dropped, never half-applied.
+#[test]
+fn unreadable_capabilities_and_args_are_named() {
+    let ns = NamedNetns::new("hypcni");
+    let path = ns.path().display().to_string();
+    let socket = no_agent();
+    for (runtime_config, args, code, names) in [
+        (
+            r#"{"bandwidth": {"EgressRate": "1M"}}"#,
+            "",
+            7,
+            &["runtimeConfig.bandwidth.egressRate", "\"1M\""][..],
+        ),
+        (
+            r#"{"bandwidth": {"egress_rate": 1000000}}"#,
+            "",
+            7,
+            &["runtimeConfig.bandwidth", "egress_rate"][..],
+        ),
+        (
+            r#"{"bandwidth": {"ingressRate": 0, "ingressBurst": 4294967295}}"#,
+            "",
+            7,
+            &["runtimeConfig.bandwidth.ingressBurst"][..],
+        ),
+        (
+            r#"{"ips": ["10.1.0.5", "10.1.0.6"]}"#,
+            "",
+            7,
+            &["runtimeConfig.ips", "more than one IPv4"][..],
+        ),
+        (
+            r#"{}"#,
+            "IgnoreUnknown=1;IP=10.1.0.300",
+            4,
+            &["CNI_ARGS", "IP=\"10.1.0.300\""][..],
+        ),
+        (
+            r#"{}"#,
+            "IgnoreUnknown=1;MAC=01:00:5e:00:00:01",
+            4,
+            &["CNI_ARGS", "MAC="][..],
+        ),
+        (
+            r#"{"mac": "02:00:00:00:00:01"}"#,
+            "IgnoreUnknown=1;MAC=02:00:00:00:00:02",
+            7,
+            &["runtimeConfig.mac", "CNI_ARGS"][..],
+        ),
+    ] {
+        let cid = container_id();
+        let mut env = add_env(&cid, &path, "eth0");
+        env.push(("CNI_ARGS", args));
+        let mut conf: serde_json::Value =
+            serde_json::from_str(&cni::conf("1.0.0", &socket)).unwrap();
+        conf["runtimeConfig"] = serde_json::from_str(runtime_config).unwrap();
+        let run = cni::run(&env, &conf.to_string());
+        assert_error(&run, code, names);
+        assert_nothing_left(&cid, "eth0", &ns);
+    }
+}
+
+/// `agentTimeout` must be a positive number of seconds, named when it is not.
+#[test]
+fn bad_agent_timeout() {
+    let ns = NamedNetns::new("hypcni");
+    let cid = container_id();
+    let path = ns.path().display().to_string();
+    let mut conf: serde_json::Value =
+        serde_json::from_str(&cni::conf("1.0.0", &no_agent())).unwrap();
+    conf["agentTimeout"] = serde_json::json!("10s");
+    let run = cni::run(&add_env(&cid, &path, "eth0"), &conf.to_string());
+    assert_error(&run, 7, &["agentTimeout"]);
+    assert_nothing_left(&cid, "eth0", &ns);
+}

@@ -868,3 +868,159 @@ fn conf_with_valid(node: &Node, valid: &[(&str, &str)]) -> String {
         .collect();
     conf(node, "1.1.0", json!({"cni.dev/valid-attachments": list}))
 }
+
+/// An address of the node's pod CIDR, `offset` after its base.
+fn pod_address(node: &Node, offset: u32) -> Ipv4Addr {
+    let base: Ipv4Addr = node.pod_cidr.split('/').next().unwrap().parse().unwrap();
+    Ipv4Addr::from(u32::from(base) + offset)
+}
+
+/// Asserts the limit of one direction as `tc` shows it: a `tbf` at `rate` (bits per
+/// second) on that device, or no `tbf` at all when `rate` is `None`.
+fn assert_tbf(qdisc: &str, rate: Option<u64>, what: &str) {
+    match rate {
+        Some(rate) => {
+            assert!(qdisc.contains("tbf"), "{what}: no tbf: {qdisc}");
+            let shown = format!("rate {}Mbit", rate / 1_000_000);
+            assert!(qdisc.contains(&shown), "{what}: not {shown}: {qdisc}");
+        }
+        None => assert!(
+            !qdisc.contains("tbf"),
+            "{what}: a tbf with no limit: {qdisc}"
+        ),
+    }
+}
+
+/// The exact stdin and CNI_ARGS that containerd (go-cni), CRI-O (ocicni) and podman 4
+/// (libnetwork/cni) give hypha-cni (`cni-plugin/tests/fixtures/`, each citing the runtime's
+/// types), through the real plugin and agent: each limit really shapes (a `tbf` at its
+/// rate on the pod's eth0 for egress, on the host veth for ingress; none for a direction
+/// sent as 0), the requested address and MAC are the pod's, the labels reach the
+/// endpoint, and DEL takes it all down.
+#[test]
+fn runtime_fixtures_through_the_real_agent() {
+    let node = Node::start();
+    let count = cni::runtime_fixtures(&node.socket(), "x", "0.0.0.0").len();
+    assert!(count >= 4, "{count} fixtures");
+    for i in 0..count {
+        let pod = pod_netns(&node, &format!("fx{i}"));
+        let id = cid(&node, &format!("fx{i}"));
+        let path = path_of(&pod);
+        let wanted = pod_address(&node, 40 + i as u32);
+        let (name, fixture) =
+            cni::runtime_fixtures(&node.socket(), &id, &wanted.to_string()).swap_remove(i);
+        let expect = &fixture["expect"];
+        let mut env = Node::cni_env("ADD", &id, &path);
+        env.push(("CNI_ARGS", fixture["cniArgs"].as_str().unwrap()));
+        let result = ok(&node.cni(&env, &fixture["stdin"].to_string()), &name);
+
+        if let Some(address) = expect["address"].as_str() {
+            assert_eq!(address_of(&result).to_string(), address, "{name}: {result}");
+        }
+        let shown = pod.exec(&["ip", "-o", "addr", "show", "dev", "eth0"]);
+        assert!(
+            shown.contains(&format!("{}/32", address_of(&result))),
+            "{name}: {shown}"
+        );
+        if let Some(mac) = expect["mac"].as_str() {
+            let link = pod.exec(&["ip", "-o", "link", "show", "eth0"]);
+            assert!(link.contains(mac), "{name}: {link}");
+            assert_eq!(result["interfaces"][1]["mac"], mac, "{name}: {result}");
+        }
+        let ep = node.endpoint(&id);
+        let labels = serde_json::to_value(&ep.labels).unwrap();
+        assert_eq!(labels, expect["labels"], "{name}");
+        let bw = ep.bandwidth.unwrap_or_default();
+        assert_eq!(bw.egress_rate, expect["egressRate"].as_u64(), "{name}");
+        assert_eq!(bw.ingress_rate, expect["ingressRate"].as_u64(), "{name}");
+        let host_if = cni::host_ifname(&id, "eth0");
+        assert_tbf(
+            &pod.exec(&["tc", "qdisc", "show", "dev", "eth0"]),
+            expect["egressRate"].as_u64(),
+            &format!("{name}: egress on the pod's eth0"),
+        );
+        assert_tbf(
+            &node.netns.exec(&["tc", "qdisc", "show", "dev", &host_if]),
+            expect["ingressRate"].as_u64(),
+            &format!("{name}: ingress on {host_if}"),
+        );
+
+        let mut del = Node::cni_env("DEL", &id, &path);
+        del.push(("CNI_ARGS", fixture["cniArgs"].as_str().unwrap()));
+        ok(&node.cni(&del, &fixture["stdin"].to_string()), &name);
+        assert!(!pod.has_link("eth0"), "{name}");
+    }
+    assert!(node.endpoints().is_empty());
+    assert_eq!(node.status().ipam.allocated, 0);
+    assert!(host_veths(&node).is_empty(), "{:?}", host_veths(&node));
+}
+
+/// The runtimes' capability arguments in their own shapes (containerd's untagged go-cni
+/// `PortMapping` with `HostPort`, ...; CRI-O's and podman's camelCase) given, as libcni
+/// does, to a chain of hypha-cni (declaring `bandwidth`, `ips`, `mac`) and the reference
+/// `portmap` (declaring `portMappings`): portmap gets its `portMappings` and hypha-cni's
+/// result as `prevResult`, and its DNAT rule goes to the pod's address; DEL through the
+/// chain removes it.
+#[test]
+fn runtime_fixtures_chained_with_portmap() {
+    let node = Node::start();
+    let count = cni::runtime_fixtures(&node.socket(), "x", "0.0.0.0").len();
+    let mut chained = 0;
+    for i in 0..count {
+        let id = cid(&node, &format!("pm{i}"));
+        let wanted = pod_address(&node, 80 + i as u32);
+        let (name, fixture) =
+            cni::runtime_fixtures(&node.socket(), &id, &wanted.to_string()).swap_remove(i);
+        let Some(host_port) = fixture["expect"]["hostPort"].as_u64() else {
+            continue;
+        };
+        chained += 1;
+        let pod = pod_netns(&node, &format!("pm{i}"));
+        let path = path_of(&pod);
+        let stdin = &fixture["stdin"];
+        let list = json!({
+            "cniVersion": stdin["cniVersion"],
+            "name": stdin["name"],
+            "plugins": [
+                {"type": "hypha-cni", "agentSocket": node.socket(),
+                 "capabilities": {"bandwidth": true, "ips": true, "mac": true}},
+                {"type": "portmap", "capabilities": {"portMappings": true}},
+            ],
+        });
+        let mut chain = Chain::new(&node.netns.path(), list, fixture["capabilityArgs"].clone());
+        let mut env = Node::cni_env("ADD", &id, &path);
+        env.push(("CNI_ARGS", fixture["cniArgs"].as_str().unwrap()));
+        let result = chain.add(&env).unwrap_or_else(|e| {
+            panic!(
+                "{name}: chained ADD failed at {}: {:?}\n{}",
+                e.plugin,
+                e.run,
+                node.log()
+            )
+        });
+        let address = address_of(&result);
+        if let Some(a) = fixture["expect"]["address"].as_str() {
+            assert_eq!(address.to_string(), a, "{name}");
+        }
+        let nat = node.netns.exec(&["iptables-save", "-t", "nat"]);
+        let rule = nat
+            .lines()
+            .find(|l| l.contains(&format!("--dport {host_port} ")) && l.contains("DNAT"))
+            .unwrap_or_else(|| panic!("{name}: no DNAT for port {host_port}: {nat}"));
+        assert!(rule.contains(&address.to_string()), "{name}: {rule}");
+
+        let mut del = Node::cni_env("DEL", &id, &path);
+        del.push(("CNI_ARGS", fixture["cniArgs"].as_str().unwrap()));
+        chain
+            .del(&del)
+            .unwrap_or_else(|e| panic!("{name}: chained DEL failed at {}: {:?}", e.plugin, e.run));
+        let nat = node.netns.exec(&["iptables-save", "-t", "nat"]);
+        assert!(
+            !nat.contains(&format!("--dport {host_port} ")),
+            "{name}: portmap's rule is gone: {nat}"
+        );
+    }
+    assert!(chained >= 3, "{chained} fixtures with port mappings");
+    assert!(node.endpoints().is_empty());
+    assert!(host_veths(&node).is_empty(), "{:?}", host_veths(&node));
+}

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsFd;
 
 use hypha_api::{AllocateRequest, Client, CreateEndpointRequest, MacAddr};
@@ -18,7 +18,7 @@ use hypha_netlink::{Netlink, Route, VethSpec};
 use ipnet::Ipv4Net;
 use serde_json::Value;
 
-use crate::commands::open_netns;
+use crate::commands::{del, open_netns};
 use crate::config::{ConfigError, NetConf};
 use crate::delegate::{self, Ipam};
 use crate::env::Attachment;
@@ -39,21 +39,15 @@ struct Addressing {
 pub fn run(a: &Attachment, conf: &NetConf, cni_path: Option<&OsString>) -> Result<Value, Error> {
     let host_ifname = naming::host_ifname(&a.container_id, &a.ifname);
     let ipam = Ipam::of(conf, cni_path)?;
-    let requested = match (&ipam, conf.runtime.requested_ipv4()) {
-        // The delegated plugin reads runtimeConfig.ips itself.
-        (Some(_), _) => None,
-        (None, None) if !conf.runtime.ips.is_empty() => {
-            return Err(Error::Config(ConfigError::Invalid {
-                key: "runtimeConfig.ips",
-                problem: "has no IPv4 address (this plugin gives pods IPv4 only)",
-                found: format!("{:?}", conf.runtime.ips),
-            }));
-        }
-        (None, requested) => requested,
+    let requested = match &ipam {
+        // The delegated plugin reads runtimeConfig.ips and CNI_ARGS IP itself.
+        Some(_) => None,
+        None => requested_ipv4(a, conf)?,
     };
+    let mac = requested_mac(a, conf)?;
     let (netns_file, mut pod_nl) = open_netns(&a.netns)?;
     let mut host_nl = Netlink::new()?;
-    let client = Client::new(&conf.agent_socket).map_err(error::agent)?;
+    let client = conf.client().map_err(error::agent)?;
 
     let addressing = match &ipam {
         Some(ipam) => delegated_address(a, &client, ipam)?,
@@ -63,6 +57,7 @@ pub fn run(a: &Attachment, conf: &NetConf, cni_path: Option<&OsString>) -> Resul
     let mut plumbing = Plumbing {
         a,
         conf,
+        mac,
         host_ifname: &host_ifname,
         netns_file: &netns_file,
         pod_nl: &mut pod_nl,
@@ -86,6 +81,63 @@ pub fn run(a: &Attachment, conf: &NetConf, cni_path: Option<&OsString>) -> Resul
     }
 }
 
+/// The IPv4 address the runtime asks for: from the `ips` capability (the CNI conventions;
+/// podman 4 with several static addresses) and `IP` in CNI_ARGS (CRI-O's ocicni; podman 4
+/// with one). A pod gets one IPv4 address: two different ones, or requested addresses
+/// without any IPv4 one, are refused rather than one of them dropped. IPv6 addresses
+/// beside an IPv4 one are left aside (this plugin gives pods IPv4 only).
+pub(crate) fn requested_ipv4(a: &Attachment, conf: &NetConf) -> Result<Option<Ipv4Addr>, Error> {
+    let all: Vec<IpAddr> = conf
+        .runtime
+        .ips
+        .iter()
+        .chain(&a.args.ips)
+        .copied()
+        .collect();
+    let mut distinct: Vec<Ipv4Addr> = all
+        .iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    distinct.sort();
+    distinct.dedup();
+    let invalid = |problem| {
+        Error::Config(ConfigError::Invalid {
+            key: "runtimeConfig.ips (with CNI_ARGS IP)",
+            problem,
+            found: format!(
+                "{:?}",
+                all.iter().map(ToString::to_string).collect::<Vec<_>>()
+            ),
+        })
+    };
+    match distinct.len() {
+        0 if all.is_empty() => Ok(None),
+        0 => Err(invalid(
+            "has no IPv4 address (this plugin gives pods IPv4 only)",
+        )),
+        1 => Ok(Some(distinct[0])),
+        _ => Err(invalid(
+            "asks for more than one IPv4 address (this plugin gives a pod one)",
+        )),
+    }
+}
+
+/// The MAC the runtime asks for: the `mac` capability or `MAC` in CNI_ARGS (CRI-O,
+/// podman); two different ones are refused.
+pub(crate) fn requested_mac(a: &Attachment, conf: &NetConf) -> Result<Option<MacAddr>, Error> {
+    match (conf.runtime.mac, a.args.mac) {
+        (Some(cap), Some(arg)) if cap != arg => Err(Error::Config(ConfigError::Invalid {
+            key: "runtimeConfig.mac",
+            problem: "differs from MAC in CNI_ARGS",
+            found: format!("{cap} and {arg}"),
+        })),
+        (cap, arg) => Ok(cap.or(arg)),
+    }
+}
+
 /// An address from the agent's allocator (`requested` for the `ips` capability).
 fn agent_address(
     a: &Attachment,
@@ -102,7 +154,7 @@ fn agent_address(
             if error::is_conflict(&e) && attached(client, a) {
                 // The attachment belongs to an earlier ADD: leave all of it alone.
                 already_attached(a, e)
-            } else if let Some(address) = requested.filter(|_| !e.is_unreachable()) {
+            } else if let Some(address) = requested.filter(|_| !error::is_incomplete(&e)) {
                 Error::RequestedAddress {
                     address,
                     source: Box::new(e),
@@ -181,6 +233,8 @@ fn already_attached(a: &Attachment, e: hypha_api::ClientError) -> Error {
 struct Plumbing<'a> {
     a: &'a Attachment,
     conf: &'a NetConf,
+    /// The requested MAC of the container's interface.
+    mac: Option<MacAddr>,
     host_ifname: &'a str,
     netns_file: &'a File,
     pod_nl: &'a mut Netlink,
@@ -195,7 +249,7 @@ impl Plumbing<'_> {
             peer_name: &self.a.ifname,
             peer_netns: self.netns_file.as_fd(),
             mtu: self.conf.mtu,
-            peer_mac: self.conf.runtime.mac.map(|m| m.0),
+            peer_mac: self.mac.map(|m| m.0),
         })
     }
 
@@ -298,8 +352,25 @@ fn roll_back(
             cleanup.push(Error::Netlink(e));
         }
     }
-    if let Err(e) = client.delete_endpoint(&a.container_id, &a.ifname) {
-        cleanup.push(error::agent(e));
+    // The agent forgets the endpoint and its address. When it did not complete the failed
+    // call, or does not complete this one, the delete is left for it (asking again would
+    // only double the wait).
+    let previous = match &error {
+        Error::AgentUnreachable(e) => Some(e.as_ref()),
+        _ => None,
+    };
+    let mut unanswered = None;
+    if previous.is_none() {
+        match client.delete_endpoint(&a.container_id, &a.ifname) {
+            Ok(_) => {}
+            Err(e) if error::is_refusal(&e) => cleanup.push(error::agent(e)),
+            Err(e) => unanswered = Some(e),
+        }
+    }
+    if let Some(why) = previous.or(unanswered.as_ref())
+        && let Err(e) = del::defer_after(why, client.socket(), &a.container_id, &a.ifname)
+    {
+        cleanup.push(e);
     }
     if let Some(ipam) = ipam
         && let Err(e) = ipam.del()
@@ -333,6 +404,73 @@ fn labels(a: &Attachment, conf: &NetConf) -> BTreeMap<String, String> {
 mod tests {
     use super::*;
     use crate::env::CniArgs;
+
+    fn attachment(args: &str) -> Attachment {
+        Attachment {
+            container_id: "c".into(),
+            netns: "/x".into(),
+            ifname: "eth0".into(),
+            args: crate::env::parse_args(args).unwrap(),
+        }
+    }
+
+    fn conf_with(runtime_config: &str) -> NetConf {
+        crate::config::parse(
+            format!(r#"{{"cniVersion": "1.0.0", "name": "n", "runtimeConfig": {runtime_config}}}"#)
+                .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_requested_address_comes_from_the_capability_or_cni_args() {
+        let none = conf_with("{}");
+        assert_eq!(requested_ipv4(&attachment(""), &none).unwrap(), None);
+        let ip = Some(Ipv4Addr::new(10, 1, 0, 5));
+        assert_eq!(
+            requested_ipv4(&attachment("IP=10.1.0.5"), &none).unwrap(),
+            ip
+        );
+        let cap = conf_with(r#"{"ips": ["fd00::5/64", "10.1.0.5/24"]}"#);
+        assert_eq!(requested_ipv4(&attachment(""), &cap).unwrap(), ip);
+        // Both, agreeing.
+        assert_eq!(
+            requested_ipv4(&attachment("IP=10.1.0.5/24"), &cap).unwrap(),
+            ip
+        );
+    }
+
+    #[test]
+    fn two_ipv4_addresses_or_none_at_all_are_refused() {
+        let two = conf_with(r#"{"ips": ["10.1.0.5", "10.1.0.6"]}"#);
+        let e = requested_ipv4(&attachment(""), &two).unwrap_err();
+        assert!(e.to_string().contains("runtimeConfig.ips"), "{e}");
+        let cap = conf_with(r#"{"ips": ["10.1.0.5"]}"#);
+        let e = requested_ipv4(&attachment("IP=10.1.0.7"), &cap).unwrap_err();
+        assert!(
+            e.to_string().contains("10.1.0.5") && e.to_string().contains("10.1.0.7"),
+            "{e}"
+        );
+        let e = requested_ipv4(&attachment("IP=fd00::7"), &conf_with("{}")).unwrap_err();
+        assert!(e.to_string().contains("IPv4"), "{e}");
+    }
+
+    #[test]
+    fn the_requested_mac_comes_from_the_capability_or_cni_args() {
+        let mac = Some(MacAddr([0x02, 0, 0, 0, 0, 0x07]));
+        assert_eq!(
+            requested_mac(&attachment("MAC=02:00:00:00:00:07"), &conf_with("{}")).unwrap(),
+            mac
+        );
+        let cap = conf_with(r#"{"mac": "02:00:00:00:00:07"}"#);
+        assert_eq!(requested_mac(&attachment(""), &cap).unwrap(), mac);
+        assert_eq!(
+            requested_mac(&attachment("MAC=02:00:00:00:00:07"), &cap).unwrap(),
+            mac
+        );
+        let e = requested_mac(&attachment("MAC=02:00:00:00:00:08"), &cap).unwrap_err();
+        assert!(e.to_string().contains("runtimeConfig.mac"), "{e}");
+    }
 
     #[test]
     fn labels_come_from_args_and_the_k8s_args() {

@@ -5,7 +5,6 @@
 
 use std::ffi::OsString;
 
-use hypha_api::Client;
 use hypha_netlink::Netlink;
 
 use crate::commands::open_netns;
@@ -45,7 +44,7 @@ pub fn run(a: &Attachment, conf: &NetConf, cni_path: Option<&OsString>) -> Resul
     }
 
     // The agent's endpoint and what the agent finds wrong with its datapath.
-    let client = Client::new(&conf.agent_socket).map_err(error::agent)?;
+    let client = conf.client().map_err(error::agent)?;
     match client.check_endpoint(&a.container_id, &a.ifname) {
         Ok(check) => {
             let ep = &check.endpoint;

@@ -3,15 +3,16 @@
 //! `prevResult` is needed: the host end's name derives from the attachment, and deleting
 //! it removes the pair wherever the container end is.
 //!
-//! When the agent cannot be reached, the delete is left for it as a file in
-//! [`hypha_api::deferred_deletes_dir`] and DEL succeeds: the agent finishes it (endpoint,
-//! map entries, address) when it is back.
+//! When the agent does not complete the delete (nothing listens, no answer within
+//! `agentTimeout`, the connection closed before the whole answer, a 5xx), the delete is
+//! left for it as a file in [`hypha_api::deferred_deletes_dir`] and DEL succeeds: the agent
+//! finishes it (endpoint, map entries, address) when it is back. Only an answer refusing
+//! the request itself (4xx: nothing the agent could do later) fails DEL.
 
 use std::ffi::OsString;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use hypha_api::Client;
 use hypha_netlink::Netlink;
 use sha2::{Digest, Sha256};
 
@@ -40,17 +41,19 @@ pub fn run(d: &Detachment, conf: &NetConf, cni_path: Option<&OsString>) -> Resul
         errors.push(Error::Netlink(e));
     }
 
-    // The endpoint, its datapath state and its address; absent is success.
-    let released = Client::new(&conf.agent_socket)
+    // The endpoint, its datapath state and its address; absent is success. Unless the
+    // agent answered that the request itself is wrong (4xx), a failure is left for it.
+    let released = conf
+        .client()
         .and_then(|client| client.delete_endpoint(&d.container_id, &d.ifname));
     match released {
         Ok(_) => {}
-        Err(e) if e.is_unreachable() => {
-            if let Err(e) = defer(&conf.agent_socket, &d.container_id, &d.ifname) {
+        Err(e) if error::is_refusal(&e) => errors.push(error::agent(e)),
+        Err(e) => {
+            if let Err(e) = defer_after(&e, &conf.agent_socket, &d.container_id, &d.ifname) {
                 errors.push(e);
             }
         }
-        Err(e) => errors.push(error::agent(e)),
     }
 
     if errors.is_empty() {
@@ -58,6 +61,27 @@ pub fn run(d: &Detachment, conf: &NetConf, cni_path: Option<&OsString>) -> Resul
     } else {
         Err(Error::Teardown(errors))
     }
+}
+
+/// [`defer`], after the call to the agent failed with `why`, which goes to stderr (the
+/// runtime's log) with where the record is: the reply itself is a success.
+pub fn defer_after(
+    why: &hypha_api::ClientError,
+    socket: &Path,
+    container_id: &str,
+    ifname: &str,
+) -> Result<(), Error> {
+    match defer(socket, container_id, ifname)? {
+        Some(path) => eprintln!(
+            "hypha-cni: {why}; the delete of {container_id}/{ifname} is left for the agent in {}",
+            path.display()
+        ),
+        None => eprintln!(
+            "hypha-cni: {why}; no agent ever ran at {} (its directory is missing), nothing left for one",
+            socket.display()
+        ),
+    }
+    Ok(())
 }
 
 /// Leaves the delete of (`container_id`, `ifname`) for the agent at `socket`: one

@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 
-use hypha_api::{Client, GcRequest};
+use hypha_api::GcRequest;
 use hypha_netlink::Netlink;
 
 use crate::config::{CniVersion, ConfigError, NetConf};
@@ -53,7 +53,8 @@ pub fn run(conf: &NetConf, cni_path: Option<&OsString>) -> Result<(), Error> {
         errors.extend(e);
     }
 
-    let removed = Client::new(&conf.agent_socket)
+    let removed = conf
+        .client()
         .and_then(|client| {
             client.gc(&GcRequest {
                 valid_attachments: valid.clone(),

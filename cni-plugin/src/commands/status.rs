@@ -9,8 +9,6 @@
 
 use std::ffi::OsString;
 
-use hypha_api::Client;
-
 use crate::config::{CniVersion, NetConf};
 use crate::delegate::Ipam;
 use crate::error::Error;
@@ -24,8 +22,9 @@ pub fn run(conf: &NetConf, cni_path: Option<&OsString>) -> Result<(), Error> {
         });
     }
     let ipam = Ipam::of(conf, cni_path)?;
-    let client =
-        Client::new(&conf.agent_socket).map_err(|e| Error::AgentNotAvailable(Box::new(e)))?;
+    let client = conf
+        .client()
+        .map_err(|e| Error::AgentNotAvailable(Box::new(e)))?;
     let status = client
         .status()
         .map_err(|e| Error::AgentNotAvailable(Box::new(e)))?;
