@@ -89,10 +89,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             }
         });
     }
-    let app = server::router(agent).layer(axum::extract::Extension(events));
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown())
-        .await;
+    let limits = server::Limits::default();
+    let app = server::app(server::router(agent), events, &limits);
+    let served = server::serve(listener, app, limits, shutdown()).await;
     if let Err(e) = std::fs::remove_file(&socket) {
         tracing::warn!("cannot remove {}: {e}", socket.display());
     }
