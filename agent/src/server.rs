@@ -320,6 +320,8 @@ pub use json::Json;
 pub use listen::{Limits, serve};
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod hardening_tests;
 
 /// Binds the socket with mode 0600, replacing a stale socket file but never a live agent's.

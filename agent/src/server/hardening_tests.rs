@@ -49,6 +49,11 @@ pub(super) struct TestServer {
 
 impl TestServer {
     pub fn start(limits: Limits) -> Self {
+        Self::start_named(limits, "hypha-test-server")
+    }
+
+    /// As [`TestServer::start`], with the server's threads named `threads`.
+    pub fn start_named(limits: Limits, threads: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         let mut host = FakeHost::default();
@@ -77,6 +82,7 @@ impl TestServer {
         let (events, _) = broadcast::channel(16);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
+            .thread_name(threads)
             .enable_all()
             .build()
             .unwrap();
@@ -191,7 +197,16 @@ pub(super) fn parse_reply(raw: &[u8]) -> Option<Reply> {
         }
         out
     } else {
-        rest.to_owned()
+        // What follows the declared length is the answer to a pipelined request.
+        let declared = head.lines().find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        });
+        match declared {
+            Some(n) if n <= rest.len() && rest.is_char_boundary(n) => rest[..n].to_owned(),
+            _ => rest.to_owned(),
+        }
     };
     Some(Reply {
         status,
