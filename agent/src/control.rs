@@ -54,6 +54,9 @@ impl ControlError {
             ControlError::NotFound(_) => 404,
             ControlError::Policy(_) => 400,
             ControlError::Ipam(IpamError::Exhausted { .. }) => 507,
+            // What the request asked for is taken or not to be had: the caller's doing.
+            ControlError::Ipam(IpamError::InUse { .. } | IpamError::OwnerHoldsOther { .. }) => 409,
+            ControlError::Ipam(IpamError::NotAllocatable { .. }) => 400,
             _ => 500,
         }
     }
