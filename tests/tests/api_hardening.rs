@@ -32,6 +32,16 @@ fn agent_pid(node: &Node) -> u32 {
     panic!("no agent process for {socket}");
 }
 
+/// The agent's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
 fn fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
@@ -43,6 +53,7 @@ fn stalled_connections_neither_block_status_and_add_nor_stay_open() {
     let node = Node::start();
     let pid = agent_pid(&node);
     let baseline = fds(pid);
+    let rss_before = rss_kib(pid);
     let mut stalled: Vec<UnixStream> = (0..2000)
         .map(|_| {
             let mut s = UnixStream::connect(node.socket()).unwrap();
@@ -62,6 +73,15 @@ fn stalled_connections_neither_block_status_and_add_nor_stay_open() {
     // A CNI ADD gets through as well.
     let pod = node.add_pod("a");
     let held = fds(pid);
+    let rss_during = rss_kib(pid);
+    println!(
+        "agent: {baseline} descriptors and {rss_before} KiB before, {held} and {rss_during} KiB with 2000 stalled connections"
+    );
+    // At most 1,024 connections with at most 64 KiB of buffers each, and far less here.
+    assert!(
+        rss_during < rss_before + 64 * 1024,
+        "the agent grew from {rss_before} to {rss_during} KiB"
+    );
     assert!(
         held <= baseline + 1024 + 64,
         "the agent holds {held} descriptors (baseline {baseline})"
@@ -81,6 +101,10 @@ fn stalled_connections_neither_block_status_and_add_nor_stay_open() {
     }
     drop(stalled);
     let after = fds(pid);
+    println!(
+        "agent: {after} descriptors and {} KiB after the header timeout",
+        rss_kib(pid)
+    );
     // The pod's endpoint may hold a few descriptors of its own (links, maps).
     assert!(
         after <= baseline + 16,
