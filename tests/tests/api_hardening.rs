@@ -7,6 +7,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use hypha_api::AllocateRequest;
+use hypha_tests::netns::NamedNetns;
 use hypha_tests::node::Node;
 
 /// The agent's process: the one whose command line names this node's socket.
@@ -157,4 +158,29 @@ fn a_container_id_with_a_newline_reserves_nothing() {
     );
     assert_eq!(node.status().ipam.allocated, 0);
     assert!(!node.log().contains("a\nb"), "{}", node.log());
+}
+
+#[test]
+fn a_mac_another_pod_uses_is_refused_and_nothing_stays() {
+    let node = Node::start();
+    let a = node.add_pod("a");
+    let first = node.endpoint(&a.container_id);
+    let mac = first.pod_mac.to_string();
+    let netns = NamedNetns::named(format!("{}-b", node.tag));
+    let cid = format!("ctr{}b", node.tag);
+    let mut conf: serde_json::Value = serde_json::from_str(&node.conf("1.1.0")).unwrap();
+    conf["runtimeConfig"] = serde_json::json!({ "mac": mac });
+    let path = netns.path().display().to_string();
+    let (_, msg) = node
+        .cni(&Node::cni_env("ADD", &cid, &path), &conf.to_string())
+        .error();
+    assert!(
+        msg.contains(&mac) && msg.contains(&format!("endpoint {}", first.id)),
+        "{msg}"
+    );
+    // Nothing of b is left: no endpoint, no reservation, no interface.
+    assert_eq!(node.endpoints().len(), 1);
+    assert_eq!(node.status().ipam.allocated, 1);
+    assert!(!netns.has_link("eth0"));
+    node.del_pod(&a);
 }
