@@ -98,6 +98,7 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut shutdown = pin!(shutdown);
     let mut next_id = 0u64;
+    let mut accept_errors = AcceptErrors::default();
     loop {
         let accepted = tokio::select! {
             () = &mut shutdown => break,
@@ -108,7 +109,7 @@ pub async fn serve(
             Err(e) => {
                 // Out of descriptors or memory: give the connections being closed time
                 // to free some instead of spinning.
-                tracing::warn!("cannot accept an API connection: {e}");
+                accept_errors.report(&e);
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
@@ -154,6 +155,30 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Failed accepts, logged at most every 10 s with how many there were.
+#[derive(Default)]
+struct AcceptErrors {
+    last_logged: Option<std::time::Instant>,
+    unlogged: u64,
+}
+
+impl AcceptErrors {
+    fn report(&mut self, e: &std::io::Error) {
+        self.unlogged += 1;
+        if self
+            .last_logged
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            tracing::warn!(
+                failures = self.unlogged,
+                "cannot accept API connections: {e}"
+            );
+            self.last_logged = Some(std::time::Instant::now());
+            self.unlogged = 0;
+        }
+    }
 }
 
 /// Registers connection `id`, closing the oldest idle connection when the table is full.
