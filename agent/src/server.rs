@@ -295,6 +295,7 @@ async fn api_errors(req: axum::extract::Request, next: axum::middleware::Next) -
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return resp;
     }
+    let allow = resp.headers().get(axum::http::header::ALLOW).cloned();
     let text = match axum::body::to_bytes(resp.into_body(), 64 << 10).await {
         Ok(b) => String::from_utf8_lossy(&b).trim().to_owned(),
         Err(e) => format!("(unreadable: {e})"),
@@ -310,7 +311,13 @@ async fn api_errors(req: axum::extract::Request, next: axum::middleware::Next) -
     } else {
         status
     };
-    json::error(status, message)
+    let mut answer = json::error(status, message);
+    if let Some(allow) = allow {
+        answer
+            .headers_mut()
+            .insert(axum::http::header::ALLOW, allow);
+    }
+    answer
 }
 
 mod json;

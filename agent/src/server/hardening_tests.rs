@@ -546,6 +546,10 @@ fn unknown_routes_methods_and_bad_paths_answer_api_errors() {
     let reply = request(&srv.socket, "DELETE", "/v1/gc", None);
     assert_eq!(reply.status, 405, "{reply:?}");
     assert!(reply.error().contains("DELETE"), "{reply:?}");
+    assert!(
+        reply.head.to_ascii_lowercase().contains("allow: post"),
+        "{reply:?}"
+    );
     let reply = request(&srv.socket, "GET", "/v1/endpoints/%FF%FE/eth0", None);
     assert_eq!(reply.status, 400, "{reply:?}");
     reply.error();
