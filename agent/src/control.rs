@@ -54,6 +54,9 @@ impl ControlError {
             ControlError::NotFound(_) => 404,
             ControlError::Policy(_) => 400,
             ControlError::Ipam(IpamError::Exhausted { .. }) => 507,
+            // What the request asked for is taken or not to be had: the caller's doing.
+            ControlError::Ipam(IpamError::InUse { .. } | IpamError::OwnerHoldsOther { .. }) => 409,
+            ControlError::Ipam(IpamError::NotAllocatable { .. }) => 400,
             _ => 500,
         }
     }
@@ -246,6 +249,12 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         req: &CreateEndpointRequest,
     ) -> Result<Endpoint, ControlError> {
         validate_owner(&req.container_id, &req.ifname)?;
+        if req.pod_mac.0[0] & 1 != 0 || req.pod_mac.0 == [0; 6] {
+            return Err(ControlError::BadRequest(format!(
+                "pod_mac {} is not a unicast MAC address",
+                req.pod_mac
+            )));
+        }
         if let Some(bw) = &req.bandwidth {
             bandwidth::validate(bw)
                 .map_err(|e| ControlError::BadRequest(format!("invalid bandwidth: {e}")))?;
@@ -287,6 +296,31 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                     "no address is allocated to {owner}; call /v1/ipam/allocate first"
                 )));
             }
+        }
+        if let Some(other) = self.endpoints.iter().find(|e| e.pod_mac == req.pod_mac) {
+            // The pod's MAC is how the datapath knows it (anti-spoofing, the MAC it
+            // rewrites to): two endpoints cannot share one. The reservation made for this
+            // request goes back, so that a refused ADD leaves nothing behind.
+            let released = if req.external_ipam {
+                None
+            } else {
+                self.ipam.release(&owner)
+            };
+            if released.is_some()
+                && let Err(e) = self.persist()
+            {
+                tracing::error!("cannot save the release of {owner}'s address: {e}");
+            }
+            return Err(ControlError::Conflict(format!(
+                "MAC address {} is already used by endpoint {} (container {} interface {}){}",
+                req.pod_mac,
+                other.id,
+                other.container_id,
+                other.ifname,
+                released
+                    .map(|a| format!("; address {a} reserved for {owner} released"))
+                    .unwrap_or_default()
+            )));
         }
         let link = self.host.link(&req.host_ifname)?.ok_or_else(|| {
             ControlError::BadRequest(format!(
@@ -335,6 +369,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         container_id: &str,
         ifname: &str,
     ) -> Result<DeleteResponse, ControlError> {
+        validate_owner(container_id, ifname)?;
         let owner = Owner {
             container_id: container_id.to_owned(),
             ifname: ifname.to_owned(),
@@ -364,6 +399,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         container_id: &str,
         ifname: &str,
     ) -> Result<EndpointCheck, ControlError> {
+        validate_owner(container_id, ifname)?;
         let i = self.find(container_id, ifname).ok_or_else(|| {
             ControlError::NotFound(format!(
                 "no endpoint for container {container_id} interface {ifname}"
@@ -389,6 +425,10 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     /// Removes every endpoint and reservation that belongs to no valid attachment, with
     /// its host veth, map entries and links; keeps going past errors and reports them.
     pub fn gc(&mut self, req: &GcRequest) -> Result<GcResponse, ControlError> {
+        for (i, a) in req.valid_attachments.iter().enumerate() {
+            validate_owner(&a.container_id, &a.ifname)
+                .map_err(|e| ControlError::BadRequest(format!("valid_attachments[{i}]: {e}")))?;
+        }
         let valid: BTreeSet<(&str, &str)> = req
             .valid_attachments
             .iter()
@@ -727,16 +767,53 @@ fn count(c: &hypha_common::Counter) -> PacketCount {
 }
 
 fn validate_owner(container_id: &str, ifname: &str) -> Result<(), ControlError> {
-    if container_id.is_empty() {
-        return Err(ControlError::BadRequest("container_id is empty".into()));
-    }
-    if ifname.is_empty() || ifname.len() > 15 {
-        return Err(ControlError::BadRequest(format!(
-            "ifname {ifname:?} is not a valid interface name (1 to 15 bytes)"
-        )));
-    }
-    Ok(())
+    validate_container_id(container_id)?;
+    validate_ifname(ifname)
 }
+
+/// A container id as the CNI specification defines it: an alphanumeric character, then
+/// alphanumerics, `_`, `.` and `-` (libcni's `ValidateContainerID`). It reaches logs,
+/// file names and map keys, so nothing else gets in.
+fn validate_container_id(container_id: &str) -> Result<(), ControlError> {
+    let mut bytes = container_id.bytes();
+    let valid = bytes.next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if valid {
+        return Ok(());
+    }
+    Err(ControlError::BadRequest(format!(
+        "container_id {container_id:?} is not a valid container id: it must be an alphanumeric character followed by alphanumerics, '_', '.' or '-'"
+    )))
+}
+
+/// An interface name as the CNI specification and the kernel take it (libcni's
+/// `ValidateInterfaceName`, the kernel's `dev_valid_name`): 1 to 15 bytes, not `.` or
+/// `..`, no `/`, `:` or white space.
+fn validate_ifname(ifname: &str) -> Result<(), ControlError> {
+    let problem = if ifname.is_empty() {
+        Some("it is empty")
+    } else if ifname.len() > 15 {
+        Some("it is longer than 15 bytes")
+    } else if ifname == "." || ifname == ".." {
+        Some("it may not be '.' or '..'")
+    } else if ifname
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    {
+        Some("it may not contain '/', ':', white space or control characters")
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(()),
+        Some(p) => Err(ControlError::BadRequest(format!(
+            "ifname {ifname:?} is not a valid interface name: {p}"
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod validation_tests;
 
 #[cfg(test)]
 mod tests {
@@ -823,7 +900,7 @@ mod tests {
             netns: "/run/netns/x".into(),
             host_ifname: host.into(),
             address: alloc.address,
-            pod_mac: MacAddr([2, 1, 1, 1, 1, 1]),
+            pod_mac: MacAddr([2, 1, 1, 1, 1, alloc.address.octets()[3]]),
             labels: Default::default(),
             external_ipam: false,
             bandwidth,
@@ -1010,7 +1087,7 @@ mod tests {
                 netns: "/x".into(),
                 host_ifname: "x".into(),
                 address: Ipv4Addr::new(10, 7, 0, 5),
-                pod_mac: MacAddr::default(),
+                pod_mac: MacAddr([2, 0, 0, 0, 0, 5]),
                 labels: Default::default(),
                 external_ipam: false,
                 bandwidth: None,
@@ -1190,7 +1267,7 @@ mod tests {
                     netns: "/x".into(),
                     host_ifname: host.into(),
                     address,
-                    pod_mac: MacAddr::default(),
+                    pod_mac: MacAddr([2, 0, 0, 0, 0, address.octets()[3]]),
                     labels: Default::default(),
                     external_ipam: true,
                     bandwidth: None,

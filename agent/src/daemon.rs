@@ -18,7 +18,12 @@ use crate::state::StateStore;
 /// Runs the agent until SIGTERM or SIGINT. Stopping the agent leaves the datapath as it
 /// is: pods keep their connectivity, and the next agent re-adopts them.
 pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
-    let store = StateStore::open(&config.state_dir)?;
+    raise_fd_limit();
+    // Off the runtime's threads: it may wait a few seconds for a dying agent's lock.
+    let state_dir = config.state_dir.clone();
+    let store = tokio::task::spawn_blocking(move || StateStore::open(&state_dir))
+        .await
+        .context("opening the state directory")??;
     let saved = store.load()?;
     let listener = server::bind(&config.socket).await?;
     let mut datapath = EbpfDatapath::load(&config.pin_dir, config.gateway())
@@ -89,16 +94,41 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             }
         });
     }
-    let app = server::router(agent).layer(axum::extract::Extension(events));
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown())
-        .await;
+    let limits = server::Limits::default();
+    let app = server::app(server::router(agent), events, &limits);
+    let served = server::serve(listener, app, limits, shutdown()).await;
     if let Err(e) = std::fs::remove_file(&socket) {
         tracing::warn!("cannot remove {}: {e}", socket.display());
     }
     served.context("serving the API")?;
     tracing::info!("hypha agent stopped; the datapath stays in place");
     Ok(())
+}
+
+/// Raises the soft limit of open descriptors to the hard one (systemd gives services a
+/// soft 1,024), so that the API's connection limit, not the descriptor limit, is what a
+/// flood of connections meets.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && {
+            let wanted = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            lim.rlim_cur >= lim.rlim_max || libc::setrlimit(libc::RLIMIT_NOFILE, &wanted) == 0
+        }
+    };
+    if !raised {
+        tracing::warn!(
+            "cannot raise the limit of open files: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// How often the agent looks for deletes left by `hypha-cni` and for vanished veths.

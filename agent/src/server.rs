@@ -4,11 +4,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use axum::Router;
 use axum::extract::{Path as UrlPath, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
 use hypha_api::{
     AllocateRequest, ApiError, CreateEndpointRequest, GcRequest, NamespaceLabelsRequest,
     PolicySource,
@@ -266,6 +266,82 @@ async fn namespace_labels<D: Datapath, H: HostNetwork>(
     tracing::info!(%namespace, labels = ?resp.labels, "namespace labels set");
     Ok(Json(resp).into_response())
 }
+
+/// The API as the agent serves it: `router` with the events for the monitor, the
+/// [`Limits`] the body extractor reads, and every refusal turned into an [`ApiError`].
+pub fn app(
+    router: Router,
+    events: tokio::sync::broadcast::Sender<hypha_common::Event>,
+    limits: &Limits,
+) -> Router {
+    router
+        .fallback(no_route)
+        .layer(axum::middleware::from_fn(api_errors))
+        // For a handler that takes the body as bytes: the largest limit; [`Json`] applies
+        // the limit of each route.
+        .layer(axum::extract::DefaultBodyLimit::max(
+            limits.policy_body_limit,
+        ))
+        .layer(axum::extract::Extension(limits.clone()))
+        .layer(axum::extract::Extension(events))
+}
+
+async fn no_route(req: axum::extract::Request) -> Response {
+    json::error(
+        StatusCode::NOT_FOUND,
+        format!("no API route {} {}", req.method(), req.uri().path()),
+    )
+}
+
+/// Gives the refusals of axum's own extractors and of the router (a path segment that is
+/// not UTF-8, a bad query, a method the route does not take) an [`ApiError`] body that
+/// names the request, as every other error has.
+async fn api_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let what = format!("{} {}", req.method(), req.uri().path());
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let allow = resp.headers().get(axum::http::header::ALLOW).cloned();
+    let text = match axum::body::to_bytes(resp.into_body(), 64 << 10).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_owned(),
+        Err(e) => format!("(unreadable: {e})"),
+    };
+    let message = match status {
+        _ if !text.is_empty() => format!("{what}: {text}"),
+        StatusCode::METHOD_NOT_ALLOWED => format!("{what}: this route does not take that method"),
+        _ => format!("{what}: {status}"),
+    };
+    // axum answers 422 for a body of the wrong shape; the API says 400 for every bad input.
+    let status = if status == StatusCode::UNPROCESSABLE_ENTITY {
+        StatusCode::BAD_REQUEST
+    } else {
+        status
+    };
+    let mut answer = json::error(status, message);
+    if let Some(allow) = allow {
+        answer
+            .headers_mut()
+            .insert(axum::http::header::ALLOW, allow);
+    }
+    answer
+}
+
+mod json;
+mod listen;
+
+pub use json::Json;
+pub use listen::{Limits, serve};
+
+#[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
+mod hardening_tests;
 
 /// Binds the socket with mode 0600, replacing a stale socket file but never a live agent's.
 pub async fn bind(path: &Path) -> Result<UnixListener, ServerError> {

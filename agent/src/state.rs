@@ -8,8 +8,10 @@ use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use hypha_api::{Bandwidth, MacAddr};
+use nix::errno::Errno;
 use nix::fcntl::{Flock, FlockArg};
 use serde::{Deserialize, Serialize};
 
@@ -38,9 +40,26 @@ pub enum StateError {
         "agent state {path} has format version {found}; this agent reads version {STATE_VERSION}"
     )]
     Version { path: PathBuf, found: u32 },
-    #[error("another hypha agent already uses the state directory {path} (its lock is held)")]
-    Locked { path: PathBuf },
+    /// Another process holds the directory's lock, and still did after [`LOCK_WAIT`].
+    #[error(
+        "another hypha agent already uses the state directory {path} (its lock is held{holder}; waited {waited:?} for it)"
+    )]
+    Locked {
+        path: PathBuf,
+        /// ` by process PID (NAME)` when `/proc/locks` tells who, else empty.
+        holder: String,
+        waited: Duration,
+    },
 }
+
+/// How long [`StateStore::open`] waits for the lock. A SIGKILLed agent releases it only
+/// once the kernel has torn the process down, and a thread in an uninterruptible call (an
+/// fsync of the state, a netlink or bpf call) delays that: a restart right after the
+/// kill must not take the dying agent for a live one. A live agent still holds it after.
+pub const LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// How often the lock is tried while waiting.
+const LOCK_POLL: Duration = Duration::from_millis(50);
 
 /// One endpoint as the agent remembers it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,8 +156,14 @@ pub struct StateStore {
 }
 
 impl StateStore {
-    /// Opens (creating) `dir` and locks it against a second agent.
+    /// Opens (creating) `dir` and locks it against a second agent, waiting up to
+    /// [`LOCK_WAIT`] for a previous holder to go away.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
+        Self::open_waiting(dir, LOCK_WAIT)
+    }
+
+    /// As [`StateStore::open`], waiting at most `wait` for the lock.
+    pub fn open_waiting(dir: &Path, wait: Duration) -> Result<Self, StateError> {
         fs::create_dir_all(dir).map_err(|source| StateError::Io {
             op: "create the state directory",
             path: dir.to_owned(),
@@ -156,11 +181,42 @@ impl StateStore {
                 path: lock_path.clone(),
                 source,
             })?;
-        let lock = Flock::lock(lock_file, FlockArg::LockExclusiveNonblock).map_err(|_| {
-            StateError::Locked {
-                path: dir.to_owned(),
+        // The descriptor is close-on-exec (std opens every file with O_CLOEXEC), so the
+        // children the agent runs (nft) never hold the lock.
+        let deadline = Instant::now() + wait;
+        let mut file = lock_file;
+        let mut told = false;
+        let lock = loop {
+            match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => break lock,
+                Err((f, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                    if !told {
+                        tracing::info!(
+                            "the lock of {} is held{}; waiting up to {wait:?} for it",
+                            dir.display(),
+                            lock_holder(&f)
+                        );
+                        told = true;
+                    }
+                    file = f;
+                    std::thread::sleep(LOCK_POLL);
+                }
+                Err((f, Errno::EWOULDBLOCK)) => {
+                    return Err(StateError::Locked {
+                        path: dir.to_owned(),
+                        holder: lock_holder(&f),
+                        waited: wait,
+                    });
+                }
+                Err((_, errno)) => {
+                    return Err(StateError::Io {
+                        op: "lock",
+                        path: lock_path,
+                        source: errno.into(),
+                    });
+                }
             }
-        })?;
+        };
         Ok(Self {
             path: dir.join("state.json"),
             _lock: lock,
@@ -222,12 +278,56 @@ impl StateStore {
             op: "replace",
             path: self.path.clone(),
             source,
-        })
+        })?;
+        // The rename is durable only once the directory is: without this, a power loss
+        // may bring back the old state (or no state) after the agent has answered.
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| StateError::Io {
+                op: "sync the state directory",
+                path: dir.to_owned(),
+                source,
+            })
+    }
+}
+
+/// ` by process PID (NAME)` for the process holding `file`'s flock, from `/proc/locks`;
+/// empty when it cannot be told.
+fn lock_holder(file: &File) -> String {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(meta) = file.metadata() else {
+        return String::new();
+    };
+    let id = format!(
+        "{:02x}:{:02x}:{}",
+        nix::sys::stat::major(meta.dev()),
+        nix::sys::stat::minor(meta.dev()),
+        meta.ino()
+    );
+    let Ok(locks) = fs::read_to_string("/proc/locks") else {
+        return String::new();
+    };
+    // `1: FLOCK  ADVISORY  WRITE 4242 00:2b:1234 0 EOF`; waiters have `->` after the number.
+    let pid = locks.lines().find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.len() >= 6 && fields[1] == "FLOCK" && fields[5] == id).then(|| fields[4])
+    });
+    match pid {
+        Some(pid) => match fs::read_to_string(format!("/proc/{pid}/comm")) {
+            Ok(name) => format!(" by process {pid} ({})", name.trim()),
+            Err(_) => format!(" by process {pid}"),
+        },
+        None => String::new(),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::{Duration, Instant};
+
+    use nix::errno::Errno;
+
     use super::*;
 
     #[test]
@@ -256,7 +356,7 @@ mod tests {
         store.save(&state).unwrap();
         assert_eq!(store.load().unwrap(), state);
 
-        let err = StateStore::open(dir.path()).unwrap_err();
+        let err = StateStore::open_waiting(dir.path(), Duration::ZERO).unwrap_err();
         assert!(matches!(err, StateError::Locked { .. }), "{err}");
         drop(store);
         StateStore::open(dir.path()).expect("lock is released with the store");
@@ -278,5 +378,153 @@ mod tests {
             store.load(),
             Err(StateError::Version { found: 99, .. })
         ));
+    }
+
+    /// `flock LOCK -c 'touch READY; CMD'` in a process group of its own, started once
+    /// the lock is held.
+    fn hold_lock(dir: &Path, cmd: &str) -> std::process::Child {
+        use std::os::unix::process::CommandExt as _;
+        let ready = dir.join("ready");
+        let child = std::process::Command::new("flock")
+            .arg(dir.join("agent.lock"))
+            .arg("-c")
+            .arg(format!("touch {}; {cmd}", ready.display()))
+            .process_group(0)
+            .spawn()
+            .expect("flock(1) runs");
+        let start = Instant::now();
+        while !ready.exists() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "flock never held the lock"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        child
+    }
+
+    /// Kills a process group started by `hold_lock` and reaps its leader.
+    fn kill_group(mut child: std::process::Child) {
+        let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+        if let Err(e) = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL) {
+            assert_eq!(e, Errno::ESRCH, "cannot kill the lock holder");
+        }
+        child.wait().expect("reap the lock holder");
+    }
+
+    #[test]
+    fn a_holder_that_goes_away_within_the_wait_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let holder = hold_lock(dir.path(), "sleep 0.5");
+        let start = Instant::now();
+        let store = StateStore::open(dir.path());
+        let waited = start.elapsed();
+        kill_group(holder);
+        store.expect("the lock is free once the holder is gone");
+        assert!(waited >= Duration::from_millis(300), "{waited:?}");
+    }
+
+    #[test]
+    fn the_lock_is_not_inherited_by_what_the_agent_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let lock = dir.path().join("agent.lock");
+        let fds = fs::read_dir(format!("/proc/{}/fd", child.id())).unwrap();
+        for fd in fds {
+            let target = fs::read_link(fd.unwrap().path()).unwrap_or_default();
+            assert_ne!(target, lock, "the child holds the lock's descriptor");
+        }
+        drop(store);
+        let again = StateStore::open(dir.path());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        again.expect("the lock went with the store, not with the child");
+    }
+
+    /// Re-runs this test binary under strace to see the syscalls of one save.
+    #[test]
+    fn a_save_syncs_the_directory_after_the_rename() {
+        const CHILD: &str = "HYPHA_TEST_SAVE_INTO";
+        if let Some(dir) = std::env::var_os(CHILD) {
+            let store = StateStore::open(Path::new(&dir)).unwrap();
+            store.save(&PersistedState::default()).unwrap();
+            return;
+        }
+        if std::process::Command::new("strace")
+            .arg("-V")
+            .output()
+            .is_err()
+        {
+            eprintln!("skipped: strace is not installed, and only it shows the fsync");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let trace = dir.path().join("trace");
+        let state = dir.path().join("state");
+        let out = std::process::Command::new("strace")
+            .args([
+                "-f",
+                "-e",
+                "trace=openat,rename,renameat,renameat2,fsync,fdatasync",
+                "-o",
+            ])
+            .arg(&trace)
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "state::tests::a_save_syncs_the_directory_after_the_rename",
+                "--test-threads=1",
+            ])
+            .env(CHILD, &state)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let trace = fs::read_to_string(trace).unwrap();
+        let lines: Vec<&str> = trace.lines().collect();
+        let renamed = lines
+            .iter()
+            .position(|l| l.contains("rename") && l.contains("state.json.tmp"))
+            .unwrap_or_else(|| panic!("no rename of the state file:\n{trace}"));
+        // After it: the directory opened (fd N) and fsync(N).
+        let dir_fd = lines[renamed..]
+            .iter()
+            .find(|l| l.contains("openat") && l.contains(&format!("\"{}\"", state.display())))
+            .and_then(|l| l.rsplit("= ").next())
+            .and_then(|fd| fd.trim().parse::<u32>().ok())
+            .unwrap_or_else(|| panic!("the directory is not opened after the rename:\n{trace}"));
+        assert!(
+            lines[renamed..]
+                .iter()
+                .any(|l| l.contains(&format!("fsync({dir_fd})"))),
+            "the directory is not fsynced after the rename:\n{trace}"
+        );
+    }
+
+    #[test]
+    fn a_live_holder_is_refused_after_the_wait_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let holder = hold_lock(dir.path(), "sleep 30");
+        let start = Instant::now();
+        let err = StateStore::open_waiting(dir.path(), Duration::from_millis(400));
+        let waited = start.elapsed();
+        let pid = holder.id();
+        kill_group(holder);
+        let err = err.unwrap_err();
+        assert!(matches!(err, StateError::Locked { .. }), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("another hypha agent already uses the state directory")
+                && text.contains(&format!("by process {pid} (flock)")),
+            "{text}"
+        );
+        assert!(waited >= Duration::from_millis(400), "{waited:?}");
     }
 }

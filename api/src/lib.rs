@@ -15,6 +15,9 @@
 //! | `GET /v1/endpoints/{id or container}/policy`  |                           | [`EndpointPolicy`]  |
 //! | `PUT /v1/namespaces/{namespace}/labels`       | [`NamespaceLabelsRequest`]| [`NamespaceLabels`] |
 //!
+//! Request bodies refuse keys they do not know (`400`, the key named), so that a
+//! misspelt or wrongly cased field is never taken for an absent one.
+//!
 //! Errors come back with a 4xx/5xx status and an [`ApiError`] body. Because it is plain
 //! HTTP, `curl --unix-socket /run/hypha/agent.sock http://hypha/v1/status` works too.
 
@@ -80,6 +83,7 @@ pub struct DatapathStatus {
 /// `POST /v1/ipam/allocate`: reserve an address for one interface of one container.
 /// Asking again for the same container and interface returns the same address.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct AllocateRequest {
     pub container_id: String,
     pub ifname: String,
@@ -99,6 +103,7 @@ pub struct Allocation {
 
 /// `POST /v1/endpoints`: the veth exists and the pod is addressed; attach the datapath.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct CreateEndpointRequest {
     pub container_id: String,
     pub ifname: String,
@@ -124,7 +129,7 @@ pub struct CreateEndpointRequest {
 /// Rate limits as the CNI `bandwidth` capability gives them: rates in bits per second,
 /// bursts in bits. Absent fields mean no limit in that direction.
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Bandwidth {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingress_rate: Option<u64>,
@@ -228,6 +233,7 @@ pub struct EndpointCheck {
 
 /// One attachment a runtime still considers valid (CNI GC's `cni.dev/valid-attachments`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(deny_unknown_fields)]
 pub struct Attachment {
     pub container_id: String,
     pub ifname: String,
@@ -235,6 +241,7 @@ pub struct Attachment {
 
 /// `POST /v1/gc`: remove every endpoint and address reservation not listed.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct GcRequest {
     pub valid_attachments: Vec<Attachment>,
 }
@@ -285,6 +292,7 @@ pub struct MonitorEvent {
 /// One policy file as `POST /v1/policies` takes it: the agent parses it (the same way
 /// it parses the files of its watched directory).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct PolicySource {
     /// The file's name, for messages.
     pub source: String,
@@ -368,6 +376,7 @@ pub struct PolicyEntryView {
 
 /// `PUT /v1/namespaces/{namespace}/labels`: sets and removes a namespace's labels.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
 pub struct NamespaceLabelsRequest {
     #[serde(default)]
     pub set: BTreeMap<String, String>,

@@ -707,7 +707,7 @@ mod tests {
                 netns: "/x".into(),
                 host_ifname: host.into(),
                 address: alloc.address,
-                pod_mac: MacAddr::default(),
+                pod_mac: MacAddr([2, 0, 0, 0, 0, alloc.address.octets()[3]]),
                 labels: labels
                     .iter()
                     .map(|(k, v)| ((*k).into(), (*v).into()))
