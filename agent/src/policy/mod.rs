@@ -10,6 +10,7 @@
 
 mod compile;
 mod identity;
+pub mod limits;
 mod parse;
 mod selector;
 
