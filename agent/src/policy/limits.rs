@@ -20,8 +20,6 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
 use std::mem::MaybeUninit;
 
-use unsafe_libyaml as libyaml;
-
 use super::PolicyError;
 
 /// The largest policy file accepted, in bytes (4 MiB).
@@ -196,23 +194,23 @@ struct Event {
 /// A libyaml parser over a borrowed input, freed on drop.
 struct Parser<'input> {
     // Boxed: libyaml's structures are used in place, never moved once initialized.
-    raw: Box<MaybeUninit<libyaml::yaml_parser_t>>,
+    raw: Box<MaybeUninit<unsafe_libyaml::yaml_parser_t>>,
     _input: std::marker::PhantomData<&'input [u8]>,
 }
 
 impl<'input> Parser<'input> {
     fn new(input: &'input [u8]) -> Self {
-        let mut raw = Box::new(MaybeUninit::<libyaml::yaml_parser_t>::uninit());
+        let mut raw = Box::new(MaybeUninit::<unsafe_libyaml::yaml_parser_t>::uninit());
         let p = raw.as_mut_ptr();
         // SAFETY: `p` points to memory for a parser that `yaml_parser_initialize` fills
         // (it zeroes it first); it fails only when its first buffers cannot be allocated,
         // which aborts in unsafe-libyaml's allocator. The input outlives the parser
         // (`'input`), as `yaml_parser_set_input_string` requires.
         unsafe {
-            if libyaml::yaml_parser_initialize(p).fail {
+            if unsafe_libyaml::yaml_parser_initialize(p).fail {
                 panic!("libyaml cannot allocate a parser");
             }
-            libyaml::yaml_parser_set_input_string(p, input.as_ptr(), input.len() as u64);
+            unsafe_libyaml::yaml_parser_set_input_string(p, input.as_ptr(), input.len() as u64);
         }
         Self {
             raw,
@@ -222,16 +220,16 @@ impl<'input> Parser<'input> {
 
     fn next(&mut self) -> Result<Event, String> {
         let p = self.raw.as_mut_ptr();
-        let mut event = MaybeUninit::<libyaml::yaml_event_t>::uninit();
+        let mut event = MaybeUninit::<unsafe_libyaml::yaml_event_t>::uninit();
         // SAFETY: the parser was initialized in `new` and is not moved (boxed). On
         // success `event` is initialized; everything read from it (its type, its mark, and
         // the anchor, a NUL-terminated string owned by the event, for the event types that
         // have one) is copied out before `yaml_event_delete` frees it. On failure the
         // parser's `problem` is a static C string or null.
         unsafe {
-            if libyaml::yaml_parser_parse(p, event.as_mut_ptr()).fail {
+            if unsafe_libyaml::yaml_parser_parse(p, event.as_mut_ptr()).fail {
                 // The error fields are public through the parser's prefix.
-                let parser: &libyaml::yaml_parser_t = &*p;
+                let parser: &unsafe_libyaml::yaml_parser_t = &*p;
                 let problem = parser.problem;
                 let mark = parser.problem_mark;
                 let what = if problem.is_null() {
@@ -243,29 +241,27 @@ impl<'input> Parser<'input> {
             }
             let ev = event.as_mut_ptr();
             let anchor_ptr = match (*ev).type_ {
-                libyaml::YAML_ALIAS_EVENT => (*ev).data.alias.anchor,
-                libyaml::YAML_SCALAR_EVENT => (*ev).data.scalar.anchor,
-                libyaml::YAML_SEQUENCE_START_EVENT => (*ev).data.sequence_start.anchor,
-                libyaml::YAML_MAPPING_START_EVENT => (*ev).data.mapping_start.anchor,
+                unsafe_libyaml::YAML_ALIAS_EVENT => (*ev).data.alias.anchor,
+                unsafe_libyaml::YAML_SCALAR_EVENT => (*ev).data.scalar.anchor,
+                unsafe_libyaml::YAML_SEQUENCE_START_EVENT => (*ev).data.sequence_start.anchor,
+                unsafe_libyaml::YAML_MAPPING_START_EVENT => (*ev).data.mapping_start.anchor,
                 _ => std::ptr::null_mut(),
             };
             let anchor = (!anchor_ptr.is_null())
                 .then(|| CStr::from_ptr(anchor_ptr.cast()).to_bytes().to_vec());
             let kind = match (*ev).type_ {
-                libyaml::YAML_STREAM_END_EVENT => EventKind::StreamEnd,
-                libyaml::YAML_DOCUMENT_START_EVENT => EventKind::DocumentStart,
-                libyaml::YAML_SCALAR_EVENT => EventKind::Scalar,
-                libyaml::YAML_SEQUENCE_START_EVENT | libyaml::YAML_MAPPING_START_EVENT => {
-                    EventKind::CollectionStart
-                }
-                libyaml::YAML_SEQUENCE_END_EVENT | libyaml::YAML_MAPPING_END_EVENT => {
-                    EventKind::CollectionEnd
-                }
-                libyaml::YAML_ALIAS_EVENT => EventKind::Alias,
+                unsafe_libyaml::YAML_STREAM_END_EVENT => EventKind::StreamEnd,
+                unsafe_libyaml::YAML_DOCUMENT_START_EVENT => EventKind::DocumentStart,
+                unsafe_libyaml::YAML_SCALAR_EVENT => EventKind::Scalar,
+                unsafe_libyaml::YAML_SEQUENCE_START_EVENT
+                | unsafe_libyaml::YAML_MAPPING_START_EVENT => EventKind::CollectionStart,
+                unsafe_libyaml::YAML_SEQUENCE_END_EVENT
+                | unsafe_libyaml::YAML_MAPPING_END_EVENT => EventKind::CollectionEnd,
+                unsafe_libyaml::YAML_ALIAS_EVENT => EventKind::Alias,
                 _ => EventKind::Other,
             };
             let line = (*ev).start_mark.line as usize + 1;
-            libyaml::yaml_event_delete(ev);
+            unsafe_libyaml::yaml_event_delete(ev);
             Ok(Event { kind, line, anchor })
         }
     }
@@ -274,7 +270,7 @@ impl<'input> Parser<'input> {
 impl Drop for Parser<'_> {
     fn drop(&mut self) {
         // SAFETY: initialized in `new`, deleted once here.
-        unsafe { libyaml::yaml_parser_delete(self.raw.as_mut_ptr()) }
+        unsafe { unsafe_libyaml::yaml_parser_delete(self.raw.as_mut_ptr()) }
     }
 }
 
