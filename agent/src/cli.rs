@@ -259,7 +259,16 @@ pub fn format_status(s: &Status) -> String {
         s.policy.policies, s.policy.entries, s.policy.ipcache, s.policy.policy_dir
     );
     for e in &s.policy.errors {
-        let _ = writeln!(out, "  error: {e}");
+        if !s.policy.refused_files.iter().any(|r| r.error == *e) {
+            let _ = writeln!(out, "  error: {e}");
+        }
+    }
+    for r in &s.policy.refused_files {
+        let _ = writeln!(
+            out,
+            "  refused ({} attempts, retried with backoff; its previous policies stay): {}",
+            r.attempts, r.error
+        );
     }
     out
 }

@@ -1,5 +1,6 @@
 //! `hypha agent`: wires the state store, the datapath, the host network and the API.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,9 @@ use crate::config::AgentConfig;
 use crate::control::Agent;
 use crate::datapath::{Datapath, EbpfDatapath};
 use crate::host::{HostNetwork, LinuxHost};
+use crate::policy::limits::{MAX_FILE_BYTES, too_big};
+use crate::policy::watch::{DirWatch, Due, Scan, Seen};
+use crate::policy::{DirChange, parse_dir_file};
 use crate::server;
 use crate::state::StateStore;
 
@@ -165,57 +169,106 @@ const POLICY_DIR_EVERY: Duration = Duration::from_millis(25);
 
 /// Applies the policy directory's files at start and whenever one of them changes
 /// (appears, goes, or gets another modification time or size), checked every
-/// [`POLICY_DIR_EVERY`].
+/// [`POLICY_DIR_EVERY`]. Each file is applied or refused on its own; a refused file is
+/// retried with backoff ([`crate::policy::watch`]) and shown in the status until it is
+/// applied, fixed or removed. Files are read and parsed on a blocking thread before the
+/// agent's lock is taken.
 async fn policy_dir_loop<D: Datapath, H: HostNetwork>(
     agent: Arc<Mutex<Agent<D, H>>>,
     dir: PathBuf,
 ) {
     let mut tick = tokio::time::interval(POLICY_DIR_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last: Option<PolicyDirSnapshot> = None;
+    let mut watch = DirWatch::default();
     let mut last_error: Option<String> = None;
     loop {
         tick.tick().await;
-        let snapshot = match scan_policy_dir(&dir) {
-            Ok(s) => s,
-            Err(e) => {
+        let scan_dir = dir.clone();
+        let scan = match tokio::task::spawn_blocking(move || scan_policy_dir(&scan_dir)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
                 if last_error.as_ref() != Some(&e) {
                     tracing::warn!("{e}; its policies stay as they were");
                     last_error = Some(e);
                 }
                 continue;
             }
+            Err(e) => {
+                tracing::error!("scanning the policy directory: {e}");
+                continue;
+            }
         };
         last_error = None;
-        if last.as_ref() == Some(&snapshot) {
+        let due = watch.due(&scan, std::time::Instant::now());
+        if due.is_empty() {
             continue;
         }
-        let files = snapshot
-            .keys()
-            .map(|p| {
-                let content = std::fs::read_to_string(p)
-                    .map_err(|e| format!("cannot read {}: {e}", p.display()));
-                (p.clone(), content)
-            })
-            .collect();
-        let log = agent.lock().await.sync_policy_dir(files);
-        for line in log {
+        let (changes, seen) = match tokio::task::spawn_blocking(move || read_due(due)).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("reading the policy directory: {e}");
+                continue;
+            }
+        };
+        let report = agent.lock().await.sync_policy_files(changes);
+        let now = std::time::Instant::now();
+        for (path, outcome) in &report.outcomes {
+            watch.record(path.clone(), seen.get(path).cloned(), outcome, now);
+        }
+        for line in report.log {
             if line.starts_with("policy directory applied") {
                 tracing::info!("{line}");
             } else {
                 tracing::warn!("{line}");
             }
         }
-        last = Some(snapshot);
     }
 }
 
-/// The policy files of a directory (`*.yaml`, `*.yml`, `*.json`, in name order) with
-/// their modification times and sizes.
-type PolicyDirSnapshot = std::collections::BTreeMap<PathBuf, (std::time::SystemTime, u64)>;
+/// Reads and parses the files that are due (no lock held); returns the changes and what
+/// the scan saw of each file still there.
+fn read_due(due: Due) -> (Vec<DirChange>, BTreeMap<PathBuf, Seen>) {
+    let mut changes = Vec::new();
+    let mut seen_now = BTreeMap::new();
+    for (path, seen) in due.files {
+        let content = match &seen {
+            Ok(_) => read_policy_file(&path),
+            Err(e) => Err(e.clone()),
+        };
+        changes.push(parse_dir_file(&path, content));
+        seen_now.insert(path, seen);
+    }
+    changes.extend(due.removed.into_iter().map(DirChange::Removed));
+    (changes, seen_now)
+}
 
-fn scan_policy_dir(dir: &Path) -> Result<PolicyDirSnapshot, String> {
-    let mut out = PolicyDirSnapshot::new();
+/// A policy file's text, reading no more than the size limit allows.
+fn read_policy_file(path: &Path) -> Result<String, String> {
+    use std::io::Read as _;
+    let cannot = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() > MAX_FILE_BYTES {
+        let len = std::fs::metadata(path).map_or(bytes.len() as u64, |m| m.len());
+        return Err(format!("{}: {}", path.display(), too_big(len)));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        format!(
+            "{}: not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+/// The policy files of a directory (`*.yaml`, `*.yml`, `*.json`) with their modification
+/// times and sizes, or why one cannot be read (a dangling symlink, a directory or a FIFO
+/// named like a policy file): such a file is refused on its own.
+fn scan_policy_dir(dir: &Path) -> Result<Scan, String> {
+    let mut out = Scan::new();
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         // No directory: no policies from it.
@@ -227,22 +280,28 @@ fn scan_policy_dir(dir: &Path) -> Result<PolicyDirSnapshot, String> {
             ));
         }
     };
-    for entry in entries.flatten() {
+    for entry in entries {
+        let entry = entry
+            .map_err(|e| format!("cannot read the policy directory {}: {e}", dir.display()))?;
         let path = entry.path();
         if !crate::cli::is_policy_file(&path) {
             continue;
         }
         // Follows symlinks, as with files mounted from a ConfigMap.
-        match std::fs::metadata(&path) {
-            Ok(m) if m.is_file() => {
-                out.insert(
-                    path,
-                    (m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len()),
-                );
-            }
-            Ok(_) => {}
-            Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
-        }
+        let seen = match std::fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok((m.modified().unwrap_or(std::time::UNIX_EPOCH), m.len())),
+            Ok(m) => Err(format!(
+                "{} is not a regular file ({}); it is ignored",
+                path.display(),
+                if m.is_dir() {
+                    "a directory"
+                } else {
+                    "a special file"
+                }
+            )),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        };
+        out.insert(path, seen);
     }
     Ok(out)
 }

@@ -215,6 +215,7 @@ mod tests {
                 ipcache: 5,
                 policy_dir: "/etc".into(),
                 errors: vec![],
+                refused_files: vec![],
             },
         };
         let mut ep: Endpoint = serde_json::from_value(serde_json::json!({

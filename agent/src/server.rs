@@ -216,8 +216,26 @@ async fn apply_policies<D: Datapath, H: HostNetwork>(
     State(a): State<Shared<D, H>>,
     Json(files): Json<Vec<PolicySource>>,
 ) -> Result<Response, ControlError> {
-    let sources: Vec<&str> = files.iter().map(|f| f.source.as_str()).collect();
-    match a.lock().await.apply_policies(&files) {
+    let sources: Vec<String> = files.iter().map(|f| f.source.clone()).collect();
+    // Parse (bounded, see policy::limits) on a blocking thread before taking the agent's
+    // lock, so that ADD and status never wait for a parse. Compiling still happens under
+    // the lock: splitting the lock is the agent core's next issue.
+    let parsed = tokio::task::spawn_blocking(move || crate::policy::parse_policy_sources(&files))
+        .await
+        .map_err(|e| {
+            // A panic in the parser: a bug (the fuzz tests look for them); the files are
+            // refused rather than the connection dropped.
+            ControlError::Policy(crate::policy::PolicyError::Invalid {
+                source_name: sources.join(", "),
+                message: format!("the policy parser failed, please report it with the file: {e}"),
+            })
+        })
+        .and_then(|r| r.map_err(ControlError::from));
+    let result = match parsed {
+        Ok(parsed) => a.lock().await.apply_parsed(parsed),
+        Err(e) => Err(e),
+    };
+    match result {
         Ok(resp) => {
             tracing::info!(files = ?sources, applied = ?resp.applied, entries_set = resp.entries_set, entries_removed = resp.entries_removed, "policies applied");
             Ok(Json(resp).into_response())

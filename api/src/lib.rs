@@ -403,6 +403,21 @@ pub struct PolicyStatus {
     /// Problems with policy files or the last recompilation, such as an invalid file in
     /// the watched directory (its policies stay as they were).
     pub errors: Vec<String>,
+    /// Files of the watched directory that are refused, retried with backoff until they
+    /// are applied, fixed or removed.
+    #[serde(default)]
+    pub refused_files: Vec<RefusedPolicyFile>,
+}
+
+/// A file of the watched policy directory that the agent refuses; the policies it had
+/// before stay as they were.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefusedPolicyFile {
+    pub file: String,
+    /// Why, naming the file.
+    pub error: String,
+    /// Attempts in a row that failed.
+    pub attempts: u32,
 }
 
 /// The body of every error answer.

@@ -410,3 +410,271 @@ fn metrics_show_forwarded_dropped_and_policy_counts() {
     );
     assert_eq!(value("hypha_endpoints "), 3, "{scrape}");
 }
+
+/// `hypha status -o json`'s policy part, read as JSON.
+fn policy_status(node: &Node) -> serde_json::Value {
+    let (ok, out, err) = node.hypha(&["status", "-o", "json"]);
+    assert!(ok, "hypha status: {out}{err}");
+    let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+    status["policy"].clone()
+}
+
+/// The errors `hypha status -o json` shows about policy.
+fn policy_errors(node: &Node) -> Vec<String> {
+    policy_status(node)["errors"]
+        .as_array()
+        .expect("errors")
+        .iter()
+        .map(|e| e.as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// Names of the files `hypha status -o json` lists as refused.
+fn refused_files(node: &Node) -> Vec<String> {
+    let status = policy_status(node);
+    let mut files: Vec<String> = status["refused_files"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| {
+                    let f = r["file"].as_str().unwrap_or_default();
+                    f.rsplit('/').next().unwrap_or(f).to_owned()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// A 200 KB file of 100,000 nested `[` (minutes of libyaml time before the parser's own
+/// limit) dropped into the watched directory and posted to the API at once: `hypha status`
+/// keeps answering within a second, a pod ADD succeeds, and both copies are refused with
+/// the limit and the line.
+#[test]
+fn a_nesting_bomb_is_refused_while_status_and_add_go_on() {
+    let node = Node::start();
+    let dir = node.policy_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    let bomb = format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: bomb}}\nspec: {}\n",
+        "[".repeat(100_000)
+    );
+    let posted = node.dir.join("posted-bomb.yaml");
+    std::fs::write(&posted, &bomb).unwrap();
+    std::fs::write(dir.join("bomb.yaml"), &bomb).unwrap();
+    let apply = {
+        let args = [
+            "policy".to_owned(),
+            "apply".to_owned(),
+            "-f".to_owned(),
+            posted.display().to_string(),
+            "--socket".to_owned(),
+            node.socket().display().to_string(),
+        ];
+        std::thread::spawn(move || {
+            Command::new(hypha_tests::binary("hypha"))
+                .args(args)
+                .output()
+                .expect("run hypha policy apply")
+        })
+    };
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        let asked = Instant::now();
+        let (ok, out, err) = node.hypha(&["status"]);
+        let took = asked.elapsed();
+        assert!(ok, "hypha status: {out}{err}");
+        assert!(took < Duration::from_secs(1), "hypha status took {took:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let asked = Instant::now();
+    let _pod = node.add_pod("afterbomb");
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "ADD took {:?}",
+        asked.elapsed()
+    );
+    let out = apply.join().expect("apply thread");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the bomb was applied");
+    assert!(
+        err.contains("posted-bomb.yaml: line 4: nesting deeper than 64 levels"),
+        "{err}"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || refused_files(&node)
+            == ["bomb.yaml"]),
+        "{:?}",
+        policy_status(&node)
+    );
+    let errors = policy_errors(&node);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("bomb.yaml: line 4: nesting deeper than 64 levels")),
+        "{errors:?}"
+    );
+    let (_, list, _) = node.hypha(&["policy", "list", "-o", "json"]);
+    assert_eq!(list.trim(), "[]");
+}
+
+/// Allows TCP, UDP and SCTP on ports 1 to 40,000 to every pod: 120,000 entries per pod,
+/// more than `hypha_policy` holds for three pods.
+const EVERY_PORT_FOR_EVERY_POD: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: every-port, namespace: default}
+spec:
+  podSelector: {}
+  ingress:
+  - ports:
+    - {protocol: TCP, port: 1, endPort: 40000}
+    - {protocol: UDP, port: 1, endPort: 40000}
+    - {protocol: SCTP, port: 1, endPort: 40000}
+"#;
+
+/// A valid file beside an invalid one, one that does not fit the maps and a dangling
+/// symlink is enforced; the status names each refused file until it is fixed or removed,
+/// and a file that becomes readable is applied without any other change.
+#[test]
+fn each_file_of_the_watched_directory_is_applied_or_refused_on_its_own() {
+    let c = cluster();
+    let _web = TcpEcho::start(&c.server.netns, 8080);
+    let dir = c.node.policy_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("broken.yaml"), "spec: [\n").unwrap();
+    std::fs::write(dir.join("big.yaml"), EVERY_PORT_FOR_EVERY_POD).unwrap();
+    let target = c.node.dir.join("later.yaml");
+    std::os::unix::fs::symlink(&target, dir.join("dangling.yaml")).unwrap();
+    std::fs::write(dir.join("good.yaml"), ALLOW_CLIENT_8080).unwrap();
+    let s = c.server.address;
+    let landed = Instant::now();
+    // Finding that big.yaml does not fit means compiling 262,144 entries, twice (all the
+    // files together, then big.yaml alone), under the agent's lock: seconds in a debug
+    // build.
+    assert!(
+        eventually(Duration::from_secs(30), || !tcp_ok(&c.other.netns, s, 8080)),
+        "good.yaml is enforced beside the refused files; status: {:?}",
+        policy_status(&c.node)
+    );
+    println!("good.yaml enforced after {:?}", landed.elapsed());
+    assert!(tcp_ok(&c.client.netns, s, 8080));
+    assert!(
+        eventually(Duration::from_secs(5), || refused_files(&c.node)
+            == ["big.yaml", "broken.yaml", "dangling.yaml"]),
+        "{:?}",
+        policy_status(&c.node)
+    );
+    let errors = policy_errors(&c.node);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("big.yaml: ") && e.contains("hypha_policy")),
+        "{errors:?}"
+    );
+    let (_, text, _) = c.node.hypha(&["status"]);
+    assert!(
+        text.contains("broken.yaml") && text.contains("refused"),
+        "{text}"
+    );
+
+    // The symlink's target appears (nothing in the directory changes): it is applied.
+    std::fs::write(
+        &target,
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: client-closed, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Ingress]
+"#,
+    )
+    .unwrap();
+    let _back = TcpEcho::start(&c.client.netns, 7000);
+    // Meanwhile big.yaml is retried with backoff, each attempt a compile that overflows
+    // the map under the agent's lock (seconds in a debug build): allow for it.
+    assert!(
+        eventually(Duration::from_secs(30), || !tcp_ok(
+            &c.server.netns,
+            c.client.address,
+            7000
+        )),
+        "the file behind the symlink is enforced once it can be read"
+    );
+    // broken.yaml fixed, big.yaml removed: nothing refused any more.
+    std::fs::write(
+        dir.join("broken.yaml"),
+        ALLOW_CLIENT_8080.replace("server-from-client", "fixed"),
+    )
+    .unwrap();
+    std::fs::remove_file(dir.join("big.yaml")).unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || refused_files(&c.node)
+            .is_empty()
+            && policy_errors(&c.node).is_empty()),
+        "{:?}",
+        policy_status(&c.node)
+    );
+    let (_, list, _) = c.node.hypha(&["policy", "list", "-o", "json"]);
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    let mut names: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["client-closed", "fixed", "server-from-client"]);
+}
+
+/// A file refused because its policy is already defined through the API is applied,
+/// with no change to the directory, once the API's policy is deleted: the loop retries
+/// refused files with backoff.
+#[test]
+fn a_refused_file_is_retried_until_it_applies() {
+    let c = cluster();
+    let _web = TcpEcho::start(&c.server.netns, 8080);
+    // Through the API: the server is open to every pod.
+    apply(
+        &c.node,
+        "open",
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: server-from-client, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: server}}
+  ingress: [{}]
+"#,
+    );
+    let dir = c.node.policy_dir();
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("server.yaml"), ALLOW_CLIENT_8080).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || policy_errors(&c.node)
+            .iter()
+            .any(
+                |e| e.contains("server.yaml") && e.contains("already defined (api: ")
+            )),
+        "{:?}",
+        policy_status(&c.node)
+    );
+    assert!(tcp_ok(&c.other.netns, c.server.address, 8080));
+    let (ok, out, err) = c.node.hypha(&["policy", "delete", "server-from-client"]);
+    assert!(ok, "{out}{err}");
+    let applied = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let (_, list, _) = c.node.hypha(&["policy", "list", "-o", "json"]);
+            list.contains("dir: ")
+        }),
+        "the refused file is applied once the conflict is gone; {:?}",
+        policy_status(&c.node)
+    );
+    println!("applied {:?} after the conflict went", applied.elapsed());
+    assert!(refused_files(&c.node).is_empty() && policy_errors(&c.node).is_empty());
+    assert!(!tcp_ok(&c.other.netns, c.server.address, 8080));
+    assert!(tcp_ok(&c.client.netns, c.server.address, 8080));
+}

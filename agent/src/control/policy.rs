@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use hypha_api::{
     ApplyPoliciesResponse, DirectionPolicy, EndpointPolicy, NamespaceLabels,
     NamespaceLabelsRequest, PolicyEntryView, PolicySource, PolicyStatus, PolicySummary,
+    RefusedPolicyFile,
 };
 use hypha_common::{
     DIR_EGRESS, DIR_INGRESS, ENDPOINT_F_EGRESS_AUDIT, ENDPOINT_F_EGRESS_POLICY,
@@ -24,8 +25,9 @@ use super::{Agent, ControlError};
 use crate::datapath::Datapath;
 use crate::host::HostNetwork;
 use crate::policy::{
-    Compiled, IdentityAllocator, IdentitySource, Labels, NAMESPACE_NAME_LABEL, Policy, PolicyDiff,
-    PolicyEndpoint, PolicyError, compile, diff, namespace_labels, parse_file, proto_name,
+    Compiled, DirChange, IdentityAllocator, IdentitySource, Labels, NAMESPACE_NAME_LABEL,
+    ParsedSources, Policy, PolicyDiff, PolicyEndpoint, PolicyError, compile, diff,
+    namespace_labels, parse_dir_file, parse_policy_sources, proto_name,
 };
 use crate::state::{EndpointRecord, PolicyOrigin, StoredPolicy};
 
@@ -40,8 +42,9 @@ pub(super) struct PolicyState {
     pub(super) namespaces: BTreeMap<String, Labels>,
     /// What the datapath holds; its allocator is the one to persist.
     pub(super) installed: Compiled,
-    /// Problems of the watched directory's files, by file.
-    pub(super) dir_errors: BTreeMap<PathBuf, String>,
+    /// Files of the watched directory that were refused (their policies, if any, stay as
+    /// they were), by file.
+    pub(super) dir_errors: BTreeMap<PathBuf, DirFileError>,
     /// Problems at start (policies that could not be compiled).
     pub(super) start_errors: Vec<String>,
 }
@@ -70,6 +73,51 @@ impl PolicyState {
     pub(super) fn stored(&self) -> Vec<StoredPolicy> {
         self.policies.values().cloned().collect()
     }
+}
+
+/// Why a file of the watched directory is refused, and how many times in a row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct DirFileError {
+    pub(super) error: String,
+    pub(super) attempts: u32,
+}
+
+/// What [`Agent::sync_policy_files`] did: each file's outcome and lines for the log.
+#[derive(Debug, Default)]
+pub struct DirSyncReport {
+    /// Each file of the change: applied (or removed), or why not (the message names it).
+    pub outcomes: BTreeMap<PathBuf, Result<(), String>>,
+    pub log: Vec<String>,
+}
+
+/// `candidate` with the policies of the watched directory's file `path` replaced by
+/// `policies`; refused if one of them is already defined elsewhere.
+fn with_dir_file(
+    candidate: &PolicySet,
+    path: &std::path::Path,
+    policies: &[Policy],
+) -> Result<PolicySet, String> {
+    let origin = PolicyOrigin::Dir(path.to_owned());
+    let mut next = candidate.clone();
+    next.retain(|_, s| s.origin != origin);
+    for p in policies {
+        if let Some(s) = next.get(&key(p)) {
+            return Err(format!(
+                "{}: policy {} is already defined ({}); the file is ignored",
+                path.display(),
+                p.full_name(),
+                s.origin
+            ));
+        }
+        next.insert(
+            key(p),
+            StoredPolicy {
+                policy: p.clone(),
+                origin: origin.clone(),
+            },
+        );
+    }
+    Ok(next)
 }
 
 fn key(p: &Policy) -> (String, String) {
@@ -236,26 +284,27 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         Ok(d)
     }
 
-    /// `POST /v1/policies`: applies every policy of every file, or none.
+    /// `POST /v1/policies`: applies every policy of every file, or none. Parses under the
+    /// caller's borrow; the API server parses first ([`parse_policy_sources`]) and calls
+    /// [`Agent::apply_parsed`] under the lock.
     pub fn apply_policies(
         &mut self,
         files: &[PolicySource],
     ) -> Result<ApplyPoliciesResponse, ControlError> {
+        let parsed = parse_policy_sources(files)?;
+        self.apply_parsed(parsed)
+    }
+
+    /// Applies files parsed by [`parse_policy_sources`]: every policy, or none.
+    pub fn apply_parsed(
+        &mut self,
+        parsed: ParsedSources,
+    ) -> Result<ApplyPoliciesResponse, ControlError> {
         let mut candidate = self.policy.policies.clone();
         let mut applied = Vec::new();
-        let mut seen: BTreeMap<(String, String), &str> = BTreeMap::new();
-        for f in files {
-            for p in parse_file(&f.source, &f.content)? {
+        for (source, policies) in parsed.files {
+            for p in policies {
                 let k = key(&p);
-                if let Some(first) = seen.insert(k.clone(), &f.source) {
-                    return Err(PolicyError::Duplicate {
-                        namespace: k.0,
-                        name: k.1,
-                        first: first.to_owned(),
-                        second: f.source.clone(),
-                    }
-                    .into());
-                }
                 if let Some(StoredPolicy {
                     origin: origin @ PolicyOrigin::Dir(_),
                     ..
@@ -271,7 +320,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                     k,
                     StoredPolicy {
                         policy: p,
-                        origin: PolicyOrigin::Api(f.source.clone()),
+                        origin: PolicyOrigin::Api(source.clone()),
                     },
                 );
             }
@@ -424,111 +473,173 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         })
     }
 
-    /// Brings the watched directory's policies in line with its files: each valid file's
-    /// policies replace the ones it had; an invalid (or unreadable) file keeps the ones
-    /// it had and is reported; a file gone takes its policies along. Returns lines for the
-    /// log.
+    /// Brings the watched directory's policies in line with its files (each read, or why
+    /// not): parses them here, then [`Agent::sync_policy_files`]. Returns lines for the log.
     pub fn sync_policy_dir(
         &mut self,
         files: Vec<(PathBuf, Result<String, String>)>,
     ) -> Vec<String> {
-        let mut log = Vec::new();
-        let mut errors = BTreeMap::new();
         let present: BTreeSet<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
-        let mut valid: Vec<(PathBuf, Vec<Policy>)> = Vec::new();
-        for (path, content) in files {
-            let parsed = content.and_then(|c| {
-                parse_file(&path.display().to_string(), &c).map_err(|e| e.to_string())
-            });
-            match parsed {
-                Ok(p) => valid.push((path, p)),
-                Err(e) => {
-                    errors.insert(path, e);
-                }
-            }
-        }
-        let mut candidate = self.policy.policies.clone();
-        // Files gone, and valid files (whose policies are replaced), lose their policies.
-        let replaced: BTreeSet<&PathBuf> = valid.iter().map(|(p, _)| p).collect();
-        candidate.retain(|_, s| match &s.origin {
-            PolicyOrigin::Dir(p) => present.contains(p) && !replaced.contains(p),
-            PolicyOrigin::Api(_) => true,
-        });
-        for (path, policies) in valid {
-            if let Some(taken) = policies
-                .iter()
-                .find_map(|p| candidate.get(&key(p)).map(|s| (p.full_name(), &s.origin)))
-            {
-                errors.insert(
-                    path.clone(),
-                    format!(
-                        "{}: policy {} is already defined ({}); the file is ignored",
-                        path.display(),
-                        taken.0,
-                        taken.1
-                    ),
-                );
-                // Keep what this file had.
-                for (k, s) in &self.policy.policies {
-                    if s.origin == PolicyOrigin::Dir(path.clone()) {
-                        candidate.insert(k.clone(), s.clone());
-                    }
-                }
-                continue;
-            }
-            for p in policies {
-                candidate.insert(
-                    key(&p),
-                    StoredPolicy {
-                        policy: p,
-                        origin: PolicyOrigin::Dir(path.clone()),
-                    },
-                );
-            }
-        }
-        for (path, e) in &errors {
-            if self.policy.dir_errors.get(path) != Some(e) {
-                log.push(format!(
-                    "policy file rejected, its policies stay as they were: {e}"
-                ));
-            }
-        }
-        self.policy.dir_errors = errors;
-        if candidate == self.policy.policies {
-            return log;
-        }
-        let before: BTreeSet<String> = self
+        let mut changes: Vec<DirChange> = files
+            .into_iter()
+            .map(|(path, content)| parse_dir_file(&path, content))
+            .collect();
+        // Files gone: those that had policies, and those that were refused.
+        let gone: BTreeSet<PathBuf> = self
             .policy
             .policies
             .values()
-            .map(|s| s.policy.full_name())
-            .collect();
-        let changed: Vec<String> = candidate
-            .iter()
-            .filter(|(k, s)| self.policy.policies.get(*k) != Some(*s))
-            .map(|(_, s)| s.policy.full_name())
-            .collect();
-        let removed: Vec<String> = before
-            .iter()
-            .filter(|n| !candidate.values().any(|s| s.policy.full_name() == **n))
+            .filter_map(|s| match &s.origin {
+                PolicyOrigin::Dir(p) => Some(p),
+                PolicyOrigin::Api(_) => None,
+            })
+            .chain(self.policy.dir_errors.keys())
+            .filter(|p| !present.contains(*p))
             .cloned()
             .collect();
-        let namespaces = self.policy.namespaces.clone();
-        match self.commit(candidate, namespaces) {
-            Ok(d) => log.push(format!(
-                "policy directory applied: changed {changed:?}, removed {removed:?} ({} entries written, {} removed)",
-                d.entries_set.len(),
-                d.entries_del.len()
-            )),
-            Err(e) => {
-                let msg = format!("the policy directory's policies were not applied: {e}");
-                self.policy
-                    .dir_errors
-                    .insert(PathBuf::from("(all files)"), msg.clone());
-                log.push(msg);
+        changes.extend(gone.into_iter().map(DirChange::Removed));
+        self.sync_policy_files(changes).log
+    }
+
+    /// Applies changes to files of the watched directory, each file on its own and whole
+    /// or not at all: a file that cannot be read or parsed, whose policies are defined
+    /// elsewhere too, or whose policies do not fit the maps (or that the datapath or the
+    /// state store refuses) is refused and keeps the policies it had (the last good
+    /// version: what an operator expects while fixing it), and is reported in the status
+    /// until a later attempt succeeds or the file goes. A file removed takes its
+    /// policies along. All the files are committed together first; when that fails, one
+    /// at a time in name order, so that one bad file does not hold back the others.
+    ///
+    /// Compilation still happens under the agent's lock (the caller holds it): splitting
+    /// the lock is the agent core's next issue; parsing is done before.
+    pub fn sync_policy_files(&mut self, changes: Vec<DirChange>) -> DirSyncReport {
+        let mut report = DirSyncReport::default();
+        let before = self.policy.policies.clone();
+        let mut removed = Vec::new();
+        let mut files: Vec<(PathBuf, Vec<Policy>)> = Vec::new();
+        for change in changes {
+            match change {
+                DirChange::Removed(path) => removed.push(path),
+                DirChange::File {
+                    path,
+                    parsed: Ok(p),
+                } => files.push((path, p)),
+                DirChange::File {
+                    path,
+                    parsed: Err(e),
+                } => {
+                    report.outcomes.insert(path, Err(e));
+                }
             }
         }
-        log
+        let without_removed = |set: &PolicySet| {
+            let mut next = set.clone();
+            next.retain(|_, s| !matches!(&s.origin, PolicyOrigin::Dir(p) if removed.contains(p)));
+            next
+        };
+        // Everything at once.
+        let mut batch = without_removed(&self.policy.policies);
+        let mut in_batch = Vec::new();
+        for (path, policies) in &files {
+            match with_dir_file(&batch, path, policies) {
+                Ok(next) => {
+                    batch = next;
+                    in_batch.push(path.clone());
+                }
+                Err(e) => {
+                    report.outcomes.insert(path.clone(), Err(e));
+                }
+            }
+        }
+        let units = in_batch.len() + usize::from(!removed.is_empty());
+        let namespaces = self.policy.namespaces.clone();
+        let batch_result = if batch == self.policy.policies {
+            Ok(())
+        } else {
+            self.commit(batch, namespaces.clone()).map(|_| ())
+        };
+        match batch_result {
+            Ok(()) => {
+                for p in removed.iter().chain(&in_batch) {
+                    report.outcomes.insert(p.clone(), Ok(()));
+                }
+            }
+            Err(e) if units <= 1 => {
+                for p in removed.iter().chain(&in_batch) {
+                    report
+                        .outcomes
+                        .insert(p.clone(), Err(format!("{}: {e}", p.display())));
+                }
+            }
+            Err(_) => {
+                // One at a time: removals first (they only free room), then each file.
+                if !removed.is_empty() {
+                    let next = without_removed(&self.policy.policies);
+                    let r = self.commit(next, namespaces.clone());
+                    for p in &removed {
+                        let outcome = match &r {
+                            Ok(_) => Ok(()),
+                            Err(e) => Err(format!(
+                                "{}: the file is gone but its policies cannot be removed: {e}",
+                                p.display()
+                            )),
+                        };
+                        report.outcomes.insert(p.clone(), outcome);
+                    }
+                }
+                for (path, policies) in files.iter().filter(|(p, _)| in_batch.contains(p)) {
+                    let outcome =
+                        with_dir_file(&self.policy.policies, path, policies).and_then(|next| {
+                            self.commit(next, namespaces.clone())
+                                .map(|_| ())
+                                .map_err(|e| format!("{}: {e}", path.display()))
+                        });
+                    report.outcomes.insert(path.clone(), outcome);
+                }
+            }
+        }
+        for (path, outcome) in &report.outcomes {
+            match outcome {
+                Ok(()) => {
+                    self.policy.dir_errors.remove(path);
+                }
+                Err(e) => {
+                    let entry = self
+                        .policy
+                        .dir_errors
+                        .entry(path.clone())
+                        .or_insert_with(|| DirFileError {
+                            error: String::new(),
+                            attempts: 0,
+                        });
+                    entry.attempts += 1;
+                    if entry.error != *e {
+                        entry.error = e.clone();
+                        report.log.push(format!(
+                            "policy file refused, its policies stay as they were: {e}"
+                        ));
+                    }
+                }
+            }
+        }
+        if self.policy.policies != before {
+            let changed: Vec<String> = self
+                .policy
+                .policies
+                .iter()
+                .filter(|(k, s)| before.get(*k) != Some(*s))
+                .map(|(_, s)| s.policy.full_name())
+                .collect();
+            let gone: Vec<String> = before
+                .iter()
+                .filter(|(k, _)| !self.policy.policies.contains_key(*k))
+                .map(|(_, s)| s.policy.full_name())
+                .collect();
+            report.log.push(format!(
+                "policy directory applied: changed {changed:?}, removed {gone:?}"
+            ));
+        }
+        report
     }
 
     pub(super) fn policy_status(&self) -> PolicyStatus {
@@ -542,7 +653,17 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 .start_errors
                 .iter()
                 .cloned()
-                .chain(self.policy.dir_errors.values().cloned())
+                .chain(self.policy.dir_errors.values().map(|e| e.error.clone()))
+                .collect(),
+            refused_files: self
+                .policy
+                .dir_errors
+                .iter()
+                .map(|(path, e)| RefusedPolicyFile {
+                    file: path.display().to_string(),
+                    error: e.error.clone(),
+                    attempts: e.attempts,
+                })
                 .collect(),
         }
     }
@@ -948,5 +1069,92 @@ mod tests {
         a.sync_policy_dir(vec![]);
         assert!(a.list_policies().is_empty());
         assert!(a.datapath.policy.entries.is_empty());
+    }
+
+    /// 5 endpoints, so that a policy on every port of every endpoint overflows
+    /// `hypha_policy` (40,000 × 2 protocols × 5 entries > 262,144).
+    fn agent5() -> (TestAgent, MemStore) {
+        let (a, _, store) = start(
+            host_with(&[
+                ("hypa", 10),
+                ("hypb", 11),
+                ("hypc", 12),
+                ("hypd", 13),
+                ("hype", 14),
+            ]),
+            PersistedState::default(),
+            FakeDatapath::default(),
+        );
+        (a, store)
+    }
+
+    const EVERY_PORT: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: big}\nspec:\n  podSelector: {}\n  ingress: [{ports: [{port: 1, endPort: 40000}, {port: 1, endPort: 40000, protocol: UDP}]}]\n";
+
+    #[test]
+    fn each_watched_file_is_applied_or_refused_on_its_own() {
+        let (mut a, _) = agent5();
+        for (i, h) in ["hypa", "hypb", "hypc", "hypd", "hype"].iter().enumerate() {
+            add(&mut a, &format!("c{i}"), h, &[("app", "db")]);
+        }
+        let good = PathBuf::from("/p/good.yaml");
+        let big = PathBuf::from("/p/big.yaml");
+        let broken = PathBuf::from("/p/broken.yaml");
+        a.sync_policy_dir(vec![
+            (big.clone(), Ok(EVERY_PORT.into())),
+            (broken.clone(), Ok("spec: [".into())),
+            (good.clone(), Ok(DB_ONLY_FROM_WEB.into())),
+        ]);
+        let names: Vec<String> = a.list_policies().iter().map(|p| p.name.clone()).collect();
+        assert_eq!(names, ["db"], "good.yaml is applied beside the others");
+        assert_eq!(a.datapath.policy.entries, a.policy.installed.entries);
+        let errors = a.status().policy.errors;
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("/p/big.yaml: ") && e.contains("hypha_policy")),
+            "{errors:?}"
+        );
+        assert!(
+            errors.iter().any(|e| e.starts_with("/p/broken.yaml: ")),
+            "{errors:?}"
+        );
+        let refused = a.status().policy.refused_files;
+        let files: Vec<&str> = refused.iter().map(|r| r.file.as_str()).collect();
+        assert_eq!(files, ["/p/big.yaml", "/p/broken.yaml"]);
+        // Tried again, still refused: counted.
+        a.sync_policy_files(vec![parse_dir_file(&big, Ok(EVERY_PORT.into()))]);
+        assert_eq!(a.status().policy.refused_files[0].attempts, 2);
+        // big.yaml made smaller, broken.yaml removed: both errors clear.
+        let small = EVERY_PORT.replace("endPort: 40000", "endPort: 10");
+        a.sync_policy_dir(vec![(big, Ok(small)), (good, Ok(DB_ONLY_FROM_WEB.into()))]);
+        assert!(
+            a.status().policy.errors.is_empty(),
+            "{:?}",
+            a.status().policy.errors
+        );
+        assert_eq!(a.list_policies().len(), 2);
+        assert_eq!(a.datapath.policy.entries, a.policy.installed.entries);
+    }
+
+    #[test]
+    fn a_watched_file_in_conflict_is_applied_once_the_conflict_goes() {
+        let (mut a, _) = agent();
+        add(&mut a, "d", "hypb", &[("app", "db")]);
+        a.apply_policies(&[file("api.yaml", DB_ONLY_FROM_WEB)])
+            .unwrap();
+        let f = PathBuf::from("/p/db.yaml");
+        a.sync_policy_dir(vec![(f.clone(), Ok(DB_ONLY_FROM_WEB.into()))]);
+        assert_eq!(a.list_policies()[0].source, "api: api.yaml");
+        let errors = a.status().policy.errors;
+        assert!(
+            errors[0].contains("already defined (api: api.yaml)"),
+            "{errors:?}"
+        );
+        a.delete_policy("default", "db").unwrap();
+        // The loop retries the refused file; nothing about it changed.
+        a.sync_policy_dir(vec![(f, Ok(DB_ONLY_FROM_WEB.into()))]);
+        assert_eq!(a.list_policies()[0].source, "dir: /p/db.yaml");
+        assert!(a.status().policy.errors.is_empty());
     }
 }

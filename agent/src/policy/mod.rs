@@ -10,8 +10,11 @@
 
 mod compile;
 mod identity;
+pub mod limits;
 mod parse;
 mod selector;
+mod sources;
+pub mod watch;
 
 use std::net::Ipv4Addr;
 
@@ -22,6 +25,7 @@ pub use compile::{Compiled, PolicyDiff, compile, diff};
 pub use identity::{IdentityAllocator, IdentitySource};
 pub use parse::{PolicyFile, parse_file};
 pub use selector::{LabelSelector, Labels, Operator, Requirement};
+pub use sources::{DirChange, ParsedSources, parse_dir_file, parse_policy_sources};
 
 /// Label of every namespace: its name (as Kubernetes sets it since 1.21).
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";

@@ -27,14 +27,16 @@ pub struct PolicyFile {
     pub content: String,
 }
 
-/// Parses every policy of one file; any error rejects the whole file.
+/// Parses every policy of one file; any error rejects the whole file. Any input costs a
+/// bounded time and memory: see [`super::limits`].
 pub fn parse_file(source: &str, content: &str) -> Result<Vec<Policy>, PolicyError> {
     let invalid = |message: String| PolicyError::Invalid {
         source_name: source.to_owned(),
         message,
     };
-    let trimmed = content.trim_start();
-    if trimmed.starts_with('{') || trimmed.starts_with('[') {
+    // Size, nesting and aliases are bounded before any parser sees the text.
+    super::limits::check(source, content)?;
+    if super::limits::is_json(content) {
         // JSON: one object. (YAML would read most JSON too, but not tab indentation, and
         // serde_json's messages are the ones JSON writers expect.)
         let header: Header = serde_json::from_str(content).map_err(|e| invalid(e.to_string()))?;
