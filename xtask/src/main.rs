@@ -8,10 +8,12 @@
 //! - `demo`: an agent, two pods made through `hypha-cni`, traffic between them, counters.
 //! - `install`: binaries and a default CNI configuration onto this machine.
 //! - `bench`: side-by-side measurements, written under `target/bench/`.
+//! - `soak`: ADD/DEL cycles with agent and plugin SIGKILLs, then a count of what leaked.
 
 mod bench;
 mod demo;
 mod setup;
+mod soak;
 mod util;
 
 use std::path::PathBuf;
@@ -65,6 +67,9 @@ enum Task {
     /// Benchmarks, side by side with the baselines; results under target/bench/.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// ADD/DEL cycles through hypha-cni with the agent and plugins SIGKILLed at random,
+    /// two long-lived flows measured throughout; fails on any leak or a gap over 1 s.
+    Soak(soak::Options),
 }
 
 fn main() -> Result<()> {
@@ -91,6 +96,11 @@ fn main() -> Result<()> {
             setup::setup()?;
             build(true)?;
             bench::run(b)
+        }
+        Task::Soak(options) => {
+            setup::setup()?;
+            build(false)?;
+            soak::run(options)
         }
     }
 }
@@ -151,7 +161,12 @@ fn test(no_setup: bool, cargo_args: &[String]) -> Result<()> {
         args.push("--");
         args.extend(cargo_args.iter().map(String::as_str));
     }
-    cargo(&args)
+    cargo(&args)?;
+    // A filtered run is someone looking at a few tests; the whole run ends with a short soak.
+    if cargo_args.is_empty() {
+        soak::run(soak::Options::ci())?;
+    }
+    Ok(())
 }
 
 fn install(
