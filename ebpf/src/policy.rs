@@ -239,7 +239,7 @@ fn decide(flow: &Flow, party: &Party, direction: u8, remote: u32) -> Result<u32,
             direction,
         };
         // SAFETY: the value is copied out before any other map operation.
-        let Some(entry) = (unsafe { POLICY.get(&key) }).copied() else {
+        let Some(entry) = (unsafe { POLICY.get(key) }).copied() else {
             continue;
         };
         if entry.action == POLICY_DENY {

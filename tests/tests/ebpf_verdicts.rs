@@ -275,6 +275,7 @@ fn assert_passed_to_host(node: &Node, frame: &[u8]) {
 
 #[test]
 fn object_loads_and_both_programs_pass_the_verifier() {
+    hypha_tests::require_root!();
     // Loading runs the verifier on this kernel; a rejection panics with its log.
     let _datapath = Datapath::load();
 }
@@ -283,6 +284,7 @@ fn object_loads_and_both_programs_pass_the_verifier() {
 
 #[test]
 fn arp_request_for_the_gateway_is_answered_back_to_the_pod() {
+    hypha_tests::require_root!();
     let node = Node::new();
     let request = arp_request(POD_A_MAC, POD_A_IP, GATEWAY_IP);
 
@@ -306,12 +308,14 @@ fn arp_request_for_the_gateway_is_answered_back_to_the_pod() {
 
 #[test]
 fn arp_request_for_another_address_goes_to_the_host() {
+    hypha_tests::require_root!();
     let node = Node::new();
     assert_passed_to_host(&node, &arp_request(POD_A_MAC, POD_A_IP, POD_B_IP));
 }
 
 #[test]
 fn arp_request_from_an_address_of_another_veth_goes_to_the_host() {
+    hypha_tests::require_root!();
     // B's address asking from A's veth: spoofed, or misplaced; not answered.
     let node = Node::new();
     assert_passed_to_host(&node, &arp_request(POD_A_MAC, POD_B_IP, GATEWAY_IP));
@@ -319,6 +323,7 @@ fn arp_request_from_an_address_of_another_veth_goes_to_the_host() {
 
 #[test]
 fn arp_reply_goes_to_the_host() {
+    hypha_tests::require_root!();
     let node = Node::new();
     let reply = eth(
         HOST_A_MAC,
@@ -331,6 +336,7 @@ fn arp_reply_goes_to_the_host() {
 
 #[test]
 fn truncated_arp_is_dropped() {
+    hypha_tests::require_root!();
     let node = Node::new();
     let mut frame = arp_request(POD_A_MAC, POD_A_IP, GATEWAY_IP);
     frame.truncate(ETH_HLEN + 20);
@@ -345,12 +351,14 @@ fn truncated_arp_is_dropped() {
 
 #[test]
 fn ipv4_to_a_local_pod_is_redirected_with_ttl_decremented() {
+    hypha_tests::require_root!();
     let node = Node::new();
     assert_redirected_to_b(&node, &Ipv4::to(POD_B_IP).frame());
 }
 
 #[test]
 fn ipv4_with_options_to_a_local_pod_is_redirected() {
+    hypha_tests::require_root!();
     let node = Node::new();
     let packet = Ipv4 {
         // Router alert (RFC 2113).
@@ -364,6 +372,7 @@ fn ipv4_with_options_to_a_local_pod_is_redirected() {
 
 #[test]
 fn ipv4_fragments_to_a_local_pod_are_redirected() {
+    hypha_tests::require_root!();
     // First fragment (MF set), then a middle one (MF set, offset 185 × 8 bytes), then
     // the last (offset only).
     for frag_off in [0x2000, 0x2000 | 185, 370] {
@@ -378,6 +387,7 @@ fn ipv4_fragments_to_a_local_pod_are_redirected() {
 
 #[test]
 fn ipv4_with_ttl_1_to_a_local_pod_goes_to_the_host() {
+    hypha_tests::require_root!();
     // The host stack sends the ICMP time exceeded.
     let node = Node::new();
     let packet = Ipv4 {
@@ -389,18 +399,21 @@ fn ipv4_with_ttl_1_to_a_local_pod_goes_to_the_host() {
 
 #[test]
 fn ipv4_to_an_unknown_address_goes_to_the_host() {
+    hypha_tests::require_root!();
     let node = Node::new();
     assert_passed_to_host(&node, &Ipv4::to(OUTSIDE_IP).frame());
 }
 
 #[test]
 fn ipv4_to_the_gateway_goes_to_the_host() {
+    hypha_tests::require_root!();
     let node = Node::new();
     assert_passed_to_host(&node, &Ipv4::to(GATEWAY_IP).frame());
 }
 
 #[test]
 fn truncated_ipv4_header_is_dropped() {
+    hypha_tests::require_root!();
     // BPF_PROG_TEST_RUN (6.18) refuses an IPv4 frame shorter than a whole IPv4 header
     // with EINVAL before the program runs, but a pod can send one (through a packet
     // socket). So this case runs live: the program attached to A's host-side veth, the
@@ -427,6 +440,7 @@ fn truncated_ipv4_header_is_dropped() {
 
 #[test]
 fn ipv4_with_ihl_below_5_is_dropped() {
+    hypha_tests::require_root!();
     let node = Node::new();
     let mut frame = Ipv4::to(POD_B_IP).frame();
     frame[ETH_HLEN] = 0x44;
@@ -439,6 +453,7 @@ fn ipv4_with_ihl_below_5_is_dropped() {
 
 #[test]
 fn ipv6_header_in_an_ipv4_ethertype_is_dropped() {
+    hypha_tests::require_root!();
     let node = Node::new();
     let mut frame = Ipv4::to(POD_B_IP).frame();
     frame[ETH_HLEN] = 0x65;
@@ -451,6 +466,7 @@ fn ipv6_header_in_an_ipv4_ethertype_is_dropped() {
 
 #[test]
 fn ipv4_ihl_beyond_the_frame_is_dropped() {
+    hypha_tests::require_root!();
     // IHL 15 claims a 60-byte header; the frame holds 20 bytes of header and 12 of
     // payload.
     let node = Node::new();
@@ -468,6 +484,7 @@ fn ipv4_ihl_beyond_the_frame_is_dropped() {
 
 #[test]
 fn ipv6_goes_to_the_host() {
+    hypha_tests::require_root!();
     let node = Node::new();
     // fd00::7 → fd00::8, UDP with an empty payload. (The kernel's test run refuses an
     // IPv6 frame shorter than the 40-byte header.)
@@ -480,6 +497,7 @@ fn ipv6_goes_to_the_host() {
 
 #[test]
 fn unknown_ethertype_is_dropped_and_every_drop_is_counted() {
+    hypha_tests::require_root!();
     let node = Node::new();
     let lldp = eth(
         [0x01, 0x80, 0xc2, 0, 0, 0x0e],
@@ -514,6 +532,7 @@ fn unknown_ethertype_is_dropped_and_every_drop_is_counted() {
 
 #[test]
 fn drops_on_an_interface_without_stats_are_still_counted_by_reason() {
+    hypha_tests::require_root!();
     // An interface the agent has no endpoint for: no hypha_ep_stats entry, which the
     // datapath must not create, but the drop still lands in hypha_drops.
     let node = Node::new();
@@ -546,6 +565,7 @@ fn drops_on_an_interface_without_stats_are_still_counted_by_reason() {
 
 #[test]
 fn to_pod_passes_and_counts_ingress() {
+    hypha_tests::require_root!();
     let node = Node::new();
     let frame = eth(
         POD_A_MAC,
@@ -671,6 +691,7 @@ mod policy {
 
     #[test]
     fn a_spoofed_source_address_or_mac_is_dropped() {
+        hypha_tests::require_root!();
         let node = Node::new();
         let spoofed_ip = udp([10, 244, 0, 99], POD_A_MAC, HOST_A_MAC, POD_B_IP, 1, DNS);
         assert_eq!(node.send_from_a(&spoofed_ip).verdict, TC_ACT_SHOT);
@@ -702,6 +723,7 @@ mod policy {
 
     #[test]
     fn endpoints_without_policy_are_not_tracked() {
+        hypha_tests::require_root!();
         let node = node(0, 0);
         assert_eq!(node.send_from_a(&a_to_b(DNS)).verdict, TC_ACT_REDIRECT);
         assert!(
@@ -712,6 +734,7 @@ mod policy {
 
     #[test]
     fn ingress_policy_drops_what_nothing_allows_and_reports_it() {
+        hypha_tests::require_root!();
         let mut node = node(0, ENDPOINT_F_INGRESS_POLICY);
         let frame = a_to_b(DNS);
         assert_eq!(node.send_from_a(&frame).verdict, TC_ACT_SHOT);
@@ -740,6 +763,7 @@ mod policy {
 
     #[test]
     fn an_allowed_flow_is_tracked_and_survives_the_rule_going() {
+        hypha_tests::require_root!();
         let mut node = node(0, ENDPOINT_F_INGRESS_POLICY);
         let allow = b_ingress(ID_A, 17, DNS);
         node.dp.set_policy(allow, rule(7, POLICY_ALLOW, 0));
@@ -781,6 +805,7 @@ mod policy {
 
     #[test]
     fn a_new_connection_reusing_a_tracked_port_pair_meets_the_current_policy() {
+        hypha_tests::require_root!();
         const SYN: u8 = 0x02;
         const ACK: u8 = 0x10;
         let mut node = node(0, ENDPOINT_F_INGRESS_POLICY);
@@ -799,6 +824,7 @@ mod policy {
 
     #[test]
     fn replies_to_an_endpoints_own_connections_pass_its_ingress_policy() {
+        hypha_tests::require_root!();
         // A accepts nothing unsolicited; B enforces nothing.
         let node = node(ENDPOINT_F_INGRESS_POLICY, 0);
         assert_eq!(node.send_from_a(&a_to_b(DNS)).verdict, TC_ACT_REDIRECT);
@@ -818,6 +844,7 @@ mod policy {
 
     #[test]
     fn wildcards_match_and_an_explicit_deny_wins() {
+        hypha_tests::require_root!();
         let mut node = node(0, ENDPOINT_F_INGRESS_POLICY);
         node.dp
             .set_policy(b_ingress(IDENTITY_ANY, 0, 0), rule(1, POLICY_ALLOW, 0));
@@ -851,6 +878,7 @@ mod policy {
 
     #[test]
     fn audit_mode_reports_instead_of_dropping() {
+        hypha_tests::require_root!();
         let mut node = node(0, ENDPOINT_F_INGRESS_POLICY | ENDPOINT_F_INGRESS_AUDIT);
         assert_eq!(node.send_from_a(&a_to_b(DNS)).verdict, TC_ACT_REDIRECT);
         node.dp.set_policy(
@@ -873,6 +901,7 @@ mod policy {
 
     #[test]
     fn ingress_policy_applies_to_what_the_host_delivers() {
+        hypha_tests::require_root!();
         let mut node = node(0, ENDPOINT_F_INGRESS_POLICY);
         let from_world = udp(
             OUTSIDE_IP,

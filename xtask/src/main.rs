@@ -107,19 +107,29 @@ fn main() -> Result<()> {
 
 /// The eBPF object, built by the nightly toolchain for the BPF target.
 pub fn build_ebpf() -> Result<()> {
+    run(&mut nightly_ebpf_cargo("build", &["--release"]))
+}
+
+/// The eBPF crate's lints, with the toolchain and target it is built with.
+fn clippy_ebpf() -> Result<()> {
+    run(&mut nightly_ebpf_cargo("clippy", &["--", "-D", "warnings"]))
+}
+
+/// `cargo +nightly SUBCOMMAND -p hypha-ebpf` for `bpfel-unknown-none`, then `extra`.
+fn nightly_ebpf_cargo(subcommand: &str, extra: &[&str]) -> std::process::Command {
     let mut cmd = std::process::Command::new("cargo");
     cmd.current_dir(workspace_root())
         .args([
             "+nightly",
-            "build",
+            subcommand,
             "--package",
             "hypha-ebpf",
             "--target",
             "bpfel-unknown-none",
             "-Z",
             "build-std=core",
-            "--release",
         ])
+        .args(extra)
         // The outer cargo (stable, from rust-toolchain.toml) must not leak its choice of
         // compiler into the nightly build.
         .env_remove("RUSTUP_TOOLCHAIN")
@@ -128,7 +138,7 @@ pub fn build_ebpf() -> Result<()> {
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS");
-    run(&mut cmd)
+    cmd
 }
 
 fn build(release: bool) -> Result<()> {
@@ -156,6 +166,7 @@ fn test(no_setup: bool, cargo_args: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ])?;
+    clippy_ebpf()?;
     let mut args: Vec<&str> = vec!["test", "--workspace", "--exclude", "hypha-ebpf"];
     if !cargo_args.is_empty() {
         args.push("--");
