@@ -128,6 +128,8 @@ struct Stats {
     /// Pods whose `eth0` was still there after a successful DEL.
     veths_after_del: AtomicU32,
     agent_kills: AtomicU32,
+    /// When each SIGKILL was sent (seconds since the epoch).
+    agent_kill_times: Mutex<Vec<f64>>,
     agent_start_failures: AtomicU32,
     /// Total time the agent did not answer after a kill, in ms.
     agent_down_ms: AtomicU64,
@@ -735,6 +737,11 @@ impl Soak {
                 std::thread::sleep(rng.millis(40));
                 self.kill_agent()?;
                 self.stats.agent_kills.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .agent_kill_times
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(wall_now());
                 let down = Instant::now();
                 self.start_agent()?;
                 let ms = down.elapsed().as_millis() as u64;
@@ -986,10 +993,21 @@ impl Soak {
         }
         for (name, flow) in [("ping -i 0.05", ping), ("TCP stream (10 ms)", stream)] {
             match flow {
-                Ok(f) => println!(
-                    "{name}: {} replies, {} lost, longest gap {:.3} s",
-                    f.received, f.lost, f.max_gap
-                ),
+                Ok(f) => {
+                    let kills = s.agent_kill_times.lock().unwrap_or_else(|e| e.into_inner());
+                    let since_kill = kills
+                        .iter()
+                        .filter(|k| **k <= f.max_gap_end)
+                        .map(|k| f.max_gap_end - k)
+                        .reduce(f64::min)
+                        .map_or(String::new(), |d| {
+                            format!(", which ended {d:.2} s after the last agent SIGKILL before it")
+                        });
+                    println!(
+                        "{name}: {} replies, {} lost, longest gap {:.3} s{since_kill}",
+                        f.received, f.lost, f.max_gap
+                    )
+                }
                 Err(e) => println!("{name}: FAILED: {e:#}"),
             }
         }
@@ -1037,12 +1055,22 @@ struct Flow {
     lost: u64,
     /// Longest time between two consecutive replies, in seconds.
     max_gap: f64,
+    /// When that gap ended (seconds since the epoch).
+    max_gap_end: f64,
+}
+
+/// Seconds since the epoch, as `ping -D` prints them.
+fn wall_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Reads `ping -D` output: `[1733090000.123456] 64 bytes from ...: icmp_seq=12 ...`.
 fn ping_gap(log: &str) -> Result<Flow> {
     let mut last: Option<f64> = None;
-    let (mut received, mut max_seq, mut max_gap) = (0u64, 0u64, 0f64);
+    let (mut received, mut max_seq, mut max_gap, mut max_gap_end) = (0u64, 0u64, 0f64, 0f64);
     for line in log.lines() {
         let Some(rest) = line.strip_prefix('[') else {
             continue;
@@ -1064,8 +1092,11 @@ fn ping_gap(log: &str) -> Result<Flow> {
             max_seq = max_seq.max(seq);
         }
         received += 1;
-        if let Some(prev) = last {
-            max_gap = max_gap.max(ts - prev);
+        if let Some(prev) = last
+            && ts - prev > max_gap
+        {
+            max_gap = ts - prev;
+            max_gap_end = ts;
         }
         last = Some(ts);
     }
@@ -1076,6 +1107,7 @@ fn ping_gap(log: &str) -> Result<Flow> {
         received,
         lost: max_seq.saturating_sub(received),
         max_gap,
+        max_gap_end,
     })
 }
 
@@ -1114,7 +1146,7 @@ fn tcp_stream(
                 .context("connecting the TCP stream")?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         s.set_nodelay(true)?;
-        let (mut n, mut max_gap) = (0u64, 0f64);
+        let (mut n, mut max_gap, mut max_gap_end) = (0u64, 0f64, 0f64);
         let mut last = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             s.write_all(&n.to_be_bytes())
@@ -1126,7 +1158,10 @@ fn tcp_stream(
                 bail!("TCP stream echoed {} for {n}", u64::from_be_bytes(buf));
             }
             let now = Instant::now();
-            max_gap = max_gap.max((now - last).as_secs_f64());
+            if (now - last).as_secs_f64() > max_gap {
+                max_gap = (now - last).as_secs_f64();
+                max_gap_end = wall_now();
+            }
             last = now;
             n += 1;
             std::thread::sleep(Duration::from_millis(10));
@@ -1135,6 +1170,7 @@ fn tcp_stream(
             received: n,
             lost: 0,
             max_gap,
+            max_gap_end,
         })
     }))
 }
