@@ -143,3 +143,25 @@ pub fn end_processes_in(netns: &Path, grace: Duration) -> Result<Vec<i32>, Procs
     }
     Ok(found)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_namespace_that_is_gone_has_no_processes() {
+        let path = PathBuf::from(format!("/run/netns/hypha-absent-{}", std::process::id()));
+        assert_eq!(
+            end_processes_in(&path, Duration::ZERO).expect("absent is not an error"),
+            Vec::<i32>::new()
+        );
+    }
+
+    #[test]
+    fn the_callers_own_process_is_never_listed() {
+        // This process is in the namespace of /proc/self/ns/net by definition.
+        let ns = identity(Path::new("/proc/self/ns/net")).expect("stat our own namespace");
+        let pids = pids_in(ns, Path::new("/proc/self/ns/net")).expect("list /proc");
+        assert!(!pids.contains(&(std::process::id() as i32)), "{pids:?}");
+    }
+}

@@ -53,6 +53,13 @@ impl TestNetns {
 
 impl Drop for TestNetns {
     fn drop(&mut self) {
+        // Whatever runs inside goes first, or it would outlive the namespace's name.
+        if let Err(e) = hypha_netlink::procs::end_processes_in(
+            &self.path(),
+            std::time::Duration::from_millis(500),
+        ) {
+            eprintln!("{e}");
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
