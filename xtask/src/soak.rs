@@ -305,8 +305,21 @@ impl Soak {
             std::thread::spawn(move || soak.agent_killer(rng, &done))
         };
         let mut last_report = Instant::now();
+        // The same counts while pods come and go, so that the final zeros are zeros of
+        // things that did exist (a count the agent's restarts interrupt is skipped).
+        let mut peaks: Vec<u64> = Vec::new();
+        let mut last_sample = Instant::now();
         while !workers.iter().all(|w| w.is_finished()) {
             std::thread::sleep(Duration::from_millis(200));
+            if last_sample.elapsed() > Duration::from_secs(3) {
+                last_sample = Instant::now();
+                if let Ok(c) = self.count() {
+                    peaks.resize(c.rows.len(), 0);
+                    for (p, (_, n)) in peaks.iter_mut().zip(&c.rows) {
+                        *p = (*p).max(*n);
+                    }
+                }
+            }
             if last_report.elapsed() > Duration::from_secs(10) {
                 last_report = Instant::now();
                 println!(
@@ -347,7 +360,7 @@ impl Soak {
         let counts = self.final_counts()?;
         let gap_ping = ping.as_ref().map(|p| p.max_gap).unwrap_or(f64::INFINITY);
         let gap_tcp = stream.as_ref().map(|s| s.max_gap).unwrap_or(f64::INFINITY);
-        self.report(cycles_time, &counts, &ping, &stream);
+        self.report(cycles_time, &counts, &peaks, &ping, &stream);
         let mut failures = Vec::new();
         for (what, n) in &counts.rows {
             if *n != 0 {
@@ -936,6 +949,7 @@ impl Soak {
         &self,
         cycles_time: Duration,
         counts: &Counts,
+        peaks: &[u64],
         ping: &Result<Flow>,
         stream: &Result<Flow>,
     ) {
@@ -980,10 +994,11 @@ impl Soak {
             s.agent_down_ms.load(Ordering::Relaxed) as f64 / 1000.0,
             s.max_agent_down_ms.load(Ordering::Relaxed) as f64 / 1000.0
         );
-        println!("left behind after DEL of everything:");
-        for (what, n) in &counts.rows {
+        println!("left behind after DEL of everything (and the most seen during the cycles):");
+        for (i, (what, n)) in counts.rows.iter().enumerate() {
+            let peak = peaks.get(i).map_or("-".to_owned(), |p| p.to_string());
             println!(
-                "  {:>6}  {what}{}",
+                "  {:>6}  ({peak:>4})  {what}{}",
                 n,
                 if *n == 0 { "" } else { "  <-- LEAK" }
             );
