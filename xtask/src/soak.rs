@@ -30,6 +30,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, Result, bail};
 use hypha_netlink::Netlink;
+use ipnet::Ipv4Net;
 
 use crate::bench::measure::enter_netns;
 use crate::bench::teardown::{Teardown, Undo};
@@ -166,42 +167,10 @@ struct Soak {
     tmp: PathBuf,
     pin_dir: PathBuf,
     node_ns: String,
-    pod_cidr: ipnet_lite::Cidr,
+    pod_cidr: Ipv4Net,
     td: Teardown,
     agent: Mutex<Option<Arc<Mutex<Child>>>>,
     stats: Stats,
-}
-
-/// A /24 (or any prefix) without a dependency for it.
-mod ipnet_lite {
-    use std::net::Ipv4Addr;
-
-    #[derive(Clone, Copy, Debug)]
-    pub struct Cidr {
-        pub net: Ipv4Addr,
-        pub len: u8,
-    }
-
-    impl Cidr {
-        pub fn contains(&self, a: Ipv4Addr) -> bool {
-            let mask = if self.len == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(self.len))
-            };
-            u32::from(a) & mask == u32::from(self.net) & mask
-        }
-
-        pub fn gateway(&self) -> Ipv4Addr {
-            Ipv4Addr::from(u32::from(self.net) + 1)
-        }
-    }
-
-    impl std::fmt::Display for Cidr {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            write!(f, "{}/{}", self.net, self.len)
-        }
-    }
 }
 
 pub fn run(opts: Options) -> Result<()> {
@@ -222,10 +191,7 @@ pub fn run(opts: Options) -> Result<()> {
         pin_dir: PathBuf::from(format!("/sys/fs/bpf/hypha-soak-{uniq}")),
         node_ns: format!("hyps-{uniq}-node"),
         // Inside the node's own namespace, so no host route can collide with it.
-        pod_cidr: ipnet_lite::Cidr {
-            net: Ipv4Addr::new(10, 97, 0, 0),
-            len: 24,
-        },
+        pod_cidr: Ipv4Net::new(Ipv4Addr::new(10, 97, 0, 0), 24).expect("a valid prefix length"),
         td: Teardown::install()?,
         agent: Mutex::new(None),
         stats: Stats::default(),
@@ -635,7 +601,7 @@ impl Soak {
                 Ok((ns, addr, id))
             }
             Run::Failed(e) => bail!("ADD of the long-lived pod {name}: {e}"),
-            Run::Killed => unreachable!("not killed"),
+            Run::Killed => bail!("ADD of the long-lived pod {name} was killed"),
         }
     }
 
@@ -806,14 +772,15 @@ impl Soak {
             "table",
             "all",
         ]))?)?;
-        let gateway = self.pod_cidr.gateway();
+        // The agent's default gateway: the first address of the pod CIDR.
+        let gateway = Ipv4Addr::from(u32::from(self.pod_cidr.network()) + 1);
         let pod_routes = routes
             .as_array()
             .map(|rs| {
                 rs.iter()
                     .filter(|r| r["type"].as_str().is_none_or(|t| t == "unicast"))
                     .filter_map(|r| r["dst"].as_str()?.split('/').next()?.parse().ok())
-                    .filter(|a: &Ipv4Addr| self.pod_cidr.contains(*a) && *a != gateway)
+                    .filter(|a: &Ipv4Addr| self.pod_cidr.contains(a) && *a != gateway)
                     .count()
             })
             .unwrap_or(0);
@@ -872,7 +839,7 @@ impl Soak {
                 key_bytes(e).is_some_and(|k| {
                     let a = (k.len() >= 8).then(|| Ipv4Addr::new(k[4], k[5], k[6], k[7]));
                     // The gateway is the host's (identity 1), not a pod's.
-                    a.is_some_and(|a| self.pod_cidr.contains(a) && a != gateway)
+                    a.is_some_and(|a| self.pod_cidr.contains(&a) && a != gateway)
                 })
             })
             .collect();
@@ -894,10 +861,10 @@ impl Soak {
                     k.len() >= 8
                         && (self
                             .pod_cidr
-                            .contains(Ipv4Addr::new(k[0], k[1], k[2], k[3]))
+                            .contains(&Ipv4Addr::new(k[0], k[1], k[2], k[3]))
                             || self
                                 .pod_cidr
-                                .contains(Ipv4Addr::new(k[4], k[5], k[6], k[7])))
+                                .contains(&Ipv4Addr::new(k[4], k[5], k[6], k[7])))
                 });
                 let live = value_bytes(e).is_some_and(|v| {
                     v.len() >= 8 && u64::from_le_bytes(v[..8].try_into().expect("8 bytes")) > now
