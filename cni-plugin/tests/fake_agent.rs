@@ -20,6 +20,23 @@ use serde_json::{Value, json};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// The first line of every test here: without root, says the test is skipped and returns
+/// (straight to stderr, which libtest does not capture). `cargo xtask test` runs as root.
+macro_rules! require_root {
+    () => {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped ({}:{}): needs root (CAP_NET_ADMIN)",
+                file!(),
+                line!()
+            );
+            return;
+        }
+    };
+}
+
 fn unique(prefix: &str) -> String {
     format!(
         "{prefix}-{}-{}",
@@ -275,6 +292,7 @@ fn reply(out: &Output) -> Value {
 
 #[test]
 fn add_check_del() {
+    require_root!();
     let agent = FakeAgent::start(Mode::Ok);
     let ns = TestNetns::new();
     let cid = unique("ctr");
@@ -392,6 +410,7 @@ fn add_check_del() {
 
 #[test]
 fn add_result_in_old_versions() {
+    require_root!();
     let agent = FakeAgent::start(Mode::Ok);
     let ns = TestNetns::new();
     let cid = unique("ctr");
@@ -406,6 +425,7 @@ fn add_result_in_old_versions() {
 
 #[test]
 fn failed_endpoint_rolls_everything_back() {
+    require_root!();
     let agent = FakeAgent::start(Mode::EndpointFails);
     let ns = TestNetns::new();
     let cid = unique("ctr");
@@ -440,6 +460,7 @@ fn failed_endpoint_rolls_everything_back() {
 
 #[test]
 fn ifname_taken_in_the_container() {
+    require_root!();
     let agent = FakeAgent::start(Mode::Ok);
     let ns = TestNetns::new();
     let cid = unique("ctr");
@@ -482,6 +503,7 @@ fn ifname_taken_in_the_container() {
 
 #[test]
 fn add_twice_leaves_the_first_alone() {
+    require_root!();
     let agent = FakeAgent::start(Mode::Conflict);
     let ns = TestNetns::new();
     let cid = unique("ctr");
