@@ -20,6 +20,23 @@ use serde_json::{Value, json};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// The first line of every test here: without root, says the test is skipped and returns
+/// (straight to stderr, which libtest does not capture). `cargo xtask test` runs as root.
+macro_rules! require_root {
+    () => {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped ({}:{}): needs root (CAP_NET_ADMIN)",
+                file!(),
+                line!()
+            );
+            return;
+        }
+    };
+}
+
 fn unique(prefix: &str) -> String {
     format!(
         "{prefix}-{}-{}",
@@ -311,6 +328,7 @@ fn reply(out: &Output) -> Value {
 
 #[test]
 fn add_check_del() {
+    require_root!();
     let agent = FakeAgent::start(Mode::Ok);
     let ns = TestNetns::new();
     let cid = unique("ctr");
@@ -428,6 +446,7 @@ fn add_check_del() {
 
 #[test]
 fn add_result_in_old_versions() {
+    require_root!();
     let agent = FakeAgent::start(Mode::Ok);
     let ns = TestNetns::new();
     let cid = unique("ctr");
@@ -442,6 +461,7 @@ fn add_result_in_old_versions() {
 
 #[test]
 fn failed_endpoint_rolls_everything_back() {
+    require_root!();
     let agent = FakeAgent::start(Mode::EndpointFails);
     let ns = TestNetns::new();
     let cid = unique("ctr");
@@ -476,6 +496,7 @@ fn failed_endpoint_rolls_everything_back() {
 
 #[test]
 fn ifname_taken_in_the_container() {
+    require_root!();
     let agent = FakeAgent::start(Mode::Ok);
     let ns = TestNetns::new();
     let cid = unique("ctr");
@@ -518,6 +539,7 @@ fn ifname_taken_in_the_container() {
 
 #[test]
 fn add_twice_leaves_the_first_alone() {
+    require_root!();
     let agent = FakeAgent::start(Mode::Conflict);
     let ns = TestNetns::new();
     let cid = unique("ctr");

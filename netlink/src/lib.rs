@@ -19,6 +19,7 @@
 mod error;
 mod messages;
 mod netns;
+pub mod procs;
 mod qdisc;
 
 use std::fs::File;

@@ -12,6 +12,24 @@ use hypha_netlink::{Error, Netlink, Route, VethSpec};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// The first line of every test here: without root, says the test is skipped and returns
+/// (straight to stderr, which libtest does not capture). `cargo xtask test` runs as root.
+macro_rules! require_root {
+    () => {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "skipped ({}:{}): needs root (CAP_NET_ADMIN)",
+                file!(),
+                line!()
+            );
+            return;
+        }
+    };
+}
+
 /// A named network namespace, deleted on drop.
 struct TestNetns {
     name: String,
@@ -35,6 +53,13 @@ impl TestNetns {
 
 impl Drop for TestNetns {
     fn drop(&mut self) {
+        // Whatever runs inside goes first, or it would outlive the namespace's name.
+        if let Err(e) = hypha_netlink::procs::end_processes_in(
+            &self.path(),
+            std::time::Duration::from_millis(500),
+        ) {
+            eprintln!("{e}");
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
@@ -73,6 +98,7 @@ fn host_name(tag: &str) -> String {
 
 #[test]
 fn veth_into_netns_with_addresses_and_routes() {
+    require_root!();
     let ns = TestNetns::new();
     let host = host_name("v");
     let _cleanup = HostLinks(vec![host.clone()]);
@@ -191,6 +217,7 @@ fn veth_into_netns_with_addresses_and_routes() {
 
 #[test]
 fn dummy_links() {
+    require_root!();
     let ns = TestNetns::new();
     let mut nl = Netlink::in_netns(&ns.path()).unwrap();
 
@@ -218,6 +245,7 @@ fn dummy_links() {
 
 #[test]
 fn errors_name_the_operation_and_interface() {
+    require_root!();
     let ns = TestNetns::new();
     let mut nl = Netlink::in_netns(&ns.path()).unwrap();
 
@@ -267,6 +295,7 @@ fn errors_name_the_operation_and_interface() {
 
 #[test]
 fn missing_netns_is_reported_with_its_path() {
+    require_root!();
     let path = PathBuf::from(format!("/run/netns/hypnl-{}-absent", std::process::id()));
     let err = Netlink::in_netns(&path).err().expect("no such netns");
     assert!(matches!(err, Error::OpenNetns { .. }), "{err:?}");
@@ -291,6 +320,7 @@ fn missing_netns_is_reported_with_its_path() {
 /// and limit asked for, is changed in place, and only Hypha's is deleted.
 #[test]
 fn tbf_root_qdisc_is_installed_read_changed_and_deleted() {
+    require_root!();
     use hypha_netlink::TbfSpec;
     let ns = TestNetns::new();
     let mut nl = Netlink::in_netns(&ns.path()).expect("socket in netns");

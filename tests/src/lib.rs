@@ -1,7 +1,9 @@
 //! Helpers shared by Hypha's integration tests (`tests/tests/*.rs`).
 //!
-//! Every test here is privileged: it needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF)
-//! and runs for real, here and in CI.
+//! Almost every test here is privileged: it needs root (CAP_NET_ADMIN, CAP_SYS_ADMIN,
+//! CAP_BPF) and runs for real, here and in CI (`cargo xtask test` runs as root). Such a
+//! test starts with [`require_root!`], so that `cargo test` as an ordinary user runs the
+//! rest and reports these as skipped instead of failing them.
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +14,34 @@ pub mod monitor;
 pub mod netns;
 pub mod node;
 pub mod traffic;
+
+/// Whether this process may do what privileged tests do (its effective uid is root).
+pub fn privileged() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// The first line of a privileged test: without root, prints why the test is skipped and
+/// returns from it. Written straight to stderr, which libtest does not capture, so the
+/// reason shows in `cargo test`'s output.
+#[macro_export]
+macro_rules! require_root {
+    () => {
+        if !$crate::privileged() {
+            $crate::skip_message(file!(), line!());
+            return;
+        }
+    };
+}
+
+#[doc(hidden)]
+pub fn skip_message(file: &str, line: u32) {
+    use std::io::Write as _;
+    // Nothing to do if stderr is gone; the test is skipped either way.
+    let _ = writeln!(
+        std::io::stderr(),
+        "skipped ({file}:{line}): needs root (CAP_NET_ADMIN/CAP_BPF)"
+    );
+}
 
 /// A binary of this build (`hypha`, `hypha-cni`): `target/<profile>/NAME`, next to the
 /// `deps/` directory of the test executable. Cargo does not build other packages'

@@ -1,12 +1,13 @@
 //! Named network namespaces for tests: made with `ip netns add`, deleted with everything
-//! in them on drop, also when the test panics.
+//! in them on drop (processes first), also when the test panics.
 
 use std::fs::File;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
-use hypha_netlink::Netlink;
+use hypha_netlink::{Netlink, procs};
 use nix::sched::CloneFlags;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -102,11 +103,28 @@ impl NamedNetns {
     }
 }
 
+/// How long a process in a namespace being dropped gets to exit on SIGTERM.
+const PROCESS_GRACE: Duration = Duration::from_millis(500);
+
 impl Drop for NamedNetns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
+        // First every process inside (servers, pings a test left running), or they would
+        // outlive the namespace's name, orphaned.
+        if let Err(e) = procs::end_processes_in(&self.path(), PROCESS_GRACE) {
+            eprintln!("dropping network namespace {}: {e}", self.name);
+        }
+        match Command::new("ip")
             .args(["netns", "del", &self.name])
-            .output();
+            .output()
+        {
+            Ok(out) if !out.status.success() => eprintln!(
+                "ip netns del {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Ok(_) => {}
+            Err(e) => eprintln!("ip netns del {}: {e}", self.name),
+        }
     }
 }
 

@@ -51,6 +51,7 @@ fn fds(pid: u32) -> usize {
 
 #[test]
 fn stalled_connections_neither_block_status_and_add_nor_stay_open() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let pid = agent_pid(&node);
     let baseline = fds(pid);
@@ -116,6 +117,7 @@ fn stalled_connections_neither_block_status_and_add_nor_stay_open() {
 
 #[test]
 fn an_unknown_bandwidth_key_changes_nothing() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let pod = node.add_pod_with_bandwidth("a", serde_json::json!({"egressRate": 10_000_000}));
     let ep = node.endpoint(&pod.container_id);
@@ -142,6 +144,7 @@ fn an_unknown_bandwidth_key_changes_nothing() {
 
 #[test]
 fn a_container_id_with_a_newline_reserves_nothing() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let err = node
         .client()
@@ -162,6 +165,7 @@ fn a_container_id_with_a_newline_reserves_nothing() {
 
 #[test]
 fn a_mac_another_pod_uses_is_refused_and_nothing_stays() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let a = node.add_pod("a");
     let first = node.endpoint(&a.container_id);

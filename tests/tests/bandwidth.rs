@@ -88,6 +88,7 @@ fn assert_within(rate: f64, limit: f64, what: &str) {
 
 #[test]
 fn egress_limits_of_10_and_100_mbit_hold_and_others_are_not_slowed() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let slow = node.add_pod_with_bandwidth(
         "bw-e10",
@@ -116,6 +117,7 @@ fn egress_limits_of_10_and_100_mbit_hold_and_others_are_not_slowed() {
 
 #[test]
 fn ingress_limit_holds_for_same_node_traffic() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let limited = node.add_pod_with_bandwidth("bw-i20", json!({"ingressRate": 20_000_000}));
     let sender = node.add_pod("bw-isend");
@@ -135,6 +137,7 @@ fn ingress_limit_holds_for_same_node_traffic() {
 
 #[test]
 fn limits_change_and_go_at_run_time_and_bad_input_is_refused() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let pod = node.add_pod("bw-rt");
     let sink = node.add_pod("bw-rtsink");
@@ -226,6 +229,7 @@ fn limits_change_and_go_at_run_time_and_bad_input_is_refused() {
 
 #[test]
 fn limits_survive_an_agent_restart() {
+    hypha_tests::require_root!();
     let mut node = Node::start();
     let pod = node.add_pod_with_bandwidth(
         "bw-rs",

@@ -69,6 +69,7 @@ fn assert_nothing_left(cid: &str, ifname: &str, netns: &NamedNetns) {
 
 #[test]
 fn missing_cni_command() {
+    hypha_tests::require_root!();
     let ns = NamedNetns::new("hypcni");
     let cid = container_id();
     let path = ns.path().display().to_string();
@@ -80,6 +81,7 @@ fn missing_cni_command() {
 
 #[test]
 fn unknown_cni_command() {
+    hypha_tests::require_root!();
     let ns = NamedNetns::new("hypcni");
     let cid = container_id();
     let path = ns.path().display().to_string();
@@ -91,6 +93,7 @@ fn unknown_cni_command() {
 
 #[test]
 fn missing_container_id() {
+    hypha_tests::require_root!();
     let ns = NamedNetns::new("hypcni");
     let path = ns.path().display().to_string();
     let env = without(&add_env("unused", &path, "eth0"), "CNI_CONTAINERID");
@@ -101,6 +104,7 @@ fn missing_container_id() {
 
 #[test]
 fn invalid_container_id() {
+    hypha_tests::require_root!();
     let ns = NamedNetns::new("hypcni");
     let path = ns.path().display().to_string();
     let env = add_env("-not/valid", &path, "eth0");
@@ -111,6 +115,7 @@ fn invalid_container_id() {
 
 #[test]
 fn missing_netns() {
+    hypha_tests::require_root!();
     let cid = container_id();
     let env = without(&add_env(&cid, "unused", "eth0"), "CNI_NETNS");
     let run = cni::run(&env, &cni::conf("1.1.0", &no_agent()));
@@ -120,6 +125,7 @@ fn missing_netns() {
 
 #[test]
 fn nonexistent_netns() {
+    hypha_tests::require_root!();
     let cid = container_id();
     let path = format!("/run/netns/{}", netns::unique_name("hypcni-absent"));
     let run = cni::run(
@@ -133,6 +139,7 @@ fn nonexistent_netns() {
 
 #[test]
 fn netns_that_is_not_a_network_namespace() {
+    hypha_tests::require_root!();
     let cid = container_id();
     let run = cni::run(
         &add_env(&cid, "/dev/null", "eth0"),
@@ -144,6 +151,7 @@ fn netns_that_is_not_a_network_namespace() {
 
 #[test]
 fn ifname_too_long() {
+    hypha_tests::require_root!();
     let ns = NamedNetns::new("hypcni");
     let cid = container_id();
     let path = ns.path().display().to_string();
@@ -159,6 +167,7 @@ fn ifname_too_long() {
 
 #[test]
 fn ifname_with_a_slash() {
+    hypha_tests::require_root!();
     let ns = NamedNetns::new("hypcni");
     let cid = container_id();
     let path = ns.path().display().to_string();
@@ -172,6 +181,7 @@ fn ifname_with_a_slash() {
 
 #[test]
 fn malformed_json() {
+    hypha_tests::require_root!();
     let ns = NamedNetns::new("hypcni");
     let cid = container_id();
     let path = ns.path().display().to_string();
@@ -185,6 +195,7 @@ fn malformed_json() {
 
 #[test]
 fn unsupported_cni_version() {
+    hypha_tests::require_root!();
     let ns = NamedNetns::new("hypcni");
     let cid = container_id();
     let path = ns.path().display().to_string();
@@ -198,6 +209,7 @@ fn unsupported_cni_version() {
 
 #[test]
 fn agent_not_running() {
+    hypha_tests::require_root!();
     let ns = NamedNetns::new("hypcni");
     let cid = container_id();
     let path = ns.path().display().to_string();
@@ -231,6 +243,7 @@ fn agent_not_running() {
 
 #[test]
 fn version_needs_nothing_else() {
+    hypha_tests::require_root!();
     let run = cni::run(&[("CNI_COMMAND", "VERSION")], r#"{"cniVersion": "0.4.0"}"#);
     assert!(run.status.success(), "{run:?}");
     let reply = run.reply();
@@ -245,6 +258,7 @@ fn version_needs_nothing_else() {
 /// anything is made: never dropped, never half-applied.
 #[test]
 fn unreadable_capabilities_and_args_are_named() {
+    hypha_tests::require_root!();
     let ns = NamedNetns::new("hypcni");
     let path = ns.path().display().to_string();
     let socket = no_agent();
@@ -307,6 +321,7 @@ fn unreadable_capabilities_and_args_are_named() {
 /// `agentTimeout` must be a positive number of seconds, named when it is not.
 #[test]
 fn bad_agent_timeout() {
+    hypha_tests::require_root!();
     let ns = NamedNetns::new("hypcni");
     let cid = container_id();
     let path = ns.path().display().to_string();

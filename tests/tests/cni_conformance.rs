@@ -87,6 +87,7 @@ fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn version_probe_with_placeholders() {
+    hypha_tests::require_root!();
     // libcni's probe: VERSION with dummy values in the other variables.
     let run = cni::run(
         &[
@@ -117,6 +118,7 @@ fn version_probe_with_placeholders() {
 /// `tbf` of its own on the host veth, which the reference plugin's would collide with).
 #[test]
 fn chain_with_the_reference_plugins() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let pod = pod_netns(&node, "chain");
     let id = cid(&node, "chain");
@@ -232,6 +234,7 @@ fn chain_with_the_reference_plugins() {
 /// qdisc.
 #[test]
 fn chain_with_the_reference_bandwidth_plugin() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let pod = pod_netns(&node, "rbw");
     let id = cid(&node, "rbw");
@@ -290,6 +293,7 @@ fn chain_with_the_reference_bandwidth_plugin() {
 
 #[test]
 fn check_reports_precisely_what_differs() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let pod = pod_netns(&node, "chk");
     let id = cid(&node, "chk");
@@ -351,6 +355,7 @@ fn check_reports_precisely_what_differs() {
 
 #[test]
 fn del_is_best_effort_and_idempotent() {
+    hypha_tests::require_root!();
     let mut node = Node::start();
     let del = |node: &Node, id: &str, path: &str| {
         node.cni(&Node::cni_env("DEL", id, path), &node.conf("1.1.0"))
@@ -416,6 +421,7 @@ fn del_is_best_effort_and_idempotent() {
 
 #[test]
 fn status_reports_50_with_a_reason() {
+    hypha_tests::require_root!();
     let mut node = Node::start();
     let status =
         |node: &Node, version: &str| node.cni(&[("CNI_COMMAND", "STATUS")], &node.conf(version));
@@ -459,6 +465,7 @@ fn status_reports_50_with_a_reason() {
 
 #[test]
 fn gc_removes_everything_no_valid_attachment_owns() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let keep1 = node.add_pod("keep1");
     let keep2 = node.add_pod("keep2");
@@ -544,6 +551,7 @@ fn gc_removes_everything_no_valid_attachment_owns() {
 
 #[test]
 fn capabilities_and_labels() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let base: Ipv4Addr = node.pod_cidr.split('/').next().unwrap().parse().unwrap();
     let wanted = Ipv4Addr::from(u32::from(base) + 77);
@@ -637,6 +645,7 @@ fn host_local_held(dir: &Path, network: &str) -> Vec<String> {
 
 #[test]
 fn delegated_host_local_and_static() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let data = DataDir(node.dir.with_extension("host-local"));
     let subnet_octet = 100 + (std::process::id() % 100);
@@ -761,6 +770,7 @@ fn delegated_host_local_and_static() {
 
 #[test]
 fn thirty_concurrent_adds_get_distinct_addresses() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let pods: Vec<(NamedNetns, String)> = (0..30)
         .map(|i| {
@@ -809,6 +819,7 @@ fn thirty_concurrent_adds_get_distinct_addresses() {
 /// runtime would, or, for some, only the final GC): no address held, no veth left.
 #[test]
 fn add_del_cycles_with_the_plugin_killed_leave_nothing() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let slots: Vec<NamedNetns> = (0..4)
         .map(|i| pod_netns(&node, &format!("cy{i}")))
@@ -899,6 +910,7 @@ fn assert_tbf(qdisc: &str, rate: Option<u64>, what: &str) {
 /// endpoint, and DEL takes it all down.
 #[test]
 fn runtime_fixtures_through_the_real_agent() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let count = cni::runtime_fixtures(&node.socket(), "x", "0.0.0.0").len();
     assert!(count >= 4, "{count} fixtures");
@@ -963,6 +975,7 @@ fn runtime_fixtures_through_the_real_agent() {
 /// chain removes it.
 #[test]
 fn runtime_fixtures_chained_with_portmap() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let count = cni::runtime_fixtures(&node.socket(), "x", "0.0.0.0").len();
     let mut chained = 0;

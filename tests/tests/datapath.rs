@@ -60,6 +60,7 @@ fn ping(ns: &NamedNetns, to: &str) {
 
 #[test]
 fn pods_talk_through_the_ebpf_redirect() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let a = node.add_pod("a");
     let b = node.add_pod("b");
@@ -109,6 +110,7 @@ fn pods_talk_through_the_ebpf_redirect() {
 
 #[test]
 fn pods_reach_the_host_and_the_host_reaches_pods() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let a = node.add_pod("a");
     let gateway = node.status().node.gateway.to_string();
@@ -138,6 +140,7 @@ fn pods_reach_the_host_and_the_host_reaches_pods() {
 
 #[test]
 fn pods_reach_the_world_masqueraded() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let a = node.add_pod("a");
     // A "world" host joined to the node by a veth: the node routes and masquerades.
@@ -190,6 +193,7 @@ fn pods_reach_the_world_masqueraded() {
 
 #[test]
 fn connections_survive_an_agent_sigkill_and_the_agent_readopts() {
+    hypha_tests::require_root!();
     let mut node = Node::start();
     let a = node.add_pod("a");
     let b = node.add_pod("b");
@@ -235,6 +239,7 @@ fn connections_survive_an_agent_sigkill_and_the_agent_readopts() {
 
 #[test]
 fn del_is_idempotent_and_leaves_nothing() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let a = node.add_pod("a");
     let host_if = a.result["interfaces"][0]["name"]
@@ -277,6 +282,7 @@ fn del_is_idempotent_and_leaves_nothing() {
 
 #[test]
 fn interface_name_taken_in_the_pod_fails_cleanly() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let pod = NamedNetns::named(format!("{}-t", node.tag));
     // Something already called eth0 in the pod.
@@ -301,6 +307,7 @@ fn interface_name_taken_in_the_pod_fails_cleanly() {
 
 #[test]
 fn add_with_the_agent_down_fails_cleanly() {
+    hypha_tests::require_root!();
     let mut node = Node::start();
     node.stop_agent();
     let pod = NamedNetns::named(format!("{}-d", node.tag));
@@ -317,6 +324,7 @@ fn add_with_the_agent_down_fails_cleanly() {
 
 #[test]
 fn the_api_is_plain_http_on_a_private_socket() {
+    hypha_tests::require_root!();
     use std::os::unix::fs::PermissionsExt as _;
     let node = Node::start();
     let mode = std::fs::metadata(node.socket())
@@ -367,6 +375,7 @@ fn the_api_is_plain_http_on_a_private_socket() {
 
 #[test]
 fn a_second_agent_on_the_same_socket_or_state_is_refused() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let out = std::process::Command::new("nsenter")
         .arg(format!("--net={}", node.netns.path().display()))
@@ -394,6 +403,7 @@ fn a_second_agent_on_the_same_socket_or_state_is_refused() {
 
 #[test]
 fn a_node_takes_everything_down_with_it() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let pod = node.add_pod("a");
     let tag = node.tag.clone();

@@ -581,6 +581,7 @@ fn natural_target(name: &str) -> Option<(Prog, u8)> {
 
 #[test]
 fn random_and_mutated_frames_get_designed_verdicts_and_consistent_counters() {
+    hypha_tests::require_root!();
     pin_to_current_cpu();
     let cases = match std::env::var(CASES_ENV) {
         Ok(v) => v
@@ -627,6 +628,7 @@ fn random_and_mutated_frames_get_designed_verdicts_and_consistent_counters() {
 
 #[test]
 fn every_seed_truncated_at_every_length_is_handled_by_both_programs() {
+    hypha_tests::require_root!();
     pin_to_current_cpu();
     let mut checker = Checker::new();
     let seeds = corpus();

@@ -283,6 +283,7 @@ fn assert_passed_to_host(node: &Node, frame: &[u8]) {
 
 #[test]
 fn object_loads_and_both_programs_pass_the_verifier() {
+    hypha_tests::require_root!();
     // Loading runs the verifier on this kernel; a rejection panics with its log.
     let _datapath = Datapath::load();
 }
@@ -291,6 +292,7 @@ fn object_loads_and_both_programs_pass_the_verifier() {
 
 #[test]
 fn arp_request_for_the_gateway_is_answered_back_to_the_pod() {
+    hypha_tests::require_root!();
     let node = Node::new();
     let request = arp_request(POD_A_MAC, POD_A_IP, GATEWAY_IP);
 
@@ -314,12 +316,14 @@ fn arp_request_for_the_gateway_is_answered_back_to_the_pod() {
 
 #[test]
 fn arp_request_for_another_address_goes_to_the_host() {
+    hypha_tests::require_root!();
     let node = Node::new();
     assert_passed_to_host(&node, &arp_request(POD_A_MAC, POD_A_IP, POD_B_IP));
 }
 
 #[test]
 fn arp_request_from_an_address_of_another_veth_goes_to_the_host() {
+    hypha_tests::require_root!();
     // B's address asking from A's veth: spoofed, or misplaced; not answered.
     let node = Node::new();
     assert_passed_to_host(&node, &arp_request(POD_A_MAC, POD_B_IP, GATEWAY_IP));
@@ -327,6 +331,7 @@ fn arp_request_from_an_address_of_another_veth_goes_to_the_host() {
 
 #[test]
 fn arp_reply_goes_to_the_host() {
+    hypha_tests::require_root!();
     let node = Node::new();
     let reply = eth(
         HOST_A_MAC,
@@ -339,6 +344,7 @@ fn arp_reply_goes_to_the_host() {
 
 #[test]
 fn truncated_arp_is_dropped() {
+    hypha_tests::require_root!();
     let node = Node::new();
     let mut frame = arp_request(POD_A_MAC, POD_A_IP, GATEWAY_IP);
     frame.truncate(ETH_HLEN + 20);
@@ -353,12 +359,14 @@ fn truncated_arp_is_dropped() {
 
 #[test]
 fn ipv4_to_a_local_pod_is_redirected_with_ttl_decremented() {
+    hypha_tests::require_root!();
     let node = Node::new();
     assert_redirected_to_b(&node, &Ipv4::to(POD_B_IP).frame());
 }
 
 #[test]
 fn ipv4_with_options_to_a_local_pod_is_redirected() {
+    hypha_tests::require_root!();
     let node = Node::new();
     let packet = Ipv4 {
         // Router alert (RFC 2113).
@@ -372,6 +380,7 @@ fn ipv4_with_options_to_a_local_pod_is_redirected() {
 
 #[test]
 fn ipv4_fragments_to_a_local_pod_are_redirected() {
+    hypha_tests::require_root!();
     // First fragment (MF set), then a middle one (MF set, offset 185 × 8 bytes), then
     // the last (offset only).
     for frag_off in [0x2000, 0x2000 | 185, 370] {
@@ -386,6 +395,7 @@ fn ipv4_fragments_to_a_local_pod_are_redirected() {
 
 #[test]
 fn ipv4_with_ttl_1_to_a_local_pod_goes_to_the_host() {
+    hypha_tests::require_root!();
     // The host stack sends the ICMP time exceeded.
     let node = Node::new();
     let packet = Ipv4 {
@@ -397,18 +407,21 @@ fn ipv4_with_ttl_1_to_a_local_pod_goes_to_the_host() {
 
 #[test]
 fn ipv4_to_an_unknown_address_goes_to_the_host() {
+    hypha_tests::require_root!();
     let node = Node::new();
     assert_passed_to_host(&node, &Ipv4::to(OUTSIDE_IP).frame());
 }
 
 #[test]
 fn ipv4_to_the_gateway_goes_to_the_host() {
+    hypha_tests::require_root!();
     let node = Node::new();
     assert_passed_to_host(&node, &Ipv4::to(GATEWAY_IP).frame());
 }
 
 #[test]
 fn truncated_ipv4_header_is_dropped() {
+    hypha_tests::require_root!();
     // BPF_PROG_TEST_RUN (6.18) refuses an IPv4 frame shorter than a whole IPv4 header
     // with EINVAL before the program runs, but a pod can send one (through a packet
     // socket). So this case runs live: the program attached to A's host-side veth, the
@@ -435,6 +448,7 @@ fn truncated_ipv4_header_is_dropped() {
 
 #[test]
 fn ipv4_with_ihl_below_5_is_dropped() {
+    hypha_tests::require_root!();
     let node = Node::new();
     let mut frame = Ipv4::to(POD_B_IP).frame();
     frame[ETH_HLEN] = 0x44;
@@ -447,6 +461,7 @@ fn ipv4_with_ihl_below_5_is_dropped() {
 
 #[test]
 fn ipv6_header_in_an_ipv4_ethertype_is_dropped() {
+    hypha_tests::require_root!();
     let node = Node::new();
     let mut frame = Ipv4::to(POD_B_IP).frame();
     frame[ETH_HLEN] = 0x65;
@@ -459,6 +474,7 @@ fn ipv6_header_in_an_ipv4_ethertype_is_dropped() {
 
 #[test]
 fn ipv4_ihl_beyond_the_frame_is_dropped() {
+    hypha_tests::require_root!();
     // IHL 15 claims a 60-byte header; the frame holds 20 bytes of header and 12 of
     // payload.
     let node = Node::new();
@@ -498,6 +514,7 @@ fn ipv6_neighbour_solicitation() -> Vec<u8> {
 
 #[test]
 fn ipv6_from_a_pod_is_dropped_as_an_unsupported_family_and_reported() {
+    hypha_tests::require_root!();
     // Hypha manages only IPv4 for its endpoints: IPv6 must not reach the host stack,
     // where no anti-spoofing or policy applies to it.
     let mut node = Node::new();
@@ -524,6 +541,7 @@ fn ipv6_from_a_pod_is_dropped_as_an_unsupported_family_and_reported() {
 
 #[test]
 fn ipv6_neighbour_discovery_from_a_pod_is_dropped_too() {
+    hypha_tests::require_root!();
     // Neighbour discovery passes only for a managed family; IPv6 is not one.
     let node = Node::new();
     let frame = ipv6_neighbour_solicitation();
@@ -559,6 +577,7 @@ fn assert_dropped_towards_a(node: &Node, frame: &[u8], reason: DropReason) {
 
 #[test]
 fn ipv6_to_a_pod_is_dropped_as_an_unsupported_family() {
+    hypha_tests::require_root!();
     let node = Node::new();
     let frame = eth(POD_A_MAC, HOST_A_MAC, ETH_P_IPV6, &ipv6_udp());
     assert_dropped_towards_a(&node, &frame, DropReason::UnsupportedFamily);
@@ -566,6 +585,7 @@ fn ipv6_to_a_pod_is_dropped_as_an_unsupported_family() {
 
 #[test]
 fn ipv6_neighbour_discovery_to_a_pod_is_dropped() {
+    hypha_tests::require_root!();
     let node = Node::new();
     let mut frame = ipv6_neighbour_solicitation();
     frame[6..12].copy_from_slice(&HOST_A_MAC);
@@ -574,6 +594,7 @@ fn ipv6_neighbour_discovery_to_a_pod_is_dropped() {
 
 #[test]
 fn an_unknown_ethertype_to_a_pod_is_dropped() {
+    hypha_tests::require_root!();
     let node = Node::new();
     let lldp = eth(
         [0x01, 0x80, 0xc2, 0, 0, 0x0e],
@@ -586,6 +607,7 @@ fn an_unknown_ethertype_to_a_pod_is_dropped() {
 
 #[test]
 fn arp_to_a_pod_still_passes() {
+    hypha_tests::require_root!();
     // The host must still be able to ARP for the pod: IPv4's neighbour discovery.
     let node = Node::new();
     let request = eth(
@@ -609,6 +631,7 @@ fn arp_to_a_pod_still_passes() {
 
 #[test]
 fn unknown_ethertype_is_dropped_and_every_drop_is_counted() {
+    hypha_tests::require_root!();
     let node = Node::new();
     let lldp = eth(
         [0x01, 0x80, 0xc2, 0, 0, 0x0e],
@@ -643,6 +666,7 @@ fn unknown_ethertype_is_dropped_and_every_drop_is_counted() {
 
 #[test]
 fn drops_on_an_interface_without_stats_are_still_counted_by_reason() {
+    hypha_tests::require_root!();
     // An interface the agent has no endpoint for: no hypha_ep_stats entry, which the
     // datapath must not create, but the drop still lands in hypha_drops.
     let node = Node::new();
@@ -675,6 +699,7 @@ fn drops_on_an_interface_without_stats_are_still_counted_by_reason() {
 
 #[test]
 fn to_pod_passes_and_counts_ingress() {
+    hypha_tests::require_root!();
     let node = Node::new();
     let frame = eth(
         POD_A_MAC,
@@ -803,6 +828,7 @@ mod policy {
 
     #[test]
     fn a_spoofed_source_address_or_mac_is_dropped() {
+        hypha_tests::require_root!();
         let node = Node::new();
         let spoofed_ip = udp([10, 244, 0, 99], POD_A_MAC, HOST_A_MAC, POD_B_IP, 1, DNS);
         assert_eq!(node.send_from_a(&spoofed_ip).verdict, TC_ACT_SHOT);
@@ -834,6 +860,7 @@ mod policy {
 
     #[test]
     fn endpoints_without_policy_are_not_tracked() {
+        hypha_tests::require_root!();
         let node = node(0, 0);
         assert_eq!(node.send_from_a(&a_to_b(DNS)).verdict, TC_ACT_REDIRECT);
         assert!(
@@ -844,6 +871,7 @@ mod policy {
 
     #[test]
     fn ingress_policy_drops_what_nothing_allows_and_reports_it() {
+        hypha_tests::require_root!();
         let mut node = node(0, ENDPOINT_F_INGRESS_POLICY);
         let frame = a_to_b(DNS);
         assert_eq!(node.send_from_a(&frame).verdict, TC_ACT_SHOT);
@@ -872,6 +900,7 @@ mod policy {
 
     #[test]
     fn an_allowed_flow_is_tracked_and_survives_the_rule_going() {
+        hypha_tests::require_root!();
         let mut node = node(0, ENDPOINT_F_INGRESS_POLICY);
         let allow = b_ingress(ID_A, 17, DNS);
         node.dp.set_policy(allow, rule(7, POLICY_ALLOW, 0));
@@ -913,6 +942,7 @@ mod policy {
 
     #[test]
     fn a_new_connection_reusing_a_tracked_port_pair_meets_the_current_policy() {
+        hypha_tests::require_root!();
         const SYN: u8 = 0x02;
         const ACK: u8 = 0x10;
         let mut node = node(0, ENDPOINT_F_INGRESS_POLICY);
@@ -931,6 +961,7 @@ mod policy {
 
     #[test]
     fn replies_to_an_endpoints_own_connections_pass_its_ingress_policy() {
+        hypha_tests::require_root!();
         // A accepts nothing unsolicited; B enforces nothing.
         let node = node(ENDPOINT_F_INGRESS_POLICY, 0);
         assert_eq!(node.send_from_a(&a_to_b(DNS)).verdict, TC_ACT_REDIRECT);
@@ -950,6 +981,7 @@ mod policy {
 
     #[test]
     fn wildcards_match_and_an_explicit_deny_wins() {
+        hypha_tests::require_root!();
         let mut node = node(0, ENDPOINT_F_INGRESS_POLICY);
         node.dp
             .set_policy(b_ingress(IDENTITY_ANY, 0, 0), rule(1, POLICY_ALLOW, 0));
@@ -983,6 +1015,7 @@ mod policy {
 
     #[test]
     fn audit_mode_reports_instead_of_dropping() {
+        hypha_tests::require_root!();
         let mut node = node(0, ENDPOINT_F_INGRESS_POLICY | ENDPOINT_F_INGRESS_AUDIT);
         assert_eq!(node.send_from_a(&a_to_b(DNS)).verdict, TC_ACT_REDIRECT);
         node.dp.set_policy(
@@ -1005,6 +1038,7 @@ mod policy {
 
     #[test]
     fn ingress_policy_applies_to_what_the_host_delivers() {
+        hypha_tests::require_root!();
         let mut node = node(0, ENDPOINT_F_INGRESS_POLICY);
         let from_world = udp(
             OUTSIDE_IP,
@@ -1046,6 +1080,7 @@ mod policy {
 
     #[test]
     fn a_forged_mark_does_not_skip_the_receivers_ingress_policy() {
+    hypha_tests::require_root!();
         let node = node(0, ENDPOINT_F_INGRESS_POLICY);
         let from_world = udp(
             OUTSIDE_IP,
@@ -1074,6 +1109,7 @@ mod policy {
 
     #[test]
     fn a_frame_redirected_to_a_rate_limited_pod_is_handled_once_and_only_it() {
+    hypha_tests::require_root!();
         // `bpf_redirect` to B's host veth egress runs `hypha_to_pod` there next, on the
         // same CPU; the test runs the two programs one after the other on one CPU.
         pin_to_current_cpu();
@@ -1107,6 +1143,7 @@ mod policy {
 
     #[test]
     fn a_spoofed_source_yields_a_drop_event_naming_the_reason() {
+    hypha_tests::require_root!();
         let mut node = Node::new();
         let spoofed = udp([10, 244, 0, 99], POD_A_MAC, HOST_A_MAC, POD_B_IP, 4321, DNS);
 
@@ -1134,6 +1171,7 @@ mod policy {
 
     #[test]
     fn a_flood_of_drops_is_counted_whole_and_reported_within_the_budget() {
+    hypha_tests::require_root!();
         const FLOOD: u32 = 5_000;
         let mut node = Node::new();
         let spoofed = udp([10, 244, 0, 99], POD_A_MAC, HOST_A_MAC, POD_B_IP, 1, DNS);

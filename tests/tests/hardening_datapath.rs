@@ -77,6 +77,7 @@ spec:
 
 #[test]
 fn a_pod_locked_down_by_policy_gets_no_ipv6_through_to_the_host() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let pod = node.add_labelled_pod("locked", "default", &[("app", "locked")]);
     apply(&node, "locked-down", LOCKED_DOWN);
@@ -176,6 +177,7 @@ spec:
 
 #[test]
 fn a_mark_set_on_the_host_does_not_let_the_world_past_a_pods_ingress_policy() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let server = node.add_labelled_pod("srv", "default", &[("app", "server")]);
     let _web = TcpEcho::start(&server.netns, 8080);
@@ -229,6 +231,7 @@ fn a_mark_set_on_the_host_does_not_let_the_world_past_a_pods_ingress_policy() {
 
 #[test]
 fn a_spoofed_source_reaches_the_monitor_as_a_drop_naming_its_reason() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let pod = node.add_pod("spoof");
     let ep = node.endpoint(&pod.container_id);

@@ -51,6 +51,7 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn runs_in_namespaces_of_its_own() {
+    hypha_tests::require_root!();
     let l = Launcher::new();
     let n = name("ns");
     let out = l.hypha(&[
@@ -101,6 +102,7 @@ fn runs_in_namespaces_of_its_own() {
 
 #[test]
 fn default_security_refuses_modules_mount_and_bpf() {
+    hypha_tests::require_root!();
     let l = Launcher::new();
     // perl's syscall() reaches the raw system calls (x86_64 numbers: bpf 321,
     // init_module 175, finit_module 313, delete_module 176, kexec_load 246, ptrace 101).
@@ -177,6 +179,7 @@ fn default_security_refuses_modules_mount_and_bpf() {
 
 #[test]
 fn cap_add_and_cap_drop() {
+    hypha_tests::require_root!();
     let l = Launcher::new();
     let n = name("caps");
     let out = l.hypha(&[
@@ -223,6 +226,7 @@ fn cap_add_and_cap_drop() {
 
 #[test]
 fn userns_maps_root_to_an_unprivileged_range() {
+    hypha_tests::require_root!();
     let l = Launcher::new();
     let n = name("userns");
     let out = l.hypha(&[
@@ -257,6 +261,7 @@ fn userns_maps_root_to_an_unprivileged_range() {
 
 #[test]
 fn rootfs_gets_an_overlay() {
+    hypha_tests::require_root!();
     let l = Launcher::new();
     let n = name("rootfs");
     let marker = format!("/etc/hypha-overlay-{n}");
@@ -284,6 +289,7 @@ fn rootfs_gets_an_overlay() {
 
 #[test]
 fn memory_limit_oom_kills() {
+    hypha_tests::require_root!();
     let l = Launcher::new();
     let n = name("oom");
     // tail keeps a "line" of /dev/zero (no newline) in memory until it is killed.
@@ -306,6 +312,7 @@ fn memory_limit_oom_kills() {
 
 #[test]
 fn pids_limit_stops_the_21st_process() {
+    hypha_tests::require_root!();
     let l = Launcher::new();
     let n = name("pids");
     // init + sh + 18 sleeps = 20 processes; forking the 21st fails, and the shell gives up.
@@ -331,6 +338,7 @@ fn pids_limit_stops_the_21st_process() {
 
 #[test]
 fn cpu_limit_is_written() {
+    hypha_tests::require_root!();
     let l = Launcher::new();
     let n = name("cpu");
     l.hypha(&[
@@ -370,6 +378,7 @@ fn cpu_limit_is_written() {
 
 #[test]
 fn detached_logs_exec_stop_and_signal_forwarding() {
+    hypha_tests::require_root!();
     let l = Launcher::new();
     let n = name("det");
     let out = l.hypha(&[
@@ -431,6 +440,7 @@ fn detached_logs_exec_stop_and_signal_forwarding() {
 
 #[test]
 fn bad_input_leaves_nothing_behind() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let l = Launcher::for_node(&node);
     let cases: Vec<(Vec<String>, &str)> = vec![
@@ -552,6 +562,7 @@ fn bad_input_leaves_nothing_behind() {
 
 #[test]
 fn two_containers_reach_each_other_and_stop_releases_the_network() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let l = Launcher::for_node(&node);
     let (a, b) = (name("a"), name("b"));
@@ -627,6 +638,7 @@ fn two_containers_reach_each_other_and_stop_releases_the_network() {
 
 #[test]
 fn a_killed_launcher_is_cleaned_by_rm() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let l = Launcher::for_node(&node);
     let n = name("killed");
@@ -651,6 +663,7 @@ fn a_killed_launcher_is_cleaned_by_rm() {
 
 #[test]
 fn the_chain_gets_prev_results_runtime_config_labels_and_reverse_del() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let mut l = Launcher::for_node(&node);
     let plugins = l.dir.join("plugins");

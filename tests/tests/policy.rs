@@ -75,6 +75,7 @@ spec:
 
 #[test]
 fn a_network_policy_allows_exactly_what_it_says() {
+    hypha_tests::require_root!();
     let c = cluster();
     let _web = TcpEcho::start(&c.server.netns, 8080);
     let _admin = TcpEcho::start(&c.server.netns, 9090);
@@ -115,6 +116,7 @@ fn a_network_policy_allows_exactly_what_it_says() {
 
 #[test]
 fn an_egress_policy_restricts_what_a_pod_sends() {
+    hypha_tests::require_root!();
     let c = cluster();
     let _dns = UdpEcho::start(&c.server.netns, 5353);
     let _dns_other = UdpEcho::start(&c.other.netns, 5353);
@@ -211,6 +213,7 @@ impl Drop for Monitor {
 
 #[test]
 fn an_explicit_deny_wins_and_the_monitor_names_it() {
+    hypha_tests::require_root!();
     let c = cluster();
     let _web = TcpEcho::start(&c.server.netns, 8080);
     let _admin = TcpEcho::start(&c.server.netns, 9090);
@@ -265,6 +268,7 @@ spec:
 
 #[test]
 fn a_policy_change_applies_to_new_connections_while_an_allowed_one_keeps_flowing() {
+    hypha_tests::require_root!();
     let c = cluster();
     let _web = TcpEcho::start(&c.server.netns, 8080);
     apply(&c.node, "allow", ALLOW_CLIENT_8080);
@@ -285,6 +289,7 @@ fn a_policy_change_applies_to_new_connections_while_an_allowed_one_keeps_flowing
 
 #[test]
 fn audit_mode_reports_what_it_would_drop_and_drops_nothing() {
+    hypha_tests::require_root!();
     let c = cluster();
     let _web = TcpEcho::start(&c.server.netns, 8080);
     apply(
@@ -322,6 +327,7 @@ spec:
 
 #[test]
 fn the_watched_directory_applies_and_removes_policies() {
+    hypha_tests::require_root!();
     let c = cluster();
     let _web = TcpEcho::start(&c.server.netns, 8080);
     let dir = c.node.policy_dir();
@@ -350,6 +356,7 @@ fn the_watched_directory_applies_and_removes_policies() {
 
 #[test]
 fn an_invalid_file_is_rejected_whole_and_nothing_changes() {
+    hypha_tests::require_root!();
     let c = cluster();
     let _web = TcpEcho::start(&c.server.netns, 8080);
     let file = c.node.dir.join("bad.yaml");
@@ -376,6 +383,7 @@ fn an_invalid_file_is_rejected_whole_and_nothing_changes() {
 
 #[test]
 fn metrics_show_forwarded_dropped_and_policy_counts() {
+    hypha_tests::require_root!();
     let node = Node::start_with(&["--metrics-addr", "127.0.0.1:9962"]);
     let server = node.add_labelled_pod("srv", "default", &[("app", "server")]);
     let client = node.add_labelled_pod("cli", "default", &[("app", "client")]);
@@ -453,6 +461,7 @@ fn refused_files(node: &Node) -> Vec<String> {
 /// the limit and the line.
 #[test]
 fn a_nesting_bomb_is_refused_while_status_and_add_go_on() {
+    hypha_tests::require_root!();
     let node = Node::start();
     let dir = node.policy_dir();
     std::fs::create_dir_all(&dir).unwrap();
@@ -539,6 +548,7 @@ spec:
 /// and a file that becomes readable is applied without any other change.
 #[test]
 fn each_file_of_the_watched_directory_is_applied_or_refused_on_its_own() {
+    hypha_tests::require_root!();
     let c = cluster();
     let _web = TcpEcho::start(&c.server.netns, 8080);
     let dir = c.node.policy_dir();
@@ -634,6 +644,7 @@ spec:
 /// refused files with backoff.
 #[test]
 fn a_refused_file_is_retried_until_it_applies() {
+    hypha_tests::require_root!();
     let c = cluster();
     let _web = TcpEcho::start(&c.server.netns, 8080);
     // Through the API: the server is open to every pod.

@@ -238,10 +238,17 @@ fn cleanup(made: &Mutex<Made>, bin: &Path, socket: &Path) {
     }
     m.cleaned = true;
     for (netns, container_id) in m.pods.iter().rev() {
+        // The pod's processes first (the iperf3 pair, when interrupted mid-transfer): a
+        // process left in a deleted namespace runs on, orphaned.
+        if let Err(e) = util::end_netns_processes(&Path::new("/run/netns").join(netns)) {
+            eprintln!("cleanup: {e:#}");
+        }
         if let Err(e) = cni(bin, "DEL", container_id, netns, socket) {
             eprintln!("cleanup: {e:#}");
         }
-        let _ = Command::new("ip").args(["netns", "del", netns]).status();
+        if let Err(e) = output(Command::new("ip").args(["netns", "del", netns])) {
+            eprintln!("cleanup: {e:#}");
+        }
     }
     if let Some(mut agent) = m.agent.take() {
         // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.

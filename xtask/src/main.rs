@@ -8,10 +8,12 @@
 //! - `demo`: an agent, two pods made through `hypha-cni`, traffic between them, counters.
 //! - `install`: binaries and a default CNI configuration onto this machine.
 //! - `bench`: side-by-side measurements, written under `target/bench/`.
+//! - `soak`: ADD/DEL cycles with agent and plugin SIGKILLs, then a count of what leaked.
 
 mod bench;
 mod demo;
 mod setup;
+mod soak;
 mod util;
 
 use std::path::PathBuf;
@@ -65,6 +67,9 @@ enum Task {
     /// Benchmarks, side by side with the baselines; results under target/bench/.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// ADD/DEL cycles through hypha-cni with the agent and plugins SIGKILLed at random,
+    /// two long-lived flows measured throughout; fails on any leak or a gap over 1 s.
+    Soak(soak::Options),
 }
 
 fn main() -> Result<()> {
@@ -92,24 +97,39 @@ fn main() -> Result<()> {
             build(true)?;
             bench::run(b)
         }
+        Task::Soak(options) => {
+            setup::setup()?;
+            build(false)?;
+            soak::run(options)
+        }
     }
 }
 
 /// The eBPF object, built by the nightly toolchain for the BPF target.
 pub fn build_ebpf() -> Result<()> {
+    run(&mut nightly_ebpf_cargo("build", &["--release"]))
+}
+
+/// The eBPF crate's lints, with the toolchain and target it is built with.
+fn clippy_ebpf() -> Result<()> {
+    run(&mut nightly_ebpf_cargo("clippy", &["--", "-D", "warnings"]))
+}
+
+/// `cargo +nightly SUBCOMMAND -p hypha-ebpf` for `bpfel-unknown-none`, then `extra`.
+fn nightly_ebpf_cargo(subcommand: &str, extra: &[&str]) -> std::process::Command {
     let mut cmd = std::process::Command::new("cargo");
     cmd.current_dir(workspace_root())
         .args([
             "+nightly",
-            "build",
+            subcommand,
             "--package",
             "hypha-ebpf",
             "--target",
             "bpfel-unknown-none",
             "-Z",
             "build-std=core",
-            "--release",
         ])
+        .args(extra)
         // The outer cargo (stable, from rust-toolchain.toml) must not leak its choice of
         // compiler into the nightly build.
         .env_remove("RUSTUP_TOOLCHAIN")
@@ -118,7 +138,7 @@ pub fn build_ebpf() -> Result<()> {
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .env_remove("RUSTFLAGS")
         .env_remove("CARGO_ENCODED_RUSTFLAGS");
-    run(&mut cmd)
+    cmd
 }
 
 fn build(release: bool) -> Result<()> {
@@ -146,12 +166,18 @@ fn test(no_setup: bool, cargo_args: &[String]) -> Result<()> {
         "-D",
         "warnings",
     ])?;
+    clippy_ebpf()?;
     let mut args: Vec<&str> = vec!["test", "--workspace", "--exclude", "hypha-ebpf"];
     if !cargo_args.is_empty() {
         args.push("--");
         args.extend(cargo_args.iter().map(String::as_str));
     }
-    cargo(&args)
+    cargo(&args)?;
+    // A filtered run is someone looking at a few tests; the whole run ends with a short soak.
+    if cargo_args.is_empty() {
+        soak::run(soak::Options::ci())?;
+    }
+    Ok(())
 }
 
 fn install(

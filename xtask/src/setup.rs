@@ -14,7 +14,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// iproute2 (`ip netns`), nftables (the agent's masquerade rules), iperf3 (throughput),
 /// containernetworking-plugins (the reference `bridge`/`host-local` baseline), procps,
 /// iputils-ping (the tests' and the demo's pings), curl (the API is plain HTTP on a socket),
-/// crun and runc (the OCI runtimes `hypha run` is compared with in `bench launcher`).
+/// crun and runc (the OCI runtimes `hypha run` is compared with in `bench launcher`),
+/// bpftool (the soak reads the pinned maps with it).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
@@ -25,6 +26,7 @@ const PACKAGES: &[&str] = &[
     "curl",
     "crun",
     "runc",
+    "bpftool",
 ];
 
 pub fn setup() -> Result<()> {

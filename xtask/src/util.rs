@@ -72,3 +72,14 @@ pub fn install_file(from: &Path, to: &Path, mode: u32) -> Result<()> {
     println!("installed {}", to.display());
     Ok(())
 }
+
+/// How long processes in a namespace about to be deleted get to exit on SIGTERM.
+pub const NETNS_PROCESS_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Ends every process inside the network namespace at `path` (SIGTERM, then SIGKILL), so
+/// that none outlives it, orphaned: call it before `ip netns del`.
+pub fn end_netns_processes(path: &Path) -> Result<()> {
+    hypha_netlink::procs::end_processes_in(path, NETNS_PROCESS_GRACE)
+        .with_context(|| format!("ending the processes in {}", path.display()))?;
+    Ok(())
+}

@@ -16,7 +16,8 @@ use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 use hypha_common::{
-    Counter, DropKey, EndpointInfo, EndpointKey4, EndpointStats, NodeConfig, maps, programs,
+    Counter, CtEntry, CtKey4, DropKey, EndpointInfo, EndpointKey4, EndpointStats, NodeConfig, maps,
+    programs,
 };
 
 use super::{Adoption, Datapath};
@@ -56,6 +57,9 @@ pub enum EbpfError {
         #[source]
         source: Box<aya::EbpfError>,
     },
+    /// `build.rs` found no eBPF object and embedded an empty one.
+    #[error("this hypha was built without its eBPF object; build with `cargo xtask build`")]
+    NoObject,
     #[error("eBPF object has no {kind} named {name}")]
     Missing {
         kind: &'static str,
@@ -83,6 +87,15 @@ pub enum EbpfError {
         #[source]
         source: Box<MapError>,
     },
+}
+
+/// The embedded object, unless `build.rs` had none to embed (it then embeds nothing).
+fn embedded(object: &'static [u8]) -> Result<&'static [u8], EbpfError> {
+    if object.is_empty() {
+        Err(EbpfError::NoObject)
+    } else {
+        Ok(object)
+    }
 }
 
 pub(super) fn map_err(op: &'static str, map: &'static str) -> impl FnOnce(MapError) -> EbpfError {
@@ -120,7 +133,7 @@ impl EbpfDatapath {
         })?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
-            .load(OBJECT)
+            .load(embedded(OBJECT)?)
             .map_err(|source| EbpfError::Load {
                 pin_dir: pin_dir.to_owned(),
                 source: Box::new(source),
@@ -171,6 +184,37 @@ impl EbpfDatapath {
                 name: maps::ENDPOINTS4,
             })?;
         HashMap::try_from(map).map_err(map_err("open", maps::ENDPOINTS4))
+    }
+
+    /// Removes the tracked connections with `address` on either side, so that the next
+    /// endpoint given the address does not inherit them (an established flow is kept for
+    /// hours, and its replies pass the new endpoint's policy).
+    fn forget_connections(&mut self, address: Ipv4Addr) -> Vec<EbpfError> {
+        let Some(map) = self.ebpf.map_mut(maps::CT4) else {
+            return vec![EbpfError::Missing {
+                kind: "map",
+                name: maps::CT4,
+            }];
+        };
+        let mut ct: HashMap<&mut MapData, CtKey4, CtEntry> = match HashMap::try_from(map) {
+            Ok(ct) => ct,
+            Err(e) => return vec![map_err("open", maps::CT4)(e)],
+        };
+        // The map holds addresses as in the packet (network byte order).
+        let raw = u32::from_ne_bytes(address.octets());
+        let stale: Vec<CtKey4> = ct
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.saddr == raw || k.daddr == raw)
+            .collect();
+        stale
+            .iter()
+            .filter_map(|k| match ct.remove(k) {
+                // The LRU may have evicted it meanwhile.
+                Err(e) if !is_not_found(&e) => Some(map_err("delete from", maps::CT4)(e)),
+                _ => None,
+            })
+            .collect()
     }
 
     fn ep_stats_mut(
@@ -394,6 +438,7 @@ impl Datapath for EbpfDatapath {
             Err(e) => errors.push(e),
         }
         errors.extend(self.remove_drops(|k| k.ifindex == ep.host_ifindex));
+        errors.extend(self.forget_connections(ep.address));
         errors
     }
 
@@ -720,5 +765,18 @@ fn attach_program(
             Ok(false)
         }
         Err(e) => Err(link_err("open")(e)),
+    }
+}
+
+#[cfg(test)]
+mod object_tests {
+    #[test]
+    fn a_build_without_the_ebpf_object_fails_at_load_with_what_to_do() {
+        let e = super::embedded(&[]).expect_err("an empty object must not load");
+        assert_eq!(
+            e.to_string(),
+            "this hypha was built without its eBPF object; build with `cargo xtask build`"
+        );
+        assert!(super::embedded(b"\x7fELF").is_ok());
     }
 }

@@ -13,11 +13,11 @@ mod bandwidth;
 mod cni;
 mod datapath;
 mod launcher;
-mod measure;
+pub(crate) mod measure;
 mod policy;
 mod setups;
 mod svg;
-mod teardown;
+pub(crate) mod teardown;
 
 use anyhow::Result;
 

@@ -19,7 +19,7 @@ use super::setups::CniCall;
 
 /// One thing to take down.
 pub enum Undo {
-    /// `ip netns del NAME`.
+    /// Every process inside ended (SIGTERM, then SIGKILL), then `ip netns del NAME`.
     Netns(String),
     /// `ip link del NAME`, in the host's namespace.
     Link(String),
@@ -125,8 +125,12 @@ impl Undo {
     fn undo(self) -> Result<()> {
         match self {
             Undo::Netns(name) => {
-                if Path::new("/run/netns").join(&name).exists() {
+                let path = Path::new("/run/netns").join(&name);
+                if path.exists() {
+                    // Keep going: the namespace still goes when a process could not be ended.
+                    let ended = crate::util::end_netns_processes(&path);
                     quiet(Command::new("ip").args(["netns", "del", &name]))?;
+                    ended?;
                 }
             }
             Undo::Link(name) => {
