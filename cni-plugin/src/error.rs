@@ -310,6 +310,7 @@ impl From<Error> for CniError {
 
 /// HTTP status codes the mapping looks at, without depending on `http` directly.
 mod hyper_status {
+    pub const REQUEST_TIMEOUT: u16 = 408;
     pub const SERVICE_UNAVAILABLE: u16 = 503;
     pub const CONFLICT: u16 = 409;
     pub const NOT_FOUND: u16 = 404;
@@ -336,13 +337,23 @@ pub fn is_not_found(e: &ClientError) -> bool {
 /// agent would change.
 pub fn is_refusal(e: &ClientError) -> bool {
     matches!(e, ClientError::Api { status, .. } if status.is_client_error())
+        && !is_busy(e)
+}
+
+/// Whether the agent answered that it could not take the request now: 503 (every one of
+/// its connections is busy) or 408 (the request's body did not arrive within its read
+/// timeout). The request itself was fine; a retry can succeed.
+pub fn is_busy(e: &ClientError) -> bool {
+    matches!(e, ClientError::Api { status, .. }
+        if matches!(status.as_u16(), hyper_status::SERVICE_UNAVAILABLE | hyper_status::REQUEST_TIMEOUT))
 }
 
 /// Whether the call never got a complete answer: nothing listening, no answer within the
 /// timeout, or the connection closed before the answer was whole (the agent died or was
-/// restarted while answering). A retry once the agent is back can succeed.
+/// restarted while answering), or the agent said it was too busy to take it. A retry once
+/// the agent is back can succeed.
 pub fn is_incomplete(e: &ClientError) -> bool {
-    e.is_unreachable() || matches!(e, ClientError::Http { .. })
+    e.is_unreachable() || matches!(e, ClientError::Http { .. }) || is_busy(e)
 }
 
 /// Classifies a failed call to the agent: unreachable or cut off (try again later) or not.

@@ -251,6 +251,13 @@ fn del_succeeds_and_defers_when_the_agent_fails_with_5xx() {
     assert_deferred(Behaviour::Status(503));
 }
 
+/// 408 is the agent's answer when a request's body did not arrive within its read
+/// timeout: a refusal of the moment, not of the request, so DEL leaves it for the agent.
+#[test]
+fn del_succeeds_and_defers_when_the_agent_timed_out_reading_it() {
+    assert_deferred(Behaviour::Status(408));
+}
+
 /// A completed 4xx says the request itself is wrong: leaving it for the agent would fail
 /// the same way, so DEL reports it.
 #[test]
