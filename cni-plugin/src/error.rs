@@ -336,8 +336,7 @@ pub fn is_not_found(e: &ClientError) -> bool {
 /// (4xx): the one failure of a call that neither a retry nor leaving the call for the
 /// agent would change.
 pub fn is_refusal(e: &ClientError) -> bool {
-    matches!(e, ClientError::Api { status, .. } if status.is_client_error())
-        && !is_busy(e)
+    matches!(e, ClientError::Api { status, .. } if status.is_client_error()) && !is_busy(e)
 }
 
 /// Whether the agent answered that it could not take the request now: 503 (every one of

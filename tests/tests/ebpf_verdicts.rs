@@ -1080,7 +1080,7 @@ mod policy {
 
     #[test]
     fn a_forged_mark_does_not_skip_the_receivers_ingress_policy() {
-    hypha_tests::require_root!();
+        hypha_tests::require_root!();
         let node = node(0, ENDPOINT_F_INGRESS_POLICY);
         let from_world = udp(
             OUTSIDE_IP,
@@ -1109,7 +1109,7 @@ mod policy {
 
     #[test]
     fn a_frame_redirected_to_a_rate_limited_pod_is_handled_once_and_only_it() {
-    hypha_tests::require_root!();
+        hypha_tests::require_root!();
         // `bpf_redirect` to B's host veth egress runs `hypha_to_pod` there next, on the
         // same CPU; the test runs the two programs one after the other on one CPU.
         pin_to_current_cpu();
@@ -1143,7 +1143,7 @@ mod policy {
 
     #[test]
     fn a_spoofed_source_yields_a_drop_event_naming_the_reason() {
-    hypha_tests::require_root!();
+        hypha_tests::require_root!();
         let mut node = Node::new();
         let spoofed = udp([10, 244, 0, 99], POD_A_MAC, HOST_A_MAC, POD_B_IP, 4321, DNS);
 
@@ -1171,7 +1171,7 @@ mod policy {
 
     #[test]
     fn a_flood_of_drops_is_counted_whole_and_reported_within_the_budget() {
-    hypha_tests::require_root!();
+        hypha_tests::require_root!();
         const FLOOD: u32 = 5_000;
         let mut node = Node::new();
         let spoofed = udp([10, 244, 0, 99], POD_A_MAC, HOST_A_MAC, POD_B_IP, 1, DNS);
