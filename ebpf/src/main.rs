@@ -11,6 +11,7 @@
 #![no_std]
 #![no_main]
 
+mod debug;
 mod packet;
 mod policy;
 mod stats;
@@ -112,9 +113,12 @@ const fn str_eq(a: &str, b: &str) -> bool {
 /// TCX ingress of the host-side veth: every frame the pod sends.
 #[classifier]
 pub fn hypha_from_pod(ctx: TcContext) -> i32 {
-    match try_from_pod(&ctx) {
+    let trace = debug::Trace::start(&ctx, debug::Hook::FromPod);
+    let action = match try_from_pod(&ctx) {
         Ok(action) | Err(action) => action,
-    }
+    };
+    trace.verdict(&ctx, action);
+    action
 }
 
 /// TCX egress of the host-side veth: every frame the host stack delivers to the pod.
@@ -126,9 +130,12 @@ pub fn hypha_from_pod(ctx: TcContext) -> i32 {
 /// [`MARK_REDIRECTED`] and were counted and policy-checked at the sender's veth.
 #[classifier]
 pub fn hypha_to_pod(ctx: TcContext) -> i32 {
-    match try_to_pod(&ctx) {
+    let trace = debug::Trace::start(&ctx, debug::Hook::ToPod);
+    let action = match try_to_pod(&ctx) {
         Ok(action) | Err(action) => action,
-    }
+    };
+    trace.verdict(&ctx, action);
+    action
 }
 
 fn try_to_pod(ctx: &TcContext) -> Result<i32, i32> {
@@ -250,6 +257,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i32> {
             Ok(TC_ACT_REDIRECT)
         }
         Ok(Forward::Pod { ifindex: dst }) => {
+            debug::note_redirect(ctx, ifindex, dst);
             count(ifindex, bytes, |s| &mut s.egress.redirected);
             count(dst, bytes, |s| &mut s.ingress.redirected);
             Ok(TC_ACT_REDIRECT)

@@ -37,6 +37,7 @@ pub fn count_drop(
     reason: DropReason,
     select: impl FnOnce(&mut EndpointStats) -> &mut Counter,
 ) -> i32 {
+    crate::debug::note_drop(reason);
     let bytes = ctx.len();
     count(ifindex, bytes, select);
 
@@ -73,6 +74,7 @@ pub fn count_drop(
 /// direction it decided for, and reports it to the monitor with the deciding policy.
 #[inline(always)]
 pub fn count_denied(ctx: &TcContext, flow: &Flow, denied: &Denied) -> i32 {
+    crate::debug::note_denied(denied.policy_id, denied.endpoint_id);
     policy::emit_event(&Event {
         kind: EVENT_DROP,
         direction: denied.direction,
