@@ -3,7 +3,10 @@
 //! For an endpoint listed in `hypha_debug`, each program run logs what it received
 //! (family, protocol, addresses and ports) and its verdict (to the host stack,
 //! redirected to which pod, answered, dropped for which reason and by which policy).
-//! The agent reads the lines from the `AYA_LOGS` ring buffer into its log.
+//! The agent reads the lines from the `AYA_LOGS` ring buffer into its log, and
+//! `agent/src/datapath/debug_log.rs` turns them into words: a line here carries numbers
+//! and the frame's first bytes, so that each costs a few bytes of stack and one copy of
+//! constant size (the programs' own frames leave little of the 512 bytes of stack).
 //!
 //! Cost when no endpoint is traced: [`Trace::start`] reads `NodeConfig::flags` (an array
 //! lookup the verifier inlines) and stops there; [`note_drop`], [`note_denied`] and
@@ -15,7 +18,8 @@
 //! program runs to completion on one CPU, so the note is this packet's.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    cty::c_void,
+    helpers::generated::bpf_skb_load_bytes,
     macros::map,
     maps::{HashMap, PerCpuArray},
     programs::TcContext,
@@ -38,6 +42,8 @@ static NOTE: PerCpuArray<Note> = PerCpuArray::with_max_entries(1, 0);
 
 const _: () = assert!(crate::str_eq(MAP, "hypha_debug"));
 
+/// What decided the verdict, logged as 16 bytes (four `u32` in the machine's order).
+/// Second reader: `agent/src/datapath/debug_log.rs` (`Verdict`), which decodes it.
 #[derive(Clone, Copy)]
 #[repr(C)]
 struct Note {
@@ -50,10 +56,9 @@ struct Note {
     policy_endpoint: u32,
 }
 
-const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_ARP: u16 = 0x0806;
-const ETH_P_IPV6: u16 = 0x86dd;
+/// Bytes of the frame's head a trace line carries: Ethernet and an IPv6 header, or
+/// Ethernet, an IPv4 header with up to 16 bytes of options and the ports, or an ARP packet.
+const HEAD: usize = 54;
 
 /// Whether some endpoint is traced at all.
 #[inline(always)]
@@ -71,26 +76,19 @@ fn traced(ifindex: u32) -> Option<u32> {
     unsafe { DEBUG.get(&ifindex).copied() }
 }
 
-/// Which program is tracing.
+/// Which program is tracing. The numbers are read by `agent/src/datapath/debug_log.rs`.
 #[derive(Clone, Copy)]
+#[repr(u8)]
 pub enum Hook {
     /// `hypha_from_pod`: what the pod sends.
-    FromPod,
+    FromPod = 0,
     /// `hypha_to_pod`: what the host stack delivers to the pod.
-    ToPod,
+    ToPod = 1,
 }
 
-impl Hook {
-    /// `tx` (the pod sends) or `rx` (the pod receives). Both words have the same length,
-    /// so the log record copies a constant number of bytes whichever it is.
-    #[inline(always)]
-    fn word(self) -> &'static str {
-        match self {
-            Hook::FromPod => "tx",
-            Hook::ToPod => "rx",
-        }
-    }
-}
+/// `received`'s hook number for a packet another pod's program redirected straight into
+/// the traced pod (`bpf_redirect_peer` skips the traced pod's own hook).
+const FROM_OTHER_POD: u8 = 2;
 
 /// One program run of a traced endpoint, or nothing.
 #[derive(Clone, Copy)]
@@ -109,7 +107,7 @@ impl Trace {
         let endpoint = traced(ifindex);
         if let Some(id) = endpoint {
             clear_note();
-            received(ctx, id, hook);
+            received(ctx, id, hook as u8, 0);
         }
         Trace { endpoint, hook }
     }
@@ -118,7 +116,7 @@ impl Trace {
     #[inline(always)]
     pub fn verdict(self, ctx: &TcContext, action: i32) {
         if let Some(id) = self.endpoint {
-            verdict(ctx, id, self.hook, action);
+            verdict(ctx, id, self.hook as u8, action);
         }
     }
 }
@@ -173,139 +171,51 @@ pub fn note_redirect(ctx: &TcContext, from: u32, to: u32) {
     if any() {
         with_note(|n| n.target = to);
         if let Some(id) = traced(to) {
-            redirected_in(ctx, id, from);
+            received(ctx, id, FROM_OTHER_POD, from);
         }
     }
 }
 
+/// Logs `hypha-trace ENDPOINT HOOK FROM LEN HEAD` (decoded by
+/// `agent/src/datapath/debug_log.rs`): the frame's length and its first
+/// [`HEAD`] bytes in hex (zeros past a shorter frame), as seen at `hook` (or, with
+/// [`FROM_OTHER_POD`], redirected from the pod on ifindex `from`).
 #[inline(never)]
-fn redirected_in(ctx: &TcContext, id: u32, from: u32) {
+fn received(ctx: &TcContext, id: u32, hook: u8, from: u32) {
+    let mut head = [0u8; HEAD];
+    let skb = ctx.skb.skb as *const c_void;
+    let to = head.as_mut_ptr() as *mut c_void;
+    // Constant sizes only (the helper refuses a size that may be zero), longest first:
+    // a frame shorter than one is read with the next.
+    // SAFETY: each call writes at most its size (≤ HEAD) bytes into `head`.
+    unsafe {
+        if bpf_skb_load_bytes(skb, 0, to, HEAD as u32) != 0
+            && bpf_skb_load_bytes(skb, 0, to, 42) != 0
+            && bpf_skb_load_bytes(skb, 0, to, 34) != 0
+        {
+            bpf_skb_load_bytes(skb, 0, to, 14);
+        }
+    }
     info!(
         ctx,
-        "endpoint {} receives from the pod on ifindex {}, redirected pod to pod:", id, from
+        "hypha-trace {} {} {} {} {:x}",
+        id,
+        hook,
+        from,
+        ctx.len(),
+        &head[..]
     );
-    received(ctx, id, Hook::ToPod);
 }
 
+/// Logs `hypha-verdict ENDPOINT HOOK ACTION NOTE`: the program's return value and the
+/// note (drop reason, redirect target, policy, policy's endpoint) in hex.
 #[inline(never)]
-fn received(ctx: &TcContext, id: u32, hook: Hook) {
-    let len = ctx.len();
-    let Ok(ether_type) = ctx.load::<[u8; 2]>(12) else {
-        info!(
-            ctx,
-            "endpoint {} {} frame of {} bytes, too short for Ethernet",
-            id,
-            hook.word(),
-            len
-        );
+fn verdict(ctx: &TcContext, id: u32, hook: u8, action: i32) {
+    let Some(note) = NOTE.get_ptr(0) else {
         return;
     };
-    let dir = hook.word();
-    match u16::from_be_bytes(ether_type) {
-        ETH_P_IP => {
-            let Ok(ip) = ctx.load::<[u8; 20]>(ETH_HLEN) else {
-                info!(ctx, "endpoint {} {} IPv4 truncated, {} bytes", id, dir, len);
-                return;
-            };
-            let proto = ip[9];
-            let saddr = [ip[12], ip[13], ip[14], ip[15]];
-            let daddr = [ip[16], ip[17], ip[18], ip[19]];
-            let l4 = ETH_HLEN + usize::from(ip[0] & 0x0f) * 4;
-            let ports = match proto {
-                6 | 17 | 132 => ctx.load::<[u8; 4]>(l4).unwrap_or([0; 4]),
-                _ => [0; 4],
-            };
-            let sport = u16::from_be_bytes([ports[0], ports[1]]);
-            let dport = u16::from_be_bytes([ports[2], ports[3]]);
-            info!(
-                ctx,
-                "endpoint {} {} IPv4 proto {} {:i}:{} -> {:i}:{} ttl {} len {}",
-                id,
-                dir,
-                proto,
-                saddr,
-                sport,
-                daddr,
-                dport,
-                ip[8],
-                len
-            );
-        }
-        ETH_P_IPV6 => {
-            let Ok(ip) = ctx.load::<[u8; 40]>(ETH_HLEN) else {
-                info!(ctx, "endpoint {} {} IPv6 truncated, {} bytes", id, dir, len);
-                return;
-            };
-            let mut saddr = [0u8; 16];
-            let mut daddr = [0u8; 16];
-            saddr.copy_from_slice(&ip[8..24]);
-            daddr.copy_from_slice(&ip[24..40]);
-            info!(
-                ctx,
-                "endpoint {} {} IPv6 next header {} {:i} -> {:i} len {}",
-                id,
-                dir,
-                ip[6],
-                saddr,
-                daddr,
-                len
-            );
-        }
-        ETH_P_ARP => {
-            let Ok(arp) = ctx.load::<[u8; 28]>(ETH_HLEN) else {
-                info!(ctx, "endpoint {} {} ARP truncated, {} bytes", id, dir, len);
-                return;
-            };
-            let op = u16::from_be_bytes([arp[6], arp[7]]);
-            let spa = [arp[14], arp[15], arp[16], arp[17]];
-            let tpa = [arp[24], arp[25], arp[26], arp[27]];
-            info!(
-                ctx,
-                "endpoint {} {} ARP op {} sender {:i} target {:i}", id, dir, op, spa, tpa
-            );
-        }
-        other => {
-            info!(
-                ctx,
-                "endpoint {} {} ethertype {:x} len {}", id, dir, other, len
-            );
-        }
-    }
-}
-
-#[inline(never)]
-fn verdict(ctx: &TcContext, id: u32, hook: Hook, action: i32) {
-    let dir = hook.word();
-    let Some(note) = NOTE.get(0).copied() else {
-        info!(ctx, "endpoint {} {} verdict {}", id, dir, action);
-        return;
-    };
-    match action {
-        TC_ACT_OK => match hook {
-            Hook::FromPod => info!(ctx, "endpoint {} tx verdict: to the host stack", id),
-            Hook::ToPod => info!(ctx, "endpoint {} rx verdict: delivered to the pod", id),
-        },
-        TC_ACT_REDIRECT if note.target != 0 => info!(
-            ctx,
-            "endpoint {} {} verdict: redirected to the pod on ifindex {}", id, dir, note.target
-        ),
-        TC_ACT_REDIRECT => info!(
-            ctx,
-            "endpoint {} {} verdict: answered, sent back to the pod", id, dir
-        ),
-        TC_ACT_SHOT if note.policy_id != 0 || note.policy_endpoint != 0 => info!(
-            ctx,
-            "endpoint {} {} verdict: dropped, reason {}, policy {} of endpoint {}",
-            id,
-            dir,
-            note.reason,
-            note.policy_id,
-            note.policy_endpoint
-        ),
-        TC_ACT_SHOT => info!(
-            ctx,
-            "endpoint {} {} verdict: dropped, reason {}", id, dir, note.reason
-        ),
-        _ => info!(ctx, "endpoint {} {} verdict {}", id, dir, action),
-    }
+    // SAFETY: a pointer to this CPU's note from a successful lookup, read as its bytes
+    // (`Note` is four `u32`s, no padding).
+    let bytes = unsafe { core::slice::from_raw_parts(note as *const u8, size_of::<Note>()) };
+    info!(ctx, "hypha-verdict {} {} {} {:x}", id, hook, action, bytes);
 }

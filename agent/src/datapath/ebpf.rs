@@ -20,7 +20,7 @@ use hypha_common::{
     Counter, DropKey, EndpointInfo, EndpointKey4, EndpointStats, NodeConfig, maps, programs,
 };
 
-use super::{Adoption, Datapath};
+use super::{Adoption, Datapath, link_info};
 use crate::policy::PolicyDiff;
 use crate::state::EndpointRecord;
 
@@ -520,15 +520,9 @@ impl Datapath for EbpfDatapath {
             }
             _ => problems.push(format!("map {} is not loaded", maps::EP_STATS)),
         }
-        for (name, _, suffix) in ATTACHMENTS {
+        for (name, hook, suffix) in ATTACHMENTS {
             let pin = self.link_pin(ep.host_ifindex, suffix);
-            if PinnedLink::from_pin(&pin).is_err() {
-                problems.push(format!(
-                    "program {name} is not attached to {} ({} is missing)",
-                    ep.host_ifname,
-                    pin.display()
-                ));
-            }
+            problems.extend(self.check_link(ep, name, hook, &pin));
         }
         problems
     }
@@ -670,6 +664,70 @@ impl Datapath for EbpfDatapath {
 }
 
 impl EbpfDatapath {
+    /// Whether the link pinned at `pin` is attached to the endpoint's veth at `hook` and
+    /// runs the program `name` this agent loaded: a link can stay pinned after its
+    /// program was replaced through it or after it was detached from its device.
+    fn check_link(
+        &self,
+        ep: &EndpointRecord,
+        name: &'static str,
+        hook: TcAttachType,
+        pin: &Path,
+    ) -> Vec<String> {
+        let mut problems = Vec::new();
+        let link = match link_info::read(pin) {
+            Ok(link) => link,
+            Err(e) => {
+                return vec![format!(
+                    "program {name} is not attached to {}: cannot open its pinned link {}: {e}",
+                    ep.host_ifname,
+                    pin.display()
+                )];
+            }
+        };
+        let (want_type, hook_name) = match hook {
+            TcAttachType::Ingress => (link_info::BPF_TCX_INGRESS, "ingress"),
+            _ => (link_info::BPF_TCX_EGRESS, "egress"),
+        };
+        if link.link_type != link_info::BPF_LINK_TYPE_TCX {
+            problems.push(format!(
+                "the pinned link {} of program {name} is not a TCX link (type {})",
+                pin.display(),
+                link.link_type
+            ));
+        } else if link.ifindex == 0 {
+            problems.push(format!(
+                "program {name} is detached from {}: its pinned link {} (link id {}) is attached to no device",
+                ep.host_ifname,
+                pin.display(),
+                link.id
+            ));
+        } else if link.ifindex != ep.host_ifindex || link.attach_type != want_type {
+            problems.push(format!(
+                "the pinned link {} of program {name} is attached to ifindex {} (attach type {}), not to the {hook_name} of {} (ifindex {})",
+                pin.display(),
+                link.ifindex,
+                link.attach_type,
+                ep.host_ifname,
+                ep.host_ifindex
+            ));
+        }
+        match self.ebpf.program(name).map(aya::programs::Program::info) {
+            Some(Ok(ours)) if ours.id() == link.prog_id => {}
+            Some(Ok(ours)) => problems.push(format!(
+                "program {name} is not what runs on the {hook_name} of {}: its pinned link {} runs program {} (id {}), not the agent's {name} (id {})",
+                ep.host_ifname,
+                pin.display(),
+                program_name(link.prog_id),
+                link.prog_id,
+                ours.id()
+            )),
+            Some(Err(e)) => problems.push(format!("cannot read program {name}: {e}")),
+            None => problems.push(format!("the eBPF object has no program {name}")),
+        }
+        problems
+    }
+
     fn remove_drops(&mut self, stale: impl Fn(&DropKey) -> bool) -> Vec<EbpfError> {
         let mut errors = Vec::new();
         match self.drops_mut() {
@@ -691,6 +749,15 @@ impl EbpfDatapath {
         }
         errors
     }
+}
+
+/// The name of the loaded program `id`, or `?`.
+fn program_name(id: u32) -> String {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .and_then(|p| p.name_as_str().map(str::to_owned))
+        .unwrap_or_else(|| "?".to_owned())
 }
 
 /// The first program of [`ATTACHMENTS`] that is not among `found`.
