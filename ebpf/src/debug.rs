@@ -43,7 +43,7 @@ static NOTE: PerCpuArray<Note> = PerCpuArray::with_max_entries(1, 0);
 const _: () = assert!(crate::str_eq(MAP, "hypha_debug"));
 
 /// What decided the verdict, logged as 16 bytes (four `u32` in the machine's order).
-/// Second reader: `agent/src/datapath/debug_log.rs` (`Verdict`), which decodes it.
+/// Second reader: `agent/src/datapath/debug_log.rs` (`verdict`), which decodes it.
 #[derive(Clone, Copy)]
 #[repr(C)]
 struct Note {
