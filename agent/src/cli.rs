@@ -362,6 +362,13 @@ pub fn format_endpoints(eps: &[Endpoint]) -> String {
             );
         }
     }
+    for e in eps.iter().filter(|e| e.debug) {
+        let _ = writeln!(
+            out,
+            "  endpoint {}: packets traced into the agent's log (hypha endpoint debug {} off)",
+            e.id, e.id
+        );
+    }
     out
 }
 
@@ -467,6 +474,7 @@ mod tests {
                 packets: 2,
                 bytes: 60,
             }],
+            debug: true,
         };
         let text = format_endpoints(&[ep]);
         let lines: Vec<&str> = text.lines().collect();
@@ -483,6 +491,11 @@ mod tests {
         assert!(lines[1].ends_with("10M       -         2/60B"), "{text}");
         assert!(
             lines[2].contains("dropped 2 egress packets (60B): unknown-l3-protocol"),
+            "{text}"
+        );
+        assert_eq!(
+            lines[3],
+            "  endpoint 3: packets traced into the agent's log (hypha endpoint debug 3 off)",
             "{text}"
         );
     }

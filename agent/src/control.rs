@@ -44,6 +44,26 @@ pub enum ControlError {
     Datapath(String),
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
+    /// A step failed, and so did part of undoing what came before it.
+    #[error("{error}; undoing it also failed: {}", rollback.join("; "))]
+    RollbackFailed {
+        error: Box<ControlError>,
+        rollback: Vec<String>,
+    },
+}
+
+impl ControlError {
+    /// `self`, with the failures of the rollback that followed it, if any.
+    pub fn with_rollback(self, rollback: Vec<String>) -> ControlError {
+        if rollback.is_empty() {
+            self
+        } else {
+            ControlError::RollbackFailed {
+                error: Box::new(self),
+                rollback,
+            }
+        }
+    }
 }
 
 impl ControlError {
@@ -57,6 +77,7 @@ impl ControlError {
             // What the request asked for is taken or not to be had: the caller's doing.
             ControlError::Ipam(IpamError::InUse { .. } | IpamError::OwnerHoldsOther { .. }) => 409,
             ControlError::Ipam(IpamError::NotAllocatable { .. }) => 400,
+            ControlError::RollbackFailed { error, .. } => error.http_status(),
             _ => 500,
         }
     }
@@ -341,6 +362,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             labels: req.labels.clone(),
             external_ipam: req.external_ipam,
             bandwidth: req.bandwidth,
+            debug: false,
         };
         self.host
             .route_pod(link.index, req.address, self.config.gateway())?;
@@ -356,9 +378,14 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         self.endpoints.push(record.clone());
         if let Err(e) = self.persist() {
             self.endpoints.pop();
-            let _ = self.datapath.detach(&record);
-            let _ = self.policy_refresh();
-            return Err(e.into());
+            let mut rollback: Vec<String> = self
+                .datapath
+                .detach(&record)
+                .into_iter()
+                .map(|e| format!("detaching {}: {e}", record.host_ifname))
+                .collect();
+            rollback.extend(self.policy_refresh());
+            return Err(ControlError::from(e).with_rollback(rollback));
         }
         Ok(self.describe(&record, &[]))
     }
@@ -545,13 +572,11 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         if let Err(e) = self.apply_limits(&record, old.as_ref(), true) {
             let new = record.bandwidth;
             record.bandwidth = old;
-            if let Err(undo) = self.apply_limits(&record, new.as_ref(), true) {
-                tracing::error!(
-                    endpoint = id,
-                    "cannot restore the old bandwidth limits: {undo}"
-                );
-            }
-            return Err(e);
+            let rollback = match self.apply_limits(&record, new.as_ref(), true) {
+                Ok(()) => Vec::new(),
+                Err(undo) => vec![format!("cannot restore the old bandwidth limits: {undo}")],
+            };
+            return Err(e.with_rollback(rollback));
         }
         self.endpoints[i] = record.clone();
         if let Err(e) = self.persist() {
@@ -560,6 +585,44 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             return Err(e.into());
         }
         tracing::info!(endpoint = id, bandwidth = ?record.bandwidth, "bandwidth set");
+        Ok(self.describe(&record, &self.all_drops()))
+    }
+
+    /// Turns the datapath's tracing of the endpoint `which` (its id, container id or a
+    /// unique prefix of one) on or off, and saves the setting with the endpoint (a
+    /// restarted agent traces it again). If the state cannot be saved, the datapath is
+    /// put back as it was.
+    pub fn set_debug(&mut self, which: &str, on: bool) -> Result<Endpoint, ControlError> {
+        let id = self.find_endpoint(which)?.id;
+        let i = self
+            .endpoints
+            .iter()
+            .position(|e| e.id == id)
+            .expect("found above");
+        let was = self.endpoints[i].debug;
+        let switch = |on: bool| if on { "on" } else { "off" };
+        self.datapath
+            .set_debug(&self.endpoints[i], on)
+            .map_err(|e| {
+                ControlError::Datapath(format!(
+                    "cannot turn tracing {} for endpoint {id}: {e}",
+                    switch(on)
+                ))
+            })?;
+        self.endpoints[i].debug = on;
+        if let Err(e) = self.persist() {
+            self.endpoints[i].debug = was;
+            let rollback = match self.datapath.set_debug(&self.endpoints[i], was) {
+                Ok(()) => Vec::new(),
+                Err(undo) => vec![format!(
+                    "cannot turn tracing back {} for endpoint {id}: {undo}",
+                    switch(was)
+                )],
+            };
+            return Err(ControlError::from(e).with_rollback(rollback));
+        }
+        tracing::info!(endpoint = id, "datapath tracing {}", switch(on));
+        let record = self.endpoints[i].clone();
         Ok(self.describe(&record, &self.all_drops()))
     }
 
@@ -714,6 +777,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                     bytes: c.bytes,
                 })
                 .collect(),
+            debug: ep.debug,
         }
     }
 
@@ -828,12 +892,29 @@ mod tests {
     use crate::host::fake::FakeHost;
 
     #[derive(Clone, Default)]
-    pub(super) struct MemStore(pub(super) Arc<Mutex<Vec<PersistedState>>>);
+    pub(super) struct MemStore(
+        pub(super) Arc<Mutex<Vec<PersistedState>>>,
+        /// Make `save` fail, as a full disk would.
+        pub(super) Arc<std::sync::atomic::AtomicBool>,
+    );
 
     impl Persist for MemStore {
         fn save(&self, state: &PersistedState) -> Result<(), StateError> {
+            if self.1.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(StateError::Io {
+                    op: "write",
+                    path: "/var/lib/hypha/state.json".into(),
+                    source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+                });
+            }
             self.0.lock().unwrap().push(state.clone());
             Ok(())
+        }
+    }
+
+    impl MemStore {
+        fn fail(&self, on: bool) {
+            self.1.store(on, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -1281,6 +1362,172 @@ mod tests {
         assert_eq!(err.http_status(), 409, "{err}");
         let del = agent.delete_endpoint("b", "eth0").unwrap();
         assert!(del.endpoint_removed && del.address_released.is_none());
+    }
+
+    #[test]
+    fn a_failed_save_after_attach_reports_the_failed_detach_too() {
+        let (mut agent, _, store) = start(
+            host_with(&[("hypa", 10)]),
+            PersistedState::default(),
+            FakeDatapath::default(),
+        );
+        let alloc = agent
+            .allocate(&AllocateRequest {
+                container_id: "a".into(),
+                ifname: "eth0".into(),
+                address: None,
+            })
+            .unwrap();
+        store.fail(true);
+        agent.datapath.fail_detach = true;
+        let err = agent
+            .create_endpoint(&CreateEndpointRequest {
+                container_id: "a".into(),
+                ifname: "eth0".into(),
+                netns: "/run/netns/x".into(),
+                host_ifname: "hypa".into(),
+                address: alloc.address,
+                pod_mac: MacAddr([2, 1, 1, 1, 1, 1]),
+                labels: Default::default(),
+                external_ipam: false,
+                bandwidth: None,
+            })
+            .unwrap_err()
+            .to_string();
+        // The step that failed and the rollback step that failed, both named.
+        assert!(
+            err.contains("cannot write /var/lib/hypha/state.json"),
+            "{err}"
+        );
+        assert!(
+            err.contains("detaching hypa: fake datapath: cannot detach from hypa"),
+            "{err}"
+        );
+        assert!(agent.list().is_empty());
+    }
+
+    #[test]
+    fn a_failed_bandwidth_change_reports_the_failed_restore_too() {
+        let (mut agent, _, _) = start(
+            host_with(&[("veth0", 5)]),
+            PersistedState::default(),
+            FakeDatapath::default(),
+        );
+        add(&mut agent, "a", "veth0").unwrap();
+        agent.host.fail_limits = true;
+        let bw = hypha_api::Bandwidth {
+            egress_rate: Some(1_000_000),
+            ..Default::default()
+        };
+        let err = agent.set_bandwidth("a", &bw).unwrap_err().to_string();
+        assert!(
+            err.contains("undoing it also failed: cannot restore the old bandwidth limits"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_failed_attach_reports_the_failed_policy_restore_too() {
+        let dp = FakeDatapath {
+            fail_attach: true,
+            ..Default::default()
+        };
+        let (mut agent, _, _) = start(host_with(&[("hypa", 10)]), PersistedState::default(), dp);
+        // A policy that selects every pod, so that attaching writes policy entries first.
+        agent
+            .apply_policies(&[hypha_api::PolicySource {
+                source: "p.yaml".into(),
+                content: "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: default}\nspec: {podSelector: {}, policyTypes: [Ingress]}\n".into(),
+            }])
+            .unwrap();
+        let alloc = agent
+            .allocate(&AllocateRequest {
+                container_id: "a".into(),
+                ifname: "eth0".into(),
+                address: None,
+            })
+            .unwrap();
+        // The attach fails; the policy write before it (the additions) succeeds, the
+        // one that restores fails.
+        agent.datapath.fail_apply_after = Some(agent.datapath.diffs.len() + 1);
+        let err = agent
+            .create_endpoint(&CreateEndpointRequest {
+                container_id: "a".into(),
+                ifname: "eth0".into(),
+                netns: "/run/netns/x".into(),
+                host_ifname: "hypa".into(),
+                address: alloc.address,
+                pod_mac: MacAddr([2, 1, 1, 1, 1, 1]),
+                labels: Default::default(),
+                external_ipam: false,
+                bandwidth: None,
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cannot attach to hypa"), "{err}");
+        assert!(
+            err.contains("undoing it also failed: cannot restore the policy maps"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn debug_is_switched_saved_listed_and_restored() {
+        let (mut agent, _, store) = start(
+            host_with(&[("hypa", 10), ("hypb", 11)]),
+            PersistedState::default(),
+            FakeDatapath::default(),
+        );
+        let a = add(&mut agent, "a", "hypa").unwrap();
+        let b = add(&mut agent, "b", "hypb").unwrap();
+        assert!(
+            !a.debug && agent.datapath.debug.is_empty(),
+            "off by default"
+        );
+
+        let shown = agent.set_debug("a", true).unwrap();
+        assert!(shown.debug);
+        assert_eq!(agent.datapath.debug, [10].into());
+        assert!(
+            store
+                .last()
+                .endpoints
+                .iter()
+                .any(|e| e.id == a.id && e.debug)
+        );
+        let listed = agent.list();
+        assert_eq!(
+            listed.iter().map(|e| e.debug).collect::<Vec<_>>(),
+            vec![true, false]
+        );
+        let err = agent.set_debug("nobody", true).unwrap_err();
+        assert_eq!(err.http_status(), 404, "{err}");
+
+        // Saved: a restarted agent traces it again.
+        let saved = store.last();
+        drop(agent);
+        let dp = FakeDatapath {
+            pinned: vec![10, 11],
+            ..Default::default()
+        };
+        let (mut agent, _, store) = start(host_with(&[("hypa", 10), ("hypb", 11)]), saved, dp);
+        assert_eq!(agent.datapath.debug, [10].into());
+
+        // A save that fails puts the datapath back and says what failed.
+        store.fail(true);
+        let err = agent.set_debug(&b.id.to_string(), true).unwrap_err();
+        assert!(err.to_string().contains("cannot write"), "{err}");
+        assert_eq!(agent.datapath.debug, [10].into());
+        assert!(!agent.list()[1].debug);
+        store.fail(false);
+
+        agent.set_debug(&a.id.to_string(), false).unwrap();
+        assert!(agent.datapath.debug.is_empty());
+        assert!(store.last().endpoints.iter().all(|e| !e.debug));
+        // Detaching removes the tracing with the endpoint.
+        agent.set_debug("b", true).unwrap();
+        agent.delete_endpoint("b", "eth0").unwrap();
+        assert!(agent.datapath.debug.is_empty());
     }
 
     #[test]

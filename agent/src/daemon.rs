@@ -41,6 +41,14 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             "the eBPF object has no events ring buffer; hypha monitor will be silent"
         ),
     }
+    match datapath.take_logger() {
+        Ok(logger) => {
+            tokio::spawn(crate::datapath::debug_log::pump(logger));
+        }
+        Err(e) => {
+            tracing::warn!("cannot read the datapath's log: {e}; endpoint tracing will be silent")
+        }
+    }
     let host = LinuxHost::new().context("opening the host's netlink socket")?;
     let socket = config.socket.clone();
     let policy_dir = config.policy_dir.clone();

@@ -85,6 +85,23 @@ enum EndpointCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Trace an endpoint's packets through the eBPF programs into the agent's log
+    /// (what each program received and what it did with it), or stop: saved with the
+    /// endpoint.
+    Debug {
+        /// Endpoint id, container id, or a unique prefix of a container id.
+        endpoint: String,
+        #[arg(value_enum)]
+        switch: Switch,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Switch {
+    On,
+    Off,
 }
 
 #[derive(Subcommand)]
@@ -278,6 +295,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let bw = hypha_agent::bandwidth::apply_settings(current.bandwidth, &settings)?
                 .unwrap_or_default();
             let ep = api.set_bandwidth(&current.id.to_string(), &bw)?;
+            print(client.output, &ep, |e| {
+                format_endpoints(std::slice::from_ref(e))
+            })
+        }
+        Command::Endpoint(EndpointCommand::Debug {
+            endpoint,
+            switch,
+            client,
+        }) => {
+            let on = matches!(switch, Switch::On);
+            let ep = Client::new(&client.socket)?.set_debug(&endpoint, on)?;
             print(client.output, &ep, |e| {
                 format_endpoints(std::slice::from_ref(e))
             })

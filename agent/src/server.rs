@@ -75,6 +75,8 @@ where
             "/v1/endpoints/{endpoint}/bandwidth",
             put(set_bandwidth::<D, H>),
         )
+        // Likewise an interface named `debug`.
+        .route("/v1/endpoints/{endpoint}/debug", put(set_debug::<D, H>))
         .route(
             "/v1/policies",
             get(list_policies::<D, H>).post(apply_policies::<D, H>),
@@ -273,6 +275,14 @@ async fn set_bandwidth<D: Datapath, H: HostNetwork>(
     Json(bw): Json<hypha_api::Bandwidth>,
 ) -> Result<Response, ControlError> {
     Ok(Json(a.lock().await.set_bandwidth(&endpoint, &bw)?).into_response())
+}
+
+async fn set_debug<D: Datapath, H: HostNetwork>(
+    State(a): State<Shared<D, H>>,
+    UrlPath(endpoint): UrlPath<String>,
+    Json(req): Json<hypha_api::DebugRequest>,
+) -> Result<Response, ControlError> {
+    Ok(Json(a.lock().await.set_debug(&endpoint, req.enabled)?).into_response())
 }
 
 async fn namespace_labels<D: Datapath, H: HostNetwork>(

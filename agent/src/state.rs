@@ -80,6 +80,9 @@ pub struct EndpointRecord {
     pub external_ipam: bool,
     #[serde(default)]
     pub bandwidth: Option<Bandwidth>,
+    /// The datapath traces its packets (`hypha endpoint debug`).
+    #[serde(default)]
+    pub debug: bool,
 }
 
 impl EndpointRecord {
@@ -352,6 +355,7 @@ mod tests {
             labels: BTreeMap::from([("app".into(), "web".into())]),
             external_ipam: false,
             bandwidth: None,
+            debug: true,
         });
         store.save(&state).unwrap();
         assert_eq!(store.load().unwrap(), state);

@@ -13,7 +13,7 @@ use tokio::net::UnixStream;
 
 use crate::{
     AllocateRequest, Allocation, ApiError, ApplyPoliciesResponse, Bandwidth, CreateEndpointRequest,
-    DeleteResponse, Endpoint, EndpointCheck, EndpointPolicy, GcRequest, GcResponse,
+    DebugRequest, DeleteResponse, Endpoint, EndpointCheck, EndpointPolicy, GcRequest, GcResponse,
     NamespaceLabels, NamespaceLabelsRequest, PolicySource, PolicySummary, Status,
 };
 
@@ -180,6 +180,13 @@ impl Client {
     pub fn set_bandwidth(&self, endpoint: &str, bw: &Bandwidth) -> Result<Endpoint, ClientError> {
         let uri = format!("/v1/endpoints/{}/bandwidth", percent_encode(endpoint));
         self.call(Method::PUT, &uri, Some(bw))
+    }
+
+    /// Turns the datapath's tracing of an endpoint's packets (by id, container id or a
+    /// unique prefix of one) on or off.
+    pub fn set_debug(&self, endpoint: &str, enabled: bool) -> Result<Endpoint, ClientError> {
+        let uri = format!("/v1/endpoints/{}/debug", percent_encode(endpoint));
+        self.call(Method::PUT, &uri, Some(&DebugRequest { enabled }))
     }
 
     pub fn set_namespace_labels(

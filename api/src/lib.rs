@@ -14,6 +14,7 @@
 //! | `DELETE /v1/policies/{namespace}/{name}`      |                           | [`PolicySummary`]   |
 //! | `GET /v1/endpoints/{id or container}/policy`  |                           | [`EndpointPolicy`]  |
 //! | `PUT /v1/namespaces/{namespace}/labels`       | [`NamespaceLabelsRequest`]| [`NamespaceLabels`] |
+//! | `PUT /v1/endpoints/{id or container}/debug`   | [`DebugRequest`]          | [`Endpoint`]        |
 //!
 //! Request bodies refuse keys they do not know (`400`, the key named), so that a
 //! misspelt or wrongly cased field is never taken for an absent one.
@@ -166,6 +167,18 @@ pub struct Endpoint {
     /// Drops by reason.
     #[serde(default)]
     pub drops: Vec<DropCount>,
+    /// The datapath traces this endpoint's packets into the agent's log
+    /// (`PUT /v1/endpoints/{id}/debug`).
+    #[serde(default)]
+    pub debug: bool,
+}
+
+/// `PUT /v1/endpoints/{id or container id}/debug`: turns the tracing of an endpoint's
+/// packets by the eBPF programs on or off. Saved with the endpoint.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DebugRequest {
+    pub enabled: bool,
 }
 
 /// Per-endpoint counters, in the pod's directions.

@@ -227,6 +227,7 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
                 bandwidth: req.bandwidth,
                 counters: EndpointCounters::default(),
                 drops: Vec::new(),
+                debug: false,
             };
             seen.endpoints.push(ep.clone());
             ("200 OK", serde_json::to_value(ep).unwrap())
@@ -250,6 +251,7 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
                     bandwidth: None,
                     counters: EndpointCounters::default(),
                     drops: Vec::new(),
+                    debug: false,
                 })
             });
             match endpoint {

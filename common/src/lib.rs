@@ -503,6 +503,25 @@ impl DropReason {
     }
 }
 
+/// Per-endpoint packet tracing (`hypha endpoint debug ENDPOINT on|off`): the programs
+/// write log lines through aya-log for the endpoints listed in [`debug::MAP`], and for
+/// no others. Everything of it lives in this block.
+///
+/// Readers: `ebpf/src/debug.rs` (checks and logs), `agent/src/datapath/ebpf.rs` (writes
+/// the map and the flag from the endpoints' saved setting).
+pub mod debug {
+    /// Name of the pinned map host-side ifindex (`u32`) → endpoint id (`u32`) of every
+    /// endpoint whose packets are traced. Pinned so that tracing survives an agent
+    /// restart with the datapath; the agent rewrites it from its state at start anyway.
+    pub const MAP: &str = "hypha_debug";
+    /// `NodeConfig::flags`: [`MAP`] is not empty. The programs read this bit first (an
+    /// read of `hypha_config`) and look up [`MAP`] only when it is
+    /// set: while no endpoint is traced, tracing costs one array lookup (which the
+    /// verifier inlines) per program run. A bit far from the low ones, which other
+    /// node-wide settings may take.
+    pub const NODE_F_DEBUG: u32 = 1 << 16;
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and byte arrays,

@@ -13,6 +13,7 @@
 #![no_std]
 #![no_main]
 
+mod debug;
 mod family;
 mod packet;
 mod policy;
@@ -129,9 +130,12 @@ const fn str_eq(a: &str, b: &str) -> bool {
 /// TCX ingress of the host-side veth: every frame the pod sends.
 #[classifier]
 pub fn hypha_from_pod(ctx: TcContext) -> i32 {
-    match try_from_pod(&ctx) {
+    let trace = debug::Trace::start(&ctx, debug::Hook::FromPod);
+    let action = match try_from_pod(&ctx) {
         Ok(action) | Err(action) => action,
-    }
+    };
+    trace.verdict(&ctx, action);
+    action
 }
 
 /// TCX egress of the host-side veth: every frame the host stack delivers to the pod.
@@ -144,9 +148,12 @@ pub fn hypha_from_pod(ctx: TcContext) -> i32 {
 /// `hypha_redirect` slot, which only the eBPF programs write (never by a mark).
 #[classifier]
 pub fn hypha_to_pod(ctx: TcContext) -> i32 {
-    match try_to_pod(&ctx) {
+    let trace = debug::Trace::start(&ctx, debug::Hook::ToPod);
+    let action = match try_to_pod(&ctx) {
         Ok(action) | Err(action) => action,
-    }
+    };
+    trace.verdict(&ctx, action);
+    action
 }
 
 fn try_to_pod(ctx: &TcContext) -> Result<i32, i32> {
@@ -309,6 +316,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i32> {
             Ok(TC_ACT_REDIRECT)
         }
         Ok(Forward::Pod { ifindex: dst }) => {
+            debug::note_redirect(ctx, ifindex, dst);
             count(ifindex, bytes, |s| &mut s.egress.redirected);
             count(dst, bytes, |s| &mut s.ingress.redirected);
             Ok(TC_ACT_REDIRECT)

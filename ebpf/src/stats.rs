@@ -66,6 +66,7 @@ fn record_drop(
     reason: DropReason,
     select: impl FnOnce(&mut EndpointStats) -> &mut Counter,
 ) -> DropKey {
+    crate::debug::note_drop(reason);
     let bytes = ctx.len();
     count(ifindex, bytes, select);
 
@@ -178,6 +179,7 @@ fn drop_event(ctx: &TcContext, ifindex: u32, direction: u8, reason: DropReason) 
 /// (within the same event budget as every other drop).
 #[inline(always)]
 pub fn count_denied(ctx: &TcContext, flow: &Flow, denied: &Denied) -> i32 {
+    crate::debug::note_denied(denied.policy_id, denied.endpoint_id);
     let key = if denied.direction == DIR_INGRESS {
         record_drop(ctx, denied.ifindex, denied.direction, denied.reason, |s| {
             &mut s.ingress.dropped

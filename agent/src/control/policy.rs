@@ -157,12 +157,14 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             && let Err(e) = self.datapath.apply_policy(&d)
         {
             let back = diff(&new, &self.policy.installed);
-            if let Err(e2) = self.datapath.apply_policy(&back) {
-                tracing::error!("cannot restore the policy maps after a failed update: {e2}");
-            }
-            return Err(ControlError::Datapath(format!(
-                "cannot write the policy maps: {e}"
-            )));
+            let rollback = match self.datapath.apply_policy(&back) {
+                Ok(()) => Vec::new(),
+                Err(e2) => vec![format!("cannot restore the policy maps: {e2}")],
+            };
+            return Err(
+                ControlError::Datapath(format!("cannot write the policy maps: {e}"))
+                    .with_rollback(rollback),
+            );
         }
         self.policy.installed = new;
         Ok(d)
@@ -224,22 +226,24 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         let undo = |agent: &mut Self| {
             let mut back = diff(&new, &agent.policy.installed);
             back.flags_set.retain(|(id, _)| *id != record.id);
-            if let Err(e) = agent.datapath.apply_policy(&back) {
-                tracing::error!("cannot restore the policy maps: {e}");
+            match agent.datapath.apply_policy(&back) {
+                Ok(()) => Vec::new(),
+                Err(e) => vec![format!("cannot restore the policy maps: {e}")],
             }
         };
         if !adds.is_empty()
             && let Err(e) = self.datapath.apply_policy(&adds)
         {
-            undo(self);
-            return Err(ControlError::Datapath(format!(
-                "cannot write the policy maps: {e}"
-            )));
+            let rollback = undo(self);
+            return Err(
+                ControlError::Datapath(format!("cannot write the policy maps: {e}"))
+                    .with_rollback(rollback),
+            );
         }
         let flags = flags | crate::bandwidth::endpoint_flags(record.bandwidth.as_ref());
         if let Err(e) = self.datapath.attach(record, flags) {
-            undo(self);
-            return Err(ControlError::Datapath(e.to_string()));
+            let rollback = undo(self);
+            return Err(ControlError::Datapath(e.to_string()).with_rollback(rollback));
         }
         if !dels.is_empty()
             && let Err(e) = self.datapath.apply_policy(&dels)
@@ -276,10 +280,11 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         if let Err(e) = self.persist() {
             self.policy.policies = old_policies;
             self.policy.namespaces = old_namespaces;
-            if let Err(e2) = self.install(old) {
-                tracing::error!("cannot restore the policy maps: {e2}");
-            }
-            return Err(e.into());
+            let rollback = match self.install(old) {
+                Ok(_) => Vec::new(),
+                Err(e2) => vec![format!("cannot restore the policy maps: {e2}")],
+            };
+            return Err(ControlError::from(e).with_rollback(rollback));
         }
         Ok(d)
     }

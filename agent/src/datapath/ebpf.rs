@@ -15,12 +15,13 @@ use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
 use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
+use hypha_common::debug::{MAP as DEBUG_MAP, NODE_F_DEBUG};
 use hypha_common::{
     Counter, CtEntry, CtKey4, DropKey, EndpointInfo, EndpointKey4, EndpointStats, NodeConfig, maps,
     programs,
 };
 
-use super::{Adoption, Datapath};
+use super::{Adoption, Datapath, link_info};
 use crate::policy::PolicyDiff;
 use crate::state::EndpointRecord;
 
@@ -79,6 +80,12 @@ pub enum EbpfError {
         path: PathBuf,
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// An attach failed, and so did part of removing what it had made.
+    #[error("{error}; cleaning up also failed: {}", cleanup.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    WithCleanup {
+        error: Box<EbpfError>,
+        cleanup: Vec<EbpfError>,
     },
     #[error("cannot {op} map {map}: {source}")]
     Map {
@@ -147,6 +154,9 @@ impl EbpfDatapath {
                 source: Box::new(source),
             })?;
         }
+        // An earlier agent's traced endpoints stay traced until start-up has re-adopted
+        // (or swept) them.
+        let tracing = debug_map(&ebpf)?.keys().next().is_some();
         let mut config: Array<&mut MapData, NodeConfig> =
             Array::try_from(ebpf.map_mut(maps::CONFIG).ok_or(EbpfError::Missing {
                 kind: "map",
@@ -155,7 +165,7 @@ impl EbpfDatapath {
             .map_err(map_err("open", maps::CONFIG))?;
         let node = NodeConfig {
             gateway: u32::from_ne_bytes(gateway.octets()),
-            flags: 0,
+            flags: if tracing { NODE_F_DEBUG } else { 0 },
         };
         config
             .set(0, node, 0)
@@ -167,6 +177,54 @@ impl EbpfDatapath {
     pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
         let map = self.ebpf.take_map(maps::EVENTS)?;
         aya::maps::RingBuf::try_from(map).ok()
+    }
+
+    /// Takes the programs' log ring buffer (aya-log's `AYA_LOGS`) out, for the agent to
+    /// drain into its log on its own task (see [`super::debug_log`]).
+    pub fn take_logger(
+        &mut self,
+    ) -> Result<aya_log::EbpfLogger<super::debug_log::DatapathLog>, aya_log::Error> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, super::debug_log::DatapathLog)
+    }
+
+    /// Writes or removes the endpoint's entry in `hypha_debug`, then the node flag that
+    /// says whether the map has any entry.
+    fn write_debug(&mut self, ep: &EndpointRecord, on: bool) -> Result<(), EbpfError> {
+        let mut map = debug_map_mut(&mut self.ebpf)?;
+        if on {
+            map.insert(ep.host_ifindex, ep.id, 0)
+                .map_err(map_err("insert into", DEBUG_MAP))?;
+        } else if let Err(e) = map.remove(&ep.host_ifindex)
+            && !is_not_found(&e)
+        {
+            return Err(map_err("delete from", DEBUG_MAP)(e));
+        }
+        self.sync_debug_flag()
+    }
+
+    /// Sets `NODE_F_DEBUG` in `hypha_config` when `hypha_debug` has an entry, clears it
+    /// when it has none.
+    fn sync_debug_flag(&mut self) -> Result<(), EbpfError> {
+        let tracing = debug_map(&self.ebpf)?.keys().next().is_some();
+        let mut config: Array<&mut MapData, NodeConfig> =
+            Array::try_from(self.ebpf.map_mut(maps::CONFIG).ok_or(EbpfError::Missing {
+                kind: "map",
+                name: maps::CONFIG,
+            })?)
+            .map_err(map_err("open", maps::CONFIG))?;
+        let mut node = config.get(&0, 0).map_err(map_err("read", maps::CONFIG))?;
+        let flags = if tracing {
+            node.flags | NODE_F_DEBUG
+        } else {
+            node.flags & !NODE_F_DEBUG
+        };
+        if flags != node.flags {
+            node.flags = flags;
+            config
+                .set(0, node, 0)
+                .map_err(map_err("write", maps::CONFIG))?;
+        }
+        Ok(())
     }
 
     fn link_pin(&self, ifindex: u32, hook: &str) -> PathBuf {
@@ -272,7 +330,8 @@ impl EbpfDatapath {
         }
         self.endpoints()?
             .insert(key, info, 0)
-            .map_err(map_err("insert into", maps::ENDPOINTS4))
+            .map_err(map_err("insert into", maps::ENDPOINTS4))?;
+        self.write_debug(ep, ep.debug)
     }
 
     fn attach_all(
@@ -301,6 +360,13 @@ impl EbpfDatapath {
                 })?;
             progs.push((known, prog));
         }
+        let found: Vec<&str> = progs.iter().map(|(name, _)| *name).collect();
+        if let Some(name) = missing_program(&found) {
+            return Err(EbpfError::Missing {
+                kind: "program",
+                name,
+            });
+        }
         let results: Vec<Result<bool, EbpfError>> = std::thread::scope(|scope| {
             let handles: Vec<_> = progs
                 .into_iter()
@@ -320,12 +386,6 @@ impl EbpfDatapath {
                 .map(|h| h.join().expect("attach thread does not panic"))
                 .collect()
         });
-        if results.len() != ATTACHMENTS.len() {
-            return Err(EbpfError::Missing {
-                kind: "program",
-                name: programs::FROM_POD,
-            });
-        }
         let mut reused = true;
         for r in results {
             reused &= r?;
@@ -349,9 +409,17 @@ impl Datapath for EbpfDatapath {
         match self.attach_all(ep, policy_flags) {
             Ok(_) => Ok(()),
             Err(e) => {
-                // Leave nothing half attached; the first error is the one to report.
-                let _cleanup = self.detach(ep);
-                Err(e)
+                // Leave nothing half attached; report the first error with whatever of
+                // the cleanup failed.
+                let cleanup = self.detach(ep);
+                Err(if cleanup.is_empty() {
+                    e
+                } else {
+                    EbpfError::WithCleanup {
+                        error: Box::new(e),
+                        cleanup,
+                    }
+                })
             }
         }
     }
@@ -370,6 +438,10 @@ impl Datapath for EbpfDatapath {
         endpoints
             .insert(key, info, 0)
             .map_err(map_err("update", maps::ENDPOINTS4))
+    }
+
+    fn set_debug(&mut self, ep: &EndpointRecord, on: bool) -> Result<(), EbpfError> {
+        self.write_debug(ep, on)
     }
 
     fn apply_policy(&mut self, diff: &PolicyDiff) -> Result<(), EbpfError> {
@@ -439,6 +511,9 @@ impl Datapath for EbpfDatapath {
         }
         errors.extend(self.remove_drops(|k| k.ifindex == ep.host_ifindex));
         errors.extend(self.forget_connections(ep.address));
+        if let Err(e) = self.write_debug(ep, false) {
+            errors.push(e);
+        }
         errors
     }
 
@@ -490,15 +565,9 @@ impl Datapath for EbpfDatapath {
             }
             _ => problems.push(format!("map {} is not loaded", maps::EP_STATS)),
         }
-        for (name, _, suffix) in ATTACHMENTS {
+        for (name, hook, suffix) in ATTACHMENTS {
             let pin = self.link_pin(ep.host_ifindex, suffix);
-            if PinnedLink::from_pin(&pin).is_err() {
-                problems.push(format!(
-                    "program {name} is not attached to {} ({} is missing)",
-                    ep.host_ifname,
-                    pin.display()
-                ));
-            }
+            problems.extend(self.check_link(ep, name, hook, &pin));
         }
         problems
     }
@@ -541,6 +610,31 @@ impl Datapath for EbpfDatapath {
             Err(e) => errors.push(e),
         }
         errors.extend(self.remove_drops(|k| !ifindexes.contains(&k.ifindex)));
+        let traced: HashSet<u32> = keep
+            .iter()
+            .filter(|e| e.debug)
+            .map(|e| e.host_ifindex)
+            .collect();
+        match debug_map_mut(&mut self.ebpf) {
+            Ok(mut m) => {
+                let stale: Vec<u32> = m
+                    .keys()
+                    .filter_map(Result::ok)
+                    .filter(|k| !traced.contains(k))
+                    .collect();
+                for k in stale {
+                    if let Err(e) = m.remove(&k)
+                        && !is_not_found(&e)
+                    {
+                        errors.push(map_err("delete from", DEBUG_MAP)(e));
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+        if let Err(e) = self.sync_debug_flag() {
+            errors.push(e);
+        }
         match std::fs::read_dir(&self.links_dir) {
             Ok(entries) => {
                 for entry in entries.flatten() {
@@ -615,6 +709,70 @@ impl Datapath for EbpfDatapath {
 }
 
 impl EbpfDatapath {
+    /// Whether the link pinned at `pin` is attached to the endpoint's veth at `hook` and
+    /// runs the program `name` this agent loaded: a link can stay pinned after its
+    /// program was replaced through it or after it was detached from its device.
+    fn check_link(
+        &self,
+        ep: &EndpointRecord,
+        name: &'static str,
+        hook: TcAttachType,
+        pin: &Path,
+    ) -> Vec<String> {
+        let mut problems = Vec::new();
+        let link = match link_info::read(pin) {
+            Ok(link) => link,
+            Err(e) => {
+                return vec![format!(
+                    "program {name} is not attached to {}: cannot open its pinned link {}: {e}",
+                    ep.host_ifname,
+                    pin.display()
+                )];
+            }
+        };
+        let (want_type, hook_name) = match hook {
+            TcAttachType::Ingress => (link_info::BPF_TCX_INGRESS, "ingress"),
+            _ => (link_info::BPF_TCX_EGRESS, "egress"),
+        };
+        if link.link_type != link_info::BPF_LINK_TYPE_TCX {
+            problems.push(format!(
+                "the pinned link {} of program {name} is not a TCX link (type {})",
+                pin.display(),
+                link.link_type
+            ));
+        } else if link.ifindex == 0 {
+            problems.push(format!(
+                "program {name} is detached from {}: its pinned link {} (link id {}) is attached to no device",
+                ep.host_ifname,
+                pin.display(),
+                link.id
+            ));
+        } else if link.ifindex != ep.host_ifindex || link.attach_type != want_type {
+            problems.push(format!(
+                "the pinned link {} of program {name} is attached to ifindex {} (attach type {}), not to the {hook_name} of {} (ifindex {})",
+                pin.display(),
+                link.ifindex,
+                link.attach_type,
+                ep.host_ifname,
+                ep.host_ifindex
+            ));
+        }
+        match self.ebpf.program(name).map(aya::programs::Program::info) {
+            Some(Ok(ours)) if ours.id() == link.prog_id => {}
+            Some(Ok(ours)) => problems.push(format!(
+                "program {name} is not what runs on the {hook_name} of {}: its pinned link {} runs program {} (id {}), not the agent's {name} (id {})",
+                ep.host_ifname,
+                pin.display(),
+                program_name(link.prog_id),
+                link.prog_id,
+                ours.id()
+            )),
+            Some(Err(e)) => problems.push(format!("cannot read program {name}: {e}")),
+            None => problems.push(format!("the eBPF object has no program {name}")),
+        }
+        problems
+    }
+
     fn remove_drops(&mut self, stale: impl Fn(&DropKey) -> bool) -> Vec<EbpfError> {
         let mut errors = Vec::new();
         match self.drops_mut() {
@@ -636,6 +794,39 @@ impl EbpfDatapath {
         }
         errors
     }
+}
+
+/// The name of the loaded program `id`, or `?`.
+fn program_name(id: u32) -> String {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .find(|p| p.id() == id)
+        .and_then(|p| p.name_as_str().map(str::to_owned))
+        .unwrap_or_else(|| "?".to_owned())
+}
+
+/// The first program of [`ATTACHMENTS`] that is not among `found`.
+fn missing_program(found: &[&str]) -> Option<&'static str> {
+    ATTACHMENTS
+        .iter()
+        .map(|(name, _, _)| *name)
+        .find(|name| !found.contains(name))
+}
+
+fn debug_map(ebpf: &Ebpf) -> Result<HashMap<&MapData, u32, u32>, EbpfError> {
+    let map = ebpf.map(DEBUG_MAP).ok_or(EbpfError::Missing {
+        kind: "map",
+        name: DEBUG_MAP,
+    })?;
+    HashMap::try_from(map).map_err(map_err("open", DEBUG_MAP))
+}
+
+fn debug_map_mut(ebpf: &mut Ebpf) -> Result<HashMap<&mut MapData, u32, u32>, EbpfError> {
+    let map = ebpf.map_mut(DEBUG_MAP).ok_or(EbpfError::Missing {
+        kind: "map",
+        name: DEBUG_MAP,
+    })?;
+    HashMap::try_from(map).map_err(map_err("open", DEBUG_MAP))
 }
 
 fn classifier<'a>(
@@ -769,7 +960,9 @@ fn attach_program(
 }
 
 #[cfg(test)]
-mod object_tests {
+mod tests {
+    use super::*;
+
     #[test]
     fn a_build_without_the_ebpf_object_fails_at_load_with_what_to_do() {
         let e = super::embedded(&[]).expect_err("an empty object must not load");
@@ -778,5 +971,23 @@ mod object_tests {
             "this hypha was built without its eBPF object; build with `cargo xtask build`"
         );
         assert!(super::embedded(b"\x7fELF").is_ok());
+    }
+
+    #[test]
+    fn the_missing_program_is_the_one_named() {
+        assert_eq!(
+            missing_program(&[programs::FROM_POD]),
+            Some(programs::TO_POD),
+            "to_pod is missing, not from_pod"
+        );
+        assert_eq!(
+            missing_program(&[programs::TO_POD]),
+            Some(programs::FROM_POD)
+        );
+        assert_eq!(missing_program(&[]), Some(programs::FROM_POD));
+        assert_eq!(
+            missing_program(&[programs::TO_POD, programs::FROM_POD]),
+            None
+        );
     }
 }

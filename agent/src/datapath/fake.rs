@@ -27,6 +27,24 @@ pub struct FakeDatapath {
     /// Every diff applied, in order.
     pub diffs: Vec<PolicyDiff>,
     pub fail_apply: bool,
+    /// Make every `apply_policy` after this many succeeded ones fail.
+    pub fail_apply_after: Option<usize>,
+    /// Traced endpoints (by host ifindex).
+    pub debug: std::collections::BTreeSet<u32>,
+    /// Make `set_debug` fail.
+    pub fail_debug: bool,
+    /// Make `detach` fail (it still forgets the endpoint, as the real one goes on).
+    pub fail_detach: bool,
+}
+
+impl FakeDatapath {
+    fn note_debug(&mut self, ifindex: u32, on: bool) {
+        if on {
+            self.debug.insert(ifindex);
+        } else {
+            self.debug.remove(&ifindex);
+        }
+    }
 }
 
 impl Datapath for FakeDatapath {
@@ -39,6 +57,7 @@ impl Datapath for FakeDatapath {
         }
         self.attached.insert(ep.host_ifindex, ep.clone());
         self.flags.insert(ep.id, policy_flags);
+        self.note_debug(ep.host_ifindex, ep.debug);
         Ok(())
     }
 
@@ -47,6 +66,7 @@ impl Datapath for FakeDatapath {
         let was_pinned = self.pinned.contains(&ep.host_ifindex);
         self.attached.insert(ep.host_ifindex, ep.clone());
         self.flags.insert(ep.id, policy_flags);
+        self.note_debug(ep.host_ifindex, ep.debug);
         Ok(if was_pinned {
             Adoption::Adopted
         } else {
@@ -58,7 +78,23 @@ impl Datapath for FakeDatapath {
         self.log.push(format!("detach {}", ep.host_ifname));
         self.attached.remove(&ep.host_ifindex);
         self.flags.remove(&ep.id);
+        self.debug.remove(&ep.host_ifindex);
+        if self.fail_detach {
+            return vec![FakeError(format!("cannot detach from {}", ep.host_ifname))];
+        }
         Vec::new()
+    }
+
+    fn set_debug(&mut self, ep: &EndpointRecord, on: bool) -> Result<(), FakeError> {
+        self.log.push(format!("set_debug {} {on}", ep.host_ifname));
+        if self.fail_debug {
+            return Err(FakeError(format!("cannot trace {}", ep.host_ifname)));
+        }
+        if !self.attached.contains_key(&ep.host_ifindex) {
+            return Err(FakeError(format!("{} is not attached", ep.host_ifname)));
+        }
+        self.note_debug(ep.host_ifindex, on);
+        Ok(())
     }
 
     fn set_flags(&mut self, ep: &EndpointRecord, mask: u32, flags: u32) -> Result<(), FakeError> {
@@ -73,7 +109,7 @@ impl Datapath for FakeDatapath {
     }
 
     fn apply_policy(&mut self, diff: &PolicyDiff) -> Result<(), FakeError> {
-        if self.fail_apply {
+        if self.fail_apply || self.fail_apply_after.is_some_and(|n| self.diffs.len() >= n) {
             return Err(FakeError("cannot write the policy maps".into()));
         }
         self.log.push("apply_policy".into());

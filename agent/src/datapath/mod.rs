@@ -2,9 +2,11 @@
 //! (`ebpf.rs`, needs root) and a recording fake (`fake.rs`), so that the control plane is
 //! unit-tested without privileges.
 
+pub mod debug_log;
 mod ebpf;
 #[cfg(test)]
 pub mod fake;
+mod link_info;
 pub mod policy_maps;
 
 use hypha_common::{DropKey, EndpointStats};
@@ -49,6 +51,10 @@ pub trait Datapath: Send {
     /// `flags`, leaving the other bits as they are (the bandwidth code changes
     /// `ENDPOINT_F_INGRESS_LIMIT` this way without touching the policy bits).
     fn set_flags(&mut self, ep: &EndpointRecord, mask: u32, flags: u32) -> Result<(), Self::Error>;
+
+    /// Turns the tracing of the endpoint's packets by the programs on or off (its
+    /// lines go to the agent's log). `attach` and `adopt` take it from `ep.debug`.
+    fn set_debug(&mut self, ep: &EndpointRecord, on: bool) -> Result<(), Self::Error>;
 
     /// Applies a policy diff to the ipcache, the policy map and the attached endpoints'
     /// flags, in the order [`PolicyDiff`] documents. Only the policy bits

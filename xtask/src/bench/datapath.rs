@@ -35,11 +35,19 @@ pub struct Options {
     /// CPUs of the latency client and server threads.
     #[arg(long, value_enum, default_value_t = Pin::Same)]
     latency_pin: Pin,
+    /// Another build's `hypha` and `hypha-cni` (e.g. the main branch's target/release):
+    /// measured as one more setup, `hypha-base`, in the same rounds, and this build's
+    /// Hypha given as a ratio of it (what a datapath change costs, such as tracing while
+    /// it is off).
+    #[arg(long, value_name = "DIR")]
+    baseline_bin: Option<std::path::PathBuf>,
 }
 
 /// One setup's pods (if it could be made) and its results.
 struct Setup {
     kind: Kind,
+    /// The Hypha of `--baseline-bin`.
+    baseline: bool,
     pods: Option<Pods>,
     error: Option<String>,
     runs: Vec<Run>,
@@ -62,6 +70,8 @@ struct Report {
     latency_pin: Pin,
     setups: Vec<SetupReport>,
     hypha_vs_bridge: Option<HyphaVsBridge>,
+    /// This build's Hypha against `--baseline-bin`'s.
+    hypha_vs_base: Option<HyphaVsBridge>,
     targets: Vec<Target>,
     /// `counters.egress.redirected.packets` summed over Hypha's endpoints after the runs.
     hypha_redirected_packets: Option<u64>,
@@ -154,12 +164,16 @@ pub fn run(o: &Options) -> Result<()> {
             };
             Setup {
                 kind,
+                baseline: false,
                 pods,
                 error,
                 runs: Vec::new(),
             }
         })
         .collect();
+    if let Some(bin) = &o.baseline_bin {
+        setups.push(baseline(bin, &plan, &out_dir, &td)?);
+    }
 
     println!(
         "==> {} rounds of {} s throughput + {} s latency, setups taking turns",
@@ -173,10 +187,10 @@ pub fn run(o: &Options) -> Result<()> {
             let Some(pods) = &setup.pods else { continue };
             let run = measure_once(pods, round as u32 + 1, o);
             println!(
-                "    round {}/{} {:<7} {}",
+                "    round {}/{} {:<10} {}",
                 round + 1,
                 o.runs,
-                setup.kind.name(),
+                setup.name(),
                 describe_run(&run)
             );
             setup.runs.push(run);
@@ -212,6 +226,71 @@ pub fn run(o: &Options) -> Result<()> {
         chart(&report),
         &report.errors,
     )
+}
+
+impl Setup {
+    fn name(&self) -> &'static str {
+        if self.baseline {
+            "hypha-base"
+        } else {
+            self.kind.name()
+        }
+    }
+
+    fn describe(&self) -> &'static str {
+        if self.baseline {
+            "Hypha as built in --baseline-bin (agent, hypha-cni and the eBPF object they embed)"
+        } else {
+            self.kind.describe()
+        }
+    }
+}
+
+/// The Hypha setup of the binaries in `bin`, beside this build's: its own names (another
+/// `uniq`), directory, subnet and agent log.
+fn baseline(
+    bin: &std::path::Path,
+    plan: &Plan,
+    out_dir: &std::path::Path,
+    td: &Teardown,
+) -> Result<Setup> {
+    println!(
+        "==> setting up hypha-base: the binaries in {}",
+        bin.display()
+    );
+    let mut base = Plan::in_range(
+        bin.to_owned(),
+        out_dir.join("datapath-hypha-base-agent.log"),
+        242,
+        10,
+    )?;
+    // Pids stay below 2^22: this cannot be another bench's.
+    base.uniq = plan.uniq | 1 << 22;
+    base.tmp = plan.tmp.join("base");
+    td.make(Undo::Dir(base.tmp.clone()), || {
+        std::fs::create_dir_all(&base.tmp)
+            .with_context(|| format!("creating {}", base.tmp.display()))
+    })?;
+    let (pods, error) = match setups::create(Kind::Hypha, &base, td) {
+        Ok(p) => {
+            println!(
+                "    client {} ({}) -> server {} ({})",
+                p.client_ip, p.client_ns, p.server_ip, p.server_ns
+            );
+            (Some(p), None)
+        }
+        Err(e) => {
+            eprintln!("    FAILED: {e:#}");
+            (None, Some(format!("{e:#}")))
+        }
+    };
+    Ok(Setup {
+        kind: Kind::Hypha,
+        baseline: true,
+        pods,
+        error,
+        runs: Vec::new(),
+    })
 }
 
 fn measure_once(pods: &Pods, run: u32, o: &Options) -> Run {
@@ -275,9 +354,10 @@ fn report(
     let find = |kind: Kind| {
         setups
             .iter()
-            .find(|s| s.kind == kind)
+            .find(|s| s.kind == kind && !s.baseline)
             .map(|s| medians(&s.runs))
     };
+    let base = setups.iter().find(|s| s.baseline).map(|s| medians(&s.runs));
     let veth = find(Kind::Veth);
     let bridge = find(Kind::Bridge);
     let hypha = find(Kind::Hypha);
@@ -287,11 +367,11 @@ fn report(
     let mut reports = Vec::new();
     for s in setups {
         if let Some(e) = &s.error {
-            errors.push(format!("{}: {e}", s.kind.name()));
+            errors.push(format!("{}: {e}", s.name()));
         }
         for r in &s.runs {
             for e in &r.errors {
-                errors.push(format!("{} round {}: {e}", s.kind.name(), r.run));
+                errors.push(format!("{} round {}: {e}", s.name(), r.run));
             }
         }
         let median = medians(&s.runs);
@@ -301,8 +381,8 @@ fn report(
             p99_pct: pct(median.p99_us, v.p99_us),
         });
         reports.push(SetupReport {
-            name: s.kind.name(),
-            description: s.kind.describe(),
+            name: s.name(),
+            description: s.describe(),
             client: s
                 .pods
                 .as_ref()
@@ -318,7 +398,7 @@ fn report(
         });
     }
 
-    let hypha_vs_bridge = match (hypha, bridge) {
+    let ratios = |h: Option<Medians>, b: Option<Medians>| match (h, b) {
         (Some(h), Some(b)) => Some(HyphaVsBridge {
             throughput_ratio: ratio(h.throughput_gbps, b.throughput_gbps),
             p50_ratio: ratio(h.p50_us, b.p50_us),
@@ -326,6 +406,8 @@ fn report(
         }),
         _ => None,
     };
+    let hypha_vs_bridge = ratios(hypha, bridge);
+    let hypha_vs_base = ratios(hypha, base);
     let h = hypha.unwrap_or_default();
     let v = veth.unwrap_or_default();
     let b = bridge.unwrap_or_default();
@@ -365,6 +447,7 @@ fn report(
         latency_pin: o.latency_pin,
         setups: reports,
         hypha_vs_bridge,
+        hypha_vs_base,
         targets,
         hypha_redirected_packets: redirected,
         errors,
@@ -386,14 +469,14 @@ fn print_table(r: &Report) {
         r.latency_pin.describe()
     );
     println!(
-        "{:<8} {:>14} {:>9} {:>9} {:>15} {:>12} {:>12}",
+        "{:<10} {:>14} {:>9} {:>9} {:>15} {:>12} {:>12}",
         "setup", "Gbit/s", "p50 µs", "p99 µs", "tput % veth", "p50 % veth", "p99 % veth"
     );
     for s in &r.setups {
         let m = &s.median;
         let v = s.vs_veth;
         println!(
-            "{:<8} {:>14} {:>9} {:>9} {:>15} {:>12} {:>12}",
+            "{:<10} {:>14} {:>9} {:>9} {:>15} {:>12} {:>12}",
             s.name,
             opt(m.throughput_gbps, 2),
             opt(m.p50_us, 1),
@@ -406,6 +489,14 @@ fn print_table(r: &Report) {
     if let Some(hb) = &r.hypha_vs_bridge {
         println!(
             "Hypha vs bridge: throughput x{}, p50 x{}, p99 x{}",
+            opt(hb.throughput_ratio, 3),
+            opt(hb.p50_ratio, 3),
+            opt(hb.p99_ratio, 3)
+        );
+    }
+    if let Some(hb) = &r.hypha_vs_base {
+        println!(
+            "Hypha vs hypha-base: throughput x{}, p50 x{}, p99 x{}",
             opt(hb.throughput_ratio, 3),
             opt(hb.p50_ratio, 3),
             opt(hb.p99_ratio, 3)
