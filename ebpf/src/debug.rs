@@ -73,7 +73,7 @@ fn traced(ifindex: u32) -> Option<u32> {
         return None;
     }
     // SAFETY: the value is copied out at once.
-    unsafe { DEBUG.get(&ifindex).copied() }
+    unsafe { DEBUG.get(ifindex).copied() }
 }
 
 /// Which program is tracing. The numbers are read by `agent/src/datapath/debug_log.rs`.

@@ -126,9 +126,15 @@ fn ingress_limit_holds_for_same_node_traffic() {
         20e6,
         "20 Mbit/s ingress",
     );
-    // The frames went through the qdisc, yet each was counted once, as redirected.
+    // The frames went through the qdisc, yet each was counted once, as redirected: the
+    // redirected bytes carry the transfer (at least 80% of 20 Mbit/s for its length;
+    // a packet count would depend on the GSO sizes the load of the moment gives).
     let ep = node.endpoint(&limited.container_id);
-    assert!(ep.counters.ingress.redirected.packets > 1000, "{ep:?}");
+    let transferred = 20e6 / 8.0 * SECONDS as f64;
+    assert!(
+        ep.counters.ingress.redirected.bytes as f64 > 0.8 * transferred,
+        "{ep:?}"
+    );
     assert!(
         ep.counters.ingress.passed.packets < 100,
         "redirected frames counted again at the qdisc's hook: {ep:?}"

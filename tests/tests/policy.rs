@@ -2,11 +2,10 @@
 //! made through `hypha-cni`, policies applied with `hypha policy apply` or dropped into the
 //! agent's watched directory, traffic that passes or not, and `hypha monitor`.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use hypha_tests::monitor::Monitor;
 use hypha_tests::node::{Node, Pod};
 use hypha_tests::traffic::{Conversation, TcpEcho, UdpEcho, tcp_ok, udp_ok};
 
@@ -151,64 +150,6 @@ spec:
         tcp_ok(&c.server.netns, c.other.address, 80),
         "pods the policy does not select are unaffected"
     );
-}
-
-/// `hypha monitor -o json` as a child; its lines arrive on a channel.
-struct Monitor {
-    child: Child,
-    lines: mpsc::Receiver<serde_json::Value>,
-}
-
-impl Monitor {
-    fn start(node: &Node, args: &[&str]) -> Self {
-        let mut child = Command::new(hypha_tests::binary("hypha"))
-            .arg("monitor")
-            .args(args)
-            .args(["-o", "json", "--socket"])
-            .arg(node.socket())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start hypha monitor");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Ok(v) = serde_json::from_str(&line)
-                    && tx.send(v).is_err()
-                {
-                    break;
-                }
-            }
-        });
-        // Let it subscribe before traffic starts.
-        std::thread::sleep(Duration::from_millis(300));
-        Monitor { child, lines }
-    }
-
-    /// The first event matching `pred` within `limit`.
-    fn find(
-        &self,
-        limit: Duration,
-        pred: impl Fn(&serde_json::Value) -> bool,
-    ) -> Option<serde_json::Value> {
-        let deadline = Instant::now() + limit;
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(v) if pred(&v) => return Some(v),
-                Ok(_) => continue,
-                Err(_) => return None,
-            }
-        }
-        None
-    }
-}
-
-impl Drop for Monitor {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]
