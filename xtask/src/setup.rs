@@ -30,13 +30,15 @@ const PACKAGES: &[&str] = &[
 ];
 
 pub fn setup() -> Result<()> {
-    rust_src()?;
+    nightly_components()?;
     bpf_linker()?;
     debian_packages()?;
     Ok(())
 }
 
-fn rust_src() -> Result<()> {
+/// The nightly toolchain's components: `rust-src` for the eBPF build (`-Z build-std=core`)
+/// and `clippy` for the eBPF crate's lints in `cargo xtask test`.
+fn nightly_components() -> Result<()> {
     let installed = output(Command::new("rustup").args([
         "component",
         "list",
@@ -45,10 +47,19 @@ fn rust_src() -> Result<()> {
         "--installed",
     ]))
     .context("the nightly toolchain is needed for the eBPF build (rustup toolchain list)")?;
-    if installed.lines().any(|l| l.starts_with("rust-src")) {
-        return Ok(());
+    for component in ["rust-src", "clippy"] {
+        if installed.lines().any(|l| l.starts_with(component)) {
+            continue;
+        }
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            component,
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
-    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    Ok(())
 }
 
 fn cargo_home() -> PathBuf {
