@@ -521,6 +521,8 @@ fn route_ipv4(ctx: &TcContext, ifindex: u32) -> Result<Forward, Refusal> {
         unsafe { bpf_redirect_peer(dst.ifindex, 0) }
     };
     if ret != i64::from(TC_ACT_REDIRECT) {
+        // No redirect follows: the slot must not vouch for the next frame on this CPU.
+        take_redirected(0, 0);
         return Err(DropReason::HelperFailed.into());
     }
     Ok(Forward::Pod {
