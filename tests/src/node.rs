@@ -66,6 +66,39 @@ impl Node {
         node
     }
 
+    /// The address of the "world" host [`Node::join_world`] makes.
+    pub const WORLD_ADDRESS: &str = "198.18.0.2";
+
+    /// A "world" host joined to this node by a veth, `198.18.0.2/30` on its side and
+    /// `198.18.0.1/30` on the node's, routing the node's pod CIDR through the node (so
+    /// pods are reachable from it unless masqueraded traffic is all it needs).
+    pub fn join_world(&self) -> NamedNetns {
+        let world = NamedNetns::named(format!("{}-w", self.tag));
+        let tag = unique_name("hw").replace('-', "");
+        let (nv, wv) = (format!("{tag}n"), format!("{tag}w"));
+        crate::netns::ip(&[
+            "link",
+            "add",
+            &nv,
+            "netns",
+            self.netns.name(),
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &wv,
+            "netns",
+            world.name(),
+        ]);
+        self.netns
+            .exec(&["ip", "addr", "add", "198.18.0.1/30", "dev", &nv]);
+        self.netns.exec(&["ip", "link", "set", &nv, "up"]);
+        world.exec(&["ip", "addr", "add", "198.18.0.2/30", "dev", &wv]);
+        world.exec(&["ip", "link", "set", &wv, "up"]);
+        world.exec(&["ip", "route", "add", &self.pod_cidr, "via", "198.18.0.1"]);
+        world
+    }
+
     /// The directory this node's agent watches for policy files.
     pub fn policy_dir(&self) -> PathBuf {
         self.dir.join("policies")

@@ -8,7 +8,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use hypha_tests::netns::{NamedNetns, ip, unique_name};
+use hypha_tests::netns::NamedNetns;
 use hypha_tests::node::{Node, Pod};
 use hypha_tests::traffic::{Conversation, TcpEcho};
 
@@ -144,28 +144,7 @@ fn pods_reach_the_world_masqueraded() {
     let node = Node::start();
     let a = node.add_pod("a");
     // A "world" host joined to the node by a veth: the node routes and masquerades.
-    let world = NamedNetns::named(format!("{}-w", node.tag));
-    let tag = unique_name("hw").replace('-', "");
-    let (nv, wv) = (format!("{tag}n"), format!("{tag}w"));
-    ip(&[
-        "link",
-        "add",
-        &nv,
-        "netns",
-        node.netns.name(),
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &wv,
-        "netns",
-        world.name(),
-    ]);
-    node.netns
-        .exec(&["ip", "addr", "add", "198.18.0.1/30", "dev", &nv]);
-    node.netns.exec(&["ip", "link", "set", &nv, "up"]);
-    world.exec(&["ip", "addr", "add", "198.18.0.2/30", "dev", &wv]);
-    world.exec(&["ip", "link", "set", &wv, "up"]);
+    let world = node.join_world();
 
     let (tx, rx) = mpsc::channel();
     let server = world.spawn(move || {

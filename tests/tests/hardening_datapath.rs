@@ -10,7 +10,7 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use hypha_tests::monitor::Monitor;
-use hypha_tests::netns::{NamedNetns, ip, unique_name};
+use hypha_tests::netns::NamedNetns;
 use hypha_tests::node::{Node, Pod};
 use hypha_tests::traffic::{TcpEcho, tcp_ok};
 
@@ -122,43 +122,6 @@ fn a_pod_locked_down_by_policy_gets_no_ipv6_through_to_the_host() {
     assert_eq!(event["kind"], "drop");
 }
 
-/// A "world" host joined to the node by a veth `198.18.0.2/30` ↔ `198.18.0.1/30`, routing
-/// the node's pod CIDR through it.
-struct World {
-    netns: NamedNetns,
-}
-
-impl World {
-    const ADDRESS: &str = "198.18.0.2";
-
-    fn join(node: &Node) -> Self {
-        let netns = NamedNetns::named(format!("{}-w", node.tag));
-        let tag = unique_name("hw").replace('-', "");
-        let (nv, wv) = (format!("{tag}n"), format!("{tag}w"));
-        ip(&[
-            "link",
-            "add",
-            &nv,
-            "netns",
-            node.netns.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &wv,
-            "netns",
-            netns.name(),
-        ]);
-        node.netns
-            .exec(&["ip", "addr", "add", "198.18.0.1/30", "dev", &nv]);
-        node.netns.exec(&["ip", "link", "set", &nv, "up"]);
-        netns.exec(&["ip", "addr", "add", "198.18.0.2/30", "dev", &wv]);
-        netns.exec(&["ip", "link", "set", &wv, "up"]);
-        netns.exec(&["ip", "route", "add", &node.pod_cidr, "via", "198.18.0.1"]);
-        Self { netns }
-    }
-}
-
 /// The value `hypha_to_pod` once trusted in `skb->mark` as "already handled by Hypha"
 /// (`MARK_REDIRECTED`, "HYP" + 0x01).
 const OLD_MARK_REDIRECTED: &str = "0x48595001";
@@ -181,14 +144,14 @@ fn a_mark_set_on_the_host_does_not_let_the_world_past_a_pods_ingress_policy() {
     let node = Node::start();
     let server = node.add_labelled_pod("srv", "default", &[("app", "server")]);
     let _web = TcpEcho::start(&server.netns, 8080);
-    let world = World::join(&node);
+    let world = node.join_world();
     assert!(
-        tcp_ok(&world.netns, server.address, 8080),
+        tcp_ok(&world, server.address, 8080),
         "without a policy the world reaches the server (the routing works)"
     );
     apply(&node, "server-from-client", SERVER_FROM_CLIENT);
     assert!(
-        !tcp_ok(&world.netns, server.address, 8080),
+        !tcp_ok(&world, server.address, 8080),
         "the policy refuses the world"
     );
 
@@ -198,7 +161,7 @@ fn a_mark_set_on_the_host_does_not_let_the_world_past_a_pods_ingress_policy() {
     let rules = format!(
         "table ip {table} {{\n  chain pre {{\n    type filter hook prerouting priority mangle;\n    \
          ip saddr {} counter meta mark set {OLD_MARK_REDIRECTED}\n  }}\n}}\n",
-        World::ADDRESS
+        Node::WORLD_ADDRESS
     );
     let file = node.dir.join("mark.nft");
     std::fs::write(&file, rules).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
@@ -207,7 +170,7 @@ fn a_mark_set_on_the_host_does_not_let_the_world_past_a_pods_ingress_policy() {
     let monitor = Monitor::start(&node, &["--type", "drop"]);
 
     assert!(
-        !tcp_ok(&world.netns, server.address, 8080),
+        !tcp_ok(&world, server.address, 8080),
         "a forged mark let the world past the server's ingress policy"
     );
 
@@ -222,7 +185,7 @@ fn a_mark_set_on_the_host_does_not_let_the_world_past_a_pods_ingress_policy() {
     );
     let event = monitor
         .find(Duration::from_secs(5), |e| {
-            e["source"] == World::ADDRESS && e["destination_port"] == 8080
+            e["source"] == Node::WORLD_ADDRESS && e["destination_port"] == 8080
         })
         .expect("the monitor reports the refusal");
     assert_eq!(event["reason"], "policy-denied");
