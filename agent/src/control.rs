@@ -976,16 +976,24 @@ mod tests {
             address: None,
         })?;
         agent.create_endpoint(&CreateEndpointRequest {
+            bandwidth,
+            ..create_request(cid, host, alloc.address)
+        })
+    }
+
+    /// The plugin's create request for `cid`'s eth0 with `address`, with a MAC of its own.
+    fn create_request(cid: &str, host: &str, address: Ipv4Addr) -> CreateEndpointRequest {
+        CreateEndpointRequest {
             container_id: cid.into(),
             ifname: "eth0".into(),
             netns: "/run/netns/x".into(),
             host_ifname: host.into(),
-            address: alloc.address,
-            pod_mac: MacAddr([2, 1, 1, 1, 1, alloc.address.octets()[3]]),
+            address,
+            pod_mac: MacAddr([2, 1, 1, 1, 1, address.octets()[3]]),
             labels: Default::default(),
             external_ipam: false,
-            bandwidth,
-        })
+            bandwidth: None,
+        }
     }
 
     #[test]
@@ -1381,17 +1389,7 @@ mod tests {
         store.fail(true);
         agent.datapath.fail_detach = true;
         let err = agent
-            .create_endpoint(&CreateEndpointRequest {
-                container_id: "a".into(),
-                ifname: "eth0".into(),
-                netns: "/run/netns/x".into(),
-                host_ifname: "hypa".into(),
-                address: alloc.address,
-                pod_mac: MacAddr([2, 1, 1, 1, 1, 1]),
-                labels: Default::default(),
-                external_ipam: false,
-                bandwidth: None,
-            })
+            .create_endpoint(&create_request("a", "hypa", alloc.address))
             .unwrap_err()
             .to_string();
         // The step that failed and the rollback step that failed, both named.
@@ -1451,17 +1449,7 @@ mod tests {
         // one that restores fails.
         agent.datapath.fail_apply_after = Some(agent.datapath.diffs.len() + 1);
         let err = agent
-            .create_endpoint(&CreateEndpointRequest {
-                container_id: "a".into(),
-                ifname: "eth0".into(),
-                netns: "/run/netns/x".into(),
-                host_ifname: "hypa".into(),
-                address: alloc.address,
-                pod_mac: MacAddr([2, 1, 1, 1, 1, 1]),
-                labels: Default::default(),
-                external_ipam: false,
-                bandwidth: None,
-            })
+            .create_endpoint(&create_request("a", "hypa", alloc.address))
             .unwrap_err()
             .to_string();
         assert!(err.contains("cannot attach to hypa"), "{err}");
