@@ -561,22 +561,61 @@ fn add_twice_leaves_the_first_alone() {
     );
 }
 
+/// An ADD against `agent` with `agentTimeout` set to `timeout` seconds, as it ends: the
+/// plugin's error reply, how long it took, and what the test must check is gone (the
+/// pod's netns with its eth0, the host end of the veth, which the guard also removes).
+struct TimedAdd {
+    ns: TestNetns,
+    cid: String,
+    host: String,
+    _guard: HostLink,
+    err: Value,
+    took: std::time::Duration,
+}
+
+impl TimedAdd {
+    fn run(agent: &FakeAgent, timeout: f64) -> Self {
+        let ns = TestNetns::new();
+        let cid = unique("ctr");
+        let host = host_ifname(&cid, "eth0");
+        let guard = HostLink(host.clone());
+        let mut c = conf("1.1.0", agent);
+        c["agentTimeout"] = json!(timeout);
+        let start = std::time::Instant::now();
+        let out = cni("ADD", &cid, &ns.path(), "eth0", &c);
+        let took = start.elapsed();
+        TimedAdd {
+            err: reply(&out),
+            ns,
+            cid,
+            host,
+            _guard: guard,
+            took,
+        }
+    }
+
+    /// Neither end of the veth is left.
+    fn assert_no_veth(&self) {
+        assert!(
+            Netlink::new()
+                .unwrap()
+                .link_by_name(&self.host)
+                .unwrap()
+                .is_none()
+        );
+        assert!(self.ns.netlink().link_by_name("eth0").unwrap().is_none());
+    }
+}
+
 /// An agent that reads the allocation request and never answers: ADD fails within
 /// `agentTimeout` with "try again later", naming the socket and the call, and leaves
 /// nothing behind.
 #[test]
 fn add_is_bounded_when_the_agent_never_answers() {
+    require_root!();
     let agent = FakeAgent::start(Mode::HangAllocate);
-    let ns = TestNetns::new();
-    let cid = unique("ctr");
-    let host = host_ifname(&cid, "eth0");
-    let _guard = HostLink(host.clone());
-    let mut c = conf("1.1.0", &agent);
-    c["agentTimeout"] = json!(1);
-    let start = std::time::Instant::now();
-    let out = cni("ADD", &cid, &ns.path(), "eth0", &c);
-    let took = start.elapsed();
-    let err = reply(&out);
+    let add = TimedAdd::run(&agent, 1.0);
+    let err = &add.err;
     assert_eq!(err["code"], 11, "{err}");
     let msg = err["msg"].as_str().unwrap();
     assert!(
@@ -585,15 +624,12 @@ fn add_is_bounded_when_the_agent_never_answers() {
             && msg.contains("within 1s"),
         "{msg}"
     );
-    assert!(took < std::time::Duration::from_secs(4), "{took:?}");
     assert!(
-        Netlink::new()
-            .unwrap()
-            .link_by_name(&host)
-            .unwrap()
-            .is_none()
+        add.took < std::time::Duration::from_secs(4),
+        "{:?}",
+        add.took
     );
-    assert!(ns.netlink().link_by_name("eth0").unwrap().is_none());
+    add.assert_no_veth();
 }
 
 /// An agent that never answers the endpoint's creation: ADD rolls the veth back and, the
@@ -601,34 +637,21 @@ fn add_is_bounded_when_the_agent_never_answers() {
 /// time; within one timeout.
 #[test]
 fn add_rolls_back_and_defers_when_the_endpoint_call_hangs() {
+    require_root!();
     let agent = FakeAgent::start(Mode::HangEndpoint);
-    let ns = TestNetns::new();
-    let cid = unique("ctr");
-    let host = host_ifname(&cid, "eth0");
-    let _guard = HostLink(host.clone());
-    let mut c = conf("1.1.0", &agent);
-    c["agentTimeout"] = json!(1.5);
-    let start = std::time::Instant::now();
-    let out = cni("ADD", &cid, &ns.path(), "eth0", &c);
-    let took = start.elapsed();
-    let err = reply(&out);
+    let add = TimedAdd::run(&agent, 1.5);
+    let err = &add.err;
     assert_eq!(err["code"], 11, "{err}");
     assert!(
         err["msg"].as_str().unwrap().contains("POST /v1/endpoints"),
         "{err}"
     );
     assert!(
-        took < std::time::Duration::from_secs(3),
-        "one timeout, not two: {took:?}"
+        add.took < std::time::Duration::from_secs(3),
+        "one timeout, not two: {:?}",
+        add.took
     );
-    assert!(
-        Netlink::new()
-            .unwrap()
-            .link_by_name(&host)
-            .unwrap()
-            .is_none()
-    );
-    assert!(ns.netlink().link_by_name("eth0").unwrap().is_none());
+    add.assert_no_veth();
     assert_eq!(
         agent.calls(),
         vec![
@@ -644,7 +667,7 @@ fn add_rolls_back_and_defers_when_the_endpoint_call_hangs() {
     assert_eq!(
         records,
         vec![hypha_api::Attachment {
-            container_id: cid.clone(),
+            container_id: add.cid.clone(),
             ifname: "eth0".into()
         }]
     );
@@ -656,6 +679,7 @@ fn add_rolls_back_and_defers_when_the_endpoint_call_hangs() {
 /// asked for that address and the pod's interface gets that MAC.
 #[test]
 fn ip_and_mac_from_cni_args_are_applied() {
+    require_root!();
     let agent = FakeAgent::start(Mode::Ok);
     let ns = TestNetns::new();
     let cid = unique("ctr");
@@ -712,6 +736,7 @@ fn runtime_fixtures(socket: &Path, cid: &str) -> Vec<(String, Value)> {
 /// for reach the agent (and the MAC the pod's interface).
 #[test]
 fn runtime_fixtures_reach_the_agent() {
+    require_root!();
     let probe = FakeAgent::start(Mode::Ok);
     for (name, _) in runtime_fixtures(&probe.socket, "x") {
         let agent = FakeAgent::start(Mode::Ok);
