@@ -137,44 +137,9 @@ fn args_seeds() -> &'static [String] {
     })
 }
 
-/// Any JSON value, a few levels deep, with numbers at the edges of what JSON carries.
+/// Any JSON value a few levels deep, under any keys.
 fn json_value() -> impl Strategy<Value = Value> {
-    let leaf = prop_oneof![
-        Just(Value::Null),
-        any::<bool>().prop_map(Value::from),
-        any::<i64>().prop_map(Value::from),
-        any::<u64>().prop_map(Value::from),
-        prop_oneof![
-            Just(0u64),
-            Just(u64::from(u32::MAX)),
-            Just(u64::MAX),
-            Just(1 << 53),
-        ]
-        .prop_map(Value::from),
-        any::<f64>()
-            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
-        ".{0,16}".prop_map(Value::from),
-        prop_oneof![
-            Just("1.1.0"),
-            Just("0.3.0"),
-            Just("10.1.2.3/24"),
-            Just("10.1.2.3/33"),
-            Just("fd00::1/129"),
-            Just("02:00:00:00:00:01"),
-            Just("ff:ff:ff:ff:ff:ff"),
-            Just("host-local"),
-            Just("../x"),
-            Just(""),
-        ]
-        .prop_map(Value::from),
-    ];
-    leaf.prop_recursive(3, 24, 4, |inner| {
-        prop_oneof![
-            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-            prop::collection::btree_map(".{0,10}", inner, 0..4)
-                .prop_map(|m| Value::Object(m.into_iter().collect())),
-        ]
-    })
+    crate::properties::json_value_under(".{0,10}".boxed())
 }
 
 /// One change to a seed. Node indices are taken modulo the seed's node count.

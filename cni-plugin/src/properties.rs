@@ -11,35 +11,53 @@ use serde_json::{Map, Value, json};
 use crate::error::{CniError, Error};
 use crate::{config, env};
 
-/// Any JSON value, a few levels deep.
-fn json_value() -> impl Strategy<Value = Value> {
+/// Any JSON value, a few levels deep, with object keys drawn from `keys`: edge numbers and
+/// strings that look like what the configuration's keys want among the leaves. (The fuzz
+/// targets use it too.)
+pub(crate) fn json_value_under(keys: BoxedStrategy<String>) -> impl Strategy<Value = Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::from),
         any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        prop_oneof![
+            Just(0u64),
+            Just(u64::from(u32::MAX)),
+            Just(u64::MAX),
+            Just(1 << 53),
+        ]
+        .prop_map(Value::from),
         any::<f64>()
             .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
-        ".{0,12}".prop_map(Value::from),
-        // Strings that look like what the keys want.
+        ".{0,16}".prop_map(Value::from),
         prop_oneof![
             Just("1.1.0"),
+            Just("0.3.0"),
             Just("0.4.0"),
-            Just("10.1.2.3/24"),
             Just("fd00::1"),
+            Just("10.1.2.3/24"),
+            Just("10.1.2.3/33"),
+            Just("fd00::1/129"),
             Just("02:00:00:00:00:01"),
+            Just("ff:ff:ff:ff:ff:ff"),
             Just("host-local"),
             Just("../x"),
             Just(""),
         ]
         .prop_map(Value::from),
     ];
-    leaf.prop_recursive(3, 24, 4, |inner| {
+    leaf.prop_recursive(3, 24, 4, move |inner| {
         prop_oneof![
             prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
-            prop::collection::btree_map(key(), inner, 0..4)
+            prop::collection::btree_map(keys.clone(), inner, 0..4)
                 .prop_map(|m| Value::Object(m.into_iter().collect())),
         ]
     })
+}
+
+/// Any JSON value, a few levels deep, under the keys the parser looks at and others.
+fn json_value() -> impl Strategy<Value = Value> {
+    json_value_under(key().boxed())
 }
 
 /// The keys the parser looks at, and others.
