@@ -180,6 +180,9 @@ pub fn format_endpoint_policy(p: &EndpointPolicy) -> String {
             let _ = writeln!(out, "  {line}");
         }
     }
+    for u in &p.unresolved_ports {
+        let _ = writeln!(out, "Unresolved: {u} (matches nothing)");
+    }
     out
 }
 

@@ -1,16 +1,22 @@
 //! The control plane: endpoints and addresses, over the datapath and host traits.
 //!
-//! Every change is persisted before it is answered, and every answer says what went
-//! wrong in words an operator can act on.
+//! Requests run in parallel: each holds the lock of its own attachment (container id,
+//! ifname) for its whole run, and the shared state (the endpoint table and allocator,
+//! the policy engine) only for in-memory work; netlink, qdiscs, attaches and fsyncs run
+//! outside those. Every change is persisted (by the store's group commit) before it is
+//! answered, and every answer says what went wrong in words an operator can act on.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
+
+use arc_swap::ArcSwap;
 
 use hypha_api::{
     AllocateRequest, Allocation, Attachment, CreateEndpointRequest, DatapathStatus, DeleteResponse,
     DirectionCounters, DropCount, Endpoint, EndpointCheck, EndpointCounters, GcRequest, GcResponse,
-    IpamStatus, NodeStatus, PacketCount, Status,
+    IpamStatus, MacAddr, NodeStatus, PacketCount, Status,
 };
 use hypha_common::{DIR_EGRESS, DropReason, EndpointStats};
 
@@ -19,11 +25,12 @@ use crate::config::AgentConfig;
 use crate::datapath::{Adoption, Datapath};
 use crate::host::{HostNetwork, LimitSide, NodeNetwork};
 use crate::ipam::{Ipam, IpamError, Owner};
-use crate::state::{EndpointRecord, PersistedState, StateError, StateStore};
+use crate::state::{Change, EndpointRecord, Pending, PersistedState, Persist, StateError};
 
 mod policy;
 
-use policy::PolicyState;
+pub use policy::DirSyncReport;
+use policy::{PolicyState, PolicyView};
 
 /// Why a request failed; `status` maps each to an HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -83,28 +90,146 @@ impl ControlError {
     }
 }
 
-/// Where persistence goes; a trait object so tests can run without a state directory.
-pub trait Persist: Send {
-    fn save(&self, state: &PersistedState) -> Result<(), StateError>;
+/// The endpoint table and the address allocator: what every ADD and DEL reads and
+/// changes, behind one lock that is only ever held for in-memory work (never across
+/// netlink, bpf or fsync).
+struct Table {
+    ipam: Ipam,
+    endpoints: BTreeMap<Owner, EndpointRecord>,
+    ids: BTreeMap<u32, Owner>,
+    /// Addresses and MACs of the endpoints and of the ADDs in progress, so that two
+    /// concurrent ADDs cannot both take one.
+    addresses: HashMap<Ipv4Addr, Owner>,
+    macs: HashMap<[u8; 6], Owner>,
+    next_endpoint_id: u32,
 }
 
-impl Persist for StateStore {
-    fn save(&self, state: &PersistedState) -> Result<(), StateError> {
-        StateStore::save(self, state)
+impl Table {
+    fn insert(&mut self, ep: EndpointRecord) {
+        let owner = ep.owner();
+        self.addresses.insert(ep.address, owner.clone());
+        self.macs.insert(ep.pod_mac.0, owner.clone());
+        self.ids.insert(ep.id, owner.clone());
+        self.endpoints.insert(owner, ep);
+    }
+
+    fn remove(&mut self, owner: &Owner) -> Option<EndpointRecord> {
+        let ep = self.endpoints.remove(owner)?;
+        self.ids.remove(&ep.id);
+        self.addresses.remove(&ep.address);
+        self.macs.remove(&ep.pod_mac.0);
+        Some(ep)
+    }
+
+    /// Who holds `address` (an endpoint or an ADD in progress), described.
+    fn address_holder(&self, address: Ipv4Addr) -> Option<String> {
+        let owner = self.addresses.get(&address)?;
+        Some(self.describe_owner(owner))
+    }
+
+    fn mac_holder(&self, mac: &MacAddr) -> Option<String> {
+        let owner = self.macs.get(&mac.0)?;
+        Some(self.describe_owner(owner))
+    }
+
+    fn describe_owner(&self, owner: &Owner) -> String {
+        match self.endpoints.get(owner) {
+            Some(ep) => format!(
+                "endpoint {} (container {} interface {})",
+                ep.id, ep.container_id, ep.ifname
+            ),
+            None => format!("the ADD in progress of {owner}"),
+        }
     }
 }
 
+/// Serialises the operations on one attachment (ADD, DEL, CHECK, changes of its
+/// bandwidth, labels...), so that different attachments proceed in parallel while one
+/// attachment's steps never interleave. Held across kernel work: only operations on the
+/// same attachment wait for it.
+#[derive(Default)]
+struct OwnerLocks {
+    busy: Mutex<BTreeSet<Owner>>,
+    freed: Condvar,
+}
+
+struct OwnerGuard<'a> {
+    locks: &'a OwnerLocks,
+    owner: Owner,
+}
+
+impl OwnerLocks {
+    fn lock(&self, owner: &Owner) -> OwnerGuard<'_> {
+        let mut busy = self.busy.lock().expect("owner locks");
+        while busy.contains(owner) {
+            busy = self.freed.wait(busy).expect("owner locks");
+        }
+        busy.insert(owner.clone());
+        OwnerGuard {
+            locks: self,
+            owner: owner.clone(),
+        }
+    }
+}
+
+impl Drop for OwnerGuard<'_> {
+    fn drop(&mut self) {
+        let mut busy = self.locks.busy.lock().expect("owner locks");
+        busy.remove(&self.owner);
+        drop(busy);
+        self.locks.freed.notify_all();
+    }
+}
+
+/// The address and MAC an ADD in progress holds in the table; given back on drop unless
+/// the ADD completed.
+struct Claim<'a> {
+    table: &'a Mutex<Table>,
+    address: Ipv4Addr,
+    mac: [u8; 6],
+    done: bool,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let mut t = self.table.lock().expect("endpoint table");
+        t.addresses.remove(&self.address);
+        t.macs.remove(&self.mac);
+    }
+}
+
+/// Waits for every pending change; the first error, if any.
+fn wait_all(pending: impl IntoIterator<Item = Pending>) -> Result<(), StateError> {
+    let mut first = None;
+    for p in pending {
+        if let Err(e) = p.wait() {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// The agent: the endpoint table and allocator, the policy engine, the datapath and the
+/// host network. Every method takes `&self`: requests run in parallel on blocking
+/// threads, each holding the short locks it needs only for its in-memory work.
+///
+/// Locks: an owner lock (one attachment) may be held while taking `table` or `policy`;
+/// `table` and `policy` are never held together.
 pub struct Agent<D: Datapath, H: HostNetwork> {
     config: AgentConfig,
     datapath: D,
     host: H,
     store: Box<dyn Persist>,
-    ipam: Ipam,
-    endpoints: Vec<EndpointRecord>,
-    next_endpoint_id: u32,
+    table: Mutex<Table>,
+    owners: OwnerLocks,
+    policy: Mutex<PolicyState>,
+    /// What status, metrics and the monitor show of policy, replaced after each change.
+    policy_view: ArcSwap<PolicyView>,
     adopted: usize,
     started: Instant,
-    policy: PolicyState,
 }
 
 /// What start-up found and did, for the log.
@@ -124,7 +249,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     pub fn start(
         config: AgentConfig,
         datapath: D,
-        mut host: H,
+        host: H,
         store: Box<dyn Persist>,
         saved: PersistedState,
     ) -> Result<(Self, StartReport), ControlError> {
@@ -136,44 +261,68 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             masquerade: config.masquerade,
         })?;
         let ipam = Ipam::restore(config.pod_cidr, gateway, saved.ipam)?;
-        let mut agent = Agent {
+        let mut table = Table {
+            ipam,
+            endpoints: BTreeMap::new(),
+            ids: BTreeMap::new(),
+            addresses: HashMap::new(),
+            macs: HashMap::new(),
+            next_endpoint_id: saved.next_endpoint_id.max(1),
+        };
+        let mut report = StartReport::default();
+        let mut changes = Vec::new();
+        for ep in saved.endpoints {
+            let name = format!("{} ({})", ep.host_ifname, ep.address);
+            let alive = host
+                .link(&ep.host_ifname)?
+                .is_some_and(|l| l.index == ep.host_ifindex);
+            if !alive {
+                for e in datapath.detach(&ep) {
+                    report.warnings.push(format!("{name}: {e}"));
+                }
+                let owner = ep.owner();
+                changes.push(Change::EndpointGone(owner.clone()));
+                if table.ipam.release(&owner).is_some() {
+                    changes.push(Change::AddressReleased(owner));
+                }
+                report.removed.push(name);
+                continue;
+            }
+            table.insert(ep);
+        }
+        let (policy, policy_changes) = PolicyState::start(
+            saved.policies,
+            saved.namespace_labels,
+            saved.identities,
+            table.endpoints.values(),
+            gateway,
+            &mut report.warnings,
+        );
+        changes.extend(policy_changes);
+        let view = ArcSwap::from_pointee(PolicyView::default());
+        let agent = Agent {
             config,
             datapath,
             host,
             store,
-            ipam,
-            endpoints: Vec::new(),
-            next_endpoint_id: saved.next_endpoint_id.max(1),
+            table: Mutex::new(table),
+            owners: OwnerLocks::default(),
+            policy: Mutex::new(policy),
+            policy_view: view,
             adopted: 0,
             started: Instant::now(),
-            policy: PolicyState::restore(saved.policies, saved.namespace_labels, saved.identities),
         };
-        let mut report = StartReport::default();
-        for ep in saved.endpoints {
-            let name = format!("{} ({})", ep.host_ifname, ep.address);
-            let alive = agent
-                .host
-                .link(&ep.host_ifname)?
-                .is_some_and(|l| l.index == ep.host_ifindex);
-            if !alive {
-                for e in agent.datapath.detach(&ep) {
-                    report.warnings.push(format!("{name}: {e}"));
-                }
-                agent.ipam.release(&ep.owner());
-                report.removed.push(name);
-                continue;
-            }
-            agent.endpoints.push(ep);
-        }
+        let mut agent = agent;
         // Policy entries and identities first, then the endpoints with their flags, then
         // the removal of what no policy wants any more.
-        let (additions, removals) = agent.policy_start(&mut report.warnings);
+        let (additions, removals) = agent.policy_start_diff(&mut report.warnings);
         if let Err(e) = agent.datapath.apply_policy(&additions) {
             report
                 .warnings
                 .push(format!("cannot write the policy maps: {e}"));
         }
-        for ep in agent.endpoints.clone() {
+        let endpoints: Vec<EndpointRecord> = agent.table().endpoints.values().cloned().collect();
+        for ep in &endpoints {
             let name = format!("{} ({})", ep.host_ifname, ep.address);
             if let Err(e) = agent.host.route_pod(ep.host_ifindex, ep.address, gateway) {
                 report
@@ -183,15 +332,14 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             // Rate limiters first (their qdiscs), so that the ingress flag never points
             // same-node traffic at a qdisc that is not there.
             if ep.bandwidth.is_some()
-                && let Err(e) = agent.apply_limits(&ep, None, false)
+                && let Err(e) = agent.apply_limits(ep, None, false)
             {
                 report
                     .warnings
                     .push(format!("{name}: cannot restore its bandwidth limits: {e}"));
             }
-            let flags =
-                agent.policy_flags(ep.id) | bandwidth::endpoint_flags(ep.bandwidth.as_ref());
-            match agent.datapath.adopt(&ep, flags) {
+            let flags = agent.policy_flags(ep.id) | bandwidth::endpoint_flags(ep.bandwidth.as_ref());
+            match agent.datapath.adopt(ep, flags) {
                 Ok(Adoption::Adopted) => report.adopted.push(name),
                 Ok(Adoption::Reattached) => report.reattached.push(name),
                 Err(e) => {
@@ -207,55 +355,62 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 .push(format!("cannot remove stale policy entries: {e}"));
         }
         agent.adopted = report.adopted.len();
-        for e in agent.datapath.sweep(&agent.endpoints) {
+        for e in agent.datapath.sweep(&endpoints) {
             report
                 .warnings
                 .push(format!("sweeping stale datapath entries: {e}"));
         }
-        agent.persist()?;
+        agent.publish_policy(&agent.policy());
+        if !changes.is_empty() {
+            agent.store.submit(changes).wait()?;
+        }
         Ok((agent, report))
     }
 
-    fn persist(&self) -> Result<(), StateError> {
-        self.store.save(&PersistedState {
-            next_endpoint_id: self.next_endpoint_id,
-            ipam: self.ipam.state().clone(),
-            endpoints: self.endpoints.clone(),
-            policies: self.policy.stored(),
-            namespace_labels: self.policy.namespaces.clone(),
-            identities: self.policy.installed.identities.clone(),
-            ..PersistedState::default()
-        })
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().expect("endpoint table")
     }
 
-    fn find(&self, container_id: &str, ifname: &str) -> Option<usize> {
-        self.endpoints
-            .iter()
-            .position(|e| e.container_id == container_id && e.ifname == ifname)
+    /// The record of `owner`'s endpoint, if it has one.
+    fn record(&self, owner: &Owner) -> Option<EndpointRecord> {
+        self.table().endpoints.get(owner).cloned()
     }
 
-    pub fn allocate(&mut self, req: &AllocateRequest) -> Result<Allocation, ControlError> {
+    pub fn allocate(&self, req: &AllocateRequest) -> Result<Allocation, ControlError> {
         validate_owner(&req.container_id, &req.ifname)?;
-        if let Some(i) = self.find(&req.container_id, &req.ifname) {
-            let ep = &self.endpoints[i];
-            return Err(ControlError::Conflict(format!(
-                "container {} already has interface {} attached as endpoint {} ({}); delete it first",
-                ep.container_id, ep.ifname, ep.id, ep.address
-            )));
-        }
         let owner = Owner {
             container_id: req.container_id.clone(),
             ifname: req.ifname.clone(),
         };
-        let before = self.ipam.owner_address(&owner);
-        let address = match req.address {
-            Some(wanted) => self.ipam.allocate_specific(&owner, wanted)?,
-            None => self.ipam.allocate(&owner)?,
+        let _busy = self.owners.lock(&owner);
+        let (address, pending) = {
+            let mut t = self.table();
+            if let Some(ep) = t.endpoints.get(&owner) {
+                return Err(ControlError::Conflict(format!(
+                    "container {} already has interface {} attached as endpoint {} ({}); delete it first",
+                    ep.container_id, ep.ifname, ep.id, ep.address
+                )));
+            }
+            let before = t.ipam.owner_address(&owner);
+            let address = match req.address {
+                Some(wanted) => t.ipam.allocate_specific(&owner, wanted)?,
+                None => t.ipam.allocate(&owner)?,
+            };
+            let pending = before.is_none().then(|| {
+                self.store.submit(vec![
+                    Change::Address {
+                        owner: owner.clone(),
+                        address,
+                    },
+                    Change::IpamCursor(t.ipam.state().last),
+                ])
+            });
+            (address, pending)
         };
-        if before.is_none()
-            && let Err(e) = self.persist()
+        if let Some(p) = pending
+            && let Err(e) = p.wait()
         {
-            self.ipam.release(&owner);
+            self.table().ipam.release(&owner);
             return Err(e.into());
         }
         Ok(Allocation {
@@ -265,40 +420,25 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         })
     }
 
-    pub fn create_endpoint(
-        &mut self,
-        req: &CreateEndpointRequest,
-    ) -> Result<Endpoint, ControlError> {
-        validate_owner(&req.container_id, &req.ifname)?;
-        if req.pod_mac.0[0] & 1 != 0 || req.pod_mac.0 == [0; 6] {
-            return Err(ControlError::BadRequest(format!(
-                "pod_mac {} is not a unicast MAC address",
-                req.pod_mac
-            )));
-        }
-        if let Some(bw) = &req.bandwidth {
-            bandwidth::validate(bw)
-                .map_err(|e| ControlError::BadRequest(format!("invalid bandwidth: {e}")))?;
-        }
-        if let Some(i) = self.find(&req.container_id, &req.ifname) {
+    /// Checks a create request against the table and claims its address and MAC; on a
+    /// MAC conflict the address reserved for it goes back (a refused ADD leaves nothing).
+    fn claim(&self, req: &CreateEndpointRequest, owner: &Owner) -> Result<(u32, Claim<'_>), ControlError> {
+        let mut t = self.table();
+        if let Some(ep) = t.endpoints.get(owner) {
             return Err(ControlError::Conflict(format!(
                 "container {} interface {} is already endpoint {}",
-                req.container_id, req.ifname, self.endpoints[i].id
+                req.container_id, req.ifname, ep.id
             )));
         }
-        let owner = Owner {
-            container_id: req.container_id.clone(),
-            ifname: req.ifname.clone(),
-        };
-        if let Some(other) = self.endpoints.iter().find(|e| e.address == req.address) {
+        if let Some(other) = t.address_holder(req.address) {
             return Err(ControlError::Conflict(format!(
-                "address {} is already used by endpoint {} (container {} interface {})",
-                req.address, other.id, other.container_id, other.ifname
+                "address {} is already used by {other}",
+                req.address
             )));
         }
-        match self.ipam.owner_address(&owner) {
+        match t.ipam.owner_address(owner) {
             _ if req.external_ipam => {
-                if let Some(holder) = self.ipam.holder(req.address) {
+                if let Some(holder) = t.ipam.holder(req.address) {
                     return Err(ControlError::Conflict(format!(
                         "address {} from the delegated IPAM plugin is reserved for {holder} by the agent's own allocator",
                         req.address
@@ -318,31 +458,67 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 )));
             }
         }
-        if let Some(other) = self.endpoints.iter().find(|e| e.pod_mac == req.pod_mac) {
+        if let Some(other) = t.mac_holder(&req.pod_mac) {
             // The pod's MAC is how the datapath knows it (anti-spoofing, the MAC it
-            // rewrites to): two endpoints cannot share one. The reservation made for this
-            // request goes back, so that a refused ADD leaves nothing behind.
+            // rewrites to): two endpoints cannot share one.
             let released = if req.external_ipam {
                 None
             } else {
-                self.ipam.release(&owner)
+                t.ipam.release(owner)
             };
-            if released.is_some()
-                && let Err(e) = self.persist()
+            let pending = released
+                .is_some()
+                .then(|| self.store.submit(vec![Change::AddressReleased(owner.clone())]));
+            drop(t);
+            if let Some(p) = pending
+                && let Err(e) = p.wait()
             {
                 tracing::error!("cannot save the release of {owner}'s address: {e}");
             }
             return Err(ControlError::Conflict(format!(
-                "MAC address {} is already used by endpoint {} (container {} interface {}){}",
+                "MAC address {} is already used by {other}{}",
                 req.pod_mac,
-                other.id,
-                other.container_id,
-                other.ifname,
                 released
                     .map(|a| format!("; address {a} reserved for {owner} released"))
                     .unwrap_or_default()
             )));
         }
+        let id = t.next_endpoint_id;
+        t.next_endpoint_id += 1;
+        t.addresses.insert(req.address, owner.clone());
+        t.macs.insert(req.pod_mac.0, owner.clone());
+        Ok((
+            id,
+            Claim {
+                table: &self.table,
+                address: req.address,
+                mac: req.pod_mac.0,
+                done: false,
+            },
+        ))
+    }
+
+    pub fn create_endpoint(&self, req: &CreateEndpointRequest) -> Result<Endpoint, ControlError> {
+        validate_owner(&req.container_id, &req.ifname)?;
+        if req.pod_mac.0[0] & 1 != 0 || req.pod_mac.0 == [0; 6] {
+            return Err(ControlError::BadRequest(format!(
+                "pod_mac {} is not a unicast MAC address",
+                req.pod_mac
+            )));
+        }
+        if let Some(bw) = &req.bandwidth {
+            bandwidth::validate(bw)
+                .map_err(|e| ControlError::BadRequest(format!("invalid bandwidth: {e}")))?;
+        }
+        policy::validate_named_ports(&req.ports)?;
+        let mut ports = req.ports.clone();
+        ports.sort();
+        let owner = Owner {
+            container_id: req.container_id.clone(),
+            ifname: req.ifname.clone(),
+        };
+        let _busy = self.owners.lock(&owner);
+        let (id, mut claim) = self.claim(req, &owner)?;
         let link = self.host.link(&req.host_ifname)?.ok_or_else(|| {
             ControlError::BadRequest(format!(
                 "host interface {} does not exist in the agent's network namespace",
@@ -350,7 +526,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             ))
         })?;
         let record = EndpointRecord {
-            id: self.next_endpoint_id,
+            id,
             container_id: req.container_id.clone(),
             ifname: req.ifname.clone(),
             netns: req.netns.clone(),
@@ -363,6 +539,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             external_ipam: req.external_ipam,
             bandwidth: req.bandwidth,
             debug: false,
+            ports,
         };
         self.host
             .route_pod(link.index, req.address, self.config.gateway())?;
@@ -371,20 +548,31 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         if record.bandwidth.is_some() {
             self.apply_limits(&record, None, false)?;
         }
-        // Compiled with the new endpoint before it is attached, so that it starts with
-        // its flags, entries and ipcache in place.
-        self.attach_with_policy(&record)?;
-        self.next_endpoint_id += 1;
-        self.endpoints.push(record.clone());
-        if let Err(e) = self.persist() {
-            self.endpoints.pop();
+        // Its policy entries and ipcache entry first, so that it starts with them.
+        let (flags, identities) = self.policy_join(&record)?;
+        let flags = flags | bandwidth::endpoint_flags(record.bandwidth.as_ref());
+        if let Err(e) = self.datapath.attach(&record, flags) {
+            let rollback = self.policy_leave(record.id);
+            return Err(ControlError::Datapath(e.to_string()).with_rollback(rollback));
+        }
+        let pending = {
+            let mut t = self.table();
+            t.insert(record.clone());
+            claim.done = true;
+            self.store.submit(vec![
+                Change::Endpoint(record.clone()),
+                Change::NextEndpointId(t.next_endpoint_id),
+            ])
+        };
+        if let Err(e) = wait_all(identities.into_iter().chain([pending])) {
+            self.table().remove(&owner);
             let mut rollback: Vec<String> = self
                 .datapath
                 .detach(&record)
                 .into_iter()
                 .map(|e| format!("detaching {}: {e}", record.host_ifname))
                 .collect();
-            rollback.extend(self.policy_refresh());
+            rollback.extend(self.policy_leave(record.id));
             return Err(ControlError::from(e).with_rollback(rollback));
         }
         Ok(self.describe(&record, &[]))
@@ -392,7 +580,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
 
     /// Removes the endpoint and releases its address; both may already be gone.
     pub fn delete_endpoint(
-        &mut self,
+        &self,
         container_id: &str,
         ifname: &str,
     ) -> Result<DeleteResponse, ControlError> {
@@ -401,38 +589,37 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             container_id: container_id.to_owned(),
             ifname: ifname.to_owned(),
         };
-        let (removed, released, mut errors) = self.remove(&owner, false);
-        if removed {
-            errors.extend(self.policy_refresh());
-        }
-        if removed || released.is_some() {
-            self.persist()?;
-        }
-        if !errors.is_empty() {
+        let removal = self.remove(&owner, false);
+        removal.pending.map(|p| p.wait()).transpose()?;
+        if !removal.errors.is_empty() {
             return Err(ControlError::Datapath(format!(
                 "endpoint of {owner} removed, but cleaning the datapath failed: {}",
-                errors.join("; ")
+                removal.errors.join("; ")
             )));
         }
         Ok(DeleteResponse {
-            endpoint_removed: removed,
-            address_released: released,
+            endpoint_removed: removal.removed,
+            address_released: removal.released,
         })
     }
 
     /// The endpoint of one attachment and what of it is missing, for CNI CHECK.
     pub fn check_endpoint(
-        &mut self,
+        &self,
         container_id: &str,
         ifname: &str,
     ) -> Result<EndpointCheck, ControlError> {
         validate_owner(container_id, ifname)?;
-        let i = self.find(container_id, ifname).ok_or_else(|| {
+        let owner = Owner {
+            container_id: container_id.to_owned(),
+            ifname: ifname.to_owned(),
+        };
+        let _busy = self.owners.lock(&owner);
+        let ep = self.record(&owner).ok_or_else(|| {
             ControlError::NotFound(format!(
                 "no endpoint for container {container_id} interface {ifname}"
             ))
         })?;
-        let ep = self.endpoints[i].clone();
         let mut problems = Vec::new();
         match self.host.link(&ep.host_ifname)? {
             Some(l) if l.index == ep.host_ifindex => {}
@@ -451,7 +638,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
 
     /// Removes every endpoint and reservation that belongs to no valid attachment, with
     /// its host veth, map entries and links; keeps going past errors and reports them.
-    pub fn gc(&mut self, req: &GcRequest) -> Result<GcResponse, ControlError> {
+    pub fn gc(&self, req: &GcRequest) -> Result<GcResponse, ControlError> {
         for (i, a) in req.valid_attachments.iter().enumerate() {
             validate_owner(&a.container_id, &a.ifname)
                 .map_err(|e| ControlError::BadRequest(format!("valid_attachments[{i}]: {e}")))?;
@@ -461,33 +648,36 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             .iter()
             .map(|a| (a.container_id.as_str(), a.ifname.as_str()))
             .collect();
-        let mut stale: BTreeSet<Owner> = self
-            .endpoints
-            .iter()
-            .map(EndpointRecord::owner)
-            .chain(self.ipam.owners().cloned())
-            .collect();
+        let mut stale: BTreeSet<Owner> = {
+            let t = self.table();
+            t.endpoints
+                .keys()
+                .cloned()
+                .chain(t.ipam.owners().cloned())
+                .collect()
+        };
         stale.retain(|o| !valid.contains(&(o.container_id.as_str(), o.ifname.as_str())));
         let mut resp = GcResponse::default();
+        let mut pending = Vec::new();
         for owner in stale {
-            let (removed, released, errors) = self.remove(&owner, true);
-            resp.errors.extend(errors);
-            resp.released.extend(released);
-            if removed || released.is_some() {
+            let removal = self.remove(&owner, true);
+            resp.errors.extend(removal.errors);
+            resp.released.extend(removal.released);
+            pending.extend(removal.pending);
+            if removal.removed || removal.released.is_some() {
                 resp.removed.push(Attachment {
                     container_id: owner.container_id,
                     ifname: owner.ifname,
                 });
             }
         }
-        resp.errors.extend(self.policy_refresh());
-        self.persist()?;
+        wait_all(pending)?;
         Ok(resp)
     }
 
     /// Finishes the deletes `hypha-cni` could not hand over while the agent was down, and
     /// removes endpoints whose host veth vanished (their pod is gone). Returns what it did.
-    pub fn reconcile(&mut self, deferred: &[Attachment]) -> Vec<String> {
+    pub fn reconcile(&self, deferred: &[Attachment]) -> Vec<String> {
         let mut done = Vec::new();
         let mut owners: Vec<Owner> = deferred
             .iter()
@@ -496,7 +686,8 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 ifname: a.ifname.clone(),
             })
             .collect();
-        for e in &self.endpoints {
+        let endpoints: Vec<EndpointRecord> = self.table().endpoints.values().cloned().collect();
+        for e in &endpoints {
             match self.host.link(&e.host_ifname) {
                 Ok(Some(l)) if l.index == e.host_ifindex => {}
                 Ok(_) => owners.push(e.owner()),
@@ -505,36 +696,31 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         }
         owners.sort();
         owners.dedup();
+        let mut pending = Vec::new();
         for owner in owners {
-            let (removed, released, errors) = self.remove(&owner, false);
-            if removed || released.is_some() {
-                done.push(format!("removed {owner} (address {released:?})"));
+            let removal = self.remove(&owner, false);
+            if removal.removed || removal.released.is_some() {
+                done.push(format!(
+                    "removed {owner} (address {:?})",
+                    removal.released
+                ));
             }
-            done.extend(errors);
+            done.extend(removal.errors);
+            pending.extend(removal.pending);
         }
-        if !done.is_empty() {
-            done.extend(self.policy_refresh());
-        }
-        if !done.is_empty()
-            && let Err(e) = self.persist()
-        {
+        if let Err(e) = wait_all(pending) {
             done.push(format!("cannot save the state: {e}"));
         }
         done
     }
 
-    /// Takes one attachment down: endpoint, datapath, optionally its host veth, address.
-    /// Does not persist.
-    fn remove(
-        &mut self,
-        owner: &Owner,
-        delete_veth: bool,
-    ) -> (bool, Option<Ipv4Addr>, Vec<String>) {
+    /// Takes one attachment down: its datapath and policy entries, optionally its host
+    /// veth, then its record and address. Submits the change; the caller waits for it.
+    fn remove(&self, owner: &Owner, delete_veth: bool) -> Removal {
+        let _busy = self.owners.lock(owner);
         let mut errors = Vec::new();
-        let removed = self
-            .find(&owner.container_id, &owner.ifname)
-            .map(|i| self.endpoints.remove(i));
-        if let Some(ep) = &removed {
+        let record = self.record(owner);
+        if let Some(ep) = &record {
             if delete_veth && let Err(e) = self.host.delete_link(&ep.host_ifname) {
                 errors.push(format!("{owner}: cannot delete {}: {e}", ep.host_ifname));
             }
@@ -544,9 +730,53 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                     .into_iter()
                     .map(|e| format!("{owner}: {e}")),
             );
+            errors.extend(self.policy_leave(ep.id));
         }
-        let released = self.ipam.release(owner);
-        (removed.is_some(), released, errors)
+        // The address goes back last: until the datapath has forgotten the endpoint, a
+        // new pod must not get it.
+        let mut t = self.table();
+        let removed = t.remove(owner).is_some();
+        let released = t.ipam.release(owner);
+        let mut changes = Vec::new();
+        if removed {
+            changes.push(Change::EndpointGone(owner.clone()));
+        }
+        if released.is_some() {
+            changes.push(Change::AddressReleased(owner.clone()));
+        }
+        let pending = (!changes.is_empty()).then(|| self.store.submit(changes));
+        Removal {
+            removed,
+            released,
+            errors,
+            pending,
+        }
+    }
+
+    /// Resolves `which` (an endpoint id, a container id or a unique prefix of one) and
+    /// runs `f` on its current record with its attachment locked.
+    fn with_endpoint<T>(
+        &self,
+        which: &str,
+        f: impl FnOnce(&EndpointRecord) -> Result<T, ControlError>,
+    ) -> Result<T, ControlError> {
+        let owner = self.find_endpoint(which)?.owner();
+        let _busy = self.owners.lock(&owner);
+        // It may have gone while we waited.
+        let record = self.record(&owner).ok_or_else(|| {
+            ControlError::NotFound(format!("endpoint {which} was deleted meanwhile"))
+        })?;
+        f(&record)
+    }
+
+    /// Replaces the record of an endpoint in the table and persists it.
+    fn save_record(&self, record: &EndpointRecord) -> Result<(), StateError> {
+        let pending = {
+            let mut t = self.table();
+            t.endpoints.insert(record.owner(), record.clone());
+            self.store.submit(vec![Change::Endpoint(record.clone())])
+        };
+        pending.wait()
     }
 
     /// Sets (replaces) the bandwidth limits of the endpoint `which` (its id, container
@@ -554,37 +784,32 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     /// first: a bad field changes nothing. If the kernel refuses, the old limits are put
     /// back.
     pub fn set_bandwidth(
-        &mut self,
+        &self,
         which: &str,
         bw: &hypha_api::Bandwidth,
     ) -> Result<Endpoint, ControlError> {
         bandwidth::validate(bw)
             .map_err(|e| ControlError::BadRequest(format!("invalid bandwidth: {e}")))?;
-        let id = self.find_endpoint(which)?.id;
-        let i = self
-            .endpoints
-            .iter()
-            .position(|e| e.id == id)
-            .expect("found above");
-        let old = self.endpoints[i].bandwidth;
-        let mut record = self.endpoints[i].clone();
-        record.bandwidth = (*bw != hypha_api::Bandwidth::default()).then_some(*bw);
-        if let Err(e) = self.apply_limits(&record, old.as_ref(), true) {
-            let new = record.bandwidth;
-            record.bandwidth = old;
-            let rollback = match self.apply_limits(&record, new.as_ref(), true) {
-                Ok(()) => Vec::new(),
-                Err(undo) => vec![format!("cannot restore the old bandwidth limits: {undo}")],
-            };
-            return Err(e.with_rollback(rollback));
-        }
-        self.endpoints[i] = record.clone();
-        if let Err(e) = self.persist() {
-            // The limits are in force but not saved: say so, and keep the record in line
-            // with the kernel.
-            return Err(e.into());
-        }
-        tracing::info!(endpoint = id, bandwidth = ?record.bandwidth, "bandwidth set");
+        let record = self.with_endpoint(which, |current| {
+            let old = current.bandwidth;
+            let mut record = current.clone();
+            record.bandwidth = (*bw != hypha_api::Bandwidth::default()).then_some(*bw);
+            if let Err(e) = self.apply_limits(&record, old.as_ref(), true) {
+                let mut back = record.clone();
+                back.bandwidth = old;
+                let rollback = match self.apply_limits(&back, record.bandwidth.as_ref(), true) {
+                    Ok(()) => Vec::new(),
+                    Err(undo) => {
+                        vec![format!("cannot restore the old bandwidth limits: {undo}")]
+                    }
+                };
+                return Err(e.with_rollback(rollback));
+            }
+            // The limits are in force: the record says so even if it cannot be saved.
+            self.save_record(&record)?;
+            Ok(record)
+        })?;
+        tracing::info!(endpoint = record.id, bandwidth = ?record.bandwidth, "bandwidth set");
         Ok(self.describe(&record, &self.all_drops()))
     }
 
@@ -592,37 +817,33 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     /// unique prefix of one) on or off, and saves the setting with the endpoint (a
     /// restarted agent traces it again). If the state cannot be saved, the datapath is
     /// put back as it was.
-    pub fn set_debug(&mut self, which: &str, on: bool) -> Result<Endpoint, ControlError> {
-        let id = self.find_endpoint(which)?.id;
-        let i = self
-            .endpoints
-            .iter()
-            .position(|e| e.id == id)
-            .expect("found above");
-        let was = self.endpoints[i].debug;
+    pub fn set_debug(&self, which: &str, on: bool) -> Result<Endpoint, ControlError> {
         let switch = |on: bool| if on { "on" } else { "off" };
-        self.datapath
-            .set_debug(&self.endpoints[i], on)
-            .map_err(|e| {
+        let record = self.with_endpoint(which, |current| {
+            let id = current.id;
+            let was = current.debug;
+            self.datapath.set_debug(current, on).map_err(|e| {
                 ControlError::Datapath(format!(
                     "cannot turn tracing {} for endpoint {id}: {e}",
                     switch(on)
                 ))
             })?;
-        self.endpoints[i].debug = on;
-        if let Err(e) = self.persist() {
-            self.endpoints[i].debug = was;
-            let rollback = match self.datapath.set_debug(&self.endpoints[i], was) {
-                Ok(()) => Vec::new(),
-                Err(undo) => vec![format!(
-                    "cannot turn tracing back {} for endpoint {id}: {undo}",
-                    switch(was)
-                )],
-            };
-            return Err(ControlError::from(e).with_rollback(rollback));
-        }
-        tracing::info!(endpoint = id, "datapath tracing {}", switch(on));
-        let record = self.endpoints[i].clone();
+            let mut record = current.clone();
+            record.debug = on;
+            if let Err(e) = self.save_record(&record) {
+                self.table().endpoints.insert(current.owner(), current.clone());
+                let rollback = match self.datapath.set_debug(current, was) {
+                    Ok(()) => Vec::new(),
+                    Err(undo) => vec![format!(
+                        "cannot turn tracing back {} for endpoint {id}: {undo}",
+                        switch(was)
+                    )],
+                };
+                return Err(ControlError::from(e).with_rollback(rollback));
+            }
+            Ok(record)
+        })?;
+        tracing::info!(endpoint = record.id, "datapath tracing {}", switch(on));
         Ok(self.describe(&record, &self.all_drops()))
     }
 
@@ -632,7 +853,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     /// ingress flag in the datapath: when adding, after the qdisc is in place; when
     /// removing, before the qdisc goes.
     fn apply_limits(
-        &mut self,
+        &self,
         ep: &EndpointRecord,
         old: Option<&hypha_api::Bandwidth>,
         attached: bool,
@@ -653,12 +874,11 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         }
         let (in_new, in_old) = (Limit::ingress(new), Limit::ingress(old));
         let flag = hypha_common::ENDPOINT_F_INGRESS_LIMIT;
-        let set_flag = |agent: &mut Self, on: bool| {
+        let set_flag = |on: bool| -> Result<(), ControlError> {
             if !attached {
                 return Ok(());
             }
-            agent
-                .datapath
+            self.datapath
                 .set_flags(ep, flag, if on { flag } else { 0 })
                 .map_err(|e| ControlError::Datapath(e.to_string()))
         };
@@ -667,10 +887,10 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 if in_new != in_old || fresh {
                     self.host.set_rate_limit(host, Some(l))?;
                 }
-                set_flag(self, true)?;
+                set_flag(true)?;
             }
             (None, Some(_)) => {
-                set_flag(self, false)?;
+                set_flag(false)?;
                 self.host.set_rate_limit(host, None)?;
             }
             (None, None) => {}
@@ -686,7 +906,14 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             tracing::warn!("cannot read drop counters: {e}");
             Vec::new()
         });
-        for ep in self.endpoints.iter().filter(|e| e.bandwidth.is_some()) {
+        let limited: Vec<EndpointRecord> = self
+            .table()
+            .endpoints
+            .values()
+            .filter(|e| e.bandwidth.is_some())
+            .cloned()
+            .collect();
+        for ep in &limited {
             let bw = ep.bandwidth.as_ref();
             let sides = [
                 (
@@ -729,12 +956,24 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         drops
     }
 
+    /// The host ifindex of endpoint `id` (the monitor filters drops by it).
+    pub fn endpoint_ifindex(&self, id: u32) -> Option<u32> {
+        let t = self.table();
+        let owner = t.ids.get(&id)?;
+        Some(t.endpoints[owner].host_ifindex)
+    }
+
+    /// Every endpoint with its counters; reads a copy of the table, so it never waits
+    /// for an ADD's kernel work.
     pub fn list(&self) -> Vec<Endpoint> {
         let drops = self.all_drops();
-        self.endpoints
+        let endpoints: Vec<EndpointRecord> = self.table().endpoints.values().cloned().collect();
+        let mut out: Vec<Endpoint> = endpoints
             .iter()
             .map(|e| self.describe(e, &drops))
-            .collect()
+            .collect();
+        out.sort_by_key(|e| e.id);
+        out
     }
 
     fn describe(
@@ -778,12 +1017,17 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 })
                 .collect(),
             debug: ep.debug,
+            ports: ep.ports.clone(),
         }
     }
 
+    /// The agent's status; reads counts and the policy snapshot, never waiting for an
+    /// ADD or a policy change.
     pub fn status(&self) -> Status {
-        let capacity = self.ipam.capacity();
-        let allocated = self.ipam.allocated();
+        let (capacity, allocated, endpoints) = {
+            let t = self.table();
+            (t.ipam.capacity(), t.ipam.allocated(), t.endpoints.len())
+        };
         Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_seconds: self.started.elapsed().as_secs(),
@@ -805,10 +1049,18 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 adopted_endpoints: self.adopted,
                 programs: self.datapath.programs(),
             },
-            endpoints: self.endpoints.len(),
-            policy: self.policy_status(),
+            endpoints,
+            policy: self.policy_view.load().status.clone(),
         }
     }
+}
+
+/// What [`Agent::remove`] did.
+struct Removal {
+    removed: bool,
+    released: Option<Ipv4Addr>,
+    errors: Vec<String>,
+    pending: Option<Pending>,
 }
 
 fn counters(s: &EndpointStats) -> EndpointCounters {

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use hypha_api::Attachment;
-use tokio::sync::Mutex;
 
 use crate::config::AgentConfig;
 use crate::control::Agent;
@@ -53,6 +52,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let socket = config.socket.clone();
     let policy_dir = config.policy_dir.clone();
     let metrics_addr = config.metrics_addr;
+    let store = crate::state::FileStore::new(store, saved.clone());
     let (agent, report) = Agent::start(config, datapath, host, Box::new(store), saved)
         .context("starting the agent")?;
     for w in &report.warnings {
@@ -72,7 +72,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         pin_dir = %status.datapath.pin_dir,
         "hypha agent ready"
     );
-    let agent = Arc::new(Mutex::new(agent));
+    let agent = Arc::new(agent);
     tokio::spawn(reconcile_loop(
         agent.clone(),
         hypha_api::deferred_deletes_dir(&socket),
@@ -88,7 +88,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
             axum::routing::get(move || {
                 let agent = agent.clone();
                 async move {
-                    let text = agent.lock().await.metrics();
+                    let text = tokio::task::spawn_blocking(move || agent.metrics())
+                        .await
+                        .unwrap_or_else(|e| format!("# the metrics worker failed: {e}\n"));
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
@@ -148,15 +150,22 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(5);
 
 /// Finishes deferred deletes and removes endpoints whose veth vanished, at start and then
 /// every [`RECONCILE_EVERY`].
-async fn reconcile_loop<D: Datapath, H: HostNetwork>(
-    agent: Arc<Mutex<Agent<D, H>>>,
+async fn reconcile_loop<D: Datapath + 'static, H: HostNetwork + 'static>(
+    agent: Arc<Agent<D, H>>,
     deferred_dir: PathBuf,
 ) {
     let mut tick = tokio::time::interval(RECONCILE_EVERY);
     loop {
         tick.tick().await;
         let (attachments, files) = read_deferred(&deferred_dir);
-        let done = agent.lock().await.reconcile(&attachments);
+        let a = agent.clone();
+        let done = match tokio::task::spawn_blocking(move || a.reconcile(&attachments)).await {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!("reconcile failed: {e}");
+                continue;
+            }
+        };
         for line in done {
             tracing::info!("reconcile: {line}");
         }
@@ -181,8 +190,8 @@ const POLICY_DIR_EVERY: Duration = Duration::from_millis(25);
 /// retried with backoff ([`crate::policy::watch`]) and shown in the status until it is
 /// applied, fixed or removed. Files are read and parsed on a blocking thread before the
 /// agent's lock is taken.
-async fn policy_dir_loop<D: Datapath, H: HostNetwork>(
-    agent: Arc<Mutex<Agent<D, H>>>,
+async fn policy_dir_loop<D: Datapath + 'static, H: HostNetwork + 'static>(
+    agent: Arc<Agent<D, H>>,
     dir: PathBuf,
 ) {
     let mut tick = tokio::time::interval(POLICY_DIR_EVERY);
@@ -218,7 +227,15 @@ async fn policy_dir_loop<D: Datapath, H: HostNetwork>(
                 continue;
             }
         };
-        let report = agent.lock().await.sync_policy_files(changes);
+        let a = agent.clone();
+        let report = match tokio::task::spawn_blocking(move || a.sync_policy_files(changes)).await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("applying the policy directory failed: {e}");
+                continue;
+            }
+        };
         let now = std::time::Instant::now();
         for (path, outcome) in &report.outcomes {
             watch.record(path.clone(), seen.get(path).cloned(), outcome, now);

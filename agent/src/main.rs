@@ -96,6 +96,27 @@ enum EndpointCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Change a running endpoint's labels (`app=web` sets, `app-` removes, as `kubectl
+    /// label`): it moves to the identity of its new labels, and policies follow.
+    Label {
+        /// Endpoint id, container id, or a unique prefix of a container id.
+        endpoint: String,
+        #[arg(required = true, value_name = "KEY=VALUE|KEY-")]
+        labels: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Set (replace) an endpoint's named ports, which NetworkPolicy ports may name:
+    /// `hypha endpoint ports 7 http=8080/tcp dns=53/udp` (no ports: removes them all).
+    Ports {
+        /// Endpoint id, container id, or a unique prefix of a container id.
+        endpoint: String,
+        /// NAME=NUMBER[/PROTOCOL], protocol tcp (default), udp or sctp.
+        #[arg(value_name = "NAME=NUMBER[/PROTO]")]
+        ports: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -306,6 +327,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }) => {
             let on = matches!(switch, Switch::On);
             let ep = Client::new(&client.socket)?.set_debug(&endpoint, on)?;
+            print(client.output, &ep, |e| {
+                format_endpoints(std::slice::from_ref(e))
+            })
+        }
+        Command::Endpoint(EndpointCommand::Label {
+            endpoint,
+            labels,
+            client,
+        }) => {
+            let req = parse_label_args(&labels).map_err(anyhow::Error::msg)?;
+            let req = hypha_api::EndpointLabelsRequest {
+                set: req.set,
+                remove: req.remove,
+            };
+            let ep = Client::new(&client.socket)?.set_endpoint_labels(&endpoint, &req)?;
+            print(client.output, &ep, |e| {
+                format_endpoints(std::slice::from_ref(e))
+            })
+        }
+        Command::Endpoint(EndpointCommand::Ports {
+            endpoint,
+            ports,
+            client,
+        }) => {
+            let ports = ports
+                .iter()
+                .map(|p| hypha_api::parse_named_port(p, '='))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(anyhow::Error::msg)?;
+            let ep = Client::new(&client.socket)?.set_endpoint_ports(&endpoint, &ports)?;
             print(client.output, &ep, |e| {
                 format_endpoints(std::slice::from_ref(e))
             })

@@ -14,7 +14,6 @@ use hypha_api::{
     PolicySource,
 };
 use tokio::net::UnixListener;
-use tokio::sync::Mutex;
 
 use crate::control::{Agent, ControlError};
 use crate::datapath::Datapath;
@@ -33,7 +32,25 @@ pub enum ServerError {
     },
 }
 
-type Shared<D, H> = Arc<Mutex<Agent<D, H>>>;
+/// The agent, shared by every request; its methods take `&self` and lock only what
+/// they need.
+pub type Shared<D, H> = Arc<Agent<D, H>>;
+
+/// Runs `f` on the agent on a blocking thread: the control plane's calls make syscalls
+/// (netlink, bpf, fsync) that must not hold up the async workers.
+async fn blocking<D, H, T>(
+    a: Shared<D, H>,
+    f: impl FnOnce(&Agent<D, H>) -> Result<T, ControlError> + Send + 'static,
+) -> Result<T, ControlError>
+where
+    D: Datapath + 'static,
+    H: HostNetwork + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(move || f(&a))
+        .await
+        .map_err(|e| ControlError::Datapath(format!("the request's worker failed: {e}")))?
+}
 
 impl IntoResponse for ControlError {
     fn into_response(self) -> Response {
@@ -77,6 +94,9 @@ where
         )
         // Likewise an interface named `debug`.
         .route("/v1/endpoints/{endpoint}/debug", put(set_debug::<D, H>))
+        // Likewise interfaces named `labels` and `ports`.
+        .route("/v1/endpoints/{endpoint}/labels", put(set_labels::<D, H>))
+        .route("/v1/endpoints/{endpoint}/ports", put(set_ports::<D, H>))
         .route(
             "/v1/policies",
             get(list_policies::<D, H>).post(apply_policies::<D, H>),
@@ -95,28 +115,37 @@ where
         .with_state(agent)
 }
 
-async fn status<D: Datapath, H: HostNetwork>(State(a): State<Shared<D, H>>) -> Response {
-    Json(a.lock().await.status()).into_response()
+async fn status<D: Datapath + 'static, H: HostNetwork + 'static>(State(a): State<Shared<D, H>>) -> Response {
+    match blocking(a, |a| Ok(a.status())).await {
+        Ok(s) => Json(s).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
-async fn list<D: Datapath, H: HostNetwork>(State(a): State<Shared<D, H>>) -> Response {
-    Json(a.lock().await.list()).into_response()
+async fn list<D: Datapath + 'static, H: HostNetwork + 'static>(State(a): State<Shared<D, H>>) -> Response {
+    match blocking(a, |a| Ok(a.list())).await {
+        Ok(l) => Json(l).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
-async fn allocate<D: Datapath, H: HostNetwork>(
+async fn allocate<D: Datapath + 'static, H: HostNetwork + 'static>(
     State(a): State<Shared<D, H>>,
     Json(req): Json<AllocateRequest>,
 ) -> Result<Response, ControlError> {
-    let alloc = a.lock().await.allocate(&req)?;
+    let alloc = {
+        let req = req.clone();
+        blocking(a, move |a| a.allocate(&req)).await?
+    };
     tracing::info!(container = %req.container_id, ifname = %req.ifname, address = %alloc.address, "allocated");
     Ok(Json(alloc).into_response())
 }
 
-async fn create<D: Datapath, H: HostNetwork>(
+async fn create<D: Datapath + 'static, H: HostNetwork + 'static>(
     State(a): State<Shared<D, H>>,
     Json(req): Json<CreateEndpointRequest>,
 ) -> Result<Response, ControlError> {
-    let ep = a.lock().await.create_endpoint(&req)?;
+    let ep = blocking(a, move |a| a.create_endpoint(&req)).await?;
     tracing::info!(id = ep.id, container = %ep.container_id, host_if = %ep.host_ifname, address = %ep.address, "endpoint created");
     Ok((StatusCode::CREATED, Json(ep)).into_response())
 }
@@ -145,13 +174,7 @@ async fn monitor<D: Datapath + 'static, H: HostNetwork + 'static>(
     }
     // Drops that are not policy verdicts name their endpoint by its host ifindex only.
     let ifindex = match q.endpoint {
-        Some(id) => a
-            .lock()
-            .await
-            .list()
-            .into_iter()
-            .find(|e| e.id == id)
-            .map(|e| e.host_ifindex),
+        Some(id) => blocking(a.clone(), move |a| Ok(a.endpoint_ifindex(id))).await?,
         None => None,
     };
     let filter = crate::monitor::Filter {
@@ -164,9 +187,7 @@ async fn monitor<D: Datapath + 'static, H: HostNetwork + 'static>(
         loop {
             let line = match rx.recv().await {
                 Ok(e) if filter.matches(&e) => {
-                    let agent = a.lock().await;
-                    let event = crate::monitor::render(&e, |id| agent.policy_name(id));
-                    drop(agent);
+                    let event = crate::monitor::render(&e, |id| a.policy_name(id));
                     serde_json::to_string(&event).expect("events serialize")
                 }
                 Ok(_) => continue,
@@ -186,42 +207,44 @@ async fn monitor<D: Datapath + 'static, H: HostNetwork + 'static>(
         .into_response())
 }
 
-async fn check<D: Datapath, H: HostNetwork>(
+async fn check<D: Datapath + 'static, H: HostNetwork + 'static>(
     State(a): State<Shared<D, H>>,
     UrlPath((container_id, ifname)): UrlPath<(String, String)>,
 ) -> Result<Response, ControlError> {
-    let check = a.lock().await.check_endpoint(&container_id, &ifname)?;
+    let check = blocking(a, move |a| a.check_endpoint(&container_id, &ifname)).await?;
     Ok(Json(check).into_response())
 }
 
-async fn gc<D: Datapath, H: HostNetwork>(
+async fn gc<D: Datapath + 'static, H: HostNetwork + 'static>(
     State(a): State<Shared<D, H>>,
     Json(req): Json<GcRequest>,
 ) -> Result<Response, ControlError> {
-    let resp = a.lock().await.gc(&req)?;
+    let resp = blocking(a, move |a| a.gc(&req)).await?;
     tracing::info!(removed = resp.removed.len(), released = ?resp.released, errors = ?resp.errors, "garbage collected");
     Ok(Json(resp).into_response())
 }
 
-async fn remove<D: Datapath, H: HostNetwork>(
+async fn remove<D: Datapath + 'static, H: HostNetwork + 'static>(
     State(a): State<Shared<D, H>>,
     UrlPath((container_id, ifname)): UrlPath<(String, String)>,
 ) -> Result<Response, ControlError> {
-    let resp = a.lock().await.delete_endpoint(&container_id, &ifname)?;
+    let resp = {
+        let (container_id, ifname) = (container_id.clone(), ifname.clone());
+        blocking(a, move |a| a.delete_endpoint(&container_id, &ifname)).await?
+    };
     if resp.endpoint_removed || resp.address_released.is_some() {
         tracing::info!(container = %container_id, %ifname, released = ?resp.address_released, "endpoint deleted");
     }
     Ok(Json(resp).into_response())
 }
 
-async fn apply_policies<D: Datapath, H: HostNetwork>(
+async fn apply_policies<D: Datapath + 'static, H: HostNetwork + 'static>(
     State(a): State<Shared<D, H>>,
     Json(files): Json<Vec<PolicySource>>,
 ) -> Result<Response, ControlError> {
     let sources: Vec<String> = files.iter().map(|f| f.source.clone()).collect();
-    // Parse (bounded, see policy::limits) on a blocking thread before taking the agent's
-    // lock, so that ADD and status never wait for a parse. Compiling still happens under
-    // the lock: splitting the lock is the agent core's next issue.
+    // Parse (bounded, see policy::limits) on a blocking thread before taking the policy
+    // lock, so that ADD and status never wait for a parse.
     let parsed = tokio::task::spawn_blocking(move || crate::policy::parse_policy_sources(&files))
         .await
         .map_err(|e| {
@@ -234,7 +257,7 @@ async fn apply_policies<D: Datapath, H: HostNetwork>(
         })
         .and_then(|r| r.map_err(ControlError::from));
     let result = match parsed {
-        Ok(parsed) => a.lock().await.apply_parsed(parsed),
+        Ok(parsed) => blocking(a, move |a| a.apply_parsed(parsed)).await,
         Err(e) => Err(e),
     };
     match result {
@@ -249,48 +272,73 @@ async fn apply_policies<D: Datapath, H: HostNetwork>(
     }
 }
 
-async fn list_policies<D: Datapath, H: HostNetwork>(State(a): State<Shared<D, H>>) -> Response {
-    Json(a.lock().await.list_policies()).into_response()
+async fn list_policies<D: Datapath + 'static, H: HostNetwork + 'static>(State(a): State<Shared<D, H>>) -> Response {
+    match blocking(a, |a| Ok(a.list_policies())).await {
+        Ok(l) => Json(l).into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
-async fn delete_policy<D: Datapath, H: HostNetwork>(
+async fn delete_policy<D: Datapath + 'static, H: HostNetwork + 'static>(
     State(a): State<Shared<D, H>>,
     UrlPath((namespace, name)): UrlPath<(String, String)>,
 ) -> Result<Response, ControlError> {
-    let resp = a.lock().await.delete_policy(&namespace, &name)?;
+    let resp = {
+        let (namespace, name) = (namespace.clone(), name.clone());
+        blocking(a, move |a| a.delete_policy(&namespace, &name)).await?
+    };
     tracing::info!(%namespace, %name, "policy deleted");
     Ok(Json(resp).into_response())
 }
 
-async fn endpoint_policy<D: Datapath, H: HostNetwork>(
+async fn endpoint_policy<D: Datapath + 'static, H: HostNetwork + 'static>(
     State(a): State<Shared<D, H>>,
     UrlPath(endpoint): UrlPath<String>,
 ) -> Result<Response, ControlError> {
-    Ok(Json(a.lock().await.endpoint_policy(&endpoint)?).into_response())
+    Ok(Json(blocking(a, move |a| a.endpoint_policy(&endpoint)).await?).into_response())
 }
 
-async fn set_bandwidth<D: Datapath, H: HostNetwork>(
+async fn set_bandwidth<D: Datapath + 'static, H: HostNetwork + 'static>(
     State(a): State<Shared<D, H>>,
     UrlPath(endpoint): UrlPath<String>,
     Json(bw): Json<hypha_api::Bandwidth>,
 ) -> Result<Response, ControlError> {
-    Ok(Json(a.lock().await.set_bandwidth(&endpoint, &bw)?).into_response())
+    Ok(Json(blocking(a, move |a| a.set_bandwidth(&endpoint, &bw)).await?).into_response())
 }
 
-async fn set_debug<D: Datapath, H: HostNetwork>(
+async fn set_debug<D: Datapath + 'static, H: HostNetwork + 'static>(
     State(a): State<Shared<D, H>>,
     UrlPath(endpoint): UrlPath<String>,
     Json(req): Json<hypha_api::DebugRequest>,
 ) -> Result<Response, ControlError> {
-    Ok(Json(a.lock().await.set_debug(&endpoint, req.enabled)?).into_response())
+    Ok(Json(blocking(a, move |a| a.set_debug(&endpoint, req.enabled)).await?).into_response())
 }
 
-async fn namespace_labels<D: Datapath, H: HostNetwork>(
+async fn set_labels<D: Datapath + 'static, H: HostNetwork + 'static>(
+    State(a): State<Shared<D, H>>,
+    UrlPath(endpoint): UrlPath<String>,
+    Json(req): Json<hypha_api::EndpointLabelsRequest>,
+) -> Result<Response, ControlError> {
+    Ok(Json(blocking(a, move |a| a.set_endpoint_labels(&endpoint, &req)).await?).into_response())
+}
+
+async fn set_ports<D: Datapath + 'static, H: HostNetwork + 'static>(
+    State(a): State<Shared<D, H>>,
+    UrlPath(endpoint): UrlPath<String>,
+    Json(req): Json<hypha_api::EndpointPortsRequest>,
+) -> Result<Response, ControlError> {
+    Ok(Json(blocking(a, move |a| a.set_endpoint_ports(&endpoint, &req.ports)).await?).into_response())
+}
+
+async fn namespace_labels<D: Datapath + 'static, H: HostNetwork + 'static>(
     State(a): State<Shared<D, H>>,
     UrlPath(namespace): UrlPath<String>,
     Json(req): Json<NamespaceLabelsRequest>,
 ) -> Result<Response, ControlError> {
-    let resp = a.lock().await.set_namespace_labels(&namespace, &req)?;
+    let resp = {
+        let namespace = namespace.clone();
+        blocking(a, move |a| a.set_namespace_labels(&namespace, &req)).await?
+    };
     tracing::info!(%namespace, labels = ?resp.labels, "namespace labels set");
     Ok(Json(resp).into_response())
 }

@@ -83,6 +83,9 @@ pub struct EndpointRecord {
     /// The datapath traces its packets (`hypha endpoint debug`).
     #[serde(default)]
     pub debug: bool,
+    /// Its named ports (`hypha endpoint ports`), for policies that name ports.
+    #[serde(default)]
+    pub ports: Vec<hypha_api::NamedPort>,
 }
 
 impl EndpointRecord {
@@ -530,5 +533,156 @@ mod tests {
             "{text}"
         );
         assert!(waited >= Duration::from_millis(400), "{waited:?}");
+    }
+}
+
+// ---- Interim: the store's change interface (replaced by the redb group-commit store).
+
+/// One change to the persisted state.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    Endpoint(EndpointRecord),
+    EndpointGone(Owner),
+    Address { owner: Owner, address: Ipv4Addr },
+    AddressReleased(Owner),
+    IpamCursor(Option<Ipv4Addr>),
+    NextEndpointId(u32),
+    Policy(StoredPolicy),
+    PolicyGone { namespace: String, name: String },
+    NamespaceLabels {
+        namespace: String,
+        labels: BTreeMap<String, String>,
+    },
+    Identities(IdentityAllocator),
+}
+
+/// Applies one change to an in-memory state.
+pub fn apply(state: &mut PersistedState, change: &Change) {
+    match change {
+        Change::Endpoint(ep) => {
+            state
+                .endpoints
+                .retain(|e| !(e.container_id == ep.container_id && e.ifname == ep.ifname));
+            state.endpoints.push(ep.clone());
+        }
+        Change::EndpointGone(o) => state
+            .endpoints
+            .retain(|e| !(e.container_id == o.container_id && e.ifname == o.ifname)),
+        Change::Address { owner, address } => {
+            state.ipam.allocations.retain(|_, o| o != owner);
+            state.ipam.allocations.insert(*address, owner.clone());
+        }
+        Change::AddressReleased(owner) => state.ipam.allocations.retain(|_, o| o != owner),
+        Change::IpamCursor(last) => state.ipam.last = *last,
+        Change::NextEndpointId(n) => state.next_endpoint_id = state.next_endpoint_id.max(*n),
+        Change::Policy(p) => {
+            state.policies.retain(|s| {
+                !(s.policy.namespace == p.policy.namespace && s.policy.name == p.policy.name)
+            });
+            state.policies.push(p.clone());
+        }
+        Change::PolicyGone { namespace, name } => state
+            .policies
+            .retain(|s| !(s.policy.namespace == *namespace && s.policy.name == *name)),
+        Change::NamespaceLabels { namespace, labels } => {
+            if labels.is_empty() {
+                state.namespace_labels.remove(namespace);
+            } else {
+                state
+                    .namespace_labels
+                    .insert(namespace.clone(), labels.clone());
+            }
+        }
+        Change::Identities(i) => state.identities = i.clone(),
+    }
+}
+
+/// Where changes go.
+pub trait Persist: Send + Sync {
+    fn submit(&self, changes: Vec<Change>) -> Pending;
+}
+
+/// A submitted change; `wait` says whether it was saved.
+#[must_use]
+pub struct Pending(Result<(), StateError>);
+
+impl Pending {
+    pub fn wait(self) -> Result<(), StateError> {
+        self.0
+    }
+}
+
+/// The whole-file store behind the change interface.
+pub struct FileStore {
+    store: StateStore,
+    state: std::sync::Mutex<PersistedState>,
+}
+
+impl FileStore {
+    pub fn new(store: StateStore, state: PersistedState) -> Self {
+        Self {
+            store,
+            state: std::sync::Mutex::new(state),
+        }
+    }
+}
+
+impl Persist for FileStore {
+    fn submit(&self, changes: Vec<Change>) -> Pending {
+        let mut s = self.state.lock().expect("state");
+        for c in &changes {
+            apply(&mut s, c);
+        }
+        Pending(self.store.save(&s))
+    }
+}
+
+#[cfg(test)]
+pub mod mem {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// The fake store: applies changes in memory; can be made to fail as a full disk.
+    #[derive(Clone, Default)]
+    pub struct MemStore {
+        pub groups: Arc<Mutex<Vec<PersistedState>>>,
+        state: Arc<Mutex<PersistedState>>,
+        failing: Arc<AtomicBool>,
+    }
+
+    impl MemStore {
+        pub fn with(state: PersistedState) -> Self {
+            let s = Self::default();
+            *s.state.lock().unwrap() = state;
+            s
+        }
+
+        pub fn fail(&self, on: bool) {
+            self.failing.store(on, Ordering::Relaxed);
+        }
+
+        pub fn last(&self) -> PersistedState {
+            self.state.lock().unwrap().clone()
+        }
+    }
+
+    impl Persist for MemStore {
+        fn submit(&self, changes: Vec<Change>) -> Pending {
+            if self.failing.load(Ordering::Relaxed) {
+                return Pending(Err(StateError::Io {
+                    op: "write",
+                    path: "/var/lib/hypha/state.redb".into(),
+                    source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+                }));
+            }
+            let mut s = self.state.lock().unwrap();
+            for c in &changes {
+                apply(&mut s, c);
+            }
+            self.groups.lock().unwrap().push(s.clone());
+            Pending(Ok(()))
+        }
     }
 }

@@ -13,8 +13,9 @@ use tokio::net::UnixStream;
 
 use crate::{
     AllocateRequest, Allocation, ApiError, ApplyPoliciesResponse, Bandwidth, CreateEndpointRequest,
-    DebugRequest, DeleteResponse, Endpoint, EndpointCheck, EndpointPolicy, GcRequest, GcResponse,
-    NamespaceLabels, NamespaceLabelsRequest, PolicySource, PolicySummary, Status,
+    DebugRequest, DeleteResponse, Endpoint, EndpointCheck, EndpointLabelsRequest, EndpointPolicy,
+    EndpointPortsRequest, GcRequest, GcResponse,
+    NamedPort, NamespaceLabels, NamespaceLabelsRequest, PolicySource, PolicySummary, Status,
 };
 
 /// Why a call to the agent failed.
@@ -187,6 +188,31 @@ impl Client {
     pub fn set_debug(&self, endpoint: &str, enabled: bool) -> Result<Endpoint, ClientError> {
         let uri = format!("/v1/endpoints/{}/debug", percent_encode(endpoint));
         self.call(Method::PUT, &uri, Some(&DebugRequest { enabled }))
+    }
+
+    /// Sets and removes labels of a running endpoint (by id, container id or a unique
+    /// prefix of one).
+    pub fn set_endpoint_labels(
+        &self,
+        endpoint: &str,
+        req: &EndpointLabelsRequest,
+    ) -> Result<Endpoint, ClientError> {
+        let uri = format!("/v1/endpoints/{}/labels", percent_encode(endpoint));
+        self.call(Method::PUT, &uri, Some(req))
+    }
+
+    /// Replaces the named ports of an endpoint (by id, container id or a unique prefix
+    /// of one).
+    pub fn set_endpoint_ports(
+        &self,
+        endpoint: &str,
+        ports: &[NamedPort],
+    ) -> Result<Endpoint, ClientError> {
+        let uri = format!("/v1/endpoints/{}/ports", percent_encode(endpoint));
+        let req = EndpointPortsRequest {
+            ports: ports.to_vec(),
+        };
+        self.call(Method::PUT, &uri, Some(&req))
     }
 
     pub fn set_namespace_labels(

@@ -15,6 +15,8 @@
 //! | `GET /v1/endpoints/{id or container}/policy`  |                           | [`EndpointPolicy`]  |
 //! | `PUT /v1/namespaces/{namespace}/labels`       | [`NamespaceLabelsRequest`]| [`NamespaceLabels`] |
 //! | `PUT /v1/endpoints/{id or container}/debug`   | [`DebugRequest`]          | [`Endpoint`]        |
+//! | `PUT /v1/endpoints/{id or container}/labels`  | [`EndpointLabelsRequest`] | [`Endpoint`]        |
+//! | `PUT /v1/endpoints/{id or container}/ports`   | [`EndpointPortsRequest`]  | [`Endpoint`]        |
 //!
 //! Request bodies refuse keys they do not know (`400`, the key named), so that a
 //! misspelt or wrongly cased field is never taken for an absent one.
@@ -125,6 +127,9 @@ pub struct CreateEndpointRequest {
     /// Rate limits from the CNI `bandwidth` capability, stored for the datapath to enforce.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<Bandwidth>,
+    /// The pod's named ports (from `args.cni.namedPorts`), for policies naming ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<NamedPort>,
 }
 
 /// Rate limits as the CNI `bandwidth` capability gives them: rates in bits per second,
@@ -171,6 +176,77 @@ pub struct Endpoint {
     /// (`PUT /v1/endpoints/{id}/debug`).
     #[serde(default)]
     pub debug: bool,
+    /// The pod's named ports, for NetworkPolicy ports given by name
+    /// (`PUT /v1/endpoints/{id}/ports`).
+    #[serde(default)]
+    pub ports: Vec<NamedPort>,
+}
+
+/// A named container port (`http` = 8080/TCP), which a NetworkPolicy may name instead of
+/// a number. The CNI carries no port names, so they come from `hypha run --port` or
+/// `hypha endpoint ports`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(deny_unknown_fields)]
+pub struct NamedPort {
+    pub name: String,
+    pub port: u16,
+    /// `TCP` (the default), `UDP` or `SCTP`.
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+}
+
+fn default_protocol() -> String {
+    "TCP".to_owned()
+}
+
+/// Parses `NAME<sep>NUMBER[/PROTOCOL]` (`http=8080/tcp` for `hypha endpoint ports`,
+/// `http:8080/tcp` for `hypha run --port`); the protocol is TCP unless given (tcp, udp
+/// or sctp, any case). The agent checks the name.
+pub fn parse_named_port(spec: &str, sep: char) -> Result<NamedPort, String> {
+    let form = format!("NAME{sep}NUMBER[/PROTOCOL]");
+    let (name, rest) = spec
+        .split_once(sep)
+        .ok_or_else(|| format!("{spec:?} is not {form}"))?;
+    let (number, protocol) = match rest.split_once('/') {
+        Some((n, p)) => (n, p.to_ascii_uppercase()),
+        None => (rest, "TCP".to_owned()),
+    };
+    let port: u16 = number
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{spec:?}: {number:?} is not a port number (1 to 65535)"))?;
+    if !matches!(protocol.as_str(), "TCP" | "UDP" | "SCTP") {
+        return Err(format!(
+            "{spec:?}: protocol {protocol:?} is not tcp, udp or sctp"
+        ));
+    }
+    if name.is_empty() {
+        return Err(format!("{spec:?}: the port name is empty"));
+    }
+    Ok(NamedPort {
+        name: name.to_owned(),
+        port,
+        protocol,
+    })
+}
+
+/// `PUT /v1/endpoints/{id or container id}/ports`: replaces the endpoint's named ports.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointPortsRequest {
+    pub ports: Vec<NamedPort>,
+}
+
+/// `PUT /v1/endpoints/{id or container id}/labels`: sets and removes a running
+/// endpoint's labels; it moves to the identity of its new labels.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointLabelsRequest {
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
 }
 
 /// `PUT /v1/endpoints/{id or container id}/debug`: turns the tracing of an endpoint's
@@ -355,6 +431,10 @@ pub struct EndpointPolicy {
     pub identity_labels: String,
     pub ingress: DirectionPolicy,
     pub egress: DirectionPolicy,
+    /// Named ports of the policies selecting it that resolve to no port (they match
+    /// nothing, as in Kubernetes), e.g. `ingress port 'http' of default/web`.
+    #[serde(default)]
+    pub unresolved_ports: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]

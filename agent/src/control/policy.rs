@@ -1,19 +1,21 @@
-//! The control plane's policy half: the policy set, namespace labels and identities the
-//! agent holds; recompiling and applying a diff whenever one of them or the endpoints
-//! change.
+//! The control plane's policy half: the policy set, namespace labels and the policy
+//! engine, behind the agent's policy lock; endpoints joining, leaving and being
+//! relabelled; the views status, metrics and the monitor read without that lock.
 //!
 //! Every change is validated and compiled before anything is touched: an invalid file, a
 //! policy set that does not fit the maps, or a name already owned elsewhere leaves
-//! everything as it was. What is installed (`PolicyState::installed`) is exactly what
-//! the datapath was told, so each change writes only the difference.
+//! everything as it was. The engine's compiled state is exactly what the datapath was
+//! told, so each change writes only the difference. The lock is held for the engine's
+//! work and the map writes (which do not wait); persistence is waited for after it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::{Arc, MutexGuard};
 
 use hypha_api::{
-    ApplyPoliciesResponse, DirectionPolicy, EndpointPolicy, NamespaceLabels,
-    NamespaceLabelsRequest, PolicyEntryView, PolicySource, PolicyStatus, PolicySummary,
-    RefusedPolicyFile,
+    ApplyPoliciesResponse, DirectionPolicy, Endpoint, EndpointLabelsRequest, EndpointPolicy,
+    NamedPort, NamespaceLabels, NamespaceLabelsRequest, PolicyEntryView, PolicySource,
+    PolicyStatus, PolicySummary, RefusedPolicyFile,
 };
 use hypha_common::{
     DIR_EGRESS, DIR_INGRESS, ENDPOINT_F_EGRESS_AUDIT, ENDPOINT_F_EGRESS_POLICY,
@@ -21,27 +23,27 @@ use hypha_common::{
     IDENTITY_WORLD, POLICY_DENY, POLICY_F_AUDIT, PolicyKey,
 };
 
-use super::{Agent, ControlError};
+use super::{Agent, ControlError, wait_all};
 use crate::datapath::Datapath;
 use crate::host::HostNetwork;
 use crate::policy::{
-    Compiled, DirChange, IdentityAllocator, IdentitySource, Labels, NAMESPACE_NAME_LABEL,
-    ParsedSources, Policy, PolicyDiff, PolicyEndpoint, PolicyError, compile, diff,
-    namespace_labels, parse_dir_file, parse_policy_sources, proto_name,
+    BOOKKEEPING_PREFIX, Compiled, DirChange, IdentityAllocator, IdentitySource, Labels,
+    NAMESPACE_NAME_LABEL, NamedPorts, ParsedSources, Policy, PolicyDiff, PolicyEndpoint,
+    PolicyEngine, diff, namespace_labels, parse_dir_file, parse_policy_sources, proto_name,
 };
-use crate::state::{EndpointRecord, PolicyOrigin, StoredPolicy};
+use crate::state::{Change, EndpointRecord, Pending, PolicyOrigin, StoredPolicy};
 
 /// Policies by (namespace, name).
 type PolicySet = BTreeMap<(String, String), StoredPolicy>;
 
+type Key = (String, String);
+
 /// What the agent holds about policy.
-#[derive(Default)]
 pub(super) struct PolicyState {
+    pub(super) engine: PolicyEngine,
     pub(super) policies: PolicySet,
     /// Labels operators set on namespaces.
     pub(super) namespaces: BTreeMap<String, Labels>,
-    /// What the datapath holds; its allocator is the one to persist.
-    pub(super) installed: Compiled,
     /// Files of the watched directory that were refused (their policies, if any, stay as
     /// they were), by file.
     pub(super) dir_errors: BTreeMap<PathBuf, DirFileError>,
@@ -49,29 +51,98 @@ pub(super) struct PolicyState {
     pub(super) start_errors: Vec<String>,
 }
 
+/// What status, metrics and the monitor read of policy: a snapshot replaced after every
+/// change, so that they never wait for the policy lock.
+#[derive(Default)]
+pub(super) struct PolicyView {
+    pub(super) status: PolicyStatus,
+    /// Policy id → `namespace/name`.
+    pub(super) names: Arc<BTreeMap<u32, String>>,
+}
+
+/// The engine's view of an endpoint.
+fn policy_endpoint(ep: &EndpointRecord) -> PolicyEndpoint {
+    let mut view = PolicyEndpoint::new(ep.id, ep.address, &ep.labels);
+    view.ports = named_ports(&ep.ports);
+    view
+}
+
+/// Named ports as the engine takes them; validated when they were set.
+fn named_ports(ports: &[NamedPort]) -> NamedPorts {
+    ports
+        .iter()
+        .filter_map(|p| Some((p.name.clone(), (protocol_number(&p.protocol)?, p.port))))
+        .collect()
+}
+
+fn protocol_number(name: &str) -> Option<u8> {
+    match name {
+        "TCP" => Some(crate::policy::PROTO_TCP),
+        "UDP" => Some(crate::policy::PROTO_UDP),
+        "SCTP" => Some(crate::policy::PROTO_SCTP),
+        _ => None,
+    }
+}
+
 impl PolicyState {
-    /// From the saved state; `installed` is filled in at start.
-    pub(super) fn restore(
+    /// From the saved state and the endpoints that survived start: the engine compiled
+    /// from scratch. Saved policies that no longer compile are dropped (and said so);
+    /// returns the changes to persist.
+    pub(super) fn start<'a>(
         policies: Vec<StoredPolicy>,
         namespaces: BTreeMap<String, Labels>,
         identities: IdentityAllocator,
-    ) -> Self {
-        Self {
-            policies: policies
-                .into_iter()
-                .map(|p| ((p.policy.namespace.clone(), p.policy.name.clone()), p))
-                .collect(),
-            namespaces,
-            installed: Compiled {
-                identities,
-                ..Compiled::default()
-            },
-            ..Self::default()
+        endpoints: impl Iterator<Item = &'a EndpointRecord>,
+        gateway: std::net::Ipv4Addr,
+        warnings: &mut Vec<String>,
+    ) -> (Self, Vec<Change>) {
+        let endpoints: Vec<PolicyEndpoint> = endpoints.map(policy_endpoint).collect();
+        let mut set: PolicySet = policies.into_iter().map(|p| (key(&p.policy), p)).collect();
+        let mut start_errors = Vec::new();
+        let mut changes = Vec::new();
+        let engine = match PolicyEngine::new(
+            set.values().map(|s| s.policy.clone()).collect(),
+            namespaces.clone(),
+            endpoints.clone(),
+            identities.clone(),
+            vec![gateway],
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                let msg = format!(
+                    "the saved policies cannot be compiled ({e}); starting without policies"
+                );
+                warnings.push(msg.clone());
+                start_errors.push(msg);
+                changes.extend(set.keys().map(|(namespace, name)| Change::PolicyGone {
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                }));
+                set.clear();
+                PolicyEngine::new(Vec::new(), namespaces.clone(), endpoints, identities.clone(), vec![gateway])
+                    .or_else(|_| {
+                        PolicyEngine::new(
+                            Vec::new(),
+                            BTreeMap::new(),
+                            Vec::new(),
+                            identities.clone(),
+                            vec![gateway],
+                        )
+                    })
+                    .expect("an empty policy set compiles")
+            }
+        };
+        if engine.compiled().identities != identities {
+            changes.push(Change::Identities(engine.compiled().identities.clone()));
         }
-    }
-
-    pub(super) fn stored(&self) -> Vec<StoredPolicy> {
-        self.policies.values().cloned().collect()
+        let state = PolicyState {
+            engine,
+            policies: set,
+            namespaces,
+            dir_errors: BTreeMap::new(),
+            start_errors,
+        };
+        (state, changes)
     }
 }
 
@@ -120,168 +191,259 @@ fn with_dir_file(
     Ok(next)
 }
 
-fn key(p: &Policy) -> (String, String) {
+fn key(p: &Policy) -> Key {
     (p.namespace.clone(), p.name.clone())
 }
 
+/// The changes that turn `current` into `candidate`: upserts and removals.
+fn delta(current: &PolicySet, candidate: &PolicySet) -> (Vec<StoredPolicy>, Vec<Key>) {
+    let upsert = candidate
+        .iter()
+        .filter(|(k, s)| current.get(*k) != Some(*s))
+        .map(|(_, s)| s.clone())
+        .collect();
+    let remove = current
+        .keys()
+        .filter(|k| !candidate.contains_key(*k))
+        .cloned()
+        .collect();
+    (upsert, remove)
+}
+
+/// `diff` without the flags of endpoint `id` (an endpoint being attached gets its flags
+/// from `Datapath::attach`).
+fn without_flags_of(mut d: PolicyDiff, id: u32) -> PolicyDiff {
+    d.flags_set.retain(|(e, _)| *e != id);
+    d
+}
+
 impl<D: Datapath, H: HostNetwork> Agent<D, H> {
-    fn policy_endpoints(&self, extra: Option<&EndpointRecord>) -> Vec<PolicyEndpoint> {
-        self.endpoints
-            .iter()
-            .chain(extra)
-            .map(|e| PolicyEndpoint::new(e.id, e.address, &e.labels))
-            .collect()
+    pub(super) fn policy(&self) -> MutexGuard<'_, PolicyState> {
+        self.policy.lock().expect("policy state")
     }
 
-    fn compile_with(
-        &self,
-        policies: &PolicySet,
-        namespaces: &BTreeMap<String, Labels>,
-        extra: Option<&EndpointRecord>,
-    ) -> Result<Compiled, PolicyError> {
-        let list: Vec<Policy> = policies.values().map(|s| s.policy.clone()).collect();
-        compile(
-            &list,
-            &self.policy_endpoints(extra),
-            namespaces,
-            &self.policy.installed.identities,
-            &[self.config.gateway()],
-        )
-    }
-
-    /// Writes the difference to `new` into the datapath and makes it the installed
-    /// state. If the datapath fails part way, tries to put back what was there.
-    fn install(&mut self, new: Compiled) -> Result<PolicyDiff, ControlError> {
-        let d = diff(&self.policy.installed, &new);
-        if !d.is_empty()
-            && let Err(e) = self.datapath.apply_policy(&d)
-        {
-            let back = diff(&new, &self.policy.installed);
-            let rollback = match self.datapath.apply_policy(&back) {
-                Ok(()) => Vec::new(),
-                Err(e2) => vec![format!("cannot restore the policy maps: {e2}")],
-            };
-            return Err(
-                ControlError::Datapath(format!("cannot write the policy maps: {e}"))
-                    .with_rollback(rollback),
-            );
+    /// Writes a diff into the datapath.
+    fn write_policy(&self, d: &PolicyDiff) -> Result<(), ControlError> {
+        if d.is_empty() {
+            return Ok(());
         }
-        self.policy.installed = new;
-        Ok(d)
+        self.datapath
+            .apply_policy(d)
+            .map_err(|e| ControlError::Datapath(format!("cannot write the policy maps: {e}")))
     }
 
-    /// Compiles the policies for the endpoints found at start, compares with what the
-    /// maps hold (an earlier agent's work), and returns the additions (to apply before
-    /// the endpoints are adopted with their flags) and the removals (after).
-    pub(super) fn policy_start(&mut self, warnings: &mut Vec<String>) -> (PolicyDiff, PolicyDiff) {
+    /// Replaces the snapshot the readers see.
+    pub(super) fn publish_policy(&self, p: &PolicyState) {
+        let compiled = p.engine.compiled();
+        let old = self.policy_view.load();
+        let names = if *old.names == compiled.policies {
+            old.names.clone()
+        } else {
+            Arc::new(compiled.policies.clone())
+        };
+        self.policy_view.store(Arc::new(PolicyView {
+            status: PolicyStatus {
+                policies: p.policies.len(),
+                entries: compiled.entries.len(),
+                ipcache: compiled.ipcache.len(),
+                policy_dir: self.config.policy_dir.display().to_string(),
+                errors: p
+                    .start_errors
+                    .iter()
+                    .cloned()
+                    .chain(p.dir_errors.values().map(|e| e.error.clone()))
+                    .collect(),
+                refused_files: p
+                    .dir_errors
+                    .iter()
+                    .map(|(path, e)| RefusedPolicyFile {
+                        file: path.display().to_string(),
+                        error: e.error.clone(),
+                        attempts: e.attempts,
+                    })
+                    .collect(),
+            },
+            names,
+        }));
+    }
+
+    /// Compares what the maps hold (an earlier agent's work) with the engine's state,
+    /// and returns the additions (to apply before the endpoints are adopted with their
+    /// flags) and the removals (after).
+    pub(super) fn policy_start_diff(&self, warnings: &mut Vec<String>) -> (PolicyDiff, PolicyDiff) {
         let installed = self.datapath.installed_policy().unwrap_or_else(|e| {
             warnings.push(format!("cannot read the policy maps: {e}"));
             Default::default()
         });
+        let p = self.policy();
+        let new = p.engine.compiled();
         let old = Compiled {
             ipcache: installed.ipcache,
             entries: installed.entries,
-            identities: self.policy.installed.identities.clone(),
+            endpoint_flags: new.endpoint_flags.clone(),
             ..Compiled::default()
         };
-        let new = match self.compile_with(&self.policy.policies, &self.policy.namespaces, None) {
-            Ok(c) => c,
-            Err(e) => {
-                let msg = format!(
-                    "the saved policies cannot be compiled ({e}); starting without policies"
-                );
-                warnings.push(msg.clone());
-                self.policy.start_errors.push(msg);
-                self.policy.policies.clear();
-                self.compile_with(&BTreeMap::new(), &self.policy.namespaces, None)
-                    .unwrap_or_default()
-            }
-        };
-        let d = diff(&old, &new);
-        self.policy.installed = new;
-        d.split()
+        diff(&old, new).split()
     }
 
     /// The flags an endpoint gets when it is attached or adopted.
     pub(super) fn policy_flags(&self, endpoint_id: u32) -> u32 {
-        self.policy
-            .installed
-            .endpoint_flags
-            .get(&endpoint_id)
-            .copied()
-            .unwrap_or(0)
+        self.policy().engine.flags(endpoint_id)
     }
 
-    /// Attaches a new endpoint with its policy: ipcache and entries first, then the
-    /// endpoint with its flags, then what the new compilation no longer needs.
-    pub(super) fn attach_with_policy(
-        &mut self,
+    /// A new endpoint joins the policy: its entries, its ipcache entry and whatever its
+    /// identity changes for its peers are written; returns its flags (for `attach`) and
+    /// the persistence of a new identity, if any.
+    pub(super) fn policy_join(
+        &self,
         record: &EndpointRecord,
-    ) -> Result<(), ControlError> {
-        let new =
-            self.compile_with(&self.policy.policies, &self.policy.namespaces, Some(record))?;
-        let flags = new.endpoint_flags.get(&record.id).copied().unwrap_or(0);
-        let (mut adds, dels) = diff(&self.policy.installed, &new).split();
-        adds.flags_set.retain(|(id, _)| *id != record.id);
-        let undo = |agent: &mut Self| {
-            let mut back = diff(&new, &agent.policy.installed);
-            back.flags_set.retain(|(id, _)| *id != record.id);
-            match agent.datapath.apply_policy(&back) {
+    ) -> Result<(u32, Option<Pending>), ControlError> {
+        let mut p = self.policy();
+        let outcome = p.engine.join(policy_endpoint(record))?;
+        if let Err(e) = self.write_policy(&without_flags_of(outcome.diff, record.id)) {
+            let back = p.engine.leave(record.id);
+            let rollback = match self.write_policy(&without_flags_of(back.diff, record.id)) {
                 Ok(()) => Vec::new(),
-                Err(e) => vec![format!("cannot restore the policy maps: {e}")],
-            }
-        };
-        if !adds.is_empty()
-            && let Err(e) = self.datapath.apply_policy(&adds)
-        {
-            let rollback = undo(self);
-            return Err(
-                ControlError::Datapath(format!("cannot write the policy maps: {e}"))
-                    .with_rollback(rollback),
+                Err(e2) => vec![format!("cannot restore the policy maps: {e2}")],
+            };
+            return Err(e.with_rollback(rollback));
+        }
+        let flags = p.engine.flags(record.id);
+        let pending = outcome.identities_changed.then(|| {
+            self.store
+                .submit(vec![Change::Identities(p.engine.compiled().identities.clone())])
+        });
+        self.publish_policy(&p);
+        Ok((flags, pending))
+    }
+
+    /// The endpoint leaves the policy (after its programs were detached); returns what
+    /// went wrong.
+    pub(super) fn policy_leave(&self, endpoint_id: u32) -> Vec<String> {
+        let mut p = self.policy();
+        if p.engine.identity_of(endpoint_id).is_none() {
+            return Vec::new();
+        }
+        let outcome = p.engine.leave(endpoint_id);
+        let mut errors = Vec::new();
+        if let Err(e) = self.write_policy(&without_flags_of(outcome.diff, endpoint_id)) {
+            errors.push(e.to_string());
+        }
+        if outcome.identities_changed {
+            // Not waited for: an identity released and not saved is released again at
+            // the next start.
+            drop(
+                self.store
+                    .submit(vec![Change::Identities(p.engine.compiled().identities.clone())]),
             );
         }
-        let flags = flags | crate::bandwidth::endpoint_flags(record.bandwidth.as_ref());
-        if let Err(e) = self.datapath.attach(record, flags) {
-            let rollback = undo(self);
-            return Err(ControlError::Datapath(e.to_string()).with_rollback(rollback));
-        }
-        if !dels.is_empty()
-            && let Err(e) = self.datapath.apply_policy(&dels)
-        {
-            tracing::warn!("cannot remove stale policy entries: {e}");
-        }
-        self.policy.installed = new;
-        Ok(())
+        self.publish_policy(&p);
+        errors
     }
 
-    /// Recompiles after endpoints went away; returns what went wrong.
-    pub(super) fn policy_refresh(&mut self) -> Vec<String> {
-        match self.compile_with(&self.policy.policies, &self.policy.namespaces, None) {
-            Ok(new) => match self.install(new) {
-                Ok(_) => Vec::new(),
-                Err(e) => vec![e.to_string()],
-            },
-            Err(e) => vec![format!("cannot recompile the policies: {e}")],
-        }
-    }
-
-    /// Commits a new policy set and namespace labels: compile, write the difference,
-    /// persist; on any failure nothing changes.
+    /// Commits changes to the policy set under the policy lock: compile, write the
+    /// difference, submit. On any failure before the submit nothing changes. The caller
+    /// waits for the returned persistence after releasing the lock.
     fn commit(
-        &mut self,
-        policies: PolicySet,
-        namespaces: BTreeMap<String, Labels>,
+        &self,
+        p: &mut PolicyState,
+        upsert: Vec<StoredPolicy>,
+        remove: Vec<Key>,
+    ) -> Result<(PolicyDiff, Pending), ControlError> {
+        let remove: Vec<Key> = remove
+            .into_iter()
+            .filter(|k| p.policies.contains_key(k))
+            .collect();
+        let outcome = p.engine.update(
+            upsert.iter().map(|s| s.policy.clone()).collect(),
+            remove.clone(),
+        )?;
+        if let Err(e) = self.write_policy(&outcome.diff) {
+            let rollback = self.undo_update(p, &upsert, &remove);
+            return Err(e.with_rollback(rollback));
+        }
+        let mut changes = Vec::new();
+        for s in upsert {
+            changes.push(Change::Policy(s.clone()));
+            p.policies.insert(key(&s.policy), s);
+        }
+        for k in remove {
+            p.policies.remove(&k);
+            changes.push(Change::PolicyGone {
+                namespace: k.0,
+                name: k.1,
+            });
+        }
+        if outcome.identities_changed {
+            changes.push(Change::Identities(p.engine.compiled().identities.clone()));
+        }
+        self.publish_policy(p);
+        Ok((outcome.diff, self.store.submit(changes)))
+    }
+
+    /// Puts the engine and the maps back after an update of `upsert` and `remove` whose
+    /// write failed (`p.policies` still holds the old set); returns what failed.
+    fn undo_update(&self, p: &mut PolicyState, upsert: &[StoredPolicy], remove: &[Key]) -> Vec<String> {
+        let keys: BTreeSet<Key> = upsert
+            .iter()
+            .map(|s| key(&s.policy))
+            .chain(remove.iter().cloned())
+            .collect();
+        let back_upsert: Vec<Policy> = keys
+            .iter()
+            .filter_map(|k| p.policies.get(k).map(|s| s.policy.clone()))
+            .collect();
+        let back_remove: Vec<Key> = keys
+            .iter()
+            .filter(|k| !p.policies.contains_key(*k))
+            .cloned()
+            .collect();
+        match p.engine.update(back_upsert, back_remove) {
+            Ok(back) => match self.write_policy(&back.diff) {
+                Ok(()) => Vec::new(),
+                Err(e) => vec![format!("cannot restore the policy maps: {e}")],
+            },
+            Err(e) => vec![format!("cannot recompile the old policies: {e}")],
+        }
+    }
+
+    /// [`Agent::commit`] with its own lock, waiting for persistence after releasing
+    /// it; if the state cannot be saved, the change is undone and the error returned.
+    fn commit_and_wait(
+        &self,
+        upsert: Vec<StoredPolicy>,
+        remove: Vec<Key>,
     ) -> Result<PolicyDiff, ControlError> {
-        let new = self.compile_with(&policies, &namespaces, None)?;
-        let old = self.policy.installed.clone();
-        let d = self.install(new)?;
-        let old_policies = std::mem::replace(&mut self.policy.policies, policies);
-        let old_namespaces = std::mem::replace(&mut self.policy.namespaces, namespaces);
-        if let Err(e) = self.persist() {
-            self.policy.policies = old_policies;
-            self.policy.namespaces = old_namespaces;
-            let rollback = match self.install(old) {
-                Ok(_) => Vec::new(),
+        let (old, d, pending) = {
+            let mut p = self.policy();
+            let keys: BTreeSet<Key> = upsert
+                .iter()
+                .map(|s| key(&s.policy))
+                .chain(remove.iter().cloned())
+                .collect();
+            let old: Vec<(Key, Option<StoredPolicy>)> = keys
+                .into_iter()
+                .map(|k| {
+                    let s = p.policies.get(&k).cloned();
+                    (k, s)
+                })
+                .collect();
+            let (d, pending) = self.commit(&mut p, upsert, remove)?;
+            (old, d, pending)
+        };
+        if let Err(e) = pending.wait() {
+            let mut p = self.policy();
+            let back_upsert = old.iter().filter_map(|(_, s)| s.clone()).collect();
+            let back_remove = old
+                .iter()
+                .filter(|(_, s)| s.is_none())
+                .map(|(k, _)| k.clone())
+                .collect();
+            let rollback = match self.commit(&mut p, back_upsert, back_remove) {
+                Ok((_, pending)) => {
+                    drop(pending);
+                    Vec::new()
+                }
                 Err(e2) => vec![format!("cannot restore the policy maps: {e2}")],
             };
             return Err(ControlError::from(e).with_rollback(rollback));
@@ -291,9 +453,9 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
 
     /// `POST /v1/policies`: applies every policy of every file, or none. Parses under the
     /// caller's borrow; the API server parses first ([`parse_policy_sources`]) and calls
-    /// [`Agent::apply_parsed`] under the lock.
+    /// [`Agent::apply_parsed`].
     pub fn apply_policies(
-        &mut self,
+        &self,
         files: &[PolicySource],
     ) -> Result<ApplyPoliciesResponse, ControlError> {
         let parsed = parse_policy_sources(files)?;
@@ -301,37 +463,36 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     }
 
     /// Applies files parsed by [`parse_policy_sources`]: every policy, or none.
-    pub fn apply_parsed(
-        &mut self,
-        parsed: ParsedSources,
-    ) -> Result<ApplyPoliciesResponse, ControlError> {
-        let mut candidate = self.policy.policies.clone();
+    pub fn apply_parsed(&self, parsed: ParsedSources) -> Result<ApplyPoliciesResponse, ControlError> {
+        let mut upsert: BTreeMap<Key, StoredPolicy> = BTreeMap::new();
         let mut applied = Vec::new();
-        for (source, policies) in parsed.files {
-            for p in policies {
-                let k = key(&p);
-                if let Some(StoredPolicy {
-                    origin: origin @ PolicyOrigin::Dir(_),
-                    ..
-                }) = candidate.get(&k)
-                {
-                    return Err(ControlError::Conflict(format!(
-                        "policy {} comes from the watched directory ({origin}); change that file instead",
-                        p.full_name()
-                    )));
+        {
+            let p = self.policy();
+            for (source, policies) in parsed.files {
+                for policy in policies {
+                    let k = key(&policy);
+                    if let Some(StoredPolicy {
+                        origin: origin @ PolicyOrigin::Dir(_),
+                        ..
+                    }) = p.policies.get(&k)
+                    {
+                        return Err(ControlError::Conflict(format!(
+                            "policy {} comes from the watched directory ({origin}); change that file instead",
+                            policy.full_name()
+                        )));
+                    }
+                    applied.push(policy.full_name());
+                    upsert.insert(
+                        k,
+                        StoredPolicy {
+                            policy,
+                            origin: PolicyOrigin::Api(source.clone()),
+                        },
+                    );
                 }
-                applied.push(p.full_name());
-                candidate.insert(
-                    k,
-                    StoredPolicy {
-                        policy: p,
-                        origin: PolicyOrigin::Api(source.clone()),
-                    },
-                );
             }
         }
-        let namespaces = self.policy.namespaces.clone();
-        let d = self.commit(candidate, namespaces)?;
+        let d = self.commit_and_wait(upsert.into_values().collect(), Vec::new())?;
         Ok(ApplyPoliciesResponse {
             applied,
             entries_set: d.entries_set.len(),
@@ -340,44 +501,38 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     }
 
     /// `DELETE /v1/policies/{namespace}/{name}`.
-    pub fn delete_policy(
-        &mut self,
-        namespace: &str,
-        name: &str,
-    ) -> Result<PolicySummary, ControlError> {
+    pub fn delete_policy(&self, namespace: &str, name: &str) -> Result<PolicySummary, ControlError> {
         let k = (namespace.to_owned(), name.to_owned());
-        let stored = self
-            .policy
-            .policies
-            .get(&k)
-            .cloned()
-            .ok_or_else(|| ControlError::NotFound(format!("no policy {namespace}/{name}")))?;
-        if let PolicyOrigin::Dir(path) = &stored.origin {
-            return Err(ControlError::Conflict(format!(
-                "policy {namespace}/{name} comes from {} in the watched directory; remove it there",
-                path.display()
-            )));
-        }
-        let summary = self.summarize(&stored);
-        let mut candidate = self.policy.policies.clone();
-        candidate.remove(&k);
-        let namespaces = self.policy.namespaces.clone();
-        self.commit(candidate, namespaces)?;
+        let summary = {
+            let p = self.policy();
+            let stored = p
+                .policies
+                .get(&k)
+                .ok_or_else(|| ControlError::NotFound(format!("no policy {namespace}/{name}")))?;
+            if let PolicyOrigin::Dir(path) = &stored.origin {
+                return Err(ControlError::Conflict(format!(
+                    "policy {namespace}/{name} comes from {} in the watched directory; remove it there",
+                    path.display()
+                )));
+            }
+            self.summarize(&p, stored, &self.endpoints_by_namespace())
+        };
+        self.commit_and_wait(Vec::new(), vec![k])?;
         Ok(summary)
     }
 
-    /// `GET /v1/policies`.
-    /// What a metrics scrape shows, read now.
+    /// What a metrics scrape shows, read now (without the policy lock).
     pub fn metrics(&self) -> String {
         let status = self.status();
         let endpoints = self.list();
+        let names = self.policy_view.load().names.clone();
         let mut policy_flows = BTreeMap::new();
         match self.datapath.policy_stats() {
             Ok(stats) => {
                 for (id, st) in stats {
                     // Counters of an id no installed policy has are a removed policy's.
-                    if let Some(name) = self.policy_name(id) {
-                        policy_flows.insert(name, st);
+                    if let Some(name) = names.get(&id) {
+                        policy_flows.insert(name.clone(), st);
                     }
                 }
             }
@@ -390,42 +545,61 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         })
     }
 
-    /// The name (`namespace/name`) of the installed policy with this id.
+    /// The name (`namespace/name`) of the installed policy with this id; reads the
+    /// snapshot, never the lock (the monitor calls it once per event).
     pub fn policy_name(&self, id: u32) -> Option<String> {
-        self.policy.installed.policies.get(&id).cloned()
+        self.policy_view.load().names.get(&id).cloned()
     }
 
+    /// The policy views of this node's endpoints, by namespace.
+    fn endpoints_by_namespace(&self) -> BTreeMap<String, Vec<PolicyEndpoint>> {
+        let mut out: BTreeMap<String, Vec<PolicyEndpoint>> = BTreeMap::new();
+        for ep in self.table().endpoints.values() {
+            let view = policy_endpoint(ep);
+            out.entry(view.namespace.clone()).or_default().push(view);
+        }
+        out
+    }
+
+    /// `GET /v1/policies`.
     pub fn list_policies(&self) -> Vec<PolicySummary> {
-        self.policy
-            .policies
+        let by_ns = self.endpoints_by_namespace();
+        let p = self.policy();
+        p.policies
             .values()
-            .map(|s| self.summarize(s))
+            .map(|s| self.summarize(&p, s, &by_ns))
             .collect()
     }
 
-    fn summarize(&self, s: &StoredPolicy) -> PolicySummary {
-        let p = &s.policy;
-        let (allow_rules, deny_rules) = p.rule_counts();
+    fn summarize(
+        &self,
+        p: &PolicyState,
+        s: &StoredPolicy,
+        by_ns: &BTreeMap<String, Vec<PolicyEndpoint>>,
+    ) -> PolicySummary {
+        let policy = &s.policy;
+        let (allow_rules, deny_rules) = policy.rule_counts();
         PolicySummary {
-            namespace: p.namespace.clone(),
-            name: p.name.clone(),
-            kind: p.kind.name().to_owned(),
-            id: self
-                .policy
-                .installed
+            namespace: policy.namespace.clone(),
+            name: policy.name.clone(),
+            kind: policy.kind.name().to_owned(),
+            id: p
+                .engine
+                .compiled()
                 .identities
-                .policy_id(&p.full_name())
+                .policy_id(&policy.full_name())
                 .unwrap_or(0),
-            audit: p.audit,
+            audit: policy.audit,
             source: s.origin.to_string(),
-            selected_endpoints: self
-                .policy_endpoints(None)
-                .iter()
-                .filter(|e| e.namespace == p.namespace && p.subject.matches(&e.labels))
+            selected_endpoints: by_ns
+                .get(&policy.namespace)
+                .into_iter()
+                .flatten()
+                .filter(|e| policy.subject.matches(&e.labels))
                 .map(|e| e.id)
                 .collect(),
-            ingress: p.ingress.isolate,
-            egress: p.egress.isolate,
+            ingress: policy.ingress.isolate,
+            egress: policy.egress.isolate,
             allow_rules,
             deny_rules,
         }
@@ -433,7 +607,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
 
     /// `PUT /v1/namespaces/{namespace}/labels`.
     pub fn set_namespace_labels(
-        &mut self,
+        &self,
         namespace: &str,
         req: &NamespaceLabelsRequest,
     ) -> Result<NamespaceLabels, ControlError> {
@@ -452,256 +626,402 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                     "{NAMESPACE_NAME_LABEL} is the namespace's name; it cannot be changed"
                 ));
             }
-            if k.is_empty() || k.contains(|c: char| c.is_whitespace() || c == '=' || c == ',') {
-                return bad(format!("{k:?} is not a valid label key"));
+        }
+        validate_labels(&req.set, &req.remove)?;
+        let (labels, pending, old) = {
+            let mut p = self.policy();
+            let old = p.namespaces.get(namespace).cloned().unwrap_or_default();
+            let mut labels = old.clone();
+            for k in &req.remove {
+                labels.remove(k);
             }
+            labels.extend(req.set.clone());
+            let (pending, _) = self.commit_namespace(&mut p, namespace, labels.clone(), &old)?;
+            (labels, pending, old)
+        };
+        if let Err(e) = pending.wait() {
+            let mut p = self.policy();
+            let rollback = match self.commit_namespace(&mut p, namespace, old, &labels) {
+                Ok((pending, _)) => {
+                    drop(pending);
+                    Vec::new()
+                }
+                Err(e2) => vec![format!("cannot restore the policy maps: {e2}")],
+            };
+            return Err(ControlError::from(e).with_rollback(rollback));
         }
-        for (k, v) in &req.set {
-            if v.len() > 63 || v.contains(|c: char| c.is_whitespace() || c == ',') {
-                return bad(format!("{v:?} is not a valid value for label {k}"));
-            }
-        }
-        let mut namespaces = self.policy.namespaces.clone();
-        let labels = namespaces.entry(namespace.to_owned()).or_default();
-        for k in &req.remove {
-            labels.remove(k);
-        }
-        labels.extend(req.set.clone());
-        if labels.is_empty() {
-            namespaces.remove(namespace);
-        }
-        let policies = self.policy.policies.clone();
-        self.commit(policies, namespaces)?;
+        let p = self.policy();
         Ok(NamespaceLabels {
             namespace: namespace.to_owned(),
-            labels: namespace_labels(namespace, &self.policy.namespaces),
+            labels: namespace_labels(namespace, &p.namespaces),
         })
+    }
+
+    /// Gives `namespace` the operator labels `labels` (under the policy lock).
+    fn commit_namespace(
+        &self,
+        p: &mut PolicyState,
+        namespace: &str,
+        labels: Labels,
+        old: &Labels,
+    ) -> Result<(Pending, PolicyDiff), ControlError> {
+        let outcome = p.engine.set_namespace_labels(namespace, labels.clone())?;
+        if let Err(e) = self.write_policy(&outcome.diff) {
+            let rollback = match p.engine.set_namespace_labels(namespace, old.clone()) {
+                Ok(back) => match self.write_policy(&back.diff) {
+                    Ok(()) => Vec::new(),
+                    Err(e) => vec![format!("cannot restore the policy maps: {e}")],
+                },
+                Err(e) => vec![format!("cannot recompile: {e}")],
+            };
+            return Err(e.with_rollback(rollback));
+        }
+        if labels.is_empty() {
+            p.namespaces.remove(namespace);
+        } else {
+            p.namespaces.insert(namespace.to_owned(), labels.clone());
+        }
+        let mut changes = vec![Change::NamespaceLabels {
+            namespace: namespace.to_owned(),
+            labels,
+        }];
+        if outcome.identities_changed {
+            changes.push(Change::Identities(p.engine.compiled().identities.clone()));
+        }
+        self.publish_policy(p);
+        Ok((self.store.submit(changes), outcome.diff))
+    }
+
+    /// `PUT /v1/endpoints/{endpoint}/labels`: a running endpoint's labels change; it
+    /// moves to the identity of its new labels, and its policy and every peer's view of
+    /// it follow (one ordered diff: new entries before the ipcache points at the new
+    /// identity, so flows both identities are allowed keep flowing).
+    pub fn set_endpoint_labels(
+        &self,
+        which: &str,
+        req: &EndpointLabelsRequest,
+    ) -> Result<Endpoint, ControlError> {
+        validate_labels(&req.set, &req.remove)?;
+        for k in req.set.keys().chain(&req.remove) {
+            if k.starts_with(BOOKKEEPING_PREFIX) {
+                return Err(ControlError::BadRequest(format!(
+                    "label {k} is set by the runtime (its namespace and pod) and cannot be changed"
+                )));
+            }
+        }
+        let record = self.with_endpoint(which, |current| {
+            let mut record = current.clone();
+            for k in &req.remove {
+                record.labels.remove(k);
+            }
+            record.labels.extend(req.set.clone());
+            if record.labels == current.labels {
+                return Ok(record);
+            }
+            let pending = self.policy_update_endpoint(current, &record, |engine| {
+                engine.relabel(record.id, record.labels.clone())
+            })?;
+            self.finish_endpoint_change(current, &record, pending)?;
+            Ok(record)
+        })?;
+        tracing::info!(endpoint = record.id, labels = ?record.labels, "endpoint relabelled");
+        Ok(self.describe(&record, &self.all_drops()))
+    }
+
+    /// `PUT /v1/endpoints/{endpoint}/ports`: replaces the endpoint's named ports; the
+    /// policies naming ports re-resolve for it.
+    pub fn set_endpoint_ports(&self, which: &str, ports: &[NamedPort]) -> Result<Endpoint, ControlError> {
+        validate_named_ports(ports)?;
+        let record = self.with_endpoint(which, |current| {
+            let mut record = current.clone();
+            let mut sorted = ports.to_vec();
+            sorted.sort();
+            record.ports = sorted;
+            if record.ports == current.ports {
+                return Ok(record);
+            }
+            let pending = self.policy_update_endpoint(current, &record, |engine| {
+                engine.set_ports(record.id, named_ports(&record.ports))
+            })?;
+            self.finish_endpoint_change(current, &record, pending)?;
+            Ok(record)
+        })?;
+        tracing::info!(endpoint = record.id, ports = ?record.ports, "endpoint ports set");
+        Ok(self.describe(&record, &self.all_drops()))
+    }
+
+    /// Runs an engine change of an attached endpoint (`current` → `record`) and writes
+    /// its diff; on failure the engine goes back to `current`.
+    fn policy_update_endpoint(
+        &self,
+        current: &EndpointRecord,
+        record: &EndpointRecord,
+        change: impl FnOnce(&mut PolicyEngine) -> Result<crate::policy::Outcome, crate::policy::PolicyError>,
+    ) -> Result<Option<Pending>, ControlError> {
+        let mut p = self.policy();
+        let outcome = change(&mut p.engine)?;
+        if let Err(e) = self.write_policy(&outcome.diff) {
+            let rollback = self.restore_endpoint(&mut p, current, record);
+            return Err(e.with_rollback(rollback));
+        }
+        let pending = outcome.identities_changed.then(|| {
+            self.store
+                .submit(vec![Change::Identities(p.engine.compiled().identities.clone())])
+        });
+        self.publish_policy(&p);
+        Ok(pending)
+    }
+
+    /// Puts the engine's view of an endpoint back from `now` to `was`, and the maps.
+    fn restore_endpoint(
+        &self,
+        p: &mut PolicyState,
+        was: &EndpointRecord,
+        now: &EndpointRecord,
+    ) -> Vec<String> {
+        let mut errors = Vec::new();
+        let view = policy_endpoint(was);
+        let steps: [Option<Result<crate::policy::Outcome, crate::policy::PolicyError>>; 2] = [
+            (was.labels != now.labels).then(|| p.engine.relabel(was.id, was.labels.clone())),
+            (was.ports != now.ports).then(|| p.engine.set_ports(was.id, view.ports.clone())),
+        ];
+        for step in steps.into_iter().flatten() {
+            match step {
+                Ok(back) => {
+                    if let Err(e) = self.write_policy(&back.diff) {
+                        errors.push(format!("cannot restore the policy maps: {e}"));
+                    }
+                }
+                Err(e) => errors.push(format!("cannot restore the endpoint's policy: {e}")),
+            }
+        }
+        self.publish_policy(p);
+        errors
+    }
+
+    /// Saves the changed record; if that fails, puts the policy back.
+    fn finish_endpoint_change(
+        &self,
+        current: &EndpointRecord,
+        record: &EndpointRecord,
+        identities: Option<Pending>,
+    ) -> Result<(), ControlError> {
+        let pending = {
+            let mut t = self.table();
+            t.endpoints.insert(record.owner(), record.clone());
+            self.store.submit(vec![Change::Endpoint(record.clone())])
+        };
+        if let Err(e) = wait_all(identities.into_iter().chain([pending])) {
+            self.table().endpoints.insert(current.owner(), current.clone());
+            let rollback = {
+                let mut p = self.policy();
+                self.restore_endpoint(&mut p, current, record)
+            };
+            return Err(ControlError::from(e).with_rollback(rollback));
+        }
+        Ok(())
     }
 
     /// Brings the watched directory's policies in line with its files (each read, or why
     /// not): parses them here, then [`Agent::sync_policy_files`]. Returns lines for the log.
-    pub fn sync_policy_dir(
-        &mut self,
-        files: Vec<(PathBuf, Result<String, String>)>,
-    ) -> Vec<String> {
+    pub fn sync_policy_dir(&self, files: Vec<(PathBuf, Result<String, String>)>) -> Vec<String> {
         let present: BTreeSet<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
         let mut changes: Vec<DirChange> = files
             .into_iter()
             .map(|(path, content)| parse_dir_file(&path, content))
             .collect();
         // Files gone: those that had policies, and those that were refused.
-        let gone: BTreeSet<PathBuf> = self
-            .policy
-            .policies
-            .values()
-            .filter_map(|s| match &s.origin {
-                PolicyOrigin::Dir(p) => Some(p),
-                PolicyOrigin::Api(_) => None,
-            })
-            .chain(self.policy.dir_errors.keys())
-            .filter(|p| !present.contains(*p))
-            .cloned()
-            .collect();
+        let gone: BTreeSet<PathBuf> = {
+            let p = self.policy();
+            p.policies
+                .values()
+                .filter_map(|s| match &s.origin {
+                    PolicyOrigin::Dir(p) => Some(p),
+                    PolicyOrigin::Api(_) => None,
+                })
+                .chain(p.dir_errors.keys())
+                .filter(|p| !present.contains(*p))
+                .cloned()
+                .collect()
+        };
         changes.extend(gone.into_iter().map(DirChange::Removed));
         self.sync_policy_files(changes).log
     }
 
     /// Applies changes to files of the watched directory, each file on its own and whole
     /// or not at all: a file that cannot be read or parsed, whose policies are defined
-    /// elsewhere too, or whose policies do not fit the maps (or that the datapath or the
-    /// state store refuses) is refused and keeps the policies it had (the last good
-    /// version: what an operator expects while fixing it), and is reported in the status
-    /// until a later attempt succeeds or the file goes. A file removed takes its
-    /// policies along. All the files are committed together first; when that fails, one
-    /// at a time in name order, so that one bad file does not hold back the others.
-    ///
-    /// Compilation still happens under the agent's lock (the caller holds it): splitting
-    /// the lock is the agent core's next issue; parsing is done before.
-    pub fn sync_policy_files(&mut self, changes: Vec<DirChange>) -> DirSyncReport {
+    /// elsewhere too, or whose policies do not fit the maps (or that the datapath
+    /// refuses) is refused and keeps the policies it had (the last good version: what an
+    /// operator expects while fixing it), and is reported in the status until a later
+    /// attempt succeeds or the file goes. A file removed takes its policies along. All
+    /// the files are committed together first; when that fails, one at a time in name
+    /// order, so that one bad file does not hold back the others. Persistence is waited
+    /// for after the policy lock is released; a failure to save is logged (the files
+    /// are read again at the next start).
+    pub fn sync_policy_files(&self, changes: Vec<DirChange>) -> DirSyncReport {
         let mut report = DirSyncReport::default();
-        let before = self.policy.policies.clone();
-        let mut removed = Vec::new();
-        let mut files: Vec<(PathBuf, Vec<Policy>)> = Vec::new();
-        for change in changes {
-            match change {
-                DirChange::Removed(path) => removed.push(path),
-                DirChange::File {
-                    path,
-                    parsed: Ok(p),
-                } => files.push((path, p)),
-                DirChange::File {
-                    path,
-                    parsed: Err(e),
-                } => {
-                    report.outcomes.insert(path, Err(e));
-                }
-            }
-        }
-        let without_removed = |set: &PolicySet| {
-            let mut next = set.clone();
-            next.retain(|_, s| !matches!(&s.origin, PolicyOrigin::Dir(p) if removed.contains(p)));
-            next
-        };
-        // Everything at once.
-        let mut batch = without_removed(&self.policy.policies);
-        let mut in_batch = Vec::new();
-        for (path, policies) in &files {
-            match with_dir_file(&batch, path, policies) {
-                Ok(next) => {
-                    batch = next;
-                    in_batch.push(path.clone());
-                }
-                Err(e) => {
-                    report.outcomes.insert(path.clone(), Err(e));
-                }
-            }
-        }
-        let units = in_batch.len() + usize::from(!removed.is_empty());
-        let namespaces = self.policy.namespaces.clone();
-        let batch_result = if batch == self.policy.policies {
-            Ok(())
-        } else {
-            self.commit(batch, namespaces.clone()).map(|_| ())
-        };
-        match batch_result {
-            Ok(()) => {
-                for p in removed.iter().chain(&in_batch) {
-                    report.outcomes.insert(p.clone(), Ok(()));
-                }
-            }
-            Err(e) if units <= 1 => {
-                for p in removed.iter().chain(&in_batch) {
-                    report
-                        .outcomes
-                        .insert(p.clone(), Err(format!("{}: {e}", p.display())));
-                }
-            }
-            Err(_) => {
-                // One at a time: removals first (they only free room), then each file.
-                if !removed.is_empty() {
-                    let next = without_removed(&self.policy.policies);
-                    let r = self.commit(next, namespaces.clone());
-                    for p in &removed {
-                        let outcome = match &r {
-                            Ok(_) => Ok(()),
-                            Err(e) => Err(format!(
-                                "{}: the file is gone but its policies cannot be removed: {e}",
-                                p.display()
-                            )),
-                        };
-                        report.outcomes.insert(p.clone(), outcome);
+        let mut pending = Vec::new();
+        {
+            let mut guard = self.policy();
+            let p = &mut *guard;
+            let before = p.policies.clone();
+            let mut removed = Vec::new();
+            let mut files: Vec<(PathBuf, Vec<Policy>)> = Vec::new();
+            for change in changes {
+                match change {
+                    DirChange::Removed(path) => removed.push(path),
+                    DirChange::File {
+                        path,
+                        parsed: Ok(p),
+                    } => files.push((path, p)),
+                    DirChange::File {
+                        path,
+                        parsed: Err(e),
+                    } => {
+                        report.outcomes.insert(path, Err(e));
                     }
                 }
-                for (path, policies) in files.iter().filter(|(p, _)| in_batch.contains(p)) {
-                    let outcome =
-                        with_dir_file(&self.policy.policies, path, policies).and_then(|next| {
-                            self.commit(next, namespaces.clone())
-                                .map(|_| ())
-                                .map_err(|e| format!("{}: {e}", path.display()))
-                        });
-                    report.outcomes.insert(path.clone(), outcome);
+            }
+            let without_removed = |set: &PolicySet| {
+                let mut next = set.clone();
+                next.retain(
+                    |_, s| !matches!(&s.origin, PolicyOrigin::Dir(p) if removed.contains(p)),
+                );
+                next
+            };
+            let mut commit_set = |p: &mut PolicyState, next: &PolicySet| {
+                let (upsert, remove) = delta(&p.policies, next);
+                if upsert.is_empty() && remove.is_empty() {
+                    return Ok(());
+                }
+                self.commit(p, upsert, remove).map(|(_, w)| pending.push(w))
+            };
+            // Everything at once.
+            let mut batch = without_removed(&p.policies);
+            let mut in_batch = Vec::new();
+            for (path, policies) in &files {
+                match with_dir_file(&batch, path, policies) {
+                    Ok(next) => {
+                        batch = next;
+                        in_batch.push(path.clone());
+                    }
+                    Err(e) => {
+                        report.outcomes.insert(path.clone(), Err(e));
+                    }
                 }
             }
-        }
-        for (path, outcome) in &report.outcomes {
-            match outcome {
+            let units = in_batch.len() + usize::from(!removed.is_empty());
+            match commit_set(p, &batch) {
                 Ok(()) => {
-                    self.policy.dir_errors.remove(path);
+                    for path in removed.iter().chain(&in_batch) {
+                        report.outcomes.insert(path.clone(), Ok(()));
+                    }
                 }
-                Err(e) => {
-                    let entry = self
-                        .policy
-                        .dir_errors
-                        .entry(path.clone())
-                        .or_insert_with(|| DirFileError {
-                            error: String::new(),
-                            attempts: 0,
+                Err(e) if units <= 1 => {
+                    for path in removed.iter().chain(&in_batch) {
+                        report
+                            .outcomes
+                            .insert(path.clone(), Err(format!("{}: {e}", path.display())));
+                    }
+                }
+                Err(_) => {
+                    // One at a time: removals first (they only free room), then each file.
+                    if !removed.is_empty() {
+                        let next = without_removed(&p.policies);
+                        let r = commit_set(p, &next);
+                        for path in &removed {
+                            let outcome = match &r {
+                                Ok(()) => Ok(()),
+                                Err(e) => Err(format!(
+                                    "{}: the file is gone but its policies cannot be removed: {e}",
+                                    path.display()
+                                )),
+                            };
+                            report.outcomes.insert(path.clone(), outcome);
+                        }
+                    }
+                    for (path, policies) in files.iter().filter(|(f, _)| in_batch.contains(f)) {
+                        let outcome = with_dir_file(&p.policies, path, policies).and_then(|next| {
+                            commit_set(p, &next).map_err(|e| format!("{}: {e}", path.display()))
                         });
-                    entry.attempts += 1;
-                    if entry.error != *e {
-                        entry.error = e.clone();
-                        report.log.push(format!(
-                            "policy file refused, its policies stay as they were: {e}"
-                        ));
+                        report.outcomes.insert(path.clone(), outcome);
                     }
                 }
             }
+            for (path, outcome) in &report.outcomes {
+                match outcome {
+                    Ok(()) => {
+                        p.dir_errors.remove(path);
+                    }
+                    Err(e) => {
+                        let entry = p.dir_errors.entry(path.clone()).or_insert_with(|| {
+                            DirFileError {
+                                error: String::new(),
+                                attempts: 0,
+                            }
+                        });
+                        entry.attempts += 1;
+                        if entry.error != *e {
+                            entry.error = e.clone();
+                            report.log.push(format!(
+                                "policy file refused, its policies stay as they were: {e}"
+                            ));
+                        }
+                    }
+                }
+            }
+            self.publish_policy(p);
+            if p.policies != before {
+                let changed: Vec<String> = p
+                    .policies
+                    .iter()
+                    .filter(|(k, s)| before.get(*k) != Some(*s))
+                    .map(|(_, s)| s.policy.full_name())
+                    .collect();
+                let gone: Vec<String> = before
+                    .iter()
+                    .filter(|(k, _)| !p.policies.contains_key(*k))
+                    .map(|(_, s)| s.policy.full_name())
+                    .collect();
+                report.log.push(format!(
+                    "policy directory applied: changed {changed:?}, removed {gone:?}"
+                ));
+            }
         }
-        if self.policy.policies != before {
-            let changed: Vec<String> = self
-                .policy
-                .policies
-                .iter()
-                .filter(|(k, s)| before.get(*k) != Some(*s))
-                .map(|(_, s)| s.policy.full_name())
-                .collect();
-            let gone: Vec<String> = before
-                .iter()
-                .filter(|(k, _)| !self.policy.policies.contains_key(*k))
-                .map(|(_, s)| s.policy.full_name())
-                .collect();
+        if let Err(e) = wait_all(pending) {
             report.log.push(format!(
-                "policy directory applied: changed {changed:?}, removed {gone:?}"
+                "the policy directory's changes are in force but cannot be saved: {e}"
             ));
         }
         report
-    }
-
-    pub(super) fn policy_status(&self) -> PolicyStatus {
-        PolicyStatus {
-            policies: self.policy.policies.len(),
-            entries: self.policy.installed.entries.len(),
-            ipcache: self.policy.installed.ipcache.len(),
-            policy_dir: self.config.policy_dir.display().to_string(),
-            errors: self
-                .policy
-                .start_errors
-                .iter()
-                .cloned()
-                .chain(self.policy.dir_errors.values().map(|e| e.error.clone()))
-                .collect(),
-            refused_files: self
-                .policy
-                .dir_errors
-                .iter()
-                .map(|(path, e)| RefusedPolicyFile {
-                    file: path.display().to_string(),
-                    error: e.error.clone(),
-                    attempts: e.attempts,
-                })
-                .collect(),
-        }
     }
 
     /// `GET /v1/endpoints/{endpoint}/policy`: by endpoint id, container id, or a unique
     /// prefix of a container id.
     pub fn endpoint_policy(&self, which: &str) -> Result<EndpointPolicy, ControlError> {
         let ep = self.find_endpoint(which)?;
-        let view = PolicyEndpoint::new(ep.id, ep.address, &ep.labels);
-        let installed = &self.policy.installed;
-        let flags = self.policy_flags(ep.id);
-        let identity = installed
-            .ipcache
-            .get(&ipnet::Ipv4Net::from(ep.address))
-            .copied()
-            .unwrap_or(0);
+        let view = policy_endpoint(&ep);
+        let p = self.policy();
+        let installed = p.engine.compiled();
+        let flags = p.engine.flags(ep.id);
+        let identity = p.engine.identity_of(ep.id).unwrap_or(0);
         let direction = |dir: u8| {
             let (enforce_flag, audit_flag) = if dir == DIR_INGRESS {
                 (ENDPOINT_F_INGRESS_POLICY, ENDPOINT_F_INGRESS_AUDIT)
             } else {
                 (ENDPOINT_F_EGRESS_POLICY, ENDPOINT_F_EGRESS_AUDIT)
             };
-            let policies = self
-                .policy
+            let policies = p
                 .policies
-                .values()
-                .map(|s| &s.policy)
-                .filter(|p| p.namespace == view.namespace && p.subject.matches(&view.labels))
-                .filter(|p| {
+                .range((view.namespace.clone(), String::new())..)
+                .take_while(|((ns, _), _)| *ns == view.namespace)
+                .map(|(_, s)| &s.policy)
+                .filter(|policy| policy.subject.matches(&view.labels))
+                .filter(|policy| {
                     let r = if dir == DIR_INGRESS {
-                        &p.ingress
+                        &policy.ingress
                     } else {
-                        &p.egress
+                        &policy.egress
                     };
                     r.isolate || !r.deny.is_empty()
                 })
@@ -728,7 +1048,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                     .into(),
                     audit: e.flags & POLICY_F_AUDIT != 0,
                     identity: k.identity,
-                    peer: self.describe_identity(k.identity),
+                    peer: describe_identity(installed, k.identity),
                     protocol: proto_name(k.proto),
                     port: k.dport,
                     policy: installed
@@ -750,28 +1070,31 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             container_id: ep.container_id.clone(),
             namespace: view.namespace.clone(),
             identity,
-            identity_labels: self.describe_identity(identity),
+            identity_labels: describe_identity(installed, identity),
             ingress: direction(DIR_INGRESS),
             egress: direction(DIR_EGRESS),
+            unresolved_ports: p.engine.unresolved_ports(ep.id),
         })
     }
 
-    pub(super) fn find_endpoint(&self, which: &str) -> Result<&EndpointRecord, ControlError> {
+    /// The endpoint `which` names: its id, its container id, or a unique prefix of one.
+    pub(super) fn find_endpoint(&self, which: &str) -> Result<EndpointRecord, ControlError> {
+        let t = self.table();
         if let Ok(id) = which.parse::<u32>()
-            && let Some(e) = self.endpoints.iter().find(|e| e.id == id)
+            && let Some(owner) = t.ids.get(&id)
         {
-            return Ok(e);
+            return Ok(t.endpoints[owner].clone());
         }
-        if let Some(e) = self.endpoints.iter().find(|e| e.container_id == which) {
-            return Ok(e);
-        }
-        let matches: Vec<&EndpointRecord> = self
+        let matches: Vec<&EndpointRecord> = t
             .endpoints
-            .iter()
+            .values()
             .filter(|e| !which.is_empty() && e.container_id.starts_with(which))
             .collect();
+        if let Some(e) = matches.iter().find(|e| e.container_id == which) {
+            return Ok((*e).clone());
+        }
         match matches.as_slice() {
-            [e] => Ok(e),
+            [e] => Ok((*e).clone()),
             [] => Err(ControlError::NotFound(format!(
                 "no endpoint with id or container id {which}"
             ))),
@@ -781,26 +1104,119 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             ))),
         }
     }
+}
 
-    fn describe_identity(&self, id: u32) -> String {
-        match id {
-            IDENTITY_ANY => "any".into(),
-            IDENTITY_HOST => "host".into(),
-            IDENTITY_WORLD => "world".into(),
-            _ => match self.policy.installed.identities.source(id) {
-                Some(IdentitySource::Labels { namespace, labels }) => {
-                    let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    if l.is_empty() {
-                        format!("namespace {namespace}, no labels")
-                    } else {
-                        format!("namespace {namespace}: {}", l.join(","))
-                    }
+/// What an identity stands for, for people.
+fn describe_identity(installed: &Compiled, id: u32) -> String {
+    match id {
+        IDENTITY_ANY => "any".into(),
+        IDENTITY_HOST => "host".into(),
+        IDENTITY_WORLD => "world".into(),
+        _ => match installed.identities.source(id) {
+            Some(IdentitySource::Labels { namespace, labels }) => {
+                let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                if l.is_empty() {
+                    format!("namespace {namespace}, no labels")
+                } else {
+                    format!("namespace {namespace}: {}", l.join(","))
                 }
-                Some(IdentitySource::Cidr(net)) => format!("cidr {net}"),
-                None => format!("unknown identity {id}"),
-            },
+            }
+            Some(IdentitySource::Cidr(net)) => format!("cidr {net}"),
+            None => format!("unknown identity {id}"),
+        },
+    }
+}
+
+/// Label keys and values as Kubernetes takes them: a key is an optional DNS-subdomain
+/// prefix and `/`, then a name of 1 to 63 alphanumerics, `-`, `_` and `.` starting and
+/// ending with an alphanumeric; a value is empty or such a name.
+fn validate_labels(set: &BTreeMap<String, String>, remove: &[String]) -> Result<(), ControlError> {
+    fn name_ok(n: &str) -> bool {
+        let b = n.as_bytes();
+        !b.is_empty()
+            && b.len() <= 63
+            && b[0].is_ascii_alphanumeric()
+            && b[b.len() - 1].is_ascii_alphanumeric()
+            && b
+                .iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+    }
+    fn key_ok(k: &str) -> bool {
+        if k.starts_with(BOOKKEEPING_PREFIX) {
+            return name_ok(&k[BOOKKEEPING_PREFIX.len()..]);
+        }
+        match k.split_once('/') {
+            Some((prefix, name)) => {
+                !prefix.is_empty()
+                    && prefix.len() <= 253
+                    && prefix.split('.').all(|part| {
+                        !part.is_empty()
+                            && part.len() <= 63
+                            && part
+                                .bytes()
+                                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+                            && !part.starts_with('-')
+                            && !part.ends_with('-')
+                    })
+                    && name_ok(name)
+            }
+            None => name_ok(k),
         }
     }
+    for k in set.keys().chain(remove) {
+        if !key_ok(k) {
+            return Err(ControlError::BadRequest(format!(
+                "{k:?} is not a valid label key: an optional DNS prefix and '/', then 1 to 63 alphanumerics, '-', '_' or '.', starting and ending with an alphanumeric"
+            )));
+        }
+    }
+    for (k, v) in set {
+        if !v.is_empty() && !name_ok(v) {
+            return Err(ControlError::BadRequest(format!(
+                "{v:?} is not a valid value for label {k}: empty, or 1 to 63 alphanumerics, '-', '_' or '.', starting and ending with an alphanumeric"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Named ports as Kubernetes takes container port names (IANA_SVC_NAME): 1 to 15
+/// lowercase alphanumerics and '-', at least one letter, no '-' at either end or twice
+/// in a row; each name once; a port from 1 to 65535; TCP, UDP or SCTP.
+pub(super) fn validate_named_ports(ports: &[NamedPort]) -> Result<(), ControlError> {
+    let mut seen = BTreeSet::new();
+    for (i, p) in ports.iter().enumerate() {
+        let n = &p.name;
+        let ok = !n.is_empty()
+            && n.len() <= 15
+            && n.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+            && n.bytes().any(|c| c.is_ascii_lowercase())
+            && !n.starts_with('-')
+            && !n.ends_with('-')
+            && !n.contains("--");
+        if !ok {
+            return Err(ControlError::BadRequest(format!(
+                "ports[{i}]: {n:?} is not a valid port name: 1 to 15 lowercase letters, digits and '-', with at least one letter and no '-' at either end or twice in a row"
+            )));
+        }
+        if p.port == 0 {
+            return Err(ControlError::BadRequest(format!(
+                "ports[{i}] ({n}): port 0 is not a port; use 1 to 65535"
+            )));
+        }
+        if protocol_number(&p.protocol).is_none() {
+            return Err(ControlError::BadRequest(format!(
+                "ports[{i}] ({n}): protocol {:?} is not TCP, UDP or SCTP",
+                p.protocol
+            )));
+        }
+        if !seen.insert(n.as_str()) {
+            return Err(ControlError::BadRequest(format!(
+                "ports[{i}]: the name {n} is given twice"
+            )));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

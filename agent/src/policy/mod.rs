@@ -9,6 +9,7 @@
 //! compiler reads and what the agent persists.
 
 mod compile;
+mod engine;
 mod identity;
 pub mod limits;
 mod parse;
@@ -22,6 +23,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 pub use compile::{Compiled, PolicyDiff, compile, diff};
+pub use engine::{NamedPorts, Outcome, PolicyEngine};
 pub use identity::{IdentityAllocator, IdentitySource};
 pub use parse::{PolicyFile, parse_file};
 pub use selector::{LabelSelector, Labels, Operator, Requirement};
@@ -206,6 +208,8 @@ pub struct PolicyEndpoint {
     pub namespace: String,
     /// The labels selectors see: the endpoint's labels without the bookkeeping ones.
     pub labels: Labels,
+    /// Its named ports, for policy ports given by name.
+    pub ports: NamedPorts,
 }
 
 impl PolicyEndpoint {
@@ -228,6 +232,7 @@ impl PolicyEndpoint {
             address,
             namespace,
             labels,
+            ports: NamedPorts::new(),
         }
     }
 }
