@@ -21,6 +21,13 @@
 //!   except the full range 1-65535, which is the port wildcard 0. A rule without ports is
 //!   protocol 0 (all traffic). ICMP is protocol 1 with port 0: the ICMP type is not
 //!   matched (`icmps` types are checked for syntax, not enforced).
+//! - Named ports (`port: http`, with its protocol) resolve per endpoint: an ingress rule's
+//!   against the selected endpoint's own named ports, an egress rule's against the union
+//!   of the named ports of the peer endpoints the rule selects (every endpoint when it
+//!   selects every identity). That union is an approximation, Cilium's too: a name that
+//!   is port 80 on one peer and 8080 on another allows both towards every selected peer.
+//!   A name that resolves to nothing (or to another protocol) matches nothing, as in
+//!   Kubernetes; [`super::PolicyEngine::unresolved_ports`] reports it.
 //! - Deny rules become [`POLICY_DENY`] entries for every key they cover; the datapath
 //!   lets a deny in any of the lookups it makes win over every allow. When two rules
 //!   produce the same key: an enforced deny wins, then an audited deny, then an enforced
@@ -52,8 +59,8 @@ use ipnet::Ipv4Net;
 
 use super::identity::{IdentityAllocator, IdentitySource};
 use super::{
-    Entity, Labels, NamespaceScope, Peer, Policy, PolicyEndpoint, PolicyError, PortRange, Rule,
-    namespace_labels,
+    Entity, Labels, NamedPort, NamedPorts, NamespaceScope, Peer, Policy, PolicyEndpoint,
+    PolicyError, PortRange, Rule, namespace_labels,
 };
 
 /// What the datapath should hold for a set of policies and endpoints.
@@ -293,7 +300,20 @@ pub fn compile(
                         let idents = peer_cache
                             .entry((i, dir, deny, j))
                             .or_insert_with(|| ctx.rule_identities(rule));
-                        let ports = expand_ports(rule.ports.as_deref());
+                        let ports = if rule.named_ports.is_empty() {
+                            expand_ports(rule.ports.as_deref())
+                        } else if dir == DIR_INGRESS {
+                            rule_ports(rule, resolve_named(&rule.named_ports, [&e.ports]))
+                        } else {
+                            let peers = endpoints.iter().filter(|f| {
+                                idents.contains(&IDENTITY_ANY)
+                                    || idents.contains(&ep_identity[&f.id])
+                            });
+                            rule_ports(
+                                rule,
+                                resolve_named(&rule.named_ports, peers.map(|f| &f.ports)),
+                            )
+                        };
                         for identity in idents.iter() {
                             for (proto, dport) in &ports {
                                 out.put(
@@ -320,7 +340,38 @@ pub fn compile(
     })
 }
 
-fn direction(p: &Policy, dir: u8) -> &super::DirectionRules {
+/// The (protocol, port) pairs `rule`'s named ports resolve to among `ports` (the
+/// selected endpoint's own for ingress; the union of the selected peers' for egress).
+pub(super) fn resolve_named<'a>(
+    named: &[NamedPort],
+    ports: impl IntoIterator<Item = &'a NamedPorts>,
+) -> BTreeSet<(u8, u16)> {
+    let mut out = BTreeSet::new();
+    for ports in ports {
+        for n in named {
+            if let Some(&(proto, port)) = ports.get(&n.name)
+                && proto == n.proto
+            {
+                out.insert((proto, port));
+            }
+        }
+    }
+    out
+}
+
+/// (protocol, port) keys of a rule with named ports, given what they resolved to: its
+/// numeric ports (none when it has only named ones) and the resolved ones.
+pub(super) fn rule_ports(rule: &Rule, resolved: BTreeSet<(u8, u16)>) -> BTreeSet<(u8, u16)> {
+    let mut ranges = rule.ports.clone().unwrap_or_default();
+    ranges.extend(resolved.into_iter().map(|(proto, port)| PortRange {
+        proto,
+        first: port,
+        last: port,
+    }));
+    expand_ports(Some(&ranges))
+}
+
+pub(super) fn direction(p: &Policy, dir: u8) -> &super::DirectionRules {
     if dir == DIR_INGRESS {
         &p.ingress
     } else {
@@ -328,18 +379,18 @@ fn direction(p: &Policy, dir: u8) -> &super::DirectionRules {
     }
 }
 
-fn world() -> Ipv4Net {
+pub(super) fn world() -> Ipv4Net {
     Ipv4Net::default()
 }
 
-fn all_rules(p: &Policy) -> impl Iterator<Item = &Rule> {
+pub(super) fn all_rules(p: &Policy) -> impl Iterator<Item = &Rule> {
     [&p.ingress, &p.egress]
         .into_iter()
         .flat_map(|d| d.allow.iter().chain(d.deny.iter()))
 }
 
 /// (protocol, port) keys of a rule's ports.
-fn expand_ports(ports: Option<&[PortRange]>) -> BTreeSet<(u8, u16)> {
+pub(super) fn expand_ports(ports: Option<&[PortRange]>) -> BTreeSet<(u8, u16)> {
     let Some(ports) = ports else {
         return BTreeSet::from([(0, 0)]);
     };
@@ -470,7 +521,7 @@ impl Entries {
 
 /// Whether `a` takes a key `b` holds: enforced deny, audited deny, enforced allow,
 /// audited allow; then a real policy over the synthetic id 0; then the lowest id.
-fn wins(a: &PolicyEntry, b: &PolicyEntry) -> bool {
+pub(super) fn wins(a: &PolicyEntry, b: &PolicyEntry) -> bool {
     let rank = |e: &PolicyEntry| {
         let audit = e.flags & POLICY_F_AUDIT != 0;
         match (e.action == POLICY_DENY, audit) {

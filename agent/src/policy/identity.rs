@@ -114,6 +114,52 @@ impl IdentityAllocator {
         Ok(())
     }
 
+    /// Allocates a number for `src` (not yet allocated), as [`Self::sync`] would.
+    pub(super) fn allocate(&mut self, src: IdentitySource) -> Result<u32, PolicyError> {
+        let (next, first, end, what) = match src {
+            IdentitySource::Labels { .. } => (
+                &mut self.next_labels,
+                IDENTITY_FIRST_LABELS,
+                IDENTITY_FIRST_CIDR,
+                "label identities",
+            ),
+            IdentitySource::Cidr(_) => (
+                &mut self.next_cidr,
+                IDENTITY_FIRST_CIDR,
+                u32::MAX,
+                "CIDR identities",
+            ),
+        };
+        let id = next_free(&self.identities, next, first, end).ok_or(PolicyError::Exhausted {
+            what,
+            count: self.identities.len(),
+        })?;
+        self.identities.insert(id, src);
+        Ok(id)
+    }
+
+    /// Allocates a policy id for `full_name` (not yet allocated), as [`Self::sync`] would.
+    pub(super) fn allocate_policy(&mut self, full_name: &str) -> Result<u32, PolicyError> {
+        let id = next_free(&self.policies, &mut self.next_policy, 1, MAX_POLICIES).ok_or(
+            PolicyError::Exhausted {
+                what: "policy ids",
+                count: self.policies.len(),
+            },
+        )?;
+        self.policies.insert(id, full_name.to_owned());
+        Ok(id)
+    }
+
+    /// Releases identity `id`.
+    pub(super) fn release(&mut self, id: u32) {
+        self.identities.remove(&id);
+    }
+
+    /// Releases policy id `id`.
+    pub(super) fn release_policy(&mut self, id: u32) {
+        self.policies.remove(&id);
+    }
+
     /// The identity of endpoints with `labels` in `namespace`, once synced.
     pub fn labels_identity(&self, namespace: &str, labels: &Labels) -> Option<u32> {
         self.identities.iter().find_map(|(id, s)| match s {

@@ -23,7 +23,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 pub use compile::{Compiled, PolicyDiff, compile, diff};
-pub use engine::{NamedPorts, Outcome, PolicyEngine};
+pub use engine::{Outcome, PolicyEngine};
 pub use identity::{IdentityAllocator, IdentitySource};
 pub use parse::{PolicyFile, parse_file};
 pub use selector::{LabelSelector, Labels, Operator, Requirement};
@@ -134,8 +134,47 @@ pub struct DirectionRules {
 pub struct Rule {
     /// `None`: any peer, anywhere.
     pub peers: Option<Vec<Peer>>,
-    /// `None`: all traffic (every protocol, every port).
+    /// `None`: all traffic (every protocol, every port). With named ports, `Some` of the
+    /// numeric ones (possibly none).
     pub ports: Option<Vec<PortRange>>,
+    /// Ports named as the endpoints name them (Kubernetes' `port: http`), resolved per
+    /// endpoint by the compiler; a name that resolves to nothing matches nothing.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub named_ports: Vec<NamedPort>,
+}
+
+/// A port by name: `name` among an endpoint's [`NamedPorts`], with protocol `proto`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NamedPort {
+    pub proto: u8,
+    pub name: String,
+}
+
+/// An endpoint's named ports: name → (protocol, port). The CNI carries no container port
+/// names, so they come from `hypha run --port` or the API.
+pub type NamedPorts = std::collections::BTreeMap<String, (u8, u16)>;
+
+/// Checks a port name as Kubernetes does (IANA_SVC_NAME): at most 15 characters,
+/// lowercase letters, digits and '-', at least one letter, no '-' at either end and no
+/// "--".
+pub fn validate_port_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 15
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && name.chars().any(|c| c.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--");
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a valid port name (at most 15 lowercase letters, digits and '-', \
+             at least one letter, no '-' at either end and no \"--\")"
+        ))
+    }
 }
 
 /// The other side of a flow.
@@ -153,7 +192,7 @@ pub enum Peer {
 }
 
 /// Where an endpoint peer's namespace may be.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum NamespaceScope {
     /// Exactly this namespace.
     Named(String),
@@ -208,7 +247,7 @@ pub struct PolicyEndpoint {
     pub namespace: String,
     /// The labels selectors see: the endpoint's labels without the bookkeeping ones.
     pub labels: Labels,
-    /// Its named ports, for policy ports given by name.
+    /// Its named ports (what `port: http` in a policy resolves to).
     pub ports: NamedPorts,
 }
 
@@ -235,6 +274,12 @@ impl PolicyEndpoint {
             ports: NamedPorts::new(),
         }
     }
+
+    /// With named ports `ports`.
+    pub fn with_ports(mut self, ports: NamedPorts) -> Self {
+        self.ports = ports;
+        self
+    }
 }
 
 /// The labels of namespace `ns`: what the operator set plus [`NAMESPACE_NAME_LABEL`].
@@ -247,5 +292,7 @@ pub fn namespace_labels(
     labels
 }
 
+#[cfg(test)]
+mod engine_tests;
 #[cfg(test)]
 mod tests;

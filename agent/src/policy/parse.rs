@@ -13,8 +13,9 @@ use serde::{Deserialize, Deserializer};
 
 use super::selector::{LabelSelector, Requirement};
 use super::{
-    DEFAULT_NAMESPACE, DirectionRules, Entity, NAMESPACE_NAME_LABEL, NamespaceScope, PROTO_ICMP,
-    PROTO_SCTP, PROTO_TCP, PROTO_UDP, Peer, Policy, PolicyError, PolicyKind, PortRange, Rule,
+    DEFAULT_NAMESPACE, DirectionRules, Entity, NAMESPACE_NAME_LABEL, NamedPort, NamespaceScope,
+    PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Peer, Policy, PolicyError, PolicyKind, PortRange,
+    Rule, validate_port_name,
 };
 
 const K8S_API: &str = "networking.k8s.io/v1";
@@ -396,17 +397,28 @@ fn k8s_rule(
                 .collect::<Result<Vec<_>, _>>()?,
         ),
     };
+    // Named ports go apart: the compiler resolves them per endpoint. A rule with only
+    // named ports has `Some` of no numeric port, which alone matches nothing.
+    let mut named_ports = Vec::new();
     let ports = match ports {
         None => None,
         Some(p) if p.is_empty() => None,
-        Some(list) => Some(
-            list.into_iter()
-                .enumerate()
-                .map(|(i, p)| k8s_port(p, &format!("{path}.ports[{i}]")))
-                .collect::<Result<Vec<_>, _>>()?,
-        ),
+        Some(list) => {
+            let mut numeric = Vec::new();
+            for (i, p) in list.into_iter().enumerate() {
+                match k8s_port(p, &format!("{path}.ports[{i}]"))? {
+                    K8sRulePort::Range(r) => numeric.push(r),
+                    K8sRulePort::Named(n) => named_ports.push(n),
+                }
+            }
+            Some(numeric)
+        }
     };
-    Ok(Rule { peers, ports })
+    Ok(Rule {
+        peers,
+        ports,
+        named_ports,
+    })
 }
 
 fn k8s_peer(namespace: &str, p: K8sPeer, path: &str) -> Result<Peer, String> {
@@ -453,16 +465,28 @@ fn cidr_peer(
     Ok(Peer::Cidr { net, except })
 }
 
-fn k8s_port(p: K8sPort, path: &str) -> Result<PortRange, String> {
+/// A Kubernetes rule port: numbers, or a name.
+enum K8sRulePort {
+    Range(PortRange),
+    Named(NamedPort),
+}
+
+fn k8s_port(p: K8sPort, path: &str) -> Result<K8sRulePort, String> {
     let proto = p.protocol.unwrap_or(K8sProtocol::Tcp).number();
     match (p.port, p.end_port) {
-        (None, None) => Ok(PortRange {
+        (None, None) => Ok(K8sRulePort::Range(PortRange {
             proto,
             first: 0,
             last: 0,
-        }),
+        })),
         (None, Some(_)) => Err(format!("{path}: endPort needs port")),
-        (Some(K8sPortValue(port)), end) => port_range(proto, port, end.map(|e| e.0), path),
+        (Some(K8sPortValue::Name(name)), None) => Ok(K8sRulePort::Named(NamedPort { proto, name })),
+        (Some(K8sPortValue::Name(name)), Some(_)) => Err(format!(
+            "{path}: endPort needs a numeric port, not the named port {name:?}"
+        )),
+        (Some(K8sPortValue::Number(port)), end) => {
+            port_range(proto, port, end.map(|e| e.0), path).map(K8sRulePort::Range)
+        }
     }
 }
 
@@ -814,18 +838,22 @@ fn hypha_rule(
         (false, false) => Rule {
             peers: Some(Vec::new()),
             ports: None,
+            named_ports: Vec::new(),
         },
         (false, true) => Rule {
             peers: None,
             ports: Some(ports),
+            named_ports: Vec::new(),
         },
         (true, false) => Rule {
             peers: Some(peers),
             ports: None,
+            named_ports: Vec::new(),
         },
         (true, true) => Rule {
             peers: Some(peers),
             ports: Some(ports),
+            named_ports: Vec::new(),
         },
     })
 }
@@ -923,9 +951,12 @@ impl<'de> Deserialize<'de> for PortNumber {
     }
 }
 
-/// Kubernetes' `port`: an int, or a string naming a container port (refused: resolving a
-/// name needs the pod's container spec, which a CNI agent does not have).
-struct K8sPortValue(u16);
+/// Kubernetes' `port`: an int, or a string naming a port of the endpoints (checked as
+/// IANA_SVC_NAME).
+enum K8sPortValue {
+    Number(u16),
+    Name(String),
+}
 
 impl<'de> Deserialize<'de> for K8sPortValue {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -933,30 +964,25 @@ impl<'de> Deserialize<'de> for K8sPortValue {
         impl Visitor<'_> for V {
             type Value = K8sPortValue;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a port number (1 to 65535)")
+                f.write_str("a port number (1 to 65535) or a port name")
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<K8sPortValue, E> {
-                check_port(v.into()).map(K8sPortValue)
+                check_port(v.into()).map(K8sPortValue::Number)
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<K8sPortValue, E> {
-                check_port(v.into()).map(K8sPortValue)
+                check_port(v.into()).map(K8sPortValue::Number)
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<K8sPortValue, E> {
-                Err(E::custom(named_port(v)))
+                if v.parse::<u32>().is_ok() {
+                    return Err(E::custom(format!(
+                        "port {v:?} is a string; write the number without quotes"
+                    )));
+                }
+                validate_port_name(v).map_err(E::custom)?;
+                Ok(K8sPortValue::Name(v.to_owned()))
             }
         }
         d.deserialize_any(V)
-    }
-}
-
-fn named_port(v: &str) -> String {
-    if v.parse::<u32>().is_ok() {
-        format!("port {v:?} is a string; write the number without quotes")
-    } else {
-        format!(
-            "named port {v:?} is not supported: resolving it needs the pod's container spec, \
-             which Hypha does not have; use the port number"
-        )
     }
 }
 

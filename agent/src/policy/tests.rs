@@ -184,11 +184,25 @@ fn errors_name_the_file_the_document_the_line_and_the_field() {
             "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: a}}\nspec:\n  podSelector: {{}}\n  ingress:\n    - {rule}\n"
         ))
     };
-    let e = k8s("ports: [{port: http}]");
+    let e = k8s("ports: [{port: Http}]");
     assert!(
-        e.contains("named port \"http\" is not supported") && e.contains("line 7"),
+        e.contains("\"Http\" is not a valid port name") && e.contains("line 7"),
         "{e}"
     );
+    for bad in [
+        "-http",
+        "http-",
+        "ht--tp",
+        "123-456",
+        "a-very-long-port-name",
+    ] {
+        let e = k8s(&format!("ports: [{{port: {bad}}}]"));
+        assert!(e.contains("is not a valid port name"), "{bad}: {e}");
+    }
+    let e = k8s("ports: [{port: http, endPort: 90}]");
+    assert!(e.contains("endPort needs a numeric port"), "{e}");
+    let e = k8s("ports: [{port: \"80\"}]");
+    assert!(e.contains("write the number without quotes"), "{e}");
     let e = k8s("ports: [{port: 0}]");
     assert!(e.contains("port 0 is out of range"), "{e}");
     let e = k8s("ports: [{port: 70000}]");
