@@ -1139,7 +1139,7 @@ mod tests {
     use hypha_api::MacAddr;
 
     use super::*;
-    use crate::datapath::fake::FakeDatapath;
+    use crate::datapath::fake::{FakeDatapath, FakeState};
     use crate::host::HostLink;
     use crate::host::fake::FakeHost;
 
@@ -1184,9 +1184,9 @@ mod tests {
     }
 
     pub(super) fn host_with(names: &[(&str, u32)]) -> FakeHost {
-        let mut h = FakeHost::default();
+        let h = FakeHost::default();
         for (n, i) in names {
-            h.links.insert(
+            h.state().links.insert(
                 (*n).into(),
                 HostLink {
                     index: *i,
@@ -1258,8 +1258,8 @@ mod tests {
         let ep = add(&mut agent, "a", "hypa").unwrap();
         assert_eq!(ep.address, Ipv4Addr::new(10, 7, 0, 2));
         assert_eq!(ep.host_ifindex, 10);
-        assert_eq!(agent.host.routes, vec![(10, ep.address)]);
-        assert!(agent.datapath.attached.contains_key(&10));
+        assert_eq!(agent.host.state().routes, vec![(10, ep.address)]);
+        assert!(agent.datapath.state().attached.contains_key(&10));
         assert_eq!(store.last().endpoints.len(), 1);
         let listed = agent.list();
         assert_eq!(listed[0].counters.egress.redirected.packets, 1);
@@ -1267,7 +1267,7 @@ mod tests {
         let del = agent.delete_endpoint("a", "eth0").unwrap();
         assert!(del.endpoint_removed);
         assert_eq!(del.address_released, Some(ep.address));
-        assert!(agent.datapath.attached.is_empty());
+        assert!(agent.datapath.state().attached.is_empty());
         assert!(store.last().endpoints.is_empty());
         assert!(store.last().ipam.allocations.is_empty());
         // Idempotent.
@@ -1305,8 +1305,8 @@ mod tests {
             FakeDatapath::default(),
         );
         let ep = add(&mut agent, "a", "veth0").unwrap();
-        assert_eq!(agent.datapath.flags[&ep.id], 0);
-        assert!(agent.host.limits.is_empty());
+        assert_eq!(agent.datapath.state().flags[&ep.id], 0);
+        assert!(agent.host.state().limits.is_empty());
 
         let bw = Bandwidth {
             egress_rate: Some(10_000_000),
@@ -1315,12 +1315,18 @@ mod tests {
         };
         let shown = agent.set_bandwidth("a", &bw).unwrap();
         assert_eq!(shown.bandwidth, Some(bw));
-        assert_eq!(agent.host.limits["host veth #5"].rate_bits, 20_000_000);
         assert_eq!(
-            agent.host.limits["eth0 in /run/netns/x"].rate_bits,
+            agent.host.state().limits["host veth #5"].rate_bits,
+            20_000_000
+        );
+        assert_eq!(
+            agent.host.state().limits["eth0 in /run/netns/x"].rate_bits,
             10_000_000
         );
-        assert_eq!(agent.datapath.flags[&ep.id], ENDPOINT_F_INGRESS_LIMIT);
+        assert_eq!(
+            agent.datapath.state().flags[&ep.id],
+            ENDPOINT_F_INGRESS_LIMIT
+        );
         assert_eq!(store.last().endpoints[0].bandwidth, Some(bw));
         // The limiters' drops show under their own reason.
         let listed = agent.list();
@@ -1340,7 +1346,7 @@ mod tests {
         };
         agent.datapath.apply_policy(&diff).unwrap();
         assert_eq!(
-            agent.datapath.flags[&ep.id],
+            agent.datapath.state().flags[&ep.id],
             ENDPOINT_F_INGRESS_POLICY | ENDPOINT_F_INGRESS_LIMIT
         );
 
@@ -1355,19 +1361,22 @@ mod tests {
         assert_eq!(agent.endpoints[0].bandwidth, Some(bw));
 
         // A kernel refusal leaves the old limits in the record.
-        agent.host.fail_limits = true;
+        agent.host.state().fail_limits = true;
         let other = Bandwidth {
             egress_rate: Some(1_000_000),
             ..Bandwidth::default()
         };
         assert!(agent.set_bandwidth("a", &other).is_err());
         assert_eq!(agent.endpoints[0].bandwidth, Some(bw));
-        agent.host.fail_limits = false;
+        agent.host.state().fail_limits = false;
 
         // Removing clears the flag, keeps the policy bit, and removes both qdiscs.
         agent.set_bandwidth("a", &Bandwidth::default()).unwrap();
-        assert!(agent.host.limits.is_empty());
-        assert_eq!(agent.datapath.flags[&ep.id], ENDPOINT_F_INGRESS_POLICY);
+        assert!(agent.host.state().limits.is_empty());
+        assert_eq!(
+            agent.datapath.state().flags[&ep.id],
+            ENDPOINT_F_INGRESS_POLICY
+        );
         assert_eq!(agent.endpoints[0].bandwidth, None);
     }
 
@@ -1401,10 +1410,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            agent.datapath.flags[&ep.id],
+            agent.datapath.state().flags[&ep.id],
             hypha_common::ENDPOINT_F_INGRESS_LIMIT
         );
-        assert!(agent.host.limits.contains_key("host veth #6"));
+        assert!(agent.host.state().limits.contains_key("host veth #6"));
     }
 
     #[test]
@@ -1439,10 +1448,10 @@ mod tests {
 
     #[test]
     fn failed_attach_leaves_no_endpoint_and_delete_releases_the_address() {
-        let dp = FakeDatapath {
+        let dp = FakeDatapath::from(FakeState {
             fail_attach: true,
             ..Default::default()
-        };
+        });
         let (mut agent, _, store) =
             start(host_with(&[("hypa", 10)]), PersistedState::default(), dp);
         let err = add(&mut agent, "a", "hypa").unwrap_err();
@@ -1489,17 +1498,17 @@ mod tests {
         drop(agent);
 
         // hypb vanished while the agent was down (its pod was deleted).
-        let dp = FakeDatapath {
+        let dp = FakeDatapath::from(FakeState {
             pinned: vec![10, 11],
             ..Default::default()
-        };
+        });
         let (mut agent, report, store) = start(host_with(&[("hypa", 10)]), saved, dp);
         assert_eq!(report.adopted, vec![format!("hypa ({})", a.address)]);
         assert_eq!(report.removed, vec![format!("hypb ({})", b.address)]);
         assert_eq!(agent.status().datapath.adopted_endpoints, 1);
         assert_eq!(agent.list().len(), 1);
         assert_eq!(
-            agent.datapath.pinned,
+            agent.datapath.state().pinned,
             vec![10],
             "sweep drops what nobody owns"
         );
@@ -1543,8 +1552,11 @@ mod tests {
         assert_eq!(removed, vec!["a", "c"]);
         assert_eq!(resp.released.len(), 2);
         assert!(resp.errors.is_empty());
-        assert!(!agent.host.links.contains_key("hypa"), "a's veth deleted");
-        assert!(agent.host.links.contains_key("hypb"));
+        assert!(
+            !agent.host.state().links.contains_key("hypa"),
+            "a's veth deleted"
+        );
+        assert!(agent.host.state().links.contains_key("hypb"));
         assert_eq!(agent.list().len(), 1);
         assert_eq!(store.last().ipam.allocations.len(), 1);
         assert_eq!(
@@ -1564,7 +1576,7 @@ mod tests {
             add(&mut agent, c, h).unwrap();
         }
         assert!(agent.reconcile(&[]).is_empty(), "nothing to do");
-        agent.host.links.remove("hypb"); // pod b deleted behind our back
+        agent.host.state().links.remove("hypb"); // pod b deleted behind our back
         let done = agent.reconcile(&[Attachment {
             container_id: "a".into(),
             ifname: "eth0".into(),
@@ -1639,7 +1651,7 @@ mod tests {
             })
             .unwrap();
         store.fail(true);
-        agent.datapath.fail_detach = true;
+        agent.datapath.state().fail_detach = true;
         let err = agent
             .create_endpoint(&create_request("a", "hypa", alloc.address))
             .unwrap_err()
@@ -1664,7 +1676,7 @@ mod tests {
             FakeDatapath::default(),
         );
         add(&mut agent, "a", "veth0").unwrap();
-        agent.host.fail_limits = true;
+        agent.host.state().fail_limits = true;
         let bw = hypha_api::Bandwidth {
             egress_rate: Some(1_000_000),
             ..Default::default()
@@ -1678,10 +1690,10 @@ mod tests {
 
     #[test]
     fn a_failed_attach_reports_the_failed_policy_restore_too() {
-        let dp = FakeDatapath {
+        let dp = FakeDatapath::from(FakeState {
             fail_attach: true,
             ..Default::default()
-        };
+        });
         let (mut agent, _, _) = start(host_with(&[("hypa", 10)]), PersistedState::default(), dp);
         // A policy that selects every pod, so that attaching writes policy entries first.
         agent
@@ -1699,7 +1711,8 @@ mod tests {
             .unwrap();
         // The attach fails; the policy write before it (the additions) succeeds, the
         // one that restores fails.
-        agent.datapath.fail_apply_after = Some(agent.datapath.diffs.len() + 1);
+        let applied = agent.datapath.state().diffs.len();
+        agent.datapath.state().fail_apply_after = Some(applied + 1);
         let err = agent
             .create_endpoint(&create_request("a", "hypa", alloc.address))
             .unwrap_err()
@@ -1721,13 +1734,13 @@ mod tests {
         let a = add(&mut agent, "a", "hypa").unwrap();
         let b = add(&mut agent, "b", "hypb").unwrap();
         assert!(
-            !a.debug && agent.datapath.debug.is_empty(),
+            !a.debug && agent.datapath.state().debug.is_empty(),
             "off by default"
         );
 
         let shown = agent.set_debug("a", true).unwrap();
         assert!(shown.debug);
-        assert_eq!(agent.datapath.debug, [10].into());
+        assert_eq!(agent.datapath.state().debug, [10].into());
         assert!(
             store
                 .last()
@@ -1746,28 +1759,28 @@ mod tests {
         // Saved: a restarted agent traces it again.
         let saved = store.last();
         drop(agent);
-        let dp = FakeDatapath {
+        let dp = FakeDatapath::from(FakeState {
             pinned: vec![10, 11],
             ..Default::default()
-        };
+        });
         let (mut agent, _, store) = start(host_with(&[("hypa", 10), ("hypb", 11)]), saved, dp);
-        assert_eq!(agent.datapath.debug, [10].into());
+        assert_eq!(agent.datapath.state().debug, [10].into());
 
         // A save that fails puts the datapath back and says what failed.
         store.fail(true);
         let err = agent.set_debug(&b.id.to_string(), true).unwrap_err();
         assert!(err.to_string().contains("cannot write"), "{err}");
-        assert_eq!(agent.datapath.debug, [10].into());
+        assert_eq!(agent.datapath.state().debug, [10].into());
         assert!(!agent.list()[1].debug);
         store.fail(false);
 
         agent.set_debug(&a.id.to_string(), false).unwrap();
-        assert!(agent.datapath.debug.is_empty());
+        assert!(agent.datapath.state().debug.is_empty());
         assert!(store.last().endpoints.iter().all(|e| !e.debug));
         // Detaching removes the tracing with the endpoint.
         agent.set_debug("b", true).unwrap();
         agent.delete_endpoint("b", "eth0").unwrap();
-        assert!(agent.datapath.debug.is_empty());
+        assert!(agent.datapath.state().debug.is_empty());
     }
 
     #[test]
@@ -1785,8 +1798,8 @@ mod tests {
                 .problems
                 .is_empty()
         );
-        agent.datapath.attached.clear();
-        agent.host.links.remove("hypa");
+        agent.datapath.state().attached.clear();
+        agent.host.state().links.remove("hypa");
         let problems = agent.check_endpoint("a", "eth0").unwrap().problems;
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems[0].contains("host interface hypa is gone"));

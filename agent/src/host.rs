@@ -34,29 +34,26 @@ pub struct HostLink {
     pub mac: MacAddr,
 }
 
-/// The host network operations of the control plane.
-pub trait HostNetwork: Send {
+/// The host network operations of the control plane. Shared between threads: every
+/// operation takes `&self` and may run at the same time as any other.
+pub trait HostNetwork: Send + Sync {
     /// Makes the node ready for pods: gateway device and address, forwarding, masquerade.
-    fn setup_node(&mut self, node: &NodeNetwork) -> Result<(), HostError>;
+    fn setup_node(&self, node: &NodeNetwork) -> Result<(), HostError>;
     /// The interface named `name` in the agent's network namespace, if it exists.
-    fn link(&mut self, name: &str) -> Result<Option<HostLink>, HostError>;
+    fn link(&self, name: &str) -> Result<Option<HostLink>, HostError>;
     /// Deletes a host interface (a pod's host veth, which takes its peer along); whether
     /// it existed.
-    fn delete_link(&mut self, name: &str) -> Result<bool, HostError>;
+    fn delete_link(&self, name: &str) -> Result<bool, HostError>;
     /// Routes `address` to the pod behind host interface `ifindex`.
     fn route_pod(
-        &mut self,
+        &self,
         ifindex: u32,
         address: Ipv4Addr,
         gateway: Ipv4Addr,
     ) -> Result<(), HostError>;
     /// Installs or changes (`Some`) or removes (`None`) the rate limiter on `side`. Removal
     /// of a limiter that is not there, or on an interface that is gone, succeeds.
-    fn set_rate_limit(
-        &mut self,
-        side: LimitSide<'_>,
-        limit: Option<Limit>,
-    ) -> Result<(), HostError>;
+    fn set_rate_limit(&self, side: LimitSide<'_>, limit: Option<Limit>) -> Result<(), HostError>;
     /// Packets the rate limiter on `side` dropped since it was installed (`None` when
     /// there is none).
     fn rate_limit_drops(&self, side: LimitSide<'_>) -> Result<Option<u64>, HostError>;
@@ -80,28 +77,36 @@ pub struct NodeNetwork {
     pub masquerade: bool,
 }
 
-/// The real thing, in the agent's own network namespace.
+/// The real thing, in the agent's own network namespace. Each call opens its own netlink
+/// socket (a socket costs a few microseconds; a netlink call that waits for the kernel
+/// then holds nothing another call needs).
 pub struct LinuxHost {
-    nl: Netlink,
+    _private: (),
 }
 
 impl LinuxHost {
+    /// Checks that a netlink socket can be opened here (the calls open their own).
     pub fn new() -> Result<Self, HostError> {
-        Ok(Self {
-            nl: Netlink::new()?,
-        })
+        Netlink::new()?;
+        Ok(Self { _private: () })
+    }
+
+    /// A socket for one call, in the agent's network namespace.
+    fn nl(&self) -> Result<Netlink, HostError> {
+        Ok(Netlink::new()?)
     }
 }
 
 impl HostNetwork for LinuxHost {
-    fn setup_node(&mut self, node: &NodeNetwork) -> Result<(), HostError> {
+    fn setup_node(&self, node: &NodeNetwork) -> Result<(), HostError> {
+        let mut nl = self.nl()?;
         // The gateway address sits on an existing device (loopback by default: every
         // kernel has it, unlike `dummy`); any other named device is created as a dummy.
-        let dev = match self.nl.link_by_name(&node.host_device)? {
+        let dev = match nl.link_by_name(&node.host_device)? {
             Some(l) => l,
             None => {
-                self.nl.create_dummy(&node.host_device)?;
-                self.nl.link_by_name(&node.host_device)?.ok_or_else(|| {
+                nl.create_dummy(&node.host_device)?;
+                nl.link_by_name(&node.host_device)?.ok_or_else(|| {
                     hypha_netlink::Error::LinkNotFound {
                         link: node.host_device.clone(),
                         netns: "the agent's network namespace".into(),
@@ -109,8 +114,8 @@ impl HostNetwork for LinuxHost {
                 })?
             }
         };
-        self.nl.add_address(dev.index, node.gateway, 32)?;
-        self.nl.set_up(dev.index)?;
+        nl.add_address(dev.index, node.gateway, 32)?;
+        nl.set_up(dev.index)?;
         write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
         if node.masquerade {
             masquerade(&nft_table(node.pod_cidr), node.pod_cidr)?;
@@ -118,24 +123,24 @@ impl HostNetwork for LinuxHost {
         Ok(())
     }
 
-    fn link(&mut self, name: &str) -> Result<Option<HostLink>, HostError> {
-        Ok(self.nl.link_by_name(name)?.map(|l| HostLink {
+    fn link(&self, name: &str) -> Result<Option<HostLink>, HostError> {
+        Ok(self.nl()?.link_by_name(name)?.map(|l| HostLink {
             index: l.index,
             mac: MacAddr(l.mac),
         }))
     }
 
-    fn delete_link(&mut self, name: &str) -> Result<bool, HostError> {
-        Ok(self.nl.delete_link_by_name(name)?)
+    fn delete_link(&self, name: &str) -> Result<bool, HostError> {
+        Ok(self.nl()?.delete_link_by_name(name)?)
     }
 
     fn route_pod(
-        &mut self,
+        &self,
         ifindex: u32,
         address: Ipv4Addr,
         gateway: Ipv4Addr,
     ) -> Result<(), HostError> {
-        self.nl.add_route(&Route {
+        self.nl()?.add_route(&Route {
             dst: Ipv4Net::new(address, 32).expect("/32 is a valid prefix"),
             gateway: None,
             oif: ifindex,
@@ -145,15 +150,11 @@ impl HostNetwork for LinuxHost {
         Ok(())
     }
 
-    fn set_rate_limit(
-        &mut self,
-        side: LimitSide<'_>,
-        limit: Option<Limit>,
-    ) -> Result<(), HostError> {
-        let (mut pod_nl, index) = Self::limiter_socket(side)?;
-        let nl = match pod_nl.as_mut() {
+    fn set_rate_limit(&self, side: LimitSide<'_>, limit: Option<Limit>) -> Result<(), HostError> {
+        let (pod_nl, index) = Self::limiter_socket(side)?;
+        let mut nl = match pod_nl {
             Some(n) => n,
-            None => &mut self.nl,
+            None => self.nl()?,
         };
         let Some(index) = index else {
             return match limit {
@@ -194,7 +195,7 @@ impl HostNetwork for LinuxHost {
         };
         let mut nl = match pod_nl {
             Some(n) => n,
-            None => Netlink::new()?,
+            None => self.nl()?,
         };
         Ok(nl
             .root_qdisc(index)?
@@ -214,7 +215,7 @@ fn describe_side(side: LimitSide<'_>) -> String {
 impl LinuxHost {
     /// A socket where `side` lives and the interface index there (`None` if it is gone):
     /// for the pod's side, a socket opened in its namespace (entered once, for the time
-    /// it takes to open it); for the host veth, `None`: the agent's own socket serves.
+    /// it takes to open it); for the host veth, `None`: a socket of the agent's serves.
     fn limiter_socket(side: LimitSide<'_>) -> Result<(Option<Netlink>, Option<u32>), HostError> {
         match side {
             LimitSide::HostVeth { ifindex } => Ok((None, Some(ifindex))),
@@ -289,12 +290,25 @@ fn masquerade(table: &str, pod_cidr: Ipv4Net) -> Result<(), HostError> {
 #[cfg(test)]
 pub mod fake {
     use std::collections::BTreeMap;
+    use std::sync::{Mutex, MutexGuard, PoisonError};
 
     use super::*;
 
-    /// Host interfaces by name; routes recorded.
+    /// Host interfaces by name; routes recorded. Its state sits behind a lock (the trait
+    /// takes `&self`); tests read and change it through [`Self::state`].
     #[derive(Default)]
-    pub struct FakeHost {
+    pub struct FakeHost(Mutex<FakeHostState>);
+
+    impl FakeHost {
+        /// What the fake holds, and its failure switch.
+        pub fn state(&self) -> MutexGuard<'_, FakeHostState> {
+            self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        }
+    }
+
+    /// What a [`FakeHost`] holds.
+    #[derive(Default)]
+    pub struct FakeHostState {
         pub links: BTreeMap<String, HostLink>,
         pub routes: Vec<(u32, Ipv4Addr)>,
         pub node: Option<NodeNetwork>,
@@ -304,41 +318,37 @@ pub mod fake {
     }
 
     impl HostNetwork for FakeHost {
-        fn setup_node(&mut self, node: &NodeNetwork) -> Result<(), HostError> {
-            self.node = Some(node.clone());
+        fn setup_node(&self, node: &NodeNetwork) -> Result<(), HostError> {
+            self.state().node = Some(node.clone());
             Ok(())
         }
-        fn link(&mut self, name: &str) -> Result<Option<HostLink>, HostError> {
-            Ok(self.links.get(name).copied())
+        fn link(&self, name: &str) -> Result<Option<HostLink>, HostError> {
+            Ok(self.state().links.get(name).copied())
         }
-        fn delete_link(&mut self, name: &str) -> Result<bool, HostError> {
-            Ok(self.links.remove(name).is_some())
+        fn delete_link(&self, name: &str) -> Result<bool, HostError> {
+            Ok(self.state().links.remove(name).is_some())
         }
-        fn route_pod(
-            &mut self,
-            ifindex: u32,
-            address: Ipv4Addr,
-            _: Ipv4Addr,
-        ) -> Result<(), HostError> {
-            self.routes.push((ifindex, address));
+        fn route_pod(&self, ifindex: u32, address: Ipv4Addr, _: Ipv4Addr) -> Result<(), HostError> {
+            self.state().routes.push((ifindex, address));
             Ok(())
         }
         fn set_rate_limit(
-            &mut self,
+            &self,
             side: LimitSide<'_>,
             limit: Option<Limit>,
         ) -> Result<(), HostError> {
-            if self.fail_limits {
+            let mut st = self.state();
+            if st.fail_limits {
                 return Err(HostError::Nft("fake: cannot install a qdisc".into()));
             }
             match limit {
-                Some(l) => self.limits.insert(describe_side(side), l),
-                None => self.limits.remove(&describe_side(side)),
+                Some(l) => st.limits.insert(describe_side(side), l),
+                None => st.limits.remove(&describe_side(side)),
             };
             Ok(())
         }
         fn rate_limit_drops(&self, side: LimitSide<'_>) -> Result<Option<u64>, HostError> {
-            Ok(self.limits.get(&describe_side(side)).map(|_| 7))
+            Ok(self.state().limits.get(&describe_side(side)).map(|_| 7))
         }
     }
 }

@@ -21,6 +21,7 @@ mod messages;
 mod netns;
 pub mod procs;
 mod qdisc;
+mod tc;
 
 use std::fs::File;
 use std::net::Ipv4Addr;
@@ -39,6 +40,7 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 pub use error::Error;
 use error::RequestError;
 pub use qdisc::{HYPHA_QDISC_MAJOR, Qdisc, TbfSpec};
+pub use tc::{BpfFilter, InstalledBpfFilter, TcHook};
 
 /// Result of the netlink layer.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -424,6 +426,134 @@ impl Netlink {
                 format!("delete the root qdisc of interface #{index}"),
                 &self.netns,
                 Some(&format!("#{index}")),
+            )),
+        }
+    }
+
+    /// Moves interface `index` into the network namespace `netns` (`path` only names it in
+    /// messages).
+    pub fn move_to_netns(&mut self, index: u32, netns: BorrowedFd<'_>, path: &Path) -> Result<()> {
+        let msg = RouteNetlinkMessage::NewLink(messages::netns_move_message(index, netns));
+        self.request(msg, 0).map(drop).map_err(|e| {
+            e.into_error(
+                format!("move interface #{index} into {}", path.display()),
+                &self.netns,
+                Some(&format!("#{index}")),
+            )
+        })
+    }
+
+    /// Adds the `clsact` qdisc to interface `index` (where tc filters hook its ingress and
+    /// egress); one already there is kept. Returns whether it was added.
+    pub fn add_clsact(&mut self, index: u32) -> Result<bool> {
+        let msg = RouteNetlinkMessage::NewQueueDiscipline(tc::clsact_message(index));
+        match self.request(msg, NLM_F_CREATE | NLM_F_EXCL) {
+            Ok(_) => Ok(true),
+            Err(e) if e.errno() == Some(libc::EEXIST) => Ok(false),
+            Err(e) => Err(e.into_error(
+                format!("add a clsact qdisc to interface #{index}"),
+                &self.netns,
+                Some(&format!("#{index}")),
+            )),
+        }
+    }
+
+    /// Deletes the `clsact` qdisc of interface `index` and every filter on it; whether
+    /// there was one.
+    pub fn delete_clsact(&mut self, index: u32) -> Result<bool> {
+        let msg = RouteNetlinkMessage::DelQueueDiscipline(tc::clsact_message(index));
+        match self.request(msg, 0) {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.errno(), Some(libc::ENODEV | libc::ENOENT | libc::EINVAL)) => {
+                Ok(false)
+            }
+            Err(e) => Err(e.into_error(
+                format!("delete the clsact qdisc of interface #{index}"),
+                &self.netns,
+                Some(&format!("#{index}")),
+            )),
+        }
+    }
+
+    /// Adds `filter` to interface `index` (which needs a `clsact` qdisc), or with
+    /// `replace` swaps the program of the filter with the same priority and handle in
+    /// place (`NLM_F_REPLACE`: the hook never runs without it), creating it if missing.
+    pub fn add_bpf_filter(
+        &mut self,
+        index: u32,
+        filter: &BpfFilter<'_>,
+        replace: bool,
+    ) -> Result<()> {
+        let msg = RouteNetlinkMessage::NewTrafficFilter(tc::bpf_filter_message(index, filter));
+        let flags = if replace {
+            NLM_F_CREATE | NLM_F_REPLACE
+        } else {
+            NLM_F_CREATE | NLM_F_EXCL
+        };
+        self.request(msg, flags).map(drop).map_err(|e| {
+            e.into_error(
+                format!(
+                    "add bpf filter {} (prio {}, handle {}) to the {} of interface #{index}",
+                    filter.name,
+                    filter.priority,
+                    filter.handle,
+                    filter.hook.name()
+                ),
+                &self.netns,
+                Some(&format!("#{index}")),
+            )
+        })
+    }
+
+    /// Deletes the filter `priority`/`handle` on `hook` of interface `index`; whether it
+    /// was there.
+    pub fn delete_bpf_filter(
+        &mut self,
+        index: u32,
+        hook: TcHook,
+        priority: u16,
+        handle: u32,
+    ) -> Result<bool> {
+        let msg = RouteNetlinkMessage::DelTrafficFilter(tc::filter_delete_message(
+            index, hook, priority, handle,
+        ));
+        match self.request(msg, 0) {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.errno(), Some(libc::ENODEV | libc::ENOENT | libc::EINVAL)) => {
+                Ok(false)
+            }
+            Err(e) => Err(e.into_error(
+                format!(
+                    "delete the filter prio {priority} handle {handle} on the {} of interface #{index}",
+                    hook.name()
+                ),
+                &self.netns,
+                Some(&format!("#{index}")),
+            )),
+        }
+    }
+
+    /// The `cls_bpf` filters on `hook` of interface `index` (none without a `clsact`).
+    pub fn bpf_filters(&mut self, index: u32, hook: TcHook) -> Result<Vec<InstalledBpfFilter>> {
+        let msg = RouteNetlinkMessage::GetTrafficFilter(tc::filter_dump_message(index, hook));
+        match self.dump(msg) {
+            Ok(answers) => Ok(answers
+                .iter()
+                .filter_map(|m| match m {
+                    RouteNetlinkMessage::NewTrafficFilter(f) => tc::parse_bpf_filter(f),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) if matches!(e.errno(), Some(libc::ENODEV | libc::ENOENT | libc::EINVAL)) => {
+                Ok(Vec::new())
+            }
+            Err(e) => Err(e.into_error(
+                format!(
+                    "list the filters on the {} of interface #{index}",
+                    hook.name()
+                ),
+                &self.netns,
+                None,
             )),
         }
     }

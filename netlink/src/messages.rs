@@ -2,7 +2,7 @@
 //! is sent to the kernel can be unit-tested without privileges.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use ipnet::Ipv4Net;
 use netlink_packet_route::AddressFamily;
@@ -86,6 +86,14 @@ pub(crate) fn gso_max_size_message(index: u32, size: u32) -> LinkMessage {
 }
 
 /// `RTM_GETLINK`/`RTM_DELLINK` body selecting an interface by index.
+/// `RTM_NEWLINK` moving interface `index` into the network namespace `netns`.
+pub(crate) fn netns_move_message(index: u32, netns: BorrowedFd<'_>) -> LinkMessage {
+    let mut msg = link_index_message(index);
+    msg.attributes
+        .push(LinkAttribute::NetNsFd(netns.as_raw_fd()));
+    msg
+}
+
 pub(crate) fn link_index_message(index: u32) -> LinkMessage {
     let mut msg = LinkMessage::default();
     msg.header.index = index;

@@ -1228,7 +1228,7 @@ mod tests {
 
     use super::*;
     use crate::control::tests::{MemStore, host_with, start};
-    use crate::datapath::fake::FakeDatapath;
+    use crate::datapath::fake::{FakeDatapath, FakeState};
     use crate::host::fake::FakeHost;
     use crate::state::PersistedState;
 
@@ -1286,13 +1286,19 @@ mod tests {
             .unwrap();
         let web = add(&mut a, "w", "hypa", &[("app", "web")]);
         let db = add(&mut a, "d", "hypb", &[("app", "db")]);
-        assert_eq!(a.datapath.flags[&web], 0);
-        assert_eq!(a.datapath.flags[&db], ENDPOINT_F_INGRESS_POLICY);
+        assert_eq!(a.datapath.state().flags[&web], 0);
+        assert_eq!(a.datapath.state().flags[&db], ENDPOINT_F_INGRESS_POLICY);
         // The fake's maps are exactly what the agent believes is installed.
-        assert_eq!(a.datapath.policy.entries, a.policy.installed.entries);
-        assert_eq!(a.datapath.policy.ipcache, a.policy.installed.ipcache);
+        assert_eq!(
+            a.datapath.state().policy.entries,
+            a.policy.installed.entries
+        );
+        assert_eq!(
+            a.datapath.state().policy.ipcache,
+            a.policy.installed.ipcache
+        );
         // db's entries were written before db was attached.
-        let log = &a.datapath.log;
+        let log = a.datapath.state().log.clone();
         let attach_db = log.iter().position(|l| l == "attach hypb").unwrap();
         assert_eq!(log[attach_db - 1], "apply_policy", "{log:?}");
         let view = a.endpoint_policy(&db.to_string()).unwrap();
@@ -1322,7 +1328,7 @@ mod tests {
         let (mut a, store) = agent();
         add(&mut a, "d", "hypb", &[("app", "db")]);
         let saves = store.0.lock().unwrap().len();
-        let diffs = a.datapath.diffs.len();
+        let diffs = a.datapath.state().diffs.len();
         let err = a
             .apply_policies(&[
                 file("good.yaml", DB_ONLY_FROM_WEB),
@@ -1339,10 +1345,10 @@ mod tests {
             "{msg}"
         );
         assert!(a.list_policies().is_empty());
-        assert_eq!(a.datapath.diffs.len(), diffs);
+        assert_eq!(a.datapath.state().diffs.len(), diffs);
         assert_eq!(store.0.lock().unwrap().len(), saves);
         // A failing datapath leaves the policy set as it was too.
-        a.datapath.fail_apply = true;
+        a.datapath.state().fail_apply = true;
         let err = a
             .apply_policies(&[file("good.yaml", DB_ONLY_FROM_WEB)])
             .unwrap_err();
@@ -1357,15 +1363,18 @@ mod tests {
             .unwrap();
         add(&mut a, "w", "hypa", &[("app", "web")]);
         let db = add(&mut a, "d", "hypb", &[("app", "db")]);
-        let n = a.datapath.policy.entries.len();
+        let n = a.datapath.state().policy.entries.len();
         assert!(n > 0);
         // web goes: db's entry for web's identity goes with it.
         a.delete_endpoint("w", "eth0").unwrap();
-        assert!(a.datapath.policy.entries.len() < n);
-        assert_eq!(a.datapath.policy.entries, a.policy.installed.entries);
+        assert!(a.datapath.state().policy.entries.len() < n);
+        assert_eq!(
+            a.datapath.state().policy.entries,
+            a.policy.installed.entries
+        );
         a.delete_policy("default", "db").unwrap();
-        assert!(a.datapath.policy.entries.is_empty());
-        assert_eq!(a.datapath.flags[&db], 0);
+        assert!(a.datapath.state().policy.entries.is_empty());
+        assert_eq!(a.datapath.state().flags[&db], 0);
         assert_eq!(
             a.delete_policy("default", "db").unwrap_err().http_status(),
             404
@@ -1434,20 +1443,21 @@ mod tests {
         // While the agent is down, the policy is gone from the state (as if deleted),
         // but the maps still hold its entries.
         saved.policies.clear();
-        let dp = FakeDatapath {
+        let dp = FakeDatapath::from(FakeState {
             pinned: vec![10, 11],
-            policy: a.datapath.policy.clone(),
+            policy: a.datapath.state().policy.clone(),
             ..Default::default()
-        };
+        });
         drop(a);
         let (a, _, _) = start(host_with(&[("hypa", 10), ("hypb", 11)]), saved, dp);
         assert!(
-            a.datapath.policy.entries.is_empty(),
+            a.datapath.state().policy.entries.is_empty(),
             "stale entries removed"
         );
-        assert_eq!(a.datapath.flags[&db], 0);
+        assert_eq!(a.datapath.state().flags[&db], 0);
         assert_eq!(
-            a.datapath.policy.ipcache, installed.ipcache,
+            a.datapath.state().policy.ipcache,
+            installed.ipcache,
             "same identities"
         );
     }
@@ -1489,7 +1499,7 @@ mod tests {
         );
         a.sync_policy_dir(vec![]);
         assert!(a.list_policies().is_empty());
-        assert!(a.datapath.policy.entries.is_empty());
+        assert!(a.datapath.state().policy.entries.is_empty());
     }
 
     /// 5 endpoints, so that a policy on every port of every endpoint overflows
@@ -1527,7 +1537,10 @@ mod tests {
         ]);
         let names: Vec<String> = a.list_policies().iter().map(|p| p.name.clone()).collect();
         assert_eq!(names, ["db"], "good.yaml is applied beside the others");
-        assert_eq!(a.datapath.policy.entries, a.policy.installed.entries);
+        assert_eq!(
+            a.datapath.state().policy.entries,
+            a.policy.installed.entries
+        );
         let errors = a.status().policy.errors;
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(
@@ -1555,7 +1568,10 @@ mod tests {
             a.status().policy.errors
         );
         assert_eq!(a.list_policies().len(), 2);
-        assert_eq!(a.datapath.policy.entries, a.policy.installed.entries);
+        assert_eq!(
+            a.datapath.state().policy.entries,
+            a.policy.installed.entries
+        );
     }
 
     #[test]

@@ -155,8 +155,8 @@ fn a_mac_another_endpoint_uses_is_refused_and_nothing_stays_reserved() {
             .values()
             .any(|o| o.container_id == "b")
     );
-    assert_eq!(agent.host.routes.len(), 1);
-    assert_eq!(agent.datapath.attached.len(), 1);
+    assert_eq!(agent.host.state().routes.len(), 1);
+    assert_eq!(agent.datapath.state().attached.len(), 1);
     // With another MAC it goes through, and gets an address again.
     let b = agent.allocate(&alloc("b", "eth0")).unwrap();
     agent

@@ -8,17 +8,19 @@
 use std::collections::HashSet;
 use std::io;
 use std::net::Ipv4Addr;
+use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuHashMap, PerCpuValues};
-use aya::programs::links::{FdLink, LinkError, PinnedLink};
-use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
-use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType};
+use aya::maps::{
+    Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuHashMap, PerCpuValues,
+};
+use aya::programs::{ProgramError, ProgramFd, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use hypha_common::debug::{MAP as DEBUG_MAP, NODE_F_DEBUG};
 use hypha_common::{
-    Counter, CtEntry, CtKey4, DropKey, EndpointInfo, EndpointKey4, EndpointStats, NodeConfig, maps,
-    programs,
+    Counter, CtEntry, CtKey4, DropKey, EndpointInfo, EndpointKey4, EndpointStats, IpcacheValue,
+    NodeConfig, PolicyEntry, PolicyKey, PolicyStats, maps, programs,
 };
 
 use super::{Adoption, Datapath, link_info};
@@ -33,10 +35,10 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Where bpffs is mounted when nothing is.
 const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 
-/// The programs and where each is attached.
-const ATTACHMENTS: [(&str, TcAttachType, &str); 2] = [
-    (programs::FROM_POD, TcAttachType::Ingress, "ingress"),
-    (programs::TO_POD, TcAttachType::Egress, "egress"),
+/// The programs, the TCX hook each is attached to, and the hook's name in pins.
+const ATTACHMENTS: [(&str, u32, &str); 2] = [
+    (programs::FROM_POD, link_info::BPF_TCX_INGRESS, "ingress"),
+    (programs::TO_POD, link_info::BPF_TCX_EGRESS, "egress"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +75,14 @@ pub enum EbpfError {
         ifname: String,
         #[source]
         source: Box<ProgramError>,
+    },
+    #[error("cannot attach program {program} to the {hook} of {ifname}: {source}")]
+    Attach {
+        program: &'static str,
+        ifname: String,
+        hook: &'static str,
+        #[source]
+        source: io::Error,
     },
     #[error("cannot {op} pinned link {path}: {source}")]
     Link {
@@ -122,8 +132,97 @@ pub(super) fn is_not_found(e: &MapError) -> bool {
     }
 }
 
+/// The maps the agent reads and writes, each taken out of the object once at load and
+/// kept behind its own lock, held only for syscalls on that map (none of which waits).
+///
+/// Lock order where two nest: `debug` before `config` (the node's tracing flag follows
+/// what the debug map holds). No other two are held at once.
+pub(super) struct Maps {
+    /// Also the lock that keeps a read-modify-write of one endpoint's flags (`set_flags`,
+    /// `apply_policy`) atomic.
+    pub(super) endpoints: Mutex<HashMap<MapData, EndpointKey4, EndpointInfo>>,
+    ep_stats: Mutex<PerCpuHashMap<MapData, u32, EndpointStats>>,
+    drops: Mutex<PerCpuHashMap<MapData, DropKey, Counter>>,
+    /// For deletions; `ct_read`, a second handle on the same map, scans it without a lock.
+    ct: Mutex<HashMap<MapData, CtKey4, CtEntry>>,
+    ct_read: HashMap<MapData, CtKey4, CtEntry>,
+    debug: Mutex<HashMap<MapData, u32, u32>>,
+    config: Mutex<Array<MapData, NodeConfig>>,
+    pub(super) ipcache: Mutex<LpmTrie<MapData, u32, IpcacheValue>>,
+    pub(super) policy: Mutex<HashMap<MapData, PolicyKey, PolicyEntry>>,
+    policy_stats: Mutex<PerCpuHashMap<MapData, u32, PolicyStats>>,
+}
+
+/// Locks a map handle. A panic while one was held leaves nothing half done in the handle
+/// (the kernel map changed or it did not), so a poisoned lock is taken as it is.
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Takes map `name` out of the object.
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map, EbpfError> {
+    ebpf.take_map(name)
+        .ok_or(EbpfError::Missing { kind: "map", name })
+}
+
+/// Takes map `name` out of the object as a `T`.
+fn take<T: TryFrom<Map, Error = MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<T, EbpfError> {
+    T::try_from(take_map(ebpf, name)?).map_err(map_err("open", name))
+}
+
+impl Maps {
+    fn take(ebpf: &mut Ebpf) -> Result<Self, EbpfError> {
+        let ct: HashMap<MapData, CtKey4, CtEntry> = take(ebpf, maps::CT4)?;
+        let fd = ct
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|source| EbpfError::Io {
+                op: "duplicate the descriptor of map",
+                path: maps::CT4.into(),
+                source,
+            })?;
+        let ct_read = Map::LruHashMap(MapData::from_fd(fd).map_err(map_err("reopen", maps::CT4))?);
+        Ok(Self {
+            endpoints: Mutex::new(take(ebpf, maps::ENDPOINTS4)?),
+            ep_stats: Mutex::new(take(ebpf, maps::EP_STATS)?),
+            drops: Mutex::new(take(ebpf, maps::DROPS)?),
+            ct: Mutex::new(ct),
+            ct_read: HashMap::try_from(ct_read).map_err(map_err("open", maps::CT4))?,
+            debug: Mutex::new(take(ebpf, DEBUG_MAP)?),
+            config: Mutex::new(take(ebpf, maps::CONFIG)?),
+            ipcache: Mutex::new(take(ebpf, maps::IPCACHE4)?),
+            policy: Mutex::new(take(ebpf, maps::POLICY)?),
+            policy_stats: Mutex::new(take(ebpf, maps::POLICY_STATS)?),
+        })
+    }
+}
+
+/// A loaded program, as attaching it needs: its fd (taken once at load) and its id.
+struct Program {
+    name: &'static str,
+    fd: ProgramFd,
+    id: u32,
+    /// `BPF_TCX_INGRESS` or `BPF_TCX_EGRESS`.
+    attach_type: u32,
+    hook: &'static str,
+}
+
+/// The eBPF datapath. Shared between threads: every operation takes `&self`; map
+/// handles sit behind their own short locks (see [`Maps`]) and attaching holds none, so
+/// concurrent attaches for different endpoints each wait out their own RCU grace period
+/// at the same time.
 pub struct EbpfDatapath {
+    /// What is left in the object once the maps and programs the agent uses are taken:
+    /// the events and log ring buffers (taken at start by the daemon), and the programs'
+    /// ownership.
     ebpf: Ebpf,
+    maps: Maps,
+    programs: Vec<Program>,
     links_dir: PathBuf,
 }
 
@@ -145,32 +244,60 @@ impl EbpfDatapath {
                 pin_dir: pin_dir.to_owned(),
                 source: Box::new(source),
             })?;
-        for (name, _, _) in ATTACHMENTS {
-            let prog = classifier(&mut ebpf, name)?;
-            prog.load().map_err(|source| EbpfError::Program {
-                op: "load",
-                program: name,
-                ifname: "-".into(),
-                source: Box::new(source),
-            })?;
+        let found: Vec<&str> = ebpf.programs().map(|(name, _)| name).collect();
+        if let Some(name) = missing_program(&found) {
+            return Err(EbpfError::Missing {
+                kind: "program",
+                name,
+            });
         }
+        let mut programs = Vec::new();
+        for (name, attach_type, hook) in ATTACHMENTS {
+            let prog = classifier(&mut ebpf, name)?;
+            let prog_err = |op| {
+                move |source| EbpfError::Program {
+                    op,
+                    program: name,
+                    ifname: "-".into(),
+                    source: Box::new(source),
+                }
+            };
+            prog.load().map_err(prog_err("load"))?;
+            let fd = prog
+                .fd()
+                .map_err(prog_err("open"))?
+                .try_clone()
+                .map_err(|source| EbpfError::Io {
+                    op: "duplicate the descriptor of program",
+                    path: name.into(),
+                    source,
+                })?;
+            let id = prog.info().map_err(prog_err("read"))?.id();
+            programs.push(Program {
+                name,
+                fd,
+                id,
+                attach_type,
+                hook,
+            });
+        }
+        let maps = Maps::take(&mut ebpf)?;
         // An earlier agent's traced endpoints stay traced until start-up has re-adopted
         // (or swept) them.
-        let tracing = debug_map(&ebpf)?.keys().next().is_some();
-        let mut config: Array<&mut MapData, NodeConfig> =
-            Array::try_from(ebpf.map_mut(maps::CONFIG).ok_or(EbpfError::Missing {
-                kind: "map",
-                name: maps::CONFIG,
-            })?)
-            .map_err(map_err("open", maps::CONFIG))?;
+        let tracing = lock(&maps.debug).keys().next().is_some();
         let node = NodeConfig {
             gateway: u32::from_ne_bytes(gateway.octets()),
             flags: if tracing { NODE_F_DEBUG } else { 0 },
         };
-        config
+        lock(&maps.config)
             .set(0, node, 0)
             .map_err(map_err("write", maps::CONFIG))?;
-        Ok(Self { ebpf, links_dir })
+        Ok(Self {
+            ebpf,
+            maps,
+            programs,
+            links_dir,
+        })
     }
 
     /// Takes the events ring buffer out, for the monitor to drain on its own task.
@@ -189,8 +316,8 @@ impl EbpfDatapath {
 
     /// Writes or removes the endpoint's entry in `hypha_debug`, then the node flag that
     /// says whether the map has any entry.
-    fn write_debug(&mut self, ep: &EndpointRecord, on: bool) -> Result<(), EbpfError> {
-        let mut map = debug_map_mut(&mut self.ebpf)?;
+    fn write_debug(&self, ep: &EndpointRecord, on: bool) -> Result<(), EbpfError> {
+        let mut map = lock(&self.maps.debug);
         if on {
             map.insert(ep.host_ifindex, ep.id, 0)
                 .map_err(map_err("insert into", DEBUG_MAP))?;
@@ -199,19 +326,14 @@ impl EbpfDatapath {
         {
             return Err(map_err("delete from", DEBUG_MAP)(e));
         }
-        self.sync_debug_flag()
+        self.sync_debug_flag(&map)
     }
 
-    /// Sets `NODE_F_DEBUG` in `hypha_config` when `hypha_debug` has an entry, clears it
-    /// when it has none.
-    fn sync_debug_flag(&mut self) -> Result<(), EbpfError> {
-        let tracing = debug_map(&self.ebpf)?.keys().next().is_some();
-        let mut config: Array<&mut MapData, NodeConfig> =
-            Array::try_from(self.ebpf.map_mut(maps::CONFIG).ok_or(EbpfError::Missing {
-                kind: "map",
-                name: maps::CONFIG,
-            })?)
-            .map_err(map_err("open", maps::CONFIG))?;
+    /// Sets `NODE_F_DEBUG` in `hypha_config` when `hypha_debug` (held locked by the caller,
+    /// so that the flag follows the last change) has an entry, clears it when it has none.
+    fn sync_debug_flag(&self, debug: &HashMap<MapData, u32, u32>) -> Result<(), EbpfError> {
+        let tracing = debug.keys().next().is_some();
+        let mut config = lock(&self.maps.config);
         let mut node = config.get(&0, 0).map_err(map_err("read", maps::CONFIG))?;
         let flags = if tracing {
             node.flags | NODE_F_DEBUG
@@ -231,40 +353,24 @@ impl EbpfDatapath {
         self.links_dir.join(format!("tcx-{ifindex}-{hook}"))
     }
 
-    fn endpoints(
-        &mut self,
-    ) -> Result<HashMap<&mut MapData, EndpointKey4, EndpointInfo>, EbpfError> {
-        let map = self
-            .ebpf
-            .map_mut(maps::ENDPOINTS4)
-            .ok_or(EbpfError::Missing {
-                kind: "map",
-                name: maps::ENDPOINTS4,
-            })?;
-        HashMap::try_from(map).map_err(map_err("open", maps::ENDPOINTS4))
-    }
-
     /// Removes the tracked connections with `address` on either side, so that the next
     /// endpoint given the address does not inherit them (an established flow is kept for
     /// hours, and its replies pass the new endpoint's policy).
-    fn forget_connections(&mut self, address: Ipv4Addr) -> Vec<EbpfError> {
-        let Some(map) = self.ebpf.map_mut(maps::CT4) else {
-            return vec![EbpfError::Missing {
-                kind: "map",
-                name: maps::CT4,
-            }];
-        };
-        let mut ct: HashMap<&mut MapData, CtKey4, CtEntry> = match HashMap::try_from(map) {
-            Ok(ct) => ct,
-            Err(e) => return vec![map_err("open", maps::CT4)(e)],
-        };
+    fn forget_connections(&self, address: Ipv4Addr) -> Vec<EbpfError> {
         // The map holds addresses as in the packet (network byte order).
         let raw = u32::from_ne_bytes(address.octets());
-        let stale: Vec<CtKey4> = ct
+        // The scan reads through the second handle: concurrent DELs do not queue on it.
+        let stale: Vec<CtKey4> = self
+            .maps
+            .ct_read
             .keys()
             .filter_map(Result::ok)
             .filter(|k| k.saddr == raw || k.daddr == raw)
             .collect();
+        if stale.is_empty() {
+            return Vec::new();
+        }
+        let mut ct = lock(&self.maps.ct);
         stale
             .iter()
             .filter_map(|k| match ct.remove(k) {
@@ -275,30 +381,9 @@ impl EbpfDatapath {
             .collect()
     }
 
-    fn ep_stats_mut(
-        &mut self,
-    ) -> Result<PerCpuHashMap<&mut MapData, u32, EndpointStats>, EbpfError> {
-        let map = self
-            .ebpf
-            .map_mut(maps::EP_STATS)
-            .ok_or(EbpfError::Missing {
-                kind: "map",
-                name: maps::EP_STATS,
-            })?;
-        PerCpuHashMap::try_from(map).map_err(map_err("open", maps::EP_STATS))
-    }
-
-    fn drops_mut(&mut self) -> Result<PerCpuHashMap<&mut MapData, DropKey, Counter>, EbpfError> {
-        let map = self.ebpf.map_mut(maps::DROPS).ok_or(EbpfError::Missing {
-            kind: "map",
-            name: maps::DROPS,
-        })?;
-        PerCpuHashMap::try_from(map).map_err(map_err("open", maps::DROPS))
-    }
-
     /// Writes the endpoint's map entries; the stats entry is created only when missing,
     /// so that adopting an endpoint keeps its counters.
-    fn fill_maps(&mut self, ep: &EndpointRecord, policy_flags: u32) -> Result<(), EbpfError> {
+    fn fill_maps(&self, ep: &EndpointRecord, policy_flags: u32) -> Result<(), EbpfError> {
         let key = EndpointKey4::from_octets(ep.address.octets());
         let info = EndpointInfo {
             ifindex: ep.host_ifindex,
@@ -307,78 +392,47 @@ impl EbpfDatapath {
             host_mac: ep.host_mac.0,
             flags: policy_flags,
         };
-        let mut stats = self.ep_stats_mut()?;
-        match stats.get(&ep.host_ifindex, 0) {
-            Ok(_) => {}
-            Err(e) if is_not_found(&e) => {
-                let nr_cpus = aya::util::nr_cpus().map_err(|(path, source)| EbpfError::Io {
-                    op: "read",
-                    path: path.into(),
-                    source,
-                })?;
-                let zero = PerCpuValues::try_from(vec![EndpointStats::default(); nr_cpus])
-                    .map_err(|source| EbpfError::Io {
-                        op: "size per-CPU values for",
-                        path: maps::EP_STATS.into(),
+        {
+            let mut stats = lock(&self.maps.ep_stats);
+            match stats.get(&ep.host_ifindex, 0) {
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => {
+                    let nr_cpus = aya::util::nr_cpus().map_err(|(path, source)| EbpfError::Io {
+                        op: "read",
+                        path: path.into(),
                         source,
                     })?;
-                stats
-                    .insert(ep.host_ifindex, zero, 0)
-                    .map_err(map_err("insert into", maps::EP_STATS))?;
+                    let zero = PerCpuValues::try_from(vec![EndpointStats::default(); nr_cpus])
+                        .map_err(|source| EbpfError::Io {
+                            op: "size per-CPU values for",
+                            path: maps::EP_STATS.into(),
+                            source,
+                        })?;
+                    stats
+                        .insert(ep.host_ifindex, zero, 0)
+                        .map_err(map_err("insert into", maps::EP_STATS))?;
+                }
+                Err(e) => return Err(map_err("read", maps::EP_STATS)(e)),
             }
-            Err(e) => return Err(map_err("read", maps::EP_STATS)(e)),
         }
-        self.endpoints()?
+        lock(&self.maps.endpoints)
             .insert(key, info, 0)
             .map_err(map_err("insert into", maps::ENDPOINTS4))?;
         self.write_debug(ep, ep.debug)
     }
 
-    fn attach_all(
-        &mut self,
-        ep: &EndpointRecord,
-        policy_flags: u32,
-    ) -> Result<Adoption, EbpfError> {
+    fn attach_all(&self, ep: &EndpointRecord, policy_flags: u32) -> Result<Adoption, EbpfError> {
         self.fill_maps(ep, policy_flags)?;
         // Each TCX attach waits for an RCU grace period in the kernel (~15 ms here); the
-        // two hooks are attached concurrently so an endpoint pays for one, not two.
-        let pins: Vec<PathBuf> = ATTACHMENTS
-            .iter()
-            .map(|(_, _, suffix)| self.link_pin(ep.host_ifindex, suffix))
-            .collect();
-        let mut progs: Vec<(&'static str, &mut SchedClassifier)> = Vec::new();
-        for (name, program) in self.ebpf.programs_mut() {
-            let Some((known, _, _)) = ATTACHMENTS.iter().find(|(n, _, _)| *n == name) else {
-                continue;
-            };
-            let prog: &mut SchedClassifier =
-                program.try_into().map_err(|source| EbpfError::Program {
-                    op: "open",
-                    program: known,
-                    ifname: ep.host_ifname.clone(),
-                    source: Box::new(source),
-                })?;
-            progs.push((known, prog));
-        }
-        let found: Vec<&str> = progs.iter().map(|(name, _)| *name).collect();
-        if let Some(name) = missing_program(&found) {
-            return Err(EbpfError::Missing {
-                kind: "program",
-                name,
-            });
-        }
+        // two hooks are attached concurrently so an endpoint pays for one, not two, and
+        // no lock is held meanwhile, so other endpoints' attaches overlap with it.
         let results: Vec<Result<bool, EbpfError>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = progs
-                .into_iter()
-                .map(|(name, prog)| {
-                    let (i, (_, hook, _)) = ATTACHMENTS
-                        .iter()
-                        .enumerate()
-                        .find(|(_, (n, _, _))| *n == name)
-                        .expect("found above");
-                    let pin = &pins[i];
-                    let hook = *hook;
-                    scope.spawn(move || attach_program(prog, ep, name, hook, pin))
+            let handles: Vec<_> = self
+                .programs
+                .iter()
+                .map(|prog| {
+                    let pin = self.link_pin(ep.host_ifindex, prog.hook);
+                    scope.spawn(move || attach_program(prog, ep, &pin))
                 })
                 .collect();
             handles
@@ -401,7 +455,7 @@ impl EbpfDatapath {
 impl Datapath for EbpfDatapath {
     type Error = EbpfError;
 
-    fn attach(&mut self, ep: &EndpointRecord, policy_flags: u32) -> Result<(), EbpfError> {
+    fn attach(&self, ep: &EndpointRecord, policy_flags: u32) -> Result<(), EbpfError> {
         // A fresh endpoint must not inherit links of an earlier veth with the same ifindex.
         for (_, _, suffix) in ATTACHMENTS {
             remove_pin(&self.link_pin(ep.host_ifindex, suffix))?;
@@ -424,13 +478,15 @@ impl Datapath for EbpfDatapath {
         }
     }
 
-    fn adopt(&mut self, ep: &EndpointRecord, policy_flags: u32) -> Result<Adoption, EbpfError> {
+    fn adopt(&self, ep: &EndpointRecord, policy_flags: u32) -> Result<Adoption, EbpfError> {
         self.attach_all(ep, policy_flags)
     }
 
-    fn set_flags(&mut self, ep: &EndpointRecord, mask: u32, flags: u32) -> Result<(), EbpfError> {
+    fn set_flags(&self, ep: &EndpointRecord, mask: u32, flags: u32) -> Result<(), EbpfError> {
         let key = EndpointKey4::from_octets(ep.address.octets());
-        let mut endpoints = self.endpoints()?;
+        // One lock over the read and the write: `apply_policy` changes other bits of the
+        // same value under it.
+        let mut endpoints = lock(&self.maps.endpoints);
         let mut info = endpoints
             .get(&key, 0)
             .map_err(map_err("read", maps::ENDPOINTS4))?;
@@ -440,28 +496,20 @@ impl Datapath for EbpfDatapath {
             .map_err(map_err("update", maps::ENDPOINTS4))
     }
 
-    fn set_debug(&mut self, ep: &EndpointRecord, on: bool) -> Result<(), EbpfError> {
+    fn set_debug(&self, ep: &EndpointRecord, on: bool) -> Result<(), EbpfError> {
         self.write_debug(ep, on)
     }
 
-    fn apply_policy(&mut self, diff: &PolicyDiff) -> Result<(), EbpfError> {
-        super::policy_maps::apply(&mut self.ebpf, diff)
+    fn apply_policy(&self, diff: &PolicyDiff) -> Result<(), EbpfError> {
+        super::policy_maps::apply(&self.maps, diff)
     }
 
-    fn policy_stats(&self) -> Result<Vec<(u32, hypha_common::PolicyStats)>, EbpfError> {
-        let map = self
-            .ebpf
-            .map(maps::POLICY_STATS)
-            .ok_or(EbpfError::Missing {
-                kind: "map",
-                name: maps::POLICY_STATS,
-            })?;
-        let stats: PerCpuHashMap<&MapData, u32, hypha_common::PolicyStats> =
-            PerCpuHashMap::try_from(map).map_err(map_err("open", maps::POLICY_STATS))?;
+    fn policy_stats(&self) -> Result<Vec<(u32, PolicyStats)>, EbpfError> {
+        let stats = lock(&self.maps.policy_stats);
         let mut out = Vec::new();
         for item in stats.iter() {
             let (id, per_cpu) = item.map_err(map_err("read", maps::POLICY_STATS))?;
-            let mut sum = hypha_common::PolicyStats::default();
+            let mut sum = PolicyStats::default();
             for c in per_cpu.iter() {
                 sum.allowed += c.allowed;
                 sum.denied += c.denied;
@@ -473,10 +521,10 @@ impl Datapath for EbpfDatapath {
     }
 
     fn installed_policy(&self) -> Result<super::InstalledPolicy, EbpfError> {
-        super::policy_maps::installed(&self.ebpf)
+        super::policy_maps::installed(&self.maps)
     }
 
-    fn detach(&mut self, ep: &EndpointRecord) -> Vec<EbpfError> {
+    fn detach(&self, ep: &EndpointRecord) -> Vec<EbpfError> {
         let mut errors = Vec::new();
         for (_, _, suffix) in ATTACHMENTS {
             if let Err(e) = remove_pin(&self.link_pin(ep.host_ifindex, suffix)) {
@@ -484,8 +532,9 @@ impl Datapath for EbpfDatapath {
             }
         }
         let key = EndpointKey4::from_octets(ep.address.octets());
-        match self.endpoints() {
-            Ok(mut m) => match m.get(&key, 0) {
+        {
+            let mut m = lock(&self.maps.endpoints);
+            match m.get(&key, 0) {
                 Ok(info) if info.ifindex == ep.host_ifindex => {
                     if let Err(e) = m.remove(&key)
                         && !is_not_found(&e)
@@ -496,18 +545,12 @@ impl Datapath for EbpfDatapath {
                 Ok(_) => {}
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => errors.push(map_err("read", maps::ENDPOINTS4)(e)),
-            },
-            Err(e) => errors.push(e),
-        }
-        match self.ep_stats_mut() {
-            Ok(mut m) => {
-                if let Err(e) = m.remove(&ep.host_ifindex)
-                    && !is_not_found(&e)
-                {
-                    errors.push(map_err("delete from", maps::EP_STATS)(e));
-                }
             }
-            Err(e) => errors.push(e),
+        }
+        if let Err(e) = lock(&self.maps.ep_stats).remove(&ep.host_ifindex)
+            && !is_not_found(&e)
+        {
+            errors.push(map_err("delete from", maps::EP_STATS)(e));
         }
         errors.extend(self.remove_drops(|k| k.ifindex == ep.host_ifindex));
         errors.extend(self.forget_connections(ep.address));
@@ -520,94 +563,75 @@ impl Datapath for EbpfDatapath {
     fn check(&self, ep: &EndpointRecord) -> Vec<String> {
         let mut problems = Vec::new();
         let key = EndpointKey4::from_octets(ep.address.octets());
-        match self
-            .ebpf
-            .map(maps::ENDPOINTS4)
-            .map(HashMap::<&MapData, EndpointKey4, EndpointInfo>::try_from)
-        {
-            Some(Ok(m)) => match m.get(&key, 0) {
-                Ok(info)
-                    if info.ifindex == ep.host_ifindex
-                        && info.endpoint_id == ep.id
-                        && info.pod_mac == ep.pod_mac.0
-                        && info.host_mac == ep.host_mac.0 => {}
-                Ok(info) => problems.push(format!(
-                    "{} entry for {} differs: ifindex {} (want {}), endpoint {} (want {})",
-                    maps::ENDPOINTS4,
-                    ep.address,
-                    info.ifindex,
-                    ep.host_ifindex,
-                    info.endpoint_id,
-                    ep.id
-                )),
-                Err(e) if is_not_found(&e) => problems.push(format!(
-                    "{} has no entry for {}",
-                    maps::ENDPOINTS4,
-                    ep.address
-                )),
-                Err(e) => problems.push(format!("cannot read {}: {e}", maps::ENDPOINTS4)),
-            },
-            _ => problems.push(format!("map {} is not loaded", maps::ENDPOINTS4)),
+        let entry = lock(&self.maps.endpoints).get(&key, 0);
+        match entry {
+            Ok(info)
+                if info.ifindex == ep.host_ifindex
+                    && info.endpoint_id == ep.id
+                    && info.pod_mac == ep.pod_mac.0
+                    && info.host_mac == ep.host_mac.0 => {}
+            Ok(info) => problems.push(format!(
+                "{} entry for {} differs: ifindex {} (want {}), endpoint {} (want {})",
+                maps::ENDPOINTS4,
+                ep.address,
+                info.ifindex,
+                ep.host_ifindex,
+                info.endpoint_id,
+                ep.id
+            )),
+            Err(e) if is_not_found(&e) => problems.push(format!(
+                "{} has no entry for {}",
+                maps::ENDPOINTS4,
+                ep.address
+            )),
+            Err(e) => problems.push(format!("cannot read {}: {e}", maps::ENDPOINTS4)),
         }
-        match self
-            .ebpf
-            .map(maps::EP_STATS)
-            .map(PerCpuHashMap::<&MapData, u32, EndpointStats>::try_from)
-        {
-            Some(Ok(m)) => {
-                if m.get(&ep.host_ifindex, 0).is_err() {
-                    problems.push(format!(
-                        "{} has no counters for ifindex {}",
-                        maps::EP_STATS,
-                        ep.host_ifindex
-                    ));
-                }
-            }
-            _ => problems.push(format!("map {} is not loaded", maps::EP_STATS)),
+        if lock(&self.maps.ep_stats).get(&ep.host_ifindex, 0).is_err() {
+            problems.push(format!(
+                "{} has no counters for ifindex {}",
+                maps::EP_STATS,
+                ep.host_ifindex
+            ));
         }
-        for (name, hook, suffix) in ATTACHMENTS {
-            let pin = self.link_pin(ep.host_ifindex, suffix);
-            problems.extend(self.check_link(ep, name, hook, &pin));
+        for prog in &self.programs {
+            let pin = self.link_pin(ep.host_ifindex, prog.hook);
+            problems.extend(check_link(ep, prog, &pin));
         }
         problems
     }
 
-    fn sweep(&mut self, keep: &[EndpointRecord]) -> Vec<EbpfError> {
+    fn sweep(&self, keep: &[EndpointRecord]) -> Vec<EbpfError> {
         let mut errors = Vec::new();
         let addrs: HashSet<EndpointKey4> = keep
             .iter()
             .map(|e| EndpointKey4::from_octets(e.address.octets()))
             .collect();
         let ifindexes: HashSet<u32> = keep.iter().map(|e| e.host_ifindex).collect();
-        match self.endpoints() {
-            Ok(mut m) => {
-                let stale: Vec<_> = m
-                    .keys()
-                    .filter_map(Result::ok)
-                    .filter(|k| !addrs.contains(k))
-                    .collect();
-                for k in stale {
-                    if let Err(e) = m.remove(&k) {
-                        errors.push(map_err("delete from", maps::ENDPOINTS4)(e));
-                    }
+        {
+            let mut m = lock(&self.maps.endpoints);
+            let stale: Vec<_> = m
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| !addrs.contains(k))
+                .collect();
+            for k in stale {
+                if let Err(e) = m.remove(&k) {
+                    errors.push(map_err("delete from", maps::ENDPOINTS4)(e));
                 }
             }
-            Err(e) => errors.push(e),
         }
-        match self.ep_stats_mut() {
-            Ok(mut m) => {
-                let stale: Vec<_> = m
-                    .keys()
-                    .filter_map(Result::ok)
-                    .filter(|k| !ifindexes.contains(k))
-                    .collect();
-                for k in stale {
-                    if let Err(e) = m.remove(&k) {
-                        errors.push(map_err("delete from", maps::EP_STATS)(e));
-                    }
+        {
+            let mut m = lock(&self.maps.ep_stats);
+            let stale: Vec<_> = m
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| !ifindexes.contains(k))
+                .collect();
+            for k in stale {
+                if let Err(e) = m.remove(&k) {
+                    errors.push(map_err("delete from", maps::EP_STATS)(e));
                 }
             }
-            Err(e) => errors.push(e),
         }
         errors.extend(self.remove_drops(|k| !ifindexes.contains(&k.ifindex)));
         let traced: HashSet<u32> = keep
@@ -615,25 +639,23 @@ impl Datapath for EbpfDatapath {
             .filter(|e| e.debug)
             .map(|e| e.host_ifindex)
             .collect();
-        match debug_map_mut(&mut self.ebpf) {
-            Ok(mut m) => {
-                let stale: Vec<u32> = m
-                    .keys()
-                    .filter_map(Result::ok)
-                    .filter(|k| !traced.contains(k))
-                    .collect();
-                for k in stale {
-                    if let Err(e) = m.remove(&k)
-                        && !is_not_found(&e)
-                    {
-                        errors.push(map_err("delete from", DEBUG_MAP)(e));
-                    }
+        {
+            let mut m = lock(&self.maps.debug);
+            let stale: Vec<u32> = m
+                .keys()
+                .filter_map(Result::ok)
+                .filter(|k| !traced.contains(k))
+                .collect();
+            for k in stale {
+                if let Err(e) = m.remove(&k)
+                    && !is_not_found(&e)
+                {
+                    errors.push(map_err("delete from", DEBUG_MAP)(e));
                 }
             }
-            Err(e) => errors.push(e),
-        }
-        if let Err(e) = self.sync_debug_flag() {
-            errors.push(e);
+            if let Err(e) = self.sync_debug_flag(&m) {
+                errors.push(e);
+            }
         }
         match std::fs::read_dir(&self.links_dir) {
             Ok(entries) => {
@@ -661,13 +683,7 @@ impl Datapath for EbpfDatapath {
     }
 
     fn stats(&self, ifindex: u32) -> Result<EndpointStats, EbpfError> {
-        let map = self.ebpf.map(maps::EP_STATS).ok_or(EbpfError::Missing {
-            kind: "map",
-            name: maps::EP_STATS,
-        })?;
-        let stats: PerCpuHashMap<&MapData, u32, EndpointStats> =
-            PerCpuHashMap::try_from(map).map_err(map_err("open", maps::EP_STATS))?;
-        let per_cpu = match stats.get(&ifindex, 0) {
+        let per_cpu = match lock(&self.maps.ep_stats).get(&ifindex, 0) {
             Ok(v) => v,
             Err(e) if is_not_found(&e) => return Ok(EndpointStats::default()),
             Err(e) => return Err(map_err("read", maps::EP_STATS)(e)),
@@ -687,12 +703,7 @@ impl Datapath for EbpfDatapath {
     }
 
     fn drops(&self) -> Result<Vec<(DropKey, Counter)>, EbpfError> {
-        let map = self.ebpf.map(maps::DROPS).ok_or(EbpfError::Missing {
-            kind: "map",
-            name: maps::DROPS,
-        })?;
-        let drops: PerCpuHashMap<&MapData, DropKey, Counter> =
-            PerCpuHashMap::try_from(map).map_err(map_err("open", maps::DROPS))?;
+        let drops = lock(&self.maps.drops);
         let mut out = Vec::new();
         for item in drops.iter() {
             let (key, per_cpu) = item.map_err(map_err("read", maps::DROPS))?;
@@ -709,91 +720,76 @@ impl Datapath for EbpfDatapath {
 }
 
 impl EbpfDatapath {
-    /// Whether the link pinned at `pin` is attached to the endpoint's veth at `hook` and
-    /// runs the program `name` this agent loaded: a link can stay pinned after its
-    /// program was replaced through it or after it was detached from its device.
-    fn check_link(
-        &self,
-        ep: &EndpointRecord,
-        name: &'static str,
-        hook: TcAttachType,
-        pin: &Path,
-    ) -> Vec<String> {
-        let mut problems = Vec::new();
-        let link = match link_info::read(pin) {
-            Ok(link) => link,
-            Err(e) => {
-                return vec![format!(
-                    "program {name} is not attached to {}: cannot open its pinned link {}: {e}",
-                    ep.host_ifname,
-                    pin.display()
-                )];
-            }
-        };
-        let (want_type, hook_name) = match hook {
-            TcAttachType::Ingress => (link_info::BPF_TCX_INGRESS, "ingress"),
-            _ => (link_info::BPF_TCX_EGRESS, "egress"),
-        };
-        if link.link_type != link_info::BPF_LINK_TYPE_TCX {
-            problems.push(format!(
-                "the pinned link {} of program {name} is not a TCX link (type {})",
-                pin.display(),
-                link.link_type
-            ));
-        } else if link.ifindex == 0 {
-            problems.push(format!(
-                "program {name} is detached from {}: its pinned link {} (link id {}) is attached to no device",
-                ep.host_ifname,
-                pin.display(),
-                link.id
-            ));
-        } else if link.ifindex != ep.host_ifindex || link.attach_type != want_type {
-            problems.push(format!(
-                "the pinned link {} of program {name} is attached to ifindex {} (attach type {}), not to the {hook_name} of {} (ifindex {})",
-                pin.display(),
-                link.ifindex,
-                link.attach_type,
-                ep.host_ifname,
-                ep.host_ifindex
-            ));
-        }
-        match self.ebpf.program(name).map(aya::programs::Program::info) {
-            Some(Ok(ours)) if ours.id() == link.prog_id => {}
-            Some(Ok(ours)) => problems.push(format!(
-                "program {name} is not what runs on the {hook_name} of {}: its pinned link {} runs program {} (id {}), not the agent's {name} (id {})",
-                ep.host_ifname,
-                pin.display(),
-                program_name(link.prog_id),
-                link.prog_id,
-                ours.id()
-            )),
-            Some(Err(e)) => problems.push(format!("cannot read program {name}: {e}")),
-            None => problems.push(format!("the eBPF object has no program {name}")),
-        }
-        problems
-    }
-
-    fn remove_drops(&mut self, stale: impl Fn(&DropKey) -> bool) -> Vec<EbpfError> {
+    fn remove_drops(&self, stale: impl Fn(&DropKey) -> bool) -> Vec<EbpfError> {
         let mut errors = Vec::new();
-        match self.drops_mut() {
-            Ok(mut m) => {
-                let keys: Vec<_> = m
-                    .keys()
-                    .filter_map(Result::ok)
-                    .filter(|k| stale(k))
-                    .collect();
-                for k in keys {
-                    if let Err(e) = m.remove(&k)
-                        && !is_not_found(&e)
-                    {
-                        errors.push(map_err("delete from", maps::DROPS)(e));
-                    }
-                }
+        let mut m = lock(&self.maps.drops);
+        let keys: Vec<_> = m
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| stale(k))
+            .collect();
+        for k in keys {
+            if let Err(e) = m.remove(&k)
+                && !is_not_found(&e)
+            {
+                errors.push(map_err("delete from", maps::DROPS)(e));
             }
-            Err(e) => errors.push(e),
         }
         errors
     }
+}
+
+/// Whether the link pinned at `pin` is attached to the endpoint's veth at the program's
+/// hook and runs the program this agent loaded: a link can stay pinned after its
+/// program was replaced through it or after it was detached from its device.
+fn check_link(ep: &EndpointRecord, prog: &Program, pin: &Path) -> Vec<String> {
+    let name = prog.name;
+    let hook_name = prog.hook;
+    let mut problems = Vec::new();
+    let link = match link_info::read(pin) {
+        Ok(link) => link,
+        Err(e) => {
+            return vec![format!(
+                "program {name} is not attached to {}: cannot open its pinned link {}: {e}",
+                ep.host_ifname,
+                pin.display()
+            )];
+        }
+    };
+    if link.link_type != link_info::BPF_LINK_TYPE_TCX {
+        problems.push(format!(
+            "the pinned link {} of program {name} is not a TCX link (type {})",
+            pin.display(),
+            link.link_type
+        ));
+    } else if link.ifindex == 0 {
+        problems.push(format!(
+            "program {name} is detached from {}: its pinned link {} (link id {}) is attached to no device",
+            ep.host_ifname,
+            pin.display(),
+            link.id
+        ));
+    } else if link.ifindex != ep.host_ifindex || link.attach_type != prog.attach_type {
+        problems.push(format!(
+            "the pinned link {} of program {name} is attached to ifindex {} (attach type {}), not to the {hook_name} of {} (ifindex {})",
+            pin.display(),
+            link.ifindex,
+            link.attach_type,
+            ep.host_ifname,
+            ep.host_ifindex
+        ));
+    }
+    if prog.id != link.prog_id {
+        problems.push(format!(
+            "program {name} is not what runs on the {hook_name} of {}: its pinned link {} runs program {} (id {}), not the agent's {name} (id {})",
+            ep.host_ifname,
+            pin.display(),
+            program_name(link.prog_id),
+            link.prog_id,
+            prog.id
+        ));
+    }
+    problems
 }
 
 /// The name of the loaded program `id`, or `?`.
@@ -813,22 +809,6 @@ fn missing_program(found: &[&str]) -> Option<&'static str> {
         .find(|name| !found.contains(name))
 }
 
-fn debug_map(ebpf: &Ebpf) -> Result<HashMap<&MapData, u32, u32>, EbpfError> {
-    let map = ebpf.map(DEBUG_MAP).ok_or(EbpfError::Missing {
-        kind: "map",
-        name: DEBUG_MAP,
-    })?;
-    HashMap::try_from(map).map_err(map_err("open", DEBUG_MAP))
-}
-
-fn debug_map_mut(ebpf: &mut Ebpf) -> Result<HashMap<&mut MapData, u32, u32>, EbpfError> {
-    let map = ebpf.map_mut(DEBUG_MAP).ok_or(EbpfError::Missing {
-        kind: "map",
-        name: DEBUG_MAP,
-    })?;
-    HashMap::try_from(map).map_err(map_err("open", DEBUG_MAP))
-}
-
 fn classifier<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,
@@ -843,6 +823,39 @@ fn classifier<'a>(
         ifname: "-".into(),
         source: Box::new(source),
     })
+}
+
+/// Attaches `prog` to the endpoint's veth, swapping it into the link pinned at `pin` in
+/// place when one is there. Returns whether an existing link was re-used. Takes no lock:
+/// the attach waits for an RCU grace period.
+fn attach_program(prog: &Program, ep: &EndpointRecord, pin: &Path) -> Result<bool, EbpfError> {
+    let link_err = |op: &'static str| {
+        move |source: io::Error| EbpfError::Link {
+            op,
+            path: pin.to_owned(),
+            source: Box::new(source),
+        }
+    };
+    match link_info::open_pin(pin) {
+        Ok(link) => {
+            link_info::update(link.as_fd(), prog.fd.as_fd())
+                .map_err(link_err("swap the program into"))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let link = link_info::tcx_attach(prog.fd.as_fd(), ep.host_ifindex, prog.attach_type)
+                .map_err(|source| EbpfError::Attach {
+                    program: prog.name,
+                    ifname: ep.host_ifname.clone(),
+                    hook: prog.hook,
+                    source,
+                })?;
+            // The pin keeps the link alive once our fd is closed.
+            link_info::pin(link.as_fd(), pin).map_err(link_err("pin"))?;
+            Ok(false)
+        }
+        Err(e) => Err(link_err("open")(e)),
+    }
 }
 
 /// Removing a link's pin detaches it (nothing else holds it); absent is fine.
@@ -900,63 +913,6 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), EbpfError> {
         path: pin_dir.to_owned(),
         source,
     })
-}
-
-/// Attaches `name` to the endpoint's veth, replacing the program in a pinned link when
-/// one is there. Returns whether an existing link was re-used.
-fn attach_program(
-    prog: &mut SchedClassifier,
-    ep: &EndpointRecord,
-    name: &'static str,
-    hook: TcAttachType,
-    pin: &Path,
-) -> Result<bool, EbpfError> {
-    let prog_err = |op| {
-        let ifname = ep.host_ifname.clone();
-        move |source| EbpfError::Program {
-            op,
-            program: name,
-            ifname,
-            source: Box::new(source),
-        }
-    };
-    let link_err = |op: &'static str| {
-        move |source: LinkError| EbpfError::Link {
-            op,
-            path: pin.to_owned(),
-            source: Box::new(source),
-        }
-    };
-    match PinnedLink::from_pin(pin) {
-        Ok(old) => {
-            let link =
-                SchedClassifierLink::try_from(FdLink::from(old)).map_err(link_err("open"))?;
-            let id = prog
-                .attach_to_link(link)
-                .map_err(prog_err("swap into the link of"))?;
-            // The pin keeps the link (now running this program) alive; our fd can go.
-            drop(prog.take_link(id).map_err(prog_err("take the link of"))?);
-            Ok(true)
-        }
-        Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
-            let id = prog
-                .attach_with_options(
-                    &ep.host_ifname,
-                    hook,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(prog_err("attach"))?;
-            let link = prog.take_link(id).map_err(prog_err("take the link of"))?;
-            let fd = FdLink::try_from(link).map_err(link_err("convert"))?;
-            fd.pin(pin).map_err(|source| EbpfError::Link {
-                op: "pin",
-                path: pin.to_owned(),
-                source: Box::new(source),
-            })?;
-            Ok(false)
-        }
-        Err(e) => Err(link_err("open")(e)),
-    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! A recording datapath for unit tests of the control plane.
 
 use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use hypha_common::{Counter, DropKey, EndpointStats};
 
@@ -12,9 +13,28 @@ use crate::state::EndpointRecord;
 #[error("fake datapath: {0}")]
 pub struct FakeError(pub String);
 
-/// Keeps attached endpoints by host ifindex; can be told to fail.
+/// Keeps attached endpoints by host ifindex; can be told to fail. Its state sits behind
+/// a lock (the trait takes `&self`); tests read and change it through [`Self::state`].
 #[derive(Default)]
-pub struct FakeDatapath {
+pub struct FakeDatapath(Mutex<FakeState>);
+
+impl From<FakeState> for FakeDatapath {
+    fn from(state: FakeState) -> Self {
+        Self(Mutex::new(state))
+    }
+}
+
+impl FakeDatapath {
+    /// What the fake recorded, and its failure switches. A test that panicked while
+    /// holding it leaves it as it was.
+    pub fn state(&self) -> MutexGuard<'_, FakeState> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What a [`FakeDatapath`] recorded, and its failure switches.
+#[derive(Default)]
+pub struct FakeState {
     pub attached: BTreeMap<u32, EndpointRecord>,
     /// Endpoints an earlier process left attached (by ifindex).
     pub pinned: Vec<u32>,
@@ -37,7 +57,7 @@ pub struct FakeDatapath {
     pub fail_detach: bool,
 }
 
-impl FakeDatapath {
+impl FakeState {
     fn note_debug(&mut self, ifindex: u32, on: bool) {
         if on {
             self.debug.insert(ifindex);
@@ -50,23 +70,25 @@ impl FakeDatapath {
 impl Datapath for FakeDatapath {
     type Error = FakeError;
 
-    fn attach(&mut self, ep: &EndpointRecord, policy_flags: u32) -> Result<(), FakeError> {
-        self.log.push(format!("attach {}", ep.host_ifname));
-        if self.fail_attach {
+    fn attach(&self, ep: &EndpointRecord, policy_flags: u32) -> Result<(), FakeError> {
+        let mut st = self.state();
+        st.log.push(format!("attach {}", ep.host_ifname));
+        if st.fail_attach {
             return Err(FakeError(format!("cannot attach to {}", ep.host_ifname)));
         }
-        self.attached.insert(ep.host_ifindex, ep.clone());
-        self.flags.insert(ep.id, policy_flags);
-        self.note_debug(ep.host_ifindex, ep.debug);
+        st.attached.insert(ep.host_ifindex, ep.clone());
+        st.flags.insert(ep.id, policy_flags);
+        st.note_debug(ep.host_ifindex, ep.debug);
         Ok(())
     }
 
-    fn adopt(&mut self, ep: &EndpointRecord, policy_flags: u32) -> Result<Adoption, FakeError> {
-        self.log.push(format!("adopt {}", ep.host_ifname));
-        let was_pinned = self.pinned.contains(&ep.host_ifindex);
-        self.attached.insert(ep.host_ifindex, ep.clone());
-        self.flags.insert(ep.id, policy_flags);
-        self.note_debug(ep.host_ifindex, ep.debug);
+    fn adopt(&self, ep: &EndpointRecord, policy_flags: u32) -> Result<Adoption, FakeError> {
+        let mut st = self.state();
+        st.log.push(format!("adopt {}", ep.host_ifname));
+        let was_pinned = st.pinned.contains(&ep.host_ifindex);
+        st.attached.insert(ep.host_ifindex, ep.clone());
+        st.flags.insert(ep.id, policy_flags);
+        st.note_debug(ep.host_ifindex, ep.debug);
         Ok(if was_pinned {
             Adoption::Adopted
         } else {
@@ -74,33 +96,36 @@ impl Datapath for FakeDatapath {
         })
     }
 
-    fn detach(&mut self, ep: &EndpointRecord) -> Vec<FakeError> {
-        self.log.push(format!("detach {}", ep.host_ifname));
-        self.attached.remove(&ep.host_ifindex);
-        self.flags.remove(&ep.id);
-        self.debug.remove(&ep.host_ifindex);
-        if self.fail_detach {
+    fn detach(&self, ep: &EndpointRecord) -> Vec<FakeError> {
+        let mut st = self.state();
+        st.log.push(format!("detach {}", ep.host_ifname));
+        st.attached.remove(&ep.host_ifindex);
+        st.flags.remove(&ep.id);
+        st.debug.remove(&ep.host_ifindex);
+        if st.fail_detach {
             return vec![FakeError(format!("cannot detach from {}", ep.host_ifname))];
         }
         Vec::new()
     }
 
-    fn set_debug(&mut self, ep: &EndpointRecord, on: bool) -> Result<(), FakeError> {
-        self.log.push(format!("set_debug {} {on}", ep.host_ifname));
-        if self.fail_debug {
+    fn set_debug(&self, ep: &EndpointRecord, on: bool) -> Result<(), FakeError> {
+        let mut st = self.state();
+        st.log.push(format!("set_debug {} {on}", ep.host_ifname));
+        if st.fail_debug {
             return Err(FakeError(format!("cannot trace {}", ep.host_ifname)));
         }
-        if !self.attached.contains_key(&ep.host_ifindex) {
+        if !st.attached.contains_key(&ep.host_ifindex) {
             return Err(FakeError(format!("{} is not attached", ep.host_ifname)));
         }
-        self.note_debug(ep.host_ifindex, on);
+        st.note_debug(ep.host_ifindex, on);
         Ok(())
     }
 
-    fn set_flags(&mut self, ep: &EndpointRecord, mask: u32, flags: u32) -> Result<(), FakeError> {
-        self.log
+    fn set_flags(&self, ep: &EndpointRecord, mask: u32, flags: u32) -> Result<(), FakeError> {
+        let mut st = self.state();
+        st.log
             .push(format!("set_flags {} {mask:#x} {flags:#x}", ep.host_ifname));
-        let f = self
+        let f = st
             .flags
             .get_mut(&ep.id)
             .ok_or_else(|| FakeError(format!("{} is not attached", ep.host_ifname)))?;
@@ -108,53 +133,55 @@ impl Datapath for FakeDatapath {
         Ok(())
     }
 
-    fn apply_policy(&mut self, diff: &PolicyDiff) -> Result<(), FakeError> {
-        if self.fail_apply || self.fail_apply_after.is_some_and(|n| self.diffs.len() >= n) {
+    fn apply_policy(&self, diff: &PolicyDiff) -> Result<(), FakeError> {
+        let mut st = self.state();
+        if st.fail_apply || st.fail_apply_after.is_some_and(|n| st.diffs.len() >= n) {
             return Err(FakeError("cannot write the policy maps".into()));
         }
-        self.log.push("apply_policy".into());
+        st.log.push("apply_policy".into());
         // The documented order.
-        self.policy.ipcache.extend(diff.ipcache_set.iter().copied());
-        self.policy.entries.extend(diff.entries_set.iter().copied());
+        st.policy.ipcache.extend(diff.ipcache_set.iter().copied());
+        st.policy.entries.extend(diff.entries_set.iter().copied());
         for (id, flags) in &diff.flags_set {
             // Like the real maps: only attached endpoints have flags to change.
-            if let Some(f) = self.flags.get_mut(id) {
+            if let Some(f) = st.flags.get_mut(id) {
                 let mask = hypha_common::ENDPOINT_F_POLICY_MASK;
                 *f = (*f & !mask) | (*flags & mask);
             }
         }
         for k in &diff.entries_del {
-            self.policy.entries.remove(k);
+            st.policy.entries.remove(k);
         }
         for n in &diff.ipcache_del {
-            self.policy.ipcache.remove(n);
+            st.policy.ipcache.remove(n);
         }
-        self.diffs.push(diff.clone());
+        st.diffs.push(diff.clone());
         Ok(())
     }
 
     fn installed_policy(&self) -> Result<InstalledPolicy, FakeError> {
-        Ok(self.policy.clone())
+        Ok(self.state().policy.clone())
     }
 
     fn check(&self, ep: &EndpointRecord) -> Vec<String> {
-        if self.attached.get(&ep.host_ifindex) == Some(ep) {
+        if self.state().attached.get(&ep.host_ifindex) == Some(ep) {
             Vec::new()
         } else {
             vec![format!("{} is not attached", ep.host_ifname)]
         }
     }
 
-    fn sweep(&mut self, keep: &[EndpointRecord]) -> Vec<FakeError> {
-        self.pinned
+    fn sweep(&self, keep: &[EndpointRecord]) -> Vec<FakeError> {
+        let mut st = self.state();
+        st.pinned
             .retain(|i| keep.iter().any(|k| k.host_ifindex == *i));
-        self.log.push("sweep".into());
+        st.log.push("sweep".into());
         Vec::new()
     }
 
     fn stats(&self, ifindex: u32) -> Result<EndpointStats, FakeError> {
         let mut s = EndpointStats::default();
-        if self.attached.contains_key(&ifindex) {
+        if self.state().attached.contains_key(&ifindex) {
             s.egress.redirected = Counter {
                 packets: 1,
                 bytes: 100,

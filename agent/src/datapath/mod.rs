@@ -33,33 +33,36 @@ pub enum Adoption {
     Reattached,
 }
 
-/// The datapath operations the control plane needs.
-pub trait Datapath: Send {
+/// The datapath operations the control plane needs. Shared between threads: every
+/// operation takes `&self`, and operations on different endpoints may run at once (an
+/// implementation keeps its own state consistent and holds no lock across a wait in the
+/// kernel).
+pub trait Datapath: Send + Sync {
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// Attaches the programs to the endpoint's host veth and fills its map entries;
     /// `flags` (`ENDPOINT_F_*`: its policy's and its bandwidth's, OR-ed by the control
     /// plane) go into its `EndpointInfo::flags`. The endpoint's policy entries and ipcache
     /// entries are already in place (see [`PolicyDiff`]).
-    fn attach(&mut self, ep: &EndpointRecord, flags: u32) -> Result<(), Self::Error>;
+    fn attach(&self, ep: &EndpointRecord, flags: u32) -> Result<(), Self::Error>;
 
     /// Takes over an endpoint that was attached by an earlier agent process, with its
     /// current flags (as for `attach`).
-    fn adopt(&mut self, ep: &EndpointRecord, flags: u32) -> Result<Adoption, Self::Error>;
+    fn adopt(&self, ep: &EndpointRecord, flags: u32) -> Result<Adoption, Self::Error>;
 
     /// Sets the bits of `mask` in the endpoint's `EndpointInfo::flags` to those of
     /// `flags`, leaving the other bits as they are (the bandwidth code changes
     /// `ENDPOINT_F_INGRESS_LIMIT` this way without touching the policy bits).
-    fn set_flags(&mut self, ep: &EndpointRecord, mask: u32, flags: u32) -> Result<(), Self::Error>;
+    fn set_flags(&self, ep: &EndpointRecord, mask: u32, flags: u32) -> Result<(), Self::Error>;
 
     /// Turns the tracing of the endpoint's packets by the programs on or off (its
     /// lines go to the agent's log). `attach` and `adopt` take it from `ep.debug`.
-    fn set_debug(&mut self, ep: &EndpointRecord, on: bool) -> Result<(), Self::Error>;
+    fn set_debug(&self, ep: &EndpointRecord, on: bool) -> Result<(), Self::Error>;
 
     /// Applies a policy diff to the ipcache, the policy map and the attached endpoints'
     /// flags, in the order [`PolicyDiff`] documents. Only the policy bits
     /// (`ENDPOINT_F_POLICY_MASK`) of the flags are written; the others are kept.
-    fn apply_policy(&mut self, diff: &PolicyDiff) -> Result<(), Self::Error>;
+    fn apply_policy(&self, diff: &PolicyDiff) -> Result<(), Self::Error>;
 
     /// What the ipcache and the policy map hold now (an earlier agent's work, at start),
     /// so that the first diff also removes what no policy wants any more. The default
@@ -74,13 +77,13 @@ pub trait Datapath: Send {
     }
 
     /// Removes everything `attach` made; keeps going past errors and returns them all.
-    fn detach(&mut self, ep: &EndpointRecord) -> Vec<Self::Error>;
+    fn detach(&self, ep: &EndpointRecord) -> Vec<Self::Error>;
 
     /// What of `ep` is missing or different in the datapath (empty when all is in place).
     fn check(&self, ep: &EndpointRecord) -> Vec<String>;
 
     /// Removes map entries and pinned links that belong to none of `keep`.
-    fn sweep(&mut self, keep: &[EndpointRecord]) -> Vec<Self::Error>;
+    fn sweep(&self, keep: &[EndpointRecord]) -> Vec<Self::Error>;
 
     /// Counters of the endpoint on host ifindex `ifindex`, summed over CPUs.
     fn stats(&self, ifindex: u32) -> Result<EndpointStats, Self::Error>;

@@ -5,16 +5,12 @@
 
 use std::net::Ipv4Addr;
 
-use aya::Ebpf;
 use aya::maps::lpm_trie::Key;
-use aya::maps::{HashMap, LpmTrie, MapData};
-use hypha_common::{
-    ENDPOINT_F_POLICY_MASK, EndpointInfo, EndpointKey4, IpcacheValue, PolicyEntry, PolicyKey, maps,
-};
+use hypha_common::{ENDPOINT_F_POLICY_MASK, EndpointInfo, EndpointKey4, IpcacheValue, maps};
 use ipnet::Ipv4Net;
 
 use super::InstalledPolicy;
-use super::ebpf::{EbpfError, is_not_found, map_err};
+use super::ebpf::{EbpfError, Maps, is_not_found, lock, map_err};
 use crate::policy::PolicyDiff;
 
 fn lpm_key(net: &Ipv4Net) -> Key<u32> {
@@ -24,18 +20,11 @@ fn lpm_key(net: &Ipv4Net) -> Key<u32> {
     )
 }
 
-fn missing(name: &'static str) -> EbpfError {
-    EbpfError::Missing { kind: "map", name }
-}
-
 /// Applies `diff`; stops at the first error, which names the map and the operation.
-pub fn apply(ebpf: &mut Ebpf, diff: &PolicyDiff) -> Result<(), EbpfError> {
+/// Each map is locked for its own steps only.
+pub(super) fn apply(m: &Maps, diff: &PolicyDiff) -> Result<(), EbpfError> {
     {
-        let mut ipcache: LpmTrie<&mut MapData, u32, IpcacheValue> = LpmTrie::try_from(
-            ebpf.map_mut(maps::IPCACHE4)
-                .ok_or_else(|| missing(maps::IPCACHE4))?,
-        )
-        .map_err(map_err("open", maps::IPCACHE4))?;
+        let mut ipcache = lock(&m.ipcache);
         for (net, identity) in &diff.ipcache_set {
             ipcache
                 .insert(
@@ -50,11 +39,7 @@ pub fn apply(ebpf: &mut Ebpf, diff: &PolicyDiff) -> Result<(), EbpfError> {
         }
     }
     {
-        let mut policy: HashMap<&mut MapData, PolicyKey, PolicyEntry> = HashMap::try_from(
-            ebpf.map_mut(maps::POLICY)
-                .ok_or_else(|| missing(maps::POLICY))?,
-        )
-        .map_err(map_err("open", maps::POLICY))?;
+        let mut policy = lock(&m.policy);
         for (key, entry) in &diff.entries_set {
             policy
                 .insert(key, entry, 0)
@@ -62,11 +47,9 @@ pub fn apply(ebpf: &mut Ebpf, diff: &PolicyDiff) -> Result<(), EbpfError> {
         }
     }
     if !diff.flags_set.is_empty() {
-        let mut endpoints: HashMap<&mut MapData, EndpointKey4, EndpointInfo> = HashMap::try_from(
-            ebpf.map_mut(maps::ENDPOINTS4)
-                .ok_or_else(|| missing(maps::ENDPOINTS4))?,
-        )
-        .map_err(map_err("open", maps::ENDPOINTS4))?;
+        // One lock over the reads and writes: `set_flags` changes other bits of the same
+        // values under it.
+        let mut endpoints = lock(&m.endpoints);
         let current: Vec<(EndpointKey4, EndpointInfo)> =
             endpoints.iter().filter_map(Result::ok).collect();
         for (id, flags) in &diff.flags_set {
@@ -86,11 +69,7 @@ pub fn apply(ebpf: &mut Ebpf, diff: &PolicyDiff) -> Result<(), EbpfError> {
         }
     }
     {
-        let mut policy: HashMap<&mut MapData, PolicyKey, PolicyEntry> = HashMap::try_from(
-            ebpf.map_mut(maps::POLICY)
-                .ok_or_else(|| missing(maps::POLICY))?,
-        )
-        .map_err(map_err("open", maps::POLICY))?;
+        let mut policy = lock(&m.policy);
         for key in &diff.entries_del {
             match policy.remove(key) {
                 Ok(()) => {}
@@ -99,11 +78,7 @@ pub fn apply(ebpf: &mut Ebpf, diff: &PolicyDiff) -> Result<(), EbpfError> {
             }
         }
     }
-    let mut ipcache: LpmTrie<&mut MapData, u32, IpcacheValue> = LpmTrie::try_from(
-        ebpf.map_mut(maps::IPCACHE4)
-            .ok_or_else(|| missing(maps::IPCACHE4))?,
-    )
-    .map_err(map_err("open", maps::IPCACHE4))?;
+    let mut ipcache = lock(&m.ipcache);
     for net in &diff.ipcache_del {
         match ipcache.remove(&lpm_key(net)) {
             Ok(()) => {}
@@ -115,25 +90,19 @@ pub fn apply(ebpf: &mut Ebpf, diff: &PolicyDiff) -> Result<(), EbpfError> {
 }
 
 /// What `hypha_ipcache4` and `hypha_policy` hold now.
-pub fn installed(ebpf: &Ebpf) -> Result<InstalledPolicy, EbpfError> {
+pub(super) fn installed(m: &Maps) -> Result<InstalledPolicy, EbpfError> {
     let mut out = InstalledPolicy::default();
-    let ipcache: LpmTrie<&MapData, u32, IpcacheValue> = LpmTrie::try_from(
-        ebpf.map(maps::IPCACHE4)
-            .ok_or_else(|| missing(maps::IPCACHE4))?,
-    )
-    .map_err(map_err("open", maps::IPCACHE4))?;
-    for item in ipcache.iter() {
-        let (key, value) = item.map_err(map_err("read", maps::IPCACHE4))?;
-        let addr = Ipv4Addr::from(key.data().to_ne_bytes());
-        let prefix = key.prefix_len().min(32) as u8;
-        let net = Ipv4Net::new(addr, prefix).expect("prefix length clamped to 32");
-        out.ipcache.insert(net, value.identity);
+    {
+        let ipcache = lock(&m.ipcache);
+        for item in ipcache.iter() {
+            let (key, value) = item.map_err(map_err("read", maps::IPCACHE4))?;
+            let addr = Ipv4Addr::from(key.data().to_ne_bytes());
+            let prefix = key.prefix_len().min(32) as u8;
+            let net = Ipv4Net::new(addr, prefix).expect("prefix length clamped to 32");
+            out.ipcache.insert(net, value.identity);
+        }
     }
-    let policy: HashMap<&MapData, PolicyKey, PolicyEntry> = HashMap::try_from(
-        ebpf.map(maps::POLICY)
-            .ok_or_else(|| missing(maps::POLICY))?,
-    )
-    .map_err(map_err("open", maps::POLICY))?;
+    let policy = lock(&m.policy);
     for item in policy.iter() {
         let (key, entry) = item.map_err(map_err("read", maps::POLICY))?;
         out.entries.insert(key, entry);

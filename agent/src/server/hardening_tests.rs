@@ -56,9 +56,9 @@ impl TestServer {
     pub fn start_named(limits: Limits, threads: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
-        let mut host = FakeHost::default();
+        let host = FakeHost::default();
         for i in 1..=4u8 {
-            host.links.insert(
+            host.state().links.insert(
                 format!("hyp{i}"),
                 HostLink {
                     index: u32::from(i) + 10,

@@ -1,6 +1,7 @@
 //! `cargo xtask bench`: measurements side by side with their baselines, in one run on
 //! this machine, written under `target/bench/`.
 //!
+//! - `attach`: the cost of attaching an endpoint's programs, method by method.
 //! - `cni`: CNI ADD/DEL latency, sequential and in concurrent bursts: hypha-cni, bridge.
 //! - `datapath`: pod-to-pod throughput and latency: veth pair, bridge plugin, Hypha.
 //! - `policy`: throughput and latency under 0 to 10,000 rules, Hypha and iptables, and
@@ -9,6 +10,7 @@
 //! [`svg`] draws bar charts any bench can use; [`teardown`] undoes what a bench made,
 //! also on error and Ctrl-C.
 
+mod attach;
 mod bandwidth;
 mod cni;
 mod datapath;
@@ -23,6 +25,9 @@ use anyhow::Result;
 
 #[derive(clap::Subcommand)]
 pub enum Bench {
+    /// What attaching an endpoint's programs costs, method by method: TCX, legacy tc
+    /// (clsact + cls_bpf), link and filter replacement, moving a pre-made veth's peer.
+    Attach(attach::Options),
     /// Per-pod egress rate limits at 10, 100 and 1000 Mbit/s: Hypha against the reference
     /// bandwidth plugin chained after bridge; rate, first second, retransmits, latency
     /// under load.
@@ -44,6 +49,7 @@ pub enum Bench {
 
 pub fn run(b: Bench) -> Result<()> {
     match b {
+        Bench::Attach(o) => attach::run(&o),
         Bench::Bandwidth(o) => bandwidth::run(&o),
         Bench::Cni(o) => cni::run(&o),
         Bench::Datapath(o) => datapath::run(&o),
