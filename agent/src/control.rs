@@ -19,7 +19,8 @@ use crate::config::AgentConfig;
 use crate::datapath::{Adoption, Datapath};
 use crate::host::{HostNetwork, LimitSide, NodeNetwork};
 use crate::ipam::{Ipam, IpamError, Owner};
-use crate::state::{EndpointRecord, PersistedState, StateError, StateStore};
+pub use crate::state::Persist;
+use crate::state::{EndpointRecord, PersistedState, StateError};
 
 mod policy;
 
@@ -83,22 +84,13 @@ impl ControlError {
     }
 }
 
-/// Where persistence goes; a trait object so tests can run without a state directory.
-pub trait Persist: Send {
-    fn save(&self, state: &PersistedState) -> Result<(), StateError>;
-}
-
-impl Persist for StateStore {
-    fn save(&self, state: &PersistedState) -> Result<(), StateError> {
-        StateStore::save(self, state)
-    }
-}
-
 pub struct Agent<D: Datapath, H: HostNetwork> {
     config: AgentConfig,
     datapath: D,
     host: H,
     store: Box<dyn Persist>,
+    /// What `store` holds: `persist` submits the difference from it.
+    persisted: PersistedState,
     ipam: Ipam,
     endpoints: Vec<EndpointRecord>,
     next_endpoint_id: u32,
@@ -136,11 +128,13 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             masquerade: config.masquerade,
         })?;
         let ipam = Ipam::restore(config.pod_cidr, gateway, saved.ipam)?;
+        let persisted = store.committed()?;
         let mut agent = Agent {
             config,
             datapath,
             host,
             store,
+            persisted,
             ipam,
             endpoints: Vec::new(),
             next_endpoint_id: saved.next_endpoint_id.max(1),
@@ -216,8 +210,9 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         Ok((agent, report))
     }
 
-    fn persist(&self) -> Result<(), StateError> {
-        self.store.save(&PersistedState {
+    /// Persists what changed since the last `persist`, and waits until it is durable.
+    fn persist(&mut self) -> Result<(), StateError> {
+        let now = PersistedState {
             next_endpoint_id: self.next_endpoint_id,
             ipam: self.ipam.state().clone(),
             endpoints: self.endpoints.clone(),
@@ -225,7 +220,18 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             namespace_labels: self.policy.namespaces.clone(),
             identities: self.policy.installed.identities.clone(),
             ..PersistedState::default()
-        })
+        };
+        let changes = crate::state::changes_between(&self.persisted, &now);
+        if !changes.is_empty() {
+            self.store.submit(changes).wait()?;
+        }
+        self.persisted = now;
+        Ok(())
+    }
+
+    /// What the state store holds now (`GET /v1/state`).
+    pub fn committed_state(&self) -> Result<PersistedState, StateError> {
+        self.store.committed()
     }
 
     fn find(&self, container_id: &str, ifname: &str) -> Option<usize> {
@@ -318,7 +324,12 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 )));
             }
         }
-        if let Some(other) = self.endpoints.iter().find(|e| e.pod_mac == req.pod_mac) {
+        if let Some(other) = self
+            .endpoints
+            .iter()
+            .find(|e| e.pod_mac == req.pod_mac)
+            .cloned()
+        {
             // The pod's MAC is how the datapath knows it (anti-spoofing, the MAC it
             // rewrites to): two endpoints cannot share one. The reservation made for this
             // request goes back, so that a refused ADD leaves nothing behind.
@@ -882,7 +893,6 @@ mod validation_tests;
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
-    use std::sync::{Arc, Mutex};
 
     use hypha_api::MacAddr;
 
@@ -891,38 +901,7 @@ mod tests {
     use crate::host::HostLink;
     use crate::host::fake::FakeHost;
 
-    #[derive(Clone, Default)]
-    pub(super) struct MemStore(
-        pub(super) Arc<Mutex<Vec<PersistedState>>>,
-        /// Make `save` fail, as a full disk would.
-        pub(super) Arc<std::sync::atomic::AtomicBool>,
-    );
-
-    impl Persist for MemStore {
-        fn save(&self, state: &PersistedState) -> Result<(), StateError> {
-            if self.1.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err(StateError::Io {
-                    op: "write",
-                    path: "/var/lib/hypha/state.json".into(),
-                    source: std::io::Error::from_raw_os_error(libc::ENOSPC),
-                });
-            }
-            self.0.lock().unwrap().push(state.clone());
-            Ok(())
-        }
-    }
-
-    impl MemStore {
-        fn fail(&self, on: bool) {
-            self.1.store(on, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
-    impl MemStore {
-        pub(super) fn last(&self) -> PersistedState {
-            self.0.lock().unwrap().last().cloned().unwrap()
-        }
-    }
+    pub(super) use crate::state::mem::MemStore;
 
     fn config() -> AgentConfig {
         AgentConfig {
@@ -1394,7 +1373,7 @@ mod tests {
             .to_string();
         // The step that failed and the rollback step that failed, both named.
         assert!(
-            err.contains("cannot write /var/lib/hypha/state.json"),
+            err.contains("cannot write /var/lib/hypha/state.redb"),
             "{err}"
         );
         assert!(

@@ -406,13 +406,17 @@ mod tests {
     use crate::control::Persist;
     use crate::datapath::fake::FakeDatapath;
     use crate::host::fake::FakeHost;
-    use crate::state::{PersistedState, StateError};
+    use crate::state::{Change, Pending, PersistedState, StateError};
 
     struct NoStore;
 
     impl Persist for NoStore {
-        fn save(&self, _: &PersistedState) -> Result<(), StateError> {
-            Ok(())
+        fn submit(&self, _: Vec<Change>) -> Pending {
+            Pending::done(Ok(()))
+        }
+
+        fn committed(&self) -> Result<PersistedState, StateError> {
+            Ok(PersistedState::default())
         }
     }
 
