@@ -92,11 +92,19 @@ where
         .route("/v1/gc", post(gc::<D, H>))
         .route("/v1/monitor", get(monitor::<D, H>))
         .route("/v1/ipam/allocate", post(allocate::<D, H>))
+        .route("/v1/state", get(committed_state::<D, H>))
         .with_state(agent)
 }
 
 async fn status<D: Datapath, H: HostNetwork>(State(a): State<Shared<D, H>>) -> Response {
     Json(a.lock().await.status()).into_response()
+}
+
+/// What the state store holds (`hypha state`; the soak's leak counts).
+async fn committed_state<D: Datapath, H: HostNetwork>(
+    State(a): State<Shared<D, H>>,
+) -> Result<Response, ControlError> {
+    Ok(Json(a.lock().await.committed_state()?).into_response())
 }
 
 async fn list<D: Datapath, H: HostNetwork>(State(a): State<Shared<D, H>>) -> Response {
@@ -418,6 +426,42 @@ mod tests {
         fn committed(&self) -> Result<PersistedState, StateError> {
             Ok(PersistedState::default())
         }
+    }
+
+    /// `GET /v1/state` (`hypha state`) answers what the store committed.
+    #[test]
+    fn the_state_route_answers_what_the_store_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let store = crate::state::mem::MemStore::default();
+        let (agent, _) = Agent::start(
+            AgentConfig::default(),
+            FakeDatapath::default(),
+            FakeHost::default(),
+            Box::new(store.clone()),
+            PersistedState::default(),
+        )
+        .unwrap();
+        let app = router(Arc::new(Mutex::new(agent)));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let listener = rt.block_on(bind(&socket)).unwrap();
+        rt.spawn(async move { axum::serve(listener, app).await });
+
+        let client = Client::new(&socket).unwrap();
+        let alloc = client
+            .allocate(&hypha_api::AllocateRequest {
+                container_id: "c1".into(),
+                ifname: "eth0".into(),
+                address: None,
+            })
+            .unwrap();
+        let state: PersistedState = client.state().unwrap();
+        assert_eq!(state, store.last());
+        let owner = &state.ipam.allocations[&alloc.address];
+        assert_eq!(
+            (owner.container_id.as_str(), owner.ifname.as_str()),
+            ("c1", "eth0")
+        );
     }
 
     /// The policy routes, through the real client over a unix socket.
