@@ -478,6 +478,7 @@ mod tests {
                 bytes: 60,
             }],
             debug: true,
+            ports: Vec::new(),
         };
         let text = format_endpoints(&[ep]);
         let lines: Vec<&str> = text.lines().collect();

@@ -25,7 +25,8 @@ use crate::config::AgentConfig;
 use crate::datapath::{Adoption, Datapath};
 use crate::host::{HostNetwork, LimitSide, NodeNetwork};
 use crate::ipam::{Ipam, IpamError, Owner};
-use crate::state::{Change, EndpointRecord, Pending, PersistedState, Persist, StateError};
+pub use crate::state::Persist;
+use crate::state::{Change, EndpointRecord, Pending, PersistedState, StateError};
 
 mod policy;
 
@@ -365,6 +366,11 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             agent.store.submit(changes).wait()?;
         }
         Ok((agent, report))
+    }
+
+    /// What the state store holds now (`GET /v1/state`).
+    pub fn committed_state(&self) -> Result<PersistedState, StateError> {
+        self.store.committed()
     }
 
     fn table(&self) -> MutexGuard<'_, Table> {
@@ -1129,12 +1135,13 @@ fn validate_ifname(ifname: &str) -> Result<(), ControlError> {
 }
 
 #[cfg(test)]
+mod core_tests;
+#[cfg(test)]
 mod validation_tests;
 
 #[cfg(test)]
 mod tests {
     use std::net::Ipv4Addr;
-    use std::sync::{Arc, Mutex};
 
     use hypha_api::MacAddr;
 
@@ -1143,38 +1150,7 @@ mod tests {
     use crate::host::HostLink;
     use crate::host::fake::FakeHost;
 
-    #[derive(Clone, Default)]
-    pub(super) struct MemStore(
-        pub(super) Arc<Mutex<Vec<PersistedState>>>,
-        /// Make `save` fail, as a full disk would.
-        pub(super) Arc<std::sync::atomic::AtomicBool>,
-    );
-
-    impl Persist for MemStore {
-        fn save(&self, state: &PersistedState) -> Result<(), StateError> {
-            if self.1.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err(StateError::Io {
-                    op: "write",
-                    path: "/var/lib/hypha/state.json".into(),
-                    source: std::io::Error::from_raw_os_error(libc::ENOSPC),
-                });
-            }
-            self.0.lock().unwrap().push(state.clone());
-            Ok(())
-        }
-    }
-
-    impl MemStore {
-        fn fail(&self, on: bool) {
-            self.1.store(on, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
-    impl MemStore {
-        pub(super) fn last(&self) -> PersistedState {
-            self.0.lock().unwrap().last().cloned().unwrap()
-        }
-    }
+    pub(super) use crate::state::mem::MemStore;
 
     fn config() -> AgentConfig {
         AgentConfig {
@@ -1245,6 +1221,7 @@ mod tests {
             labels: Default::default(),
             external_ipam: false,
             bandwidth: None,
+            ports: Vec::new(),
         }
     }
 
@@ -1287,7 +1264,7 @@ mod tests {
         assert_eq!(err.http_status(), 409, "{err}");
         assert_eq!(agent.list().len(), 1);
         assert_eq!(
-            agent.ipam.owner_address(&Owner {
+            agent.table().ipam.owner_address(&Owner {
                 container_id: "a".into(),
                 ifname: "eth0".into()
             }),
@@ -1358,7 +1335,7 @@ mod tests {
         let err = agent.set_bandwidth(&ep.id.to_string(), &bad).unwrap_err();
         assert_eq!(err.http_status(), 400);
         assert!(err.to_string().contains("egressRate"), "{err}");
-        assert_eq!(agent.endpoints[0].bandwidth, Some(bw));
+        assert_eq!(agent.list()[0].bandwidth, Some(bw));
 
         // A kernel refusal leaves the old limits in the record.
         agent.host.state().fail_limits = true;
@@ -1367,7 +1344,7 @@ mod tests {
             ..Bandwidth::default()
         };
         assert!(agent.set_bandwidth("a", &other).is_err());
-        assert_eq!(agent.endpoints[0].bandwidth, Some(bw));
+        assert_eq!(agent.list()[0].bandwidth, Some(bw));
         agent.host.state().fail_limits = false;
 
         // Removing clears the flag, keeps the policy bit, and removes both qdiscs.
@@ -1377,7 +1354,7 @@ mod tests {
             agent.datapath.state().flags[&ep.id],
             ENDPOINT_F_INGRESS_POLICY
         );
-        assert_eq!(agent.endpoints[0].bandwidth, None);
+        assert_eq!(agent.list()[0].bandwidth, None);
     }
 
     #[test]
@@ -1441,6 +1418,7 @@ mod tests {
                 labels: Default::default(),
                 external_ipam: false,
                 bandwidth: None,
+                ports: Vec::new(),
             })
             .unwrap_err();
         assert!(err.to_string().contains("no address is allocated"), "{err}");
@@ -1624,6 +1602,7 @@ mod tests {
                     labels: Default::default(),
                     external_ipam: true,
                     bandwidth: None,
+                    ports: Vec::new(),
                 })
             };
         // An address from a delegated plugin needs no allocation, and releases none.
@@ -1658,7 +1637,7 @@ mod tests {
             .to_string();
         // The step that failed and the rollback step that failed, both named.
         assert!(
-            err.contains("cannot write /var/lib/hypha/state.json"),
+            err.contains("cannot write /var/lib/hypha/state.redb"),
             "{err}"
         );
         assert!(

@@ -52,7 +52,6 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let socket = config.socket.clone();
     let policy_dir = config.policy_dir.clone();
     let metrics_addr = config.metrics_addr;
-    let store = crate::state::FileStore::new(store, saved.clone());
     let (agent, report) = Agent::start(config, datapath, host, Box::new(store), saved)
         .context("starting the agent")?;
     for w in &report.warnings {

@@ -27,6 +27,8 @@ enum Command {
     Agent(AgentArgs),
     /// Show the running agent's state.
     Status(ClientArgs),
+    /// What the agent's state store holds (`-o json`: all of it).
+    State(ClientArgs),
     /// Endpoints (pods) the agent manages.
     #[command(subcommand, alias = "endpoints")]
     Endpoint(EndpointCommand),
@@ -286,6 +288,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => {
             let status = Client::new(&args.socket)?.status()?;
             print(args.output, &status, format_status)
+        }
+        Command::State(args) => {
+            let state: hypha_agent::state::PersistedState = Client::new(&args.socket)?.state()?;
+            print(args.output, &state, |s| {
+                format!(
+                    "endpoints: {}\naddress reservations: {}\npolicies: {}\nlabelled namespaces: {}\nnext endpoint id: {}\n",
+                    s.endpoints.len(),
+                    s.ipam.allocations.len(),
+                    s.policies.len(),
+                    s.namespace_labels.len(),
+                    s.next_endpoint_id
+                )
+            })
         }
         Command::Endpoint(EndpointCommand::List(args)) => {
             let eps = Client::new(&args.socket)?.endpoints()?;

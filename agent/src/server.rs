@@ -112,6 +112,7 @@ where
         .route("/v1/gc", post(gc::<D, H>))
         .route("/v1/monitor", get(monitor::<D, H>))
         .route("/v1/ipam/allocate", post(allocate::<D, H>))
+        .route("/v1/state", get(committed_state::<D, H>))
         .with_state(agent)
 }
 
@@ -120,6 +121,13 @@ async fn status<D: Datapath + 'static, H: HostNetwork + 'static>(State(a): State
         Ok(s) => Json(s).into_response(),
         Err(e) => e.into_response(),
     }
+}
+
+/// What the state store holds (`hypha state`; the soak's leak counts).
+async fn committed_state<D: Datapath + 'static, H: HostNetwork + 'static>(
+    State(a): State<Shared<D, H>>,
+) -> Result<Response, ControlError> {
+    Ok(Json(blocking(a, |a| Ok(a.committed_state()?)).await?).into_response())
 }
 
 async fn list<D: Datapath + 'static, H: HostNetwork + 'static>(State(a): State<Shared<D, H>>) -> Response {
@@ -454,14 +462,54 @@ mod tests {
     use crate::control::Persist;
     use crate::datapath::fake::FakeDatapath;
     use crate::host::fake::FakeHost;
-    use crate::state::{PersistedState, StateError};
+    use crate::state::{Change, Pending, PersistedState, StateError};
 
     struct NoStore;
 
     impl Persist for NoStore {
-        fn save(&self, _: &PersistedState) -> Result<(), StateError> {
-            Ok(())
+        fn submit(&self, _: Vec<Change>) -> Pending {
+            Pending::done(Ok(()))
         }
+
+        fn committed(&self) -> Result<PersistedState, StateError> {
+            Ok(PersistedState::default())
+        }
+    }
+
+    /// `GET /v1/state` (`hypha state`) answers what the store committed.
+    #[test]
+    fn the_state_route_answers_what_the_store_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let store = crate::state::mem::MemStore::default();
+        let (agent, _) = Agent::start(
+            AgentConfig::default(),
+            FakeDatapath::default(),
+            FakeHost::default(),
+            Box::new(store.clone()),
+            PersistedState::default(),
+        )
+        .unwrap();
+        let app = router(Arc::new(agent));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let listener = rt.block_on(bind(&socket)).unwrap();
+        rt.spawn(async move { axum::serve(listener, app).await });
+
+        let client = Client::new(&socket).unwrap();
+        let alloc = client
+            .allocate(&hypha_api::AllocateRequest {
+                container_id: "c1".into(),
+                ifname: "eth0".into(),
+                address: None,
+            })
+            .unwrap();
+        let state: PersistedState = client.state().unwrap();
+        assert_eq!(state, store.last());
+        let owner = &state.ipam.allocations[&alloc.address];
+        assert_eq!(
+            (owner.container_id.as_str(), owner.ifname.as_str()),
+            ("c1", "eth0")
+        );
     }
 
     /// The policy routes, through the real client over a unix socket.
@@ -477,7 +525,7 @@ mod tests {
             PersistedState::default(),
         )
         .unwrap();
-        let app = router(Arc::new(Mutex::new(agent)));
+        let app = router(Arc::new(agent));
         let rt = tokio::runtime::Runtime::new().unwrap();
         let listener = rt.block_on(bind(&socket)).unwrap();
         rt.spawn(async move { axum::serve(listener, app).await });

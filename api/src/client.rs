@@ -111,6 +111,11 @@ impl Client {
         self.call(Method::GET, "/v1/status", None::<&()>)
     }
 
+    /// What the agent's state store holds (`GET /v1/state`), in the agent's own type.
+    pub fn state<T: DeserializeOwned>(&self) -> Result<T, ClientError> {
+        self.call(Method::GET, "/v1/state", None::<&()>)
+    }
+
     pub fn endpoints(&self) -> Result<Vec<Endpoint>, ClientError> {
         self.call(Method::GET, "/v1/endpoints", None::<&()>)
     }

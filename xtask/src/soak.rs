@@ -799,12 +799,10 @@ impl Soak {
             "endpoints (hypha status)",
             status["endpoints"].as_u64().unwrap_or(u64::MAX),
         ));
-        let state_path = self.state_dir().join("state.json");
-        let state: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&state_path)
-                .with_context(|| format!("reading {}", state_path.display()))?,
-        )
-        .with_context(|| format!("parsing {}", state_path.display()))?;
+        // The agent's committed state, read through it (the database is its own while
+        // it runs).
+        let state: serde_json::Value = serde_json::from_str(&self.hypha(&["state", "-o", "json"])?)
+            .context("parsing `hypha state -o json`")?;
         let len = |v: &serde_json::Value| {
             v.as_array()
                 .map(|a| a.len())

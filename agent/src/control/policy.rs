@@ -1256,6 +1256,7 @@ mod tests {
                     .collect::<BTreeMap<_, _>>(),
                 external_ipam: false,
                 bandwidth: None,
+                ports: Vec::new(),
             })
             .unwrap()
             .id
@@ -1291,11 +1292,11 @@ mod tests {
         // The fake's maps are exactly what the agent believes is installed.
         assert_eq!(
             a.datapath.state().policy.entries,
-            a.policy.installed.entries
+            a.policy().engine.compiled().entries
         );
         assert_eq!(
             a.datapath.state().policy.ipcache,
-            a.policy.installed.ipcache
+            a.policy().engine.compiled().ipcache
         );
         // db's entries were written before db was attached.
         let log = a.datapath.state().log.clone();
@@ -1317,7 +1318,7 @@ mod tests {
         // Persisted: policies, identities.
         let saved = store.last();
         assert_eq!(saved.policies.len(), 1);
-        assert_eq!(saved.identities, a.policy.installed.identities);
+        assert_eq!(saved.identities, a.policy().engine.compiled().identities);
         let list = a.list_policies();
         assert_eq!(list[0].selected_endpoints, vec![db]);
         assert_eq!(list[0].source, "api: db.yaml");
@@ -1370,7 +1371,7 @@ mod tests {
         assert!(a.datapath.state().policy.entries.len() < n);
         assert_eq!(
             a.datapath.state().policy.entries,
-            a.policy.installed.entries
+            a.policy().engine.compiled().entries
         );
         a.delete_policy("default", "db").unwrap();
         assert!(a.datapath.state().policy.entries.is_empty());
@@ -1397,8 +1398,9 @@ mod tests {
         )])
         .unwrap();
         let peers = |a: &TestAgent| -> Vec<u32> {
-            a.policy
-                .installed
+            a.policy()
+                .engine
+                .compiled()
                 .entries
                 .keys()
                 .filter(|k| k.endpoint_id == db && k.direction == DIR_INGRESS)
@@ -1438,7 +1440,7 @@ mod tests {
             .unwrap();
         add(&mut a, "w", "hypa", &[("app", "web")]);
         let db = add(&mut a, "d", "hypb", &[("app", "db")]);
-        let installed = a.policy.installed.clone();
+        let installed = a.policy().engine.compiled().clone();
         let mut saved = store.last();
         // While the agent is down, the policy is gone from the state (as if deleted),
         // but the maps still hold its entries.
@@ -1491,8 +1493,9 @@ mod tests {
         a.sync_policy_dir(vec![(f1, Ok(open.into()))]);
         assert!(a.status().policy.errors.is_empty());
         assert!(
-            a.policy
-                .installed
+            a.policy()
+                .engine
+                .compiled()
                 .entries
                 .keys()
                 .any(|k| k.identity == IDENTITY_ANY)
@@ -1539,7 +1542,7 @@ mod tests {
         assert_eq!(names, ["db"], "good.yaml is applied beside the others");
         assert_eq!(
             a.datapath.state().policy.entries,
-            a.policy.installed.entries
+            a.policy().engine.compiled().entries
         );
         let errors = a.status().policy.errors;
         assert_eq!(errors.len(), 2, "{errors:?}");
@@ -1570,7 +1573,7 @@ mod tests {
         assert_eq!(a.list_policies().len(), 2);
         assert_eq!(
             a.datapath.state().policy.entries,
-            a.policy.installed.entries
+            a.policy().engine.compiled().entries
         );
     }
 

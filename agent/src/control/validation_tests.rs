@@ -28,6 +28,7 @@ fn create(cid: &str, host: &str, address: Ipv4Addr, mac: [u8; 6]) -> CreateEndpo
         labels: Default::default(),
         external_ipam: false,
         bandwidth: None,
+        ports: Vec::new(),
     }
 }
 
@@ -146,7 +147,7 @@ fn a_mac_another_endpoint_uses_is_refused_and_nothing_stays_reserved() {
         container_id: "b".into(),
         ifname: "eth0".into(),
     };
-    assert_eq!(agent.ipam.owner_address(&owner), None);
+    assert_eq!(agent.table().ipam.owner_address(&owner), None);
     assert!(
         !store
             .last()

@@ -55,9 +55,40 @@ pub struct FakeState {
     pub fail_debug: bool,
     /// Make `detach` fail (it still forgets the endpoint, as the real one goes on).
     pub fail_detach: bool,
+    /// When set, `attach` waits (without holding the fake's state) until it is released,
+    /// as a real attach waits for the kernel.
+    pub attach_gate: Option<Gate>,
+}
+
+/// Holds the fake's attaches until released (or dropped).
+#[derive(Clone, Default)]
+pub struct Gate(std::sync::Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl Gate {
+    fn wait(&self) {
+        let (open, cv) = &*self.0;
+        let mut open = open.lock().unwrap_or_else(PoisonError::into_inner);
+        while !*open {
+            open = cv.wait(open).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Lets every held and later attach through.
+    pub fn release(&self) {
+        let (open, cv) = &*self.0;
+        *open.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        cv.notify_all();
+    }
 }
 
 impl FakeState {
+    /// Makes `attach` wait until the returned gate is released.
+    pub fn hold_attach(&mut self) -> Gate {
+        let gate = Gate::default();
+        self.attach_gate = Some(gate.clone());
+        gate
+    }
+
     fn note_debug(&mut self, ifindex: u32, on: bool) {
         if on {
             self.debug.insert(ifindex);
@@ -71,8 +102,15 @@ impl Datapath for FakeDatapath {
     type Error = FakeError;
 
     fn attach(&self, ep: &EndpointRecord, policy_flags: u32) -> Result<(), FakeError> {
+        let gate = {
+            let mut st = self.state();
+            st.log.push(format!("attach {}", ep.host_ifname));
+            st.attach_gate.clone()
+        };
+        if let Some(gate) = gate {
+            gate.wait();
+        }
         let mut st = self.state();
-        st.log.push(format!("attach {}", ep.host_ifname));
         if st.fail_attach {
             return Err(FakeError(format!("cannot attach to {}", ep.host_ifname)));
         }

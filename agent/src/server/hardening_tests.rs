@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hypha_api::{AllocateRequest, Bandwidth, CreateEndpointRequest, MacAddr};
-use tokio::sync::{Mutex, broadcast};
+use tokio::sync::broadcast;
 
 use super::*;
 use crate::config::AgentConfig;
@@ -17,13 +17,17 @@ use crate::control::Persist;
 use crate::datapath::fake::FakeDatapath;
 use crate::host::HostLink;
 use crate::host::fake::FakeHost;
-use crate::state::{PersistedState, StateError};
+use crate::state::{Change, Pending, PersistedState, StateError};
 
 pub(super) struct NoStore;
 
 impl Persist for NoStore {
-    fn save(&self, _: &PersistedState) -> Result<(), StateError> {
-        Ok(())
+    fn submit(&self, _: Vec<Change>) -> Pending {
+        Pending::done(Ok(()))
+    }
+
+    fn committed(&self) -> Result<PersistedState, StateError> {
+        Ok(PersistedState::default())
     }
 }
 
@@ -41,7 +45,7 @@ pub(super) struct TestServer {
     pub rt: tokio::runtime::Runtime,
     pub socket: PathBuf,
     pub events: broadcast::Sender<hypha_common::Event>,
-    pub agent: Arc<Mutex<Agent<FakeDatapath, FakeHost>>>,
+    pub agent: Arc<Agent<FakeDatapath, FakeHost>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     served: Option<tokio::task::JoinHandle<Result<(), ServerError>>>,
     _dir: tempfile::TempDir,
@@ -78,7 +82,7 @@ impl TestServer {
             PersistedState::default(),
         )
         .unwrap();
-        let agent = Arc::new(Mutex::new(agent));
+        let agent = Arc::new(agent);
         let (events, _) = broadcast::channel(16);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -116,7 +120,7 @@ impl TestServer {
 
     /// An endpoint made the way hypha-cni makes it: allocate, then create.
     pub fn add_endpoint(&self, cid: &str, host: &str, mac: u8, bw: Option<Bandwidth>) -> u32 {
-        let mut agent = self.agent.blocking_lock();
+        let agent = &self.agent;
         let alloc = agent
             .allocate(&AllocateRequest {
                 container_id: cid.into(),
@@ -135,6 +139,7 @@ impl TestServer {
                 labels: Default::default(),
                 external_ipam: false,
                 bandwidth: bw,
+                ports: Vec::new(),
             })
             .unwrap()
             .id
@@ -318,7 +323,7 @@ fn an_unknown_bandwidth_key_is_refused_by_name_and_the_limit_stays() {
     );
     assert_eq!(reply.status, 400, "{reply:?}");
     assert!(reply.error().contains("EgressRate"), "{reply:?}");
-    let eps = srv.agent.blocking_lock().list();
+    let eps = srv.agent.list();
     assert_eq!(eps[0].bandwidth, Some(limit), "the limit must stay");
 }
 
@@ -384,7 +389,7 @@ fn every_request_body_refuses_unknown_keys_by_name() {
         );
     }
     // Nothing happened: no allocation, no second endpoint, the first one kept by gc.
-    let agent = srv.agent.blocking_lock();
+    let agent = &srv.agent;
     assert_eq!(agent.list().len(), 1);
     assert_eq!(agent.status().ipam.allocated, 1);
 }
@@ -608,7 +613,7 @@ fn container_ids_and_ifnames_are_validated_on_every_route() {
         assert_eq!(reply.status, 400, "{body}: {reply:?}");
         assert!(reply.error().contains(field), "{body}: {reply:?}");
     }
-    assert_eq!(srv.agent.blocking_lock().status().ipam.allocated, 0);
+    assert_eq!(srv.agent.status().ipam.allocated, 0);
     for path in [
         "/v1/endpoints/a%0Ab/eth0",
         "/v1/endpoints/a/eth%3A0",

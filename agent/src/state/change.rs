@@ -1,0 +1,199 @@
+//! What a change to the persisted state is, and what it means ([`apply`]).
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use super::{EndpointRecord, PersistedState, StoredPolicy};
+use crate::ipam::Owner;
+use crate::policy::IdentityAllocator;
+
+/// One change to the persisted state; each writes (or removes) one row.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Puts an endpoint, keyed by its owner (container id, ifname).
+    Endpoint(EndpointRecord),
+    EndpointGone(Owner),
+    /// An IPAM reservation: `owner` holds `address` (and no other address). The IPAM
+    /// never gives one address to two owners; the rows are keyed by owner.
+    Address {
+        owner: Owner,
+        address: Ipv4Addr,
+    },
+    AddressReleased(Owner),
+    /// `IpamState::last`, where the next address search starts.
+    IpamCursor(Option<Ipv4Addr>),
+    /// Stored as max(stored, n): endpoint ids are never reused.
+    NextEndpointId(u32),
+    /// Puts a policy, keyed by (namespace, name).
+    Policy(StoredPolicy),
+    PolicyGone {
+        namespace: String,
+        name: String,
+    },
+    /// A namespace's labels; empty labels remove the namespace's row.
+    NamespaceLabels {
+        namespace: String,
+        labels: BTreeMap<String, String>,
+    },
+    /// Replaces the stored identity allocator.
+    Identities(IdentityAllocator),
+}
+
+/// Applies one change to an in-memory state: the one definition of what a change means,
+/// used by the fake and by the tests that compare redb with it.
+///
+/// Endpoints are kept sorted by owner and policies by (namespace, name): the order in
+/// which the database returns them.
+pub fn apply(state: &mut PersistedState, change: &Change) {
+    match change {
+        Change::Endpoint(ep) => {
+            let owner = ep.owner();
+            match state
+                .endpoints
+                .binary_search_by(|e| endpoint_key(e).cmp(&owner_key(&owner)))
+            {
+                Ok(i) => state.endpoints[i] = ep.clone(),
+                Err(i) => state.endpoints.insert(i, ep.clone()),
+            }
+        }
+        Change::EndpointGone(owner) => {
+            if let Ok(i) = state
+                .endpoints
+                .binary_search_by(|e| endpoint_key(e).cmp(&owner_key(owner)))
+            {
+                state.endpoints.remove(i);
+            }
+        }
+        Change::Address { owner, address } => {
+            state.ipam.allocations.retain(|_, o| o != owner);
+            state.ipam.allocations.insert(*address, owner.clone());
+        }
+        Change::AddressReleased(owner) => state.ipam.allocations.retain(|_, o| o != owner),
+        Change::IpamCursor(last) => state.ipam.last = *last,
+        Change::NextEndpointId(n) => state.next_endpoint_id = state.next_endpoint_id.max(*n),
+        Change::Policy(p) => {
+            let key = policy_key(p);
+            match state.policies.binary_search_by(|q| policy_key(q).cmp(&key)) {
+                Ok(i) => state.policies[i] = p.clone(),
+                Err(i) => state.policies.insert(i, p.clone()),
+            }
+        }
+        Change::PolicyGone { namespace, name } => {
+            let key = (namespace.as_str(), name.as_str());
+            if let Ok(i) = state.policies.binary_search_by(|q| policy_key(q).cmp(&key)) {
+                state.policies.remove(i);
+            }
+        }
+        Change::NamespaceLabels { namespace, labels } => {
+            if labels.is_empty() {
+                state.namespace_labels.remove(namespace);
+            } else {
+                state
+                    .namespace_labels
+                    .insert(namespace.clone(), labels.clone());
+            }
+        }
+        Change::Identities(a) => state.identities = a.clone(),
+    }
+}
+
+fn endpoint_key(e: &EndpointRecord) -> (&str, &str) {
+    (&e.container_id, &e.ifname)
+}
+
+fn owner_key(o: &Owner) -> (&str, &str) {
+    (&o.container_id, &o.ifname)
+}
+
+fn policy_key(p: &StoredPolicy) -> (&str, &str) {
+    (&p.policy.namespace, &p.policy.name)
+}
+
+/// The changes that turn `old` into `new` (as far as [`apply`] goes: entry order aside),
+/// each key written at most once. For callers that still hold whole snapshots, and for
+/// importing one (`changes_between(&PersistedState::default(), &state)`).
+pub fn changes_between(old: &PersistedState, new: &PersistedState) -> Vec<Change> {
+    let mut changes = Vec::new();
+
+    let old_eps: BTreeMap<_, _> = old.endpoints.iter().map(|e| (endpoint_key(e), e)).collect();
+    let new_eps: BTreeMap<_, _> = new.endpoints.iter().map(|e| (endpoint_key(e), e)).collect();
+    for (key, ep) in &new_eps {
+        if old_eps.get(key) != Some(ep) {
+            changes.push(Change::Endpoint((*ep).clone()));
+        }
+    }
+    for (key, ep) in &old_eps {
+        if !new_eps.contains_key(key) {
+            changes.push(Change::EndpointGone(ep.owner()));
+        }
+    }
+
+    let by_owner = |s: &PersistedState| -> BTreeMap<Owner, Ipv4Addr> {
+        s.ipam
+            .allocations
+            .iter()
+            .map(|(a, o)| (o.clone(), *a))
+            .collect()
+    };
+    let (old_addrs, new_addrs) = (by_owner(old), by_owner(new));
+    // Releases first: an address moving from one owner to another is free before it is
+    // taken again.
+    for owner in old_addrs.keys() {
+        if !new_addrs.contains_key(owner) {
+            changes.push(Change::AddressReleased(owner.clone()));
+        }
+    }
+    for (owner, address) in &new_addrs {
+        if old_addrs.get(owner) != Some(address) {
+            changes.push(Change::Address {
+                owner: owner.clone(),
+                address: *address,
+            });
+        }
+    }
+    if old.ipam.last != new.ipam.last {
+        changes.push(Change::IpamCursor(new.ipam.last));
+    }
+    if new.next_endpoint_id > old.next_endpoint_id {
+        changes.push(Change::NextEndpointId(new.next_endpoint_id));
+    }
+
+    let old_pols: BTreeMap<_, _> = old.policies.iter().map(|p| (policy_key(p), p)).collect();
+    let new_pols: BTreeMap<_, _> = new.policies.iter().map(|p| (policy_key(p), p)).collect();
+    for (key, p) in &new_pols {
+        if old_pols.get(key) != Some(p) {
+            changes.push(Change::Policy((*p).clone()));
+        }
+    }
+    for (namespace, name) in old_pols.keys() {
+        if !new_pols.contains_key(&(*namespace, *name)) {
+            changes.push(Change::PolicyGone {
+                namespace: (*namespace).to_owned(),
+                name: (*name).to_owned(),
+            });
+        }
+    }
+
+    let empty = BTreeMap::new();
+    for (namespace, labels) in &new.namespace_labels {
+        if old.namespace_labels.get(namespace).unwrap_or(&empty) != labels {
+            changes.push(Change::NamespaceLabels {
+                namespace: namespace.clone(),
+                labels: labels.clone(),
+            });
+        }
+    }
+    for namespace in old.namespace_labels.keys() {
+        if !new.namespace_labels.contains_key(namespace) {
+            changes.push(Change::NamespaceLabels {
+                namespace: namespace.clone(),
+                labels: BTreeMap::new(),
+            });
+        }
+    }
+
+    if old.identities != new.identities {
+        changes.push(Change::Identities(new.identities.clone()));
+    }
+    changes
+}
