@@ -926,3 +926,23 @@ fn measure() {
         submits as f64 / 3.0
     );
 }
+
+#[test]
+fn the_fake_applies_its_groups_and_fails_on_demand() {
+    let base = rich_state();
+    let store = mem::MemStore::with(base.clone());
+    assert_eq!(store.committed().unwrap(), base);
+    let gone = Change::EndpointGone(owner("abc", "eth0"));
+    store.submit(vec![gone.clone()]).wait().unwrap();
+    store.fail(true);
+    let err = store
+        .submit(vec![Change::NextEndpointId(99)])
+        .wait()
+        .unwrap_err();
+    assert!(err.to_string().contains("No space left"), "{err}");
+    store.fail(false);
+    let mut expected = base;
+    apply(&mut expected, &gone);
+    assert_eq!(store.last(), expected);
+    assert_eq!(store.groups(), 1, "a failed submit records nothing");
+}
