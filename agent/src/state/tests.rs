@@ -786,3 +786,164 @@ fn an_unfinished_new_database_is_built_again() {
     assert_eq!(store.load().unwrap(), PersistedState::default());
     assert!(!dir.path().join("state.redb.tmp").exists());
 }
+
+/// Today's (before redb) save: the whole state as pretty JSON, written, fsynced, renamed,
+/// and the directory fsynced. Only to measure against.
+fn whole_file_save(dir: &Path, state: &PersistedState) {
+    let tmp = dir.join("state.json.tmp");
+    let bytes = serde_json::to_vec_pretty(state).unwrap();
+    let mut file = fs::File::create(&tmp).unwrap();
+    file.write_all(&bytes).unwrap();
+    file.sync_all().unwrap();
+    fs::rename(&tmp, dir.join("state.json")).unwrap();
+    fs::File::open(dir).unwrap().sync_all().unwrap();
+}
+
+fn percentile(samples: &mut [Duration], p: usize) -> Duration {
+    samples.sort();
+    samples[(samples.len() - 1) * p / 100]
+}
+
+/// The figures of the store's report: one 1-endpoint change with 10,000 policies (100
+/// namespaces) and 250 endpoints stored, against the whole-file save of the same state;
+/// and the groups 30 concurrent submitters make.
+/// `cargo test -p hypha-agent --lib --release state::tests::measure -- --ignored --nocapture`
+#[test]
+#[ignore = "a measurement, not a check: run it by name"]
+fn measure() {
+    let t = template_policy();
+    let mut state = PersistedState::default();
+    let mut labels = BTreeSet::new();
+    for i in 0..250u32 {
+        let ep = endpoint(i + 1, &format!("{i:064x}"), "eth0");
+        labels.insert((format!("ns{}", i % 100), ep.labels.clone()));
+        apply(
+            &mut state,
+            &Change::Address {
+                owner: ep.owner(),
+                address: ep.address,
+            },
+        );
+        apply(&mut state, &Change::Endpoint(ep));
+    }
+    let mut names = BTreeSet::new();
+    for i in 0..10_000u32 {
+        let (ns, name) = (format!("ns{}", i % 100), format!("policy-{i}"));
+        names.insert(format!("{ns}/{name}"));
+        apply(&mut state, &Change::Policy(policy(&t, &ns, &name, false)));
+    }
+    let mut ids = IdentityAllocator::default();
+    ids.sync(&labels, &BTreeSet::new(), &names).unwrap();
+    apply(&mut state, &Change::Identities(ids));
+    apply(&mut state, &Change::NextEndpointId(251));
+
+    let dir = tempfile::tempdir().unwrap();
+    let json_dir = dir.path().join("json");
+    fs::create_dir(&json_dir).unwrap();
+    let json_bytes = serde_json::to_vec_pretty(&state).unwrap().len();
+    let mut whole: Vec<Duration> = (0..20)
+        .map(|_| {
+            let start = Instant::now();
+            whole_file_save(&json_dir, &state);
+            start.elapsed()
+        })
+        .collect();
+
+    let store = StateStore::open(&dir.path().join("redb")).unwrap();
+    submit_all(&store, changes_between(&PersistedState::default(), &state));
+    let mut ep = state.endpoints[100].clone();
+    let mut one: Vec<Duration> = (0..100)
+        .map(|i| {
+            ep.debug = i % 2 == 0;
+            let start = Instant::now();
+            store
+                .submit(vec![Change::Endpoint(ep.clone())])
+                .wait()
+                .unwrap();
+            start.elapsed()
+        })
+        .collect();
+    let mut diff: Vec<Duration> = (0..20)
+        .map(|_| {
+            let mut changed = state.clone();
+            changed.endpoints[100].debug ^= true;
+            let start = Instant::now();
+            assert_eq!(changes_between(&state, &changed).len(), 1);
+            start.elapsed()
+        })
+        .collect();
+
+    let store = Arc::new(store);
+    let before = store.stats();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let submitters: Vec<_> = (0..30usize)
+        .map(|i| {
+            let (store, stop) = (store.clone(), stop.clone());
+            let mut ep = state.endpoints[i].clone();
+            std::thread::spawn(move || {
+                let mut n = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    ep.debug = n.is_multiple_of(2);
+                    store
+                        .submit(vec![Change::Endpoint(ep.clone())])
+                        .wait()
+                        .unwrap();
+                    n += 1;
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for s in submitters {
+        s.join().unwrap();
+    }
+    let after = store.stats();
+    let (tx, submits) = (
+        after.transactions - before.transactions,
+        after.submits - before.submits,
+    );
+    println!(
+        "state: 250 endpoints, 10,000 policies in 100 namespaces ({json_bytes} bytes as state.json)"
+    );
+    println!(
+        "whole-file save (today): p50 {:?}, p99 {:?} (20 saves)",
+        percentile(&mut whole, 50),
+        percentile(&mut whole, 99)
+    );
+    println!(
+        "redb submit+wait of one endpoint change: p50 {:?}, p99 {:?} (100 commits)",
+        percentile(&mut one, 50),
+        percentile(&mut one, 99)
+    );
+    println!(
+        "changes_between on that state (control.rs's bridge): p50 {:?}",
+        percentile(&mut diff, 50)
+    );
+    println!(
+        "30 concurrent submitters for 3 s: {submits} submits in {tx} transactions ({:.1} per group on average, largest {}), {:.0} submits/s",
+        submits as f64 / tx as f64,
+        after.largest_group,
+        submits as f64 / 3.0
+    );
+}
+
+#[test]
+fn the_fake_applies_its_groups_and_fails_on_demand() {
+    let base = rich_state();
+    let store = mem::MemStore::with(base.clone());
+    assert_eq!(store.committed().unwrap(), base);
+    let gone = Change::EndpointGone(owner("abc", "eth0"));
+    store.submit(vec![gone.clone()]).wait().unwrap();
+    store.fail(true);
+    let err = store
+        .submit(vec![Change::NextEndpointId(99)])
+        .wait()
+        .unwrap_err();
+    assert!(err.to_string().contains("No space left"), "{err}");
+    store.fail(false);
+    let mut expected = base;
+    apply(&mut expected, &gone);
+    assert_eq!(store.last(), expected);
+    assert_eq!(store.groups(), 1, "a failed submit records nothing");
+}
