@@ -263,6 +263,8 @@ struct Enforcement {
     max_ms: Option<f64>,
     /// How long the trigger itself took (apply returning; write + rename).
     trigger_p50_ms: Option<f64>,
+    /// From the trigger's start (the API call) until enforced, p99.
+    from_trigger_p99_ms: Option<f64>,
     /// `(verdict after the change, ms until enforced)`; `None` when it never flipped.
     samples: Vec<(&'static str, Option<f64>)>,
     errors: Vec<String>,
@@ -1012,6 +1014,7 @@ fn enforcement(
         .with_context(|| format!("{trigger}: the probe port never opened"))?;
     let mut samples = Vec::new();
     let mut trigger_ms = Vec::new();
+    let mut from_trigger = Vec::new();
     let mut errors = Vec::new();
     for i in 0..changes {
         let allow = i % 2 == 1;
@@ -1025,7 +1028,10 @@ fn enforcement(
         trigger_ms.push((returned - start).as_secs_f64() * 1e3);
         let got = prober.wait(allow, returned);
         let ms = match got {
-            Ok(d) => Some(d.as_secs_f64() * 1e3),
+            Ok(d) => {
+                from_trigger.push((returned - start + d).as_secs_f64() * 1e3);
+                Some(d.as_secs_f64() * 1e3)
+            }
             Err(e) => {
                 errors.push(format!("change {}: {e:#}", i + 1));
                 // Let the next change start from a settled verdict.
@@ -1037,12 +1043,14 @@ fn enforcement(
     }
     let mut ok: Vec<f64> = samples.iter().filter_map(|s| s.1).collect();
     ok.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        (!ok.is_empty()).then(|| {
-            let rank = ((p / 100.0) * ok.len() as f64).ceil() as usize;
-            ok[rank.clamp(1, ok.len()) - 1]
+    from_trigger.sort_by(f64::total_cmp);
+    let percentile = |sorted: &[f64], p: f64| {
+        (!sorted.is_empty()).then(|| {
+            let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+            sorted[rank.clamp(1, sorted.len()) - 1]
         })
     };
+    let pct = |p: f64| percentile(&ok, p);
     let e = Enforcement {
         trigger,
         base_rules: base,
@@ -1052,6 +1060,7 @@ fn enforcement(
         p99_ms: pct(99.0),
         max_ms: ok.last().copied(),
         trigger_p50_ms: median(trigger_ms),
+        from_trigger_p99_ms: percentile(&from_trigger, 99.0),
         samples,
         errors,
     };

@@ -10,8 +10,10 @@
 //! - the full apply: `hypha policy apply -f DIR` of the 10,000 (one file per namespace),
 //!   until it returns (target < 2 s);
 //! - one policy changed on top: the main case's probe policy flipped between allowing
-//!   and not allowing the client, timed as the main case times it, from `hypha policy
-//!   apply` returning until new connections see the new verdict (target p99 < 20 ms);
+//!   and not allowing the client, timed as the main case times it (until new
+//!   connections see the new verdict), but from the start of `hypha policy apply`, the
+//!   API call, since with 10,000 policies the call itself is what costs (target p99 <
+//!   20 ms); the time from the call returning is reported too;
 //! - one more pod's CNI ADD (namespace `ns0`, an existing label set) with the set in force;
 //! - the agent's RSS (`VmRSS` of /proc/PID/status; target < 200 MB).
 
@@ -156,17 +158,20 @@ pub fn targets(m: &Many) -> Vec<Target> {
     let e = m.enforcement.as_ref();
     t.push(Target {
         goal: format!(
-            "{n} policies: one changed on top enforced, p99 < {TARGET_ENFORCE_P99_MS:.0} ms"
+            "{n} policies: one changed on top, API call to enforced, p99 < {TARGET_ENFORCE_P99_MS:.0} ms"
         ),
         measured: e.and_then(|e| {
-            e.p99_ms.map(|p| {
+            e.from_trigger_p99_ms.map(|p| {
                 format!(
-                    "{p:.1} ms ({} changes, {} never flipped)",
+                    "{p:.1} ms from the call ({} changes, {} never flipped)",
                     e.changes, e.failed
                 )
             })
         }),
-        pass: e.and_then(|e| e.p99_ms.map(|p| p < TARGET_ENFORCE_P99_MS && e.failed == 0)),
+        pass: e.and_then(|e| {
+            e.from_trigger_p99_ms
+                .map(|p| p < TARGET_ENFORCE_P99_MS && e.failed == 0)
+        }),
     });
     t.push(Target {
         goal: format!("{n} policies: agent RSS < {TARGET_RSS_MB:.0} MB"),
@@ -193,7 +198,10 @@ pub fn print(m: &Many) {
     );
     if let Some(e) = &m.enforcement {
         println!(
-            "  one policy changed on top: p50 {} p99 {} max {} ({} changes, {} never flipped)",
+            "  one policy changed on top: p99 {} from the API call (the call: p50 {}); from the \
+             call returning: p50 {} p99 {} max {} ({} changes, {} never flipped)",
+            v(e.from_trigger_p99_ms, "ms"),
+            v(e.trigger_p50_ms, "ms"),
             v(e.p50_ms, "ms"),
             v(e.p99_ms, "ms"),
             v(e.max_ms, "ms"),
