@@ -355,10 +355,6 @@ pub struct EndpointPolicy {
     pub identity_labels: String,
     pub ingress: DirectionPolicy,
     pub egress: DirectionPolicy,
-    /// Named ports its policies use that resolve to nothing, so match nothing
-    /// (`ingress port 'http' of default/web`).
-    #[serde(default)]
-    pub unresolved_ports: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]

@@ -753,8 +753,6 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             identity_labels: self.describe_identity(identity),
             ingress: direction(DIR_INGRESS),
             egress: direction(DIR_EGRESS),
-            // Filled from `PolicyEngine::unresolved_ports` once the engine is wired in.
-            unresolved_ports: Vec::new(),
         })
     }
 
