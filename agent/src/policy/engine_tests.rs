@@ -758,16 +758,20 @@ fn engine_at_scale() {
     let build = t.elapsed();
     let entries = engine.compiled().entries.len();
 
-    let mut changed = policies[4242].clone();
-    changed.ingress.allow[0].ports = Some(vec![PortRange {
-        proto: PROTO_TCP,
-        first: 65000,
-        last: 65000,
-    }]);
-    let t = Instant::now();
-    let outcome = engine.update(vec![changed], Vec::new()).unwrap();
-    let update = t.elapsed();
-
+    // ns42's 1st policy: selects a0 (pod 43), allows a1 (pod 143) on port 1000.
+    let update = |engine: &mut PolicyEngine, port: u16| {
+        let mut changed = policies[42].clone();
+        changed.ingress.allow[0].ports = Some(vec![PortRange {
+            proto: PROTO_TCP,
+            first: port,
+            last: port,
+        }]);
+        let t = Instant::now();
+        let outcome = engine.update(vec![changed], Vec::new()).unwrap();
+        (t.elapsed(), outcome)
+    };
+    let (update_first, _) = update(&mut engine, 65000);
+    let (update, outcome) = update(&mut engine, 65001);
     let existing = engine.endpoint(1).unwrap().clone();
     let mut joining = existing.clone();
     joining.id = 1000;
@@ -777,16 +781,18 @@ fn engine_at_scale() {
     let join = t.elapsed();
     println!(
         "engine: full build of 10,000 policies / 250 endpoints: {build:?} ({entries} entries); \
-         one policy update: {update:?} ({} entries changed); join with an existing identity: \
-         {join:?} ({} entries)",
+         one policy update: {update:?} ({} entries changed; the first one: {update_first:?}); \
+         join with an existing identity: {join:?} ({} entries)",
         outcome.diff.entries_set.len() + outcome.diff.entries_del.len(),
         joined.diff.entries_set.len()
     );
 }
 
-/// `n` NetworkPolicies over `namespaces` namespaces and `pods` endpoints: pod `i` is in
-/// namespace `i % namespaces` with `app: a<i / namespaces % 5>`; policy `j` selects one app in
-/// its namespace and allows one other app on one port (the bench's set, in miniature).
+/// `n` NetworkPolicies over `namespaces` namespaces and `pods` endpoints, as the bench's
+/// "many policies" case makes them: pod `i` is in namespace `ns<i % namespaces>` with
+/// `app: a<i / namespaces % 3>`; policy `j` is the `i = j / namespaces`-th of namespace
+/// `ns<j % namespaces>`, selects `app: a<i % 3>` and allows `app: a<(i + 1) % 3>` of its
+/// namespace on TCP port `1000 + i`.
 pub(super) fn many_policies(
     n: usize,
     namespaces: usize,
@@ -794,15 +800,15 @@ pub(super) fn many_policies(
 ) -> (Vec<Policy>, Vec<PolicyEndpoint>) {
     let mut policies = Vec::new();
     for j in 0..n {
-        let ns = format!("ns{}", j % namespaces);
-        let app = (j / namespaces) % 5;
+        let (k, i) = (j % namespaces, j / namespaces);
         policies.push(k8s(
-            &format!("p{j}"),
-            &ns,
+            &format!("p{i}"),
+            &format!("ns{k}"),
             &format!(
-                "  podSelector: {{matchLabels: {{app: a{app}}}}}\n  ingress: [{{from: [{{podSelector: {{matchLabels: {{app: a{}}}}}}}], ports: [{{port: {}}}]}}]\n",
-                (app + 1) % 5,
-                1000 + j % 50_000
+                "  podSelector: {{matchLabels: {{app: a{}}}}}\n  ingress: [{{from: [{{podSelector: {{matchLabels: {{app: a{}}}}}}}], ports: [{{port: {}}}]}}]\n",
+                i % 3,
+                (i + 1) % 3,
+                1000 + i
             ),
         ));
     }
@@ -811,7 +817,7 @@ pub(super) fn many_policies(
             ep(
                 i as u32 + 1,
                 &format!("ns{}", i % namespaces),
-                &[("app", &format!("a{}", (i / namespaces) % 5))],
+                &[("app", &format!("a{}", i / namespaces % 3))],
             )
         })
         .collect();

@@ -23,6 +23,8 @@
 //! each new connection walks all N rules once; `last` puts it after the N rules, so every
 //! packet of established traffic walks them too.
 
+mod many;
+
 use super::Target;
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
@@ -96,7 +98,7 @@ pub enum CtPlace {
     Last,
 }
 
-#[derive(clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct Options {
     /// Rounds; each applies every rule count to both setups and measures both.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
@@ -121,6 +123,20 @@ pub struct Options {
     /// Where the baseline accepts ESTABLISHED,RELATED traffic.
     #[arg(long, value_enum, default_value_t = CtPlace::First)]
     conntrack: CtPlace,
+    /// The "many policies" case: this many NetworkPolicies (0: skip the case).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(0..=16_000))]
+    many_policies: u32,
+    /// ... over this many namespaces.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    many_namespaces: u32,
+    /// ... with this many endpoints on the node (the client and the server included; the
+    /// setup's pod CIDR is a /24).
+    #[arg(long, default_value_t = 250, value_parser = clap::value_parser!(u32).range(2..=252))]
+    many_endpoints: u32,
+    /// A short run, a couple of minutes: one round of 1 s, rule counts 0 and 1,000, 50
+    /// verdict changes per trigger; the many-policies case at its full size.
+    #[arg(long)]
+    quick: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -182,6 +198,8 @@ struct Report {
     /// Hypha's medians over iptables' at each rule count.
     hypha_vs_iptables: Vec<Ratios>,
     enforcement: Vec<Enforcement>,
+    /// The "many policies" case, when it ran.
+    many: Option<many::Many>,
     targets: Vec<Target>,
     errors: Vec<String>,
 }
@@ -245,12 +263,27 @@ struct Enforcement {
     max_ms: Option<f64>,
     /// How long the trigger itself took (apply returning; write + rename).
     trigger_p50_ms: Option<f64>,
+    /// From the trigger's start (the API call) until enforced, p99.
+    from_trigger_p99_ms: Option<f64>,
     /// `(verdict after the change, ms until enforced)`; `None` when it never flipped.
     samples: Vec<(&'static str, Option<f64>)>,
     errors: Vec<String>,
 }
 
 pub fn run(o: &Options) -> Result<()> {
+    let quick;
+    let o = if o.quick {
+        quick = Options {
+            runs: 1,
+            seconds: 1,
+            rules: vec![0, 1_000],
+            changes: 50,
+            ..o.clone()
+        };
+        &quick
+    } else {
+        o
+    };
     let root = workspace_root();
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
@@ -389,12 +422,35 @@ pub fn run(o: &Options) -> Result<()> {
         }
     }
 
+    let mut many = None;
+    if o.many_policies > 0
+        && let Some(hypha) = setups.iter_mut().find(|s| s.side == Side::Hypha)
+        && let Some(pods) = &hypha.pods
+    {
+        // On its own: the rule set of the main case goes first.
+        match hypha_rules(&plan, pods, &rules, hypha.current, 0) {
+            Ok(_) => {
+                hypha.current = 0;
+                many = Some(many::run(
+                    &plan,
+                    &td,
+                    pods,
+                    o.many_policies as usize,
+                    o.many_namespaces as usize,
+                    o.many_endpoints as usize,
+                    o.changes,
+                ));
+            }
+            Err(e) => errors.push(format!("many policies: removing the rule set: {e:#}")),
+        }
+    }
+
     println!("==> cleaning up");
     if let Err(e) = td.finish() {
         errors.push(format!("{e:#}"));
     }
 
-    let report = report(o, machine, &levels, setups, enforcement, errors);
+    let report = report(o, machine, &levels, setups, enforcement, many, errors);
     print_table(&report);
     super::write_outputs(&out_dir, "policy", &report, chart(&report), &report.errors)
 }
@@ -958,6 +1014,7 @@ fn enforcement(
         .with_context(|| format!("{trigger}: the probe port never opened"))?;
     let mut samples = Vec::new();
     let mut trigger_ms = Vec::new();
+    let mut from_trigger = Vec::new();
     let mut errors = Vec::new();
     for i in 0..changes {
         let allow = i % 2 == 1;
@@ -971,7 +1028,10 @@ fn enforcement(
         trigger_ms.push((returned - start).as_secs_f64() * 1e3);
         let got = prober.wait(allow, returned);
         let ms = match got {
-            Ok(d) => Some(d.as_secs_f64() * 1e3),
+            Ok(d) => {
+                from_trigger.push((returned - start + d).as_secs_f64() * 1e3);
+                Some(d.as_secs_f64() * 1e3)
+            }
             Err(e) => {
                 errors.push(format!("change {}: {e:#}", i + 1));
                 // Let the next change start from a settled verdict.
@@ -983,12 +1043,14 @@ fn enforcement(
     }
     let mut ok: Vec<f64> = samples.iter().filter_map(|s| s.1).collect();
     ok.sort_by(f64::total_cmp);
-    let pct = |p: f64| {
-        (!ok.is_empty()).then(|| {
-            let rank = ((p / 100.0) * ok.len() as f64).ceil() as usize;
-            ok[rank.clamp(1, ok.len()) - 1]
+    from_trigger.sort_by(f64::total_cmp);
+    let percentile = |sorted: &[f64], p: f64| {
+        (!sorted.is_empty()).then(|| {
+            let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+            sorted[rank.clamp(1, sorted.len()) - 1]
         })
     };
+    let pct = |p: f64| percentile(&ok, p);
     let e = Enforcement {
         trigger,
         base_rules: base,
@@ -998,6 +1060,7 @@ fn enforcement(
         p99_ms: pct(99.0),
         max_ms: ok.last().copied(),
         trigger_p50_ms: median(trigger_ms),
+        from_trigger_p99_ms: percentile(&from_trigger, 99.0),
         samples,
         errors,
     };
@@ -1078,6 +1141,7 @@ fn report(
     levels: &[u32],
     setups: Vec<Setup>,
     enforcement: Vec<Enforcement>,
+    many: Option<many::Many>,
     mut errors: Vec<String>,
 ) -> Report {
     let pct = |a: Option<f64>, b: Option<f64>| Some(100.0 * a? / b.filter(|b| *b > 0.0)?);
@@ -1203,6 +1267,15 @@ fn report(
             errors.push(format!("enforcement by {}: {err}", e.trigger));
         }
     }
+    if let Some(m) = &many {
+        targets.extend(many::targets(m));
+        errors.extend(m.errors.iter().map(|e| format!("many policies: {e}")));
+        if let Some(e) = &m.enforcement {
+            for err in &e.errors {
+                errors.push(format!("many policies, enforcement: {err}"));
+            }
+        }
+    }
     let client = "CLIENT".to_owned();
     Report {
         bench: "policy",
@@ -1232,6 +1305,7 @@ fn report(
         setups: reports,
         hypha_vs_iptables,
         enforcement,
+        many,
         targets,
         errors,
     }
@@ -1328,6 +1402,9 @@ fn print_table(r: &Report) {
                 ms(e.trigger_p50_ms)
             );
         }
+    }
+    if let Some(m) = &r.many {
+        many::print(m);
     }
     super::print_targets("Targets:", &r.targets);
 }

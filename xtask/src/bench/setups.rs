@@ -110,7 +110,7 @@ impl Plan {
         (self.octets.0, self.octets.1[i])
     }
 
-    fn netns(&self, what: &str) -> String {
+    pub fn netns(&self, what: &str) -> String {
         format!("hypb-{}-{what}", self.uniq)
     }
 }
@@ -433,7 +433,7 @@ impl CniCall {
 }
 
 /// `ips[0].address` of a CNI result, without its prefix length.
-fn first_address(result: &str) -> Result<Ipv4Addr> {
+pub fn first_address(result: &str) -> Result<Ipv4Addr> {
     let json: serde_json::Value = serde_json::from_str(result)
         .with_context(|| format!("the CNI result is not JSON: {result}"))?;
     let addr = json["ips"][0]["address"]
@@ -444,7 +444,7 @@ fn first_address(result: &str) -> Result<Ipv4Addr> {
         .with_context(|| format!("ips[0].address {addr:?} is not an IPv4 address"))
 }
 
-fn add_netns(td: &Teardown, name: &str) -> Result<()> {
+pub fn add_netns(td: &Teardown, name: &str) -> Result<()> {
     td.make(Undo::Netns(name.to_owned()), || {
         if Path::new("/run/netns").join(name).exists() {
             bail!("network namespace {name} already exists (left by a run killed with SIGKILL?); remove it with `ip netns del {name}`");
