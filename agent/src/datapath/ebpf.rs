@@ -1,19 +1,14 @@
-//! The eBPF datapath: loads Hypha's programs, pins its maps under the pin directory, and
-//! attaches the programs to each endpoint's host veth as `cls_bpf` filters of a `clsact`
-//! qdisc (legacy tc, in direct-action mode).
+//! The eBPF datapath: loads Hypha's programs, pins its maps and links under the pin
+//! directory, and attaches the programs to each endpoint's host veth with TCX.
 //!
-//! Filters stay attached while the agent is down (they hold the programs): a SIGKILLed
-//! agent leaves the datapath forwarding, and the next agent process replaces the program
-//! of each filter in place (`NLM_F_REPLACE`, same priority and handle) without a moment of
-//! detachment. tc rather than TCX because a TCX attach waits out an RCU grace period and
-//! attaches do not overlap (~23 ms per endpoint here, against ~0.3 ms: `cargo xtask bench
-//! attach`). Endpoints an older agent attached with pinned TCX links (`links/tcx-*`) are
-//! converted on adopt: filters first, then the links' pins removed.
+//! Links are pinned so that the programs stay attached while the agent is down: a
+//! SIGKILLed agent leaves the datapath forwarding, and the next agent process swaps its
+//! own programs into the same links (`bpf_link_update`) without a moment of detachment.
 
 use std::collections::HashSet;
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -27,9 +22,8 @@ use hypha_common::{
     Counter, CtEntry, CtKey4, DropKey, EndpointInfo, EndpointKey4, EndpointStats, IpcacheValue,
     NodeConfig, PolicyEntry, PolicyKey, PolicyStats, maps, programs,
 };
-use hypha_netlink::{BpfFilter, Netlink, TcHook};
 
-use super::{Adoption, Datapath};
+use super::{Adoption, Datapath, link_info};
 use crate::policy::PolicyDiff;
 use crate::state::EndpointRecord;
 
@@ -41,20 +35,11 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Where bpffs is mounted when nothing is.
 const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 
-/// The programs, the hook each is attached to, and the hook's name in the TCX link pins
-/// older agents made.
-const ATTACHMENTS: [(&str, TcHook, &str); 2] = [
-    (programs::FROM_POD, TcHook::Ingress, "ingress"),
-    (programs::TO_POD, TcHook::Egress, "egress"),
+/// The programs, the TCX hook each is attached to, and the hook's name in pins.
+const ATTACHMENTS: [(&str, u32, &str); 2] = [
+    (programs::FROM_POD, link_info::BPF_TCX_INGRESS, "ingress"),
+    (programs::TO_POD, link_info::BPF_TCX_EGRESS, "egress"),
 ];
-
-/// The priority of Hypha's `cls_bpf` filters: 1, the first to run on the hook, so no
-/// other tc filter's verdict can bypass them (they run in direct-action mode: their
-/// verdict is final, and they never hand over to a later filter). With the handle, it
-/// names the filter: a restarted agent replaces the program of this very filter.
-pub const TC_PRIORITY: u16 = 1;
-/// The handle of Hypha's `cls_bpf` filters (see [`TC_PRIORITY`]).
-pub const TC_HANDLE: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -90,13 +75,6 @@ pub enum EbpfError {
         ifname: String,
         #[source]
         source: Box<ProgramError>,
-    },
-    #[error("cannot {op} on {ifname}: {source}")]
-    Netlink {
-        op: &'static str,
-        ifname: String,
-        #[source]
-        source: Box<hypha_netlink::Error>,
     },
     #[error("cannot attach program {program} to the {hook} of {ifname}: {source}")]
     Attach {
@@ -229,9 +207,9 @@ struct Program {
     name: &'static str,
     fd: ProgramFd,
     id: u32,
-    /// The hook's name in older agents' link pins.
+    /// `BPF_TCX_INGRESS` or `BPF_TCX_EGRESS`.
+    attach_type: u32,
     hook: &'static str,
-    tc_hook: TcHook,
 }
 
 /// The eBPF datapath. Shared between threads: every operation takes `&self`; map
@@ -274,7 +252,7 @@ impl EbpfDatapath {
             });
         }
         let mut programs = Vec::new();
-        for (name, tc_hook, hook) in ATTACHMENTS {
+        for (name, attach_type, hook) in ATTACHMENTS {
             let prog = classifier(&mut ebpf, name)?;
             let prog_err = |op| {
                 move |source| EbpfError::Program {
@@ -299,8 +277,8 @@ impl EbpfDatapath {
                 name,
                 fd,
                 id,
+                attach_type,
                 hook,
-                tc_hook,
             });
         }
         let maps = Maps::take(&mut ebpf)?;
@@ -445,84 +423,32 @@ impl EbpfDatapath {
 
     fn attach_all(&self, ep: &EndpointRecord, policy_flags: u32) -> Result<Adoption, EbpfError> {
         self.fill_maps(ep, policy_flags)?;
-        let reused = self.plumb(ep)?;
+        // Each TCX attach waits for an RCU grace period in the kernel (~15 ms here); the
+        // two hooks are attached concurrently so an endpoint pays for one, not two, and
+        // no lock is held meanwhile, so other endpoints' attaches overlap with it.
+        let results: Vec<Result<bool, EbpfError>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = self
+                .programs
+                .iter()
+                .map(|prog| {
+                    let pin = self.link_pin(ep.host_ifindex, prog.hook);
+                    scope.spawn(move || attach_program(prog, ep, &pin))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("attach thread does not panic"))
+                .collect()
+        });
+        let mut reused = true;
+        for r in results {
+            reused &= r?;
+        }
         Ok(if reused {
             Adoption::Adopted
         } else {
             Adoption::Reattached
         })
-    }
-
-    /// Puts the programs on the endpoint's veth as `cls_bpf` filters of its `clsact`
-    /// qdisc, replacing the programs of filters already there in place (`NLM_F_REPLACE`
-    /// of the same priority and handle: the hook never runs without one). An older
-    /// agent's TCX links are removed once the filters are in: TCX runs before tc and its
-    /// verdict is final, so they decided until then, and the filters decide after.
-    /// Returns whether the endpoint was already attached (filters or links).
-    ///
-    /// Costs ~0.3 ms (no RCU grace period, unlike a TCX attach; see `cargo xtask bench
-    /// attach`); runs with no lock of ours held.
-    fn plumb(&self, ep: &EndpointRecord) -> Result<bool, EbpfError> {
-        let ifindex = ep.host_ifindex;
-        let nl_err = |op| {
-            let ifname = ep.host_ifname.clone();
-            move |source| EbpfError::Netlink {
-                op,
-                ifname,
-                source: Box::new(source),
-            }
-        };
-        let mut nl = Netlink::new().map_err(nl_err("open a netlink socket"))?;
-        let mut reused = true;
-        for prog in &self.programs {
-            let ours = nl
-                .bpf_filters(ifindex, prog.tc_hook)
-                .map_err(nl_err("list the tc filters"))?
-                .iter()
-                .any(|f| f.priority == TC_PRIORITY && f.handle == TC_HANDLE);
-            reused &= ours || self.link_pin(ifindex, prog.hook).exists();
-        }
-        nl.add_clsact(ifindex)
-            .map_err(nl_err("add the clsact qdisc"))?;
-        for prog in &self.programs {
-            let filter = BpfFilter {
-                hook: prog.tc_hook,
-                priority: TC_PRIORITY,
-                handle: TC_HANDLE,
-                prog_fd: prog.fd.as_fd().as_raw_fd(),
-                name: prog.name,
-            };
-            nl.add_bpf_filter(ifindex, &filter, true)
-                .map_err(nl_err("add a cls_bpf filter"))?;
-        }
-        for prog in &self.programs {
-            remove_pin(&self.link_pin(ifindex, prog.hook))?;
-        }
-        Ok(reused)
-    }
-
-    /// Deletes the endpoint's `clsact` qdisc (and with it its filters), if its veth is
-    /// still the one at its ifindex.
-    fn unplumb(&self, ep: &EndpointRecord) -> Result<(), EbpfError> {
-        let nl_err = |op| {
-            let ifname = ep.host_ifname.clone();
-            move |source| EbpfError::Netlink {
-                op,
-                ifname,
-                source: Box::new(source),
-            }
-        };
-        let mut nl = Netlink::new().map_err(nl_err("open a netlink socket"))?;
-        // A veth deleted already took its qdisc along; its ifindex may be another's now.
-        let same = nl
-            .link_by_index(ep.host_ifindex)
-            .map_err(nl_err("look up the veth"))?
-            .is_some_and(|l| l.name == ep.host_ifname);
-        if same {
-            nl.delete_clsact(ep.host_ifindex)
-                .map_err(nl_err("delete the clsact qdisc"))?;
-        }
-        Ok(())
     }
 }
 
@@ -600,9 +526,6 @@ impl Datapath for EbpfDatapath {
 
     fn detach(&self, ep: &EndpointRecord) -> Vec<EbpfError> {
         let mut errors = Vec::new();
-        if let Err(e) = self.unplumb(ep) {
-            errors.push(e);
-        }
         for (_, _, suffix) in ATTACHMENTS {
             if let Err(e) = remove_pin(&self.link_pin(ep.host_ifindex, suffix)) {
                 errors.push(e);
@@ -670,7 +593,10 @@ impl Datapath for EbpfDatapath {
                 ep.host_ifindex
             ));
         }
-        problems.extend(self.check_filters(ep));
+        for prog in &self.programs {
+            let pin = self.link_pin(ep.host_ifindex, prog.hook);
+            problems.extend(check_link(ep, prog, &pin));
+        }
         problems
     }
 
@@ -813,55 +739,57 @@ impl EbpfDatapath {
     }
 }
 
-impl EbpfDatapath {
-    /// Whether each program is the one that runs in Hypha's filter on its hook of the
-    /// endpoint's veth, in direct-action mode.
-    fn check_filters(&self, ep: &EndpointRecord) -> Vec<String> {
-        let mut nl = match Netlink::new() {
-            Ok(nl) => nl,
-            Err(e) => return vec![format!("cannot open a netlink socket: {e}")],
-        };
-        let mut problems = Vec::new();
-        for prog in &self.programs {
-            let (name, hook) = (prog.name, prog.hook);
-            let filters = match nl.bpf_filters(ep.host_ifindex, prog.tc_hook) {
-                Ok(f) => f,
-                Err(e) => {
-                    problems.push(format!(
-                        "cannot list the tc filters on the {hook} of {}: {e}",
-                        ep.host_ifname
-                    ));
-                    continue;
-                }
-            };
-            let Some(f) = filters
-                .iter()
-                .find(|f| f.priority == TC_PRIORITY && f.handle == TC_HANDLE)
-            else {
-                problems.push(format!(
-                    "program {name} is not attached to the {hook} of {}: it has no tc filter with priority {TC_PRIORITY} and handle {TC_HANDLE}",
-                    ep.host_ifname
-                ));
-                continue;
-            };
-            if f.prog_id != prog.id {
-                problems.push(format!(
-                    "program {name} is not what runs on the {hook} of {}: its tc filter runs program {} (id {}), not the agent's {name} (id {})",
-                    ep.host_ifname,
-                    program_name(f.prog_id),
-                    f.prog_id,
-                    prog.id
-                ));
-            }
-            if !f.direct_action {
-                problems.push(format!(
-                    "the tc filter of program {name} on the {hook} of {} is not in direct-action mode",
-                    ep.host_ifname
-                ));
-            }
+/// Whether the link pinned at `pin` is attached to the endpoint's veth at the program's
+/// hook and runs the program this agent loaded: a link can stay pinned after its
+/// program was replaced through it or after it was detached from its device.
+fn check_link(ep: &EndpointRecord, prog: &Program, pin: &Path) -> Vec<String> {
+    let name = prog.name;
+    let hook_name = prog.hook;
+    let mut problems = Vec::new();
+    let link = match link_info::read(pin) {
+        Ok(link) => link,
+        Err(e) => {
+            return vec![format!(
+                "program {name} is not attached to {}: cannot open its pinned link {}: {e}",
+                ep.host_ifname,
+                pin.display()
+            )];
         }
-        problems
+    };
+    if link.link_type != link_info::BPF_LINK_TYPE_TCX {
+        problems.push(format!(
+            "the pinned link {} of program {name} is not a TCX link (type {})",
+            pin.display(),
+            link.link_type
+        ));
+    } else if link.ifindex == 0 {
+        problems.push(format!(
+            "program {name} is detached from {}: its pinned link {} (link id {}) is attached to no device",
+            ep.host_ifname,
+            pin.display(),
+            link.id
+        ));
+    } else if link.ifindex != ep.host_ifindex || link.attach_type != prog.attach_type {
+        problems.push(format!(
+            "the pinned link {} of program {name} is attached to ifindex {} (attach type {}), not to the {hook_name} of {} (ifindex {})",
+            pin.display(),
+            link.ifindex,
+            link.attach_type,
+            ep.host_ifname,
+            ep.host_ifindex
+        ));
     }
+    if prog.id != link.prog_id {
+        problems.push(format!(
+            "program {name} is not what runs on the {hook_name} of {}: its pinned link {} runs program {} (id {}), not the agent's {name} (id {})",
+            ep.host_ifname,
+            pin.display(),
+            program_name(link.prog_id),
+            link.prog_id,
+            prog.id
+        ));
+    }
+    problems
 }
 
 /// The name of the loaded program `id`, or `?`.
@@ -895,6 +823,39 @@ fn classifier<'a>(
         ifname: "-".into(),
         source: Box::new(source),
     })
+}
+
+/// Attaches `prog` to the endpoint's veth, swapping it into the link pinned at `pin` in
+/// place when one is there. Returns whether an existing link was re-used. Takes no lock:
+/// the attach waits for an RCU grace period.
+fn attach_program(prog: &Program, ep: &EndpointRecord, pin: &Path) -> Result<bool, EbpfError> {
+    let link_err = |op: &'static str| {
+        move |source: io::Error| EbpfError::Link {
+            op,
+            path: pin.to_owned(),
+            source: Box::new(source),
+        }
+    };
+    match link_info::open_pin(pin) {
+        Ok(link) => {
+            link_info::update(link.as_fd(), prog.fd.as_fd())
+                .map_err(link_err("swap the program into"))?;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let link = link_info::tcx_attach(prog.fd.as_fd(), ep.host_ifindex, prog.attach_type)
+                .map_err(|source| EbpfError::Attach {
+                    program: prog.name,
+                    ifname: ep.host_ifname.clone(),
+                    hook: prog.hook,
+                    source,
+                })?;
+            // The pin keeps the link alive once our fd is closed.
+            link_info::pin(link.as_fd(), pin).map_err(link_err("pin"))?;
+            Ok(false)
+        }
+        Err(e) => Err(link_err("open")(e)),
+    }
 }
 
 /// Removing a link's pin detaches it (nothing else holds it); absent is fine.

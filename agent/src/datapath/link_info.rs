@@ -1,8 +1,16 @@
-//! TCX links through bpf(2) directly, as agents before the switch to tc made them:
-//! creating one (`BPF_LINK_CREATE`), pinning it (`BPF_OBJ_PIN`), opening a pin
-//! (`BPF_OBJ_GET`) and reading what it holds (`BPF_OBJ_GET_INFO_BY_FD`): its program, and
-//! the device and hook it is attached to. The tests use it to leave an endpoint as an
-//! older agent did and check that adopting it converts it to tc filters.
+//! TCX links through bpf(2) directly: creating one (`BPF_LINK_CREATE`), pinning it
+//! (`BPF_OBJ_PIN`), opening a pin (`BPF_OBJ_GET`), swapping its program
+//! (`BPF_LINK_UPDATE`) and reading what it holds (`BPF_OBJ_GET_INFO_BY_FD`): its program,
+//! and the device and hook it is attached to.
+//!
+//! aya's `SchedClassifier::attach` takes `&mut self` (it records the link in the
+//! program), so two endpoints could not be attached at once through one loaded program;
+//! these calls need only the program's fd, so concurrent attaches each wait out their own
+//! RCU grace period in parallel, with no lock held.
+//!
+//! aya's `LinkInfo` gives the program id but not the device, and a link detached from
+//! its device (`BPF_LINK_DETACH`, or its device deleted) keeps its program: only the
+//! device's ifindex, 0 once detached, tells a detached link from an attached one.
 
 use std::ffi::CString;
 use std::io;
@@ -15,6 +23,7 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 /// `BPF_F_AFTER`: with no relative program, the new one goes last (what aya's
 /// `LinkOrder::default()` asks for).
 const BPF_F_AFTER: u32 = 1 << 4;
@@ -44,6 +53,15 @@ struct LinkCreateAttr {
     relative_fd: u32,
     _pad: u32,
     expected_revision: u64,
+}
+
+/// The `link_update` member of `union bpf_attr`.
+#[repr(C)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
 }
 
 /// The `info` member of `union bpf_attr`.
@@ -133,6 +151,17 @@ pub fn tcx_attach(prog: BorrowedFd<'_>, ifindex: u32, attach_type: u32) -> io::R
     bpf(BPF_LINK_CREATE, &attr).map(owned)
 }
 
+/// Swaps program `prog` into `link` in place: the hook never runs without a program.
+pub fn update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    let attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf(BPF_LINK_UPDATE, &attr).map(drop)
+}
+
 /// Reads what link `fd` holds.
 pub fn info(fd: BorrowedFd<'_>) -> io::Result<TcxLinkInfo> {
     let mut info = TcxLinkInfo::default();
@@ -161,6 +190,7 @@ mod tests {
         assert_eq!(size_of::<InfoAttr>(), 16);
         assert_eq!(std::mem::offset_of!(LinkCreateAttr, expected_revision), 24);
         assert_eq!(size_of::<LinkCreateAttr>(), 32);
+        assert_eq!(size_of::<LinkUpdateAttr>(), 16);
         assert_eq!(std::mem::offset_of!(TcxLinkInfo, ifindex), 16);
         assert_eq!(size_of::<TcxLinkInfo>(), 24);
     }

@@ -6,7 +6,6 @@ pub mod debug_log;
 mod ebpf;
 #[cfg(test)]
 pub mod fake;
-#[cfg(test)]
 mod link_info;
 pub mod policy_maps;
 
