@@ -464,9 +464,7 @@ impl Netlink {
         let msg = RouteNetlinkMessage::DelQueueDiscipline(tc::clsact_message(index));
         match self.request(msg, 0) {
             Ok(_) => Ok(true),
-            Err(e) if matches!(e.errno(), Some(libc::ENODEV | libc::ENOENT | libc::EINVAL)) => {
-                Ok(false)
-            }
+            Err(e) if matches!(e.errno(), Some(libc::ENODEV | libc::ENOENT)) => Ok(false),
             Err(e) => Err(e.into_error(
                 format!("delete the clsact qdisc of interface #{index}"),
                 &self.netns,

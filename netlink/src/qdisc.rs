@@ -220,7 +220,7 @@ fn parse_tbf_options(opts: &[TcOption]) -> Option<TbfSpec> {
 }
 
 /// Calls `f(kind, value)` for each netlink attribute in `buf`.
-fn for_each_nla(mut buf: &[u8], f: &mut impl FnMut(u16, &[u8])) {
+pub(crate) fn for_each_nla(mut buf: &[u8], f: &mut impl FnMut(u16, &[u8])) {
     while buf.len() >= 4 {
         let len = usize::from(u16::from_ne_bytes([buf[0], buf[1]]));
         let kind = u16::from_ne_bytes([buf[2], buf[3]]) & 0x3fff;

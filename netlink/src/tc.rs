@@ -11,6 +11,11 @@ use netlink_packet_core::{DefaultNla, Nla as _};
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::tc::{TcAttribute, TcHandle, TcHeader, TcMessage, TcOption};
 
+use crate::qdisc::for_each_nla;
+
+/// `TCA_OPTIONS`, as the one attribute netlink-packet-route parses a `bpf` filter's
+/// options into.
+const TCA_OPTIONS: u16 = 2;
 /// `TCA_BPF_FD`: the program, as an fd of the sender.
 const TCA_BPF_FD: u16 = 6;
 /// `TCA_BPF_NAME`: a name for `tc filter show`.
@@ -182,25 +187,32 @@ pub(crate) fn parse_bpf_filter(msg: &TcMessage) -> Option<InstalledBpfFilter> {
         name: String::new(),
         direct_action: false,
     };
-    for o in options {
-        let TcOption::Other(nla) = o else { continue };
-        let mut value = vec![0u8; nla.value_len()];
-        nla.emit_value(&mut value);
-        let word = || {
-            value
-                .get(..4)
-                .map(|b| u32::from_ne_bytes(b.try_into().expect("four bytes")))
-        };
-        match nla.kind() {
-            TCA_BPF_ID => f.prog_id = word().unwrap_or(0),
+    let mut read = |kind: u16, value: &[u8]| {
+        let word = value
+            .get(..4)
+            .map(|b| u32::from_ne_bytes(b.try_into().expect("four bytes")));
+        match kind {
+            TCA_BPF_ID => f.prog_id = word.unwrap_or(0),
             TCA_BPF_FLAGS => {
-                f.direct_action = word().is_some_and(|w| w & TCA_BPF_FLAG_ACT_DIRECT != 0);
+                f.direct_action = word.is_some_and(|w| w & TCA_BPF_FLAG_ACT_DIRECT != 0);
             }
             TCA_BPF_NAME => {
                 let end = value.iter().position(|b| *b == 0).unwrap_or(value.len());
                 f.name = String::from_utf8_lossy(&value[..end]).into_owned();
             }
             _ => {}
+        }
+    };
+    for o in options {
+        let TcOption::Other(nla) = o else { continue };
+        let mut value = vec![0u8; nla.value_len()];
+        nla.emit_value(&mut value);
+        if nla.kind() == TCA_OPTIONS {
+            // How netlink-packet-route hands over the options of a kind it does not know:
+            // one attribute holding the nested ones.
+            for_each_nla(&value, &mut read);
+        } else {
+            read(nla.kind(), &value);
         }
     }
     Some(f)
@@ -251,6 +263,36 @@ mod tests {
             },
         );
         assert_eq!(u32::from(ingress.header.parent), 0xffff_fff2);
+    }
+
+    #[test]
+    fn a_dumped_filter_gives_back_its_program_id_name_and_mode() {
+        use netlink_packet_core::{Emitable as _, Parseable as _};
+        use netlink_packet_route::tc::TcMessageBuffer;
+        // As the kernel dumps it: TCA_OPTIONS holding the filter's attributes, as bytes.
+        let mut msg = bpf_filter_message(7, &filter());
+        msg.attributes = vec![
+            TcAttribute::Kind("bpf".into()),
+            TcAttribute::Options(vec![
+                TcOption::Other(DefaultNla::new(TCA_BPF_ID, 77u32.to_ne_bytes().to_vec())),
+                TcOption::Other(DefaultNla::new(TCA_BPF_NAME, b"to_pod\0".to_vec())),
+                TcOption::Other(DefaultNla::new(TCA_BPF_FLAGS, 1u32.to_ne_bytes().to_vec())),
+            ]),
+        ];
+        let mut bytes = vec![0u8; msg.buffer_len()];
+        msg.emit(&mut bytes);
+        let parsed = TcMessage::parse(&TcMessageBuffer::new(&bytes)).expect("parse");
+        let f = parse_bpf_filter(&parsed).expect("a bpf filter");
+        assert_eq!(
+            f,
+            InstalledBpfFilter {
+                priority: 1,
+                handle: 1,
+                prog_id: 77,
+                name: "to_pod".into(),
+                direct_action: true,
+            }
+        );
     }
 
     #[test]

@@ -916,6 +916,9 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), EbpfError> {
 }
 
 #[cfg(test)]
+mod concurrency_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -242,11 +242,16 @@ impl Bench {
 
     /// A pair with the host end here (up) and the peer in the pod namespace.
     fn pair(&self, nl: &mut Netlink) -> Result<Pair> {
+        self.pair_with_peer_in(nl, self.pod_fd.as_fd())
+    }
+
+    /// A pair with the host end here (up) and the peer in `peer_netns`.
+    fn pair_with_peer_in(&self, nl: &mut Netlink, peer_netns: BorrowedFd<'_>) -> Result<Pair> {
         let (host, peer) = self.names();
         nl.create_veth(&VethSpec {
             host_name: &host,
             peer_name: &peer,
-            peer_netns: self.pod_fd.as_fd(),
+            peer_netns,
             mtu: None,
             peer_mac: None,
         })?;
@@ -323,6 +328,9 @@ pub fn run(o: &Options) -> Result<()> {
         File::open(&pod_path).with_context(|| format!("opening {}", pod_path.display()))?;
     // This thread (and the threads it starts) works inside the bench's host namespace.
     super::measure::enter_netns(&host_ns)?;
+    let host_path = PathBuf::from("/run/netns").join(&host_ns);
+    let host_fd =
+        File::open(&host_path).with_context(|| format!("opening {}", host_path.display()))?;
     let b = Bench {
         host_ns,
         pod_ns,
@@ -374,7 +382,7 @@ pub fn run(o: &Options) -> Result<()> {
     rows.push(row(
         "tcx (2 hooks, veth down)",
         each_pair(&b, &mut nl, runs, |_, p| {
-            crate::util::run(Command::new("ip").args(["link", "set", &p.host, "down"]))?;
+            crate::util::output(Command::new("ip").args(["link", "set", &p.host, "down"]))?;
             let t = Instant::now();
             let links = tcx_both(prog, p.ifindex)?;
             let took = ms(t);
@@ -422,26 +430,14 @@ pub fn run(o: &Options) -> Result<()> {
         "move peer to pod netns (pool)",
         (0..runs)
             .map(|_| {
-                let (host, peer) = b.names();
-                crate::util::run(
-                    Command::new("ip")
-                        .args(["link", "add", &host, "type", "veth", "peer", "name", &peer]),
-                )?;
-                let index = |nl: &mut Netlink, name: &str| -> Result<u32> {
-                    Ok(nl
-                        .link_by_name(name)?
-                        .with_context(|| format!("{name} vanished"))?
-                        .index)
-                };
-                let host_index = index(&mut nl, &host)?;
-                let peer_index = index(&mut nl, &peer)?;
-                let pair = Pair {
-                    host,
-                    peer,
-                    ifindex: host_index,
-                };
+                // Both ends here first, as a pool would hold them.
+                let pair = b.pair_with_peer_in(&mut nl, host_fd.as_fd())?;
+                let host_index = pair.ifindex;
+                let peer_index = nl
+                    .link_by_name(&pair.peer)?
+                    .with_context(|| format!("{} vanished", pair.peer))?
+                    .index;
                 let timed = (|| {
-                    nl.set_up(host_index)?;
                     let links = tcx_both(prog, host_index)?;
                     let t = Instant::now();
                     nl.move_to_netns(peer_index, b.pod_fd.as_fd(), &pod_path)?;
