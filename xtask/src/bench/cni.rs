@@ -880,7 +880,33 @@ fn chart(r: &Report) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::percentile;
+    use super::{NodeSize, node_size_report, percentile, ratio_target};
+
+    #[test]
+    fn ratio_targets_compare_with_bridge() {
+        let t = ratio_target("ADD p50", Some(10.0), Some(12.5));
+        assert_eq!(t.pass, Some(true));
+        assert_eq!(t.measured.as_deref(), Some("10.0 ms vs 12.5 ms (x0.80)"));
+        assert_eq!(ratio_target("x", Some(10.0), Some(10.0)).pass, Some(true));
+        assert_eq!(ratio_target("x", Some(10.1), Some(10.0)).pass, Some(false));
+        assert_eq!(ratio_target("x", None, Some(10.0)).pass, None);
+        assert_eq!(ratio_target("x", Some(1.0), Some(0.0)).pass, None);
+    }
+
+    #[test]
+    fn node_size_growth_is_of_the_medians() {
+        let samples = NodeSize {
+            empty_add_ms: vec![10.0, 11.0, 50.0, 9.0],
+            full_add_ms: vec![12.0, 100.0, 11.0],
+            ..NodeSize::default()
+        };
+        let r = node_size_report(250, samples);
+        assert_eq!(r.empty_add_p50_ms, Some(10.5));
+        assert_eq!(r.full_add_p50_ms, Some(12.0));
+        let growth = r.add_growth.expect("growth");
+        assert!((growth - (12.0 / 10.5 - 1.0)).abs() < 1e-12);
+        assert_eq!(node_size_report(250, NodeSize::default()).add_growth, None);
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {
