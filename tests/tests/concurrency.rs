@@ -153,3 +153,29 @@ fn twenty_concurrent_adds_of_one_container_make_exactly_one_pod() {
         "exactly one of 20 concurrent ADDs of one container must succeed: {runs:#?}"
     );
 }
+
+/// The census these tests rely on does see a leak: a `hyp…` veth no endpoint owns.
+#[test]
+fn the_census_catches_a_leaked_host_veth() {
+    hypha_tests::require_root!();
+    let node = Node::start();
+    assert_node_holds(&node, &BTreeMap::new());
+    node.netns.exec(&[
+        "ip",
+        "link",
+        "add",
+        "hypstray0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "stray1",
+    ]);
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert_node_holds(&node, &BTreeMap::new())
+    }));
+    assert!(
+        caught.is_err(),
+        "a stray hyp* veth in the node went unnoticed"
+    );
+}
