@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod census;
 pub mod cni;
 pub mod ebpf;
 pub mod launcher;

@@ -24,6 +24,24 @@ pub struct Pod {
     pub result: serde_json::Value,
 }
 
+/// A pod's namespace and container id, made by [`Node::pod_slot`] before any CNI call.
+pub struct PodSlot {
+    pub netns: NamedNetns,
+    pub container_id: String,
+}
+
+impl PodSlot {
+    /// The address a successful ADD's reply gave.
+    pub fn address_in(run: &CniRun) -> Ipv4Addr {
+        let reply = run.reply();
+        reply["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no ips[0].address in {}", run.stdout))
+    }
+}
+
 /// An agent in its own network namespace (the "host" of the pods).
 pub struct Node {
     pub netns: NamedNetns,
@@ -187,6 +205,27 @@ impl Node {
         }
     }
 
+    /// The running agent's pid (that of `nsenter`, which execs the agent in place).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
+    /// SIGKILLs the agent without waiting for it, from any thread (a test's pods may be
+    /// mid-ADD); [`Node::kill_agent`] reaps it afterwards.
+    pub fn sigkill_agent(&self) {
+        if let Some(pid) = self.agent_pid() {
+            // SAFETY: plain kill(2) on our own child's pid; it is not reaped before
+            // `kill_agent` or `Drop` (both need `&mut self`), so it cannot be reused.
+            let rc = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            assert_eq!(
+                rc,
+                0,
+                "SIGKILL the agent {pid}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+
     /// Stops the agent with SIGTERM and waits for it.
     pub fn stop_agent(&mut self) {
         if let Some(mut child) = self.agent.take() {
@@ -305,6 +344,33 @@ impl Node {
             address,
             result,
         }
+    }
+
+    /// A namespace and a container id for a pod named `name`, for a test that runs its
+    /// CNI calls itself ([`Node::cni_add`], [`Node::cni_del`]) and judges what they did.
+    pub fn pod_slot(&self, name: &str) -> PodSlot {
+        PodSlot {
+            netns: NamedNetns::named(format!("{}-{name}", self.tag)),
+            container_id: format!("ctr{}{name}", self.tag),
+        }
+    }
+
+    /// `hypha-cni ADD` of `slot` (no labels), whatever comes of it.
+    pub fn cni_add(&self, slot: &PodSlot) -> CniRun {
+        let path = slot.netns.path().display().to_string();
+        self.cni(
+            &Self::cni_env("ADD", &slot.container_id, &path),
+            &self.conf("1.1.0"),
+        )
+    }
+
+    /// `hypha-cni DEL` of `slot`, whatever comes of it.
+    pub fn cni_del(&self, slot: &PodSlot) -> CniRun {
+        let path = slot.netns.path().display().to_string();
+        self.cni(
+            &Self::cni_env("DEL", &slot.container_id, &path),
+            &self.conf("1.1.0"),
+        )
     }
 
     /// Runs `hypha-cni DEL` for a pod.

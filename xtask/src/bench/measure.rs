@@ -312,6 +312,57 @@ fn with_deadline(cmd: &mut Command, limit: Duration) -> Result<String> {
         .with_context(|| format!("reading the output of {what}"))
 }
 
+/// The process whose command line holds `arg` as one argument and `word` as another
+/// (say, the agent serving a socket: `agent` and the socket's path), found under /proc.
+/// Fails when none or several do.
+pub fn find_process(word: &str, arg: &Path) -> Result<u32> {
+    let arg = arg.as_os_str().as_encoded_bytes();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").context("listing /proc")? {
+        let entry = entry.context("listing /proc")?;
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may end while we look; its entry just goes.
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let mut args = cmdline.split(|&b| b == 0);
+        if args.clone().any(|a| a == word.as_bytes()) && args.any(|a| a == arg) {
+            found.push(pid);
+        }
+    }
+    match found[..] {
+        [pid] => Ok(pid),
+        [] => bail!(
+            "no process with arguments {word:?} and {:?} in /proc",
+            String::from_utf8_lossy(arg)
+        ),
+        _ => bail!(
+            "several processes with arguments {word:?} and {:?}: {found:?}",
+            String::from_utf8_lossy(arg)
+        ),
+    }
+}
+
+/// A process's resident set size in KiB (`VmRSS` of /proc/PID/status).
+pub fn vm_rss_kib(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    parse_vm_rss_kib(&status).with_context(|| format!("no VmRSS line in {path}"))
+}
+
+fn parse_vm_rss_kib(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let mut words = line["VmRSS:".len()..].split_whitespace();
+    let kib = words.next()?.parse().ok()?;
+    (words.next() == Some("kB")).then_some(kib)
+}
+
 /// A child process killed and reaped when dropped (if still running).
 struct Killed(Child);
 
@@ -342,5 +393,21 @@ mod tests {
             (1, 90, 100, 100)
         );
         assert!((l.mean_ns - 50.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn vm_rss_from_proc_status() {
+        let status = "Name:\thypha\nVmPeak:\t  90000 kB\nVmRSS:\t   12345 kB\nThreads:\t3\n";
+        assert_eq!(parse_vm_rss_kib(status), Some(12345));
+        assert_eq!(parse_vm_rss_kib("Name:\tkthreadd\n"), None);
+        assert_eq!(parse_vm_rss_kib("VmRSS:\t12 MB\n"), None);
+    }
+
+    #[test]
+    fn finds_this_process_and_reads_its_rss() {
+        let me = std::env::current_exe().expect("exe");
+        // This test binary's own argv[0] is its path; no second argument matches "no-such".
+        assert!(find_process("no-such-argument-anywhere", &me).is_err());
+        assert!(vm_rss_kib(std::process::id()).expect("own VmRSS") > 0);
     }
 }

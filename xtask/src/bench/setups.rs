@@ -188,20 +188,7 @@ fn bridge(plan: &Plan, td: &Teardown) -> Result<Pods> {
     let (a, b) = plan.subnet(Kind::Bridge);
     let bridge = format!("hybr{}", plan.uniq);
     let data_dir = plan.tmp.join("host-local");
-    let config = serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": format!("benchbr-{}", plan.uniq),
-        "type": "bridge",
-        "bridge": bridge,
-        "isGateway": true,
-        "ipMasq": false,
-        "ipam": {
-            "type": "host-local",
-            "ranges": [[{ "subnet": format!("10.{a}.{b}.0/24") }]],
-            "dataDir": data_dir,
-        },
-    })
-    .to_string();
+    let config = bridge_config(plan, a, b);
     // The plugin makes the bridge on the first ADD; DEL leaves it. Recorded first, so
     // undone last, after both DELs.
     td.make(Undo::Link(bridge.clone()), || Ok(()))?;
@@ -210,15 +197,9 @@ fn bridge(plan: &Plan, td: &Teardown) -> Result<Pods> {
     let forward = PathBuf::from("/proc/sys/net/ipv4/ip_forward");
     let before = std::fs::read_to_string(&forward).context("reading ip_forward")?;
     let mut ips = Vec::new();
-    for pod in ["br-a", "br-b"] {
-        let netns = plan.netns(pod);
-        add_netns(td, &netns)?;
-        let call = CniCall {
-            program: vec![PathBuf::from(CNI_PATH).join("bridge").into()],
-            container_id: format!("hypb-{}-{pod}", plan.uniq),
-            netns,
-            config: config.clone(),
-        };
+    for pod in BRIDGE_PODS {
+        let call = bridge_pod_call(plan, &config, pod);
+        add_netns(td, &call.netns)?;
         let result = td.make(Undo::Cni(call.clone()), || call.invoke("ADD"))?;
         ips.push(first_address(&result)?);
     }
@@ -315,43 +296,15 @@ fn hypha(plan: &Plan, td: &Teardown, options: &HyphaOptions) -> Result<Pods> {
         std::thread::sleep(Duration::from_millis(100));
     }
 
-    let config = serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": "hypha",
-        "type": "hypha-cni",
-        "agentSocket": socket,
-    });
+    let config = hypha_network(&socket);
     let labels = options
         .app_labels
         .as_ref()
         .map(|(client, server)| [client.as_str(), server.as_str()]);
     let mut ips = Vec::new();
-    for (i, pod) in ["hy-a", "hy-b"].into_iter().enumerate() {
-        let netns = plan.netns(pod);
-        add_netns(td, &netns)?;
-        let mut config = config.clone();
-        // CniCall sets no CNI_ARGS of its own; `env` sets it for the plugin.
-        let mut program: Vec<std::ffi::OsString> = Vec::new();
-        if let Some(labels) = labels {
-            config["args"] =
-                serde_json::json!({"cni": {"labels": [{"key": "app", "value": labels[i]}]}});
-            program.push("env".into());
-            program.push(
-                format!("CNI_ARGS=IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}")
-                    .into(),
-            );
-        }
-        program.extend([
-            "nsenter".into(),
-            format!("--net=/run/netns/{node}").into(),
-            hypha_cni.clone().into(),
-        ]);
-        let call = CniCall {
-            program,
-            container_id: format!("hypb-{}-{pod}", plan.uniq),
-            netns,
-            config: config.to_string(),
-        };
+    for (i, pod) in HYPHA_PODS.into_iter().enumerate() {
+        let call = hypha_pod_call(plan, &config, labels.map(|l| l[i]), pod);
+        add_netns(td, &call.netns)?;
         let result = td.make(Undo::Cni(call.clone()), || call.invoke("ADD"))?;
         ips.push(first_address(&result)?);
     }
@@ -361,6 +314,102 @@ fn hypha(plan: &Plan, td: &Teardown, options: &HyphaOptions) -> Result<Pods> {
         client_ip: ips[0],
         server_ip: ips[1],
         agent_socket: Some(socket),
+    })
+}
+
+/// The bridge setup's two pods, and Hypha's.
+const BRIDGE_PODS: [&str; 2] = ["br-a", "br-b"];
+const HYPHA_PODS: [&str; 2] = ["hy-a", "hy-b"];
+
+/// The bridge setup's network configuration, on `10.a.b.0/24`.
+fn bridge_config(plan: &Plan, a: u8, b: u8) -> String {
+    serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": format!("benchbr-{}", plan.uniq),
+        "type": "bridge",
+        "bridge": format!("hybr{}", plan.uniq),
+        "isGateway": true,
+        "ipMasq": false,
+        "ipam": {
+            "type": "host-local",
+            "ranges": [[{ "subnet": format!("10.{a}.{b}.0/24") }]],
+            "dataDir": plan.tmp.join("host-local"),
+        },
+    })
+    .to_string()
+}
+
+fn bridge_pod_call(plan: &Plan, config: &str, pod: &str) -> CniCall {
+    CniCall {
+        program: vec![PathBuf::from(CNI_PATH).join("bridge").into()],
+        container_id: format!("hypb-{}-{pod}", plan.uniq),
+        netns: plan.netns(pod),
+        config: config.to_owned(),
+    }
+}
+
+/// The call that makes Hypha setup's pod `pod`; with an `app` label, passed as a
+/// Kubernetes runtime passes it.
+fn hypha_pod_call(
+    plan: &Plan,
+    config: &serde_json::Value,
+    app_label: Option<&str>,
+    pod: &str,
+) -> CniCall {
+    let mut config = config.clone();
+    // CniCall sets no CNI_ARGS of its own; `env` sets it for the plugin.
+    let mut program: Vec<std::ffi::OsString> = Vec::new();
+    if let Some(label) = app_label {
+        config["args"] = serde_json::json!({"cni": {"labels": [{"key": "app", "value": label}]}});
+        program.push("env".into());
+        program.push(
+            format!("CNI_ARGS=IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={pod}").into(),
+        );
+    }
+    program.extend([
+        "nsenter".into(),
+        format!("--net=/run/netns/{}", plan.netns("node")).into(),
+        plan.bin.join("hypha-cni").into(),
+    ]);
+    CniCall {
+        program,
+        container_id: format!("hypb-{}-{pod}", plan.uniq),
+        netns: plan.netns(pod),
+        config: config.to_string(),
+    }
+}
+
+/// The CNI calls that made the two pods of [`create`]'s `kind` setup (without labels),
+/// for a bench that DELs them to start from an empty node (a second DEL at teardown
+/// does nothing, as CNI requires).
+pub fn setup_pod_calls(kind: Kind, plan: &Plan) -> Vec<CniCall> {
+    match kind {
+        Kind::Veth => Vec::new(),
+        Kind::Bridge => {
+            let (a, b) = plan.subnet(Kind::Bridge);
+            let config = bridge_config(plan, a, b);
+            BRIDGE_PODS
+                .iter()
+                .map(|pod| bridge_pod_call(plan, &config, pod))
+                .collect()
+        }
+        Kind::Hypha => {
+            let config = hypha_network(&plan.tmp.join("agent.sock"));
+            HYPHA_PODS
+                .iter()
+                .map(|pod| hypha_pod_call(plan, &config, None, pod))
+                .collect()
+        }
+    }
+}
+
+/// Hypha's network configuration, for an agent on `socket`.
+fn hypha_network(socket: &Path) -> serde_json::Value {
+    serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "hypha",
+        "type": "hypha-cni",
+        "agentSocket": socket,
     })
 }
 
