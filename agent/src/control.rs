@@ -993,6 +993,7 @@ mod tests {
             labels: Default::default(),
             external_ipam: false,
             bandwidth: None,
+            ports: Vec::new(),
         }
     }
 
@@ -1180,6 +1181,7 @@ mod tests {
                 labels: Default::default(),
                 external_ipam: false,
                 bandwidth: None,
+                ports: Vec::new(),
             })
             .unwrap_err();
         assert!(err.to_string().contains("no address is allocated"), "{err}");
@@ -1360,6 +1362,7 @@ mod tests {
                     labels: Default::default(),
                     external_ipam: true,
                     bandwidth: None,
+                    ports: Vec::new(),
                 })
             };
         // An address from a delegated plugin needs no allocation, and releases none.

@@ -125,6 +125,9 @@ pub struct CreateEndpointRequest {
     /// Rate limits from the CNI `bandwidth` capability, stored for the datapath to enforce.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<Bandwidth>,
+    /// The pod's named ports (from `args.cni.namedPorts`), for policies naming ports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<NamedPort>,
 }
 
 /// Rate limits as the CNI `bandwidth` capability gives them: rates in bits per second,
@@ -171,6 +174,23 @@ pub struct Endpoint {
     /// (`PUT /v1/endpoints/{id}/debug`).
     #[serde(default)]
     pub debug: bool,
+}
+
+/// A named container port (`http` = 8080/TCP), which a NetworkPolicy may name instead of
+/// a number. The CNI carries no port names, so they come from `hypha run --port` or
+/// `hypha endpoint ports`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(deny_unknown_fields)]
+pub struct NamedPort {
+    pub name: String,
+    pub port: u16,
+    /// `TCP` (the default), `UDP` or `SCTP`.
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+}
+
+fn default_protocol() -> String {
+    "TCP".to_owned()
 }
 
 /// `PUT /v1/endpoints/{id or container id}/debug`: turns the tracing of an endpoint's

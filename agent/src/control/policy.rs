@@ -840,6 +840,7 @@ mod tests {
                     .collect::<BTreeMap<_, _>>(),
                 external_ipam: false,
                 bandwidth: None,
+                ports: Vec::new(),
             })
             .unwrap()
             .id

@@ -28,6 +28,7 @@ fn create(cid: &str, host: &str, address: Ipv4Addr, mac: [u8; 6]) -> CreateEndpo
         labels: Default::default(),
         external_ipam: false,
         bandwidth: None,
+        ports: Vec::new(),
     }
 }
 

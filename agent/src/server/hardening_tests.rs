@@ -135,6 +135,7 @@ impl TestServer {
                 labels: Default::default(),
                 external_ipam: false,
                 bandwidth: bw,
+                ports: Vec::new(),
             })
             .unwrap()
             .id
