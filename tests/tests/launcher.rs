@@ -912,11 +912,14 @@ fn run_with_ports_gives_the_endpoint_its_named_ports() {
         .iter()
         .find(|e| e["container_id"] == id.as_str())
         .unwrap_or_else(|| panic!("no endpoint for {id}: {list}"));
+    // In any order (the agent may keep them sorted).
+    let mut ports = ep["ports"].as_array().cloned().unwrap_or_default();
+    ports.sort_by_key(|p| p["name"].as_str().map(str::to_owned));
     assert_eq!(
-        ep["ports"],
+        serde_json::Value::Array(ports),
         serde_json::json!([
-            {"name": "http", "port": 8080, "protocol": "TCP"},
             {"name": "dns", "port": 53, "protocol": "UDP"},
+            {"name": "http", "port": 8080, "protocol": "TCP"},
         ]),
         "{ep}"
     );
