@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use hypha_api::{Attachment, Bandwidth, MacAddr};
+use hypha_api::{Attachment, Bandwidth, MacAddr, NamedPort};
 use serde_json::{Map, Value};
 
 use crate::json;
@@ -72,6 +72,8 @@ pub struct NetConf {
     pub runtime: RuntimeConfig,
     /// `args.cni.labels`, in order.
     pub labels: Vec<(String, String)>,
+    /// `args.cni.namedPorts`, in order: the pod's named ports, for policies naming ports.
+    pub named_ports: Vec<NamedPort>,
     /// `disableCheck`: CHECK succeeds without looking.
     pub disable_check: bool,
     /// `disableGC`: GC succeeds without removing anything.
@@ -122,6 +124,15 @@ pub enum ConfigError {
     #[error("invalid network configuration: {key} {problem}, found {found}")]
     Invalid {
         key: &'static str,
+        problem: &'static str,
+        found: String,
+    },
+    /// An entry of a list, or a field of one, is missing, has the wrong type or an
+    /// invalid value (CNI error 7); `key` names it with its index
+    /// (`args.cni.namedPorts[1].port`).
+    #[error("invalid network configuration: {key} {problem}, found {found}")]
+    InvalidEntry {
+        key: String,
         problem: &'static str,
         found: String,
     },
@@ -241,6 +252,9 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf, ConfigError> {
             None => None,
         },
     };
+    let cni = cni_args(&obj)?;
+    let labels = labels(cni)?;
+    let named_ports = named_ports(cni)?;
     Ok(NetConf {
         cni_version,
         name: name.to_owned(),
@@ -250,7 +264,8 @@ pub fn parse(stdin: &[u8]) -> Result<NetConf, ConfigError> {
         prev_result,
         ipam_type,
         runtime,
-        labels: labels(&obj)?,
+        labels,
+        named_ports,
         disable_check: boolean(&obj, "disableCheck")?,
         disable_gc: boolean(&obj, "disableGC")?,
         valid_attachments,
@@ -388,15 +403,10 @@ fn bandwidth(v: &Value) -> Result<Option<Bandwidth>, ConfigError> {
     Ok((out != Bandwidth::default()).then_some(out))
 }
 
-/// `args.cni.labels`: `[{"key": "app", "value": "web"}, ...]` (CONVENTIONS.md).
-fn labels(obj: &Map<String, Value>) -> Result<Vec<(String, String)>, ConfigError> {
-    let invalid = |problem, found: &Value| ConfigError::Invalid {
-        key: "args.cni.labels",
-        problem,
-        found: found.to_string(),
-    };
+/// `args.cni` (CONVENTIONS.md), if given: `args` and it must be objects.
+fn cni_args(obj: &Map<String, Value>) -> Result<Option<&Map<String, Value>>, ConfigError> {
     let Some(args) = field(obj, "args", "args")? else {
-        return Ok(Vec::new());
+        return Ok(None);
     };
     let Value::Object(args) = args else {
         return Err(ConfigError::Invalid {
@@ -405,17 +415,29 @@ fn labels(obj: &Map<String, Value>) -> Result<Vec<(String, String)>, ConfigError
             found: json_kind(args).into(),
         });
     };
-    let Some(cni) = field(args, "cni", "args.cni")? else {
-        return Ok(Vec::new());
-    };
-    let Value::Object(cni) = cni else {
-        return Err(ConfigError::Invalid {
+    match field(args, "cni", "args.cni")? {
+        None => Ok(None),
+        Some(Value::Object(cni)) => Ok(Some(cni)),
+        Some(cni) => Err(ConfigError::Invalid {
             key: "args.cni",
             problem: "must be an object",
             found: json_kind(cni).into(),
-        });
+        }),
+    }
+}
+
+/// `args.cni.labels`: `[{"key": "app", "value": "web"}, ...]` (CONVENTIONS.md).
+fn labels(cni: Option<&Map<String, Value>>) -> Result<Vec<(String, String)>, ConfigError> {
+    let invalid = |problem, found: &Value| ConfigError::Invalid {
+        key: "args.cni.labels",
+        problem,
+        found: found.to_string(),
     };
-    let Some(labels) = field(cni, "labels", "args.cni.labels")? else {
+    let Some(labels) = cni
+        .map(|cni| field(cni, "labels", "args.cni.labels"))
+        .transpose()?
+        .flatten()
+    else {
         return Ok(Vec::new());
     };
     let list = labels
@@ -441,6 +463,151 @@ fn labels(obj: &Map<String, Value>) -> Result<Vec<(String, String)>, ConfigError
             }
         })
         .collect()
+}
+
+/// The protocols of a named port, as Kubernetes writes them.
+const PORT_PROTOCOLS: [&str; 3] = ["TCP", "UDP", "SCTP"];
+
+/// `args.cni.namedPorts`: `[{"name": "http", "port": 8080, "protocol": "TCP"}, ...]`, the
+/// pod's named ports (`hypha run --port`), for NetworkPolicies that name a port. Read
+/// strictly: each entry has a `name` (a Kubernetes port name), a `port` from 1 to 65535
+/// and optionally a `protocol` (`TCP`, the default, `UDP` or `SCTP`, upper case as
+/// Kubernetes writes it), and no other key; a name is given once. Errors name the entry
+/// and its field (`args.cni.namedPorts[1].port`).
+fn named_ports(cni: Option<&Map<String, Value>>) -> Result<Vec<NamedPort>, ConfigError> {
+    let Some(list) = cni
+        .map(|cni| field(cni, "namedPorts", "args.cni.namedPorts"))
+        .transpose()?
+        .flatten()
+    else {
+        return Ok(Vec::new());
+    };
+    let Value::Array(list) = list else {
+        return Err(ConfigError::Invalid {
+            key: "args.cni.namedPorts",
+            problem: "must be a list of {\"name\", \"port\", \"protocol\"} objects",
+            found: json_kind(list).into(),
+        });
+    };
+    let mut out: Vec<NamedPort> = Vec::with_capacity(list.len());
+    for (i, entry) in list.iter().enumerate() {
+        let port = named_port(i, entry)?;
+        if out.iter().any(|p| p.name == port.name) {
+            return Err(ConfigError::InvalidEntry {
+                key: format!("args.cni.namedPorts[{i}].name"),
+                problem: "names a port given before (a pod names each port once)",
+                found: format!("{:?}", port.name),
+            });
+        }
+        out.push(port);
+    }
+    Ok(out)
+}
+
+/// Entry `i` of `args.cni.namedPorts`.
+fn named_port(i: usize, entry: &Value) -> Result<NamedPort, ConfigError> {
+    let at = |f: &str| {
+        if f.is_empty() {
+            format!("args.cni.namedPorts[{i}]")
+        } else {
+            format!("args.cni.namedPorts[{i}].{f}")
+        }
+    };
+    let invalid = |f: &str, problem, found: String| ConfigError::InvalidEntry {
+        key: at(f),
+        problem,
+        found,
+    };
+    let Value::Object(entry) = entry else {
+        return Err(invalid(
+            "",
+            "must be an object {\"name\": string, \"port\": integer, \"protocol\": string}",
+            entry.to_string(),
+        ));
+    };
+    const FIELDS: [&str; 3] = ["name", "port", "protocol"];
+    if let Some(unknown) = entry
+        .keys()
+        .find(|k| !FIELDS.iter().any(|f| json::fold_eq(k, f)))
+    {
+        return Err(invalid(
+            "",
+            "has a key that is none of name, port and protocol",
+            format!("{unknown:?}"),
+        ));
+    }
+    let get = |f: &'static str| match json::lookup(entry, f) {
+        Ok(Some(Value::Null) | None) => Ok(None),
+        Ok(Some(v)) => Ok(Some(v)),
+        Err(e) => Err(invalid(
+            f,
+            "is given more than once with different letter case",
+            e.keys.join(", "),
+        )),
+    };
+    let name = match get("name")? {
+        None => {
+            return Err(invalid(
+                "name",
+                "is missing",
+                Value::Object(entry.clone()).to_string(),
+            ));
+        }
+        Some(Value::String(n)) if is_port_name(n) => n.clone(),
+        Some(Value::String(n)) => {
+            return Err(invalid(
+                "name",
+                "must be a port name as Kubernetes takes it: 1 to 15 lower-case letters, digits and '-', with a letter, no '-' at either end or next to another",
+                format!("{n:?}"),
+            ));
+        }
+        Some(v) => return Err(invalid("name", "must be a string", json_kind(v).into())),
+    };
+    let port = match get("port")? {
+        None => {
+            return Err(invalid(
+                "port",
+                "is missing",
+                Value::Object(entry.clone()).to_string(),
+            ));
+        }
+        Some(v) => v
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+            .ok_or_else(|| invalid("port", "must be an integer from 1 to 65535", v.to_string()))?,
+    };
+    let protocol = match get("protocol")? {
+        None => "TCP".to_owned(),
+        Some(Value::String(p)) if PORT_PROTOCOLS.contains(&p.as_str()) => p.clone(),
+        Some(Value::String(p)) => {
+            return Err(invalid(
+                "protocol",
+                "must be TCP, UDP or SCTP (upper case, as Kubernetes writes it)",
+                format!("{p:?}"),
+            ));
+        }
+        Some(v) => return Err(invalid("protocol", "must be a string", json_kind(v).into())),
+    };
+    Ok(NamedPort {
+        name,
+        port,
+        protocol,
+    })
+}
+
+/// A port name as Kubernetes validates a container port's (`IsValidPortName`, an
+/// IANA_SVC_NAME): 1 to 15 characters of `a-z`, `0-9` and `-`, at least one letter, no
+/// `-` first, last or twice in a row.
+pub fn is_port_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().any(|b| b.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
 }
 
 /// GC's list of attachments: `[{"containerID": "...", "ifname": "..."}, ...]`.
@@ -550,6 +717,7 @@ mod tests {
         assert_eq!(conf.ipam_type, None);
         assert_eq!(conf.runtime, RuntimeConfig::default());
         assert!(conf.labels.is_empty());
+        assert!(conf.named_ports.is_empty());
         assert!(!conf.disable_check && !conf.disable_gc);
         assert_eq!(conf.valid_attachments, None);
         assert_eq!(conf.raw.len(), 3);
@@ -761,7 +929,8 @@ mod tests {
                  "MTU": 1400, "PrevResult": {"ips": []}, "IPAM": {"Type": "host-local"},
                  "RuntimeConfig": {"IPs": ["10.1.0.5/24"], "Mac": "02:42:ac:11:00:02",
                                    "Bandwidth": {"ingressrate": 1000, "INGRESSBURST": 50}},
-                 "Args": {"CNI": {"Labels": [{"Key": "app", "VALUE": "web"}]}},
+                 "Args": {"CNI": {"Labels": [{"Key": "app", "VALUE": "web"}],
+                                  "NAMEDPORTS": [{"NAME": "http", "Port": 80, "protocol": "UDP"}]}},
                  "DisableCheck": true, "disablegc": true,
                  "CNI.DEV/VALID-ATTACHMENTS": [{"ContainerID": "c1", "IfName": "eth0"}]}"#,
         )
@@ -786,6 +955,7 @@ mod tests {
             })
         );
         assert_eq!(conf.labels, vec![("app".to_owned(), "web".to_owned())]);
+        assert_eq!(conf.named_ports, [port("http", 80, "UDP")]);
         assert!(conf.disable_check && conf.disable_gc);
         assert_eq!(
             conf.valid_attachments,
@@ -836,6 +1006,201 @@ mod tests {
             let e = parse(json.as_bytes()).unwrap_err();
             assert!(matches!(e, ConfigError::Invalid { .. }), "{json}: {e:?}");
             assert!(e.to_string().contains(key), "{json}: {e}");
+        }
+    }
+
+    fn port(name: &str, port: u16, protocol: &str) -> NamedPort {
+        NamedPort {
+            name: name.into(),
+            port,
+            protocol: protocol.into(),
+        }
+    }
+
+    fn with_named_ports(ports: &str) -> Result<NetConf, ConfigError> {
+        parse(
+            format!(
+                r#"{{"cniVersion": "1.1.0", "name": "n", "args": {{"cni": {{"namedPorts": {ports}}}}}}}"#
+            )
+            .as_bytes(),
+        )
+    }
+
+    #[test]
+    fn named_ports_in_order_with_tcp_by_default() {
+        let conf = with_named_ports(
+            r#"[{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "dns", "port": 53, "protocol": "UDP"},
+                {"name": "sig-1", "port": 65535, "protocol": "SCTP"}, {"name": "metrics", "port": 1},
+                {"name": "admin", "port": 9000, "protocol": null}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            conf.named_ports,
+            [
+                port("http", 8080, "TCP"),
+                port("dns", 53, "UDP"),
+                port("sig-1", 65535, "SCTP"),
+                port("metrics", 1, "TCP"),
+                port("admin", 9000, "TCP"),
+            ]
+        );
+        assert!(with_named_ports("[]").unwrap().named_ports.is_empty());
+        assert!(with_named_ports("null").unwrap().named_ports.is_empty());
+        // Beside labels, under the same args.cni.
+        let conf = parse(
+            br#"{"cniVersion": "1.1.0", "name": "n", "args": {"cni": {"labels": [{"key": "app", "value": "web"}],
+                 "namedPorts": [{"name": "http", "port": 80}]}}}"#,
+        )
+        .unwrap();
+        assert_eq!(conf.labels, vec![("app".to_owned(), "web".to_owned())]);
+        assert_eq!(conf.named_ports, [port("http", 80, "TCP")]);
+    }
+
+    /// Go runtimes match keys whatever their case; the values are as Kubernetes writes them.
+    #[test]
+    fn named_port_keys_are_matched_whatever_their_case() {
+        let conf = parse(
+            br#"{"cniVersion": "1.1.0", "name": "n",
+                 "Args": {"CNI": {"NamedPorts": [{"Name": "http", "PORT": 8080, "Protocol": "UDP"}]}}}"#,
+        )
+        .unwrap();
+        assert_eq!(conf.named_ports, [port("http", 8080, "UDP")]);
+    }
+
+    #[test]
+    fn bad_named_ports_name_the_entry_and_field() {
+        for (ports, key, found) in [
+            (r#"{}"#, "args.cni.namedPorts", "an object"),
+            (r#""http:80""#, "args.cni.namedPorts", "a string"),
+            (r#"[3]"#, "args.cni.namedPorts[0]", "3"),
+            (
+                r#"[{"port": 80}]"#,
+                "args.cni.namedPorts[0].name",
+                "missing",
+            ),
+            (
+                r#"[{"name": "http"}]"#,
+                "args.cni.namedPorts[0].port",
+                "missing",
+            ),
+            (
+                r#"[{"name": "a", "port": 1}, {"name": 7, "port": 80}]"#,
+                "args.cni.namedPorts[1].name",
+                "a number",
+            ),
+            (
+                r#"[{"name": "", "port": 80}]"#,
+                "args.cni.namedPorts[0].name",
+                "\"\"",
+            ),
+            (
+                r#"[{"name": "HTTP", "port": 80}]"#,
+                "args.cni.namedPorts[0].name",
+                "HTTP",
+            ),
+            (
+                r#"[{"name": "8080", "port": 80}]"#,
+                "args.cni.namedPorts[0].name",
+                "8080",
+            ),
+            (
+                r#"[{"name": "-web", "port": 80}]"#,
+                "args.cni.namedPorts[0].name",
+                "-web",
+            ),
+            (
+                r#"[{"name": "web-", "port": 80}]"#,
+                "args.cni.namedPorts[0].name",
+                "web-",
+            ),
+            (
+                r#"[{"name": "a--b", "port": 80}]"#,
+                "args.cni.namedPorts[0].name",
+                "a--b",
+            ),
+            (
+                r#"[{"name": "web_ui", "port": 80}]"#,
+                "args.cni.namedPorts[0].name",
+                "web_ui",
+            ),
+            (
+                r#"[{"name": "abcdefghijklmnop", "port": 80}]"#,
+                "args.cni.namedPorts[0].name",
+                "abcdefghijklmnop",
+            ),
+            (
+                r#"[{"name": "http", "port": 0}]"#,
+                "args.cni.namedPorts[0].port",
+                "0",
+            ),
+            (
+                r#"[{"name": "http", "port": 65536}]"#,
+                "args.cni.namedPorts[0].port",
+                "65536",
+            ),
+            (
+                r#"[{"name": "http", "port": -80}]"#,
+                "args.cni.namedPorts[0].port",
+                "-80",
+            ),
+            (
+                r#"[{"name": "http", "port": 80.5}]"#,
+                "args.cni.namedPorts[0].port",
+                "80.5",
+            ),
+            (
+                r#"[{"name": "http", "port": "80"}]"#,
+                "args.cni.namedPorts[0].port",
+                "\"80\"",
+            ),
+            (
+                r#"[{"name": "http", "port": 80, "protocol": "tcp"}]"#,
+                "args.cni.namedPorts[0].protocol",
+                "tcp",
+            ),
+            (
+                r#"[{"name": "http", "port": 80, "protocol": "ICMP"}]"#,
+                "args.cni.namedPorts[0].protocol",
+                "ICMP",
+            ),
+            (
+                r#"[{"name": "http", "port": 80, "protocol": 6}]"#,
+                "args.cni.namedPorts[0].protocol",
+                "a number",
+            ),
+            (
+                r#"[{"name": "http", "port": 80, "hostPort": 8080}]"#,
+                "args.cni.namedPorts[0]",
+                "hostPort",
+            ),
+            (
+                r#"[{"NAME": "http", "Name": "web", "port": 80}]"#,
+                "args.cni.namedPorts[0].name",
+                "different letter case",
+            ),
+            (
+                r#"[{"name": "http", "port": 80}, {"name": "dns", "port": 53, "protocol": "UDP"},
+                    {"name": "http", "port": 81, "protocol": "UDP"}]"#,
+                "args.cni.namedPorts[2].name",
+                "http",
+            ),
+        ] {
+            let e = with_named_ports(ports).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ConfigError::Invalid { .. } | ConfigError::InvalidEntry { .. }
+                ),
+                "{ports}: {e:?}"
+            );
+            let msg = e.to_string();
+            assert!(msg.contains(&format!("{key} ")), "{ports}: {msg}");
+            assert!(msg.contains(found), "{ports}: {msg}");
+            assert_eq!(
+                crate::error::CniError::from(crate::error::Error::from(e)).code,
+                7,
+                "{ports}"
+            );
         }
     }
 

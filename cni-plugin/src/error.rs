@@ -249,9 +249,9 @@ impl From<Error> for CniError {
                     CniError::decode_failure(msg)
                 }
                 ConfigError::UnsupportedVersion(_) => CniError::incompatible_version(msg),
-                ConfigError::Missing(_) | ConfigError::Invalid { .. } => {
-                    CniError::invalid_config(msg)
-                }
+                ConfigError::Missing(_)
+                | ConfigError::Invalid { .. }
+                | ConfigError::InvalidEntry { .. } => CniError::invalid_config(msg),
             },
             Error::Stdin(_) => CniError::io_failure(msg),
             Error::VersionTooOld { .. } => CniError::incompatible_version(msg),

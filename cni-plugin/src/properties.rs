@@ -41,6 +41,8 @@ pub(crate) fn json_value_under(keys: BoxedStrategy<String>) -> impl Strategy<Val
             Just("02:00:00:00:00:01"),
             Just("ff:ff:ff:ff:ff:ff"),
             Just("host-local"),
+            Just("TCP"),
+            Just("http"),
             Just("../x"),
             Just(""),
         ]
@@ -81,6 +83,9 @@ fn key() -> impl Strategy<Value = String> {
             Just("labels"),
             Just("key"),
             Just("value"),
+            Just("namedPorts"),
+            Just("port"),
+            Just("protocol"),
             Just("disableCheck"),
             Just("disableGC"),
             Just("cni.dev/valid-attachments"),

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use hypha_api::{
     AllocateRequest, Allocation, CreateEndpointRequest, DeleteResponse, Endpoint, EndpointCheck,
-    EndpointCounters, MacAddr,
+    EndpointCounters, MacAddr, NamedPort,
 };
 use hypha_cni::naming::host_ifname;
 use hypha_netlink::Netlink;
@@ -100,6 +100,8 @@ struct Seen {
     calls: Vec<String>,
     endpoints: Vec<Endpoint>,
     allocations: Vec<AllocateRequest>,
+    /// Every `POST /v1/endpoints` body, as sent.
+    creates: Vec<CreateEndpointRequest>,
 }
 
 struct FakeAgent {
@@ -206,6 +208,7 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
         ),
         "POST /v1/endpoints" => {
             let req: CreateEndpointRequest = serde_json::from_slice(body).unwrap();
+            seen.creates.push(req.clone());
             // As the agent does, the host end's MAC is read from the kernel.
             let host = Netlink::new()
                 .unwrap()
@@ -705,6 +708,75 @@ fn ip_and_mac_from_cni_args_are_applied() {
         seen.endpoints[0].labels.get("k8s:pod").map(String::as_str),
         Some("web-1")
     );
+}
+
+/// `hypha run --port` passes the pod's named ports in `args.cni.namedPorts`, in any letter
+/// case a Go runtime may write the keys: they reach the agent in the create request, in
+/// order, TCP where no protocol is given.
+#[test]
+fn named_ports_reach_the_agent() {
+    require_root!();
+    let agent = FakeAgent::start(Mode::Ok);
+    let ns = TestNetns::new();
+    let cid = unique("ctr");
+    let _guard = HostLink(host_ifname(&cid, "eth0"));
+    let mut conf = conf("1.0.0", &agent);
+    conf["args"] = json!({"cni": {
+        "labels": [{"key": "app", "value": "web"}],
+        "NamedPorts": [
+            {"name": "http", "port": 8080, "protocol": "TCP"},
+            {"Name": "dns", "Port": 53, "Protocol": "UDP"},
+            {"name": "metrics", "port": 9090},
+        ],
+    }});
+    let out = cni("ADD", &cid, &ns.path(), "eth0", &conf);
+    assert!(out.status.success(), "{out:?}");
+    let seen = agent.seen.lock().unwrap();
+    assert_eq!(seen.creates.len(), 1);
+    let port = |name: &str, port, protocol: &str| NamedPort {
+        name: name.into(),
+        port,
+        protocol: protocol.into(),
+    };
+    assert_eq!(
+        seen.creates[0].ports,
+        [
+            port("http", 8080, "TCP"),
+            port("dns", 53, "UDP"),
+            port("metrics", 9090, "TCP"),
+        ]
+    );
+    assert_eq!(
+        seen.creates[0].labels.get("app").map(String::as_str),
+        Some("web")
+    );
+}
+
+/// A bad named port is refused as a configuration error naming the entry and field,
+/// before the agent is asked for anything.
+#[test]
+fn a_bad_named_port_is_refused_before_anything_is_made() {
+    require_root!();
+    let agent = FakeAgent::start(Mode::Ok);
+    let ns = TestNetns::new();
+    let cid = unique("ctr");
+    let _guard = HostLink(host_ifname(&cid, "eth0"));
+    let mut conf = conf("1.0.0", &agent);
+    conf["args"] = json!({"cni": {"namedPorts": [
+        {"name": "http", "port": 8080},
+        {"name": "dns", "port": 70000, "protocol": "UDP"},
+    ]}});
+    let out = cni("ADD", &cid, &ns.path(), "eth0", &conf);
+    assert!(!out.status.success(), "{out:?}");
+    let err = reply(&out);
+    assert_eq!(err["code"], 7, "{err}");
+    let msg = err["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("args.cni.namedPorts[1].port") && msg.contains("70000"),
+        "{err}"
+    );
+    assert!(agent.calls().is_empty(), "{:?}", agent.calls());
+    assert!(ns.netlink().link_by_name("eth0").unwrap().is_none());
 }
 
 /// The runtimes' invocations of `tests/fixtures/` (containerd's go-cni, CRI-O's ocicni,

@@ -10,6 +10,7 @@ use clap::{Args, ValueEnum};
 use crate::cni::{DEFAULT_CNI_PATH, DEFAULT_CONF_DIR};
 use crate::lifecycle;
 use crate::limits::{self, LimitError, Limits};
+use crate::ports::{self, NamedPort};
 use crate::run::{RunError, RunOptions};
 use crate::state::{DEFAULT_RUN_DIR, RunDir};
 
@@ -55,6 +56,11 @@ pub struct RunArgs {
     /// A label key=value, passed to plugins in args.cni.labels (repeatable).
     #[arg(long = "label", short = 'l')]
     pub labels: Vec<String>,
+    /// A named port, e.g. http:8080 or dns:53/udp (tcp by default; tcp, udp or sctp),
+    /// passed to plugins in args.cni.namedPorts, for NetworkPolicies naming a port
+    /// (repeatable).
+    #[arg(long = "port", value_name = "NAME:NUMBER[/PROTO]", value_parser = ports::parse_port)]
+    pub ports: Vec<NamedPort>,
     /// CNI network name, or `none` [default: the first configuration by file name]
     #[arg(long)]
     pub network: Option<String>,
@@ -114,6 +120,7 @@ impl RunArgs {
             name: self.name,
             namespace: self.namespace,
             labels: self.labels,
+            ports: self.ports,
             network: self.network,
             cni_conf_dir: self.cni_conf_dir,
             cni_path: self.cni_path,
@@ -281,6 +288,10 @@ mod tests {
             "1G",
             "-l",
             "app=x",
+            "--port",
+            "http:8080",
+            "--port",
+            "dns:53/UDP",
             "--cap-add",
             "NET_ADMIN",
             "--cap-drop",
@@ -310,6 +321,13 @@ mod tests {
             (Some(10_000_000), Some(1_000_000_000))
         );
         assert_eq!(o.labels, ["app=x"]);
+        assert_eq!(
+            o.ports,
+            [
+                ports::parse_port("http:8080/tcp").unwrap(),
+                ports::parse_port("dns:53/udp").unwrap()
+            ]
+        );
         assert_eq!((o.cap_add.len(), o.cap_drop.len()), (1, 1));
         assert!(o.detach && o.remove && o.userns && !o.privileged);
         assert_eq!(o.network.as_deref(), Some("none"));
@@ -327,9 +345,25 @@ mod tests {
                 &["--ingress-rate", "fast"][..],
                 "invalid --ingress-rate value",
             ),
+            (
+                &["--port", "http"][..],
+                "invalid --port \"http\": expected NAME:NUMBER[/PROTO]",
+            ),
+            (
+                &["--port", "dns:53/icmp"][..],
+                "PROTO must be tcp, udp or sctp",
+            ),
         ] {
             let e = parse(args).unwrap_err();
             assert!(e.contains(msg), "{args:?}: {e}");
         }
+    }
+
+    #[test]
+    fn help_shows_the_port_flag() {
+        use clap::CommandFactory;
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("--port <NAME:NUMBER[/PROTO]>"), "{help}");
+        assert!(help.contains("args.cni.namedPorts"), "{help}");
     }
 }

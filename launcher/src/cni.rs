@@ -5,7 +5,8 @@
 //! created, [`Network::add`] runs ADD through the chain passing each result on as
 //! `prevResult`, and [`Network::del`] runs DEL in reverse order with the cached result.
 //! Each plugin's configuration gets `cniVersion` and `name` from the list, the
-//! `runtimeConfig` keys of the capabilities it declares, and `args.cni.labels`.
+//! `runtimeConfig` keys of the capabilities it declares, `args.cni.labels` and
+//! `args.cni.namedPorts`.
 //!
 //! Plugins run through [`PluginExec`], so the chain logic is unit-tested with a fake.
 
@@ -16,6 +17,8 @@ use std::process::{Command, Stdio};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
+
+use crate::ports::NamedPort;
 
 /// The default CNI configuration directory.
 pub const DEFAULT_CONF_DIR: &str = "/etc/cni/net.d";
@@ -218,6 +221,10 @@ pub struct RuntimeInfo {
     /// The pod namespace (`K8S_POD_NAMESPACE`).
     pub namespace: String,
     pub labels: BTreeMap<String, String>,
+    /// The container's named ports (`--port`), for every plugin in `args.cni.namedPorts`.
+    /// (Absent from the state of containers made before it.)
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<NamedPort>,
     /// Bits per second.
     pub ingress_rate: Option<u64>,
     pub egress_rate: Option<u64>,
@@ -284,14 +291,24 @@ impl RuntimeInfo {
         if !rc.is_empty() {
             conf.insert("runtimeConfig".into(), Value::Object(rc));
         }
+        let mut cni_args = Map::new();
         if !self.labels.is_empty() {
+            cni_args.insert("labels".into(), self.labels_json());
+        }
+        if !self.ports.is_empty() {
+            cni_args.insert(
+                "namedPorts".into(),
+                serde_json::to_value(&self.ports).expect("named ports serialize"),
+            );
+        }
+        if !cni_args.is_empty() {
             let args = conf
                 .entry("args")
                 .or_insert_with(|| json!({}))
                 .as_object_mut()
                 .map(|a| a.entry("cni").or_insert_with(|| json!({})));
             if let Some(Value::Object(cni)) = args {
-                cni.insert("labels".into(), self.labels_json());
+                cni.extend(cni_args);
             }
         }
         if let Some(prev) = prev_result {
@@ -470,6 +487,7 @@ mod tests {
     use std::cell::RefCell;
 
     use super::*;
+    use crate::ports::parse_port;
 
     const LIST: &str = r#"{"cniVersion":"1.0.0","name":"net1","plugins":[
         {"type":"hypha-cni","agentSocket":"/s"},
@@ -481,6 +499,10 @@ mod tests {
             name: "web".into(),
             namespace: "default".into(),
             labels: [("app".to_owned(), "x".to_owned())].into(),
+            ports: vec![
+                parse_port("http:8080").unwrap(),
+                parse_port("dns:53/udp").unwrap(),
+            ],
             ingress_rate: Some(1_000_000),
             egress_rate: None,
         }
@@ -552,6 +574,42 @@ mod tests {
         assert_eq!(rc["labels"], json!([{"key": "app", "value": "x"}]));
     }
 
+    /// Named ports go next to the labels in `args.cni`, without them too, keeping what the
+    /// plugin's own configuration has there; nothing to pass, no `args`.
+    #[test]
+    fn plugin_conf_named_ports_beside_the_plugins_own_args() {
+        let net = NetworkConfig::parse(
+            Path::new("a"),
+            r#"{"cniVersion":"1.0.0","name":"n","plugins":[
+                {"type":"hypha-cni","args":{"cni":{"ips":["10.1.0.9"]},"other":1}},
+                {"type":"x"}]}"#,
+        )
+        .unwrap();
+        let only_ports = RuntimeInfo {
+            labels: BTreeMap::new(),
+            ..info()
+        };
+        let c = only_ports.plugin_conf(&net, &net.plugins[0], None);
+        assert_eq!(
+            c["args"],
+            json!({"cni": {"ips": ["10.1.0.9"], "namedPorts": [
+                {"name": "http", "port": 8080, "protocol": "TCP"},
+                {"name": "dns", "port": 53, "protocol": "UDP"},
+            ]}, "other": 1})
+        );
+        let nothing = RuntimeInfo {
+            labels: BTreeMap::new(),
+            ports: Vec::new(),
+            ..info()
+        };
+        assert!(
+            nothing
+                .plugin_conf(&net, &net.plugins[1], None)
+                .get("args")
+                .is_none()
+        );
+    }
+
     #[test]
     fn plugin_conf_injects_list_keys_args_and_prev_result() {
         let net = NetworkConfig::parse(Path::new("a"), LIST).unwrap();
@@ -562,7 +620,16 @@ mod tests {
         assert_eq!(c["prevResult"], prev);
         assert_eq!(c["runtimeConfig"]["bandwidth"]["ingressRate"], 1_000_000);
         assert_eq!(c["args"]["cni"]["labels"][0]["key"], "app");
+        let ports = json!([
+            {"name": "http", "port": 8080, "protocol": "TCP"},
+            {"name": "dns", "port": 53, "protocol": "UDP"},
+        ]);
+        assert_eq!(c["args"]["cni"]["namedPorts"], ports);
         let c = info().plugin_conf(&net, &net.plugins[0], None);
+        assert_eq!(
+            c["args"]["cni"]["namedPorts"], ports,
+            "every plugin gets them"
+        );
         assert!(c.get("runtimeConfig").is_none() && c.get("prevResult").is_none());
         assert_eq!(
             info().cni_args(),

@@ -7,6 +7,7 @@ pub mod cni;
 pub mod init;
 pub mod lifecycle;
 pub mod limits;
+pub mod ports;
 pub mod rootfs;
 pub mod run;
 pub mod security;

@@ -18,6 +18,7 @@ use crate::cgroup::{self, CgroupError};
 use crate::cni::{CniError, Network, NetworkConfig, RealExec, RuntimeInfo};
 use crate::init::{self, InitConfig};
 use crate::limits::Limits;
+use crate::ports::{self, NamedPort, PortError};
 use crate::rootfs::{self, Overlay, Plan};
 use crate::security::{Security, SecurityError};
 use crate::state::{CgroupState, ProcessId, RunDir, State, StateError, Status};
@@ -40,6 +41,9 @@ pub enum RunError {
     /// A `--label` is not `key=value`.
     #[error("invalid label {0:?}: expected key=value")]
     BadLabel(String),
+    /// A `--port` is not `NAME:NUMBER[/PROTO]`, or names a port twice.
+    #[error(transparent)]
+    Port(#[from] PortError),
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]
@@ -88,6 +92,8 @@ pub struct RunOptions {
     pub namespace: String,
     /// `key=value`.
     pub labels: Vec<String>,
+    /// Named ports, passed to plugins in `args.cni.namedPorts`.
+    pub ports: Vec<NamedPort>,
     /// A network name, `none`, or `None` for the first configuration in the directory.
     pub network: Option<String>,
     pub cni_conf_dir: PathBuf,
@@ -163,6 +169,7 @@ fn prepare(o: &RunOptions) -> Result<Prepared, RunError> {
             _ => return Err(RunError::BadLabel(l.clone())),
         }
     }
+    ports::check_unique(&o.ports)?;
     let security = Security::new(o.privileged, &o.cap_add, &o.cap_drop)?;
     let filters = security.seccomp()?;
     let network = match o.network.as_deref() {
@@ -180,6 +187,7 @@ fn prepare(o: &RunOptions) -> Result<Prepared, RunError> {
                     name: name.clone(),
                     namespace: o.namespace.clone(),
                     labels,
+                    ports: o.ports.clone(),
                     ingress_rate: o.ingress_rate,
                     egress_rate: o.egress_rate,
                 },
@@ -636,6 +644,16 @@ mod tests {
                 ..o.clone()
             })
             .contains("invalid label")
+        );
+        assert!(
+            err(RunOptions {
+                ports: vec![
+                    ports::parse_port("http:80").unwrap(),
+                    ports::parse_port("http:81/udp").unwrap(),
+                ],
+                ..o.clone()
+            })
+            .contains("invalid --port \"http:81\"")
         );
         assert!(
             err(RunOptions {

@@ -488,6 +488,26 @@ fn bad_input_leaves_nothing_behind() {
             ],
             "--rootfs",
         ),
+        (
+            vec![
+                "--port".into(),
+                "HTTP:80".into(),
+                "--".into(),
+                "true".into(),
+            ],
+            "invalid --port \"HTTP:80\": NAME must be a port name",
+        ),
+        (
+            vec![
+                "--port".into(),
+                "http:80".into(),
+                "--port".into(),
+                "http:81/udp".into(),
+                "--".into(),
+                "true".into(),
+            ],
+            "invalid --port \"http:81\": the name is given to another --port already",
+        ),
     ];
     for (args, msg) in cases {
         let n = name("bad");
@@ -761,5 +781,149 @@ fn the_chain_gets_prev_results_runtime_config_labels_and_reverse_del() {
     assert_eq!(read("DEL-rec-one.json")["prevResult"], one["prevResult"]);
     assert!(node.endpoints().is_empty(), "hypha-cni's DEL ran too");
     l.hypha(&["rm", &n]).ok();
+    assert_nothing_left(&l, &n);
+}
+
+/// The named ports of `--port` as every plugin of the chain gets them: `args.cni.namedPorts`
+/// beside the labels, protocols upper case, TCP by default; hypha-cni sends them to the
+/// agent in its create request, which the real agent accepts (its request body refuses
+/// unknown keys). That they reach the create request is `fake_agent.rs`'s
+/// `named_ports_reach_the_agent`; that the agent keeps them is
+/// [`run_with_ports_gives_the_endpoint_its_named_ports`].
+#[test]
+fn run_with_ports_passes_them_to_every_plugin() {
+    hypha_tests::require_root!();
+    let node = Node::start();
+    let mut l = Launcher::for_node(&node);
+    let plugins = l.dir.join("plugins");
+    write_recorder_plugin(&plugins, "rec-one");
+    l.extra_cni_dir = Some(plugins.clone());
+    l.write_conflist(
+        "20-ports.conflist",
+        &serde_json::json!({
+            "cniVersion": "1.0.0",
+            "name": "ports",
+            "plugins": [
+                {"type": "hypha-cni", "agentSocket": node.socket()},
+                {"type": "rec-one"},
+            ],
+        }),
+    );
+    let n = name("ports");
+    let out = l.hypha(&[
+        "run",
+        "--network",
+        "ports",
+        "--label",
+        "app=web",
+        "--port",
+        "http:8080/tcp",
+        "--port",
+        "dns:53/udp",
+        "--port",
+        "metrics:9090",
+        "--name",
+        &n,
+        "--",
+        "ip",
+        "-o",
+        "-4",
+        "addr",
+        "show",
+        "eth0",
+    ]);
+    let s = out.ok().to_owned();
+    assert!(s.contains(&l.ip(&n)), "addressed by hypha-cni: {out:?}");
+    let add: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(plugins.join("ADD-rec-one.json")).expect("rec-one's ADD"),
+    )
+    .expect("rec-one's configuration");
+    assert_eq!(
+        add["args"]["cni"],
+        serde_json::json!({
+            "labels": [{"key": "app", "value": "web"}],
+            "namedPorts": [
+                {"name": "http", "port": 8080, "protocol": "TCP"},
+                {"name": "dns", "port": 53, "protocol": "UDP"},
+                {"name": "metrics", "port": 9090, "protocol": "TCP"},
+            ],
+        })
+    );
+    // The container's state keeps them, for DEL's configuration.
+    let del: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(plugins.join("DEL-rec-one.json")).expect("rec-one's DEL"),
+    )
+    .expect("rec-one's DEL configuration");
+    assert_eq!(
+        del["args"]["cni"]["namedPorts"],
+        add["args"]["cni"]["namedPorts"]
+    );
+    assert!(node.endpoints().is_empty(), "hypha-cni's DEL ran too");
+    l.hypha(&["rm", &n]).ok();
+    assert_nothing_left(&l, &n);
+}
+
+/// `GET /v1/endpoints` as JSON, read without the client's types (which gain `ports` with
+/// the agent's change).
+fn endpoints_json(node: &Node) -> serde_json::Value {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--fail", "--unix-socket"])
+        .arg(node.socket())
+        .arg("http://hypha/v1/endpoints")
+        .output()
+        .expect("run curl");
+    assert!(out.status.success(), "GET /v1/endpoints: {out:?}");
+    serde_json::from_slice(&out.stdout).expect("the endpoint list is JSON")
+}
+
+/// End to end: `hypha run --port` with hypha-cni networking gives the agent's endpoint its
+/// named ports, which policies naming a port resolve against.
+#[test]
+#[ignore = "needs the agent's named ports"]
+fn run_with_ports_gives_the_endpoint_its_named_ports() {
+    hypha_tests::require_root!();
+    let node = Node::start();
+    let l = Launcher::for_node(&node);
+    let n = name("eports");
+    l.hypha(&[
+        "run",
+        "-d",
+        "--network",
+        NETWORK,
+        "--port",
+        "http:8080/tcp",
+        "--port",
+        "dns:53/udp",
+        "--name",
+        &n,
+        "--",
+        "sleep",
+        "300",
+    ])
+    .ok();
+    let id = l.container(&n).expect("running")["id"]
+        .as_str()
+        .expect("an id")
+        .to_owned();
+    let list = endpoints_json(&node);
+    let ep = list
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|e| e["container_id"] == id.as_str())
+        .unwrap_or_else(|| panic!("no endpoint for {id}: {list}"));
+    // In any order (the agent may keep them sorted).
+    let mut ports = ep["ports"].as_array().cloned().unwrap_or_default();
+    ports.sort_by_key(|p| p["name"].as_str().map(str::to_owned));
+    assert_eq!(
+        serde_json::Value::Array(ports),
+        serde_json::json!([
+            {"name": "dns", "port": 53, "protocol": "UDP"},
+            {"name": "http", "port": 8080, "protocol": "TCP"},
+        ]),
+        "{ep}"
+    );
+    l.hypha(&["rm", "-f", &n]).ok();
+    assert!(node.endpoints().is_empty());
     assert_nothing_left(&l, &n);
 }

@@ -315,6 +315,7 @@ impl Plumbing<'_> {
                 labels: labels(a, self.conf),
                 external_ipam,
                 bandwidth: self.conf.runtime.bandwidth,
+                ports: self.conf.named_ports.clone(),
             })
             .map_err(error::agent)?;
 
