@@ -558,7 +558,11 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         let (flags, identities) = self.policy_join(&record)?;
         let flags = flags | bandwidth::endpoint_flags(record.bandwidth.as_ref());
         if let Err(e) = self.datapath.attach(&record, flags) {
-            let rollback = self.policy_leave(record.id);
+            let rollback = self
+                .policy_leave(record.id)
+                .into_iter()
+                .map(|e| format!("cannot restore the policy maps: {e}"))
+                .collect();
             return Err(ControlError::Datapath(e.to_string()).with_rollback(rollback));
         }
         let pending = {
@@ -1178,7 +1182,7 @@ mod tests {
         saved: PersistedState,
         dp: FakeDatapath,
     ) -> (Agent<FakeDatapath, FakeHost>, StartReport, MemStore) {
-        let store = MemStore::default();
+        let store = MemStore::with(saved.clone());
         let (a, r) = Agent::start(config(), dp, host, Box::new(store.clone()), saved).unwrap();
         (a, r, store)
     }
@@ -1617,7 +1621,7 @@ mod tests {
 
     #[test]
     fn a_failed_save_after_attach_reports_the_failed_detach_too() {
-        let (mut agent, _, store) = start(
+        let (agent, _, store) = start(
             host_with(&[("hypa", 10)]),
             PersistedState::default(),
             FakeDatapath::default(),
@@ -1673,7 +1677,7 @@ mod tests {
             fail_attach: true,
             ..Default::default()
         });
-        let (mut agent, _, _) = start(host_with(&[("hypa", 10)]), PersistedState::default(), dp);
+        let (agent, _, _) = start(host_with(&[("hypa", 10)]), PersistedState::default(), dp);
         // A policy that selects every pod, so that attaching writes policy entries first.
         agent
             .apply_policies(&[hypha_api::PolicySource {
@@ -1742,7 +1746,7 @@ mod tests {
             pinned: vec![10, 11],
             ..Default::default()
         });
-        let (mut agent, _, store) = start(host_with(&[("hypa", 10), ("hypb", 11)]), saved, dp);
+        let (agent, _, store) = start(host_with(&[("hypa", 10), ("hypb", 11)]), saved, dp);
         assert_eq!(agent.datapath.state().debug, [10].into());
 
         // A save that fails puts the datapath back and says what failed.

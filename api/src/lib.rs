@@ -249,23 +249,6 @@ pub struct EndpointLabelsRequest {
     pub remove: Vec<String>,
 }
 
-/// A named container port (`http` = 8080/TCP), which a NetworkPolicy may name instead of
-/// a number. The CNI carries no port names, so they come from `hypha run --port` or
-/// `hypha endpoint ports`.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
-#[serde(deny_unknown_fields)]
-pub struct NamedPort {
-    pub name: String,
-    pub port: u16,
-    /// `TCP` (the default), `UDP` or `SCTP`.
-    #[serde(default = "default_protocol")]
-    pub protocol: String,
-}
-
-fn default_protocol() -> String {
-    "TCP".to_owned()
-}
-
 /// `PUT /v1/endpoints/{id or container id}/debug`: turns the tracing of an endpoint's
 /// packets by the eBPF programs on or off. Saved with the endpoint.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]

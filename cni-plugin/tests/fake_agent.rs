@@ -231,6 +231,7 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
                 counters: EndpointCounters::default(),
                 drops: Vec::new(),
                 debug: false,
+                ports: req.ports,
             };
             seen.endpoints.push(ep.clone());
             ("200 OK", serde_json::to_value(ep).unwrap())
@@ -255,6 +256,7 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
                     counters: EndpointCounters::default(),
                     drops: Vec::new(),
                     debug: false,
+                    ports: Vec::new(),
                 })
             });
             match endpoint {

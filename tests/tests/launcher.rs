@@ -879,7 +879,6 @@ fn endpoints_json(node: &Node) -> serde_json::Value {
 /// End to end: `hypha run --port` with hypha-cni networking gives the agent's endpoint its
 /// named ports, which policies naming a port resolve against.
 #[test]
-#[ignore = "needs the agent's named ports"]
 fn run_with_ports_gives_the_endpoint_its_named_ports() {
     hypha_tests::require_root!();
     let node = Node::start();

@@ -205,7 +205,7 @@ fn status_list_and_policy_names_do_not_wait_for_an_add_in_the_kernel() {
         content: WEB_ONLY.into(),
     }])
     .unwrap();
-    let gate = a.datapath.state().hold_attach();
+    let gate = a.datapath.state().hold_attach("hyp0");
     let a = Arc::new(a);
     let adder = {
         let a = a.clone();

@@ -73,7 +73,7 @@ fn interface_names_follow_the_cni_spec() {
 
 #[test]
 fn a_container_id_with_a_newline_reserves_nothing() {
-    let (mut agent, _, store) = start(
+    let (agent, _, store) = start(
         host_with(&[("hypa", 10)]),
         PersistedState::default(),
         FakeDatapath::default(),
@@ -120,7 +120,7 @@ fn a_container_id_with_a_newline_reserves_nothing() {
 
 #[test]
 fn a_mac_another_endpoint_uses_is_refused_and_nothing_stays_reserved() {
-    let (mut agent, _, store) = start(
+    let (agent, _, store) = start(
         host_with(&[("hypa", 10), ("hypb", 11)]),
         PersistedState::default(),
         FakeDatapath::default(),
@@ -168,7 +168,7 @@ fn a_mac_another_endpoint_uses_is_refused_and_nothing_stays_reserved() {
 
 #[test]
 fn a_multicast_or_zero_mac_is_refused() {
-    let (mut agent, _, _) = start(
+    let (agent, _, _) = start(
         host_with(&[("hypa", 10)]),
         PersistedState::default(),
         FakeDatapath::default(),

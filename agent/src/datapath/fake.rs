@@ -55,9 +55,9 @@ pub struct FakeState {
     pub fail_debug: bool,
     /// Make `detach` fail (it still forgets the endpoint, as the real one goes on).
     pub fail_detach: bool,
-    /// When set, `attach` waits (without holding the fake's state) until it is released,
-    /// as a real attach waits for the kernel.
-    pub attach_gate: Option<Gate>,
+    /// When set, `attach` to that host interface waits (without holding the fake's
+    /// state) until the gate is released, as a real attach waits for the kernel.
+    pub attach_gate: Option<(String, Gate)>,
 }
 
 /// Holds the fake's attaches until released (or dropped).
@@ -82,10 +82,10 @@ impl Gate {
 }
 
 impl FakeState {
-    /// Makes `attach` wait until the returned gate is released.
-    pub fn hold_attach(&mut self) -> Gate {
+    /// Makes `attach` to `host_ifname` wait until the returned gate is released.
+    pub fn hold_attach(&mut self, host_ifname: &str) -> Gate {
         let gate = Gate::default();
-        self.attach_gate = Some(gate.clone());
+        self.attach_gate = Some((host_ifname.to_owned(), gate.clone()));
         gate
     }
 
@@ -105,7 +105,10 @@ impl Datapath for FakeDatapath {
         let gate = {
             let mut st = self.state();
             st.log.push(format!("attach {}", ep.host_ifname));
-            st.attach_gate.clone()
+            st.attach_gate
+                .clone()
+                .filter(|(name, _)| *name == ep.host_ifname)
+                .map(|(_, gate)| gate)
         };
         if let Some(gate) = gate {
             gate.wait();

@@ -93,6 +93,7 @@ impl Fixture {
                     external_ipam: false,
                     bandwidth: None,
                     debug: false,
+                    ports: Vec::new(),
                 }
             })
             .collect()
