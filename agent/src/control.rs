@@ -339,7 +339,8 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                     .warnings
                     .push(format!("{name}: cannot restore its bandwidth limits: {e}"));
             }
-            let flags = agent.policy_flags(ep.id) | bandwidth::endpoint_flags(ep.bandwidth.as_ref());
+            let flags =
+                agent.policy_flags(ep.id) | bandwidth::endpoint_flags(ep.bandwidth.as_ref());
             match agent.datapath.adopt(ep, flags) {
                 Ok(Adoption::Adopted) => report.adopted.push(name),
                 Ok(Adoption::Reattached) => report.reattached.push(name),
@@ -428,7 +429,11 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
 
     /// Checks a create request against the table and claims its address and MAC; on a
     /// MAC conflict the address reserved for it goes back (a refused ADD leaves nothing).
-    fn claim(&self, req: &CreateEndpointRequest, owner: &Owner) -> Result<(u32, Claim<'_>), ControlError> {
+    fn claim(
+        &self,
+        req: &CreateEndpointRequest,
+        owner: &Owner,
+    ) -> Result<(u32, Claim<'_>), ControlError> {
         let mut t = self.table();
         if let Some(ep) = t.endpoints.get(owner) {
             return Err(ControlError::Conflict(format!(
@@ -472,9 +477,10 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             } else {
                 t.ipam.release(owner)
             };
-            let pending = released
-                .is_some()
-                .then(|| self.store.submit(vec![Change::AddressReleased(owner.clone())]));
+            let pending = released.is_some().then(|| {
+                self.store
+                    .submit(vec![Change::AddressReleased(owner.clone())])
+            });
             drop(t);
             if let Some(p) = pending
                 && let Err(e) = p.wait()
@@ -710,10 +716,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         for owner in owners {
             let removal = self.remove(&owner, false);
             if removal.removed || removal.released.is_some() {
-                done.push(format!(
-                    "removed {owner} (address {:?})",
-                    removal.released
-                ));
+                done.push(format!("removed {owner} (address {:?})", removal.released));
             }
             done.extend(removal.errors);
             pending.extend(removal.pending);
@@ -841,7 +844,9 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             let mut record = current.clone();
             record.debug = on;
             if let Err(e) = self.save_record(&record) {
-                self.table().endpoints.insert(current.owner(), current.clone());
+                self.table()
+                    .endpoints
+                    .insert(current.owner(), current.clone());
                 let rollback = match self.datapath.set_debug(current, was) {
                     Ok(()) => Vec::new(),
                     Err(undo) => vec![format!(
@@ -978,10 +983,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     pub fn list(&self) -> Vec<Endpoint> {
         let drops = self.all_drops();
         let endpoints: Vec<EndpointRecord> = self.table().endpoints.values().cloned().collect();
-        let mut out: Vec<Endpoint> = endpoints
-            .iter()
-            .map(|e| self.describe(e, &drops))
-            .collect();
+        let mut out: Vec<Endpoint> = endpoints.iter().map(|e| self.describe(e, &drops)).collect();
         out.sort_by_key(|e| e.id);
         out
     }

@@ -227,8 +227,7 @@ async fn policy_dir_loop<D: Datapath + 'static, H: HostNetwork + 'static>(
             }
         };
         let a = agent.clone();
-        let report = match tokio::task::spawn_blocking(move || a.sync_policy_files(changes)).await
-        {
+        let report = match tokio::task::spawn_blocking(move || a.sync_policy_files(changes)).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("applying the policy directory failed: {e}");

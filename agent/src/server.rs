@@ -116,7 +116,9 @@ where
         .with_state(agent)
 }
 
-async fn status<D: Datapath + 'static, H: HostNetwork + 'static>(State(a): State<Shared<D, H>>) -> Response {
+async fn status<D: Datapath + 'static, H: HostNetwork + 'static>(
+    State(a): State<Shared<D, H>>,
+) -> Response {
     match blocking(a, |a| Ok(a.status())).await {
         Ok(s) => Json(s).into_response(),
         Err(e) => e.into_response(),
@@ -130,7 +132,9 @@ async fn committed_state<D: Datapath + 'static, H: HostNetwork + 'static>(
     Ok(Json(blocking(a, |a| Ok(a.committed_state()?)).await?).into_response())
 }
 
-async fn list<D: Datapath + 'static, H: HostNetwork + 'static>(State(a): State<Shared<D, H>>) -> Response {
+async fn list<D: Datapath + 'static, H: HostNetwork + 'static>(
+    State(a): State<Shared<D, H>>,
+) -> Response {
     match blocking(a, |a| Ok(a.list())).await {
         Ok(l) => Json(l).into_response(),
         Err(e) => e.into_response(),
@@ -280,7 +284,9 @@ async fn apply_policies<D: Datapath + 'static, H: HostNetwork + 'static>(
     }
 }
 
-async fn list_policies<D: Datapath + 'static, H: HostNetwork + 'static>(State(a): State<Shared<D, H>>) -> Response {
+async fn list_policies<D: Datapath + 'static, H: HostNetwork + 'static>(
+    State(a): State<Shared<D, H>>,
+) -> Response {
     match blocking(a, |a| Ok(a.list_policies())).await {
         Ok(l) => Json(l).into_response(),
         Err(e) => e.into_response(),
@@ -335,7 +341,10 @@ async fn set_ports<D: Datapath + 'static, H: HostNetwork + 'static>(
     UrlPath(endpoint): UrlPath<String>,
     Json(req): Json<hypha_api::EndpointPortsRequest>,
 ) -> Result<Response, ControlError> {
-    Ok(Json(blocking(a, move |a| a.set_endpoint_ports(&endpoint, &req.ports)).await?).into_response())
+    Ok(
+        Json(blocking(a, move |a| a.set_endpoint_ports(&endpoint, &req.ports)).await?)
+            .into_response(),
+    )
 }
 
 async fn namespace_labels<D: Datapath + 'static, H: HostNetwork + 'static>(

@@ -14,8 +14,8 @@ use tokio::net::UnixStream;
 use crate::{
     AllocateRequest, Allocation, ApiError, ApplyPoliciesResponse, Bandwidth, CreateEndpointRequest,
     DebugRequest, DeleteResponse, Endpoint, EndpointCheck, EndpointLabelsRequest, EndpointPolicy,
-    EndpointPortsRequest, GcRequest, GcResponse,
-    NamedPort, NamespaceLabels, NamespaceLabelsRequest, PolicySource, PolicySummary, Status,
+    EndpointPortsRequest, GcRequest, GcResponse, NamedPort, NamespaceLabels,
+    NamespaceLabelsRequest, PolicySource, PolicySummary, Status,
 };
 
 /// Why a call to the agent failed.

@@ -214,7 +214,10 @@ fn status_list_and_policy_names_do_not_wait_for_an_add_in_the_kernel() {
     // Wait until the ADD is inside the datapath's attach.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while !a.datapath.state().log.iter().any(|l| l == "attach hyp0") {
-        assert!(std::time::Instant::now() < deadline, "the ADD never attached");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ADD never attached"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     // Readers answer while it is held there; so does another pod's ADD.
@@ -263,12 +266,17 @@ fn relabelling_moves_the_endpoint_and_its_peers_follow() {
             .policy
             .entries
             .keys()
-            .filter(|k| k.endpoint_id == db.id && k.direction == DIR_INGRESS && k.identity == identity)
+            .filter(|k| {
+                k.endpoint_id == db.id && k.direction == DIR_INGRESS && k.identity == identity
+            })
             .copied()
             .collect()
     };
     let old_identity = a.policy().engine.identity_of(client.id).unwrap();
-    assert!(entries_for(&a, old_identity).is_empty(), "not a web pod yet");
+    assert!(
+        entries_for(&a, old_identity).is_empty(),
+        "not a web pod yet"
+    );
 
     let ep = a
         .set_endpoint_labels(
@@ -285,12 +293,18 @@ fn relabelling_moves_the_endpoint_and_its_peers_follow() {
     let keys = entries_for(&a, new_identity);
     assert_eq!(keys.len(), 1, "db now allows the relabelled pod: {keys:?}");
     assert_eq!(keys[0].dport, 5432);
-    assert_eq!(a.datapath.state().flags[&db.id] & ENDPOINT_F_INGRESS_POLICY, ENDPOINT_F_INGRESS_POLICY);
+    assert_eq!(
+        a.datapath.state().flags[&db.id] & ENDPOINT_F_INGRESS_POLICY,
+        ENDPOINT_F_INGRESS_POLICY
+    );
     // Saved with the endpoint; the maps are what the engine says.
     let saved = store.last();
     let rec = saved.endpoints.iter().find(|e| e.id == client.id).unwrap();
     assert_eq!(rec.labels.get("app").map(String::as_str), Some("web"));
-    assert_eq!(a.datapath.state().policy.entries, a.policy().engine.compiled().entries);
+    assert_eq!(
+        a.datapath.state().policy.entries,
+        a.policy().engine.compiled().entries
+    );
 
     // And back: the entry goes.
     a.set_endpoint_labels(
@@ -337,8 +351,14 @@ fn bad_labels_and_ports_are_refused_naming_what_is_wrong() {
         (vec![port("HTTP", 80, "TCP")], "HTTP"),
         (vec![port("http", 0, "TCP")], "port 0"),
         (vec![port("http", 80, "ICMP")], "ICMP"),
-        (vec![port("http", 80, "TCP"), port("http", 81, "TCP")], "twice"),
-        (vec![port("a-very-long-port-name", 80, "TCP")], "a-very-long-port-name"),
+        (
+            vec![port("http", 80, "TCP"), port("http", 81, "TCP")],
+            "twice",
+        ),
+        (
+            vec![port("a-very-long-port-name", 80, "TCP")],
+            "a-very-long-port-name",
+        ),
         (vec![port("123", 80, "TCP")], "123"),
     ] {
         let err = a.set_endpoint_ports(&which, &ports).unwrap_err();
@@ -372,7 +392,10 @@ fn named_ports_are_saved_listed_and_resolved_by_the_policy() {
             .map(|k| k.dport)
             .collect()
     };
-    assert!(ports_of(&a).is_empty(), "an unresolved name matches nothing");
+    assert!(
+        ports_of(&a).is_empty(),
+        "an unresolved name matches nothing"
+    );
     let view = a.endpoint_policy(&db.container_id).unwrap();
     assert!(
         view.unresolved_ports.iter().any(|u| u.contains("pg")),
@@ -391,8 +414,16 @@ fn named_ports_are_saved_listed_and_resolved_by_the_policy() {
         .unwrap();
     assert_eq!(ep.ports.len(), 1);
     assert_eq!(ports_of(&a), vec![5432]);
-    assert!(a.endpoint_policy(&db.container_id).unwrap().unresolved_ports.is_empty());
+    assert!(
+        a.endpoint_policy(&db.container_id)
+            .unwrap()
+            .unresolved_ports
+            .is_empty()
+    );
     let saved = store.last();
     assert_eq!(saved.endpoints[0].ports, ep.ports);
-    assert_eq!(a.datapath.state().policy.entries, a.policy().engine.compiled().entries);
+    assert_eq!(
+        a.datapath.state().policy.entries,
+        a.policy().engine.compiled().entries
+    );
 }

@@ -119,17 +119,23 @@ impl PolicyState {
                     name: name.clone(),
                 }));
                 set.clear();
-                PolicyEngine::new(Vec::new(), namespaces.clone(), endpoints, identities.clone(), vec![gateway])
-                    .or_else(|_| {
-                        PolicyEngine::new(
-                            Vec::new(),
-                            BTreeMap::new(),
-                            Vec::new(),
-                            identities.clone(),
-                            vec![gateway],
-                        )
-                    })
-                    .expect("an empty policy set compiles")
+                PolicyEngine::new(
+                    Vec::new(),
+                    namespaces.clone(),
+                    endpoints,
+                    identities.clone(),
+                    vec![gateway],
+                )
+                .or_else(|_| {
+                    PolicyEngine::new(
+                        Vec::new(),
+                        BTreeMap::new(),
+                        Vec::new(),
+                        identities.clone(),
+                        vec![gateway],
+                    )
+                })
+                .expect("an empty policy set compiles")
             }
         };
         if engine.compiled().identities != identities {
@@ -310,8 +316,9 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         }
         let flags = p.engine.flags(record.id);
         let pending = outcome.identities_changed.then(|| {
-            self.store
-                .submit(vec![Change::Identities(p.engine.compiled().identities.clone())])
+            self.store.submit(vec![Change::Identities(
+                p.engine.compiled().identities.clone(),
+            )])
         });
         self.publish_policy(&p);
         Ok((flags, pending))
@@ -332,10 +339,9 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         if outcome.identities_changed {
             // Not waited for: an identity released and not saved is released again at
             // the next start.
-            drop(
-                self.store
-                    .submit(vec![Change::Identities(p.engine.compiled().identities.clone())]),
-            );
+            drop(self.store.submit(vec![Change::Identities(
+                p.engine.compiled().identities.clone(),
+            )]));
         }
         self.publish_policy(&p);
         errors
@@ -383,7 +389,12 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
 
     /// Puts the engine and the maps back after an update of `upsert` and `remove` whose
     /// write failed (`p.policies` still holds the old set); returns what failed.
-    fn undo_update(&self, p: &mut PolicyState, upsert: &[StoredPolicy], remove: &[Key]) -> Vec<String> {
+    fn undo_update(
+        &self,
+        p: &mut PolicyState,
+        upsert: &[StoredPolicy],
+        remove: &[Key],
+    ) -> Vec<String> {
         let keys: BTreeSet<Key> = upsert
             .iter()
             .map(|s| key(&s.policy))
@@ -463,7 +474,10 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     }
 
     /// Applies files parsed by [`parse_policy_sources`]: every policy, or none.
-    pub fn apply_parsed(&self, parsed: ParsedSources) -> Result<ApplyPoliciesResponse, ControlError> {
+    pub fn apply_parsed(
+        &self,
+        parsed: ParsedSources,
+    ) -> Result<ApplyPoliciesResponse, ControlError> {
         let mut upsert: BTreeMap<Key, StoredPolicy> = BTreeMap::new();
         let mut applied = Vec::new();
         {
@@ -501,7 +515,11 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     }
 
     /// `DELETE /v1/policies/{namespace}/{name}`.
-    pub fn delete_policy(&self, namespace: &str, name: &str) -> Result<PolicySummary, ControlError> {
+    pub fn delete_policy(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<PolicySummary, ControlError> {
         let k = (namespace.to_owned(), name.to_owned());
         let summary = {
             let p = self.policy();
@@ -730,7 +748,11 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
 
     /// `PUT /v1/endpoints/{endpoint}/ports`: replaces the endpoint's named ports; the
     /// policies naming ports re-resolve for it.
-    pub fn set_endpoint_ports(&self, which: &str, ports: &[NamedPort]) -> Result<Endpoint, ControlError> {
+    pub fn set_endpoint_ports(
+        &self,
+        which: &str,
+        ports: &[NamedPort],
+    ) -> Result<Endpoint, ControlError> {
         validate_named_ports(ports)?;
         let record = self.with_endpoint(which, |current| {
             let mut record = current.clone();
@@ -756,7 +778,9 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         &self,
         current: &EndpointRecord,
         record: &EndpointRecord,
-        change: impl FnOnce(&mut PolicyEngine) -> Result<crate::policy::Outcome, crate::policy::PolicyError>,
+        change: impl FnOnce(
+            &mut PolicyEngine,
+        ) -> Result<crate::policy::Outcome, crate::policy::PolicyError>,
     ) -> Result<Option<Pending>, ControlError> {
         let mut p = self.policy();
         let outcome = change(&mut p.engine)?;
@@ -765,8 +789,9 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             return Err(e.with_rollback(rollback));
         }
         let pending = outcome.identities_changed.then(|| {
-            self.store
-                .submit(vec![Change::Identities(p.engine.compiled().identities.clone())])
+            self.store.submit(vec![Change::Identities(
+                p.engine.compiled().identities.clone(),
+            )])
         });
         self.publish_policy(&p);
         Ok(pending)
@@ -812,7 +837,9 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             self.store.submit(vec![Change::Endpoint(record.clone())])
         };
         if let Err(e) = wait_all(identities.into_iter().chain([pending])) {
-            self.table().endpoints.insert(current.owner(), current.clone());
+            self.table()
+                .endpoints
+                .insert(current.owner(), current.clone());
             let rollback = {
                 let mut p = self.policy();
                 self.restore_endpoint(&mut p, current, record)
@@ -954,12 +981,13 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                         p.dir_errors.remove(path);
                     }
                     Err(e) => {
-                        let entry = p.dir_errors.entry(path.clone()).or_insert_with(|| {
-                            DirFileError {
-                                error: String::new(),
-                                attempts: 0,
-                            }
-                        });
+                        let entry =
+                            p.dir_errors
+                                .entry(path.clone())
+                                .or_insert_with(|| DirFileError {
+                                    error: String::new(),
+                                    attempts: 0,
+                                });
                         entry.attempts += 1;
                         if entry.error != *e {
                             entry.error = e.clone();
@@ -1137,13 +1165,12 @@ fn validate_labels(set: &BTreeMap<String, String>, remove: &[String]) -> Result<
             && b.len() <= 63
             && b[0].is_ascii_alphanumeric()
             && b[b.len() - 1].is_ascii_alphanumeric()
-            && b
-                .iter()
+            && b.iter()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
     }
     fn key_ok(k: &str) -> bool {
-        if k.starts_with(BOOKKEEPING_PREFIX) {
-            return name_ok(&k[BOOKKEEPING_PREFIX.len()..]);
+        if let Some(name) = k.strip_prefix(BOOKKEEPING_PREFIX) {
+            return name_ok(name);
         }
         match k.split_once('/') {
             Some((prefix, name)) => {
@@ -1189,7 +1216,8 @@ pub(super) fn validate_named_ports(ports: &[NamedPort]) -> Result<(), ControlErr
         let n = &p.name;
         let ok = !n.is_empty()
             && n.len() <= 15
-            && n.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+            && n.bytes()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
             && n.bytes().any(|c| c.is_ascii_lowercase())
             && !n.starts_with('-')
             && !n.ends_with('-')
