@@ -167,3 +167,23 @@ fn waiting_past_the_agent_timeout_is_try_again_later_naming_the_lock_file() {
     let first = first.wait_with_output().unwrap();
     assert!(first.status.success(), "first DEL: {first:?}");
 }
+
+#[test]
+fn del_tears_down_even_when_the_lock_cannot_be_made_and_says_so() {
+    let agent = SilentAgent::start();
+    let cid = unique("ctr");
+    let dir = hypha_cni::lock::locks_dir(&agent.socket);
+    // Something that is not a directory where the lock files go.
+    std::fs::write(&dir, b"").unwrap();
+    let out = spawn_del(&agent, &cid, 0.3).wait_with_output().unwrap();
+    assert!(!out.status.success(), "{out:?}");
+    let reply: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {out:?}"));
+    assert_eq!(reply["code"], 5, "{reply}");
+    let msg = reply["msg"].as_str().unwrap();
+    assert!(msg.contains(&dir.display().to_string()), "{msg}");
+    // The rest of the teardown ran: the agent was asked, and the delete left for it.
+    assert_eq!(agent.requests().len(), 1);
+    let deferred = hypha_api::deferred_deletes_dir(&agent.socket);
+    assert_eq!(std::fs::read_dir(&deferred).unwrap().count(), 1);
+}

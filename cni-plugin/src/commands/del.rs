@@ -25,14 +25,23 @@ use crate::lock::AttachmentLock;
 use crate::naming;
 
 pub fn run(d: &Detachment, conf: &NetConf, cni_path: Option<&OsString>) -> Result<(), Error> {
+    let mut errors = Vec::new();
     // Not while an ADD or CHECK of this attachment is halfway; the file goes at the end.
-    let lock = AttachmentLock::acquire(
+    // One held too long fails DEL (the runtime retries); a lock that cannot be made at
+    // all is reported but does not stop the teardown.
+    let lock = match AttachmentLock::acquire(
         &conf.agent_socket,
         &d.container_id,
         &d.ifname,
         conf.agent_timeout,
-    )?;
-    let mut errors = Vec::new();
+    ) {
+        Ok(lock) => lock,
+        Err(e @ Error::Busy { .. }) => return Err(e),
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    };
 
     // The delegated plugin releases what it gave, whatever happens to the rest.
     match Ipam::of(conf, cni_path) {
