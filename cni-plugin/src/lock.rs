@@ -209,21 +209,22 @@ mod tests {
         let waiter = std::thread::spawn({
             let socket = socket.clone();
             move || {
-                let start = Instant::now();
                 let lock = AttachmentLock::acquire(&socket, "c", "eth0", Duration::from_secs(5));
                 (
                     lock.map(|l| l.is_some()).map_err(|e| e.to_string()),
-                    start.elapsed(),
+                    Instant::now(),
                 )
             }
         });
         std::thread::sleep(Duration::from_millis(150));
         // Released by removal (DEL): the waiter locked the removed file, sees it, and
         // takes a lock on the path anew.
+        let released = Instant::now();
         first.remove().unwrap();
-        let (got, waited) = waiter.join().unwrap();
+        let (got, acquired) = waiter.join().unwrap();
         assert_eq!(got, Ok(true));
-        assert!(waited >= Duration::from_millis(150), "{waited:?}");
+        assert!(acquired >= released, "the waiter got a held lock");
+        assert!(lock_path(&socket, "c", "eth0").exists());
     }
 
     #[test]
