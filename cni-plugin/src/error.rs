@@ -150,6 +150,25 @@ pub enum Error {
         ifname: String,
         detail: String,
     },
+    /// Another invocation on the same attachment held its lock for all of `agentTimeout`.
+    #[error(
+        "another CNI operation on CNI_CONTAINERID={container_id} CNI_IFNAME={ifname} held its lock {} for all of agentTimeout ({waited:?}); try again later",
+        .path.display()
+    )]
+    Busy {
+        container_id: String,
+        ifname: String,
+        path: PathBuf,
+        waited: std::time::Duration,
+    },
+    /// The attachment's lock file could not be made, locked or removed.
+    #[error("cannot {op} the attachment lock {}: {source}", .path.display())]
+    Lock {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// Any other failure of a call to the agent.
     #[error("{0}")]
     Agent(#[source] Box<ClientError>),
@@ -264,6 +283,8 @@ impl From<Error> for CniError {
             Error::IfnameTaken { .. } | Error::AlreadyAttached { .. } => CniError::invalid_env(msg),
             Error::Netlink(_) => CniError::io_failure(msg),
             Error::AgentUnreachable(_) => CniError::try_again_later(msg),
+            Error::Busy { .. } => CniError::try_again_later(msg),
+            Error::Lock { .. } => CniError::io_failure(msg),
             Error::Agent(ref c) => match c.as_ref() {
                 ClientError::Api { status, .. }
                     if status.as_u16() == hyper_status::SERVICE_UNAVAILABLE =>

@@ -16,6 +16,7 @@ mod error;
 #[cfg(test)]
 mod fuzz;
 mod json;
+pub mod lock;
 pub mod naming;
 #[cfg(test)]
 mod properties;

@@ -29,6 +29,21 @@ pub fn host_ifname(container_id: &str, ifname: &str) -> String {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
+/// 16 hex digits of `sha256(container_id + "/" + ifname)`: the name of the files kept per
+/// attachment beside the agent's socket (deferred deletes, locks).
+pub fn attachment_digest(container_id: &str, ifname: &str) -> String {
+    let digest = Sha256::new()
+        .chain_update(container_id.as_bytes())
+        .chain_update(b"/")
+        .chain_update(ifname.as_bytes())
+        .finalize();
+    digest[..8]
+        .iter()
+        .flat_map(|b| [HEX[usize::from(b >> 4)], HEX[usize::from(b & 0xf)]])
+        .map(char::from)
+        .collect()
+}
+
 /// Whether `name` has the shape of [`host_ifname`]'s names: `hyp` and 12 lowercase hex
 /// digits. GC deletes stray veths of that shape, and only those.
 pub fn is_host_ifname(name: &str) -> bool {

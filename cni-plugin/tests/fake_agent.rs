@@ -566,6 +566,56 @@ fn add_twice_leaves_the_first_alone() {
     );
 }
 
+/// An agent whose allocation does not refuse a second ADD (as the agent did before it
+/// checked for an endpoint, or in a race): the second ADD, here from a retry with a new
+/// namespace, finds the host veth taken and the agent's endpoint for it, fails "already
+/// attached", and leaves the first's veth, endpoint and address alone.
+#[test]
+fn a_second_add_finding_the_first_ones_veth_leaves_it_alone() {
+    require_root!();
+    let agent = FakeAgent::start(Mode::Ok);
+    let (ns, retry_ns) = (TestNetns::new(), TestNetns::new());
+    let cid = unique("ctr");
+    let host = host_ifname(&cid, "eth0");
+    let _guard = HostLink(host.clone());
+    let out = cni("ADD", &cid, &ns.path(), "eth0", &conf("1.1.0", &agent));
+    assert!(out.status.success(), "{out:?}");
+    let before = Netlink::new()
+        .unwrap()
+        .link_by_name(&host)
+        .unwrap()
+        .expect("the host veth");
+
+    let out = cni(
+        "ADD",
+        &cid,
+        &retry_ns.path(),
+        "eth0",
+        &conf("1.1.0", &agent),
+    );
+    let err = reply(&out);
+    assert_eq!(err["code"], 4, "{err}");
+    assert!(
+        err["msg"].as_str().unwrap().contains("already attached"),
+        "{err}"
+    );
+    let after = Netlink::new()
+        .unwrap()
+        .link_by_name(&host)
+        .unwrap()
+        .expect("the first ADD's host veth is gone");
+    assert_eq!(after.index, before.index, "the host veth was replaced");
+    let pod = ns.netlink().link_by_name("eth0").unwrap();
+    assert!(pod.is_some(), "the first pod lost its eth0");
+    assert!(retry_ns.netlink().link_by_name("eth0").unwrap().is_none());
+    let calls = agent.calls();
+    assert!(
+        !calls.iter().any(|c| c.starts_with("DELETE")),
+        "the second ADD deleted the first's endpoint: {calls:?}"
+    );
+    assert_eq!(agent.seen.lock().unwrap().endpoints.len(), 1);
+}
+
 /// An ADD against `agent` with `agentTimeout` set to `timeout` seconds, as it ends: the
 /// plugin's error reply, how long it took, and what the test must check is gone (the
 /// pod's netns with its eth0, the host end of the veth, which the guard also removes).

@@ -89,10 +89,19 @@ fn fifty_adds_and_fifty_dels_at_once_leave_exactly_the_new_pods() {
 }
 
 /// 20 ADDs of the same container and interface at once; the runs, after checking
-/// that none succeeded twice, every failure is a CNI error object, and that once the
+/// that none succeeded twice, every failure is a CNI error object, that a successful
+/// one's pod reaches `peer` (a pod already on the node, left as it is) and that once the
 /// runtime has DELed the container (it would, whatever the outcome, when it gives up
 /// on the sandbox) nothing of it is left.
-fn same_container_adds(node: &Node, pod: &PodSlot) -> Vec<CniRun> {
+fn same_container_adds(
+    node: &Node,
+    pod: &PodSlot,
+    peer: Option<(&PodSlot, Ipv4Addr)>,
+) -> Vec<CniRun> {
+    let peers: BTreeMap<String, Ipv4Addr> = peer
+        .iter()
+        .map(|(p, a)| (p.container_id.clone(), *a))
+        .collect();
     let calls: Vec<Box<dyn FnOnce() -> CniRun + Send + '_>> = (0..20)
         .map(|_| Box::new(|| node.cni_add(pod)) as Box<dyn FnOnce() -> CniRun + Send + '_>)
         .collect();
@@ -112,8 +121,16 @@ fn same_container_adds(node: &Node, pod: &PodSlot) -> Vec<CniRun> {
     }
     if let Some(run) = ok.first() {
         let address = PodSlot::address_in(run);
-        assert_node_holds(node, &BTreeMap::from([(pod.container_id.clone(), address)]));
+        let mut expected = peers.clone();
+        expected.insert(pod.container_id.clone(), address);
+        assert_node_holds(node, &expected);
         assert!(pod.netns.has_link("eth0"), "the pod has no eth0");
+        if let Some((peer, peer_address)) = peer {
+            assert_pods_reach_each_other(
+                node,
+                &[(&pod.netns, address), (&peer.netns, peer_address)],
+            );
+        }
     }
     let del = node.cni_del(pod);
     assert!(
@@ -121,7 +138,7 @@ fn same_container_adds(node: &Node, pod: &PodSlot) -> Vec<CniRun> {
         "DEL: {del:?}\nagent log:\n{}",
         node.log()
     );
-    assert_node_holds(node, &BTreeMap::new());
+    assert_node_holds(node, &peers);
     assert!(
         !pod.netns.has_link("eth0"),
         "eth0 left in the pod after DEL"
@@ -134,24 +151,39 @@ fn twenty_concurrent_adds_of_one_container_leak_nothing() {
     hypha_tests::require_root!();
     let node = Node::start();
     let pod = node.pod_slot("same");
-    same_container_adds(&node, &pod);
+    same_container_adds(&node, &pod, None);
 }
 
-/// Fails on the agent and plugin of this commit: the 20 ADDs interleave step by step
-/// (address, host veth, pod end, routes, endpoint) and each loser's rollback undoes the
-/// winner's work, so none succeeds (reported to the lead with this test).
+/// hypha-cni runs the operations of one attachment one at a time (a lock per container
+/// and interface): the first ADD makes the pod, every later one finds its endpoint and
+/// fails saying so, and leaves the pod alone. Without the lock (before this was fixed)
+/// the 20 ADDs interleaved step by step (address, host veth, pod end, routes, endpoint)
+/// and each loser's rollback undid the winner's work, so none succeeded.
 #[test]
-#[ignore = "fails today: concurrent ADDs of one container all fail (each loser's rollback undoes the winner); run with --ignored"]
 fn twenty_concurrent_adds_of_one_container_make_exactly_one_pod() {
     hypha_tests::require_root!();
     let node = Node::start();
+    let peer = node.pod_slot("peer");
+    let run = node.cni_add(&peer);
+    assert!(run.status.success(), "ADD of the peer: {run:?}");
+    let peer_address = PodSlot::address_in(&run);
     let pod = node.pod_slot("one");
-    let runs = same_container_adds(&node, &pod);
+    let runs = same_container_adds(&node, &pod, Some((&peer, peer_address)));
     let ok = runs.iter().filter(|r| r.status.success()).count();
     assert_eq!(
         ok, 1,
         "exactly one of 20 concurrent ADDs of one container must succeed: {runs:#?}"
     );
+    for run in runs.iter().filter(|r| !r.status.success()) {
+        let (code, msg) = run.error();
+        assert!(
+            code == 4 && msg.contains("is already attached"),
+            "a losing ADD that does not say the attachment is already there: {run:?}"
+        );
+    }
+    let del = node.cni_del(&peer);
+    assert!(del.status.success(), "DEL of the peer: {del:?}");
+    assert_node_holds(&node, &BTreeMap::new());
 }
 
 /// The census these tests rely on does see a leak: a `hyp…` veth no endpoint owns.

@@ -2,10 +2,13 @@
 //! peer created up in the container, the container side addressed and routed, then the
 //! endpoint handed to the agent.
 //!
-//! Everything local is checked before an address is asked for. Once one is held, any
-//! failure deletes the veth this invocation created, asks the agent to forget the
-//! endpoint (which releases an address it allocated) and runs the delegated plugin's DEL,
-//! then reports the original error.
+//! Everything local is checked before an address is asked for. The attachment's lock
+//! ([`crate::lock`]) is held from then on, so an ADD of an attachment another ADD made
+//! finds its endpoint and fails with "already attached", touching nothing. Once an
+//! address is held, any other failure deletes the veth this invocation created, asks the
+//! agent to forget the endpoint (which releases the address: this invocation's, or one a
+//! killed ADD of this attachment left, since under the lock no other ADD is running) and
+//! runs the delegated plugin's DEL, then reports the original error.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -23,6 +26,7 @@ use crate::config::{ConfigError, NetConf};
 use crate::delegate::{self, Ipam};
 use crate::env::Attachment;
 use crate::error::{self, Error};
+use crate::lock::AttachmentLock;
 use crate::naming;
 use crate::result::{self, Attached};
 
@@ -46,6 +50,13 @@ pub fn run(a: &Attachment, conf: &NetConf, cni_path: Option<&OsString>) -> Resul
     };
     let mac = requested_mac(a, conf)?;
     let (netns_file, mut pod_nl) = open_netns(&a.netns)?;
+    // Held to the end: an ADD, CHECK or DEL of this attachment started meanwhile waits.
+    let _lock = AttachmentLock::acquire(
+        &conf.agent_socket,
+        &a.container_id,
+        &a.ifname,
+        conf.agent_timeout,
+    )?;
     let mut host_nl = Netlink::new()?;
     let client = conf.client().map_err(error::agent)?;
 
@@ -222,10 +233,14 @@ fn attached(client: &Client, a: &Attachment) -> bool {
 }
 
 fn already_attached(a: &Attachment, e: hypha_api::ClientError) -> Error {
+    already_attached_by(a, e.to_string())
+}
+
+fn already_attached_by(a: &Attachment, detail: String) -> Error {
     Error::AlreadyAttached {
         container_id: a.container_id.clone(),
         ifname: a.ifname.clone(),
-        detail: e.to_string(),
+        detail,
     }
 }
 
@@ -261,9 +276,13 @@ impl Plumbing<'_> {
     ) -> Result<Value, Error> {
         let a = self.a;
         let created = match self.create_veth() {
-            // The name is this attachment's and the agent has no endpoint for it: the
-            // leftover of an ADD that was killed midway. It goes, and the pair is made anew.
-            Err(hypha_netlink::Error::LinkExists { .. }) => {
+            // The name is this attachment's. When the agent has an endpoint for it, it is
+            // that endpoint's and stays; otherwise it is the leftover of an ADD that was
+            // killed midway: it goes, and the pair is made anew.
+            Err(e @ hypha_netlink::Error::LinkExists { .. }) => {
+                if attached(client, a) {
+                    return Err(already_attached_by(a, e.to_string()));
+                }
                 self.host_nl.delete_link_by_name(self.host_ifname)?;
                 self.create_veth()
             }
@@ -317,7 +336,13 @@ impl Plumbing<'_> {
                 bandwidth: self.conf.runtime.bandwidth,
                 ports: self.conf.named_ports.clone(),
             })
-            .map_err(error::agent)?;
+            .map_err(|e| {
+                if error::is_conflict(&e) && attached(client, a) {
+                    already_attached(a, e)
+                } else {
+                    error::agent(e)
+                }
+            })?;
 
         Ok(result::add_result(
             self.conf.cni_version,
@@ -336,7 +361,10 @@ impl Plumbing<'_> {
 }
 
 /// Undoes a failed ADD after the address was had and returns the original error, with
-/// any failure of the cleanup attached. Every step is tried.
+/// any failure of the cleanup attached. Every step is tried. Only what this invocation
+/// made goes: its veth if it created one; the endpoint and address, and the delegated
+/// plugin's address, unless the failure is that the attachment already has an endpoint
+/// (then those are the earlier ADD's, and stay).
 fn roll_back(
     error: Error,
     veth_created: bool,
@@ -347,6 +375,7 @@ fn roll_back(
     ipam: Option<&Ipam<'_>>,
 ) -> Error {
     let mut cleanup = Vec::new();
+    let theirs = matches!(error, Error::AlreadyAttached { .. });
     if veth_created {
         // Deleting the host end deletes the container end with it.
         if let Err(e) = host_nl.delete_link_by_name(host_ifname) {
@@ -361,7 +390,7 @@ fn roll_back(
         _ => None,
     };
     let mut unanswered = None;
-    if previous.is_none() {
+    if previous.is_none() && !theirs {
         match client.delete_endpoint(&a.container_id, &a.ifname) {
             Ok(_) => {}
             Err(e) if error::is_refusal(&e) => cleanup.push(error::agent(e)),
@@ -373,7 +402,7 @@ fn roll_back(
     {
         cleanup.push(e);
     }
-    if let Some(ipam) = ipam
+    if let Some(ipam) = ipam.filter(|_| !theirs)
         && let Err(e) = ipam.del()
     {
         cleanup.push(e);

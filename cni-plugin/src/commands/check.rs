@@ -12,6 +12,7 @@ use crate::config::{CniVersion, NetConf};
 use crate::delegate::Ipam;
 use crate::env::Attachment;
 use crate::error::{self, Error};
+use crate::lock::AttachmentLock;
 use crate::naming;
 use crate::result::{self, Expected};
 
@@ -32,6 +33,13 @@ pub fn run(a: &Attachment, conf: &NetConf, cni_path: Option<&OsString>) -> Resul
         result::expected_from_prev_result(prev, &a.ifname).map_err(Error::InvalidPrevResult)?;
     let ipam = Ipam::of(conf, cni_path)?;
     let (_netns_file, mut pod_nl) = open_netns(&a.netns)?;
+    // Not while an ADD or DEL of this attachment is halfway.
+    let _lock = AttachmentLock::acquire(
+        &conf.agent_socket,
+        &a.container_id,
+        &a.ifname,
+        conf.agent_timeout,
+    )?;
     let mut problems = Vec::new();
 
     check_container(a, &expected, &mut pod_nl, &mut problems)?;

@@ -7,23 +7,41 @@
 //! `agentTimeout`, the connection closed before the whole answer, a 5xx), the delete is
 //! left for it as a file in [`hypha_api::deferred_deletes_dir`] and DEL succeeds: the agent
 //! finishes it (endpoint, map entries, address) when it is back. Only an answer refusing
-//! the request itself (4xx: nothing the agent could do later) fails DEL.
+//! the request itself (4xx: nothing the agent could do later) fails DEL, and so does an
+//! ADD or CHECK of the same attachment holding its lock ([`crate::lock`]) for all of
+//! `agentTimeout` (11, try again later: the runtime's retry finds it free).
 
 use std::ffi::OsString;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use hypha_netlink::Netlink;
-use sha2::{Digest, Sha256};
 
 use crate::config::NetConf;
 use crate::delegate::Ipam;
 use crate::env::Detachment;
 use crate::error::{self, Error};
+use crate::lock::AttachmentLock;
 use crate::naming;
 
 pub fn run(d: &Detachment, conf: &NetConf, cni_path: Option<&OsString>) -> Result<(), Error> {
     let mut errors = Vec::new();
+    // Not while an ADD or CHECK of this attachment is halfway; the file goes at the end.
+    // One held too long fails DEL (the runtime retries); a lock that cannot be made at
+    // all is reported but does not stop the teardown.
+    let lock = match AttachmentLock::acquire(
+        &conf.agent_socket,
+        &d.container_id,
+        &d.ifname,
+        conf.agent_timeout,
+    ) {
+        Ok(lock) => lock,
+        Err(e @ Error::Busy { .. }) => return Err(e),
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    };
 
     // The delegated plugin releases what it gave, whatever happens to the rest.
     match Ipam::of(conf, cni_path) {
@@ -54,6 +72,12 @@ pub fn run(d: &Detachment, conf: &NetConf, cni_path: Option<&OsString>) -> Resul
                 errors.push(e);
             }
         }
+    }
+
+    if let Some(lock) = lock
+        && let Err(e) = lock.remove()
+    {
+        errors.push(e);
     }
 
     if errors.is_empty() {
@@ -95,7 +119,7 @@ pub fn defer(socket: &Path, container_id: &str, ifname: &str) -> Result<Option<P
     if !dir.parent().is_some_and(Path::is_dir) {
         return Ok(None);
     }
-    let name = deferred_name(container_id, ifname);
+    let name = naming::attachment_digest(container_id, ifname);
     let path = dir.join(format!("{name}.json"));
     // Per process, so that concurrent DELs of one attachment do not write one file.
     let tmp = dir.join(format!("{name}.{}.tmp", std::process::id()));
@@ -123,16 +147,6 @@ pub fn defer(socket: &Path, container_id: &str, ifname: &str) -> Result<Option<P
         fail(&path)(e)
     })?;
     Ok(Some(path))
-}
-
-/// 16 hex digits of sha256(container id / ifname).
-fn deferred_name(container_id: &str, ifname: &str) -> String {
-    let digest = Sha256::new()
-        .chain_update(container_id.as_bytes())
-        .chain_update(b"/")
-        .chain_update(ifname.as_bytes())
-        .finalize();
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
