@@ -29,7 +29,7 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .context("opening the state directory")??;
     let saved = store.load()?;
     let listener = server::bind(&config.socket).await?;
-    let mut datapath = EbpfDatapath::load(&config.pin_dir, config.gateway())
+    let mut datapath = EbpfDatapath::load(&config.pin_dir, config.gateway(), config.attach)
         .context("loading the eBPF datapath")?;
     let (events, _) = tokio::sync::broadcast::channel(crate::monitor::BACKLOG);
     match datapath.take_events() {
@@ -227,8 +227,7 @@ async fn policy_dir_loop<D: Datapath + 'static, H: HostNetwork + 'static>(
             }
         };
         let a = agent.clone();
-        let report = match tokio::task::spawn_blocking(move || a.sync_policy_files(changes)).await
-        {
+        let report = match tokio::task::spawn_blocking(move || a.sync_policy_files(changes)).await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("applying the policy directory failed: {e}");
