@@ -595,7 +595,8 @@ impl EbpfDatapath {
 impl EbpfDatapath {
     /// Removes Hypha's `cls_bpf` filters (ours by priority, handle and program name) from
     /// every interface that is not one of `keep`'s, whatever the mode: filters outlive
-    /// the agent, unlike pins they are not listed anywhere of ours.
+    /// the agent, unlike pins they are not listed anywhere of ours. This assumes one agent
+    /// per network namespace: another agent's filters there would look like orphans.
     fn sweep_tc_filters(&self, keep: &HashSet<u32>) -> Vec<EbpfError> {
         let nl_err = |op| {
             move |source| EbpfError::Netlink {

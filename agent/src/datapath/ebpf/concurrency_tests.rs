@@ -450,3 +450,48 @@ fn an_endpoint_attached_with_tc_is_converted_to_tcx_links_on_adopt_in_tcx_mode()
         )
     });
 }
+
+#[test]
+fn sweep_removes_the_tc_filters_and_tcx_links_of_endpoints_nobody_owns() {
+    require_root!();
+    let fx = Fixture::new("sweep");
+    let eps = fx.endpoints(2);
+    let (tc_ep, tcx_ep) = (&eps[0], &eps[1]);
+    let in_netns = |f: &(dyn Fn() + Sync)| {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                fx.enter();
+                f();
+            })
+            .join()
+            .expect("thread in the test netns");
+        });
+    };
+    // Orphans of both kinds, as agents in either mode could leave them.
+    let tcx = fx.load(AttachMode::Tcx);
+    in_netns(&|| tcx.attach(tcx_ep, 0).expect("attach with TCX"));
+    drop(tcx);
+    let dp = fx.load(AttachMode::Tc);
+    in_netns(&|| dp.attach(tc_ep, 0).expect("attach with tc"));
+    in_netns(&|| {
+        let errors: Vec<String> = dp.sweep(&[]).iter().map(ToString::to_string).collect();
+        assert_eq!(errors, Vec::<String>::new());
+    });
+    let mut nl = Netlink::in_netns(&fx.netns_path()).expect("netlink in the test netns");
+    for ep in &eps {
+        for hook in [TcHook::Ingress, TcHook::Egress] {
+            assert_eq!(
+                nl.bpf_filters(ep.host_ifindex, hook).unwrap(),
+                Vec::new(),
+                "no filter left on {}",
+                ep.host_ifname
+            );
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(fx.pin_dir.join("links"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "pins left after sweep: {left:?}");
+}
