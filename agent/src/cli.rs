@@ -252,9 +252,14 @@ pub fn format_status(s: &Status) -> String {
     );
     let _ = writeln!(
         out,
-        "Datapath:   {} pinned under {}",
+        "Datapath:   {} pinned under {}, attached with {}",
         s.datapath.programs.join(", "),
-        s.datapath.pin_dir
+        s.datapath.pin_dir,
+        if s.datapath.attach.is_empty() {
+            "tcx"
+        } else {
+            &s.datapath.attach
+        }
     );
     let _ = writeln!(
         out,

@@ -53,6 +53,50 @@ pub struct AgentConfig {
     pub policy_dir: PathBuf,
     /// Where to serve Prometheus metrics (`GET /metrics`); off when unset.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// How the programs are attached to each endpoint's veth.
+    pub attach: AttachMode,
+}
+
+/// How the eBPF programs are attached to an endpoint's host veth.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttachMode {
+    /// Legacy tc: a `clsact` qdisc with two direct-action `cls_bpf` filters. ~0.3 ms per
+    /// endpoint, but `clsact` takes the veth's one ingress-qdisc slot (handle `ffff:`),
+    /// so a chained plugin that adds an `ingress` qdisc (the reference `bandwidth`) fails.
+    #[default]
+    Tc,
+    /// TCX links (kernel 6.6+): leaves the qdiscs alone, but each attach waits out an RCU
+    /// grace period and attaches do not overlap (~23 ms per endpoint here).
+    Tcx,
+}
+
+impl AttachMode {
+    /// `tc` or `tcx`, as the flag and the configuration file spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            AttachMode::Tc => "tc",
+            AttachMode::Tcx => "tcx",
+        }
+    }
+}
+
+impl std::fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for AttachMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tc" => Ok(AttachMode::Tc),
+            "tcx" => Ok(AttachMode::Tcx),
+            _ => Err(format!("attach mode {s:?} is neither tc nor tcx")),
+        }
+    }
 }
 
 impl Default for AgentConfig {
@@ -67,6 +111,7 @@ impl Default for AgentConfig {
             masquerade: true,
             policy_dir: PathBuf::from("/etc/hypha/policies"),
             metrics_addr: None,
+            attach: AttachMode::Tc,
         }
     }
 }
@@ -84,6 +129,7 @@ pub struct ConfigFile {
     pub masquerade: Option<bool>,
     pub policy_dir: Option<PathBuf>,
     pub metrics_addr: Option<std::net::SocketAddr>,
+    pub attach: Option<AttachMode>,
 }
 
 impl ConfigFile {
@@ -119,6 +165,7 @@ impl ConfigFile {
             masquerade: over.masquerade.or(self.masquerade),
             policy_dir: over.policy_dir.or(self.policy_dir),
             metrics_addr: over.metrics_addr.or(self.metrics_addr),
+            attach: over.attach.or(self.attach),
         }
     }
 
@@ -135,6 +182,7 @@ impl ConfigFile {
             masquerade: self.masquerade.unwrap_or(d.masquerade),
             policy_dir: self.policy_dir.unwrap_or(d.policy_dir),
             metrics_addr: self.metrics_addr,
+            attach: self.attach.unwrap_or(d.attach),
         };
         config.validate()?;
         Ok(config)
@@ -224,6 +272,23 @@ mod tests {
         assert_eq!(c.pod_cidr, "10.9.0.0/16".parse::<Ipv4Net>().unwrap());
         assert!(!c.masquerade);
         assert_eq!(c.gateway(), Ipv4Addr::new(10, 9, 0, 1));
+    }
+
+    #[test]
+    fn attach_mode_defaults_to_tc_and_is_set_by_file_or_flag() {
+        assert_eq!(AgentConfig::default().attach, AttachMode::Tc);
+        let file = ConfigFile::parse("attach: tcx\n").unwrap();
+        assert_eq!(file.resolve().unwrap().attach, AttachMode::Tcx);
+        let file = ConfigFile::parse("attach: tcx\n").unwrap();
+        let flags = ConfigFile {
+            attach: Some("tc".parse().unwrap()),
+            ..Default::default()
+        };
+        assert_eq!(file.merge(flags).resolve().unwrap().attach, AttachMode::Tc);
+        let err = "xdp".parse::<AttachMode>().unwrap_err();
+        assert!(err.contains("xdp") && err.contains("tcx"), "{err}");
+        let err = ConfigFile::parse("attach: tcz\n").unwrap_err().to_string();
+        assert!(err.contains("tcz"), "{err}");
     }
 
     #[test]

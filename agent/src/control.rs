@@ -1060,6 +1060,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 pin_dir: self.config.pin_dir.display().to_string(),
                 adopted_endpoints: self.adopted,
                 programs: self.datapath.programs(),
+                attach: self.config.attach.name().to_owned(),
             },
             endpoints,
             policy: self.policy_view.load().status.clone(),

@@ -207,6 +207,7 @@ mod tests {
                 pin_dir: "/p".into(),
                 adopted_endpoints: 0,
                 programs: vec![],
+                attach: "tc".into(),
             },
             endpoints: 1,
             policy: PolicyStatus {

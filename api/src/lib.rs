@@ -81,6 +81,10 @@ pub struct DatapathStatus {
     pub adopted_endpoints: usize,
     /// Names of the loaded eBPF programs.
     pub programs: Vec<String>,
+    /// How the programs are attached to endpoints: `tc` or `tcx` (empty from an agent
+    /// older than the setting, which attached with TCX).
+    #[serde(default)]
+    pub attach: String,
 }
 
 /// `POST /v1/ipam/allocate`: reserve an address for one interface of one container.

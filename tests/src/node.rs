@@ -147,6 +147,12 @@ impl Node {
             .with_timeout(Duration::from_secs(10))
     }
 
+    /// Replaces the extra `hypha agent` arguments the next [`Node::start_agent`] passes
+    /// (a restart with other settings).
+    pub fn set_agent_args(&mut self, extra_args: &[&str]) {
+        self.extra_args = extra_args.iter().map(|a| a.to_string()).collect();
+    }
+
     /// (Re)starts the agent process inside the node's namespace. `nsenter` changes only the
     /// network namespace, so the agent's bpffs pins outlive it as in production.
     pub fn start_agent(&mut self) {

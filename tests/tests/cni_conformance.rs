@@ -235,7 +235,9 @@ fn chain_with_the_reference_plugins() {
 #[test]
 fn chain_with_the_reference_bandwidth_plugin() {
     hypha_tests::require_root!();
-    let node = Node::start();
+    // The bandwidth plugin adds an ingress qdisc to the host veth; tc mode's clsact
+    // would hold that slot (both are ffff:), so chaining it needs TCX.
+    let node = Node::start_with(&["--attach", "tcx"]);
     let pod = pod_netns(&node, "rbw");
     let id = cid(&node, "rbw");
     let path = path_of(&pod);

@@ -1,24 +1,26 @@
 //! Privileged (root; skipped otherwise, with a message): one [`EbpfDatapath`] shared by
 //! many threads. Endpoints attached at once all end up attached with their map entries,
 //! and all detach cleanly; a bandwidth flag and policy flags written at once to one
-//! endpoint both survive.
+//! endpoint both survive; an endpoint an older agent attached with TCX is converted to tc
+//! filters on adopt.
 //!
 //! Each test works in a network namespace and a pin directory of its own, removed on drop
 //! (also when the test fails).
 
 use std::fs::File;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd as _;
+use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use hypha_api::MacAddr;
 use hypha_common::{ENDPOINT_F_INGRESS_LIMIT, ENDPOINT_F_INGRESS_POLICY, EndpointKey4};
-use hypha_netlink::{Netlink, VethSpec};
+use hypha_netlink::{Netlink, TcHook, VethSpec};
 
 use super::{EbpfDatapath, lock};
-use crate::datapath::Datapath;
+use crate::config::AttachMode;
+use crate::datapath::{Adoption, Datapath, link_info};
 use crate::policy::PolicyDiff;
 use crate::state::EndpointRecord;
 
@@ -108,8 +110,8 @@ impl Fixture {
         assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
     }
 
-    fn load(&self) -> EbpfDatapath {
-        EbpfDatapath::load(&self.pin_dir, Ipv4Addr::new(10, 99, 0, 1))
+    fn load(&self, mode: AttachMode) -> EbpfDatapath {
+        EbpfDatapath::load(&self.pin_dir, Ipv4Addr::new(10, 99, 0, 1), mode)
             .expect("load the datapath (built with `cargo xtask build`?)")
     }
 }
@@ -150,12 +152,22 @@ macro_rules! require_root {
 }
 
 #[test]
-fn endpoints_attached_from_many_threads_at_once_are_all_attached_then_all_detach() {
+fn endpoints_attached_with_tc_from_many_threads_at_once_are_all_attached_then_all_detach() {
     require_root!();
+    attach_many_then_detach(AttachMode::Tc);
+}
+
+#[test]
+fn endpoints_attached_with_tcx_from_many_threads_at_once_are_all_attached_then_all_detach() {
+    require_root!();
+    attach_many_then_detach(AttachMode::Tcx);
+}
+
+fn attach_many_then_detach(mode: AttachMode) {
     const N: u8 = 16;
-    let fx = Fixture::new("attach");
+    let fx = Fixture::new(&format!("attach-{mode}"));
     let eps = fx.endpoints(N);
-    let dp = fx.load();
+    let dp = fx.load(mode);
 
     let started = Instant::now();
     let errors: Vec<String> = std::thread::scope(|s| {
@@ -179,10 +191,19 @@ fn endpoints_attached_from_many_threads_at_once_are_all_attached_then_all_detach
     eprintln!("{N} concurrent attaches took {:?}", started.elapsed());
     assert!(errors.is_empty(), "{errors:?}");
 
-    for ep in &eps {
-        // Both links pinned, attached to this veth, running the agent's programs; the
-        // endpoint and its counters in the maps.
-        assert_eq!(dp.check(ep), Vec::<String>::new(), "{}", ep.host_ifname);
+    let problems: Vec<Vec<String>> = std::thread::scope(|s| {
+        let (fx, dp, eps) = (&fx, &dp, &eps);
+        s.spawn(move || {
+            fx.enter();
+            eps.iter().map(|ep| dp.check(ep)).collect()
+        })
+        .join()
+        .expect("check thread")
+    });
+    for (ep, problems) in eps.iter().zip(problems) {
+        // Both filters on this veth, running the agent's programs; the endpoint and its
+        // counters in the maps.
+        assert_eq!(problems, Vec::<String>::new(), "{}", ep.host_ifname);
         let key = EndpointKey4::from_octets(ep.address.octets());
         let info = lock(&dp.maps.endpoints)
             .get(&key, 0)
@@ -193,14 +214,18 @@ fn endpoints_attached_from_many_threads_at_once_are_all_attached_then_all_detach
         );
     }
     let pins = std::fs::read_dir(fx.pin_dir.join("links")).unwrap().count();
-    assert_eq!(pins, 2 * usize::from(N), "two pinned links per endpoint");
+    match mode {
+        AttachMode::Tc => assert_eq!(pins, 0, "no TCX link pinned"),
+        AttachMode::Tcx => assert_eq!(pins, 2 * usize::from(N), "two pinned links per endpoint"),
+    }
 
     let errors: Vec<String> = std::thread::scope(|s| {
         let handles: Vec<_> = eps
             .iter()
             .map(|ep| {
-                let dp = &dp;
+                let (fx, dp) = (&fx, &dp);
                 s.spawn(move || {
+                    fx.enter();
                     dp.detach(ep)
                         .iter()
                         .map(ToString::to_string)
@@ -220,8 +245,25 @@ fn endpoints_attached_from_many_threads_at_once_are_all_attached_then_all_detach
         .map(|e| e.file_name())
         .collect();
     assert!(left.is_empty(), "pins left after detach: {left:?}");
-    for ep in &eps {
-        let problems = dp.check(ep);
+    let mut nl = Netlink::in_netns(&fx.netns_path()).expect("netlink in the test netns");
+    let problems: Vec<Vec<String>> = std::thread::scope(|s| {
+        let (fx, dp, eps) = (&fx, &dp, &eps);
+        s.spawn(move || {
+            fx.enter();
+            eps.iter().map(|ep| dp.check(ep)).collect()
+        })
+        .join()
+        .expect("check thread")
+    });
+    for (ep, problems) in eps.iter().zip(problems) {
+        for hook in [TcHook::Ingress, TcHook::Egress] {
+            assert_eq!(
+                nl.bpf_filters(ep.host_ifindex, hook).unwrap(),
+                Vec::new(),
+                "no filter left on {}",
+                ep.host_ifname
+            );
+        }
         assert!(
             problems
                 .iter()
@@ -238,7 +280,7 @@ fn a_bandwidth_flag_and_policy_flags_written_at_once_both_survive() {
     let fx = Fixture::new("flags");
     let eps = fx.endpoints(1);
     let ep = &eps[0];
-    let dp = fx.load();
+    let dp = fx.load(AttachMode::Tc);
     std::thread::scope(|s| {
         let (fx, dp) = (&fx, &dp);
         s.spawn(move || {
@@ -284,5 +326,172 @@ fn a_bandwidth_flag_and_policy_flags_written_at_once_both_survive() {
         info.flags,
         ENDPOINT_F_INGRESS_LIMIT | ENDPOINT_F_INGRESS_POLICY
     );
-    assert!(dp.detach(ep).is_empty());
+    std::thread::scope(|s| {
+        let (fx, dp) = (&fx, &dp);
+        s.spawn(move || {
+            fx.enter();
+            let errors = dp.detach(ep);
+            assert!(errors.is_empty(), "{errors:?}");
+        });
+    });
+}
+
+#[test]
+fn an_endpoint_an_older_agent_attached_with_tcx_is_converted_to_tc_filters_on_adopt() {
+    require_root!();
+    let fx = Fixture::new("convert");
+    let eps = fx.endpoints(1);
+    let ep = &eps[0];
+    let dp = fx.load(AttachMode::Tc);
+    // As agents before tc left it: a pinned TCX link per hook, running this object's
+    // programs, and the endpoint in the maps.
+    let pins: Vec<PathBuf> = dp
+        .programs
+        .iter()
+        .map(|p| dp.link_pin(ep.host_ifindex, p.hook))
+        .collect();
+    std::thread::scope(|s| {
+        let (fx, dp, pins) = (&fx, &dp, &pins);
+        s.spawn(move || {
+            fx.enter();
+            for (prog, pin) in dp.programs.iter().zip(pins) {
+                let attach_type = match prog.tc_hook {
+                    TcHook::Ingress => link_info::BPF_TCX_INGRESS,
+                    TcHook::Egress => link_info::BPF_TCX_EGRESS,
+                };
+                let link = link_info::tcx_attach(prog.fd.as_fd(), ep.host_ifindex, attach_type)
+                    .expect("TCX attach");
+                link_info::pin(link.as_fd(), pin).expect("pin the link");
+            }
+        });
+    });
+    for pin in &pins {
+        let link = link_info::read(pin).expect("read the pinned link");
+        assert_eq!(link.link_type, link_info::BPF_LINK_TYPE_TCX);
+        assert_eq!(link.ifindex, ep.host_ifindex, "attached before the adopt");
+    }
+    dp.fill_maps(ep, 0).expect("the older agent's map entries");
+
+    let adoption = std::thread::scope(|s| {
+        let (fx, dp) = (&fx, &dp);
+        s.spawn(move || {
+            fx.enter();
+            dp.adopt(ep, 0)
+        })
+        .join()
+        .expect("adopt thread")
+    })
+    .expect("adopt");
+    assert_eq!(adoption, Adoption::Adopted, "it was attached, by TCX");
+    for pin in &pins {
+        assert!(!pin.exists(), "{} removed", pin.display());
+    }
+    // Now as tc filters running the agent's programs (the check lists the filters in the
+    // calling thread's namespace).
+    let problems = std::thread::scope(|s| {
+        let (fx, dp) = (&fx, &dp);
+        s.spawn(move || {
+            fx.enter();
+            dp.check(ep)
+        })
+        .join()
+        .expect("check thread")
+    });
+    assert_eq!(problems, Vec::<String>::new());
+}
+
+#[test]
+fn an_endpoint_attached_with_tc_is_converted_to_tcx_links_on_adopt_in_tcx_mode() {
+    require_root!();
+    let fx = Fixture::new("to-tcx");
+    let eps = fx.endpoints(1);
+    let ep = &eps[0];
+    let in_netns = |f: &(dyn Fn() + Sync)| {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                fx.enter();
+                f();
+            })
+            .join()
+            .expect("thread in the test netns");
+        });
+    };
+    let tc = fx.load(AttachMode::Tc);
+    in_netns(&|| tc.attach(ep, 0).expect("attach with tc"));
+    drop(tc);
+    // A restart in TCX mode (the filters hold the old agent's programs meanwhile).
+    let dp = fx.load(AttachMode::Tcx);
+    let adoption = std::sync::Mutex::new(None);
+    in_netns(&|| *adoption.lock().unwrap() = Some(dp.adopt(ep, 0).map_err(|e| e.to_string())));
+    let adoption = adoption.into_inner().unwrap().expect("adopted");
+    assert_eq!(adoption, Ok(Adoption::Adopted), "it was attached, by tc");
+    for prog in &dp.programs {
+        let link = link_info::read(&dp.link_pin(ep.host_ifindex, prog.hook)).expect("pinned link");
+        assert_eq!(link.link_type, link_info::BPF_LINK_TYPE_TCX);
+        assert_eq!(link.ifindex, ep.host_ifindex);
+        assert_eq!(link.prog_id, prog.id, "the new agent's {}", prog.name);
+    }
+    let mut nl = Netlink::in_netns(&fx.netns_path()).expect("netlink in the test netns");
+    for hook in [TcHook::Ingress, TcHook::Egress] {
+        assert_eq!(
+            nl.bpf_filters(ep.host_ifindex, hook).unwrap(),
+            Vec::new(),
+            "the tc filters are gone"
+        );
+    }
+    in_netns(&|| assert_eq!(dp.check(ep), Vec::<String>::new()));
+    in_netns(&|| {
+        assert_eq!(
+            dp.detach(ep)
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            Vec::<String>::new()
+        )
+    });
+}
+
+#[test]
+fn sweep_removes_the_tc_filters_and_tcx_links_of_endpoints_nobody_owns() {
+    require_root!();
+    let fx = Fixture::new("sweep");
+    let eps = fx.endpoints(2);
+    let (tc_ep, tcx_ep) = (&eps[0], &eps[1]);
+    let in_netns = |f: &(dyn Fn() + Sync)| {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                fx.enter();
+                f();
+            })
+            .join()
+            .expect("thread in the test netns");
+        });
+    };
+    // Orphans of both kinds, as agents in either mode could leave them.
+    let tcx = fx.load(AttachMode::Tcx);
+    in_netns(&|| tcx.attach(tcx_ep, 0).expect("attach with TCX"));
+    drop(tcx);
+    let dp = fx.load(AttachMode::Tc);
+    in_netns(&|| dp.attach(tc_ep, 0).expect("attach with tc"));
+    in_netns(&|| {
+        let errors: Vec<String> = dp.sweep(&[]).iter().map(ToString::to_string).collect();
+        assert_eq!(errors, Vec::<String>::new());
+    });
+    let mut nl = Netlink::in_netns(&fx.netns_path()).expect("netlink in the test netns");
+    for ep in &eps {
+        for hook in [TcHook::Ingress, TcHook::Egress] {
+            assert_eq!(
+                nl.bpf_filters(ep.host_ifindex, hook).unwrap(),
+                Vec::new(),
+                "no filter left on {}",
+                ep.host_ifname
+            );
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(fx.pin_dir.join("links"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "pins left after sweep: {left:?}");
 }
