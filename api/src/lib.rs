@@ -203,6 +203,22 @@ fn default_protocol() -> String {
     "TCP".to_owned()
 }
 
+/// A port name as Kubernetes validates a container port's (`IsValidPortName`, an
+/// IANA_SVC_NAME): 1 to 15 characters of `a-z`, `0-9` and `-`, at least one letter, no
+/// `-` first, last or twice in a row. The one check of the agent (policies, the API) and
+/// hypha-cni (`args.cni.namedPorts`); the launcher, a runtime of its own that does not
+/// depend on this crate, checks `--port` the same way.
+pub fn is_port_name(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().any(|b| b.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
+}
+
 /// Parses `NAME<sep>NUMBER[/PROTOCOL]` (`http=8080/tcp` for `hypha endpoint ports`,
 /// `http:8080/tcp` for `hypha run --port`); the protocol is TCP unless given (tcp, udp
 /// or sctp, any case). The agent checks the name.

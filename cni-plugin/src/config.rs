@@ -553,7 +553,7 @@ fn named_port(i: usize, entry: &Value) -> Result<NamedPort, ConfigError> {
                 Value::Object(entry.clone()).to_string(),
             ));
         }
-        Some(Value::String(n)) if is_port_name(n) => n.clone(),
+        Some(Value::String(n)) if hypha_api::is_port_name(n) => n.clone(),
         Some(Value::String(n)) => {
             return Err(invalid(
                 "name",
@@ -594,20 +594,6 @@ fn named_port(i: usize, entry: &Value) -> Result<NamedPort, ConfigError> {
         port,
         protocol,
     })
-}
-
-/// A port name as Kubernetes validates a container port's (`IsValidPortName`, an
-/// IANA_SVC_NAME): 1 to 15 characters of `a-z`, `0-9` and `-`, at least one letter, no
-/// `-` first, last or twice in a row.
-pub fn is_port_name(name: &str) -> bool {
-    (1..=15).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && name.bytes().any(|b| b.is_ascii_lowercase())
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-        && !name.contains("--")
 }
 
 /// GC's list of attachments: `[{"containerID": "...", "ifname": "..."}, ...]`.

@@ -1214,14 +1214,7 @@ pub(super) fn validate_named_ports(ports: &[NamedPort]) -> Result<(), ControlErr
     let mut seen = BTreeSet::new();
     for (i, p) in ports.iter().enumerate() {
         let n = &p.name;
-        let ok = !n.is_empty()
-            && n.len() <= 15
-            && n.bytes()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
-            && n.bytes().any(|c| c.is_ascii_lowercase())
-            && !n.starts_with('-')
-            && !n.ends_with('-')
-            && !n.contains("--");
+        let ok = hypha_api::is_port_name(n);
         if !ok {
             return Err(ControlError::BadRequest(format!(
                 "ports[{i}]: {n:?} is not a valid port name: 1 to 15 lowercase letters, digits and '-', with at least one letter and no '-' at either end or twice in a row"

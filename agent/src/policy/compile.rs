@@ -371,6 +371,25 @@ pub(super) fn rule_ports(rule: &Rule, resolved: BTreeSet<(u8, u16)>) -> BTreeSet
     expand_ports(Some(&ranges))
 }
 
+/// The identities of the ipcache's prefixes inside `net` and outside every `except`.
+/// `Ipv4Net` orders by address, then prefix length, so every prefix inside `net` lies
+/// between two keys: a range instead of the whole ipcache (10,000 CIDR rules against a
+/// 10,000-prefix ipcache would otherwise cost 10^8 comparisons).
+pub(super) fn cidr_identities<'a>(
+    ipcache: &'a BTreeMap<Ipv4Net, u32>,
+    net: &'a Ipv4Net,
+    except: &'a [Ipv4Net],
+) -> impl Iterator<Item = u32> + 'a {
+    let low = Ipv4Net::new(net.network(), 0).expect("0 is a valid prefix length");
+    let high = Ipv4Net::new(net.broadcast(), 32).expect("32 is a valid prefix length");
+    ipcache
+        .range(low..=high)
+        .filter(move |(prefix, _)| {
+            net.contains(*prefix) && !except.iter().any(|x| x.contains(*prefix))
+        })
+        .map(|(_, id)| *id)
+}
+
 pub(super) fn direction(p: &Policy, dir: u8) -> &super::DirectionRules {
     if dir == DIR_INGRESS {
         &p.ingress
@@ -443,18 +462,7 @@ impl Ctx<'_> {
                     }
                 }
                 Peer::Cidr { net, except } => {
-                    // `Ipv4Net` orders by address, then prefix length, so every prefix inside
-                    // `net` lies between these two keys: a range instead of the whole ipcache
-                    // (10,000 CIDR rules against a 10,000-prefix ipcache would otherwise cost
-                    // 10^8 comparisons).
-                    let low = Ipv4Net::new(net.network(), 0).expect("0 is a valid prefix length");
-                    let high =
-                        Ipv4Net::new(net.broadcast(), 32).expect("32 is a valid prefix length");
-                    for (prefix, id) in self.ipcache.range(low..=high) {
-                        if net.contains(prefix) && !except.iter().any(|x| x.contains(prefix)) {
-                            ids.insert(*id);
-                        }
-                    }
+                    ids.extend(cidr_identities(self.ipcache, net, except));
                 }
                 Peer::Entity(Entity::All) => return BTreeSet::from([IDENTITY_ANY]),
                 Peer::Entity(Entity::Host) => {

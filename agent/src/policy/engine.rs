@@ -1144,14 +1144,11 @@ impl PolicyEngine {
                     }
                 }
                 Peer::Cidr { net, except } => {
-                    let low = Ipv4Net::new(net.network(), 0).expect("0 is a valid prefix length");
-                    let high =
-                        Ipv4Net::new(net.broadcast(), 32).expect("32 is a valid prefix length");
-                    for (prefix, id) in self.compiled.ipcache.range(low..=high) {
-                        if net.contains(prefix) && !except.iter().any(|x| x.contains(prefix)) {
-                            ids.insert(*id);
-                        }
-                    }
+                    ids.extend(super::compile::cidr_identities(
+                        &self.compiled.ipcache,
+                        net,
+                        except,
+                    ));
                 }
                 Peer::Entity(Entity::All) => return BTreeSet::from([IDENTITY_ANY]),
                 Peer::Entity(Entity::Host) => {

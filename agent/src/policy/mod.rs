@@ -158,16 +158,7 @@ pub type NamedPorts = std::collections::BTreeMap<String, (u8, u16)>;
 /// lowercase letters, digits and '-', at least one letter, no '-' at either end and no
 /// "--".
 pub fn validate_port_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 15
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        && name.chars().any(|c| c.is_ascii_lowercase())
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-        && !name.contains("--");
-    if ok {
+    if hypha_api::is_port_name(name) {
         Ok(())
     } else {
         Err(format!(
