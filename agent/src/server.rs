@@ -118,11 +118,8 @@ where
 
 async fn status<D: Datapath + 'static, H: HostNetwork + 'static>(
     State(a): State<Shared<D, H>>,
-) -> Response {
-    match blocking(a, |a| Ok(a.status())).await {
-        Ok(s) => Json(s).into_response(),
-        Err(e) => e.into_response(),
-    }
+) -> Result<Response, ControlError> {
+    Ok(Json(blocking(a, |a| Ok(a.status())).await?).into_response())
 }
 
 /// What the state store holds (`hypha state`; the soak's leak counts).
@@ -134,11 +131,8 @@ async fn committed_state<D: Datapath + 'static, H: HostNetwork + 'static>(
 
 async fn list<D: Datapath + 'static, H: HostNetwork + 'static>(
     State(a): State<Shared<D, H>>,
-) -> Response {
-    match blocking(a, |a| Ok(a.list())).await {
-        Ok(l) => Json(l).into_response(),
-        Err(e) => e.into_response(),
-    }
+) -> Result<Response, ControlError> {
+    Ok(Json(blocking(a, |a| Ok(a.list())).await?).into_response())
 }
 
 async fn allocate<D: Datapath + 'static, H: HostNetwork + 'static>(
@@ -286,11 +280,8 @@ async fn apply_policies<D: Datapath + 'static, H: HostNetwork + 'static>(
 
 async fn list_policies<D: Datapath + 'static, H: HostNetwork + 'static>(
     State(a): State<Shared<D, H>>,
-) -> Response {
-    match blocking(a, |a| Ok(a.list_policies())).await {
-        Ok(l) => Json(l).into_response(),
-        Err(e) => e.into_response(),
-    }
+) -> Result<Response, ControlError> {
+    Ok(Json(blocking(a, |a| Ok(a.list_policies())).await?).into_response())
 }
 
 async fn delete_policy<D: Datapath + 'static, H: HostNetwork + 'static>(
