@@ -110,6 +110,18 @@ impl Fixture {
         assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
     }
 
+    /// Runs `f` on a thread of its own inside the namespace and returns what it returns.
+    fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                self.enter();
+                f()
+            })
+            .join()
+            .expect("thread in the test netns")
+        })
+    }
+
     fn load(&self, mode: AttachMode) -> EbpfDatapath {
         EbpfDatapath::load(&self.pin_dir, Ipv4Addr::new(10, 99, 0, 1), mode)
             .expect("load the datapath (built with `cargo xtask build`?)")
@@ -372,16 +384,7 @@ fn an_endpoint_an_older_agent_attached_with_tcx_is_converted_to_tc_filters_on_ad
     }
     dp.fill_maps(ep, 0).expect("the older agent's map entries");
 
-    let adoption = std::thread::scope(|s| {
-        let (fx, dp) = (&fx, &dp);
-        s.spawn(move || {
-            fx.enter();
-            dp.adopt(ep, 0)
-        })
-        .join()
-        .expect("adopt thread")
-    })
-    .expect("adopt");
+    let adoption = fx.in_netns(|| dp.adopt(ep, 0)).expect("adopt");
     assert_eq!(adoption, Adoption::Adopted, "it was attached, by TCX");
     for pin in &pins {
         assert!(!pin.exists(), "{} removed", pin.display());
@@ -406,24 +409,13 @@ fn an_endpoint_attached_with_tc_is_converted_to_tcx_links_on_adopt_in_tcx_mode()
     let fx = Fixture::new("to-tcx");
     let eps = fx.endpoints(1);
     let ep = &eps[0];
-    let in_netns = |f: &(dyn Fn() + Sync)| {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                fx.enter();
-                f();
-            })
-            .join()
-            .expect("thread in the test netns");
-        });
-    };
+    let in_netns = |f: &(dyn Fn() + Sync)| fx.in_netns(f);
     let tc = fx.load(AttachMode::Tc);
     in_netns(&|| tc.attach(ep, 0).expect("attach with tc"));
     drop(tc);
     // A restart in TCX mode (the filters hold the old agent's programs meanwhile).
     let dp = fx.load(AttachMode::Tcx);
-    let adoption = std::sync::Mutex::new(None);
-    in_netns(&|| *adoption.lock().unwrap() = Some(dp.adopt(ep, 0).map_err(|e| e.to_string())));
-    let adoption = adoption.into_inner().unwrap().expect("adopted");
+    let adoption = fx.in_netns(|| dp.adopt(ep, 0).map_err(|e| e.to_string()));
     assert_eq!(adoption, Ok(Adoption::Adopted), "it was attached, by tc");
     for prog in &dp.programs {
         let link = link_info::read(&dp.link_pin(ep.host_ifindex, prog.hook)).expect("pinned link");
@@ -457,16 +449,7 @@ fn sweep_removes_the_tc_filters_and_tcx_links_of_endpoints_nobody_owns() {
     let fx = Fixture::new("sweep");
     let eps = fx.endpoints(2);
     let (tc_ep, tcx_ep) = (&eps[0], &eps[1]);
-    let in_netns = |f: &(dyn Fn() + Sync)| {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                fx.enter();
-                f();
-            })
-            .join()
-            .expect("thread in the test netns");
-        });
-    };
+    let in_netns = |f: &(dyn Fn() + Sync)| fx.in_netns(f);
     // Orphans of both kinds, as agents in either mode could leave them.
     let tcx = fx.load(AttachMode::Tcx);
     in_netns(&|| tcx.attach(tcx_ep, 0).expect("attach with TCX"));
