@@ -216,6 +216,23 @@ fn delta(current: &PolicySet, candidate: &PolicySet) -> (Vec<StoredPolicy>, Vec<
     (upsert, remove)
 }
 
+/// Tells the engine what changed of an endpoint from `from` to `to` (its labels, its
+/// named ports): one call each, in order; stops at the first refusal.
+fn follow(
+    engine: &mut PolicyEngine,
+    from: &EndpointRecord,
+    to: &EndpointRecord,
+) -> Result<Vec<crate::policy::Outcome>, crate::policy::PolicyError> {
+    let mut outcomes = Vec::new();
+    if from.labels != to.labels {
+        outcomes.push(engine.relabel(to.id, to.labels.clone())?);
+    }
+    if from.ports != to.ports {
+        outcomes.push(engine.set_ports(to.id, named_ports(&to.ports))?);
+    }
+    Ok(outcomes)
+}
+
 /// `diff` without the flags of endpoint `id` (an endpoint being attached gets its flags
 /// from `Datapath::attach`).
 fn without_flags_of(mut d: PolicyDiff, id: u32) -> PolicyDiff {
@@ -727,20 +744,11 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 )));
             }
         }
-        let record = self.with_endpoint(which, |current| {
-            let mut record = current.clone();
+        let record = self.change_endpoint(which, |record| {
             for k in &req.remove {
                 record.labels.remove(k);
             }
             record.labels.extend(req.set.clone());
-            if record.labels == current.labels {
-                return Ok(record);
-            }
-            let pending = self.policy_update_endpoint(current, &record, |engine| {
-                engine.relabel(record.id, record.labels.clone())
-            })?;
-            self.finish_endpoint_change(current, &record, pending)?;
-            Ok(record)
         })?;
         tracing::info!(endpoint = record.id, labels = ?record.labels, "endpoint relabelled");
         Ok(self.describe(&record, &self.all_drops()))
@@ -754,47 +762,55 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         ports: &[NamedPort],
     ) -> Result<Endpoint, ControlError> {
         validate_named_ports(ports)?;
-        let record = self.with_endpoint(which, |current| {
-            let mut record = current.clone();
-            let mut sorted = ports.to_vec();
-            sorted.sort();
-            record.ports = sorted;
-            if record.ports == current.ports {
-                return Ok(record);
-            }
-            let pending = self.policy_update_endpoint(current, &record, |engine| {
-                engine.set_ports(record.id, named_ports(&record.ports))
-            })?;
-            self.finish_endpoint_change(current, &record, pending)?;
-            Ok(record)
+        let record = self.change_endpoint(which, |record| {
+            record.ports = ports.to_vec();
+            record.ports.sort();
         })?;
         tracing::info!(endpoint = record.id, ports = ?record.ports, "endpoint ports set");
         Ok(self.describe(&record, &self.all_drops()))
     }
 
-    /// Runs an engine change of an attached endpoint (`current` → `record`) and writes
-    /// its diff; on failure the engine goes back to `current`.
-    fn policy_update_endpoint(
+    /// Applies `edit` to the record of the endpoint `which` (an attached endpoint, its
+    /// attachment locked): the engine follows what changed (labels, named ports), the
+    /// diff is written and the record saved; any failure puts everything back.
+    fn change_endpoint(
         &self,
-        current: &EndpointRecord,
-        record: &EndpointRecord,
-        change: impl FnOnce(
-            &mut PolicyEngine,
-        ) -> Result<crate::policy::Outcome, crate::policy::PolicyError>,
-    ) -> Result<Option<Pending>, ControlError> {
-        let mut p = self.policy();
-        let outcome = change(&mut p.engine)?;
-        if let Err(e) = self.write_policy(&outcome.diff) {
-            let rollback = self.restore_endpoint(&mut p, current, record);
-            return Err(e.with_rollback(rollback));
-        }
-        let pending = outcome.identities_changed.then(|| {
-            self.store.submit(vec![Change::Identities(
-                p.engine.compiled().identities.clone(),
-            )])
-        });
-        self.publish_policy(&p);
-        Ok(pending)
+        which: &str,
+        edit: impl FnOnce(&mut EndpointRecord),
+    ) -> Result<EndpointRecord, ControlError> {
+        self.with_endpoint(which, |current| {
+            let mut record = current.clone();
+            edit(&mut record);
+            if record == *current {
+                return Ok(record);
+            }
+            let pending = {
+                let mut p = self.policy();
+                let written = follow(&mut p.engine, current, &record)
+                    .map_err(ControlError::from)
+                    .and_then(|outcomes| {
+                        for o in &outcomes {
+                            self.write_policy(&o.diff)?;
+                        }
+                        Ok(outcomes.iter().any(|o| o.identities_changed))
+                    });
+                let identities_changed = match written {
+                    Ok(changed) => changed,
+                    Err(e) => {
+                        let rollback = self.restore_endpoint(&mut p, current, &record);
+                        return Err(e.with_rollback(rollback));
+                    }
+                };
+                self.publish_policy(&p);
+                identities_changed.then(|| {
+                    self.store.submit(vec![Change::Identities(
+                        p.engine.compiled().identities.clone(),
+                    )])
+                })
+            };
+            self.finish_endpoint_change(current, &record, pending)?;
+            Ok(record)
+        })
     }
 
     /// Puts the engine's view of an endpoint back from `now` to `was`, and the maps.
@@ -804,22 +820,14 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         was: &EndpointRecord,
         now: &EndpointRecord,
     ) -> Vec<String> {
-        let mut errors = Vec::new();
-        let view = policy_endpoint(was);
-        let steps: [Option<Result<crate::policy::Outcome, crate::policy::PolicyError>>; 2] = [
-            (was.labels != now.labels).then(|| p.engine.relabel(was.id, was.labels.clone())),
-            (was.ports != now.ports).then(|| p.engine.set_ports(was.id, view.ports.clone())),
-        ];
-        for step in steps.into_iter().flatten() {
-            match step {
-                Ok(back) => {
-                    if let Err(e) = self.write_policy(&back.diff) {
-                        errors.push(format!("cannot restore the policy maps: {e}"));
-                    }
-                }
-                Err(e) => errors.push(format!("cannot restore the endpoint's policy: {e}")),
-            }
-        }
+        let errors = match follow(&mut p.engine, now, was) {
+            Ok(outcomes) => outcomes
+                .iter()
+                .filter_map(|back| self.write_policy(&back.diff).err())
+                .map(|e| format!("cannot restore the policy maps: {e}"))
+                .collect(),
+            Err(e) => vec![format!("cannot restore the endpoint's policy: {e}")],
+        };
         self.publish_policy(p);
         errors
     }
