@@ -233,7 +233,9 @@ pub fn format_status(s: &Status) -> String {
     let _ = writeln!(
         out,
         "Pod CIDR:   {} (gateway {} on {})",
-        s.node.pod_cidr, s.node.gateway, s.node.host_device
+        s.node.pod_cidr.map(|c| c.to_string()).unwrap_or_default(),
+        s.node.gateway.map(|g| g.to_string()).unwrap_or_default(),
+        s.node.host_device
     );
     let _ = writeln!(
         out,
@@ -334,7 +336,7 @@ pub fn format_endpoints(eps: &[Endpoint]) -> String {
             e.id.to_string(),
             e.container_id.chars().take(12).collect(),
             e.ifname.clone(),
-            e.address.to_string(),
+            e.address.map(|a| a.to_string()).unwrap_or_default(),
             e.host_ifname.clone(),
             pkts(c.egress.forwarded()),
             pkts(c.egress.redirected),
@@ -392,12 +394,10 @@ pub fn format_event(line: &str) -> String {
         (None, "policy-audit") => "AUDIT (would drop)".to_owned(),
         (None, other) => other.to_uppercase(),
     };
-    let ports = |addr: std::net::Ipv4Addr, port: u16| {
-        if port == 0 {
-            addr.to_string()
-        } else {
-            format!("{addr}:{port}")
-        }
+    let ports = |addr: std::net::IpAddr, port: u16| match (addr, port) {
+        (_, 0) => addr.to_string(),
+        (std::net::IpAddr::V6(a), _) => format!("[{a}]:{port}"),
+        (std::net::IpAddr::V4(a), _) => format!("{a}:{port}"),
     };
     // Drops that are not policy verdicts name the endpoint by its host veth's ifindex.
     let endpoint = if e.endpoint_id == 0 {
@@ -450,7 +450,10 @@ mod tests {
             netns: "/run/netns/a".into(),
             host_ifname: "hyp0123456789ab".into(),
             host_ifindex: 9,
-            address: "10.244.0.2".parse().unwrap(),
+            address: Some("10.244.0.2".parse().unwrap()),
+            address6: None,
+            counters4: Default::default(),
+            counters6: Default::default(),
             pod_mac: MacAddr([2, 0, 0, 0, 0, 1]),
             host_mac: MacAddr([2, 0, 0, 0, 0, 2]),
             labels: Default::default(),

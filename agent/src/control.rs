@@ -108,7 +108,7 @@ struct Table {
 impl Table {
     fn insert(&mut self, ep: EndpointRecord) {
         let owner = ep.owner();
-        self.addresses.insert(ep.address, owner.clone());
+        self.addresses.insert(v4(ep.address), owner.clone());
         self.macs.insert(ep.pod_mac.0, owner.clone());
         self.ids.insert(ep.id, owner.clone());
         self.endpoints.insert(owner, ep);
@@ -117,7 +117,7 @@ impl Table {
     fn remove(&mut self, owner: &Owner) -> Option<EndpointRecord> {
         let ep = self.endpoints.remove(owner)?;
         self.ids.remove(&ep.id);
-        self.addresses.remove(&ep.address);
+        self.addresses.remove(&v4(ep.address));
         self.macs.remove(&ep.pod_mac.0);
         Some(ep)
     }
@@ -273,7 +273,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         let mut report = StartReport::default();
         let mut changes = Vec::new();
         for ep in saved.endpoints {
-            let name = format!("{} ({})", ep.host_ifname, ep.address);
+            let name = format!("{} ({})", ep.host_ifname, v4(ep.address));
             let alive = host
                 .link(&ep.host_ifname)?
                 .is_some_and(|l| l.index == ep.host_ifindex);
@@ -324,8 +324,11 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         }
         let endpoints: Vec<EndpointRecord> = agent.table().endpoints.values().cloned().collect();
         for ep in &endpoints {
-            let name = format!("{} ({})", ep.host_ifname, ep.address);
-            if let Err(e) = agent.host.route_pod(ep.host_ifindex, ep.address, gateway) {
+            let name = format!("{} ({})", ep.host_ifname, v4(ep.address));
+            if let Err(e) = agent
+                .host
+                .route_pod(ep.host_ifindex, v4(ep.address), gateway)
+            {
                 report
                     .warnings
                     .push(format!("{name}: cannot restore its route: {e}"));
@@ -395,7 +398,10 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             if let Some(ep) = t.endpoints.get(&owner) {
                 return Err(ControlError::Conflict(format!(
                     "container {} already has interface {} attached as endpoint {} ({}); delete it first",
-                    ep.container_id, ep.ifname, ep.id, ep.address
+                    ep.container_id,
+                    ep.ifname,
+                    ep.id,
+                    v4(ep.address)
                 )));
             }
             let before = t.ipam.owner_address(&owner);
@@ -421,9 +427,12 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             return Err(e.into());
         }
         Ok(Allocation {
-            address,
-            gateway: self.config.gateway(),
-            pod_cidr: self.config.pod_cidr,
+            address: Some(address),
+            gateway: Some(self.config.gateway()),
+            pod_cidr: Some(self.config.pod_cidr),
+            address6: None,
+            gateway6: None,
+            pod_cidr6: None,
         })
     }
 
@@ -441,26 +450,24 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 req.container_id, req.ifname, ep.id
             )));
         }
-        if let Some(other) = t.address_holder(req.address) {
+        let address = v4(req.address);
+        if let Some(other) = t.address_holder(address) {
             return Err(ControlError::Conflict(format!(
-                "address {} is already used by {other}",
-                req.address
+                "address {address} is already used by {other}"
             )));
         }
         match t.ipam.owner_address(owner) {
             _ if req.external_ipam => {
-                if let Some(holder) = t.ipam.holder(req.address) {
+                if let Some(holder) = t.ipam.holder(address) {
                     return Err(ControlError::Conflict(format!(
-                        "address {} from the delegated IPAM plugin is reserved for {holder} by the agent's own allocator",
-                        req.address
+                        "address {address} from the delegated IPAM plugin is reserved for {holder} by the agent's own allocator"
                     )));
                 }
             }
-            Some(a) if a == req.address => {}
+            Some(a) if a == address => {}
             Some(a) => {
                 return Err(ControlError::BadRequest(format!(
-                    "{owner} was allocated {a}, not {}",
-                    req.address
+                    "{owner} was allocated {a}, not {address}"
                 )));
             }
             None => {
@@ -497,13 +504,13 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         }
         let id = t.next_endpoint_id;
         t.next_endpoint_id += 1;
-        t.addresses.insert(req.address, owner.clone());
+        t.addresses.insert(address, owner.clone());
         t.macs.insert(req.pod_mac.0, owner.clone());
         Ok((
             id,
             Claim {
                 table: &self.table,
-                address: req.address,
+                address,
                 mac: req.pod_mac.0,
                 done: false,
             },
@@ -545,6 +552,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             host_ifname: req.host_ifname.clone(),
             host_ifindex: link.index,
             address: req.address,
+            address6: req.address6,
             pod_mac: req.pod_mac,
             host_mac: link.mac,
             labels: req.labels.clone(),
@@ -554,7 +562,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             ports,
         };
         self.host
-            .route_pod(link.index, req.address, self.config.gateway())?;
+            .route_pod(link.index, v4(req.address), self.config.gateway())?;
         // The limiters before the programs: the ingress flag set by `attach` must find its
         // qdisc in place. If a later step fails, they go with the veth hypha-cni deletes.
         if record.bandwidth.is_some() {
@@ -616,6 +624,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         Ok(DeleteResponse {
             endpoint_removed: removal.removed,
             address_released: removal.released,
+            address6_released: None,
         })
     }
 
@@ -678,7 +687,8 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         for owner in stale {
             let removal = self.remove(&owner, true);
             resp.errors.extend(removal.errors);
-            resp.released.extend(removal.released);
+            resp.released
+                .extend(removal.released.map(std::net::IpAddr::V4));
             pending.extend(removal.pending);
             if removal.removed || removal.released.is_some() {
                 resp.removed.push(Attachment {
@@ -1005,12 +1015,15 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             host_ifname: ep.host_ifname.clone(),
             host_ifindex: ep.host_ifindex,
             address: ep.address,
+            address6: ep.address6,
             pod_mac: ep.pod_mac,
             host_mac: ep.host_mac,
             labels: ep.labels.clone(),
             external_ipam: ep.external_ipam,
             bandwidth: ep.bandwidth,
-            counters: counters(&stats),
+            counters: counters(&stats.total()),
+            counters4: counters(&stats.ipv4),
+            counters6: counters(&stats.ipv6),
             drops: drops
                 .iter()
                 .filter(|(k, _)| k.ifindex == ep.host_ifindex)
@@ -1044,8 +1057,10 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_seconds: self.started.elapsed().as_secs(),
             node: NodeStatus {
-                pod_cidr: self.config.pod_cidr,
-                gateway: self.config.gateway(),
+                pod_cidr: Some(self.config.pod_cidr),
+                gateway: Some(self.config.gateway()),
+                pod_cidr6: None,
+                gateway6: None,
                 host_device: self.config.host_device.clone(),
                 masquerade: self.config.masquerade,
                 socket: self.config.socket.display().to_string(),
@@ -1055,6 +1070,9 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 capacity,
                 allocated,
                 available: capacity.saturating_sub(allocated),
+                capacity6: 0,
+                allocated6: 0,
+                available6: 0,
             },
             datapath: DatapathStatus {
                 pin_dir: self.config.pin_dir.display().to_string(),
@@ -1076,7 +1094,13 @@ struct Removal {
     pending: Option<Pending>,
 }
 
-fn counters(s: &EndpointStats) -> EndpointCounters {
+/// Interim, until the control plane is dual stack: the IPv4 address of a record or
+/// request (`0.0.0.0` when it has none).
+fn v4(address: Option<Ipv4Addr>) -> Ipv4Addr {
+    address.unwrap_or(Ipv4Addr::UNSPECIFIED)
+}
+
+fn counters(s: &hypha_common::FamilyStats) -> EndpointCounters {
     let dir = |d: &hypha_common::DirectionStats| DirectionCounters {
         passed: count(&d.passed),
         redirected: count(&d.redirected),
@@ -1209,10 +1233,11 @@ mod tests {
             container_id: cid.into(),
             ifname: "eth0".into(),
             address: None,
+            address6: None,
         })?;
         agent.create_endpoint(&CreateEndpointRequest {
             bandwidth,
-            ..create_request(cid, host, alloc.address)
+            ..create_request(cid, host, alloc.address.unwrap())
         })
     }
 
@@ -1223,12 +1248,13 @@ mod tests {
             ifname: "eth0".into(),
             netns: "/run/netns/x".into(),
             host_ifname: host.into(),
-            address,
+            address: Some(address),
             pod_mac: MacAddr([2, 1, 1, 1, 1, address.octets()[3]]),
             labels: Default::default(),
             external_ipam: false,
             bandwidth: None,
             ports: Vec::new(),
+            address6: None,
         }
     }
 
@@ -1240,9 +1266,9 @@ mod tests {
             FakeDatapath::default(),
         );
         let ep = add(&mut agent, "a", "hypa").unwrap();
-        assert_eq!(ep.address, Ipv4Addr::new(10, 7, 0, 2));
+        assert_eq!(ep.address, Some(Ipv4Addr::new(10, 7, 0, 2)));
         assert_eq!(ep.host_ifindex, 10);
-        assert_eq!(agent.host.state().routes, vec![(10, ep.address)]);
+        assert_eq!(agent.host.state().routes, vec![(10, ep.address.unwrap())]);
         assert!(agent.datapath.state().attached.contains_key(&10));
         assert_eq!(store.last().endpoints.len(), 1);
         let listed = agent.list();
@@ -1250,7 +1276,7 @@ mod tests {
 
         let del = agent.delete_endpoint("a", "eth0").unwrap();
         assert!(del.endpoint_removed);
-        assert_eq!(del.address_released, Some(ep.address));
+        assert_eq!(del.address_released, ep.address);
         assert!(agent.datapath.state().attached.is_empty());
         assert!(store.last().endpoints.is_empty());
         assert!(store.last().ipam.allocations.is_empty());
@@ -1275,7 +1301,7 @@ mod tests {
                 container_id: "a".into(),
                 ifname: "eth0".into()
             }),
-            Some(ep.address)
+            ep.address
         );
     }
 
@@ -1420,12 +1446,13 @@ mod tests {
                 ifname: "eth0".into(),
                 netns: "/x".into(),
                 host_ifname: "x".into(),
-                address: Ipv4Addr::new(10, 7, 0, 5),
+                address: Some(Ipv4Addr::new(10, 7, 0, 5)),
                 pod_mac: MacAddr([2, 0, 0, 0, 0, 5]),
                 labels: Default::default(),
                 external_ipam: false,
                 bandwidth: None,
                 ports: Vec::new(),
+                address6: None,
             })
             .unwrap_err();
         assert!(err.to_string().contains("no address is allocated"), "{err}");
@@ -1488,8 +1515,14 @@ mod tests {
             ..Default::default()
         });
         let (mut agent, report, store) = start(host_with(&[("hypa", 10)]), saved, dp);
-        assert_eq!(report.adopted, vec![format!("hypa ({})", a.address)]);
-        assert_eq!(report.removed, vec![format!("hypb ({})", b.address)]);
+        assert_eq!(
+            report.adopted,
+            vec![format!("hypa ({})", a.address.unwrap())]
+        );
+        assert_eq!(
+            report.removed,
+            vec![format!("hypb ({})", b.address.unwrap())]
+        );
         assert_eq!(agent.status().datapath.adopted_endpoints, 1);
         assert_eq!(agent.list().len(), 1);
         assert_eq!(
@@ -1519,6 +1552,7 @@ mod tests {
                 container_id: "c".into(),
                 ifname: "eth0".into(),
                 address: None,
+                address6: None,
             })
             .unwrap();
         let resp = agent
@@ -1546,7 +1580,7 @@ mod tests {
         assert_eq!(store.last().ipam.allocations.len(), 1);
         assert_eq!(
             store.last().ipam.allocations.keys().next(),
-            Some(&b.address)
+            b.address.as_ref()
         );
     }
 
@@ -1585,14 +1619,16 @@ mod tests {
                 container_id: "a".into(),
                 ifname: "eth0".into(),
                 address: Some(want),
+                address6: None,
             })
             .unwrap();
-        assert_eq!(alloc.address, want);
+        assert_eq!(alloc.address, Some(want));
         let err = agent
             .allocate(&AllocateRequest {
                 container_id: "b".into(),
                 ifname: "eth0".into(),
                 address: Some(want),
+                address6: None,
             })
             .unwrap_err();
         assert!(err.to_string().contains("already in use"), "{err}");
@@ -1605,18 +1641,19 @@ mod tests {
                     netns: "/x".into(),
                     host_ifname: host.into(),
                     address,
-                    pod_mac: MacAddr([2, 0, 0, 0, 0, address.octets()[3]]),
+                    pod_mac: MacAddr([2, 0, 0, 0, 0, address.unwrap().octets()[3]]),
                     labels: Default::default(),
                     external_ipam: true,
                     bandwidth: None,
                     ports: Vec::new(),
+                    address6: None,
                 })
             };
         // An address from a delegated plugin needs no allocation, and releases none.
-        let ep = external(&mut agent, "b", "hypb", Ipv4Addr::new(192, 0, 2, 10)).unwrap();
+        let ep = external(&mut agent, "b", "hypb", Some(Ipv4Addr::new(192, 0, 2, 10))).unwrap();
         assert!(ep.external_ipam);
         // It may not take an address the agent reserved for someone else.
-        let err = external(&mut agent, "c", "hypc", want).unwrap_err();
+        let err = external(&mut agent, "c", "hypc", Some(want)).unwrap_err();
         assert_eq!(err.http_status(), 409, "{err}");
         let del = agent.delete_endpoint("b", "eth0").unwrap();
         assert!(del.endpoint_removed && del.address_released.is_none());
@@ -1634,12 +1671,13 @@ mod tests {
                 container_id: "a".into(),
                 ifname: "eth0".into(),
                 address: None,
+                address6: None,
             })
             .unwrap();
         store.fail(true);
         agent.datapath.state().fail_detach = true;
         let err = agent
-            .create_endpoint(&create_request("a", "hypa", alloc.address))
+            .create_endpoint(&create_request("a", "hypa", alloc.address.unwrap()))
             .unwrap_err()
             .to_string();
         // The step that failed and the rollback step that failed, both named.
@@ -1693,6 +1731,7 @@ mod tests {
                 container_id: "a".into(),
                 ifname: "eth0".into(),
                 address: None,
+                address6: None,
             })
             .unwrap();
         // The attach fails; the policy write before it (the additions) succeeds, the
@@ -1700,7 +1739,7 @@ mod tests {
         let applied = agent.datapath.state().diffs.len();
         agent.datapath.state().fail_apply_after = Some(applied + 1);
         let err = agent
-            .create_endpoint(&create_request("a", "hypa", alloc.address))
+            .create_endpoint(&create_request("a", "hypa", alloc.address.unwrap()))
             .unwrap_err()
             .to_string();
         assert!(err.contains("cannot attach to hypa"), "{err}");

@@ -66,8 +66,9 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let status = agent.status();
     tracing::info!(
         socket = %socket.display(),
-        pod_cidr = %status.node.pod_cidr,
-        gateway = %status.node.gateway,
+        pod_cidr = ?status.node.pod_cidr,
+        gateway = ?status.node.gateway,
+        pod_cidr6 = ?status.node.pod_cidr6,
         pin_dir = %status.datapath.pin_dir,
         "hypha agent ready"
     );

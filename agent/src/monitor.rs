@@ -5,7 +5,7 @@
 //! broadcasts each event; a slow client loses events (it is told how many) rather than
 //! slowing the datapath or the other clients.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::maps::{MapData, RingBuf};
 use hypha_api::MonitorEvent;
@@ -56,11 +56,21 @@ pub fn render(e: &Event, policy_name: impl Fn(u32) -> Option<String>) -> Monitor
         policy,
         remote_identity: e.remote_identity,
         protocol: protocol_name(e.proto),
-        source: Ipv4Addr::from(e.saddr.to_ne_bytes()),
+        source: address(e.family, e.saddr),
         source_port: e.sport,
-        destination: Ipv4Addr::from(e.daddr.to_ne_bytes()),
+        destination: address(e.family, e.daddr),
         destination_port: e.dport,
         bytes: e.len,
+    }
+}
+
+/// An event's address: 16 bytes for IPv6, the first 4 for IPv4, none for a frame of no
+/// family (`0.0.0.0`).
+fn address(family: u8, bytes: [u8; 16]) -> IpAddr {
+    match family {
+        6 => IpAddr::V6(Ipv6Addr::from(bytes)),
+        4 => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
+        _ => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
     }
 }
 
@@ -155,8 +165,9 @@ mod tests {
             endpoint_id: 3,
             policy_id,
             remote_identity: 300,
-            saddr: u32::from_ne_bytes([10, 0, 0, 1]),
-            daddr: u32::from_ne_bytes([10, 0, 0, 2]),
+            family: 4,
+            saddr: [10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            daddr: [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
             len: 60,
             ..Event::default()
         }
@@ -173,7 +184,7 @@ mod tests {
         assert_eq!(e.reason.as_deref(), Some("policy-deny-rule"));
         assert_eq!(e.policy.as_deref(), Some("prod/deny-web"));
         assert_eq!((e.protocol.as_str(), e.destination_port), ("tcp", 8080));
-        assert_eq!(e.source, Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(e.source, IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)));
         let e = render(
             &event(EVENT_DROP, DropReason::PolicyDenied as u16, 0),
             names,

@@ -143,7 +143,7 @@ async fn allocate<D: Datapath + 'static, H: HostNetwork + 'static>(
         let req = req.clone();
         blocking(a, move |a| a.allocate(&req)).await?
     };
-    tracing::info!(container = %req.container_id, ifname = %req.ifname, address = %alloc.address, "allocated");
+    tracing::info!(container = %req.container_id, ifname = %req.ifname, address = ?alloc.address, address6 = ?alloc.address6, "allocated");
     Ok(Json(alloc).into_response())
 }
 
@@ -152,7 +152,7 @@ async fn create<D: Datapath + 'static, H: HostNetwork + 'static>(
     Json(req): Json<CreateEndpointRequest>,
 ) -> Result<Response, ControlError> {
     let ep = blocking(a, move |a| a.create_endpoint(&req)).await?;
-    tracing::info!(id = ep.id, container = %ep.container_id, host_if = %ep.host_ifname, address = %ep.address, "endpoint created");
+    tracing::info!(id = ep.id, container = %ep.container_id, host_if = %ep.host_ifname, address = ?ep.address, address6 = ?ep.address6, "endpoint created");
     Ok((StatusCode::CREATED, Json(ep)).into_response())
 }
 
@@ -501,11 +501,12 @@ mod tests {
                 container_id: "c1".into(),
                 ifname: "eth0".into(),
                 address: None,
+                address6: None,
             })
             .unwrap();
         let state: PersistedState = client.state().unwrap();
         assert_eq!(state, store.last());
-        let owner = &state.ipam.allocations[&alloc.address];
+        let owner = &state.ipam.allocations[&alloc.address.unwrap()];
         assert_eq!(
             (owner.container_id.as_str(), owner.ifname.as_str()),
             ("c1", "eth0")

@@ -28,9 +28,9 @@ mod client;
 mod mac;
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 pub use client::{Client, ClientError};
@@ -55,10 +55,21 @@ pub struct Status {
     pub policy: PolicyStatus,
 }
 
+/// The node's pod CIDRs, at most one per family: dual stack by default, IPv4-only or
+/// IPv6-only when configured so.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct NodeStatus {
-    pub pod_cidr: Ipv4Net,
-    pub gateway: Ipv4Addr,
+    /// The IPv4 pod CIDR and gateway (absent on an IPv6-only node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr: Option<Ipv4Net>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Ipv4Addr>,
+    /// The IPv6 pod CIDR and gateway (the link-local `fe80::1`; absent on an IPv4-only
+    /// node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr6: Option<Ipv6Net>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<Ipv6Addr>,
     /// Host device that carries the gateway address.
     pub host_device: String,
     pub masquerade: bool,
@@ -68,10 +79,17 @@ pub struct NodeStatus {
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct IpamStatus {
-    /// Addresses pods can get in the pod CIDR.
+    /// IPv4 addresses pods can get in the IPv4 pod CIDR (0 without one).
     pub capacity: u32,
     pub allocated: u32,
     pub available: u32,
+    /// IPv6 addresses pods can get in the IPv6 pod CIDR (0 without one).
+    #[serde(default)]
+    pub capacity6: u64,
+    #[serde(default)]
+    pub allocated6: u64,
+    #[serde(default)]
+    pub available6: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -87,25 +105,41 @@ pub struct DatapathStatus {
     pub attach: String,
 }
 
-/// `POST /v1/ipam/allocate`: reserve an address for one interface of one container.
-/// Asking again for the same container and interface returns the same address.
+/// `POST /v1/ipam/allocate`: reserve one address per family of the node for one
+/// interface of one container. Asking again for the same container and interface
+/// returns the same addresses.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct AllocateRequest {
     pub container_id: String,
     pub ifname: String,
-    /// A specific address (the CNI `ips` capability); it must be free and in the pod CIDR.
+    /// A specific IPv4 address (the CNI `ips` capability); it must be free and in the
+    /// IPv4 pod CIDR.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<Ipv4Addr>,
+    /// As `address`, for IPv6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<Ipv6Addr>,
 }
 
+/// The pod's addresses, one per family the node has: configured as a /32 and a /128
+/// on the pod's interface, each with a default route through its family's gateway,
+/// which the host side answers for.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Allocation {
-    /// The pod's address; it is configured as a /32 on the pod's interface.
-    pub address: Ipv4Addr,
-    /// The gateway the pod routes everything through; the host side answers for it.
-    pub gateway: Ipv4Addr,
-    pub pod_cidr: Ipv4Net,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr: Option<Ipv4Net>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<Ipv6Addr>,
+    /// Always the link-local `fe80::1` when there is an IPv6 address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway6: Option<Ipv6Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr6: Option<Ipv6Net>,
 }
 
 /// `POST /v1/endpoints`: the veth exists and the pod is addressed; attach the datapath.
@@ -118,8 +152,12 @@ pub struct CreateEndpointRequest {
     pub netns: String,
     /// Name of the host-side veth (in the agent's network namespace).
     pub host_ifname: String,
-    /// Address previously allocated for this container and interface.
-    pub address: Ipv4Addr,
+    /// Addresses previously allocated for this container and interface (or given by
+    /// the delegated IPAM plugin): at least one of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<Ipv6Addr>,
     /// MAC of the container-side interface.
     pub pod_mac: MacAddr,
     #[serde(default)]
@@ -160,7 +198,11 @@ pub struct Endpoint {
     pub netns: String,
     pub host_ifname: String,
     pub host_ifindex: u32,
-    pub address: Ipv4Addr,
+    /// Its IPv4 and IPv6 addresses: at least one of the two.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<Ipv6Addr>,
     pub pod_mac: MacAddr,
     pub host_mac: MacAddr,
     #[serde(default)]
@@ -170,9 +212,15 @@ pub struct Endpoint {
     pub external_ipam: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bandwidth: Option<Bandwidth>,
-    /// Counters read from the datapath; zero when it could not be read.
+    /// Counters read from the datapath, all families together; zero when they could
+    /// not be read.
     #[serde(default)]
     pub counters: EndpointCounters,
+    /// The IPv4 (with ARP) and IPv6 (with neighbour discovery) parts of `counters`.
+    #[serde(default)]
+    pub counters4: EndpointCounters,
+    #[serde(default)]
+    pub counters6: EndpointCounters,
     /// Drops by reason.
     #[serde(default)]
     pub drops: Vec<DropCount>,
@@ -326,8 +374,10 @@ pub struct DropCount {
 pub struct DeleteResponse {
     /// Whether an endpoint existed and was removed.
     pub endpoint_removed: bool,
-    /// The address given back to the pool, if one was held.
+    /// The addresses given back to the pools, if any were held.
     pub address_released: Option<Ipv4Addr>,
+    #[serde(default)]
+    pub address6_released: Option<Ipv6Addr>,
 }
 
 /// `GET /v1/endpoints/{container_id}/{ifname}`: the endpoint and whether the datapath
@@ -359,8 +409,8 @@ pub struct GcRequest {
 pub struct GcResponse {
     /// Attachments whose endpoint, veth, map entries and address were removed.
     pub removed: Vec<Attachment>,
-    /// Addresses given back to the pool.
-    pub released: Vec<Ipv4Addr>,
+    /// Addresses given back to the pools.
+    pub released: Vec<IpAddr>,
     /// What could not be cleaned; the rest was cleaned anyway.
     pub errors: Vec<String>,
 }
@@ -391,9 +441,10 @@ pub struct MonitorEvent {
     pub policy: Option<String>,
     pub remote_identity: u32,
     pub protocol: String,
-    pub source: Ipv4Addr,
+    /// IPv4 or IPv6; `0.0.0.0` for a frame that had no addresses.
+    pub source: IpAddr,
     pub source_port: u16,
-    pub destination: Ipv4Addr,
+    pub destination: IpAddr,
     pub destination_port: u16,
     pub bytes: u32,
 }

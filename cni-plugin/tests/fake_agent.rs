@@ -195,9 +195,12 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
             (
                 "200 OK",
                 serde_json::to_value(Allocation {
-                    address: ADDRESS,
-                    gateway: GATEWAY,
-                    pod_cidr: "10.77.0.0/24".parse().unwrap(),
+                    address: Some(ADDRESS),
+                    gateway: Some(GATEWAY),
+                    pod_cidr: Some("10.77.0.0/24".parse().unwrap()),
+                    address6: None,
+                    gateway6: None,
+                    pod_cidr6: None,
                 })
                 .unwrap(),
             )
@@ -223,12 +226,15 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
                 host_ifname: req.host_ifname,
                 host_ifindex: 0,
                 address: req.address,
+                address6: req.address6,
                 pod_mac: req.pod_mac,
                 host_mac: MacAddr(host.mac),
                 labels: req.labels,
                 external_ipam: req.external_ipam,
                 bandwidth: req.bandwidth,
                 counters: EndpointCounters::default(),
+                counters4: EndpointCounters::default(),
+                counters6: EndpointCounters::default(),
                 drops: Vec::new(),
                 debug: false,
                 ports: req.ports,
@@ -247,7 +253,7 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
                     netns: String::new(),
                     host_ifname: String::new(),
                     host_ifindex: 0,
-                    address: ADDRESS,
+                    address: Some(ADDRESS),
                     pod_mac: MacAddr::default(),
                     host_mac: MacAddr::default(),
                     labels: Default::default(),
@@ -257,6 +263,9 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
                     drops: Vec::new(),
                     debug: false,
                     ports: Vec::new(),
+                    address6: None,
+                    counters4: Default::default(),
+                    counters6: Default::default(),
                 })
             });
             match endpoint {
@@ -277,6 +286,7 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
             let resp = DeleteResponse {
                 endpoint_removed: removed,
                 address_released: removed.then_some(ADDRESS),
+                address6_released: None,
             };
             ("200 OK", serde_json::to_value(resp).unwrap())
         }

@@ -8,8 +8,8 @@
 //! Every type names its readers. When you change one, change all of them.
 #![no_std]
 
-/// Maximum number of endpoints (pods) on one node. Sizes `hypha_endpoints4` and
-/// `hypha_ep_stats`.
+/// Maximum number of endpoints (pods) on one node. Sizes `hypha_endpoints4`,
+/// `hypha_endpoints6`, `hypha_ifaces` and `hypha_ep_stats_v2`.
 pub const MAX_ENDPOINTS: u32 = 16_384;
 
 /// Maximum number of (endpoint, reason, direction) drop counters.
@@ -19,8 +19,13 @@ pub const MAX_DROP_COUNTERS: u32 = 65_536;
 pub mod maps {
     /// [`crate::EndpointKey4`] → [`crate::EndpointInfo`].
     pub const ENDPOINTS4: &str = "hypha_endpoints4";
-    /// Host-side ifindex (`u32`) → [`crate::EndpointStats`], per CPU.
-    pub const EP_STATS: &str = "hypha_ep_stats";
+    /// [`crate::EndpointKey6`] → [`crate::EndpointInfo`].
+    pub const ENDPOINTS6: &str = "hypha_endpoints6";
+    /// Host-side ifindex (`u32`) → [`crate::EndpointIface`]: who is behind each veth.
+    pub const IFACES: &str = "hypha_ifaces";
+    /// Host-side ifindex (`u32`) → [`crate::EndpointStats`], per CPU (per family since
+    /// v2; `hypha_ep_stats`, its predecessor, had one set of counters for everything).
+    pub const EP_STATS: &str = "hypha_ep_stats_v2";
     /// [`crate::DropKey`] → [`crate::Counter`], per CPU.
     pub const DROPS: &str = "hypha_drops";
     /// Index 0 → [`crate::NodeConfig`].
@@ -29,12 +34,18 @@ pub mod maps {
     /// `lpm_trie::Key<u32>` on both sides) → [`crate::IpcacheValue`]: the identity of every
     /// address.
     pub const IPCACHE4: &str = "hypha_ipcache4";
+    /// LPM trie (prefix length as `u32`, then the 16 bytes of the IPv6 address: aya's
+    /// `lpm_trie::Key<[u8; 16]>` on both sides) → [`crate::IpcacheValue`]. Holds the IPv6
+    /// prefixes, as `hypha_ipcache4` the IPv4 ones; the agent writes `::/0` → world.
+    pub const IPCACHE6: &str = "hypha_ipcache6";
     /// [`crate::PolicyKey`] → [`crate::PolicyEntry`]: every endpoint's compiled policy.
     pub const POLICY: &str = "hypha_policy";
     /// LRU [`crate::CtKey4`] → [`crate::CtEntry`]: connection tracking.
     pub const CT4: &str = "hypha_ct4";
-    /// Ring buffer of [`crate::Event`]s for `hypha monitor`.
-    pub const EVENTS: &str = "hypha_events";
+    /// LRU [`crate::CtKey6`] → [`crate::CtEntry`]: connection tracking of IPv6 flows.
+    pub const CT6: &str = "hypha_ct6";
+    /// Ring buffer of [`crate::Event`]s for `hypha monitor` (v2: IPv6-sized addresses).
+    pub const EVENTS: &str = "hypha_events_v2";
     /// Policy id (`u32`) → per-CPU [`crate::PolicyStats`].
     pub const POLICY_STATS: &str = "hypha_policy_stats";
     /// Per-CPU array, index 0 → [`crate::RedirectSlot`]: the frame being redirected to a
@@ -43,14 +54,17 @@ pub mod maps {
     /// LRU [`crate::DropKey`] → [`crate::EventBudget`]: what is left of each
     /// (endpoint, reason, direction)'s budget of drop events.
     pub const DROP_EVENTS: &str = "hypha_drop_events";
+    /// Maps earlier versions pinned under these names, with layouts that are gone. The
+    /// agent unpins them at start (their programs are replaced by then).
+    pub const RETIRED: [&str; 2] = ["hypha_ep_stats", "hypha_events"];
 }
 
-/// Capacity of `hypha_ipcache4`.
+/// Capacity of `hypha_ipcache4`, and of `hypha_ipcache6`.
 pub const MAX_IPCACHE: u32 = 65_536;
 /// Capacity of `hypha_policy`, across all endpoints. The agent refuses a policy set whose
 /// compiled entries would not fit.
 pub const MAX_POLICY_ENTRIES: u32 = 262_144;
-/// Capacity of `hypha_ct4`; least recently used connections are evicted first.
+/// Capacity of `hypha_ct4`, and of `hypha_ct6`; least recently used connections are evicted first.
 pub const MAX_CT_ENTRIES: u32 = 262_144;
 /// Capacity of `hypha_policy_stats`.
 pub const MAX_POLICIES: u32 = 16_384;
@@ -96,7 +110,21 @@ impl EndpointKey4 {
     }
 }
 
-/// Value of `hypha_endpoints4`: where a pod lives and how to address frames to it.
+/// Key of `hypha_endpoints6`: a pod's IPv6 address (its global one, never its
+/// link-local one).
+///
+/// Readers: `ebpf` (`hypha_from_pod` looks up the destination to redirect;
+/// `hypha_to_pod` the destination, for its ingress policy), `agent` (writes on endpoint
+/// create, deletes on endpoint delete, reads on restart to re-adopt).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EndpointKey6 {
+    /// The 16 bytes of the address, as in the packet.
+    pub addr: [u8; 16],
+}
+
+/// Value of `hypha_endpoints4` and `hypha_endpoints6`: where a pod lives and how to
+/// address frames to it. A dual-stack pod has one entry in each, with equal values.
 ///
 /// Readers: `ebpf` (`hypha_from_pod`: redirect target and L2 rewrite, ARP replies),
 /// `agent` (datapath writer, endpoint list).
@@ -116,7 +144,108 @@ pub struct EndpointInfo {
     pub flags: u32,
 }
 
-/// Per-CPU counters of one endpoint, keyed by its host-side ifindex in `hypha_ep_stats`.
+/// Value of `hypha_ifaces`, keyed by the host-side ifindex of an endpoint's veth: the
+/// endpoint behind it, with its own addresses, so that `hypha_from_pod` checks a
+/// sender's family and source address with one lookup, and `hypha_to_pod` the family
+/// of what it delivers.
+///
+/// `flags` are the endpoint's `ENDPOINT_F_*`, the same as in its `EndpointInfo`s: the
+/// agent writes all of its entries whenever the flags change. The family bits
+/// ([`ENDPOINT_F_IPV4`], [`ENDPOINT_F_IPV6`]) say which families the endpoint has; a
+/// frame of another family is dropped (`DropReason::UnsupportedFamily`).
+///
+/// Readers: `ebpf` (both programs: family, anti-spoofing, the sender's policy flags),
+/// `agent` (writes on endpoint create and flag changes, deletes on endpoint delete,
+/// checks it in CNI CHECK and at adoption).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EndpointIface {
+    pub endpoint_id: u32,
+    /// `ENDPOINT_F_*` bits.
+    pub flags: u32,
+    /// MAC of the pod's interface: the only source MAC it may send with.
+    pub pod_mac: [u8; 6],
+    /// MAC of the host-side veth (the pod's gateway MAC).
+    pub host_mac: [u8; 6],
+    /// The pod's IPv4 address, network byte order; 0 without IPv4.
+    pub addr4: u32,
+    /// The pod's IPv6 address; all zero without IPv6. The pod may also send from its
+    /// link-local address, [`link_local_of`] its MAC, and from `::` for duplicate
+    /// address detection.
+    pub addr6: [u8; 16],
+}
+
+/// The IPv6 link-local address a pod's interface has: `fe80::/64` with the modified
+/// EUI-64 interface identifier of its MAC (RFC 4291, appendix A), the address the kernel
+/// gives an interface with `addr_gen_mode` eui64, which hypha-cni sets on the pod's
+/// interface. Readers: `ebpf` (anti-spoofing), `cni-plugin` and `agent` (CHECK).
+pub const fn link_local_of(mac: [u8; 6]) -> [u8; 16] {
+    [
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        mac[0] ^ 0x02,
+        mac[1],
+        mac[2],
+        0xff,
+        0xfe,
+        mac[3],
+        mac[4],
+        mac[5],
+    ]
+}
+
+/// The pods' IPv6 gateway: the link-local `fe80::1`, the same on every node and every
+/// veth. A pod routes `::/0` through it; `hypha_from_pod` answers the pod's neighbour
+/// solicitations for it with the host-side veth's MAC (as it answers ARP for the IPv4
+/// gateway), so no host interface holds it and no router advertisement is needed. It
+/// can never be a pod's own link-local address, whose EUI-64 identifier has `ff:fe` in
+/// its middle. Readers: `ebpf`, `agent` (allocation answers), `cni-plugin` (routes).
+pub const GATEWAY6: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// Most IPv6 extension headers `hypha_from_pod` and `hypha_to_pod` walk to find a
+/// packet's upper-layer header; a packet with more is dropped
+/// (`DropReason::TooManyExtensionHeaders`).
+pub const MAX_IPV6_EXT_HEADERS: u32 = 8;
+
+/// Per-CPU counters of one endpoint, keyed by its host-side ifindex in
+/// `hypha_ep_stats_v2`, per family: IPv4 (with ARP), IPv6 (with its neighbour
+/// discovery) and everything else (frames of no family: unknown EtherTypes, runts).
+///
+/// Readers: `ebpf` (both programs update it; the entry is created by the agent, never by
+/// the datapath), `agent` (creates zeroed on endpoint create, sums per CPU for
+/// `hypha endpoint list` and the metrics, deletes on endpoint delete).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointStats {
+    pub ipv4: FamilyStats,
+    pub ipv6: FamilyStats,
+    pub other: FamilyStats,
+}
+
+impl EndpointStats {
+    /// The counters of all families together.
+    pub fn total(&self) -> FamilyStats {
+        let mut t = self.ipv4;
+        t.add(&self.ipv6);
+        t.add(&self.other);
+        t
+    }
+
+    /// Adds another set, as when summing the per-CPU values.
+    pub fn add(&mut self, other: &EndpointStats) {
+        self.ipv4.add(&other.ipv4);
+        self.ipv6.add(&other.ipv6);
+        self.other.add(&other.other);
+    }
+}
+
+/// The counters of one family of one endpoint.
 ///
 /// Directions are the pod's: `egress` is what the pod sends (seen at the host veth's
 /// ingress hook), `ingress` what it receives. A packet redirected from pod A to pod B
@@ -127,9 +256,16 @@ pub struct EndpointInfo {
 /// `hypha endpoint list`, deletes on endpoint delete).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct EndpointStats {
+pub struct FamilyStats {
     pub egress: DirectionStats,
     pub ingress: DirectionStats,
+}
+
+impl FamilyStats {
+    pub fn add(&mut self, other: &FamilyStats) {
+        self.egress.add(&other.egress);
+        self.ingress.add(&other.ingress);
+    }
 }
 
 /// Counters of one direction of one endpoint.
@@ -142,6 +278,14 @@ pub struct DirectionStats {
     pub redirected: Counter,
     /// Dropped by the datapath; the reasons are in `hypha_drops`.
     pub dropped: Counter,
+}
+
+impl DirectionStats {
+    pub fn add(&mut self, other: &DirectionStats) {
+        self.passed.add(&other.passed);
+        self.redirected.add(&other.redirected);
+        self.dropped.add(&other.dropped);
+    }
 }
 
 /// A packet and byte counter.
@@ -218,6 +362,11 @@ pub const ENDPOINT_F_POLICY_MASK: u32 = ENDPOINT_F_INGRESS_POLICY
 /// `bpf_redirect_peer` (which would skip the qdisc). Set by the agent from the endpoint's
 /// bandwidth, never by the policy compiler.
 pub const ENDPOINT_F_INGRESS_LIMIT: u32 = 1 << 4;
+/// `EndpointInfo::flags`, `EndpointIface::flags`: the endpoint has an IPv4 address; IPv4
+/// and ARP pass to and from it. Set by the agent from the endpoint's addresses.
+pub const ENDPOINT_F_IPV4: u32 = 1 << 5;
+/// As [`ENDPOINT_F_IPV4`], for IPv6 and its neighbour discovery.
+pub const ENDPOINT_F_IPV6: u32 = 1 << 6;
 
 /// Value of the per-CPU `hypha_redirect` slot: the frame `hypha_from_pod` is handing, on
 /// this CPU, to the egress of a rate-limited endpoint's host veth (`bpf_redirect` to
@@ -252,10 +401,11 @@ pub const DIR_INGRESS: u8 = 1;
 /// Value at index 0 of the `hypha_config` array: node-wide settings of the datapath.
 ///
 /// Readers: `ebpf` (`hypha_from_pod` answers ARP for `gateway`), `agent` (writes at start).
+/// The IPv6 gateway is the constant [`GATEWAY6`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeConfig {
-    /// The pods' gateway address, network byte order.
+    /// The pods' IPv4 gateway address, network byte order (0 on an IPv6-only node).
     pub gateway: u32,
     /// `NODE_F_*` bits.
     pub flags: u32,
@@ -271,9 +421,12 @@ pub const IDENTITY_WORLD: u32 = 2;
 pub const IDENTITY_FIRST_LABELS: u32 = 256;
 pub const IDENTITY_FIRST_CIDR: u32 = 1 << 24;
 
-/// Value of `hypha_ipcache4`; the longest prefix holding an address gives its identity.
+/// Value of `hypha_ipcache4` and `hypha_ipcache6`; the longest prefix holding an address
+/// gives its identity. Identities do not depend on the family: a dual-stack pod's two
+/// addresses map to the same identity.
 /// Readers: `ebpf` (both programs, for the remote identity of a new flow), `agent` (writes
-/// endpoints' /32s, the host's addresses, policy CIDRs, and 0.0.0.0/0 → world).
+/// endpoints' /32s and /128s, the host's addresses, policy CIDRs, and 0.0.0.0/0 and ::/0
+/// → world).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IpcacheValue {
@@ -348,7 +501,23 @@ pub struct CtKey4 {
     pub _pad: [u8; 3],
 }
 
-/// Value of `hypha_ct4`.
+/// Key of `hypha_ct6`: an IPv6 flow as seen from its sender, as [`CtKey4`]. Readers:
+/// `ebpf`; `agent` (flushes an endpoint's flows when it goes, reports the table's size).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CtKey6 {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Ports in network byte order as in the packet; 0 for protocols without ports
+    /// and for fragments after the first. For ICMPv6 echo, `sport` is the identifier.
+    pub sport: u16,
+    pub dport: u16,
+    /// The upper-layer protocol, after the extension headers.
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `hypha_ct4` and `hypha_ct6`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtEntry {
@@ -388,8 +557,8 @@ pub const EVENT_POLICY_AUDIT: u8 = 3;
 /// Drop events are rate limited per (endpoint, reason, direction): at most
 /// [`DROP_EVENTS_BURST`] at once and [`DROP_EVENTS_PER_S`] per second after that (see
 /// [`EventBudget`]); the counters count every drop. A drop that is not a policy verdict
-/// has `policy_id` and `remote_identity` 0 and, when its frame is not IPv4 (or too short
-/// to be read), addresses, ports and protocol 0 as well.
+/// has `policy_id` and `remote_identity` 0 and, when its frame is neither IPv4 nor IPv6
+/// (or too short to be read), `family`, addresses, ports and protocol 0 as well.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Event {
@@ -397,8 +566,10 @@ pub struct Event {
     pub kind: u8,
     /// [`DIR_EGRESS`] or [`DIR_INGRESS`], of the endpoint `endpoint_id`.
     pub direction: u8,
+    /// The upper-layer protocol (for IPv6, after the extension headers).
     pub proto: u8,
-    pub _pad: u8,
+    /// 4 or 6: how to read `saddr` and `daddr`; 0 when the frame had no addresses.
+    pub family: u8,
     /// A [`DropReason`] for drops; 0 otherwise.
     pub reason: u16,
     pub dport: u16,
@@ -413,11 +584,12 @@ pub struct Event {
     pub policy_id: u32,
     /// Identity of the other side.
     pub remote_identity: u32,
-    /// Addresses, network byte order.
-    pub saddr: u32,
-    pub daddr: u32,
     /// Length of the packet.
     pub len: u32,
+    /// Addresses as in the packet: all 16 bytes for IPv6, the first 4 for IPv4 (the
+    /// rest zero).
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
 }
 
 /// Why the datapath dropped a packet.
@@ -460,15 +632,28 @@ pub enum DropReason {
     /// this reason shows in `hypha endpoint list` but never in `hypha_drops` nor in
     /// `hypha monitor`.
     BandwidthLimit = 9,
-    /// A frame of an L3 family Hypha does not manage for the endpoint, in either
-    /// direction: today IPv6, neighbour discovery included. The neighbour discovery of a
-    /// managed family (ARP, for IPv4) passes.
+    /// A frame of an L3 family the endpoint has no address of (IPv6 to or from an
+    /// IPv4-only pod, IPv4 or ARP to or from an IPv6-only one), in either direction,
+    /// neighbour discovery included.
     UnsupportedFamily = 10,
+    /// The IPv6 header is cut short: the frame ends before its 40 bytes.
+    InvalidIpv6Header = 11,
+    /// The IPv6 header is malformed: version not 6.
+    MalformedIpv6 = 12,
+    /// An IPv6 extension header (hop-by-hop, routing, destination options, fragment) is
+    /// cut short: the frame ends before the length it claims.
+    InvalidExtensionHeader = 13,
+    /// More IPv6 extension headers than the datapath walks
+    /// ([`MAX_IPV6_EXT_HEADERS`]).
+    TooManyExtensionHeaders = 14,
+    /// An ICMPv6 neighbour discovery message the pod sent is cut short, or has a hop
+    /// limit other than 255 (RFC 4861 section 7.1).
+    InvalidNeighborDiscovery = 15,
 }
 
 impl DropReason {
     /// Every reason, in numbering order.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::InvalidIpv4Header,
         DropReason::MalformedIpv4,
         DropReason::UnknownL3,
@@ -479,6 +664,11 @@ impl DropReason {
         DropReason::SpoofedSource,
         DropReason::BandwidthLimit,
         DropReason::UnsupportedFamily,
+        DropReason::InvalidIpv6Header,
+        DropReason::MalformedIpv6,
+        DropReason::InvalidExtensionHeader,
+        DropReason::TooManyExtensionHeaders,
+        DropReason::InvalidNeighborDiscovery,
     ];
 
     /// The reason for a stored code, if the code is known.
@@ -499,6 +689,11 @@ impl DropReason {
             DropReason::SpoofedSource => "spoofed-source",
             DropReason::BandwidthLimit => "bandwidth-limit",
             DropReason::UnsupportedFamily => "unsupported-family",
+            DropReason::InvalidIpv6Header => "invalid-ipv6-header",
+            DropReason::MalformedIpv6 => "malformed-ipv6",
+            DropReason::InvalidExtensionHeader => "invalid-extension-header",
+            DropReason::TooManyExtensionHeaders => "too-many-extension-headers",
+            DropReason::InvalidNeighborDiscovery => "invalid-neighbor-discovery",
         }
     }
 }
@@ -527,6 +722,10 @@ mod pod {
     // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and byte arrays,
     // with explicit padding, so every bit pattern is valid and there are no holes.
     unsafe impl aya::Pod for super::EndpointKey4 {}
+    unsafe impl aya::Pod for super::EndpointKey6 {}
+    unsafe impl aya::Pod for super::EndpointIface {}
+    unsafe impl aya::Pod for super::FamilyStats {}
+    unsafe impl aya::Pod for super::CtKey6 {}
     unsafe impl aya::Pod for super::EndpointInfo {}
     unsafe impl aya::Pod for super::EndpointStats {}
     unsafe impl aya::Pod for super::DirectionStats {}
@@ -557,7 +756,11 @@ mod tests {
         assert_eq!(size_of::<EndpointInfo>(), 4 + 4 + 6 + 6 + 4);
         assert_eq!(size_of::<Counter>(), 16);
         assert_eq!(size_of::<DirectionStats>(), 3 * 16);
-        assert_eq!(size_of::<EndpointStats>(), 2 * 3 * 16);
+        assert_eq!(size_of::<FamilyStats>(), 2 * 3 * 16);
+        assert_eq!(size_of::<EndpointStats>(), 3 * 2 * 3 * 16);
+        assert_eq!(size_of::<EndpointKey6>(), 16);
+        assert_eq!(size_of::<EndpointIface>(), 4 + 4 + 6 + 6 + 4 + 16);
+        assert_eq!(size_of::<CtKey6>(), 16 + 16 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<DropKey>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<NodeConfig>(), 8);
         assert_eq!(align_of::<EndpointInfo>(), 4);
@@ -567,7 +770,7 @@ mod tests {
         assert_eq!(size_of::<PolicyStats>(), 24);
         assert_eq!(size_of::<CtKey4>(), 4 + 4 + 2 + 2 + 1 + 3);
         assert_eq!(size_of::<CtEntry>(), 8 + 4 + 1 + 3);
-        assert_eq!(size_of::<Event>(), 4 + 2 + 2 + 2 + 2 + 4 * 7);
+        assert_eq!(size_of::<Event>(), 4 + 2 + 2 + 2 + 2 + 4 * 5 + 16 * 2);
         assert_eq!(size_of::<RedirectSlot>(), 4 + 4);
         assert_eq!(size_of::<EventBudget>(), 8 + 4 + 4);
     }
@@ -576,6 +779,20 @@ mod tests {
     fn endpoint_key_is_in_packet_byte_order() {
         let key = EndpointKey4::from_octets([10, 244, 0, 7]);
         assert_eq!(key.addr.to_ne_bytes(), [10, 244, 0, 7]);
+    }
+
+    #[test]
+    fn link_local_is_the_modified_eui64_of_the_mac() {
+        // The universal/local bit (0x02 of the first octet) is flipped, ff:fe goes in
+        // the middle: 02:11:22:33:44:55 → fe80::11:22ff:fe33:4455.
+        let ll = link_local_of([0x02, 0x11, 0x22, 0x33, 0x44, 0x55]);
+        assert_eq!(
+            ll,
+            [
+                0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0x00, 0x11, 0x22, 0xff, 0xfe, 0x33, 0x44, 0x55
+            ]
+        );
+        assert_ne!(ll, GATEWAY6);
     }
 
     #[test]

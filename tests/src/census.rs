@@ -93,7 +93,7 @@ pub fn assert_node_holds(node: &Node, expected: &BTreeMap<String, Ipv4Addr>) {
     for e in &c.endpoints {
         assert_eq!(
             e.address,
-            expected[&e.container_id],
+            Some(expected[&e.container_id]),
             "endpoint {} has another address than its ADD answered: {}",
             e.container_id,
             context()
@@ -102,7 +102,7 @@ pub fn assert_node_holds(node: &Node, expected: &BTreeMap<String, Ipv4Addr>) {
 
     let (net, len) = parse_cidr(&node.pod_cidr);
     let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-    let addresses: BTreeSet<Ipv4Addr> = c.endpoints.iter().map(|e| e.address).collect();
+    let addresses: BTreeSet<Ipv4Addr> = c.endpoints.iter().filter_map(|e| e.address).collect();
     assert_eq!(
         addresses.len(),
         n,
@@ -141,7 +141,7 @@ pub fn assert_node_holds(node: &Node, expected: &BTreeMap<String, Ipv4Addr>) {
     let entries: BTreeMap<Ipv4Addr, (u32, u32)> = c
         .endpoints
         .iter()
-        .map(|e| (e.address, (e.host_ifindex, e.id)))
+        .filter_map(|e| Some((e.address?, (e.host_ifindex, e.id))))
         .collect();
     assert_eq!(
         c.map,

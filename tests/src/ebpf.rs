@@ -22,7 +22,7 @@ use aya::{
 };
 use hypha_common::{
     Counter, CtEntry, CtKey4, DropKey, EndpointInfo, EndpointKey4, EndpointStats, Event,
-    IpcacheValue, NodeConfig, PolicyEntry, PolicyKey, maps, programs,
+    FamilyStats, IpcacheValue, NodeConfig, PolicyEntry, PolicyKey, maps, programs,
 };
 use nix::{
     mount::{MntFlags, MsFlags, mount, umount2},
@@ -193,19 +193,20 @@ impl Datapath {
     }
 
     /// The counters of the endpoint `ifindex`, summed over CPUs.
-    pub fn stats(&self, ifindex: u32) -> EndpointStats {
+    /// The endpoint's counters, all families together, summed over CPUs.
+    pub fn stats(&self, ifindex: u32) -> FamilyStats {
+        self.stats_by_family(ifindex).total()
+    }
+
+    /// The endpoint's counters per family, summed over CPUs.
+    pub fn stats_by_family(&self, ifindex: u32) -> EndpointStats {
         let stats: PerCpuHashMap<&MapData, u32, EndpointStats> = self.map(maps::EP_STATS);
         let per_cpu = stats
             .get(&ifindex, 0)
-            .unwrap_or_else(|e| panic!("hypha_ep_stats[{ifindex}]: {e}"));
+            .unwrap_or_else(|e| panic!("{}[{ifindex}]: {e}", maps::EP_STATS));
         let mut sum = EndpointStats::default();
         for cpu in per_cpu.iter() {
-            sum.egress.passed.add(&cpu.egress.passed);
-            sum.egress.redirected.add(&cpu.egress.redirected);
-            sum.egress.dropped.add(&cpu.egress.dropped);
-            sum.ingress.passed.add(&cpu.ingress.passed);
-            sum.ingress.redirected.add(&cpu.ingress.redirected);
-            sum.ingress.dropped.add(&cpu.ingress.dropped);
+            sum.add(cpu);
         }
         sum
     }

@@ -152,6 +152,7 @@ fn a_container_id_with_a_newline_reserves_nothing() {
             container_id: "a\nb".into(),
             ifname: "eth0".into(),
             address: None,
+            address6: None,
         })
         .unwrap_err()
         .to_string();

@@ -491,6 +491,7 @@ fn gc_removes_everything_no_valid_attachment_owns() {
             container_id: ghost.clone(),
             ifname: "eth0".into(),
             address: None,
+            address6: None,
         })
         .unwrap();
     assert_eq!(node.status().ipam.allocated, 4);
@@ -674,7 +675,7 @@ fn delegated_host_local_and_static() {
         "{result}"
     );
     assert_eq!(result["ips"][0]["address"], format!("{address}/32"));
-    let gateway = node.status().node.gateway;
+    let gateway = node.status().node.gateway.expect("an IPv4 gateway");
     assert_eq!(
         result["routes"][0]["gw"],
         gateway.to_string(),

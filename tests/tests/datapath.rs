@@ -113,7 +113,12 @@ fn pods_reach_the_host_and_the_host_reaches_pods() {
     hypha_tests::require_root!();
     let node = Node::start();
     let a = node.add_pod("a");
-    let gateway = node.status().node.gateway.to_string();
+    let gateway = node
+        .status()
+        .node
+        .gateway
+        .expect("an IPv4 gateway")
+        .to_string();
     ping(&a.netns, &gateway);
     node.netns.exec(&[
         "ping",

@@ -32,8 +32,8 @@ use std::time::Instant;
 
 use hypha_common::{
     Counter, DIR_EGRESS, DIR_INGRESS, DropKey, ENDPOINT_F_EGRESS_POLICY, ENDPOINT_F_INGRESS_LIMIT,
-    ENDPOINT_F_INGRESS_POLICY, EndpointInfo, EndpointStats, IDENTITY_ANY, IDENTITY_WORLD,
-    NodeConfig, POLICY_ALLOW, POLICY_DENY, PolicyEntry, PolicyKey,
+    ENDPOINT_F_INGRESS_POLICY, EndpointInfo, FamilyStats, IDENTITY_ANY, IDENTITY_WORLD, NodeConfig,
+    POLICY_ALLOW, POLICY_DENY, PolicyEntry, PolicyKey,
     programs::{FROM_POD, TO_POD},
 };
 use hypha_tests::ebpf::{
@@ -198,7 +198,7 @@ impl FuzzNode {
 }
 
 struct Snapshot {
-    stats: [EndpointStats; 3],
+    stats: [FamilyStats; 3],
     drops: HashMap<DropKey, Counter>,
 }
 
@@ -214,7 +214,7 @@ const FIELDS: [&str; 6] = [
     "ingress.dropped",
 ];
 
-fn fields(s: &EndpointStats) -> [Counter; 6] {
+fn fields(s: &FamilyStats) -> [Counter; 6] {
     [
         s.egress.passed,
         s.egress.redirected,

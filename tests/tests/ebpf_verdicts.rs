@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use aya::programs::TcAttachType;
 use hypha_common::{
-    Counter, DIR_EGRESS, DIR_INGRESS, DropKey, DropReason, EVENT_DROP, EndpointInfo, EndpointStats,
+    Counter, DIR_EGRESS, DIR_INGRESS, DropKey, DropReason, EVENT_DROP, EndpointInfo, FamilyStats,
     NodeConfig,
     programs::{FROM_POD, TO_POD},
 };
@@ -69,11 +69,11 @@ impl Node {
         self.dp.run(FROM_POD, frame, self.a)
     }
 
-    fn stats_a(&self) -> EndpointStats {
+    fn stats_a(&self) -> FamilyStats {
         self.dp.stats(self.a)
     }
 
-    fn stats_b(&self) -> EndpointStats {
+    fn stats_b(&self) -> FamilyStats {
         self.dp.stats(self.b)
     }
 
@@ -97,7 +97,7 @@ impl Node {
             vec![(key, counter(n, n as usize * frame_len))],
             "hypha_drops"
         );
-        let mut expected = EndpointStats::default();
+        let mut expected = FamilyStats::default();
         expected.egress.dropped = counter(n, n as usize * frame_len);
         assert_eq!(self.stats_a(), expected, "A's counters");
     }
@@ -120,11 +120,8 @@ fn counter(packets: u64, bytes: usize) -> Counter {
     }
 }
 
-fn stats_with(
-    select: impl FnOnce(&mut EndpointStats) -> &mut Counter,
-    c: Counter,
-) -> EndpointStats {
-    let mut stats = EndpointStats::default();
+fn stats_with(select: impl FnOnce(&mut FamilyStats) -> &mut Counter, c: Counter) -> FamilyStats {
+    let mut stats = FamilyStats::default();
     *select(&mut stats) = c;
     stats
 }
@@ -277,7 +274,7 @@ fn assert_passed_to_host(node: &Node, frame: &[u8]) {
         stats_with(|s| &mut s.egress.passed, counter(1, frame.len())),
         "A's counters"
     );
-    assert_eq!(node.stats_b(), EndpointStats::default(), "B's counters");
+    assert_eq!(node.stats_b(), FamilyStats::default(), "B's counters");
     assert_eq!(node.dp.drops(), vec![], "hypha_drops");
 }
 
@@ -443,7 +440,7 @@ fn truncated_ipv4_header_is_dropped() {
         std::thread::sleep(Duration::from_millis(10));
     }
     node.assert_single_drop(DropReason::InvalidIpv4Header, frame.len());
-    assert_eq!(node.stats_b(), EndpointStats::default(), "B's counters");
+    assert_eq!(node.stats_b(), FamilyStats::default(), "B's counters");
 }
 
 #[test]
@@ -692,7 +689,7 @@ fn drops_on_an_interface_without_stats_are_still_counted_by_reason() {
         vec![(key, counter(1, lldp.len()))],
         "hypha_drops"
     );
-    assert_eq!(node.stats_a(), EndpointStats::default(), "A's counters");
+    assert_eq!(node.stats_a(), FamilyStats::default(), "A's counters");
 }
 
 // ---- hypha_to_pod ----
@@ -717,7 +714,7 @@ fn to_pod_passes_and_counts_ingress() {
         stats_with(|s| &mut s.ingress.passed, counter(1, frame.len())),
         "A's counters"
     );
-    assert_eq!(node.stats_b(), EndpointStats::default(), "B's counters");
+    assert_eq!(node.stats_b(), FamilyStats::default(), "B's counters");
     assert_eq!(node.dp.drops(), vec![], "hypha_drops");
 }
 
@@ -895,7 +892,7 @@ mod policy {
             (e.remote_identity, e.dport, e.proto, e.direction),
             (ID_A, DNS, 17, DIR_INGRESS)
         );
-        assert_eq!(e.saddr.to_ne_bytes(), POD_A_IP);
+        assert_eq!(e.saddr[..4], POD_A_IP);
     }
 
     #[test]
@@ -1162,8 +1159,8 @@ mod policy {
             )
         );
         assert_eq!(
-            (e.saddr.to_ne_bytes(), e.daddr.to_ne_bytes()),
-            ([10, 244, 0, 99], POD_B_IP)
+            (e.saddr[..4].to_vec(), e.daddr[..4].to_vec()),
+            (vec![10, 244, 0, 99], POD_B_IP.to_vec())
         );
         assert_eq!((e.proto, e.sport, e.dport), (17, 4321, DNS));
         assert_eq!((e.policy_id, e.endpoint_id), (0, 0), "no policy decided");

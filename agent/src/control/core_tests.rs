@@ -58,6 +58,7 @@ fn add(a: &TestAgent, i: u32, labels: &[(&str, &str)]) -> Result<Endpoint, Contr
         container_id: cid.clone(),
         ifname: "eth0".into(),
         address: None,
+        address6: None,
     })?;
     a.create_endpoint(&CreateEndpointRequest {
         container_id: cid,
@@ -73,6 +74,7 @@ fn add(a: &TestAgent, i: u32, labels: &[(&str, &str)]) -> Result<Endpoint, Contr
         external_ipam: false,
         bandwidth: None,
         ports: Vec::new(),
+        address6: None,
     })
 }
 
@@ -98,7 +100,7 @@ fn assert_consistent(a: &TestAgent, store: &MemStore, expect: &BTreeSet<String>)
         .map(|o| o.container_id.clone())
         .collect();
     assert_eq!(&saved_owners, expect, "reservations saved");
-    let addresses: BTreeSet<Ipv4Addr> = a.list().iter().map(|e| e.address).collect();
+    let addresses: BTreeSet<Ipv4Addr> = a.list().iter().filter_map(|e| e.address).collect();
     assert_eq!(addresses.len(), expect.len(), "every address is unique");
     assert_eq!(a.status().ipam.allocated as usize, expect.len());
     assert_eq!(a.status().endpoints, expect.len());
@@ -172,6 +174,7 @@ fn concurrent_adds_of_one_attachment_make_one_endpoint() {
                     container_id: "same".into(),
                     ifname: "eth0".into(),
                     address: None,
+                    address6: None,
                 })?;
                 a.create_endpoint(&CreateEndpointRequest {
                     container_id: "same".into(),
@@ -184,6 +187,7 @@ fn concurrent_adds_of_one_attachment_make_one_endpoint() {
                     external_ipam: false,
                     bandwidth: None,
                     ports: Vec::new(),
+                    address6: None,
                 })
             })
         })

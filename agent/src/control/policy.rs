@@ -62,7 +62,7 @@ pub(super) struct PolicyView {
 
 /// The engine's view of an endpoint.
 fn policy_endpoint(ep: &EndpointRecord) -> PolicyEndpoint {
-    let mut view = PolicyEndpoint::new(ep.id, ep.address, &ep.labels);
+    let mut view = PolicyEndpoint::new(ep.id, super::v4(ep.address), &ep.labels);
     view.ports = named_ports(&ep.ports);
     view
 }
@@ -1269,6 +1269,7 @@ mod tests {
                 container_id: cid.into(),
                 ifname: "eth0".into(),
                 address: None,
+                address6: None,
             })
             .unwrap();
         agent
@@ -1278,7 +1279,7 @@ mod tests {
                 netns: "/x".into(),
                 host_ifname: host.into(),
                 address: alloc.address,
-                pod_mac: MacAddr([2, 0, 0, 0, 0, alloc.address.octets()[3]]),
+                pod_mac: MacAddr([2, 0, 0, 0, 0, alloc.address.unwrap().octets()[3]]),
                 labels: labels
                     .iter()
                     .map(|(k, v)| ((*k).into(), (*v).into()))
@@ -1286,6 +1287,7 @@ mod tests {
                 external_ipam: false,
                 bandwidth: None,
                 ports: Vec::new(),
+                address6: None,
             })
             .unwrap()
             .id

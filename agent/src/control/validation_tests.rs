@@ -14,6 +14,7 @@ fn alloc(cid: &str, ifname: &str) -> AllocateRequest {
         container_id: cid.into(),
         ifname: ifname.into(),
         address: None,
+        address6: None,
     }
 }
 
@@ -23,12 +24,13 @@ fn create(cid: &str, host: &str, address: Ipv4Addr, mac: [u8; 6]) -> CreateEndpo
         ifname: "eth0".into(),
         netns: "/run/netns/x".into(),
         host_ifname: host.into(),
-        address,
+        address: Some(address),
         pod_mac: MacAddr(mac),
         labels: Default::default(),
         external_ipam: false,
         bandwidth: None,
         ports: Vec::new(),
+        address6: None,
     }
 }
 
@@ -127,11 +129,11 @@ fn a_mac_another_endpoint_uses_is_refused_and_nothing_stays_reserved() {
     );
     let a = agent.allocate(&alloc("a", "eth0")).unwrap();
     let ep = agent
-        .create_endpoint(&create("a", "hypa", a.address, [2, 0, 0, 0, 0, 1]))
+        .create_endpoint(&create("a", "hypa", a.address.unwrap(), [2, 0, 0, 0, 0, 1]))
         .unwrap();
     let b = agent.allocate(&alloc("b", "eth0")).unwrap();
     let err = agent
-        .create_endpoint(&create("b", "hypb", b.address, [2, 0, 0, 0, 0, 1]))
+        .create_endpoint(&create("b", "hypb", b.address.unwrap(), [2, 0, 0, 0, 0, 1]))
         .unwrap_err();
     assert_eq!(err.http_status(), 409, "{err}");
     let text = err.to_string();
@@ -161,7 +163,7 @@ fn a_mac_another_endpoint_uses_is_refused_and_nothing_stays_reserved() {
     // With another MAC it goes through, and gets an address again.
     let b = agent.allocate(&alloc("b", "eth0")).unwrap();
     agent
-        .create_endpoint(&create("b", "hypb", b.address, [2, 0, 0, 0, 0, 2]))
+        .create_endpoint(&create("b", "hypb", b.address.unwrap(), [2, 0, 0, 0, 0, 2]))
         .unwrap();
     assert_eq!(agent.list().len(), 2);
 }
@@ -176,7 +178,7 @@ fn a_multicast_or_zero_mac_is_refused() {
     let a = agent.allocate(&alloc("a", "eth0")).unwrap();
     for mac in [[0; 6], [1, 0, 0x5e, 0, 0, 1], [0xff; 6]] {
         let err = agent
-            .create_endpoint(&create("a", "hypa", a.address, mac))
+            .create_endpoint(&create("a", "hypa", a.address.unwrap(), mac))
             .unwrap_err();
         assert_eq!(err.http_status(), 400, "{err}");
         assert!(err.to_string().contains("pod_mac"), "{err}");

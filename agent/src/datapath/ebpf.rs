@@ -428,7 +428,7 @@ impl EbpfDatapath {
     /// Writes the endpoint's map entries; the stats entry is created only when missing,
     /// so that adopting an endpoint keeps its counters.
     fn fill_maps(&self, ep: &EndpointRecord, policy_flags: u32) -> Result<(), EbpfError> {
-        let key = EndpointKey4::from_octets(ep.address.octets());
+        let key = EndpointKey4::from_octets(ipv4_of(ep).octets());
         let info = EndpointInfo {
             ifindex: ep.host_ifindex,
             endpoint_id: ep.id,
@@ -684,7 +684,7 @@ impl Datapath for EbpfDatapath {
     }
 
     fn set_flags(&self, ep: &EndpointRecord, mask: u32, flags: u32) -> Result<(), EbpfError> {
-        let key = EndpointKey4::from_octets(ep.address.octets());
+        let key = EndpointKey4::from_octets(ipv4_of(ep).octets());
         // One lock over the read and the write: `apply_policy` changes other bits of the
         // same value under it.
         let mut endpoints = lock(&self.maps.endpoints);
@@ -736,7 +736,7 @@ impl Datapath for EbpfDatapath {
                 errors.push(e);
             }
         }
-        let key = EndpointKey4::from_octets(ep.address.octets());
+        let key = EndpointKey4::from_octets(ipv4_of(ep).octets());
         {
             let mut m = lock(&self.maps.endpoints);
             match m.get(&key, 0) {
@@ -758,7 +758,7 @@ impl Datapath for EbpfDatapath {
             errors.push(map_err("delete from", maps::EP_STATS)(e));
         }
         errors.extend(self.remove_drops(|k| k.ifindex == ep.host_ifindex));
-        errors.extend(self.forget_connections(ep.address));
+        errors.extend(self.forget_connections(ipv4_of(ep)));
         if let Err(e) = self.write_debug(ep, false) {
             errors.push(e);
         }
@@ -767,7 +767,7 @@ impl Datapath for EbpfDatapath {
 
     fn check(&self, ep: &EndpointRecord) -> Vec<String> {
         let mut problems = Vec::new();
-        let key = EndpointKey4::from_octets(ep.address.octets());
+        let key = EndpointKey4::from_octets(ipv4_of(ep).octets());
         let entry = lock(&self.maps.endpoints).get(&key, 0);
         match entry {
             Ok(info)
@@ -778,7 +778,7 @@ impl Datapath for EbpfDatapath {
             Ok(info) => problems.push(format!(
                 "{} entry for {} differs: ifindex {} (want {}), endpoint {} (want {})",
                 maps::ENDPOINTS4,
-                ep.address,
+                ipv4_of(ep),
                 info.ifindex,
                 ep.host_ifindex,
                 info.endpoint_id,
@@ -787,7 +787,7 @@ impl Datapath for EbpfDatapath {
             Err(e) if is_not_found(&e) => problems.push(format!(
                 "{} has no entry for {}",
                 maps::ENDPOINTS4,
-                ep.address
+                ipv4_of(ep)
             )),
             Err(e) => problems.push(format!("cannot read {}: {e}", maps::ENDPOINTS4)),
         }
@@ -814,7 +814,7 @@ impl Datapath for EbpfDatapath {
         let mut errors = Vec::new();
         let addrs: HashSet<EndpointKey4> = keep
             .iter()
-            .map(|e| EndpointKey4::from_octets(e.address.octets()))
+            .map(|e| EndpointKey4::from_octets(ipv4_of(e).octets()))
             .collect();
         let ifindexes: HashSet<u32> = keep.iter().map(|e| e.host_ifindex).collect();
         {
@@ -901,14 +901,7 @@ impl Datapath for EbpfDatapath {
         };
         let mut sum = EndpointStats::default();
         for cpu in per_cpu.iter() {
-            for (total, part) in [
-                (&mut sum.egress, &cpu.egress),
-                (&mut sum.ingress, &cpu.ingress),
-            ] {
-                total.passed.add(&part.passed);
-                total.redirected.add(&part.redirected);
-                total.dropped.add(&part.dropped);
-            }
+            sum.add(cpu);
         }
         Ok(sum)
     }
@@ -1175,6 +1168,12 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), EbpfError> {
         path: pin_dir.to_owned(),
         source,
     })
+}
+
+/// Interim, until the datapath writes IPv6 endpoints: the endpoint's IPv4 address
+/// (`0.0.0.0` without one).
+fn ipv4_of(ep: &EndpointRecord) -> Ipv4Addr {
+    ep.address.unwrap_or(Ipv4Addr::UNSPECIFIED)
 }
 
 #[cfg(test)]

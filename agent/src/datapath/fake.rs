@@ -223,7 +223,7 @@ impl Datapath for FakeDatapath {
     fn stats(&self, ifindex: u32) -> Result<EndpointStats, FakeError> {
         let mut s = EndpointStats::default();
         if self.state().attached.contains_key(&ifindex) {
-            s.egress.redirected = Counter {
+            s.ipv4.egress.redirected = Counter {
                 packets: 1,
                 bytes: 100,
             };

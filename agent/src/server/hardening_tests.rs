@@ -126,6 +126,7 @@ impl TestServer {
                 container_id: cid.into(),
                 ifname: "eth0".into(),
                 address: None,
+                address6: None,
             })
             .unwrap();
         agent
@@ -140,6 +141,7 @@ impl TestServer {
                 external_ipam: false,
                 bandwidth: bw,
                 ports: Vec::new(),
+                address6: None,
             })
             .unwrap()
             .id

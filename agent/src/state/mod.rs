@@ -9,7 +9,7 @@
 //! torn state.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::sync::{Arc, mpsc};
 use std::time::Duration;
@@ -151,7 +151,12 @@ pub struct EndpointRecord {
     pub netns: String,
     pub host_ifname: String,
     pub host_ifindex: u32,
-    pub address: Ipv4Addr,
+    /// Its IPv4 and IPv6 addresses: at least one of the two. Records from before dual
+    /// stack have `address` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<Ipv6Addr>,
     pub pod_mac: MacAddr,
     pub host_mac: MacAddr,
     #[serde(default)]

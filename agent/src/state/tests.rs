@@ -32,7 +32,7 @@ fn endpoint(id: u32, cid: &str, ifname: &str) -> EndpointRecord {
         netns: format!("/run/netns/{cid}"),
         host_ifname: format!("hyp{id:012x}"),
         host_ifindex: id + 100,
-        address: Ipv4Addr::from(0x0a00_0000 + id),
+        address: Some(Ipv4Addr::from(0x0a00_0000 + id)),
         pod_mac: MacAddr([2, 0, 0, 0, (id >> 8) as u8, id as u8]),
         host_mac: MacAddr([2, 0, 0, 1, (id >> 8) as u8, id as u8]),
         labels: BTreeMap::from([("app".into(), format!("a{}", id % 7))]),
@@ -40,6 +40,7 @@ fn endpoint(id: u32, cid: &str, ifname: &str) -> EndpointRecord {
         bandwidth: None,
         debug: false,
         ports: Vec::new(),
+        address6: None,
     }
 }
 
@@ -821,7 +822,7 @@ fn measure() {
             &mut state,
             &Change::Address {
                 owner: ep.owner(),
-                address: ep.address,
+                address: ep.address.unwrap(),
             },
         );
         apply(&mut state, &Change::Endpoint(ep));

@@ -160,6 +160,7 @@ fn agent_address(
             container_id: a.container_id.clone(),
             ifname: a.ifname.clone(),
             address: requested,
+            address6: None,
         })
         .map_err(|e| {
             if error::is_conflict(&e) && attached(client, a) {
@@ -174,11 +175,24 @@ fn agent_address(
                 error::agent(e)
             }
         })?;
-    Ok(Addressing {
-        address: allocation.address,
-        gateway: allocation.gateway,
-        dns: None,
-    })
+    // Interim, until hypha-cni configures IPv6: the IPv4 part of the allocation.
+    match (allocation.address, allocation.gateway) {
+        (Some(address), Some(gateway)) => Ok(Addressing {
+            address,
+            gateway,
+            dns: None,
+        }),
+        _ => Err(interim_no_ipv4()),
+    }
+}
+
+/// Interim, until hypha-cni configures IPv6 pods.
+fn interim_no_ipv4() -> Error {
+    Error::DelegateBadResult {
+        plugin: "hypha agent".into(),
+        command: "ADD",
+        problem: "the node has no IPv4 pod CIDR".into(),
+    }
 }
 
 /// An address from the delegated IPAM plugin; the gateway is still the agent's, since
@@ -195,14 +209,24 @@ fn delegated_address(
                 ifname: a.ifname.clone(),
                 detail: format!(
                     "the agent has it as endpoint {} ({}); delete it first",
-                    check.endpoint.id, check.endpoint.address
+                    check.endpoint.id,
+                    check
+                        .endpoint
+                        .address
+                        .map(|a| a.to_string())
+                        .unwrap_or_default()
                 ),
             });
         }
         Err(e) if error::is_not_found(&e) => {}
         Err(e) => return Err(error::agent(e)),
     }
-    let gateway = client.status().map_err(error::agent)?.node.gateway;
+    let gateway = client
+        .status()
+        .map_err(error::agent)?
+        .node
+        .gateway
+        .ok_or_else(interim_no_ipv4)?;
     let result = ipam.add()?;
     match delegate::ipam_result(&result) {
         Ok(r) => Ok(Addressing {
@@ -329,7 +353,8 @@ impl Plumbing<'_> {
                 ifname: a.ifname.clone(),
                 netns: a.netns.to_string_lossy().into_owned(),
                 host_ifname: self.host_ifname.to_owned(),
-                address: addr.address,
+                address: Some(addr.address),
+                address6: None,
                 pod_mac: MacAddr(pod.mac),
                 labels: labels(a, self.conf),
                 external_ipam,

@@ -56,9 +56,9 @@ pub fn run(a: &Attachment, conf: &NetConf, cni_path: Option<&OsString>) -> Resul
     match client.check_endpoint(&a.container_id, &a.ifname) {
         Ok(check) => {
             let ep = &check.endpoint;
-            if ep.address != expected.address.addr() {
+            if ep.address != Some(expected.address.addr()) {
                 problems.push(format!(
-                    "the agent's endpoint has address {}, prevResult says {}",
+                    "the agent's endpoint has address {:?}, prevResult says {}",
                     ep.address,
                     expected.address.addr()
                 ));

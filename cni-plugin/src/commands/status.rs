@@ -42,7 +42,12 @@ pub fn run(conf: &NetConf, cni_path: Option<&OsString>) -> Result<(), Error> {
         None if status.ipam.available == 0 => {
             return Err(Error::NotReady(format!(
                 "no address left in pod CIDR {}: all {} are allocated",
-                status.node.pod_cidr, status.ipam.capacity
+                status
+                    .node
+                    .pod_cidr
+                    .map(|c| c.to_string())
+                    .unwrap_or_default(),
+                status.ipam.capacity
             )));
         }
         None => {}

@@ -88,7 +88,7 @@ impl Fixture {
                     netns: self.netns_path().display().to_string(),
                     host_ifname: host,
                     host_ifindex: h.index,
-                    address: Ipv4Addr::new(10, 99, 0, 10 + i),
+                    address: Some(Ipv4Addr::new(10, 99, 0, 10 + i)),
                     pod_mac: MacAddr(p.mac),
                     host_mac: MacAddr(h.mac),
                     labels: Default::default(),
@@ -96,6 +96,7 @@ impl Fixture {
                     bandwidth: None,
                     debug: false,
                     ports: Vec::new(),
+                    address6: None,
                 }
             })
             .collect()
@@ -216,7 +217,7 @@ fn attach_many_then_detach(mode: AttachMode) {
         // Both filters on this veth, running the agent's programs; the endpoint and its
         // counters in the maps.
         assert_eq!(problems, Vec::<String>::new(), "{}", ep.host_ifname);
-        let key = EndpointKey4::from_octets(ep.address.octets());
+        let key = EndpointKey4::from_octets(ep.address.unwrap().octets());
         let info = lock(&dp.maps.endpoints)
             .get(&key, 0)
             .expect("endpoint entry");
@@ -279,7 +280,7 @@ fn attach_many_then_detach(mode: AttachMode) {
         assert!(
             problems
                 .iter()
-                .any(|p| p.contains(&format!("has no entry for {}", ep.address))),
+                .any(|p| p.contains(&format!("has no entry for {}", ep.address.unwrap()))),
             "{problems:?}"
         );
         assert_eq!(lock(&dp.maps.ep_stats).keys().count(), 0, "counters left");
@@ -330,7 +331,7 @@ fn a_bandwidth_flag_and_policy_flags_written_at_once_both_survive() {
             }
         });
     });
-    let key = EndpointKey4::from_octets(ep.address.octets());
+    let key = EndpointKey4::from_octets(ep.address.unwrap().octets());
     let info = lock(&dp.maps.endpoints)
         .get(&key, 0)
         .expect("endpoint entry");
