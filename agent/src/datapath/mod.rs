@@ -4,6 +4,7 @@
 
 pub mod debug_log;
 mod ebpf;
+mod endpoint_maps;
 #[cfg(test)]
 pub mod fake;
 mod link_info;

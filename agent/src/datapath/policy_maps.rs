@@ -1,12 +1,13 @@
 //! Writing a policy diff into the datapath's maps (`hypha_ipcache4`, `hypha_policy` and
-//! the flags of `hypha_endpoints4`), in the order that never drops traffic both the old
+//! the flags of the endpoint maps), in the order that never drops traffic both the old
 //! and the new policy allow: new identities first, then new entries, then the endpoints'
 //! enforcement flags, then the removal of old entries and identities.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use aya::maps::lpm_trie::Key;
-use hypha_common::{ENDPOINT_F_POLICY_MASK, EndpointInfo, EndpointKey4, IpcacheValue, maps};
+use hypha_common::{ENDPOINT_F_POLICY_MASK, IpcacheValue, maps};
 use ipnet::Ipv4Net;
 
 use super::InstalledPolicy;
@@ -48,25 +49,10 @@ pub(super) fn apply(m: &Maps, diff: &PolicyDiff) -> Result<(), EbpfError> {
     }
     if !diff.flags_set.is_empty() {
         // One lock over the reads and writes: `set_flags` changes other bits of the same
-        // values under it.
-        let mut endpoints = lock(&m.endpoints);
-        let current: Vec<(EndpointKey4, EndpointInfo)> =
-            endpoints.iter().filter_map(Result::ok).collect();
-        for (id, flags) in &diff.flags_set {
-            // An endpoint not attached yet gets its flags when it is (see `attach`).
-            for (key, mut info) in current
-                .iter()
-                .copied()
-                .filter(|(_, i)| i.endpoint_id == *id)
-            {
-                // The policy's bits only: the bandwidth bit is the agent's, set apart.
-                info.flags =
-                    (info.flags & !ENDPOINT_F_POLICY_MASK) | (*flags & ENDPOINT_F_POLICY_MASK);
-                endpoints
-                    .insert(key, info, 0)
-                    .map_err(map_err("update", maps::ENDPOINTS4))?;
-            }
-        }
+        // values under it. The policy's bits only: the bandwidth and family bits are the
+        // agent's, set apart.
+        let wanted: BTreeMap<u32, u32> = diff.flags_set.iter().copied().collect();
+        lock(&m.endpoints).set_flags_by_id(ENDPOINT_F_POLICY_MASK, &wanted)?;
     }
     {
         let mut policy = lock(&m.policy);
