@@ -194,6 +194,7 @@ pub(super) struct Maps {
     debug: Mutex<HashMap<MapData, u32, u32>>,
     config: Mutex<Array<MapData, NodeConfig>>,
     pub(super) ipcache: Mutex<LpmTrie<MapData, u32, IpcacheValue>>,
+    pub(super) ipcache6: Mutex<LpmTrie<MapData, [u8; 16], IpcacheValue>>,
     pub(super) policy: Mutex<HashMap<MapData, PolicyKey, PolicyEntry>>,
     policy_stats: Mutex<PerCpuHashMap<MapData, u32, PolicyStats>>,
 }
@@ -258,6 +259,7 @@ impl Maps {
             debug: Mutex::new(take(ebpf, DEBUG_MAP)?),
             config: Mutex::new(take(ebpf, maps::CONFIG)?),
             ipcache: Mutex::new(take(ebpf, maps::IPCACHE4)?),
+            ipcache6: Mutex::new(take(ebpf, maps::IPCACHE6)?),
             policy: Mutex::new(take(ebpf, maps::POLICY)?),
             policy_stats: Mutex::new(take(ebpf, maps::POLICY_STATS)?),
         })
