@@ -21,6 +21,7 @@ mod messages;
 mod netns;
 pub mod procs;
 mod qdisc;
+pub mod sysctl;
 mod tc;
 
 use std::fs::File;

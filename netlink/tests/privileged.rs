@@ -551,3 +551,61 @@ fn ipv6_addresses_routes_and_addr_gen_mode() {
         "{err}"
     );
 }
+
+/// `disable_ipv6` of another namespace is turned off where it is on, only there, and the
+/// thread comes home; an interface that does not exist is named in the error.
+#[test]
+fn ipv6_is_enabled_in_another_namespace() {
+    require_root!();
+    let ns = TestNetns::new();
+    ip(&[
+        "-n", &ns.name, "link", "add", "v6a", "type", "veth", "peer", "name", "v6b",
+    ]);
+    ip(&[
+        "netns",
+        "exec",
+        &ns.name,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.v6a.disable_ipv6=1",
+    ]);
+    let read = |ifname: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "cat"])
+            .arg(format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(read("v6a"), "1");
+    let before = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+    let file = File::open(ns.path()).unwrap();
+    let enabled =
+        hypha_netlink::sysctl::enable_ipv6(file.as_fd(), &ns.path(), &["lo", "v6a", "v6b"])
+            .unwrap();
+    assert_eq!(enabled, vec!["v6a".to_owned()]);
+    assert_eq!(read("v6a"), "0");
+    assert_eq!(read("v6b"), "0");
+    assert_eq!(
+        std::fs::read_link("/proc/thread-self/ns/net").unwrap(),
+        before
+    );
+    // Nothing to do the second time.
+    let again = hypha_netlink::sysctl::enable_ipv6(file.as_fd(), &ns.path(), &["v6a"]).unwrap();
+    assert!(again.is_empty());
+
+    let err = hypha_netlink::sysctl::enable_ipv6(file.as_fd(), &ns.path(), &["nope0"]).unwrap_err();
+    assert!(matches!(err, Error::Sysctl { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "cannot read /proc/sys/net/ipv6/conf/nope0/disable_ipv6 in network namespace {}: \
+             No such file or directory (os error 2)",
+            ns.path().display()
+        )
+    );
+    assert_eq!(
+        std::fs::read_link("/proc/thread-self/ns/net").unwrap(),
+        before
+    );
+}
