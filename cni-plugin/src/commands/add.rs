@@ -1,6 +1,7 @@
-//! ADD: an address (from the agent, or from the delegated IPAM plugin), a veth with its
-//! peer created up in the container, the container side addressed and routed, then the
-//! endpoint handed to the agent.
+//! ADD: one address per family the node has (from the agent, or from the delegated IPAM
+//! plugin), a veth with its peer created in the container, the container side addressed
+//! (IPv4 /32, IPv6 /128) and routed (a default route per family), then the endpoint
+//! handed to the agent.
 //!
 //! Everything local is checked before an address is asked for. The attachment's lock
 //! ([`crate::lock`]) is held from then on, so an ADD of an attachment another ADD made
