@@ -40,6 +40,14 @@ pub enum Families {
 }
 
 impl Families {
+    fn describe(self) -> &'static str {
+        match self {
+            Families::V4 => "IPv4",
+            Families::V6 => "IPv6",
+            Families::Both => "IPv4 and IPv6",
+        }
+    }
+
     /// Whether each family is measured, IPv4's first: `ipv6` values in measuring order.
     fn list(self) -> &'static [bool] {
         match self {
@@ -576,10 +584,10 @@ fn print_table(r: &Report) {
     let pct = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.1}%"));
     println!();
     println!(
-        "Datapath bench: median of {} rounds, {} s each; families {:?}; kernel {}, {} CPUs; latency threads: {}",
+        "Datapath bench: median of {} rounds, {} s each; {}; kernel {}, {} CPUs; latency threads: {}",
         r.runs,
         r.seconds,
-        r.family,
+        r.family.describe(),
         r.machine.kernel,
         r.machine.nproc,
         r.latency_pin.describe()
