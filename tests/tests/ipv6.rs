@@ -477,6 +477,10 @@ fn the_monitor_shows_an_ipv6_drop_with_ipv6_addresses() {
         "eth0",
         "nodad",
     ]);
+    // A first, honest ping resolves the gateway fe80::1 (from the pod's link-local
+    // address), so that the forged echo requests go out at once rather than behind a
+    // neighbour solicitation that would itself carry the forged source.
+    assert_ping(&a.netns, b.v6());
     let id = ep.id.to_string();
     let monitor = Monitor::start(&node, &["--type", "drop", "--endpoint", &id]);
 
@@ -501,11 +505,11 @@ fn the_monitor_shows_an_ipv6_drop_with_ipv6_addresses() {
     let event = monitor
         .find(Duration::from_secs(5), |e| {
             e["source"] == forged.to_string().as_str()
+                && e["destination"] == b.v6().to_string().as_str()
         })
         .expect("the monitor reports the spoofed IPv6 packets");
     assert_eq!(event["reason"], "spoofed-source");
     assert_eq!(event["direction"], "egress");
     assert_eq!(event["ifindex"], ep.host_ifindex);
-    assert_eq!(event["destination"], b.v6().to_string().as_str());
     assert!(drops(&node, &a, "spoofed-source", "egress") > 0);
 }
