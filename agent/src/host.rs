@@ -168,12 +168,15 @@ impl HostNetwork for LinuxHost {
     }
 
     fn route_pod6(&self, ifindex: u32, address: Ipv6Addr) -> Result<(), HostError> {
-        // Interim: the netlink crate's IPv6 routes (hypha_netlink::Route6) are on their
-        // way from the plugin's side; until they land an IPv6 pod is refused here.
-        let _ = (ifindex, Ipv6Net::new(address, 128));
-        Err(HostError::Nft(format!(
-            "cannot route {address}: IPv6 host routes are not supported by this build yet"
-        )))
+        // No gateway and no source: the route is on-link through the host veth, which
+        // keeps its own kernel link-local address for neighbour discovery.
+        self.nl()?.add_route6(&hypha_netlink::Route6 {
+            dst: Ipv6Net::new(address, 128).expect("/128 is a valid prefix"),
+            gateway: None,
+            oif: ifindex,
+            src: None,
+        })?;
+        Ok(())
     }
 
     fn set_rate_limit(&self, side: LimitSide<'_>, limit: Option<Limit>) -> Result<(), HostError> {
