@@ -230,23 +230,46 @@ pub fn format_status(s: &Status) -> String {
     );
     let _ = writeln!(out, "Socket:     {}", s.node.socket);
     let _ = writeln!(out, "State dir:  {}", s.node.state_dir);
-    let _ = writeln!(
-        out,
-        "Pod CIDR:   {} (gateway {} on {})",
-        s.node.pod_cidr.map(|c| c.to_string()).unwrap_or_default(),
-        s.node.gateway.map(|g| g.to_string()).unwrap_or_default(),
-        s.node.host_device
-    );
+    // One line per family the node has: the IPv4 one first, as single-stack agents
+    // printed it.
+    let mut cidrs = Vec::new();
+    if let Some(c) = s.node.pod_cidr {
+        let gw = s.node.gateway.map(|g| g.to_string()).unwrap_or_default();
+        cidrs.push(format!("{c} (gateway {gw} on {})", s.node.host_device));
+    }
+    if let Some(c) = s.node.pod_cidr6 {
+        let gw = s.node.gateway6.map(|g| g.to_string()).unwrap_or_default();
+        cidrs.push(format!("{c} (gateway {gw}, answered by the datapath)"));
+    }
+    if cidrs.is_empty() {
+        cidrs.push("none".into());
+    }
+    for (i, c) in cidrs.iter().enumerate() {
+        let label = if i == 0 { "Pod CIDR:" } else { "" };
+        let _ = writeln!(out, "{label:<12}{c}");
+    }
     let _ = writeln!(
         out,
         "Masquerade: {}",
         if s.node.masquerade { "on" } else { "off" }
     );
-    let _ = writeln!(
-        out,
-        "IPAM:       {} of {} addresses in use, {} available",
-        s.ipam.allocated, s.ipam.capacity, s.ipam.available
-    );
+    let mut pools = Vec::new();
+    if s.node.pod_cidr.is_some() {
+        pools.push(format!(
+            "IPv4 {} of {} addresses in use, {} available",
+            s.ipam.allocated, s.ipam.capacity, s.ipam.available
+        ));
+    }
+    if s.node.pod_cidr6.is_some() {
+        pools.push(format!(
+            "IPv6 {} of {} addresses in use, {} available",
+            s.ipam.allocated6, s.ipam.capacity6, s.ipam.available6
+        ));
+    }
+    for (i, p) in pools.iter().enumerate() {
+        let label = if i == 0 { "IPAM:" } else { "" };
+        let _ = writeln!(out, "{label:<12}{p}");
+    }
     let _ = writeln!(
         out,
         "Endpoints:  {} ({} re-adopted at start)",
@@ -309,13 +332,15 @@ fn limit(rate: Option<u64>) -> String {
 
 /// Renders `hypha endpoint list` as a table. Counters are packets/bytes in the pod's
 /// directions: TX is what the pod sent, RX what it received; REDIR is the part moved
-/// pod-to-pod by the eBPF datapath; LIMIT is the rate limit in bits per second.
+/// pod-to-pod by the eBPF datapath; LIMIT is the rate limit in bits per second. IPV4 and
+/// IPV6 are its addresses (`-` for a family it has none of).
 pub fn format_endpoints(eps: &[Endpoint]) -> String {
     let header = [
         "ID",
         "CONTAINER",
         "IF",
-        "ADDRESS",
+        "IPV4",
+        "IPV6",
         "HOST-IF",
         "TX",
         "TX-REDIR",
@@ -336,7 +361,8 @@ pub fn format_endpoints(eps: &[Endpoint]) -> String {
             e.id.to_string(),
             e.container_id.chars().take(12).collect(),
             e.ifname.clone(),
-            e.address.map(|a| a.to_string()).unwrap_or_default(),
+            e.address.map_or_else(|| "-".into(), |a| a.to_string()),
+            e.address6.map_or_else(|| "-".into(), |a| a.to_string()),
             e.host_ifname.clone(),
             pkts(c.egress.forwarded()),
             pkts(c.egress.redirected),
@@ -451,7 +477,7 @@ mod tests {
             host_ifname: "hyp0123456789ab".into(),
             host_ifindex: 9,
             address: Some("10.244.0.2".parse().unwrap()),
-            address6: None,
+            address6: Some("fd00:10:244::2".parse().unwrap()),
             counters4: Default::default(),
             counters6: Default::default(),
             pod_mac: MacAddr([2, 0, 0, 0, 0, 1]),
@@ -492,6 +518,14 @@ mod tests {
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("ID  CONTAINER"), "{text}");
         assert!(
+            lines[0].contains(" IPV4 ") && lines[0].contains(" IPV6 "),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains(" 10.244.0.2 ") && lines[1].contains(" fd00:10:244::2 "),
+            "both addresses: {text}"
+        );
+        assert!(
             lines[1].contains("0123456789ab ") && !lines[1].contains("0123456789abc"),
             "{text}"
         );
@@ -510,5 +544,55 @@ mod tests {
             "  endpoint 3: packets traced into the agent's log (hypha endpoint debug 3 off)",
             "{text}"
         );
+    }
+
+    fn status(v4: bool, v6: bool) -> Status {
+        serde_json::from_value(serde_json::json!({
+            "version": "1", "uptime_seconds": 5,
+            "node": {
+                "pod_cidr": v4.then_some("10.244.0.0/24"),
+                "gateway": v4.then_some("10.244.0.1"),
+                "pod_cidr6": v6.then_some("fd00:10:244::/64"),
+                "gateway6": v6.then_some("fe80::1"),
+                "host_device": "lo", "masquerade": true, "socket": "/s", "state_dir": "/d"
+            },
+            "ipam": {
+                "capacity": if v4 { 253 } else { 0 }, "allocated": if v4 { 2 } else { 0 },
+                "available": if v4 { 251 } else { 0 },
+                "capacity6": if v6 { u64::MAX - 128 } else { 0 },
+                "allocated6": if v6 { 2 } else { 0 },
+                "available6": if v6 { u64::MAX - 130 } else { 0 }
+            },
+            "datapath": {"pin_dir": "/p", "adopted_endpoints": 0, "programs": [], "attach": "tc"},
+            "endpoints": 2,
+            "policy": {"policies": 0, "entries": 0, "ipcache": 0, "policy_dir": "/e",
+                       "errors": [], "refused_files": []}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn status_shows_both_families() {
+        let text = format_status(&status(true, true));
+        for line in [
+            "Pod CIDR:   10.244.0.0/24 (gateway 10.244.0.1 on lo)",
+            "            fd00:10:244::/64 (gateway fe80::1, answered by the datapath)",
+            "IPAM:       IPv4 2 of 253 addresses in use, 251 available",
+            "            IPv6 2 of 18446744073709551487 addresses in use, 18446744073709551485 available",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        let text = format_status(&status(false, true));
+        assert!(
+            text.contains("Pod CIDR:   fd00:10:244::/64 (gateway fe80::1"),
+            "{text}"
+        );
+        assert!(text.contains("IPAM:       IPv6 2 of"), "{text}");
+        assert!(!text.contains("IPv4"), "{text}");
+        let text = format_status(&status(true, false));
+        assert!(!text.contains("fd00") && !text.contains("IPv6"), "{text}");
     }
 }

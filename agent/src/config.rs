@@ -3,7 +3,7 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
 /// Errors in the agent's configuration.
@@ -39,9 +39,10 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// Where maps and program links are pinned; must be on a bpf filesystem.
     pub pin_dir: PathBuf,
-    /// This node's pod CIDR: pods get addresses from it.
-    pub pod_cidr: Ipv4Net,
-    /// The pods' gateway; defaults to the first address of the pod CIDR.
+    /// This node's pod CIDRs, at most one per family: pods get one address from each.
+    pub pod_cidrs: PodCidrs,
+    /// The pods' IPv4 gateway; defaults to the first address of the IPv4 pod CIDR. (The
+    /// IPv6 gateway is always [`hypha_common::GATEWAY6`].)
     pub gateway: Option<Ipv4Addr>,
     /// The host device that carries the gateway address (a /32). Loopback by default; a
     /// name that does not exist is created as a dummy device.
@@ -105,7 +106,10 @@ impl Default for AgentConfig {
             socket: PathBuf::from(hypha_api::DEFAULT_SOCKET),
             state_dir: PathBuf::from("/var/lib/hypha"),
             pin_dir: PathBuf::from("/sys/fs/bpf/hypha"),
-            pod_cidr: "10.244.0.0/24".parse().expect("valid default"),
+            pod_cidrs: PodCidrs {
+                v4: Some("10.244.0.0/24".parse().expect("valid default")),
+                v6: Some("fd00:10:244::/64".parse().expect("valid default")),
+            },
             gateway: None,
             host_device: "lo".to_owned(),
             masquerade: true,
@@ -123,7 +127,12 @@ pub struct ConfigFile {
     pub socket: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub pin_dir: Option<PathBuf>,
-    pub pod_cidr: Option<Ipv4Net>,
+    /// The pod CIDRs as a list (`pod-cidrs: [10.1.0.0/24, fd00:1::/64]`); the command
+    /// line's comma-separated `--pod-cidr` lands here too.
+    pub pod_cidrs: Option<PodCidrs>,
+    /// The key of single-stack versions (`pod-cidr: 10.1.0.0/24`), still read: a
+    /// one-element list. Setting both keys is an error.
+    pub pod_cidr: Option<IpNet>,
     pub gateway: Option<Ipv4Addr>,
     pub host_device: Option<String>,
     pub masquerade: Option<bool>,
@@ -155,11 +164,22 @@ impl ConfigFile {
 
     /// Lays `over` on top of `self`: what `over` sets wins.
     pub fn merge(self, over: ConfigFile) -> ConfigFile {
+        let cidrs_over = over.sets_pod_cidrs();
         ConfigFile {
             socket: over.socket.or(self.socket),
             state_dir: over.state_dir.or(self.state_dir),
             pin_dir: over.pin_dir.or(self.pin_dir),
-            pod_cidr: over.pod_cidr.or(self.pod_cidr),
+            // The pod CIDRs are one setting under two keys: whoever sets either sets both.
+            pod_cidrs: if cidrs_over {
+                over.pod_cidrs
+            } else {
+                self.pod_cidrs
+            },
+            pod_cidr: if cidrs_over {
+                over.pod_cidr
+            } else {
+                self.pod_cidr
+            },
             gateway: over.gateway.or(self.gateway),
             host_device: over.host_device.or(self.host_device),
             masquerade: over.masquerade.or(self.masquerade),
@@ -169,14 +189,28 @@ impl ConfigFile {
         }
     }
 
+    fn sets_pod_cidrs(&self) -> bool {
+        self.pod_cidrs.is_some() || self.pod_cidr.is_some()
+    }
+
     /// Fills what is unset with the defaults and checks the result.
     pub fn resolve(self) -> Result<AgentConfig, ConfigError> {
         let d = AgentConfig::default();
+        let pod_cidrs = match (self.pod_cidrs, self.pod_cidr) {
+            (Some(list), None) => list,
+            (None, Some(one)) => PodCidrs::new([one]).map_err(ConfigError::Invalid)?,
+            (None, None) => d.pod_cidrs,
+            (Some(list), Some(one)) => {
+                return Err(ConfigError::Invalid(format!(
+                    "both pod-cidrs ({list}) and pod-cidr ({one}) are set; use pod-cidrs only"
+                )));
+            }
+        };
         let config = AgentConfig {
             socket: self.socket.unwrap_or(d.socket),
             state_dir: self.state_dir.unwrap_or(d.state_dir),
             pin_dir: self.pin_dir.unwrap_or(d.pin_dir),
-            pod_cidr: self.pod_cidr.unwrap_or(d.pod_cidr),
+            pod_cidrs,
             gateway: self.gateway,
             host_device: self.host_device.unwrap_or(d.host_device),
             masquerade: self.masquerade.unwrap_or(d.masquerade),
@@ -190,30 +224,42 @@ impl ConfigFile {
 }
 
 impl AgentConfig {
-    /// The gateway address pods route through.
-    pub fn gateway(&self) -> Ipv4Addr {
-        self.gateway
-            .unwrap_or_else(|| first_host(self.pod_cidr).unwrap_or(self.pod_cidr.network()))
+    /// The IPv4 gateway pods route through, on a node with an IPv4 pod CIDR.
+    pub fn gateway(&self) -> Option<Ipv4Addr> {
+        let cidr = self.pod_cidrs.v4?;
+        Some(
+            self.gateway
+                .unwrap_or_else(|| first_host(cidr).unwrap_or(cidr.network())),
+        )
+    }
+
+    /// The IPv6 gateway, on a node with an IPv6 pod CIDR: the link-local
+    /// [`hypha_common::GATEWAY6`] the datapath answers neighbour solicitations for.
+    pub fn gateway6(&self) -> Option<std::net::Ipv6Addr> {
+        self.pod_cidrs
+            .v6
+            .map(|_| std::net::Ipv6Addr::from(hypha_common::GATEWAY6))
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let cidr = self.pod_cidr;
-        if cidr.trunc() != cidr {
-            return Err(ConfigError::Invalid(format!(
-                "pod-cidr {cidr} has host bits set; did you mean {}?",
-                cidr.trunc()
-            )));
-        }
-        if cidr.prefix_len() > 30 {
-            return Err(ConfigError::Invalid(format!(
-                "pod-cidr {cidr} is too small: it needs room for a gateway and pods (at most /30)"
-            )));
-        }
-        let gw = self.gateway();
-        if !cidr.contains(&gw) || gw == cidr.network() || gw == cidr.broadcast() {
-            return Err(ConfigError::Invalid(format!(
-                "gateway {gw} must be a host address inside pod-cidr {cidr}"
-            )));
+        self.pod_cidrs.check().map_err(ConfigError::Invalid)?;
+        match (self.pod_cidrs.v4, self.gateway()) {
+            (Some(cidr), Some(gw)) => {
+                if !cidr.contains(&gw) || gw == cidr.network() || gw == cidr.broadcast() {
+                    return Err(ConfigError::Invalid(format!(
+                        "gateway {gw} must be a host address inside pod-cidr {cidr}"
+                    )));
+                }
+            }
+            _ => {
+                if let Some(gw) = self.gateway {
+                    return Err(ConfigError::Invalid(format!(
+                        "gateway {gw} is set but pod-cidr {} has no IPv4 CIDR (the IPv6 gateway is always {})",
+                        self.pod_cidrs,
+                        std::net::Ipv6Addr::from(hypha_common::GATEWAY6)
+                    )));
+                }
+            }
         }
         if self.host_device.is_empty()
             || self.host_device.len() > 15
@@ -247,6 +293,134 @@ fn first_host(net: Ipv4Net) -> Option<Ipv4Addr> {
     net.hosts().next()
 }
 
+/// A node's pod CIDRs: at most one per family, at least one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "Vec<IpNet>")]
+pub struct PodCidrs {
+    pub v4: Option<Ipv4Net>,
+    pub v6: Option<Ipv6Net>,
+}
+
+/// The longest IPv4 pod CIDR: room for a network, a gateway, a pod and a broadcast address.
+pub const MAX_PREFIX4: u8 = 30;
+/// The shortest IPv6 pod CIDR: a /64, the size of one IPv6 subnet (RFC 4291).
+pub const MIN_PREFIX6: u8 = 64;
+/// The longest IPv6 pod CIDR.
+pub const MAX_PREFIX6: u8 = 120;
+
+impl PodCidrs {
+    /// The CIDRs of a list, checked (see [`PodCidrs::check`]).
+    pub fn new(nets: impl IntoIterator<Item = IpNet>) -> Result<Self, String> {
+        let nets: Vec<IpNet> = nets.into_iter().collect();
+        let list = || {
+            nets.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let mut cidrs = PodCidrs { v4: None, v6: None };
+        for net in &nets {
+            match net {
+                IpNet::V4(n) => {
+                    if let Some(first) = cidrs.v4.replace(*n) {
+                        return Err(format!(
+                            "pod-cidr {} lists two IPv4 CIDRs ({first} and {n}); a node has at most one per family",
+                            list()
+                        ));
+                    }
+                }
+                IpNet::V6(n) => {
+                    if let Some(first) = cidrs.v6.replace(*n) {
+                        return Err(format!(
+                            "pod-cidr {} lists two IPv6 CIDRs ({first} and {n}); a node has at most one per family",
+                            list()
+                        ));
+                    }
+                }
+            }
+        }
+        cidrs.check()?;
+        Ok(cidrs)
+    }
+
+    /// At least one CIDR; no host bits; an IPv4 one at most a /30, an IPv6 one a /64 to
+    /// a /120.
+    pub fn check(&self) -> Result<(), String> {
+        if self.v4.is_none() && self.v6.is_none() {
+            return Err("pod-cidr is empty: give an IPv4 CIDR, an IPv6 CIDR or both".into());
+        }
+        if let Some(cidr) = self.v4 {
+            if cidr.trunc() != cidr {
+                return Err(format!(
+                    "pod-cidr {cidr} has host bits set; did you mean {}?",
+                    cidr.trunc()
+                ));
+            }
+            if cidr.prefix_len() > MAX_PREFIX4 {
+                return Err(format!(
+                    "pod-cidr {cidr} is too small: it needs room for a gateway and pods (at most /{MAX_PREFIX4})"
+                ));
+            }
+        }
+        if let Some(cidr) = self.v6 {
+            if cidr.trunc() != cidr {
+                return Err(format!(
+                    "pod-cidr {cidr} has host bits set; did you mean {}?",
+                    cidr.trunc()
+                ));
+            }
+            if cidr.prefix_len() < MIN_PREFIX6 {
+                return Err(format!(
+                    "pod-cidr {cidr} is too large: an IPv6 pod CIDR is a /{MIN_PREFIX6} to a /{MAX_PREFIX6}"
+                ));
+            }
+            if cidr.prefix_len() > MAX_PREFIX6 {
+                return Err(format!(
+                    "pod-cidr {cidr} is too small: an IPv6 pod CIDR is a /{MIN_PREFIX6} to a /{MAX_PREFIX6}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TryFrom<Vec<IpNet>> for PodCidrs {
+    type Error = String;
+
+    fn try_from(nets: Vec<IpNet>) -> Result<Self, String> {
+        PodCidrs::new(nets)
+    }
+}
+
+impl std::str::FromStr for PodCidrs {
+    type Err = String;
+
+    /// A comma-separated list: `10.1.0.0/24,fd00:1::/64`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let nets = s
+            .split(',')
+            .map(|part| {
+                let part = part.trim();
+                part.parse::<IpNet>()
+                    .map_err(|_| format!("pod-cidr {s:?}: {part:?} is not an IPv4 or IPv6 CIDR"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        PodCidrs::new(nets)
+    }
+}
+
+impl std::fmt::Display for PodCidrs {
+    /// The comma-separated list, IPv4 first.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.v4, self.v6) {
+            (Some(a), Some(b)) => write!(f, "{a},{b}"),
+            (Some(a), None) => write!(f, "{a}"),
+            (None, Some(b)) => write!(f, "{b}"),
+            (None, None) => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,7 +429,9 @@ mod tests {
     fn defaults_resolve() {
         let c = ConfigFile::default().resolve().unwrap();
         assert_eq!(c, AgentConfig::default());
-        assert_eq!(c.gateway(), Ipv4Addr::new(10, 244, 0, 1));
+        assert_eq!(c.gateway(), Some(Ipv4Addr::new(10, 244, 0, 1)));
+        assert_eq!(c.pod_cidrs.to_string(), "10.244.0.0/24,fd00:10:244::/64");
+        assert_eq!(c.gateway6(), Some("fe80::1".parse().unwrap()));
     }
 
     #[test]
@@ -269,9 +445,17 @@ mod tests {
         };
         let c = file.merge(flags).resolve().unwrap();
         assert_eq!(c.socket, PathBuf::from("/tmp/b.sock"));
-        assert_eq!(c.pod_cidr, "10.9.0.0/16".parse::<Ipv4Net>().unwrap());
+        assert_eq!(
+            c.pod_cidrs.v4,
+            Some("10.9.0.0/16".parse::<Ipv4Net>().unwrap())
+        );
+        assert_eq!(
+            c.pod_cidrs.v6, None,
+            "an explicit list gives exactly its families"
+        );
         assert!(!c.masquerade);
-        assert_eq!(c.gateway(), Ipv4Addr::new(10, 9, 0, 1));
+        assert_eq!(c.gateway(), Some(Ipv4Addr::new(10, 9, 0, 1)));
+        assert_eq!(c.gateway6(), None);
     }
 
     #[test]
@@ -336,5 +520,122 @@ mod tests {
             ..Default::default()
         });
         assert!(msg.contains("state-dir relative/dir"), "{msg}");
+    }
+
+    fn cidrs(s: &str) -> Result<PodCidrs, String> {
+        s.parse()
+    }
+
+    #[test]
+    fn pod_cidr_lists_give_exactly_their_families() {
+        let both = cidrs("10.1.0.0/24, fd00:1::/64").unwrap();
+        assert_eq!(both.v4, Some("10.1.0.0/24".parse().unwrap()));
+        assert_eq!(both.v6, Some("fd00:1::/64".parse().unwrap()));
+        assert_eq!(both.to_string(), "10.1.0.0/24,fd00:1::/64");
+        let v6 = cidrs("fd00:1::/120").unwrap();
+        assert_eq!((v6.v4, v6.v6.map(|n| n.prefix_len())), (None, Some(120)));
+        let v4 = cidrs("10.1.0.0/30").unwrap();
+        assert_eq!((v4.v4.is_some(), v4.v6), (true, None));
+        // IPv6 first is the same node.
+        assert_eq!(cidrs("fd00:1::/64,10.1.0.0/24").unwrap(), both);
+    }
+
+    #[test]
+    fn pod_cidr_lists_are_refused_naming_the_value() {
+        let err = cidrs("10.1.0.0/24,10.2.0.0/24").unwrap_err();
+        assert!(
+            err.contains("two IPv4") && err.contains("10.1.0.0/24") && err.contains("10.2.0.0/24"),
+            "{err}"
+        );
+        let err = cidrs("fd00:1::/64,fd00:2::/64").unwrap_err();
+        assert!(
+            err.contains("two IPv6") && err.contains("fd00:2::/64"),
+            "{err}"
+        );
+        let err = cidrs("fd00:1::/48").unwrap_err();
+        assert!(
+            err.contains("fd00:1::/48") && err.contains("too large"),
+            "{err}"
+        );
+        let err = cidrs("fd00:1::/121").unwrap_err();
+        assert!(
+            err.contains("fd00:1::/121") && err.contains("too small"),
+            "{err}"
+        );
+        let err = cidrs("fd00:1::1/64").unwrap_err();
+        assert!(
+            err.contains("host bits") && err.contains("fd00:1::/64"),
+            "{err}"
+        );
+        let err = cidrs("10.1.0.0/31").unwrap_err();
+        assert!(
+            err.contains("10.1.0.0/31") && err.contains("too small"),
+            "{err}"
+        );
+        let err = cidrs("10.1.0.0/24,banana").unwrap_err();
+        assert!(err.contains("banana"), "{err}");
+        let err = cidrs("").unwrap_err();
+        assert!(err.contains("\"\""), "{err}");
+    }
+
+    #[test]
+    fn file_keys_old_and_new() {
+        let c = ConfigFile::parse("pod-cidrs: [10.3.0.0/24, \"fd00:3::/64\"]\n")
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(c.pod_cidrs, cidrs("10.3.0.0/24,fd00:3::/64").unwrap());
+        // The single-stack key still reads, as a one-element list.
+        let c = ConfigFile::parse("pod-cidr: 10.3.0.0/24\n")
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(c.pod_cidrs, cidrs("10.3.0.0/24").unwrap());
+        let c = ConfigFile::parse("pod-cidr: \"fd00:3::/64\"\n")
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(c.pod_cidrs, cidrs("fd00:3::/64").unwrap());
+        assert_eq!(c.gateway(), None);
+        let err = ConfigFile::parse("pod-cidr: 10.3.0.0/24\npod-cidrs: [10.4.0.0/24]\n")
+            .unwrap()
+            .resolve()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pod-cidrs") && err.contains("10.4.0.0/24"),
+            "{err}"
+        );
+        let err = ConfigFile::parse("pod-cidrs: [10.3.0.0/24, 10.4.0.0/24]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("two IPv4"), "{err}");
+        // A flag replaces the file's list whichever key the file used.
+        let flags = ConfigFile {
+            pod_cidrs: Some(cidrs("fd00:5::/64").unwrap()),
+            ..Default::default()
+        };
+        let c = ConfigFile::parse("pod-cidr: 10.3.0.0/24\n")
+            .unwrap()
+            .merge(flags)
+            .resolve()
+            .unwrap();
+        assert_eq!(c.pod_cidrs, cidrs("fd00:5::/64").unwrap());
+    }
+
+    #[test]
+    fn an_ipv4_gateway_needs_an_ipv4_pod_cidr() {
+        let err = ConfigFile {
+            pod_cidrs: Some(cidrs("fd00:5::/64").unwrap()),
+            gateway: Some(Ipv4Addr::new(10, 0, 0, 1)),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("gateway 10.0.0.1") && err.contains("no IPv4"),
+            "{err}"
+        );
     }
 }

@@ -7,7 +7,7 @@
 //! answered, and every answer says what went wrong in words an operator can act on.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -24,7 +24,7 @@ use crate::bandwidth::{self, Limit};
 use crate::config::AgentConfig;
 use crate::datapath::{Adoption, Datapath};
 use crate::host::{HostNetwork, LimitSide, NodeNetwork};
-use crate::ipam::{Ipam, IpamError, Owner};
+use crate::ipam::{Family, Ipam, Ipam6, IpamError, IpamState, Owner};
 pub use crate::state::Persist;
 use crate::state::{Change, EndpointRecord, Pending, PersistedState, StateError};
 
@@ -84,7 +84,9 @@ impl ControlError {
             ControlError::Ipam(IpamError::Exhausted { .. }) => 507,
             // What the request asked for is taken or not to be had: the caller's doing.
             ControlError::Ipam(IpamError::InUse { .. } | IpamError::OwnerHoldsOther { .. }) => 409,
-            ControlError::Ipam(IpamError::NotAllocatable { .. }) => 400,
+            ControlError::Ipam(IpamError::NotAllocatable { .. } | IpamError::NoFamily { .. }) => {
+                400
+            }
             ControlError::RollbackFailed { error, .. } => error.http_status(),
             _ => 500,
         }
@@ -95,12 +97,14 @@ impl ControlError {
 /// changes, behind one lock that is only ever held for in-memory work (never across
 /// netlink, bpf or fsync).
 struct Table {
-    ipam: Ipam,
+    /// One allocator per family the node has a pod CIDR for.
+    ipam4: Option<Ipam>,
+    ipam6: Option<Ipam6>,
     endpoints: BTreeMap<Owner, EndpointRecord>,
     ids: BTreeMap<u32, Owner>,
-    /// Addresses and MACs of the endpoints and of the ADDs in progress, so that two
-    /// concurrent ADDs cannot both take one.
-    addresses: HashMap<Ipv4Addr, Owner>,
+    /// Addresses (both families) and MACs of the endpoints and of the ADDs in progress,
+    /// so that two concurrent ADDs cannot both take one.
+    addresses: HashMap<IpAddr, Owner>,
     macs: HashMap<[u8; 6], Owner>,
     next_endpoint_id: u32,
 }
@@ -108,7 +112,9 @@ struct Table {
 impl Table {
     fn insert(&mut self, ep: EndpointRecord) {
         let owner = ep.owner();
-        self.addresses.insert(v4(ep.address), owner.clone());
+        for a in ep.addresses() {
+            self.addresses.insert(a, owner.clone());
+        }
         self.macs.insert(ep.pod_mac.0, owner.clone());
         self.ids.insert(ep.id, owner.clone());
         self.endpoints.insert(owner, ep);
@@ -117,13 +123,38 @@ impl Table {
     fn remove(&mut self, owner: &Owner) -> Option<EndpointRecord> {
         let ep = self.endpoints.remove(owner)?;
         self.ids.remove(&ep.id);
-        self.addresses.remove(&v4(ep.address));
+        for a in ep.addresses() {
+            self.addresses.remove(&a);
+        }
         self.macs.remove(&ep.pod_mac.0);
         Some(ep)
     }
 
+    /// Gives back both families' reservations of `owner`, with the changes that say so.
+    fn release(&mut self, owner: &Owner) -> (Released, Vec<Change>) {
+        let released = Released {
+            v4: self.ipam4.as_mut().and_then(|i| i.release(owner)),
+            v6: self.ipam6.as_mut().and_then(|i| i.release(owner)),
+        };
+        let mut changes = Vec::new();
+        if released.v4.is_some() {
+            changes.push(Change::AddressReleased(owner.clone()));
+        }
+        if released.v6.is_some() {
+            changes.push(Change::Address6Released(owner.clone()));
+        }
+        (released, changes)
+    }
+
+    /// Every owner holding a reservation of either family.
+    fn ipam_owners(&self) -> impl Iterator<Item = &Owner> {
+        let v4 = self.ipam4.iter().flat_map(|i| i.owners());
+        let v6 = self.ipam6.iter().flat_map(|i| i.owners());
+        v4.chain(v6)
+    }
+
     /// Who holds `address` (an endpoint or an ADD in progress), described.
-    fn address_holder(&self, address: Ipv4Addr) -> Option<String> {
+    fn address_holder(&self, address: IpAddr) -> Option<String> {
         let owner = self.addresses.get(&address)?;
         Some(self.describe_owner(owner))
     }
@@ -186,7 +217,7 @@ impl Drop for OwnerGuard<'_> {
 /// the ADD completed.
 struct Claim<'a> {
     table: &'a Mutex<Table>,
-    address: Ipv4Addr,
+    addresses: Vec<IpAddr>,
     mac: [u8; 6],
     done: bool,
 }
@@ -197,7 +228,9 @@ impl Drop for Claim<'_> {
             return;
         }
         let mut t = self.table.lock().expect("endpoint table");
-        t.addresses.remove(&self.address);
+        for a in &self.addresses {
+            t.addresses.remove(a);
+        }
         t.macs.remove(&self.mac);
     }
 }
@@ -256,14 +289,16 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     ) -> Result<(Self, StartReport), ControlError> {
         let gateway = config.gateway();
         host.setup_node(&NodeNetwork {
-            pod_cidr: config.pod_cidr,
+            pod_cidrs: config.pod_cidrs,
             gateway,
             host_device: config.host_device.clone(),
             masquerade: config.masquerade,
         })?;
-        let ipam = Ipam::restore(config.pod_cidr, gateway, saved.ipam)?;
+        let ipam4 = restore_ipam(config.pod_cidrs.v4, gateway, saved.ipam)?;
+        let ipam6 = restore_ipam(config.pod_cidrs.v6, None, saved.ipam6)?;
         let mut table = Table {
-            ipam,
+            ipam4,
+            ipam6,
             endpoints: BTreeMap::new(),
             ids: BTreeMap::new(),
             addresses: HashMap::new(),
@@ -273,7 +308,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         let mut report = StartReport::default();
         let mut changes = Vec::new();
         for ep in saved.endpoints {
-            let name = format!("{} ({})", ep.host_ifname, v4(ep.address));
+            let name = format!("{} ({})", ep.host_ifname, ep.describe_addresses());
             let alive = host
                 .link(&ep.host_ifname)?
                 .is_some_and(|l| l.index == ep.host_ifindex);
@@ -283,9 +318,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 }
                 let owner = ep.owner();
                 changes.push(Change::EndpointGone(owner.clone()));
-                if table.ipam.release(&owner).is_some() {
-                    changes.push(Change::AddressReleased(owner));
-                }
+                changes.extend(table.release(&owner).1);
                 report.removed.push(name);
                 continue;
             }
@@ -296,7 +329,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             saved.namespace_labels,
             saved.identities,
             table.endpoints.values(),
-            gateway,
+            gateway.unwrap_or(Ipv4Addr::UNSPECIFIED),
             &mut report.warnings,
         );
         changes.extend(policy_changes);
@@ -324,11 +357,8 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         }
         let endpoints: Vec<EndpointRecord> = agent.table().endpoints.values().cloned().collect();
         for ep in &endpoints {
-            let name = format!("{} ({})", ep.host_ifname, v4(ep.address));
-            if let Err(e) = agent
-                .host
-                .route_pod(ep.host_ifindex, v4(ep.address), gateway)
-            {
+            let name = format!("{} ({})", ep.host_ifname, ep.describe_addresses());
+            for e in agent.route_pod(ep) {
                 report
                     .warnings
                     .push(format!("{name}: cannot restore its route: {e}"));
@@ -393,7 +423,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             ifname: req.ifname.clone(),
         };
         let _busy = self.owners.lock(&owner);
-        let (address, pending) = {
+        let (a4, a6, pending) = {
             let mut t = self.table();
             if let Some(ep) = t.endpoints.get(&owner) {
                 return Err(ControlError::Conflict(format!(
@@ -401,39 +431,70 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                     ep.container_id,
                     ep.ifname,
                     ep.id,
-                    v4(ep.address)
+                    ep.describe_addresses()
                 )));
             }
-            let before = t.ipam.owner_address(&owner);
-            let address = match req.address {
-                Some(wanted) => t.ipam.allocate_specific(&owner, wanted)?,
-                None => t.ipam.allocate(&owner)?,
+            // Both requests are checked before anything is taken.
+            if let (Some(a), None) = (req.address, &t.ipam4) {
+                return Err(no_family(a).into());
+            }
+            if let (Some(a), None) = (req.address6, &t.ipam6) {
+                return Err(no_family(a).into());
+            }
+            let mut changes = Vec::new();
+            let a4 = match t.ipam4.as_mut() {
+                Some(ipam) => Some(allocate_in(ipam, &owner, req.address, &mut changes)?),
+                None => None,
             };
-            let pending = before.is_none().then(|| {
-                self.store.submit(vec![
-                    Change::Address {
-                        owner: owner.clone(),
-                        address,
-                    },
-                    Change::IpamCursor(t.ipam.state().last),
-                ])
-            });
-            (address, pending)
+            let a6 = match t.ipam6.as_mut() {
+                Some(ipam) => match allocate_in(ipam, &owner, req.address6, &mut changes) {
+                    Ok(a) => Some(a),
+                    Err(e) => {
+                        // A refused ADD leaves nothing: the IPv4 address just taken goes
+                        // back (one held from an earlier ALLOCATE stays).
+                        if changes.iter().any(|c| matches!(c, Change::Address { .. }))
+                            && let Some(ipam) = t.ipam4.as_mut()
+                        {
+                            ipam.release(&owner);
+                        }
+                        return Err(e.into());
+                    }
+                },
+                None => None,
+            };
+            let pending = (!changes.is_empty()).then(|| self.store.submit(changes));
+            (a4, a6, pending)
         };
         if let Some(p) = pending
             && let Err(e) = p.wait()
         {
-            self.table().ipam.release(&owner);
+            self.table().release(&owner);
             return Err(e.into());
         }
         Ok(Allocation {
-            address: Some(address),
-            gateway: Some(self.config.gateway()),
-            pod_cidr: Some(self.config.pod_cidr),
-            address6: None,
-            gateway6: None,
-            pod_cidr6: None,
+            address: a4,
+            gateway: a4.and(self.config.gateway()),
+            pod_cidr: a4.and(self.config.pod_cidrs.v4),
+            address6: a6,
+            gateway6: a6.and(self.config.gateway6()),
+            pod_cidr6: a6.and(self.config.pod_cidrs.v6),
         })
+    }
+
+    /// Routes the endpoint's addresses to its host veth: the errors, per family.
+    fn route_pod(&self, ep: &EndpointRecord) -> Vec<crate::host::HostError> {
+        let mut errors = Vec::new();
+        if let (Some(a), Some(gw)) = (ep.address, self.config.gateway())
+            && let Err(e) = self.host.route_pod(ep.host_ifindex, a, gw)
+        {
+            errors.push(e);
+        }
+        if let Some(a) = ep.address6
+            && let Err(e) = self.host.route_pod6(ep.host_ifindex, a)
+        {
+            errors.push(e);
+        }
+        errors
     }
 
     /// Checks a create request against the table and claims its address and MAC; on a
@@ -450,67 +511,76 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 req.container_id, req.ifname, ep.id
             )));
         }
-        let address = v4(req.address);
-        if let Some(other) = t.address_holder(address) {
-            return Err(ControlError::Conflict(format!(
-                "address {address} is already used by {other}"
-            )));
+        if req.address.is_none() && req.address6.is_none() {
+            return Err(ControlError::BadRequest(
+                "the request has no address: give address, address6 or both".into(),
+            ));
         }
-        match t.ipam.owner_address(owner) {
-            _ if req.external_ipam => {
-                if let Some(holder) = t.ipam.holder(address) {
-                    return Err(ControlError::Conflict(format!(
-                        "address {address} from the delegated IPAM plugin is reserved for {holder} by the agent's own allocator"
-                    )));
-                }
-            }
-            Some(a) if a == address => {}
-            Some(a) => {
-                return Err(ControlError::BadRequest(format!(
-                    "{owner} was allocated {a}, not {address}"
+        if let (Some(a), None) = (req.address, &t.ipam4) {
+            return Err(ControlError::BadRequest(no_family(a).to_string()));
+        }
+        if let (Some(a), None) = (req.address6, &t.ipam6) {
+            return Err(ControlError::BadRequest(no_family(a).to_string()));
+        }
+        let addresses: Vec<IpAddr> = req
+            .address
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(req.address6.map(IpAddr::V6))
+            .collect();
+        for address in &addresses {
+            if let Some(other) = t.address_holder(*address) {
+                return Err(ControlError::Conflict(format!(
+                    "address {address} is already used by {other}"
                 )));
             }
-            None => {
-                return Err(ControlError::BadRequest(format!(
-                    "no address is allocated to {owner}; call /v1/ipam/allocate first"
-                )));
-            }
+        }
+        if let Some(ipam) = &t.ipam4 {
+            check_claim(ipam, owner, req.address, req.external_ipam)?;
+        }
+        if let Some(ipam) = &t.ipam6 {
+            check_claim(ipam, owner, req.address6, req.external_ipam)?;
         }
         if let Some(other) = t.mac_holder(&req.pod_mac) {
             // The pod's MAC is how the datapath knows it (anti-spoofing, the MAC it
             // rewrites to): two endpoints cannot share one.
-            let released = if req.external_ipam {
-                None
+            let (released, changes) = if req.external_ipam {
+                (Released::default(), Vec::new())
             } else {
-                t.ipam.release(owner)
+                t.release(owner)
             };
-            let pending = released.is_some().then(|| {
-                self.store
-                    .submit(vec![Change::AddressReleased(owner.clone())])
-            });
+            let pending = (!changes.is_empty()).then(|| self.store.submit(changes));
             drop(t);
             if let Some(p) = pending
                 && let Err(e) = p.wait()
             {
                 tracing::error!("cannot save the release of {owner}'s address: {e}");
             }
+            let released: Vec<String> = released.iter().map(|a| a.to_string()).collect();
             return Err(ControlError::Conflict(format!(
                 "MAC address {} is already used by {other}{}",
                 req.pod_mac,
-                released
-                    .map(|a| format!("; address {a} reserved for {owner} released"))
-                    .unwrap_or_default()
+                if released.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; address {} reserved for {owner} released",
+                        released.join(" and ")
+                    )
+                }
             )));
         }
         let id = t.next_endpoint_id;
         t.next_endpoint_id += 1;
-        t.addresses.insert(address, owner.clone());
+        for address in &addresses {
+            t.addresses.insert(*address, owner.clone());
+        }
         t.macs.insert(req.pod_mac.0, owner.clone());
         Ok((
             id,
             Claim {
                 table: &self.table,
-                address,
+                addresses,
                 mac: req.pod_mac.0,
                 done: false,
             },
@@ -561,8 +631,9 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             debug: false,
             ports,
         };
-        self.host
-            .route_pod(link.index, v4(req.address), self.config.gateway())?;
+        if let Some(e) = self.route_pod(&record).into_iter().next() {
+            return Err(e.into());
+        }
         // The limiters before the programs: the ingress flag set by `attach` must find its
         // qdisc in place. If a later step fails, they go with the veth hypha-cni deletes.
         if record.bandwidth.is_some() {
@@ -623,8 +694,8 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         }
         Ok(DeleteResponse {
             endpoint_removed: removal.removed,
-            address_released: removal.released,
-            address6_released: None,
+            address_released: removal.released.v4,
+            address6_released: removal.released.v6,
         })
     }
 
@@ -678,7 +749,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             t.endpoints
                 .keys()
                 .cloned()
-                .chain(t.ipam.owners().cloned())
+                .chain(t.ipam_owners().cloned())
                 .collect()
         };
         stale.retain(|o| !valid.contains(&(o.container_id.as_str(), o.ifname.as_str())));
@@ -687,10 +758,9 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         for owner in stale {
             let removal = self.remove(&owner, true);
             resp.errors.extend(removal.errors);
-            resp.released
-                .extend(removal.released.map(std::net::IpAddr::V4));
+            resp.released.extend(removal.released.iter());
             pending.extend(removal.pending);
-            if removal.removed || removal.released.is_some() {
+            if removal.removed || !removal.released.is_empty() {
                 resp.removed.push(Attachment {
                     container_id: owner.container_id,
                     ifname: owner.ifname,
@@ -725,8 +795,8 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         let mut pending = Vec::new();
         for owner in owners {
             let removal = self.remove(&owner, false);
-            if removal.removed || removal.released.is_some() {
-                done.push(format!("removed {owner} (address {:?})", removal.released));
+            if removal.removed || !removal.released.is_empty() {
+                done.push(format!("removed {owner} (addresses {})", removal.released));
             }
             done.extend(removal.errors);
             pending.extend(removal.pending);
@@ -759,14 +829,12 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         // new pod must not get it.
         let mut t = self.table();
         let removed = t.remove(owner).is_some();
-        let released = t.ipam.release(owner);
+        let (released, released_changes) = t.release(owner);
         let mut changes = Vec::new();
         if removed {
             changes.push(Change::EndpointGone(owner.clone()));
         }
-        if released.is_some() {
-            changes.push(Change::AddressReleased(owner.clone()));
-        }
+        changes.extend(released_changes);
         let pending = (!changes.is_empty()).then(|| self.store.submit(changes));
         Removal {
             removed,
@@ -1049,31 +1117,37 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     /// The agent's status; reads counts and the policy snapshot, never waiting for an
     /// ADD or a policy change.
     pub fn status(&self) -> Status {
-        let (capacity, allocated, endpoints) = {
+        let (ipam, endpoints) = {
             let t = self.table();
-            (t.ipam.capacity(), t.ipam.allocated(), t.endpoints.len())
+            let four = t.ipam4.as_ref().map(|i| (i.capacity(), i.allocated()));
+            let six = t.ipam6.as_ref().map(|i| (i.capacity(), i.allocated()));
+            let (capacity, allocated) = four.unwrap_or_default();
+            let (capacity6, allocated6) = six.unwrap_or_default();
+            let small = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+            let ipam = IpamStatus {
+                capacity: small(capacity),
+                allocated: small(allocated),
+                available: small(capacity.saturating_sub(allocated)),
+                capacity6,
+                allocated6,
+                available6: capacity6.saturating_sub(allocated6),
+            };
+            (ipam, t.endpoints.len())
         };
         Status {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             uptime_seconds: self.started.elapsed().as_secs(),
             node: NodeStatus {
-                pod_cidr: Some(self.config.pod_cidr),
-                gateway: Some(self.config.gateway()),
-                pod_cidr6: None,
-                gateway6: None,
+                pod_cidr: self.config.pod_cidrs.v4,
+                gateway: self.config.gateway(),
+                pod_cidr6: self.config.pod_cidrs.v6,
+                gateway6: self.config.gateway6(),
                 host_device: self.config.host_device.clone(),
                 masquerade: self.config.masquerade,
                 socket: self.config.socket.display().to_string(),
                 state_dir: self.config.state_dir.display().to_string(),
             },
-            ipam: IpamStatus {
-                capacity,
-                allocated,
-                available: capacity.saturating_sub(allocated),
-                capacity6: 0,
-                allocated6: 0,
-                available6: 0,
-            },
+            ipam,
             datapath: DatapathStatus {
                 pin_dir: self.config.pin_dir.display().to_string(),
                 adopted_endpoints: self.adopted,
@@ -1089,15 +1163,162 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
 /// What [`Agent::remove`] did.
 struct Removal {
     removed: bool,
-    released: Option<Ipv4Addr>,
+    released: Released,
     errors: Vec<String>,
     pending: Option<Pending>,
 }
 
-/// Interim, until the control plane is dual stack: the IPv4 address of a record or
-/// request (`0.0.0.0` when it has none).
+/// Interim, for the policy view's construction (control/policy.rs, the policy helper's
+/// to replace): the IPv4 address of a record (`0.0.0.0` when it has none).
 fn v4(address: Option<Ipv4Addr>) -> Ipv4Addr {
     address.unwrap_or(Ipv4Addr::UNSPECIFIED)
+}
+
+/// The addresses given back for one attachment, per family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Released {
+    v4: Option<Ipv4Addr>,
+    v6: Option<Ipv6Addr>,
+}
+
+impl Released {
+    fn iter(&self) -> impl Iterator<Item = IpAddr> {
+        let v4 = self.v4.map(IpAddr::V4);
+        v4.into_iter().chain(self.v6.map(IpAddr::V6))
+    }
+
+    fn is_empty(&self) -> bool {
+        self.v4.is_none() && self.v6.is_none()
+    }
+}
+
+impl std::fmt::Display for Released {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let all: Vec<String> = self.iter().map(|a| a.to_string()).collect();
+        if all.is_empty() {
+            f.write_str("none")
+        } else {
+            f.write_str(&all.join(", "))
+        }
+    }
+}
+
+/// The allocator of one family, restored from what was saved; `None` for a family the
+/// node has no pod CIDR for, which must then hold nothing.
+fn restore_ipam<A: Family>(
+    cidr: Option<A::Net>,
+    gateway: Option<A>,
+    saved: IpamState<A>,
+) -> Result<Option<Ipam<A>>, IpamError> {
+    match cidr {
+        Some(cidr) => Ipam::restore(cidr, gateway, saved).map(Some),
+        None => match saved.allocations.into_iter().next() {
+            Some((address, owner)) => Err(IpamError::OutOfRange {
+                address: address.to_string(),
+                owner,
+                cidr: format!("(none: this node has no {} pod CIDR)", A::NAME),
+            }),
+            None => Ok(None),
+        },
+    }
+}
+
+/// `owner`'s address in one family: `wanted` (the `ips` capability) or the next free
+/// one; the changes to persist if it is a new reservation.
+fn allocate_in<A: Family>(
+    ipam: &mut Ipam<A>,
+    owner: &Owner,
+    wanted: Option<A>,
+    changes: &mut Vec<Change>,
+) -> Result<A, IpamError>
+where
+    Change: FromReservation<A>,
+{
+    let before = ipam.owner_address(owner);
+    let address = match wanted {
+        Some(a) => ipam.allocate_specific(owner, a)?,
+        None => ipam.allocate(owner)?,
+    };
+    if before.is_none() {
+        changes.push(Change::reserved(owner.clone(), address));
+        changes.push(Change::cursor(ipam.state().last));
+    }
+    Ok(address)
+}
+
+/// The [`Change`]s of one family's reservations.
+trait FromReservation<A> {
+    fn reserved(owner: Owner, address: A) -> Change;
+    fn cursor(last: Option<A>) -> Change;
+}
+
+impl FromReservation<Ipv4Addr> for Change {
+    fn reserved(owner: Owner, address: Ipv4Addr) -> Change {
+        Change::Address { owner, address }
+    }
+    fn cursor(last: Option<Ipv4Addr>) -> Change {
+        Change::IpamCursor(last)
+    }
+}
+
+impl FromReservation<Ipv6Addr> for Change {
+    fn reserved(owner: Owner, address: Ipv6Addr) -> Change {
+        Change::Address6 { owner, address }
+    }
+    fn cursor(last: Option<Ipv6Addr>) -> Change {
+        Change::Ipam6Cursor(last)
+    }
+}
+
+/// The refusal of an address of a family the node has no pod CIDR for.
+fn no_family(address: impl Into<IpAddr>) -> IpamError {
+    let address = address.into();
+    IpamError::NoFamily {
+        address: address.to_string(),
+        family: if address.is_ipv4() { "IPv4" } else { "IPv6" },
+    }
+}
+
+/// Checks one family's address of a create request against the agent's allocator: for
+/// the agent's IPAM it must be what was allocated (and one allocated must be given); for
+/// a delegated IPAM it must not be one the agent reserved for someone.
+fn check_claim<A: Family>(
+    ipam: &Ipam<A>,
+    owner: &Owner,
+    address: Option<A>,
+    external_ipam: bool,
+) -> Result<(), ControlError> {
+    match (ipam.owner_address(owner), address) {
+        _ if external_ipam => {
+            if let Some(address) = address
+                && let Some(holder) = ipam.holder(address)
+            {
+                return Err(ControlError::Conflict(format!(
+                    "address {address} from the delegated IPAM plugin is reserved for {holder} by the agent's own allocator"
+                )));
+            }
+        }
+        (Some(a), Some(address)) if a == address => {}
+        (Some(a), Some(address)) => {
+            return Err(ControlError::BadRequest(format!(
+                "{owner} was allocated {a}, not {address}"
+            )));
+        }
+        (Some(a), None) => {
+            return Err(ControlError::BadRequest(format!(
+                "{owner} was allocated {} address {a}, but the request does not give it",
+                A::NAME
+            )));
+        }
+        (None, Some(address)) => {
+            return Err(ControlError::BadRequest(format!(
+                "no address is allocated to {owner} in the {} pod CIDR (the request gives {address}); call /v1/ipam/allocate first",
+                A::NAME
+            )));
+        }
+        (None, None) => {}
+    }
+    Ok(())
 }
 
 fn counters(s: &hypha_common::FamilyStats) -> EndpointCounters {
@@ -1168,6 +1389,8 @@ fn validate_ifname(ifname: &str) -> Result<(), ControlError> {
 #[cfg(test)]
 mod core_tests;
 #[cfg(test)]
+mod dual_stack_tests;
+#[cfg(test)]
 mod validation_tests;
 
 #[cfg(test)]
@@ -1185,7 +1408,7 @@ mod tests {
 
     fn config() -> AgentConfig {
         AgentConfig {
-            pod_cidr: "10.7.0.0/29".parse().unwrap(),
+            pod_cidrs: "10.7.0.0/29".parse().unwrap(),
             ..AgentConfig::default()
         }
     }
@@ -1297,7 +1520,7 @@ mod tests {
         assert_eq!(err.http_status(), 409, "{err}");
         assert_eq!(agent.list().len(), 1);
         assert_eq!(
-            agent.table().ipam.owner_address(&Owner {
+            agent.table().ipam4.as_ref().unwrap().owner_address(&Owner {
                 container_id: "a".into(),
                 ifname: "eth0".into()
             }),

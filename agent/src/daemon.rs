@@ -29,8 +29,12 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .context("opening the state directory")??;
     let saved = store.load()?;
     let listener = server::bind(&config.socket).await?;
-    let mut datapath = EbpfDatapath::load(&config.pin_dir, config.gateway(), config.attach)
-        .context("loading the eBPF datapath")?;
+    let mut datapath = EbpfDatapath::load(
+        &config.pin_dir,
+        config.gateway().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
+        config.attach,
+    )
+    .context("loading the eBPF datapath")?;
     let (events, _) = tokio::sync::broadcast::channel(crate::monitor::BACKLOG);
     match datapath.take_events() {
         Some(ring) => {

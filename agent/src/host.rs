@@ -2,15 +2,17 @@
 //! and the per-pod host routes. Behind a trait so the control plane is testable without
 //! root; the Linux implementation uses the project's netlink layer (`hypha-netlink`).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use hypha_api::MacAddr;
 use hypha_netlink::{Netlink, Route};
 
+use ipnet::{Ipv4Net, Ipv6Net};
+
 use crate::bandwidth::Limit;
-use ipnet::Ipv4Net;
+use crate::config::PodCidrs;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
@@ -25,6 +27,11 @@ pub enum HostError {
     },
     #[error("cannot set up masquerading with nft (is the nftables package installed?): {0}")]
     Nft(String),
+    /// The node has an IPv6 pod CIDR but the kernel runs without IPv6.
+    #[error(
+        "the node has IPv6 pod CIDR {cidr} but IPv6 is off in the agent's network namespace ({path} is missing: is the kernel booted with ipv6.disable=1?)"
+    )]
+    NoIpv6 { cidr: Ipv6Net, path: PathBuf },
 }
 
 /// A host-side interface as the agent needs it.
@@ -51,6 +58,8 @@ pub trait HostNetwork: Send + Sync {
         address: Ipv4Addr,
         gateway: Ipv4Addr,
     ) -> Result<(), HostError>;
+    /// Routes the pod's IPv6 `address` (a /128, no gateway) to host interface `ifindex`.
+    fn route_pod6(&self, ifindex: u32, address: Ipv6Addr) -> Result<(), HostError>;
     /// Installs or changes (`Some`) or removes (`None`) the rate limiter on `side`. Removal
     /// of a limiter that is not there, or on an interface that is gone, succeeds.
     fn set_rate_limit(&self, side: LimitSide<'_>, limit: Option<Limit>) -> Result<(), HostError>;
@@ -71,8 +80,9 @@ pub enum LimitSide<'a> {
 /// What the node's network looks like.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeNetwork {
-    pub pod_cidr: Ipv4Net,
-    pub gateway: Ipv4Addr,
+    pub pod_cidrs: PodCidrs,
+    /// The IPv4 gateway, on a node with an IPv4 pod CIDR.
+    pub gateway: Option<Ipv4Addr>,
     pub host_device: String,
     pub masquerade: bool,
 }
@@ -114,11 +124,18 @@ impl HostNetwork for LinuxHost {
                 })?
             }
         };
-        nl.add_address(dev.index, node.gateway, 32)?;
+        if let Some(gateway) = node.gateway {
+            nl.add_address(dev.index, gateway, 32)?;
+        }
         nl.set_up(dev.index)?;
-        write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+        if node.pod_cidrs.v4.is_some() {
+            write_sysctl("/proc/sys/net/ipv4/ip_forward", "1")?;
+        }
+        if let Some(cidr) = node.pod_cidrs.v6 {
+            enable_ipv6_forwarding(Path::new("/proc/sys/net/ipv6/conf"), cidr)?;
+        }
         if node.masquerade {
-            masquerade(&nft_table(node.pod_cidr), node.pod_cidr)?;
+            masquerade(&masquerade_ruleset(node.pod_cidrs))?;
         }
         Ok(())
     }
@@ -146,6 +163,18 @@ impl HostNetwork for LinuxHost {
             oif: ifindex,
             scope_link: true,
             src: Some(gateway),
+        })?;
+        Ok(())
+    }
+
+    fn route_pod6(&self, ifindex: u32, address: Ipv6Addr) -> Result<(), HostError> {
+        // No gateway and no source: the route is on-link through the host veth, which
+        // keeps its own kernel link-local address for neighbour discovery.
+        self.nl()?.add_route6(&hypha_netlink::Route6 {
+            dst: Ipv6Net::new(address, 128).expect("/128 is a valid prefix"),
+            gateway: None,
+            oif: ifindex,
+            src: None,
         })?;
         Ok(())
     }
@@ -231,7 +260,27 @@ impl LinuxHost {
     }
 }
 
-fn write_sysctl(path: &str, value: &str) -> Result<(), HostError> {
+/// Turns IPv6 on (`disable_ipv6` = 0, for every interface and for those created later)
+/// and IPv6 forwarding on, under `conf` (`/proc/sys/net/ipv6/conf`).
+///
+/// Forwarding on makes the kernel ignore router advertisements on interfaces whose
+/// `accept_ra` is 1 (RFC 4861: a router does not take them); a host that configures
+/// itself by SLAAC needs `accept_ra` = 2 on its uplink.
+fn enable_ipv6_forwarding(conf: &Path, cidr: Ipv6Net) -> Result<(), HostError> {
+    if !conf.exists() {
+        return Err(HostError::NoIpv6 {
+            cidr,
+            path: conf.to_owned(),
+        });
+    }
+    for dir in ["default", "all"] {
+        write_sysctl(conf.join(dir).join("disable_ipv6"), "0")?;
+    }
+    write_sysctl(conf.join("all").join("forwarding"), "1")
+}
+
+fn write_sysctl(path: impl AsRef<Path>, value: &str) -> Result<(), HostError> {
+    let path = path.as_ref();
     std::fs::write(path, value).map_err(|source| HostError::Io {
         op: "write",
         path: path.into(),
@@ -239,29 +288,66 @@ fn write_sysctl(path: &str, value: &str) -> Result<(), HostError> {
     })
 }
 
-/// The nftables table of the agent serving `pod_cidr`: one per agent, so that agents with
-/// different pod CIDRs in one network namespace do not touch each other's rules.
+/// The nftables table of the agent serving `pod_cidr`, as agents before dual stack named
+/// it (in family `ip`); a dual-stack or IPv4 agent keeps the name, in family `inet`.
 pub fn nft_table(pod_cidr: Ipv4Net) -> String {
     let [a, b, c, d] = pod_cidr.network().octets();
     format!("hypha_{a}_{b}_{c}_{d}_{}", pod_cidr.prefix_len())
 }
 
-/// The nftables ruleset that masquerades pod traffic leaving the pod CIDR, replaced whole
-/// so that re-running is idempotent.
-pub fn masquerade_ruleset(table: &str, pod_cidr: Ipv4Net) -> String {
-    format!(
-        "table ip {table} {{}}\n\
-         delete table ip {table}\n\
-         table ip {table} {{\n\
-         \tchain postrouting {{\n\
-         \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
-         \t\tip saddr {pod_cidr} ip daddr != {pod_cidr} masquerade\n\
-         \t}}\n\
-         }}\n"
-    )
+/// The name of the agent's `inet` table: one per agent, so that agents with different pod
+/// CIDRs in one network namespace do not touch each other's rules. From the IPv4 pod
+/// CIDR when there is one (the name agents before dual stack used), else from the IPv6
+/// one (`hypha_fd00_10_244_0_0_0_0_0_64`).
+pub fn nft_table_of(cidrs: PodCidrs) -> String {
+    match (cidrs.v4, cidrs.v6) {
+        (Some(v4), _) => nft_table(v4),
+        (None, Some(v6)) => {
+            let groups: Vec<String> = v6
+                .network()
+                .segments()
+                .iter()
+                .map(|g| format!("{g:x}"))
+                .collect();
+            format!("hypha_{}_{}", groups.join("_"), v6.prefix_len())
+        }
+        (None, None) => "hypha".into(),
+    }
 }
 
-fn masquerade(table: &str, pod_cidr: Ipv4Net) -> Result<(), HostError> {
+/// The nftables script that masquerades pod traffic leaving the pod CIDR of its family,
+/// both families in one `inet` table. It replaces the table whole and removes the `ip`
+/// table of an agent before dual stack, in one transaction (`nft -f` applies a file
+/// atomically), so re-running is idempotent and no packet sees half a ruleset.
+pub fn masquerade_ruleset(cidrs: PodCidrs) -> String {
+    let table = nft_table_of(cidrs);
+    let mut script = String::new();
+    if let Some(v4) = cidrs.v4 {
+        // The table of the single-stack agents (family ip): declared, so that deleting it
+        // works whether it exists or not.
+        let old = nft_table(v4);
+        script.push_str(&format!("table ip {old} {{}}\ndelete table ip {old}\n"));
+    }
+    script.push_str(&format!(
+        "table inet {table} {{}}\n\
+         delete table inet {table}\n\
+         table inet {table} {{\n\
+         \tchain postrouting {{\n\
+         \t\ttype nat hook postrouting priority srcnat; policy accept;\n"
+    ));
+    if let Some(v4) = cidrs.v4 {
+        script.push_str(&format!("\t\tip saddr {v4} ip daddr != {v4} masquerade\n"));
+    }
+    if let Some(v6) = cidrs.v6 {
+        script.push_str(&format!(
+            "\t\tip6 saddr {v6} ip6 daddr != {v6} masquerade\n"
+        ));
+    }
+    script.push_str("\t}\n}\n");
+    script
+}
+
+fn masquerade(script: &str) -> Result<(), HostError> {
     use std::io::Write as _;
     let mut child = Command::new("nft")
         .args(["-f", "-"])
@@ -274,7 +360,7 @@ fn masquerade(table: &str, pod_cidr: Ipv4Net) -> Result<(), HostError> {
         .stdin
         .take()
         .expect("stdin is piped")
-        .write_all(masquerade_ruleset(table, pod_cidr).as_bytes())
+        .write_all(script.as_bytes())
         .map_err(|e| HostError::Nft(e.to_string()))?;
     let out = child
         .wait_with_output()
@@ -311,6 +397,7 @@ pub mod fake {
     pub struct FakeHostState {
         pub links: BTreeMap<String, HostLink>,
         pub routes: Vec<(u32, Ipv4Addr)>,
+        pub routes6: Vec<(u32, Ipv6Addr)>,
         pub node: Option<NodeNetwork>,
         /// Installed rate limiters, by `describe_side`.
         pub limits: BTreeMap<String, Limit>,
@@ -330,6 +417,10 @@ pub mod fake {
         }
         fn route_pod(&self, ifindex: u32, address: Ipv4Addr, _: Ipv4Addr) -> Result<(), HostError> {
             self.state().routes.push((ifindex, address));
+            Ok(())
+        }
+        fn route_pod6(&self, ifindex: u32, address: Ipv6Addr) -> Result<(), HostError> {
+            self.state().routes6.push((ifindex, address));
             Ok(())
         }
         fn set_rate_limit(
@@ -357,13 +448,67 @@ pub mod fake {
 mod tests {
     use super::*;
 
+    fn cidrs(s: &str) -> PodCidrs {
+        s.parse().unwrap()
+    }
+
     #[test]
     fn ruleset_masquerades_only_traffic_leaving_the_pod_cidr() {
-        let cidr = "10.244.0.0/24".parse().unwrap();
-        assert_eq!(nft_table(cidr), "hypha_10_244_0_0_24");
-        let rules = masquerade_ruleset(&nft_table(cidr), cidr);
-        assert!(rules.contains("delete table ip hypha_10_244_0_0_24"));
-        assert!(rules.contains("ip saddr 10.244.0.0/24 ip daddr != 10.244.0.0/24 masquerade"));
-        assert!(rules.contains("type nat hook postrouting priority srcnat"));
+        let rules = masquerade_ruleset(cidrs("10.244.0.0/24,fd00:10:244::/64"));
+        assert_eq!(
+            rules,
+            "table ip hypha_10_244_0_0_24 {}\n\
+             delete table ip hypha_10_244_0_0_24\n\
+             table inet hypha_10_244_0_0_24 {}\n\
+             delete table inet hypha_10_244_0_0_24\n\
+             table inet hypha_10_244_0_0_24 {\n\
+             \tchain postrouting {\n\
+             \t\ttype nat hook postrouting priority srcnat; policy accept;\n\
+             \t\tip saddr 10.244.0.0/24 ip daddr != 10.244.0.0/24 masquerade\n\
+             \t\tip6 saddr fd00:10:244::/64 ip6 daddr != fd00:10:244::/64 masquerade\n\
+             \t}\n\
+             }\n"
+        );
+    }
+
+    #[test]
+    fn single_family_rulesets() {
+        let v4 = masquerade_ruleset(cidrs("10.1.0.0/24"));
+        assert!(v4.contains("delete table ip hypha_10_1_0_0_24\n"), "{v4}");
+        assert!(v4.contains("ip saddr 10.1.0.0/24 ip daddr != 10.1.0.0/24 masquerade"));
+        assert!(!v4.contains("ip6"), "{v4}");
+        let v6 = masquerade_ruleset(cidrs("fd00:1::/120"));
+        assert_eq!(
+            nft_table_of(cidrs("fd00:1::/120")),
+            "hypha_fd00_1_0_0_0_0_0_0_120"
+        );
+        assert!(
+            v6.contains("table inet hypha_fd00_1_0_0_0_0_0_0_120 {\n"),
+            "{v6}"
+        );
+        assert!(v6.contains("ip6 saddr fd00:1::/120 ip6 daddr != fd00:1::/120 masquerade"));
+        assert!(!v6.contains("table ip "), "no IPv4 table to remove: {v6}");
+        assert!(!v6.contains("ip saddr"), "{v6}");
+    }
+
+    #[test]
+    fn ipv6_forwarding_is_switched_on_and_a_kernel_without_ipv6_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("conf");
+        let cidr: Ipv6Net = "fd00:1::/64".parse().unwrap();
+        let err = enable_ipv6_forwarding(&conf, cidr).unwrap_err().to_string();
+        assert!(
+            err.contains("fd00:1::/64") && err.contains("ipv6.disable"),
+            "{err}"
+        );
+        for d in ["all", "default"] {
+            std::fs::create_dir_all(conf.join(d)).unwrap();
+            std::fs::write(conf.join(d).join("disable_ipv6"), "1").unwrap();
+        }
+        enable_ipv6_forwarding(&conf, cidr).unwrap();
+        let read = |p: &str| std::fs::read_to_string(conf.join(p)).unwrap();
+        assert_eq!(read("all/forwarding"), "1");
+        assert_eq!(read("all/disable_ipv6"), "0");
+        assert_eq!(read("default/disable_ipv6"), "0");
     }
 }

@@ -12,7 +12,6 @@ use hypha_agent::cli::{
 use hypha_agent::config::{ConfigError, ConfigFile};
 use hypha_api::Client;
 use hypha_launcher::cli as launcher;
-use ipnet::Ipv4Net;
 
 #[derive(Parser)]
 #[command(name = "hypha", version, about = "Hypha: eBPF container networking")]
@@ -201,10 +200,12 @@ struct AgentArgs {
     /// Pin directory on bpffs [default: /sys/fs/bpf/hypha]
     #[arg(long)]
     pin_dir: Option<PathBuf>,
-    /// This node's pod CIDR [default: 10.244.0.0/24]
+    /// This node's pod CIDRs, comma-separated, at most one per family; a list gives
+    /// exactly its families [default: 10.244.0.0/24,fd00:10:244::/64]
     #[arg(long)]
-    pod_cidr: Option<Ipv4Net>,
-    /// The pods' gateway [default: first address of the pod CIDR]
+    pod_cidr: Option<hypha_agent::config::PodCidrs>,
+    /// The pods' IPv4 gateway [default: first address of the IPv4 pod CIDR]; the IPv6
+    /// gateway is always fe80::1
     #[arg(long)]
     gateway: Option<std::net::Ipv4Addr>,
     /// Host device carrying the gateway address [default: lo]
@@ -236,7 +237,8 @@ impl AgentArgs {
             socket: self.socket,
             state_dir: self.state_dir,
             pin_dir: self.pin_dir,
-            pod_cidr: self.pod_cidr,
+            pod_cidrs: self.pod_cidr,
+            pod_cidr: None,
             gateway: self.gateway,
             host_device: self.host_device,
             masquerade: self.no_masquerade.then_some(false),

@@ -42,18 +42,31 @@ pub fn render(s: &Snapshot<'_>) -> String {
         &mut out,
         "hypha_ipam_addresses",
         "gauge",
-        "Pod CIDR addresses by state.",
+        "Pod CIDR addresses by family (of the pod CIDRs the node has) and state.",
     );
-    let _ = writeln!(
-        out,
-        "hypha_ipam_addresses{{state=\"allocated\"}} {}",
-        s.status.ipam.allocated
-    );
-    let _ = writeln!(
-        out,
-        "hypha_ipam_addresses{{state=\"available\"}} {}",
-        s.status.ipam.available
-    );
+    let ipam = &s.status.ipam;
+    let pools = [
+        (
+            s.status.node.pod_cidr.is_some(),
+            "ipv4",
+            u64::from(ipam.allocated),
+            u64::from(ipam.available),
+        ),
+        (
+            s.status.node.pod_cidr6.is_some(),
+            "ipv6",
+            ipam.allocated6,
+            ipam.available6,
+        ),
+    ];
+    for (_, fam, allocated, available) in pools.iter().filter(|p| p.0) {
+        for (state, n) in [("allocated", allocated), ("available", available)] {
+            let _ = writeln!(
+                out,
+                "hypha_ipam_addresses{{family=\"{fam}\",state=\"{state}\"}} {n}"
+            );
+        }
+    }
 
     family(
         &mut out,
@@ -85,6 +98,40 @@ pub fn render(s: &Snapshot<'_>) -> String {
                 );
                 let _ = writeln!(out, "hypha_packets_total{{{labels}}} {}", c.packets);
                 let _ = writeln!(bytes, "hypha_bytes_total{{{labels}}} {}", c.bytes);
+            }
+        }
+    }
+    out.push_str(&bytes);
+
+    family(
+        &mut out,
+        "hypha_family_packets_total",
+        "counter",
+        "Packets as hypha_packets_total, by family too: ipv4 (with ARP), ipv6 (with neighbour discovery). Frames of neither count only in hypha_packets_total.",
+    );
+    let mut bytes = String::new();
+    family(
+        &mut bytes,
+        "hypha_family_bytes_total",
+        "counter",
+        "Bytes, labelled as hypha_family_packets_total.",
+    );
+    for e in s.endpoints {
+        for (fam, counters) in [("ipv4", &e.counters4), ("ipv6", &e.counters6)] {
+            for (direction, d) in [("egress", &counters.egress), ("ingress", &counters.ingress)] {
+                for (path, c) in [
+                    ("passed", d.passed),
+                    ("redirected", d.redirected),
+                    ("dropped", d.dropped),
+                ] {
+                    let labels = format!(
+                        "endpoint=\"{}\",container=\"{}\",family=\"{fam}\",direction=\"{direction}\",path=\"{path}\"",
+                        e.id,
+                        escape(&e.container_id)
+                    );
+                    let _ = writeln!(out, "hypha_family_packets_total{{{labels}}} {}", c.packets);
+                    let _ = writeln!(bytes, "hypha_family_bytes_total{{{labels}}} {}", c.bytes);
+                }
             }
         }
     }
@@ -197,16 +244,16 @@ mod tests {
                 masquerade: true,
                 socket: "/s".into(),
                 state_dir: "/d".into(),
-                gateway6: None,
-                pod_cidr6: None,
+                gateway6: Some("fe80::1".parse().unwrap()),
+                pod_cidr6: Some("fd00::/64".parse().unwrap()),
             },
             ipam: IpamStatus {
                 capacity: 253,
                 allocated: 1,
                 available: 252,
-                allocated6: Default::default(),
-                available6: Default::default(),
-                capacity6: Default::default(),
+                allocated6: 1,
+                available6: u64::MAX - 129,
+                capacity6: u64::MAX - 128,
             },
             datapath: DatapathStatus {
                 pin_dir: "/p".into(),
@@ -231,6 +278,9 @@ mod tests {
         }))
         .unwrap();
         ep.counters.egress.redirected.packets = 9;
+        ep.counters4.egress.redirected.packets = 5;
+        ep.counters6.egress.redirected.packets = 4;
+        ep.counters6.ingress.passed.bytes = 1200;
         ep.drops.push(DropCount {
             reason: "policy-denied".into(),
             direction: "ingress".into(),
@@ -256,7 +306,12 @@ mod tests {
             r#"hypha_drops_total{reason="policy-denied",direction="ingress"} 4"#,
             r#"hypha_policy_flows_total{policy="default/web",verdict="allowed"} 3"#,
             r#"hypha_map_entries{map="hypha_policy"} 40"#,
-            r#"hypha_ipam_addresses{state="available"} 252"#,
+            r#"hypha_ipam_addresses{family="ipv4",state="available"} 252"#,
+            r#"hypha_ipam_addresses{family="ipv6",state="allocated"} 1"#,
+            r#"hypha_ipam_addresses{family="ipv6",state="available"} 18446744073709551486"#,
+            r#"hypha_family_packets_total{endpoint="7",container="c\"1",family="ipv4",direction="egress",path="redirected"} 5"#,
+            r#"hypha_family_packets_total{endpoint="7",container="c\"1",family="ipv6",direction="egress",path="redirected"} 4"#,
+            r#"hypha_family_bytes_total{endpoint="7",container="c\"1",family="ipv6",direction="ingress",path="passed"} 1200"#,
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -37,7 +37,7 @@ fn host(n: u32) -> FakeHost {
 fn agent_with(cidr: &str, links: u32) -> (TestAgent, MemStore) {
     let store = MemStore::default();
     let config = AgentConfig {
-        pod_cidr: cidr.parse().unwrap(),
+        pod_cidrs: cidr.parse().unwrap(),
         ..AgentConfig::default()
     };
     let (a, _) = Agent::start(

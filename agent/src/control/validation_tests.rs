@@ -149,7 +149,10 @@ fn a_mac_another_endpoint_uses_is_refused_and_nothing_stays_reserved() {
         container_id: "b".into(),
         ifname: "eth0".into(),
     };
-    assert_eq!(agent.table().ipam.owner_address(&owner), None);
+    assert_eq!(
+        agent.table().ipam4.as_ref().unwrap().owner_address(&owner),
+        None
+    );
     assert!(
         !store
             .last()

@@ -71,7 +71,7 @@ impl TestServer {
             );
         }
         let config = AgentConfig {
-            pod_cidr: "10.7.0.0/28".parse().unwrap(),
+            pod_cidrs: "10.7.0.0/28".parse().unwrap(),
             ..AgentConfig::default()
         };
         let (agent, _) = Agent::start(

@@ -1,7 +1,7 @@
 //! What a change to the persisted state is, and what it means ([`apply`]).
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use super::{EndpointRecord, PersistedState, StoredPolicy};
 use crate::ipam::Owner;
@@ -22,6 +22,15 @@ pub enum Change {
     AddressReleased(Owner),
     /// `IpamState::last`, where the next address search starts.
     IpamCursor(Option<Ipv4Addr>),
+    /// An IPv6 reservation: `owner` holds `address` (and no other IPv6 address). Kept
+    /// apart from the IPv4 ones: an owner holds one address of each family.
+    Address6 {
+        owner: Owner,
+        address: Ipv6Addr,
+    },
+    Address6Released(Owner),
+    /// The IPv6 allocator's cursor.
+    Ipam6Cursor(Option<Ipv6Addr>),
     /// Stored as max(stored, n): endpoint ids are never reused.
     NextEndpointId(u32),
     /// Puts a policy, keyed by (namespace, name).
@@ -70,6 +79,12 @@ pub fn apply(state: &mut PersistedState, change: &Change) {
         }
         Change::AddressReleased(owner) => state.ipam.allocations.retain(|_, o| o != owner),
         Change::IpamCursor(last) => state.ipam.last = *last,
+        Change::Address6 { owner, address } => {
+            state.ipam6.allocations.retain(|_, o| o != owner);
+            state.ipam6.allocations.insert(*address, owner.clone());
+        }
+        Change::Address6Released(owner) => state.ipam6.allocations.retain(|_, o| o != owner),
+        Change::Ipam6Cursor(last) => state.ipam6.last = *last,
         Change::NextEndpointId(n) => state.next_endpoint_id = state.next_endpoint_id.max(*n),
         Change::Policy(p) => {
             let key = policy_key(p);
@@ -153,6 +168,30 @@ pub fn changes_between(old: &PersistedState, new: &PersistedState) -> Vec<Change
     }
     if old.ipam.last != new.ipam.last {
         changes.push(Change::IpamCursor(new.ipam.last));
+    }
+    let by_owner6 = |s: &PersistedState| -> BTreeMap<Owner, Ipv6Addr> {
+        s.ipam6
+            .allocations
+            .iter()
+            .map(|(a, o)| (o.clone(), *a))
+            .collect()
+    };
+    let (old_addrs6, new_addrs6) = (by_owner6(old), by_owner6(new));
+    for owner in old_addrs6.keys() {
+        if !new_addrs6.contains_key(owner) {
+            changes.push(Change::Address6Released(owner.clone()));
+        }
+    }
+    for (owner, address) in &new_addrs6 {
+        if old_addrs6.get(owner) != Some(address) {
+            changes.push(Change::Address6 {
+                owner: owner.clone(),
+                address: *address,
+            });
+        }
+    }
+    if old.ipam6.last != new.ipam6.last {
+        changes.push(Change::Ipam6Cursor(new.ipam6.last));
     }
     if new.next_endpoint_id > old.next_endpoint_id {
         changes.push(Change::NextEndpointId(new.next_endpoint_id));

@@ -182,13 +182,34 @@ impl EndpointRecord {
             ifname: self.ifname.clone(),
         }
     }
+
+    /// Its addresses: the IPv4 one first.
+    pub fn addresses(&self) -> impl Iterator<Item = std::net::IpAddr> + use<> {
+        let v4 = self.address.map(std::net::IpAddr::V4);
+        v4.into_iter()
+            .chain(self.address6.map(std::net::IpAddr::V6))
+    }
+
+    /// Its addresses for messages: `10.0.0.2, fd00::2`.
+    pub fn describe_addresses(&self) -> String {
+        let all: Vec<String> = self.addresses().map(|a| a.to_string()).collect();
+        if all.is_empty() {
+            "no address".into()
+        } else {
+            all.join(", ")
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PersistedState {
     pub version: u32,
     pub next_endpoint_id: u32,
+    /// The IPv4 allocator's reservations and cursor.
     pub ipam: IpamState,
+    /// The IPv6 allocator's (empty in states from before dual stack).
+    #[serde(default)]
+    pub ipam6: IpamState<Ipv6Addr>,
     pub endpoints: Vec<EndpointRecord>,
     /// Policies in force, with where each came from (those of the watched directory
     /// too, so that a restart enforces them before the directory is read again).
@@ -233,6 +254,7 @@ impl Default for PersistedState {
             version: STATE_VERSION,
             next_endpoint_id: 1,
             ipam: IpamState::default(),
+            ipam6: IpamState::default(),
             endpoints: Vec::new(),
             policies: Vec::new(),
             namespace_labels: BTreeMap::new(),

@@ -2,15 +2,19 @@
 //!
 //! Tables, each keyed so that one [`Change`] writes one row (values are serde JSON):
 //! - `endpoints`: (container id, ifname) → [`EndpointRecord`]
-//! - `addresses`: (container id, ifname) → IPv4 address (u32), the IPAM's reservations
+//! - `addresses`: (container id, ifname) → IPv4 address (u32), the IPv4 IPAM's
+//!   reservations (as issue 10's agents wrote it)
+//! - `addresses6`: (container id, ifname) → IPv6 address (u128), the IPv6 IPAM's; absent
+//!   in a store from before dual stack, which therefore opens unchanged
 //! - `policies`: (namespace, name) → [`StoredPolicy`]
 //! - `namespace_labels`: namespace → labels
-//! - `meta`: `version`, `next_endpoint_id`, `ipam_last` (IPAM's cursor), `identities`
+//! - `meta`: `version`, `next_endpoint_id`, `ipam_last` (the IPv4 IPAM's cursor),
+//!   `ipam6_last` (the IPv6 one's), `identities`
 //!   (the whole [`IdentityAllocator`](crate::policy::IdentityAllocator), one row)
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
@@ -32,7 +36,9 @@ use crate::ipam::Owner;
 
 pub(super) const ENDPOINTS: TableDefinition<'_, (&str, &str), &[u8]> =
     TableDefinition::new("endpoints");
-const ADDRESSES: TableDefinition<'_, (&str, &str), u32> = TableDefinition::new("addresses");
+pub(super) const ADDRESSES: TableDefinition<'_, (&str, &str), u32> =
+    TableDefinition::new("addresses");
+const ADDRESSES6: TableDefinition<'_, (&str, &str), u128> = TableDefinition::new("addresses6");
 const POLICIES: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("policies");
 const NAMESPACE_LABELS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("namespace_labels");
 pub(super) const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
@@ -40,6 +46,7 @@ pub(super) const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("
 const META_VERSION: &str = "version";
 const META_NEXT_ENDPOINT_ID: &str = "next_endpoint_id";
 const META_IPAM_LAST: &str = "ipam_last";
+const META_IPAM6_LAST: &str = "ipam6_last";
 const META_IDENTITIES: &str = "identities";
 
 /// The database's file name in the state directory.
@@ -289,6 +296,7 @@ fn write_changes<'a>(
 ) -> Result<(), redb::Error> {
     let mut endpoints = tx.open_table(ENDPOINTS)?;
     let mut addresses = tx.open_table(ADDRESSES)?;
+    let mut addresses6 = tx.open_table(ADDRESSES6)?;
     let mut policies = tx.open_table(POLICIES)?;
     let mut namespaces = tx.open_table(NAMESPACE_LABELS)?;
     let mut meta = tx.open_table(META)?;
@@ -317,6 +325,21 @@ fn write_changes<'a>(
             }
             Change::IpamCursor(None) => {
                 meta.remove(META_IPAM_LAST)?;
+            }
+            Change::Address6 { owner, address } => {
+                addresses6.insert(
+                    (owner.container_id.as_str(), owner.ifname.as_str()),
+                    u128::from(*address),
+                )?;
+            }
+            Change::Address6Released(o) => {
+                addresses6.remove((o.container_id.as_str(), o.ifname.as_str()))?;
+            }
+            Change::Ipam6Cursor(Some(last)) => {
+                meta.insert(META_IPAM6_LAST, encode(last).as_slice())?;
+            }
+            Change::Ipam6Cursor(None) => {
+                meta.remove(META_IPAM6_LAST)?;
             }
             Change::NextEndpointId(n) => {
                 let stored = match meta.get(META_NEXT_ENDPOINT_ID)? {
@@ -397,6 +420,7 @@ fn import(db: &Database, state: &PersistedState) -> Result<(), redb::Error> {
     let tx = db.begin_write()?;
     tx.delete_table(ENDPOINTS)?;
     tx.delete_table(ADDRESSES)?;
+    tx.delete_table(ADDRESSES6)?;
     tx.delete_table(POLICIES)?;
     tx.delete_table(NAMESPACE_LABELS)?;
     tx.delete_table(META)?;
@@ -510,6 +534,7 @@ fn read_all(db: &Database, path: &Path) -> Result<PersistedState, StateError> {
                     state.next_endpoint_id = decode(path, "meta", key, bytes)?;
                 }
                 META_IPAM_LAST => state.ipam.last = Some(decode(path, "meta", key, bytes)?),
+                META_IPAM6_LAST => state.ipam6.last = Some(decode(path, "meta", key, bytes)?),
                 META_IDENTITIES => state.identities = decode(path, "meta", key, bytes)?,
                 other => tracing::warn!("{}: unknown meta row {other:?}", path.display()),
             }
@@ -530,6 +555,19 @@ fn read_all(db: &Database, path: &Path) -> Result<PersistedState, StateError> {
             let (container_id, ifname) = k.value();
             state.ipam.allocations.insert(
                 Ipv4Addr::from(v.value()),
+                Owner {
+                    container_id: container_id.to_owned(),
+                    ifname: ifname.to_owned(),
+                },
+            );
+        }
+    }
+    if let Some(t) = rows!(ADDRESSES6) {
+        for row in t.iter().map_err(|e| dbe("read")(e.into()))? {
+            let (k, v) = row.map_err(|e| dbe("read")(e.into()))?;
+            let (container_id, ifname) = k.value();
+            state.ipam6.allocations.insert(
+                Ipv6Addr::from(v.value()),
                 Owner {
                     container_id: container_id.to_owned(),
                     ifname: ifname.to_owned(),

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
@@ -100,6 +100,20 @@ fn rich_state() -> PersistedState {
             address: Ipv4Addr::new(10, 0, 0, 3),
         },
         Change::IpamCursor(Some(Ipv4Addr::new(10, 0, 0, 3))),
+        Change::Endpoint(EndpointRecord {
+            address: None,
+            address6: Some("fd00::5".parse().unwrap()),
+            ..endpoint(5, "v6only", "eth0")
+        }),
+        Change::Address6 {
+            owner: owner("abc", "eth0"),
+            address: "fd00::3".parse().unwrap(),
+        },
+        Change::Address6 {
+            owner: owner("v6only", "eth0"),
+            address: "fd00::5".parse().unwrap(),
+        },
+        Change::Ipam6Cursor(Some("fd00::5".parse().unwrap())),
         Change::Policy(policy(&t, "default", "db", false)),
         Change::Policy(policy(&t, "prod", "api", true)),
         Change::NamespaceLabels {
@@ -188,8 +202,17 @@ fn any_change() -> impl Strategy<Value = Change> {
                 address: Ipv4Addr::new(10, 1, i, j),
             }
         }),
-        owners.prop_map(Change::AddressReleased),
+        owners.clone().prop_map(Change::AddressReleased),
         prop::option::of(any::<u32>().prop_map(Ipv4Addr::from)).prop_map(Change::IpamCursor),
+        (owners.clone(), 0..4u16).prop_map(|(o, j)| {
+            let i = u16::from(o.container_id.as_bytes()[0]) + o.ifname.len() as u16;
+            Change::Address6 {
+                owner: o,
+                address: Ipv6Addr::new(0xfd00, 0, 0, 0, 0xffff_u16.wrapping_mul(i), 0, i, j),
+            }
+        }),
+        owners.prop_map(Change::Address6Released),
+        prop::option::of(any::<u128>().prop_map(Ipv6Addr::from)).prop_map(Change::Ipam6Cursor),
         (0..100u32).prop_map(Change::NextEndpointId),
         (namespaces.clone(), names.clone(), any::<bool>()).prop_map(|(ns, n, audit)| {
             Change::Policy(policy(&template_policy(), ns, n, audit))
@@ -414,7 +437,7 @@ fn an_old_state_json_is_imported_once_and_renamed() {
     let store = StateStore::open(dir.path()).unwrap();
     assert_eq!(
         store.load().unwrap().endpoints.len(),
-        1,
+        state.endpoints.len() - 1,
         "not imported again"
     );
 }
@@ -441,6 +464,83 @@ fn a_crash_between_import_and_rename_imports_again() {
     let store = StateStore::open(dir.path()).unwrap();
     assert_eq!(store.load().unwrap(), state);
     assert!(!json.exists());
+}
+
+/// A store written by the single-stack agent (issue 10): no `addresses6` table, no
+/// `ipam6_last`, endpoint rows without `address6`, written here row by row as that
+/// agent wrote them. It opens, keeps every endpoint and reservation, and takes IPv6 rows.
+#[test]
+fn a_single_stack_store_opens_with_everything_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let old_row = br#"{"id":7,"container_id":"old","ifname":"eth0","netns":"/run/netns/old","host_ifname":"hyp000000000007","host_ifindex":107,"address":"10.0.0.7","pod_mac":"02:00:00:00:00:07","host_mac":"02:00:00:01:00:07","labels":{"app":"a0"},"external_ipam":false,"bandwidth":null,"debug":false,"ports":[]}"#;
+    {
+        let db = redb::Database::create(dir.path().join("state.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut meta = tx.open_table(store::META).unwrap();
+            meta.insert("version", b"1".as_slice()).unwrap();
+            meta.insert("next_endpoint_id", b"8".as_slice()).unwrap();
+            meta.insert("ipam_last", br#""10.0.0.7""#.as_slice())
+                .unwrap();
+            tx.open_table(store::ENDPOINTS)
+                .unwrap()
+                .insert(("old", "eth0"), old_row.as_slice())
+                .unwrap();
+            tx.open_table(store::ADDRESSES)
+                .unwrap()
+                .insert(("old", "eth0"), u32::from(Ipv4Addr::new(10, 0, 0, 7)))
+                .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let store = StateStore::open(dir.path()).unwrap();
+    let loaded = store.load().unwrap();
+    assert_eq!(loaded.next_endpoint_id, 8);
+    assert_eq!(loaded.endpoints.len(), 1);
+    let ep = &loaded.endpoints[0];
+    assert_eq!(
+        (ep.id, ep.address, ep.address6),
+        (7, Some(Ipv4Addr::new(10, 0, 0, 7)), None)
+    );
+    assert_eq!(
+        loaded.ipam.allocations,
+        BTreeMap::from([(Ipv4Addr::new(10, 0, 0, 7), owner("old", "eth0"))])
+    );
+    assert_eq!(loaded.ipam.last, Some(Ipv4Addr::new(10, 0, 0, 7)));
+    assert_eq!(loaded.ipam6, crate::ipam::IpamState::default());
+    // The dual-stack agent adds its IPv6 rows beside the old ones.
+    let v6: Ipv6Addr = "fd00::7".parse().unwrap();
+    submit_all(
+        &store,
+        vec![
+            Change::Address6 {
+                owner: owner("old", "eth0"),
+                address: v6,
+            },
+            Change::Ipam6Cursor(Some(v6)),
+        ],
+    );
+    drop(store);
+    let loaded = StateStore::open(dir.path()).unwrap().load().unwrap();
+    assert_eq!(loaded.ipam.allocations.len(), 1);
+    assert_eq!(
+        loaded.ipam6.allocations,
+        BTreeMap::from([(v6, owner("old", "eth0"))])
+    );
+    assert_eq!(loaded.ipam6.last, Some(v6));
+}
+
+/// A `state.json` of the single-stack agents (no `ipam6`) still imports.
+#[test]
+fn a_single_stack_state_json_imports() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut old = serde_json::to_value(rich_state()).unwrap();
+    old.as_object_mut().unwrap().remove("ipam6");
+    fs::write(dir.path().join("state.json"), old.to_string()).unwrap();
+    let loaded = StateStore::open(dir.path()).unwrap().load().unwrap();
+    assert_eq!(loaded.ipam, rich_state().ipam);
+    assert!(loaded.ipam6.allocations.is_empty());
+    assert_eq!(loaded.endpoints, rich_state().endpoints);
 }
 
 #[test]
