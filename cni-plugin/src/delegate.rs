@@ -241,14 +241,18 @@ impl Reply {
     }
 }
 
-/// What this plugin takes from an IPAM result: the first IPv4 address and the DNS.
+/// What this plugin takes from an IPAM result: its IPv4 and IPv6 addresses (at most one
+/// of each) and the DNS.
 #[derive(Clone, Debug, PartialEq)]
 pub struct IpamResult {
-    pub address: std::net::Ipv4Addr,
+    pub address: Option<std::net::Ipv4Addr>,
+    pub address6: Option<std::net::Ipv6Addr>,
     pub dns: Option<Value>,
 }
 
-/// Reads an IPAM plugin's ADD result, its keys matched as Go matches them.
+/// Reads an IPAM plugin's ADD result, its keys matched as Go matches them. An address
+/// that does not parse, two of one family (a pod gets one per family: the others would be
+/// dropped) or none at all are refused, naming them.
 pub fn ipam_result(v: &Value) -> Result<IpamResult, String> {
     let get = |v: &Value, key: &str| -> Result<Option<Value>, String> {
         json::get(v, key)
@@ -258,25 +262,48 @@ pub fn ipam_result(v: &Value) -> Result<IpamResult, String> {
     let Some(Value::Array(ips)) = get(v, "ips")? else {
         return Err("its result has no \"ips\" list".into());
     };
-    let mut address = None;
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
     for ip in &ips {
-        let parsed = get(ip, "address")?
-            .as_ref()
-            .and_then(Value::as_str)
-            .and_then(|a| a.split('/').next()?.parse().ok());
-        if parsed.is_some() {
-            address = parsed;
-            break;
+        let text = get(ip, "address")?;
+        let text = text.as_ref().and_then(Value::as_str).unwrap_or_default();
+        match text.parse::<ipnet::IpNet>().map(|n| n.addr()) {
+            Ok(std::net::IpAddr::V4(a)) => v4.push(a),
+            Ok(std::net::IpAddr::V6(a)) => v6.push(a),
+            Err(_) => {
+                return Err(format!(
+                    "its result has an address that is not an IP address with a prefix \
+                     length: {ip}"
+                ));
+            }
         }
     }
-    let address = address.ok_or_else(|| {
-        format!(
-            "its result has no IPv4 address: {}",
+    for (family, list) in [
+        (
+            "IPv4",
+            v4.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ),
+        ("IPv6", v6.iter().map(ToString::to_string).collect()),
+    ] {
+        if list.len() > 1 {
+            return Err(format!(
+                "its result has more than one {family} address ({}); a pod gets one per family",
+                list.join(", ")
+            ));
+        }
+    }
+    if v4.is_empty() && v6.is_empty() {
+        return Err(format!(
+            "its result has no address: {}",
             Value::from(ips.clone())
-        )
-    })?;
+        ));
+    }
     let dns = get(v, "dns")?.filter(|d| d.as_object().is_some_and(|o| !o.is_empty()));
-    Ok(IpamResult { address, dns })
+    Ok(IpamResult {
+        address: v4.first().copied(),
+        address6: v6.first().copied(),
+        dns,
+    })
 }
 
 #[cfg(test)]
@@ -345,7 +372,8 @@ esac
         assert_eq!(
             ipam_result(&result).unwrap(),
             IpamResult {
-                address: "10.9.0.7".parse().unwrap(),
+                address: Some("10.9.0.7".parse().unwrap()),
+                address6: None,
                 dns: Some(json!({"nameservers": ["10.9.0.53"]})),
             }
         );
@@ -364,15 +392,42 @@ esac
     }
 
     #[test]
-    fn ipam_results_of_any_version() {
+    fn ipam_results_of_any_version_with_one_address_per_family() {
         let r = ipam_result(&json!({"ips": [
             {"version": "6", "address": "fd00::2/64"},
             {"version": "4", "address": "10.1.2.3/16", "gateway": "10.1.0.1"}
         ]}))
         .unwrap();
-        assert_eq!(r.address, "10.1.2.3".parse::<std::net::Ipv4Addr>().unwrap());
+        assert_eq!(r.address, Some("10.1.2.3".parse().unwrap()));
+        assert_eq!(r.address6, Some("fd00::2".parse().unwrap()));
         assert_eq!(r.dns, None);
+        let r = ipam_result(&json!({"ips": [{"address": "fd00::2/64"}]})).unwrap();
+        assert_eq!(
+            (r.address, r.address6),
+            (None, Some("fd00::2".parse().unwrap()))
+        );
         assert!(ipam_result(&json!({})).is_err());
-        assert!(ipam_result(&json!({"ips": [{"address": "fd00::2/64"}]})).is_err());
+        let e = ipam_result(&json!({"ips": []})).unwrap_err();
+        assert!(e.contains("no address"), "{e}");
+    }
+
+    #[test]
+    fn ipam_results_with_two_of_a_family_or_a_malformed_address_are_refused() {
+        let e = ipam_result(&json!({"ips": [
+            {"address": "fd00::2/64"}, {"address": "10.0.0.2/24"}, {"address": "fd00::3/64"}
+        ]}))
+        .unwrap_err();
+        assert!(
+            e.contains("more than one IPv6 address (fd00::2, fd00::3)"),
+            "{e}"
+        );
+        let e =
+            ipam_result(&json!({"ips": [{"address": "10.0.0.2/24"}, {"address": "10.0.0.3/24"}]}))
+                .unwrap_err();
+        assert!(e.contains("more than one IPv4 address"), "{e}");
+        let e = ipam_result(&json!({"ips": [{"address": "fd00::zz/64"}]})).unwrap_err();
+        assert!(e.contains("fd00::zz"), "{e}");
+        let e = ipam_result(&json!({"ips": [{"address": "10.0.0.2"}]})).unwrap_err();
+        assert!(e.contains("prefix length"), "{e}");
     }
 }

@@ -184,11 +184,29 @@ pub enum Error {
     )]
     Degraded(String),
     /// A requested address (`runtimeConfig.ips`) cannot be had.
-    #[error("runtimeConfig.ips: address {address} cannot be given to this pod: {source}")]
+    #[error("runtimeConfig.ips: {} cannot be given to this pod: {source}", list(.addresses))]
     RequestedAddress {
-        address: std::net::Ipv4Addr,
+        addresses: Vec<std::net::IpAddr>,
         #[source]
         source: Box<ClientError>,
+    },
+    /// The agent allocated, but not the requested address of a family (one the node does
+    /// not have); the allocation was given back.
+    #[error(
+        "runtimeConfig.ips: {} cannot be given to this pod: the node's allocation has {}",
+        list(.addresses),
+        if .given.is_empty() { "no address".to_owned() } else { list(.given) }
+    )]
+    RequestedNotGiven {
+        addresses: Vec<std::net::IpAddr>,
+        given: Vec<std::net::IpAddr>,
+    },
+    /// The pod gets an IPv6 address, but IPv6 cannot be enabled in its network namespace.
+    #[error("cannot give the pod IPv6 address {address}: {source}")]
+    Ipv6Unavailable {
+        address: std::net::Ipv6Addr,
+        #[source]
+        source: hypha_netlink::Error,
     },
     /// The agent's allocator has no address left.
     #[error("{0}")]
@@ -295,7 +313,10 @@ impl From<Error> for CniError {
             },
             // Addresses come back as pods go: the runtime's retry can succeed.
             Error::Exhausted(_) => CniError::try_again_later(msg),
-            Error::RequestedAddress { .. } => CniError::invalid_config(msg),
+            Error::RequestedAddress { .. } | Error::RequestedNotGiven { .. } => {
+                CniError::invalid_config(msg)
+            }
+            Error::Ipv6Unavailable { .. } => CniError::invalid_env(msg),
             Error::AgentNotAvailable(_) | Error::NotReady(_) => CniError::plugin_not_available(msg),
             Error::Degraded(_) => CniError::plugin_not_available_limited(msg),
             Error::DeferredDelete { .. } | Error::DelegateExec { .. } => CniError::io_failure(msg),
@@ -336,6 +357,15 @@ mod hyper_status {
     pub const CONFLICT: u16 = 409;
     pub const NOT_FOUND: u16 = 404;
     pub const INSUFFICIENT_STORAGE: u16 = 507;
+}
+
+/// `a, b` for error messages.
+fn list(addresses: &[std::net::IpAddr]) -> String {
+    addresses
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Whether the agent answered 409 Conflict.

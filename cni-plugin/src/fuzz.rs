@@ -410,7 +410,7 @@ fn check_conf(bytes: &[u8], args: &CniArgs) -> Result<(), TestCaseError> {
         ifname: "eth0".into(),
         args: args.clone(),
     };
-    if let Err(e) = commands::add::requested_ipv4(&a, &conf) {
+    if let Err(e) = commands::add::requested_addresses(&a, &conf) {
         assert_cni_error(e)?;
     }
     if let Err(e) = commands::add::requested_mac(&a, &conf) {
@@ -537,8 +537,14 @@ fn fuzz_prev_result_of_every_version() {
                 ifname: "eth0",
                 pod_mac: MacAddr([0x02, 0, 0, 0, 0, 2]),
                 netns: Path::new("/run/netns/p"),
-                address: Ipv4Addr::new(10, 244, 0, 5),
-                gateway: Ipv4Addr::new(10, 244, 0, 1),
+                ipv4: Some(result::Family {
+                    address: Ipv4Addr::new(10, 244, 0, 5),
+                    gateway: Ipv4Addr::new(10, 244, 0, 1),
+                }),
+                ipv6: Some(result::Family {
+                    address: "fd00:10:244::5".parse().unwrap(),
+                    gateway: "fe80::1".parse().unwrap(),
+                }),
                 dns: None,
             };
             let clean = result::add_result(version, &attached);

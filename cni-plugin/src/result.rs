@@ -1,10 +1,10 @@
 //! The JSON the plugin writes on stdout, in the shape of each CNI version (pure).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use hypha_api::MacAddr;
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde_json::{Value, json};
 
 use crate::config::CniVersion;
@@ -18,25 +18,53 @@ pub struct Attached<'a> {
     pub ifname: &'a str,
     pub pod_mac: MacAddr,
     pub netns: &'a Path,
-    pub address: Ipv4Addr,
-    pub gateway: Ipv4Addr,
+    /// The pod's IPv4 address (a /32) and gateway, on a node with IPv4.
+    pub ipv4: Option<Family<Ipv4Addr>>,
+    /// The pod's IPv6 address (a /128) and gateway (`fe80::1`), on a node with IPv6.
+    pub ipv6: Option<Family<Ipv6Addr>>,
     /// DNS settings from a delegated IPAM plugin's result.
     pub dns: Option<Value>,
+}
+
+/// One family's address of a pod and the gateway of its default route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Family<A> {
+    pub address: A,
+    pub gateway: A,
 }
 
 /// ADD's success result.
 ///
 /// interfaces[0] is the host veth, interfaces[1] the container's interface (with its
-/// sandbox); the one IP is a /32 on interfaces[1]; the one route is the default route.
-/// Versions before 1.0.0 also give each IP its `"version": "4"`.
+/// sandbox); the IPs, IPv4 first, are a /32 and a /128 on interfaces[1], each with its
+/// family's gateway; the routes are the default route of each family (`0.0.0.0/0`,
+/// `::/0`). Versions before 1.0.0 also give each IP its `"version"` (`"4"` or `"6"`).
 pub fn add_result(version: CniVersion, a: &Attached<'_>) -> Value {
-    let mut ip = json!({
-        "address": format!("{}/32", a.address),
-        "gateway": a.gateway.to_string(),
-        "interface": 1,
-    });
-    if version < CniVersion::V1_0_0 {
-        ip["version"] = json!("4");
+    let mut ips = Vec::new();
+    let mut routes = Vec::new();
+    let families = [
+        a.ipv4
+            .map(|f| (IpAddr::from(f.address), IpAddr::from(f.gateway))),
+        a.ipv6
+            .map(|f| (IpAddr::from(f.address), IpAddr::from(f.gateway))),
+    ];
+    for (address, gateway) in families.into_iter().flatten() {
+        let net = IpNet::from(address);
+        let mut ip = json!({
+            "address": net.to_string(),
+            "gateway": gateway.to_string(),
+            "interface": 1,
+        });
+        if version < CniVersion::V1_0_0 {
+            ip["version"] = json!(if address.is_ipv4() { "4" } else { "6" });
+        }
+        ips.push(ip);
+        let default = if address.is_ipv4() {
+            "0.0.0.0/0"
+        } else {
+            "::/0"
+        };
+        routes.push(json!({ "dst": default, "gw": gateway.to_string() }));
     }
     json!({
         "cniVersion": version.as_str(),
@@ -48,8 +76,8 @@ pub fn add_result(version: CniVersion, a: &Attached<'_>) -> Value {
                 "sandbox": a.netns.to_string_lossy(),
             },
         ],
-        "ips": [ip],
-        "routes": [{ "dst": "0.0.0.0/0", "gw": a.gateway.to_string() }],
+        "ips": ips,
+        "routes": routes,
         "dns": a.dns.clone().unwrap_or_else(|| json!({})),
     })
 }
@@ -65,18 +93,20 @@ pub fn version_result(version: CniVersion) -> Value {
 /// What a previous result says the container's interface has, for CHECK.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Expected {
-    pub address: Ipv4Net,
-    /// Gateway of the default route, if the result has one.
-    pub default_gateway: Option<Ipv4Addr>,
-    /// Every IPv4 route of the result: destination and gateway.
-    pub routes: Vec<(Ipv4Net, Option<Ipv4Addr>)>,
+    /// The IPv4 address of the interface, if the result has one.
+    pub address: Option<Ipv4Net>,
+    /// The IPv6 address of the interface, if the result has one.
+    pub address6: Option<Ipv6Net>,
+    /// Every route of the result, of both families: destination and gateway.
+    pub routes: Vec<(IpNet, Option<IpAddr>)>,
     /// MAC of the interface, if the result gives it.
     pub mac: Option<MacAddr>,
 }
 
 /// Reads [`Expected`] for interface `ifname` out of a `prevResult` (any supported
-/// version), its keys matched as Go matches them ([`crate::json`]). The error says what is
-/// missing or malformed.
+/// version), its keys matched as Go matches them ([`crate::json`]): per family, the first
+/// address on `ifname`, or else the first address of no known interface. The error says
+/// what is missing or malformed.
 pub fn expected_from_prev_result(prev: &Value, ifname: &str) -> Result<Expected, String> {
     // A key given twice in different cases cannot be read as Go would: say which.
     let get = |v: &'_ Value, key: &str| -> Result<Option<Value>, String> {
@@ -98,10 +128,9 @@ pub fn expected_from_prev_result(prev: &Value, ifname: &str) -> Result<Expected,
     let mut on_ifname = Vec::new();
     let mut any = Vec::new();
     for ip in &ips {
-        let Some(address) = str_of(ip, "address")?.and_then(|a| a.parse::<Ipv4Net>().ok()) else {
+        let Some(address) = str_of(ip, "address")?.and_then(|a| a.parse::<IpNet>().ok()) else {
             continue;
         };
-        let gateway = str_of(ip, "gateway")?.and_then(|g| g.parse::<Ipv4Addr>().ok());
         let index = get(ip, "interface")?
             .and_then(|i| i.as_u64())
             .and_then(|i| usize::try_from(i).ok());
@@ -110,29 +139,43 @@ pub fn expected_from_prev_result(prev: &Value, ifname: &str) -> Result<Expected,
             None => None,
         };
         if name.as_deref() == Some(ifname) {
-            on_ifname.push((address, gateway));
+            on_ifname.push(address);
         }
-        any.push((address, gateway));
+        any.push(address);
     }
-    let (address, ip_gateway) = on_ifname
-        .first()
-        .or_else(|| any.first())
-        .copied()
-        .ok_or_else(|| format!("prevResult has no IPv4 address for interface {ifname}"))?;
-    let mut routes: Vec<(Ipv4Net, Option<Ipv4Addr>)> = Vec::new();
+    let pick = |want_v4: bool| {
+        let of_family = |list: &Vec<IpNet>| {
+            list.iter()
+                .copied()
+                .find(|a| matches!(a, IpNet::V4(_)) == want_v4)
+        };
+        of_family(&on_ifname).or_else(|| of_family(&any))
+    };
+    let address = pick(true).and_then(|a| match a {
+        IpNet::V4(a) => Some(a),
+        IpNet::V6(_) => None,
+    });
+    let address6 = pick(false).and_then(|a| match a {
+        IpNet::V6(a) => Some(a),
+        IpNet::V4(_) => None,
+    });
+    if address.is_none() && address6.is_none() {
+        return Err(format!(
+            "prevResult has no IP address for interface {ifname}"
+        ));
+    }
+    let mut routes: Vec<(IpNet, Option<IpAddr>)> = Vec::new();
     if let Some(Value::Array(list)) = get(prev, "routes")? {
         for r in &list {
-            let Some(dst) = str_of(r, "dst")?.and_then(|d| d.parse::<Ipv4Net>().ok()) else {
+            let Some(dst) = str_of(r, "dst")?.and_then(|d| d.parse::<IpNet>().ok()) else {
                 continue;
             };
-            let gw = str_of(r, "gw")?.and_then(|g| g.parse().ok());
+            let gw: Option<IpAddr> = str_of(r, "gw")?.and_then(|g| g.parse().ok());
+            // A gateway of the other family cannot be the route's: read as none.
+            let gw = gw.filter(|g| g.is_ipv4() == matches!(dst, IpNet::V4(_)));
             routes.push((dst.trunc(), gw));
         }
     }
-    let route_gateway = routes
-        .iter()
-        .find(|(dst, _)| dst.prefix_len() == 0)
-        .and_then(|(_, gw)| *gw);
     let mut mac = None;
     for iface in &interfaces {
         if str_of(iface, "name")?.as_deref() == Some(ifname) && get(iface, "sandbox")?.is_some() {
@@ -142,7 +185,7 @@ pub fn expected_from_prev_result(prev: &Value, ifname: &str) -> Result<Expected,
     }
     Ok(Expected {
         address,
-        default_gateway: route_gateway.or(ip_gateway),
+        address6,
         routes,
         mac,
     })
@@ -152,6 +195,15 @@ pub fn expected_from_prev_result(prev: &Value, ifname: &str) -> Result<Expected,
 mod tests {
     use super::*;
 
+    const V4: Family<Ipv4Addr> = Family {
+        address: Ipv4Addr::new(10, 244, 0, 5),
+        gateway: Ipv4Addr::new(10, 244, 0, 1),
+    };
+    const V6: Family<Ipv6Addr> = Family {
+        address: Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 5),
+        gateway: Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1),
+    };
+
     fn attached() -> Attached<'static> {
         Attached {
             host_ifname: "hyp538f587a2365",
@@ -159,11 +211,29 @@ mod tests {
             ifname: "eth0",
             pod_mac: MacAddr([0x02, 0, 0, 0, 0, 0x02]),
             netns: Path::new("/run/netns/p"),
-            address: Ipv4Addr::new(10, 244, 0, 5),
-            gateway: Ipv4Addr::new(10, 244, 0, 1),
+            ipv4: Some(V4),
+            ipv6: None,
             dns: None,
         }
     }
+
+    fn dual() -> Attached<'static> {
+        Attached {
+            ipv6: Some(V6),
+            ..attached()
+        }
+    }
+
+    fn v6_only() -> Attached<'static> {
+        Attached {
+            ipv4: None,
+            ipv6: Some(V6),
+            ..attached()
+        }
+    }
+
+    const IP4: &str = "10.244.0.5/32";
+    const IP6: &str = "fd00:10:244::5/128";
 
     #[test]
     fn add_result_1_x() {
@@ -176,7 +246,7 @@ mod tests {
                     {"name": "hyp538f587a2365", "mac": "02:00:00:00:00:01"},
                     {"name": "eth0", "mac": "02:00:00:00:00:02", "sandbox": "/run/netns/p"},
                 ],
-                "ips": [{"address": "10.244.0.5/32", "gateway": "10.244.0.1", "interface": 1}],
+                "ips": [{"address": IP4, "gateway": "10.244.0.1", "interface": 1}],
                 "routes": [{"dst": "0.0.0.0/0", "gw": "10.244.0.1"}],
                 "dns": {},
             })
@@ -188,18 +258,46 @@ mod tests {
     }
 
     #[test]
-    fn add_result_0_x_has_ip_versions() {
-        for v in [CniVersion::V0_3_0, CniVersion::V0_3_1, CniVersion::V0_4_0] {
-            let r = add_result(v, &attached());
+    fn add_result_of_every_version_dual_and_v6_only() {
+        for v in CniVersion::ALL {
+            let old = v < CniVersion::V1_0_0;
+            let ip = |address: &str, gateway: &str, family: &str| {
+                let mut ip = json!({"address": address, "gateway": gateway, "interface": 1});
+                if old {
+                    ip["version"] = json!(family);
+                }
+                ip
+            };
+            let r = add_result(v, &dual());
             assert_eq!(r["cniVersion"], v.as_str());
-            assert_eq!(r["ips"][0]["version"], "4");
-            assert_eq!(r["ips"][0]["address"], "10.244.0.5/32");
+            assert_eq!(
+                r["ips"],
+                json!([ip(IP4, "10.244.0.1", "4"), ip(IP6, "fe80::1", "6")]),
+                "{v}"
+            );
+            assert_eq!(
+                r["routes"],
+                json!([
+                    {"dst": "0.0.0.0/0", "gw": "10.244.0.1"},
+                    {"dst": "::/0", "gw": "fe80::1"},
+                ]),
+                "{v}"
+            );
+            let r = add_result(v, &v6_only());
+            assert_eq!(r["ips"], json!([ip(IP6, "fe80::1", "6")]), "{v}");
+            assert_eq!(
+                r["routes"],
+                json!([{"dst": "::/0", "gw": "fe80::1"}]),
+                "{v}"
+            );
+            assert_eq!(r["interfaces"][1]["name"], "eth0");
+            let r = add_result(v, &attached());
+            assert_eq!(r["ips"], json!([ip(IP4, "10.244.0.1", "4")]), "{v}");
+            assert_eq!(
+                r["routes"],
+                json!([{"dst": "0.0.0.0/0", "gw": "10.244.0.1"}])
+            );
         }
-        assert!(
-            add_result(CniVersion::V1_0_0, &attached())["ips"][0]
-                .get("version")
-                .is_none()
-        );
     }
 
     #[test]
@@ -212,18 +310,37 @@ mod tests {
 
     #[test]
     fn prev_results_are_read_back() {
+        let route4 = ("0.0.0.0/0".parse().unwrap(), Some(IpAddr::from(V4.gateway)));
+        let route6 = ("::/0".parse().unwrap(), Some(IpAddr::from(V6.gateway)));
+        let mac = Some(MacAddr([0x02, 0, 0, 0, 0, 0x02]));
         for v in CniVersion::ALL {
-            let r = add_result(v, &attached());
             assert_eq!(
-                expected_from_prev_result(&r, "eth0"),
+                expected_from_prev_result(&add_result(v, &attached()), "eth0"),
                 Ok(Expected {
-                    address: "10.244.0.5/32".parse().unwrap(),
-                    default_gateway: Some(Ipv4Addr::new(10, 244, 0, 1)),
-                    routes: vec![(
-                        "0.0.0.0/0".parse().unwrap(),
-                        Some(Ipv4Addr::new(10, 244, 0, 1))
-                    )],
-                    mac: Some(MacAddr([0x02, 0, 0, 0, 0, 0x02])),
+                    address: Some(IP4.parse().unwrap()),
+                    address6: None,
+                    routes: vec![route4],
+                    mac,
+                }),
+                "{v}"
+            );
+            assert_eq!(
+                expected_from_prev_result(&add_result(v, &dual()), "eth0"),
+                Ok(Expected {
+                    address: Some(IP4.parse().unwrap()),
+                    address6: Some(IP6.parse().unwrap()),
+                    routes: vec![route4, route6],
+                    mac,
+                }),
+                "{v}"
+            );
+            assert_eq!(
+                expected_from_prev_result(&add_result(v, &v6_only()), "eth0"),
+                Ok(Expected {
+                    address: None,
+                    address6: Some(IP6.parse().unwrap()),
+                    routes: vec![route6],
+                    mac,
                 }),
                 "{v}"
             );
@@ -243,11 +360,11 @@ mod tests {
         assert_eq!(
             expected_from_prev_result(&prev, "eth0"),
             Ok(Expected {
-                address: "10.0.0.7/32".parse().unwrap(),
-                default_gateway: Some(Ipv4Addr::new(10, 0, 0, 1)),
+                address: Some("10.0.0.7/32".parse().unwrap()),
+                address6: None,
                 routes: vec![(
                     "0.0.0.0/0".parse().unwrap(),
-                    Some(Ipv4Addr::new(10, 0, 0, 1))
+                    Some(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)))
                 )],
                 mac: Some(MacAddr([0x02, 0, 0, 0, 0, 0x02])),
             })
@@ -259,17 +376,20 @@ mod tests {
         let prev = json!({
             "interfaces": [{"name": "net1", "sandbox": "/x"}, {"name": "eth0", "sandbox": "/x"}],
             "ips": [
-                {"address": "fd00::5/128", "interface": 1},
+                {"address": "fd00::9/64", "interface": 0},
                 {"address": "192.168.0.9/24", "interface": 0},
+                {"address": "fd00::5/128", "interface": 1},
                 {"address": "10.0.0.7/32", "gateway": "10.0.0.1", "interface": 1},
             ],
+            "routes": [{"dst": "::/0", "gw": "10.0.0.1"}],
         });
         assert_eq!(
             expected_from_prev_result(&prev, "eth0"),
             Ok(Expected {
-                address: "10.0.0.7/32".parse().unwrap(),
-                default_gateway: Some(Ipv4Addr::new(10, 0, 0, 1)),
-                routes: Vec::new(),
+                address: Some("10.0.0.7/32".parse().unwrap()),
+                address6: Some("fd00::5/128".parse().unwrap()),
+                // A gateway of the other family is no gateway.
+                routes: vec![("::/0".parse().unwrap(), None)],
                 mac: None,
             })
         );
@@ -279,9 +399,16 @@ mod tests {
                 .contains("\"ips\"")
         );
         assert!(
-            expected_from_prev_result(&json!({"ips": [{"address": "fd00::1/64"}]}), "eth0")
+            expected_from_prev_result(&json!({"ips": [{"address": "nonsense"}]}), "eth0")
                 .unwrap_err()
-                .contains("no IPv4 address for interface eth0")
+                .contains("no IP address for interface eth0")
+        );
+        // An IPv6-only result is a result.
+        assert_eq!(
+            expected_from_prev_result(&json!({"ips": [{"address": "fd00::1/64"}]}), "eth0")
+                .unwrap()
+                .address6,
+            Some("fd00::1/64".parse().unwrap())
         );
     }
 }

@@ -3,7 +3,7 @@
 //! without the real agent or eBPF. Each test has its own namespace, socket and container.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -84,7 +84,12 @@ impl Drop for HostLink {
 
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
+    /// An IPv4-only node.
     Ok,
+    /// A dual-stack node: allocations have both families.
+    Dual,
+    /// An IPv6-only node.
+    V6Only,
     /// `POST /v1/endpoints` answers 500.
     EndpointFails,
     /// `POST /v1/ipam/allocate` answers 409.
@@ -118,6 +123,8 @@ impl Drop for FakeAgent {
 
 const ADDRESS: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 5);
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+const ADDRESS6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x77, 0, 0, 0, 0, 0, 5);
+const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 
 impl FakeAgent {
     fn start(mode: Mode) -> Self {
@@ -195,12 +202,12 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
             (
                 "200 OK",
                 serde_json::to_value(Allocation {
-                    address: Some(ADDRESS),
-                    gateway: Some(GATEWAY),
-                    pod_cidr: Some("10.77.0.0/24".parse().unwrap()),
-                    address6: None,
-                    gateway6: None,
-                    pod_cidr6: None,
+                    address: (mode != Mode::V6Only).then_some(ADDRESS),
+                    gateway: (mode != Mode::V6Only).then_some(GATEWAY),
+                    pod_cidr: (mode != Mode::V6Only).then(|| "10.77.0.0/24".parse().unwrap()),
+                    address6: dual(mode).then_some(ADDRESS6),
+                    gateway6: dual(mode).then_some(GATEWAY6),
+                    pod_cidr6: dual(mode).then(|| "fd00:77::/64".parse().unwrap()),
                 })
                 .unwrap(),
             )
@@ -285,13 +292,18 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
             seen.endpoints.clear();
             let resp = DeleteResponse {
                 endpoint_removed: removed,
-                address_released: removed.then_some(ADDRESS),
-                address6_released: None,
+                address_released: (removed && mode != Mode::V6Only).then_some(ADDRESS),
+                address6_released: (removed && dual(mode)).then_some(ADDRESS6),
             };
             ("200 OK", serde_json::to_value(resp).unwrap())
         }
         _ => ("404 Not Found", json!({"error": "no such route"})),
     }
+}
+
+/// Whether the node of `mode` has IPv6.
+fn dual(mode: Mode) -> bool {
+    matches!(mode, Mode::Dual | Mode::V6Only)
 }
 
 fn cni(command: &str, cid: &str, netns: &Path, ifname: &str, conf: &Value) -> Output {
@@ -859,7 +871,8 @@ fn runtime_fixtures(socket: &Path, cid: &str) -> Vec<(String, Value)> {
                 .unwrap()
                 .replace("@SOCKET@", &socket.display().to_string())
                 .replace("@CID@", cid)
-                .replace("@IP@", &ADDRESS.to_string());
+                .replace("@IP@", &ADDRESS.to_string())
+                .replace("@IP6@", &ADDRESS6.to_string());
             let name = p.file_name().unwrap().to_string_lossy().into_owned();
             (name, serde_json::from_str(&text).unwrap())
         })
@@ -873,7 +886,7 @@ fn runtime_fixtures_reach_the_agent() {
     require_root!();
     let probe = FakeAgent::start(Mode::Ok);
     for (name, _) in runtime_fixtures(&probe.socket, "x") {
-        let agent = FakeAgent::start(Mode::Ok);
+        let agent = FakeAgent::start(Mode::Dual);
         let ns = TestNetns::new();
         let cid = unique("ctr");
         let _guard = HostLink(host_ifname(&cid, "eth0"));
@@ -892,6 +905,11 @@ fn runtime_fixtures_reach_the_agent() {
             expect["address"].as_str().map(str::to_owned),
             "{name}"
         );
+        assert_eq!(
+            seen.allocations[0].address6.map(|a| a.to_string()),
+            expect["address6"].as_str().map(str::to_owned),
+            "{name}"
+        );
         let ep = &seen.endpoints[0];
         let bw = ep.bandwidth.unwrap_or_default();
         assert_eq!(bw.egress_rate, expect["egressRate"].as_u64(), "{name}");
@@ -904,4 +922,271 @@ fn runtime_fixtures_reach_the_agent() {
             assert_eq!(ep.pod_mac.to_string(), mac, "{name}");
         }
     }
+}
+
+/// The link-local address the kernel makes from `mac` in EUI-64 mode.
+fn eui64_link_local(mac: [u8; 6]) -> Ipv6Addr {
+    Ipv6Addr::from([
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        mac[0] ^ 0x02,
+        mac[1],
+        mac[2],
+        0xff,
+        0xfe,
+        mac[3],
+        mac[4],
+        mac[5],
+    ])
+}
+
+/// A dual-stack node: the pod gets its /32 and its /128 (without DAD), a default route
+/// per family, a link-local address made from its MAC; the result and the endpoint have
+/// both; CHECK passes, then names a missing IPv6 route and a missing IPv6 address; DEL
+/// removes everything and can be repeated.
+#[test]
+fn dual_stack_add_check_del() {
+    require_root!();
+    let agent = FakeAgent::start(Mode::Dual);
+    let ns = TestNetns::new();
+    let cid = unique("ctr");
+    let host = host_ifname(&cid, "eth0");
+    let _guard = HostLink(host.clone());
+
+    let out = cni("ADD", &cid, &ns.path(), "eth0", &conf("1.0.0", &agent));
+    assert!(out.status.success(), "{out:?}");
+    let result = reply(&out);
+    let mut pod_nl = ns.netlink();
+    let pod = pod_nl.link_by_name("eth0").unwrap().expect("eth0");
+    assert!(pod.up);
+    assert_eq!(pod.addr_gen_mode, Some(hypha_netlink::AddrGenMode::Eui64));
+    assert_eq!(pod_nl.addresses(pod.index).unwrap(), vec![(ADDRESS, 32)]);
+    let v6 = pod_nl.addresses6(pod.index).unwrap();
+    let mine = v6
+        .iter()
+        .find(|a| a.address == ADDRESS6)
+        .unwrap_or_else(|| panic!("no {ADDRESS6} in {v6:?}"));
+    assert_eq!(mine.prefix_len, 128);
+    assert!(mine.nodad && mine.usable(), "{mine:?}");
+    let ll = eui64_link_local(pod.mac);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while !pod_nl
+        .addresses6(pod.index)
+        .unwrap()
+        .iter()
+        .any(|a| a.address == ll)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no link-local {ll}: {:?}",
+            pod_nl.addresses6(pod.index).unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let default6 = hypha_netlink::Route6 {
+        dst: "::/0".parse().unwrap(),
+        gateway: Some(GATEWAY6),
+        oif: pod.index,
+        src: None,
+    };
+    let routes6 = pod_nl.routes6(pod.index).unwrap();
+    assert!(routes6.contains(&default6), "{routes6:?}");
+    assert!(
+        pod_nl
+            .routes(pod.index)
+            .unwrap()
+            .iter()
+            .any(|r| r.dst.prefix_len() == 0 && r.gateway == Some(GATEWAY))
+    );
+    let h = Netlink::new()
+        .unwrap()
+        .link_by_name(&host)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        result,
+        json!({
+            "cniVersion": "1.0.0",
+            "interfaces": [
+                {"name": host, "mac": MacAddr(h.mac).to_string()},
+                {"name": "eth0", "mac": MacAddr(pod.mac).to_string(), "sandbox": ns.path()},
+            ],
+            "ips": [
+                {"address": "10.77.0.5/32", "gateway": "10.77.0.1", "interface": 1},
+                {"address": "fd00:77::5/128", "gateway": "fe80::1", "interface": 1},
+            ],
+            "routes": [
+                {"dst": "0.0.0.0/0", "gw": "10.77.0.1"},
+                {"dst": "::/0", "gw": "fe80::1"},
+            ],
+            "dns": {},
+        })
+    );
+    {
+        let seen = agent.seen.lock().unwrap();
+        assert_eq!(seen.creates[0].address, Some(ADDRESS));
+        assert_eq!(seen.creates[0].address6, Some(ADDRESS6));
+        assert_eq!(seen.allocations[0].address6, None);
+    }
+
+    let mut check_conf = conf("1.0.0", &agent);
+    check_conf["prevResult"] = result.clone();
+    let out = cni("CHECK", &cid, &ns.path(), "eth0", &check_conf);
+    assert!(out.status.success(), "{out:?}");
+
+    // A missing IPv6 default route is named.
+    assert!(pod_nl.delete_route6(&default6).unwrap());
+    let out = cni("CHECK", &cid, &ns.path(), "eth0", &check_conf);
+    let err = reply(&out);
+    assert_eq!(err["code"], 100, "{err}");
+    let msg = err["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("no route to ::/0 via fe80::1 on interface eth0"),
+        "{msg}"
+    );
+    assert!(!msg.contains("0.0.0.0/0"), "the IPv4 route is there: {msg}");
+    pod_nl.add_route6(&default6).unwrap();
+    // So is a missing IPv6 address (the default route stays: it needs none).
+    assert!(pod_nl.delete_address6(pod.index, ADDRESS6, 128).unwrap());
+    let out = cni("CHECK", &cid, &ns.path(), "eth0", &check_conf);
+    let err = reply(&out);
+    assert_eq!(err["code"], 100, "{err}");
+    let msg = err["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("prevResult says fd00:77::5/128") && msg.contains("IPv6 addresses ["),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("10.77.0.5"),
+        "the IPv4 address is there: {msg}"
+    );
+
+    for _ in 0..2 {
+        let out = cni("DEL", &cid, &ns.path(), "eth0", &conf("1.0.0", &agent));
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            Netlink::new()
+                .unwrap()
+                .link_by_name(&host)
+                .unwrap()
+                .is_none()
+        );
+        assert!(pod_nl.link_by_name("eth0").unwrap().is_none());
+    }
+}
+
+/// An IPv6-only node: the pod has no IPv4 at all, IPv6 is enabled on its interface even
+/// where the namespace disables it for new interfaces, the 0.3.1 result says version
+/// "6", CHECK passes and DEL can be repeated.
+#[test]
+fn ipv6_only_pod_in_a_namespace_with_ipv6_disabled() {
+    require_root!();
+    let agent = FakeAgent::start(Mode::V6Only);
+    let ns = TestNetns::new();
+    for key in ["default", "lo"] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "sysctl", "-qw"])
+            .arg(format!("net.ipv6.conf.{key}.disable_ipv6=1"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let cid = unique("ctr");
+    let host = host_ifname(&cid, "eth0");
+    let _guard = HostLink(host.clone());
+    let out = cni("ADD", &cid, &ns.path(), "eth0", &conf("0.4.0", &agent));
+    assert!(out.status.success(), "{out:?}");
+    let result = reply(&out);
+    assert_eq!(
+        result["ips"],
+        json!([{"address": "fd00:77::5/128", "gateway": "fe80::1", "interface": 1, "version": "6"}])
+    );
+    assert_eq!(result["routes"], json!([{"dst": "::/0", "gw": "fe80::1"}]));
+    let mut pod_nl = ns.netlink();
+    let pod = pod_nl.link_by_name("eth0").unwrap().unwrap();
+    assert!(pod_nl.addresses(pod.index).unwrap().is_empty());
+    assert!(pod_nl.routes(pod.index).unwrap().is_empty());
+    assert!(
+        pod_nl
+            .addresses6(pod.index)
+            .unwrap()
+            .iter()
+            .any(|a| a.address == ADDRESS6 && a.usable())
+    );
+    for ifname in ["eth0", "lo"] {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "cat"])
+            .arg(format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "0", "{ifname}");
+    }
+    {
+        let seen = agent.seen.lock().unwrap();
+        assert_eq!(seen.creates[0].address, None);
+        assert_eq!(seen.creates[0].address6, Some(ADDRESS6));
+    }
+    let mut check_conf = conf("0.4.0", &agent);
+    check_conf["prevResult"] = result;
+    let out = cni("CHECK", &cid, &ns.path(), "eth0", &check_conf);
+    assert!(out.status.success(), "{out:?}");
+    for _ in 0..2 {
+        let out = cni("DEL", &cid, &ns.path(), "eth0", &conf("0.4.0", &agent));
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            Netlink::new()
+                .unwrap()
+                .link_by_name(&host)
+                .unwrap()
+                .is_none()
+        );
+    }
+}
+
+/// A requested IPv6 address the (IPv4-only) node's allocation does not give is refused,
+/// naming it, and the allocation is given back before any interface is made.
+#[test]
+fn a_requested_ipv6_address_the_node_does_not_give_is_refused() {
+    require_root!();
+    let agent = FakeAgent::start(Mode::Ok);
+    let ns = TestNetns::new();
+    let cid = unique("ctr");
+    let host = host_ifname(&cid, "eth0");
+    let _guard = HostLink(host.clone());
+    let mut c = conf("1.0.0", &agent);
+    c["runtimeConfig"] = json!({"ips": ["fd00:77::9/64"]});
+    let out = cni("ADD", &cid, &ns.path(), "eth0", &c);
+    assert!(!out.status.success());
+    let err = reply(&out);
+    assert_eq!(err["code"], 7, "{err}");
+    assert_eq!(
+        err["msg"],
+        "runtimeConfig.ips: fd00:77::9 cannot be given to this pod: the node's allocation has \
+         10.77.0.5"
+    );
+    assert_eq!(
+        agent.seen.lock().unwrap().allocations[0].address6,
+        Some("fd00:77::9".parse().unwrap())
+    );
+    assert_eq!(
+        agent.calls(),
+        vec![
+            "POST /v1/ipam/allocate".to_owned(),
+            format!("DELETE /v1/endpoints/{cid}/eth0"),
+        ]
+    );
+    assert!(
+        Netlink::new()
+            .unwrap()
+            .link_by_name(&host)
+            .unwrap()
+            .is_none()
+    );
+    assert!(ns.netlink().link_by_name("eth0").unwrap().is_none());
 }

@@ -704,6 +704,19 @@ mod tests {
         assert_eq!(calls[3].2["prevResult"], result);
     }
 
+    /// Whatever families the result has, in its order: dual stack, IPv6 only.
+    #[test]
+    fn ips_of_dual_stack_and_ipv6_only_results() {
+        let mut net = network();
+        net.result = Some(json!({"ips": [
+            {"address": "10.0.0.5/32", "gateway": "10.0.0.1", "interface": 1},
+            {"address": "fd00:10:244::5/128", "gateway": "fe80::1", "interface": 1},
+        ]}));
+        assert_eq!(net.ips(), ["10.0.0.5", "fd00:10:244::5"]);
+        net.result = Some(json!({"ips": [{"address": "fd00:10:244::5/128", "version": "6"}]}));
+        assert_eq!(net.ips(), ["fd00:10:244::5"]);
+    }
+
     #[test]
     fn plugin_errors_carry_the_cni_message() {
         let fake = Fake {

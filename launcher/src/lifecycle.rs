@@ -311,7 +311,12 @@ mod tests {
             exit_code: Some(3),
             ..s.clone()
         };
-        let t = format_ps(&[s, exited]);
+        let dual = Summary {
+            name: "d".into(),
+            ips: vec!["10.0.0.3".into(), "fd00:10:244::3".into()],
+            ..s.clone()
+        };
+        let t = format_ps(&[s, exited, dual]);
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("NAME  ID"), "{t}");
         assert!(
@@ -322,5 +327,6 @@ mod tests {
             lines[2].contains("exited (3)") && lines[2].contains(" - "),
             "{t}"
         );
+        assert!(lines[3].contains(" 10.0.0.3,fd00:10:244::3 "), "{t}");
     }
 }

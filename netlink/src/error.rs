@@ -31,6 +31,16 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A sysctl of another network namespace could not be read or written (see
+    /// [`crate::sysctl`]); no such file means the kernel has no IPv6.
+    #[error("cannot {op} {} in network namespace {}: {source}", .file.display(), .netns.display())]
+    Sysctl {
+        op: &'static str,
+        file: PathBuf,
+        netns: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// The netlink socket could not be created, bound or configured.
     #[error("cannot open a netlink socket in {netns}: {source}")]
     Socket {
@@ -85,6 +95,7 @@ impl Error {
             | Error::EnterNetns { source, .. }
             | Error::RestoreNetns { source, .. }
             | Error::Socket { source, .. }
+            | Error::Sysctl { source, .. }
             | Error::Kernel { source, .. }
             | Error::Io { source, .. } => source.raw_os_error(),
             Error::Protocol { .. } => None,

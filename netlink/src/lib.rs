@@ -21,14 +21,15 @@ mod messages;
 mod netns;
 pub mod procs;
 mod qdisc;
+pub mod sysctl;
 mod tc;
 
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_ECHO,
     NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
@@ -64,6 +65,48 @@ pub struct Link {
     pub up: bool,
     /// `IFLA_INFO_KIND`: `veth`, `dummy`, ... `None` for physical devices and `lo`.
     pub kind: Option<String>,
+    /// How the kernel makes the interface's IPv6 link-local address
+    /// (`IFLA_AF_SPEC`/`AF_INET6`/`IFLA_INET6_ADDR_GEN_MODE`); `None` when the kernel did
+    /// not say (IPv6 disabled in the kernel).
+    pub addr_gen_mode: Option<AddrGenMode>,
+}
+
+/// How the kernel generates an interface's IPv6 link-local address when it comes up
+/// (`IN6_ADDR_GEN_MODE_*`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AddrGenMode {
+    /// `fe80::` + the modified EUI-64 of the MAC (RFC 4291 appendix A).
+    Eui64,
+    /// No link-local address at all.
+    None,
+    /// RFC 7217 stable privacy addresses.
+    StablePrivacy,
+    /// A random interface identifier.
+    Random,
+    /// A mode this crate does not know, by number.
+    Other(u8),
+}
+
+/// An IPv6 address of an interface, as the kernel reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Address6 {
+    pub address: Ipv6Addr,
+    pub prefix_len: u8,
+    /// Duplicate address detection has not finished (`IFA_F_TENTATIVE`): the address
+    /// cannot be used as a source yet.
+    pub tentative: bool,
+    /// Duplicate address detection found the address in use elsewhere
+    /// (`IFA_F_DADFAILED`): the address is never used.
+    pub dad_failed: bool,
+    /// Added without duplicate address detection (`IFA_F_NODAD`).
+    pub nodad: bool,
+}
+
+impl Address6 {
+    /// Whether the kernel uses the address: neither tentative nor failed DAD.
+    pub fn usable(&self) -> bool {
+        !self.tentative && !self.dad_failed
+    }
 }
 
 /// A veth pair to create with [`Netlink::create_veth`].
@@ -92,6 +135,21 @@ pub struct Route {
     pub scope_link: bool,
     /// Preferred source address.
     pub src: Option<Ipv4Addr>,
+}
+
+/// An IPv6 route of the main table.
+///
+/// IPv6 has no route scopes (the kernel reports every IPv6 route as `scope global`): a
+/// route without a gateway is on-link through `oif`, which is what `scope link` says for
+/// IPv4. A link-local gateway (`fe80::/10`) needs `oif`, which every route here has.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route6 {
+    pub dst: Ipv6Net,
+    pub gateway: Option<Ipv6Addr>,
+    /// Index of the outgoing interface.
+    pub oif: u32,
+    /// Preferred source address.
+    pub src: Option<Ipv6Addr>,
 }
 
 /// A synchronous rtnetlink socket bound to one network namespace.
@@ -364,6 +422,132 @@ impl Netlink {
             Err(e) if e.errno() == Some(libc::ESRCH) => Ok(false),
             Err(e) => Err(e.into_error(
                 format!("delete route {}", describe(route)),
+                &self.netns,
+                None,
+            )),
+        }
+    }
+
+    /// Adds the IPv6 `address/prefix_len` to interface `index` with `IFA_F_NODAD`: the
+    /// address is usable at once, without the second of duplicate address detection
+    /// (whoever allocated it made it unique). Adding an address the interface already has
+    /// with the same prefix length succeeds; with another prefix length it fails (`EEXIST`:
+    /// the kernel keeps one entry per IPv6 address and interface).
+    pub fn add_address6(&mut self, index: u32, address: Ipv6Addr, prefix_len: u8) -> Result<()> {
+        let op = || format!("add address {address}/{prefix_len} to interface #{index}");
+        let msg =
+            RouteNetlinkMessage::NewAddress(messages::address6_message(index, address, prefix_len));
+        match self.request(msg, NLM_F_CREATE | NLM_F_EXCL) {
+            Ok(_) => Ok(()),
+            Err(e) if e.errno() == Some(libc::EEXIST) => {
+                let same = self
+                    .addresses6(index)?
+                    .iter()
+                    .any(|a| a.address == address && a.prefix_len == prefix_len);
+                if same {
+                    Ok(())
+                } else {
+                    Err(e.into_error(op(), &self.netns, Some(&format!("#{index}"))))
+                }
+            }
+            Err(e) => Err(e.into_error(op(), &self.netns, Some(&format!("#{index}")))),
+        }
+    }
+
+    /// The IPv6 addresses of interface `index` (link-local ones included), with their
+    /// prefix lengths and DAD state.
+    pub fn addresses6(&mut self, index: u32) -> Result<Vec<Address6>> {
+        let msg = RouteNetlinkMessage::GetAddress(messages::address6_dump_message());
+        let answers = self.dump(msg).map_err(|e| {
+            e.into_error(
+                format!("list IPv6 addresses of interface #{index}"),
+                &self.netns,
+                None,
+            )
+        })?;
+        Ok(answers
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) => messages::parse_address6(a, index),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Deletes the IPv6 `address/prefix_len` from interface `index`. Returns `false` if
+    /// the interface had no such address, so that teardown can be repeated.
+    pub fn delete_address6(
+        &mut self,
+        index: u32,
+        address: Ipv6Addr,
+        prefix_len: u8,
+    ) -> Result<bool> {
+        let msg =
+            RouteNetlinkMessage::DelAddress(messages::address6_message(index, address, prefix_len));
+        match self.request(msg, 0) {
+            Ok(_) => Ok(true),
+            Err(e) if e.errno() == Some(libc::EADDRNOTAVAIL) => Ok(false),
+            Err(e) => Err(e.into_error(
+                format!("delete address {address}/{prefix_len} from interface #{index}"),
+                &self.netns,
+                Some(&format!("#{index}")),
+            )),
+        }
+    }
+
+    /// Sets how interface `index` gets its IPv6 link-local address. The kernel makes that
+    /// address when the interface comes up, so this must come before [`Netlink::set_up`]
+    /// to have an effect (with [`AddrGenMode::Eui64`] the link-local address is
+    /// `fe80::` + the EUI-64 of the MAC whatever the namespace's default mode).
+    pub fn set_addr_gen_mode(&mut self, index: u32, mode: AddrGenMode) -> Result<()> {
+        let msg = RouteNetlinkMessage::NewLink(messages::addr_gen_mode_message(index, mode));
+        self.request(msg, 0).map(drop).map_err(|e| {
+            e.into_error(
+                format!("set the IPv6 address generation mode of interface #{index} to {mode:?}"),
+                &self.netns,
+                Some(&format!("#{index}")),
+            )
+        })
+    }
+
+    /// Adds the IPv6 `route` to the main table, replacing a route to the same destination
+    /// and metric (`NLM_F_CREATE|NLM_F_REPLACE`), so that it can be repeated.
+    pub fn add_route6(&mut self, route: &Route6) -> Result<()> {
+        let msg = RouteNetlinkMessage::NewRoute(messages::route6_message(route, false));
+        self.request(msg, NLM_F_CREATE | NLM_F_REPLACE)
+            .map(drop)
+            .map_err(|e| e.into_error(format!("add route {}", describe6(route)), &self.netns, None))
+    }
+
+    /// The IPv6 unicast routes of the main table that leave through interface `oif`
+    /// (the kernel's own `fe80::/64` and address prefix routes included).
+    pub fn routes6(&mut self, oif: u32) -> Result<Vec<Route6>> {
+        let msg = RouteNetlinkMessage::GetRoute(messages::route6_dump_message());
+        let answers = self.dump(msg).map_err(|e| {
+            e.into_error(
+                format!("list IPv6 routes via interface #{oif}"),
+                &self.netns,
+                None,
+            )
+        })?;
+        Ok(answers
+            .iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => messages::parse_route6(r, oif),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Deletes the IPv6 `route` from the main table. Returns `false` if there was no such
+    /// route.
+    pub fn delete_route6(&mut self, route: &Route6) -> Result<bool> {
+        let msg = RouteNetlinkMessage::DelRoute(messages::route6_message(route, true));
+        match self.request(msg, 0) {
+            Ok(_) => Ok(true),
+            Err(e) if e.errno() == Some(libc::ESRCH) => Ok(false),
+            Err(e) => Err(e.into_error(
+                format!("delete route {}", describe6(route)),
                 &self.netns,
                 None,
             )),
@@ -702,6 +886,18 @@ fn open_socket() -> std::io::Result<Socket> {
 }
 
 /// `ip route`-like text of a route, for messages.
+fn describe6(route: &Route6) -> String {
+    let mut s = route.dst.to_string();
+    if let Some(gw) = route.gateway {
+        s.push_str(&format!(" via {gw}"));
+    }
+    s.push_str(&format!(" dev #{}", route.oif));
+    if let Some(src) = route.src {
+        s.push_str(&format!(" src {src}"));
+    }
+    s
+}
+
 fn describe(route: &Route) -> String {
     let mut s = route.dst.to_string();
     if let Some(gw) = route.gateway {

@@ -1,20 +1,23 @@
 //! Pure conversions between Hypha's option structs and rtnetlink messages, so that what
 //! is sent to the kernel can be unit-tested without privileges.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
+};
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoKind, InfoVeth, LinkAttribute,
+    LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 
-use crate::{Link, Route, VethSpec};
+use crate::{AddrGenMode, Address6, Link, Route, Route6, VethSpec};
 
 /// `RTM_NEWLINK` body creating a veth pair: the host end named `host_name` in the socket's
 /// namespace and, in its `IFLA_INFO_DATA`/`VETH_INFO_PEER`, the peer named `peer_name`
@@ -116,6 +119,7 @@ pub(crate) fn parse_link(msg: &LinkMessage) -> Link {
         mtu: 0,
         up: msg.header.flags.contains(LinkFlags::Up),
         kind: None,
+        addr_gen_mode: None,
     };
     for attr in &msg.attributes {
         match attr {
@@ -126,6 +130,17 @@ pub(crate) fn parse_link(msg: &LinkMessage) -> Link {
                 for info in infos {
                     if let LinkInfo::Kind(kind) = info {
                         link.kind = Some(kind.to_string());
+                    }
+                }
+            }
+            LinkAttribute::AfSpecUnspec(specs) => {
+                for spec in specs {
+                    if let AfSpecUnspec::Inet6(inet6) = spec {
+                        for attr in inet6 {
+                            if let AfSpecInet6::AddrGenMode(mode) = attr {
+                                link.addr_gen_mode = Some(from_kernel_mode(*mode));
+                            }
+                        }
                     }
                 }
             }
@@ -172,6 +187,161 @@ pub(crate) fn parse_address(msg: &AddressMessage, index: u32) -> Option<(Ipv4Add
     // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer's on
     // point-to-point links and equal to it otherwise.
     local.or(address).map(|a| (a, msg.header.prefix_len))
+}
+
+/// `RTM_NEWLINK` body setting the IPv6 address generation mode of interface `index`
+/// (`IFLA_AF_SPEC` → `AF_INET6` → `IFLA_INET6_ADDR_GEN_MODE`).
+pub(crate) fn addr_gen_mode_message(index: u32, mode: AddrGenMode) -> LinkMessage {
+    let mut msg = link_index_message(index);
+    msg.attributes
+        .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+            vec![AfSpecInet6::AddrGenMode(to_kernel_mode(mode))],
+        )]));
+    msg
+}
+
+fn to_kernel_mode(mode: AddrGenMode) -> In6AddrGenMode {
+    match mode {
+        AddrGenMode::Eui64 => In6AddrGenMode::Eui64,
+        AddrGenMode::None => In6AddrGenMode::None,
+        AddrGenMode::StablePrivacy => In6AddrGenMode::StablePrivacy,
+        AddrGenMode::Random => In6AddrGenMode::Random,
+        AddrGenMode::Other(n) => In6AddrGenMode::Other(n),
+    }
+}
+
+fn from_kernel_mode(mode: In6AddrGenMode) -> AddrGenMode {
+    match mode {
+        In6AddrGenMode::Eui64 => AddrGenMode::Eui64,
+        In6AddrGenMode::None => AddrGenMode::None,
+        In6AddrGenMode::StablePrivacy => AddrGenMode::StablePrivacy,
+        In6AddrGenMode::Random => AddrGenMode::Random,
+        other => AddrGenMode::Other(u8::from(&other)),
+    }
+}
+
+/// `RTM_NEWADDR`/`RTM_DELADDR` body for the IPv6 `address/prefix_len` on interface
+/// `index`, flagged `IFA_F_NODAD` (in the header, and in `IFA_FLAGS`, which the kernel
+/// reads in preference).
+pub(crate) fn address6_message(index: u32, address: Ipv6Addr, prefix_len: u8) -> AddressMessage {
+    let mut msg = AddressMessage::default();
+    msg.header.family = AddressFamily::Inet6;
+    msg.header.prefix_len = prefix_len;
+    msg.header.index = index;
+    msg.header.flags = AddressHeaderFlags::Nodad;
+    msg.attributes
+        .push(AddressAttribute::Local(IpAddr::V6(address)));
+    msg.attributes
+        .push(AddressAttribute::Address(IpAddr::V6(address)));
+    msg.attributes
+        .push(AddressAttribute::Flags(AddressFlags::Nodad));
+    msg
+}
+
+/// `RTM_GETADDR` dump body for IPv6 addresses.
+pub(crate) fn address6_dump_message() -> AddressMessage {
+    let mut msg = AddressMessage::default();
+    msg.header.family = AddressFamily::Inet6;
+    msg
+}
+
+/// The IPv6 address of an `RTM_NEWADDR` answer on interface `index`, if it is one.
+pub(crate) fn parse_address6(msg: &AddressMessage, index: u32) -> Option<Address6> {
+    if msg.header.family != AddressFamily::Inet6 || msg.header.index != index {
+        return None;
+    }
+    let mut local = None;
+    let mut address = None;
+    // The header holds the low 8 bits of the flags; `IFA_FLAGS`, when present, all 32.
+    let mut flags = AddressFlags::from_bits_retain(u32::from(msg.header.flags.bits()));
+    for attr in &msg.attributes {
+        match attr {
+            AddressAttribute::Local(IpAddr::V6(a)) => local = Some(*a),
+            AddressAttribute::Address(IpAddr::V6(a)) => address = Some(*a),
+            AddressAttribute::Flags(f) => flags = *f,
+            _ => {}
+        }
+    }
+    Some(Address6 {
+        address: local.or(address)?,
+        prefix_len: msg.header.prefix_len,
+        tentative: flags.contains(AddressFlags::Tentative),
+        dad_failed: flags.contains(AddressFlags::Dadfailed),
+        nodad: flags.contains(AddressFlags::Nodad),
+    })
+}
+
+/// `RTM_NEWROUTE`/`RTM_DELROUTE` body for the IPv6 `route` in the main table.
+///
+/// `for_delete` leaves the protocol as a wildcard, as `ip -6 route del` does. The scope
+/// is always `RT_SCOPE_UNIVERSE`: IPv6 routes have no other.
+pub(crate) fn route6_message(route: &Route6, for_delete: bool) -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = AddressFamily::Inet6;
+    msg.header.destination_prefix_length = route.dst.prefix_len();
+    msg.header.table = RouteHeader::RT_TABLE_MAIN;
+    msg.header.kind = RouteType::Unicast;
+    msg.header.scope = RouteScope::Universe;
+    msg.header.protocol = if for_delete {
+        RouteProtocol::Unspec
+    } else {
+        RouteProtocol::Boot
+    };
+    if route.dst.prefix_len() > 0 {
+        msg.attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet6(
+                route.dst.network(),
+            )));
+    }
+    if let Some(gw) = route.gateway {
+        msg.attributes
+            .push(RouteAttribute::Gateway(RouteAddress::Inet6(gw)));
+    }
+    if let Some(src) = route.src {
+        msg.attributes
+            .push(RouteAttribute::PrefSource(RouteAddress::Inet6(src)));
+    }
+    msg.attributes.push(RouteAttribute::Oif(route.oif));
+    msg
+}
+
+/// `RTM_GETROUTE` dump body for IPv6 routes.
+pub(crate) fn route6_dump_message() -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = AddressFamily::Inet6;
+    msg
+}
+
+/// The [`Route6`] of an `RTM_NEWROUTE` answer if it is an IPv6 unicast route of the main
+/// table leaving through `oif`.
+pub(crate) fn parse_route6(msg: &RouteMessage, oif: u32) -> Option<Route6> {
+    let h = &msg.header;
+    if h.address_family != AddressFamily::Inet6 || h.kind != RouteType::Unicast {
+        return None;
+    }
+    let mut table = u32::from(h.table);
+    let mut dst = Ipv6Addr::UNSPECIFIED;
+    let mut route = Route6 {
+        dst: Ipv6Net::default(),
+        gateway: None,
+        oif: 0,
+        src: None,
+    };
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = *a,
+            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => route.gateway = Some(*a),
+            RouteAttribute::PrefSource(RouteAddress::Inet6(a)) => route.src = Some(*a),
+            RouteAttribute::Oif(o) => route.oif = *o,
+            _ => {}
+        }
+    }
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || route.oif != oif {
+        return None;
+    }
+    route.dst = Ipv6Net::new(dst, h.destination_prefix_length).ok()?;
+    Some(route)
 }
 
 /// `RTM_NEWROUTE`/`RTM_DELROUTE` body for `route` in the main table.
@@ -407,6 +577,7 @@ mod tests {
                 mtu: 1500,
                 up: true,
                 kind: Some("veth".into()),
+                addr_gen_mode: None,
             }
         );
     }
@@ -504,5 +675,114 @@ mod tests {
         let msg = gso_max_size_message(7, 16_384);
         assert_eq!(msg.header.index, 7);
         assert_eq!(msg.attributes, vec![LinkAttribute::GsoMaxSize(16_384)]);
+    }
+
+    #[test]
+    fn ipv6_addresses_are_nodad_and_read_with_their_dad_state() {
+        let a: Ipv6Addr = "fd00:10:244::5".parse().unwrap();
+        let msg = address6_message(3, a, 128);
+        assert_eq!(msg.header.family, AddressFamily::Inet6);
+        assert_eq!(msg.header.prefix_len, 128);
+        assert!(msg.header.flags.contains(AddressHeaderFlags::Nodad));
+        assert!(
+            msg.attributes
+                .contains(&AddressAttribute::Flags(AddressFlags::Nodad))
+        );
+        assert!(
+            msg.attributes
+                .contains(&AddressAttribute::Local(IpAddr::V6(a)))
+        );
+        let got = parse_address6(&msg, 3).unwrap();
+        assert_eq!(
+            got,
+            Address6 {
+                address: a,
+                prefix_len: 128,
+                tentative: false,
+                dad_failed: false,
+                nodad: true,
+            }
+        );
+        assert!(got.usable());
+        assert_eq!(parse_address6(&msg, 4), None);
+        // An IPv4 answer is not an IPv6 address.
+        let v4 = address_message(3, Ipv4Addr::new(10, 0, 0, 1), 32);
+        assert_eq!(parse_address6(&v4, 3), None);
+        assert_eq!(parse_address(&msg, 3), None);
+
+        // IFA_FLAGS wins over the header's 8 bits.
+        let mut tentative = msg.clone();
+        tentative
+            .attributes
+            .retain(|a| !matches!(a, AddressAttribute::Flags(_)));
+        tentative.attributes.push(AddressAttribute::Flags(
+            AddressFlags::Tentative | AddressFlags::Dadfailed,
+        ));
+        let got = parse_address6(&tentative, 3).unwrap();
+        assert!(got.tentative && got.dad_failed && !got.nodad && !got.usable());
+    }
+
+    #[test]
+    fn ipv6_routes_round_trip() {
+        let default = Route6 {
+            dst: "::/0".parse().unwrap(),
+            gateway: Some("fe80::1".parse().unwrap()),
+            oif: 9,
+            src: None,
+        };
+        let msg = route6_message(&default, false);
+        assert_eq!(msg.header.address_family, AddressFamily::Inet6);
+        assert_eq!(msg.header.table, RouteHeader::RT_TABLE_MAIN);
+        assert_eq!(msg.header.scope, RouteScope::Universe);
+        assert!(
+            !msg.attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Destination(_)))
+        );
+        assert_eq!(parse_route6(&msg, 9), Some(default.clone()));
+        assert_eq!(parse_route6(&msg, 8), None);
+        assert_eq!(parse_route(&msg, 9), None, "not an IPv4 route");
+
+        let host = Route6 {
+            dst: "fd00:10:244::5/128".parse().unwrap(),
+            gateway: None,
+            oif: 9,
+            src: Some("fd00:10:244::1".parse().unwrap()),
+        };
+        let msg = route6_message(&host, false);
+        assert_eq!(msg.header.destination_prefix_length, 128);
+        assert_eq!(parse_route6(&msg, 9), Some(host.clone()));
+        let del = route6_message(&host, true);
+        assert_eq!(del.header.protocol, RouteProtocol::Unspec);
+
+        let mut local = route6_message(&host, false);
+        local.header.table = 255;
+        assert_eq!(parse_route6(&local, 9), None, "other tables are ignored");
+    }
+
+    #[test]
+    fn addr_gen_mode_is_set_and_read_through_af_spec() {
+        let msg = addr_gen_mode_message(5, AddrGenMode::Eui64);
+        assert_eq!(msg.header.index, 5);
+        assert_eq!(
+            msg.attributes,
+            vec![LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+                vec![AfSpecInet6::AddrGenMode(In6AddrGenMode::Eui64)]
+            )])]
+        );
+        // The kernel's answer to RTM_GETLINK carries it the same way.
+        let mut buf = vec![0; msg.buffer_len()];
+        msg.emit(&mut buf);
+        let parsed = LinkMessage::parse(&LinkMessageBuffer::new(&buf)).unwrap();
+        assert_eq!(parse_link(&parsed).addr_gen_mode, Some(AddrGenMode::Eui64));
+        for mode in [
+            AddrGenMode::None,
+            AddrGenMode::StablePrivacy,
+            AddrGenMode::Random,
+            AddrGenMode::Other(9),
+        ] {
+            let msg = addr_gen_mode_message(5, mode);
+            assert_eq!(parse_link(&msg).addr_gen_mode, Some(mode));
+        }
     }
 }

@@ -2,13 +2,13 @@
 //! namespace (`hypnl-<pid>-<n>`) removed by a guard even when the test fails.
 
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use hypha_netlink::{Error, Netlink, Route, VethSpec};
+use hypha_netlink::{AddrGenMode, Error, Netlink, Route, Route6, VethSpec};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -377,4 +377,235 @@ fn tbf_root_qdisc_is_installed_read_changed_and_deleted() {
     assert!(!nl.delete_hypha_root_qdisc(link.index).unwrap());
     assert_eq!(nl.root_qdisc(link.index).unwrap().unwrap().kind, "tbf");
     assert_eq!(nl.root_qdisc(9999).unwrap(), None, "no such interface");
+}
+
+/// The link-local address the kernel derives from `mac` in EUI-64 mode (RFC 4291 app. A).
+fn eui64_link_local(mac: [u8; 6]) -> Ipv6Addr {
+    let b = [
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        mac[0] ^ 0x02,
+        mac[1],
+        mac[2],
+        0xff,
+        0xfe,
+        mac[3],
+        mac[4],
+        mac[5],
+    ];
+    Ipv6Addr::from(b)
+}
+
+/// IPv6 on both ends of a veth: the pod's link-local address follows the MAC whatever
+/// the namespace's default generation mode, a /128 is added without DAD, listed, deleted;
+/// the default route via a link-local gateway and the host's `/128 dev` route are added,
+/// replaced, listed and deleted.
+#[test]
+fn ipv6_addresses_routes_and_addr_gen_mode() {
+    require_root!();
+    let ns = TestNetns::new();
+    // New interfaces of this namespace get random link-local addresses by default, so
+    // that only set_addr_gen_mode can make the EUI-64 one appear.
+    ip(&[
+        "netns",
+        "exec",
+        &ns.name,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.default.addr_gen_mode=3",
+    ]);
+    let host = host_name("6");
+    let _cleanup = HostLinks(vec![host.clone()]);
+    let ns_file = File::open(ns.path()).unwrap();
+    let mut host_nl = Netlink::new().unwrap();
+    let mut pod_nl = Netlink::in_netns_fd(ns_file.as_fd(), &ns.path()).unwrap();
+    let mac = [0x02, 0xaa, 0, 0, 0x06, 0x01];
+    host_nl
+        .create_veth(&VethSpec {
+            host_name: &host,
+            peer_name: "eth0",
+            peer_netns: ns_file.as_fd(),
+            mtu: None,
+            peer_mac: Some(mac),
+        })
+        .unwrap();
+    let h = host_nl.link_by_name(&host).unwrap().unwrap();
+    let p = pod_nl.link_by_name("eth0").unwrap().unwrap();
+    assert_eq!(p.addr_gen_mode, Some(AddrGenMode::Random), "{p:?}");
+
+    pod_nl
+        .set_addr_gen_mode(p.index, AddrGenMode::Eui64)
+        .unwrap();
+    assert_eq!(
+        pod_nl
+            .link_by_index(p.index)
+            .unwrap()
+            .unwrap()
+            .addr_gen_mode,
+        Some(AddrGenMode::Eui64)
+    );
+
+    let addr: Ipv6Addr = "fd00:99::5".parse().unwrap();
+    pod_nl.add_address6(p.index, addr, 128).unwrap();
+    pod_nl.add_address6(p.index, addr, 128).unwrap(); // idempotent
+    let err = pod_nl.add_address6(p.index, addr, 64).unwrap_err();
+    assert_eq!(err.errno(), Some(libc::EEXIST), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with(&format!("add address {addr}/64 to interface #{}", p.index)),
+        "{err}"
+    );
+    pod_nl.set_up(p.index).unwrap();
+
+    let ours = pod_nl.addresses6(p.index).unwrap();
+    let a = ours.iter().find(|a| a.address == addr).expect("the /128");
+    assert_eq!(a.prefix_len, 128);
+    assert!(a.nodad && a.usable(), "{a:?}");
+    // The link-local address appears once the link is up (DAD may still run on it).
+    let ll = eui64_link_local(mac);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        let list = pod_nl.addresses6(p.index).unwrap();
+        if let Some(found) = list.iter().find(|a| a.address == ll) {
+            assert_eq!(found.prefix_len, 64);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no link-local {ll} on eth0: {list:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(
+        pod_nl.addresses6(p.index).unwrap().iter().all(|a| {
+            let s = a.address.segments();
+            s[0] != 0xfe80 || a.address == ll
+        }),
+        "only the EUI-64 link-local address"
+    );
+    assert!(pod_nl.addresses(p.index).unwrap().is_empty(), "no IPv4");
+
+    // The pod's default route via a link-local gateway.
+    let default = Route6 {
+        dst: "::/0".parse().unwrap(),
+        gateway: Some("fe80::1".parse().unwrap()),
+        oif: p.index,
+        src: None,
+    };
+    pod_nl.add_route6(&default).unwrap();
+    pod_nl.add_route6(&default).unwrap(); // replace: idempotent
+    let routes = pod_nl.routes6(p.index).unwrap();
+    assert_eq!(
+        routes.iter().filter(|r| **r == default).count(),
+        1,
+        "{routes:?}"
+    );
+    assert!(pod_nl.routes(p.index).unwrap().is_empty(), "no IPv4 routes");
+
+    // The host's route to the pod: no gateway, through the host end.
+    let to_pod = Route6 {
+        dst: format!("{addr}/128").parse().unwrap(),
+        gateway: None,
+        oif: h.index,
+        src: None,
+    };
+    host_nl.add_route6(&to_pod).unwrap();
+    host_nl.add_route6(&to_pod).unwrap();
+    assert!(host_nl.routes6(h.index).unwrap().contains(&to_pod));
+    assert!(host_nl.delete_route6(&to_pod).unwrap());
+    assert!(!host_nl.delete_route6(&to_pod).unwrap());
+    assert!(!host_nl.routes6(h.index).unwrap().contains(&to_pod));
+
+    assert!(pod_nl.delete_route6(&default).unwrap());
+    assert!(!pod_nl.delete_route6(&default).unwrap());
+    assert!(!pod_nl.routes6(p.index).unwrap().contains(&default));
+
+    assert!(pod_nl.delete_address6(p.index, addr, 128).unwrap());
+    assert!(!pod_nl.delete_address6(p.index, addr, 128).unwrap());
+    assert!(
+        !pod_nl
+            .addresses6(p.index)
+            .unwrap()
+            .iter()
+            .any(|a| a.address == addr)
+    );
+
+    // A bad request names the operation.
+    let err = pod_nl
+        .add_route6(&Route6 {
+            dst: "::/0".parse().unwrap(),
+            gateway: Some("fe80::1".parse().unwrap()),
+            oif: 999_999,
+            src: None,
+        })
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("add route ::/0 via fe80::1 dev #999999 in network namespace"),
+        "{err}"
+    );
+}
+
+/// `disable_ipv6` of another namespace is turned off where it is on, only there, and the
+/// thread comes home; an interface that does not exist is named in the error.
+#[test]
+fn ipv6_is_enabled_in_another_namespace() {
+    require_root!();
+    let ns = TestNetns::new();
+    ip(&[
+        "-n", &ns.name, "link", "add", "v6a", "type", "veth", "peer", "name", "v6b",
+    ]);
+    ip(&[
+        "netns",
+        "exec",
+        &ns.name,
+        "sysctl",
+        "-qw",
+        "net.ipv6.conf.v6a.disable_ipv6=1",
+    ]);
+    let read = |ifname: &str| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "cat"])
+            .arg(format!("/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(read("v6a"), "1");
+    let before = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+    let file = File::open(ns.path()).unwrap();
+    let enabled =
+        hypha_netlink::sysctl::enable_ipv6(file.as_fd(), &ns.path(), &["lo", "v6a", "v6b"])
+            .unwrap();
+    assert_eq!(enabled, vec!["v6a".to_owned()]);
+    assert_eq!(read("v6a"), "0");
+    assert_eq!(read("v6b"), "0");
+    assert_eq!(
+        std::fs::read_link("/proc/thread-self/ns/net").unwrap(),
+        before
+    );
+    // Nothing to do the second time.
+    let again = hypha_netlink::sysctl::enable_ipv6(file.as_fd(), &ns.path(), &["v6a"]).unwrap();
+    assert!(again.is_empty());
+
+    let err = hypha_netlink::sysctl::enable_ipv6(file.as_fd(), &ns.path(), &["nope0"]).unwrap_err();
+    assert!(matches!(err, Error::Sysctl { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "cannot read /proc/sys/net/ipv6/conf/nope0/disable_ipv6 in network namespace {}: \
+             No such file or directory (os error 2)",
+            ns.path().display()
+        )
+    );
+    assert_eq!(
+        std::fs::read_link("/proc/thread-self/ns/net").unwrap(),
+        before
+    );
 }

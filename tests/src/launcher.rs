@@ -160,13 +160,33 @@ impl Launcher {
 
     /// The first IPv4 address of a container.
     pub fn ip(&self, name: &str) -> String {
+        self.address_of(name, |a| a.is_ipv4())
+    }
+
+    /// The first IPv6 address of a container.
+    pub fn ip6(&self, name: &str) -> String {
+        self.address_of(name, |a| a.is_ipv6())
+    }
+
+    /// Every address `ps` lists for a container, in its order.
+    pub fn ips(&self, name: &str) -> Vec<String> {
         let c = self
             .container(name)
             .unwrap_or_else(|| panic!("no container {name}"));
-        c["ips"][0]
-            .as_str()
-            .unwrap_or_else(|| panic!("{name} has no address: {c}"))
-            .to_owned()
+        c["ips"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{name} has no ips list: {c}"))
+            .iter()
+            .map(|a| a.as_str().expect("an address string").to_owned())
+            .collect()
+    }
+
+    fn address_of(&self, name: &str, family: impl Fn(&std::net::IpAddr) -> bool) -> String {
+        let ips = self.ips(name);
+        ips.iter()
+            .find(|a| a.parse().is_ok_and(|a| family(&a)))
+            .unwrap_or_else(|| panic!("{name} has no address of that family: {ips:?}"))
+            .clone()
     }
 
     /// Names of entries in the run directory.

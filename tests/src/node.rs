@@ -6,7 +6,7 @@
 //! cannot collide, and everything is taken down in `Drop`, also when a test panics.
 
 use std::fs::File;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,8 +20,48 @@ use crate::netns::{NamedNetns, unique_name};
 pub struct Pod {
     pub netns: NamedNetns,
     pub container_id: String,
+    /// Its IPv4 address: `0.0.0.0` on an IPv6-only node, where it has none (the tests of
+    /// such nodes use [`Pod::addresses`] or [`Pod::v6`]).
     pub address: Ipv4Addr,
+    /// Its IPv6 address, on a node with an IPv6 pod CIDR.
+    pub address6: Option<Ipv6Addr>,
     pub result: serde_json::Value,
+}
+
+impl Pod {
+    /// Its IPv6 address; panics (naming the pod) on a pod without one.
+    pub fn v6(&self) -> Ipv6Addr {
+        self.address6.unwrap_or_else(|| {
+            panic!(
+                "pod {} has no IPv6 address: {}",
+                self.container_id, self.result
+            )
+        })
+    }
+
+    /// Every address it has, IPv4 first.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        let v4 = (!self.address.is_unspecified()).then_some(IpAddr::V4(self.address));
+        v4.into_iter()
+            .chain(self.address6.map(IpAddr::V6))
+            .collect()
+    }
+}
+
+/// The addresses of an ADD result's `ips`, in their order (prefix lengths dropped).
+pub fn result_addresses(result: &serde_json::Value) -> Vec<IpAddr> {
+    result["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|ip| {
+            ip["address"]
+                .as_str()
+                .and_then(|a| a.split('/').next())
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("an ips entry without a valid address: {ip}"))
+        })
+        .collect()
 }
 
 /// A pod's namespace and container id, made by [`Node::pod_slot`] before any CNI call.
@@ -31,14 +71,26 @@ pub struct PodSlot {
 }
 
 impl PodSlot {
-    /// The address a successful ADD's reply gave.
+    /// The IPv4 address a successful ADD's reply gave.
     pub fn address_in(run: &CniRun) -> Ipv4Addr {
-        let reply = run.reply();
-        reply["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no ips[0].address in {}", run.stdout))
+        result_addresses(&run.reply())
+            .into_iter()
+            .find_map(|a| match a {
+                IpAddr::V4(a) => Some(a),
+                IpAddr::V6(_) => None,
+            })
+            .unwrap_or_else(|| panic!("no IPv4 address in the ips of {}", run.stdout))
+    }
+
+    /// The IPv6 address a successful ADD's reply gave.
+    pub fn address6_in(run: &CniRun) -> Ipv6Addr {
+        result_addresses(&run.reply())
+            .into_iter()
+            .find_map(|a| match a {
+                IpAddr::V6(a) => Some(a),
+                IpAddr::V4(_) => None,
+            })
+            .unwrap_or_else(|| panic!("no IPv6 address in the ips of {}", run.stdout))
     }
 }
 
@@ -48,27 +100,55 @@ pub struct Node {
     pub tag: String,
     pub dir: PathBuf,
     pub pin_dir: PathBuf,
+    /// The IPv4 pod CIDR; empty on an IPv6-only node.
     pub pod_cidr: String,
+    /// The IPv6 pod CIDR, on a dual-stack or IPv6-only node.
+    pub pod_cidr6: Option<String>,
     extra_args: Vec<String>,
     agent: Option<Child>,
 }
 
 impl Node {
-    /// Starts an agent with a pod CIDR `10.<a>.<b>.0/24` of its own (from the unique tag),
-    /// in a namespace `hyp-<pid>-<n>-node`.
+    /// Starts an IPv4-only agent with a pod CIDR `10.<a>.<b>.0/24` of its own (from the
+    /// unique tag), in a namespace `hyp-<pid>-<n>-node`.
     pub fn start() -> Self {
         Self::start_with(&[])
     }
 
     /// As [`Node::start`], with extra `hypha agent` arguments.
     pub fn start_with(extra_args: &[&str]) -> Self {
+        Self::start_families(true, false, extra_args)
+    }
+
+    /// Starts a dual-stack agent: `--pod-cidr 10.<a>.<b>.0/24,fd00:4879:<c>:<d>::/64`,
+    /// both unique to the node (the IPv6 one in fd00::/16, never `fd00::/64`).
+    pub fn start_dual() -> Self {
+        Self::start_families(true, true, &[])
+    }
+
+    /// Starts an IPv6-only agent: `--pod-cidr fd00:4879:<c>:<d>::/64`, unique to the node.
+    pub fn start_v6_only() -> Self {
+        Self::start_families(false, true, &[])
+    }
+
+    /// Starts an agent with an IPv4 pod CIDR, an IPv6 one, or both (at least one).
+    pub fn start_families(ipv4: bool, ipv6: bool, extra_args: &[&str]) -> Self {
+        assert!(ipv4 || ipv6, "a node needs at least one family");
         let tag = unique_name("hyp");
         let n: u32 = tag
             .rsplit('-')
             .next()
             .and_then(|n| n.parse().ok())
             .expect("numbered tag");
-        let pod_cidr = format!("10.{}.{}.0/24", 160 + (std::process::id() % 40), n % 250);
+        let pid = std::process::id();
+        let pod_cidr = if ipv4 {
+            format!("10.{}.{}.0/24", 160 + (pid % 40), n % 250)
+        } else {
+            String::new()
+        };
+        // `fd00:4879` ("Hy") keeps every node's /64 away from the host's own `fd00::/64`;
+        // the process id and the counter make it unique across tests and runs.
+        let pod_cidr6 = ipv6.then(|| format!("fd00:4879:{:x}:{:x}::/64", pid & 0xffff, n & 0xffff));
         let dir = std::env::temp_dir().join(format!("hypha-test-{tag}"));
         std::fs::create_dir_all(&dir).expect("create test dir");
         let mut node = Node {
@@ -77,6 +157,7 @@ impl Node {
             tag,
             dir,
             pod_cidr,
+            pod_cidr6,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
             agent: None,
         };
@@ -86,10 +167,18 @@ impl Node {
 
     /// The address of the "world" host [`Node::join_world`] makes.
     pub const WORLD_ADDRESS: &str = "198.18.0.2";
+    /// The node's address on the world link, the source the world sees for masqueraded
+    /// pod traffic.
+    pub const WORLD_GATEWAY: &str = "198.18.0.1";
+    /// The world host's IPv6 address (documentation prefix, RFC 3849: no real network).
+    pub const WORLD_ADDRESS6: &str = "2001:db8:4879::2";
+    /// The node's IPv6 address on the world link.
+    pub const WORLD_GATEWAY6: &str = "2001:db8:4879::1";
 
     /// A "world" host joined to this node by a veth, `198.18.0.2/30` on its side and
-    /// `198.18.0.1/30` on the node's, routing the node's pod CIDR through the node (so
-    /// pods are reachable from it unless masqueraded traffic is all it needs).
+    /// `198.18.0.1/30` on the node's (and for IPv6 `2001:db8:4879::2/64` and `::1/64`),
+    /// routing the node's pod CIDRs through the node (so pods are reachable from it
+    /// unless masqueraded traffic is all it needs). Only the node's families are set up.
     pub fn join_world(&self) -> NamedNetns {
         let world = NamedNetns::named(format!("{}-w", self.tag));
         let tag = unique_name("hw").replace('-', "");
@@ -108,13 +197,58 @@ impl Node {
             "netns",
             world.name(),
         ]);
-        self.netns
-            .exec(&["ip", "addr", "add", "198.18.0.1/30", "dev", &nv]);
+        if !self.pod_cidr.is_empty() {
+            let (node_side, world_side) = (
+                format!("{}/30", Self::WORLD_GATEWAY),
+                format!("{}/30", Self::WORLD_ADDRESS),
+            );
+            self.netns
+                .exec(&["ip", "addr", "add", &node_side, "dev", &nv]);
+            world.exec(&["ip", "addr", "add", &world_side, "dev", &wv]);
+        }
+        if self.pod_cidr6.is_some() {
+            // `nodad`: both ends are fresh and unique; the addresses are usable at once.
+            let (node_side, world_side) = (
+                format!("{}/64", Self::WORLD_GATEWAY6),
+                format!("{}/64", Self::WORLD_ADDRESS6),
+            );
+            self.netns
+                .exec(&["ip", "-6", "addr", "add", &node_side, "dev", &nv, "nodad"]);
+            world.exec(&["ip", "-6", "addr", "add", &world_side, "dev", &wv, "nodad"]);
+        }
         self.netns.exec(&["ip", "link", "set", &nv, "up"]);
-        world.exec(&["ip", "addr", "add", "198.18.0.2/30", "dev", &wv]);
         world.exec(&["ip", "link", "set", &wv, "up"]);
-        world.exec(&["ip", "route", "add", &self.pod_cidr, "via", "198.18.0.1"]);
+        if !self.pod_cidr.is_empty() {
+            world.exec(&[
+                "ip",
+                "route",
+                "add",
+                &self.pod_cidr,
+                "via",
+                Self::WORLD_GATEWAY,
+            ]);
+        }
+        if let Some(cidr6) = &self.pod_cidr6 {
+            world.exec(&[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                cidr6,
+                "via",
+                Self::WORLD_GATEWAY6,
+            ]);
+        }
         world
+    }
+
+    /// The `--pod-cidr` argument: the node's CIDRs, comma-separated, IPv4 first.
+    pub fn pod_cidrs(&self) -> String {
+        let v4 = (!self.pod_cidr.is_empty()).then_some(self.pod_cidr.as_str());
+        v4.into_iter()
+            .chain(self.pod_cidr6.as_deref())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 
     /// The directory this node's agent watches for policy files.
@@ -173,7 +307,7 @@ impl Node {
             .arg("--pin-dir")
             .arg(&self.pin_dir)
             .arg("--pod-cidr")
-            .arg(&self.pod_cidr)
+            .arg(self.pod_cidrs())
             .arg("--policy-dir")
             .arg(self.policy_dir())
             .args(&self.extra_args)
@@ -339,15 +473,28 @@ impl Node {
             self.log()
         );
         let result = out.reply();
-        let address = result["ips"][0]["address"]
-            .as_str()
-            .and_then(|a| a.split('/').next())
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no ips[0].address in {}", out.stdout));
+        let addresses = result_addresses(&result);
+        assert!(
+            !addresses.is_empty(),
+            "no address in the ips of {}",
+            out.stdout
+        );
+        let address = addresses
+            .iter()
+            .find_map(|a| match a {
+                IpAddr::V4(a) => Some(*a),
+                IpAddr::V6(_) => None,
+            })
+            .unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let address6 = addresses.iter().find_map(|a| match a {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
+        });
         Pod {
             netns,
             container_id,
             address,
+            address6,
             result,
         }
     }
@@ -376,6 +523,18 @@ impl Node {
         self.cni(
             &Self::cni_env("DEL", &slot.container_id, &path),
             &self.conf("1.1.0"),
+        )
+    }
+
+    /// Runs `hypha-cni CHECK` for a pod, with its ADD result as `prevResult` (as a
+    /// runtime passes the cached result).
+    pub fn check_pod(&self, pod: &Pod) -> CniRun {
+        let path = pod.netns.path().display().to_string();
+        let mut conf: serde_json::Value = serde_json::from_str(&self.conf("1.1.0")).expect("conf");
+        conf["prevResult"] = pod.result.clone();
+        self.cni(
+            &Self::cni_env("CHECK", &pod.container_id, &path),
+            &conf.to_string(),
         )
     }
 

@@ -1,8 +1,10 @@
 //! Traffic between pods for tests: TCP and UDP echo servers that run until dropped, and
-//! one-shot probes that say whether a flow got through.
+//! one-shot probes that say whether a flow got through, over IPv4 or IPv6 (the servers
+//! listen on both families; a probe speaks its destination's).
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::Output;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -14,7 +16,60 @@ use crate::netns::NamedNetns;
 /// How long a probe waits before calling a flow blocked.
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(700);
 
-/// A TCP echo server on `0.0.0.0:port` in a namespace, serving every connection on its
+/// A TCP listener on `port` for both families: `[::]` (which takes IPv4 too, as
+/// `net.ipv6.bindv6only` is 0 in a fresh namespace), or `0.0.0.0` where IPv6 is off.
+pub fn listen_any(port: u16) -> TcpListener {
+    TcpListener::bind((Ipv6Addr::UNSPECIFIED, port))
+        .or_else(|_| TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)))
+        .unwrap_or_else(|e| panic!("bind a TCP listener on port {port}: {e}"))
+}
+
+/// A UDP socket on `port` for both families, as [`listen_any`].
+pub fn udp_any(port: u16) -> UdpSocket {
+    UdpSocket::bind((Ipv6Addr::UNSPECIFIED, port))
+        .or_else(|_| UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)))
+        .unwrap_or_else(|e| panic!("bind a UDP socket on port {port}: {e}"))
+}
+
+/// The unspecified address of `to`'s family, port 0: what a client binds to reach `to`.
+fn unspecified_for(to: IpAddr) -> SocketAddr {
+    match to {
+        IpAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        IpAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    }
+}
+
+/// `ping` of `to` from `ns` (`-6` for IPv6): `count` echoes 0.2 s apart, 2 s to answer.
+pub fn ping(ns: &NamedNetns, to: impl Into<IpAddr>, count: u32) -> Output {
+    let to = to.into();
+    let (count, to_text) = (count.to_string(), to.to_string());
+    let mut cmd = vec!["ping"];
+    if to.is_ipv6() {
+        cmd.push("-6");
+    }
+    cmd.extend(["-c", &count, "-i", "0.2", "-W", "2", &to_text]);
+    ns.try_exec(&cmd)
+}
+
+/// Whether every one of two pings of `to` from `ns` is answered.
+pub fn ping_ok(ns: &NamedNetns, to: impl Into<IpAddr>) -> bool {
+    ping(ns, to, 2).status.success()
+}
+
+/// Pings `to` from `ns` twice; panics with ping's output unless both are answered.
+pub fn assert_ping(ns: &NamedNetns, to: impl Into<IpAddr>) {
+    let to = to.into();
+    let out = ping(ns, to, 2);
+    assert!(
+        out.status.success(),
+        "ping {to} from {}: {}{}",
+        ns.name(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A TCP echo server on `port` (both families, [`listen_any`]) in a namespace, serving every connection on its
 /// own thread, until dropped.
 pub struct TcpEcho {
     stop: Arc<AtomicBool>,
@@ -27,7 +82,7 @@ impl TcpEcho {
         let (ready_tx, ready_rx) = mpsc::channel();
         let flag = stop.clone();
         let thread = ns.spawn(move || {
-            let listener = TcpListener::bind(("0.0.0.0", port)).expect("bind");
+            let listener = listen_any(port);
             listener.set_nonblocking(true).expect("nonblocking");
             ready_tx.send(()).expect("ready");
             while !flag.load(Ordering::Relaxed) {
@@ -67,7 +122,8 @@ impl Drop for TcpEcho {
 }
 
 /// Whether a TCP connection from `from` to `to:port` opens and echoes a byte.
-pub fn tcp_ok(from: &NamedNetns, to: Ipv4Addr, port: u16) -> bool {
+pub fn tcp_ok(from: &NamedNetns, to: impl Into<IpAddr>, port: u16) -> bool {
+    let to = to.into();
     from.spawn(move || {
         let Ok(mut s) = TcpStream::connect_timeout(&SocketAddr::from((to, port)), PROBE_TIMEOUT)
         else {
@@ -81,7 +137,7 @@ pub fn tcp_ok(from: &NamedNetns, to: Ipv4Addr, port: u16) -> bool {
     .expect("probe thread")
 }
 
-/// A UDP echo server on `0.0.0.0:port`, until dropped.
+/// A UDP echo server on `port` (both families, [`udp_any`]), until dropped.
 pub struct UdpEcho {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -93,7 +149,7 @@ impl UdpEcho {
         let (ready_tx, ready_rx) = mpsc::channel();
         let flag = stop.clone();
         let thread = ns.spawn(move || {
-            let sock = UdpSocket::bind(("0.0.0.0", port)).expect("bind");
+            let sock = udp_any(port);
             sock.set_read_timeout(Some(Duration::from_millis(50)))
                 .expect("timeout");
             ready_tx.send(()).expect("ready");
@@ -124,9 +180,10 @@ impl Drop for UdpEcho {
 }
 
 /// Whether a UDP datagram from `from` to `to:port` is echoed back.
-pub fn udp_ok(from: &NamedNetns, to: Ipv4Addr, port: u16) -> bool {
+pub fn udp_ok(from: &NamedNetns, to: impl Into<IpAddr>, port: u16) -> bool {
+    let to = to.into();
     from.spawn(move || {
-        let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let sock = UdpSocket::bind(unspecified_for(to)).expect("bind");
         sock.set_read_timeout(Some(PROBE_TIMEOUT)).expect("timeout");
         if sock.send_to(b"hypha", (to, port)).is_err() {
             return false;
@@ -146,7 +203,8 @@ pub struct Conversation {
 
 impl Conversation {
     /// Connects `from` to `to:port` (an echo server must listen there).
-    pub fn open(from: &NamedNetns, to: Ipv4Addr, port: u16) -> Self {
+    pub fn open(from: &NamedNetns, to: impl Into<IpAddr>, port: u16) -> Self {
+        let to = to.into();
         let (ask, ask_rx) = mpsc::channel::<usize>();
         let (answer_tx, answer) = mpsc::channel();
         let (connected_tx, connected_rx) = mpsc::channel();
@@ -183,4 +241,66 @@ impl Conversation {
             .expect("conversation answers")
             .expect("round trips succeed");
     }
+}
+
+/// A TCP server on `port` (both families) in `ns` that takes one connection, reads it to
+/// the end and returns the byte count.
+pub fn tcp_sink(ns: &NamedNetns, port: u16) -> JoinHandle<u64> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let h = ns.spawn(move || {
+        let l = listen_any(port);
+        ready_tx.send(()).expect("ready");
+        let (mut s, _) = l.accept().expect("accept");
+        s.set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let mut buf = vec![0u8; 65536];
+        let mut total = 0u64;
+        loop {
+            match s.read(&mut buf).expect("read") {
+                0 => return total,
+                n => total += n as u64,
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("listener ready");
+    h
+}
+
+/// Sends `bytes` over one TCP connection from `ns` to `to:port`; panics on failure.
+pub fn tcp_send(ns: &NamedNetns, to: impl Into<IpAddr>, port: u16, bytes: usize) {
+    let to = to.into();
+    ns.spawn(move || {
+        let mut s =
+            TcpStream::connect_timeout(&SocketAddr::from((to, port)), Duration::from_secs(5))
+                .unwrap_or_else(|e| panic!("connect to {to} port {port}: {e}"));
+        let chunk = vec![7u8; 65536];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            s.write_all(&chunk[..n])
+                .unwrap_or_else(|e| panic!("send to {to} port {port}: {e}"));
+            left -= n;
+        }
+    })
+    .join()
+    .expect("sender");
+}
+
+/// The peer address of the first TCP connection `ns` accepts on `listen:port`, read on a
+/// thread (join it after connecting).
+pub fn tcp_accept_peer(ns: &NamedNetns, listen: IpAddr, port: u16) -> JoinHandle<SocketAddr> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let h = ns.spawn(move || {
+        let l = TcpListener::bind((listen, port))
+            .unwrap_or_else(|e| panic!("bind {listen} port {port}: {e}"));
+        ready_tx.send(()).expect("ready");
+        let (_, peer) = l.accept().expect("accept");
+        peer
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("listener ready");
+    h
 }

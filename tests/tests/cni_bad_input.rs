@@ -332,3 +332,78 @@ fn bad_agent_timeout() {
     assert_error(&run, 7, &["agentTimeout"]);
     assert_nothing_left(&cid, "eth0", &ns);
 }
+
+/// IPv6 in `ips` and CNI_ARGS `IP`: two of one family (whichever the sources), or an
+/// address that is not one, are refused naming them before anything is made or any agent
+/// is asked; with a delegated IPAM plugin too (which would otherwise read them itself).
+#[test]
+fn bad_ipv6_requests_are_named() {
+    hypha_tests::require_root!();
+    let ns = NamedNetns::new("hypcni");
+    let path = ns.path().display().to_string();
+    let socket = no_agent();
+    for (runtime_config, args, ipam, code, names) in [
+        (
+            r#"{"ips": ["fd00:1::5/64", "10.1.0.5", "fd00:1::6"]}"#,
+            "",
+            false,
+            7,
+            &[
+                "runtimeConfig.ips",
+                "more than one IPv6",
+                "fd00:1::5",
+                "fd00:1::6",
+            ][..],
+        ),
+        (
+            r#"{"ips": ["fd00:1::5"]}"#,
+            "IgnoreUnknown=1;IP=fd00:1::7",
+            false,
+            7,
+            &["more than one IPv6", "fd00:1::5", "fd00:1::7"][..],
+        ),
+        (
+            r#"{"ips": ["fd00:1::5", "fd00:1::6"]}"#,
+            "",
+            true,
+            7,
+            &["more than one IPv6", "fd00:1::5", "fd00:1::6"][..],
+        ),
+        (
+            r#"{"ips": ["fd00:1::zz/64"]}"#,
+            "",
+            false,
+            7,
+            &["runtimeConfig.ips", "fd00:1::zz"][..],
+        ),
+        (
+            r#"{"ips": ["fd00:1::5:"]}"#,
+            "",
+            true,
+            7,
+            &["runtimeConfig.ips", "fd00:1::5:"][..],
+        ),
+        (
+            r#"{}"#,
+            "IgnoreUnknown=1;IP=fd00::1::2",
+            false,
+            4,
+            &["CNI_ARGS", "fd00::1::2"][..],
+        ),
+    ] {
+        let cid = container_id();
+        let mut env = add_env(&cid, &path, "eth0");
+        env.push(("CNI_ARGS", args));
+        let mut conf: serde_json::Value =
+            serde_json::from_str(&cni::conf("1.0.0", &socket)).unwrap();
+        conf["runtimeConfig"] = serde_json::from_str(runtime_config).unwrap();
+        if ipam {
+            conf["ipam"] =
+                serde_json::json!({"type": "host-local", "ranges": [[{"subnet": "fd00:1::/64"}]]});
+            env = with(&env, "CNI_PATH", cni::REFERENCE_PLUGINS);
+        }
+        let run = cni::run(&env, &conf.to_string());
+        assert_error(&run, code, names);
+        assert_nothing_left(&cid, "eth0", &ns);
+    }
+}

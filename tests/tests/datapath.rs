@@ -3,59 +3,16 @@
 //! Each test starts its own agent in its own network namespace (see `hypha_tests::node`)
 //! and makes pods through the real `hypha-cni`, as a runtime would.
 
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use hypha_tests::netns::NamedNetns;
-use hypha_tests::node::{Node, Pod};
-use hypha_tests::traffic::{Conversation, TcpEcho};
-
-/// Receives everything one client sends on `port` and returns the byte count.
-fn sink(pod: &Pod, port: u16) -> std::thread::JoinHandle<u64> {
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let h = pod.netns.spawn(move || {
-        let l = TcpListener::bind(("0.0.0.0", port)).expect("bind");
-        ready_tx.send(()).unwrap();
-        let (mut s, _) = l.accept().expect("accept");
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        let mut buf = vec![0u8; 65536];
-        let mut total = 0u64;
-        loop {
-            match s.read(&mut buf).expect("read") {
-                0 => return total,
-                n => total += n as u64,
-            }
-        }
-    });
-    ready_rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("listener ready");
-    h
-}
-
-/// Sends `bytes` from `pod` to `to:port`.
-fn send(pod: &Pod, to: Ipv4Addr, port: u16, bytes: usize) {
-    pod.netns
-        .spawn(move || {
-            let mut s =
-                TcpStream::connect_timeout(&SocketAddr::from((to, port)), Duration::from_secs(5))
-                    .expect("connect");
-            let chunk = vec![7u8; 65536];
-            let mut left = bytes;
-            while left > 0 {
-                let n = left.min(chunk.len());
-                s.write_all(&chunk[..n]).expect("write");
-                left -= n;
-            }
-        })
-        .join()
-        .expect("sender");
-}
+use hypha_tests::node::Node;
+use hypha_tests::traffic::{Conversation, TcpEcho, assert_ping, tcp_send, tcp_sink};
 
 fn ping(ns: &NamedNetns, to: &str) {
-    ns.exec(&["ping", "-c", "2", "-i", "0.2", "-W", "2", to]);
+    assert_ping(ns, to.parse::<IpAddr>().expect("an address"));
 }
 
 #[test]
@@ -74,8 +31,8 @@ fn pods_talk_through_the_ebpf_redirect() {
     assert_eq!(a.result["routes"][0]["dst"], "0.0.0.0/0");
 
     ping(&a.netns, &b.address.to_string());
-    let rx = sink(&b, 5001);
-    send(&a, b.address, 5001, 16 << 20);
+    let rx = tcp_sink(&b.netns, 5001);
+    tcp_send(&a.netns, b.address, 5001, 16 << 20);
     assert_eq!(rx.join().unwrap(), 16 << 20, "every byte arrives");
 
     let ea = node.endpoint(&a.container_id);

@@ -1,6 +1,7 @@
-//! ADD: an address (from the agent, or from the delegated IPAM plugin), a veth with its
-//! peer created up in the container, the container side addressed and routed, then the
-//! endpoint handed to the agent.
+//! ADD: one address per family the node has (from the agent, or from the delegated IPAM
+//! plugin), a veth with its peer created in the container, the container side addressed
+//! (IPv4 /32, IPv6 /128) and routed (a default route per family), then the endpoint
+//! handed to the agent.
 //!
 //! Everything local is checked before an address is asked for. The attachment's lock
 //! ([`crate::lock`]) is held from then on, so an ADD of an attachment another ADD made
@@ -13,12 +14,12 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsFd;
 
 use hypha_api::{AllocateRequest, Client, CreateEndpointRequest, MacAddr};
-use hypha_netlink::{Netlink, Route, VethSpec};
-use ipnet::Ipv4Net;
+use hypha_netlink::{AddrGenMode, Netlink, Route, Route6, VethSpec};
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde_json::Value;
 
 use crate::commands::{del, open_netns};
@@ -28,26 +29,45 @@ use crate::env::Attachment;
 use crate::error::{self, Error};
 use crate::lock::AttachmentLock;
 use crate::naming;
-use crate::result::{self, Attached};
+use crate::result::{self, Attached, Family};
 
 /// `0.0.0.0/0`.
 pub(crate) const DEFAULT_ROUTE: Ipv4Net = Ipv4Net::new_assert(Ipv4Addr::UNSPECIFIED, 0);
 
-/// The pod's address and where it routes, whoever gave them.
+/// `::/0`.
+pub(crate) const DEFAULT_ROUTE6: Ipv6Net = Ipv6Net::new_assert(Ipv6Addr::UNSPECIFIED, 0);
+
+/// The pods' IPv6 gateway: the link-local `fe80::1` the datapath answers neighbour
+/// solicitations for (`hypha_common::GATEWAY6`).
+pub(crate) const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+
+/// The pod's addresses and where they route, whoever gave them: one per family the pod
+/// gets, at least one.
 struct Addressing {
-    address: Ipv4Addr,
-    gateway: Ipv4Addr,
+    ipv4: Option<Family<Ipv4Addr>>,
+    ipv6: Option<Family<Ipv6Addr>>,
     dns: Option<Value>,
+}
+
+/// The addresses a runtime asks for, at most one per family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Requested {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl Requested {
+    fn is_empty(&self) -> bool {
+        self.v4.is_none() && self.v6.is_none()
+    }
 }
 
 pub fn run(a: &Attachment, conf: &NetConf, cni_path: Option<&OsString>) -> Result<Value, Error> {
     let host_ifname = naming::host_ifname(&a.container_id, &a.ifname);
     let ipam = Ipam::of(conf, cni_path)?;
-    let requested = match &ipam {
-        // The delegated plugin reads runtimeConfig.ips and CNI_ARGS IP itself.
-        Some(_) => None,
-        None => requested_ipv4(a, conf)?,
-    };
+    // With a delegated plugin, it reads runtimeConfig.ips and CNI_ARGS IP itself; its
+    // result must hold what was asked for.
+    let requested = requested_addresses(a, conf)?;
     let mac = requested_mac(a, conf)?;
     let (netns_file, mut pod_nl) = open_netns(&a.netns)?;
     // Held to the end: an ADD, CHECK or DEL of this attachment started meanwhile waits.
@@ -61,7 +81,7 @@ pub fn run(a: &Attachment, conf: &NetConf, cni_path: Option<&OsString>) -> Resul
     let client = conf.client().map_err(error::agent)?;
 
     let addressing = match &ipam {
-        Some(ipam) => delegated_address(a, &client, ipam)?,
+        Some(ipam) => delegated_address(a, &client, ipam, requested)?,
         None => agent_address(a, &client, requested)?,
     };
 
@@ -92,12 +112,11 @@ pub fn run(a: &Attachment, conf: &NetConf, cni_path: Option<&OsString>) -> Resul
     }
 }
 
-/// The IPv4 address the runtime asks for: from the `ips` capability (the CNI conventions;
+/// The addresses the runtime asks for: from the `ips` capability (the CNI conventions;
 /// podman 4 with several static addresses) and `IP` in CNI_ARGS (CRI-O's ocicni; podman 4
-/// with one). A pod gets one IPv4 address: two different ones, or requested addresses
-/// without any IPv4 one, are refused rather than one of them dropped. IPv6 addresses
-/// beside an IPv4 one are left aside (this plugin gives pods IPv4 only).
-pub(crate) fn requested_ipv4(a: &Attachment, conf: &NetConf) -> Result<Option<Ipv4Addr>, Error> {
+/// with one). A pod gets at most one address per family: two different ones of a family
+/// are refused, naming them, rather than one of them dropped.
+pub(crate) fn requested_addresses(a: &Attachment, conf: &NetConf) -> Result<Requested, Error> {
     let all: Vec<IpAddr> = conf
         .runtime
         .ips
@@ -105,35 +124,45 @@ pub(crate) fn requested_ipv4(a: &Attachment, conf: &NetConf) -> Result<Option<Ip
         .chain(&a.args.ips)
         .copied()
         .collect();
-    let mut distinct: Vec<Ipv4Addr> = all
+    let mut v4: Vec<Ipv4Addr> = all
         .iter()
         .filter_map(|ip| match ip {
             IpAddr::V4(a) => Some(*a),
             IpAddr::V6(_) => None,
         })
         .collect();
-    distinct.sort();
-    distinct.dedup();
-    let invalid = |problem| {
+    let mut v6: Vec<Ipv6Addr> = all
+        .iter()
+        .filter_map(|ip| match ip {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
+        })
+        .collect();
+    v4.sort();
+    v4.dedup();
+    v6.sort();
+    v6.dedup();
+    let too_many = |family: &str, found: Vec<String>| {
         Error::Config(ConfigError::Invalid {
             key: "runtimeConfig.ips (with CNI_ARGS IP)",
-            problem,
-            found: format!(
-                "{:?}",
-                all.iter().map(ToString::to_string).collect::<Vec<_>>()
-            ),
+            problem: if family == "4" {
+                "asks for more than one IPv4 address (a pod gets one per family)"
+            } else {
+                "asks for more than one IPv6 address (a pod gets one per family)"
+            },
+            found: format!("{found:?}"),
         })
     };
-    match distinct.len() {
-        0 if all.is_empty() => Ok(None),
-        0 => Err(invalid(
-            "has no IPv4 address (this plugin gives pods IPv4 only)",
-        )),
-        1 => Ok(Some(distinct[0])),
-        _ => Err(invalid(
-            "asks for more than one IPv4 address (this plugin gives a pod one)",
-        )),
+    if v4.len() > 1 {
+        return Err(too_many("4", v4.iter().map(ToString::to_string).collect()));
     }
+    if v6.len() > 1 {
+        return Err(too_many("6", v6.iter().map(ToString::to_string).collect()));
+    }
+    Ok(Requested {
+        v4: v4.first().copied(),
+        v6: v6.first().copied(),
+    })
 }
 
 /// The MAC the runtime asks for: the `mac` capability or `MAC` in CNI_ARGS (CRI-O,
@@ -149,58 +178,108 @@ pub(crate) fn requested_mac(a: &Attachment, conf: &NetConf) -> Result<Option<Mac
     }
 }
 
-/// An address from the agent's allocator (`requested` for the `ips` capability).
+/// Addresses from the agent's allocator, one per family of the node (`requested` for the
+/// `ips` capability). A requested address of a family the node does not have is refused
+/// by the agent; should an answer still lack one, the allocation is released and the
+/// address named.
 fn agent_address(
     a: &Attachment,
     client: &Client,
-    requested: Option<Ipv4Addr>,
+    requested: Requested,
 ) -> Result<Addressing, Error> {
     let allocation = client
         .allocate(&AllocateRequest {
             container_id: a.container_id.clone(),
             ifname: a.ifname.clone(),
-            address: requested,
-            address6: None,
+            address: requested.v4,
+            address6: requested.v6,
         })
         .map_err(|e| {
             if error::is_conflict(&e) && attached(client, a) {
                 // The attachment belongs to an earlier ADD: leave all of it alone.
                 already_attached(a, e)
-            } else if let Some(address) = requested.filter(|_| !error::is_incomplete(&e)) {
+            } else if !requested.is_empty() && !error::is_incomplete(&e) {
                 Error::RequestedAddress {
-                    address,
+                    addresses: requested_list(requested),
                     source: Box::new(e),
                 }
             } else {
                 error::agent(e)
             }
         })?;
-    // Interim, until hypha-cni configures IPv6: the IPv4 part of the allocation.
-    match (allocation.address, allocation.gateway) {
-        (Some(address), Some(gateway)) => Ok(Addressing {
-            address,
-            gateway,
-            dns: None,
-        }),
-        _ => Err(interim_no_ipv4()),
+    let ipv4 = match (allocation.address, allocation.gateway) {
+        (Some(address), Some(gateway)) => Some(Family { address, gateway }),
+        _ => None,
+    };
+    let ipv6 = allocation.address6.map(|address| Family {
+        address,
+        gateway: allocation.gateway6.unwrap_or(GATEWAY6),
+    });
+    let missing: Vec<IpAddr> = [
+        requested
+            .v4
+            .filter(|r| ipv4.map(|f| f.address) != Some(*r))
+            .map(IpAddr::V4),
+        requested
+            .v6
+            .filter(|r| ipv6.map(|f| f.address) != Some(*r))
+            .map(IpAddr::V6),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let problem = if !missing.is_empty() {
+        Some(Error::RequestedNotGiven {
+            addresses: missing,
+            given: [
+                ipv4.map(|f| IpAddr::V4(f.address)),
+                ipv6.map(|f| IpAddr::V6(f.address)),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
+        })
+    } else if ipv4.is_none() && ipv6.is_none() {
+        Some(Error::DelegateBadResult {
+            plugin: "hypha agent".into(),
+            command: "ADD",
+            problem: "its allocation has no address of either family".into(),
+        })
+    } else {
+        None
+    };
+    if let Some(error) = problem {
+        // Give back what was allocated.
+        return Err(match client.delete_endpoint(&a.container_id, &a.ifname) {
+            Ok(_) => error,
+            Err(e) => Error::WithCleanup {
+                error: Box::new(error),
+                cleanup: vec![error::agent(e)],
+            },
+        });
     }
+    Ok(Addressing {
+        ipv4,
+        ipv6,
+        dns: None,
+    })
 }
 
-/// Interim, until hypha-cni configures IPv6 pods.
-fn interim_no_ipv4() -> Error {
-    Error::DelegateBadResult {
-        plugin: "hypha agent".into(),
-        command: "ADD",
-        problem: "the node has no IPv4 pod CIDR".into(),
-    }
+fn requested_list(requested: Requested) -> Vec<IpAddr> {
+    [requested.v4.map(IpAddr::V4), requested.v6.map(IpAddr::V6)]
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
-/// An address from the delegated IPAM plugin; the gateway is still the agent's, since
-/// the datapath answers for that one only.
+/// Addresses from the delegated IPAM plugin, at most one per family, each of a family
+/// the node has (the datapath routes no other); the gateways are still the agent's, since
+/// the datapath answers for those only. What the runtime asked for must be in the result.
 fn delegated_address(
     a: &Attachment,
     client: &Client,
     ipam: &Ipam<'_>,
+    requested: Requested,
 ) -> Result<Addressing, Error> {
     match client.check_endpoint(&a.container_id, &a.ifname) {
         Ok(check) => {
@@ -210,30 +289,68 @@ fn delegated_address(
                 detail: format!(
                     "the agent has it as endpoint {} ({}); delete it first",
                     check.endpoint.id,
-                    check
-                        .endpoint
-                        .address
-                        .map(|a| a.to_string())
-                        .unwrap_or_default()
+                    [
+                        check.endpoint.address.map(|a| a.to_string()),
+                        check.endpoint.address6.map(|a| a.to_string()),
+                    ]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join(", ")
                 ),
             });
         }
         Err(e) if error::is_not_found(&e) => {}
         Err(e) => return Err(error::agent(e)),
     }
-    let gateway = client
-        .status()
-        .map_err(error::agent)?
-        .node
-        .gateway
-        .ok_or_else(interim_no_ipv4)?;
+    let node = client.status().map_err(error::agent)?.node;
     let result = ipam.add()?;
-    match delegate::ipam_result(&result) {
-        Ok(r) => Ok(Addressing {
-            address: r.address,
-            gateway,
+    let addressing = delegate::ipam_result(&result).and_then(|r| {
+        let ipv4 = match r.address {
+            None => None,
+            Some(address) => Some(Family {
+                address,
+                gateway: node.gateway.ok_or_else(|| {
+                    format!("it gave {address}, but this node has no IPv4 pod CIDR")
+                })?,
+            }),
+        };
+        let ipv6 = match r.address6 {
+            None => None,
+            Some(address) => {
+                if node.pod_cidr6.is_none() && node.gateway6.is_none() {
+                    return Err(format!(
+                        "it gave {address}, but this node has no IPv6 pod CIDR"
+                    ));
+                }
+                Some(Family {
+                    address,
+                    gateway: node.gateway6.unwrap_or(GATEWAY6),
+                })
+            }
+        };
+        let missing: Vec<String> = requested_list(requested)
+            .into_iter()
+            .filter(|want| match want {
+                IpAddr::V4(w) => r.address != Some(*w),
+                IpAddr::V6(w) => r.address6 != Some(*w),
+            })
+            .map(|w| w.to_string())
+            .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "runtimeConfig.ips asks for {}, which its result does not give",
+                missing.join(", ")
+            ));
+        }
+        Ok(Addressing {
+            ipv4,
+            ipv6,
             dns: r.dns,
-        }),
+        })
+    });
+    match addressing {
+        Ok(addressing) => Ok(addressing),
         Err(problem) => {
             let error = Error::DelegateBadResult {
                 plugin: ipam.plugin.to_owned(),
@@ -321,29 +438,60 @@ impl Plumbing<'_> {
         })?;
         self.veth_created = true;
 
-        // The container side: address/32, up, the gateway on-link, the default route via it.
+        // The container side: IPv6 enabled and its link-local address made from the MAC
+        // (before the interface comes up, when the kernel makes it), the addresses (/32,
+        // /128 without DAD), up, then the routes: the IPv4 gateway on-link and the
+        // default route via it; the IPv6 default route via fe80::1 on this interface.
         let pod = self.pod_nl.link_by_name(&a.ifname)?.ok_or_else(|| {
             Error::Netlink(hypha_netlink::Error::LinkNotFound {
                 link: a.ifname.clone(),
                 netns: format!("network namespace {}", a.netns.display()),
             })
         })?;
-        self.pod_nl.add_address(pod.index, addr.address, 32)?;
+        if let Some(v6) = addr.ipv6 {
+            hypha_netlink::sysctl::enable_ipv6(
+                self.netns_file.as_fd(),
+                &a.netns,
+                &["lo", &a.ifname],
+            )
+            .map_err(|e| Error::Ipv6Unavailable {
+                address: v6.address,
+                source: e,
+            })?;
+            self.pod_nl
+                .set_addr_gen_mode(pod.index, AddrGenMode::Eui64)?;
+        }
+        if let Some(v4) = addr.ipv4 {
+            self.pod_nl.add_address(pod.index, v4.address, 32)?;
+        }
+        if let Some(v6) = addr.ipv6 {
+            self.pod_nl.add_address6(pod.index, v6.address, 128)?;
+        }
         self.pod_nl.set_up(pod.index)?;
-        self.pod_nl.add_route(&Route {
-            dst: Ipv4Net::from(addr.gateway),
-            gateway: None,
-            oif: pod.index,
-            scope_link: true,
-            src: None,
-        })?;
-        self.pod_nl.add_route(&Route {
-            dst: DEFAULT_ROUTE,
-            gateway: Some(addr.gateway),
-            oif: pod.index,
-            scope_link: false,
-            src: None,
-        })?;
+        if let Some(v4) = addr.ipv4 {
+            self.pod_nl.add_route(&Route {
+                dst: Ipv4Net::from(v4.gateway),
+                gateway: None,
+                oif: pod.index,
+                scope_link: true,
+                src: None,
+            })?;
+            self.pod_nl.add_route(&Route {
+                dst: DEFAULT_ROUTE,
+                gateway: Some(v4.gateway),
+                oif: pod.index,
+                scope_link: false,
+                src: None,
+            })?;
+        }
+        if let Some(v6) = addr.ipv6 {
+            self.pod_nl.add_route6(&Route6 {
+                dst: DEFAULT_ROUTE6,
+                gateway: Some(v6.gateway),
+                oif: pod.index,
+                src: None,
+            })?;
+        }
 
         // The host side was created up; the agent adds the route to the pod and attaches the
         // datapath, and tells the host end's MAC.
@@ -353,8 +501,8 @@ impl Plumbing<'_> {
                 ifname: a.ifname.clone(),
                 netns: a.netns.to_string_lossy().into_owned(),
                 host_ifname: self.host_ifname.to_owned(),
-                address: Some(addr.address),
-                address6: None,
+                address: addr.ipv4.map(|f| f.address),
+                address6: addr.ipv6.map(|f| f.address),
                 pod_mac: MacAddr(pod.mac),
                 labels: labels(a, self.conf),
                 external_ipam,
@@ -377,8 +525,8 @@ impl Plumbing<'_> {
                 ifname: &a.ifname,
                 pod_mac: MacAddr(pod.mac),
                 netns: &a.netns,
-                address: addr.address,
-                gateway: addr.gateway,
+                ipv4: addr.ipv4,
+                ipv6: addr.ipv6,
                 dns: addr.dns.clone(),
             },
         ))
@@ -478,36 +626,52 @@ mod tests {
     }
 
     #[test]
-    fn the_requested_address_comes_from_the_capability_or_cni_args() {
+    fn the_requested_addresses_come_from_the_capability_or_cni_args() {
         let none = conf_with("{}");
-        assert_eq!(requested_ipv4(&attachment(""), &none).unwrap(), None);
-        let ip = Some(Ipv4Addr::new(10, 1, 0, 5));
         assert_eq!(
-            requested_ipv4(&attachment("IP=10.1.0.5"), &none).unwrap(),
-            ip
+            requested_addresses(&attachment(""), &none).unwrap(),
+            Requested::default()
+        );
+        let v4 = Some(Ipv4Addr::new(10, 1, 0, 5));
+        let v6 = Some("fd00::5".parse().unwrap());
+        assert_eq!(
+            requested_addresses(&attachment("IP=10.1.0.5"), &none).unwrap(),
+            Requested { v4, v6: None }
+        );
+        assert_eq!(
+            requested_addresses(&attachment("IP=fd00::5"), &none).unwrap(),
+            Requested { v4: None, v6 }
         );
         let cap = conf_with(r#"{"ips": ["fd00::5/64", "10.1.0.5/24"]}"#);
-        assert_eq!(requested_ipv4(&attachment(""), &cap).unwrap(), ip);
+        assert_eq!(
+            requested_addresses(&attachment(""), &cap).unwrap(),
+            Requested { v4, v6 }
+        );
         // Both, agreeing.
         assert_eq!(
-            requested_ipv4(&attachment("IP=10.1.0.5/24"), &cap).unwrap(),
-            ip
+            requested_addresses(&attachment("IP=10.1.0.5/24"), &cap).unwrap(),
+            Requested { v4, v6 }
         );
     }
 
     #[test]
-    fn two_ipv4_addresses_or_none_at_all_are_refused() {
+    fn two_addresses_of_one_family_are_refused_naming_them() {
         let two = conf_with(r#"{"ips": ["10.1.0.5", "10.1.0.6"]}"#);
-        let e = requested_ipv4(&attachment(""), &two).unwrap_err();
+        let e = requested_addresses(&attachment(""), &two).unwrap_err();
         assert!(e.to_string().contains("runtimeConfig.ips"), "{e}");
+        assert!(e.to_string().contains("more than one IPv4"), "{e}");
         let cap = conf_with(r#"{"ips": ["10.1.0.5"]}"#);
-        let e = requested_ipv4(&attachment("IP=10.1.0.7"), &cap).unwrap_err();
+        let e = requested_addresses(&attachment("IP=10.1.0.7"), &cap).unwrap_err();
         assert!(
             e.to_string().contains("10.1.0.5") && e.to_string().contains("10.1.0.7"),
             "{e}"
         );
-        let e = requested_ipv4(&attachment("IP=fd00::7"), &conf_with("{}")).unwrap_err();
-        assert!(e.to_string().contains("IPv4"), "{e}");
+        let two6 = conf_with(r#"{"ips": ["10.1.0.5", "fd00::5/64", "fd00::6"]}"#);
+        let e = requested_addresses(&attachment(""), &two6).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("more than one IPv6"), "{msg}");
+        assert!(msg.contains("fd00::5") && msg.contains("fd00::6"), "{msg}");
+        assert!(!msg.contains("10.1.0.5"), "{msg}");
     }
 
     #[test]

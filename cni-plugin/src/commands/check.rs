@@ -4,8 +4,10 @@
 //! attached, map entries). A delegated IPAM plugin is asked to CHECK too.
 
 use std::ffi::OsString;
+use std::net::IpAddr;
 
 use hypha_netlink::Netlink;
+use ipnet::IpNet;
 
 use crate::commands::open_netns;
 use crate::config::{CniVersion, NetConf};
@@ -56,11 +58,18 @@ pub fn run(a: &Attachment, conf: &NetConf, cni_path: Option<&OsString>) -> Resul
     match client.check_endpoint(&a.container_id, &a.ifname) {
         Ok(check) => {
             let ep = &check.endpoint;
-            if ep.address != Some(expected.address.addr()) {
+            if ep.address != expected.address.map(|a| a.addr()) {
                 problems.push(format!(
-                    "the agent's endpoint has address {:?}, prevResult says {}",
-                    ep.address,
-                    expected.address.addr()
+                    "the agent's endpoint has IPv4 address {}, prevResult says {}",
+                    or_none(ep.address),
+                    or_none(expected.address.map(|a| a.addr()))
+                ));
+            }
+            if ep.address6 != expected.address6.map(|a| a.addr()) {
+                problems.push(format!(
+                    "the agent's endpoint has IPv6 address {}, prevResult says {}",
+                    or_none(ep.address6),
+                    or_none(expected.address6.map(|a| a.addr()))
                 ));
             }
             if ep.host_ifname != host_ifname {
@@ -115,22 +124,74 @@ fn check_container(
             hypha_api::MacAddr(link.mac)
         ));
     }
-    let addresses = pod_nl.addresses(link.index)?;
-    let want = (expected.address.addr(), expected.address.prefix_len());
-    if !addresses.contains(&want) {
-        let have: Vec<String> = addresses.iter().map(|(a, p)| format!("{a}/{p}")).collect();
-        problems.push(format!(
-            "interface {} in {netns} has addresses [{}], prevResult says {}",
-            a.ifname,
-            have.join(", "),
-            expected.address
-        ));
+    if let Some(want) = expected.address {
+        let addresses = pod_nl.addresses(link.index)?;
+        if !addresses.contains(&(want.addr(), want.prefix_len())) {
+            let have: Vec<String> = addresses.iter().map(|(a, p)| format!("{a}/{p}")).collect();
+            problems.push(format!(
+                "interface {} in {netns} has IPv4 addresses [{}], prevResult says {want}",
+                a.ifname,
+                have.join(", "),
+            ));
+        }
     }
-    let routes = pod_nl.routes(link.index)?;
-    for (dst, gw) in &expected.routes {
-        let found = routes
+    if let Some(want) = expected.address6 {
+        let addresses = pod_nl.addresses6(link.index)?;
+        match addresses
             .iter()
-            .any(|r| r.dst == *dst && (gw.is_none() || r.gateway == *gw));
+            .find(|x| x.address == want.addr() && x.prefix_len == want.prefix_len())
+        {
+            Some(x) if x.dad_failed => problems.push(format!(
+                "IPv6 address {want} on interface {} in {netns} failed duplicate address \
+                 detection",
+                a.ifname
+            )),
+            Some(x) if x.tentative => problems.push(format!(
+                "IPv6 address {want} on interface {} in {netns} is tentative (duplicate \
+                 address detection has not finished)",
+                a.ifname
+            )),
+            Some(_) => {}
+            None => {
+                let have: Vec<String> = addresses
+                    .iter()
+                    .map(|x| format!("{}/{}", x.address, x.prefix_len))
+                    .collect();
+                problems.push(format!(
+                    "interface {} in {netns} has IPv6 addresses [{}], prevResult says {want}",
+                    a.ifname,
+                    have.join(", "),
+                ));
+            }
+        }
+    }
+    let wants_v4 = expected
+        .routes
+        .iter()
+        .any(|(d, _)| matches!(d, IpNet::V4(_)));
+    let wants_v6 = expected
+        .routes
+        .iter()
+        .any(|(d, _)| matches!(d, IpNet::V6(_)));
+    let routes = if wants_v4 {
+        pod_nl.routes(link.index)?
+    } else {
+        Vec::new()
+    };
+    let routes6 = if wants_v6 {
+        pod_nl.routes6(link.index)?
+    } else {
+        Vec::new()
+    };
+    for (dst, gw) in &expected.routes {
+        let found = match dst {
+            IpNet::V4(dst) => routes
+                .iter()
+                .any(|r| r.dst == *dst && (gw.is_none() || r.gateway.map(IpAddr::V4) == *gw)),
+            IpNet::V6(dst) => routes6
+                .iter()
+                .any(|r| r.dst == *dst && (gw.is_none() || r.gateway.map(IpAddr::V6) == *gw)),
+        };
         if !found {
             let via = gw.map(|g| format!(" via {g}")).unwrap_or_default();
             problems.push(format!(
@@ -140,4 +201,8 @@ fn check_container(
         }
     }
     Ok(())
+}
+
+fn or_none(address: Option<impl std::fmt::Display>) -> String {
+    address.map_or_else(|| "none".to_owned(), |a| a.to_string())
 }

@@ -4,10 +4,13 @@
 //!   pinned and outlives the agent);
 //! - the agent answers but its datapath has no programs loaded: 51, since existing pods
 //!   may have lost connectivity too;
-//! - no address left in the agent's pod CIDR (when the agent allocates): 50;
+//! - no address left in one of the agent's pod CIDRs (when the agent allocates; a pod
+//!   gets one address per family the node has): 50;
 //! - a delegated IPAM plugin that knows STATUS fails it: its own error.
 
 use std::ffi::OsString;
+
+use hypha_api::{IpamStatus, NodeStatus};
 
 use crate::config::{CniVersion, NetConf};
 use crate::delegate::Ipam;
@@ -39,18 +42,85 @@ pub fn run(conf: &NetConf, cni_path: Option<&OsString>) -> Result<(), Error> {
         Some(ipam) => {
             ipam.status()?;
         }
-        None if status.ipam.available == 0 => {
-            return Err(Error::NotReady(format!(
-                "no address left in pod CIDR {}: all {} are allocated",
-                status
-                    .node
-                    .pod_cidr
-                    .map(|c| c.to_string())
-                    .unwrap_or_default(),
-                status.ipam.capacity
-            )));
+        None => {
+            if let Some(reason) = exhausted(&status.node, &status.ipam) {
+                return Err(Error::NotReady(reason));
+            }
         }
-        None => {}
     }
     Ok(())
+}
+
+/// Why an ADD through the agent's allocator cannot get its addresses: a pod CIDR of the
+/// node (of either family) with none left. `None` when every family the node has some.
+fn exhausted(node: &NodeStatus, ipam: &IpamStatus) -> Option<String> {
+    let mut full = Vec::new();
+    if let Some(cidr) = node.pod_cidr
+        && ipam.available == 0
+    {
+        full.push(format!(
+            "pod CIDR {cidr}: all {} are allocated",
+            ipam.capacity
+        ));
+    }
+    if let Some(cidr) = node.pod_cidr6
+        && ipam.available6 == 0
+    {
+        full.push(format!(
+            "pod CIDR {cidr}: all {} are allocated",
+            ipam.capacity6
+        ));
+    }
+    (!full.is_empty()).then(|| format!("no address left in {}", full.join("; ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(v4: bool, v6: bool) -> NodeStatus {
+        NodeStatus {
+            pod_cidr: v4.then(|| "10.1.0.0/24".parse().unwrap()),
+            gateway: v4.then(|| "10.1.0.1".parse().unwrap()),
+            pod_cidr6: v6.then(|| "fd00:1::/64".parse().unwrap()),
+            gateway6: v6.then(|| "fe80::1".parse().unwrap()),
+            host_device: "lo".into(),
+            masquerade: true,
+            socket: "/s".into(),
+            state_dir: "/d".into(),
+        }
+    }
+
+    fn ipam(available: u32, available6: u64) -> IpamStatus {
+        IpamStatus {
+            capacity: 253,
+            allocated: 253 - available,
+            available,
+            capacity6: 1 << 40,
+            allocated6: (1 << 40) - available6,
+            available6,
+        }
+    }
+
+    /// An IPv6-only node has no IPv4 addresses to give and is still ready; a dual-stack
+    /// node is not when either family is used up.
+    #[test]
+    fn each_family_the_node_has_needs_an_address_left() {
+        assert_eq!(exhausted(&node(false, true), &ipam(0, 5)), None);
+        assert_eq!(exhausted(&node(true, false), &ipam(5, 0)), None);
+        assert_eq!(exhausted(&node(true, true), &ipam(5, 5)), None);
+        assert_eq!(
+            exhausted(&node(true, true), &ipam(0, 5)).as_deref(),
+            Some("no address left in pod CIDR 10.1.0.0/24: all 253 are allocated")
+        );
+        assert_eq!(
+            exhausted(&node(false, true), &ipam(0, 0)).as_deref(),
+            Some("no address left in pod CIDR fd00:1::/64: all 1099511627776 are allocated")
+        );
+        let both = exhausted(&node(true, true), &ipam(0, 0)).unwrap();
+        assert!(
+            both.contains("10.1.0.0/24") && both.contains("fd00:1::/64"),
+            "{both}"
+        );
+    }
 }
