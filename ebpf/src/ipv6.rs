@@ -18,14 +18,14 @@
 use aya_ebpf::{
     bindings::TC_ACT_REDIRECT,
     helpers::generated::{bpf_redirect, bpf_skb_change_tail},
+    macros::map,
+    maps::PerCpuArray,
     programs::TcContext,
 };
 use hypha_common::{
     DropReason, EndpointIface, EndpointInfo, EndpointKey6, GATEWAY6, MAX_IPV6_EXT_HEADERS,
     link_local_of,
 };
-
-use aya_ebpf::{macros::map, maps::PerCpuArray};
 
 use crate::{
     ENDPOINTS6,

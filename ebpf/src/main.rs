@@ -223,6 +223,7 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, i32> {
         pull_or(ctx, ETH_HLEN + IPV4_MIN_HLEN, DropReason::InvalidIpv4Header).map_err(refuse)?;
         if let Some((flow, receiver)) = to_pod_flow(ctx, ifindex)
             && policy::enforces(&receiver)
+            && !icmp_error_of_tracked_flow(ctx, flow.proto)
             && !policy::allow(ctx, &flow, None, Some(&receiver))
         {
             return Err(TC_ACT_SHOT);
@@ -306,6 +307,58 @@ fn to_pod_flow(ctx: &TcContext, ifindex: u32) -> Option<(Flow4, Party)> {
             flags: info.flags,
         },
     ))
+}
+
+/// Whether an IPv4 packet of protocol `proto` is an ICMP error (destination unreachable,
+/// fragmentation needed included; time exceeded; parameter problem) quoting a flow
+/// `hypha_ct4` tracks, either way: such an error is part of that flow and passes without
+/// a policy lookup (path MTU discovery needs it); any other is a new ICMP flow.
+#[inline(always)]
+fn icmp_error_of_tracked_flow(ctx: &TcContext, proto: u8) -> bool {
+    proto == policy::IPPROTO_ICMP && related_ipv4(ctx)
+}
+
+/// [`icmp_error_of_tracked_flow`] past the protocol check, in a frame of its own.
+#[inline(never)]
+fn related_ipv4(ctx: &TcContext) -> bool {
+    let Ok(outer) = ctx.load::<[u8; 8]>(ETH_HLEN) else {
+        return false;
+    };
+    // Only a first fragment (or a whole packet) has the ICMP header.
+    if u16::from_be_bytes([outer[6], outer[7]]) & 0x1fff != 0 {
+        return false;
+    }
+    let l4 = ETH_HLEN + usize::from(outer[0] & 0x0f) * 4;
+    let Ok(icmp_type) = ctx.load::<u8>(l4) else {
+        return false;
+    };
+    if !matches!(icmp_type, 3 | 11 | 12) {
+        return false;
+    }
+    // The quoted packet starts after the 8-byte ICMP header: its IPv4 header, then at
+    // least 8 bytes of its payload (the ports).
+    let inner = l4 + 8;
+    let Ok(ip) = ctx.load::<[u8; 20]>(inner) else {
+        return false;
+    };
+    let mut quoted = Flow4 {
+        saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+        daddr: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        sport: 0,
+        dport: 0,
+        proto: ip[9],
+        tcp_flags: 0,
+        echo: false,
+        len: 0,
+    };
+    if policy::has_ports(quoted.proto) {
+        let Ok(ports) = ctx.load::<[u8; 4]>(inner + usize::from(ip[0] & 0x0f) * 4) else {
+            return false;
+        };
+        quoted.sport = u16::from_ne_bytes([ports[0], ports[1]]);
+        quoted.dport = u16::from_ne_bytes([ports[2], ports[3]]);
+    }
+    policy::tracked(&quoted)
 }
 
 /// Completes a flow with its ports and TCP flags, read with `bpf_skb_load_bytes` (which
@@ -597,7 +650,9 @@ fn route_ipv4(ctx: &TcContext, ifindex: u32, iface: &EndpointIface) -> Result<Fo
         ifindex: d.ifindex,
         flags: d.flags,
     });
-    if policy::enforces(&sender) || receiver.as_ref().is_some_and(policy::enforces) {
+    if (policy::enforces(&sender) || receiver.as_ref().is_some_and(policy::enforces))
+        && !icmp_error_of_tracked_flow(ctx, proto)
+    {
         let flow = l4_flow(ctx, version_ihl, frag_off, proto, saddr, daddr);
         if !policy::allow(ctx, &flow, Some(&sender), receiver.as_ref()) {
             return Err(Refusal::Counted);

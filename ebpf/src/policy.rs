@@ -27,6 +27,7 @@ use crate::{
     CT4, CT6, EVENTS, IPCACHE4, IPCACHE6, POLICY, POLICY_STATS, family::Family, stats::count_denied,
 };
 
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_ICMPV6: u8 = 58;
 pub const IPPROTO_UDP: u8 = 17;
