@@ -27,14 +27,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use hypha_common::{
-    Counter, CtEntry, CtKey4, DIR_EGRESS, DIR_INGRESS, DropKey, DropReason,
-    ENDPOINT_F_INGRESS_LIMIT, EVENTS_BYTES, EndpointInfo, EndpointKey4, EndpointStats, EventBudget,
-    IpcacheValue, MAX_CT_ENTRIES, MAX_DROP_COUNTERS, MAX_DROP_EVENT_BUDGETS, MAX_ENDPOINTS,
-    MAX_IPCACHE, MAX_POLICIES, MAX_POLICY_ENTRIES, NodeConfig, PolicyEntry, PolicyKey, PolicyStats,
-    RedirectSlot, maps, programs,
+    Counter, CtEntry, CtKey4, CtKey6, DIR_EGRESS, DIR_INGRESS, DropKey, DropReason,
+    ENDPOINT_F_INGRESS_LIMIT, EVENTS_BYTES, EndpointIface, EndpointInfo, EndpointKey4,
+    EndpointKey6, EndpointStats, EventBudget, IpcacheValue, MAX_CT_ENTRIES, MAX_DROP_COUNTERS,
+    MAX_DROP_EVENT_BUDGETS, MAX_ENDPOINTS, MAX_IPCACHE, MAX_POLICIES, MAX_POLICY_ENTRIES,
+    NodeConfig, PolicyEntry, PolicyKey, PolicyStats, RedirectSlot, maps, programs,
 };
 
 use crate::{
+    family::Family,
     packet::{
         ARPHRD_ETHER, ARPOP_REPLY, ARPOP_REQUEST, ArpEthIpv4, ETH_HLEN, ETH_P_ARP, ETH_P_IP,
         EthHdr, IPV4_CSUM_OFF, IPV4_MIN_HLEN, Ipv4Hdr, PullError,
@@ -51,8 +52,18 @@ use crate::{
 #[map(name = "hypha_endpoints4")]
 static ENDPOINTS4: HashMap<EndpointKey4, EndpointInfo> = HashMap::pinned(MAX_ENDPOINTS, 0);
 
-/// Host-side ifindex → per-CPU counters. Entries are created by the agent only.
-#[map(name = "hypha_ep_stats")]
+/// Pod IPv6 address → endpoint. Written by the agent.
+#[map(name = "hypha_endpoints6")]
+static ENDPOINTS6: HashMap<EndpointKey6, EndpointInfo> = HashMap::pinned(MAX_ENDPOINTS, 0);
+
+/// Host-side ifindex → the endpoint behind the veth: its families, addresses, MACs and
+/// policy flags. Written by the agent.
+#[map(name = "hypha_ifaces")]
+static IFACES: HashMap<u32, EndpointIface> = HashMap::pinned(MAX_ENDPOINTS, 0);
+
+/// Host-side ifindex → per-CPU counters, per family. Entries are created by the agent
+/// only.
+#[map(name = "hypha_ep_stats_v2")]
 static EP_STATS: PerCpuHashMap<u32, EndpointStats> = PerCpuHashMap::pinned(MAX_ENDPOINTS, 0);
 
 /// (endpoint, reason, direction) → per-CPU drop counter. Entries are created here, on
@@ -68,6 +79,10 @@ static CONFIG: Array<NodeConfig> = Array::pinned(1, 0);
 #[map(name = "hypha_ipcache4")]
 static IPCACHE4: LpmTrie<u32, IpcacheValue> = LpmTrie::pinned(MAX_IPCACHE, 0);
 
+/// IPv6 address (longest prefix) → security identity. Written by the agent.
+#[map(name = "hypha_ipcache6")]
+static IPCACHE6: LpmTrie<[u8; 16], IpcacheValue> = LpmTrie::pinned(MAX_IPCACHE, 0);
+
 /// Every endpoint's compiled policy. Written by the agent.
 #[map(name = "hypha_policy")]
 static POLICY: HashMap<PolicyKey, PolicyEntry> = HashMap::pinned(MAX_POLICY_ENTRIES, 0);
@@ -76,8 +91,12 @@ static POLICY: HashMap<PolicyKey, PolicyEntry> = HashMap::pinned(MAX_POLICY_ENTR
 #[map(name = "hypha_ct4")]
 static CT4: LruHashMap<CtKey4, CtEntry> = LruHashMap::pinned(MAX_CT_ENTRIES, 0);
 
+/// Connection tracking of the IPv6 flows of endpoints that enforce a policy.
+#[map(name = "hypha_ct6")]
+static CT6: LruHashMap<CtKey6, CtEntry> = LruHashMap::pinned(MAX_CT_ENTRIES, 0);
+
 /// Drop and policy-verdict events for `hypha monitor`.
-#[map(name = "hypha_events")]
+#[map(name = "hypha_events_v2")]
 static EVENTS: RingBuf = RingBuf::pinned(EVENTS_BYTES, 0);
 
 /// Flows decided per policy, per CPU.
@@ -98,13 +117,17 @@ static DROP_EVENTS: LruHashMap<DropKey, EventBudget> =
 // The attribute macros take literals, so tie them to the shared names at compile time.
 const _: () = {
     assert!(str_eq(maps::ENDPOINTS4, "hypha_endpoints4"));
-    assert!(str_eq(maps::EP_STATS, "hypha_ep_stats"));
+    assert!(str_eq(maps::ENDPOINTS6, "hypha_endpoints6"));
+    assert!(str_eq(maps::IFACES, "hypha_ifaces"));
+    assert!(str_eq(maps::EP_STATS, "hypha_ep_stats_v2"));
     assert!(str_eq(maps::DROPS, "hypha_drops"));
     assert!(str_eq(maps::CONFIG, "hypha_config"));
     assert!(str_eq(maps::IPCACHE4, "hypha_ipcache4"));
+    assert!(str_eq(maps::IPCACHE6, "hypha_ipcache6"));
     assert!(str_eq(maps::POLICY, "hypha_policy"));
     assert!(str_eq(maps::CT4, "hypha_ct4"));
-    assert!(str_eq(maps::EVENTS, "hypha_events"));
+    assert!(str_eq(maps::CT6, "hypha_ct6"));
+    assert!(str_eq(maps::EVENTS, "hypha_events_v2"));
     assert!(str_eq(maps::POLICY_STATS, "hypha_policy_stats"));
     assert!(str_eq(maps::REDIRECT, "hypha_redirect"));
     assert!(str_eq(maps::DROP_EVENTS, "hypha_drop_events"));
@@ -161,18 +184,20 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, i32> {
     if take_redirected(ifindex, ctx.len()) {
         return Ok(TC_ACT_OK);
     }
+    // The host stack always builds a whole Ethernet header; anything shorter is not a
+    // frame this pod can take.
+    let ether_type = ether_type(ctx).map_err(|reason| {
+        count_drop(ctx, ifindex, DIR_INGRESS, None, reason, |s| {
+            &mut s.ingress.dropped
+        })
+    })?;
+    let family = family::of(ether_type);
     let refuse = |reason| {
-        count_drop(ctx, ifindex, DIR_INGRESS, reason, |s| {
+        count_drop(ctx, ifindex, DIR_INGRESS, family, reason, |s| {
             &mut s.ingress.dropped
         })
     };
-    // The host stack always builds a whole Ethernet header; anything shorter is not a
-    // frame this pod can take.
-    pull_or(ctx, ETH_HLEN, DropReason::UnknownL3).map_err(refuse)?;
-    let eth: *mut EthHdr = packet::header(ctx, 0).ok_or_else(|| refuse(DropReason::UnknownL3))?;
-    // SAFETY: `header` checked that the Ethernet header lies within the packet.
-    let ether_type = u16::from_be_bytes(unsafe { (*eth).ether_type });
-    family::admit(ifindex, ether_type).map_err(refuse)?;
+    family::admit_to_pod(ifindex, ether_type).map_err(refuse)?;
     if ether_type == ETH_P_IP {
         pull_or(ctx, ETH_HLEN + IPV4_MIN_HLEN, DropReason::InvalidIpv4Header).map_err(refuse)?;
         if let Some((flow, receiver)) = to_pod_flow(ctx, ifindex)
@@ -182,8 +207,18 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, i32> {
             return Err(count_denied(ctx, &flow, &denied));
         }
     }
-    count(ifindex, ctx.len(), |s| &mut s.ingress.passed);
+    count(ifindex, family, ctx.len(), |s| &mut s.ingress.passed);
     Ok(TC_ACT_OK)
+}
+
+/// The EtherType of the frame, once its Ethernet header is known to be whole and in the
+/// linear data; a frame without a whole Ethernet header has no EtherType to carry.
+#[inline(always)]
+fn ether_type(ctx: &TcContext) -> Result<u16, DropReason> {
+    pull_or(ctx, ETH_HLEN, DropReason::UnknownL3)?;
+    let eth: *mut EthHdr = packet::header(ctx, 0).ok_or(DropReason::UnknownL3)?;
+    // SAFETY: `header` checked that the Ethernet header lies within the packet.
+    Ok(u16::from_be_bytes(unsafe { (*eth).ether_type }))
 }
 
 /// Whether the frame of `len` bytes on the egress of `ifindex` is the one
@@ -305,25 +340,34 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i32> {
     // `hypha_ep_stats` and `hypha_drops` know the endpoint.
     let ifindex = skb_ifindex(ctx);
     let bytes = ctx.len();
-    match route_from_pod(ctx, ifindex) {
+    let ether_type = ether_type(ctx).map_err(|reason| {
+        count_drop(ctx, ifindex, DIR_EGRESS, None, reason, |s| {
+            &mut s.egress.dropped
+        })
+    })?;
+    // Counted in the family of the EtherType, whatever happens next.
+    let family = family::of(ether_type);
+    match route_from_pod(ctx, ifindex, ether_type) {
         Ok(Forward::Host) => {
-            count(ifindex, bytes, |s| &mut s.egress.passed);
+            count(ifindex, family, bytes, |s| &mut s.egress.passed);
             Ok(TC_ACT_OK)
         }
         Ok(Forward::Answered) => {
             // The request did what it would have done in the host stack: got an answer.
-            count(ifindex, bytes, |s| &mut s.egress.passed);
+            count(ifindex, family, bytes, |s| &mut s.egress.passed);
             Ok(TC_ACT_REDIRECT)
         }
         Ok(Forward::Pod { ifindex: dst }) => {
             debug::note_redirect(ctx, ifindex, dst);
-            count(ifindex, bytes, |s| &mut s.egress.redirected);
-            count(dst, bytes, |s| &mut s.ingress.redirected);
+            count(ifindex, family, bytes, |s| &mut s.egress.redirected);
+            count(dst, family, bytes, |s| &mut s.ingress.redirected);
             Ok(TC_ACT_REDIRECT)
         }
-        Err(Refusal::Malformed(reason)) => Err(count_drop(ctx, ifindex, DIR_EGRESS, reason, |s| {
-            &mut s.egress.dropped
-        })),
+        Err(Refusal::Malformed(reason)) => {
+            Err(count_drop(ctx, ifindex, DIR_EGRESS, family, reason, |s| {
+                &mut s.egress.dropped
+            }))
+        }
         Err(Refusal::Policy(flow, denied)) => Err(count_denied(ctx, &flow, &denied)),
     }
 }
@@ -342,16 +386,11 @@ impl From<DropReason> for Refusal {
     }
 }
 
-fn route_from_pod(ctx: &TcContext, ifindex: u32) -> Result<Forward, Refusal> {
-    // A frame without a whole Ethernet header has no EtherType to carry.
-    pull_or(ctx, ETH_HLEN, DropReason::UnknownL3)?;
-    let eth: *mut EthHdr = packet::header(ctx, 0).ok_or(DropReason::UnknownL3)?;
-    // SAFETY: `header` checked that the Ethernet header lies within the packet.
-    let ether_type = u16::from_be_bytes(unsafe { (*eth).ether_type });
-    family::admit(ifindex, ether_type)?;
-    match ether_type {
-        ETH_P_IP => route_ipv4(ctx, ifindex),
-        ETH_P_ARP => Ok(answer_arp(ctx, ifindex)?),
+fn route_from_pod(ctx: &TcContext, ifindex: u32, ether_type: u16) -> Result<Forward, Refusal> {
+    let (family, iface) = family::admit_from_pod(ifindex, ether_type)?;
+    match (family, ether_type) {
+        (Family::Ipv4, ETH_P_IP) => route_ipv4(ctx, ifindex, iface),
+        (Family::Ipv4, ETH_P_ARP) => Ok(answer_arp(ctx, ifindex, iface)?),
         // A managed family the datapath has no routing for.
         _ => Err(DropReason::UnsupportedFamily.into()),
     }
@@ -364,7 +403,7 @@ fn route_from_pod(ctx: &TcContext, ifindex: u32) -> Result<Forward, Refusal> {
 /// gateway device (loopback by default), not on the veth; answering here with the
 /// host-side veth's MAC makes the pod send everything to the host veth, where this
 /// program sees it, without waiting for the host stack's ARP.
-fn answer_arp(ctx: &TcContext, ifindex: u32) -> Result<Forward, DropReason> {
+fn answer_arp(ctx: &TcContext, ifindex: u32, iface: &EndpointIface) -> Result<Forward, DropReason> {
     const ARP_FRAME_LEN: usize = ETH_HLEN + size_of::<ArpEthIpv4>();
     pull_or(ctx, ARP_FRAME_LEN, DropReason::InvalidArp)?;
     let eth: *mut EthHdr = packet::header(ctx, 0).ok_or(DropReason::InvalidArp)?;
@@ -388,16 +427,13 @@ fn answer_arp(ctx: &TcContext, ifindex: u32) -> Result<Forward, DropReason> {
         if target.addr != config.gateway {
             return Ok(Forward::Host);
         }
-        // Only an endpoint asking from its own veth gets an answer: a request from
-        // anyone else (or a spoofed sender address) is left to the host stack.
-        let sender = EndpointKey4::from_octets((*arp).spa);
-        let Some(endpoint) = ENDPOINTS4.get(sender) else {
-            return Ok(Forward::Host);
-        };
-        if endpoint.ifindex != ifindex {
+        // Only the endpoint asking from its own veth, with its own address, gets an
+        // answer: a request from anyone else (or a spoofed sender address) is left to
+        // the host stack.
+        if EndpointKey4::from_octets((*arp).spa).addr != iface.addr4 {
             return Ok(Forward::Host);
         }
-        let host_mac = endpoint.host_mac;
+        let host_mac = iface.host_mac;
 
         // Turn the request into the reply in place: "gateway is at host_mac".
         let requester_mac = (*arp).sha;
@@ -427,7 +463,7 @@ fn answer_arp(ctx: &TcContext, ifindex: u32) -> Result<Forward, DropReason> {
 /// receiving pod enforces a policy, the flow is checked and tracked (see `policy`).
 /// Routing is on the destination address alone, so IP options and fragments travel
 /// like any other packet.
-fn route_ipv4(ctx: &TcContext, ifindex: u32) -> Result<Forward, Refusal> {
+fn route_ipv4(ctx: &TcContext, ifindex: u32, iface: &EndpointIface) -> Result<Forward, Refusal> {
     pull_or(ctx, ETH_HLEN + IPV4_MIN_HLEN, DropReason::InvalidIpv4Header)?;
     let eth: *mut EthHdr = packet::header(ctx, 0).ok_or(DropReason::InvalidIpv4Header)?;
     let ip: *mut Ipv4Hdr = packet::header(ctx, ETH_HLEN).ok_or(DropReason::InvalidIpv4Header)?;
@@ -455,14 +491,14 @@ fn route_ipv4(ctx: &TcContext, ifindex: u32) -> Result<Forward, Refusal> {
         return Err(DropReason::InvalidIpv4Header.into());
     }
 
-    // A pod sends only as itself: its address, from its own veth, with its own MAC.
-    let sender = match endpoint(saddr) {
-        Some(src) if src.ifindex == ifindex && src.pod_mac == src_mac => Party {
-            endpoint_id: src.endpoint_id,
-            ifindex,
-            flags: src.flags,
-        },
-        _ => return Err(DropReason::SpoofedSource.into()),
+    // A pod sends only as itself: the address and MAC of the endpoint behind this veth.
+    if saddr != iface.addr4 || src_mac != iface.pod_mac {
+        return Err(DropReason::SpoofedSource.into());
+    }
+    let sender = Party {
+        endpoint_id: iface.endpoint_id,
+        ifindex,
+        flags: iface.flags,
     };
     let dst = endpoint(daddr);
     let receiver = dst.map(|d| Party {

@@ -47,6 +47,25 @@ pub struct Flow {
 }
 
 impl Flow {
+    /// An event of `kind` about this flow, seen in `direction`; the caller fills in who
+    /// decided.
+    #[inline(always)]
+    pub fn event(&self, kind: u8, direction: u8) -> Event {
+        let mut event = Event {
+            kind,
+            direction,
+            proto: self.proto,
+            family: 4,
+            dport: u16::from_be(self.dport),
+            sport: u16::from_be(self.sport),
+            len: self.len,
+            ..Event::default()
+        };
+        event.saddr[..4].copy_from_slice(&self.saddr.to_ne_bytes());
+        event.daddr[..4].copy_from_slice(&self.daddr.to_ne_bytes());
+        event
+    }
+
     fn key(&self) -> CtKey4 {
         CtKey4 {
             saddr: self.saddr,
@@ -327,23 +346,36 @@ fn count_policy(policy_id: u32, select: impl FnOnce(&mut PolicyStats) -> &mut u6
 /// (the counters still have it).
 #[inline(always)]
 pub fn emit(flow: &Flow, kind: u8, direction: u8, party: &Party, policy_id: u32, remote: u32) {
-    emit_event(&Event {
+    let verdict = Verdict {
         kind,
         direction,
-        proto: flow.proto,
         _pad: 0,
-        reason: 0,
-        dport: u16::from_be(flow.dport),
-        sport: u16::from_be(flow.sport),
-        _pad2: 0,
-        ifindex: party.ifindex,
-        endpoint_id: party.endpoint_id,
         policy_id,
-        remote_identity: remote,
-        saddr: flow.saddr,
-        daddr: flow.daddr,
-        len: flow.len,
-    });
+        remote,
+    };
+    report_verdict(flow, party, &verdict);
+}
+
+/// What [`report_verdict`] reports besides the flow and the party (a BPF-to-BPF call
+/// takes at most five arguments).
+struct Verdict {
+    kind: u8,
+    direction: u8,
+    _pad: u16,
+    policy_id: u32,
+    remote: u32,
+}
+
+/// Builds and sends a policy verdict's event. Never inlined, so that the event is not in
+/// the caller's stack frame once per verdict (see `stats::report_drop`).
+#[inline(never)]
+fn report_verdict(flow: &Flow, party: &Party, verdict: &Verdict) {
+    let mut event = flow.event(verdict.kind, verdict.direction);
+    event.ifindex = party.ifindex;
+    event.endpoint_id = party.endpoint_id;
+    event.policy_id = verdict.policy_id;
+    event.remote_identity = verdict.remote;
+    emit_event(&event);
 }
 
 #[inline(always)]

@@ -1,5 +1,10 @@
-//! Per-endpoint counters (`hypha_ep_stats`), drop counters (`hypha_drops`) and drop
-//! events for `hypha monitor`, rate limited by `hypha_drop_events`.
+//! Per-endpoint counters per family (`hypha_ep_stats_v2`), drop counters
+//! (`hypha_drops`) and drop events for `hypha monitor`, rate limited by
+//! `hypha_drop_events`.
+//!
+//! A frame is counted in the family of its EtherType ([`Family`]): IPv4 and ARP in
+//! `ipv4`, IPv6 (neighbour discovery included) in `ipv6`, and `None` (runts, unknown
+//! EtherTypes) in `other`.
 
 use aya_ebpf::{
     bindings::{BPF_NOEXIST, TC_ACT_SHOT},
@@ -8,30 +13,42 @@ use aya_ebpf::{
 };
 use hypha_common::{
     Counter, DIR_INGRESS, DROP_EVENTS_BURST, DROP_EVENTS_PER_S, DropKey, DropReason, EVENT_DROP,
-    EndpointStats, Event, EventBudget,
+    Event, EventBudget, FamilyStats,
 };
 
-use crate::packet::{ETH_HLEN, ETH_P_IP};
+use crate::family::Family;
+use crate::packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6};
 use crate::policy::{self, Denied, Flow};
 use crate::{DROP_EVENTS, DROPS, EP_STATS};
 
 /// Nanoseconds it takes a drop-event budget to earn one event back.
 const NS_PER_EVENT: u64 = 1_000_000_000 / DROP_EVENTS_PER_S;
 
-/// Adds one packet of `bytes` to the counter `select` picks in the stats of the endpoint
-/// whose host-side veth is `ifindex`.
+/// Adds one packet of `bytes` to the counter `select` picks in the `family` stats of the
+/// endpoint whose host-side veth is `ifindex` (`None`: the `other` counters).
 ///
 /// The agent creates an endpoint's entry (zeroed) when it creates the endpoint and
 /// deletes it with the endpoint; the datapath never creates one, so a missing entry
 /// (an interface the agent does not know, or a race with deletion) is simply not
 /// counted.
 #[inline(always)]
-pub fn count(ifindex: u32, bytes: u32, select: impl FnOnce(&mut EndpointStats) -> &mut Counter) {
+pub fn count(
+    ifindex: u32,
+    family: Option<Family>,
+    bytes: u32,
+    select: impl FnOnce(&mut FamilyStats) -> &mut Counter,
+) {
     if let Some(stats) = EP_STATS.get_ptr_mut(ifindex) {
         // SAFETY: the map is per-CPU and a program runs to completion on one CPU, so no
         // one else writes this CPU's copy while we hold the reference; the pointer comes
         // from a successful lookup, so it is valid and aligned.
-        add(select(unsafe { &mut *stats }), bytes);
+        let stats = unsafe { &mut *stats };
+        let family = match family {
+            Some(Family::Ipv4) => &mut stats.ipv4,
+            Some(Family::Ipv6) => &mut stats.ipv6,
+            None => &mut stats.other,
+        };
+        add(select(family), bytes);
     }
 }
 
@@ -47,12 +64,13 @@ pub fn count_drop(
     ctx: &TcContext,
     ifindex: u32,
     direction: u8,
+    family: Option<Family>,
     reason: DropReason,
-    select: impl FnOnce(&mut EndpointStats) -> &mut Counter,
+    select: impl FnOnce(&mut FamilyStats) -> &mut Counter,
 ) -> i32 {
-    let key = record_drop(ctx, ifindex, direction, reason, select);
+    let key = record_drop(ctx, ifindex, direction, family, reason, select);
     if may_report(&key) {
-        policy::emit_event(&drop_event(ctx, ifindex, direction, reason));
+        report_drop(ctx, ifindex, direction, reason);
     }
     TC_ACT_SHOT
 }
@@ -63,12 +81,13 @@ fn record_drop(
     ctx: &TcContext,
     ifindex: u32,
     direction: u8,
+    family: Option<Family>,
     reason: DropReason,
-    select: impl FnOnce(&mut EndpointStats) -> &mut Counter,
+    select: impl FnOnce(&mut FamilyStats) -> &mut Counter,
 ) -> DropKey {
     crate::debug::note_drop(reason);
     let bytes = ctx.len();
-    count(ifindex, bytes, select);
+    count(ifindex, family, bytes, select);
 
     let key = DropKey {
         ifindex,
@@ -140,10 +159,16 @@ fn may_report(key: &DropKey) -> bool {
     true
 }
 
-/// A drop event for a frame dropped before (or without) a policy verdict: what can be
-/// read of its IPv4 header with `bpf_skb_load_bytes`, zeros for other frames.
-#[inline(always)]
-fn drop_event(ctx: &TcContext, ifindex: u32, direction: u8, reason: DropReason) -> Event {
+/// Sends a drop event for a frame dropped before (or without) a policy verdict: what
+/// can be read of its IPv4 or IPv6 header with `bpf_skb_load_bytes`, zeros for other
+/// frames.
+///
+/// Never inlined, like every function that builds an [`Event`]: a BPF-to-BPF call has a
+/// stack frame of its own, so the event is not in the frame of each program's main
+/// function once per place that drops (the stacks of a call chain must fit in 512 bytes
+/// together, and the debug functions need their share).
+#[inline(never)]
+fn report_drop(ctx: &TcContext, ifindex: u32, direction: u8, reason: DropReason) {
     let mut event = Event {
         kind: EVENT_DROP,
         direction,
@@ -152,17 +177,25 @@ fn drop_event(ctx: &TcContext, ifindex: u32, direction: u8, reason: DropReason) 
         len: ctx.len(),
         ..Event::default()
     };
-    let is_ipv4 = matches!(ctx.load::<[u8; 2]>(12), Ok(t) if u16::from_be_bytes(t) == ETH_P_IP);
-    if !is_ipv4 {
-        return event;
+    match ctx.load::<[u8; 2]>(12).map(u16::from_be_bytes) {
+        Ok(ETH_P_IP) => ipv4_drop_event(ctx, &mut event),
+        Ok(ETH_P_IPV6) => ipv6_drop_event(ctx, &mut event),
+        _ => {}
     }
+    policy::emit_event(&event);
+}
+
+/// Fills in what an IPv4 header says (addresses, protocol, ports of a first fragment).
+#[inline(always)]
+fn ipv4_drop_event(ctx: &TcContext, event: &mut Event) {
     // version/IHL .. destination address: the fixed 20 bytes.
     let Ok(ip) = ctx.load::<[u8; 20]>(ETH_HLEN) else {
-        return event;
+        return;
     };
+    event.family = 4;
     event.proto = ip[9];
-    event.saddr = u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]);
-    event.daddr = u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]);
+    event.saddr[..4].copy_from_slice(&ip[12..16]);
+    event.daddr[..4].copy_from_slice(&ip[16..20]);
     let first_fragment = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff == 0;
     if first_fragment && policy::has_ports(event.proto) {
         let l4 = ETH_HLEN + usize::from(ip[0] & 0x0f) * 4;
@@ -171,7 +204,25 @@ fn drop_event(ctx: &TcContext, ifindex: u32, direction: u8, reason: DropReason) 
             event.dport = u16::from_be_bytes([ports[2], ports[3]]);
         }
     }
-    event
+}
+
+/// Fills in what a fixed IPv6 header says: the addresses and its next header (the
+/// extension headers are not walked for an event).
+#[inline(always)]
+fn ipv6_drop_event(ctx: &TcContext, event: &mut Event) {
+    let Ok(next_header) = ctx.load::<u8>(ETH_HLEN + 6) else {
+        return;
+    };
+    let (Ok(saddr), Ok(daddr)) = (
+        ctx.load::<[u8; 16]>(ETH_HLEN + 8),
+        ctx.load::<[u8; 16]>(ETH_HLEN + 24),
+    ) else {
+        return;
+    };
+    event.family = 6;
+    event.proto = next_header;
+    event.saddr = saddr;
+    event.daddr = daddr;
 }
 
 /// Counts a flow a policy refused against the endpoint whose policy decided, in the
@@ -180,35 +231,42 @@ fn drop_event(ctx: &TcContext, ifindex: u32, direction: u8, reason: DropReason) 
 #[inline(always)]
 pub fn count_denied(ctx: &TcContext, flow: &Flow, denied: &Denied) -> i32 {
     crate::debug::note_denied(denied.policy_id, denied.endpoint_id);
+    let family = Some(Family::Ipv4);
     let key = if denied.direction == DIR_INGRESS {
-        record_drop(ctx, denied.ifindex, denied.direction, denied.reason, |s| {
-            &mut s.ingress.dropped
-        })
+        record_drop(
+            ctx,
+            denied.ifindex,
+            denied.direction,
+            family,
+            denied.reason,
+            |s| &mut s.ingress.dropped,
+        )
     } else {
-        record_drop(ctx, denied.ifindex, denied.direction, denied.reason, |s| {
-            &mut s.egress.dropped
-        })
+        record_drop(
+            ctx,
+            denied.ifindex,
+            denied.direction,
+            family,
+            denied.reason,
+            |s| &mut s.egress.dropped,
+        )
     };
     if may_report(&key) {
-        policy::emit_event(&Event {
-            kind: EVENT_DROP,
-            direction: denied.direction,
-            proto: flow.proto,
-            _pad: 0,
-            reason: denied.reason as u16,
-            dport: u16::from_be(flow.dport),
-            sport: u16::from_be(flow.sport),
-            _pad2: 0,
-            ifindex: denied.ifindex,
-            endpoint_id: denied.endpoint_id,
-            policy_id: denied.policy_id,
-            remote_identity: denied.remote_identity,
-            saddr: flow.saddr,
-            daddr: flow.daddr,
-            len: flow.len,
-        });
+        report_denied(flow, denied);
     }
     TC_ACT_SHOT
+}
+
+/// Sends the drop event of a flow a policy refused (out of line, see [`report_drop`]).
+#[inline(never)]
+fn report_denied(flow: &Flow, denied: &Denied) {
+    let mut event = flow.event(EVENT_DROP, denied.direction);
+    event.reason = denied.reason as u16;
+    event.ifindex = denied.ifindex;
+    event.endpoint_id = denied.endpoint_id;
+    event.policy_id = denied.policy_id;
+    event.remote_identity = denied.remote_identity;
+    policy::emit_event(&event);
 }
 
 #[inline(always)]

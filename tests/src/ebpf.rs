@@ -21,8 +21,9 @@ use aya::{
     util::nr_cpus,
 };
 use hypha_common::{
-    Counter, CtEntry, CtKey4, DropKey, EndpointInfo, EndpointKey4, EndpointStats, Event,
-    FamilyStats, IpcacheValue, NodeConfig, PolicyEntry, PolicyKey, maps, programs,
+    Counter, CtEntry, CtKey4, DropKey, ENDPOINT_F_IPV4, EndpointIface, EndpointInfo, EndpointKey4,
+    EndpointStats, Event, FamilyStats, IpcacheValue, NodeConfig, PolicyEntry, PolicyKey, maps,
+    programs,
 };
 use nix::{
     mount::{MntFlags, MsFlags, mount, umount2},
@@ -124,18 +125,43 @@ impl Datapath {
         map.set(0, config, 0).expect("write hypha_config[0]");
     }
 
-    /// Adds an endpoint as the agent does: its `hypha_endpoints4` entry and its zeroed
-    /// `hypha_ep_stats` entry.
+    /// Adds an IPv4-only endpoint as the agent does: its `hypha_endpoints4` entry, its
+    /// `hypha_ifaces` entry and its zeroed `hypha_ep_stats_v2` entry, all with
+    /// `ENDPOINT_F_IPV4` added to `info.flags`. Called again for the same endpoint, it
+    /// replaces the entries (as the agent does when the flags change).
     pub fn add_endpoint(&mut self, addr: [u8; 4], info: EndpointInfo) {
+        let info = EndpointInfo {
+            flags: info.flags | ENDPOINT_F_IPV4,
+            ..info
+        };
         let mut endpoints: HashMap<&mut MapData, EndpointKey4, EndpointInfo> =
             self.map_mut(maps::ENDPOINTS4);
         endpoints
             .insert(EndpointKey4::from_octets(addr), info, 0)
-            .expect("insert into hypha_endpoints4");
+            .unwrap_or_else(|e| panic!("insert into {}: {e}", maps::ENDPOINTS4));
+        self.add_iface(
+            info.ifindex,
+            EndpointIface {
+                endpoint_id: info.endpoint_id,
+                flags: info.flags,
+                pod_mac: info.pod_mac,
+                host_mac: info.host_mac,
+                addr4: u32::from_ne_bytes(addr),
+                addr6: [0; 16],
+            },
+        );
         self.add_stats(info.ifindex);
     }
 
-    /// Creates a zeroed `hypha_ep_stats` entry for `ifindex`.
+    /// Writes the `hypha_ifaces` entry of the host-side veth `ifindex`.
+    pub fn add_iface(&mut self, ifindex: u32, iface: EndpointIface) {
+        let mut ifaces: HashMap<&mut MapData, u32, EndpointIface> = self.map_mut(maps::IFACES);
+        ifaces
+            .insert(ifindex, iface, 0)
+            .unwrap_or_else(|e| panic!("insert into {}: {e}", maps::IFACES));
+    }
+
+    /// Creates a zeroed `hypha_ep_stats_v2` entry for `ifindex`.
     pub fn add_stats(&mut self, ifindex: u32) {
         let cpus = nr_cpus().expect("number of possible CPUs");
         let zeroed =
@@ -144,7 +170,7 @@ impl Datapath {
             self.map_mut(maps::EP_STATS);
         stats
             .insert(ifindex, zeroed, 0)
-            .expect("insert into hypha_ep_stats");
+            .unwrap_or_else(|e| panic!("insert into {}: {e}", maps::EP_STATS));
     }
 
     /// Gives `addr/prefix_len` the security `identity` in `hypha_ipcache4`.
@@ -192,7 +218,6 @@ impl Datapath {
         events
     }
 
-    /// The counters of the endpoint `ifindex`, summed over CPUs.
     /// The endpoint's counters, all families together, summed over CPUs.
     pub fn stats(&self, ifindex: u32) -> FamilyStats {
         self.stats_by_family(ifindex).total()
@@ -276,12 +301,12 @@ impl Datapath {
         })
     }
 
-    /// Every `hypha_ep_stats` entry's ifindex.
+    /// Every `hypha_ep_stats_v2` entry's ifindex.
     pub fn stats_keys(&self) -> Vec<u32> {
         let stats: PerCpuHashMap<&MapData, u32, EndpointStats> = self.map(maps::EP_STATS);
         stats
             .keys()
-            .map(|k| k.expect("iterate hypha_ep_stats"))
+            .map(|k| k.unwrap_or_else(|e| panic!("iterate {}: {e}", maps::EP_STATS)))
             .collect()
     }
 

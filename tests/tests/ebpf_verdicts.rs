@@ -534,6 +534,11 @@ fn ipv6_from_a_pod_is_dropped_as_an_unsupported_family_and_reported() {
             frame.len() as u32
         )
     );
+    // The event carries the IPv6 header's addresses and next header.
+    assert_eq!(e.family, 6, "family");
+    assert_eq!(e.saddr, frame[ETH_HLEN + 8..ETH_HLEN + 24], "source");
+    assert_eq!(e.daddr, frame[ETH_HLEN + 24..ETH_HLEN + 40], "destination");
+    assert_eq!(e.proto, 17, "next header");
 }
 
 #[test]
@@ -690,6 +695,93 @@ fn drops_on_an_interface_without_stats_are_still_counted_by_reason() {
         "hypha_drops"
     );
     assert_eq!(node.stats_a(), FamilyStats::default(), "A's counters");
+}
+
+#[test]
+fn counters_are_kept_per_family() {
+    hypha_tests::require_root!();
+    // IPv4 and ARP count as IPv4, IPv6 as IPv6 (even when dropped for want of the family),
+    // frames of no family as other.
+    let node = Node::new();
+    let ipv4 = Ipv4::to(OUTSIDE_IP).frame();
+    let arp = arp_request(POD_A_MAC, POD_A_IP, GATEWAY_IP);
+    let ipv6 = eth(HOST_A_MAC, POD_A_MAC, ETH_P_IPV6, &ipv6_udp());
+    let lldp = eth(
+        [0x01, 0x80, 0xc2, 0, 0, 0x0e],
+        POD_A_MAC,
+        ETH_P_LLDP,
+        &[0; 32],
+    );
+
+    assert_eq!(node.send_from_a(&ipv4).verdict, TC_ACT_OK, "IPv4 verdict");
+    assert_eq!(
+        node.send_from_a(&arp).verdict,
+        TC_ACT_REDIRECT,
+        "ARP verdict"
+    );
+    assert_eq!(node.send_from_a(&ipv6).verdict, TC_ACT_SHOT, "IPv6 verdict");
+    assert_eq!(node.send_from_a(&lldp).verdict, TC_ACT_SHOT, "LLDP verdict");
+    let to_a = eth(
+        POD_A_MAC,
+        HOST_A_MAC,
+        ETH_P_IP,
+        &Ipv4::to(POD_A_IP).frame()[ETH_HLEN..],
+    );
+    assert_eq!(node.dp.run(TO_POD, &to_a, node.a).verdict, TC_ACT_OK);
+
+    let stats = node.dp.stats_by_family(node.a);
+    let mut ipv4_stats = FamilyStats::default();
+    ipv4_stats.egress.passed = counter(2, ipv4.len() + arp.len());
+    ipv4_stats.ingress.passed = counter(1, to_a.len());
+    assert_eq!(stats.ipv4, ipv4_stats, "A's IPv4 counters");
+    assert_eq!(
+        stats.ipv6,
+        stats_with(|s| &mut s.egress.dropped, counter(1, ipv6.len())),
+        "A's IPv6 counters"
+    );
+    assert_eq!(
+        stats.other,
+        stats_with(|s| &mut s.egress.dropped, counter(1, lldp.len())),
+        "A's other counters"
+    );
+}
+
+#[test]
+fn a_veth_without_an_endpoint_entry_sends_nothing_and_receives_only_ipv4() {
+    hypha_tests::require_root!();
+    // hypha_ifaces says which families a veth's endpoint has; a veth without an entry has
+    // none, except that the host may still deliver IPv4 and ARP to it, as before the
+    // entries existed.
+    let node = Node::new();
+    let stranger = node.netns.add_veth("hy-host-x", "hy-pod-x");
+    let ipv4 = Ipv4::to(OUTSIDE_IP).frame();
+    let arp = arp_request(POD_A_MAC, POD_A_IP, GATEWAY_IP);
+
+    for frame in [&ipv4, &arp] {
+        let run = node.dp.run(FROM_POD, frame, stranger);
+        assert_eq!(run.verdict, TC_ACT_SHOT, "verdict from the stranger");
+    }
+    let key = DropKey {
+        ifindex: stranger,
+        reason: DropReason::UnsupportedFamily as u16,
+        direction: DIR_EGRESS,
+        _pad: 0,
+    };
+    assert_eq!(
+        node.dp.drops(),
+        vec![(key, counter(2, ipv4.len() + arp.len()))],
+        "hypha_drops"
+    );
+
+    let to_x = eth(
+        POD_A_MAC,
+        HOST_A_MAC,
+        ETH_P_IP,
+        &Ipv4::to([10, 244, 0, 99]).frame()[ETH_HLEN..],
+    );
+    assert_eq!(node.dp.run(TO_POD, &to_x, stranger).verdict, TC_ACT_OK);
+    let ipv6 = eth(POD_A_MAC, HOST_A_MAC, ETH_P_IPV6, &ipv6_udp());
+    assert_eq!(node.dp.run(TO_POD, &ipv6, stranger).verdict, TC_ACT_SHOT);
 }
 
 // ---- hypha_to_pod ----
@@ -892,7 +984,16 @@ mod policy {
             (e.remote_identity, e.dport, e.proto, e.direction),
             (ID_A, DNS, 17, DIR_INGRESS)
         );
-        assert_eq!(e.saddr[..4], POD_A_IP);
+        assert_eq!(e.family, 4, "family");
+        assert_eq!(e.saddr, ipv4_in_event(POD_A_IP), "source");
+        assert_eq!(e.daddr, ipv4_in_event(POD_B_IP), "destination");
+    }
+
+    /// An IPv4 address as an event carries it: in the first 4 of 16 bytes, the rest 0.
+    fn ipv4_in_event(addr: [u8; 4]) -> [u8; 16] {
+        let mut bytes = [0; 16];
+        bytes[..4].copy_from_slice(&addr);
+        bytes
     }
 
     #[test]
@@ -1159,8 +1260,8 @@ mod policy {
             )
         );
         assert_eq!(
-            (e.saddr[..4].to_vec(), e.daddr[..4].to_vec()),
-            (vec![10, 244, 0, 99], POD_B_IP.to_vec())
+            (e.family, e.saddr, e.daddr),
+            (4, ipv4_in_event([10, 244, 0, 99]), ipv4_in_event(POD_B_IP))
         );
         assert_eq!((e.proto, e.sport, e.dport), (17, 4321, DNS));
         assert_eq!((e.policy_id, e.endpoint_id), (0, 0), "no policy decided");

@@ -122,6 +122,72 @@ fn a_pod_locked_down_by_policy_gets_no_ipv6_through_to_the_host() {
     assert_eq!(event["kind"], "drop");
 }
 
+#[test]
+fn an_ipv6_only_node_drops_ipv4_and_arp_from_its_pods_as_unsupported_family() {
+    hypha_tests::require_root!();
+    let node = Node::start_v6_only();
+    let a = node.add_pod("a");
+    let b = node.add_pod("b");
+    let ep = node.endpoint(&a.container_id);
+    let monitor = Monitor::start(&node, &["--type", "drop"]);
+
+    // The pods (root inside) give themselves IPv4 addresses of a made-up subnet: ARP
+    // from a is dropped, and so is IPv4 sent straight to the host veth's MAC.
+    b.netns
+        .exec(&["ip", "addr", "add", "192.0.2.11/24", "dev", "eth0"]);
+    a.netns
+        .exec(&["ip", "addr", "add", "192.0.2.10/24", "dev", "eth0"]);
+    let arp = a
+        .netns
+        .try_exec(&["ping", "-c", "2", "-i", "0.3", "-W", "1", "192.0.2.11"]);
+    assert!(
+        !arp.status.success(),
+        "IPv4 (behind ARP) crossed an IPv6-only node: {}",
+        output_text(&arp)
+    );
+    let arp_drops = drops(&node, &a, "unsupported-family", "egress");
+    assert!(
+        arp_drops > 0,
+        "ARP is counted as unsupported-family: {:?}",
+        node.endpoint(&a.container_id).drops
+    );
+    a.netns.exec(&[
+        "ip",
+        "neigh",
+        "replace",
+        "192.0.2.11",
+        "lladdr",
+        &ep.host_mac.to_string(),
+        "dev",
+        "eth0",
+        "nud",
+        "permanent",
+    ]);
+    let v4 = a
+        .netns
+        .try_exec(&["ping", "-c", "2", "-i", "0.3", "-W", "1", "192.0.2.11"]);
+    assert!(
+        !v4.status.success(),
+        "IPv4 crossed an IPv6-only node: {}",
+        output_text(&v4)
+    );
+    assert!(
+        drops(&node, &a, "unsupported-family", "egress") >= arp_drops + 2,
+        "the IPv4 frames are counted as unsupported-family too: {:?}",
+        node.endpoint(&a.container_id).drops
+    );
+    let event = monitor
+        .find(Duration::from_secs(5), |e| {
+            e["reason"] == "unsupported-family" && e["ifindex"] == ep.host_ifindex
+        })
+        .expect("the monitor reports the IPv4 drops");
+    assert_eq!(event["kind"], "drop");
+    // IPv6 between the same pods still works.
+    let v6 = b.address6.expect("b has an IPv6 address").to_string();
+    a.netns
+        .exec(&["ping", "-6", "-c", "2", "-i", "0.2", "-W", "2", &v6]);
+}
+
 /// The value `hypha_to_pod` once trusted in `skb->mark` as "already handled by Hypha"
 /// (`MARK_REDIRECTED`, "HYP" + 0x01).
 const OLD_MARK_REDIRECTED: &str = "0x48595001";

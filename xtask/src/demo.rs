@@ -1,9 +1,10 @@
 //! `cargo xtask demo`: the main job, end to end, on this machine.
 //!
 //! Starts an agent with its own socket, state and pin directories, makes two pods
-//! (network namespaces) through `hypha-cni` exactly as a runtime would, shows them
-//! talking through the eBPF datapath, prints the endpoint list with its counters, and
-//! removes everything it made, also when interrupted with Ctrl-C.
+//! (network namespaces) through `hypha-cni` exactly as a runtime would, dual stack (an
+//! IPv4 and an IPv6 address each), shows them talking through the eBPF datapath over
+//! both families, prints the endpoint list with its addresses and counters, and removes
+//! everything it made, also when interrupted with Ctrl-C.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -16,7 +17,11 @@ use anyhow::{Context as _, Result, bail};
 use crate::util::{self, output, workspace_root};
 
 const POD_CIDR: &str = "10.199.0.0/24";
+/// The IPv6 pod CIDR, a ULA of its own (not the host's `fd00::/64`).
+const POD_CIDR6: &str = "fd00:10:199::/64";
 const GATEWAY: &str = "10.199.0.1/32";
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+const IPV6_FORWARDING: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
 
 /// Everything the demo made, so that one function can take it all down.
 #[derive(Default)]
@@ -26,6 +31,7 @@ struct Made {
     tmp: Option<PathBuf>,
     pin_dir: Option<PathBuf>,
     ip_forward_before: Option<String>,
+    ipv6_forwarding_before: Option<String>,
     cleaned: bool,
 }
 
@@ -45,7 +51,8 @@ pub fn run() -> Result<()> {
         made: Arc::new(Mutex::new(Made {
             tmp: Some(tmp.clone()),
             pin_dir: Some(PathBuf::from(format!("/sys/fs/bpf/hypha-demo-{pid}"))),
-            ip_forward_before: std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").ok(),
+            ip_forward_before: std::fs::read_to_string(IP_FORWARD).ok(),
+            ipv6_forwarding_before: std::fs::read_to_string(IPV6_FORWARDING).ok(),
             ..Made::default()
         })),
     };
@@ -85,7 +92,7 @@ impl Demo {
             .arg(tmp.join("state"))
             .arg("--pin-dir")
             .arg(&pin_dir)
-            .args(["--pod-cidr", POD_CIDR])
+            .args(["--pod-cidr", &format!("{POD_CIDR},{POD_CIDR6}")])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -120,20 +127,34 @@ impl Demo {
             let result = cni(&self.bin, "ADD", &container_id, &netns, &self.socket)?;
             println!("{result}");
             let json: serde_json::Value = serde_json::from_str(&result)?;
-            let addr = json["ips"][0]["address"]
-                .as_str()
-                .and_then(|a| a.split('/').next())
-                .context("CNI result without ips[0].address")?
-                .to_owned();
-            addrs.push((netns, addr));
+            let family = |v6: bool| -> Result<String> {
+                json["ips"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|ip| ip["address"].as_str()?.split('/').next())
+                    .find(|a| a.contains(':') == v6)
+                    .map(str::to_owned)
+                    .with_context(|| {
+                        format!(
+                            "CNI result without an {} address: {result}",
+                            if v6 { "IPv6" } else { "IPv4" }
+                        )
+                    })
+            };
+            addrs.push((netns, family(false)?, family(true)?));
         }
-        let (a_ns, a_ip) = &addrs[0];
-        let (b_ns, b_ip) = &addrs[1];
+        let (a_ns, a_ip, a_ip6) = &addrs[0];
+        let (b_ns, b_ip, b_ip6) = &addrs[1];
 
         step(&format!("Pod a ({a_ip}) pings pod b ({b_ip})"));
         util::run(
             Command::new("ip").args(["netns", "exec", a_ns, "ping", "-c", "3", "-i", "0.2", b_ip]),
         )?;
+        step(&format!("Pod a ({a_ip6}) pings pod b ({b_ip6}) over IPv6"));
+        util::run(Command::new("ip").args([
+            "netns", "exec", a_ns, "ping", "-6", "-c", "3", "-i", "0.2", b_ip6,
+        ]))?;
 
         step("A 3-second TCP transfer from pod a to pod b (iperf3)");
         let mut server = Command::new("ip")
@@ -149,23 +170,30 @@ impl Demo {
         let _ = server.wait();
         client?;
 
-        step("Endpoints and their counters (TX-REDIR: carried pod-to-pod by bpf_redirect_peer)");
+        step(
+            "Endpoints, both addresses, and their counters (TX-REDIR: carried pod-to-pod by bpf_redirect_peer)",
+        );
         print!("{}", self.hypha(&["endpoint", "list"])?);
         let eps: serde_json::Value =
             serde_json::from_str(&self.hypha(&["endpoint", "list", "-o", "json"])?)?;
-        let redirected: u64 = eps
-            .as_array()
-            .map(|v| {
-                v.iter()
-                    .filter_map(|e| e["counters"]["egress"]["redirected"]["packets"].as_u64())
-                    .sum()
-            })
-            .unwrap_or(0);
-        if redirected == 0 {
+        let redirected = |counters: &str| -> u64 {
+            eps.as_array()
+                .map(|v| {
+                    v.iter()
+                        .filter_map(|e| e[counters]["egress"]["redirected"]["packets"].as_u64())
+                        .sum()
+                })
+                .unwrap_or(0)
+        };
+        let (all, ipv6) = (redirected("counters"), redirected("counters6"));
+        if all == 0 {
             bail!("the eBPF datapath redirected no packets: traffic did not take the eBPF path");
         }
+        if ipv6 == 0 {
+            bail!("the eBPF datapath redirected no IPv6 packets: IPv6 did not take the eBPF path");
+        }
         step(&format!(
-            "The eBPF datapath carried {redirected} packets between the pods; cleaning up"
+            "The eBPF datapath carried {all} packets between the pods ({ipv6} of them IPv6); cleaning up"
         ));
         Ok(())
     }
@@ -216,6 +244,21 @@ fn cni(
     Ok(stdout)
 }
 
+/// `FAMILY NAME` of every nftables table named after one of the demo's pod CIDRs
+/// (`hypha_10_199_0_0_24`, and the IPv6 CIDR's, in whatever family the agent made them).
+fn demo_nft_tables() -> Vec<String> {
+    let Ok(listing) = output(Command::new("nft").args(["list", "tables"])) else {
+        return Vec::new();
+    };
+    let marks = ["hypha_10_199_0_0_24", "fd00_10_199_"];
+    listing
+        .lines()
+        .filter_map(|l| l.strip_prefix("table "))
+        .filter(|t| marks.iter().any(|m| t.contains(m)))
+        .map(str::to_owned)
+        .collect()
+}
+
 fn wait_for(mut ready: impl FnMut() -> bool, limit: Duration) -> Result<()> {
     let start = Instant::now();
     while start.elapsed() < limit {
@@ -260,12 +303,19 @@ fn cleanup(made: &Mutex<Made>, bin: &Path, socket: &Path) {
         .args(["addr", "del", GATEWAY, "dev", "lo"])
         .stderr(Stdio::null())
         .status();
-    let _ = Command::new("nft")
-        .args(["delete", "table", "ip", "hypha_10_199_0_0_24"])
-        .stderr(Stdio::null())
-        .status();
+    // The agent's masquerade tables: one per pod CIDR, named after it.
+    for table in demo_nft_tables() {
+        let _ = Command::new("nft")
+            .args(["delete", "table"])
+            .args(table.split_whitespace())
+            .stderr(Stdio::null())
+            .status();
+    }
     if let Some(before) = &m.ip_forward_before {
-        let _ = std::fs::write("/proc/sys/net/ipv4/ip_forward", before);
+        let _ = std::fs::write(IP_FORWARD, before);
+    }
+    if let Some(before) = &m.ipv6_forwarding_before {
+        let _ = std::fs::write(IPV6_FORWARDING, before);
     }
     for dir in [m.pin_dir.take(), m.tmp.take()].into_iter().flatten() {
         let _ = std::fs::remove_dir_all(dir);

@@ -438,6 +438,8 @@ fn reference(
                 server_ns: server_ns.clone(),
                 client_ip,
                 server_ip,
+                client_ip6: None,
+                server_ip6: None,
                 agent_socket: None,
             });
         }

@@ -2,6 +2,11 @@
 //! latency over a bare veth pair (the physical limit), the reference bridge plugin, and
 //! Hypha, measured in one run with the setups taking turns (this machine is small and
 //! shared: noise hits all three alike), reported as medians and ratios.
+//!
+//! `--family 4|6|both` (default both) picks the address families measured: for IPv6 the
+//! setups are made dual stack (bridge with a second, IPv6 host-local range; Hypha with an
+//! IPv6 pod CIDR) and every setup is measured once per family in each round, each family
+//! against its own veth and bridge.
 
 use super::Target;
 use std::process::Command;
@@ -21,14 +26,55 @@ use crate::util::workspace_root;
 const TARGET_THROUGHPUT_OF_VETH: f64 = 95.0;
 const TARGET_P50_OF_VETH: f64 = 110.0;
 
+/// The address families a run measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Families {
+    #[value(name = "4")]
+    #[serde(rename = "4")]
+    V4,
+    #[value(name = "6")]
+    #[serde(rename = "6")]
+    V6,
+    Both,
+}
+
+impl Families {
+    fn describe(self) -> &'static str {
+        match self {
+            Families::V4 => "IPv4",
+            Families::V6 => "IPv6",
+            Families::Both => "IPv4 and IPv6",
+        }
+    }
+
+    /// Whether each family is measured, IPv4's first: `ipv6` values in measuring order.
+    fn list(self) -> &'static [bool] {
+        match self {
+            Families::V4 => &[false],
+            Families::V6 => &[true],
+            Families::Both => &[false, true],
+        }
+    }
+}
+
 #[derive(clap::Args)]
 pub struct Options {
-    /// Rounds of throughput + latency per setup; the setups take turns round by round.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
-    runs: u32,
-    /// Seconds of each throughput run and of each latency run.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=300))]
-    seconds: u32,
+    /// Rounds of throughput + latency per setup; the setups take turns round by round
+    /// [default: 5, 1 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    runs: Option<u32>,
+    /// Seconds of each throughput run and of each latency run [default: 5, 2 with
+    /// --quick].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=300))]
+    seconds: Option<u32>,
+    /// A short run (for CI): one round of 2 s, unless --runs or --seconds say otherwise.
+    #[arg(long)]
+    quick: bool,
+    /// Address families to measure: 4, 6, or both (each with its own veth and bridge
+    /// references and targets).
+    #[arg(long, value_enum, default_value_t = Families::Both)]
+    family: Families,
     /// Setups to compare, comma-separated (veth is the reference for the ratios).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Kind::Veth, Kind::Bridge, Kind::Hypha])]
     setups: Vec<Kind>,
@@ -43,11 +89,23 @@ pub struct Options {
     baseline_bin: Option<std::path::PathBuf>,
 }
 
-/// One setup's pods (if it could be made) and its results.
+impl Options {
+    fn runs(&self) -> u32 {
+        self.runs.unwrap_or(if self.quick { 1 } else { 5 })
+    }
+
+    fn seconds(&self) -> u32 {
+        self.seconds.unwrap_or(if self.quick { 2 } else { 5 })
+    }
+}
+
+/// One setup's pods (if it could be made) and its results in one family.
 struct Setup {
     kind: Kind,
     /// The Hypha of `--baseline-bin`.
     baseline: bool,
+    /// Measured over IPv6 (else IPv4).
+    ipv6: bool,
     pods: Option<Pods>,
     error: Option<String>,
     runs: Vec<Run>,
@@ -67,14 +125,20 @@ struct Report {
     machine: Machine,
     runs: u32,
     seconds: u32,
+    family: Families,
     latency_pin: Pin,
     setups: Vec<SetupReport>,
+    /// IPv4 (absent when not measured).
     hypha_vs_bridge: Option<HyphaVsBridge>,
-    /// This build's Hypha against `--baseline-bin`'s.
+    hypha_vs_bridge6: Option<HyphaVsBridge>,
+    /// This build's Hypha against `--baseline-bin`'s, per family.
     hypha_vs_base: Option<HyphaVsBridge>,
+    hypha_vs_base6: Option<HyphaVsBridge>,
     targets: Vec<Target>,
     /// `counters.egress.redirected.packets` summed over Hypha's endpoints after the runs.
     hypha_redirected_packets: Option<u64>,
+    /// The same of `counters6` (IPv6 only), when IPv6 was measured.
+    hypha_redirected_packets6: Option<u64>,
     errors: Vec<String>,
 }
 
@@ -91,6 +155,8 @@ pub(super) struct Machine {
 #[derive(Serialize)]
 struct SetupReport {
     name: &'static str,
+    /// 4 or 6.
+    family: u8,
     description: &'static str,
     client: Option<String>,
     server: Option<String>,
@@ -145,51 +211,36 @@ pub fn run(o: &Options) -> Result<()> {
             .with_context(|| format!("creating {}", plan.tmp.display()))
     })?;
 
-    let mut setups: Vec<Setup> = kinds
-        .iter()
-        .map(|&kind| {
-            println!("==> setting up {}: {}", kind.name(), kind.describe());
-            let (pods, error) = match setups::create(kind, &plan, &td) {
-                Ok(p) => {
-                    println!(
-                        "    client {} ({}) -> server {} ({})",
-                        p.client_ip, p.client_ns, p.server_ip, p.server_ns
-                    );
-                    (Some(p), None)
-                }
-                Err(e) => {
-                    eprintln!("    FAILED: {e:#}");
-                    (None, Some(format!("{e:#}")))
-                }
-            };
-            Setup {
-                kind,
-                baseline: false,
-                pods,
-                error,
-                runs: Vec::new(),
-            }
-        })
-        .collect();
+    let dual = o.family != Families::V4;
+    let mut setups: Vec<Setup> = Vec::new();
+    for &kind in &kinds {
+        println!("==> setting up {}: {}", kind.name(), kind.describe());
+        let made = if dual {
+            setups::create_dual(kind, &plan, &td)
+        } else {
+            setups::create(kind, &plan, &td)
+        };
+        setups.extend(per_family(kind, false, made, o.family));
+    }
     if let Some(bin) = &o.baseline_bin {
-        setups.push(baseline(bin, &plan, &out_dir, &td)?);
+        setups.extend(baseline(bin, &plan, &out_dir, &td, o.family)?);
     }
 
+    let (runs, seconds) = (o.runs(), o.seconds());
     println!(
-        "==> {} rounds of {} s throughput + {} s latency, setups taking turns",
-        o.runs, o.seconds, o.seconds
+        "==> {runs} rounds of {seconds} s throughput + {seconds} s latency, setups and families taking turns"
     );
     let n = setups.len();
-    for round in 0..o.runs as usize {
+    for round in 0..runs as usize {
         // Rotate who goes first, so no setup always follows the same one.
         for k in 0..n {
             let setup = &mut setups[(round + k) % n];
             let Some(pods) = &setup.pods else { continue };
-            let run = measure_once(pods, round as u32 + 1, o);
+            let run = measure_once(pods, setup.ipv6, round as u32 + 1, o);
             println!(
-                "    round {}/{} {:<10} {}",
+                "    round {}/{} {:<11} {}",
                 round + 1,
-                o.runs,
+                runs,
                 setup.name(),
                 describe_run(&run)
             );
@@ -198,26 +249,33 @@ pub fn run(o: &Options) -> Result<()> {
     }
 
     let mut errors: Vec<String> = Vec::new();
-    let redirected = setups
+    let socket = setups
         .iter()
+        .filter(|s| !s.baseline)
         .filter_map(|s| s.pods.as_ref())
-        .find_map(|p| p.agent_socket.as_ref())
-        .map(|socket| setups::hypha_redirected(&plan.bin, socket));
-    let redirected = match redirected {
-        Some(Ok(n)) => Some(n),
-        Some(Err(e)) => {
-            errors.push(format!("reading Hypha's counters: {e:#}"));
-            None
+        .find_map(|p| p.agent_socket.clone());
+    let mut read = |counters: &str| {
+        let n = socket
+            .as_ref()
+            .map(|socket| setups::hypha_redirected_in(&plan.bin, socket, counters));
+        match n {
+            Some(Ok(n)) => Some(n),
+            Some(Err(e)) => {
+                errors.push(format!("reading Hypha's {counters}: {e:#}"));
+                None
+            }
+            None => None,
         }
-        None => None,
     };
+    let redirected = read("counters");
+    let redirected6 = if dual { read("counters6") } else { None };
 
     println!("==> cleaning up");
     if let Err(e) = td.finish() {
         errors.push(format!("{e:#}"));
     }
 
-    let report = report(o, machine, setups, redirected, errors);
+    let report = report(o, machine, setups, (redirected, redirected6), errors);
     print_table(&report);
     super::write_outputs(
         &out_dir,
@@ -228,12 +286,51 @@ pub fn run(o: &Options) -> Result<()> {
     )
 }
 
+/// One [`Setup`] per measured family of what `kind`'s setup made (the same pods).
+fn per_family(kind: Kind, baseline: bool, made: Result<Pods>, families: Families) -> Vec<Setup> {
+    let (pods, error) = match made {
+        Ok(p) => {
+            let v6 = p
+                .client_ip6
+                .zip(p.server_ip6)
+                .map(|(c, s)| format!(", IPv6 {c} -> {s}"))
+                .unwrap_or_default();
+            println!(
+                "    client {} ({}) -> server {} ({}){v6}",
+                p.client_ip, p.client_ns, p.server_ip, p.server_ns
+            );
+            (Some(p), None)
+        }
+        Err(e) => {
+            eprintln!("    FAILED: {e:#}");
+            (None, Some(format!("{e:#}")))
+        }
+    };
+    families
+        .list()
+        .iter()
+        .map(|&ipv6| Setup {
+            kind,
+            baseline,
+            ipv6,
+            pods: pods.clone(),
+            error: error.clone(),
+            runs: Vec::new(),
+        })
+        .collect()
+}
+
 impl Setup {
     fn name(&self) -> &'static str {
-        if self.baseline {
-            "hypha-base"
-        } else {
-            self.kind.name()
+        match (self.baseline, self.kind, self.ipv6) {
+            (true, _, false) => "hypha-base",
+            (true, _, true) => "hypha-base6",
+            (false, Kind::Veth, false) => "veth",
+            (false, Kind::Veth, true) => "veth6",
+            (false, Kind::Bridge, false) => "bridge",
+            (false, Kind::Bridge, true) => "bridge6",
+            (false, Kind::Hypha, false) => "hypha",
+            (false, Kind::Hypha, true) => "hypha6",
         }
     }
 
@@ -253,7 +350,8 @@ fn baseline(
     plan: &Plan,
     out_dir: &std::path::Path,
     td: &Teardown,
-) -> Result<Setup> {
+    families: Families,
+) -> Result<Vec<Setup>> {
     println!(
         "==> setting up hypha-base: the binaries in {}",
         bin.display()
@@ -271,37 +369,30 @@ fn baseline(
         std::fs::create_dir_all(&base.tmp)
             .with_context(|| format!("creating {}", base.tmp.display()))
     })?;
-    let (pods, error) = match setups::create(Kind::Hypha, &base, td) {
-        Ok(p) => {
-            println!(
-                "    client {} ({}) -> server {} ({})",
-                p.client_ip, p.client_ns, p.server_ip, p.server_ns
-            );
-            (Some(p), None)
-        }
-        Err(e) => {
-            eprintln!("    FAILED: {e:#}");
-            (None, Some(format!("{e:#}")))
-        }
+    let made = if families == Families::V4 {
+        setups::create(Kind::Hypha, &base, td)
+    } else {
+        setups::create_dual(Kind::Hypha, &base, td)
     };
-    Ok(Setup {
-        kind: Kind::Hypha,
-        baseline: true,
-        pods,
-        error,
-        runs: Vec::new(),
-    })
+    Ok(per_family(Kind::Hypha, true, made, families))
 }
 
-fn measure_once(pods: &Pods, run: u32, o: &Options) -> Run {
+fn measure_once(pods: &Pods, ipv6: bool, run: u32, o: &Options) -> Run {
     let mut errors = Vec::new();
-    let throughput_gbps = measure::throughput(pods, o.seconds)
-        .map(|bps| bps / 1e9)
-        .map_err(|e| errors.push(format!("throughput: {e:#}")))
-        .ok();
-    let latency = measure::latency(pods, o.seconds, o.latency_pin)
-        .map_err(|e| errors.push(format!("latency: {e:#}")))
-        .ok();
+    let seconds = o.seconds();
+    let (mut throughput_gbps, mut latency) = (None, None);
+    match pods.server(ipv6) {
+        Some(server) => {
+            throughput_gbps = measure::throughput_to(pods, server, seconds)
+                .map(|bps| bps / 1e9)
+                .map_err(|e| errors.push(format!("throughput: {e:#}")))
+                .ok();
+            latency = measure::latency_to(pods, server, 0, seconds, o.latency_pin)
+                .map_err(|e| errors.push(format!("latency: {e:#}")))
+                .ok();
+        }
+        None => errors.push("the server pod has no IPv6 address".to_owned()),
+    }
     Run {
         run,
         throughput_gbps,
@@ -337,7 +428,7 @@ fn report(
     o: &Options,
     machine: Machine,
     setups: Vec<Setup>,
-    redirected: Option<u64>,
+    (redirected, redirected6): (Option<u64>, Option<u64>),
     mut errors: Vec<String>,
 ) -> Report {
     let medians = |runs: &[Run]| Medians {
@@ -351,16 +442,18 @@ fn report(
                 .filter_map(|r| r.latency.as_ref().map(|l| us(l.p99_ns))),
         ),
     };
-    let find = |kind: Kind| {
-        setups
+    // (kind, baseline, ipv6, medians) of every setup, for the comparisons.
+    let table: Vec<(Kind, bool, bool, Medians)> = setups
+        .iter()
+        .map(|s| (s.kind, s.baseline, s.ipv6, medians(&s.runs)))
+        .collect();
+    let find = |kind: Kind, ipv6: bool| {
+        table
             .iter()
-            .find(|s| s.kind == kind && !s.baseline)
-            .map(|s| medians(&s.runs))
+            .find(|t| t.0 == kind && !t.1 && t.2 == ipv6)
+            .map(|t| t.3)
     };
-    let base = setups.iter().find(|s| s.baseline).map(|s| medians(&s.runs));
-    let veth = find(Kind::Veth);
-    let bridge = find(Kind::Bridge);
-    let hypha = find(Kind::Hypha);
+    let base = |ipv6: bool| table.iter().find(|t| t.1 && t.2 == ipv6).map(|t| t.3);
     let pct = |a: Option<f64>, b: Option<f64>| Some(100.0 * a? / b.filter(|b| *b > 0.0)?);
     let ratio = |a: Option<f64>, b: Option<f64>| Some(a? / b.filter(|b| *b > 0.0)?);
 
@@ -375,22 +468,28 @@ fn report(
             }
         }
         let median = medians(&s.runs);
-        let vs_veth = veth.map(|v| VsVeth {
+        let vs_veth = find(Kind::Veth, s.ipv6).map(|v| VsVeth {
             throughput_pct: pct(median.throughput_gbps, v.throughput_gbps),
             p50_pct: pct(median.p50_us, v.p50_us),
             p99_pct: pct(median.p99_us, v.p99_us),
         });
         reports.push(SetupReport {
             name: s.name(),
+            family: if s.ipv6 { 6 } else { 4 },
             description: s.describe(),
-            client: s
-                .pods
-                .as_ref()
-                .map(|p| format!("{} in {}", p.client_ip, p.client_ns)),
-            server: s
-                .pods
-                .as_ref()
-                .map(|p| format!("{} in {}", p.server_ip, p.server_ns)),
+            client: s.pods.as_ref().map(|p| {
+                let ip = match (s.ipv6, p.client_ip6) {
+                    (true, Some(ip6)) => ip6.to_string(),
+                    _ => p.client_ip.to_string(),
+                };
+                format!("{ip} in {}", p.client_ns)
+            }),
+            server: s.pods.as_ref().map(|p| {
+                let ip = p
+                    .server(s.ipv6)
+                    .map_or_else(|| "none".to_owned(), |ip| ip.to_string());
+                format!("{ip} in {}", p.server_ns)
+            }),
             error: s.error,
             runs: s.runs,
             median,
@@ -406,50 +505,74 @@ fn report(
         }),
         _ => None,
     };
-    let hypha_vs_bridge = ratios(hypha, bridge);
-    let hypha_vs_base = ratios(hypha, base);
-    let h = hypha.unwrap_or_default();
-    let v = veth.unwrap_or_default();
-    let b = bridge.unwrap_or_default();
-    let tput_pct = pct(h.throughput_gbps, v.throughput_gbps);
-    let p50_pct = pct(h.p50_us, v.p50_us);
-    let targets = vec![
-        Target {
-            goal: format!("Hypha throughput >= {TARGET_THROUGHPUT_OF_VETH:.0}% of veth"),
-            measured: tput_pct.map(|p| format!("{p:.1}%")),
-            pass: tput_pct.map(|p| p >= TARGET_THROUGHPUT_OF_VETH),
-        },
-        Target {
-            goal: "Hypha throughput > bridge".to_owned(),
-            measured: h
-                .throughput_gbps
-                .zip(b.throughput_gbps)
-                .map(|(h, b)| format!("{h:.2} vs {b:.2} Gbit/s")),
-            pass: h.throughput_gbps.zip(b.throughput_gbps).map(|(h, b)| h > b),
-        },
-        Target {
-            goal: format!("Hypha p50 <= {TARGET_P50_OF_VETH:.0}% of veth"),
-            measured: p50_pct.map(|p| format!("{p:.1}%")),
-            pass: p50_pct.map(|p| p <= TARGET_P50_OF_VETH),
-        },
-    ];
+    let measured = |ipv6: bool| o.family.list().contains(&ipv6);
+    let vs = |ipv6: bool, other: Option<Medians>| {
+        measured(ipv6)
+            .then(|| ratios(find(Kind::Hypha, ipv6), other))
+            .flatten()
+    };
+    let hypha_vs_bridge = vs(false, find(Kind::Bridge, false));
+    let hypha_vs_bridge6 = vs(true, find(Kind::Bridge, true));
+    let hypha_vs_base = vs(false, base(false));
+    let hypha_vs_base6 = vs(true, base(true));
+    let mut targets = Vec::new();
+    for &ipv6 in o.family.list() {
+        let h = find(Kind::Hypha, ipv6).unwrap_or_default();
+        let v = find(Kind::Veth, ipv6).unwrap_or_default();
+        let b = find(Kind::Bridge, ipv6).unwrap_or_default();
+        let family = if ipv6 { "IPv6" } else { "IPv4" };
+        let tput_pct = pct(h.throughput_gbps, v.throughput_gbps);
+        let p50_pct = pct(h.p50_us, v.p50_us);
+        targets.extend([
+            Target {
+                goal: format!(
+                    "{family}: Hypha throughput >= {TARGET_THROUGHPUT_OF_VETH:.0}% of veth"
+                ),
+                measured: tput_pct.map(|p| format!("{p:.1}%")),
+                pass: tput_pct.map(|p| p >= TARGET_THROUGHPUT_OF_VETH),
+            },
+            Target {
+                goal: format!("{family}: Hypha throughput > bridge"),
+                measured: h
+                    .throughput_gbps
+                    .zip(b.throughput_gbps)
+                    .map(|(h, b)| format!("{h:.2} vs {b:.2} Gbit/s")),
+                pass: h.throughput_gbps.zip(b.throughput_gbps).map(|(h, b)| h > b),
+            },
+            Target {
+                goal: format!("{family}: Hypha p50 <= {TARGET_P50_OF_VETH:.0}% of veth"),
+                measured: p50_pct.map(|p| format!("{p:.1}%")),
+                pass: p50_pct.map(|p| p <= TARGET_P50_OF_VETH),
+            },
+        ]);
+    }
     if redirected == Some(0) {
         errors.push(
             "Hypha's eBPF datapath redirected no packets: the traffic did not take the eBPF path"
                 .to_owned(),
         );
     }
+    if redirected6 == Some(0) {
+        errors.push(
+            "Hypha's eBPF datapath redirected no IPv6 packets: IPv6 did not take the eBPF path"
+                .to_owned(),
+        );
+    }
     Report {
         bench: "datapath",
         machine,
-        runs: o.runs,
-        seconds: o.seconds,
+        runs: o.runs(),
+        seconds: o.seconds(),
+        family: o.family,
         latency_pin: o.latency_pin,
         setups: reports,
         hypha_vs_bridge,
+        hypha_vs_bridge6,
         hypha_vs_base,
+        hypha_vs_base6,
         targets,
         hypha_redirected_packets: redirected,
+        hypha_redirected_packets6: redirected6,
         errors,
     }
 }
@@ -461,22 +584,23 @@ fn print_table(r: &Report) {
     let pct = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.1}%"));
     println!();
     println!(
-        "Datapath bench: median of {} rounds, {} s each; kernel {}, {} CPUs; latency threads: {}",
+        "Datapath bench: median of {} rounds, {} s each; {}; kernel {}, {} CPUs; latency threads: {}",
         r.runs,
         r.seconds,
+        r.family.describe(),
         r.machine.kernel,
         r.machine.nproc,
         r.latency_pin.describe()
     );
     println!(
-        "{:<10} {:>14} {:>9} {:>9} {:>15} {:>12} {:>12}",
+        "{:<11} {:>14} {:>9} {:>9} {:>15} {:>12} {:>12}",
         "setup", "Gbit/s", "p50 µs", "p99 µs", "tput % veth", "p50 % veth", "p99 % veth"
     );
     for s in &r.setups {
         let m = &s.median;
         let v = s.vs_veth;
         println!(
-            "{:<10} {:>14} {:>9} {:>9} {:>15} {:>12} {:>12}",
+            "{:<11} {:>14} {:>9} {:>9} {:>15} {:>12} {:>12}",
             s.name,
             opt(m.throughput_gbps, 2),
             opt(m.p50_us, 1),
@@ -486,24 +610,27 @@ fn print_table(r: &Report) {
             pct(v.and_then(|v| v.p99_pct)),
         );
     }
-    if let Some(hb) = &r.hypha_vs_bridge {
-        println!(
-            "Hypha vs bridge: throughput x{}, p50 x{}, p99 x{}",
-            opt(hb.throughput_ratio, 3),
-            opt(hb.p50_ratio, 3),
-            opt(hb.p99_ratio, 3)
-        );
-    }
-    if let Some(hb) = &r.hypha_vs_base {
-        println!(
-            "Hypha vs hypha-base: throughput x{}, p50 x{}, p99 x{}",
-            opt(hb.throughput_ratio, 3),
-            opt(hb.p50_ratio, 3),
-            opt(hb.p99_ratio, 3)
-        );
+    let ratios = [
+        ("IPv4 Hypha vs bridge", &r.hypha_vs_bridge),
+        ("IPv6 Hypha vs bridge", &r.hypha_vs_bridge6),
+        ("IPv4 Hypha vs hypha-base", &r.hypha_vs_base),
+        ("IPv6 Hypha vs hypha-base", &r.hypha_vs_base6),
+    ];
+    for (what, hb) in ratios {
+        if let Some(hb) = hb {
+            println!(
+                "{what}: throughput x{}, p50 x{}, p99 x{}",
+                opt(hb.throughput_ratio, 3),
+                opt(hb.p50_ratio, 3),
+                opt(hb.p99_ratio, 3)
+            );
+        }
     }
     if let Some(n) = r.hypha_redirected_packets {
         println!("Hypha's eBPF datapath redirected {n} packets (pod egress, all endpoints)");
+    }
+    if let Some(n) = r.hypha_redirected_packets6 {
+        println!("  of them IPv6: {n}");
     }
     super::print_targets("Targets:", &r.targets);
 }

@@ -3,7 +3,7 @@
 
 use std::fs::File;
 use std::io::{Read as _, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -21,10 +21,16 @@ const MAX_SAMPLES: usize = 2_000_000;
 /// Bits per second received by the server, over `seconds` of one TCP stream from the
 /// client pod to the server pod.
 pub fn throughput(pods: &Pods, seconds: u32) -> Result<f64> {
+    throughput_to(pods, IpAddr::V4(pods.server_ip), seconds)
+}
+
+/// [`throughput`] to the server's address `server` (its IPv6 one, say).
+pub fn throughput_to(pods: &Pods, server: IpAddr, seconds: u32) -> Result<f64> {
+    let server_ip = server;
     let server = Killed(
         Command::new("ip")
             .args(["netns", "exec", &pods.server_ns, "iperf3", "-s", "-1", "-B"])
-            .arg(pods.server_ip.to_string())
+            .arg(server_ip.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -48,7 +54,7 @@ pub fn throughput(pods: &Pods, seconds: u32) -> Result<f64> {
                     "3000",
                     "-c",
                 ])
-                .arg(pods.server_ip.to_string())
+                .arg(server_ip.to_string())
                 .args(["-t", &seconds.to_string()]),
             limit,
         )?;
@@ -139,15 +145,16 @@ impl Pin {
 }
 
 /// 1-byte request/response over one TCP connection (TCP_NODELAY both ways), client pod
-/// to server pod: a short warm-up, then round trips for `seconds`, each timed.
-pub fn latency(pods: &Pods, seconds: u32, pin: Pin) -> Result<Latency> {
-    latency_on(pods, 0, seconds, pin)
+/// to server pod's IPv4 address: a short warm-up, then round trips for `seconds`, each
+/// timed; the server on `port` (0: any free port), for a firewall or policy that must
+/// allow it.
+pub fn latency_on(pods: &Pods, port: u16, seconds: u32, pin: Pin) -> Result<Latency> {
+    latency_to(pods, IpAddr::V4(pods.server_ip), port, seconds, pin)
 }
 
-/// [`latency`] with the server on `port` (0: any free port), for a firewall or policy
-/// that must allow it.
-pub fn latency_on(pods: &Pods, port: u16, seconds: u32, pin: Pin) -> Result<Latency> {
-    let (server_ns, ip) = (pods.server_ns.clone(), pods.server_ip);
+/// [`latency_on`] to the server's address `ip` (its IPv6 one, say).
+pub fn latency_to(pods: &Pods, ip: IpAddr, port: u16, seconds: u32, pin: Pin) -> Result<Latency> {
+    let server_ns = pods.server_ns.clone();
     let (client_cpu, server_cpu) = pin.cpus();
     let (port_tx, port_rx) = mpsc::channel();
     let server = std::thread::spawn(move || rr_server(&server_ns, server_cpu, ip, port, &port_tx));
@@ -214,7 +221,7 @@ fn pin_to(cpu: Option<usize>) -> Result<()> {
 fn rr_server(
     netns: &str,
     cpu: Option<usize>,
-    ip: Ipv4Addr,
+    ip: IpAddr,
     port: u16,
     bound: &mpsc::Sender<u16>,
 ) -> Result<()> {

@@ -4,9 +4,13 @@
 //! - `veth`: the two namespaces joined by one veth pair, nothing else: the physical limit.
 //! - `bridge`: the reference `bridge` + `host-local` CNI plugins, as a runtime calls them.
 //! - `hypha`: a Hypha agent in a "node" namespace of its own, pods made by `hypha-cni`.
+//!
+//! Each is IPv4, or dual stack ([`create_dual`]): then the pods also get an IPv6 address
+//! in `fd00:4862:A:B::/64` (the IPv4 subnet's octets as groups; never the host's own
+//! `fd00::/64`).
 
 use std::io::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -110,26 +114,57 @@ impl Plan {
         (self.octets.0, self.octets.1[i])
     }
 
+    /// The IPv6 `/64` of `kind`'s dual-stack setup, beside its IPv4 `/24`.
+    fn subnet6(&self, kind: Kind) -> String {
+        let (a, b) = self.subnet(kind);
+        format!("fd00:4862:{a}:{b}::/64")
+    }
+
     pub fn netns(&self, what: &str) -> String {
         format!("hypb-{}-{what}", self.uniq)
     }
 }
 
 /// Two pods ready for traffic from `client` to `server`.
+#[derive(Clone)]
 pub struct Pods {
     pub client_ns: String,
     pub server_ns: String,
     pub client_ip: Ipv4Addr,
     pub server_ip: Ipv4Addr,
+    /// Their IPv6 addresses, in a dual-stack setup ([`create_dual`]).
+    pub client_ip6: Option<Ipv6Addr>,
+    pub server_ip6: Option<Ipv6Addr>,
     /// The agent's socket (hypha only), for its counters.
     pub agent_socket: Option<PathBuf>,
 }
 
+impl Pods {
+    /// The server's IPv6 (`ipv6`) or IPv4 address, if the setup has that family.
+    pub fn server(&self, ipv6: bool) -> Option<IpAddr> {
+        if ipv6 {
+            self.server_ip6.map(IpAddr::V6)
+        } else {
+            Some(IpAddr::V4(self.server_ip))
+        }
+    }
+}
+
+/// `kind`'s IPv4 setup.
 pub fn create(kind: Kind, plan: &Plan, td: &Teardown) -> Result<Pods> {
+    create_families(kind, plan, td, false)
+}
+
+/// `kind`'s dual-stack setup: as [`create`]'s, each pod with an IPv6 address too.
+pub fn create_dual(kind: Kind, plan: &Plan, td: &Teardown) -> Result<Pods> {
+    create_families(kind, plan, td, true)
+}
+
+fn create_families(kind: Kind, plan: &Plan, td: &Teardown, ipv6: bool) -> Result<Pods> {
     match kind {
-        Kind::Veth => veth(plan, td),
-        Kind::Bridge => bridge(plan, td),
-        Kind::Hypha => hypha(plan, td, &HyphaOptions::default()),
+        Kind::Veth => veth(plan, td, ipv6),
+        Kind::Bridge => bridge(plan, td, ipv6),
+        Kind::Hypha => hypha(plan, td, &HyphaOptions::default(), ipv6),
     }
     .with_context(|| format!("setting up {}", kind.name()))
 }
@@ -147,10 +182,10 @@ pub struct HyphaOptions {
 
 /// The Hypha setup with `options`.
 pub fn create_hypha(plan: &Plan, td: &Teardown, options: &HyphaOptions) -> Result<Pods> {
-    hypha(plan, td, options).context("setting up hypha")
+    hypha(plan, td, options, false).context("setting up hypha")
 }
 
-fn veth(plan: &Plan, td: &Teardown) -> Result<Pods> {
+fn veth(plan: &Plan, td: &Teardown, ipv6: bool) -> Result<Pods> {
     let (a, b) = plan.subnet(Kind::Veth);
     let (client_ns, server_ns) = (plan.netns("veth-a"), plan.netns("veth-b"));
     add_netns(td, &client_ns)?;
@@ -175,55 +210,131 @@ fn veth(plan: &Plan, td: &Teardown) -> Result<Pods> {
         ])?;
         ip(&["-n", ns, "link", "set", "eth0", "up"])?;
     }
+    let (mut client_ip6, mut server_ip6) = (None, None);
+    if ipv6 {
+        let net = plan.subnet6(Kind::Veth);
+        let prefix = net.trim_end_matches("::/64");
+        let (c, s): (Ipv6Addr, Ipv6Addr) = (
+            format!("{prefix}::1").parse()?,
+            format!("{prefix}::2").parse()?,
+        );
+        for (ns, addr) in [(&client_ns, c), (&server_ns, s)] {
+            // `nodad`: the pair is alone on its link; the address is usable at once.
+            ip(&[
+                "-n",
+                ns,
+                "-6",
+                "addr",
+                "add",
+                &format!("{addr}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+        }
+        (client_ip6, server_ip6) = (Some(c), Some(s));
+    }
     Ok(Pods {
         client_ns,
         server_ns,
         client_ip,
         server_ip,
+        client_ip6,
+        server_ip6,
         agent_socket: None,
     })
 }
 
-fn bridge(plan: &Plan, td: &Teardown) -> Result<Pods> {
+fn bridge(plan: &Plan, td: &Teardown, ipv6: bool) -> Result<Pods> {
     let (a, b) = plan.subnet(Kind::Bridge);
     let bridge = format!("hybr{}", plan.uniq);
     let data_dir = plan.tmp.join("host-local");
-    let config = bridge_config(plan, a, b);
+    let mut config = bridge_config(plan, a, b);
+    if ipv6 {
+        // A second range for IPv6: host-local gives each pod one address per range.
+        let mut json: serde_json::Value = serde_json::from_str(&config)?;
+        json["ipam"]["ranges"]
+            .as_array_mut()
+            .context("the bridge configuration has ipam.ranges")?
+            .push(serde_json::json!([{ "subnet": plan.subnet6(Kind::Bridge) }]));
+        config = json.to_string();
+    }
     // The plugin makes the bridge on the first ADD; DEL leaves it. Recorded first, so
     // undone last, after both DELs.
     td.make(Undo::Link(bridge.clone()), || Ok(()))?;
     td.make(Undo::Dir(data_dir), || Ok(()))?;
-    // isGateway turns on the host's IPv4 forwarding; it is put back as it was.
-    let forward = PathBuf::from("/proc/sys/net/ipv4/ip_forward");
-    let before = std::fs::read_to_string(&forward).context("reading ip_forward")?;
-    let mut ips = Vec::new();
-    for pod in BRIDGE_PODS {
-        let call = bridge_pod_call(plan, &config, pod);
-        add_netns(td, &call.netns)?;
-        let result = td.make(Undo::Cni(call.clone()), || call.invoke("ADD"))?;
-        ips.push(first_address(&result)?);
+    // isGateway turns on the host's forwarding (IPv6's too, with an IPv6 range); each is
+    // put back as it was.
+    let forward: Vec<PathBuf> = [
+        "/proc/sys/net/ipv4/ip_forward",
+        "/proc/sys/net/ipv6/conf/all/forwarding",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .collect();
+    let before = forward
+        .iter()
+        .map(|p| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())))
+        .collect::<Result<Vec<_>>>()?;
+    let mut made = Vec::new();
+    let added = (|| -> Result<()> {
+        for pod in BRIDGE_PODS {
+            let call = bridge_pod_call(plan, &config, pod);
+            add_netns(td, &call.netns)?;
+            made.push(td.make(Undo::Cni(call.clone()), || call.invoke("ADD"))?);
+        }
+        Ok(())
+    })();
+    // Recorded even when an ADD failed: the first may have changed them.
+    for (path, before) in forward.into_iter().zip(before) {
+        let after = std::fs::read_to_string(&path).unwrap_or_default();
+        if after != before {
+            td.make(
+                Undo::Sysctl {
+                    path,
+                    value: before,
+                },
+                || Ok(()),
+            )?;
+        }
     }
-    let after = std::fs::read_to_string(&forward).unwrap_or_default();
-    if after != before {
-        td.make(
-            Undo::Sysctl {
-                path: forward,
-                value: before,
-            },
-            || Ok(()),
-        )?;
-    }
+    added?;
+    pods_of(plan.netns("br-a"), plan.netns("br-b"), &made, ipv6, None)
+}
+
+/// The [`Pods`] of two CNI results (client first), with their IPv6 addresses if `ipv6`.
+fn pods_of(
+    client_ns: String,
+    server_ns: String,
+    results: &[String],
+    ipv6: bool,
+    agent_socket: Option<PathBuf>,
+) -> Result<Pods> {
+    let [client, server] = results else {
+        bail!("two pods expected, {} made", results.len());
+    };
+    let (client_ip6, server_ip6) = if ipv6 {
+        (Some(address6(client)?), Some(address6(server)?))
+    } else {
+        (None, None)
+    };
     Ok(Pods {
-        client_ns: plan.netns("br-a"),
-        server_ns: plan.netns("br-b"),
-        client_ip: ips[0],
-        server_ip: ips[1],
-        agent_socket: None,
+        client_ns,
+        server_ns,
+        client_ip: first_address(client)?,
+        server_ip: first_address(server)?,
+        client_ip6,
+        server_ip6,
+        agent_socket,
     })
 }
 
-fn hypha(plan: &Plan, td: &Teardown, options: &HyphaOptions) -> Result<Pods> {
+fn hypha(plan: &Plan, td: &Teardown, options: &HyphaOptions, ipv6: bool) -> Result<Pods> {
     let (a, b) = plan.subnet(Kind::Hypha);
+    let mut pod_cidrs = format!("10.{a}.{b}.0/24");
+    if ipv6 {
+        pod_cidrs = format!("{pod_cidrs},{}", plan.subnet6(Kind::Hypha));
+    }
     let hypha = plan.bin.join("hypha");
     let hypha_cni = plan.bin.join("hypha-cni");
     for bin in [&hypha, &hypha_cni] {
@@ -261,7 +372,7 @@ fn hypha(plan: &Plan, td: &Teardown, options: &HyphaOptions) -> Result<Pods> {
             .arg(plan.tmp.join("state"))
             .arg("--pin-dir")
             .arg(&pin_dir)
-            .args(["--pod-cidr", &format!("10.{a}.{b}.0/24"), "--no-masquerade"])
+            .args(["--pod-cidr", &pod_cidrs, "--no-masquerade"])
             .args(&policy_dir)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -301,20 +412,19 @@ fn hypha(plan: &Plan, td: &Teardown, options: &HyphaOptions) -> Result<Pods> {
         .app_labels
         .as_ref()
         .map(|(client, server)| [client.as_str(), server.as_str()]);
-    let mut ips = Vec::new();
+    let mut made = Vec::new();
     for (i, pod) in HYPHA_PODS.into_iter().enumerate() {
         let call = hypha_pod_call(plan, &config, labels.map(|l| l[i]), pod);
         add_netns(td, &call.netns)?;
-        let result = td.make(Undo::Cni(call.clone()), || call.invoke("ADD"))?;
-        ips.push(first_address(&result)?);
+        made.push(td.make(Undo::Cni(call.clone()), || call.invoke("ADD"))?);
     }
-    Ok(Pods {
-        client_ns: plan.netns("hy-a"),
-        server_ns: plan.netns("hy-b"),
-        client_ip: ips[0],
-        server_ip: ips[1],
-        agent_socket: Some(socket),
-    })
+    pods_of(
+        plan.netns("hy-a"),
+        plan.netns("hy-b"),
+        &made,
+        ipv6,
+        Some(socket),
+    )
 }
 
 /// The bridge setup's two pods, and Hypha's.
@@ -413,8 +523,9 @@ fn hypha_network(socket: &Path) -> serde_json::Value {
     })
 }
 
-/// Packets the eBPF datapath redirected, summed over the agent's endpoints (pod egress).
-pub fn hypha_redirected(bin: &Path, socket: &Path) -> Result<u64> {
+/// Packets the eBPF datapath redirected, summed over the agent's endpoints (pod egress),
+/// as the endpoints' `counters` (all families), `counters4` or `counters6` count them.
+pub fn hypha_redirected_in(bin: &Path, socket: &Path, counters: &str) -> Result<u64> {
     let text = output(
         Command::new(bin.join("hypha"))
             .args(["endpoint", "list", "-o", "json", "--socket"])
@@ -427,7 +538,7 @@ pub fn hypha_redirected(bin: &Path, socket: &Path) -> Result<u64> {
         .context("`hypha endpoint list -o json` is not a list")?;
     Ok(eps
         .iter()
-        .filter_map(|e| e["counters"]["egress"]["redirected"]["packets"].as_u64())
+        .filter_map(|e| e[counters]["egress"]["redirected"]["packets"].as_u64())
         .sum())
 }
 
@@ -481,16 +592,32 @@ impl CniCall {
     }
 }
 
-/// `ips[0].address` of a CNI result, without its prefix length.
+/// The IPv4 address of a CNI result (the first `ips` entry that is one), without its
+/// prefix length.
 pub fn first_address(result: &str) -> Result<Ipv4Addr> {
     let json: serde_json::Value = serde_json::from_str(result)
         .with_context(|| format!("the CNI result is not JSON: {result}"))?;
-    let addr = json["ips"][0]["address"]
-        .as_str()
-        .with_context(|| format!("CNI result without ips[0].address: {result}"))?;
-    let ip = addr.split('/').next().unwrap_or(addr);
-    ip.parse()
-        .with_context(|| format!("ips[0].address {addr:?} is not an IPv4 address"))
+    json["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip["address"].as_str())
+        .find_map(|a| a.split('/').next().and_then(|a| a.parse().ok()))
+        .with_context(|| format!("no IPv4 address in the CNI result's ips: {result}"))
+}
+
+/// The IPv6 address of a CNI result (the first `ips` entry that is one), without its
+/// prefix length.
+pub fn address6(result: &str) -> Result<Ipv6Addr> {
+    let json: serde_json::Value = serde_json::from_str(result)
+        .with_context(|| format!("the CNI result is not JSON: {result}"))?;
+    json["ips"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|ip| ip["address"].as_str())
+        .find_map(|a| a.split('/').next().and_then(|a| a.parse().ok()))
+        .with_context(|| format!("no IPv6 address in the CNI result's ips: {result}"))
 }
 
 pub fn add_netns(td: &Teardown, name: &str) -> Result<()> {
@@ -573,5 +700,15 @@ mod tests {
             Ipv4Addr::new(10, 200, 5, 7)
         );
         assert!(first_address(r#"{"code":11,"msg":"no"}"#).is_err());
+    }
+
+    #[test]
+    fn address6_finds_the_ipv6_entry() {
+        let r = r#"{"ips":[{"address":"10.200.5.7/24"},{"address":"fd00:4862:200:5::7/64"}]}"#;
+        assert_eq!(
+            address6(r).expect("parses"),
+            "fd00:4862:200:5::7".parse::<Ipv6Addr>().unwrap()
+        );
+        assert!(address6(r#"{"ips":[{"address":"10.200.5.7/24"}]}"#).is_err());
     }
 }
