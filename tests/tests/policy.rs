@@ -630,3 +630,167 @@ spec:
     assert!(!tcp_ok(&c.other.netns, c.server.address, 8080));
     assert!(tcp_ok(&c.client.netns, c.server.address, 8080));
 }
+
+// ------------------------------------------------------------------ IPv6
+
+/// As [`cluster`], on a dual-stack node: every pod has an IPv4 and an IPv6 address.
+fn dual_cluster() -> Cluster {
+    let node = Node::start_dual();
+    let server = node.add_labelled_pod("srv", "default", &[("app", "server")]);
+    let client = node.add_labelled_pod("cli", "default", &[("app", "client")]);
+    let other = node.add_labelled_pod("oth", "default", &[("app", "other")]);
+    for pod in [&server, &client, &other] {
+        assert_eq!(pod.addresses().len(), 2, "dual-stack pod: {}", pod.result);
+    }
+    Cluster {
+        node,
+        server,
+        client,
+        other,
+    }
+}
+
+#[test]
+fn one_selector_rule_allows_both_families_of_a_peer_and_denies_the_rest_over_ipv6() {
+    hypha_tests::require_root!();
+    let c = dual_cluster();
+    let _web = TcpEcho::start(&c.server.netns, 8080);
+    let _admin = TcpEcho::start(&c.server.netns, 9090);
+    let _back = TcpEcho::start(&c.client.netns, 7000);
+    let s6 = c.server.v6();
+    assert!(
+        tcp_ok(&c.other.netns, s6, 8080),
+        "no policy selects the server: IPv6 passes"
+    );
+
+    apply(&c.node, "allow", ALLOW_CLIENT_8080);
+    // The rule names the client by its labels: both of its addresses are its identity.
+    assert!(
+        tcp_ok(&c.client.netns, s6, 8080),
+        "client → [server]:8080 over IPv6 is allowed"
+    );
+    assert!(
+        tcp_ok(&c.client.netns, c.server.address, 8080),
+        "and over IPv4, by the same rule"
+    );
+    assert!(
+        !tcp_ok(&c.client.netns, s6, 9090),
+        "another port is not, over IPv6"
+    );
+    assert!(
+        !tcp_ok(&c.other.netns, s6, 8080),
+        "another pod is not, over IPv6"
+    );
+    assert!(
+        !tcp_ok(&c.other.netns, c.server.address, 8080),
+        "nor over IPv4"
+    );
+    assert!(
+        tcp_ok(&c.server.netns, c.client.v6(), 7000),
+        "the server's egress is not selected: its IPv6 connections pass"
+    );
+    let ep = c.node.endpoint(&c.server.container_id);
+    assert!(
+        ep.drops
+            .iter()
+            .any(|d| d.reason == "policy-denied" && d.direction == "ingress"),
+        "{:?}",
+        ep.drops
+    );
+}
+
+#[test]
+fn an_ipv6_egress_policy_restricts_what_a_pod_sends() {
+    hypha_tests::require_root!();
+    let c = dual_cluster();
+    let _dns = UdpEcho::start(&c.server.netns, 5353);
+    let _dns_other = UdpEcho::start(&c.other.netns, 5353);
+    let _web = TcpEcho::start(&c.other.netns, 80);
+    assert!(
+        udp_ok(&c.client.netns, c.other.v6(), 5353) && tcp_ok(&c.client.netns, c.other.v6(), 80),
+        "before the policy, the client reaches the other pod over IPv6"
+    );
+    apply(
+        &c.node,
+        "egress",
+        r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: client-dns-only, namespace: default}
+spec:
+  podSelector: {matchLabels: {app: client}}
+  policyTypes: [Egress]
+  egress:
+  - to:
+    - podSelector: {matchLabels: {app: server}}
+    ports:
+    - {protocol: UDP, port: 5353}
+"#,
+    );
+    assert!(
+        udp_ok(&c.client.netns, c.server.v6(), 5353),
+        "allowed UDP over IPv6, and its reply"
+    );
+    assert!(
+        !udp_ok(&c.client.netns, c.other.v6(), 5353),
+        "UDP elsewhere is not"
+    );
+    assert!(
+        !tcp_ok(&c.client.netns, c.other.v6(), 80),
+        "nor TCP over IPv6"
+    );
+    assert!(
+        tcp_ok(&c.server.netns, c.other.v6(), 80),
+        "pods the policy does not select are unaffected"
+    );
+}
+
+#[test]
+fn an_ipv6_ip_block_with_except_allows_its_prefix_but_the_hole() {
+    hypha_tests::require_root!();
+    let c = dual_cluster();
+    let _web = TcpEcho::start(&c.server.netns, 8080);
+    let cidr6 = c.node.pod_cidr6.clone().expect("a dual-stack node");
+    let hole = format!("{}/128", c.other.v6());
+    assert!(
+        tcp_ok(&c.other.netns, c.server.v6(), 8080),
+        "before the policy, the other pod reaches the server over IPv6"
+    );
+    apply(
+        &c.node,
+        "block6",
+        &format!(
+            r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: server-from-pods6, namespace: default}}
+spec:
+  podSelector: {{matchLabels: {{app: server}}}}
+  policyTypes: [Ingress]
+  ingress:
+  - from:
+    - ipBlock: {{cidr: '{cidr6}', except: ['{hole}']}}
+    ports:
+    - {{protocol: TCP, port: 8080}}
+"#
+        ),
+    );
+    assert!(
+        tcp_ok(&c.client.netns, c.server.v6(), 8080),
+        "the client is inside {cidr6}"
+    );
+    assert!(
+        !tcp_ok(&c.other.netns, c.server.v6(), 8080),
+        "{hole} is excepted"
+    );
+    assert!(
+        !tcp_ok(&c.other.netns, c.server.address, 8080),
+        "an IPv6 ipBlock allows no IPv4 from outside it"
+    );
+    let (ok, out, err) = c.node.hypha(&["policy", "get", &c.server.container_id]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains(&format!("cidr {cidr6}")),
+        "hypha policy get names the IPv6 CIDR peer: {out}"
+    );
+}
