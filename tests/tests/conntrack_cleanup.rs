@@ -4,10 +4,10 @@
 //! an established TCP flow), so the next pod given the same address would inherit its
 //! predecessor's established flows, and the replies to them would pass its policy.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::maps::{HashMap, Map, MapData};
-use hypha_common::{CtEntry, CtKey4, maps};
+use hypha_common::{CtEntry, CtKey4, CtKey6, maps};
 use hypha_tests::node::Node;
 use hypha_tests::traffic::{TcpEcho, tcp_ok};
 
@@ -35,6 +35,52 @@ fn connections_of(node: &Node, addr: Ipv4Addr) -> Vec<CtKey4> {
         .map(|k| k.expect("iterate hypha_ct4"))
         .filter(|k| k.saddr == raw || k.daddr == raw)
         .collect()
+}
+
+/// As [`connections_of`], in `hypha_ct6`.
+fn connections6_of(node: &Node, addr: Ipv6Addr) -> Vec<CtKey6> {
+    let path = node.pin_dir.join(maps::CT6);
+    let data = MapData::from_pin(&path)
+        .unwrap_or_else(|e| panic!("open the pinned {}: {e}", path.display()));
+    let ct: HashMap<MapData, CtKey6, CtEntry> =
+        HashMap::try_from(Map::LruHashMap(data)).expect("hypha_ct6 is an LRU hash map");
+    let raw = addr.octets();
+    ct.keys()
+        .map(|k| k.expect("iterate hypha_ct6"))
+        .filter(|k| k.saddr == raw || k.daddr == raw)
+        .collect()
+}
+
+#[test]
+fn del_removes_the_pods_tracked_ipv6_connections() {
+    hypha_tests::require_root!();
+    let node = Node::start_dual();
+    let server = node.add_labelled_pod("srv", "default", &[("app", "server")]);
+    let client = node.add_labelled_pod("cli", "default", &[("app", "client")]);
+    let file = node.dir.join("allow.yaml");
+    std::fs::write(&file, ALLOW_CLIENT_8080).unwrap();
+    let (ok, out, err) = node.hypha(&["policy", "apply", "-f", file.to_str().unwrap()]);
+    assert!(ok, "policy apply: {out}{err}");
+    let _web = TcpEcho::start(&server.netns, 8080);
+    assert!(
+        tcp_ok(&client.netns, server.v6(), 8080),
+        "client → [server]:8080"
+    );
+    assert!(
+        !connections6_of(&node, client.v6()).is_empty(),
+        "the allowed flow is not tracked in hypha_ct6; the test proves nothing"
+    );
+
+    let run = node.del_pod(&client);
+    assert!(run.status.success(), "DEL of the client: {run:?}");
+
+    let left = connections6_of(&node, client.v6());
+    assert!(
+        left.is_empty(),
+        "hypha_ct6 still tracks {} connection(s) of the deleted client {}: {left:?}",
+        left.len(),
+        client.v6()
+    );
 }
 
 #[test]
