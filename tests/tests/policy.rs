@@ -794,3 +794,49 @@ spec:
         "hypha policy get names the IPv6 CIDR peer: {out}"
     );
 }
+
+#[test]
+fn an_ipv6_deny_is_reported_by_the_monitor_with_ipv6_addresses() {
+    hypha_tests::require_root!();
+    let c = dual_cluster();
+    let _admin = TcpEcho::start(&c.server.netns, 9090);
+    assert!(
+        tcp_ok(&c.client.netns, c.server.v6(), 9090),
+        "before the policy, the client reaches [server]:9090"
+    );
+    apply(
+        &c.node,
+        "deny6",
+        r#"
+apiVersion: hypha.dev/v1
+kind: HyphaNetworkPolicy
+metadata: {name: no-admin-for-client, namespace: default}
+spec:
+  endpointSelector: {matchLabels: {app: server}}
+  ingressDeny:
+  - fromEndpoints:
+    - matchLabels: {app: client}
+    toPorts:
+    - ports:
+      - {port: "9090", protocol: TCP}
+"#,
+    );
+    let monitor = Monitor::start(&c.node, &["--type", "drop"]);
+    assert!(
+        !tcp_ok(&c.client.netns, c.server.v6(), 9090),
+        "the deny holds over IPv6"
+    );
+    assert!(
+        tcp_ok(&c.other.netns, c.server.v6(), 9090),
+        "and only for the client"
+    );
+    let drop = monitor
+        .find(Duration::from_secs(5), |e| {
+            e["destination_port"] == 9090 && e["destination"] == c.server.v6().to_string()
+        })
+        .expect("the monitor reports the IPv6 drop");
+    assert_eq!(drop["reason"], "policy-deny-rule");
+    assert_eq!(drop["policy"], "default/no-admin-for-client");
+    assert_eq!(drop["source"], c.client.v6().to_string());
+    assert_eq!(drop["protocol"], "tcp");
+}
