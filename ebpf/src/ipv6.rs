@@ -47,6 +47,7 @@ const ICMPV6_ECHO_REQUEST: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
 /// Multicast listener discovery (RFC 2710, RFC 3810): query, report, done, v2 report.
 const ICMPV6_MLD_QUERY: u8 = 130;
+const ICMPV6_MLD_REPORT: u8 = 131;
 const ICMPV6_MLD_DONE: u8 = 132;
 const ICMPV6_MLD2_REPORT: u8 = 143;
 /// Neighbour discovery (RFC 4861): router solicitation .. redirect.
@@ -435,10 +436,22 @@ fn try_from_pod(ctx: &TcContext, iface: &EndpointIface) -> Result<Outcome, Outco
     let icmp_type = icmp_type(ctx, &upper);
 
     // A pod sends only as itself: its MAC, and its address, or its link-local address,
-    // or (for duplicate address detection, a neighbour solicitation) none.
+    // or none (`::`) for what a host sends before it has an address: the neighbour
+    // solicitation of duplicate address detection (RFC 4862 5.4.2), the multicast
+    // listener reports that go with it (RFC 3810 5.2.13, v1 and v2), and router
+    // solicitations (RFC 4861 4.1). None of these is routed: they go to the host stack.
     let addr6 = Ip6(iface.addr6);
     let own = !addr6.is_unspecified() && h.saddr.same(&addr6);
-    let dad = h.saddr.is_unspecified() && icmp_type == Some(ICMPV6_NEIGH_SOLICIT);
+    let dad = h.saddr.is_unspecified()
+        && matches!(
+            icmp_type,
+            Some(
+                ICMPV6_NEIGH_SOLICIT
+                    | ICMPV6_MLD_REPORT
+                    | ICMPV6_MLD2_REPORT
+                    | ICMPV6_ROUTER_SOLICIT
+            )
+        );
     let link_local = h.saddr.same(&Ip6(link_local_of(iface.pod_mac)));
     if h.src_mac != iface.pod_mac || !(own || dad || link_local) {
         return Err(DropReason::SpoofedSource.into());
