@@ -1058,6 +1058,186 @@ fn runtime_fixtures_chained_with_portmap() {
     assert!(host_veths(&node).is_empty(), "{:?}", host_veths(&node));
 }
 
+/// A global IPv6 address of a test node (in the documentation prefix), on its loopback.
+const NODE_ADDRESS6: &str = "2001:db8:4879:ff::1";
+
+/// The eth0 link-local address the kernel makes from `mac` in EUI-64 mode.
+fn eui64_link_local(mac: &str) -> String {
+    let b: Vec<u8> = mac
+        .split(':')
+        .map(|x| u8::from_str_radix(x, 16).expect("a MAC"))
+        .collect();
+    std::net::Ipv6Addr::from([
+        0xfe,
+        0x80,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+        b[0] ^ 0x02,
+        b[1],
+        b[2],
+        0xff,
+        0xfe,
+        b[3],
+        b[4],
+        b[5],
+    ])
+    .to_string()
+}
+
+/// hypha-cni with dual-stack `host-local` delegated (one range per family) chained with
+/// the reference `tuning` plugin at 1.0.0 on a dual-stack node, as libcni runs it: the
+/// pod gets one address of each range (a /32 and a /128), a default route per family
+/// (IPv6 via `fe80::1`), a link-local address made from its MAC; it reaches its gateway
+/// over IPv4 and the node over IPv6 via `fe80::1` (neighbour discovery answered by the
+/// datapath); an
+/// IPv6 address asked for through `ips` is the one it gets; CHECK passes; DEL releases
+/// both of host-local's addresses and can be repeated.
+#[test]
+fn chain_with_dual_stack_host_local() {
+    hypha_tests::require_root!();
+    let node = Node::start_dual();
+    let data = DataDir(node.dir.with_extension("host-local6"));
+    let octet = 100 + (std::process::id() % 100);
+    let subnet6 = format!("fd00:4879:cafe:{:x}::/64", std::process::id() & 0xffff);
+    let list = json!({
+        "cniVersion": "1.0.0",
+        "name": "hypha-dual",
+        "plugins": [
+            {"type": "hypha-cni", "agentSocket": node.socket(),
+             "capabilities": {"ips": true},
+             "ipam": {"type": "host-local", "dataDir": data.0, "ranges": [
+                 [{"subnet": format!("172.29.{octet}.0/24")}],
+                 [{"subnet": subnet6}],
+             ]}},
+            {"type": "tuning", "sysctl": {"net.ipv6.conf.eth0.accept_ra": "0"}},
+        ],
+    });
+    let gateway = node.status().node.gateway.expect("an IPv4 gateway");
+    // The node's own global IPv6 address, as a real node has one, on its loopback.
+    node.netns.exec(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{NODE_ADDRESS6}/128"),
+        "dev",
+        "lo",
+    ]);
+    for (name, wanted6) in [
+        ("dual", None),
+        ("dualips", Some(subnet6.replace("::/64", "::99"))),
+    ] {
+        let pod = pod_netns(&node, name);
+        let id = cid(&node, name);
+        let path = path_of(&pod);
+        let runtime_config = match &wanted6 {
+            Some(a) => json!({"ips": [a]}),
+            None => json!({}),
+        };
+        let mut chain = Chain::new(&node.netns.path(), list.clone(), runtime_config);
+        let result = chain
+            .add(&Node::cni_env("ADD", &id, &path))
+            .unwrap_or_else(|e| panic!("ADD failed at {}: {:?}\n{}", e.plugin, e.run, node.log()));
+        assert_eq!(result["cniVersion"], "1.0.0");
+        let ips = result["ips"].as_array().expect("ips");
+        assert_eq!(ips.len(), 2, "{result}");
+        let v4 = ips[0]["address"].as_str().unwrap().to_owned();
+        let v6 = ips[1]["address"].as_str().unwrap().to_owned();
+        assert!(
+            v4.starts_with(&format!("172.29.{octet}.")) && v4.ends_with("/32"),
+            "{result}"
+        );
+        assert!(v6.ends_with("/128"), "{result}");
+        let addr6: std::net::Ipv6Addr = v6.trim_end_matches("/128").parse().unwrap();
+        let base: std::net::Ipv6Addr = subnet6.trim_end_matches("/64").parse().unwrap();
+        assert_eq!(
+            addr6.segments()[..4],
+            base.segments()[..4],
+            "{v6} not in {subnet6}"
+        );
+        if let Some(wanted) = &wanted6 {
+            assert_eq!(addr6.to_string(), *wanted, "the requested IPv6 address");
+        }
+        assert_eq!(ips[0]["gateway"], gateway.to_string());
+        assert_eq!(ips[1]["gateway"], "fe80::1");
+        assert!(ips.iter().all(|ip| ip["interface"] == 1), "{result}");
+        assert_eq!(
+            result["routes"],
+            json!([
+                {"dst": "0.0.0.0/0", "gw": gateway.to_string()},
+                {"dst": "::/0", "gw": "fe80::1"},
+            ])
+        );
+        let mut held = host_local_held(&data.0, "hypha-dual");
+        held.sort();
+        let mut want = vec![v4.trim_end_matches("/32").to_owned(), addr6.to_string()];
+        want.sort();
+        assert_eq!(held, want);
+        let ep = node.endpoint(&id);
+        assert!(ep.external_ipam);
+        assert_eq!(
+            ep.address.map(|a| a.to_string()),
+            Some(v4.trim_end_matches("/32").to_owned())
+        );
+        assert_eq!(ep.address6, Some(addr6));
+
+        // In the pod: the /128, the EUI-64 link-local address, the routes, tuning's sysctl.
+        let mac = result["interfaces"][1]["mac"].as_str().unwrap().to_owned();
+        let ll = eui64_link_local(&mac);
+        let mut shown = String::new();
+        wait_for(
+            "the pod's link-local address",
+            Duration::from_secs(3),
+            || {
+                shown = pod.exec(&["ip", "-o", "-6", "addr", "show", "dev", "eth0"]);
+                shown.contains(&format!("{ll}/64")) && !shown.contains("tentative")
+            },
+        );
+        assert!(shown.contains(&v6), "{shown}");
+        let routes = pod.exec(&["ip", "-6", "route", "show", "default"]);
+        assert!(routes.contains("via fe80::1 dev eth0"), "{routes}");
+        let ra = pod.exec(&["cat", "/proc/sys/net/ipv6/conf/eth0/accept_ra"]);
+        assert_eq!(ra.trim(), "0");
+
+        // Both families through their gateways: the IPv4 gateway answers (ARP by
+        // hypha_from_pod, the address on the node); IPv6 reaches the node's address via
+        // fe80::1, whose neighbour solicitation hypha_from_pod answers with the host
+        // veth's MAC.
+        pod.exec(&["ping", "-c", "1", "-W", "2", &gateway.to_string()]);
+        pod.exec(&["ping", "-6", "-c", "1", "-W", "2", NODE_ADDRESS6]);
+        let host_mac = result["interfaces"][0]["mac"].as_str().unwrap().to_owned();
+        let neigh = pod.exec(&["ip", "-6", "neigh", "show", "fe80::1", "dev", "eth0"]);
+        assert!(
+            neigh.contains(&format!("lladdr {host_mac}")) && !neigh.contains("FAILED"),
+            "fe80::1 resolved to the host veth's MAC {host_mac}: {neigh}"
+        );
+
+        let mut check = Chain::new(
+            &node.netns.path(),
+            chain.list.clone(),
+            chain.runtime_config.clone(),
+        );
+        check.result = chain.result.clone();
+        check
+            .check(&Node::cni_env("CHECK", &id, &path))
+            .unwrap_or_else(|e| panic!("CHECK failed at {}: {:?}", e.plugin, e.run));
+
+        let del = Node::cni_env("DEL", &id, &path);
+        for _ in 0..2 {
+            chain
+                .del(&del)
+                .unwrap_or_else(|e| panic!("DEL failed at {}: {:?}", e.plugin, e.run));
+            assert!(host_veths(&node).is_empty(), "{:?}", host_veths(&node));
+            assert!(host_local_held(&data.0, "hypha-dual").is_empty());
+        }
+    }
+    assert!(node.endpoints().is_empty());
+}
+
 /// Addresses an IPv4-only node cannot give: an IPv6 address asked for through `ips` from
 /// the agent's allocator, or from a delegated `host-local` whose only range is IPv4, or a
 /// delegated IPv6 address: refused naming it, nothing held and nothing left behind.

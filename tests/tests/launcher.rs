@@ -926,3 +926,60 @@ fn run_with_ports_gives_the_endpoint_its_named_ports() {
     assert!(node.endpoints().is_empty());
     assert_nothing_left(&l, &n);
 }
+
+/// On a dual-stack node a container gets both addresses through CNI: `ps` lists them
+/// (IPv4 first), its eth0 has the /128, its default routes go via both gateways, and two
+/// containers reach each other over both families; stopping releases both.
+#[test]
+fn dual_stack_containers_get_both_addresses() {
+    hypha_tests::require_root!();
+    let node = Node::start_dual();
+    let l = Launcher::for_node(&node);
+    let (a, b) = (name("a6"), name("b6"));
+    for n in [&a, &b] {
+        l.hypha(&[
+            "run",
+            "-d",
+            "--network",
+            NETWORK,
+            "--name",
+            n,
+            "--",
+            "sleep",
+            "300",
+        ])
+        .ok();
+    }
+    for n in [&a, &b] {
+        let ips = l.ips(n);
+        assert_eq!(ips.len(), 2, "{ips:?}");
+        assert!(ips[0].parse::<std::net::Ipv4Addr>().is_ok(), "{ips:?}");
+        assert!(ips[1].parse::<std::net::Ipv6Addr>().is_ok(), "{ips:?}");
+        let table = l.hypha(&["ps"]);
+        assert!(
+            table.ok().contains(&format!("{},{}", ips[0], ips[1])),
+            "{table:?}"
+        );
+        let addr = l.hypha(&["exec", n, "--", "ip", "-o", "-6", "addr", "show", "eth0"]);
+        assert!(addr.ok().contains(&format!("{}/128", ips[1])), "{addr:?}");
+        let routes = l.hypha(&["exec", n, "--", "ip", "-6", "route", "show", "default"]);
+        assert!(routes.ok().contains("via fe80::1 dev eth0"), "{routes:?}");
+    }
+    let (ip_b, ip6_b) = (l.ip(&b), l.ip6(&b));
+    for to in [&ip_b, &ip6_b] {
+        let out = l.hypha(&["exec", &a, "--", "ping", "-c", "1", "-W", "2", to]);
+        assert_eq!(
+            out.code,
+            Some(0),
+            "{a} → {to}: {out:?}\nagent log:\n{}",
+            node.log()
+        );
+    }
+    l.hypha(&["rm", "-f", &a]).ok();
+    l.hypha(&["rm", "-f", &b]).ok();
+    assert!(node.endpoints().is_empty());
+    let ipam = node.status().ipam;
+    assert_eq!((ipam.allocated, ipam.allocated6), (0, 0), "{ipam:?}");
+    assert_nothing_left(&l, &a);
+    assert_nothing_left(&l, &b);
+}
