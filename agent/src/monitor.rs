@@ -1,5 +1,5 @@
 //! `hypha monitor`: drop and policy-verdict events from the datapath's ring buffer
-//! (`hypha_events`), fanned out to every client that watches.
+//! (`hypha_events_v2`), fanned out to every client that watches.
 //!
 //! One task drains the ring buffer as the kernel signals it (epoll on the map's fd) and
 //! broadcasts each event; a slow client loses events (it is told how many) rather than
@@ -77,6 +77,7 @@ fn address(family: u8, bytes: [u8; 16]) -> IpAddr {
 fn protocol_name(proto: u8) -> String {
     match proto {
         1 => "icmp".into(),
+        58 => "icmpv6".into(),
         6 => "tcp".into(),
         17 => "udp".into(),
         132 => "sctp".into(),
@@ -217,6 +218,54 @@ mod tests {
         let e = render(&ipv6, |_| None);
         assert_eq!(e.reason.as_deref(), Some("unsupported-family"));
         assert_eq!(e.protocol, "-");
+    }
+
+    #[test]
+    fn ipv6_events_carry_their_addresses_and_read_bracketed_with_ports() {
+        let saddr: Ipv6Addr = "fd00:10:244::2".parse().unwrap();
+        let daddr: Ipv6Addr = "fd00:10:244::3".parse().unwrap();
+        let e = render(
+            &Event {
+                family: 6,
+                saddr: saddr.octets(),
+                daddr: daddr.octets(),
+                ..event(EVENT_DROP, DropReason::PolicyDenied as u16, 0)
+            },
+            |_| None,
+        );
+        assert_eq!(
+            (e.source, e.destination),
+            (IpAddr::V6(saddr), IpAddr::V6(daddr))
+        );
+        let line = serde_json::to_string(&e).expect("serialize the event");
+        assert_eq!(
+            crate::cli::format_event(&line),
+            "DROP (policy-denied) endpoint 3 ingress: [fd00:10:244::2]:40000 -> [fd00:10:244::3]:8080 tcp 60B identity 300 policy: no policy allows this"
+        );
+        // ICMPv6 has no ports: bare addresses.
+        let echo = render(
+            &Event {
+                family: 6,
+                proto: 58,
+                sport: 0,
+                dport: 0,
+                saddr: saddr.octets(),
+                daddr: daddr.octets(),
+                ..event(EVENT_POLICY_ALLOW, 0, 4)
+            },
+            |_| Some("default/allow-ping".to_owned()),
+        );
+        let line = serde_json::to_string(&echo).expect("serialize the event");
+        assert_eq!(
+            crate::cli::format_event(&line),
+            "ALLOW endpoint 3 ingress: fd00:10:244::2 -> fd00:10:244::3 icmpv6 60B identity 300 policy: default/allow-ping"
+        );
+        // An IPv4 event keeps its first four bytes only; a frame of no family reads 0.0.0.0.
+        assert_eq!(
+            render(&event(EVENT_DROP, 6, 0), |_| None).source,
+            IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))
+        );
+        assert_eq!(address(0, [0xff; 16]), IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     }
 
     #[test]

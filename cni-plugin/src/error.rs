@@ -190,16 +190,29 @@ pub enum Error {
         #[source]
         source: Box<ClientError>,
     },
-    /// The agent allocated, but not the requested address of a family (one the node does
-    /// not have); the allocation was given back.
+    /// The agent's allocation or the delegated IPAM plugin's result lacks a requested
+    /// address (of a family the node does not have, for the agent); what was had was
+    /// given back.
     #[error(
-        "runtimeConfig.ips: {} cannot be given to this pod: the node's allocation has {}",
+        "runtimeConfig.ips: {} cannot be given to this pod: {by} has {}",
         list(.addresses),
         if .given.is_empty() { "no address".to_owned() } else { list(.given) }
     )]
     RequestedNotGiven {
         addresses: Vec<std::net::IpAddr>,
+        /// Whose answer: "the node's allocation", "IPAM plugin host-local's result".
+        by: String,
         given: Vec<std::net::IpAddr>,
+    },
+    /// The delegated IPAM plugin gave an address of a family the node has no pod CIDR
+    /// for: the datapath would not route it.
+    #[error(
+        "IPAM plugin {plugin} (ADD) gave {address}, but this node has no IPv{} pod CIDR",
+        if .address.is_ipv4() { 4 } else { 6 }
+    )]
+    FamilyNotOnNode {
+        plugin: String,
+        address: std::net::IpAddr,
     },
     /// The pod gets an IPv6 address, but IPv6 cannot be enabled in its network namespace.
     #[error("cannot give the pod IPv6 address {address}: {source}")]
@@ -317,6 +330,7 @@ impl From<Error> for CniError {
                 CniError::invalid_config(msg)
             }
             Error::Ipv6Unavailable { .. } => CniError::invalid_env(msg),
+            Error::FamilyNotOnNode { .. } => CniError::invalid_config(msg),
             Error::AgentNotAvailable(_) | Error::NotReady(_) => CniError::plugin_not_available(msg),
             Error::Degraded(_) => CniError::plugin_not_available_limited(msg),
             Error::DeferredDelete { .. } | Error::DelegateExec { .. } => CniError::io_failure(msg),

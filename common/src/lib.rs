@@ -416,8 +416,13 @@ pub struct NodeConfig {
 pub const IDENTITY_ANY: u32 = 0;
 /// The node itself (its addresses, the gateway).
 pub const IDENTITY_HOST: u32 = 1;
-/// Anything not otherwise known.
+/// Anything not otherwise known, over IPv4 (`0.0.0.0/0`).
 pub const IDENTITY_WORLD: u32 = 2;
+/// Anything not otherwise known, over IPv6 (`::/0`). Each family's world has its own
+/// identity (as Cilium's `world-ipv4` and `world-ipv6`), so that a rule naming
+/// `0.0.0.0/0` allows no IPv6 and one naming `::/0` no IPv4; the `world` entity covers
+/// both. Readers: `agent` (policy), and `ebpf` only through `hypha_ipcache6`.
+pub const IDENTITY_WORLD6: u32 = 3;
 pub const IDENTITY_FIRST_LABELS: u32 = 256;
 pub const IDENTITY_FIRST_CIDR: u32 = 1 << 24;
 

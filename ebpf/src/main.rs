@@ -15,12 +15,13 @@
 
 mod debug;
 mod family;
+mod ipv6;
 mod packet;
 mod policy;
 mod stats;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT},
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
     helpers::generated::{bpf_redirect, bpf_redirect_peer},
     macros::{classifier, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -36,12 +37,13 @@ use hypha_common::{
 
 use crate::{
     family::Family,
+    ipv6::Outcome,
     packet::{
         ARPHRD_ETHER, ARPOP_REPLY, ARPOP_REQUEST, ArpEthIpv4, ETH_HLEN, ETH_P_ARP, ETH_P_IP,
-        EthHdr, IPV4_CSUM_OFF, IPV4_MIN_HLEN, Ipv4Hdr, PullError,
+        ETH_P_IPV6, EthHdr, IPV4_CSUM_OFF, IPV4_MIN_HLEN, Ipv4Hdr, PullError,
     },
-    policy::{Flow, Party},
-    stats::{count, count_denied, count_drop},
+    policy::{Flow4, Party},
+    stats::{count, count_drop},
 };
 
 // The maps are pinned by name (`PinningType::ByName`): the agent loads the object with
@@ -197,14 +199,34 @@ fn try_to_pod(ctx: &TcContext) -> Result<i32, i32> {
             &mut s.ingress.dropped
         })
     };
-    family::admit_to_pod(ifindex, ether_type).map_err(refuse)?;
-    if ether_type == ETH_P_IP {
+    let (_, iface) = family::admit_to_pod(ifindex, ether_type).map_err(refuse)?;
+    if ether_type == ETH_P_IPV6
+        && let Some(iface) = iface
+    {
+        let outcome = Outcome(ipv6::to_pod(ctx, iface));
+        match outcome.kind() {
+            Outcome::PASS => {}
+            Outcome::ROUTE => {
+                let receiver = Party {
+                    endpoint_id: iface.endpoint_id,
+                    ifindex,
+                    flags: iface.flags,
+                };
+                let scratch = ipv6::scratch().ok_or_else(|| refuse(DropReason::HelperFailed))?;
+                if !policy::allow(ctx, &scratch.flow, None, Some(&receiver)) {
+                    return Err(TC_ACT_SHOT);
+                }
+            }
+            _ => return Err(refuse(outcome.reason())),
+        }
+    } else if ether_type == ETH_P_IP {
         pull_or(ctx, ETH_HLEN + IPV4_MIN_HLEN, DropReason::InvalidIpv4Header).map_err(refuse)?;
         if let Some((flow, receiver)) = to_pod_flow(ctx, ifindex)
             && policy::enforces(&receiver)
-            && let Err(denied) = policy::check(&flow, None, Some(receiver))
+            && !icmp_error_of_tracked_flow(ctx, flow.proto)
+            && !policy::allow(ctx, &flow, None, Some(&receiver))
         {
-            return Err(count_denied(ctx, &flow, &denied));
+            return Err(TC_ACT_SHOT);
         }
     }
     count(ifindex, family, ctx.len(), |s| &mut s.ingress.passed);
@@ -255,7 +277,7 @@ fn mark_redirected(ifindex: u32, len: u32) {
 /// endpoint; `None` for anything else (ARP, a frame the stack built for another
 /// address), which passes as before.
 #[inline(always)]
-fn to_pod_flow(ctx: &TcContext, ifindex: u32) -> Option<(Flow, Party)> {
+fn to_pod_flow(ctx: &TcContext, ifindex: u32) -> Option<(Flow4, Party)> {
     let eth: *mut EthHdr = packet::header(ctx, 0)?;
     // SAFETY: `header` checked the Ethernet header lies within the packet.
     if u16::from_be_bytes(unsafe { (*eth).ether_type }) != ETH_P_IP {
@@ -287,6 +309,58 @@ fn to_pod_flow(ctx: &TcContext, ifindex: u32) -> Option<(Flow, Party)> {
     ))
 }
 
+/// Whether an IPv4 packet of protocol `proto` is an ICMP error (destination unreachable,
+/// fragmentation needed included; time exceeded; parameter problem) quoting a flow
+/// `hypha_ct4` tracks, either way: such an error is part of that flow and passes without
+/// a policy lookup (path MTU discovery needs it); any other is a new ICMP flow.
+#[inline(always)]
+fn icmp_error_of_tracked_flow(ctx: &TcContext, proto: u8) -> bool {
+    proto == policy::IPPROTO_ICMP && related_ipv4(ctx)
+}
+
+/// [`icmp_error_of_tracked_flow`] past the protocol check, in a frame of its own.
+#[inline(never)]
+fn related_ipv4(ctx: &TcContext) -> bool {
+    let Ok(outer) = ctx.load::<[u8; 8]>(ETH_HLEN) else {
+        return false;
+    };
+    // Only a first fragment (or a whole packet) has the ICMP header.
+    if u16::from_be_bytes([outer[6], outer[7]]) & 0x1fff != 0 {
+        return false;
+    }
+    let l4 = ETH_HLEN + usize::from(outer[0] & 0x0f) * 4;
+    let Ok(icmp_type) = ctx.load::<u8>(l4) else {
+        return false;
+    };
+    if !matches!(icmp_type, 3 | 11 | 12) {
+        return false;
+    }
+    // The quoted packet starts after the 8-byte ICMP header: its IPv4 header, then at
+    // least 8 bytes of its payload (the ports).
+    let inner = l4 + 8;
+    let Ok(ip) = ctx.load::<[u8; 20]>(inner) else {
+        return false;
+    };
+    let mut quoted = Flow4 {
+        saddr: u32::from_ne_bytes([ip[12], ip[13], ip[14], ip[15]]),
+        daddr: u32::from_ne_bytes([ip[16], ip[17], ip[18], ip[19]]),
+        sport: 0,
+        dport: 0,
+        proto: ip[9],
+        tcp_flags: 0,
+        echo: false,
+        len: 0,
+    };
+    if policy::has_ports(quoted.proto) {
+        let Ok(ports) = ctx.load::<[u8; 4]>(inner + usize::from(ip[0] & 0x0f) * 4) else {
+            return false;
+        };
+        quoted.sport = u16::from_ne_bytes([ports[0], ports[1]]);
+        quoted.dport = u16::from_ne_bytes([ports[2], ports[3]]);
+    }
+    policy::tracked(&quoted)
+}
+
 /// Completes a flow with its ports and TCP flags, read with `bpf_skb_load_bytes` (which
 /// needs no linear data and keeps packet pointers valid). Fragments other than the first
 /// carry no L4 header: their flow has no ports, so only port-less rules match them.
@@ -298,14 +372,15 @@ fn l4_flow(
     proto: u8,
     saddr: u32,
     daddr: u32,
-) -> Flow {
-    let mut flow = Flow {
+) -> Flow4 {
+    let mut flow = Flow4 {
         saddr,
         daddr,
         sport: 0,
         dport: 0,
         proto,
         tcp_flags: 0,
+        echo: false,
         len: ctx.len(),
     };
     let first_fragment = u16::from_be_bytes(frag_off) & 0x1fff == 0;
@@ -347,28 +422,54 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i32> {
     })?;
     // Counted in the family of the EtherType, whatever happens next.
     let family = family::of(ether_type);
-    match route_from_pod(ctx, ifindex, ether_type) {
-        Ok(Forward::Host) => {
+    // Both families' routing answer with an `Outcome`, a plain integer: a `Result` of
+    // enums with payloads, merged from many paths, leaves LLVM free to read a register
+    // no path wrote for a variant without a payload, which the verifier refuses.
+    let outcome = if ether_type == ETH_P_IPV6 {
+        route_ipv6(ctx, ifindex)
+    } else {
+        Outcome(route_from_pod(ctx, ifindex, ether_type))
+    };
+    match outcome.kind() {
+        Outcome::PASS => {
             count(ifindex, family, bytes, |s| &mut s.egress.passed);
             Ok(TC_ACT_OK)
         }
-        Ok(Forward::Answered) => {
+        Outcome::ANSWERED => {
             // The request did what it would have done in the host stack: got an answer.
             count(ifindex, family, bytes, |s| &mut s.egress.passed);
             Ok(TC_ACT_REDIRECT)
         }
-        Ok(Forward::Pod { ifindex: dst }) => {
+        Outcome::POD => {
+            let dst = outcome.value();
             debug::note_redirect(ctx, ifindex, dst);
             count(ifindex, family, bytes, |s| &mut s.egress.redirected);
             count(dst, family, bytes, |s| &mut s.ingress.redirected);
             Ok(TC_ACT_REDIRECT)
         }
-        Err(Refusal::Malformed(reason)) => {
-            Err(count_drop(ctx, ifindex, DIR_EGRESS, family, reason, |s| {
-                &mut s.egress.dropped
-            }))
+        Outcome::DENIED => Err(TC_ACT_SHOT),
+        _ => Err(count_drop(
+            ctx,
+            ifindex,
+            DIR_EGRESS,
+            family,
+            outcome.reason(),
+            |s| &mut s.egress.dropped,
+        )),
+    }
+}
+
+impl Outcome {
+    /// The outcome of IPv4 or ARP routing.
+    #[inline(always)]
+    fn of(routed: Result<Forward, Refusal>) -> Self {
+        match routed {
+            Ok(Forward::Host) => Outcome::new(Outcome::PASS, 0),
+            Ok(Forward::Answered) => Outcome::new(Outcome::ANSWERED, 0),
+            Ok(Forward::Pod { ifindex }) => Outcome::new(Outcome::POD, ifindex),
+            Err(Refusal::Malformed(reason)) => Outcome::new(Outcome::DROP, reason as u32),
+            Err(Refusal::Counted) => Outcome::new(Outcome::DENIED, 0),
         }
-        Err(Refusal::Policy(flow, denied)) => Err(count_denied(ctx, &flow, &denied)),
     }
 }
 
@@ -376,8 +477,9 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i32> {
 enum Refusal {
     /// Malformed, spoofed or not forwardable: counted against the sender.
     Malformed(DropReason),
-    /// A policy refused the flow: counted against the endpoint whose policy decided.
-    Policy(Flow, policy::Denied),
+    /// Refused by a policy, and already counted and reported against the endpoint whose
+    /// policy decided.
+    Counted,
 }
 
 impl From<DropReason> for Refusal {
@@ -386,7 +488,15 @@ impl From<DropReason> for Refusal {
     }
 }
 
-fn route_from_pod(ctx: &TcContext, ifindex: u32, ether_type: u16) -> Result<Forward, Refusal> {
+/// Never inlined: the IPv4 routing has a stack frame of its own, not part of the one the
+/// IPv6 path runs on.
+#[inline(never)]
+fn route_from_pod(ctx: &TcContext, ifindex: u32, ether_type: u16) -> u64 {
+    Outcome::of(route_ipv4_or_arp(ctx, ifindex, ether_type)).0
+}
+
+#[inline(always)]
+fn route_ipv4_or_arp(ctx: &TcContext, ifindex: u32, ether_type: u16) -> Result<Forward, Refusal> {
     let (family, iface) = family::admit_from_pod(ifindex, ether_type)?;
     match (family, ether_type) {
         (Family::Ipv4, ETH_P_IP) => route_ipv4(ctx, ifindex, iface),
@@ -394,6 +504,40 @@ fn route_from_pod(ctx: &TcContext, ifindex: u32, ether_type: u16) -> Result<Forw
         // A managed family the datapath has no routing for.
         _ => Err(DropReason::UnsupportedFamily.into()),
     }
+}
+
+/// IPv6 from the pod on `ifindex`, routed by `ipv6::from_pod`.
+#[inline(always)]
+fn route_ipv6(ctx: &TcContext, ifindex: u32) -> Outcome {
+    let iface = match family::admit_from_pod(ifindex, ETH_P_IPV6) {
+        Ok((_, iface)) => iface,
+        Err(reason) => return Outcome::new(Outcome::DROP, reason as u32),
+    };
+    let mut outcome = Outcome(ipv6::from_pod(ctx, iface));
+    if outcome.kind() == Outcome::SOLICITATION {
+        outcome = Outcome(ipv6::answer_solicitation(ctx, ifindex, iface));
+    } else if outcome.kind() == Outcome::ROUTE {
+        if outcome.value() == Outcome::CHECK {
+            let Some(scratch) = ipv6::scratch() else {
+                return Outcome::new(Outcome::DROP, DropReason::HelperFailed as u32);
+            };
+            let sender = Party {
+                endpoint_id: iface.endpoint_id,
+                ifindex,
+                flags: iface.flags,
+            };
+            let receiver = scratch.has_dst.then_some(Party {
+                endpoint_id: scratch.dst.endpoint_id,
+                ifindex: scratch.dst.ifindex,
+                flags: scratch.dst.flags,
+            });
+            if !policy::allow(ctx, &scratch.flow, Some(&sender), receiver.as_ref()) {
+                return Outcome::new(Outcome::DENIED, 0);
+            }
+        }
+        outcome = Outcome(ipv6::forward(ctx));
+    }
+    outcome
 }
 
 /// Answers an ARP request for the gateway from a known endpoint on its own veth;
@@ -506,10 +650,12 @@ fn route_ipv4(ctx: &TcContext, ifindex: u32, iface: &EndpointIface) -> Result<Fo
         ifindex: d.ifindex,
         flags: d.flags,
     });
-    if policy::enforces(&sender) || receiver.as_ref().is_some_and(policy::enforces) {
+    if (policy::enforces(&sender) || receiver.as_ref().is_some_and(policy::enforces))
+        && !icmp_error_of_tracked_flow(ctx, proto)
+    {
         let flow = l4_flow(ctx, version_ihl, frag_off, proto, saddr, daddr);
-        if let Err(denied) = policy::check(&flow, Some(sender), receiver) {
-            return Err(Refusal::Policy(flow, denied));
+        if !policy::allow(ctx, &flow, Some(&sender), receiver.as_ref()) {
+            return Err(Refusal::Counted);
         }
     }
 
@@ -543,11 +689,21 @@ fn route_ipv4(ctx: &TcContext, ifindex: u32, iface: &EndpointIface) -> Result<Fo
     )
     .map_err(|_| Refusal::Malformed(DropReason::HelperFailed))?;
 
-    // Straight into the destination pod's namespace, skipping the host stack and the
-    // host-side veth's egress; unless the destination's ingress is rate limited: its
-    // limiter is a qdisc on that egress, so the frame goes there (`bpf_redirect` to the
-    // device's egress), recorded in this CPU's `hypha_redirect` slot so that
-    // `hypha_to_pod`, which the redirect runs next on this CPU, lets it through untouched.
+    redirect_to_pod(ctx, &dst)?;
+    Ok(Forward::Pod {
+        ifindex: dst.ifindex,
+    })
+}
+
+/// Sends the frame, already rewritten for it, to the pod `dst`.
+///
+/// Straight into the destination pod's namespace, skipping the host stack and the
+/// host-side veth's egress; unless the destination's ingress is rate limited: its
+/// limiter is a qdisc on that egress, so the frame goes there (`bpf_redirect` to the
+/// device's egress), recorded in this CPU's `hypha_redirect` slot so that
+/// `hypha_to_pod`, which the redirect runs next on this CPU, lets it through untouched.
+#[inline(always)]
+fn redirect_to_pod(ctx: &TcContext, dst: &EndpointInfo) -> Result<(), DropReason> {
     let ret = if dst.flags & ENDPOINT_F_INGRESS_LIMIT != 0 {
         mark_redirected(dst.ifindex, ctx.len());
         // SAFETY: a plain helper call with scalar arguments.
@@ -559,11 +715,9 @@ fn route_ipv4(ctx: &TcContext, ifindex: u32, iface: &EndpointIface) -> Result<Fo
     if ret != i64::from(TC_ACT_REDIRECT) {
         // No redirect follows: the slot must not vouch for the next frame on this CPU.
         take_redirected(0, 0);
-        return Err(DropReason::HelperFailed.into());
+        return Err(DropReason::HelperFailed);
     }
-    Ok(Forward::Pod {
-        ifindex: dst.ifindex,
-    })
+    Ok(())
 }
 
 /// [`packet::pull`], with a short packet dropped for `short` and a failed pull for

@@ -114,3 +114,38 @@ pub fn header<T>(ctx: &TcContext, offset: usize) -> Option<*mut T> {
     }
     Some((start + offset) as *mut T)
 }
+
+/// Length of the fixed IPv6 header; extension headers, if any, follow.
+pub const IPV6_HLEN: usize = size_of::<Ipv6Hdr>();
+
+/// The fixed 40 bytes of an IPv6 header (RFC 8200).
+#[repr(C)]
+pub struct Ipv6Hdr {
+    /// Version (4 bits), traffic class, flow label.
+    pub version_tc_flow: [u8; 4],
+    pub payload_len: [u8; 2],
+    pub next_header: u8,
+    pub hop_limit: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+/// A neighbour advertisement for the gateway as `hypha_from_pod` builds it, frame and
+/// all: Ethernet, IPv6, the ICMPv6 message (RFC 4861 section 4.4) and its target
+/// link-layer address option.
+#[repr(C)]
+pub struct NeighbourAdvert {
+    pub eth: EthHdr,
+    pub ip: Ipv6Hdr,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+    pub checksum: [u8; 2],
+    /// Router, Solicited, Override (the top three bits), then 29 reserved bits.
+    pub flags: [u8; 4],
+    pub target: [u8; 16],
+    /// Option type 2 (target link-layer address).
+    pub opt_type: u8,
+    /// Option length in units of 8 bytes: 1.
+    pub opt_len: u8,
+    pub opt_mac: [u8; 6],
+}

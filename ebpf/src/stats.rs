@@ -18,7 +18,7 @@ use hypha_common::{
 
 use crate::family::Family;
 use crate::packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6};
-use crate::policy::{self, Denied, Flow};
+use crate::policy::{self, Addr, Denied, Flow};
 use crate::{DROP_EVENTS, DROPS, EP_STATS};
 
 /// Nanoseconds it takes a drop-event budget to earn one event back.
@@ -169,20 +169,18 @@ fn may_report(key: &DropKey) -> bool {
 /// together, and the debug functions need their share).
 #[inline(never)]
 fn report_drop(ctx: &TcContext, ifindex: u32, direction: u8, reason: DropReason) {
-    let mut event = Event {
-        kind: EVENT_DROP,
-        direction,
-        reason: reason as u16,
-        ifindex,
-        len: ctx.len(),
-        ..Event::default()
-    };
-    match ctx.load::<[u8; 2]>(12).map(u16::from_be_bytes) {
-        Ok(ETH_P_IP) => ipv4_drop_event(ctx, &mut event),
-        Ok(ETH_P_IPV6) => ipv6_drop_event(ctx, &mut event),
-        _ => {}
-    }
-    policy::emit_event(&event);
+    policy::emit_event(|event| {
+        event.kind = EVENT_DROP;
+        event.direction = direction;
+        event.reason = reason as u16;
+        event.ifindex = ifindex;
+        event.len = ctx.len();
+        match ctx.load::<[u8; 2]>(12).map(u16::from_be_bytes) {
+            Ok(ETH_P_IP) => ipv4_drop_event(ctx, event),
+            Ok(ETH_P_IPV6) => ipv6_drop_event(ctx, event),
+            _ => {}
+        }
+    });
 }
 
 /// Fills in what an IPv4 header says (addresses, protocol, ports of a first fragment).
@@ -229,9 +227,9 @@ fn ipv6_drop_event(ctx: &TcContext, event: &mut Event) {
 /// direction it decided for, and reports it to the monitor with the deciding policy
 /// (within the same event budget as every other drop).
 #[inline(always)]
-pub fn count_denied(ctx: &TcContext, flow: &Flow, denied: &Denied) -> i32 {
+pub fn count_denied<A: Addr>(ctx: &TcContext, flow: &Flow<A>, denied: &Denied) -> i32 {
     crate::debug::note_denied(denied.policy_id, denied.endpoint_id);
-    let family = Some(Family::Ipv4);
+    let family = Some(A::FAMILY);
     let key = if denied.direction == DIR_INGRESS {
         record_drop(
             ctx,
@@ -259,14 +257,15 @@ pub fn count_denied(ctx: &TcContext, flow: &Flow, denied: &Denied) -> i32 {
 
 /// Sends the drop event of a flow a policy refused (out of line, see [`report_drop`]).
 #[inline(never)]
-fn report_denied(flow: &Flow, denied: &Denied) {
-    let mut event = flow.event(EVENT_DROP, denied.direction);
-    event.reason = denied.reason as u16;
-    event.ifindex = denied.ifindex;
-    event.endpoint_id = denied.endpoint_id;
-    event.policy_id = denied.policy_id;
-    event.remote_identity = denied.remote_identity;
-    policy::emit_event(&event);
+fn report_denied<A: Addr>(flow: &Flow<A>, denied: &Denied) {
+    policy::emit_event(|event| {
+        flow.describe(event, EVENT_DROP, denied.direction);
+        event.reason = denied.reason as u16;
+        event.ifindex = denied.ifindex;
+        event.endpoint_id = denied.endpoint_id;
+        event.policy_id = denied.policy_id;
+        event.remote_identity = denied.remote_identity;
+    });
 }
 
 #[inline(always)]

@@ -226,8 +226,13 @@ impl Chain {
 
 /// The runtimes' invocations in `cni-plugin/tests/fixtures/` (see its README), each with
 /// its placeholders replaced: `@SOCKET@` by `socket`, `@CID@` by `container_id`, `@IP@` by
-/// `ip`. Returns (file name, fixture).
-pub fn runtime_fixtures(socket: &Path, container_id: &str, ip: &str) -> Vec<(String, Value)> {
+/// `ip`, `@IP6@` by `ip6`. Returns (file name, fixture).
+pub fn runtime_fixtures(
+    socket: &Path,
+    container_id: &str,
+    ip: &str,
+    ip6: &str,
+) -> Vec<(String, Value)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cni-plugin/tests/fixtures");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
@@ -242,7 +247,8 @@ pub fn runtime_fixtures(socket: &Path, container_id: &str, ip: &str) -> Vec<(Str
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
                 .replace("@SOCKET@", &socket.display().to_string())
                 .replace("@CID@", container_id)
-                .replace("@IP@", ip);
+                .replace("@IP@", ip)
+                .replace("@IP6@", ip6);
             let name = path.file_name().unwrap_or_default().to_string_lossy();
             let fixture =
                 serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

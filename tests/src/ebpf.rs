@@ -21,9 +21,9 @@ use aya::{
     util::nr_cpus,
 };
 use hypha_common::{
-    Counter, CtEntry, CtKey4, DropKey, ENDPOINT_F_IPV4, EndpointIface, EndpointInfo, EndpointKey4,
-    EndpointStats, Event, FamilyStats, IpcacheValue, NodeConfig, PolicyEntry, PolicyKey, maps,
-    programs,
+    Counter, CtEntry, CtKey4, CtKey6, DropKey, ENDPOINT_F_IPV4, ENDPOINT_F_IPV6, EndpointIface,
+    EndpointInfo, EndpointKey4, EndpointKey6, EndpointStats, Event, FamilyStats, IpcacheValue,
+    NodeConfig, PolicyEntry, PolicyKey, maps, programs,
 };
 use nix::{
     mount::{MntFlags, MsFlags, mount, umount2},
@@ -153,6 +153,52 @@ impl Datapath {
         self.add_stats(info.ifindex);
     }
 
+    /// Adds an endpoint with the addresses given (IPv4, IPv6 or both) as the agent does:
+    /// an entry in `hypha_endpoints4` and `hypha_endpoints6` per address, its
+    /// `hypha_ifaces` entry and its zeroed `hypha_ep_stats_v2` entry, with the family
+    /// bits of its addresses added to `info.flags`.
+    pub fn add_endpoint_with(
+        &mut self,
+        addr4: Option<[u8; 4]>,
+        addr6: Option<[u8; 16]>,
+        info: EndpointInfo,
+    ) {
+        let mut flags = info.flags & !(ENDPOINT_F_IPV4 | ENDPOINT_F_IPV6);
+        if addr4.is_some() {
+            flags |= ENDPOINT_F_IPV4;
+        }
+        if addr6.is_some() {
+            flags |= ENDPOINT_F_IPV6;
+        }
+        let info = EndpointInfo { flags, ..info };
+        if let Some(addr) = addr4 {
+            let mut endpoints: HashMap<&mut MapData, EndpointKey4, EndpointInfo> =
+                self.map_mut(maps::ENDPOINTS4);
+            endpoints
+                .insert(EndpointKey4::from_octets(addr), info, 0)
+                .unwrap_or_else(|e| panic!("insert into {}: {e}", maps::ENDPOINTS4));
+        }
+        if let Some(addr) = addr6 {
+            let mut endpoints: HashMap<&mut MapData, EndpointKey6, EndpointInfo> =
+                self.map_mut(maps::ENDPOINTS6);
+            endpoints
+                .insert(EndpointKey6 { addr }, info, 0)
+                .unwrap_or_else(|e| panic!("insert into {}: {e}", maps::ENDPOINTS6));
+        }
+        self.add_iface(
+            info.ifindex,
+            EndpointIface {
+                endpoint_id: info.endpoint_id,
+                flags,
+                pod_mac: info.pod_mac,
+                host_mac: info.host_mac,
+                addr4: addr4.map_or(0, u32::from_ne_bytes),
+                addr6: addr6.unwrap_or([0; 16]),
+            },
+        );
+        self.add_stats(info.ifindex);
+    }
+
     /// Writes the `hypha_ifaces` entry of the host-side veth `ifindex`.
     pub fn add_iface(&mut self, ifindex: u32, iface: EndpointIface) {
         let mut ifaces: HashMap<&mut MapData, u32, EndpointIface> = self.map_mut(maps::IFACES);
@@ -183,6 +229,27 @@ impl Datapath {
                 0,
             )
             .expect("insert into hypha_ipcache4");
+    }
+
+    /// Gives `addr/prefix_len` the security `identity` in `hypha_ipcache6`.
+    pub fn set_identity6(&mut self, addr: [u8; 16], prefix_len: u32, identity: u32) {
+        let mut ipcache: LpmTrie<&mut MapData, [u8; 16], IpcacheValue> =
+            self.map_mut(maps::IPCACHE6);
+        ipcache
+            .insert(
+                &Key::new(prefix_len, addr),
+                IpcacheValue { identity, flags: 0 },
+                0,
+            )
+            .unwrap_or_else(|e| panic!("insert into {}: {e}", maps::IPCACHE6));
+    }
+
+    /// Every tracked IPv6 connection.
+    pub fn connections6(&self) -> Vec<(CtKey6, CtEntry)> {
+        let ct: HashMap<&MapData, CtKey6, CtEntry> = self.map(maps::CT6);
+        ct.iter()
+            .map(|e| e.unwrap_or_else(|e| panic!("iterate {}: {e}", maps::CT6)))
+            .collect()
     }
 
     /// Writes one `hypha_policy` entry.

@@ -568,7 +568,7 @@ fn capabilities_and_labels() {
     ));
     let extra = json!({
         "runtimeConfig": {
-            "ips": ["fd00::5/64", format!("{wanted}/24")],
+            "ips": [format!("{wanted}/24")],
             "mac": "02:00:00:aa:bb:cc",
             "bandwidth": {"egressRate": 1000, "egressBurst": 100},
         },
@@ -640,7 +640,7 @@ fn host_local_held(dir: &Path, network: &str) -> Vec<String> {
         .map(|d| {
             d.flatten()
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.parse::<Ipv4Addr>().is_ok())
+                .filter(|n| n.parse::<std::net::IpAddr>().is_ok())
                 .collect()
         })
         .unwrap_or_default()
@@ -905,17 +905,21 @@ fn assert_tbf(qdisc: &str, rate: Option<u64>, what: &str) {
     }
 }
 
+/// The IPv6 address the runtime fixtures ask for, where one asks for one.
+const FIXTURE_IP6: &str = "fd00:4879:f1::5";
+
 /// The exact stdin and CNI_ARGS that containerd (go-cni), CRI-O (ocicni) and podman 4
 /// (libnetwork/cni) give hypha-cni (`cni-plugin/tests/fixtures/`, each citing the runtime's
 /// types), through the real plugin and agent: each limit really shapes (a `tbf` at its
 /// rate on the pod's eth0 for egress, on the host veth for ingress; none for a direction
 /// sent as 0), the requested address and MAC are the pod's, the labels reach the
-/// endpoint, and DEL takes it all down.
+/// endpoint, and DEL takes it all down. On this IPv4-only node, a fixture that asks for an
+/// IPv6 address too is refused, naming it.
 #[test]
 fn runtime_fixtures_through_the_real_agent() {
     hypha_tests::require_root!();
     let node = Node::start();
-    let count = cni::runtime_fixtures(&node.socket(), "x", "0.0.0.0").len();
+    let count = cni::runtime_fixtures(&node.socket(), "x", "0.0.0.0", "::").len();
     assert!(count >= 4, "{count} fixtures");
     for i in 0..count {
         let pod = pod_netns(&node, &format!("fx{i}"));
@@ -923,11 +927,23 @@ fn runtime_fixtures_through_the_real_agent() {
         let path = path_of(&pod);
         let wanted = pod_address(&node, 40 + i as u32);
         let (name, fixture) =
-            cni::runtime_fixtures(&node.socket(), &id, &wanted.to_string()).swap_remove(i);
+            cni::runtime_fixtures(&node.socket(), &id, &wanted.to_string(), FIXTURE_IP6)
+                .swap_remove(i);
         let expect = &fixture["expect"];
         let mut env = Node::cni_env("ADD", &id, &path);
         env.push(("CNI_ARGS", fixture["cniArgs"].as_str().unwrap()));
-        let result = ok(&node.cni(&env, &fixture["stdin"].to_string()), &name);
+        let run = node.cni(&env, &fixture["stdin"].to_string());
+        if let Some(address6) = expect["address6"].as_str() {
+            // This node is IPv4-only: the IPv6 address asked for is refused, named, and
+            // nothing is made (the dual-stack run is hypha-cni's fake-agent test).
+            let (code, msg) = run.error();
+            assert_eq!(code, 7, "{name}: {msg}");
+            assert!(msg.contains(address6), "{name}: {msg}");
+            assert!(!pod.has_link("eth0"), "{name}");
+            assert!(node.endpoints().is_empty(), "{name}");
+            continue;
+        }
+        let result = ok(&run, &name);
 
         if let Some(address) = expect["address"].as_str() {
             assert_eq!(address_of(&result).to_string(), address, "{name}: {result}");
@@ -980,13 +996,14 @@ fn runtime_fixtures_through_the_real_agent() {
 fn runtime_fixtures_chained_with_portmap() {
     hypha_tests::require_root!();
     let node = Node::start();
-    let count = cni::runtime_fixtures(&node.socket(), "x", "0.0.0.0").len();
+    let count = cni::runtime_fixtures(&node.socket(), "x", "0.0.0.0", "::").len();
     let mut chained = 0;
     for i in 0..count {
         let id = cid(&node, &format!("pm{i}"));
         let wanted = pod_address(&node, 80 + i as u32);
         let (name, fixture) =
-            cni::runtime_fixtures(&node.socket(), &id, &wanted.to_string()).swap_remove(i);
+            cni::runtime_fixtures(&node.socket(), &id, &wanted.to_string(), FIXTURE_IP6)
+                .swap_remove(i);
         let Some(host_port) = fixture["expect"]["hostPort"].as_u64() else {
             continue;
         };
@@ -1039,4 +1056,56 @@ fn runtime_fixtures_chained_with_portmap() {
     assert!(chained >= 3, "{chained} fixtures with port mappings");
     assert!(node.endpoints().is_empty());
     assert!(host_veths(&node).is_empty(), "{:?}", host_veths(&node));
+}
+
+/// Addresses an IPv4-only node cannot give: an IPv6 address asked for through `ips` from
+/// the agent's allocator, or from a delegated `host-local` whose only range is IPv4, or a
+/// delegated IPv6 address: refused naming it, nothing held and nothing left behind.
+#[test]
+fn ipv6_on_an_ipv4_only_node_is_refused() {
+    hypha_tests::require_root!();
+    let node = Node::start();
+    let data = DataDir(node.dir.with_extension("host-local4"));
+    let octet = 100 + (std::process::id() % 100);
+    let cases = [
+        (
+            "agentips",
+            json!({"runtimeConfig": {"ips": ["fd00:4879:beef::9"]}}),
+            "fd00:4879:beef::9",
+            7,
+        ),
+        (
+            "hlips",
+            json!({"runtimeConfig": {"ips": ["fd00:4879:beef::9"]},
+                   "ipam": {"type": "host-local", "dataDir": data.0,
+                            "ranges": [[{"subnet": format!("172.28.{octet}.0/24")}]]}}),
+            "fd00:4879:beef::9",
+            // host-local's own error, passed on.
+            999,
+        ),
+        (
+            "hl6",
+            json!({"ipam": {"type": "host-local", "dataDir": data.0,
+                            "ranges": [[{"subnet": "fd00:4879:beef::/64"}]]}}),
+            "gave fd00:4879:beef::2, but this node has no IPv6 pod CIDR",
+            7,
+        ),
+    ];
+    for (name, extra, names, want) in cases {
+        let pod = pod_netns(&node, name);
+        let id = cid(&node, name);
+        let (code, msg) = node
+            .cni(
+                &Node::cni_env("ADD", &id, &path_of(&pod)),
+                &conf(&node, "1.0.0", extra),
+            )
+            .error();
+        assert!(msg.contains(names), "{name}: {msg}");
+        assert_eq!(code, want, "{name}: {msg}");
+        assert!(host_veths(&node).is_empty(), "{name}");
+        assert!(!pod.has_link("eth0"), "{name}");
+        assert!(host_local_held(&data.0, "hypha").is_empty(), "{name}");
+        assert!(node.endpoints().is_empty(), "{name}");
+        assert_eq!(node.status().ipam.allocated, 0, "{name}");
+    }
 }

@@ -1240,6 +1240,53 @@ mod policy {
     }
 
     #[test]
+    fn fragmentation_needed_for_a_tracked_flow_passes_and_one_for_an_unknown_flow_does_not() {
+        hypha_tests::require_root!();
+        // A admits nothing new, so its flows are tracked; PMTU discovery needs the
+        // router's "fragmentation needed" about them to reach it all the same.
+        let node = node(ENDPOINT_F_INGRESS_POLICY, 0);
+        let out = udp(POD_A_IP, POD_A_MAC, HOST_A_MAC, OUTSIDE_IP, 4000, DNS);
+        assert_eq!(
+            node.send_from_a(&out).verdict,
+            TC_ACT_OK,
+            "A's datagram out"
+        );
+
+        let needed = |quoted: &[u8]| {
+            // Type 3 code 4, unused, next-hop MTU 1400, then the quoted header and 8 bytes.
+            let mut icmp = vec![3, 4, 0, 0, 0, 0, 0x05, 0x78];
+            icmp.extend_from_slice(&quoted[ETH_HLEN..ETH_HLEN + 28]);
+            let [hi, lo] = ((20 + icmp.len()) as u16).to_be_bytes();
+            let mut ip = vec![0x45, 0, hi, lo, 0, 0, 0, 0, 60, 1, 0, 0];
+            ip.extend_from_slice(&[192, 0, 2, 1]);
+            ip.extend_from_slice(&POD_A_IP);
+            let csum = ipv4_checksum(&ip);
+            ip[10..12].copy_from_slice(&csum.to_be_bytes());
+            ip.extend_from_slice(&icmp);
+            eth(POD_A_MAC, HOST_A_MAC, ETH_P_IP, &ip)
+        };
+        let related = needed(&out);
+        assert_eq!(
+            node.dp.run(TO_POD, &related, node.a).verdict,
+            TC_ACT_OK,
+            "an error quoting the tracked flow"
+        );
+        let unknown = needed(&udp(POD_A_IP, POD_A_MAC, HOST_A_MAC, OUTSIDE_IP, 4001, DNS));
+        assert_eq!(
+            node.dp.run(TO_POD, &unknown, node.a).verdict,
+            TC_ACT_SHOT,
+            "an error quoting no flow"
+        );
+        let key = DropKey {
+            ifindex: node.a,
+            reason: DropReason::PolicyDenied as u16,
+            direction: DIR_INGRESS,
+            _pad: 0,
+        };
+        assert_eq!(node.dp.drops(), vec![(key, counter(1, unknown.len()))]);
+    }
+
+    #[test]
     fn a_spoofed_source_yields_a_drop_event_naming_the_reason() {
         hypha_tests::require_root!();
         let mut node = Node::new();

@@ -20,7 +20,7 @@ use hypha_api::{
 use hypha_common::{
     DIR_EGRESS, DIR_INGRESS, ENDPOINT_F_EGRESS_AUDIT, ENDPOINT_F_EGRESS_POLICY,
     ENDPOINT_F_INGRESS_AUDIT, ENDPOINT_F_INGRESS_POLICY, IDENTITY_ANY, IDENTITY_HOST,
-    IDENTITY_WORLD, POLICY_DENY, POLICY_F_AUDIT, PolicyKey,
+    IDENTITY_WORLD, IDENTITY_WORLD6, POLICY_DENY, POLICY_F_AUDIT, PolicyKey,
 };
 
 use super::{Agent, ControlError, wait_all};
@@ -62,9 +62,13 @@ pub(super) struct PolicyView {
 
 /// The engine's view of an endpoint.
 fn policy_endpoint(ep: &EndpointRecord) -> PolicyEndpoint {
-    let mut view = PolicyEndpoint::new(ep.id, super::v4(ep.address), &ep.labels);
-    view.ports = named_ports(&ep.ports);
-    view
+    PolicyEndpoint {
+        // Both of its addresses, as the record has them.
+        address: ep.address,
+        address6: ep.address6,
+        ports: named_ports(&ep.ports),
+        ..PolicyEndpoint::new(ep.id, std::net::Ipv4Addr::UNSPECIFIED, &ep.labels)
+    }
 }
 
 /// Named ports as the engine takes them; validated when they were set.
@@ -105,7 +109,7 @@ impl PolicyState {
             namespaces.clone(),
             endpoints.clone(),
             identities.clone(),
-            vec![gateway],
+            vec![gateway.into()],
         ) {
             Ok(e) => e,
             Err(e) => {
@@ -124,7 +128,7 @@ impl PolicyState {
                     namespaces.clone(),
                     endpoints,
                     identities.clone(),
-                    vec![gateway],
+                    vec![gateway.into()],
                 )
                 .or_else(|_| {
                     PolicyEngine::new(
@@ -132,7 +136,7 @@ impl PolicyState {
                         BTreeMap::new(),
                         Vec::new(),
                         identities.clone(),
-                        vec![gateway],
+                        vec![gateway.into()],
                     )
                 })
                 .expect("an empty policy set compiles")
@@ -1147,7 +1151,8 @@ fn describe_identity(installed: &Compiled, id: u32) -> String {
     match id {
         IDENTITY_ANY => "any".into(),
         IDENTITY_HOST => "host".into(),
-        IDENTITY_WORLD => "world".into(),
+        IDENTITY_WORLD => "world (IPv4)".into(),
+        IDENTITY_WORLD6 => "world (IPv6)".into(),
         _ => match installed.identities.source(id) {
             Some(IdentitySource::Labels { namespace, labels }) => {
                 let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();

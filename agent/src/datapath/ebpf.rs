@@ -31,11 +31,12 @@ use aya::programs::{ProgramError, ProgramFd, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use hypha_common::debug::{MAP as DEBUG_MAP, NODE_F_DEBUG};
 use hypha_common::{
-    Counter, CtEntry, CtKey4, DropKey, EndpointInfo, EndpointKey4, EndpointStats, IpcacheValue,
-    NodeConfig, PolicyEntry, PolicyKey, PolicyStats, maps, programs,
+    Counter, CtEntry, CtKey4, CtKey6, DropKey, EndpointStats, IpcacheValue, NodeConfig,
+    PolicyEntry, PolicyKey, PolicyStats, maps, programs,
 };
 use hypha_netlink::{BpfFilter, Netlink, TcHook};
 
+use super::endpoint_maps::EndpointMaps;
 use super::{Adoption, Datapath, link_info};
 use crate::config::AttachMode;
 use crate::policy::PolicyDiff;
@@ -178,17 +179,22 @@ pub(super) fn is_not_found(e: &MapError) -> bool {
 /// Lock order where two nest: `debug` before `config` (the node's tracing flag follows
 /// what the debug map holds). No other two are held at once.
 pub(super) struct Maps {
-    /// Also the lock that keeps a read-modify-write of one endpoint's flags (`set_flags`,
-    /// `apply_policy`) atomic.
-    pub(super) endpoints: Mutex<HashMap<MapData, EndpointKey4, EndpointInfo>>,
-    ep_stats: Mutex<PerCpuHashMap<MapData, u32, EndpointStats>>,
+    /// `hypha_ifaces`, `hypha_endpoints4` and `hypha_endpoints6` under one lock, which is
+    /// also the one that keeps a read-modify-write of an endpoint's flags (`set_flags`,
+    /// `apply_policy`) atomic across all of its entries.
+    pub(super) endpoints: Mutex<EndpointMaps>,
+    pub(super) ep_stats: Mutex<PerCpuHashMap<MapData, u32, EndpointStats>>,
     drops: Mutex<PerCpuHashMap<MapData, DropKey, Counter>>,
     /// For deletions; `ct_read`, a second handle on the same map, scans it without a lock.
     ct: Mutex<HashMap<MapData, CtKey4, CtEntry>>,
     ct_read: HashMap<MapData, CtKey4, CtEntry>,
+    /// As `ct` and `ct_read`, for `hypha_ct6`.
+    ct6: Mutex<HashMap<MapData, CtKey6, CtEntry>>,
+    ct6_read: HashMap<MapData, CtKey6, CtEntry>,
     debug: Mutex<HashMap<MapData, u32, u32>>,
     config: Mutex<Array<MapData, NodeConfig>>,
     pub(super) ipcache: Mutex<LpmTrie<MapData, u32, IpcacheValue>>,
+    pub(super) ipcache6: Mutex<LpmTrie<MapData, [u8; 16], IpcacheValue>>,
     pub(super) policy: Mutex<HashMap<MapData, PolicyKey, PolicyEntry>>,
     policy_stats: Mutex<PerCpuHashMap<MapData, u32, PolicyStats>>,
 }
@@ -213,29 +219,47 @@ fn take<T: TryFrom<Map, Error = MapError>>(
     T::try_from(take_map(ebpf, name)?).map_err(map_err("open", name))
 }
 
+/// A second handle on the LRU hash map behind `map`, to scan it without the first's lock.
+fn second_handle<K: aya::Pod, V: aya::Pod>(
+    map: &HashMap<MapData, K, V>,
+    name: &'static str,
+) -> Result<HashMap<MapData, K, V>, EbpfError> {
+    let fd = map
+        .map()
+        .fd()
+        .as_fd()
+        .try_clone_to_owned()
+        .map_err(|source| EbpfError::Io {
+            op: "duplicate the descriptor of map",
+            path: name.into(),
+            source,
+        })?;
+    let again = Map::LruHashMap(MapData::from_fd(fd).map_err(map_err("reopen", name))?);
+    HashMap::try_from(again).map_err(map_err("open", name))
+}
+
 impl Maps {
     fn take(ebpf: &mut Ebpf) -> Result<Self, EbpfError> {
         let ct: HashMap<MapData, CtKey4, CtEntry> = take(ebpf, maps::CT4)?;
-        let fd = ct
-            .map()
-            .fd()
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|source| EbpfError::Io {
-                op: "duplicate the descriptor of map",
-                path: maps::CT4.into(),
-                source,
-            })?;
-        let ct_read = Map::LruHashMap(MapData::from_fd(fd).map_err(map_err("reopen", maps::CT4))?);
+        let ct_read = second_handle(&ct, maps::CT4)?;
+        let ct6: HashMap<MapData, CtKey6, CtEntry> = take(ebpf, maps::CT6)?;
+        let ct6_read = second_handle(&ct6, maps::CT6)?;
         Ok(Self {
-            endpoints: Mutex::new(take(ebpf, maps::ENDPOINTS4)?),
+            endpoints: Mutex::new(EndpointMaps {
+                v4: take(ebpf, maps::ENDPOINTS4)?,
+                v6: take(ebpf, maps::ENDPOINTS6)?,
+                ifaces: take(ebpf, maps::IFACES)?,
+            }),
             ep_stats: Mutex::new(take(ebpf, maps::EP_STATS)?),
             drops: Mutex::new(take(ebpf, maps::DROPS)?),
             ct: Mutex::new(ct),
-            ct_read: HashMap::try_from(ct_read).map_err(map_err("open", maps::CT4))?,
+            ct_read,
+            ct6: Mutex::new(ct6),
+            ct6_read,
             debug: Mutex::new(take(ebpf, DEBUG_MAP)?),
             config: Mutex::new(take(ebpf, maps::CONFIG)?),
             ipcache: Mutex::new(take(ebpf, maps::IPCACHE4)?),
+            ipcache6: Mutex::new(take(ebpf, maps::IPCACHE6)?),
             policy: Mutex::new(take(ebpf, maps::POLICY)?),
             policy_stats: Mutex::new(take(ebpf, maps::POLICY_STATS)?),
         })
@@ -335,6 +359,9 @@ impl EbpfDatapath {
         lock(&maps.config)
             .set(0, node, 0)
             .map_err(map_err("write", maps::CONFIG))?;
+        // The new programs are loaded with the new maps; the retired ones are no one's
+        // to load any more.
+        unpin_retired(pin_dir)?;
         Ok(Self {
             ebpf,
             maps,
@@ -397,45 +424,37 @@ impl EbpfDatapath {
         self.links_dir.join(format!("tcx-{ifindex}-{hook}"))
     }
 
-    /// Removes the tracked connections with `address` on either side, so that the next
-    /// endpoint given the address does not inherit them (an established flow is kept for
-    /// hours, and its replies pass the new endpoint's policy).
-    fn forget_connections(&self, address: Ipv4Addr) -> Vec<EbpfError> {
-        // The map holds addresses as in the packet (network byte order).
-        let raw = u32::from_ne_bytes(address.octets());
-        // The scan reads through the second handle: concurrent DELs do not queue on it.
-        let stale: Vec<CtKey4> = self
-            .maps
-            .ct_read
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| k.saddr == raw || k.daddr == raw)
-            .collect();
-        if stale.is_empty() {
-            return Vec::new();
+    /// Removes the tracked connections (of `hypha_ct4` and `hypha_ct6`) with one of the
+    /// endpoint's addresses on either side, so that the next endpoint given the address
+    /// does not inherit them (an established flow is kept for hours, and its replies pass
+    /// the new endpoint's policy).
+    fn forget_connections(&self, ep: &EndpointRecord) -> Vec<EbpfError> {
+        let mut errors = Vec::new();
+        if let Some(address) = ep.address {
+            // The map holds addresses as in the packet (network byte order).
+            let raw = u32::from_ne_bytes(address.octets());
+            errors.extend(forget(&self.maps.ct_read, &self.maps.ct, maps::CT4, |k| {
+                k.saddr == raw || k.daddr == raw
+            }));
         }
-        let mut ct = lock(&self.maps.ct);
-        stale
-            .iter()
-            .filter_map(|k| match ct.remove(k) {
-                // The LRU may have evicted it meanwhile.
-                Err(e) if !is_not_found(&e) => Some(map_err("delete from", maps::CT4)(e)),
-                _ => None,
-            })
-            .collect()
+        if let Some(address) = ep.address6 {
+            let raw = address.octets();
+            errors.extend(forget(
+                &self.maps.ct6_read,
+                &self.maps.ct6,
+                maps::CT6,
+                |k| k.saddr == raw || k.daddr == raw,
+            ));
+        }
+        errors
     }
 
     /// Writes the endpoint's map entries; the stats entry is created only when missing,
     /// so that adopting an endpoint keeps its counters.
-    fn fill_maps(&self, ep: &EndpointRecord, policy_flags: u32) -> Result<(), EbpfError> {
-        let key = EndpointKey4::from_octets(ipv4_of(ep).octets());
-        let info = EndpointInfo {
-            ifindex: ep.host_ifindex,
-            endpoint_id: ep.id,
-            pod_mac: ep.pod_mac.0,
-            host_mac: ep.host_mac.0,
-            flags: policy_flags,
-        };
+    ///
+    /// `flags` are the control plane's (policy and bandwidth bits); the entries also get
+    /// the family bits of the record's addresses (see [`super::endpoint_maps`]).
+    fn fill_maps(&self, ep: &EndpointRecord, flags: u32) -> Result<(), EbpfError> {
         {
             let mut stats = lock(&self.maps.ep_stats);
             match stats.get(&ep.host_ifindex, 0) {
@@ -459,9 +478,7 @@ impl EbpfDatapath {
                 Err(e) => return Err(map_err("read", maps::EP_STATS)(e)),
             }
         }
-        lock(&self.maps.endpoints)
-            .insert(key, info, 0)
-            .map_err(map_err("insert into", maps::ENDPOINTS4))?;
+        lock(&self.maps.endpoints).write(ep, flags)?;
         self.write_debug(ep, ep.debug)
     }
 
@@ -684,17 +701,9 @@ impl Datapath for EbpfDatapath {
     }
 
     fn set_flags(&self, ep: &EndpointRecord, mask: u32, flags: u32) -> Result<(), EbpfError> {
-        let key = EndpointKey4::from_octets(ipv4_of(ep).octets());
-        // One lock over the read and the write: `apply_policy` changes other bits of the
-        // same value under it.
-        let mut endpoints = lock(&self.maps.endpoints);
-        let mut info = endpoints
-            .get(&key, 0)
-            .map_err(map_err("read", maps::ENDPOINTS4))?;
-        info.flags = (info.flags & !mask) | (flags & mask);
-        endpoints
-            .insert(key, info, 0)
-            .map_err(map_err("update", maps::ENDPOINTS4))
+        // One lock over the reads and the writes: `apply_policy` changes other bits of the
+        // same values under it.
+        lock(&self.maps.endpoints).set_flags(ep, mask, flags)
     }
 
     fn set_debug(&self, ep: &EndpointRecord, on: bool) -> Result<(), EbpfError> {
@@ -736,29 +745,14 @@ impl Datapath for EbpfDatapath {
                 errors.push(e);
             }
         }
-        let key = EndpointKey4::from_octets(ipv4_of(ep).octets());
-        {
-            let mut m = lock(&self.maps.endpoints);
-            match m.get(&key, 0) {
-                Ok(info) if info.ifindex == ep.host_ifindex => {
-                    if let Err(e) = m.remove(&key)
-                        && !is_not_found(&e)
-                    {
-                        errors.push(map_err("delete from", maps::ENDPOINTS4)(e));
-                    }
-                }
-                Ok(_) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => errors.push(map_err("read", maps::ENDPOINTS4)(e)),
-            }
-        }
+        errors.extend(lock(&self.maps.endpoints).remove(ep));
         if let Err(e) = lock(&self.maps.ep_stats).remove(&ep.host_ifindex)
             && !is_not_found(&e)
         {
             errors.push(map_err("delete from", maps::EP_STATS)(e));
         }
         errors.extend(self.remove_drops(|k| k.ifindex == ep.host_ifindex));
-        errors.extend(self.forget_connections(ipv4_of(ep)));
+        errors.extend(self.forget_connections(ep));
         if let Err(e) = self.write_debug(ep, false) {
             errors.push(e);
         }
@@ -766,31 +760,7 @@ impl Datapath for EbpfDatapath {
     }
 
     fn check(&self, ep: &EndpointRecord) -> Vec<String> {
-        let mut problems = Vec::new();
-        let key = EndpointKey4::from_octets(ipv4_of(ep).octets());
-        let entry = lock(&self.maps.endpoints).get(&key, 0);
-        match entry {
-            Ok(info)
-                if info.ifindex == ep.host_ifindex
-                    && info.endpoint_id == ep.id
-                    && info.pod_mac == ep.pod_mac.0
-                    && info.host_mac == ep.host_mac.0 => {}
-            Ok(info) => problems.push(format!(
-                "{} entry for {} differs: ifindex {} (want {}), endpoint {} (want {})",
-                maps::ENDPOINTS4,
-                ipv4_of(ep),
-                info.ifindex,
-                ep.host_ifindex,
-                info.endpoint_id,
-                ep.id
-            )),
-            Err(e) if is_not_found(&e) => problems.push(format!(
-                "{} has no entry for {}",
-                maps::ENDPOINTS4,
-                ipv4_of(ep)
-            )),
-            Err(e) => problems.push(format!("cannot read {}: {e}", maps::ENDPOINTS4)),
-        }
+        let mut problems = lock(&self.maps.endpoints).check(ep);
         if lock(&self.maps.ep_stats).get(&ep.host_ifindex, 0).is_err() {
             problems.push(format!(
                 "{} has no counters for ifindex {}",
@@ -811,25 +781,8 @@ impl Datapath for EbpfDatapath {
     }
 
     fn sweep(&self, keep: &[EndpointRecord]) -> Vec<EbpfError> {
-        let mut errors = Vec::new();
-        let addrs: HashSet<EndpointKey4> = keep
-            .iter()
-            .map(|e| EndpointKey4::from_octets(ipv4_of(e).octets()))
-            .collect();
+        let mut errors = lock(&self.maps.endpoints).sweep(keep);
         let ifindexes: HashSet<u32> = keep.iter().map(|e| e.host_ifindex).collect();
-        {
-            let mut m = lock(&self.maps.endpoints);
-            let stale: Vec<_> = m
-                .keys()
-                .filter_map(Result::ok)
-                .filter(|k| !addrs.contains(k))
-                .collect();
-            for k in stale {
-                if let Err(e) = m.remove(&k) {
-                    errors.push(map_err("delete from", maps::ENDPOINTS4)(e));
-                }
-            }
-        }
         {
             let mut m = lock(&self.maps.ep_stats);
             let stale: Vec<_> = m
@@ -1170,14 +1123,43 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<(), EbpfError> {
     })
 }
 
-/// Interim, until the datapath writes IPv6 endpoints: the endpoint's IPv4 address
-/// (`0.0.0.0` without one).
-fn ipv4_of(ep: &EndpointRecord) -> Ipv4Addr {
-    ep.address.unwrap_or(Ipv4Addr::UNSPECIFIED)
+/// Removes the entries of the LRU map (`write`, scanned through `read`, its second
+/// handle, without the lock) whose keys are `stale`.
+fn forget<K: aya::Pod>(
+    read: &HashMap<MapData, K, CtEntry>,
+    write: &Mutex<HashMap<MapData, K, CtEntry>>,
+    map: &'static str,
+    stale: impl Fn(&K) -> bool,
+) -> Vec<EbpfError> {
+    // The scan reads through the second handle: concurrent DELs do not queue on it.
+    let keys: Vec<K> = read.keys().filter_map(Result::ok).filter(stale).collect();
+    if keys.is_empty() {
+        return Vec::new();
+    }
+    let mut m = lock(write);
+    keys.iter()
+        .filter_map(|k| match m.remove(k) {
+            // The LRU may have evicted it meanwhile.
+            Err(e) if !is_not_found(&e) => Some(map_err("delete from", map)(e)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Unpins the maps earlier versions pinned under names whose layouts are gone
+/// ([`maps::RETIRED`]). Programs still attached keep the maps they hold; the pins only
+/// kept them alive for the next load. Absent is fine.
+fn unpin_retired(pin_dir: &Path) -> Result<(), EbpfError> {
+    for name in maps::RETIRED {
+        remove_pin(&pin_dir.join(name))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod concurrency_tests;
+#[cfg(test)]
+mod writer_tests;
 
 #[cfg(test)]
 mod tests {

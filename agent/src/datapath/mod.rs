@@ -4,6 +4,7 @@
 
 pub mod debug_log;
 mod ebpf;
+mod endpoint_maps;
 #[cfg(test)]
 pub mod fake;
 mod link_info;
@@ -19,7 +20,8 @@ use crate::state::EndpointRecord;
 /// The policy contents of the datapath's maps, as read back.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InstalledPolicy {
-    pub ipcache: std::collections::BTreeMap<ipnet::Ipv4Net, u32>,
+    /// `hypha_ipcache4` and `hypha_ipcache6` together.
+    pub ipcache: std::collections::BTreeMap<ipnet::IpNet, u32>,
     pub entries: std::collections::BTreeMap<hypha_common::PolicyKey, hypha_common::PolicyEntry>,
 }
 

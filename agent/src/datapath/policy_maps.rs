@@ -1,42 +1,64 @@
-//! Writing a policy diff into the datapath's maps (`hypha_ipcache4`, `hypha_policy` and
-//! the flags of `hypha_endpoints4`), in the order that never drops traffic both the old
-//! and the new policy allow: new identities first, then new entries, then the endpoints'
-//! enforcement flags, then the removal of old entries and identities.
+//! Writing a policy diff into the datapath's maps (`hypha_ipcache4` and `hypha_ipcache6`,
+//! `hypha_policy` and the flags of the endpoint maps), in the order that never drops
+//! traffic both the old and the new policy allow: new identities first, then new entries,
+//! then the endpoints' enforcement flags, then the removal of old entries and identities.
 
-use std::net::Ipv4Addr;
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use aya::maps::lpm_trie::Key;
-use hypha_common::{ENDPOINT_F_POLICY_MASK, EndpointInfo, EndpointKey4, IpcacheValue, maps};
-use ipnet::Ipv4Net;
+use hypha_common::{ENDPOINT_F_POLICY_MASK, IpcacheValue, maps};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::InstalledPolicy;
 use super::ebpf::{EbpfError, Maps, is_not_found, lock, map_err};
 use crate::policy::PolicyDiff;
 
-fn lpm_key(net: &Ipv4Net) -> Key<u32> {
+fn lpm_key4(net: &Ipv4Net) -> Key<u32> {
     Key::new(
         u32::from(net.prefix_len()),
         u32::from_ne_bytes(net.network().octets()),
     )
 }
 
+fn lpm_key6(net: &Ipv6Net) -> Key<[u8; 16]> {
+    Key::new(u32::from(net.prefix_len()), net.network().octets())
+}
+
+fn value(identity: u32) -> IpcacheValue {
+    IpcacheValue { identity, flags: 0 }
+}
+
+/// Writes `net` → `identity` into the ipcache of its family.
+fn ipcache_insert(m: &Maps, net: &IpNet, identity: u32) -> Result<(), EbpfError> {
+    match net {
+        IpNet::V4(n) => lock(&m.ipcache)
+            .insert(&lpm_key4(n), value(identity), 0)
+            .map_err(map_err("insert into", maps::IPCACHE4)),
+        IpNet::V6(n) => lock(&m.ipcache6)
+            .insert(&lpm_key6(n), value(identity), 0)
+            .map_err(map_err("insert into", maps::IPCACHE6)),
+    }
+}
+
+/// Removes `net` from the ipcache of its family; absent is fine.
+fn ipcache_remove(m: &Maps, net: &IpNet) -> Result<(), EbpfError> {
+    let (result, map) = match net {
+        IpNet::V4(n) => (lock(&m.ipcache).remove(&lpm_key4(n)), maps::IPCACHE4),
+        IpNet::V6(n) => (lock(&m.ipcache6).remove(&lpm_key6(n)), maps::IPCACHE6),
+    };
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) if is_not_found(&e) => Ok(()),
+        Err(e) => Err(map_err("delete from", map)(e)),
+    }
+}
+
 /// Applies `diff`; stops at the first error, which names the map and the operation.
 /// Each map is locked for its own steps only.
 pub(super) fn apply(m: &Maps, diff: &PolicyDiff) -> Result<(), EbpfError> {
-    {
-        let mut ipcache = lock(&m.ipcache);
-        for (net, identity) in &diff.ipcache_set {
-            ipcache
-                .insert(
-                    &lpm_key(net),
-                    IpcacheValue {
-                        identity: *identity,
-                        flags: 0,
-                    },
-                    0,
-                )
-                .map_err(map_err("insert into", maps::IPCACHE4))?;
-        }
+    for (net, identity) in &diff.ipcache_set {
+        ipcache_insert(m, net, *identity)?;
     }
     {
         let mut policy = lock(&m.policy);
@@ -48,25 +70,10 @@ pub(super) fn apply(m: &Maps, diff: &PolicyDiff) -> Result<(), EbpfError> {
     }
     if !diff.flags_set.is_empty() {
         // One lock over the reads and writes: `set_flags` changes other bits of the same
-        // values under it.
-        let mut endpoints = lock(&m.endpoints);
-        let current: Vec<(EndpointKey4, EndpointInfo)> =
-            endpoints.iter().filter_map(Result::ok).collect();
-        for (id, flags) in &diff.flags_set {
-            // An endpoint not attached yet gets its flags when it is (see `attach`).
-            for (key, mut info) in current
-                .iter()
-                .copied()
-                .filter(|(_, i)| i.endpoint_id == *id)
-            {
-                // The policy's bits only: the bandwidth bit is the agent's, set apart.
-                info.flags =
-                    (info.flags & !ENDPOINT_F_POLICY_MASK) | (*flags & ENDPOINT_F_POLICY_MASK);
-                endpoints
-                    .insert(key, info, 0)
-                    .map_err(map_err("update", maps::ENDPOINTS4))?;
-            }
-        }
+        // values under it. The policy's bits only: the bandwidth and family bits are the
+        // agent's, set apart.
+        let wanted: BTreeMap<u32, u32> = diff.flags_set.iter().copied().collect();
+        lock(&m.endpoints).set_flags_by_id(ENDPOINT_F_POLICY_MASK, &wanted)?;
     }
     {
         let mut policy = lock(&m.policy);
@@ -78,18 +85,13 @@ pub(super) fn apply(m: &Maps, diff: &PolicyDiff) -> Result<(), EbpfError> {
             }
         }
     }
-    let mut ipcache = lock(&m.ipcache);
     for net in &diff.ipcache_del {
-        match ipcache.remove(&lpm_key(net)) {
-            Ok(()) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(map_err("delete from", maps::IPCACHE4)(e)),
-        }
+        ipcache_remove(m, net)?;
     }
     Ok(())
 }
 
-/// What `hypha_ipcache4` and `hypha_policy` hold now.
+/// What `hypha_ipcache4`, `hypha_ipcache6` and `hypha_policy` hold now.
 pub(super) fn installed(m: &Maps) -> Result<InstalledPolicy, EbpfError> {
     let mut out = InstalledPolicy::default();
     {
@@ -99,7 +101,17 @@ pub(super) fn installed(m: &Maps) -> Result<InstalledPolicy, EbpfError> {
             let addr = Ipv4Addr::from(key.data().to_ne_bytes());
             let prefix = key.prefix_len().min(32) as u8;
             let net = Ipv4Net::new(addr, prefix).expect("prefix length clamped to 32");
-            out.ipcache.insert(net, value.identity);
+            out.ipcache.insert(IpNet::V4(net), value.identity);
+        }
+    }
+    {
+        let ipcache = lock(&m.ipcache6);
+        for item in ipcache.iter() {
+            let (key, value) = item.map_err(map_err("read", maps::IPCACHE6))?;
+            let addr = Ipv6Addr::from(key.data());
+            let prefix = key.prefix_len().min(128) as u8;
+            let net = Ipv6Net::new(addr, prefix).expect("prefix length clamped to 128");
+            out.ipcache.insert(IpNet::V6(net), value.identity);
         }
     }
     let policy = lock(&m.policy);

@@ -8,12 +8,19 @@
 //! is nothing to compile for them.
 //!
 //! What the datapath is told, and why:
-//! - `hypha_ipcache4` maps every endpoint's /32 to its label identity, the host's
-//!   addresses to [`IDENTITY_HOST`], every prefix a policy names (CIDRs and their
-//!   `except`s) to a CIDR identity, and 0.0.0.0/0 to [`IDENTITY_WORLD`]. The datapath
+//! - `hypha_ipcache4` and `hypha_ipcache6` (one ipcache keyed by [`IpNet`], split by
+//!   family when written) map every endpoint's /32 and /128 to its label identity (the
+//!   same for both: identities are family-independent, so a selector rule allows both
+//!   families of a peer), the host's addresses to [`IDENTITY_HOST`], every prefix a
+//!   policy names (CIDRs and their `except`s, of either family) to a CIDR identity,
+//!   0.0.0.0/0 to [`IDENTITY_WORLD`] and ::/0 to [`IDENTITY_WORLD6`]. The datapath
 //!   takes the longest prefix, so a rule naming a CIDR covers the identity of the CIDR
 //!   and of every more specific prefix inside it (endpoints, the host, nested CIDRs),
-//!   except those inside an `except`, which keep identities the rule does not cover.
+//!   except those inside an `except`, which keep identities the rule does not cover. A
+//!   CIDR covers prefixes of its own family only: an IPv4 CIDR (0.0.0.0/0 included)
+//!   allows no IPv6 world, CIDR or host address. (Known limit: an endpoint or the host
+//!   with an address inside a CIDR is covered by its identity, which stands for both of
+//!   its families.)
 //! - `hypha_policy` gets one entry per (endpoint, remote identity, port, protocol,
 //!   direction) some rule allows or denies. A rule with no peers restriction uses the
 //!   identity wildcard [`IDENTITY_ANY`]; so does a rule whose identities cover every
@@ -47,15 +54,15 @@
 //!   rule naming the host still wins.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use hypha_common::{
     DIR_EGRESS, DIR_INGRESS, ENDPOINT_F_EGRESS_AUDIT, ENDPOINT_F_EGRESS_POLICY,
     ENDPOINT_F_INGRESS_AUDIT, ENDPOINT_F_INGRESS_POLICY, IDENTITY_ANY, IDENTITY_HOST,
-    IDENTITY_WORLD, MAX_IPCACHE, MAX_POLICY_ENTRIES, POLICY_ALLOW, POLICY_DENY, POLICY_F_AUDIT,
-    PolicyEntry, PolicyKey, maps,
+    IDENTITY_WORLD, IDENTITY_WORLD6, MAX_IPCACHE, MAX_POLICY_ENTRIES, POLICY_ALLOW, POLICY_DENY,
+    POLICY_F_AUDIT, PolicyEntry, PolicyKey, maps,
 };
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 use super::identity::{IdentityAllocator, IdentitySource};
 use super::{
@@ -66,8 +73,8 @@ use super::{
 /// What the datapath should hold for a set of policies and endpoints.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Compiled {
-    /// `hypha_ipcache4`: prefix → identity.
-    pub ipcache: BTreeMap<Ipv4Net, u32>,
+    /// `hypha_ipcache4` and `hypha_ipcache6`: prefix → identity.
+    pub ipcache: BTreeMap<IpNet, u32>,
     /// `hypha_policy`.
     pub entries: BTreeMap<PolicyKey, PolicyEntry>,
     /// `EndpointInfo::flags` of every endpoint (0 when no policy selects it).
@@ -92,8 +99,8 @@ pub struct Compiled {
 /// endpoint being attached gets its flags from `Datapath::attach`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PolicyDiff {
-    pub ipcache_set: Vec<(Ipv4Net, u32)>,
-    pub ipcache_del: Vec<Ipv4Net>,
+    pub ipcache_set: Vec<(IpNet, u32)>,
+    pub ipcache_del: Vec<IpNet>,
     pub entries_set: Vec<(PolicyKey, PolicyEntry)>,
     pub entries_del: Vec<PolicyKey>,
     pub flags_set: Vec<(u32, u32)>,
@@ -168,7 +175,7 @@ pub fn compile(
     endpoints: &[PolicyEndpoint],
     namespaces: &BTreeMap<String, Labels>,
     identities: &IdentityAllocator,
-    host_addrs: &[Ipv4Addr],
+    host_addrs: &[IpAddr],
 ) -> Result<Compiled, PolicyError> {
     // Identities and policy ids.
     let label_sets: BTreeSet<(String, Labels)> = endpoints
@@ -186,7 +193,9 @@ pub fn compile(
             }
         }
     }
-    cidrs.remove(&world());
+    for (w, _) in worlds() {
+        cidrs.remove(&w);
+    }
     let names: BTreeSet<String> = policies.iter().map(Policy::full_name).collect();
     let mut identities = identities.clone();
     identities.sync(&label_sets, &cidrs, &names)?;
@@ -194,13 +203,12 @@ pub fn compile(
 
     // The ipcache: world, policy prefixes, the host, endpoints (the most specific wins a
     // tie on the same prefix).
-    let mut ipcache = BTreeMap::new();
-    ipcache.insert(world(), IDENTITY_WORLD);
+    let mut ipcache = BTreeMap::from(worlds());
     for c in &cidrs {
         ipcache.insert(*c, by_source[&IdentitySource::Cidr(*c)]);
     }
     for a in host_addrs {
-        ipcache.insert(Ipv4Net::from(*a), IDENTITY_HOST);
+        ipcache.insert(IpNet::from(*a), IDENTITY_HOST);
     }
     let mut ep_identity = BTreeMap::new();
     for e in endpoints {
@@ -209,14 +217,11 @@ pub fn compile(
             labels: e.labels.clone(),
         }];
         ep_identity.insert(e.id, id);
-        ipcache.insert(Ipv4Net::from(e.address), id);
+        for a in e.addresses() {
+            ipcache.insert(IpNet::from(a), id);
+        }
     }
-    if ipcache.len() > MAX_IPCACHE as usize {
-        return Err(PolicyError::Capacity {
-            map: maps::IPCACHE4,
-            capacity: MAX_IPCACHE,
-        });
-    }
+    check_ipcache_capacity(&ipcache)?;
     let all_identities: BTreeSet<u32> = ipcache.values().copied().collect();
 
     let ctx = Ctx {
@@ -372,16 +377,18 @@ pub(super) fn rule_ports(rule: &Rule, resolved: BTreeSet<(u8, u16)>) -> BTreeSet
 }
 
 /// The identities of the ipcache's prefixes inside `net` and outside every `except`.
-/// `Ipv4Net` orders by address, then prefix length, so every prefix inside `net` lies
-/// between two keys: a range instead of the whole ipcache (10,000 CIDR rules against a
-/// 10,000-prefix ipcache would otherwise cost 10^8 comparisons).
+/// `IpNet` orders by family, then address, then prefix length, so every prefix inside
+/// `net` lies between two keys of its family: a range instead of the whole ipcache
+/// (10,000 CIDR rules against a 10,000-prefix ipcache would otherwise cost 10^8
+/// comparisons). Prefixes of the other family are never inside `net`.
 pub(super) fn cidr_identities<'a>(
-    ipcache: &'a BTreeMap<Ipv4Net, u32>,
-    net: &'a Ipv4Net,
-    except: &'a [Ipv4Net],
+    ipcache: &'a BTreeMap<IpNet, u32>,
+    net: &'a IpNet,
+    except: &'a [IpNet],
 ) -> impl Iterator<Item = u32> + 'a {
-    let low = Ipv4Net::new(net.network(), 0).expect("0 is a valid prefix length");
-    let high = Ipv4Net::new(net.broadcast(), 32).expect("32 is a valid prefix length");
+    let low = IpNet::new(net.network(), 0).expect("0 is a valid prefix length");
+    let high = IpNet::new(net.broadcast(), net.max_prefix_len())
+        .expect("the family's full length is a valid prefix length");
     ipcache
         .range(low..=high)
         .filter(move |(prefix, _)| {
@@ -398,8 +405,28 @@ pub(super) fn direction(p: &Policy, dir: u8) -> &super::DirectionRules {
     }
 }
 
-pub(super) fn world() -> Ipv4Net {
-    Ipv4Net::default()
+/// The world of each family, with its identity: 0.0.0.0/0 and ::/0.
+pub(super) fn worlds() -> [(IpNet, u32); 2] {
+    [
+        (IpNet::V4(Ipv4Net::default()), IDENTITY_WORLD),
+        (IpNet::V6(Ipv6Net::default()), IDENTITY_WORLD6),
+    ]
+}
+
+/// The ipcache fits its two maps: the IPv4 prefixes `hypha_ipcache4`, the IPv6 ones
+/// `hypha_ipcache6`.
+pub(super) fn check_ipcache_capacity(ipcache: &BTreeMap<IpNet, u32>) -> Result<(), PolicyError> {
+    // IPv4 prefixes sort before IPv6 ones.
+    let v6 = ipcache.range(IpNet::V6(Ipv6Net::default())..).count();
+    for (count, map) in [(ipcache.len() - v6, maps::IPCACHE4), (v6, maps::IPCACHE6)] {
+        if count > MAX_IPCACHE as usize {
+            return Err(PolicyError::Capacity {
+                map,
+                capacity: MAX_IPCACHE,
+            });
+        }
+    }
+    Ok(())
 }
 
 pub(super) fn all_rules(p: &Policy) -> impl Iterator<Item = &Rule> {
@@ -435,7 +462,7 @@ struct Ctx<'a> {
     endpoints: &'a [PolicyEndpoint],
     namespaces: &'a BTreeMap<String, Labels>,
     ep_identity: &'a BTreeMap<u32, u32>,
-    ipcache: &'a BTreeMap<Ipv4Net, u32>,
+    ipcache: &'a BTreeMap<IpNet, u32>,
     all_identities: &'a BTreeSet<u32>,
 }
 

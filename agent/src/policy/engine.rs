@@ -34,19 +34,18 @@
 //! compile, paid only on that error path.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use hypha_common::{
     DIR_EGRESS, DIR_INGRESS, ENDPOINT_F_EGRESS_AUDIT, ENDPOINT_F_EGRESS_POLICY,
     ENDPOINT_F_INGRESS_AUDIT, ENDPOINT_F_INGRESS_POLICY, IDENTITY_ANY, IDENTITY_HOST,
-    IDENTITY_WORLD, MAX_IPCACHE, MAX_POLICY_ENTRIES, POLICY_ALLOW, POLICY_DENY, POLICY_F_AUDIT,
-    PolicyEntry, PolicyKey, maps,
+    MAX_POLICY_ENTRIES, POLICY_ALLOW, POLICY_DENY, POLICY_F_AUDIT, PolicyEntry, PolicyKey, maps,
 };
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use super::compile::{
-    Compiled, PolicyDiff, all_rules, direction, expand_ports, resolve_named, rule_ports, wins,
-    world,
+    Compiled, PolicyDiff, all_rules, check_ipcache_capacity, direction, expand_ports,
+    resolve_named, rule_ports, wins, worlds,
 };
 use super::identity::{IdentityAllocator, IdentitySource};
 use super::{
@@ -77,15 +76,16 @@ pub struct PolicyEngine {
     policies: BTreeMap<PolicyRef, PolicyState>,
     namespaces: BTreeMap<String, Labels>,
     endpoints: BTreeMap<u32, PolicyEndpoint>,
-    host_addrs: Vec<Ipv4Addr>,
-    /// Endpoint ids by address (the highest id wins the ipcache, as in `compile`).
-    by_addr: BTreeMap<Ipv4Addr, BTreeSet<u32>>,
-    /// The prefixes policies name (not 0.0.0.0/0), with how many times.
-    cidr_refs: BTreeMap<Ipv4Net, usize>,
+    host_addrs: Vec<IpAddr>,
+    /// Endpoint ids by address, of both families (the highest id wins the ipcache, as in
+    /// `compile`).
+    by_addr: BTreeMap<IpAddr, BTreeSet<u32>>,
+    /// The prefixes policies name (not 0.0.0.0/0 nor ::/0), with how many times.
+    cidr_refs: BTreeMap<IpNet, usize>,
     /// Endpoints of each label set.
     members: HashMap<LabelKey, BTreeSet<u32>>,
     label_ids: HashMap<LabelKey, u32>,
-    cidr_ids: BTreeMap<Ipv4Net, u32>,
+    cidr_ids: BTreeMap<IpNet, u32>,
     policy_ids: HashMap<String, u32>,
     /// Label identities, with their templates.
     identities: BTreeMap<u32, IdentityState>,
@@ -107,7 +107,7 @@ struct PolicyState {
     /// Its distinct peer selectors.
     selectors: Vec<SelKey>,
     /// The CIDRs its rules name.
-    nets: Vec<Ipv4Net>,
+    nets: Vec<IpNet>,
 }
 
 struct IdentityState {
@@ -147,13 +147,13 @@ struct NamedRule {
 #[derive(Default)]
 struct Work {
     labels: BTreeSet<LabelKey>,
-    cidrs: BTreeSet<Ipv4Net>,
+    cidrs: BTreeSet<IpNet>,
     policy_names: BTreeSet<String>,
     /// Policies added or replaced, to register once identities are settled.
     policies: BTreeSet<PolicyRef>,
     dirty: BTreeSet<u32>,
     endpoints: BTreeSet<u32>,
-    prefixes: BTreeSet<Ipv4Net>,
+    prefixes: BTreeSet<IpNet>,
     ports_changed: bool,
     /// Namespaces whose labels changed.
     namespaces: BTreeSet<String>,
@@ -176,7 +176,7 @@ impl PolicyEngine {
         namespaces: BTreeMap<String, Labels>,
         endpoints: Vec<PolicyEndpoint>,
         identities: IdentityAllocator,
-        host_addrs: Vec<Ipv4Addr>,
+        host_addrs: Vec<IpAddr>,
     ) -> Result<Self, PolicyError> {
         // The allocator as `compile` syncs it.
         let mut identities = identities;
@@ -243,9 +243,9 @@ impl PolicyEngine {
         e.compiled.identities = identities;
 
         let mut work = Work::default();
-        work.prefixes.insert(world());
+        work.prefixes.extend(worlds().map(|(w, _)| w));
         for a in &host_addrs {
-            work.prefixes.insert(Ipv4Net::from(*a));
+            work.prefixes.insert(IpNet::from(*a));
         }
         for p in policies {
             e.insert_policy(p, &mut work);
@@ -353,8 +353,7 @@ impl PolicyEngine {
         let Some(old) = self.endpoints.get(&endpoint_id).cloned() else {
             return Err(invalid_endpoint(endpoint_id, "is not known"));
         };
-        let new =
-            PolicyEndpoint::new(endpoint_id, old.address, &labels).with_ports(old.ports.clone());
+        let new = old.relabelled(&labels);
         self.replace_endpoint(old, new)
     }
 
@@ -500,8 +499,10 @@ impl PolicyEngine {
         let key = (ep.namespace.clone(), ep.labels.clone());
         self.members.entry(key.clone()).or_default().insert(ep.id);
         work.labels.insert(key);
-        self.by_addr.entry(ep.address).or_default().insert(ep.id);
-        work.prefixes.insert(Ipv4Net::from(ep.address));
+        for a in ep.addresses() {
+            self.by_addr.entry(a).or_default().insert(ep.id);
+            work.prefixes.insert(IpNet::from(a));
+        }
         work.endpoints.insert(ep.id);
         work.ports_changed |= !ep.ports.is_empty();
         self.endpoints.insert(ep.id, ep);
@@ -511,6 +512,7 @@ impl PolicyEngine {
         let Some(ep) = self.endpoints.remove(&id) else {
             return;
         };
+        let addresses: Vec<IpAddr> = ep.addresses().collect();
         let key = (ep.namespace, ep.labels);
         if let Some(m) = self.members.get_mut(&key) {
             m.remove(&id);
@@ -519,13 +521,15 @@ impl PolicyEngine {
             }
         }
         work.labels.insert(key);
-        if let Some(ids) = self.by_addr.get_mut(&ep.address) {
-            ids.remove(&id);
-            if ids.is_empty() {
-                self.by_addr.remove(&ep.address);
+        for a in addresses {
+            if let Some(ids) = self.by_addr.get_mut(&a) {
+                ids.remove(&id);
+                if ids.is_empty() {
+                    self.by_addr.remove(&a);
+                }
             }
+            work.prefixes.insert(IpNet::from(a));
         }
-        work.prefixes.insert(Ipv4Net::from(ep.address));
         work.endpoints.insert(id);
         work.ports_changed |= !ep.ports.is_empty();
     }
@@ -642,7 +646,7 @@ impl PolicyEngine {
         work.dirty.extend(added.iter().copied());
 
         // The ipcache.
-        let mut ipcache_changes: BTreeMap<Ipv4Net, Option<u32>> = BTreeMap::new();
+        let mut ipcache_changes: BTreeMap<IpNet, Option<u32>> = BTreeMap::new();
         for c in &work.cidrs {
             work.prefixes.insert(*c);
         }
@@ -670,12 +674,7 @@ impl PolicyEngine {
                 self.compiled.ipcache.insert(*prefix, n);
             }
         }
-        if self.compiled.ipcache.len() > MAX_IPCACHE as usize {
-            return Err(PolicyError::Capacity {
-                map: maps::IPCACHE4,
-                capacity: MAX_IPCACHE,
-            });
-        }
+        check_ipcache_capacity(&self.compiled.ipcache)?;
 
         // Rules depending on the whole ipcache, and named egress ports.
         let mut touched: Vec<PolicyRef> = Vec::new();
@@ -977,8 +976,8 @@ impl PolicyEngine {
             .collect()
     }
 
-    fn ipcache_value(&self, prefix: &Ipv4Net) -> Option<u32> {
-        if prefix.prefix_len() == 32 {
+    fn ipcache_value(&self, prefix: &IpNet) -> Option<u32> {
+        if prefix.prefix_len() == prefix.max_prefix_len() {
             if let Some(ep) = self.by_addr.get(&prefix.addr()).and_then(|ids| ids.last()) {
                 return self.ep_identity.get(ep).copied().or_else(|| {
                     let e = &self.endpoints[ep];
@@ -994,7 +993,10 @@ impl PolicyEngine {
         if let Some(id) = self.cidr_ids.get(prefix) {
             return Some(*id);
         }
-        (*prefix == world()).then_some(IDENTITY_WORLD)
+        worlds()
+            .into_iter()
+            .find(|(w, _)| w == prefix)
+            .map(|(_, id)| id)
     }
 
     /// Identity `(namespace, labels)`'s template: `compile`'s loop body for one endpoint,
@@ -1178,7 +1180,7 @@ impl PolicyEngine {
 }
 
 /// The policy prefixes of `p` that get a CIDR identity.
-fn policy_cidrs(p: &Policy) -> BTreeSet<Ipv4Net> {
+fn policy_cidrs(p: &Policy) -> BTreeSet<IpNet> {
     let mut out = BTreeSet::new();
     for rule in all_rules(p) {
         for peer in rule.peers.iter().flatten() {
@@ -1188,7 +1190,9 @@ fn policy_cidrs(p: &Policy) -> BTreeSet<Ipv4Net> {
             }
         }
     }
-    out.remove(&world());
+    for (w, _) in worlds() {
+        out.remove(&w);
+    }
     out
 }
 

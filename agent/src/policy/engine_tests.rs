@@ -2,16 +2,25 @@
 //! `compile` of the same inputs, and the diff it returns equals `diff` of the two.
 
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
 
 use hypha_common::{DIR_EGRESS, DIR_INGRESS, PolicyKey};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use proptest::prelude::*;
 
 use super::*;
 
 const HOST: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+const HOST6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 1);
+
+fn hosts() -> Vec<IpAddr> {
+    vec![HOST.into(), HOST6.into()]
+}
+
+fn prefix(a: impl Into<IpAddr>) -> IpNet {
+    IpNet::from(a.into())
+}
 
 fn labels(ns: &str, pairs: &[(&str, &str)]) -> Labels {
     let mut l: Labels = pairs
@@ -29,6 +38,20 @@ fn ep(id: u32, ns: &str, pairs: &[(&str, &str)]) -> PolicyEndpoint {
 
 fn addr(id: u32) -> Ipv4Addr {
     Ipv4Addr::new(10, 244, (id / 250) as u8, (id % 250 + 2) as u8)
+}
+
+/// fd00:10:244::<id + 2>.
+fn addr6(id: u32) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, (id + 2) as u16)
+}
+
+/// `e` with the addresses endpoint `id` has in the property test: IPv6 only, both
+/// families or IPv4 only, by `id % 3`.
+fn mixed_families(mut e: PolicyEndpoint, id: u32) -> PolicyEndpoint {
+    e.id = id;
+    e.address = (!id.is_multiple_of(3)).then(|| addr(id));
+    e.address6 = (id % 3 != 2).then(|| addr6(id));
+    e
 }
 
 fn ports(pairs: &[(&str, u8, u16)]) -> NamedPorts {
@@ -71,7 +94,7 @@ impl Model {
             self.namespaces.clone(),
             self.endpoints.values().cloned().collect(),
             IdentityAllocator::default(),
-            vec![HOST],
+            hosts(),
         )
         .unwrap_or_else(|e| panic!("{e}"))
     }
@@ -79,7 +102,13 @@ impl Model {
     fn compile(&self, identities: &IdentityAllocator) -> Result<Compiled, PolicyError> {
         let policies: Vec<Policy> = self.policies.values().cloned().collect();
         let endpoints: Vec<PolicyEndpoint> = self.endpoints.values().cloned().collect();
-        compile(&policies, &endpoints, &self.namespaces, identities, &[HOST])
+        compile(
+            &policies,
+            &endpoints,
+            &self.namespaces,
+            identities,
+            &hosts(),
+        )
     }
 
     /// Checks `outcome` of a change from `before` against the from-scratch compile.
@@ -171,7 +200,7 @@ fn ns_selector() -> impl Strategy<Value = LabelSelector> {
 }
 
 fn peer() -> impl Strategy<Value = Peer> {
-    let net = |s: &str| -> Ipv4Net { s.parse().unwrap() };
+    let net = |s: &str| -> IpNet { s.parse().unwrap() };
     prop_oneof![
         4 => (prop::sample::select(NAMESPACES.to_vec()), selector()).prop_map(|(ns, pods)| {
             Peer::Endpoints {
@@ -188,6 +217,13 @@ fn peer() -> impl Strategy<Value = Peer> {
             Peer::Cidr { net: net("10.0.0.0/8"), except: vec![] },
             Peer::Cidr { net: net("0.0.0.0/0"), except: vec![net("10.244.0.4/31")] },
             Peer::Cidr { net: net("10.244.0.5/32"), except: vec![] },
+        ]),
+        2 => prop::sample::select(vec![
+            Peer::Cidr { net: net("fd00:10:244::/64"), except: vec![net("fd00:10:244::/126")] },
+            Peer::Cidr { net: net("fd00::/8"), except: vec![] },
+            Peer::Cidr { net: net("::/0"), except: vec![net("fd00:10:244::6/127")] },
+            Peer::Cidr { net: net("fd00:10:244::5/128"), except: vec![] },
+            Peer::Cidr { net: net("::/0"), except: vec![] },
         ]),
         1 => prop::sample::select(vec![
             Peer::Entity(Entity::Host),
@@ -301,7 +337,7 @@ fn endpoint() -> impl Strategy<Value = PolicyEndpoint> {
         label_set(),
         named_ports(),
     )
-        .prop_map(|(id, ns, l, p)| ep(id, ns, &l).with_ports(p))
+        .prop_map(|(id, ns, l, p)| mixed_families(ep(id, ns, &l).with_ports(p), id))
 }
 
 #[derive(Clone, Debug)]
@@ -350,11 +386,7 @@ proptest! {
     ) {
         let endpoints: Vec<PolicyEndpoint> = endpoints
             .into_iter()
-            .map(|(id, mut e)| {
-                e.id = id;
-                e.address = addr(id);
-                e
-            })
+            .map(|(id, e)| mixed_families(e, id))
             .collect();
         let mut model = Model::new(&policies, &endpoints);
         let mut engine = model.engine();
@@ -383,8 +415,7 @@ proptest! {
                         prop_assert!(engine.relabel(id, labels(ns, &l)).is_err());
                         continue;
                     };
-                    let new = PolicyEndpoint::new(id, old.address, &labels(ns, &l))
-                        .with_ports(old.ports);
+                    let new = old.relabelled(&labels(ns, &l));
                     model.endpoints.insert(id, new);
                     engine.relabel(id, labels(ns, &l)).unwrap()
                 }
@@ -479,7 +510,7 @@ fn an_endpoint_joining_an_existing_identity_costs_its_own_entries() {
     assert_eq!(outcome.diff.flags_set, vec![(4, engine.flags(1))]);
     assert_eq!(
         outcome.diff.ipcache_set,
-        vec![(Ipv4Net::from(addr(4)), engine.identity_of(1).unwrap())]
+        vec![(prefix(addr(4)), engine.identity_of(1).unwrap())]
     );
 }
 
@@ -589,10 +620,7 @@ fn a_relabelled_endpoint_moves_and_its_peers_follow() {
     let canary = engine.identity_of(2).unwrap();
     assert_ne!(canary, web);
     assert!(outcome.identities_changed);
-    assert_eq!(
-        outcome.diff.ipcache_set,
-        vec![(Ipv4Net::from(addr(2)), canary)]
-    );
+    assert_eq!(outcome.diff.ipcache_set, vec![(prefix(addr(2)), canary)]);
     // db's view follows: the new identity is a web pod too.
     assert_eq!(allowed_into_db(&engine), vec![web, canary]);
     // Endpoint 1 (same labels as before) and 4 (no policy) are untouched.
@@ -737,7 +765,7 @@ fn a_change_that_does_not_fit_leaves_the_engine_as_it_was() {
     assert_eq!(engine.compiled(), &before);
     // And it still works afterwards.
     let outcome = engine.leave(8);
-    assert_eq!(outcome.diff.ipcache_del, vec![Ipv4Net::from(addr(8))]);
+    assert_eq!(outcome.diff.ipcache_del, vec![prefix(addr(8))]);
 }
 
 /// Times the engine alone at the scale: `cargo test -p hypha-agent --release --lib
@@ -752,7 +780,7 @@ fn engine_at_scale() {
         BTreeMap::new(),
         endpoints,
         IdentityAllocator::default(),
-        vec![HOST],
+        hosts(),
     )
     .unwrap();
     let build = t.elapsed();
@@ -775,7 +803,7 @@ fn engine_at_scale() {
     let existing = engine.endpoint(1).unwrap().clone();
     let mut joining = existing.clone();
     joining.id = 1000;
-    joining.address = Ipv4Addr::new(10, 245, 0, 1);
+    joining.address = Some(Ipv4Addr::new(10, 245, 0, 1));
     let t = Instant::now();
     let joined = engine.join(joining).unwrap();
     let join = t.elapsed();

@@ -4,7 +4,8 @@
 //!
 //! - A label identity stands for one (namespace, labels) set: every endpoint with the
 //!   same labels in the same namespace shares it. From [`IDENTITY_FIRST_LABELS`].
-//! - A CIDR identity stands for one prefix a policy names. From [`IDENTITY_FIRST_CIDR`].
+//! - A CIDR identity stands for one prefix a policy names, of either family. From
+//!   [`IDENTITY_FIRST_CIDR`].
 //! - A policy id stands for one policy (`namespace/name`), from 1; it indexes
 //!   `hypha_policy_stats`.
 //!
@@ -15,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use hypha_common::{IDENTITY_FIRST_CIDR, IDENTITY_FIRST_LABELS, MAX_POLICIES};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use super::{Labels, PolicyError};
@@ -24,8 +25,13 @@ use super::{Labels, PolicyError};
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum IdentitySource {
-    Labels { namespace: String, labels: Labels },
-    Cidr(Ipv4Net),
+    Labels {
+        namespace: String,
+        labels: Labels,
+    },
+    /// Persisted as the prefix's text (`"10.0.0.0/8"`, `"fd00::/8"`): what an agent from
+    /// before IPv6 saved reads the same.
+    Cidr(IpNet),
 }
 
 /// The persisted allocator.
@@ -49,7 +55,7 @@ impl IdentityAllocator {
     pub fn sync(
         &mut self,
         labels: &BTreeSet<(String, Labels)>,
-        cidrs: &BTreeSet<Ipv4Net>,
+        cidrs: &BTreeSet<IpNet>,
         policies: &BTreeSet<String>,
     ) -> Result<(), PolicyError> {
         self.identities.retain(|_, s| match s {
@@ -261,16 +267,39 @@ mod tests {
     #[test]
     fn cidrs_and_policies_have_their_own_ranges() {
         let mut a = IdentityAllocator::default();
-        let net: Ipv4Net = "10.0.0.0/8".parse().unwrap();
+        let net: IpNet = "10.0.0.0/8".parse().unwrap();
+        let net6: IpNet = "fd00::/8".parse().unwrap();
         a.sync(
             &BTreeSet::new(),
-            &BTreeSet::from([net]),
+            &BTreeSet::from([net, net6]),
             &BTreeSet::from(["default/p".to_owned()]),
         )
         .unwrap();
         let id = a.by_source()[&IdentitySource::Cidr(net)];
-        assert!(id >= IDENTITY_FIRST_CIDR);
+        let id6 = a.by_source()[&IdentitySource::Cidr(net6)];
+        assert!(id >= IDENTITY_FIRST_CIDR && id6 >= IDENTITY_FIRST_CIDR && id != id6);
         assert_eq!(a.policy_id("default/p"), Some(1));
+    }
+
+    #[test]
+    fn cidr_identities_an_ipv4_only_agent_saved_read_the_same() {
+        // As an agent from before IPv6 persisted one (its prefix as text).
+        let saved = r#"{"identities":{"16777216":{"cidr":"10.0.0.0/8"}},"next_cidr":16777217}"#;
+        let a: IdentityAllocator = serde_json::from_str(saved).expect("old allocator");
+        assert_eq!(
+            a.by_source()[&IdentitySource::Cidr("10.0.0.0/8".parse().unwrap())],
+            IDENTITY_FIRST_CIDR
+        );
+        let mut b = IdentityAllocator::default();
+        b.sync(
+            &BTreeSet::new(),
+            &BTreeSet::from(["fd00:1::/64".parse().unwrap()]),
+            &BTreeSet::new(),
+        )
+        .unwrap();
+        let text = serde_json::to_string(&b).unwrap();
+        assert!(text.contains(r#"{"cidr":"fd00:1::/64"}"#), "{text}");
+        assert_eq!(serde_json::from_str::<IdentityAllocator>(&text).unwrap(), b);
     }
 
     #[test]

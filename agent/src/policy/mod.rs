@@ -1,6 +1,6 @@
 //! Network policy, the control-plane half: parsing the operators' files, label
 //! selectors, security identities, and the compiler from policies to the datapath's map
-//! entries (`hypha_ipcache4`, `hypha_policy`, `EndpointInfo::flags`), with the minimal
+//! entries (`hypha_ipcache4` and `hypha_ipcache6`, `hypha_policy`, `EndpointInfo::flags`), with the minimal
 //! diff between two compilations. Pure: no I/O, unit-tested against Kubernetes'
 //! semantics.
 //!
@@ -17,9 +17,9 @@ mod selector;
 mod sources;
 pub mod watch;
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 pub use compile::{Compiled, PolicyDiff, compile, diff};
@@ -176,8 +176,10 @@ pub enum Peer {
         namespaces: NamespaceScope,
         pods: LabelSelector,
     },
-    /// Addresses in `net` but in none of `except`.
-    Cidr { net: Ipv4Net, except: Vec<Ipv4Net> },
+    /// Addresses in `net` but in none of `except`. Of one family: the `except`s are of
+    /// `net`'s family (the parser checks it), and an IPv4 `net` never matches an IPv6
+    /// address nor the reverse.
+    Cidr { net: IpNet, except: Vec<IpNet> },
     /// A well-known group of identities.
     Entity(Entity),
 }
@@ -214,6 +216,8 @@ pub struct PortRange {
 }
 
 pub const PROTO_ICMP: u8 = 1;
+/// ICMPv6, as the datapath keys it (the upper-layer protocol after the extension headers).
+pub const PROTO_ICMPV6: u8 = 58;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_SCTP: u8 = 132;
@@ -223,6 +227,7 @@ pub fn proto_name(proto: u8) -> String {
     match proto {
         0 => "any".into(),
         PROTO_ICMP => "ICMP".into(),
+        PROTO_ICMPV6 => "ICMPv6".into(),
         PROTO_TCP => "TCP".into(),
         PROTO_UDP => "UDP".into(),
         PROTO_SCTP => "SCTP".into(),
@@ -234,7 +239,9 @@ pub fn proto_name(proto: u8) -> String {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyEndpoint {
     pub id: u32,
-    pub address: Ipv4Addr,
+    /// Its addresses, one per family it has (at least one): both map to its identity.
+    pub address: Option<Ipv4Addr>,
+    pub address6: Option<Ipv6Addr>,
     pub namespace: String,
     /// The labels selectors see: the endpoint's labels without the bookkeeping ones.
     pub labels: Labels,
@@ -245,8 +252,23 @@ pub struct PolicyEndpoint {
 impl PolicyEndpoint {
     /// From the labels the endpoint was created with: the namespace comes from
     /// [`NAMESPACE_LABEL`] (default [`DEFAULT_NAMESPACE`]), and the labels starting with
-    /// [`BOOKKEEPING_PREFIX`] are left out.
-    pub fn new(id: u32, address: Ipv4Addr, labels: &Labels) -> Self {
+    /// [`BOOKKEEPING_PREFIX`] are left out. `address` is one of its addresses; a
+    /// dual-stack endpoint gets the other with [`Self::with_address`].
+    pub fn new(id: u32, address: impl Into<IpAddr>, labels: &Labels) -> Self {
+        Self::unaddressed(id, labels).with_address(address.into())
+    }
+
+    /// The same endpoint (id, addresses, named ports) with `labels` instead.
+    pub fn relabelled(&self, labels: &Labels) -> Self {
+        Self {
+            address: self.address,
+            address6: self.address6,
+            ports: self.ports.clone(),
+            ..Self::unaddressed(self.id, labels)
+        }
+    }
+
+    fn unaddressed(id: u32, labels: &Labels) -> Self {
         let namespace = labels
             .get(NAMESPACE_LABEL)
             .filter(|n| !n.is_empty())
@@ -259,11 +281,29 @@ impl PolicyEndpoint {
             .collect();
         Self {
             id,
-            address,
+            address: None,
+            address6: None,
             namespace,
             labels,
             ports: NamedPorts::new(),
         }
+    }
+
+    /// With `address` as its address of that family.
+    pub fn with_address(mut self, address: IpAddr) -> Self {
+        match address {
+            IpAddr::V4(a) => self.address = Some(a),
+            IpAddr::V6(a) => self.address6 = Some(a),
+        }
+        self
+    }
+
+    /// Its addresses, IPv4 first.
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + use<> {
+        self.address
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.address6.map(IpAddr::V6))
     }
 
     /// With named ports `ports`.

@@ -7,15 +7,15 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::IpNet;
 use serde::de::{self, IgnoredAny, Visitor};
 use serde::{Deserialize, Deserializer};
 
 use super::selector::{LabelSelector, Requirement};
 use super::{
     DEFAULT_NAMESPACE, DirectionRules, Entity, NAMESPACE_NAME_LABEL, NamedPort, NamespaceScope,
-    PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Peer, Policy, PolicyError, PolicyKind, PortRange,
-    Rule, validate_port_name,
+    PROTO_ICMP, PROTO_ICMPV6, PROTO_SCTP, PROTO_TCP, PROTO_UDP, Peer, Policy, PolicyError,
+    PolicyKind, PortRange, Rule, validate_port_name,
 };
 
 const K8S_API: &str = "networking.k8s.io/v1";
@@ -449,13 +449,17 @@ fn k8s_peer(namespace: &str, p: K8sPeer, path: &str) -> Result<Peer, String> {
     }
 }
 
-fn cidr_peer(
-    net: Ipv4Net,
-    except: impl Iterator<Item = Ipv4Net>,
-    path: &str,
-) -> Result<Peer, String> {
-    let except: Vec<Ipv4Net> = except.collect();
+fn cidr_peer(net: IpNet, except: impl Iterator<Item = IpNet>, path: &str) -> Result<Peer, String> {
+    let except: Vec<IpNet> = except.collect();
     for e in &except {
+        if family(e) != family(&net) {
+            return Err(format!(
+                "{path}: except {e} is {} but cidr {net} is {}: an except must be of its \
+                 CIDR's family (write one CIDR per family)",
+                family(e),
+                family(&net)
+            ));
+        }
         if !(net.contains(e) && e.prefix_len() > net.prefix_len()) {
             return Err(format!(
                 "{path}: except {e} is not a strict subset of {net}"
@@ -463,6 +467,13 @@ fn cidr_peer(
         }
     }
     Ok(Peer::Cidr { net, except })
+}
+
+fn family(net: &IpNet) -> &'static str {
+    match net {
+        IpNet::V4(_) => "IPv4",
+        IpNet::V6(_) => "IPv6",
+    }
 }
 
 /// A Kubernetes rule port: numbers, or a name.
@@ -818,20 +829,30 @@ fn hypha_rule(
             }
         }
     }
-    for (i, rule) in icmps.into_iter().flatten().enumerate() {
-        for (j, f) in rule.fields.iter().enumerate() {
-            if f.family == Some(IcmpFamily::IPv6) {
-                return Err(format!(
-                    "{path}.icmps[{i}].fields[{j}].family: IPv6 is not supported (Hypha's \
-                     datapath is IPv4-only)"
-                ));
+    for rule in icmps.into_iter().flatten() {
+        // ICMP types are not matched (see the compiler's doc): a field allows its family's
+        // ICMP, IPv4's when it names none (as in Cilium).
+        let families = rule.fields.iter().map(|f| f.family);
+        // A rule without fields allows IPv4's ICMP, as before fields had families.
+        let families: Vec<Option<IcmpFamily>> = if rule.fields.is_empty() {
+            vec![None]
+        } else {
+            families.collect()
+        };
+        for family in families {
+            let proto = match family {
+                Some(IcmpFamily::IPv6) => PROTO_ICMPV6,
+                _ => PROTO_ICMP,
+            };
+            let range = PortRange {
+                proto,
+                first: 0,
+                last: 0,
+            };
+            if !ports.contains(&range) {
+                ports.push(range);
             }
         }
-        ports.push(PortRange {
-            proto: PROTO_ICMP,
-            first: 0,
-            last: 0,
-        });
     }
     Ok(match (has_l3, has_l4) {
         // `{}`: selects nothing (it only isolates, as in Cilium).
@@ -1017,39 +1038,32 @@ impl<'de> Deserialize<'de> for HyphaPortValue {
     }
 }
 
-/// An IPv4 CIDR with its prefix length and no host bits (Kubernetes' `ipBlock`).
-struct StrictCidr(Ipv4Net);
+/// An IPv4 or IPv6 CIDR with its prefix length and no host bits (Kubernetes' `ipBlock`).
+struct StrictCidr(IpNet);
 
-/// An IPv4 CIDR, or a bare address meaning /32 (Cilium's `fromCIDR`/`toCIDR`).
-struct LooseCidr(Ipv4Net);
+/// An IPv4 or IPv6 CIDR, or a bare address meaning /32 or /128 (Cilium's
+/// `fromCIDR`/`toCIDR`).
+struct LooseCidr(IpNet);
 
-fn parse_cidr(v: &str, bare_ok: bool) -> Result<Ipv4Net, String> {
+fn parse_cidr(v: &str, bare_ok: bool) -> Result<IpNet, String> {
     if !v.contains('/') {
-        if bare_ok && let Ok(a) = v.parse::<std::net::Ipv4Addr>() {
-            return Ok(Ipv4Net::from(a));
-        }
-        if v.parse::<std::net::Ipv6Addr>().is_ok() {
-            return Err(format!(
-                "{v:?}: IPv6 is not supported (Hypha's datapath is IPv4-only)"
-            ));
+        if bare_ok && let Ok(a) = v.parse::<std::net::IpAddr>() {
+            return Ok(IpNet::from(a));
         }
         return Err(format!(
-            "{v:?} is not a CIDR (an IPv4 address, '/', a prefix length: 10.0.0.0/8)"
+            "{v:?} is not a CIDR (an address, '/', a prefix length: 10.0.0.0/8, fd00::/64)"
         ));
     }
     let net: IpNet = v
         .parse()
-        .map_err(|_| format!("{v:?} is not a valid CIDR (such as 10.0.0.0/8)"))?;
-    match net {
-        IpNet::V6(_) => Err(format!(
-            "{v:?}: IPv6 is not supported (Hypha's datapath is IPv4-only)"
-        )),
-        IpNet::V4(n) if n.trunc() != n => Err(format!(
+        .map_err(|_| format!("{v:?} is not a valid CIDR (such as 10.0.0.0/8 or fd00::/64)"))?;
+    if net.trunc() != net {
+        return Err(format!(
             "CIDR {v} has host bits set; did you mean {}?",
-            n.trunc()
-        )),
-        IpNet::V4(n) => Ok(n),
+            net.trunc()
+        ));
     }
+    Ok(net)
 }
 
 macro_rules! cidr_type {
@@ -1060,7 +1074,7 @@ macro_rules! cidr_type {
                 impl Visitor<'_> for V {
                     type Value = $t;
                     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                        f.write_str("an IPv4 CIDR such as 10.0.0.0/8")
+                        f.write_str("a CIDR such as 10.0.0.0/8 or fd00::/64")
                     }
                     fn visit_str<E: de::Error>(self, v: &str) -> Result<$t, E> {
                         parse_cidr(v, $bare).map($t).map_err(E::custom)

@@ -1,17 +1,26 @@
 //! The parser and the compiler against Kubernetes' (and Cilium's) semantics.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hypha_common::{
     DIR_EGRESS, DIR_INGRESS, ENDPOINT_F_EGRESS_POLICY, ENDPOINT_F_INGRESS_AUDIT,
-    ENDPOINT_F_INGRESS_POLICY, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, POLICY_ALLOW,
-    POLICY_DENY, POLICY_F_AUDIT, PolicyKey,
+    ENDPOINT_F_INGRESS_POLICY, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, IDENTITY_WORLD6,
+    POLICY_ALLOW, POLICY_DENY, POLICY_F_AUDIT, PolicyKey,
 };
+use ipnet::IpNet;
 
 use super::*;
 
 const HOST: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+
+fn net(s: &str) -> IpNet {
+    s.parse().unwrap()
+}
+
+fn prefix(a: impl Into<IpAddr>) -> IpNet {
+    IpNet::from(a.into())
+}
 
 fn parse(yaml: &str) -> Vec<Policy> {
     parse_file("test.yaml", yaml).unwrap_or_else(|e| panic!("{e}"))
@@ -51,14 +60,23 @@ impl World {
             &self.endpoints,
             &self.namespaces,
             &IdentityAllocator::default(),
-            &[HOST],
+            &[HOST.into()],
         )
         .unwrap_or_else(|e| panic!("{e}"))
     }
 }
 
 fn identity_of(c: &Compiled, ep: &PolicyEndpoint) -> u32 {
-    c.ipcache[&Ipv4Net::from(ep.address)]
+    let id = c.ipcache[&prefix(ep.addresses().next().expect("an address"))];
+    for a in ep.addresses() {
+        assert_eq!(
+            c.ipcache[&prefix(a)],
+            id,
+            "every address of {} has its identity",
+            ep.id
+        );
+    }
+    id
 }
 
 /// The (identity, proto, port) an endpoint allows in a direction, without the implicit
@@ -220,8 +238,23 @@ fn errors_name_the_file_the_document_the_line_and_the_field() {
     assert!(e.contains("host bits set; did you mean 10.0.0.0/8"), "{e}");
     let e = k8s("from: [{ipBlock: {cidr: 10.0.0.0/33}}]");
     assert!(e.contains("not a valid CIDR"), "{e}");
-    let e = k8s("from: [{ipBlock: {cidr: '::/0'}}]");
-    assert!(e.contains("IPv6 is not supported"), "{e}");
+    let e = k8s("from: [{ipBlock: {cidr: 'fd00::1/64'}}]");
+    assert!(e.contains("host bits set; did you mean fd00::/64"), "{e}");
+    let e = k8s("from: [{ipBlock: {cidr: 10.0.0.0/8, except: ['fd00::/64']}}]");
+    assert!(
+        e.contains("spec.ingress[0].from[0]: except fd00::/64 is IPv6 but cidr 10.0.0.0/8 is IPv4"),
+        "{e}"
+    );
+    let e = k8s("from: [{ipBlock: {cidr: 'fd00::/8', except: [10.0.0.0/8]}}]");
+    assert!(
+        e.contains("except 10.0.0.0/8 is IPv4 but cidr fd00::/8 is IPv6"),
+        "{e}"
+    );
+    let e = k8s("from: [{ipBlock: {cidr: 'fd00::/64', except: ['fd01::/80']}}]");
+    assert!(
+        e.contains("except fd01::/80 is not a strict subset of fd00::/64"),
+        "{e}"
+    );
     let e = k8s("from: [{ipBlock: {cidr: 10.0.0.0/8, except: [192.168.0.0/16]}}]");
     assert!(
         e.contains("spec.ingress[0].from[0]: except 192.168.0.0/16 is not a strict subset"),
@@ -308,8 +341,15 @@ spec:
     assert!(e.contains("named port \"http\""), "{e}");
     let e = hy("  ingress: [{toPorts: [{ports: [{port: \"80\"}], rules: {http: []}}]}]\n");
     assert!(e.contains("unknown field `rules`"), "{e}");
-    let e = hy("  ingress: [{icmps: [{fields: [{type: 128, family: IPv6}]}]}]\n");
-    assert!(e.contains("IPv6 is not supported"), "{e}");
+    let e = hy("  ingress: [{fromCIDR: ['fd00::1/64']}]\n");
+    assert!(e.contains("host bits set; did you mean fd00::/64"), "{e}");
+    let e = hy("  ingress: [{fromCIDRSet: [{cidr: 'fd00::/64', except: [10.0.0.0/8]}]}]\n");
+    assert!(
+        e.contains(
+            "ingress[0].fromCIDRSet[0]: except 10.0.0.0/8 is IPv4 but cidr fd00::/64 is IPv6"
+        ),
+        "{e}"
+    );
     let e = hy("  auditMode: yes please\n");
     assert!(e.contains("auditMode"), "{e}");
 }
@@ -337,8 +377,9 @@ fn unselected_endpoints_enforce_nothing() {
     assert_eq!(c.endpoint_flags[&2], 0);
     assert!(c.entries.is_empty());
     // The ipcache still knows the world, the host and the endpoint.
-    assert_eq!(c.ipcache[&Ipv4Net::default()], IDENTITY_WORLD);
-    assert_eq!(c.ipcache[&Ipv4Net::from(HOST)], IDENTITY_HOST);
+    assert_eq!(c.ipcache[&net("0.0.0.0/0")], IDENTITY_WORLD);
+    assert_eq!(c.ipcache[&net("::/0")], IDENTITY_WORLD6);
+    assert_eq!(c.ipcache[&prefix(HOST)], IDENTITY_HOST);
     assert!(identity_of(&c, &w.endpoints[0]) >= hypha_common::IDENTITY_FIRST_LABELS);
 }
 
@@ -469,9 +510,9 @@ fn ip_block_covers_nested_prefixes_and_carves_out_excepts() {
         "  podSelector: {matchLabels: {app: db}}\n  ingress:\n    - from: [{ipBlock: {cidr: 10.0.0.0/8, except: [10.244.0.3/32, 10.9.0.0/16]}}]\n    - from: [{ipBlock: {cidr: 10.9.1.0/24}}]\n      ports: [{port: 22}]\n",
     );
     let c = w.compile(&[p]);
-    let c8 = c.ipcache[&"10.0.0.0/8".parse::<Ipv4Net>().unwrap()];
-    let c16 = c.ipcache[&"10.9.0.0/16".parse::<Ipv4Net>().unwrap()];
-    let c24 = c.ipcache[&"10.9.1.0/24".parse::<Ipv4Net>().unwrap()];
+    let c8 = c.ipcache[&net("10.0.0.0/8")];
+    let c16 = c.ipcache[&net("10.9.0.0/16")];
+    let c24 = c.ipcache[&net("10.9.1.0/24")];
     assert!(c8 >= hypha_common::IDENTITY_FIRST_CIDR);
     let db = identity_of(&c, &w.endpoints[0]);
     let web = identity_of(&c, &w.endpoints[1]);
@@ -488,11 +529,23 @@ fn ip_block_covers_nested_prefixes_and_carves_out_excepts() {
     assert!(!got.contains(&(c16, 0, 0)));
     assert!(!got.contains(&(c24, 0, 0)));
     assert!(got.contains(&tcp(c24, 22)), "the second rule");
-    // 0.0.0.0/0 without except covers every identity: the wildcard.
-    let any = k8s(
+    // 0.0.0.0/0 without except covers every IPv4 identity, not IPv6's world; with ::/0
+    // as well it covers every identity: the wildcard.
+    let v4 = k8s(
         "any",
         "default",
         "  podSelector: {}\n  egress: [{to: [{ipBlock: {cidr: 0.0.0.0/0}}]}]\n  policyTypes: [Egress]\n",
+    );
+    let c = w.compile(&[v4]);
+    let got = allowed(&c, 2, DIR_EGRESS);
+    assert!(
+        got.contains(&(IDENTITY_WORLD, 0, 0)) && !got.contains(&(IDENTITY_WORLD6, 0, 0)),
+        "{got:?}"
+    );
+    let any = k8s(
+        "any",
+        "default",
+        "  podSelector: {}\n  egress: [{to: [{ipBlock: {cidr: 0.0.0.0/0}}, {ipBlock: {cidr: '::/0'}}]}]\n  policyTypes: [Egress]\n",
     );
     let c = w.compile(&[any]);
     assert_eq!(
@@ -693,7 +746,13 @@ fn entities_and_cilium_namespace_keys() {
     let y = identity_of(&c, &w.endpoints[1]);
     assert_eq!(
         allowed(&c, 2, DIR_EGRESS),
-        BTreeSet::from([(IDENTITY_HOST, 0, 0), (y, 0, 0), tcp(IDENTITY_WORLD, 443)])
+        BTreeSet::from([
+            (IDENTITY_HOST, 0, 0),
+            (y, 0, 0),
+            tcp(IDENTITY_WORLD, 443),
+            tcp(IDENTITY_WORLD6, 443)
+        ]),
+        "world is both families' worlds"
     );
 }
 
@@ -708,7 +767,14 @@ fn identities_are_shared_and_stable_across_recompiles() {
         identity_of(&c, &w.endpoints[0]),
         identity_of(&c, &w.endpoints[1])
     );
-    let again = compile(&[], &w.endpoints, &w.namespaces, &c.identities, &[HOST]).unwrap();
+    let again = compile(
+        &[],
+        &w.endpoints,
+        &w.namespaces,
+        &c.identities,
+        &[HOST.into()],
+    )
+    .unwrap();
     assert_eq!(again, c);
 }
 
@@ -725,7 +791,7 @@ fn capacity_is_refused_with_a_clear_error() {
         &eps,
         &BTreeMap::new(),
         &IdentityAllocator::default(),
-        &[HOST],
+        &[HOST.into()],
     )
     .unwrap_err();
     assert!(
@@ -783,4 +849,223 @@ fn diff_is_minimal_and_round_trips() {
         maps.remove(k);
     }
     assert_eq!(maps, c2.entries);
+}
+
+// ------------------------------------------------------------------ IPv6
+
+/// An endpoint `id` with both families: 10.244.0.<id> and fd00:10:244::<id>.
+fn dual(id: u32, ns: &str, labels: &[(&str, &str)]) -> PolicyEndpoint {
+    ep(id, ns, labels).with_address(v6(id).into())
+}
+
+fn v6(id: u32) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, id as u16)
+}
+
+#[test]
+fn hypha_cidrs_and_icmps_take_ipv6() {
+    let p = parse(
+        r#"
+apiVersion: hypha.dev/v1
+kind: HyphaNetworkPolicy
+metadata: {name: api, namespace: shop}
+spec:
+  endpointSelector: {}
+  ingress:
+    - fromCIDRSet: [{cidr: 'fd00:10::/32', except: ['fd00:10:1::/48']}]
+      icmps: [{fields: [{type: 128, family: IPv6}, {type: 8}]}]
+  egress:
+    - toCIDR: ['2001:db8::7', 'fd00::/8']
+"#,
+    );
+    let p = &p[0];
+    let r = &p.ingress.allow[0];
+    assert_eq!(
+        r.peers.as_deref().unwrap(),
+        &[Peer::Cidr {
+            net: net("fd00:10::/32"),
+            except: vec![net("fd00:10:1::/48")]
+        }]
+    );
+    // One ICMP of each family named; types are not matched.
+    let protos: Vec<u8> = r.ports.as_ref().unwrap().iter().map(|p| p.proto).collect();
+    assert_eq!(protos, vec![PROTO_ICMPV6, PROTO_ICMP]);
+    assert_eq!(
+        p.egress.allow[0].peers.as_deref().unwrap(),
+        &[
+            Peer::Cidr {
+                net: net("2001:db8::7/128"),
+                except: vec![]
+            },
+            Peer::Cidr {
+                net: net("fd00::/8"),
+                except: vec![]
+            }
+        ],
+        "a bare IPv6 address is its /128"
+    );
+}
+
+#[test]
+fn an_ipv6_ip_block_with_except_gets_cidr_identities_and_entries_of_its_family_only() {
+    let w = World::new(vec![
+        dual(2, "default", &[("app", "db")]),
+        dual(3, "default", &[("app", "web")]),
+        ep(4, "default", &[("app", "v4only")]),
+    ]);
+    let p = k8s(
+        "cidr6",
+        "default",
+        "  podSelector: {matchLabels: {app: db}}\n  ingress:\n    - from: [{ipBlock: {cidr: 'fd00::/8', except: ['fd00:10:244::3/128', 'fd00:9::/32']}}]\n      ports: [{port: 443}]\n",
+    );
+    let c = w.compile(&[p]);
+    // The CIDR and its holes have identities in the ipcache, as IPv6 prefixes.
+    let c8 = c.ipcache[&net("fd00::/8")];
+    let hole = c.ipcache[&net("fd00:9::/32")];
+    assert!(c8 >= hypha_common::IDENTITY_FIRST_CIDR && hole >= hypha_common::IDENTITY_FIRST_CIDR);
+    assert_ne!(c8, hole);
+    // web's /128 is excepted but keeps its label identity (its /32 too).
+    let web = identity_of(&c, &w.endpoints[1]);
+    assert_eq!(c.ipcache[&net("fd00:10:244::3/128")], web);
+    let db = identity_of(&c, &w.endpoints[0]);
+    let v4only = identity_of(&c, &w.endpoints[2]);
+    let got = allowed(&c, 2, DIR_INGRESS);
+    // fd00::/8 itself and db's /128 inside it; not web (excepted), not the hole, not
+    // the IPv4-only endpoint, not either world, not the IPv4 host.
+    assert_eq!(got, BTreeSet::from([tcp(c8, 443), tcp(db, 443)]), "{got:?}");
+    assert!(!got.contains(&tcp(web, 443)) && !got.contains(&tcp(hole, 443)));
+    assert!(!got.contains(&tcp(v4only, 443)));
+    // The ipcache holds every endpoint address of both families, and both worlds.
+    for e in &w.endpoints {
+        for a in e.addresses() {
+            assert!(c.ipcache.contains_key(&prefix(a)), "{a}");
+        }
+    }
+    assert_eq!(c.ipcache[&net("::/0")], IDENTITY_WORLD6);
+    assert_eq!(c.ipcache[&net("0.0.0.0/0")], IDENTITY_WORLD);
+}
+
+#[test]
+fn a_selector_rule_allows_both_families_of_a_peer_through_its_one_identity() {
+    let w = World::new(vec![
+        dual(2, "default", &[("app", "db")]),
+        dual(3, "default", &[("app", "web")]),
+    ]);
+    let p = k8s(
+        "web-to-db",
+        "default",
+        "  podSelector: {matchLabels: {app: db}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: 5432}]}]\n",
+    );
+    let c = w.compile(&[p]);
+    let web = &w.endpoints[1];
+    let id = c.ipcache[&prefix(web.address.unwrap())];
+    assert_eq!(
+        c.ipcache[&prefix(web.address6.unwrap())],
+        id,
+        "the /32 and the /128 are one identity"
+    );
+    assert_eq!(allowed(&c, 2, DIR_INGRESS), BTreeSet::from([tcp(id, 5432)]));
+}
+
+#[test]
+fn world_covers_both_families_and_each_family_s_cidr_only_its_own() {
+    let mut w = World::new(vec![dual(2, "default", &[("app", "db")])]);
+    w.namespaces.clear();
+    let world = hypha(
+        "out",
+        "default",
+        "  endpointSelector: {}\n  egress: [{toEntities: [world]}]\n",
+    );
+    let c = w.compile(&[world]);
+    let got = allowed(&c, 2, DIR_EGRESS);
+    assert!(
+        got.contains(&(IDENTITY_WORLD, 0, 0)) && got.contains(&(IDENTITY_WORLD6, 0, 0)),
+        "{got:?}"
+    );
+    let v6_world = k8s(
+        "v6",
+        "default",
+        "  podSelector: {}\n  egress: [{to: [{ipBlock: {cidr: '::/0'}}]}]\n  policyTypes: [Egress]\n",
+    );
+    let c = w.compile(&[v6_world]);
+    let got = allowed(&c, 2, DIR_EGRESS);
+    assert!(
+        got.contains(&(IDENTITY_WORLD6, 0, 0)) && !got.contains(&(IDENTITY_WORLD, 0, 0)),
+        "::/0 allows no IPv4 world: {got:?}"
+    );
+    assert!(
+        !got.contains(&(IDENTITY_HOST, 0, 0)),
+        "the host is IPv4 here"
+    );
+}
+
+#[test]
+fn adding_and_removing_an_ipv6_cidr_diffs_its_prefixes_and_entries() {
+    let w = World::new(vec![dual(2, "default", &[("app", "db")])]);
+    let base = k8s(
+        "p",
+        "default",
+        "  podSelector: {}\n  egress: [{to: [{podSelector: {}}]}]\n  policyTypes: [Egress]\n",
+    );
+    let with_cidr = k8s(
+        "p",
+        "default",
+        "  podSelector: {}\n  egress: [{to: [{podSelector: {}}]}, {to: [{ipBlock: {cidr: '2001:db8::/32', except: ['2001:db8:1::/48']}}], ports: [{port: 53, protocol: UDP}]}]\n  policyTypes: [Egress]\n",
+    );
+    let c0 = w.compile(std::slice::from_ref(&base));
+    let c1 = compile(
+        std::slice::from_ref(&with_cidr),
+        &w.endpoints,
+        &w.namespaces,
+        &c0.identities,
+        &[HOST.into()],
+    )
+    .unwrap();
+    let cidr = c1.ipcache[&net("2001:db8::/32")];
+    let hole = c1.ipcache[&net("2001:db8:1::/48")];
+    let d = diff(&c0, &c1);
+    let set: BTreeMap<IpNet, u32> = d.ipcache_set.iter().copied().collect();
+    assert_eq!(
+        set,
+        BTreeMap::from([(net("2001:db8::/32"), cidr), (net("2001:db8:1::/48"), hole)])
+    );
+    assert!(d.ipcache_del.is_empty() && d.entries_del.is_empty() && d.flags_set.is_empty());
+    let keys: Vec<(u32, u8, u16)> = d
+        .entries_set
+        .iter()
+        .map(|(k, _)| (k.identity, k.proto, k.dport))
+        .collect();
+    assert_eq!(keys, vec![(cidr, PROTO_UDP, 53)]);
+    // And back: the prefixes and the entry go, nothing else.
+    let back = compile(
+        std::slice::from_ref(&base),
+        &w.endpoints,
+        &w.namespaces,
+        &c1.identities,
+        &[HOST.into()],
+    )
+    .unwrap();
+    let d = diff(&c1, &back);
+    assert_eq!(
+        d.ipcache_del,
+        vec![net("2001:db8::/32"), net("2001:db8:1::/48")]
+    );
+    assert_eq!(d.entries_del.len(), 1);
+    assert!(d.ipcache_set.is_empty() && d.entries_set.is_empty());
+}
+
+#[test]
+fn the_host_s_ipv6_address_is_the_host_identity() {
+    let w = World::new(vec![dual(2, "default", &[])]);
+    let host6: IpAddr = "fd00:10:244::1".parse().unwrap();
+    let c = compile(
+        &[],
+        &w.endpoints,
+        &w.namespaces,
+        &IdentityAllocator::default(),
+        &[HOST.into(), host6],
+    )
+    .unwrap();
+    assert_eq!(c.ipcache[&prefix(host6)], IDENTITY_HOST);
+    assert_eq!(c.ipcache[&prefix(HOST)], IDENTITY_HOST);
 }

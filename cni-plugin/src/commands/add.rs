@@ -231,6 +231,7 @@ fn agent_address(
     let problem = if !missing.is_empty() {
         Some(Error::RequestedNotGiven {
             addresses: missing,
+            by: "the node's allocation".to_owned(),
             given: [
                 ipv4.map(|f| IpAddr::V4(f.address)),
                 ipv6.map(|f| IpAddr::V6(f.address)),
@@ -305,67 +306,77 @@ fn delegated_address(
     }
     let node = client.status().map_err(error::agent)?.node;
     let result = ipam.add()?;
-    let addressing = delegate::ipam_result(&result).and_then(|r| {
-        let ipv4 = match r.address {
-            None => None,
-            Some(address) => Some(Family {
-                address,
-                gateway: node.gateway.ok_or_else(|| {
-                    format!("it gave {address}, but this node has no IPv4 pod CIDR")
-                })?,
-            }),
-        };
-        let ipv6 = match r.address6 {
-            None => None,
-            Some(address) => {
-                if node.pod_cidr6.is_none() && node.gateway6.is_none() {
-                    return Err(format!(
-                        "it gave {address}, but this node has no IPv6 pod CIDR"
-                    ));
-                }
-                Some(Family {
-                    address,
-                    gateway: node.gateway6.unwrap_or(GATEWAY6),
-                })
-            }
-        };
-        let missing: Vec<String> = requested_list(requested)
-            .into_iter()
-            .filter(|want| match want {
-                IpAddr::V4(w) => r.address != Some(*w),
-                IpAddr::V6(w) => r.address6 != Some(*w),
-            })
-            .map(|w| w.to_string())
-            .collect();
-        if !missing.is_empty() {
-            return Err(format!(
-                "runtimeConfig.ips asks for {}, which its result does not give",
-                missing.join(", ")
-            ));
-        }
-        Ok(Addressing {
-            ipv4,
-            ipv6,
-            dns: r.dns,
-        })
-    });
+    let addressing = match delegate::ipam_result(&result) {
+        Err(problem) => Err(Error::DelegateBadResult {
+            plugin: ipam.plugin.to_owned(),
+            command: "ADD",
+            problem,
+        }),
+        Ok(r) => delegated_addressing(ipam.plugin, &node, requested, r),
+    };
     match addressing {
         Ok(addressing) => Ok(addressing),
-        Err(problem) => {
-            let error = Error::DelegateBadResult {
-                plugin: ipam.plugin.to_owned(),
-                command: "ADD",
-                problem,
-            };
-            Err(match ipam.del() {
-                Ok(()) => error,
-                Err(e) => Error::WithCleanup {
-                    error: Box::new(error),
-                    cleanup: vec![e],
-                },
-            })
-        }
+        Err(error) => Err(match ipam.del() {
+            Ok(()) => error,
+            Err(e) => Error::WithCleanup {
+                error: Box::new(error),
+                cleanup: vec![e],
+            },
+        }),
     }
+}
+
+/// The addressing of a delegated IPAM result `r` on `node`: each address must be of a
+/// family the node has, and every requested address must be there.
+fn delegated_addressing(
+    plugin: &str,
+    node: &hypha_api::NodeStatus,
+    requested: Requested,
+    r: delegate::IpamResult,
+) -> Result<Addressing, Error> {
+    let not_on_node = |address: IpAddr| Error::FamilyNotOnNode {
+        plugin: plugin.to_owned(),
+        address,
+    };
+    let ipv4 = match r.address {
+        None => None,
+        Some(address) => Some(Family {
+            address,
+            gateway: node
+                .gateway
+                .ok_or_else(|| not_on_node(IpAddr::V4(address)))?,
+        }),
+    };
+    let ipv6 = match r.address6 {
+        None => None,
+        Some(address) if node.pod_cidr6.is_none() && node.gateway6.is_none() => {
+            return Err(not_on_node(IpAddr::V6(address)));
+        }
+        Some(address) => Some(Family {
+            address,
+            gateway: node.gateway6.unwrap_or(GATEWAY6),
+        }),
+    };
+    let given: Vec<IpAddr> = [r.address.map(IpAddr::V4), r.address6.map(IpAddr::V6)]
+        .into_iter()
+        .flatten()
+        .collect();
+    let missing: Vec<IpAddr> = requested_list(requested)
+        .into_iter()
+        .filter(|want| !given.contains(want))
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::RequestedNotGiven {
+            addresses: missing,
+            by: format!("IPAM plugin {plugin}'s result"),
+            given,
+        });
+    }
+    Ok(Addressing {
+        ipv4,
+        ipv6,
+        dns: r.dns,
+    })
 }
 
 /// Whether the agent has an endpoint for this attachment.

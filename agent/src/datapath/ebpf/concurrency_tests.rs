@@ -15,7 +15,9 @@ use std::process::Command;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use hypha_api::MacAddr;
-use hypha_common::{ENDPOINT_F_INGRESS_LIMIT, ENDPOINT_F_INGRESS_POLICY, EndpointKey4};
+use hypha_common::{
+    ENDPOINT_F_INGRESS_LIMIT, ENDPOINT_F_INGRESS_POLICY, ENDPOINT_F_IPV4, EndpointKey4,
+};
 use hypha_netlink::{Netlink, TcHook, VethSpec};
 
 use super::{EbpfDatapath, lock};
@@ -24,19 +26,19 @@ use crate::datapath::{Adoption, Datapath, link_info};
 use crate::policy::PolicyDiff;
 use crate::state::EndpointRecord;
 
-fn privileged() -> bool {
+pub(super) fn privileged() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
 }
 
 /// A network namespace and a bpffs pin directory, both with unique names, removed on drop.
-struct Fixture {
+pub(super) struct Fixture {
     netns: String,
-    pin_dir: PathBuf,
+    pub(super) pin_dir: PathBuf,
 }
 
 impl Fixture {
-    fn new(what: &str) -> Self {
+    pub(super) fn new(what: &str) -> Self {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .expect("clock after 1970")
@@ -64,7 +66,7 @@ impl Fixture {
     }
 
     /// `n` veth pairs inside the namespace (both ends there), as endpoints.
-    fn endpoints(&self, n: u8) -> Vec<EndpointRecord> {
+    pub(super) fn endpoints(&self, n: u8) -> Vec<EndpointRecord> {
         let ns = File::open(self.netns_path()).expect("open the test netns");
         let mut nl = Netlink::in_netns(&self.netns_path()).expect("netlink in the test netns");
         (0..n)
@@ -112,7 +114,7 @@ impl Fixture {
     }
 
     /// Runs `f` on a thread of its own inside the namespace and returns what it returns.
-    fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+    pub(super) fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
         std::thread::scope(|s| {
             s.spawn(|| {
                 self.enter();
@@ -123,7 +125,7 @@ impl Fixture {
         })
     }
 
-    fn load(&self, mode: AttachMode) -> EbpfDatapath {
+    pub(super) fn load(&self, mode: AttachMode) -> EbpfDatapath {
         EbpfDatapath::load(&self.pin_dir, Ipv4Addr::new(10, 99, 0, 1), mode)
             .expect("load the datapath (built with `cargo xtask build`?)")
     }
@@ -219,11 +221,16 @@ fn attach_many_then_detach(mode: AttachMode) {
         assert_eq!(problems, Vec::<String>::new(), "{}", ep.host_ifname);
         let key = EndpointKey4::from_octets(ep.address.unwrap().octets());
         let info = lock(&dp.maps.endpoints)
+            .v4
             .get(&key, 0)
             .expect("endpoint entry");
         assert_eq!(
             (info.endpoint_id, info.ifindex, info.flags),
-            (ep.id, ep.host_ifindex, ENDPOINT_F_INGRESS_POLICY)
+            (
+                ep.id,
+                ep.host_ifindex,
+                ENDPOINT_F_INGRESS_POLICY | ENDPOINT_F_IPV4
+            )
         );
     }
     let pins = std::fs::read_dir(fx.pin_dir.join("links")).unwrap().count();
@@ -332,13 +339,15 @@ fn a_bandwidth_flag_and_policy_flags_written_at_once_both_survive() {
         });
     });
     let key = EndpointKey4::from_octets(ep.address.unwrap().octets());
-    let info = lock(&dp.maps.endpoints)
-        .get(&key, 0)
-        .expect("endpoint entry");
-    assert_eq!(
-        info.flags,
-        ENDPOINT_F_INGRESS_LIMIT | ENDPOINT_F_INGRESS_POLICY
-    );
+    let endpoints = lock(&dp.maps.endpoints);
+    let info = endpoints.v4.get(&key, 0).expect("endpoint entry");
+    let iface = endpoints
+        .ifaces
+        .get(&ep.host_ifindex, 0)
+        .expect("iface entry");
+    drop(endpoints);
+    let want = ENDPOINT_F_INGRESS_LIMIT | ENDPOINT_F_INGRESS_POLICY | ENDPOINT_F_IPV4;
+    assert_eq!((info.flags, iface.flags), (want, want));
     std::thread::scope(|s| {
         let (fx, dp) = (&fx, &dp);
         s.spawn(move || {
