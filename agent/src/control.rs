@@ -1168,12 +1168,6 @@ struct Removal {
     pending: Option<Pending>,
 }
 
-/// Interim, for the policy view's construction (control/policy.rs, the policy helper's
-/// to replace): the IPv4 address of a record (`0.0.0.0` when it has none).
-fn v4(address: Option<Ipv4Addr>) -> Ipv4Addr {
-    address.unwrap_or(Ipv4Addr::UNSPECIFIED)
-}
-
 /// The addresses given back for one attachment, per family.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Released {
