@@ -318,6 +318,19 @@ mod tests {
                 "missing {line:?} in\n{text}"
             );
         }
+        // An IPv4-only node has no IPv6 pool.
+        let mut v4_only = status.clone();
+        v4_only.node.pod_cidr6 = None;
+        let text4 = render(&Snapshot {
+            status: &v4_only,
+            endpoints: &[],
+            policy_flows: BTreeMap::new(),
+        });
+        assert!(
+            text4.contains(r#"hypha_ipam_addresses{family="ipv4",state="allocated"} 1"#)
+                && !text4.contains(r#"family="ipv6""#),
+            "{text4}"
+        );
         // Every sample line belongs to a declared family.
         let families: Vec<&str> = text
             .lines()

@@ -238,8 +238,9 @@ async fn remove<D: Datapath + 'static, H: HostNetwork + 'static>(
         let (container_id, ifname) = (container_id.clone(), ifname.clone());
         blocking(a, move |a| a.delete_endpoint(&container_id, &ifname)).await?
     };
-    if resp.endpoint_removed || resp.address_released.is_some() {
-        tracing::info!(container = %container_id, %ifname, released = ?resp.address_released, "endpoint deleted");
+    if resp.endpoint_removed || resp.address_released.is_some() || resp.address6_released.is_some()
+    {
+        tracing::info!(container = %container_id, %ifname, released = ?resp.address_released, released6 = ?resp.address6_released, "endpoint deleted");
     }
     Ok(Json(resp).into_response())
 }

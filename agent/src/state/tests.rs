@@ -196,7 +196,8 @@ fn any_change() -> impl Strategy<Value = Change> {
         owners.clone().prop_map(Change::EndpointGone),
         // One owner, one of its own addresses: the IPAM never gives an address twice.
         (owners.clone(), 0..4u8).prop_map(|(o, j)| {
-            let i = o.container_id.as_bytes()[0] + o.ifname.len() as u8;
+            // Distinct per owner: "eth0" and "net1" have one length, not one first letter.
+            let i = o.container_id.as_bytes()[0] + o.ifname.as_bytes()[0];
             Change::Address {
                 owner: o,
                 address: Ipv4Addr::new(10, 1, i, j),
@@ -205,7 +206,7 @@ fn any_change() -> impl Strategy<Value = Change> {
         owners.clone().prop_map(Change::AddressReleased),
         prop::option::of(any::<u32>().prop_map(Ipv4Addr::from)).prop_map(Change::IpamCursor),
         (owners.clone(), 0..4u16).prop_map(|(o, j)| {
-            let i = u16::from(o.container_id.as_bytes()[0]) + o.ifname.len() as u16;
+            let i = u16::from(o.container_id.as_bytes()[0]) + u16::from(o.ifname.as_bytes()[0]);
             Change::Address6 {
                 owner: o,
                 address: Ipv6Addr::new(0xfd00, 0, 0, 0, 0xffff_u16.wrapping_mul(i), 0, i, j),
