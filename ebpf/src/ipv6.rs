@@ -439,7 +439,9 @@ fn try_from_pod(ctx: &TcContext, iface: &EndpointIface) -> Result<Outcome, Outco
     // or none (`::`) for what a host sends before it has an address: the neighbour
     // solicitation of duplicate address detection (RFC 4862 5.4.2), the multicast
     // listener reports that go with it (RFC 3810 5.2.13, v1 and v2), and router
-    // solicitations (RFC 4861 4.1). None of these is routed: they go to the host stack.
+    // solicitations (RFC 4861 4.1). None of these is routed: they go to the host stack
+    // (`is_link_control`: neighbour discovery always, listener reports only to a
+    // link-scope destination; one from `::` to anything else is spoofed).
     let addr6 = Ip6(iface.addr6);
     let own = !addr6.is_unspecified() && h.saddr.same(&addr6);
     let dad = h.saddr.is_unspecified()
@@ -451,7 +453,8 @@ fn try_from_pod(ctx: &TcContext, iface: &EndpointIface) -> Result<Outcome, Outco
                     | ICMPV6_MLD2_REPORT
                     | ICMPV6_ROUTER_SOLICIT
             )
-        );
+        )
+        && is_link_control(icmp_type, &h.daddr);
     let link_local = h.saddr.same(&Ip6(link_local_of(iface.pod_mac)));
     if h.src_mac != iface.pod_mac || !(own || dad || link_local) {
         return Err(DropReason::SpoofedSource.into());

@@ -20,7 +20,7 @@ use hypha_common::{
     CT_TIMEOUT_TCP_S, CtEntry, CtKey4, CtKey6, DIR_INGRESS, DropReason, ENDPOINT_F_EGRESS_AUDIT,
     ENDPOINT_F_EGRESS_POLICY, ENDPOINT_F_INGRESS_AUDIT, ENDPOINT_F_INGRESS_POLICY,
     EVENT_POLICY_ALLOW, EVENT_POLICY_AUDIT, Event, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD,
-    POLICY_DENY, POLICY_F_AUDIT, PolicyKey, PolicyStats,
+    IDENTITY_WORLD6, POLICY_DENY, POLICY_F_AUDIT, PolicyKey, PolicyStats,
 };
 
 use crate::{
@@ -52,8 +52,8 @@ pub trait Addr: Copy {
     /// The family's conntrack map.
     fn ct() -> &'static LruHashMap<Self::CtKey, CtEntry>;
     fn ct_key(saddr: Self, daddr: Self, sport: u16, dport: u16, proto: u8) -> Self::CtKey;
-    /// The identity of the address: its longest prefix in the family's ipcache, world
-    /// otherwise.
+    /// The identity of the address: its longest prefix in the family's ipcache, the
+    /// family's world otherwise (`IDENTITY_WORLD`, `IDENTITY_WORLD6`).
     fn identity(self) -> u32;
     /// The address as an event carries it.
     fn event_bytes(self) -> [u8; 16];
@@ -153,7 +153,7 @@ impl Addr for Ip6 {
         let key = aya_ebpf::maps::lpm_trie::Key::new(128, self.0);
         match IPCACHE6.get(&key) {
             Some(v) => v.identity,
-            None => IDENTITY_WORLD,
+            None => IDENTITY_WORLD6,
         }
     }
 

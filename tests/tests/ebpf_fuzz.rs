@@ -32,8 +32,8 @@ use std::time::Instant;
 
 use hypha_common::{
     Counter, DIR_EGRESS, DIR_INGRESS, DropKey, ENDPOINT_F_EGRESS_POLICY, ENDPOINT_F_INGRESS_LIMIT,
-    ENDPOINT_F_INGRESS_POLICY, EndpointInfo, FamilyStats, IDENTITY_ANY, IDENTITY_WORLD, NodeConfig,
-    POLICY_ALLOW, POLICY_DENY, PolicyEntry, PolicyKey,
+    ENDPOINT_F_INGRESS_POLICY, EndpointInfo, FamilyStats, IDENTITY_ANY, IDENTITY_WORLD,
+    IDENTITY_WORLD6, NodeConfig, POLICY_ALLOW, POLICY_DENY, PolicyEntry, PolicyKey,
     programs::{FROM_POD, TO_POD},
 };
 use hypha_tests::ebpf::{
@@ -169,7 +169,7 @@ impl FuzzNode {
         dp.set_identity6(A_IP6, 128, ID_A);
         dp.set_identity6(B_IP6, 128, ID_B);
         dp.set_identity6(C_IP6, 128, ID_C);
-        dp.set_identity6([0; 16], 0, IDENTITY_WORLD);
+        dp.set_identity6([0; 16], 0, IDENTITY_WORLD6);
         let rule = |endpoint_id, identity, proto, dport, direction, action, policy_id| {
             (
                 PolicyKey {
@@ -193,6 +193,8 @@ impl FuzzNode {
             rule(2, IDENTITY_ANY, 6, 22, DIR_INGRESS, POLICY_DENY, 2),
             rule(2, IDENTITY_WORLD, 17, 53, DIR_INGRESS, POLICY_ALLOW, 3),
             rule(3, IDENTITY_WORLD, 0, 0, DIR_EGRESS, POLICY_ALLOW, 4),
+            rule(2, IDENTITY_WORLD6, 17, 53, DIR_INGRESS, POLICY_ALLOW, 3),
+            rule(3, IDENTITY_WORLD6, 0, 0, DIR_EGRESS, POLICY_ALLOW, 4),
         ] {
             dp.set_policy(key, entry);
         }

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use aya::programs::TcAttachType;
 use hypha_common::{
     Counter, DIR_EGRESS, DIR_INGRESS, DropKey, DropReason, ENDPOINT_F_INGRESS_POLICY, EVENT_DROP,
-    EndpointInfo, FamilyStats, GATEWAY6, IDENTITY_WORLD, NodeConfig, POLICY_ALLOW, PolicyEntry,
-    PolicyKey, link_local_of,
+    EndpointInfo, FamilyStats, GATEWAY6, IDENTITY_WORLD, IDENTITY_WORLD6, NodeConfig, POLICY_ALLOW,
+    PolicyEntry, PolicyKey, link_local_of,
     programs::{FROM_POD, TO_POD},
 };
 use hypha_tests::ebpf::{Datapath, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestNetns};
@@ -110,7 +110,7 @@ impl Node {
         dp.add_endpoint_with(Some(D4), None, info(d, 4, D_MAC, HOST_D_MAC));
         dp.set_identity6(A6, 128, ID_A);
         dp.set_identity6(B6, 128, ID_B);
-        dp.set_identity6([0; 16], 0, IDENTITY_WORLD);
+        dp.set_identity6([0; 16], 0, IDENTITY_WORLD6);
         Self {
             dp,
             a,
@@ -410,6 +410,40 @@ fn duplicate_address_detection_from_the_unspecified_address_goes_to_the_host() {
         &solicitation(A6, None),
     );
     assert_to_host(&node, &frame);
+}
+
+#[test]
+fn a_listener_report_from_the_unspecified_address_goes_to_the_host() {
+    hypha_tests::require_root!();
+    // RFC 3810 5.2.13: before its link-local address is valid (during DAD), a pod sends
+    // its MLDv2 reports (joining its solicited-node group) from `::`, with a hop-by-hop
+    // router alert, to ff02::16.
+    let node = Node::new();
+    let mut report = vec![143, 0, 0, 0, 0, 0, 0, 1];
+    report.extend_from_slice(&[4, 0, 0, 0]);
+    report.extend_from_slice(&solicited_node(A6));
+    let router_alert = [0x05, 0x02, 0, 0, 0x01, 0];
+    let (next, mut payload) = (HOP_BY_HOP, vec![ICMPV6, 0]);
+    payload.extend_from_slice(&router_alert);
+    payload.extend_from_slice(&report);
+    let mut mld_routers = [0; 16];
+    mld_routers[0] = 0xff;
+    mld_routers[1] = 2;
+    mld_routers[15] = 0x16;
+    let frame = eth(
+        [0x33, 0x33, 0, 0, 0, 0x16],
+        A_MAC,
+        ETH_P_IPV6,
+        &ipv6([0; 16], mld_routers, next, 1, &payload),
+    );
+    assert_to_host(&node, &frame);
+
+    // The same report from `::` to another pod would be routed: spoofed.
+    let node = Node::new();
+    let mut to_b = frame.clone();
+    to_b[ETH_HLEN + 24..ETH_HLEN + 40].copy_from_slice(&B6);
+    assert_eq!(node.send_from_a(&to_b).verdict, TC_ACT_SHOT, "to B");
+    node.assert_single_drop(node.a, DIR_EGRESS, DropReason::SpoofedSource, to_b.len());
 }
 
 #[test]
@@ -826,7 +860,7 @@ fn echo_replies_match_their_request_by_identifier() {
 fn ingress_policy_applies_to_ipv6_the_host_delivers() {
     hypha_tests::require_root!();
     let mut node = Node::with_flags(0, ENDPOINT_F_INGRESS_POLICY);
-    allow_b_ingress(&mut node, IDENTITY_WORLD, UDP, DNS);
+    allow_b_ingress(&mut node, IDENTITY_WORLD6, UDP, DNS);
     let to_b = |dport| {
         eth(
             B_MAC,
@@ -947,4 +981,56 @@ fn an_ipv6_only_endpoint_routes_ipv6() {
     assert_eq!(run.verdict, TC_ACT_REDIRECT, "verdict");
     assert_eq!(run.frame[0..6], B_MAC, "to B");
     assert_eq!(run.frame[ETH_HLEN + 7], 63, "hop limit");
+}
+
+#[test]
+fn an_ipv6_address_in_no_prefix_of_the_ipcache_is_the_ipv6_world() {
+    hypha_tests::require_root!();
+    // Without even `::/0` in hypha_ipcache6, a remote IPv6 address is world over IPv6,
+    // never the IPv4 world (which a rule for 0.0.0.0/0 allows).
+    let netns = TestNetns::enter();
+    let b = netns.add_veth("hy-host-b", "hy-pod-b");
+    let mut dp = Datapath::load();
+    let mut ib = info(b, 2, B_MAC, HOST_B_MAC);
+    ib.flags = ENDPOINT_F_INGRESS_POLICY;
+    dp.add_endpoint_with(Some(B4), Some(B6), ib);
+    let rule = |identity| {
+        (
+            PolicyKey {
+                endpoint_id: 2,
+                identity,
+                dport: DNS,
+                proto: UDP,
+                direction: DIR_INGRESS,
+            },
+            PolicyEntry {
+                policy_id: 7,
+                action: POLICY_ALLOW,
+                flags: 0,
+                _pad: 0,
+            },
+        )
+    };
+    let to_b = eth(
+        B_MAC,
+        HOST_B_MAC,
+        ETH_P_IPV6,
+        &ipv6(WORLD6, B6, UDP, 60, &udp(5000, DNS)),
+    );
+    let (key, entry) = rule(IDENTITY_WORLD);
+    dp.set_policy(key, entry);
+    assert_eq!(
+        dp.run(TO_POD, &to_b, b).verdict,
+        TC_ACT_SHOT,
+        "IPv4 world rule"
+    );
+    let (key, entry) = rule(IDENTITY_WORLD6);
+    dp.set_policy(key, entry);
+    assert_eq!(
+        dp.run(TO_POD, &to_b, b).verdict,
+        TC_ACT_OK,
+        "IPv6 world rule"
+    );
+    drop(dp);
+    drop(netns);
 }
