@@ -59,6 +59,22 @@ impl Monitor {
     }
 }
 
+impl Monitor {
+    /// Every event received so far and until none has come for `quiet` (at most ten
+    /// times `quiet` in all, should events never stop).
+    pub fn drain(&self, quiet: Duration) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + quiet * 10;
+        let mut events = Vec::new();
+        while Instant::now() < deadline {
+            match self.lines.recv_timeout(quiet) {
+                Ok(v) => events.push(v),
+                Err(_) => break,
+            }
+        }
+        events
+    }
+}
+
 impl Drop for Monitor {
     fn drop(&mut self) {
         // The child may have exited already; either way it is reaped.
