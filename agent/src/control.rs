@@ -324,12 +324,21 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             }
             table.insert(ep);
         }
+        // The node's own addresses are the host identity's: the IPv4 gateway (the source
+        // of what the host sends to pods), and whatever else the namespace holds now.
+        let mut host_addrs: Vec<std::net::IpAddr> = gateway.into_iter().map(Into::into).collect();
+        match host.addresses() {
+            Ok(found) => host_addrs.extend(found),
+            Err(e) => report.warnings.push(format!(
+                "cannot list the node's addresses ({e}); policy knows only the gateway as the host"
+            )),
+        }
         let (policy, policy_changes) = PolicyState::start(
             saved.policies,
             saved.namespace_labels,
             saved.identities,
             table.endpoints.values(),
-            gateway.unwrap_or(Ipv4Addr::UNSPECIFIED),
+            host_addrs,
             &mut report.warnings,
         );
         changes.extend(policy_changes);

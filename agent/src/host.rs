@@ -2,7 +2,7 @@
 //! and the per-pod host routes. Behind a trait so the control plane is testable without
 //! root; the Linux implementation uses the project's netlink layer (`hypha-netlink`).
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -60,6 +60,10 @@ pub trait HostNetwork: Send + Sync {
     ) -> Result<(), HostError>;
     /// Routes the pod's IPv6 `address` (a /128, no gateway) to host interface `ifindex`.
     fn route_pod6(&self, ifindex: u32, address: Ipv6Addr) -> Result<(), HostError>;
+    /// The addresses the agent's network namespace holds, both families, link-local
+    /// IPv6 ones aside (policy gives all of fe80::/10 the host's identity): traffic from
+    /// them is the node's own, as from the IPv4 gateway.
+    fn addresses(&self) -> Result<Vec<IpAddr>, HostError>;
     /// Installs or changes (`Some`) or removes (`None`) the rate limiter on `side`. Removal
     /// of a limiter that is not there, or on an interface that is gone, succeeds.
     fn set_rate_limit(&self, side: LimitSide<'_>, limit: Option<Limit>) -> Result<(), HostError>;
@@ -165,6 +169,28 @@ impl HostNetwork for LinuxHost {
             src: Some(gateway),
         })?;
         Ok(())
+    }
+
+    fn addresses(&self) -> Result<Vec<IpAddr>, HostError> {
+        let mut nl = self.nl()?;
+        let mut out = Vec::new();
+        for link in nl.links()? {
+            out.extend(
+                nl.addresses(link.index)?
+                    .into_iter()
+                    .map(|(a, _)| IpAddr::V4(a)),
+            );
+            out.extend(
+                nl.addresses6(link.index)?
+                    .into_iter()
+                    .map(|a| a.address)
+                    .filter(|a| !a.is_unicast_link_local())
+                    .map(IpAddr::V6),
+            );
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
     }
 
     fn route_pod6(&self, ifindex: u32, address: Ipv6Addr) -> Result<(), HostError> {
@@ -398,6 +424,8 @@ pub mod fake {
         pub links: BTreeMap<String, HostLink>,
         pub routes: Vec<(u32, Ipv4Addr)>,
         pub routes6: Vec<(u32, Ipv6Addr)>,
+        /// What `addresses` answers.
+        pub addresses: Vec<IpAddr>,
         pub node: Option<NodeNetwork>,
         /// Installed rate limiters, by `describe_side`.
         pub limits: BTreeMap<String, Limit>,
@@ -422,6 +450,9 @@ pub mod fake {
         fn route_pod6(&self, ifindex: u32, address: Ipv6Addr) -> Result<(), HostError> {
             self.state().routes6.push((ifindex, address));
             Ok(())
+        }
+        fn addresses(&self) -> Result<Vec<IpAddr>, HostError> {
+            Ok(self.state().addresses.clone())
         }
         fn set_rate_limit(
             &self,

@@ -689,6 +689,12 @@ fn one_selector_rule_allows_both_families_of_a_peer_and_denies_the_rest_over_ipv
         tcp_ok(&c.server.netns, c.client.v6(), 7000),
         "the server's egress is not selected: its IPv6 connections pass"
     );
+    // The node always reaches its pods (health checks): over IPv6 it sends from its
+    // link-local or its own addresses, both the host's identity.
+    assert!(
+        tcp_ok(&c.node.netns, s6, 9090),
+        "the node reaches the isolated server over IPv6"
+    );
     let ep = c.node.endpoint(&c.server.container_id);
     assert!(
         ep.drops

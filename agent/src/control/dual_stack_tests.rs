@@ -419,3 +419,26 @@ fn a_saved_reservation_of_a_family_the_node_no_longer_has_stops_the_start() {
         "{err}"
     );
 }
+
+#[test]
+fn the_node_s_own_addresses_and_ipv6_link_local_are_the_host_identity() {
+    let h = host(0);
+    let node6: Ipv6Addr = "2001:db8:1::1".parse().unwrap();
+    let node4: Ipv4Addr = "192.0.2.7".parse().unwrap();
+    h.state().addresses = vec![IpAddr::V4(node4), IpAddr::V6(node6)];
+    let (a, _) = start_with("10.7.0.0/24,fd00:7::/64", h, PersistedState::default());
+    let ipcache = a.datapath.state().policy.ipcache.clone();
+    let host = hypha_common::IDENTITY_HOST;
+    for net in [
+        "2001:db8:1::1/128",
+        "192.0.2.7/32",
+        "10.7.0.1/32",
+        "fe80::/10",
+    ] {
+        assert_eq!(
+            ipcache.get(&net.parse::<ipnet::IpNet>().unwrap()),
+            Some(&host),
+            "{net} in {ipcache:?}"
+        );
+    }
+}

@@ -97,7 +97,7 @@ impl PolicyState {
         namespaces: BTreeMap<String, Labels>,
         identities: IdentityAllocator,
         endpoints: impl Iterator<Item = &'a EndpointRecord>,
-        gateway: std::net::Ipv4Addr,
+        host_addrs: Vec<std::net::IpAddr>,
         warnings: &mut Vec<String>,
     ) -> (Self, Vec<Change>) {
         let endpoints: Vec<PolicyEndpoint> = endpoints.map(policy_endpoint).collect();
@@ -109,7 +109,7 @@ impl PolicyState {
             namespaces.clone(),
             endpoints.clone(),
             identities.clone(),
-            vec![gateway.into()],
+            host_addrs.clone(),
         ) {
             Ok(e) => e,
             Err(e) => {
@@ -128,7 +128,7 @@ impl PolicyState {
                     namespaces.clone(),
                     endpoints,
                     identities.clone(),
-                    vec![gateway.into()],
+                    host_addrs.clone(),
                 )
                 .or_else(|_| {
                     PolicyEngine::new(
@@ -136,7 +136,7 @@ impl PolicyState {
                         BTreeMap::new(),
                         Vec::new(),
                         identities.clone(),
-                        vec![gateway.into()],
+                        host_addrs.clone(),
                     )
                 })
                 .expect("an empty policy set compiles")

@@ -405,13 +405,23 @@ pub(super) fn direction(p: &Policy, dir: u8) -> &super::DirectionRules {
     }
 }
 
-/// The world of each family, with its identity: 0.0.0.0/0 and ::/0.
-pub(super) fn worlds() -> [(IpNet, u32); 2] {
+/// The prefixes whose identity is fixed: the world of each family (0.0.0.0/0 and ::/0),
+/// and the IPv6 link-local prefix fe80::/10, which is the host's: link-local addresses
+/// are never routed, and the datapath redirects pod to pod only to pods' global
+/// addresses, so what reaches a pod from a link-local source comes from the node itself
+/// (its end of the pod's veth), as neighbour discovery does. A policy CIDR equal to one
+/// of these names that identity.
+pub(super) fn worlds() -> [(IpNet, u32); 3] {
     [
         (IpNet::V4(Ipv4Net::default()), IDENTITY_WORLD),
         (IpNet::V6(Ipv6Net::default()), IDENTITY_WORLD6),
+        (IpNet::V6(LINK_LOCAL6), IDENTITY_HOST),
     ]
 }
+
+/// fe80::/10.
+pub(super) const LINK_LOCAL6: Ipv6Net =
+    Ipv6Net::new_assert(std::net::Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10);
 
 /// The ipcache fits its two maps: the IPv4 prefixes `hypha_ipcache4`, the IPv6 ones
 /// `hypha_ipcache6`.

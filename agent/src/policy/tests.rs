@@ -993,9 +993,21 @@ fn world_covers_both_families_and_each_family_s_cidr_only_its_own() {
         got.contains(&(IDENTITY_WORLD6, 0, 0)) && !got.contains(&(IDENTITY_WORLD, 0, 0)),
         "::/0 allows no IPv4 world: {got:?}"
     );
+    // The host's IPv6 addresses are its link-local ones (fe80::/10 is the host's), inside
+    // ::/0 as the IPv4 gateway is inside 0.0.0.0/0.
     assert!(
-        !got.contains(&(IDENTITY_HOST, 0, 0)),
-        "the host is IPv4 here"
+        got.contains(&(IDENTITY_HOST, 0, 0)),
+        "::/0 covers the host's link-local prefix: {got:?}"
+    );
+    let v6_global = k8s(
+        "v6g",
+        "default",
+        "  podSelector: {}\n  egress: [{to: [{ipBlock: {cidr: '2000::/3'}}]}]\n  policyTypes: [Egress]\n",
+    );
+    let got = allowed(&w.compile(&[v6_global]), 2, DIR_EGRESS);
+    assert!(
+        !got.contains(&(IDENTITY_HOST, 0, 0)) && !got.contains(&(IDENTITY_WORLD6, 0, 0)),
+        "2000::/3 is neither the host nor the whole IPv6 world: {got:?}"
     );
 }
 
