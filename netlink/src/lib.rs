@@ -36,6 +36,7 @@ use netlink_packet_core::{
     NetlinkPayload,
 };
 use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::route::RouteMessage;
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 pub use error::Error;
@@ -389,42 +390,58 @@ impl Netlink {
     /// Adds `route` to the main table, replacing a route to the same destination
     /// (`NLM_F_CREATE|NLM_F_REPLACE`), so that it can be repeated.
     pub fn add_route(&mut self, route: &Route) -> Result<()> {
-        let msg = RouteNetlinkMessage::NewRoute(messages::route_message(route, false));
-        self.request(msg, NLM_F_CREATE | NLM_F_REPLACE)
-            .map(drop)
-            .map_err(|e| e.into_error(format!("add route {}", describe(route)), &self.netns, None))
+        self.put_route(messages::route_message(route, false), describe(route))
     }
 
     /// The IPv4 unicast routes of the main table that leave through interface `oif`.
     pub fn routes(&mut self, oif: u32) -> Result<Vec<Route>> {
-        let msg = RouteNetlinkMessage::GetRoute(messages::route_dump_message());
-        let answers = self.dump(msg).map_err(|e| {
-            e.into_error(
-                format!("list routes via interface #{oif}"),
-                &self.netns,
-                None,
-            )
-        })?;
+        self.list_routes(
+            messages::route_dump_message(),
+            format!("list routes via interface #{oif}"),
+            |r| messages::parse_route(r, oif),
+        )
+    }
+
+    /// Deletes `route` from the main table. Returns `false` if there was no such route.
+    pub fn delete_route(&mut self, route: &Route) -> Result<bool> {
+        self.remove_route(messages::route_message(route, true), describe(route))
+    }
+
+    /// Adds (or replaces) the route of `msg`, described as `what` in the error.
+    fn put_route(&mut self, msg: RouteMessage, what: String) -> Result<()> {
+        self.request(
+            RouteNetlinkMessage::NewRoute(msg),
+            NLM_F_CREATE | NLM_F_REPLACE,
+        )
+        .map(drop)
+        .map_err(|e| e.into_error(format!("add route {what}"), &self.netns, None))
+    }
+
+    /// Dumps the routes `dump` asks for and keeps what `parse` makes of each.
+    fn list_routes<T>(
+        &mut self,
+        dump: RouteMessage,
+        what: String,
+        parse: impl Fn(&RouteMessage) -> Option<T>,
+    ) -> Result<Vec<T>> {
+        let answers = self
+            .dump(RouteNetlinkMessage::GetRoute(dump))
+            .map_err(|e| e.into_error(what, &self.netns, None))?;
         Ok(answers
             .iter()
             .filter_map(|m| match m {
-                RouteNetlinkMessage::NewRoute(r) => messages::parse_route(r, oif),
+                RouteNetlinkMessage::NewRoute(r) => parse(r),
                 _ => None,
             })
             .collect())
     }
 
-    /// Deletes `route` from the main table. Returns `false` if there was no such route.
-    pub fn delete_route(&mut self, route: &Route) -> Result<bool> {
-        let msg = RouteNetlinkMessage::DelRoute(messages::route_message(route, true));
-        match self.request(msg, 0) {
+    /// Deletes the route of `msg`; `false` if there was none.
+    fn remove_route(&mut self, msg: RouteMessage, what: String) -> Result<bool> {
+        match self.request(RouteNetlinkMessage::DelRoute(msg), 0) {
             Ok(_) => Ok(true),
             Err(e) if e.errno() == Some(libc::ESRCH) => Ok(false),
-            Err(e) => Err(e.into_error(
-                format!("delete route {}", describe(route)),
-                &self.netns,
-                None,
-            )),
+            Err(e) => Err(e.into_error(format!("delete route {what}"), &self.netns, None)),
         }
     }
 
@@ -513,45 +530,23 @@ impl Netlink {
     /// Adds the IPv6 `route` to the main table, replacing a route to the same destination
     /// and metric (`NLM_F_CREATE|NLM_F_REPLACE`), so that it can be repeated.
     pub fn add_route6(&mut self, route: &Route6) -> Result<()> {
-        let msg = RouteNetlinkMessage::NewRoute(messages::route6_message(route, false));
-        self.request(msg, NLM_F_CREATE | NLM_F_REPLACE)
-            .map(drop)
-            .map_err(|e| e.into_error(format!("add route {}", describe6(route)), &self.netns, None))
+        self.put_route(messages::route6_message(route, false), describe6(route))
     }
 
     /// The IPv6 unicast routes of the main table that leave through interface `oif`
     /// (the kernel's own `fe80::/64` and address prefix routes included).
     pub fn routes6(&mut self, oif: u32) -> Result<Vec<Route6>> {
-        let msg = RouteNetlinkMessage::GetRoute(messages::route6_dump_message());
-        let answers = self.dump(msg).map_err(|e| {
-            e.into_error(
-                format!("list IPv6 routes via interface #{oif}"),
-                &self.netns,
-                None,
-            )
-        })?;
-        Ok(answers
-            .iter()
-            .filter_map(|m| match m {
-                RouteNetlinkMessage::NewRoute(r) => messages::parse_route6(r, oif),
-                _ => None,
-            })
-            .collect())
+        self.list_routes(
+            messages::route6_dump_message(),
+            format!("list IPv6 routes via interface #{oif}"),
+            |r| messages::parse_route6(r, oif),
+        )
     }
 
     /// Deletes the IPv6 `route` from the main table. Returns `false` if there was no such
     /// route.
     pub fn delete_route6(&mut self, route: &Route6) -> Result<bool> {
-        let msg = RouteNetlinkMessage::DelRoute(messages::route6_message(route, true));
-        match self.request(msg, 0) {
-            Ok(_) => Ok(true),
-            Err(e) if e.errno() == Some(libc::ESRCH) => Ok(false),
-            Err(e) => Err(e.into_error(
-                format!("delete route {}", describe6(route)),
-                &self.netns,
-                None,
-            )),
-        }
+        self.remove_route(messages::route6_message(route, true), describe6(route))
     }
 
     /// Installs `spec` as the root qdisc of interface `index` (`NLM_F_CREATE|NLM_F_REPLACE`):
