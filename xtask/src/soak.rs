@@ -822,7 +822,9 @@ impl Soak {
         let mut details = Vec::new();
         for (what, map) in [
             ("hypha_endpoints4 entries", "hypha_endpoints4"),
-            ("hypha_ep_stats entries", "hypha_ep_stats"),
+            ("hypha_endpoints6 entries", "hypha_endpoints6"),
+            ("hypha_ifaces entries", "hypha_ifaces"),
+            ("hypha_ep_stats_v2 entries", "hypha_ep_stats_v2"),
             ("hypha_policy entries", "hypha_policy"),
         ] {
             let entries = self.map_entries(map)?;
