@@ -271,155 +271,172 @@ pub(crate) fn parse_address6(msg: &AddressMessage, index: u32) -> Option<Address
     })
 }
 
-/// `RTM_NEWROUTE`/`RTM_DELROUTE` body for the IPv6 `route` in the main table.
-///
-/// `for_delete` leaves the protocol as a wildcard, as `ip -6 route del` does. The scope
-/// is always `RT_SCOPE_UNIVERSE`: IPv6 routes have no other.
-pub(crate) fn route6_message(route: &Route6, for_delete: bool) -> RouteMessage {
+/// What both families' main-table unicast route messages are made of.
+struct RouteParts {
+    family: AddressFamily,
+    prefix_len: u8,
+    scope: RouteScope,
+    /// `None` for a default route (no `RTA_DST`).
+    dst: Option<RouteAddress>,
+    gateway: Option<RouteAddress>,
+    src: Option<RouteAddress>,
+    oif: u32,
+}
+
+/// `RTM_NEWROUTE`/`RTM_DELROUTE` body of `parts` in the main table; `for_delete` leaves
+/// the protocol as a wildcard, as `ip route del` does.
+fn unicast_route_message(parts: RouteParts, for_delete: bool) -> RouteMessage {
     let mut msg = RouteMessage::default();
-    msg.header.address_family = AddressFamily::Inet6;
-    msg.header.destination_prefix_length = route.dst.prefix_len();
+    msg.header.address_family = parts.family;
+    msg.header.destination_prefix_length = parts.prefix_len;
     msg.header.table = RouteHeader::RT_TABLE_MAIN;
     msg.header.kind = RouteType::Unicast;
-    msg.header.scope = RouteScope::Universe;
+    msg.header.scope = parts.scope;
     msg.header.protocol = if for_delete {
         RouteProtocol::Unspec
     } else {
         RouteProtocol::Boot
     };
-    if route.dst.prefix_len() > 0 {
-        msg.attributes
-            .push(RouteAttribute::Destination(RouteAddress::Inet6(
-                route.dst.network(),
-            )));
-    }
-    if let Some(gw) = route.gateway {
-        msg.attributes
-            .push(RouteAttribute::Gateway(RouteAddress::Inet6(gw)));
-    }
-    if let Some(src) = route.src {
-        msg.attributes
-            .push(RouteAttribute::PrefSource(RouteAddress::Inet6(src)));
-    }
-    msg.attributes.push(RouteAttribute::Oif(route.oif));
+    msg.attributes.extend(
+        [
+            parts.dst.map(RouteAttribute::Destination),
+            parts.gateway.map(RouteAttribute::Gateway),
+            parts.src.map(RouteAttribute::PrefSource),
+        ]
+        .into_iter()
+        .flatten(),
+    );
+    msg.attributes.push(RouteAttribute::Oif(parts.oif));
     msg
+}
+
+/// `RTM_GETROUTE` dump body for the routes of `family`.
+fn route_dump(family: AddressFamily) -> RouteMessage {
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = family;
+    msg
+}
+
+/// The addresses of an `RTM_NEWROUTE` answer if it is a unicast route of `family` in the
+/// main table leaving through `oif`: destination (`None`: the default route), gateway,
+/// preferred source.
+type RouteAddresses<'a> = (
+    Option<&'a RouteAddress>,
+    Option<&'a RouteAddress>,
+    Option<&'a RouteAddress>,
+);
+fn parse_unicast_route(
+    msg: &RouteMessage,
+    family: AddressFamily,
+    oif: u32,
+) -> Option<RouteAddresses<'_>> {
+    let h = &msg.header;
+    if h.address_family != family || h.kind != RouteType::Unicast {
+        return None;
+    }
+    let (mut table, mut out_if) = (u32::from(h.table), 0);
+    let (mut dst, mut gateway, mut src) = (None, None, None);
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(a) => dst = Some(a),
+            RouteAttribute::Gateway(a) => gateway = Some(a),
+            RouteAttribute::PrefSource(a) => src = Some(a),
+            RouteAttribute::Oif(o) => out_if = *o,
+            _ => {}
+        }
+    }
+    (table == u32::from(RouteHeader::RT_TABLE_MAIN) && out_if == oif).then_some((dst, gateway, src))
+}
+
+fn inet(a: &RouteAddress) -> Option<Ipv4Addr> {
+    match a {
+        RouteAddress::Inet(a) => Some(*a),
+        _ => None,
+    }
+}
+
+fn inet6(a: &RouteAddress) -> Option<Ipv6Addr> {
+    match a {
+        RouteAddress::Inet6(a) => Some(*a),
+        _ => None,
+    }
+}
+
+/// `RTM_NEWROUTE`/`RTM_DELROUTE` body for the IPv6 `route` in the main table. The scope
+/// is always `RT_SCOPE_UNIVERSE`: IPv6 routes have no other.
+pub(crate) fn route6_message(route: &Route6, for_delete: bool) -> RouteMessage {
+    unicast_route_message(
+        RouteParts {
+            family: AddressFamily::Inet6,
+            prefix_len: route.dst.prefix_len(),
+            scope: RouteScope::Universe,
+            dst: (route.dst.prefix_len() > 0).then(|| RouteAddress::Inet6(route.dst.network())),
+            gateway: route.gateway.map(RouteAddress::Inet6),
+            src: route.src.map(RouteAddress::Inet6),
+            oif: route.oif,
+        },
+        for_delete,
+    )
 }
 
 /// `RTM_GETROUTE` dump body for IPv6 routes.
 pub(crate) fn route6_dump_message() -> RouteMessage {
-    let mut msg = RouteMessage::default();
-    msg.header.address_family = AddressFamily::Inet6;
-    msg
+    route_dump(AddressFamily::Inet6)
 }
 
 /// The [`Route6`] of an `RTM_NEWROUTE` answer if it is an IPv6 unicast route of the main
 /// table leaving through `oif`.
 pub(crate) fn parse_route6(msg: &RouteMessage, oif: u32) -> Option<Route6> {
-    let h = &msg.header;
-    if h.address_family != AddressFamily::Inet6 || h.kind != RouteType::Unicast {
-        return None;
-    }
-    let mut table = u32::from(h.table);
-    let mut dst = Ipv6Addr::UNSPECIFIED;
-    let mut route = Route6 {
-        dst: Ipv6Net::default(),
-        gateway: None,
-        oif: 0,
-        src: None,
-    };
-    for attr in &msg.attributes {
-        match attr {
-            RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(RouteAddress::Inet6(a)) => dst = *a,
-            RouteAttribute::Gateway(RouteAddress::Inet6(a)) => route.gateway = Some(*a),
-            RouteAttribute::PrefSource(RouteAddress::Inet6(a)) => route.src = Some(*a),
-            RouteAttribute::Oif(o) => route.oif = *o,
-            _ => {}
-        }
-    }
-    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || route.oif != oif {
-        return None;
-    }
-    route.dst = Ipv6Net::new(dst, h.destination_prefix_length).ok()?;
-    Some(route)
+    let (dst, gateway, src) = parse_unicast_route(msg, AddressFamily::Inet6, oif)?;
+    let dst = dst.and_then(inet6).unwrap_or(Ipv6Addr::UNSPECIFIED);
+    Some(Route6 {
+        dst: Ipv6Net::new(dst, msg.header.destination_prefix_length).ok()?,
+        gateway: gateway.and_then(inet6),
+        oif,
+        src: src.and_then(inet6),
+    })
 }
 
-/// `RTM_NEWROUTE`/`RTM_DELROUTE` body for `route` in the main table.
-///
-/// `for_delete` leaves protocol and scope as wildcards, as `ip route del` does.
+/// `RTM_NEWROUTE`/`RTM_DELROUTE` body for `route` in the main table. `for_delete` also
+/// leaves the scope as a wildcard (`RT_SCOPE_NOWHERE`), as `ip route del` does.
 pub(crate) fn route_message(route: &Route, for_delete: bool) -> RouteMessage {
-    let mut msg = RouteMessage::default();
-    msg.header.address_family = AddressFamily::Inet;
-    msg.header.destination_prefix_length = route.dst.prefix_len();
-    msg.header.table = RouteHeader::RT_TABLE_MAIN;
-    msg.header.kind = RouteType::Unicast;
-    if for_delete {
-        msg.header.protocol = RouteProtocol::Unspec;
-        msg.header.scope = RouteScope::NoWhere;
-    } else {
-        msg.header.protocol = RouteProtocol::Boot;
-        msg.header.scope = if route.scope_link {
-            RouteScope::Link
-        } else {
-            RouteScope::Universe
-        };
-    }
-    if route.dst.prefix_len() > 0 {
-        msg.attributes
-            .push(RouteAttribute::Destination(RouteAddress::Inet(
-                route.dst.network(),
-            )));
-    }
-    if let Some(gw) = route.gateway {
-        msg.attributes
-            .push(RouteAttribute::Gateway(RouteAddress::Inet(gw)));
-    }
-    if let Some(src) = route.src {
-        msg.attributes
-            .push(RouteAttribute::PrefSource(RouteAddress::Inet(src)));
-    }
-    msg.attributes.push(RouteAttribute::Oif(route.oif));
-    msg
+    let scope = match (for_delete, route.scope_link) {
+        (true, _) => RouteScope::NoWhere,
+        (false, true) => RouteScope::Link,
+        (false, false) => RouteScope::Universe,
+    };
+    unicast_route_message(
+        RouteParts {
+            family: AddressFamily::Inet,
+            prefix_len: route.dst.prefix_len(),
+            scope,
+            dst: (route.dst.prefix_len() > 0).then(|| RouteAddress::Inet(route.dst.network())),
+            gateway: route.gateway.map(RouteAddress::Inet),
+            src: route.src.map(RouteAddress::Inet),
+            oif: route.oif,
+        },
+        for_delete,
+    )
 }
 
 /// `RTM_GETROUTE` dump body for IPv4 routes.
 pub(crate) fn route_dump_message() -> RouteMessage {
-    let mut msg = RouteMessage::default();
-    msg.header.address_family = AddressFamily::Inet;
-    msg
+    route_dump(AddressFamily::Inet)
 }
 
 /// The [`Route`] of an `RTM_NEWROUTE` answer if it is an IPv4 unicast route of the main
 /// table leaving through `oif`.
 pub(crate) fn parse_route(msg: &RouteMessage, oif: u32) -> Option<Route> {
-    let h = &msg.header;
-    if h.address_family != AddressFamily::Inet || h.kind != RouteType::Unicast {
-        return None;
-    }
-    let mut table = u32::from(h.table);
-    let mut dst = Ipv4Addr::UNSPECIFIED;
-    let mut route = Route {
-        dst: Ipv4Net::default(),
-        gateway: None,
-        oif: 0,
-        scope_link: h.scope == RouteScope::Link,
-        src: None,
-    };
-    for attr in &msg.attributes {
-        match attr {
-            RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
-            RouteAttribute::Gateway(RouteAddress::Inet(a)) => route.gateway = Some(*a),
-            RouteAttribute::PrefSource(RouteAddress::Inet(a)) => route.src = Some(*a),
-            RouteAttribute::Oif(o) => route.oif = *o,
-            _ => {}
-        }
-    }
-    if table != u32::from(RouteHeader::RT_TABLE_MAIN) || route.oif != oif {
-        return None;
-    }
-    route.dst = Ipv4Net::new(dst, h.destination_prefix_length).ok()?;
-    Some(route)
+    let (dst, gateway, src) = parse_unicast_route(msg, AddressFamily::Inet, oif)?;
+    let dst = dst.and_then(inet).unwrap_or(Ipv4Addr::UNSPECIFIED);
+    Some(Route {
+        dst: Ipv4Net::new(dst, msg.header.destination_prefix_length).ok()?,
+        gateway: gateway.and_then(inet),
+        oif,
+        scope_link: msg.header.scope == RouteScope::Link,
+        src: src.and_then(inet),
+    })
 }
 
 /// The kernel's extended-ack text (`NLMSGERR_ATTR_MSG`) in the payload of an
