@@ -513,6 +513,7 @@ mod tests {
             }],
             debug: true,
             ports: Vec::new(),
+            identity: Some(300),
         };
         let text = format_endpoints(&[ep]);
         let lines: Vec<&str> = text.lines().collect();

@@ -56,6 +56,30 @@ pub struct AgentConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// How the programs are attached to each endpoint's veth.
     pub attach: AttachMode,
+    /// Cluster mode (`--cluster-store`); `None`: a single node, the embedded default.
+    /// Resolved from the file's and the flags' cluster keys, not read as one.
+    #[serde(skip)]
+    pub cluster: Option<ClusterConfig>,
+}
+
+/// Cluster mode's settings: the store, who this node is, and the cluster CIDRs its pod
+/// CIDRs are allocated from (then `pod_cidrs` holds what the store gave this node).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// etcd's client URLs (`--cluster-store etcd=http://IP:2379[,http://IP2:2379]`).
+    pub store: Vec<String>,
+    pub node_name: String,
+    /// Underlay addresses (`--node-ip IP[,IPv6]`), at most one per family.
+    pub node_ips: Vec<std::net::IpAddr>,
+    /// TLS to etcd: the CA that signs its certificate, and this agent's client
+    /// certificate and key.
+    pub etcd_ca: Option<PathBuf>,
+    pub etcd_cert: Option<PathBuf>,
+    pub etcd_key: Option<PathBuf>,
+    /// The cluster CIDRs and each node's share of them, per family.
+    pub cidrs: hypha_cluster::node::CidrPlan,
+    /// Prefix of every key (default `/hypha/v1/`).
+    pub prefix: String,
 }
 
 /// How the eBPF programs are attached to an endpoint's host veth.
@@ -116,6 +140,7 @@ impl Default for AgentConfig {
             policy_dir: PathBuf::from("/etc/hypha/policies"),
             metrics_addr: None,
             attach: AttachMode::Tc,
+            cluster: None,
         }
     }
 }
@@ -217,6 +242,8 @@ impl ConfigFile {
             policy_dir: self.policy_dir.unwrap_or(d.policy_dir),
             metrics_addr: self.metrics_addr,
             attach: self.attach.unwrap_or(d.attach),
+            // SCAFFOLD (issue 12): the cluster keys are resolved by the helper "runtime".
+            cluster: None,
         };
         config.validate()?;
         Ok(config)

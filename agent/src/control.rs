@@ -28,8 +28,10 @@ use crate::ipam::{Family, Ipam, Ipam6, IpamError, IpamState, Owner};
 pub use crate::state::Persist;
 use crate::state::{Change, EndpointRecord, Pending, PersistedState, StateError};
 
+mod cluster;
 mod policy;
 
+pub use cluster::{ClusterLink, RemoteBatch, RemoteEndpoint};
 pub use policy::DirSyncReport;
 use policy::{PolicyState, PolicyView};
 
@@ -264,6 +266,8 @@ pub struct Agent<D: Datapath, H: HostNetwork> {
     policy_view: ArcSwap<PolicyView>,
     adopted: usize,
     started: Instant,
+    /// Cluster mode: the runtime that links the agent to the store (set after start).
+    cluster: std::sync::OnceLock<std::sync::Arc<dyn ClusterLink>>,
 }
 
 /// What start-up found and did, for the log.
@@ -354,6 +358,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             policy_view: view,
             adopted: 0,
             started: Instant::now(),
+            cluster: std::sync::OnceLock::new(),
         };
         let mut agent = agent;
         // Policy entries and identities first, then the endpoints with their flags, then
@@ -1120,6 +1125,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 .collect(),
             debug: ep.debug,
             ports: ep.ports.clone(),
+            identity: self.policy().engine.identity_of(ep.id),
         }
     }
 
@@ -1165,6 +1171,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             },
             endpoints,
             policy: self.policy_view.load().status.clone(),
+            cluster: self.cluster().map(|c| c.status()),
         }
     }
 }

@@ -17,6 +17,9 @@
 //! | `PUT /v1/endpoints/{id or container}/debug`   | [`DebugRequest`]          | [`Endpoint`]        |
 //! | `PUT /v1/endpoints/{id or container}/labels`  | [`EndpointLabelsRequest`] | [`Endpoint`]        |
 //! | `PUT /v1/endpoints/{id or container}/ports`   | [`EndpointPortsRequest`]  | [`Endpoint`]        |
+//! | `GET /v1/nodes`                               |                           | `Vec<`[`NodeInfo`]`>` |
+//! | `DELETE /v1/nodes/{name}[?force=true]`        |                           | [`RemoveNodeResponse`] |
+//! | `GET /v1/identities`                          |                           | `Vec<`[`IdentityInfo`]`>` |
 //!
 //! Request bodies refuse keys they do not know (`400`, the key named), so that a
 //! misspelt or wrongly cased field is never taken for an absent one.
@@ -53,6 +56,92 @@ pub struct Status {
     pub endpoints: usize,
     #[serde(default)]
     pub policy: PolicyStatus,
+    /// Cluster mode: the store, this node and what it has seen (absent on a single node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// `Status::cluster`: the cluster store as this agent sees it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// This node's name (`--node-name`).
+    pub node_name: String,
+    /// The store's endpoints (`--cluster-store`).
+    pub store: Vec<String>,
+    /// Whether the agent's watch of the store is up.
+    pub connected: bool,
+    /// The store revision the agent has applied.
+    pub revision: i64,
+    /// Unix milliseconds of the last full sync (list) of the store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync_unix_ms: Option<u64>,
+    /// Nodes known (this one included).
+    pub nodes: usize,
+    /// Endpoints of other nodes in this node's ipcache.
+    pub remote_endpoints: usize,
+    /// Full syncs so far (the first, then one per lost watch).
+    pub resyncs: u64,
+    /// Why the store is unreachable, while it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// `GET /v1/nodes`: one node of the cluster (on a single node, the node itself).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// Underlay addresses.
+    pub addresses: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr: Option<Ipv4Net>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr6: Option<Ipv6Net>,
+    pub version: String,
+    /// Unix milliseconds of its last heartbeat (absent: its lease is gone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat_unix_ms: Option<u64>,
+    /// Whether its agent holds a live lease.
+    pub alive: bool,
+    /// Endpoints it has in the store.
+    pub endpoints: usize,
+    /// Whether it is the node answering.
+    #[serde(default)]
+    pub local: bool,
+}
+
+/// `DELETE /v1/nodes/{name}` (`hypha node remove`): what left the store.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RemoveNodeResponse {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr: Option<Ipv4Net>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr6: Option<Ipv6Net>,
+    /// Its endpoints removed from the store.
+    pub endpoints: usize,
+}
+
+/// `GET /v1/identities`: one security identity this node knows.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IdentityInfo {
+    pub id: u32,
+    /// `labels` (cluster-wide in cluster mode), `cidr` (node-local), or `reserved`
+    /// (host, world).
+    pub kind: String,
+    /// What it stands for: `namespace` and `labels`, or the `cidr`, or the reserved name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr: Option<ipnet::IpNet>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reserved: Option<String>,
+    /// Endpoints of this node with it.
+    pub local_endpoints: usize,
+    /// Endpoints of other nodes with it (cluster mode).
+    #[serde(default)]
+    pub remote_endpoints: usize,
 }
 
 /// The node's pod CIDRs, at most one per family: dual stack by default, IPv4-only or
@@ -232,6 +321,9 @@ pub struct Endpoint {
     /// (`PUT /v1/endpoints/{id}/ports`).
     #[serde(default)]
     pub ports: Vec<NamedPort>,
+    /// Its security identity (cluster-wide in cluster mode); absent while it has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<u32>,
 }
 
 /// A named container port (`http` = 8080/TCP), which a NetworkPolicy may name instead of

@@ -245,6 +245,7 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
                 drops: Vec::new(),
                 debug: false,
                 ports: req.ports,
+                identity: None,
             };
             seen.endpoints.push(ep.clone());
             ("200 OK", serde_json::to_value(ep).unwrap())
@@ -270,6 +271,7 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
                     drops: Vec::new(),
                     debug: false,
                     ports: Vec::new(),
+                    identity: None,
                     address6: None,
                     counters4: Default::default(),
                     counters6: Default::default(),

@@ -15,7 +15,9 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// containernetworking-plugins (the reference `bridge`/`host-local` baseline), procps,
 /// iputils-ping (the tests' and the demo's pings), curl (the API is plain HTTP on a socket),
 /// crun and runc (the OCI runtimes `hypha run` is compared with in `bench launcher`),
-/// bpftool (the soak reads the pinned maps with it).
+/// bpftool (the soak reads the pinned maps with it), etcd-server (the cluster store the
+/// cluster tests, demo and benchmark start on a free loopback port), protobuf-compiler
+/// (`protoc`, which the etcd client's build compiles etcd's API with).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
@@ -27,6 +29,8 @@ const PACKAGES: &[&str] = &[
     "crun",
     "runc",
     "bpftool",
+    "etcd-server",
+    "protobuf-compiler",
 ];
 
 pub fn setup() -> Result<()> {

@@ -1,0 +1,229 @@
+//! The cluster store's key layout: every key under one versioned prefix
+//! (`/hypha/v1/` by default), values in JSON. The README's "Cluster store layout" section
+//! documents it for operators; a layout change that old agents cannot read takes a new
+//! version prefix.
+//!
+//! | key                                        | value                | written by               |
+//! |--------------------------------------------|----------------------|--------------------------|
+//! | `nodes/<node>`                             | [`NodeRecord`]       | the node's agent, leased |
+//! | `cidrs/<node>`                             | [`NodeCidrs`]        | registration (txn)       |
+//! | `cidr-claims/v4/<net>` `cidr-claims/v6/<net>` | node name          | registration (same txn)  |
+//! | `identities/id/<number>`                   | [`IdentityRecord`]   | any agent (CAS)          |
+//! | `identities/labels/<sha256>`               | number (decimal)     | any agent (same txn)     |
+//! | `endpoints/<node>/<container-id>/<ifname>` | [`EndpointEntry`]    | the owning agent         |
+//! | `namespaces/<namespace>`                   | labels (JSON object) | `hypha namespace label`  |
+//! | `policies/<namespace>/<name>`              | the policy (JSON)    | `hypha policy apply`     |
+//!
+//! `<net>` is the prefix with `/` written `_` (`10.244.3.0_24`). Readers: the agent
+//! (`agent/src/cluster/`), the cluster integration tests and `cargo xtask bench
+//! cluster-control` (which writes synthetic nodes and endpoints).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// The default prefix of every key.
+pub const DEFAULT_PREFIX: &str = "/hypha/v1/";
+
+/// Labels: key → value.
+pub type Labels = BTreeMap<String, String>;
+
+/// The keys of one cluster (one prefix).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Layout {
+    prefix: String,
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Layout::new(DEFAULT_PREFIX)
+    }
+}
+
+impl Layout {
+    /// Keys under `prefix` (a trailing `/` is added when missing).
+    pub fn new(prefix: &str) -> Layout {
+        let mut prefix = prefix.to_owned();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Layout { prefix }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn nodes(&self) -> String {
+        format!("{}nodes/", self.prefix)
+    }
+    pub fn node(&self, name: &str) -> String {
+        format!("{}{name}", self.nodes())
+    }
+    pub fn cidrs(&self) -> String {
+        format!("{}cidrs/", self.prefix)
+    }
+    pub fn node_cidrs(&self, name: &str) -> String {
+        format!("{}{name}", self.cidrs())
+    }
+    /// `cidr-claims/v4/` or `cidr-claims/v6/`.
+    pub fn cidr_claims(&self, v6: bool) -> String {
+        format!(
+            "{}cidr-claims/{}/",
+            self.prefix,
+            if v6 { "v6" } else { "v4" }
+        )
+    }
+    pub fn cidr_claim(&self, net: IpNet) -> String {
+        let v6 = matches!(net, IpNet::V6(_));
+        format!(
+            "{}{}",
+            self.cidr_claims(v6),
+            net.to_string().replace('/', "_")
+        )
+    }
+    pub fn identities_by_id(&self) -> String {
+        format!("{}identities/id/", self.prefix)
+    }
+    pub fn identity(&self, id: u32) -> String {
+        format!("{}{id}", self.identities_by_id())
+    }
+    pub fn identities_by_labels(&self) -> String {
+        format!("{}identities/labels/", self.prefix)
+    }
+    pub fn identity_labels(&self, namespace: &str, labels: &Labels) -> String {
+        format!(
+            "{}{}",
+            self.identities_by_labels(),
+            labels_digest(namespace, labels)
+        )
+    }
+    pub fn endpoints(&self) -> String {
+        format!("{}endpoints/", self.prefix)
+    }
+    pub fn node_endpoints(&self, node: &str) -> String {
+        format!("{}{node}/", self.endpoints())
+    }
+    pub fn endpoint(&self, node: &str, container_id: &str, ifname: &str) -> String {
+        format!("{}{container_id}/{ifname}", self.node_endpoints(node))
+    }
+    pub fn namespaces(&self) -> String {
+        format!("{}namespaces/", self.prefix)
+    }
+    pub fn namespace(&self, name: &str) -> String {
+        format!("{}{name}", self.namespaces())
+    }
+    pub fn policies(&self) -> String {
+        format!("{}policies/", self.prefix)
+    }
+    pub fn policy(&self, namespace: &str, name: &str) -> String {
+        format!("{}{namespace}/{name}", self.policies())
+    }
+}
+
+/// The sha256 (hex) of a label set's canonical JSON (`[namespace, {labels sorted}]`).
+pub fn labels_digest(namespace: &str, labels: &Labels) -> String {
+    let canonical = serde_json::to_vec(&(namespace, labels)).expect("labels serialize");
+    let digest = Sha256::digest(&canonical);
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `nodes/<node>`: a live node, held by its agent's lease.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    /// Random id of the agent's state directory: a restarted agent (same state) takes its
+    /// node back; another agent claiming the name is refused.
+    pub uid: String,
+    /// Underlay addresses (`--node-ip`), IPv4 first.
+    pub addresses: Vec<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr: Option<Ipv4Net>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_cidr6: Option<Ipv6Net>,
+    /// The agent's version.
+    pub version: String,
+    /// Unix milliseconds of the last heartbeat.
+    pub heartbeat_ms: u64,
+}
+
+/// `cidrs/<node>`: the pod CIDRs allocated to a node, kept until `hypha node remove`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeCidrs {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v4: Option<Ipv4Net>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub v6: Option<Ipv6Net>,
+}
+
+/// `identities/id/<number>`: what a cluster-wide identity stands for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityRecord {
+    pub namespace: String,
+    pub labels: Labels,
+    /// Unix milliseconds since when no endpoint of the cluster has used it (set by the
+    /// garbage collector, cleared by an agent that uses it again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unused_since_ms: Option<u64>,
+}
+
+/// `endpoints/<node>/<container-id>/<ifname>`: a pod's addresses and identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointEntry {
+    pub node: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<std::net::Ipv4Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<std::net::Ipv6Addr>,
+    pub identity: u32,
+    /// The namespace and labels the identity stands for (so a reader needs no second
+    /// lookup).
+    pub namespace: String,
+    pub labels: Labels,
+}
+
+impl EndpointEntry {
+    pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + use<> {
+        self.address
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.address6.map(IpAddr::V6))
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_under_the_prefix() {
+        let l = Layout::new("/x/v1");
+        assert_eq!(l.node("a"), "/x/v1/nodes/a");
+        assert_eq!(
+            l.cidr_claim("10.244.3.0/24".parse().unwrap()),
+            "/x/v1/cidr-claims/v4/10.244.3.0_24"
+        );
+        assert_eq!(l.endpoint("n1", "c1", "eth0"), "/x/v1/endpoints/n1/c1/eth0");
+        let a: Labels = [("app".to_owned(), "web".to_owned())].into();
+        assert_eq!(
+            l.identity_labels("default", &a),
+            l.identity_labels("default", &a.clone())
+        );
+        assert_ne!(
+            labels_digest("default", &a),
+            labels_digest("other", &a),
+            "the namespace is part of the identity"
+        );
+    }
+}
