@@ -579,7 +579,12 @@ impl KvStore for MemKv {
             let mut queue = self.watch_now(prefix, from)?;
             let (tx, rx) = mpsc::channel(WATCH_CHANNEL);
             tokio::spawn(async move {
-                while let Some(msg) = queue.recv().await {
+                loop {
+                    let msg = tokio::select! {
+                        _ = tx.closed() => break,
+                        msg = queue.recv() => msg,
+                    };
+                    let Some(msg) = msg else { break };
                     if tx.send(msg).await.is_err() {
                         break;
                     }
