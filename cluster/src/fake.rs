@@ -18,6 +18,9 @@
 //! - a watch from a past revision replays the kept history, then goes on live; a watch
 //!   from below the compaction revision is lost at once ("compacted").
 //!
+//! Every call yields to the runtime first, as a call over the network would, so that
+//! concurrent tasks of a test interleave between their calls even on one thread.
+//!
 //! Watch messages go through an unbounded queue per watch and a small task forwarding to
 //! the bounded receiver the trait returns, so a slow consumer never blocks a writer and
 //! the store's lock is never held across an await.
@@ -542,11 +545,17 @@ impl KvStore for MemKv {
     }
 
     fn get<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<KeyValue>, StoreError>> {
-        Box::pin(async move { self.get_now(key) })
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            self.get_now(key)
+        })
     }
 
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Snapshot, StoreError>> {
-        Box::pin(async move { self.list_now(prefix) })
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            self.list_now(prefix)
+        })
     }
 
     fn txn<'a>(
@@ -555,19 +564,31 @@ impl KvStore for MemKv {
         success: Vec<Op>,
         failure: Vec<Op>,
     ) -> BoxFuture<'a, Result<TxnOutcome, StoreError>> {
-        Box::pin(async move { self.txn_now(compares, success, failure) })
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            self.txn_now(compares, success, failure)
+        })
     }
 
     fn grant_lease<'a>(&'a self, ttl: Duration) -> BoxFuture<'a, Result<LeaseId, StoreError>> {
-        Box::pin(async move { self.grant_now(ttl) })
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            self.grant_now(ttl)
+        })
     }
 
     fn keep_alive<'a>(&'a self, lease: LeaseId) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move { self.keep_alive_now(lease) })
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            self.keep_alive_now(lease)
+        })
     }
 
     fn revoke<'a>(&'a self, lease: LeaseId) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move { self.revoke_now(lease) })
+        Box::pin(async move {
+            tokio::task::yield_now().await;
+            self.revoke_now(lease)
+        })
     }
 
     fn watch<'a>(
@@ -576,6 +597,7 @@ impl KvStore for MemKv {
         from: Revision,
     ) -> BoxFuture<'a, Result<mpsc::Receiver<WatchMessage>, StoreError>> {
         Box::pin(async move {
+            tokio::task::yield_now().await;
             let mut queue = self.watch_now(prefix, from)?;
             let (tx, rx) = mpsc::channel(WATCH_CHANNEL);
             tokio::spawn(async move {
