@@ -20,6 +20,7 @@ pub mod layout;
 pub mod mirror;
 pub mod node;
 pub mod store;
+pub mod testing;
 
 pub use layout::Layout;
 pub use store::{
