@@ -29,6 +29,7 @@ pub use crate::state::Persist;
 use crate::state::{Change, EndpointRecord, Pending, PersistedState, StateError};
 
 mod cluster;
+mod nodes;
 mod policy;
 
 pub use cluster::{ClusterLink, RemoteBatch, RemoteEndpoint};
@@ -54,6 +55,9 @@ pub enum ControlError {
     Datapath(String),
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
+    /// The cluster store cannot answer now (cluster mode); worth retrying.
+    #[error("{0}")]
+    Unavailable(String),
     /// A step failed, and so did part of undoing what came before it.
     #[error("{error}; undoing it also failed: {}", rollback.join("; "))]
     RollbackFailed {
@@ -82,6 +86,7 @@ impl ControlError {
             ControlError::BadRequest(_) => 400,
             ControlError::Conflict(_) => 409,
             ControlError::NotFound(_) => 404,
+            ControlError::Unavailable(_) => 503,
             ControlError::Policy(_) => 400,
             ControlError::Ipam(IpamError::Exhausted { .. }) => 507,
             // What the request asked for is taken or not to be had: the caller's doing.
