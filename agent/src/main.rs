@@ -10,7 +10,7 @@ use hypha_agent::cli::{
     format_nodes, format_policies, format_removed_node, format_status, parse_label_args,
     read_policy_files,
 };
-use hypha_agent::config::{ConfigError, ConfigFile};
+use hypha_agent::config::{ConfigError, ConfigFile, cluster};
 use hypha_api::Client;
 use hypha_launcher::cli as launcher;
 
@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the per-host agent (needs root).
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Show the running agent's state.
     Status(ClientArgs),
     /// What the agent's state store holds (`-o json`: all of it).
@@ -259,6 +259,44 @@ struct AgentArgs {
     /// [default: tc]
     #[arg(long)]
     attach: Option<hypha_agent::config::AttachMode>,
+    /// Cluster mode: the cluster store, etcd=http://IP:2379[,http://IP2:2379]
+    /// [default: off, a single node]
+    #[arg(long, value_name = "etcd=URL[,URL]")]
+    cluster_store: Option<cluster::ClusterStore>,
+    /// Cluster mode: this node's name (lowercase letters, digits, '-' and '.')
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Cluster mode: this node's address(es) on the network joining the nodes, at most
+    /// one per family
+    #[arg(long, value_name = "IP[,IPv6]")]
+    node_ip: Option<cluster::NodeIps>,
+    /// Cluster mode: the CA certificate that signs etcd's (TLS)
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    /// Cluster mode: this agent's client certificate for etcd (with --etcd-key)
+    #[arg(long)]
+    etcd_cert: Option<PathBuf>,
+    /// Cluster mode: the key of --etcd-cert
+    #[arg(long)]
+    etcd_key: Option<PathBuf>,
+    /// Cluster mode: the CIDRs nodes' pod CIDRs are allocated from, at most one per
+    /// family [default: 10.244.0.0/16,fd00:10:244::/48]
+    #[arg(long, value_name = "LIST")]
+    cluster_cidr: Option<cluster::ClusterCidrs>,
+    /// Cluster mode: the prefix length of each node's pod CIDR, one per cluster CIDR,
+    /// IPv4 first [default: 24,64]
+    #[arg(long, value_name = "LIST")]
+    node_cidr_size: Option<cluster::NodeCidrSizes>,
+    /// Cluster mode: the prefix of every key in the store [default: /hypha/v1/]
+    #[arg(long, hide = true)]
+    cluster_prefix: Option<String>,
+    /// Cluster mode: how long an identity no endpoint uses is kept [default: 15m]
+    #[arg(long, value_name = "DURATION")]
+    identity_gc_grace: Option<cluster::Span>,
+    /// Cluster mode: the lease of this node's record (heartbeats every third of it)
+    /// [default: 15s]
+    #[arg(long, hide = true, value_name = "DURATION")]
+    node_ttl: Option<cluster::Span>,
 }
 
 impl AgentArgs {
@@ -279,6 +317,17 @@ impl AgentArgs {
             policy_dir: self.policy_dir,
             metrics_addr: self.metrics_addr,
             attach: self.attach,
+            cluster_store: self.cluster_store,
+            node_name: self.node_name,
+            node_ip: self.node_ip,
+            etcd_ca: self.etcd_ca,
+            etcd_cert: self.etcd_cert,
+            etcd_key: self.etcd_key,
+            cluster_cidr: self.cluster_cidr,
+            node_cidr_size: self.node_cidr_size,
+            cluster_prefix: self.cluster_prefix,
+            identity_gc_grace: self.identity_gc_grace,
+            node_ttl: self.node_ttl,
         };
         file.merge(flags).resolve()
     }
