@@ -553,21 +553,23 @@ fn faults_keep_what_is_valid_and_come_back() {
     );
 }
 
-/// A node name already held by a live agent, and a cluster CIDR with room for one node:
-/// the second agent exits at start with a clear error.
+/// A node name already held by a live agent, and a cluster CIDR whose room is taken:
+/// the agent exits at start with a clear error.
 #[test]
 fn a_taken_name_and_an_exhausted_cluster_cidr_are_refused_at_start() {
     hypha_tests::require_root!();
     let pid = std::process::id();
-    let seq = pid % 200;
+    // Room for two nodes (a node's CIDR must be longer than the cluster's).
     let mut c = Cluster::start(
-        1,
+        2,
         ClusterOpts {
             cluster_cidr: Some(format!(
-                "10.{}.{seq}.0/24,fd00:4877:{pid:x}::/64",
-                250 + pid % 5
+                "10.{}.{}.0/24,fd00:4877:{:x}::/63",
+                250 + pid % 5,
+                pid % 200,
+                pid & 0xffff
             )),
-            node_cidr_size: Some("24,64".into()),
+            node_cidr_size: Some("25,64".into()),
             ..ClusterOpts::default()
         },
     );
@@ -580,16 +582,16 @@ fn a_taken_name_and_an_exhausted_cluster_cidr_are_refused_at_start() {
         "the error names the taken name: {}",
         tail(&err)
     );
-    let mut second = c.new_node(None, &[]);
-    let err = second
+    let mut third = c.new_node(None, &[]);
+    let err = third
         .try_start_agent()
-        .expect_err("a second node got a CIDR from a /24 of /24s");
+        .expect_err("a third node got a CIDR from a /24 of /25s");
     assert!(
-        err.contains("has no free /24") || err.contains("has no free /64"),
+        err.contains("has no free /25") || err.contains("has no free /64"),
         "the error says the cluster CIDR is exhausted: {}",
         tail(&err)
     );
-    // The first node is untouched.
-    assert!(connected(&c.nodes[0]));
-    assert_eq!(c.keys("nodes/").len(), 1);
+    // The first nodes are untouched.
+    assert!(connected(&c.nodes[0]) && connected(&c.nodes[1]));
+    assert_eq!(c.keys("nodes/").len(), 2, "{:?}", c.keys("nodes/"));
 }
