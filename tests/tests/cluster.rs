@@ -77,6 +77,17 @@ fn endpoint_keys(c: &Cluster, name: &str) -> BTreeSet<String> {
     c.keys(&format!("endpoints/{name}/")).into_keys().collect()
 }
 
+/// Waits until the store holds `n` endpoint keys of node `name` (its agent publishes them
+/// asynchronously); panics with what it holds.
+fn await_endpoint_keys(c: &Cluster, name: &str, n: usize) {
+    let ok = Cluster::eventually(CONVERGE, || endpoint_keys(c, name).len() == n);
+    assert!(
+        ok,
+        "expected {n} endpoint keys of {name} in the store: {:#?}",
+        c.keys("endpoints/")
+    );
+}
+
 /// Three nodes: their pod CIDRs come from the store, inside the cluster CIDR and apart;
 /// the same labels get one identity on all three (read from every node's pinned
 /// ipcache); a pod on one node shows in the others' maps and leaves them on DEL; a
@@ -206,13 +217,8 @@ fn three_nodes_share_cidrs_identities_endpoints_and_policies() {
         await_ipcache(&c, &[0, 1, 2], pod.address, Some(id));
     }
     // The store holds one endpoint key per pod, under its node.
-    assert_eq!(
-        endpoint_keys(&c, "node-0").len(),
-        3,
-        "{:?}",
-        c.keys("endpoints/")
-    );
-    assert_eq!(endpoint_keys(&c, "node-1").len(), 1);
+    await_endpoint_keys(&c, "node-0", 3);
+    await_endpoint_keys(&c, "node-1", 1);
 
     // The operator's views: the identity list and the endpoint list's IDENTITY column.
     let ids = json(&hypha_ok(b, &["identity", "list", "-o", "json"]));
@@ -273,7 +279,7 @@ fn three_nodes_share_cidrs_identities_endpoints_and_policies() {
     let del = a.del_pod(&other);
     assert!(del.status.success(), "DEL: {}", del.stdout);
     await_ipcache(&c, &[0, 1, 2], other.address, None);
-    assert_eq!(endpoint_keys(&c, "node-0").len(), 2);
+    await_endpoint_keys(&c, "node-0", 2);
 
     // `hypha node remove` of a stopped node: refused while its heartbeat is fresh, then
     // forced: its record, lease, CIDRs, claims and endpoints leave the store, its pods
@@ -545,12 +551,7 @@ fn faults_keep_what_is_valid_and_come_back() {
     await_ipcache(&c, &[0], new.address, Some(id));
     let web = ipcache_identity(&c.nodes[1], known.address);
     await_ipcache(&c, &[0], known.address, web);
-    assert_eq!(
-        endpoint_keys(&c, "node-1").len(),
-        4,
-        "{:?}",
-        c.keys("endpoints/")
-    );
+    await_endpoint_keys(&c, "node-1", 4);
 }
 
 /// A node name already held by a live agent, and a cluster CIDR whose room is taken:
