@@ -4,6 +4,9 @@
 //!
 //! Phases (`--phases`, comma-separated; default all):
 //!
+//! - `convergence` and `identities` (in [`nodes`]): real cluster-mode nodes, pods made
+//!   through `hypha-cni`, every node's pinned maps read back: how fast a pod and a policy
+//!   reach every node, and concurrent identity allocation.
 //! - `store`: 1,000 synthetic nodes and 50,000 synthetic endpoints (with their CIDR
 //!   claims and identities) written to a real etcd with `EtcdKv` (write rate), the
 //!   control plane's mirror (`hypha_cluster::mirror::run`, what every agent runs) synced
@@ -43,6 +46,8 @@ use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+mod nodes;
+
 /// The bench node's address on its underlay bridge (etcd listens there).
 const UNDERLAY_IP: &str = "10.250.0.1";
 /// Synthetic nodes' pod CIDRs: /24s from here on (10.128.0.0/9: 32,768 of them).
@@ -52,10 +57,21 @@ const BATCH: usize = 100;
 /// The namespace and label key of synthetic endpoints.
 const NAMESPACE: &str = "bench";
 
+/// Every phase, in the order they run by default.
+const PHASES: [&str; 4] = ["convergence", "identities", "store", "scale"];
+
 /// The settings.
 #[derive(Clone, Debug)]
 struct Settings {
     phases: Vec<String>,
+    /// Real nodes of the convergence and identities phases.
+    cluster_nodes: usize,
+    /// Pods of the convergence phase.
+    pods: usize,
+    /// Policy changes of the convergence phase.
+    changes: usize,
+    /// Concurrent ADDs per node (each a new label set) of the identities phase.
+    id_pods: usize,
     nodes: usize,
     endpoints: usize,
     identities: usize,
@@ -77,7 +93,7 @@ impl Settings {
                 "--quick" => quick = true,
                 "-h" | "--help" => {
                     println!(
-                        "cluster-bench [--quick] [--phases store,scale] [--nodes N] [--endpoints N] [--identities N] [--churn-rate N] [--churn-secs N] [--out FILE]"
+                        "cluster-bench [--quick] [--phases convergence,identities,store,scale] [--cluster-nodes N] [--pods N] [--changes N] [--id-pods N] [--nodes N] [--endpoints N] [--identities N] [--churn-rate N] [--churn-secs N] [--out FILE]"
                     );
                     std::process::exit(0);
                 }
@@ -100,7 +116,11 @@ impl Settings {
             phases: args
                 .get("phases")
                 .map(|p| p.split(',').map(str::to_owned).collect())
-                .unwrap_or_else(|| vec!["store".into(), "scale".into()]),
+                .unwrap_or_else(|| PHASES.iter().map(|p| p.to_string()).collect()),
+            cluster_nodes: number("cluster-nodes", 5, 3)?,
+            pods: number("pods", 100, 20)?,
+            changes: number("changes", 50, 5)?,
+            id_pods: number("id-pods", 20, 5)?,
             nodes: number("nodes", 1000, 100)?,
             endpoints: number("endpoints", 50_000, 2000)?,
             identities: number("identities", 1000, 100)?,
@@ -114,8 +134,8 @@ impl Settings {
             quick,
         };
         for phase in &settings.phases {
-            if !["store", "scale"].contains(&phase.as_str()) {
-                bail!("unknown phase {phase} (known: store, scale)");
+            if !PHASES.contains(&phase.as_str()) {
+                bail!("unknown phase {phase} (known: {})", PHASES.join(", "));
             }
         }
         if settings.nodes == 0 || settings.endpoints == 0 || settings.identities == 0 {
@@ -161,6 +181,10 @@ fn main() -> Result<()> {
     }
     let mut report = json!({
         "settings": {
+            "cluster_nodes": settings.cluster_nodes,
+            "pods": settings.pods,
+            "changes": settings.changes,
+            "id_pods": settings.id_pods,
             "nodes": settings.nodes,
             "endpoints": settings.endpoints,
             "identities": settings.identities,
@@ -174,6 +198,8 @@ fn main() -> Result<()> {
     for phase in settings.phases.clone() {
         println!("==> phase {phase}");
         let result = check_interrupted().and_then(|()| match phase.as_str() {
+            "convergence" => nodes::convergence_phase(&settings),
+            "identities" => nodes::identities_phase(&settings),
             "store" => store_phase(&settings),
             "scale" => scale_phase(&settings),
             _ => unreachable!("checked in Settings::parse"),
