@@ -40,7 +40,9 @@ use hypha_cluster::mirror::{self, SyncState};
 use hypha_cluster::testing::{Etcd, NetnsRuntime};
 use hypha_cluster::{KvStore, Op, encode};
 use hypha_common::maps;
-use hypha_common::{IpcacheValue, PolicyEntry, PolicyKey};
+use hypha_common::{
+    IDENTITY_FIRST_CIDR, IDENTITY_FIRST_LABELS, IpcacheValue, PolicyEntry, PolicyKey,
+};
 use hypha_tests::netns::NamedNetns;
 use ipnet::Ipv4Net;
 use serde_json::{Value, json};
@@ -700,8 +702,16 @@ fn sibling_binary(name: &str) -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn lpm_key(address: Ipv4Addr) -> Key<u32> {
-    Key::new(32, u32::from_ne_bytes(address.octets()))
+/// The label identity `map` gives `address`, if any. A lookup in an LPM trie answers
+/// with the longest prefix holding the address, so an address without an entry of its
+/// own still matches `0.0.0.0/0` (world) or a CIDR; only a label identity (256 to 2^24)
+/// is an endpoint's.
+fn label_identity(map: &LpmTrie<MapData, u32, IpcacheValue>, address: Ipv4Addr) -> Option<u32> {
+    let key = Key::new(32, u32::from_ne_bytes(address.octets()));
+    map.get(&key, 0)
+        .ok()
+        .map(|v| v.identity)
+        .filter(|id| (IDENTITY_FIRST_LABELS..IDENTITY_FIRST_CIDR).contains(id))
 }
 
 /// Entries of the ipcache that are synthetic endpoints' /32s (in the synthetic CIDR).
@@ -768,7 +778,7 @@ fn scale_phase(s: &Settings) -> Result<Value> {
     let sync_secs = loop {
         agent.check_alive()?;
         check_interrupted()?;
-        if map.get(&lpm_key(last), 0).is_ok() {
+        if label_identity(&map, last).is_some() {
             polls += 1;
             let count = synthetic_entries(&map);
             if count >= s.endpoints {
@@ -818,9 +828,8 @@ fn scale_phase(s: &Settings) -> Result<Value> {
         }
         let now = Instant::now();
         watching.retain(|ev| {
-            let value = map.get(&lpm_key(ev.address), 0).ok();
-            let done = match value {
-                Some(v) => ev.present && v.identity == ev.identity,
+            let done = match label_identity(&map, ev.address) {
+                Some(id) => ev.present && id == ev.identity,
                 None => !ev.present,
             };
             if done {

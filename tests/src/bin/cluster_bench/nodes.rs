@@ -22,7 +22,7 @@ use hypha_tests::cluster::{Cluster, ClusterOpts};
 use hypha_tests::node::Pod;
 use serde_json::{Value, json};
 
-use super::{NAMESPACE, Settings, check_interrupted, lag_summary, lpm_key};
+use super::{NAMESPACE, Settings, check_interrupted, label_identity, lag_summary};
 
 /// How long a change may take to reach every node before it counts as missed.
 const CONVERGE_LIMIT: Duration = Duration::from_secs(10);
@@ -88,13 +88,19 @@ pub fn convergence_phase(s: &Settings) -> Result<Value> {
         let origin = k % n;
         let pod = add_pod(&cluster, origin, &format!("cv{k}"), &[("app", "conv")])?;
         let added = Instant::now();
-        let key = lpm_key(pod.address);
+        // Its identity, as its own node has it once the ADD returned.
+        let identity = label_identity(&ipcaches[origin], pod.address).with_context(|| {
+            format!(
+                "pod {k} ({}) is not in its own node's ipcache after its ADD",
+                pod.address
+            )
+        })?;
         let lag = time_until(added, || {
             ipcaches
                 .iter()
                 .enumerate()
                 .filter(|(j, _)| *j != origin)
-                .all(|(_, map)| map.get(&key, 0).is_ok())
+                .all(|(_, map)| label_identity(map, pod.address) == Some(identity))
         });
         match lag {
             Some(ms) => pod_lags.push(ms),
@@ -218,7 +224,7 @@ pub fn identities_phase(s: &Settings) -> Result<Value> {
         ipcaches.iter().all(|map| {
             addresses
                 .iter()
-                .all(|(_, a)| map.get(&lpm_key(*a), 0).is_ok())
+                .all(|(_, a)| label_identity(map, *a).is_some())
         })
     });
     // label set → the identities any node gives any of its pods.
@@ -226,11 +232,11 @@ pub fn identities_phase(s: &Settings) -> Result<Value> {
     let mut unseen = 0;
     for map in &ipcaches {
         for (k, address) in &addresses {
-            match map.get(&lpm_key(*address), 0) {
-                Ok(value) => {
-                    by_set.entry(*k).or_default().insert(value.identity);
+            match label_identity(map, *address) {
+                Some(id) => {
+                    by_set.entry(*k).or_default().insert(id);
                 }
-                Err(_) => unseen += 1,
+                None => unseen += 1,
             }
         }
     }
