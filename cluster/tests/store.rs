@@ -693,6 +693,31 @@ async fn etcd_large_list() {
     assert_eq!(snap.kvs.len(), 6000);
 }
 
+/// A store that is not there at start: connecting works (lazily), and every call fails
+/// `Unavailable` within the request bound, so an agent can start and retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_absent_at_connect() {
+    // A loopback port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let store = EtcdKv::connect(&[format!("http://127.0.0.1:{port}")], None)
+        .await
+        .expect("connecting does not need the store");
+    let started = Instant::now();
+    let err = store.list("/t/").await.expect_err("nothing listens");
+    assert!(err.is_unavailable(), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    let err = store.watch("/t/", 0).await.expect_err("nothing listens");
+    assert!(err.is_unavailable(), "{err}");
+}
+
 /// Bad input is refused with the URL or the file named.
 #[tokio::test]
 async fn etcd_bad_connect_input() {
