@@ -6,6 +6,10 @@ use std::path::{Path, PathBuf};
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
+pub mod cluster;
+
+use cluster::{ClusterCidrs, ClusterStore, NodeCidrSizes, NodeIps, Span};
+
 /// Errors in the agent's configuration.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -80,6 +84,11 @@ pub struct ClusterConfig {
     pub cidrs: hypha_cluster::node::CidrPlan,
     /// Prefix of every key (default `/hypha/v1/`).
     pub prefix: String,
+    /// How long a cluster identity no endpoint uses stays before it is deleted.
+    pub identity_gc_grace: std::time::Duration,
+    /// The lease of this node's record: it lives this long after the agent's last
+    /// heartbeat (sent every third of it).
+    pub node_ttl: std::time::Duration,
 }
 
 /// How the eBPF programs are attached to an endpoint's host veth.
@@ -164,6 +173,18 @@ pub struct ConfigFile {
     pub policy_dir: Option<PathBuf>,
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub attach: Option<AttachMode>,
+    /// Cluster mode: `etcd=URL[,URL]`. The keys below need it.
+    pub cluster_store: Option<ClusterStore>,
+    pub node_name: Option<String>,
+    pub node_ip: Option<NodeIps>,
+    pub etcd_ca: Option<PathBuf>,
+    pub etcd_cert: Option<PathBuf>,
+    pub etcd_key: Option<PathBuf>,
+    pub cluster_cidr: Option<ClusterCidrs>,
+    pub node_cidr_size: Option<NodeCidrSizes>,
+    pub cluster_prefix: Option<String>,
+    pub identity_gc_grace: Option<Span>,
+    pub node_ttl: Option<Span>,
 }
 
 impl ConfigFile {
@@ -211,6 +232,17 @@ impl ConfigFile {
             policy_dir: over.policy_dir.or(self.policy_dir),
             metrics_addr: over.metrics_addr.or(self.metrics_addr),
             attach: over.attach.or(self.attach),
+            cluster_store: over.cluster_store.or(self.cluster_store),
+            node_name: over.node_name.or(self.node_name),
+            node_ip: over.node_ip.or(self.node_ip),
+            etcd_ca: over.etcd_ca.or(self.etcd_ca),
+            etcd_cert: over.etcd_cert.or(self.etcd_cert),
+            etcd_key: over.etcd_key.or(self.etcd_key),
+            cluster_cidr: over.cluster_cidr.or(self.cluster_cidr),
+            node_cidr_size: over.node_cidr_size.or(self.node_cidr_size),
+            cluster_prefix: over.cluster_prefix.or(self.cluster_prefix),
+            identity_gc_grace: over.identity_gc_grace.or(self.identity_gc_grace),
+            node_ttl: over.node_ttl.or(self.node_ttl),
         }
     }
 
@@ -219,12 +251,15 @@ impl ConfigFile {
     }
 
     /// Fills what is unset with the defaults and checks the result.
-    pub fn resolve(self) -> Result<AgentConfig, ConfigError> {
+    pub fn resolve(mut self) -> Result<AgentConfig, ConfigError> {
         let d = AgentConfig::default();
+        let cluster = self.take_cluster()?;
         let pod_cidrs = match (self.pod_cidrs, self.pod_cidr) {
             (Some(list), None) => list,
             (None, Some(one)) => PodCidrs::new([one]).map_err(ConfigError::Invalid)?,
-            (None, None) => d.pod_cidrs,
+            (None, None) => cluster
+                .as_ref()
+                .map_or(d.pod_cidrs, ClusterConfig::placeholder_pod_cidrs),
             (Some(list), Some(one)) => {
                 return Err(ConfigError::Invalid(format!(
                     "both pod-cidrs ({list}) and pod-cidr ({one}) are set; use pod-cidrs only"
@@ -242,11 +277,130 @@ impl ConfigFile {
             policy_dir: self.policy_dir.unwrap_or(d.policy_dir),
             metrics_addr: self.metrics_addr,
             attach: self.attach.unwrap_or(d.attach),
-            // SCAFFOLD (issue 12): the cluster keys are resolved by the helper "runtime".
-            cluster: None,
+            cluster,
         };
         config.validate()?;
         Ok(config)
+    }
+
+    /// Resolves (and takes out) the cluster keys: `None` without `cluster-store`, where
+    /// any other cluster key is an error; with it, the pod CIDR and gateway keys are
+    /// refused (the store allocates the node's pod CIDR).
+    fn take_cluster(&mut self) -> Result<Option<ClusterConfig>, ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        let Some(store) = self.cluster_store.take() else {
+            let set: Vec<&str> = [
+                ("node-name", self.node_name.is_some()),
+                ("node-ip", self.node_ip.is_some()),
+                ("etcd-ca", self.etcd_ca.is_some()),
+                ("etcd-cert", self.etcd_cert.is_some()),
+                ("etcd-key", self.etcd_key.is_some()),
+                ("cluster-cidr", self.cluster_cidr.is_some()),
+                ("node-cidr-size", self.node_cidr_size.is_some()),
+                ("cluster-prefix", self.cluster_prefix.is_some()),
+                ("identity-gc-grace", self.identity_gc_grace.is_some()),
+                ("node-ttl", self.node_ttl.is_some()),
+            ]
+            .into_iter()
+            .filter_map(|(k, set)| set.then_some(k))
+            .collect();
+            if !set.is_empty() {
+                return invalid(format!(
+                    "{} {} only in cluster mode: give cluster-store (--cluster-store etcd=URL) too, or leave {} out",
+                    set.join(", "),
+                    if set.len() == 1 { "applies" } else { "apply" },
+                    if set.len() == 1 { "it" } else { "them" },
+                ));
+            }
+            return Ok(None);
+        };
+        if self.sets_pod_cidrs() {
+            return invalid(
+                "pod-cidr is refused in cluster mode: the cluster store allocates each node's pod CIDR from cluster-cidr (set node-cidr-size for their size)".into(),
+            );
+        }
+        if let Some(gw) = self.gateway {
+            return invalid(format!(
+                "gateway {gw} is refused in cluster mode: the gateway is the first address of the pod CIDR the cluster store allocates"
+            ));
+        }
+        let Some(node_name) = self.node_name.take() else {
+            return invalid("cluster mode needs node-name (--node-name NAME): the name of this node in the cluster".into());
+        };
+        cluster::check_node_name(&node_name).map_err(ConfigError::Invalid)?;
+        let Some(NodeIps(node_ips)) = self.node_ip.take() else {
+            return invalid("cluster mode needs node-ip (--node-ip IP[,IPv6]): this node's address(es) on the network joining the nodes".into());
+        };
+        match (&self.etcd_cert, &self.etcd_key) {
+            (Some(_), None) => {
+                return invalid(
+                    "etcd-cert is set without etcd-key: a client certificate needs its key".into(),
+                );
+            }
+            (None, Some(_)) => {
+                return invalid(
+                    "etcd-key is set without etcd-cert: a client key needs its certificate".into(),
+                );
+            }
+            _ => {}
+        }
+        for (name, path) in [
+            ("etcd-ca", &self.etcd_ca),
+            ("etcd-cert", &self.etcd_cert),
+            ("etcd-key", &self.etcd_key),
+        ] {
+            if let Some(p) = path
+                && !p.is_absolute()
+            {
+                return invalid(format!("{name} {} must be an absolute path", p.display()));
+            }
+        }
+        let cidrs = match self.cluster_cidr.take() {
+            Some(c) => c,
+            None => cluster::DEFAULT_CLUSTER_CIDR
+                .parse()
+                .expect("the default cluster CIDR parses"),
+        };
+        let plan = cluster::cidr_plan(cidrs, self.node_cidr_size.as_ref())
+            .map_err(ConfigError::Invalid)?;
+        let prefix = cluster::check_prefix(
+            self.cluster_prefix
+                .as_deref()
+                .unwrap_or(hypha_cluster::layout::DEFAULT_PREFIX),
+        )
+        .map_err(ConfigError::Invalid)?;
+        Ok(Some(ClusterConfig {
+            store: store.urls,
+            node_name,
+            node_ips,
+            etcd_ca: self.etcd_ca.take(),
+            etcd_cert: self.etcd_cert.take(),
+            etcd_key: self.etcd_key.take(),
+            cidrs: plan,
+            prefix,
+            identity_gc_grace: self
+                .identity_gc_grace
+                .map_or(cluster::DEFAULT_IDENTITY_GC_GRACE, |s| s.0),
+            node_ttl: self.node_ttl.map_or(cluster::DEFAULT_NODE_TTL, |s| s.0),
+        }))
+    }
+}
+
+impl ClusterConfig {
+    /// The pod CIDRs of this node before the store gave them: the first share of each
+    /// cluster CIDR, only to fill [`AgentConfig::pod_cidrs`] until registration replaces
+    /// it (the daemon never starts the agent with it).
+    pub fn placeholder_pod_cidrs(&self) -> PodCidrs {
+        PodCidrs {
+            v4: self
+                .cidrs
+                .v4
+                .map(|(net, len)| Ipv4Net::new(net.network(), len).expect("checked size")),
+            v6: self
+                .cidrs
+                .v6
+                .map(|(net, len)| Ipv6Net::new(net.network(), len).expect("checked size")),
+        }
     }
 }
 

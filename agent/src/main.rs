@@ -6,10 +6,11 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hypha_agent::cli::{
-    format_applied, format_endpoint_policy, format_endpoints, format_labels, format_policies,
-    format_status, parse_label_args, read_policy_files,
+    format_applied, format_endpoint_policy, format_endpoints, format_identities, format_labels,
+    format_nodes, format_policies, format_removed_node, format_status, parse_label_args,
+    read_policy_files,
 };
-use hypha_agent::config::{ConfigError, ConfigFile};
+use hypha_agent::config::{ConfigError, ConfigFile, cluster};
 use hypha_api::Client;
 use hypha_launcher::cli as launcher;
 
@@ -23,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the per-host agent (needs root).
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Show the running agent's state.
     Status(ClientArgs),
     /// What the agent's state store holds (`-o json`: all of it).
@@ -39,6 +40,12 @@ enum Command {
     /// Namespaces' labels, for policies' namespaceSelector.
     #[command(subcommand, alias = "ns")]
     Namespace(NamespaceCommand),
+    /// The cluster's nodes (cluster mode; a single node shows itself).
+    #[command(subcommand, alias = "nodes")]
+    Node(NodeCommand),
+    /// The security identities the node knows.
+    #[command(subcommand, alias = "identities")]
+    Identity(IdentityCommand),
     /// Run a command in a new container (namespaces, CNI network, cgroup limits).
     Run(Box<launcher::RunArgs>),
     /// List containers.
@@ -170,6 +177,33 @@ enum NamespaceCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// List the nodes: addresses, pod CIDRs, last heartbeat, endpoints, agent version
+    /// (`*` marks the node answering).
+    #[command(alias = "ls")]
+    List(ClientArgs),
+    /// Remove a node from the cluster store: its record, pod CIDRs, lease and endpoints,
+    /// in one transaction; every other node drops its pods. Refused while the node's
+    /// agent is alive (its heartbeat fresh) unless --force.
+    #[command(alias = "rm")]
+    Remove {
+        name: String,
+        /// Remove it even while its agent still holds its lease.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum IdentityCommand {
+    /// List identities: number, kind, what it stands for, endpoints here and elsewhere.
+    #[command(alias = "ls")]
+    List(ClientArgs),
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Output {
     Text,
@@ -225,6 +259,44 @@ struct AgentArgs {
     /// [default: tc]
     #[arg(long)]
     attach: Option<hypha_agent::config::AttachMode>,
+    /// Cluster mode: the cluster store, etcd=http://IP:2379[,http://IP2:2379]
+    /// [default: off, a single node]
+    #[arg(long, value_name = "etcd=URL[,URL]")]
+    cluster_store: Option<cluster::ClusterStore>,
+    /// Cluster mode: this node's name (lowercase letters, digits, '-' and '.')
+    #[arg(long)]
+    node_name: Option<String>,
+    /// Cluster mode: this node's address(es) on the network joining the nodes, at most
+    /// one per family
+    #[arg(long, value_name = "IP[,IPv6]")]
+    node_ip: Option<cluster::NodeIps>,
+    /// Cluster mode: the CA certificate that signs etcd's (TLS)
+    #[arg(long)]
+    etcd_ca: Option<PathBuf>,
+    /// Cluster mode: this agent's client certificate for etcd (with --etcd-key)
+    #[arg(long)]
+    etcd_cert: Option<PathBuf>,
+    /// Cluster mode: the key of --etcd-cert
+    #[arg(long)]
+    etcd_key: Option<PathBuf>,
+    /// Cluster mode: the CIDRs nodes' pod CIDRs are allocated from, at most one per
+    /// family [default: 10.244.0.0/16,fd00:10:244::/48]
+    #[arg(long, value_name = "LIST")]
+    cluster_cidr: Option<cluster::ClusterCidrs>,
+    /// Cluster mode: the prefix length of each node's pod CIDR, one per cluster CIDR,
+    /// IPv4 first [default: 24,64]
+    #[arg(long, value_name = "LIST")]
+    node_cidr_size: Option<cluster::NodeCidrSizes>,
+    /// Cluster mode: the prefix of every key in the store [default: /hypha/v1/]
+    #[arg(long, hide = true)]
+    cluster_prefix: Option<String>,
+    /// Cluster mode: how long an identity no endpoint uses is kept [default: 15m]
+    #[arg(long, value_name = "DURATION")]
+    identity_gc_grace: Option<cluster::Span>,
+    /// Cluster mode: the lease of this node's record (heartbeats every third of it)
+    /// [default: 15s]
+    #[arg(long, hide = true, value_name = "DURATION")]
+    node_ttl: Option<cluster::Span>,
 }
 
 impl AgentArgs {
@@ -245,6 +317,17 @@ impl AgentArgs {
             policy_dir: self.policy_dir,
             metrics_addr: self.metrics_addr,
             attach: self.attach,
+            cluster_store: self.cluster_store,
+            node_name: self.node_name,
+            node_ip: self.node_ip,
+            etcd_ca: self.etcd_ca,
+            etcd_cert: self.etcd_cert,
+            etcd_key: self.etcd_key,
+            cluster_cidr: self.cluster_cidr,
+            node_cidr_size: self.node_cidr_size,
+            cluster_prefix: self.cluster_prefix,
+            identity_gc_grace: self.identity_gc_grace,
+            node_ttl: self.node_ttl,
         };
         file.merge(flags).resolve()
     }
@@ -418,6 +501,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let req = parse_label_args(&labels).map_err(anyhow::Error::msg)?;
             let resp = Client::new(&client.socket)?.set_namespace_labels(&namespace, &req)?;
             print(client.output, &resp, |n| format_labels(&n.labels))
+        }
+        Command::Node(NodeCommand::List(args)) => {
+            let nodes = Client::new(&args.socket)?.nodes()?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            print(args.output, &nodes, |n| format_nodes(n, now))
+        }
+        Command::Node(NodeCommand::Remove {
+            name,
+            force,
+            client,
+        }) => {
+            let resp = Client::new(&client.socket)?.remove_node(&name, force)?;
+            print(client.output, &resp, format_removed_node)
+        }
+        Command::Identity(IdentityCommand::List(args)) => {
+            let ids = Client::new(&args.socket)?.identities()?;
+            print(args.output, &ids, |i| format_identities(i))
         }
         // The container verbs exit with their own code (`run`: the container's).
         Command::Run(args) => exit(launcher::run(*args)?),

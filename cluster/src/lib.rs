@@ -20,6 +20,7 @@ pub mod layout;
 pub mod mirror;
 pub mod node;
 pub mod store;
+pub mod testing;
 
 pub use layout::Layout;
 pub use store::{
@@ -60,6 +61,17 @@ pub enum ClusterError {
     NodeAlive { name: String, age_ms: u64 },
     #[error("node {0} is not in the cluster store")]
     NoSuchNode(String),
+    /// The node's share of a cluster CIDR cannot be cut from it.
+    #[error(
+        "cannot cut /{prefix_len} pod CIDRs out of the cluster CIDR {cluster}: the node CIDR size must be between the cluster CIDR's prefix length and the family's address length"
+    )]
+    InvalidCidrPlan { cluster: IpNet, prefix_len: u8 },
+    /// The node was removed from the store (`hypha node remove --force`) while its agent
+    /// ran: its CIDRs may already be another node's.
+    #[error(
+        "node {0} was removed from the cluster store while its agent ran (its pod CIDRs were released); restart the agent with a fresh state directory to register again"
+    )]
+    NodeRemoved(String),
     /// Label identities are all taken.
     #[error("no cluster identity is left for {namespace} {labels}: all {count} numbers are in use")]
     IdentitiesExhausted {

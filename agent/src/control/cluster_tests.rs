@@ -34,6 +34,8 @@ fn cluster_config() -> AgentConfig {
             etcd_key: None,
             cidrs: Default::default(),
             prefix: "/hypha/v1/".into(),
+            identity_gc_grace: std::time::Duration::from_secs(600),
+            node_ttl: std::time::Duration::from_secs(15),
         }),
         ..AgentConfig::default()
     }
