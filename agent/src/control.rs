@@ -44,6 +44,9 @@ pub enum ControlError {
     Conflict(String),
     #[error("{0}")]
     NotFound(String),
+    /// Something the request needs (the cluster store) cannot be reached: 503.
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Ipam(#[from] IpamError),
     #[error(transparent)]
@@ -82,6 +85,7 @@ impl ControlError {
             ControlError::BadRequest(_) => 400,
             ControlError::Conflict(_) => 409,
             ControlError::NotFound(_) => 404,
+            ControlError::Unavailable(_) => 503,
             ControlError::Policy(_) => 400,
             ControlError::Ipam(IpamError::Exhausted { .. }) => 507,
             // What the request asked for is taken or not to be had: the caller's doing.
