@@ -1,13 +1,15 @@
 //! The operator's commands that talk to a running agent: `hypha status`, `hypha endpoint
-//! list`, `hypha policy ...`, `hypha namespace label`.
+//! list`, `hypha policy ...`, `hypha namespace label`, `hypha node ...`, `hypha identity
+//! list`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use hypha_api::{
-    ApplyPoliciesResponse, DirectionPolicy, Endpoint, EndpointPolicy, NamespaceLabelsRequest,
-    PacketCount, PolicySource, PolicySummary, Status,
+    ApplyPoliciesResponse, ClusterStatus, DirectionPolicy, Endpoint, EndpointPolicy, IdentityInfo,
+    NamespaceLabelsRequest, NodeInfo, PacketCount, PolicySource, PolicySummary, RemoveNodeResponse,
+    Status,
 };
 
 /// Whether a directory entry is a policy file: `*.yaml`, `*.yml` or `*.json`.
@@ -303,7 +305,155 @@ pub fn format_status(s: &Status) -> String {
             r.attempts, r.error
         );
     }
+    if let Some(c) = &s.cluster {
+        out.push_str(&format_cluster_status(c, unix_ms_now()));
+    }
     out
+}
+
+/// The cluster section of `hypha status`; `now_ms` (Unix milliseconds) dates the last
+/// sync.
+pub fn format_cluster_status(c: &ClusterStatus, now_ms: u64) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Cluster:    node {}, store {}",
+        c.node_name,
+        c.store.join(",")
+    );
+    let state = if c.connected {
+        "connected".to_owned()
+    } else {
+        match &c.error {
+            Some(e) => format!("disconnected ({e}); retrying with backoff"),
+            None => "disconnected; retrying with backoff".to_owned(),
+        }
+    };
+    let _ = writeln!(out, "            {state}");
+    let sync = c
+        .last_sync_unix_ms
+        .map_or_else(|| "never".to_owned(), |t| age(now_ms, t));
+    let _ = writeln!(
+        out,
+        "            revision {} seen, last full sync {sync} ({} so far)",
+        c.revision, c.resyncs
+    );
+    let _ = writeln!(
+        out,
+        "            {} nodes known, {} remote endpoints",
+        c.nodes, c.remote_endpoints
+    );
+    out
+}
+
+/// How long before `now_ms` the moment `then_ms` was (both Unix milliseconds): `1.5s
+/// ago`, `3m20s ago`; a moment in the future (clocks apart) is `just now`.
+fn age(now_ms: u64, then_ms: u64) -> String {
+    let Some(ms) = now_ms.checked_sub(then_ms) else {
+        return "just now".to_owned();
+    };
+    let secs = ms / 1000;
+    match secs {
+        0..60 => format!("{}.{}s ago", secs, (ms % 1000) / 100),
+        60..3600 => format!("{}m{}s ago", secs / 60, secs % 60),
+        _ => format!("{}h{}m ago", secs / 3600, (secs % 3600) / 60),
+    }
+}
+
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Renders `hypha node list` as a table, `now_ms` (Unix milliseconds) dating the
+/// heartbeats. The answering node's name is marked `*`; a node whose lease is gone says
+/// so in HEARTBEAT.
+pub fn format_nodes(nodes: &[NodeInfo], now_ms: u64) -> String {
+    let header = [
+        "NAME",
+        "ADDRESSES",
+        "POD-CIDRS",
+        "HEARTBEAT",
+        "ENDPOINTS",
+        "VERSION",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    for n in nodes {
+        let cidrs: Vec<String> = n
+            .pod_cidr
+            .map(|c| c.to_string())
+            .into_iter()
+            .chain(n.pod_cidr6.map(|c| c.to_string()))
+            .collect();
+        let heartbeat = match (n.heartbeat_unix_ms, n.alive) {
+            (Some(t), true) => age(now_ms, t),
+            (Some(t), false) => format!("{} (lease gone)", age(now_ms, t)),
+            (None, _) => "- (lease gone)".to_owned(),
+        };
+        rows.push(vec![
+            if n.local {
+                format!("{}*", n.name)
+            } else {
+                n.name.clone()
+            },
+            list_or_dash(n.addresses.iter().map(|a| a.to_string())),
+            list_or_dash(cidrs.into_iter()),
+            heartbeat,
+            n.endpoints.to_string(),
+            n.version.clone(),
+        ]);
+    }
+    table(&rows)
+}
+
+fn list_or_dash(items: impl Iterator<Item = String>) -> String {
+    let v: Vec<String> = items.collect();
+    if v.is_empty() {
+        "-".to_owned()
+    } else {
+        v.join(",")
+    }
+}
+
+/// Renders `hypha node remove`'s answer.
+pub fn format_removed_node(r: &RemoveNodeResponse) -> String {
+    let cidrs = list_or_dash(
+        r.pod_cidr
+            .map(|c| c.to_string())
+            .into_iter()
+            .chain(r.pod_cidr6.map(|c| c.to_string())),
+    );
+    format!(
+        "node {} removed: pod CIDRs {cidrs} released, {} endpoints withdrawn\n",
+        r.name, r.endpoints
+    )
+}
+
+/// Renders `hypha identity list` as a table: ID, KIND (`labels`, `cidr`, `reserved`),
+/// what it stands for (`namespace` and labels, the CIDR, or the reserved name), and how
+/// many endpoints of this node and of others have it.
+pub fn format_identities(ids: &[IdentityInfo]) -> String {
+    let header = ["ID", "KIND", "NAMESPACE", "LABELS", "LOCAL", "REMOTE"];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    for i in ids {
+        let what = if let Some(cidr) = i.cidr {
+            format!("cidr={cidr}")
+        } else if let Some(r) = &i.reserved {
+            format!("reserved:{r}")
+        } else {
+            list_or_dash(i.labels.iter().map(|(k, v)| format!("{k}={v}")))
+        };
+        rows.push(vec![
+            i.id.to_string(),
+            i.kind.clone(),
+            i.namespace.clone().unwrap_or_else(|| "-".to_owned()),
+            what,
+            i.local_endpoints.to_string(),
+            i.remote_endpoints.to_string(),
+        ]);
+    }
+    table(&rows)
 }
 
 fn pkts(c: PacketCount) -> String {
@@ -341,6 +491,7 @@ pub fn format_endpoints(eps: &[Endpoint]) -> String {
         "IF",
         "IPV4",
         "IPV6",
+        "IDENTITY",
         "HOST-IF",
         "TX",
         "TX-REDIR",
@@ -363,6 +514,7 @@ pub fn format_endpoints(eps: &[Endpoint]) -> String {
             e.ifname.clone(),
             e.address.map_or_else(|| "-".into(), |a| a.to_string()),
             e.address6.map_or_else(|| "-".into(), |a| a.to_string()),
+            e.identity.map_or_else(|| "-".into(), |i| i.to_string()),
             e.host_ifname.clone(),
             pkts(c.egress.forwarded()),
             pkts(c.egress.redirected),
@@ -530,6 +682,11 @@ mod tests {
             lines[1].contains("0123456789ab ") && !lines[1].contains("0123456789abc"),
             "{text}"
         );
+        let identity_col = lines[0].find("IDENTITY").expect("an IDENTITY column");
+        assert!(
+            lines[1][identity_col..].starts_with("300 "),
+            "the endpoint's identity under IDENTITY: {text}"
+        );
         assert!(
             lines[1].contains("10/2.1KiB"),
             "forwarded = passed + redirected: {text}"
@@ -595,5 +752,213 @@ mod tests {
         assert!(!text.contains("IPv4"), "{text}");
         let text = format_status(&status(true, false));
         assert!(!text.contains("fd00") && !text.contains("IPv6"), "{text}");
+    }
+
+    fn node(name: &str, heartbeat: Option<u64>, alive: bool, local: bool) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            addresses: vec![
+                "172.16.0.11".parse().unwrap(),
+                "fd00:1::11".parse().unwrap(),
+            ],
+            pod_cidr: Some("10.244.1.0/24".parse().unwrap()),
+            pod_cidr6: Some("fd00:10:244:1::/64".parse().unwrap()),
+            version: "0.1.0".into(),
+            heartbeat_unix_ms: heartbeat,
+            alive,
+            endpoints: 4,
+            local,
+        }
+    }
+
+    #[test]
+    fn node_table_has_one_row_per_node_with_its_heartbeat_age() {
+        let now = 1_000_000;
+        let nodes = [
+            node("node-0", Some(now - 1_500), true, true),
+            node("node-1", Some(now - 200_000), false, false),
+            NodeInfo {
+                addresses: vec![],
+                pod_cidr6: None,
+                ..node("node-2", None, false, false)
+            },
+        ];
+        let text = format_nodes(&nodes, now);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        let header: Vec<&str> = lines[0].split_whitespace().collect();
+        assert_eq!(
+            header,
+            [
+                "NAME",
+                "ADDRESSES",
+                "POD-CIDRS",
+                "HEARTBEAT",
+                "ENDPOINTS",
+                "VERSION"
+            ]
+        );
+        assert_eq!(
+            lines[1].split_whitespace().collect::<Vec<_>>(),
+            [
+                "node-0*",
+                "172.16.0.11,fd00:1::11",
+                "10.244.1.0/24,fd00:10:244:1::/64",
+                "1.5s",
+                "ago",
+                "4",
+                "0.1.0"
+            ],
+            "{text}"
+        );
+        assert!(
+            lines[2].starts_with("node-1 ") && lines[2].contains(" 3m20s ago (lease gone) "),
+            "{text}"
+        );
+        assert!(
+            lines[3].starts_with("node-2 ")
+                && lines[3].contains(" - ")
+                && lines[3].contains(" 10.244.1.0/24 ")
+                && lines[3].contains("- (lease gone)"),
+            "{text}"
+        );
+        // The columns line up: every row's HEARTBEAT starts where the header's does.
+        let col = lines[0].find("HEARTBEAT").unwrap();
+        for l in &lines[1..] {
+            assert_eq!(&l[col - 1..col], " ", "{text}");
+            assert!(!l[col..].starts_with(' '), "{text}");
+        }
+        assert_eq!(format_nodes(&[], now).lines().count(), 1);
+    }
+
+    #[test]
+    fn heartbeat_ages_read_naturally() {
+        assert_eq!(age(10_000, 10_000), "0.0s ago");
+        assert_eq!(age(10_000, 9_750), "0.2s ago");
+        assert_eq!(age(100_000, 40_000), "1m0s ago");
+        assert_eq!(age(10_000_000, 0), "2h46m ago");
+        assert_eq!(age(0, 5), "just now");
+    }
+
+    #[test]
+    fn identity_table_names_what_each_identity_stands_for() {
+        let ids = [
+            IdentityInfo {
+                id: 1,
+                kind: "reserved".into(),
+                namespace: None,
+                labels: Default::default(),
+                cidr: None,
+                reserved: Some("host".into()),
+                local_endpoints: 0,
+                remote_endpoints: 0,
+            },
+            IdentityInfo {
+                id: 300,
+                kind: "labels".into(),
+                namespace: Some("shop".into()),
+                labels: [
+                    ("app".to_owned(), "web".to_owned()),
+                    ("tier".to_owned(), "a".to_owned()),
+                ]
+                .into(),
+                cidr: None,
+                reserved: None,
+                local_endpoints: 2,
+                remote_endpoints: 5,
+            },
+            IdentityInfo {
+                id: 16_777_217,
+                kind: "cidr".into(),
+                namespace: None,
+                labels: Default::default(),
+                cidr: Some("192.0.2.0/24".parse().unwrap()),
+                reserved: None,
+                local_endpoints: 0,
+                remote_endpoints: 0,
+            },
+        ];
+        let text = format_identities(&ids);
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                vec!["ID", "KIND", "NAMESPACE", "LABELS", "LOCAL", "REMOTE"],
+                vec!["1", "reserved", "-", "reserved:host", "0", "0"],
+                vec!["300", "labels", "shop", "app=web,tier=a", "2", "5"],
+                vec!["16777217", "cidr", "-", "cidr=192.0.2.0/24", "0", "0"],
+            ],
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn removed_node_says_what_left_the_store() {
+        let r = RemoveNodeResponse {
+            name: "node-2".into(),
+            pod_cidr: Some("10.244.2.0/24".parse().unwrap()),
+            pod_cidr6: None,
+            endpoints: 3,
+        };
+        assert_eq!(
+            format_removed_node(&r),
+            "node node-2 removed: pod CIDRs 10.244.2.0/24 released, 3 endpoints withdrawn\n"
+        );
+    }
+
+    #[test]
+    fn status_shows_the_cluster_section_only_in_cluster_mode() {
+        let text = format_status(&status(true, true));
+        assert!(!text.contains("Cluster:"), "{text}");
+
+        let mut s = status(true, true);
+        s.cluster = Some(ClusterStatus {
+            node_name: "node-1".into(),
+            store: vec![
+                "http://172.16.0.1:2379".into(),
+                "http://172.16.0.2:2379".into(),
+            ],
+            connected: true,
+            revision: 42,
+            last_sync_unix_ms: Some(unix_ms_now()),
+            nodes: 3,
+            remote_endpoints: 7,
+            resyncs: 2,
+            error: None,
+        });
+        let text = format_status(&s);
+        assert!(
+            text.contains(
+                "Cluster:    node node-1, store http://172.16.0.1:2379,http://172.16.0.2:2379\n            connected\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("revision 42 seen, last full sync "), "{text}");
+        assert!(text.contains(" (2 so far)"), "{text}");
+        assert!(text.contains("3 nodes known, 7 remote endpoints"), "{text}");
+
+        let c = ClusterStatus {
+            connected: false,
+            error: Some("etcd at http://172.16.0.1:2379: connection refused".into()),
+            last_sync_unix_ms: None,
+            ..s.cluster.clone().unwrap()
+        };
+        let text = format_cluster_status(&c, 0);
+        assert!(
+            text.contains("disconnected (etcd at http://172.16.0.1:2379: connection refused); retrying with backoff"),
+            "{text}"
+        );
+        assert!(text.contains("last full sync never"), "{text}");
+        let c = ClusterStatus {
+            last_sync_unix_ms: Some(1_000),
+            ..c
+        };
+        assert!(
+            format_cluster_status(&c, 4_000).contains("last full sync 3.0s ago (2 so far)"),
+            "{text}"
+        );
     }
 }

@@ -29,6 +29,7 @@ pub use crate::state::Persist;
 use crate::state::{Change, EndpointRecord, Pending, PersistedState, StateError};
 
 mod cluster;
+mod nodes;
 mod policy;
 
 pub use cluster::{ClusterLink, RemoteBatch, RemoteEndpoint};
@@ -57,6 +58,9 @@ pub enum ControlError {
     Datapath(String),
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
+    /// The cluster store cannot answer now (cluster mode); worth retrying.
+    #[error("{0}")]
+    Unavailable(String),
     /// A step failed, and so did part of undoing what came before it.
     #[error("{error}; undoing it also failed: {}", rollback.join("; "))]
     RollbackFailed {

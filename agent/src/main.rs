@@ -6,8 +6,9 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hypha_agent::cli::{
-    format_applied, format_endpoint_policy, format_endpoints, format_labels, format_policies,
-    format_status, parse_label_args, read_policy_files,
+    format_applied, format_endpoint_policy, format_endpoints, format_identities, format_labels,
+    format_nodes, format_policies, format_removed_node, format_status, parse_label_args,
+    read_policy_files,
 };
 use hypha_agent::config::{ConfigError, ConfigFile, cluster};
 use hypha_api::Client;
@@ -39,6 +40,12 @@ enum Command {
     /// Namespaces' labels, for policies' namespaceSelector.
     #[command(subcommand, alias = "ns")]
     Namespace(NamespaceCommand),
+    /// The cluster's nodes (cluster mode; a single node shows itself).
+    #[command(subcommand, alias = "nodes")]
+    Node(NodeCommand),
+    /// The security identities the node knows.
+    #[command(subcommand, alias = "identities")]
+    Identity(IdentityCommand),
     /// Run a command in a new container (namespaces, CNI network, cgroup limits).
     Run(Box<launcher::RunArgs>),
     /// List containers.
@@ -168,6 +175,33 @@ enum NamespaceCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// List the nodes: addresses, pod CIDRs, last heartbeat, endpoints, agent version
+    /// (`*` marks the node answering).
+    #[command(alias = "ls")]
+    List(ClientArgs),
+    /// Remove a node from the cluster store: its record, pod CIDRs, lease and endpoints,
+    /// in one transaction; every other node drops its pods. Refused while the node's
+    /// agent is alive (its heartbeat fresh) unless --force.
+    #[command(alias = "rm")]
+    Remove {
+        name: String,
+        /// Remove it even while its agent still holds its lease.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum IdentityCommand {
+    /// List identities: number, kind, what it stands for, endpoints here and elsewhere.
+    #[command(alias = "ls")]
+    List(ClientArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -467,6 +501,25 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let req = parse_label_args(&labels).map_err(anyhow::Error::msg)?;
             let resp = Client::new(&client.socket)?.set_namespace_labels(&namespace, &req)?;
             print(client.output, &resp, |n| format_labels(&n.labels))
+        }
+        Command::Node(NodeCommand::List(args)) => {
+            let nodes = Client::new(&args.socket)?.nodes()?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            print(args.output, &nodes, |n| format_nodes(n, now))
+        }
+        Command::Node(NodeCommand::Remove {
+            name,
+            force,
+            client,
+        }) => {
+            let resp = Client::new(&client.socket)?.remove_node(&name, force)?;
+            print(client.output, &resp, format_removed_node)
+        }
+        Command::Identity(IdentityCommand::List(args)) => {
+            let ids = Client::new(&args.socket)?.identities()?;
+            print(args.output, &ids, |i| format_identities(i))
         }
         // The container verbs exit with their own code (`run`: the container's).
         Command::Run(args) => exit(launcher::run(*args)?),

@@ -109,6 +109,12 @@ where
             "/v1/namespaces/{namespace}/labels",
             put(namespace_labels::<D, H>),
         )
+        .route("/v1/nodes", get(nodes::<D, H>))
+        .route(
+            "/v1/nodes/{name}",
+            axum::routing::delete(remove_node::<D, H>),
+        )
+        .route("/v1/identities", get(identities::<D, H>))
         .route("/v1/gc", post(gc::<D, H>))
         .route("/v1/monitor", get(monitor::<D, H>))
         .route("/v1/ipam/allocate", post(allocate::<D, H>))
@@ -120,6 +126,42 @@ async fn status<D: Datapath + 'static, H: HostNetwork + 'static>(
     State(a): State<Shared<D, H>>,
 ) -> Result<Response, ControlError> {
     Ok(Json(blocking(a, |a| Ok(a.status())).await?).into_response())
+}
+
+/// The cluster's nodes (`hypha node list`); a single node lists itself.
+async fn nodes<D: Datapath + 'static, H: HostNetwork + 'static>(
+    State(a): State<Shared<D, H>>,
+) -> Result<Response, ControlError> {
+    Ok(Json(blocking(a, |a| a.nodes()).await?).into_response())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveNodeQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// `hypha node remove NAME [--force]`: its record, CIDRs, claims and endpoints leave the
+/// store in one transaction.
+async fn remove_node<D: Datapath + 'static, H: HostNetwork + 'static>(
+    State(a): State<Shared<D, H>>,
+    UrlPath(name): UrlPath<String>,
+    axum::extract::Query(q): axum::extract::Query<RemoveNodeQuery>,
+) -> Result<Response, ControlError> {
+    let resp = {
+        let name = name.clone();
+        blocking(a, move |a| a.remove_node(&name, q.force)).await?
+    };
+    tracing::info!(node = %name, force = q.force, endpoints = resp.endpoints, pod_cidr = ?resp.pod_cidr, pod_cidr6 = ?resp.pod_cidr6, "node removed");
+    Ok(Json(resp).into_response())
+}
+
+/// The identities this node knows (`hypha identity list`).
+async fn identities<D: Datapath + 'static, H: HostNetwork + 'static>(
+    State(a): State<Shared<D, H>>,
+) -> Result<Response, ControlError> {
+    Ok(Json(blocking(a, |a| Ok(a.identities())).await?).into_response())
 }
 
 /// What the state store holds (`hypha state`; the soak's leak counts).
@@ -571,5 +613,194 @@ mod tests {
         client.delete_policy("shop", "p").unwrap();
         assert!(client.policies().unwrap().is_empty());
         assert_eq!(client.status().unwrap().policy.policies, 0);
+    }
+
+    /// Serves `agent` on a socket in `dir`; the runtime must outlive the client's calls.
+    fn serve_agent(
+        agent: Agent<FakeDatapath, FakeHost>,
+        dir: &Path,
+    ) -> (Client, tokio::runtime::Runtime) {
+        let socket = dir.join("agent.sock");
+        let app = app(
+            router(Arc::new(agent)),
+            tokio::sync::broadcast::channel(1).0,
+            &Limits::default(),
+        );
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let listener = rt.block_on(bind(&socket)).unwrap();
+        rt.spawn(async move { axum::serve(listener, app).await });
+        (Client::new(&socket).unwrap(), rt)
+    }
+
+    fn single_node() -> Agent<FakeDatapath, FakeHost> {
+        Agent::start(
+            AgentConfig::default(),
+            FakeDatapath::default(),
+            FakeHost::default(),
+            Box::new(NoStore),
+            PersistedState::default(),
+        )
+        .unwrap()
+        .0
+    }
+
+    /// On a single node, `GET /v1/nodes` lists the node itself (its pod CIDRs, alive,
+    /// local) and `DELETE /v1/nodes/{name}` is refused with a 400 saying why.
+    #[test]
+    fn a_single_node_lists_itself_and_removes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, _rt) = serve_agent(single_node(), dir.path());
+        let config = AgentConfig::default();
+        let nodes = client.nodes().unwrap();
+        assert_eq!(nodes.len(), 1, "{nodes:?}");
+        let n = &nodes[0];
+        assert!(n.local && n.alive, "{n:?}");
+        assert!(!n.name.is_empty(), "{n:?}");
+        assert_eq!(
+            (n.pod_cidr, n.pod_cidr6),
+            (config.pod_cidrs.v4, config.pod_cidrs.v6)
+        );
+        assert_eq!(n.endpoints, 0);
+        assert_eq!(n.version, env!("CARGO_PKG_VERSION"));
+        assert!(n.heartbeat_unix_ms.is_some());
+
+        let err = client.remove_node("node-2", false).unwrap_err().to_string();
+        assert!(
+            err.contains("HTTP 400")
+                && err.contains("node-2")
+                && err.contains("not in cluster mode"),
+            "{err}"
+        );
+        // The identities route answers what the agent knows.
+        let ids = client.identities().unwrap();
+        assert_eq!(ids, single_node().identities());
+    }
+
+    /// What a fake cluster runtime was asked.
+    #[derive(Default)]
+    struct FakeLink {
+        removals: std::sync::Mutex<Vec<(String, bool)>>,
+        unreachable: bool,
+    }
+
+    impl crate::control::ClusterLink for FakeLink {
+        fn resolve_identity(&self, _: &str, _: &crate::policy::Labels) -> Result<u32, String> {
+            Err("not in this test".into())
+        }
+        fn endpoint_published(&self, _: &crate::state::EndpointRecord, _: u32) {}
+        fn endpoint_withdrawn(&self, _: &crate::state::EndpointRecord) {}
+        fn publish_policies(
+            &self,
+            _: Vec<crate::policy::Policy>,
+            _: Vec<(String, String)>,
+        ) -> Result<(), String> {
+            Err("not in this test".into())
+        }
+        fn publish_namespace_labels(
+            &self,
+            _: &str,
+            _: &std::collections::BTreeMap<String, String>,
+            _: &[String],
+        ) -> Result<crate::policy::Labels, String> {
+            Err("not in this test".into())
+        }
+        fn status(&self) -> hypha_api::ClusterStatus {
+            hypha_api::ClusterStatus::default()
+        }
+        fn nodes(&self) -> Result<Vec<hypha_api::NodeInfo>, String> {
+            if self.unreachable {
+                return Err("etcd at http://192.0.2.1:2379: connection refused".into());
+            }
+            Ok(["node-0", "node-1"]
+                .iter()
+                .map(|name| hypha_api::NodeInfo {
+                    name: (*name).into(),
+                    addresses: vec!["192.0.2.10".parse().unwrap()],
+                    pod_cidr: Some("10.244.7.0/24".parse().unwrap()),
+                    pod_cidr6: None,
+                    version: "9".into(),
+                    heartbeat_unix_ms: Some(1),
+                    alive: true,
+                    endpoints: 2,
+                    local: *name == "node-0",
+                })
+                .collect())
+        }
+        fn remove_node(
+            &self,
+            name: &str,
+            force: bool,
+        ) -> Result<hypha_api::RemoveNodeResponse, ControlError> {
+            self.removals.lock().unwrap().push((name.to_owned(), force));
+            if name == "node-0" {
+                return Err(ControlError::Conflict(format!(
+                    "node {name} is alive; --force to remove it anyway"
+                )));
+            }
+            Ok(hypha_api::RemoveNodeResponse {
+                name: name.to_owned(),
+                pod_cidr: Some("10.244.7.0/24".parse().unwrap()),
+                pod_cidr6: None,
+                endpoints: 2,
+            })
+        }
+    }
+
+    /// In cluster mode the node routes answer what the cluster runtime says, pass
+    /// `force` through, and refuse an unknown query key; a store that cannot answer is a
+    /// 503.
+    #[test]
+    fn cluster_mode_node_routes_go_to_the_cluster_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let link = Arc::new(FakeLink::default());
+        let agent = single_node();
+        agent.set_cluster(link.clone());
+        let (client, _rt) = serve_agent(agent, dir.path());
+
+        let nodes = client.nodes().unwrap();
+        assert_eq!(
+            nodes
+                .iter()
+                .map(|n| (n.name.as_str(), n.local))
+                .collect::<Vec<_>>(),
+            [("node-0", true), ("node-1", false)]
+        );
+        let removed = client.remove_node("node-1", false).unwrap();
+        assert_eq!((removed.name.as_str(), removed.endpoints), ("node-1", 2));
+        client.remove_node("node/1", true).unwrap();
+        let err = client.remove_node("node-0", false).unwrap_err().to_string();
+        assert!(err.contains("HTTP 409") && err.contains("alive"), "{err}");
+        assert_eq!(
+            *link.removals.lock().unwrap(),
+            [
+                ("node-1".to_owned(), false),
+                ("node/1".to_owned(), true),
+                ("node-0".to_owned(), false)
+            ]
+        );
+
+        // A misspelt query key is refused, not taken for "no force".
+        let reply = hardening_tests::request(
+            &dir.path().join("agent.sock"),
+            "DELETE",
+            "/v1/nodes/node-1?forse=true",
+            None,
+        );
+        assert_eq!(reply.status, 400, "{reply:?}");
+        assert!(reply.error().contains("forse"), "{reply:?}");
+        assert_eq!(link.removals.lock().unwrap().len(), 3);
+
+        let dir2 = tempfile::tempdir().unwrap();
+        let agent = single_node();
+        agent.set_cluster(Arc::new(FakeLink {
+            unreachable: true,
+            ..FakeLink::default()
+        }));
+        let (client, _rt2) = serve_agent(agent, dir2.path());
+        let err = client.nodes().unwrap_err().to_string();
+        assert!(
+            err.contains("HTTP 503") && err.contains("connection refused"),
+            "{err}"
+        );
     }
 }

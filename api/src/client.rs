@@ -14,8 +14,8 @@ use tokio::net::UnixStream;
 use crate::{
     AllocateRequest, Allocation, ApiError, ApplyPoliciesResponse, Bandwidth, CreateEndpointRequest,
     DebugRequest, DeleteResponse, Endpoint, EndpointCheck, EndpointLabelsRequest, EndpointPolicy,
-    EndpointPortsRequest, GcRequest, GcResponse, NamedPort, NamespaceLabels,
-    NamespaceLabelsRequest, PolicySource, PolicySummary, Status,
+    EndpointPortsRequest, GcRequest, GcResponse, IdentityInfo, NamedPort, NamespaceLabels,
+    NamespaceLabelsRequest, NodeInfo, PolicySource, PolicySummary, RemoveNodeResponse, Status,
 };
 
 /// Why a call to the agent failed.
@@ -136,6 +136,26 @@ impl Client {
     ) -> Result<EndpointCheck, ClientError> {
         let uri = endpoint_uri(container_id, ifname);
         self.call(Method::GET, &uri, None::<&()>)
+    }
+
+    /// The cluster's nodes (`GET /v1/nodes`); on a single node, the node itself.
+    pub fn nodes(&self) -> Result<Vec<NodeInfo>, ClientError> {
+        self.call(Method::GET, "/v1/nodes", None::<&()>)
+    }
+
+    /// Removes node `name` from the cluster store (`DELETE /v1/nodes/{name}`); refused
+    /// while its heartbeat is fresh unless `force`.
+    pub fn remove_node(&self, name: &str, force: bool) -> Result<RemoveNodeResponse, ClientError> {
+        let mut uri = format!("/v1/nodes/{}", percent_encode(name));
+        if force {
+            uri.push_str("?force=true");
+        }
+        self.call(Method::DELETE, &uri, None::<&()>)
+    }
+
+    /// The security identities the node knows (`GET /v1/identities`).
+    pub fn identities(&self) -> Result<Vec<IdentityInfo>, ClientError> {
+        self.call(Method::GET, "/v1/identities", None::<&()>)
     }
 
     /// Removes everything that belongs to no valid attachment.

@@ -13,8 +13,8 @@
 //!   both: "duplicate key given in txn request");
 //! - a key put with a lease goes when the lease is revoked or expires (each key a delete
 //!   event, all at one revision); a put with a lease that is gone fails with `LeaseGone`;
-//!   leases expire on their own (checked at every call) or on demand
-//!   ([`MemKv::expire_lease`]);
+//!   leases expire on their own (a task per lease ends it at its deadline; every call
+//!   checks deadlines too) or on demand ([`MemKv::expire_lease`]);
 //! - a watch from a past revision replays the kept history, then goes on live; a watch
 //!   from below the compaction revision is lost at once ("compacted").
 //!
@@ -467,6 +467,29 @@ impl MemKv {
         })
     }
 
+    /// Ends the lease at its deadline (pushed back by keep-alives) even if nobody calls
+    /// the store, as etcd does; holds the store only weakly.
+    fn reap_at_deadline(&self, id: LeaseId) {
+        let store = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                let deadline = {
+                    let Some(inner) = store.upgrade() else { return };
+                    let mut inner = inner.lock().unwrap_or_else(|e| e.into_inner());
+                    let Some(lease) = inner.leases.get(&id) else {
+                        return;
+                    };
+                    if lease.deadline <= Instant::now() {
+                        inner.end_lease(id);
+                        return;
+                    }
+                    lease.deadline
+                };
+                tokio::time::sleep_until(deadline).await;
+            }
+        });
+    }
+
     fn grant_now(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         let mut inner = self.lock();
         inner.check("grant lease", "")?;
@@ -573,7 +596,9 @@ impl KvStore for MemKv {
     fn grant_lease<'a>(&'a self, ttl: Duration) -> BoxFuture<'a, Result<LeaseId, StoreError>> {
         Box::pin(async move {
             tokio::task::yield_now().await;
-            self.grant_now(ttl)
+            let id = self.grant_now(ttl)?;
+            self.reap_at_deadline(id);
+            Ok(id)
         })
     }
 

@@ -335,3 +335,24 @@ async fn a_dropped_receiver_ends_its_watch() {
     put(&kv, "/b", b"1".to_vec()).await.unwrap();
     assert_eq!(kv.watch_count(), 0);
 }
+
+#[tokio::test]
+async fn an_expiry_is_seen_by_a_watch_without_any_call() {
+    let kv = MemKv::new();
+    let lease = kv.grant_lease(Duration::from_millis(100)).await.unwrap();
+    kv.txn(
+        vec![],
+        vec![Op::Put {
+            key: "/n".into(),
+            value: vec![],
+            lease: Some(lease),
+        }],
+        vec![],
+    )
+    .await
+    .unwrap();
+    let mut watch = kv.watch("/", 0).await.unwrap();
+    let calls = kv.calls();
+    assert_eq!(keys(&next(&mut watch).await), ["del /n"]);
+    assert_eq!(kv.calls(), calls, "nobody called the store meanwhile");
+}

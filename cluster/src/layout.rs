@@ -124,6 +124,67 @@ impl Layout {
     }
 }
 
+/// What a key under the prefix stands for (see [`Layout::parse`]); borrowed from the key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Key<'a> {
+    /// `nodes/<node>`
+    Node(&'a str),
+    /// `cidrs/<node>`
+    Cidrs(&'a str),
+    /// `cidr-claims/v4|v6/<net>`
+    CidrClaim(IpNet),
+    /// `identities/id/<number>`
+    Identity(u32),
+    /// `identities/labels/<sha256>`
+    IdentityLabels(&'a str),
+    /// `endpoints/<node>/<container-id>/<ifname>`
+    Endpoint {
+        node: &'a str,
+        container_id: &'a str,
+        ifname: &'a str,
+    },
+    /// `namespaces/<namespace>`
+    Namespace(&'a str),
+    /// `policies/<namespace>/<name>`
+    Policy { namespace: &'a str, name: &'a str },
+}
+
+impl Layout {
+    /// What `key` stands for; `None` for a key outside the prefix or of no known shape
+    /// (an empty segment, one segment too many or too few, a claim that is not a network
+    /// of its family, an identity that is not a number). A mirror of the whole prefix
+    /// dispatches its deltas with it.
+    pub fn parse<'a>(&self, key: &'a str) -> Option<Key<'a>> {
+        let rest = key.strip_prefix(self.prefix.as_str())?;
+        let (kind, rest) = rest.split_once('/')?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        if parts.iter().any(|p| p.is_empty()) {
+            return None;
+        }
+        match (kind, parts.as_slice()) {
+            ("nodes", [node]) => Some(Key::Node(node)),
+            ("cidrs", [node]) => Some(Key::Cidrs(node)),
+            ("cidr-claims", [family, net]) => {
+                let net: IpNet = net.replace('_', "/").parse().ok()?;
+                match (*family, net) {
+                    ("v4", IpNet::V4(_)) | ("v6", IpNet::V6(_)) => Some(Key::CidrClaim(net)),
+                    _ => None,
+                }
+            }
+            ("identities", ["id", n]) => n.parse().ok().map(Key::Identity),
+            ("identities", ["labels", digest]) => Some(Key::IdentityLabels(digest)),
+            ("endpoints", [node, container_id, ifname]) => Some(Key::Endpoint {
+                node,
+                container_id,
+                ifname,
+            }),
+            ("namespaces", [namespace]) => Some(Key::Namespace(namespace)),
+            ("policies", [namespace, name]) => Some(Key::Policy { namespace, name }),
+            _ => None,
+        }
+    }
+}
+
 /// The sha256 (hex) of a label set's canonical JSON (`[namespace, {labels sorted}]`).
 pub fn labels_digest(namespace: &str, labels: &Labels) -> String {
     let canonical = serde_json::to_vec(&(namespace, labels)).expect("labels serialize");
@@ -225,5 +286,58 @@ mod tests {
             labels_digest("other", &a),
             "the namespace is part of the identity"
         );
+    }
+
+    #[test]
+    fn keys_parse_back() {
+        let l = Layout::default();
+        let a: Labels = [("app".to_owned(), "web".to_owned())].into();
+        let digest = labels_digest("default", &a);
+        let net4: IpNet = "10.244.3.0/24".parse().unwrap();
+        let net6: IpNet = "fd00:10:244:3::/64".parse().unwrap();
+        let cases = [
+            (l.node("n1"), Key::Node("n1")),
+            (l.node_cidrs("n1"), Key::Cidrs("n1")),
+            (l.cidr_claim(net4), Key::CidrClaim(net4)),
+            (l.cidr_claim(net6), Key::CidrClaim(net6)),
+            (l.identity(4242), Key::Identity(4242)),
+            (
+                l.identity_labels("default", &a),
+                Key::IdentityLabels(&digest),
+            ),
+            (
+                l.endpoint("n1", "c1", "eth0"),
+                Key::Endpoint {
+                    node: "n1",
+                    container_id: "c1",
+                    ifname: "eth0",
+                },
+            ),
+            (l.namespace("prod"), Key::Namespace("prod")),
+            (
+                l.policy("prod", "web"),
+                Key::Policy {
+                    namespace: "prod",
+                    name: "web",
+                },
+            ),
+        ];
+        for (key, want) in &cases {
+            assert_eq!(l.parse(key).as_ref(), Some(want), "{key}");
+        }
+        for bad in [
+            "/other/v1/nodes/n1",
+            "/hypha/v1/nodes/",
+            "/hypha/v1/nodes/a/b",
+            "/hypha/v1/nodes",
+            "/hypha/v1/endpoints/n1/c1",
+            "/hypha/v1/endpoints/n1//eth0",
+            "/hypha/v1/identities/id/x",
+            "/hypha/v1/cidr-claims/v6/10.244.3.0_24",
+            "/hypha/v1/cidr-claims/v4/nonsense",
+            "/hypha/v1/unknown/x",
+        ] {
+            assert_eq!(l.parse(bad), None, "{bad}");
+        }
     }
 }

@@ -211,7 +211,12 @@ pub fn compile(
         ipcache.insert(IpNet::from(*a), IDENTITY_HOST);
     }
     let mut ep_identity = BTreeMap::new();
-    for e in endpoints {
+    // Local endpoints last: they win an address a remote one claims too.
+    for e in endpoints
+        .iter()
+        .filter(|e| e.remote)
+        .chain(endpoints.iter().filter(|e| !e.remote))
+    {
         let id = by_source[&IdentitySource::Labels {
             namespace: e.namespace.clone(),
             labels: e.labels.clone(),
@@ -240,7 +245,8 @@ pub fn compile(
     // Identity sets of rules, computed once per rule rather than once per endpoint.
     let mut peer_cache: BTreeMap<(usize, u8, bool, usize), BTreeSet<u32>> = BTreeMap::new();
 
-    for e in endpoints {
+    // Other nodes' endpoints are peers only: no entries, no flags.
+    for e in endpoints.iter().filter(|e| !e.remote) {
         let selecting: Vec<usize> = (0..policies.len())
             .filter(|&i| {
                 let p = &policies[i];

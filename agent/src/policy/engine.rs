@@ -29,6 +29,13 @@
 //!   selected by such policies are recompiled when an endpoint with named ports comes,
 //!   goes or changes its ports.
 //!
+//! - **Other nodes' endpoints** (cluster mode, [`PolicyEndpoint::remote`]) are peers:
+//!   members of their label identities (which selectors match) with their addresses in
+//!   the ipcache, but they get no entries and no flags. They come and go in batches
+//!   ([`PolicyEngine::update_remote`]), each reconciled once. On an address both a local
+//!   and a remote endpoint claim, the local one wins the ipcache (a stale remote entry
+//!   never hides a pod of this node).
+//!
 //! A change that fails (a map's capacity, identities exhausted) leaves the engine as it
 //! was: its inputs are restored and the engine rebuilt from them, which is a full
 //! compile, paid only on that error path.
@@ -329,6 +336,184 @@ impl PolicyEngine {
             ..Undo::default()
         };
         self.transact(undo, |e, work| e.insert_endpoint(ep, work))
+    }
+
+    /// Other nodes' endpoints come (or change) and go, in one batch reconciled once:
+    /// every upsert must be [`PolicyEndpoint::remote`] (an id of a local endpoint is
+    /// refused), removals of unknown ids are ignored, and an upsert equal to what the
+    /// engine holds changes nothing.
+    pub fn update_remote(
+        &mut self,
+        upserts: Vec<PolicyEndpoint>,
+        removes: Vec<u32>,
+    ) -> Result<Outcome, PolicyError> {
+        for ep in &upserts {
+            if !ep.remote || self.endpoints.get(&ep.id).is_some_and(|e| !e.remote) {
+                return Err(invalid_endpoint(ep.id, "is not another node's endpoint"));
+            }
+        }
+        let removes: Vec<u32> = removes
+            .into_iter()
+            .filter(|id| self.endpoints.get(id).is_some_and(|e| e.remote))
+            .collect();
+        let upserts: Vec<PolicyEndpoint> = upserts
+            .into_iter()
+            .filter(|ep| self.endpoints.get(&ep.id) != Some(ep))
+            .collect();
+        if upserts.is_empty() && removes.is_empty() {
+            return Ok(Outcome::default());
+        }
+        let mut undo = Undo::default();
+        let mut seen = BTreeSet::new();
+        for id in removes.iter().copied().chain(upserts.iter().map(|e| e.id)) {
+            if seen.insert(id) {
+                undo.endpoints.push((id, self.endpoints.get(&id).cloned()));
+            }
+        }
+        self.transact(undo, |e, work| {
+            for id in removes {
+                e.remove_endpoint(id, work);
+            }
+            for ep in upserts {
+                e.remove_endpoint(ep.id, work);
+                e.insert_endpoint(ep, work);
+            }
+        })
+    }
+
+    /// The ids of the other nodes' endpoints the engine holds.
+    pub fn remote_ids(&self) -> impl Iterator<Item = u32> + '_ {
+        self.endpoints.values().filter(|e| e.remote).map(|e| e.id)
+    }
+
+    /// Cluster mode: numbers the store gave label sets (`assign`: number, namespace,
+    /// labels) and took back (`unassign`); with `resync`, `assign` is the store's whole
+    /// set and every other assignment is forgotten. A number in use here is never
+    /// forgotten (the store only collects numbers no endpoint uses).
+    ///
+    /// Conflicts (the store gives labels in use here another number, or gives a number
+    /// in use here to other labels): **the store wins**. The engine is rebuilt with the
+    /// store's numbers, so the endpoints of those labels (local and remote) move to
+    /// them in one diff. If labels in use here would be left without a number (theirs
+    /// went to other labels and the store has not given them a new one), nothing
+    /// changes and [`PolicyError::IdentityConflict`] says which: the assignment is
+    /// taken once the store has numbered both (the runtime sends the identities and the
+    /// endpoints of one batch together).
+    pub fn assign_identities(
+        &mut self,
+        assign: Vec<(u32, String, Labels)>,
+        unassign: Vec<u32>,
+        resync: bool,
+    ) -> Result<Outcome, PolicyError> {
+        let mut alloc = self.compiled.identities.clone();
+        let mut changed = false;
+        let mut gone: BTreeSet<u32> = unassign.into_iter().collect();
+        if resync {
+            let wanted: BTreeSet<u32> = assign.iter().map(|(id, _, _)| *id).collect();
+            gone.extend(
+                alloc
+                    .assignments()
+                    .keys()
+                    .filter(|id| !wanted.contains(id))
+                    .copied(),
+            );
+        }
+        for id in gone {
+            if !self.identities.contains_key(&id) {
+                changed |= alloc.unassign(id);
+            }
+        }
+        // (number in use, the labels holding it, the labels the store gives it).
+        let mut conflicts: Vec<(u32, LabelKey, LabelKey)> = Vec::new();
+        for (id, namespace, labels) in assign {
+            let key = (namespace, labels);
+            if let Some(live) = self.label_ids.get(&key)
+                && *live != id
+            {
+                conflicts.push((*live, key.clone(), key.clone()));
+            }
+            if let Some(s) = self.identities.get(&id)
+                && (s.namespace != key.0 || s.labels != key.1)
+            {
+                conflicts.push((id, (s.namespace.clone(), s.labels.clone()), key.clone()));
+            }
+            changed |= alloc.assign(&key.0, &key.1, id);
+        }
+        if conflicts.is_empty() {
+            self.compiled.identities = alloc;
+            return Ok(Outcome {
+                diff: PolicyDiff::default(),
+                identities_changed: changed,
+            });
+        }
+        // The store wins: rebuild with its numbers.
+        for (id, _, _) in &conflicts {
+            alloc.release(*id);
+        }
+        let rebuilt = Self::new(
+            self.policies.values().map(|s| s.policy.clone()).collect(),
+            self.namespaces.clone(),
+            self.endpoints.values().cloned().collect(),
+            alloc,
+            self.host_addrs.clone(),
+        );
+        match rebuilt {
+            Ok(mut new) => {
+                let d = super::compile::diff(&self.compiled, &new.compiled);
+                new.recompiled += self.recompiled;
+                *self = new;
+                Ok(Outcome {
+                    diff: d,
+                    identities_changed: true,
+                })
+            }
+            Err(PolicyError::Unassigned { labels }) => {
+                let (id, _, to) = conflicts
+                    .iter()
+                    .find(|(_, held, _)| super::describe_labels(&held.0, &held.1) == labels)
+                    .unwrap_or(&conflicts[0]);
+                Err(PolicyError::IdentityConflict {
+                    id: *id,
+                    labels: super::describe_labels(&to.0, &to.1),
+                    held: labels,
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Cluster mode on or off for the allocator (at start, before any endpoint).
+    pub fn set_cluster(&mut self, on: bool) {
+        self.compiled.identities.set_cluster(on);
+    }
+
+    /// The number of `(namespace, labels)`: the one in use, else (cluster mode) the one
+    /// the store gave.
+    pub fn known_identity(&self, namespace: &str, labels: &Labels) -> Option<u32> {
+        self.label_ids
+            .get(&(namespace.to_owned(), labels.clone()))
+            .copied()
+            .or_else(|| self.compiled.identities.assigned(namespace, labels))
+    }
+
+    /// The label identities in use: number, namespace, labels, and how many local and
+    /// remote endpoints have it.
+    pub fn label_identities(&self) -> Vec<(u32, &str, &Labels, usize, usize)> {
+        self.identities
+            .iter()
+            .map(|(id, s)| {
+                let key = (s.namespace.clone(), s.labels.clone());
+                let (mut local, mut remote) = (0, 0);
+                for ep in self.members.get(&key).into_iter().flatten() {
+                    if self.endpoints[ep].remote {
+                        remote += 1;
+                    } else {
+                        local += 1;
+                    }
+                }
+                (*id, s.namespace.as_str(), &s.labels, local, remote)
+            })
+            .collect()
     }
 
     /// An endpoint goes (nothing happens for one the engine does not know).
@@ -680,7 +865,11 @@ impl PolicyEngine {
         let mut touched: Vec<PolicyRef> = Vec::new();
         for r in &self.global {
             let s = &self.policies[r];
+            // `cluster` covers every label identity, even one whose addresses another
+            // endpoint's hide in the ipcache.
             if identity_set_changed
+                || !added.is_empty()
+                || !removed.is_empty()
                 || s.nets
                     .iter()
                     .any(|n| ipcache_changes.keys().any(|p| n.contains(p)))
@@ -718,6 +907,9 @@ impl PolicyEngine {
         let mut flags_set = BTreeMap::new();
         let mut added_keys = 0usize;
         for ep in &work.endpoints {
+            if self.endpoints.get(ep).is_some_and(|e| e.remote) {
+                continue;
+            }
             let low = PolicyKey {
                 endpoint_id: *ep,
                 identity: 0,
@@ -784,6 +976,7 @@ impl PolicyEngine {
         }
         for ep in &work.endpoints {
             match self.endpoints.get(ep) {
+                Some(e) if e.remote => {}
                 Some(_) => {
                     let f = self.identities[&self.ep_identity[ep]].template.flags;
                     self.compiled.endpoint_flags.insert(*ep, f);
@@ -978,7 +1171,12 @@ impl PolicyEngine {
 
     fn ipcache_value(&self, prefix: &IpNet) -> Option<u32> {
         if prefix.prefix_len() == prefix.max_prefix_len() {
-            if let Some(ep) = self.by_addr.get(&prefix.addr()).and_then(|ids| ids.last()) {
+            if let Some(ep) = self.by_addr.get(&prefix.addr()).and_then(|ids| {
+                ids.iter()
+                    .rev()
+                    .find(|id| !self.endpoints[*id].remote)
+                    .or(ids.last())
+            }) {
                 return self.ep_identity.get(ep).copied().or_else(|| {
                     let e = &self.endpoints[ep];
                     self.label_ids

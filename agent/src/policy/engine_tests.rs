@@ -348,6 +348,26 @@ enum Op {
     SetPorts(u32, NamedPorts),
     Update(Vec<Policy>, Vec<(String, String)>),
     SetNamespace(&'static str, Option<&'static str>),
+    /// Other nodes' endpoints: upserts and removals, in one batch.
+    Remote(Vec<PolicyEndpoint>, Vec<u32>),
+}
+
+/// The first engine id of the property test's remote endpoints.
+const REMOTE: u32 = 0x8000_0000;
+
+/// Remote endpoint `REMOTE + k` with the addresses of local endpoint `k` (so that
+/// local and remote ones sometimes claim one address).
+fn remote_endpoint() -> impl Strategy<Value = PolicyEndpoint> {
+    (
+        1u32..=4,
+        prop::sample::select(NAMESPACES.to_vec()),
+        label_set(),
+    )
+        .prop_map(|(k, ns, l)| {
+            let mut e = mixed_families(ep(k, ns, &l), k).into_remote();
+            e.id = REMOTE + k;
+            e
+        })
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -372,6 +392,11 @@ fn op() -> impl Strategy<Value = Op> {
             prop::option::of(prop::sample::select(vec!["prod", "dev"]))
         )
             .prop_map(|(ns, env)| Op::SetNamespace(ns, env)),
+        2 => (
+            prop::collection::vec(remote_endpoint(), 0..=3),
+            prop::collection::vec((1u32..=4).prop_map(|k| REMOTE + k), 0..=2)
+        )
+            .prop_map(|(u, r)| Op::Remote(u, r)),
     ]
 }
 
@@ -443,7 +468,19 @@ proptest! {
                     model.namespaces.insert(ns.to_owned(), l.clone());
                     engine.set_namespace_labels(ns, l).unwrap()
                 }
+                Op::Remote(upserts, removes) => {
+                    for id in &removes {
+                        model.endpoints.remove(id);
+                    }
+                    for e in &upserts {
+                        model.endpoints.insert(e.id, e.clone());
+                    }
+                    engine.update_remote(upserts, removes).unwrap()
+                }
             };
+            for id in engine.remote_ids() {
+                prop_assert!(!engine.compiled().endpoint_flags.contains_key(&id));
+            }
             model.check(&engine, &before, &outcome)?;
             let want: Vec<&Policy> = model.policies.values().collect();
             prop_assert_eq!(engine.policies().collect::<Vec<_>>(), want);
@@ -850,4 +887,370 @@ pub(super) fn many_policies(
         })
         .collect();
     (policies, endpoints)
+}
+
+// ---------------------------------------------------------------- other nodes' endpoints
+
+/// Remote endpoint `n` (engine id `REMOTE + n`) at 10.245.<n / 250>.<n % 250 + 2>.
+fn remote(n: u32, ns: &str, pairs: &[(&str, &str)]) -> PolicyEndpoint {
+    let a = Ipv4Addr::new(10, 245, (n / 250 % 256) as u8, (n % 250 + 2) as u8);
+    let mut e = PolicyEndpoint::new(REMOTE + n, a, &labels(ns, pairs)).into_remote();
+    e.address = Some(a);
+    e
+}
+
+#[test]
+fn remote_endpoints_are_peers_with_no_entries_of_their_own() {
+    let server_policy = k8s(
+        "server",
+        "default",
+        "  podSelector: {matchLabels: {app: server}}\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {app: client}}\n",
+    );
+    // A policy selecting the remote's own labels: it must still get nothing.
+    let client_policy = k8s(
+        "client",
+        "default",
+        "  podSelector: {matchLabels: {app: client}}\n  policyTypes: [Ingress, Egress]\n",
+    );
+    let server = ep(1, "default", &[("app", "server")]);
+    let mut model = Model::new(
+        &[server_policy, client_policy],
+        std::slice::from_ref(&server),
+    );
+    let mut engine = model.engine();
+    let before = engine.compiled().clone();
+    let client = remote(1, "default", &[("app", "client")]);
+    let other = remote(2, "default", &[("app", "other")]);
+    model.endpoints.insert(client.id, client.clone());
+    model.endpoints.insert(other.id, other.clone());
+    let outcome = engine
+        .update_remote(vec![client.clone(), other.clone()], Vec::new())
+        .unwrap();
+    model.check(&engine, &before, &outcome).unwrap();
+
+    let client_id = engine
+        .identity_of(client.id)
+        .expect("the remote has an identity");
+    let other_id = engine.identity_of(other.id).unwrap();
+    let c = engine.compiled();
+    assert_eq!(
+        c.ipcache.get(&prefix(client.address.unwrap())),
+        Some(&client_id)
+    );
+    assert_eq!(
+        c.ipcache.get(&prefix(other.address.unwrap())),
+        Some(&other_id)
+    );
+    // The local server admits the remote client's identity, not the other's.
+    let admits = |identity| {
+        c.entries.keys().any(|k| {
+            k.endpoint_id == server.id && k.identity == identity && k.direction == DIR_INGRESS
+        })
+    };
+    assert!(admits(client_id), "{:?}", c.entries);
+    assert!(!admits(other_id));
+    // Nothing is keyed by a remote's id, and it has no flags.
+    assert!(c.entries.keys().all(|k| k.endpoint_id < REMOTE));
+    assert!(c.endpoint_flags.keys().all(|id| *id < REMOTE));
+    assert!(keys_of(&outcome.diff).all(|k| k.endpoint_id < REMOTE));
+    assert!(outcome.diff.flags_set.is_empty());
+    assert_eq!(engine.remote_ids().count(), 2);
+
+    // The same batch again changes nothing.
+    let again = engine
+        .update_remote(vec![client.clone(), other.clone()], Vec::new())
+        .unwrap();
+    assert!(again.diff.is_empty(), "{:?}", again.diff);
+
+    // The client goes: its ipcache entry and the server's entry for it go.
+    let before = engine.compiled().clone();
+    model.endpoints.remove(&client.id);
+    let outcome = engine.update_remote(Vec::new(), vec![client.id]).unwrap();
+    model.check(&engine, &before, &outcome).unwrap();
+    assert!(
+        outcome
+            .diff
+            .ipcache_del
+            .contains(&prefix(client.address.unwrap()))
+    );
+    assert!(
+        !engine
+            .compiled()
+            .ipcache
+            .contains_key(&prefix(client.address.unwrap()))
+    );
+    assert!(
+        !engine
+            .compiled()
+            .entries
+            .keys()
+            .any(|k| k.identity == client_id)
+    );
+
+    // A local endpoint's id is not a remote's to replace.
+    let mut fake = server.clone().into_remote();
+    fake.labels = labels("default", &[("app", "client")]);
+    assert!(engine.update_remote(vec![fake], Vec::new()).is_err());
+}
+
+#[test]
+fn a_local_endpoint_wins_an_address_a_remote_one_claims() {
+    let local = ep(1, "default", &[("app", "web")]);
+    let mut model = Model::new(&[], std::slice::from_ref(&local));
+    let mut engine = model.engine();
+    let mut stale = remote(7, "default", &[("app", "db")]);
+    stale.address = local.address;
+    let before = engine.compiled().clone();
+    model.endpoints.insert(stale.id, stale.clone());
+    let outcome = engine.update_remote(vec![stale], Vec::new()).unwrap();
+    model.check(&engine, &before, &outcome).unwrap();
+    assert_eq!(
+        engine.compiled().ipcache[&prefix(local.address.unwrap())],
+        engine.identity_of(local.id).unwrap()
+    );
+}
+
+/// 50,000 remote endpoints (1,000 label sets) joining in one batch, with a policy that
+/// selects some of them. Release figure: `cargo test --release -p hypha-agent
+/// fifty_thousand_remote -- --nocapture`.
+#[test]
+fn fifty_thousand_remote_endpoints_sync_in_one_batch() {
+    let policy = k8s(
+        "server",
+        "default",
+        "  podSelector: {matchLabels: {app: server}}\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {tier: front}}\n",
+    );
+    let server = ep(1, "default", &[("app", "server")]);
+    let mut engine = PolicyEngine::new(
+        vec![policy],
+        BTreeMap::new(),
+        vec![server.clone()],
+        IdentityAllocator::default(),
+        hosts(),
+    )
+    .unwrap();
+    let batch: Vec<PolicyEndpoint> = (0..50_000u32)
+        .map(|n| {
+            let app = format!("app{}", n % 1000);
+            let tier = if n % 2 == 0 { "front" } else { "back" };
+            let mut e = remote(n, "default", &[("app", &app), ("tier", tier)]);
+            e.address = Some(Ipv4Addr::new(10, 245, (n / 250) as u8, (n % 250 + 2) as u8));
+            e
+        })
+        .collect();
+    let t = Instant::now();
+    let outcome = engine.update_remote(batch, Vec::new()).unwrap();
+    let took = t.elapsed();
+    eprintln!("50,000 remote endpoints in one batch: {took:?}");
+    assert_eq!(outcome.diff.ipcache_set.len(), 50_000);
+    assert_eq!(engine.remote_ids().count(), 50_000);
+    // The server admits the 500 "front" label sets (app0, app2, ...), nothing else.
+    let admitted: std::collections::BTreeSet<u32> = engine
+        .compiled()
+        .entries
+        .keys()
+        .filter(|k| k.endpoint_id == server.id && k.direction == DIR_INGRESS)
+        .map(|k| k.identity)
+        .collect();
+    assert_eq!(admitted.len(), 500 + 1, "the front identities and the host");
+    // Debug builds are several times slower than release; the bound is generous.
+    let bound = if cfg!(debug_assertions) { 60 } else { 5 };
+    assert!(took.as_secs() < bound, "{took:?}");
+}
+
+// ---------------------------------------------------------------- cluster identities
+
+/// A store's assignment: number, namespace, labels.
+type Assignment<'a> = (u32, &'a str, &'a [(&'a str, &'a str)]);
+
+fn cluster_allocator(assigned: &[Assignment<'_>]) -> IdentityAllocator {
+    let mut a = IdentityAllocator::default();
+    a.set_cluster(true);
+    for (id, ns, pairs) in assigned {
+        let l: Labels = pairs
+            .iter()
+            .map(|(k, v)| ((*k).into(), (*v).into()))
+            .collect();
+        a.assign(ns, &l, *id);
+    }
+    a
+}
+
+fn plain(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).into(), (*v).into()))
+        .collect()
+}
+
+#[test]
+fn cluster_mode_takes_the_stores_numbers_and_refuses_unassigned_labels() {
+    let alloc = cluster_allocator(&[(4242, "default", &[("app", "web")])]);
+    let web = ep(1, "default", &[("app", "web")]);
+    let mut engine = PolicyEngine::new(
+        Vec::new(),
+        BTreeMap::new(),
+        vec![web.clone()],
+        alloc,
+        hosts(),
+    )
+    .unwrap();
+    assert_eq!(engine.identity_of(web.id), Some(4242));
+    assert_eq!(
+        engine.compiled().ipcache[&prefix(web.address.unwrap())],
+        4242
+    );
+
+    // Unassigned labels: refused, naming them; nothing changes.
+    let before = engine.compiled().clone();
+    let err = engine.join(ep(2, "default", &[("app", "db")])).unwrap_err();
+    assert!(
+        matches!(&err, PolicyError::Unassigned { labels } if labels == "default/{app=db}"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("app=db"), "{err}");
+    assert_eq!(engine.compiled(), &before);
+
+    // Once the store numbers them, the same join works and takes that number.
+    let outcome = engine
+        .assign_identities(
+            vec![(777, "default".into(), plain(&[("app", "db")]))],
+            vec![],
+            false,
+        )
+        .unwrap();
+    assert!(outcome.identities_changed && outcome.diff.is_empty());
+    assert_eq!(
+        engine.known_identity("default", &plain(&[("app", "db")])),
+        Some(777)
+    );
+    engine.join(ep(2, "default", &[("app", "db")])).unwrap();
+    assert_eq!(engine.identity_of(2), Some(777));
+
+    // CIDR identities and policy ids stay local.
+    let p = k8s(
+        "p",
+        "default",
+        "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to:\n    - ipBlock: {cidr: 192.168.0.0/16}\n",
+    );
+    engine.update(vec![p], Vec::new()).unwrap();
+    let net: IpNet = "192.168.0.0/16".parse().unwrap();
+    assert!(engine.compiled().ipcache[&net] >= hypha_common::IDENTITY_FIRST_CIDR);
+
+    // The assignments are persisted with the allocator; leaving keeps them.
+    engine.leave(2);
+    let saved = serde_json::to_string(&engine.compiled().identities).unwrap();
+    let back: IdentityAllocator = serde_json::from_str(&saved).unwrap();
+    assert_eq!(back, engine.compiled().identities);
+    assert!(back.is_cluster());
+    assert_eq!(
+        back.assigned("default", &plain(&[("app", "db")])),
+        Some(777)
+    );
+}
+
+#[test]
+fn a_single_node_allocator_saves_as_before() {
+    let mut a = IdentityAllocator::default();
+    a.sync(
+        &[("default".to_owned(), plain(&[("app", "web")]))].into(),
+        &Default::default(),
+        &Default::default(),
+    )
+    .unwrap();
+    let text = serde_json::to_string(&a).unwrap();
+    assert!(
+        !text.contains("cluster") && !text.contains("assigned"),
+        "{text}"
+    );
+    assert_eq!(serde_json::from_str::<IdentityAllocator>(&text).unwrap(), a);
+}
+
+/// The store wins: labels in use move to the number the store gives them, and a
+/// number in use goes to the labels the store gives it when their holder is renumbered
+/// in the same batch; a holder left without a number refuses the change.
+#[test]
+fn on_conflicting_numbers_the_store_wins() {
+    let alloc = cluster_allocator(&[
+        (300, "default", &[("app", "web")]),
+        (301, "default", &[("app", "db")]),
+    ]);
+    let web = ep(1, "default", &[("app", "web")]);
+    let db = remote(1, "default", &[("app", "db")]);
+    let policies = vec![k8s(
+        "web",
+        "default",
+        "  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - podSelector: {matchLabels: {app: db}}\n",
+    )];
+    let mut engine = PolicyEngine::new(
+        policies.clone(),
+        BTreeMap::new(),
+        vec![web.clone(), db.clone()],
+        alloc,
+        hosts(),
+    )
+    .unwrap();
+    assert_eq!(engine.identity_of(db.id), Some(301));
+
+    // The store says db is 500 (its data was rebuilt): db moves, web's entry follows.
+    let before = engine.compiled().clone();
+    let outcome = engine
+        .assign_identities(
+            vec![(500, "default".into(), plain(&[("app", "db")]))],
+            vec![],
+            false,
+        )
+        .unwrap();
+    assert_eq!(engine.identity_of(db.id), Some(500));
+    assert_eq!(engine.compiled().ipcache[&prefix(db.address.unwrap())], 500);
+    assert!(
+        engine
+            .compiled()
+            .entries
+            .keys()
+            .any(|k| k.endpoint_id == web.id && k.identity == 500)
+    );
+    assert!(!engine.compiled().entries.keys().any(|k| k.identity == 301));
+    assert_eq!(outcome.diff, diff(&before, engine.compiled()));
+
+    // The store gives 300 (web's) to db without renumbering web: refused, unchanged.
+    let before = engine.compiled().clone();
+    let err = engine
+        .assign_identities(
+            vec![(300, "default".into(), plain(&[("app", "db")]))],
+            vec![],
+            false,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(&err, PolicyError::IdentityConflict { id: 300, held, .. } if held == "default/{app=web}"),
+        "{err}"
+    );
+    assert_eq!(engine.compiled(), &before);
+
+    // Both renumbered in one batch: swapped.
+    engine
+        .assign_identities(
+            vec![
+                (300, "default".into(), plain(&[("app", "db")])),
+                (500, "default".into(), plain(&[("app", "web")])),
+            ],
+            vec![],
+            false,
+        )
+        .unwrap();
+    assert_eq!(engine.identity_of(db.id), Some(300));
+    assert_eq!(engine.identity_of(web.id), Some(500));
+
+    // A resync forgets what the store no longer has, except numbers in use.
+    engine
+        .assign_identities(
+            vec![(300, "default".into(), plain(&[("app", "db")]))],
+            vec![],
+            true,
+        )
+        .unwrap();
+    let a = &engine.compiled().identities;
+    assert_eq!(a.assigned("default", &plain(&[("app", "web")])), Some(500));
+    assert_eq!(a.assignments().len(), 2);
 }

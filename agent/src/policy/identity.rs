@@ -12,8 +12,15 @@
 //! Numbers nobody uses any more are released; a released number is handed out again only
 //! after the counter has gone round its whole range, so a number seldom changes meaning
 //! while a counter or a monitor event still shows it.
+//!
+//! **Cluster mode** ([`IdentityAllocator::set_cluster`]): label identities are the
+//! cluster store's, never invented here. The allocator keeps the numbers the store gave
+//! ([`IdentityAllocator::assign`]) and a label set in use takes its assigned number; one
+//! the store has not assigned is refused ([`PolicyError::Unassigned`]). CIDR identities
+//! and policy ids stay local. The assignments are persisted with the allocator, so that
+//! an agent restarted while the store is unreachable keeps its numbers.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use hypha_common::{IDENTITY_FIRST_CIDR, IDENTITY_FIRST_LABELS, MAX_POLICIES};
 use ipnet::IpNet;
@@ -36,6 +43,7 @@ pub enum IdentitySource {
 
 /// The persisted allocator.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "Saved")]
 pub struct IdentityAllocator {
     #[serde(default)]
     identities: BTreeMap<u32, IdentitySource>,
@@ -48,6 +56,68 @@ pub struct IdentityAllocator {
     next_cidr: u32,
     #[serde(default)]
     next_policy: u32,
+    /// Cluster mode: label identities come from the store (see the module's doc). Off in
+    /// what a single node saves (and absent from it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    cluster: bool,
+    /// Cluster mode: the numbers the store gave label sets (whether in use here or not).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    assigned: BTreeMap<u32, IdentitySource>,
+    /// `assigned` by label set (rebuilt when read back).
+    #[serde(skip)]
+    assigned_by: HashMap<(String, Labels), u32>,
+}
+
+/// What the allocator saves: itself without its index.
+#[derive(Deserialize)]
+struct Saved {
+    #[serde(default)]
+    identities: BTreeMap<u32, IdentitySource>,
+    #[serde(default)]
+    policies: BTreeMap<u32, String>,
+    #[serde(default)]
+    next_labels: u32,
+    #[serde(default)]
+    next_cidr: u32,
+    #[serde(default)]
+    next_policy: u32,
+    #[serde(default)]
+    cluster: bool,
+    #[serde(default)]
+    assigned: BTreeMap<u32, IdentitySource>,
+}
+
+impl From<Saved> for IdentityAllocator {
+    fn from(s: Saved) -> Self {
+        let assigned_by = s
+            .assigned
+            .iter()
+            .filter_map(|(id, src)| label_key(src).map(|k| (k, *id)))
+            .collect();
+        Self {
+            identities: s.identities,
+            policies: s.policies,
+            next_labels: s.next_labels,
+            next_cidr: s.next_cidr,
+            next_policy: s.next_policy,
+            cluster: s.cluster,
+            assigned: s.assigned,
+            assigned_by,
+        }
+    }
+}
+
+fn label_key(src: &IdentitySource) -> Option<(String, Labels)> {
+    match src {
+        IdentitySource::Labels { namespace, labels } => Some((namespace.clone(), labels.clone())),
+        IdentitySource::Cidr(_) => None,
+    }
+}
+
+/// A label set, as errors show it: `namespace/{k=v,...}`.
+pub fn describe_labels(namespace: &str, labels: &Labels) -> String {
+    let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{namespace}/{{{}}}", pairs.join(","))
 }
 
 impl IdentityAllocator {
@@ -73,17 +143,7 @@ impl IdentityAllocator {
                 labels: l.clone(),
             };
             if !have.contains(&src) {
-                let id = next_free(
-                    &self.identities,
-                    &mut self.next_labels,
-                    IDENTITY_FIRST_LABELS,
-                    IDENTITY_FIRST_CIDR,
-                )
-                .ok_or(PolicyError::Exhausted {
-                    what: "label identities",
-                    count: self.identities.len(),
-                })?;
-                self.identities.insert(id, src);
+                self.allocate(src)?;
             }
         }
         for c in cidrs {
@@ -122,6 +182,23 @@ impl IdentityAllocator {
 
     /// Allocates a number for `src` (not yet allocated), as [`Self::sync`] would.
     pub(super) fn allocate(&mut self, src: IdentitySource) -> Result<u32, PolicyError> {
+        if self.cluster
+            && let IdentitySource::Labels { namespace, labels } = &src
+        {
+            let unassigned = || PolicyError::Unassigned {
+                labels: describe_labels(namespace, labels),
+            };
+            let id = *self
+                .assigned_by
+                .get(&(namespace.clone(), labels.clone()))
+                .ok_or_else(unassigned)?;
+            if self.identities.get(&id).is_some_and(|s| *s != src) {
+                // `assign` never leaves a number with two label sets in use.
+                return Err(unassigned());
+            }
+            self.identities.insert(id, src);
+            return Ok(id);
+        }
         let (next, first, end, what) = match src {
             IdentitySource::Labels { .. } => (
                 &mut self.next_labels,
@@ -154,6 +231,67 @@ impl IdentityAllocator {
         )?;
         self.policies.insert(id, full_name.to_owned());
         Ok(id)
+    }
+
+    /// Cluster mode on or off (on: label identities are only what [`Self::assign`]
+    /// gave).
+    pub fn set_cluster(&mut self, on: bool) {
+        self.cluster = on;
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
+    }
+
+    /// Cluster mode: the store gave `(namespace, labels)` number `id`. The store wins: a
+    /// different number these labels had, and other labels `id` stood for, are
+    /// forgotten. Returns whether anything changed. Does not touch the identities in use
+    /// (the engine checks those first: see `PolicyEngine::assign_identities`).
+    pub fn assign(&mut self, namespace: &str, labels: &Labels, id: u32) -> bool {
+        let key = (namespace.to_owned(), labels.clone());
+        if self.assigned_by.get(&key) == Some(&id) {
+            return false;
+        }
+        if let Some(old) = self.assigned_by.remove(&key) {
+            self.assigned.remove(&old);
+        }
+        if let Some(other) = self.assigned.remove(&id).as_ref().and_then(label_key) {
+            self.assigned_by.remove(&other);
+        }
+        self.assigned.insert(
+            id,
+            IdentitySource::Labels {
+                namespace: key.0.clone(),
+                labels: key.1.clone(),
+            },
+        );
+        self.assigned_by.insert(key, id);
+        true
+    }
+
+    /// Cluster mode: the store no longer has number `id`. Returns whether it was known.
+    pub fn unassign(&mut self, id: u32) -> bool {
+        match self.assigned.remove(&id) {
+            Some(src) => {
+                if let Some(k) = label_key(&src) {
+                    self.assigned_by.remove(&k);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Cluster mode: the number the store gave `(namespace, labels)`, if any.
+    pub fn assigned(&self, namespace: &str, labels: &Labels) -> Option<u32> {
+        self.assigned_by
+            .get(&(namespace.to_owned(), labels.clone()))
+            .copied()
+    }
+
+    /// Cluster mode: every number the store gave, with its labels.
+    pub fn assignments(&self) -> &BTreeMap<u32, IdentitySource> {
+        &self.assigned
     }
 
     /// Releases identity `id`.

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 pub use compile::{Compiled, PolicyDiff, compile, diff};
 pub use engine::{Outcome, PolicyEngine};
-pub use identity::{IdentityAllocator, IdentitySource};
+pub use identity::{IdentityAllocator, IdentitySource, describe_labels};
 pub use parse::{PolicyFile, parse_file};
 pub use selector::{LabelSelector, Labels, Operator, Requirement};
 pub use sources::{DirChange, ParsedSources, parse_dir_file, parse_policy_sources};
@@ -67,6 +67,20 @@ pub enum PolicyError {
     /// Identity or policy numbers ran out.
     #[error("no {what} left: {count} are in use")]
     Exhausted { what: &'static str, count: usize },
+    /// Cluster mode: a label set the cluster store has given no identity (yet).
+    #[error("the cluster store has assigned no identity to the labels {labels}")]
+    Unassigned { labels: String },
+    /// Cluster mode: the store's numbers would take a number from labels endpoints here
+    /// still use.
+    #[error(
+        "the cluster store gives identity {id} to {labels}, but endpoints here hold it for \
+         {held}; the assignment waits until the store gives {held} its own number"
+    )]
+    IdentityConflict {
+        id: u32,
+        labels: String,
+        held: String,
+    },
 }
 
 /// Which kind of file a policy came from.
@@ -247,6 +261,10 @@ pub struct PolicyEndpoint {
     pub labels: Labels,
     /// Its named ports (what `port: http` in a policy resolves to).
     pub ports: NamedPorts,
+    /// An endpoint of another node (cluster mode): a peer only. Its labels are an
+    /// identity selectors match and its addresses go into the ipcache, but it gets no
+    /// policy entries and no flags (nothing keyed by its id is compiled).
+    pub remote: bool,
 }
 
 impl PolicyEndpoint {
@@ -264,6 +282,7 @@ impl PolicyEndpoint {
             address: self.address,
             address6: self.address6,
             ports: self.ports.clone(),
+            remote: self.remote,
             ..Self::unaddressed(self.id, labels)
         }
     }
@@ -286,7 +305,14 @@ impl PolicyEndpoint {
             namespace,
             labels,
             ports: NamedPorts::new(),
+            remote: false,
         }
+    }
+
+    /// The same endpoint as another node's (see [`Self::remote`]).
+    pub fn into_remote(mut self) -> Self {
+        self.remote = true;
+        self
     }
 
     /// With `address` as its address of that family.
