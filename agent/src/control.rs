@@ -45,9 +45,6 @@ pub enum ControlError {
     Conflict(String),
     #[error("{0}")]
     NotFound(String),
-    /// Something the request needs (the cluster store) cannot be reached: 503.
-    #[error("{0}")]
-    Unavailable(String),
     #[error(transparent)]
     Ipam(#[from] IpamError),
     #[error(transparent)]

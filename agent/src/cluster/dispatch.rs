@@ -1,5 +1,5 @@
 //! The runtime's view of the store (pure, no I/O): the mirror's deltas classified by key
-//! kind, decoded, kept, and turned into the agent's batches.
+//! kind ([`Layout::parse`]), decoded, kept, and turned into the agent's batches.
 //!
 //! Batch keys, as the agent's `apply_*` receive them in `RemoteBatch::removes`:
 //! identities: the number in decimal; endpoints: the full store key (as
@@ -13,66 +13,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use hypha_cluster::layout::{EndpointEntry, IdentityRecord, Labels, NodeCidrs, NodeRecord};
+use hypha_cluster::layout::{
+    EndpointEntry, IdentityRecord, Key, Labels, Layout, NodeCidrs, NodeRecord,
+};
 use hypha_cluster::mirror::Delta;
 
 use crate::control::{RemoteBatch, RemoteEndpoint};
 use crate::policy::Policy;
-
-/// What a store key is, relative to the cluster prefix.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum KeyKind<'a> {
-    Node(&'a str),
-    Cidrs(&'a str),
-    /// `cidr-claims/...` and `identities/labels/...`: bookkeeping of the cluster crate.
-    Bookkeeping,
-    Identity(u32),
-    Endpoint {
-        node: &'a str,
-    },
-    Namespace(&'a str),
-    Policy {
-        namespace: &'a str,
-        name: &'a str,
-    },
-    /// Not a key of this layout (another version's, or a typo by hand).
-    Unknown,
-}
-
-/// The kind of `key` under `prefix`.
-pub fn classify<'a>(prefix: &str, key: &'a str) -> KeyKind<'a> {
-    let Some(rest) = key.strip_prefix(prefix) else {
-        return KeyKind::Unknown;
-    };
-    let (kind, rest) = rest.split_once('/').unwrap_or((rest, ""));
-    let one = |s: &'a str| (!s.is_empty() && !s.contains('/')).then_some(s);
-    match kind {
-        "nodes" => one(rest).map_or(KeyKind::Unknown, KeyKind::Node),
-        "cidrs" => one(rest).map_or(KeyKind::Unknown, KeyKind::Cidrs),
-        "cidr-claims" => KeyKind::Bookkeeping,
-        "identities" => match rest.split_once('/') {
-            Some(("id", n)) => n.parse().map_or(KeyKind::Unknown, KeyKind::Identity),
-            Some(("labels", _)) => KeyKind::Bookkeeping,
-            _ => KeyKind::Unknown,
-        },
-        "endpoints" => {
-            let parts: Vec<&str> = rest.split('/').collect();
-            if parts.len() == 3 && parts.iter().all(|p| !p.is_empty()) {
-                KeyKind::Endpoint { node: parts[0] }
-            } else {
-                KeyKind::Unknown
-            }
-        }
-        "namespaces" => one(rest).map_or(KeyKind::Unknown, KeyKind::Namespace),
-        "policies" => match rest.split_once('/') {
-            Some((namespace, name)) if one(namespace).is_some() && one(name).is_some() => {
-                KeyKind::Policy { namespace, name }
-            }
-            _ => KeyKind::Unknown,
-        },
-        _ => KeyKind::Unknown,
-    }
-}
 
 /// Everything of the store the runtime keeps, decoded.
 #[derive(Clone, Debug, Default)]
@@ -135,7 +82,13 @@ fn full<T>(upserts: Vec<T>) -> Option<RemoteBatch<T>> {
 impl View {
     /// Applies the mirror's deltas; `me` is this node (its endpoints stay out of the
     /// agent's batches: they are its own).
-    pub fn apply(&mut self, prefix: &str, me: &str, deltas: Vec<Delta>, resync: bool) -> Batches {
+    pub fn apply(
+        &mut self,
+        layout: &Layout,
+        me: &str,
+        deltas: Vec<Delta>,
+        resync: bool,
+    ) -> Batches {
         let mut out = Batches::default();
         let mut ids: Changes<(u32, String, Labels)> = BTreeMap::new();
         let mut eps: Changes<RemoteEndpoint> = BTreeMap::new();
@@ -157,8 +110,8 @@ impl View {
                 }
             };
             let json = value.as_deref().and_then(&mut decode);
-            match classify(prefix, &key) {
-                KeyKind::Node(name) => {
+            match layout.parse(&key) {
+                Some(Key::Node(name)) => {
                     match json.clone().map(serde_json::from_value::<NodeRecord>) {
                         Some(Ok(r)) => {
                             self.nodes.insert(name.to_owned(), r);
@@ -172,7 +125,7 @@ impl View {
                         }
                     }
                 }
-                KeyKind::Cidrs(name) => {
+                Some(Key::Cidrs(name)) => {
                     match json.clone().map(serde_json::from_value::<NodeCidrs>) {
                         Some(Ok(c)) => {
                             self.cidrs.insert(name.to_owned(), c);
@@ -186,15 +139,14 @@ impl View {
                         }
                     }
                 }
-                KeyKind::Identity(id) => {
+                Some(Key::Identity(id)) => {
                     if let Some(old) = self.identities.remove(&id) {
                         let k = (old.namespace, old.labels);
                         if self.by_labels.get(&k) == Some(&id) {
                             self.by_labels.remove(&k);
                         }
                     }
-                    let rec = match json.clone().map(serde_json::from_value::<IdentityRecord>)
-                    {
+                    let rec = match json.clone().map(serde_json::from_value::<IdentityRecord>) {
                         Some(Ok(r)) => Some(r),
                         Some(Err(e)) => {
                             out.warnings.push(invalid(&key, e));
@@ -217,10 +169,8 @@ impl View {
                         }
                     }
                 }
-                KeyKind::Endpoint { node } => {
-                    let entry = match json.clone()
-                        .map(serde_json::from_value::<EndpointEntry>)
-                    {
+                Some(Key::Endpoint { node, .. }) => {
+                    let entry = match json.clone().map(serde_json::from_value::<EndpointEntry>) {
                         Some(Ok(mut e)) => {
                             // The key says whose it is.
                             e.node = node.to_owned();
@@ -254,7 +204,7 @@ impl View {
                         }
                     }
                 }
-                KeyKind::Namespace(ns) => {
+                Some(Key::Namespace(ns)) => {
                     let labels = match json.clone().map(serde_json::from_value::<Labels>) {
                         Some(Ok(l)) => Some(l),
                         Some(Err(e)) => {
@@ -274,7 +224,7 @@ impl View {
                         }
                     }
                 }
-                KeyKind::Policy { namespace, name } => {
+                Some(Key::Policy { namespace, name }) => {
                     let full_name = format!("{namespace}/{name}");
                     let policy = match json.clone().map(serde_json::from_value::<Policy>) {
                         Some(Ok(p)) if p.namespace == namespace && p.name == name => Some(p),
@@ -302,11 +252,12 @@ impl View {
                         }
                     }
                 }
-                KeyKind::Bookkeeping => {}
-                KeyKind::Unknown => {
+                Some(Key::CidrClaim(_) | Key::IdentityLabels(_)) => {}
+                None => {
                     if value.is_some() {
                         out.warnings.push(format!(
-                            "{key} is not a key of the cluster store's layout under {prefix}; it is ignored"
+                            "{key} is not a key of the cluster store's layout under {}; it is ignored",
+                            layout.prefix()
                         ));
                     }
                 }
@@ -365,7 +316,11 @@ impl View {
 
     /// Every node name the store knows (a record, or CIDRs still allocated).
     pub fn node_names(&self) -> BTreeSet<String> {
-        self.nodes.keys().chain(self.cidrs.keys()).cloned().collect()
+        self.nodes
+            .keys()
+            .chain(self.cidrs.keys())
+            .cloned()
+            .collect()
     }
 }
 
@@ -398,35 +353,10 @@ mod tests {
     }
 
     #[test]
-    fn keys_are_classified() {
-        let k = |s: &str| classify(P, &format!("{P}{s}")).clone();
-        assert_eq!(k("nodes/a"), KeyKind::Node("a"));
-        assert_eq!(k("cidrs/a"), KeyKind::Cidrs("a"));
-        assert_eq!(k("cidr-claims/v4/10.244.1.0_24"), KeyKind::Bookkeeping);
-        assert_eq!(k("identities/id/300"), KeyKind::Identity(300));
-        assert_eq!(k("identities/labels/abc"), KeyKind::Bookkeeping);
-        assert_eq!(k("identities/id/x"), KeyKind::Unknown);
-        assert_eq!(k("endpoints/b/c1/eth0"), KeyKind::Endpoint { node: "b" });
-        assert_eq!(k("endpoints/b/c1"), KeyKind::Unknown);
-        assert_eq!(k("namespaces/prod"), KeyKind::Namespace("prod"));
-        assert_eq!(
-            k("policies/prod/deny-all"),
-            KeyKind::Policy {
-                namespace: "prod",
-                name: "deny-all"
-            }
-        );
-        assert_eq!(k("policies/prod"), KeyKind::Unknown);
-        assert_eq!(k("nodes/a/b"), KeyKind::Unknown);
-        assert_eq!(k("other/x"), KeyKind::Unknown);
-        assert_eq!(classify(P, "/hypha/v2/nodes/a"), KeyKind::Unknown);
-    }
-
-    #[test]
     fn incremental_batches_hold_each_key_once_and_leave_own_endpoints_out() {
         let mut v = View::default();
         let b = v.apply(
-            P,
+            &Layout::new(P),
             "a",
             vec![
                 up("endpoints/b/c1/eth0", ep("b", "10.244.1.2", 300)),
@@ -461,7 +391,7 @@ mod tests {
         assert_eq!(v.used_identities(), [300].into());
         assert!(b.warnings.is_empty(), "{:?}", b.warnings);
         // Removing the identity clears the reverse map.
-        let b = v.apply(P, "a", vec![rm("identities/id/300")], false);
+        let b = v.apply(&Layout::new(P), "a", vec![rm("identities/id/300")], false);
         assert_eq!(b.identities.unwrap().removes, vec!["300".to_owned()]);
         assert!(v.by_labels.is_empty());
     }
@@ -470,7 +400,7 @@ mod tests {
     fn a_resync_gives_whole_sets() {
         let mut v = View::default();
         v.apply(
-            P,
+            &Layout::new(P),
             "a",
             vec![
                 up("endpoints/b/c1/eth0", ep("b", "10.244.1.2", 300)),
@@ -479,7 +409,7 @@ mod tests {
             false,
         );
         // The list after a lost watch: c's endpoint went, b's stayed (no delta for it).
-        let b = v.apply(P, "a", vec![rm("endpoints/c/c1/eth0")], true);
+        let b = v.apply(&Layout::new(P), "a", vec![rm("endpoints/c/c1/eth0")], true);
         assert!(v.synced);
         let eps = b.endpoints.unwrap();
         assert!(eps.resync && eps.removes.is_empty());
@@ -495,13 +425,13 @@ mod tests {
     fn unreadable_values_are_reported_and_count_as_absent() {
         let mut v = View::default();
         v.apply(
-            P,
+            &Layout::new(P),
             "a",
             vec![up("endpoints/b/c1/eth0", ep("b", "10.244.1.2", 300))],
             false,
         );
         let b = v.apply(
-            P,
+            &Layout::new(P),
             "a",
             vec![
                 Delta::Upsert {
@@ -514,7 +444,11 @@ mod tests {
             false,
         );
         assert_eq!(b.warnings.len(), 3, "{:?}", b.warnings);
-        assert!(b.warnings[0].contains("endpoints/b/c1/eth0"), "{:?}", b.warnings);
+        assert!(
+            b.warnings[0].contains("endpoints/b/c1/eth0"),
+            "{:?}",
+            b.warnings
+        );
         assert_eq!(
             b.endpoints.unwrap().removes,
             vec![format!("{P}endpoints/b/c1/eth0")]

@@ -32,7 +32,9 @@ pub enum LocalError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not valid: {source}; it says who this state directory is in the cluster (remove it only with the node: `hypha node remove`)")]
+    #[error(
+        "{path} is not valid: {source}; it says who this state directory is in the cluster (remove it only with the node: `hypha node remove`)"
+    )]
     Parse {
         path: PathBuf,
         #[source]
@@ -154,7 +156,9 @@ mod tests {
     fn another_name_over_the_state_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         load_or_create(dir.path(), "node-a").unwrap();
-        let err = load_or_create(dir.path(), "node-b").unwrap_err().to_string();
+        let err = load_or_create(dir.path(), "node-b")
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("belongs to node node-a") && err.contains("--node-name node-b"),
             "{err}"

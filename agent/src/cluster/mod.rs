@@ -54,6 +54,24 @@ const TXN_OPS: usize = 100;
 /// A node is stale (removable without `--force`) after this many lease lifetimes.
 const STALE_TTLS: u32 = 3;
 
+/// How long the runtime waits for the store (tests shorten them).
+#[derive(Clone, Copy, Debug)]
+pub struct Waits {
+    /// See [`REGISTER_WAIT`].
+    pub register: Duration,
+    /// See [`STORE_WAIT`].
+    pub store: Duration,
+}
+
+impl Default for Waits {
+    fn default() -> Self {
+        Waits {
+            register: REGISTER_WAIT,
+            store: STORE_WAIT,
+        }
+    }
+}
+
 /// What the runtime asks of the agent (implemented by [`Agent`]; by a recorder in tests).
 pub trait ClusterAgent: Send + Sync {
     fn apply_identities(
@@ -121,6 +139,7 @@ pub struct Runtime {
     config: ClusterConfig,
     layout: Layout,
     store: Arc<dyn KvStore>,
+    waits: Waits,
     handle: tokio::runtime::Handle,
     state_dir: PathBuf,
     local: Mutex<LocalCluster>,
@@ -150,6 +169,16 @@ impl Runtime {
         state_dir: &Path,
         store: Arc<dyn KvStore>,
     ) -> Result<(Arc<Runtime>, PodCidrs), RuntimeError> {
+        Self::connect_with(config, state_dir, store, Waits::default()).await
+    }
+
+    /// [`Runtime::connect`] with other waits.
+    pub async fn connect_with(
+        config: ClusterConfig,
+        state_dir: &Path,
+        store: Arc<dyn KvStore>,
+        waits: Waits,
+    ) -> Result<(Arc<Runtime>, PodCidrs), RuntimeError> {
         let dir = state_dir.to_owned();
         let name = config.node_name.clone();
         let local = tokio::task::spawn_blocking(move || local::load_or_create(&dir, &name))
@@ -160,6 +189,7 @@ impl Runtime {
             layout: Layout::new(&config.prefix),
             config,
             store,
+            waits,
             handle: tokio::runtime::Handle::current(),
             state_dir: state_dir.to_owned(),
             local: Mutex::new(local.clone()),
@@ -174,7 +204,7 @@ impl Runtime {
             tasks: Mutex::new(Vec::new()),
         });
         let saved = (local.cidrs.v4.is_some() || local.cidrs.v6.is_some()).then_some(local.cidrs);
-        let deadline = tokio::time::Instant::now() + REGISTER_WAIT;
+        let deadline = tokio::time::Instant::now() + waits.register;
         let mut backoff = BACKOFF_FIRST;
         loop {
             let error = match runtime.register().await {
@@ -309,12 +339,8 @@ impl Runtime {
         while let Some(update) = rx.recv().await {
             let revision = update.revision;
             let resync = update.resync;
-            let batches = lock(&self.view).apply(
-                self.layout.prefix(),
-                &self.config.node_name,
-                update.deltas,
-                resync,
-            );
+            let batches =
+                lock(&self.view).apply(&self.layout, &self.config.node_name, update.deltas, resync);
             for w in &batches.warnings {
                 tracing::warn!("{w}");
             }
@@ -355,14 +381,14 @@ impl Runtime {
             if reconcile {
                 reconcile = false;
                 let Some(agent) = self.agent() else { return };
-                let local =
-                    match tokio::task::spawn_blocking(move || agent.local_endpoints()).await {
-                        Ok(l) => l,
-                        Err(e) => {
-                            tracing::error!("reading the local endpoints failed: {e}");
-                            continue;
-                        }
-                    };
+                let local = match tokio::task::spawn_blocking(move || agent.local_endpoints()).await
+                {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!("reading the local endpoints failed: {e}");
+                        continue;
+                    }
+                };
                 let stored = lock(&self.view).own_endpoints(self.me());
                 let desired = self.entries(&local);
                 pending = reconcile_ops(&stored, &desired);
@@ -406,7 +432,9 @@ impl Runtime {
             })
             .collect();
         for chunk in ops.chunks(TXN_OPS) {
-            self.store.txn(Vec::new(), chunk.to_vec(), Vec::new()).await?;
+            self.store
+                .txn(Vec::new(), chunk.to_vec(), Vec::new())
+                .await?;
         }
         Ok(())
     }
@@ -526,7 +554,7 @@ impl Runtime {
                 Err(format!(
                     "the cluster store {} did not answer within {} s",
                     self.store_urls(),
-                    wait.as_secs()
+                    wait.as_secs_f32()
                 ))
             })
     }
@@ -626,37 +654,48 @@ impl ClusterLink for Runtime {
         if let Some(id) = self.known_identity(namespace, labels) {
             return Ok(id);
         }
-        let labels_text = format!("{labels:?}");
-        let mut last = String::from("no answer yet");
-        let result = self.block_on(STORE_WAIT, async {
-            let mut backoff = BACKOFF_FIRST;
-            loop {
-                match identity::resolve(self.store.as_ref(), &self.layout, namespace, labels).await
-                {
-                    Ok(id) => return Ok(id),
-                    Err(e) if e.is_unavailable() => {
-                        last = e.to_string();
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
+        let mut last: Option<String> = None;
+        let outcome = self
+            .handle
+            .block_on(tokio::time::timeout(self.waits.store, async {
+                let mut backoff = BACKOFF_FIRST;
+                loop {
+                    match identity::resolve(self.store.as_ref(), &self.layout, namespace, labels)
+                        .await
+                    {
+                        Ok(id) => return Ok(id),
+                        Err(e) if e.is_unavailable() => {
+                            last = Some(e.to_string());
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
+                        }
+                        Err(e) => return Err(e.to_string()),
                     }
-                    Err(e) => return Err(e.to_string()),
                 }
-            }
-        });
-        match result {
-            Ok(id) => {
+            }));
+        let what = format!(
+            "cannot get a cluster identity for namespace {namespace} labels {{{}}}",
+            labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        match outcome {
+            Ok(Ok(id)) => {
                 lock(&self.view)
                     .by_labels
                     .insert((namespace.to_owned(), labels.clone()), id);
                 Ok(id)
             }
-            Err(e) if e.contains("did not answer") || e.contains("unreachable") => Err(format!(
-                "cannot get a cluster identity for {namespace} {labels_text}: the cluster store {} is unreachable ({}); pods whose labels the cluster already knows still start",
+            Ok(Err(e)) => Err(format!("{what}: {e}")),
+            Err(_) => Err(format!(
+                "{what}: the cluster store {} is unreachable ({}); pods whose labels the cluster already knows still start",
                 self.store_urls(),
-                if last == "no answer yet" { e } else { last }
-            )),
-            Err(e) => Err(format!(
-                "cannot get a cluster identity for {namespace} {labels_text}: {e}"
+                last.unwrap_or_else(|| format!(
+                    "no answer within {} s",
+                    self.waits.store.as_secs_f32()
+                ))
             )),
         }
     }
@@ -695,7 +734,7 @@ impl ClusterLink for Runtime {
             return Ok(());
         }
         let store = self.store_urls();
-        self.block_on(STORE_WAIT, async {
+        self.block_on(self.waits.store, async {
             let out = self
                 .store
                 .txn(Vec::new(), ops, Vec::new())
@@ -716,7 +755,7 @@ impl ClusterLink for Runtime {
         let failed = |e: &dyn std::fmt::Display| {
             format!("labelling namespace {namespace} in the cluster store {store}: {e}")
         };
-        self.block_on(STORE_WAIT, async {
+        self.block_on(self.waits.store, async {
             for _ in 0..16 {
                 let current = self.store.get(&key).await.map_err(|e| failed(&e))?;
                 let mut labels: Labels = match &current {
@@ -796,7 +835,9 @@ impl ClusterLink for Runtime {
                 NodeInfo {
                     addresses: record.map(|r| r.addresses.clone()).unwrap_or_default(),
                     pod_cidr: cidrs.and_then(|c| c.v4).or(record.and_then(|r| r.pod_cidr)),
-                    pod_cidr6: cidrs.and_then(|c| c.v6).or(record.and_then(|r| r.pod_cidr6)),
+                    pod_cidr6: cidrs
+                        .and_then(|c| c.v6)
+                        .or(record.and_then(|r| r.pod_cidr6)),
                     version: record.map(|r| r.version.clone()).unwrap_or_default(),
                     heartbeat_unix_ms: record.map(|r| r.heartbeat_ms),
                     alive: record.is_some(),
@@ -810,15 +851,13 @@ impl ClusterLink for Runtime {
 
     fn remove_node(&self, name: &str, force: bool) -> Result<RemoveNodeResponse, ControlError> {
         let stale_after = self.config.node_ttl * STALE_TTLS;
-        let result = self
-            .handle
-            .block_on(async {
-                tokio::time::timeout(
-                    STORE_WAIT,
-                    node::remove(self.store.as_ref(), &self.layout, name, force, stale_after),
-                )
-                .await
-            });
+        let result = self.handle.block_on(async {
+            tokio::time::timeout(
+                self.waits.store,
+                node::remove(self.store.as_ref(), &self.layout, name, force, stale_after),
+            )
+            .await
+        });
         match result {
             Ok(Ok(removed)) => Ok(RemoveNodeResponse {
                 name: name.to_owned(),
@@ -826,7 +865,9 @@ impl ClusterLink for Runtime {
                 pod_cidr6: removed.cidrs.v6,
                 endpoints: removed.endpoints,
             }),
-            Ok(Err(e @ ClusterError::NodeAlive { .. })) => Err(ControlError::Conflict(e.to_string())),
+            Ok(Err(e @ ClusterError::NodeAlive { .. })) => {
+                Err(ControlError::Conflict(e.to_string()))
+            }
             Ok(Err(e @ ClusterError::NoSuchNode(_))) => Err(ControlError::NotFound(e.to_string())),
             Ok(Err(e)) if e.is_unavailable() => Err(ControlError::Unavailable(format!(
                 "removing node {name}: {e}"
@@ -835,7 +876,7 @@ impl ClusterLink for Runtime {
             Err(_) => Err(ControlError::Unavailable(format!(
                 "removing node {name}: the cluster store {} did not answer within {} s",
                 self.store_urls(),
-                STORE_WAIT.as_secs()
+                self.waits.store.as_secs_f32()
             ))),
         }
     }
