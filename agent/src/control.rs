@@ -45,6 +45,9 @@ pub enum ControlError {
     Conflict(String),
     #[error("{0}")]
     NotFound(String),
+    /// Something the request needs (the cluster store) cannot be reached: 503.
+    #[error("{0}")]
+    Unavailable(String),
     #[error(transparent)]
     Ipam(#[from] IpamError),
     #[error(transparent)]
@@ -55,9 +58,6 @@ pub enum ControlError {
     Datapath(String),
     #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
-    /// The cluster store cannot answer now (cluster mode); worth retrying.
-    #[error("{0}")]
-    Unavailable(String),
     /// A step failed, and so did part of undoing what came before it.
     #[error("{error}; undoing it also failed: {}", rollback.join("; "))]
     RollbackFailed {

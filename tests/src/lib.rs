@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod census;
+pub mod cluster;
 pub mod cni;
 pub mod ebpf;
 pub mod launcher;

@@ -105,6 +105,11 @@ pub struct Node {
     /// The IPv6 pod CIDR, on a dual-stack or IPv6-only node.
     pub pod_cidr6: Option<String>,
     extra_args: Vec<String>,
+    /// Whether the agent is given `--pod-cidr` (not in cluster mode, where the store
+    /// allocates the node's CIDRs and the fields above are read back from its status).
+    pod_cidr_flag: bool,
+    /// How long [`Node::start_agent`] waits for the agent's API.
+    start_timeout: Duration,
     agent: Option<Child>,
 }
 
@@ -159,10 +164,35 @@ impl Node {
             pod_cidr,
             pod_cidr6,
             extra_args: extra_args.iter().map(|a| a.to_string()).collect(),
+            pod_cidr_flag: true,
+            start_timeout: Duration::from_secs(15),
             agent: None,
         };
         node.start_agent();
         node
+    }
+
+    /// A node of a cluster ([`crate::cluster::Cluster`]): its namespace, directories and
+    /// the agent's arguments (the cluster flags, no `--pod-cidr`), the agent not started
+    /// (the caller wires the namespace to the underlay first). Its pod CIDRs are read
+    /// from the agent's status each time it starts.
+    pub fn cluster_member(extra_args: Vec<String>) -> Self {
+        let tag = unique_name("hyc");
+        let dir = std::env::temp_dir().join(format!("hypha-test-{tag}"));
+        std::fs::create_dir_all(&dir).expect("create test dir");
+        Node {
+            netns: NamedNetns::named(format!("{tag}-node")),
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/hypha-test-{tag}")),
+            tag,
+            dir,
+            pod_cidr: String::new(),
+            pod_cidr6: None,
+            extra_args,
+            pod_cidr_flag: false,
+            // Registration in the store comes first.
+            start_timeout: Duration::from_secs(30),
+            agent: None,
+        }
     }
 
     /// The address of the "world" host [`Node::join_world`] makes.
@@ -290,6 +320,14 @@ impl Node {
     /// (Re)starts the agent process inside the node's namespace. `nsenter` changes only the
     /// network namespace, so the agent's bpffs pins outlive it as in production.
     pub fn start_agent(&mut self) {
+        if let Err(e) = self.try_start_agent() {
+            panic!("{e}");
+        }
+    }
+
+    /// As [`Node::start_agent`], but an agent that exits or does not answer in time is an
+    /// error (its exit status and log), not a panic.
+    pub fn try_start_agent(&mut self) -> Result<(), String> {
         assert!(self.agent.is_none(), "agent already running");
         let log = File::options()
             .create(true)
@@ -306,8 +344,12 @@ impl Node {
             .arg(self.dir.join("state"))
             .arg("--pin-dir")
             .arg(&self.pin_dir)
-            .arg("--pod-cidr")
-            .arg(self.pod_cidrs())
+            .args(
+                self.pod_cidr_flag
+                    .then(|| ["--pod-cidr".to_owned(), self.pod_cidrs()])
+                    .into_iter()
+                    .flatten(),
+            )
             .arg("--policy-dir")
             .arg(self.policy_dir())
             .args(&self.extra_args)
@@ -318,21 +360,32 @@ impl Node {
         self.agent = Some(child);
         let start = Instant::now();
         loop {
-            if self.client().status().is_ok() {
-                return;
+            if let Ok(status) = self.client().status() {
+                if !self.pod_cidr_flag {
+                    self.pod_cidr = status
+                        .node
+                        .pod_cidr
+                        .map(|c| c.to_string())
+                        .unwrap_or_default();
+                    self.pod_cidr6 = status.node.pod_cidr6.map(|c| c.to_string());
+                }
+                return Ok(());
             }
             if let Some(status) = self
                 .agent
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!("the agent exited with {status}: {}", self.log());
+                self.agent = None;
+                return Err(format!("the agent exited with {status}: {}", self.log()));
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(15),
-                "the agent did not answer within 15 s: {}",
-                self.log()
-            );
+            if start.elapsed() > self.start_timeout {
+                return Err(format!(
+                    "the agent did not answer within {:?}: {}",
+                    self.start_timeout,
+                    self.log()
+                ));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -447,6 +500,34 @@ impl Node {
         labels: &[(&str, &str)],
         bandwidth: Option<serde_json::Value>,
     ) -> Pod {
+        self.try_add_pod_with(name, namespace, labels, bandwidth)
+            .unwrap_or_else(|out| {
+                panic!(
+                    "CNI ADD of {name} failed: {}\nagent log:\n{}",
+                    out.stdout,
+                    self.log()
+                )
+            })
+    }
+
+    /// As [`Node::add_labelled_pod`], but a failed ADD is returned (what `hypha-cni`
+    /// answered), not a panic.
+    pub fn try_add_labelled_pod(
+        &self,
+        name: &str,
+        namespace: &str,
+        labels: &[(&str, &str)],
+    ) -> Result<Pod, CniRun> {
+        self.try_add_pod_with(name, namespace, labels, None)
+    }
+
+    fn try_add_pod_with(
+        &self,
+        name: &str,
+        namespace: &str,
+        labels: &[(&str, &str)],
+        bandwidth: Option<serde_json::Value>,
+    ) -> Result<Pod, CniRun> {
         let netns = NamedNetns::named(format!("{}-{name}", self.tag));
         let container_id = format!("ctr{}{name}", self.tag);
         let path = netns.path().display().to_string();
@@ -466,12 +547,9 @@ impl Node {
         let mut env = Self::cni_env("ADD", &container_id, &path);
         env.push(("CNI_ARGS", &cni_args));
         let out = self.cni(&env, &conf.to_string());
-        assert!(
-            out.status.success(),
-            "CNI ADD of {name} failed: {}\nagent log:\n{}",
-            out.stdout,
-            self.log()
-        );
+        if !out.status.success() {
+            return Err(out);
+        }
         let result = out.reply();
         let addresses = result_addresses(&result);
         assert!(
@@ -490,13 +568,13 @@ impl Node {
             IpAddr::V6(a) => Some(*a),
             IpAddr::V4(_) => None,
         });
-        Pod {
+        Ok(Pod {
             netns,
             container_id,
             address,
             address6,
             result,
-        }
+        })
     }
 
     /// A namespace and a container id for a pod named `name`, for a test that runs its
