@@ -499,8 +499,7 @@ async fn forward_watch(
             // Its header revision is the store's now, not how far events were delivered.
             continue;
         }
-        let revision = answer.header().map(|h| h.revision()).unwrap_or_default();
-        let events = answer
+        let events: Vec<WatchEvent> = answer
             .events()
             .iter()
             .filter_map(|event| {
@@ -514,6 +513,18 @@ async fn forward_watch(
                 })
             })
             .collect();
+        // How far this batch brings the reader. Not the header's revision when there are
+        // events: etcd catches a watcher up from its history 1,000 revisions a response,
+        // each with the store's current revision in its header, so older events can
+        // still follow. A batch ends with whole revisions (a transaction's events are
+        // never split without fragmenting, which is off), so its last event's revision
+        // is safe. An empty response is a progress notification, which etcd sends only
+        // to a watcher that has caught up: its header is.
+        let revision = match events.last() {
+            Some(WatchEvent::Put(kv)) => kv.mod_revision,
+            Some(WatchEvent::Delete { mod_revision, .. }) => *mod_revision,
+            None => answer.header().map(|h| h.revision()).unwrap_or_default(),
+        };
         // An empty batch is a progress notification: every change up to `revision` was
         // sent.
         if tx

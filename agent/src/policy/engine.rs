@@ -356,9 +356,11 @@ impl PolicyEngine {
             .into_iter()
             .filter(|id| self.endpoints.get(id).is_some_and(|e| e.remote))
             .collect();
+        // Removals come first: an upsert of an id the batch also removes puts it back,
+        // even when it is unchanged.
         let upserts: Vec<PolicyEndpoint> = upserts
             .into_iter()
-            .filter(|ep| self.endpoints.get(&ep.id) != Some(ep))
+            .filter(|ep| removes.contains(&ep.id) || self.endpoints.get(&ep.id) != Some(ep))
             .collect();
         if upserts.is_empty() && removes.is_empty() {
             return Ok(Outcome::default());

@@ -135,8 +135,27 @@ impl Settings {
     }
 }
 
+/// Set by SIGINT or SIGTERM: the polling loops stop, and everything is cleaned up on
+/// the way out (`Drop`).
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let settings = Settings::parse()?;
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
     if !hypha_tests::privileged() {
         bail!("cluster-bench needs root (network namespaces, the agent, pinned maps)");
     }
@@ -154,11 +173,11 @@ fn main() -> Result<()> {
     let mut errors = Vec::new();
     for phase in settings.phases.clone() {
         println!("==> phase {phase}");
-        let result = match phase.as_str() {
+        let result = check_interrupted().and_then(|()| match phase.as_str() {
             "store" => store_phase(&settings),
             "scale" => scale_phase(&settings),
             _ => unreachable!("checked in Settings::parse"),
-        };
+        });
         match result {
             Ok(value) => report[phase.as_str()] = value,
             Err(e) => {
@@ -483,6 +502,9 @@ fn store_phase(s: &Settings) -> Result<Value> {
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(s_churn_deadline(total_expected));
         while lags.len() < total_expected {
+            if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+                break;
+            }
             tokio::select! {
                 ev = ev_rx.recv() => {
                     let Some(ev) = ev else { continue };
@@ -510,6 +532,10 @@ fn store_phase(s: &Settings) -> Result<Value> {
         }
         lags
     });
+    if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+        churn_task.abort();
+        check_interrupted()?;
+    }
     let (sent, achieved) = u.rt.run(churn_task).context("the churn task panicked")??;
     let summary = lag_summary(&lags);
     println!(
@@ -671,9 +697,33 @@ fn scale_phase(s: &Settings) -> Result<Value> {
     println!("    starting one agent in cluster mode");
     let started = Instant::now();
     let mut agent = Agent::start(&u, "bench-node")?;
+    // Its API first: it must run in cluster mode.
+    let client = hypha_api::Client::new(agent.dir.path().join("agent.sock"))?
+        .with_timeout(Duration::from_secs(5));
+    let status = loop {
+        agent.check_alive()?;
+        check_interrupted()?;
+        if let Ok(status) = client.status() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "the agent did not answer within 60 s:\n{}",
+                agent.log_tail()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if status.cluster.is_none() {
+        bail!(
+            "the agent runs but not in cluster mode (its status has no cluster section):\n{}",
+            agent.log_tail()
+        );
+    }
     // The map is pinned once the agent has loaded its programs.
     let map = loop {
         agent.check_alive()?;
+        check_interrupted()?;
         if let Ok(map) = agent.ipcache() {
             break map;
         }
@@ -691,6 +741,7 @@ fn scale_phase(s: &Settings) -> Result<Value> {
     let mut polls = 0;
     let sync_secs = loop {
         agent.check_alive()?;
+        check_interrupted()?;
         if map.get(&lpm_key(last), 0).is_ok() {
             polls += 1;
             let count = synthetic_entries(&map);
@@ -756,6 +807,10 @@ fn scale_phase(s: &Settings) -> Result<Value> {
             }
             true
         });
+        if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+            churn_task.abort();
+            check_interrupted()?;
+        }
         if churn_task.is_finished() && watching.is_empty() && ev_rx.is_empty() {
             break;
         }

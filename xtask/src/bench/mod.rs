@@ -2,6 +2,8 @@
 //! this machine, written under `target/bench/`.
 //!
 //! - `attach`: the cost of attaching an endpoint's programs, method by method.
+//! - `cluster-control`: the cluster control plane over etcd: a synthetic cluster's full
+//!   sync, memory and churn lag (driven by hypha-tests' `cluster-bench`).
 //! - `cni`: CNI ADD/DEL latency, sequential and in concurrent bursts: hypha-cni, bridge.
 //! - `datapath`: pod-to-pod throughput and latency: veth pair, bridge plugin, Hypha.
 //! - `policy`: throughput and latency under 0 to 10,000 rules, Hypha and iptables, and
@@ -12,6 +14,7 @@
 
 mod attach;
 mod bandwidth;
+mod cluster;
 mod cni;
 mod datapath;
 mod launcher;
@@ -32,6 +35,10 @@ pub enum Bench {
     /// bandwidth plugin chained after bridge; rate, first second, retransmits, latency
     /// under load.
     Bandwidth(bandwidth::Options),
+    /// The cluster control plane over etcd: 1,000 synthetic nodes and 50,000 endpoints,
+    /// one agent's full sync, RSS and maps, and its lag under 1,000 endpoint changes a
+    /// second.
+    ClusterControl(cluster::Options),
     /// CNI ADD and DEL latency, sequential and in bursts of 10 and 30 concurrent ADDs:
     /// hypha-cni against the reference bridge + host-local plugins.
     Cni(cni::Options),
@@ -51,6 +58,7 @@ pub fn run(b: Bench) -> Result<()> {
     match b {
         Bench::Attach(o) => attach::run(&o),
         Bench::Bandwidth(o) => bandwidth::run(&o),
+        Bench::ClusterControl(o) => cluster::run_bench(&o),
         Bench::Cni(o) => cni::run(&o),
         Bench::Datapath(o) => datapath::run(&o),
         Bench::Launcher(o) => launcher::run(&o),
