@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use hypha_api::Attachment;
+use hypha_cluster::etcd::{EtcdKv, Tls};
 
+use crate::cluster;
 use crate::config::AgentConfig;
 use crate::control::Agent;
 use crate::datapath::{Datapath, EbpfDatapath};
@@ -20,7 +22,7 @@ use crate::state::StateStore;
 
 /// Runs the agent until SIGTERM or SIGINT. Stopping the agent leaves the datapath as it
 /// is: pods keep their connectivity, and the next agent re-adopts them.
-pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
+pub async fn run(mut config: AgentConfig) -> anyhow::Result<()> {
     raise_fd_limit();
     // Off the runtime's threads: it may wait a few seconds for a dying agent's lock.
     let state_dir = config.state_dir.clone();
@@ -28,6 +30,16 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         .await
         .context("opening the state directory")??;
     let saved = store.load()?;
+    // Cluster mode: the node registers (and gets its pod CIDRs) before anything uses them.
+    // The state directory is locked by now: one agent per cluster.json.
+    let cluster = match config.cluster.clone() {
+        Some(c) => {
+            let (runtime, pod_cidrs) = connect_cluster(c, &config.state_dir).await?;
+            config.pod_cidrs = pod_cidrs;
+            Some(runtime)
+        }
+        None => None,
+    };
     let listener = server::bind(&config.socket).await?;
     let mut datapath = EbpfDatapath::load(
         &config.pin_dir,
@@ -77,6 +89,10 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
         "hypha agent ready"
     );
     let agent = Arc::new(agent);
+    if let Some(runtime) = &cluster {
+        agent.set_cluster(runtime.clone());
+        runtime.start(agent.clone());
+    }
     tokio::spawn(reconcile_loop(
         agent.clone(),
         hypha_api::deferred_deletes_dir(&socket),
@@ -115,12 +131,38 @@ pub async fn run(config: AgentConfig) -> anyhow::Result<()> {
     let limits = server::Limits::default();
     let app = server::app(server::router(agent), events, &limits);
     let served = server::serve(listener, app, limits, shutdown()).await;
+    if let Some(runtime) = &cluster {
+        // The lease is left to expire: the node stays registered, its pods keep running.
+        runtime.stop();
+    }
     if let Err(e) = std::fs::remove_file(&socket) {
         tracing::warn!("cannot remove {}: {e}", socket.display());
     }
     served.context("serving the API")?;
     tracing::info!("hypha agent stopped; the datapath stays in place");
     Ok(())
+}
+
+/// Opens the cluster store and registers the node: its pod CIDRs come back (see
+/// [`cluster::Runtime::connect`]).
+async fn connect_cluster(
+    c: crate::config::ClusterConfig,
+    state_dir: &Path,
+) -> anyhow::Result<(Arc<cluster::Runtime>, crate::config::PodCidrs)> {
+    let tls = (c.etcd_ca.is_some() || c.etcd_cert.is_some()).then(|| Tls {
+        ca: c.etcd_ca.clone(),
+        cert: c.etcd_cert.clone(),
+        key: c.etcd_key.clone(),
+    });
+    let store = EtcdKv::connect(&c.store, tls.as_ref())
+        .await
+        .with_context(|| format!("opening the cluster store {}", c.store.join(",")))?;
+    let node = c.node_name.clone();
+    let (runtime, pod_cidrs) = cluster::Runtime::connect(c, state_dir, Arc::new(store))
+        .await
+        .with_context(|| format!("joining the cluster as node {node}"))?;
+    tracing::info!(node, pod_cidrs = %pod_cidrs, "cluster mode");
+    Ok((runtime, pod_cidrs))
 }
 
 /// Raises the soft limit of open descriptors to the hard one (systemd gives services a

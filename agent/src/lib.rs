@@ -4,6 +4,7 @@
 
 pub mod bandwidth;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod daemon;
