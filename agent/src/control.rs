@@ -348,6 +348,8 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             saved.identities,
             table.endpoints.values(),
             host_addrs,
+            config.cluster.as_ref().map(|c| c.node_name.as_str()),
+            saved.remote_endpoints,
             &mut report.warnings,
         );
         changes.extend(policy_changes);
@@ -1407,6 +1409,9 @@ mod core_tests;
 mod dual_stack_tests;
 #[cfg(test)]
 mod validation_tests;
+
+#[cfg(test)]
+mod cluster_tests;
 
 #[cfg(test)]
 mod tests {

@@ -462,8 +462,10 @@ async fn forward_watch(
             Err(_) => {
                 // Quiet: is the store still there? (A dead peer that did not reset the
                 // connection leaves the stream silent forever.)
+                // One exact key (the prefix itself, normally absent): the cheapest read,
+                // whatever the size of the prefix.
                 let mut kv = kv.clone();
-                let probe = kv.get(prefix, Some(GetOptions::new().with_count_only()));
+                let probe = kv.get(prefix, None);
                 match tokio::time::timeout(WATCH_PROBE_TIMEOUT, probe).await {
                     Ok(Ok(_)) => continue,
                     Ok(Err(e)) => return format!("the store does not answer: {e}"),

@@ -46,6 +46,11 @@ pub struct Etcd {
     netns: Option<String>,
     client: SocketAddr,
     peer: SocketAddr,
+    /// Plain-HTTP `/health` (and `/metrics`), whatever the client URL's scheme.
+    metrics: SocketAddr,
+    /// Client TLS (server certificate, client certificates required), from
+    /// [`Etcd::start_tls`].
+    tls: bool,
     /// Holds `data/` and `etcd.log`; removed on drop.
     dir: tempfile::TempDir,
     child: Option<Child>,
@@ -57,12 +62,29 @@ impl Etcd {
     /// both ports are picked free; in a namespace (fresh, so every port is free) they are
     /// 2379 and 2380.
     pub fn start(netns: Option<&str>, listen_ip: IpAddr) -> io::Result<Etcd> {
-        let (client, peer) = match netns {
+        Etcd::start_with(netns, listen_ip, false)
+    }
+
+    /// As [`Etcd::start`], with TLS on the client URL (`https://`): a CA, a server
+    /// certificate for `listen_ip` and a client certificate, made with `openssl` in the
+    /// data directory; etcd requires a client certificate the CA signed. [`Etcd::tls`]
+    /// gives the client's files.
+    pub fn start_tls(netns: Option<&str>, listen_ip: IpAddr) -> io::Result<Etcd> {
+        Etcd::start_with(netns, listen_ip, true)
+    }
+
+    fn start_with(netns: Option<&str>, listen_ip: IpAddr, tls: bool) -> io::Result<Etcd> {
+        let (client, peer, metrics) = match netns {
             Some(_) => (
                 SocketAddr::new(listen_ip, 2379),
                 SocketAddr::new(listen_ip, 2380),
+                SocketAddr::new(listen_ip, 2381),
             ),
-            None => (free_port(listen_ip)?, free_port(listen_ip)?),
+            None => (
+                free_port(listen_ip)?,
+                free_port(listen_ip)?,
+                free_port(listen_ip)?,
+            ),
         };
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let name = format!(
@@ -71,11 +93,16 @@ impl Etcd {
             SEQ.fetch_add(1, Ordering::Relaxed)
         );
         let dir = tempfile::Builder::new().prefix("hypha-etcd-").tempdir()?;
+        if tls {
+            make_certificates(dir.path(), listen_ip)?;
+        }
         let mut etcd = Etcd {
             name,
             netns: netns.map(str::to_owned),
             client,
             peer,
+            metrics,
+            tls,
             dir,
             child: None,
         };
@@ -83,9 +110,20 @@ impl Etcd {
         Ok(etcd)
     }
 
-    /// The client URL (`http://IP:PORT`).
+    /// The client's TLS files (CA, client certificate and key) of an etcd from
+    /// [`Etcd::start_tls`]; None without TLS.
+    pub fn tls(&self) -> Option<crate::etcd::Tls> {
+        self.tls.then(|| crate::etcd::Tls {
+            ca: Some(self.dir.path().join("ca.pem")),
+            cert: Some(self.dir.path().join("client.pem")),
+            key: Some(self.dir.path().join("client.key")),
+        })
+    }
+
+    /// The client URL (`http://IP:PORT`, `https://` with TLS).
     pub fn url(&self) -> String {
-        format!("http://{}", self.client)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.client)
     }
 
     /// The client URL as a store's endpoint list.
@@ -120,7 +158,7 @@ impl Etcd {
     /// A client of this etcd (from the host's namespace: for an etcd in a namespace, call
     /// it inside [`NetnsRuntime::run`]).
     pub async fn client(&self) -> Result<EtcdKv, StoreError> {
-        EtcdKv::connect(&self.endpoints(), None).await
+        EtcdKv::connect(&self.endpoints(), self.tls().as_ref()).await
     }
 
     /// Stops etcd with SIGTERM and waits for it to exit (SIGKILL after 10 s).
@@ -207,8 +245,9 @@ impl Etcd {
             }
             None => Command::new(ETCD_BINARY),
         };
-        let client = format!("http://{}", self.client);
+        let client = self.url();
         let peer = format!("http://{}", self.peer);
+        let metrics = format!("http://{}", self.metrics);
         command
             .arg("--name")
             .arg(&self.name)
@@ -222,10 +261,22 @@ impl Etcd {
             .arg(format!("{}={peer}", self.name))
             .args(["--initial-cluster-state", "new"])
             .args(["--initial-cluster-token", &self.name])
+            .args(["--listen-metrics-urls", &metrics])
             .args(["--logger", "zap", "--log-outputs", "stderr"])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        if self.tls {
+            let file = |name: &str| self.dir.path().join(name);
+            command
+                .arg("--cert-file")
+                .arg(file("server.pem"))
+                .arg("--key-file")
+                .arg(file("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(file("ca.pem"))
+                .arg("--client-cert-auth");
+        }
         let child = command
             .spawn()
             .map_err(|e| io::Error::new(e.kind(), format!("cannot start {ETCD_BINARY}: {e}")))?;
@@ -251,7 +302,7 @@ impl Etcd {
                     self.log_tail()
                 )));
             }
-            let addr = self.client;
+            let addr = self.metrics;
             let last = match in_netns(self.netns.as_deref(), move || health(addr))? {
                 Ok(()) => return Ok(()),
                 Err(e) => e.to_string(),
@@ -260,7 +311,7 @@ impl Etcd {
                 return Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!(
-                        "etcd {} at {} not healthy within {} s ({last}); log tail:\n{}",
+                        "etcd {} ({}) not healthy within {} s ({last}); log tail:\n{}",
                         self.name,
                         self.url(),
                         START_TIMEOUT.as_secs(),
@@ -291,6 +342,70 @@ fn signal(child: &Child, sig: Signal) -> io::Result<()> {
             child.id()
         ))
     })
+}
+
+/// A CA, a server certificate for `ip` and a client certificate (ECDSA P-256, valid a
+/// day), with `openssl`, in `dir`: `ca.pem`, `server.pem`/`server.key`,
+/// `client.pem`/`client.key`.
+fn make_certificates(dir: &Path, ip: IpAddr) -> io::Result<()> {
+    let openssl = |args: &[&str]| -> io::Result<()> {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot run openssl: {e}")))?;
+        if !out.status.success() {
+            return Err(io::Error::other(format!(
+                "openssl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(())
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut ca = vec!["req", "-x509", "-days", "1", "-subj", "/CN=hypha test CA"];
+    ca.extend(ec);
+    ca.extend(["-keyout", "ca.key", "-out", "ca.pem"]);
+    openssl(&ca)?;
+    std::fs::write(
+        dir.join("server.ext"),
+        format!("subjectAltName=IP:{ip}\nextendedKeyUsage=serverAuth,clientAuth\n"),
+    )?;
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n")?;
+    for (who, cn) in [("server", "etcd"), ("client", "hypha")] {
+        let subj = format!("/CN={cn}");
+        let (keyout, csr) = (format!("{who}.key"), format!("{who}.csr"));
+        let mut req = vec!["req", "-subj", subj.as_str()];
+        req.extend(ec);
+        req.extend(["-keyout", keyout.as_str(), "-out", csr.as_str()]);
+        openssl(&req)?;
+        let (pem, ext) = (format!("{who}.pem"), format!("{who}.ext"));
+        openssl(&[
+            "x509",
+            "-req",
+            "-days",
+            "1",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-extfile",
+            &ext,
+            "-out",
+            &pem,
+        ])?;
+    }
+    Ok(())
 }
 
 /// A port nobody listens on at `ip` now.

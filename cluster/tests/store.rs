@@ -693,6 +693,89 @@ async fn etcd_large_list() {
     assert_eq!(snap.kvs.len(), 6000);
 }
 
+/// A store that is not there at start: connecting works (lazily), and every call fails
+/// `Unavailable` within the request bound, so an agent can start and retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_absent_at_connect() {
+    // A loopback port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let store = EtcdKv::connect(&[format!("http://127.0.0.1:{port}")], None)
+        .await
+        .expect("connecting does not need the store");
+    let started = Instant::now();
+    let err = store.list("/t/").await.expect_err("nothing listens");
+    assert!(err.is_unavailable(), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    let err = store.watch("/t/", 0).await.expect_err("nothing listens");
+    assert!(err.is_unavailable(), "{err}");
+}
+
+/// TLS: a client with the CA and a client certificate works (get, txn, watch); one
+/// without a client certificate is refused, and one with the wrong CA cannot connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_tls() {
+    let etcd = tokio::task::block_in_place(|| {
+        Etcd::start_tls(None, "127.0.0.1".parse().unwrap()).expect("start etcd with TLS")
+    });
+    assert!(
+        etcd.url().starts_with("https://127.0.0.1:"),
+        "{}",
+        etcd.url()
+    );
+    let store = etcd.client().await.expect("TLS client");
+    let mut rx = store.watch("/t/tls/", 0).await.expect("watch over TLS");
+    put_str(&store, "/t/tls/1", "secret").await;
+    assert_eq!(
+        store.get("/t/tls/1").await.unwrap().unwrap().value,
+        b"secret"
+    );
+    assert!(!events(&mut rx, 1).await.is_empty());
+
+    let tls = etcd.tls().unwrap();
+    let no_cert = Tls {
+        ca: tls.ca.clone(),
+        ..Tls::default()
+    };
+    let anonymous = EtcdKv::connect(&etcd.endpoints(), Some(&no_cert))
+        .await
+        .unwrap();
+    assert!(
+        anonymous.get("/t/tls/1").await.is_err(),
+        "etcd requires a client certificate"
+    );
+
+    // Another CA (the client's own certificate): the server is not trusted.
+    let wrong_ca = Tls {
+        ca: tls.cert.clone(),
+        ..tls.clone()
+    };
+    let untrusting = EtcdKv::connect(&etcd.endpoints(), Some(&wrong_ca))
+        .await
+        .unwrap();
+    assert!(
+        untrusting.get("/t/tls/1").await.is_err(),
+        "the server's certificate is not trusted"
+    );
+
+    let only_cert = Tls { key: None, ..tls };
+    let err = EtcdKv::connect(&etcd.endpoints(), Some(&only_cert))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("--etcd-cert and --etcd-key go together"),
+        "{err}"
+    );
+}
+
 /// Bad input is refused with the URL or the file named.
 #[tokio::test]
 async fn etcd_bad_connect_input() {

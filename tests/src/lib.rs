@@ -5,7 +5,7 @@
 //! test starts with [`require_root!`], so that `cargo test` as an ordinary user runs the
 //! rest and reports these as skipped instead of failing them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 pub mod census;
 pub mod cluster;
@@ -46,15 +46,19 @@ pub fn skip_message(file: &str, line: u32) {
 }
 
 /// A binary of this build (`hypha`, `hypha-cni`): `target/<profile>/NAME`, next to the
-/// `deps/` directory of the test executable. Cargo does not build other packages'
+/// `deps/` directory of the test executable, or next to a binary of this crate
+/// (`cluster-bench`, in `target/<profile>/` itself). Cargo does not build other packages'
 /// binaries for a test; `cargo xtask test` builds them first.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test executable is in target/<profile>/deps/")
-        .join(name);
+    let dir = exe.parent().expect("the executable is in a directory");
+    let profile_dir = if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent()
+            .expect("the test executable is in target/<profile>/deps/")
+    } else {
+        dir
+    };
+    let bin = profile_dir.join(name);
     assert!(
         bin.exists(),
         "{} is missing: build the binaries first (`cargo xtask build`)",

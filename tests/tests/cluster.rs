@@ -596,3 +596,58 @@ fn a_taken_name_and_an_exhausted_cluster_cidr_are_refused_at_start() {
     assert!(connected(&c.nodes[0]) && connected(&c.nodes[1]));
     assert_eq!(c.keys("nodes/").len(), 2, "{:?}", c.keys("nodes/"));
 }
+
+/// Without cluster flags nothing changes, and the operator's cluster commands say what a
+/// single node is: `hypha node list` shows the node itself, `hypha node remove` is refused
+/// as not in cluster mode, `hypha status` has no cluster section.
+#[test]
+fn a_single_node_lists_itself_and_has_no_cluster() {
+    hypha_tests::require_root!();
+    let node = Node::start_dual();
+    let pod = node.add_labelled_pod("web", "default", &[("app", "web")]);
+    let list = json(&hypha_ok(&node, &["node", "list", "-o", "json"]));
+    let nodes = list.as_array().expect("a list");
+    assert_eq!(nodes.len(), 1, "{list}");
+    let me = &nodes[0];
+    assert_eq!(
+        (me["local"].clone(), me["alive"].clone()),
+        (true.into(), true.into()),
+        "{me}"
+    );
+    assert_eq!(me["pod_cidr"], node.pod_cidr, "{me}");
+    let cidr6 = node.status().node.pod_cidr6.expect("an IPv6 pod CIDR");
+    assert_eq!(me["pod_cidr6"], cidr6.to_string(), "{me}");
+    assert_eq!(me["endpoints"], 1, "{me}");
+    let table = hypha_ok(&node, &["node", "list"]);
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .is_some_and(|l| l.contains(&node.pod_cidr)),
+        "{table}"
+    );
+
+    let (ok, out, err) = node.hypha(&["node", "remove", "node-9", "--force"]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("not in cluster mode") && err.contains("node-9"),
+        "{err}"
+    );
+
+    let status = node.status();
+    assert!(status.cluster.is_none(), "{:?}", status.cluster);
+    assert!(!hypha_ok(&node, &["status"]).contains("Cluster:"));
+
+    // The pod's identity, in the API, the endpoint list and the identity list, is the
+    // one its node's map gives its address.
+    let id = ipcache_identity(&node, pod.address).expect("the pod in hypha_ipcache4");
+    assert_eq!(node.endpoint(&pod.container_id).identity, Some(id));
+    let ids = json(&hypha_ok(&node, &["identity", "list", "-o", "json"]));
+    assert!(
+        ids.as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["id"] == id && i["labels"]["app"] == "web"),
+        "{ids}"
+    );
+}

@@ -32,6 +32,7 @@ use crate::policy::{
     PolicyEngine, diff, namespace_labels, parse_dir_file, parse_policy_sources, proto_name,
 };
 use crate::state::{Change, EndpointRecord, Pending, PolicyOrigin, StoredPolicy};
+use hypha_cluster::layout::EndpointEntry;
 
 /// Policies by (namespace, name).
 type PolicySet = BTreeMap<(String, String), StoredPolicy>;
@@ -49,6 +50,36 @@ pub(super) struct PolicyState {
     pub(super) dir_errors: BTreeMap<PathBuf, DirFileError>,
     /// Problems at start (policies that could not be compiled).
     pub(super) start_errors: Vec<String>,
+    /// Cluster mode: the other nodes' endpoints the engine holds, by store key, with
+    /// their engine ids (from [`REMOTE_ID_FIRST`]).
+    pub(super) remote: BTreeMap<String, (u32, EndpointEntry)>,
+    pub(super) next_remote: u32,
+}
+
+/// The first engine id of other nodes' endpoints (local ones stay below): agent-internal,
+/// never written to a map.
+pub(super) const REMOTE_ID_FIRST: u32 = 0x8000_0000;
+
+/// The engine's view of another node's endpoint, engine id `id`.
+pub(super) fn remote_policy_endpoint(id: u32, e: &EndpointEntry) -> PolicyEndpoint {
+    PolicyEndpoint {
+        id,
+        address: e.address,
+        address6: e.address6,
+        namespace: e.namespace.clone(),
+        labels: selector_labels(&e.labels),
+        ports: NamedPorts::new(),
+        remote: true,
+    }
+}
+
+/// Labels without the bookkeeping ones (what selectors see).
+pub(super) fn selector_labels(labels: &Labels) -> Labels {
+    labels
+        .iter()
+        .filter(|(k, _)| !k.starts_with(BOOKKEEPING_PREFIX))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// What status, metrics and the monitor read of policy: a snapshot replaced after every
@@ -58,6 +89,8 @@ pub(super) struct PolicyView {
     pub(super) status: PolicyStatus,
     /// Policy id → `namespace/name`.
     pub(super) names: Arc<BTreeMap<u32, String>>,
+    /// Cluster mode: how many other nodes' endpoints the engine holds.
+    pub(super) remote_endpoints: usize,
 }
 
 /// The engine's view of an endpoint.
@@ -92,18 +125,45 @@ impl PolicyState {
     /// From the saved state and the endpoints that survived start: the engine compiled
     /// from scratch. Saved policies that no longer compile are dropped (and said so);
     /// returns the changes to persist.
+    ///
+    /// In cluster mode (`node` is this node's name) label identities are the store's,
+    /// and the other nodes' endpoints saved (`remote`) join the engine before its first
+    /// compile, so that their ipcache entries are there before any resync. Out of it,
+    /// saved remote endpoints are forgotten.
+    #[expect(clippy::too_many_arguments, reason = "the parts of the saved state")]
     pub(super) fn start<'a>(
         policies: Vec<StoredPolicy>,
         namespaces: BTreeMap<String, Labels>,
         identities: IdentityAllocator,
         endpoints: impl Iterator<Item = &'a EndpointRecord>,
         host_addrs: Vec<std::net::IpAddr>,
+        node: Option<&str>,
+        remote: BTreeMap<String, EndpointEntry>,
         warnings: &mut Vec<String>,
     ) -> (Self, Vec<Change>) {
-        let endpoints: Vec<PolicyEndpoint> = endpoints.map(policy_endpoint).collect();
+        let mut endpoints: Vec<PolicyEndpoint> = endpoints.map(policy_endpoint).collect();
         let mut set: PolicySet = policies.into_iter().map(|p| (key(&p.policy), p)).collect();
         let mut start_errors = Vec::new();
         let mut changes = Vec::new();
+        let saved_identities = identities.clone();
+        let mut identities = identities;
+        identities.set_cluster(node.is_some());
+        let mut held = BTreeMap::new();
+        let mut next_remote = REMOTE_ID_FIRST;
+        for (k, entry) in remote {
+            if node.is_none_or(|n| n == entry.node) {
+                changes.push(Change::RemoteEndpointGone(k));
+                continue;
+            }
+            identities.assign(
+                &entry.namespace,
+                &selector_labels(&entry.labels),
+                entry.identity,
+            );
+            endpoints.push(remote_policy_endpoint(next_remote, &entry));
+            held.insert(k, (next_remote, entry));
+            next_remote += 1;
+        }
         let engine = match PolicyEngine::new(
             set.values().map(|s| s.policy.clone()).collect(),
             namespaces.clone(),
@@ -142,8 +202,14 @@ impl PolicyState {
                 .expect("an empty policy set compiles")
             }
         };
-        if engine.compiled().identities != identities {
+        if engine.compiled().identities != saved_identities {
             changes.push(Change::Identities(engine.compiled().identities.clone()));
+        }
+        // What did not compile left the remote endpoints out: forget them (the next
+        // resync brings them back).
+        if engine.remote_ids().count() != held.len() {
+            changes.extend(held.keys().cloned().map(Change::RemoteEndpointGone));
+            held.clear();
         }
         let state = PolicyState {
             engine,
@@ -151,6 +217,8 @@ impl PolicyState {
             namespaces,
             dir_errors: BTreeMap::new(),
             start_errors,
+            remote: held,
+            next_remote,
         };
         (state, changes)
     }
@@ -250,7 +318,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     }
 
     /// Writes a diff into the datapath.
-    fn write_policy(&self, d: &PolicyDiff) -> Result<(), ControlError> {
+    pub(super) fn write_policy(&self, d: &PolicyDiff) -> Result<(), ControlError> {
         if d.is_empty() {
             return Ok(());
         }
@@ -291,6 +359,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                     .collect(),
             },
             names,
+            remote_endpoints: p.remote.len(),
         }));
     }
 
@@ -371,7 +440,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     /// Commits changes to the policy set under the policy lock: compile, write the
     /// difference, submit. On any failure before the submit nothing changes. The caller
     /// waits for the returned persistence after releasing the lock.
-    fn commit(
+    pub(super) fn commit(
         &self,
         p: &mut PolicyState,
         upsert: Vec<StoredPolicy>,
@@ -697,7 +766,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     }
 
     /// Gives `namespace` the operator labels `labels` (under the policy lock).
-    fn commit_namespace(
+    pub(super) fn commit_namespace(
         &self,
         p: &mut PolicyState,
         namespace: &str,
@@ -876,7 +945,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 .values()
                 .filter_map(|s| match &s.origin {
                     PolicyOrigin::Dir(p) => Some(p),
-                    PolicyOrigin::Api(_) => None,
+                    PolicyOrigin::Api(_) | PolicyOrigin::Cluster => None,
                 })
                 .chain(p.dir_errors.keys())
                 .filter(|p| !present.contains(*p))

@@ -340,8 +340,8 @@ impl PolicyEngine {
 
     /// Other nodes' endpoints come (or change) and go, in one batch reconciled once:
     /// every upsert must be [`PolicyEndpoint::remote`] (an id of a local endpoint is
-    /// refused), removals of unknown ids are ignored, and an upsert equal to what the
-    /// engine holds changes nothing.
+    /// refused), removals go first (of unknown ids: ignored), and an upsert equal to what
+    /// the engine holds changes nothing.
     pub fn update_remote(
         &mut self,
         upserts: Vec<PolicyEndpoint>,
@@ -352,15 +352,17 @@ impl PolicyEngine {
                 return Err(invalid_endpoint(ep.id, "is not another node's endpoint"));
             }
         }
+        // An id both removed and upserted is upserted (removals go first).
+        let upserted: BTreeSet<u32> = upserts.iter().map(|e| e.id).collect();
         let removes: Vec<u32> = removes
             .into_iter()
-            .filter(|id| self.endpoints.get(id).is_some_and(|e| e.remote))
+            .filter(|id| !upserted.contains(id) && self.endpoints.get(id).is_some_and(|e| e.remote))
             .collect();
-        // Removals come first: an upsert of an id the batch also removes puts it back,
-        // even when it is unchanged.
-        let upserts: Vec<PolicyEndpoint> = upserts
-            .into_iter()
-            .filter(|ep| removes.contains(&ep.id) || self.endpoints.get(&ep.id) != Some(ep))
+        // The last upsert of an id wins.
+        let last: BTreeMap<u32, PolicyEndpoint> = upserts.into_iter().map(|e| (e.id, e)).collect();
+        let upserts: Vec<PolicyEndpoint> = last
+            .into_values()
+            .filter(|ep| self.endpoints.get(&ep.id) != Some(ep))
             .collect();
         if upserts.is_empty() && removes.is_empty() {
             return Ok(Outcome::default());

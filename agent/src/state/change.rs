@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use super::{EndpointRecord, PersistedState, StoredPolicy};
+use hypha_cluster::layout::EndpointEntry;
+
 use crate::ipam::Owner;
 use crate::policy::IdentityAllocator;
 
@@ -46,6 +48,12 @@ pub enum Change {
     },
     /// Replaces the stored identity allocator.
     Identities(IdentityAllocator),
+    /// Cluster mode: puts another node's endpoint, keyed by its store key.
+    RemoteEndpoint {
+        key: String,
+        entry: EndpointEntry,
+    },
+    RemoteEndpointGone(String),
 }
 
 /// Applies one change to an in-memory state: the one definition of what a change means,
@@ -109,6 +117,12 @@ pub fn apply(state: &mut PersistedState, change: &Change) {
             }
         }
         Change::Identities(a) => state.identities = a.clone(),
+        Change::RemoteEndpoint { key, entry } => {
+            state.remote_endpoints.insert(key.clone(), entry.clone());
+        }
+        Change::RemoteEndpointGone(key) => {
+            state.remote_endpoints.remove(key);
+        }
     }
 }
 
@@ -233,6 +247,19 @@ pub fn changes_between(old: &PersistedState, new: &PersistedState) -> Vec<Change
 
     if old.identities != new.identities {
         changes.push(Change::Identities(new.identities.clone()));
+    }
+    for (key, entry) in &new.remote_endpoints {
+        if old.remote_endpoints.get(key) != Some(entry) {
+            changes.push(Change::RemoteEndpoint {
+                key: key.clone(),
+                entry: entry.clone(),
+            });
+        }
+    }
+    for key in old.remote_endpoints.keys() {
+        if !new.remote_endpoints.contains_key(key) {
+            changes.push(Change::RemoteEndpointGone(key.clone()));
+        }
     }
     changes
 }

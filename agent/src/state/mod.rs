@@ -17,6 +17,8 @@ use std::time::Duration;
 use hypha_api::{Bandwidth, MacAddr};
 use serde::{Deserialize, Serialize};
 
+use hypha_cluster::layout::EndpointEntry;
+
 use crate::ipam::{IpamState, Owner};
 use crate::policy::{IdentityAllocator, Policy};
 
@@ -221,6 +223,10 @@ pub struct PersistedState {
     /// Security identities and policy ids, so that they survive restarts.
     #[serde(default)]
     pub identities: IdentityAllocator,
+    /// Cluster mode: the other nodes' endpoints, by store key, so that an agent
+    /// restarted while the store is unreachable keeps them in its ipcache.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub remote_endpoints: BTreeMap<String, EndpointEntry>,
 }
 
 /// A policy in force and where it came from.
@@ -237,6 +243,8 @@ pub enum PolicyOrigin {
     Api(String),
     /// A file of the watched policy directory.
     Dir(PathBuf),
+    /// Cluster mode: the cluster store (`hypha policy apply` on any node).
+    Cluster,
 }
 
 impl std::fmt::Display for PolicyOrigin {
@@ -244,6 +252,7 @@ impl std::fmt::Display for PolicyOrigin {
         match self {
             PolicyOrigin::Api(s) => write!(f, "api: {s}"),
             PolicyOrigin::Dir(p) => write!(f, "dir: {}", p.display()),
+            PolicyOrigin::Cluster => write!(f, "cluster store"),
         }
     }
 }
@@ -259,6 +268,7 @@ impl Default for PersistedState {
             policies: Vec::new(),
             namespace_labels: BTreeMap::new(),
             identities: IdentityAllocator::default(),
+            remote_endpoints: BTreeMap::new(),
         }
     }
 }

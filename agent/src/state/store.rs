@@ -33,6 +33,7 @@ use super::{
     StoredPolicy, lock,
 };
 use crate::ipam::Owner;
+use hypha_cluster::layout::EndpointEntry;
 
 pub(super) const ENDPOINTS: TableDefinition<'_, (&str, &str), &[u8]> =
     TableDefinition::new("endpoints");
@@ -41,6 +42,8 @@ pub(super) const ADDRESSES: TableDefinition<'_, (&str, &str), u32> =
 const ADDRESSES6: TableDefinition<'_, (&str, &str), u128> = TableDefinition::new("addresses6");
 const POLICIES: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("policies");
 const NAMESPACE_LABELS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("namespace_labels");
+/// Cluster mode: other nodes' endpoints, store key → `EndpointEntry` as JSON.
+const REMOTE_ENDPOINTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("remote_endpoints");
 pub(super) const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 
 const META_VERSION: &str = "version";
@@ -300,6 +303,7 @@ fn write_changes<'a>(
     let mut policies = tx.open_table(POLICIES)?;
     let mut namespaces = tx.open_table(NAMESPACE_LABELS)?;
     let mut meta = tx.open_table(META)?;
+    let mut remote = tx.open_table(REMOTE_ENDPOINTS)?;
     for change in changes {
         match change {
             Change::Endpoint(ep) => {
@@ -370,6 +374,12 @@ fn write_changes<'a>(
             Change::Identities(a) => {
                 meta.insert(META_IDENTITIES, encode(a).as_slice())?;
             }
+            Change::RemoteEndpoint { key, entry } => {
+                remote.insert(key.as_str(), encode(entry).as_slice())?;
+            }
+            Change::RemoteEndpointGone(key) => {
+                remote.remove(key.as_str())?;
+            }
         }
     }
     Ok(())
@@ -423,6 +433,7 @@ fn import(db: &Database, state: &PersistedState) -> Result<(), redb::Error> {
     tx.delete_table(ADDRESSES6)?;
     tx.delete_table(POLICIES)?;
     tx.delete_table(NAMESPACE_LABELS)?;
+    tx.delete_table(REMOTE_ENDPOINTS)?;
     tx.delete_table(META)?;
     {
         let mut meta = tx.open_table(META)?;
@@ -589,6 +600,13 @@ fn read_all(db: &Database, path: &Path) -> Result<PersistedState, StateError> {
             let labels: BTreeMap<String, String> =
                 decode(path, "namespace_labels", k.value(), v.value())?;
             state.namespace_labels.insert(k.value().to_owned(), labels);
+        }
+    }
+    if let Some(t) = rows!(REMOTE_ENDPOINTS) {
+        for row in t.iter().map_err(|e| dbe("read")(e.into()))? {
+            let (k, v) = row.map_err(|e| dbe("read")(e.into()))?;
+            let entry: EndpointEntry = decode(path, "remote_endpoints", k.value(), v.value())?;
+            state.remote_endpoints.insert(k.value().to_owned(), entry);
         }
     }
     Ok(state)

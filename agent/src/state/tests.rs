@@ -124,6 +124,17 @@ fn rich_state() -> PersistedState {
             &[("default", "db"), ("prod", "api")],
             &["default/db"],
         )),
+        Change::RemoteEndpoint {
+            key: "/hypha/v1/endpoints/node-b/c1/eth0".into(),
+            entry: hypha_cluster::layout::EndpointEntry {
+                node: "node-b".into(),
+                address: Some(Ipv4Addr::new(10, 244, 1, 2)),
+                address6: Some("fd00:10:244:1::2".parse().unwrap()),
+                identity: 4242,
+                namespace: "default".into(),
+                labels: BTreeMap::from([("app".into(), "client".into())]),
+            },
+        },
     ];
     for c in &changes {
         apply(&mut s, c);

@@ -6,6 +6,12 @@
 //! What `cluster-bench` measures (each phase with a real etcd of its own, in a network
 //! namespace of the bench's):
 //!
+//! - convergence: 5 cluster-mode nodes; 100 pods added one by one, each timed from its
+//!   CNI ADD returning until every other node's pinned `hypha_ipcache4` has it with its
+//!   identity; 50 `hypha policy apply` on the nodes in turn, each timed until every
+//!   node's `hypha_policy` holds its entries.
+//! - identities: 5 nodes × 20 concurrent ADDs, pod k of every node with the same new
+//!   label set: wall time, and every node's maps read back for duplicates.
 //! - store: 1,000 synthetic nodes and 50,000 synthetic endpoints (with CIDR claims and
 //!   identities) written through `EtcdKv`; the control plane's mirror synced from them;
 //!   endpoint churn at 1,000 events/s for 10 s, each event's lag to the mirror's delta.
@@ -25,6 +31,7 @@ use super::{Target, print_targets};
 use crate::util::{run, workspace_root};
 
 /// Issue 12's targets.
+const TARGET_CONVERGENCE_P99_MS: f64 = 250.0;
 const TARGET_FULL_SYNC_SECS: f64 = 5.0;
 const TARGET_RSS_MIB: f64 = 300.0;
 /// "Without falling behind": the churn written at (nearly) the rate asked, and every
@@ -34,6 +41,18 @@ const TARGET_CHURN_RATE_SHARE: f64 = 0.95;
 
 #[derive(clap::Args)]
 pub struct Options {
+    /// Real nodes of the convergence and identity phases [default: 5, 3 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(2..=20))]
+    cluster_nodes: Option<u32>,
+    /// Pods timed to every node [default: 100, 20 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pods: Option<u32>,
+    /// Policy changes timed to every node [default: 50, 5 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    changes: Option<u32>,
+    /// Concurrent ADDs per node, each a new label set [default: 20, 5 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    id_pods: Option<u32>,
     /// Synthetic nodes [default: 1000, 100 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=30_000))]
     nodes: Option<u32>,
@@ -47,10 +66,12 @@ pub struct Options {
     /// Seconds of churn [default: 10, 3 with --quick].
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=600))]
     churn_secs: Option<u32>,
-    /// Phases to run, comma-separated: store, scale [default: both].
+    /// Phases to run, comma-separated: convergence, identities, store, scale [default:
+    /// all].
     #[arg(long)]
     phases: Option<String>,
-    /// A CI-sized run: 100 nodes, 2,000 endpoints, 3 s of churn.
+    /// A CI-sized run: 3 nodes, 20 pods, 5 policy changes, 5 ADDs a node; 100 synthetic
+    /// nodes, 2,000 endpoints, 3 s of churn.
     #[arg(long)]
     quick: bool,
 }
@@ -74,6 +95,10 @@ pub fn run_bench(o: &Options) -> Result<()> {
         cmd.arg("--quick");
     }
     for (flag, value) in [
+        ("--cluster-nodes", o.cluster_nodes),
+        ("--pods", o.pods),
+        ("--changes", o.changes),
+        ("--id-pods", o.id_pods),
         ("--nodes", o.nodes),
         ("--endpoints", o.endpoints),
         ("--churn-rate", o.churn_rate),
@@ -123,6 +148,36 @@ fn targets(raw: &Value) -> Vec<Target> {
     let endpoints = settings["endpoints"].as_u64().unwrap_or(0);
     let rate = f(&settings["churn_rate"]);
     let mut out = Vec::new();
+    let conv = &raw["convergence"];
+    for (what, lag, missed) in [
+        ("a pod's ipcache entry", "pod_to_ipcache", "pods_missed"),
+        ("a policy change", "policy_to_maps", "policies_missed"),
+    ] {
+        let p99 = f(&conv[lag]["p99_ms"]);
+        let missed = conv[missed].as_u64();
+        out.push(Target {
+            goal: format!("{what} on every node, p99 < {TARGET_CONVERGENCE_P99_MS} ms"),
+            measured: p99.map(|p| format!("{p:.1} ms ({} missed)", missed.unwrap_or(0))),
+            pass: p99.map(|p| p < TARGET_CONVERGENCE_P99_MS && missed == Some(0)),
+        });
+    }
+    let ids = &raw["identities"];
+    let split = ids["label_sets_with_several_identities"].as_u64();
+    let shared = ids["identities_shared_by_label_sets"].as_u64();
+    let missing = ids["entries_missing"].as_u64();
+    out.push(Target {
+        goal: "concurrent ADDs of new label sets: one identity each on every node".into(),
+        measured: split.map(|s| {
+            format!(
+                "{} ADDs in {:.0} ms; {s} split, {} shared, {} missing",
+                ids["adds"],
+                f(&ids["wall_ms"]).unwrap_or(f64::NAN),
+                shared.unwrap_or(0),
+                missing.unwrap_or(0)
+            )
+        }),
+        pass: split.map(|s| s == 0 && shared == Some(0) && missing == Some(0)),
+    });
     let sync = f(&scale["full_sync_secs"]);
     out.push(Target {
         goal: format!("one agent's full sync of {endpoints} endpoints < {TARGET_FULL_SYNC_SECS} s"),
@@ -188,19 +243,41 @@ fn chart(raw: &Value) -> String {
         ],
         decimals: 2,
     };
+    let conv = &raw["convergence"];
+    let convergence = BarChart {
+        title: "Convergence to every node".into(),
+        unit: "ms".into(),
+        categories: vec!["p50".into(), "p99".into()],
+        series: vec![
+            Series::new("pod → ipcache", "#e76f51"),
+            Series::new("policy → policy map", "#f4a261"),
+        ],
+        values: ["p50_ms", "p99_ms"]
+            .iter()
+            .map(|k| vec![f(&conv["pod_to_ipcache"][k]), f(&conv["policy_to_maps"][k])])
+            .collect(),
+        decimals: 1,
+    };
     let settings = &raw["settings"];
     let subtitle = format!(
-        "{} synthetic nodes, {} endpoints; churn {} events/s for {} s",
-        settings["nodes"], settings["endpoints"], settings["churn_rate"], settings["churn_secs"]
+        "{} nodes, {} pods, {} policy changes; {} synthetic nodes, {} endpoints; churn {} events/s for {} s",
+        settings["cluster_nodes"],
+        settings["pods"],
+        settings["changes"],
+        settings["nodes"],
+        settings["endpoints"],
+        settings["churn_rate"],
+        settings["churn_secs"]
     );
     svg::document(
-        960.0,
+        1340.0,
         420.0,
         "cargo xtask bench cluster-control",
         &subtitle,
         &[
             svg::bars(&lag, 10.0, 60.0, 560.0, 350.0),
             svg::bars(&sync, 580.0, 60.0, 370.0, 350.0),
+            svg::bars(&convergence, 960.0, 60.0, 370.0, 350.0),
         ],
     )
 }
@@ -224,9 +301,28 @@ mod tests {
             },
         });
         let t = targets(&raw);
+        assert_eq!(t[0].pass, None, "no convergence phase");
+        assert_eq!(t[3].pass, Some(true));
+        assert_eq!(t[4].pass, Some(false), "400 MiB is over 300");
+        assert_eq!(t[5].pass, Some(true));
+        let raw = json!({
+            "convergence": {
+                "pod_to_ipcache": {"p99_ms": 40.0}, "pods_missed": 0,
+                "policy_to_maps": {"p99_ms": 300.0}, "policies_missed": 0,
+            },
+            "identities": {
+                "adds": 100, "wall_ms": 900.0, "label_sets_with_several_identities": 0,
+                "identities_shared_by_label_sets": 1, "entries_missing": 0,
+            },
+        });
+        let t = targets(&raw);
         assert_eq!(t[0].pass, Some(true));
-        assert_eq!(t[1].pass, Some(false), "400 MiB is over 300");
-        assert_eq!(t[2].pass, Some(true));
+        assert_eq!(t[1].pass, Some(false), "300 ms is over 250");
+        assert_eq!(
+            t[2].pass,
+            Some(false),
+            "an identity shared by two label sets"
+        );
         let missing = targets(&json!({"settings": {}}));
         assert!(
             missing

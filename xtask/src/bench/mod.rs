@@ -2,8 +2,9 @@
 //! this machine, written under `target/bench/`.
 //!
 //! - `attach`: the cost of attaching an endpoint's programs, method by method.
-//! - `cluster-control`: the cluster control plane over etcd: a synthetic cluster's full
-//!   sync, memory and churn lag (driven by hypha-tests' `cluster-bench`).
+//! - `cluster-control`: the cluster control plane over etcd: convergence of pods and
+//!   policies to every node, concurrent identity allocation, and a synthetic cluster's
+//!   full sync, memory and churn lag (driven by hypha-tests' `cluster-bench`).
 //! - `cni`: CNI ADD/DEL latency, sequential and in concurrent bursts: hypha-cni, bridge.
 //! - `datapath`: pod-to-pod throughput and latency: veth pair, bridge plugin, Hypha.
 //! - `policy`: throughput and latency under 0 to 10,000 rules, Hypha and iptables, and
@@ -35,7 +36,8 @@ pub enum Bench {
     /// bandwidth plugin chained after bridge; rate, first second, retransmits, latency
     /// under load.
     Bandwidth(bandwidth::Options),
-    /// The cluster control plane over etcd: 1,000 synthetic nodes and 50,000 endpoints,
+    /// The cluster control plane over etcd: pods and policies reaching 5 nodes, 5 × 20
+    /// concurrent identity allocations, and 1,000 synthetic nodes with 50,000 endpoints:
     /// one agent's full sync, RSS and maps, and its lag under 1,000 endpoint changes a
     /// second.
     ClusterControl(cluster::Options),

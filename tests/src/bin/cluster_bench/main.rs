@@ -4,6 +4,9 @@
 //!
 //! Phases (`--phases`, comma-separated; default all):
 //!
+//! - `convergence` and `identities` (in [`nodes`]): real cluster-mode nodes, pods made
+//!   through `hypha-cni`, every node's pinned maps read back: how fast a pod and a policy
+//!   reach every node, and concurrent identity allocation.
 //! - `store`: 1,000 synthetic nodes and 50,000 synthetic endpoints (with their CIDR
 //!   claims and identities) written to a real etcd with `EtcdKv` (write rate), the
 //!   control plane's mirror (`hypha_cluster::mirror::run`, what every agent runs) synced
@@ -37,11 +40,15 @@ use hypha_cluster::mirror::{self, SyncState};
 use hypha_cluster::testing::{Etcd, NetnsRuntime};
 use hypha_cluster::{KvStore, Op, encode};
 use hypha_common::maps;
-use hypha_common::{IpcacheValue, PolicyEntry, PolicyKey};
+use hypha_common::{
+    IDENTITY_FIRST_CIDR, IDENTITY_FIRST_LABELS, IpcacheValue, PolicyEntry, PolicyKey,
+};
 use hypha_tests::netns::NamedNetns;
 use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+
+mod nodes;
 
 /// The bench node's address on its underlay bridge (etcd listens there).
 const UNDERLAY_IP: &str = "10.250.0.1";
@@ -52,10 +59,21 @@ const BATCH: usize = 100;
 /// The namespace and label key of synthetic endpoints.
 const NAMESPACE: &str = "bench";
 
+/// Every phase, in the order they run by default.
+const PHASES: [&str; 4] = ["convergence", "identities", "store", "scale"];
+
 /// The settings.
 #[derive(Clone, Debug)]
 struct Settings {
     phases: Vec<String>,
+    /// Real nodes of the convergence and identities phases.
+    cluster_nodes: usize,
+    /// Pods of the convergence phase.
+    pods: usize,
+    /// Policy changes of the convergence phase.
+    changes: usize,
+    /// Concurrent ADDs per node (each a new label set) of the identities phase.
+    id_pods: usize,
     nodes: usize,
     endpoints: usize,
     identities: usize,
@@ -77,7 +95,7 @@ impl Settings {
                 "--quick" => quick = true,
                 "-h" | "--help" => {
                     println!(
-                        "cluster-bench [--quick] [--phases store,scale] [--nodes N] [--endpoints N] [--identities N] [--churn-rate N] [--churn-secs N] [--out FILE]"
+                        "cluster-bench [--quick] [--phases convergence,identities,store,scale] [--cluster-nodes N] [--pods N] [--changes N] [--id-pods N] [--nodes N] [--endpoints N] [--identities N] [--churn-rate N] [--churn-secs N] [--out FILE]"
                     );
                     std::process::exit(0);
                 }
@@ -100,7 +118,11 @@ impl Settings {
             phases: args
                 .get("phases")
                 .map(|p| p.split(',').map(str::to_owned).collect())
-                .unwrap_or_else(|| vec!["store".into(), "scale".into()]),
+                .unwrap_or_else(|| PHASES.iter().map(|p| p.to_string()).collect()),
+            cluster_nodes: number("cluster-nodes", 5, 3)?,
+            pods: number("pods", 100, 20)?,
+            changes: number("changes", 50, 5)?,
+            id_pods: number("id-pods", 20, 5)?,
             nodes: number("nodes", 1000, 100)?,
             endpoints: number("endpoints", 50_000, 2000)?,
             identities: number("identities", 1000, 100)?,
@@ -114,8 +136,8 @@ impl Settings {
             quick,
         };
         for phase in &settings.phases {
-            if !["store", "scale"].contains(&phase.as_str()) {
-                bail!("unknown phase {phase} (known: store, scale)");
+            if !PHASES.contains(&phase.as_str()) {
+                bail!("unknown phase {phase} (known: {})", PHASES.join(", "));
             }
         }
         if settings.nodes == 0 || settings.endpoints == 0 || settings.identities == 0 {
@@ -161,6 +183,10 @@ fn main() -> Result<()> {
     }
     let mut report = json!({
         "settings": {
+            "cluster_nodes": settings.cluster_nodes,
+            "pods": settings.pods,
+            "changes": settings.changes,
+            "id_pods": settings.id_pods,
             "nodes": settings.nodes,
             "endpoints": settings.endpoints,
             "identities": settings.identities,
@@ -174,6 +200,8 @@ fn main() -> Result<()> {
     for phase in settings.phases.clone() {
         println!("==> phase {phase}");
         let result = check_interrupted().and_then(|()| match phase.as_str() {
+            "convergence" => nodes::convergence_phase(&settings),
+            "identities" => nodes::identities_phase(&settings),
             "store" => store_phase(&settings),
             "scale" => scale_phase(&settings),
             _ => unreachable!("checked in Settings::parse"),
@@ -674,8 +702,16 @@ fn sibling_binary(name: &str) -> Result<PathBuf> {
     Ok(bin)
 }
 
-fn lpm_key(address: Ipv4Addr) -> Key<u32> {
-    Key::new(32, u32::from_ne_bytes(address.octets()))
+/// The label identity `map` gives `address`, if any. A lookup in an LPM trie answers
+/// with the longest prefix holding the address, so an address without an entry of its
+/// own still matches `0.0.0.0/0` (world) or a CIDR; only a label identity (256 to 2^24)
+/// is an endpoint's.
+fn label_identity(map: &LpmTrie<MapData, u32, IpcacheValue>, address: Ipv4Addr) -> Option<u32> {
+    let key = Key::new(32, u32::from_ne_bytes(address.octets()));
+    map.get(&key, 0)
+        .ok()
+        .map(|v| v.identity)
+        .filter(|id| (IDENTITY_FIRST_LABELS..IDENTITY_FIRST_CIDR).contains(id))
 }
 
 /// Entries of the ipcache that are synthetic endpoints' /32s (in the synthetic CIDR).
@@ -742,7 +778,7 @@ fn scale_phase(s: &Settings) -> Result<Value> {
     let sync_secs = loop {
         agent.check_alive()?;
         check_interrupted()?;
-        if map.get(&lpm_key(last), 0).is_ok() {
+        if label_identity(&map, last).is_some() {
             polls += 1;
             let count = synthetic_entries(&map);
             if count >= s.endpoints {
@@ -792,9 +828,8 @@ fn scale_phase(s: &Settings) -> Result<Value> {
         }
         let now = Instant::now();
         watching.retain(|ev| {
-            let value = map.get(&lpm_key(ev.address), 0).ok();
-            let done = match value {
-                Some(v) => ev.present && v.identity == ev.identity,
+            let done = match label_identity(&map, ev.address) {
+                Some(id) => ev.present && id == ev.identity,
                 None => !ev.present,
             };
             if done {

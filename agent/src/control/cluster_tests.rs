@@ -1,0 +1,434 @@
+//! Cluster mode, the agent's half: what the runtime tells the agent (remote endpoints,
+//! cluster identities, policies, namespace labels) and the local paths that ask the
+//! runtime (`ClusterLink`), over the fake datapath, the in-memory state store and a fake
+//! link.
+
+use std::net::Ipv4Addr;
+
+use hypha_api::{AllocateRequest, CreateEndpointRequest, MacAddr};
+use hypha_cluster::layout::EndpointEntry;
+use hypha_common::DIR_INGRESS;
+use ipnet::IpNet;
+
+use super::tests::{MemStore, host_with};
+use super::*;
+use crate::config::ClusterConfig;
+use crate::datapath::fake::FakeDatapath;
+use crate::host::fake::FakeHost;
+use crate::policy::{Labels, Policy, parse_file};
+use crate::state::PolicyOrigin;
+
+type TestAgent = Agent<FakeDatapath, FakeHost>;
+
+const NODE: &str = "node-a";
+
+fn cluster_config() -> AgentConfig {
+    AgentConfig {
+        pod_cidrs: "10.244.0.0/24".parse().unwrap(),
+        cluster: Some(ClusterConfig {
+            store: vec!["http://192.0.2.1:2379".into()],
+            node_name: NODE.into(),
+            node_ips: Vec::new(),
+            etcd_ca: None,
+            etcd_cert: None,
+            etcd_key: None,
+            cidrs: Default::default(),
+            prefix: "/hypha/v1/".into(),
+            identity_gc_grace: std::time::Duration::from_secs(600),
+            node_ttl: std::time::Duration::from_secs(15),
+        }),
+        ..AgentConfig::default()
+    }
+}
+
+fn start_cluster(saved: PersistedState) -> (TestAgent, MemStore) {
+    let store = MemStore::with(saved.clone());
+    let (a, _) = Agent::start(
+        cluster_config(),
+        FakeDatapath::default(),
+        host_with(&[("hypa", 10), ("hypb", 11), ("hypc", 12)]),
+        Box::new(store.clone()),
+        saved,
+    )
+    .unwrap();
+    (a, store)
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).into(), (*v).into()))
+        .collect()
+}
+
+fn remote(
+    key: &str,
+    node: &str,
+    last: u8,
+    identity: u32,
+    pairs: &[(&str, &str)],
+) -> RemoteEndpoint {
+    RemoteEndpoint {
+        key: format!("/hypha/v1/endpoints/{node}/{key}/eth0"),
+        entry: EndpointEntry {
+            node: node.into(),
+            address: Some(Ipv4Addr::new(10, 244, 1, last)),
+            address6: None,
+            identity,
+            namespace: "default".into(),
+            labels: labels(pairs),
+        },
+    }
+}
+
+fn batch<T>(upserts: Vec<T>, removes: Vec<String>, resync: bool) -> RemoteBatch<T> {
+    RemoteBatch {
+        upserts,
+        removes,
+        resync,
+    }
+}
+
+fn host_prefix(last: u8) -> IpNet {
+    IpNet::from(std::net::IpAddr::V4(Ipv4Addr::new(10, 244, 1, last)))
+}
+
+fn policy(yaml: &str) -> Policy {
+    parse_file("cluster.yaml", yaml).unwrap().remove(0)
+}
+
+const SERVER_FROM_CLIENT: &str = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: server}\nspec:\n  podSelector: {matchLabels: {app: server}}\n  ingress: [{from: [{podSelector: {matchLabels: {app: client}}}]}]\n";
+
+/// ADDs endpoint `cid` on `host` with `pairs`, as the plugin does.
+fn add(
+    agent: &TestAgent,
+    cid: &str,
+    host: &str,
+    pairs: &[(&str, &str)],
+) -> Result<Endpoint, ControlError> {
+    let alloc = agent.allocate(&AllocateRequest {
+        container_id: cid.into(),
+        ifname: "eth0".into(),
+        address: None,
+        address6: None,
+    })?;
+    agent.create_endpoint(&CreateEndpointRequest {
+        container_id: cid.into(),
+        ifname: "eth0".into(),
+        netns: "/x".into(),
+        host_ifname: host.into(),
+        address: alloc.address,
+        pod_mac: MacAddr([2, 0, 0, 0, 0, alloc.address.unwrap().octets()[3]]),
+        labels: labels(pairs),
+        external_ipam: false,
+        bandwidth: None,
+        ports: Vec::new(),
+        address6: None,
+    })
+}
+
+// ---------------------------------------------------------------- from the runtime
+
+#[test]
+fn remote_endpoints_enter_the_ipcache_and_local_policies_admit_them() {
+    let (agent, store) = start_cluster(PersistedState::default());
+    agent
+        .apply_cluster_identities(batch(
+            vec![(300, "default".into(), labels(&[("app", "server")]))],
+            Vec::new(),
+            true,
+        ))
+        .unwrap();
+    agent
+        .apply_cluster_policies(batch(vec![policy(SERVER_FROM_CLIENT)], Vec::new(), true))
+        .unwrap();
+    let server = add(&agent, "srv", "hypa", &[("app", "server")]).unwrap();
+    assert_eq!(server.identity, Some(300));
+
+    let client = remote("c1", "node-b", 2, 400, &[("app", "client")]);
+    let other = remote("o1", "node-b", 3, 401, &[("app", "other")]);
+    // This node's own endpoints come back from the store too: skipped.
+    let own = remote("mine", NODE, 9, 300, &[("app", "server")]);
+    agent
+        .apply_remote_endpoints(batch(
+            vec![client.clone(), other.clone(), own],
+            Vec::new(),
+            true,
+        ))
+        .unwrap();
+    assert_eq!(agent.remote_endpoint_count(), 2);
+    {
+        let st = agent.datapath.state();
+        assert_eq!(st.policy.ipcache.get(&host_prefix(2)), Some(&400));
+        assert_eq!(st.policy.ipcache.get(&host_prefix(3)), Some(&401));
+        assert!(!st.policy.ipcache.contains_key(&host_prefix(9)));
+        let admitted = |identity| {
+            st.policy.entries.keys().any(|k| {
+                k.endpoint_id == server.id && k.identity == identity && k.direction == DIR_INGRESS
+            })
+        };
+        assert!(admitted(400), "{:?}", st.policy.entries);
+        assert!(!admitted(401));
+        // Nothing keyed by a remote's id, no flags of its own.
+        assert!(st.policy.entries.keys().all(|k| k.endpoint_id == server.id));
+        assert!(st.flags.keys().all(|id| *id == server.id));
+    }
+    let persisted = store.last().remote_endpoints;
+    assert_eq!(persisted.len(), 2);
+    assert_eq!(persisted[&client.key], client.entry);
+
+    // The identities listing counts them.
+    let ids = agent.identities();
+    let client_id = ids.iter().find(|i| i.id == 400).expect("client identity");
+    assert_eq!(
+        (client_id.local_endpoints, client_id.remote_endpoints),
+        (0, 1)
+    );
+    let server_id = ids.iter().find(|i| i.id == 300).unwrap();
+    assert_eq!(
+        (server_id.local_endpoints, server_id.remote_endpoints),
+        (1, 0)
+    );
+    assert!(ids.iter().any(|i| i.reserved.as_deref() == Some("host")));
+
+    // The client goes: its ipcache entry and the server's entry for it go.
+    agent
+        .apply_remote_endpoints(batch(Vec::new(), vec![client.key.clone()], false))
+        .unwrap();
+    {
+        let st = agent.datapath.state();
+        assert!(!st.policy.ipcache.contains_key(&host_prefix(2)));
+        assert!(st.policy.entries.keys().all(|k| k.identity != 400));
+        assert_eq!(st.policy.ipcache.get(&host_prefix(3)), Some(&401));
+    }
+    assert!(!store.last().remote_endpoints.contains_key(&client.key));
+    assert_eq!(agent.remote_endpoint_count(), 1);
+}
+
+#[test]
+fn a_resync_of_the_same_set_writes_nothing_and_a_smaller_one_sweeps_the_rest() {
+    let (agent, store) = start_cluster(PersistedState::default());
+    let set: Vec<RemoteEndpoint> = (2..7)
+        .map(|i| {
+            remote(
+                &format!("c{i}"),
+                "node-b",
+                i,
+                500 + u32::from(i),
+                &[("app", "x")],
+            )
+        })
+        .map(|mut r| {
+            // One label set, one identity: the store gives them all 500.
+            r.entry.identity = 500;
+            r
+        })
+        .collect();
+    agent
+        .apply_remote_endpoints(batch(set.clone(), Vec::new(), true))
+        .unwrap();
+    let diffs = agent.datapath.state().diffs.len();
+    let groups = store.groups();
+
+    agent
+        .apply_remote_endpoints(batch(set.clone(), Vec::new(), true))
+        .unwrap();
+    assert_eq!(
+        agent.datapath.state().diffs.len(),
+        diffs,
+        "a resync of the same set wrote"
+    );
+    assert_eq!(
+        store.groups(),
+        groups,
+        "a resync of the same set persisted something"
+    );
+
+    // A smaller set: only the missing go; what stays is not written again.
+    agent
+        .apply_remote_endpoints(batch(set[..3].to_vec(), Vec::new(), true))
+        .unwrap();
+    let st = agent.datapath.state();
+    let last = st.diffs.last().unwrap();
+    assert!(last.ipcache_set.is_empty(), "{last:?}");
+    let mut gone = last.ipcache_del.clone();
+    gone.sort();
+    assert_eq!(gone, vec![host_prefix(5), host_prefix(6)]);
+    for i in 2..5 {
+        assert_eq!(st.policy.ipcache.get(&host_prefix(i)), Some(&500));
+    }
+    assert_eq!(store.last().remote_endpoints.len(), 3);
+}
+
+#[test]
+fn persisted_remote_endpoints_are_in_the_ipcache_at_restart_before_any_resync() {
+    let (agent, store) = start_cluster(PersistedState::default());
+    let client = remote("c1", "node-b", 2, 400, &[("app", "client")]);
+    agent
+        .apply_remote_endpoints(batch(vec![client.clone()], Vec::new(), true))
+        .unwrap();
+    let saved = store.last();
+    drop(agent);
+
+    // Restart with the store unreachable: nothing from the runtime yet.
+    let (agent, _) = start_cluster(saved.clone());
+    assert_eq!(
+        agent.datapath.state().policy.ipcache.get(&host_prefix(2)),
+        Some(&400)
+    );
+    assert_eq!(agent.remote_endpoint_count(), 1);
+    // The first resync of the same set changes nothing.
+    let diffs = agent.datapath.state().diffs.len();
+    agent
+        .apply_remote_endpoints(batch(vec![client], Vec::new(), true))
+        .unwrap();
+    assert_eq!(agent.datapath.state().diffs.len(), diffs);
+
+    // A single-node agent forgets them.
+    let store = MemStore::with(saved.clone());
+    let (single, _) = Agent::start(
+        AgentConfig {
+            pod_cidrs: "10.244.0.0/24".parse().unwrap(),
+            ..AgentConfig::default()
+        },
+        FakeDatapath::default(),
+        host_with(&[]),
+        Box::new(store.clone()),
+        saved,
+    )
+    .unwrap();
+    assert_eq!(single.remote_endpoint_count(), 0);
+    assert!(store.last().remote_endpoints.is_empty());
+    assert!(!store.last().identities.is_cluster());
+}
+
+#[test]
+fn cluster_policies_are_enforced_and_their_removal_unenforces() {
+    let (agent, store) = start_cluster(PersistedState::default());
+    agent
+        .apply_cluster_identities(batch(
+            vec![(300, "default".into(), labels(&[("app", "server")]))],
+            Vec::new(),
+            false,
+        ))
+        .unwrap();
+    let server = add(&agent, "srv", "hypa", &[("app", "server")]).unwrap();
+    assert_eq!(agent.datapath.state().flags[&server.id] & 1, 0);
+
+    agent
+        .apply_cluster_policies(batch(vec![policy(SERVER_FROM_CLIENT)], Vec::new(), false))
+        .unwrap();
+    let listed = agent.list_policies();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].source, "cluster store");
+    assert_eq!(listed[0].selected_endpoints, vec![server.id]);
+    assert_ne!(
+        agent.datapath.state().flags[&server.id] & hypha_common::ENDPOINT_F_INGRESS_POLICY,
+        0
+    );
+    assert!(
+        store
+            .last()
+            .policies
+            .iter()
+            .any(|p| p.origin == PolicyOrigin::Cluster)
+    );
+
+    // Removed by key (resync with an empty set would do the same).
+    agent
+        .apply_cluster_policies(batch(
+            Vec::new(),
+            vec!["/hypha/v1/policies/default/server".into()],
+            false,
+        ))
+        .unwrap();
+    assert!(agent.list_policies().is_empty());
+    assert_eq!(
+        agent.datapath.state().flags[&server.id] & hypha_common::ENDPOINT_F_INGRESS_POLICY,
+        0
+    );
+    assert!(
+        agent
+            .datapath
+            .state()
+            .policy
+            .entries
+            .keys()
+            .all(|k| k.endpoint_id != server.id)
+    );
+}
+
+#[test]
+fn a_cluster_policy_replaces_a_watched_files_policy_of_the_same_name() {
+    let (agent, _) = start_cluster(PersistedState::default());
+    let report = agent.sync_policy_files(vec![crate::policy::DirChange::File {
+        path: "/etc/hypha/policies/server.yaml".into(),
+        parsed: Ok(vec![policy(SERVER_FROM_CLIENT)]),
+    }]);
+    assert!(report.outcomes.values().all(Result::is_ok), "{report:?}");
+    let mut from_store = policy(SERVER_FROM_CLIENT);
+    from_store.audit = true;
+    agent
+        .apply_cluster_policies(batch(vec![from_store], Vec::new(), true))
+        .unwrap();
+    let listed = agent.list_policies();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].source, "cluster store");
+    assert!(listed[0].audit);
+    let status = agent.status();
+    let refused = &status.policy.refused_files;
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(
+        refused[0].error.contains("default/server") && refused[0].error.contains("cluster store"),
+        "{}",
+        refused[0].error
+    );
+}
+
+#[test]
+fn cluster_namespace_labels_feed_namespace_selectors() {
+    let (agent, store) = start_cluster(PersistedState::default());
+    agent
+        .apply_cluster_namespaces(batch(
+            vec![("prod".into(), labels(&[("env", "prod")]))],
+            Vec::new(),
+            true,
+        ))
+        .unwrap();
+    assert_eq!(
+        store.last().namespace_labels.get("prod"),
+        Some(&labels(&[("env", "prod")]))
+    );
+    agent
+        .apply_cluster_namespaces(batch(Vec::new(), Vec::new(), true))
+        .unwrap();
+    assert!(store.last().namespace_labels.is_empty());
+}
+
+#[test]
+fn the_stores_identity_numbers_win_for_remote_data() {
+    let (agent, _) = start_cluster(PersistedState::default());
+    agent
+        .apply_cluster_identities(batch(
+            vec![(300, "default".into(), labels(&[("app", "server")]))],
+            Vec::new(),
+            false,
+        ))
+        .unwrap();
+    let server = add(&agent, "srv", "hypa", &[("app", "server")]).unwrap();
+    // A remote endpoint of the same labels says the store now numbers them 310 (its
+    // data was rebuilt): the local endpoint moves too, in the maps.
+    agent
+        .apply_remote_endpoints(batch(
+            vec![remote("s2", "node-b", 2, 310, &[("app", "server")])],
+            Vec::new(),
+            false,
+        ))
+        .unwrap();
+    let st = agent.datapath.state();
+    assert_eq!(st.policy.ipcache.get(&host_prefix(2)), Some(&310));
+    let local = IpNet::from(std::net::IpAddr::V4(server.address.unwrap()));
+    assert_eq!(st.policy.ipcache.get(&local), Some(&310));
+    drop(st);
+    assert_eq!(agent.list()[0].identity, Some(310));
+}
