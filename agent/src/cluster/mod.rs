@@ -208,7 +208,11 @@ impl Runtime {
         let mut backoff = BACKOFF_FIRST;
         loop {
             let error = match runtime.register().await {
-                Ok(cidrs) => return Ok((runtime.clone(), runtime.pod_cidrs(&cidrs)?)),
+                Ok(cidrs) => {
+                    let cidrs = runtime.pod_cidrs(&cidrs)?;
+                    runtime.spawn_heartbeat();
+                    return Ok((runtime.clone(), cidrs));
+                }
                 Err(e) if e.is_unavailable() => e,
                 Err(source) => {
                     return Err(RuntimeError::Register {
@@ -228,7 +232,9 @@ impl Runtime {
                     local::path(state_dir).display()
                 );
                 *lock(&runtime.node_error) = Some(error.to_string());
-                return Ok((runtime.clone(), runtime.pod_cidrs(cidrs)?));
+                let cidrs = runtime.pod_cidrs(cidrs)?;
+                runtime.spawn_heartbeat();
+                return Ok((runtime.clone(), cidrs));
             }
             tracing::warn!(
                 node = runtime.config.node_name,
@@ -319,8 +325,15 @@ impl Runtime {
         if let Some(rx) = lock(&self.publish_rx).take() {
             tasks.push(self.handle.spawn(self.clone().publish_loop(rx)));
         }
-        tasks.push(self.handle.spawn(self.clone().heartbeat_loop()));
         tasks.push(self.handle.spawn(self.clone().gc_loop()));
+    }
+
+    /// Starts the heartbeat as soon as the node is registered (or starts disconnected),
+    /// not after `Agent::start`: loading and verifying the eBPF programs may take longer
+    /// than the lease on a loaded machine, and the node's record would lapse meanwhile.
+    fn spawn_heartbeat(self: &Arc<Self>) {
+        let task = self.handle.spawn(self.clone().heartbeat_loop());
+        lock(&self.tasks).push(task);
     }
 
     /// Stops the tasks; the lease is left to expire (the node stays registered).
