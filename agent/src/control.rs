@@ -652,6 +652,8 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             debug: false,
             ports,
         };
+        // Cluster mode: the store's number for its labels, before anything is done.
+        self.cluster_identity(&record)?;
         if let Some(e) = self.route_pod(&record).into_iter().next() {
             return Err(e.into());
         }
@@ -691,6 +693,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             rollback.extend(self.policy_leave(record.id));
             return Err(ControlError::from(e).with_rollback(rollback));
         }
+        self.cluster_publish(&record);
         Ok(self.describe(&record, &[]))
     }
 
@@ -857,6 +860,10 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         }
         changes.extend(released_changes);
         let pending = (!changes.is_empty()).then(|| self.store.submit(changes));
+        drop(t);
+        if removed && let (Some(link), Some(ep)) = (self.cluster(), &record) {
+            link.endpoint_withdrawn(ep);
+        }
         Removal {
             removed,
             released,

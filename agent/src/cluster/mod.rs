@@ -460,8 +460,16 @@ impl Runtime {
     async fn heartbeat_loop(self: Arc<Self>) {
         let every = self.config.node_ttl / 3;
         let mut last_error: Option<String> = None;
+        // Until registered (a disconnected start), retries come faster, with backoff.
+        let mut backoff = BACKOFF_FIRST;
         loop {
-            tokio::time::sleep(every).await;
+            let current = lock(&self.registration).clone();
+            if current.is_some() {
+                tokio::time::sleep(every).await;
+            } else {
+                tokio::time::sleep(backoff.min(every)).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
             let current = lock(&self.registration).clone();
             let result = match current {
                 None => self.register().await.map(|cidrs| {

@@ -3,9 +3,15 @@
 //! runtime (`ClusterLink`), over the fake datapath, the in-memory state store and a fake
 //! link.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
-use hypha_api::{AllocateRequest, CreateEndpointRequest, MacAddr};
+use hypha_api::{
+    AllocateRequest, ClusterStatus, CreateEndpointRequest, MacAddr, NamespaceLabelsRequest,
+    NodeInfo, PolicySource, RemoveNodeResponse,
+};
 use hypha_cluster::layout::EndpointEntry;
 use hypha_common::DIR_INGRESS;
 use ipnet::IpNet;
@@ -431,4 +437,295 @@ fn the_stores_identity_numbers_win_for_remote_data() {
     assert_eq!(st.policy.ipcache.get(&local), Some(&310));
     drop(st);
     assert_eq!(agent.list()[0].identity, Some(310));
+}
+
+// ---------------------------------------------------------------- to the runtime
+
+/// A cluster runtime in memory: numbers label sets from 1000 (or fails, as an
+/// unreachable store does), records what is published and withdrawn, and applies what
+/// is written to "the store" back to the agent, as the runtime's watch does.
+#[derive(Default)]
+struct FakeLink {
+    agent: Mutex<Weak<TestAgent>>,
+    numbers: Mutex<BTreeMap<(String, Labels), u32>>,
+    resolved: Mutex<Vec<(String, Labels)>>,
+    unreachable: AtomicBool,
+    published: Mutex<Vec<(u32, u32)>>,
+    withdrawn: Mutex<Vec<u32>>,
+    namespaces: Mutex<BTreeMap<String, Labels>>,
+}
+
+impl FakeLink {
+    fn agent(&self) -> Arc<TestAgent> {
+        self.agent
+            .lock()
+            .unwrap()
+            .upgrade()
+            .expect("the agent lives")
+    }
+
+    fn down(&self) -> Result<(), String> {
+        if self.unreachable.load(Ordering::Relaxed) {
+            Err("the cluster store is unreachable (waited 2s)".into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl ClusterLink for FakeLink {
+    fn resolve_identity(&self, namespace: &str, labels: &Labels) -> Result<u32, String> {
+        self.down()?;
+        self.resolved
+            .lock()
+            .unwrap()
+            .push((namespace.to_owned(), labels.clone()));
+        let mut numbers = self.numbers.lock().unwrap();
+        let next = 1000 + numbers.len() as u32;
+        Ok(*numbers
+            .entry((namespace.to_owned(), labels.clone()))
+            .or_insert(next))
+    }
+
+    fn endpoint_published(&self, ep: &EndpointRecord, identity: u32) {
+        self.published.lock().unwrap().push((ep.id, identity));
+    }
+
+    fn endpoint_withdrawn(&self, ep: &EndpointRecord) {
+        self.withdrawn.lock().unwrap().push(ep.id);
+    }
+
+    fn publish_policies(
+        &self,
+        policies: Vec<Policy>,
+        deletes: Vec<(String, String)>,
+    ) -> Result<(), String> {
+        self.down()?;
+        let removes = deletes
+            .into_iter()
+            .map(|(ns, name)| format!("/hypha/v1/policies/{ns}/{name}"))
+            .collect();
+        self.agent()
+            .apply_cluster_policies(batch(policies, removes, false))
+            .map_err(|e| e.to_string())
+    }
+
+    fn publish_namespace_labels(
+        &self,
+        namespace: &str,
+        set: &BTreeMap<String, String>,
+        remove: &[String],
+    ) -> Result<Labels, String> {
+        self.down()?;
+        let labels = {
+            let mut all = self.namespaces.lock().unwrap();
+            let l = all.entry(namespace.to_owned()).or_default();
+            for k in remove {
+                l.remove(k);
+            }
+            l.extend(set.clone());
+            l.clone()
+        };
+        self.agent()
+            .apply_cluster_namespaces(batch(
+                vec![(namespace.to_owned(), labels.clone())],
+                Vec::new(),
+                false,
+            ))
+            .map_err(|e| e.to_string())?;
+        Ok(labels)
+    }
+
+    fn status(&self) -> ClusterStatus {
+        ClusterStatus::default()
+    }
+
+    fn nodes(&self) -> Result<Vec<NodeInfo>, String> {
+        Ok(Vec::new())
+    }
+
+    fn remove_node(&self, name: &str, _force: bool) -> Result<RemoveNodeResponse, ControlError> {
+        Err(ControlError::NotFound(format!("no node {name}")))
+    }
+}
+
+fn linked(saved: PersistedState) -> (Arc<TestAgent>, Arc<FakeLink>, MemStore) {
+    let (agent, store) = start_cluster(saved);
+    let agent = Arc::new(agent);
+    let link = Arc::new(FakeLink::default());
+    *link.agent.lock().unwrap() = Arc::downgrade(&agent);
+    agent.set_cluster(link.clone());
+    (agent, link, store)
+}
+
+#[test]
+fn local_adds_take_the_clusters_numbers_and_are_published_and_withdrawn() {
+    let (agent, link, store) = linked(PersistedState::default());
+    let web = add(&agent, "w1", "hypa", &[("app", "web"), ("k8s:pod", "w1")]).unwrap();
+    assert_eq!(web.identity, Some(1000));
+    assert_eq!(
+        *link.resolved.lock().unwrap(),
+        vec![("default".to_owned(), labels(&[("app", "web")]))],
+        "asked once, without the bookkeeping labels"
+    );
+    // A second endpoint of the same labels: the number is known, the store not asked.
+    let web2 = add(&agent, "w2", "hypb", &[("app", "web")]).unwrap();
+    assert_eq!(web2.identity, Some(1000));
+    assert_eq!(link.resolved.lock().unwrap().len(), 1);
+    assert_eq!(
+        *link.published.lock().unwrap(),
+        vec![(web.id, 1000), (web2.id, 1000)]
+    );
+    let ip = IpNet::from(std::net::IpAddr::V4(web.address.unwrap()));
+    assert_eq!(agent.datapath.state().policy.ipcache.get(&ip), Some(&1000));
+    // The number is persisted with the allocator.
+    assert_eq!(
+        store
+            .last()
+            .identities
+            .assigned("default", &labels(&[("app", "web")])),
+        Some(1000)
+    );
+
+    // Relabelled: the new labels' number, published again.
+    let relabelled = agent
+        .set_endpoint_labels(
+            &web2.id.to_string(),
+            &hypha_api::EndpointLabelsRequest {
+                set: labels(&[("app", "api")]),
+                remove: Vec::new(),
+            },
+        )
+        .unwrap();
+    assert_eq!(relabelled.identity, Some(1001));
+    assert_eq!(
+        link.published.lock().unwrap().last(),
+        Some(&(web2.id, 1001))
+    );
+
+    agent.delete_endpoint("w1", "eth0").unwrap();
+    assert_eq!(*link.withdrawn.lock().unwrap(), vec![web.id]);
+    // GC withdraws too.
+    agent
+        .gc(&hypha_api::GcRequest {
+            valid_attachments: Vec::new(),
+        })
+        .unwrap();
+    assert_eq!(*link.withdrawn.lock().unwrap(), vec![web.id, web2.id]);
+}
+
+#[test]
+fn an_add_with_unknown_labels_and_the_store_down_fails_and_leaves_nothing() {
+    let (agent, link, store) = linked(PersistedState::default());
+    link.unreachable.store(true, Ordering::Relaxed);
+    let diffs = agent.datapath.state().diffs.len();
+    let err = add(&agent, "a", "hypa", &[("app", "new")]).unwrap_err();
+    assert_eq!(err.http_status(), 503, "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("app=new") && text.contains("unreachable"),
+        "{text}"
+    );
+    assert!(agent.list().is_empty());
+    {
+        let st = agent.datapath.state();
+        assert!(st.attached.is_empty());
+        assert_eq!(st.diffs.len(), diffs, "nothing written to the maps");
+        assert!(st.policy.entries.is_empty());
+        let pod: IpNet = "10.244.0.2/32".parse().unwrap();
+        assert!(
+            !st.policy.ipcache.contains_key(&pod),
+            "{:?}",
+            st.policy.ipcache
+        );
+    }
+    assert!(link.published.lock().unwrap().is_empty());
+    // The plugin's cleanup after a failed ADD releases the address.
+    let del = agent.delete_endpoint("a", "eth0").unwrap();
+    assert!(del.address_released.is_some());
+    assert!(store.last().ipam.allocations.is_empty());
+    assert!(store.last().endpoints.is_empty());
+
+    // Labels whose number is already known still work with the store down.
+    agent
+        .apply_cluster_identities(batch(
+            vec![(777, "default".into(), labels(&[("app", "known")]))],
+            Vec::new(),
+            false,
+        ))
+        .unwrap();
+    let ep = add(&agent, "b", "hypb", &[("app", "known")]).unwrap();
+    assert_eq!(ep.identity, Some(777));
+}
+
+#[test]
+fn policies_and_namespace_labels_go_through_the_store_and_are_enforced_on_return() {
+    let (agent, link, store) = linked(PersistedState::default());
+    let server = add(&agent, "s", "hypa", &[("app", "server")]).unwrap();
+    let resp = agent
+        .apply_policies(&[PolicySource {
+            source: "server.yaml".into(),
+            content: SERVER_FROM_CLIENT.into(),
+        }])
+        .unwrap();
+    assert_eq!(resp.applied, vec!["default/server".to_owned()]);
+    assert!(resp.entries_set > 0);
+    // Enforced on return, as a cluster policy.
+    let listed = agent.list_policies();
+    assert_eq!(listed[0].source, "cluster store");
+    assert_ne!(
+        agent.datapath.state().flags[&server.id] & hypha_common::ENDPOINT_F_INGRESS_POLICY,
+        0
+    );
+    assert!(
+        store
+            .last()
+            .policies
+            .iter()
+            .all(|p| p.origin == PolicyOrigin::Cluster)
+    );
+
+    // An invalid file changes nothing and never reaches the store.
+    link.unreachable.store(true, Ordering::Relaxed);
+    let err = agent
+        .apply_policies(&[PolicySource {
+            source: "bad.yaml".into(),
+            content: "kind: NetworkPolicy\n".into(),
+        }])
+        .unwrap_err();
+    assert_eq!(err.http_status(), 400, "{err}");
+    // The store down: a valid change is refused with 503.
+    let err = agent.delete_policy("default", "server").unwrap_err();
+    assert_eq!(err.http_status(), 503, "{err}");
+    assert_eq!(agent.list_policies().len(), 1);
+    link.unreachable.store(false, Ordering::Relaxed);
+
+    let summary = agent.delete_policy("default", "server").unwrap();
+    assert_eq!(summary.selected_endpoints, vec![server.id]);
+    assert!(agent.list_policies().is_empty());
+    assert_eq!(
+        agent.datapath.state().flags[&server.id] & hypha_common::ENDPOINT_F_INGRESS_POLICY,
+        0
+    );
+
+    let ns = agent
+        .set_namespace_labels(
+            "prod",
+            &NamespaceLabelsRequest {
+                set: labels(&[("env", "prod")]),
+                remove: Vec::new(),
+            },
+        )
+        .unwrap();
+    assert_eq!(ns.labels.get("env").map(String::as_str), Some("prod"));
+    assert_eq!(
+        ns.labels
+            .get(crate::policy::NAMESPACE_NAME_LABEL)
+            .map(String::as_str),
+        Some("prod")
+    );
+    assert_eq!(
+        store.last().namespace_labels.get("prod"),
+        Some(&labels(&[("env", "prod")]))
+    );
 }

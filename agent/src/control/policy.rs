@@ -29,7 +29,8 @@ use crate::host::HostNetwork;
 use crate::policy::{
     BOOKKEEPING_PREFIX, Compiled, DirChange, IdentityAllocator, IdentitySource, Labels,
     NAMESPACE_NAME_LABEL, NamedPorts, ParsedSources, Policy, PolicyDiff, PolicyEndpoint,
-    PolicyEngine, diff, namespace_labels, parse_dir_file, parse_policy_sources, proto_name,
+    PolicyEngine, describe_labels, diff, namespace_labels, parse_dir_file, parse_policy_sources,
+    proto_name,
 };
 use crate::state::{Change, EndpointRecord, Pending, PolicyOrigin, StoredPolicy};
 use hypha_cluster::layout::EndpointEntry;
@@ -414,6 +415,67 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         Ok((flags, pending))
     }
 
+    /// Cluster mode: the identity of `record`'s labels: the one the engine has (in use,
+    /// or a number the store gave), else asked of the runtime (with no lock held: it may
+    /// wait for the store) and recorded. `Ok(None)` on a single node. Its error fails the
+    /// change that needs it (503: the store is unreachable) before anything was done.
+    pub(super) fn cluster_identity(
+        &self,
+        record: &EndpointRecord,
+    ) -> Result<Option<u32>, ControlError> {
+        let Some(link) = self.cluster() else {
+            return Ok(None);
+        };
+        let view = policy_endpoint(record);
+        let known = self
+            .policy()
+            .engine
+            .known_identity(&view.namespace, &view.labels);
+        if let Some(id) = known {
+            return Ok(Some(id));
+        }
+        let id = link
+            .resolve_identity(&view.namespace, &view.labels)
+            .map_err(|e| {
+                ControlError::Unavailable(format!(
+                    "cannot get the cluster identity of the labels {}: {e}",
+                    describe_labels(&view.namespace, &view.labels)
+                ))
+            })?;
+        let pending = {
+            let mut p = self.policy();
+            let outcome = p.engine.assign_identities(
+                vec![(id, view.namespace.clone(), view.labels.clone())],
+                Vec::new(),
+                false,
+            )?;
+            self.write_policy(&outcome.diff)?;
+            self.publish_policy(&p);
+            outcome.identities_changed.then(|| {
+                self.store.submit(vec![Change::Identities(
+                    p.engine.compiled().identities.clone(),
+                )])
+            })
+        };
+        pending.map(Pending::wait).transpose()?;
+        Ok(Some(id))
+    }
+
+    /// Cluster mode: tells the runtime that `record` is (again) this node's endpoint, with
+    /// its identity now.
+    pub(super) fn cluster_publish(&self, record: &EndpointRecord) {
+        if let Some(link) = self.cluster() {
+            let identity = self.policy().engine.identity_of(record.id);
+            match identity {
+                Some(id) => link.endpoint_published(record, id),
+                None => tracing::warn!(
+                    endpoint = record.id,
+                    "endpoint has no identity: not published to the cluster store"
+                ),
+            }
+        }
+    }
+
     /// The endpoint leaves the policy (after its programs were detached); returns what
     /// went wrong.
     pub(super) fn policy_leave(&self, endpoint_id: u32) -> Vec<String> {
@@ -568,6 +630,9 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         &self,
         parsed: ParsedSources,
     ) -> Result<ApplyPoliciesResponse, ControlError> {
+        if let Some(link) = self.cluster() {
+            return self.apply_parsed_cluster(link.as_ref(), parsed);
+        }
         let mut upsert: BTreeMap<Key, StoredPolicy> = BTreeMap::new();
         let mut applied = Vec::new();
         {
@@ -604,6 +669,33 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         })
     }
 
+    /// Cluster mode: every policy of every file (or none) into the store, after a dry-run
+    /// compile of the candidate set here (what does not fit this node is refused before
+    /// it reaches the store); returns once this agent enforces them. The watched
+    /// directory's policies of the same names give way to the store's.
+    fn apply_parsed_cluster(
+        &self,
+        link: &dyn super::ClusterLink,
+        parsed: ParsedSources,
+    ) -> Result<ApplyPoliciesResponse, ControlError> {
+        let mut upsert: BTreeMap<Key, Policy> = BTreeMap::new();
+        for (_, policies) in parsed.files {
+            for policy in policies {
+                upsert.insert(key(&policy), policy);
+            }
+        }
+        let policies: Vec<Policy> = upsert.into_values().collect();
+        let applied = policies.iter().map(Policy::full_name).collect();
+        let d = self.policy().engine.dry_run(&policies, &[])?;
+        link.publish_policies(policies, Vec::new())
+            .map_err(|e| ControlError::Unavailable(format!("cannot apply the policies: {e}")))?;
+        Ok(ApplyPoliciesResponse {
+            applied,
+            entries_set: d.entries_set.len(),
+            entries_removed: d.entries_del.len(),
+        })
+    }
+
     /// `DELETE /v1/policies/{namespace}/{name}`.
     pub fn delete_policy(
         &self,
@@ -625,6 +717,12 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             }
             self.summarize(&p, stored, &self.endpoints_by_namespace())
         };
+        if let Some(link) = self.cluster() {
+            link.publish_policies(Vec::new(), vec![k]).map_err(|e| {
+                ControlError::Unavailable(format!("cannot delete policy {namespace}/{name}: {e}"))
+            })?;
+            return Ok(summary);
+        }
         self.commit_and_wait(Vec::new(), vec![k])?;
         Ok(summary)
     }
@@ -736,6 +834,20 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             }
         }
         validate_labels(&req.set, &req.remove)?;
+        if let Some(link) = self.cluster() {
+            let labels = link
+                .publish_namespace_labels(namespace, &req.set, &req.remove)
+                .map_err(|e| {
+                    ControlError::Unavailable(format!("cannot label namespace {namespace}: {e}"))
+                })?;
+            return Ok(NamespaceLabels {
+                namespace: namespace.to_owned(),
+                labels: namespace_labels(
+                    namespace,
+                    &BTreeMap::from([(namespace.to_owned(), labels)]),
+                ),
+            });
+        }
         let (labels, pending, old) = {
             let mut p = self.policy();
             let old = p.namespaces.get(namespace).cloned().unwrap_or_default();
@@ -857,6 +969,10 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             if record == *current {
                 return Ok(record);
             }
+            let relabelled = record.labels != current.labels;
+            if relabelled {
+                self.cluster_identity(&record)?;
+            }
             let pending = {
                 let mut p = self.policy();
                 let written = follow(&mut p.engine, current, &record)
@@ -882,6 +998,9 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 })
             };
             self.finish_endpoint_change(current, &record, pending)?;
+            if relabelled {
+                self.cluster_publish(&record);
+            }
             Ok(record)
         })
     }

@@ -486,6 +486,38 @@ impl PolicyEngine {
         }
     }
 
+    /// What the maps would get if policies `upsert` were added (or replaced) and
+    /// `remove` removed, without changing anything: a full compile of the candidate set,
+    /// so that what does not fit is refused before it goes anywhere (cluster mode
+    /// validates a change this way before writing it to the store).
+    pub fn dry_run(
+        &self,
+        upsert: &[Policy],
+        remove: &[(String, String)],
+    ) -> Result<PolicyDiff, PolicyError> {
+        let mut policies: BTreeMap<PolicyRef, Policy> = self
+            .policies
+            .iter()
+            .map(|(r, s)| (r.clone(), s.policy.clone()))
+            .collect();
+        for r in remove {
+            policies.remove(r);
+        }
+        for p in upsert {
+            policies.insert((p.namespace.clone(), p.name.clone()), p.clone());
+        }
+        let policies: Vec<Policy> = policies.into_values().collect();
+        let endpoints: Vec<PolicyEndpoint> = self.endpoints.values().cloned().collect();
+        let candidate = super::compile::compile(
+            &policies,
+            &endpoints,
+            &self.namespaces,
+            &self.compiled.identities,
+            &self.host_addrs,
+        )?;
+        Ok(super::compile::diff(&self.compiled, &candidate))
+    }
+
     /// Cluster mode on or off for the allocator (at start, before any endpoint).
     pub fn set_cluster(&mut self, on: bool) {
         self.compiled.identities.set_cluster(on);
