@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use hypha_cluster::KvStore as _;
 use hypha_tests::cluster::{
-    Cluster, ClusterOpts, PREFIX, ipcache_identity, ipcache4_in, policy_entries,
+    Cluster, ClusterOpts, PREFIX, ipcache_identity, ipcache4_in, ipcache6, policy_entries,
 };
 use hypha_tests::node::{Node, Pod};
 use hypha_tests::traffic::{TcpEcho, tcp_ok};
@@ -215,6 +215,16 @@ fn three_nodes_share_cidrs_identities_endpoints_and_policies() {
     ];
     for (pod, id) in pods {
         await_ipcache(&c, &[0, 1, 2], pod.address, Some(id));
+        // Its IPv6 address too (the nodes are dual stack).
+        let v6 = pod.v6();
+        for (i, node) in c.nodes.iter().enumerate() {
+            let ok = Cluster::eventually(CONVERGE, || ipcache6(node).get(&(v6, 128)) == Some(&id));
+            assert!(
+                ok,
+                "node-{i}'s hypha_ipcache6 gives {v6} {:?}, expected {id}",
+                ipcache6(node).get(&(v6, 128))
+            );
+        }
     }
     // The store holds one endpoint key per pod, under its node.
     await_endpoint_keys(&c, "node-0", 3);
