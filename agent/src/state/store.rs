@@ -35,6 +35,11 @@ use super::{
 use crate::ipam::Owner;
 use hypha_cluster::layout::EndpointEntry;
 
+/// redb's page cache: its default ceiling is 1 GiB, which a cluster node's 50,000 remote
+/// endpoints filled with pages the agent never reads again (the agent reads the database
+/// only at start). 32 MiB holds the B-trees' interior pages many times over.
+const CACHE_BYTES: usize = 32 << 20;
+
 pub(super) const ENDPOINTS: TableDefinition<'_, (&str, &str), &[u8]> =
     TableDefinition::new("endpoints");
 pub(super) const ADDRESSES: TableDefinition<'_, (&str, &str), u32> =
@@ -125,7 +130,10 @@ impl StateStore {
         if created {
             create(dir, &path, old.as_ref())?;
         }
-        let db = Database::open(&path).map_err(|e| db_error("open", &path, e))?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .open(&path)
+            .map_err(|e| db_error("open", &path, e))?;
         if let Some(state) = &old {
             // `state.json` is renamed only once its import is committed: if it is still
             // here and the database was not created just now, a crash came in between,
