@@ -15,6 +15,7 @@ pub mod launcher;
 pub mod monitor;
 pub mod netns;
 pub mod node;
+pub mod policies;
 pub mod traffic;
 
 /// Whether this process may do what privileged tests do (its effective uid is root).

@@ -15,31 +15,11 @@ use hypha_tests::cluster::{
     Cluster, ClusterOpts, PREFIX, ipcache_identity, ipcache4_in, ipcache6, policy_entries,
 };
 use hypha_tests::node::{Node, Pod};
+use hypha_tests::policies::ALLOW_CLIENT_8080;
 use hypha_tests::traffic::{TcpEcho, tcp_ok};
 
 /// How long a change made on one node may take to show on another.
 const CONVERGE: Duration = Duration::from_secs(10);
-
-const ALLOW_CLIENT_8080: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata:
-  name: server-from-client
-  namespace: default
-spec:
-  podSelector:
-    matchLabels:
-      app: server
-  policyTypes: [Ingress]
-  ingress:
-  - from:
-    - podSelector:
-        matchLabels:
-          app: client
-    ports:
-    - protocol: TCP
-      port: 8080
-"#;
 
 /// Runs `hypha ARGS` against `node`, panicking with its output on failure.
 fn hypha_ok(node: &Node, args: &[&str]) -> String {

@@ -9,19 +9,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use aya::maps::{HashMap, Map, MapData};
 use hypha_common::{CtEntry, CtKey4, CtKey6, maps};
 use hypha_tests::node::Node;
+use hypha_tests::policies::ALLOW_CLIENT_8080;
 use hypha_tests::traffic::{TcpEcho, tcp_ok};
-
-const ALLOW_CLIENT_8080: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: server-from-client, namespace: default}
-spec:
-  podSelector: {matchLabels: {app: server}}
-  policyTypes: [Ingress]
-  ingress:
-  - from: [{podSelector: {matchLabels: {app: client}}}]
-    ports: [{protocol: TCP, port: 8080}]
-"#;
 
 /// The tracked connections with `addr` on either side, read from the node's pinned map.
 fn connections_of(node: &Node, addr: Ipv4Addr) -> Vec<CtKey4> {

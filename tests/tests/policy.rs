@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use hypha_tests::monitor::Monitor;
 use hypha_tests::node::{Node, Pod};
+use hypha_tests::policies::ALLOW_CLIENT_8080;
 use hypha_tests::traffic::{Conversation, TcpEcho, UdpEcho, tcp_ok, udp_ok};
 
 /// A server, a client and an outsider, labelled `app=server|client|other` in `default`.
@@ -50,27 +51,6 @@ fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     }
     false
 }
-
-const ALLOW_CLIENT_8080: &str = r#"
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata:
-  name: server-from-client
-  namespace: default
-spec:
-  podSelector:
-    matchLabels:
-      app: server
-  policyTypes: [Ingress]
-  ingress:
-  - from:
-    - podSelector:
-        matchLabels:
-          app: client
-    ports:
-    - protocol: TCP
-      port: 8080
-"#;
 
 #[test]
 fn a_network_policy_allows_exactly_what_it_says() {
