@@ -650,6 +650,7 @@ mod tests {
                         packets: 9,
                         bytes: 2048,
                     },
+                    tunnel: PacketCount::default(),
                     dropped: PacketCount {
                         packets: 2,
                         bytes: 60,
@@ -768,6 +769,7 @@ mod tests {
             alive,
             endpoints: 4,
             local,
+            tunnel: None,
         }
     }
 

@@ -499,6 +499,8 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             address6: a6,
             gateway6: a6.and(self.config.gateway6()),
             pod_cidr6: a6.and(self.config.pod_cidrs.v6),
+            // SCAFFOLD: the pods' MTU in cluster mode (helper "overlay").
+            mtu: None,
         })
     }
 
@@ -1186,6 +1188,8 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             endpoints,
             policy: self.policy_view.load().status.clone(),
             cluster: self.cluster().map(|c| c.status()),
+            // SCAFFOLD: the overlay's status (helper "overlay").
+            routing: None,
         }
     }
 }
@@ -1349,6 +1353,7 @@ fn counters(s: &hypha_common::FamilyStats) -> EndpointCounters {
     let dir = |d: &hypha_common::DirectionStats| DirectionCounters {
         passed: count(&d.passed),
         redirected: count(&d.redirected),
+        tunnel: count(&d.tunnel),
         dropped: count(&d.dropped),
     };
     EndpointCounters {

@@ -70,6 +70,42 @@ pub trait HostNetwork: Send + Sync {
     /// Packets the rate limiter on `side` dropped since it was installed (`None` when
     /// there is none).
     fn rate_limit_drops(&self, side: LimitSide<'_>) -> Result<Option<u64>, HostError>;
+
+    /// Creates the node's VXLAN device in collect-metadata (external) mode as `spec` says
+    /// and sets it up; an existing device of that name made by an earlier agent is taken
+    /// over (its MTU set to `spec.mtu`); a device of that name that is anything else is
+    /// refused, naming it. Returns the device.
+    fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<HostLink, HostError>;
+    /// The MTU of the interface that holds `address` (`None`: no interface holds it).
+    fn mtu_of_address(&self, address: IpAddr) -> Result<Option<u32>, HostError>;
+    /// Makes the routes Hypha owns to other nodes' pods exactly `routes`: adds what is
+    /// missing, replaces what differs, removes Hypha's other cluster routes (they carry
+    /// Hypha's own route protocol number, so nobody else's routes are touched).
+    fn set_cluster_routes(&self, routes: &[ClusterRoute]) -> Result<(), HostError>;
+}
+
+/// The node's VXLAN device (see [`HostNetwork::ensure_vxlan`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VxlanSpec {
+    pub name: String,
+    /// UDP destination port (and the port it listens on).
+    pub port: u16,
+    pub mtu: u32,
+}
+
+/// A route to other nodes' pods (see [`HostNetwork::set_cluster_routes`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ClusterRoute {
+    /// Tunnel mode: `dst` (the cluster CIDR of a family) through the VXLAN device, with
+    /// `src` (an address of this node inside its own pod CIDR) as the source, so that
+    /// replies come back through the tunnel.
+    Device {
+        dst: ipnet::IpNet,
+        ifindex: u32,
+        src: Option<IpAddr>,
+    },
+    /// Native routing: another node's pod CIDR `dst` via its underlay address.
+    Via { dst: ipnet::IpNet, gateway: IpAddr },
 }
 
 /// Where an endpoint's rate limiter sits.
@@ -257,6 +293,22 @@ impl HostNetwork for LinuxHost {
             .filter(|q| q.is_hypha_tbf())
             .map(|q| q.drops))
     }
+
+    // SCAFFOLD (helper "dp" replaces these three).
+    fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<HostLink, HostError> {
+        Err(HostError::Nft(format!(
+            "cannot create {}: not yet",
+            spec.name
+        )))
+    }
+
+    fn mtu_of_address(&self, _address: IpAddr) -> Result<Option<u32>, HostError> {
+        Ok(None)
+    }
+
+    fn set_cluster_routes(&self, _routes: &[ClusterRoute]) -> Result<(), HostError> {
+        Ok(())
+    }
 }
 
 /// How a limiter's interface is named in messages.
@@ -430,6 +482,12 @@ pub mod fake {
         /// Installed rate limiters, by `describe_side`.
         pub limits: BTreeMap<String, Limit>,
         pub fail_limits: bool,
+        /// The VXLAN device `ensure_vxlan` made.
+        pub vxlan: Option<VxlanSpec>,
+        /// What `mtu_of_address` answers for every address.
+        pub underlay_mtu: Option<u32>,
+        /// The cluster routes as `set_cluster_routes` last left them.
+        pub cluster_routes: Vec<ClusterRoute>,
     }
 
     impl HostNetwork for FakeHost {
@@ -471,6 +529,23 @@ pub mod fake {
         }
         fn rate_limit_drops(&self, side: LimitSide<'_>) -> Result<Option<u64>, HostError> {
             Ok(self.state().limits.get(&describe_side(side)).map(|_| 7))
+        }
+        fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<HostLink, HostError> {
+            let mut st = self.state();
+            st.vxlan = Some(spec.clone());
+            let index = 1000 + st.links.len() as u32;
+            let link = *st.links.entry(spec.name.clone()).or_insert(HostLink {
+                index,
+                mac: MacAddr([2, 0, 0, 0, 0x0a, 0x0a]),
+            });
+            Ok(link)
+        }
+        fn mtu_of_address(&self, _address: IpAddr) -> Result<Option<u32>, HostError> {
+            Ok(self.state().underlay_mtu)
+        }
+        fn set_cluster_routes(&self, routes: &[ClusterRoute]) -> Result<(), HostError> {
+            self.state().cluster_routes = routes.to_vec();
+            Ok(())
         }
     }
 }

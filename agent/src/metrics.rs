@@ -271,6 +271,7 @@ mod tests {
                 refused_files: vec![],
             },
             cluster: None,
+            routing: None,
         };
         let mut ep: Endpoint = serde_json::from_value(serde_json::json!({
             "id": 7, "container_id": "c\"1", "ifname": "eth0", "netns": "/n", "host_ifname": "h",

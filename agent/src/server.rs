@@ -723,6 +723,7 @@ mod tests {
                     alive: true,
                     endpoints: 2,
                     local: *name == "node-0",
+                    tunnel: None,
                 })
                 .collect())
         }

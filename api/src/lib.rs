@@ -59,6 +59,29 @@ pub struct Status {
     /// Cluster mode: the store, this node and what it has seen (absent on a single node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterStatus>,
+    /// Cluster mode: how pods reach other nodes' pods (absent on a single node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<RoutingStatus>,
+}
+
+/// `Status::routing`: the overlay (or native routing) as this agent runs it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RoutingStatus {
+    /// `tunnel` (VXLAN, the default) or `native`.
+    pub mode: String,
+    /// The VXLAN device and its UDP port (tunnel mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// The pods' MTU.
+    pub mtu: u32,
+    /// Other nodes routed to.
+    pub peers: usize,
+    /// Packets the tunnel refused before reaching any endpoint, by reason
+    /// (`unknown-tunnel-source`, `invalid-tunnel-identity`, `no-tunnel-peer`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drops: Vec<DropCount>,
 }
 
 /// `Status::cluster`: the cluster store as this agent sees it.
@@ -107,6 +130,19 @@ pub struct NodeInfo {
     /// Whether it is the node answering.
     #[serde(default)]
     pub local: bool,
+    /// Traffic with it through the tunnel, as the answering node counted it (absent for
+    /// the answering node itself, and without a tunnel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<NodeTraffic>,
+}
+
+/// `NodeInfo::tunnel`: inner packets and bytes to and from one other node.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NodeTraffic {
+    pub tx: PacketCount,
+    pub rx: PacketCount,
+    /// Received from it and dropped.
+    pub dropped: PacketCount,
 }
 
 /// `DELETE /v1/nodes/{name}` (`hypha node remove`): what left the store.
@@ -229,6 +265,12 @@ pub struct Allocation {
     pub gateway6: Option<Ipv6Addr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_cidr6: Option<Ipv6Net>,
+    /// The MTU of the pod's interface (both ends of its veth): in cluster mode, the
+    /// underlay's MTU less the tunnel's overhead (or the underlay's with native routing).
+    /// Absent: the kernel's default (a single node). A network configuration's own
+    /// `mtu` wins, up to this value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
 }
 
 /// `POST /v1/endpoints`: the veth exists and the pod is addressed; attach the datapath.
@@ -432,15 +474,18 @@ pub struct DirectionCounters {
     pub passed: PacketCount,
     /// Straight between two pods by the eBPF datapath.
     pub redirected: PacketCount,
+    /// To or from pods on other nodes through the tunnel.
+    #[serde(default)]
+    pub tunnel: PacketCount,
     pub dropped: PacketCount,
 }
 
 impl DirectionCounters {
-    /// Packets and bytes forwarded either way (passed plus redirected).
+    /// Packets and bytes forwarded either way (passed, redirected and tunnelled).
     pub fn forwarded(&self) -> PacketCount {
         PacketCount {
-            packets: self.passed.packets + self.redirected.packets,
-            bytes: self.passed.bytes + self.redirected.bytes,
+            packets: self.passed.packets + self.redirected.packets + self.tunnel.packets,
+            bytes: self.passed.bytes + self.redirected.bytes + self.tunnel.bytes,
         }
     }
 }

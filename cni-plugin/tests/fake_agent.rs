@@ -208,6 +208,7 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
                     address6: dual(mode).then_some(ADDRESS6),
                     gateway6: dual(mode).then_some(GATEWAY6),
                     pod_cidr6: dual(mode).then(|| "fd00:77::/64".parse().unwrap()),
+                    mtu: None,
                 })
                 .unwrap(),
             )

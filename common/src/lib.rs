@@ -9,8 +9,12 @@
 #![no_std]
 
 /// Maximum number of endpoints (pods) on one node. Sizes `hypha_endpoints4`,
-/// `hypha_endpoints6`, `hypha_ifaces` and `hypha_ep_stats_v2`.
+/// `hypha_endpoints6`, `hypha_ifaces` and `hypha_ep_stats_v3`.
 pub const MAX_ENDPOINTS: u32 = 16_384;
+
+/// Maximum number of other nodes a node tunnels to. Sizes `hypha_tunnel4`,
+/// `hypha_tunnel6`, `hypha_nodes4`, `hypha_nodes6` and `hypha_node_stats`.
+pub const MAX_NODES: u32 = 4_096;
 
 /// Maximum number of (endpoint, reason, direction) drop counters.
 pub const MAX_DROP_COUNTERS: u32 = 65_536;
@@ -24,8 +28,8 @@ pub mod maps {
     /// Host-side ifindex (`u32`) → [`crate::EndpointIface`]: who is behind each veth.
     pub const IFACES: &str = "hypha_ifaces";
     /// Host-side ifindex (`u32`) → [`crate::EndpointStats`], per CPU (per family since
-    /// v2; `hypha_ep_stats`, its predecessor, had one set of counters for everything).
-    pub const EP_STATS: &str = "hypha_ep_stats_v2";
+    /// v2; with a tunnel counter per direction since v3).
+    pub const EP_STATS: &str = "hypha_ep_stats_v3";
     /// [`crate::DropKey`] → [`crate::Counter`], per CPU.
     pub const DROPS: &str = "hypha_drops";
     /// Index 0 → [`crate::NodeConfig`].
@@ -56,7 +60,23 @@ pub mod maps {
     pub const DROP_EVENTS: &str = "hypha_drop_events";
     /// Maps earlier versions pinned under these names, with layouts that are gone. The
     /// agent unpins them at start (their programs are replaced by then).
-    pub const RETIRED: [&str; 2] = ["hypha_ep_stats", "hypha_events"];
+    pub const RETIRED: [&str; 3] = ["hypha_ep_stats", "hypha_events", "hypha_ep_stats_v2"];
+    /// Array, index 0 → [`crate::TunnelConfig`]: the node's VXLAN device (none: no
+    /// tunnel, as on a single node or with native routing).
+    pub const TUNNEL_CONFIG: &str = "hypha_tunnel_cfg";
+    /// LPM trie (aya's `lpm_trie::Key<u32>`, the IPv4 prefix in network byte order) →
+    /// [`crate::TunnelPeer`]: every other node's IPv4 pod CIDR → where to tunnel it.
+    pub const TUNNEL4: &str = "hypha_tunnel4";
+    /// As [`TUNNEL4`], for IPv6 pod CIDRs (`lpm_trie::Key<[u8; 16]>`).
+    pub const TUNNEL6: &str = "hypha_tunnel6";
+    /// Hash, a node's IPv4 underlay address (`u32`, network byte order) → its node id
+    /// (`u32`): the outer sources the tunnel accepts.
+    pub const NODES4: &str = "hypha_nodes4";
+    /// As [`NODES4`], keyed by an IPv6 underlay address (`[u8; 16]`).
+    pub const NODES6: &str = "hypha_nodes6";
+    /// Node id (`u32`) → [`crate::NodeStats`], per CPU: traffic to and from each other
+    /// node through the tunnel. Entries are created by the agent only.
+    pub const NODE_STATS: &str = "hypha_node_stats";
 }
 
 /// Capacity of `hypha_ipcache4`, and of `hypha_ipcache6`.
@@ -85,6 +105,12 @@ pub mod programs {
     pub const FROM_POD: &str = "hypha_from_pod";
     /// TCX egress of the host-side veth: packets the host stack delivers to the pod.
     pub const TO_POD: &str = "hypha_to_pod";
+    /// TCX ingress of the node's VXLAN device: what other nodes send through the tunnel.
+    pub const FROM_TUNNEL: &str = "hypha_from_tunnel";
+    /// TCX egress of the node's VXLAN device: what enters the tunnel. Sets the tunnel
+    /// key of packets the host stack routes there (the host's own, forwarded ones); those
+    /// `hypha_from_pod` redirects there carry theirs already.
+    pub const TO_TUNNEL: &str = "hypha_to_tunnel";
 }
 
 /// Key of `hypha_endpoints4`: a pod's IPv4 address.
@@ -214,7 +240,7 @@ pub const GATEWAY6: [u8; 16] = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 
 pub const MAX_IPV6_EXT_HEADERS: u32 = 8;
 
 /// Per-CPU counters of one endpoint, keyed by its host-side ifindex in
-/// `hypha_ep_stats_v2`, per family: IPv4 (with ARP), IPv6 (with its neighbour
+/// `hypha_ep_stats_v3`, per family: IPv4 (with ARP), IPv6 (with its neighbour
 /// discovery) and everything else (frames of no family: unknown EtherTypes, runts).
 ///
 /// Readers: `ebpf` (both programs update it; the entry is created by the agent, never by
@@ -276,6 +302,9 @@ pub struct DirectionStats {
     pub passed: Counter,
     /// Moved by the eBPF datapath straight between two pods (`bpf_redirect_peer`).
     pub redirected: Counter,
+    /// To or from a pod on another node through the tunnel (egress: redirected into the
+    /// VXLAN device; ingress: delivered from it).
+    pub tunnel: Counter,
     /// Dropped by the datapath; the reasons are in `hypha_drops`.
     pub dropped: Counter,
 }
@@ -284,6 +313,7 @@ impl DirectionStats {
     pub fn add(&mut self, other: &DirectionStats) {
         self.passed.add(&other.passed);
         self.redirected.add(&other.redirected);
+        self.tunnel.add(&other.tunnel);
         self.dropped.add(&other.dropped);
     }
 }
@@ -393,6 +423,81 @@ pub struct RedirectSlot {
     pub len: u32,
 }
 
+/// The UDP port of the VXLAN tunnel by default: Linux's historical VXLAN port, which
+/// Flannel and Cilium use too (`--tunnel-port 4789` for IANA's).
+pub const DEFAULT_TUNNEL_PORT: u16 = 8472;
+/// Bytes VXLAN adds to an inner IP packet over an IPv4 underlay: outer IPv4 (20), UDP
+/// (8), VXLAN (8) and the inner Ethernet header (14).
+pub const VXLAN_OVERHEAD4: u32 = 50;
+/// As [`VXLAN_OVERHEAD4`], over an IPv6 underlay (outer IPv6 header of 40).
+pub const VXLAN_OVERHEAD6: u32 = 70;
+
+/// Value at index 0 of `hypha_tunnel_cfg`: the node's tunnel.
+///
+/// Readers: `ebpf` (`hypha_from_pod` redirects to `ifindex`; `hypha_to_tunnel` and
+/// `hypha_from_pod` set the tunnel key's source from `local4`/`local6`), `agent`
+/// (writes at start: all zero without a tunnel).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelConfig {
+    /// ifindex of the node's VXLAN device (collect-metadata mode); 0: no tunnel.
+    pub ifindex: u32,
+    /// `TUNNEL_F_*` bits.
+    pub flags: u32,
+    /// This node's IPv4 underlay address (network byte order), the outer source; 0: the
+    /// kernel's choice.
+    pub local4: u32,
+    pub _pad: u32,
+    /// This node's IPv6 underlay address; all zero: none.
+    pub local6: [u8; 16],
+}
+
+/// Value of `hypha_tunnel4` and `hypha_tunnel6`: the node behind a pod CIDR.
+///
+/// Readers: `ebpf` (`hypha_from_pod` for pod traffic, `hypha_to_tunnel` for the host's,
+/// set the tunnel key's destination from it and count in `hypha_node_stats`), `agent`
+/// (writes from the cluster's nodes; deletes a node's when it goes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelPeer {
+    /// The node's id, the key of its `hypha_node_stats` entry.
+    pub node_id: u32,
+    /// `PEER_F_*` bits.
+    pub flags: u32,
+    /// Its IPv4 underlay address (network byte order); used unless [`PEER_F_IPV6`].
+    pub addr4: u32,
+    pub _pad: u32,
+    /// Its IPv6 underlay address; used with [`PEER_F_IPV6`].
+    pub addr6: [u8; 16],
+}
+
+/// `TunnelPeer::flags`: tunnel to the node's IPv6 underlay address (`addr6`).
+pub const PEER_F_IPV6: u32 = 1 << 0;
+
+/// Per-CPU value of `hypha_node_stats`: traffic with one other node through the tunnel,
+/// inner packets and bytes as the pods sent them.
+///
+/// Readers: `ebpf` (`hypha_from_pod` and `hypha_to_tunnel` count `tx`,
+/// `hypha_from_tunnel` counts `rx` and `dropped`), `agent` (creates zeroed per node,
+/// sums per CPU for the metrics and `hypha node list`, deletes when the node goes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    pub tx: Counter,
+    pub rx: Counter,
+    /// Received from the node and dropped (policy, unknown family, a bad identity).
+    pub dropped: Counter,
+}
+
+impl NodeStats {
+    /// Adds another set, as when summing the per-CPU values.
+    pub fn add(&mut self, other: &NodeStats) {
+        self.tx.add(&other.tx);
+        self.rx.add(&other.rx);
+        self.dropped.add(&other.dropped);
+    }
+}
+
 /// `DropKey::direction` of what the pod sends.
 pub const DIR_EGRESS: u8 = 0;
 /// `DropKey::direction` of what the pod receives.
@@ -423,6 +528,11 @@ pub const IDENTITY_WORLD: u32 = 2;
 /// `0.0.0.0/0` allows no IPv6 and one naming `::/0` no IPv4; the `world` entity covers
 /// both. Readers: `agent` (policy), and `ebpf` only through `hypha_ipcache6`.
 pub const IDENTITY_WORLD6: u32 = 3;
+/// Another node of the cluster: its underlay and gateway addresses, and what it sends
+/// through the tunnel as its host (a tunnel key of identity [`IDENTITY_HOST`] is the
+/// sender's host, which is this one's remote node). Readers: `ebpf`
+/// (`hypha_from_tunnel`), `agent` (ipcache, policy: part of the `cluster` entity).
+pub const IDENTITY_REMOTE_NODE: u32 = 4;
 pub const IDENTITY_FIRST_LABELS: u32 = 256;
 pub const IDENTITY_FIRST_CIDR: u32 = 1 << 24;
 
@@ -654,11 +764,21 @@ pub enum DropReason {
     /// An ICMPv6 neighbour discovery message the pod sent is cut short, or has a hop
     /// limit other than 255 (RFC 4861 section 7.1).
     InvalidNeighborDiscovery = 15,
+    /// A VXLAN packet whose outer source is not the underlay address of a known node
+    /// (the underlay is trusted only as far as the nodes the cluster store lists).
+    /// Counted against the VXLAN device's ifindex.
+    UnknownTunnelSource = 16,
+    /// A VXLAN packet whose VNI is no identity a node sends: 0, a reserved identity other
+    /// than host and world, or beyond the label identities.
+    InvalidTunnelIdentity = 17,
+    /// A packet routed into the tunnel for an address no node's pod CIDR holds (a node
+    /// gone, or an address of the cluster CIDR no node has been given).
+    NoTunnelPeer = 18,
 }
 
 impl DropReason {
     /// Every reason, in numbering order.
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 18] = [
         DropReason::InvalidIpv4Header,
         DropReason::MalformedIpv4,
         DropReason::UnknownL3,
@@ -674,6 +794,9 @@ impl DropReason {
         DropReason::InvalidExtensionHeader,
         DropReason::TooManyExtensionHeaders,
         DropReason::InvalidNeighborDiscovery,
+        DropReason::UnknownTunnelSource,
+        DropReason::InvalidTunnelIdentity,
+        DropReason::NoTunnelPeer,
     ];
 
     /// The reason for a stored code, if the code is known.
@@ -699,6 +822,9 @@ impl DropReason {
             DropReason::InvalidExtensionHeader => "invalid-extension-header",
             DropReason::TooManyExtensionHeaders => "too-many-extension-headers",
             DropReason::InvalidNeighborDiscovery => "invalid-neighbor-discovery",
+            DropReason::UnknownTunnelSource => "unknown-tunnel-source",
+            DropReason::InvalidTunnelIdentity => "invalid-tunnel-identity",
+            DropReason::NoTunnelPeer => "no-tunnel-peer",
         }
     }
 }
@@ -746,6 +872,9 @@ mod pod {
     unsafe impl aya::Pod for super::Event {}
     unsafe impl aya::Pod for super::RedirectSlot {}
     unsafe impl aya::Pod for super::EventBudget {}
+    unsafe impl aya::Pod for super::TunnelConfig {}
+    unsafe impl aya::Pod for super::TunnelPeer {}
+    unsafe impl aya::Pod for super::NodeStats {}
 }
 
 #[cfg(test)]
@@ -760,9 +889,12 @@ mod tests {
         assert_eq!(size_of::<EndpointKey4>(), 4);
         assert_eq!(size_of::<EndpointInfo>(), 4 + 4 + 6 + 6 + 4);
         assert_eq!(size_of::<Counter>(), 16);
-        assert_eq!(size_of::<DirectionStats>(), 3 * 16);
-        assert_eq!(size_of::<FamilyStats>(), 2 * 3 * 16);
-        assert_eq!(size_of::<EndpointStats>(), 3 * 2 * 3 * 16);
+        assert_eq!(size_of::<DirectionStats>(), 4 * 16);
+        assert_eq!(size_of::<FamilyStats>(), 2 * 4 * 16);
+        assert_eq!(size_of::<EndpointStats>(), 3 * 2 * 4 * 16);
+        assert_eq!(size_of::<TunnelConfig>(), 4 * 4 + 16);
+        assert_eq!(size_of::<TunnelPeer>(), 4 * 4 + 16);
+        assert_eq!(size_of::<NodeStats>(), 3 * 16);
         assert_eq!(size_of::<EndpointKey6>(), 16);
         assert_eq!(size_of::<EndpointIface>(), 4 + 4 + 6 + 6 + 4 + 16);
         assert_eq!(size_of::<CtKey6>(), 16 + 16 + 2 + 2 + 1 + 3);

@@ -31,8 +31,9 @@ use hypha_common::{
     Counter, CtEntry, CtKey4, CtKey6, DIR_EGRESS, DIR_INGRESS, DropKey, DropReason,
     ENDPOINT_F_INGRESS_LIMIT, EVENTS_BYTES, EndpointIface, EndpointInfo, EndpointKey4,
     EndpointKey6, EndpointStats, EventBudget, IpcacheValue, MAX_CT_ENTRIES, MAX_DROP_COUNTERS,
-    MAX_DROP_EVENT_BUDGETS, MAX_ENDPOINTS, MAX_IPCACHE, MAX_POLICIES, MAX_POLICY_ENTRIES,
-    NodeConfig, PolicyEntry, PolicyKey, PolicyStats, RedirectSlot, maps, programs,
+    MAX_DROP_EVENT_BUDGETS, MAX_ENDPOINTS, MAX_IPCACHE, MAX_NODES, MAX_POLICIES,
+    MAX_POLICY_ENTRIES, NodeConfig, NodeStats, PolicyEntry, PolicyKey, PolicyStats, RedirectSlot,
+    TunnelConfig, TunnelPeer, maps, programs,
 };
 
 use crate::{
@@ -65,7 +66,7 @@ static IFACES: HashMap<u32, EndpointIface> = HashMap::pinned(MAX_ENDPOINTS, 0);
 
 /// Host-side ifindex → per-CPU counters, per family. Entries are created by the agent
 /// only.
-#[map(name = "hypha_ep_stats_v2")]
+#[map(name = "hypha_ep_stats_v3")]
 static EP_STATS: PerCpuHashMap<u32, EndpointStats> = PerCpuHashMap::pinned(MAX_ENDPOINTS, 0);
 
 /// (endpoint, reason, direction) → per-CPU drop counter. Entries are created here, on
@@ -116,12 +117,38 @@ static REDIRECT: PerCpuArray<RedirectSlot> = PerCpuArray::pinned(1, 0);
 static DROP_EVENTS: LruHashMap<DropKey, EventBudget> =
     LruHashMap::pinned(MAX_DROP_EVENT_BUDGETS, 0);
 
+/// Index 0: the node's tunnel (VXLAN device), all zero without one. Written by the
+/// agent at start.
+#[map(name = "hypha_tunnel_cfg")]
+static TUNNEL_CONFIG: Array<TunnelConfig> = Array::pinned(1, 0);
+
+/// Other nodes' IPv4 pod CIDRs (longest prefix) → the node to tunnel to. Written by
+/// the agent from the cluster's nodes.
+#[map(name = "hypha_tunnel4")]
+static TUNNEL4: LpmTrie<u32, TunnelPeer> = LpmTrie::pinned(MAX_NODES, 0);
+
+/// Other nodes' IPv6 pod CIDRs → the node to tunnel to.
+#[map(name = "hypha_tunnel6")]
+static TUNNEL6: LpmTrie<[u8; 16], TunnelPeer> = LpmTrie::pinned(MAX_NODES, 0);
+
+/// Other nodes' IPv4 underlay addresses → node id: the outer sources the tunnel takes.
+#[map(name = "hypha_nodes4")]
+static NODES4: HashMap<u32, u32> = HashMap::pinned(MAX_NODES, 0);
+
+/// Other nodes' IPv6 underlay addresses → node id.
+#[map(name = "hypha_nodes6")]
+static NODES6: HashMap<[u8; 16], u32> = HashMap::pinned(MAX_NODES, 0);
+
+/// Node id → per-CPU tunnel counters. Entries are created by the agent only.
+#[map(name = "hypha_node_stats")]
+static NODE_STATS: PerCpuHashMap<u32, NodeStats> = PerCpuHashMap::pinned(MAX_NODES, 0);
+
 // The attribute macros take literals, so tie them to the shared names at compile time.
 const _: () = {
     assert!(str_eq(maps::ENDPOINTS4, "hypha_endpoints4"));
     assert!(str_eq(maps::ENDPOINTS6, "hypha_endpoints6"));
     assert!(str_eq(maps::IFACES, "hypha_ifaces"));
-    assert!(str_eq(maps::EP_STATS, "hypha_ep_stats_v2"));
+    assert!(str_eq(maps::EP_STATS, "hypha_ep_stats_v3"));
     assert!(str_eq(maps::DROPS, "hypha_drops"));
     assert!(str_eq(maps::CONFIG, "hypha_config"));
     assert!(str_eq(maps::IPCACHE4, "hypha_ipcache4"));
@@ -133,6 +160,14 @@ const _: () = {
     assert!(str_eq(maps::POLICY_STATS, "hypha_policy_stats"));
     assert!(str_eq(maps::REDIRECT, "hypha_redirect"));
     assert!(str_eq(maps::DROP_EVENTS, "hypha_drop_events"));
+    assert!(str_eq(maps::TUNNEL_CONFIG, "hypha_tunnel_cfg"));
+    assert!(str_eq(maps::TUNNEL4, "hypha_tunnel4"));
+    assert!(str_eq(maps::TUNNEL6, "hypha_tunnel6"));
+    assert!(str_eq(maps::NODES4, "hypha_nodes4"));
+    assert!(str_eq(maps::NODES6, "hypha_nodes6"));
+    assert!(str_eq(maps::NODE_STATS, "hypha_node_stats"));
+    assert!(str_eq(programs::FROM_TUNNEL, "hypha_from_tunnel"));
+    assert!(str_eq(programs::TO_TUNNEL, "hypha_to_tunnel"));
     assert!(str_eq(programs::FROM_POD, "hypha_from_pod"));
     assert!(str_eq(programs::TO_POD, "hypha_to_pod"));
 };
@@ -179,6 +214,22 @@ pub fn hypha_to_pod(ctx: TcContext) -> i32 {
     };
     trace.verdict(&ctx, action);
     action
+}
+
+/// TCX ingress of the node's VXLAN device: what other nodes send through the tunnel.
+/// SCAFFOLD: passes everything until the tunnel datapath lands (helper "ebpf").
+#[classifier]
+pub fn hypha_from_tunnel(ctx: TcContext) -> i32 {
+    let _ = (&ctx, &NODES4, &NODES6, &NODE_STATS);
+    TC_ACT_OK
+}
+
+/// TCX egress of the node's VXLAN device: what enters the tunnel.
+/// SCAFFOLD: passes everything until the tunnel datapath lands (helper "ebpf").
+#[classifier]
+pub fn hypha_to_tunnel(ctx: TcContext) -> i32 {
+    let _ = (&ctx, &TUNNEL_CONFIG, &TUNNEL4, &TUNNEL6);
+    TC_ACT_OK
 }
 
 fn try_to_pod(ctx: &TcContext) -> Result<i32, i32> {

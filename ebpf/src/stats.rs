@@ -1,4 +1,4 @@
-//! Per-endpoint counters per family (`hypha_ep_stats_v2`), drop counters
+//! Per-endpoint counters per family (`hypha_ep_stats_v3`), drop counters
 //! (`hypha_drops`) and drop events for `hypha monitor`, rate limited by
 //! `hypha_drop_events`.
 //!

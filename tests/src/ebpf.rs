@@ -126,7 +126,7 @@ impl Datapath {
     }
 
     /// Adds an IPv4-only endpoint as the agent does: its `hypha_endpoints4` entry, its
-    /// `hypha_ifaces` entry and its zeroed `hypha_ep_stats_v2` entry, all with
+    /// `hypha_ifaces` entry and its zeroed `hypha_ep_stats_v3` entry, all with
     /// `ENDPOINT_F_IPV4` added to `info.flags`. Called again for the same endpoint, it
     /// replaces the entries (as the agent does when the flags change).
     pub fn add_endpoint(&mut self, addr: [u8; 4], info: EndpointInfo) {
@@ -155,7 +155,7 @@ impl Datapath {
 
     /// Adds an endpoint with the addresses given (IPv4, IPv6 or both) as the agent does:
     /// an entry in `hypha_endpoints4` and `hypha_endpoints6` per address, its
-    /// `hypha_ifaces` entry and its zeroed `hypha_ep_stats_v2` entry, with the family
+    /// `hypha_ifaces` entry and its zeroed `hypha_ep_stats_v3` entry, with the family
     /// bits of its addresses added to `info.flags`.
     pub fn add_endpoint_with(
         &mut self,
@@ -207,7 +207,7 @@ impl Datapath {
             .unwrap_or_else(|e| panic!("insert into {}: {e}", maps::IFACES));
     }
 
-    /// Creates a zeroed `hypha_ep_stats_v2` entry for `ifindex`.
+    /// Creates a zeroed `hypha_ep_stats_v3` entry for `ifindex`.
     pub fn add_stats(&mut self, ifindex: u32) {
         let cpus = nr_cpus().expect("number of possible CPUs");
         let zeroed =
@@ -368,7 +368,7 @@ impl Datapath {
         })
     }
 
-    /// Every `hypha_ep_stats_v2` entry's ifindex.
+    /// Every `hypha_ep_stats_v3` entry's ifindex.
     pub fn stats_keys(&self) -> Vec<u32> {
         let stats: PerCpuHashMap<&MapData, u32, EndpointStats> = self.map(maps::EP_STATS);
         stats

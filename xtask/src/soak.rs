@@ -824,7 +824,7 @@ impl Soak {
             ("hypha_endpoints4 entries", "hypha_endpoints4"),
             ("hypha_endpoints6 entries", "hypha_endpoints6"),
             ("hypha_ifaces entries", "hypha_ifaces"),
-            ("hypha_ep_stats_v2 entries", "hypha_ep_stats_v2"),
+            ("hypha_ep_stats_v3 entries", "hypha_ep_stats_v3"),
             ("hypha_policy entries", "hypha_policy"),
         ] {
             let entries = self.map_entries(map)?;

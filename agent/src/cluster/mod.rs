@@ -864,6 +864,8 @@ impl ClusterLink for Runtime {
                     alive: record.is_some(),
                     endpoints: counts.get(name.as_str()).copied().unwrap_or(0),
                     local: name == self.config.node_name,
+                    // Filled in by the agent from its tunnel counters (helper "obs").
+                    tunnel: None,
                     name,
                 }
             })

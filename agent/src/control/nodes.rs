@@ -33,6 +33,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             alive: true,
             endpoints,
             local: true,
+            tunnel: None,
         }])
     }
 

@@ -874,6 +874,19 @@ impl Datapath for EbpfDatapath {
     fn programs(&self) -> Vec<String> {
         self.ebpf.programs().map(|(n, _)| n.to_owned()).collect()
     }
+
+    // SCAFFOLD (helper "dp" replaces these three): the tunnel maps and programs.
+    fn set_tunnel(&self, _tunnel: Option<&super::TunnelSetup>) -> Result<(), EbpfError> {
+        Ok(())
+    }
+
+    fn set_tunnel_peers(&self, _peers: &[super::TunnelPeerSpec]) -> Vec<EbpfError> {
+        Vec::new()
+    }
+
+    fn node_stats(&self) -> Result<Vec<(u32, hypha_common::NodeStats)>, EbpfError> {
+        Ok(Vec::new())
+    }
 }
 
 impl EbpfDatapath {

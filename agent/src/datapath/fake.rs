@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use hypha_common::{Counter, DropKey, EndpointStats};
+use hypha_common::{Counter, DropKey, EndpointStats, NodeStats};
 
-use super::{Adoption, Datapath, InstalledPolicy};
+use super::{Adoption, Datapath, InstalledPolicy, TunnelPeerSpec, TunnelSetup};
 use crate::policy::PolicyDiff;
 use crate::state::EndpointRecord;
 
@@ -58,6 +58,12 @@ pub struct FakeState {
     /// When set, `attach` to that host interface waits (without holding the fake's
     /// state) until the gate is released, as a real attach waits for the kernel.
     pub attach_gate: Option<(String, Gate)>,
+    /// The tunnel as `set_tunnel` last left it.
+    pub tunnel: Option<TunnelSetup>,
+    /// The tunnel peers as `set_tunnel_peers` last left them, by node id.
+    pub peers: BTreeMap<u32, TunnelPeerSpec>,
+    /// What `node_stats` answers.
+    pub node_stats: BTreeMap<u32, NodeStats>,
 }
 
 /// Holds the fake's attaches until released (or dropped).
@@ -237,5 +243,32 @@ impl Datapath for FakeDatapath {
 
     fn programs(&self) -> Vec<String> {
         vec!["fake".into()]
+    }
+
+    fn set_tunnel(&self, tunnel: Option<&TunnelSetup>) -> Result<(), FakeError> {
+        let mut st = self.state();
+        st.log.push(match tunnel {
+            Some(t) => format!("tunnel {}", t.ifname),
+            None => "no tunnel".into(),
+        });
+        st.tunnel = tunnel.cloned();
+        Ok(())
+    }
+
+    fn set_tunnel_peers(&self, peers: &[TunnelPeerSpec]) -> Vec<FakeError> {
+        let mut st = self.state();
+        st.peers = peers.iter().map(|p| (p.node_id, p.clone())).collect();
+        let ids: Vec<u32> = st.peers.keys().copied().collect();
+        st.node_stats.retain(|id, _| ids.contains(id));
+        Vec::new()
+    }
+
+    fn node_stats(&self) -> Result<Vec<(u32, NodeStats)>, FakeError> {
+        Ok(self
+            .state()
+            .node_stats
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect())
     }
 }

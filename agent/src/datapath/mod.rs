@@ -10,7 +10,10 @@ pub mod fake;
 mod link_info;
 pub mod policy_maps;
 
-use hypha_common::{DropKey, EndpointStats};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use hypha_common::{DropKey, EndpointStats, NodeStats};
+use ipnet::{Ipv4Net, Ipv6Net};
 
 pub use ebpf::{EbpfDatapath, EbpfError};
 
@@ -23,6 +26,32 @@ pub struct InstalledPolicy {
     /// `hypha_ipcache4` and `hypha_ipcache6` together.
     pub ipcache: std::collections::BTreeMap<ipnet::IpNet, u32>,
     pub entries: std::collections::BTreeMap<hypha_common::PolicyKey, hypha_common::PolicyEntry>,
+}
+
+/// The node's tunnel, as the datapath needs it (see [`Datapath::set_tunnel`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TunnelSetup {
+    /// The VXLAN device (collect-metadata mode) the agent made.
+    pub ifindex: u32,
+    pub ifname: String,
+    /// This node's underlay addresses: the outer source of what it tunnels (`None`: the
+    /// kernel's route lookup picks it).
+    pub local4: Option<Ipv4Addr>,
+    pub local6: Option<Ipv6Addr>,
+}
+
+/// Another node, as the tunnel maps hold it (see [`Datapath::set_tunnel_peers`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TunnelPeerSpec {
+    /// Key of its `hypha_node_stats` entry; stable for a node name (see `overlay`).
+    pub node_id: u32,
+    pub name: String,
+    /// The underlay address to tunnel to (outer destination).
+    pub underlay: IpAddr,
+    /// All its underlay addresses: the outer sources accepted from it.
+    pub addresses: Vec<IpAddr>,
+    pub pod_cidr: Option<Ipv4Net>,
+    pub pod_cidr6: Option<Ipv6Net>,
 }
 
 /// What became of an endpoint found at start-up.
@@ -95,4 +124,19 @@ pub trait Datapath: Send + Sync {
 
     /// Names of the loaded programs.
     fn programs(&self) -> Vec<String>;
+
+    /// Sets the node's tunnel: attaches `hypha_from_tunnel` and `hypha_to_tunnel` to the
+    /// VXLAN device (pinned links, replaced in place when an earlier agent's are there)
+    /// and writes `hypha_tunnel_cfg`. `None` (single node, native routing): the config is
+    /// zeroed, so `hypha_from_pod` tunnels nothing.
+    fn set_tunnel(&self, tunnel: Option<&TunnelSetup>) -> Result<(), Self::Error>;
+
+    /// Makes `hypha_tunnel4`, `hypha_tunnel6`, `hypha_nodes4`, `hypha_nodes6` and
+    /// `hypha_node_stats` hold exactly `peers`: entries of nodes not in it are removed
+    /// (a removed node is no longer routed nor accepted), a kept node keeps its counters.
+    /// Every entry is written; errors are collected and the others still written.
+    fn set_tunnel_peers(&self, peers: &[TunnelPeerSpec]) -> Vec<Self::Error>;
+
+    /// Tunnel counters per node id, summed over CPUs.
+    fn node_stats(&self) -> Result<Vec<(u32, NodeStats)>, Self::Error>;
 }
