@@ -13,6 +13,7 @@ pub mod host;
 pub mod ipam;
 pub mod metrics;
 pub mod monitor;
+pub mod overlay;
 pub mod policy;
 pub mod server;
 pub mod state;
