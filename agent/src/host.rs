@@ -563,6 +563,8 @@ pub mod fake {
         pub underlay_mtu: Option<u32>,
         /// The cluster routes as `set_cluster_routes` last left them.
         pub cluster_routes: Vec<ClusterRoute>,
+        /// Make `set_cluster_routes` fail (leaving the routes as they were).
+        pub fail_cluster_routes: bool,
     }
 
     impl HostNetwork for FakeHost {
@@ -622,7 +624,15 @@ pub mod fake {
             Ok(self.state().underlay_mtu)
         }
         fn set_cluster_routes(&self, routes: &[ClusterRoute]) -> Result<(), HostError> {
-            self.state().cluster_routes = routes.to_vec();
+            let mut st = self.state();
+            if st.fail_cluster_routes {
+                return Err(HostError::Io {
+                    op: "replace routes in",
+                    path: "the fake host".into(),
+                    source: std::io::Error::other("injected failure"),
+                });
+            }
+            st.cluster_routes = routes.to_vec();
             Ok(())
         }
     }

@@ -40,6 +40,8 @@ struct Setup {
 
 #[derive(Default)]
 struct Applied {
+    /// The nodes of the last apply, kept while any part of it failed (to try again).
+    failed: Option<Vec<ClusterNode>>,
     /// Hypha's routes as `set_cluster_routes` last made them (`None`: not yet).
     routes: Option<Vec<ClusterRoute>>,
     /// Nodes routed to.
@@ -96,9 +98,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     /// rest is a warning.
     pub(super) fn start_overlay(&mut self, warnings: &mut Vec<String>) -> Result<(), ControlError> {
         let Some(cluster) = self.config.cluster.clone() else {
-            if let Err(e) = self.datapath.set_tunnel(None) {
-                warnings.push(format!("cannot clear the tunnel configuration: {e}"));
-            }
+            self.clear_tunnel(warnings);
             return Ok(());
         };
         let first_ip = cluster.node_ips.first().copied();
@@ -168,9 +168,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                         "native routing: cannot delete the VXLAN device {DEFAULT_TUNNEL_DEVICE} an earlier agent left: {e}"
                     )),
                 }
-                if let Err(e) = self.datapath.set_tunnel(None) {
-                    warnings.push(format!("cannot clear the tunnel configuration: {e}"));
-                }
+                self.clear_tunnel(warnings);
                 local.subnets = self.host.subnets().unwrap_or_else(|e| {
                     warnings.push(format!(
                         "cannot list this node's subnets ({e}): native routing reaches no node"
@@ -196,6 +194,17 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             self.apply_routes(&self.plan(&[]).routes, warnings);
         }
         Ok(())
+    }
+
+    /// No tunnel: `hypha_tunnel_cfg` zeroed and no peers (what an earlier agent in tunnel
+    /// mode left goes).
+    fn clear_tunnel(&self, warnings: &mut Vec<String>) {
+        if let Err(e) = self.datapath.set_tunnel(None) {
+            warnings.push(format!("cannot clear the tunnel configuration: {e}"));
+        }
+        for e in self.datapath.set_tunnel_peers(&[]) {
+            warnings.push(format!("cannot clear the tunnel peers: {e}"));
+        }
     }
 
     fn plan(&self, nodes: &[ClusterNode]) -> overlay::Plan {
@@ -251,13 +260,25 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         if let Err(e) = self.set_remote_nodes(plan.remote_nodes.clone()) {
             errors.push(format!("remote-node addresses: {e}"));
         }
-        self.overlay.applied().routed = plan.routed.len();
+        {
+            let mut applied = self.overlay.applied();
+            applied.routed = plan.routed.len();
+            applied.failed = (!errors.is_empty()).then_some(nodes);
+        }
         tracing::debug!(nodes = ?plan.routed, "routing to the cluster's nodes");
         if errors.is_empty() {
             Ok(())
         } else {
             Err(ControlError::Datapath(errors.join("; ")))
         }
+    }
+
+    /// Applies the nodes of the last [`Agent::apply_cluster_nodes`] again if part of it
+    /// failed (`None`: nothing to retry). The daemon calls it periodically: a failed apply
+    /// is not followed by another batch until the nodes change.
+    pub fn retry_cluster_nodes(&self) -> Option<Result<(), ControlError>> {
+        let nodes = self.overlay.applied().failed.take()?;
+        Some(self.apply_cluster_nodes(nodes))
     }
 
     /// The MTU pods get (`Allocation::mtu`): cluster mode's, `None` on a single node.

@@ -325,6 +325,53 @@ fn native_routing_routes_on_link_nodes_and_deletes_a_leftover_device() {
 }
 
 #[test]
+fn a_failed_apply_is_retried_until_it_succeeds() {
+    let agent = start(Routing::Native);
+    agent.host.state().fail_cluster_routes = true;
+    let err = agent
+        .apply_cluster_nodes(vec![node("node-1", 11)])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("injected failure"), "{err}");
+    assert!(agent.host.state().cluster_routes.is_empty());
+    // Still failing: reported again, kept for the next try.
+    assert!(matches!(agent.retry_cluster_nodes(), Some(Err(_))));
+    agent.host.state().fail_cluster_routes = false;
+    assert!(matches!(agent.retry_cluster_nodes(), Some(Ok(()))));
+    assert_eq!(agent.host.state().cluster_routes.len(), 2);
+    assert!(
+        agent.retry_cluster_nodes().is_none(),
+        "nothing left to retry"
+    );
+}
+
+#[test]
+fn leaving_tunnel_mode_clears_the_peers() {
+    let dp = FakeDatapath::default();
+    dp.state().peers.insert(
+        7,
+        crate::datapath::TunnelPeerSpec {
+            node_id: 7,
+            name: "old".into(),
+            underlay: ip("172.16.0.7"),
+            addresses: vec![ip("172.16.0.7")],
+            pod_cidr: None,
+            pod_cidr6: None,
+        },
+    );
+    let saved = PersistedState::default();
+    let (agent, _) = Agent::start(
+        config(Routing::Native),
+        dp,
+        host(Some(1500)),
+        Box::new(MemStore::with(saved.clone())),
+        saved,
+    )
+    .unwrap();
+    assert!(agent.datapath.state().peers.is_empty());
+}
+
+#[test]
 fn a_router_address_a_pod_already_holds_is_left_to_it() {
     let mut saved = PersistedState::default();
     let owner = Owner {
