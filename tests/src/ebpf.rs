@@ -189,6 +189,20 @@ impl Datapath {
             .unwrap_or_else(|e| panic!("attach {name} to {interface}: {}", chain(&e)));
     }
 
+    /// [`Datapath::attach`] inside the network namespace at `netns` (such as a
+    /// `NamedNetns`'s path): the calling thread enters it for the attach and returns to
+    /// its own namespace, also when the attach panics.
+    pub fn attach_in(
+        &mut self,
+        netns: &Path,
+        name: &str,
+        interface: &str,
+        attach_type: TcAttachType,
+    ) {
+        let _inside = EnteredNetns::enter(netns);
+        self.attach(name, interface, attach_type);
+    }
+
     /// Writes index 0 of `hypha_config`.
     pub fn set_config(&mut self, config: NodeConfig) {
         let mut map: Array<&mut MapData, NodeConfig> = self.map_mut(maps::CONFIG);
@@ -582,6 +596,38 @@ impl Drop for PrivateBpffs {
         }
         if let Err(e) = std::fs::remove_dir(&self.path) {
             eprintln!("remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// The calling thread inside an existing network namespace, back in its own on drop.
+/// `!Send`, as [`TestNetns`].
+struct EnteredNetns {
+    original: File,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl EnteredNetns {
+    fn enter(netns: &Path) -> Self {
+        let original =
+            File::open("/proc/thread-self/ns/net").expect("open /proc/thread-self/ns/net");
+        let target = File::open(netns).unwrap_or_else(|e| panic!("open {}: {e}", netns.display()));
+        setns(&target, CloneFlags::CLONE_NEWNET)
+            .unwrap_or_else(|e| panic!("enter {}: {e}", netns.display()));
+        Self {
+            original,
+            _not_send: PhantomData,
+        }
+    }
+}
+
+impl Drop for EnteredNetns {
+    fn drop(&mut self) {
+        if let Err(e) = setns(&self.original, CloneFlags::CLONE_NEWNET) {
+            if !std::thread::panicking() {
+                panic!("restore the thread's network namespace: {e}");
+            }
+            eprintln!("restore the thread's network namespace: {e}");
         }
     }
 }

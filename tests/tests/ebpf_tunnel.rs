@@ -486,3 +486,293 @@ fn to_tunnel_drops_frames_of_no_ip_family() {
     );
     node.assert_device_drop(DropReason::UnknownL3, DIR_EGRESS, frame.len());
 }
+
+// ---- end to end: two nodes joined by real VXLAN devices ----
+
+/// What the programs do with real tunnel metadata: two node namespaces joined by an
+/// underlay veth, each with a VXLAN device in collect-metadata mode and one pod, and a
+/// datapath of its own attached as the agent attaches it. No agent: the maps are written
+/// here, so the VNI can be made to lie about the sender.
+mod end_to_end {
+    use std::path::Path;
+
+    use aya::programs::TcAttachType;
+    use hypha_common::{
+        DIR_INGRESS, DropReason, ENDPOINT_F_INGRESS_POLICY, EndpointInfo, IDENTITY_HOST,
+        IDENTITY_REMOTE_NODE, NodeConfig, POLICY_ALLOW, PolicyEntry, PolicyKey, TunnelConfig,
+        TunnelPeer,
+        programs::{FROM_POD, FROM_TUNNEL, TO_POD, TO_TUNNEL},
+    };
+    use hypha_tests::{ebpf::Datapath, netns::NamedNetns};
+
+    const UNDERLAY: [[u8; 4]; 2] = [[192, 168, 77, 1], [192, 168, 77, 2]];
+    const CIDR4: [[u8; 4]; 2] = [[10, 244, 0, 0], [10, 244, 1, 0]];
+    const GATEWAY4: [[u8; 4]; 2] = [[10, 244, 0, 1], [10, 244, 1, 1]];
+    const POD4: [[u8; 4]; 2] = [[10, 244, 0, 7], [10, 244, 1, 9]];
+    const CIDR6: [[u8; 16]; 2] = [six(0, 0), six(1, 0)];
+    const POD6: [[u8; 16]; 2] = [six(0, 7), six(1, 9)];
+    const POD_MAC: [[u8; 6]; 2] = [[2, 0xaa, 0, 0, 0, 7], [2, 0xbb, 0, 0, 0, 9]];
+    const HOST_MAC: [[u8; 6]; 2] = [[2, 0xaa, 0, 0, 0, 1], [2, 0xbb, 0, 0, 0, 1]];
+    const NODE_ID: [u32; 2] = [0x5eed_0001, 0x5eed_0002];
+    const POD_ID: [u32; 2] = [300, 301];
+    /// An identity neither pod has.
+    const ID_OTHER: u32 = 302;
+
+    const fn six(subnet: u8, host: u8) -> [u8; 16] {
+        [0xfd, 0, 2, 0x44, 0, 0, 0, subnet, 0, 0, 0, 0, 0, 0, 0, host]
+    }
+
+    fn dotted(a: [u8; 4]) -> String {
+        std::net::Ipv4Addr::from(a).to_string()
+    }
+
+    fn colon(a: [u8; 16]) -> String {
+        std::net::Ipv6Addr::from(a).to_string()
+    }
+
+    fn mac(m: [u8; 6]) -> String {
+        m.map(|b| format!("{b:02x}")).join(":")
+    }
+
+    /// One node: its namespace, its pod's, and its datapath.
+    struct Node {
+        // First: the datapath (and its TCX links) goes before the namespaces.
+        dp: Datapath,
+        /// ifindex of the pod's host-side veth.
+        host_veth: u32,
+        pod: NamedNetns,
+        ns: NamedNetns,
+    }
+
+    fn ifindex(ns: &NamedNetns, name: &str) -> u32 {
+        ns.exec(&["cat", &format!("/sys/class/net/{name}/ifindex")])
+            .trim()
+            .parse()
+            .expect("ifindex")
+    }
+
+    /// Node `i` (0 or 1), its underlay end `underlay` already in its namespace.
+    fn node(i: usize, ns: NamedNetns, underlay: &str) -> Node {
+        let j = 1 - i;
+        let run = |cmd: &str| {
+            ns.exec(&cmd.split_whitespace().collect::<Vec<_>>());
+        };
+        run(&format!(
+            "ip addr add {}/24 dev {underlay}",
+            dotted(UNDERLAY[i])
+        ));
+        run(&format!("ip link set {underlay} up"));
+        run("ip link add hyvx type vxlan external dstport 8472 nolearning");
+        run("ip link set hyvx arp off mtu 1450 up");
+        // The host's own address in its pod CIDR, and the other node's pods through the
+        // tunnel from it.
+        run(&format!("ip addr add {}/32 dev lo", dotted(GATEWAY4[i])));
+        run(&format!(
+            "ip route add {}/24 dev hyvx src {}",
+            dotted(CIDR4[j]),
+            dotted(GATEWAY4[i])
+        ));
+
+        let pod = NamedNetns::new("hy-tun-pod");
+        run(&format!(
+            "ip link add hyhost address {} type veth peer name eth0 address {} netns {}",
+            mac(HOST_MAC[i]),
+            mac(POD_MAC[i]),
+            pod.name()
+        ));
+        run("ip link set hyhost mtu 1450 up");
+        let prun = |cmd: &str| {
+            pod.exec(&cmd.split_whitespace().collect::<Vec<_>>());
+        };
+        prun("ip link set eth0 mtu 1450 up");
+        prun(&format!("ip addr add {}/32 dev eth0", dotted(POD4[i])));
+        prun(&format!("ip route add {} dev eth0", dotted(GATEWAY4[i])));
+        prun(&format!("ip route add default via {}", dotted(GATEWAY4[i])));
+        prun(&format!(
+            "ip -6 addr add {}/128 dev eth0 nodad",
+            colon(POD6[i])
+        ));
+        prun("ip -6 route add default via fe80::1 dev eth0");
+
+        let host_veth = ifindex(&ns, "hyhost");
+        let vxlan = ifindex(&ns, "hyvx");
+        let mut dp = Datapath::load();
+        dp.load_tunnel_programs();
+        dp.set_config(NodeConfig {
+            gateway: u32::from_ne_bytes(GATEWAY4[i]),
+            flags: 0,
+        });
+        dp.add_endpoint_with(
+            Some(POD4[i]),
+            Some(POD6[i]),
+            EndpointInfo {
+                ifindex: host_veth,
+                endpoint_id: 1,
+                pod_mac: POD_MAC[i],
+                host_mac: HOST_MAC[i],
+                flags: 0,
+            },
+        );
+        // The cluster's identities, as issue 12's ipcache has them on every node.
+        for k in 0..2 {
+            dp.set_identity(POD4[k], 32, POD_ID[k]);
+            dp.set_identity6(POD6[k], 128, POD_ID[k]);
+        }
+        dp.set_identity(GATEWAY4[i], 32, IDENTITY_HOST);
+        dp.set_identity(GATEWAY4[j], 32, IDENTITY_REMOTE_NODE);
+        dp.set_tunnel_config(TunnelConfig {
+            ifindex: vxlan,
+            flags: 0,
+            local4: u32::from_ne_bytes(UNDERLAY[i]),
+            _pad: 0,
+            local6: [0; 16],
+        });
+        let peer = TunnelPeer {
+            node_id: NODE_ID[j],
+            flags: 0,
+            addr4: u32::from_ne_bytes(UNDERLAY[j]),
+            _pad: 0,
+            addr6: [0; 16],
+        };
+        dp.add_tunnel_peer4(CIDR4[j], 24, peer);
+        dp.add_tunnel_peer6(CIDR6[j], 64, peer);
+        dp.add_node4(UNDERLAY[j], NODE_ID[j]);
+        dp.add_node_stats(NODE_ID[j]);
+        let path = ns.path();
+        for (program, device, hook) in [
+            (FROM_POD, "hyhost", TcAttachType::Ingress),
+            (TO_POD, "hyhost", TcAttachType::Egress),
+            (FROM_TUNNEL, "hyvx", TcAttachType::Ingress),
+            (TO_TUNNEL, "hyvx", TcAttachType::Egress),
+        ] {
+            dp.attach_in(Path::new(&path), program, device, hook);
+        }
+        Node {
+            dp,
+            host_veth,
+            pod,
+            ns,
+        }
+    }
+
+    struct Cluster {
+        nodes: [Node; 2],
+    }
+
+    impl Cluster {
+        fn new() -> Self {
+            let a = NamedNetns::new("hy-tun-a");
+            let b = NamedNetns::new("hy-tun-b");
+            a.exec(&[
+                "ip",
+                "link",
+                "add",
+                "under",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "under",
+                "netns",
+                b.name(),
+            ]);
+            let a = node(0, a, "under");
+            let b = node(1, b, "under");
+            Self { nodes: [a, b] }
+        }
+    }
+
+    fn ping(ns: &NamedNetns, dst: &str) -> bool {
+        ns.try_exec(&["ping", "-c", "1", "-W", "2", dst])
+            .status
+            .success()
+    }
+
+    #[test]
+    fn pods_and_hosts_reach_each_other_through_the_tunnel_and_the_vni_is_the_identity() {
+        hypha_tests::require_root!();
+        let mut cluster = Cluster::new();
+        let [a, b] = &cluster.nodes;
+
+        // Pod to pod, both families, both ways (each ping's reply crosses back).
+        assert!(ping(&a.pod, &dotted(POD4[1])), "pod A → pod B, IPv4");
+        assert!(ping(&b.pod, &dotted(POD4[0])), "pod B → pod A, IPv4");
+        assert!(ping(&a.pod, &colon(POD6[1])), "pod A → pod B, IPv6");
+        let a_in = a.dp.stats(a.host_veth).ingress.tunnel.packets;
+        let b_in = b.dp.stats(b.host_veth).ingress.tunnel.packets;
+        assert!(a_in >= 3 && b_in >= 3, "ingress.tunnel: A {a_in}, B {b_in}");
+        let a_node = a.dp.node_stats(NODE_ID[1]).expect("A's stats of B");
+        assert!(
+            a_node.tx.packets >= 3 && a_node.rx.packets >= 3,
+            "{a_node:?}"
+        );
+        assert_eq!(a_node.dropped.packets, 0);
+
+        // Host to a remote pod: keyed by hypha_to_tunnel, the reply to the host stack.
+        assert!(ping(&a.ns, &dotted(POD4[1])), "node A's host → pod B");
+
+        // Pod B admits only pod A: pod A's pings pass...
+        let b = &mut cluster.nodes[1];
+        let host_veth = b.host_veth;
+        b.dp.add_endpoint_with(
+            Some(POD4[1]),
+            Some(POD6[1]),
+            EndpointInfo {
+                ifindex: host_veth,
+                endpoint_id: 1,
+                pod_mac: POD_MAC[1],
+                host_mac: HOST_MAC[1],
+                flags: ENDPOINT_F_INGRESS_POLICY,
+            },
+        );
+        b.dp.set_policy(
+            PolicyKey {
+                endpoint_id: 1,
+                identity: POD_ID[0],
+                dport: 0,
+                proto: 0,
+                direction: DIR_INGRESS,
+            },
+            PolicyEntry {
+                policy_id: 7,
+                action: POLICY_ALLOW,
+                flags: 0,
+                _pad: 0,
+            },
+        );
+        let a = &cluster.nodes[0];
+        assert!(ping(&a.pod, &dotted(POD4[1])), "allowed: pod A → pod B");
+        // ...the remote host's do not (it is a remote node, not this node's host)...
+        assert!(
+            !ping(&a.ns, &dotted(POD4[1])),
+            "node A's host → pod B refused"
+        );
+
+        // ...and when node A's datapath sends pod A as another identity, node B believes
+        // the VNI, not its own ipcache (which still says pod A): refused. Over IPv6, a
+        // new flow no conntrack entry lets through (an IPv4 echo's flow has no
+        // identifier: the allowed ping's entry would carry it).
+        let [a, b] = &mut cluster.nodes;
+        a.dp.set_identity6(POD6[0], 128, ID_OTHER);
+        b.dp.events();
+        assert!(
+            !ping(&a.pod, &colon(POD6[1])),
+            "pod A as another identity refused"
+        );
+        let denied: Vec<_> =
+            b.dp.events()
+                .into_iter()
+                .filter(|e| e.reason == DropReason::PolicyDenied as u16)
+                .collect();
+        assert!(
+            denied.iter().any(|e| e.remote_identity == ID_OTHER),
+            "a drop event with the VNI's identity: {denied:?}"
+        );
+        assert!(
+            denied.iter().all(|e| e.remote_identity != POD_ID[0]),
+            "never the ipcache's: {denied:?}"
+        );
+        let b_node = b.dp.node_stats(NODE_ID[0]).expect("B's stats of A");
+        assert!(b_node.dropped.packets >= 2, "{b_node:?}");
+    }
+}
