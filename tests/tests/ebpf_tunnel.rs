@@ -563,7 +563,11 @@ mod end_to_end {
         ));
         run(&format!("ip link set {underlay} up"));
         run("ip link add hyvx type vxlan external dstport 8472 nolearning");
-        run("ip link set hyvx arp off mtu 1450 up");
+        // NOARP: the host stack's packets need no neighbour resolution on it; no IPv6
+        // link-local address: the device sends no IPv6 of its own (DAD, router
+        // solicitations, listener reports), which no tunnel peer would take.
+        run("ip link set hyvx arp off mtu 1450 addrgenmode none");
+        run("ip link set hyvx up");
         // The host's own address in its pod CIDR, and the other node's pods through the
         // tunnel from it.
         run(&format!("ip addr add {}/32 dev lo", dotted(GATEWAY4[i])));
@@ -707,6 +711,11 @@ mod end_to_end {
             "{a_node:?}"
         );
         assert_eq!(a_node.dropped.packets, 0);
+
+        // Nothing else went into the tunnel (no neighbour discovery, no IPv6 of the
+        // device's own) or came out of it refused.
+        assert_eq!(a.dp.drops(), vec![], "node A's drops");
+        assert_eq!(b.dp.drops(), vec![], "node B's drops");
 
         // Host to a remote pod: keyed by hypha_to_tunnel, the reply to the host stack.
         assert!(ping(&a.ns, &dotted(POD4[1])), "node A's host → pod B");
