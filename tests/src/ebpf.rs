@@ -149,6 +149,13 @@ impl Datapath {
             .unwrap_or_else(|e| panic!("insert into {}: {e}", maps::NODES4));
     }
 
+    /// Makes the IPv6 underlay address `addr` the node `node_id`'s in `hypha_nodes6`.
+    pub fn add_node6(&mut self, addr: [u8; 16], node_id: u32) {
+        let mut map: HashMap<&mut MapData, [u8; 16], u32> = self.map_mut(maps::NODES6);
+        map.insert(addr, node_id, 0)
+            .unwrap_or_else(|e| panic!("insert into {}: {e}", maps::NODES6));
+    }
+
     /// Creates a zeroed `hypha_node_stats` entry for the node `node_id`, as the agent does.
     pub fn add_node_stats(&mut self, node_id: u32) {
         let cpus = nr_cpus().expect("number of possible CPUs");

@@ -499,13 +499,17 @@ mod end_to_end {
     use aya::programs::TcAttachType;
     use hypha_common::{
         DIR_INGRESS, DropReason, ENDPOINT_F_INGRESS_POLICY, EndpointInfo, IDENTITY_HOST,
-        IDENTITY_REMOTE_NODE, NodeConfig, POLICY_ALLOW, PolicyEntry, PolicyKey, TunnelConfig,
-        TunnelPeer,
+        IDENTITY_REMOTE_NODE, NodeConfig, PEER_F_IPV6, POLICY_ALLOW, PolicyEntry, PolicyKey,
+        TunnelConfig, TunnelPeer,
         programs::{FROM_POD, FROM_TUNNEL, TO_POD, TO_TUNNEL},
     };
     use hypha_tests::{ebpf::Datapath, netns::NamedNetns};
 
     const UNDERLAY: [[u8; 4]; 2] = [[192, 168, 77, 1], [192, 168, 77, 2]];
+    const UNDERLAY6: [[u8; 16]; 2] = [
+        [0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+        [0xfd, 0x77, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+    ];
     const CIDR4: [[u8; 4]; 2] = [[10, 244, 0, 0], [10, 244, 1, 0]];
     const GATEWAY4: [[u8; 4]; 2] = [[10, 244, 0, 1], [10, 244, 1, 1]];
     const POD4: [[u8; 4]; 2] = [[10, 244, 0, 7], [10, 244, 1, 9]];
@@ -551,8 +555,9 @@ mod end_to_end {
             .expect("ifindex")
     }
 
-    /// Node `i` (0 or 1), its underlay end `underlay` already in its namespace.
-    fn node(i: usize, ns: NamedNetns, underlay: &str) -> Node {
+    /// Node `i` (0 or 1), its underlay end `underlay` already in its namespace; the
+    /// nodes tunnel to each other's IPv6 underlay address when `underlay6`.
+    fn node(i: usize, ns: NamedNetns, underlay: &str, underlay6: bool) -> Node {
         let j = 1 - i;
         let run = |cmd: &str| {
             ns.exec(&cmd.split_whitespace().collect::<Vec<_>>());
@@ -560,6 +565,10 @@ mod end_to_end {
         run(&format!(
             "ip addr add {}/24 dev {underlay}",
             dotted(UNDERLAY[i])
+        ));
+        run(&format!(
+            "ip -6 addr add {}/64 dev {underlay} nodad",
+            colon(UNDERLAY6[i])
         ));
         run(&format!("ip link set {underlay} up"));
         run("ip link add hyvx type vxlan external dstport 8472 nolearning");
@@ -629,18 +638,19 @@ mod end_to_end {
             flags: 0,
             local4: u32::from_ne_bytes(UNDERLAY[i]),
             _pad: 0,
-            local6: [0; 16],
+            local6: UNDERLAY6[i],
         });
         let peer = TunnelPeer {
             node_id: NODE_ID[j],
-            flags: 0,
+            flags: if underlay6 { PEER_F_IPV6 } else { 0 },
             addr4: u32::from_ne_bytes(UNDERLAY[j]),
             _pad: 0,
-            addr6: [0; 16],
+            addr6: UNDERLAY6[j],
         };
         dp.add_tunnel_peer4(CIDR4[j], 24, peer);
         dp.add_tunnel_peer6(CIDR6[j], 64, peer);
         dp.add_node4(UNDERLAY[j], NODE_ID[j]);
+        dp.add_node6(UNDERLAY6[j], NODE_ID[j]);
         dp.add_node_stats(NODE_ID[j]);
         let path = ns.path();
         for (program, device, hook) in [
@@ -664,7 +674,7 @@ mod end_to_end {
     }
 
     impl Cluster {
-        fn new() -> Self {
+        fn new(underlay6: bool) -> Self {
             let a = NamedNetns::new("hy-tun-a");
             let b = NamedNetns::new("hy-tun-b");
             a.exec(&[
@@ -680,8 +690,8 @@ mod end_to_end {
                 "netns",
                 b.name(),
             ]);
-            let a = node(0, a, "under");
-            let b = node(1, b, "under");
+            let a = node(0, a, "under", underlay6);
+            let b = node(1, b, "under", underlay6);
             Self { nodes: [a, b] }
         }
     }
@@ -695,7 +705,7 @@ mod end_to_end {
     #[test]
     fn pods_and_hosts_reach_each_other_through_the_tunnel_and_the_vni_is_the_identity() {
         hypha_tests::require_root!();
-        let mut cluster = Cluster::new();
+        let mut cluster = Cluster::new(false);
         let [a, b] = &cluster.nodes;
 
         // Pod to pod, both families, both ways (each ping's reply crosses back).
@@ -783,5 +793,22 @@ mod end_to_end {
         );
         let b_node = b.dp.node_stats(NODE_ID[0]).expect("B's stats of A");
         assert!(b_node.dropped.packets >= 2, "{b_node:?}");
+    }
+
+    #[test]
+    fn over_an_ipv6_underlay_both_families_cross_too() {
+        hypha_tests::require_root!();
+        let cluster = Cluster::new(true);
+        let [a, b] = &cluster.nodes;
+        assert!(ping(&a.pod, &dotted(POD4[1])), "pod A → pod B, IPv4");
+        assert!(ping(&b.pod, &colon(POD6[0])), "pod B → pod A, IPv6");
+        assert!(ping(&a.ns, &dotted(POD4[1])), "node A's host → pod B");
+        let a_node = a.dp.node_stats(NODE_ID[1]).expect("A's stats of B");
+        assert!(
+            a_node.tx.packets >= 3 && a_node.rx.packets >= 3,
+            "{a_node:?}"
+        );
+        assert_eq!(a.dp.drops(), vec![], "node A's drops");
+        assert_eq!(b.dp.drops(), vec![], "node B's drops");
     }
 }
