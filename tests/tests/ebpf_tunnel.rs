@@ -503,7 +503,11 @@ mod end_to_end {
         TunnelConfig, TunnelPeer,
         programs::{FROM_POD, FROM_TUNNEL, TO_POD, TO_TUNNEL},
     };
-    use hypha_tests::{ebpf::Datapath, netns::NamedNetns};
+    use hypha_tests::{
+        ebpf::Datapath,
+        netns::NamedNetns,
+        traffic::{tcp_send, tcp_sink},
+    };
 
     const UNDERLAY: [[u8; 4]; 2] = [[192, 168, 77, 1], [192, 168, 77, 2]];
     const UNDERLAY6: [[u8; 16]; 2] = [
@@ -721,6 +725,21 @@ mod end_to_end {
             "{a_node:?}"
         );
         assert_eq!(a_node.dropped.packets, 0);
+
+        // TCP in bulk, both families: segments the size of the pod's MTU and more (GSO),
+        // checksummed by the receiver, in order.
+        for (port, to) in [
+            (5201, std::net::IpAddr::from(POD4[1])),
+            (5202, std::net::IpAddr::from(POD6[1])),
+        ] {
+            let sink = tcp_sink(&b.pod, port);
+            tcp_send(&a.pod, to, port, 8 << 20);
+            assert_eq!(
+                sink.join().expect("sink"),
+                8 << 20,
+                "bytes received over {to}"
+            );
+        }
 
         // Nothing else went into the tunnel (no neighbour discovery, no IPv6 of the
         // device's own) or came out of it refused.
