@@ -547,8 +547,9 @@ fn try_from_tunnel(ctx: &TcContext) -> Result<Outcome, Outcome> {
 
 /// Delivers a frame [`from_pod`] classified as `ROUTE` (and the policy let through) to
 /// the pod its destination belongs to, with the hop limit decremented and the MACs
-/// rewritten; or to the host stack, when it is for no pod here or its hop limit is
-/// spent (the kernel then sends the time exceeded).
+/// rewritten; or into the tunnel, for a pod on another node (`tunnel::from_pod6`); or
+/// to the host stack, when it is for no pod or its hop limit is spent (the kernel then
+/// sends the time exceeded).
 #[inline(never)]
 pub fn forward(ctx: &TcContext) -> u64 {
     match try_forward(ctx) {

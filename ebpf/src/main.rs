@@ -1,12 +1,16 @@
 //! Hypha's eBPF datapath: two TC programs attached (TCX) to the host side of each pod's
-//! veth.
+//! veth, and two to the node's VXLAN device in cluster tunnel mode.
 //!
 //! - [`hypha_from_pod`] (TCX ingress: what the pod sends) answers the pod's ARP requests
 //!   for its gateway, redirects IPv4 to pods on this node straight into their network
-//!   namespace with `bpf_redirect_peer`, hands the rest of IPv4 and ARP to the host stack,
-//!   and drops every family Hypha does not manage for the pod (see `family`).
+//!   namespace with `bpf_redirect_peer`, sends what is for pods on other nodes into the
+//!   tunnel (see `tunnel`), hands the rest of IPv4 and ARP to the host stack, and drops
+//!   every family Hypha does not manage for the pod (see `family`).
 //! - [`hypha_to_pod`] (TCX egress: what the host stack delivers to the pod) checks the
 //!   family and the pod's ingress policy, and counts.
+//! - [`hypha_from_tunnel`] and [`hypha_to_tunnel`] (TCX ingress and egress of the VXLAN
+//!   device): what other nodes send, delivered to pods under their policy with the
+//!   sender's identity from the VNI; what the host stack routes into the tunnel, keyed.
 //!
 //! The maps are declared here with the names in [`hypha_common::maps`]; their layouts
 //! live in `hypha-common`, which also names every other reader.
