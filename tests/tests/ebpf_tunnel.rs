@@ -17,7 +17,7 @@ use hypha_common::{
     TunnelConfig, TunnelPeer,
     programs::{FROM_POD, FROM_TUNNEL, TO_TUNNEL},
 };
-use hypha_tests::ebpf::{Datapath, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestNetns};
+use hypha_tests::ebpf::{Datapath, RunOptions, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestNetns};
 
 /// Pod A on this node (10.244.0.0/24, fd00:244::/64).
 const A4: [u8; 4] = [10, 244, 0, 7];
@@ -485,6 +485,81 @@ fn to_tunnel_drops_frames_of_no_ip_family() {
         TC_ACT_SHOT
     );
     node.assert_device_drop(DropReason::UnknownL3, DIR_EGRESS, frame.len());
+}
+
+/// The packets, in all, that `stats` counted in the directions and kinds a run of one
+/// of the programs may count in: A's egress (pass, tunnel, drop).
+fn a_egress_packets(stats: &FamilyStats) -> u64 {
+    stats.egress.passed.packets + stats.egress.tunnel.packets + stats.egress.dropped.packets
+}
+
+fn drop_packets(dp: &Datapath) -> u64 {
+    dp.drops().iter().map(|(_, c)| c.packets).sum()
+}
+
+#[test]
+fn every_truncation_of_a_frame_for_the_tunnel_gets_a_designed_verdict_and_one_count() {
+    hypha_tests::require_root!();
+    let node = Node::new(true, true);
+    for frame in [a_to4(R4, 64), a_to6(R6, 64)] {
+        for len in 0..=frame.len() {
+            let cut = &frame[..len];
+            for (program, ifindex) in [
+                (FROM_POD, node.a),
+                (TO_TUNNEL, node.vxlan),
+                (FROM_TUNNEL, node.vxlan),
+            ] {
+                let (stats, tx, drops) = (
+                    a_egress_packets(&node.stats_a()),
+                    node.node2().tx.packets,
+                    drop_packets(&node.dp),
+                );
+                let Ok(run) = node
+                    .dp
+                    .try_run_with(program, cut, ifindex, RunOptions::default())
+                else {
+                    // The kernel refused a frame too short for its EtherType: the
+                    // program never ran, so nothing may have moved.
+                    assert_eq!(a_egress_packets(&node.stats_a()), stats);
+                    assert_eq!(node.node2().tx.packets, tx);
+                    assert_eq!(drop_packets(&node.dp), drops);
+                    continue;
+                };
+                let what = format!("{program} on {len} of {} bytes", frame.len());
+                assert!(run.frame.len() <= len, "{what}: the frame grew");
+                let (stats, tx, drops) = (
+                    a_egress_packets(&node.stats_a()) - stats,
+                    node.node2().tx.packets - tx,
+                    drop_packets(&node.dp) - drops,
+                );
+                match (program, run.verdict) {
+                    (FROM_POD, TC_ACT_REDIRECT) => {
+                        assert_eq!((stats, tx, drops), (1, 1, 0), "{what}")
+                    }
+                    (FROM_POD, TC_ACT_OK) => assert_eq!((stats, tx, drops), (1, 0, 0), "{what}"),
+                    (FROM_POD, TC_ACT_SHOT) => assert_eq!((stats, tx, drops), (1, 0, 1), "{what}"),
+                    (TO_TUNNEL, TC_ACT_OK) => assert_eq!((stats, tx, drops), (0, 1, 0), "{what}"),
+                    (TO_TUNNEL | FROM_TUNNEL, TC_ACT_SHOT) => {
+                        assert_eq!((stats, tx, drops), (0, 0, 1), "{what}")
+                    }
+                    (_, verdict) => panic!("{what}: verdict {verdict}"),
+                }
+                // Only a frame with its whole IP header goes into the tunnel (the
+                // routing reads nothing past it, as on one node).
+                let tunnelled = run.verdict == TC_ACT_REDIRECT
+                    || (program == TO_TUNNEL && run.verdict == TC_ACT_OK);
+                let header = if frame[12..14] == ETH_P_IP.to_be_bytes() {
+                    20
+                } else {
+                    40
+                };
+                assert!(
+                    !tunnelled || len >= ETH_HLEN + header,
+                    "{what}: a frame without its IP header was sent"
+                );
+            }
+        }
+    }
 }
 
 // ---- end to end: two nodes joined by real VXLAN devices ----
