@@ -512,6 +512,8 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i32> {
             Ok(TC_ACT_REDIRECT)
         }
         Outcome::TUNNEL => {
+            // A trace shows the VXLAN device as the target.
+            debug::note_redirect(ctx, ifindex, tunnel::device());
             count(ifindex, family, bytes, |s| &mut s.egress.tunnel);
             count_node(outcome.value(), bytes, |s| &mut s.tx);
             Ok(TC_ACT_REDIRECT)

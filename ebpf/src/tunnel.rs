@@ -49,7 +49,7 @@ use hypha_common::{
 };
 
 use crate::{
-    NODES4, NODES6, TUNNEL_CONFIG, TUNNEL4, TUNNEL6, endpoint, ether_type, family,
+    NODES4, NODES6, TUNNEL_CONFIG, TUNNEL4, TUNNEL6, debug, endpoint, ether_type, family,
     icmp_error_of_tracked_flow,
     ipv6::{self, Outcome},
     l4_flow,
@@ -93,7 +93,7 @@ fn identity_of_vni(vni: u32) -> Option<u32> {
 
 /// The tunnel device's ifindex, 0 without a tunnel.
 #[inline(always)]
-fn device() -> u32 {
+pub fn device() -> u32 {
     TUNNEL_CONFIG.get(0).map_or(0, |c| c.ifindex)
 }
 
@@ -405,6 +405,8 @@ pub fn try_from_tunnel(ctx: &TcContext) -> Result<i32, i32> {
     };
     match outcome.kind() {
         Outcome::POD => {
+            // A traced receiver's trace gets the packet, from the VXLAN device.
+            debug::note_redirect(ctx, ifindex, outcome.value());
             count(outcome.value(), family, bytes, |s| &mut s.ingress.tunnel);
             count_node(node, bytes, |s| &mut s.rx);
             Ok(TC_ACT_REDIRECT)
