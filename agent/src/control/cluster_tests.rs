@@ -453,6 +453,8 @@ struct FakeLink {
     published: Mutex<Vec<(u32, u32)>>,
     withdrawn: Mutex<Vec<u32>>,
     namespaces: Mutex<BTreeMap<String, Labels>>,
+    /// What `nodes` answers.
+    nodes: Mutex<Vec<NodeInfo>>,
 }
 
 impl FakeLink {
@@ -541,7 +543,7 @@ impl ClusterLink for FakeLink {
     }
 
     fn nodes(&self) -> Result<Vec<NodeInfo>, String> {
-        Ok(Vec::new())
+        Ok(self.nodes.lock().unwrap().clone())
     }
 
     fn remove_node(&self, name: &str, _force: bool) -> Result<RemoveNodeResponse, ControlError> {
@@ -727,5 +729,82 @@ fn policies_and_namespace_labels_go_through_the_store_and_are_enforced_on_return
     assert_eq!(
         store.last().namespace_labels.get("prod"),
         Some(&labels(&[("env", "prod")]))
+    );
+}
+
+#[test]
+fn node_list_carries_the_tunnel_counters_of_the_other_nodes() {
+    let (agent, link, _store) = linked(PersistedState::default());
+    let node = |name: &str| NodeInfo {
+        name: name.into(),
+        addresses: Vec::new(),
+        pod_cidr: None,
+        pod_cidr6: None,
+        version: "0".into(),
+        heartbeat_unix_ms: None,
+        alive: true,
+        endpoints: 0,
+        local: name == NODE,
+        tunnel: None,
+    };
+    *link.nodes.lock().unwrap() = vec![node(NODE), node("node-b"), node("node-c")];
+    let stats = |n: u64| hypha_common::NodeStats {
+        tx: hypha_common::Counter {
+            packets: n,
+            bytes: n * 100,
+        },
+        rx: hypha_common::Counter {
+            packets: n + 1,
+            bytes: 7,
+        },
+        dropped: hypha_common::Counter {
+            packets: 2,
+            bytes: 120,
+        },
+    };
+    {
+        let mut st = agent.datapath.state();
+        st.node_stats
+            .insert(crate::overlay::node_id("node-b"), stats(5));
+        // This node's own id never shows (a node does not tunnel to itself).
+        st.node_stats
+            .insert(crate::overlay::node_id(NODE), stats(9));
+    }
+    let nodes = agent.nodes().unwrap();
+    let by_name: BTreeMap<&str, &NodeInfo> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let b = by_name["node-b"]
+        .tunnel
+        .expect("node-b is routed through the tunnel");
+    assert_eq!((b.tx.packets, b.tx.bytes), (5, 500));
+    assert_eq!((b.rx.packets, b.rx.bytes), (6, 7));
+    assert_eq!((b.dropped.packets, b.dropped.bytes), (2, 120));
+    assert_eq!(by_name[NODE].tunnel, None, "the answering node itself");
+    assert_eq!(
+        by_name["node-c"].tunnel, None,
+        "no counters: not tunnelled to"
+    );
+}
+
+#[test]
+fn the_monitor_names_identities_only_the_store_knows() {
+    let (agent, _link, _store) = linked(PersistedState::default());
+    assert_eq!(agent.identity_name(1500), None);
+    // A number the store gave labels no endpoint of this node has (another node's pod).
+    agent
+        .apply_cluster_identities(batch(
+            vec![(1500, "shop".to_owned(), labels(&[("app", "client")]))],
+            Vec::new(),
+            false,
+        ))
+        .unwrap();
+    assert_eq!(
+        agent.identity_name(1500).as_deref(),
+        Some("shop/{app=client}")
+    );
+    assert_eq!(
+        agent
+            .identity_name(hypha_common::IDENTITY_REMOTE_NODE)
+            .as_deref(),
+        Some("remote-node")
     );
 }

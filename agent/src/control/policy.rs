@@ -92,6 +92,9 @@ pub(super) struct PolicyView {
     pub(super) names: Arc<BTreeMap<u32, String>>,
     /// Cluster mode: how many other nodes' endpoints the engine holds.
     pub(super) remote_endpoints: usize,
+    /// The identities as the engine numbered them (and, in cluster mode, every number the
+    /// store gave), for the monitor to name what an event's remote identity stands for.
+    pub(super) identities: Arc<IdentityAllocator>,
 }
 
 /// The engine's view of an endpoint.
@@ -348,6 +351,11 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         } else {
             Arc::new(compiled.policies.clone())
         };
+        let identities = if *old.identities == compiled.identities {
+            old.identities.clone()
+        } else {
+            Arc::new(compiled.identities.clone())
+        };
         self.policy_view.store(Arc::new(PolicyView {
             status: PolicyStatus {
                 policies: p.policies.len(),
@@ -372,6 +380,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             },
             names,
             remote_endpoints: p.remote.len(),
+            identities,
         }));
     }
 
@@ -755,9 +764,14 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             }
             Err(e) => tracing::warn!("cannot read policy counters: {e}"),
         }
+        let nodes = self.nodes().unwrap_or_else(|e| {
+            tracing::debug!("no per-node metrics: {e}");
+            Vec::new()
+        });
         crate::metrics::render(&crate::metrics::Snapshot {
             status: &status,
             endpoints: &endpoints,
+            nodes: &nodes,
             policy_flows,
         })
     }
@@ -766,6 +780,12 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     /// snapshot, never the lock (the monitor calls it once per event).
     pub fn policy_name(&self, id: u32) -> Option<String> {
         self.policy_view.load().names.get(&id).cloned()
+    }
+
+    /// What identity `id` stands for (`namespace/{k=v}`, `remote-node`, ...; see
+    /// `monitor::identity_name`); reads the snapshot, never the lock.
+    pub fn identity_name(&self, id: u32) -> Option<String> {
+        crate::monitor::identity_name(id, &self.policy_view.load().identities)
     }
 
     /// The policy views of this node's endpoints, by namespace.
