@@ -196,6 +196,11 @@ fn remote_endpoints_enter_the_ipcache_and_local_policies_admit_them() {
         (1, 0)
     );
     assert!(ids.iter().any(|i| i.reserved.as_deref() == Some("host")));
+    assert!(
+        ids.iter()
+            .any(|i| i.id == hypha_common::IDENTITY_REMOTE_NODE
+                && i.reserved.as_deref() == Some("remote-node"))
+    );
 
     // The client goes: its ipcache entry and the server's entry for it go.
     agent
@@ -807,4 +812,96 @@ fn the_monitor_names_identities_only_the_store_knows() {
             .as_deref(),
         Some("remote-node")
     );
+}
+
+#[test]
+fn other_nodes_addresses_get_the_remote_node_identity_and_survive_a_restart() {
+    use hypha_common::IDENTITY_REMOTE_NODE;
+    let (agent, store) = start_cluster(PersistedState::default());
+    let node_b: std::net::IpAddr = Ipv4Addr::new(172, 16, 0, 12).into();
+    let gw_b: std::net::IpAddr = Ipv4Addr::new(10, 244, 1, 1).into();
+    let router6_b: std::net::IpAddr = "fd00:10:244:1::1".parse().unwrap();
+    agent
+        .set_remote_nodes([node_b, gw_b, router6_b].into())
+        .unwrap();
+    let ipcache = agent.datapath.state().policy.ipcache.clone();
+    for a in [node_b, gw_b, router6_b] {
+        assert_eq!(
+            ipcache.get(&IpNet::from(a)),
+            Some(&IDENTITY_REMOTE_NODE),
+            "{a}"
+        );
+    }
+    // A policy change does not take them out (the engine holds them).
+    agent
+        .apply_cluster_identities(batch(
+            vec![(300, "default".into(), labels(&[("app", "server")]))],
+            Vec::new(),
+            false,
+        ))
+        .unwrap();
+    add(&agent, "srv", "hypa", &[("app", "server")]).unwrap();
+    agent
+        .apply_cluster_policies(batch(vec![policy(SERVER_FROM_CLIENT)], Vec::new(), false))
+        .unwrap();
+    // Replaced as a set.
+    agent.set_remote_nodes([node_b].into()).unwrap();
+    {
+        let st = agent.datapath.state();
+        assert_eq!(
+            st.policy.ipcache.get(&IpNet::from(node_b)),
+            Some(&IDENTITY_REMOTE_NODE)
+        );
+        assert!(!st.policy.ipcache.contains_key(&IpNet::from(gw_b)));
+        assert!(!st.policy.ipcache.contains_key(&IpNet::from(router6_b)));
+    }
+
+    // A restarted agent finds them in the maps and keeps them until the overlay gives the
+    // set again (its start-up reconciliation removes what the engine does not hold).
+    let installed = agent.datapath.state().policy.clone();
+    let saved = store.last();
+    let (again, _) = Agent::start(
+        cluster_config(),
+        FakeDatapath::from(crate::datapath::fake::FakeState {
+            policy: installed,
+            ..Default::default()
+        }),
+        host_with(&[("hypa", 10), ("hypb", 11), ("hypc", 12)]),
+        Box::new(MemStore::with(saved.clone())),
+        saved,
+    )
+    .unwrap();
+    assert_eq!(
+        again
+            .datapath
+            .state()
+            .policy
+            .ipcache
+            .get(&IpNet::from(node_b)),
+        Some(&IDENTITY_REMOTE_NODE)
+    );
+    again.set_remote_nodes(Default::default()).unwrap();
+    assert!(
+        !again
+            .datapath
+            .state()
+            .policy
+            .ipcache
+            .contains_key(&IpNet::from(node_b))
+    );
+}
+
+#[test]
+fn a_failed_write_of_other_nodes_addresses_leaves_the_engine_as_it_was() {
+    let (agent, _store) = start_cluster(PersistedState::default());
+    let node_b: std::net::IpAddr = Ipv4Addr::new(172, 16, 0, 12).into();
+    agent.set_remote_nodes([node_b].into()).unwrap();
+    agent.datapath.state().fail_apply = true;
+    let node_c: std::net::IpAddr = Ipv4Addr::new(172, 16, 0, 13).into();
+    assert!(agent.set_remote_nodes([node_c].into()).is_err());
+    agent.datapath.state().fail_apply = false;
+    // The engine still holds node b: setting it again writes nothing.
+    let diffs = agent.datapath.state().diffs.len();
+    agent.set_remote_nodes([node_b].into()).unwrap();
+    assert_eq!(agent.datapath.state().diffs.len(), diffs);
 }
