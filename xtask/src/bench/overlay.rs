@@ -316,12 +316,13 @@ fn print_table(r: &Report) {
         ("(b) kernel VXLAN / (a) underlay", &r.kernel_vs_underlay),
         ("(c) Hypha / (a) underlay", &r.hypha_vs_underlay),
     ] {
+        let times = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("x{v:.3}"));
         println!(
-            "{what}: throughput 1 stream x{}, {streams} streams x{}; p50 x{}, p99 x{}",
-            opt(x.single_gbps, 3),
-            opt(x.multi_gbps, 3),
-            opt(x.p50, 3),
-            opt(x.p99, 3)
+            "{what}: throughput 1 stream {}, {streams} streams {}; p50 {}, p99 {}",
+            times(x.single_gbps),
+            times(x.multi_gbps),
+            times(x.p50),
+            times(x.p99)
         );
     }
     println!(

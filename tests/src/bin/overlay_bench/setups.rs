@@ -385,10 +385,10 @@ impl HyphaSetup {
             }
         }
         bail!(
-            "the client pod ({}) does not reach the server pod ({to}) on the other node within {limit:?}; agent logs:\n{}\n{}",
+            "the client pod ({}) does not reach the server pod ({to}) on the other node within {limit:?}; the agents' last log lines:\n{}\n{}",
             self.pods[0].address,
-            self.cluster.nodes[0].log(),
-            self.cluster.nodes[1].log()
+            tail(&self.cluster.nodes[0].log(), 15),
+            tail(&self.cluster.nodes[1].log(), 15)
         )
     }
 
@@ -428,6 +428,12 @@ impl HyphaSetup {
     }
 }
 
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,5 +443,7 @@ mod tests {
         assert_eq!(node_ip(1), Ipv4Addr::new(192, 168, 77, 11));
         assert_eq!(vxlan_mac(1), "02:42:0a:f4:01:00");
         assert_eq!(pod_net(0), [10, 244, 0]);
+        assert_eq!(tail("a\nb\nc", 2), "b\nc");
+        assert_eq!(tail("a", 5), "a");
     }
 }
