@@ -325,9 +325,30 @@ fn print_table(r: &Report) {
             times(x.p99)
         );
     }
+    if let Some(bg) = saturation(&r.raw, r.machine.nproc) {
+        println!(
+            "NOTE: the machine was saturated before the runs (median background {bg:.0}% of {} CPUs): /proc/stat cannot tell the runs' CPU from the rest; the iperf3 column still can",
+            r.machine.nproc
+        );
+    }
     println!(
         "(%CPU/Gbit/s: 1 stream / {streams} streams; sys: the machine's busy CPU from /proc/stat less the second before; iperf3: its client's and server's own CPU)"
     );
+}
+
+/// The median background CPU (percent of one CPU) over every throughput run, when it
+/// was at least 90% of the machine's.
+fn saturation(raw: &Value, nproc: usize) -> Option<f64> {
+    let background = median(
+        raw["setups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| s["rounds"].as_array().into_iter().flatten())
+            .flat_map(|r| [&r["single"], &r["multi"]])
+            .filter_map(|t| t["cpu_background_pct"].as_f64()),
+    )?;
+    (background >= 0.9 * 100.0 * nproc as f64).then_some(background)
 }
 
 fn chart(r: &Report) -> String {
@@ -442,6 +463,12 @@ mod tests {
         assert_eq!(r.targets[2].pass, Some(false), "33 µs is 106.5% of 31");
         let svg = chart(&r);
         assert!(svg.contains("(c) Hypha") && svg.contains("6.00"), "{svg}");
+        assert_eq!(super::saturation(&r.raw, 2), None, "no background figures");
+        let busy = json!({"setups": [{"rounds": [
+            {"single": {"cpu_background_pct": 195.0}, "multi": {"cpu_background_pct": 199.0}},
+        ]}]});
+        assert_eq!(super::saturation(&busy, 2), Some(197.0));
+        assert_eq!(super::saturation(&busy, 4), None);
     }
 
     #[test]
