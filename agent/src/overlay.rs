@@ -226,7 +226,7 @@ pub fn plan(local: &LocalNode, nodes: &[ClusterNode]) -> Plan {
                             routed = true;
                         }
                         None => out.warnings.push(format!(
-                            "node {}: none of its {} addresses ({}) is in a subnet of this node, so native routing cannot reach its pod CIDR {c}; it is not routed",
+                            "node {}: it has no {} address in a subnet of this node (its addresses: {}), so native routing cannot reach its pod CIDR {c}; it is not routed",
                             node.name,
                             if v4 { "IPv4" } else { "IPv6" },
                             if addrs.is_empty() { "none known" } else { &addrs },
@@ -563,13 +563,15 @@ mod tests {
         );
         assert!(
             p.warnings[0].contains("node node-3")
-                && p.warnings[0].contains("IPv4 addresses (192.0.2.13)"),
+                && p.warnings[0].contains(
+                    "no IPv4 address in a subnet of this node (its addresses: 192.0.2.13)"
+                ),
             "{:?}",
             p.warnings
         );
         assert!(
             p.warnings[2].contains("node node-4")
-                && p.warnings[2].contains("IPv6 addresses")
+                && p.warnings[2].contains("no IPv6 address")
                 && p.warnings[2].contains("fd00:10:244:4::/64"),
             "{:?}",
             p.warnings
