@@ -7,8 +7,10 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
 pub mod cluster;
+pub mod routing;
 
 use cluster::{ClusterCidrs, ClusterStore, NodeCidrSizes, NodeIps, Span};
+use routing::{Routing, RoutingMode};
 
 /// Errors in the agent's configuration.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +91,8 @@ pub struct ClusterConfig {
     /// The lease of this node's record: it lives this long after the agent's last
     /// heartbeat (sent every third of it).
     pub node_ttl: std::time::Duration,
+    /// How pods reach other nodes' pods (`--routing`, the tunnel's keys).
+    pub routing: Routing,
 }
 
 /// How the eBPF programs are attached to an endpoint's host veth.
@@ -185,6 +189,11 @@ pub struct ConfigFile {
     pub cluster_prefix: Option<String>,
     pub identity_gc_grace: Option<Span>,
     pub node_ttl: Option<Span>,
+    /// Cluster mode: `tunnel` (the default) or `native`, and the tunnel's settings.
+    pub routing: Option<RoutingMode>,
+    pub tunnel_device: Option<String>,
+    pub tunnel_port: Option<u16>,
+    pub tunnel_mtu: Option<u32>,
 }
 
 impl ConfigFile {
@@ -243,6 +252,10 @@ impl ConfigFile {
             cluster_prefix: over.cluster_prefix.or(self.cluster_prefix),
             identity_gc_grace: over.identity_gc_grace.or(self.identity_gc_grace),
             node_ttl: over.node_ttl.or(self.node_ttl),
+            routing: over.routing.or(self.routing),
+            tunnel_device: over.tunnel_device.or(self.tunnel_device),
+            tunnel_port: over.tunnel_port.or(self.tunnel_port),
+            tunnel_mtu: over.tunnel_mtu.or(self.tunnel_mtu),
         }
     }
 
@@ -300,6 +313,10 @@ impl ConfigFile {
                 ("cluster-prefix", self.cluster_prefix.is_some()),
                 ("identity-gc-grace", self.identity_gc_grace.is_some()),
                 ("node-ttl", self.node_ttl.is_some()),
+                ("routing", self.routing.is_some()),
+                ("tunnel-device", self.tunnel_device.is_some()),
+                ("tunnel-port", self.tunnel_port.is_some()),
+                ("tunnel-mtu", self.tunnel_mtu.is_some()),
             ]
             .into_iter()
             .filter_map(|(k, set)| set.then_some(k))
@@ -369,6 +386,14 @@ impl ConfigFile {
                 .unwrap_or(hypha_cluster::layout::DEFAULT_PREFIX),
         )
         .map_err(ConfigError::Invalid)?;
+        let routing = Routing::resolve(
+            self.routing.take(),
+            self.tunnel_device.take(),
+            self.tunnel_port.take(),
+            self.tunnel_mtu.take(),
+            plan.v6.is_some(),
+        )
+        .map_err(ConfigError::Invalid)?;
         Ok(Some(ClusterConfig {
             store: store.urls,
             node_name,
@@ -382,6 +407,7 @@ impl ConfigFile {
                 .identity_gc_grace
                 .map_or(cluster::DEFAULT_IDENTITY_GC_GRACE, |s| s.0),
             node_ttl: self.node_ttl.map_or(cluster::DEFAULT_NODE_TTL, |s| s.0),
+            routing,
         }))
     }
 }

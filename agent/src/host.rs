@@ -14,6 +14,8 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use crate::bandwidth::Limit;
 use crate::config::PodCidrs;
 
+mod tunnel;
+
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     #[error(transparent)]
@@ -32,6 +34,14 @@ pub enum HostError {
         "the node has IPv6 pod CIDR {cidr} but IPv6 is off in the agent's network namespace ({path} is missing: is the kernel booted with ipv6.disable=1?)"
     )]
     NoIpv6 { cidr: Ipv6Net, path: PathBuf },
+    /// The tunnel device's name is taken by a device Hypha did not make.
+    #[error(
+        "interface {name} exists and is {found}, not one in external mode made by Hypha: delete it or choose another --tunnel-device"
+    )]
+    NotOurVxlan { name: String, found: String },
+    /// Some cluster routes could not be set (each error names its route); the others were.
+    #[error("cannot set the cluster routes: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    ClusterRoutes(Vec<hypha_netlink::Error>),
 }
 
 /// A host-side interface as the agent needs it.
@@ -294,20 +304,20 @@ impl HostNetwork for LinuxHost {
             .map(|q| q.drops))
     }
 
-    // SCAFFOLD (helper "dp" replaces these three).
     fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<HostLink, HostError> {
-        Err(HostError::Nft(format!(
-            "cannot create {}: not yet",
-            spec.name
-        )))
+        let link = tunnel::ensure_vxlan(&mut self.nl()?, spec)?;
+        Ok(HostLink {
+            index: link.index,
+            mac: MacAddr(link.mac),
+        })
     }
 
-    fn mtu_of_address(&self, _address: IpAddr) -> Result<Option<u32>, HostError> {
-        Ok(None)
+    fn mtu_of_address(&self, address: IpAddr) -> Result<Option<u32>, HostError> {
+        Ok(self.nl()?.link_of_address(address)?.map(|l| l.mtu))
     }
 
-    fn set_cluster_routes(&self, _routes: &[ClusterRoute]) -> Result<(), HostError> {
-        Ok(())
+    fn set_cluster_routes(&self, routes: &[ClusterRoute]) -> Result<(), HostError> {
+        tunnel::set_cluster_routes(&mut self.nl()?, routes)
     }
 }
 

@@ -297,6 +297,20 @@ struct AgentArgs {
     /// [default: 15s]
     #[arg(long, hide = true, value_name = "DURATION")]
     node_ttl: Option<cluster::Span>,
+    /// Cluster mode: how pods reach other nodes' pods: tunnel (VXLAN, the sender's
+    /// identity in the VNI) or native (the underlay routes pod CIDRs) [default: tunnel]
+    #[arg(long)]
+    routing: Option<hypha_agent::config::routing::RoutingMode>,
+    /// Cluster mode, tunnel: the VXLAN device's name [default: hypha_vxlan]
+    #[arg(long, value_name = "NAME")]
+    tunnel_device: Option<String>,
+    /// Cluster mode, tunnel: the VXLAN UDP port (4789 is IANA's) [default: 8472]
+    #[arg(long, value_name = "PORT")]
+    tunnel_port: Option<u16>,
+    /// Cluster mode, tunnel: the VXLAN device's and the pods' MTU [default: the MTU of
+    /// the interface holding --node-ip, less 50 (IPv4 underlay) or 70 (IPv6)]
+    #[arg(long, value_name = "MTU")]
+    tunnel_mtu: Option<u32>,
 }
 
 impl AgentArgs {
@@ -328,6 +342,10 @@ impl AgentArgs {
             cluster_prefix: self.cluster_prefix,
             identity_gc_grace: self.identity_gc_grace,
             node_ttl: self.node_ttl,
+            routing: self.routing,
+            tunnel_device: self.tunnel_device,
+            tunnel_port: self.tunnel_port,
+            tunnel_mtu: self.tunnel_mtu,
         };
         file.merge(flags).resolve()
     }

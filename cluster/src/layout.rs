@@ -212,12 +212,19 @@ pub struct NodeRecord {
 }
 
 /// `cidrs/<node>`: the pod CIDRs allocated to a node, kept until `hypha node remove`.
+/// Other nodes route to it while this key exists (readers: every agent's overlay,
+/// `agent/src/overlay.rs`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeCidrs {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub v4: Option<Ipv4Net>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub v6: Option<Ipv6Net>,
+    /// The node's underlay addresses (`--node-ip`, IPv4 first) as it last registered:
+    /// where other nodes tunnel to, kept here (not leased) so that a node whose agent died
+    /// stays routed. Absent in keys written before the overlay: empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<IpAddr>,
 }
 
 /// `identities/id/<number>`: what a cluster-wide identity stands for.

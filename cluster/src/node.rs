@@ -82,8 +82,9 @@ pub async fn register(
             }
             None => Compare::Absent(node_key.clone()),
         };
-        // (2) The CIDRs: kept, or allocated.
-        let (cidrs, cidrs_revision) = cidrs(store, layout, &spec.name, plan).await?;
+        // (2) The CIDRs: kept, or allocated (with the node's current addresses).
+        let (cidrs, cidrs_revision) =
+            cidrs(store, layout, &spec.name, plan, &spec.addresses).await?;
         // (3) The record, under a new lease, if nobody wrote it since (1).
         let lease = store.grant_lease(ttl).await?;
         let record = NodeRecord {
@@ -192,7 +193,9 @@ pub async fn heartbeat(
         // Our CIDRs must still be ours: a forced removal released them.
         let cidrs_key = layout.node_cidrs(&reg.record.name);
         let cidrs_revision = match store.get(&cidrs_key).await? {
-            Some(kv) if decode::<NodeCidrs>(&cidrs_key, &kv.value)? == reg.cidrs => kv.mod_revision,
+            Some(kv) if same_nets(&decode::<NodeCidrs>(&cidrs_key, &kv.value)?, &reg.cidrs) => {
+                kv.mod_revision
+            }
             _ => return Err(ClusterError::NodeRemoved(reg.record.name.clone())),
         };
         let lease = match existing.as_ref() {
@@ -366,13 +369,21 @@ async fn revoke_quietly(store: &dyn KvStore, lease: LeaseId) {
     }
 }
 
+/// Whether two `cidrs/<node>` values hold the same pod CIDRs (whatever their addresses).
+fn same_nets(a: &NodeCidrs, b: &NodeCidrs) -> bool {
+    a.v4 == b.v4 && a.v6 == b.v6
+}
+
 /// The node's CIDRs and the revision of `cidrs/<name>`: kept if there, else (or for a
 /// family the plan has and they lack) allocated in one transaction with their claims.
+/// The key's `addresses` are made `addresses` (rewritten when the node comes back with
+/// other underlay addresses).
 async fn cidrs(
     store: &dyn KvStore,
     layout: &Layout,
     name: &str,
     plan: &CidrPlan,
+    addresses: &[IpAddr],
 ) -> Result<(NodeCidrs, Revision), ClusterError> {
     let key = layout.node_cidrs(name);
     let families = [
@@ -418,8 +429,10 @@ async fn cidrs(
                 IpNet::V6(n) => cidrs.v6 = Some(n),
             }
         }
+        let readdressed = cidrs.addresses != addresses;
+        cidrs.addresses = addresses.to_vec();
         match &current {
-            Some(kv) if ops.is_empty() => return Ok((cidrs, kv.mod_revision)),
+            Some(kv) if ops.is_empty() && !readdressed => return Ok((cidrs, kv.mod_revision)),
             _ => {}
         }
         ops.push(Op::put(key.clone(), encode(&cidrs)));

@@ -425,3 +425,57 @@ async fn a_corrupt_record_is_named() {
     assert!(err.to_string().contains("/hypha/v1/nodes/a"), "{err}");
     assert_eq!(store.lease_count(), 0);
 }
+
+async fn node_cidrs(
+    store: &MemKv,
+    layout: &Layout,
+    name: &str,
+) -> Option<crate::layout::NodeCidrs> {
+    let key = layout.node_cidrs(name);
+    store
+        .get(&key)
+        .await
+        .unwrap()
+        .map(|kv| decode(&key, &kv.value).unwrap())
+}
+
+#[tokio::test]
+async fn the_cidrs_key_keeps_the_addresses_of_the_last_registration() {
+    let store = MemKv::new();
+    let l = Layout::default();
+    let mut reg = register(&store, &l, &spec("a", "uid-a"), &plan(), TTL)
+        .await
+        .unwrap();
+    let kept = node_cidrs(&store, &l, "a").await.unwrap();
+    assert_eq!(kept.addresses, spec("a", "").addresses);
+    assert_eq!(kept, reg.cidrs);
+    // The lease lapses (the agent was killed): the addresses outlive the record.
+    assert!(store.expire_lease(reg.lease));
+    assert!(record(&store, &l, "a").await.is_none());
+    assert_eq!(
+        node_cidrs(&store, &l, "a").await.unwrap().addresses,
+        spec("a", "").addresses
+    );
+    // It comes back with another underlay address: rewritten, same CIDRs.
+    let moved = NodeSpec {
+        addresses: vec!["192.0.2.77".parse().unwrap()],
+        ..spec("a", "uid-a")
+    };
+    let again = register(&store, &l, &moved, &plan(), TTL).await.unwrap();
+    assert_eq!(
+        (again.cidrs.v4, again.cidrs.v6),
+        (reg.cidrs.v4, reg.cidrs.v6)
+    );
+    let kept = node_cidrs(&store, &l, "a").await.unwrap();
+    assert_eq!(kept.addresses, moved.addresses);
+    // Its heartbeats go on, through a lapse too.
+    reg = again;
+    heartbeat(&store, &l, &mut reg, TTL).await.unwrap();
+    assert!(store.expire_lease(reg.lease));
+    heartbeat(&store, &l, &mut reg, TTL).await.unwrap();
+    assert!(record(&store, &l, "a").await.is_some(), "registered again");
+    // A key written before the overlay (no addresses) still reads.
+    let old: crate::layout::NodeCidrs = serde_json::from_str(r#"{"v4": "10.244.9.0/24"}"#).unwrap();
+    assert!(old.addresses.is_empty());
+    assert!(!crate::encode(&old).windows(9).any(|w| w == b"addresses"));
+}

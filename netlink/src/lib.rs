@@ -25,11 +25,11 @@ pub mod sysctl;
 mod tc;
 
 use std::fs::File;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netlink_packet_core::{
     NLM_F_ACK, NLM_F_ACK_TLVS, NLM_F_CAPPED, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_ECHO,
     NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
@@ -151,6 +151,75 @@ pub struct Route6 {
     pub oif: u32,
     /// Preferred source address.
     pub src: Option<Ipv6Addr>,
+}
+
+/// The route protocol number (`rtm_protocol`, `proto 201` in `ip route`) of the routes
+/// Hypha owns beside its per-pod ones: cluster routes to other nodes' pods. The kernel
+/// only stores it; Hypha lists its routes by it and deletes only routes that carry it.
+/// Numbers above 200 are free for local use (`/etc/iproute2/rt_protos`: up to 252).
+pub const RTPROT_HYPHA: u8 = 201;
+
+/// A VXLAN device to create with [`Netlink::create_vxlan`].
+#[derive(Clone, Copy, Debug)]
+pub struct VxlanSpec<'a> {
+    pub name: &'a str,
+    /// UDP port it sends to and listens on.
+    pub port: u16,
+    /// The kernel's default (1500 without a lower device) when `None`.
+    pub mtu: Option<u32>,
+}
+
+/// What the kernel says of a VXLAN device (see [`Netlink::vxlan`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VxlanInfo {
+    /// External mode (`IFLA_VXLAN_COLLECT_METADATA`): each packet's tunnel key, set by a
+    /// program, says where it goes and with which VNI.
+    pub collect_metadata: bool,
+    /// UDP destination port.
+    pub port: u16,
+    /// Source MAC learning (`IFLA_VXLAN_LEARNING`).
+    pub learning: bool,
+    /// Its fixed VNI (`IFLA_VXLAN_ID`), which a device in external mode has none of
+    /// (the kernel may report 0).
+    pub vni: Option<u32>,
+    /// `IFF_NOARP`: the stack resolves no neighbours on it.
+    pub noarp: bool,
+}
+
+/// A main-table route of either family that carries a route protocol number (see
+/// [`RTPROT_HYPHA`] and [`Netlink::tagged_routes`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TaggedRoute {
+    pub dst: IpNet,
+    pub target: RouteTarget,
+    pub protocol: u8,
+}
+
+/// Where a [`TaggedRoute`] sends its packets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RouteTarget {
+    /// On-link through interface `oif` (`dev`), with the preferred source `src`.
+    Device { oif: u32, src: Option<IpAddr> },
+    /// To a gateway of the same family (`via`); the kernel finds the interface.
+    Gateway(IpAddr),
+}
+
+impl std::fmt::Display for TaggedRoute {
+    /// As `ip route` writes it, with the interface by index: `10.244.0.0/16 dev #5 src
+    /// 10.244.1.1 proto 201`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.dst)?;
+        match self.target {
+            RouteTarget::Device { oif, src } => {
+                write!(f, " dev #{oif}")?;
+                if let Some(src) = src {
+                    write!(f, " src {src}")?;
+                }
+            }
+            RouteTarget::Gateway(gw) => write!(f, " via {gw}")?,
+        }
+        write!(f, " proto {}", self.protocol)
+    }
 }
 
 /// A synchronous rtnetlink socket bound to one network namespace.
@@ -302,6 +371,139 @@ impl Netlink {
             }),
             Err(e) => Err(e.into_error(format!("create dummy {name}"), &self.netns, None)),
         }
+    }
+
+    /// Creates a VXLAN device in collect-metadata (external) mode as `spec` says, left
+    /// down (see [`messages::vxlan_message`]). It is created with `IFF_NOARP`: a device
+    /// in external mode has no fixed peer to ask, so the stack sends what it routes there
+    /// straight to the device (with the device's own MAC as the destination) and the
+    /// program on its egress decides where it goes.
+    ///
+    /// Fails with [`Error::LinkExists`] if the name is taken; the kernel also refuses a
+    /// second external device on the same port in one namespace (`EEXIST`, another
+    /// error naming the operation).
+    pub fn create_vxlan(&mut self, spec: &VxlanSpec<'_>) -> Result<()> {
+        let msg = RouteNetlinkMessage::NewLink(messages::vxlan_message(spec));
+        let op = || {
+            format!(
+                "create VXLAN device {} (external, UDP port {})",
+                spec.name, spec.port
+            )
+        };
+        match self.request(msg, NLM_F_CREATE | NLM_F_EXCL) {
+            Ok(_) => Ok(()),
+            Err(e) if e.errno() == Some(libc::EEXIST) => {
+                if self.link_by_name(spec.name)?.is_some() {
+                    Err(Error::LinkExists {
+                        name: spec.name.to_owned(),
+                        netns: self.netns.clone(),
+                    })
+                } else {
+                    Err(e.into_error(op(), &self.netns, None))
+                }
+            }
+            Err(e) => Err(e.into_error(op(), &self.netns, None)),
+        }
+    }
+
+    /// The VXLAN settings of interface `index`; `None` if it is gone or not a VXLAN
+    /// device.
+    pub fn vxlan(&mut self, index: u32) -> Result<Option<VxlanInfo>> {
+        let msg = RouteNetlinkMessage::GetLink(messages::link_index_message(index));
+        match self.request(msg, 0) {
+            Ok(answers) => Ok(answers.iter().find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(link) => messages::parse_vxlan(link),
+                _ => None,
+            })),
+            Err(e) if matches!(e.errno(), Some(libc::ENODEV | libc::ENOENT)) => Ok(None),
+            Err(e) => Err(e.into_error(format!("get interface #{index}"), &self.netns, None)),
+        }
+    }
+
+    /// Sets the MTU of interface `index`.
+    pub fn set_mtu(&mut self, index: u32, mtu: u32) -> Result<()> {
+        let msg = RouteNetlinkMessage::NewLink(messages::mtu_message(index, mtu));
+        self.request(msg, 0).map(drop).map_err(|e| {
+            e.into_error(
+                format!("set the MTU of interface #{index} to {mtu}"),
+                &self.netns,
+                Some(&format!("#{index}")),
+            )
+        })
+    }
+
+    /// Switches neighbour resolution off on interface `index` (`IFF_NOARP`).
+    pub fn set_noarp(&mut self, index: u32) -> Result<()> {
+        let msg = RouteNetlinkMessage::NewLink(messages::noarp_message(index));
+        self.request(msg, 0).map(drop).map_err(|e| {
+            e.into_error(
+                format!("switch ARP off on interface #{index}"),
+                &self.netns,
+                Some(&format!("#{index}")),
+            )
+        })
+    }
+
+    /// The interface that holds `address` (either family), if one does.
+    pub fn link_of_address(&mut self, address: IpAddr) -> Result<Option<Link>> {
+        let dump = match address {
+            IpAddr::V4(_) => messages::address_dump_message(),
+            IpAddr::V6(_) => messages::address6_dump_message(),
+        };
+        let answers = self
+            .dump(RouteNetlinkMessage::GetAddress(dump))
+            .map_err(|e| {
+                e.into_error(
+                    format!("find the interface holding {address}"),
+                    &self.netns,
+                    None,
+                )
+            })?;
+        let index = answers.iter().find_map(|m| match m {
+            RouteNetlinkMessage::NewAddress(a) => messages::parse_any_address(a)
+                .filter(|(_, a)| *a == address)
+                .map(|(index, _)| index),
+            _ => None,
+        });
+        match index {
+            Some(index) => self.link_by_index(index),
+            None => Ok(None),
+        }
+    }
+
+    /// Adds `route` to the main table with its protocol number, replacing a route to the
+    /// same destination and metric (`NLM_F_CREATE|NLM_F_REPLACE`, whoever made it), so
+    /// that it can be repeated and changed in place.
+    pub fn replace_tagged_route(&mut self, route: &TaggedRoute) -> Result<()> {
+        self.put_route(
+            messages::tagged_route_message(route, false),
+            route.to_string(),
+        )
+    }
+
+    /// The main-table unicast routes of both families that carry protocol number
+    /// `protocol`.
+    pub fn tagged_routes(&mut self, protocol: u8) -> Result<Vec<TaggedRoute>> {
+        let mut routes = self.list_routes(
+            messages::route_dump_message(),
+            format!("list the IPv4 routes of protocol {protocol}"),
+            |r| messages::parse_tagged_route(r, protocol),
+        )?;
+        routes.extend(self.list_routes(
+            messages::route6_dump_message(),
+            format!("list the IPv6 routes of protocol {protocol}"),
+            |r| messages::parse_tagged_route(r, protocol),
+        )?);
+        Ok(routes)
+    }
+
+    /// Deletes `route` (only a route with its protocol number). Returns `false` if there
+    /// was none.
+    pub fn delete_tagged_route(&mut self, route: &TaggedRoute) -> Result<bool> {
+        self.remove_route(
+            messages::tagged_route_message(route, true),
+            route.to_string(),
+        )
     }
 
     /// Sets interface `index` administratively up.

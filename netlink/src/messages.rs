@@ -4,20 +4,23 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsRawFd, BorrowedFd};
 
-use ipnet::{Ipv4Net, Ipv6Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
 };
 use netlink_packet_route::link::{
-    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoKind, InfoVeth, LinkAttribute,
-    LinkFlags, LinkInfo, LinkMessage,
+    AfSpecInet6, AfSpecUnspec, In6AddrGenMode, InfoData, InfoKind, InfoVeth, InfoVxlan,
+    LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 
-use crate::{AddrGenMode, Address6, Link, Route, Route6, VethSpec};
+use crate::{
+    AddrGenMode, Address6, Link, Route, Route6, RouteTarget, TaggedRoute, VethSpec, VxlanInfo,
+    VxlanSpec,
+};
 
 /// `RTM_NEWLINK` body creating a veth pair: the host end named `host_name` in the socket's
 /// namespace and, in its `IFLA_INFO_DATA`/`VETH_INFO_PEER`, the peer named `peer_name`
@@ -63,6 +66,81 @@ pub(crate) fn dummy_message(name: &str) -> LinkMessage {
         .push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(
             InfoKind::Dummy,
         )]));
+    msg
+}
+
+/// `RTM_NEWLINK` body creating a VXLAN device in collect-metadata (external) mode: no
+/// VNI, remote, local address or lower device (each packet's tunnel key says where it
+/// goes), `port` as the UDP port it sends to and listens on, learning off, and
+/// `IFF_NOARP` (see [`crate::Netlink::create_vxlan`]).
+pub(crate) fn vxlan_message(spec: &VxlanSpec<'_>) -> LinkMessage {
+    let mut msg = LinkMessage::default();
+    msg.header.flags = LinkFlags::Noarp;
+    msg.header.change_mask = LinkFlags::Noarp;
+    msg.attributes
+        .push(LinkAttribute::IfName(spec.name.to_owned()));
+    if let Some(mtu) = spec.mtu {
+        msg.attributes.push(LinkAttribute::Mtu(mtu));
+    }
+    msg.attributes.push(LinkAttribute::LinkInfo(vec![
+        LinkInfo::Kind(InfoKind::Vxlan),
+        LinkInfo::Data(InfoData::Vxlan(vec![
+            InfoVxlan::CollectMetadata(true),
+            InfoVxlan::Port(spec.port),
+            InfoVxlan::Learning(false),
+        ])),
+    ]));
+    msg
+}
+
+/// The VXLAN settings of an `RTM_NEWLINK` answer, if the interface is a VXLAN device.
+pub(crate) fn parse_vxlan(msg: &LinkMessage) -> Option<VxlanInfo> {
+    let mut kind_vxlan = false;
+    let mut info = VxlanInfo {
+        collect_metadata: false,
+        port: 0,
+        learning: false,
+        vni: None,
+        noarp: msg.header.flags.contains(LinkFlags::Noarp),
+    };
+    for attr in &msg.attributes {
+        let LinkAttribute::LinkInfo(infos) = attr else {
+            continue;
+        };
+        for i in infos {
+            match i {
+                LinkInfo::Kind(InfoKind::Vxlan) => kind_vxlan = true,
+                LinkInfo::Data(InfoData::Vxlan(data)) => {
+                    for d in data {
+                        match d {
+                            InfoVxlan::CollectMetadata(on) => info.collect_metadata = *on,
+                            InfoVxlan::Port(port) => info.port = *port,
+                            InfoVxlan::Learning(on) => info.learning = *on,
+                            InfoVxlan::Id(vni) => info.vni = Some(*vni),
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    kind_vxlan.then_some(info)
+}
+
+/// `RTM_NEWLINK` body changing the MTU of interface `index`.
+pub(crate) fn mtu_message(index: u32, mtu: u32) -> LinkMessage {
+    let mut msg = link_index_message(index);
+    msg.attributes.push(LinkAttribute::Mtu(mtu));
+    msg
+}
+
+/// `RTM_NEWLINK` body switching ARP (and IPv6 neighbour discovery) off on interface
+/// `index` (`IFF_NOARP`, as `ip link set ... arp off`).
+pub(crate) fn noarp_message(index: u32) -> LinkMessage {
+    let mut msg = link_index_message(index);
+    msg.header.flags = LinkFlags::Noarp;
+    msg.header.change_mask = LinkFlags::Noarp;
     msg
 }
 
@@ -439,6 +517,114 @@ pub(crate) fn parse_route(msg: &RouteMessage, oif: u32) -> Option<Route> {
     })
 }
 
+/// `RTM_NEWROUTE`/`RTM_DELROUTE` body for `route` in the main table, with its protocol
+/// number (a delete names it too: the kernel then deletes only a route of that
+/// protocol). An IPv4 route through a device has `scope link`, one via a gateway
+/// `scope global`; a delete leaves the IPv4 scope as a wildcard.
+pub(crate) fn tagged_route_message(route: &TaggedRoute, for_delete: bool) -> RouteMessage {
+    let (family, dst) = match route.dst {
+        IpNet::V4(n) => (AddressFamily::Inet, RouteAddress::Inet(n.network())),
+        IpNet::V6(n) => (AddressFamily::Inet6, RouteAddress::Inet6(n.network())),
+    };
+    let scope = match (&route.target, route.dst) {
+        (_, IpNet::V6(_)) => RouteScope::Universe,
+        _ if for_delete => RouteScope::NoWhere,
+        (RouteTarget::Device { .. }, IpNet::V4(_)) => RouteScope::Link,
+        (RouteTarget::Gateway(_), IpNet::V4(_)) => RouteScope::Universe,
+    };
+    let mut msg = RouteMessage::default();
+    msg.header.address_family = family;
+    msg.header.destination_prefix_length = route.dst.prefix_len();
+    msg.header.table = RouteHeader::RT_TABLE_MAIN;
+    msg.header.kind = RouteType::Unicast;
+    msg.header.scope = scope;
+    msg.header.protocol = RouteProtocol::from(route.protocol);
+    if route.dst.prefix_len() > 0 {
+        msg.attributes.push(RouteAttribute::Destination(dst));
+    }
+    match route.target {
+        RouteTarget::Device { oif, src } => {
+            if let Some(src) = src {
+                msg.attributes
+                    .push(RouteAttribute::PrefSource(route_address(src)));
+            }
+            msg.attributes.push(RouteAttribute::Oif(oif));
+        }
+        RouteTarget::Gateway(gateway) => {
+            msg.attributes
+                .push(RouteAttribute::Gateway(route_address(gateway)));
+        }
+    }
+    msg
+}
+
+fn route_address(a: IpAddr) -> RouteAddress {
+    match a {
+        IpAddr::V4(a) => RouteAddress::Inet(a),
+        IpAddr::V6(a) => RouteAddress::Inet6(a),
+    }
+}
+
+fn ip_of(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
+        RouteAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+        _ => None,
+    }
+}
+
+/// The [`TaggedRoute`] of an `RTM_NEWROUTE` answer if it is a unicast route of the main
+/// table with protocol number `protocol` (either family). A route with a gateway is a
+/// [`RouteTarget::Gateway`] whatever its device.
+pub(crate) fn parse_tagged_route(msg: &RouteMessage, protocol: u8) -> Option<TaggedRoute> {
+    let h = &msg.header;
+    if h.kind != RouteType::Unicast || u8::from(h.protocol) != protocol {
+        return None;
+    }
+    let (mut table, mut oif) = (u32::from(h.table), 0);
+    let (mut dst, mut gateway, mut src) = (None, None, None);
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(a) => dst = ip_of(a),
+            RouteAttribute::Gateway(a) => gateway = ip_of(a),
+            RouteAttribute::PrefSource(a) => src = ip_of(a),
+            RouteAttribute::Oif(o) => oif = *o,
+            _ => {}
+        }
+    }
+    if table != u32::from(RouteHeader::RT_TABLE_MAIN) {
+        return None;
+    }
+    let len = h.destination_prefix_length;
+    let dst = match (h.address_family, dst) {
+        (AddressFamily::Inet, Some(IpAddr::V4(a))) => IpNet::V4(Ipv4Net::new(a, len).ok()?),
+        (AddressFamily::Inet, None) => IpNet::V4(Ipv4Net::new(Ipv4Addr::UNSPECIFIED, len).ok()?),
+        (AddressFamily::Inet6, Some(IpAddr::V6(a))) => IpNet::V6(Ipv6Net::new(a, len).ok()?),
+        (AddressFamily::Inet6, None) => IpNet::V6(Ipv6Net::new(Ipv6Addr::UNSPECIFIED, len).ok()?),
+        _ => return None,
+    };
+    let target = match gateway {
+        Some(gateway) => RouteTarget::Gateway(gateway),
+        None => RouteTarget::Device { oif, src },
+    };
+    Some(TaggedRoute {
+        dst,
+        target,
+        protocol,
+    })
+}
+
+/// The interface index and address of an `RTM_NEWADDR` answer, either family.
+pub(crate) fn parse_any_address(msg: &AddressMessage) -> Option<(u32, IpAddr)> {
+    let index = msg.header.index;
+    match msg.header.family {
+        AddressFamily::Inet => parse_address(msg, index).map(|(a, _)| (index, IpAddr::V4(a))),
+        AddressFamily::Inet6 => parse_address6(msg, index).map(|a| (index, IpAddr::V6(a.address))),
+        _ => None,
+    }
+}
+
 /// The kernel's extended-ack text (`NLMSGERR_ATTR_MSG`) in the payload of an
 /// `NLMSG_ERROR`, after the request's header, when the socket asked for capped acks.
 pub(crate) fn ext_ack_message(error_payload: &[u8], capped: bool) -> Option<String> {
@@ -472,6 +658,7 @@ mod tests {
     use netlink_packet_route::link::LinkMessageBuffer;
 
     use super::*;
+    use crate::{RouteTarget, TaggedRoute, VxlanInfo, VxlanSpec};
 
     fn peer_of(msg: &LinkMessage) -> &LinkMessage {
         for attr in &msg.attributes {
@@ -801,5 +988,155 @@ mod tests {
             let msg = addr_gen_mode_message(5, mode);
             assert_eq!(parse_link(&msg).addr_gen_mode, Some(mode));
         }
+    }
+
+    #[test]
+    fn vxlan_is_external_without_learning_and_reads_back() {
+        let msg = vxlan_message(&VxlanSpec {
+            name: "hypha_vxlan",
+            port: 8472,
+            mtu: Some(1450),
+        });
+        assert_eq!(msg.header.flags, LinkFlags::Noarp);
+        assert_eq!(msg.header.change_mask, LinkFlags::Noarp);
+        assert!(msg.attributes.contains(&LinkAttribute::Mtu(1450)));
+        // No VNI, remote, local address or lower device: the tunnel key says it all.
+        let data = msg
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::LinkInfo(i) => i.iter().find_map(|i| match i {
+                    LinkInfo::Data(InfoData::Vxlan(d)) => Some(d.clone()),
+                    _ => None,
+                }),
+                _ => None,
+            })
+            .expect("vxlan data");
+        assert_eq!(
+            data,
+            vec![
+                InfoVxlan::CollectMetadata(true),
+                InfoVxlan::Port(8472),
+                InfoVxlan::Learning(false)
+            ]
+        );
+        // What the kernel answers has the same attributes, through the wire.
+        let mut buf = vec![0; msg.buffer_len()];
+        msg.emit(&mut buf);
+        let parsed = LinkMessage::parse(&LinkMessageBuffer::new(&buf)).unwrap();
+        assert_eq!(
+            parse_vxlan(&parsed),
+            Some(VxlanInfo {
+                collect_metadata: true,
+                port: 8472,
+                learning: false,
+                vni: None,
+                noarp: true,
+            })
+        );
+        assert_eq!(
+            parse_vxlan(&dummy_message("d0")),
+            None,
+            "not a VXLAN device"
+        );
+    }
+
+    #[test]
+    fn link_changes_touch_only_what_they_say() {
+        let msg = mtu_message(4, 1450);
+        assert_eq!(msg.header.index, 4);
+        assert!(msg.header.change_mask.is_empty());
+        assert_eq!(msg.attributes, vec![LinkAttribute::Mtu(1450)]);
+        let msg = noarp_message(4);
+        assert_eq!(msg.header.index, 4);
+        assert_eq!(msg.header.change_mask, LinkFlags::Noarp);
+        assert!(msg.attributes.is_empty());
+    }
+
+    #[test]
+    fn tagged_routes_carry_their_protocol_both_ways() {
+        let routes = [
+            TaggedRoute {
+                dst: "10.244.0.0/16".parse().unwrap(),
+                target: RouteTarget::Device {
+                    oif: 5,
+                    src: Some("10.244.1.1".parse().unwrap()),
+                },
+                protocol: 201,
+            },
+            TaggedRoute {
+                dst: "fd00:10:244::/56".parse().unwrap(),
+                target: RouteTarget::Device {
+                    oif: 5,
+                    src: Some("fd00:10:244:1::1".parse().unwrap()),
+                },
+                protocol: 201,
+            },
+            TaggedRoute {
+                dst: "10.244.2.0/24".parse().unwrap(),
+                target: RouteTarget::Gateway("192.168.50.3".parse().unwrap()),
+                protocol: 201,
+            },
+            TaggedRoute {
+                dst: "fd00:10:244:2::/64".parse().unwrap(),
+                target: RouteTarget::Gateway("fd00:50::3".parse().unwrap()),
+                protocol: 201,
+            },
+        ];
+        for route in &routes {
+            let msg = tagged_route_message(route, false);
+            assert_eq!(msg.header.protocol, RouteProtocol::Other(201), "{route}");
+            assert_eq!(msg.header.table, RouteHeader::RT_TABLE_MAIN);
+            assert_eq!(parse_tagged_route(&msg, 201).as_ref(), Some(route));
+            assert_eq!(parse_tagged_route(&msg, 3), None, "another protocol");
+            // A delete names the protocol too, so only Hypha's route goes.
+            let del = tagged_route_message(route, true);
+            assert_eq!(del.header.protocol, RouteProtocol::Other(201));
+        }
+        assert_eq!(
+            tagged_route_message(&routes[0], false).header.scope,
+            RouteScope::Link
+        );
+        assert_eq!(
+            tagged_route_message(&routes[0], true).header.scope,
+            RouteScope::NoWhere
+        );
+        assert_eq!(
+            tagged_route_message(&routes[2], false).header.scope,
+            RouteScope::Universe
+        );
+        assert!(
+            !tagged_route_message(&routes[2], false)
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Oif(_))),
+            "the kernel finds the interface of a gateway"
+        );
+        assert_eq!(
+            routes[0].to_string(),
+            "10.244.0.0/16 dev #5 src 10.244.1.1 proto 201"
+        );
+        assert_eq!(
+            routes[2].to_string(),
+            "10.244.2.0/24 via 192.168.50.3 proto 201"
+        );
+        // A route of another table is not one of ours.
+        let mut other = tagged_route_message(&routes[2], false);
+        other.header.table = 255;
+        assert_eq!(parse_tagged_route(&other, 201), None);
+    }
+
+    #[test]
+    fn any_address_gives_its_interface() {
+        let a = Ipv4Addr::new(192, 168, 50, 2);
+        assert_eq!(
+            parse_any_address(&address_message(7, a, 24)),
+            Some((7, IpAddr::V4(a)))
+        );
+        let b: Ipv6Addr = "fd00:50::2".parse().unwrap();
+        assert_eq!(
+            parse_any_address(&address6_message(8, b, 64)),
+            Some((8, IpAddr::V6(b)))
+        );
     }
 }

@@ -8,7 +8,10 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use hypha_netlink::{AddrGenMode, Error, Netlink, Route, Route6, VethSpec};
+use hypha_netlink::{
+    AddrGenMode, Error, Netlink, RTPROT_HYPHA, Route, Route6, RouteTarget, TaggedRoute, VethSpec,
+    VxlanSpec,
+};
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -607,5 +610,261 @@ fn ipv6_is_enabled_in_another_namespace() {
     assert_eq!(
         std::fs::read_link("/proc/thread-self/ns/net").unwrap(),
         before
+    );
+}
+
+/// Output of `ip <args>` inside namespace `ns`.
+fn ip_in(ns: &TestNetns, args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(["-n", &ns.name])
+        .args(args)
+        .output()
+        .expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip -n {} {}: {}",
+        ns.name,
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn vxlan_device_in_external_mode_is_created_read_back_and_changed() {
+    require_root!();
+    let ns = TestNetns::new();
+    let mut nl = Netlink::in_netns(&ns.path()).unwrap();
+    let spec = VxlanSpec {
+        name: "vx0",
+        port: 8472,
+        mtu: Some(1450),
+    };
+    match nl.create_vxlan(&spec) {
+        Ok(()) => {}
+        Err(e) if e.errno() == Some(libc::EOPNOTSUPP) => {
+            eprintln!("skipped: this kernel has no VXLAN ({e})");
+            return;
+        }
+        Err(e) => panic!("create vx0: {e}"),
+    }
+    let link = nl.link_by_name("vx0").unwrap().expect("vx0 exists");
+    assert_eq!(link.kind.as_deref(), Some("vxlan"));
+    assert_eq!(link.mtu, 1450);
+    assert!(!link.up, "created down");
+    let info = nl.vxlan(link.index).unwrap().expect("a VXLAN device");
+    assert!(info.collect_metadata, "{info:?}");
+    assert_eq!(info.port, 8472);
+    assert!(!info.learning, "{info:?}");
+    assert!(info.noarp, "{info:?}");
+    // What `ip` sees: external mode, the port, no learning, no ARP.
+    let details = ip_in(&ns, &["-d", "link", "show", "vx0"]);
+    assert!(details.contains("external"), "{details}");
+    assert!(details.contains("dstport 8472"), "{details}");
+    assert!(details.contains("nolearning"), "{details}");
+    assert!(details.contains("NOARP"), "{details}");
+
+    nl.set_mtu(link.index, 1400).unwrap();
+    nl.set_up(link.index).unwrap();
+    let link = nl.link_by_index(link.index).unwrap().unwrap();
+    assert_eq!((link.mtu, link.up), (1400, true));
+
+    // The name is taken.
+    let err = nl.create_vxlan(&spec).unwrap_err();
+    assert!(matches!(err, Error::LinkExists { .. }), "{err:?}");
+    // Another external device on the same port is refused by the kernel, named.
+    let err = nl
+        .create_vxlan(&VxlanSpec {
+            name: "vx1",
+            port: 8472,
+            mtu: None,
+        })
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("create VXLAN device vx1 (external, UDP port 8472) in network namespace"),
+        "{err}"
+    );
+
+    // A device of another kind is no VXLAN device; one that is gone is none either.
+    ip_in(
+        &ns,
+        &["link", "add", "d0", "type", "veth", "peer", "name", "d1"],
+    );
+    let d0 = nl.link_by_name("d0").unwrap().unwrap();
+    assert_eq!(nl.vxlan(d0.index).unwrap(), None);
+    nl.set_noarp(d0.index).unwrap();
+    assert!(ip_in(&ns, &["link", "show", "d0"]).contains("NOARP"));
+    nl.delete_link(link.index).unwrap();
+    assert_eq!(nl.vxlan(link.index).unwrap(), None);
+    // A VXLAN device someone made without external mode reads as such.
+    ip_in(
+        &ns,
+        &[
+            "link", "add", "vx2", "type", "vxlan", "id", "42", "dstport", "4789",
+        ],
+    );
+    let vx2 = nl.link_by_name("vx2").unwrap().unwrap();
+    let info = nl.vxlan(vx2.index).unwrap().expect("a VXLAN device");
+    assert!(!info.collect_metadata, "{info:?}");
+    assert_eq!((info.vni, info.port), (Some(42), 4789));
+}
+
+#[test]
+fn routes_of_a_protocol_are_added_listed_replaced_and_deleted_alone() {
+    require_root!();
+    let ns = TestNetns::new();
+    let mut nl = Netlink::in_netns(&ns.path()).unwrap();
+    // (A veth: this kernel may have no dummy interfaces.)
+    ip_in(
+        &ns,
+        &["link", "add", "d0", "type", "veth", "peer", "name", "d1"],
+    );
+    ip_in(&ns, &["link", "set", "d1", "up"]);
+    ip_in(&ns, &["link", "set", "d0", "up"]);
+    ip_in(&ns, &["addr", "add", "192.168.50.2/24", "dev", "d0"]);
+    ip_in(&ns, &["addr", "add", "10.244.1.1/32", "dev", "d0"]);
+    ip_in(&ns, &["addr", "add", "fd00:50::2/64", "dev", "d0", "nodad"]);
+    ip_in(
+        &ns,
+        &["addr", "add", "fd00:10:244:1::1/128", "dev", "d0", "nodad"],
+    );
+    let d0 = nl.link_by_name("d0").unwrap().unwrap();
+    // Someone else's route, which Hypha must never list or touch.
+    ip_in(&ns, &["route", "add", "10.9.0.0/16", "via", "192.168.50.9"]);
+
+    let dev4 = TaggedRoute {
+        dst: "10.244.0.0/16".parse().unwrap(),
+        target: RouteTarget::Device {
+            oif: d0.index,
+            src: Some("10.244.1.1".parse().unwrap()),
+        },
+        protocol: RTPROT_HYPHA,
+    };
+    let dev6 = TaggedRoute {
+        dst: "fd00:10:244::/56".parse().unwrap(),
+        target: RouteTarget::Device {
+            oif: d0.index,
+            src: Some("fd00:10:244:1::1".parse().unwrap()),
+        },
+        protocol: RTPROT_HYPHA,
+    };
+    let via4 = TaggedRoute {
+        dst: "10.245.2.0/24".parse().unwrap(),
+        target: RouteTarget::Gateway("192.168.50.3".parse().unwrap()),
+        protocol: RTPROT_HYPHA,
+    };
+    let via6 = TaggedRoute {
+        dst: "fd00:10:245:2::/64".parse().unwrap(),
+        target: RouteTarget::Gateway("fd00:50::3".parse().unwrap()),
+        protocol: RTPROT_HYPHA,
+    };
+    for r in [&dev4, &dev6, &via4, &via6] {
+        nl.replace_tagged_route(r)
+            .unwrap_or_else(|e| panic!("{r}: {e}"));
+        nl.replace_tagged_route(r)
+            .unwrap_or_else(|e| panic!("again {r}: {e}"));
+    }
+    let mut listed = nl.tagged_routes(RTPROT_HYPHA).unwrap();
+    listed.sort();
+    let mut want = vec![dev4.clone(), dev6.clone(), via4.clone(), via6.clone()];
+    want.sort();
+    assert_eq!(listed, want);
+    let shown = ip_in(&ns, &["route", "show", "proto", "201"]);
+    assert!(
+        shown.contains("10.244.0.0/16 dev d0 scope link src 10.244.1.1"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("10.245.2.0/24 via 192.168.50.3 dev d0"),
+        "{shown}"
+    );
+    assert!(!shown.contains("10.9.0.0"), "{shown}");
+    assert!(
+        nl.tagged_routes(3)
+            .unwrap()
+            .iter()
+            .all(|r| r.dst.to_string() != "10.244.0.0/16")
+    );
+
+    // Changed in place: another source, another gateway.
+    let dev4b = TaggedRoute {
+        target: RouteTarget::Device {
+            oif: d0.index,
+            src: Some("192.168.50.2".parse().unwrap()),
+        },
+        ..dev4.clone()
+    };
+    let via6b = TaggedRoute {
+        target: RouteTarget::Gateway("fd00:50::4".parse().unwrap()),
+        ..via6.clone()
+    };
+    nl.replace_tagged_route(&dev4b).unwrap();
+    nl.replace_tagged_route(&via6b).unwrap();
+    let mut listed = nl.tagged_routes(RTPROT_HYPHA).unwrap();
+    listed.sort();
+    let mut want = vec![dev4b.clone(), dev6.clone(), via4.clone(), via6b.clone()];
+    want.sort();
+    assert_eq!(listed, want, "replaced, not added beside");
+
+    for r in &want {
+        assert!(nl.delete_tagged_route(r).unwrap(), "{r}");
+        assert!(!nl.delete_tagged_route(r).unwrap(), "{r} again");
+    }
+    assert_eq!(nl.tagged_routes(RTPROT_HYPHA).unwrap(), Vec::new());
+    // A delete of protocol 201 leaves a route of another protocol to the same place.
+    let theirs = TaggedRoute {
+        dst: "10.9.0.0/16".parse().unwrap(),
+        target: RouteTarget::Gateway("192.168.50.9".parse().unwrap()),
+        protocol: RTPROT_HYPHA,
+    };
+    assert!(!nl.delete_tagged_route(&theirs).unwrap());
+    assert!(ip_in(&ns, &["route", "show"]).contains("10.9.0.0/16 via 192.168.50.9"));
+
+    // A bad route is named in the error.
+    let err = nl
+        .replace_tagged_route(&TaggedRoute {
+            dst: "10.250.0.0/16".parse().unwrap(),
+            target: RouteTarget::Gateway("10.251.0.1".parse().unwrap()),
+            protocol: RTPROT_HYPHA,
+        })
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("add route 10.250.0.0/16 via 10.251.0.1 proto 201 in network namespace"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_interface_holding_an_address_is_found() {
+    require_root!();
+    let ns = TestNetns::new();
+    let mut nl = Netlink::in_netns(&ns.path()).unwrap();
+    ip_in(
+        &ns,
+        &[
+            "link", "add", "d0", "mtu", "9000", "type", "veth", "peer", "name", "d1",
+        ],
+    );
+    ip_in(&ns, &["addr", "add", "192.168.50.2/24", "dev", "d0"]);
+    ip_in(&ns, &["addr", "add", "fd00:50::2/64", "dev", "d0", "nodad"]);
+    for a in ["192.168.50.2", "fd00:50::2"] {
+        let link = nl
+            .link_of_address(a.parse().unwrap())
+            .unwrap()
+            .unwrap_or_else(|| panic!("{a} is on d0"));
+        assert_eq!((link.name.as_str(), link.mtu), ("d0", 9000), "{a}");
+    }
+    ip_in(&ns, &["link", "set", "lo", "up"]);
+    let lo = nl.link_of_address("127.0.0.1".parse().unwrap()).unwrap();
+    assert_eq!(lo.map(|l| l.name), Some("lo".to_owned()));
+    assert_eq!(
+        nl.link_of_address("192.168.50.3".parse().unwrap()).unwrap(),
+        None
+    );
+    assert_eq!(
+        nl.link_of_address("fd00:50::3".parse().unwrap()).unwrap(),
+        None
     );
 }

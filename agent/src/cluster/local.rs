@@ -145,6 +145,7 @@ mod tests {
         with.cidrs = NodeCidrs {
             v4: Some("10.244.3.0/24".parse().unwrap()),
             v6: Some("fd00:10:244:3::/64".parse().unwrap()),
+            ..Default::default()
         };
         save(dir.path(), &with).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(with));

@@ -107,6 +107,7 @@ fn config(name: &str) -> ClusterConfig {
         prefix: check_prefix("/hypha/v1/").unwrap(),
         identity_gc_grace: DEFAULT_IDENTITY_GC_GRACE,
         node_ttl: Duration::from_millis(900),
+        routing: Default::default(),
     }
 }
 
@@ -170,6 +171,7 @@ async fn unreachable_at_start_uses_saved_cidrs_then_registers_in_the_background(
     let saved = NodeCidrs {
         v4: Some("10.244.7.0/24".parse().unwrap()),
         v6: Some("fd00:10:244:7::/64".parse().unwrap()),
+        ..Default::default()
     };
     local::save(
         dir.path(),

@@ -42,6 +42,7 @@ fn cluster_config() -> AgentConfig {
             prefix: "/hypha/v1/".into(),
             identity_gc_grace: std::time::Duration::from_secs(600),
             node_ttl: std::time::Duration::from_secs(15),
+            routing: Default::default(),
         }),
         ..AgentConfig::default()
     }

@@ -316,6 +316,7 @@ fn write_synthetic(u: &Underlay, store: &Arc<EtcdKv>, s: &Settings) -> Result<Sy
             encode(&NodeCidrs {
                 v4: Some(cidr),
                 v6: None,
+                addresses: Vec::new(),
             }),
         ));
         ops.push(Op::put(layout.cidr_claim(cidr.into()), name.into_bytes()));
