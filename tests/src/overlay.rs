@@ -5,7 +5,12 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use aya::maps::lpm_trie::LpmTrie;
 use aya::maps::{Map, MapData};
@@ -275,6 +280,172 @@ pub fn send_udp(ns: &NamedNetns, from: IpAddr, to: SocketAddr, payload: Vec<u8>)
     .expect("sender thread");
 }
 
+/// A TCP segment or ICMP message a [`Capture`] saw (ports 0 for ICMP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// IP protocol number (6: TCP, 1: ICMP, 58: ICMPv6, ...).
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+/// The addresses, protocol and ports of an IP packet (no IPv6 extension headers).
+pub fn parse_seen(ip: &[u8]) -> Option<Seen> {
+    let (src, dst, proto, l4): (IpAddr, IpAddr, u8, &[u8]) = match ip.first()? >> 4 {
+        4 => {
+            let ihl = usize::from(ip[0] & 0xf) * 4;
+            let src: [u8; 4] = ip.get(12..16)?.try_into().ok()?;
+            let dst: [u8; 4] = ip.get(16..20)?.try_into().ok()?;
+            (src.into(), dst.into(), *ip.get(9)?, ip.get(ihl..)?)
+        }
+        6 => {
+            let src: [u8; 16] = ip.get(8..24)?.try_into().ok()?;
+            let dst: [u8; 16] = ip.get(24..40)?.try_into().ok()?;
+            (src.into(), dst.into(), *ip.get(6)?, ip.get(40..)?)
+        }
+        _ => return None,
+    };
+    let (sport, dport) = match (proto, l4.get(..4)) {
+        (6 | 17, Some(p)) => (
+            u16::from_be_bytes([p[0], p[1]]),
+            u16::from_be_bytes([p[2], p[3]]),
+        ),
+        _ => (0, 0),
+    };
+    Some(Seen {
+        src,
+        dst,
+        proto,
+        sport,
+        dport,
+    })
+}
+
+/// Every IP packet crossing `ifname` in a namespace (both ways), read from an
+/// `AF_PACKET` socket on a thread of that namespace until dropped: proof that a packet
+/// reached a pod, or did not.
+pub struct Capture {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Capture {
+    pub fn start(ns: &NamedNetns, ifname: &str) -> Capture {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (list, flag, ifname, ns_name) = (
+            seen.clone(),
+            stop.clone(),
+            ifname.to_owned(),
+            ns.name().to_owned(),
+        );
+        let thread = ns.spawn(move || {
+            let fd = packet_socket(&ifname)
+                .unwrap_or_else(|e| panic!("a packet socket on {ifname} in {ns_name}: {e}"));
+            ready_tx.send(()).expect("capture ready");
+            let mut buf = vec![0u8; 65536];
+            while !flag.load(Ordering::Relaxed) {
+                // SAFETY: reads into a buffer we own, of the length given.
+                let n =
+                    unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+                if n > 0
+                    && let Some(s) = parse_seen(&buf[..n as usize])
+                {
+                    list.lock().expect("capture list").push(s);
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("capture ready");
+        Capture {
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Whether a packet matching `pred` has been seen, waiting up to `limit` for one.
+    pub fn saw(&self, limit: Duration, pred: impl Fn(&Seen) -> bool) -> bool {
+        let start = Instant::now();
+        loop {
+            if self.seen.lock().expect("capture list").iter().any(&pred) {
+                return true;
+            }
+            if start.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// An `AF_PACKET`/`SOCK_DGRAM` socket for every protocol, bound to `ifname` of the
+/// calling thread's namespace, its reads timing out after 50 ms.
+fn packet_socket(ifname: &str) -> std::io::Result<OwnedFd> {
+    let all = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket(2); the descriptor is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_DGRAM, i32::from(all)) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let name = std::ffi::CString::new(ifname).expect("no NUL in an interface name");
+    // SAFETY: a NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: zeroed sockaddr_ll is valid; the fields set are plain integers.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = all;
+    addr.sll_ifindex = index as i32;
+    // SAFETY: addr outlives the call; the length is its size.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 50_000,
+    };
+    // SAFETY: timeout outlives the call; the length is its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const timeout).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
 /// What a cluster made outside the test process's memory: namespaces, directories,
 /// pins and processes. Taken before the cluster drops, checked after.
 pub struct Footprint {
@@ -373,6 +544,42 @@ mod tests {
         pseudo.extend((len as u32).to_be_bytes());
         pseudo.extend([0, 0, 0, 58]);
         assert_eq!(checksum(&[&pseudo, &ip[40..]]), 0, "ICMPv6");
+    }
+
+    #[test]
+    fn packets_are_read_back_as_they_were_made() {
+        let (s, d) = (Ipv4Addr::new(10, 1, 2, 3), Ipv4Addr::new(10, 4, 5, 6));
+        let ip = ipv4_packet(
+            s,
+            d,
+            Inner::TcpSyn {
+                sport: 4000,
+                dport: 8080,
+            },
+        );
+        assert_eq!(
+            parse_seen(&ip),
+            Some(Seen {
+                src: s.into(),
+                dst: d.into(),
+                proto: 6,
+                sport: 4000,
+                dport: 8080
+            })
+        );
+        let (s, d): (Ipv6Addr, Ipv6Addr) = ("fd00::1".parse().unwrap(), "fd00::2".parse().unwrap());
+        let ip = ipv6_packet(s, d, Inner::Echo { id: 1, seq: 2 });
+        assert_eq!(
+            parse_seen(&ip),
+            Some(Seen {
+                src: s.into(),
+                dst: d.into(),
+                proto: 58,
+                sport: 0,
+                dport: 0
+            })
+        );
+        assert_eq!(parse_seen(&[0x45, 0, 0]), None);
     }
 
     #[test]

@@ -15,8 +15,8 @@ use hypha_tests::monitor::Monitor;
 use hypha_tests::netns::{NamedNetns, host_has_link};
 use hypha_tests::node::{Node, Pod};
 use hypha_tests::overlay::{
-    Footprint, Inner, TUNNEL_DEVICE, TUNNEL_PORT, ifname_of, ip_packet, link_json, link_mac,
-    link_mtu, peer_addr4, send_udp, snmp, tunnel4, tunnel6, vxlan_payload,
+    Capture, Footprint, Inner, TUNNEL_DEVICE, TUNNEL_PORT, ifname_of, ip_packet, link_json,
+    link_mac, link_mtu, peer_addr4, send_udp, snmp, tunnel4, tunnel6, vxlan_payload,
 };
 use hypha_tests::policies::ALLOW_CLIENT_8080;
 use hypha_tests::traffic::{
@@ -367,7 +367,14 @@ fn three_nodes_carry_pod_traffic_over_the_tunnel() {
         let ip = ip_packet(src, dst, Inner::TcpSyn { sport, dport: 8080 });
         (sport, vxlan_payload(vni, dst_mac, src_mac, &ip))
     };
-    let opens = || snmp(&srv.netns, "Tcp", "PassiveOpens");
+    // What reaches the server pod's eth0: the crafted SYNs, by their source ports.
+    let capture = Capture::start(&srv.netns, "eth0");
+    let arrived = |port: u16, limit: Duration| {
+        capture.saw(limit, |s| {
+            s.proto == 6 && s.sport == port && s.dport == 8080
+        })
+    };
+    let segs = || snmp(&srv.netns, "Tcp", "InSegs");
     let denied = || pod_drops(a, &srv, "policy-denied", "ingress");
     for (allowed_src, other_src, dst) in [
         (
@@ -381,7 +388,7 @@ fn three_nodes_carry_pod_traffic_over_the_tunnel() {
             IpAddr::V6(srv.v6()),
         ),
     ] {
-        let (opens0, denied0) = (opens(), denied());
+        let (segs0, denied0) = (segs(), denied());
         let (port, packet) = syn(id_other, allowed_src, dst);
         send_udp(&b.netns, IpAddr::V4(ips[1]), to, packet);
         let event = monitor
@@ -394,19 +401,23 @@ fn three_nodes_carry_pod_traffic_over_the_tunnel() {
             Cluster::eventually(CONVERGE, || denied() > denied0),
             "the server's policy-denied drops stay at {denied0}"
         );
-        assert_eq!(opens(), opens0, "the server saw a SYN with VNI {id_other}");
+        assert!(
+            !arrived(port, Duration::ZERO),
+            "the server pod saw the SYN with VNI {id_other}"
+        );
 
         let (in0, _) = pod_tunnel(a, &srv);
-        let (_, packet) = syn(id_client, other_src, dst);
+        let (port, packet) = syn(id_client, other_src, dst);
         send_udp(&b.netns, IpAddr::V4(ips[1]), to, packet);
         assert!(
-            Cluster::eventually(CONVERGE, || opens() > opens0),
-            "the SYN with VNI {id_client} from {other_src} never reached the server"
+            arrived(port, CONVERGE),
+            "the SYN with VNI {id_client} from {other_src} never reached the server pod"
         );
+        assert!(segs() > segs0, "the server's TCP took the SYN");
         assert!(pod_tunnel(a, &srv).0 > in0, "delivered from the tunnel");
     }
-    let (opens0, unknown0) = (opens(), tunnel_drops(a, "unknown-tunnel-source"));
-    let (_, packet) = syn(id_client, IpAddr::V4(cli.address), IpAddr::V4(srv.address));
+    let unknown0 = tunnel_drops(a, "unknown-tunnel-source");
+    let (intruder, packet) = syn(id_client, IpAddr::V4(cli.address), IpAddr::V4(srv.address));
     send_udp(&c.underlay, IpAddr::V4(c.store_ip()), to, packet);
     assert!(
         Cluster::eventually(CONVERGE, || tunnel_drops(a, "unknown-tunnel-source")
@@ -416,9 +427,11 @@ fn three_nodes_carry_pod_traffic_over_the_tunnel() {
         routing(a)
     );
     let invalid0 = tunnel_drops(a, "invalid-tunnel-identity");
+    let mut invalid = Vec::new();
     for vni in [0, 5] {
-        let (_, packet) = syn(vni, IpAddr::V4(cli.address), IpAddr::V4(srv.address));
+        let (port, packet) = syn(vni, IpAddr::V4(cli.address), IpAddr::V4(srv.address));
         send_udp(&b.netns, IpAddr::V4(ips[1]), to, packet);
+        invalid.push(port);
     }
     assert!(
         Cluster::eventually(CONVERGE, || tunnel_drops(a, "invalid-tunnel-identity")
@@ -426,37 +439,15 @@ fn three_nodes_carry_pod_traffic_over_the_tunnel() {
         "VNIs 0 and 5 were not dropped invalid-tunnel-identity: {:?}",
         routing(a)
     );
-    assert_eq!(opens(), opens0, "the server saw SYNs it should not have");
-    drop(monitor);
-
-    // 8. PMTU across the tunnel: node-0's path to node-1 shrinks to 1400 (1350 inside
-    // the tunnel); a DF packet of 1428 from node-0's pod gets "frag needed" / "packet
-    // too big" with the new MTU, both families, and TCP adapts.
-    let underlay0 = ifname_of(&a.netns, IpAddr::V4(ips[0]));
-    let route = format!("{}/32", ips[1]);
-    a.netns.exec(&[
-        "ip", "route", "add", &route, "dev", &underlay0, "mtu", "1400",
-    ]);
-    for to in [IpAddr::V4(cli.address), IpAddr::V6(cli.v6())] {
-        let out = ping_df(&srv.netns, to, 1400);
-        let said = text(&out);
+    for port in invalid.into_iter().chain([intruder]) {
         assert!(
-            said.contains("mtu = 1350") || said.contains("mtu=1350"),
-            "a 1428-byte DF ping of {to} over a 1400-byte path: {said}"
+            !arrived(port, Duration::ZERO),
+            "the server pod saw the SYN from port {port}"
         );
-        let out = ping_df(&srv.netns, to, 1250);
-        assert!(out.status.success(), "a ping that fits: {}", text(&out));
     }
-    let sink = tcp_sink(&cli.netns, 7003);
-    tcp_send(&srv.netns, cli.address, 7003, 2 << 20);
-    assert_eq!(
-        sink.join().expect("sink"),
-        2 << 20,
-        "TCP over the smaller path"
-    );
-    a.netns.exec(&["ip", "route", "del", &route]);
+    drop((capture, monitor));
 
-    // 9. node-0's agent SIGKILLed: an established flow and new ones keep working, the
+    // 8. node-0's agent SIGKILLed: an established flow and new ones keep working, the
     // policy holds; restarted, still.
     let conversation = Conversation::open(&cli.netns, srv.address, 8080);
     conversation.talk(10);
@@ -483,7 +474,7 @@ fn three_nodes_carry_pod_traffic_over_the_tunnel() {
     );
     drop(conversation);
 
-    // 10. node-2 stopped and removed: the others stop tunnelling to it.
+    // 9. node-2 stopped and removed: the others stop tunnelling to it.
     assert_ping(&srv.netns, oth.address);
     c.kill_agent(2);
     hypha_ok(&c.nodes[0], &["node", "remove", "node-2", "--force"]);
@@ -517,6 +508,34 @@ fn three_nodes_carry_pod_traffic_over_the_tunnel() {
         tcp_ok(&cli.netns, srv.address, 8080),
         "node-1 ↔ node-0 unaffected"
     );
+
+    // 10. PMTU across the tunnel: node-0's path to node-1 shrinks to 1400 (1350 inside
+    // the tunnel); a DF packet of 1428 from node-0's pod gets "frag needed" / "packet
+    // too big" with the new MTU, both families, and TCP adapts.
+    let a = &c.nodes[0];
+    let underlay0 = ifname_of(&a.netns, IpAddr::V4(ips[0]));
+    let route = format!("{}/32", ips[1]);
+    a.netns.exec(&[
+        "ip", "route", "add", &route, "dev", &underlay0, "mtu", "1400",
+    ]);
+    for to in [IpAddr::V4(cli.address), IpAddr::V6(cli.v6())] {
+        let out = ping_df(&srv.netns, to, 1400);
+        let said = text(&out);
+        assert!(
+            said.contains("mtu = 1350") || said.contains("mtu=1350"),
+            "a 1428-byte DF ping of {to} over a 1400-byte path: {said}"
+        );
+        let out = ping_df(&srv.netns, to, 1250);
+        assert!(out.status.success(), "a ping that fits: {}", text(&out));
+    }
+    let sink = tcp_sink(&cli.netns, 7003);
+    tcp_send(&srv.netns, cli.address, 7003, 2 << 20);
+    assert_eq!(
+        sink.join().expect("sink"),
+        2 << 20,
+        "TCP over the smaller path"
+    );
+    a.netns.exec(&["ip", "route", "del", &route]);
 
     // 11. Nothing left behind: namespaces (with the VXLAN devices in them), pins,
     // directories, agents, etcd.
