@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use hypha_api::{
     ApplyPoliciesResponse, ClusterStatus, DirectionPolicy, Endpoint, EndpointPolicy, IdentityInfo,
     NamespaceLabelsRequest, NodeInfo, PacketCount, PolicySource, PolicySummary, RemoveNodeResponse,
-    Status,
+    RoutingStatus, Status,
 };
 
 /// Whether a directory entry is a policy file: `*.yaml`, `*.yml` or `*.json`.
@@ -308,6 +308,40 @@ pub fn format_status(s: &Status) -> String {
     if let Some(c) = &s.cluster {
         out.push_str(&format_cluster_status(c, unix_ms_now()));
     }
+    if let Some(r) = &s.routing {
+        out.push_str(&format_routing_status(r));
+    }
+    out
+}
+
+/// The routing section of `hypha status` (cluster mode): how pods reach other nodes'
+/// pods, and what the tunnel refused before reaching any endpoint.
+pub fn format_routing_status(r: &RoutingStatus) -> String {
+    let mut out = String::new();
+    let mut parts = vec![r.mode.clone()];
+    match (&r.device, r.port) {
+        (Some(d), Some(p)) => parts.push(format!("device {d} (UDP {p})")),
+        (Some(d), None) => parts.push(format!("device {d}")),
+        (None, Some(p)) => parts.push(format!("UDP {p}")),
+        (None, None) => {}
+    }
+    parts.push(format!("pod MTU {}", r.mtu));
+    parts.push(format!(
+        "{} {}",
+        r.peers,
+        if r.peers == 1 { "peer" } else { "peers" }
+    ));
+    let _ = writeln!(out, "Routing:    {}", parts.join(", "));
+    for d in &r.drops {
+        let _ = writeln!(
+            out,
+            "            dropped {} {} packets ({}): {}",
+            d.packets,
+            d.direction,
+            human_bytes(d.bytes),
+            d.reason
+        );
+    }
     out
 }
 
@@ -368,7 +402,8 @@ fn unix_ms_now() -> u64 {
 
 /// Renders `hypha node list` as a table, `now_ms` (Unix milliseconds) dating the
 /// heartbeats. The answering node's name is marked `*`; a node whose lease is gone says
-/// so in HEARTBEAT.
+/// so in HEARTBEAT. TX, RX and DROP are the packets/bytes the answering node sent to,
+/// received from and dropped of each other node through the tunnel (`-` without one).
 pub fn format_nodes(nodes: &[NodeInfo], now_ms: u64) -> String {
     let header = [
         "NAME",
@@ -376,10 +411,20 @@ pub fn format_nodes(nodes: &[NodeInfo], now_ms: u64) -> String {
         "POD-CIDRS",
         "HEARTBEAT",
         "ENDPOINTS",
+        "TX",
+        "RX",
+        "DROP",
         "VERSION",
     ];
     let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     for n in nodes {
+        // Tunnel traffic with that node as this one counted it (`-`: this node, or no
+        // tunnel).
+        let traffic = |c: fn(&hypha_api::NodeTraffic) -> PacketCount| {
+            n.tunnel
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), |t| pkts(c(t)))
+        };
         let cidrs: Vec<String> = n
             .pod_cidr
             .map(|c| c.to_string())
@@ -401,6 +446,9 @@ pub fn format_nodes(nodes: &[NodeInfo], now_ms: u64) -> String {
             list_or_dash(cidrs.into_iter()),
             heartbeat,
             n.endpoints.to_string(),
+            traffic(|t| t.tx),
+            traffic(|t| t.rx),
+            traffic(|t| t.dropped),
             n.version.clone(),
         ]);
     }
@@ -482,7 +530,8 @@ fn limit(rate: Option<u64>) -> String {
 
 /// Renders `hypha endpoint list` as a table. Counters are packets/bytes in the pod's
 /// directions: TX is what the pod sent, RX what it received; REDIR is the part moved
-/// pod-to-pod by the eBPF datapath; LIMIT is the rate limit in bits per second. IPV4 and
+/// pod-to-pod by the eBPF datapath; TUNNEL the part to and from pods of other nodes
+/// through the tunnel; LIMIT is the rate limit in bits per second. IPV4 and
 /// IPV6 are its addresses (`-` for a family it has none of).
 pub fn format_endpoints(eps: &[Endpoint]) -> String {
     let header = [
@@ -495,8 +544,10 @@ pub fn format_endpoints(eps: &[Endpoint]) -> String {
         "HOST-IF",
         "TX",
         "TX-REDIR",
+        "TX-TUNNEL",
         "RX",
         "RX-REDIR",
+        "RX-TUNNEL",
         "TX-LIMIT",
         "RX-LIMIT",
         "DROPPED",
@@ -518,8 +569,10 @@ pub fn format_endpoints(eps: &[Endpoint]) -> String {
             e.host_ifname.clone(),
             pkts(c.egress.forwarded()),
             pkts(c.egress.redirected),
+            pkts(c.egress.tunnel),
             pkts(c.ingress.forwarded()),
             pkts(c.ingress.redirected),
+            pkts(c.ingress.tunnel),
             limit(e.bandwidth.and_then(|b| b.egress_rate)),
             limit(e.bandwidth.and_then(|b| b.ingress_rate)),
             pkts(dropped),
@@ -592,6 +645,9 @@ pub fn format_event(line: &str) -> String {
         e.bytes,
         e.remote_identity
     );
+    if let Some(labels) = &e.remote_labels {
+        text.push_str(&format!(" ({labels})"));
+    }
     if let Some(policy) = &e.policy {
         text.push_str(&format!(" policy: {policy}"));
     }
@@ -650,13 +706,22 @@ mod tests {
                         packets: 9,
                         bytes: 2048,
                     },
-                    tunnel: PacketCount::default(),
+                    tunnel: PacketCount {
+                        packets: 5,
+                        bytes: 3 * 1024 * 1024,
+                    },
                     dropped: PacketCount {
                         packets: 2,
                         bytes: 60,
                     },
                 },
-                ingress: DirectionCounters::default(),
+                ingress: DirectionCounters {
+                    tunnel: PacketCount {
+                        packets: 4,
+                        bytes: 400,
+                    },
+                    ..DirectionCounters::default()
+                },
             },
             drops: vec![DropCount {
                 reason: "unknown-l3-protocol".into(),
@@ -689,10 +754,22 @@ mod tests {
             "the endpoint's identity under IDENTITY: {text}"
         );
         assert!(
-            lines[1].contains("10/2.1KiB"),
-            "forwarded = passed + redirected: {text}"
+            lines[1].contains("15/3.0MiB"),
+            "forwarded = passed + redirected + tunnel: {text}"
         );
         assert!(lines[1].contains("9/2.0KiB"), "{text}");
+        // The tunnel's share each way, under its own column.
+        let cell = |name: &str| {
+            let col = lines[0].find(name).expect(name);
+            lines[1][col..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(cell("TX-TUNNEL"), "5/3.0MiB", "{text}");
+        assert_eq!(cell("RX-TUNNEL"), "4/400B", "{text}");
+        assert_eq!(cell("RX "), "4/400B", "received = its tunnel part: {text}");
         assert!(lines[1].ends_with("10M       -         2/60B"), "{text}");
         assert!(
             lines[2].contains("dropped 2 egress packets (60B): unknown-l3-protocol"),
@@ -778,7 +855,23 @@ mod tests {
         let now = 1_000_000;
         let nodes = [
             node("node-0", Some(now - 1_500), true, true),
-            node("node-1", Some(now - 200_000), false, false),
+            NodeInfo {
+                tunnel: Some(hypha_api::NodeTraffic {
+                    tx: PacketCount {
+                        packets: 12,
+                        bytes: 2048,
+                    },
+                    rx: PacketCount {
+                        packets: 10,
+                        bytes: 1000,
+                    },
+                    dropped: PacketCount {
+                        packets: 3,
+                        bytes: 180,
+                    },
+                }),
+                ..node("node-1", Some(now - 200_000), false, false)
+            },
             NodeInfo {
                 addresses: vec![],
                 pod_cidr6: None,
@@ -797,6 +890,9 @@ mod tests {
                 "POD-CIDRS",
                 "HEARTBEAT",
                 "ENDPOINTS",
+                "TX",
+                "RX",
+                "DROP",
                 "VERSION"
             ]
         );
@@ -809,12 +905,29 @@ mod tests {
                 "1.5s",
                 "ago",
                 "4",
+                "-",
+                "-",
+                "-",
                 "0.1.0"
             ],
             "{text}"
         );
         assert!(
             lines[2].starts_with("node-1 ") && lines[2].contains(" 3m20s ago (lease gone) "),
+            "{text}"
+        );
+        // Its tunnel traffic, under TX, RX and DROP.
+        let cell = |name: &str| {
+            let col = lines[0].find(name).expect(name);
+            lines[2][col..]
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(
+            [cell(" TX "), cell(" RX "), cell(" DROP ")],
+            ["12/2.0KiB", "10/1000B", "3/180B"],
             "{text}"
         );
         assert!(
@@ -908,6 +1021,46 @@ mod tests {
         assert_eq!(
             format_removed_node(&r),
             "node node-2 removed: pod CIDRs 10.244.2.0/24 released, 3 endpoints withdrawn\n"
+        );
+    }
+
+    #[test]
+    fn status_shows_the_routing_section_only_in_cluster_mode() {
+        let text = format_status(&status(true, true));
+        assert!(!text.contains("Routing:"), "{text}");
+
+        let mut s = status(true, true);
+        s.routing = Some(RoutingStatus {
+            mode: "tunnel".into(),
+            device: Some("hypha_vxlan".into()),
+            port: Some(8472),
+            mtu: 1450,
+            peers: 2,
+            drops: vec![hypha_api::DropCount {
+                reason: "unknown-tunnel-source".into(),
+                direction: "ingress".into(),
+                packets: 3,
+                bytes: 2048,
+            }],
+        });
+        let text = format_status(&s);
+        assert!(
+            text.contains(
+                "Routing:    tunnel, device hypha_vxlan (UDP 8472), pod MTU 1450, 2 peers\n            dropped 3 ingress packets (2.0KiB): unknown-tunnel-source\n"
+            ),
+            "{text}"
+        );
+        let native = RoutingStatus {
+            mode: "native".into(),
+            device: None,
+            port: None,
+            mtu: 1500,
+            peers: 1,
+            drops: vec![],
+        };
+        assert_eq!(
+            format_routing_status(&native),
+            "Routing:    native, pod MTU 1500, 1 peer\n"
         );
     }
 

@@ -6,13 +6,16 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use hypha_api::{Endpoint, Status};
+use hypha_api::{Endpoint, NodeInfo, PacketCount, Status};
 use hypha_common::PolicyStats;
 
 /// Everything one scrape shows.
 pub struct Snapshot<'a> {
     pub status: &'a Status,
     pub endpoints: &'a [Endpoint],
+    /// The cluster's nodes; those with tunnel counters (other nodes the tunnel routes to)
+    /// get the per-node families.
+    pub nodes: &'a [NodeInfo],
     /// Flows decided, by policy name.
     pub policy_flows: BTreeMap<String, PolicyStats>,
 }
@@ -72,7 +75,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
         &mut out,
         "hypha_packets_total",
         "counter",
-        "Packets by endpoint, direction (the pod's) and path: passed (host stack), redirected (pod to pod), dropped.",
+        "Packets by endpoint, direction (the pod's) and path: passed (host stack), redirected (pod to pod), tunnel (to or from pods of other nodes), dropped.",
     );
     let mut bytes = String::new();
     family(
@@ -89,6 +92,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
             for (path, c) in [
                 ("passed", d.passed),
                 ("redirected", d.redirected),
+                ("tunnel", d.tunnel),
                 ("dropped", d.dropped),
             ] {
                 let labels = format!(
@@ -122,6 +126,7 @@ pub fn render(s: &Snapshot<'_>) -> String {
                 for (path, c) in [
                     ("passed", d.passed),
                     ("redirected", d.redirected),
+                    ("tunnel", d.tunnel),
                     ("dropped", d.dropped),
                 ] {
                     let labels = format!(
@@ -157,6 +162,8 @@ pub fn render(s: &Snapshot<'_>) -> String {
             escape(&direction)
         );
     }
+
+    render_tunnel(&mut out, s);
 
     family(
         &mut out,
@@ -226,9 +233,65 @@ pub fn render(s: &Snapshot<'_>) -> String {
     out
 }
 
+/// One way of a node's tunnel traffic.
+type Way = fn(&hypha_api::NodeTraffic) -> PacketCount;
+
+/// Per other node: inner packets and bytes sent to it, received from it and received and
+/// dropped, through the tunnel; and what the tunnel refused before any endpoint, by
+/// reason.
+fn render_tunnel(out: &mut String, s: &Snapshot<'_>) {
+    let traffic: Vec<(&str, &hypha_api::NodeTraffic)> = s
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n.name.as_str(), n.tunnel.as_ref()?)))
+        .collect();
+    let ways: [(&str, &str, Way); 3] = [
+        ("tx", "sent to", |t| t.tx),
+        ("rx", "received from", |t| t.rx),
+        ("dropped", "received and dropped from", |t| t.dropped),
+    ];
+    for (way, what, get) in ways {
+        for (unit, value) in [
+            (
+                "packets",
+                (|c: PacketCount| c.packets) as fn(PacketCount) -> u64,
+            ),
+            ("bytes", |c: PacketCount| c.bytes),
+        ] {
+            let name = format!("hypha_tunnel_{way}_{unit}_total");
+            family(
+                out,
+                &name,
+                "counter",
+                &format!("Inner {unit} {what} another node through the tunnel, by node."),
+            );
+            for (node, t) in &traffic {
+                let _ = writeln!(out, "{name}{{node=\"{}\"}} {}", escape(node), value(get(t)));
+            }
+        }
+    }
+    family(
+        out,
+        "hypha_tunnel_drops_total",
+        "counter",
+        "Packets the tunnel refused before reaching any endpoint, by reason (unknown-tunnel-source, invalid-tunnel-identity, no-tunnel-peer).",
+    );
+    let mut drops: BTreeMap<&str, u64> = BTreeMap::new();
+    for d in s.status.routing.iter().flat_map(|r| &r.drops) {
+        *drops.entry(d.reason.as_str()).or_default() += d.packets;
+    }
+    for (reason, packets) in drops {
+        let _ = writeln!(
+            out,
+            "hypha_tunnel_drops_total{{reason=\"{}\"}} {packets}",
+            escape(reason)
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use hypha_api::{DatapathStatus, DropCount, IpamStatus, NodeStatus, PolicyStatus};
+    use hypha_api::{DatapathStatus, DropCount, IpamStatus, NodeStatus, NodeTraffic, PolicyStatus};
 
     use super::*;
 
@@ -271,7 +334,19 @@ mod tests {
                 refused_files: vec![],
             },
             cluster: None,
-            routing: None,
+            routing: Some(hypha_api::RoutingStatus {
+                mode: "tunnel".into(),
+                device: Some("hypha_vxlan".into()),
+                port: Some(8472),
+                mtu: 1450,
+                peers: 2,
+                drops: vec![DropCount {
+                    reason: "unknown-tunnel-source".into(),
+                    direction: "ingress".into(),
+                    packets: 6,
+                    bytes: 600,
+                }],
+            }),
         };
         let mut ep: Endpoint = serde_json::from_value(serde_json::json!({
             "id": 7, "container_id": "c\"1", "ifname": "eth0", "netns": "/n", "host_ifname": "h",
@@ -283,6 +358,9 @@ mod tests {
         ep.counters4.egress.redirected.packets = 5;
         ep.counters6.egress.redirected.packets = 4;
         ep.counters6.ingress.passed.bytes = 1200;
+        ep.counters.egress.tunnel.packets = 11;
+        ep.counters.ingress.tunnel.bytes = 4096;
+        ep.counters4.egress.tunnel.packets = 11;
         ep.drops.push(DropCount {
             reason: "policy-denied".into(),
             direction: "ingress".into(),
@@ -297,9 +375,34 @@ mod tests {
                 audited: 0,
             },
         )]);
+        let node = |name: &str, tunnel: Option<NodeTraffic>| NodeInfo {
+            name: name.into(),
+            addresses: vec![],
+            pod_cidr: None,
+            pod_cidr6: None,
+            version: "0".into(),
+            heartbeat_unix_ms: None,
+            alive: true,
+            endpoints: 0,
+            local: tunnel.is_none(),
+            tunnel,
+        };
+        let count = |packets, bytes| PacketCount { packets, bytes };
+        let nodes = [
+            node("node-a", None),
+            node(
+                "node-\"b\"",
+                Some(NodeTraffic {
+                    tx: count(12, 1200),
+                    rx: count(10, 900),
+                    dropped: count(3, 180),
+                }),
+            ),
+        ];
         let text = render(&Snapshot {
             status: &status,
             endpoints: &[ep],
+            nodes: &nodes,
             policy_flows: flows,
         });
         for line in [
@@ -314,18 +417,34 @@ mod tests {
             r#"hypha_family_packets_total{endpoint="7",container="c\"1",family="ipv4",direction="egress",path="redirected"} 5"#,
             r#"hypha_family_packets_total{endpoint="7",container="c\"1",family="ipv6",direction="egress",path="redirected"} 4"#,
             r#"hypha_family_bytes_total{endpoint="7",container="c\"1",family="ipv6",direction="ingress",path="passed"} 1200"#,
+            r#"hypha_packets_total{endpoint="7",container="c\"1",direction="egress",path="tunnel"} 11"#,
+            r#"hypha_bytes_total{endpoint="7",container="c\"1",direction="ingress",path="tunnel"} 4096"#,
+            r#"hypha_family_packets_total{endpoint="7",container="c\"1",family="ipv4",direction="egress",path="tunnel"} 11"#,
+            "# TYPE hypha_tunnel_tx_packets_total counter",
+            r#"hypha_tunnel_tx_packets_total{node="node-\"b\""} 12"#,
+            r#"hypha_tunnel_tx_bytes_total{node="node-\"b\""} 1200"#,
+            r#"hypha_tunnel_rx_packets_total{node="node-\"b\""} 10"#,
+            r#"hypha_tunnel_rx_bytes_total{node="node-\"b\""} 900"#,
+            r#"hypha_tunnel_dropped_packets_total{node="node-\"b\""} 3"#,
+            r#"hypha_tunnel_dropped_bytes_total{node="node-\"b\""} 180"#,
+            r#"hypha_tunnel_drops_total{reason="unknown-tunnel-source"} 6"#,
         ] {
             assert!(
                 text.lines().any(|l| l == line),
                 "missing {line:?} in\n{text}"
             );
         }
+        assert!(
+            !text.contains(r#"node="node-a""#),
+            "the answering node has no tunnel counters: {text}"
+        );
         // An IPv4-only node has no IPv6 pool.
         let mut v4_only = status.clone();
         v4_only.node.pod_cidr6 = None;
         let text4 = render(&Snapshot {
             status: &v4_only,
             endpoints: &[],
+            nodes: &[],
             policy_flows: BTreeMap::new(),
         });
         assert!(

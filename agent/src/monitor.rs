@@ -11,15 +11,47 @@ use aya::maps::{MapData, RingBuf};
 use hypha_api::MonitorEvent;
 use hypha_common::{
     DIR_EGRESS, DropReason, EVENT_DROP, EVENT_POLICY_ALLOW, EVENT_POLICY_AUDIT, Event,
+    IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD, IDENTITY_WORLD6,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::sync::broadcast;
 
+use crate::policy::{IdentityAllocator, IdentitySource, describe_labels};
+
 /// Events a client may lag behind before it starts losing them.
 pub const BACKLOG: usize = 4096;
 
-/// Turns a raw event into what clients see; `policy_name` resolves policy ids.
-pub fn render(e: &Event, policy_name: impl Fn(u32) -> Option<String>) -> MonitorEvent {
+/// What identity `id` stands for, as the monitor prints it: the reserved names, a label
+/// identity's `namespace/{k=v,...}` (one in use here, or, in cluster mode, any number the
+/// store gave, so that another node's pods are named even before their endpoints
+/// arrive), a CIDR identity's `cidr:<prefix>`. `None` for 0 and numbers nobody gave.
+pub fn identity_name(id: u32, identities: &IdentityAllocator) -> Option<String> {
+    let reserved = match id {
+        IDENTITY_HOST => Some("host"),
+        IDENTITY_WORLD => Some("world"),
+        IDENTITY_WORLD6 => Some("world6"),
+        IDENTITY_REMOTE_NODE => Some("remote-node"),
+        _ => None,
+    };
+    if let Some(name) = reserved {
+        return Some(name.to_owned());
+    }
+    match identities
+        .source(id)
+        .or_else(|| identities.assignments().get(&id))?
+    {
+        IdentitySource::Labels { namespace, labels } => Some(describe_labels(namespace, labels)),
+        IdentitySource::Cidr(net) => Some(format!("cidr:{net}")),
+    }
+}
+
+/// Turns a raw event into what clients see; `policy_name` resolves policy ids,
+/// `identity_name` security identities (see [`identity_name`]).
+pub fn render(
+    e: &Event,
+    policy_name: impl Fn(u32) -> Option<String>,
+    identity_name: impl Fn(u32) -> Option<String>,
+) -> MonitorEvent {
     let kind = match e.kind {
         EVENT_DROP => "drop",
         EVENT_POLICY_ALLOW => "policy-allow",
@@ -55,6 +87,7 @@ pub fn render(e: &Event, policy_name: impl Fn(u32) -> Option<String>) -> Monitor
         reason,
         policy,
         remote_identity: e.remote_identity,
+        remote_labels: identity_name(e.remote_identity),
         protocol: protocol_name(e.proto),
         source: address(e.family, e.saddr),
         source_port: e.sport,
@@ -155,6 +188,10 @@ impl Filter {
 mod tests {
     use super::*;
 
+    fn no_identity(_: u32) -> Option<String> {
+        None
+    }
+
     fn event(kind: u8, reason: u16, policy_id: u32) -> Event {
         Event {
             kind,
@@ -180,6 +217,7 @@ mod tests {
         let e = render(
             &event(EVENT_DROP, DropReason::PolicyDenyRule as u16, 9),
             names,
+            no_identity,
         );
         assert_eq!(e.kind, "drop");
         assert_eq!(e.reason.as_deref(), Some("policy-deny-rule"));
@@ -189,9 +227,10 @@ mod tests {
         let e = render(
             &event(EVENT_DROP, DropReason::PolicyDenied as u16, 0),
             names,
+            no_identity,
         );
         assert_eq!(e.policy.as_deref(), Some("no policy allows this"));
-        let e = render(&event(EVENT_POLICY_ALLOW, 0, 4), names);
+        let e = render(&event(EVENT_POLICY_ALLOW, 0, 4), names, no_identity);
         assert_eq!((e.kind.as_str(), e.reason), ("policy-allow", None));
         assert_eq!(e.policy.as_deref(), Some("policy #4"));
     }
@@ -204,7 +243,7 @@ mod tests {
             ifindex: 12,
             ..event(EVENT_DROP, DropReason::SpoofedSource as u16, 0)
         };
-        let e = render(&spoofed, |_| None);
+        let e = render(&spoofed, |_| None, no_identity);
         assert_eq!(
             (e.kind.as_str(), e.reason.as_deref(), e.policy, e.ifindex),
             ("drop", Some("spoofed-source"), None, 12)
@@ -215,7 +254,7 @@ mod tests {
             ifindex: 12,
             ..Event::default()
         };
-        let e = render(&ipv6, |_| None);
+        let e = render(&ipv6, |_| None, no_identity);
         assert_eq!(e.reason.as_deref(), Some("unsupported-family"));
         assert_eq!(e.protocol, "-");
     }
@@ -232,6 +271,7 @@ mod tests {
                 ..event(EVENT_DROP, DropReason::PolicyDenied as u16, 0)
             },
             |_| None,
+            no_identity,
         );
         assert_eq!(
             (e.source, e.destination),
@@ -254,6 +294,7 @@ mod tests {
                 ..event(EVENT_POLICY_ALLOW, 0, 4)
             },
             |_| Some("default/allow-ping".to_owned()),
+            no_identity,
         );
         let line = serde_json::to_string(&echo).expect("serialize the event");
         assert_eq!(
@@ -262,10 +303,77 @@ mod tests {
         );
         // An IPv4 event keeps its first four bytes only; a frame of no family reads 0.0.0.0.
         assert_eq!(
-            render(&event(EVENT_DROP, 6, 0), |_| None).source,
+            render(&event(EVENT_DROP, 6, 0), |_| None, no_identity).source,
             IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1))
         );
         assert_eq!(address(0, [0xff; 16]), IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    }
+
+    #[test]
+    fn remote_identities_are_named_by_their_labels_even_when_only_the_store_knows_them() {
+        let labels = |pairs: &[(&str, &str)]| -> crate::policy::Labels {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let mut alloc = IdentityAllocator::default();
+        alloc.set_cluster(true);
+        // A number the store gave labels no endpoint of this node has: another node's pod.
+        alloc.assign("shop", &labels(&[("app", "client")]), 70_000);
+        // Numbers in use here: a label identity (the store's) and a CIDR identity.
+        alloc.assign("shop", &labels(&[("app", "web")]), 70_001);
+        alloc
+            .sync(
+                &[("shop".to_owned(), labels(&[("app", "web")]))].into(),
+                &["192.0.2.0/24".parse().unwrap()].into(),
+                &Default::default(),
+            )
+            .unwrap();
+        let name = |id| identity_name(id, &alloc);
+        assert_eq!(name(70_000).as_deref(), Some("shop/{app=client}"));
+        assert_eq!(name(70_001).as_deref(), Some("shop/{app=web}"));
+        let cidr = alloc
+            .by_source()
+            .into_iter()
+            .find_map(|(s, id)| matches!(s, IdentitySource::Cidr(_)).then_some(id))
+            .unwrap();
+        assert_eq!(name(cidr).as_deref(), Some("cidr:192.0.2.0/24"));
+        assert_eq!(name(IDENTITY_REMOTE_NODE).as_deref(), Some("remote-node"));
+        assert_eq!(name(IDENTITY_HOST).as_deref(), Some("host"));
+        assert_eq!(name(IDENTITY_WORLD6).as_deref(), Some("world6"));
+        assert_eq!(name(0), None);
+        assert_eq!(name(70_002), None, "a number nobody gave");
+
+        // A cross-node drop reads with the sender's labels and the deciding policy.
+        let e = render(
+            &Event {
+                remote_identity: 70_000,
+                ..event(EVENT_DROP, DropReason::PolicyDenied as u16, 0)
+            },
+            |_| None,
+            name,
+        );
+        assert_eq!(e.remote_labels.as_deref(), Some("shop/{app=client}"));
+        let line = serde_json::to_string(&e).expect("serialize the event");
+        assert_eq!(
+            crate::cli::format_event(&line),
+            "DROP (policy-denied) endpoint 3 ingress: 10.0.0.1:40000 -> 10.0.0.2:8080 tcp 60B identity 70000 (shop/{app=client}) policy: no policy allows this"
+        );
+        let e = render(
+            &Event {
+                remote_identity: IDENTITY_REMOTE_NODE,
+                ..event(EVENT_DROP, DropReason::PolicyDenyRule as u16, 9)
+            },
+            |id| (id == 9).then(|| "prod/no-nodes".to_owned()),
+            name,
+        );
+        let line = serde_json::to_string(&e).expect("serialize the event");
+        assert!(
+            crate::cli::format_event(&line)
+                .ends_with("identity 4 (remote-node) policy: prod/no-nodes"),
+            "{line}"
+        );
     }
 
     #[test]

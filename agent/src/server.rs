@@ -235,7 +235,11 @@ async fn monitor<D: Datapath + 'static, H: HostNetwork + 'static>(
         loop {
             let line = match rx.recv().await {
                 Ok(e) if filter.matches(&e) => {
-                    let event = crate::monitor::render(&e, |id| a.policy_name(id));
+                    let event = crate::monitor::render(
+                        &e,
+                        |id| a.policy_name(id),
+                        |id| a.identity_name(id),
+                    );
                     serde_json::to_string(&event).expect("events serialize")
                 }
                 Ok(_) => continue,

@@ -577,6 +577,11 @@ pub struct MonitorEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
     pub remote_identity: u32,
+    /// What `remote_identity` stands for: `namespace/{k=v,...}` for a label identity
+    /// (cluster-wide ones too: another node's pods), `host`, `remote-node`, `world`,
+    /// `world6`, `cidr:<prefix>`; absent when the agent does not know it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_labels: Option<String>,
     pub protocol: String,
     /// IPv4 or IPv6; `0.0.0.0` for a frame that had no addresses.
     pub source: IpAddr,

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use hypha_api::{ClusterStatus, IdentityInfo, NodeInfo, RemoveNodeResponse};
 use hypha_cluster::layout::EndpointEntry;
-use hypha_common::{IDENTITY_HOST, IDENTITY_WORLD, IDENTITY_WORLD6};
+use hypha_common::{IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD, IDENTITY_WORLD6};
 
 use super::policy::{DirFileError, remote_policy_endpoint, selector_labels};
 use super::{Agent, ControlError, wait_all};
@@ -391,6 +391,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             reserved(IDENTITY_HOST, "host"),
             reserved(IDENTITY_WORLD, "world"),
             reserved(IDENTITY_WORLD6, "world6"),
+            reserved(IDENTITY_REMOTE_NODE, "remote-node"),
         ];
         let p = self.policy();
         let mut seen = BTreeSet::new();

@@ -197,6 +197,11 @@ fn remote_endpoints_enter_the_ipcache_and_local_policies_admit_them() {
         (1, 0)
     );
     assert!(ids.iter().any(|i| i.reserved.as_deref() == Some("host")));
+    assert!(
+        ids.iter()
+            .any(|i| i.id == hypha_common::IDENTITY_REMOTE_NODE
+                && i.reserved.as_deref() == Some("remote-node"))
+    );
 
     // The client goes: its ipcache entry and the server's entry for it go.
     agent
@@ -454,6 +459,8 @@ struct FakeLink {
     published: Mutex<Vec<(u32, u32)>>,
     withdrawn: Mutex<Vec<u32>>,
     namespaces: Mutex<BTreeMap<String, Labels>>,
+    /// What `nodes` answers.
+    nodes: Mutex<Vec<NodeInfo>>,
 }
 
 impl FakeLink {
@@ -542,7 +549,7 @@ impl ClusterLink for FakeLink {
     }
 
     fn nodes(&self) -> Result<Vec<NodeInfo>, String> {
-        Ok(Vec::new())
+        Ok(self.nodes.lock().unwrap().clone())
     }
 
     fn remove_node(&self, name: &str, _force: bool) -> Result<RemoveNodeResponse, ControlError> {
@@ -729,4 +736,173 @@ fn policies_and_namespace_labels_go_through_the_store_and_are_enforced_on_return
         store.last().namespace_labels.get("prod"),
         Some(&labels(&[("env", "prod")]))
     );
+}
+
+#[test]
+fn node_list_carries_the_tunnel_counters_of_the_other_nodes() {
+    let (agent, link, _store) = linked(PersistedState::default());
+    let node = |name: &str| NodeInfo {
+        name: name.into(),
+        addresses: Vec::new(),
+        pod_cidr: None,
+        pod_cidr6: None,
+        version: "0".into(),
+        heartbeat_unix_ms: None,
+        alive: true,
+        endpoints: 0,
+        local: name == NODE,
+        tunnel: None,
+    };
+    *link.nodes.lock().unwrap() = vec![node(NODE), node("node-b"), node("node-c")];
+    let stats = |n: u64| hypha_common::NodeStats {
+        tx: hypha_common::Counter {
+            packets: n,
+            bytes: n * 100,
+        },
+        rx: hypha_common::Counter {
+            packets: n + 1,
+            bytes: 7,
+        },
+        dropped: hypha_common::Counter {
+            packets: 2,
+            bytes: 120,
+        },
+    };
+    {
+        let mut st = agent.datapath.state();
+        st.node_stats
+            .insert(crate::overlay::node_id("node-b"), stats(5));
+        // This node's own id never shows (a node does not tunnel to itself).
+        st.node_stats
+            .insert(crate::overlay::node_id(NODE), stats(9));
+    }
+    let nodes = agent.nodes().unwrap();
+    let by_name: BTreeMap<&str, &NodeInfo> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
+    let b = by_name["node-b"]
+        .tunnel
+        .expect("node-b is routed through the tunnel");
+    assert_eq!((b.tx.packets, b.tx.bytes), (5, 500));
+    assert_eq!((b.rx.packets, b.rx.bytes), (6, 7));
+    assert_eq!((b.dropped.packets, b.dropped.bytes), (2, 120));
+    assert_eq!(by_name[NODE].tunnel, None, "the answering node itself");
+    assert_eq!(
+        by_name["node-c"].tunnel, None,
+        "no counters: not tunnelled to"
+    );
+}
+
+#[test]
+fn the_monitor_names_identities_only_the_store_knows() {
+    let (agent, _link, _store) = linked(PersistedState::default());
+    assert_eq!(agent.identity_name(1500), None);
+    // A number the store gave labels no endpoint of this node has (another node's pod).
+    agent
+        .apply_cluster_identities(batch(
+            vec![(1500, "shop".to_owned(), labels(&[("app", "client")]))],
+            Vec::new(),
+            false,
+        ))
+        .unwrap();
+    assert_eq!(
+        agent.identity_name(1500).as_deref(),
+        Some("shop/{app=client}")
+    );
+    assert_eq!(
+        agent
+            .identity_name(hypha_common::IDENTITY_REMOTE_NODE)
+            .as_deref(),
+        Some("remote-node")
+    );
+}
+
+#[test]
+fn other_nodes_addresses_get_the_remote_node_identity_and_survive_a_restart() {
+    use hypha_common::IDENTITY_REMOTE_NODE;
+    let (agent, store) = start_cluster(PersistedState::default());
+    let node_b: std::net::IpAddr = Ipv4Addr::new(172, 16, 0, 12).into();
+    let gw_b: std::net::IpAddr = Ipv4Addr::new(10, 244, 1, 1).into();
+    let router6_b: std::net::IpAddr = "fd00:10:244:1::1".parse().unwrap();
+    agent
+        .set_remote_nodes([node_b, gw_b, router6_b].into())
+        .unwrap();
+    let ipcache = agent.datapath.state().policy.ipcache.clone();
+    for a in [node_b, gw_b, router6_b] {
+        assert_eq!(
+            ipcache.get(&IpNet::from(a)),
+            Some(&IDENTITY_REMOTE_NODE),
+            "{a}"
+        );
+    }
+    // A policy change does not take them out (the engine holds them).
+    agent
+        .apply_cluster_identities(batch(
+            vec![(300, "default".into(), labels(&[("app", "server")]))],
+            Vec::new(),
+            false,
+        ))
+        .unwrap();
+    add(&agent, "srv", "hypa", &[("app", "server")]).unwrap();
+    agent
+        .apply_cluster_policies(batch(vec![policy(SERVER_FROM_CLIENT)], Vec::new(), false))
+        .unwrap();
+    // Replaced as a set.
+    agent.set_remote_nodes([node_b].into()).unwrap();
+    {
+        let st = agent.datapath.state();
+        assert_eq!(
+            st.policy.ipcache.get(&IpNet::from(node_b)),
+            Some(&IDENTITY_REMOTE_NODE)
+        );
+        assert!(!st.policy.ipcache.contains_key(&IpNet::from(gw_b)));
+        assert!(!st.policy.ipcache.contains_key(&IpNet::from(router6_b)));
+    }
+
+    // A restarted agent finds them in the maps and keeps them until the overlay gives the
+    // set again (its start-up reconciliation removes what the engine does not hold).
+    let installed = agent.datapath.state().policy.clone();
+    let saved = store.last();
+    let (again, _) = Agent::start(
+        cluster_config(),
+        FakeDatapath::from(crate::datapath::fake::FakeState {
+            policy: installed,
+            ..Default::default()
+        }),
+        host_with(&[("hypa", 10), ("hypb", 11), ("hypc", 12)]),
+        Box::new(MemStore::with(saved.clone())),
+        saved,
+    )
+    .unwrap();
+    assert_eq!(
+        again
+            .datapath
+            .state()
+            .policy
+            .ipcache
+            .get(&IpNet::from(node_b)),
+        Some(&IDENTITY_REMOTE_NODE)
+    );
+    again.set_remote_nodes(Default::default()).unwrap();
+    assert!(
+        !again
+            .datapath
+            .state()
+            .policy
+            .ipcache
+            .contains_key(&IpNet::from(node_b))
+    );
+}
+
+#[test]
+fn a_failed_write_of_other_nodes_addresses_leaves_the_engine_as_it_was() {
+    let (agent, _store) = start_cluster(PersistedState::default());
+    let node_b: std::net::IpAddr = Ipv4Addr::new(172, 16, 0, 12).into();
+    agent.set_remote_nodes([node_b].into()).unwrap();
+    agent.datapath.state().fail_apply = true;
+    let node_c: std::net::IpAddr = Ipv4Addr::new(172, 16, 0, 13).into();
+    assert!(agent.set_remote_nodes([node_c].into()).is_err());
+    agent.datapath.state().fail_apply = false;
+    // The engine still holds node b: setting it again writes nothing.
+    let diffs = agent.datapath.state().diffs.len();
+    agent.set_remote_nodes([node_b].into()).unwrap();
+    assert_eq!(agent.datapath.state().diffs.len(), diffs);
 }

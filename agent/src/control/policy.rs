@@ -20,7 +20,7 @@ use hypha_api::{
 use hypha_common::{
     DIR_EGRESS, DIR_INGRESS, ENDPOINT_F_EGRESS_AUDIT, ENDPOINT_F_EGRESS_POLICY,
     ENDPOINT_F_INGRESS_AUDIT, ENDPOINT_F_INGRESS_POLICY, IDENTITY_ANY, IDENTITY_HOST,
-    IDENTITY_WORLD, IDENTITY_WORLD6, POLICY_DENY, POLICY_F_AUDIT, PolicyKey,
+    IDENTITY_REMOTE_NODE, IDENTITY_WORLD, IDENTITY_WORLD6, POLICY_DENY, POLICY_F_AUDIT, PolicyKey,
 };
 
 use super::{Agent, ControlError, wait_all};
@@ -92,6 +92,9 @@ pub(super) struct PolicyView {
     pub(super) names: Arc<BTreeMap<u32, String>>,
     /// Cluster mode: how many other nodes' endpoints the engine holds.
     pub(super) remote_endpoints: usize,
+    /// The identities as the engine numbered them (and, in cluster mode, every number the
+    /// store gave), for the monitor to name what an event's remote identity stands for.
+    pub(super) identities: Arc<IdentityAllocator>,
 }
 
 /// The engine's view of an endpoint.
@@ -315,13 +318,28 @@ fn without_flags_of(mut d: PolicyDiff, id: u32) -> PolicyDiff {
 
 impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     /// Gives `addresses` (other nodes' underlay and router addresses) the remote-node
-    /// identity in the ipcache, replacing the set given before.
-    /// SCAFFOLD: helper "obs" writes it; until then it changes nothing.
+    /// identity in the ipcache, replacing the set given before: one engine change, its
+    /// diff written (so the addresses are part of what the engine says the maps hold,
+    /// and no reconciliation removes them). If the maps cannot be written, the engine
+    /// goes back to the previous set and the maps with it.
     pub fn set_remote_nodes(
         &self,
         addresses: std::collections::BTreeSet<std::net::IpAddr>,
     ) -> Result<(), ControlError> {
-        let _ = addresses;
+        let mut p = self.policy();
+        let previous = p.engine.remote_nodes().clone();
+        let outcome = p.engine.set_remote_nodes(addresses)?;
+        if let Err(e) = self.write_policy(&outcome.diff) {
+            let rollback = match p.engine.set_remote_nodes(previous) {
+                Ok(back) => match self.write_policy(&back.diff) {
+                    Ok(()) => Vec::new(),
+                    Err(e2) => vec![format!("cannot restore the policy maps: {e2}")],
+                },
+                Err(e2) => vec![format!("cannot restore the other nodes' addresses: {e2}")],
+            };
+            return Err(e.with_rollback(rollback));
+        }
+        self.publish_policy(&p);
         Ok(())
     }
 
@@ -348,6 +366,11 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         } else {
             Arc::new(compiled.policies.clone())
         };
+        let identities = if *old.identities == compiled.identities {
+            old.identities.clone()
+        } else {
+            Arc::new(compiled.identities.clone())
+        };
         self.policy_view.store(Arc::new(PolicyView {
             status: PolicyStatus {
                 policies: p.policies.len(),
@@ -372,6 +395,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             },
             names,
             remote_endpoints: p.remote.len(),
+            identities,
         }));
     }
 
@@ -383,7 +407,24 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             warnings.push(format!("cannot read the policy maps: {e}"));
             Default::default()
         });
-        let p = self.policy();
+        let mut p = self.policy();
+        // Cluster mode: the other nodes' addresses an earlier agent wrote stay until the
+        // overlay gives the set again (their routing keeps running meanwhile).
+        if self.config.cluster.is_some() {
+            let nodes: BTreeSet<std::net::IpAddr> = installed
+                .ipcache
+                .iter()
+                .filter(|(n, id)| {
+                    **id == IDENTITY_REMOTE_NODE && n.prefix_len() == n.max_prefix_len()
+                })
+                .map(|(n, _)| n.addr())
+                .collect();
+            if !nodes.is_empty()
+                && let Err(e) = p.engine.set_remote_nodes(nodes)
+            {
+                warnings.push(format!("cannot keep the other nodes' addresses: {e}"));
+            }
+        }
         let new = p.engine.compiled();
         let old = Compiled {
             ipcache: installed.ipcache,
@@ -755,9 +796,14 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             }
             Err(e) => tracing::warn!("cannot read policy counters: {e}"),
         }
+        let nodes = self.nodes().unwrap_or_else(|e| {
+            tracing::debug!("no per-node metrics: {e}");
+            Vec::new()
+        });
         crate::metrics::render(&crate::metrics::Snapshot {
             status: &status,
             endpoints: &endpoints,
+            nodes: &nodes,
             policy_flows,
         })
     }
@@ -766,6 +812,12 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     /// snapshot, never the lock (the monitor calls it once per event).
     pub fn policy_name(&self, id: u32) -> Option<String> {
         self.policy_view.load().names.get(&id).cloned()
+    }
+
+    /// What identity `id` stands for (`namespace/{k=v}`, `remote-node`, ...; see
+    /// `monitor::identity_name`); reads the snapshot, never the lock.
+    pub fn identity_name(&self, id: u32) -> Option<String> {
+        crate::monitor::identity_name(id, &self.policy_view.load().identities)
     }
 
     /// The policy views of this node's endpoints, by namespace.
@@ -1352,6 +1404,7 @@ fn describe_identity(installed: &Compiled, id: u32) -> String {
         IDENTITY_HOST => "host".into(),
         IDENTITY_WORLD => "world (IPv4)".into(),
         IDENTITY_WORLD6 => "world (IPv6)".into(),
+        IDENTITY_REMOTE_NODE => "remote-node (the cluster's other nodes)".into(),
         _ => match installed.identities.source(id) {
             Some(IdentitySource::Labels { namespace, labels }) => {
                 let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();

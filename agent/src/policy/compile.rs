@@ -11,7 +11,9 @@
 //! - `hypha_ipcache4` and `hypha_ipcache6` (one ipcache keyed by [`IpNet`], split by
 //!   family when written) map every endpoint's /32 and /128 to its label identity (the
 //!   same for both: identities are family-independent, so a selector rule allows both
-//!   families of a peer), the host's addresses to [`IDENTITY_HOST`], every prefix a
+//!   families of a peer), the host's addresses to [`IDENTITY_HOST`], other nodes'
+//!   addresses (cluster mode: their underlay addresses, gateways and IPv6 router
+//!   addresses) to [`IDENTITY_REMOTE_NODE`], every prefix a
 //!   policy names (CIDRs and their `except`s, of either family) to a CIDR identity,
 //!   0.0.0.0/0 to [`IDENTITY_WORLD`] and ::/0 to [`IDENTITY_WORLD6`]. The datapath
 //!   takes the longest prefix, so a rule naming a CIDR covers the identity of the CIDR
@@ -51,7 +53,14 @@
 //!   protocol wildcards, policy id 0), so that the denies are checked and the rest passes.
 //! - Traffic from the host to its endpoints is always allowed (policy id 0), as
 //!   Kubernetes expects for the kubelet's probes and as Cilium does by default; a deny
-//!   rule naming the host still wins.
+//!   rule naming the host still wins. Only this node's host: other nodes
+//!   ([`IDENTITY_REMOTE_NODE`]) pass an isolated endpoint's ingress only when a rule
+//!   allows them (the `remote-node` or `cluster` entity, a CIDR holding their
+//!   addresses).
+//! - Entities: `host` is this node; `remote-node` the cluster's other nodes; `cluster`
+//!   the host, the other nodes and every endpoint's identity (this node's and other
+//!   nodes'); `world` every identity of the ipcache that is none of those (the worlds and
+//!   the CIDR identities); `all` everything.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -59,8 +68,8 @@ use std::net::IpAddr;
 use hypha_common::{
     DIR_EGRESS, DIR_INGRESS, ENDPOINT_F_EGRESS_AUDIT, ENDPOINT_F_EGRESS_POLICY,
     ENDPOINT_F_INGRESS_AUDIT, ENDPOINT_F_INGRESS_POLICY, IDENTITY_ANY, IDENTITY_HOST,
-    IDENTITY_WORLD, IDENTITY_WORLD6, MAX_IPCACHE, MAX_POLICY_ENTRIES, POLICY_ALLOW, POLICY_DENY,
-    POLICY_F_AUDIT, PolicyEntry, PolicyKey, maps,
+    IDENTITY_REMOTE_NODE, IDENTITY_WORLD, IDENTITY_WORLD6, MAX_IPCACHE, MAX_POLICY_ENTRIES,
+    POLICY_ALLOW, POLICY_DENY, POLICY_F_AUDIT, PolicyEntry, PolicyKey, maps,
 };
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
@@ -169,13 +178,15 @@ pub fn diff(old: &Compiled, new: &Compiled) -> PolicyDiff {
 
 /// Compiles `policies` for `endpoints`. `namespaces` holds the labels operators gave
 /// namespaces (each also carries `kubernetes.io/metadata.name`); `identities` is the
-/// allocator as persisted; `host_addrs` are the node's addresses (the gateway).
+/// allocator as persisted; `host_addrs` are the node's addresses (the gateway);
+/// `remote_nodes` other nodes' addresses (cluster mode).
 pub fn compile(
     policies: &[Policy],
     endpoints: &[PolicyEndpoint],
     namespaces: &BTreeMap<String, Labels>,
     identities: &IdentityAllocator,
     host_addrs: &[IpAddr],
+    remote_nodes: &[IpAddr],
 ) -> Result<Compiled, PolicyError> {
     // Identities and policy ids.
     let label_sets: BTreeSet<(String, Labels)> = endpoints
@@ -201,11 +212,14 @@ pub fn compile(
     identities.sync(&label_sets, &cidrs, &names)?;
     let by_source = identities.by_source();
 
-    // The ipcache: world, policy prefixes, the host, endpoints (the most specific wins a
-    // tie on the same prefix).
+    // The ipcache: world, policy prefixes, other nodes, the host, endpoints (the most
+    // specific wins a tie on the same prefix).
     let mut ipcache = BTreeMap::from(worlds());
     for c in &cidrs {
         ipcache.insert(*c, by_source[&IdentitySource::Cidr(*c)]);
+    }
+    for a in remote_nodes {
+        ipcache.insert(IpNet::from(*a), IDENTITY_REMOTE_NODE);
     }
     for a in host_addrs {
         ipcache.insert(IpNet::from(*a), IDENTITY_HOST);
@@ -511,17 +525,19 @@ impl Ctx<'_> {
                 Peer::Entity(Entity::Host) => {
                     ids.insert(IDENTITY_HOST);
                 }
+                Peer::Entity(Entity::RemoteNode) => {
+                    ids.insert(IDENTITY_REMOTE_NODE);
+                }
                 Peer::Entity(Entity::Cluster) => {
                     ids.insert(IDENTITY_HOST);
+                    ids.insert(IDENTITY_REMOTE_NODE);
                     ids.extend(self.ep_identity.values().copied());
                 }
                 Peer::Entity(Entity::World) => {
                     let local: BTreeSet<u32> = self.ep_identity.values().copied().collect();
-                    ids.extend(
-                        self.all_identities
-                            .iter()
-                            .filter(|i| **i != IDENTITY_HOST && !local.contains(i)),
-                    );
+                    ids.extend(self.all_identities.iter().filter(|i| {
+                        **i != IDENTITY_HOST && **i != IDENTITY_REMOTE_NODE && !local.contains(i)
+                    }));
                 }
             }
         }

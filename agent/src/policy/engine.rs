@@ -35,6 +35,9 @@
 //!   ([`PolicyEngine::update_remote`]), each reconciled once. On an address both a local
 //!   and a remote endpoint claim, the local one wins the ipcache (a stale remote entry
 //!   never hides a pod of this node).
+//! - **Other nodes' addresses** (cluster mode, [`PolicyEngine::set_remote_nodes`]) map to
+//!   the remote-node identity in the ipcache, below the endpoints and the host on an
+//!   address they share.
 //!
 //! A change that fails (a map's capacity, identities exhausted) leaves the engine as it
 //! was: its inputs are restored and the engine rebuilt from them, which is a full
@@ -46,7 +49,8 @@ use std::net::IpAddr;
 use hypha_common::{
     DIR_EGRESS, DIR_INGRESS, ENDPOINT_F_EGRESS_AUDIT, ENDPOINT_F_EGRESS_POLICY,
     ENDPOINT_F_INGRESS_AUDIT, ENDPOINT_F_INGRESS_POLICY, IDENTITY_ANY, IDENTITY_HOST,
-    MAX_POLICY_ENTRIES, POLICY_ALLOW, POLICY_DENY, POLICY_F_AUDIT, PolicyEntry, PolicyKey, maps,
+    IDENTITY_REMOTE_NODE, MAX_POLICY_ENTRIES, POLICY_ALLOW, POLICY_DENY, POLICY_F_AUDIT,
+    PolicyEntry, PolicyKey, maps,
 };
 use ipnet::IpNet;
 
@@ -84,6 +88,8 @@ pub struct PolicyEngine {
     namespaces: BTreeMap<String, Labels>,
     endpoints: BTreeMap<u32, PolicyEndpoint>,
     host_addrs: Vec<IpAddr>,
+    /// Other nodes' addresses: the remote-node identity's.
+    remote_nodes: BTreeSet<IpAddr>,
     /// Endpoint ids by address, of both families (the highest id wins the ipcache, as in
     /// `compile`).
     by_addr: BTreeMap<IpAddr, BTreeSet<u32>>,
@@ -174,16 +180,37 @@ struct Undo {
     endpoints: Vec<(u32, Option<PolicyEndpoint>)>,
     policies: Vec<(PolicyRef, Option<Policy>)>,
     namespaces: Vec<(String, Option<Labels>)>,
+    remote_nodes: Option<BTreeSet<IpAddr>>,
 }
 
 impl PolicyEngine {
-    /// Full compile at agent start (and the reference the tests compare against).
+    /// Full compile at agent start (and the reference the tests compare against), without
+    /// other nodes' addresses ([`Self::set_remote_nodes`] gives them).
     pub fn new(
         policies: Vec<Policy>,
         namespaces: BTreeMap<String, Labels>,
         endpoints: Vec<PolicyEndpoint>,
         identities: IdentityAllocator,
         host_addrs: Vec<IpAddr>,
+    ) -> Result<Self, PolicyError> {
+        Self::build(
+            policies,
+            namespaces,
+            endpoints,
+            identities,
+            host_addrs,
+            BTreeSet::new(),
+        )
+    }
+
+    /// [`Self::new`] with other nodes' addresses `remote_nodes`.
+    fn build(
+        policies: Vec<Policy>,
+        namespaces: BTreeMap<String, Labels>,
+        endpoints: Vec<PolicyEndpoint>,
+        identities: IdentityAllocator,
+        host_addrs: Vec<IpAddr>,
+        remote_nodes: BTreeSet<IpAddr>,
     ) -> Result<Self, PolicyError> {
         // The allocator as `compile` syncs it.
         let mut identities = identities;
@@ -203,6 +230,7 @@ impl PolicyEngine {
             namespaces,
             endpoints: BTreeMap::new(),
             host_addrs: host_addrs.clone(),
+            remote_nodes: remote_nodes.clone(),
             by_addr: BTreeMap::new(),
             cidr_refs: BTreeMap::new(),
             members: HashMap::new(),
@@ -251,7 +279,7 @@ impl PolicyEngine {
 
         let mut work = Work::default();
         work.prefixes.extend(worlds().map(|(w, _)| w));
-        for a in &host_addrs {
+        for a in host_addrs.iter().chain(&remote_nodes) {
             work.prefixes.insert(IpNet::from(*a));
         }
         for p in policies {
@@ -454,12 +482,13 @@ impl PolicyEngine {
         for (id, _, _) in &conflicts {
             alloc.release(*id);
         }
-        let rebuilt = Self::new(
+        let rebuilt = Self::build(
             self.policies.values().map(|s| s.policy.clone()).collect(),
             self.namespaces.clone(),
             self.endpoints.values().cloned().collect(),
             alloc,
             self.host_addrs.clone(),
+            self.remote_nodes.clone(),
         );
         match rebuilt {
             Ok(mut new) => {
@@ -514,6 +543,7 @@ impl PolicyEngine {
             &self.namespaces,
             &self.compiled.identities,
             &self.host_addrs,
+            &self.remote_nodes.iter().copied().collect::<Vec<_>>(),
         )?;
         Ok(super::compile::diff(&self.compiled, &candidate))
     }
@@ -622,6 +652,34 @@ impl PolicyEngine {
         })
     }
 
+    /// Other nodes' addresses (underlay addresses, gateways, IPv6 router addresses)
+    /// become `addresses`, replacing the set given before: they get the remote-node
+    /// identity in the ipcache (unless an endpoint or the host has the address), and the
+    /// rules that depend on the whole ipcache follow.
+    pub fn set_remote_nodes(
+        &mut self,
+        addresses: BTreeSet<IpAddr>,
+    ) -> Result<Outcome, PolicyError> {
+        if addresses == self.remote_nodes {
+            return Ok(Outcome::default());
+        }
+        let undo = Undo {
+            remote_nodes: Some(self.remote_nodes.clone()),
+            ..Undo::default()
+        };
+        self.transact(undo, |e, work| {
+            let old = std::mem::replace(&mut e.remote_nodes, addresses);
+            for a in old.symmetric_difference(&e.remote_nodes) {
+                work.prefixes.insert(IpNet::from(*a));
+            }
+        })
+    }
+
+    /// Other nodes' addresses, as [`Self::set_remote_nodes`] last gave them.
+    pub fn remote_nodes(&self) -> &BTreeSet<IpAddr> {
+        &self.remote_nodes
+    }
+
     /// Namespace `namespace`'s labels (as the operator set them) become `labels`.
     pub fn set_namespace_labels(
         &mut self,
@@ -701,13 +759,17 @@ impl PolicyEngine {
                 None => self.namespaces.remove(&ns),
             };
         }
+        if let Some(nodes) = undo.remote_nodes {
+            self.remote_nodes = nodes;
+        }
         let recompiled = self.recompiled;
-        let rebuilt = Self::new(
+        let rebuilt = Self::build(
             policies.into_values().collect(),
             std::mem::take(&mut self.namespaces),
             std::mem::take(&mut self.endpoints).into_values().collect(),
             identities,
             std::mem::take(&mut self.host_addrs),
+            std::mem::take(&mut self.remote_nodes),
         )
         .expect("the inputs before the change compiled");
         *self = rebuilt;
@@ -1223,6 +1285,9 @@ impl PolicyEngine {
             if self.host_addrs.contains(&prefix.addr()) {
                 return Some(IDENTITY_HOST);
             }
+            if self.remote_nodes.contains(&prefix.addr()) {
+                return Some(IDENTITY_REMOTE_NODE);
+            }
         }
         if let Some(id) = self.cidr_ids.get(prefix) {
             return Some(*id);
@@ -1390,16 +1455,20 @@ impl PolicyEngine {
                 Peer::Entity(Entity::Host) => {
                     ids.insert(IDENTITY_HOST);
                 }
+                Peer::Entity(Entity::RemoteNode) => {
+                    ids.insert(IDENTITY_REMOTE_NODE);
+                }
                 Peer::Entity(Entity::Cluster) => {
                     ids.insert(IDENTITY_HOST);
+                    ids.insert(IDENTITY_REMOTE_NODE);
                     ids.extend(self.ep_identity.values().copied());
                 }
                 Peer::Entity(Entity::World) => {
-                    ids.extend(
-                        self.identity_counts
-                            .keys()
-                            .filter(|i| **i != IDENTITY_HOST && !self.identities.contains_key(i)),
-                    );
+                    ids.extend(self.identity_counts.keys().filter(|i| {
+                        **i != IDENTITY_HOST
+                            && **i != IDENTITY_REMOTE_NODE
+                            && !self.identities.contains_key(i)
+                    }));
                 }
             }
         }

@@ -1,7 +1,7 @@
 //! The engine against the from-scratch compiler: after every change its output equals
 //! `compile` of the same inputs, and the diff it returns equals `diff` of the two.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Instant;
 
@@ -74,6 +74,7 @@ struct Model {
     policies: BTreeMap<(String, String), Policy>,
     namespaces: BTreeMap<String, Labels>,
     endpoints: BTreeMap<u32, PolicyEndpoint>,
+    remote_nodes: BTreeSet<IpAddr>,
 }
 
 impl Model {
@@ -85,6 +86,7 @@ impl Model {
                 .collect(),
             namespaces: BTreeMap::new(),
             endpoints: endpoints.iter().map(|e| (e.id, e.clone())).collect(),
+            remote_nodes: BTreeSet::new(),
         }
     }
 
@@ -108,6 +110,7 @@ impl Model {
             &self.namespaces,
             identities,
             &hosts(),
+            &self.remote_nodes.iter().copied().collect::<Vec<_>>(),
         )
     }
 
@@ -230,6 +233,7 @@ fn peer() -> impl Strategy<Value = Peer> {
             Peer::Entity(Entity::World),
             Peer::Entity(Entity::Cluster),
             Peer::Entity(Entity::All),
+            Peer::Entity(Entity::RemoteNode),
         ]),
     ]
 }
@@ -350,6 +354,24 @@ enum Op {
     SetNamespace(&'static str, Option<&'static str>),
     /// Other nodes' endpoints: upserts and removals, in one batch.
     Remote(Vec<PolicyEndpoint>, Vec<u32>),
+    /// Other nodes' addresses, the whole set.
+    RemoteNodes(BTreeSet<IpAddr>),
+}
+
+/// Other nodes' addresses the property test draws from: some nobody else has (inside
+/// and outside the policies' CIDRs, both families), the host's, and local endpoint 1's
+/// (which win the ipcache over a remote node's).
+fn remote_node_addresses() -> impl Strategy<Value = BTreeSet<IpAddr>> {
+    let pool: Vec<IpAddr> = vec![
+        Ipv4Addr::new(172, 16, 0, 12).into(),
+        Ipv4Addr::new(10, 9, 0, 1).into(),
+        Ipv4Addr::new(10, 244, 1, 1).into(),
+        "fd00:10:244:1::1".parse().unwrap(),
+        "2001:db8::12".parse().unwrap(),
+        HOST.into(),
+        addr(1).into(),
+    ];
+    prop::collection::btree_set(prop::sample::select(pool), 0..=4)
 }
 
 /// The first engine id of the property test's remote endpoints.
@@ -397,6 +419,7 @@ fn op() -> impl Strategy<Value = Op> {
             prop::collection::vec((1u32..=4).prop_map(|k| REMOTE + k), 0..=2)
         )
             .prop_map(|(u, r)| Op::Remote(u, r)),
+        1 => remote_node_addresses().prop_map(Op::RemoteNodes),
     ]
 }
 
@@ -476,6 +499,10 @@ proptest! {
                         model.endpoints.insert(e.id, e.clone());
                     }
                     engine.update_remote(upserts, removes).unwrap()
+                }
+                Op::RemoteNodes(addresses) => {
+                    model.remote_nodes = addresses.clone();
+                    engine.set_remote_nodes(addresses).unwrap()
                 }
             };
             for id in engine.remote_ids() {
@@ -1253,4 +1280,79 @@ fn on_conflicting_numbers_the_store_wins() {
     let a = &engine.compiled().identities;
     assert_eq!(a.assigned("default", &plain(&[("app", "web")])), Some(500));
     assert_eq!(a.assignments().len(), 2);
+}
+
+#[test]
+fn other_nodes_addresses_are_replaced_as_a_set_and_rules_follow() {
+    let db = ep(1, "ns1", &[("app", "db")]);
+    let from_nodes = k8s(
+        "nodes",
+        "ns1",
+        "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 172.16.0.0/16}}]}]\n",
+    );
+    let mut model = Model::new(&[from_nodes], &[db]);
+    let mut engine = model.engine();
+    let node = |last: u8| -> IpAddr { Ipv4Addr::new(172, 16, 0, last).into() };
+    let router6: IpAddr = "fd00:10:244:1::1".parse().unwrap();
+    let allows_nodes = |e: &PolicyEngine| {
+        e.compiled().entries.keys().any(|k| {
+            k.endpoint_id == 1
+                && k.direction == DIR_INGRESS
+                && k.identity == hypha_common::IDENTITY_REMOTE_NODE
+        })
+    };
+    assert!(!allows_nodes(&engine), "no node known yet");
+
+    let before = engine.compiled().clone();
+    model.remote_nodes = BTreeSet::from([node(12), node(13), router6]);
+    let out = engine.set_remote_nodes(model.remote_nodes.clone()).unwrap();
+    model.check(&engine, &before, &out).unwrap();
+    let set: BTreeSet<IpNet> = out.diff.ipcache_set.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        set,
+        BTreeSet::from([prefix(node(12)), prefix(node(13)), prefix(router6)])
+    );
+    assert!(
+        out.diff
+            .ipcache_set
+            .iter()
+            .all(|(_, id)| *id == hypha_common::IDENTITY_REMOTE_NODE)
+    );
+    assert!(allows_nodes(&engine), "the CIDR rule covers the nodes now");
+
+    // Replaced: node 13 goes, node 14 comes, the others are not rewritten.
+    let before = engine.compiled().clone();
+    model.remote_nodes = BTreeSet::from([node(12), node(14), router6]);
+    let out = engine.set_remote_nodes(model.remote_nodes.clone()).unwrap();
+    model.check(&engine, &before, &out).unwrap();
+    assert_eq!(
+        out.diff.ipcache_set,
+        vec![(prefix(node(14)), hypha_common::IDENTITY_REMOTE_NODE)]
+    );
+    assert_eq!(out.diff.ipcache_del, vec![prefix(node(13))]);
+    assert!(out.diff.entries_set.is_empty() && out.diff.entries_del.is_empty());
+
+    // The same set again changes nothing; the empty set removes them all.
+    let out = engine.set_remote_nodes(model.remote_nodes.clone()).unwrap();
+    assert!(out.diff.is_empty());
+    let before = engine.compiled().clone();
+    model.remote_nodes.clear();
+    let out = engine.set_remote_nodes(BTreeSet::new()).unwrap();
+    model.check(&engine, &before, &out).unwrap();
+    assert_eq!(out.diff.ipcache_del.len(), 3);
+    assert!(!allows_nodes(&engine));
+
+    // Other changes keep them (a rebuild after a conflict too).
+    model.remote_nodes = BTreeSet::from([node(12)]);
+    engine.set_remote_nodes(model.remote_nodes.clone()).unwrap();
+    let before = engine.compiled().clone();
+    let web = ep(2, "ns1", &[("app", "web")]);
+    model.endpoints.insert(2, web.clone());
+    let out = engine.join(web).unwrap();
+    model.check(&engine, &before, &out).unwrap();
+    assert_eq!(
+        engine.compiled().ipcache.get(&prefix(node(12))),
+        Some(&hypha_common::IDENTITY_REMOTE_NODE)
+    );
+    assert_eq!(engine.remote_nodes(), &model.remote_nodes);
 }

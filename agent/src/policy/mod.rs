@@ -207,17 +207,23 @@ pub enum NamespaceScope {
     Selected(LabelSelector),
 }
 
-/// CiliumNetworkPolicy's entities.
+/// CiliumNetworkPolicy's entities (Hypha's kind: `fromEntities`/`toEntities`, written
+/// `host`, `remote-node`, `world`, `cluster`, `all`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Entity {
     /// The node: its addresses and the gateway.
     Host,
-    /// Everything outside the node's endpoints and the host: every CIDR and the world.
+    /// Everything outside the cluster's endpoints and nodes: every CIDR and the world.
     World,
-    /// The node's endpoints and the host.
+    /// The host, the other nodes of the cluster and every endpoint, this node's and
+    /// other nodes'.
     Cluster,
     /// Everything.
     All,
+    /// The other nodes of the cluster (cluster mode): their underlay addresses, gateways
+    /// and IPv6 router addresses, and what their hosts send through the tunnel. Not
+    /// implied by an isolated endpoint's ingress (only this node's host is).
+    RemoteNode,
 }
 
 /// A protocol and a port range. `first == 0` means every port of the protocol; ICMP has

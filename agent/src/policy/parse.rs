@@ -587,9 +587,11 @@ struct CidrSet {
 }
 
 #[derive(Clone, Copy, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 enum EntityName {
     Host,
+    /// The cluster's other nodes.
+    RemoteNode,
     World,
     Cluster,
     All,
@@ -804,6 +806,7 @@ fn hypha_rule(
     for e in l3.entities.into_iter().flatten() {
         peers.push(Peer::Entity(match e {
             EntityName::Host => Entity::Host,
+            EntityName::RemoteNode => Entity::RemoteNode,
             EntityName::World => Entity::World,
             EntityName::Cluster => Entity::Cluster,
             EntityName::All => Entity::All,

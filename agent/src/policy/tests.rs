@@ -5,8 +5,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hypha_common::{
     DIR_EGRESS, DIR_INGRESS, ENDPOINT_F_EGRESS_POLICY, ENDPOINT_F_INGRESS_AUDIT,
-    ENDPOINT_F_INGRESS_POLICY, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_WORLD, IDENTITY_WORLD6,
-    POLICY_ALLOW, POLICY_DENY, POLICY_F_AUDIT, PolicyKey,
+    ENDPOINT_F_INGRESS_POLICY, IDENTITY_ANY, IDENTITY_HOST, IDENTITY_REMOTE_NODE, IDENTITY_WORLD,
+    IDENTITY_WORLD6, POLICY_ALLOW, POLICY_DENY, POLICY_F_AUDIT, PolicyKey,
 };
 use ipnet::IpNet;
 
@@ -44,6 +44,8 @@ fn ep(id: u32, ns: &str, labels: &[(&str, &str)]) -> PolicyEndpoint {
 struct World {
     endpoints: Vec<PolicyEndpoint>,
     namespaces: BTreeMap<String, Labels>,
+    /// Other nodes' addresses (the remote-node identity's).
+    remote_nodes: Vec<IpAddr>,
 }
 
 impl World {
@@ -51,6 +53,7 @@ impl World {
         Self {
             endpoints,
             namespaces: BTreeMap::new(),
+            remote_nodes: Vec::new(),
         }
     }
 
@@ -61,6 +64,7 @@ impl World {
             &self.namespaces,
             &IdentityAllocator::default(),
             &[HOST.into()],
+            &self.remote_nodes,
         )
         .unwrap_or_else(|e| panic!("{e}"))
     }
@@ -773,6 +777,7 @@ fn identities_are_shared_and_stable_across_recompiles() {
         &w.namespaces,
         &c.identities,
         &[HOST.into()],
+        &[],
     )
     .unwrap();
     assert_eq!(again, c);
@@ -792,6 +797,7 @@ fn capacity_is_refused_with_a_clear_error() {
         &BTreeMap::new(),
         &IdentityAllocator::default(),
         &[HOST.into()],
+        &[],
     )
     .unwrap_err();
     assert!(
@@ -1031,6 +1037,7 @@ fn adding_and_removing_an_ipv6_cidr_diffs_its_prefixes_and_entries() {
         &w.namespaces,
         &c0.identities,
         &[HOST.into()],
+        &[],
     )
     .unwrap();
     let cidr = c1.ipcache[&net("2001:db8::/32")];
@@ -1055,6 +1062,7 @@ fn adding_and_removing_an_ipv6_cidr_diffs_its_prefixes_and_entries() {
         &w.namespaces,
         &c1.identities,
         &[HOST.into()],
+        &[],
     )
     .unwrap();
     let d = diff(&c1, &back);
@@ -1076,8 +1084,136 @@ fn the_host_s_ipv6_address_is_the_host_identity() {
         &w.namespaces,
         &IdentityAllocator::default(),
         &[HOST.into(), host6],
+        &[],
     )
     .unwrap();
     assert_eq!(c.ipcache[&prefix(host6)], IDENTITY_HOST);
     assert_eq!(c.ipcache[&prefix(HOST)], IDENTITY_HOST);
+}
+
+// ------------------------------------------------------------------ other nodes
+
+/// Node 1's underlay address and gateway, node 2's IPv6 router address.
+fn remote_nodes() -> Vec<IpAddr> {
+    vec![
+        Ipv4Addr::new(172, 16, 0, 12).into(),
+        Ipv4Addr::new(10, 244, 1, 1).into(),
+        "fd00:10:244:2::1".parse().unwrap(),
+    ]
+}
+
+/// Endpoint 2 (local, `app: db`), endpoint 3 (another node's, `app: web`), the
+/// cluster's other nodes.
+fn cluster_world() -> World {
+    let mut remote = ep(3, "default", &[("app", "web")]).into_remote();
+    remote.address = Some(Ipv4Addr::new(10, 244, 1, 7));
+    let mut w = World::new(vec![ep(2, "default", &[("app", "db")]), remote]);
+    w.remote_nodes = remote_nodes();
+    w
+}
+
+#[test]
+fn other_nodes_addresses_are_the_remote_node_identity_below_endpoints_and_host() {
+    let mut w = cluster_world();
+    let c = w.compile(&[]);
+    for a in remote_nodes() {
+        assert_eq!(c.ipcache[&prefix(a)], IDENTITY_REMOTE_NODE, "{a}");
+    }
+    // An address the host or an endpoint has stays theirs.
+    w.remote_nodes.push(HOST.into());
+    w.remote_nodes.push(Ipv4Addr::new(10, 244, 0, 2).into());
+    let c = w.compile(&[]);
+    assert_eq!(c.ipcache[&prefix(HOST)], IDENTITY_HOST);
+    assert_eq!(
+        c.ipcache[&prefix(Ipv4Addr::new(10, 244, 0, 2))],
+        identity_of(&c, &w.endpoints[0])
+    );
+}
+
+#[test]
+fn remote_node_is_an_entity_and_part_of_cluster_but_not_of_world() {
+    let p = parse(
+        "apiVersion: hypha.dev/v1\nkind: HyphaNetworkPolicy\nmetadata: {name: n, namespace: default}\nspec:\n  endpointSelector: {}\n  ingress: [{fromEntities: [remote-node]}]\n",
+    );
+    assert_eq!(
+        p[0].ingress.allow[0].peers,
+        Some(vec![Peer::Entity(Entity::RemoteNode)])
+    );
+    let err = parse_err(
+        "apiVersion: hypha.dev/v1\nkind: HyphaNetworkPolicy\nmetadata: {name: n, namespace: default}\nspec:\n  endpointSelector: {}\n  ingress: [{fromEntities: [remote_node]}]\n",
+    );
+    assert!(
+        err.contains("remote_node") && err.contains("remote-node"),
+        "{err}"
+    );
+
+    let w = cluster_world();
+    let c = w.compile(&p);
+    assert_eq!(
+        allowed(&c, 2, DIR_INGRESS),
+        BTreeSet::from([(IDENTITY_REMOTE_NODE, 0, 0)])
+    );
+
+    let cluster = hypha(
+        "c",
+        "default",
+        "  endpointSelector: {matchLabels: {app: db}}\n  ingress: [{fromEntities: [cluster]}]\n",
+    );
+    let c = w.compile(&[cluster]);
+    let local = identity_of(&c, &w.endpoints[0]);
+    let remote = identity_of(&c, &w.endpoints[1]);
+    assert_eq!(
+        allowed(&c, 2, DIR_INGRESS),
+        BTreeSet::from([
+            (IDENTITY_HOST, 0, 0),
+            (IDENTITY_REMOTE_NODE, 0, 0),
+            (local, 0, 0),
+            (remote, 0, 0),
+        ]),
+        "host, other nodes, this node's and other nodes' endpoints"
+    );
+
+    let world = hypha(
+        "w",
+        "default",
+        "  endpointSelector: {matchLabels: {app: db}}\n  egress: [{toEntities: [world]}]\n",
+    );
+    let c = w.compile(&[world]);
+    let got = allowed(&c, 2, DIR_EGRESS);
+    assert!(got.contains(&(IDENTITY_WORLD, 0, 0)), "{got:?}");
+    assert!(
+        !got.contains(&(IDENTITY_REMOTE_NODE, 0, 0)) && !got.contains(&(remote, 0, 0)),
+        "world holds neither other nodes nor their pods: {got:?}"
+    );
+}
+
+#[test]
+fn an_isolated_endpoint_implicitly_admits_its_own_host_only() {
+    let w = cluster_world();
+    let deny_all = k8s(
+        "deny",
+        "default",
+        "  podSelector: {}\n  policyTypes: [Ingress]\n",
+    );
+    let c = w.compile(&[deny_all]);
+    let ingress: BTreeSet<u32> = c
+        .entries
+        .keys()
+        .filter(|k| k.endpoint_id == 2 && k.direction == DIR_INGRESS)
+        .map(|k| k.identity)
+        .collect();
+    assert_eq!(ingress, BTreeSet::from([IDENTITY_HOST]));
+
+    // A CIDR holding other nodes' addresses covers them.
+    let underlay = k8s(
+        "underlay",
+        "default",
+        "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 172.16.0.0/16}}]}]\n",
+    );
+    let c = w.compile(&[underlay]);
+    assert!(
+        allowed(&c, 2, DIR_INGRESS).contains(&(IDENTITY_REMOTE_NODE, 0, 0)),
+        "{:?}",
+        allowed(&c, 2, DIR_INGRESS)
+    );
 }
