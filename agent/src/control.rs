@@ -30,6 +30,7 @@ use crate::state::{Change, EndpointRecord, Pending, PersistedState, StateError};
 
 mod cluster;
 mod nodes;
+mod overlay;
 mod policy;
 
 pub use cluster::{ClusterLink, RemoteBatch, RemoteEndpoint};
@@ -273,6 +274,8 @@ pub struct Agent<D: Datapath, H: HostNetwork> {
     started: Instant,
     /// Cluster mode: the runtime that links the agent to the store (set after start).
     cluster: std::sync::OnceLock<std::sync::Arc<dyn ClusterLink>>,
+    /// Cluster mode: the tunnel or native routing to other nodes' pods.
+    overlay: overlay::Overlay,
 }
 
 /// What start-up found and did, for the log.
@@ -297,14 +300,19 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         saved: PersistedState,
     ) -> Result<(Self, StartReport), ControlError> {
         let gateway = config.gateway();
+        let mut report = StartReport::default();
+        let router6 = overlay::router6(&config, &saved.ipam6, &mut report.warnings);
         host.setup_node(&NodeNetwork {
             pod_cidrs: config.pod_cidrs,
             gateway,
             host_device: config.host_device.clone(),
             masquerade: config.masquerade,
+            router6,
+            cluster_cidrs: overlay::cluster_nets(&config),
         })?;
         let ipam4 = restore_ipam(config.pod_cidrs.v4, gateway, saved.ipam)?;
-        let ipam6 = restore_ipam(config.pod_cidrs.v6, None, saved.ipam6)?;
+        // The IPv6 router address (cluster tunnel mode) is never a pod's.
+        let ipam6 = restore_ipam(config.pod_cidrs.v6, router6, saved.ipam6)?;
         let mut table = Table {
             ipam4,
             ipam6,
@@ -314,7 +322,6 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             macs: HashMap::new(),
             next_endpoint_id: saved.next_endpoint_id.max(1),
         };
-        let mut report = StartReport::default();
         let mut changes = Vec::new();
         for ep in saved.endpoints {
             let name = format!("{} ({})", ep.host_ifname, ep.describe_addresses());
@@ -335,7 +342,11 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         }
         // The node's own addresses are the host identity's: the IPv4 gateway (the source
         // of what the host sends to pods), and whatever else the namespace holds now.
-        let mut host_addrs: Vec<std::net::IpAddr> = gateway.into_iter().map(Into::into).collect();
+        let mut host_addrs: Vec<std::net::IpAddr> = gateway
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(router6.map(IpAddr::V6))
+            .collect();
         match host.addresses() {
             Ok(found) => host_addrs.extend(found),
             Err(e) => report.warnings.push(format!(
@@ -366,8 +377,10 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             adopted: 0,
             started: Instant::now(),
             cluster: std::sync::OnceLock::new(),
+            overlay: overlay::Overlay::default(),
         };
         let mut agent = agent;
+        agent.start_overlay(&mut report.warnings)?;
         // Policy entries and identities first, then the endpoints with their flags, then
         // the removal of what no policy wants any more.
         let (additions, removals) = agent.policy_start_diff(&mut report.warnings);
@@ -499,8 +512,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             address6: a6,
             gateway6: a6.and(self.config.gateway6()),
             pod_cidr6: a6.and(self.config.pod_cidrs.v6),
-            // SCAFFOLD: the pods' MTU in cluster mode (helper "overlay").
-            mtu: None,
+            mtu: self.pod_mtu(),
         })
     }
 
@@ -1188,8 +1200,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             endpoints,
             policy: self.policy_view.load().status.clone(),
             cluster: self.cluster().map(|c| c.status()),
-            // SCAFFOLD: the overlay's status (helper "overlay").
-            routing: None,
+            routing: self.routing_status(),
         }
     }
 }

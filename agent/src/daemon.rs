@@ -86,6 +86,9 @@ pub async fn run(mut config: AgentConfig) -> anyhow::Result<()> {
         gateway = ?status.node.gateway,
         pod_cidr6 = ?status.node.pod_cidr6,
         pin_dir = %status.datapath.pin_dir,
+        routing = status.routing.as_ref().map(|r| r.mode.as_str()),
+        tunnel_device = status.routing.as_ref().and_then(|r| r.device.as_deref()),
+        pod_mtu = status.routing.as_ref().map(|r| r.mtu),
         "hypha agent ready"
     );
     let agent = Arc::new(agent);
@@ -194,8 +197,8 @@ fn raise_fd_limit() {
 /// How often the agent looks for deletes left by `hypha-cni` and for vanished veths.
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
 
-/// Finishes deferred deletes and removes endpoints whose veth vanished, at start and then
-/// every [`RECONCILE_EVERY`].
+/// Finishes deferred deletes and removes endpoints whose veth vanished, and retries what
+/// failed of the routing to other nodes, at start and then every [`RECONCILE_EVERY`].
 async fn reconcile_loop<D: Datapath + 'static, H: HostNetwork + 'static>(
     agent: Arc<Agent<D, H>>,
     deferred_dir: PathBuf,
@@ -214,6 +217,15 @@ async fn reconcile_loop<D: Datapath + 'static, H: HostNetwork + 'static>(
         };
         for line in done {
             tracing::info!("reconcile: {line}");
+        }
+        // Cluster mode: what failed of the last routing change, tried again.
+        let a = agent.clone();
+        if let Ok(Some(result)) = tokio::task::spawn_blocking(move || a.retry_cluster_nodes()).await
+        {
+            match result {
+                Ok(()) => tracing::info!("routing to the cluster's nodes applied on retry"),
+                Err(e) => tracing::warn!("routing to the cluster's nodes, retried: {e}"),
+            }
         }
         for file in files {
             if let Err(e) = std::fs::remove_file(&file) {

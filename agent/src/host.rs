@@ -70,6 +70,9 @@ pub trait HostNetwork: Send + Sync {
     ) -> Result<(), HostError>;
     /// Routes the pod's IPv6 `address` (a /128, no gateway) to host interface `ifindex`.
     fn route_pod6(&self, ifindex: u32, address: Ipv6Addr) -> Result<(), HostError>;
+    /// The subnets of the addresses the agent's network namespace holds (IPv6 link-local
+    /// ones aside): what native routing reaches on-link.
+    fn subnets(&self) -> Result<Vec<ipnet::IpNet>, HostError>;
     /// The addresses the agent's network namespace holds, both families, link-local
     /// IPv6 ones aside (policy gives all of fe80::/10 the host's identity): traffic from
     /// them is the node's own, as from the IPv4 gateway.
@@ -135,6 +138,21 @@ pub struct NodeNetwork {
     pub gateway: Option<Ipv4Addr>,
     pub host_device: String,
     pub masquerade: bool,
+    /// Cluster tunnel mode with an IPv6 pod CIDR: the node's own address inside it
+    /// (`overlay::router6`), put on the host device as a /128: the source of what the
+    /// host sends to other nodes' IPv6 pods.
+    pub router6: Option<Ipv6Addr>,
+    /// Cluster mode: the cluster CIDRs, which masquerading leaves alone (pod ↔ pod keeps
+    /// its addresses across nodes).
+    pub cluster_cidrs: ClusterNets,
+}
+
+/// The cluster CIDRs, per family (see [`NodeNetwork::cluster_cidrs`]); none: a single
+/// node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClusterNets {
+    pub v4: Option<Ipv4Net>,
+    pub v6: Option<Ipv6Net>,
 }
 
 /// The real thing, in the agent's own network namespace. Each call opens its own netlink
@@ -184,10 +202,37 @@ impl HostNetwork for LinuxHost {
         if let Some(cidr) = node.pod_cidrs.v6 {
             enable_ipv6_forwarding(Path::new("/proc/sys/net/ipv6/conf"), cidr)?;
         }
+        // After IPv6 is known to be on.
+        if let Some(router6) = node.router6 {
+            nl.add_address6(dev.index, router6, 128)?;
+        }
         if node.masquerade {
-            masquerade(&masquerade_ruleset(node.pod_cidrs))?;
+            masquerade(&masquerade_ruleset(node.pod_cidrs, node.cluster_cidrs))?;
         }
         Ok(())
+    }
+
+    fn subnets(&self) -> Result<Vec<ipnet::IpNet>, HostError> {
+        let mut nl = self.nl()?;
+        let mut out = Vec::new();
+        for link in nl.links()? {
+            for (a, len) in nl.addresses(link.index)? {
+                if let Ok(n) = Ipv4Net::new(a, len) {
+                    out.push(ipnet::IpNet::V4(n.trunc()));
+                }
+            }
+            for a in nl.addresses6(link.index)? {
+                if a.address.is_unicast_link_local() {
+                    continue;
+                }
+                if let Ok(n) = Ipv6Net::new(a.address, a.prefix_len) {
+                    out.push(ipnet::IpNet::V6(n.trunc()));
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
     }
 
     fn link(&self, name: &str) -> Result<Option<HostLink>, HostError> {
@@ -403,11 +448,13 @@ pub fn nft_table_of(cidrs: PodCidrs) -> String {
     }
 }
 
-/// The nftables script that masquerades pod traffic leaving the pod CIDR of its family,
-/// both families in one `inet` table. It replaces the table whole and removes the `ip`
-/// table of an agent before dual stack, in one transaction (`nft -f` applies a file
-/// atomically), so re-running is idempotent and no packet sees half a ruleset.
-pub fn masquerade_ruleset(cidrs: PodCidrs) -> String {
+/// The nftables script that masquerades pod traffic leaving the pod CIDR of its family
+/// (in cluster mode: leaving the cluster CIDR, so that pods of different nodes see each
+/// other's addresses), both families in one `inet` table. It replaces the table whole
+/// and removes the `ip` table of an agent before dual stack, in one transaction (`nft -f`
+/// applies a file atomically), so re-running is idempotent and no packet sees half a
+/// ruleset.
+pub fn masquerade_ruleset(cidrs: PodCidrs, cluster: ClusterNets) -> String {
     let table = nft_table_of(cidrs);
     let mut script = String::new();
     if let Some(v4) = cidrs.v4 {
@@ -424,15 +471,31 @@ pub fn masquerade_ruleset(cidrs: PodCidrs) -> String {
          \t\ttype nat hook postrouting priority srcnat; policy accept;\n"
     ));
     if let Some(v4) = cidrs.v4 {
-        script.push_str(&format!("\t\tip saddr {v4} ip daddr != {v4} masquerade\n"));
+        let keep = kept_destinations(v4.into(), cluster.v4.map(Into::into));
+        script.push_str(&format!(
+            "\t\tip saddr {v4} ip daddr != {keep} masquerade\n"
+        ));
     }
     if let Some(v6) = cidrs.v6 {
+        let keep = kept_destinations(v6.into(), cluster.v6.map(Into::into));
         script.push_str(&format!(
-            "\t\tip6 saddr {v6} ip6 daddr != {v6} masquerade\n"
+            "\t\tip6 saddr {v6} ip6 daddr != {keep} masquerade\n"
         ));
     }
     script.push_str("\t}\n}\n");
     script
+}
+
+/// What pods of `pod` reach without masquerading: their own CIDR, and the cluster CIDR
+/// (which holds it, unless the node kept a CIDR from an earlier plan: then both, as an
+/// nft set, whose intervals may not overlap).
+fn kept_destinations(pod: ipnet::IpNet, cluster: Option<ipnet::IpNet>) -> String {
+    match cluster {
+        None => pod.to_string(),
+        Some(c) if c.contains(&pod) => c.to_string(),
+        Some(c) if pod.contains(&c) => pod.to_string(),
+        Some(c) => format!("{{ {pod}, {c} }}"),
+    }
 }
 
 fn masquerade(script: &str) -> Result<(), HostError> {
@@ -488,6 +551,8 @@ pub mod fake {
         pub routes6: Vec<(u32, Ipv6Addr)>,
         /// What `addresses` answers.
         pub addresses: Vec<IpAddr>,
+        /// What `subnets` answers.
+        pub subnets: Vec<ipnet::IpNet>,
         pub node: Option<NodeNetwork>,
         /// Installed rate limiters, by `describe_side`.
         pub limits: BTreeMap<String, Limit>,
@@ -498,6 +563,8 @@ pub mod fake {
         pub underlay_mtu: Option<u32>,
         /// The cluster routes as `set_cluster_routes` last left them.
         pub cluster_routes: Vec<ClusterRoute>,
+        /// Make `set_cluster_routes` fail (leaving the routes as they were).
+        pub fail_cluster_routes: bool,
     }
 
     impl HostNetwork for FakeHost {
@@ -518,6 +585,9 @@ pub mod fake {
         fn route_pod6(&self, ifindex: u32, address: Ipv6Addr) -> Result<(), HostError> {
             self.state().routes6.push((ifindex, address));
             Ok(())
+        }
+        fn subnets(&self) -> Result<Vec<ipnet::IpNet>, HostError> {
+            Ok(self.state().subnets.clone())
         }
         fn addresses(&self) -> Result<Vec<IpAddr>, HostError> {
             Ok(self.state().addresses.clone())
@@ -554,7 +624,15 @@ pub mod fake {
             Ok(self.state().underlay_mtu)
         }
         fn set_cluster_routes(&self, routes: &[ClusterRoute]) -> Result<(), HostError> {
-            self.state().cluster_routes = routes.to_vec();
+            let mut st = self.state();
+            if st.fail_cluster_routes {
+                return Err(HostError::Io {
+                    op: "replace routes in",
+                    path: "the fake host".into(),
+                    source: std::io::Error::other("injected failure"),
+                });
+            }
+            st.cluster_routes = routes.to_vec();
             Ok(())
         }
     }
@@ -570,7 +648,10 @@ mod tests {
 
     #[test]
     fn ruleset_masquerades_only_traffic_leaving_the_pod_cidr() {
-        let rules = masquerade_ruleset(cidrs("10.244.0.0/24,fd00:10:244::/64"));
+        let rules = masquerade_ruleset(
+            cidrs("10.244.0.0/24,fd00:10:244::/64"),
+            ClusterNets::default(),
+        );
         assert_eq!(
             rules,
             "table ip hypha_10_244_0_0_24 {}\n\
@@ -589,11 +670,11 @@ mod tests {
 
     #[test]
     fn single_family_rulesets() {
-        let v4 = masquerade_ruleset(cidrs("10.1.0.0/24"));
+        let v4 = masquerade_ruleset(cidrs("10.1.0.0/24"), ClusterNets::default());
         assert!(v4.contains("delete table ip hypha_10_1_0_0_24\n"), "{v4}");
         assert!(v4.contains("ip saddr 10.1.0.0/24 ip daddr != 10.1.0.0/24 masquerade"));
         assert!(!v4.contains("ip6"), "{v4}");
-        let v6 = masquerade_ruleset(cidrs("fd00:1::/120"));
+        let v6 = masquerade_ruleset(cidrs("fd00:1::/120"), ClusterNets::default());
         assert_eq!(
             nft_table_of(cidrs("fd00:1::/120")),
             "hypha_fd00_1_0_0_0_0_0_0_120"
@@ -605,6 +686,33 @@ mod tests {
         assert!(v6.contains("ip6 saddr fd00:1::/120 ip6 daddr != fd00:1::/120 masquerade"));
         assert!(!v6.contains("table ip "), "no IPv4 table to remove: {v6}");
         assert!(!v6.contains("ip saddr"), "{v6}");
+    }
+
+    #[test]
+    fn cluster_rulesets_leave_the_cluster_cidr_alone() {
+        let cluster = ClusterNets {
+            v4: Some("10.244.0.0/16".parse().unwrap()),
+            v6: Some("fd00:10:244::/48".parse().unwrap()),
+        };
+        let rules = masquerade_ruleset(cidrs("10.244.3.0/24,fd00:10:244:3::/64"), cluster);
+        assert!(
+            rules.contains("\t\tip saddr 10.244.3.0/24 ip daddr != 10.244.0.0/16 masquerade\n"),
+            "{rules}"
+        );
+        assert!(
+            rules.contains(
+                "\t\tip6 saddr fd00:10:244:3::/64 ip6 daddr != fd00:10:244::/48 masquerade\n"
+            ),
+            "{rules}"
+        );
+        // A pod CIDR kept from an earlier plan, outside the cluster CIDR: both kept.
+        let rules = masquerade_ruleset(cidrs("10.9.0.0/24"), cluster);
+        assert!(
+            rules.contains(
+                "ip saddr 10.9.0.0/24 ip daddr != { 10.9.0.0/24, 10.244.0.0/16 } masquerade"
+            ),
+            "{rules}"
+        );
     }
 
     #[test]

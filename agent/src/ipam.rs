@@ -5,7 +5,9 @@
 //! - IPv6: the subnet-router anycast address (the prefix's `::0`, RFC 4291 2.6.1) and the
 //!   reserved subnet anycast addresses (interface identifiers
 //!   `fdff:ffff:ffff:ff80` to `fdff:ffff:ffff:ffff`, RFC 2526), where they fall inside the
-//!   prefix. The gateway is the link-local `fe80::1`, outside every pod CIDR.
+//!   prefix. The gateway is the link-local `fe80::1`, outside every pod CIDR. In cluster
+//!   tunnel mode also the node's router address (the prefix's `::1`, `overlay::router6`),
+//!   passed as the allocator's gateway.
 //!
 //! Allocation walks forward from the last address handed out (wrapping), so a
 //! just-released address is not handed out again at once (a late packet for a deleted
@@ -341,7 +343,7 @@ impl<A: Family> Ipam<A> {
                 reserved: if A::WIDTH == 32 {
                     "the network, broadcast and gateway addresses"
                 } else {
-                    "the subnet-router and RFC 2526 anycast addresses"
+                    "the subnet-router and RFC 2526 anycast addresses, and the node's router address in cluster tunnel mode"
                 },
             });
         }

@@ -214,6 +214,12 @@ pub enum Error {
         plugin: String,
         address: std::net::IpAddr,
     },
+    /// The network configuration's `mtu` is larger than the pods' MTU on this node (the
+    /// underlay's, less the tunnel's overhead in cluster mode).
+    #[error(
+        "mtu {configured} in the network configuration is above this node's pod MTU {node} (in cluster mode the underlay's MTU less the tunnel's overhead): set mtu to at most {node}, or leave it out to get {node}"
+    )]
+    MtuAboveNode { configured: u32, node: u32 },
     /// The pod gets an IPv6 address, but IPv6 cannot be enabled in its network namespace.
     #[error("cannot give the pod IPv6 address {address}: {source}")]
     Ipv6Unavailable {
@@ -331,6 +337,7 @@ impl From<Error> for CniError {
             }
             Error::Ipv6Unavailable { .. } => CniError::invalid_env(msg),
             Error::FamilyNotOnNode { .. } => CniError::invalid_config(msg),
+            Error::MtuAboveNode { .. } => CniError::invalid_config(msg),
             Error::AgentNotAvailable(_) | Error::NotReady(_) => CniError::plugin_not_available(msg),
             Error::Degraded(_) => CniError::plugin_not_available_limited(msg),
             Error::DeferredDelete { .. } | Error::DelegateExec { .. } => CniError::io_failure(msg),

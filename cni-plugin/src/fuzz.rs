@@ -546,6 +546,7 @@ fn fuzz_prev_result_of_every_version() {
                     gateway: "fe80::1".parse().unwrap(),
                 }),
                 dns: None,
+                mtu: Some(1450),
             };
             let clean = result::add_result(version, &attached);
             if ok_unmutated {

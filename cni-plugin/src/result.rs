@@ -24,6 +24,8 @@ pub struct Attached<'a> {
     pub ipv6: Option<Family<Ipv6Addr>>,
     /// DNS settings from a delegated IPAM plugin's result.
     pub dns: Option<Value>,
+    /// The MTU given to both ends of the veth (`None`: the kernel's default, unreported).
+    pub mtu: Option<u32>,
 }
 
 /// One family's address of a pod and the gateway of its default route.
@@ -38,7 +40,8 @@ pub struct Family<A> {
 /// interfaces[0] is the host veth, interfaces[1] the container's interface (with its
 /// sandbox); the IPs, IPv4 first, are a /32 and a /128 on interfaces[1], each with its
 /// family's gateway; the routes are the default route of each family (`0.0.0.0/0`,
-/// `::/0`). Versions before 1.0.0 also give each IP its `"version"` (`"4"` or `"6"`).
+/// `::/0`). Versions before 1.0.0 also give each IP its `"version"` (`"4"` or `"6"`);
+/// 1.1.0 gives each interface its `"mtu"` when the plugin set one.
 pub fn add_result(version: CniVersion, a: &Attached<'_>) -> Value {
     let mut ips = Vec::new();
     let mut routes = Vec::new();
@@ -66,16 +69,24 @@ pub fn add_result(version: CniVersion, a: &Attached<'_>) -> Value {
         };
         routes.push(json!({ "dst": default, "gw": gateway.to_string() }));
     }
+    let mut interfaces = json!([
+        { "name": a.host_ifname, "mac": a.host_mac.to_string() },
+        {
+            "name": a.ifname,
+            "mac": a.pod_mac.to_string(),
+            "sandbox": a.netns.to_string_lossy(),
+        },
+    ]);
+    if let Some(mtu) = a.mtu.filter(|_| version >= CniVersion::V1_1_0)
+        && let Some(list) = interfaces.as_array_mut()
+    {
+        for iface in list {
+            iface["mtu"] = json!(mtu);
+        }
+    }
     json!({
         "cniVersion": version.as_str(),
-        "interfaces": [
-            { "name": a.host_ifname, "mac": a.host_mac.to_string() },
-            {
-                "name": a.ifname,
-                "mac": a.pod_mac.to_string(),
-                "sandbox": a.netns.to_string_lossy(),
-            },
-        ],
+        "interfaces": interfaces,
         "ips": ips,
         "routes": routes,
         "dns": a.dns.clone().unwrap_or_else(|| json!({})),
@@ -214,6 +225,7 @@ mod tests {
             ipv4: Some(V4),
             ipv6: None,
             dns: None,
+            mtu: None,
         }
     }
 
@@ -255,6 +267,28 @@ mod tests {
             add_result(CniVersion::V1_0_0, &attached())["cniVersion"],
             "1.0.0"
         );
+    }
+
+    #[test]
+    fn the_mtu_is_on_both_interfaces_from_1_1_0() {
+        let with = Attached {
+            mtu: Some(1450),
+            ..dual()
+        };
+        let r = add_result(CniVersion::V1_1_0, &with);
+        assert_eq!(r["interfaces"][0]["mtu"], 1450, "{r}");
+        assert_eq!(r["interfaces"][1]["mtu"], 1450, "{r}");
+        // Earlier versions' interfaces have no such field.
+        for v in CniVersion::ALL
+            .into_iter()
+            .filter(|v| *v < CniVersion::V1_1_0)
+        {
+            let r = add_result(v, &with);
+            assert!(r["interfaces"][1].get("mtu").is_none(), "{v}: {r}");
+        }
+        // Unknown (the kernel's default): not reported.
+        let r = add_result(CniVersion::V1_1_0, &dual());
+        assert!(r["interfaces"][1].get("mtu").is_none(), "{r}");
     }
 
     #[test]

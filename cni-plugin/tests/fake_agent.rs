@@ -98,7 +98,12 @@ enum Mode {
     HangAllocate,
     /// `POST /v1/endpoints` is read and never answered.
     HangEndpoint,
+    /// An IPv4 node in cluster mode: allocations carry the pods' MTU ([`CLUSTER_MTU`]).
+    Cluster,
 }
+
+/// The pods' MTU the agent of [`Mode::Cluster`] gives (a 1500 underlay less VXLAN's 50).
+const CLUSTER_MTU: u32 = 1450;
 
 #[derive(Default)]
 struct Seen {
@@ -208,7 +213,7 @@ fn answer(mode: Mode, call: &str, body: &[u8], seen: &mut Seen) -> (&'static str
                     address6: dual(mode).then_some(ADDRESS6),
                     gateway6: dual(mode).then_some(GATEWAY6),
                     pod_cidr6: dual(mode).then(|| "fd00:77::/64".parse().unwrap()),
-                    mtu: None,
+                    mtu: (mode == Mode::Cluster).then_some(CLUSTER_MTU),
                 })
                 .unwrap(),
             )
@@ -406,8 +411,8 @@ fn add_check_del() {
         json!({
             "cniVersion": "1.1.0",
             "interfaces": [
-                {"name": host, "mac": MacAddr(h.mac).to_string()},
-                {"name": "eth0", "mac": MacAddr(pod.mac).to_string(), "sandbox": ns.path()},
+                {"name": host, "mac": MacAddr(h.mac).to_string(), "mtu": 1400},
+                {"name": "eth0", "mac": MacAddr(pod.mac).to_string(), "sandbox": ns.path(), "mtu": 1400},
             ],
             "ips": [{"address": "10.77.0.5/32", "gateway": "10.77.0.1", "interface": 1}],
             "routes": [{"dst": "0.0.0.0/0", "gw": "10.77.0.1"}],
@@ -489,6 +494,88 @@ fn add_result_in_old_versions() {
     assert_eq!(r["cniVersion"], "0.3.1");
     assert_eq!(r["ips"][0]["version"], "4");
     assert_eq!(r["interfaces"][1]["name"], "net1");
+}
+
+/// ADD against the cluster-mode agent with the network configuration's `mtu` (`None`:
+/// left out): the reply, and the MTUs of the pod's and the host's ends.
+fn add_in_cluster(
+    agent: &FakeAgent,
+    ns: &TestNetns,
+    cid: &str,
+    mtu: Option<u32>,
+) -> (Output, Option<(u32, u32)>) {
+    let mut c = conf("1.1.0", agent);
+    match mtu {
+        Some(m) => c["mtu"] = json!(m),
+        None => {
+            c.as_object_mut().unwrap().remove("mtu");
+        }
+    }
+    let out = cni("ADD", cid, &ns.path(), "eth0", &c);
+    let pod = ns.netlink().link_by_name("eth0").unwrap();
+    let host = Netlink::new()
+        .unwrap()
+        .link_by_name(&host_ifname(cid, "eth0"))
+        .unwrap();
+    (out, pod.zip(host).map(|(p, h)| (p.mtu, h.mtu)))
+}
+
+#[test]
+fn the_nodes_mtu_reaches_the_pod_unless_the_configuration_lowers_it() {
+    require_root!();
+    let agent = FakeAgent::start(Mode::Cluster);
+    // No mtu in the configuration: the node's, on both ends and in the result.
+    let ns = TestNetns::new();
+    let cid = unique("ctr");
+    let _guard = HostLink(host_ifname(&cid, "eth0"));
+    let (out, mtus) = add_in_cluster(&agent, &ns, &cid, None);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(mtus, Some((CLUSTER_MTU, CLUSTER_MTU)));
+    let r = reply(&out);
+    assert_eq!(r["interfaces"][0]["mtu"], CLUSTER_MTU, "{r}");
+    assert_eq!(r["interfaces"][1]["mtu"], CLUSTER_MTU, "{r}");
+    // A lower one wins.
+    let ns = TestNetns::new();
+    let cid = unique("ctr");
+    let _guard = HostLink(host_ifname(&cid, "eth0"));
+    let (out, mtus) = add_in_cluster(&agent, &ns, &cid, Some(1400));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(mtus, Some((1400, 1400)));
+    assert_eq!(reply(&out)["interfaces"][1]["mtu"], 1400);
+}
+
+#[test]
+fn a_configured_mtu_above_the_nodes_is_refused_and_nothing_is_left() {
+    require_root!();
+    let agent = FakeAgent::start(Mode::Cluster);
+    let ns = TestNetns::new();
+    let cid = unique("ctr");
+    let _guard = HostLink(host_ifname(&cid, "eth0"));
+    let (out, mtus) = add_in_cluster(&agent, &ns, &cid, Some(1500));
+    assert!(!out.status.success(), "{out:?}");
+    let err = reply(&out);
+    assert_eq!(err["code"], 7, "invalid network configuration: {err}");
+    let msg = err["msg"].as_str().unwrap();
+    assert!(
+        msg.contains("mtu 1500") && msg.contains("pod MTU 1450"),
+        "{msg}"
+    );
+    assert_eq!(mtus, None, "no veth made");
+    assert!(
+        Netlink::new()
+            .unwrap()
+            .link_by_name(&host_ifname(&cid, "eth0"))
+            .unwrap()
+            .is_none()
+    );
+    // The address was given back.
+    assert_eq!(
+        agent.calls(),
+        vec![
+            "POST /v1/ipam/allocate".to_owned(),
+            format!("DELETE /v1/endpoints/{cid}/eth0"),
+        ]
+    );
 }
 
 #[test]

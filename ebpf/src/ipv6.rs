@@ -113,6 +113,9 @@ impl Outcome {
     pub const ROUTE: u8 = 6;
     /// `ROUTE`'s value when the flow must pass policy first.
     pub const CHECK: u32 = 1;
+    /// Sent into the tunnel to the node whose id is the value (`hypha_from_pod`,
+    /// `hypha_to_tunnel`).
+    pub const TUNNEL: u8 = 7;
 
     pub const fn new(kind: u8, value: u32) -> Self {
         Outcome(kind as u64 | (value as u64) << 32)
@@ -506,10 +509,47 @@ fn try_from_pod(ctx: &TcContext, iface: &EndpointIface) -> Result<Outcome, Outco
     Ok(Outcome::new(Outcome::ROUTE, 0))
 }
 
+/// `hypha_from_tunnel`'s stage for an inner IPv6 frame: the header checks and walk of
+/// [`from_pod`], then the local endpoint its destination belongs to, in the scratch,
+/// with (when that endpoint enforces a policy and the packet is not an ICMPv6 error of
+/// a tracked flow) the flow: `ROUTE` (with `CHECK` when the flow must pass policy), or
+/// `PASS` for a destination that is no local endpoint (the host's own addresses).
+#[inline(never)]
+pub fn from_tunnel(ctx: &TcContext) -> u64 {
+    match try_from_tunnel(ctx) {
+        Ok(o) | Err(o) => o.0,
+    }
+}
+
+#[inline(always)]
+fn try_from_tunnel(ctx: &TcContext) -> Result<Outcome, Outcome> {
+    let h = header(ctx)?;
+    let upper = walk(ctx, h.next_header)?;
+    let scratch = scratch().ok_or(DropReason::HelperFailed)?;
+    // SAFETY: the value is copied out at once.
+    match unsafe { ENDPOINTS6.get(EndpointKey6 { addr: h.daddr.0 }) } {
+        Some(dst) => {
+            scratch.dst = *dst;
+            scratch.has_dst = true;
+        }
+        None => {
+            scratch.has_dst = false;
+            return Ok(Outcome::new(Outcome::PASS, 0));
+        }
+    }
+    let icmp_type = icmp_type(ctx, &upper);
+    if scratch.dst.flags & policy::POLICY_FLAGS != 0 && !related(ctx, &upper, icmp_type) {
+        scratch.flow = flow(ctx, &h, &upper, icmp_type);
+        return Ok(Outcome::new(Outcome::ROUTE, Outcome::CHECK));
+    }
+    Ok(Outcome::new(Outcome::ROUTE, 0))
+}
+
 /// Delivers a frame [`from_pod`] classified as `ROUTE` (and the policy let through) to
 /// the pod its destination belongs to, with the hop limit decremented and the MACs
-/// rewritten; or to the host stack, when it is for no pod here or its hop limit is
-/// spent (the kernel then sends the time exceeded).
+/// rewritten; or into the tunnel, for a pod on another node (`tunnel::from_pod6`); or
+/// to the host stack, when it is for no pod or its hop limit is spent (the kernel then
+/// sends the time exceeded).
 #[inline(never)]
 pub fn forward(ctx: &TcContext) -> u64 {
     match try_forward(ctx) {
@@ -520,8 +560,13 @@ pub fn forward(ctx: &TcContext) -> u64 {
 #[inline(always)]
 fn try_forward(ctx: &TcContext) -> Result<Outcome, Outcome> {
     let scratch = scratch().ok_or(DropReason::HelperFailed)?;
-    if !scratch.has_dst || scratch.hop_limit <= 1 {
+    if scratch.hop_limit <= 1 {
         return Ok(Outcome::new(Outcome::PASS, 0));
+    }
+    if !scratch.has_dst {
+        // A pod on another node, if a tunnel peer has its address; the host stack
+        // otherwise.
+        return Ok(Outcome(crate::tunnel::from_pod6(ctx, scratch.hop_limit)));
     }
     let dst = scratch.dst;
     let eth: *mut EthHdr = packet::header(ctx, 0).ok_or(DropReason::InvalidIpv6Header)?;

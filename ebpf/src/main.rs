@@ -1,12 +1,16 @@
 //! Hypha's eBPF datapath: two TC programs attached (TCX) to the host side of each pod's
-//! veth.
+//! veth, and two to the node's VXLAN device in cluster tunnel mode.
 //!
 //! - [`hypha_from_pod`] (TCX ingress: what the pod sends) answers the pod's ARP requests
 //!   for its gateway, redirects IPv4 to pods on this node straight into their network
-//!   namespace with `bpf_redirect_peer`, hands the rest of IPv4 and ARP to the host stack,
-//!   and drops every family Hypha does not manage for the pod (see `family`).
+//!   namespace with `bpf_redirect_peer`, sends what is for pods on other nodes into the
+//!   tunnel (see `tunnel`), hands the rest of IPv4 and ARP to the host stack, and drops
+//!   every family Hypha does not manage for the pod (see `family`).
 //! - [`hypha_to_pod`] (TCX egress: what the host stack delivers to the pod) checks the
 //!   family and the pod's ingress policy, and counts.
+//! - [`hypha_from_tunnel`] and [`hypha_to_tunnel`] (TCX ingress and egress of the VXLAN
+//!   device): what other nodes send, delivered to pods under their policy with the
+//!   sender's identity from the VNI; what the host stack routes into the tunnel, keyed.
 //!
 //! The maps are declared here with the names in [`hypha_common::maps`]; their layouts
 //! live in `hypha-common`, which also names every other reader.
@@ -19,6 +23,7 @@ mod ipv6;
 mod packet;
 mod policy;
 mod stats;
+mod tunnel;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
@@ -44,7 +49,7 @@ use crate::{
         ETH_P_IPV6, EthHdr, IPV4_CSUM_OFF, IPV4_MIN_HLEN, Ipv4Hdr, PullError,
     },
     policy::{Flow4, Party},
-    stats::{count, count_drop},
+    stats::{count, count_drop, count_node},
 };
 
 // The maps are pinned by name (`PinningType::ByName`): the agent loads the object with
@@ -217,19 +222,25 @@ pub fn hypha_to_pod(ctx: TcContext) -> i32 {
 }
 
 /// TCX ingress of the node's VXLAN device: what other nodes send through the tunnel.
-/// SCAFFOLD: passes everything until the tunnel datapath lands (helper "ebpf").
+///
+/// Accepts only known nodes as outer sources, takes the sender's identity from the VNI,
+/// and delivers to local pods under their ingress policy (see `tunnel`); the rest goes to
+/// the host stack.
 #[classifier]
 pub fn hypha_from_tunnel(ctx: TcContext) -> i32 {
-    let _ = (&ctx, &NODES4, &NODES6, &NODE_STATS);
-    TC_ACT_OK
+    match tunnel::try_from_tunnel(&ctx) {
+        Ok(action) | Err(action) => action,
+    }
 }
 
-/// TCX egress of the node's VXLAN device: what enters the tunnel.
-/// SCAFFOLD: passes everything until the tunnel datapath lands (helper "ebpf").
+/// TCX egress of the node's VXLAN device: what enters the tunnel. Gives what the host
+/// stack routes there its tunnel key (see `tunnel`); what `hypha_from_pod` redirects
+/// there has one already and passes untouched.
 #[classifier]
 pub fn hypha_to_tunnel(ctx: TcContext) -> i32 {
-    let _ = (&ctx, &TUNNEL_CONFIG, &TUNNEL4, &TUNNEL6);
-    TC_ACT_OK
+    match tunnel::try_to_tunnel(&ctx) {
+        Ok(action) | Err(action) => action,
+    }
 }
 
 fn try_to_pod(ctx: &TcContext) -> Result<i32, i32> {
@@ -459,6 +470,8 @@ enum Forward {
     Answered,
     /// The frame was redirected to the pod behind the host-side veth `ifindex`.
     Pod { ifindex: u32 },
+    /// The frame was redirected into the tunnel, to the node `node_id`.
+    Tunnel { node_id: u32 },
 }
 
 fn try_from_pod(ctx: &TcContext) -> Result<i32, i32> {
@@ -498,6 +511,13 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i32> {
             count(dst, family, bytes, |s| &mut s.ingress.redirected);
             Ok(TC_ACT_REDIRECT)
         }
+        Outcome::TUNNEL => {
+            // A trace shows the VXLAN device as the target.
+            debug::note_redirect(ctx, ifindex, tunnel::device());
+            count(ifindex, family, bytes, |s| &mut s.egress.tunnel);
+            count_node(outcome.value(), bytes, |s| &mut s.tx);
+            Ok(TC_ACT_REDIRECT)
+        }
         Outcome::DENIED => Err(TC_ACT_SHOT),
         _ => Err(count_drop(
             ctx,
@@ -518,6 +538,7 @@ impl Outcome {
             Ok(Forward::Host) => Outcome::new(Outcome::PASS, 0),
             Ok(Forward::Answered) => Outcome::new(Outcome::ANSWERED, 0),
             Ok(Forward::Pod { ifindex }) => Outcome::new(Outcome::POD, ifindex),
+            Ok(Forward::Tunnel { node_id }) => Outcome::new(Outcome::TUNNEL, node_id),
             Err(Refusal::Malformed(reason)) => Outcome::new(Outcome::DROP, reason as u32),
             Err(Refusal::Counted) => Outcome::new(Outcome::DENIED, 0),
         }
@@ -652,7 +673,8 @@ fn answer_arp(ctx: &TcContext, ifindex: u32, iface: &EndpointIface) -> Result<Fo
     Ok(Forward::Answered)
 }
 
-/// Redirects IPv4 to a pod on this node; everything else goes to the host stack.
+/// Redirects IPv4 to a pod on this node, or into the tunnel to a pod on another node
+/// (`tunnel::from_pod4`); everything else goes to the host stack.
 ///
 /// The sender must use its own address and MAC (anti-spoofing). When the sender or the
 /// receiving pod enforces a policy, the flow is checked and tracked (see `policy`).
@@ -711,7 +733,16 @@ fn route_ipv4(ctx: &TcContext, ifindex: u32, iface: &EndpointIface) -> Result<Fo
     }
 
     let Some(dst) = dst else {
-        return Ok(Forward::Host);
+        // A pod on another node, if a tunnel peer has the address; the host stack
+        // otherwise.
+        let outcome = Outcome(tunnel::from_pod4(ctx, daddr));
+        return match outcome.kind() {
+            Outcome::TUNNEL => Ok(Forward::Tunnel {
+                node_id: outcome.value(),
+            }),
+            Outcome::DROP => Err(outcome.reason().into()),
+            _ => Ok(Forward::Host),
+        };
     };
     // The kernel sends the ICMP time exceeded.
     if ttl <= 1 {

@@ -269,6 +269,31 @@ pub fn allow<A: Addr>(
     }
 }
 
+/// [`allow`] for a packet from another node through the tunnel to the local endpoint
+/// `receiver`: the source's identity is `source` (the tunnel's VNI), not the ipcache's
+/// identity of the source address, and only the receiver's ingress policy applies (the
+/// sender's egress was enforced on its own node). Conntrack as in [`allow`]: a known
+/// flow, or a reply to one, passes without a policy lookup; a new one that passes is
+/// tracked.
+#[inline(never)]
+pub fn allow_from<A: Addr>(ctx: &TcContext, flow: &Flow<A>, source: u32, receiver: &Party) -> bool {
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if ct_refresh(flow, now) {
+        return true;
+    }
+    match decide(flow, receiver, DIR_INGRESS, source) {
+        Ok(policy_id) => {
+            ct_create(flow, now, policy_id);
+            true
+        }
+        Err(denied) => {
+            count_denied(ctx, flow, &denied);
+            false
+        }
+    }
+}
+
 #[inline(always)]
 fn check<A: Addr>(
     flow: &Flow<A>,

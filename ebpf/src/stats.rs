@@ -13,13 +13,13 @@ use aya_ebpf::{
 };
 use hypha_common::{
     Counter, DIR_INGRESS, DROP_EVENTS_BURST, DROP_EVENTS_PER_S, DropKey, DropReason, EVENT_DROP,
-    Event, EventBudget, FamilyStats,
+    Event, EventBudget, FamilyStats, NodeStats,
 };
 
 use crate::family::Family;
 use crate::packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6};
 use crate::policy::{self, Addr, Denied, Flow};
-use crate::{DROP_EVENTS, DROPS, EP_STATS};
+use crate::{DROP_EVENTS, DROPS, EP_STATS, NODE_STATS};
 
 /// Nanoseconds it takes a drop-event budget to earn one event back.
 const NS_PER_EVENT: u64 = 1_000_000_000 / DROP_EVENTS_PER_S;
@@ -49,6 +49,17 @@ pub fn count(
             None => &mut stats.other,
         };
         add(select(family), bytes);
+    }
+}
+
+/// Adds one packet of `bytes` to the counter `select` picks in the `hypha_node_stats`
+/// entry of the node `node_id`. The agent creates a node's entry when it routes to the
+/// node; the datapath never creates one, so a node without one is not counted.
+#[inline(always)]
+pub fn count_node(node_id: u32, bytes: u32, select: impl FnOnce(&mut NodeStats) -> &mut Counter) {
+    if let Some(stats) = NODE_STATS.get_ptr_mut(node_id) {
+        // SAFETY: as in `count`: a per-CPU value from a successful lookup.
+        add(select(unsafe { &mut *stats }), bytes);
     }
 }
 

@@ -15,6 +15,7 @@ use netlink_packet_route::link::{
 };
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteVia,
 };
 
 use crate::{
@@ -550,6 +551,12 @@ pub(crate) fn tagged_route_message(route: &TaggedRoute, for_delete: bool) -> Rou
             }
             msg.attributes.push(RouteAttribute::Oif(oif));
         }
+        // An IPv4 route via an IPv6 gateway (RFC 5549) names it in `RTA_VIA`, which
+        // carries its family; IPv6 routes have no such thing (the kernel refuses).
+        RouteTarget::Gateway(IpAddr::V6(gateway)) if matches!(route.dst, IpNet::V4(_)) => {
+            msg.attributes
+                .push(RouteAttribute::Via(RouteVia::Inet6(gateway)));
+        }
         RouteTarget::Gateway(gateway) => {
             msg.attributes
                 .push(RouteAttribute::Gateway(route_address(gateway)));
@@ -588,6 +595,8 @@ pub(crate) fn parse_tagged_route(msg: &RouteMessage, protocol: u8) -> Option<Tag
             RouteAttribute::Table(t) => table = *t,
             RouteAttribute::Destination(a) => dst = ip_of(a),
             RouteAttribute::Gateway(a) => gateway = ip_of(a),
+            RouteAttribute::Via(RouteVia::Inet(a)) => gateway = Some(IpAddr::V4(*a)),
+            RouteAttribute::Via(RouteVia::Inet6(a)) => gateway = Some(IpAddr::V6(*a)),
             RouteAttribute::PrefSource(a) => src = ip_of(a),
             RouteAttribute::Oif(o) => oif = *o,
             _ => {}
@@ -1082,6 +1091,11 @@ mod tests {
                 target: RouteTarget::Gateway("fd00:50::3".parse().unwrap()),
                 protocol: 201,
             },
+            TaggedRoute {
+                dst: "10.244.3.0/24".parse().unwrap(),
+                target: RouteTarget::Gateway("fd00:50::4".parse().unwrap()),
+                protocol: 201,
+            },
         ];
         for route in &routes {
             let msg = tagged_route_message(route, false);
@@ -1119,6 +1133,14 @@ mod tests {
         assert_eq!(
             routes[2].to_string(),
             "10.244.2.0/24 via 192.168.50.3 proto 201"
+        );
+        assert!(
+            tagged_route_message(&routes[4], false)
+                .attributes
+                .contains(&RouteAttribute::Via(RouteVia::Inet6(
+                    "fd00:50::4".parse().unwrap()
+                ))),
+            "an IPv6 gateway of an IPv4 route is an RTA_VIA"
         );
         // A route of another table is not one of ours.
         let mut other = tagged_route_message(&routes[2], false);

@@ -759,7 +759,13 @@ fn routes_of_a_protocol_are_added_listed_replaced_and_deleted_alone() {
         target: RouteTarget::Gateway("fd00:50::3".parse().unwrap()),
         protocol: RTPROT_HYPHA,
     };
-    for r in [&dev4, &dev6, &via4, &via6] {
+    // IPv4 pods over an IPv6 underlay (RFC 5549).
+    let via46 = TaggedRoute {
+        dst: "10.245.4.0/24".parse().unwrap(),
+        target: RouteTarget::Gateway("fd00:50::4".parse().unwrap()),
+        protocol: RTPROT_HYPHA,
+    };
+    for r in [&dev4, &dev6, &via4, &via6, &via46] {
         nl.replace_tagged_route(r)
             .unwrap_or_else(|e| panic!("{r}: {e}"));
         nl.replace_tagged_route(r)
@@ -767,12 +773,22 @@ fn routes_of_a_protocol_are_added_listed_replaced_and_deleted_alone() {
     }
     let mut listed = nl.tagged_routes(RTPROT_HYPHA).unwrap();
     listed.sort();
-    let mut want = vec![dev4.clone(), dev6.clone(), via4.clone(), via6.clone()];
+    let mut want = vec![
+        dev4.clone(),
+        dev6.clone(),
+        via4.clone(),
+        via6.clone(),
+        via46.clone(),
+    ];
     want.sort();
     assert_eq!(listed, want);
     let shown = ip_in(&ns, &["route", "show", "proto", "201"]);
     assert!(
         shown.contains("10.244.0.0/16 dev d0 scope link src 10.244.1.1"),
+        "{shown}"
+    );
+    assert!(
+        shown.contains("10.245.4.0/24 via inet6 fd00:50::4 dev d0"),
         "{shown}"
     );
     assert!(
@@ -803,7 +819,13 @@ fn routes_of_a_protocol_are_added_listed_replaced_and_deleted_alone() {
     nl.replace_tagged_route(&via6b).unwrap();
     let mut listed = nl.tagged_routes(RTPROT_HYPHA).unwrap();
     listed.sort();
-    let mut want = vec![dev4b.clone(), dev6.clone(), via4.clone(), via6b.clone()];
+    let mut want = vec![
+        dev4b.clone(),
+        dev6.clone(),
+        via4.clone(),
+        via6b.clone(),
+        via46.clone(),
+    ];
     want.sort();
     assert_eq!(listed, want, "replaced, not added beside");
 

@@ -23,7 +23,7 @@ use aya::{
 use hypha_common::{
     Counter, CtEntry, CtKey4, CtKey6, DropKey, ENDPOINT_F_IPV4, ENDPOINT_F_IPV6, EndpointIface,
     EndpointInfo, EndpointKey4, EndpointKey6, EndpointStats, Event, FamilyStats, IpcacheValue,
-    NodeConfig, PolicyEntry, PolicyKey, maps, programs,
+    NodeConfig, NodeStats, PolicyEntry, PolicyKey, TunnelConfig, TunnelPeer, maps, programs,
 };
 use nix::{
     mount::{MntFlags, MsFlags, mount, umount2},
@@ -105,6 +105,83 @@ impl Datapath {
         }
     }
 
+    /// Loads (verifies) the tunnel device's programs, `hypha_from_tunnel` and
+    /// `hypha_to_tunnel`, besides the two [`Datapath::load`] loads.
+    pub fn load_tunnel_programs(&mut self) {
+        for name in [programs::FROM_TUNNEL, programs::TO_TUNNEL] {
+            let program: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("program {name} missing"))
+                .try_into()
+                .unwrap_or_else(|e| panic!("program {name} is not a TC classifier: {e}"));
+            program
+                .load()
+                .unwrap_or_else(|e| panic!("load program {name} (verifier): {}", chain(&e)));
+        }
+    }
+
+    /// Writes index 0 of `hypha_tunnel_cfg`.
+    pub fn set_tunnel_config(&mut self, config: TunnelConfig) {
+        let mut map: Array<&mut MapData, TunnelConfig> = self.map_mut(maps::TUNNEL_CONFIG);
+        map.set(0, config, 0)
+            .unwrap_or_else(|e| panic!("write {}[0]: {e}", maps::TUNNEL_CONFIG));
+    }
+
+    /// Routes the IPv4 pod CIDR `addr/prefix_len` to `peer` in `hypha_tunnel4`.
+    pub fn add_tunnel_peer4(&mut self, addr: [u8; 4], prefix_len: u32, peer: TunnelPeer) {
+        let mut map: LpmTrie<&mut MapData, u32, TunnelPeer> = self.map_mut(maps::TUNNEL4);
+        map.insert(&Key::new(prefix_len, u32::from_ne_bytes(addr)), peer, 0)
+            .unwrap_or_else(|e| panic!("insert into {}: {e}", maps::TUNNEL4));
+    }
+
+    /// Routes the IPv6 pod CIDR `addr/prefix_len` to `peer` in `hypha_tunnel6`.
+    pub fn add_tunnel_peer6(&mut self, addr: [u8; 16], prefix_len: u32, peer: TunnelPeer) {
+        let mut map: LpmTrie<&mut MapData, [u8; 16], TunnelPeer> = self.map_mut(maps::TUNNEL6);
+        map.insert(&Key::new(prefix_len, addr), peer, 0)
+            .unwrap_or_else(|e| panic!("insert into {}: {e}", maps::TUNNEL6));
+    }
+
+    /// Makes the IPv4 underlay address `addr` the node `node_id`'s in `hypha_nodes4`.
+    pub fn add_node4(&mut self, addr: [u8; 4], node_id: u32) {
+        let mut map: HashMap<&mut MapData, u32, u32> = self.map_mut(maps::NODES4);
+        map.insert(u32::from_ne_bytes(addr), node_id, 0)
+            .unwrap_or_else(|e| panic!("insert into {}: {e}", maps::NODES4));
+    }
+
+    /// Makes the IPv6 underlay address `addr` the node `node_id`'s in `hypha_nodes6`.
+    pub fn add_node6(&mut self, addr: [u8; 16], node_id: u32) {
+        let mut map: HashMap<&mut MapData, [u8; 16], u32> = self.map_mut(maps::NODES6);
+        map.insert(addr, node_id, 0)
+            .unwrap_or_else(|e| panic!("insert into {}: {e}", maps::NODES6));
+    }
+
+    /// Creates a zeroed `hypha_node_stats` entry for the node `node_id`, as the agent does.
+    pub fn add_node_stats(&mut self, node_id: u32) {
+        let cpus = nr_cpus().expect("number of possible CPUs");
+        let zeroed =
+            PerCpuValues::try_from(vec![NodeStats::default(); cpus]).expect("per-CPU values");
+        let mut stats: PerCpuHashMap<&mut MapData, u32, NodeStats> = self.map_mut(maps::NODE_STATS);
+        stats
+            .insert(node_id, zeroed, 0)
+            .unwrap_or_else(|e| panic!("insert into {}: {e}", maps::NODE_STATS));
+    }
+
+    /// The node `node_id`'s tunnel counters, summed over CPUs; `None` without an entry.
+    pub fn node_stats(&self, node_id: u32) -> Option<NodeStats> {
+        let stats: PerCpuHashMap<&MapData, u32, NodeStats> = self.map(maps::NODE_STATS);
+        let per_cpu = match stats.get(&node_id, 0) {
+            Ok(v) => v,
+            Err(aya::maps::MapError::KeyNotFound) => return None,
+            Err(e) => panic!("{}[{node_id}]: {e}", maps::NODE_STATS),
+        };
+        let mut sum = NodeStats::default();
+        for cpu in per_cpu.iter() {
+            sum.add(cpu);
+        }
+        Some(sum)
+    }
+
     /// Attaches the program `name` to `interface` (in the calling thread's network
     /// namespace) with TCX, as the agent does, until the datapath is dropped.
     pub fn attach(&mut self, name: &str, interface: &str, attach_type: TcAttachType) {
@@ -117,6 +194,20 @@ impl Datapath {
         program
             .attach(interface, attach_type)
             .unwrap_or_else(|e| panic!("attach {name} to {interface}: {}", chain(&e)));
+    }
+
+    /// [`Datapath::attach`] inside the network namespace at `netns` (such as a
+    /// `NamedNetns`'s path): the calling thread enters it for the attach and returns to
+    /// its own namespace, also when the attach panics.
+    pub fn attach_in(
+        &mut self,
+        netns: &Path,
+        name: &str,
+        interface: &str,
+        attach_type: TcAttachType,
+    ) {
+        let _inside = EnteredNetns::enter(netns);
+        self.attach(name, interface, attach_type);
     }
 
     /// Writes index 0 of `hypha_config`.
@@ -512,6 +603,38 @@ impl Drop for PrivateBpffs {
         }
         if let Err(e) = std::fs::remove_dir(&self.path) {
             eprintln!("remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// The calling thread inside an existing network namespace, back in its own on drop.
+/// `!Send`, as [`TestNetns`].
+struct EnteredNetns {
+    original: File,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl EnteredNetns {
+    fn enter(netns: &Path) -> Self {
+        let original =
+            File::open("/proc/thread-self/ns/net").expect("open /proc/thread-self/ns/net");
+        let target = File::open(netns).unwrap_or_else(|e| panic!("open {}: {e}", netns.display()));
+        setns(&target, CloneFlags::CLONE_NEWNET)
+            .unwrap_or_else(|e| panic!("enter {}: {e}", netns.display()));
+        Self {
+            original,
+            _not_send: PhantomData,
+        }
+    }
+}
+
+impl Drop for EnteredNetns {
+    fn drop(&mut self) {
+        if let Err(e) = setns(&self.original, CloneFlags::CLONE_NEWNET) {
+            if !std::thread::panicking() {
+                panic!("restore the thread's network namespace: {e}");
+            }
+            eprintln!("restore the thread's network namespace: {e}");
         }
     }
 }

@@ -5,6 +5,10 @@
 //! identities: the number in decimal; endpoints: the full store key (as
 //! `RemoteEndpoint::key`); policies: `namespace/name`; namespaces: the namespace.
 //!
+//! Nodes are not batched by key: any change of what routing needs of them (a `cidrs/`
+//! key, or the addresses of a `nodes/` record; not a heartbeat) gives the whole set of
+//! nodes that have CIDRs, as `Batches::nodes`, and so does every resync.
+//!
 //! An incremental update gives each kind's changes, one per key (the last one wins when a
 //! watch batch touched a key twice). A resync (the first list, and every list after a lost
 //! watch) gives each kind's whole set with `resync: true`, so that the agent sweeps what
@@ -19,6 +23,7 @@ use hypha_cluster::layout::{
 use hypha_cluster::mirror::Delta;
 
 use crate::control::{RemoteBatch, RemoteEndpoint};
+use crate::overlay::ClusterNode;
 use crate::policy::Policy;
 
 /// Everything of the store the runtime keeps, decoded.
@@ -37,6 +42,8 @@ pub struct View {
     pub namespaces: BTreeMap<String, Labels>,
     /// Whether a full list has been applied.
     pub synced: bool,
+    /// The nodes as the last `Batches::nodes` gave them.
+    pub routed_nodes: Option<Vec<ClusterNode>>,
 }
 
 /// The agent's batches for one update (a kind without changes: `None`).
@@ -46,6 +53,8 @@ pub struct Batches {
     pub endpoints: Option<RemoteBatch<RemoteEndpoint>>,
     pub policies: Option<RemoteBatch<Policy>>,
     pub namespaces: Option<RemoteBatch<(String, Labels)>>,
+    /// Every node with pod CIDRs (this one included), when they changed.
+    pub nodes: Option<Vec<ClusterNode>>,
     /// Values that cannot be read (logged; the key counts as absent).
     pub warnings: Vec<String>,
 }
@@ -263,6 +272,11 @@ impl View {
                 }
             }
         }
+        let nodes = self.cluster_nodes();
+        if resync || self.routed_nodes.as_ref() != Some(&nodes) {
+            self.routed_nodes = Some(nodes.clone());
+            out.nodes = Some(nodes);
+        }
         if resync {
             self.synced = true;
             out.identities = full(
@@ -286,6 +300,25 @@ impl View {
             out.namespaces = batch(nss);
         }
         out
+    }
+
+    /// The nodes that have pod CIDRs (`cidrs/<node>`), with the addresses of their live
+    /// record, else those their CIDRs key kept.
+    pub fn cluster_nodes(&self) -> Vec<ClusterNode> {
+        self.cidrs
+            .iter()
+            .map(|(name, c)| ClusterNode {
+                name: name.clone(),
+                addresses: self
+                    .nodes
+                    .get(name)
+                    .map(|r| r.addresses.clone())
+                    .filter(|a| !a.is_empty())
+                    .unwrap_or_else(|| c.addresses.clone()),
+                pod_cidr: c.v4,
+                pod_cidr6: c.v6,
+            })
+            .collect()
     }
 
     /// Endpoints of the other nodes.
@@ -419,6 +452,62 @@ mod tests {
         assert_eq!(b.policies.unwrap().upserts, vec![]);
         assert!(b.identities.unwrap().resync);
         assert!(b.namespaces.unwrap().resync);
+    }
+
+    #[test]
+    fn nodes_come_whole_when_what_routing_needs_changes() {
+        let l = Layout::new(P);
+        let mut v = View::default();
+        let record = |ip: &str, beat: u64| {
+            serde_json::json!({"name": "b", "uid": "u", "addresses": [ip],
+                "version": "t", "heartbeat_ms": beat})
+        };
+        // The first list: no node yet, said.
+        let b = v.apply(&l, "a", vec![], true);
+        assert_eq!(b.nodes, Some(vec![]));
+        // A record without CIDRs: nothing routed yet, and nothing changed.
+        let b = v.apply(&l, "a", vec![up("nodes/b", record("172.16.0.2", 1))], false);
+        assert_eq!(b.nodes, None);
+        // Its CIDRs (with the addresses registration kept) and ours.
+        let b = v.apply(
+            &l,
+            "a",
+            vec![
+                up(
+                    "cidrs/b",
+                    serde_json::json!({"v4": "10.244.1.0/24", "addresses": ["172.16.0.9"]}),
+                ),
+                up("cidrs/a", serde_json::json!({"v4": "10.244.0.0/24"})),
+            ],
+            false,
+        );
+        let nodes = b.nodes.unwrap();
+        assert_eq!(nodes.len(), 2, "{nodes:?}");
+        assert_eq!(nodes[1].name, "b");
+        assert_eq!(
+            nodes[1].addresses,
+            vec!["172.16.0.2".parse::<std::net::IpAddr>().unwrap()],
+            "the live record's addresses win"
+        );
+        assert_eq!(nodes[1].pod_cidr, Some("10.244.1.0/24".parse().unwrap()));
+        // A heartbeat changes nothing routing needs.
+        let b = v.apply(&l, "a", vec![up("nodes/b", record("172.16.0.2", 2))], false);
+        assert_eq!(b.nodes, None);
+        // The record lapses (SIGKILLed agent): still routed, by the kept addresses.
+        let b = v.apply(&l, "a", vec![rm("nodes/b")], false);
+        let nodes = b.nodes.unwrap();
+        assert_eq!(
+            nodes[1].addresses,
+            vec!["172.16.0.9".parse::<std::net::IpAddr>().unwrap()]
+        );
+        // A resync gives them even unchanged.
+        let b = v.apply(&l, "a", vec![], true);
+        assert_eq!(b.nodes.unwrap().len(), 2);
+        // `hypha node remove`: its CIDRs go, so does its routing.
+        let b = v.apply(&l, "a", vec![rm("cidrs/b")], false);
+        let nodes = b.nodes.unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].name, "a");
     }
 
     #[test]

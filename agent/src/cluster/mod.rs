@@ -36,6 +36,7 @@ use crate::config::{ClusterConfig, PodCidrs};
 use crate::control::{Agent, ClusterLink, ControlError, RemoteBatch, RemoteEndpoint};
 use crate::datapath::Datapath;
 use crate::host::HostNetwork;
+use crate::overlay::ClusterNode;
 use crate::policy::{Policy, PolicyEndpoint};
 use crate::state::EndpointRecord;
 use dispatch::{Batches, View};
@@ -81,6 +82,8 @@ pub trait ClusterAgent: Send + Sync {
     fn apply_endpoints(&self, batch: RemoteBatch<RemoteEndpoint>) -> Result<(), ControlError>;
     fn apply_policies(&self, batch: RemoteBatch<Policy>) -> Result<(), ControlError>;
     fn apply_namespaces(&self, batch: RemoteBatch<(String, Labels)>) -> Result<(), ControlError>;
+    /// Every node with pod CIDRs, whenever what routing needs of them changed.
+    fn apply_nodes(&self, nodes: Vec<ClusterNode>) -> Result<(), ControlError>;
     fn local_endpoints(&self) -> Vec<(EndpointRecord, Option<u32>)>;
     fn remote_endpoint_count(&self) -> usize;
 }
@@ -100,6 +103,9 @@ impl<D: Datapath + 'static, H: HostNetwork + 'static> ClusterAgent for Agent<D, 
     }
     fn apply_namespaces(&self, batch: RemoteBatch<(String, Labels)>) -> Result<(), ControlError> {
         self.apply_cluster_namespaces(batch)
+    }
+    fn apply_nodes(&self, nodes: Vec<ClusterNode>) -> Result<(), ControlError> {
+        self.apply_cluster_nodes(nodes)
     }
     fn local_endpoints(&self) -> Vec<(EndpointRecord, Option<u32>)> {
         Agent::local_endpoints(self)
@@ -643,8 +649,8 @@ pub fn endpoint_entry(node: &str, ep: &EndpointRecord, identity: u32) -> Endpoin
     }
 }
 
-/// Applies each kind's batch, identities first (endpoints and policies refer to them);
-/// returns the errors.
+/// Applies each kind's batch, identities first (endpoints and policies refer to them),
+/// nodes last; returns the errors.
 fn apply_batches(agent: &dyn ClusterAgent, b: Batches) -> Vec<String> {
     let mut errors = Vec::new();
     if let Some(x) = b.identities
@@ -666,6 +672,11 @@ fn apply_batches(agent: &dyn ClusterAgent, b: Batches) -> Vec<String> {
         && let Err(e) = agent.apply_policies(x)
     {
         errors.push(format!("policies: {e}"));
+    }
+    if let Some(x) = b.nodes
+        && let Err(e) = agent.apply_nodes(x)
+    {
+        errors.push(format!("nodes: {e}"));
     }
     errors
 }

@@ -26,6 +26,7 @@ struct Recorder {
     policies: Mutex<BTreeMap<String, Policy>>,
     namespaces: Mutex<BTreeMap<String, Labels>>,
     identities: Mutex<BTreeMap<u32, (String, Labels)>>,
+    nodes: Mutex<Option<Vec<ClusterNode>>>,
 }
 
 fn merge<T: Clone>(
@@ -82,6 +83,10 @@ impl ClusterAgent for Recorder {
         for (ns, l) in batch.upserts {
             m.insert(ns, l);
         }
+        Ok(())
+    }
+    fn apply_nodes(&self, nodes: Vec<ClusterNode>) -> Result<(), ControlError> {
+        *self.nodes.lock().unwrap() = Some(nodes);
         Ok(())
     }
     fn local_endpoints(&self) -> Vec<(EndpointRecord, Option<u32>)> {
@@ -554,6 +559,60 @@ async fn nodes_and_removal() {
     assert_eq!(nb.pod_cidr, b.cidrs.v4);
     assert!(!nb.local && nb.alive);
     assert_eq!(rt.status().nodes, 2);
+    // The agent was given both nodes, with their addresses (for the overlay).
+    let routed = |agent: &Recorder| -> Vec<(String, Vec<std::net::IpAddr>)> {
+        agent
+            .nodes
+            .lock()
+            .unwrap()
+            .iter()
+            .flatten()
+            .map(|n| (n.name.clone(), n.addresses.clone()))
+            .collect()
+    };
+    until("the agent has both nodes", || routed(&agent).len() == 2).await;
+    assert_eq!(
+        routed(&agent),
+        vec![
+            ("node-a".to_owned(), vec!["192.0.2.1".parse().unwrap()]),
+            ("node-b".to_owned(), vec!["192.0.2.2".parse().unwrap()]),
+        ]
+    );
+    // Node c registers, then its agent is killed: its record lapses, and it is still
+    // given, by the addresses its CIDRs key kept; removed, it is no longer.
+    let c = node::register(
+        kv.as_ref(),
+        &layout,
+        &NodeSpec {
+            name: "node-c".into(),
+            uid: "c".into(),
+            addresses: vec!["192.0.2.3".parse().unwrap()],
+            version: "0".into(),
+        },
+        &config("node-c").cidrs,
+        Duration::from_secs(600),
+    )
+    .await
+    .unwrap();
+    until("the agent has node c", || routed(&agent).len() == 3).await;
+    assert!(kv.expire_lease(c.lease));
+    until("node c's record gone", || {
+        rt.nodes()
+            .is_ok_and(|n| n.iter().any(|n| n.name == "node-c" && !n.alive))
+    })
+    .await;
+    assert_eq!(
+        routed(&agent)[2],
+        ("node-c".to_owned(), vec!["192.0.2.3".parse().unwrap()])
+    );
+    let r = rt.clone();
+    tokio::task::spawn_blocking(move || r.remove_node("node-c", false).unwrap())
+        .await
+        .unwrap();
+    until("the agent no longer has node c", || {
+        routed(&agent).len() == 2
+    })
+    .await;
     let r = rt.clone();
     tokio::task::spawn_blocking(move || {
         let err = r.remove_node("node-b", false).unwrap_err();
@@ -567,6 +626,10 @@ async fn nodes_and_removal() {
     .unwrap();
     until("node b gone", || {
         rt.nodes().map(|n| n.len()).unwrap_or(0) == 1
+    })
+    .await;
+    until("the agent no longer routes node b", || {
+        routed(&agent).len() == 1
     })
     .await;
     rt.stop();

@@ -31,13 +31,14 @@ use aya::programs::{ProgramError, ProgramFd, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 use hypha_common::debug::{MAP as DEBUG_MAP, NODE_F_DEBUG};
 use hypha_common::{
-    Counter, CtEntry, CtKey4, CtKey6, DropKey, EndpointStats, IpcacheValue, NodeConfig,
+    Counter, CtEntry, CtKey4, CtKey6, DropKey, EndpointStats, IpcacheValue, NodeConfig, NodeStats,
     PolicyEntry, PolicyKey, PolicyStats, maps, programs,
 };
 use hypha_netlink::{BpfFilter, Netlink, TcHook};
 
 use super::endpoint_maps::EndpointMaps;
-use super::{Adoption, Datapath, link_info};
+use super::tunnel_maps::{self, TunnelMaps};
+use super::{Adoption, Datapath, TunnelPeerSpec, TunnelSetup, link_info};
 use crate::config::AttachMode;
 use crate::policy::PolicyDiff;
 use crate::state::EndpointRecord;
@@ -74,6 +75,27 @@ const ATTACHMENTS: [(&str, u32, TcHook, &str); 2] = [
 pub const TC_PRIORITY: u16 = 1;
 /// The handle of Hypha's `cls_bpf` filters (see [`TC_PRIORITY`]).
 pub const TC_HANDLE: u32 = 1;
+
+/// The programs of the node's VXLAN device, the TCX hook each is attached to, and the
+/// hook's name in the pins of their links (`links/tunnel-<hook>`). Not per endpoint:
+/// one device per node, attached by [`Datapath::set_tunnel`].
+const TUNNEL_ATTACHMENTS: [(&str, u32, TcHook, &str); 2] = [
+    (
+        programs::FROM_TUNNEL,
+        link_info::BPF_TCX_INGRESS,
+        TcHook::Ingress,
+        "ingress",
+    ),
+    (
+        programs::TO_TUNNEL,
+        link_info::BPF_TCX_EGRESS,
+        TcHook::Egress,
+        "egress",
+    ),
+];
+
+/// The prefix of the tunnel's link pins under `links/` (endpoints' are `tcx-<ifindex>-`).
+const TUNNEL_PIN_PREFIX: &str = "tunnel-";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
@@ -138,6 +160,9 @@ pub enum EbpfError {
         error: Box<EbpfError>,
         cleanup: Vec<EbpfError>,
     },
+    /// The cluster's nodes claim the same pod CIDR or underlay address.
+    #[error("tunnel peers: {problem}")]
+    TunnelPeers { problem: String },
     #[error("cannot {op} map {map}: {source}")]
     Map {
         op: &'static str,
@@ -197,6 +222,8 @@ pub(super) struct Maps {
     pub(super) ipcache6: Mutex<LpmTrie<MapData, [u8; 16], IpcacheValue>>,
     pub(super) policy: Mutex<HashMap<MapData, PolicyKey, PolicyEntry>>,
     policy_stats: Mutex<PerCpuHashMap<MapData, u32, PolicyStats>>,
+    /// The tunnel's maps, each behind its own lock too.
+    pub(super) tunnel: TunnelMaps,
 }
 
 /// Locks a map handle. A panic while one was held leaves nothing half done in the handle
@@ -262,6 +289,14 @@ impl Maps {
             ipcache6: Mutex::new(take(ebpf, maps::IPCACHE6)?),
             policy: Mutex::new(take(ebpf, maps::POLICY)?),
             policy_stats: Mutex::new(take(ebpf, maps::POLICY_STATS)?),
+            tunnel: TunnelMaps {
+                config: Mutex::new(take(ebpf, maps::TUNNEL_CONFIG)?),
+                tunnel4: Mutex::new(take(ebpf, maps::TUNNEL4)?),
+                tunnel6: Mutex::new(take(ebpf, maps::TUNNEL6)?),
+                nodes4: Mutex::new(take(ebpf, maps::NODES4)?),
+                nodes6: Mutex::new(take(ebpf, maps::NODES6)?),
+                stats: Mutex::new(take(ebpf, maps::NODE_STATS)?),
+            },
         })
     }
 }
@@ -288,6 +323,8 @@ pub struct EbpfDatapath {
     ebpf: Ebpf,
     maps: Maps,
     programs: Vec<Program>,
+    /// `hypha_from_tunnel` and `hypha_to_tunnel` (see [`TUNNEL_ATTACHMENTS`]).
+    tunnel_programs: Vec<Program>,
     links_dir: PathBuf,
     mode: AttachMode,
 }
@@ -317,37 +354,14 @@ impl EbpfDatapath {
                 name,
             });
         }
-        let mut programs = Vec::new();
-        for (name, attach_type, tc_hook, hook) in ATTACHMENTS {
-            let prog = classifier(&mut ebpf, name)?;
-            let prog_err = |op| {
-                move |source| EbpfError::Program {
-                    op,
-                    program: name,
-                    ifname: "-".into(),
-                    source: Box::new(source),
-                }
-            };
-            prog.load().map_err(prog_err("load"))?;
-            let fd = prog
-                .fd()
-                .map_err(prog_err("open"))?
-                .try_clone()
-                .map_err(|source| EbpfError::Io {
-                    op: "duplicate the descriptor of program",
-                    path: name.into(),
-                    source,
-                })?;
-            let id = prog.info().map_err(prog_err("read"))?.id();
-            programs.push(Program {
-                name,
-                fd,
-                id,
-                attach_type,
-                tc_hook,
-                hook,
-            });
-        }
+        let programs = ATTACHMENTS
+            .into_iter()
+            .map(|a| load_program(&mut ebpf, a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tunnel_programs = TUNNEL_ATTACHMENTS
+            .into_iter()
+            .map(|a| load_program(&mut ebpf, a))
+            .collect::<Result<Vec<_>, _>>()?;
         let maps = Maps::take(&mut ebpf)?;
         // An earlier agent's traced endpoints stay traced until start-up has re-adopted
         // (or swept) them.
@@ -366,6 +380,7 @@ impl EbpfDatapath {
             ebpf,
             maps,
             programs,
+            tunnel_programs,
             links_dir,
             mode,
         })
@@ -422,6 +437,32 @@ impl EbpfDatapath {
 
     fn link_pin(&self, ifindex: u32, hook: &str) -> PathBuf {
         self.links_dir.join(format!("tcx-{ifindex}-{hook}"))
+    }
+
+    /// Where the link of the tunnel program on `hook` of the VXLAN device is pinned.
+    fn tunnel_pin(&self, hook: &str) -> PathBuf {
+        self.links_dir.join(format!("{TUNNEL_PIN_PREFIX}{hook}"))
+    }
+
+    /// What of `tunnel` is missing or different in the datapath: the programs on the
+    /// device's hooks and the config map (empty when all is in place).
+    pub fn check_tunnel(&self, tunnel: &TunnelSetup) -> Vec<String> {
+        let mut problems = Vec::new();
+        for prog in &self.tunnel_programs {
+            let pin = self.tunnel_pin(prog.hook);
+            problems.extend(check_tcx_link(prog, &pin, tunnel.ifindex, &tunnel.ifname));
+        }
+        match self.maps.tunnel.read_config() {
+            Ok(c) if c == tunnel_maps::config(Some(tunnel)) => {}
+            Ok(c) => problems.push(format!(
+                "{} holds {c:?}, not the tunnel on {} (ifindex {})",
+                maps::TUNNEL_CONFIG,
+                tunnel.ifname,
+                tunnel.ifindex
+            )),
+            Err(e) => problems.push(e.to_string()),
+        }
+        problems
     }
 
     /// Removes the tracked connections (of `hypha_ct4` and `hypha_ct6`) with one of the
@@ -796,7 +837,17 @@ impl Datapath for EbpfDatapath {
                 }
             }
         }
-        errors.extend(self.remove_drops(|k| !ifindexes.contains(&k.ifindex)));
+        // The VXLAN device's drops are the tunnel's, not an endpoint's.
+        let tunnel = match self.maps.tunnel.read_config() {
+            Ok(c) => c.ifindex,
+            Err(e) => {
+                errors.push(e);
+                0
+            }
+        };
+        errors.extend(self.remove_drops(|k| {
+            !ifindexes.contains(&k.ifindex) && (tunnel == 0 || k.ifindex != tunnel)
+        }));
         let traced: HashSet<u32> = keep
             .iter()
             .filter(|e| e.debug)
@@ -824,6 +875,13 @@ impl Datapath for EbpfDatapath {
             Ok(entries) => {
                 for entry in entries.flatten() {
                     let name = entry.file_name();
+                    // The tunnel's links are set_tunnel's to keep or remove.
+                    if name
+                        .to_str()
+                        .is_some_and(|n| n.starts_with(TUNNEL_PIN_PREFIX))
+                    {
+                        continue;
+                    }
                     let ifindex = name
                         .to_str()
                         .and_then(|n| n.strip_prefix("tcx-"))
@@ -875,17 +933,36 @@ impl Datapath for EbpfDatapath {
         self.ebpf.programs().map(|(n, _)| n.to_owned()).collect()
     }
 
-    // SCAFFOLD (helper "dp" replaces these three): the tunnel maps and programs.
-    fn set_tunnel(&self, _tunnel: Option<&super::TunnelSetup>) -> Result<(), EbpfError> {
-        Ok(())
+    fn set_tunnel(&self, tunnel: Option<&TunnelSetup>) -> Result<(), EbpfError> {
+        match tunnel {
+            Some(t) => {
+                // Programs first: the config tells hypha_from_pod to send into the
+                // device, whose egress program must be there by then.
+                for prog in &self.tunnel_programs {
+                    attach_tunnel_program(prog, t, &self.tunnel_pin(prog.hook))?;
+                }
+                self.maps.tunnel.write_config(tunnel_maps::config(Some(t)))
+            }
+            None => {
+                // Config first: nothing is sent into the device once it is zero.
+                let mut result = self.maps.tunnel.write_config(tunnel_maps::config(None));
+                for prog in &self.tunnel_programs {
+                    let removed = remove_pin(&self.tunnel_pin(prog.hook));
+                    if result.is_ok() {
+                        result = removed;
+                    }
+                }
+                result
+            }
+        }
     }
 
-    fn set_tunnel_peers(&self, _peers: &[super::TunnelPeerSpec]) -> Vec<EbpfError> {
-        Vec::new()
+    fn set_tunnel_peers(&self, peers: &[TunnelPeerSpec]) -> Vec<EbpfError> {
+        self.maps.tunnel.set_peers(peers)
     }
 
-    fn node_stats(&self) -> Result<Vec<(u32, hypha_common::NodeStats)>, EbpfError> {
-        Ok(Vec::new())
+    fn node_stats(&self) -> Result<Vec<(u32, NodeStats)>, EbpfError> {
+        self.maps.tunnel.node_stats()
     }
 }
 
@@ -913,6 +990,12 @@ impl EbpfDatapath {
 /// hook and runs the program this agent loaded: a link can stay pinned after its
 /// program was replaced through it or after it was detached from its device.
 fn check_link(ep: &EndpointRecord, prog: &Program, pin: &Path) -> Vec<String> {
+    check_tcx_link(prog, pin, ep.host_ifindex, &ep.host_ifname)
+}
+
+/// Whether the link pinned at `pin` is attached to device `ifindex` (`ifname`) at the
+/// program's hook and runs the program this agent loaded.
+fn check_tcx_link(prog: &Program, pin: &Path, ifindex: u32, ifname: &str) -> Vec<String> {
     let name = prog.name;
     let hook_name = prog.hook;
     let mut problems = Vec::new();
@@ -921,7 +1004,7 @@ fn check_link(ep: &EndpointRecord, prog: &Program, pin: &Path) -> Vec<String> {
         Err(e) => {
             return vec![format!(
                 "program {name} is not attached to {}: cannot open its pinned link {}: {e}",
-                ep.host_ifname,
+                ifname,
                 pin.display()
             )];
         }
@@ -935,24 +1018,24 @@ fn check_link(ep: &EndpointRecord, prog: &Program, pin: &Path) -> Vec<String> {
     } else if link.ifindex == 0 {
         problems.push(format!(
             "program {name} is detached from {}: its pinned link {} (link id {}) is attached to no device",
-            ep.host_ifname,
+            ifname,
             pin.display(),
             link.id
         ));
-    } else if link.ifindex != ep.host_ifindex || link.attach_type != prog.attach_type {
+    } else if link.ifindex != ifindex || link.attach_type != prog.attach_type {
         problems.push(format!(
             "the pinned link {} of program {name} is attached to ifindex {} (attach type {}), not to the {hook_name} of {} (ifindex {})",
             pin.display(),
             link.ifindex,
             link.attach_type,
-            ep.host_ifname,
-            ep.host_ifindex
+            ifname,
+            ifindex
         ));
     }
     if prog.id != link.prog_id {
         problems.push(format!(
             "program {name} is not what runs on the {hook_name} of {}: its pinned link {} runs program {} (id {}), not the agent's {name} (id {})",
-            ep.host_ifname,
+            ifname,
             pin.display(),
             program_name(link.prog_id),
             link.prog_id,
@@ -1044,6 +1127,82 @@ fn classifier<'a>(
         ifname: "-".into(),
         source: Box::new(source),
     })
+}
+
+/// Loads the program of `attachment` (one of [`ATTACHMENTS`] or [`TUNNEL_ATTACHMENTS`])
+/// and keeps what attaching it needs.
+fn load_program(
+    ebpf: &mut Ebpf,
+    (name, attach_type, tc_hook, hook): (&'static str, u32, TcHook, &'static str),
+) -> Result<Program, EbpfError> {
+    let prog = classifier(ebpf, name)?;
+    let prog_err = |op| {
+        move |source| EbpfError::Program {
+            op,
+            program: name,
+            ifname: "-".into(),
+            source: Box::new(source),
+        }
+    };
+    prog.load().map_err(prog_err("load"))?;
+    let fd = prog
+        .fd()
+        .map_err(prog_err("open"))?
+        .try_clone()
+        .map_err(|source| EbpfError::Io {
+            op: "duplicate the descriptor of program",
+            path: name.into(),
+            source,
+        })?;
+    let id = prog.info().map_err(prog_err("read"))?.id();
+    Ok(Program {
+        name,
+        fd,
+        id,
+        attach_type,
+        tc_hook,
+        hook,
+    })
+}
+
+/// Attaches the tunnel program `prog` to the VXLAN device, swapping it in place into
+/// the link pinned at `pin` when that link is on this device's hook (an earlier agent's:
+/// the device never runs without the program). A pinned link on anything else (the
+/// device was made anew, so the old link is detached) is replaced by a new one.
+fn attach_tunnel_program(
+    prog: &Program,
+    tunnel: &TunnelSetup,
+    pin: &Path,
+) -> Result<(), EbpfError> {
+    let link_err = |op: &'static str| {
+        move |source: io::Error| EbpfError::Link {
+            op,
+            path: pin.to_owned(),
+            source: Box::new(source),
+        }
+    };
+    match link_info::open_pin(pin) {
+        Ok(link) => {
+            let info = link_info::info(link.as_fd()).map_err(link_err("read"))?;
+            if info.ifindex == tunnel.ifindex && info.attach_type == prog.attach_type {
+                return link_info::update(link.as_fd(), prog.fd.as_fd())
+                    .map_err(link_err("swap the program into"));
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(link_err("open")(e)),
+    }
+    let link = link_info::tcx_attach(prog.fd.as_fd(), tunnel.ifindex, prog.attach_type).map_err(
+        |source| EbpfError::Attach {
+            program: prog.name,
+            ifname: tunnel.ifname.clone(),
+            hook: prog.hook,
+            source,
+        },
+    )?;
+    // The old link (if any) goes with its pin once the new one is in.
+    remove_pin(pin)?;
+    link_info::pin(link.as_fd(), pin).map_err(link_err("pin"))
 }
 
 /// Attaches `prog` to the endpoint's veth, swapping it into the link pinned at `pin` in
@@ -1171,6 +1330,8 @@ fn unpin_retired(pin_dir: &Path) -> Result<(), EbpfError> {
 
 #[cfg(test)]
 mod concurrency_tests;
+#[cfg(test)]
+mod tunnel_tests;
 #[cfg(test)]
 mod writer_tests;
 

@@ -12,8 +12,8 @@ use hypha_netlink::{
 use super::{ClusterRoute, HostError, VxlanSpec};
 
 /// Creates the VXLAN device `spec` names, or takes over the one an earlier agent made
-/// (a device in external mode on the same port), then gives it `spec.mtu`, no ARP, and
-/// sets it up. A device in external mode on another port is made anew (the kernel
+/// (a device in external mode on the same port), then gives it `spec.mtu`, no ARP, IPv6
+/// on (without a link-local address), and sets it up. A device in external mode on another port is made anew (the kernel
 /// cannot change a VXLAN device's port); a device of that name that is anything else is
 /// someone else's, and refused.
 pub(super) fn ensure_vxlan(nl: &mut Netlink, spec: &VxlanSpec) -> Result<Link, HostError> {
@@ -54,6 +54,12 @@ pub(super) fn ensure_vxlan(nl: &mut Netlink, spec: &VxlanSpec) -> Result<Link, H
             link
         }
     };
+    // IPv6 on, whatever the namespace's default for new devices: the kernel refuses
+    // IPv6 routes through a device with IPv6 off.
+    let conf = Path::new("/proc/sys/net/ipv6/conf").join(&spec.name);
+    if conf.exists() {
+        super::write_sysctl(conf.join("disable_ipv6"), "0")?;
+    }
     if link.mtu != spec.mtu {
         nl.set_mtu(link.index, spec.mtu)?;
     }
@@ -486,9 +492,23 @@ mod tests {
             }
             let ns = TestNetns::new("routes");
             let host = ns.run(|| LinuxHost::new().expect("netlink"));
+            // Devices made now start with IPv6 off: the VXLAN device must not keep it off
+            // (no IPv6 route could go through it).
+            let default_ipv6 = |disable: &str| {
+                ip(&[
+                    "netns",
+                    "exec",
+                    &ns.0,
+                    "sysctl",
+                    "-qw",
+                    &format!("net.ipv6.conf.default.disable_ipv6={disable}"),
+                ])
+            };
+            default_ipv6("1");
             let vx = ns
                 .run(|| host.ensure_vxlan(&spec(8472, 1450)))
                 .expect("create the device");
+            default_ipv6("0");
             ns.ip(&["link", "set", "lo", "up"]);
             ns.ip(&[
                 "link", "add", "u0", "mtu", "9000", "type", "veth", "peer", "name", "u1",

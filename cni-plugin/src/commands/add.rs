@@ -47,6 +47,21 @@ struct Addressing {
     ipv4: Option<Family<Ipv4Addr>>,
     ipv6: Option<Family<Ipv6Addr>>,
     dns: Option<Value>,
+    /// The pods' MTU on this node, as the agent gives it (cluster mode); `None`: the
+    /// kernel's default.
+    node_mtu: Option<u32>,
+}
+
+/// The MTU of the pod's veth: the network configuration's `mtu` (refused above the
+/// node's, naming both), else the node's; `None`: the kernel's default.
+pub(crate) fn pod_mtu(configured: Option<u32>, node: Option<u32>) -> Result<Option<u32>, Error> {
+    match (configured, node) {
+        (Some(configured), Some(node)) if configured > node => {
+            Err(Error::MtuAboveNode { configured, node })
+        }
+        (Some(c), _) => Ok(Some(c)),
+        (None, n) => Ok(n),
+    }
 }
 
 /// The addresses a runtime asks for, at most one per family.
@@ -94,6 +109,7 @@ pub fn run(a: &Attachment, conf: &NetConf, cni_path: Option<&OsString>) -> Resul
         pod_nl: &mut pod_nl,
         host_nl: &mut host_nl,
         veth_created: false,
+        mtu: None,
     };
     match plumbing.attach(&client, &addressing, ipam.is_some()) {
         Ok(result) => Ok(result),
@@ -263,6 +279,7 @@ fn agent_address(
         ipv4,
         ipv6,
         dns: None,
+        node_mtu: allocation.mtu,
     })
 }
 
@@ -304,7 +321,9 @@ fn delegated_address(
         Err(e) if error::is_not_found(&e) => {}
         Err(e) => return Err(error::agent(e)),
     }
-    let node = client.status().map_err(error::agent)?.node;
+    let status = client.status().map_err(error::agent)?;
+    let node = status.node;
+    let node_mtu = status.routing.map(|r| r.mtu);
     let result = ipam.add()?;
     let addressing = match delegate::ipam_result(&result) {
         Err(problem) => Err(Error::DelegateBadResult {
@@ -312,7 +331,10 @@ fn delegated_address(
             command: "ADD",
             problem,
         }),
-        Ok(r) => delegated_addressing(ipam.plugin, &node, requested, r),
+        Ok(r) => delegated_addressing(ipam.plugin, &node, requested, r).map(|mut a| {
+            a.node_mtu = node_mtu;
+            a
+        }),
     };
     match addressing {
         Ok(addressing) => Ok(addressing),
@@ -376,6 +398,7 @@ fn delegated_addressing(
         ipv4,
         ipv6,
         dns: r.dns,
+        node_mtu: None,
     })
 }
 
@@ -407,6 +430,8 @@ struct Plumbing<'a> {
     pod_nl: &'a mut Netlink,
     host_nl: &'a mut Netlink,
     veth_created: bool,
+    /// The veth's MTU (see [`pod_mtu`]), set before it is created.
+    mtu: Option<u32>,
 }
 
 impl Plumbing<'_> {
@@ -415,7 +440,7 @@ impl Plumbing<'_> {
             host_name: self.host_ifname,
             peer_name: &self.a.ifname,
             peer_netns: self.netns_file.as_fd(),
-            mtu: self.conf.mtu,
+            mtu: self.mtu,
             peer_mac: self.mac.map(|m| m.0),
         })
     }
@@ -427,6 +452,7 @@ impl Plumbing<'_> {
         external_ipam: bool,
     ) -> Result<Value, Error> {
         let a = self.a;
+        self.mtu = pod_mtu(self.conf.mtu, addr.node_mtu)?;
         let created = match self.create_veth() {
             // The name is this attachment's. When the agent has an endpoint for it, it is
             // that endpoint's and stays; otherwise it is the leftover of an ADD that was
@@ -539,6 +565,7 @@ impl Plumbing<'_> {
                 ipv4: addr.ipv4,
                 ipv6: addr.ipv6,
                 dns: addr.dns.clone(),
+                mtu: self.mtu,
             },
         ))
     }
@@ -634,6 +661,26 @@ mod tests {
                 .as_bytes(),
         )
         .unwrap()
+    }
+
+    #[test]
+    fn the_mtu_is_the_configurations_up_to_the_nodes() {
+        assert_eq!(pod_mtu(None, None).unwrap(), None);
+        assert_eq!(pod_mtu(None, Some(1450)).unwrap(), Some(1450));
+        assert_eq!(pod_mtu(Some(1400), Some(1450)).unwrap(), Some(1400));
+        assert_eq!(pod_mtu(Some(1450), Some(1450)).unwrap(), Some(1450));
+        assert_eq!(pod_mtu(Some(9000), None).unwrap(), Some(9000));
+        let err = pod_mtu(Some(1500), Some(1450)).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("mtu 1500") && msg.contains("pod MTU 1450"),
+            "{msg}"
+        );
+        let cni = crate::error::CniError::from(err);
+        assert_eq!(
+            cni.code,
+            crate::error::CniError::invalid_config(String::new()).code
+        );
     }
 
     #[test]

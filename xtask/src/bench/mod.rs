@@ -2,6 +2,9 @@
 //! this machine, written under `target/bench/`.
 //!
 //! - `attach`: the cost of attaching an endpoint's programs, method by method.
+//! - `cluster`: cross-node pod traffic between two simulated nodes: the underlay itself, a
+//!   Flannel-style kernel VXLAN overlay, and Hypha's tunnel (driven by hypha-tests'
+//!   `overlay-bench`).
 //! - `cluster-control`: the cluster control plane over etcd: convergence of pods and
 //!   policies to every node, concurrent identity allocation, and a synthetic cluster's
 //!   full sync, memory and churn lag (driven by hypha-tests' `cluster-bench`).
@@ -20,6 +23,7 @@ mod cni;
 mod datapath;
 mod launcher;
 pub(crate) mod measure;
+mod overlay;
 mod policy;
 mod setups;
 mod svg;
@@ -36,6 +40,10 @@ pub enum Bench {
     /// bandwidth plugin chained after bridge; rate, first second, retransmits, latency
     /// under load.
     Bandwidth(bandwidth::Options),
+    /// Cross-node pod traffic between two simulated nodes: TCP throughput (1 and 4
+    /// streams), 1-byte request/response latency and CPU per Gbit/s over (a) the underlay
+    /// itself, (b) a Flannel-style kernel VXLAN overlay and (c) Hypha's tunnel.
+    Cluster(overlay::Options),
     /// The cluster control plane over etcd: pods and policies reaching 5 nodes, 5 × 20
     /// concurrent identity allocations, and 1,000 synthetic nodes with 50,000 endpoints:
     /// one agent's full sync, RSS and maps, and its lag under 1,000 endpoint changes a
@@ -60,6 +68,7 @@ pub fn run(b: Bench) -> Result<()> {
     match b {
         Bench::Attach(o) => attach::run(&o),
         Bench::Bandwidth(o) => bandwidth::run(&o),
+        Bench::Cluster(o) => overlay::run_bench(&o),
         Bench::ClusterControl(o) => cluster::run_bench(&o),
         Bench::Cni(o) => cni::run(&o),
         Bench::Datapath(o) => datapath::run(&o),

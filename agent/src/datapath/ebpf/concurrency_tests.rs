@@ -61,7 +61,7 @@ impl Fixture {
         f
     }
 
-    fn netns_path(&self) -> PathBuf {
+    pub(super) fn netns_path(&self) -> PathBuf {
         Path::new("/run/netns").join(&self.netns)
     }
 
