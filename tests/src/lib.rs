@@ -15,6 +15,7 @@ pub mod launcher;
 pub mod monitor;
 pub mod netns;
 pub mod node;
+pub mod overlay;
 pub mod policies;
 pub mod traffic;
 

@@ -321,3 +321,51 @@ fn cleanup(made: &Mutex<Made>, bin: &Path, socket: &Path) {
         let _ = std::fs::remove_dir_all(dir);
     }
 }
+
+/// The pid of the running `cluster-demo`, for the signal handler (0: none).
+static CLUSTER_DEMO_PID: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Passes SIGINT or SIGTERM on to `cluster-demo`, which stops and cleans up (a Ctrl-C at
+/// the terminal reaches it anyway; a SIGTERM of xtask alone would not). Only kill(2),
+/// which is async-signal-safe.
+extern "C" fn forward_signal(sig: libc::c_int) {
+    let pid = CLUSTER_DEMO_PID.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's,
+        // not reaped before the handlers are restored.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// `cargo xtask demo --cluster`: the `cluster-demo` binary of hypha-tests (etcd, three
+/// nodes, two pods each, cross-node traffic, a policy and its drop in `hypha monitor`,
+/// `hypha node list`; see `tests/src/bin/cluster_demo.rs`). xtask only runs it: the
+/// cluster harness and its etcd client are not xtask's dependencies. It cleans up after
+/// itself, also when interrupted; xtask waits for it to finish doing so.
+pub fn run_cluster() -> Result<()> {
+    let bin = workspace_root().join("target/debug/cluster-demo");
+    let mut child = Command::new(&bin)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    CLUSTER_DEMO_PID.store(child.id() as i32, std::sync::atomic::Ordering::SeqCst);
+    let handler = forward_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    // SAFETY: the handler only loads an atomic and calls kill(2).
+    let previous = unsafe {
+        [
+            libc::signal(libc::SIGINT, handler),
+            libc::signal(libc::SIGTERM, handler),
+        ]
+    };
+    let status = child.wait();
+    // SAFETY: restores the dispositions found above.
+    unsafe {
+        libc::signal(libc::SIGINT, previous[0]);
+        libc::signal(libc::SIGTERM, previous[1]);
+    }
+    CLUSTER_DEMO_PID.store(0, std::sync::atomic::Ordering::SeqCst);
+    let status = status.with_context(|| format!("waiting for {}", bin.display()))?;
+    if !status.success() {
+        bail!("{} failed with {status}", bin.display());
+    }
+    Ok(())
+}

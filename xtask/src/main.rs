@@ -5,7 +5,8 @@
 //!   benchmarks use).
 //! - `build-ebpf`, `build`: the eBPF object (nightly, `bpfel-unknown-none`), then userspace.
 //! - `test`: setup, build, formatting and lints, every test.
-//! - `demo`: an agent, two pods made through `hypha-cni`, traffic between them, counters.
+//! - `demo`: an agent, two pods made through `hypha-cni`, traffic between them, counters;
+//!   `--cluster`: etcd and three nodes, cross-node traffic over the overlay.
 //! - `install`: binaries and a default CNI configuration onto this machine.
 //! - `bench`: side-by-side measurements, written under `target/bench/`.
 //! - `soak`: ADD/DEL cycles with agent and plugin SIGKILLs, then a count of what leaked.
@@ -51,7 +52,13 @@ enum Task {
         cargo_args: Vec<String>,
     },
     /// Set up, build and show two pods talking through the eBPF datapath.
-    Demo,
+    Demo {
+        /// The cluster variant: etcd and three nodes (network namespaces on an underlay
+        /// bridge), two pods each, cross-node traffic over the VXLAN overlay, a policy
+        /// applied on one node and its drop seen on another, `hypha node list`.
+        #[arg(long)]
+        cluster: bool,
+    },
     /// Install hypha and hypha-cni on this machine.
     Install {
         /// Where `hypha` goes.
@@ -82,10 +89,14 @@ fn main() -> Result<()> {
             no_setup,
             cargo_args,
         } => test(no_setup, &cargo_args),
-        Task::Demo => {
+        Task::Demo { cluster } => {
             setup::setup()?;
             build(false)?;
-            demo::run()
+            if cluster {
+                demo::run_cluster()
+            } else {
+                demo::run()
+            }
         }
         Task::Install {
             bin_dir,
