@@ -93,8 +93,10 @@ pub(super) struct PolicyView {
     /// Cluster mode: how many other nodes' endpoints the engine holds.
     pub(super) remote_endpoints: usize,
     /// The identities as the engine numbered them (and, in cluster mode, every number the
-    /// store gave), for the monitor to name what an event's remote identity stands for.
+    /// store gave), for the monitor to name what an event's remote identity stands for;
+    /// copied again only when the engine's identities generation moved.
     pub(super) identities: Arc<IdentityAllocator>,
+    pub(super) identities_generation: Option<u64>,
 }
 
 /// The engine's view of an endpoint.
@@ -366,7 +368,8 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         } else {
             Arc::new(compiled.policies.clone())
         };
-        let identities = if *old.identities == compiled.identities {
+        let generation = p.engine.identities_generation();
+        let identities = if old.identities_generation == Some(generation) {
             old.identities.clone()
         } else {
             Arc::new(compiled.identities.clone())
@@ -396,6 +399,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             names,
             remote_endpoints: p.remote.len(),
             identities,
+            identities_generation: Some(generation),
         }));
     }
 

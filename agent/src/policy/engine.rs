@@ -113,6 +113,8 @@ pub struct PolicyEngine {
     named_egress: BTreeSet<PolicyRef>,
     compiled: Compiled,
     recompiled: u64,
+    /// Counts changes of `compiled.identities` (see [`Self::identities_generation`]).
+    generation: u64,
 }
 
 struct PolicyState {
@@ -249,6 +251,7 @@ impl PolicyEngine {
                 ..Compiled::default()
             },
             recompiled: 0,
+            generation: 0,
         };
         for (id, name) in identities.policies() {
             e.policy_ids.insert(name.clone(), *id);
@@ -321,6 +324,13 @@ impl PolicyEngine {
     /// The endpoint `endpoint_id` as the engine knows it.
     pub fn endpoint(&self, endpoint_id: u32) -> Option<&PolicyEndpoint> {
         self.endpoints.get(&endpoint_id)
+    }
+
+    /// A number that changes whenever the identity allocator does (numbers allocated,
+    /// released, assigned by the store): readers keep a copy of the allocator and copy
+    /// it again only when this moved, instead of comparing it.
+    pub fn identities_generation(&self) -> u64 {
+        self.generation
     }
 
     /// Identities compiled since the engine was built (what the tests count work by).
@@ -473,6 +483,7 @@ impl PolicyEngine {
         }
         if conflicts.is_empty() {
             self.compiled.identities = alloc;
+            self.generation += u64::from(changed);
             return Ok(Outcome {
                 diff: PolicyDiff::default(),
                 identities_changed: changed,
@@ -494,6 +505,7 @@ impl PolicyEngine {
             Ok(mut new) => {
                 let d = super::compile::diff(&self.compiled, &new.compiled);
                 new.recompiled += self.recompiled;
+                new.generation = self.generation + 1;
                 *self = new;
                 Ok(Outcome {
                     diff: d,
@@ -550,6 +562,7 @@ impl PolicyEngine {
 
     /// Cluster mode on or off for the allocator (at start, before any endpoint).
     pub fn set_cluster(&mut self, on: bool) {
+        self.generation += 1;
         self.compiled.identities.set_cluster(on);
     }
 
@@ -763,6 +776,7 @@ impl PolicyEngine {
             self.remote_nodes = nodes;
         }
         let recompiled = self.recompiled;
+        let generation = self.generation + 1;
         let rebuilt = Self::build(
             policies.into_values().collect(),
             std::mem::take(&mut self.namespaces),
@@ -774,6 +788,7 @@ impl PolicyEngine {
         .expect("the inputs before the change compiled");
         *self = rebuilt;
         self.recompiled = recompiled;
+        self.generation = generation;
     }
 
     // ------------------------------------------------------------ input changes
@@ -885,6 +900,7 @@ impl PolicyEngine {
     fn reconcile(&mut self, work: &mut Work) -> Result<Outcome, PolicyError> {
         let (added, removed) = self.settle(work)?;
         let identities_changed = work.saved.is_some();
+        self.generation += u64::from(identities_changed);
 
         // Policies added or replaced: their selectors, their dependencies, what they
         // select.

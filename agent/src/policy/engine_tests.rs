@@ -1356,3 +1356,30 @@ fn other_nodes_addresses_are_replaced_as_a_set_and_rules_follow() {
     );
     assert_eq!(engine.remote_nodes(), &model.remote_nodes);
 }
+
+#[test]
+fn the_identities_generation_moves_exactly_when_the_allocator_changes() {
+    let mut engine = Model::new(&[], &[ep(1, "ns1", &[("app", "db")])]).engine();
+    let mut last = engine.identities_generation();
+    let mut moved = |e: &PolicyEngine, want: bool, what: &str| {
+        let now = e.identities_generation();
+        assert_eq!(now != last, want, "{what}");
+        last = now;
+    };
+    engine.join(ep(2, "ns1", &[("app", "db")])).unwrap();
+    moved(&engine, false, "an endpoint of an identity in use");
+    let before = engine.compiled().identities.clone();
+    engine.join(ep(3, "ns1", &[("app", "web")])).unwrap();
+    assert_ne!(engine.compiled().identities, before);
+    moved(&engine, true, "a new label set");
+    engine
+        .set_remote_nodes([IpAddr::from(Ipv4Addr::new(172, 16, 0, 12))].into())
+        .unwrap();
+    moved(&engine, false, "other nodes' addresses number nothing");
+    engine.leave(3);
+    moved(&engine, true, "a label set released");
+    engine
+        .assign_identities(vec![(5000, "ns2".into(), Labels::new())], Vec::new(), false)
+        .unwrap();
+    moved(&engine, true, "a number the store gave");
+}
