@@ -364,6 +364,10 @@ pub fn run_cluster() -> Result<()> {
     }
     CLUSTER_DEMO_PID.store(0, std::sync::atomic::Ordering::SeqCst);
     let status = status.with_context(|| format!("waiting for {}", bin.display()))?;
+    if status.code() == Some(130) {
+        // Interrupted; it has said so and cleaned up.
+        std::process::exit(130);
+    }
     if !status.success() {
         bail!("{} failed with {status}", bin.display());
     }

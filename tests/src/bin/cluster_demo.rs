@@ -255,6 +255,7 @@ fn run() -> Result<()> {
             &["policy", "apply", "-f", &file.display().to_string()]
         )?
     );
+    println!("(node-2 runs no db pod, so it writes no entries; node-0 enforces it for db-0)");
     let _db = TcpEcho::start(&db0.netns, 5432);
     let monitor = TextMonitor::start(&c.nodes[0])?;
     // node-0 enforces it once its watch has it: client-1's connection is refused then.
