@@ -650,6 +650,11 @@ mod end_to_end {
             colon(UNDERLAY6[i])
         ));
         run(&format!("ip link set {underlay} up"));
+        // Forwarding on, as the agent has it, before the VXLAN device exists (turning
+        // IPv6 forwarding on later sends the all-routers group's listener report into
+        // it); the route's MTU counts for forwarding (`bpf_fib_lookup`'s too).
+        run("sysctl -qw net.ipv4.ip_forward=1 net.ipv4.ip_forward_use_pmtu=1");
+        run("sysctl -qw net.ipv6.conf.all.forwarding=1");
         run("ip link add hyvx type vxlan external dstport 8472 nolearning");
         // NOARP: the host stack's packets need no neighbour resolution on it; no IPv6
         // link-local address: the device sends no IPv6 of its own (DAD, router
@@ -887,6 +892,110 @@ mod end_to_end {
         );
         let b_node = b.dp.node_stats(NODE_ID[0]).expect("B's stats of A");
         assert!(b_node.dropped.packets >= 2, "{b_node:?}");
+    }
+
+    /// What the agent sets up on a node beyond what [`node`] does, for the host stack to
+    /// reach its pods and the other node's IPv6 pods: the pod's routes on its host veth
+    /// and the other node's IPv6 pod CIDR through the tunnel device.
+    fn host_forwarding(cluster: &Cluster) {
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            let j = 1 - i;
+            let run = |cmd: &str| {
+                node.ns.exec(&cmd.split_whitespace().collect::<Vec<_>>());
+            };
+            run(&format!("ip route add {} dev hyhost", dotted(POD4[i])));
+            run(&format!("ip -6 route add {} dev hyhost", colon(POD6[i])));
+            run(&format!("ip -6 route add {}/64 dev hyvx", colon(CIDR6[j])));
+        }
+    }
+
+    /// `ping -M do` (no fragmentation) of `size` bytes of payload: its output and error.
+    fn ping_df(ns: &NamedNetns, dst: &str, size: usize) -> (bool, String) {
+        let size = size.to_string();
+        let out = ns.try_exec(&["ping", "-M", "do", "-c", "1", "-W", "1", "-s", &size, dst]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
+
+    #[test]
+    fn a_path_smaller_than_the_pods_mtu_is_discovered_by_the_pod_in_both_families() {
+        hypha_tests::require_root!();
+        let cluster = Cluster::new(false);
+        host_forwarding(&cluster);
+        let [a, b] = &cluster.nodes;
+        let egress = |n: &Node| {
+            let s = n.dp.stats(n.host_veth).egress;
+            (s.tunnel.packets, s.passed.packets, s.tunnel.bytes)
+        };
+
+        // An unchanged path: packets of the pod's full MTU (1450) go through the tunnel
+        // by eBPF, the host stack sees none of them, whatever their size (GSO included).
+        for dst in [dotted(POD4[1]), colon(POD6[1])] {
+            assert!(ping(&a.pod, &dst), "pod A → pod B ({dst})");
+        }
+        let (_, passed0, bytes0) = egress(a);
+        assert!(
+            ping_df(&a.pod, &dotted(POD4[1]), 1450 - 28).0,
+            "a full-MTU IPv4 ping"
+        );
+        assert!(
+            ping_df(&a.pod, &colon(POD6[1]), 1450 - 48).0,
+            "a full-MTU IPv6 ping"
+        );
+        let sink = tcp_sink(&b.pod, 5301);
+        tcp_send(&a.pod, std::net::IpAddr::from(POD4[1]), 5301, 2 << 20);
+        assert_eq!(sink.join().expect("sink"), 2 << 20);
+        let (_, passed1, bytes1) = egress(a);
+        assert!(
+            bytes1 - bytes0 > 2 << 20,
+            "tunnelled: {} bytes",
+            bytes1 - bytes0
+        );
+        assert_eq!(passed1, passed0, "nothing handed to the host stack");
+
+        // The path from node A to node B shrinks to 1400 (1350 inside the tunnel).
+        a.ns.exec(&[
+            "ip",
+            "route",
+            "add",
+            &format!("{}/32", dotted(UNDERLAY[1])),
+            "dev",
+            "under",
+            "mtu",
+            "lock",
+            "1400",
+        ]);
+        // A DF ping of 1428 bytes (IPv4), 1448 (IPv6): the pod learns the path's MTU
+        // within a few attempts (the first records it on the host's route; from the
+        // next the host answers; then the pod's own socket knows).
+        for (dst, size) in [(dotted(POD4[1]), 1400), (colon(POD6[1]), 1400)] {
+            let mut said = Vec::new();
+            let learnt = (0..4).any(|_| {
+                let (_, text) = ping_df(&a.pod, &dst, size);
+                let learnt = text.contains("mtu = 1350") || text.contains("mtu=1350");
+                said.push(text);
+                learnt
+            });
+            assert!(learnt, "{dst}: no MTU of 1350 learnt: {said:#?}");
+            // What fits still crosses, by eBPF.
+            let (tunnel, passed, _) = egress(a);
+            assert!(ping_df(&a.pod, &dst, 1250).0, "a ping of 1250 to {dst}");
+            let (tunnel2, passed2, _) = egress(a);
+            assert_eq!((tunnel2 - tunnel, passed2 - passed), (1, 0), "{dst}");
+        }
+
+        // TCP adapts: its segments shrink and a transfer completes, both families.
+        for (port, to) in [
+            (5302, std::net::IpAddr::from(POD4[1])),
+            (5303, std::net::IpAddr::from(POD6[1])),
+        ] {
+            let sink = tcp_sink(&b.pod, port);
+            tcp_send(&a.pod, to, port, 4 << 20);
+            assert_eq!(sink.join().expect("sink"), 4 << 20, "over {to}");
+        }
+        assert_eq!(a.dp.drops(), vec![], "node A's drops");
+        assert_eq!(b.dp.drops(), vec![], "node B's drops");
     }
 
     #[test]
