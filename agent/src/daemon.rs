@@ -204,6 +204,7 @@ async fn reconcile_loop<D: Datapath + 'static, H: HostNetwork + 'static>(
     deferred_dir: PathBuf,
 ) {
     let mut tick = tokio::time::interval(RECONCILE_EVERY);
+    let mut routing_error: Option<String> = None;
     loop {
         tick.tick().await;
         let (attachments, files) = read_deferred(&deferred_dir);
@@ -218,13 +219,23 @@ async fn reconcile_loop<D: Datapath + 'static, H: HostNetwork + 'static>(
         for line in done {
             tracing::info!("reconcile: {line}");
         }
-        // Cluster mode: what failed of the last routing change, tried again.
+        // Cluster mode: what failed of the last routing change, tried again (a failure
+        // logged when it is new).
         let a = agent.clone();
         if let Ok(Some(result)) = tokio::task::spawn_blocking(move || a.retry_cluster_nodes()).await
         {
             match result {
-                Ok(()) => tracing::info!("routing to the cluster's nodes applied on retry"),
-                Err(e) => tracing::warn!("routing to the cluster's nodes, retried: {e}"),
+                Ok(()) => {
+                    routing_error = None;
+                    tracing::info!("routing to the cluster's nodes applied on retry");
+                }
+                Err(e) => {
+                    let e = e.to_string();
+                    if routing_error.as_ref() != Some(&e) {
+                        tracing::warn!("routing to the cluster's nodes, retried: {e}");
+                        routing_error = Some(e);
+                    }
+                }
             }
         }
         for file in files {

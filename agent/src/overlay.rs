@@ -211,13 +211,12 @@ pub fn plan(local: &LocalNode, nodes: &[ClusterNode]) -> Plan {
             }
             None => {
                 for c in &cidrs {
-                    let on_link = |a: &&IpAddr| local.subnets.iter().any(|s| s.contains(*a));
-                    let gateway = node
-                        .addresses
-                        .iter()
-                        .filter(on_link)
-                        .find(|a| a.is_ipv4() == matches!(c, IpNet::V4(_)))
-                        .or_else(|| node.addresses.iter().find(on_link));
+                    // A gateway of the CIDR's family (a route of one family via the
+                    // other's, RFC 5549, is not made).
+                    let v4 = matches!(c, IpNet::V4(_));
+                    let gateway = node.addresses.iter().find(|a| {
+                        a.is_ipv4() == v4 && local.subnets.iter().any(|s| s.contains(*a))
+                    });
                     match gateway {
                         Some(g) => {
                             routes.insert(ClusterRoute::Via {
@@ -227,8 +226,9 @@ pub fn plan(local: &LocalNode, nodes: &[ClusterNode]) -> Plan {
                             routed = true;
                         }
                         None => out.warnings.push(format!(
-                            "node {}: none of its addresses ({}) is in a subnet of this node, so native routing cannot reach its pod CIDR {c}; it is not routed",
+                            "node {}: it has no {} address in a subnet of this node (its addresses: {}), so native routing cannot reach its pod CIDR {c}; it is not routed",
                             node.name,
+                            if v4 { "IPv4" } else { "IPv6" },
                             if addrs.is_empty() { "none known" } else { &addrs },
                         )),
                     }
@@ -530,7 +530,8 @@ mod tests {
             Some("10.244.3.0/24"),
             Some("fd00:10:244:3::/64"),
         ));
-        // Only an IPv4 address on-link: its IPv6 CIDR goes via it too.
+        // Only an IPv4 address on-link: its IPv6 CIDR is not routed (no route of one
+        // family via the other's).
         nodes.push(node(
             "node-4",
             &["172.16.0.14", "2001:db8::14"],
@@ -551,18 +552,27 @@ mod tests {
                 via("10.244.4.0/24", "172.16.0.14"),
                 via("fd00:10:244:1::/64", "fd00:16::11"),
                 via("fd00:10:244:2::/64", "fd00:16::12"),
-                via("fd00:10:244:4::/64", "172.16.0.14"),
             ]
         );
         assert_eq!(p.routed, vec!["node-1", "node-2", "node-4"]);
         assert_eq!(
             p.warnings.len(),
-            2,
-            "one per CIDR of node-3: {:?}",
+            3,
+            "one per CIDR of node-3, node-4's IPv6: {:?}",
             p.warnings
         );
         assert!(
-            p.warnings[0].contains("node node-3") && p.warnings[0].contains("192.0.2.13"),
+            p.warnings[0].contains("node node-3")
+                && p.warnings[0].contains(
+                    "no IPv4 address in a subnet of this node (its addresses: 192.0.2.13)"
+                ),
+            "{:?}",
+            p.warnings
+        );
+        assert!(
+            p.warnings[2].contains("node node-4")
+                && p.warnings[2].contains("no IPv6 address")
+                && p.warnings[2].contains("fd00:10:244:4::/64"),
             "{:?}",
             p.warnings
         );

@@ -43,7 +43,10 @@ fn config(routing: Routing) -> AgentConfig {
 fn host(underlay_mtu: Option<u32>) -> FakeHost {
     let h = host_with(&[("eth0", 2), ("hypa", 10)]);
     h.state().underlay_mtu = underlay_mtu;
-    h.state().subnets = vec!["172.16.0.0/24".parse().unwrap()];
+    h.state().subnets = vec![
+        "172.16.0.0/24".parse().unwrap(),
+        "fd00:16::/64".parse().unwrap(),
+    ];
     h
 }
 
@@ -75,7 +78,10 @@ fn ip(s: &str) -> IpAddr {
 fn node(name: &str, last: u8) -> ClusterNode {
     ClusterNode {
         name: name.into(),
-        addresses: vec![ip(&format!("172.16.0.{last}"))],
+        addresses: vec![
+            ip(&format!("172.16.0.{last}")),
+            ip(&format!("fd00:16::{last}")),
+        ],
         pod_cidr: Some(format!("10.244.{}.0/24", last - 10).parse().unwrap()),
         pod_cidr6: Some(format!("fd00:10:244:{}::/64", last - 10).parse().unwrap()),
     }
@@ -306,13 +312,16 @@ fn native_routing_routes_on_link_nodes_and_deletes_a_leftover_device() {
         .apply_cluster_nodes(vec![node("node-1", 11), far])
         .unwrap();
     assert!(agent.datapath.state().peers.is_empty(), "no tunnel peers");
-    let via = |dst: &str| ClusterRoute::Via {
+    let via = |dst: &str, gw: &str| ClusterRoute::Via {
         dst: dst.parse().unwrap(),
-        gateway: ip("172.16.0.11"),
+        gateway: ip(gw),
     };
     assert_eq!(
         agent.host.state().cluster_routes,
-        vec![via("10.244.1.0/24"), via("fd00:10:244:1::/64")]
+        vec![
+            via("10.244.1.0/24", "172.16.0.11"),
+            via("fd00:10:244:1::/64", "fd00:16::11"),
+        ]
     );
     let r = agent.status().routing.unwrap();
     assert_eq!(

@@ -10,9 +10,12 @@
 //! - (a) `underlay`: the two node namespaces directly over the underlay, the limit;
 //! - (b) `kernel-vxlan`: pods behind a Flannel-style kernel overlay (a Linux VXLAN device
 //!   per node, `id 1 dstport 8472 nolearning`, MTU underlay − 50; static FDB, neighbour
-//!   and route entries; no eBPF);
+//!   and route entries; Flannel's `--ip-masq` masquerade rule, so conntrack runs in the
+//!   nodes as on Flannel's and Hypha's; no eBPF);
 //! - (c) `hypha`: pods on two Hypha nodes in cluster mode (VXLAN tunnel), made through
-//!   `hypha-cni`.
+//!   `hypha-cni`;
+//! - (b') `kernel-vxlan-bare`, only when asked for (`--setups`): (b) without any nftables
+//!   rule, so without conntrack (what (a) runs with too).
 //!
 //! Each round: iperf3 with one stream and with `--streams` (each `--seconds`), the
 //! machine's busy CPU over each run from `/proc/stat` less the background just before it,
@@ -34,10 +37,11 @@ const TARGET_THROUGHPUT_OF_KERNEL: f64 = 1.0;
 const TARGET_P50_OF_KERNEL: f64 = 1.05;
 
 /// The setups in the driver's names, with the label the table and chart use.
-const SETUPS: [(&str, &str); 3] = [
+const SETUPS: [(&str, &str); 4] = [
     ("underlay", "(a) underlay"),
     ("kernel-vxlan", "(b) kernel VXLAN"),
     ("hypha", "(c) Hypha"),
+    ("kernel-vxlan-bare", "(b') no conntrack"),
 ];
 
 #[derive(clap::Args)]
@@ -52,7 +56,8 @@ pub struct Options {
     /// Parallel streams of the second throughput run (iperf3 -P).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     streams: u32,
-    /// Setups, comma-separated: underlay, kernel-vxlan, hypha [default: all three].
+    /// Setups, comma-separated: underlay, kernel-vxlan, hypha, kernel-vxlan-bare
+    /// [default: underlay,kernel-vxlan,hypha].
     #[arg(long)]
     setups: Option<String>,
     /// CPUs of the latency client and server threads: same (both on the last CPU),

@@ -30,14 +30,20 @@ mod setups;
 use measure::{Peers, Pin};
 use setups::{HyphaSetup, KernelSetup};
 
-/// The setups, in measuring order: (a), (b), (c).
-const SETUPS: [&str; 3] = ["underlay", "kernel-vxlan", "hypha"];
+/// Every setup, in measuring order: (a), (b), (c), then (b) without Flannel's masquerade
+/// rule (not measured unless asked for).
+const SETUPS: [&str; 4] = ["underlay", "kernel-vxlan", "hypha", "kernel-vxlan-bare"];
+/// The setups measured by default.
+const DEFAULT_SETUPS: [&str; 3] = ["underlay", "kernel-vxlan", "hypha"];
 
 fn describe(setup: &str) -> &'static str {
     match setup {
         "underlay" => "(a) the two node namespaces directly over the underlay (the limit)",
         "kernel-vxlan" => {
-            "(b) pods behind a Flannel-style kernel VXLAN overlay (static FDB, neighbour and route entries; no eBPF)"
+            "(b) pods behind a Flannel-style kernel VXLAN overlay (static FDB, neighbour and route entries; Flannel's masquerade rule, so conntrack runs as on a Flannel node; no eBPF)"
+        }
+        "kernel-vxlan-bare" => {
+            "(b') the kernel VXLAN overlay of (b) without any nftables rule (no conntrack)"
         }
         _ => "(c) pods on two Hypha nodes (cluster mode, VXLAN tunnel, hypha-cni)",
     }
@@ -63,7 +69,7 @@ impl Settings {
                 "--quick" => quick = true,
                 "-h" | "--help" => {
                     println!(
-                        "overlay-bench [--quick] [--setups underlay,kernel-vxlan,hypha] [--rounds N] [--seconds N] [--streams N] [--latency-pin same|split|none] [--out FILE]"
+                        "overlay-bench [--quick] [--setups underlay,kernel-vxlan,hypha,kernel-vxlan-bare] [--rounds N] [--seconds N] [--streams N] [--latency-pin same|split|none] [--out FILE]"
                     );
                     std::process::exit(0);
                 }
@@ -90,7 +96,7 @@ impl Settings {
         let setups: Vec<String> = args
             .get("setups")
             .map(|p| p.split(',').map(str::to_owned).collect())
-            .unwrap_or_else(|| SETUPS.iter().map(|s| s.to_string()).collect());
+            .unwrap_or_else(|| DEFAULT_SETUPS.iter().map(|s| s.to_string()).collect());
         for s in &setups {
             if !SETUPS.contains(&s.as_str()) {
                 bail!("unknown setup {s} (known: {})", SETUPS.join(", "));
@@ -154,15 +160,16 @@ fn main() -> Result<()> {
 
     // Made here, dropped (everything removed) when main returns, whatever happens.
     let wants = |name: &str| s.setups.iter().any(|x| x == name);
-    let kernel = if wants("underlay") || wants("kernel-vxlan") {
-        println!("==> setting up the underlay and the kernel VXLAN overlay");
-        match KernelSetup::create() {
-            Ok(k) => Some(Ok(k)),
-            Err(e) => Some(Err(format!("{e:#}"))),
-        }
-    } else {
-        None
-    };
+    // (a) and (b') share node namespaces without any nftables rule; (b) has its own,
+    // with Flannel's masquerade rule.
+    let bare = (wants("underlay") || wants("kernel-vxlan-bare")).then(|| {
+        println!("==> setting up an underlay and a kernel VXLAN overlay without nftables rules");
+        KernelSetup::create(false).map_err(|e| format!("{e:#}"))
+    });
+    let flannel = wants("kernel-vxlan").then(|| {
+        println!("==> setting up an underlay and a Flannel-style kernel VXLAN overlay");
+        KernelSetup::create(true).map_err(|e| format!("{e:#}"))
+    });
     let hypha = if wants("hypha") && check_interrupted().is_ok() {
         println!("==> setting up Hypha: etcd and two cluster-mode nodes, a pod on each");
         Some(HyphaSetup::create().map_err(|e| format!("{e:#}")))
@@ -173,12 +180,19 @@ fn main() -> Result<()> {
     let mut setups: Vec<Setup> = Vec::new();
     for name in &s.setups {
         let (peers, error) = match name.as_str() {
-            "underlay" | "kernel-vxlan" => match &kernel {
-                Some(Ok(k)) if name == "underlay" => (Some(k.underlay_peers()), None),
-                Some(Ok(k)) => (Some(k.overlay_peers()), None),
-                Some(Err(e)) => (None, Some(e.clone())),
-                None => unreachable!("made when wanted"),
-            },
+            "underlay" | "kernel-vxlan" | "kernel-vxlan-bare" => {
+                let made = if name == "kernel-vxlan" {
+                    &flannel
+                } else {
+                    &bare
+                };
+                match made {
+                    Some(Ok(k)) if name == "underlay" => (Some(k.underlay_peers()), None),
+                    Some(Ok(k)) => (Some(k.overlay_peers()), None),
+                    Some(Err(e)) => (None, Some(e.clone())),
+                    None => unreachable!("made when wanted"),
+                }
+            }
             _ => match &hypha {
                 Some(Ok(h)) => (Some(h.peers()), None),
                 Some(Err(e)) => (None, Some(e.clone())),
@@ -237,10 +251,19 @@ fn main() -> Result<()> {
 
     // Proof that each overlay carried the traffic.
     let mut evidence = json!({});
-    if let Some(Ok(k)) = &kernel {
-        match k.vxlan_counters() {
-            Ok(v) => evidence["kernel_vxlan_devices"] = v,
-            Err(e) => errors.push(format!("reading the kernel VXLAN counters: {e:#}")),
+    for (key, made, wanted) in [
+        ("kernel_vxlan_devices", &flannel, wants("kernel-vxlan")),
+        (
+            "kernel_vxlan_bare_devices",
+            &bare,
+            wants("kernel-vxlan-bare"),
+        ),
+    ] {
+        if let (Some(Ok(k)), true) = (made, wanted) {
+            match k.vxlan_counters() {
+                Ok(v) => evidence[key] = v,
+                Err(e) => errors.push(format!("reading the kernel VXLAN counters: {e:#}")),
+            }
         }
     }
     if let Some(Ok(h)) = &hypha {
@@ -301,7 +324,8 @@ fn main() -> Result<()> {
 
     println!("==> cleaning up");
     drop(hypha);
-    drop(kernel);
+    drop(flannel);
+    drop(bare);
     if let Some(dir) = s.out.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

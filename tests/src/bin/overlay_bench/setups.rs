@@ -7,7 +7,11 @@
 //!   VXLAN device each (`vxlan id 1 dstport 8472 nolearning`, MTU underlay − 50, the
 //!   device's own address the `.0` of its node's pod subnet), a static FDB entry, a
 //!   permanent neighbour entry and an on-link route for the peer's pod subnet through
-//!   it, and one pod namespace per node behind a veth that the node routes. No eBPF.
+//!   it, and one pod namespace per node behind a veth that the node routes; and
+//!   Flannel's masquerade rule (kube-flannel runs with `--ip-masq`): pod traffic leaving
+//!   the cluster CIDR is masqueraded, so conntrack runs in the node as on a Flannel node
+//!   (and on a Hypha node, whose agent masquerades alike). No eBPF. Without the rule:
+//!   `kernel-vxlan-bare`, which (a) shares.
 //! - (c) `hypha`: the issue-12 cluster harness ([`Cluster`]: its own underlay, a real
 //!   etcd, two nodes with an agent each in tunnel mode), one pod per node made through
 //!   `hypha-cni`.
@@ -36,6 +40,8 @@ const VXLAN_OVERHEAD: u32 = 50;
 const VXLAN_DEVICE: &str = "flannel.1";
 const VNI: &str = "1";
 const VXLAN_PORT: &str = "8472";
+/// The kernel overlay's cluster CIDR (every node's pod subnet is in it).
+const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// The underlay veth's name inside each node namespace.
 const UNDERLAY_IF: &str = "ul0";
 /// The pod's host-side veth in its node namespace.
@@ -81,7 +87,9 @@ fn exec(ns: &NamedNetns, cmd: &[&str]) -> Result<String> {
 }
 
 impl KernelSetup {
-    pub fn create() -> Result<KernelSetup> {
+    /// The namespaces wired; with Flannel's masquerade rule in each node when
+    /// `masquerade`.
+    pub fn create(masquerade: bool) -> Result<KernelSetup> {
         let underlay = NamedNetns::new("hob-u");
         let nodes = [NamedNetns::new("hob-n"), NamedNetns::new("hob-n")];
         let pods = [NamedNetns::new("hob-p"), NamedNetns::new("hob-p")];
@@ -91,6 +99,11 @@ impl KernelSetup {
             underlay,
         };
         setup.wire().context("setting up the kernel overlay")?;
+        if masquerade {
+            for node in &setup.nodes {
+                masquerade_rule(node).context("Flannel's masquerade rule")?;
+            }
+        }
         Ok(setup)
     }
 
@@ -312,6 +325,44 @@ impl KernelSetup {
         }
         Ok(json!(out))
     }
+}
+
+/// Flannel's `--ip-masq` rule as nftables: pod traffic leaving the cluster CIDR is
+/// masqueraded, pod to pod is not (as Hypha's agent does in cluster mode).
+fn masquerade_rule(node: &NamedNetns) -> Result<()> {
+    exec(node, &["nft", "add", "table", "ip", "flannel"])?;
+    exec(
+        node,
+        &[
+            "nft",
+            "add",
+            "chain",
+            "ip",
+            "flannel",
+            "postrouting",
+            "{ type nat hook postrouting priority srcnat ; }",
+        ],
+    )?;
+    exec(
+        node,
+        &[
+            "nft",
+            "add",
+            "rule",
+            "ip",
+            "flannel",
+            "postrouting",
+            "ip",
+            "saddr",
+            CLUSTER_CIDR,
+            "ip",
+            "daddr",
+            "!=",
+            CLUSTER_CIDR,
+            "masquerade",
+        ],
+    )?;
+    Ok(())
 }
 
 /// `{"tx_packets", "rx_packets"}` of a link, from `ip -j -s link show`.
