@@ -562,6 +562,141 @@ fn every_truncation_of_a_frame_for_the_tunnel_gets_a_designed_verdict_and_one_co
     }
 }
 
+// ---- path MTU ----
+
+/// `frame` (pod A's, IPv4 or IPv6) padded with zeros to an L3 length of `l3_len`, its
+/// length fields (and IPv4 checksum) to match.
+fn padded(frame: &[u8], l3_len: usize) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    out.resize(ETH_HLEN + l3_len, 0);
+    let ip = &mut out[ETH_HLEN..];
+    if ip[0] >> 4 == 4 {
+        ip[2..4].copy_from_slice(&(l3_len as u16).to_be_bytes());
+        ip[10..12].copy_from_slice(&[0, 0]);
+        let csum = ipv4_checksum(&ip[..20]);
+        ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    } else {
+        ip[4..6].copy_from_slice(&((l3_len - 40) as u16).to_be_bytes());
+    }
+    out
+}
+
+/// Node 2's underlay address behind a path of MTU 1400 (1350 inside the tunnel), and
+/// forwarding on, as on a node: what `bpf_fib_lookup` answers from.
+fn shrink_path_to_node2() {
+    for cmd in [
+        "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
+        "ip link set hy-vxlan-peer up",
+        "ip route add 192.168.77.2/32 dev hy-vxlan-peer mtu lock 1400",
+    ] {
+        let args: Vec<_> = cmd.split_whitespace().collect();
+        // The child is forked from this thread, inside the test's namespace.
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .expect(cmd);
+        assert!(out.status.success(), "{cmd}: {out:?}");
+    }
+}
+
+#[test]
+fn a_packet_too_big_for_the_path_is_answered_with_frag_needed() {
+    hypha_tests::require_root!();
+    let node = Node::new(true, true);
+    shrink_path_to_node2();
+    // What fits (1350 + 50 = 1400) is tunnelled.
+    let fits = padded(&a_to4(R4, 64), 1350);
+    let run = node.dp.run(FROM_POD, &fits, node.a);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(run.frame, ttl_decremented(&fits), "tunnelled as it was");
+    assert_eq!(node.stats_a().egress.tunnel.packets, 1);
+
+    // One byte more is answered: a frag needed from the gateway back to pod A.
+    let big = padded(&a_to4(R4, 64), 1351);
+    let run = node.dp.run(FROM_POD, &big, node.a);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "sent back to the pod");
+    let f = &run.frame;
+    assert_eq!(f.len(), ETH_HLEN + 20 + 8 + 28, "{f:02x?}");
+    assert_eq!((&f[0..6], &f[6..12]), (&A_MAC[..], &HOST_A_MAC[..]), "MACs");
+    assert_eq!(&f[12..14], &ETH_P_IP.to_be_bytes());
+    let ip = &f[ETH_HLEN..ETH_HLEN + 20];
+    assert_eq!(ip[0], 0x45);
+    assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 56, "total length");
+    assert_eq!(ip[9], 1, "ICMP");
+    assert_eq!(ipv4_checksum(ip), 0, "header checksum");
+    assert_eq!((&ip[12..16], &ip[16..20]), (&GATEWAY4[..], &A4[..]));
+    let icmp = &f[ETH_HLEN + 20..];
+    assert_eq!(
+        (icmp[0], icmp[1]),
+        (3, 4),
+        "destination unreachable, frag needed"
+    );
+    assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1350, "next-hop MTU");
+    assert_eq!(ipv4_checksum(icmp), 0, "ICMP checksum");
+    assert_eq!(
+        &icmp[8..],
+        &big[ETH_HLEN..ETH_HLEN + 28],
+        "the quoted header"
+    );
+    // Counted as passed (answered), never tunnelled.
+    let stats = node.stats_a();
+    assert_eq!(
+        (stats.egress.tunnel.packets, stats.egress.passed.packets),
+        (1, 1)
+    );
+    assert!(node.dp.drops().is_empty(), "drops: {:?}", node.dp.drops());
+}
+
+#[test]
+fn an_ipv6_packet_too_big_for_the_path_is_answered_with_packet_too_big() {
+    hypha_tests::require_root!();
+    let node = Node::new(true, true);
+    shrink_path_to_node2();
+    let fits = padded(&a_to6(R6, 64), 1350);
+    assert_eq!(
+        node.dp.run(FROM_POD, &fits, node.a).verdict,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(node.stats_a().egress.tunnel.packets, 1, "tunnelled");
+
+    let big = padded(&a_to6(R6, 64), 1351);
+    let run = node.dp.run(FROM_POD, &big, node.a);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "sent back to the pod");
+    let f = &run.frame;
+    assert_eq!(f.len(), ETH_HLEN + 40 + 8 + 48, "{f:02x?}");
+    assert_eq!((&f[0..6], &f[6..12]), (&A_MAC[..], &HOST_A_MAC[..]), "MACs");
+    let ip = &f[ETH_HLEN..ETH_HLEN + 40];
+    assert_eq!(ip[0] >> 4, 6);
+    assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 56, "payload length");
+    assert_eq!(ip[6], 58, "ICMPv6");
+    assert_eq!(&ip[8..24], &hypha_common::GATEWAY6[..], "from the gateway");
+    assert_eq!(&ip[24..40], &A6[..], "to pod A");
+    let icmp = &f[ETH_HLEN + 40..];
+    assert_eq!((icmp[0], icmp[1]), (2, 0), "packet too big");
+    assert_eq!(
+        u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]),
+        1350,
+        "MTU"
+    );
+    // The checksum over the pseudo-header and the message.
+    let mut pseudo = ip[8..40].to_vec();
+    pseudo.extend_from_slice(&56u32.to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(icmp);
+    assert_eq!(ipv4_checksum(&pseudo), 0, "ICMPv6 checksum");
+    assert_eq!(
+        &icmp[8..],
+        &big[ETH_HLEN..ETH_HLEN + 48],
+        "the quoted packet"
+    );
+    let stats = node.stats_a();
+    assert_eq!(
+        (stats.egress.tunnel.packets, stats.egress.passed.packets),
+        (1, 1)
+    );
+    assert!(node.dp.drops().is_empty(), "drops: {:?}", node.dp.drops());
+}
+
 // ---- end to end: two nodes joined by real VXLAN devices ----
 
 /// What the programs do with real tunnel metadata: two node namespaces joined by an
