@@ -21,6 +21,7 @@ mod debug;
 mod family;
 mod ipv6;
 mod packet;
+mod pmtu;
 mod policy;
 mod stats;
 mod tunnel;
@@ -740,6 +741,8 @@ fn route_ipv4(ctx: &TcContext, ifindex: u32, iface: &EndpointIface) -> Result<Fo
             Outcome::TUNNEL => Ok(Forward::Tunnel {
                 node_id: outcome.value(),
             }),
+            // Too big for the path: answered with an ICMP error (`pmtu`).
+            Outcome::ANSWERED => Ok(Forward::Answered),
             Outcome::DROP => Err(outcome.reason().into()),
             _ => Ok(Forward::Host),
         };

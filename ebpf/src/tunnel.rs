@@ -4,7 +4,8 @@
 //! - `hypha_from_pod` sends a pod's packet for another node's pod CIDR
 //!   (`hypha_tunnel4/6`) into the tunnel ([`from_pod4`], [`from_pod6`]): the TTL or hop
 //!   limit decremented, the tunnel key set (the peer's underlay address, VNI = the
-//!   sender's identity) and redirected to the device.
+//!   sender's identity) and redirected to the device; one too big for the path to the
+//!   peer is answered with an ICMP error instead (see `pmtu`).
 //! - [`try_to_tunnel`] (TCX egress of the device) gives what the host stack routes into
 //!   the device (the host's own packets, forwarded ones, its ICMP errors) its key, with
 //!   the identity of the inner source address as the VNI; what already has a key passes.
@@ -57,6 +58,7 @@ use crate::{
         self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_CSUM_OFF, IPV4_MIN_HLEN, Ipv4Hdr,
         Ipv6Hdr,
     },
+    pmtu,
     policy::{self, Addr, Ip6, Party},
     pull_or, redirect_to_pod, skb_ifindex,
     stats::{count, count_drop, count_node},
@@ -167,6 +169,11 @@ fn try_from_pod4(ctx: &TcContext, daddr: u32) -> Result<Outcome, Outcome> {
     let Some(peer) = TUNNEL4.get(Key::new(32, daddr)) else {
         return Ok(pass);
     };
+    // Too big for the path to the peer: answered with "fragmentation needed".
+    let mtu = pmtu::path_mtu(ctx, peer, false);
+    if mtu != 0 {
+        return Ok(Outcome(pmtu::answer4(ctx, mtu)));
+    }
     let ip: *mut Ipv4Hdr = packet::header(ctx, ETH_HLEN).ok_or(DropReason::InvalidIpv4Header)?;
     // SAFETY: `header` checked that the IPv4 header lies within the packet; the only
     // helper that moves packet data (`l3_csum_replace`) is called after the last access.
@@ -230,6 +237,11 @@ fn try_from_pod6(ctx: &TcContext, hop_limit: u8) -> Result<Outcome, Outcome> {
     let Some(peer) = TUNNEL6.get(Key::new(128, daddr.0)) else {
         return Ok(pass);
     };
+    // Too big for the path to the peer: answered with "packet too big".
+    let mtu = pmtu::path_mtu(ctx, peer, true);
+    if mtu != 0 {
+        return Ok(Outcome(pmtu::answer6(ctx, mtu)));
+    }
     let ip: *mut Ipv6Hdr = packet::header(ctx, ETH_HLEN).ok_or(DropReason::HelperFailed)?;
     // SAFETY: `header` checked that the IPv6 header lies within the packet. IPv6 has no
     // header checksum to update.

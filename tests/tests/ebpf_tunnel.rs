@@ -562,6 +562,141 @@ fn every_truncation_of_a_frame_for_the_tunnel_gets_a_designed_verdict_and_one_co
     }
 }
 
+// ---- path MTU ----
+
+/// `frame` (pod A's, IPv4 or IPv6) padded with zeros to an L3 length of `l3_len`, its
+/// length fields (and IPv4 checksum) to match.
+fn padded(frame: &[u8], l3_len: usize) -> Vec<u8> {
+    let mut out = frame.to_vec();
+    out.resize(ETH_HLEN + l3_len, 0);
+    let ip = &mut out[ETH_HLEN..];
+    if ip[0] >> 4 == 4 {
+        ip[2..4].copy_from_slice(&(l3_len as u16).to_be_bytes());
+        ip[10..12].copy_from_slice(&[0, 0]);
+        let csum = ipv4_checksum(&ip[..20]);
+        ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    } else {
+        ip[4..6].copy_from_slice(&((l3_len - 40) as u16).to_be_bytes());
+    }
+    out
+}
+
+/// Node 2's underlay address behind a path of MTU 1400 (1350 inside the tunnel), and
+/// forwarding on, as on a node: what `bpf_fib_lookup` answers from.
+fn shrink_path_to_node2() {
+    for cmd in [
+        "sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1",
+        "ip link set hy-vxlan-peer up",
+        "ip route add 192.168.77.2/32 dev hy-vxlan-peer mtu lock 1400",
+    ] {
+        let args: Vec<_> = cmd.split_whitespace().collect();
+        // The child is forked from this thread, inside the test's namespace.
+        let out = std::process::Command::new(args[0])
+            .args(&args[1..])
+            .output()
+            .expect(cmd);
+        assert!(out.status.success(), "{cmd}: {out:?}");
+    }
+}
+
+#[test]
+fn a_packet_too_big_for_the_path_is_answered_with_frag_needed() {
+    hypha_tests::require_root!();
+    let node = Node::new(true, true);
+    shrink_path_to_node2();
+    // What fits (1350 + 50 = 1400) is tunnelled.
+    let fits = padded(&a_to4(R4, 64), 1350);
+    let run = node.dp.run(FROM_POD, &fits, node.a);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(run.frame, ttl_decremented(&fits), "tunnelled as it was");
+    assert_eq!(node.stats_a().egress.tunnel.packets, 1);
+
+    // One byte more is answered: a frag needed from the gateway back to pod A.
+    let big = padded(&a_to4(R4, 64), 1351);
+    let run = node.dp.run(FROM_POD, &big, node.a);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "sent back to the pod");
+    let f = &run.frame;
+    assert_eq!(f.len(), ETH_HLEN + 20 + 8 + 28, "{f:02x?}");
+    assert_eq!((&f[0..6], &f[6..12]), (&A_MAC[..], &HOST_A_MAC[..]), "MACs");
+    assert_eq!(&f[12..14], &ETH_P_IP.to_be_bytes());
+    let ip = &f[ETH_HLEN..ETH_HLEN + 20];
+    assert_eq!(ip[0], 0x45);
+    assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 56, "total length");
+    assert_eq!(ip[9], 1, "ICMP");
+    assert_eq!(ipv4_checksum(ip), 0, "header checksum");
+    assert_eq!((&ip[12..16], &ip[16..20]), (&GATEWAY4[..], &A4[..]));
+    let icmp = &f[ETH_HLEN + 20..];
+    assert_eq!(
+        (icmp[0], icmp[1]),
+        (3, 4),
+        "destination unreachable, frag needed"
+    );
+    assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1350, "next-hop MTU");
+    assert_eq!(ipv4_checksum(icmp), 0, "ICMP checksum");
+    assert_eq!(
+        &icmp[8..],
+        &big[ETH_HLEN..ETH_HLEN + 28],
+        "the quoted header"
+    );
+    // Counted as passed (answered), never tunnelled.
+    let stats = node.stats_a();
+    assert_eq!(
+        (stats.egress.tunnel.packets, stats.egress.passed.packets),
+        (1, 1)
+    );
+    assert!(node.dp.drops().is_empty(), "drops: {:?}", node.dp.drops());
+}
+
+#[test]
+fn an_ipv6_packet_too_big_for_the_path_is_answered_with_packet_too_big() {
+    hypha_tests::require_root!();
+    let node = Node::new(true, true);
+    shrink_path_to_node2();
+    let fits = padded(&a_to6(R6, 64), 1350);
+    assert_eq!(
+        node.dp.run(FROM_POD, &fits, node.a).verdict,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(node.stats_a().egress.tunnel.packets, 1, "tunnelled");
+
+    let big = padded(&a_to6(R6, 64), 1351);
+    let run = node.dp.run(FROM_POD, &big, node.a);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "sent back to the pod");
+    let f = &run.frame;
+    assert_eq!(f.len(), ETH_HLEN + 40 + 8 + 48, "{f:02x?}");
+    assert_eq!((&f[0..6], &f[6..12]), (&A_MAC[..], &HOST_A_MAC[..]), "MACs");
+    let ip = &f[ETH_HLEN..ETH_HLEN + 40];
+    assert_eq!(ip[0] >> 4, 6);
+    assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 56, "payload length");
+    assert_eq!(ip[6], 58, "ICMPv6");
+    assert_eq!(&ip[8..24], &hypha_common::GATEWAY6[..], "from the gateway");
+    assert_eq!(&ip[24..40], &A6[..], "to pod A");
+    let icmp = &f[ETH_HLEN + 40..];
+    assert_eq!((icmp[0], icmp[1]), (2, 0), "packet too big");
+    assert_eq!(
+        u32::from_be_bytes([icmp[4], icmp[5], icmp[6], icmp[7]]),
+        1350,
+        "MTU"
+    );
+    // The checksum over the pseudo-header and the message.
+    let mut pseudo = ip[8..40].to_vec();
+    pseudo.extend_from_slice(&56u32.to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(icmp);
+    assert_eq!(ipv4_checksum(&pseudo), 0, "ICMPv6 checksum");
+    assert_eq!(
+        &icmp[8..],
+        &big[ETH_HLEN..ETH_HLEN + 48],
+        "the quoted packet"
+    );
+    let stats = node.stats_a();
+    assert_eq!(
+        (stats.egress.tunnel.packets, stats.egress.passed.packets),
+        (1, 1)
+    );
+    assert!(node.dp.drops().is_empty(), "drops: {:?}", node.dp.drops());
+}
+
 // ---- end to end: two nodes joined by real VXLAN devices ----
 
 /// What the programs do with real tunnel metadata: two node namespaces joined by an
@@ -650,6 +785,11 @@ mod end_to_end {
             colon(UNDERLAY6[i])
         ));
         run(&format!("ip link set {underlay} up"));
+        // Forwarding on, as the agent has it, before the VXLAN device exists (turning
+        // IPv6 forwarding on later sends the all-routers group's listener report into
+        // it); the route's MTU counts for forwarding (`bpf_fib_lookup`'s too).
+        run("sysctl -qw net.ipv4.ip_forward=1 net.ipv4.ip_forward_use_pmtu=1");
+        run("sysctl -qw net.ipv6.conf.all.forwarding=1");
         run("ip link add hyvx type vxlan external dstport 8472 nolearning");
         // NOARP: the host stack's packets need no neighbour resolution on it; no IPv6
         // link-local address: the device sends no IPv6 of its own (DAD, router
@@ -887,6 +1027,121 @@ mod end_to_end {
         );
         let b_node = b.dp.node_stats(NODE_ID[0]).expect("B's stats of A");
         assert!(b_node.dropped.packets >= 2, "{b_node:?}");
+    }
+
+    /// What the agent sets up on a node beyond what [`node`] does, for the host stack to
+    /// reach its pods and the other node's IPv6 pods: the pod's routes on its host veth
+    /// and the other node's IPv6 pod CIDR through the tunnel device.
+    fn host_forwarding(cluster: &Cluster) {
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            let j = 1 - i;
+            let run = |cmd: &str| {
+                node.ns.exec(&cmd.split_whitespace().collect::<Vec<_>>());
+            };
+            run(&format!("ip route add {} dev hyhost", dotted(POD4[i])));
+            run(&format!("ip -6 route add {} dev hyhost", colon(POD6[i])));
+            run(&format!("ip -6 route add {}/64 dev hyvx", colon(CIDR6[j])));
+        }
+    }
+
+    /// `ping -M do` (no fragmentation) of `size` bytes of payload: its output and error.
+    fn ping_df(ns: &NamedNetns, dst: &str, size: usize) -> (bool, String) {
+        let size = size.to_string();
+        let out = ns.try_exec(&["ping", "-M", "do", "-c", "1", "-W", "1", "-s", &size, dst]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
+
+    #[test]
+    fn a_path_smaller_than_the_pods_mtu_is_discovered_by_the_pod_in_both_families() {
+        hypha_tests::require_root!();
+        let cluster = Cluster::new(false);
+        host_forwarding(&cluster);
+        let [a, b] = &cluster.nodes;
+        let egress = |n: &Node| {
+            let s = n.dp.stats(n.host_veth).egress;
+            (s.tunnel.packets, s.passed.packets, s.tunnel.bytes)
+        };
+
+        // An unchanged path: packets of the pod's full MTU (1450) go through the tunnel
+        // by eBPF, the host stack sees none of them, whatever their size (GSO included).
+        for dst in [dotted(POD4[1]), colon(POD6[1])] {
+            assert!(ping(&a.pod, &dst), "pod A → pod B ({dst})");
+        }
+        let (_, passed0, bytes0) = egress(a);
+        assert!(
+            ping_df(&a.pod, &dotted(POD4[1]), 1450 - 28).0,
+            "a full-MTU IPv4 ping"
+        );
+        assert!(
+            ping_df(&a.pod, &colon(POD6[1]), 1450 - 48).0,
+            "a full-MTU IPv6 ping"
+        );
+        let sink = tcp_sink(&b.pod, 5301);
+        tcp_send(&a.pod, std::net::IpAddr::from(POD4[1]), 5301, 2 << 20);
+        assert_eq!(sink.join().expect("sink"), 2 << 20);
+        let (_, passed1, bytes1) = egress(a);
+        assert!(
+            bytes1 - bytes0 > 2 << 20,
+            "tunnelled: {} bytes",
+            bytes1 - bytes0
+        );
+        assert_eq!(passed1, passed0, "nothing handed to the host stack");
+
+        // The path from node A to node B shrinks to 1400 (1350 inside the tunnel).
+        a.ns.exec(&[
+            "ip",
+            "route",
+            "add",
+            &format!("{}/32", dotted(UNDERLAY[1])),
+            "dev",
+            "under",
+            "mtu",
+            "lock",
+            "1400",
+        ]);
+        // A DF ping of 1428 bytes (IPv4), 1448 (IPv6): the pod learns the path's MTU
+        // within a few attempts (the first records it on the host's route; from the
+        // next the host answers; then the pod's own socket knows).
+        for (dst, size) in [(dotted(POD4[1]), 1400), (colon(POD6[1]), 1400)] {
+            let mut said = Vec::new();
+            let learnt = (0..4).any(|_| {
+                let (_, text) = ping_df(&a.pod, &dst, size);
+                let learnt = text.contains("mtu = 1350") || text.contains("mtu=1350");
+                said.push(text);
+                learnt
+            });
+            assert!(learnt, "{dst}: no MTU of 1350 learnt: {said:#?}");
+            // What fits still crosses, by eBPF.
+            let (tunnel, passed, _) = egress(a);
+            assert!(ping_df(&a.pod, &dst, 1250).0, "a ping of 1250 to {dst}");
+            let (tunnel2, passed2, _) = egress(a);
+            assert_eq!((tunnel2 - tunnel, passed2 - passed), (1, 0), "{dst}");
+        }
+
+        // TCP adapts: its segments (GSO packets, the answer cut from them) shrink and a
+        // transfer completes, both families; what the pings taught the pod forgotten
+        // first, so that TCP's own packets are answered.
+        a.pod.exec(&["ip", "route", "flush", "cache"]);
+        a.pod.exec(&["ip", "-6", "route", "flush", "cache"]);
+        let (_, passed0, _) = egress(a);
+        for (port, to) in [
+            (5302, std::net::IpAddr::from(POD4[1])),
+            (5303, std::net::IpAddr::from(POD6[1])),
+        ] {
+            let sink = tcp_sink(&b.pod, port);
+            tcp_send(&a.pod, to, port, 4 << 20);
+            assert_eq!(sink.join().expect("sink"), 4 << 20, "over {to}");
+        }
+        let (_, passed1, _) = egress(a);
+        assert!(passed1 > passed0, "TCP's too-big segments were answered");
+        for to in [dotted(POD4[1]), colon(POD6[1])] {
+            let route = a.pod.exec(&["ip", "route", "get", &to]);
+            assert!(route.contains("mtu 1350"), "pod A's route to {to}: {route}");
+        }
+        assert_eq!(a.dp.drops(), vec![], "node A's drops");
+        assert_eq!(b.dp.drops(), vec![], "node B's drops");
     }
 
     #[test]

@@ -610,15 +610,10 @@ fn three_nodes_carry_pod_traffic_over_the_tunnel() {
 
 /// PMTU when the underlay's path shrinks after pods exist: node-0's route to node-1
 /// gets an MTU of 1400 (1350 inside the tunnel); a DF packet of 1428 from node-0's pod
-/// gets "frag needed" / "packet too big" with 1350, both families, and TCP adapts.
-///
-/// Ignored: the vxlan driver injects those errors only for a device that is a bridge
-/// port (`skb_tunnel_check_pmtu(.., netif_is_any_bridge_port(dev))` in
-/// `vxlan_xmit_one`), and an skb that `hypha_from_pod` redirected carries no route for
-/// it to record the path MTU on; the outer packet is fragmented instead (its DF is
-/// clear) and the DF ping is answered. Run with `--ignored` once the datapath answers.
+/// gets "frag needed" / "packet too big" with 1350, both families, and TCP adapts. The
+/// datapath answers them (`ebpf/src/pmtu.rs`): the vxlan driver sends none for a
+/// device that is no bridge port.
 #[test]
-#[ignore = "the VXLAN driver sends no PMTU errors for a redirected skb on a non-bridged device"]
 fn a_shrunk_underlay_path_is_discovered_by_the_pods() {
     hypha_tests::require_root!();
     let c = Cluster::start(2, ClusterOpts::default());

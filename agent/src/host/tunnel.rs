@@ -60,6 +60,10 @@ pub(super) fn ensure_vxlan(nl: &mut Netlink, spec: &VxlanSpec) -> Result<Link, H
     if conf.exists() {
         super::write_sysctl(conf.join("disable_ipv6"), "0")?;
     }
+    // A route's MTU (`ip route ... mtu N`) counts for forwarding: the datapath asks
+    // the kernel (`bpf_fib_lookup`) whether a pod's packet fits the path to a peer
+    // node, and the kernel answers with the route's MTU only with this on (or locked).
+    super::write_sysctl("/proc/sys/net/ipv4/ip_forward_use_pmtu", "1")?;
     if link.mtu != spec.mtu {
         nl.set_mtu(link.index, spec.mtu)?;
     }
