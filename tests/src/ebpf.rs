@@ -747,3 +747,43 @@ impl Drop for TestNetns {
         }
     }
 }
+
+/// A packet and byte counter of `packets` packets of `bytes` bytes in all.
+pub fn counter(packets: u64, bytes: usize) -> Counter {
+    Counter {
+        packets,
+        bytes: bytes as u64,
+    }
+}
+
+/// Family counters that are zero but for the one `select` picks, which is `c`.
+pub fn stats_with(
+    select: impl FnOnce(&mut FamilyStats) -> &mut Counter,
+    c: Counter,
+) -> FamilyStats {
+    let mut stats = FamilyStats::default();
+    *select(&mut stats) = c;
+    stats
+}
+
+/// An Ethernet frame: the header, then `payload`.
+pub fn eth(dst: [u8; 6], src: [u8; 6], ether_type: u16, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(14 + payload.len());
+    frame.extend_from_slice(&dst);
+    frame.extend_from_slice(&src);
+    frame.extend_from_slice(&ether_type.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The Internet checksum of an IPv4 header whose checksum field is zero.
+pub fn ipv4_checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}

@@ -11,12 +11,14 @@ use std::time::{Duration, Instant};
 
 use aya::programs::TcAttachType;
 use hypha_common::{
-    Counter, DIR_EGRESS, DIR_INGRESS, DropKey, DropReason, ENDPOINT_F_INGRESS_POLICY, EVENT_DROP,
+    DIR_EGRESS, DIR_INGRESS, DropKey, DropReason, ENDPOINT_F_INGRESS_POLICY, EVENT_DROP,
     EndpointInfo, FamilyStats, GATEWAY6, IDENTITY_WORLD, IDENTITY_WORLD6, NodeConfig, POLICY_ALLOW,
     PolicyEntry, PolicyKey, link_local_of,
     programs::{FROM_POD, TO_POD},
 };
-use hypha_tests::ebpf::{Datapath, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestNetns};
+use hypha_tests::ebpf::{
+    Datapath, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestNetns, counter, eth, stats_with,
+};
 
 const A4: [u8; 4] = [10, 244, 0, 7];
 const B4: [u8; 4] = [10, 244, 0, 8];
@@ -138,29 +140,7 @@ impl Node {
     }
 }
 
-fn counter(packets: u64, bytes: usize) -> Counter {
-    Counter {
-        packets,
-        bytes: bytes as u64,
-    }
-}
-
-fn stats_with(select: impl FnOnce(&mut FamilyStats) -> &mut Counter, c: Counter) -> FamilyStats {
-    let mut stats = FamilyStats::default();
-    *select(&mut stats) = c;
-    stats
-}
-
 // ---- frames ----
-
-fn eth(dst: [u8; 6], src: [u8; 6], ether_type: u16, payload: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(ETH_HLEN + payload.len());
-    frame.extend_from_slice(&dst);
-    frame.extend_from_slice(&src);
-    frame.extend_from_slice(&ether_type.to_be_bytes());
-    frame.extend_from_slice(payload);
-    frame
-}
 
 /// An IPv6 packet: the fixed header, then `payload` (extension headers included), whose
 /// first header is `next`.

@@ -12,12 +12,15 @@
 //! `TC_ACT_REDIRECT`, the frame as rewritten, and the counters.
 
 use hypha_common::{
-    Counter, DIR_EGRESS, DIR_INGRESS, DropKey, DropReason, ENDPOINT_F_EGRESS_POLICY, EndpointInfo,
+    DIR_EGRESS, DIR_INGRESS, DropKey, DropReason, ENDPOINT_F_EGRESS_POLICY, EndpointInfo,
     FamilyStats, NodeConfig, NodeStats, PEER_F_IPV6, POLICY_ALLOW, PolicyEntry, PolicyKey,
     TunnelConfig, TunnelPeer,
     programs::{FROM_POD, FROM_TUNNEL, TO_TUNNEL},
 };
-use hypha_tests::ebpf::{Datapath, RunOptions, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestNetns};
+use hypha_tests::ebpf::{
+    Datapath, RunOptions, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestNetns, counter, eth,
+    ipv4_checksum, stats_with,
+};
 
 /// Pod A on this node (10.244.0.0/24, fd00:244::/64).
 const A4: [u8; 4] = [10, 244, 0, 7];
@@ -145,29 +148,7 @@ impl Node {
     }
 }
 
-fn counter(packets: u64, bytes: usize) -> Counter {
-    Counter {
-        packets,
-        bytes: bytes as u64,
-    }
-}
-
-fn stats_with(select: impl FnOnce(&mut FamilyStats) -> &mut Counter, c: Counter) -> FamilyStats {
-    let mut stats = FamilyStats::default();
-    *select(&mut stats) = c;
-    stats
-}
-
 // ---- frames ----
-
-fn eth(dst: [u8; 6], src: [u8; 6], ether_type: u16, payload: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(ETH_HLEN + payload.len());
-    frame.extend_from_slice(&dst);
-    frame.extend_from_slice(&src);
-    frame.extend_from_slice(&ether_type.to_be_bytes());
-    frame.extend_from_slice(payload);
-    frame
-}
 
 fn udp(dport: u16) -> Vec<u8> {
     let mut p = Vec::new();
@@ -191,17 +172,6 @@ fn ipv4(src: [u8; 4], dst: [u8; 4], ttl: u8, dport: u16) -> Vec<u8> {
     ip[10..12].copy_from_slice(&csum.to_be_bytes());
     ip.extend_from_slice(&payload);
     ip
-}
-
-fn ipv4_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 fn ipv6(src: [u8; 16], dst: [u8; 16], hop_limit: u8, dport: u16) -> Vec<u8> {

@@ -13,11 +13,14 @@ use std::time::{Duration, Instant};
 
 use aya::programs::TcAttachType;
 use hypha_common::{
-    Counter, DIR_EGRESS, DIR_INGRESS, DropKey, DropReason, EVENT_DROP, EndpointInfo, FamilyStats,
+    DIR_EGRESS, DIR_INGRESS, DropKey, DropReason, EVENT_DROP, EndpointInfo, FamilyStats,
     NodeConfig,
     programs::{FROM_POD, TO_POD},
 };
-use hypha_tests::ebpf::{Datapath, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestNetns};
+use hypha_tests::ebpf::{
+    Datapath, Run, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestNetns, counter, eth, ipv4_checksum,
+    stats_with,
+};
 
 const POD_A_IP: [u8; 4] = [10, 244, 0, 7];
 const POD_B_IP: [u8; 4] = [10, 244, 0, 8];
@@ -113,29 +116,7 @@ fn endpoint(ifindex: u32, endpoint_id: u32, pod_mac: [u8; 6], host_mac: [u8; 6])
     }
 }
 
-fn counter(packets: u64, bytes: usize) -> Counter {
-    Counter {
-        packets,
-        bytes: bytes as u64,
-    }
-}
-
-fn stats_with(select: impl FnOnce(&mut FamilyStats) -> &mut Counter, c: Counter) -> FamilyStats {
-    let mut stats = FamilyStats::default();
-    *select(&mut stats) = c;
-    stats
-}
-
 // ---- frames ----
-
-fn eth(dst: [u8; 6], src: [u8; 6], ether_type: u16, payload: &[u8]) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(ETH_HLEN + payload.len());
-    frame.extend_from_slice(&dst);
-    frame.extend_from_slice(&src);
-    frame.extend_from_slice(&ether_type.to_be_bytes());
-    frame.extend_from_slice(payload);
-    frame
-}
 
 /// An Ethernet/IPv4 ARP packet (28 bytes).
 fn arp(op: u16, sha: [u8; 6], spa: [u8; 4], tha: [u8; 6], tpa: [u8; 4]) -> Vec<u8> {
@@ -204,18 +185,6 @@ impl Ipv4 {
         ip.extend_from_slice(&payload);
         eth(HOST_A_MAC, POD_A_MAC, ETH_P_IP, &ip)
     }
-}
-
-/// The Internet checksum of an IPv4 header whose checksum field is zero.
-fn ipv4_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// `frame` as the datapath should forward it to pod B: MACs rewritten, TTL one lower,
