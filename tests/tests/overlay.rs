@@ -647,3 +647,60 @@ fn a_shrunk_underlay_path_is_discovered_by_the_pods() {
         "TCP over the smaller path"
     );
 }
+
+/// Native routing (`--routing native`): no VXLAN device, the pods' MTU is the
+/// underlay's, each node routes the other's IPv4 pod CIDR via its underlay address
+/// (route protocol 201), and pods on the two nodes reach each other over ICMP and TCP
+/// with the receiver's own address seen (no tunnel counted). The harness's underlay is
+/// IPv4 only, so IPv6 pod CIDRs are left unrouted (with a warning).
+#[test]
+fn native_routing_routes_pod_cidrs_over_the_underlay() {
+    hypha_tests::require_root!();
+    let c = Cluster::start(
+        2,
+        ClusterOpts {
+            agent_args: vec!["--routing".into(), "native".into()],
+            ..ClusterOpts::default()
+        },
+    );
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    for (i, node) in c.nodes.iter().enumerate() {
+        let r = routing(node);
+        assert_eq!(r.mode, "native", "node-{i}: {r:?}");
+        assert_eq!(r.device, None, "node-{i}: {r:?}");
+        let underlay = ifname_of(&node.netns, IpAddr::V4(c.node_ip(i)));
+        assert_eq!(
+            r.mtu,
+            link_mtu(&node.netns, &underlay),
+            "node-{i}: the pods' MTU"
+        );
+        assert!(
+            !node.netns.has_link(TUNNEL_DEVICE),
+            "node-{i} has {TUNNEL_DEVICE} in native mode"
+        );
+    }
+    // node-0 routes node-1's IPv4 pod CIDR via node-1's underlay address, as Hypha's.
+    let want = format!("{} via {}", b.pod_cidr, c.node_ip(1));
+    assert!(
+        Cluster::eventually(CONVERGE, || {
+            a.netns
+                .exec(&["ip", "route", "show", "proto", "201"])
+                .contains(&want)
+        }),
+        "node-0 has no route `{want}` of protocol 201\n{}",
+        tail(&a.log())
+    );
+    let srv = a.add_pod("srv");
+    let cli = b.add_pod("cli");
+    let _echo = TcpEcho::start(&srv.netns, 8090);
+    assert!(
+        Cluster::eventually(CONVERGE, || ping_ok(&cli.netns, srv.address)),
+        "node-1's pod never reached node-0's over the underlay"
+    );
+    assert!(tcp_ok(&cli.netns, srv.address, 8090), "TCP node-1 → node-0");
+    assert_eq!(
+        pod_tunnel(b, &cli),
+        (0, 0),
+        "native routing sends nothing through a tunnel"
+    );
+}
