@@ -16,4 +16,5 @@ pub mod monitor;
 pub mod overlay;
 pub mod policy;
 pub mod server;
+pub mod service;
 pub mod state;

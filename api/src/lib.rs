@@ -612,6 +612,71 @@ pub struct ApplyPoliciesResponse {
     pub entries_removed: usize,
 }
 
+/// Answer to `POST /v1/services` (a body of [`PolicySource`]s, the service files): the
+/// files were valid and every node-local map holds them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ApplyServicesResponse {
+    /// `namespace/name` of every service applied (new or replaced).
+    pub applied: Vec<String>,
+    /// `namespace/name` of every `EndpointSlice` applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slices: Vec<String>,
+    /// How long programming the datapath took, in microseconds (for benchmarks).
+    pub program_us: u64,
+}
+
+/// One service, as `GET /v1/services` lists it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceInfo {
+    pub namespace: String,
+    pub name: String,
+    /// `ClusterIP` or `NodePort`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Its ClusterIPs, primary first.
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePortInfo>,
+    /// `sessionAffinity: ClientIP`'s timeout in seconds; absent without affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity_timeout: Option<u32>,
+    /// `Cluster` or `Local`.
+    pub external_traffic_policy: String,
+    /// `Cluster` or `Local`.
+    pub internal_traffic_policy: String,
+    /// Where it came from: `api: <file>` or `dir: <path>` (or `store` in cluster mode).
+    pub source: String,
+}
+
+/// One port of a [`ServiceInfo`], with the backends it has on this node's view.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServicePortInfo {
+    pub name: String,
+    /// `TCP` or `UDP`.
+    pub protocol: String,
+    pub port: u16,
+    /// A number or a port name, as written.
+    pub target_port: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_port: Option<u16>,
+    pub backends: Vec<ServiceBackendInfo>,
+}
+
+/// One backend of a service port, with what this node's datapath gave it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServiceBackendInfo {
+    pub address: IpAddr,
+    pub port: u16,
+    /// The node it runs on ("" when an `EndpointSlice` does not say).
+    pub node: String,
+    /// The pod (`<node>/<container id>` or endpoint name), or `slice <namespace/name>`.
+    pub pod: String,
+    /// Connections (and UDP sends) this node translated to it.
+    pub connections: u64,
+    /// Packets and bytes this node translated to it per packet (NodePort).
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 /// One policy, as `GET /v1/policies` lists it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PolicySummary {

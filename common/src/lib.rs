@@ -8,6 +8,9 @@
 //! Every type names its readers. When you change one, change all of them.
 #![no_std]
 
+pub mod lb;
+pub mod nat;
+
 /// Maximum number of endpoints (pods) on one node. Sizes `hypha_endpoints4`,
 /// `hypha_endpoints6`, `hypha_ifaces` and `hypha_ep_stats_v3`.
 pub const MAX_ENDPOINTS: u32 = 16_384;
@@ -774,11 +777,15 @@ pub enum DropReason {
     /// A packet routed into the tunnel for an address no node's pod CIDR holds (a node
     /// gone, or an address of the cluster CIDR no node has been given).
     NoTunnelPeer = 18,
+    /// A new connection to a service frontend that has no backends (none selected, none
+    /// ready, or none on this node under a `Local` traffic policy): refused at once
+    /// (ICMP unreachable, TCP reset or `ECONNREFUSED`), never left to time out.
+    NoServiceBackend = 19,
 }
 
 impl DropReason {
     /// Every reason, in numbering order.
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::InvalidIpv4Header,
         DropReason::MalformedIpv4,
         DropReason::UnknownL3,
@@ -797,6 +804,7 @@ impl DropReason {
         DropReason::UnknownTunnelSource,
         DropReason::InvalidTunnelIdentity,
         DropReason::NoTunnelPeer,
+        DropReason::NoServiceBackend,
     ];
 
     /// The reason for a stored code, if the code is known.
@@ -825,6 +833,7 @@ impl DropReason {
             DropReason::UnknownTunnelSource => "unknown-tunnel-source",
             DropReason::InvalidTunnelIdentity => "invalid-tunnel-identity",
             DropReason::NoTunnelPeer => "no-tunnel-peer",
+            DropReason::NoServiceBackend => "no-service-backend",
         }
     }
 }

@@ -20,6 +20,9 @@
 mod debug;
 mod family;
 mod ipv6;
+// SCAFFOLD: used by the socket and NodePort programs.
+#[allow(dead_code)]
+mod lb;
 mod packet;
 mod pmtu;
 mod policy;

@@ -140,4 +140,32 @@ pub trait Datapath: Send + Sync {
 
     /// Tunnel counters per node id, summed over CPUs.
     fn node_stats(&self) -> Result<Vec<(u32, NodeStats)>, Self::Error>;
+
+    /// Services, socket side: attaches the socket programs (`hypha_common::lb::programs`)
+    /// to the cgroup v2 hierarchy mounted at `cgroup` (pinned links, replaced in place on
+    /// restart) and registers this agent's own network namespace in `hypha_lb_netns`;
+    /// pods' namespaces are registered by `attach`/`adopt` and removed by `detach`.
+    /// SCAFFOLD: the socket-LB work implements it for the eBPF datapath.
+    fn set_socket_lb(&self, cgroup: &std::path::Path) -> Result<(), Self::Error> {
+        let _ = cgroup;
+        Ok(())
+    }
+
+    /// Services, NodePort side: attaches the NodePort program to `devices` (the node's
+    /// external interfaces) and detaches it from any other.
+    /// SCAFFOLD: the NodePort work defines [`NodePortDevice`] and implements it.
+    fn set_nodeport(&self, devices: &[NodePortDevice]) -> Result<(), Self::Error> {
+        let _ = devices;
+        Ok(())
+    }
+}
+
+/// A node interface that takes NodePort traffic from outside the node.
+/// SCAFFOLD: the NodePort work completes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodePortDevice {
+    pub name: String,
+    pub ifindex: u32,
+    /// Its addresses: the NodePort frontends' addresses.
+    pub addresses: Vec<std::net::IpAddr>,
 }
