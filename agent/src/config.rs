@@ -66,6 +66,16 @@ pub struct AgentConfig {
     /// Resolved from the file's and the flags' cluster keys, not read as one.
     #[serde(skip)]
     pub cluster: Option<ClusterConfig>,
+    /// Services' ClusterIPs come from these (`--service-cidr`, at most one per family).
+    /// SCAFFOLD: the flag and the file key come with the service CLI work.
+    #[serde(skip)]
+    pub service_cidrs: crate::service::ServiceCidrs,
+    /// Node interfaces that take NodePort traffic from outside the node
+    /// (`--nodeport-device`, repeatable); empty: in cluster mode the interface holding
+    /// the node's address, on a single node none (NodePorts are then reached from the
+    /// node's own pods and host only). SCAFFOLD: as above.
+    #[serde(skip)]
+    pub nodeport_devices: Vec<String>,
 }
 
 /// Cluster mode's settings: the store, who this node is, and the cluster CIDRs its pod
@@ -154,6 +164,11 @@ impl Default for AgentConfig {
             metrics_addr: None,
             attach: AttachMode::Tc,
             cluster: None,
+            service_cidrs: crate::service::ServiceCidrs {
+                v4: Some("10.96.0.0/16".parse().expect("valid default")),
+                v6: Some("fd00:10:96::/112".parse().expect("valid default")),
+            },
+            nodeport_devices: Vec::new(),
         }
     }
 }
@@ -291,6 +306,9 @@ impl ConfigFile {
             metrics_addr: self.metrics_addr,
             attach: self.attach.unwrap_or(d.attach),
             cluster,
+            // SCAFFOLD: from `--service-cidr` / `--nodeport-device` and their file keys.
+            service_cidrs: d.service_cidrs,
+            nodeport_devices: d.nodeport_devices,
         };
         config.validate()?;
         Ok(config)

@@ -32,6 +32,7 @@ mod cluster;
 mod nodes;
 mod overlay;
 mod policy;
+mod services;
 
 pub use cluster::{ClusterLink, RemoteBatch, RemoteEndpoint};
 pub use policy::DirSyncReport;
