@@ -26,6 +26,7 @@ mod lb;
 mod packet;
 mod pmtu;
 mod policy;
+mod sock;
 mod stats;
 mod tunnel;
 
