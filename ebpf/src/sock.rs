@@ -289,6 +289,9 @@ fn record4(cookie: u64, backend: (u32, u16), front: (u32, u16), svc: &LbService)
     let _ = SOCK4.insert(&key, &value, 0);
 }
 
+// Inlined: a verdict passed back from a BPF-to-BPF call through the stack is a scalar
+// the verifier cannot bound to the [0, 1] a sock_addr program must return.
+#[inline(always)]
 fn try_translate4(ctx: &SockAddrContext) -> Result<i32, i32> {
     let Some(ns) = netns(ctx) else {
         return Ok(ALLOW);
@@ -308,6 +311,7 @@ fn try_translate4(ctx: &SockAddrContext) -> Result<i32, i32> {
     }
 }
 
+#[inline(always)]
 fn try_translate6(ctx: &SockAddrContext) -> Result<i32, i32> {
     let Some(ns) = netns(ctx) else {
         return Ok(ALLOW);

@@ -468,6 +468,17 @@ impl Datapath {
             .collect()
     }
 
+    /// The loaded object, for programs and maps this type has no helper for (the socket
+    /// programs' tests load and attach their own).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// The private bpffs the maps are pinned in (links may be pinned there too).
+    pub fn pin_dir(&self) -> &Path {
+        &self._bpffs.path
+    }
+
     fn map<'a, T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>>(
         &'a self,
         name: &str,
@@ -492,7 +503,7 @@ impl Datapath {
 }
 
 /// An error with its sources: aya's messages name the call, the source the errno.
-fn chain(error: &dyn std::error::Error) -> String {
+pub fn chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {
