@@ -76,6 +76,25 @@ impl Datapath {
     /// Loads the object and both programs; loading runs the verifier, so a program
     /// the kernel rejects fails here with the verifier's log.
     pub fn load() -> Self {
+        let mut dp = Self::open();
+        for name in [programs::FROM_POD, programs::TO_POD] {
+            let program: &mut SchedClassifier = dp
+                .ebpf
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("program {name} missing from the object"))
+                .try_into()
+                .unwrap_or_else(|e| panic!("program {name} is not a TC classifier: {e}"));
+            program
+                .load()
+                .unwrap_or_else(|e| panic!("load program {name} (verifier): {}", chain(&e)));
+        }
+        dp
+    }
+
+    /// The object with its maps created and no program loaded: for tests of other
+    /// programs than the pod's two (verifying those takes seconds), which load their own
+    /// through [`Datapath::ebpf_mut`].
+    pub fn open() -> Self {
         let path = object_path();
         let bytes = std::fs::read(&path).unwrap_or_else(|e| {
             panic!(
@@ -85,20 +104,10 @@ impl Datapath {
             )
         });
         let bpffs = PrivateBpffs::mount();
-        let mut ebpf = EbpfLoader::new()
+        let ebpf = EbpfLoader::new()
             .default_map_pin_directory(&bpffs.path)
             .load(&bytes)
             .unwrap_or_else(|e| panic!("load {}: {}", path.display(), chain(&e)));
-        for name in [programs::FROM_POD, programs::TO_POD] {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .unwrap_or_else(|| panic!("program {name} missing from {}", path.display()))
-                .try_into()
-                .unwrap_or_else(|e| panic!("program {name} is not a TC classifier: {e}"));
-            program
-                .load()
-                .unwrap_or_else(|e| panic!("load program {name} (verifier): {}", chain(&e)));
-        }
         Self {
             ebpf,
             _bpffs: bpffs,

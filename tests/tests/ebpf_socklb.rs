@@ -44,7 +44,7 @@ struct SockLb {
 
 impl SockLb {
     fn attach() -> Self {
-        let mut dp = Datapath::load();
+        let mut dp = Datapath::open();
         let cgroup = std::fs::File::open(CGROUP)
             .unwrap_or_else(|e| panic!("open the cgroup v2 root {CGROUP}: {e}"));
         let pin_dir = dp.pin_dir().to_owned();
