@@ -114,7 +114,12 @@ pub fn select(
     }
     // SAFETY: the table is replaced whole by the agent; one slot is read.
     let table = unsafe { MAGLEV.get(&svc.id) }?;
+    // Read back through memory: LLVM knows the remainder is below the table's size and
+    // drops the bounds check, and the verifier cannot follow the modulo (which LLVM
+    // turns into a multiply and shifts) to see it.
     let slot = (hash as usize) % LB_MAGLEV_SIZE;
+    // SAFETY: a read of a local variable.
+    let slot = unsafe { core::ptr::read_volatile(&slot) };
     let backend = *table.slots.get(slot)?;
     if affinity {
         remember(&key, backend, now);

@@ -79,10 +79,30 @@ static NAT4: LruHashMap<NatKey4, NatValue4> = LruHashMap::pinned(MAX_NAT_ENTRIES
 #[map(name = "hypha_lb6_nat")]
 static NAT6: LruHashMap<NatKey6, NatValue6> = LruHashMap::pinned(MAX_NAT_ENTRIES, 0);
 
-/// This CPU's room for the route lookup's parameters, off the stack (the reverse
+/// This CPU's room for the route lookup's parameters and the NAT entries of a new flow,
+/// off the stack (the eBPF stack of a call chain is 512 bytes, and the reverse
 /// translation runs deep in `hypha_from_pod`'s calls).
 #[map]
-static NODEPORT_SCRATCH: PerCpuArray<bpf_fib_lookup> = PerCpuArray::with_max_entries(1, 0);
+static NODEPORT_SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+struct Scratch {
+    fib: bpf_fib_lookup,
+    key4: NatKey4,
+    reverse4: NatValue4,
+    key6: NatKey6,
+    reverse_key6: NatKey6,
+    nat6: NatValue6,
+    reverse6: NatValue6,
+}
+
+/// This CPU's scratch.
+#[inline(always)]
+fn scratch() -> Option<&'static mut Scratch> {
+    // SAFETY: a per-CPU slot from a successful lookup; a program runs to completion on
+    // one CPU and uses the slot for one packet at a time.
+    NODEPORT_SCRATCH.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
 
 const _: () = {
     assert!(crate::str_eq(hypha_common::nat::NAT4, "hypha_lb4_nat"));
@@ -238,21 +258,20 @@ fn try_netdev4(ctx: &TcContext) -> Result<Outcome, Outcome> {
         dir: NAT_DIR_FORWARD,
         _pad: [0; 2],
     };
+    let mut nat = NatValue4::default();
     // SAFETY: copied out at once.
-    let nat = match unsafe { NAT4.get(&key) }.copied() {
-        Some(nat) => {
-            lb::count_backend(nat.backend_id, false, ctx.len());
-            nat
-        }
-        None => match new_flow4(&p, &svc) {
-            Some(nat) => {
-                lb::count_backend(nat.backend_id, true, ctx.len());
-                nat
-            }
-            None => return Ok(refuse4(ctx, p.daddr)),
-        },
-    };
-    rewrite4(ctx, &p, nat.nat_addr, nat.nat_port, nat.addr, nat.port)?;
+    if let Some(found) = unsafe { NAT4.get(&key) } {
+        nat = *found;
+        lb::count_backend(nat.backend_id, false, ctx.len());
+    } else if new_flow4(&p, &svc, &mut nat) {
+        lb::count_backend(nat.backend_id, true, ctx.len());
+    } else {
+        return Ok(refuse4(ctx, p.daddr));
+    }
+    let rewritten = Outcome(rewrite4(ctx, &p, &nat, false));
+    if rewritten.kind() != Outcome::PASS {
+        return Err(rewritten);
+    }
     if nat.nat_addr == 0 {
         // A local backend (or the client kept under `Local`): the host stack routes it
         // to the pod.
@@ -289,10 +308,22 @@ fn refuse4(ctx: &TcContext, daddr: u32) -> Outcome {
     }
 }
 
-/// Chooses a backend for a new flow of `p` to `svc` and writes both of its NAT entries;
-/// `None` when the frontend has none to give (or no SNAT port is free).
+/// Chooses a backend for a new flow of `p` to `svc`, writes both of its NAT entries and
+/// its forward translation to `out`; `false` when the frontend has none to give (or no
+/// SNAT port is free). Never inlined: the selection has a stack frame of its own.
+#[inline(never)]
+fn new_flow4(p: &Packet4, svc: &LbService, out: &mut NatValue4) -> bool {
+    match try_new_flow4(p, svc) {
+        Some(nat) => {
+            *out = nat;
+            true
+        }
+        None => false,
+    }
+}
+
 #[inline(always)]
-fn new_flow4(p: &Packet4, svc: &LbService) -> Option<NatValue4> {
+fn try_new_flow4(p: &Packet4, svc: &LbService) -> Option<NatValue4> {
     let hash = lb::hash(&[
         p.saddr,
         p.daddr,
@@ -308,21 +339,16 @@ fn new_flow4(p: &Packet4, svc: &LbService) -> Option<NatValue4> {
     let id = lb::select(svc, hash, &client, |id| lb::backend4(id).is_some())?;
     let backend = lb::backend4(id)?;
     let remote = backend.flags & LB_BACKEND_F_LOCAL == 0 && svc.flags & LB_F_LOCAL == 0;
-    let mut forward = NatValue4 {
-        addr: backend.addr,
-        nat_addr: 0,
-        port: backend.port,
-        nat_port: 0,
-        backend_id: id,
-    };
-    let reverse = NatValue4 {
+    let scratch = scratch()?;
+    scratch.reverse4 = NatValue4 {
         addr: p.daddr,
         nat_addr: p.saddr,
         port: p.dport,
         nat_port: p.sport,
         backend_id: id,
     };
-    let mut reverse_key = NatKey4 {
+    // The reply's key.
+    scratch.key4 = NatKey4 {
         saddr: backend.addr,
         daddr: p.saddr,
         sport: backend.port,
@@ -331,24 +357,31 @@ fn new_flow4(p: &Packet4, svc: &LbService) -> Option<NatValue4> {
         dir: NAT_DIR_REVERSE,
         _pad: [0; 2],
     };
+    let mut forward = NatValue4 {
+        addr: backend.addr,
+        nat_addr: 0,
+        port: backend.port,
+        nat_port: 0,
+        backend_id: id,
+    };
     if remote {
         let gateway = CONFIG.get(0).map_or(0, |c| c.gateway);
         if gateway == 0 {
             return None;
         }
-        reverse_key.daddr = gateway;
+        scratch.key4.daddr = gateway;
         let port = snat_port(hash, |port| {
-            reverse_key.dport = port;
-            NAT4.insert(&reverse_key, &reverse, u64::from(BPF_NOEXIST))
+            scratch.key4.dport = port;
+            NAT4.insert(&scratch.key4, &scratch.reverse4, u64::from(BPF_NOEXIST))
                 .is_ok()
         })?;
         forward.nat_addr = gateway;
         forward.nat_port = port;
     } else {
         // A full LRU evicts its oldest entry; a failed write only loses the replies.
-        let _ = NAT4.insert(&reverse_key, &reverse, 0);
+        let _ = NAT4.insert(&scratch.key4, &scratch.reverse4, 0);
     }
-    let key = NatKey4 {
+    scratch.key4 = NatKey4 {
         saddr: p.saddr,
         daddr: p.daddr,
         sport: p.sport,
@@ -357,7 +390,7 @@ fn new_flow4(p: &Packet4, svc: &LbService) -> Option<NatValue4> {
         dir: NAT_DIR_FORWARD,
         _pad: [0; 2],
     };
-    let _ = NAT4.insert(&key, &forward, 0);
+    let _ = NAT4.insert(&scratch.key4, &forward, 0);
     Some(forward)
 }
 
@@ -379,10 +412,28 @@ fn snat_port(hash: u32, mut claim: impl FnMut(u16) -> bool) -> Option<u16> {
     None
 }
 
-/// Rewrites the IPv4 packet `p`: its source to `saddr:sport` unless `saddr` is 0, its
-/// destination to `daddr:dport`, with the IPv4 and L4 checksums.
+/// Rewrites the IPv4 packet `p` by the NAT entry `nat` (see `NatValue4`), with the IPv4
+/// and L4 checksums: `PASS` when done, `DROP` when a helper failed. Forward: the
+/// destination becomes `addr:port`, the source `nat_addr:nat_port` unless `nat_addr`
+/// is 0. Reverse: the source becomes `addr:port`, the destination
+/// `nat_addr:nat_port`.
+#[inline(never)]
+fn rewrite4(ctx: &TcContext, p: &Packet4, nat: &NatValue4, reverse: bool) -> u64 {
+    let done = if reverse {
+        rewrite4_to(ctx, p, nat.addr, nat.port, nat.nat_addr, nat.nat_port)
+    } else {
+        rewrite4_to(ctx, p, nat.nat_addr, nat.nat_port, nat.addr, nat.port)
+    };
+    match done {
+        Ok(()) => Outcome::new(Outcome::PASS, 0).0,
+        Err(o) => o.0,
+    }
+}
+
+/// The packet's source becomes `saddr:sport` unless `saddr` is 0, its destination
+/// `daddr:dport`.
 #[inline(always)]
-fn rewrite4(
+fn rewrite4_to(
     ctx: &TcContext,
     p: &Packet4,
     saddr: u32,
@@ -474,18 +525,17 @@ fn try_reply4(ctx: &TcContext) -> Result<Outcome, Outcome> {
     let Some(nat) = unsafe { NAT4.get(&key) }.copied() else {
         return Ok(pass);
     };
-    rewrite4(ctx, &p, nat.addr, nat.port, nat.nat_addr, nat.nat_port)?;
+    let rewritten = Outcome(rewrite4(ctx, &p, &nat, true));
+    if rewritten.kind() != Outcome::PASS {
+        return Err(rewritten);
+    }
     Ok(Outcome(redirect4(ctx, nat.addr, nat.nat_addr)))
 }
 
 /// This CPU's route lookup parameters, zeroed.
 #[inline(always)]
 fn fib_params() -> Option<&'static mut bpf_fib_lookup> {
-    // SAFETY: a per-CPU slot from a successful lookup; a program runs to completion on
-    // one CPU and uses the slot for one packet at a time.
-    let params = NODEPORT_SCRATCH
-        .get_ptr_mut(0)
-        .map(|p| unsafe { &mut *p })?;
+    let params = &mut scratch()?.fib;
     // SAFETY: `bpf_fib_lookup` is plain data (integers and unions of integer arrays),
     // valid when zeroed.
     *params = unsafe { core::mem::zeroed() };
@@ -621,7 +671,8 @@ fn try_netdev6(ctx: &TcContext) -> Result<Outcome, Outcome> {
     let Some(svc) = lb::service6(p.daddr, p.dport, p.proto, LB_SCOPE_EXTERNAL) else {
         return Ok(pass);
     };
-    let key = NatKey6 {
+    let scratch = scratch().ok_or(DropReason::HelperFailed)?;
+    scratch.key6 = NatKey6 {
         saddr: p.saddr,
         daddr: p.daddr,
         sport: p.sport,
@@ -631,20 +682,18 @@ fn try_netdev6(ctx: &TcContext) -> Result<Outcome, Outcome> {
         _pad: [0; 2],
     };
     // SAFETY: copied out at once.
-    let nat = match unsafe { NAT6.get(&key) }.copied() {
-        Some(nat) => {
-            lb::count_backend(nat.backend_id, false, ctx.len());
-            nat
-        }
-        None => match new_flow6(&p, &svc) {
-            Some(nat) => {
-                lb::count_backend(nat.backend_id, true, ctx.len());
-                nat
-            }
-            None => return Ok(refuse6(ctx, &p.daddr)),
-        },
-    };
-    rewrite6(ctx, &p, None, &nat.addr, nat.port)?;
+    if let Some(found) = unsafe { NAT6.get(&scratch.key6) } {
+        scratch.nat6 = *found;
+        lb::count_backend(scratch.nat6.backend_id, false, ctx.len());
+    } else if new_flow6(&p, &svc, scratch) {
+        lb::count_backend(scratch.nat6.backend_id, true, ctx.len());
+    } else {
+        return Ok(refuse6(ctx, &p.daddr));
+    }
+    let rewritten = Outcome(rewrite6(ctx, &p, &scratch.nat6, false));
+    if rewritten.kind() != Outcome::PASS {
+        return Err(rewritten);
+    }
     Ok(pass)
 }
 
@@ -674,9 +723,15 @@ fn refuse6(ctx: &TcContext, daddr: &[u8; 16]) -> Outcome {
     }
 }
 
-/// [`new_flow4`] for IPv6: local backends only (see the module's limits).
+/// [`new_flow4`] for IPv6, with the forward translation in the scratch's `nat6` (whose
+/// `key6` it overwrites): local backends only (see the module's limits).
+#[inline(never)]
+fn new_flow6(p: &Packet6, svc: &LbService, scratch: &mut Scratch) -> bool {
+    try_new_flow6(p, svc, scratch).is_some()
+}
+
 #[inline(always)]
-fn new_flow6(p: &Packet6, svc: &LbService) -> Option<NatValue6> {
+fn try_new_flow6(p: &Packet6, svc: &LbService, scratch: &mut Scratch) -> Option<()> {
     let w = |a: &[u8; 16], i: usize| u32::from_ne_bytes([a[i], a[i + 1], a[i + 2], a[i + 3]]);
     let hash = lb::hash(&[
         w(&p.saddr, 0),
@@ -696,21 +751,21 @@ fn new_flow6(p: &Packet6, svc: &LbService) -> Option<NatValue6> {
     if backend.flags & LB_BACKEND_F_LOCAL == 0 && svc.flags & LB_F_LOCAL == 0 {
         return None;
     }
-    let forward = NatValue6 {
+    scratch.nat6 = NatValue6 {
         addr: backend.addr,
         nat_addr: [0; 16],
         port: backend.port,
         nat_port: 0,
         backend_id: id,
     };
-    let reverse = NatValue6 {
+    scratch.reverse6 = NatValue6 {
         addr: p.daddr,
         nat_addr: p.saddr,
         port: p.dport,
         nat_port: p.sport,
         backend_id: id,
     };
-    let reverse_key = NatKey6 {
+    scratch.reverse_key6 = NatKey6 {
         saddr: backend.addr,
         daddr: p.saddr,
         sport: backend.port,
@@ -719,24 +774,37 @@ fn new_flow6(p: &Packet6, svc: &LbService) -> Option<NatValue6> {
         dir: NAT_DIR_REVERSE,
         _pad: [0; 2],
     };
-    let _ = NAT6.insert(&reverse_key, &reverse, 0);
-    let key = NatKey6 {
-        saddr: p.saddr,
-        daddr: p.daddr,
-        sport: p.sport,
-        dport: p.dport,
-        proto: p.proto,
-        dir: NAT_DIR_FORWARD,
-        _pad: [0; 2],
-    };
-    let _ = NAT6.insert(&key, &forward, 0);
-    Some(forward)
+    // A full LRU evicts its oldest entry; a failed write only loses the replies.
+    let _ = NAT6.insert(&scratch.reverse_key6, &scratch.reverse6, 0);
+    // `key6` is the flow's forward key still.
+    let _ = NAT6.insert(&scratch.key6, &scratch.nat6, 0);
+    Some(())
 }
 
-/// Rewrites the IPv6 packet `p`: its source address and port to `source` when given,
-/// its destination to `daddr:dport`, with the L4 checksum.
+/// [`rewrite4`] for IPv6 (no SNAT forward: `nat_addr` is unused then).
+#[inline(never)]
+fn rewrite6(ctx: &TcContext, p: &Packet6, nat: &NatValue6, reverse: bool) -> u64 {
+    let done = if reverse {
+        rewrite6_to(
+            ctx,
+            p,
+            Some((&nat.addr, nat.port)),
+            &nat.nat_addr,
+            nat.nat_port,
+        )
+    } else {
+        rewrite6_to(ctx, p, None, &nat.addr, nat.port)
+    };
+    match done {
+        Ok(()) => Outcome::new(Outcome::PASS, 0).0,
+        Err(o) => o.0,
+    }
+}
+
+/// The packet's source address and port become `source` when given, its destination
+/// `daddr:dport`, with the L4 checksum.
 #[inline(always)]
-fn rewrite6(
+fn rewrite6_to(
     ctx: &TcContext,
     p: &Packet6,
     source: Option<(&[u8; 16], u16)>,
@@ -796,7 +864,8 @@ fn try_reply6(ctx: &TcContext) -> Result<Outcome, Outcome> {
     let Some(p) = parse6(ctx) else {
         return Ok(pass);
     };
-    let key = NatKey6 {
+    let scratch = scratch().ok_or(DropReason::HelperFailed)?;
+    scratch.key6 = NatKey6 {
         saddr: p.saddr,
         daddr: p.daddr,
         sport: p.sport,
@@ -806,15 +875,15 @@ fn try_reply6(ctx: &TcContext) -> Result<Outcome, Outcome> {
         _pad: [0; 2],
     };
     // SAFETY: copied out at once.
-    let Some(nat) = unsafe { NAT6.get(&key) }.copied() else {
+    let Some(found) = (unsafe { NAT6.get(&scratch.key6) }) else {
         return Ok(pass);
     };
-    rewrite6(
-        ctx,
-        &p,
-        Some((&nat.addr, nat.port)),
-        &nat.nat_addr,
-        nat.nat_port,
-    )?;
-    Ok(Outcome(redirect6(ctx, &nat.addr, &nat.nat_addr)))
+    scratch.nat6 = *found;
+    let rewritten = Outcome(rewrite6(ctx, &p, &scratch.nat6, true));
+    if rewritten.kind() != Outcome::PASS {
+        return Err(rewritten);
+    }
+    // Out of the scratch before `redirect6` takes it for the route lookup.
+    let (saddr, daddr) = (scratch.nat6.addr, scratch.nat6.nat_addr);
+    Ok(Outcome(redirect6(ctx, &saddr, &daddr)))
 }
