@@ -200,7 +200,7 @@ fn mac(m: [u8; 6]) -> String {
 
 // ---- the node ----
 
-/// A node: its external device `hy-ext` (192.168.50.1/24, fd00:0:0:50::1/64) with the
+/// A node: its external device `hy-ext` (192.168.50.1/24, fd00:50::1/64) with the
 /// client and a router as permanent neighbours, pod B behind a veth, a "VXLAN device"
 /// (a veth: a test run only needs an ifindex), forwarding on.
 struct Node {
@@ -224,7 +224,7 @@ impl Node {
             "ip link set hy-ext up".to_owned(),
             "ip link set hy-ext-peer up".to_owned(),
             "ip addr add 192.168.50.1/24 dev hy-ext".to_owned(),
-            "ip -6 addr add fd00:0:0:50::1/64 dev hy-ext nodad".to_owned(),
+            "ip -6 addr add fd00:50::1/64 dev hy-ext nodad".to_owned(),
             format!(
                 "ip neigh add 192.168.50.9 lladdr {} dev hy-ext nud permanent",
                 mac(CLIENT_MAC)
@@ -234,7 +234,7 @@ impl Node {
                 mac(ROUTER_MAC)
             ),
             format!(
-                "ip -6 neigh add fd00:0:0:50::9 lladdr {} dev hy-ext nud permanent",
+                "ip -6 neigh add fd00:50::9 lladdr {} dev hy-ext nud permanent",
                 mac(CLIENT_MAC)
             ),
         ] {
@@ -853,7 +853,7 @@ fn ipv6_a_local_backend_gets_the_flow_and_its_reply_is_translated_back() {
         &ip6(TCP, B6, TARGET_PORT, CLIENT6, CLIENT_PORT),
     );
     let run = node.dp.run(FROM_POD, &reply, node.b);
-    assert_eq!(run.verdict, TC_ACT_REDIRECT);
+    assert_eq!(run.verdict, TC_ACT_REDIRECT, "drops: {:?}", node.dp.drops());
     assert_eq!(run.frame, to_client6(TCP, CLIENT_PORT));
     let stats = node.backend_stats(BACKEND_B6);
     assert_eq!((stats.connections, stats.packets), (1, 1));
