@@ -130,6 +130,19 @@ impl Datapath {
         }
     }
 
+    /// Loads (verifies) the program `name` besides the two [`Datapath::load`] loads.
+    pub fn load_program(&mut self, name: &str) {
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .unwrap_or_else(|| panic!("program {name} missing"))
+            .try_into()
+            .unwrap_or_else(|e| panic!("program {name} is not a TC classifier: {e}"));
+        program
+            .load()
+            .unwrap_or_else(|e| panic!("load program {name} (verifier): {}", chain(&e)));
+    }
+
     /// Writes index 0 of `hypha_tunnel_cfg`.
     pub fn set_tunnel_config(&mut self, config: TunnelConfig) {
         let mut map: Array<&mut MapData, TunnelConfig> = self.map_mut(maps::TUNNEL_CONFIG);
@@ -488,7 +501,9 @@ impl Datapath {
         &self._bpffs.path
     }
 
-    fn map<'a, T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>>(
+    /// The map `name` as a `T` (such as `HashMap<&MapData, K, V>`), for a test to read
+    /// a map this module has no helper for.
+    pub fn map<'a, T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>>(
         &'a self,
         name: &str,
     ) -> T {
@@ -499,7 +514,8 @@ impl Datapath {
         T::try_from(map).unwrap_or_else(|e| panic!("map {name}: {e}"))
     }
 
-    fn map_mut<'a, T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>>(
+    /// The map `name` as a `T`, for a test to write a map this module has no helper for.
+    pub fn map_mut<'a, T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>>(
         &'a mut self,
         name: &str,
     ) -> T {
