@@ -14,6 +14,12 @@ use std::net::IpAddr;
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
+mod parse;
+#[cfg(test)]
+mod parse_tests;
+
+pub use parse::{MAX_AFFINITY_TIMEOUT_S, SERVICE_NAME_LABEL, family_of, parse_file, proto_name};
+
 /// Labels: key → value.
 pub type Labels = BTreeMap<String, String>;
 
@@ -153,18 +159,6 @@ impl EndpointSlice {
 pub enum Document {
     Service(Service),
     Slice(EndpointSlice),
-}
-
-/// Parses every document of one file (YAML, several documents, or JSON; a `v1` `List`
-/// of them too); any error rejects the whole file, naming the document and the field
-/// (`spec.ports[1].targetPort: ...`).
-pub fn parse_file(source: &str, content: &str) -> Result<Vec<Document>, ServiceError> {
-    // SCAFFOLD
-    let _ = content;
-    Err(ServiceError::Invalid {
-        source_name: source.to_owned(),
-        message: "services are not parsed yet".to_owned(),
-    })
 }
 
 /// The service CIDRs (`--service-cidr`, one per family).
