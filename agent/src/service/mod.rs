@@ -14,10 +14,12 @@ use std::net::IpAddr;
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
+mod maglev;
 mod parse;
 #[cfg(test)]
 mod parse_tests;
 
+pub use maglev::maglev;
 pub use parse::{MAX_AFFINITY_TIMEOUT_S, SERVICE_NAME_LABEL, family_of, parse_file, proto_name};
 
 /// Labels: key → value.
@@ -251,13 +253,4 @@ pub fn plan(
     // SCAFFOLD
     let _ = (services, slices, pods, node_addrs);
     Vec::new()
-}
-
-/// The Maglev lookup table of `size` slots (a prime) over backends named by `names`
-/// (stable strings, e.g. `addr:port`): each slot holds an index into `names`. Empty
-/// `names`: an empty table.
-pub fn maglev(names: &[String], size: usize) -> Vec<u32> {
-    // SCAFFOLD
-    let _ = names;
-    vec![0; size]
 }
