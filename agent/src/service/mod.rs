@@ -5,8 +5,8 @@
 //! ports resolved per backend, and Maglev tables. No I/O here: the control plane
 //! (`control/services.rs`) stores, diffs and writes the maps (`datapath/lb_maps.rs`).
 //!
-//! SCAFFOLD: the types are decided; the functions are placeholders the service-model
-//! work fills in (parse.rs, alloc.rs, backends.rs, maglev.rs).
+//! parse.rs reads the documents, alloc.rs assigns ClusterIPs and NodePorts, backends.rs
+//! plans the frontends and maglev.rs builds the lookup tables.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -14,11 +14,19 @@ use std::net::IpAddr;
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
+mod alloc;
+#[cfg(test)]
+mod alloc_tests;
+mod backends;
+#[cfg(test)]
+mod backends_tests;
 mod maglev;
 mod parse;
 #[cfg(test)]
 mod parse_tests;
 
+pub use alloc::TakenIndex;
+pub use backends::{Truncated, plan_checked};
 pub use maglev::maglev;
 pub use parse::{MAX_AFFINITY_TIMEOUT_S, SERVICE_NAME_LABEL, family_of, parse_file, proto_name};
 
@@ -175,21 +183,27 @@ pub struct ServiceCidrs {
 pub struct Taken {
     pub ips: BTreeMap<IpAddr, String>,
     pub node_ports: BTreeMap<(u8, u16), String>,
+    /// What each service holds and the runs of held values, kept by [`Taken::hold`] and
+    /// [`Taken::release`] so that [`assign`] is fast; changing `ips` or `node_ports`
+    /// directly is allowed but makes [`assign`] scan them.
+    pub index: TakenIndex,
 }
 
 /// Gives `svc` its ClusterIPs (those it asks for, checked to lie in the CIDR of their
 /// family and to be free or its own; the others allocated: the lowest free address,
 /// never the network's first nor, for IPv4, its last) and its NodePorts, per its family
-/// policy. Pure: `taken` is what the other services hold (an update of `svc` keeps what
-/// it has when it asks for nothing else).
-pub fn assign(cidrs: &ServiceCidrs, taken: &Taken, svc: &mut Service) -> Result<(), ServiceError> {
-    // SCAFFOLD
-    let _ = (cidrs, taken);
-    Err(ServiceError::Allocation {
-        service: svc.key(),
-        message: "allocation is not implemented yet".to_owned(),
-    })
-}
+/// policy. Pure: `taken` is what every service holds, `svc`'s own entries included for
+/// an update (which keeps what it has unless it asks for something else).
+///
+/// Families: `SingleStack` takes the first family asked for (`ipFamilies`, else the
+/// written addresses'), else the one it holds (an update), else the cluster's first
+/// configured (IPv4 when both are); `PreferDualStack` adds the other when configured;
+/// `RequireDualStack` needs both. NodePorts (NodePort services only): requested ones
+/// checked free per protocol, the ones it held kept (by port name), the others the lowest
+/// free in [`NODE_PORT_RANGE`]. On success `svc.cluster_ips` (primary first),
+/// `svc.ip_families` and every port's `node_port` hold the result; record it with
+/// [`Taken::hold`]. A few map lookups per address and port, however many are taken.
+pub use alloc::assign;
 
 /// An endpoint anywhere in the cluster, as backend selection sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -244,13 +258,18 @@ pub struct Frontend {
 /// ready endpoints the selector matches in the service's namespace with an address of
 /// the frontend's family (or the slices' endpoints), the target port resolved per pod (a
 /// pod without the named port is no backend of that port). Pure and deterministic.
+///
+/// `LB_F_AFFINITY` and the timeout under `sessionAffinity: ClientIP`; NodePort frontends
+/// carry `LB_F_NODEPORT`, and their external ones `LB_F_LOCAL` under
+/// `externalTrafficPolicy: Local`. Frontends are sorted by service, port, protocol,
+/// family, address and scope; backends by address and port, one per address and port,
+/// at most `MAX_LB_BACKENDS_PER_SERVICE` (the first ones in that order):
+/// [`plan_checked`] also returns the frontends that were cut, to report them.
 pub fn plan(
     services: &[Service],
     slices: &[EndpointSlice],
     pods: &[Pod],
     node_addrs: &[IpAddr],
 ) -> Vec<Frontend> {
-    // SCAFFOLD
-    let _ = (services, slices, pods, node_addrs);
-    Vec::new()
+    plan_checked(services, slices, pods, node_addrs).0
 }
