@@ -34,7 +34,7 @@ mod overlay;
 mod policy;
 mod services;
 
-pub use cluster::{ClusterLink, RemoteBatch, RemoteEndpoint};
+pub use cluster::{ClusterLink, RemoteBatch, RemoteEndpoint, ServiceTxn};
 pub use policy::DirSyncReport;
 use policy::{PolicyState, PolicyView};
 
@@ -277,6 +277,9 @@ pub struct Agent<D: Datapath, H: HostNetwork> {
     cluster: std::sync::OnceLock<std::sync::Arc<dyn ClusterLink>>,
     /// Cluster mode: the tunnel or native routing to other nodes' pods.
     overlay: overlay::Overlay,
+    /// Services: their documents, allocation, plan and load-balancer maps, behind their
+    /// own locks (never held with `table` or `policy`).
+    services: services::ServiceControl,
 }
 
 /// What start-up found and did, for the log.
@@ -366,6 +369,13 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         );
         changes.extend(policy_changes);
         let view = ArcSwap::from_pointee(PolicyView::default());
+        let installed_lb = datapath.installed_lb().unwrap_or_else(|e| {
+            report.warnings.push(format!(
+                "cannot read the load balancer's maps ({e}); service ids start afresh"
+            ));
+            Default::default()
+        });
+        let services = services::ServiceControl::start(saved.services, saved.slices, installed_lb);
         let agent = Agent {
             config,
             datapath,
@@ -379,6 +389,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             started: Instant::now(),
             cluster: std::sync::OnceLock::new(),
             overlay: overlay::Overlay::default(),
+            services,
         };
         let mut agent = agent;
         agent.start_overlay(&mut report.warnings)?;
@@ -431,6 +442,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 .push(format!("sweeping stale datapath entries: {e}"));
         }
         agent.publish_policy(&agent.policy());
+        agent.start_services(&mut report.warnings);
         if !changes.is_empty() {
             agent.store.submit(changes).wait()?;
         }
@@ -709,6 +721,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             return Err(ControlError::from(e).with_rollback(rollback));
         }
         self.cluster_publish(&record);
+        self.services_follow([Self::endpoint_namespace(&record)]);
         Ok(self.describe(&record, &[]))
     }
 
@@ -878,6 +891,9 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         drop(t);
         if removed && let (Some(link), Some(ep)) = (self.cluster(), &record) {
             link.endpoint_withdrawn(ep);
+        }
+        if removed && let Some(ep) = &record {
+            self.services_follow([Self::endpoint_namespace(ep)]);
         }
         Removal {
             removed,

@@ -13,6 +13,10 @@
 //! | `endpoints/<node>/<container-id>/<ifname>` | [`EndpointEntry`]    | the owning agent         |
 //! | `namespaces/<namespace>`                   | labels (JSON object) | `hypha namespace label`  |
 //! | `policies/<namespace>/<name>`              | the policy (JSON)    | `hypha policy apply`     |
+//! | `services/<namespace>/<name>`              | the service (JSON)   | `hypha service apply` (txn) |
+//! | `endpointslices/<namespace>/<name>`        | the slice (JSON)     | `hypha service apply`    |
+//! | `serviceips/<ip>`                          | `namespace/name`     | `hypha service apply` (same txn) |
+//! | `servicenodeports/<proto>/<port>`          | `namespace/name`     | `hypha service apply` (same txn) |
 //!
 //! `<net>` is the prefix with `/` written `_` (`10.244.3.0_24`). Readers: the agent
 //! (`agent/src/cluster/`), the cluster integration tests and `cargo xtask bench
@@ -122,6 +126,32 @@ impl Layout {
     pub fn policy(&self, namespace: &str, name: &str) -> String {
         format!("{}{namespace}/{name}", self.policies())
     }
+    pub fn services(&self) -> String {
+        format!("{}services/", self.prefix)
+    }
+    pub fn service(&self, namespace: &str, name: &str) -> String {
+        format!("{}{namespace}/{name}", self.services())
+    }
+    pub fn endpoint_slices(&self) -> String {
+        format!("{}endpointslices/", self.prefix)
+    }
+    pub fn endpoint_slice(&self, namespace: &str, name: &str) -> String {
+        format!("{}{namespace}/{name}", self.endpoint_slices())
+    }
+    pub fn service_ips(&self) -> String {
+        format!("{}serviceips/", self.prefix)
+    }
+    /// The claim of a ClusterIP: the service holding it (`namespace/name`).
+    pub fn service_ip(&self, ip: IpAddr) -> String {
+        format!("{}{ip}", self.service_ips())
+    }
+    pub fn service_node_ports(&self) -> String {
+        format!("{}servicenodeports/", self.prefix)
+    }
+    /// The claim of a NodePort (`proto` is the IP protocol number).
+    pub fn service_node_port(&self, proto: u8, port: u16) -> String {
+        format!("{}{proto}/{port}", self.service_node_ports())
+    }
 }
 
 /// What a key under the prefix stands for (see [`Layout::parse`]); borrowed from the key.
@@ -147,6 +177,14 @@ pub enum Key<'a> {
     Namespace(&'a str),
     /// `policies/<namespace>/<name>`
     Policy { namespace: &'a str, name: &'a str },
+    /// `services/<namespace>/<name>`
+    Service { namespace: &'a str, name: &'a str },
+    /// `endpointslices/<namespace>/<name>`
+    EndpointSlice { namespace: &'a str, name: &'a str },
+    /// `serviceips/<ip>`
+    ServiceIp(IpAddr),
+    /// `servicenodeports/<proto>/<port>`
+    ServiceNodePort { proto: u8, port: u16 },
 }
 
 impl Layout {
@@ -180,6 +218,13 @@ impl Layout {
             }),
             ("namespaces", [namespace]) => Some(Key::Namespace(namespace)),
             ("policies", [namespace, name]) => Some(Key::Policy { namespace, name }),
+            ("services", [namespace, name]) => Some(Key::Service { namespace, name }),
+            ("endpointslices", [namespace, name]) => Some(Key::EndpointSlice { namespace, name }),
+            ("serviceips", [ip]) => ip.parse().ok().map(Key::ServiceIp),
+            ("servicenodeports", [proto, port]) => Some(Key::ServiceNodePort {
+                proto: proto.parse().ok()?,
+                port: port.parse().ok()?,
+            }),
             _ => None,
         }
     }
@@ -251,6 +296,20 @@ pub struct EndpointEntry {
     /// lookup).
     pub namespace: String,
     pub labels: Labels,
+    /// Its named ports, so that a service's named `targetPort` resolves on other nodes
+    /// (readers: every agent's service planning, `agent/src/control/services.rs`).
+    /// Absent in entries written before services: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<EndpointPort>,
+}
+
+/// One named port of an [`EndpointEntry`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointPort {
+    pub name: String,
+    /// The IP protocol number (6 TCP, 17 UDP, 132 SCTP).
+    pub protocol: u8,
+    pub port: u16,
 }
 
 impl EndpointEntry {

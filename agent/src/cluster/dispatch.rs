@@ -25,6 +25,7 @@ use hypha_cluster::mirror::Delta;
 use crate::control::{RemoteBatch, RemoteEndpoint};
 use crate::overlay::ClusterNode;
 use crate::policy::Policy;
+use crate::service::{EndpointSlice, Service};
 
 /// Everything of the store the runtime keeps, decoded.
 #[derive(Clone, Debug, Default)]
@@ -40,6 +41,9 @@ pub struct View {
     /// By `namespace/name`.
     pub policies: BTreeMap<String, Policy>,
     pub namespaces: BTreeMap<String, Labels>,
+    /// By `namespace/name`.
+    pub services: BTreeMap<String, Service>,
+    pub slices: BTreeMap<String, EndpointSlice>,
     /// Whether a full list has been applied.
     pub synced: bool,
     /// The nodes as the last `Batches::nodes` gave them.
@@ -53,6 +57,9 @@ pub struct Batches {
     pub endpoints: Option<RemoteBatch<RemoteEndpoint>>,
     pub policies: Option<RemoteBatch<Policy>>,
     pub namespaces: Option<RemoteBatch<(String, Labels)>>,
+    /// Services and `EndpointSlice`s (removals: `namespace/name`).
+    pub services: Option<RemoteBatch<Service>>,
+    pub slices: Option<RemoteBatch<EndpointSlice>>,
     /// Every node with pod CIDRs (this one included), when they changed.
     pub nodes: Option<Vec<ClusterNode>>,
     /// Values that cannot be read (logged; the key counts as absent).
@@ -103,6 +110,8 @@ impl View {
         let mut eps: Changes<RemoteEndpoint> = BTreeMap::new();
         let mut pols: Changes<Policy> = BTreeMap::new();
         let mut nss: Changes<(String, Labels)> = BTreeMap::new();
+        let mut svcs: Changes<Service> = BTreeMap::new();
+        let mut slcs: Changes<EndpointSlice> = BTreeMap::new();
         for delta in deltas {
             let (key, value) = match delta {
                 Delta::Upsert { key, value } => (key, Some(value)),
@@ -261,7 +270,52 @@ impl View {
                         }
                     }
                 }
-                Some(Key::CidrClaim(_) | Key::IdentityLabels(_)) => {}
+                Some(
+                    Key::CidrClaim(_)
+                    | Key::IdentityLabels(_)
+                    | Key::ServiceIp(_)
+                    | Key::ServiceNodePort { .. },
+                ) => {}
+                Some(Key::Service { namespace, name }) => {
+                    let full_name = format!("{namespace}/{name}");
+                    match json.clone().map(serde_json::from_value::<Service>) {
+                        Some(Ok(s)) if s.namespace == namespace && s.name == name => {
+                            self.services.insert(full_name.clone(), s.clone());
+                            svcs.insert(full_name, Some(s));
+                        }
+                        other => {
+                            if let Some(Err(e)) = other {
+                                out.warnings.push(invalid(&key, e));
+                            } else if other.is_some() {
+                                out.warnings.push(format!(
+                                    "{key} in the cluster store holds another service; it is ignored"
+                                ));
+                            }
+                            self.services.remove(&full_name);
+                            svcs.insert(full_name, None);
+                        }
+                    }
+                }
+                Some(Key::EndpointSlice { namespace, name }) => {
+                    let full_name = format!("{namespace}/{name}");
+                    match json.clone().map(serde_json::from_value::<EndpointSlice>) {
+                        Some(Ok(s)) if s.namespace == namespace && s.name == name => {
+                            self.slices.insert(full_name.clone(), s.clone());
+                            slcs.insert(full_name, Some(s));
+                        }
+                        other => {
+                            if let Some(Err(e)) = other {
+                                out.warnings.push(invalid(&key, e));
+                            } else if other.is_some() {
+                                out.warnings.push(format!(
+                                    "{key} in the cluster store holds another EndpointSlice; it is ignored"
+                                ));
+                            }
+                            self.slices.remove(&full_name);
+                            slcs.insert(full_name, None);
+                        }
+                    }
+                }
                 None => {
                     if value.is_some() {
                         out.warnings.push(format!(
@@ -287,6 +341,8 @@ impl View {
             );
             out.endpoints = full(self.remote_endpoints(me));
             out.policies = full(self.policies.values().cloned().collect());
+            out.services = full(self.services.values().cloned().collect());
+            out.slices = full(self.slices.values().cloned().collect());
             out.namespaces = full(
                 self.namespaces
                     .iter()
@@ -298,6 +354,8 @@ impl View {
             out.endpoints = batch(eps);
             out.policies = batch(pols);
             out.namespaces = batch(nss);
+            out.services = batch(svcs);
+            out.slices = batch(slcs);
         }
         out
     }

@@ -29,15 +29,16 @@ use hypha_api::{ClusterStatus, NodeInfo, RemoveNodeResponse};
 use hypha_cluster::layout::{EndpointEntry, Labels, Layout, NodeCidrs, now_ms};
 use hypha_cluster::mirror::{self, SyncState, Update};
 use hypha_cluster::node::{self, NodeSpec, Registration};
-use hypha_cluster::{ClusterError, KvStore, Op, Revision, identity};
+use hypha_cluster::{ClusterError, Compare, KvStore, Op, Revision, identity};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::{ClusterConfig, PodCidrs};
-use crate::control::{Agent, ClusterLink, ControlError, RemoteBatch, RemoteEndpoint};
+use crate::control::{Agent, ClusterLink, ControlError, RemoteBatch, RemoteEndpoint, ServiceTxn};
 use crate::datapath::Datapath;
 use crate::host::HostNetwork;
 use crate::overlay::ClusterNode;
 use crate::policy::{Policy, PolicyEndpoint};
+use crate::service::{EndpointSlice, Service};
 use crate::state::EndpointRecord;
 use dispatch::{Batches, View};
 use local::LocalCluster;
@@ -84,6 +85,12 @@ pub trait ClusterAgent: Send + Sync {
     fn apply_namespaces(&self, batch: RemoteBatch<(String, Labels)>) -> Result<(), ControlError>;
     /// Every node with pod CIDRs, whenever what routing needs of them changed.
     fn apply_nodes(&self, nodes: Vec<ClusterNode>) -> Result<(), ControlError>;
+    /// Services and `EndpointSlice`s of the store (either batch may be absent).
+    fn apply_services(
+        &self,
+        services: Option<RemoteBatch<Service>>,
+        slices: Option<RemoteBatch<EndpointSlice>>,
+    ) -> Result<(), ControlError>;
     fn local_endpoints(&self) -> Vec<(EndpointRecord, Option<u32>)>;
     fn remote_endpoint_count(&self) -> usize;
 }
@@ -106,6 +113,13 @@ impl<D: Datapath + 'static, H: HostNetwork + 'static> ClusterAgent for Agent<D, 
     }
     fn apply_nodes(&self, nodes: Vec<ClusterNode>) -> Result<(), ControlError> {
         self.apply_cluster_nodes(nodes)
+    }
+    fn apply_services(
+        &self,
+        services: Option<RemoteBatch<Service>>,
+        slices: Option<RemoteBatch<EndpointSlice>>,
+    ) -> Result<(), ControlError> {
+        self.apply_cluster_services(services, slices)
     }
     fn local_endpoints(&self) -> Vec<(EndpointRecord, Option<u32>)> {
         Agent::local_endpoints(self)
@@ -636,6 +650,57 @@ pub fn reconcile_ops(
     ops
 }
 
+/// The transaction of a [`ServiceTxn`]: its compares (each service key as the caller
+/// saw it; each ClusterIP and NodePort claim it newly takes absent) and its writes
+/// (services, slices, the claims taken and those given back).
+pub fn service_txn(layout: &Layout, t: &ServiceTxn) -> (Vec<Compare>, Vec<Op>) {
+    fn claims(layout: &Layout, s: &Service) -> Vec<String> {
+        let ips = s.cluster_ips.iter().map(|ip| layout.service_ip(*ip));
+        let ports = s
+            .ports
+            .iter()
+            .filter_map(|p| Some(layout.service_node_port(p.protocol, p.node_port?)));
+        ips.chain(ports).collect()
+    }
+    let mut compares = Vec::new();
+    let mut ops = Vec::new();
+    for (svc, seen) in &t.put {
+        let key = layout.service(&svc.namespace, &svc.name);
+        compares.push(match seen {
+            Some(old) => Compare::Value(key.clone(), hypha_cluster::encode(old)),
+            None => Compare::Absent(key.clone()),
+        });
+        let old: Vec<String> = seen.iter().flat_map(|o| claims(layout, o)).collect();
+        let new = claims(layout, svc);
+        for c in &new {
+            if !old.contains(c) {
+                compares.push(Compare::Absent(c.clone()));
+                ops.push(Op::put(c.clone(), hypha_cluster::encode(&svc.key())));
+            }
+        }
+        for c in old.iter().filter(|c| !new.contains(c)) {
+            ops.push(Op::Delete(c.clone()));
+        }
+        ops.push(Op::put(key, hypha_cluster::encode(svc)));
+    }
+    for svc in &t.delete {
+        let key = layout.service(&svc.namespace, &svc.name);
+        compares.push(Compare::Value(key.clone(), hypha_cluster::encode(svc)));
+        ops.extend(claims(layout, svc).into_iter().map(Op::Delete));
+        ops.push(Op::Delete(key));
+    }
+    for s in &t.put_slices {
+        ops.push(Op::put(
+            layout.endpoint_slice(&s.namespace, &s.name),
+            hypha_cluster::encode(s),
+        ));
+    }
+    for (ns, name) in &t.delete_slices {
+        ops.push(Op::Delete(layout.endpoint_slice(ns, name)));
+    }
+    (compares, ops)
+}
+
 /// A local endpoint as the store keeps it.
 pub fn endpoint_entry(node: &str, ep: &EndpointRecord, identity: u32) -> EndpointEntry {
     let seen = PolicyEndpoint::new(ep.id, std::net::Ipv4Addr::UNSPECIFIED, &ep.labels);
@@ -646,6 +711,17 @@ pub fn endpoint_entry(node: &str, ep: &EndpointRecord, identity: u32) -> Endpoin
         identity,
         namespace: seen.namespace,
         labels: seen.labels,
+        ports: ep
+            .ports
+            .iter()
+            .filter_map(|p| {
+                Some(hypha_cluster::layout::EndpointPort {
+                    name: p.name.clone(),
+                    protocol: crate::policy::port_protocol(&p.protocol)?,
+                    port: p.port,
+                })
+            })
+            .collect(),
     }
 }
 
@@ -672,6 +748,11 @@ fn apply_batches(agent: &dyn ClusterAgent, b: Batches) -> Vec<String> {
         && let Err(e) = agent.apply_policies(x)
     {
         errors.push(format!("policies: {e}"));
+    }
+    if (b.services.is_some() || b.slices.is_some())
+        && let Err(e) = agent.apply_services(b.services, b.slices)
+    {
+        errors.push(format!("services: {e}"));
     }
     if let Some(x) = b.nodes
         && let Err(e) = agent.apply_nodes(x)
@@ -773,6 +854,25 @@ impl ClusterLink for Runtime {
                 .await
                 .map_err(|e| format!("writing the policies to the cluster store {store}: {e}"))?;
             self.applied(out.revision).await
+        })
+    }
+
+    fn publish_services(&self, txn: ServiceTxn) -> Result<bool, String> {
+        let (compares, ops) = service_txn(&self.layout, &txn);
+        if ops.is_empty() {
+            return Ok(true);
+        }
+        let store = self.store_urls();
+        self.block_on(self.waits.store, async {
+            let out = self
+                .store
+                .txn(compares, ops, Vec::new())
+                .await
+                .map_err(|e| format!("writing the services to the cluster store {store}: {e}"))?;
+            // Either way this agent catches up with the store first: with the services
+            // written, or with what made the compares fail (for the caller's retry).
+            self.applied(out.revision).await?;
+            Ok(out.succeeded)
         })
     }
 

@@ -27,6 +27,7 @@ struct Recorder {
     namespaces: Mutex<BTreeMap<String, Labels>>,
     identities: Mutex<BTreeMap<u32, (String, Labels)>>,
     nodes: Mutex<Option<Vec<ClusterNode>>>,
+    services: Mutex<BTreeMap<String, crate::service::Service>>,
 }
 
 fn merge<T: Clone>(
@@ -87,6 +88,16 @@ impl ClusterAgent for Recorder {
     }
     fn apply_nodes(&self, nodes: Vec<ClusterNode>) -> Result<(), ControlError> {
         *self.nodes.lock().unwrap() = Some(nodes);
+        Ok(())
+    }
+    fn apply_services(
+        &self,
+        services: Option<RemoteBatch<crate::service::Service>>,
+        _slices: Option<RemoteBatch<crate::service::EndpointSlice>>,
+    ) -> Result<(), ControlError> {
+        if let Some(b) = services {
+            merge(&self.services, b, crate::service::Service::key);
+        }
         Ok(())
     }
     fn local_endpoints(&self) -> Vec<(EndpointRecord, Option<u32>)> {
@@ -333,6 +344,7 @@ async fn the_publisher_reconciles_this_nodes_keys_and_remote_changes_reach_the_a
         identity: 300,
         namespace: "prod".into(),
         labels: [("app".to_owned(), "web".to_owned())].into(),
+        ports: Vec::new(),
     };
     store::put(kv.as_ref(), &remote_key, hypha_cluster::encode(&remote))
         .await
@@ -633,4 +645,86 @@ async fn nodes_and_removal() {
     })
     .await;
     rt.stop();
+}
+
+fn clusterip_service(name: &str, ip: &str) -> crate::service::Service {
+    crate::service::Service {
+        namespace: "default".into(),
+        name: name.into(),
+        kind: crate::service::ServiceType::NodePort,
+        cluster_ips: vec![ip.parse().unwrap()],
+        ip_families: Vec::new(),
+        ip_family_policy: crate::service::IpFamilyPolicy::SingleStack,
+        ports: vec![crate::service::ServicePort {
+            name: String::new(),
+            protocol: 6,
+            port: 80,
+            target_port: crate::service::TargetPort::Number(8080),
+            node_port: Some(30080),
+        }],
+        selector: Some([("app".to_owned(), "web".to_owned())].into()),
+        session_affinity: None,
+        external_local: false,
+        internal_local: false,
+    }
+}
+
+/// Two nodes that allocated the same ClusterIP from the same view: the store takes the
+/// first transaction and refuses the second (its claim is no longer absent), so no VIP
+/// ever has two services; an update by the holder keeps its claims, a delete frees them.
+#[tokio::test]
+async fn two_nodes_racing_for_one_clusterip_cannot_both_take_it() {
+    let kv = MemKv::new();
+    let layout = Layout::default();
+    let run = |t: ServiceTxn| {
+        let (compares, ops) = service_txn(&layout, &t);
+        let kv = &kv;
+        async move { kv.txn(compares, ops, Vec::new()).await.unwrap().succeeded }
+    };
+    let a = clusterip_service("a", "10.96.0.10");
+    let b = clusterip_service("b", "10.96.0.10");
+    let put = |s: &crate::service::Service, seen: Option<crate::service::Service>| ServiceTxn {
+        put: vec![(s.clone(), seen)],
+        ..ServiceTxn::default()
+    };
+    assert!(run(put(&a, None)).await, "the first node wins");
+    assert!(!run(put(&b, None)).await, "the second is refused");
+    let claim = kv
+        .get(&layout.service_ip("10.96.0.10".parse().unwrap()))
+        .await;
+    assert_eq!(
+        claim.unwrap().unwrap().value,
+        hypha_cluster::encode(&"default/a")
+    );
+    assert!(
+        kv.get(&layout.service("default", "b"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    // Its NodePort too, even on another ClusterIP.
+    let b2 = clusterip_service("b", "10.96.0.11");
+    assert!(!run(put(&b2, None)).await, "30080/TCP is a's");
+    let mut b3 = b2.clone();
+    b3.ports[0].node_port = Some(30081);
+    assert!(run(put(&b3, None)).await);
+
+    // A writer that allocated against an older a is refused; the holder's update passes.
+    let mut a2 = a.clone();
+    a2.ports[0].port = 81;
+    assert!(!run(put(&a2, Some(b3.clone()))).await);
+    assert!(run(put(&a2, Some(a.clone()))).await);
+    // Deleting a frees its claims for others.
+    assert!(
+        run(ServiceTxn {
+            delete: vec![a2.clone()],
+            ..ServiceTxn::default()
+        })
+        .await
+    );
+    let c = clusterip_service("c", "10.96.0.10");
+    assert!(
+        run(put(&c, None)).await,
+        "a's ClusterIP and NodePort are free again"
+    );
 }

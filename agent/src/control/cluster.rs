@@ -58,11 +58,36 @@ pub trait ClusterLink: Send + Sync {
         remove: &[String],
     ) -> Result<Labels, String>;
 
+    /// Writes services and `EndpointSlice`s to the store in one transaction that holds
+    /// only if every service key is as the caller allocated against and every ClusterIP
+    /// and NodePort claim it takes is free (see [`ServiceTxn`]); then waits until this
+    /// agent has them. `Ok(false)`: another node was faster; by then this agent has the
+    /// store's newer services, and the caller allocates again.
+    /// The default (links that carry no services, e.g. test doubles) refuses.
+    fn publish_services(&self, txn: ServiceTxn) -> Result<bool, String> {
+        let _ = txn;
+        Err("this cluster link does not carry services".into())
+    }
+
     fn status(&self) -> ClusterStatus;
 
     fn nodes(&self) -> Result<Vec<NodeInfo>, String>;
 
     fn remove_node(&self, name: &str, force: bool) -> Result<RemoveNodeResponse, ControlError>;
+}
+
+/// A change of the store's services, written as one conditional transaction
+/// (`crate::cluster::service_txn` builds it).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceTxn {
+    /// Services to write, each with the one the caller allocated against (`None`: there
+    /// was none): the key must still hold exactly that.
+    pub put: Vec<(crate::service::Service, Option<crate::service::Service>)>,
+    /// Services to delete, as the caller saw them.
+    pub delete: Vec<crate::service::Service>,
+    pub put_slices: Vec<crate::service::EndpointSlice>,
+    /// (namespace, name).
+    pub delete_slices: Vec<(String, String)>,
 }
 
 /// An endpoint of another node, as the store has it; `key` is its store key.
@@ -146,6 +171,8 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             }
             upserts.insert(r.key, r.entry);
         }
+        let mut namespaces: BTreeSet<String> =
+            upserts.values().map(|e| e.namespace.clone()).collect();
         let pending = {
             let mut guard = self.policy();
             let p = &mut *guard;
@@ -219,11 +246,15 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             p.next_remote = next;
             let mut changes = Vec::with_capacity(upserts.len() + removes.len() + 1);
             for k in removes {
-                p.remote.remove(&k);
+                if let Some((_, e)) = p.remote.remove(&k) {
+                    namespaces.insert(e.namespace);
+                }
                 changes.push(Change::RemoteEndpointGone(k));
             }
             for (k, e) in upserts {
-                p.remote.insert(k.clone(), (ids[&k], e.clone()));
+                if let Some((_, old)) = p.remote.insert(k.clone(), (ids[&k], e.clone())) {
+                    namespaces.insert(old.namespace);
+                }
                 changes.push(Change::RemoteEndpoint { key: k, entry: e });
             }
             if assigned.identities_changed || outcome.identities_changed {
@@ -233,6 +264,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             self.store.submit(changes)
         };
         pending.wait()?;
+        self.services_follow(namespaces);
         Ok(())
     }
 

@@ -84,6 +84,7 @@ fn remote(
             identity,
             namespace: "default".into(),
             labels: labels(pairs),
+            ports: Vec::new(),
         },
     }
 }
@@ -515,6 +516,32 @@ impl ClusterLink for FakeLink {
             .collect();
         self.agent()
             .apply_cluster_policies(batch(policies, removes, false))
+            .map_err(|e| e.to_string())
+    }
+
+    fn publish_services(&self, txn: ServiceTxn) -> Result<bool, String> {
+        self.down()?;
+        let services = RemoteBatch {
+            upserts: txn.put.into_iter().map(|(s, _)| s).collect(),
+            removes: txn
+                .delete
+                .iter()
+                .map(crate::service::Service::key)
+                .collect(),
+            resync: false,
+        };
+        let slices = RemoteBatch {
+            upserts: txn.put_slices,
+            removes: txn
+                .delete_slices
+                .iter()
+                .map(|(ns, name)| format!("{ns}/{name}"))
+                .collect(),
+            resync: false,
+        };
+        self.agent()
+            .apply_cluster_services(Some(services), Some(slices))
+            .map(|()| true)
             .map_err(|e| e.to_string())
     }
 

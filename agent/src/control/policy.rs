@@ -118,14 +118,7 @@ fn named_ports(ports: &[NamedPort]) -> NamedPorts {
         .collect()
 }
 
-fn protocol_number(name: &str) -> Option<u8> {
-    match name {
-        "TCP" => Some(crate::policy::PROTO_TCP),
-        "UDP" => Some(crate::policy::PROTO_UDP),
-        "SCTP" => Some(crate::policy::PROTO_SCTP),
-        _ => None,
-    }
-}
+use crate::policy::port_protocol as protocol_number;
 
 impl PolicyState {
     /// From the saved state and the endpoints that survived start: the engine compiled
@@ -1113,6 +1106,10 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             };
             return Err(ControlError::from(e).with_rollback(rollback));
         }
+        self.services_follow([
+            Self::endpoint_namespace(current),
+            Self::endpoint_namespace(record),
+        ]);
         Ok(())
     }
 

@@ -37,8 +37,9 @@ use hypha_common::{
 use hypha_netlink::{BpfFilter, Netlink, TcHook};
 
 use super::endpoint_maps::EndpointMaps;
+use super::lb_maps::LbMaps;
 use super::tunnel_maps::{self, TunnelMaps};
-use super::{Adoption, Datapath, TunnelPeerSpec, TunnelSetup, link_info};
+use super::{Adoption, Datapath, InstalledLb, LbDiff, TunnelPeerSpec, TunnelSetup, link_info};
 use crate::config::AttachMode;
 use crate::policy::PolicyDiff;
 use crate::state::EndpointRecord;
@@ -163,6 +164,9 @@ pub enum EbpfError {
     /// The cluster's nodes claim the same pod CIDR or underlay address.
     #[error("tunnel peers: {problem}")]
     TunnelPeers { problem: String },
+    /// The loaded object lacks the load balancer's maps.
+    #[error("services cannot be programmed: {reason}")]
+    NoServices { reason: String },
     #[error("cannot {op} map {map}: {source}")]
     Map {
         op: &'static str,
@@ -327,6 +331,9 @@ pub struct EbpfDatapath {
     tunnel_programs: Vec<Program>,
     links_dir: PathBuf,
     mode: AttachMode,
+    /// The load balancer's maps, or why the object has none (services are
+    /// then refused with the reason).
+    lb: Result<LbMaps, String>,
 }
 
 impl EbpfDatapath {
@@ -363,6 +370,10 @@ impl EbpfDatapath {
             .map(|a| load_program(&mut ebpf, a))
             .collect::<Result<Vec<_>, _>>()?;
         let maps = Maps::take(&mut ebpf)?;
+        let lb = LbMaps::take(&mut ebpf).map_err(|e| e.to_string());
+        if let Err(e) = &lb {
+            tracing::warn!("services are not available: {e}");
+        }
         // An earlier agent's traced endpoints stay traced until start-up has re-adopted
         // (or swept) them.
         let tracing = lock(&maps.debug).keys().next().is_some();
@@ -383,6 +394,7 @@ impl EbpfDatapath {
             tunnel_programs,
             links_dir,
             mode,
+            lb,
         })
     }
 
@@ -963,6 +975,27 @@ impl Datapath for EbpfDatapath {
 
     fn node_stats(&self) -> Result<Vec<(u32, NodeStats)>, EbpfError> {
         self.maps.tunnel.node_stats()
+    }
+
+    fn apply_lb(&self, diff: &LbDiff) -> Vec<EbpfError> {
+        match &self.lb {
+            Ok(lb) => lb.apply(diff),
+            Err(e) => vec![EbpfError::NoServices { reason: e.clone() }],
+        }
+    }
+
+    fn installed_lb(&self) -> Result<InstalledLb, EbpfError> {
+        match &self.lb {
+            Ok(lb) => lb.installed(),
+            Err(_) => Ok(InstalledLb::default()),
+        }
+    }
+
+    fn lb_stats(&self) -> Result<Vec<(u32, hypha_common::lb::LbBackendStats)>, EbpfError> {
+        match &self.lb {
+            Ok(lb) => lb.stats(),
+            Err(_) => Ok(Vec::new()),
+        }
     }
 }
 

@@ -5,7 +5,9 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use hypha_common::{Counter, DropKey, EndpointStats, NodeStats};
 
-use super::{Adoption, Datapath, InstalledPolicy, TunnelPeerSpec, TunnelSetup};
+use super::{
+    Adoption, Datapath, InstalledLb, InstalledPolicy, LbDiff, TunnelPeerSpec, TunnelSetup,
+};
 use crate::policy::PolicyDiff;
 use crate::state::EndpointRecord;
 
@@ -64,6 +66,15 @@ pub struct FakeState {
     pub peers: BTreeMap<u32, TunnelPeerSpec>,
     /// What `node_stats` answers.
     pub node_stats: BTreeMap<u32, NodeStats>,
+    /// The load balancer's maps as the diffs left them.
+    pub lb: InstalledLb,
+    /// Backend counters (created zeroed with a backend, removed with it).
+    pub lb_stats: BTreeMap<u32, hypha_common::lb::LbBackendStats>,
+    /// How many `apply_lb` calls, and how many entries they wrote or removed.
+    pub lb_applies: usize,
+    pub lb_writes: usize,
+    /// Make `apply_lb` fail.
+    pub fail_lb: bool,
 }
 
 /// Holds the fake's attaches until released (or dropped).
@@ -267,6 +278,74 @@ impl Datapath for FakeDatapath {
         Ok(self
             .state()
             .node_stats
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect())
+    }
+
+    fn apply_lb(&self, diff: &LbDiff) -> Vec<FakeError> {
+        let mut st = self.state();
+        if st.fail_lb {
+            return vec![FakeError("cannot write the load balancer's maps".into())];
+        }
+        st.lb_applies += 1;
+        st.lb_writes += diff.backends_set.len()
+            + diff.maglev_set.len()
+            + diff.services_set.len()
+            + diff.services_del.len()
+            + diff.maglev_del.len()
+            + diff.backends_del.len();
+        // The documented order, each step checked against what the eBPF side reads.
+        for (id, b) in &diff.backends_set {
+            st.lb_stats.entry(*id).or_default();
+            st.lb.backends.insert(*id, *b);
+        }
+        for (id, t) in &diff.maglev_set {
+            let mut named: Vec<u32> = Vec::new();
+            for b in t.iter() {
+                if !named.contains(b) {
+                    named.push(*b);
+                }
+            }
+            assert!(
+                named.iter().all(|b| st.lb.backends.contains_key(b)),
+                "maglev table {id} names a backend not written before it"
+            );
+            st.lb.maglev.insert(*id, t.clone());
+        }
+        for (k, v) in &diff.services_set {
+            assert!(
+                v.count == 0 || st.lb.maglev.contains_key(&v.id),
+                "frontend {k:?} written before its maglev table {}",
+                v.id
+            );
+            st.lb.services.insert(*k, *v);
+        }
+        for k in &diff.services_del {
+            st.lb.services.remove(k);
+        }
+        for id in &diff.maglev_del {
+            assert!(
+                !st.lb.services.values().any(|v| v.id == *id && v.count > 0),
+                "maglev table {id} removed while a frontend uses it"
+            );
+            st.lb.maglev.remove(id);
+        }
+        for (id, _) in &diff.backends_del {
+            st.lb.backends.remove(id);
+            st.lb_stats.remove(id);
+        }
+        Vec::new()
+    }
+
+    fn installed_lb(&self) -> Result<InstalledLb, FakeError> {
+        Ok(self.state().lb.clone())
+    }
+
+    fn lb_stats(&self) -> Result<Vec<(u32, hypha_common::lb::LbBackendStats)>, FakeError> {
+        Ok(self
+            .state()
+            .lb_stats
             .iter()
             .map(|(k, v)| (*k, *v))
             .collect())

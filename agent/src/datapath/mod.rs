@@ -7,6 +7,7 @@ mod ebpf;
 mod endpoint_maps;
 #[cfg(test)]
 pub mod fake;
+pub mod lb_maps;
 mod link_info;
 pub mod policy_maps;
 mod tunnel_maps;
@@ -17,6 +18,7 @@ use hypha_common::{DropKey, EndpointStats, NodeStats};
 use ipnet::{Ipv4Net, Ipv6Net};
 
 pub use ebpf::{EbpfDatapath, EbpfError};
+pub use lb_maps::{InstalledLb, LbBackendSpec, LbDiff, LbFrontendKey, MaglevTable};
 
 use crate::policy::PolicyDiff;
 use crate::state::EndpointRecord;
@@ -140,6 +142,23 @@ pub trait Datapath: Send + Sync {
 
     /// Tunnel counters per node id, summed over CPUs.
     fn node_stats(&self) -> Result<Vec<(u32, NodeStats)>, Self::Error>;
+
+    /// Services: writes `diff` to the load balancer's maps in its order (see
+    /// [`LbDiff`]); goes on past errors and returns them all.
+    fn apply_lb(&self, diff: &LbDiff) -> Vec<Self::Error>;
+
+    /// What the load balancer's maps hold now (an earlier agent's work, at start), so
+    /// that ids are kept across restarts and the first diff removes what no service
+    /// wants any more.
+    fn installed_lb(&self) -> Result<InstalledLb, Self::Error> {
+        Ok(InstalledLb::default())
+    }
+
+    /// Every backend's counters (`hypha_lb_backend_stats`) by backend id, summed over
+    /// CPUs.
+    fn lb_stats(&self) -> Result<Vec<(u32, hypha_common::lb::LbBackendStats)>, Self::Error> {
+        Ok(Vec::new())
+    }
 
     /// Services, socket side: attaches the socket programs (`hypha_common::lb::programs`)
     /// to the cgroup v2 hierarchy mounted at `cgroup` (pinned links, replaced in place on

@@ -156,7 +156,9 @@ fn removed(result: Result<(), aya::maps::MapError>, map: &'static str) -> Option
 }
 
 /// A per-CPU value of zeroes for every possible CPU.
-fn zeroed<T: aya::Pod + Default>(map: &'static str) -> Result<PerCpuValues<T>, EbpfError> {
+pub(super) fn zeroed<T: aya::Pod + Default>(
+    map: &'static str,
+) -> Result<PerCpuValues<T>, EbpfError> {
     let nr_cpus = aya::util::nr_cpus().map_err(|(path, source)| EbpfError::Io {
         op: "read",
         path: path.into(),

@@ -257,6 +257,16 @@ pub fn proto_name(proto: u8) -> String {
     }
 }
 
+/// The number of a named port's protocol (`TCP`, `UDP`, `SCTP`), as named ports write it.
+pub fn port_protocol(name: &str) -> Option<u8> {
+    match name {
+        "TCP" => Some(PROTO_TCP),
+        "UDP" => Some(PROTO_UDP),
+        "SCTP" => Some(PROTO_SCTP),
+        _ => None,
+    }
+}
+
 /// An endpoint as the policy compiler sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PolicyEndpoint {

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use super::{EndpointRecord, PersistedState, StoredPolicy};
+use super::{EndpointRecord, PersistedState, StoredPolicy, StoredService, StoredSlice};
 use hypha_cluster::layout::EndpointEntry;
 
 use crate::ipam::Owner;
@@ -54,6 +54,18 @@ pub enum Change {
         entry: EndpointEntry,
     },
     RemoteEndpointGone(String),
+    /// Puts a service, keyed by (namespace, name).
+    Service(StoredService),
+    ServiceGone {
+        namespace: String,
+        name: String,
+    },
+    /// Puts an `EndpointSlice`, keyed by (namespace, name).
+    Slice(StoredSlice),
+    SliceGone {
+        namespace: String,
+        name: String,
+    },
 }
 
 /// Applies one change to an in-memory state: the one definition of what a change means,
@@ -123,7 +135,47 @@ pub fn apply(state: &mut PersistedState, change: &Change) {
         Change::RemoteEndpointGone(key) => {
             state.remote_endpoints.remove(key);
         }
+        Change::Service(s) => {
+            let key = (s.service.namespace.as_str(), s.service.name.as_str());
+            match state
+                .services
+                .binary_search_by(|q| service_key(q).cmp(&key))
+            {
+                Ok(i) => state.services[i] = s.clone(),
+                Err(i) => state.services.insert(i, s.clone()),
+            }
+        }
+        Change::ServiceGone { namespace, name } => {
+            let key = (namespace.as_str(), name.as_str());
+            if let Ok(i) = state
+                .services
+                .binary_search_by(|q| service_key(q).cmp(&key))
+            {
+                state.services.remove(i);
+            }
+        }
+        Change::Slice(s) => {
+            let key = (s.slice.namespace.as_str(), s.slice.name.as_str());
+            match state.slices.binary_search_by(|q| slice_key(q).cmp(&key)) {
+                Ok(i) => state.slices[i] = s.clone(),
+                Err(i) => state.slices.insert(i, s.clone()),
+            }
+        }
+        Change::SliceGone { namespace, name } => {
+            let key = (namespace.as_str(), name.as_str());
+            if let Ok(i) = state.slices.binary_search_by(|q| slice_key(q).cmp(&key)) {
+                state.slices.remove(i);
+            }
+        }
     }
+}
+
+fn service_key(s: &StoredService) -> (&str, &str) {
+    (&s.service.namespace, &s.service.name)
+}
+
+fn slice_key(s: &StoredSlice) -> (&str, &str) {
+    (&s.slice.namespace, &s.slice.name)
 }
 
 fn endpoint_key(e: &EndpointRecord) -> (&str, &str) {
@@ -259,6 +311,37 @@ pub fn changes_between(old: &PersistedState, new: &PersistedState) -> Vec<Change
     for key in old.remote_endpoints.keys() {
         if !new.remote_endpoints.contains_key(key) {
             changes.push(Change::RemoteEndpointGone(key.clone()));
+        }
+    }
+
+    let old_svcs: BTreeMap<_, _> = old.services.iter().map(|s| (service_key(s), s)).collect();
+    let new_svcs: BTreeMap<_, _> = new.services.iter().map(|s| (service_key(s), s)).collect();
+    for (key, s) in &new_svcs {
+        if old_svcs.get(key) != Some(s) {
+            changes.push(Change::Service((*s).clone()));
+        }
+    }
+    for (namespace, name) in old_svcs.keys() {
+        if !new_svcs.contains_key(&(*namespace, *name)) {
+            changes.push(Change::ServiceGone {
+                namespace: (*namespace).to_owned(),
+                name: (*name).to_owned(),
+            });
+        }
+    }
+    let old_slices: BTreeMap<_, _> = old.slices.iter().map(|s| (slice_key(s), s)).collect();
+    let new_slices: BTreeMap<_, _> = new.slices.iter().map(|s| (slice_key(s), s)).collect();
+    for (key, s) in &new_slices {
+        if old_slices.get(key) != Some(s) {
+            changes.push(Change::Slice((*s).clone()));
+        }
+    }
+    for (namespace, name) in old_slices.keys() {
+        if !new_slices.contains_key(&(*namespace, *name)) {
+            changes.push(Change::SliceGone {
+                namespace: (*namespace).to_owned(),
+                name: (*name).to_owned(),
+            });
         }
     }
     changes

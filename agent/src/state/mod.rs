@@ -227,6 +227,27 @@ pub struct PersistedState {
     /// restarted while the store is unreachable keeps them in its ipcache.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub remote_endpoints: BTreeMap<String, EndpointEntry>,
+    /// Services applied through the API or from the watched directory, with their
+    /// allocated ClusterIPs and NodePorts, sorted by (namespace, name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<StoredService>,
+    /// `EndpointSlice`s likewise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slices: Vec<StoredSlice>,
+}
+
+/// A service in force (its ClusterIPs and NodePorts as allocated) and where it came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredService {
+    pub service: crate::service::Service,
+    pub origin: PolicyOrigin,
+}
+
+/// An `EndpointSlice` in force and where it came from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredSlice {
+    pub slice: crate::service::EndpointSlice,
+    pub origin: PolicyOrigin,
 }
 
 /// A policy in force and where it came from.
@@ -269,6 +290,8 @@ impl Default for PersistedState {
             namespace_labels: BTreeMap::new(),
             identities: IdentityAllocator::default(),
             remote_endpoints: BTreeMap::new(),
+            services: Vec::new(),
+            slices: Vec::new(),
         }
     }
 }

@@ -8,6 +8,8 @@
 //!   in a store from before dual stack, which therefore opens unchanged
 //! - `policies`: (namespace, name) → [`StoredPolicy`]
 //! - `namespace_labels`: namespace → labels
+//! - `services`: (namespace, name) → [`StoredService`]; `endpoint_slices`: (namespace,
+//!   name) → [`StoredSlice`]; absent in a store from before services
 //! - `meta`: `version`, `next_endpoint_id`, `ipam_last` (the IPv4 IPAM's cursor),
 //!   `ipam6_last` (the IPv6 one's), `identities`
 //!   (the whole [`IdentityAllocator`](crate::policy::IdentityAllocator), one row)
@@ -30,7 +32,7 @@ use redb::{
 use super::change::changes_between;
 use super::{
     Change, EndpointRecord, LOCK_WAIT, Pending, Persist, PersistedState, STATE_VERSION, StateError,
-    StoredPolicy, lock,
+    StoredPolicy, StoredService, StoredSlice, lock,
 };
 use crate::ipam::Owner;
 use hypha_cluster::layout::EndpointEntry;
@@ -49,6 +51,8 @@ const POLICIES: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new(
 const NAMESPACE_LABELS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("namespace_labels");
 /// Cluster mode: other nodes' endpoints, store key → `EndpointEntry` as JSON.
 const REMOTE_ENDPOINTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("remote_endpoints");
+const SERVICES: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("services");
+const SLICES: TableDefinition<'_, (&str, &str), &[u8]> = TableDefinition::new("endpoint_slices");
 pub(super) const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
 
 const META_VERSION: &str = "version";
@@ -312,6 +316,8 @@ fn write_changes<'a>(
     let mut namespaces = tx.open_table(NAMESPACE_LABELS)?;
     let mut meta = tx.open_table(META)?;
     let mut remote = tx.open_table(REMOTE_ENDPOINTS)?;
+    let mut services = tx.open_table(SERVICES)?;
+    let mut slices = tx.open_table(SLICES)?;
     for change in changes {
         match change {
             Change::Endpoint(ep) => {
@@ -388,6 +394,24 @@ fn write_changes<'a>(
             Change::RemoteEndpointGone(key) => {
                 remote.remove(key.as_str())?;
             }
+            Change::Service(s) => {
+                services.insert(
+                    (s.service.namespace.as_str(), s.service.name.as_str()),
+                    encode(s).as_slice(),
+                )?;
+            }
+            Change::ServiceGone { namespace, name } => {
+                services.remove((namespace.as_str(), name.as_str()))?;
+            }
+            Change::Slice(s) => {
+                slices.insert(
+                    (s.slice.namespace.as_str(), s.slice.name.as_str()),
+                    encode(s).as_slice(),
+                )?;
+            }
+            Change::SliceGone { namespace, name } => {
+                slices.remove((namespace.as_str(), name.as_str()))?;
+            }
         }
     }
     Ok(())
@@ -442,6 +466,8 @@ fn import(db: &Database, state: &PersistedState) -> Result<(), redb::Error> {
     tx.delete_table(POLICIES)?;
     tx.delete_table(NAMESPACE_LABELS)?;
     tx.delete_table(REMOTE_ENDPOINTS)?;
+    tx.delete_table(SERVICES)?;
+    tx.delete_table(SLICES)?;
     tx.delete_table(META)?;
     {
         let mut meta = tx.open_table(META)?;
@@ -608,6 +634,23 @@ fn read_all(db: &Database, path: &Path) -> Result<PersistedState, StateError> {
             let labels: BTreeMap<String, String> =
                 decode(path, "namespace_labels", k.value(), v.value())?;
             state.namespace_labels.insert(k.value().to_owned(), labels);
+        }
+    }
+    if let Some(t) = rows!(SERVICES) {
+        for row in t.iter().map_err(|e| dbe("read")(e.into()))? {
+            let (k, v) = row.map_err(|e| dbe("read")(e.into()))?;
+            let (ns, name) = k.value();
+            let s: StoredService = decode(path, "services", format!("{ns}/{name}"), v.value())?;
+            state.services.push(s);
+        }
+    }
+    if let Some(t) = rows!(SLICES) {
+        for row in t.iter().map_err(|e| dbe("read")(e.into()))? {
+            let (k, v) = row.map_err(|e| dbe("read")(e.into()))?;
+            let (ns, name) = k.value();
+            let s: StoredSlice =
+                decode(path, "endpoint_slices", format!("{ns}/{name}"), v.value())?;
+            state.slices.push(s);
         }
     }
     if let Some(t) = rows!(REMOTE_ENDPOINTS) {

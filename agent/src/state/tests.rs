@@ -133,6 +133,7 @@ fn rich_state() -> PersistedState {
                 identity: 4242,
                 namespace: "default".into(),
                 labels: BTreeMap::from([("app".into(), "client".into())]),
+                ports: Vec::new(),
             },
         },
     ];

@@ -355,6 +355,7 @@ fn write_synthetic(u: &Underlay, store: &Arc<EtcdKv>, s: &Settings) -> Result<Sy
             identity: 256 + k as u32,
             namespace: NAMESPACE.to_owned(),
             labels: identity_labels(k),
+            ports: Vec::new(),
         };
         let key = layout.endpoint(&name, &format!("synth-{e:06}"), "eth0");
         ops.push(Op::put(key.clone(), encode(&entry)));
