@@ -1,15 +1,15 @@
 //! The operator's commands that talk to a running agent: `hypha status`, `hypha endpoint
-//! list`, `hypha policy ...`, `hypha namespace label`, `hypha node ...`, `hypha identity
-//! list`.
+//! list`, `hypha policy ...`, `hypha service ...`, `hypha namespace label`, `hypha node
+//! ...`, `hypha identity list`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use hypha_api::{
-    ApplyPoliciesResponse, ClusterStatus, DirectionPolicy, Endpoint, EndpointPolicy, IdentityInfo,
-    NamespaceLabelsRequest, NodeInfo, PacketCount, PolicySource, PolicySummary, RemoveNodeResponse,
-    RoutingStatus, Status,
+    ApplyPoliciesResponse, ApplyServicesResponse, ClusterStatus, DirectionPolicy, Endpoint,
+    EndpointPolicy, IdentityInfo, NamespaceLabelsRequest, NodeInfo, PacketCount, PolicySource,
+    PolicySummary, RemoveNodeResponse, RoutingStatus, ServiceInfo, Status,
 };
 
 /// Whether a directory entry is a policy file: `*.yaml`, `*.yml` or `*.json`.
@@ -28,8 +28,8 @@ pub struct ReadPoliciesError {
     pub source: std::io::Error,
 }
 
-/// The files `hypha policy apply -f` sends: a file as it is, a directory's `*.yaml`,
-/// `*.yml` and `*.json` files in name order.
+/// The files `hypha policy apply -f` and `hypha service apply -f` send: a file as it is,
+/// a directory's `*.yaml`, `*.yml` and `*.json` files in name order.
 pub fn read_policy_files(paths: &[PathBuf]) -> Result<Vec<PolicySource>, ReadPoliciesError> {
     let err = |path: &Path| {
         let path = path.to_owned();
@@ -92,6 +92,133 @@ pub fn format_applied(r: &ApplyPoliciesResponse) -> String {
         "{} policy entries written, {} removed",
         r.entries_set, r.entries_removed
     );
+    out
+}
+
+/// `hypha service delete`'s target: `NAMESPACE/NAME`, or `NAME` in `namespace` (`-n`,
+/// default `default`); both a `NAMESPACE/` and another `-n` is an error.
+pub fn parse_service_ref(arg: &str, namespace: Option<&str>) -> Result<(String, String), String> {
+    let (ns, name) = match arg.split_once('/') {
+        Some((ns, name)) => {
+            if let Some(n) = namespace
+                && n != ns
+            {
+                return Err(format!(
+                    "{arg:?} names namespace {ns:?} but -n says {n:?}: give one of them"
+                ));
+            }
+            (ns, name)
+        }
+        None => (namespace.unwrap_or(crate::policy::DEFAULT_NAMESPACE), arg),
+    };
+    if ns.is_empty() || name.is_empty() || name.contains('/') {
+        return Err(format!(
+            "{arg:?} is not a service: give NAMESPACE/NAME, or NAME with -n NAMESPACE"
+        ));
+    }
+    Ok((ns.to_owned(), name.to_owned()))
+}
+
+/// Renders `hypha service apply`'s answer.
+pub fn format_services_applied(r: &ApplyServicesResponse) -> String {
+    let mut out = String::new();
+    for name in &r.applied {
+        let _ = writeln!(out, "service {name} applied");
+    }
+    for name in &r.slices {
+        let _ = writeln!(out, "endpointslice {name} applied");
+    }
+    let _ = writeln!(
+        out,
+        "datapath programmed in {:.1} ms",
+        r.program_us as f64 / 1000.0
+    );
+    out
+}
+
+/// `address:port`, the IPv6 address bracketed.
+fn host_port(addr: std::net::IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(addr, port).to_string()
+}
+
+/// Renders `hypha service list`: a row per service as `kubectl get services` has it
+/// (PORT(S) `80/TCP`, or `80:30080/TCP` with a NodePort), then under it each port with
+/// its target and backends, `addr:port (node) conns=N`.
+pub fn format_services(services: &[ServiceInfo]) -> String {
+    let header = [
+        "NAMESPACE/NAME",
+        "TYPE",
+        "CLUSTER-IP(S)",
+        "PORT(S)",
+        "AFFINITY",
+        "TRAFFIC(EXT/INT)",
+        "SOURCE",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    for s in services {
+        let ports = s.ports.iter().map(|p| match p.node_port {
+            Some(np) => format!("{}:{np}/{}", p.port, p.protocol),
+            None => format!("{}/{}", p.port, p.protocol),
+        });
+        rows.push(vec![
+            format!("{}/{}", s.namespace, s.name),
+            s.kind.clone(),
+            list_or_dash(s.cluster_ips.iter().map(|a| a.to_string())),
+            list_or_dash(ports),
+            s.session_affinity_timeout
+                .map_or_else(|| "-".to_owned(), |t| format!("ClientIP {t}s")),
+            format!(
+                "{}/{}",
+                s.external_traffic_policy, s.internal_traffic_policy
+            ),
+            s.source.clone(),
+        ]);
+    }
+    let text = table(&rows);
+    let mut lines = text.lines();
+    let mut out = String::new();
+    if let Some(h) = lines.next() {
+        let _ = writeln!(out, "{h}");
+    }
+    for (s, line) in services.iter().zip(lines) {
+        let _ = writeln!(out, "{line}");
+        for p in &s.ports {
+            let name = if p.name.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", p.name)
+            };
+            let backends = match p.backends.len() {
+                0 => "no backends (connections are refused)".to_owned(),
+                1 => "1 backend".to_owned(),
+                n => format!("{n} backends"),
+            };
+            let _ = writeln!(
+                out,
+                "  port{name} {}/{} -> {}: {backends}",
+                p.port, p.protocol, p.target_port
+            );
+            for b in &p.backends {
+                let node = if b.node.is_empty() { "-" } else { &b.node };
+                let mut line = format!(
+                    "    {} ({node}) conns={}",
+                    host_port(b.address, b.port),
+                    b.connections
+                );
+                if b.packets > 0 {
+                    let _ = write!(
+                        line,
+                        " nodeport={}",
+                        pkts(PacketCount {
+                            packets: b.packets,
+                            bytes: b.bytes
+                        })
+                    );
+                }
+                let _ = writeln!(out, "{line}");
+            }
+        }
+    }
     out
 }
 
@@ -305,6 +432,15 @@ pub fn format_status(s: &Status) -> String {
             r.attempts, r.error
         );
     }
+    let plural =
+        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+    let _ = writeln!(
+        out,
+        "Services:   {}, {}, {}",
+        plural(s.services.services, "service", "services"),
+        plural(s.services.frontends, "frontend", "frontends"),
+        plural(s.services.backends, "backend", "backends"),
+    );
     if let Some(c) = &s.cluster {
         out.push_str(&format_cluster_status(c, unix_ms_now()));
     }
@@ -636,11 +772,15 @@ pub fn format_event(line: &str) -> String {
     } else {
         format!("endpoint {}", e.endpoint_id)
     };
+    // A service backend's destination: the service it was reached through.
+    let destination = match &e.service {
+        Some(svc) => format!("{} (svc {svc})", ports(e.destination, e.destination_port)),
+        None => ports(e.destination, e.destination_port),
+    };
     let mut text = format!(
-        "{what} {endpoint} {}: {} -> {} {} {}B identity {}",
+        "{what} {endpoint} {}: {} -> {destination} {} {}B identity {}",
         e.direction,
         ports(e.source, e.source_port),
-        ports(e.destination, e.destination_port),
         e.protocol,
         e.bytes,
         e.remote_identity
@@ -805,6 +945,237 @@ mod tests {
                        "errors": [], "refused_files": []}
         }))
         .unwrap()
+    }
+
+    fn service(name: &str, ips: &[&str], ports: Vec<hypha_api::ServicePortInfo>) -> ServiceInfo {
+        ServiceInfo {
+            namespace: "default".into(),
+            name: name.into(),
+            kind: "ClusterIP".into(),
+            cluster_ips: ips.iter().map(|a| a.parse().unwrap()).collect(),
+            ports,
+            session_affinity_timeout: None,
+            external_traffic_policy: "Cluster".into(),
+            internal_traffic_policy: "Cluster".into(),
+            source: "api: web.yaml".into(),
+        }
+    }
+
+    fn port(
+        name: &str,
+        proto: &str,
+        port: u16,
+        node_port: Option<u16>,
+        backends: Vec<hypha_api::ServiceBackendInfo>,
+    ) -> hypha_api::ServicePortInfo {
+        hypha_api::ServicePortInfo {
+            name: name.into(),
+            protocol: proto.into(),
+            port,
+            target_port: "8080".into(),
+            node_port,
+            backends,
+        }
+    }
+
+    fn backend(addr: &str, node: &str, conns: u64) -> hypha_api::ServiceBackendInfo {
+        hypha_api::ServiceBackendInfo {
+            address: addr.parse().unwrap(),
+            port: 8080,
+            node: node.into(),
+            pod: "p".into(),
+            connections: conns,
+            packets: 0,
+            bytes: 0,
+        }
+    }
+
+    #[test]
+    fn service_table_prints_ports_as_kubectl_and_backends_per_port() {
+        let web = ServiceInfo {
+            kind: "NodePort".into(),
+            session_affinity_timeout: Some(10_800),
+            external_traffic_policy: "Local".into(),
+            ..service(
+                "web",
+                &["10.96.0.10", "fd00:10:96::a"],
+                vec![
+                    port(
+                        "http",
+                        "TCP",
+                        80,
+                        Some(30_080),
+                        vec![
+                            backend("10.244.0.5", "node-0", 12),
+                            hypha_api::ServiceBackendInfo {
+                                packets: 4,
+                                bytes: 2048,
+                                ..backend("fd00:10:244:1::7", "", 3)
+                            },
+                        ],
+                    ),
+                    port("dns", "UDP", 53, None, vec![]),
+                ],
+            )
+        };
+        let db = service(
+            "db",
+            &["10.96.0.11"],
+            vec![port("", "TCP", 5432, None, vec![])],
+        );
+        let text = format_services(&[web, db]);
+        let lines: Vec<&str> = text.lines().collect();
+        let rows: Vec<Vec<&str>> = [lines[0], lines[1]]
+            .iter()
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows[0],
+            [
+                "NAMESPACE/NAME",
+                "TYPE",
+                "CLUSTER-IP(S)",
+                "PORT(S)",
+                "AFFINITY",
+                "TRAFFIC(EXT/INT)",
+                "SOURCE"
+            ],
+            "{text}"
+        );
+        assert_eq!(
+            rows[1],
+            [
+                "default/web",
+                "NodePort",
+                "10.96.0.10,fd00:10:96::a",
+                "80:30080/TCP,53/UDP",
+                "ClientIP",
+                "10800s",
+                "Local/Cluster",
+                "api:",
+                "web.yaml"
+            ],
+            "{text}"
+        );
+        assert_eq!(lines[2], "  port http 80/TCP -> 8080: 2 backends", "{text}");
+        assert_eq!(lines[3], "    10.244.0.5:8080 (node-0) conns=12", "{text}");
+        assert_eq!(
+            lines[4], "    [fd00:10:244:1::7]:8080 (-) conns=3 nodeport=4/2.0KiB",
+            "{text}"
+        );
+        assert_eq!(
+            lines[5], "  port dns 53/UDP -> 8080: no backends (connections are refused)",
+            "{text}"
+        );
+        assert!(lines[6].starts_with("default/db "), "{text}");
+        assert!(lines[6].contains(" 5432/TCP "), "{text}");
+        assert!(lines[6].contains(" - "), "no affinity: {text}");
+        assert_eq!(
+            lines[7], "  port 5432/TCP -> 8080: no backends (connections are refused)",
+            "{text}"
+        );
+        assert_eq!(lines.len(), 8, "{text}");
+        // The columns line up.
+        let col = lines[0].find("PORT(S)").unwrap();
+        assert_eq!(&lines[1][col..col + 12], "80:30080/TCP", "{text}");
+        assert_eq!(&lines[6][col..col + 8], "5432/TCP", "{text}");
+        assert_eq!(format_services(&[]).lines().count(), 1);
+    }
+
+    #[test]
+    fn service_refs_take_a_namespace_from_the_name_or_from_n() {
+        let r = |arg: &str, ns: Option<&str>| parse_service_ref(arg, ns);
+        assert_eq!(r("shop/web", None).unwrap(), ("shop".into(), "web".into()));
+        assert_eq!(r("web", None).unwrap(), ("default".into(), "web".into()));
+        assert_eq!(
+            r("web", Some("shop")).unwrap(),
+            ("shop".into(), "web".into())
+        );
+        assert_eq!(
+            r("shop/web", Some("shop")).unwrap(),
+            ("shop".into(), "web".into())
+        );
+        let err = r("shop/web", Some("prod")).unwrap_err();
+        assert!(err.contains("shop") && err.contains("prod"), "{err}");
+        for bad in ["/web", "shop/", "a/b/c", ""] {
+            let err = r(bad, None).unwrap_err();
+            assert!(err.contains("NAMESPACE/NAME"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn applied_services_are_named_with_the_programming_time() {
+        let r = ApplyServicesResponse {
+            applied: vec!["default/web".into()],
+            slices: vec!["default/web-1".into()],
+            program_us: 1_250,
+        };
+        assert_eq!(
+            format_services_applied(&r),
+            "service default/web applied\nendpointslice default/web-1 applied\ndatapath programmed in 1.2 ms\n"
+        );
+    }
+
+    #[test]
+    fn status_counts_services_frontends_and_backends() {
+        let text = format_status(&status(true, true));
+        assert!(
+            text.lines()
+                .any(|l| l == "Services:   0 services, 0 frontends, 0 backends"),
+            "{text}"
+        );
+        let mut s = status(true, true);
+        let svcs = [
+            ServiceInfo {
+                kind: "NodePort".into(),
+                ..service(
+                    "web",
+                    &["10.96.0.10", "fd00:10:96::a"],
+                    vec![port(
+                        "http",
+                        "TCP",
+                        80,
+                        Some(30_080),
+                        vec![backend("10.244.0.5", "n", 0), backend("10.244.0.6", "n", 0)],
+                    )],
+                )
+            },
+            // The same backend behind another service counts once.
+            service(
+                "web2",
+                &["10.96.0.12"],
+                vec![port(
+                    "",
+                    "TCP",
+                    80,
+                    None,
+                    vec![backend("10.244.0.5", "n", 0)],
+                )],
+            ),
+        ];
+        s.services = hypha_api::ServicesStatus::of(&svcs);
+        assert_eq!(
+            (
+                s.services.services,
+                s.services.frontends,
+                s.services.backends
+            ),
+            (2, 4, 2)
+        );
+        let text = format_status(&s);
+        assert!(
+            text.contains("\nServices:   2 services, 4 frontends, 2 backends\n"),
+            "{text}"
+        );
+        s.services = hypha_api::ServicesStatus {
+            services: 1,
+            frontends: 1,
+            backends: 1,
+        };
+        assert!(
+            format_status(&s).contains("Services:   1 service, 1 frontend, 1 backend\n"),
+            "{text}"
+        );
     }
 
     #[test]

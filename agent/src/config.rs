@@ -66,14 +66,14 @@ pub struct AgentConfig {
     /// Resolved from the file's and the flags' cluster keys, not read as one.
     #[serde(skip)]
     pub cluster: Option<ClusterConfig>,
-    /// Services' ClusterIPs come from these (`--service-cidr`, at most one per family).
-    /// SCAFFOLD: the flag and the file key come with the service CLI work.
+    /// Services' ClusterIPs come from these (`--service-cidr`, repeatable, at most one
+    /// per family; file key `service-cidrs`). Resolved from a list, not read as one.
     #[serde(skip)]
     pub service_cidrs: crate::service::ServiceCidrs,
     /// Node interfaces that take NodePort traffic from outside the node
-    /// (`--nodeport-device`, repeatable); empty: in cluster mode the interface holding
-    /// the node's address, on a single node none (NodePorts are then reached from the
-    /// node's own pods and host only). SCAFFOLD: as above.
+    /// (`--nodeport-device`, repeatable; file key `nodeport-devices`); empty: in cluster
+    /// mode the interface holding the node's address, on a single node none (NodePorts
+    /// are then reached from the node's own pods and host only).
     #[serde(skip)]
     pub nodeport_devices: Vec<String>,
 }
@@ -209,6 +209,11 @@ pub struct ConfigFile {
     pub tunnel_device: Option<String>,
     pub tunnel_port: Option<u16>,
     pub tunnel_mtu: Option<u32>,
+    /// The service CIDRs as a list (`service-cidrs: [10.96.0.0/16, fd00:10:96::/112]`),
+    /// at most one per family; `--service-cidr` (repeatable) lands here too.
+    pub service_cidrs: Option<Vec<IpNet>>,
+    /// NodePort devices (`nodeport-devices: [eth0]`; `--nodeport-device`, repeatable).
+    pub nodeport_devices: Option<Vec<String>>,
 }
 
 impl ConfigFile {
@@ -271,6 +276,8 @@ impl ConfigFile {
             tunnel_device: over.tunnel_device.or(self.tunnel_device),
             tunnel_port: over.tunnel_port.or(self.tunnel_port),
             tunnel_mtu: over.tunnel_mtu.or(self.tunnel_mtu),
+            service_cidrs: over.service_cidrs.or(self.service_cidrs),
+            nodeport_devices: over.nodeport_devices.or(self.nodeport_devices),
         }
     }
 
@@ -306,9 +313,11 @@ impl ConfigFile {
             metrics_addr: self.metrics_addr,
             attach: self.attach.unwrap_or(d.attach),
             cluster,
-            // SCAFFOLD: from `--service-cidr` / `--nodeport-device` and their file keys.
-            service_cidrs: d.service_cidrs,
-            nodeport_devices: d.nodeport_devices,
+            service_cidrs: match &self.service_cidrs {
+                Some(list) => service_cidrs(list).map_err(ConfigError::Invalid)?,
+                None => d.service_cidrs,
+            },
+            nodeport_devices: self.nodeport_devices.unwrap_or(d.nodeport_devices),
         };
         config.validate()?;
         Ok(config)
@@ -486,17 +495,16 @@ impl AgentConfig {
                 }
             }
         }
-        if self.host_device.is_empty()
-            || self.host_device.len() > 15
-            || self
-                .host_device
-                .contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
-        {
-            return Err(ConfigError::Invalid(format!(
-                "host-device {:?} is not a valid interface name (1 to 15 characters, no '/', ':' or spaces)",
-                self.host_device
-            )));
+        check_ifname("host-device", &self.host_device)?;
+        for (i, dev) in self.nodeport_devices.iter().enumerate() {
+            check_ifname("nodeport-device", dev)?;
+            if self.nodeport_devices[..i].contains(dev) {
+                return Err(ConfigError::Invalid(format!(
+                    "nodeport-device {dev:?} is given twice"
+                )));
+            }
         }
+        self.check_service_cidrs()?;
         for (name, path) in [
             ("socket", &self.socket),
             ("state-dir", &self.state_dir),
@@ -512,6 +520,95 @@ impl AgentConfig {
         }
         Ok(())
     }
+}
+
+impl AgentConfig {
+    /// The service CIDRs overlap neither the pod CIDRs nor, in cluster mode, the cluster
+    /// CIDRs: a ClusterIP must never be a pod's address.
+    fn check_service_cidrs(&self) -> Result<(), ConfigError> {
+        let mut taken: Vec<(&str, IpNet)> = Vec::new();
+        taken.extend(self.pod_cidrs.v4.map(|n| ("pod-cidr", IpNet::V4(n))));
+        taken.extend(self.pod_cidrs.v6.map(|n| ("pod-cidr", IpNet::V6(n))));
+        if let Some(c) = &self.cluster {
+            taken.extend(c.cidrs.v4.map(|(n, _)| ("cluster-cidr", IpNet::V4(n))));
+            taken.extend(c.cidrs.v6.map(|(n, _)| ("cluster-cidr", IpNet::V6(n))));
+        }
+        let services = [
+            self.service_cidrs.v4.map(IpNet::V4),
+            self.service_cidrs.v6.map(IpNet::V6),
+        ];
+        for svc in services.into_iter().flatten() {
+            for (key, net) in &taken {
+                if svc.contains(&net.network()) || net.contains(&svc.network()) {
+                    return Err(ConfigError::Invalid(format!(
+                        "service-cidr {svc} overlaps {key} {net}: ClusterIPs must not be pod addresses"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An interface name as the kernel takes it: 1 to 15 characters, no '/', ':' or spaces.
+fn check_ifname(key: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty()
+        || name.len() > 15
+        || name == "."
+        || name == ".."
+        || name.contains(|c: char| c == '/' || c == ':' || c.is_whitespace())
+    {
+        return Err(ConfigError::Invalid(format!(
+            "{key} {name:?} is not a valid interface name (1 to 15 characters, no '/', ':' or spaces)"
+        )));
+    }
+    Ok(())
+}
+
+/// The shortest IPv4 service CIDR: a /12, about a million ClusterIPs (Kubernetes' own
+/// bound).
+pub const MIN_SERVICE_PREFIX4: u8 = 12;
+
+/// The service CIDRs of a list (`--service-cidr`, `service-cidrs`): at least one, at most
+/// one per family, no host bits; an IPv4 one a /12 to a /30, an IPv6 one a /64 to a
+/// /120. Each refusal names the value.
+pub fn service_cidrs(nets: &[IpNet]) -> Result<crate::service::ServiceCidrs, String> {
+    let mut cidrs = crate::service::ServiceCidrs::default();
+    if nets.is_empty() {
+        return Err("service-cidr is empty: give an IPv4 CIDR, an IPv6 CIDR or both".into());
+    }
+    for net in nets {
+        if net.trunc() != *net {
+            return Err(format!(
+                "service-cidr {net} has host bits set; did you mean {}?",
+                net.trunc()
+            ));
+        }
+        let (min, max, family) = match net {
+            IpNet::V4(_) => (MIN_SERVICE_PREFIX4, MAX_PREFIX4, "IPv4"),
+            IpNet::V6(_) => (MIN_PREFIX6, MAX_PREFIX6, "IPv6"),
+        };
+        if !(min..=max).contains(&net.prefix_len()) {
+            return Err(format!(
+                "service-cidr {net} is too {}: an {family} service CIDR is a /{min} to a /{max}",
+                if net.prefix_len() < min {
+                    "large"
+                } else {
+                    "small"
+                }
+            ));
+        }
+        let first = match net {
+            IpNet::V4(n) => cidrs.v4.replace(*n).map(IpNet::V4),
+            IpNet::V6(n) => cidrs.v6.replace(*n).map(IpNet::V6),
+        };
+        if let Some(first) = first {
+            return Err(format!(
+                "service-cidr lists two {family} CIDRs ({first} and {net}); give at most one per family"
+            ));
+        }
+    }
+    Ok(cidrs)
 }
 
 fn first_host(net: Ipv4Net) -> Option<Ipv4Addr> {
@@ -846,6 +943,123 @@ mod tests {
             .resolve()
             .unwrap();
         assert_eq!(c.pod_cidrs, cidrs("fd00:5::/64").unwrap());
+    }
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|n| n.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn service_cidrs_default_and_come_from_the_file_or_the_flags() {
+        let c = ConfigFile::default().resolve().unwrap();
+        assert_eq!(
+            (c.service_cidrs.v4, c.service_cidrs.v6),
+            (
+                Some("10.96.0.0/16".parse().unwrap()),
+                Some("fd00:10:96::/112".parse().unwrap())
+            )
+        );
+        let file = ConfigFile::parse(
+            "service-cidrs: [10.100.0.0/16, \"fd00:100::/108\"]\nnodeport-devices: [eth0]\n",
+        )
+        .unwrap();
+        let c = file.resolve().unwrap();
+        assert_eq!(c.service_cidrs.v4, Some("10.100.0.0/16".parse().unwrap()));
+        assert_eq!(c.service_cidrs.v6, Some("fd00:100::/108".parse().unwrap()));
+        assert_eq!(c.nodeport_devices, ["eth0"]);
+        // A flag's list replaces the file's, and gives exactly its families.
+        let file = ConfigFile::parse("service-cidrs: [10.100.0.0/16]\n").unwrap();
+        let flags = ConfigFile {
+            service_cidrs: Some(nets(&["fd00:200::/112"])),
+            nodeport_devices: Some(vec!["eth1".into(), "eth2".into()]),
+            ..Default::default()
+        };
+        let c = file.merge(flags).resolve().unwrap();
+        assert_eq!(
+            (c.service_cidrs.v4, c.service_cidrs.v6),
+            (None, Some("fd00:200::/112".parse().unwrap()))
+        );
+        assert_eq!(c.nodeport_devices, ["eth1", "eth2"]);
+    }
+
+    #[test]
+    fn service_cidrs_are_refused_naming_the_value() {
+        let err = |list: &[&str]| service_cidrs(&nets(list)).unwrap_err();
+        let e = err(&["10.96.0.0/16", "10.97.0.0/16"]);
+        assert!(e.contains("two IPv4") && e.contains("10.97.0.0/16"), "{e}");
+        let e = err(&["fd00:1::/112", "fd00:2::/112"]);
+        assert!(e.contains("two IPv6") && e.contains("fd00:2::/112"), "{e}");
+        let e = err(&["10.96.0.1/16"]);
+        assert!(
+            e.contains("10.96.0.1/16") && e.contains("10.96.0.0/16"),
+            "{e}"
+        );
+        let e = err(&["10.0.0.0/8"]);
+        assert!(e.contains("10.0.0.0/8") && e.contains("too large"), "{e}");
+        let e = err(&["10.96.0.0/31"]);
+        assert!(e.contains("10.96.0.0/31") && e.contains("too small"), "{e}");
+        let e = err(&["fd00:1::/48"]);
+        assert!(e.contains("fd00:1::/48") && e.contains("too large"), "{e}");
+        let e = err(&["fd00:1::/124"]);
+        assert!(e.contains("fd00:1::/124") && e.contains("too small"), "{e}");
+        assert!(err(&[]).contains("empty"));
+        assert!(service_cidrs(&nets(&["10.96.0.0/12", "fd00:1::/64"])).is_ok());
+        assert!(service_cidrs(&nets(&["10.96.0.0/30", "fd00:1::/120"])).is_ok());
+        let e = ConfigFile::parse("service-cidrs: [banana]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("service-cidrs[0]"), "{e}");
+    }
+
+    #[test]
+    fn service_cidrs_must_not_overlap_the_pods() {
+        let bad = |f: ConfigFile| f.resolve().unwrap_err().to_string();
+        let e = bad(ConfigFile {
+            service_cidrs: Some(nets(&["10.244.0.0/16"])),
+            ..Default::default()
+        });
+        assert!(
+            e.contains("service-cidr 10.244.0.0/16 overlaps pod-cidr 10.244.0.0/24"),
+            "{e}"
+        );
+        let e = bad(ConfigFile {
+            service_cidrs: Some(nets(&["fd00:10:244::/120"])),
+            ..Default::default()
+        });
+        assert!(e.contains("overlaps pod-cidr fd00:10:244::/64"), "{e}");
+        // Cluster mode: the whole cluster CIDR is the pods'.
+        let e = ConfigFile::parse(
+            "cluster-store: etcd=http://127.0.0.1:2379\nnode-name: n1\nnode-ip: 192.0.2.1\nservice-cidrs: [10.244.200.0/24]\n",
+        )
+        .unwrap()
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("service-cidr 10.244.200.0/24 overlaps cluster-cidr 10.244.0.0/16"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn nodeport_devices_are_interface_names() {
+        let bad = |devs: &[&str]| {
+            ConfigFile {
+                nodeport_devices: Some(devs.iter().map(|d| (*d).to_owned()).collect()),
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap_err()
+            .to_string()
+        };
+        let e = bad(&["eth/0"]);
+        assert!(e.contains("nodeport-device \"eth/0\""), "{e}");
+        let e = bad(&["a-name-far-too-long"]);
+        assert!(e.contains("a-name-far-too-long"), "{e}");
+        let e = bad(&[""]);
+        assert!(e.contains("nodeport-device \"\""), "{e}");
+        let e = bad(&["eth0", "eth0"]);
+        assert!(e.contains("eth0") && e.contains("twice"), "{e}");
     }
 
     #[test]

@@ -1216,6 +1216,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             },
             endpoints,
             policy: self.policy_view.load().status.clone(),
+            services: hypha_api::ServicesStatus::of(&self.list_services()),
             cluster: self.cluster().map(|c| c.status()),
             routing: self.routing_status(),
         }

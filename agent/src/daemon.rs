@@ -16,7 +16,7 @@ use crate::datapath::{Datapath, EbpfDatapath};
 use crate::host::{HostNetwork, LinuxHost};
 use crate::policy::limits::{MAX_FILE_BYTES, too_big};
 use crate::policy::watch::{DirWatch, Due, Scan, Seen};
-use crate::policy::{DirChange, parse_dir_file};
+use crate::policy::{DirChange, route_dir_file};
 use crate::server;
 use crate::state::StateStore;
 
@@ -267,6 +267,8 @@ async fn policy_dir_loop<D: Datapath + 'static, H: HostNetwork + 'static>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut watch = DirWatch::default();
     let mut last_error: Option<String> = None;
+    // The last refusal of each service file, logged once.
+    let mut services_failed: BTreeMap<PathBuf, String> = BTreeMap::new();
     loop {
         tick.tick().await;
         let scan_dir = dir.clone();
@@ -289,21 +291,47 @@ async fn policy_dir_loop<D: Datapath + 'static, H: HostNetwork + 'static>(
         if due.is_empty() {
             continue;
         }
-        let (changes, seen) = match tokio::task::spawn_blocking(move || read_due(due)).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!("reading the policy directory: {e}");
-                continue;
-            }
-        };
+        let (changes, services, seen) =
+            match tokio::task::spawn_blocking(move || read_due(due)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!("reading the policy directory: {e}");
+                    continue;
+                }
+            };
         let a = agent.clone();
-        let report = match tokio::task::spawn_blocking(move || a.sync_policy_files(changes)).await {
+        let synced = tokio::task::spawn_blocking(move || {
+            let report = a.sync_policy_files(changes);
+            let services = sync_service_files(&a, services);
+            (report, services)
+        })
+        .await;
+        let (mut report, services) = match synced {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("applying the policy directory failed: {e}");
                 continue;
             }
         };
+        // A file's outcome is both sides': refused if either refused it.
+        for (path, outcome) in services {
+            match (report.outcomes.get(&path), outcome) {
+                (Some(Err(_)), _) => {}
+                (_, Err(e)) => {
+                    if services_failed.get(&path) != Some(&e) {
+                        tracing::warn!("service file refused, its services stay as they were: {e}");
+                        services_failed.insert(path.clone(), e.clone());
+                    }
+                    report.outcomes.insert(path, Err(e));
+                }
+                (_, Ok(names)) => {
+                    if services_failed.remove(&path).is_some() || !names.is_empty() {
+                        tracing::info!(file = %path.display(), services = ?names, "service file applied");
+                    }
+                    report.outcomes.entry(path).or_insert(Ok(()));
+                }
+            }
+        }
         let now = std::time::Instant::now();
         for (path, outcome) in &report.outcomes {
             watch.record(path.clone(), seen.get(path).cloned(), outcome, now);
@@ -318,21 +346,57 @@ async fn policy_dir_loop<D: Datapath + 'static, H: HostNetwork + 'static>(
     }
 }
 
-/// Reads and parses the files that are due (no lock held); returns the changes and what
-/// the scan saw of each file still there.
-fn read_due(due: Due) -> (Vec<DirChange>, BTreeMap<PathBuf, Seen>) {
+/// A file of the watched directory for the service side: its text, or `None` when it
+/// holds no services (any more).
+type ServiceChange = (PathBuf, Option<String>);
+
+/// Reads the files that are due (no lock held) and routes each by its kinds
+/// ([`route_dir_file`]): returns the policy side's changes (parsed), the service side's,
+/// and what the scan saw of each file still there. A file gone leaves both sides.
+fn read_due(due: Due) -> (Vec<DirChange>, Vec<ServiceChange>, BTreeMap<PathBuf, Seen>) {
     let mut changes = Vec::new();
+    let mut services = Vec::new();
     let mut seen_now = BTreeMap::new();
     for (path, seen) in due.files {
         let content = match &seen {
             Ok(_) => read_policy_file(&path),
             Err(e) => Err(e.clone()),
         };
-        changes.push(parse_dir_file(&path, content));
+        let routed = route_dir_file(&path, content);
+        changes.push(routed.policy);
+        services.extend(routed.service);
         seen_now.insert(path, seen);
     }
-    changes.extend(due.removed.into_iter().map(DirChange::Removed));
-    (changes, seen_now)
+    for path in due.removed {
+        services.push((path.clone(), None));
+        changes.push(DirChange::Removed(path));
+    }
+    (changes, services, seen_now)
+}
+
+/// Hands the service side its files: each one's `namespace/name`s, or why it is refused
+/// (the message names the file).
+fn sync_service_files<D: Datapath, H: HostNetwork>(
+    agent: &Agent<D, H>,
+    changes: Vec<ServiceChange>,
+) -> Vec<(PathBuf, Result<Vec<String>, String>)> {
+    changes
+        .into_iter()
+        .map(|(path, content)| {
+            let outcome = agent
+                .sync_service_file(&path, content.as_deref())
+                .map_err(|e| {
+                    let e = e.to_string();
+                    let file = path.display().to_string();
+                    if e.contains(&file) {
+                        e
+                    } else {
+                        format!("{file}: {e}")
+                    }
+                });
+            (path, outcome)
+        })
+        .collect()
 }
 
 /// A policy file's text, reading no more than the size limit allows.

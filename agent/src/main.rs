@@ -7,8 +7,8 @@ use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use hypha_agent::cli::{
     format_applied, format_endpoint_policy, format_endpoints, format_identities, format_labels,
-    format_nodes, format_policies, format_removed_node, format_status, parse_label_args,
-    read_policy_files,
+    format_nodes, format_policies, format_removed_node, format_services, format_services_applied,
+    format_status, parse_label_args, parse_service_ref, read_policy_files,
 };
 use hypha_agent::config::{ConfigError, ConfigFile, cluster};
 use hypha_api::Client;
@@ -35,6 +35,9 @@ enum Command {
     /// Network policies: apply, delete, list, and what an endpoint enforces.
     #[command(subcommand, alias = "policies")]
     Policy(PolicyCommand),
+    /// Services (ClusterIP, NodePort) and their backends: apply, delete, list.
+    #[command(subcommand, alias = "services", alias = "svc")]
+    Service(ServiceCommand),
     /// Stream drop and policy-verdict events from the datapath as they happen.
     Monitor(MonitorArgs),
     /// Namespaces' labels, for policies' namespaceSelector.
@@ -163,6 +166,34 @@ enum PolicyCommand {
         #[command(flatten)]
         client: ClientArgs,
     },
+}
+
+#[derive(Subcommand)]
+enum ServiceCommand {
+    /// Apply service files (Service, EndpointSlice as Kubernetes writes them; YAML or
+    /// JSON), all or none.
+    Apply {
+        /// A file, or a directory (its *.yaml, *.yml and *.json files, in name order).
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a service (or an EndpointSlice): `NAMESPACE/NAME`, or `NAME` with -n.
+    #[command(alias = "rm")]
+    Delete {
+        #[arg(value_name = "NAMESPACE/NAME")]
+        name: String,
+        /// The service's namespace [default: default]
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List the services: ClusterIPs, ports, and each port's backends with their node
+    /// and the connections this node sent them.
+    #[command(alias = "ls")]
+    List(ClientArgs),
 }
 
 #[derive(Subcommand)]
@@ -311,6 +342,15 @@ struct AgentArgs {
     /// the interface holding --node-ip, less 50 (IPv4 underlay) or 70 (IPv6)]
     #[arg(long, value_name = "MTU")]
     tunnel_mtu: Option<u32>,
+    /// A CIDR services' ClusterIPs are allocated from; repeat for the other family (at
+    /// most one per family; the list gives exactly its families)
+    /// [default: 10.96.0.0/16 and fd00:10:96::/112]
+    #[arg(long, value_name = "CIDR")]
+    service_cidr: Vec<ipnet::IpNet>,
+    /// An interface that takes NodePort traffic from outside the node; repeatable
+    /// [default: in cluster mode the interface holding --node-ip, else none]
+    #[arg(long, value_name = "NAME")]
+    nodeport_device: Vec<String>,
 }
 
 impl AgentArgs {
@@ -346,6 +386,8 @@ impl AgentArgs {
             tunnel_device: self.tunnel_device,
             tunnel_port: self.tunnel_port,
             tunnel_mtu: self.tunnel_mtu,
+            service_cidrs: (!self.service_cidr.is_empty()).then_some(self.service_cidr),
+            nodeport_devices: (!self.nodeport_device.is_empty()).then_some(self.nodeport_device),
         };
         file.merge(flags).resolve()
     }
@@ -511,6 +553,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let p = Client::new(&client.socket)?.endpoint_policy(&endpoint)?;
             print(client.output, &p, format_endpoint_policy)
         }
+        Command::Service(ServiceCommand::Apply { files, client }) => {
+            let sources = read_policy_files(&files)?;
+            if sources.is_empty() {
+                anyhow::bail!("no service files (*.yaml, *.yml, *.json) in {files:?}");
+            }
+            let resp = Client::new(&client.socket)?.apply_services(&sources)?;
+            print(client.output, &resp, format_services_applied)
+        }
+        Command::Service(ServiceCommand::Delete {
+            name,
+            namespace,
+            client,
+        }) => {
+            let (namespace, name) =
+                parse_service_ref(&name, namespace.as_deref()).map_err(anyhow::Error::msg)?;
+            Client::new(&client.socket)?.delete_service(&namespace, &name)?;
+            let deleted = serde_json::json!({ "deleted": format!("{namespace}/{name}") });
+            print(client.output, &deleted, |_| {
+                format!("service {namespace}/{name} deleted\n")
+            })
+        }
+        Command::Service(ServiceCommand::List(args)) => {
+            let services = Client::new(&args.socket)?.services()?;
+            print(args.output, &services, |s| format_services(s))
+        }
         Command::Namespace(NamespaceCommand::Label {
             namespace,
             labels,
@@ -565,4 +632,111 @@ fn print<T: serde::Serialize + ?Sized>(
         Output::Text => print!("{}", text(value)),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("hypha").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn service_commands_parse() {
+        let Command::Service(ServiceCommand::Apply { files, .. }) =
+            parse(&["service", "apply", "-f", "a.yaml", "-f", "dir"])
+                .unwrap()
+                .command
+        else {
+            panic!("not service apply");
+        };
+        assert_eq!(files, [PathBuf::from("a.yaml"), PathBuf::from("dir")]);
+        assert!(parse(&["service", "apply"]).is_err(), "-f is required");
+        let Command::Service(ServiceCommand::Delete {
+            name, namespace, ..
+        }) = parse(&["svc", "delete", "-n", "shop", "web"])
+            .unwrap()
+            .command
+        else {
+            panic!("not service delete");
+        };
+        assert_eq!((name.as_str(), namespace.as_deref()), ("web", Some("shop")));
+        let Command::Service(ServiceCommand::Delete {
+            name, namespace, ..
+        }) = parse(&["services", "rm", "shop/web"]).unwrap().command
+        else {
+            panic!("not service delete");
+        };
+        assert_eq!((name.as_str(), namespace), ("shop/web", None));
+        let Command::Service(ServiceCommand::List(args)) =
+            parse(&["service", "list", "-o", "json"]).unwrap().command
+        else {
+            panic!("not service list");
+        };
+        assert!(matches!(args.output, Output::Json));
+        assert!(parse(&["service", "ls"]).is_ok());
+    }
+
+    fn agent_config(args: &[&str]) -> Result<hypha_agent::config::AgentConfig, String> {
+        let mut all = vec!["agent"];
+        all.extend_from_slice(args);
+        let Command::Agent(a) = parse(&all).map_err(|e| e.to_string())?.command else {
+            panic!("not agent");
+        };
+        a.resolve().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn service_flags_reach_the_config() {
+        let c = agent_config(&[]).unwrap();
+        assert_eq!(
+            (
+                c.service_cidrs.v4.unwrap().to_string(),
+                c.service_cidrs.v6.unwrap().to_string()
+            ),
+            ("10.96.0.0/16".to_owned(), "fd00:10:96::/112".to_owned())
+        );
+        assert!(c.nodeport_devices.is_empty());
+        let c = agent_config(&[
+            "--service-cidr",
+            "10.100.0.0/20",
+            "--nodeport-device",
+            "eth0",
+            "--nodeport-device",
+            "eth1",
+        ])
+        .unwrap();
+        assert_eq!(c.service_cidrs.v4.unwrap().to_string(), "10.100.0.0/20");
+        assert_eq!(
+            c.service_cidrs.v6, None,
+            "the list gives exactly its families"
+        );
+        assert_eq!(c.nodeport_devices, ["eth0", "eth1"]);
+        let c = agent_config(&[
+            "--service-cidr",
+            "fd00:20::/112",
+            "--service-cidr",
+            "10.100.0.0/20",
+        ])
+        .unwrap();
+        assert!(c.service_cidrs.v4.is_some() && c.service_cidrs.v6.is_some());
+        let err = agent_config(&["--service-cidr", "banana"]).unwrap_err();
+        assert!(err.contains("banana"), "{err}");
+        let err = agent_config(&[
+            "--service-cidr",
+            "10.100.0.0/20",
+            "--service-cidr",
+            "10.101.0.0/20",
+        ])
+        .unwrap_err();
+        assert!(
+            err.contains("10.101.0.0/20") && err.contains("two IPv4"),
+            "{err}"
+        );
+        let err = agent_config(&["--nodeport-device", "a/b"]).unwrap_err();
+        assert!(err.contains("a/b"), "{err}");
+    }
 }

@@ -41,6 +41,27 @@ pub fn render(s: &Snapshot<'_>) -> String {
         "Endpoints the agent manages.",
     );
     let _ = writeln!(out, "hypha_endpoints {}", s.status.endpoints);
+    let svc = &s.status.services;
+    for (name, help, n) in [
+        (
+            "hypha_services",
+            "Services the node programs.",
+            svc.services,
+        ),
+        (
+            "hypha_service_frontends",
+            "Service frontends: each ClusterIP and port, and each NodePort.",
+            svc.frontends,
+        ),
+        (
+            "hypha_service_backends",
+            "Distinct service backends (address and port).",
+            svc.backends,
+        ),
+    ] {
+        family(&mut out, name, "gauge", help);
+        let _ = writeln!(out, "{name} {n}");
+    }
     family(
         &mut out,
         "hypha_ipam_addresses",
@@ -333,6 +354,11 @@ mod tests {
                 errors: vec![],
                 refused_files: vec![],
             },
+            services: hypha_api::ServicesStatus {
+                services: 2,
+                frontends: 5,
+                backends: 6,
+            },
             cluster: None,
             routing: Some(hypha_api::RoutingStatus {
                 mode: "tunnel".into(),
@@ -411,6 +437,9 @@ mod tests {
             r#"hypha_drops_total{reason="policy-denied",direction="ingress"} 4"#,
             r#"hypha_policy_flows_total{policy="default/web",verdict="allowed"} 3"#,
             r#"hypha_map_entries{map="hypha_policy"} 40"#,
+            "hypha_services 2",
+            "hypha_service_frontends 5",
+            "hypha_service_backends 6",
             r#"hypha_ipam_addresses{family="ipv4",state="available"} 252"#,
             r#"hypha_ipam_addresses{family="ipv6",state="allocated"} 1"#,
             r#"hypha_ipam_addresses{family="ipv6",state="available"} 18446744073709551486"#,

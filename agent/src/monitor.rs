@@ -94,7 +94,20 @@ pub fn render(
         destination: address(e.family, e.daddr),
         destination_port: e.dport,
         bytes: e.len,
+        service: None,
     }
+}
+
+/// The service an event's flow was translated from, when its destination is a service
+/// backend (the socket LB and NodePort hand the backend's address and port to the
+/// policy that judges the flow): `lookup(addr, port, proto)` is
+/// `Agent::service_of_backend`. Only TCP and UDP flows with a port are looked up.
+pub fn service_of(e: &Event, lookup: impl Fn(IpAddr, u16, u8) -> Option<String>) -> Option<String> {
+    let l4 = e.proto == crate::policy::PROTO_TCP || e.proto == crate::policy::PROTO_UDP;
+    if !l4 || e.dport == 0 || !matches!(e.family, 4 | 6) {
+        return None;
+    }
+    lookup(address(e.family, e.daddr), e.dport, e.proto)
 }
 
 /// An event's address: 16 bytes for IPv6, the first 4 for IPv4, none for a frame of no
@@ -374,6 +387,60 @@ mod tests {
                 .ends_with("identity 4 (remote-node) policy: prod/no-nodes"),
             "{line}"
         );
+    }
+
+    /// A verdict on a flow to a service backend names the service it was reached
+    /// through; other destinations, and flows without ports, are not looked up.
+    #[test]
+    fn verdicts_to_a_service_backend_name_the_service() {
+        let asked = std::cell::RefCell::new(Vec::new());
+        let lookup = |addr: IpAddr, port: u16, proto: u8| {
+            asked.borrow_mut().push((addr, port, proto));
+            (addr == IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)) && port == 8080 && proto == 6)
+                .then(|| "default/web 10.96.0.10:80".to_owned())
+        };
+        let allow = event(EVENT_POLICY_ALLOW, 0, 4);
+        let mut e = render(
+            &allow,
+            |_| Some("default/allow-web".to_owned()),
+            no_identity,
+        );
+        e.service = service_of(&allow, lookup);
+        assert_eq!(e.service.as_deref(), Some("default/web 10.96.0.10:80"));
+        assert_eq!(
+            *asked.borrow(),
+            [(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)), 8080, 6)]
+        );
+        let line = serde_json::to_string(&e).expect("serialize the event");
+        assert_eq!(
+            crate::cli::format_event(&line),
+            "ALLOW endpoint 3 ingress: 10.0.0.1:40000 -> 10.0.0.2:8080 (svc default/web 10.96.0.10:80) tcp 60B identity 300 policy: default/allow-web"
+        );
+        // A drop on the way to a backend too.
+        let drop = event(EVENT_DROP, DropReason::PolicyDenied as u16, 0);
+        assert!(service_of(&drop, lookup).is_some());
+        // Another port: no service.
+        let other = Event {
+            dport: 9090,
+            ..allow
+        };
+        assert_eq!(service_of(&other, lookup), None);
+        // ICMP and frames of no family are not looked up.
+        asked.borrow_mut().clear();
+        let icmp = Event {
+            proto: 1,
+            dport: 0,
+            ..allow
+        };
+        assert_eq!(service_of(&icmp, lookup), None);
+        let nofamily = Event { family: 0, ..allow };
+        assert_eq!(service_of(&nofamily, lookup), None);
+        assert!(asked.borrow().is_empty());
+        // Older agents' events have no service: the line reads as before.
+        let e = render(&allow, |_| None, no_identity);
+        let line = serde_json::to_string(&e).expect("serialize the event");
+        assert!(!line.contains("service"), "{line}");
+        assert!(!crate::cli::format_event(&line).contains("svc"));
     }
 
     #[test]

@@ -12,10 +12,11 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
 use crate::{
-    AllocateRequest, Allocation, ApiError, ApplyPoliciesResponse, Bandwidth, CreateEndpointRequest,
-    DebugRequest, DeleteResponse, Endpoint, EndpointCheck, EndpointLabelsRequest, EndpointPolicy,
-    EndpointPortsRequest, GcRequest, GcResponse, IdentityInfo, NamedPort, NamespaceLabels,
-    NamespaceLabelsRequest, NodeInfo, PolicySource, PolicySummary, RemoveNodeResponse, Status,
+    AllocateRequest, Allocation, ApiError, ApplyPoliciesResponse, ApplyServicesResponse, Bandwidth,
+    CreateEndpointRequest, DebugRequest, DeleteResponse, Endpoint, EndpointCheck,
+    EndpointLabelsRequest, EndpointPolicy, EndpointPortsRequest, GcRequest, GcResponse,
+    IdentityInfo, NamedPort, NamespaceLabels, NamespaceLabelsRequest, NodeInfo, PolicySource,
+    PolicySummary, RemoveNodeResponse, ServiceInfo, Status,
 };
 
 /// Why a call to the agent failed.
@@ -193,6 +194,32 @@ impl Client {
             percent_encode(name)
         );
         self.call(Method::DELETE, &uri, None::<&()>)
+    }
+
+    /// Applies service files (`Service`, `EndpointSlice`; YAML or JSON), all or nothing:
+    /// the agent refuses them all if any is invalid or a ClusterIP or NodePort is taken.
+    pub fn apply_services(
+        &self,
+        files: &[PolicySource],
+    ) -> Result<ApplyServicesResponse, ClientError> {
+        self.call(Method::POST, "/v1/services", Some(&files))
+    }
+
+    /// Every service with its ports, backends and counters.
+    pub fn services(&self) -> Result<Vec<ServiceInfo>, ClientError> {
+        self.call(Method::GET, "/v1/services", None::<&()>)
+    }
+
+    /// Deletes service `namespace/name` (or the `EndpointSlice` of that name when no
+    /// service has it); `404` when there is neither.
+    pub fn delete_service(&self, namespace: &str, name: &str) -> Result<(), ClientError> {
+        let uri = format!(
+            "/v1/services/{}/{}",
+            percent_encode(namespace),
+            percent_encode(name)
+        );
+        self.call::<_, serde::de::IgnoredAny>(Method::DELETE, &uri, None::<&()>)
+            .map(|_| ())
     }
 
     /// What an endpoint (by id, container id or a unique prefix of one) enforces.

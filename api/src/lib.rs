@@ -56,6 +56,9 @@ pub struct Status {
     pub endpoints: usize,
     #[serde(default)]
     pub policy: PolicyStatus,
+    /// Services this node programs (absent from older agents: zeros).
+    #[serde(default)]
+    pub services: ServicesStatus,
     /// Cluster mode: the store, this node and what it has seen (absent on a single node).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterStatus>,
@@ -589,6 +592,10 @@ pub struct MonitorEvent {
     pub destination: IpAddr,
     pub destination_port: u16,
     pub bytes: u32,
+    /// When the destination is a service backend: the service the flow was translated
+    /// from, `namespace/name VIP:port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 /// One policy file as `POST /v1/policies` takes it: the agent parses it (the same way
@@ -760,6 +767,41 @@ pub struct NamespaceLabelsRequest {
 pub struct NamespaceLabels {
     pub namespace: String,
     pub labels: BTreeMap<String, String>,
+}
+
+/// Services part of [`Status`]: what `GET /v1/services` lists, counted.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServicesStatus {
+    pub services: usize,
+    /// ClusterIP:port pairs and NodePorts, each once per protocol.
+    pub frontends: usize,
+    /// Distinct backends (address, port) over every service port.
+    pub backends: usize,
+}
+
+impl ServicesStatus {
+    /// Counts what `GET /v1/services` lists.
+    pub fn of(services: &[ServiceInfo]) -> Self {
+        let frontends = services
+            .iter()
+            .flat_map(|s| {
+                s.ports
+                    .iter()
+                    .map(|p| s.cluster_ips.len() + usize::from(p.node_port.is_some()))
+            })
+            .sum();
+        let backends: std::collections::BTreeSet<(IpAddr, u16)> = services
+            .iter()
+            .flat_map(|s| &s.ports)
+            .flat_map(|p| &p.backends)
+            .map(|b| (b.address, b.port))
+            .collect();
+        Self {
+            services: services.len(),
+            frontends,
+            backends: backends.len(),
+        }
+    }
 }
 
 /// Policy part of [`Status`].

@@ -797,12 +797,15 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             tracing::debug!("no per-node metrics: {e}");
             Vec::new()
         });
-        crate::metrics::render(&crate::metrics::Snapshot {
+        let mut text = crate::metrics::render(&crate::metrics::Snapshot {
             status: &status,
             endpoints: &endpoints,
             nodes: &nodes,
             policy_flows,
-        })
+        });
+        // The services' per-backend counters (`hypha_service_backend_*`).
+        text.push_str(&self.service_metrics());
+        text
     }
 
     /// The name (`namespace/name`) of the installed policy with this id; reads the

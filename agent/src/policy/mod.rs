@@ -29,7 +29,10 @@ pub use parse::{PolicyFile, parse_file};
 // The service parser (`service::parse`) checks names as the policy parser does.
 pub(crate) use parse::{is_dns_label, object_names};
 pub use selector::{LabelSelector, Labels, Operator, Requirement};
-pub use sources::{DirChange, ParsedSources, parse_dir_file, parse_policy_sources};
+pub use sources::{
+    DirChange, FileKinds, ParsedSources, RoutedChange, file_kinds, parse_dir_file,
+    parse_policy_sources, route_dir_file,
+};
 
 /// Label of every namespace: its name (as Kubernetes sets it since 1.21).
 pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";

@@ -37,9 +37,10 @@ pub struct Limits {
     /// answered `408` and its connection closed. Answers have no timeout: the monitor
     /// streams as long as its client reads.
     pub body_read_timeout: Duration,
-    /// Largest request body, except for `POST /v1/policies`.
+    /// Largest request body, except for `POST /v1/policies` and `POST /v1/services`.
     pub body_limit: usize,
-    /// Largest body of `POST /v1/policies` (policy files).
+    /// Largest body of `POST /v1/policies` and `POST /v1/services` (policy and service
+    /// files).
     pub policy_body_limit: usize,
     /// Connections open at once; see the module's documentation for what happens beyond.
     pub max_connections: usize,
@@ -63,7 +64,7 @@ impl Default for Limits {
 impl Limits {
     /// The body limit of a request to `path`.
     pub fn body_limit(&self, path: &str) -> usize {
-        if path == "/v1/policies" {
+        if path == "/v1/policies" || path == "/v1/services" {
             self.policy_body_limit
         } else {
             self.body_limit
