@@ -37,6 +37,7 @@ use hypha_common::{
 use hypha_netlink::{BpfFilter, Netlink, TcHook};
 
 use super::endpoint_maps::EndpointMaps;
+use super::socklb::SockLb;
 use super::tunnel_maps::{self, TunnelMaps};
 use super::{Adoption, Datapath, TunnelPeerSpec, TunnelSetup, link_info};
 use crate::config::AttachMode;
@@ -327,6 +328,8 @@ pub struct EbpfDatapath {
     tunnel_programs: Vec<Program>,
     links_dir: PathBuf,
     mode: AttachMode,
+    /// The socket programs and the namespaces they translate for (`socklb`).
+    socklb: SockLb,
 }
 
 impl EbpfDatapath {
@@ -363,6 +366,7 @@ impl EbpfDatapath {
             .map(|a| load_program(&mut ebpf, a))
             .collect::<Result<Vec<_>, _>>()?;
         let maps = Maps::take(&mut ebpf)?;
+        let socklb = SockLb::load(&mut ebpf, pin_dir)?;
         // An earlier agent's traced endpoints stay traced until start-up has re-adopted
         // (or swept) them.
         let tracing = lock(&maps.debug).keys().next().is_some();
@@ -383,6 +387,7 @@ impl EbpfDatapath {
             tunnel_programs,
             links_dir,
             mode,
+            socklb,
         })
     }
 
@@ -442,6 +447,12 @@ impl EbpfDatapath {
     /// Where the link of the tunnel program on `hook` of the VXLAN device is pinned.
     fn tunnel_pin(&self, hook: &str) -> PathBuf {
         self.links_dir.join(format!("{TUNNEL_PIN_PREFIX}{hook}"))
+    }
+
+    /// What of the socket load balancer's attachment is missing or different: each
+    /// socket program's pinned link on the cgroup, running this agent's program.
+    pub fn check_socket_lb(&self) -> Vec<String> {
+        self.socklb.check_attached()
     }
 
     /// What of `tunnel` is missing or different in the datapath: the programs on the
@@ -529,6 +540,8 @@ impl EbpfDatapath {
             AttachMode::Tc => self.attach_tc(ep)?,
             AttachMode::Tcx => self.attach_tcx(ep)?,
         };
+        // Last: the pod's traffic does not wait on its services.
+        self.socklb.register(ep)?;
         Ok(if reused {
             Adoption::Adopted
         } else {
@@ -794,6 +807,7 @@ impl Datapath for EbpfDatapath {
         }
         errors.extend(self.remove_drops(|k| k.ifindex == ep.host_ifindex));
         errors.extend(self.forget_connections(ep));
+        errors.extend(self.socklb.unregister(ep));
         if let Err(e) = self.write_debug(ep, false) {
             errors.push(e);
         }
@@ -802,6 +816,7 @@ impl Datapath for EbpfDatapath {
 
     fn check(&self, ep: &EndpointRecord) -> Vec<String> {
         let mut problems = lock(&self.maps.endpoints).check(ep);
+        problems.extend(self.socklb.check(ep));
         if lock(&self.maps.ep_stats).get(&ep.host_ifindex, 0).is_err() {
             problems.push(format!(
                 "{} has no counters for ifindex {}",
@@ -823,6 +838,7 @@ impl Datapath for EbpfDatapath {
 
     fn sweep(&self, keep: &[EndpointRecord]) -> Vec<EbpfError> {
         let mut errors = lock(&self.maps.endpoints).sweep(keep);
+        errors.extend(self.socklb.sweep(keep));
         let ifindexes: HashSet<u32> = keep.iter().map(|e| e.host_ifindex).collect();
         {
             let mut m = lock(&self.maps.ep_stats);
@@ -963,6 +979,10 @@ impl Datapath for EbpfDatapath {
 
     fn node_stats(&self) -> Result<Vec<(u32, NodeStats)>, EbpfError> {
         self.maps.tunnel.node_stats()
+    }
+
+    fn set_socket_lb(&self, cgroup: &Path) -> Result<(), EbpfError> {
+        self.socklb.attach(cgroup)
     }
 }
 

@@ -9,6 +9,7 @@ mod endpoint_maps;
 pub mod fake;
 mod link_info;
 pub mod policy_maps;
+mod socklb;
 mod tunnel_maps;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
