@@ -47,6 +47,10 @@ pub async fn run(mut config: AgentConfig) -> anyhow::Result<()> {
         config.attach,
     )
     .context("loading the eBPF datapath")?;
+    crate::host::cgroup::root()
+        .map_err(anyhow::Error::from)
+        .and_then(|cgroup| Ok(datapath.set_socket_lb(&cgroup)?))
+        .context("attaching the socket load balancer to the cgroup v2 root")?;
     let (events, _) = tokio::sync::broadcast::channel(crate::monitor::BACKLOG);
     match datapath.take_events() {
         Some(ring) => {

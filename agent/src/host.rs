@@ -14,6 +14,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use crate::bandwidth::Limit;
 use crate::config::PodCidrs;
 
+pub mod cgroup;
 mod tunnel;
 
 #[derive(Debug, thiserror::Error)]

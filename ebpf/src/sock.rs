@@ -220,7 +220,7 @@ fn netns(ctx: &SockAddrContext) -> Option<u64> {
     // SAFETY: the helper takes the program's context.
     let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     // SAFETY: only whether an entry exists is read.
-    unsafe { NETNS.get(&cookie) }.map(|_| cookie)
+    unsafe { NETNS.get(cookie) }.map(|_| cookie)
 }
 
 /// Fails the syscall with `ECONNREFUSED`: the frontend has no backend.
@@ -286,7 +286,7 @@ fn record4(cookie: u64, backend: (u32, u16), front: (u32, u16), svc: &LbService)
         service_id: svc.id,
     };
     // A full LRU evicts its oldest entry; a failed write only shows the backend.
-    let _ = SOCK4.insert(&key, &value, 0);
+    let _ = SOCK4.insert(key, value, 0);
 }
 
 // Inlined: a verdict passed back from a BPF-to-BPF call through the stack is a scalar
@@ -357,7 +357,7 @@ fn try_translate6(ctx: &SockAddrContext) -> Result<i32, i32> {
         service_id: svc.id,
     };
     // As in `record4`.
-    let _ = SOCK6.insert(&key, &value, 0);
+    let _ = SOCK6.insert(key, value, 0);
     lb::count_backend(id, true, 0);
     sock.set_ip6(&backend.addr);
     sock.set_port(backend.port);
@@ -398,7 +398,7 @@ fn frontend4(ctx: &SockAddrContext, addr: u32, port: u16) -> Option<LbSockValue4
         _pad: 0,
     };
     // SAFETY: copied out at once.
-    unsafe { SOCK4.get(&key) }.copied()
+    unsafe { SOCK4.get(key) }.copied()
 }
 
 /// As [`reverse4`], for an IPv6 socket (an IPv4-mapped peer is looked up as IPv4).
@@ -426,7 +426,7 @@ fn reverse6(ctx: &SockAddrContext) {
         _pad: [0; 6],
     };
     // SAFETY: copied out at once.
-    if let Some(front) = unsafe { SOCK6.get(&key) }.copied() {
+    if let Some(front) = unsafe { SOCK6.get(key) }.copied() {
         sock.set_ip6(&front.addr);
         sock.set_port(front.port);
     }

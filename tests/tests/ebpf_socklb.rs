@@ -24,6 +24,7 @@ use hypha_common::lb::{
 };
 use hypha_tests::ebpf::{Datapath, chain};
 use hypha_tests::netns::{NamedNetns, ip};
+use hypha_tests::node::Node;
 use hypha_tests::require_root;
 
 /// The cgroup v2 root on this machine (cgroup v1 hybrid: v2 mounted beside the v1
@@ -694,4 +695,156 @@ fn a_removed_backend_gets_no_new_connections_but_keeps_its_established_one() {
     drop(backends);
     drop(ns);
     lb.close();
+}
+
+/// The program id the link pinned at `pin` runs, from `bpftool link show pinned`.
+fn pinned_link_prog(pin: &Path) -> u32 {
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "link", "show", "pinned"])
+        .arg(pin)
+        .output()
+        .expect("run bpftool");
+    assert!(
+        out.status.success(),
+        "bpftool link show pinned {}: {}",
+        pin.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool's JSON");
+    json["prog_id"].as_u64().expect("prog_id") as u32
+}
+
+/// An agent's pinned map, opened as a `T`.
+fn pinned<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    pin_dir: &Path,
+    name: &str,
+) -> T {
+    let data = MapData::from_pin(pin_dir.join(name))
+        .unwrap_or_else(|e| panic!("open the pinned map {name}: {e}"));
+    T::try_from(aya::maps::Map::HashMap(data)).unwrap_or_else(|e| panic!("map {name}: {e}"))
+}
+
+#[test]
+fn the_agent_attaches_the_socket_programs_registers_its_pods_and_leaves_nothing() {
+    require_root!();
+    let mut node = Node::start();
+    let pins: Vec<_> = programs::SOCKET
+        .iter()
+        .map(|name| {
+            let hook = name.trim_start_matches("hypha_sock_");
+            node.pin_dir.join(format!("link_socklb_{hook}"))
+        })
+        .collect();
+    let ids: Vec<u32> = pins.iter().map(|p| pinned_link_prog(p)).collect();
+    let attached = attached_to_root();
+    for (pin, id) in pins.iter().zip(&ids) {
+        assert!(
+            attached.contains(id),
+            "the program of {} (id {id}) is attached to {CGROUP}",
+            pin.display()
+        );
+    }
+    // A pod's namespace is registered: a service written into the agent's maps is
+    // translated for its sockets.
+    let pod = node.add_pod("socklb");
+    let addrs = loopback_backends4(8080);
+    let backends = Backends::tcp(&pod.netns, &addrs);
+    {
+        let mut backends4: HashMap<MapData, u32, LbBackend4> =
+            pinned(&node.pin_dir, lb_maps::BACKENDS4);
+        let mut maglev: HashMap<MapData, u32, LbMaglev> = pinned(&node.pin_dir, lb_maps::MAGLEV);
+        let mut services: HashMap<MapData, LbKey4, LbService> =
+            pinned(&node.pin_dir, lb_maps::SERVICES4);
+        for (i, a) in addrs.iter().enumerate() {
+            let SocketAddr::V4(a) = a else { unreachable!() };
+            let backend = LbBackend4 {
+                addr: u32::from_ne_bytes(a.ip().octets()),
+                port: a.port().to_be(),
+                proto: TCP,
+                flags: 0,
+                node_id: 0,
+            };
+            backends4
+                .insert(i as u32 + 900, backend, 0)
+                .expect("backend");
+        }
+        let mut table = LbMaglev {
+            slots: [0; LB_MAGLEV_SIZE],
+        };
+        for (i, slot) in table.slots.iter_mut().enumerate() {
+            *slot = 900 + (i % 3) as u32;
+        }
+        maglev.insert(900, table, 0).expect("maglev");
+        let key = LbKey4 {
+            addr: u32::from_ne_bytes([10, 96, 9, 9]),
+            port: 80u16.to_be(),
+            proto: TCP,
+            scope: LB_SCOPE_INTERNAL,
+        };
+        let svc = LbService {
+            id: 900,
+            count: 3,
+            flags: 0,
+            affinity_timeout_s: 0,
+        };
+        services.insert(key, svc, 0).expect("service");
+    }
+    let vip = v4([10, 96, 9, 9], 80);
+    let answers = connect_many(&pod.netns, vip, 10);
+    assert!(
+        answers.iter().all(|(b, p)| *b < 3 && *p == vip),
+        "{answers:?}"
+    );
+    let netns: HashMap<MapData, u64, LbNetns> = pinned(&node.pin_dir, lb_maps::NETNS);
+    let registered = |netns: &HashMap<MapData, u64, LbNetns>| {
+        netns
+            .iter()
+            .map(|e| e.expect("iterate hypha_lb_netns").1.ifindex)
+            .collect::<Vec<_>>()
+    };
+    let with_pod = registered(&netns);
+    assert_eq!(
+        with_pod.len(),
+        2,
+        "the agent's namespace and the pod's: {with_pod:?}"
+    );
+    assert!(with_pod.contains(&0));
+    // A restarted agent swaps its programs into the same links.
+    node.kill_agent();
+    node.start_agent();
+    let again: Vec<u32> = pins.iter().map(|p| pinned_link_prog(p)).collect();
+    let attached = attached_to_root();
+    for id in &again {
+        assert!(
+            attached.contains(id),
+            "restarted agent's program {id} attached"
+        );
+    }
+    for id in &ids {
+        assert!(
+            !attached.contains(id),
+            "the old program {id} was swapped out"
+        );
+    }
+    let answers = connect_many(&pod.netns, vip, 3);
+    assert!(answers.iter().all(|(_, p)| *p == vip));
+    // The pod goes: its namespace is forgotten.
+    drop(backends);
+    node.del_pod(&pod);
+    assert_eq!(
+        registered(&netns),
+        vec![0],
+        "only the agent's namespace is left"
+    );
+    drop(netns);
+    drop(pod);
+    // The node goes (its pin directory removed): nothing is left on the cgroup root.
+    drop(node);
+    let attached = attached_to_root();
+    for id in &again {
+        assert!(
+            !attached.contains(id),
+            "program {id} left attached to {CGROUP}"
+        );
+    }
 }

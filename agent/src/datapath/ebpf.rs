@@ -38,6 +38,7 @@ use hypha_netlink::{BpfFilter, Netlink, TcHook};
 
 use super::endpoint_maps::EndpointMaps;
 use super::lb_maps::LbMaps;
+use super::socklb::SockLb;
 use super::tunnel_maps::{self, TunnelMaps};
 use super::{Adoption, Datapath, InstalledLb, LbDiff, TunnelPeerSpec, TunnelSetup, link_info};
 use crate::config::AttachMode;
@@ -334,6 +335,8 @@ pub struct EbpfDatapath {
     /// The load balancer's maps, or why the object has none (services are
     /// then refused with the reason).
     lb: Result<LbMaps, String>,
+    /// The socket programs and the namespaces they translate for (`socklb`).
+    socklb: SockLb,
 }
 
 impl EbpfDatapath {
@@ -374,6 +377,7 @@ impl EbpfDatapath {
         if let Err(e) = &lb {
             tracing::warn!("services are not available: {e}");
         }
+        let socklb = SockLb::load(&mut ebpf, pin_dir)?;
         // An earlier agent's traced endpoints stay traced until start-up has re-adopted
         // (or swept) them.
         let tracing = lock(&maps.debug).keys().next().is_some();
@@ -395,6 +399,7 @@ impl EbpfDatapath {
             links_dir,
             mode,
             lb,
+            socklb,
         })
     }
 
@@ -454,6 +459,12 @@ impl EbpfDatapath {
     /// Where the link of the tunnel program on `hook` of the VXLAN device is pinned.
     fn tunnel_pin(&self, hook: &str) -> PathBuf {
         self.links_dir.join(format!("{TUNNEL_PIN_PREFIX}{hook}"))
+    }
+
+    /// What of the socket load balancer's attachment is missing or different: each
+    /// socket program's pinned link on the cgroup, running this agent's program.
+    pub fn check_socket_lb(&self) -> Vec<String> {
+        self.socklb.check_attached()
     }
 
     /// What of `tunnel` is missing or different in the datapath: the programs on the
@@ -541,6 +552,8 @@ impl EbpfDatapath {
             AttachMode::Tc => self.attach_tc(ep)?,
             AttachMode::Tcx => self.attach_tcx(ep)?,
         };
+        // Last: the pod's traffic does not wait on its services.
+        self.socklb.register(ep)?;
         Ok(if reused {
             Adoption::Adopted
         } else {
@@ -806,6 +819,7 @@ impl Datapath for EbpfDatapath {
         }
         errors.extend(self.remove_drops(|k| k.ifindex == ep.host_ifindex));
         errors.extend(self.forget_connections(ep));
+        errors.extend(self.socklb.unregister(ep));
         if let Err(e) = self.write_debug(ep, false) {
             errors.push(e);
         }
@@ -814,6 +828,7 @@ impl Datapath for EbpfDatapath {
 
     fn check(&self, ep: &EndpointRecord) -> Vec<String> {
         let mut problems = lock(&self.maps.endpoints).check(ep);
+        problems.extend(self.socklb.check(ep));
         if lock(&self.maps.ep_stats).get(&ep.host_ifindex, 0).is_err() {
             problems.push(format!(
                 "{} has no counters for ifindex {}",
@@ -835,6 +850,7 @@ impl Datapath for EbpfDatapath {
 
     fn sweep(&self, keep: &[EndpointRecord]) -> Vec<EbpfError> {
         let mut errors = lock(&self.maps.endpoints).sweep(keep);
+        errors.extend(self.socklb.sweep(keep));
         let ifindexes: HashSet<u32> = keep.iter().map(|e| e.host_ifindex).collect();
         {
             let mut m = lock(&self.maps.ep_stats);
@@ -996,6 +1012,10 @@ impl Datapath for EbpfDatapath {
             Ok(lb) => lb.stats(),
             Err(_) => Ok(Vec::new()),
         }
+    }
+
+    fn set_socket_lb(&self, cgroup: &Path) -> Result<(), EbpfError> {
+        self.socklb.attach(cgroup)
     }
 }
 

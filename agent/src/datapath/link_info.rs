@@ -1,4 +1,4 @@
-//! TCX links through bpf(2) directly: creating one (`BPF_LINK_CREATE`), pinning it
+//! TCX links (and the socket programs' cgroup links) through bpf(2) directly: creating one (`BPF_LINK_CREATE`), pinning it
 //! (`BPF_OBJ_PIN`), opening a pin (`BPF_OBJ_GET`), swapping its program
 //! (`BPF_LINK_UPDATE`) and reading what it holds (`BPF_OBJ_GET_INFO_BY_FD`): its program,
 //! and the device and hook it is attached to.
@@ -180,6 +180,58 @@ pub fn read(pin: &Path) -> io::Result<TcxLinkInfo> {
     info(open_pin(pin)?.as_fd())
 }
 
+/// `enum bpf_link_type`: `BPF_LINK_TYPE_CGROUP`.
+pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
+
+/// The start of `struct bpf_link_info` with its `cgroup` member.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupLinkInfo {
+    pub link_type: u32,
+    pub id: u32,
+    pub prog_id: u32,
+    _pad: u32,
+    /// The cgroup's id (its directory's inode on cgroup2); 0 once the cgroup is gone.
+    pub cgroup_id: u64,
+    pub attach_type: u32,
+    _pad2: u32,
+}
+
+/// Attaches program `prog` to the cgroup open as `cgroup` at `attach_type` (a
+/// `BPF_CGROUP_*` hook) with a bpf_link: always in the multi mode (`BPF_F_ALLOW_MULTI`
+/// is implied; the kernel refuses the flag itself for links). The link lives as long as
+/// the returned fd or a pin of it.
+pub fn cgroup_attach(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        // `target_fd` shares its place with `target_ifindex`.
+        target_ifindex: cgroup.as_raw_fd() as u32,
+        attach_type,
+        flags: 0,
+        relative_fd: 0,
+        _pad: 0,
+        expected_revision: 0,
+    };
+    bpf(BPF_LINK_CREATE, &attr).map(owned)
+}
+
+/// Reads what the cgroup link `fd` holds.
+pub fn cgroup_info(fd: BorrowedFd<'_>) -> io::Result<CgroupLinkInfo> {
+    let mut info = CgroupLinkInfo::default();
+    let attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<CgroupLinkInfo>() as u32,
+        info: &mut info as *mut CgroupLinkInfo as u64,
+    };
+    // The kernel writes at most `info_len` bytes into `info`.
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
+    Ok(info)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,5 +245,7 @@ mod tests {
         assert_eq!(size_of::<LinkUpdateAttr>(), 16);
         assert_eq!(std::mem::offset_of!(TcxLinkInfo, ifindex), 16);
         assert_eq!(size_of::<TcxLinkInfo>(), 24);
+        assert_eq!(std::mem::offset_of!(CgroupLinkInfo, cgroup_id), 16);
+        assert_eq!(std::mem::offset_of!(CgroupLinkInfo, attach_type), 24);
     }
 }

@@ -10,6 +10,7 @@ pub mod fake;
 pub mod lb_maps;
 mod link_info;
 pub mod policy_maps;
+mod socklb;
 mod tunnel_maps;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
