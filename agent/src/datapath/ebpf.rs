@@ -325,6 +325,8 @@ pub struct EbpfDatapath {
     programs: Vec<Program>,
     /// `hypha_from_tunnel` and `hypha_to_tunnel` (see [`TUNNEL_ATTACHMENTS`]).
     tunnel_programs: Vec<Program>,
+    /// `hypha_from_netdev`, for the node's external devices (see `nodeport`).
+    nodeport_program: Program,
     links_dir: PathBuf,
     mode: AttachMode,
 }
@@ -362,6 +364,15 @@ impl EbpfDatapath {
             .into_iter()
             .map(|a| load_program(&mut ebpf, a))
             .collect::<Result<Vec<_>, _>>()?;
+        let nodeport_program = load_program(
+            &mut ebpf,
+            (
+                hypha_common::nat::FROM_NETDEV,
+                link_info::BPF_TCX_INGRESS,
+                TcHook::Ingress,
+                "ingress",
+            ),
+        )?;
         let maps = Maps::take(&mut ebpf)?;
         // An earlier agent's traced endpoints stay traced until start-up has re-adopted
         // (or swept) them.
@@ -381,6 +392,7 @@ impl EbpfDatapath {
             maps,
             programs,
             tunnel_programs,
+            nodeport_program,
             links_dir,
             mode,
         })
@@ -957,6 +969,10 @@ impl Datapath for EbpfDatapath {
         }
     }
 
+    fn set_nodeport(&self, devices: &[super::NodePortDevice]) -> Result<(), EbpfError> {
+        super::nodeport::set(self.nodeport_program.fd.as_fd(), &self.links_dir, devices)
+    }
+
     fn set_tunnel_peers(&self, peers: &[TunnelPeerSpec]) -> Vec<EbpfError> {
         self.maps.tunnel.set_peers(peers)
     }
@@ -1239,7 +1255,7 @@ fn attach_program(prog: &Program, ep: &EndpointRecord, pin: &Path) -> Result<boo
 }
 
 /// Removing a link's pin detaches it (nothing else holds it); absent is fine.
-fn remove_pin(path: &Path) -> Result<(), EbpfError> {
+pub(super) fn remove_pin(path: &Path) -> Result<(), EbpfError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
