@@ -887,11 +887,12 @@ impl Datapath for EbpfDatapath {
             Ok(entries) => {
                 for entry in entries.flatten() {
                     let name = entry.file_name();
-                    // The tunnel's links are set_tunnel's to keep or remove.
-                    if name
-                        .to_str()
-                        .is_some_and(|n| n.starts_with(TUNNEL_PIN_PREFIX))
-                    {
+                    // The tunnel's links are set_tunnel's to keep or remove, the
+                    // NodePort devices' set_nodeport's.
+                    if name.to_str().is_some_and(|n| {
+                        n.starts_with(TUNNEL_PIN_PREFIX)
+                            || n.starts_with(super::nodeport::PIN_PREFIX)
+                    }) {
                         continue;
                     }
                     let ifindex = name

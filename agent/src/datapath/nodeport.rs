@@ -20,8 +20,8 @@ use super::{
     link_info,
 };
 
-/// The prefix of the NodePort links' pins under `links/`.
-const PIN_PREFIX: &str = "nodeport-";
+/// The prefix of the NodePort links' pins under `links/` (which `sweep` leaves alone).
+pub(super) const PIN_PREFIX: &str = "nodeport-";
 
 /// Where the link of the NodePort program on device `ifindex` is pinned.
 fn pin_path(links_dir: &Path, ifindex: u32) -> PathBuf {
