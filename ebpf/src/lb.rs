@@ -53,7 +53,7 @@ pub fn service4(addr: u32, port: u16, proto: u8, scope: u8) -> Option<LbService>
         scope,
     };
     // SAFETY: the value is copied out at once; the agent replaces entries whole.
-    unsafe { SERVICES4.get(&key) }.copied()
+    unsafe { SERVICES4.get(key) }.copied()
 }
 
 /// The IPv6 frontend `addr:port/proto` in `scope`.
@@ -66,7 +66,7 @@ pub fn service6(addr: [u8; 16], port: u16, proto: u8, scope: u8) -> Option<LbSer
         scope,
     };
     // SAFETY: as in `service4`.
-    unsafe { SERVICES6.get(&key) }.copied()
+    unsafe { SERVICES6.get(key) }.copied()
 }
 
 /// Who a client is, for `sessionAffinity: ClientIP`: `kind` is `LB_AFFINITY_NETNS` or
@@ -104,7 +104,7 @@ pub fn select(
     let now = unsafe { bpf_ktime_get_ns() };
     if affinity {
         // SAFETY: copied out at once.
-        if let Some(entry) = unsafe { AFFINITY.get(&key) }.copied() {
+        if let Some(entry) = unsafe { AFFINITY.get(key) }.copied() {
             let timeout_ns = svc.affinity_timeout_s as u64 * 1_000_000_000;
             if now.wrapping_sub(entry.last_ns) <= timeout_ns && exists(entry.backend_id) {
                 remember(&key, entry.backend_id, now);
@@ -113,7 +113,7 @@ pub fn select(
         }
     }
     // SAFETY: the table is replaced whole by the agent; one slot is read.
-    let table = unsafe { MAGLEV.get(&svc.id) }?;
+    let table = unsafe { MAGLEV.get(svc.id) }?;
     // Read back through memory: LLVM knows the remainder is below the table's size and
     // drops the bounds check, and the verifier cannot follow the modulo (which LLVM
     // turns into a multiply and shifts) to see it.
@@ -135,21 +135,21 @@ fn remember(key: &LbAffinityKey, backend_id: u32, now: u64) {
         last_ns: now,
     };
     // A full LRU evicts its oldest entry; a failed write only loses affinity.
-    let _ = AFFINITY.insert(key, &value, 0);
+    let _ = AFFINITY.insert(key, value, 0);
 }
 
 /// The IPv4 backend `id`.
 #[inline(always)]
 pub fn backend4(id: u32) -> Option<LbBackend4> {
     // SAFETY: copied out at once.
-    unsafe { BACKENDS4.get(&id) }.copied()
+    unsafe { BACKENDS4.get(id) }.copied()
 }
 
 /// The IPv6 backend `id`.
 #[inline(always)]
 pub fn backend6(id: u32) -> Option<LbBackend6> {
     // SAFETY: copied out at once.
-    unsafe { BACKENDS6.get(&id) }.copied()
+    unsafe { BACKENDS6.get(id) }.copied()
 }
 
 /// Counts a translation to backend `id`: a connection (`connection`), and a packet of
