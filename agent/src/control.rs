@@ -29,6 +29,7 @@ pub use crate::state::Persist;
 use crate::state::{Change, EndpointRecord, Pending, PersistedState, StateError};
 
 mod cluster;
+mod nodeport;
 mod nodes;
 mod overlay;
 mod policy;
@@ -393,6 +394,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         };
         let mut agent = agent;
         agent.start_overlay(&mut report.warnings)?;
+        agent.start_nodeport(&mut report.warnings)?;
         // Policy entries and identities first, then the endpoints with their flags, then
         // the removal of what no policy wants any more.
         let (additions, removals) = agent.policy_start_diff(&mut report.warnings);

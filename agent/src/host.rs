@@ -92,6 +92,13 @@ pub trait HostNetwork: Send + Sync {
     fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<HostLink, HostError>;
     /// The MTU of the interface that holds `address` (`None`: no interface holds it).
     fn mtu_of_address(&self, address: IpAddr) -> Result<Option<u32>, HostError>;
+    /// The name of the interface that holds `address` (`None`: no interface holds it):
+    /// the node's NodePort device by default.
+    fn link_name_of_address(&self, address: IpAddr) -> Result<Option<String>, HostError>;
+    /// The interface named `name`: its ifindex and its addresses, both families, IPv6
+    /// link-local ones aside (a NodePort device's frontend addresses); `None` when no
+    /// interface has that name.
+    fn link_addresses(&self, name: &str) -> Result<Option<(u32, Vec<IpAddr>)>, HostError>;
     /// Makes the routes Hypha owns to other nodes' pods exactly `routes`: adds what is
     /// missing, replaces what differs, removes Hypha's other cluster routes (they carry
     /// Hypha's own route protocol number, so nobody else's routes are touched).
@@ -362,6 +369,28 @@ impl HostNetwork for LinuxHost {
         Ok(self.nl()?.link_of_address(address)?.map(|l| l.mtu))
     }
 
+    fn link_name_of_address(&self, address: IpAddr) -> Result<Option<String>, HostError> {
+        Ok(self.nl()?.link_of_address(address)?.map(|l| l.name))
+    }
+
+    fn link_addresses(&self, name: &str) -> Result<Option<(u32, Vec<IpAddr>)>, HostError> {
+        let mut nl = self.nl()?;
+        let Some(link) = nl.link_by_name(name)? else {
+            return Ok(None);
+        };
+        let mut out: Vec<IpAddr> = nl
+            .addresses(link.index)?
+            .into_iter()
+            .map(|(a, _)| IpAddr::V4(a))
+            .collect();
+        for a in nl.addresses6(link.index)? {
+            if !a.address.is_unicast_link_local() {
+                out.push(IpAddr::V6(a.address));
+            }
+        }
+        Ok(Some((link.index, out)))
+    }
+
     fn set_cluster_routes(&self, routes: &[ClusterRoute]) -> Result<(), HostError> {
         tunnel::set_cluster_routes(&mut self.nl()?, routes)
     }
@@ -566,6 +595,9 @@ pub mod fake {
         pub cluster_routes: Vec<ClusterRoute>,
         /// Make `set_cluster_routes` fail (leaving the routes as they were).
         pub fail_cluster_routes: bool,
+        /// Which interface (of `links`) holds each address, for `link_name_of_address`
+        /// and `link_addresses`.
+        pub link_addresses: BTreeMap<IpAddr, String>,
     }
 
     impl HostNetwork for FakeHost {
@@ -623,6 +655,16 @@ pub mod fake {
         }
         fn mtu_of_address(&self, _address: IpAddr) -> Result<Option<u32>, HostError> {
             Ok(self.state().underlay_mtu)
+        }
+        fn link_name_of_address(&self, address: IpAddr) -> Result<Option<String>, HostError> {
+            Ok(self.state().link_addresses.get(&address).cloned())
+        }
+        fn link_addresses(&self, name: &str) -> Result<Option<(u32, Vec<IpAddr>)>, HostError> {
+            let st = self.state();
+            Ok(st.links.get(name).map(|l| {
+                let held = st.link_addresses.iter().filter(|(_, n)| *n == name);
+                (l.index, held.map(|(a, _)| *a).collect())
+            }))
         }
         fn set_cluster_routes(&self, routes: &[ClusterRoute]) -> Result<(), HostError> {
             let mut st = self.state();

@@ -38,6 +38,10 @@
 //! address (`NodeConfig` holds no IPv6 gateway; the pods' is the link-local
 //! `fe80::1`), so an IPv6 NodePort flow is only ever sent to a local backend; a remote
 //! one is refused as if the frontend had none.
+#![expect(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values are passed by reference so that those in the per-CPU scratch are not copied onto the 512-byte stack"
+)]
 
 use aya_ebpf::{
     bindings::{

@@ -330,6 +330,8 @@ pub struct EbpfDatapath {
     programs: Vec<Program>,
     /// `hypha_from_tunnel` and `hypha_to_tunnel` (see [`TUNNEL_ATTACHMENTS`]).
     tunnel_programs: Vec<Program>,
+    /// `hypha_from_netdev`, for the node's external devices (see `nodeport`).
+    nodeport_program: Program,
     links_dir: PathBuf,
     mode: AttachMode,
     /// The load balancer's maps, or why the object has none (services are
@@ -372,6 +374,15 @@ impl EbpfDatapath {
             .into_iter()
             .map(|a| load_program(&mut ebpf, a))
             .collect::<Result<Vec<_>, _>>()?;
+        let nodeport_program = load_program(
+            &mut ebpf,
+            (
+                hypha_common::nat::FROM_NETDEV,
+                link_info::BPF_TCX_INGRESS,
+                TcHook::Ingress,
+                "ingress",
+            ),
+        )?;
         let maps = Maps::take(&mut ebpf)?;
         let lb = LbMaps::take(&mut ebpf).map_err(|e| e.to_string());
         if let Err(e) = &lb {
@@ -396,6 +407,7 @@ impl EbpfDatapath {
             maps,
             programs,
             tunnel_programs,
+            nodeport_program,
             links_dir,
             mode,
             lb,
@@ -903,11 +915,12 @@ impl Datapath for EbpfDatapath {
             Ok(entries) => {
                 for entry in entries.flatten() {
                     let name = entry.file_name();
-                    // The tunnel's links are set_tunnel's to keep or remove.
-                    if name
-                        .to_str()
-                        .is_some_and(|n| n.starts_with(TUNNEL_PIN_PREFIX))
-                    {
+                    // The tunnel's links are set_tunnel's to keep or remove, the
+                    // NodePort devices' set_nodeport's.
+                    if name.to_str().is_some_and(|n| {
+                        n.starts_with(TUNNEL_PIN_PREFIX)
+                            || n.starts_with(super::nodeport::PIN_PREFIX)
+                    }) {
                         continue;
                     }
                     let ifindex = name
@@ -983,6 +996,10 @@ impl Datapath for EbpfDatapath {
                 result
             }
         }
+    }
+
+    fn set_nodeport(&self, devices: &[super::NodePortDevice]) -> Result<(), EbpfError> {
+        super::nodeport::set(self.nodeport_program.fd.as_fd(), &self.links_dir, devices)
     }
 
     fn set_tunnel_peers(&self, peers: &[TunnelPeerSpec]) -> Vec<EbpfError> {
@@ -1292,7 +1309,7 @@ fn attach_program(prog: &Program, ep: &EndpointRecord, pin: &Path) -> Result<boo
 }
 
 /// Removing a link's pin detaches it (nothing else holds it); absent is fine.
-fn remove_pin(path: &Path) -> Result<(), EbpfError> {
+pub(super) fn remove_pin(path: &Path) -> Result<(), EbpfError> {
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),

@@ -9,6 +9,7 @@ mod endpoint_maps;
 pub mod fake;
 pub mod lb_maps;
 mod link_info;
+mod nodeport;
 pub mod policy_maps;
 mod socklb;
 mod tunnel_maps;
@@ -171,17 +172,18 @@ pub trait Datapath: Send + Sync {
         Ok(())
     }
 
-    /// Services, NodePort side: attaches the NodePort program to `devices` (the node's
-    /// external interfaces) and detaches it from any other.
-    /// SCAFFOLD: the NodePort work defines [`NodePortDevice`] and implements it.
+    /// Services, NodePort side: attaches the NodePort program (`hypha_from_netdev`) to
+    /// the TCX ingress of `devices` (the node's external interfaces; pinned links,
+    /// replaced in place on restart) and detaches it from any other. Empty: NodePort is
+    /// served nowhere.
     fn set_nodeport(&self, devices: &[NodePortDevice]) -> Result<(), Self::Error> {
         let _ = devices;
         Ok(())
     }
 }
 
-/// A node interface that takes NodePort traffic from outside the node.
-/// SCAFFOLD: the NodePort work completes it.
+/// A node interface that takes NodePort traffic from outside the node (`--nodeport-device`,
+/// or the interface holding `--node-ip`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodePortDevice {
     pub name: String,
