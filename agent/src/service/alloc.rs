@@ -148,7 +148,8 @@ impl Taken {
         }
     }
 
-    fn in_sync(&self) -> bool {
+    /// Whether the index counts what the maps hold (else [`assign`] scans them).
+    pub(super) fn in_sync(&self) -> bool {
         self.index.entries == self.ips.len() + self.node_ports.len()
     }
 
