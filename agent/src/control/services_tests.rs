@@ -317,3 +317,108 @@ fn ten_thousand_services_are_planned_quickly_and_one_change_touches_one() {
         (1, 1, 1)
     );
 }
+
+fn stored(name: &str, ip: &str) -> StoredService {
+    StoredService {
+        service: Service {
+            namespace: "default".into(),
+            name: name.into(),
+            kind: ServiceType::NodePort,
+            cluster_ips: vec![self::ip(ip)],
+            ip_families: vec![service::IpFamily::IPv4],
+            ip_family_policy: service::IpFamilyPolicy::SingleStack,
+            ports: vec![service::ServicePort {
+                name: "http".into(),
+                protocol: PROTO_TCP,
+                port: 80,
+                target_port: TargetPort::Name("web".into()),
+                node_port: Some(30080),
+            }],
+            selector: Some([("app".to_owned(), "web".to_owned())].into()),
+            session_affinity: Some(60),
+            external_local: true,
+            internal_local: false,
+        },
+        origin: PolicyOrigin::Api("web.yaml".into()),
+    }
+}
+
+#[test]
+fn services_and_slices_survive_a_restart_of_the_state_store() {
+    use crate::state::{Persist as _, StateStore};
+    let dir = tempfile::tempdir().unwrap();
+    let web = stored("web", "10.96.0.10");
+    let slice = StoredSlice {
+        slice: EndpointSlice {
+            namespace: "default".into(),
+            name: "ext-1".into(),
+            service: "ext".into(),
+            family: service::IpFamily::IPv4,
+            endpoints: vec![service::SliceEndpoint {
+                addresses: vec![ip("192.0.2.7")],
+                ready: true,
+                node: None,
+            }],
+            ports: vec![service::SlicePort {
+                name: String::new(),
+                protocol: PROTO_TCP,
+                port: 443,
+            }],
+        },
+        origin: PolicyOrigin::Dir("/etc/hypha/ext.yaml".into()),
+    };
+    {
+        let store = StateStore::open(dir.path()).unwrap();
+        store
+            .submit(vec![
+                Change::Service(stored("gone", "10.96.0.11")),
+                Change::Service(web.clone()),
+                Change::Slice(slice.clone()),
+                Change::ServiceGone {
+                    namespace: "default".into(),
+                    name: "gone".into(),
+                },
+            ])
+            .wait()
+            .unwrap();
+    }
+    let state = StateStore::open(dir.path()).unwrap().load().unwrap();
+    assert_eq!(state.services, vec![web.clone()]);
+    assert_eq!(state.slices, vec![slice.clone()]);
+    // The in-memory meaning of the changes is the same.
+    let mut mem = crate::state::PersistedState::default();
+    for c in crate::state::changes_between(&crate::state::PersistedState::default(), &state) {
+        crate::state::apply(&mut mem, &c);
+    }
+    assert_eq!((mem.services, mem.slices), (vec![web], vec![slice]));
+}
+
+#[test]
+fn a_restarted_state_takes_its_allocation_back_and_unknown_deletes_are_404() {
+    let st = ServiceState::new(
+        vec![stored("web", "10.96.0.10")],
+        Vec::new(),
+        InstalledLb::default(),
+    );
+    assert_eq!(st.taken.ips[&ip("10.96.0.10")], "default/web");
+    assert_eq!(st.taken.node_ports[&(PROTO_TCP, 30080)], "default/web");
+
+    let (agent, _, _) = super::super::tests::start(
+        super::super::tests::host_with(&[]),
+        crate::state::PersistedState::default(),
+        FakeDatapath::default(),
+    );
+    let err = agent.delete_service("default", "nope").unwrap_err();
+    assert_eq!(err.http_status(), 404);
+    assert!(err.to_string().contains("default/nope"), "{err}");
+    assert!(agent.list_services().is_empty());
+    assert_eq!(
+        agent.service_of_backend(ip("10.0.0.1"), 80, PROTO_TCP),
+        None
+    );
+    assert!(
+        agent.service_metrics().contains("hypha_services 0"),
+        "{}",
+        agent.service_metrics()
+    );
+}
