@@ -156,11 +156,18 @@ impl SockLb {
     }
 
     /// What of the socket LB is missing for `ep`: its namespace's registration.
+    ///
+    /// Several endpoints may share a namespace (a pod with two interfaces); its entry
+    /// then names the last one attached, so the namespace's cookie is what is checked.
     pub(super) fn check(&self, ep: &EndpointRecord) -> Vec<String> {
-        let registered = lock(&self.netns)
-            .iter()
-            .filter_map(Result::ok)
-            .any(|(_, v)| v.ifindex == ep.host_ifindex);
+        let registered = match hypha_netlink::netns_cookie(Path::new(&ep.netns)) {
+            Ok(cookie) => lock(&self.netns).get(&cookie, 0).is_ok(),
+            // The namespace is gone: its entry, if any, is found by the ifindex.
+            Err(_) => lock(&self.netns)
+                .iter()
+                .filter_map(Result::ok)
+                .any(|(_, v)| v.ifindex == ep.host_ifindex),
+        };
         if registered {
             Vec::new()
         } else {
