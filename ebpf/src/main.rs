@@ -11,6 +11,9 @@
 //! - [`hypha_from_tunnel`] and [`hypha_to_tunnel`] (TCX ingress and egress of the VXLAN
 //!   device): what other nodes send, delivered to pods under their policy with the
 //!   sender's identity from the VNI; what the host stack routes into the tunnel, keyed.
+//! - `nodeport::hypha_from_netdev` (TCX ingress of the node's external devices): NodePort
+//!   translation of what clients outside the node send, whose replies `hypha_from_pod`
+//!   and `hypha_from_tunnel` translate back (see `nodeport`).
 //!
 //! The maps are declared here with the names in [`hypha_common::maps`]; their layouts
 //! live in `hypha-common`, which also names every other reader.

@@ -40,12 +40,11 @@ const UDP: u8 = 17;
 /// The node's address on its external device, and a client outside.
 const NODE4: [u8; 4] = [192, 168, 50, 1];
 const CLIENT4: [u8; 4] = [192, 168, 50, 9];
-/// The router to node 2's pod CIDR under native routing.
-const ROUTER4: [u8; 4] = [192, 168, 50, 2];
 const NODE6: [u8; 16] = [0xfd, 0, 0, 0x50, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 const CLIENT6: [u8; 16] = [0xfd, 0, 0, 0x50, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
 const EXT_MAC: [u8; 6] = [0x02, 0xee, 0, 0, 0, 0x01];
 const CLIENT_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x09];
+/// The MAC of 192.168.50.2, the router to node 2's pod CIDR under native routing.
 const ROUTER_MAC: [u8; 6] = [0x02, 0xc1, 0, 0, 0, 0x02];
 
 /// This node's pods' gateway, and pod B, a backend on this node.
