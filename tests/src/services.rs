@@ -12,9 +12,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap, Map, MapData};
-use hypha_api::ServiceInfo;
+use hypha_api::{ServiceBackendInfo, ServiceInfo};
 use hypha_common::lb::{self, LbBackend4, LbBackend6, LbKey4, LbKey6, LbMaglev, LbService};
 
+use crate::cluster::{Cluster, ClusterOpts};
 use crate::netns::NamedNetns;
 use crate::node::Node;
 use crate::traffic::{listen_any, udp_any};
@@ -184,9 +185,13 @@ pub fn ask_udp(from: &NamedNetns, to: impl Into<IpAddr>, port: u16) -> io::Resul
     .expect("client thread")
 }
 
+/// Failed connections after which [`tally_tcp`] stops (each may cost [`ASK_TIMEOUT`]).
+const TALLY_MAX_ERRORS: usize = 5;
+
 /// `n` TCP connections, one after the other, from `from` to `to:port`: how many each
-/// backend served. A failed connection is counted under `error: <kind>`; a connection
-/// whose `getpeername` is not `to:port` under `peer <address>`.
+/// backend served. A failed connection is counted under `error: <kind>` (after
+/// [`TALLY_MAX_ERRORS`] of them it stops); a connection whose `getpeername` is not
+/// `to:port` under `peer <address>`.
 pub fn tally_tcp(
     from: &NamedNetns,
     to: impl Into<IpAddr>,
@@ -195,14 +200,20 @@ pub fn tally_tcp(
 ) -> BTreeMap<String, usize> {
     let to = SocketAddr::new(to.into(), port);
     from.spawn(move || {
-        let mut tally = BTreeMap::new();
+        let (mut tally, mut errors) = (BTreeMap::new(), 0);
         for _ in 0..n {
             let key = match connect_here(to) {
                 Ok((_, a)) if a.peer == to => a.name,
                 Ok((_, a)) => format!("peer {}", a.peer),
-                Err(e) => format!("error: {:?}", e.kind()),
+                Err(e) => {
+                    errors += 1;
+                    format!("error: {:?}", e.kind())
+                }
             };
             *tally.entry(key).or_insert(0) += 1;
+            if errors == TALLY_MAX_ERRORS {
+                break;
+            }
         }
         tally
     })
@@ -331,16 +342,27 @@ pub fn find(node: &Node, key: &str) -> Option<ServiceInfo> {
         .find(|s| format!("{}/{}", s.namespace, s.name) == key)
 }
 
-/// The service `key` once every one of its ports has exactly `n` backends on `node`
-/// (backends follow pods asynchronously in cluster mode); panics after `limit` with what
-/// it lists.
+/// The backends of `svc`'s port `i` of its primary family (that of its first ClusterIP;
+/// a dual-stack service lists each pod once per family).
+pub fn primary_backends(svc: &ServiceInfo, i: usize) -> Vec<&ServiceBackendInfo> {
+    let v6 = svc.cluster_ips.first().is_some_and(IpAddr::is_ipv6);
+    svc.ports[i]
+        .backends
+        .iter()
+        .filter(|b| b.address.is_ipv6() == v6)
+        .collect()
+}
+
+/// The service `key` once every one of its ports has exactly `n` backends of its primary
+/// family on `node` (backends follow pods asynchronously in cluster mode); panics after
+/// `limit` with what it lists.
 pub fn wait_backends(node: &Node, key: &str, n: usize, limit: Duration) -> ServiceInfo {
     let start = Instant::now();
     loop {
         let svc = find(node, key);
         if let Some(s) = &svc
             && !s.ports.is_empty()
-            && s.ports.iter().all(|p| p.backends.len() == n)
+            && (0..s.ports.len()).all(|i| primary_backends(s, i).len() == n)
         {
             return svc.expect("just matched");
         }
@@ -417,4 +439,33 @@ fn count<K: aya::Pod, V: aya::Pod>(node: &Node, name: &str) -> usize {
     let map: HashMap<MapData, K, V> = HashMap::try_from(Map::HashMap(data))
         .unwrap_or_else(|e| panic!("{name} is a hash map: {e}"));
     map.keys().filter(Result::is_ok).count()
+}
+
+/// The name the cluster tests give each node's underlay veth, the device `hypha_from_netdev`
+/// serves NodePorts on (`--nodeport-device`).
+pub const UNDERLAY_DEVICE: &str = "ul0";
+
+/// A [`Cluster`] of `n` nodes whose underlay veths are renamed [`UNDERLAY_DEVICE`] before
+/// their agents start with `--nodeport-device ul0`: the underlay namespace (etcd's, no
+/// node) is then the "world" NodePorts are reached from.
+pub fn nodeport_cluster(n: usize) -> Cluster {
+    let mut c = Cluster::start(0, ClusterOpts::default());
+    for _ in 0..n {
+        let node = c.new_node(None, &["--nodeport-device", UNDERLAY_DEVICE]);
+        let out = node.netns.exec(&["ip", "-4", "-o", "addr", "show"]);
+        let veth = out
+            .lines()
+            .find(|l| l.contains(" inet 172."))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or_else(|| panic!("no underlay veth in {}: {out}", node.netns.name()))
+            .to_owned();
+        node.netns.exec(&["ip", "link", "set", &veth, "down"]);
+        node.netns
+            .exec(&["ip", "link", "set", &veth, "name", UNDERLAY_DEVICE]);
+        node.netns
+            .exec(&["ip", "link", "set", UNDERLAY_DEVICE, "up"]);
+        c.nodes.push(node);
+        c.nodes.last_mut().expect("just pushed").start_agent();
+    }
+    c
 }
