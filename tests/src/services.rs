@@ -20,8 +20,9 @@ use crate::netns::NamedNetns;
 use crate::node::Node;
 use crate::traffic::{listen_any, udp_any};
 
-/// How long a client waits for a connection or an answer.
-pub const ASK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a client waits for a connection or an answer (a fresh pod's first IPv6
+/// packets wait about 2 s for its veth's DAD).
+pub const ASK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A backend: on TCP `port` it writes its name and a newline to every connection, then
 /// echoes what it reads until the client closes; on UDP `port` it answers every datagram

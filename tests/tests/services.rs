@@ -79,6 +79,20 @@ fn web_service(name: &str, app: &str, extra: &[&str]) -> String {
     )
 }
 
+/// The node's own global IPv6 address, on its loopback, as a real node has one (the
+/// agent's namespace has none of its own to talk to pods from).
+fn give_the_host_an_ipv6_address(node: &Node) {
+    node.netns.exec(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "2001:db8:4879:ff::1/128",
+        "dev",
+        "lo",
+    ]);
+}
+
 /// 1 and 10: a dual-stack ClusterIP service over TCP and UDP, from a pod, from a pod of
 /// another namespace and from the host (the agent's namespace), IPv4 and IPv6: every
 /// answer comes from a backend, and the client's socket shows the VIP (`getpeername`, the
@@ -88,6 +102,7 @@ fn web_service(name: &str, app: &str, extra: &[&str]) -> String {
 fn a_cluster_ip_serves_pods_and_the_host_over_tcp_and_udp_in_both_families() {
     hypha_tests::require_root!();
     let node = Node::start_dual();
+    give_the_host_an_ipv6_address(&node);
     let bes = backends(&node, "web", "web", 2);
     let client = node.add_labelled_pod("cli", "default", &[("app", "client")]);
     let stranger = node.add_labelled_pod("str", "elsewhere", &[("app", "client")]);
@@ -107,6 +122,16 @@ fn a_cluster_ip_serves_pods_and_the_host_over_tcp_and_udp_in_both_families() {
         .collect();
     assert_eq!(listed4, expected, "the IPv4 backends are the two pods");
     let served = names("web", 2);
+    // The host's first IPv6 packets to a fresh pod wait out its veth's DAD; past that,
+    // every backend answers the host directly, in both families.
+    for (pod, _) in &bes {
+        for to in pod.addresses() {
+            assert!(
+                Cluster::eventually(SETTLE, || ask_tcp(&node.netns, to, BACKEND_PORT).is_ok()),
+                "the host never reached the backend at {to} directly"
+            );
+        }
+    }
 
     let clients = [
         ("a pod", &client.netns),
