@@ -116,6 +116,9 @@ impl Outcome {
     /// Sent into the tunnel to the node whose id is the value (`hypha_from_pod`,
     /// `hypha_to_tunnel`).
     pub const TUNNEL: u8 = 7;
+    /// A NodePort reply, translated back (`nodeport`) and redirected out of the node's
+    /// device with the ifindex in the value.
+    pub const NODEPORT: u8 = 8;
 
     pub const fn new(kind: u8, value: u32) -> Self {
         Outcome(kind as u64 | (value as u64) << 32)

@@ -115,6 +115,11 @@ pub fn select(
     // SAFETY: the table is replaced whole by the agent; one slot is read.
     let table = unsafe { MAGLEV.get(&svc.id) }?;
     let slot = (hash as usize) % LB_MAGLEV_SIZE;
+    // LLVM turns the modulo into a multiply-and-shift the verifier cannot bound, and then
+    // drops `get`'s check as proven; reading the slot back through a volatile load keeps
+    // the check, which the verifier does see.
+    // SAFETY: a read of a local.
+    let slot = unsafe { core::ptr::read_volatile(&slot) };
     let backend = *table.slots.get(slot)?;
     if affinity {
         remember(&key, backend, now);

@@ -20,12 +20,14 @@
 mod debug;
 mod family;
 mod ipv6;
+mod nodeport;
 // SCAFFOLD: used by the socket and NodePort programs.
 #[allow(dead_code)]
 mod lb;
 mod packet;
 mod pmtu;
 mod policy;
+mod sock;
 mod stats;
 mod tunnel;
 
@@ -476,6 +478,8 @@ enum Forward {
     Pod { ifindex: u32 },
     /// The frame was redirected into the tunnel, to the node `node_id`.
     Tunnel { node_id: u32 },
+    /// A NodePort reply, translated back and redirected out of the device `ifindex`.
+    NodePort { ifindex: u32 },
 }
 
 fn try_from_pod(ctx: &TcContext) -> Result<i32, i32> {
@@ -505,6 +509,11 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, i32> {
         }
         Outcome::ANSWERED => {
             // The request did what it would have done in the host stack: got an answer.
+            count(ifindex, family, bytes, |s| &mut s.egress.passed);
+            Ok(TC_ACT_REDIRECT)
+        }
+        Outcome::NODEPORT => {
+            // Out of the node, as through the host stack.
             count(ifindex, family, bytes, |s| &mut s.egress.passed);
             Ok(TC_ACT_REDIRECT)
         }
@@ -543,6 +552,7 @@ impl Outcome {
             Ok(Forward::Answered) => Outcome::new(Outcome::ANSWERED, 0),
             Ok(Forward::Pod { ifindex }) => Outcome::new(Outcome::POD, ifindex),
             Ok(Forward::Tunnel { node_id }) => Outcome::new(Outcome::TUNNEL, node_id),
+            Ok(Forward::NodePort { ifindex }) => Outcome::new(Outcome::NODEPORT, ifindex),
             Err(Refusal::Malformed(reason)) => Outcome::new(Outcome::DROP, reason as u32),
             Err(Refusal::Counted) => Outcome::new(Outcome::DENIED, 0),
         }
@@ -612,6 +622,10 @@ fn route_ipv6(ctx: &TcContext, ifindex: u32) -> Outcome {
             }
         }
         outcome = Outcome(ipv6::forward(ctx));
+        if outcome.kind() == Outcome::PASS {
+            // A NodePort reply of this pod is translated back and sent out (`nodeport`).
+            outcome = Outcome(nodeport::reply6(ctx));
+        }
     }
     outcome
 }
@@ -747,7 +761,17 @@ fn route_ipv4(ctx: &TcContext, ifindex: u32, iface: &EndpointIface) -> Result<Fo
             // Too big for the path: answered with an ICMP error (`pmtu`).
             Outcome::ANSWERED => Ok(Forward::Answered),
             Outcome::DROP => Err(outcome.reason().into()),
-            _ => Ok(Forward::Host),
+            // A NodePort reply of this pod is translated back and sent out (`nodeport`).
+            _ => {
+                let reply = Outcome(nodeport::reply4(ctx));
+                match reply.kind() {
+                    Outcome::NODEPORT => Ok(Forward::NodePort {
+                        ifindex: reply.value(),
+                    }),
+                    Outcome::DROP => Err(reply.reason().into()),
+                    _ => Ok(Forward::Host),
+                }
+            }
         };
     };
     // The kernel sends the ICMP time exceeded.

@@ -246,8 +246,9 @@ fn fold(mut sum: u32) -> [u8; 2] {
     (!(sum as u16)).to_be_bytes()
 }
 
-/// Sends `frame`, `len` bytes, back to the pod in place of the packet: the packet cut to
-/// that length and overwritten, redirected to the egress of its host veth.
+/// Sends `frame`, `len` bytes, back where the packet came from in place of it: the
+/// packet cut to that length and overwritten, redirected to the egress of the device it
+/// arrived on (a pod's host veth, or the node's external device for `nodeport`).
 #[inline(always)]
 fn send_back<T>(ctx: &TcContext, frame: &T) -> Result<Outcome, Outcome> {
     // SAFETY: plain helper calls on the context the kernel passed; the frame lives on
@@ -273,15 +274,25 @@ fn send_back<T>(ctx: &TcContext, frame: &T) -> Result<Outcome, Outcome> {
 /// outside).
 #[inline(never)]
 pub fn answer4(ctx: &TcContext, mtu: u32) -> u64 {
-    match try_answer4(ctx, mtu) {
+    let gateway = CONFIG.get(0).map_or(0, |c| c.gateway);
+    unreachable4(ctx, ICMP_FRAG_NEEDED, mtu as u16, gateway)
+}
+
+/// Answers the IPv4 packet with an ICMP "destination unreachable" of `code` (the
+/// next-hop MTU `mtu` for "fragmentation needed", 0 otherwise) from `saddr` (network
+/// byte order), quoting it, sent back out of the device it came in by: `ANSWERED`;
+/// `PASS` for a packet this cannot quote (IPv4 options) or without a source. Also the
+/// NodePort program's "port unreachable" (`nodeport`).
+#[inline(never)]
+pub fn unreachable4(ctx: &TcContext, code: u8, mtu: u16, saddr: u32) -> u64 {
+    match try_unreachable4(ctx, code, mtu, saddr) {
         Ok(o) | Err(o) => o.0,
     }
 }
 
 #[inline(always)]
-fn try_answer4(ctx: &TcContext, mtu: u32) -> Result<Outcome, Outcome> {
+fn try_unreachable4(ctx: &TcContext, code: u8, mtu: u16, gateway: u32) -> Result<Outcome, Outcome> {
     let pass = Outcome::new(Outcome::PASS, 0);
-    let gateway = CONFIG.get(0).map_or(0, |c| c.gateway);
     let scratch = scratch().ok_or(DropReason::HelperFailed)?;
     let frame = &mut scratch.v4;
     let eth: EthHdr = ctx.load(0).map_err(|_| DropReason::InvalidIpv4Header)?;
@@ -312,10 +323,10 @@ fn try_answer4(ctx: &TcContext, mtu: u32) -> Result<Outcome, Outcome> {
         daddr,
     };
     frame.icmp_type = ICMP_DEST_UNREACH;
-    frame.code = ICMP_FRAG_NEEDED;
+    frame.code = code;
     frame.checksum = [0; 2];
     frame.unused = [0; 2];
-    frame.mtu = (mtu as u16).to_be_bytes();
+    frame.mtu = mtu.to_be_bytes();
     let ip = &frame.ip;
     let mut sum = u32::from(u16::from_be_bytes([ip.version_ihl, ip.tos]));
     sum = add_words(sum, &ip.tot_len);
@@ -334,13 +345,28 @@ fn try_answer4(ctx: &TcContext, mtu: u32) -> Result<Outcome, Outcome> {
 /// an ICMPv6 "packet too big" from its gateway (`fe80::1`): `ANSWERED`.
 #[inline(never)]
 pub fn answer6(ctx: &TcContext, mtu: u32) -> u64 {
-    match try_answer6(ctx, mtu) {
+    error6(ctx, ICMPV6_PKT_TOOBIG, 0, mtu, &GATEWAY6)
+}
+
+/// Answers the IPv6 packet with an ICMPv6 error of `icmp_type` and `code` whose 32-bit
+/// field is `value` (the MTU of "packet too big", 0 for "destination unreachable"),
+/// from `saddr`, quoting it, sent back out of the device it came in by: `ANSWERED`.
+/// Also the NodePort program's "port unreachable" (`nodeport`).
+#[inline(never)]
+pub fn error6(ctx: &TcContext, icmp_type: u8, code: u8, value: u32, saddr: &[u8; 16]) -> u64 {
+    match try_error6(ctx, icmp_type, code, value, saddr) {
         Ok(o) | Err(o) => o.0,
     }
 }
 
 #[inline(always)]
-fn try_answer6(ctx: &TcContext, mtu: u32) -> Result<Outcome, Outcome> {
+fn try_error6(
+    ctx: &TcContext,
+    icmp_type: u8,
+    code: u8,
+    mtu: u32,
+    saddr: &[u8; 16],
+) -> Result<Outcome, Outcome> {
     let scratch = scratch().ok_or(DropReason::HelperFailed)?;
     let frame = &mut scratch.v6;
     let eth: EthHdr = ctx.load(0).map_err(|_| DropReason::InvalidIpv6Header)?;
@@ -357,14 +383,14 @@ fn try_answer6(ctx: &TcContext, mtu: u32) -> Result<Outcome, Outcome> {
     frame.ip.payload_len = payload.to_be_bytes();
     frame.ip.next_header = IPPROTO_ICMPV6;
     frame.ip.hop_limit = ERROR_TTL;
-    frame.ip.saddr = GATEWAY6;
+    frame.ip.saddr = *saddr;
     let mut i = 0;
     while i < 16 {
         frame.ip.daddr[i] = frame.quote[8 + i];
         i += 1;
     }
-    frame.icmp_type = ICMPV6_PKT_TOOBIG;
-    frame.code = 0;
+    frame.icmp_type = icmp_type;
+    frame.code = code;
     frame.checksum = [0; 2];
     frame.mtu = mtu.to_be_bytes();
     // The pseudo-header (addresses, upper-layer length, next header), then the message.

@@ -53,7 +53,7 @@ use crate::{
     NODES4, NODES6, TUNNEL_CONFIG, TUNNEL4, TUNNEL6, debug, endpoint, ether_type, family,
     icmp_error_of_tracked_flow,
     ipv6::{self, Outcome},
-    l4_flow,
+    l4_flow, nodeport,
     packet::{
         self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_CSUM_OFF, IPV4_MIN_HLEN, Ipv4Hdr,
         Ipv6Hdr,
@@ -200,9 +200,15 @@ fn try_from_pod4(ctx: &TcContext, daddr: u32) -> Result<Outcome, Outcome> {
     encap(ctx, peer, vni_of(saddr.identity(), IDENTITY_WORLD), device)
 }
 
-/// Sets the key and redirects to the tunnel device.
+/// Sets the key and redirects to the tunnel device (also `nodeport`, for a flow SNATed
+/// to a backend on another node).
 #[inline(always)]
-fn encap(ctx: &TcContext, peer: &TunnelPeer, vni: u32, device: u32) -> Result<Outcome, Outcome> {
+pub(crate) fn encap(
+    ctx: &TcContext,
+    peer: &TunnelPeer,
+    vni: u32,
+    device: u32,
+) -> Result<Outcome, Outcome> {
     let node_id = peer.node_id;
     if !set_key(ctx, peer, vni) {
         return Err(DropReason::HelperFailed.into());
@@ -431,6 +437,10 @@ pub fn try_from_tunnel(ctx: &TcContext) -> Result<i32, i32> {
             count_node(node, bytes, |s| &mut s.rx);
             Ok(TC_ACT_OK)
         }
+        Outcome::NODEPORT => {
+            count_node(node, bytes, |s| &mut s.rx);
+            Ok(TC_ACT_REDIRECT)
+        }
         Outcome::DENIED => {
             count_node(node, bytes, |s| &mut s.dropped);
             Err(TC_ACT_SHOT)
@@ -467,7 +477,9 @@ fn try_deliver4(ctx: &TcContext, identity: u32) -> Result<Outcome, Outcome> {
         return Err(DropReason::MalformedIpv4.into());
     }
     let Some(dst) = endpoint(daddr) else {
-        return Ok(Outcome::new(Outcome::PASS, 0));
+        // A NodePort reply to this node's SNAT address is translated back and sent out
+        // (`nodeport`); the rest goes to the host stack.
+        return Ok(Outcome(nodeport::reply4(ctx)));
     };
     let receiver = Party {
         endpoint_id: dst.endpoint_id,

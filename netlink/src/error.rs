@@ -31,6 +31,14 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The cookie of a network namespace could not be read (a socket made inside it, then
+    /// `getsockopt(SO_NETNS_COOKIE)`, Linux 5.14 and later).
+    #[error("cannot read the cookie of network namespace {path}: {source}")]
+    NetnsCookie {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     /// A sysctl of another network namespace could not be read or written (see
     /// [`crate::sysctl`]); no such file means the kernel has no IPv6.
     #[error("cannot {op} {} in network namespace {}: {source}", .file.display(), .netns.display())]
@@ -94,6 +102,7 @@ impl Error {
             Error::OpenNetns { source, .. }
             | Error::EnterNetns { source, .. }
             | Error::RestoreNetns { source, .. }
+            | Error::NetnsCookie { source, .. }
             | Error::Socket { source, .. }
             | Error::Sysctl { source, .. }
             | Error::Kernel { source, .. }

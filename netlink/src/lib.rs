@@ -41,6 +41,7 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 pub use error::Error;
 use error::RequestError;
+pub use netns::{cookie as netns_cookie, own_cookie as own_netns_cookie};
 pub use qdisc::{HYPHA_QDISC_MAJOR, Qdisc, TbfSpec};
 pub use tc::{BpfFilter, InstalledBpfFilter, TcHook};
 

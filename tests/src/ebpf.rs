@@ -76,6 +76,25 @@ impl Datapath {
     /// Loads the object and both programs; loading runs the verifier, so a program
     /// the kernel rejects fails here with the verifier's log.
     pub fn load() -> Self {
+        let mut dp = Self::open();
+        for name in [programs::FROM_POD, programs::TO_POD] {
+            let program: &mut SchedClassifier = dp
+                .ebpf
+                .program_mut(name)
+                .unwrap_or_else(|| panic!("program {name} missing from the object"))
+                .try_into()
+                .unwrap_or_else(|e| panic!("program {name} is not a TC classifier: {e}"));
+            program
+                .load()
+                .unwrap_or_else(|e| panic!("load program {name} (verifier): {}", chain(&e)));
+        }
+        dp
+    }
+
+    /// The object with its maps created and no program loaded: for tests of other
+    /// programs than the pod's two (verifying those takes seconds), which load their own
+    /// through [`Datapath::ebpf_mut`].
+    pub fn open() -> Self {
         let path = object_path();
         let bytes = std::fs::read(&path).unwrap_or_else(|e| {
             panic!(
@@ -85,20 +104,10 @@ impl Datapath {
             )
         });
         let bpffs = PrivateBpffs::mount();
-        let mut ebpf = EbpfLoader::new()
+        let ebpf = EbpfLoader::new()
             .default_map_pin_directory(&bpffs.path)
             .load(&bytes)
             .unwrap_or_else(|e| panic!("load {}: {}", path.display(), chain(&e)));
-        for name in [programs::FROM_POD, programs::TO_POD] {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .unwrap_or_else(|| panic!("program {name} missing from {}", path.display()))
-                .try_into()
-                .unwrap_or_else(|e| panic!("program {name} is not a TC classifier: {e}"));
-            program
-                .load()
-                .unwrap_or_else(|e| panic!("load program {name} (verifier): {}", chain(&e)));
-        }
         Self {
             ebpf,
             _bpffs: bpffs,
@@ -119,6 +128,19 @@ impl Datapath {
                 .load()
                 .unwrap_or_else(|e| panic!("load program {name} (verifier): {}", chain(&e)));
         }
+    }
+
+    /// Loads (verifies) the program `name` besides the two [`Datapath::load`] loads.
+    pub fn load_program(&mut self, name: &str) {
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .unwrap_or_else(|| panic!("program {name} missing"))
+            .try_into()
+            .unwrap_or_else(|e| panic!("program {name} is not a TC classifier: {e}"));
+        program
+            .load()
+            .unwrap_or_else(|e| panic!("load program {name} (verifier): {}", chain(&e)));
     }
 
     /// Writes index 0 of `hypha_tunnel_cfg`.
@@ -468,7 +490,20 @@ impl Datapath {
             .collect()
     }
 
-    fn map<'a, T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>>(
+    /// The loaded object, for programs and maps this type has no helper for (the socket
+    /// programs' tests load and attach their own).
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// The private bpffs the maps are pinned in (links may be pinned there too).
+    pub fn pin_dir(&self) -> &Path {
+        &self._bpffs.path
+    }
+
+    /// The map `name` as a `T` (such as `HashMap<&MapData, K, V>`), for a test to read
+    /// a map this module has no helper for.
+    pub fn map<'a, T: TryFrom<&'a aya::maps::Map, Error = aya::maps::MapError>>(
         &'a self,
         name: &str,
     ) -> T {
@@ -479,7 +514,8 @@ impl Datapath {
         T::try_from(map).unwrap_or_else(|e| panic!("map {name}: {e}"))
     }
 
-    fn map_mut<'a, T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>>(
+    /// The map `name` as a `T`, for a test to write a map this module has no helper for.
+    pub fn map_mut<'a, T: TryFrom<&'a mut aya::maps::Map, Error = aya::maps::MapError>>(
         &'a mut self,
         name: &str,
     ) -> T {
@@ -492,7 +528,7 @@ impl Datapath {
 }
 
 /// An error with its sources: aya's messages name the call, the source the errno.
-fn chain(error: &dyn std::error::Error) -> String {
+pub fn chain(error: &dyn std::error::Error) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {

@@ -31,8 +31,9 @@ pub const MAX_DEPTH: usize = 64;
 /// expanded.
 pub const MAX_NODES: u64 = 1_000_000;
 
-/// Whether `content` is read as JSON (and not YAML): it starts with `{` or `[`.
-pub(super) fn is_json(content: &str) -> bool {
+/// Whether `content` is read as JSON (and not YAML): it starts with `{` or `[`. Also read
+/// by the service parser.
+pub(crate) fn is_json(content: &str) -> bool {
     let trimmed = content.trim_start();
     trimmed.starts_with('{') || trimmed.starts_with('[')
 }

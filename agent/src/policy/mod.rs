@@ -26,6 +26,8 @@ pub use compile::{Compiled, PolicyDiff, compile, diff};
 pub use engine::{Outcome, PolicyEngine};
 pub use identity::{IdentityAllocator, IdentitySource, describe_labels};
 pub use parse::{PolicyFile, parse_file};
+// The service parser (`service::parse`) checks names as the policy parser does.
+pub(crate) use parse::{is_dns_label, object_names};
 pub use selector::{LabelSelector, Labels, Operator, Requirement};
 pub use sources::{DirChange, ParsedSources, parse_dir_file, parse_policy_sources};
 

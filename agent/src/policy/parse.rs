@@ -188,28 +188,35 @@ struct ObjectMeta {
 
 impl ObjectMeta {
     fn names(&self) -> Result<(String, String), String> {
-        let ns = self
-            .namespace
-            .clone()
-            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
-        if !is_dns_label(&ns) {
-            return Err(format!(
-                "metadata.namespace {ns:?} is not a valid namespace name (lowercase letters, \
-                 digits and '-', at most 63, starting and ending with a letter or digit)"
-            ));
-        }
-        let name = &self.name;
-        if name.is_empty() || name.len() > 253 || !name.split('.').all(is_dns_label) {
-            return Err(format!(
-                "metadata.name {name:?} is not a valid name (lowercase letters, digits, '-' \
-                 and '.', at most 253, starting and ending with a letter or digit)"
-            ));
-        }
-        Ok((ns, name.clone()))
+        object_names(self.namespace.as_deref(), &self.name)
     }
 }
 
-fn is_dns_label(s: &str) -> bool {
+/// Checks an object's `metadata.namespace` (absent: `default`) and `metadata.name` as
+/// Kubernetes does (a DNS label; a DNS subdomain). Also read by the service parser.
+pub(crate) fn object_names(
+    namespace: Option<&str>,
+    name: &str,
+) -> Result<(String, String), String> {
+    let ns = namespace.unwrap_or(DEFAULT_NAMESPACE).to_owned();
+    if !is_dns_label(&ns) {
+        return Err(format!(
+            "metadata.namespace {ns:?} is not a valid namespace name (lowercase letters, \
+             digits and '-', at most 63, starting and ending with a letter or digit)"
+        ));
+    }
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(is_dns_label) {
+        return Err(format!(
+            "metadata.name {name:?} is not a valid name (lowercase letters, digits, '-' \
+             and '.', at most 253, starting and ending with a letter or digit)"
+        ));
+    }
+    Ok((ns, name.to_owned()))
+}
+
+/// A DNS label (RFC 1123): lowercase letters, digits and '-', at most 63, no '-' at
+/// either end. Also read by the service parser.
+pub(crate) fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()

@@ -14,6 +14,14 @@ use std::net::IpAddr;
 use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
+mod maglev;
+mod parse;
+#[cfg(test)]
+mod parse_tests;
+
+pub use maglev::maglev;
+pub use parse::{MAX_AFFINITY_TIMEOUT_S, SERVICE_NAME_LABEL, family_of, parse_file, proto_name};
+
 /// Labels: key → value.
 pub type Labels = BTreeMap<String, String>;
 
@@ -155,18 +163,6 @@ pub enum Document {
     Slice(EndpointSlice),
 }
 
-/// Parses every document of one file (YAML, several documents, or JSON; a `v1` `List`
-/// of them too); any error rejects the whole file, naming the document and the field
-/// (`spec.ports[1].targetPort: ...`).
-pub fn parse_file(source: &str, content: &str) -> Result<Vec<Document>, ServiceError> {
-    // SCAFFOLD
-    let _ = content;
-    Err(ServiceError::Invalid {
-        source_name: source.to_owned(),
-        message: "services are not parsed yet".to_owned(),
-    })
-}
-
 /// The service CIDRs (`--service-cidr`, one per family).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceCidrs {
@@ -257,13 +253,4 @@ pub fn plan(
     // SCAFFOLD
     let _ = (services, slices, pods, node_addrs);
     Vec::new()
-}
-
-/// The Maglev lookup table of `size` slots (a prime) over backends named by `names`
-/// (stable strings, e.g. `addr:port`): each slot holds an index into `names`. Empty
-/// `names`: an empty table.
-pub fn maglev(names: &[String], size: usize) -> Vec<u32> {
-    // SCAFFOLD
-    let _ = names;
-    vec![0; size]
 }
