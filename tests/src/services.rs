@@ -470,3 +470,42 @@ pub fn nodeport_cluster(n: usize) -> Cluster {
     }
     c
 }
+
+/// The Maglev table `node` programmed for the IPv4 frontend `vip:port`/`proto` as its
+/// pods and host reach it ([`lb::LB_SCOPE_INTERNAL`]): each slot's backend, as
+/// (address, port).
+pub fn maglev_table4(node: &Node, vip: Ipv4Addr, port: u16, proto: u8) -> Vec<(Ipv4Addr, u16)> {
+    let open = |name: &str| {
+        let path = node.pin_dir.join(name);
+        MapData::from_pin(&path)
+            .unwrap_or_else(|e| panic!("open the pinned {}: {e}", path.display()))
+    };
+    let services: HashMap<MapData, LbKey4, LbService> =
+        HashMap::try_from(Map::HashMap(open(lb::maps::SERVICES4))).expect("a hash map");
+    let key = LbKey4 {
+        addr: u32::from_ne_bytes(vip.octets()),
+        port: port.to_be(),
+        proto,
+        scope: lb::LB_SCOPE_INTERNAL,
+    };
+    let svc = services
+        .get(&key, 0)
+        .unwrap_or_else(|e| panic!("no frontend {vip}:{port}/{proto} in {}: {e}", node.tag));
+    let maglev: HashMap<MapData, u32, LbMaglev> =
+        HashMap::try_from(Map::HashMap(open(lb::maps::MAGLEV))).expect("a hash map");
+    let table = maglev
+        .get(&svc.id, 0)
+        .unwrap_or_else(|e| panic!("no Maglev table for service id {}: {e}", svc.id));
+    let backends: HashMap<MapData, u32, LbBackend4> =
+        HashMap::try_from(Map::HashMap(open(lb::maps::BACKENDS4))).expect("a hash map");
+    table
+        .slots
+        .iter()
+        .map(|id| {
+            let b = backends
+                .get(id, 0)
+                .unwrap_or_else(|e| panic!("slot names backend {id}, not in the map: {e}"));
+            (Ipv4Addr::from(b.addr.to_ne_bytes()), u16::from_be(b.port))
+        })
+        .collect()
+}

@@ -188,8 +188,13 @@ fn a_cluster_ip_serves_pods_and_the_host_over_tcp_and_udp_in_both_families() {
         "{:#?}",
         services::list(&node)
     );
-    let left = services::lb_map_entries(&node);
-    assert!(left.values().all(|&n| n == 0), "left in the maps: {left:?}");
+    assert!(
+        Cluster::eventually(SETTLE, || services::lb_map_entries(&node)
+            .values()
+            .all(|&n| n == 0)),
+        "left in the maps: {:?}",
+        services::lb_map_entries(&node)
+    );
     let footprint_netns: Vec<String> = [&client.netns, &stranger.netns, &node.netns]
         .iter()
         .map(|n| n.name().to_owned())
@@ -248,6 +253,11 @@ fn maglev_spreads_connections_and_a_removed_backend_takes_no_new_ones() {
         );
     }
 
+    let IpAddr::V4(vip4) = vip else {
+        panic!("an IPv4 service has an IPv4 VIP: {vip}")
+    };
+    let table_before = services::maglev_table4(&node, vip4, 80, 6);
+
     // A connection to some backend, held open; that backend is relabelled away.
     let mut held = Held::open(&client.netns, vip, 80);
     held.talk(5).expect("the held connection talks");
@@ -278,6 +288,31 @@ fn maglev_spreads_connections_and_a_removed_backend_takes_no_new_ones() {
     assert_eq!(tally.len(), 2, "the other two serve: {tally:?}");
     held.talk(50)
         .expect("the connection opened before the removal keeps working");
+
+    // Maglev moved little: the removed backend's slots went to the others, and at most a
+    // few of the others' slots changed hands (the whole change ≤ 40% of the table).
+    let table_after = services::maglev_table4(&node, vip4, 80, 6);
+    let removed = (gone.address, BACKEND_PORT);
+    assert!(
+        !table_after.contains(&removed),
+        "the table still names {removed:?}"
+    );
+    let moved = table_before
+        .iter()
+        .zip(&table_after)
+        .filter(|(b, a)| b != a)
+        .count();
+    let kept_moved = table_before
+        .iter()
+        .zip(&table_after)
+        .filter(|(b, a)| **b != removed && b != a)
+        .count();
+    assert!(
+        moved * 10 <= table_before.len() * 4,
+        "{moved} of {} slots changed when one of three backends went",
+        table_before.len()
+    );
+    eprintln!("maglev: {moved} slots moved, {kept_moved} of them from a surviving backend");
 }
 
 /// 4: `sessionAffinity: ClientIP` keeps each client on one backend: 50 connections from
