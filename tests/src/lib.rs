@@ -17,6 +17,7 @@ pub mod netns;
 pub mod node;
 pub mod overlay;
 pub mod policies;
+pub mod services;
 pub mod traffic;
 
 /// Whether this process may do what privileged tests do (its effective uid is root).
