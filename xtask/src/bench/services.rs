@@ -81,6 +81,8 @@ const FIRST_VIP: u32 = u32::from_be_bytes([10, 96, 0, 16]);
 const MAX_SERVICES: u32 = 65_000;
 /// The backends: three, as the issue says.
 const BACKENDS: usize = 3;
+/// Services per file of Hypha's apply (about 220 bytes each).
+const FILE_SERVICES: u32 = 2_000;
 /// New connections timed in one run, at most.
 const MAX_CONNECTIONS: usize = 5_000;
 /// The iptables setup's pods' gateway, a local address of its node (Calico's).
@@ -491,10 +493,16 @@ fn hypha_program(
             api(socket, "DELETE", &path, None).with_context(|| format!("DELETE {path}"))?;
         }
     }
-    let file = plan.tmp.join(format!("services-{n}.yaml"));
-    std::fs::write(&file, services_yaml(0..n, SERVICE_PORT, true))
-        .with_context(|| format!("writing {}", file.display()))?;
-    let (ms, us) = hypha_apply(o, plan, socket, &file)?;
+    // Files of at most FILE_SERVICES services each, well within the API's file size limit.
+    let dir = plan.tmp.join(format!("services-{n}"));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for first in (0..n).step_by(FILE_SERVICES as usize) {
+        let last = (first + FILE_SERVICES).min(n);
+        let file = dir.join(format!("services-{first:05}.yaml"));
+        std::fs::write(&file, services_yaml(first..last, SERVICE_PORT, last == n))
+            .with_context(|| format!("writing {}", file.display()))?;
+    }
+    let (ms, us) = hypha_apply(o, plan, socket, &dir)?;
     *current = Some(n);
     level.program_ms = Some(ms);
     level.program_us = us;
@@ -512,16 +520,28 @@ fn hypha_program(
         .with_context(|| format!("service 0 on port {port} after the changes"))
 }
 
-/// Applies a services file: (wall ms, the API's `program_us` when it says).
-fn hypha_apply(o: &Options, plan: &Plan, socket: &Path, file: &Path) -> Result<(f64, Option<u64>)> {
+/// Applies a services file, or a directory's `*.yaml` files in one request: (wall ms, the
+/// API's `program_us` when it says).
+fn hypha_apply(o: &Options, plan: &Plan, socket: &Path, path: &Path) -> Result<(f64, Option<u64>)> {
     match o.apply_with {
         ApplyWith::Api => {
-            let content = std::fs::read_to_string(file)
-                .with_context(|| format!("reading {}", file.display()))?;
-            let body = serde_json::to_vec(&json!([{
-                "source": file.display().to_string(),
-                "content": content,
-            }]))?;
+            let mut files = if path.is_dir() {
+                std::fs::read_dir(path)
+                    .with_context(|| format!("listing {}", path.display()))?
+                    .map(|e| e.map(|e| e.path()))
+                    .collect::<std::io::Result<Vec<_>>>()
+                    .with_context(|| format!("listing {}", path.display()))?
+            } else {
+                vec![path.to_path_buf()]
+            };
+            files.sort();
+            let mut sources = Vec::new();
+            for file in files {
+                let content = std::fs::read_to_string(&file)
+                    .with_context(|| format!("reading {}", file.display()))?;
+                sources.push(json!({"source": file.display().to_string(), "content": content}));
+            }
+            let body = serde_json::to_vec(&sources)?;
             let start = Instant::now();
             let answer = api(socket, "POST", "/v1/services", Some(&body))?;
             let ms = ms_since(start);
@@ -532,7 +552,7 @@ fn hypha_apply(o: &Options, plan: &Plan, socket: &Path, file: &Path) -> Result<(
         ApplyWith::Cli => {
             let mut cmd = Command::new(plan.bin.join("hypha"));
             cmd.args(["service", "apply", "-f"])
-                .arg(file)
+                .arg(path)
                 .arg("--socket")
                 .arg(socket);
             let start = Instant::now();
