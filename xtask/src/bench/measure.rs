@@ -26,11 +26,16 @@ pub fn throughput(pods: &Pods, seconds: u32) -> Result<f64> {
 
 /// [`throughput`] to the server's address `server` (its IPv6 one, say).
 pub fn throughput_to(pods: &Pods, server: IpAddr, seconds: u32) -> Result<f64> {
-    let server_ip = server;
+    throughput_via(pods, server, server, seconds)
+}
+
+/// [`throughput`] with the server listening on `listen` and the client connecting to
+/// `connect`: a service address translated to `listen` on the way, say.
+pub fn throughput_via(pods: &Pods, listen: IpAddr, connect: IpAddr, seconds: u32) -> Result<f64> {
     let server = Killed(
         Command::new("ip")
             .args(["netns", "exec", &pods.server_ns, "iperf3", "-s", "-1", "-B"])
-            .arg(server_ip.to_string())
+            .arg(listen.to_string())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -54,7 +59,7 @@ pub fn throughput_to(pods: &Pods, server: IpAddr, seconds: u32) -> Result<f64> {
                     "3000",
                     "-c",
                 ])
-                .arg(server_ip.to_string())
+                .arg(connect.to_string())
                 .args(["-t", &seconds.to_string()]),
             limit,
         )?;

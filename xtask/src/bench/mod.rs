@@ -12,6 +12,9 @@
 //! - `datapath`: pod-to-pod throughput and latency: veth pair, bridge plugin, Hypha.
 //! - `policy`: throughput and latency under 0 to 10,000 rules, Hypha and iptables, and
 //!   the time until a policy change is enforced.
+//! - `services`: service load balancing at 100 to 10,000 services, Hypha against
+//!   kube-proxy's iptables design: new connections to VIPs, throughput through a VIP,
+//!   programming and change times.
 //!
 //! [`svg`] draws bar charts any bench can use; [`teardown`] undoes what a bench made,
 //! also on error and Ctrl-C.
@@ -25,6 +28,7 @@ mod launcher;
 pub(crate) mod measure;
 mod overlay;
 mod policy;
+mod services;
 mod setups;
 mod svg;
 pub(crate) mod teardown;
@@ -62,6 +66,11 @@ pub enum Bench {
     /// Hypha's policy map against iptables rules in the pod; and the time from `hypha
     /// policy apply` (or a file in the watched directory) until the verdict is enforced.
     Policy(policy::Options),
+    /// Service load balancing at 100, 1,000 and 10,000 services of 3 backends: Hypha
+    /// against kube-proxy's iptables design (nat table, statistic, DNAT, conntrack):
+    /// new-connection latency to random VIPs, throughput through a VIP and direct, the
+    /// time to program all services and one change.
+    Services(services::Options),
 }
 
 pub fn run(b: Bench) -> Result<()> {
@@ -74,6 +83,7 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Datapath(o) => datapath::run(&o),
         Bench::Launcher(o) => launcher::run(&o),
         Bench::Policy(o) => policy::run(&o),
+        Bench::Services(o) => services::run(&o),
     }
 }
 

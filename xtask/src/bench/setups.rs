@@ -427,6 +427,17 @@ fn hypha(plan: &Plan, td: &Teardown, options: &HyphaOptions, ipv6: bool) -> Resu
     )
 }
 
+/// One more pod `pod` on the agent of the Hypha setup [`create_hypha`] made, labelled
+/// `app=APP` (namespace `default`, as [`HyphaOptions::app_labels`] labels the first two);
+/// its CNI result.
+pub fn add_hypha_pod(plan: &Plan, td: &Teardown, pod: &str, app: &str) -> Result<String> {
+    let config = hypha_network(&plan.tmp.join("agent.sock"));
+    let call = hypha_pod_call(plan, &config, Some(app), pod);
+    add_netns(td, &call.netns)?;
+    td.make(Undo::Cni(call.clone()), || call.invoke("ADD"))
+        .with_context(|| format!("adding Hypha pod {pod}"))
+}
+
 /// The bridge setup's two pods, and Hypha's.
 const BRIDGE_PODS: [&str; 2] = ["br-a", "br-b"];
 const HYPHA_PODS: [&str; 2] = ["hy-a", "hy-b"];
