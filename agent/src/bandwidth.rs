@@ -45,8 +45,8 @@
 //!   receives.
 
 use hypha_api::Bandwidth;
-use hypha_common::ENDPOINT_F_INGRESS_LIMIT;
-use hypha_netlink::TbfSpec;
+use hypha_common::{ENDPOINT_F_INGRESS_LIMIT, fq};
+use hypha_netlink::{HtbSpec, TbfSpec};
 
 /// The largest rate accepted: 1 Tbit/s.
 pub const MAX_RATE_BITS: u64 = 1_000_000_000_000;
@@ -61,6 +61,9 @@ const DEFAULT_BURST_NS: u128 = 5_000_000;
 const MAX_BURST_NS: u128 = 50_000_000;
 /// The queue beyond the burst, as time at the rate.
 const QUEUE_NS: u128 = 10_000_000;
+/// A leaf's own bucket, in frames: what a sparse flow sends ahead of the borrowers after
+/// a quiet moment.
+const LEAF_BURST_FRAMES: u32 = 2;
 /// Ethernet header, not counted in the MTU but in what a qdisc sees.
 const ETH_HLEN: u32 = 14;
 
@@ -223,6 +226,24 @@ impl Limit {
                 burst_bits: b.ingress_burst,
             })
         })
+    }
+
+    /// The per-flow `htb` enforcing this limit on an interface of MTU `mtu`: the top
+    /// class at the rate with the bucket of [`Limit::tbf`], and [`fq::LEAVES`] leaves each
+    /// with the queue [`Limit::tbf`] would have had (see the module's documentation).
+    pub fn htb(&self, mtu: u32) -> HtbSpec {
+        let tbf = self.tbf(mtu);
+        let frame = mtu.max(68) + ETH_HLEN;
+        HtbSpec {
+            rate_bytes_per_sec: tbf.rate_bytes_per_sec,
+            burst_bytes: tbf.burst_bytes,
+            leaves: fq::LEAVES,
+            leaf_minor_base: fq::LEAF_MINOR_BASE,
+            leaf_rate_bytes_per_sec: (tbf.rate_bytes_per_sec / u64::from(fq::LEAVES)).max(1),
+            leaf_burst_bytes: LEAF_BURST_FRAMES * frame,
+            quantum: frame,
+            leaf_limit_bytes: tbf.limit_bytes,
+        }
     }
 
     /// The `tbf` enforcing this limit on an interface of MTU `mtu` (see the module's

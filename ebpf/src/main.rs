@@ -19,6 +19,7 @@
 
 mod debug;
 mod family;
+mod fq;
 mod ipv6;
 // SCAFFOLD: used by the socket and NodePort programs.
 #[allow(dead_code)]
