@@ -121,6 +121,20 @@ impl Datapath {
         }
     }
 
+    /// Loads (verifies) one more program of the object, such as
+    /// `hypha_flow_class`, besides the two [`Datapath::load`] loads.
+    pub fn load_program(&mut self, name: &str) {
+        let program: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(name)
+            .unwrap_or_else(|| panic!("program {name} missing"))
+            .try_into()
+            .unwrap_or_else(|e| panic!("program {name} is not a TC classifier: {e}"));
+        program
+            .load()
+            .unwrap_or_else(|e| panic!("load program {name} (verifier): {}", chain(&e)));
+    }
+
     /// Writes index 0 of `hypha_tunnel_cfg`.
     pub fn set_tunnel_config(&mut self, config: TunnelConfig) {
         let mut map: Array<&mut MapData, TunnelConfig> = self.map_mut(maps::TUNNEL_CONFIG);
