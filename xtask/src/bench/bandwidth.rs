@@ -79,6 +79,10 @@ pub struct Options {
     /// wherever the scheduler puts it).
     #[arg(long, value_enum, default_value_t = Pin::None)]
     latency_pin: Pin,
+    /// Directory of the `hypha` and `hypha-cni` binaries (default `target/release`). The
+    /// shaping is the kernel's; a debug build only configures it more slowly.
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -229,7 +233,9 @@ pub fn run(o: &Options) -> Result<()> {
     let td = Teardown::install()?;
     // 10.120-10.159: apart from the other benches' 10.160-10.250.
     let plan = Plan::in_range(
-        root.join("target/release"),
+        o.bin_dir
+            .clone()
+            .unwrap_or_else(|| root.join("target/release")),
         out_dir.join("bandwidth-hypha-agent.log"),
         120,
         40,
