@@ -85,6 +85,13 @@ pub struct Options {
     bin_dir: Option<PathBuf>,
 }
 
+impl Options {
+    /// Whether `--bin-dir` was given.
+    pub fn has_bin_dir(&self) -> bool {
+        self.bin_dir.is_some()
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 enum Shaper {
