@@ -1,5 +1,5 @@
-//! Per-endpoint bandwidth limits: parsing and validating rates, and sizing the `tbf`
-//! qdiscs that enforce them. Pure logic; the qdiscs are installed through
+//! Per-endpoint bandwidth limits: parsing and validating rates, and sizing the per-flow
+//! `htb` qdiscs that enforce them. Pure logic; the qdiscs are installed through
 //! [`crate::host::HostNetwork`].
 //!
 //! # Design
@@ -8,21 +8,53 @@
 //! program would not be enforced, and a token-bucket *policer* in TC (drop what exceeds
 //! the bucket) is unfair to TCP: GSO packets of up to 64 KB meet a small bucket, get
 //! dropped whole, and a TCP flow gets a fraction of its rate with thousands of
-//! retransmissions. Hypha *shapes* instead, with a real queue, so TCP gets backpressure:
+//! retransmissions. Hypha *shapes* instead, with real queues, so TCP gets backpressure:
 //!
-//! - **Egress** (what the pod sends): a `tbf` root qdisc on the pod's own interface,
-//!   inside its network namespace (a pod without `CAP_NET_ADMIN` cannot remove it). A full
-//!   queue there refuses the packet to the sending socket (`NET_XMIT_DROP`): TCP keeps it
-//!   and sends it later, and TCP small queues keep the queue short. That only holds for
-//!   packets that fit the queue whole: `tbf` cuts a GSO packet larger than its bucket into
-//!   frames and drops those that do not fit, which TCP sees as losses (thousands of
-//!   retransmissions at 10 Mbit/s with 64 KB packets). So the pod's interface also gets a
-//!   GSO size of a quarter of the queue ([`gso_size`]).
-//! - **Ingress** (what the pod receives): a `tbf` root qdisc on the host veth, whose egress
-//!   is the pod's ingress. Same-node traffic from another pod would skip it
-//!   (`bpf_redirect_peer` goes straight into the pod), so the endpoint gets
+//! - **Egress** (what the pod sends): the shaper is the root qdisc of the pod's own
+//!   interface, inside its network namespace (a pod without `CAP_NET_ADMIN` cannot remove
+//!   it). A full queue there refuses the packet to the sending socket (`NET_XMIT_DROP`):
+//!   TCP keeps it and sends it later, and TCP small queues keep the queue short. That
+//!   only holds for packets that fit the queue whole, so the pod's interface also gets a
+//!   GSO size of a quarter of a queue ([`gso_size`]; with 64 KB packets and a `tbf`,
+//!   thousands of retransmissions at 10 Mbit/s).
+//! - **Ingress** (what the pod receives): the same shaper as the root qdisc of the host
+//!   veth, whose egress is the pod's ingress. Same-node traffic from another pod would
+//!   skip it (`bpf_redirect_peer` goes straight into the pod), so the endpoint gets
 //!   `ENDPOINT_F_INGRESS_LIMIT` and `hypha_from_pod` redirects to it with `bpf_redirect`
 //!   (the host veth's egress, through the qdisc) instead.
+//!
+//! # Per-flow queues without `fq`
+//!
+//! One FIFO behind a token bucket (a `tbf`, as before issue 16, and the reference plugin)
+//! makes a small request wait behind the whole queue of a bulk flow of the same pod. The
+//! kernel has no per-flow qdisc (`fq`, `fq_codel`, `sfq`, `cake` are all absent), so
+//! Hypha builds one from `htb`, `bfifo` and `cls_bpf` ([`Limit::htb`]):
+//!
+//! - an `htb` root qdisc (`4859:`), whose top class `4859:1` carries the limit (rate and
+//!   ceil, with the bucket sized below);
+//! - [`fq::LEAVES`] leaf classes under it, each with a `bfifo` of the queue a single
+//!   `tbf` had, a guaranteed rate of `R / LEAVES` and the limit as its ceil;
+//! - `hypha_flow_class` (`ebpf/src/fq.rs`), a `cls_bpf` classifier in classic mode on the
+//!   root, hashing each flow's 5-tuple to a leaf (fragments by addresses, non-IP to leaf
+//!   0, also the `htb`'s default class).
+//!
+//! A sparse flow (a request/response, a DNS query) stays within its leaf's own rate, and
+//! `htb` serves leaves that send on their own rate before any that borrow from the top
+//! class: its packet leaves as soon as it arrives, whatever the bulk flows queue. Bulk
+//! flows borrow what the others leave, round-robin between leaves (the quantum is one
+//! frame, so a turn is one packet), so they share the limit evenly. The top class is
+//! charged for everything its leaves send, so the total stays at the rate; the leaves'
+//! own buckets (two frames each) add at most two frames per active leaf to a burst.
+//!
+//! **64 leaves**: with 8 bulk flows, two share a leaf in about a third of the cases
+//! (birthday bound), which costs the two flows half a share each (Jain's index about
+//! 0.94 instead of 1); 16 leaves would make a shared leaf the rule. More leaves lower the
+//! guaranteed rate of each (at 10 Mbit/s, 64 leaves leave 19.5 KB/s to a sparse flow,
+//! 300 packets a second of a small request/response) and cost 2 × 64 netlink requests
+//! per limiter to install.
+//!
+//! Drops are counted by the `htb` root (the sum over its leaves), which is what the
+//! endpoint list and the metrics report (`bandwidth-limit` drops).
 //!
 //! # Sizing the token bucket
 //!
@@ -45,8 +77,8 @@
 //!   receives.
 
 use hypha_api::Bandwidth;
-use hypha_common::ENDPOINT_F_INGRESS_LIMIT;
-use hypha_netlink::TbfSpec;
+use hypha_common::{ENDPOINT_F_INGRESS_LIMIT, fq};
+use hypha_netlink::{HtbSpec, TbfSpec};
 
 /// The largest rate accepted: 1 Tbit/s.
 pub const MAX_RATE_BITS: u64 = 1_000_000_000_000;
@@ -61,6 +93,9 @@ const DEFAULT_BURST_NS: u128 = 5_000_000;
 const MAX_BURST_NS: u128 = 50_000_000;
 /// The queue beyond the burst, as time at the rate.
 const QUEUE_NS: u128 = 10_000_000;
+/// A leaf's own bucket, in frames: what a sparse flow sends ahead of the borrowers after
+/// a quiet moment.
+const LEAF_BURST_FRAMES: u32 = 2;
 /// Ethernet header, not counted in the MTU but in what a qdisc sees.
 const ETH_HLEN: u32 = 14;
 
@@ -223,6 +258,24 @@ impl Limit {
                 burst_bits: b.ingress_burst,
             })
         })
+    }
+
+    /// The per-flow `htb` enforcing this limit on an interface of MTU `mtu`: the top
+    /// class at the rate with the bucket of [`Limit::tbf`], and [`fq::LEAVES`] leaves each
+    /// with the queue [`Limit::tbf`] would have had (see the module's documentation).
+    pub fn htb(&self, mtu: u32) -> HtbSpec {
+        let tbf = self.tbf(mtu);
+        let frame = mtu.max(68) + ETH_HLEN;
+        HtbSpec {
+            rate_bytes_per_sec: tbf.rate_bytes_per_sec,
+            burst_bytes: tbf.burst_bytes,
+            leaves: fq::LEAVES,
+            leaf_minor_base: fq::LEAF_MINOR_BASE,
+            leaf_rate_bytes_per_sec: (tbf.rate_bytes_per_sec / u64::from(fq::LEAVES)).max(1),
+            leaf_burst_bytes: LEAF_BURST_FRAMES * frame,
+            quantum: frame,
+            leaf_limit_bytes: tbf.limit_bytes,
+        }
     }
 
     /// The `tbf` enforcing this limit on an interface of MTU `mtu` (see the module's
@@ -469,6 +522,34 @@ mod tests {
         let t = l(MAX_RATE_BITS, Some(MAX_BURST_BITS));
         assert_eq!(t.rate_bytes_per_sec, 125_000_000_000);
         assert_eq!(t.limit_bytes, u32::MAX);
+    }
+
+    #[test]
+    fn the_htb_shares_the_tbf_s_rate_and_bucket_between_64_leaves() {
+        assert_eq!(fq::QDISC_MAJOR, hypha_netlink::HYPHA_QDISC_MAJOR);
+        let l = Limit {
+            rate_bits: 10_000_000,
+            burst_bits: None,
+        };
+        let (h, t) = (l.htb(1500), l.tbf(1500));
+        assert_eq!(h.rate_bytes_per_sec, 1_250_000);
+        assert_eq!(h.burst_bytes, t.burst_bytes);
+        assert_eq!(h.leaves, 64);
+        assert_eq!(h.leaf_rate_bytes_per_sec, 1_250_000 / 64);
+        assert_eq!(h.leaf_burst_bytes, 2 * 1514);
+        assert_eq!(h.quantum, 1514);
+        assert_eq!(h.leaf_limit_bytes, t.limit_bytes);
+        assert_eq!(
+            u32::from(h.leaf(63)),
+            fq::leaf_classid(63),
+            "the classifier's ids are the leaves'"
+        );
+        // A tiny rate still gives every leaf a non-zero rate.
+        let tiny = Limit {
+            rate_bits: 8,
+            burst_bits: None,
+        };
+        assert_eq!(tiny.htb(1500).leaf_rate_bytes_per_sec, 1);
     }
 
     #[test]

@@ -1024,7 +1024,8 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         let fresh = old.is_none();
         let (eg_new, eg_old) = (Limit::egress(new), Limit::egress(old));
         if eg_new != eg_old || (fresh && eg_new.is_some()) {
-            self.host.set_rate_limit(pod, eg_new)?;
+            self.host
+                .set_rate_limit(pod, eg_new, self.datapath.flow_classifier())?;
         }
         let (in_new, in_old) = (Limit::ingress(new), Limit::ingress(old));
         let flag = hypha_common::ENDPOINT_F_INGRESS_LIMIT;
@@ -1039,13 +1040,14 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         match (in_new, in_old) {
             (Some(l), _) => {
                 if in_new != in_old || fresh {
-                    self.host.set_rate_limit(host, Some(l))?;
+                    self.host
+                        .set_rate_limit(host, Some(l), self.datapath.flow_classifier())?;
                 }
                 set_flag(true)?;
             }
             (None, Some(_)) => {
                 set_flag(false)?;
-                self.host.set_rate_limit(host, None)?;
+                self.host.set_rate_limit(host, None, None)?;
             }
             (None, None) => {}
         }

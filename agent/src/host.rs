@@ -3,6 +3,7 @@
 //! root; the Linux implementation uses the project's netlink layer (`hypha-netlink`).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsRawFd as _, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -78,9 +79,16 @@ pub trait HostNetwork: Send + Sync {
     /// IPv6 ones aside (policy gives all of fe80::/10 the host's identity): traffic from
     /// them is the node's own, as from the IPv4 gateway.
     fn addresses(&self) -> Result<Vec<IpAddr>, HostError>;
-    /// Installs or changes (`Some`) or removes (`None`) the rate limiter on `side`. Removal
-    /// of a limiter that is not there, or on an interface that is gone, succeeds.
-    fn set_rate_limit(&self, side: LimitSide<'_>, limit: Option<Limit>) -> Result<(), HostError>;
+    /// Installs or changes (`Some`) or removes (`None`) the rate limiter on `side`: Hypha's
+    /// per-flow `htb` (see [`crate::bandwidth`]), classified by the program `classifier`
+    /// (`hypha_flow_class`; without one, every packet queues in the default leaf).
+    /// Removal of a limiter that is not there, or on an interface that is gone, succeeds.
+    fn set_rate_limit(
+        &self,
+        side: LimitSide<'_>,
+        limit: Option<Limit>,
+        classifier: Option<BorrowedFd<'_>>,
+    ) -> Result<(), HostError>;
     /// Packets the rate limiter on `side` dropped since it was installed (`None` when
     /// there is none).
     fn rate_limit_drops(&self, side: LimitSide<'_>) -> Result<Option<u64>, HostError>;
@@ -304,7 +312,12 @@ impl HostNetwork for LinuxHost {
         Ok(())
     }
 
-    fn set_rate_limit(&self, side: LimitSide<'_>, limit: Option<Limit>) -> Result<(), HostError> {
+    fn set_rate_limit(
+        &self,
+        side: LimitSide<'_>,
+        limit: Option<Limit>,
+        classifier: Option<BorrowedFd<'_>>,
+    ) -> Result<(), HostError> {
         let (pod_nl, index) = Self::limiter_socket(side)?;
         let mut nl = match pod_nl {
             Some(n) => n,
@@ -324,7 +337,16 @@ impl HostNetwork for LinuxHost {
             Some(l) => {
                 let mtu = nl.link_by_index(index)?.map(|l| l.mtu).unwrap_or(1500);
                 let tbf = l.tbf(mtu);
-                nl.replace_tbf(index, &tbf)?;
+                // The classifier after the classes it names, and before the GSO size: until
+                // it is there, everything queues in the default leaf, still shaped.
+                nl.replace_htb(index, &l.htb(mtu))?;
+                if let Some(prog) = classifier {
+                    nl.replace_htb_classifier(
+                        index,
+                        prog.as_raw_fd(),
+                        hypha_common::programs::FLOW_CLASS,
+                    )?;
+                }
                 if egress {
                     // The pod's own stack builds its GSO packets: small enough to fit the
                     // queue whole, a full queue refuses them to the socket instead of `tbf`
@@ -353,7 +375,7 @@ impl HostNetwork for LinuxHost {
         };
         Ok(nl
             .root_qdisc(index)?
-            .filter(|q| q.is_hypha_tbf())
+            .filter(|q| q.is_hypha())
             .map(|q| q.drops))
     }
 
@@ -629,6 +651,7 @@ pub mod fake {
             &self,
             side: LimitSide<'_>,
             limit: Option<Limit>,
+            _classifier: Option<BorrowedFd<'_>>,
         ) -> Result<(), HostError> {
             let mut st = self.state();
             if st.fail_limits {

@@ -114,6 +114,30 @@ pub mod programs {
     /// key of packets the host stack routes there (the host's own, forwarded ones); those
     /// `hypha_from_pod` redirects there carry theirs already.
     pub const TO_TUNNEL: &str = "hypha_to_tunnel";
+    /// `cls_bpf` classifier (classic mode) of the `htb` root qdisc of a rate-limited
+    /// interface (the pod's own, for its egress; the host veth, for its ingress): hashes
+    /// each flow's 5-tuple into one of the [`crate::fq`] leaf classes, whose id it returns.
+    pub const FLOW_CLASS: &str = "hypha_flow_class";
+}
+
+/// The per-flow queues under a bandwidth limit: an `htb` root qdisc with Hypha's handle,
+/// [`fq::LEAVES`] leaf classes sharing the limit. Readers: `ebpf/src/fq.rs` (returns a
+/// leaf's class id), `agent/src/bandwidth.rs` (builds the classes with these ids).
+pub mod fq {
+    /// The major number of Hypha's root qdiscs (`4859:`, "HY"); the netlink crate's
+    /// `HYPHA_QDISC_MAJOR` (the agent's tests check they agree).
+    pub const QDISC_MAJOR: u16 = 0x4859;
+    /// How many leaf classes flows are hashed into (see `agent/src/bandwidth.rs` for the
+    /// choice).
+    pub const LEAVES: u16 = 64;
+    /// The minor of leaf 0; leaf `i` is `4859:(LEAF_MINOR_BASE + i)`. Non-IP packets go
+    /// to leaf 0, which is also the `htb`'s default class.
+    pub const LEAF_MINOR_BASE: u16 = 0x100;
+
+    /// The class id (`major << 16 | minor`) of leaf `i`.
+    pub const fn leaf_classid(i: u16) -> u32 {
+        ((QDISC_MAJOR as u32) << 16) | (LEAF_MINOR_BASE + i) as u32
+    }
 }
 
 /// Key of `hypha_endpoints4`: a pod's IPv4 address.

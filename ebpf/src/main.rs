@@ -22,6 +22,7 @@
 
 mod debug;
 mod family;
+mod fq;
 mod ipv6;
 mod nodeport;
 // SCAFFOLD: used by the socket and NodePort programs.

@@ -17,6 +17,7 @@
 //! ```
 
 mod error;
+mod htb;
 mod messages;
 mod netns;
 pub mod procs;
@@ -42,6 +43,7 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 pub use error::Error;
 use error::RequestError;
 pub use netns::{cookie as netns_cookie, own_cookie as own_netns_cookie};
+pub use htb::{HTB_TOP_MINOR, HtbSpec};
 pub use qdisc::{HYPHA_QDISC_MAJOR, Qdisc, TbfSpec};
 pub use tc::{BpfFilter, InstalledBpfFilter, TcHook};
 
@@ -771,6 +773,127 @@ impl Netlink {
             })
     }
 
+    /// Installs or changes Hypha's per-flow queues as the root of interface `index` (see
+    /// [`HtbSpec`]): the `htb` qdisc, its top class, the leaves and their `bfifo`s. An
+    /// `htb` of Hypha's already there is kept and its classes and queues changed in
+    /// place (nothing queued is lost); a Hypha `tbf` (an older agent's) is removed first;
+    /// any other root qdisc is replaced.
+    pub fn replace_htb(&mut self, index: u32, spec: &HtbSpec) -> Result<()> {
+        let link = format!("#{index}");
+        let root = self.root_qdisc(index)?;
+        let ours = root.as_ref().is_some_and(|q| q.is_hypha());
+        let is_htb = root.as_ref().is_some_and(|q| q.kind == "htb");
+        if ours && !is_htb {
+            self.delete_hypha_root_qdisc(index)?;
+        }
+        if !(ours && is_htb) {
+            let msg = RouteNetlinkMessage::NewQueueDiscipline(htb::htb_qdisc_message(index, spec));
+            self.request(msg, NLM_F_CREATE | NLM_F_REPLACE)
+                .map_err(|e| {
+                    e.into_error(
+                        format!("install an htb qdisc on interface #{index}"),
+                        &self.netns,
+                        Some(&link),
+                    )
+                })?;
+        }
+        let top = RouteNetlinkMessage::NewTrafficClass(htb::top_class_message(index, spec));
+        self.request(top, NLM_F_CREATE).map_err(|e| {
+            e.into_error(
+                format!(
+                    "set the htb class {} ({} B/s, burst {} B) of interface #{index}",
+                    spec.top(),
+                    spec.rate_bytes_per_sec,
+                    spec.burst_bytes
+                ),
+                &self.netns,
+                Some(&link),
+            )
+        })?;
+        for i in 0..spec.leaves {
+            let class =
+                RouteNetlinkMessage::NewTrafficClass(htb::leaf_class_message(index, spec, i));
+            self.request(class, NLM_F_CREATE).map_err(|e| {
+                e.into_error(
+                    format!(
+                        "set the htb leaf class {} ({} B/s, quantum {} B) of interface #{index}",
+                        spec.leaf(i),
+                        spec.leaf_rate_bytes_per_sec,
+                        spec.quantum
+                    ),
+                    &self.netns,
+                    Some(&link),
+                )
+            })?;
+            let fifo =
+                RouteNetlinkMessage::NewQueueDiscipline(htb::leaf_fifo_message(index, spec, i));
+            self.request(fifo, NLM_F_CREATE | NLM_F_REPLACE)
+                .map_err(|e| {
+                    e.into_error(
+                        format!(
+                            "set the bfifo ({} B) of htb class {} of interface #{index}",
+                            spec.leaf_limit_bytes,
+                            spec.leaf(i)
+                        ),
+                        &self.netns,
+                        Some(&link),
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Attaches (or swaps in place) the program `prog_fd` as the classifier of Hypha's
+    /// `htb` root qdisc on interface `index`: a `cls_bpf` filter in classic mode, whose
+    /// return value is the leaf class (see [`HtbSpec`]), at priority 1 handle 1.
+    pub fn replace_htb_classifier(&mut self, index: u32, prog_fd: i32, name: &str) -> Result<()> {
+        let parent = netlink_packet_route::tc::TcHandle {
+            major: HYPHA_QDISC_MAJOR,
+            minor: 0,
+        };
+        let msg = RouteNetlinkMessage::NewTrafficFilter(tc::bpf_classifier_message(
+            index, parent, 1, 1, prog_fd, name,
+        ));
+        self.request(msg, NLM_F_CREATE | NLM_F_REPLACE)
+            .map(drop)
+            .map_err(|e| {
+                e.into_error(
+                    format!("attach the classifier {name} to the htb qdisc of interface #{index}"),
+                    &self.netns,
+                    Some(&format!("#{index}")),
+                )
+            })
+    }
+
+    /// Drops of each `htb` leaf class of interface `index` (by minor), from the classes'
+    /// statistics; empty without Hypha's `htb`.
+    pub fn htb_class_drops(&mut self, index: u32) -> Result<Vec<(u16, u64)>> {
+        let msg = RouteNetlinkMessage::GetTrafficClass(htb::class_dump_message(index));
+        match self.dump(msg) {
+            Ok(answers) => Ok(answers
+                .iter()
+                .filter_map(|m| match m {
+                    RouteNetlinkMessage::NewTrafficClass(c)
+                        if c.header.index == index as i32
+                            && c.header.handle.major == HYPHA_QDISC_MAJOR
+                            && c.header.handle.minor != HTB_TOP_MINOR =>
+                    {
+                        Some((c.header.handle.minor, qdisc::stats_of(c).2))
+                    }
+                    _ => None,
+                })
+                .collect()),
+            Err(e) if matches!(e.errno(), Some(libc::ENODEV | libc::ENOENT | libc::EINVAL)) => {
+                Ok(Vec::new())
+            }
+            Err(e) => Err(e.into_error(
+                format!("list the classes of interface #{index}"),
+                &self.netns,
+                None,
+            )),
+        }
+    }
+
     /// The root qdisc of interface `index` with its statistics; `None` if the interface is
     /// gone.
     pub fn root_qdisc(&mut self, index: u32) -> Result<Option<Qdisc>> {
@@ -794,7 +917,7 @@ impl Netlink {
     /// [`Qdisc::is_hypha_tbf`]), which gives the interface back its default qdisc.
     /// Returns whether there was one to delete; someone else's root qdisc is left alone.
     pub fn delete_hypha_root_qdisc(&mut self, index: u32) -> Result<bool> {
-        if !self.root_qdisc(index)?.is_some_and(|q| q.is_hypha_tbf()) {
+        if !self.root_qdisc(index)?.is_some_and(|q| q.is_hypha()) {
             return Ok(false);
         }
         let msg = RouteNetlinkMessage::DelQueueDiscipline(qdisc::root_qdisc_message(

@@ -67,6 +67,12 @@ impl Qdisc {
     pub fn is_hypha_tbf(&self) -> bool {
         self.kind == "tbf" && self.handle_major == HYPHA_QDISC_MAJOR
     }
+
+    /// Whether Hypha installed this qdisc: its per-flow `htb` or an older agent's `tbf`,
+    /// with Hypha's handle.
+    pub fn is_hypha(&self) -> bool {
+        matches!(self.kind.as_str(), "tbf" | "htb") && self.handle_major == HYPHA_QDISC_MAJOR
+    }
 }
 
 /// The bytes of a `struct tc_tbf_qopt` for `spec`.
@@ -145,40 +151,51 @@ pub(crate) fn parse_root_qdisc(msg: &TcMessage, index: u32) -> Option<Qdisc> {
     for attr in &msg.attributes {
         match attr {
             TcAttribute::Kind(k) => q.kind = k.clone(),
-            TcAttribute::Stats(s) => {
-                q.packets = u64::from(s.packets);
-                q.bytes = s.bytes;
-                q.drops = u64::from(s.drops);
-                q.overlimits = u64::from(s.overlimits);
-            }
             TcAttribute::Options(opts) => tbf_options = Some(opts),
             _ => {}
         }
     }
-    // TCA_STATS2 is the newer, wider form; prefer it where present.
-    for attr in &msg.attributes {
-        if let TcAttribute::Stats2(stats) = attr {
-            for s in stats {
-                match s {
-                    TcStats2::Basic(b) => {
-                        q.bytes = b.bytes;
-                        q.packets = u64::from(b.packets);
-                    }
-                    TcStats2::Queue(qs) => {
-                        q.drops = u64::from(qs.drops);
-                        q.overlimits = u64::from(qs.overlimits);
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
+    (q.packets, q.bytes, q.drops, q.overlimits) = stats_of(msg);
     if q.kind == "tbf"
         && let Some(opts) = tbf_options
     {
         q.tbf = parse_tbf_options(opts);
     }
     Some(q)
+}
+
+/// Packets, bytes, drops and overlimits of a qdisc or class message: `TCA_STATS2`, the
+/// newer and wider form, where present, else `TCA_STATS`.
+pub(crate) fn stats_of(msg: &TcMessage) -> (u64, u64, u64, u64) {
+    let mut out = (0, 0, 0, 0);
+    for attr in &msg.attributes {
+        if let TcAttribute::Stats(s) = attr {
+            out = (
+                u64::from(s.packets),
+                s.bytes,
+                u64::from(s.drops),
+                u64::from(s.overlimits),
+            );
+        }
+    }
+    for attr in &msg.attributes {
+        if let TcAttribute::Stats2(stats) = attr {
+            for s in stats {
+                match s {
+                    TcStats2::Basic(b) => {
+                        out.1 = b.bytes;
+                        out.0 = u64::from(b.packets);
+                    }
+                    TcStats2::Queue(qs) => {
+                        out.2 = u64::from(qs.drops);
+                        out.3 = u64::from(qs.overlimits);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Rate, bucket and limit of a `tbf` from its dumped options. The library keeps the

@@ -133,6 +133,37 @@ pub(crate) fn bpf_filter_message(index: u32, filter: &BpfFilter<'_>) -> TcMessag
     )
 }
 
+/// `RTM_NEWTFILTER` of a `cls_bpf` filter in classic mode (no direct action: the
+/// program's return value is a class id, 0 for no match) on the qdisc or class `parent`
+/// of interface `index`: how Hypha's flow classifier picks an `htb` leaf.
+pub(crate) fn bpf_classifier_message(
+    index: u32,
+    parent: TcHandle,
+    priority: u16,
+    handle: u32,
+    prog_fd: i32,
+    name: &str,
+) -> TcMessage {
+    let mut name = name.as_bytes().to_vec();
+    name.push(0);
+    TcMessage::from_parts(
+        TcHeader {
+            family: AddressFamily::Unspec,
+            index: index as i32,
+            handle: TcHandle::from(handle),
+            parent,
+            info: filter_info(priority),
+        },
+        vec![
+            TcAttribute::Kind("bpf".to_owned()),
+            TcAttribute::Options(vec![
+                TcOption::Other(DefaultNla::new(TCA_BPF_FD, prog_fd.to_ne_bytes().to_vec())),
+                TcOption::Other(DefaultNla::new(TCA_BPF_NAME, name)),
+            ]),
+        ],
+    )
+}
+
 /// `RTM_DELTFILTER` of the filter `priority`/`handle` on `hook` of interface `index`.
 pub(crate) fn filter_delete_message(
     index: u32,
@@ -292,6 +323,22 @@ mod tests {
                 name: "to_pod".into(),
                 direct_action: true,
             }
+        );
+    }
+
+    #[test]
+    fn a_classifier_sits_on_its_qdisc_without_direct_action() {
+        let parent = TcHandle {
+            major: 0x4859,
+            minor: 0,
+        };
+        let msg = bpf_classifier_message(7, parent, 1, 1, 42, "hypha_flow_class");
+        assert_eq!(u32::from(msg.header.parent), 0x4859_0000);
+        let f = parse_bpf_filter(&msg).expect("a bpf filter");
+        assert_eq!(f.name, "hypha_flow_class");
+        assert!(
+            !f.direct_action,
+            "classic mode: the return value is the class"
         );
     }
 

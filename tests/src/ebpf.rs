@@ -130,7 +130,8 @@ impl Datapath {
         }
     }
 
-    /// Loads (verifies) the program `name` besides the two [`Datapath::load`] loads.
+    /// Loads (verifies) one more program of the object, such as
+    /// `hypha_flow_class`, besides the two [`Datapath::load`] loads.
     pub fn load_program(&mut self, name: &str) {
         let program: &mut SchedClassifier = self
             .ebpf

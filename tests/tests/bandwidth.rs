@@ -1,11 +1,15 @@
 //! Privileged tests of per-endpoint bandwidth limits with real pods and TCP: each limit
 //! holds within ±10% over a 5-second iperf3 transfer, an unlimited pod is not slowed,
-//! limits change and go at run time, and bad input is refused by field name.
+//! limits change and go at run time, and bad input is refused by field name; under a
+//! limit, flows get queues of their own: a small request/response flow is not stuck
+//! behind a bulk one, and two bulk flows share the limit evenly.
 //!
 //! Rates are measured as the receiver counts them (iperf3's server-side bytes).
 
+use std::io::{Read as _, Write as _};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hypha_tests::netns::NamedNetns;
 use hypha_tests::node::{Node, Pod};
@@ -187,7 +191,7 @@ fn limits_change_and_go_at_run_time_and_bad_input_is_refused() {
     let full = tcp_rate(&sink, &pod, 15225);
     assert!(full > 1e9, "and on ingress: {:.0} Mbit/s", full / 1e6);
     let qdisc = pod.netns.exec(&["tc", "qdisc", "show", "dev", "eth0"]);
-    assert!(!qdisc.contains("tbf"), "{qdisc}");
+    assert!(!qdisc.contains("htb") && !qdisc.contains("tbf"), "{qdisc}");
 
     // Bad input names the field and changes nothing.
     let (ok, _, err) = node.hypha(&["endpoint", "config", &id, "egress-rate=10M"]);
@@ -247,4 +251,131 @@ fn limits_survive_an_agent_restart() {
     let ep = node.endpoint(&pod.container_id);
     assert_eq!(ep.bandwidth.and_then(|b| b.ingress_rate), Some(20_000_000));
     assert_within(tcp_rate(&sink, &pod, 15231), 20e6, "ingress after restart");
+}
+
+/// Round-trip times of 1-byte requests from `from` to an echo server in `to` on `port`,
+/// one every 10 ms for `seconds` (`TCP_NODELAY` both ways), sorted.
+fn round_trips(from: &Pod, to: &Pod, port: u16, seconds: u64) -> Vec<Duration> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = to.netns.spawn(move || {
+        let listener = TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).expect("bind the echo");
+        ready_tx.send(()).expect("signal ready");
+        let (mut s, _) = listener.accept().expect("accept");
+        s.set_nodelay(true).expect("nodelay");
+        let mut b = [0u8; 1];
+        while s.read_exact(&mut b).is_ok() {
+            if s.write_all(&b).is_err() {
+                break;
+            }
+        }
+    });
+    ready_rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("the echo server listens");
+    let address = to.address;
+    let client = from.netns.spawn(move || {
+        let mut s = TcpStream::connect((address, port)).expect("connect to the echo");
+        s.set_nodelay(true).expect("nodelay");
+        let end = Instant::now() + Duration::from_secs(seconds);
+        let mut rtts = Vec::new();
+        let mut b = [7u8; 1];
+        while Instant::now() < end {
+            let t = Instant::now();
+            s.write_all(&b).expect("send a request");
+            s.read_exact(&mut b).expect("read the response");
+            rtts.push(t.elapsed());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        rtts
+    });
+    let mut rtts = client.join().expect("the round-trip client");
+    server.join().expect("the echo server");
+    rtts.sort();
+    rtts
+}
+
+#[test]
+fn a_small_flow_is_not_stuck_behind_a_bulk_one_and_bulk_flows_share_the_limit() {
+    hypha_tests::require_root!();
+    let node = Node::start();
+    let pod = node.add_pod_with_bandwidth("bw-fq", json!({"egressRate": 10_000_000}));
+    let sink = node.add_pod("bw-fqsink");
+    let _one_at_a_time = TRANSFER
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+
+    // A bulk flow saturates the limit; after 1.5 s, 3 s of 1-byte round trips beside it.
+    let _server = Server::start(&sink.netns, 15241);
+    let bulk = {
+        let ns = pod.netns.name().to_owned();
+        let to = sink.address.to_string();
+        std::thread::spawn(move || {
+            Command::new("ip")
+                .args(["netns", "exec", &ns, "iperf3", "-c", &to, "-p", "15241"])
+                .args(["-t", "6", "-J"])
+                .output()
+                .expect("run iperf3 -c")
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1500));
+    let rtts = round_trips(&pod, &sink, 15242, 3);
+    let out = bulk.join().expect("the bulk flow");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    let bulk_bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0);
+    let p50 = rtts[rtts.len() / 2];
+    let p99 = rtts[rtts.len() * 99 / 100];
+    eprintln!(
+        "{} round trips beside a {:.2} Mbit/s bulk flow: p50 {p50:?}, p99 {p99:?}",
+        rtts.len(),
+        bulk_bps / 1e6
+    );
+    assert!(rtts.len() > 100, "only {} round trips", rtts.len());
+    assert!(
+        bulk_bps > 0.85 * 10e6,
+        "the bulk flow did not fill the limit: {:.2} Mbit/s",
+        bulk_bps / 1e6
+    );
+    // One FIFO behind the limit would hold a round trip for its whole queue (over 10 ms).
+    assert!(
+        p99 < Duration::from_millis(5),
+        "p99 {p99:?} (p50 {p50:?}) beside a bulk flow"
+    );
+
+    // Two bulk flows share the limit within ±10% of each other.
+    let _server = Server::start(&sink.netns, 15243);
+    let out = pod.netns.exec(&[
+        "iperf3",
+        "-c",
+        &sink.address.to_string(),
+        "-p",
+        "15243",
+        "-t",
+        "4",
+        "-P",
+        "2",
+        "-J",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 JSON");
+    let flows: Vec<f64> = v["end"]["streams"]
+        .as_array()
+        .expect("streams")
+        .iter()
+        .map(|s| s["receiver"]["bits_per_second"].as_f64().expect("a rate"))
+        .collect();
+    eprintln!("two bulk flows: {flows:?} bit/s");
+    assert_eq!(flows.len(), 2, "{out}");
+    let ratio = flows[0] / flows[1];
+    assert!(
+        (0.9..=1.1).contains(&ratio),
+        "two bulk flows: {:.2} and {:.2} Mbit/s",
+        flows[0] / 1e6,
+        flows[1] / 1e6
+    );
+    assert_within(flows[0] + flows[1], 10e6, "two bulk flows together");
+
+    // The qdisc is the per-flow htb, classified by hypha_flow_class.
+    let filters = pod.netns.exec(&["tc", "filter", "show", "dev", "eth0"]);
+    assert!(filters.contains("hypha_flow_class"), "{filters}");
 }

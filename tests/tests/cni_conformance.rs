@@ -115,7 +115,7 @@ fn version_probe_with_placeholders() {
 /// hypha-cni first, then portmap, tuning and firewall, at 1.0.0 (what Debian's plugins
 /// speak): ADD, CHECK and DEL as libcni runs them. The reference `bandwidth` plugin is not
 /// chained: hypha-cni takes the `bandwidth` capability and the agent enforces it (a root
-/// `tbf` of its own on the host veth, which the reference plugin's would collide with).
+/// root qdisc of its own on the host veth, which the reference plugin's would collide with).
 #[test]
 fn chain_with_the_reference_plugins() {
     hypha_tests::require_root!();
@@ -175,16 +175,16 @@ fn chain_with_the_reference_plugins() {
     assert!(link.contains("02:68:79:70:68:61"), "{link}");
     let sysctl = pod.exec(&["cat", "/proc/sys/net/ipv4/conf/eth0/arp_notify"]);
     assert_eq!(sysctl.trim(), "1");
-    // bandwidth: stored on the endpoint by hypha-cni, and shaped by the agent with a tbf
-    // qdisc on the host veth (ingress) and on the pod's eth0 (egress).
+    // bandwidth: stored on the endpoint by hypha-cni, and shaped by the agent with its
+    // per-flow htb on the host veth (ingress) and on the pod's eth0 (egress).
     let ep = node.endpoint(&id);
     assert_eq!(ep.bandwidth.and_then(|b| b.ingress_rate), Some(8_000_000));
     let qdisc = node.netns.exec(&["tc", "qdisc", "show", "dev", &host_if]);
-    assert!(qdisc.contains("tbf"), "no tbf qdisc on {host_if}: {qdisc}");
+    assert!(qdisc.contains("htb"), "no htb qdisc on {host_if}: {qdisc}");
     let qdisc = pod.exec(&["tc", "qdisc", "show", "dev", "eth0"]);
     assert!(
-        qdisc.contains("tbf"),
-        "no tbf qdisc on the pod's eth0: {qdisc}"
+        qdisc.contains("htb"),
+        "no htb qdisc on the pod's eth0: {qdisc}"
     );
     // portmap's DNAT rule, firewall's forward rules for the pod.
     let nat = node.netns.exec(&["iptables-save", "-t", "nat"]);
@@ -889,18 +889,19 @@ fn pod_address(node: &Node, offset: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(base) + offset)
 }
 
-/// Asserts the limit of one direction as `tc` shows it: a `tbf` at `rate` (bits per
-/// second) on that device, or no `tbf` at all when `rate` is `None`.
-fn assert_tbf(qdisc: &str, rate: Option<u64>, what: &str) {
+/// Asserts the limit of one direction as `tc qdisc show` and `tc class show` (`shown`)
+/// show it: Hypha's `htb` whose top class is at `rate` (bits per second) on that device,
+/// or no shaper at all when `rate` is `None`.
+fn assert_shaper(shown: &str, rate: Option<u64>, what: &str) {
     match rate {
         Some(rate) => {
-            assert!(qdisc.contains("tbf"), "{what}: no tbf: {qdisc}");
-            let shown = format!("rate {}Mbit", rate / 1_000_000);
-            assert!(qdisc.contains(&shown), "{what}: not {shown}: {qdisc}");
+            assert!(shown.contains("htb"), "{what}: no htb: {shown}");
+            let top = format!("class htb 4859:1 root rate {}Mbit", rate / 1_000_000);
+            assert!(shown.contains(&top), "{what}: not {top}: {shown}");
         }
         None => assert!(
-            !qdisc.contains("tbf"),
-            "{what}: a tbf with no limit: {qdisc}"
+            !shown.contains("htb") && !shown.contains("tbf"),
+            "{what}: a shaper with no limit: {shown}"
         ),
     }
 }
@@ -965,13 +966,15 @@ fn runtime_fixtures_through_the_real_agent() {
         assert_eq!(bw.egress_rate, expect["egressRate"].as_u64(), "{name}");
         assert_eq!(bw.ingress_rate, expect["ingressRate"].as_u64(), "{name}");
         let host_if = cni::host_ifname(&id, "eth0");
-        assert_tbf(
-            &pod.exec(&["tc", "qdisc", "show", "dev", "eth0"]),
+        assert_shaper(
+            &(pod.exec(&["tc", "qdisc", "show", "dev", "eth0"])
+                + &pod.exec(&["tc", "class", "show", "dev", "eth0"])),
             expect["egressRate"].as_u64(),
             &format!("{name}: egress on the pod's eth0"),
         );
-        assert_tbf(
-            &node.netns.exec(&["tc", "qdisc", "show", "dev", &host_if]),
+        assert_shaper(
+            &(node.netns.exec(&["tc", "qdisc", "show", "dev", &host_if])
+                + &node.netns.exec(&["tc", "class", "show", "dev", &host_if])),
             expect["ingressRate"].as_u64(),
             &format!("{name}: ingress on {host_if}"),
         );

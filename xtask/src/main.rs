@@ -105,7 +105,12 @@ fn main() -> Result<()> {
         } => install(&bin_dir, &cni_bin_dir, &cni_conf_dir),
         Task::Bench(b) => {
             setup::setup()?;
-            build(true)?;
+            if b.own_binaries() {
+                // The binaries given are used as they are; only the eBPF object is rebuilt.
+                build_ebpf()?;
+            } else {
+                build(true)?;
+            }
             bench::run(b)
         }
         Task::Soak(options) => {

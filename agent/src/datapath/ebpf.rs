@@ -383,6 +383,16 @@ impl EbpfDatapath {
                 "ingress",
             ),
         )?;
+        // Not attached by the datapath: the rate limiters hand its descriptor to the
+        // `htb` qdiscs they install (see `flow_classifier`).
+        classifier(&mut ebpf, programs::FLOW_CLASS)?
+            .load()
+            .map_err(|source| EbpfError::Program {
+                op: "load",
+                program: programs::FLOW_CLASS,
+                ifname: "-".into(),
+                source: Box::new(source),
+            })?;
         let maps = Maps::take(&mut ebpf)?;
         let lb = LbMaps::take(&mut ebpf).map_err(|e| e.to_string());
         if let Err(e) = &lb {
@@ -972,6 +982,11 @@ impl Datapath for EbpfDatapath {
 
     fn programs(&self) -> Vec<String> {
         self.ebpf.programs().map(|(n, _)| n.to_owned()).collect()
+    }
+
+    fn flow_classifier(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        let prog = self.ebpf.program(programs::FLOW_CLASS)?;
+        prog.fd().ok().map(|fd| fd.as_fd())
     }
 
     fn set_tunnel(&self, tunnel: Option<&TunnelSetup>) -> Result<(), EbpfError> {

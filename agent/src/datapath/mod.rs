@@ -130,6 +130,13 @@ pub trait Datapath: Send + Sync {
     /// Names of the loaded programs.
     fn programs(&self) -> Vec<String>;
 
+    /// The flow classifier (`hypha_flow_class`) the rate limiters' `htb` qdiscs are given,
+    /// as a program descriptor; `None` where there is no eBPF (the fakes), in which case
+    /// a limited interface queues everything in one class.
+    fn flow_classifier(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        None
+    }
+
     /// Sets the node's tunnel: attaches `hypha_from_tunnel` and `hypha_to_tunnel` to the
     /// VXLAN device (pinned links, replaced in place when an earlier agent's are there)
     /// and writes `hypha_tunnel_cfg`. `None` (single node, native routing): the config is

@@ -19,7 +19,8 @@
 //! over the whole transfer and in its first second, each against the configured rate,
 //! and the sender's retransmissions; then the 1-byte request/response latency (the
 //! client of [`measure::latency_on`]) from the same limited pod to the same server pod
-//! while a second iperf3 flow saturates the limit.
+//! while a second iperf3 flow saturates the limit; then Jain's fairness index of 2 and of
+//! 8 parallel bulk flows (`iperf3 -P`, each stream's received rate) sharing the limit.
 
 use super::Target;
 use std::io::Read as _;
@@ -45,6 +46,9 @@ const CNI_PATH: &str = "/usr/lib/cni";
 const IPERF_PORT: u16 = 5301;
 /// Before timing round trips, the bulk flow gets this long to fill the limit.
 const LOAD_LEAD: Duration = Duration::from_millis(1500);
+/// Parallel bulk flows whose share of the limit is measured, and for how long.
+const FAIRNESS_FLOWS: [u32; 2] = [2, 8];
+const FAIRNESS_SECONDS: u32 = 5;
 
 /// Hypha's targets: the rate over the transfer within ±5% of the configured rate; the
 /// first second under 110% of it; p99 latency under load at most a fifth of the
@@ -75,6 +79,17 @@ pub struct Options {
     /// wherever the scheduler puts it).
     #[arg(long, value_enum, default_value_t = Pin::None)]
     latency_pin: Pin,
+    /// Directory of the `hypha` and `hypha-cni` binaries (default `target/release`). The
+    /// shaping is the kernel's; a debug build only configures it more slowly.
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+impl Options {
+    /// Whether `--bin-dir` was given.
+    pub fn has_bin_dir(&self) -> bool {
+        self.bin_dir.is_some()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -98,7 +113,7 @@ impl Shaper {
                 "reference CNI plugins: bridge + host-local, then bandwidth (egress: ifb + tbf)"
             }
             Shaper::Hypha => {
-                "Hypha agent + hypha-cni, limit by `hypha endpoint config` (egress: tbf on the pod's eth0)"
+                "Hypha agent + hypha-cni, limit by `hypha endpoint config` (egress: htb with per-flow leaves, classified by hypha_flow_class, on the pod's eth0)"
             }
         }
     }
@@ -147,6 +162,11 @@ struct Run {
     /// What the bulk flow of the latency measurement got (received), and its retransmits.
     load_received_bps: Option<f64>,
     load_retransmits: Option<u64>,
+    /// Jain's fairness index of 2 and of 8 parallel bulk flows (1: equal shares), with
+    /// each flow's received rate.
+    fairness2: Option<f64>,
+    fairness8: Option<f64>,
+    flows_bps: Vec<Vec<f64>>,
     errors: Vec<String>,
 }
 
@@ -159,6 +179,8 @@ struct Medians {
     retransmits: Option<f64>,
     p50_ms: Option<f64>,
     p99_ms: Option<f64>,
+    fairness2: Option<f64>,
+    fairness8: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -218,7 +240,9 @@ pub fn run(o: &Options) -> Result<()> {
     let td = Teardown::install()?;
     // 10.120-10.159: apart from the other benches' 10.160-10.250.
     let plan = Plan::in_range(
-        root.join("target/release"),
+        o.bin_dir
+            .clone()
+            .unwrap_or_else(|| root.join("target/release")),
         out_dir.join("bandwidth-hypha-agent.log"),
         120,
         40,
@@ -532,14 +556,25 @@ fn empty_run(round: u32) -> Run {
         latency_under_load: None,
         load_received_bps: None,
         load_retransmits: None,
+        fairness2: None,
+        fairness8: None,
+        flows_bps: Vec::new(),
         errors: Vec::new(),
     }
+}
+
+/// Jain's fairness index of `rates`: (Σx)² / (n Σx²), 1 when all are equal, 1/n when
+/// one takes everything.
+fn jain(rates: &[f64]) -> Option<f64> {
+    let sum: f64 = rates.iter().sum();
+    let squares: f64 = rates.iter().map(|x| x * x).sum();
+    (!rates.is_empty() && squares > 0.0).then(|| sum * sum / (rates.len() as f64 * squares))
 }
 
 fn measure_once(td: &Teardown, pods: &Pods, rate: u64, round: u32, o: &Options) -> Run {
     let mut run = empty_run(round);
     let pct = |bps: f64| 100.0 * bps / rate as f64;
-    match iperf(td, pods, o.seconds, true) {
+    match iperf(td, pods, o.seconds, true, 1) {
         Ok(json) => {
             let server = &json["server_output_json"];
             let intervals: Vec<(f64, f64)> = server["intervals"]
@@ -581,6 +616,7 @@ fn measure_once(td: &Teardown, pods: &Pods, rate: u64, round: u32, o: &Options) 
                 pods,
                 o.latency_seconds + LOAD_LEAD.as_secs() as u32 + 2,
                 false,
+                1,
             )
         });
         std::thread::sleep(LOAD_LEAD);
@@ -603,6 +639,34 @@ fn measure_once(td: &Teardown, pods: &Pods, rate: u64, round: u32, o: &Options) 
             .errors
             .push(format!("bulk flow under the latency: {e:#}")),
     }
+    for flows in FAIRNESS_FLOWS {
+        match iperf(td, pods, FAIRNESS_SECONDS, false, flows) {
+            Ok(json) => {
+                let rates: Vec<f64> = json["end"]["streams"]
+                    .as_array()
+                    .map(|ss| {
+                        ss.iter()
+                            .filter_map(|s| s["receiver"]["bits_per_second"].as_f64())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if rates.len() != flows as usize {
+                    run.errors.push(format!(
+                        "{flows} bulk flows: iperf3 reported {} streams",
+                        rates.len()
+                    ));
+                }
+                let index = jain(&rates);
+                if flows == 2 {
+                    run.fairness2 = index;
+                } else {
+                    run.fairness8 = index;
+                }
+                run.flows_bps.push(rates);
+            }
+            Err(e) => run.errors.push(format!("{flows} bulk flows: {e:#}")),
+        }
+    }
     run
 }
 
@@ -614,6 +678,7 @@ fn iperf(
     pods: &Pods,
     seconds: u32,
     server_output: bool,
+    parallel: u32,
 ) -> Result<serde_json::Value> {
     let ip = pods.server_ip.to_string();
     let port = IPERF_PORT.to_string();
@@ -635,6 +700,9 @@ fn iperf(
                 .args(["-t", &seconds.to_string()]);
             if server_output {
                 cmd.arg("--get-server-output");
+            }
+            if parallel > 1 {
+                cmd.args(["-P", &parallel.to_string()]);
             }
             let out = run_recorded(td, &mut cmd, Duration::from_secs(u64::from(seconds) + 30))?;
             let json: serde_json::Value = serde_json::from_str(&out)
@@ -747,6 +815,11 @@ fn describe_run(r: &Run) -> String {
             opt(r.load_received_bps.map(|b| b / 1e6), 1)
         );
     }
+    s += &format!(
+        "  Jain 2 flows {} 8 flows {}",
+        opt(r.fairness2, 3),
+        opt(r.fairness8, 3)
+    );
     for e in &r.errors {
         s += &format!("\n      FAILED {e}");
     }
@@ -783,6 +856,8 @@ fn report(
             runs.iter()
                 .filter_map(|r| r.latency_under_load.as_ref().map(|l| ms(l.p99_ns))),
         ),
+        fairness2: median(runs.iter().filter_map(|r| r.fairness2)),
+        fairness8: median(runs.iter().filter_map(|r| r.fairness8)),
     };
     for s in setups {
         if let Some(e) = &s.error {
@@ -849,6 +924,17 @@ fn report(
                 .zip(r.p99_ms)
                 .map(|(h, r)| h <= r * TARGET_P99_OF_REFERENCE),
         });
+        targets.push(Target {
+            goal: format!("{mbit} Mbit/s: Jain's fairness index of 2 / 8 bulk flows (reported)"),
+            measured: Some(format!(
+                "{} / {} (reference {} / {})",
+                opt3(h.fairness2),
+                opt3(h.fairness8),
+                opt3(r.fairness2),
+                opt3(r.fairness8)
+            )),
+            pass: None,
+        });
         rate_reports.push(RateReport {
             rate_bps: rate,
             burst_bits: burst(rate),
@@ -878,6 +964,10 @@ fn report(
     }
 }
 
+fn opt3(v: Option<f64>) -> String {
+    v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.3}"))
+}
+
 fn pct_text(v: Option<f64>) -> String {
     v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.1}%"))
 }
@@ -892,7 +982,7 @@ fn print_table(r: &Report) {
         r.burst_ms, r.runs, r.seconds, r.latency_seconds, r.machine.kernel, r.machine.nproc
     );
     println!(
-        "{:>6} {:<10} {:>9} {:>8} {:>10} {:>8} {:>8} {:>11} {:>11}",
+        "{:>6} {:<10} {:>9} {:>8} {:>10} {:>8} {:>8} {:>11} {:>11} {:>7} {:>7}",
         "Mbit/s",
         "setup",
         "received",
@@ -901,13 +991,15 @@ fn print_table(r: &Report) {
         "% cfg",
         "retrans",
         "p50 ms load",
-        "p99 ms load"
+        "p99 ms load",
+        "Jain 2",
+        "Jain 8"
     );
     for rate in &r.rates {
         for s in &rate.setups {
             let m = &s.median;
             println!(
-                "{:>6} {:<10} {:>9} {:>8} {:>10} {:>8} {:>8} {:>11} {:>11}",
+                "{:>6} {:<10} {:>9} {:>8} {:>10} {:>8} {:>8} {:>11} {:>11} {:>7} {:>7}",
                 rate.rate_bps / 1_000_000,
                 s.name,
                 opt(m.received_mbps, 2),
@@ -917,6 +1009,8 @@ fn print_table(r: &Report) {
                 opt(m.retransmits, 0),
                 opt(m.p50_ms, 2),
                 opt(m.p99_ms, 2),
+                opt(m.fairness2, 3),
+                opt(m.fairness8, 3),
             );
         }
     }

@@ -73,6 +73,14 @@ pub enum Bench {
     Services(services::Options),
 }
 
+impl Bench {
+    /// Whether the bench was given binaries of its own (`--bin-dir`), so that the release
+    /// build can be skipped.
+    pub fn own_binaries(&self) -> bool {
+        matches!(self, Bench::Bandwidth(o) if o.has_bin_dir())
+    }
+}
+
 pub fn run(b: Bench) -> Result<()> {
     match b {
         Bench::Attach(o) => attach::run(&o),
