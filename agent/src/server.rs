@@ -739,8 +739,7 @@ mod tests {
 
     /// A service applied through the API is listed with its ClusterIP from the service
     /// CIDR and its port, counted in the status, and deleted; an invalid file is refused
-    /// naming it. Skipped (saying so) while the control plane's service methods are the
-    /// scaffold's placeholders.
+    /// naming it.
     #[test]
     fn a_service_applied_through_the_api_is_listed_and_deleted() {
         let dir = tempfile::tempdir().unwrap();
@@ -749,13 +748,7 @@ mod tests {
             source: "web.yaml".into(),
             content: "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: 8080}]\n".into(),
         };
-        let applied = match client.apply_services(std::slice::from_ref(&web)) {
-            Err(e) if e.to_string().contains("not implemented yet") => {
-                eprintln!("skipped: the control plane's services are placeholders ({e})");
-                return;
-            }
-            r => r.unwrap(),
-        };
+        let applied = client.apply_services(std::slice::from_ref(&web)).unwrap();
         assert_eq!(applied.applied, ["shop/web"]);
         let list = client.services().unwrap();
         assert_eq!(list.len(), 1, "{list:?}");

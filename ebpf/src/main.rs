@@ -24,10 +24,8 @@ mod debug;
 mod family;
 mod fq;
 mod ipv6;
-mod nodeport;
-// SCAFFOLD: used by the socket and NodePort programs.
-#[allow(dead_code)]
 mod lb;
+mod nodeport;
 mod packet;
 mod pmtu;
 mod policy;

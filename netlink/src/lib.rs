@@ -42,8 +42,8 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
 pub use error::Error;
 use error::RequestError;
-pub use netns::{cookie as netns_cookie, own_cookie as own_netns_cookie};
 pub use htb::{HTB_TOP_MINOR, HtbSpec};
+pub use netns::{cookie as netns_cookie, own_cookie as own_netns_cookie};
 pub use qdisc::{HYPHA_QDISC_MAJOR, Qdisc, TbfSpec};
 pub use tc::{BpfFilter, InstalledBpfFilter, TcHook};
 

@@ -749,46 +749,7 @@ fn the_agent_attaches_the_socket_programs_registers_its_pods_and_leaves_nothing(
     let pod = node.add_pod("socklb");
     let addrs = loopback_backends4(8080);
     let backends = Backends::tcp(&pod.netns, &addrs);
-    {
-        let mut backends4: HashMap<MapData, u32, LbBackend4> =
-            pinned(&node.pin_dir, lb_maps::BACKENDS4);
-        let mut maglev: HashMap<MapData, u32, LbMaglev> = pinned(&node.pin_dir, lb_maps::MAGLEV);
-        let mut services: HashMap<MapData, LbKey4, LbService> =
-            pinned(&node.pin_dir, lb_maps::SERVICES4);
-        for (i, a) in addrs.iter().enumerate() {
-            let SocketAddr::V4(a) = a else { unreachable!() };
-            let backend = LbBackend4 {
-                addr: u32::from_ne_bytes(a.ip().octets()),
-                port: a.port().to_be(),
-                proto: TCP,
-                flags: 0,
-                node_id: 0,
-            };
-            backends4
-                .insert(i as u32 + 900, backend, 0)
-                .expect("backend");
-        }
-        let mut table = LbMaglev {
-            slots: [0; LB_MAGLEV_SIZE],
-        };
-        for (i, slot) in table.slots.iter_mut().enumerate() {
-            *slot = 900 + (i % 3) as u32;
-        }
-        maglev.insert(900, table, 0).expect("maglev");
-        let key = LbKey4 {
-            addr: u32::from_ne_bytes([10, 96, 9, 9]),
-            port: 80u16.to_be(),
-            proto: TCP,
-            scope: LB_SCOPE_INTERNAL,
-        };
-        let svc = LbService {
-            id: 900,
-            count: 3,
-            flags: 0,
-            affinity_timeout_s: 0,
-        };
-        services.insert(key, svc, 0).expect("service");
-    }
+    write_service(&node.pin_dir, &addrs);
     let vip = v4([10, 96, 9, 9], 80);
     let answers = connect_many(&pod.netns, vip, 10);
     assert!(
@@ -809,9 +770,11 @@ fn the_agent_attaches_the_socket_programs_registers_its_pods_and_leaves_nothing(
         "the agent's namespace and the pod's: {with_pod:?}"
     );
     assert!(with_pod.contains(&0));
-    // A restarted agent swaps its programs into the same links.
+    // A restarted agent swaps its programs into the same links. It also removes what no
+    // service of its own holds from the maps, so the test writes its service again.
     node.kill_agent();
     node.start_agent();
+    write_service(&node.pin_dir, &addrs);
     let again: Vec<u32> = pins.iter().map(|p| pinned_link_prog(p)).collect();
     let attached = attached_to_root();
     for id in &again {
@@ -847,4 +810,45 @@ fn the_agent_attaches_the_socket_programs_registers_its_pods_and_leaves_nothing(
             "program {id} left attached to {CGROUP}"
         );
     }
+}
+
+/// Writes a TCP service 10.96.9.9:80 of the backends `addrs` straight into the agent's
+/// pinned maps (ids 900 and up, which the agent's own services do not reach here).
+fn write_service(pin_dir: &std::path::Path, addrs: &[SocketAddr]) {
+    let mut backends4: HashMap<MapData, u32, LbBackend4> = pinned(pin_dir, lb_maps::BACKENDS4);
+    let mut maglev: HashMap<MapData, u32, LbMaglev> = pinned(pin_dir, lb_maps::MAGLEV);
+    let mut services: HashMap<MapData, LbKey4, LbService> = pinned(pin_dir, lb_maps::SERVICES4);
+    for (i, a) in addrs.iter().enumerate() {
+        let SocketAddr::V4(a) = a else { unreachable!() };
+        let backend = LbBackend4 {
+            addr: u32::from_ne_bytes(a.ip().octets()),
+            port: a.port().to_be(),
+            proto: TCP,
+            flags: 0,
+            node_id: 0,
+        };
+        backends4
+            .insert(i as u32 + 900, backend, 0)
+            .expect("backend");
+    }
+    let mut table = LbMaglev {
+        slots: [0; LB_MAGLEV_SIZE],
+    };
+    for (i, slot) in table.slots.iter_mut().enumerate() {
+        *slot = 900 + (i % 3) as u32;
+    }
+    maglev.insert(900, table, 0).expect("maglev");
+    let key = LbKey4 {
+        addr: u32::from_ne_bytes([10, 96, 9, 9]),
+        port: 80u16.to_be(),
+        proto: TCP,
+        scope: LB_SCOPE_INTERNAL,
+    };
+    let svc = LbService {
+        id: 900,
+        count: 3,
+        flags: 0,
+        affinity_timeout_s: 0,
+    };
+    services.insert(key, svc, 0).expect("service");
 }

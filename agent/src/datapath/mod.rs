@@ -172,8 +172,8 @@ pub trait Datapath: Send + Sync {
     /// Services, socket side: attaches the socket programs (`hypha_common::lb::programs`)
     /// to the cgroup v2 hierarchy mounted at `cgroup` (pinned links, replaced in place on
     /// restart) and registers this agent's own network namespace in `hypha_lb_netns`;
-    /// pods' namespaces are registered by `attach`/`adopt` and removed by `detach`.
-    /// SCAFFOLD: the socket-LB work implements it for the eBPF datapath.
+    /// pods' namespaces are registered by `attach`/`adopt` and removed by `detach`. The
+    /// default (fakes) does nothing.
     fn set_socket_lb(&self, cgroup: &std::path::Path) -> Result<(), Self::Error> {
         let _ = cgroup;
         Ok(())
