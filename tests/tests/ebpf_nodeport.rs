@@ -390,7 +390,7 @@ impl Node {
             .collect()
     }
 
-    fn from_netdev(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+    fn run_from_netdev(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         let run = self.dp.run(FROM_NETDEV, frame, self.ext);
         (run.verdict, run.frame)
     }
@@ -426,7 +426,7 @@ fn a_local_backend_gets_the_flow_with_the_client_address_and_both_nat_entries() 
     let mut node = Node::new();
     node.frontend4(TCP, 1, 0, BACKEND_B);
     let frame = from_client4(TCP, CLIENT_PORT);
-    let (verdict, out) = node.from_netdev(&frame);
+    let (verdict, out) = node.run_from_netdev(&frame);
     assert_eq!(
         verdict, TC_ACT_OK,
         "on to the host stack, which routes to B"
@@ -469,7 +469,7 @@ fn udp_to_a_udp_node_port_is_translated_too() {
     hypha_tests::require_root!();
     let mut node = Node::new();
     node.frontend4(UDP, 1, 0, BACKEND_B);
-    let (verdict, out) = node.from_netdev(&from_client4(UDP, CLIENT_PORT));
+    let (verdict, out) = node.run_from_netdev(&from_client4(UDP, CLIENT_PORT));
     assert_eq!(verdict, TC_ACT_OK);
     let expected = eth(
         EXT_MAC,
@@ -486,10 +486,10 @@ fn a_flow_keeps_its_backend_when_the_maglev_table_changes() {
     let mut node = Node::new();
     node.frontend4(TCP, 1, 0, BACKEND_B);
     let first = from_client4(TCP, CLIENT_PORT);
-    assert_eq!(node.from_netdev(&first).0, TC_ACT_OK);
+    assert_eq!(node.run_from_netdev(&first).0, TC_ACT_OK);
     // The frontend now sends every new flow to B:8081.
     node.maglev(SVC4, BACKEND_B2);
-    let (verdict, out) = node.from_netdev(&first);
+    let (verdict, out) = node.run_from_netdev(&first);
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(
         out,
@@ -501,7 +501,7 @@ fn a_flow_keeps_its_backend_when_the_maglev_table_changes() {
         ),
         "the established flow stays on B:8080"
     );
-    let (_, out) = node.from_netdev(&from_client4(TCP, CLIENT_PORT + 1));
+    let (_, out) = node.run_from_netdev(&from_client4(TCP, CLIENT_PORT + 1));
     assert_eq!(
         out,
         eth(
@@ -524,7 +524,7 @@ fn the_reply_of_a_local_backend_is_translated_back_in_from_pod_and_sent_out() {
     let mut node = Node::new();
     node.frontend4(TCP, 1, 0, BACKEND_B);
     assert_eq!(
-        node.from_netdev(&from_client4(TCP, CLIENT_PORT)).0,
+        node.run_from_netdev(&from_client4(TCP, CLIENT_PORT)).0,
         TC_ACT_OK
     );
     let reply = eth(
@@ -577,7 +577,7 @@ fn a_remote_backend_is_snated_to_the_gateway_and_sent_into_the_tunnel() {
     node.frontend4(TCP, 1, 0, BACKEND_R);
 
     let frame = from_client4(TCP, CLIENT_PORT);
-    let (verdict, out) = node.from_netdev(&frame);
+    let (verdict, out) = node.run_from_netdev(&frame);
     assert_eq!(verdict, TC_ACT_REDIRECT, "into the tunnel");
     let port = u16::from_be_bytes([out[ETH_HLEN + 20], out[ETH_HLEN + 21]]);
     assert!(port >= NAT_PORT_FIRST, "SNAT port {port}");
@@ -608,13 +608,13 @@ fn a_remote_backend_is_snated_to_the_gateway_and_sent_into_the_tunnel() {
         ]
     );
     // The second packet of the flow takes the same port.
-    let (_, again) = node.from_netdev(&frame);
+    let (_, again) = node.run_from_netdev(&frame);
     assert_eq!(again, out);
 
     // Another client on the same port gets a port of its own.
     let mut other = ip4(TCP, [192, 168, 50, 10], CLIENT_PORT, NODE4, NODE_PORT);
     other = eth(EXT_MAC, CLIENT_MAC, ETH_P_IP, &other);
-    let (_, out2) = node.from_netdev(&other);
+    let (_, out2) = node.run_from_netdev(&other);
     let port2 = u16::from_be_bytes([out2[ETH_HLEN + 20], out2[ETH_HLEN + 21]]);
     assert!(
         port2 >= NAT_PORT_FIRST && port2 != port,
@@ -630,7 +630,7 @@ fn over_native_routing_a_remote_backend_is_routed_to_and_its_reply_translated_ba
     run("ip route add 10.244.1.0/24 via 192.168.50.2 dev hy-ext");
     node.frontend4(TCP, 1, 0, BACKEND_R);
 
-    let (verdict, out) = node.from_netdev(&from_client4(TCP, CLIENT_PORT));
+    let (verdict, out) = node.run_from_netdev(&from_client4(TCP, CLIENT_PORT));
     assert_eq!(
         verdict, TC_ACT_REDIRECT,
         "out of the route to node 2's pods"
@@ -654,7 +654,7 @@ fn over_native_routing_a_remote_backend_is_routed_to_and_its_reply_translated_ba
         ETH_P_IP,
         &ip4(TCP, R4, TARGET_PORT, GATEWAY4, port),
     );
-    let (verdict, out) = node.from_netdev(&reply);
+    let (verdict, out) = node.run_from_netdev(&reply);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(
         out,
@@ -670,7 +670,7 @@ fn external_traffic_policy_local_never_snats() {
     // Even a backend not flagged local (the agent gives `Local` frontends none) keeps
     // the client's address.
     node.frontend4(TCP, 1, LB_F_LOCAL, BACKEND_R);
-    let (verdict, out) = node.from_netdev(&from_client4(TCP, CLIENT_PORT));
+    let (verdict, out) = node.run_from_netdev(&from_client4(TCP, CLIENT_PORT));
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(
         out,
@@ -682,7 +682,7 @@ fn external_traffic_policy_local_never_snats() {
         )
     );
     node.frontend4(TCP, 1, LB_F_LOCAL, BACKEND_B);
-    let (_, out) = node.from_netdev(&from_client4(TCP, CLIENT_PORT + 1));
+    let (_, out) = node.run_from_netdev(&from_client4(TCP, CLIENT_PORT + 1));
     assert_eq!(
         out,
         eth(
@@ -715,13 +715,13 @@ fn a_frontend_without_backends_answers_port_unreachable_and_counts_the_drop() {
     let mut node = Node::new();
     node.frontend4(TCP, 0, 0, BACKEND_B);
     let frame = from_client4(TCP, CLIENT_PORT);
-    let (verdict, out) = node.from_netdev(&frame);
+    let (verdict, out) = node.run_from_netdev(&frame);
     assert_eq!(verdict, TC_ACT_REDIRECT, "answered at once");
     assert_port_unreachable4(&out, &frame);
 
     node.frontend4(UDP, 0, 0, BACKEND_B);
     let udp = from_client4(UDP, CLIENT_PORT);
-    let (verdict, out) = node.from_netdev(&udp);
+    let (verdict, out) = node.run_from_netdev(&udp);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_port_unreachable4(&out, &udp);
 
@@ -794,7 +794,7 @@ fn traffic_to_no_frontend_passes_untouched() {
         eth(EXT_MAC, CLIENT_MAC, 0x0806, &[0; 28]),
         from_client6(TCP, CLIENT_PORT),
     ] {
-        let (verdict, out) = node.from_netdev(&frame);
+        let (verdict, out) = node.run_from_netdev(&frame);
         assert_eq!((verdict, &out), (TC_ACT_OK, &frame));
     }
     assert!(node.nat4().is_empty() && node.nat6().is_empty());
@@ -808,7 +808,7 @@ fn ipv6_a_local_backend_gets_the_flow_and_its_reply_is_translated_back() {
     hypha_tests::require_root!();
     let mut node = Node::new();
     node.frontend6(TCP, 1, BACKEND_B6);
-    let (verdict, out) = node.from_netdev(&from_client6(TCP, CLIENT_PORT));
+    let (verdict, out) = node.run_from_netdev(&from_client6(TCP, CLIENT_PORT));
     assert_eq!(verdict, TC_ACT_OK);
     assert_eq!(
         out,
@@ -864,7 +864,7 @@ fn ipv6_a_frontend_without_backends_answers_port_unreachable() {
     let mut node = Node::new();
     node.frontend6(UDP, 0, BACKEND_B6);
     let frame = from_client6(UDP, CLIENT_PORT);
-    let (verdict, out) = node.from_netdev(&frame);
+    let (verdict, out) = node.run_from_netdev(&frame);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!((&out[0..6], &out[6..12]), (&CLIENT_MAC[..], &EXT_MAC[..]));
     let ip = &out[ETH_HLEN..];
@@ -898,7 +898,7 @@ fn ipv6_a_remote_backend_is_refused_for_want_of_an_snat_address() {
         0,
     );
     node.frontend6(TCP, 1, 20);
-    let (verdict, out) = node.from_netdev(&from_client6(TCP, CLIENT_PORT));
+    let (verdict, out) = node.run_from_netdev(&from_client6(TCP, CLIENT_PORT));
     assert_eq!(verdict, TC_ACT_REDIRECT, "answered, never left to time out");
     assert_eq!(out[ETH_HLEN + 40], 1, "destination unreachable");
     assert!(node.nat6().is_empty());
