@@ -32,7 +32,7 @@
 //!
 //! - an `htb` root qdisc (`4859:`), whose top class `4859:1` carries the limit (rate and
 //!   ceil, with the bucket sized below);
-//! - [`fq::LEAVES`] leaf classes under it, each with a `bfifo` of the queue a single
+//! - `--fq-queues` ([`fq::DEFAULT_QUEUES`] by default) leaf classes under it, each with a `bfifo` of the queue a single
 //!   `tbf` had, a guaranteed rate of `R / LEAVES` and the limit as its ceil;
 //! - `hypha_flow_class` (`ebpf/src/fq.rs`), a `cls_bpf` classifier in classic mode on the
 //!   root, hashing each flow's 5-tuple to a leaf (fragments by addresses, non-IP to leaf
@@ -261,17 +261,19 @@ impl Limit {
     }
 
     /// The per-flow `htb` enforcing this limit on an interface of MTU `mtu`: the top
-    /// class at the rate with the bucket of [`Limit::tbf`], and [`fq::LEAVES`] leaves each
-    /// with the queue [`Limit::tbf`] would have had (see the module's documentation).
-    pub fn htb(&self, mtu: u32) -> HtbSpec {
+    /// class at the rate with the bucket of [`Limit::tbf`], and `queues` leaves (the
+    /// classifier's count, at least one) each with the queue [`Limit::tbf`] would have had
+    /// (see the module's documentation).
+    pub fn htb(&self, mtu: u32, queues: u16) -> HtbSpec {
         let tbf = self.tbf(mtu);
         let frame = mtu.max(68) + ETH_HLEN;
+        let queues = queues.clamp(1, fq::MAX_QUEUES);
         HtbSpec {
             rate_bytes_per_sec: tbf.rate_bytes_per_sec,
             burst_bytes: tbf.burst_bytes,
-            leaves: fq::LEAVES,
+            leaves: queues,
             leaf_minor_base: fq::LEAF_MINOR_BASE,
-            leaf_rate_bytes_per_sec: (tbf.rate_bytes_per_sec / u64::from(fq::LEAVES)).max(1),
+            leaf_rate_bytes_per_sec: (tbf.rate_bytes_per_sec / u64::from(queues)).max(1),
             leaf_burst_bytes: LEAF_BURST_FRAMES * frame,
             quantum: frame,
             leaf_limit_bytes: tbf.limit_bytes,
@@ -531,7 +533,7 @@ mod tests {
             rate_bits: 10_000_000,
             burst_bits: None,
         };
-        let (h, t) = (l.htb(1500), l.tbf(1500));
+        let (h, t) = (l.htb(1500, fq::DEFAULT_QUEUES), l.tbf(1500));
         assert_eq!(h.rate_bytes_per_sec, 1_250_000);
         assert_eq!(h.burst_bytes, t.burst_bytes);
         assert_eq!(h.leaves, 64);
@@ -549,7 +551,12 @@ mod tests {
             rate_bits: 8,
             burst_bits: None,
         };
-        assert_eq!(tiny.htb(1500).leaf_rate_bytes_per_sec, 1);
+        assert_eq!(tiny.htb(1500, 64).leaf_rate_bytes_per_sec, 1);
+        // The leaf count is the classifier's, within 1..=MAX_QUEUES.
+        assert_eq!(l.htb(1500, 16).leaves, 16);
+        assert_eq!(l.htb(1500, 16).leaf_rate_bytes_per_sec, 1_250_000 / 16);
+        assert_eq!(l.htb(1500, 0).leaves, 1);
+        assert_eq!(l.htb(1500, u16::MAX).leaves, fq::MAX_QUEUES);
     }
 
     #[test]

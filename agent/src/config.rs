@@ -76,6 +76,9 @@ pub struct AgentConfig {
     /// are then reached from the node's own pods and host only).
     #[serde(skip)]
     pub nodeport_devices: Vec<String>,
+    /// Leaf classes (per-flow queues) of each bandwidth limiter (`--fq-queues`, file key
+    /// `fq-queues`; 1 to [`hypha_common::fq::MAX_QUEUES`]).
+    pub fq_queues: u16,
 }
 
 /// Cluster mode's settings: the store, who this node is, and the cluster CIDRs its pod
@@ -169,6 +172,7 @@ impl Default for AgentConfig {
                 v6: Some("fd00:10:96::/112".parse().expect("valid default")),
             },
             nodeport_devices: Vec::new(),
+            fq_queues: hypha_common::fq::DEFAULT_QUEUES,
         }
     }
 }
@@ -214,6 +218,8 @@ pub struct ConfigFile {
     pub service_cidrs: Option<Vec<IpNet>>,
     /// NodePort devices (`nodeport-devices: [eth0]`; `--nodeport-device`, repeatable).
     pub nodeport_devices: Option<Vec<String>>,
+    /// Leaf classes of each bandwidth limiter (`fq-queues: 64`).
+    pub fq_queues: Option<u16>,
 }
 
 impl ConfigFile {
@@ -278,6 +284,7 @@ impl ConfigFile {
             tunnel_mtu: over.tunnel_mtu.or(self.tunnel_mtu),
             service_cidrs: over.service_cidrs.or(self.service_cidrs),
             nodeport_devices: over.nodeport_devices.or(self.nodeport_devices),
+            fq_queues: over.fq_queues.or(self.fq_queues),
         }
     }
 
@@ -318,6 +325,7 @@ impl ConfigFile {
                 None => d.service_cidrs,
             },
             nodeport_devices: self.nodeport_devices.unwrap_or(d.nodeport_devices),
+            fq_queues: self.fq_queues.unwrap_or(d.fq_queues),
         };
         config.validate()?;
         Ok(config)
@@ -505,6 +513,13 @@ impl AgentConfig {
             }
         }
         self.check_service_cidrs()?;
+        let max = hypha_common::fq::MAX_QUEUES;
+        if !(1..=max).contains(&self.fq_queues) {
+            return Err(ConfigError::Invalid(format!(
+                "fq-queues {} is out of range: a bandwidth limiter has 1 to {max} per-flow queues",
+                self.fq_queues
+            )));
+        }
         for (name, path) in [
             ("socket", &self.socket),
             ("state-dir", &self.state_dir),
@@ -842,6 +857,21 @@ mod tests {
             ..Default::default()
         });
         assert!(msg.contains("state-dir relative/dir"), "{msg}");
+        for queues in [0, hypha_common::fq::MAX_QUEUES + 1] {
+            let msg = bad(ConfigFile {
+                fq_queues: Some(queues),
+                ..Default::default()
+            });
+            assert!(
+                msg.contains(&format!("fq-queues {queues} is out of range")),
+                "{msg}"
+            );
+        }
+        let ok = ConfigFile::parse("fq-queues: 16\n")
+            .unwrap()
+            .resolve()
+            .unwrap();
+        assert_eq!(ok.fq_queues, 16);
     }
 
     fn cidrs(s: &str) -> Result<PodCidrs, String> {

@@ -45,6 +45,7 @@ pub async fn run(mut config: AgentConfig) -> anyhow::Result<()> {
         &config.pin_dir,
         config.gateway().unwrap_or(std::net::Ipv4Addr::UNSPECIFIED),
         config.attach,
+        config.fq_queues,
     )
     .context("loading the eBPF datapath")?;
     crate::host::cgroup::root()

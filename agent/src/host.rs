@@ -3,7 +3,7 @@
 //! root; the Linux implementation uses the project's netlink layer (`hypha-netlink`).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd as _, BorrowedFd};
+use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -14,6 +14,7 @@ use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::bandwidth::Limit;
 use crate::config::PodCidrs;
+use crate::datapath::FlowClassifier;
 
 pub mod cgroup;
 mod tunnel;
@@ -80,14 +81,14 @@ pub trait HostNetwork: Send + Sync {
     /// them is the node's own, as from the IPv4 gateway.
     fn addresses(&self) -> Result<Vec<IpAddr>, HostError>;
     /// Installs or changes (`Some`) or removes (`None`) the rate limiter on `side`: Hypha's
-    /// per-flow `htb` (see [`crate::bandwidth`]), classified by the program `classifier`
-    /// (`hypha_flow_class`; without one, every packet queues in the default leaf).
+    /// per-flow `htb` (see [`crate::bandwidth`]), with the classifier's leaf count,
+    /// classified by `classifier` (`hypha_flow_class`; without one, one leaf).
     /// Removal of a limiter that is not there, or on an interface that is gone, succeeds.
     fn set_rate_limit(
         &self,
         side: LimitSide<'_>,
         limit: Option<Limit>,
-        classifier: Option<BorrowedFd<'_>>,
+        classifier: Option<FlowClassifier<'_>>,
     ) -> Result<(), HostError>;
     /// Packets the rate limiter on `side` dropped since it was installed (`None` when
     /// there is none).
@@ -316,7 +317,7 @@ impl HostNetwork for LinuxHost {
         &self,
         side: LimitSide<'_>,
         limit: Option<Limit>,
-        classifier: Option<BorrowedFd<'_>>,
+        classifier: Option<FlowClassifier<'_>>,
     ) -> Result<(), HostError> {
         let (pod_nl, index) = Self::limiter_socket(side)?;
         let mut nl = match pod_nl {
@@ -339,11 +340,12 @@ impl HostNetwork for LinuxHost {
                 let tbf = l.tbf(mtu);
                 // The classifier after the classes it names, and before the GSO size: until
                 // it is there, everything queues in the default leaf, still shaped.
-                nl.replace_htb(index, &l.htb(mtu))?;
+                let queues = classifier.map_or(1, |c| c.queues);
+                nl.replace_htb(index, &l.htb(mtu, queues))?;
                 if let Some(prog) = classifier {
                     nl.replace_htb_classifier(
                         index,
-                        prog.as_raw_fd(),
+                        prog.fd.as_raw_fd(),
                         hypha_common::programs::FLOW_CLASS,
                     )?;
                 }
@@ -651,7 +653,7 @@ pub mod fake {
             &self,
             side: LimitSide<'_>,
             limit: Option<Limit>,
-            _classifier: Option<BorrowedFd<'_>>,
+            _classifier: Option<FlowClassifier<'_>>,
         ) -> Result<(), HostError> {
             let mut st = self.state();
             if st.fail_limits {

@@ -351,6 +351,9 @@ struct AgentArgs {
     /// [default: in cluster mode the interface holding --node-ip, else none]
     #[arg(long, value_name = "NAME")]
     nodeport_device: Vec<String>,
+    /// Per-flow queues (leaf classes) of each bandwidth limiter, 1 to 256 [default: 64]
+    #[arg(long, value_name = "N")]
+    fq_queues: Option<u16>,
 }
 
 impl AgentArgs {
@@ -388,6 +391,7 @@ impl AgentArgs {
             tunnel_mtu: self.tunnel_mtu,
             service_cidrs: (!self.service_cidr.is_empty()).then_some(self.service_cidr),
             nodeport_devices: (!self.nodeport_device.is_empty()).then_some(self.nodeport_device),
+            fq_queues: self.fq_queues,
         };
         file.merge(flags).resolve()
     }

@@ -121,15 +121,21 @@ pub mod programs {
 }
 
 /// The per-flow queues under a bandwidth limit: an `htb` root qdisc with Hypha's handle,
-/// [`fq::LEAVES`] leaf classes sharing the limit. Readers: `ebpf/src/fq.rs` (returns a
-/// leaf's class id), `agent/src/bandwidth.rs` (builds the classes with these ids).
+/// leaf classes sharing the limit (the agent's `--fq-queues`, [`fq::DEFAULT_QUEUES`] by
+/// default). Readers: `ebpf/src/fq.rs` (returns a leaf's class id), `agent/src/bandwidth.rs`
+/// (builds the classes with these ids), `agent/src/datapath/ebpf.rs` (sets the count).
 pub mod fq {
     /// The major number of Hypha's root qdiscs (`4859:`, "HY"); the netlink crate's
     /// `HYPHA_QDISC_MAJOR` (the agent's tests check they agree).
     pub const QDISC_MAJOR: u16 = 0x4859;
-    /// How many leaf classes flows are hashed into (see `agent/src/bandwidth.rs` for the
-    /// choice).
-    pub const LEAVES: u16 = 64;
+    /// How many leaf classes flows are hashed into unless the agent is told otherwise
+    /// (see `agent/src/bandwidth.rs` for the measurements behind the choice).
+    pub const DEFAULT_QUEUES: u16 = 64;
+    /// The most leaf classes a limiter may have: installing one costs two netlink
+    /// requests per leaf.
+    pub const MAX_QUEUES: u16 = 256;
+    /// The classifier's global holding the leaf count, which the agent sets at load.
+    pub const QUEUES_GLOBAL: &str = "HYPHA_FQ_QUEUES";
     /// The minor of leaf 0; leaf `i` is `4859:(LEAF_MINOR_BASE + i)`. Non-IP packets go
     /// to leaf 0, which is also the `htb`'s default class.
     pub const LEAF_MINOR_BASE: u16 = 0x100;

@@ -22,7 +22,7 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use hypha_common::{
-    fq::{LEAVES, leaf_classid},
+    fq::{DEFAULT_QUEUES, QUEUES_GLOBAL, leaf_classid},
     programs,
 };
 
@@ -37,6 +37,14 @@ const IPPROTO_SCTP: u8 = 132;
 const IP_MF_OFFSET: u16 = 0x3fff;
 const SEED: u32 = 0x4859_7170;
 
+/// How many leaf classes the agent's `htb` trees have (`--fq-queues`): set by the agent
+/// when it loads the object (aya's `override_global`, symbol [`QUEUES_GLOBAL`]); the default
+/// is what the tests' loads see.
+#[unsafe(no_mangle)]
+static HYPHA_FQ_QUEUES: u32 = DEFAULT_QUEUES as u32;
+
+const _: () = assert!(crate::str_eq(QUEUES_GLOBAL, "HYPHA_FQ_QUEUES"));
+
 /// Classifier of Hypha's `htb` root qdisc: returns the leaf class of the packet's flow.
 #[classifier]
 pub fn hypha_flow_class(ctx: TcContext) -> i32 {
@@ -44,7 +52,7 @@ pub fn hypha_flow_class(ctx: TcContext) -> i32 {
     leaf_classid(leaf) as i32
 }
 
-/// The packet's leaf (`0..LEAVES`); `Err` when a header is cut short.
+/// The packet's leaf (`0..HYPHA_FQ_QUEUES`); `Err` when a header is cut short.
 fn try_flow_class(ctx: &TcContext) -> Result<u16, i64> {
     let ether_type = u16::from_be(ctx.load::<u16>(12)?);
     let hash = match ether_type {
@@ -52,7 +60,9 @@ fn try_flow_class(ctx: &TcContext) -> Result<u16, i64> {
         ETH_P_IPV6 => hash6(ctx)?,
         _ => return Ok(0),
     };
-    Ok((fmix(hash) % u32::from(LEAVES)) as u16)
+    // Read at run time: a plain read would be folded into the default at compile time.
+    let queues = unsafe { core::ptr::read_volatile(&HYPHA_FQ_QUEUES) }.max(1);
+    Ok((fmix(hash) % queues) as u16)
 }
 
 fn hash4(ctx: &TcContext) -> Result<u32, i64> {

@@ -95,6 +95,12 @@ impl Datapath {
     /// programs than the pod's two (verifying those takes seconds), which load their own
     /// through [`Datapath::ebpf_mut`].
     pub fn open() -> Self {
+        Self::open_with_globals(&[])
+    }
+
+    /// [`Datapath::open`] with the object's globals `globals` (name, value) set, as the
+    /// agent sets them at load (the flow classifier's leaf count).
+    pub fn open_with_globals(globals: &[(&str, u32)]) -> Self {
         let path = object_path();
         let bytes = std::fs::read(&path).unwrap_or_else(|e| {
             panic!(
@@ -104,8 +110,12 @@ impl Datapath {
             )
         });
         let bpffs = PrivateBpffs::mount();
-        let ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&bpffs.path)
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&bpffs.path);
+        for (name, value) in globals {
+            loader.override_global(*name, value, true);
+        }
+        let ebpf = loader
             .load(&bytes)
             .unwrap_or_else(|e| panic!("load {}: {}", path.display(), chain(&e)));
         Self {

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use hypha_common::fq::{LEAVES, leaf_classid};
+use hypha_common::fq::{DEFAULT_QUEUES, QUEUES_GLOBAL, leaf_classid};
 use hypha_common::programs::FLOW_CLASS;
 use hypha_tests::ebpf::{Datapath, TestNetns, eth, ipv4_checksum};
 
@@ -32,19 +32,27 @@ const B6: [u8; 16] = [0xfd, 0, 0x02, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9];
 struct Classifier {
     dp: Datapath,
     ifindex: u32,
+    /// Leaf classes it was loaded with.
+    queues: u16,
     // Last: the namespace, and its devices, go after everything else.
     _netns: TestNetns,
 }
 
 impl Classifier {
     fn new() -> Self {
+        Self::with_queues(DEFAULT_QUEUES)
+    }
+
+    /// The classifier loaded as the agent loads it with `--fq-queues queues`.
+    fn with_queues(queues: u16) -> Self {
         let netns = TestNetns::enter();
         let ifindex = netns.add_veth("hy-fq-a", "hy-fq-b");
-        let mut dp = Datapath::load();
+        let mut dp = Datapath::open_with_globals(&[(QUEUES_GLOBAL, u32::from(queues))]);
         dp.load_program(FLOW_CLASS);
         Self {
             dp,
             ifindex,
+            queues,
             _netns: netns,
         }
     }
@@ -53,8 +61,9 @@ impl Classifier {
     fn class(&self, frame: &[u8]) -> u32 {
         let class = self.dp.run(FLOW_CLASS, frame, self.ifindex).verdict;
         assert!(
-            (0..LEAVES).any(|i| leaf_classid(i) == class),
-            "{class:#x} is no leaf's class id"
+            (0..self.queues).any(|i| leaf_classid(i) == class),
+            "{class:#x} is none of the {} leaves' class ids",
+            self.queues
         );
         class
     }
@@ -123,7 +132,7 @@ fn spread(c: &Classifier, n: u16, frame: impl Fn(u16) -> Vec<u8>) -> (usize, usi
 fn assert_spread((used, most): (usize, usize), what: &str) {
     assert!(
         used >= 56 && most <= 12,
-        "{what}: 256 flows used {used} of {LEAVES} classes, up to {most} in one"
+        "{what}: 256 flows used {used} of {DEFAULT_QUEUES} classes, up to {most} in one"
     );
 }
 
@@ -261,4 +270,22 @@ fn non_ip_goes_to_leaf_0_and_other_protocols_by_addresses() {
     // ICMP has no ports: every echo between two hosts is one flow.
     let echo = |id: u8| ipv4(A4, B4, ICMP, 0, &[8, 0, 0, 0, 0, id, 0, 1]);
     assert_eq!(c.class(&echo(1)), c.class(&echo(2)));
+}
+
+#[test]
+fn the_leaf_count_is_the_one_the_agent_loads_it_with() {
+    hypha_tests::require_root!();
+    for queues in [1u16, 4, 16] {
+        let c = Classifier::with_queues(queues);
+        // `class` checks every answer is one of the first `queues` leaves; 128 flows
+        // reach all of them.
+        let (used, _) = spread(&c, 128, |i| {
+            ipv4(A4, B4, TCP, 0x4000, &tcp(40000 + i, 80, 0x10, b"x"))
+        });
+        assert_eq!(
+            used,
+            usize::from(queues),
+            "128 flows over {queues} leaves used {used}"
+        );
+    }
 }

@@ -339,12 +339,20 @@ pub struct EbpfDatapath {
     lb: Result<LbMaps, String>,
     /// The socket programs and the namespaces they translate for (`socklb`).
     socklb: SockLb,
+    /// Leaf classes `hypha_flow_class` hashes into (`--fq-queues`).
+    fq_queues: u16,
 }
 
 impl EbpfDatapath {
     /// Loads the programs, re-using maps already pinned under `pin_dir` (an earlier agent's),
-    /// and writes the node configuration; endpoints are attached in `mode`.
-    pub fn load(pin_dir: &Path, gateway: Ipv4Addr, mode: AttachMode) -> Result<Self, EbpfError> {
+    /// and writes the node configuration; endpoints are attached in `mode`, and the flow
+    /// classifier hashes into `fq_queues` leaf classes.
+    pub fn load(
+        pin_dir: &Path,
+        gateway: Ipv4Addr,
+        mode: AttachMode,
+        fq_queues: u16,
+    ) -> Result<Self, EbpfError> {
         ensure_bpffs(pin_dir)?;
         let links_dir = pin_dir.join("links");
         std::fs::create_dir_all(&links_dir).map_err(|source| EbpfError::Io {
@@ -352,8 +360,10 @@ impl EbpfDatapath {
             path: links_dir.clone(),
             source,
         })?;
+        let queues = u32::from(fq_queues.max(1));
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
+            .override_global(hypha_common::fq::QUEUES_GLOBAL, &queues, true)
             .load(embedded(OBJECT)?)
             .map_err(|source| EbpfError::Load {
                 pin_dir: pin_dir.to_owned(),
@@ -422,6 +432,7 @@ impl EbpfDatapath {
             mode,
             lb,
             socklb,
+            fq_queues: fq_queues.max(1),
         })
     }
 
@@ -984,9 +995,12 @@ impl Datapath for EbpfDatapath {
         self.ebpf.programs().map(|(n, _)| n.to_owned()).collect()
     }
 
-    fn flow_classifier(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+    fn flow_classifier(&self) -> Option<super::FlowClassifier<'_>> {
         let prog = self.ebpf.program(programs::FLOW_CLASS)?;
-        prog.fd().ok().map(|fd| fd.as_fd())
+        prog.fd().ok().map(|fd| super::FlowClassifier {
+            fd: fd.as_fd(),
+            queues: self.fq_queues,
+        })
     }
 
     fn set_tunnel(&self, tunnel: Option<&TunnelSetup>) -> Result<(), EbpfError> {

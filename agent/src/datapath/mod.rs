@@ -131,9 +131,9 @@ pub trait Datapath: Send + Sync {
     fn programs(&self) -> Vec<String>;
 
     /// The flow classifier (`hypha_flow_class`) the rate limiters' `htb` qdiscs are given,
-    /// as a program descriptor; `None` where there is no eBPF (the fakes), in which case
-    /// a limited interface queues everything in one class.
-    fn flow_classifier(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+    /// with the number of leaf classes it hashes into; `None` where there is no eBPF (the
+    /// fakes), in which case a limited interface gets one class.
+    fn flow_classifier(&self) -> Option<FlowClassifier<'_>> {
         None
     }
 
@@ -197,4 +197,12 @@ pub struct NodePortDevice {
     pub ifindex: u32,
     /// Its addresses: the NodePort frontends' addresses.
     pub addresses: Vec<std::net::IpAddr>,
+}
+
+/// The loaded `hypha_flow_class` program and the leaf count it was loaded with.
+#[derive(Debug, Clone, Copy)]
+pub struct FlowClassifier<'a> {
+    pub fd: std::os::fd::BorrowedFd<'a>,
+    /// Leaf classes the program hashes flows into (`--fq-queues`).
+    pub queues: u16,
 }

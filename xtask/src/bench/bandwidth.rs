@@ -83,6 +83,14 @@ pub struct Options {
     /// shaping is the kernel's; a debug build only configures it more slowly.
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// The Hypha agent's per-flow queues per limiter (`--fq-queues`; the agent's default
+    /// when unset), to compare counts.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+    fq_queues: Option<u16>,
+    /// An experiment: after each limit change, set the Hypha client pod's `eth0`
+    /// `gso_max_size` to this many bytes instead of the agent's choice.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1514..=65_536))]
+    gso_max_size: Option<u32>,
 }
 
 impl Options {
@@ -192,6 +200,10 @@ struct Report {
     latency_seconds: u32,
     latency_pin: Pin,
     burst_ms: u64,
+    /// The agent's `--fq-queues` (`None`: its default).
+    fq_queues: Option<u16>,
+    /// The experiment's GSO size of the Hypha client pod (`None`: the agent's).
+    gso_max_size: Option<u32>,
     limited: &'static str,
     setups: Vec<SetupReport>,
     rates: Vec<RateReport>,
@@ -257,7 +269,7 @@ pub fn run(o: &Options) -> Result<()> {
         println!("==> setting up {}: {}", shaper.name(), shaper.describe());
         let made = match shaper {
             Shaper::Reference => reference(&plan, &td, &rates_bps, &burst),
-            Shaper::Hypha => hypha(&plan, &td),
+            Shaper::Hypha => hypha(&plan, &td, o.fq_queues),
         };
         let setup = match made {
             Ok(s) => {
@@ -307,6 +319,20 @@ pub fn run(o: &Options) -> Result<()> {
                     && let Err(e) = hypha_limit(&plan.bin, socket, id, rate, burst(rate))
                 {
                     errors.push(format!("setting the limit: {e:#}"));
+                }
+                if let (Some(_), Some(size)) = (&setup.hypha, o.gso_max_size)
+                    && let Err(e) = output(Command::new("ip").args([
+                        "-n",
+                        &pods.client_ns,
+                        "link",
+                        "set",
+                        "dev",
+                        "eth0",
+                        "gso_max_size",
+                        &size.to_string(),
+                    ]))
+                {
+                    errors.push(format!("setting gso_max_size {size}: {e:#}"));
                 }
                 let slot = &mut results[ri][si];
                 if slot.0.is_none() {
@@ -479,8 +505,14 @@ fn reference(
     made
 }
 
-fn hypha(plan: &Plan, td: &Teardown) -> Result<Setup> {
-    let pods = setups::create_hypha(plan, td, &HyphaOptions::default())?;
+fn hypha(plan: &Plan, td: &Teardown, fq_queues: Option<u16>) -> Result<Setup> {
+    let options = HyphaOptions {
+        agent_args: fq_queues
+            .map(|n| vec!["--fq-queues".to_owned(), n.to_string()])
+            .unwrap_or_default(),
+        ..HyphaOptions::default()
+    };
+    let pods = setups::create_hypha(plan, td, &options)?;
     let socket = pods
         .agent_socket
         .clone()
@@ -949,6 +981,8 @@ fn report(
         latency_seconds: o.latency_seconds,
         latency_pin: o.latency_pin,
         burst_ms: o.burst_ms,
+        fq_queues: o.fq_queues,
+        gso_max_size: o.gso_max_size,
         limited: "egress of the client (sending) pod, in both setups",
         setups: setups
             .iter()
@@ -978,8 +1012,17 @@ fn print_table(r: &Report) {
     };
     println!();
     println!(
-        "Bandwidth bench: egress limit on the sending pod, burst {} ms at the rate; median of {} rounds; {} s transfers, {} s of round trips under load; kernel {}, {} CPUs",
-        r.burst_ms, r.runs, r.seconds, r.latency_seconds, r.machine.kernel, r.machine.nproc
+        "Bandwidth bench: egress limit on the sending pod, burst {} ms at the rate; median of {} rounds; {} s transfers, {} s of round trips under load; Hypha's per-flow queues: {}, GSO size: {}; kernel {}, {} CPUs",
+        r.burst_ms,
+        r.runs,
+        r.seconds,
+        r.latency_seconds,
+        r.fq_queues
+            .map_or_else(|| "the agent's default".to_owned(), |n| n.to_string()),
+        r.gso_max_size
+            .map_or_else(|| "the agent's".to_owned(), |n| format!("{n} bytes")),
+        r.machine.kernel,
+        r.machine.nproc
     );
     println!(
         "{:>6} {:<10} {:>9} {:>8} {:>10} {:>8} {:>8} {:>11} {:>11} {:>7} {:>7}",

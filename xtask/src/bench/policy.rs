@@ -322,6 +322,7 @@ pub fn run(o: &Options) -> Result<()> {
                 &HyphaOptions {
                     policy_dir: Some(plan.tmp.join("policies")),
                     app_labels: Some(("client".to_owned(), "server".to_owned())),
+                    ..HyphaOptions::default()
                 },
             )
             .and_then(|p| check_labels(&plan, &p).map(|()| p)),

@@ -965,6 +965,7 @@ fn hypha_setup(plan: &Plan, td: &Teardown) -> Result<Made> {
         &HyphaOptions {
             policy_dir: None,
             app_labels: Some(("client".to_owned(), "iperf".to_owned())),
+            ..HyphaOptions::default()
         },
     )?;
     let mut backends = Vec::new();

@@ -178,6 +178,8 @@ pub struct HyphaOptions {
     /// `app` labels of the client and the server pod, given to hypha-cni as
     /// `args.cni.labels`, with Kubernetes' `CNI_ARGS` (namespace `default`, pod name).
     pub app_labels: Option<(String, String)>,
+    /// More flags for the agent (`--fq-queues 16`, say).
+    pub agent_args: Vec<String>,
 }
 
 /// The Hypha setup with `options`.
@@ -374,6 +376,7 @@ fn hypha(plan: &Plan, td: &Teardown, options: &HyphaOptions, ipv6: bool) -> Resu
             .arg(&pin_dir)
             .args(["--pod-cidr", &pod_cidrs, "--no-masquerade"])
             .args(&policy_dir)
+            .args(&options.agent_args)
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

@@ -126,8 +126,13 @@ impl Fixture {
     }
 
     pub(super) fn load(&self, mode: AttachMode) -> EbpfDatapath {
-        EbpfDatapath::load(&self.pin_dir, Ipv4Addr::new(10, 99, 0, 1), mode)
-            .expect("load the datapath (built with `cargo xtask build`?)")
+        EbpfDatapath::load(
+            &self.pin_dir,
+            Ipv4Addr::new(10, 99, 0, 1),
+            mode,
+            hypha_common::fq::DEFAULT_QUEUES,
+        )
+        .expect("load the datapath (built with `cargo xtask build`?)")
     }
 }
 
