@@ -213,7 +213,7 @@ struct PacketTooBig {
 
 /// The one's complement sum of `bytes` as 16-bit big-endian words, added to `sum`.
 #[inline(always)]
-fn add_words(mut sum: u32, bytes: &[u8]) -> u32 {
+pub fn add_words(mut sum: u32, bytes: &[u8]) -> u32 {
     let mut i = 0;
     while i + 1 < bytes.len() {
         sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
@@ -240,7 +240,7 @@ fn load_quote<const N: usize>(ctx: &TcContext, quote: &mut [u8; N]) -> bool {
 
 /// `sum` folded to 16 bits and complemented: a checksum field, big-endian.
 #[inline(always)]
-fn fold(mut sum: u32) -> [u8; 2] {
+pub fn fold(mut sum: u32) -> [u8; 2] {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     (!(sum as u16)).to_be_bytes()
@@ -248,9 +248,10 @@ fn fold(mut sum: u32) -> [u8; 2] {
 
 /// Sends `frame`, `len` bytes, back where the packet came from in place of it: the
 /// packet cut to that length and overwritten, redirected to the egress of the device it
-/// arrived on (a pod's host veth, or the node's external device for `nodeport`).
+/// arrived on (a pod's host veth, or the node's external device for `nodeport`, whose
+/// TCP resets leave this way too).
 #[inline(always)]
-fn send_back<T>(ctx: &TcContext, frame: &T) -> Result<Outcome, Outcome> {
+pub fn send_back<T>(ctx: &TcContext, frame: &T) -> Result<Outcome, Outcome> {
     // SAFETY: plain helper calls on the context the kernel passed; the frame lives on
     // the caller's stack for the call, with its size.
     unsafe {
