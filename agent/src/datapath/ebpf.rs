@@ -20,7 +20,7 @@
 use std::collections::HashSet;
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -984,7 +984,7 @@ impl Datapath for EbpfDatapath {
         self.ebpf.programs().map(|(n, _)| n.to_owned()).collect()
     }
 
-    fn flow_classifier(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+    fn flow_classifier(&self) -> Option<BorrowedFd<'_>> {
         let prog = self.ebpf.program(programs::FLOW_CLASS)?;
         prog.fd().ok().map(|fd| fd.as_fd())
     }
@@ -1259,6 +1259,36 @@ fn attach_tunnel_program(
     tunnel: &TunnelSetup,
     pin: &Path,
 ) -> Result<(), EbpfError> {
+    attach_pinned(
+        prog.fd.as_fd(),
+        pin,
+        |link| {
+            let info = link_info::info(link)?;
+            Ok(info.ifindex == tunnel.ifindex && info.attach_type == prog.attach_type)
+        },
+        || {
+            link_info::tcx_attach(prog.fd.as_fd(), tunnel.ifindex, prog.attach_type).map_err(
+                |source| EbpfError::Attach {
+                    program: prog.name,
+                    ifname: tunnel.ifname.clone(),
+                    hook: prog.hook,
+                    source,
+                },
+            )
+        },
+    )
+}
+
+/// Puts `prog` on a hook through the link pinned at `pin`: swapped into that link in
+/// place (`BPF_LINK_UPDATE`, the hook never runs without a program) when `on_hook`
+/// says the link is on this hook, otherwise attached anew by `attach` and pinned in
+/// place of the old link (which its pin's removal detaches).
+pub(super) fn attach_pinned(
+    prog: BorrowedFd<'_>,
+    pin: &Path,
+    on_hook: impl FnOnce(BorrowedFd<'_>) -> io::Result<bool>,
+    attach: impl FnOnce() -> Result<OwnedFd, EbpfError>,
+) -> Result<(), EbpfError> {
     let link_err = |op: &'static str| {
         move |source: io::Error| EbpfError::Link {
             op,
@@ -1268,23 +1298,15 @@ fn attach_tunnel_program(
     };
     match link_info::open_pin(pin) {
         Ok(link) => {
-            let info = link_info::info(link.as_fd()).map_err(link_err("read"))?;
-            if info.ifindex == tunnel.ifindex && info.attach_type == prog.attach_type {
-                return link_info::update(link.as_fd(), prog.fd.as_fd())
+            if on_hook(link.as_fd()).map_err(link_err("read"))? {
+                return link_info::update(link.as_fd(), prog)
                     .map_err(link_err("swap the program into"));
             }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(link_err("open")(e)),
     }
-    let link = link_info::tcx_attach(prog.fd.as_fd(), tunnel.ifindex, prog.attach_type).map_err(
-        |source| EbpfError::Attach {
-            program: prog.name,
-            ifname: tunnel.ifname.clone(),
-            hook: prog.hook,
-            source,
-        },
-    )?;
+    let link = attach()?;
     // The old link (if any) goes with its pin once the new one is in.
     remove_pin(pin)?;
     link_info::pin(link.as_fd(), pin).map_err(link_err("pin"))

@@ -17,7 +17,6 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
-use std::io;
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -27,7 +26,7 @@ use aya::maps::{HashMap, MapData};
 use aya::programs::{CgroupSockAddr, ProgramFd};
 use hypha_common::lb::{LbNetns, maps as lb_maps, programs};
 
-use super::ebpf::{EbpfError, is_not_found, lock, map_err};
+use super::ebpf::{EbpfError, attach_pinned, is_not_found, lock, map_err};
 use super::link_info;
 use crate::state::EndpointRecord;
 
@@ -368,48 +367,26 @@ fn attach_program(
     cgroup_id: u64,
     pin: &Path,
 ) -> Result<(), EbpfError> {
-    let link_err = |op: &'static str| {
-        move |source: io::Error| EbpfError::Link {
-            op,
-            path: pin.to_owned(),
-            source: Box::new(source),
-        }
-    };
-    match link_info::open_pin(pin) {
-        Ok(link) => {
-            let info = link_info::cgroup_info(link.as_fd()).map_err(link_err("read"))?;
-            if info.link_type == link_info::BPF_LINK_TYPE_CGROUP
+    attach_pinned(
+        prog.fd.as_fd(),
+        pin,
+        |link| {
+            let info = link_info::cgroup_info(link)?;
+            Ok(info.link_type == link_info::BPF_LINK_TYPE_CGROUP
                 && info.cgroup_id == cgroup_id
-                && info.attach_type == prog.attach_type
-            {
-                return link_info::update(link.as_fd(), prog.fd.as_fd())
-                    .map_err(link_err("swap the program into"));
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(link_err("open")(e)),
-    }
-    let link = link_info::cgroup_attach(prog.fd.as_fd(), dir.as_fd(), prog.attach_type).map_err(
-        |source| EbpfError::Attach {
-            program: prog.name,
-            ifname: format!("cgroup {}", path.display()),
-            hook: "sock_addr hook",
-            source,
+                && info.attach_type == prog.attach_type)
         },
-    )?;
-    // The old link (if any) goes with its pin once the new one is in.
-    match std::fs::remove_file(pin) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(EbpfError::Io {
-                op: "remove",
-                path: pin.to_owned(),
-                source,
-            });
-        }
-    }
-    link_info::pin(link.as_fd(), pin).map_err(link_err("pin"))
+        || {
+            link_info::cgroup_attach(prog.fd.as_fd(), dir.as_fd(), prog.attach_type).map_err(
+                |source| EbpfError::Attach {
+                    program: prog.name,
+                    ifname: format!("cgroup {}", path.display()),
+                    hook: "sock_addr hook",
+                    source,
+                },
+            )
+        },
+    )
 }
 
 #[cfg(test)]
