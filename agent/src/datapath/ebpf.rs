@@ -165,9 +165,6 @@ pub enum EbpfError {
     /// The cluster's nodes claim the same pod CIDR or underlay address.
     #[error("tunnel peers: {problem}")]
     TunnelPeers { problem: String },
-    /// The loaded object lacks the load balancer's maps.
-    #[error("services cannot be programmed: {reason}")]
-    NoServices { reason: String },
     #[error("cannot {op} map {map}: {source}")]
     Map {
         op: &'static str,
@@ -334,9 +331,9 @@ pub struct EbpfDatapath {
     nodeport_program: Program,
     links_dir: PathBuf,
     mode: AttachMode,
-    /// The load balancer's maps, or why the object has none (services are
-    /// then refused with the reason).
-    lb: Result<LbMaps, String>,
+    /// The load balancer's maps. The object is embedded and always has them, so a
+    /// failure to take them is a failed load, as for the other maps.
+    lb: LbMaps,
     /// The socket programs and the namespaces they translate for (`socklb`).
     socklb: SockLb,
 }
@@ -394,10 +391,7 @@ impl EbpfDatapath {
                 source: Box::new(source),
             })?;
         let maps = Maps::take(&mut ebpf)?;
-        let lb = LbMaps::take(&mut ebpf).map_err(|e| e.to_string());
-        if let Err(e) = &lb {
-            tracing::warn!("services are not available: {e}");
-        }
+        let lb = LbMaps::take(&mut ebpf)?;
         let socklb = SockLb::load(&mut ebpf, pin_dir)?;
         // An earlier agent's traced endpoints stay traced until start-up has re-adopted
         // (or swept) them.
@@ -1026,24 +1020,15 @@ impl Datapath for EbpfDatapath {
     }
 
     fn apply_lb(&self, diff: &LbDiff) -> Vec<EbpfError> {
-        match &self.lb {
-            Ok(lb) => lb.apply(diff),
-            Err(e) => vec![EbpfError::NoServices { reason: e.clone() }],
-        }
+        self.lb.apply(diff)
     }
 
     fn installed_lb(&self) -> Result<InstalledLb, EbpfError> {
-        match &self.lb {
-            Ok(lb) => lb.installed(),
-            Err(_) => Ok(InstalledLb::default()),
-        }
+        self.lb.installed()
     }
 
     fn lb_stats(&self) -> Result<Vec<(u32, hypha_common::lb::LbBackendStats)>, EbpfError> {
-        match &self.lb {
-            Ok(lb) => lb.stats(),
-            Err(_) => Ok(Vec::new()),
-        }
+        self.lb.stats()
     }
 
     fn set_socket_lb(&self, cgroup: &Path) -> Result<(), EbpfError> {
