@@ -157,8 +157,6 @@ const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
-/// The TTL / hop limit of a reset.
-const RESET_TTL: u8 = 64;
 /// Source ports tried for a new SNATed flow before it is refused.
 const SNAT_TRIES: u32 = 8;
 
@@ -372,35 +370,15 @@ fn try_reset4(ctx: &TcContext, p: &Packet4) -> Result<Outcome, Outcome> {
     if !reset_tcp(ctx, p.l4, payload, p.sport, p.dport, &mut frame.tcp)? {
         return Ok(Outcome::new(Outcome::PASS, 0));
     }
-    frame.eth = EthHdr {
-        dst: eth.src,
-        src: eth.dst,
-        ether_type: eth.ether_type,
-    };
-    frame.ip = Ipv4Hdr {
-        version_ihl: 0x45,
-        tos: 0,
-        tot_len: ((size_of::<Reset4>() - ETH_HLEN) as u16).to_be_bytes(),
-        id: [0; 2],
-        frag_off: [0; 2],
-        ttl: RESET_TTL,
-        protocol: IPPROTO_TCP,
-        check: [0; 2],
-        saddr: p.daddr.to_ne_bytes(),
-        daddr: p.saddr.to_ne_bytes(),
-    };
-    let ip = &frame.ip;
-    let mut sum = u32::from(u16::from_be_bytes([ip.version_ihl, ip.tos]));
-    sum = pmtu::add_words(sum, &ip.tot_len);
-    sum += u32::from(u16::from_be_bytes([ip.ttl, ip.protocol]));
-    sum = pmtu::add_words(sum, &ip.saddr);
-    sum = pmtu::add_words(sum, &ip.daddr);
-    frame.ip.check = pmtu::fold(sum);
-    // The pseudo-header (addresses, protocol, TCP length), then the header.
-    let mut sum = pmtu::add_words(0, &frame.ip.saddr);
-    sum = pmtu::add_words(sum, &frame.ip.daddr);
-    sum += u32::from(IPPROTO_TCP) + size_of::<TcpHdr>() as u32;
-    frame.tcp.check = pmtu::fold(tcp_sum(sum, &frame.tcp));
+    frame.eth = pmtu::answer_eth(&eth);
+    frame.ip = pmtu::answer_ipv4(
+        0,
+        size_of::<Reset4>() - ETH_HLEN,
+        IPPROTO_TCP,
+        p.daddr.to_ne_bytes(),
+        p.saddr.to_ne_bytes(),
+    );
+    frame.tcp.check = tcp_checksum(&frame.ip.saddr, &frame.ip.daddr, &frame.tcp);
     pmtu::send_back(ctx, frame)
 }
 
@@ -449,9 +427,14 @@ fn reset_tcp(
     Ok(true)
 }
 
-/// `sum` with the 16-bit words of the TCP header `tcp` added.
+/// The checksum of the TCP header `tcp` (its checksum field zero, no data) from
+/// `saddr` to `daddr` (both IPv4 or both IPv6): the pseudo-header's words (addresses,
+/// protocol, TCP length), then the header's.
 #[inline(always)]
-fn tcp_sum(mut sum: u32, tcp: &TcpHdr) -> u32 {
+fn tcp_checksum(saddr: &[u8], daddr: &[u8], tcp: &TcpHdr) -> [u8; 2] {
+    let mut sum = pmtu::add_words(0, saddr);
+    sum = pmtu::add_words(sum, daddr);
+    sum += u32::from(IPPROTO_TCP) + size_of::<TcpHdr>() as u32;
     sum = pmtu::add_words(sum, &tcp.sport);
     sum = pmtu::add_words(sum, &tcp.dport);
     sum = pmtu::add_words(sum, &tcp.seq);
@@ -459,7 +442,7 @@ fn tcp_sum(mut sum: u32, tcp: &TcpHdr) -> u32 {
     sum = pmtu::add_words(sum, &tcp.doff_flags);
     sum = pmtu::add_words(sum, &tcp.window);
     sum = pmtu::add_words(sum, &tcp.check);
-    pmtu::add_words(sum, &tcp.urg_ptr)
+    pmtu::fold(pmtu::add_words(sum, &tcp.urg_ptr))
 }
 
 /// Chooses a backend for a new flow of `p` to `svc`, writes both of its NAT entries and
@@ -898,23 +881,16 @@ fn try_reset6(ctx: &TcContext, p: &Packet6) -> Result<Outcome, Outcome> {
     if !reset_tcp(ctx, L4_6, payload, p.sport, p.dport, &mut frame.tcp)? {
         return Ok(Outcome::new(Outcome::PASS, 0));
     }
-    frame.eth = EthHdr {
-        dst: eth.src,
-        src: eth.dst,
-        ether_type: eth.ether_type,
-    };
+    frame.eth = pmtu::answer_eth(&eth);
     frame.ip = Ipv6Hdr {
         version_tc_flow: [0x60, 0, 0, 0],
         payload_len: (size_of::<TcpHdr>() as u16).to_be_bytes(),
         next_header: IPPROTO_TCP,
-        hop_limit: RESET_TTL,
+        hop_limit: pmtu::ERROR_TTL,
         saddr: p.daddr,
         daddr: p.saddr,
     };
-    let mut sum = pmtu::add_words(0, &frame.ip.saddr);
-    sum = pmtu::add_words(sum, &frame.ip.daddr);
-    sum += u32::from(IPPROTO_TCP) + size_of::<TcpHdr>() as u32;
-    frame.tcp.check = pmtu::fold(tcp_sum(sum, &frame.tcp));
+    frame.tcp.check = tcp_checksum(&frame.ip.saddr, &frame.ip.daddr, &frame.tcp);
     pmtu::send_back(ctx, frame)
 }
 
