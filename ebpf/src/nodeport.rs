@@ -22,8 +22,13 @@
 //!   the backend. Not handed to the host stack: a packet from outside with one of the
 //!   node's own addresses as its source would be dropped there as a martian.
 //! - no backend (`count == 0`): dropped `no-service-backend` (counted on the device)
-//!   and answered with ICMP (ICMPv6) port unreachable from the frontend's address, at
-//!   once.
+//!   and answered at once from the frontend's address: TCP with a reset, UDP with ICMP
+//!   (ICMPv6) port unreachable. Not ICMP for TCP: Linux acts on an ICMP error to a
+//!   connecting socket only when no one holds the socket's lock, and a client on this
+//!   host (a container behind a veth) still holds it while its SYN is sent, in whose
+//!   call the answer arrives; the error is then kept as a soft one and the connection
+//!   refused only by the answer to the SYN's retransmission, a second later. A reset
+//!   is queued to the socket's backlog and refuses it when `connect` lets go.
 //!
 //! Replies are translated back by [`reply4`] / [`reply6`], called where they arrive:
 //! `hypha_from_pod` (a local backend's reply, after its egress policy) and
@@ -46,7 +51,8 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, TC_ACT_OK, TC_ACT_REDIRECT, bpf_fib_lookup,
+        BPF_FIB_LKUP_RET_SUCCESS, BPF_NOEXIST, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT,
+        bpf_fib_lookup,
     },
     helpers::generated::{
         bpf_csum_diff, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh,
@@ -69,7 +75,9 @@ use crate::{
     family::Family,
     ipv6::Outcome,
     lb::{self, Client},
-    packet::{ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_CSUM_OFF, IPV6_HLEN},
+    packet::{
+        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_CSUM_OFF, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, TcpHdr,
+    },
     pmtu, skb_ifindex,
     stats::{count_drop, count_node},
     tunnel,
@@ -98,6 +106,24 @@ struct Scratch {
     reverse_key6: NatKey6,
     nat6: NatValue6,
     reverse6: NatValue6,
+    reset4: Reset4,
+    reset6: Reset6,
+}
+
+/// A TCP reset in its frame, IPv4.
+#[repr(C)]
+struct Reset4 {
+    eth: EthHdr,
+    ip: Ipv4Hdr,
+    tcp: TcpHdr,
+}
+
+/// A TCP reset in its frame, IPv6.
+#[repr(C)]
+struct Reset6 {
+    eth: EthHdr,
+    ip: Ipv6Hdr,
+    tcp: TcpHdr,
 }
 
 /// This CPU's scratch.
@@ -126,6 +152,11 @@ const ICMP_PORT_UNREACH: u8 = 3;
 /// ICMPv6 "destination unreachable", code "port unreachable".
 const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PORT_UNREACH: u8 = 4;
+/// TCP's flags.
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
 /// Source ports tried for a new SNATed flow before it is refused.
 const SNAT_TRIES: u32 = 8;
 
@@ -155,8 +186,10 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, i32> {
             count_node(outcome.value(), bytes, |s| &mut s.tx);
             Ok(TC_ACT_REDIRECT)
         }
-        // The ICMP answer (the drop was counted before), or a reply sent on.
+        // The answer, a reset or ICMP (the drop was counted before), or a reply sent on.
         Outcome::ANSWERED | Outcome::NODEPORT => Ok(TC_ACT_REDIRECT),
+        // Refused without an answer, counted already.
+        Outcome::DENIED => Err(TC_ACT_SHOT),
         _ => {
             let family = if ether_type == ETH_P_IP {
                 Family::Ipv4
@@ -270,7 +303,7 @@ fn try_netdev4(ctx: &TcContext) -> Result<Outcome, Outcome> {
     } else if new_flow4(&p, &svc, &mut nat) {
         lb::count_backend(nat.backend_id, true, ctx.len());
     } else {
-        return Ok(refuse4(ctx, p.daddr));
+        return Ok(refuse4(ctx, &p));
     }
     let rewritten = Outcome(rewrite4(ctx, &p, &nat, false));
     if rewritten.kind() != Outcome::PASS {
@@ -291,10 +324,11 @@ fn try_netdev4(ctx: &TcContext) -> Result<Outcome, Outcome> {
     Ok(Outcome(redirect4(ctx, nat.nat_addr, nat.addr)))
 }
 
-/// Counts the refused packet (`no-service-backend`) and answers it with "port
-/// unreachable" from `daddr` (the frontend's address).
+/// Counts the refused packet `p` (`no-service-backend`) and answers it from its
+/// destination (the frontend's address): a TCP reset, or "port unreachable" for UDP (see
+/// the module for why not ICMP for TCP).
 #[inline(always)]
-fn refuse4(ctx: &TcContext, daddr: u32) -> Outcome {
+fn refuse4(ctx: &TcContext, p: &Packet4) -> Outcome {
     count_drop(
         ctx,
         skb_ifindex(ctx),
@@ -303,13 +337,112 @@ fn refuse4(ctx: &TcContext, daddr: u32) -> Outcome {
         DropReason::NoServiceBackend,
         |s| &mut s.ingress.dropped,
     );
-    let answered = Outcome(pmtu::unreachable4(ctx, ICMP_PORT_UNREACH, 0, daddr));
+    let answered = if p.proto == IPPROTO_TCP {
+        Outcome(reset4(ctx, p))
+    } else {
+        Outcome(pmtu::unreachable4(ctx, ICMP_PORT_UNREACH, 0, p.daddr))
+    };
     if answered.kind() == Outcome::ANSWERED {
         answered
     } else {
-        // Counted already; dropped without an answer (IPv4 options, or a failed helper).
+        // Counted already; dropped without an answer (a reset, IPv4 options for ICMP,
+        // or a failed helper).
         Outcome::new(Outcome::DENIED, 0)
     }
+}
+
+/// Answers the IPv4 TCP segment `p` with a reset from its destination, sent back out
+/// of the device it came in by: `ANSWERED`; `PASS` (no answer) for a reset.
+#[inline(never)]
+fn reset4(ctx: &TcContext, p: &Packet4) -> u64 {
+    match try_reset4(ctx, p) {
+        Ok(o) | Err(o) => o.0,
+    }
+}
+
+#[inline(always)]
+fn try_reset4(ctx: &TcContext, p: &Packet4) -> Result<Outcome, Outcome> {
+    let invalid = |_| Outcome::from(DropReason::InvalidIpv4Header);
+    let eth: EthHdr = ctx.load(0).map_err(invalid)?;
+    let tot_len: [u8; 2] = ctx.load(ETH_HLEN + 2).map_err(invalid)?;
+    let payload = u32::from(u16::from_be_bytes(tot_len)).saturating_sub((p.l4 - ETH_HLEN) as u32);
+    let frame = &mut scratch().ok_or(DropReason::HelperFailed)?.reset4;
+    if !reset_tcp(ctx, p.l4, payload, p.sport, p.dport, &mut frame.tcp)? {
+        return Ok(Outcome::new(Outcome::PASS, 0));
+    }
+    frame.eth = pmtu::answer_eth(&eth);
+    frame.ip = pmtu::answer_ipv4(
+        0,
+        size_of::<Reset4>() - ETH_HLEN,
+        IPPROTO_TCP,
+        p.daddr.to_ne_bytes(),
+        p.saddr.to_ne_bytes(),
+    );
+    frame.tcp.check = tcp_checksum(&frame.ip.saddr, &frame.ip.daddr, &frame.tcp);
+    pmtu::send_back(ctx, frame)
+}
+
+/// Fills `out` (all but its checksum) with the reset answering the TCP segment at `l4`
+/// (with `len` bytes of header and data, from `sport` to `dport`), as RFC 9293 asks of
+/// a closed port: the segment's acknowledgment as the sequence number when it has one,
+/// otherwise sequence 0 acknowledging all of it (SYN and FIN count one). `false` when
+/// the segment is a reset itself, which is never answered.
+#[inline(always)]
+fn reset_tcp(
+    ctx: &TcContext,
+    l4: usize,
+    len: u32,
+    sport: u16,
+    dport: u16,
+    out: &mut TcpHdr,
+) -> Result<bool, Outcome> {
+    let tcp: [u8; 14] = ctx.load(l4).map_err(|_| DropReason::HelperFailed)?;
+    let flags = tcp[13];
+    if flags & TCP_RST != 0 {
+        return Ok(false);
+    }
+    out.sport = dport.to_ne_bytes();
+    out.dport = sport.to_ne_bytes();
+    if flags & TCP_ACK != 0 {
+        out.seq = [tcp[8], tcp[9], tcp[10], tcp[11]];
+        out.ack_seq = [0; 4];
+        out.doff_flags = [(size_of::<TcpHdr>() as u8 / 4) << 4, TCP_RST];
+    } else {
+        let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+        let data = len.saturating_sub(u32::from(tcp[12] >> 4) * 4);
+        let mut seg_len = data;
+        if flags & TCP_SYN != 0 {
+            seg_len += 1;
+        }
+        if flags & TCP_FIN != 0 {
+            seg_len += 1;
+        }
+        out.seq = [0; 4];
+        out.ack_seq = seq.wrapping_add(seg_len).to_be_bytes();
+        out.doff_flags = [(size_of::<TcpHdr>() as u8 / 4) << 4, TCP_RST | TCP_ACK];
+    }
+    out.window = [0; 2];
+    out.check = [0; 2];
+    out.urg_ptr = [0; 2];
+    Ok(true)
+}
+
+/// The checksum of the TCP header `tcp` (its checksum field zero, no data) from
+/// `saddr` to `daddr` (both IPv4 or both IPv6): the pseudo-header's words (addresses,
+/// protocol, TCP length), then the header's.
+#[inline(always)]
+fn tcp_checksum(saddr: &[u8], daddr: &[u8], tcp: &TcpHdr) -> [u8; 2] {
+    let mut sum = pmtu::add_words(0, saddr);
+    sum = pmtu::add_words(sum, daddr);
+    sum += u32::from(IPPROTO_TCP) + size_of::<TcpHdr>() as u32;
+    sum = pmtu::add_words(sum, &tcp.sport);
+    sum = pmtu::add_words(sum, &tcp.dport);
+    sum = pmtu::add_words(sum, &tcp.seq);
+    sum = pmtu::add_words(sum, &tcp.ack_seq);
+    sum = pmtu::add_words(sum, &tcp.doff_flags);
+    sum = pmtu::add_words(sum, &tcp.window);
+    sum = pmtu::add_words(sum, &tcp.check);
+    pmtu::fold(pmtu::add_words(sum, &tcp.urg_ptr))
 }
 
 /// Chooses a backend for a new flow of `p` to `svc`, writes both of its NAT entries and
@@ -692,7 +825,7 @@ fn try_netdev6(ctx: &TcContext) -> Result<Outcome, Outcome> {
     } else if new_flow6(&p, &svc, scratch) {
         lb::count_backend(scratch.nat6.backend_id, true, ctx.len());
     } else {
-        return Ok(refuse6(ctx, &p.daddr));
+        return Ok(refuse6(ctx, &p));
     }
     let rewritten = Outcome(rewrite6(ctx, &p, &scratch.nat6, false));
     if rewritten.kind() != Outcome::PASS {
@@ -701,10 +834,9 @@ fn try_netdev6(ctx: &TcContext) -> Result<Outcome, Outcome> {
     Ok(pass)
 }
 
-/// Counts the refused packet (`no-service-backend`) and answers it with ICMPv6 "port
-/// unreachable" from `daddr` (the frontend's address).
+/// [`refuse4`] for IPv6: a TCP reset, or ICMPv6 "port unreachable" for UDP.
 #[inline(always)]
-fn refuse6(ctx: &TcContext, daddr: &[u8; 16]) -> Outcome {
+fn refuse6(ctx: &TcContext, p: &Packet6) -> Outcome {
     count_drop(
         ctx,
         skb_ifindex(ctx),
@@ -713,18 +845,53 @@ fn refuse6(ctx: &TcContext, daddr: &[u8; 16]) -> Outcome {
         DropReason::NoServiceBackend,
         |s| &mut s.ingress.dropped,
     );
-    let answered = Outcome(pmtu::error6(
-        ctx,
-        ICMPV6_DEST_UNREACH,
-        ICMPV6_PORT_UNREACH,
-        0,
-        daddr,
-    ));
+    let answered = if p.proto == IPPROTO_TCP {
+        Outcome(reset6(ctx, p))
+    } else {
+        Outcome(pmtu::error6(
+            ctx,
+            ICMPV6_DEST_UNREACH,
+            ICMPV6_PORT_UNREACH,
+            0,
+            &p.daddr,
+        ))
+    };
     if answered.kind() == Outcome::ANSWERED {
         answered
     } else {
         Outcome::new(Outcome::DENIED, 0)
     }
+}
+
+/// [`reset4`] for IPv6.
+#[inline(never)]
+fn reset6(ctx: &TcContext, p: &Packet6) -> u64 {
+    match try_reset6(ctx, p) {
+        Ok(o) | Err(o) => o.0,
+    }
+}
+
+#[inline(always)]
+fn try_reset6(ctx: &TcContext, p: &Packet6) -> Result<Outcome, Outcome> {
+    let invalid = |_| Outcome::from(DropReason::InvalidIpv6Header);
+    let eth: EthHdr = ctx.load(0).map_err(invalid)?;
+    let payload_len: [u8; 2] = ctx.load(ETH_HLEN + 4).map_err(invalid)?;
+    let payload = u32::from(u16::from_be_bytes(payload_len));
+    let frame = &mut scratch().ok_or(DropReason::HelperFailed)?.reset6;
+    if !reset_tcp(ctx, L4_6, payload, p.sport, p.dport, &mut frame.tcp)? {
+        return Ok(Outcome::new(Outcome::PASS, 0));
+    }
+    frame.eth = pmtu::answer_eth(&eth);
+    frame.ip = Ipv6Hdr {
+        version_tc_flow: [0x60, 0, 0, 0],
+        payload_len: (size_of::<TcpHdr>() as u16).to_be_bytes(),
+        next_header: IPPROTO_TCP,
+        hop_limit: pmtu::ERROR_TTL,
+        saddr: p.daddr,
+        daddr: p.saddr,
+    };
+    frame.tcp.check = tcp_checksum(&frame.ip.saddr, &frame.ip.daddr, &frame.tcp);
+    pmtu::send_back(ctx, frame)
 }
 
 /// [`new_flow4`] for IPv6, with the forward translation in the scratch's `nat6` (whose

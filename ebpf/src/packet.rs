@@ -66,6 +66,20 @@ pub struct Ipv4Hdr {
     pub daddr: [u8; 4],
 }
 
+/// A TCP header without options.
+#[repr(C)]
+pub struct TcpHdr {
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub seq: [u8; 4],
+    pub ack_seq: [u8; 4],
+    /// The data offset (high 4 bits), then the flags.
+    pub doff_flags: [u8; 2],
+    pub window: [u8; 2],
+    pub check: [u8; 2],
+    pub urg_ptr: [u8; 2],
+}
+
 /// Why the first bytes of a packet could not be made directly accessible.
 pub enum PullError {
     /// The packet is shorter than asked for.

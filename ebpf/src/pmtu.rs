@@ -183,8 +183,8 @@ const IPPROTO_ICMPV6: u8 = 58;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMPV6_PKT_TOOBIG: u8 = 2;
-/// The TTL / hop limit of the errors.
-const ERROR_TTL: u8 = 64;
+/// The TTL / hop limit of the errors (and of NodePort's resets).
+pub const ERROR_TTL: u8 = 64;
 
 /// An ICMP "fragmentation needed" in its frame.
 #[repr(C)]
@@ -213,7 +213,7 @@ struct PacketTooBig {
 
 /// The one's complement sum of `bytes` as 16-bit big-endian words, added to `sum`.
 #[inline(always)]
-fn add_words(mut sum: u32, bytes: &[u8]) -> u32 {
+pub fn add_words(mut sum: u32, bytes: &[u8]) -> u32 {
     let mut i = 0;
     while i + 1 < bytes.len() {
         sum += u32::from(u16::from_be_bytes([bytes[i], bytes[i + 1]]));
@@ -240,17 +240,54 @@ fn load_quote<const N: usize>(ctx: &TcContext, quote: &mut [u8; N]) -> bool {
 
 /// `sum` folded to 16 bits and complemented: a checksum field, big-endian.
 #[inline(always)]
-fn fold(mut sum: u32) -> [u8; 2] {
+pub fn fold(mut sum: u32) -> [u8; 2] {
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
     (!(sum as u16)).to_be_bytes()
 }
 
+/// The Ethernet header of an answer to a frame whose header is `eth`: back to its
+/// sender.
+#[inline(always)]
+pub fn answer_eth(eth: &EthHdr) -> EthHdr {
+    EthHdr {
+        dst: eth.src,
+        src: eth.dst,
+        ether_type: eth.ether_type,
+    }
+}
+
+/// The IPv4 header (no options, not fragmented, TTL [`ERROR_TTL`]) of an answer of
+/// `protocol` and `len` bytes from `saddr` to `daddr`, with its checksum.
+#[inline(always)]
+pub fn answer_ipv4(tos: u8, len: usize, protocol: u8, saddr: [u8; 4], daddr: [u8; 4]) -> Ipv4Hdr {
+    let mut ip = Ipv4Hdr {
+        version_ihl: 0x45,
+        tos,
+        tot_len: (len as u16).to_be_bytes(),
+        id: [0; 2],
+        frag_off: [0; 2],
+        ttl: ERROR_TTL,
+        protocol,
+        check: [0; 2],
+        saddr,
+        daddr,
+    };
+    let mut sum = u32::from(u16::from_be_bytes([ip.version_ihl, ip.tos]));
+    sum = add_words(sum, &ip.tot_len);
+    sum += u32::from(u16::from_be_bytes([ip.ttl, ip.protocol]));
+    sum = add_words(sum, &ip.saddr);
+    sum = add_words(sum, &ip.daddr);
+    ip.check = fold(sum);
+    ip
+}
+
 /// Sends `frame`, `len` bytes, back where the packet came from in place of it: the
 /// packet cut to that length and overwritten, redirected to the egress of the device it
-/// arrived on (a pod's host veth, or the node's external device for `nodeport`).
+/// arrived on (a pod's host veth, or the node's external device for `nodeport`, whose
+/// TCP resets leave this way too).
 #[inline(always)]
-fn send_back<T>(ctx: &TcContext, frame: &T) -> Result<Outcome, Outcome> {
+pub fn send_back<T>(ctx: &TcContext, frame: &T) -> Result<Outcome, Outcome> {
     // SAFETY: plain helper calls on the context the kernel passed; the frame lives on
     // the caller's stack for the call, with its size.
     unsafe {
@@ -304,36 +341,20 @@ fn try_unreachable4(ctx: &TcContext, code: u8, mtu: u16, gateway: u32) -> Result
         return Ok(pass);
     }
     let daddr = [quote[12], quote[13], quote[14], quote[15]];
-    frame.eth = EthHdr {
-        dst: eth.src,
-        src: eth.dst,
-        ether_type: eth.ether_type,
-    };
-    frame.ip = Ipv4Hdr {
-        version_ihl: 0x45,
-        // Internetwork control, as the kernel's ICMP errors.
-        tos: 0xc0,
-        tot_len: ((size_of::<FragNeeded>() - ETH_HLEN) as u16).to_be_bytes(),
-        id: [0; 2],
-        frag_off: [0; 2],
-        ttl: ERROR_TTL,
-        protocol: IPPROTO_ICMP,
-        check: [0; 2],
-        saddr: gateway.to_ne_bytes(),
+    frame.eth = answer_eth(&eth);
+    // Internetwork control, as the kernel's ICMP errors.
+    frame.ip = answer_ipv4(
+        0xc0,
+        size_of::<FragNeeded>() - ETH_HLEN,
+        IPPROTO_ICMP,
+        gateway.to_ne_bytes(),
         daddr,
-    };
+    );
     frame.icmp_type = ICMP_DEST_UNREACH;
     frame.code = code;
     frame.checksum = [0; 2];
     frame.unused = [0; 2];
     frame.mtu = mtu.to_be_bytes();
-    let ip = &frame.ip;
-    let mut sum = u32::from(u16::from_be_bytes([ip.version_ihl, ip.tos]));
-    sum = add_words(sum, &ip.tot_len);
-    sum += u32::from(u16::from_be_bytes([ip.ttl, ip.protocol]));
-    sum = add_words(sum, &ip.saddr);
-    sum = add_words(sum, &ip.daddr);
-    frame.ip.check = fold(sum);
     let mut sum = u32::from(u16::from_be_bytes([frame.icmp_type, frame.code]));
     sum = add_words(sum, &frame.mtu);
     sum = add_words(sum, &frame.quote);
@@ -374,11 +395,7 @@ fn try_error6(
         return Err(DropReason::InvalidIpv6Header.into());
     }
     let payload = (size_of::<PacketTooBig>() - ETH_HLEN - IPV6_HLEN) as u16;
-    frame.eth = EthHdr {
-        dst: eth.src,
-        src: eth.dst,
-        ether_type: eth.ether_type,
-    };
+    frame.eth = answer_eth(&eth);
     frame.ip.version_tc_flow = [0x60, 0, 0, 0];
     frame.ip.payload_len = payload.to_be_bytes();
     frame.ip.next_header = IPPROTO_ICMPV6;

@@ -29,7 +29,9 @@ use hypha_common::{
     },
     programs::FROM_POD,
 };
-use hypha_tests::ebpf::{Datapath, TC_ACT_OK, TC_ACT_REDIRECT, TestNetns, eth, ipv4_checksum};
+use hypha_tests::ebpf::{
+    Datapath, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestNetns, eth, ipv4_checksum,
+};
 
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
@@ -709,15 +711,88 @@ fn assert_port_unreachable4(out: &[u8], sent: &[u8]) {
     assert_eq!(&icmp[8..], &sent[ETH_HLEN..ETH_HLEN + 28], "the quote");
 }
 
+/// The sum of a pseudo-header's words: `addrs` (source and destination), `proto` and
+/// the upper-layer length `len`.
+fn pseudo_sum(addrs: &[u8], proto: u8, len: usize) -> u32 {
+    let mut p = addrs.to_vec();
+    p.extend_from_slice(&[0, proto]);
+    p.extend_from_slice(&(len as u16).to_be_bytes());
+    p.chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum()
+}
+
+/// Gives the TCP segment of an IPv4 frame `flags` and acknowledgment number `ack`,
+/// with its checksum.
+fn with_flags4(mut frame: Vec<u8>, flags: u8, ack: u32) -> Vec<u8> {
+    let l4 = ETH_HLEN + 20;
+    frame[l4 + 8..l4 + 12].copy_from_slice(&ack.to_be_bytes());
+    frame[l4 + 13] = flags;
+    frame[l4 + 16..l4 + 18].copy_from_slice(&[0, 0]);
+    let sum = pseudo_sum(&frame[ETH_HLEN + 12..l4], TCP, frame.len() - l4);
+    let csum = checksum(&frame[l4..], sum);
+    frame[l4 + 16..l4 + 18].copy_from_slice(&csum.to_be_bytes());
+    frame
+}
+
+/// Checks a TCP reset from the NodePort to the client's `sport` (IPv4 when `addrs`
+/// are 4 bytes each, IPv6 otherwise) with sequence `seq`, acknowledging `ack` when
+/// given.
+fn assert_reset(out: &[u8], addrs: (&[u8], &[u8]), seq: u32, ack: Option<u32>) {
+    let ip_len = if addrs.0.len() == 4 { 20 } else { 40 };
+    assert_eq!(out.len(), ETH_HLEN + ip_len + 20, "{out:02x?}");
+    assert_eq!((&out[0..6], &out[6..12]), (&CLIENT_MAC[..], &EXT_MAC[..]));
+    let ip = &out[ETH_HLEN..ETH_HLEN + ip_len];
+    let (proto, saddr, daddr) = if ip_len == 20 {
+        assert_eq!(ipv4_checksum(ip), 0, "header checksum");
+        assert_eq!(u16::from_be_bytes([ip[2], ip[3]]), 40, "total length");
+        (ip[9], &ip[12..16], &ip[16..20])
+    } else {
+        assert_eq!(u16::from_be_bytes([ip[4], ip[5]]), 20, "payload length");
+        (ip[6], &ip[8..24], &ip[24..40])
+    };
+    assert_eq!(proto, TCP);
+    assert_eq!((saddr, daddr), addrs, "from the frontend to the client");
+    let tcp = &out[ETH_HLEN + ip_len..];
+    let sum = pseudo_sum(&ip[ip_len - addrs.0.len() * 2..], TCP, 20);
+    assert_eq!(checksum(tcp, sum), 0, "TCP checksum");
+    assert_eq!(u16::from_be_bytes([tcp[0], tcp[1]]), NODE_PORT);
+    assert_eq!(u16::from_be_bytes([tcp[2], tcp[3]]), CLIENT_PORT);
+    assert_eq!(
+        u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
+        seq,
+        "sequence"
+    );
+    let (flags, acked) = match ack {
+        Some(a) => (0x14, a),
+        None => (0x04, 0),
+    };
+    assert_eq!(tcp[12], 0x50, "data offset 5");
+    assert_eq!(tcp[13], flags, "RST (and ACK when acknowledging)");
+    assert_eq!(
+        u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]),
+        acked,
+        "acknowledgment"
+    );
+}
+
+/// The sequence number of the test's SYNs and what a reset acknowledges of one: the
+/// SYN and its 6 bytes of payload.
+const SYN_SEQ: u32 = 0x0102_0304;
+const SYN_ACKED: u32 = SYN_SEQ + 1 + 6;
+
+/// TCP is refused with a reset, not ICMP: a client on this host holds its socket's lock
+/// while its SYN is sent and the answer comes back in that call, so Linux keeps an ICMP
+/// error as a soft one and refuses only on the retransmission, a second later.
 #[test]
-fn a_frontend_without_backends_answers_port_unreachable_and_counts_the_drop() {
+fn a_frontend_without_backends_resets_tcp_answers_udp_port_unreachable_and_counts() {
     hypha_tests::require_root!();
     let mut node = Node::new();
     node.frontend4(TCP, 0, 0, BACKEND_B);
     let frame = from_client4(TCP, CLIENT_PORT);
     let (verdict, out) = node.run_from_netdev(&frame);
     assert_eq!(verdict, TC_ACT_REDIRECT, "answered at once");
-    assert_port_unreachable4(&out, &frame);
+    assert_reset(&out, (&NODE4, &CLIENT4), 0, Some(SYN_ACKED));
 
     node.frontend4(UDP, 0, 0, BACKEND_B);
     let udp = from_client4(UDP, CLIENT_PORT);
@@ -742,6 +817,44 @@ fn a_frontend_without_backends_answers_port_unreachable_and_counts_the_drop() {
         )]
     );
     assert!(node.nat4().is_empty(), "no flow recorded");
+}
+
+/// A segment with an acknowledgment (a flow whose backends went) is reset at that
+/// sequence; a reset is never answered, only dropped and counted.
+#[test]
+fn a_reset_answers_an_ack_with_its_sequence_and_a_reset_gets_no_answer() {
+    hypha_tests::require_root!();
+    let mut node = Node::new();
+    node.frontend4(TCP, 0, 0, BACKEND_B);
+    let ack = with_flags4(from_client4(TCP, CLIENT_PORT), 0x10, 0xa1b2_c3d4);
+    let (verdict, out) = node.run_from_netdev(&ack);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_reset(&out, (&NODE4, &CLIENT4), 0xa1b2_c3d4, None);
+
+    let rst = with_flags4(from_client4(TCP, CLIENT_PORT), 0x04, 0);
+    let (verdict, out) = node.run_from_netdev(&rst);
+    assert_eq!(verdict, TC_ACT_SHOT, "dropped without an answer");
+    assert_eq!(out, rst, "untouched");
+    let drops = node.dp.drops();
+    assert_eq!(drops.len(), 1, "{drops:?}");
+    assert_eq!(drops[0].0.reason, DropReason::NoServiceBackend as u16);
+    assert_eq!(
+        drops[0].1.packets, 2,
+        "both refused segments, counted once each"
+    );
+}
+
+#[test]
+fn ipv6_a_frontend_without_backends_resets_tcp() {
+    hypha_tests::require_root!();
+    let mut node = Node::new();
+    node.frontend6(TCP, 0, BACKEND_B6);
+    let (verdict, out) = node.run_from_netdev(&from_client6(TCP, CLIENT_PORT));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "answered at once");
+    assert_reset(&out, (&NODE6, &CLIENT6), 0, Some(SYN_ACKED));
+    let drops = node.dp.drops();
+    assert_eq!(drops.len(), 1, "{drops:?}");
+    assert_eq!(drops[0].0.reason, DropReason::NoServiceBackend as u16);
 }
 
 #[test]
@@ -900,6 +1013,6 @@ fn ipv6_a_remote_backend_is_refused_for_want_of_an_snat_address() {
     node.frontend6(TCP, 1, 20);
     let (verdict, out) = node.run_from_netdev(&from_client6(TCP, CLIENT_PORT));
     assert_eq!(verdict, TC_ACT_REDIRECT, "answered, never left to time out");
-    assert_eq!(out[ETH_HLEN + 40], 1, "destination unreachable");
+    assert_reset(&out, (&NODE6, &CLIENT6), 0, Some(SYN_ACKED));
     assert!(node.nat6().is_empty());
 }

@@ -812,6 +812,64 @@ fn the_agent_attaches_the_socket_programs_registers_its_pods_and_leaves_nothing(
     }
 }
 
+/// Two endpoints in one namespace (a pod with a second interface): the namespace's
+/// entry stores the later one; deleting that one keeps the namespace translated for the
+/// other, and only the last endpoint's delete forgets it.
+#[test]
+fn a_namespace_shared_by_two_endpoints_stays_registered_until_the_last_goes() {
+    require_root!();
+    let node = Node::start();
+    let pod = node.add_pod("shared");
+    let path = pod.netns.path().display().to_string();
+    let second = format!("{}-eth1", pod.container_id);
+    let env = |command| {
+        let mut env = Node::cni_env(command, &second, &path);
+        env.retain(|(k, _)| *k != "CNI_IFNAME");
+        env.push(("CNI_IFNAME", "eth1"));
+        env
+    };
+    let added = node.cni(&env("ADD"), &node.conf("1.1.0"));
+    assert!(
+        added.status.success(),
+        "ADD of a second interface: {}\n{}",
+        added.stdout,
+        node.log()
+    );
+    let netns: HashMap<MapData, u64, LbNetns> = pinned(&node.pin_dir, lb_maps::NETNS);
+    let registered = || {
+        let mut ifindexes: Vec<u32> = netns
+            .iter()
+            .map(|e| e.expect("iterate hypha_lb_netns").1.ifindex)
+            .collect();
+        ifindexes.sort_unstable();
+        ifindexes
+    };
+    let first = node.endpoint(&pod.container_id).host_ifindex;
+    let later = node.endpoint(&second).host_ifindex;
+    assert_eq!(registered(), vec![0, later], "one entry for the namespace");
+
+    let addrs = loopback_backends4(8080);
+    let backends = Backends::tcp(&pod.netns, &addrs);
+    write_service(&node.pin_dir, &addrs);
+    let vip = v4([10, 96, 9, 9], 80);
+    let deleted = node.cni(&env("DEL"), &node.conf("1.1.0"));
+    assert!(deleted.status.success(), "DEL of eth1: {}", deleted.stdout);
+    assert_eq!(
+        registered(),
+        vec![0, first],
+        "the namespace stays, held by its first endpoint"
+    );
+    let answers = connect_many(&pod.netns, vip, 3);
+    assert!(
+        answers.iter().all(|(b, p)| *b < 3 && *p == vip),
+        "still translated: {answers:?}"
+    );
+    drop(backends);
+    let deleted = node.del_pod(&pod);
+    assert!(deleted.status.success(), "DEL of eth0: {}", deleted.stdout);
+    assert_eq!(registered(), vec![0], "gone with its last endpoint");
+}
+
 /// Writes a TCP service 10.96.9.9:80 of the backends `addrs` straight into the agent's
 /// pinned maps (ids 900 and up, which the agent's own services do not reach here).
 fn write_service(pin_dir: &std::path::Path, addrs: &[SocketAddr]) {

@@ -188,7 +188,7 @@ impl ServiceState {
             dir_errors: BTreeMap::new(),
         };
         for s in services {
-            st.take_addresses(&s.service);
+            Self::take_addresses(&mut st.taken, &s.service);
             st.services.insert(s.service.key(), s);
         }
         for s in slices {
@@ -219,14 +219,14 @@ impl ServiceState {
         self.start_tables = installed.maglev.into_iter().collect();
     }
 
-    fn take_addresses(&mut self, svc: &Service) {
+    fn take_addresses(taken: &mut Taken, svc: &Service) {
         let key = svc.key();
         for ip in &svc.cluster_ips {
-            self.taken.ips.insert(*ip, key.clone());
+            taken.ips.insert(*ip, key.clone());
         }
         for p in &svc.ports {
             if let Some(np) = p.node_port {
-                self.taken.node_ports.insert((p.protocol, np), key.clone());
+                taken.node_ports.insert((p.protocol, np), key.clone());
             }
         }
     }
@@ -559,6 +559,51 @@ impl ServiceControl {
             state: Mutex::new(ServiceState::new(services, slices, installed)),
             program: Mutex::new(()),
         }
+    }
+}
+
+/// Applies one kind's cluster batch (services or slices) to its map `stored`: the
+/// store's entries (`is_cluster`: origin `Cluster`) it removes, or with `resync`
+/// leaves out, go; each upsert (keyed by `key`) that differs from what is stored
+/// replaces it. `changed` hears of each: the key, the old entry if any, the new one
+/// (`None` when removed). Entries of another origin are never removed; an upsert
+/// replaces them (the store's win over a watched file's).
+fn apply_cluster_batch<T, S: PartialEq>(
+    stored: &mut BTreeMap<String, S>,
+    batch: RemoteBatch<T>,
+    key: impl Fn(&T) -> String,
+    wrap: impl Fn(T) -> S,
+    is_cluster: impl Fn(&S) -> bool,
+    mut changed: impl FnMut(&str, Option<S>, Option<&S>),
+) {
+    let incoming: BTreeMap<String, S> = batch
+        .upserts
+        .into_iter()
+        .map(|t| (key(&t), wrap(t)))
+        .collect();
+    let removes: Vec<String> = if batch.resync {
+        stored
+            .iter()
+            .filter(|(k, s)| is_cluster(s) && !incoming.contains_key(*k))
+            .map(|(k, _)| k.clone())
+            .collect()
+    } else {
+        batch.removes
+    };
+    for k in removes {
+        if stored.get(&k).is_some_and(&is_cluster)
+            && let Some(s) = stored.remove(&k)
+        {
+            changed(&k, Some(s), None);
+        }
+    }
+    for (k, s) in incoming {
+        if stored.get(&k) == Some(&s) {
+            continue;
+        }
+        let old = stored.remove(&k);
+        changed(&k, old, Some(&s));
+        stored.insert(k, s);
     }
 }
 
@@ -1094,94 +1139,62 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             let st = &mut *guard;
             let mut staged = Staged::default();
             if let Some(b) = services {
-                let incoming: BTreeMap<String, Service> =
-                    b.upserts.into_iter().map(|s| (s.key(), s)).collect();
-                let removes: Vec<String> = if b.resync {
-                    st.services
-                        .iter()
-                        .filter(|(k, s)| {
-                            s.origin == PolicyOrigin::Cluster && !incoming.contains_key(*k)
-                        })
-                        .map(|(k, _)| k.clone())
-                        .collect()
-                } else {
-                    b.removes
-                };
-                for k in removes {
-                    if st
-                        .services
-                        .get(&k)
-                        .is_some_and(|s| s.origin == PolicyOrigin::Cluster)
-                        && let Some(s) = st.services.remove(&k)
-                    {
-                        ServiceState::release_addresses(&mut st.taken, &s.service);
-                        staged.changes.push(Change::ServiceGone {
-                            namespace: s.service.namespace.clone(),
-                            name: s.service.name.clone(),
-                        });
-                        staged.affected.insert(k);
-                    }
-                }
-                for (k, service) in incoming {
-                    let stored = StoredService {
+                let taken = &mut st.taken;
+                apply_cluster_batch(
+                    &mut st.services,
+                    b,
+                    Service::key,
+                    |service| StoredService {
                         service,
                         origin: PolicyOrigin::Cluster,
-                    };
-                    if st.services.get(&k) == Some(&stored) {
-                        continue;
-                    }
-                    if let Some(old) = st.services.remove(&k) {
-                        ServiceState::release_addresses(&mut st.taken, &old.service);
-                    }
-                    st.take_addresses(&stored.service);
-                    staged.changes.push(Change::Service(stored.clone()));
-                    staged.affected.insert(k.clone());
-                    st.services.insert(k, stored);
-                }
+                    },
+                    |s| s.origin == PolicyOrigin::Cluster,
+                    |key, old, new| {
+                        if let Some(old) = &old {
+                            ServiceState::release_addresses(taken, &old.service);
+                        }
+                        match (old, new) {
+                            (_, Some(new)) => {
+                                ServiceState::take_addresses(taken, &new.service);
+                                staged.changes.push(Change::Service(new.clone()));
+                            }
+                            (Some(old), None) => staged.changes.push(Change::ServiceGone {
+                                namespace: old.service.namespace,
+                                name: old.service.name,
+                            }),
+                            (None, None) => return,
+                        }
+                        staged.affected.insert(key.to_owned());
+                    },
+                );
             }
             if let Some(b) = slices {
-                let incoming: BTreeMap<String, EndpointSlice> =
-                    b.upserts.into_iter().map(|s| (s.key(), s)).collect();
-                let removes: Vec<String> = if b.resync {
-                    st.slices
-                        .iter()
-                        .filter(|(k, s)| {
-                            s.origin == PolicyOrigin::Cluster && !incoming.contains_key(*k)
-                        })
-                        .map(|(k, _)| k.clone())
-                        .collect()
-                } else {
-                    b.removes
-                };
-                for k in removes {
-                    if st
-                        .slices
-                        .get(&k)
-                        .is_some_and(|s| s.origin == PolicyOrigin::Cluster)
-                        && let Some(s) = st.slices.remove(&k)
-                    {
-                        staged.affected.insert(slice_service(&s.slice));
-                        staged.changes.push(Change::SliceGone {
-                            namespace: s.slice.namespace.clone(),
-                            name: s.slice.name.clone(),
-                        });
-                    }
-                }
-                for (k, slice) in incoming {
-                    let stored = StoredSlice {
+                apply_cluster_batch(
+                    &mut st.slices,
+                    b,
+                    EndpointSlice::key,
+                    |slice| StoredSlice {
                         slice,
                         origin: PolicyOrigin::Cluster,
-                    };
-                    if st.slices.get(&k) == Some(&stored) {
-                        continue;
-                    }
-                    if let Some(old) = st.slices.get(&k) {
-                        staged.affected.insert(slice_service(&old.slice));
-                    }
-                    staged.affected.insert(slice_service(&stored.slice));
-                    staged.changes.push(Change::Slice(stored.clone()));
-                    st.slices.insert(k, stored);
-                }
+                    },
+                    |s| s.origin == PolicyOrigin::Cluster,
+                    |_, old, new| {
+                        if let Some(old) = &old {
+                            staged.affected.insert(slice_service(&old.slice));
+                        }
+                        match (old, new) {
+                            (_, Some(new)) => {
+                                staged.affected.insert(slice_service(&new.slice));
+                                staged.changes.push(Change::Slice(new.clone()));
+                            }
+                            (Some(old), None) => staged.changes.push(Change::SliceGone {
+                                namespace: old.slice.namespace,
+                                name: old.slice.name,
+                            }),
+                            (None, None) => {}
+                        }
+                    },
+                );
             }
             staged
         };

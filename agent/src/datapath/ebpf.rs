@@ -20,7 +20,7 @@
 use std::collections::HashSet;
 use std::io;
 use std::net::Ipv4Addr;
-use std::os::fd::{AsFd as _, AsRawFd as _};
+use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -165,9 +165,6 @@ pub enum EbpfError {
     /// The cluster's nodes claim the same pod CIDR or underlay address.
     #[error("tunnel peers: {problem}")]
     TunnelPeers { problem: String },
-    /// The loaded object lacks the load balancer's maps.
-    #[error("services cannot be programmed: {reason}")]
-    NoServices { reason: String },
     #[error("cannot {op} map {map}: {source}")]
     Map {
         op: &'static str,
@@ -334,9 +331,9 @@ pub struct EbpfDatapath {
     nodeport_program: Program,
     links_dir: PathBuf,
     mode: AttachMode,
-    /// The load balancer's maps, or why the object has none (services are
-    /// then refused with the reason).
-    lb: Result<LbMaps, String>,
+    /// The load balancer's maps. The object is embedded and always has them, so a
+    /// failure to take them is a failed load, as for the other maps.
+    lb: LbMaps,
     /// The socket programs and the namespaces they translate for (`socklb`).
     socklb: SockLb,
     /// Leaf classes `hypha_flow_class` hashes into (`--fq-queues`).
@@ -404,10 +401,7 @@ impl EbpfDatapath {
                 source: Box::new(source),
             })?;
         let maps = Maps::take(&mut ebpf)?;
-        let lb = LbMaps::take(&mut ebpf).map_err(|e| e.to_string());
-        if let Err(e) = &lb {
-            tracing::warn!("services are not available: {e}");
-        }
+        let lb = LbMaps::take(&mut ebpf)?;
         let socklb = SockLb::load(&mut ebpf, pin_dir)?;
         // An earlier agent's traced endpoints stay traced until start-up has re-adopted
         // (or swept) them.
@@ -1040,24 +1034,15 @@ impl Datapath for EbpfDatapath {
     }
 
     fn apply_lb(&self, diff: &LbDiff) -> Vec<EbpfError> {
-        match &self.lb {
-            Ok(lb) => lb.apply(diff),
-            Err(e) => vec![EbpfError::NoServices { reason: e.clone() }],
-        }
+        self.lb.apply(diff)
     }
 
     fn installed_lb(&self) -> Result<InstalledLb, EbpfError> {
-        match &self.lb {
-            Ok(lb) => lb.installed(),
-            Err(_) => Ok(InstalledLb::default()),
-        }
+        self.lb.installed()
     }
 
     fn lb_stats(&self) -> Result<Vec<(u32, hypha_common::lb::LbBackendStats)>, EbpfError> {
-        match &self.lb {
-            Ok(lb) => lb.stats(),
-            Err(_) => Ok(Vec::new()),
-        }
+        self.lb.stats()
     }
 
     fn set_socket_lb(&self, cgroup: &Path) -> Result<(), EbpfError> {
@@ -1273,6 +1258,36 @@ fn attach_tunnel_program(
     tunnel: &TunnelSetup,
     pin: &Path,
 ) -> Result<(), EbpfError> {
+    attach_pinned(
+        prog.fd.as_fd(),
+        pin,
+        |link| {
+            let info = link_info::info(link)?;
+            Ok(info.ifindex == tunnel.ifindex && info.attach_type == prog.attach_type)
+        },
+        || {
+            link_info::tcx_attach(prog.fd.as_fd(), tunnel.ifindex, prog.attach_type).map_err(
+                |source| EbpfError::Attach {
+                    program: prog.name,
+                    ifname: tunnel.ifname.clone(),
+                    hook: prog.hook,
+                    source,
+                },
+            )
+        },
+    )
+}
+
+/// Puts `prog` on a hook through the link pinned at `pin`: swapped into that link in
+/// place (`BPF_LINK_UPDATE`, the hook never runs without a program) when `on_hook`
+/// says the link is on this hook, otherwise attached anew by `attach` and pinned in
+/// place of the old link (which its pin's removal detaches).
+pub(super) fn attach_pinned(
+    prog: BorrowedFd<'_>,
+    pin: &Path,
+    on_hook: impl FnOnce(BorrowedFd<'_>) -> io::Result<bool>,
+    attach: impl FnOnce() -> Result<OwnedFd, EbpfError>,
+) -> Result<(), EbpfError> {
     let link_err = |op: &'static str| {
         move |source: io::Error| EbpfError::Link {
             op,
@@ -1282,23 +1297,15 @@ fn attach_tunnel_program(
     };
     match link_info::open_pin(pin) {
         Ok(link) => {
-            let info = link_info::info(link.as_fd()).map_err(link_err("read"))?;
-            if info.ifindex == tunnel.ifindex && info.attach_type == prog.attach_type {
-                return link_info::update(link.as_fd(), prog.fd.as_fd())
+            if on_hook(link.as_fd()).map_err(link_err("read"))? {
+                return link_info::update(link.as_fd(), prog)
                     .map_err(link_err("swap the program into"));
             }
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(link_err("open")(e)),
     }
-    let link = link_info::tcx_attach(prog.fd.as_fd(), tunnel.ifindex, prog.attach_type).map_err(
-        |source| EbpfError::Attach {
-            program: prog.name,
-            ifname: tunnel.ifname.clone(),
-            hook: prog.hook,
-            source,
-        },
-    )?;
+    let link = attach()?;
     // The old link (if any) goes with its pin once the new one is in.
     remove_pin(pin)?;
     link_info::pin(link.as_fd(), pin).map_err(link_err("pin"))

@@ -8,7 +8,7 @@
 
 use std::{
     io,
-    os::fd::{AsFd as _, BorrowedFd},
+    os::fd::BorrowedFd,
     path::{Path, PathBuf},
 };
 
@@ -16,7 +16,7 @@ use hypha_common::nat::FROM_NETDEV;
 
 use super::{
     NodePortDevice,
-    ebpf::{EbpfError, remove_pin},
+    ebpf::{EbpfError, attach_pinned, remove_pin},
     link_info,
 };
 
@@ -64,35 +64,24 @@ pub(super) fn set(
 /// link is on the device's TCX ingress (an earlier agent's); a pinned link on anything
 /// else (the device was made anew) is replaced by a new one.
 fn attach(prog: BorrowedFd<'_>, pin: &Path, device: &NodePortDevice) -> Result<(), EbpfError> {
-    let link_err = |op: &'static str| {
-        move |source: io::Error| EbpfError::Link {
-            op,
-            path: pin.to_owned(),
-            source: Box::new(source),
-        }
-    };
-    match link_info::open_pin(pin) {
-        Ok(link) => {
-            let info = link_info::info(link.as_fd()).map_err(link_err("read"))?;
-            if info.ifindex == device.ifindex && info.attach_type == link_info::BPF_TCX_INGRESS {
-                return link_info::update(link.as_fd(), prog)
-                    .map_err(link_err("swap the program into"));
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(link_err("open")(e)),
-    }
-    let link = link_info::tcx_attach(prog, device.ifindex, link_info::BPF_TCX_INGRESS).map_err(
-        |source| EbpfError::Attach {
-            program: FROM_NETDEV,
-            ifname: device.name.clone(),
-            hook: "ingress",
-            source,
+    attach_pinned(
+        prog,
+        pin,
+        |link| {
+            let info = link_info::info(link)?;
+            Ok(info.ifindex == device.ifindex && info.attach_type == link_info::BPF_TCX_INGRESS)
         },
-    )?;
-    // The old link (if any) goes with its pin once the new one is in.
-    remove_pin(pin)?;
-    link_info::pin(link.as_fd(), pin).map_err(link_err("pin"))
+        || {
+            link_info::tcx_attach(prog, device.ifindex, link_info::BPF_TCX_INGRESS).map_err(
+                |source| EbpfError::Attach {
+                    program: FROM_NETDEV,
+                    ifname: device.name.clone(),
+                    hook: "ingress",
+                    source,
+                },
+            )
+        },
+    )
 }
 
 /// Removes the pins (and so the links) of the NodePort program on devices not in

@@ -2,7 +2,9 @@
 //! (`ebpf/src/sock.rs`, [`programs::SOCKET`]) attached to the cgroup v2 root with
 //! bpf_links pinned in the pin directory (`link_socklb_<hook>`), and the network
 //! namespaces they translate for (`hypha_lb_netns`): the agent's own (ifindex 0) and
-//! each endpoint's (its host-side ifindex).
+//! each endpoint's (its host-side ifindex). Several endpoints may share a namespace (a
+//! pod with two interfaces): [`Holders`] counts them per namespace, so that its entry
+//! goes with the last of them only.
 //!
 //! The links outlive the agent like the endpoints' (a SIGKILLed agent leaves services
 //! working); a restarted agent swaps its programs into them in place
@@ -13,9 +15,8 @@
 //! socket of the machine; each agent translates only the namespaces it registered, so
 //! several agents on one kernel (a simulated cluster, parallel tests) do not meet.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs::File;
-use std::io;
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -25,7 +26,7 @@ use aya::maps::{HashMap, MapData};
 use aya::programs::{CgroupSockAddr, ProgramFd};
 use hypha_common::lb::{LbNetns, maps as lb_maps, programs};
 
-use super::ebpf::{EbpfError, is_not_found, lock, map_err};
+use super::ebpf::{EbpfError, attach_pinned, is_not_found, lock, map_err};
 use super::link_info;
 use crate::state::EndpointRecord;
 
@@ -58,8 +59,68 @@ struct SockProgram {
 pub(super) struct SockLb {
     programs: Vec<SockProgram>,
     /// Its own lock, held only for syscalls on the map (none waits).
-    netns: Mutex<HashMap<MapData, u64, LbNetns>>,
+    netns: Mutex<Registry>,
     pin_dir: PathBuf,
+}
+
+/// `hypha_lb_netns` and the endpoints that hold each of its entries.
+struct Registry {
+    map: HashMap<MapData, u64, LbNetns>,
+    holders: Holders,
+}
+
+/// The endpoints (host-side ifindexes) registered in each network namespace (by
+/// cookie) since the agent started; those of an earlier agent are counted again as it
+/// re-adopts them. Pure, so the counting is unit-tested.
+#[derive(Debug, Default)]
+struct Holders {
+    by_netns: BTreeMap<u64, BTreeSet<u32>>,
+}
+
+impl Holders {
+    /// The endpoint at `ifindex` is in the namespace `cookie` (and no longer in any
+    /// other: an ifindex names one device at a time).
+    fn add(&mut self, cookie: u64, ifindex: u32) {
+        self.release(ifindex);
+        self.by_netns.entry(cookie).or_default().insert(ifindex);
+    }
+
+    /// The endpoint at `ifindex` is gone.
+    fn release(&mut self, ifindex: u32) {
+        self.by_netns.retain(|_, held| {
+            held.remove(&ifindex);
+            !held.is_empty()
+        });
+    }
+
+    /// Only the endpoints at `keep` remain.
+    fn retain(&mut self, keep: &HashSet<u32>) {
+        self.by_netns.retain(|_, held| {
+            held.retain(|i| keep.contains(i));
+            !held.is_empty()
+        });
+    }
+
+    /// An endpoint still in the namespace `cookie`, if any.
+    fn holder(&self, cookie: u64) -> Option<u32> {
+        self.by_netns.get(&cookie)?.first().copied()
+    }
+
+    /// What becomes of the map's `entries` (cookie, stored ifindex) whose ifindex is
+    /// `stale`: `(cookie, Some(ifindex))` to store another endpoint of the namespace
+    /// still there, `(cookie, None)` to remove the entry (no endpoint holds it).
+    /// Entries of the agent's own namespace (ifindex 0) are never stale.
+    fn plan(
+        &self,
+        entries: impl IntoIterator<Item = (u64, u32)>,
+        stale: impl Fn(u32) -> bool,
+    ) -> Vec<(u64, Option<u32>)> {
+        entries
+            .into_iter()
+            .filter(|&(_, ifindex)| ifindex != 0 && stale(ifindex))
+            .map(|(cookie, _)| (cookie, self.holder(cookie)))
+            .collect()
+    }
 }
 
 impl SockLb {
@@ -73,10 +134,13 @@ impl SockLb {
             kind: "map",
             name: lb_maps::NETNS,
         })?;
-        let netns = HashMap::try_from(map).map_err(map_err("open", lb_maps::NETNS))?;
+        let map = HashMap::try_from(map).map_err(map_err("open", lb_maps::NETNS))?;
         Ok(Self {
             programs,
-            netns: Mutex::new(netns),
+            netns: Mutex::new(Registry {
+                map,
+                holders: Holders::default(),
+            }),
             pin_dir: pin_dir.to_owned(),
         })
     }
@@ -103,7 +167,14 @@ impl SockLb {
             ifname: "-".into(),
             source: Box::new(source),
         })?;
-        self.insert(own, 0)
+        let value = LbNetns {
+            ifindex: 0,
+            _pad: 0,
+        };
+        lock(&self.netns)
+            .map
+            .insert(own, value, 0)
+            .map_err(map_err("insert into", lb_maps::NETNS))
     }
 
     /// Registers the network namespace of `ep` (its `netns` path), so that its sockets
@@ -116,54 +187,43 @@ impl SockLb {
                 source: Box::new(source),
             }
         })?;
-        self.insert(cookie, ep.host_ifindex)
+        let ifindex = ep.host_ifindex;
+        let mut registry = lock(&self.netns);
+        registry
+            .map
+            .insert(cookie, LbNetns { ifindex, _pad: 0 }, 0)
+            .map_err(map_err("insert into", lb_maps::NETNS))?;
+        registry.holders.add(cookie, ifindex);
+        Ok(())
     }
 
-    fn insert(&self, cookie: u64, ifindex: u32) -> Result<(), EbpfError> {
-        let value = LbNetns { ifindex, _pad: 0 };
-        lock(&self.netns)
-            .insert(cookie, value, 0)
-            .map_err(map_err("insert into", lb_maps::NETNS))
-    }
-
-    /// Forgets the network namespace of `ep`, found by its host ifindex (the namespace
-    /// itself may be gone already).
+    /// Forgets `ep` in its network namespace, found by its host ifindex (the namespace
+    /// itself may be gone already): the namespace's entry goes with its last endpoint.
     pub(super) fn unregister(&self, ep: &EndpointRecord) -> Vec<EbpfError> {
-        self.remove(|ifindex| ifindex == ep.host_ifindex)
+        let mut registry = lock(&self.netns);
+        registry.holders.release(ep.host_ifindex);
+        registry.remove(|ifindex| ifindex == ep.host_ifindex)
     }
 
     /// Forgets every pod namespace that belongs to none of `keep` (the agent's own,
     /// ifindex 0, stays).
     pub(super) fn sweep(&self, keep: &[EndpointRecord]) -> Vec<EbpfError> {
         let ifindexes: HashSet<u32> = keep.iter().map(|e| e.host_ifindex).collect();
-        self.remove(|ifindex| ifindex != 0 && !ifindexes.contains(&ifindex))
-    }
-
-    fn remove(&self, stale: impl Fn(u32) -> bool) -> Vec<EbpfError> {
-        let mut map = lock(&self.netns);
-        let keys: Vec<u64> = map
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, v)| stale(v.ifindex))
-            .map(|(k, _)| k)
-            .collect();
-        keys.iter()
-            .filter_map(|k| match map.remove(k) {
-                Err(e) if !is_not_found(&e) => Some(map_err("delete from", lb_maps::NETNS)(e)),
-                _ => None,
-            })
-            .collect()
+        let mut registry = lock(&self.netns);
+        registry.holders.retain(&ifindexes);
+        registry.remove(|ifindex| !ifindexes.contains(&ifindex))
     }
 
     /// What of the socket LB is missing for `ep`: its namespace's registration.
     ///
     /// Several endpoints may share a namespace (a pod with two interfaces); its entry
-    /// then names the last one attached, so the namespace's cookie is what is checked.
+    /// then names one of them, so the namespace's cookie is what is checked.
     pub(super) fn check(&self, ep: &EndpointRecord) -> Vec<String> {
         let registered = match hypha_netlink::netns_cookie(Path::new(&ep.netns)) {
-            Ok(cookie) => lock(&self.netns).get(&cookie, 0).is_ok(),
+            Ok(cookie) => lock(&self.netns).map.get(&cookie, 0).is_ok(),
             // The namespace is gone: its entry, if any, is found by the ifindex.
             Err(_) => lock(&self.netns)
+                .map
                 .iter()
                 .filter_map(Result::ok)
                 .any(|(_, v)| v.ifindex == ep.host_ifindex),
@@ -212,6 +272,36 @@ impl SockLb {
             }
         }
         problems
+    }
+}
+
+impl Registry {
+    /// Applies [`Holders::plan`] for the entries whose ifindex is `stale`: each is
+    /// handed to another endpoint of its namespace, or removed.
+    fn remove(&mut self, stale: impl Fn(u32) -> bool) -> Vec<EbpfError> {
+        let entries: Vec<(u64, u32)> = self
+            .map
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(cookie, v)| (cookie, v.ifindex))
+            .collect();
+        let mut errors = Vec::new();
+        for (cookie, holder) in self.holders.plan(entries, stale) {
+            let done = match holder {
+                Some(ifindex) => self
+                    .map
+                    .insert(cookie, LbNetns { ifindex, _pad: 0 }, 0)
+                    .map_err(map_err("insert into", lb_maps::NETNS)),
+                None => match self.map.remove(&cookie) {
+                    Err(e) if !is_not_found(&e) => Err(map_err("delete from", lb_maps::NETNS)(e)),
+                    _ => Ok(()),
+                },
+            };
+            if let Err(e) = done {
+                errors.push(e);
+            }
+        }
+        errors
     }
 }
 
@@ -277,48 +367,26 @@ fn attach_program(
     cgroup_id: u64,
     pin: &Path,
 ) -> Result<(), EbpfError> {
-    let link_err = |op: &'static str| {
-        move |source: io::Error| EbpfError::Link {
-            op,
-            path: pin.to_owned(),
-            source: Box::new(source),
-        }
-    };
-    match link_info::open_pin(pin) {
-        Ok(link) => {
-            let info = link_info::cgroup_info(link.as_fd()).map_err(link_err("read"))?;
-            if info.link_type == link_info::BPF_LINK_TYPE_CGROUP
+    attach_pinned(
+        prog.fd.as_fd(),
+        pin,
+        |link| {
+            let info = link_info::cgroup_info(link)?;
+            Ok(info.link_type == link_info::BPF_LINK_TYPE_CGROUP
                 && info.cgroup_id == cgroup_id
-                && info.attach_type == prog.attach_type
-            {
-                return link_info::update(link.as_fd(), prog.fd.as_fd())
-                    .map_err(link_err("swap the program into"));
-            }
-        }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(link_err("open")(e)),
-    }
-    let link = link_info::cgroup_attach(prog.fd.as_fd(), dir.as_fd(), prog.attach_type).map_err(
-        |source| EbpfError::Attach {
-            program: prog.name,
-            ifname: format!("cgroup {}", path.display()),
-            hook: "sock_addr hook",
-            source,
+                && info.attach_type == prog.attach_type)
         },
-    )?;
-    // The old link (if any) goes with its pin once the new one is in.
-    match std::fs::remove_file(pin) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(EbpfError::Io {
-                op: "remove",
-                path: pin.to_owned(),
-                source,
-            });
-        }
-    }
-    link_info::pin(link.as_fd(), pin).map_err(link_err("pin"))
+        || {
+            link_info::cgroup_attach(prog.fd.as_fd(), dir.as_fd(), prog.attach_type).map_err(
+                |source| EbpfError::Attach {
+                    program: prog.name,
+                    ifname: format!("cgroup {}", path.display()),
+                    hook: "sock_addr hook",
+                    source,
+                },
+            )
+        },
+    )
 }
 
 #[cfg(test)]
@@ -332,5 +400,54 @@ mod tests {
         for (name, _, hook) in HOOKS {
             assert!(name.ends_with(hook), "{name} is attached at {hook}");
         }
+    }
+
+    /// Two endpoints in one namespace: the entry stores the second; deleting it hands
+    /// the entry to the first, and only deleting that one too removes it.
+    #[test]
+    fn a_shared_namespace_goes_with_its_last_endpoint() {
+        let mut holders = Holders::default();
+        holders.add(7, 10);
+        holders.add(7, 11);
+        holders.add(8, 12);
+        let entries = [(1, 0), (7, 11), (8, 12)];
+
+        holders.release(11);
+        assert_eq!(holders.plan(entries, |i| i == 11), [(7, Some(10))]);
+        // Deleting the endpoint the entry does not store changes nothing.
+        let mut other = Holders::default();
+        other.add(7, 10);
+        other.add(7, 11);
+        other.release(10);
+        assert_eq!(other.plan(entries, |i| i == 10), []);
+
+        let entries = [(1, 0), (7, 10), (8, 12)];
+        holders.release(10);
+        assert_eq!(holders.plan(entries, |i| i == 10), [(7, None)]);
+        assert_eq!(holders.holder(8), Some(12));
+    }
+
+    #[test]
+    fn a_sweep_keeps_namespaces_with_a_live_endpoint_and_the_agents_own() {
+        let mut holders = Holders::default();
+        holders.add(7, 10);
+        holders.add(7, 11);
+        holders.add(8, 12);
+        let keep: HashSet<u32> = [10].into();
+        holders.retain(&keep);
+        let entries = [(1, 0), (7, 11), (8, 12), (9, 13)];
+        assert_eq!(
+            holders.plan(entries, |i| !keep.contains(&i)),
+            [(7, Some(10)), (8, None), (9, None)]
+        );
+    }
+
+    #[test]
+    fn an_ifindex_moved_to_another_namespace_leaves_the_first() {
+        let mut holders = Holders::default();
+        holders.add(7, 10);
+        holders.add(8, 10);
+        assert_eq!(holders.holder(7), None);
+        assert_eq!(holders.holder(8), Some(10));
     }
 }

@@ -27,7 +27,7 @@ pub use engine::{Outcome, PolicyEngine};
 pub use identity::{IdentityAllocator, IdentitySource, describe_labels};
 pub use parse::{PolicyFile, parse_file};
 // The service parser (`service::parse`) checks names as the policy parser does.
-pub(crate) use parse::{is_dns_label, object_names};
+pub(crate) use parse::{ObjectMeta, is_dns_label};
 pub use selector::{LabelSelector, Labels, Operator, Requirement};
 pub use sources::{
     DirChange, FileKinds, ParsedSources, RoutedChange, file_kinds, parse_dir_file,

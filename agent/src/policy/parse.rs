@@ -150,16 +150,17 @@ impl Header {
     }
 }
 
-/// Kubernetes' ObjectMeta: name and namespace are used; what `kubectl get -o yaml`
-/// writes besides is accepted and ignored.
+/// Kubernetes' ObjectMeta: name and namespace are used, and labels as `L` (ignored by
+/// default: policies do not read them, Services' EndpointSlices do); what `kubectl get
+/// -o yaml` writes besides is accepted and ignored. Also read by the service parser.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct ObjectMeta {
-    name: String,
+pub(crate) struct ObjectMeta<L = IgnoredAny> {
+    pub(crate) name: String,
     #[serde(default)]
-    namespace: Option<String>,
-    #[serde(default, rename = "labels")]
-    _labels: Option<IgnoredAny>,
+    pub(crate) namespace: Option<String>,
+    #[serde(default = "Option::default")]
+    pub(crate) labels: Option<L>,
     #[serde(default, rename = "annotations")]
     _annotations: Option<IgnoredAny>,
     #[serde(default, rename = "uid")]
@@ -186,14 +187,15 @@ struct ObjectMeta {
     _deletion_grace_period_seconds: Option<IgnoredAny>,
 }
 
-impl ObjectMeta {
-    fn names(&self) -> Result<(String, String), String> {
+impl<L> ObjectMeta<L> {
+    /// The object's namespace and name, checked ([`object_names`]).
+    pub(crate) fn names(&self) -> Result<(String, String), String> {
         object_names(self.namespace.as_deref(), &self.name)
     }
 }
 
 /// Checks an object's `metadata.namespace` (absent: `default`) and `metadata.name` as
-/// Kubernetes does (a DNS label; a DNS subdomain). Also read by the service parser.
+/// Kubernetes does (a DNS label; a DNS subdomain).
 pub(crate) fn object_names(
     namespace: Option<&str>,
     name: &str,

@@ -23,7 +23,7 @@ use super::{
     TargetPort,
 };
 use crate::policy::{
-    LabelSelector, PROTO_TCP, PROTO_UDP, is_dns_label, object_names, validate_port_name,
+    LabelSelector, ObjectMeta, PROTO_TCP, PROTO_UDP, is_dns_label, validate_port_name,
 };
 
 const SERVICE_API: &str = "v1";
@@ -186,46 +186,12 @@ fn typed<T: DeserializeOwned>(value: Value, path: &str) -> Result<T, String> {
 
 // ---------------------------------------------------------------- metadata, List
 
-/// Kubernetes' ObjectMeta: name, namespace and (for slices) labels are read; what
-/// `kubectl get -o yaml` writes besides is accepted and ignored.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct Meta {
-    name: String,
-    #[serde(default)]
-    namespace: Option<String>,
-    #[serde(default)]
-    labels: Option<BTreeMap<String, String>>,
-    #[serde(default, rename = "annotations")]
-    _annotations: Option<IgnoredAny>,
-    #[serde(default, rename = "uid")]
-    _uid: Option<IgnoredAny>,
-    #[serde(default, rename = "resourceVersion")]
-    _resource_version: Option<IgnoredAny>,
-    #[serde(default, rename = "generation")]
-    _generation: Option<IgnoredAny>,
-    #[serde(default, rename = "creationTimestamp")]
-    _creation_timestamp: Option<IgnoredAny>,
-    #[serde(default, rename = "managedFields")]
-    _managed_fields: Option<IgnoredAny>,
-    #[serde(default, rename = "selfLink")]
-    _self_link: Option<IgnoredAny>,
-    #[serde(default, rename = "finalizers")]
-    _finalizers: Option<IgnoredAny>,
-    #[serde(default, rename = "ownerReferences")]
-    _owner_references: Option<IgnoredAny>,
-    #[serde(default, rename = "generateName")]
-    _generate_name: Option<IgnoredAny>,
-    #[serde(default, rename = "deletionTimestamp")]
-    _deletion_timestamp: Option<IgnoredAny>,
-    #[serde(default, rename = "deletionGracePeriodSeconds")]
-    _deletion_grace_period_seconds: Option<IgnoredAny>,
-}
+/// An object's metadata ([`ObjectMeta`]), labels read (for slices).
+type Meta = ObjectMeta<Labels>;
 
-impl Meta {
-    fn names(&self, path: &str) -> Result<(String, String), String> {
-        object_names(self.namespace.as_deref(), &self.name).map_err(|m| format!("{path}{m}"))
-    }
+/// The object's namespace and name, checked, errors prefixed with `path`.
+fn names(meta: &Meta, path: &str) -> Result<(String, String), String> {
+    meta.names().map_err(|m| format!("{path}{m}"))
 }
 
 #[derive(Deserialize)]
@@ -335,7 +301,7 @@ struct RawClientIpConfig {
 
 impl RawService {
     fn into_service(self, path: &str) -> Result<Service, String> {
-        let (namespace, name) = self.metadata.names(path)?;
+        let (namespace, name) = names(&self.metadata, path)?;
         if !is_dns_label(&name) {
             return Err(format!(
                 "{path}metadata.name {name:?} is not a valid service name (a DNS label: \
@@ -785,7 +751,7 @@ struct RawSlicePort {
 
 impl RawSlice {
     fn into_slice(self, path: &str) -> Result<EndpointSlice, String> {
-        let (namespace, name) = self.metadata.names(path)?;
+        let (namespace, name) = names(&self.metadata, path)?;
         let labels: Labels = self.metadata.labels.unwrap_or_default();
         let service = match labels.get(SERVICE_NAME_LABEL) {
             Some(s) if is_dns_label(s) => s.clone(),
