@@ -403,7 +403,7 @@ fn start(
         None => None,
         Some(lower) => {
             let o = Overlay {
-                lower: lower.clone(),
+                lower: vec![lower.clone()],
                 upper: dir.join("upper"),
                 work: dir.join("work"),
                 userxattr: state.userns,
