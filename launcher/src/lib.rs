@@ -8,6 +8,7 @@ pub mod init;
 pub mod lifecycle;
 pub mod limits;
 pub mod ports;
+pub mod process;
 pub mod rootfs;
 pub mod run;
 pub mod security;
