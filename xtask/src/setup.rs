@@ -15,6 +15,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// containernetworking-plugins (the reference `bridge`/`host-local` baseline), procps,
 /// iputils-ping (the tests' and the demo's pings), curl (the API is plain HTTP on a socket),
 /// crun and runc (the OCI runtimes `hypha run` is compared with in `bench launcher`),
+/// podman (the container engine `hypha run --image` and `hypha image import` are compared
+/// with there),
 /// bpftool (the soak reads the pinned maps with it), etcd-server (the cluster store the
 /// cluster tests, demo and benchmark start on a free loopback port), protobuf-compiler
 /// (`protoc`, which the etcd client's build compiles etcd's API with).
@@ -28,6 +30,7 @@ const PACKAGES: &[&str] = &[
     "curl",
     "crun",
     "runc",
+    "podman",
     "bpftool",
     "etcd-server",
     "protobuf-compiler",
