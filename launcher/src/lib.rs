@@ -4,6 +4,7 @@
 pub mod cgroup;
 pub mod cli;
 pub mod cni;
+pub mod image;
 pub mod init;
 pub mod lifecycle;
 pub mod limits;

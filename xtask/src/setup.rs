@@ -19,7 +19,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// with there),
 /// bpftool (the soak reads the pinned maps with it), etcd-server (the cluster store the
 /// cluster tests, demo and benchmark start on a free loopback port), protobuf-compiler
-/// (`protoc`, which the etcd client's build compiles etcd's API with).
+/// (`protoc`, which the etcd client's build compiles etcd's API with), busybox-static (the
+/// base layer of the test images `hypha image import` and `hypha run --image` are tested with).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
@@ -34,6 +35,7 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "etcd-server",
     "protobuf-compiler",
+    "busybox-static",
 ];
 
 pub fn setup() -> Result<()> {
