@@ -178,14 +178,24 @@ fn finish(
     })
 }
 
-/// The launcher's default environment, under the image's and `-e`.
+/// The launcher's default environment, under the image's and `-e` (`HOME` comes last,
+/// from the user: [`ensure_home`]).
 pub fn base_env(hostname: &str) -> Vec<String> {
     vec![
         format!("PATH={DEFAULT_PATH}"),
         format!("HOSTNAME={hostname}"),
-        "HOME=/root".to_owned(),
         "container=hypha".to_owned(),
     ]
+}
+
+/// Adds `HOME` unless the image or `-e` set it: the user's home from passwd, else `/root`
+/// for root and `/` for anyone else (docker's rule).
+pub fn ensure_home(env: &mut Vec<String>, home: Option<&str>, uid: u32) {
+    if env.iter().any(|e| e.starts_with("HOME=")) {
+        return;
+    }
+    let home = home.unwrap_or(if uid == 0 { "/root" } else { "/" });
+    env.push(format!("HOME={home}"));
 }
 
 /// A resolved user.
@@ -310,7 +320,6 @@ mod tests {
             [
                 "PATH=/app/bin",
                 "HOSTNAME=c1",
-                "HOME=/root",
                 "container=hypha",
                 "MODE=prod"
             ]
@@ -398,9 +407,9 @@ mod tests {
             [
                 "PATH=/app/bin",
                 "HOSTNAME=c1",
-                "HOME=/home/x",
                 "container=hypha",
                 "MODE=test",
+                "HOME=/home/x",
                 "EXTRA=a=b",
                 "FROMHOST=h"
             ]
@@ -472,6 +481,22 @@ mod tests {
             merge(None, &o, &base(), no_host).unwrap().argv,
             ["/bin/echo", "hi"]
         );
+    }
+
+    #[test]
+    fn home_from_the_user_unless_set() {
+        let mut env = base();
+        ensure_home(&mut env, None, 0);
+        assert_eq!(env.last().unwrap(), "HOME=/root");
+        let mut env = base();
+        ensure_home(&mut env, None, 1000);
+        assert_eq!(env.last().unwrap(), "HOME=/");
+        let mut env = base();
+        ensure_home(&mut env, Some("/var/www"), 33);
+        assert_eq!(env.last().unwrap(), "HOME=/var/www");
+        let mut env = vec!["HOME=/x".to_owned()];
+        ensure_home(&mut env, Some("/var/www"), 33);
+        assert_eq!(env, ["HOME=/x"]);
     }
 
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n\
