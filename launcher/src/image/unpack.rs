@@ -474,3 +474,334 @@ pub fn get_xattr(path: &Path, name: &str) -> io::Result<Option<Vec<u8>>> {
         Err(e)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+
+    use super::*;
+
+    /// A tar of entries: (path, type, mode, uid, contents or link target).
+    fn tar(entries: &[(&str, tar::EntryType, u32, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, kind, mode, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_mode(*mode);
+            h.set_uid(1234);
+            h.set_gid(5678);
+            h.set_mtime(1_600_000_000);
+            let name = &mut h.as_old_mut().name;
+            name[..path.len()].copy_from_slice(path.as_bytes());
+            if matches!(kind, tar::EntryType::Symlink | tar::EntryType::Link) {
+                h.as_old_mut().linkname[..data.len()].copy_from_slice(data);
+                h.set_size(0);
+                h.set_cksum();
+                b.append(&h, std::io::empty()).unwrap();
+            } else {
+                h.set_size(data.len() as u64);
+                h.set_cksum();
+                b.append(&h, *data).unwrap();
+            }
+        }
+        b.into_inner().unwrap()
+    }
+
+    const DIR: tar::EntryType = tar::EntryType::Directory;
+    const FILE: tar::EntryType = tar::EntryType::Regular;
+    const SYMLINK: tar::EntryType = tar::EntryType::Symlink;
+    const LINK: tar::EntryType = tar::EntryType::Link;
+
+    fn run(
+        bytes: &[u8],
+        max_bytes: u64,
+        privileged: bool,
+    ) -> (tempfile::TempDir, Result<u64, ImageError>) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dest = tmp.path().join("layer");
+        std::fs::create_dir(&dest).unwrap();
+        let r = unpack(
+            bytes,
+            &dest,
+            "sha256:test",
+            &UnpackOptions {
+                max_bytes,
+                privileged,
+            },
+        );
+        (tmp, r)
+    }
+
+    fn refused(bytes: &[u8], privileged: bool) -> String {
+        let (_tmp, r) = run(bytes, 1 << 20, privileged);
+        let e = r.expect_err("refused");
+        assert!(matches!(e, ImageError::Hostile { .. }), "{e}");
+        e.to_string()
+    }
+
+    fn root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn entry_paths() {
+        assert_eq!(entry_path(b"./a/b").unwrap(), Some(PathBuf::from("a/b")));
+        assert_eq!(
+            entry_path(b"/etc//x").unwrap(),
+            Some(PathBuf::from("etc/x"))
+        );
+        assert_eq!(entry_path(b"./").unwrap(), None);
+        assert_eq!(entry_path(b"/").unwrap(), None);
+        assert!(entry_path(b"a/../b").is_err());
+        assert!(entry_path(b"../x").is_err());
+    }
+
+    #[test]
+    fn symlink_targets() {
+        let at = |l: &str, t: &str| symlink_escapes(Path::new(l), t.as_bytes());
+        assert!(!at("bin/sh", "busybox"));
+        assert!(!at("bin/sh", "../usr/bin/x"));
+        assert!(!at("bin/sh", "/usr/bin/busybox"));
+        assert!(!at("a/b/c", "../../x"));
+        assert!(at("a/b/c", "../../../x"));
+        assert!(at("x", ".."));
+        assert!(at("x", "/../etc"));
+        assert!(at("a/x", "./../../etc"));
+        assert!(!at("a/x", "b/../../a"));
+    }
+
+    #[test]
+    fn dotdot_entry_is_refused() {
+        let e = refused(&tar(&[("a/../../evil", FILE, 0o644, b"x")]), false);
+        assert!(e.contains("a/../../evil") && e.contains("`..`"), "{e}");
+    }
+
+    #[test]
+    fn absolute_entry_is_taken_from_the_layer_root() {
+        let (tmp, r) = run(&tar(&[("/etc/hosts", FILE, 0o644, b"x")]), 1 << 20, false);
+        r.unwrap();
+        assert_eq!(
+            std::fs::read(tmp.path().join("layer/etc/hosts")).unwrap(),
+            b"x"
+        );
+    }
+
+    #[test]
+    fn escaping_symlink_is_refused() {
+        let e = refused(
+            &tar(&[
+                ("etc", DIR, 0o755, b""),
+                ("etc/evil", SYMLINK, 0o777, b"../../tmp"),
+            ]),
+            false,
+        );
+        assert!(
+            e.contains("outside the layer") && e.contains("etc/evil"),
+            "{e}"
+        );
+        // Inside the layer, relative or absolute: kept as written.
+        let (tmp, r) = run(
+            &tar(&[
+                ("bin/busybox", FILE, 0o755, b"x"),
+                ("bin/sh", SYMLINK, 0o777, b"busybox"),
+                ("usr/bin/sh", SYMLINK, 0o777, b"/bin/busybox"),
+            ]),
+            1 << 20,
+            false,
+        );
+        r.unwrap();
+        let l = tmp.path().join("layer");
+        assert_eq!(
+            std::fs::read_link(l.join("bin/sh")).unwrap(),
+            Path::new("busybox")
+        );
+        assert_eq!(
+            std::fs::read_link(l.join("usr/bin/sh")).unwrap(),
+            Path::new("/bin/busybox")
+        );
+    }
+
+    #[test]
+    fn nothing_is_written_through_a_symlink() {
+        let e = refused(
+            &tar(&[
+                ("sub", DIR, 0o755, b""),
+                ("lnk", SYMLINK, 0o777, b"sub"),
+                ("lnk/x", FILE, 0o644, b"x"),
+            ]),
+            false,
+        );
+        assert!(e.contains("parent lnk is a symlink"), "{e}");
+        // A file entry over a symlink replaces the link, never writes its target.
+        let (tmp, r) = run(
+            &tar(&[
+                ("target", FILE, 0o644, b"old"),
+                ("lnk", SYMLINK, 0o777, b"target"),
+                ("lnk", FILE, 0o644, b"new"),
+            ]),
+            1 << 20,
+            false,
+        );
+        r.unwrap();
+        let l = tmp.path().join("layer");
+        assert_eq!(std::fs::read(l.join("target")).unwrap(), b"old");
+        assert!(std::fs::symlink_metadata(l.join("lnk")).unwrap().is_file());
+    }
+
+    #[test]
+    fn hard_links_must_name_an_earlier_file_of_the_layer() {
+        let e = refused(&tar(&[("x", LINK, 0o644, b"/etc/shadow")]), false);
+        assert!(e.contains("not an earlier file of this layer"), "{e}");
+        let e = refused(&tar(&[("x", LINK, 0o644, b"../outside")]), false);
+        assert!(e.contains("not an earlier file"), "{e}");
+        let e = refused(
+            &tar(&[
+                ("d", DIR, 0o755, b""),
+                ("l", SYMLINK, 0o777, b"d"),
+                ("d/f", FILE, 0o644, b"x"),
+                ("x", LINK, 0o644, b"l/f"),
+            ]),
+            false,
+        );
+        assert!(e.contains("not an earlier file"), "{e}");
+        let (tmp, r) = run(
+            &tar(&[("a", FILE, 0o644, b"x"), ("b", LINK, 0o644, b"a")]),
+            1 << 20,
+            false,
+        );
+        r.unwrap();
+        let l = tmp.path().join("layer");
+        assert_eq!(
+            std::fs::metadata(l.join("a")).unwrap().ino(),
+            std::fs::metadata(l.join("b")).unwrap().ino()
+        );
+    }
+
+    #[test]
+    fn devices_need_privilege_fifos_do_not() {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Char);
+        h.set_mode(0o666);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(0);
+        h.set_device_major(1).unwrap();
+        h.set_device_minor(3).unwrap();
+        b.append_data(&mut h, "dev/null", std::io::empty()).unwrap();
+        let dev = b.into_inner().unwrap();
+        let e = refused(&dev, false);
+        assert!(e.contains("dev/null") && e.contains("--privileged"), "{e}");
+        if root() {
+            let (tmp, r) = run(&dev, 1 << 20, true);
+            r.unwrap();
+            let m = std::fs::symlink_metadata(tmp.path().join("layer/dev/null")).unwrap();
+            assert!(m.file_type().is_char_device());
+            assert_eq!(m.rdev(), nix::sys::stat::makedev(1, 3));
+        }
+        let (tmp, r) = run(
+            &tar(&[("p", tar::EntryType::Fifo, 0o600, b"")]),
+            1 << 20,
+            false,
+        );
+        r.unwrap();
+        let m = std::fs::symlink_metadata(tmp.path().join("layer/p")).unwrap();
+        assert!(m.file_type().is_fifo());
+    }
+
+    #[test]
+    fn setuid_is_stripped_unless_privileged() {
+        let t = tar(&[("su", FILE, 0o4755, b"x"), ("sg", DIR, 0o2775, b"")]);
+        let (tmp, r) = run(&t, 1 << 20, false);
+        r.unwrap();
+        let mode = |p: &str| {
+            std::fs::metadata(tmp.path().join("layer").join(p))
+                .unwrap()
+                .mode()
+                & 0o7777
+        };
+        assert_eq!(mode("su"), 0o755);
+        assert_eq!(mode("sg"), 0o775);
+        if root() {
+            let (tmp, r) = run(&t, 1 << 20, true);
+            r.unwrap();
+            let m = std::fs::metadata(tmp.path().join("layer/su"))
+                .unwrap()
+                .mode();
+            assert_eq!(m & 0o7777, 0o4755);
+        }
+    }
+
+    #[test]
+    fn owners_modes_and_times_are_kept() {
+        let (tmp, r) = run(
+            &tar(&[
+                ("d", DIR, 0o750, b""),
+                ("d/f", FILE, 0o640, b"abc"),
+                ("d/l", SYMLINK, 0o777, b"f"),
+            ]),
+            1 << 20,
+            false,
+        );
+        assert_eq!(r.unwrap(), 3);
+        let l = tmp.path().join("layer");
+        for (p, mode) in [("d", 0o750), ("d/f", 0o640)] {
+            let m = std::fs::metadata(l.join(p)).unwrap();
+            assert_eq!(m.mode() & 0o7777, mode, "{p}");
+            assert_eq!(m.mtime(), 1_600_000_000, "{p}");
+            if root() {
+                assert_eq!((m.uid(), m.gid()), (1234, 5678), "{p}");
+            }
+        }
+        let m = std::fs::symlink_metadata(l.join("d/l")).unwrap();
+        assert_eq!(m.mtime(), 1_600_000_000);
+    }
+
+    #[test]
+    fn a_layer_over_the_limit_is_refused() {
+        let big = vec![0u8; 5000];
+        let (_tmp, r) = run(
+            &tar(&[("a", FILE, 0o644, &big), ("b", FILE, 0o644, &big)]),
+            8000,
+            false,
+        );
+        let e = r.unwrap_err();
+        assert!(matches!(e, ImageError::TooLarge { limit: 8000, .. }), "{e}");
+        let e = e.to_string();
+        assert!(e.contains("sha256:test") && e.contains("8000 bytes"), "{e}");
+        let (_tmp, r) = run(&tar(&[("a", FILE, 0o644, &big)]), 5000, false);
+        assert_eq!(r.unwrap(), 5000, "exactly the limit is allowed");
+    }
+
+    #[test]
+    fn whiteouts_become_overlayfs_whiteouts() {
+        if !root() {
+            eprintln!("skipped: whiteouts (mknod, trusted.* xattrs) need root");
+            return;
+        }
+        let (tmp, r) = run(
+            &tar(&[
+                ("etc", DIR, 0o755, b""),
+                ("etc/.wh.passwd", FILE, 0o644, b""),
+                ("data", DIR, 0o755, b""),
+                ("data/.wh..wh..opq", FILE, 0o644, b""),
+                ("data/new", FILE, 0o644, b"n"),
+            ]),
+            1 << 20,
+            false,
+        );
+        r.unwrap();
+        let l = tmp.path().join("layer");
+        let m = std::fs::symlink_metadata(l.join("etc/passwd")).unwrap();
+        assert!(m.file_type().is_char_device());
+        assert_eq!((m.rdev(), m.uid(), m.gid()), (0, 0, 0));
+        assert!(!l.join("etc/.wh.passwd").exists());
+        assert_eq!(
+            get_xattr(&l.join("data"), OPAQUE_XATTR).unwrap().as_deref(),
+            Some(&b"y"[..])
+        );
+        assert!(!l.join("data/.wh..wh..opq").exists());
+        assert_eq!(get_xattr(&l.join("etc"), OPAQUE_XATTR).unwrap(), None);
+    }
+}
