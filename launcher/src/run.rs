@@ -169,11 +169,15 @@ fn prepare(o: &RunOptions) -> Result<Prepared, RunError> {
     let image = match &o.image {
         None => None,
         Some(reference) => {
-            let store = Store::open(&o.image_dir)?;
-            Some(store.resolve(reference)?)
+            // Absolute: the layer directories are recorded in the state and mounted by the
+            // init.
+            let dir = std::path::absolute(&o.image_dir)
+                .map_err(io_err(format!("--image-dir {}", o.image_dir.display())))?;
+            let store = Store::open(&dir)?;
+            Some((store.resolve(reference)?, dir))
         }
     };
-    let image_process = image.as_ref().map(|i| ImageProcess {
+    let image_process = image.as_ref().map(|(i, _)| ImageProcess {
         reference: format!("{}:{}", i.name, i.tag),
         entrypoint: i.config.entrypoint.clone(),
         cmd: i.config.cmd.clone(),
@@ -196,7 +200,7 @@ fn prepare(o: &RunOptions) -> Result<Prepared, RunError> {
     )?;
     // The container's root as directories, topmost first.
     let roots: Vec<PathBuf> = match (&image, &o.rootfs) {
-        (Some(i), _) => i.layers.iter().rev().cloned().collect(),
+        (Some((i, _)), _) => i.layers.iter().rev().cloned().collect(),
         (None, Some(r)) => vec![r.clone()],
         (None, None) => vec![PathBuf::from("/")],
     };
@@ -288,10 +292,10 @@ fn prepare(o: &RunOptions) -> Result<Prepared, RunError> {
         security,
         userns: o.userns,
         rootfs: o.rootfs.clone(),
-        image: image.map(|i| ImageState {
+        image: image.map(|(i, store)| ImageState {
             id: i.id,
             reference: format!("{}:{}", i.name, i.tag),
-            store: o.image_dir.clone(),
+            store,
             layers: i.layers.into_iter().rev().collect(),
         }),
         env: process.env,
@@ -808,6 +812,29 @@ mod tests {
                 ..o.clone()
             })
             .contains("\"absent\" of network \"x\" not found in CNI_PATH")
+        );
+        assert!(
+            err(RunOptions {
+                image: Some("absent:1".into()),
+                image_dir: tmp.path().join("images"),
+                command: vec![],
+                ..o.clone()
+            })
+            .contains("absent")
+        );
+        assert!(
+            err(RunOptions {
+                env: vec!["=x".into()],
+                ..o.clone()
+            })
+            .contains("invalid -e \"=x\"")
+        );
+        assert!(
+            err(RunOptions {
+                user: Some("no-such-user-here".into()),
+                ..o.clone()
+            })
+            .contains("\"no-such-user-here\" not found in the container's /etc/passwd")
         );
         assert!(!tmp.path().join("run").exists(), "nothing made");
     }

@@ -65,9 +65,17 @@ pub struct Options {
     /// A short run: fewer starts, a smaller image, one import each.
     #[arg(long)]
     quick: bool,
+    /// Directory of the `hypha`, `hypha-cni` and `image-archive` binaries (default
+    /// `target/release`; then the release build is skipped).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
 }
 
 impl Options {
+    /// Whether `--bin-dir` was given.
+    pub fn has_bin_dir(&self) -> bool {
+        self.bin_dir.is_some()
+    }
     fn runs(&self) -> u32 {
         self.runs.unwrap_or(if self.quick { 5 } else { 50 })
     }
@@ -302,7 +310,10 @@ pub fn run(o: &Options) -> Result<()> {
     let root = workspace_root();
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let bin = root.join("target/release");
+    let bin = o
+        .bin_dir
+        .clone()
+        .unwrap_or_else(|| root.join("target/release"));
     private_mount_namespace()?;
     let td = Teardown::install()?;
     let uniq = std::process::id();
@@ -1046,6 +1057,7 @@ mod tests {
             import_mb: None,
             import_rounds: None,
             quick: false,
+            bin_dir: None,
         }
     }
 
