@@ -301,6 +301,20 @@ fn private_mount_namespace() -> Result<()> {
                 libc::umount2(c"/sys/fs/cgroup/unified".as_ptr(), libc::MNT_DETACH),
                 "unmounting /sys/fs/cgroup/unified",
             )?;
+            // An empty tmpfs of this namespace's own in its place: what podman writes
+            // there (its v2 parent cgroup, as plain files) vanishes with the namespace
+            // instead of landing on the host's /sys/fs/cgroup, where crun would then see
+            // a hybrid layout.
+            check(
+                libc::mount(
+                    c"tmpfs".as_ptr(),
+                    c"/sys/fs/cgroup/unified".as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    0,
+                    c"mode=755".as_ptr().cast(),
+                ),
+                "mounting a private tmpfs on /sys/fs/cgroup/unified",
+            )?;
         }
     }
     Ok(())
@@ -500,6 +514,9 @@ pub fn run(o: &Options) -> Result<()> {
 
     let mut errors = vec![];
     println!("==> cleaning up");
+    if kinds.contains(&Kind::Podman) {
+        errors.extend(remove_podman_parent_cgroups());
+    }
     // Mounts under the bench's directory (the bundle's overlay, anything a runtime left)
     // must go before the directory: deepest first.
     errors.extend(unmount_under(&tmp));
@@ -515,6 +532,36 @@ pub fn run(o: &Options) -> Result<()> {
         chart(&report),
         &report.errors,
     )
+}
+
+/// podman (cgroupfs) leaves its parent cgroup `libpod_parent` in every v1 hierarchy:
+/// removed once empty, deepest first.
+fn remove_podman_parent_cgroups() -> Vec<String> {
+    let mut errors = vec![];
+    let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return errors;
+    };
+    for h in hierarchies.filter_map(|e| e.ok()) {
+        let parent = h.path().join("libpod_parent");
+        if !parent.is_dir() {
+            continue;
+        }
+        let mut dirs = vec![parent.clone()];
+        if let Ok(children) = std::fs::read_dir(&parent) {
+            dirs.extend(
+                children
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir()),
+            );
+        }
+        for d in dirs.iter().rev() {
+            if let Err(e) = std::fs::remove_dir(d) {
+                errors.push(format!("removing podman's cgroup {}: {e}", d.display()));
+            }
+        }
+    }
+    errors
 }
 
 /// Unmounts every mount of this mount namespace under `dir`, deepest first.
