@@ -541,7 +541,11 @@ fn remove_podman_parent_cgroups() -> Vec<String> {
     let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
         return errors;
     };
-    for h in hierarchies.filter_map(|e| e.ok()) {
+    // `unified` is the bench's private tmpfs here: it goes with the namespace.
+    for h in hierarchies
+        .filter_map(|e| e.ok())
+        .filter(|h| h.file_name() != "unified")
+    {
         let parent = h.path().join("libpod_parent");
         if !parent.is_dir() {
             continue;
