@@ -8,10 +8,18 @@
 //!   temporary file inside the store, fsynced and renamed into place.
 //! - `layers/<diff-id hex>/`: a layer unpacked into a temporary directory and renamed into
 //!   place when complete; an existing layer directory is reused and never written again.
-//! - `images/<id hex>.json`: one record per image (name, tag, manifest and config digests);
-//!   written under `lock` (an `flock`), which serialises index changes.
+//! - `images/by-id/<id hex>.json`: one record per image (manifest digest, layer blobs,
+//!   diff ids, size, created), and `images/names.json`: `NAME:TAG` → image id. Both are
+//!   replaced atomically under `lock` (an `flock`), which serialises every index change
+//!   (import's final step, `rm`, holds).
 //! - `holds/<image hex>/<container id>`: a container using the image; the file holds the
-//!   container's run directory.
+//!   container's run directory. A hold counts while that run directory has a container of
+//!   that id or name, or while the hold is younger than a minute (the launcher holds the
+//!   image before the container's state exists); others are stale and swept.
+//!
+//! An image's id is `sha256:<config digest>`; one image may have several names. `rm` by name
+//! drops that name, `rm` by id (or id prefix) every name; the image's record goes with its
+//! last name, and then every blob and layer no remaining image uses.
 //! - `tmp/`: imports in progress; removed when an import fails.
 //!
 //! Unpacking is hostile-input safe; the rules (in [`unpack`]):
@@ -282,7 +290,9 @@ impl<R: Read> Read for Hashing<R> {
 
 /// A file written whole, fsynced and renamed into place.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
-    let tmp = path.with_extension("tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
     f.write_all(bytes).map_err(io_err("writing", &tmp))?;
     f.sync_all().map_err(io_err("syncing", &tmp))?;
@@ -609,6 +619,7 @@ impl Store {
             })?;
             out.push(self.stored(&hex)?.record(name, tag));
         }
+        out.sort_by(|a, b| (&a.name, &a.tag).cmp(&(&b.name, &b.tag)));
         Ok(out)
     }
 
