@@ -305,23 +305,16 @@ fn rm_removes_what_no_other_image_uses_and_is_refused_while_held() {
     // An old hold whose container exists still counts.
     let state_dir = run_dir.join("c1");
     std::fs::create_dir_all(&state_dir).expect("state dir");
-    let state = hypha_launcher::state::State {
-        id: "c1".into(),
-        name: "c1".into(),
-        namespace: "default".into(),
-        command: vec!["/bin/true".into()],
-        status: hypha_launcher::state::Status::Running,
-        init: None,
-        monitor: None,
-        exit_code: None,
-        detached: false,
-        created: 1,
-        cgroup: None,
-        network: None,
-        security: hypha_launcher::security::Security::new(false, &[], &[]).expect("security"),
-        userns: false,
-        rootfs: None,
-    };
+    // From JSON, so that fields the state gains later (with defaults) need no change here.
+    let security = hypha_launcher::security::Security::new(false, &[], &[]).expect("security");
+    let state: hypha_launcher::state::State = serde_json::from_value(serde_json::json!({
+        "id": "c1", "name": "c1", "namespace": "default", "command": ["/bin/true"],
+        "status": "running", "init": null, "monitor": null, "exit_code": null,
+        "detached": false, "created": 1, "cgroup": null, "network": null,
+        "security": serde_json::to_value(security).expect("security serializes"),
+        "userns": false, "rootfs": null,
+    }))
+    .expect("a container state");
     hypha_launcher::state::RunDir(run_dir.clone())
         .save(&state)
         .expect("save the state");
