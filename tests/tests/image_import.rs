@@ -188,6 +188,9 @@ fn two_concurrent_imports_of_one_image_both_succeed() {
     assert_eq!(leftovers, 0, "no temporary directory is left");
 }
 
+/// Writes an image source at a path.
+type Writer<'a> = Box<dyn Fn(&Path) + 'a>;
+
 #[test]
 fn hostile_and_broken_images_are_refused_and_leave_nothing() {
     require_root!();
@@ -199,7 +202,8 @@ fn hostile_and_broken_images_are_refused_and_leave_nothing() {
 
     let not_image = work.path().join("not-an-image");
     std::fs::write(&not_image, b"hello").expect("write");
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>, Vec<&str>, &str)> = vec![
+    // (what, how the source is written, extra import flags, the expected message)
+    let cases: Vec<(&str, Writer<'_>, Vec<&str>, &str)> = vec![
         (
             "tampered layer blob",
             Box::new(|p| {

@@ -37,7 +37,9 @@
 //!   layer that exceeds it is refused, naming the layer and the limit.
 //! - Whiteouts become overlayfs' form: `.wh.NAME` a 0/0 character device `NAME`,
 //!   `.wh..wh..opq` the xattr `trusted.overlay.opaque=y` on its directory.
-//! - Owners (uid, gid), modes and mtimes are kept.
+//! - Owners (uid, gid), modes and mtimes are kept. Extended attributes of the layer's
+//!   entries are not (an image must never set `trusted.overlay.*`; file capabilities are
+//!   lost too).
 //!
 //! Any failure of an import (a digest that does not match, a hostile entry, a limit) leaves
 //! nothing new in the store.
