@@ -965,3 +965,68 @@ fn syncfs(path: &Path) -> Result<(), ImageError> {
         Err(io_err("syncing", path)(io::Error::last_os_error()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references() {
+        let p = |r: &str| parse_reference(r).map_err(|e| e.to_string());
+        assert_eq!(p("busybox").unwrap(), ("busybox".into(), "latest".into()));
+        assert_eq!(p("web:1.2").unwrap(), ("web".into(), "1.2".into()));
+        assert_eq!(
+            p("localhost:5000/org/app").unwrap(),
+            ("localhost:5000/org/app".into(), "latest".into())
+        );
+        assert_eq!(
+            p("localhost:5000/app:v1").unwrap(),
+            ("localhost:5000/app".into(), "v1".into())
+        );
+        for (bad, why) in [
+            ("", "the name must"),
+            ("Bad Name", "the name must"),
+            ("-x", "the name must"),
+            ("a//b", "the name must"),
+            ("app:", "the tag must"),
+            ("app:.x", "the tag must"),
+            ("app@sha256:00", "digest references"),
+        ] {
+            let e = p(bad).unwrap_err();
+            assert!(
+                e.contains(why) && e.contains(&format!("{bad:?}")),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn ids() {
+        let hex = "ab".repeat(32);
+        assert_eq!(id_hex(&hex).as_deref(), Some(hex.as_str()));
+        assert_eq!(
+            id_hex(&format!("sha256:{hex}")).as_deref(),
+            Some(hex.as_str())
+        );
+        assert_eq!(id_hex("sha256:abc"), None);
+        assert_eq!(id_hex(&format!("sha512:{hex}")), None);
+        assert_eq!(id_hex(&"../".repeat(22)), None);
+    }
+
+    #[test]
+    fn an_empty_store_lists_nothing_and_finds_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Store::open(&tmp.path().join("images")).unwrap();
+        assert!(s.list().unwrap().is_empty());
+        let e = s.resolve("busybox").unwrap_err().to_string();
+        assert!(e.contains("no image \"busybox\""), "{e}");
+        let e = s.remove("abc").unwrap_err().to_string();
+        assert!(e.contains("no image \"abc\""), "{e}");
+        let e = s
+            .hold(&"ab".repeat(32), "c1", tmp.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no image"), "{e}");
+        s.release(&"ab".repeat(32), "c1").unwrap();
+    }
+}
