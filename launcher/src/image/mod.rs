@@ -552,8 +552,8 @@ impl Store {
             created: parsed.config_parsed.created().clone(),
         };
         syncfs(work.path())?;
-        self.commit(&stored, &name, &tag, &blobs, &layers, &reused)?;
-        Ok(stored.record(&name, &tag))
+        let in_effect = self.commit(&stored, &name, &tag, &blobs, &layers, &reused)?;
+        Ok(in_effect.record(&name, &tag))
     }
 
     /// Moves an import's verified blobs and layers into place and records the image.
@@ -565,7 +565,7 @@ impl Store {
         blobs: &Path,
         layers: &Path,
         reused: &[String],
-    ) -> Result<(), ImageError> {
+    ) -> Result<StoredImage, ImageError> {
         let _lock = self.lock()?;
         for diff_id in reused {
             if !self.layer(diff_id).is_dir() {
@@ -592,15 +592,24 @@ impl Store {
             }
         }
         let hex = sha256_hex(&stored.id).expect("a verified digest");
-        write_atomic(
-            &self.by_id(hex),
-            &serde_json::to_vec_pretty(stored).expect("a record serializes"),
-        )?;
+        // An image already stored (the same config, perhaps from another format) keeps its
+        // record; what this import brought that it does not use goes with the sweep below.
+        let in_effect = match self.stored(hex) {
+            Ok(existing) => existing,
+            Err(_) => {
+                write_atomic(
+                    &self.by_id(hex),
+                    &serde_json::to_vec_pretty(stored).expect("a record serializes"),
+                )?;
+                stored.clone()
+            }
+        };
         let mut names = self.names()?;
         names.insert(key(name, tag), stored.id.clone());
         self.write_names(&names)?;
         // A name moved off another image may have left it unused.
-        self.gc(&names)
+        self.gc(&names)?;
+        Ok(in_effect)
     }
 
     fn write_names(&self, names: &BTreeMap<String, String>) -> Result<(), ImageError> {
