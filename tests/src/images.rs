@@ -555,3 +555,61 @@ pub fn listing(root: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// A unique, temporary image store for one test (`--image-dir`), removed on drop, also when
+/// the test panics.
+pub struct ImageDir {
+    pub dir: std::path::PathBuf,
+}
+
+impl Default for ImageDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ImageDir {
+    pub fn new() -> Self {
+        let dir = std::env::temp_dir().join(crate::netns::unique_name("hypha-images"));
+        Self { dir }
+    }
+
+    /// `hypha ARGS --image-dir DIR` to completion.
+    pub fn hypha(&self, args: &[&str]) -> crate::launcher::Run {
+        let out = std::process::Command::new(crate::binary("hypha"))
+            .args(args)
+            .env("HYPHA_IMAGE_DIR", &self.dir)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("start hypha");
+        crate::launcher::Run {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// `hypha image import SRC ARGS...`.
+    pub fn import(&self, src: &Path, args: &[&str]) -> crate::launcher::Run {
+        let src = src.to_str().expect("a UTF-8 path");
+        let mut all = vec!["image", "import", src];
+        all.extend_from_slice(args);
+        self.hypha(&all)
+    }
+
+    /// `hypha image ls -o json`.
+    pub fn ls(&self) -> Vec<serde_json::Value> {
+        let out = self.hypha(&["image", "ls", "-o", "json"]);
+        serde_json::from_str::<serde_json::Value>(out.ok())
+            .unwrap_or_else(|e| panic!("image ls -o json is not JSON ({e}): {out:?}"))
+            .as_array()
+            .cloned()
+            .expect("image ls -o json is an array")
+    }
+}
+
+impl Drop for ImageDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

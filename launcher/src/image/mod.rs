@@ -8,10 +8,18 @@
 //!   temporary file inside the store, fsynced and renamed into place.
 //! - `layers/<diff-id hex>/`: a layer unpacked into a temporary directory and renamed into
 //!   place when complete; an existing layer directory is reused and never written again.
-//! - `images/<id hex>.json`: one record per image (name, tag, manifest and config digests);
-//!   written under `lock` (an `flock`), which serialises index changes.
+//! - `images/by-id/<id hex>.json`: one record per image (manifest digest, layer blobs,
+//!   diff ids, size, created), and `images/names.json`: `NAME:TAG` → image id. Both are
+//!   replaced atomically under `lock` (an `flock`), which serialises every index change
+//!   (import's final step, `rm`, holds).
 //! - `holds/<image hex>/<container id>`: a container using the image; the file holds the
-//!   container's run directory.
+//!   container's run directory. A hold counts while that run directory has a container of
+//!   that id or name, or while the hold is younger than a minute (the launcher holds the
+//!   image before the container's state exists); others are stale and swept.
+//!
+//! An image's id is `sha256:<config digest>`; one image may have several names. `rm` by name
+//! drops that name, `rm` by id (or id prefix) every name; the image's record goes with its
+//! last name, and then every blob and layer no remaining image uses.
 //! - `tmp/`: imports in progress; removed when an import fails.
 //!
 //! Unpacking is hostile-input safe; the rules (in [`unpack`]):
@@ -29,7 +37,9 @@
 //!   layer that exceeds it is refused, naming the layer and the limit.
 //! - Whiteouts become overlayfs' form: `.wh.NAME` a 0/0 character device `NAME`,
 //!   `.wh..wh..opq` the xattr `trusted.overlay.opaque=y` on its directory.
-//! - Owners (uid, gid), modes and mtimes are kept.
+//! - Owners (uid, gid), modes and mtimes are kept. Extended attributes of the layer's
+//!   entries are not (an image must never set `trusted.overlay.*`; file capabilities are
+//!   lost too).
 //!
 //! Any failure of an import (a digest that does not match, a hostile entry, a limit) leaves
 //! nothing new in the store.
@@ -282,7 +292,9 @@ impl<R: Read> Read for Hashing<R> {
 
 /// A file written whole, fsynced and renamed into place.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
-    let tmp = path.with_extension("tmp");
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
     f.write_all(bytes).map_err(io_err("writing", &tmp))?;
     f.sync_all().map_err(io_err("syncing", &tmp))?;
@@ -540,8 +552,8 @@ impl Store {
             created: parsed.config_parsed.created().clone(),
         };
         syncfs(work.path())?;
-        self.commit(&stored, &name, &tag, &blobs, &layers, &reused)?;
-        Ok(stored.record(&name, &tag))
+        let in_effect = self.commit(&stored, &name, &tag, &blobs, &layers, &reused)?;
+        Ok(in_effect.record(&name, &tag))
     }
 
     /// Moves an import's verified blobs and layers into place and records the image.
@@ -553,7 +565,7 @@ impl Store {
         blobs: &Path,
         layers: &Path,
         reused: &[String],
-    ) -> Result<(), ImageError> {
+    ) -> Result<StoredImage, ImageError> {
         let _lock = self.lock()?;
         for diff_id in reused {
             if !self.layer(diff_id).is_dir() {
@@ -580,15 +592,24 @@ impl Store {
             }
         }
         let hex = sha256_hex(&stored.id).expect("a verified digest");
-        write_atomic(
-            &self.by_id(hex),
-            &serde_json::to_vec_pretty(stored).expect("a record serializes"),
-        )?;
+        // An image already stored (the same config, perhaps from another format) keeps its
+        // record; what this import brought that it does not use goes with the sweep below.
+        let in_effect = match self.stored(hex) {
+            Ok(existing) => existing,
+            Err(_) => {
+                write_atomic(
+                    &self.by_id(hex),
+                    &serde_json::to_vec_pretty(stored).expect("a record serializes"),
+                )?;
+                stored.clone()
+            }
+        };
         let mut names = self.names()?;
         names.insert(key(name, tag), stored.id.clone());
         self.write_names(&names)?;
         // A name moved off another image may have left it unused.
-        self.gc(&names)
+        self.gc(&names)?;
+        Ok(in_effect)
     }
 
     fn write_names(&self, names: &BTreeMap<String, String>) -> Result<(), ImageError> {
@@ -609,6 +630,7 @@ impl Store {
             })?;
             out.push(self.stored(&hex)?.record(name, tag));
         }
+        out.sort_by(|a, b| (&a.name, &a.tag).cmp(&(&b.name, &b.tag)));
         Ok(out)
     }
 
@@ -950,5 +972,70 @@ fn syncfs(path: &Path) -> Result<(), ImageError> {
         Ok(())
     } else {
         Err(io_err("syncing", path)(io::Error::last_os_error()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references() {
+        let p = |r: &str| parse_reference(r).map_err(|e| e.to_string());
+        assert_eq!(p("busybox").unwrap(), ("busybox".into(), "latest".into()));
+        assert_eq!(p("web:1.2").unwrap(), ("web".into(), "1.2".into()));
+        assert_eq!(
+            p("localhost:5000/org/app").unwrap(),
+            ("localhost:5000/org/app".into(), "latest".into())
+        );
+        assert_eq!(
+            p("localhost:5000/app:v1").unwrap(),
+            ("localhost:5000/app".into(), "v1".into())
+        );
+        for (bad, why) in [
+            ("", "the name must"),
+            ("Bad Name", "the name must"),
+            ("-x", "the name must"),
+            ("a//b", "the name must"),
+            ("app:", "the tag must"),
+            ("app:.x", "the tag must"),
+            ("app@sha256:00", "digest references"),
+        ] {
+            let e = p(bad).unwrap_err();
+            assert!(
+                e.contains(why) && e.contains(&format!("{bad:?}")),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn ids() {
+        let hex = "ab".repeat(32);
+        assert_eq!(id_hex(&hex).as_deref(), Some(hex.as_str()));
+        assert_eq!(
+            id_hex(&format!("sha256:{hex}")).as_deref(),
+            Some(hex.as_str())
+        );
+        assert_eq!(id_hex("sha256:abc"), None);
+        assert_eq!(id_hex(&format!("sha512:{hex}")), None);
+        assert_eq!(id_hex(&"../".repeat(22)), None);
+    }
+
+    #[test]
+    fn an_empty_store_lists_nothing_and_finds_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let s = Store::open(&tmp.path().join("images")).unwrap();
+        assert!(s.list().unwrap().is_empty());
+        let e = s.resolve("busybox").unwrap_err().to_string();
+        assert!(e.contains("no image \"busybox\""), "{e}");
+        let e = s.remove("abc").unwrap_err().to_string();
+        assert!(e.contains("no image \"abc\""), "{e}");
+        let e = s
+            .hold(&"ab".repeat(32), "c1", tmp.path())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no image"), "{e}");
+        s.release(&"ab".repeat(32), "c1").unwrap();
     }
 }
