@@ -61,6 +61,9 @@ enum Command {
     Rm(launcher::RmArgs),
     /// Print the output of a detached container.
     Logs(launcher::LogsArgs),
+    /// Container images: import, list, remove.
+    #[command(subcommand, alias = "images")]
+    Image(hypha_launcher::image::cli::ImageCommand),
 }
 
 #[derive(Args)]
@@ -617,6 +620,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stop(args) => exit(launcher::stop(args)?),
         Command::Rm(args) => exit(launcher::rm(args)?),
         Command::Logs(args) => exit(launcher::logs(args)?),
+        Command::Image(cmd) => exit(hypha_launcher::image::cli::image(cmd)?),
     }
 }
 

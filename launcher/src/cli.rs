@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use crate::cni::{DEFAULT_CNI_PATH, DEFAULT_CONF_DIR};
+use crate::image::cli::ImageDirArg;
 use crate::lifecycle;
 use crate::limits::{self, LimitError, Limits};
 use crate::ports::{self, NamedPort};
@@ -93,8 +94,29 @@ pub struct RunArgs {
     pub rm: bool,
     /// Root filesystem directory (an overlay over it keeps it unchanged) [default: the
     /// host's root, read-only]
-    #[arg(long)]
+    #[arg(long, conflicts_with = "image")]
     pub rootfs: Option<PathBuf>,
+    /// Run an image of the store (`hypha image import`): NAME[:TAG] or ID; its layers
+    /// under an overlay, its Entrypoint, Cmd, Env, WorkingDir and User honoured.
+    #[arg(long, value_name = "NAME[:TAG]")]
+    pub image: Option<String>,
+    #[command(flatten)]
+    pub image_dir: ImageDirArg,
+    /// The program, replacing the image's Entrypoint (and dropping its Cmd); "" clears
+    /// it.
+    #[arg(long)]
+    pub entrypoint: Option<String>,
+    /// Set an environment variable, over the image's (KEY alone: the host's value;
+    /// repeatable).
+    #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// The command's working directory, made if missing [default: the image's, or /]
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    pub workdir: Option<String>,
+    /// Run as USER[:GROUP], names (from the container's /etc/passwd and /etc/group) or
+    /// numbers [default: the image's, or root]
+    #[arg(short = 'u', long = "user", value_name = "USER[:GROUP]")]
+    pub user: Option<String>,
     /// Every capability, no seccomp filter, no no_new_privs.
     #[arg(long)]
     pub privileged: bool,
@@ -109,7 +131,7 @@ pub struct RunArgs {
     pub userns: bool,
     #[command(flatten)]
     pub run_dir: RunDirArg,
-    /// The command and its arguments.
+    /// The command and its arguments (with --image: replacing the image's Cmd).
     #[arg(last = true)]
     pub command: Vec<String>,
 }
@@ -134,6 +156,12 @@ impl RunArgs {
             detach: self.detach,
             remove: self.rm,
             rootfs: self.rootfs,
+            image: self.image,
+            image_dir: self.image_dir.image_dir,
+            entrypoint: self.entrypoint,
+            env: self.env,
+            workdir: self.workdir,
+            user: self.user,
             privileged: self.privileged,
             cap_add: self.cap_add,
             cap_drop: self.cap_drop,
@@ -357,6 +385,39 @@ mod tests {
             let e = parse(args).unwrap_err();
             assert!(e.contains(msg), "{args:?}: {e}");
         }
+    }
+
+    #[test]
+    fn image_flags() {
+        let o = parse(&[
+            "--image",
+            "web:1",
+            "--image-dir",
+            "/s",
+            "--entrypoint",
+            "/bin/sh",
+            "-e",
+            "A=1",
+            "--env",
+            "B",
+            "-w",
+            "/srv",
+            "--user",
+            "www:staff",
+            "--",
+            "-c",
+            "echo",
+        ])
+        .unwrap();
+        assert_eq!(o.image.as_deref(), Some("web:1"));
+        assert_eq!(o.image_dir, PathBuf::from("/s"));
+        assert_eq!(o.entrypoint.as_deref(), Some("/bin/sh"));
+        assert_eq!(o.env, ["A=1", "B"]);
+        assert_eq!(o.workdir.as_deref(), Some("/srv"));
+        assert_eq!(o.user.as_deref(), Some("www:staff"));
+        assert_eq!(o.command, ["-c", "echo"]);
+        let e = parse(&["--image", "x", "--rootfs", "/r"]).unwrap_err();
+        assert!(e.contains("cannot be used with"), "{e}");
     }
 
     #[test]

@@ -6,10 +6,12 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::Read as _;
+use std::path::{Path, PathBuf};
 
 use nix::unistd::{ForkResult, Pid};
 use seccompiler::BpfProgram;
 
+use crate::process::User;
 use crate::rootfs::{self, Plan};
 use crate::security::Security;
 use crate::sys;
@@ -23,6 +25,10 @@ pub struct InitConfig {
     pub userns: bool,
     pub command: Vec<CString>,
     pub env: Vec<CString>,
+    /// The command's working directory (made if missing); `None` is `/`.
+    pub workdir: Option<PathBuf>,
+    /// The user the command runs as; `None` is root.
+    pub user: Option<User>,
 }
 
 /// The report the init sends when the command has started.
@@ -60,6 +66,11 @@ fn prepare(cfg: &InitConfig) -> Result<Pid, String> {
     nix::unistd::sethostname(&cfg.hostname).map_err(|e| format!("setting the hostname: {e}"))?;
     loopback_up().map_err(|e| format!("bringing up lo: {e}"))?;
     rootfs::setup(&rootfs::Linux, &cfg.rootfs).map_err(|e| e.to_string())?;
+    if let Some(wd) = &cfg.workdir {
+        // Made in the overlay's upper directory when the image lacks it (docker does so).
+        let _ = std::fs::create_dir_all(wd);
+        nix::unistd::chdir(wd).map_err(|e| format!("working directory {}: {e}", wd.display()))?;
+    }
     // SAFETY: prctl with a valid NUL-terminated name.
     unsafe { libc::prctl(libc::PR_SET_NAME, c"hypha-init".as_ptr(), 0, 0, 0) };
     cfg.security
@@ -68,30 +79,70 @@ fn prepare(cfg: &InitConfig) -> Result<Pid, String> {
     spawn(cfg)
 }
 
-/// Forks the command; reports an `execve` failure (errno through a close-on-exec pipe).
+/// Finds the program as the container sees it: a name without `/` on the container's
+/// own `PATH` (from its environment, not the launcher's), as a shell would.
+pub(crate) fn find_program(cmd: &std::ffi::CStr, env: &[CString]) -> Result<CString, String> {
+    let name = cmd.to_string_lossy();
+    if name.contains('/') {
+        return Ok(cmd.to_owned());
+    }
+    let path = env
+        .iter()
+        .find_map(|e| e.to_str().ok()?.strip_prefix("PATH="))
+        .unwrap_or(rootfs::DEFAULT_PATH);
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(&*name))
+        .find(|p| {
+            std::fs::metadata(p).is_ok_and(|m| m.is_file())
+                && nix::unistd::access(p, nix::unistd::AccessFlags::X_OK).is_ok()
+        })
+        .and_then(|p| CString::new(p.into_os_string().into_encoded_bytes()).ok())
+        .ok_or_else(|| format!("starting {name}: not found in the container's PATH {path}"))
+}
+
+/// Switches to `user` (its group alone as supplementary groups): the capabilities go with
+/// root, as for any setuid to a non-root user.
+pub(crate) fn become_user(user: User) -> Result<(), String> {
+    let gid = nix::unistd::Gid::from_raw(user.gid);
+    let uid = nix::unistd::Uid::from_raw(user.uid);
+    nix::unistd::setgroups(&[gid])
+        .and_then(|()| nix::unistd::setresgid(gid, gid, gid))
+        .and_then(|()| nix::unistd::setresuid(uid, uid, uid))
+        .map_err(|e| format!("switching to user {}:{}: {e}", user.uid, user.gid))
+}
+
+/// Forks the command; reports a failure of its last steps (user switch, `execve`) through
+/// a close-on-exec pipe.
 fn spawn(cfg: &InitConfig) -> Result<Pid, String> {
+    let program = find_program(&cfg.command[0], &cfg.env)?;
     let (mut r, w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
     // SAFETY: this process is single-threaded; the child only execs or exits.
     match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Child => {
             drop(r);
             sys::reset_signals();
-            let e = nix::unistd::execvpe(&cfg.command[0], &cfg.command, &cfg.env)
-                .expect_err("execvpe returns only on error");
-            sys::send(w, &(e as i32).to_string());
+            if let Some(user) = cfg.user
+                && let Err(msg) = become_user(user)
+            {
+                sys::send(w, &msg);
+                sys::exit_now(127)
+            }
+            let e = nix::unistd::execve(&program, &cfg.command, &cfg.env)
+                .expect_err("execve returns only on error");
+            sys::send(
+                w,
+                &format!("starting {}: {}", program.to_string_lossy(), e.desc()),
+            );
             sys::exit_now(127)
         }
         ForkResult::Parent { child } => {
             drop(w);
-            let mut errno = String::new();
-            let _ = r.read_to_string(&mut errno);
-            if let Ok(n) = errno.parse::<i32>() {
+            let mut msg = String::new();
+            let _ = r.read_to_string(&mut msg);
+            if !msg.is_empty() {
                 let _ = nix::sys::wait::waitpid(child, None);
-                return Err(format!(
-                    "starting {}: {}",
-                    cfg.command[0].to_string_lossy(),
-                    nix::errno::Errno::from_raw(n).desc()
-                ));
+                return Err(msg);
             }
             Ok(child)
         }

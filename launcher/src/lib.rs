@@ -4,10 +4,12 @@
 pub mod cgroup;
 pub mod cli;
 pub mod cni;
+pub mod image;
 pub mod init;
 pub mod lifecycle;
 pub mod limits;
 pub mod ports;
+pub mod process;
 pub mod rootfs;
 pub mod run;
 pub mod security;

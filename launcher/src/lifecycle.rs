@@ -11,7 +11,7 @@ use nix::unistd::{ForkResult, Pid};
 use serde::Serialize;
 
 use crate::cgroup;
-use crate::run::{RunError, container_env, io_err, release, sys_err, wait_gone};
+use crate::run::{RunError, container_env, io_err, release, remove_entry, sys_err, wait_gone};
 use crate::state::{RunDir, State, Status};
 use crate::sys;
 
@@ -166,8 +166,16 @@ pub fn rm(run: &RunDir, name: &str, force: bool) -> Result<(), RunError> {
     // On failure the entry stays, so that `hypha rm` can be tried again.
     release_now(run, name)?;
     let _lock = run.lock(name)?;
-    run.remove(name)?;
-    Ok(())
+    let state = run.load(name)?;
+    let errors = remove_entry(run, &state);
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(RunError::Release {
+            name: name.to_owned(),
+            errors,
+        })
+    }
 }
 
 /// `hypha logs`: the output of a detached container.
@@ -225,7 +233,7 @@ pub fn exec(run: &RunDir, name: &str, command: &[String]) -> Result<i32, RunErro
         .map(|a| CString::new(a.as_bytes()))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|_| RunError::NulInCommand)?;
-    let env = container_env(&state.name);
+    let env = container_env(&state)?;
     sys::block_signals().map_err(sys_err("blocking signals"))?;
     let (go_r, mut go_w) = sys::pipe().map_err(sys_err("pipe"))?;
     // SAFETY: this process is single-threaded; the child only does async-signal-safe work
@@ -250,14 +258,32 @@ pub fn exec(run: &RunDir, name: &str, command: &[String]) -> Result<i32, RunErro
             // SAFETY: as above.
             match unsafe { nix::unistd::fork() } {
                 Ok(ForkResult::Child) => {
-                    let _ = nix::unistd::chdir("/");
+                    let wd = state
+                        .workdir
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new("/"));
+                    let _ = nix::unistd::chdir(wd);
                     if let Err(e) = state.security.apply(&filters) {
                         eprintln!("hypha exec: {e}");
                         sys::exit_now(126);
                     }
+                    if let Some(user) = state.user
+                        && let Err(e) = crate::init::become_user(user)
+                    {
+                        eprintln!("hypha exec: {e}");
+                        sys::exit_now(126);
+                    }
                     sys::reset_signals();
-                    let e = nix::unistd::execvpe(&argv[0], &argv, &env)
-                        .expect_err("execvpe returns only on error");
+                    // Looked up in the container's mount namespace, on its PATH.
+                    let program = match crate::init::find_program(&argv[0], &env) {
+                        Ok(p) => p,
+                        Err(e) => {
+                            eprintln!("hypha exec: {e}");
+                            sys::exit_now(127)
+                        }
+                    };
+                    let e = nix::unistd::execve(&program, &argv, &env)
+                        .expect_err("execve returns only on error");
                     eprintln!("hypha exec: {}: {}", command[0], e.desc());
                     sys::exit_now(127)
                 }

@@ -39,36 +39,33 @@ pub const CPU_PERIOD_US: u64 = 100_000;
 /// container's init.
 pub fn parse_memory(value: &str) -> Result<u64, LimitError> {
     const FLAG: &str = "--memory";
+    let bytes = parse_bytes(FLAG, value)?;
+    if bytes < 4 << 20 {
+        return Err(bad(FLAG, value, "must be at least 4M"));
+    }
+    Ok(bytes)
+}
+
+/// A byte count for `flag` with an optional binary suffix `k`, `m`, `g`, `t` (`b` allowed
+/// after it, any case): `100M` is 100 MiB.
+pub fn parse_bytes(flag: &'static str, value: &str) -> Result<u64, LimitError> {
+    const EXPECTED: &str = "expected a number with an optional k, m, g or t suffix";
     let s = value.trim().to_ascii_lowercase();
     let s = s.strip_suffix('b').unwrap_or(&s);
     let (digits, shift) = match s.chars().last() {
         Some('k') => (&s[..s.len() - 1], 10),
         Some('m') => (&s[..s.len() - 1], 20),
         Some('g') => (&s[..s.len() - 1], 30),
+        Some('t') => (&s[..s.len() - 1], 40),
         Some(c) if c.is_ascii_digit() => (s, 0),
-        _ => {
-            return Err(bad(
-                FLAG,
-                value,
-                "expected a number with an optional k, m or g suffix",
-            ));
-        }
+        _ => return Err(bad(flag, value, EXPECTED)),
     };
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(bad(
-            FLAG,
-            value,
-            "expected a number with an optional k, m or g suffix",
-        ));
+        return Err(bad(flag, value, EXPECTED));
     }
-    let n: u64 = digits.parse().map_err(|_| bad(FLAG, value, "too large"))?;
-    let bytes = n
-        .checked_mul(1 << shift)
-        .ok_or_else(|| bad(FLAG, value, "too large"))?;
-    if bytes < 4 << 20 {
-        return Err(bad(FLAG, value, "must be at least 4M"));
-    }
-    Ok(bytes)
+    let n: u64 = digits.parse().map_err(|_| bad(flag, value, "too large"))?;
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| bad(flag, value, "too large"))
 }
 
 /// `--cpus`: a positive decimal number of CPUs (`0.5`, `2`), as a CFS quota in

@@ -1,5 +1,5 @@
 //! The container's filesystem, made inside its new mount namespace by its init: the host
-//! root bound read-only (or an overlay over `--rootfs`), a fresh `/proc` for the PID
+//! root bound read-only, or an overlay over `--rootfs` or an image's layers, a fresh `/proc` for the PID
 //! namespace, a read-only `/sys`, a minimal `/dev`, private writable `/tmp`, `/run` and
 //! `/var/tmp`, then `pivot_root` into it.
 
@@ -28,17 +28,67 @@ fn err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(nix::Error) -> Rootf
 pub struct Plan {
     /// An empty directory the new root is mounted on.
     pub root: PathBuf,
-    /// `--rootfs`: the overlay's lower directory, with `upper` and `work` beside it.
+    /// `--rootfs` or `--image`: the overlay, its upper and work directories in the
+    /// container's state directory.
     pub overlay: Option<Overlay>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Overlay {
-    pub lower: PathBuf,
+    /// The read-only lower directories, TOPMOST FIRST (overlayfs' order in `lowerdir=`):
+    /// `--rootfs` alone, or an image's layers from the last one down to its base.
+    pub lower: Vec<PathBuf>,
     pub upper: PathBuf,
     pub work: PathBuf,
     /// Mounted inside a user namespace.
     pub userxattr: bool,
+}
+
+/// The most `mount(2)` takes as its data: one page, NUL included. An overlay whose
+/// options do not fit is mounted through the new mount API instead.
+const MOUNT_DATA_MAX: usize = 4095;
+
+impl Overlay {
+    /// The `mount(2)` data of this overlay, or `None` when it cannot be given that way:
+    /// longer than a page (many layers), or with a path holding `,`, `:` or `\`, which
+    /// `lowerdir=` would need escaped.
+    pub fn mount_data(&self) -> Option<String> {
+        let paths = self.lower.iter().chain([&self.upper, &self.work]);
+        let plain = paths
+            .map(|p| p.as_os_str().as_encoded_bytes())
+            .all(|p| !p.iter().any(|b| matches!(b, b',' | b':' | b'\\')));
+        let lower = self
+            .lower
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":");
+        // In a user namespace overlayfs may not use trusted.* xattrs: user.* then.
+        let data = format!(
+            "lowerdir={lower},upperdir={},workdir={}{}",
+            self.upper.display(),
+            self.work.display(),
+            if self.userxattr { ",userxattr" } else { "" }
+        );
+        (plain && data.len() <= MOUNT_DATA_MAX).then_some(data)
+    }
+
+    /// The overlay's parameters for the new mount API, in order: one `lowerdir+` per
+    /// lower directory (topmost first, no escaping, no length limit; Linux 6.8+), the
+    /// upper and work directories, and the `userxattr` flag (`None` value).
+    pub fn fs_params(&self) -> Vec<(&'static str, Option<&Path>)> {
+        let mut params: Vec<(&'static str, Option<&Path>)> = self
+            .lower
+            .iter()
+            .map(|l| ("lowerdir+", Some(l.as_path())))
+            .collect();
+        params.push(("upperdir", Some(&self.upper)));
+        params.push(("workdir", Some(&self.work)));
+        if self.userxattr {
+            params.push(("userxattr", None));
+        }
+        params
+    }
 }
 
 /// Devices bound from the host into the container's `/dev`.
@@ -55,6 +105,15 @@ pub trait Syscall {
         flags: MsFlags,
         data: Option<&str>,
     ) -> Result<(), nix::Error>;
+    /// A filesystem mounted through the new mount API: `fsopen(fstype)`, one `fsconfig`
+    /// per parameter (a string, or a flag when the value is `None`), `FSCONFIG_CMD_CREATE`,
+    /// `fsmount` and `move_mount` onto `target`.
+    fn mount_fs_context(
+        &self,
+        fstype: &str,
+        params: &[(&str, Option<&Path>)],
+        target: &Path,
+    ) -> std::io::Result<()>;
     /// `mount_setattr(path, AT_RECURSIVE, MOUNT_ATTR_RDONLY)`.
     fn set_readonly_recursive(&self, path: &Path) -> std::io::Result<()>;
     fn create_file(&self, path: &Path) -> std::io::Result<()>;
@@ -78,6 +137,15 @@ impl Syscall for Linux {
         data: Option<&str>,
     ) -> Result<(), nix::Error> {
         mount(source, target, fstype, flags, data)
+    }
+
+    fn mount_fs_context(
+        &self,
+        fstype: &str,
+        params: &[(&str, Option<&Path>)],
+        target: &Path,
+    ) -> std::io::Result<()> {
+        fs_context_mount(fstype, params, target)
     }
 
     fn set_readonly_recursive(&self, path: &Path) -> std::io::Result<()> {
@@ -137,6 +205,115 @@ impl Syscall for Linux {
     }
 }
 
+fn cstring(s: impl AsRef<std::ffi::OsStr>) -> std::io::Result<std::ffi::CString> {
+    std::ffi::CString::new(s.as_ref().as_encoded_bytes()).map_err(std::io::Error::other)
+}
+
+/// Checks a raw system call's return value, giving back the value (a descriptor).
+fn syscall_ret(r: libc::c_long, what: &str) -> std::io::Result<libc::c_long> {
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(std::io::Error::new(e.kind(), format!("{what}: {e}")));
+    }
+    Ok(r)
+}
+
+/// The new mount API (no wrappers in nix or glibc 2.36): see [`Syscall::mount_fs_context`].
+fn fs_context_mount(
+    fstype: &str,
+    params: &[(&str, Option<&Path>)],
+    target: &Path,
+) -> std::io::Result<()> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+    const FSOPEN_CLOEXEC: libc::c_uint = 1;
+    const FSCONFIG_SET_FLAG: libc::c_uint = 0;
+    const FSCONFIG_SET_STRING: libc::c_uint = 1;
+    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+    const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+    let fstype_c = cstring(fstype)?;
+    // SAFETY: a valid C string; the returned descriptor is owned at once.
+    let fs = syscall_ret(
+        unsafe { libc::syscall(libc::SYS_fsopen, fstype_c.as_ptr(), FSOPEN_CLOEXEC) },
+        "fsopen",
+    )?;
+    // SAFETY: fsopen returned a new descriptor that nothing else owns.
+    let fs = unsafe { OwnedFd::from_raw_fd(fs as i32) };
+    for (key, value) in params {
+        let key_c = cstring(key)?;
+        let r = match value {
+            // SAFETY: a valid C string key, no value, on the open fs context.
+            None => unsafe {
+                libc::syscall(
+                    libc::SYS_fsconfig,
+                    fs.as_raw_fd(),
+                    FSCONFIG_SET_FLAG,
+                    key_c.as_ptr(),
+                    std::ptr::null::<libc::c_char>(),
+                    0,
+                )
+            },
+            Some(v) => {
+                let v_c = cstring(v)?;
+                // SAFETY: valid C strings for the key and value, on the open fs context.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_fsconfig,
+                        fs.as_raw_fd(),
+                        FSCONFIG_SET_STRING,
+                        key_c.as_ptr(),
+                        v_c.as_ptr(),
+                        0,
+                    )
+                }
+            }
+        };
+        let what = match value {
+            None => format!("{fstype} option {key}"),
+            Some(v) => format!("{fstype} option {key}={}", v.display()),
+        };
+        syscall_ret(r, &what)?;
+    }
+    // SAFETY: the command takes no key or value.
+    syscall_ret(
+        unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                fs.as_raw_fd(),
+                FSCONFIG_CMD_CREATE,
+                std::ptr::null::<libc::c_char>(),
+                std::ptr::null::<libc::c_char>(),
+                0,
+            )
+        },
+        &format!("creating the {fstype} filesystem"),
+    )?;
+    // SAFETY: fsmount on the created context; the descriptor is owned at once.
+    let mnt = syscall_ret(
+        unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, 0) },
+        "fsmount",
+    )?;
+    // SAFETY: fsmount returned a new descriptor that nothing else owns.
+    let mnt = unsafe { OwnedFd::from_raw_fd(mnt as i32) };
+    let target_c = cstring(target)?;
+    // SAFETY: the detached mount's descriptor, an empty path with F_EMPTY_PATH, a valid
+    // target C string.
+    syscall_ret(
+        unsafe {
+            libc::syscall(
+                libc::SYS_move_mount,
+                mnt.as_raw_fd(),
+                c"".as_ptr(),
+                libc::AT_FDCWD,
+                target_c.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH,
+            )
+        },
+        "move_mount",
+    )?;
+    Ok(())
+}
+
 fn mount_fs(
     sys: &dyn Syscall,
     fstype: &'static str,
@@ -179,15 +356,16 @@ pub fn setup(sys: &dyn Syscall, plan: &Plan) -> Result<(), RootfsError> {
                 })?;
         }
         Some(o) => {
-            // In a user namespace overlayfs may not use trusted.* xattrs: user.* then.
-            let data = format!(
-                "lowerdir={},upperdir={},workdir={}{}",
-                o.lower.display(),
-                o.upper.display(),
-                o.work.display(),
-                if o.userxattr { ",userxattr" } else { "" }
-            );
-            mount_fs(sys, "overlay", root, MsFlags::empty(), Some(&data))?;
+            match o.mount_data() {
+                Some(data) => mount_fs(sys, "overlay", root, MsFlags::empty(), Some(&data))?,
+                None => sys
+                    .mount_fs_context("overlay", &o.fs_params(), root)
+                    .map_err(|source| RootfsError {
+                        op: "mounting the overlay on",
+                        path: root.clone(),
+                        source,
+                    })?,
+            }
             for d in ["proc", "sys", "dev", "tmp", "run", "var/tmp"] {
                 sys.mkdir_all(&root.join(d));
             }
@@ -305,6 +483,29 @@ impl Syscall for Recorder {
         }
         Ok(())
     }
+    fn mount_fs_context(
+        &self,
+        fstype: &str,
+        params: &[(&str, Option<&Path>)],
+        target: &Path,
+    ) -> std::io::Result<()> {
+        let params: Vec<String> = params
+            .iter()
+            .map(|(k, v)| match v {
+                Some(v) => format!("{k}={}", v.display()),
+                None => (*k).to_owned(),
+            })
+            .collect();
+        self.calls.borrow_mut().push(format!(
+            "fsmount {fstype} {} {}",
+            target.display(),
+            params.join(" ")
+        ));
+        if self.fail_mount.is_some_and(|f| target.ends_with(f)) {
+            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        Ok(())
+    }
     fn set_readonly_recursive(&self, path: &Path) -> std::io::Result<()> {
         self.calls
             .borrow_mut()
@@ -405,7 +606,7 @@ mod tests {
     fn overlay_sequence() {
         let rec = Recorder::default();
         let o = Overlay {
-            lower: "/img".into(),
+            lower: vec!["/img".into()],
             upper: "/s/upper".into(),
             work: "/s/work".into(),
             userxattr: true,
@@ -421,6 +622,88 @@ mod tests {
             "the overlay stays writable"
         );
         assert!(calls.contains(&"mkdir /r/var/tmp".to_owned()));
+    }
+
+    fn layers(n: usize, len: usize) -> Overlay {
+        Overlay {
+            // Topmost first: layer n-1 down to the base, layer 0.
+            lower: (0..n)
+                .rev()
+                .map(|i| PathBuf::from(format!("/l/{i:0>len$}")))
+                .collect(),
+            upper: "/s/upper".into(),
+            work: "/s/work".into(),
+            userxattr: false,
+        }
+    }
+
+    #[test]
+    fn image_layers_are_lower_dirs_topmost_first() {
+        let rec = Recorder::default();
+        setup(&rec, &plan(Some(layers(3, 1)))).unwrap();
+        let calls = rec.calls.borrow();
+        assert_eq!(
+            calls[1],
+            "mount overlay /r overlay 0 lowerdir=/l/2:/l/1:/l/0,upperdir=/s/upper,workdir=/s/work"
+        );
+    }
+
+    #[test]
+    fn many_layers_go_through_the_new_mount_api() {
+        // 40 layers of paths as long as a store's (sha256 digests): far over a page.
+        let o = layers(40, 100);
+        assert!(o.mount_data().is_none());
+        let rec = Recorder::default();
+        setup(&rec, &plan(Some(o))).unwrap();
+        let calls = rec.calls.borrow();
+        let fsmount = &calls[1];
+        assert!(
+            fsmount.starts_with(&format!("fsmount overlay /r lowerdir+=/l/{:0>100} ", 39)),
+            "{fsmount}"
+        );
+        let lowers: Vec<&str> = fsmount
+            .split(' ')
+            .filter_map(|p| p.strip_prefix("lowerdir+=/l/"))
+            .collect();
+        assert_eq!(lowers.len(), 40, "one lowerdir+ per layer");
+        assert_eq!(
+            lowers.last().unwrap().trim_start_matches('0'),
+            "",
+            "base last"
+        );
+        assert!(
+            fsmount.ends_with(" upperdir=/s/upper workdir=/s/work"),
+            "{fsmount}"
+        );
+        assert!(
+            calls
+                .iter()
+                .filter(|c| c.starts_with("mount overlay"))
+                .count()
+                == 0
+        );
+        assert_eq!(calls.last().unwrap(), "pivot /r");
+
+        // Just under a page: still mount(2); userxattr as a flag of the new API.
+        let mut o = layers(1, 4000);
+        assert!(o.mount_data().unwrap().len() <= MOUNT_DATA_MAX);
+        o.userxattr = true;
+        o.lower.push("/a,b".into());
+        assert!(o.mount_data().is_none(), "a comma would need escaping");
+        assert_eq!(o.fs_params().last(), Some(&("userxattr", None)));
+    }
+
+    #[test]
+    fn a_failed_overlay_is_named() {
+        let rec = Recorder {
+            fail_mount: Some("r"),
+            ..Recorder::default()
+        };
+        let e = setup(&rec, &plan(Some(layers(60, 100)))).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "mounting the overlay on /r: Invalid argument (os error 22)"
+        );
     }
 
     #[test]

@@ -16,12 +16,14 @@ use nix::unistd::{ForkResult, Pid};
 
 use crate::cgroup::{self, CgroupError};
 use crate::cni::{CniError, Network, NetworkConfig, RealExec, RuntimeInfo};
+use crate::image::{ImageError, Store};
 use crate::init::{self, InitConfig};
 use crate::limits::Limits;
 use crate::ports::{self, NamedPort, PortError};
+use crate::process::{self, ImageProcess, Overrides, ProcessError};
 use crate::rootfs::{self, Overlay, Plan};
 use crate::security::{Security, SecurityError};
-use crate::state::{CgroupState, ProcessId, RunDir, State, StateError, Status};
+use crate::state::{CgroupState, ImageState, ProcessId, RunDir, State, StateError, Status};
 use crate::sys;
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,12 @@ pub enum RunError {
     Port(#[from] PortError),
     #[error(transparent)]
     State(#[from] StateError),
+    /// The process cannot be made from the image and the flags.
+    #[error(transparent)]
+    Process(#[from] ProcessError),
+    /// `--image`: the store refused.
+    #[error(transparent)]
+    Image(#[from] ImageError),
     #[error(transparent)]
     Cni(#[from] CniError),
     #[error(transparent)]
@@ -105,6 +113,17 @@ pub struct RunOptions {
     /// Remove the state entry when the container exits.
     pub remove: bool,
     pub rootfs: Option<PathBuf>,
+    /// `--image NAME[:TAG]` (or id), in the store at `image_dir`.
+    pub image: Option<String>,
+    pub image_dir: PathBuf,
+    /// `--entrypoint`.
+    pub entrypoint: Option<String>,
+    /// `-e KEY=VALUE` or `KEY`.
+    pub env: Vec<String>,
+    /// `--workdir`.
+    pub workdir: Option<String>,
+    /// `--user USER[:GROUP]`.
+    pub user: Option<String>,
     pub privileged: bool,
     pub cap_add: Vec<String>,
     pub cap_drop: Vec<String>,
@@ -144,22 +163,75 @@ fn now() -> u64 {
 
 /// Checks everything that can be checked before anything is made.
 fn prepare(o: &RunOptions) -> Result<Prepared, RunError> {
-    let Some(cmd) = o.command.first() else {
-        return Err(RunError::NoCommand);
-    };
     let id = new_id();
     let name = o.name.clone().unwrap_or_else(|| id[..12].to_owned());
     crate::state::check_name(&name)?;
-    let root = o.rootfs.clone().unwrap_or_else(|| PathBuf::from("/"));
-    if !root.is_dir() {
-        return Err(RunError::BadRootfs(root));
+    let image = match &o.image {
+        None => None,
+        Some(reference) => {
+            // Absolute: the layer directories are recorded in the state and mounted by the
+            // init.
+            let dir = std::path::absolute(&o.image_dir)
+                .map_err(io_err(format!("--image-dir {}", o.image_dir.display())))?;
+            let store = Store::open(&dir)?;
+            Some((store.resolve(reference)?, dir))
+        }
+    };
+    let image_process = image.as_ref().map(|(i, _)| ImageProcess {
+        reference: format!("{}:{}", i.name, i.tag),
+        entrypoint: i.config.entrypoint.clone(),
+        cmd: i.config.cmd.clone(),
+        env: i.config.env.clone(),
+        working_dir: i.config.working_dir.clone(),
+        user: i.config.user.clone(),
+    });
+    let overrides = Overrides {
+        entrypoint: o.entrypoint.clone(),
+        command: o.command.clone(),
+        env: o.env.clone(),
+        workdir: o.workdir.clone(),
+        user: o.user.clone(),
+    };
+    let mut process = process::merge(
+        image_process.as_ref(),
+        &overrides,
+        &process::base_env(&name),
+        |k| std::env::var(k).ok(),
+    )?;
+    // The container's root as directories, topmost first.
+    let roots: Vec<PathBuf> = match (&image, &o.rootfs) {
+        (Some((i, _)), _) => i.layers.iter().rev().cloned().collect(),
+        (None, Some(r)) => vec![r.clone()],
+        (None, None) => vec![PathBuf::from("/")],
+    };
+    if image.is_none() {
+        let root = &roots[0];
+        if !root.is_dir() {
+            return Err(RunError::BadRootfs(root.clone()));
+        }
+        let cmd = &process.argv[0];
+        if rootfs::resolve_command(root, cmd).is_none() {
+            return Err(RunError::CommandNotFound {
+                cmd: cmd.clone(),
+                root: root.clone(),
+            });
+        }
     }
-    if rootfs::resolve_command(&root, cmd).is_none() {
-        return Err(RunError::CommandNotFound {
-            cmd: cmd.clone(),
-            root,
-        });
-    }
+    // (An image's command is looked up by the init, on the container's PATH, once its
+    // root is mounted: symlinks across layers resolve as they will at run time.)
+    let user = match &process.user {
+        None => None,
+        Some(spec) => {
+            let (user, home) = process::resolve_user(
+                spec,
+                process::read_in_roots(&roots, "/etc/passwd").as_deref(),
+                process::read_in_roots(&roots, "/etc/group").as_deref(),
+            )?;
+            process::ensure_home(&mut process.env, home.as_deref(), user.uid);
+            Some(user)
+        }
+    };
+    process::ensure_home(&mut process.env, None, 0);
     let mut labels = BTreeMap::new();
     for l in &o.labels {
         match l.split_once('=') {
@@ -195,8 +267,8 @@ fn prepare(o: &RunOptions) -> Result<Prepared, RunError> {
             })
         }
     };
-    let command = o
-        .command
+    let command = process
+        .argv
         .iter()
         .map(|a| CString::new(a.as_bytes()))
         .collect::<Result<Vec<_>, _>>()
@@ -205,7 +277,7 @@ fn prepare(o: &RunOptions) -> Result<Prepared, RunError> {
         id,
         name,
         namespace: o.namespace.clone(),
-        command: o.command.clone(),
+        command: process.argv.clone(),
         status: Status::Creating,
         init: None,
         monitor: None,
@@ -220,6 +292,15 @@ fn prepare(o: &RunOptions) -> Result<Prepared, RunError> {
         security,
         userns: o.userns,
         rootfs: o.rootfs.clone(),
+        image: image.map(|(i, store)| ImageState {
+            id: i.id,
+            reference: format!("{}:{}", i.name, i.tag),
+            store,
+            layers: i.layers.into_iter().rev().collect(),
+        }),
+        env: process.env,
+        workdir: process.workdir,
+        user,
     };
     Ok(Prepared {
         state,
@@ -240,6 +321,14 @@ pub fn run(o: &RunOptions) -> Result<i32, RunError> {
     if let Err(e) = run.save(&p.state) {
         let _ = run.remove(&name);
         return Err(e.into());
+    }
+    // Held from now until the entry is removed, so that `hypha image rm` refuses it.
+    if let Some(img) = &p.state.image {
+        let held = Store::open(&img.store).and_then(|s| s.hold(&img.id, &p.state.id, &o.run_dir));
+        if let Err(e) = held {
+            let _ = run.remove(&name);
+            return Err(e.into());
+        }
     }
     if o.detach {
         return detach(&run, p, o.remove);
@@ -275,14 +364,14 @@ fn detach(run: &RunDir, p: Prepared, remove: bool) -> Result<i32, RunError> {
     let ((r, w), log) = match made {
         Ok(x) => x,
         Err(e) => {
-            let _ = run.remove(&name);
+            remove_entry(run, &p.state);
             return Err(e);
         }
     };
     // SAFETY: the launcher is single-threaded; the child runs the container's life.
     match unsafe { nix::unistd::fork() } {
         Err(e) => {
-            let _ = run.remove(&name);
+            remove_entry(run, &p.state);
             Err(sys_err("fork")(e))
         }
         Ok(ForkResult::Child) => {
@@ -333,17 +422,19 @@ fn detach(run: &RunDir, p: Prepared, remove: bool) -> Result<i32, RunError> {
     }
 }
 
-/// The environment of a container's command (and of `hypha exec`'s).
-pub(crate) fn container_env(name: &str) -> Vec<CString> {
-    [
-        format!("PATH={}", rootfs::DEFAULT_PATH),
-        format!("HOSTNAME={name}"),
-        "HOME=/root".to_owned(),
-        "container=hypha".to_owned(),
-    ]
-    .into_iter()
-    .map(|e| CString::new(e).expect("a checked name has no NUL"))
-    .collect()
+/// The environment of a container's command (and of `hypha exec`'s): the one recorded in
+/// its state, or the defaults for the state of an older launcher.
+pub(crate) fn container_env(state: &State) -> Result<Vec<CString>, RunError> {
+    let env = if state.env.is_empty() {
+        let mut env = process::base_env(&state.name);
+        process::ensure_home(&mut env, None, 0);
+        env
+    } else {
+        state.env.clone()
+    };
+    env.into_iter()
+        .map(|e| CString::new(e).map_err(|_| RunError::NulInCommand))
+        .collect()
 }
 
 /// User and group ids container root maps to with `--userns`: root's range in
@@ -399,11 +490,16 @@ fn start(
     let root = dir.join("root");
     std::fs::create_dir(&root).map_err(io_err(format!("creating {}", root.display())))?;
     let (subuid, subgid) = (subid_range("/etc/subuid"), subid_range("/etc/subgid"));
-    let overlay = match &state.rootfs {
+    let lower = match (&state.image, &state.rootfs) {
+        (Some(img), _) => Some(img.layers.clone()),
+        (None, Some(rootfs)) => Some(vec![rootfs.clone()]),
+        (None, None) => None,
+    };
+    let overlay = match lower {
         None => None,
         Some(lower) => {
             let o = Overlay {
-                lower: lower.clone(),
+                lower,
                 upper: dir.join("upper"),
                 work: dir.join("work"),
                 userxattr: state.userns,
@@ -425,7 +521,9 @@ fn start(
         filters: filters.to_vec(),
         userns: state.userns,
         command: command.to_vec(),
-        env: container_env(&state.name),
+        env: container_env(state)?,
+        workdir: state.workdir.clone(),
+        user: state.user,
     };
     sys::block_signals().map_err(sys_err("blocking signals"))?;
     let (go_r, go_w) = sys::pipe().map_err(sys_err("pipe"))?;
@@ -505,8 +603,8 @@ fn start(
 
 /// A failed start: release what was made and remove the state entry.
 fn abort(run: &RunDir, state: &mut State) {
-    let errors = release(run, state);
-    let _ = run.remove(&state.name);
+    let mut errors = release(run, state);
+    errors.extend(remove_entry(run, state));
     for e in errors {
         eprintln!("hypha: while cleaning up container {:?}: {e}", state.name);
     }
@@ -530,7 +628,27 @@ fn finish(run: &RunDir, name: &str, code: i32, remove: bool) {
         let _ = run.save(&state);
     }
     if remove {
-        let _ = run.remove(name);
+        for e in remove_entry(run, &state) {
+            eprintln!("hypha: while removing container {name:?}: {e}");
+        }
+    }
+}
+
+/// Removes a container's entry (its overlay's upper and work directories with it) and
+/// then its hold on its image; the errors, if any. An entry that cannot be removed keeps
+/// its hold, so that `hypha rm` can be tried again.
+pub(crate) fn remove_entry(run: &RunDir, state: &State) -> Vec<String> {
+    if let Err(e) = run.remove(&state.name) {
+        return vec![e.to_string()];
+    }
+    match &state.image {
+        Some(img) => Store::open(&img.store)
+            .and_then(|s| s.release(&img.id, &state.id))
+            .err()
+            .map(|e| format!("releasing image {}: {e}", img.reference))
+            .into_iter()
+            .collect(),
+        None => vec![],
     }
 }
 
@@ -694,6 +812,29 @@ mod tests {
                 ..o.clone()
             })
             .contains("\"absent\" of network \"x\" not found in CNI_PATH")
+        );
+        assert!(
+            err(RunOptions {
+                image: Some("absent:1".into()),
+                image_dir: tmp.path().join("images"),
+                command: vec![],
+                ..o.clone()
+            })
+            .contains("absent")
+        );
+        assert!(
+            err(RunOptions {
+                env: vec!["=x".into()],
+                ..o.clone()
+            })
+            .contains("invalid -e \"=x\"")
+        );
+        assert!(
+            err(RunOptions {
+                user: Some("no-such-user-here".into()),
+                ..o.clone()
+            })
+            .contains("\"no-such-user-here\" not found in the container's /etc/passwd")
         );
         assert!(!tmp.path().join("run").exists(), "nothing made");
     }

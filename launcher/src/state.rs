@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use crate::cgroup;
 use crate::cni::Network;
 use crate::limits::Limits;
+use crate::process::User;
 use crate::security::Security;
 
 /// The default run directory.
@@ -125,6 +126,32 @@ pub struct State {
     pub security: Security,
     pub userns: bool,
     pub rootfs: Option<PathBuf>,
+    /// `--image`: the image the root is made of, held in its store until `hypha rm`.
+    #[serde(default)]
+    pub image: Option<ImageState>,
+    /// The command's environment (`hypha exec` runs with it too); empty in the state of
+    /// an older launcher, which used the defaults.
+    #[serde(default)]
+    pub env: Vec<String>,
+    /// The command's working directory; `None` is `/`.
+    #[serde(default)]
+    pub workdir: Option<PathBuf>,
+    /// The user the command runs as; `None` is root.
+    #[serde(default)]
+    pub user: Option<User>,
+}
+
+/// The image a container runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ImageState {
+    /// The image's id in its store.
+    pub id: String,
+    /// `NAME:TAG`.
+    pub reference: String,
+    /// The store's directory.
+    pub store: PathBuf,
+    /// The unpacked layer directories, topmost first (the overlay's lower directories).
+    pub layers: Vec<PathBuf>,
 }
 
 impl State {
@@ -268,6 +295,10 @@ mod tests {
             security: Security::new(false, &[], &[]).unwrap(),
             userns: false,
             rootfs: None,
+            image: None,
+            env: vec![],
+            workdir: None,
+            user: None,
         }
     }
 

@@ -87,6 +87,11 @@ impl Launcher {
         self.dir.join("run")
     }
 
+    /// The launcher's own image store (`HYPHA_IMAGE_DIR` of every command).
+    pub fn image_dir(&self) -> PathBuf {
+        self.dir.join("images")
+    }
+
     /// `hypha ARGS` with this launcher's directories, in the node's netns if any.
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = match &self.node_netns {
@@ -109,6 +114,7 @@ impl Launcher {
         }
         cmd.args(args)
             .env("HYPHA_RUN_DIR", self.run_dir())
+            .env("HYPHA_IMAGE_DIR", self.image_dir())
             .env("CNI_CONF_DIR", self.dir.join("net.d"))
             .env("CNI_PATH", cni_path)
             .stdin(Stdio::null());

@@ -11,6 +11,7 @@ pub mod census;
 pub mod cluster;
 pub mod cni;
 pub mod ebpf;
+pub mod images;
 pub mod launcher;
 pub mod monitor;
 pub mod netns;

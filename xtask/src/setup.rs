@@ -15,9 +15,12 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// containernetworking-plugins (the reference `bridge`/`host-local` baseline), procps,
 /// iputils-ping (the tests' and the demo's pings), curl (the API is plain HTTP on a socket),
 /// crun and runc (the OCI runtimes `hypha run` is compared with in `bench launcher`),
+/// podman (the container engine `hypha run --image` and `hypha image import` are compared
+/// with there),
 /// bpftool (the soak reads the pinned maps with it), etcd-server (the cluster store the
 /// cluster tests, demo and benchmark start on a free loopback port), protobuf-compiler
-/// (`protoc`, which the etcd client's build compiles etcd's API with).
+/// (`protoc`, which the etcd client's build compiles etcd's API with), busybox-static (the
+/// base layer of the test images `hypha image import` and `hypha run --image` are tested with).
 const PACKAGES: &[&str] = &[
     "iproute2",
     "nftables",
@@ -28,9 +31,11 @@ const PACKAGES: &[&str] = &[
     "curl",
     "crun",
     "runc",
+    "podman",
     "bpftool",
     "etcd-server",
     "protobuf-compiler",
+    "busybox-static",
 ];
 
 pub fn setup() -> Result<()> {

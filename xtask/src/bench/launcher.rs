@@ -4,6 +4,15 @@
 //! only, no runtime) as the floor. The setups take turns run by run, so noise on this
 //! small shared machine hits them alike; medians and p99 are reported.
 //!
+//! Images: a busybox image (two layers, written as a Docker archive by hypha-tests'
+//! `image-archive`) is imported once, untimed, into a store of the bench's own; then
+//! `hypha run --image` starts it (layers already unpacked), crun and runc start a bundle
+//! whose rootfs is a read-only overlay of the same unpacked layer directories, and podman
+//! (`run --rm --network none`) starts the same archive loaded into its own store (a root
+//! of the bench's own, cgroupfs, no systemd). Import throughput: a generated image of
+//! three layers of incompressible files (100 MB) imported by `hypha image import` and by
+//! `podman load`, a fresh store each round.
+//!
 //! The whole bench runs in a private mount namespace where `/sys/fs/cgroup/unified` is
 //! unmounted: crun 1.8 refuses the cgroup v1 "hybrid" layout of this machine otherwise
 //! ("cgroups in hybrid mode not supported"). Every runtime sees the same v1 controllers.
@@ -33,15 +42,49 @@ use crate::util::{output, workspace_root};
 /// Hypha's targets: without networking at most crun's time; with networking at most
 /// 20 ms above it.
 const TARGET_NET_ABOVE_CRUN_MS: f64 = 20.0;
+/// `hypha run --image` at most this much above `hypha run` on the host root.
+const TARGET_IMAGE_ABOVE_HYPHA_MS: f64 = 5.0;
+/// The reference of the image the image setups run.
+const BENCH_IMAGE: &str = "hypl-bench:1";
 
 #[derive(clap::Args)]
 pub struct Options {
-    /// Container starts per setup; the setups take turns.
-    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=1000))]
-    runs: u32,
+    /// Container starts per setup; the setups take turns [default: 50, 5 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    runs: Option<u32>,
     /// Setups to compare, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = Kind::ALL)]
     setups: Vec<Kind>,
+    /// Size of the generated three-layer image for the import throughput, in MB (0: no
+    /// import measurement) [default: 100, 10 with --quick].
+    #[arg(long)]
+    import_mb: Option<u64>,
+    /// Imports per tool [default: 3, 1 with --quick].
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=20))]
+    import_rounds: Option<u32>,
+    /// A short run: fewer starts, a smaller image, one import each.
+    #[arg(long)]
+    quick: bool,
+    /// Directory of the `hypha`, `hypha-cni` and `image-archive` binaries (default
+    /// `target/release`; then the release build is skipped).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+impl Options {
+    /// Whether `--bin-dir` was given.
+    pub fn has_bin_dir(&self) -> bool {
+        self.bin_dir.is_some()
+    }
+    fn runs(&self) -> u32 {
+        self.runs.unwrap_or(if self.quick { 5 } else { 50 })
+    }
+    fn import_mb(&self) -> u64 {
+        self.import_mb.unwrap_or(if self.quick { 10 } else { 100 })
+    }
+    fn import_rounds(&self) -> u32 {
+        self.import_rounds.unwrap_or(if self.quick { 1 } else { 3 })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -52,15 +95,23 @@ pub enum Kind {
     Runc,
     Hypha,
     HyphaNet,
+    HyphaImage,
+    CrunImage,
+    RuncImage,
+    Podman,
 }
 
 impl Kind {
-    const ALL: [Kind; 5] = [
+    const ALL: [Kind; 9] = [
         Kind::Unshare,
         Kind::Crun,
         Kind::Runc,
         Kind::Hypha,
         Kind::HyphaNet,
+        Kind::HyphaImage,
+        Kind::CrunImage,
+        Kind::RuncImage,
+        Kind::Podman,
     ];
 
     fn name(self) -> &'static str {
@@ -70,7 +121,18 @@ impl Kind {
             Kind::Runc => "runc",
             Kind::Hypha => "hypha",
             Kind::HyphaNet => "hypha+net",
+            Kind::HyphaImage => "hypha-image",
+            Kind::CrunImage => "crun-image",
+            Kind::RuncImage => "runc-image",
+            Kind::Podman => "podman",
         }
+    }
+
+    fn uses_image(self) -> bool {
+        matches!(
+            self,
+            Kind::HyphaImage | Kind::CrunImage | Kind::RuncImage | Kind::Podman
+        )
     }
 
     fn describe(self) -> &'static str {
@@ -82,8 +144,92 @@ impl Kind {
             Kind::Runc => "runc run, the same bundle",
             Kind::Hypha => "hypha run --network none (host root read-only, cgroup, seccomp)",
             Kind::HyphaNet => "hypha run with a hypha-cni network (CNI ADD and DEL)",
+            Kind::HyphaImage => {
+                "hypha run --image --network none (busybox image, layers unpacked, overlay)"
+            }
+            Kind::CrunImage => "crun run, OCI bundle: read-only overlay of the image's layers",
+            Kind::RuncImage => "runc run, the image bundle",
+            Kind::Podman => {
+                "podman run --rm --network none, the same image in podman's store (cgroupfs)"
+            }
         }
     }
+}
+
+/// The bench image, imported into a store of the bench's own.
+struct BenchImage {
+    archive: PathBuf,
+    image_dir: PathBuf,
+    /// The unpacked layer directories, base first.
+    layers: Vec<PathBuf>,
+}
+
+/// podman with a store, run root and settings of the bench's own: no systemd (cgroupfs,
+/// file events), and limits this host's hard limits allow (podman's defaults exceed them).
+fn podman(tmp: &Path) -> Vec<String> {
+    let dir = tmp.join("podman");
+    vec![
+        "podman".into(),
+        "--root".into(),
+        dir.join("root").display().to_string(),
+        "--runroot".into(),
+        dir.join("run").display().to_string(),
+        "--cgroup-manager".into(),
+        "cgroupfs".into(),
+        "--events-backend".into(),
+        "file".into(),
+    ]
+}
+
+fn podman_run_args() -> [&'static str; 8] {
+    [
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+    ]
+}
+
+/// Writes the bench image's Docker archive, imports it (untimed) and asks the store for
+/// its layer directories.
+fn bench_image(bin: &Path, tmp: &Path) -> Result<BenchImage> {
+    let archive = tmp.join("bench-image.tar");
+    let image_dir = tmp.join("images");
+    output(
+        Command::new(bin.join("image-archive"))
+            .args(["busybox", "--reference", BENCH_IMAGE, "--out"])
+            .arg(&archive),
+    )
+    .context("writing the bench image (hypha-tests' image-archive)")?;
+    output(
+        Command::new(bin.join("hypha"))
+            .args(["image", "import", "--image-dir"])
+            .arg(&image_dir)
+            .arg(&archive),
+    )
+    .context("hypha image import of the bench image")?;
+    let layers = output(
+        Command::new(bin.join("image-archive"))
+            .args(["layers", "--image-dir"])
+            .arg(&image_dir)
+            .arg(BENCH_IMAGE),
+    )
+    .context("the bench image's layers")?
+    .lines()
+    .map(PathBuf::from)
+    .collect::<Vec<_>>();
+    if layers.is_empty() {
+        bail!("the store lists no layers for {BENCH_IMAGE}");
+    }
+    Ok(BenchImage {
+        archive,
+        image_dir,
+        layers,
+    })
 }
 
 /// How one setup starts its container.
@@ -102,11 +248,13 @@ struct Setup {
 struct Report {
     bench: &'static str,
     runs: u32,
+    quick: bool,
     kernel: String,
     nproc: usize,
     timestamp_unix: u64,
     versions: Vec<(String, Option<String>)>,
     setups: Vec<SetupReport>,
+    imports: Vec<ImportReport>,
     targets: Vec<Target>,
     errors: Vec<String>,
 }
@@ -153,6 +301,20 @@ fn private_mount_namespace() -> Result<()> {
                 libc::umount2(c"/sys/fs/cgroup/unified".as_ptr(), libc::MNT_DETACH),
                 "unmounting /sys/fs/cgroup/unified",
             )?;
+            // An empty tmpfs of this namespace's own in its place: what podman writes
+            // there (its v2 parent cgroup, as plain files) vanishes with the namespace
+            // instead of landing on the host's /sys/fs/cgroup, where crun would then see
+            // a hybrid layout.
+            check(
+                libc::mount(
+                    c"tmpfs".as_ptr(),
+                    c"/sys/fs/cgroup/unified".as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    0,
+                    c"mode=755".as_ptr().cast(),
+                ),
+                "mounting a private tmpfs on /sys/fs/cgroup/unified",
+            )?;
         }
     }
     Ok(())
@@ -162,7 +324,10 @@ pub fn run(o: &Options) -> Result<()> {
     let root = workspace_root();
     let out_dir = root.join("target/bench");
     std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
-    let bin = root.join("target/release");
+    let bin = o
+        .bin_dir
+        .clone()
+        .unwrap_or_else(|| root.join("target/release"));
     private_mount_namespace()?;
     let td = Teardown::install()?;
     let uniq = std::process::id();
@@ -177,6 +342,21 @@ pub fn run(o: &Options) -> Result<()> {
             kinds.push(*k);
         }
     }
+    let image = kinds.iter().any(|k| k.uses_image()).then(|| {
+        println!("==> writing and importing the bench image {BENCH_IMAGE}");
+        bench_image(&bin, &tmp).map_err(|e| {
+            eprintln!("    FAILED: {e:#}");
+            format!("{e:#}")
+        })
+    });
+    let image = image.as_ref().map(|r| r.as_ref());
+    let image_or_err = || -> Result<&BenchImage> {
+        match image {
+            Some(Ok(i)) => Ok(i),
+            Some(Err(e)) => Err(anyhow::anyhow!("the bench image: {e}")),
+            None => Err(anyhow::anyhow!("no bench image")),
+        }
+    };
     let mut setups: Vec<Setup> = kinds
         .iter()
         .map(|&kind| {
@@ -198,6 +378,52 @@ pub fn run(o: &Options) -> Result<()> {
                     .to_vec(),
                     None,
                 )),
+                Kind::HyphaImage => image_or_err().map(|i| {
+                    let dir = i.image_dir.display().to_string();
+                    let argv = hypha_argv(
+                        &bin,
+                        &tmp,
+                        &[
+                            "--network",
+                            "none",
+                            "--image-dir",
+                            &dir,
+                            "--image",
+                            BENCH_IMAGE,
+                        ],
+                    );
+                    (argv, None)
+                }),
+                Kind::CrunImage | Kind::RuncImage => image_or_err()
+                    .and_then(|i| image_bundle(&tmp, &i.layers))
+                    .map(|bundle| {
+                        let rt = if kind == Kind::CrunImage {
+                            "crun"
+                        } else {
+                            "runc"
+                        };
+                        let argv = vec![
+                            rt.to_owned(),
+                            "run".into(),
+                            "--bundle".into(),
+                            bundle.display().to_string(),
+                            format!("hypl-{uniq}-img-{{}}"),
+                        ];
+                        (argv, None)
+                    }),
+                Kind::Podman => image_or_err().and_then(|i| {
+                    output(
+                        Command::new("podman")
+                            .args(&podman(&tmp)[1..])
+                            .args(["load", "-q", "-i"])
+                            .arg(&i.archive),
+                    )
+                    .context("podman load (is podman installed? `cargo xtask setup`)")?;
+                    let mut argv = podman(&tmp);
+                    argv.extend(podman_run_args().map(String::from));
+                    argv.extend([format!("localhost/{BENCH_IMAGE}"), "/bin/true".into()]);
+                    Ok((argv, None))
+                }),
                 Kind::Crun | Kind::Runc => oci_bundle(&tmp).map(|bundle| {
                     let rt = kind.name().to_owned();
                     let argv = vec![
@@ -246,12 +472,10 @@ pub fn run(o: &Options) -> Result<()> {
         })
         .collect();
 
-    println!(
-        "==> {} runs of /bin/true per setup, setups taking turns",
-        o.runs
-    );
+    let runs = o.runs();
+    println!("==> {runs} runs of /bin/true per setup, setups taking turns");
     // One warm-up run each (page cache, first cgroup creation), not counted.
-    for i in 0..=o.runs {
+    for i in 0..=runs {
         let n = setups.len();
         for k in 0..n {
             let s = &mut setups[(i as usize + k) % n];
@@ -273,9 +497,14 @@ pub fn run(o: &Options) -> Result<()> {
             }
         }
         if i > 0 && i % 10 == 0 {
-            println!("    {i}/{}", o.runs);
+            println!("    {i}/{runs}");
         }
     }
+    let imports = if o.import_mb() > 0 {
+        import_throughput(o, &bin, &tmp)
+    } else {
+        vec![]
+    };
     drop(
         setups
             .iter_mut()
@@ -285,13 +514,16 @@ pub fn run(o: &Options) -> Result<()> {
 
     let mut errors = vec![];
     println!("==> cleaning up");
+    if kinds.contains(&Kind::Podman) {
+        errors.extend(remove_podman_parent_cgroups());
+    }
     // Mounts under the bench's directory (the bundle's overlay, anything a runtime left)
     // must go before the directory: deepest first.
     errors.extend(unmount_under(&tmp));
     if let Err(e) = td.finish() {
         errors.push(format!("{e:#}"));
     }
-    let report = report(o, setups, errors);
+    let report = report(o, setups, imports, errors);
     print_table(&report);
     super::write_outputs(
         &out_dir,
@@ -300,6 +532,40 @@ pub fn run(o: &Options) -> Result<()> {
         chart(&report),
         &report.errors,
     )
+}
+
+/// podman (cgroupfs) leaves its parent cgroup `libpod_parent` in every v1 hierarchy:
+/// removed once empty, deepest first.
+fn remove_podman_parent_cgroups() -> Vec<String> {
+    let mut errors = vec![];
+    let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return errors;
+    };
+    // `unified` is the bench's private tmpfs here: it goes with the namespace.
+    for h in hierarchies
+        .filter_map(|e| e.ok())
+        .filter(|h| h.file_name() != "unified")
+    {
+        let parent = h.path().join("libpod_parent");
+        if !parent.is_dir() {
+            continue;
+        }
+        let mut dirs = vec![parent.clone()];
+        if let Ok(children) = std::fs::read_dir(&parent) {
+            dirs.extend(
+                children
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| p.is_dir()),
+            );
+        }
+        for d in dirs.iter().rev() {
+            if let Err(e) = std::fs::remove_dir(d) {
+                errors.push(format!("removing podman's cgroup {}: {e}", d.display()));
+            }
+        }
+    }
+    errors
 }
 
 /// Unmounts every mount of this mount namespace under `dir`, deepest first.
@@ -385,12 +651,28 @@ fn time_once(s: &Setup, i: u32) -> Result<f64> {
 /// An OCI bundle for crun and runc: `runc spec`'s default configuration running
 /// `/bin/true` without a terminal, on a read-only overlay over `/`.
 fn oci_bundle(tmp: &Path) -> Result<PathBuf> {
-    let bundle = tmp.join("bundle");
+    bundle(tmp, "bundle", &[PathBuf::from("/")])
+}
+
+/// The same, on a read-only overlay of the image's layer directories (`layers` base first).
+fn image_bundle(tmp: &Path, layers: &[PathBuf]) -> Result<PathBuf> {
+    let top_first: Vec<PathBuf> = layers.iter().rev().cloned().collect();
+    bundle(tmp, "image-bundle", &top_first)
+}
+
+/// A bundle `tmp/NAME` whose rootfs is an overlay of `lower` (topmost first), its upper
+/// and work directories beside it.
+fn bundle(tmp: &Path, name: &str, lower: &[PathBuf]) -> Result<PathBuf> {
+    let bundle = tmp.join(name);
     let rootfs = bundle.join("rootfs");
     if rootfs.join("bin").exists() {
         return Ok(bundle);
     }
-    for d in [&rootfs, &tmp.join("upper"), &tmp.join("work")] {
+    let (upper, work) = (
+        tmp.join(format!("{name}-upper")),
+        tmp.join(format!("{name}-work")),
+    );
+    for d in [&rootfs, &upper, &work] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
     output(Command::new("runc").args(["spec", "--bundle"]).arg(&bundle))
@@ -405,13 +687,21 @@ fn oci_bundle(tmp: &Path) -> Result<PathBuf> {
     spec["root"]["readonly"] = serde_json::json!(true);
     std::fs::write(&path, spec.to_string())
         .with_context(|| format!("writing {}", path.display()))?;
+    let lower = lower
+        .iter()
+        .map(|l| l.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
     let data = format!(
-        "lowerdir=/,upperdir={},workdir={}",
-        tmp.join("upper").display(),
-        tmp.join("work").display()
+        "lowerdir={lower},upperdir={},workdir={}",
+        upper.display(),
+        work.display()
     );
     let c = |p: &Path| std::ffi::CString::new(p.display().to_string()).expect("no NUL");
-    let (target, data) = (c(&rootfs), std::ffi::CString::new(data).expect("no NUL"));
+    let (target, data) = (
+        c(&rootfs),
+        std::ffi::CString::new(data).context("a NUL in the overlay's paths")?,
+    );
     // SAFETY: valid C strings; the overlay lives in the bench's private mount namespace.
     check(
         unsafe {
@@ -423,9 +713,110 @@ fn oci_bundle(tmp: &Path) -> Result<PathBuf> {
                 data.as_ptr().cast(),
             )
         },
-        "mounting an overlay over / for the OCI bundle",
+        &format!("mounting the overlay of the OCI bundle {name}"),
     )?;
     Ok(bundle)
+}
+
+/// One tool's imports of the generated image.
+#[derive(Serialize)]
+struct ImportReport {
+    tool: &'static str,
+    command: String,
+    archive_mb: f64,
+    times_s: Vec<f64>,
+    p50_s: Option<f64>,
+    /// The archive's size over the median time.
+    mb_per_s: Option<f64>,
+    error: Option<String>,
+}
+
+/// Generates the import image (three layers of incompressible files, `import_mb` MB in
+/// all) as a Docker archive, then imports it with each tool in turn: `hypha image import`
+/// into a fresh store each round, `podman load` after `podman rmi` of the last round's.
+fn import_throughput(o: &Options, bin: &Path, tmp: &Path) -> Vec<ImportReport> {
+    let mb = o.import_mb();
+    println!("==> import throughput: a {mb} MB image of three layers of incompressible files");
+    let archive = tmp.join("import-image.tar");
+    let reference = "hypl-import:1";
+    let hypha = bin.join("hypha").display().to_string();
+    let made = output(
+        Command::new(bin.join("image-archive"))
+            .args(["random", "--layers", "3", "--reference", reference])
+            .args(["--mb", &mb.to_string(), "--out"])
+            .arg(&archive),
+    )
+    .context("writing the import image (hypha-tests' image-archive)");
+    let archive_mb = std::fs::metadata(&archive).map_or(0.0, |m| m.len() as f64 / 1e6);
+    let mut reports = vec![
+        ImportReport {
+            tool: "hypha image import",
+            command: format!("{hypha} image import --image-dir DIR {}", archive.display()),
+            archive_mb,
+            times_s: vec![],
+            p50_s: None,
+            mb_per_s: None,
+            error: None,
+        },
+        ImportReport {
+            tool: "podman load",
+            command: format!("{} load -q -i {}", podman(tmp).join(" "), archive.display()),
+            archive_mb,
+            times_s: vec![],
+            p50_s: None,
+            mb_per_s: None,
+            error: None,
+        },
+    ];
+    if let Err(e) = made {
+        eprintln!("    FAILED: {e:#}");
+        for r in &mut reports {
+            r.error = Some(format!("{e:#}"));
+        }
+        return reports;
+    }
+    let timed = |cmd: &mut Command| -> Result<f64> {
+        let start = Instant::now();
+        output(cmd)?;
+        Ok(start.elapsed().as_secs_f64())
+    };
+    for round in 0..o.import_rounds() {
+        let store = tmp.join(format!("import-store-{round}"));
+        let hypha_time = timed(
+            Command::new(&hypha)
+                .args(["image", "import", "--image-dir"])
+                .arg(&store)
+                .arg(&archive),
+        );
+        let _ = std::fs::remove_dir_all(&store);
+        let p = podman(tmp);
+        let _ = Command::new(&p[0])
+            .args(&p[1..])
+            .args(["rmi", "-f", reference])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let podman_time = timed(
+            Command::new(&p[0])
+                .args(&p[1..])
+                .args(["load", "-q", "-i"])
+                .arg(&archive),
+        );
+        for (r, t) in reports.iter_mut().zip([hypha_time, podman_time]) {
+            match t {
+                Ok(t) => r.times_s.push(t),
+                Err(e) => {
+                    eprintln!("    {}: {e:#}", r.tool);
+                    r.error.get_or_insert(format!("{e:#}"));
+                }
+            }
+        }
+    }
+    for r in &mut reports {
+        r.p50_s = median(r.times_s.iter().copied());
+        r.mb_per_s = r.p50_s.filter(|t| *t > 0.0).map(|t| archive_mb / t);
+    }
+    reports
 }
 
 /// An agent in a node network namespace of its own, and a CNI configuration directory
@@ -519,7 +910,12 @@ fn percentile(values: &[f64], p: f64) -> Option<f64> {
     Some(v[rank.min(v.len()) - 1])
 }
 
-fn report(o: &Options, setups: Vec<Setup>, mut errors: Vec<String>) -> Report {
+fn report(
+    o: &Options,
+    setups: Vec<Setup>,
+    imports: Vec<ImportReport>,
+    mut errors: Vec<String>,
+) -> Report {
     let reports: Vec<SetupReport> = setups
         .into_iter()
         .map(|s| {
@@ -585,6 +981,38 @@ fn report(o: &Options, setups: Vec<Setup>, mut errors: Vec<String>) -> Report {
             .zip(crun)
             .map(|(h, c)| h <= c + TARGET_NET_ABOVE_CRUN_MS && failed("hypha+net") == 0),
     });
+    let (image, podman) = (p50("hypha-image"), p50("podman"));
+    targets.push(Target {
+        goal: format!(
+            "hypha run --image p50 <= hypha run p50 + {TARGET_IMAGE_ABOVE_HYPHA_MS} ms (medians of interleaved runs)"
+        ),
+        measured: image.zip(hypha).map(|(i, h)| {
+            with_failures(
+                format!("{i:.1} ms vs {h:.1} ms ({:+.1} ms)", i - h),
+                &["hypha-image", "hypha"],
+            )
+        }),
+        pass: image.zip(hypha).map(|(i, h)| {
+            i <= h + TARGET_IMAGE_ABOVE_HYPHA_MS && failed("hypha-image") == 0
+        }),
+    });
+    targets.push(Target {
+        goal: "hypha run --image p50 < podman run --rm p50 (the same image)".into(),
+        measured: image.zip(podman).map(|(i, p)| {
+            with_failures(
+                format!("{i:.1} ms vs {p:.1} ms ({:.1}x faster)", p / i),
+                &["hypha-image", "podman"],
+            )
+        }),
+        pass: image
+            .zip(podman)
+            .map(|(i, p)| i < p && failed("hypha-image") == 0),
+    });
+    for i in &imports {
+        if let Some(e) = &i.error {
+            errors.push(format!("{}: {e}", i.tool));
+        }
+    }
     let version = |cmd: &str| {
         output(Command::new(cmd).arg("--version"))
             .ok()
@@ -592,7 +1020,8 @@ fn report(o: &Options, setups: Vec<Setup>, mut errors: Vec<String>) -> Report {
     };
     Report {
         bench: "launcher",
-        runs: o.runs,
+        runs: o.runs(),
+        quick: o.quick,
         kernel: output(Command::new("uname").arg("-r"))
             .map(|s| s.trim().to_owned())
             .unwrap_or_default(),
@@ -600,11 +1029,12 @@ fn report(o: &Options, setups: Vec<Setup>, mut errors: Vec<String>) -> Report {
         timestamp_unix: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
-        versions: ["crun", "runc", "unshare"]
+        versions: ["crun", "runc", "unshare", "podman"]
             .into_iter()
             .map(|c| (c.to_owned(), version(c)))
             .collect(),
         setups: reports,
+        imports,
         targets,
         errors,
     }
@@ -613,18 +1043,34 @@ fn report(o: &Options, setups: Vec<Setup>, mut errors: Vec<String>) -> Report {
 fn print_table(r: &Report) {
     let f = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.2}"));
     println!(
-        "\n{:<10} {:>9} {:>9} {:>9}  failures",
+        "\n{:<12} {:>9} {:>9} {:>9}  failures",
         "setup", "p50 ms", "p99 ms", "min ms"
     );
     for s in &r.setups {
         println!(
-            "{:<10} {:>9} {:>9} {:>9}  {}",
+            "{:<12} {:>9} {:>9} {:>9}  {}",
             s.name,
             f(s.p50_ms),
             f(s.p99_ms),
             f(s.min_ms),
             s.failures.len()
         );
+    }
+    if !r.imports.is_empty() {
+        println!(
+            "\n{:<20} {:>10} {:>9} {:>9}  rounds",
+            "import", "archive MB", "p50 s", "MB/s"
+        );
+        for i in &r.imports {
+            println!(
+                "{:<20} {:>10.1} {:>9} {:>9}  {}",
+                i.tool,
+                i.archive_mb,
+                f(i.p50_s),
+                f(i.mb_per_s),
+                i.times_s.len()
+            );
+        }
     }
     super::print_targets("Targets:", &r.targets);
 }
@@ -655,6 +1101,75 @@ fn chart(r: &Report) -> String {
 mod tests {
     use super::{Kind, Options, Setup, percentile, report};
 
+    fn options(setups: Vec<Kind>) -> Options {
+        Options {
+            runs: Some(3),
+            setups,
+            import_mb: None,
+            import_rounds: None,
+            quick: false,
+            bin_dir: None,
+        }
+    }
+
+    /// The image targets' verdicts (against hypha run, against podman).
+    fn image_targets(
+        hypha: &[f64],
+        image: &[f64],
+        podman: &[f64],
+    ) -> (Option<bool>, Option<bool>, Vec<String>) {
+        let o = options(vec![Kind::Hypha, Kind::HyphaImage, Kind::Podman]);
+        let r = report(
+            &o,
+            vec![
+                setup(Kind::Hypha, hypha, 0),
+                setup(Kind::HyphaImage, image, 0),
+                setup(Kind::Podman, podman, 0),
+            ],
+            vec![],
+            vec![],
+        );
+        let t = |what: &str| {
+            r.targets
+                .iter()
+                .find(|t| t.goal.contains(what))
+                .unwrap_or_else(|| panic!("a target on {what}"))
+        };
+        let (a, b) = (t("hypha run p50 + 5 ms"), t("podman"));
+        (
+            a.pass,
+            b.pass,
+            [a, b]
+                .iter()
+                .map(|t| t.measured.clone().unwrap_or_default())
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn image_targets_are_5_ms_over_hypha_and_below_podman() {
+        let (near, faster, m) = image_targets(&[10.0, 11.0], &[14.0, 16.0], &[300.0]);
+        assert_eq!((near, faster), (Some(true), Some(true)), "{m:?}");
+        assert!(m[0].contains("+4.5 ms"), "{m:?}");
+        let (near, faster, m) = image_targets(&[10.0], &[16.0], &[15.0]);
+        assert_eq!((near, faster), (Some(false), Some(false)), "{m:?}");
+        assert_eq!(
+            image_targets(&[10.0], &[], &[15.0]).0,
+            None,
+            "nothing measured"
+        );
+    }
+
+    #[test]
+    fn quick_is_short() {
+        let mut o = options(vec![]);
+        o.runs = None;
+        o.quick = true;
+        assert_eq!((o.runs(), o.import_mb(), o.import_rounds()), (5, 10, 1));
+        o.quick = false;
+        assert_eq!((o.runs(), o.import_mb(), o.import_rounds()), (50, 100, 3));
+    }
+
     fn setup(kind: Kind, times_ms: &[f64], failures: usize) -> Setup {
         Setup {
             kind,
@@ -668,16 +1183,14 @@ mod tests {
 
     /// The networking target's verdict for crun's and hypha+net's times.
     fn net_target(crun: &[f64], net: &[f64], net_failures: usize) -> (Option<bool>, String) {
-        let o = Options {
-            runs: 3,
-            setups: vec![Kind::Crun, Kind::HyphaNet],
-        };
+        let o = options(vec![Kind::Crun, Kind::HyphaNet]);
         let r = report(
             &o,
             vec![
                 setup(Kind::Crun, crun, 0),
                 setup(Kind::HyphaNet, net, net_failures),
             ],
+            vec![],
             vec![],
         );
         let t = r

@@ -60,7 +60,9 @@ pub enum Bench {
     /// (the physical limit), the reference bridge CNI plugin, and Hypha.
     Datapath(datapath::Options),
     /// Container start to exit of `/bin/true`: `hypha run` with and without networking,
-    /// crun, runc, and `unshare` as the floor.
+    /// crun, runc, and `unshare` as the floor; `hypha run --image` beside crun and runc on
+    /// the same layers and podman on the same image; image import throughput beside
+    /// `podman load`.
     Launcher(launcher::Options),
     /// Pod-to-pod throughput and latency with 0 to 10,000 rules selecting the server:
     /// Hypha's policy map against iptables rules in the pod; and the time from `hypha
@@ -77,7 +79,11 @@ impl Bench {
     /// Whether the bench was given binaries of its own (`--bin-dir`), so that the release
     /// build can be skipped.
     pub fn own_binaries(&self) -> bool {
-        matches!(self, Bench::Bandwidth(o) if o.has_bin_dir())
+        match self {
+            Bench::Bandwidth(o) => o.has_bin_dir(),
+            Bench::Launcher(o) => o.has_bin_dir(),
+            _ => false,
+        }
     }
 }
 
