@@ -188,7 +188,7 @@ impl ServiceState {
             dir_errors: BTreeMap::new(),
         };
         for s in services {
-            Self::take_addresses(&mut st.taken, &s.service);
+            st.taken.hold(&s.service);
             st.services.insert(s.service.key(), s);
         }
         for s in slices {
@@ -217,34 +217,6 @@ impl ServiceState {
             self.backends.insert(id, (spec, BTreeSet::new()));
         }
         self.start_tables = installed.maglev.into_iter().collect();
-    }
-
-    fn take_addresses(taken: &mut Taken, svc: &Service) {
-        let key = svc.key();
-        for ip in &svc.cluster_ips {
-            taken.ips.insert(*ip, key.clone());
-        }
-        for p in &svc.ports {
-            if let Some(np) = p.node_port {
-                taken.node_ports.insert((p.protocol, np), key.clone());
-            }
-        }
-    }
-
-    fn release_addresses(taken: &mut Taken, svc: &Service) {
-        let key = svc.key();
-        for ip in &svc.cluster_ips {
-            if taken.ips.get(ip) == Some(&key) {
-                taken.ips.remove(ip);
-            }
-        }
-        for p in &svc.ports {
-            if let Some(np) = p.node_port
-                && taken.node_ports.get(&(p.protocol, np)) == Some(&key)
-            {
-                taken.node_ports.remove(&(p.protocol, np));
-            }
-        }
     }
 
     /// The services (and slices) to plan: `only`'s, or all.
@@ -783,21 +755,15 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             let old = st.services.get(&key);
             if let Some(old) = old {
                 check_origin(&key, "service", &old.origin, &origin(&source))?;
-                ServiceState::release_addresses(&mut taken, &old.service);
+                taken.release(&key);
                 keep_allocation(&old.service, &mut svc);
             }
             if let Some(earlier) = new_services.get(&key) {
-                ServiceState::release_addresses(&mut taken, &earlier.service);
+                taken.release(&key);
             }
             service::assign(&cidrs, &taken, &mut svc).map_err(model_error)?;
-            for ip in &svc.cluster_ips {
-                taken.ips.insert(*ip, key.clone());
-            }
-            for p in &svc.ports {
-                if let Some(np) = p.node_port {
-                    taken.node_ports.insert((p.protocol, np), key.clone());
-                }
-            }
+            // Through the index, so that the next `assign` looks up rather than scans.
+            taken.hold(&svc);
             new_services.insert(
                 key,
                 StoredService {
@@ -849,7 +815,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 .collect();
             for k in gone {
                 if let Some(s) = st.services.remove(&k) {
-                    ServiceState::release_addresses(&mut taken, &s.service);
+                    taken.release(&k);
                     staged.changes.push(Change::ServiceGone {
                         namespace: s.service.namespace.clone(),
                         name: s.service.name.clone(),
@@ -999,7 +965,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                     )));
                 }
                 let s = st.services.remove(&key).expect("just found");
-                ServiceState::release_addresses(&mut st.taken, &s.service);
+                st.taken.release(&key);
                 staged.changes.push(Change::ServiceGone {
                     namespace: namespace.to_owned(),
                     name: name.to_owned(),
@@ -1151,11 +1117,11 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                     |s| s.origin == PolicyOrigin::Cluster,
                     |key, old, new| {
                         if let Some(old) = &old {
-                            ServiceState::release_addresses(taken, &old.service);
+                            taken.release(key);
                         }
                         match (old, new) {
                             (_, Some(new)) => {
-                                ServiceState::take_addresses(taken, &new.service);
+                                taken.hold(&new.service);
                                 staged.changes.push(Change::Service(new.clone()));
                             }
                             (Some(old), None) => staged.changes.push(Change::ServiceGone {

@@ -149,7 +149,7 @@ impl Taken {
     }
 
     /// Whether the index counts what the maps hold (else [`assign`] scans them).
-    pub(super) fn in_sync(&self) -> bool {
+    pub fn in_sync(&self) -> bool {
         self.index.entries == self.ips.len() + self.node_ports.len()
     }
 
