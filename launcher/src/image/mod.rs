@@ -864,10 +864,16 @@ impl Store {
         }
         let dir = self.root.join("holds").join(&hex);
         std::fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
-        write_atomic(
-            &dir.join(container_id),
-            run_dir.as_os_str().as_encoded_bytes(),
-        )
+        // Not synced: a hold only has to stop `image rm` while its container lives, and
+        // after a crash its container is gone and the hold is swept as stale, so an fsync
+        // on every container start would buy nothing.
+        let path = dir.join(container_id);
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        std::fs::write(&tmp, run_dir.as_os_str().as_encoded_bytes())
+            .map_err(io_err("writing", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io_err("replacing", &path))
     }
 
     /// Drops the record of [`Store::hold`]; a missing hold is not an error.
