@@ -488,12 +488,31 @@ fn model_error(e: service::ServiceError) -> ControlError {
 /// The documents of parsed files, each with its file's name.
 type Parsed = (Vec<(String, Service)>, Vec<(String, EndpointSlice)>);
 
-/// Documents as they would be stored (by `namespace/name`), and what would be taken.
+/// Documents as they would be stored (by `namespace/name`), and the services whose
+/// allocation changed in the state's [`Taken`] (for [`restore_taken`]).
 type Allocated = (
     BTreeMap<String, StoredService>,
     BTreeMap<String, StoredSlice>,
-    Taken,
+    BTreeSet<String>,
 );
+
+/// Puts `taken` back to what `services` hold, for the services `touched` (an allocation
+/// that failed, or that only computed what would be taken).
+fn restore_taken(
+    taken: &mut Taken,
+    services: &BTreeMap<String, StoredService>,
+    touched: &BTreeSet<String>,
+) {
+    // All released first: a touched service may hold what another one held before.
+    for key in touched {
+        taken.release(key);
+    }
+    for key in touched {
+        if let Some(s) = services.get(key) {
+            taken.hold(&s.service);
+        }
+    }
+}
 
 /// How many times a cluster-mode change is retried when the store changed under it.
 const STORE_RETRIES: usize = 8;
@@ -740,28 +759,45 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     /// removes every document `origin` gave before and does not give now.
     /// Validates `parsed` against the state and allocates ClusterIPs and NodePorts:
     /// the documents as they would be stored, and what would then be taken.
+    ///
+    /// The allocation is made in `st.taken` itself (a copy would cost more than the
+    /// change at 10,000 services); on an error it is put back.
     fn allocate_services(
         &self,
-        st: &ServiceState,
+        st: &mut ServiceState,
         parsed: Parsed,
         origin: &dyn Fn(&str) -> PolicyOrigin,
     ) -> Result<Allocated, ControlError> {
+        let mut touched = BTreeSet::new();
+        let allocated = self.allocate_in(st, parsed, origin, &mut touched);
+        if allocated.is_err() {
+            restore_taken(&mut st.taken, &st.services, &touched);
+        }
+        allocated
+    }
+
+    fn allocate_in(
+        &self,
+        st: &mut ServiceState,
+        parsed: Parsed,
+        origin: &dyn Fn(&str) -> PolicyOrigin,
+        touched: &mut BTreeSet<String>,
+    ) -> Result<Allocated, ControlError> {
         let (services, slices) = parsed;
-        let mut taken = st.taken.clone();
+        let taken = &mut st.taken;
         let mut new_services: BTreeMap<String, StoredService> = BTreeMap::new();
         let cidrs: ServiceCidrs = self.config.service_cidrs;
         for (source, mut svc) in services {
             let key = svc.key();
-            let old = st.services.get(&key);
-            if let Some(old) = old {
+            if let Some(old) = st.services.get(&key) {
                 check_origin(&key, "service", &old.origin, &origin(&source))?;
-                taken.release(&key);
                 keep_allocation(&old.service, &mut svc);
             }
-            if let Some(earlier) = new_services.get(&key) {
-                taken.release(&key);
-            }
-            service::assign(&cidrs, &taken, &mut svc).map_err(model_error)?;
+            // What it held before (or what an earlier document of this batch took) is
+            // its own to keep or give up.
+            touched.insert(key.clone());
+            taken.release(&key);
+            service::assign(&cidrs, taken, &mut svc).map_err(model_error)?;
             // Through the index, so that the next `assign` looks up rather than scans.
             taken.hold(&svc);
             new_services.insert(
@@ -786,7 +822,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 },
             );
         }
-        Ok((new_services, new_slices, taken))
+        Ok((new_services, new_slices, std::mem::take(touched)))
     }
 
     /// Stages documents from `origin`: validates and allocates against the state (held
@@ -799,7 +835,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         origin: &dyn Fn(&str) -> PolicyOrigin,
         replace: Option<&PolicyOrigin>,
     ) -> Result<Staged, ControlError> {
-        let (new_services, new_slices, mut taken) = self.allocate_services(st, parsed, origin)?;
+        let (new_services, new_slices, _) = self.allocate_services(st, parsed, origin)?;
         let mut staged = Staged {
             changes: Vec::new(),
             affected: BTreeSet::new(),
@@ -815,7 +851,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                 .collect();
             for k in gone {
                 if let Some(s) = st.services.remove(&k) {
-                    taken.release(&k);
+                    st.taken.release(&k);
                     staged.changes.push(Change::ServiceGone {
                         namespace: s.service.namespace.clone(),
                         name: s.service.name.clone(),
@@ -857,7 +893,6 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             }
             st.slices.insert(k, s);
         }
-        st.taken = taken;
         Ok(staged)
     }
 
@@ -964,7 +999,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                         p.display()
                     )));
                 }
-                let s = st.services.remove(&key).expect("just found");
+                st.services.remove(&key);
                 st.taken.release(&key);
                 staged.changes.push(Change::ServiceGone {
                     namespace: namespace.to_owned(),
@@ -1006,9 +1041,12 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         let started = Instant::now();
         for _ in 0..STORE_RETRIES {
             let (txn, applied, slices) = {
-                let st = self.service_state();
-                let (services, new_slices, _) =
-                    self.allocate_services(&st, parsed.clone(), &|_| PolicyOrigin::Cluster)?;
+                let mut guard = self.service_state();
+                let st = &mut *guard;
+                let (services, new_slices, touched) =
+                    self.allocate_services(st, parsed.clone(), &|_| PolicyOrigin::Cluster)?;
+                // Only computed here: this node takes them when the store says so.
+                restore_taken(&mut st.taken, &st.services, &touched);
                 let applied: Vec<String> = services.keys().cloned().collect();
                 let slices: Vec<String> = new_slices.keys().cloned().collect();
                 let txn = ServiceTxn {
@@ -1116,7 +1154,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                     },
                     |s| s.origin == PolicyOrigin::Cluster,
                     |key, old, new| {
-                        if let Some(old) = &old {
+                        if old.is_some() {
                             taken.release(key);
                         }
                         match (old, new) {

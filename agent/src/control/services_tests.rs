@@ -478,4 +478,28 @@ fn the_allocation_index_stays_current_through_applies_updates_and_deletes() {
         agent.service_state().taken.ips[&ip("10.96.1.3")],
         "default/other"
     );
+    // A file refused half-way (its second service asks for an address outside the
+    // service CIDR) leaves the allocation as it was, though its first service moved and a
+    // new one had taken an address.
+    let before = agent.service_state().taken.ips.clone();
+    let bad = hypha_api::PolicySource {
+        source: "bad.yaml".to_owned(),
+        content: format!(
+            "{}---\n{}---\n{}",
+            services_file(1, 80, 0)
+                .content
+                .replace("svc-0", "brand-new"),
+            services_file(1, 80, 0)
+                .content
+                .replace("spec:\n", "spec:\n  clusterIP: 10.96.1.200\n"),
+            services_file(1, 80, 0)
+                .content
+                .replace("svc-0", "svc-1")
+                .replace("spec:\n", "spec:\n  clusterIP: 192.0.2.1\n"),
+        ),
+    };
+    let err = agent.apply_services(&[bad]).unwrap_err();
+    assert!(err.to_string().contains("192.0.2.1"), "{err}");
+    check("a refused file", 49);
+    assert_eq!(agent.service_state().taken.ips, before);
 }
