@@ -567,7 +567,7 @@ fn policy_on_the_backends_holds_through_the_vip() {
 /// 6 and 9 across three nodes: a service applied on node-0 is programmed on every node;
 /// a pod on node-0 reaches backends on node-1 and node-2 through its ClusterIP; a
 /// NodePort of node-0 (`Cluster`) reaches a backend on another node through the overlay,
-/// over IPv4 and IPv6 (SNATed to node-0's gateway, its router address), while a `Local`
+/// over IPv4 and IPv6 (SNATed to node-0's gateway, or its IPv6 router address), while a `Local`
 /// NodePort refuses on node-0 (no backend there) and keeps the client's address on
 /// node-1. The world is the underlay namespace (etcd's, no node). Then
 /// everything goes and nothing is left: maps, lists, namespaces, processes.
