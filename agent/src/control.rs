@@ -393,7 +393,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             services,
         };
         let mut agent = agent;
-        agent.start_overlay(&mut report.warnings)?;
+        agent.start_overlay(router6, &mut report.warnings)?;
         agent.start_nodeport(&mut report.warnings)?;
         // Policy entries and identities first, then the endpoints with their flags, then
         // the removal of what no policy wants any more.

@@ -26,7 +26,9 @@ pub fn node_id(name: &str) -> u32 {
 
 /// The node's own IPv6 address inside its IPv6 pod CIDR (the CIDR's `::1`), the source of
 /// what the host sends to other nodes' pods through the tunnel, so that their replies come
-/// back through it; never handed to a pod (IPv4's counterpart is the gateway).
+/// back through it, and the source IPv6 NodePort flows to a backend on another node are
+/// SNATed to (`hypha_lb6_snat`); never handed to a pod (IPv4's counterpart is the
+/// gateway).
 pub fn router6(cidr: Ipv6Net) -> Ipv6Addr {
     Ipv6Addr::from(u128::from(cidr.network()) + 1)
 }

@@ -9,8 +9,8 @@
 //! - **forward** ([`NAT_DIR_FORWARD`]), keyed by the packet as the client sends it
 //!   (client address/port → node address/NodePort): the backend (address, port, id) and,
 //!   for `externalTrafficPolicy: Cluster` to a backend on another node, the source the
-//!   packet is given (this node's pod-CIDR gateway address and a port chosen for the
-//!   flow). A packet whose forward entry exists takes that translation whatever the
+//!   packet is given (this node's SNAT address of the family, see [`SNAT6`], and a port
+//!   chosen for the flow). A packet whose forward entry exists takes that translation whatever the
 //!   frontend's backends are now: a flow keeps its backend for its lifetime.
 //! - **reverse** ([`NAT_DIR_REVERSE`]), keyed by the reply as the backend sends it
 //!   (backend address/port → client-or-SNAT address/port): the node address and the
@@ -36,6 +36,19 @@ pub const NAT4: &str = "hypha_lb4_nat";
 /// Name of the IPv6 NAT map ([`NatKey6`] → [`NatValue6`]). Readers: as [`NAT4`].
 pub const NAT6: &str = "hypha_lb6_nat";
 
+/// Name of the array holding this node's IPv6 SNAT address: index 0 → the 16 bytes of
+/// the address (all zero: none). The IPv4 one is the pods' gateway (`NodeConfig`); IPv6
+/// has no such address in `NodeConfig` (the pods' gateway is the link-local `fe80::1`),
+/// so the agent writes the node's router address (the IPv6 pod CIDR's `::1`, on the host
+/// device in tunnel mode) here when it sets up the tunnel, and zero without one: IPv6
+/// NodePort flows to a backend on another node are then refused. A map of its own
+/// rather than a field of the pinned `hypha_config`, whose layout stays as it is.
+///
+/// Readers: `ebpf/src/nodeport.rs` (declaration; `hypha_from_netdev` SNATs remote-backend
+/// flows to it and takes replies addressed to it), `agent/src/datapath/tunnel_maps.rs`
+/// (writes it with the tunnel config), the tests.
+pub const SNAT6: &str = "hypha_lb6_snat";
+
 /// Capacity of each NAT map: two entries per translated flow.
 pub const MAX_NAT_ENTRIES: u32 = 262_144;
 
@@ -47,7 +60,7 @@ pub const NAT_DIR_REVERSE: u8 = 1;
 /// The source ports given to flows SNATed to a backend on another node are taken from
 /// `NAT_PORT_FIRST..=NAT_PORT_LAST`: above Linux's default ephemeral range
 /// (32768-60999), so that they do not collide with the host's own connections from its
-/// gateway address. A port is unique per (backend address, backend port, protocol),
+/// SNAT addresses. A port is unique per (backend address, backend port, protocol),
 /// which the reverse key holds.
 pub const NAT_PORT_FIRST: u16 = 61_000;
 /// Last SNAT port (see [`NAT_PORT_FIRST`]).

@@ -14,8 +14,9 @@
 //!   which routes it to the pod's veth, where `hypha_to_pod` applies the pod's ingress
 //!   policy to the client (its own address, kept): policy after translation;
 //! - a backend on another node (only under `externalTrafficPolicy: Cluster`): the
-//!   source also becomes this node's pod-CIDR gateway address (`hypha_config`) and a
-//!   port chosen for the flow (`NAT_PORT_FIRST..`, unique per backend), so the
+//!   source also becomes this node's SNAT address (IPv4: the pod-CIDR gateway address,
+//!   `hypha_config`; IPv6: the router address, `hypha_lb6_snat`) and a port chosen for
+//!   the flow (`NAT_PORT_FIRST..`, unique per backend), so the
 //!   backend's reply comes back through the tunnel; the packet is sent straight into
 //!   the tunnel to the backend's node (VNI: the host, which the other node sees as
 //!   `remote-node`), or, without a tunnel peer (native routing), out of the route to
@@ -32,17 +33,17 @@
 //!
 //! Replies are translated back by [`reply4`] / [`reply6`], called where they arrive:
 //! `hypha_from_pod` (a local backend's reply, after its egress policy) and
-//! `hypha_from_tunnel` (a remote backend's reply to the gateway address); on the
+//! `hypha_from_tunnel` (a remote backend's reply to the SNAT address); on the
 //! external device too (native routing). The reverse entry restores the node address
 //! and NodePort as the source and the client as the destination, and the reply leaves
 //! through `bpf_fib_lookup` and a redirect to the device of the route to the client,
 //! never through the host's input path (its source is a local address).
 //!
 //! Limits: IPv4 fragments, IPv4 packets with options (for the ICMP answer) and IPv6
-//! packets with extension headers before TCP/UDP pass untouched. IPv6 has no SNAT
-//! address (`NodeConfig` holds no IPv6 gateway; the pods' is the link-local
-//! `fe80::1`), so an IPv6 NodePort flow is only ever sent to a local backend; a remote
-//! one is refused as if the frontend had none.
+//! packets with extension headers before TCP/UDP pass untouched. A node without an
+//! IPv6 SNAT address (`hypha_lb6_snat` zero: no tunnel, so no router address) sends an
+//! IPv6 NodePort flow only to a local backend; a remote one is refused as if the
+//! frontend had none.
 #![expect(
     clippy::needless_borrows_for_generic_args,
     reason = "map keys and values are passed by reference so that those in the per-CPU scratch are not copied onto the 512-byte stack"
@@ -58,7 +59,7 @@ use aya_ebpf::{
         bpf_csum_diff, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh,
     },
     macros::{classifier, map},
-    maps::{LruHashMap, PerCpuArray, lpm_trie::Key},
+    maps::{Array, LruHashMap, PerCpuArray, lpm_trie::Key},
     programs::TcContext,
 };
 use hypha_common::{
@@ -71,7 +72,7 @@ use hypha_common::{
 };
 
 use crate::{
-    CONFIG, TUNNEL4,
+    CONFIG, TUNNEL4, TUNNEL6,
     family::Family,
     ipv6::Outcome,
     lb::{self, Client},
@@ -90,6 +91,17 @@ static NAT4: LruHashMap<NatKey4, NatValue4> = LruHashMap::pinned(MAX_NAT_ENTRIES
 /// IPv6 NodePort flows, both directions. Written and read here only.
 #[map(name = "hypha_lb6_nat")]
 static NAT6: LruHashMap<NatKey6, NatValue6> = LruHashMap::pinned(MAX_NAT_ENTRIES, 0);
+
+/// This node's IPv6 SNAT address (all zero: none), written by the agent
+/// (`hypha_common::nat::SNAT6`).
+#[map(name = "hypha_lb6_snat")]
+static SNAT6: Array<[u8; 16]> = Array::pinned(1, 0);
+
+/// This node's IPv6 SNAT address, `None` without one.
+#[inline(always)]
+fn snat6() -> Option<[u8; 16]> {
+    SNAT6.get(0).copied().filter(|a| *a != [0; 16])
+}
 
 /// This CPU's room for the route lookup's parameters and the NAT entries of a new flow,
 /// off the stack (the eBPF stack of a call chain is 512 bytes, and the reverse
@@ -137,6 +149,7 @@ fn scratch() -> Option<&'static mut Scratch> {
 const _: () = {
     assert!(crate::str_eq(hypha_common::nat::NAT4, "hypha_lb4_nat"));
     assert!(crate::str_eq(hypha_common::nat::NAT6, "hypha_lb6_nat"));
+    assert!(crate::str_eq(hypha_common::nat::SNAT6, "hypha_lb6_snat"));
     assert!(crate::str_eq(
         hypha_common::nat::FROM_NETDEV,
         "hypha_from_netdev"
@@ -806,6 +819,11 @@ fn try_netdev6(ctx: &TcContext) -> Result<Outcome, Outcome> {
         return Ok(pass);
     };
     let Some(svc) = lb::service6(p.daddr, p.dport, p.proto, LB_SCOPE_EXTERNAL) else {
+        // A reply of a remote backend over native routing comes in here, to the SNAT
+        // address.
+        if snat6() == Some(p.daddr) {
+            return Ok(Outcome(reply6(ctx)));
+        }
         return Ok(pass);
     };
     let scratch = scratch().ok_or(DropReason::HelperFailed)?;
@@ -831,7 +849,21 @@ fn try_netdev6(ctx: &TcContext) -> Result<Outcome, Outcome> {
     if rewritten.kind() != Outcome::PASS {
         return Err(rewritten);
     }
-    Ok(pass)
+    // Out of the scratch before `redirect6` takes it for the route lookup.
+    let (backend, source) = (scratch.nat6.addr, scratch.nat6.nat_addr);
+    if source == [0; 16] {
+        // A local backend (or the client kept under `Local`): the host stack routes it
+        // to the pod.
+        return Ok(pass);
+    }
+    // SNATed to a backend on another node, as IPv4.
+    let device = tunnel::device();
+    if device != 0
+        && let Some(peer) = TUNNEL6.get(Key::new(128, backend))
+    {
+        return tunnel::encap(ctx, peer, IDENTITY_HOST, device);
+    }
+    Ok(Outcome(redirect6(ctx, &source, &backend)))
 }
 
 /// [`refuse4`] for IPv6: a TCP reset, or ICMPv6 "port unreachable" for UDP.
@@ -894,8 +926,9 @@ fn try_reset6(ctx: &TcContext, p: &Packet6) -> Result<Outcome, Outcome> {
     pmtu::send_back(ctx, frame)
 }
 
-/// [`new_flow4`] for IPv6, with the forward translation in the scratch's `nat6` (whose
-/// `key6` it overwrites): local backends only (see the module's limits).
+/// [`new_flow4`] for IPv6, with the forward translation in the scratch's `nat6` (`key6`,
+/// the flow's forward key, is read, never overwritten): a remote backend only with an
+/// SNAT address (see the module's limits).
 #[inline(never)]
 fn new_flow6(p: &Packet6, svc: &LbService, scratch: &mut Scratch) -> bool {
     try_new_flow6(p, svc, scratch).is_some()
@@ -919,9 +952,7 @@ fn try_new_flow6(p: &Packet6, svc: &LbService, scratch: &mut Scratch) -> Option<
     };
     let id = lb::select(svc, hash, &client, |id| lb::backend6(id).is_some())?;
     let backend = lb::backend6(id)?;
-    if backend.flags & LB_BACKEND_F_LOCAL == 0 && svc.flags & LB_F_LOCAL == 0 {
-        return None;
-    }
+    let remote = backend.flags & LB_BACKEND_F_LOCAL == 0 && svc.flags & LB_F_LOCAL == 0;
     scratch.nat6 = NatValue6 {
         addr: backend.addr,
         nat_addr: [0; 16],
@@ -945,14 +976,31 @@ fn try_new_flow6(p: &Packet6, svc: &LbService, scratch: &mut Scratch) -> Option<
         dir: NAT_DIR_REVERSE,
         _pad: [0; 2],
     };
-    // A full LRU evicts its oldest entry; a failed write only loses the replies.
-    let _ = NAT6.insert(&scratch.reverse_key6, &scratch.reverse6, 0);
+    if remote {
+        let source = snat6()?;
+        scratch.reverse_key6.daddr = source;
+        let port = snat_port(hash, |port| {
+            scratch.reverse_key6.dport = port;
+            NAT6.insert(
+                &scratch.reverse_key6,
+                &scratch.reverse6,
+                u64::from(BPF_NOEXIST),
+            )
+            .is_ok()
+        })?;
+        scratch.nat6.nat_addr = source;
+        scratch.nat6.nat_port = port;
+    } else {
+        // A full LRU evicts its oldest entry; a failed write only loses the replies.
+        let _ = NAT6.insert(&scratch.reverse_key6, &scratch.reverse6, 0);
+    }
     // `key6` is the flow's forward key still.
     let _ = NAT6.insert(&scratch.key6, &scratch.nat6, 0);
     Some(())
 }
 
-/// [`rewrite4`] for IPv6 (no SNAT forward: `nat_addr` is unused then).
+/// [`rewrite4`] for IPv6: forward, the source becomes `nat_addr:nat_port` unless
+/// `nat_addr` is all zero.
 #[inline(never)]
 fn rewrite6(ctx: &TcContext, p: &Packet6, nat: &NatValue6, reverse: bool) -> u64 {
     let done = if reverse {
@@ -964,7 +1012,8 @@ fn rewrite6(ctx: &TcContext, p: &Packet6, nat: &NatValue6, reverse: bool) -> u64
             nat.nat_port,
         )
     } else {
-        rewrite6_to(ctx, p, None, &nat.addr, nat.port)
+        let source = (nat.nat_addr != [0; 16]).then_some((&nat.nat_addr, nat.nat_port));
+        rewrite6_to(ctx, p, source, &nat.addr, nat.port)
     };
     match done {
         Ok(()) => Outcome::new(Outcome::PASS, 0).0,

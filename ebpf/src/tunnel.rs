@@ -499,6 +499,11 @@ fn try_deliver4(ctx: &TcContext, identity: u32) -> Result<Outcome, Outcome> {
 #[inline(always)]
 fn deliver6(ctx: &TcContext, identity: u32) -> Outcome {
     let outcome = Outcome(ipv6::from_tunnel(ctx));
+    if outcome.kind() == Outcome::PASS {
+        // As IPv4: a NodePort reply to this node's SNAT address is translated back and
+        // sent out (`nodeport`); the rest goes to the host stack.
+        return Outcome(nodeport::reply6(ctx));
+    }
     if outcome.kind() != Outcome::ROUTE {
         return outcome;
     }

@@ -112,6 +112,11 @@ impl Cluster {
         cluster
     }
 
+    /// The underlay bridge's name (in [`Cluster::underlay`]).
+    pub fn bridge(&self) -> &str {
+        &self.bridge
+    }
+
     /// The bridge's address, where etcd listens.
     pub fn store_ip(&self) -> Ipv4Addr {
         Ipv4Addr::new(172, self.net[0], self.net[1], 1)

@@ -446,12 +446,34 @@ fn count<K: aya::Pod, V: aya::Pod>(node: &Node, name: &str) -> usize {
 /// serves NodePorts on (`--nodeport-device`).
 pub const UNDERLAY_DEVICE: &str = "ul0";
 
+/// The world's IPv6 address on the underlay bridge of a [`nodeport_cluster`]; node `i`
+/// has [`underlay6`]`(i)` on its [`UNDERLAY_DEVICE`]. Outside every cluster CIDR (those
+/// are `fd00:<y>::/48`).
+pub const WORLD6: Ipv6Addr = Ipv6Addr::new(0xfdde, 0x5e, 0, 0, 0, 0, 0, 1);
+
+/// Node `i`'s IPv6 address on the underlay of a [`nodeport_cluster`]: a NodePort
+/// address of its own (the tunnel itself runs over IPv4).
+pub fn underlay6(i: usize) -> Ipv6Addr {
+    Ipv6Addr::new(0xfdde, 0x5e, 0, 0, 0, 0, 0, 10 + i as u16)
+}
+
 /// A [`Cluster`] of `n` nodes whose underlay veths are renamed [`UNDERLAY_DEVICE`] before
 /// their agents start with `--nodeport-device ul0`: the underlay namespace (etcd's, no
-/// node) is then the "world" NodePorts are reached from.
+/// node) is then the "world" NodePorts are reached from, over IPv4 and IPv6 ([`WORLD6`],
+/// [`underlay6`]).
 pub fn nodeport_cluster(n: usize) -> Cluster {
     let mut c = Cluster::start(0, ClusterOpts::default());
-    for _ in 0..n {
+    c.underlay.exec(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        &format!("{WORLD6}/64"),
+        "dev",
+        c.bridge(),
+        "nodad",
+    ]);
+    for i in 0..n {
         let node = c.new_node(None, &["--nodeport-device", UNDERLAY_DEVICE]);
         let out = node.netns.exec(&["ip", "-4", "-o", "addr", "show"]);
         let veth = out
@@ -465,6 +487,16 @@ pub fn nodeport_cluster(n: usize) -> Cluster {
             .exec(&["ip", "link", "set", &veth, "name", UNDERLAY_DEVICE]);
         node.netns
             .exec(&["ip", "link", "set", UNDERLAY_DEVICE, "up"]);
+        node.netns.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            &format!("{}/64", underlay6(i)),
+            "dev",
+            UNDERLAY_DEVICE,
+            "nodad",
+        ]);
         c.nodes.push(node);
         c.nodes.last_mut().expect("just pushed").start_agent();
     }

@@ -10,12 +10,12 @@
 //! Run as root, after `cargo xtask build-ebpf`.
 //!
 //! A test run gives no tunnel metadata, so `hypha_from_tunnel`'s reverse translation
-//! (the same `reply4` as here) is covered end to end only; here the tunnel shows as the
+//! (the same `reply4` / `reply6` as here) is covered end to end only; here the tunnel shows as the
 //! verdict `TC_ACT_REDIRECT` and the node's `tx` counter. Expected frames are built from
 //! scratch with their checksums computed anew, so comparing whole frames checks every
 //! checksum the programs updated incrementally.
 
-use aya::maps::{HashMap, MapData, PerCpuHashMap, PerCpuValues};
+use aya::maps::{Array, HashMap, MapData, PerCpuHashMap, PerCpuValues};
 use hypha_common::{
     Counter, DIR_INGRESS, DropKey, DropReason, EndpointInfo, NodeConfig, TunnelConfig, TunnelPeer,
     lb::{
@@ -25,7 +25,7 @@ use hypha_common::{
     },
     nat::{
         FROM_NETDEV, NAT_DIR_FORWARD, NAT_DIR_REVERSE, NAT_PORT_FIRST, NAT4, NAT6, NatKey4,
-        NatKey6, NatValue4, NatValue6,
+        NatKey6, NatValue4, NatValue6, SNAT6,
     },
     programs::FROM_POD,
 };
@@ -72,6 +72,12 @@ const BACKEND_B: u32 = 1;
 const BACKEND_B2: u32 = 2;
 const BACKEND_R: u32 = 3;
 const BACKEND_B6: u32 = 11;
+const BACKEND_R6: u32 = 12;
+/// Pod R6 on node 2 (fd00:244:0:1::/64), and this node's router address: its IPv6 SNAT
+/// address.
+const R6: [u8; 16] = [0xfd, 0, 0x02, 0x44, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7];
+const NODE2_CIDR6: [u8; 16] = [0xfd, 0, 0x02, 0x44, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0];
+const ROUTER6: [u8; 16] = [0xfd, 0, 0x02, 0x44, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
 
 // ---- frames ----
 
@@ -392,6 +398,12 @@ impl Node {
             .collect()
     }
 
+    /// Writes this node's IPv6 SNAT address, as the agent does with the tunnel.
+    fn set_snat6(&mut self, addr: [u8; 16]) {
+        let mut snat: Array<&mut MapData, [u8; 16]> = self.dp.map_mut(SNAT6);
+        snat.set(0, addr, 0).expect("write hypha_lb6_snat");
+    }
+
     fn run_from_netdev(&self, frame: &[u8]) -> (u32, Vec<u8>) {
         let run = self.dp.run(FROM_NETDEV, frame, self.ext);
         (run.verdict, run.frame)
@@ -414,6 +426,28 @@ fn value4(addr: [u8; 4], port: u16, nat_addr: [u8; 4], nat_port: u16, id: u32) -
     NatValue4 {
         addr: u32::from_ne_bytes(addr),
         nat_addr: u32::from_ne_bytes(nat_addr),
+        port: port.to_be(),
+        nat_port: nat_port.to_be(),
+        backend_id: id,
+    }
+}
+
+fn key6(saddr: [u8; 16], sport: u16, daddr: [u8; 16], dport: u16, dir: u8) -> NatKey6 {
+    NatKey6 {
+        saddr,
+        daddr,
+        sport: sport.to_be(),
+        dport: dport.to_be(),
+        proto: TCP,
+        dir,
+        _pad: [0; 2],
+    }
+}
+
+fn value6(addr: [u8; 16], port: u16, nat_addr: [u8; 16], nat_port: u16, id: u32) -> NatValue6 {
+    NatValue6 {
+        addr,
+        nat_addr,
         port: port.to_be(),
         nat_port: nat_port.to_be(),
         backend_id: id,
@@ -1001,18 +1035,150 @@ fn ipv6_a_frontend_without_backends_answers_port_unreachable() {
 }
 
 #[test]
-fn ipv6_a_remote_backend_is_refused_for_want_of_an_snat_address() {
+fn ipv6_without_an_snat_address_a_remote_backend_is_refused() {
     hypha_tests::require_root!();
     let mut node = Node::new();
-    node.backend6(
-        20,
-        [0xfd, 0, 0x02, 0x44, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7],
-        8080,
-        0,
-    );
-    node.frontend6(TCP, 1, 20);
+    node.backend6(BACKEND_R6, R6, TARGET_PORT, 0);
+    node.frontend6(TCP, 1, BACKEND_R6);
     let (verdict, out) = node.run_from_netdev(&from_client6(TCP, CLIENT_PORT));
     assert_eq!(verdict, TC_ACT_REDIRECT, "answered, never left to time out");
     assert_reset(&out, (&NODE6, &CLIENT6), 0, Some(SYN_ACKED));
     assert!(node.nat6().is_empty());
+}
+
+#[test]
+fn ipv6_a_remote_backend_is_snated_to_the_router_address_and_sent_into_the_tunnel() {
+    hypha_tests::require_root!();
+    let mut node = Node::new();
+    node.dp.set_tunnel_config(TunnelConfig {
+        ifindex: node.vxlan,
+        flags: 0,
+        local4: u32::from_ne_bytes([192, 168, 77, 1]),
+        _pad: 0,
+        local6: [0; 16],
+    });
+    let node2 = TunnelPeer {
+        node_id: NODE2,
+        flags: 0,
+        addr4: u32::from_ne_bytes(NODE2_UNDERLAY),
+        _pad: 0,
+        addr6: [0; 16],
+    };
+    node.dp.add_tunnel_peer6(NODE2_CIDR6, 64, node2);
+    node.dp.add_node4(NODE2_UNDERLAY, NODE2);
+    node.dp.add_node_stats(NODE2);
+    node.set_snat6(ROUTER6);
+    node.backend6(BACKEND_R6, R6, TARGET_PORT, 0);
+    node.frontend6(TCP, 1, BACKEND_R6);
+
+    let frame = from_client6(TCP, CLIENT_PORT);
+    let (verdict, out) = node.run_from_netdev(&frame);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "into the tunnel");
+    let port = u16::from_be_bytes([out[ETH_HLEN + 40], out[ETH_HLEN + 41]]);
+    assert!(port >= NAT_PORT_FIRST, "SNAT port {port}");
+    assert_eq!(
+        out,
+        eth(
+            EXT_MAC,
+            CLIENT_MAC,
+            ETH_P_IPV6,
+            &ip6(TCP, ROUTER6, port, R6, TARGET_PORT)
+        ),
+        "from the router address, to R; checksum as computed anew"
+    );
+    assert_eq!(node.dp.node_stats(NODE2).expect("node 2").tx.packets, 1);
+    let mut nat = node.nat6();
+    nat.sort_by_key(|(k, _)| k.dir);
+    assert_eq!(
+        nat,
+        vec![
+            (
+                key6(CLIENT6, CLIENT_PORT, NODE6, NODE_PORT, NAT_DIR_FORWARD),
+                value6(R6, TARGET_PORT, ROUTER6, port, BACKEND_R6),
+            ),
+            (
+                key6(R6, TARGET_PORT, ROUTER6, port, NAT_DIR_REVERSE),
+                value6(NODE6, NODE_PORT, CLIENT6, CLIENT_PORT, BACKEND_R6),
+            ),
+        ]
+    );
+    // The second packet of the flow takes the same port.
+    let (_, again) = node.run_from_netdev(&frame);
+    assert_eq!(again, out);
+    let stats = node.backend_stats(BACKEND_R6);
+    assert_eq!((stats.connections, stats.packets), (1, 2));
+
+    // Another client on the same port gets a port of its own.
+    let mut client = CLIENT6;
+    client[15] = 10;
+    let other = eth(
+        EXT_MAC,
+        CLIENT_MAC,
+        ETH_P_IPV6,
+        &ip6(TCP, client, CLIENT_PORT, NODE6, NODE_PORT),
+    );
+    let (_, out2) = node.run_from_netdev(&other);
+    let port2 = u16::from_be_bytes([out2[ETH_HLEN + 40], out2[ETH_HLEN + 41]]);
+    assert!(
+        port2 >= NAT_PORT_FIRST && port2 != port,
+        "{port2} vs {port}"
+    );
+    assert_eq!(node.nat6().len(), 4, "two entries per flow");
+}
+
+#[test]
+fn ipv6_over_native_routing_a_remote_backend_is_routed_to_and_its_reply_translated_back() {
+    hypha_tests::require_root!();
+    let mut node = Node::new();
+    run(&format!(
+        "ip -6 neigh add fd00:50::2 lladdr {} dev hy-ext nud permanent",
+        mac(ROUTER_MAC)
+    ));
+    run("ip -6 route add fd00:244:0:1::/64 via fd00:50::2 dev hy-ext");
+    node.set_snat6(ROUTER6);
+    node.backend6(BACKEND_R6, R6, TARGET_PORT, 0);
+    node.frontend6(TCP, 1, BACKEND_R6);
+
+    let (verdict, out) = node.run_from_netdev(&from_client6(TCP, CLIENT_PORT));
+    assert_eq!(
+        verdict,
+        TC_ACT_REDIRECT,
+        "out of the route to node 2's pods; drops: {:?}",
+        node.dp.drops()
+    );
+    let port = u16::from_be_bytes([out[ETH_HLEN + 40], out[ETH_HLEN + 41]]);
+    assert!(port >= NAT_PORT_FIRST, "SNAT port {port}");
+    assert_eq!(
+        out,
+        eth(
+            ROUTER_MAC,
+            EXT_MAC,
+            ETH_P_IPV6,
+            &ip6(TCP, ROUTER6, port, R6, TARGET_PORT)
+        )
+    );
+
+    // R's reply, to the router address, comes back in through the external device:
+    // the reverse translation `hypha_from_tunnel` applies to it in tunnel mode.
+    let reply = eth(
+        EXT_MAC,
+        ROUTER_MAC,
+        ETH_P_IPV6,
+        &ip6(TCP, R6, TARGET_PORT, ROUTER6, port),
+    );
+    let (verdict, out) = node.run_from_netdev(&reply);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "drops: {:?}", node.dp.drops());
+    assert_eq!(
+        out,
+        to_client6(TCP, CLIENT_PORT),
+        "from the NodePort to the client, checksum as computed anew"
+    );
+    // A reply to the router address that is no flow's passes untouched.
+    let stray = eth(
+        EXT_MAC,
+        ROUTER_MAC,
+        ETH_P_IPV6,
+        &ip6(TCP, R6, TARGET_PORT, ROUTER6, port.wrapping_add(1)),
+    );
+    assert_eq!(node.run_from_netdev(&stray), (TC_ACT_OK, stray.clone()));
 }

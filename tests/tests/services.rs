@@ -567,8 +567,9 @@ fn policy_on_the_backends_holds_through_the_vip() {
 /// 6 and 9 across three nodes: a service applied on node-0 is programmed on every node;
 /// a pod on node-0 reaches backends on node-1 and node-2 through its ClusterIP; a
 /// NodePort of node-0 (`Cluster`) reaches a backend on another node through the overlay,
-/// while a `Local` NodePort refuses on node-0 (no backend there) and keeps the client's
-/// address on node-1. The world is the underlay namespace (etcd's, no node). Then
+/// over IPv4 and IPv6 (SNATed to node-0's gateway, or its IPv6 router address), while a `Local`
+/// NodePort refuses on node-0 (no backend there) and keeps the client's address on
+/// node-1. The world is the underlay namespace (etcd's, no node). Then
 /// everything goes and nothing is left: maps, lists, namespaces, processes.
 #[test]
 fn services_span_the_cluster_and_node_ports_cross_the_overlay() {
@@ -595,6 +596,8 @@ fn services_span_the_cluster_and_node_ports_cross_the_overlay() {
             &[
                 "type: NodePort",
                 &format!("externalTrafficPolicy: {policy}"),
+                "ipFamilyPolicy: RequireDualStack",
+                "ipFamilies: [IPv4, IPv6]",
             ],
             &["{name: web, protocol: TCP, port: 80, targetPort: 8080}"],
         ));
@@ -658,6 +661,25 @@ fn services_span_the_cluster_and_node_ports_cross_the_overlay() {
         assert!(a.name == "cb1" || a.name == "cb2", "{a:?}");
         assert_eq!(a.peer, SocketAddr::new(n0, cluster_np));
     }
+    // Over IPv6 too: SNATed to node-0's router address, the reply back through the
+    // tunnel. Both remote backends serve.
+    let n0_6 = IpAddr::V6(services::underlay6(0));
+    let mut served6 = BTreeSet::new();
+    for _ in 0..20 {
+        let a = ask_tcp(world, n0_6, cluster_np).unwrap_or_else(|e| {
+            panic!(
+                "Cluster NodePort [{n0_6}]:{cluster_np} from the world: {e}\n{}",
+                c.nodes[0].log()
+            )
+        });
+        assert_eq!(a.peer, SocketAddr::new(n0_6, cluster_np));
+        served6.insert(a.name);
+    }
+    assert_eq!(
+        served6,
+        BTreeSet::from(["cb1".to_owned(), "cb2".to_owned()]),
+        "the IPv6 Cluster NodePort of node-0 reaches both remote backends"
+    );
     let local_np = node_port(
         &services::find(&c.nodes[0], "default/spread-local").expect("listed"),
         "web",

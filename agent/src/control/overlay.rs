@@ -96,7 +96,11 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     /// on a single node, no tunnel config (a node that ran in cluster mode before keeps
     /// none). What cannot make the node work (the device, the MTU) fails the start; the
     /// rest is a warning.
-    pub(super) fn start_overlay(&mut self, warnings: &mut Vec<String>) -> Result<(), ControlError> {
+    pub(super) fn start_overlay(
+        &mut self,
+        router6: Option<Ipv6Addr>,
+        warnings: &mut Vec<String>,
+    ) -> Result<(), ControlError> {
         let Some(cluster) = self.config.cluster.clone() else {
             self.clear_tunnel(warnings);
             return Ok(());
@@ -143,6 +147,9 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
                             IpAddr::V6(a) => Some(*a),
                             IpAddr::V4(_) => None,
                         }),
+                        // The router address is the node's IPv6 NodePort SNAT address,
+                        // as the gateway is IPv4's.
+                        snat6: router6,
                     }))
                     .map_err(|e| {
                         ControlError::Datapath(format!(

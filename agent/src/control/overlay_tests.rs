@@ -146,6 +146,8 @@ fn tunnel_mode_starts_the_device_the_routes_and_hands_pods_its_mtu() {
             ifname: "hypha_vxlan".into(),
             local4: Some("172.16.0.13".parse().unwrap()),
             local6: None,
+            // The router address is the IPv6 NodePort SNAT address.
+            snat6: Some("fd00:10:244:3::1".parse().unwrap()),
         })
     );
     // The cluster CIDRs through the device, from the node's own addresses in its CIDRs,

@@ -298,6 +298,7 @@ impl Maps {
                 nodes4: Mutex::new(take(ebpf, maps::NODES4)?),
                 nodes6: Mutex::new(take(ebpf, maps::NODES6)?),
                 stats: Mutex::new(take(ebpf, maps::NODE_STATS)?),
+                snat6: Mutex::new(take(ebpf, hypha_common::nat::SNAT6)?),
             },
         })
     }
@@ -1005,11 +1006,19 @@ impl Datapath for EbpfDatapath {
                 for prog in &self.tunnel_programs {
                     attach_tunnel_program(prog, t, &self.tunnel_pin(prog.hook))?;
                 }
-                self.maps.tunnel.write_config(tunnel_maps::config(Some(t)))
+                self.maps
+                    .tunnel
+                    .write_config(tunnel_maps::config(Some(t)))?;
+                self.maps.tunnel.write_snat6(t.snat6)
             }
             None => {
-                // Config first: nothing is sent into the device once it is zero.
+                // Config first: nothing is sent into the device once it is zero. No SNAT
+                // address either: its replies would have no tunnel to come back by.
                 let mut result = self.maps.tunnel.write_config(tunnel_maps::config(None));
+                let cleared = self.maps.tunnel.write_snat6(None);
+                if result.is_ok() {
+                    result = cleared;
+                }
                 for prog in &self.tunnel_programs {
                     let removed = remove_pin(&self.tunnel_pin(prog.hook));
                     if result.is_ok() {

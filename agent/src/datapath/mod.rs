@@ -43,6 +43,10 @@ pub struct TunnelSetup {
     /// kernel's route lookup picks it).
     pub local4: Option<Ipv4Addr>,
     pub local6: Option<Ipv6Addr>,
+    /// The node's IPv6 SNAT address (`hypha_lb6_snat`): the source IPv6 NodePort flows
+    /// to a backend on another node are given, whose replies come back through the
+    /// tunnel (the router address, `overlay::router6`). `None`: such flows are refused.
+    pub snat6: Option<Ipv6Addr>,
 }
 
 /// Another node, as the tunnel maps hold it (see [`Datapath::set_tunnel_peers`]).

@@ -1,7 +1,8 @@
 //! The tunnel's maps as the agent writes them: `hypha_tunnel_cfg` (the node's VXLAN
 //! device), `hypha_tunnel4`/`hypha_tunnel6` (other nodes' pod CIDRs → where to tunnel),
 //! `hypha_nodes4`/`hypha_nodes6` (other nodes' underlay addresses → node id: the outer
-//! sources accepted) and `hypha_node_stats` (node id → per-CPU counters).
+//! sources accepted), `hypha_node_stats` (node id → per-CPU counters) and
+//! `hypha_lb6_snat` (the node's IPv6 NodePort SNAT address, which needs the tunnel).
 //!
 //! [`TunnelMaps::set_peers`] makes them hold exactly the cluster's other nodes, in the
 //! order that never leaves a kept node unrouted: every wanted entry is written first
@@ -13,7 +14,7 @@ use std::sync::Mutex;
 
 use aya::maps::lpm_trie::Key;
 use aya::maps::{Array, HashMap, LpmTrie, MapData, PerCpuHashMap, PerCpuValues};
-use hypha_common::{NodeStats, PEER_F_IPV6, TunnelConfig, TunnelPeer, maps};
+use hypha_common::{NodeStats, PEER_F_IPV6, TunnelConfig, TunnelPeer, maps, nat};
 use ipnet::{Ipv4Net, Ipv6Net};
 
 use super::ebpf::{EbpfError, is_not_found, lock, map_err};
@@ -28,6 +29,7 @@ pub(super) struct TunnelMaps {
     pub(super) nodes4: Mutex<HashMap<MapData, u32, u32>>,
     pub(super) nodes6: Mutex<HashMap<MapData, [u8; 16], u32>>,
     pub(super) stats: Mutex<PerCpuHashMap<MapData, u32, NodeStats>>,
+    pub(super) snat6: Mutex<Array<MapData, [u8; 16]>>,
 }
 
 /// The `hypha_tunnel_cfg` value of `tunnel` (all zero: none).
@@ -178,6 +180,22 @@ impl TunnelMaps {
         lock(&self.config)
             .set(0, value, 0)
             .map_err(map_err("write", maps::TUNNEL_CONFIG))
+    }
+
+    /// Writes `hypha_lb6_snat` (all zero for `None`).
+    pub(super) fn write_snat6(&self, addr: Option<Ipv6Addr>) -> Result<(), EbpfError> {
+        lock(&self.snat6)
+            .set(0, addr.map_or([0; 16], |a| a.octets()), 0)
+            .map_err(map_err("write", nat::SNAT6))
+    }
+
+    /// What `hypha_lb6_snat` holds (`None`: all zero).
+    #[cfg(test)]
+    pub(super) fn read_snat6(&self) -> Result<Option<Ipv6Addr>, EbpfError> {
+        let addr = lock(&self.snat6)
+            .get(&0, 0)
+            .map_err(map_err("read", nat::SNAT6))?;
+        Ok((addr != [0; 16]).then(|| Ipv6Addr::from(addr)))
     }
 
     /// What `hypha_tunnel_cfg` holds.
@@ -450,6 +468,7 @@ pub(super) mod tests {
             ifname: "hypha_vxlan".into(),
             local4: Some("192.168.50.2".parse().unwrap()),
             local6: None,
+            snat6: None,
         }));
         assert_eq!(c.ifindex, 12);
         assert_eq!(c.local4.to_ne_bytes(), [192, 168, 50, 2]);

@@ -157,6 +157,7 @@ fn vxlan(fx: &Fixture, name: &str) -> TunnelSetup {
         ifname: name.to_owned(),
         local4: Some(Ipv4Addr::new(192, 168, 50, 2)),
         local6: None,
+        snat6: Some("fd00:10:244:2::1".parse().unwrap()),
     }
 }
 
@@ -198,6 +199,11 @@ fn tunnel_programs_are_attached_adopted_in_place_moved_and_removed() {
             _pad: 0,
             local6: [0; 16],
         }
+    );
+    assert_eq!(
+        dp.maps.tunnel.read_snat6().unwrap(),
+        Some("fd00:10:244:2::1".parse().unwrap()),
+        "the IPv6 SNAT address is written with the tunnel"
     );
 
     // Sweeping the endpoints keeps the tunnel's links and the device's drop counters.
@@ -272,6 +278,11 @@ fn tunnel_programs_are_attached_adopted_in_place_moved_and_removed() {
     assert_eq!(
         again.maps.tunnel.read_config().unwrap(),
         TunnelConfig::default()
+    );
+    assert_eq!(
+        again.maps.tunnel.read_snat6().unwrap(),
+        None,
+        "no tunnel, no IPv6 SNAT address"
     );
     for hook in ["ingress", "egress"] {
         assert!(!again.tunnel_pin(hook).exists(), "{hook} pin removed");
