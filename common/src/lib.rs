@@ -130,7 +130,7 @@ pub mod fq {
     pub const QDISC_MAJOR: u16 = 0x4859;
     /// How many leaf classes flows are hashed into unless the agent is told otherwise
     /// (see `agent/src/bandwidth.rs` for the measurements behind the choice).
-    pub const DEFAULT_QUEUES: u16 = 64;
+    pub const DEFAULT_QUEUES: u16 = 16;
     /// The most leaf classes a limiter may have: installing one costs two netlink
     /// requests per leaf.
     pub const MAX_QUEUES: u16 = 256;

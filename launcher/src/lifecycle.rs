@@ -106,14 +106,7 @@ fn release_now(run: &RunDir, name: &str) -> Result<(), RunError> {
     let errors = release(run, &mut state);
     state.status = Status::Exited;
     run.save(&state)?;
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(RunError::Release {
-            name: name.to_owned(),
-            errors,
-        })
-    }
+    released(name, errors)
 }
 
 /// `hypha stop`: SIGTERM to the container (its init passes it on to the command), SIGKILL
@@ -168,14 +161,7 @@ pub fn rm(run: &RunDir, name: &str, force: bool) -> Result<(), RunError> {
     let _lock = run.lock(name)?;
     let state = run.load(name)?;
     let errors = remove_entry(run, &state);
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(RunError::Release {
-            name: name.to_owned(),
-            errors,
-        })
-    }
+    released(name, errors)
 }
 
 /// `hypha logs`: the output of a detached container.
@@ -354,5 +340,17 @@ mod tests {
             "{t}"
         );
         assert!(lines[3].contains(" 10.0.0.3,fd00:10:244::3 "), "{t}");
+    }
+}
+
+/// `Ok` when releasing `name`'s resources met no error, else every error met.
+fn released(name: &str, errors: Vec<String>) -> Result<(), RunError> {
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(RunError::Release {
+            name: name.to_owned(),
+            errors,
+        })
     }
 }

@@ -9,9 +9,12 @@
 
 use std::collections::HashMap;
 
-use hypha_common::fq::{DEFAULT_QUEUES, QUEUES_GLOBAL, leaf_classid};
+use hypha_common::fq::{QUEUES_GLOBAL, leaf_classid};
 use hypha_common::programs::FLOW_CLASS;
 use hypha_tests::ebpf::{Datapath, TestNetns, eth, ipv4_checksum};
+
+/// Leaves of the spread tests: 256 flows over 64 leaves use nearly all of them.
+const SPREAD_QUEUES: u16 = 64;
 
 const MAC_A: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x07];
 const MAC_B: [u8; 6] = [0x02, 0xaa, 0, 0, 0, 0x01];
@@ -39,8 +42,9 @@ struct Classifier {
 }
 
 impl Classifier {
+    /// With [`SPREAD_QUEUES`] leaves, so that a poor spread shows.
     fn new() -> Self {
-        Self::with_queues(DEFAULT_QUEUES)
+        Self::with_queues(SPREAD_QUEUES)
     }
 
     /// The classifier loaded as the agent loads it with `--fq-queues queues`.
@@ -132,7 +136,7 @@ fn spread(c: &Classifier, n: u16, frame: impl Fn(u16) -> Vec<u8>) -> (usize, usi
 fn assert_spread((used, most): (usize, usize), what: &str) {
     assert!(
         used >= 56 && most <= 12,
-        "{what}: 256 flows used {used} of {DEFAULT_QUEUES} classes, up to {most} in one"
+        "{what}: 256 flows used {used} of {SPREAD_QUEUES} classes, up to {most} in one"
     );
 }
 

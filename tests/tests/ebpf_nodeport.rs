@@ -220,6 +220,27 @@ struct Node {
 }
 
 impl Node {
+    /// The VXLAN device as the tunnel, and node 2 known by its underlay address with
+    /// counters: the peer to route a family's CIDR of node 2 to.
+    fn tunnel_to_node2(&mut self) -> TunnelPeer {
+        self.dp.set_tunnel_config(TunnelConfig {
+            ifindex: self.vxlan,
+            flags: 0,
+            local4: u32::from_ne_bytes([192, 168, 77, 1]),
+            _pad: 0,
+            local6: [0; 16],
+        });
+        self.dp.add_node4(NODE2_UNDERLAY, NODE2);
+        self.dp.add_node_stats(NODE2);
+        TunnelPeer {
+            node_id: NODE2,
+            flags: 0,
+            addr4: u32::from_ne_bytes(NODE2_UNDERLAY),
+            _pad: 0,
+            addr6: [0; 16],
+        }
+    }
+
     fn new() -> Self {
         let netns = TestNetns::enter();
         let ext = netns.add_veth("hy-ext", "hy-ext-peer");
@@ -593,23 +614,8 @@ fn the_reply_of_a_local_backend_is_translated_back_in_from_pod_and_sent_out() {
 fn a_remote_backend_is_snated_to_the_gateway_and_sent_into_the_tunnel() {
     hypha_tests::require_root!();
     let mut node = Node::new();
-    node.dp.set_tunnel_config(TunnelConfig {
-        ifindex: node.vxlan,
-        flags: 0,
-        local4: u32::from_ne_bytes([192, 168, 77, 1]),
-        _pad: 0,
-        local6: [0; 16],
-    });
-    let node2 = TunnelPeer {
-        node_id: NODE2,
-        flags: 0,
-        addr4: u32::from_ne_bytes(NODE2_UNDERLAY),
-        _pad: 0,
-        addr6: [0; 16],
-    };
+    let node2 = node.tunnel_to_node2();
     node.dp.add_tunnel_peer4(NODE2_CIDR4, 24, node2);
-    node.dp.add_node4(NODE2_UNDERLAY, NODE2);
-    node.dp.add_node_stats(NODE2);
     node.frontend4(TCP, 1, 0, BACKEND_R);
 
     let frame = from_client4(TCP, CLIENT_PORT);
@@ -1050,23 +1056,8 @@ fn ipv6_without_an_snat_address_a_remote_backend_is_refused() {
 fn ipv6_a_remote_backend_is_snated_to_the_router_address_and_sent_into_the_tunnel() {
     hypha_tests::require_root!();
     let mut node = Node::new();
-    node.dp.set_tunnel_config(TunnelConfig {
-        ifindex: node.vxlan,
-        flags: 0,
-        local4: u32::from_ne_bytes([192, 168, 77, 1]),
-        _pad: 0,
-        local6: [0; 16],
-    });
-    let node2 = TunnelPeer {
-        node_id: NODE2,
-        flags: 0,
-        addr4: u32::from_ne_bytes(NODE2_UNDERLAY),
-        _pad: 0,
-        addr6: [0; 16],
-    };
+    let node2 = node.tunnel_to_node2();
     node.dp.add_tunnel_peer6(NODE2_CIDR6, 64, node2);
-    node.dp.add_node4(NODE2_UNDERLAY, NODE2);
-    node.dp.add_node_stats(NODE2);
     node.set_snat6(ROUTER6);
     node.backend6(BACKEND_R6, R6, TARGET_PORT, 0);
     node.frontend6(TCP, 1, BACKEND_R6);
