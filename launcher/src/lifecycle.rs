@@ -298,6 +298,18 @@ pub fn exec(run: &RunDir, name: &str, command: &[String]) -> Result<i32, RunErro
     Ok(sys::forward_until_exit(helper, false))
 }
 
+/// `Ok` when releasing `name`'s resources met no error, else every error met.
+fn released(name: &str, errors: Vec<String>) -> Result<(), RunError> {
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(RunError::Release {
+            name: name.to_owned(),
+            errors,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,17 +352,5 @@ mod tests {
             "{t}"
         );
         assert!(lines[3].contains(" 10.0.0.3,fd00:10:244::3 "), "{t}");
-    }
-}
-
-/// `Ok` when releasing `name`'s resources met no error, else every error met.
-fn released(name: &str, errors: Vec<String>) -> Result<(), RunError> {
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(RunError::Release {
-            name: name.to_owned(),
-            errors,
-        })
     }
 }

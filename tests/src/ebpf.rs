@@ -113,7 +113,7 @@ impl Datapath {
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(&bpffs.path);
         for (name, value) in globals {
-            loader.override_global(*name, value, true);
+            loader.override_global(name, value, true);
         }
         let ebpf = loader
             .load(&bytes)
