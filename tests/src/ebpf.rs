@@ -78,15 +78,7 @@ impl Datapath {
     pub fn load() -> Self {
         let mut dp = Self::open();
         for name in [programs::FROM_POD, programs::TO_POD] {
-            let program: &mut SchedClassifier = dp
-                .ebpf
-                .program_mut(name)
-                .unwrap_or_else(|| panic!("program {name} missing from the object"))
-                .try_into()
-                .unwrap_or_else(|e| panic!("program {name} is not a TC classifier: {e}"));
-            program
-                .load()
-                .unwrap_or_else(|e| panic!("load program {name} (verifier): {}", chain(&e)));
+            dp.load_program(name);
         }
         dp
     }
@@ -128,15 +120,7 @@ impl Datapath {
     /// `hypha_to_tunnel`, besides the two [`Datapath::load`] loads.
     pub fn load_tunnel_programs(&mut self) {
         for name in [programs::FROM_TUNNEL, programs::TO_TUNNEL] {
-            let program: &mut SchedClassifier = self
-                .ebpf
-                .program_mut(name)
-                .unwrap_or_else(|| panic!("program {name} missing"))
-                .try_into()
-                .unwrap_or_else(|e| panic!("program {name} is not a TC classifier: {e}"));
-            program
-                .load()
-                .unwrap_or_else(|e| panic!("load program {name} (verifier): {}", chain(&e)));
+            self.load_program(name);
         }
     }
 
@@ -149,9 +133,16 @@ impl Datapath {
             .unwrap_or_else(|| panic!("program {name} missing"))
             .try_into()
             .unwrap_or_else(|e| panic!("program {name} is not a TC classifier: {e}"));
-        program
-            .load()
-            .unwrap_or_else(|e| panic!("load program {name} (verifier): {}", chain(&e)));
+        // The verifier gives up with EAGAIN when a signal is pending on the loading
+        // thread (tests run many at once, with child processes); libbpf retries such
+        // loads, and so does this.
+        for attempt in 1.. {
+            match program.load() {
+                Ok(()) => return,
+                Err(e) if attempt < 5 && chain(&e).contains("os error 11") => {}
+                Err(e) => panic!("load program {name} (verifier): {}", chain(&e)),
+            }
+        }
     }
 
     /// Writes index 0 of `hypha_tunnel_cfg`.
