@@ -393,14 +393,9 @@ impl EbpfDatapath {
         )?;
         // Not attached by the datapath: the rate limiters hand its descriptor to the
         // `htb` qdiscs they install (see `flow_classifier`).
-        classifier(&mut ebpf, programs::FLOW_CLASS)?
-            .load()
-            .map_err(|source| EbpfError::Program {
-                op: "load",
-                program: programs::FLOW_CLASS,
-                ifname: "-".into(),
-                source: Box::new(source),
-            })?;
+        load_named(&mut ebpf, programs::FLOW_CLASS, |p| {
+            <&mut SchedClassifier>::try_from(p)?.load()
+        })?;
         let maps = Maps::take(&mut ebpf)?;
         let lb = LbMaps::take(&mut ebpf)?;
         let socklb = SockLb::load(&mut ebpf, pin_dir)?;
@@ -1206,29 +1201,18 @@ fn missing_program(found: &[&str]) -> Option<&'static str> {
         .find(|name| !found.contains(name))
 }
 
-fn classifier<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut SchedClassifier, EbpfError> {
-    let prog = ebpf.program_mut(name).ok_or(EbpfError::Missing {
-        kind: "program",
-        name,
-    })?;
-    prog.try_into().map_err(|source| EbpfError::Program {
-        op: "open",
-        program: name,
-        ifname: "-".into(),
-        source: Box::new(source),
-    })
-}
+/// How many times a load the verifier gave up on with EAGAIN is tried.
+const LOAD_ATTEMPTS: u32 = 5;
 
-/// Loads the program of `attachment` (one of [`ATTACHMENTS`] or [`TUNNEL_ATTACHMENTS`])
-/// and keeps what attaching it needs.
-fn load_program(
+/// Loads program `name` of `ebpf` with `load` (the load of its type), then returns a
+/// descriptor of its own and the kernel's id of it. The verifier gives up with EAGAIN
+/// when a signal is pending on the loading thread; such a load is tried again, as
+/// libbpf does.
+pub(super) fn load_named(
     ebpf: &mut Ebpf,
-    (name, attach_type, tc_hook, hook): (&'static str, u32, TcHook, &'static str),
-) -> Result<Program, EbpfError> {
-    let prog = classifier(ebpf, name)?;
+    name: &'static str,
+    load: impl Fn(&mut aya::programs::Program) -> Result<(), ProgramError>,
+) -> Result<(ProgramFd, u32), EbpfError> {
     let prog_err = |op| {
         move |source| EbpfError::Program {
             op,
@@ -1237,7 +1221,27 @@ fn load_program(
             source: Box::new(source),
         }
     };
-    prog.load().map_err(prog_err("load"))?;
+    let prog = ebpf.program_mut(name).ok_or(EbpfError::Missing {
+        kind: "program",
+        name,
+    })?;
+    let mut attempt = 1;
+    loop {
+        match load(prog) {
+            Ok(()) => break,
+            Err(ProgramError::LoadError { io_error, .. })
+                if attempt < LOAD_ATTEMPTS && io_error.raw_os_error() == Some(libc::EAGAIN) =>
+            {
+                tracing::debug!(
+                    program = name,
+                    attempt,
+                    "the verifier gave up (EAGAIN); loading again"
+                );
+                attempt += 1;
+            }
+            Err(e) => return Err(prog_err("load")(e)),
+        }
+    }
     let fd = prog
         .fd()
         .map_err(prog_err("open"))?
@@ -1248,6 +1252,16 @@ fn load_program(
             source,
         })?;
     let id = prog.info().map_err(prog_err("read"))?.id();
+    Ok((fd, id))
+}
+
+/// Loads the program of `attachment` (one of [`ATTACHMENTS`] or [`TUNNEL_ATTACHMENTS`])
+/// and keeps what attaching it needs.
+fn load_program(
+    ebpf: &mut Ebpf,
+    (name, attach_type, tc_hook, hook): (&'static str, u32, TcHook, &'static str),
+) -> Result<Program, EbpfError> {
+    let (fd, id) = load_named(ebpf, name, |p| <&mut SchedClassifier>::try_from(p)?.load())?;
     Ok(Program {
         name,
         fd,

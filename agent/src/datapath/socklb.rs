@@ -26,7 +26,7 @@ use aya::maps::{HashMap, MapData};
 use aya::programs::{CgroupSockAddr, ProgramFd};
 use hypha_common::lb::{LbNetns, maps as lb_maps, programs};
 
-use super::ebpf::{EbpfError, attach_pinned, is_not_found, lock, map_err};
+use super::ebpf::{EbpfError, attach_pinned, is_not_found, load_named, lock, map_err};
 use super::link_info;
 use crate::state::EndpointRecord;
 
@@ -321,33 +321,7 @@ fn load_program(
     ebpf: &mut Ebpf,
     (name, attach_type, hook): (&'static str, u32, &'static str),
 ) -> Result<SockProgram, EbpfError> {
-    let prog_err = |op| {
-        move |source| EbpfError::Program {
-            op,
-            program: name,
-            ifname: "-".into(),
-            source: Box::new(source),
-        }
-    };
-    let prog: &mut CgroupSockAddr = ebpf
-        .program_mut(name)
-        .ok_or(EbpfError::Missing {
-            kind: "program",
-            name,
-        })?
-        .try_into()
-        .map_err(prog_err("open"))?;
-    prog.load().map_err(prog_err("load"))?;
-    let fd = prog
-        .fd()
-        .map_err(prog_err("open"))?
-        .try_clone()
-        .map_err(|source| EbpfError::Io {
-            op: "duplicate the descriptor of program",
-            path: name.into(),
-            source,
-        })?;
-    let id = prog.info().map_err(prog_err("read"))?.id();
+    let (fd, id) = load_named(ebpf, name, |p| <&mut CgroupSockAddr>::try_from(p)?.load())?;
     Ok(SockProgram {
         name,
         fd,
