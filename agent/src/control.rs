@@ -29,6 +29,7 @@ pub use crate::state::Persist;
 use crate::state::{Change, EndpointRecord, Pending, PersistedState, StateError};
 
 mod cluster;
+mod deleted;
 mod nodeport;
 mod nodes;
 mod overlay;
@@ -269,6 +270,8 @@ pub struct Agent<D: Datapath, H: HostNetwork> {
     store: Box<dyn Persist>,
     table: Mutex<Table>,
     owners: OwnerLocks,
+    /// The attachments deleted lately, against requests of ADDs the runtime gave up on.
+    deleted: Mutex<deleted::RecentDeletes>,
     policy: Mutex<PolicyState>,
     /// What status, metrics and the monitor show of policy, replaced after each change.
     policy_view: ArcSwap<PolicyView>,
@@ -384,6 +387,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             store,
             table: Mutex::new(table),
             owners: OwnerLocks::default(),
+            deleted: Mutex::default(),
             policy: Mutex::new(policy),
             policy_view: view,
             adopted: 0,
@@ -465,13 +469,54 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
         self.table().endpoints.get(owner).cloned()
     }
 
+    /// Refuses a request of an ADD that took the attachment's lock at `locked_at` when a
+    /// DEL of the attachment was handled since (see [`deleted`]). Call with the
+    /// attachment's lock held.
+    fn check_not_deleted_since(
+        &self,
+        owner: &Owner,
+        locked_at: Option<u64>,
+    ) -> Result<(), ControlError> {
+        let Some(locked_at) = locked_at else {
+            return Ok(());
+        };
+        let deleted = self
+            .deleted
+            .lock()
+            .expect("recent deletes")
+            .after(owner, locked_at);
+        match deleted {
+            Some(at) => {
+                let e = ControlError::Conflict(format!(
+                    "{owner} was deleted {:.3} s after this ADD took the attachment's lock: \
+                     the runtime has given up on this ADD, so nothing is done for it",
+                    (at - locked_at) as f64 / 1e9
+                ));
+                tracing::warn!("refused a request of a killed ADD: {e}");
+                Err(e)
+            }
+            None => Ok(()),
+        }
+    }
+
     pub fn allocate(&self, req: &AllocateRequest) -> Result<Allocation, ControlError> {
+        self.allocate_for(req, None)
+    }
+
+    /// [`Self::allocate`] for an ADD that took the attachment's lock at `locked_at`
+    /// (nanoseconds of `CLOCK_BOOTTIME`), refused when a DEL of the attachment came since.
+    pub fn allocate_for(
+        &self,
+        req: &AllocateRequest,
+        locked_at: Option<u64>,
+    ) -> Result<Allocation, ControlError> {
         validate_owner(&req.container_id, &req.ifname)?;
         let owner = Owner {
             container_id: req.container_id.clone(),
             ifname: req.ifname.clone(),
         };
         let _busy = self.owners.lock(&owner);
+        self.check_not_deleted_since(&owner, locked_at)?;
         let (a4, a6, pending) = {
             let mut t = self.table();
             if let Some(ep) = t.endpoints.get(&owner) {
@@ -638,6 +683,16 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
     }
 
     pub fn create_endpoint(&self, req: &CreateEndpointRequest) -> Result<Endpoint, ControlError> {
+        self.create_endpoint_for(req, None)
+    }
+
+    /// [`Self::create_endpoint`] for an ADD that took the attachment's lock at
+    /// `locked_at`, refused when a DEL of the attachment came since.
+    pub fn create_endpoint_for(
+        &self,
+        req: &CreateEndpointRequest,
+        locked_at: Option<u64>,
+    ) -> Result<Endpoint, ControlError> {
         validate_owner(&req.container_id, &req.ifname)?;
         if req.pod_mac.0[0] & 1 != 0 || req.pod_mac.0 == [0; 6] {
             return Err(ControlError::BadRequest(format!(
@@ -657,6 +712,7 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             ifname: req.ifname.clone(),
         };
         let _busy = self.owners.lock(&owner);
+        self.check_not_deleted_since(&owner, locked_at)?;
         let (id, mut claim) = self.claim(req, &owner)?;
         let link = self.host.link(&req.host_ifname)?.ok_or_else(|| {
             ControlError::BadRequest(format!(
@@ -738,6 +794,12 @@ impl<D: Datapath, H: HostNetwork> Agent<D, H> {
             container_id: container_id.to_owned(),
             ifname: ifname.to_owned(),
         };
+        // Noted before the removal: a request of a killed ADD handled after this point
+        // is refused; one handled before is undone by the removal.
+        self.deleted
+            .lock()
+            .expect("recent deletes")
+            .deleted(&owner, hypha_api::boottime_ns());
         let removal = self.remove(&owner, false);
         removal.pending.map(|p| p.wait()).transpose()?;
         if !removal.errors.is_empty() {

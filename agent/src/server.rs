@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Path as UrlPath, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use hypha_api::{
@@ -185,13 +185,30 @@ async fn list<D: Datapath + 'static, H: HostNetwork + 'static>(
     Ok(Json(blocking(a, |a| Ok(a.list())).await?).into_response())
 }
 
+/// The [`hypha_api::ATTACHMENT_LOCKED_AT`] header, if the request has one.
+fn locked_at(headers: &HeaderMap) -> Result<Option<u64>, ControlError> {
+    headers
+        .get(hypha_api::ATTACHMENT_LOCKED_AT)
+        .map(|v| {
+            v.to_str().ok().and_then(|v| v.parse().ok()).ok_or_else(|| {
+                ControlError::BadRequest(format!(
+                    "header {}: {v:?} is not a number of nanoseconds",
+                    hypha_api::ATTACHMENT_LOCKED_AT
+                ))
+            })
+        })
+        .transpose()
+}
+
 async fn allocate<D: Datapath + 'static, H: HostNetwork + 'static>(
     State(a): State<Shared<D, H>>,
+    headers: HeaderMap,
     Json(req): Json<AllocateRequest>,
 ) -> Result<Response, ControlError> {
+    let locked_at = locked_at(&headers)?;
     let alloc = {
         let req = req.clone();
-        blocking(a, move |a| a.allocate(&req)).await?
+        blocking(a, move |a| a.allocate_for(&req, locked_at)).await?
     };
     tracing::info!(container = %req.container_id, ifname = %req.ifname, address = ?alloc.address, address6 = ?alloc.address6, "allocated");
     Ok(Json(alloc).into_response())
@@ -199,9 +216,11 @@ async fn allocate<D: Datapath + 'static, H: HostNetwork + 'static>(
 
 async fn create<D: Datapath + 'static, H: HostNetwork + 'static>(
     State(a): State<Shared<D, H>>,
+    headers: HeaderMap,
     Json(req): Json<CreateEndpointRequest>,
 ) -> Result<Response, ControlError> {
-    let ep = blocking(a, move |a| a.create_endpoint(&req)).await?;
+    let locked_at = locked_at(&headers)?;
+    let ep = blocking(a, move |a| a.create_endpoint_for(&req, locked_at)).await?;
     tracing::info!(id = ep.id, container = %ep.container_id, host_if = %ep.host_ifname, address = ?ep.address, address6 = ?ep.address6, "endpoint created");
     Ok((StatusCode::CREATED, Json(ep)).into_response())
 }

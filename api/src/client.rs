@@ -81,6 +81,8 @@ impl ClientError {
 pub struct Client {
     path: PathBuf,
     timeout: Duration,
+    /// Sent as [`crate::ATTACHMENT_LOCKED_AT`] with every request, when set.
+    locked_at: Option<u64>,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -94,6 +96,7 @@ impl Client {
         Ok(Self {
             path: path.as_ref().to_path_buf(),
             timeout: Duration::from_secs(30),
+            locked_at: None,
             runtime,
         })
     }
@@ -101,6 +104,13 @@ impl Client {
     /// Changes the per-call timeout.
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Sends, with every request, that this invocation took its attachment's lock at
+    /// `at` (nanoseconds of [`crate::boottime_ns`]).
+    pub fn with_attachment_locked_at(mut self, at: u64) -> Self {
+        self.locked_at = Some(at);
         self
     }
 
@@ -390,11 +400,15 @@ impl Client {
         let conn = tokio::spawn(async move {
             let _ = conn.await;
         });
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(method.clone())
             .uri(uri)
             .header(hyper::header::HOST, "hypha")
-            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        if let Some(at) = self.locked_at {
+            req = req.header(crate::ATTACHMENT_LOCKED_AT, at);
+        }
+        let req = req
             .body(Full::new(Bytes::from(body)))
             .expect("request parts are valid");
         let resp = sender.send_request(req).await.map_err(http_err)?;

@@ -24,6 +24,12 @@
 //! Request bodies refuse keys they do not know (`400`, the key named), so that a
 //! misspelt or wrongly cased field is never taken for an absent one.
 //!
+//! `hypha-cni` sends, with each request of an ADD, the header
+//! [`ATTACHMENT_LOCKED_AT`]: the moment it took the attachment's lock, in nanoseconds of
+//! [`boottime_ns`]. The agent refuses an ALLOCATE or a create whose moment is before a DEL
+//! of the same attachment it has handled (`409`): that request comes from an ADD the
+//! runtime killed and then deleted, and what it would take would belong to no one.
+//!
 //! Errors come back with a 4xx/5xx status and an [`ApiError`] body. Because it is plain
 //! HTTP, `curl --unix-socket /run/hypha/agent.sock http://hypha/v1/status` works too.
 
@@ -37,6 +43,25 @@ use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 pub use client::{Client, ClientError};
+
+/// The request header that carries when the sending `hypha-cni` invocation took the
+/// attachment's lock, as decimal nanoseconds of [`boottime_ns`].
+pub const ATTACHMENT_LOCKED_AT: &str = "hypha-attachment-locked-at";
+
+/// Nanoseconds of `CLOCK_BOOTTIME`: the host's one clock since boot, the same in every
+/// process (it never jumps with the wall clock), so the plugin's moments and the agent's
+/// can be compared.
+pub fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill; CLOCK_BOOTTIME exists on
+    // every kernel Hypha runs on, so the call cannot fail.
+    let ret = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    debug_assert_eq!(ret, 0, "clock_gettime(CLOCK_BOOTTIME)");
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
 pub use mac::{MacAddr, ParseMacError};
 
 /// Default path of the agent's API socket.

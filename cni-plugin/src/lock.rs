@@ -46,6 +46,9 @@ pub(crate) struct AttachmentLock {
     /// Holds the flock: closing the descriptor releases it.
     _file: File,
     path: PathBuf,
+    /// When it was taken, in nanoseconds of `CLOCK_BOOTTIME` ([`hypha_api::boottime_ns`]):
+    /// sent to the agent with every request made under it.
+    taken_at: u64,
 }
 
 impl AttachmentLock {
@@ -128,7 +131,11 @@ impl AttachmentLock {
             })?;
             match fs::metadata(&path) {
                 Ok(now) if now.dev() == held.dev() && now.ino() == held.ino() => {
-                    return Ok(Some(Self { _file: file, path }));
+                    return Ok(Some(Self {
+                        _file: file,
+                        path,
+                        taken_at: hypha_api::boottime_ns(),
+                    }));
                 }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -141,6 +148,11 @@ impl AttachmentLock {
                 }
             }
         }
+    }
+
+    /// When it was taken, in nanoseconds of `CLOCK_BOOTTIME`.
+    pub(crate) fn taken_at(&self) -> u64 {
+        self.taken_at
     }
 
     /// Removes the lock file, then releases the lock (DEL: the attachment is gone).

@@ -113,6 +113,18 @@ enum Run {
     Killed,
 }
 
+impl Run {
+    /// One line for a pod's history: the command, when it was killed, how it ended.
+    fn describe(&self, command: &str, kill_after: Option<Duration>) -> String {
+        let kill = kill_after.map_or(String::new(), |d| format!(" (SIGKILL due after {d:?})"));
+        match self {
+            Run::Ok(_) => format!("{command}{kill}: ok"),
+            Run::Failed(e) => format!("{command}{kill}: failed: {e}"),
+            Run::Killed => format!("{command}{kill}: killed"),
+        }
+    }
+}
+
 /// Counters of the run, printed at the end.
 #[derive(Default)]
 struct Stats {
@@ -137,6 +149,8 @@ struct Stats {
     max_agent_down_ms: AtomicU64,
     problems: Mutex<Vec<String>>,
     add_errors: Mutex<BTreeMap<String, u32>>,
+    /// What each pod's plugin runs came to, by container id, for the report of a leak.
+    history: Mutex<BTreeMap<String, Vec<String>>>,
 }
 
 impl Stats {
@@ -146,6 +160,15 @@ impl Stats {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(p);
+    }
+
+    fn event(&self, container_id: &str, what: String) {
+        self.history
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(container_id.to_owned())
+            .or_default()
+            .push(what);
     }
 
     fn add_error(&self, msg: &str) {
@@ -449,6 +472,15 @@ impl Soak {
         log.lines().rev().take(3).collect::<Vec<_>>().join(" | ")
     }
 
+    /// The agent's log lines that name `container_id`, for the report of a leak.
+    fn agent_log_of(&self, container_id: &str) -> Vec<String> {
+        let log = std::fs::read_to_string(self.tmp.join("agent.log")).unwrap_or_default();
+        log.lines()
+            .filter(|l| l.contains(container_id))
+            .map(|l| format!("  agent log: {l}"))
+            .collect()
+    }
+
     /// Starts the agent if it is not running.
     fn ensure_agent(&self) -> Result<()> {
         let running = self
@@ -623,7 +655,9 @@ impl Soak {
             let after = kill_add.then(|| rng.millis(80));
             let cycle_label = cycle.to_string();
             let conf = self.conf(&[("app", "soak"), ("cycle", &cycle_label)]);
-            match self.plugin("ADD", &id, &ns, &conf, after)? {
+            let outcome = self.plugin("ADD", &id, &ns, &conf, after)?;
+            self.stats.event(&id, outcome.describe("ADD", after));
+            match outcome {
                 Run::Ok(_) => {
                     self.stats.adds_ok.fetch_add(1, Ordering::Relaxed);
                     // Keep the pod a moment, so several are alive at once.
@@ -656,6 +690,7 @@ impl Soak {
                 Ok(o) => o,
                 Err(e) => Run::Failed(format!("{e:#}")),
             };
+            self.stats.event(id, outcome.describe("DEL", after));
             match outcome {
                 Run::Ok(_) => break,
                 Run::Killed => {
@@ -814,12 +849,28 @@ impl Soak {
             "state records: address reservations",
             len(&state["ipam"]["allocations"]),
         ));
+        let mut details = Vec::new();
+        if let Some(reservations) = state["ipam"]["allocations"].as_object() {
+            for (address, owner) in reservations {
+                details.push(format!("address reservation: {address} held by {owner}"));
+                let id = owner["container_id"].as_str().unwrap_or("?");
+                if let Some(h) = self
+                    .stats
+                    .history
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(id)
+                {
+                    details.extend(h.iter().map(|e| format!("  soak: {e}")));
+                }
+                details.extend(self.agent_log_of(id));
+            }
+        }
         rows.push((
             "identities (state)",
             len(&state["identities"]["identities"]),
         ));
 
-        let mut details = Vec::new();
         for (what, map) in [
             ("hypha_endpoints4 entries", "hypha_endpoints4"),
             ("hypha_endpoints6 entries", "hypha_endpoints6"),
@@ -953,6 +1004,11 @@ impl Soak {
         println!(
             "pods with an interface left after a successful DEL: {}",
             n(&s.veths_after_del)
+        );
+        let log = std::fs::read_to_string(self.tmp.join("agent.log")).unwrap_or_default();
+        println!(
+            "requests of killed ADDs the agent refused (their DEL came first): {}",
+            log.matches("refused a request of a killed ADD").count()
         );
         println!(
             "agent: {} SIGKILLs, {} failed starts, down {:.2} s in all (longest {:.2} s)",

@@ -431,3 +431,60 @@ fn named_ports_are_saved_listed_and_resolved_by_the_policy() {
         a.policy().engine.compiled().entries
     );
 }
+
+#[test]
+fn requests_of_an_add_locked_before_a_handled_del_are_refused_and_take_nothing() {
+    let (a, store) = agent_with("10.9.0.0/24", 4);
+    let request = AllocateRequest {
+        container_id: "pod1".into(),
+        ifname: "eth0".into(),
+        address: None,
+        address6: None,
+    };
+    // The killed ADD took the lock; the runtime's DEL came after it and was handled
+    // before the ADD's last request.
+    let killed_add_locked = hypha_api::boottime_ns();
+    del(&a, 1).unwrap();
+    let e = a
+        .allocate_for(&request, Some(killed_add_locked))
+        .unwrap_err();
+    assert_eq!(e.http_status(), 409, "{e}");
+    assert!(
+        e.to_string().contains("pod1") && e.to_string().contains("given up on this ADD"),
+        "{e}"
+    );
+    assert_consistent(&a, &store, &BTreeSet::new());
+    // A create of that ADD (its ALLOCATE came before the DEL) is refused the same way.
+    let create = CreateEndpointRequest {
+        container_id: "pod1".into(),
+        ifname: "eth0".into(),
+        netns: "/run/netns/x".into(),
+        host_ifname: "hyp1".into(),
+        address: Some(Ipv4Addr::new(10, 9, 0, 5)),
+        pod_mac: MacAddr([2, 1, 0, 0, 0, 1]),
+        labels: BTreeMap::new(),
+        external_ipam: true,
+        bandwidth: None,
+        ports: Vec::new(),
+        address6: None,
+    };
+    let e = a
+        .create_endpoint_for(&create, Some(killed_add_locked))
+        .unwrap_err();
+    assert_eq!(e.http_status(), 409, "{e}");
+    assert_consistent(&a, &store, &BTreeSet::new());
+    // The runtime's next ADD of the same attachment takes the lock after the DEL: served.
+    let next_add_locked = hypha_api::boottime_ns();
+    let alloc = a.allocate_for(&request, Some(next_add_locked)).unwrap();
+    assert!(alloc.address.is_some());
+    a.create_endpoint_for(
+        &CreateEndpointRequest {
+            address: alloc.address,
+            external_ipam: false,
+            ..create
+        },
+        Some(next_add_locked),
+    )
+    .unwrap();
+    assert_consistent(&a, &store, &["pod1".to_owned()].into());
+}

@@ -671,3 +671,54 @@ fn when_every_connection_is_busy_a_new_one_gets_503() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The ADD's lock moment travels in its header: a request of an ADD that took the lock
+/// before a DEL the agent handled is refused (409) and takes nothing; a later ADD's is
+/// served; a malformed header is refused naming it.
+#[test]
+fn the_attachment_lock_header_keeps_a_killed_adds_request_from_taking_an_address() {
+    let srv = TestServer::start(test_limits());
+    let req = AllocateRequest {
+        container_id: "c9".into(),
+        ifname: "eth0".into(),
+        address: None,
+        address6: None,
+    };
+    let killed_add = hypha_api::boottime_ns();
+    hypha_api::Client::new(&srv.socket)
+        .unwrap()
+        .delete_endpoint("c9", "eth0")
+        .unwrap();
+    let stale = hypha_api::Client::new(&srv.socket)
+        .unwrap()
+        .with_attachment_locked_at(killed_add);
+    let e = stale.allocate(&req).unwrap_err();
+    assert!(
+        e.to_string().contains("409") && e.to_string().contains("given up on this ADD"),
+        "{e}"
+    );
+    assert_eq!(srv.agent.status().ipam.allocated, 0);
+
+    let body = serde_json::to_vec(&req).unwrap();
+    let raw = format!(
+        "POST /v1/ipam/allocate HTTP/1.1\r\nHost: hypha\r\nConnection: close\r\n\
+         {}: soon\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        hypha_api::ATTACHMENT_LOCKED_AT,
+        body.len()
+    );
+    let mut raw = raw.into_bytes();
+    raw.extend_from_slice(&body);
+    let reply = parse_reply(&send_raw(&srv.socket, &raw)).expect("an answer");
+    assert_eq!(reply.status, 400, "{reply:?}");
+    assert!(
+        reply.error().contains(hypha_api::ATTACHMENT_LOCKED_AT),
+        "{reply:?}"
+    );
+    assert_eq!(srv.agent.status().ipam.allocated, 0);
+
+    let next_add = hypha_api::Client::new(&srv.socket)
+        .unwrap()
+        .with_attachment_locked_at(hypha_api::boottime_ns());
+    assert!(next_add.allocate(&req).unwrap().address.is_some());
+    assert_eq!(srv.agent.status().ipam.allocated, 1);
+}

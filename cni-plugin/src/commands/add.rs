@@ -86,14 +86,21 @@ pub fn run(a: &Attachment, conf: &NetConf, cni_path: Option<&OsString>) -> Resul
     let mac = requested_mac(a, conf)?;
     let (netns_file, mut pod_nl) = open_netns(&a.netns)?;
     // Held to the end: an ADD, CHECK or DEL of this attachment started meanwhile waits.
-    let _lock = AttachmentLock::acquire(
+    let lock = AttachmentLock::acquire(
         &conf.agent_socket,
         &a.container_id,
         &a.ifname,
         conf.agent_timeout,
     )?;
     let mut host_nl = Netlink::new()?;
+    // The lock's moment goes with every request: should this invocation be killed and
+    // the attachment deleted while a request of it is still on its way, the agent
+    // refuses that request instead of taking an address for no one.
     let client = conf.client().map_err(error::agent)?;
+    let client = match &lock {
+        Some(l) => client.with_attachment_locked_at(l.taken_at()),
+        None => client,
+    };
 
     let addressing = match &ipam {
         Some(ipam) => delegated_address(a, &client, ipam, requested)?,
