@@ -101,15 +101,33 @@ pub(crate) fn find_program(cmd: &std::ffi::CStr, env: &[CString]) -> Result<CStr
         .ok_or_else(|| format!("starting {name}: not found in the container's PATH {path}"))
 }
 
-/// Switches to `user` (its group alone as supplementary groups): the capabilities go with
-/// root, as for any setuid to a non-root user.
-pub(crate) fn become_user(user: User) -> Result<(), String> {
-    let gid = nix::unistd::Gid::from_raw(user.gid);
-    let uid = nix::unistd::Uid::from_raw(user.uid);
-    nix::unistd::setgroups(&[gid])
-        .and_then(|()| nix::unistd::setresgid(gid, gid, gid))
-        .and_then(|()| nix::unistd::setresuid(uid, uid, uid))
-        .map_err(|e| format!("switching to user {}:{}: {e}", user.uid, user.gid))
+/// A switch to a user, made ready before a fork (the forked child allocates nothing):
+/// its group and its supplementary groups, then its uid. The capabilities go with root,
+/// as for any setuid to a non-root user.
+pub(crate) struct UserSwitch {
+    uid: nix::unistd::Uid,
+    gid: nix::unistd::Gid,
+    groups: Vec<nix::unistd::Gid>,
+}
+
+impl UserSwitch {
+    pub(crate) fn new(user: &User) -> Self {
+        Self {
+            uid: nix::unistd::Uid::from_raw(user.uid),
+            gid: nix::unistd::Gid::from_raw(user.gid),
+            groups: std::iter::once(user.gid)
+                .chain(user.groups.iter().copied())
+                .map(nix::unistd::Gid::from_raw)
+                .collect(),
+        }
+    }
+
+    pub(crate) fn apply(&self) -> Result<(), String> {
+        nix::unistd::setgroups(&self.groups)
+            .and_then(|()| nix::unistd::setresgid(self.gid, self.gid, self.gid))
+            .and_then(|()| nix::unistd::setresuid(self.uid, self.uid, self.uid))
+            .map_err(|e| format!("switching to user {}:{}: {e}", self.uid, self.gid))
+    }
 }
 
 /// Forks the command; reports a failure of its last steps (user switch, `execve`) through
@@ -117,13 +135,14 @@ pub(crate) fn become_user(user: User) -> Result<(), String> {
 fn spawn(cfg: &InitConfig) -> Result<Pid, String> {
     let program = find_program(&cfg.command[0], &cfg.env)?;
     let (mut r, w) = sys::pipe().map_err(|e| format!("pipe: {e}"))?;
+    let switch = cfg.user.as_ref().map(UserSwitch::new);
     // SAFETY: this process is single-threaded; the child only execs or exits.
     match unsafe { nix::unistd::fork() }.map_err(|e| format!("fork: {e}"))? {
         ForkResult::Child => {
             drop(r);
             sys::reset_signals();
-            if let Some(user) = cfg.user
-                && let Err(msg) = become_user(user)
+            if let Some(switch) = &switch
+                && let Err(msg) = switch.apply()
             {
                 sys::send(w, &msg);
                 sys::exit_now(127)

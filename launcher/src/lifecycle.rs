@@ -222,6 +222,7 @@ pub fn exec(run: &RunDir, name: &str, command: &[String]) -> Result<i32, RunErro
     let env = container_env(&state)?;
     sys::block_signals().map_err(sys_err("blocking signals"))?;
     let (go_r, mut go_w) = sys::pipe().map_err(sys_err("pipe"))?;
+    let switch = state.user.as_ref().map(crate::init::UserSwitch::new);
     // SAFETY: this process is single-threaded; the child only does async-signal-safe work
     // and system calls before it execs or exits.
     let helper = match unsafe { nix::unistd::fork() }.map_err(sys_err("fork"))? {
@@ -253,8 +254,8 @@ pub fn exec(run: &RunDir, name: &str, command: &[String]) -> Result<i32, RunErro
                         eprintln!("hypha exec: {e}");
                         sys::exit_now(126);
                     }
-                    if let Some(user) = state.user
-                        && let Err(e) = crate::init::become_user(user)
+                    if let Some(switch) = &switch
+                        && let Err(e) = switch.apply()
                     {
                         eprintln!("hypha exec: {e}");
                         sys::exit_now(126);

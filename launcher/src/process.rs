@@ -199,15 +199,20 @@ pub fn ensure_home(env: &mut Vec<String>, home: Option<&str>, uid: u32) {
 }
 
 /// A resolved user.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct User {
     pub uid: u32,
     pub gid: u32,
+    /// Supplementary groups besides `gid`: those `/etc/group` lists the user's name in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<u32>,
 }
 
 /// Resolves `USER[:GROUP]` (names or numbers) against the texts of the container's
 /// `/etc/passwd` and `/etc/group` (`None`: the file is absent). A numeric user absent
 /// from passwd gets group 0; a named one must be there; a group name must be in group.
+/// Without an explicit group, a user passwd knows also gets, as supplementary groups,
+/// the groups whose member list names it (as `docker run --user` does).
 /// Returns the ids and the user's home directory when passwd has it.
 pub fn resolve_user(
     spec: &str,
@@ -264,11 +269,26 @@ pub fn resolve_user(
                 })?,
         },
     };
+    let mut groups = Vec::new();
+    if let (None, Some(name)) = (grp, entry.map(|f| &f[0])) {
+        // name:password:gid:member,member...
+        for g in entries(group) {
+            let member = g
+                .get(3)
+                .is_some_and(|m| m.split(',').any(|m| m.trim() == name));
+            if let (true, Some(id)) = (member, g.get(2).and_then(|i| i.parse::<u32>().ok()))
+                && id != gid
+                && !groups.contains(&id)
+            {
+                groups.push(id);
+            }
+        }
+    }
     let home = entry
         .and_then(|f| f.get(5))
         .filter(|h| !h.is_empty())
         .cloned();
-    Ok((User { uid, gid }, home))
+    Ok((User { uid, gid, groups }, home))
 }
 
 /// Reads `path` (absolute, in the container) from a stack of root directories, topmost
@@ -503,38 +523,77 @@ mod tests {
                           # a comment\n\
                           www:x:33:34:web:/var/www:/sbin/nologin\n\
                           nohome:x:44:45::: \n";
-    const GROUP: &str = "root:x:0:\nstaff:x:50:www\n";
+    const GROUP: &str = "root:x:0:\nstaff:x:50:www\naudio:x:63:nobody, www\nwww:x:34:www\n";
 
     #[test]
     fn users_by_name_and_number() {
         let r = |s: &str| resolve_user(s, Some(PASSWD), Some(GROUP));
         assert_eq!(
             r("www").unwrap(),
-            (User { uid: 33, gid: 34 }, Some("/var/www".into()))
+            (
+                User {
+                    uid: 33,
+                    gid: 34,
+                    groups: vec![50, 63]
+                },
+                Some("/var/www".into())
+            ),
+            "supplementary groups from /etc/group, the primary one not repeated"
         );
-        assert_eq!(r("www:staff").unwrap().0, User { uid: 33, gid: 50 });
-        assert_eq!(r("www:7").unwrap().0, User { uid: 33, gid: 7 });
+        assert_eq!(
+            r("www:staff").unwrap().0,
+            User {
+                uid: 33,
+                gid: 50,
+                groups: vec![]
+            },
+            "an explicit group alone"
+        );
+        assert_eq!(
+            r("www:7").unwrap().0,
+            User {
+                uid: 33,
+                gid: 7,
+                groups: vec![]
+            }
+        );
         assert_eq!(
             r("33").unwrap().0,
-            User { uid: 33, gid: 34 },
-            "passwd's group"
+            User {
+                uid: 33,
+                gid: 34,
+                groups: vec![50, 63]
+            },
+            "passwd's group and the user's name's groups"
         );
         assert_eq!(
             r("1000").unwrap(),
-            (User { uid: 1000, gid: 0 }, None),
+            (
+                User {
+                    uid: 1000,
+                    gid: 0,
+                    groups: vec![]
+                },
+                None
+            ),
             "an unknown number: group 0"
         );
         assert_eq!(
             r("1000:1000").unwrap().0,
             User {
                 uid: 1000,
-                gid: 1000
+                gid: 1000,
+                groups: vec![]
             }
         );
         assert_eq!(r("nohome").unwrap().1, None);
         assert_eq!(
             resolve_user("5:6", None, None).unwrap().0,
-            User { uid: 5, gid: 6 },
+            User {
+                uid: 5,
+                gid: 6,
+                groups: vec![]
+            },
             "numbers need no files"
         );
     }

@@ -42,6 +42,9 @@ pub struct Overlay {
     pub work: PathBuf,
     /// Mounted inside a user namespace.
     pub userxattr: bool,
+    /// A directory to mount a tmpfs on first, holding `upper` and `work` (made in it):
+    /// the writable layer in memory, gone with the container's mount namespace.
+    pub memory: Option<PathBuf>,
 }
 
 /// The most `mount(2)` takes as its data: one page, NUL included. An overlay whose
@@ -356,6 +359,17 @@ pub fn setup(sys: &dyn Syscall, plan: &Plan) -> Result<(), RootfsError> {
                 })?;
         }
         Some(o) => {
+            if let Some(memory) = &o.memory {
+                mount_fs(
+                    sys,
+                    "tmpfs",
+                    memory,
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                    Some("mode=755"),
+                )?;
+                sys.mkdir_all(&o.upper);
+                sys.mkdir_all(&o.work);
+            }
             match o.mount_data() {
                 Some(data) => mount_fs(sys, "overlay", root, MsFlags::empty(), Some(&data))?,
                 None => sys
@@ -366,7 +380,7 @@ pub fn setup(sys: &dyn Syscall, plan: &Plan) -> Result<(), RootfsError> {
                         source,
                     })?,
             }
-            for d in ["proc", "sys", "dev", "tmp", "run", "var/tmp"] {
+            for d in ["proc", "sys", "dev"] {
                 sys.mkdir_all(&root.join(d));
             }
         }
@@ -381,7 +395,15 @@ pub fn setup(sys: &dyn Syscall, plan: &Plan) -> Result<(), RootfsError> {
         None,
     )?;
     dev(sys, &root.join("dev"))?;
-    for (d, mode) in [("tmp", "1777"), ("run", "755"), ("var/tmp", "1777")] {
+    // The read-only host root gets private writable scratch directories. An overlay is
+    // writable itself: there the image's own /tmp, /run and /var/tmp are written in the
+    // container's upper layer, as with any image runtime (and a mount point the image
+    // lacks would be one more directory made in that layer).
+    let scratch: &[(&str, &str)] = match plan.overlay {
+        None => &[("tmp", "1777"), ("run", "755"), ("var/tmp", "1777")],
+        Some(_) => &[],
+    };
+    for (d, mode) in scratch {
         let data = format!("mode={mode}");
         mount_fs(
             sys,
@@ -610,6 +632,7 @@ mod tests {
             upper: "/s/upper".into(),
             work: "/s/work".into(),
             userxattr: true,
+            memory: None,
         };
         setup(&rec, &plan(Some(o))).unwrap();
         let calls = rec.calls.borrow();
@@ -621,7 +644,12 @@ mod tests {
             !calls.iter().any(|c| c.starts_with("readonly")),
             "the overlay stays writable"
         );
-        assert!(calls.contains(&"mkdir /r/var/tmp".to_owned()));
+        assert!(
+            !calls
+                .iter()
+                .any(|c| c.contains("/r/tmp") || c.contains("/r/var/tmp")),
+            "no scratch tmpfs over the writable overlay: {calls:?}"
+        );
     }
 
     fn layers(n: usize, len: usize) -> Overlay {
@@ -634,7 +662,31 @@ mod tests {
             upper: "/s/upper".into(),
             work: "/s/work".into(),
             userxattr: false,
+            memory: None,
         }
+    }
+
+    #[test]
+    fn a_memory_layer_is_a_tmpfs_mounted_before_the_overlay() {
+        let rec = Recorder::default();
+        let o = Overlay {
+            memory: Some("/s/layer".into()),
+            upper: "/s/layer/upper".into(),
+            work: "/s/layer/work".into(),
+            ..layers(1, 1)
+        };
+        setup(&rec, &plan(Some(o))).unwrap();
+        let calls = rec.calls.borrow();
+        assert_eq!(
+            calls[1..5],
+            [
+                "mount tmpfs /s/layer tmpfs MS_NOSUID|MS_NODEV mode=755",
+                "mkdir /s/layer/upper",
+                "mkdir /s/layer/work",
+                "mount overlay /r overlay 0 lowerdir=/l/0,upperdir=/s/layer/upper,workdir=/s/layer/work",
+            ],
+            "{calls:?}"
+        );
     }
 
     #[test]

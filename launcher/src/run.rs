@@ -334,10 +334,11 @@ pub fn run(o: &RunOptions) -> Result<i32, RunError> {
         return detach(&run, p, o.remove);
     }
     let mut state = p.state.clone();
-    let started = run
-        .lock(&name)
-        .map_err(RunError::from)
-        .and_then(|_lock| start(&run, &mut state, p.network, &p.filters, &p.command));
+    let started = run.lock(&name).map_err(RunError::from).and_then(|_lock| {
+        start(
+            &run, &mut state, p.network, &p.filters, &p.command, o.remove,
+        )
+    });
     match started {
         Ok(pid) => {
             let code = sys::forward_until_exit(pid, false);
@@ -380,10 +381,9 @@ fn detach(run: &RunDir, p: Prepared, remove: bool) -> Result<i32, RunError> {
             let _ = sys::redirect_stdio(&log);
             drop(log);
             let mut state = p.state;
-            let started = run
-                .lock(&name)
-                .map_err(RunError::from)
-                .and_then(|_lock| start(run, &mut state, p.network, &p.filters, &p.command));
+            let started = run.lock(&name).map_err(RunError::from).and_then(|_lock| {
+                start(run, &mut state, p.network, &p.filters, &p.command, remove)
+            });
             match started {
                 Ok(pid) => {
                     sys::send(w, init::STARTED);
@@ -472,13 +472,15 @@ fn close_fds_except(keep: &[i32]) {
 }
 
 /// Makes the container and starts its command; returns its init's pid. Holds the state
-/// lock (taken by the caller). On error the caller runs [`abort`].
+/// lock (taken by the caller). On error the caller runs [`abort`]. `remove`: the
+/// container goes at exit (`--rm`), and its overlay's writable layer with it.
 fn start(
     run: &RunDir,
     state: &mut State,
     network: Option<Network>,
     filters: &[seccompiler::BpfProgram],
     command: &[CString],
+    remove: bool,
 ) -> Result<Pid, RunError> {
     use std::os::fd::AsRawFd as _;
     let dir = run.dir(&state.name);
@@ -497,12 +499,29 @@ fn start(
     };
     let overlay = match lower {
         None => None,
+        // With --rm the writable layer is discarded at exit: it lives in a tmpfs of the
+        // container's own mount namespace (as the host root's scratch directories do),
+        // charged to its memory cgroup, and goes with the namespace however the
+        // container ends. Otherwise it is kept on disk until `hypha rm`.
+        Some(lower) if remove && !state.userns => {
+            let memory = dir.join("layer");
+            std::fs::create_dir(&memory)
+                .map_err(io_err(format!("creating {}", memory.display())))?;
+            Some(Overlay {
+                lower,
+                upper: memory.join("upper"),
+                work: memory.join("work"),
+                userxattr: false,
+                memory: Some(memory),
+            })
+        }
         Some(lower) => {
             let o = Overlay {
                 lower,
                 upper: dir.join("upper"),
                 work: dir.join("work"),
                 userxattr: state.userns,
+                memory: None,
             };
             for d in [&o.upper, &o.work] {
                 std::fs::create_dir(d).map_err(io_err(format!("creating {}", d.display())))?;
@@ -523,7 +542,7 @@ fn start(
         command: command.to_vec(),
         env: container_env(state)?,
         workdir: state.workdir.clone(),
-        user: state.user,
+        user: state.user.clone(),
     };
     sys::block_signals().map_err(sys_err("blocking signals"))?;
     let (go_r, go_w) = sys::pipe().map_err(sys_err("pipe"))?;

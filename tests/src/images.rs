@@ -208,7 +208,11 @@ pub fn busybox_layer() -> Vec<u8> {
             0o644,
             b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
         )
-        .file("etc/group", 0o644, b"root:x:0:\nnogroup:x:65534:\n")
+        .file(
+            "etc/group",
+            0o644,
+            b"root:x:0:\nnogroup:x:65534:\nstaff:x:50:nobody\n",
+        )
         .file("etc/deleteme", 0o644, b"deleted by the layer above\n")
         .dir("data", 0o755)
         .file("data/old", 0o644, b"hidden by the opaque directory above\n")
@@ -280,7 +284,8 @@ impl Compression {
         }
     }
 
-    fn apply(self, tar: &[u8]) -> Vec<u8> {
+    /// `tar` compressed this way.
+    pub fn apply(self, tar: &[u8]) -> Vec<u8> {
         match self {
             Compression::None => tar.to_vec(),
             Compression::Gzip => {

@@ -254,6 +254,18 @@ fn hostile_and_broken_images_are_refused_and_leave_nothing() {
             "unpacks to more than the limit of 2097152 bytes",
         ),
         (
+            "a compressed archive over the archive limit",
+            Box::new(|p| {
+                let plain = p.with_extension("plain");
+                ImageSpec::new(Some("bad:6"), vec![big_layer(3 << 20)])
+                    .write_docker_archive(&plain);
+                let tar = std::fs::read(&plain).expect("read the archive");
+                std::fs::write(p, Compression::Gzip.apply(&tar)).expect("write");
+            }),
+            vec!["--max-archive-size", "1M"],
+            "extracts to more than the limit of 1048576 bytes (raise it with --max-archive-size)",
+        ),
+        (
             "no name",
             Box::new(|p| ImageSpec::new(None, vec![busybox_layer()]).write_docker_archive(p)),
             vec![],

@@ -130,13 +130,14 @@ fn runs_an_image_with_its_config_and_the_flags_over_it() {
     let out = run_image(&l, &image, &["--entrypoint", "pwd"]);
     assert_eq!(out, "/app\n", "a bare name on the image's PATH");
 
-    // --user by name (the image's /etc/passwd) and by numbers.
+    // --user by name (the image's /etc/passwd, its groups from /etc/group) and by
+    // numbers.
     let out = run_image(
         &l,
         &image,
-        &["--user", "nobody", "--", "id -u; id -g; echo $HOME"],
+        &["--user", "nobody", "--", "id -u; id -g; id -G; echo $HOME"],
     );
-    assert_eq!(out, "65534\n65534\n/nonexistent\n");
+    assert_eq!(out, "65534\n65534\n65534 50\n/nonexistent\n");
     let out = run_image(&l, &image, &["-u", "1000:1001", "--", "id -u; id -g"]);
     assert_eq!(out, "1000\n1001\n");
 
@@ -442,4 +443,50 @@ fn pods_from_images_talk_through_hypha_cni() {
     assert!(node.endpoints().is_empty());
     assert_nothing_left(&l, &server);
     assert_nothing_left(&l, &client);
+}
+
+/// With `--rm` the writable layer lives in a tmpfs of the container's mount namespace:
+/// its writes are not on the host's disk nor its mount point in the host's mount table,
+/// and nothing is left once the container has removed itself.
+#[test]
+fn a_removed_containers_writable_layer_is_in_memory() {
+    hypha_tests::require_root!();
+    let l = Launcher::new();
+    let image = format!("{}:1", unique_name("app"));
+    import_app(&l, &image);
+    let n = unique_name("im");
+    l.hypha(&[
+        "run",
+        "-d",
+        "--rm",
+        "--network",
+        "none",
+        "--name",
+        &n,
+        "--image",
+        &image,
+        "--",
+        "echo $HOSTNAME > /mine; exec sleep 300",
+    ])
+    .ok();
+    let pid = l.container(&n).expect("listed")["pid"]
+        .as_i64()
+        .expect("a running container has a pid");
+    let mine = PathBuf::from(format!("/proc/{pid}/root/mine"));
+    eventually("the container wrote its file", || mine.exists());
+    assert_eq!(std::fs::read_to_string(&mine).unwrap(), format!("{n}\n"));
+    let entry = l.run_dir().join(&n);
+    let on_disk: Vec<_> = std::fs::read_dir(entry.join("layer"))
+        .expect("the layer's mount point")
+        .collect();
+    assert!(on_disk.is_empty(), "the layer is not on disk: {on_disk:?}");
+    assert!(!entry.join("upper").exists());
+    // The tmpfs under the overlay: in the container's mount namespace, not the host's.
+    let layer = entry.join("layer");
+    let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!host_mounts.contains(layer.to_str().unwrap()));
+    // Stopped, a --rm container removes itself.
+    l.hypha(&["stop", &n]).ok();
+    eventually("the container removed itself", || !entry.exists());
+    assert_nothing_left(&l, &n);
 }

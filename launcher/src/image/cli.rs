@@ -44,6 +44,10 @@ pub struct ImportArgs {
     /// Bound on the unpacked size of each layer: bytes or 100M, 4G...
     #[arg(long = "max-layer-size", default_value = "4G", value_parser = layer_size)]
     pub max_layer_size: u64,
+    /// Bound on what an image archive extracts to (a compressed archive can expand
+    /// without bound): bytes or 100M, 16G...
+    #[arg(long = "max-archive-size", default_value = "16G", value_parser = layer_size)]
+    pub max_archive_size: u64,
     /// Keep device nodes and setuid/setgid bits of the layers.
     #[arg(long)]
     pub privileged: bool,
@@ -79,6 +83,7 @@ pub fn image(cmd: ImageCommand) -> Result<i32, ImageError> {
                 &ImportOptions {
                     name: args.name,
                     max_layer_bytes: args.max_layer_size,
+                    max_archive_bytes: args.max_archive_size,
                     privileged: args.privileged,
                 },
             )?;

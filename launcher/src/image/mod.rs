@@ -34,7 +34,9 @@
 //! - Block and character devices are refused unless the import is privileged; fifos are
 //!   allowed. Setuid and setgid bits are stripped unless privileged.
 //! - The unpacked size of one layer is bounded (`max_layer_bytes`, 4 GiB by default): a
-//!   layer that exceeds it is refused, naming the layer and the limit.
+//!   layer that exceeds it is refused, naming the layer and the limit. So is what an
+//!   image archive extracts to (`max_archive_bytes`, 16 GiB by default, and 10,000
+//!   files), which a compressed archive could otherwise make without bound.
 //! - Whiteouts become overlayfs' form: `.wh.NAME` a 0/0 character device `NAME`,
 //!   `.wh..wh..opq` the xattr `trusted.overlay.opaque=y` on its directory.
 //! - Owners (uid, gid), modes and mtimes are kept. Extended attributes of the layer's
@@ -67,6 +69,9 @@ use unpack::UnpackOptions;
 pub const DEFAULT_IMAGE_DIR: &str = "/var/lib/hypha/images";
 /// The default bound on the unpacked size of one layer (a tar bomb's).
 pub const DEFAULT_MAX_LAYER_BYTES: u64 = 4 << 30;
+/// The default bound on what an image archive extracts to: a compressed archive
+/// (`docker save | gzip`) can expand without bound.
+pub const DEFAULT_MAX_ARCHIVE_BYTES: u64 = 16 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -105,6 +110,9 @@ pub enum ImageError {
         "layer {layer} unpacks to more than the limit of {limit} bytes (raise it with --max-layer-size)"
     )]
     TooLarge { layer: String, limit: u64 },
+    /// An image archive extracts to more than the limit, in bytes or in files.
+    #[error("{archive} extracts to more than {limit}")]
+    ArchiveTooLarge { archive: PathBuf, limit: String },
     /// Neither `--name` nor the image itself gives a name.
     #[error("{0}: the image has no name of its own; give one with --name NAME[:TAG]")]
     NoName(PathBuf),
@@ -135,6 +143,8 @@ pub struct ImportOptions {
     pub name: Option<String>,
     /// Bound on the unpacked size of each layer.
     pub max_layer_bytes: u64,
+    /// Bound on what an image archive extracts to.
+    pub max_archive_bytes: u64,
     /// Keep device nodes and setuid/setgid bits.
     pub privileged: bool,
 }
@@ -144,6 +154,7 @@ impl Default for ImportOptions {
         Self {
             name: None,
             max_layer_bytes: DEFAULT_MAX_LAYER_BYTES,
+            max_archive_bytes: DEFAULT_MAX_ARCHIVE_BYTES,
             privileged: false,
         }
     }
@@ -423,7 +434,7 @@ impl Store {
             src.to_owned()
         } else {
             let d = work.path().join("src");
-            source::extract_archive(src, &d)?;
+            source::extract_archive(src, &d, opts.max_archive_bytes)?;
             d
         };
         let parsed = source::read(&dir, src)?;

@@ -91,15 +91,36 @@ pub(super) fn decompressed(path: &Path) -> Result<Box<dyn Read>, ImageError> {
     })
 }
 
+/// Bound on the files an image archive extracts to (a manifest, a config and the layers
+/// each; an OCI archive has a few more).
+const MAX_ARCHIVE_FILES: usize = 10_000;
+
 /// Extracts the archive `file` (tar, possibly gzip- or zstd-compressed) into `dest`:
-/// regular files only, paths with `..` refused; what else it holds is ignored.
-pub(super) fn extract_archive(file: &Path, dest: &Path) -> Result<(), ImageError> {
+/// regular files only, paths with `..` refused, at most `max_bytes` in all and
+/// [`MAX_ARCHIVE_FILES`] files; what else it holds is ignored.
+pub(super) fn extract_archive(file: &Path, dest: &Path, max_bytes: u64) -> Result<(), ImageError> {
     let mut archive = tar::Archive::new(decompressed(file)?);
     let not_image = |_| ImageError::UnknownFormat(file.to_owned());
+    let (mut bytes, mut files) = (0u64, 0usize);
     for entry in archive.entries().map_err(not_image)? {
         let mut entry = entry.map_err(not_image)?;
         if entry.header().entry_type() != tar::EntryType::Regular {
             continue;
+        }
+        // The header's size is what the tar reader copies out for this entry.
+        bytes = bytes.saturating_add(entry.size());
+        files += 1;
+        if bytes > max_bytes {
+            return Err(ImageError::ArchiveTooLarge {
+                archive: file.to_owned(),
+                limit: format!("the limit of {max_bytes} bytes (raise it with --max-archive-size)"),
+            });
+        }
+        if files > MAX_ARCHIVE_FILES {
+            return Err(ImageError::ArchiveTooLarge {
+                archive: file.to_owned(),
+                limit: format!("{MAX_ARCHIVE_FILES} files"),
+            });
         }
         let raw = entry.path_bytes().into_owned();
         let rel = entry_path(&raw)

@@ -14,8 +14,10 @@
 //! `podman load`, a fresh store each round.
 //!
 //! The whole bench runs in a private mount namespace where `/sys/fs/cgroup/unified` is
-//! unmounted: crun 1.8 refuses the cgroup v1 "hybrid" layout of this machine otherwise
+//! a tmpfs: crun 1.8 refuses the cgroup v1 "hybrid" layout of this machine otherwise
 //! ("cgroups in hybrid mode not supported"). Every runtime sees the same v1 controllers.
+//! The agent finds the cgroup v2 hierarchy (for its socket load balancer) mounted below
+//! that tmpfs, where no runtime looks.
 //! runc refuses `/` as a root filesystem: the OCI bundle's rootfs, shared by crun and
 //! runc, is an overlay over `/` (it vanishes with the mount namespace).
 //!
@@ -314,6 +316,23 @@ fn private_mount_namespace() -> Result<()> {
                     c"mode=755".as_ptr().cast(),
                 ),
                 "mounting a private tmpfs on /sys/fs/cgroup/unified",
+            )?;
+            // The agent attaches its socket load balancer to the cgroup v2 root, and
+            // mounts the hierarchy where it finds none, which crun would then see. Here
+            // it finds this one, which no runtime looks at.
+            check(
+                libc::mkdir(c"/sys/fs/cgroup/unified/hypha-v2".as_ptr(), 0o755),
+                "making /sys/fs/cgroup/unified/hypha-v2",
+            )?;
+            check(
+                libc::mount(
+                    c"cgroup2".as_ptr(),
+                    c"/sys/fs/cgroup/unified/hypha-v2".as_ptr(),
+                    c"cgroup2".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                ),
+                "mounting the cgroup v2 hierarchy at /sys/fs/cgroup/unified/hypha-v2",
             )?;
         }
     }
