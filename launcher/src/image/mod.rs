@@ -39,9 +39,11 @@
 //!   files), which a compressed archive could otherwise make without bound.
 //! - Whiteouts become overlayfs' form: `.wh.NAME` a 0/0 character device `NAME`,
 //!   `.wh..wh..opq` the xattr `trusted.overlay.opaque=y` on its directory.
-//! - Owners (uid, gid), modes and mtimes are kept. Extended attributes of the layer's
-//!   entries are not (an image must never set `trusted.overlay.*`; file capabilities are
-//!   lost too).
+//! - Owners (uid, gid), modes and mtimes are kept. Of the files' and directories'
+//!   extended attributes, `user.*` and POSIX ACLs are kept; file capabilities
+//!   (`security.capability`) only in a privileged import, as setuid bits; `trusted.*` (an
+//!   image must never set overlayfs' `trusted.overlay.*`) and other `security.*` labels
+//!   are dropped ([`unpack::keep_xattr`]).
 //!
 //! Any failure of an import (a digest that does not match, a hostile entry, a limit) leaves
 //! nothing new in the store.

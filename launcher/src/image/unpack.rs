@@ -125,11 +125,13 @@ impl Unpacker<'_> {
             return self.whiteout(&rel, hidden, &shown);
         }
         let meta = self.meta(&entry)?;
+        let xattrs = self.xattrs(&mut entry, kind)?;
         match kind {
             tar::EntryType::Directory => {
                 if !self.clear(&path, true)? {
                     std::fs::create_dir(&path).map_err(self.io("creating", &path))?;
                 }
+                self.set_xattrs(&path, &xattrs)?;
                 self.dirs.insert(rel, meta);
             }
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
@@ -164,6 +166,8 @@ impl Unpacker<'_> {
                 .map_err(self.io("chown", &path))?;
                 file.set_permissions(std::fs::Permissions::from_mode(meta.mode))
                     .map_err(self.io("chmod", &path))?;
+                // After the chown, which clears security.capability.
+                self.set_xattrs(&path, &xattrs)?;
                 let t = TimeSpec::new(meta.mtime as i64, 0);
                 nix::sys::stat::futimens(&file, &t, &t)
                     .map_err(|e| self.io("setting times of", &path)(e.into()))?;
@@ -246,6 +250,43 @@ impl Unpacker<'_> {
             other => {
                 return Err(self.hostile(&shown, format!("unsupported entry type {other:?}")));
             }
+        }
+        Ok(())
+    }
+
+    /// The extended attributes of a file or directory entry (from its PAX header) that
+    /// [`keep_xattr`] keeps. Other entry kinds keep none (`user.*` cannot be set on them).
+    fn xattrs(
+        &self,
+        entry: &mut tar::Entry<'_, impl Read>,
+        kind: tar::EntryType,
+    ) -> Result<Vec<(String, Vec<u8>)>, ImageError> {
+        if !(kind.is_dir() || kind.is_file()) {
+            return Ok(Vec::new());
+        }
+        let Some(pax) = entry.pax_extensions().map_err(|e| self.read_error(e))? else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for ext in pax {
+            let ext = ext.map_err(|e| self.read_error(e))?;
+            if let Ok(key) = ext.key()
+                && let Some(name) = key.strip_prefix(PAX_XATTR)
+                && keep_xattr(name, self.opts.privileged)
+            {
+                out.push((name.to_owned(), ext.value_bytes().to_vec()));
+            }
+        }
+        Ok(out)
+    }
+
+    fn set_xattrs(&self, path: &Path, xattrs: &[(String, Vec<u8>)]) -> Result<(), ImageError> {
+        for (name, value) in xattrs {
+            set_xattr(path, name, value).map_err(|e| ImageError::Io {
+                op: "setting an extended attribute of",
+                path: path.to_owned(),
+                source: io::Error::new(e.kind(), format!("{name}: {e}")),
+            })?;
         }
         Ok(())
     }
@@ -435,6 +476,21 @@ fn chown_ok(r: io::Result<()>) -> io::Result<()> {
     }
 }
 
+/// The PAX record prefix of an extended attribute (GNU tar's and every image tool's).
+const PAX_XATTR: &str = "SCHILY.xattr.";
+
+/// Whether a layer entry's extended attribute `name` is kept: `user.*` and POSIX ACLs
+/// always; file capabilities (`security.capability`) only in a privileged import, as
+/// setuid bits; nothing else: `trusted.*` is where overlayfs keeps its own state
+/// (`trusted.overlay.*`, which an image must never set), and other `security.*` labels
+/// belong to the host's security modules.
+pub fn keep_xattr(name: &str, privileged: bool) -> bool {
+    name.starts_with("user.")
+        || name == "system.posix_acl_access"
+        || name == "system.posix_acl_default"
+        || (privileged && name == "security.capability")
+}
+
 /// Sets an xattr on `path` itself (not a symlink's target).
 fn set_xattr(path: &Path, name: &str, value: &[u8]) -> io::Result<()> {
     let p = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
@@ -505,6 +561,74 @@ mod tests {
             }
         }
         b.into_inner().unwrap()
+    }
+
+    /// A tar of one file `f` carrying the extended attributes `xattrs` in a PAX header.
+    fn tar_with_xattrs(xattrs: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let records: Vec<(String, &[u8])> = xattrs
+            .iter()
+            .map(|(k, v)| (format!("{PAX_XATTR}{k}"), *v))
+            .collect();
+        b.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), *v)))
+            .unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_path("f").unwrap();
+        h.set_mode(0o755);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_600_000_000);
+        h.set_size(2);
+        h.set_cksum();
+        b.append(&h, &b"x\n"[..]).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn which_extended_attributes_are_kept() {
+        for (name, privileged, kept) in [
+            ("user.mime_type", false, true),
+            ("system.posix_acl_access", false, true),
+            ("security.capability", false, false),
+            ("security.capability", true, true),
+            ("trusted.overlay.opaque", true, false),
+            ("trusted.overlay.redirect", false, false),
+            ("security.selinux", true, false),
+        ] {
+            assert_eq!(keep_xattr(name, privileged), kept, "{name} {privileged}");
+        }
+    }
+
+    #[test]
+    fn a_files_user_xattrs_are_kept_its_capabilities_only_if_privileged() {
+        if !root() {
+            eprintln!("skipped: security.capability needs root");
+            return;
+        }
+        // v2 file capabilities: cap_net_raw permitted and effective.
+        let mut caps = vec![0u8; 20];
+        caps[..4].copy_from_slice(&0x0200_0001_u32.to_le_bytes());
+        caps[4..8].copy_from_slice(&(1u32 << 13).to_le_bytes());
+        let bytes = tar_with_xattrs(&[
+            ("user.origin", b"layer"),
+            ("security.capability", &caps),
+            ("trusted.overlay.redirect", b"/etc"),
+        ]);
+        for privileged in [false, true] {
+            let (tmp, r) = run(&bytes, 1 << 20, privileged);
+            r.unwrap();
+            let f = tmp.path().join("layer/f");
+            assert_eq!(
+                get_xattr(&f, "user.origin").unwrap().as_deref(),
+                Some(&b"layer"[..])
+            );
+            assert_eq!(
+                get_xattr(&f, "security.capability").unwrap().is_some(),
+                privileged,
+                "file capabilities with --privileged only"
+            );
+            assert_eq!(get_xattr(&f, "trusted.overlay.redirect").unwrap(), None);
+        }
     }
 
     const DIR: tar::EntryType = tar::EntryType::Directory;
