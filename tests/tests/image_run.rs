@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use hypha_tests::images::{ImageSpec, LayerBuilder, busybox_layer};
-use hypha_tests::launcher::{Launcher, NETWORK, cgroups_of, mounts_under};
+use hypha_tests::launcher::{Launcher, NETWORK, Run, cgroups_of, mounts_under};
 use hypha_tests::netns::unique_name;
 use hypha_tests::node::Node;
 
@@ -37,6 +37,26 @@ fn run_image(l: &Launcher, image: &str, args: &[&str]) -> String {
     let mut all = vec!["run", "--rm", "--network", "none", "--image", image];
     all.extend(args);
     l.hypha(&all).ok().to_owned()
+}
+
+/// `hypha run FLAGS... --name NAME --image IMAGE -- CMD...` (`--network none` unless
+/// the flags name one).
+fn run_named(l: &Launcher, flags: &[&str], name: &str, image: &str, cmd: &[&str]) -> Run {
+    let mut all = vec!["run"];
+    all.extend(flags);
+    if !flags.contains(&"--network") {
+        all.extend(["--network", "none"]);
+    }
+    all.extend(["--name", name, "--image", image, "--"]);
+    all.extend(cmd);
+    l.hypha(&all)
+}
+
+/// The pid of running container `name`.
+fn pid_of(l: &Launcher, name: &str) -> i64 {
+    l.container(name).expect("listed")["pid"]
+        .as_i64()
+        .expect("a running container has a pid")
 }
 
 /// Waits until `f` holds, at most 10 s.
@@ -196,18 +216,13 @@ fn two_containers_share_the_layers_not_their_writes() {
     import_app(&l, &image);
     let (a, b) = (unique_name("ia"), unique_name("ib"));
     for n in [&a, &b] {
-        let out = l.hypha(&[
-            "run",
-            "-d",
-            "--network",
-            "none",
-            "--name",
+        let out = run_named(
+            &l,
+            &["-d"],
             n,
-            "--image",
             &image,
-            "--",
-            "echo $HOSTNAME > /mine; echo $HOSTNAME > /app/hello.txt; exec sleep 300",
-        ]);
+            &["echo $HOSTNAME > /mine; echo $HOSTNAME > /app/hello.txt; exec sleep 300"],
+        );
         assert_eq!(out.ok().trim(), n.as_str());
     }
     for n in [&a, &b] {
@@ -220,15 +235,10 @@ fn two_containers_share_the_layers_not_their_writes() {
     assert_eq!(layers.len(), 2, "{layers:?}");
     assert_eq!(layers, layers_of(&l, &b));
     // The same file through both containers' roots is the layer's own inode.
-    let pid = |n: &str| {
-        l.container(n).expect("listed")["pid"]
-            .as_i64()
-            .expect("a running container has a pid")
-    };
     let base = &layers[1];
     let in_layer = std::fs::metadata(base.join("bin/busybox")).expect("busybox in the base layer");
     for n in [&a, &b] {
-        let seen = std::fs::metadata(format!("/proc/{}/root/bin/busybox", pid(n)))
+        let seen = std::fs::metadata(format!("/proc/{}/root/bin/busybox", pid_of(&l, n)))
             .expect("busybox through the container's root");
         assert_eq!(seen.ino(), in_layer.ino(), "{n} sees the layer's inode");
     }
@@ -264,32 +274,9 @@ fn image_rm_is_refused_while_a_container_uses_it() {
     let image = format!("{}:1", unique_name("app"));
     import_app(&l, &image);
     let (running, exited) = (unique_name("ir"), unique_name("ie"));
-    l.hypha(&[
-        "run",
-        "-d",
-        "--network",
-        "none",
-        "--name",
-        &running,
-        "--image",
-        &image,
-        "--",
-        "exec sleep 300",
-    ])
-    .ok();
+    run_named(&l, &["-d"], &running, &image, &["exec sleep 300"]).ok();
     // An exited container keeps its upper directory, and its image, until `hypha rm`.
-    l.hypha(&[
-        "run",
-        "--network",
-        "none",
-        "--name",
-        &exited,
-        "--image",
-        &image,
-        "--",
-        "touch /x",
-    ])
-    .ok();
+    run_named(&l, &[], &exited, &image, &["touch /x"]).ok();
     assert!(l.run_dir().join(&exited).join("upper/x").exists());
     let out = l.hypha(&["image", "rm", &image]);
     assert!(
@@ -352,19 +339,17 @@ fn forty_layers_are_mounted() {
     }
     import(&l, &ImageSpec::new(Some(&image), layers), "many.tar");
     let n = unique_name("im");
-    let out = l.hypha(&[
-        "run",
-        "--network",
-        "none",
-        "--name",
+    let out = run_named(
+        &l,
+        &[],
         &n,
-        "--image",
         &image,
-        "--",
-        "/bin/sh",
-        "-c",
-        "ls /layers | wc -l; cat /layers/01 /layers/39",
-    ]);
+        &[
+            "/bin/sh",
+            "-c",
+            "ls /layers | wc -l; cat /layers/01 /layers/39",
+        ],
+    );
     assert_eq!(out.ok(), "39\n1\n39\n");
     let dirs = layers_of(&l, &n);
     assert_eq!(dirs.len(), 40);
@@ -385,20 +370,13 @@ fn pods_from_images_talk_through_hypha_cni() {
     let image = format!("{}:1", unique_name("app"));
     import_app(&l, &image);
     let (server, client) = (unique_name("srv"), unique_name("cli"));
-    l.hypha(&[
-        "run",
-        "-d",
-        "--network",
-        NETWORK,
-        "--name",
+    run_named(
+        &l,
+        &["-d", "--network", NETWORK, "-w", "/www"],
         &server,
-        "--image",
         &image,
-        "-w",
-        "/www",
-        "--",
-        "echo served-by-$HOSTNAME > index.html; exec httpd -f -p 8080 -h /www",
-    ])
+        &["echo served-by-$HOSTNAME > index.html; exec httpd -f -p 8080 -h /www"],
+    )
     .ok();
     let ip = l.ip(&server);
     // busybox's nc (its static wget looks the scheme's port up through NSS, absent here).
@@ -406,18 +384,13 @@ fn pods_from_images_talk_through_hypha_cni() {
     let mut last = None;
     let start = Instant::now();
     loop {
-        let out = l.hypha(&[
-            "run",
-            "--rm",
-            "--network",
-            NETWORK,
-            "--name",
+        let out = run_named(
+            &l,
+            &["--rm", "--network", NETWORK],
             &client,
-            "--image",
             &image,
-            "--",
-            &request,
-        ]);
+            &[&request],
+        );
         if out.code == Some(0) && out.stdout.contains("200 OK") {
             assert!(
                 out.stdout
@@ -455,23 +428,15 @@ fn a_removed_containers_writable_layer_is_in_memory() {
     let image = format!("{}:1", unique_name("app"));
     import_app(&l, &image);
     let n = unique_name("im");
-    l.hypha(&[
-        "run",
-        "-d",
-        "--rm",
-        "--network",
-        "none",
-        "--name",
+    run_named(
+        &l,
+        &["-d", "--rm"],
         &n,
-        "--image",
         &image,
-        "--",
-        "echo $HOSTNAME > /mine; exec sleep 300",
-    ])
+        &["echo $HOSTNAME > /mine; exec sleep 300"],
+    )
     .ok();
-    let pid = l.container(&n).expect("listed")["pid"]
-        .as_i64()
-        .expect("a running container has a pid");
+    let pid = pid_of(&l, &n);
     let mine = PathBuf::from(format!("/proc/{pid}/root/mine"));
     eventually("the container wrote its file", || mine.exists());
     assert_eq!(std::fs::read_to_string(&mine).unwrap(), format!("{n}\n"));
