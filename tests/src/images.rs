@@ -602,6 +602,12 @@ impl ImageDir {
         self.hypha(&all)
     }
 
+    /// Writes `spec` as an OCI layout at `dir` and imports it; panics on failure.
+    pub fn import_layout(&self, spec: &ImageSpec, dir: &Path) {
+        spec.write_oci_layout(dir);
+        self.import(dir, &[]).ok();
+    }
+
     /// `hypha image ls -o json`.
     pub fn ls(&self) -> Vec<serde_json::Value> {
         let out = self.hypha(&["image", "ls", "-o", "json"]);

@@ -130,8 +130,7 @@ fn a_second_image_reuses_the_shared_layer() {
     let store = ImageDir::new();
     let work = tempfile::tempdir().expect("a temp dir");
     let app = ImageSpec::busybox_app(Some("app:1"));
-    app.write_oci_layout(&work.path().join("app"));
-    store.import(&work.path().join("app"), &[]).ok();
+    store.import_layout(&app, &work.path().join("app"));
     let base = store.dir.join("layers").join(hex(&app.diff_ids()[0]));
     let before = std::fs::metadata(base.join("bin/busybox"))
         .expect("busybox")
@@ -196,8 +195,10 @@ fn hostile_and_broken_images_are_refused_and_leave_nothing() {
     require_root!();
     let store = ImageDir::new();
     let work = tempfile::tempdir().expect("a temp dir");
-    ImageSpec::busybox_app(Some("good:1")).write_oci_layout(&work.path().join("good"));
-    store.import(&work.path().join("good"), &[]).ok();
+    store.import_layout(
+        &ImageSpec::busybox_app(Some("good:1")),
+        &work.path().join("good"),
+    );
     let before = listing(&store.dir);
 
     let not_image = work.path().join("not-an-image");
@@ -301,11 +302,9 @@ fn rm_removes_what_no_other_image_uses_and_is_refused_while_held() {
     let store = ImageDir::new();
     let work = tempfile::tempdir().expect("a temp dir");
     let app = ImageSpec::busybox_app(Some("app:1"));
-    app.write_oci_layout(&work.path().join("app"));
-    store.import(&work.path().join("app"), &[]).ok();
+    store.import_layout(&app, &work.path().join("app"));
     let other = other_image("other:1");
-    other.write_oci_layout(&work.path().join("other"));
-    store.import(&work.path().join("other"), &[]).ok();
+    store.import_layout(&other, &work.path().join("other"));
     let s = Store::open(&store.dir).expect("open the store");
 
     // A fresh hold counts (its container may be being created).
