@@ -811,11 +811,16 @@ pub enum DropReason {
     /// ready, or none on this node under a `Local` traffic policy): refused at once
     /// (ICMP unreachable, TCP reset or `ECONNREFUSED`), never left to time out.
     NoServiceBackend = 19,
+    /// A packet NodePort forwards itself (to a backend on another node, or a backend's
+    /// reply back to its client) whose TTL or hop limit is spent (1 or 0), as a router
+    /// would refuse it. A client's packet is answered with ICMP (ICMPv6) "time
+    /// exceeded" from the frontend's address; a reply is dropped.
+    TtlExceeded = 20,
 }
 
 impl DropReason {
     /// Every reason, in numbering order.
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::InvalidIpv4Header,
         DropReason::MalformedIpv4,
         DropReason::UnknownL3,
@@ -835,6 +840,7 @@ impl DropReason {
         DropReason::InvalidTunnelIdentity,
         DropReason::NoTunnelPeer,
         DropReason::NoServiceBackend,
+        DropReason::TtlExceeded,
     ];
 
     /// The reason for a stored code, if the code is known.
@@ -864,6 +870,7 @@ impl DropReason {
             DropReason::InvalidTunnelIdentity => "invalid-tunnel-identity",
             DropReason::NoTunnelPeer => "no-tunnel-peer",
             DropReason::NoServiceBackend => "no-service-backend",
+            DropReason::TtlExceeded => "ttl-exceeded",
         }
     }
 }

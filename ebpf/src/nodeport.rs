@@ -31,6 +31,12 @@
 //!   refused only by the answer to the SYN's retransmission, a second later. A reset
 //!   is queued to the socket's backlog and refuses it when `connect` lets go.
 //!
+//! What this program sends on itself (to a backend on another node, and every reply)
+//! takes a hop from the TTL (hop limit), as a router: a client's packet whose TTL is
+//! spent is answered with ICMP "time exceeded" from the frontend's address, a reply's is
+//! dropped (`ttl-exceeded`). What goes to a local backend is forwarded by the host
+//! stack, which does the same.
+//!
 //! Replies are translated back by [`reply4`] / [`reply6`], called where they arrive:
 //! `hypha_from_pod` (a local backend's reply, after its egress policy) and
 //! `hypha_from_tunnel` (a remote backend's reply to the SNAT address); on the
@@ -165,6 +171,10 @@ const ICMP_PORT_UNREACH: u8 = 3;
 /// ICMPv6 "destination unreachable", code "port unreachable".
 const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PORT_UNREACH: u8 = 4;
+/// ICMP "time exceeded" (code 0: TTL exceeded in transit).
+const ICMP_TIME_EXCEEDED: u8 = 11;
+/// ICMPv6 "time exceeded" (code 0: hop limit exceeded in transit).
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
 /// TCP's flags.
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
@@ -318,6 +328,10 @@ fn try_netdev4(ctx: &TcContext) -> Result<Outcome, Outcome> {
     } else {
         return Ok(refuse4(ctx, &p));
     }
+    // To another node, this program is the router: a hop.
+    if nat.nat_addr != 0 && !hop(ctx, false)? {
+        return Ok(expired4(ctx, &p));
+    }
     let rewritten = Outcome(rewrite4(ctx, &p, &nat, false));
     if rewritten.kind() != Outcome::PASS {
         return Err(rewritten);
@@ -350,18 +364,107 @@ fn refuse4(ctx: &TcContext, p: &Packet4) -> Outcome {
         DropReason::NoServiceBackend,
         |s| &mut s.ingress.dropped,
     );
-    let answered = if p.proto == IPPROTO_TCP {
+    answered_or_denied(if p.proto == IPPROTO_TCP {
         Outcome(reset4(ctx, p))
     } else {
-        Outcome(pmtu::unreachable4(ctx, ICMP_PORT_UNREACH, 0, p.daddr))
-    };
-    if answered.kind() == Outcome::ANSWERED {
-        answered
+        Outcome(pmtu::error4(
+            ctx,
+            pmtu::ICMP_DEST_UNREACH,
+            ICMP_PORT_UNREACH,
+            0,
+            p.daddr,
+        ))
+    })
+}
+
+/// The answer to a packet counted as dropped already, or, when there is none (the
+/// packet was a reset, ICMP cannot quote IPv4 options, a helper failed), `DENIED`: the
+/// packet dropped without counting it again.
+#[inline(always)]
+fn answered_or_denied(answer: Outcome) -> Outcome {
+    if answer.kind() == Outcome::ANSWERED {
+        answer
     } else {
-        // Counted already; dropped without an answer (a reset, IPv4 options for ICMP,
-        // or a failed helper).
         Outcome::new(Outcome::DENIED, 0)
     }
+}
+
+/// Takes one from the packet's TTL (IPv4, with the header checksum) or hop limit (IPv6)
+/// before this program forwards it itself, as a router does: `false`, the packet
+/// untouched, when it is spent (1 or 0).
+#[inline(always)]
+fn hop(ctx: &TcContext, ipv6: bool) -> Result<bool, Outcome> {
+    let fail = |_| Outcome::from(DropReason::HelperFailed);
+    if ipv6 {
+        let hops: u8 = ctx
+            .load(ETH_HLEN + 7)
+            .map_err(|_| DropReason::InvalidIpv6Header)?;
+        if hops <= 1 {
+            return Ok(false);
+        }
+        ctx.store(ETH_HLEN + 7, &(hops - 1), 0).map_err(fail)?;
+        return Ok(true);
+    }
+    let [ttl, proto]: [u8; 2] = ctx
+        .load(ETH_HLEN + 8)
+        .map_err(|_| DropReason::InvalidIpv4Header)?;
+    if ttl <= 1 {
+        return Ok(false);
+    }
+    ctx.store(ETH_HLEN + 8, &[ttl - 1, proto], 0)
+        .map_err(fail)?;
+    // TTL shares a 16-bit word of the header with the protocol; the checksum is updated
+    // for that word, as it sits in the packet.
+    ctx.l3_csum_replace(
+        IPV4_CSUM_OFF,
+        u64::from(u16::from_ne_bytes([ttl, proto])),
+        u64::from(u16::from_ne_bytes([ttl - 1, proto])),
+        size_of::<u16>() as u64,
+    )
+    .map_err(fail)?;
+    Ok(true)
+}
+
+/// Counts the client's packet `p`, whose TTL is spent before the hop to a backend on
+/// another node, as `ttl-exceeded` and answers it with ICMP "time exceeded" from its
+/// destination (the frontend's address), quoting it as it arrived.
+#[inline(always)]
+fn expired4(ctx: &TcContext, p: &Packet4) -> Outcome {
+    count_drop(
+        ctx,
+        skb_ifindex(ctx),
+        DIR_INGRESS,
+        Some(Family::Ipv4),
+        DropReason::TtlExceeded,
+        |s| &mut s.ingress.dropped,
+    );
+    answered_or_denied(Outcome(pmtu::error4(
+        ctx,
+        ICMP_TIME_EXCEEDED,
+        0,
+        0,
+        p.daddr,
+    )))
+}
+
+/// [`expired4`] for IPv6.
+#[inline(always)]
+fn expired6(ctx: &TcContext, p: &Packet6) -> Outcome {
+    count_drop(
+        ctx,
+        skb_ifindex(ctx),
+        DIR_INGRESS,
+        Some(Family::Ipv6),
+        DropReason::TtlExceeded,
+        |s| &mut s.ingress.dropped,
+    );
+    answered_or_denied(Outcome(pmtu::error6(
+        ctx,
+        ICMPV6_TIME_EXCEEDED,
+        0,
+        0,
+        &p.daddr,
+    )))
 }
 
 /// Answers the IPv4 TCP segment `p` with a reset from its destination, sent back out
@@ -675,6 +778,9 @@ fn try_reply4(ctx: &TcContext) -> Result<Outcome, Outcome> {
     let Some(nat) = unsafe { NAT4.get(&key) }.copied() else {
         return Ok(pass);
     };
+    if !hop(ctx, false)? {
+        return Err(DropReason::TtlExceeded.into());
+    }
     let rewritten = Outcome(rewrite4(ctx, &p, &nat, true));
     if rewritten.kind() != Outcome::PASS {
         return Err(rewritten);
@@ -845,6 +951,10 @@ fn try_netdev6(ctx: &TcContext) -> Result<Outcome, Outcome> {
     } else {
         return Ok(refuse6(ctx, &p));
     }
+    // To another node, this program is the router: a hop.
+    if scratch.nat6.nat_addr != [0; 16] && !hop(ctx, true)? {
+        return Ok(expired6(ctx, &p));
+    }
     let rewritten = Outcome(rewrite6(ctx, &p, &scratch.nat6, false));
     if rewritten.kind() != Outcome::PASS {
         return Err(rewritten);
@@ -877,7 +987,7 @@ fn refuse6(ctx: &TcContext, p: &Packet6) -> Outcome {
         DropReason::NoServiceBackend,
         |s| &mut s.ingress.dropped,
     );
-    let answered = if p.proto == IPPROTO_TCP {
+    answered_or_denied(if p.proto == IPPROTO_TCP {
         Outcome(reset6(ctx, p))
     } else {
         Outcome(pmtu::error6(
@@ -887,12 +997,7 @@ fn refuse6(ctx: &TcContext, p: &Packet6) -> Outcome {
             0,
             &p.daddr,
         ))
-    };
-    if answered.kind() == Outcome::ANSWERED {
-        answered
-    } else {
-        Outcome::new(Outcome::DENIED, 0)
-    }
+    })
 }
 
 /// [`reset4`] for IPv6.
@@ -1099,6 +1204,9 @@ fn try_reply6(ctx: &TcContext) -> Result<Outcome, Outcome> {
         return Ok(pass);
     };
     scratch.nat6 = *found;
+    if !hop(ctx, true)? {
+        return Err(DropReason::TtlExceeded.into());
+    }
     let rewritten = Outcome(rewrite6(ctx, &p, &scratch.nat6, true));
     if rewritten.kind() != Outcome::PASS {
         return Err(rewritten);

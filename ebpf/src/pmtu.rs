@@ -180,7 +180,8 @@ const QUOTE4: usize = 28;
 const QUOTE6: usize = 48;
 const IPPROTO_ICMP: u8 = 1;
 const IPPROTO_ICMPV6: u8 = 58;
-const ICMP_DEST_UNREACH: u8 = 3;
+/// ICMP "destination unreachable" (also `nodeport`'s "port unreachable").
+pub const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_FRAG_NEEDED: u8 = 4;
 const ICMPV6_PKT_TOOBIG: u8 = 2;
 /// The TTL / hop limit of the errors (and of NodePort's resets).
@@ -312,23 +313,35 @@ pub fn send_back<T>(ctx: &TcContext, frame: &T) -> Result<Outcome, Outcome> {
 #[inline(never)]
 pub fn answer4(ctx: &TcContext, mtu: u32) -> u64 {
     let gateway = CONFIG.get(0).map_or(0, |c| c.gateway);
-    unreachable4(ctx, ICMP_FRAG_NEEDED, mtu as u16, gateway)
+    error4(
+        ctx,
+        ICMP_DEST_UNREACH,
+        ICMP_FRAG_NEEDED,
+        mtu as u16,
+        gateway,
+    )
 }
 
-/// Answers the IPv4 packet with an ICMP "destination unreachable" of `code` (the
+/// Answers the IPv4 packet with an ICMP error of `icmp_type` and `code` (with the
 /// next-hop MTU `mtu` for "fragmentation needed", 0 otherwise) from `saddr` (network
 /// byte order), quoting it, sent back out of the device it came in by: `ANSWERED`;
 /// `PASS` for a packet this cannot quote (IPv4 options) or without a source. Also the
-/// NodePort program's "port unreachable" (`nodeport`).
+/// NodePort program's "port unreachable" and "time exceeded" (`nodeport`).
 #[inline(never)]
-pub fn unreachable4(ctx: &TcContext, code: u8, mtu: u16, saddr: u32) -> u64 {
-    match try_unreachable4(ctx, code, mtu, saddr) {
+pub fn error4(ctx: &TcContext, icmp_type: u8, code: u8, mtu: u16, saddr: u32) -> u64 {
+    match try_error4(ctx, icmp_type, code, mtu, saddr) {
         Ok(o) | Err(o) => o.0,
     }
 }
 
 #[inline(always)]
-fn try_unreachable4(ctx: &TcContext, code: u8, mtu: u16, gateway: u32) -> Result<Outcome, Outcome> {
+fn try_error4(
+    ctx: &TcContext,
+    icmp_type: u8,
+    code: u8,
+    mtu: u16,
+    gateway: u32,
+) -> Result<Outcome, Outcome> {
     let pass = Outcome::new(Outcome::PASS, 0);
     let scratch = scratch().ok_or(DropReason::HelperFailed)?;
     let frame = &mut scratch.v4;
@@ -350,7 +363,7 @@ fn try_unreachable4(ctx: &TcContext, code: u8, mtu: u16, gateway: u32) -> Result
         gateway.to_ne_bytes(),
         daddr,
     );
-    frame.icmp_type = ICMP_DEST_UNREACH;
+    frame.icmp_type = icmp_type;
     frame.code = code;
     frame.checksum = [0; 2];
     frame.unused = [0; 2];

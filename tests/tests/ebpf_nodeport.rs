@@ -191,6 +191,30 @@ fn to_client6(proto: u8, sport: u16) -> Vec<u8> {
     )
 }
 
+/// `frame` (an Ethernet frame of IPv4 or IPv6) with its TTL or hop limit set to `ttl`,
+/// the IPv4 header checksum computed anew.
+fn with_ttl(mut frame: Vec<u8>, ttl: u8) -> Vec<u8> {
+    if frame[12..14] == ETH_P_IPV6.to_be_bytes() {
+        frame[ETH_HLEN + 7] = ttl;
+        return frame;
+    }
+    frame[ETH_HLEN + 8] = ttl;
+    frame[ETH_HLEN + 10..ETH_HLEN + 12].fill(0);
+    let csum = ipv4_checksum(&frame[ETH_HLEN..ETH_HLEN + 20]);
+    frame[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&csum.to_be_bytes());
+    frame
+}
+
+/// `frame` as a router sends it on: one hop less of TTL (hop limit).
+fn hopped(frame: Vec<u8>) -> Vec<u8> {
+    let ttl = if frame[12..14] == ETH_P_IPV6.to_be_bytes() {
+        frame[ETH_HLEN + 7]
+    } else {
+        frame[ETH_HLEN + 8]
+    };
+    with_ttl(frame, ttl - 1)
+}
+
 fn run(cmd: &str) {
     let args: Vec<_> = cmd.split_whitespace().collect();
     // The child is forked from this thread, inside the test's namespace.
@@ -594,8 +618,8 @@ fn the_reply_of_a_local_backend_is_translated_back_in_from_pod_and_sent_out() {
     assert_eq!(run.verdict, TC_ACT_REDIRECT, "redirected out of hy-ext");
     assert_eq!(
         run.frame,
-        to_client4(TCP, CLIENT_PORT),
-        "from the NodePort, to the client's MAC (the route's neighbour)"
+        hopped(to_client4(TCP, CLIENT_PORT)),
+        "from the NodePort, to the client's MAC (the route's neighbour), a hop less"
     );
     assert_eq!(node.dp.stats(node.b).egress.passed.packets, 1);
 
@@ -608,6 +632,17 @@ fn the_reply_of_a_local_backend_is_translated_back_in_from_pod_and_sent_out() {
     );
     let run = node.dp.run(FROM_POD, &other, node.b);
     assert_eq!((run.verdict, run.frame), (TC_ACT_OK, other));
+
+    // A reply with its TTL spent is dropped untouched, and counted on B.
+    let spent = with_ttl(reply, 1);
+    let run = node.dp.run(FROM_POD, &spent, node.b);
+    assert_eq!((run.verdict, run.frame), (TC_ACT_SHOT, spent));
+    let drops = node.dp.drops();
+    assert_eq!(drops.len(), 1, "{drops:?}");
+    assert_eq!(
+        (drops[0].0.ifindex, drops[0].0.reason),
+        (node.b, DropReason::TtlExceeded as u16)
+    );
 }
 
 #[test]
@@ -625,13 +660,13 @@ fn a_remote_backend_is_snated_to_the_gateway_and_sent_into_the_tunnel() {
     assert!(port >= NAT_PORT_FIRST, "SNAT port {port}");
     assert_eq!(
         out,
-        eth(
+        hopped(eth(
             EXT_MAC,
             CLIENT_MAC,
             ETH_P_IP,
             &ip4(TCP, GATEWAY4, port, R4, TARGET_PORT)
-        ),
-        "from the gateway, to R"
+        )),
+        "from the gateway, to R, a hop less"
     );
     assert_eq!(node.dp.node_stats(NODE2).expect("node 2").tx.packets, 1);
     let mut nat = node.nat4();
@@ -681,12 +716,12 @@ fn over_native_routing_a_remote_backend_is_routed_to_and_its_reply_translated_ba
     assert!(port >= NAT_PORT_FIRST, "SNAT port {port}");
     assert_eq!(
         out,
-        eth(
+        hopped(eth(
             ROUTER_MAC,
             EXT_MAC,
             ETH_P_IP,
             &ip4(TCP, GATEWAY4, port, R4, TARGET_PORT)
-        )
+        ))
     );
 
     // R's reply, to the gateway, comes back in through the external device.
@@ -700,8 +735,69 @@ fn over_native_routing_a_remote_backend_is_routed_to_and_its_reply_translated_ba
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(
         out,
-        to_client4(TCP, CLIENT_PORT),
+        hopped(to_client4(TCP, CLIENT_PORT)),
         "from the NodePort to the client"
+    );
+}
+
+/// On the hop to another node this program is the router: a client's packet whose TTL
+/// is spent is answered "time exceeded" from the node's address, quoting the packet as
+/// it came; a backend's reply whose TTL is spent is dropped. Both are counted.
+#[test]
+fn a_spent_ttl_is_answered_time_exceeded_and_a_spent_reply_is_dropped() {
+    hypha_tests::require_root!();
+    let mut node = Node::new();
+    run("ip route add 10.244.1.0/24 via 192.168.50.2 dev hy-ext");
+    node.frontend4(TCP, 1, 0, BACKEND_R);
+
+    let spent = with_ttl(from_client4(TCP, CLIENT_PORT), 1);
+    let (verdict, out) = node.run_from_netdev(&spent);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "answered");
+    assert_icmp4(&out, &spent, (11, 0));
+
+    // TTL 2 goes on with 1.
+    let last = with_ttl(from_client4(TCP, CLIENT_PORT), 2);
+    let (verdict, out) = node.run_from_netdev(&last);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "routed on");
+    let port = u16::from_be_bytes([out[ETH_HLEN + 20], out[ETH_HLEN + 21]]);
+    assert_eq!(
+        out,
+        with_ttl(
+            eth(
+                ROUTER_MAC,
+                EXT_MAC,
+                ETH_P_IP,
+                &ip4(TCP, GATEWAY4, port, R4, TARGET_PORT)
+            ),
+            1
+        )
+    );
+
+    let reply = with_ttl(
+        eth(
+            EXT_MAC,
+            ROUTER_MAC,
+            ETH_P_IP,
+            &ip4(TCP, R4, TARGET_PORT, GATEWAY4, port),
+        ),
+        1,
+    );
+    assert_eq!(node.run_from_netdev(&reply), (TC_ACT_SHOT, reply.clone()));
+    let key = DropKey {
+        ifindex: node.ext,
+        reason: DropReason::TtlExceeded as u16,
+        direction: DIR_INGRESS,
+        _pad: 0,
+    };
+    assert_eq!(
+        node.dp.drops(),
+        vec![(
+            key,
+            Counter {
+                packets: 2,
+                bytes: (spent.len() + reply.len()) as u64,
+            }
+        )]
     );
 }
 
@@ -736,8 +832,9 @@ fn external_traffic_policy_local_never_snats() {
     );
 }
 
-/// Checks an ICMP port unreachable answering `sent` (an IPv4 frame from the client).
-fn assert_port_unreachable4(out: &[u8], sent: &[u8]) {
+/// Checks an ICMP error of `kind` (type, code) from the node's address answering `sent`
+/// (an IPv4 frame from the client), out of the device it came in by.
+fn assert_icmp4(out: &[u8], sent: &[u8], kind: (u8, u8)) {
     assert_eq!(out.len(), ETH_HLEN + 20 + 8 + 28, "{out:02x?}");
     assert_eq!((&out[0..6], &out[6..12]), (&CLIENT_MAC[..], &EXT_MAC[..]));
     assert_eq!(&out[12..14], &ETH_P_IP.to_be_bytes());
@@ -746,9 +843,22 @@ fn assert_port_unreachable4(out: &[u8], sent: &[u8]) {
     assert_eq!(ipv4_checksum(ip), 0, "header checksum");
     assert_eq!((&ip[12..16], &ip[16..20]), (&NODE4[..], &CLIENT4[..]));
     let icmp = &out[ETH_HLEN + 20..];
-    assert_eq!((icmp[0], icmp[1]), (3, 3), "port unreachable");
+    assert_eq!((icmp[0], icmp[1]), kind, "ICMP type and code");
     assert_eq!(checksum(icmp, 0), 0, "ICMP checksum");
     assert_eq!(&icmp[8..], &sent[ETH_HLEN..ETH_HLEN + 28], "the quote");
+}
+
+/// [`assert_icmp4`] for ICMPv6.
+fn assert_icmp6(out: &[u8], sent: &[u8], kind: (u8, u8)) {
+    assert_eq!((&out[0..6], &out[6..12]), (&CLIENT_MAC[..], &EXT_MAC[..]));
+    let ip = &out[ETH_HLEN..];
+    assert_eq!(ip[6], 58, "ICMPv6");
+    assert_eq!((&ip[8..24], &ip[24..40]), (&NODE6[..], &CLIENT6[..]));
+    let icmp = &ip[40..];
+    assert_eq!((icmp[0], icmp[1]), kind, "ICMPv6 type and code");
+    let sum = pseudo_sum(&ip[8..40], 58, icmp.len());
+    assert_eq!(checksum(icmp, sum), 0, "ICMPv6 checksum");
+    assert_eq!(&icmp[8..], &sent[ETH_HLEN..ETH_HLEN + 48], "the quote");
 }
 
 /// The sum of a pseudo-header's words: `addrs` (source and destination), `proto` and
@@ -838,7 +948,7 @@ fn a_frontend_without_backends_resets_tcp_answers_udp_port_unreachable_and_count
     let udp = from_client4(UDP, CLIENT_PORT);
     let (verdict, out) = node.run_from_netdev(&udp);
     assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_port_unreachable4(&out, &udp);
+    assert_icmp4(&out, &udp, (3, 3));
 
     let key = DropKey {
         ifindex: node.ext,
@@ -1006,7 +1116,7 @@ fn ipv6_a_local_backend_gets_the_flow_and_its_reply_is_translated_back() {
     );
     let run = node.dp.run(FROM_POD, &reply, node.b);
     assert_eq!(run.verdict, TC_ACT_REDIRECT, "drops: {:?}", node.dp.drops());
-    assert_eq!(run.frame, to_client6(TCP, CLIENT_PORT));
+    assert_eq!(run.frame, hopped(to_client6(TCP, CLIENT_PORT)));
     let stats = node.backend_stats(BACKEND_B6);
     assert_eq!((stats.connections, stats.packets), (1, 1));
 }
@@ -1019,21 +1129,7 @@ fn ipv6_a_frontend_without_backends_answers_port_unreachable() {
     let frame = from_client6(UDP, CLIENT_PORT);
     let (verdict, out) = node.run_from_netdev(&frame);
     assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!((&out[0..6], &out[6..12]), (&CLIENT_MAC[..], &EXT_MAC[..]));
-    let ip = &out[ETH_HLEN..];
-    assert_eq!(ip[6], 58, "ICMPv6");
-    assert_eq!((&ip[8..24], &ip[24..40]), (&NODE6[..], &CLIENT6[..]));
-    let icmp = &ip[40..];
-    assert_eq!((icmp[0], icmp[1]), (1, 4), "destination unreachable, port");
-    let mut pseudo = [&ip[8..40], &[0, 0]].concat();
-    pseudo.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
-    pseudo.extend_from_slice(&[0, 0, 0, 58]);
-    let mut sum = 0u32;
-    for w in pseudo.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
-    }
-    assert_eq!(checksum(icmp, sum), 0, "ICMPv6 checksum");
-    assert_eq!(&icmp[8..], &frame[ETH_HLEN..ETH_HLEN + 48], "the quote");
+    assert_icmp6(&out, &frame, (1, 4));
     let drops = node.dp.drops();
     assert_eq!(drops.len(), 1, "{drops:?}");
     assert_eq!(drops[0].0.reason, DropReason::NoServiceBackend as u16);
@@ -1069,13 +1165,13 @@ fn ipv6_a_remote_backend_is_snated_to_the_router_address_and_sent_into_the_tunne
     assert!(port >= NAT_PORT_FIRST, "SNAT port {port}");
     assert_eq!(
         out,
-        eth(
+        hopped(eth(
             EXT_MAC,
             CLIENT_MAC,
             ETH_P_IPV6,
             &ip6(TCP, ROUTER6, port, R6, TARGET_PORT)
-        ),
-        "from the router address, to R; checksum as computed anew"
+        )),
+        "from the router address, to R, a hop less; checksum as computed anew"
     );
     assert_eq!(node.dp.node_stats(NODE2).expect("node 2").tx.packets, 1);
     let mut nat = node.nat6();
@@ -1141,12 +1237,12 @@ fn ipv6_over_native_routing_a_remote_backend_is_routed_to_and_its_reply_translat
     assert!(port >= NAT_PORT_FIRST, "SNAT port {port}");
     assert_eq!(
         out,
-        eth(
+        hopped(eth(
             ROUTER_MAC,
             EXT_MAC,
             ETH_P_IPV6,
             &ip6(TCP, ROUTER6, port, R6, TARGET_PORT)
-        )
+        ))
     );
 
     // R's reply, to the router address, comes back in through the external device:
@@ -1161,8 +1257,8 @@ fn ipv6_over_native_routing_a_remote_backend_is_routed_to_and_its_reply_translat
     assert_eq!(verdict, TC_ACT_REDIRECT, "drops: {:?}", node.dp.drops());
     assert_eq!(
         out,
-        to_client6(TCP, CLIENT_PORT),
-        "from the NodePort to the client, checksum as computed anew"
+        hopped(to_client6(TCP, CLIENT_PORT)),
+        "from the NodePort to the client, a hop less, checksum as computed anew"
     );
     // A reply to the router address that is no flow's passes untouched.
     let stray = eth(
@@ -1172,4 +1268,47 @@ fn ipv6_over_native_routing_a_remote_backend_is_routed_to_and_its_reply_translat
         &ip6(TCP, R6, TARGET_PORT, ROUTER6, port.wrapping_add(1)),
     );
     assert_eq!(node.run_from_netdev(&stray), (TC_ACT_OK, stray.clone()));
+}
+
+/// [`a_spent_ttl_is_answered_time_exceeded_and_a_spent_reply_is_dropped`] for IPv6's hop
+/// limit.
+#[test]
+fn ipv6_a_spent_hop_limit_is_answered_time_exceeded_and_a_spent_reply_is_dropped() {
+    hypha_tests::require_root!();
+    let mut node = Node::new();
+    run(&format!(
+        "ip -6 neigh add fd00:50::2 lladdr {} dev hy-ext nud permanent",
+        mac(ROUTER_MAC)
+    ));
+    run("ip -6 route add fd00:244:0:1::/64 via fd00:50::2 dev hy-ext");
+    node.set_snat6(ROUTER6);
+    node.backend6(BACKEND_R6, R6, TARGET_PORT, 0);
+    node.frontend6(TCP, 1, BACKEND_R6);
+
+    let spent = with_ttl(from_client6(TCP, CLIENT_PORT), 1);
+    let (verdict, out) = node.run_from_netdev(&spent);
+    assert_eq!(verdict, TC_ACT_REDIRECT, "answered");
+    assert_icmp6(&out, &spent, (3, 0));
+
+    let (verdict, out) = node.run_from_netdev(&with_ttl(from_client6(TCP, CLIENT_PORT), 2));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "routed on");
+    assert_eq!(out[ETH_HLEN + 7], 1, "hop limit");
+    let port = u16::from_be_bytes([out[ETH_HLEN + 40], out[ETH_HLEN + 41]]);
+
+    let reply = with_ttl(
+        eth(
+            EXT_MAC,
+            ROUTER_MAC,
+            ETH_P_IPV6,
+            &ip6(TCP, R6, TARGET_PORT, ROUTER6, port),
+        ),
+        1,
+    );
+    assert_eq!(node.run_from_netdev(&reply), (TC_ACT_SHOT, reply.clone()));
+    let drops = node.dp.drops();
+    assert_eq!(drops.len(), 1, "{drops:?}");
+    assert_eq!(
+        (drops[0].0.ifindex, drops[0].0.reason, drops[0].1.packets),
+        (node.ext, DropReason::TtlExceeded as u16, 2)
+    );
 }
