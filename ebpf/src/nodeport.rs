@@ -356,32 +356,35 @@ fn try_netdev4(ctx: &TcContext) -> Result<Outcome, Outcome> {
 /// the module for why not ICMP for TCP).
 #[inline(always)]
 fn refuse4(ctx: &TcContext, p: &Packet4) -> Outcome {
+    drop_and_answer(ctx, Family::Ipv4, DropReason::NoServiceBackend, || {
+        if p.proto == IPPROTO_TCP {
+            reset4(ctx, p)
+        } else {
+            pmtu::error4(ctx, pmtu::ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0, p.daddr)
+        }
+    })
+}
+
+/// Counts the packet as dropped for `reason` on the device it came in by, then answers
+/// it with `answer` (which overwrites it): the answer, or, when there is none (the
+/// packet was a reset, ICMP cannot quote IPv4 options, a helper failed), `DENIED`: the
+/// packet dropped without counting it again.
+#[inline(always)]
+fn drop_and_answer(
+    ctx: &TcContext,
+    family: Family,
+    reason: DropReason,
+    answer: impl FnOnce() -> u64,
+) -> Outcome {
     count_drop(
         ctx,
         skb_ifindex(ctx),
         DIR_INGRESS,
-        Some(Family::Ipv4),
-        DropReason::NoServiceBackend,
+        Some(family),
+        reason,
         |s| &mut s.ingress.dropped,
     );
-    answered_or_denied(if p.proto == IPPROTO_TCP {
-        Outcome(reset4(ctx, p))
-    } else {
-        Outcome(pmtu::error4(
-            ctx,
-            pmtu::ICMP_DEST_UNREACH,
-            ICMP_PORT_UNREACH,
-            0,
-            p.daddr,
-        ))
-    })
-}
-
-/// The answer to a packet counted as dropped already, or, when there is none (the
-/// packet was a reset, ICMP cannot quote IPv4 options, a helper failed), `DENIED`: the
-/// packet dropped without counting it again.
-#[inline(always)]
-fn answered_or_denied(answer: Outcome) -> Outcome {
+    let answer = Outcome(answer());
     if answer.kind() == Outcome::ANSWERED {
         answer
     } else {
@@ -430,41 +433,17 @@ fn hop(ctx: &TcContext, ipv6: bool) -> Result<bool, Outcome> {
 /// destination (the frontend's address), quoting it as it arrived.
 #[inline(always)]
 fn expired4(ctx: &TcContext, p: &Packet4) -> Outcome {
-    count_drop(
-        ctx,
-        skb_ifindex(ctx),
-        DIR_INGRESS,
-        Some(Family::Ipv4),
-        DropReason::TtlExceeded,
-        |s| &mut s.ingress.dropped,
-    );
-    answered_or_denied(Outcome(pmtu::error4(
-        ctx,
-        ICMP_TIME_EXCEEDED,
-        0,
-        0,
-        p.daddr,
-    )))
+    drop_and_answer(ctx, Family::Ipv4, DropReason::TtlExceeded, || {
+        pmtu::error4(ctx, ICMP_TIME_EXCEEDED, 0, 0, p.daddr)
+    })
 }
 
 /// [`expired4`] for IPv6.
 #[inline(always)]
 fn expired6(ctx: &TcContext, p: &Packet6) -> Outcome {
-    count_drop(
-        ctx,
-        skb_ifindex(ctx),
-        DIR_INGRESS,
-        Some(Family::Ipv6),
-        DropReason::TtlExceeded,
-        |s| &mut s.ingress.dropped,
-    );
-    answered_or_denied(Outcome(pmtu::error6(
-        ctx,
-        ICMPV6_TIME_EXCEEDED,
-        0,
-        0,
-        &p.daddr,
-    )))
+    drop_and_answer(ctx, Family::Ipv6, DropReason::TtlExceeded, || {
+        pmtu::error6(ctx, ICMPV6_TIME_EXCEEDED, 0, 0, &p.daddr)
+    })
 }
 
 /// Answers the IPv4 TCP segment `p` with a reset from its destination, sent back out
@@ -979,24 +958,12 @@ fn try_netdev6(ctx: &TcContext) -> Result<Outcome, Outcome> {
 /// [`refuse4`] for IPv6: a TCP reset, or ICMPv6 "port unreachable" for UDP.
 #[inline(always)]
 fn refuse6(ctx: &TcContext, p: &Packet6) -> Outcome {
-    count_drop(
-        ctx,
-        skb_ifindex(ctx),
-        DIR_INGRESS,
-        Some(Family::Ipv6),
-        DropReason::NoServiceBackend,
-        |s| &mut s.ingress.dropped,
-    );
-    answered_or_denied(if p.proto == IPPROTO_TCP {
-        Outcome(reset6(ctx, p))
-    } else {
-        Outcome(pmtu::error6(
-            ctx,
-            ICMPV6_DEST_UNREACH,
-            ICMPV6_PORT_UNREACH,
-            0,
-            &p.daddr,
-        ))
+    drop_and_answer(ctx, Family::Ipv6, DropReason::NoServiceBackend, || {
+        if p.proto == IPPROTO_TCP {
+            reset6(ctx, p)
+        } else {
+            pmtu::error6(ctx, ICMPV6_DEST_UNREACH, ICMPV6_PORT_UNREACH, 0, &p.daddr)
+        }
     })
 }
 

@@ -453,6 +453,37 @@ impl Node {
         let run = self.dp.run(FROM_NETDEV, frame, self.ext);
         (run.verdict, run.frame)
     }
+
+    /// A node whose IPv6 NodePort has one backend, R, on node 2, reached by native
+    /// routing (a route through a router on the external device), with its SNAT address.
+    fn native_routing6() -> Self {
+        let mut node = Node::new();
+        run(&format!(
+            "ip -6 neigh add fd00:50::2 lladdr {} dev hy-ext nud permanent",
+            mac(ROUTER_MAC)
+        ));
+        run("ip -6 route add fd00:244:0:1::/64 via fd00:50::2 dev hy-ext");
+        node.set_snat6(ROUTER6);
+        node.backend6(BACKEND_R6, R6, TARGET_PORT, 0);
+        node.frontend6(TCP, 1, BACKEND_R6);
+        node
+    }
+
+    /// Checks that the only drops counted are `frames`, for `reason`, as they came in
+    /// through the external device.
+    fn assert_drops(&self, reason: DropReason, frames: &[&[u8]]) {
+        let key = DropKey {
+            ifindex: self.ext,
+            reason: reason as u16,
+            direction: DIR_INGRESS,
+            _pad: 0,
+        };
+        let counted = Counter {
+            packets: frames.len() as u64,
+            bytes: frames.iter().map(|f| f.len() as u64).sum(),
+        };
+        assert_eq!(self.dp.drops(), vec![(key, counted)]);
+    }
 }
 
 fn key4(saddr: [u8; 4], sport: u16, daddr: [u8; 4], dport: u16, dir: u8) -> NatKey4 {
@@ -783,22 +814,7 @@ fn a_spent_ttl_is_answered_time_exceeded_and_a_spent_reply_is_dropped() {
         1,
     );
     assert_eq!(node.run_from_netdev(&reply), (TC_ACT_SHOT, reply.clone()));
-    let key = DropKey {
-        ifindex: node.ext,
-        reason: DropReason::TtlExceeded as u16,
-        direction: DIR_INGRESS,
-        _pad: 0,
-    };
-    assert_eq!(
-        node.dp.drops(),
-        vec![(
-            key,
-            Counter {
-                packets: 2,
-                bytes: (spent.len() + reply.len()) as u64,
-            }
-        )]
-    );
+    node.assert_drops(DropReason::TtlExceeded, &[&spent, &reply]);
 }
 
 #[test]
@@ -949,23 +965,7 @@ fn a_frontend_without_backends_resets_tcp_answers_udp_port_unreachable_and_count
     let (verdict, out) = node.run_from_netdev(&udp);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_icmp4(&out, &udp, (3, 3));
-
-    let key = DropKey {
-        ifindex: node.ext,
-        reason: DropReason::NoServiceBackend as u16,
-        direction: DIR_INGRESS,
-        _pad: 0,
-    };
-    assert_eq!(
-        node.dp.drops(),
-        vec![(
-            key,
-            Counter {
-                packets: 2,
-                bytes: (frame.len() + udp.len()) as u64,
-            }
-        )]
-    );
+    node.assert_drops(DropReason::NoServiceBackend, &[&frame, &udp]);
     assert!(node.nat4().is_empty(), "no flow recorded");
 }
 
@@ -985,13 +985,8 @@ fn a_reset_answers_an_ack_with_its_sequence_and_a_reset_gets_no_answer() {
     let (verdict, out) = node.run_from_netdev(&rst);
     assert_eq!(verdict, TC_ACT_SHOT, "dropped without an answer");
     assert_eq!(out, rst, "untouched");
-    let drops = node.dp.drops();
-    assert_eq!(drops.len(), 1, "{drops:?}");
-    assert_eq!(drops[0].0.reason, DropReason::NoServiceBackend as u16);
-    assert_eq!(
-        drops[0].1.packets, 2,
-        "both refused segments, counted once each"
-    );
+    // Both refused segments, counted once each.
+    node.assert_drops(DropReason::NoServiceBackend, &[&ack, &rst]);
 }
 
 #[test]
@@ -999,12 +994,11 @@ fn ipv6_a_frontend_without_backends_resets_tcp() {
     hypha_tests::require_root!();
     let mut node = Node::new();
     node.frontend6(TCP, 0, BACKEND_B6);
-    let (verdict, out) = node.run_from_netdev(&from_client6(TCP, CLIENT_PORT));
+    let syn = from_client6(TCP, CLIENT_PORT);
+    let (verdict, out) = node.run_from_netdev(&syn);
     assert_eq!(verdict, TC_ACT_REDIRECT, "answered at once");
     assert_reset(&out, (&NODE6, &CLIENT6), 0, Some(SYN_ACKED));
-    let drops = node.dp.drops();
-    assert_eq!(drops.len(), 1, "{drops:?}");
-    assert_eq!(drops[0].0.reason, DropReason::NoServiceBackend as u16);
+    node.assert_drops(DropReason::NoServiceBackend, &[&syn]);
 }
 
 #[test]
@@ -1130,10 +1124,7 @@ fn ipv6_a_frontend_without_backends_answers_port_unreachable() {
     let (verdict, out) = node.run_from_netdev(&frame);
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_icmp6(&out, &frame, (1, 4));
-    let drops = node.dp.drops();
-    assert_eq!(drops.len(), 1, "{drops:?}");
-    assert_eq!(drops[0].0.reason, DropReason::NoServiceBackend as u16);
-    assert_eq!(drops[0].0.ifindex, node.ext);
+    node.assert_drops(DropReason::NoServiceBackend, &[&frame]);
 }
 
 #[test]
@@ -1216,15 +1207,7 @@ fn ipv6_a_remote_backend_is_snated_to_the_router_address_and_sent_into_the_tunne
 #[test]
 fn ipv6_over_native_routing_a_remote_backend_is_routed_to_and_its_reply_translated_back() {
     hypha_tests::require_root!();
-    let mut node = Node::new();
-    run(&format!(
-        "ip -6 neigh add fd00:50::2 lladdr {} dev hy-ext nud permanent",
-        mac(ROUTER_MAC)
-    ));
-    run("ip -6 route add fd00:244:0:1::/64 via fd00:50::2 dev hy-ext");
-    node.set_snat6(ROUTER6);
-    node.backend6(BACKEND_R6, R6, TARGET_PORT, 0);
-    node.frontend6(TCP, 1, BACKEND_R6);
+    let node = Node::native_routing6();
 
     let (verdict, out) = node.run_from_netdev(&from_client6(TCP, CLIENT_PORT));
     assert_eq!(
@@ -1275,15 +1258,7 @@ fn ipv6_over_native_routing_a_remote_backend_is_routed_to_and_its_reply_translat
 #[test]
 fn ipv6_a_spent_hop_limit_is_answered_time_exceeded_and_a_spent_reply_is_dropped() {
     hypha_tests::require_root!();
-    let mut node = Node::new();
-    run(&format!(
-        "ip -6 neigh add fd00:50::2 lladdr {} dev hy-ext nud permanent",
-        mac(ROUTER_MAC)
-    ));
-    run("ip -6 route add fd00:244:0:1::/64 via fd00:50::2 dev hy-ext");
-    node.set_snat6(ROUTER6);
-    node.backend6(BACKEND_R6, R6, TARGET_PORT, 0);
-    node.frontend6(TCP, 1, BACKEND_R6);
+    let node = Node::native_routing6();
 
     let spent = with_ttl(from_client6(TCP, CLIENT_PORT), 1);
     let (verdict, out) = node.run_from_netdev(&spent);
@@ -1305,10 +1280,5 @@ fn ipv6_a_spent_hop_limit_is_answered_time_exceeded_and_a_spent_reply_is_dropped
         1,
     );
     assert_eq!(node.run_from_netdev(&reply), (TC_ACT_SHOT, reply.clone()));
-    let drops = node.dp.drops();
-    assert_eq!(drops.len(), 1, "{drops:?}");
-    assert_eq!(
-        (drops[0].0.ifindex, drops[0].0.reason, drops[0].1.packets),
-        (node.ext, DropReason::TtlExceeded as u16, 2)
-    );
+    node.assert_drops(DropReason::TtlExceeded, &[&spent, &reply]);
 }
