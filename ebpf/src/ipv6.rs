@@ -29,9 +29,8 @@ use hypha_common::{
 
 use crate::{
     ENDPOINTS6,
-    packet::{self, ETH_HLEN, EthHdr, IPV6_HLEN, Ipv6Hdr, NeighbourAdvert},
+    packet::{self, ETH_HLEN, EthHdr, IPV6_HLEN, Ipv6Hdr, NeighbourAdvert, pull_or},
     policy::{self, Flow6, IPPROTO_ICMPV6, IPPROTO_TCP, Ip6},
-    pull_or,
 };
 
 /// Extension headers the walk steps over (RFC 8200 section 4).

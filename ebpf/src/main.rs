@@ -54,7 +54,7 @@ use crate::{
     ipv6::Outcome,
     packet::{
         ARPHRD_ETHER, ARPOP_REPLY, ARPOP_REQUEST, ArpEthIpv4, ETH_HLEN, ETH_P_ARP, ETH_P_IP,
-        ETH_P_IPV6, EthHdr, IPV4_CSUM_OFF, IPV4_MIN_HLEN, Ipv4Hdr, PullError,
+        ETH_P_IPV6, EthHdr, IPV4_MIN_HLEN, Ipv4Hdr, pull_or,
     },
     policy::{Flow4, Party},
     stats::{count, count_drop, count_node},
@@ -707,12 +707,11 @@ fn route_ipv4(ctx: &TcContext, ifindex: u32, iface: &EndpointIface) -> Result<Fo
 
     // SAFETY: `header` checked that both headers lie within the packet. Nothing below
     // moves packet data before these reads.
-    let (version_ihl, frag_off, proto, ttl, saddr, daddr, src_mac) = unsafe {
+    let (version_ihl, frag_off, proto, saddr, daddr, src_mac) = unsafe {
         (
             (*ip).version_ihl,
             (*ip).frag_off,
             (*ip).protocol,
-            (*ip).ttl,
             u32::from_ne_bytes((*ip).saddr),
             u32::from_ne_bytes((*ip).daddr),
             (*eth).src,
@@ -776,33 +775,16 @@ fn route_ipv4(ctx: &TcContext, ifindex: u32, iface: &EndpointIface) -> Result<Fo
             }
         };
     };
-    // The kernel sends the ICMP time exceeded.
-    if ttl <= 1 {
+    // Spent: the kernel sends the ICMP time exceeded.
+    if !packet::dec_ttl4(ctx)? {
         return Ok(Forward::Host);
     }
     let eth: *mut EthHdr = packet::header(ctx, 0).ok_or(DropReason::InvalidIpv4Header)?;
-    let ip: *mut Ipv4Hdr = packet::header(ctx, ETH_HLEN).ok_or(DropReason::InvalidIpv4Header)?;
-    // SAFETY: `header` checked again that both headers lie within the packet; the only
-    // helper that moves packet data (`l3_csum_replace`) is called after the last access.
-    let (old_word, new_word) = unsafe {
-        // TTL shares a 16-bit word of the header with the protocol; the checksum is
-        // updated for that word, as it sits in the packet.
-        let old_word = u16::from_ne_bytes([ttl, proto]);
-        let new_word = u16::from_ne_bytes([ttl - 1, proto]);
-        (*ip).ttl = ttl - 1;
+    // SAFETY: `header` checked the Ethernet header lies within the packet.
+    unsafe {
         (*eth).dst = dst.pod_mac;
         (*eth).src = dst.host_mac;
-        (old_word, new_word)
-    };
-
-    ctx.l3_csum_replace(
-        IPV4_CSUM_OFF,
-        u64::from(old_word),
-        u64::from(new_word),
-        size_of::<u16>() as u64,
-    )
-    .map_err(|_| Refusal::Malformed(DropReason::HelperFailed))?;
-
+    }
     redirect_to_pod(ctx, &dst)?;
     Ok(Forward::Pod {
         ifindex: dst.ifindex,
@@ -832,16 +814,6 @@ fn redirect_to_pod(ctx: &TcContext, dst: &EndpointInfo) -> Result<(), DropReason
         return Err(DropReason::HelperFailed);
     }
     Ok(())
-}
-
-/// [`packet::pull`], with a short packet dropped for `short` and a failed pull for
-/// [`DropReason::HelperFailed`].
-#[inline(always)]
-fn pull_or(ctx: &TcContext, len: usize, short: DropReason) -> Result<(), DropReason> {
-    packet::pull(ctx, len).map_err(|e| match e {
-        PullError::Short => short,
-        PullError::Helper => DropReason::HelperFailed,
-    })
 }
 
 /// The endpoint that has IPv4 address `addr` (network byte order), copied out of the map.

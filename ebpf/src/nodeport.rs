@@ -83,7 +83,8 @@ use crate::{
     ipv6::Outcome,
     lb::{self, Client},
     packet::{
-        ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_CSUM_OFF, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr, TcpHdr,
+        self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_CSUM_OFF, IPV6_HLEN, Ipv4Hdr, Ipv6Hdr,
+        TcpHdr,
     },
     pmtu, skb_ifindex,
     stats::{count_drop, count_node},
@@ -329,7 +330,7 @@ fn try_netdev4(ctx: &TcContext) -> Result<Outcome, Outcome> {
         return Ok(refuse4(ctx, &p));
     }
     // To another node, this program is the router: a hop.
-    if nat.nat_addr != 0 && !hop(ctx, false)? {
+    if nat.nat_addr != 0 && !packet::dec_ttl4(ctx)? {
         return Ok(expired4(ctx, &p));
     }
     let rewritten = Outcome(rewrite4(ctx, &p, &nat, false));
@@ -390,42 +391,6 @@ fn drop_and_answer(
     } else {
         Outcome::new(Outcome::DENIED, 0)
     }
-}
-
-/// Takes one from the packet's TTL (IPv4, with the header checksum) or hop limit (IPv6)
-/// before this program forwards it itself, as a router does: `false`, the packet
-/// untouched, when it is spent (1 or 0).
-#[inline(always)]
-fn hop(ctx: &TcContext, ipv6: bool) -> Result<bool, Outcome> {
-    let fail = |_| Outcome::from(DropReason::HelperFailed);
-    if ipv6 {
-        let hops: u8 = ctx
-            .load(ETH_HLEN + 7)
-            .map_err(|_| DropReason::InvalidIpv6Header)?;
-        if hops <= 1 {
-            return Ok(false);
-        }
-        ctx.store(ETH_HLEN + 7, &(hops - 1), 0).map_err(fail)?;
-        return Ok(true);
-    }
-    let [ttl, proto]: [u8; 2] = ctx
-        .load(ETH_HLEN + 8)
-        .map_err(|_| DropReason::InvalidIpv4Header)?;
-    if ttl <= 1 {
-        return Ok(false);
-    }
-    ctx.store(ETH_HLEN + 8, &[ttl - 1, proto], 0)
-        .map_err(fail)?;
-    // TTL shares a 16-bit word of the header with the protocol; the checksum is updated
-    // for that word, as it sits in the packet.
-    ctx.l3_csum_replace(
-        IPV4_CSUM_OFF,
-        u64::from(u16::from_ne_bytes([ttl, proto])),
-        u64::from(u16::from_ne_bytes([ttl - 1, proto])),
-        size_of::<u16>() as u64,
-    )
-    .map_err(fail)?;
-    Ok(true)
 }
 
 /// Counts the client's packet `p`, whose TTL is spent before the hop to a backend on
@@ -757,7 +722,7 @@ fn try_reply4(ctx: &TcContext) -> Result<Outcome, Outcome> {
     let Some(nat) = unsafe { NAT4.get(&key) }.copied() else {
         return Ok(pass);
     };
-    if !hop(ctx, false)? {
+    if !packet::dec_ttl4(ctx)? {
         return Err(DropReason::TtlExceeded.into());
     }
     let rewritten = Outcome(rewrite4(ctx, &p, &nat, true));
@@ -931,7 +896,7 @@ fn try_netdev6(ctx: &TcContext) -> Result<Outcome, Outcome> {
         return Ok(refuse6(ctx, &p));
     }
     // To another node, this program is the router: a hop.
-    if scratch.nat6.nat_addr != [0; 16] && !hop(ctx, true)? {
+    if scratch.nat6.nat_addr != [0; 16] && !packet::dec_hop_limit6(ctx)? {
         return Ok(expired6(ctx, &p));
     }
     let rewritten = Outcome(rewrite6(ctx, &p, &scratch.nat6, false));
@@ -1171,7 +1136,7 @@ fn try_reply6(ctx: &TcContext) -> Result<Outcome, Outcome> {
         return Ok(pass);
     };
     scratch.nat6 = *found;
-    if !hop(ctx, true)? {
+    if !packet::dec_hop_limit6(ctx)? {
         return Err(DropReason::TtlExceeded.into());
     }
     let rewritten = Outcome(rewrite6(ctx, &p, &scratch.nat6, true));

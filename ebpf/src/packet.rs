@@ -7,6 +7,7 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::TcContext;
+use hypha_common::DropReason;
 
 /// Length of an Ethernet header without VLAN tags.
 pub const ETH_HLEN: usize = size_of::<EthHdr>();
@@ -111,6 +112,61 @@ pub fn pull(ctx: &TcContext, len: usize) -> Result<(), PullError> {
     } else {
         Err(PullError::Helper)
     }
+}
+
+/// [`pull`], with a short packet dropped for `short` and a failed pull for
+/// [`DropReason::HelperFailed`].
+#[inline(always)]
+pub fn pull_or(ctx: &TcContext, len: usize, short: DropReason) -> Result<(), DropReason> {
+    pull(ctx, len).map_err(|e| match e {
+        PullError::Short => short,
+        PullError::Helper => DropReason::HelperFailed,
+    })
+}
+
+/// Takes one from the IPv4 packet's TTL, with the header checksum, as a router does
+/// before it sends a packet on: `false`, the packet untouched, when the TTL is spent (1
+/// or 0) and the packet must not be sent on. Every path that forwards a packet itself
+/// (to a pod, into the tunnel, NodePort's) calls this. It pulls the header into the
+/// linear data and its checksum helper moves packet data: take header pointers after.
+#[inline(always)]
+pub fn dec_ttl4(ctx: &TcContext) -> Result<bool, DropReason> {
+    pull_or(ctx, ETH_HLEN + IPV4_MIN_HLEN, DropReason::InvalidIpv4Header)?;
+    let ip: *mut Ipv4Hdr = header(ctx, ETH_HLEN).ok_or(DropReason::InvalidIpv4Header)?;
+    // SAFETY: `header` checked that the IPv4 header lies within the packet; the only
+    // helper that moves packet data (`l3_csum_replace`) is called after the last access.
+    let (ttl, proto) = unsafe { ((*ip).ttl, (*ip).protocol) };
+    if ttl <= 1 {
+        return Ok(false);
+    }
+    // SAFETY: as above.
+    unsafe { (*ip).ttl = ttl - 1 };
+    // TTL shares a 16-bit word of the header with the protocol; the checksum is updated
+    // for that word, as it sits in the packet.
+    ctx.l3_csum_replace(
+        IPV4_CSUM_OFF,
+        u64::from(u16::from_ne_bytes([ttl, proto])),
+        u64::from(u16::from_ne_bytes([ttl - 1, proto])),
+        size_of::<u16>() as u64,
+    )
+    .map_err(|_| DropReason::HelperFailed)?;
+    Ok(true)
+}
+
+/// [`dec_ttl4`] for IPv6's hop limit (no header checksum).
+#[inline(always)]
+pub fn dec_hop_limit6(ctx: &TcContext) -> Result<bool, DropReason> {
+    pull_or(ctx, ETH_HLEN + IPV6_HLEN, DropReason::InvalidIpv6Header)?;
+    let ip: *mut Ipv6Hdr = header(ctx, ETH_HLEN).ok_or(DropReason::InvalidIpv6Header)?;
+    // SAFETY: `header` checked that the IPv6 header lies within the packet.
+    unsafe {
+        let hops = (*ip).hop_limit;
+        if hops <= 1 {
+            return Ok(false);
+        }
+        (*ip).hop_limit = hops - 1;
+    }
+    Ok(true)
 }
 
 /// A pointer to a `T` at `offset` from the start of the frame, if the whole `T` lies

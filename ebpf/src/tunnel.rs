@@ -54,10 +54,7 @@ use crate::{
     icmp_error_of_tracked_flow,
     ipv6::{self, Outcome},
     l4_flow, nodeport,
-    packet::{
-        self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_CSUM_OFF, IPV4_MIN_HLEN, Ipv4Hdr,
-        Ipv6Hdr,
-    },
+    packet::{self, ETH_HLEN, ETH_P_IP, ETH_P_IPV6, EthHdr, IPV4_MIN_HLEN, Ipv4Hdr, Ipv6Hdr},
     pmtu,
     policy::{self, Addr, Ip6, Party},
     pull_or, redirect_to_pod, skb_ifindex,
@@ -175,28 +172,12 @@ fn try_from_pod4(ctx: &TcContext, daddr: u32) -> Result<Outcome, Outcome> {
         return Ok(Outcome(pmtu::answer4(ctx, mtu)));
     }
     let ip: *mut Ipv4Hdr = packet::header(ctx, ETH_HLEN).ok_or(DropReason::InvalidIpv4Header)?;
-    // SAFETY: `header` checked that the IPv4 header lies within the packet; the only
-    // helper that moves packet data (`l3_csum_replace`) is called after the last access.
-    let (old_word, new_word, saddr) = unsafe {
-        let (ttl, proto) = ((*ip).ttl, (*ip).protocol);
-        if ttl <= 1 {
-            return Ok(pass);
-        }
-        (*ip).ttl = ttl - 1;
-        // TTL shares a 16-bit word of the header with the protocol.
-        (
-            u16::from_ne_bytes([ttl, proto]),
-            u16::from_ne_bytes([ttl - 1, proto]),
-            u32::from_ne_bytes((*ip).saddr),
-        )
-    };
-    ctx.l3_csum_replace(
-        IPV4_CSUM_OFF,
-        u64::from(old_word),
-        u64::from(new_word),
-        size_of::<u16>() as u64,
-    )
-    .map_err(|_| DropReason::HelperFailed)?;
+    // SAFETY: `header` checked that the IPv4 header lies within the packet; read before
+    // `dec_ttl4` moves packet data.
+    let saddr = unsafe { u32::from_ne_bytes((*ip).saddr) };
+    if !packet::dec_ttl4(ctx)? {
+        return Ok(pass);
+    }
     encap(ctx, peer, vni_of(saddr.identity(), IDENTITY_WORLD), device)
 }
 

@@ -814,6 +814,33 @@ pub fn eth(dst: [u8; 6], src: [u8; 6], ether_type: u16, payload: &[u8]) -> Vec<u
     frame
 }
 
+/// `frame` (an Ethernet frame of IPv4 or IPv6) with its TTL or hop limit set to `ttl`,
+/// the IPv4 header checksum computed anew.
+pub fn with_ttl(frame: &[u8], ttl: u8) -> Vec<u8> {
+    const ETH_HLEN: usize = 14;
+    let mut out = frame.to_vec();
+    if out[12..14] == 0x86dd_u16.to_be_bytes() {
+        out[ETH_HLEN + 7] = ttl;
+        return out;
+    }
+    let ip = &mut out[ETH_HLEN..ETH_HLEN + 20];
+    ip[8] = ttl;
+    ip[10..12].fill(0);
+    let csum = ipv4_checksum(ip);
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    out
+}
+
+/// `frame` as a router sends it on: one hop less of TTL (hop limit).
+pub fn hopped(frame: &[u8]) -> Vec<u8> {
+    let ttl = if frame[12..14] == 0x86dd_u16.to_be_bytes() {
+        frame[14 + 7]
+    } else {
+        frame[14 + 8]
+    };
+    with_ttl(frame, ttl - 1)
+}
+
 /// The Internet checksum of an IPv4 header whose checksum field is zero.
 pub fn ipv4_checksum(header: &[u8]) -> u16 {
     let mut sum: u32 = header

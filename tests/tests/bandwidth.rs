@@ -47,18 +47,22 @@ impl Drop for Server {
 /// the limiter. An agent's start (seconds of the verifier on one CPU) takes it too.
 static TRANSFER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn quiet<T>(f: impl FnOnce() -> T) -> T {
-    let _no_transfer = TRANSFER
+/// Holds [`TRANSFER`] (a test that failed holding it leaves it usable).
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    TRANSFER
         .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs `f` with no transfer in progress.
+fn quiet<T>(f: impl FnOnce() -> T) -> T {
+    let _no_transfer = one_at_a_time();
     f()
 }
 
 /// Bits per second received by `to` from a TCP flow `from` → `to` over `SECONDS`.
 fn tcp_rate(from: &Pod, to: &Pod, port: u16) -> f64 {
-    let _one_at_a_time = TRANSFER
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _one_at_a_time = one_at_a_time();
     let _server = Server::start(&to.netns, port);
     let out = from.netns.exec(&[
         "iperf3",
@@ -343,9 +347,7 @@ fn a_small_flow_is_not_stuck_behind_a_bulk_one_and_bulk_flows_share_the_limit() 
     let node = quiet(Node::start);
     let pod = node.add_pod_with_bandwidth("bw-fq", json!({"egressRate": 10_000_000}));
     let sink = node.add_pod("bw-fqsink");
-    let _one_at_a_time = TRANSFER
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _one_at_a_time = one_at_a_time();
 
     // A bulk flow saturates the limit; after 1.5 s, 3 s of 1-byte round trips beside it.
     let _server = Server::start(&sink.netns, 15241);

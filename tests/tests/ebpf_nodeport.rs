@@ -30,7 +30,8 @@ use hypha_common::{
     programs::FROM_POD,
 };
 use hypha_tests::ebpf::{
-    Datapath, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestNetns, eth, ipv4_checksum,
+    Datapath, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestNetns, eth, hopped, ipv4_checksum,
+    with_ttl,
 };
 
 const ETH_P_IP: u16 = 0x0800;
@@ -189,30 +190,6 @@ fn to_client6(proto: u8, sport: u16) -> Vec<u8> {
         ETH_P_IPV6,
         &ip6(proto, NODE6, NODE_PORT, CLIENT6, sport),
     )
-}
-
-/// `frame` (an Ethernet frame of IPv4 or IPv6) with its TTL or hop limit set to `ttl`,
-/// the IPv4 header checksum computed anew.
-fn with_ttl(mut frame: Vec<u8>, ttl: u8) -> Vec<u8> {
-    if frame[12..14] == ETH_P_IPV6.to_be_bytes() {
-        frame[ETH_HLEN + 7] = ttl;
-        return frame;
-    }
-    frame[ETH_HLEN + 8] = ttl;
-    frame[ETH_HLEN + 10..ETH_HLEN + 12].fill(0);
-    let csum = ipv4_checksum(&frame[ETH_HLEN..ETH_HLEN + 20]);
-    frame[ETH_HLEN + 10..ETH_HLEN + 12].copy_from_slice(&csum.to_be_bytes());
-    frame
-}
-
-/// `frame` as a router sends it on: one hop less of TTL (hop limit).
-fn hopped(frame: Vec<u8>) -> Vec<u8> {
-    let ttl = if frame[12..14] == ETH_P_IPV6.to_be_bytes() {
-        frame[ETH_HLEN + 7]
-    } else {
-        frame[ETH_HLEN + 8]
-    };
-    with_ttl(frame, ttl - 1)
 }
 
 fn run(cmd: &str) {
@@ -649,7 +626,7 @@ fn the_reply_of_a_local_backend_is_translated_back_in_from_pod_and_sent_out() {
     assert_eq!(run.verdict, TC_ACT_REDIRECT, "redirected out of hy-ext");
     assert_eq!(
         run.frame,
-        hopped(to_client4(TCP, CLIENT_PORT)),
+        hopped(&to_client4(TCP, CLIENT_PORT)),
         "from the NodePort, to the client's MAC (the route's neighbour), a hop less"
     );
     assert_eq!(node.dp.stats(node.b).egress.passed.packets, 1);
@@ -665,7 +642,7 @@ fn the_reply_of_a_local_backend_is_translated_back_in_from_pod_and_sent_out() {
     assert_eq!((run.verdict, run.frame), (TC_ACT_OK, other));
 
     // A reply with its TTL spent is dropped untouched, and counted on B.
-    let spent = with_ttl(reply, 1);
+    let spent = with_ttl(&reply, 1);
     let run = node.dp.run(FROM_POD, &spent, node.b);
     assert_eq!((run.verdict, run.frame), (TC_ACT_SHOT, spent));
     let drops = node.dp.drops();
@@ -691,7 +668,7 @@ fn a_remote_backend_is_snated_to_the_gateway_and_sent_into_the_tunnel() {
     assert!(port >= NAT_PORT_FIRST, "SNAT port {port}");
     assert_eq!(
         out,
-        hopped(eth(
+        hopped(&eth(
             EXT_MAC,
             CLIENT_MAC,
             ETH_P_IP,
@@ -747,7 +724,7 @@ fn over_native_routing_a_remote_backend_is_routed_to_and_its_reply_translated_ba
     assert!(port >= NAT_PORT_FIRST, "SNAT port {port}");
     assert_eq!(
         out,
-        hopped(eth(
+        hopped(&eth(
             ROUTER_MAC,
             EXT_MAC,
             ETH_P_IP,
@@ -766,7 +743,7 @@ fn over_native_routing_a_remote_backend_is_routed_to_and_its_reply_translated_ba
     assert_eq!(verdict, TC_ACT_REDIRECT);
     assert_eq!(
         out,
-        hopped(to_client4(TCP, CLIENT_PORT)),
+        hopped(&to_client4(TCP, CLIENT_PORT)),
         "from the NodePort to the client"
     );
 }
@@ -781,20 +758,20 @@ fn a_spent_ttl_is_answered_time_exceeded_and_a_spent_reply_is_dropped() {
     run("ip route add 10.244.1.0/24 via 192.168.50.2 dev hy-ext");
     node.frontend4(TCP, 1, 0, BACKEND_R);
 
-    let spent = with_ttl(from_client4(TCP, CLIENT_PORT), 1);
+    let spent = with_ttl(&from_client4(TCP, CLIENT_PORT), 1);
     let (verdict, out) = node.run_from_netdev(&spent);
     assert_eq!(verdict, TC_ACT_REDIRECT, "answered");
     assert_icmp4(&out, &spent, (11, 0));
 
     // TTL 2 goes on with 1.
-    let last = with_ttl(from_client4(TCP, CLIENT_PORT), 2);
+    let last = with_ttl(&from_client4(TCP, CLIENT_PORT), 2);
     let (verdict, out) = node.run_from_netdev(&last);
     assert_eq!(verdict, TC_ACT_REDIRECT, "routed on");
     let port = u16::from_be_bytes([out[ETH_HLEN + 20], out[ETH_HLEN + 21]]);
     assert_eq!(
         out,
         with_ttl(
-            eth(
+            &eth(
                 ROUTER_MAC,
                 EXT_MAC,
                 ETH_P_IP,
@@ -805,7 +782,7 @@ fn a_spent_ttl_is_answered_time_exceeded_and_a_spent_reply_is_dropped() {
     );
 
     let reply = with_ttl(
-        eth(
+        &eth(
             EXT_MAC,
             ROUTER_MAC,
             ETH_P_IP,
@@ -1110,7 +1087,7 @@ fn ipv6_a_local_backend_gets_the_flow_and_its_reply_is_translated_back() {
     );
     let run = node.dp.run(FROM_POD, &reply, node.b);
     assert_eq!(run.verdict, TC_ACT_REDIRECT, "drops: {:?}", node.dp.drops());
-    assert_eq!(run.frame, hopped(to_client6(TCP, CLIENT_PORT)));
+    assert_eq!(run.frame, hopped(&to_client6(TCP, CLIENT_PORT)));
     let stats = node.backend_stats(BACKEND_B6);
     assert_eq!((stats.connections, stats.packets), (1, 1));
 }
@@ -1156,7 +1133,7 @@ fn ipv6_a_remote_backend_is_snated_to_the_router_address_and_sent_into_the_tunne
     assert!(port >= NAT_PORT_FIRST, "SNAT port {port}");
     assert_eq!(
         out,
-        hopped(eth(
+        hopped(&eth(
             EXT_MAC,
             CLIENT_MAC,
             ETH_P_IPV6,
@@ -1220,7 +1197,7 @@ fn ipv6_over_native_routing_a_remote_backend_is_routed_to_and_its_reply_translat
     assert!(port >= NAT_PORT_FIRST, "SNAT port {port}");
     assert_eq!(
         out,
-        hopped(eth(
+        hopped(&eth(
             ROUTER_MAC,
             EXT_MAC,
             ETH_P_IPV6,
@@ -1240,7 +1217,7 @@ fn ipv6_over_native_routing_a_remote_backend_is_routed_to_and_its_reply_translat
     assert_eq!(verdict, TC_ACT_REDIRECT, "drops: {:?}", node.dp.drops());
     assert_eq!(
         out,
-        hopped(to_client6(TCP, CLIENT_PORT)),
+        hopped(&to_client6(TCP, CLIENT_PORT)),
         "from the NodePort to the client, a hop less, checksum as computed anew"
     );
     // A reply to the router address that is no flow's passes untouched.
@@ -1260,18 +1237,18 @@ fn ipv6_a_spent_hop_limit_is_answered_time_exceeded_and_a_spent_reply_is_dropped
     hypha_tests::require_root!();
     let node = Node::native_routing6();
 
-    let spent = with_ttl(from_client6(TCP, CLIENT_PORT), 1);
+    let spent = with_ttl(&from_client6(TCP, CLIENT_PORT), 1);
     let (verdict, out) = node.run_from_netdev(&spent);
     assert_eq!(verdict, TC_ACT_REDIRECT, "answered");
     assert_icmp6(&out, &spent, (3, 0));
 
-    let (verdict, out) = node.run_from_netdev(&with_ttl(from_client6(TCP, CLIENT_PORT), 2));
+    let (verdict, out) = node.run_from_netdev(&with_ttl(&from_client6(TCP, CLIENT_PORT), 2));
     assert_eq!(verdict, TC_ACT_REDIRECT, "routed on");
     assert_eq!(out[ETH_HLEN + 7], 1, "hop limit");
     let port = u16::from_be_bytes([out[ETH_HLEN + 40], out[ETH_HLEN + 41]]);
 
     let reply = with_ttl(
-        eth(
+        &eth(
             EXT_MAC,
             ROUTER_MAC,
             ETH_P_IPV6,

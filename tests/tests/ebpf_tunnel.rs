@@ -18,7 +18,7 @@ use hypha_common::{
     programs::{FROM_POD, FROM_TUNNEL, TO_TUNNEL},
 };
 use hypha_tests::ebpf::{
-    Datapath, RunOptions, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestNetns, counter, eth,
+    Datapath, RunOptions, TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT, TestNetns, counter, eth, hopped,
     ipv4_checksum, stats_with,
 };
 
@@ -194,17 +194,6 @@ fn a_to6(dst: [u8; 16], hop_limit: u8) -> Vec<u8> {
     eth(HOST_A_MAC, A_MAC, ETH_P_IPV6, &ipv6(A6, dst, hop_limit, 53))
 }
 
-/// `frame` with its TTL one lower and the header checksum recomputed from scratch.
-fn ttl_decremented(frame: &[u8]) -> Vec<u8> {
-    let mut out = frame.to_vec();
-    let ip = &mut out[ETH_HLEN..ETH_HLEN + 20];
-    ip[8] -= 1;
-    ip[10..12].copy_from_slice(&[0, 0]);
-    let csum = ipv4_checksum(ip);
-    ip[10..12].copy_from_slice(&csum.to_be_bytes());
-    out
-}
-
 // ---- hypha_from_pod ----
 
 #[test]
@@ -215,7 +204,7 @@ fn ipv4_to_a_pod_on_another_node_goes_into_the_tunnel() {
     let run = node.dp.run(FROM_POD, &frame, node.a);
     assert_eq!(run.verdict, TC_ACT_REDIRECT, "verdict");
     // TTL one lower, checksum updated; the inner Ethernet header as the pod sent it.
-    assert_eq!(run.frame, ttl_decremented(&frame), "frame");
+    assert_eq!(run.frame, hopped(&frame), "frame");
     assert_eq!(
         node.stats_a(),
         stats_with(|s| &mut s.egress.tunnel, counter(1, frame.len())),
@@ -578,7 +567,7 @@ fn a_packet_too_big_for_the_path_is_answered_with_frag_needed() {
     let fits = padded(&a_to4(R4, 64), 1350);
     let run = node.dp.run(FROM_POD, &fits, node.a);
     assert_eq!(run.verdict, TC_ACT_REDIRECT);
-    assert_eq!(run.frame, ttl_decremented(&fits), "tunnelled as it was");
+    assert_eq!(run.frame, hopped(&fits), "tunnelled as it was");
     assert_eq!(node.stats_a().egress.tunnel.packets, 1);
 
     // One byte more is answered: a frag needed from the gateway back to pod A.
